@@ -1,0 +1,10 @@
+#include "apps/dtrain/commands.h"
+
+namespace dtrain::app {
+
+void addBenchStore(CLI::App& bench, Action& action) {
+  (void)bench;
+  (void)action;
+}
+
+}  // namespace dtrain::app

@@ -1,0 +1,24 @@
+// Each subcommand lives in its own file and registers itself on the root CLI11 app. Parsing only: the work
+// is done by the libraries. A subcommand's callback stores the action main() runs after parsing succeeded.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+#include <functional>
+
+namespace dtrain::app {
+
+using Action = std::function<int()>;
+
+void addRunCommand(CLI::App& root, Action& action);
+void addStoreCommand(CLI::App& root, Action& action);
+void addTrainCommand(CLI::App& root, Action& action);
+void addCheckCommand(CLI::App& root, Action& action);
+void addBenchCommand(CLI::App& root, Action& action);
+void addCkptCommand(CLI::App& root, Action& action);
+
+// `dtrain bench <what>`: cmd_bench.cpp creates the `bench` group; each benchmark adds itself to it.
+void addBenchStore(CLI::App& bench, Action& action);        // cmd_bench_store.cpp
+void addBenchCollectives(CLI::App& bench, Action& action);  // cmd_bench_comm.cpp (allreduce, broadcast, ...)
+
+}  // namespace dtrain::app

@@ -1,0 +1,52 @@
+// dtrain: launcher and runtime for distributed training. main() is thin: parse, run, map errors to exit codes.
+#include <CLI/CLI.hpp>
+
+#include <cstdio>
+
+#include "apps/dtrain/commands.h"
+#include "lib/common/config.h"
+#include "lib/common/error.h"
+#include "lib/common/log.h"
+
+namespace {
+
+int report(const dtrain::Error& e) {
+  std::fprintf(stderr, "dtrain: error: %s\n", e.what());
+  if (dtrain::log::enabled(dtrain::log::Level::kDebug) && !e.where().empty())
+    std::fprintf(stderr, "dtrain: (raised at %s)\n", e.where().c_str());
+  return e.exitCode();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App root{"dtrain: launch and run distributed training (torchrun-compatible), one native binary"};
+  root.set_version_flag("--version", std::string("dtrain ") + DTRAIN_VERSION +
+                                         (DTRAIN_WITH_CUDA ? " (cuda)" : " (cpu)"));
+  root.require_subcommand(1);
+  dtrain::app::Action action;
+  dtrain::app::addRunCommand(root, action);
+  dtrain::app::addStoreCommand(root, action);
+  dtrain::app::addTrainCommand(root, action);
+  dtrain::app::addCheckCommand(root, action);
+  dtrain::app::addBenchCommand(root, action);
+  dtrain::app::addCkptCommand(root, action);
+  try {
+    root.parse(argc, argv);
+  } catch (const CLI::Success& e) {
+    return root.exit(e);
+  } catch (const CLI::ParseError& e) {
+    root.exit(e);
+    return static_cast<int>(dtrain::ExitCode::kUsage);
+  } catch (const dtrain::Error& e) {
+    return report(e);
+  }
+  try {
+    return action ? action() : 0;
+  } catch (const dtrain::Error& e) {
+    return report(e);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "dtrain: internal error: %s\n", e.what());
+    return static_cast<int>(dtrain::ExitCode::kInternal);
+  }
+}

@@ -1,0 +1,77 @@
+#include "lib/common/net.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <fmt/format.h>
+
+#include "lib/common/error.h"
+#include "lib/common/parse.h"
+
+namespace dtrain::net {
+
+std::string HostPort::str() const {
+  if (host.find(':') != std::string::npos) return fmt::format("[{}]:{}", host, port);
+  return fmt::format("{}:{}", host, port);
+}
+
+std::optional<HostPort> parseHostPort(std::string_view s, uint16_t defaultPort) {
+  s = parse::trim(s);
+  if (s.empty()) return std::nullopt;
+  HostPort hp;
+  std::string_view portPart;
+  if (s.front() == '[') {
+    auto close = s.find(']');
+    if (close == std::string_view::npos) return std::nullopt;
+    hp.host = std::string(s.substr(1, close - 1));
+    auto rest = s.substr(close + 1);
+    if (!rest.empty()) {
+      if (rest.front() != ':') return std::nullopt;
+      portPart = rest.substr(1);
+    }
+  } else {
+    auto colon = s.rfind(':');
+    if (colon != std::string_view::npos && s.find(':') == colon) {
+      hp.host = std::string(s.substr(0, colon));
+      portPart = s.substr(colon + 1);
+    } else {
+      hp.host = std::string(s);  // bare host (or bare v6 address without port)
+    }
+  }
+  if (hp.host.empty()) return std::nullopt;
+  if (portPart.empty()) {
+    hp.port = defaultPort;
+  } else {
+    auto p = parse::toInt(portPart);
+    if (!p || *p < 0 || *p > 65535) return std::nullopt;
+    hp.port = static_cast<uint16_t>(*p);
+  }
+  return hp;
+}
+
+std::string hostname() {
+  char buf[256] = {};
+  if (::gethostname(buf, sizeof(buf) - 1) != 0) return "localhost";
+  return buf;
+}
+
+uint16_t pickFreePort(const std::string& host) {
+  int fd = DTRAIN_SYSCALL(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = 0;
+  if (::inet_pton(AF_INET, host.c_str(), &addr.sin_addr) != 1) addr.sin_addr.s_addr = htonl(INADDR_ANY);
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    int err = errno;
+    ::close(fd);
+    throw SystemError(fmt::format("cannot bind a free port on {}", host), err, ExitCode::kAddressInUse);
+  }
+  socklen_t len = sizeof(addr);
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  ::close(fd);
+  return ntohs(addr.sin_port);
+}
+
+}  // namespace dtrain::net

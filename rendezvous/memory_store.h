@@ -1,0 +1,38 @@
+// In-process Store over a mutex-protected map: for unit tests (one thread per rank) and for the agent's own
+// view of a store it hosts. Waiters park on a condition variable and wake on set/add/compareSet/append.
+#pragma once
+
+#include <condition_variable>
+#include <map>
+#include <mutex>
+
+#include "rendezvous/store.h"
+
+namespace dtrain::rendezvous {
+
+class MemoryStore : public Store, public std::enable_shared_from_this<MemoryStore> {
+ public:
+  static std::shared_ptr<MemoryStore> create() { return std::shared_ptr<MemoryStore>(new MemoryStore()); }
+
+  void set(std::string_view key, std::string_view value) override;
+  std::string get(std::string_view key, Millis timeout) override;
+  std::optional<std::string> tryGet(std::string_view key) override;
+  int64_t add(std::string_view key, int64_t delta) override;
+  std::string compareSet(std::string_view key, std::string_view expected, std::string_view desired) override;
+  bool wait(const std::vector<std::string>& keys, Millis timeout) override;
+  bool check(const std::vector<std::string>& keys) override;
+  bool remove(std::string_view key) override;
+  int64_t numKeys() override;
+  void append(std::string_view key, std::string_view value) override;
+  std::shared_ptr<Store> clone() override { return shared_from_this(); }
+
+ private:
+  MemoryStore() = default;
+  bool hasAll(const std::vector<std::string>& keys) const;  // caller holds mu_
+
+  std::mutex mu_;
+  std::condition_variable changed_;
+  std::map<std::string, std::string, std::less<>> data_;
+};
+
+}  // namespace dtrain::rendezvous

@@ -1,0 +1,71 @@
+// The key-value store every dtrain process coordinates through (rendezvous, collective bootstrap, heartbeats).
+//
+// Semantics follow torch.distributed's Store (c10d) so that habits carry over:
+//  - keys and values are arbitrary bytes (std::string is used as a byte container);
+//  - `get` blocks until the key exists; `wait` blocks until every key exists;
+//  - `add` treats a missing key as 0 and the value as a decimal integer string;
+//  - `compareSet` sets `desired` when the current value equals `expected` (a missing key matches an empty
+//    `expected`) and returns the value after the operation, so the caller learns whether it won;
+//  - `append` creates the key when missing.
+// Blocking calls take a timeout. A `get` that times out is an error (the caller relied on the key); a `wait`
+// that times out is an expected outcome and returns false.
+//
+// Thread-safety: implementations are safe to call from several threads. A TCP client serializes calls on its
+// one connection, so a thread parked in a long `wait` delays the others: give a watcher its own client (`clone`).
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace dtrain::rendezvous {
+
+using Millis = std::chrono::milliseconds;
+
+// Limits enforced by every implementation (the TCP server rejects larger fields with an error reply).
+inline constexpr size_t kMaxKeyBytes = 4096;
+inline constexpr size_t kMaxValueBytes = 64u << 20;
+
+class Store {
+ public:
+  virtual ~Store() = default;
+
+  virtual void set(std::string_view key, std::string_view value) = 0;
+  // Blocks until `key` exists; throws TimeoutError naming the key after `timeout`.
+  virtual std::string get(std::string_view key, Millis timeout) = 0;
+  // Non-blocking read; nullopt when the key does not exist.
+  virtual std::optional<std::string> tryGet(std::string_view key) = 0;
+  virtual int64_t add(std::string_view key, int64_t delta) = 0;
+  virtual std::string compareSet(std::string_view key, std::string_view expected, std::string_view desired) = 0;
+  // True when all keys exist; false when `timeout` passed first.
+  virtual bool wait(const std::vector<std::string>& keys, Millis timeout) = 0;
+  // True when all keys exist right now.
+  virtual bool check(const std::vector<std::string>& keys) = 0;
+  // True when the key existed.
+  virtual bool remove(std::string_view key) = 0;
+  virtual int64_t numKeys() = 0;
+  virtual void append(std::string_view key, std::string_view value) = 0;
+
+  // A new handle on the same store with its own connection (the same object for in-process stores).
+  virtual std::shared_ptr<Store> clone() = 0;
+
+  // get() with this store's default timeout.
+  std::string get(std::string_view key) { return get(key, timeout_); }
+  Millis timeout() const { return timeout_; }
+  void setTimeout(Millis t) { timeout_ = t; }
+
+ protected:
+  Millis timeout_{std::chrono::seconds(300)};
+};
+
+using StorePtr = std::shared_ptr<Store>;
+
+// Validates key/value sizes; throws dtrain::Error naming the limit. Used by every implementation.
+void checkKey(std::string_view key);
+void checkValue(std::string_view value);
+
+}  // namespace dtrain::rendezvous

@@ -1,0 +1,64 @@
+#include <doctest/doctest.h>
+
+#include "lib/common/bytes.h"
+#include "lib/common/net.h"
+#include "lib/common/parse.h"
+
+using namespace dtrain;
+
+TEST_CASE("sizes parse with binary multiples, as nccl-tests does") {
+  CHECK(parse::toBytes("1024") == 1024u);
+  CHECK(parse::toBytes("1K") == 1024u);
+  CHECK(parse::toBytes("64M") == 64u << 20);
+  CHECK(parse::toBytes("2GiB") == 2ull << 30);
+  CHECK_FALSE(parse::toBytes("12Q").has_value());
+  CHECK_FALSE(parse::toBytes("").has_value());
+}
+
+TEST_CASE("durations default to seconds and accept units") {
+  using std::chrono::milliseconds;
+  CHECK(parse::toDuration("30") == milliseconds(30000));
+  CHECK(parse::toDuration("500ms") == milliseconds(500));
+  CHECK(parse::toDuration("1.5s") == milliseconds(1500));
+  CHECK(parse::toDuration("2m") == milliseconds(120000));
+  CHECK_FALSE(parse::toDuration("soon").has_value());
+}
+
+TEST_CASE("integers reject trailing junk") {
+  CHECK(parse::toInt("42") == 42);
+  CHECK(parse::toInt("-7") == -7);
+  CHECK_FALSE(parse::toInt("4x").has_value());
+  CHECK_FALSE(parse::toInt("").has_value());
+}
+
+TEST_CASE("host:port parsing with default port and IPv6 brackets") {
+  auto a = net::parseHostPort("node1", 29400);
+  REQUIRE(a);
+  CHECK(a->host == "node1");
+  CHECK(a->port == 29400);
+  auto b = net::parseHostPort("127.0.0.1:1234", 29400);
+  REQUIRE(b);
+  CHECK(b->port == 1234);
+  auto c = net::parseHostPort("[::1]:80", 1);
+  REQUIRE(c);
+  CHECK(c->host == "::1");
+  CHECK(c->str() == "[::1]:80");
+  CHECK_FALSE(net::parseHostPort("host:99999", 1).has_value());
+  CHECK_FALSE(net::parseHostPort(":80", 1).has_value());
+}
+
+TEST_CASE("byte coding round-trips and a short buffer is a protocol error") {
+  std::string buf;
+  ByteWriter w(buf);
+  w.put<uint32_t>(0xdeadbeef);
+  w.putBytes("hello");
+  w.put<int64_t>(-5);
+  ByteReader r(buf);
+  CHECK(r.get<uint32_t>() == 0xdeadbeef);
+  CHECK(r.getBytes() == "hello");
+  CHECK(r.get<int64_t>() == -5);
+  CHECK(r.done());
+  ByteReader shortReader(std::string_view(buf).substr(0, 6));
+  shortReader.get<uint32_t>();
+  CHECK_THROWS_AS(shortReader.getBytes(), ProtocolError);
+}

@@ -1,0 +1,172 @@
+#include "lib/launch/launch_options.h"
+
+#include <sched.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <filesystem>
+
+#include "lib/common/error.h"
+#include "lib/common/net.h"
+#include "lib/common/parse.h"
+
+namespace dtrain::launch {
+
+int StreamChoice::forRank(int localRank) const {
+  auto it = perRank.find(localRank);
+  return it == perRank.end() ? all : it->second;
+}
+
+StreamChoice StreamChoice::parse(const std::string& flag, const std::string& value) {
+  auto bad = [&] {
+    DTRAIN_THROW(UsageError,
+                 "{} {}: expected 0 (none), 1 (stdout), 2 (stderr) or 3 (both), or per local rank as 0:1,1:2", flag,
+                 value);
+  };
+  auto code = [&](std::string_view s) {
+    auto v = parse::toInt(s);
+    if (!v || *v < 0 || *v > 3) bad();
+    return static_cast<int>(*v);
+  };
+  StreamChoice c;
+  if (value.find(':') == std::string::npos) {
+    c.all = code(value);
+    return c;
+  }
+  for (const auto& item : parse::split(value, ',')) {
+    auto parts = parse::split(item, ':');
+    if (parts.size() != 2) bad();
+    auto rank = parse::toInt(parts[0]);
+    if (!rank || *rank < 0) bad();
+    c.perRank[static_cast<int>(*rank)] = code(parts[1]);
+  }
+  return c;
+}
+
+std::pair<int, int> parseNnodes(const std::string& value) {
+  auto bad = [&] {
+    DTRAIN_THROW(UsageError, "--nnodes {}: expected a positive node count N or a range MIN:MAX with 1 <= MIN <= MAX",
+                 value);
+  };
+  auto parts = parse::split(value, ':');
+  if (parts.empty() || parts.size() > 2) bad();
+  auto lo = parse::toInt(parts[0]);
+  auto hi = parts.size() == 2 ? parse::toInt(parts[1]) : lo;
+  if (!lo || !hi || *lo < 1 || *hi < *lo) bad();
+  return {static_cast<int>(*lo), static_cast<int>(*hi)};
+}
+
+int usableCpuCount() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return CPU_COUNT(&set);
+  long n = sysconf(_SC_NPROCESSORS_ONLN);
+  return n > 0 ? static_cast<int>(n) : 1;
+}
+
+int visibleGpuCount() {
+  if (const char* v = std::getenv("CUDA_VISIBLE_DEVICES")) {
+    std::string s(v);
+    if (s.empty() || s == "-1" || s == "NoDevFiles") return 0;
+    return static_cast<int>(parse::split(s, ',').size());
+  }
+  std::error_code ec;
+  int n = 0;
+  for (auto it = std::filesystem::directory_iterator("/proc/driver/nvidia/gpus", ec);
+       !ec && it != std::filesystem::directory_iterator(); it.increment(ec))
+    ++n;
+  return n;
+}
+
+int resolveNproc(const std::string& value) {
+  if (value == "auto") {
+    int gpus = visibleGpuCount();
+    return gpus > 0 ? gpus : usableCpuCount();
+  }
+  if (value == "cpu") return usableCpuCount();
+  if (value == "gpu") {
+    int gpus = visibleGpuCount();
+    DTRAIN_CHECK_AS(UsageError, gpus > 0, "--nproc-per-node gpu: no GPU is visible to this process");
+    return gpus;
+  }
+  auto n = parse::toInt(value);
+  DTRAIN_CHECK_AS(UsageError, n && *n >= 1 && *n <= 4096,
+                  "--nproc-per-node {}: expected a positive number of workers, or auto, cpu or gpu", value);
+  return static_cast<int>(*n);
+}
+
+std::vector<int> parseIntList(const std::string& flag, const std::string& value) {
+  std::vector<int> out;
+  for (const auto& item : parse::split(value, ',')) {
+    auto v = parse::toInt(item);
+    DTRAIN_CHECK_AS(UsageError, v && *v >= 0, "{} {}: expected a comma-separated list of local ranks such as 0,1",
+                    flag, value);
+    out.push_back(static_cast<int>(*v));
+  }
+  return out;
+}
+
+std::string resolveProgram(const std::string& program) {
+  auto check = [&](const std::string& path) -> bool {
+    struct stat st{};
+    if (::stat(path.c_str(), &st) != 0) return false;
+    if (S_ISDIR(st.st_mode) || ::access(path.c_str(), X_OK) != 0)
+      throw Error(fmt::format("program '{}' ({}) is not executable", program, path), ExitCode::kNotExecutable);
+    return true;
+  };
+  if (program.find('/') != std::string::npos) {
+    if (check(program)) return program;
+    throw Error(fmt::format("program '{}' does not exist", program), ExitCode::kNotFound);
+  }
+  const char* path = std::getenv("PATH");
+  for (const auto& dir : parse::split(path ? path : "/usr/local/bin:/usr/bin:/bin", ':')) {
+    std::string candidate = (dir.empty() ? std::string(".") : dir) + "/" + program;
+    struct stat st{};
+    if (::stat(candidate.c_str(), &st) == 0 && !S_ISDIR(st.st_mode) && ::access(candidate.c_str(), X_OK) == 0)
+      return candidate;
+  }
+  throw Error(fmt::format("program '{}' was not found in PATH", program), ExitCode::kNotFound);
+}
+
+void LaunchOptions::validate() {
+  std::tie(minNodes, maxNodes) = parseNnodes(nnodesText);
+  nproc = resolveNproc(nprocText);
+  DTRAIN_CHECK_AS(UsageError, maxRestarts >= 0, "--max-restarts {}: expected 0 or more", maxRestarts);
+  DTRAIN_CHECK_AS(UsageError, rdzvBackend == "static" || rdzvBackend == "store" || rdzvBackend == "c10d",
+                  "--rdzv-backend {}: expected static (node rank 0 hosts the store) or store (a standalone "
+                  "`dtrain store` at --rdzv-endpoint)",
+                  rdzvBackend);
+  if (rdzvBackend == "c10d") rdzvBackend = "store";
+  if (standalone) {
+    DTRAIN_CHECK_AS(UsageError, maxNodes == 1, "--standalone runs a single node, but --nnodes is {}", nnodesText);
+    DTRAIN_CHECK_AS(UsageError, rdzvEndpoint.empty(), "--standalone picks its own endpoint; drop --rdzv-endpoint {}",
+                    rdzvEndpoint);
+  }
+  if (nodeRank >= 0)
+    DTRAIN_CHECK_AS(UsageError, nodeRank < maxNodes, "--node-rank {} is out of range for --nnodes {} (expected 0..{})",
+                    nodeRank, nnodesText, maxNodes - 1);
+  if (rdzvBackend == "static" && maxNodes > 1 && !standalone) {
+    DTRAIN_CHECK_AS(UsageError, nodeRank >= 0,
+                    "--nnodes {} with --rdzv-backend static needs --node-rank (node rank 0 hosts the store); "
+                    "or run a standalone `dtrain store` and pass --rdzv-backend store",
+                    nnodesText);
+    DTRAIN_CHECK_AS(UsageError, !rdzvEndpoint.empty(),
+                    "--nnodes {} needs --rdzv-endpoint HOST[:PORT] (the address of node rank 0)", nnodesText);
+  }
+  if (rdzvBackend == "store")
+    DTRAIN_CHECK_AS(UsageError, !rdzvEndpoint.empty(),
+                    "--rdzv-backend store needs --rdzv-endpoint HOST[:PORT] of a running `dtrain store`");
+  if (!rdzvEndpoint.empty())
+    DTRAIN_CHECK_AS(UsageError, net::parseHostPort(rdzvEndpoint, 29400).has_value(),
+                    "--rdzv-endpoint {}: expected HOST or HOST:PORT", rdzvEndpoint);
+  DTRAIN_CHECK_AS(UsageError, shutdownTimeout.count() >= 0, "--shutdown-timeout must not be negative");
+  DTRAIN_CHECK_AS(UsageError, heartbeatInterval.count() > 0 && heartbeatTimeout > heartbeatInterval,
+                  "--heartbeat-timeout ({} ms) must be longer than --heartbeat-interval ({} ms)",
+                  heartbeatTimeout.count(), heartbeatInterval.count());
+  for (int r : localRanksFilter)
+    DTRAIN_CHECK_AS(UsageError, r < nproc, "--local-ranks-filter: local rank {} does not exist with {} worker(s) per node",
+                    r, nproc);
+  DTRAIN_CHECK_AS(UsageError, !program.empty(), "no program to launch: give a job file or -- PROGRAM [ARGS...]");
+  programPath = resolveProgram(program.front());
+}
+
+}  // namespace dtrain::launch

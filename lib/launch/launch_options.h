@@ -1,0 +1,66 @@
+// What `dtrain run` was asked to do, after CLI parsing and before anything starts. Validation happens here so
+// that every bad input is rejected, with the flag and the value named, before a store or a worker exists.
+#pragma once
+
+#include <chrono>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace dtrain::launch {
+
+using Millis = std::chrono::milliseconds;
+
+// Which of a worker's streams go to files only (redirect) or to files and the console (tee); torchrun's
+// codes: 0 none, 1 stdout, 2 stderr, 3 both. Per local rank, with a default for ranks not listed.
+struct StreamChoice {
+  int all = 0;
+  std::map<int, int> perRank;
+  int forRank(int localRank) const;
+  // "3" or "0:1,1:2"; throws UsageError naming `flag`.
+  static StreamChoice parse(const std::string& flag, const std::string& value);
+};
+
+struct LaunchOptions {
+  // As typed (for messages and --dry-run) and resolved.
+  std::string nnodesText = "1";
+  int minNodes = 1;
+  int maxNodes = 1;
+  std::string nprocText = "1";
+  int nproc = 1;
+  int nodeRank = -1;              // -1: not given
+  std::string rdzvEndpoint;       // host[:port]; empty: 127.0.0.1:29400 for a single node
+  std::string rdzvBackend = "static";  // static: node rank 0 hosts the store; store: a standalone store
+  std::string rdzvId = "none";
+  bool standalone = false;
+  int maxRestarts = 0;
+  Millis shutdownTimeout{std::chrono::seconds(30)};
+  Millis rdzvTimeout{std::chrono::seconds(900)};
+  Millis lastCall{std::chrono::seconds(30)};
+  Millis heartbeatInterval{std::chrono::seconds(1)};
+  Millis heartbeatTimeout{std::chrono::seconds(5)};
+  std::string localAddr;          // address other nodes reach this node at (MASTER_ADDR when node 0)
+  std::string logDir;
+  StreamChoice redirects;
+  StreamChoice tee;
+  std::vector<int> localRanksFilter;  // empty: all
+  std::vector<std::string> program;   // argv of the worker program (argv[0] as typed)
+  std::string programPath;            // resolved executable
+
+  // Throws UsageError (bad flag values, contradictions) or Error with kNotFound/kNotExecutable (program).
+  void validate();
+};
+
+// "N" or "MIN:MAX" -> {min, max}; throws UsageError.
+std::pair<int, int> parseNnodes(const std::string& value);
+// "N" | "auto" | "cpu" | "gpu" -> count; throws UsageError.
+int resolveNproc(const std::string& value);
+// Comma list of non-negative integers ("0,1"); throws UsageError naming flag.
+std::vector<int> parseIntList(const std::string& flag, const std::string& value);
+// PATH lookup as execvp would do; throws Error(kNotFound / kNotExecutable) with a clear message.
+std::string resolveProgram(const std::string& program);
+// GPUs visible to this process (CUDA_VISIBLE_DEVICES, else /proc/driver/nvidia/gpus); 0 when none.
+int visibleGpuCount();
+int usableCpuCount();
+
+}  // namespace dtrain::launch

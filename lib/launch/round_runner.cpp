@@ -1,0 +1,330 @@
+#include "lib/launch/round_runner.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <boost/asio/post.hpp>
+
+#include <filesystem>
+
+#include "lib/common/error.h"
+#include "lib/common/log.h"
+#include "lib/launch/spawn.h"
+#include "lib/launch/worker_env.h"
+
+namespace dtrain::launch {
+
+namespace asio = boost::asio;
+using rendezvous::RoundEvent;
+using namespace std::chrono_literals;
+
+namespace {
+constexpr size_t kTailLines = 20;
+constexpr auto kDrainGrace = 2s;  // output still open after every worker exited (a grandchild holds the pipe)
+constexpr size_t kReadChunk = 64 * 1024;
+}  // namespace
+
+RoundRunner::RoundRunner(asio::io_context& io, RoundContext ctx)
+    : io_(io),
+      ctx_(std::move(ctx)),
+      // Installed before any worker exists, so no SIGCHLD can be lost.
+      signals_(io_, SIGCHLD, SIGINT, SIGTERM),
+      heartbeatTimer_(io_),
+      killTimer_(io_),
+      drainTimer_(io_),
+      failTimer_(io_) {}
+
+RoundRunner::~RoundRunner() {
+  watcherStop_ = true;
+  if (watcher_.joinable()) watcher_.join();
+  // Defensive: run() reaps everything; this only matters if it threw half-way.
+  for (auto& w : workers_) {
+    if (w.pid > 0 && !w.exited) {
+      signalGroup(w.pid, SIGKILL);
+      int st;
+      ::waitpid(w.pid, &st, 0);
+    }
+  }
+}
+
+RoundEvent RoundRunner::run() {
+  signals_.async_wait([this](const boost::system::error_code& ec, int sig) { onSignal(ec, sig); });
+  startWatcher();
+  startWorkers();
+  if (ctx_.round->numNodes > 1) onHeartbeat();
+  io_.run();
+  watcherStop_ = true;
+  if (watcher_.joinable()) watcher_.join();
+  // Whatever is left of each worker's process group (daemonised grandchildren) goes with the round.
+  for (auto& w : workers_) signalGroup(w.pid, SIGKILL);
+  return *ended_;
+}
+
+void RoundRunner::startWatcher() {
+  int round = ctx_.round->round;
+  watcher_ = std::thread([this, round, store = ctx_.watchStore] {
+    while (!watcherStop_) {
+      try {
+        if (auto ev = rendezvous::Rendezvous::waitEvent(*store, round, 500ms)) {
+          asio::post(io_, [this, ev = *ev] { onEvent(ev); });
+          return;
+        }
+      } catch (const std::exception& e) {
+        if (watcherStop_) return;
+        RoundEvent lost{"node_lost", fmt::format("lost the rendezvous store at {}: {}", ctx_.storeAddr, e.what()),
+                        static_cast<int>(ExitCode::kRendezvous), ""};
+        asio::post(io_, [this, lost] { onEvent(lost); });
+        return;
+      }
+    }
+  });
+}
+
+void RoundRunner::startWorkers() {
+  const auto& round = *ctx_.round;
+  const auto& opts = *ctx_.options;
+  int nproc = round.members.at(round.nodeRank).info.nproc;
+  workers_.resize(nproc);
+  WorkerContext wctx{&round, 0, ctx_.storeAddr, ctx_.runId, opts.maxRestarts};
+  for (int lr = 0; lr < nproc; ++lr) {
+    Worker& w = workers_[lr];
+    w.localRank = lr;
+    w.rank = round.rankOffset + lr;
+    bool shown = opts.localRanksFilter.empty() ||
+                 std::find(opts.localRanksFilter.begin(), opts.localRanksFilter.end(), lr) !=
+                     opts.localRanksFilter.end();
+    int redirect = opts.redirects.forRank(lr);
+    std::string dir;
+    if (!ctx_.attemptLogDir.empty()) {
+      dir = fmt::format("{}/{}", ctx_.attemptLogDir, w.rank);
+      std::error_code ec;
+      std::filesystem::create_directories(dir, ec);
+      DTRAIN_CHECK(!ec, "--log-dir: cannot create {}: {}", dir, ec.message());
+    }
+    std::string prefix = fmt::format("[n{} r{}] ", round.nodeRank, w.rank);
+    int fds[2][2];
+    for (int s = 0; s < 2; ++s) {
+      DTRAIN_SYSCALL(::pipe2(fds[s], O_CLOEXEC));
+      int consoleFd = (shown && !(redirect & (1 << s))) ? (s == 0 ? STDOUT_FILENO : STDERR_FILENO) : -1;
+      std::string file = dir.empty() ? "" : fmt::format("{}/{}.log", dir, s == 0 ? "stdout" : "stderr");
+      w.sinks[s] = std::make_unique<StreamSink>(prefix, consoleFd, file, s == 1 ? kTailLines : 0);
+    }
+    wctx.localRank = lr;
+    SpawnSpec spec{opts.programPath, opts.program, workerEnvironment(wctx, nproc), fds[0][1], fds[1][1]};
+    try {
+      w.pid = spawnProcess(spec);
+    } catch (...) {
+      for (auto& f : fds) ::close(f[0]), ::close(f[1]);
+      throw;
+    }
+    for (int s = 0; s < 2; ++s) {
+      ::close(fds[s][1]);
+      ::fcntl(fds[s][0], F_SETFL, ::fcntl(fds[s][0], F_GETFL) | O_NONBLOCK);
+      w.pipes[s] = std::make_unique<asio::posix::stream_descriptor>(io_, fds[s][0]);
+      readPipe(w, s);
+    }
+    log::debug("started rank {} (local rank {}) as pid {}", w.rank, lr, w.pid);
+  }
+}
+
+void RoundRunner::readPipe(Worker& w, int s) {
+  auto buf = std::make_shared<std::vector<char>>(kReadChunk);
+  w.pipes[s]->async_read_some(asio::buffer(*buf), [this, &w, s, buf](const boost::system::error_code& ec, size_t n) {
+    if (n > 0) w.sinks[s]->feed(buf->data(), n);
+    if (!ec) {
+      readPipe(w, s);
+      return;
+    }
+    if (ec == asio::error::operation_aborted && !w.pipes[s]) return;
+    w.sinks[s]->finish();
+    w.pipes[s].reset();
+    if (s == 1 && pendingFailure_ == w.localRank) publishFailure();
+    maybeFinish();
+  });
+}
+
+void RoundRunner::onSignal(const boost::system::error_code& ec, int sig) {
+  if (ec) return;
+  signals_.async_wait([this](const boost::system::error_code& e, int s) { onSignal(e, s); });
+  if (sig == SIGCHLD) {
+    reapChildren();
+    return;
+  }
+  if (interruptedBy_) {  // a second Ctrl-C: no more grace
+    stopWorkers(SIGKILL);
+    return;
+  }
+  interruptedBy_ = sig;
+  log::warn("received SIG{}: stopping the workers", sigabbrev_np(sig));
+  publish(RoundEvent{"shutdown",
+                     fmt::format("the agent on node {} ({}) received SIG{}", ctx_.round->nodeRank,
+                                 ctx_.round->members[ctx_.round->nodeRank].info.hostname, sigabbrev_np(sig)),
+                     128 + sig, ""});
+}
+
+void RoundRunner::reapChildren() {
+  for (;;) {
+    int status = 0;
+    pid_t pid = ::waitpid(-1, &status, WNOHANG);
+    if (pid <= 0) break;
+    for (auto& w : workers_) {
+      if (w.pid == pid && !w.exited) {
+        w.exited = true;
+        w.status = status;
+        onWorkerExit(w);
+      }
+    }
+  }
+}
+
+void RoundRunner::onWorkerExit(Worker& w) {
+  log::debug("rank {} (pid {}) ended: {}", w.rank, w.pid, describeStatus(w.status));
+  if (!ended_ && !stopping_) {
+    if (!(WIFEXITED(w.status) && WEXITSTATUS(w.status) == 0)) {
+      // The report quotes the worker's last stderr lines: publish once its stderr is drained (or shortly after,
+      // if a grandchild keeps the pipe open).
+      if (!pendingFailure_) {
+        pendingFailure_ = w.localRank;
+        if (!w.pipes[1]) {
+          publishFailure();
+        } else {
+          failTimer_.expires_after(std::chrono::milliseconds(300));
+          failTimer_.async_wait([this](const boost::system::error_code& ec) {
+            if (!ec) publishFailure();
+          });
+        }
+      }
+    } else if (!finishedMarked_ && std::all_of(workers_.begin(), workers_.end(), [](const Worker& x) {
+                 return x.exited && WIFEXITED(x.status) && WEXITSTATUS(x.status) == 0;
+               })) {
+      finishedMarked_ = true;
+      try {
+        ctx_.rdzv->markFinished(*ctx_.round);
+      } catch (const std::exception& e) {
+        onEvent(RoundEvent{"node_lost", fmt::format("lost the rendezvous store at {}: {}", ctx_.storeAddr, e.what()),
+                           static_cast<int>(ExitCode::kRendezvous), ""});
+      }
+    }
+  }
+  maybeFinish();
+}
+
+std::string RoundRunner::failureReport(const Worker& w) const {
+  const auto& me = ctx_.round->members[ctx_.round->nodeRank].info;
+  std::string report = fmt::format("worker failed: node {} ({}), rank {} (local rank {}), pid {}: {}",
+                                   ctx_.round->nodeRank, me.hostname, w.rank, w.localRank, w.pid,
+                                   describeStatus(w.status));
+  const auto& tail = w.sinks[1]->tail();
+  if (!tail.empty()) {
+    report += fmt::format("\nlast {} line(s) of rank {}'s stderr:", tail.size(), w.rank);
+    for (const auto& line : tail) report += "\n  | " + line;
+  } else {
+    report += fmt::format("\n(rank {} wrote nothing to stderr)", w.rank);
+  }
+  return report;
+}
+
+void RoundRunner::publishFailure() {
+  if (failurePublished_ || !pendingFailure_) return;
+  failurePublished_ = true;
+  failTimer_.cancel();
+  const Worker& w = workers_[*pendingFailure_];
+  std::string report = failureReport(w);
+  publish(RoundEvent{"failed", report.substr(0, report.find('\n')), exitCodeOf(w.status), report});
+}
+
+void RoundRunner::publish(const RoundEvent& event) {
+  RoundEvent winner = event;
+  try {
+    winner = ctx_.rdzv->endRound(ctx_.round->round, event);
+  } catch (const std::exception& e) {
+    log::warn("could not publish '{}' to the rendezvous store: {}", event.type, e.what());
+  }
+  onEvent(winner);
+}
+
+void RoundRunner::onEvent(const RoundEvent& event) {
+  if (ended_) return;
+  ended_ = event;
+  heartbeatTimer_.cancel();
+  if (event.type != "done") stopWorkers(interruptedBy_.value_or(SIGTERM));
+  maybeFinish();
+}
+
+void RoundRunner::stopWorkers(int sig) {
+  if (stopping_ && sig != SIGKILL) return;
+  bool first = !stopping_;
+  stopping_ = true;
+  for (auto& w : workers_)
+    if (!w.exited) signalGroup(w.pid, sig);
+  if (first && sig != SIGKILL) {
+    killTimer_.expires_after(ctx_.options->shutdownTimeout);
+    killTimer_.async_wait([this](const boost::system::error_code& ec) {
+      if (ec) return;
+      for (auto& w : workers_) {
+        if (!w.exited) {
+          log::warn("rank {} (pid {}) did not stop within --shutdown-timeout; sending SIGKILL", w.rank, w.pid);
+          signalGroup(w.pid, SIGKILL);
+        }
+      }
+    });
+  }
+}
+
+void RoundRunner::onHeartbeat() {
+  if (ended_) return;
+  try {
+    ctx_.rdzv->heartbeat(*ctx_.round);
+    auto silent = ctx_.rdzv->silentMembers(*ctx_.round, ctx_.options->heartbeatTimeout);
+    if (!silent.empty()) {
+      const auto& lost = ctx_.round->members.at(silent.front()).info;
+      publish(RoundEvent{"node_lost",
+                         fmt::format("node {} ({}, agent pid {}) sent no heartbeat for {} ms", silent.front(),
+                                     lost.hostname, lost.pid, ctx_.options->heartbeatTimeout.count()),
+                         static_cast<int>(ExitCode::kRendezvous), ""});
+      return;
+    }
+  } catch (const std::exception& e) {
+    onEvent(RoundEvent{"node_lost", fmt::format("lost the rendezvous store at {}: {}", ctx_.storeAddr, e.what()),
+                       static_cast<int>(ExitCode::kRendezvous), ""});
+    return;
+  }
+  heartbeatTimer_.expires_after(ctx_.options->heartbeatInterval);
+  heartbeatTimer_.async_wait([this](const boost::system::error_code& ec) {
+    if (!ec) onHeartbeat();
+  });
+}
+
+void RoundRunner::maybeFinish() {
+  bool allExited = std::all_of(workers_.begin(), workers_.end(), [](const Worker& w) { return w.exited; });
+  if (!ended_ || !allExited) return;
+  bool drained = std::all_of(workers_.begin(), workers_.end(),
+                             [](const Worker& w) { return !w.pipes[0] && !w.pipes[1]; });
+  if (drained) {
+    killTimer_.cancel();
+    drainTimer_.cancel();
+    failTimer_.cancel();
+    signals_.cancel();
+    io_.stop();
+    return;
+  }
+  if (!done_) {
+    done_ = true;
+    drainTimer_.expires_after(kDrainGrace);
+    drainTimer_.async_wait([this](const boost::system::error_code& ec) {
+      if (ec) return;
+      for (auto& w : workers_)
+        for (int s = 0; s < 2; ++s)
+          if (w.pipes[s]) {
+            w.sinks[s]->finish();
+            w.pipes[s].reset();
+          }
+      maybeFinish();
+    });
+  }
+}
+
+}  // namespace dtrain::launch

@@ -1,0 +1,93 @@
+// One round of the agent's life: start this node's workers for a formed group, watch them and the group,
+// and stop them when the round ends. Event-driven on one Boost.Asio io_context (the agent's main thread):
+// SIGCHLD reaps workers, pipes carry their output, a timer drives heartbeats, and a watcher thread blocked
+// on the round's `event` key in the store posts the group's decision back to the loop.
+//
+// A round ends with exactly one RoundEvent (the first published wins, see rendezvous.h). run() returns it
+// once every local worker is reaped and its output drained; it never leaves a worker running.
+#pragma once
+
+#include <sys/types.h>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/posix/stream_descriptor.hpp>
+#include <boost/asio/signal_set.hpp>
+#include <boost/asio/steady_timer.hpp>
+
+#include <array>
+#include <atomic>
+#include <memory>
+#include <optional>
+#include <thread>
+#include <vector>
+
+#include "lib/launch/launch_options.h"
+#include "lib/launch/log_fanout.h"
+#include "rendezvous/rendezvous.h"
+
+namespace dtrain::launch {
+
+struct RoundContext {
+  const LaunchOptions* options = nullptr;
+  rendezvous::Rendezvous* rdzv = nullptr;
+  rendezvous::StorePtr watchStore;  // a connection of its own for the blocking watch
+  const rendezvous::RoundInfo* round = nullptr;
+  std::string storeAddr;
+  std::string runId;
+  std::string attemptLogDir;  // "" when --log-dir is not given
+};
+
+class RoundRunner {
+ public:
+  RoundRunner(boost::asio::io_context& io, RoundContext ctx);
+  ~RoundRunner();
+
+  rendezvous::RoundEvent run();
+  // Set when SIGINT/SIGTERM reached the agent during the round: the agent exits with 128+signal.
+  std::optional<int> interruptedBy() const { return interruptedBy_; }
+
+ private:
+  struct Worker {
+    int localRank = 0;
+    int rank = 0;
+    pid_t pid = -1;
+    bool exited = false;
+    int status = 0;
+    std::array<std::unique_ptr<boost::asio::posix::stream_descriptor>, 2> pipes;  // stdout, stderr
+    std::array<std::unique_ptr<StreamSink>, 2> sinks;
+  };
+
+  void startWorkers();
+  void readPipe(Worker& w, int stream);
+  void onSignal(const boost::system::error_code& ec, int sig);
+  void reapChildren();
+  void onWorkerExit(Worker& w);
+  void onEvent(const rendezvous::RoundEvent& event);
+  void publish(const rendezvous::RoundEvent& event);
+  void publishFailure();
+  void stopWorkers(int sig);
+  void onHeartbeat();
+  void maybeFinish();
+  std::string failureReport(const Worker& w) const;
+  void startWatcher();
+
+  boost::asio::io_context& io_;
+  RoundContext ctx_;
+  boost::asio::signal_set signals_;
+  boost::asio::steady_timer heartbeatTimer_;
+  boost::asio::steady_timer killTimer_;
+  boost::asio::steady_timer drainTimer_;
+  boost::asio::steady_timer failTimer_;
+  std::vector<Worker> workers_;
+  std::optional<rendezvous::RoundEvent> ended_;
+  std::optional<int> interruptedBy_;
+  std::optional<int> pendingFailure_;  // local rank of the first failed worker
+  bool failurePublished_ = false;
+  bool stopping_ = false;
+  bool finishedMarked_ = false;
+  bool done_ = false;
+  std::thread watcher_;
+  std::atomic<bool> watcherStop_{false};
+};
+
+}  // namespace dtrain::launch

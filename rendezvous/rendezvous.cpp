@@ -1,0 +1,223 @@
+#include "rendezvous/rendezvous.h"
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <climits>
+#include <numeric>
+
+#include "lib/common/clock.h"
+#include "lib/common/error.h"
+#include "lib/common/log.h"
+#include "lib/common/parse.h"
+
+namespace dtrain::rendezvous {
+
+using json = nlohmann::json;
+using namespace std::chrono_literals;
+
+namespace {
+
+std::string key(int round, std::string_view what) { return fmt::format("r{}/{}", round, what); }
+
+// While fewer than minNodes joined we re-check the join counter at this pace; once the round can close
+// we wait on the `closed` key itself, which wakes us the moment anyone closes it.
+constexpr Millis kQuorumPoll{100};
+
+}  // namespace
+
+std::string NodeInfo::toJson() const {
+  return json{{"node_rank", requestedNodeRank}, {"nproc", nproc},  {"host", host},
+              {"hostname", hostname},          {"pid", pid},      {"master_port", masterPort}}
+      .dump();
+}
+
+NodeInfo NodeInfo::fromJson(const std::string& text) {
+  auto j = json::parse(text, nullptr, false);
+  DTRAIN_CHECK_AS(ProtocolError, j.is_object(), "rendezvous: malformed node record '{}'", text);
+  NodeInfo n;
+  n.requestedNodeRank = j.value("node_rank", -1);
+  n.nproc = j.value("nproc", 1);
+  n.host = j.value("host", "");
+  n.hostname = j.value("hostname", "");
+  n.pid = j.value("pid", 0);
+  n.masterPort = j.value("master_port", 0);
+  return n;
+}
+
+std::string RoundEvent::toJson() const {
+  return json{{"type", type}, {"message", message}, {"exit_code", exitCode}, {"report", report}}.dump();
+}
+
+RoundEvent RoundEvent::fromJson(const std::string& text) {
+  auto j = json::parse(text, nullptr, false);
+  DTRAIN_CHECK_AS(ProtocolError, j.is_object(), "rendezvous: malformed round event '{}'", text);
+  RoundEvent e;
+  e.type = j.value("type", "");
+  e.message = j.value("message", "");
+  e.exitCode = j.value("exit_code", 0);
+  e.report = j.value("report", "");
+  return e;
+}
+
+Rendezvous::Rendezvous(StorePtr store, RendezvousOptions options, NodeInfo self)
+    : store_(std::move(store)), options_(std::move(options)), self_(std::move(self)) {}
+
+int Rendezvous::currentRound() {
+  auto v = store_->compareSet("round", "", "0");
+  auto r = parse::toInt(v);
+  DTRAIN_CHECK_AS(ProtocolError, r.has_value(), "rendezvous: malformed round counter '{}'", v);
+  return static_cast<int>(*r);
+}
+
+RoundInfo Rendezvous::join() {
+  Deadline deadline(options_.joinTimeout);
+  for (;;) {
+    int round = currentRound();
+    if (auto info = tryJoinRound(round, deadline)) return *info;
+    // We missed round `round` (it closed without us). If it has room, ask its members to re-form so we can
+    // join; either way wait for the next round to open.
+    auto closed = store_->tryGet(key(round, "closed"));
+    int members = closed ? static_cast<int>(parse::toInt(*closed).value_or(0)) : 0;
+    if (members < options_.maxNodes) {
+      RoundEvent e{"membership", fmt::format("node {} ({}) asks to join", self_.hostname, self_.host), 0, ""};
+      store_->compareSet(key(round, "event"), "", e.toJson());
+    }
+    if (!store_->wait({key(round + 1, "open")}, deadline.remaining()))
+      DTRAIN_THROW(RendezvousError,
+                   "rendezvous at {} timed out after {} s: round {} is running with {} node(s) and no new "
+                   "round opened for this node",
+                   options_.endpoint, options_.joinTimeout.count() / 1000, round, members);
+  }
+}
+
+std::optional<RoundInfo> Rendezvous::tryJoinRound(int round, const Deadline& deadline) {
+  if (store_->check({key(round, "closed")})) return std::nullopt;
+  int index = static_cast<int>(store_->add(key(round, "count"), 1)) - 1;
+  store_->set(key(round, fmt::format("node/{}", index)), self_.toJson());
+  if (index + 1 == options_.maxNodes) store_->compareSet(key(round, "closed"), "", std::to_string(index + 1));
+
+  // Wait for the round to close. With min < max, the first agent to see quorum for `lastCall` closes it.
+  std::optional<Clock::time_point> quorumSince;
+  while (!store_->check({key(round, "closed")})) {
+    if (deadline.expired()) {
+      int joined = static_cast<int>(store_->add(key(round, "count"), 0));
+      DTRAIN_THROW(RendezvousError,
+                   "rendezvous at {} timed out after {} s: {} of {} node(s) joined (need {}); start the "
+                   "missing agents with the same --rdzv-endpoint and --rdzv-id, or lower --nnodes",
+                   options_.endpoint, options_.joinTimeout.count() / 1000, joined,
+                   options_.maxNodes, options_.minNodes);
+    }
+    int joined = static_cast<int>(store_->add(key(round, "count"), 0));
+    Millis slice = kQuorumPoll;
+    if (joined >= options_.minNodes && options_.minNodes < options_.maxNodes) {
+      if (!quorumSince) quorumSince = Clock::now();
+      auto waited = std::chrono::duration_cast<Millis>(Clock::now() - *quorumSince);
+      if (waited >= options_.lastCall) {
+        store_->compareSet(key(round, "closed"), "", std::to_string(joined));
+        continue;
+      }
+      slice = options_.lastCall - waited;
+    } else if (options_.minNodes == options_.maxNodes) {
+      slice = deadline.remaining();  // only `closed` can end this wait: block on it
+    }
+    store_->wait({key(round, "closed")}, std::min(slice, deadline.remaining()));
+  }
+  int members = static_cast<int>(parse::toInt(store_->get(key(round, "closed"), 10s)).value_or(0));
+  if (index >= members) return std::nullopt;
+  return assemble(round, members, index);
+}
+
+RoundInfo Rendezvous::assemble(int round, int members, int myIndex) {
+  struct Joined {
+    NodeInfo info;
+    int index;
+  };
+  std::vector<Joined> joined;
+  for (int i = 0; i < members; ++i)
+    joined.push_back({NodeInfo::fromJson(store_->get(key(round, fmt::format("node/{}", i)), 30s)), i});
+  std::stable_sort(joined.begin(), joined.end(), [](const Joined& a, const Joined& b) {
+    int ra = a.info.requestedNodeRank < 0 ? INT_MAX : a.info.requestedNodeRank;
+    int rb = b.info.requestedNodeRank < 0 ? INT_MAX : b.info.requestedNodeRank;
+    return ra != rb ? ra < rb : a.index < b.index;
+  });
+  for (size_t i = 1; i < joined.size(); ++i) {
+    const auto& a = joined[i - 1].info;
+    const auto& b = joined[i].info;
+    if (a.requestedNodeRank >= 0 && a.requestedNodeRank == b.requestedNodeRank)
+      DTRAIN_THROW(RendezvousError,
+                   "rendezvous: node rank {} is claimed by two agents ({} pid {} and {} pid {}); give each node "
+                   "its own --node-rank",
+                   a.requestedNodeRank, a.hostname, a.pid, b.hostname, b.pid);
+  }
+  RoundInfo info;
+  info.round = round;
+  info.restartCount = static_cast<int>(parse::toInt(store_->tryGet(key(round, "restarts")).value_or("0")).value_or(0));
+  info.numNodes = members;
+  int offset = 0;
+  for (int i = 0; i < members; ++i) {
+    Member m{joined[i].info, i, offset};
+    if (joined[i].index == myIndex) {
+      info.nodeRank = i;
+      info.rankOffset = offset;
+    }
+    offset += m.info.nproc;
+    info.members.push_back(std::move(m));
+  }
+  info.worldSize = offset;
+  info.masterAddr = info.members.front().info.host;
+  info.masterPort = info.members.front().info.masterPort;
+  seen_.assign(members, {std::string(), Clock::now()});
+  seenRound_ = round;
+  return info;
+}
+
+RoundEvent Rendezvous::endRound(int round, const RoundEvent& event) {
+  auto current = store_->compareSet(key(round, "event"), "", event.toJson());
+  return RoundEvent::fromJson(current);
+}
+
+std::optional<RoundEvent> Rendezvous::waitEvent(Store& store, int round, Millis timeout) {
+  if (!store.wait({key(round, "event")}, timeout)) return std::nullopt;
+  return RoundEvent::fromJson(store.get(key(round, "event"), 10s));
+}
+
+void Rendezvous::markFinished(const RoundInfo& info) {
+  auto n = store_->add(key(info.round, "finished"), 1);
+  if (n == info.numNodes) endRound(info.round, RoundEvent{"done", "all nodes finished", 0, ""});
+}
+
+void Rendezvous::advance(int round) {
+  auto event = RoundEvent::fromJson(store_->get(key(round, "event"), 10s));
+  int before = static_cast<int>(parse::toInt(store_->tryGet(key(round, "restarts")).value_or("0")).value_or(0));
+  int after = before + (event.isFailure() ? 1 : 0);
+  // Every agent computes the same value, so the compareSet is idempotent and the order of agents is irrelevant.
+  store_->compareSet(key(round + 1, "restarts"), "", std::to_string(after));
+  store_->compareSet("round", std::to_string(round), std::to_string(round + 1));
+  store_->set(key(round + 1, "open"), "1");
+}
+
+void Rendezvous::heartbeat(const RoundInfo& info) {
+  store_->set(key(info.round, fmt::format("hb/{}", info.nodeRank)), std::to_string(++beats_));
+}
+
+std::vector<int> Rendezvous::silentMembers(const RoundInfo& info, Millis timeout) {
+  std::vector<int> silent;
+  if (seenRound_ != info.round) {
+    seen_.assign(info.numNodes, {std::string(), Clock::now()});
+    seenRound_ = info.round;
+  }
+  auto now = Clock::now();
+  for (int n = 0; n < info.numNodes; ++n) {
+    if (n == info.nodeRank) continue;
+    auto v = store_->tryGet(key(info.round, fmt::format("hb/{}", n))).value_or("");
+    if (v != seen_[n].first) {
+      seen_[n] = {v, now};
+    } else if (now - seen_[n].second > timeout) {
+      silent.push_back(n);
+    }
+  }
+  return silent;
+}
+
+}  // namespace dtrain::rendezvous

@@ -1,0 +1,121 @@
+// The rendezvous protocol: agents (one per node) meet in numbered rounds through a Store, learn the group's
+// membership, and agree on when a round ends (a failure, a lost node, a new node, a shutdown, or success).
+//
+// Keys live under `/dtrain/<run_id>/` (the Store passed in is already prefixed):
+//   round                 current round number R (decimal); moved R -> R+1 by compareSet, so racing agents
+//                         agree on one increment
+//   restarts              failure restarts so far (added once per failed round, by the agent that won the
+//                         round's event)
+//   r<R>/count            join counter; a joiner's index is the counter value it got minus one
+//   r<R>/node/<i>         the i-th joiner's NodeInfo (JSON)
+//   r<R>/closed           N, the number of members; set once (compareSet) when `maxNodes` joined, or after
+//                         `lastCall` once `minNodes` joined. Joiners with index >= N missed the round.
+//   r<R>/event            the first thing that ends the round (JSON RoundEvent), set once by compareSet:
+//                         "failed" (a worker failed, with its report), "node_lost" (missed heartbeats),
+//                         "membership" (a node wants to join), "shutdown" (an agent was signalled),
+//                         "done" (every node's workers succeeded). Everyone watches this one key.
+//   r<R>/finished         count of nodes whose workers all succeeded; the one that makes it N sets "done"
+//   r<R>/hb/<node rank>   heartbeat counter of each member, bumped every heartbeat interval
+//
+// Ranks: members are ordered by their given node rank (when every member gave one) else by join order;
+// global ranks are contiguous per node in that order, and nodes may run different numbers of workers.
+//
+// Thread-safety: a Rendezvous is used by one thread; watching for the round's event uses its own Store
+// connection (see waitEvent), so the agent can block on it from a watcher thread.
+#pragma once
+
+#include <chrono>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "rendezvous/store.h"
+
+namespace dtrain::rendezvous {
+
+struct NodeInfo {
+  int requestedNodeRank = -1;  // --node-rank, or -1 to take join order
+  int nproc = 1;
+  std::string host;        // address other nodes (and workers) use to reach this node
+  std::string hostname;    // for reports
+  int pid = 0;
+  uint16_t masterPort = 0; // a free port on this node, used as MASTER_PORT if it becomes node 0
+  std::string toJson() const;
+  static NodeInfo fromJson(const std::string& json);
+};
+
+struct RendezvousOptions {
+  int minNodes = 1;
+  int maxNodes = 1;
+  Millis joinTimeout{std::chrono::seconds(900)};  // whole join, waiting for nodes included
+  Millis lastCall{std::chrono::seconds(30)};      // extra wait for more nodes once minNodes joined (min < max)
+  std::string endpoint;                           // for messages only ("host:port")
+};
+
+struct Member {
+  NodeInfo info;
+  int nodeRank = 0;    // GROUP_RANK in this round
+  int rankOffset = 0;  // global rank of its local rank 0
+};
+
+struct RoundInfo {
+  int round = 0;
+  int restartCount = 0;  // failure restarts before this round (DTRAIN_RESTART_COUNT)
+  int nodeRank = 0;      // this agent's GROUP_RANK
+  int numNodes = 0;      // GROUP_WORLD_SIZE
+  int rankOffset = 0;
+  int worldSize = 0;
+  std::vector<Member> members;  // ordered by node rank
+  std::string masterAddr;       // node 0's host
+  uint16_t masterPort = 0;
+};
+
+struct RoundEvent {
+  std::string type;     // failed | node_lost | membership | shutdown | done
+  std::string message;  // one line for humans
+  int exitCode = 0;     // for failed / shutdown: what `dtrain run` should exit with
+  std::string report;   // multi-line root-cause report (failed)
+  std::string toJson() const;
+  static RoundEvent fromJson(const std::string& json);
+  bool isFailure() const { return type == "failed" || type == "node_lost"; }
+};
+
+class Rendezvous {
+ public:
+  Rendezvous(StorePtr store, RendezvousOptions options, NodeInfo self);
+
+  // Joins the current (or next) round and blocks until it closes with this agent in it. Throws
+  // RendezvousError naming what was missing after joinTimeout.
+  RoundInfo join();
+
+  // Ends `round` with `event` unless something else ended it first; returns the event that won.
+  RoundEvent endRound(int round, const RoundEvent& event);
+  // Blocks up to `timeout` for the round's event; nullopt when none yet. Uses `store` (give a watcher its
+  // own connection).
+  static std::optional<RoundEvent> waitEvent(Store& store, int round, Millis timeout);
+  // Records that this node's workers all succeeded; the last node to finish ends the round with "done".
+  void markFinished(const RoundInfo& info);
+  // Moves the shared round counter past `round` (idempotent across agents) so the next join() starts fresh.
+  void advance(int round);
+
+  // Heartbeats: bump ours, and report members whose counter has not moved for `timeout` (by our clock).
+  void heartbeat(const RoundInfo& info);
+  std::vector<int> silentMembers(const RoundInfo& info, Millis timeout);
+
+  Store& store() { return *store_; }
+
+ private:
+  int currentRound();
+  std::optional<RoundInfo> tryJoinRound(int round, const class Deadline& deadline);
+  RoundInfo assemble(int round, int members, int myIndex);
+
+  StorePtr store_;
+  RendezvousOptions options_;
+  NodeInfo self_;
+  // heartbeat bookkeeping: last counter value seen per node rank and when it last changed
+  std::vector<std::pair<std::string, std::chrono::steady_clock::time_point>> seen_;
+  int seenRound_ = -1;
+  int64_t beats_ = 0;
+};
+
+}  // namespace dtrain::rendezvous

@@ -1,0 +1,226 @@
+// File reading (plain or gzip) and the two binary formats, IDX and NPY. CSV lives in csv.cpp.
+#include "lib/data/formats.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <zlib.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+#include "lib/common/error.h"
+
+namespace dtrain::data {
+
+namespace {
+
+constexpr size_t kReadChunk = 1 << 20;
+
+// Closes an fd on scope exit unless released (gzdopen takes ownership).
+struct FdGuard {
+  int fd;
+  ~FdGuard() {
+    if (fd >= 0) ::close(fd);
+  }
+};
+
+std::vector<std::byte> readPlain(int fd, const std::string& path, size_t sizeHint) {
+  std::vector<std::byte> out(sizeHint);
+  size_t used = 0;
+  for (;;) {
+    if (out.size() - used < kReadChunk) out.resize(std::max(out.size() * 2, used + kReadChunk));
+    ssize_t n = ::read(fd, out.data() + used, out.size() - used);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) DTRAIN_THROW(ConfigError, "{}: read failed ({})", path, std::strerror(errno));
+    if (n == 0) break;
+    used += static_cast<size_t>(n);
+  }
+  out.resize(used);
+  return out;
+}
+
+std::vector<std::byte> readGzip(int fd, const std::string& path, size_t sizeHint) {
+  gzFile gz = ::gzdopen(fd, "rb");
+  DTRAIN_CHECK_AS(ConfigError, gz != nullptr, "{}: cannot open gzip stream", path);
+  ::gzbuffer(gz, 256 * 1024);
+  std::vector<std::byte> out(sizeHint + 1);  // +1 so the final read sees EOF without a resize
+  size_t used = 0;
+  for (;;) {
+    if (out.size() - used < kReadChunk) out.resize(std::max(out.size() * 2, used + kReadChunk));
+    auto want = static_cast<unsigned>(std::min<size_t>(out.size() - used, 1u << 30));
+    int n = ::gzread(gz, out.data() + used, want);
+    if (n < 0) {
+      int code = 0;
+      std::string why = ::gzerror(gz, &code);
+      ::gzclose(gz);
+      DTRAIN_THROW(ConfigError, "{}: corrupt gzip data ({})", path, why);
+    }
+    if (n == 0) break;
+    used += static_cast<size_t>(n);
+  }
+  int code = 0;
+  std::string why = ::gzerror(gz, &code);
+  ::gzclose(gz);
+  // zlib reports a truncated stream as Z_BUF_ERROR at the end instead of failing the read.
+  DTRAIN_CHECK_AS(ConfigError, code == Z_OK || code == Z_STREAM_END, "{}: corrupt or truncated gzip data ({})",
+                  path, why);
+  out.resize(used);
+  return out;
+}
+
+uint32_t bigEndian32(const std::byte* p) {
+  return (std::to_integer<uint32_t>(p[0]) << 24) | (std::to_integer<uint32_t>(p[1]) << 16) |
+         (std::to_integer<uint32_t>(p[2]) << 8) | std::to_integer<uint32_t>(p[3]);
+}
+
+void byteSwapInPlace(std::vector<std::byte>& bytes, size_t width) {
+  if (width == 1) return;
+  for (size_t i = 0; i + width <= bytes.size(); i += width) std::reverse(bytes.begin() + i, bytes.begin() + i + width);
+}
+
+}  // namespace
+
+std::vector<std::byte> readFileBytes(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  DTRAIN_CHECK_AS(ConfigError, fd >= 0, "{}: cannot open ({})", path, std::strerror(errno));
+  FdGuard guard{fd};
+  struct stat st {};
+  DTRAIN_CHECK_AS(ConfigError, ::fstat(fd, &st) == 0 && S_ISREG(st.st_mode), "{}: not a regular file", path);
+  unsigned char magic[2] = {0, 0};
+  bool gzip = ::pread(fd, magic, 2, 0) == 2 && magic[0] == 0x1f && magic[1] == 0x8b;
+  if (!gzip) return readPlain(fd, path, static_cast<size_t>(st.st_size));
+  // The gzip trailer holds the uncompressed size mod 2^32: a good first allocation for datasets < 4 GB.
+  size_t hint = 0;
+  unsigned char trailer[4];
+  if (st.st_size >= 18 && ::pread(fd, trailer, 4, st.st_size - 4) == 4)
+    hint = trailer[0] | (trailer[1] << 8) | (trailer[2] << 16) | (static_cast<size_t>(trailer[3]) << 24);
+  guard.fd = -1;  // gzdopen owns it now
+  return readGzip(fd, path, hint);
+}
+
+RawArray readIdx(const std::string& path, int expectedDims, const std::string& what) {
+  auto bytes = readFileBytes(path);
+  const uint32_t expectedMagic = 0x0800u | static_cast<uint32_t>(expectedDims);
+  DTRAIN_CHECK_AS(ConfigError, bytes.size() >= 4, "{}: file too short for an IDX header ({} bytes)", path,
+                  bytes.size());
+  const uint32_t magic = bigEndian32(bytes.data());
+  const uint32_t typeCode = (magic >> 8) & 0xff;
+  const auto dims = static_cast<int>(magic & 0xff);
+  RawArray out;
+  bool knownType = true;
+  switch (typeCode) {
+    case 0x08: out.type = ElemType::kU8; break;
+    case 0x09: out.type = ElemType::kI8; break;
+    case 0x0B: out.type = ElemType::kI16; break;
+    case 0x0C: out.type = ElemType::kI32; break;
+    case 0x0D: out.type = ElemType::kF32; break;
+    case 0x0E: out.type = ElemType::kF64; break;
+    default: knownType = false;
+  }
+  DTRAIN_CHECK_AS(ConfigError, (magic >> 16) == 0 && knownType && dims == expectedDims,
+                  "{}: bad IDX magic 0x{:08x} (expected 0x{:08x} for {})", path, magic, expectedMagic, what);
+  const size_t headerBytes = 4 + 4 * static_cast<size_t>(dims);
+  DTRAIN_CHECK_AS(ConfigError, bytes.size() >= headerBytes, "{}: truncated IDX header ({} bytes, expected {})", path,
+                  bytes.size(), headerBytes);
+  for (int d = 0; d < dims; ++d) out.shape.push_back(bigEndian32(bytes.data() + 4 + 4 * d));
+  const size_t width = elemSize(out.type);
+  const auto dataBytes = static_cast<size_t>(numElements(out.shape)) * width;
+  DTRAIN_CHECK_AS(ConfigError, bytes.size() - headerBytes == dataBytes,
+                  "{}: IDX data has {} bytes, expected {} for shape {} of {}", path, bytes.size() - headerBytes,
+                  dataBytes, formatShape(out.shape), elemName(out.type));
+  bytes.erase(bytes.begin(), bytes.begin() + static_cast<std::ptrdiff_t>(headerBytes));
+  byteSwapInPlace(bytes, width);
+  out.bytes = std::move(bytes);
+  return out;
+}
+
+namespace {
+
+// Value of `key` in numpy's header, a Python dict literal: {'descr': '<f4', 'fortran_order': False, 'shape': (3, 4), }
+std::string npyField(const std::string& header, const std::string& key, const std::string& path) {
+  auto k = header.find("'" + key + "'");
+  DTRAIN_CHECK_AS(ConfigError, k != std::string::npos, "{}: NPY header has no '{}' ({})", path, key, header);
+  auto colon = header.find(':', k);
+  DTRAIN_CHECK_AS(ConfigError, colon != std::string::npos, "{}: malformed NPY header ({})", path, header);
+  size_t b = header.find_first_not_of(' ', colon + 1);
+  DTRAIN_CHECK_AS(ConfigError, b != std::string::npos, "{}: malformed NPY header ({})", path, header);
+  size_t e;
+  if (header[b] == '\'') e = header.find('\'', b + 1) + 1;
+  else if (header[b] == '(') e = header.find(')', b) + 1;
+  else e = header.find_first_of(",}", b);
+  DTRAIN_CHECK_AS(ConfigError, e != std::string::npos && e > b, "{}: malformed NPY header ({})", path, header);
+  return header.substr(b, e - b);
+}
+
+}  // namespace
+
+RawArray readNpy(const std::string& path) {
+  auto bytes = readFileBytes(path);
+  static const char kMagic[] = "\x93NUMPY";
+  DTRAIN_CHECK_AS(ConfigError, bytes.size() >= 10 && std::memcmp(bytes.data(), kMagic, 6) == 0,
+                  "{}: not an NPY file (expected the magic \\x93NUMPY)", path);
+  const auto major = std::to_integer<int>(bytes[6]);
+  size_t headerLen = 0, offset = 0;
+  if (major == 1) {
+    headerLen = std::to_integer<size_t>(bytes[8]) | (std::to_integer<size_t>(bytes[9]) << 8);
+    offset = 10;
+  } else if (major == 2 || major == 3) {
+    DTRAIN_CHECK_AS(ConfigError, bytes.size() >= 12, "{}: truncated NPY header", path);
+    for (int i = 0; i < 4; ++i) headerLen |= std::to_integer<size_t>(bytes[8 + i]) << (8 * i);
+    offset = 12;
+  } else {
+    DTRAIN_THROW(ConfigError, "{}: NPY version {} (expected 1, 2 or 3)", path, major);
+  }
+  DTRAIN_CHECK_AS(ConfigError, bytes.size() >= offset + headerLen, "{}: truncated NPY header", path);
+  std::string header(reinterpret_cast<const char*>(bytes.data()) + offset, headerLen);
+  const std::string descr = npyField(header, "descr", path);
+  const std::string fortran = npyField(header, "fortran_order", path);
+  const std::string shapeText = npyField(header, "shape", path);
+  DTRAIN_CHECK_AS(ConfigError, fortran == "False", "{}: Fortran-order array (expected C order; save with "
+                  "np.ascontiguousarray)", path);
+  RawArray out;
+  static const std::pair<const char*, ElemType> kTypes[] = {
+      {"u1", ElemType::kU8},  {"b1", ElemType::kU8},  {"i1", ElemType::kI8},  {"i2", ElemType::kI16},
+      {"u2", ElemType::kU16}, {"i4", ElemType::kI32}, {"i8", ElemType::kI64}, {"f4", ElemType::kF32},
+      {"f8", ElemType::kF64}};
+  bool found = false;
+  if (descr.size() == 5 && (descr[1] == '<' || descr[1] == '|')) {
+    for (const auto& [code, type] : kTypes) {
+      if (descr.compare(2, 2, code) == 0) {
+        out.type = type;
+        found = true;
+      }
+    }
+  }
+  DTRAIN_CHECK_AS(ConfigError, found, "{}: NPY dtype {} not supported (expected little-endian u1, i1, i2, u2, i4, "
+                  "i8, f4, f8 or b1)", path, descr);
+  // "(60000, 784)", "(60000,)", "()"
+  std::string inner = shapeText.substr(1, shapeText.size() - 2);
+  size_t pos = 0;
+  while (pos < inner.size()) {
+    size_t comma = inner.find(',', pos);
+    std::string item = inner.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
+    item.erase(std::remove(item.begin(), item.end(), ' '), item.end());
+    item.erase(std::remove(item.begin(), item.end(), 'L'), item.end());
+    if (!item.empty()) {
+      char* end = nullptr;
+      long long v = std::strtoll(item.c_str(), &end, 10);
+      DTRAIN_CHECK_AS(ConfigError, *end == '\0' && v >= 0, "{}: bad NPY shape {}", path, shapeText);
+      out.shape.push_back(v);
+    }
+    if (comma == std::string::npos) break;
+    pos = comma + 1;
+  }
+  DTRAIN_CHECK_AS(ConfigError, !out.shape.empty(), "{}: NPY array is a scalar (expected a sample dimension)", path);
+  const size_t dataBytes = static_cast<size_t>(numElements(out.shape)) * elemSize(out.type);
+  const size_t have = bytes.size() - offset - headerLen;
+  DTRAIN_CHECK_AS(ConfigError, have == dataBytes, "{}: NPY data has {} bytes, expected {} for shape {} of {}", path,
+                  have, dataBytes, formatShape(out.shape), elemName(out.type));
+  bytes.erase(bytes.begin(), bytes.begin() + static_cast<std::ptrdiff_t>(offset + headerLen));
+  out.bytes = std::move(bytes);
+  return out;
+}
+
+}  // namespace dtrain::data

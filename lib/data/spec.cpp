@@ -1,0 +1,338 @@
+#include "lib/data/spec.h"
+
+#include <fmt/ranges.h>
+
+#include <set>
+
+#include "lib/common/error.h"
+#include "lib/common/parse.h"
+
+namespace dtrain::data {
+
+const char* formatName(Format format) {
+  switch (format) {
+    case Format::kIdx: return "idx";
+    case Format::kCsv: return "csv";
+    case Format::kNpy: return "npy";
+    case Format::kSynthetic: return "synthetic";
+  }
+  return "?";
+}
+
+namespace {
+
+using nlohmann::json;
+
+// Typed access to one JSON object's fields, with errors naming the job file and the field's JSON path.
+class Fields {
+ public:
+  Fields(const json& j, std::string source, std::string path)
+      : j_(j), source_(std::move(source)), path_(std::move(path)) {}
+
+  std::string where(const std::string& key = "") const {
+    std::string p = key.empty() ? path_ : path_ + "/" + key;
+    return source_.empty() ? p : source_ + ": " + p;
+  }
+  [[noreturn]] void fail(const std::string& key, const std::string& message) const {
+    DTRAIN_THROW(ConfigError, "{}: {}", where(key), message);
+  }
+  bool has(const std::string& key) const { return j_.contains(key) && !j_.at(key).is_null(); }
+  const json& at(const std::string& key) const { return j_.at(key); }
+
+  void allowOnly(const std::set<std::string>& allowed) const {
+    for (const auto& [k, v] : j_.items())
+      if (!allowed.count(k)) fail(k, fmt::format("unknown key (expected one of: {})", fmt::join(allowed, ", ")));
+  }
+  std::string string(const std::string& key) const {
+    if (!has(key)) fail(key, "missing (expected a string)");
+    if (!at(key).is_string()) fail(key, fmt::format("{} (expected a string)", at(key).dump()));
+    return at(key).get<std::string>();
+  }
+  int64_t integer(const std::string& key, int64_t fallback, int64_t min) const {
+    if (!has(key)) return fallback;
+    const auto& v = at(key);
+    if (!v.is_number_integer() || v.get<int64_t>() < min)
+      fail(key, fmt::format("{} (expected an integer >= {})", v.dump(), min));
+    return v.get<int64_t>();
+  }
+  double number(const std::string& key, double fallback) const {
+    if (!has(key)) return fallback;
+    if (!at(key).is_number()) fail(key, fmt::format("{} (expected a number)", at(key).dump()));
+    return at(key).get<double>();
+  }
+  bool boolean(const std::string& key) const {
+    if (!at(key).is_boolean()) fail(key, fmt::format("{} (expected true or false)", at(key).dump()));
+    return at(key).get<bool>();
+  }
+  std::string choice(const std::string& key, const std::string& fallback, const std::set<std::string>& options) const {
+    if (!has(key)) return fallback;
+    auto s = string(key);
+    if (!options.count(s)) fail(key, fmt::format("'{}' (expected one of: {})", s, fmt::join(options, ", ")));
+    return s;
+  }
+  // A number or an array of numbers.
+  std::vector<double> numbers(const std::string& key, const std::string& sub) const {
+    const auto& v = at(key).at(sub);
+    std::vector<double> out;
+    if (v.is_number()) out.push_back(v.get<double>());
+    else if (v.is_array() && !v.empty()) {
+      for (const auto& x : v) {
+        if (!x.is_number()) fail(key + "/" + sub, fmt::format("{} (expected a number or an array of numbers)", v.dump()));
+        out.push_back(x.get<double>());
+      }
+    } else {
+      fail(key + "/" + sub, fmt::format("{} (expected a number or an array of numbers)", v.dump()));
+    }
+    return out;
+  }
+  // Resolves a file path against baseDir and checks the file exists.
+  std::string file(const std::string& key, const std::filesystem::path& baseDir, const std::string& expected) const {
+    std::filesystem::path p = string(key);
+    if (p.is_relative()) p = baseDir / p;
+    std::error_code ec;
+    if (!std::filesystem::is_regular_file(p, ec))
+      fail(key, fmt::format("{}: no such file (expected {})", p.lexically_normal().string(), expected));
+    return p.lexically_normal().string();
+  }
+
+ private:
+  const json& j_;
+  std::string source_;
+  std::string path_;
+};
+
+double parseScale(const Fields& f) {
+  if (!f.has("scale")) return 1.0;
+  const auto& v = f.at("scale");
+  if (v.is_number()) return v.get<double>();
+  if (v.is_string()) {  // "1/255"
+    auto parts = parse::split(v.get<std::string>(), '/');
+    if (parts.size() == 2) {
+      auto a = parse::toDouble(parts[0]), b = parse::toDouble(parts[1]);
+      if (a && b && *b != 0) return *a / *b;
+    }
+    if (parts.size() == 1)
+      if (auto a = parse::toDouble(parts[0])) return *a;
+  }
+  f.fail("scale", fmt::format("{} (expected a number or a fraction like \"1/255\")", v.dump()));
+}
+
+void parseSynthetic(const Fields& f, SyntheticOptions& s) {
+  auto task = f.choice("task", "regression", {"regression", "classification"});
+  s.task = task == "regression" ? SyntheticOptions::Task::kRegression : SyntheticOptions::Task::kClassification;
+  s.rule = f.choice("rule", "blobs", {"blobs", "linear"}) == "blobs" ? SyntheticOptions::Rule::kBlobs
+                                                                     : SyntheticOptions::Rule::kLinear;
+  s.samples = f.integer("samples", s.samples, 1);
+  s.features = f.integer("features", s.features, 1);
+  s.outputs = f.integer("outputs", s.outputs, 1);
+  s.numClasses = f.integer("num_classes", s.numClasses, 2);
+  s.noise = f.number("noise", s.noise);
+  s.spread = f.number("spread", s.spread);
+  if (s.noise < 0) f.fail("noise", fmt::format("{} (expected >= 0)", s.noise));
+  s.seed = static_cast<uint64_t>(f.integer("seed", 0, 0));
+  s.sampleSeed = static_cast<uint64_t>(f.integer("sample_seed", static_cast<int64_t>(s.seed), 0));
+}
+
+}  // namespace
+
+DataSpec parseDataSpec(const json& j, const std::string& sourceFile, const std::string& jsonPath,
+                       const std::filesystem::path& baseDir) {
+  Fields f(j, sourceFile, jsonPath);
+  if (!j.is_object()) f.fail("", fmt::format("{} (expected an object with a \"format\")", j.dump()));
+  DataSpec spec;
+  spec.sourceFile = sourceFile;
+  spec.jsonPath = jsonPath;
+  const auto format = f.choice("format", "", {"idx", "csv", "npy", "synthetic"});
+  if (format.empty()) f.fail("format", "missing (expected one of: csv, idx, npy, synthetic)");
+  std::set<std::string> allowed = {"format", "scale", "normalize", "shape", "limit", "label_kind", "num_classes"};
+  if (format == "idx") {
+    spec.format = Format::kIdx;
+    allowed.insert({"images", "labels"});
+    f.allowOnly(allowed);
+    spec.images = f.file("images", baseDir, "an IDX images file, e.g. train-images-idx3-ubyte.gz");
+    spec.labels = f.file("labels", baseDir, "an IDX labels file, e.g. train-labels-idx1-ubyte.gz");
+  } else if (format == "csv") {
+    spec.format = Format::kCsv;
+    allowed.insert({"path", "label", "header", "delimiter"});
+    f.allowOnly(allowed);
+    spec.path = f.file("path", baseDir, "a CSV file");
+    if (!f.has("label")) f.fail("label", "missing (expected a column name, an index like -1, or an array of them)");
+    auto addColumn = [&](const json& c) {
+      if (c.is_string()) spec.csv.labelColumns.emplace_back(c.get<std::string>());
+      else if (c.is_number_integer()) spec.csv.labelColumns.emplace_back(c.get<int64_t>());
+      else f.fail("label", fmt::format("{} (expected a column name or index)", c.dump()));
+    };
+    if (f.at("label").is_array()) {
+      for (const auto& c : f.at("label")) addColumn(c);
+      if (spec.csv.labelColumns.empty()) f.fail("label", "empty array (expected at least one column)");
+    } else {
+      addColumn(f.at("label"));
+    }
+    if (f.has("header")) spec.csv.header = f.boolean("header");
+    if (f.has("delimiter")) {
+      const auto d = f.string("delimiter");
+      if (d != "\\t" && d.size() != 1) f.fail("delimiter", fmt::format("'{}' (expected one character)", d));
+      spec.csv.delimiter = d == "\\t" ? '\t' : d[0];
+    }
+  } else if (format == "npy") {
+    spec.format = Format::kNpy;
+    allowed.insert({"features", "labels"});
+    f.allowOnly(allowed);
+    spec.features = f.file("features", baseDir, "an .npy file of features, samples first");
+    spec.labels = f.file("labels", baseDir, "an .npy file of labels, samples first");
+  } else {
+    spec.format = Format::kSynthetic;
+    allowed.insert({"task", "rule", "samples", "features", "outputs", "noise", "spread", "seed", "sample_seed"});
+    f.allowOnly(allowed);
+    parseSynthetic(f, spec.synthetic);
+  }
+
+  spec.transform.scale = parseScale(f);
+  if (f.has("normalize")) {
+    const auto& n = f.at("normalize");
+    if (!n.is_object() || !n.contains("mean") || !n.contains("std") || n.size() != 2)
+      f.fail("normalize", fmt::format("{} (expected {{\"mean\": m, \"std\": s}})", n.dump()));
+    spec.transform.mean = f.numbers("normalize", "mean");
+    spec.transform.std = f.numbers("normalize", "std");
+    for (double s : spec.transform.std)
+      if (s <= 0) f.fail("normalize/std", fmt::format("{} (expected every std > 0)", s));
+  }
+  if (f.has("shape")) {
+    const auto& s = f.at("shape");
+    Shape shape;
+    if (s.is_array())
+      for (const auto& d : s)
+        if (d.is_number_integer() && d.get<int64_t>() > 0) shape.push_back(d.get<int64_t>());
+    if (!s.is_array() || s.empty() || shape.size() != s.size())
+      f.fail("shape", fmt::format("{} (expected an array of positive integers, e.g. [1, 28, 28])", s.dump()));
+    spec.shape = shape;
+  }
+  if (f.has("limit")) spec.limit = f.integer("limit", 0, 1);
+  if (f.has("label_kind"))
+    spec.labelKind = f.choice("label_kind", "", {"class", "target"}) == "class" ? LabelKind::kClass : LabelKind::kTarget;
+  if (f.has("num_classes") && spec.format != Format::kSynthetic) spec.numClasses = f.integer("num_classes", 0, 1);
+  spec.csv.labelKind = spec.labelKind;
+  if (spec.format == Format::kSynthetic && spec.labelKind) {
+    bool regression = spec.synthetic.task == SyntheticOptions::Task::kRegression;
+    if ((*spec.labelKind == LabelKind::kClass) == regression)
+      f.fail("label_kind", fmt::format("{} contradicts task {}", labelKindName(*spec.labelKind),
+                                       regression ? "regression" : "classification"));
+  }
+  return spec;
+}
+
+namespace {
+
+// Labels from an integer or float array read from a file (NPY or IDX).
+Labels labelsFromArray(const RawArray& a, std::optional<LabelKind> kind, const std::string& file) {
+  Labels l;
+  const bool isFloat = a.type == ElemType::kF32 || a.type == ElemType::kF64;
+  l.kind = kind.value_or(isFloat ? LabelKind::kTarget : LabelKind::kClass);
+  const auto n = numElements(a.shape);
+  auto value = [&](int64_t i) -> double {
+    const std::byte* p = a.bytes.data() + static_cast<size_t>(i) * elemSize(a.type);
+    switch (a.type) {
+      case ElemType::kU8: return static_cast<double>(*reinterpret_cast<const uint8_t*>(p));
+      case ElemType::kI8: return *reinterpret_cast<const int8_t*>(p);
+      case ElemType::kI16: return *reinterpret_cast<const int16_t*>(p);
+      case ElemType::kU16: return *reinterpret_cast<const uint16_t*>(p);
+      case ElemType::kI32: return *reinterpret_cast<const int32_t*>(p);
+      case ElemType::kI64: return static_cast<double>(*reinterpret_cast<const int64_t*>(p));
+      case ElemType::kF32: return *reinterpret_cast<const float*>(p);
+      case ElemType::kF64: return *reinterpret_cast<const double*>(p);
+    }
+    return 0;
+  };
+  if (l.kind == LabelKind::kClass) {
+    DTRAIN_CHECK_AS(ConfigError, a.shape.size() == 1, "{}: class labels of shape {} (expected one per sample: [N])",
+                    file, formatShape(a.shape));
+    l.classes.resize(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) {
+      double v = value(i);
+      DTRAIN_CHECK_AS(ConfigError, v >= 0 && v == static_cast<double>(static_cast<int32_t>(v)),
+                      "{}: label {} of sample {} is not a class index (expected an integer >= 0)", file, v, i);
+      l.classes[static_cast<size_t>(i)] = static_cast<int32_t>(v);
+    }
+  } else {
+    l.shape.assign(a.shape.begin() + 1, a.shape.end());
+    if (l.shape.empty()) l.shape = {1};
+    l.targets.resize(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) l.targets[static_cast<size_t>(i)] = static_cast<float>(value(i));
+  }
+  return l;
+}
+
+std::string baseName(const std::string& path) { return std::filesystem::path(path).filename().string(); }
+
+std::shared_ptr<const Dataset> load(const DataSpec& spec, const std::string& where) {
+  std::unique_ptr<ArrayDataset> ds;
+  auto at = [&](const std::string& key) { return where + "/" + key; };
+  // Runs a reader, prefixing its message with the JSON path of the key that named the file.
+  auto withKey = [&](const std::string& key, auto&& fn) -> decltype(fn()) {
+    try {
+      return fn();
+    } catch (const ConfigError& e) {
+      throw ConfigError(at(key) + ": " + e.what());
+    }
+  };
+  switch (spec.format) {
+    case Format::kIdx: {
+      auto images = withKey("images", [&] { return readIdx(spec.images, 3, "images"); });
+      auto labelArray = withKey("labels", [&] { return readIdx(spec.labels, 1, "labels"); });
+      DTRAIN_CHECK_AS(ConfigError, labelArray.shape[0] == images.shape[0],
+                      "{}: {} has {} labels but {} has {} images (expected one label per image)", at("labels"),
+                      spec.labels, labelArray.shape[0], spec.images, images.shape[0]);
+      auto labels = withKey("labels", [&] { return labelsFromArray(labelArray, spec.labelKind, spec.labels); });
+      labels.numClasses = spec.numClasses;
+      auto what = fmt::format("idx {}: {} x {} {}", baseName(spec.images), images.shape[0],
+                              formatShape(Shape(images.shape.begin() + 1, images.shape.end())), elemName(images.type));
+      ds = std::make_unique<ArrayDataset>(std::move(images), std::move(labels), spec.transform, what, where);
+      break;
+    }
+    case Format::kNpy: {
+      auto features = withKey("features", [&] { return readNpy(spec.features); });
+      auto labelArray = withKey("labels", [&] { return readNpy(spec.labels); });
+      DTRAIN_CHECK_AS(ConfigError, labelArray.shape[0] == features.shape[0],
+                      "{}: {} has {} labels but {} has {} samples (expected one label per sample)", at("labels"),
+                      spec.labels, labelArray.shape[0], spec.features, features.shape[0]);
+      auto labels = withKey("labels", [&] { return labelsFromArray(labelArray, spec.labelKind, spec.labels); });
+      if (labels.kind == LabelKind::kClass) labels.numClasses = spec.numClasses;
+      auto what = fmt::format("npy {}: {} x {} {}", baseName(spec.features), features.shape[0],
+                              formatShape(Shape(features.shape.begin() + 1, features.shape.end())),
+                              elemName(features.type));
+      ds = std::make_unique<ArrayDataset>(std::move(features), std::move(labels), spec.transform, what, where);
+      break;
+    }
+    case Format::kCsv: {
+      auto table = withKey("path", [&] { return readCsv(spec.path, spec.csv); });
+      if (table.labels.kind == LabelKind::kClass && spec.numClasses) table.labels.numClasses = spec.numClasses;
+      auto what = fmt::format("csv {}: {} x [{}] float32", baseName(spec.path), table.features.shape[0],
+                              table.features.shape[1]);
+      ds = std::make_unique<ArrayDataset>(std::move(table.features), std::move(table.labels), spec.transform, what,
+                                          where);
+      break;
+    }
+    case Format::kSynthetic:
+      ds = withKey("format", [&] { return makeSynthetic(spec.synthetic, spec.transform); });
+      break;
+  }
+  if (spec.shape) ds->reshape(*spec.shape, at("shape"));
+  if (spec.limit) ds->truncate(*spec.limit);
+  return ds;
+}
+
+}  // namespace
+
+std::shared_ptr<const Dataset> loadDataset(const DataSpec& spec) {
+  const std::string where = spec.sourceFile.empty() ? spec.jsonPath : spec.sourceFile + ": " + spec.jsonPath;
+  try {
+    return load(spec, where);
+  } catch (const ConfigError& e) {
+    // Messages from ArrayDataset already carry `where`; the rest get it here.
+    std::string m = e.what();
+    if (m.rfind(where, 0) == 0) throw;
+    throw ConfigError(where + ": " + m);
+  }
+}
+
+}  // namespace dtrain::data

@@ -1,0 +1,57 @@
+// The JSON description of one dataset (a job's /data/train or /data/eval) and loading it.
+//
+//   {"format": "idx", "images": "train-images-idx3-ubyte.gz", "labels": "train-labels-idx1-ubyte.gz"}
+//   {"format": "csv", "path": "iris.csv", "label": "species", "header": true, "delimiter": ","}
+//   {"format": "npy", "features": "x.npy", "labels": "y.npy"}
+//   {"format": "synthetic", "task": "regression", "samples": 1000, "features": 10, "outputs": 1, "noise": 0.01,
+//    "seed": 0, "sample_seed": 0}
+//   {"format": "synthetic", "task": "classification", "rule": "blobs"|"linear", "num_classes": 3, ...}
+// and for every format: "scale": 0.00392156862745098 (or "1/255"), "normalize": {"mean": m, "std": s}
+// (numbers or arrays: per channel or per feature), "shape": [1, 28, 28] (reshape the features), "limit": N (first
+// N samples), "label_kind": "class"|"target", "num_classes": K.
+//
+// Parsing checks the spec and that its files exist; loading reads and checks the content. Both throw ConfigError
+// "<job file>: <JSON path>: <what is wrong and what was expected>", e.g.
+// "job.json: /data/train/labels: /data/t10k-labels-idx1-ubyte.gz: bad IDX magic 0x00000803 (expected 0x00000801
+// for labels)". Unknown keys are errors too (a typo must not be ignored). Thread-safe; loading blocks on file I/O.
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <filesystem>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "lib/data/dataset.h"
+#include "lib/data/formats.h"
+#include "lib/data/synthetic.h"
+
+namespace dtrain::data {
+
+enum class Format : uint8_t { kIdx, kCsv, kNpy, kSynthetic };
+const char* formatName(Format format);
+
+struct DataSpec {
+  Format format = Format::kSynthetic;
+  std::string sourceFile;  // the job file, for messages
+  std::string jsonPath;    // e.g. "/data/train"
+  // Resolved file paths: idx uses images+labels, csv uses path, npy uses features+labels.
+  std::string images, labels, path, features;
+  CsvOptions csv;
+  SyntheticOptions synthetic;
+  Transform transform;
+  std::optional<Shape> shape;
+  std::optional<int64_t> limit;
+  std::optional<LabelKind> labelKind;
+  std::optional<int64_t> numClasses;
+};
+
+// `baseDir` resolves relative paths (the job file's folder). Checks types, ranges and that files exist.
+DataSpec parseDataSpec(const nlohmann::json& spec, const std::string& sourceFile, const std::string& jsonPath,
+                       const std::filesystem::path& baseDir);
+
+// Reads the files and builds the dataset (shared: the trainer and an evaluation pass may both hold it).
+std::shared_ptr<const Dataset> loadDataset(const DataSpec& spec);
+
+}  // namespace dtrain::data

@@ -74,6 +74,10 @@ RoundInfo Rendezvous::join() {
   Deadline deadline(options_.joinTimeout);
   for (;;) {
     int round = currentRound();
+    if (auto ev = store_->tryGet(key(round, "event")); ev && RoundEvent::fromJson(*ev).type == "done")
+      DTRAIN_THROW(RendezvousError,
+                   "rendezvous at {}: this run id already completed a job on this store; use a new --rdzv-id",
+                   options_.endpoint);
     if (auto info = tryJoinRound(round, deadline)) return *info;
     // We missed round `round` (it closed without us). If it has room, ask its members to re-form so we can
     // join; either way wait for the next round to open.
@@ -195,6 +199,14 @@ void Rendezvous::advance(int round) {
   store_->compareSet(key(round + 1, "restarts"), "", std::to_string(after));
   store_->compareSet("round", std::to_string(round), std::to_string(round + 1));
   store_->set(key(round + 1, "open"), "1");
+}
+
+void Rendezvous::acknowledgeEnd(const RoundInfo& info) {
+  if (store_->add(key(info.round, "acks"), 1) == info.numNodes) store_->set(key(info.round, "all_acked"), "1");
+}
+
+bool Rendezvous::waitAcknowledged(const RoundInfo& info, Millis timeout) {
+  return store_->wait({key(info.round, "all_acked")}, timeout);
 }
 
 void Rendezvous::heartbeat(const RoundInfo& info) {

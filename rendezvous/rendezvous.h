@@ -16,6 +16,7 @@
 //                         "done" (every node's workers succeeded). Everyone watches this one key.
 //   r<R>/finished         count of nodes whose workers all succeeded; the one that makes it N sets "done"
 //   r<R>/hb/<node rank>   heartbeat counter of each member, bumped every heartbeat interval
+//   r<R>/acks, all_acked  after a terminal outcome: agents that saw it; the last one sets all_acked
 //
 // Ranks: members are ordered by their given node rank (when every member gave one) else by join order;
 // global ranks are contiguous per node in that order, and nodes may run different numbers of workers.
@@ -29,6 +30,7 @@
 #include <string>
 #include <vector>
 
+#include "lib/common/clock.h"
 #include "rendezvous/store.h"
 
 namespace dtrain::rendezvous {
@@ -98,6 +100,11 @@ class Rendezvous {
   // Moves the shared round counter past `round` (idempotent across agents) so the next join() starts fresh.
   void advance(int round);
 
+  // Terminal outcomes: every agent acknowledges it saw the round's end; the agent hosting the store waits
+  // (bounded) for all acknowledgements before it exits and takes the store with it.
+  void acknowledgeEnd(const RoundInfo& info);
+  bool waitAcknowledged(const RoundInfo& info, Millis timeout);
+
   // Heartbeats: bump ours, and report members whose counter has not moved for `timeout` (by our clock).
   void heartbeat(const RoundInfo& info);
   std::vector<int> silentMembers(const RoundInfo& info, Millis timeout);
@@ -106,7 +113,7 @@ class Rendezvous {
 
  private:
   int currentRound();
-  std::optional<RoundInfo> tryJoinRound(int round, const class Deadline& deadline);
+  std::optional<RoundInfo> tryJoinRound(int round, const Deadline& deadline);
   RoundInfo assemble(int round, int members, int myIndex);
 
   StorePtr store_;

@@ -1,10 +1,147 @@
+// `dtrain run`: CLI parsing for the launcher. torchrun's flag names (with - or _) and semantics; every option
+// can also come from DTRAIN_<NAME> in the environment. The work is lib/launch's Agent.
+#include <unistd.h>
+
+#include <climits>
+
 #include "apps/dtrain/commands.h"
+#include "apps/dtrain/job_hooks.h"
+#include "lib/common/error.h"
+#include "lib/common/parse.h"
+#include "lib/launch/agent.h"
 
 namespace dtrain::app {
 
+namespace {
+
+struct RunArgs {
+  launch::LaunchOptions opts;
+  std::string rdzvTimeout = "900s", lastCall = "30s", shutdownTimeout = "30s";
+  std::string heartbeatInterval = "1s", heartbeatTimeout = "5s";
+  std::string redirects = "0", tee = "0", localRanksFilter;
+  std::string masterAddr;
+  int masterPort = 0;
+  bool dryRun = false;
+  std::vector<std::string> positional;
+};
+
+std::chrono::milliseconds duration(const std::string& flag, const std::string& value) {
+  auto d = parse::toDuration(value);
+  DTRAIN_CHECK_AS(UsageError, d.has_value(), "{} {}: expected a duration such as 30, 30s, 500ms or 2m", flag, value);
+  return *d;
+}
+
+std::string selfExe() {
+  char buf[PATH_MAX];
+  ssize_t n = ::readlink("/proc/self/exe", buf, sizeof(buf) - 1);
+  DTRAIN_CHECK(n > 0, "cannot resolve /proc/self/exe");
+  return std::string(buf, static_cast<size_t>(n));
+}
+
+int runCommand(RunArgs& a, bool programAfterDashes) {
+  auto& o = a.opts;
+  o.rdzvTimeout = duration("--rdzv-timeout", a.rdzvTimeout);
+  o.lastCall = duration("--rdzv-last-call", a.lastCall);
+  o.shutdownTimeout = duration("--shutdown-timeout", a.shutdownTimeout);
+  o.heartbeatInterval = duration("--heartbeat-interval", a.heartbeatInterval);
+  o.heartbeatTimeout = duration("--heartbeat-timeout", a.heartbeatTimeout);
+  o.redirects = launch::StreamChoice::parse("--redirects", a.redirects);
+  o.tee = launch::StreamChoice::parse("--tee", a.tee);
+  if (!a.localRanksFilter.empty()) o.localRanksFilter = launch::parseIntList("--local-ranks-filter", a.localRanksFilter);
+  if (o.rdzvEndpoint.empty() && !a.masterAddr.empty())
+    o.rdzvEndpoint = a.masterPort > 0 ? fmt::format("{}:{}", a.masterAddr, a.masterPort) : a.masterAddr;
+  DTRAIN_CHECK_AS(UsageError, !a.positional.empty(),
+                  "dtrain run: nothing to launch; give a job file (dtrain run job.json) or a program after -- "
+                  "(dtrain run -- python train.py)");
+  bool isJob = !programAfterDashes && a.positional.front().size() > 5 &&
+               a.positional.front().compare(a.positional.front().size() - 5, 5, ".json") == 0;
+  if (isJob) {
+    // The built-in trainer: workers are this binary's `train` subcommand. The job is validated here, before
+    // any store or worker exists.
+    std::vector<std::string> trainArgs(a.positional.begin(), a.positional.end());
+    validateJobForLaunch(trainArgs);
+    o.program = {selfExe(), "train"};
+    o.program.insert(o.program.end(), trainArgs.begin(), trainArgs.end());
+  } else {
+    o.program = a.positional;
+  }
+  DTRAIN_CHECK_AS(UsageError, (o.redirects.all == 0 && o.redirects.perRank.empty()) || !o.logDir.empty(),
+                  "--redirects sends worker output to files: it needs --log-dir");
+  o.validate();
+  if (a.dryRun) {
+    fmt::print("nnodes={} nproc_per_node={} node_rank={} rdzv_backend={} rdzv_endpoint={} rdzv_id={} "
+               "max_restarts={}\nprogram={}\n",
+               o.nnodesText, o.nproc, o.nodeRank, o.rdzvBackend, o.rdzvEndpoint.empty() ? "-" : o.rdzvEndpoint,
+               o.rdzvId, o.maxRestarts, fmt::join(o.program, " "));
+    return 0;
+  }
+  launch::Agent agent(std::move(o));
+  return agent.run();
+}
+
+}  // namespace
+
 void addRunCommand(CLI::App& root, Action& action) {
-  auto* sub = root.add_subcommand("run", "(not yet implemented)");
-  sub->callback([&action] { action = [] { return 1; }; });
+  auto a = std::make_shared<RunArgs>();
+  auto* sub = root.add_subcommand(
+      "run", "Launch workers on this node (torchrun-compatible): dtrain run [options] JOB.json | -- PROGRAM [ARGS...]");
+  sub->prefix_command();  // everything from the first positional on belongs to the worker program
+  auto& o = a->opts;
+  sub->add_option("--nnodes", o.nnodesText, "Number of nodes, N or MIN:MAX (elastic)")->envname("DTRAIN_NNODES");
+  sub->add_option("--nproc-per-node,--nproc_per_node,--nproc,-n", o.nprocText,
+                  "Workers on this node: N, auto (GPUs, else CPUs), cpu or gpu")
+      ->envname("DTRAIN_NPROC_PER_NODE");
+  sub->add_option("--node-rank,--node_rank", o.nodeRank, "This node's rank (0 hosts the store with the static backend)")
+      ->envname("DTRAIN_NODE_RANK");
+  sub->add_option("--rdzv-endpoint,--rdzv_endpoint", o.rdzvEndpoint, "Rendezvous store HOST[:PORT] (port 29400)")
+      ->envname("DTRAIN_RDZV_ENDPOINT");
+  sub->add_option("--rdzv-backend,--rdzv_backend", o.rdzvBackend,
+                  "static: node rank 0 hosts the store; store: a standalone `dtrain store` at the endpoint")
+      ->envname("DTRAIN_RDZV_BACKEND");
+  sub->add_option("--rdzv-id,--rdzv_id", o.rdzvId, "Job id shared by all nodes")->envname("DTRAIN_RDZV_ID");
+  sub->add_option("--rdzv-timeout,--rdzv_timeout", a->rdzvTimeout, "How long to wait for all nodes (default 900s)")
+      ->envname("DTRAIN_RDZV_TIMEOUT");
+  sub->add_option("--rdzv-last-call", a->lastCall, "With --nnodes MIN:MAX, extra wait for nodes beyond MIN (30s)")
+      ->envname("DTRAIN_RDZV_LAST_CALL");
+  sub->add_flag("--standalone", o.standalone, "Single node: host a store on a free loopback port, random run id")
+      ->envname("DTRAIN_STANDALONE");
+  sub->add_option("--max-restarts,--max_restarts", o.maxRestarts, "Restarts of the group after a failure (0)")
+      ->envname("DTRAIN_MAX_RESTARTS");
+  sub->add_option("--shutdown-timeout", a->shutdownTimeout, "Grace between SIGTERM and SIGKILL for workers (30s)")
+      ->envname("DTRAIN_SHUTDOWN_TIMEOUT");
+  sub->add_option("--heartbeat-interval", a->heartbeatInterval, "Agent heartbeat interval (1s)")
+      ->envname("DTRAIN_HEARTBEAT_INTERVAL");
+  sub->add_option("--heartbeat-timeout", a->heartbeatTimeout, "A node silent this long is lost (5s)")
+      ->envname("DTRAIN_HEARTBEAT_TIMEOUT");
+  sub->add_option("--local-addr,--local_addr", o.localAddr, "Address other nodes use to reach this one")
+      ->envname("DTRAIN_LOCAL_ADDR");
+  sub->add_option("--master-addr,--master_addr", a->masterAddr, "torchrun alias: rendezvous host when no endpoint")
+      ->envname("DTRAIN_MASTER_ADDR");
+  sub->add_option("--master-port,--master_port", a->masterPort, "torchrun alias: rendezvous port when no endpoint")
+      ->envname("DTRAIN_MASTER_PORT");
+  sub->add_option("--log-dir,--log_dir", o.logDir, "Keep per-attempt, per-rank stdout/stderr files here")
+      ->envname("DTRAIN_LOG_DIR");
+  sub->add_option("--redirects,-r", a->redirects, "Streams sent to log files only: 0-3 or 0:1,1:2 per local rank")
+      ->envname("DTRAIN_REDIRECTS");
+  sub->add_option("--tee,-t", a->tee, "Streams also written to log files: 0-3 or per local rank")
+      ->envname("DTRAIN_TEE");
+  sub->add_option("--local-ranks-filter,--local_ranks_filter", a->localRanksFilter,
+                  "Show only these local ranks' output on the console, e.g. 0 or 0,1")
+      ->envname("DTRAIN_LOCAL_RANKS_FILTER");
+  sub->add_flag("--dry-run", a->dryRun, "Print the resolved launch plan and exit");
+  sub->add_option("job_or_program", a->positional, "JOB.json [train options], or PROGRAM [ARGS...] (after --)");
+  sub->callback([&action, a, sub] {
+    // With prefix_command CLI11 leaves everything after `--` (or after the first positional) in remaining().
+    bool dashes = false;
+    for (auto& extra : sub->remaining()) {
+      if (extra == "--" && a->positional.empty() && !dashes) {
+        dashes = true;
+        continue;
+      }
+      a->positional.push_back(extra);
+    }
+    action = [a, dashes] { return runCommand(*a, dashes); };
+  });
 }
 
 }  // namespace dtrain::app

@@ -67,6 +67,10 @@ std::string readFile(const std::string& path);
 void writeFile(const std::string& path, const std::string& content);
 // True when a process with this pid exists (and is not a zombie).
 bool processAlive(pid_t pid);
+// Waits (pidfd, no polling) until `pid` is gone; false after the timeout. Works for non-children too.
+bool waitForExit(pid_t pid, std::chrono::milliseconds timeout);
+// A TCP port free on 127.0.0.1 right now.
+int freePort();
 // Pids of processes whose environment holds DTRAIN_RUN_ID=<runId>: to prove nothing was left behind.
 std::vector<pid_t> processesWithRunId(const std::string& runId);
 

@@ -1,0 +1,166 @@
+#include "lib/launch/agent.h"
+
+#include <unistd.h>
+
+#include <boost/asio/io_context.hpp>
+
+#include <random>
+
+#include "lib/common/error.h"
+#include "lib/common/log.h"
+#include "lib/common/net.h"
+#include "lib/launch/round_runner.h"
+#include "rendezvous/prefix_store.h"
+#include "rendezvous/rendezvous.h"
+#include "rendezvous/tcp_store_client.h"
+#include "rendezvous/tcp_store_server.h"
+
+namespace dtrain::launch {
+
+using rendezvous::RoundEvent;
+using rendezvous::RoundInfo;
+using namespace std::chrono_literals;
+
+class StoreHost {
+ public:
+  std::unique_ptr<rendezvous::TcpStoreServer> server;
+};
+
+namespace {
+
+constexpr uint16_t kDefaultPort = 29400;
+// After a terminal outcome the store's host lingers this long for the other agents to read it.
+constexpr auto kLingerForPeers = 5s;
+
+std::string randomRunId() {
+  std::random_device rd;
+  return fmt::format("{:08x}{:08x}", rd(), rd());
+}
+
+void printBlock(log::Level level, const std::string& text) {
+  size_t start = 0;
+  while (start <= text.size()) {
+    size_t nl = text.find('\n', start);
+    log::write(level, std::string_view(text).substr(start, nl == std::string::npos ? std::string::npos : nl - start));
+    if (nl == std::string::npos) break;
+    start = nl + 1;
+  }
+}
+
+}  // namespace
+
+Agent::Agent(LaunchOptions options) : options_(std::move(options)) {}
+Agent::~Agent() = default;
+
+void Agent::setUpStore() {
+  net::HostPort hp;
+  if (options_.standalone) {
+    hp = {"127.0.0.1", 0};
+    runId_ = options_.rdzvId == "none" ? randomRunId() : options_.rdzvId;
+    hosting_ = true;
+  } else {
+    hp = *net::parseHostPort(options_.rdzvEndpoint.empty() ? "127.0.0.1" : options_.rdzvEndpoint, kDefaultPort);
+    runId_ = options_.rdzvId;
+    hosting_ = options_.rdzvBackend == "static" && (options_.nodeRank == 0 || options_.maxNodes == 1);
+  }
+  if (hosting_) {
+    host_ = std::make_unique<StoreHost>();
+    rendezvous::TcpStoreServerOptions so;
+    so.host = options_.standalone ? "127.0.0.1" : "0.0.0.0";
+    so.port = hp.port;
+    try {
+      host_->server = rendezvous::TcpStoreServer::start(so);
+    } catch (const Error& e) {
+      throw Error(fmt::format("cannot host the rendezvous store on port {} (--rdzv-endpoint {}): {}", hp.port,
+                              hp.str(), e.what()),
+                  ExitCode::kAddressInUse);
+    }
+    hp.port = host_->server->port();
+  }
+  endpoint_ = hp.str();
+  rendezvous::StorePtr client;
+  try {
+    client = rendezvous::connectStore(endpoint_, options_.rdzvTimeout);
+  } catch (const Error& e) {
+    std::string who = options_.rdzvBackend == "static"
+                          ? "with --rdzv-backend static the agent with --node-rank 0 hosts it: is it running, and "
+                            "is --rdzv-endpoint its address?"
+                          : "with --rdzv-backend store a standalone `dtrain store` must be running there";
+    throw RendezvousError(fmt::format("no rendezvous store answered at {} within {} s ({}): {}", endpoint_,
+                                      options_.rdzvTimeout.count() / 1000, who, e.what()));
+  }
+  store_ = std::make_shared<rendezvous::PrefixStore>(fmt::format("/dtrain/{}/", runId_), client);
+  watchStore_ = store_->clone();
+}
+
+int Agent::run() {
+  setUpStore();
+  rendezvous::NodeInfo self;
+  self.requestedNodeRank = options_.nodeRank;
+  self.nproc = options_.nproc;
+  self.hostname = net::hostname();
+  self.pid = static_cast<int>(::getpid());
+  if (!options_.localAddr.empty()) self.host = options_.localAddr;
+  else if (options_.standalone || (hosting_ && options_.maxNodes == 1 && options_.rdzvEndpoint.empty()))
+    self.host = "127.0.0.1";
+  else if (hosting_) self.host = net::parseHostPort(endpoint_, kDefaultPort)->host;
+  else self.host = self.hostname;
+  self.masterPort = net::pickFreePort();
+
+  rendezvous::RendezvousOptions ropts;
+  ropts.minNodes = options_.minNodes;
+  ropts.maxNodes = options_.maxNodes;
+  ropts.joinTimeout = options_.rdzvTimeout;
+  ropts.lastCall = options_.lastCall;
+  ropts.endpoint = endpoint_;
+  rendezvous::Rendezvous rdzv(store_, ropts, self);
+
+  for (;;) {
+    RoundInfo round = rdzv.join();
+    log::debug("round {}: node {} of {}, ranks {}..{} of {}", round.round, round.nodeRank, round.numNodes,
+               round.rankOffset, round.rankOffset + options_.nproc - 1, round.worldSize);
+    RoundContext ctx{&options_, &rdzv, watchStore_, &round, endpoint_, runId_, ""};
+    if (!options_.logDir.empty()) ctx.attemptLogDir = fmt::format("{}/{}/attempt_{}", options_.logDir, runId_, round.round);
+    RoundEvent event;
+    std::optional<int> interrupted;
+    {
+      boost::asio::io_context io;
+      RoundRunner runner(io, ctx);
+      event = runner.run();
+      interrupted = runner.interruptedBy();
+    }
+    auto finish = [&](int code) {
+      if (round.numNodes > 1) {
+        try {
+          rdzv.acknowledgeEnd(round);
+          // The store's host must outlive the other agents' last reads of this round.
+          if (hosting_) rdzv.waitAcknowledged(round, kLingerForPeers);
+        } catch (const std::exception& e) {
+          log::debug("could not acknowledge the end of round {}: {}", round.round, e.what());
+        }
+      }
+      return code;
+    };
+    if (interrupted) return finish(128 + *interrupted);
+    if (event.type == "done") return finish(0);
+    if (event.type == "shutdown") {
+      log::error("stopping: {}", event.message);
+      return finish(event.exitCode);
+    }
+    if (event.isFailure()) {
+      if (round.restartCount >= options_.maxRestarts) {
+        printBlock(log::Level::kError, event.report.empty() ? event.message : event.report);
+        if (options_.maxRestarts > 0)
+          log::error("giving up after {} restart(s) (--max-restarts {})", round.restartCount, options_.maxRestarts);
+        return finish(event.exitCode);
+      }
+      printBlock(log::Level::kWarn, event.report.empty() ? event.message : event.report);
+      log::warn("restarting the workers (restart {} of {})", round.restartCount + 1, options_.maxRestarts);
+    } else {
+      log::info("re-forming the group: {}", event.message);
+    }
+    rdzv.advance(round.round);
+  }
+}
+
+}  // namespace dtrain::launch

@@ -1,0 +1,159 @@
+// `dtrain run` launching arbitrary programs: the environment contract, multi-node on loopback, output.
+#include <doctest/doctest.h>
+
+#include <filesystem>
+
+#include "tests/integration/launch_helpers.h"
+
+using namespace dtrain::testing;
+using namespace std::chrono_literals;
+
+TEST_CASE("standalone: every rank gets the torchrun environment contract") {
+  auto r = run(runArgs({"--standalone", "--nproc-per-node", "2", "--max-restarts", "3", "--", "env"}),
+               {.timeout = 30s, .unsetEnv = {"OMP_NUM_THREADS"}});
+  INFO(r.err);
+  REQUIRE(r.exitCode == 0);
+  auto env = envByRank(r.out);
+  REQUIRE(env.size() == 2);
+  for (int rank = 0; rank < 2; ++rank) {
+    auto& e = env[rank];
+    CHECK(e["RANK"] == std::to_string(rank));
+    CHECK(e["LOCAL_RANK"] == std::to_string(rank));
+    CHECK(e["WORLD_SIZE"] == "2");
+    CHECK(e["LOCAL_WORLD_SIZE"] == "2");
+    CHECK(e["GROUP_RANK"] == "0");
+    CHECK(e["GROUP_WORLD_SIZE"] == "1");
+    CHECK(e["MASTER_ADDR"] == "127.0.0.1");
+    CHECK(std::stoi(e["MASTER_PORT"]) > 0);
+    CHECK(e["DTRAIN_RESTART_COUNT"] == "0");
+    CHECK(e["DTRAIN_MAX_RESTARTS"] == "3");
+    CHECK(e["TORCHELASTIC_RESTART_COUNT"] == "0");
+    CHECK(e["TORCHELASTIC_MAX_RESTARTS"] == "3");
+    CHECK(e["TORCHELASTIC_RUN_ID"] == e["DTRAIN_RUN_ID"]);
+    CHECK(!e["DTRAIN_RUN_ID"].empty());
+    CHECK(e["DTRAIN_STORE"].rfind("127.0.0.1:", 0) == 0);
+    CHECK(e["OMP_NUM_THREADS"] == "1");
+  }
+  CHECK(env[0]["MASTER_PORT"] == env[1]["MASTER_PORT"]);
+}
+
+TEST_CASE("a user's OMP_NUM_THREADS is kept, and a single worker is not limited") {
+  auto r = run(runArgs({"--standalone", "--nproc-per-node", "2", "--", "env"}), {.timeout = 30s, .env = {{"OMP_NUM_THREADS", "4"}}});
+  REQUIRE(r.exitCode == 0);
+  CHECK(envByRank(r.out)[1]["OMP_NUM_THREADS"] == "4");
+  auto one = run(runArgs({"--standalone", "--nproc-per-node", "1", "--", "env"}), {.timeout = 30s, .unsetEnv = {"OMP_NUM_THREADS"}});
+  REQUIRE(one.exitCode == 0);
+  CHECK(envByRank(one.out)[0].count("OMP_NUM_THREADS") == 0);
+}
+
+TEST_CASE("two nodes x two workers on loopback: ranks contiguous per node, one master") {
+  int port = freePort();
+  std::string id = uniqueRunId("2x2");
+  auto common = [&](int nodeRank) {
+    return runArgs({"--nnodes", "2", "--nproc-per-node", "2", "--node-rank", std::to_string(nodeRank), "--rdzv-endpoint",
+                    fmt::format("127.0.0.1:{}", port), "--rdzv-id", id, "--rdzv-timeout", "60s", "--", "env"});
+  };
+  Background node1(common(1));  // joins first: it waits for node 0, which hosts the store
+  auto r0 = run(common(0), {.timeout = 60s});
+  auto r1 = node1.wait(60s);
+  INFO(r0.err, r1.err);
+  REQUIRE(r0.exitCode == 0);
+  REQUIRE(r1.exitCode == 0);
+  auto e0 = envByRank(r0.out);
+  auto e1 = envByRank(r1.out);
+  REQUIRE(e0.size() == 2);
+  REQUIRE(e1.size() == 2);
+  CHECK(e0.count(0) == 1);
+  CHECK(e0.count(1) == 1);
+  CHECK(e1.count(2) == 1);
+  CHECK(e1.count(3) == 1);
+  for (auto* env : {&e0, &e1}) {
+    for (auto& [rank, e] : *env) {
+      CHECK(e["RANK"] == std::to_string(rank));
+      CHECK(e["LOCAL_RANK"] == std::to_string(rank % 2));
+      CHECK(e["WORLD_SIZE"] == "4");
+      CHECK(e["GROUP_RANK"] == std::to_string(rank / 2));
+      CHECK(e["GROUP_WORLD_SIZE"] == "2");
+      CHECK(e["MASTER_ADDR"] == "127.0.0.1");
+      CHECK(e["MASTER_PORT"] == e0[0]["MASTER_PORT"]);
+      CHECK(e["DTRAIN_RUN_ID"] == id);
+      CHECK(e["DTRAIN_STORE"] == fmt::format("127.0.0.1:{}", port));
+    }
+  }
+  CHECK(e0[0]["MASTER_PORT"] != std::to_string(port));  // torch's own store needs a port of its own
+}
+
+TEST_CASE("nodes may run different numbers of workers") {
+  int port = freePort();
+  std::string id = uniqueRunId("hetero");
+  auto args = [&](int nodeRank, int nproc) {
+    return runArgs({"--nnodes", "2", "--nproc-per-node", std::to_string(nproc), "--node-rank", std::to_string(nodeRank),
+                    "--rdzv-endpoint", fmt::format("127.0.0.1:{}", port), "--rdzv-id", id, "--", "env"});
+  };
+  Background node0(args(0, 1));
+  auto r1 = run(args(1, 3), {.timeout = 60s});
+  auto r0 = node0.wait(60s);
+  REQUIRE(r0.exitCode == 0);
+  REQUIRE(r1.exitCode == 0);
+  auto e0 = envByRank(r0.out);
+  auto e1 = envByRank(r1.out);
+  REQUIRE(e0.size() == 1);
+  REQUIRE(e1.size() == 3);
+  CHECK(e0[0]["LOCAL_WORLD_SIZE"] == "1");
+  for (int rank = 1; rank <= 3; ++rank) {
+    CHECK(e1[rank]["WORLD_SIZE"] == "4");
+    CHECK(e1[rank]["LOCAL_RANK"] == std::to_string(rank - 1));
+    CHECK(e1[rank]["LOCAL_WORLD_SIZE"] == "3");
+  }
+}
+
+TEST_CASE("console lines are prefixed by node and rank and never interleave") {
+  // Each worker writes 2000 lines quickly, in small writes, racing the other.
+  std::string script = "i=0; while [ $i -lt 2000 ]; do echo \"line-$RANK-$i-abcdefghijklmnopqrstuvwxyz\"; i=$((i+1)); done";
+  auto r = run(runArgs({"--standalone", "--nproc-per-node", "2", "--", "sh", "-c", script}), {.timeout = 60s});
+  REQUIRE(r.exitCode == 0);
+  int counts[2] = {0, 0};
+  std::istringstream in(r.out);
+  std::string line;
+  while (std::getline(in, line)) {
+    int node, rank, rankAgain, i;
+    char tail[64];
+    REQUIRE_MESSAGE(std::sscanf(line.c_str(), "[n%d r%d] line-%d-%d-%63s", &node, &rank, &rankAgain, &i, tail) == 5, line);
+    CHECK(rank == rankAgain);
+    CHECK(std::string(tail) == "abcdefghijklmnopqrstuvwxyz");
+    counts[rank]++;
+  }
+  CHECK(counts[0] == 2000);
+  CHECK(counts[1] == 2000);
+}
+
+TEST_CASE("--local-ranks-filter shows only the chosen ranks") {
+  auto r = run(runArgs({"--standalone", "--nproc-per-node", "3", "--local-ranks-filter", "1", "--", "sh", "-c",
+                        "echo hello-$RANK"}),
+               {.timeout = 30s});
+  REQUIRE(r.exitCode == 0);
+  CHECK(linesWith(r.out, "hello-").size() == 1);
+  CHECK(r.out.find("[n0 r1] hello-1") != std::string::npos);
+}
+
+TEST_CASE("--log-dir keeps per-attempt, per-rank files; --redirects keeps them off the console") {
+  std::string dir = tempDir("logs");
+  auto r = run(runArgs({"--standalone", "--rdzv-id", "logs1", "--nproc-per-node", "2", "--log-dir", dir, "--redirects",
+                        "1", "--", "sh", "-c", "echo out-$RANK; echo err-$RANK >&2"}),
+               {.timeout = 30s});
+  REQUIRE(r.exitCode == 0);
+  CHECK(linesWith(r.out, "out-").empty());         // stdout redirected to files only
+  CHECK(linesWith(r.err, "err-").size() == 2);      // stderr still on the console
+  for (int rank = 0; rank < 2; ++rank) {
+    auto base = fmt::format("{}/logs1/attempt_0/{}/", dir, rank);
+    CHECK(readFile(base + "stdout.log") == fmt::format("out-{}\n", rank));
+    CHECK(readFile(base + "stderr.log") == fmt::format("err-{}\n", rank));
+  }
+}
+
+TEST_CASE("options can come from DTRAIN_* environment variables") {
+  auto r = run(runArgs({"--standalone", "--", "sh", "-c", "echo ws=$WORLD_SIZE"}),
+               {.timeout = 30s, .env = {{"DTRAIN_NPROC_PER_NODE", "3"}}});
+  REQUIRE(r.exitCode == 0);
+  CHECK(linesWith(r.out, "ws=3").size() == 3);
+}

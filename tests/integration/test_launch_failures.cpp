@@ -1,0 +1,157 @@
+// `dtrain run` when things go wrong: failing workers, restarts, signals, lost agents, bad input.
+#include <doctest/doctest.h>
+
+#include <signal.h>
+
+#include <filesystem>
+
+#include "tests/integration/launch_helpers.h"
+
+using namespace dtrain::testing;
+using namespace std::chrono_literals;
+
+TEST_CASE("a failing worker stops its peers on both nodes and its exit code comes back with a report") {
+  int port = freePort();
+  std::string id = uniqueRunId("fail");
+  // Rank 3 (node 1) fails; everyone else would sleep for 1000 s if not stopped.
+  std::string script = "if [ $RANK = 3 ]; then echo 'fatal: disk on fire' >&2; exit 7; fi; exec sleep 1000";
+  auto args = [&](int nodeRank) {
+    return runArgs({"--nnodes", "2", "--nproc-per-node", "2", "--node-rank", std::to_string(nodeRank), "--rdzv-endpoint",
+                    fmt::format("127.0.0.1:{}", port), "--rdzv-id", id, "--shutdown-timeout", "5s", "--", "sh", "-c",
+                    script});
+  };
+  Background node0(args(0));
+  auto r1 = run(args(1), {.timeout = 60s});
+  auto r0 = node0.wait(60s);
+  CHECK(r1.exitCode == 7);
+  CHECK(r0.exitCode == 7);
+  for (auto* r : {&r0, &r1}) {
+    INFO(r->err);
+    CHECK(r->err.find("worker failed: node 1") != std::string::npos);
+    CHECK(r->err.find("rank 3 (local rank 1)") != std::string::npos);
+    CHECK(r->err.find("exit code 7") != std::string::npos);
+    CHECK(r->err.find("| fatal: disk on fire") != std::string::npos);
+  }
+  CHECK(processesWithRunId(id).empty());
+}
+
+TEST_CASE("a worker killed by a signal is reported as 128+signal") {
+  auto r = run(runArgs({"--standalone", "--nproc-per-node", "2", "--", "sh", "-c",
+                        "if [ $RANK = 0 ]; then kill -SEGV $$; fi; exec sleep 1000"}),
+               {.timeout = 30s});
+  CHECK(r.exitCode == 128 + SIGSEGV);
+  CHECK(r.err.find("signal 11 (SIGSEGV)") != std::string::npos);
+}
+
+TEST_CASE("restarts happen exactly --max-restarts times, with DTRAIN_RESTART_COUNT counting up") {
+  std::string dir = tempDir("restarts");
+  std::string script = fmt::format("echo $DTRAIN_RESTART_COUNT >> {}/attempts-$RANK; exit 3", dir);
+  auto r = run(runArgs({"--standalone", "--nproc-per-node", "2", "--max-restarts", "2", "--", "sh", "-c", script}),
+               {.timeout = 60s});
+  CHECK(r.exitCode == 3);
+  // Both ranks ran in each of the 3 attempts (1 + 2 restarts), unless stopped first by the failing peer;
+  // at least the attempts themselves are exactly 0, 1, 2.
+  std::string attempts0 = readFile(dir + "/attempts-0") + readFile(dir + "/attempts-1");
+  CHECK(attempts0.find("0\n") != std::string::npos);
+  CHECK(attempts0.find("1\n") != std::string::npos);
+  CHECK(attempts0.find("2\n") != std::string::npos);
+  CHECK(attempts0.find("3\n") == std::string::npos);
+  CHECK(linesWith(r.err, "restarting the workers").size() == 2);
+  CHECK(r.err.find("giving up after 2 restart(s)") != std::string::npos);
+}
+
+TEST_CASE("a restarted group succeeds when the failure does not repeat") {
+  std::string script = "if [ $RANK = 1 ] && [ $DTRAIN_RESTART_COUNT = 0 ]; then exit 9; fi; echo ok-$DTRAIN_RESTART_COUNT";
+  auto r = run(runArgs({"--standalone", "--nproc-per-node", "2", "--max-restarts", "1", "--", "sh", "-c", script}),
+               {.timeout = 60s});
+  CHECK(r.exitCode == 0);
+  CHECK(linesWith(r.out, "ok-1").size() == 2);
+}
+
+TEST_CASE("SIGTERM to the agent is forwarded to the workers and the agent exits once they are gone") {
+  std::string script = "trap 'echo got-term-$RANK; exit 0' TERM; echo ready-$RANK; sleep 1000 & wait";
+  Background agent(runArgs({"--standalone", "--nproc-per-node", "2", "--", "sh", "-c", script}));
+  agent.waitForLine("ready-0", 30s);
+  agent.waitForLine("ready-1", 30s);
+  agent.signal(SIGTERM);
+  auto r = agent.wait(30s);
+  CHECK(r.exitCode == 128 + SIGTERM);
+  CHECK(r.out.find("got-term-0") != std::string::npos);
+  CHECK(r.out.find("got-term-1") != std::string::npos);
+}
+
+TEST_CASE("workers that ignore SIGTERM are killed after --shutdown-timeout") {
+  std::string script = "trap '' TERM; echo ready-$RANK; while :; do sleep 1; done";
+  Background agent(runArgs({"--standalone", "--nproc-per-node", "1", "--shutdown-timeout", "1s", "--", "sh", "-c", script}));
+  agent.waitForLine("ready-0", 30s);
+  agent.signal(SIGINT);
+  auto r = agent.wait(30s);
+  CHECK(r.exitCode == 128 + SIGINT);
+  CHECK(r.err.find("did not stop within --shutdown-timeout") != std::string::npos);
+}
+
+TEST_CASE("an agent killed with SIGKILL leaves no worker behind") {
+  std::string id = uniqueRunId("orphans");
+  Background agent(runArgs({"--standalone", "--rdzv-id", id, "--nproc-per-node", "2", "--", "sh", "-c",
+                            "echo ready-$RANK; exec sleep 1000"}));
+  agent.waitForLine("ready-0", 30s);
+  agent.waitForLine("ready-1", 30s);
+  auto workers = processesWithRunId(id);
+  REQUIRE(workers.size() == 2);
+  agent.signal(SIGKILL);
+  agent.wait(10s);
+  for (pid_t pid : workers) CHECK(waitForExit(pid, 10s));
+  CHECK(processesWithRunId(id).empty());
+}
+
+TEST_CASE("bad input: one clear line, a distinct exit code, nothing started") {
+  SUBCASE("unknown flag") {
+    auto r = run(runArgs({"--nprocs-per-node", "2", "--", "true"}));
+    CHECK(r.exitCode == 3);
+    CHECK(r.err.find("--nprocs-per-node") != std::string::npos);
+  }
+  SUBCASE("--nproc-per-node 0") {
+    auto r = run(runArgs({"--standalone", "--nproc-per-node", "0", "--", "true"}));
+    CHECK(r.exitCode == 3);
+    CHECK(r.err.find("--nproc-per-node 0: expected a positive number") != std::string::npos);
+  }
+  SUBCASE("program that does not exist") {
+    auto r = run(runArgs({"--standalone", "--", "no-such-program-xyz"}));
+    CHECK(r.exitCode == 127);
+    CHECK(r.err.find("'no-such-program-xyz' was not found in PATH") != std::string::npos);
+  }
+  SUBCASE("program that is not executable") {
+    std::string dir = tempDir("noexec");
+    writeFile(dir + "/script.sh", "echo hi\n");
+    auto r = run(runArgs({"--standalone", "--", dir + "/script.sh"}));
+    CHECK(r.exitCode == 126);
+    CHECK(r.err.find("is not executable") != std::string::npos);
+  }
+  SUBCASE("port in use") {
+    int port = freePort();
+    Background holder({dtrainBinary(), "store", "--host", "127.0.0.1", "--port", std::to_string(port)});
+    holder.waitForLine("listening on", 30s);
+    auto r = run(runArgs({"--rdzv-endpoint", fmt::format("127.0.0.1:{}", port), "--rdzv-id", "x", "--", "true"}));
+    CHECK(r.exitCode == 5);
+    CHECK(r.err.find(fmt::format("cannot host the rendezvous store on port {}", port)) != std::string::npos);
+  }
+  SUBCASE("unreachable endpoint") {
+    int port = freePort();
+    auto r = run(runArgs({"--rdzv-backend", "store", "--rdzv-endpoint", fmt::format("127.0.0.1:{}", port),
+                          "--rdzv-timeout", "1s", "--", "true"}));
+    CHECK(r.exitCode == 4);
+    CHECK(r.err.find(fmt::format("no rendezvous store answered at 127.0.0.1:{}", port)) != std::string::npos);
+  }
+  SUBCASE("missing nodes time out the rendezvous") {
+    int port = freePort();
+    auto r = run(runArgs({"--nnodes", "2", "--node-rank", "0", "--rdzv-endpoint", fmt::format("127.0.0.1:{}", port),
+                          "--rdzv-timeout", "1s", "--", "true"}));
+    CHECK(r.exitCode == 4);
+    CHECK(r.err.find("1 of 2 node(s) joined") != std::string::npos);
+  }
+  SUBCASE("node rank out of range") {
+    auto r = run(runArgs({"--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "127.0.0.1", "--", "true"}));
+    CHECK(r.exitCode == 3);
+    CHECK(r.err.find("--node-rank 2 is out of range for --nnodes 2") != std::string::npos);
+  }
+}

@@ -1,0 +1,76 @@
+// The Layer interface: one step of a sequential model, computing on raw row-major float buffers.
+//
+// A layer never owns its inputs, outputs or parameters: the Model owns activation buffers and the flat
+// parameter/gradient arenas and hands pointers in. A layer owns only what its backward needs beyond x and y
+// (dropout mask, maxpool argmax, layernorm statistics, conv im2col scratch), sized once for maxBatch at
+// construction, so forward/backward never allocate. CPU implementations compute through Eigen::Map over the
+// buffers; a CUDA implementation would sit beside them behind this same interface.
+// Not thread-safe: one model per thread.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "lib/nn/spec.h"
+
+namespace dtrain::nn {
+
+// Parameter-initialisation stream (see docs/model-spec.md "Initialisation"). Uniform draws are made from
+// std::mt19937_64 with our own float conversion, since std::uniform_real_distribution is
+// implementation-defined and every rank (and every platform) must draw identical initial weights.
+class InitRng {
+ public:
+  explicit InitRng(uint64_t seed) : engine_(seed) {}
+  // A uniform value in [0, 1) with 24 random bits: (next() >> 40) * 2^-24.
+  double unit() { return static_cast<double>(engine_() >> 40) * 0x1.0p-24; }
+  // U(-bound, bound), rounded to float.
+  float symmetric(double bound) { return static_cast<float>(-bound + 2.0 * bound * unit()); }
+
+ private:
+  std::mt19937_64 engine_;
+};
+
+struct ParamShape {
+  std::string suffix;  // "weight" or "bias": PyTorch's attribute name
+  Shape shape;
+};
+
+class Layer {
+ public:
+  explicit Layer(const LayerSpec& spec) : spec_(spec) {}
+  virtual ~Layer() = default;
+  Layer(const Layer&) = delete;
+  Layer& operator=(const Layer&) = delete;
+
+  const LayerSpec& spec() const noexcept { return spec_; }
+
+  // The parameters in PyTorch order (weight, then bias); empty for parameterless layers.
+  virtual std::vector<ParamShape> paramShapes() const { return {}; }
+  // Called once at build: where this layer's parameters and gradients live in the arenas (consecutive, in
+  // paramShapes() order).
+  virtual void bind(float* /*params*/, float* /*grads*/) {}
+  // PyTorch's default initialisation for the layer, drawing from `rng` in parameter order.
+  virtual void initParams(InitRng& /*rng*/) {}
+  // True when the output is the input buffer itself (flatten): the model then skips the copy.
+  virtual bool aliasesInput() const { return false; }
+  // Reseeds a random layer (dropout); others ignore it.
+  virtual void reseed(uint64_t /*seed*/) {}
+
+  // y[n, out...] = f(x[n, in...]). `train` switches dropout on.
+  virtual void forward(const float* x, float* y, int batch, bool train) = 0;
+  // Given x and y of the last forward and dy, writes dx (unless dx is null: nothing upstream needs it) and the
+  // parameter gradients: overwrites them, or adds to them when `accumulate` (PyTorch's .grad semantics).
+  virtual void backward(const float* x, const float* y, const float* dy, float* dx, int batch, bool accumulate) = 0;
+
+ private:
+  LayerSpec spec_;
+};
+
+// The CPU implementation of spec's layer, with scratch for up to maxBatch samples. `seed` seeds random layers
+// (dropout) unless the spec fixes one.
+std::unique_ptr<Layer> makeLayer(const LayerSpec& spec, int maxBatch, uint64_t seed);
+
+}  // namespace dtrain::nn

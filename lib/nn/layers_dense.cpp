@@ -1,0 +1,247 @@
+// Dense and elementwise layers: linear, relu, gelu, tanh, sigmoid, dropout, flatten; and the makeLayer factory.
+#include <cmath>
+#include <cstring>
+
+#include "lib/common/error.h"
+#include "lib/nn/buffer.h"
+#include "lib/nn/layers_impl.h"
+
+namespace dtrain::nn {
+namespace detail {
+
+uint64_t mixSeed(uint64_t seed, uint64_t salt) {
+  uint64_t z = seed + 0x9E3779B97F4A7C15ULL * (salt + 1);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
+}  // namespace detail
+
+namespace {
+
+using detail::ArrMap;
+using detail::ConstArrMap;
+using detail::ConstMatMap;
+using detail::MatMap;
+
+// y = x W^T + b with W [out, in] row-major: PyTorch's nn.Linear layout, so X * W.transpose() is a plain
+// GEMM with a transposed operand and no copy.
+class Linear final : public Layer {
+ public:
+  explicit Linear(const LayerSpec& spec) : Layer(spec), in_(spec.input[0]), out_(spec.out) {}
+
+  std::vector<ParamShape> paramShapes() const override {
+    std::vector<ParamShape> shapes{{"weight", Shape{out_, in_}}};
+    if (spec().bias) shapes.push_back({"bias", Shape{out_}});
+    return shapes;
+  }
+
+  void bind(float* params, float* grads) override {
+    w_ = params;
+    gw_ = grads;
+    if (spec().bias) {
+      b_ = params + out_ * in_;
+      gb_ = grads + out_ * in_;
+    }
+  }
+
+  // PyTorch: kaiming_uniform_(a=sqrt(5)) gives U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the bias uses the same bound.
+  void initParams(InitRng& rng) override {
+    double bound = 1.0 / std::sqrt(static_cast<double>(in_));
+    for (int64_t i = 0; i < out_ * in_; ++i) w_[i] = rng.symmetric(bound);
+    if (b_ != nullptr) {
+      for (int64_t i = 0; i < out_; ++i) b_[i] = rng.symmetric(bound);
+    }
+  }
+
+  void forward(const float* x, float* y, int batch, bool /*train*/) override {
+    ConstMatMap X(x, batch, in_);
+    ConstMatMap W(w_, out_, in_);
+    MatMap Y(y, batch, out_);
+    Y.noalias() = X * W.transpose();
+    if (b_ != nullptr) Y.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(b_, out_);
+  }
+
+  void backward(const float* x, const float*, const float* dy, float* dx, int batch, bool accumulate) override {
+    ConstMatMap X(x, batch, in_);
+    ConstMatMap dY(dy, batch, out_);
+    MatMap dW(gw_, out_, in_);
+    if (accumulate) {
+      dW.noalias() += dY.transpose() * X;
+    } else {
+      dW.noalias() = dY.transpose() * X;
+    }
+    if (gb_ != nullptr) {
+      Eigen::Map<Eigen::RowVectorXf> db(gb_, out_);
+      if (!accumulate) db.setZero();
+      for (int r = 0; r < batch; ++r) db += dY.row(r);
+    }
+    if (dx != nullptr) {
+      MatMap dX(dx, batch, in_);
+      dX.noalias() = dY * ConstMatMap(w_, out_, in_);
+    }
+  }
+
+ private:
+  int64_t in_, out_;
+  float* w_ = nullptr;
+  float* b_ = nullptr;
+  float* gw_ = nullptr;
+  float* gb_ = nullptr;
+};
+
+// Elementwise activations share the plumbing; each supplies its forward and derivative.
+class Elementwise : public Layer {
+ public:
+  explicit Elementwise(const LayerSpec& spec) : Layer(spec), numel_(spec.input.numel()) {}
+
+ protected:
+  Eigen::Index count(int batch) const { return static_cast<Eigen::Index>(batch) * numel_; }
+
+ private:
+  int64_t numel_;
+};
+
+class Relu final : public Elementwise {
+ public:
+  using Elementwise::Elementwise;
+  void forward(const float* x, float* y, int batch, bool) override {
+    ArrMap(y, count(batch)) = ConstArrMap(x, count(batch)).max(0.0f);
+  }
+  // As PyTorch's threshold_backward: the gradient passes where the output is positive.
+  void backward(const float*, const float* y, const float* dy, float* dx, int batch, bool) override {
+    if (dx == nullptr) return;
+    auto n = count(batch);
+    ArrMap(dx, n) = (ConstArrMap(y, n) > 0.0f).select(ConstArrMap(dy, n), 0.0f);
+  }
+};
+
+// The exact (erf) GELU, PyTorch's default (approximate='none'), with PyTorch's formulas.
+class Gelu final : public Elementwise {
+ public:
+  using Elementwise::Elementwise;
+  void forward(const float* x, float* y, int batch, bool) override {
+    constexpr float kAlpha = static_cast<float>(M_SQRT1_2);
+    for (Eigen::Index i = 0, n = count(batch); i < n; ++i) y[i] = x[i] * 0.5f * (1.0f + std::erf(x[i] * kAlpha));
+  }
+  void backward(const float* x, const float*, const float* dy, float* dx, int batch, bool) override {
+    if (dx == nullptr) return;
+    constexpr float kAlpha = static_cast<float>(M_SQRT1_2);
+    constexpr float kBeta = static_cast<float>(M_2_SQRTPI * M_SQRT1_2 * 0.5);
+    for (Eigen::Index i = 0, n = count(batch); i < n; ++i) {
+      float cdf = 0.5f * (1.0f + std::erf(x[i] * kAlpha));
+      float pdf = std::exp(-0.5f * x[i] * x[i]) * kBeta;
+      dx[i] = dy[i] * (cdf + x[i] * pdf);
+    }
+  }
+};
+
+class Tanh final : public Elementwise {
+ public:
+  using Elementwise::Elementwise;
+  void forward(const float* x, float* y, int batch, bool) override {
+    for (Eigen::Index i = 0, n = count(batch); i < n; ++i) y[i] = std::tanh(x[i]);
+  }
+  void backward(const float*, const float* y, const float* dy, float* dx, int batch, bool) override {
+    if (dx == nullptr) return;
+    auto n = count(batch);
+    ConstArrMap Y(y, n);
+    ArrMap(dx, n) = ConstArrMap(dy, n) * (1.0f - Y * Y);
+  }
+};
+
+class Sigmoid final : public Elementwise {
+ public:
+  using Elementwise::Elementwise;
+  void forward(const float* x, float* y, int batch, bool) override {
+    for (Eigen::Index i = 0, n = count(batch); i < n; ++i) y[i] = 1.0f / (1.0f + std::exp(-x[i]));
+  }
+  void backward(const float*, const float* y, const float* dy, float* dx, int batch, bool) override {
+    if (dx == nullptr) return;
+    auto n = count(batch);
+    ConstArrMap Y(y, n);
+    ArrMap(dx, n) = ConstArrMap(dy, n) * (1.0f - Y) * Y;
+  }
+};
+
+// Inverted dropout: in training each value is kept with probability 1-p and scaled by 1/(1-p), so evaluation
+// is the identity. The mask of the last training forward is kept for backward.
+class Dropout final : public Elementwise {
+ public:
+  Dropout(const LayerSpec& spec, int maxBatch, uint64_t seed)
+      : Elementwise(spec), mask_(static_cast<size_t>(maxBatch) * static_cast<size_t>(spec.input.numel())) {
+    reseed(seed);
+  }
+
+  void reseed(uint64_t seed) override {
+    // A seed fixed in the spec wins, so a user who pins it gets the same masks whatever the run does.
+    engine_.seed(detail::mixSeed(spec().seed.value_or(seed), static_cast<uint64_t>(spec().index)));
+  }
+
+  void forward(const float* x, float* y, int batch, bool train) override {
+    auto n = count(batch);
+    masked_ = train && spec().p > 0.0;
+    if (!masked_) {
+      if (y != x) std::memcpy(y, x, static_cast<size_t>(n) * sizeof(float));
+      return;
+    }
+    // PyTorch returns zeros for p == 1 rather than dividing by zero.
+    const float scale = spec().p >= 1.0 ? 0.0f : static_cast<float>(1.0 / (1.0 - spec().p));
+    float* m = mask_.data();
+    for (Eigen::Index i = 0; i < n; ++i) {
+      double u = static_cast<double>(engine_() >> 40) * 0x1.0p-24;
+      m[i] = u >= spec().p ? scale : 0.0f;
+    }
+    ArrMap(y, n) = ConstArrMap(x, n) * ConstArrMap(m, n);
+  }
+
+  void backward(const float*, const float*, const float* dy, float* dx, int batch, bool) override {
+    if (dx == nullptr) return;
+    auto n = count(batch);
+    if (masked_) {
+      ArrMap(dx, n) = ConstArrMap(dy, n) * ConstArrMap(mask_.data(), n);
+    } else if (dx != dy) {
+      std::memcpy(dx, dy, static_cast<size_t>(n) * sizeof(float));
+    }
+  }
+
+ private:
+  FloatBuffer mask_;
+  std::mt19937_64 engine_;
+  bool masked_ = false;
+};
+
+// Row-major memory is already flat: the model aliases the buffers and the copies below never run there.
+class Flatten final : public Elementwise {
+ public:
+  using Elementwise::Elementwise;
+  bool aliasesInput() const override { return true; }
+  void forward(const float* x, float* y, int batch, bool) override {
+    if (y != x) std::memcpy(y, x, static_cast<size_t>(count(batch)) * sizeof(float));
+  }
+  void backward(const float*, const float*, const float* dy, float* dx, int batch, bool) override {
+    if (dx != nullptr && dx != dy) std::memcpy(dx, dy, static_cast<size_t>(count(batch)) * sizeof(float));
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<Layer> makeLayer(const LayerSpec& spec, int maxBatch, uint64_t seed) {
+  DTRAIN_CHECK(maxBatch >= 1, "maxBatch must be >= 1, got {}", maxBatch);
+  switch (spec.type) {
+    case LayerType::kLinear: return std::make_unique<Linear>(spec);
+    case LayerType::kRelu: return std::make_unique<Relu>(spec);
+    case LayerType::kGelu: return std::make_unique<Gelu>(spec);
+    case LayerType::kTanh: return std::make_unique<Tanh>(spec);
+    case LayerType::kSigmoid: return std::make_unique<Sigmoid>(spec);
+    case LayerType::kDropout: return std::make_unique<Dropout>(spec, maxBatch, seed);
+    case LayerType::kFlatten: return std::make_unique<Flatten>(spec);
+    case LayerType::kLayerNorm: return detail::makeLayerNorm(spec, maxBatch);
+    case LayerType::kConv2d: return detail::makeConv2d(spec);
+    case LayerType::kMaxPool2d: return detail::makeMaxPool2d(spec, maxBatch);
+  }
+  DTRAIN_THROW(Error, "unknown layer type {}", static_cast<int>(spec.type));
+}
+
+}  // namespace dtrain::nn

@@ -1,0 +1,215 @@
+#include "lib/nn/loss.h"
+
+#include <cmath>
+
+#include "lib/common/error.h"
+#include "lib/nn/json_fields.h"
+
+namespace dtrain::nn {
+namespace {
+
+void checkOutput(const TensorView& output, const Shape& perSample, int maxBatch) {
+  DTRAIN_CHECK(output.dtype == DType::kFloat32 && output.shape.rank() >= 1 && output.shape.dropFirst() == perSample,
+               "loss input is {} {}, expected float32 {}", dtypeName(output.dtype), output.shape.str(),
+               perSample.batchStr());
+  DTRAIN_CHECK(output.shape[0] >= 1 && output.shape[0] <= maxBatch, "loss batch {} outside [1, {}]", output.shape[0],
+               maxBatch);
+}
+
+int64_t labelAt(const TensorView& labels, int64_t row) {
+  return labels.dtype == DType::kInt64 ? labels.i64()[row] : labels.i32()[row];
+}
+
+void checkLabels(const TensorView& labels, int64_t batch) {
+  DTRAIN_CHECK(labels.dtype == DType::kInt32 || labels.dtype == DType::kInt64,
+               "cross_entropy labels are {}, expected int32 or int64", dtypeName(labels.dtype));
+  DTRAIN_CHECK(labels.numel() == batch, "cross_entropy got {} labels for a batch of {}", labels.numel(), batch);
+}
+
+// log-sum-exp of one row of logits, shifted by its maximum for stability (as log_softmax).
+struct RowStats {
+  float max;
+  float logSum;  // log(sum(exp(x - max)))
+};
+
+RowStats rowStats(const float* x, int64_t c) {
+  float m = x[0];
+  for (int64_t j = 1; j < c; ++j) m = std::max(m, x[j]);
+  float s = 0.0f;
+  for (int64_t j = 0; j < c; ++j) s += std::exp(x[j] - m);
+  return {m, std::log(s)};
+}
+
+class CrossEntropy final : public Loss {
+ public:
+  CrossEntropy(const Shape& outputShape, int maxBatch) : Loss(LossType::kCrossEntropy, outputShape, maxBatch) {
+    if (outputShape.rank() != 1) {
+      throw ConfigError(fmt::format("cross_entropy expects model output [N, C] (class logits) but the model gives {}",
+                                    outputShape.batchStr()));
+    }
+  }
+
+  void checkTargets(const Shape& perSample, DType dtype) const override {
+    if ((dtype != DType::kInt32 && dtype != DType::kInt64) || perSample.numel() != 1 || perSample.rank() > 1) {
+      throw ConfigError(fmt::format("cross_entropy needs one integer class label per sample, but the labels are {} {}",
+                                    dtypeName(dtype), perSample.batchStr()));
+    }
+  }
+
+  float forward(const TensorView& output, const TensorView& targets) override {
+    checkOutput(output, outputShape_, maxBatch_);
+    const int64_t n = output.shape[0], c = outputShape_[0];
+    checkLabels(targets, n);
+    const float* x = output.f32();
+    float* d = diff_.data();
+    double sum = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t label = checkedLabel(targets, i, c);
+      const float* row = x + i * c;
+      RowStats st = rowStats(row, c);
+      sum += static_cast<double>(st.max + st.logSum - row[label]);
+      const float inv = 1.0f / std::exp(st.logSum);
+      for (int64_t j = 0; j < c; ++j) d[i * c + j] = std::exp(row[j] - st.max) * inv;
+      d[i * c + label] -= 1.0f;
+    }
+    lastBatch_ = static_cast<int>(n);
+    return static_cast<float>(sum / static_cast<double>(n));
+  }
+
+  TensorView backward(float scale) override { return scaledGrad(scale / static_cast<float>(lastBatch_)); }
+
+  EvalSums evaluate(const TensorView& output, const TensorView& targets) const override {
+    checkOutput(output, outputShape_, maxBatch_);
+    const int64_t n = output.shape[0], c = outputShape_[0];
+    checkLabels(targets, n);
+    EvalSums s;
+    const float* x = output.f32();
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t label = checkedLabel(targets, i, c);
+      RowStats st = rowStats(x + i * c, c);
+      s.lossSum += static_cast<double>(st.max + st.logSum - x[i * c + label]);
+    }
+    s.lossCount = n;
+    s.samples = n;
+    s.correct = countCorrect(output, targets);
+    return s;
+  }
+
+ private:
+  static int64_t checkedLabel(const TensorView& labels, int64_t row, int64_t classes) {
+    int64_t label = labelAt(labels, row);
+    if (label < 0 || label >= classes) [[unlikely]] {
+      throw ConfigError(fmt::format("label {} of batch row {} is outside [0, {}) (the model has {} outputs)", label,
+                                    row, classes, classes));
+    }
+    return label;
+  }
+
+  TensorView scaledGrad(float factor) {
+    const int64_t count = lastBatch_ * outputShape_.numel();
+    DTRAIN_CHECK(lastBatch_ > 0, "loss backward called before forward");
+    for (int64_t i = 0; i < count; ++i) grad_.data()[i] = diff_.data()[i] * factor;
+    return TensorView::f32(grad_.data(), outputShape_.withBatch(lastBatch_));
+  }
+};
+
+class Mse final : public Loss {
+ public:
+  Mse(const Shape& outputShape, int maxBatch) : Loss(LossType::kMse, outputShape, maxBatch) {}
+
+  void checkTargets(const Shape& perSample, DType dtype) const override {
+    if (dtype != DType::kFloat32 || perSample.numel() != outputShape_.numel()) {
+      throw ConfigError(fmt::format("mse needs float32 targets shaped like the model output {}, but the targets are {} {}",
+                                    outputShape_.batchStr(), dtypeName(dtype), perSample.batchStr()));
+    }
+  }
+
+  float forward(const TensorView& output, const TensorView& targets) override {
+    checkOutput(output, outputShape_, maxBatch_);
+    const int64_t count = checkTargetView(output, targets);
+    const float* y = output.f32();
+    const float* t = targets.f32();
+    double sum = 0.0;
+    for (int64_t i = 0; i < count; ++i) {
+      const float d = y[i] - t[i];
+      diff_.data()[i] = d;
+      sum += static_cast<double>(d) * static_cast<double>(d);
+    }
+    lastBatch_ = static_cast<int>(output.shape[0]);
+    return static_cast<float>(sum / static_cast<double>(count));
+  }
+
+  // d/dy mean((y - t)^2) = 2 (y - t) / count.
+  TensorView backward(float scale) override {
+    DTRAIN_CHECK(lastBatch_ > 0, "loss backward called before forward");
+    const int64_t count = lastBatch_ * outputShape_.numel();
+    const float factor = 2.0f * scale / static_cast<float>(count);
+    for (int64_t i = 0; i < count; ++i) grad_.data()[i] = diff_.data()[i] * factor;
+    return TensorView::f32(grad_.data(), outputShape_.withBatch(lastBatch_));
+  }
+
+  EvalSums evaluate(const TensorView& output, const TensorView& targets) const override {
+    checkOutput(output, outputShape_, maxBatch_);
+    const int64_t count = checkTargetView(output, targets);
+    EvalSums s;
+    const float* y = output.f32();
+    const float* t = targets.f32();
+    for (int64_t i = 0; i < count; ++i) {
+      const double d = static_cast<double>(y[i] - t[i]);
+      s.lossSum += d * d;
+    }
+    s.lossCount = count;
+    s.samples = output.shape[0];
+    return s;
+  }
+
+ private:
+  static int64_t checkTargetView(const TensorView& output, const TensorView& targets) {
+    DTRAIN_CHECK(targets.dtype == DType::kFloat32 && targets.numel() == output.numel(),
+                 "mse targets are {} {}, expected float32 with the output's {} values", dtypeName(targets.dtype),
+                 targets.shape.str(), output.numel());
+    return output.numel();
+  }
+};
+
+}  // namespace
+
+Loss::Loss(LossType type, const Shape& outputShape, int maxBatch)
+    : type_(type), outputShape_(outputShape), maxBatch_(maxBatch),
+      diff_(static_cast<size_t>(maxBatch) * static_cast<size_t>(outputShape.numel())),
+      grad_(static_cast<size_t>(maxBatch) * static_cast<size_t>(outputShape.numel())) {
+  DTRAIN_CHECK_AS(ConfigError, maxBatch >= 1, "maximum batch size must be >= 1, got {}", maxBatch);
+}
+
+std::unique_ptr<Loss> Loss::create(const LossSpec& spec, const Shape& outputShape, int maxBatch) {
+  if (spec.type == LossType::kCrossEntropy) return std::make_unique<CrossEntropy>(outputShape, maxBatch);
+  return std::make_unique<Mse>(outputShape, maxBatch);
+}
+
+const char* lossTypeName(LossType type) { return type == LossType::kCrossEntropy ? "cross_entropy" : "mse"; }
+
+LossSpec parseLossSpec(const nlohmann::json& loss, const std::string& sourceFile, const std::string& jsonPathPrefix) {
+  JsonFields f(loss, sourceFile, jsonPathPrefix, "the loss");
+  f.allowOnly({"type"});
+  std::string type = f.choice("type", {"cross_entropy", "mse"}, "loss");
+  return {type == "cross_entropy" ? LossType::kCrossEntropy : LossType::kMse};
+}
+
+int64_t countCorrect(const TensorView& logits, const TensorView& labels) {
+  DTRAIN_CHECK(logits.dtype == DType::kFloat32 && logits.shape.rank() == 2, "countCorrect wants float32 [N, C] logits");
+  const int64_t n = logits.shape[0], c = logits.shape[1];
+  checkLabels(labels, n);
+  const float* x = logits.f32();
+  int64_t correct = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float* row = x + i * c;
+    int64_t best = 0;
+    for (int64_t j = 1; j < c; ++j) {
+      if (row[j] > row[best]) best = j;
+    }
+    correct += best == labelAt(labels, i) ? 1 : 0;
+  }
+  return correct;
+}
+
+}  // namespace dtrain::nn

@@ -1,0 +1,88 @@
+// Losses: cross_entropy (integer class labels, mean over the batch; PyTorch's nn.CrossEntropyLoss on logits)
+// and mse (float targets shaped like the output, mean over all elements; nn.MSELoss).
+//
+//   auto loss = Loss::create(parseLossSpec(job["loss"], "job.json", "/loss"), model.outputShape(), maxBatch);
+//   float l = loss->forward(out, labels);      // labels: TensorView::i64(ptr, Shape{batch}) (or i32)
+//   model.backward(loss->backward());          // d(mean loss)/d(output)
+//
+// For evaluation across ranks, evaluate() returns sums (loss sum, element count, correct predictions) that
+// add up over ranks and batches: eval_loss = sum(lossSum) / sum(lossCount), accuracy = sum(correct) /
+// sum(samples). A Loss keeps the gradient buffer of the last forward (sized once for maxBatch).
+// Not thread-safe.
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "lib/nn/buffer.h"
+#include "lib/nn/tensor.h"
+
+namespace dtrain::nn {
+
+enum class LossType { kCrossEntropy, kMse };
+
+struct LossSpec {
+  LossType type = LossType::kCrossEntropy;
+};
+
+// {"type": "cross_entropy"} or {"type": "mse"}; errors name the file and JSON path (ConfigError).
+LossSpec parseLossSpec(const nlohmann::json& loss, const std::string& sourceFile,
+                       const std::string& jsonPathPrefix = "/loss");
+const char* lossTypeName(LossType type);
+
+struct EvalSums {
+  double lossSum = 0;     // sum of per-sample losses (cross_entropy) or of squared errors (mse)
+  int64_t lossCount = 0;  // what lossSum divides by for the mean: samples, or elements for mse
+  int64_t correct = 0;    // argmax == label (cross_entropy only)
+  int64_t samples = 0;
+
+  EvalSums& operator+=(const EvalSums& o) {
+    lossSum += o.lossSum, lossCount += o.lossCount, correct += o.correct, samples += o.samples;
+    return *this;
+  }
+  double meanLoss() const { return lossCount > 0 ? lossSum / static_cast<double>(lossCount) : 0.0; }
+  double accuracy() const { return samples > 0 ? static_cast<double>(correct) / static_cast<double>(samples) : 0.0; }
+};
+
+class Loss {
+ public:
+  // outputShape: the model's per-sample output shape. Throws ConfigError when the loss cannot apply to it
+  // (cross_entropy needs logits of shape [C]).
+  static std::unique_ptr<Loss> create(const LossSpec& spec, const Shape& outputShape, int maxBatch);
+  virtual ~Loss() = default;
+
+  LossType type() const noexcept { return type_; }
+  // Whether evaluate() counts correct predictions (classification).
+  bool hasAccuracy() const noexcept { return type_ == LossType::kCrossEntropy; }
+  // Checks at setup that targets of this per-sample shape and dtype fit (ConfigError naming both), so the
+  // training loop never meets a mismatch: cross_entropy wants one int32/int64 label per sample (shape [] or
+  // [1]), mse wants float32 with as many values per sample as the output (e.g. [] or [1] for an output [1]).
+  virtual void checkTargets(const Shape& perSampleShape, DType dtype) const = 0;
+
+  // The mean loss over the batch (output is [batch, ...]); keeps d(loss)/d(output) for backward().
+  // A label outside [0, C) throws ConfigError.
+  virtual float forward(const TensorView& output, const TensorView& targets) = 0;
+  // d(scale * loss)/d(output) of the last forward; scale = 1/k when accumulating k micro-batches.
+  // The view stays valid until the next forward.
+  virtual TensorView backward(float scale = 1.0f) = 0;
+  // Sums for evaluation; needs no backward and keeps no state.
+  virtual EvalSums evaluate(const TensorView& output, const TensorView& targets) const = 0;
+
+ protected:
+  Loss(LossType type, const Shape& outputShape, int maxBatch);
+
+  LossType type_;
+  Shape outputShape_;
+  int maxBatch_;
+  FloatBuffer diff_;  // maxBatch * outputShape.numel(): softmax - onehot, or output - target
+  FloatBuffer grad_;  // what backward() returns: diff_ scaled to d(scale * mean loss)/d(output)
+  int lastBatch_ = 0;
+};
+
+// Number of rows whose argmax (first maximum, as torch.argmax) equals the label. logits [N, C]; labels [N].
+int64_t countCorrect(const TensorView& logits, const TensorView& labels);
+
+}  // namespace dtrain::nn

@@ -1,0 +1,124 @@
+// Model: a built sequential model with its parameters and gradients in two flat float32 arenas.
+//
+//   ModelSpec spec = parseModelSpec(job["model"], "job.json", "/model");
+//   Model model = Model::build(spec, /*maxBatch=*/64, /*seed=*/42);
+//   TensorView out = model.forward(x, batch, /*train=*/true);       // x: batch * input.numel() floats
+//   float l = loss->forward(out, targets);
+//   model.zeroGrad();
+//   model.backward(loss->backward(), [&](int layer) { /* layer's gradients are final */ });
+//   optimizer->step(model.params(), model.grads());
+//
+// Arenas: every parameter lives in params() and its gradient at the same offset in grads(), in layer order and
+// PyTorch's order inside a layer (weight, then bias), contiguous, without padding. paramTable() names each one
+// exactly as torch.nn.Sequential does ("0.weight" [out, in], "0.bias", conv "k.weight" [out, in, kh, kw]), so a
+// checkpoint is the arena plus that table and weights are interchangeable with PyTorch.
+//
+// Backward runs the layers in reverse and calls onLayerGradReady(k) right after layer k's parameter gradients
+// are final (only for layers that own parameters), so a data-parallel trainer can start all-reducing the
+// slice [layerParamRange(k).offset, end of arena) while layers < k are still back-propagating. The callback
+// runs on the calling thread; it must not touch the model.
+//
+// Memory: activations, gradients between layers and each layer's scratch are allocated once at build for
+// maxBatch samples; forward/backward never allocate. A smaller batch (the last one of an epoch) uses the
+// front of the same buffers. The input x and the returned output view stay valid (and x must stay unchanged)
+// until the next forward, since backward reads them.
+// Not thread-safe: one thread drives a model. Movable, not copyable; moving keeps the arenas in place.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "lib/nn/buffer.h"
+#include "lib/nn/layer.h"
+#include "lib/nn/spec.h"
+#include "lib/nn/tensor.h"
+
+namespace dtrain::nn {
+
+struct ParamEntry {
+  std::string name;  // "3.weight"
+  Shape shape;       // PyTorch's shape
+  size_t offset = 0; // first float in the arena
+  size_t count = 0;  // floats
+  int layer = 0;     // owning layer index
+};
+
+struct ParamRange {
+  size_t offset = 0;
+  size_t count = 0;
+};
+
+using LayerGradReady = std::function<void(int layerIndex)>;
+
+// kAccumulate adds to the gradients (PyTorch's .grad semantics: call zeroGrad() before each step, or not, to
+// accumulate micro-batches); kOverwrite writes them, which saves the zeroGrad pass when not accumulating.
+enum class GradMode { kAccumulate, kOverwrite };
+
+class Model {
+ public:
+  // Builds layers and arenas for up to maxBatch samples and initialises parameters with PyTorch's default
+  // schemes drawn from InitRng(seed) (docs/model-spec.md "Initialisation"); `seed` also seeds dropout.
+  // Throws ConfigError for a maxBatch < 1.
+  static Model build(const ModelSpec& spec, int maxBatch, uint64_t seed);
+
+  Model(Model&&) noexcept;
+  Model& operator=(Model&&) noexcept;
+  ~Model();
+
+  // Runs the layers on `batch` samples (1..maxBatch). `train` enables dropout. The returned view points into
+  // the model's buffers (or at x when the model is only flatten layers) and has shape [batch, output...].
+  TensorView forward(const float* x, int batch, bool train);
+  // Back-propagates gradOutput (shape [batch, output...] of the last forward, float32) into grads().
+  // Throws dtrain::Error when called without a forward or with a mismatching shape.
+  void backward(const TensorView& gradOutput, const LayerGradReady& onLayerGradReady = {},
+                GradMode mode = GradMode::kAccumulate);
+
+  std::span<float> params() noexcept { return params_.span(); }
+  std::span<const float> params() const noexcept { return params_.span(); }
+  std::span<float> grads() noexcept { return grads_.span(); }
+  std::span<const float> grads() const noexcept { return grads_.span(); }
+  size_t numParams() const noexcept { return params_.size(); }
+  void zeroGrad() noexcept { grads_.zero(); }
+
+  const std::vector<ParamEntry>& paramTable() const noexcept { return table_; }
+  // The arena slice of layer k's parameters ({offset, 0} for parameterless layers).
+  ParamRange layerParamRange(int layer) const;
+  // Indices of the layers that own parameters, ascending.
+  std::vector<int> paramLayers() const;
+
+  const ModelSpec& spec() const noexcept { return spec_; }
+  int numLayers() const noexcept { return static_cast<int>(layers_.size()); }
+  Shape inputShape() const { return spec_.input; }    // per sample
+  Shape outputShape() const { return spec_.output(); }  // per sample
+  int maxBatch() const noexcept { return maxBatch_; }
+  std::vector<SummaryRow> summary() const { return summarize(spec_); }
+  std::string summaryTable() const { return formatSummary(spec_); }
+
+  // Reseeds the dropout layers (e.g. with seed + rank, so ranks draw different masks). Layers whose spec
+  // fixes a "seed" keep it.
+  void reseedDropout(uint64_t seed);
+
+ private:
+  Model() = default;
+
+  ModelSpec spec_;
+  int maxBatch_ = 0;
+  std::vector<std::unique_ptr<Layer>> layers_;
+  FloatBuffer params_, grads_;
+  std::vector<ParamEntry> table_;
+  std::vector<ParamRange> layerRanges_;
+  std::vector<bool> needsInputGrad_;  // some earlier layer has parameters
+  FloatBuffer activations_;           // every non-aliasing layer's output, maxBatch samples each
+  std::vector<float*> ownOutput_;     // per layer: its slice of activations_ (null when aliasing)
+  FloatBuffer gradA_, gradB_;         // ping-pong buffers for gradients between layers
+  std::vector<const float*> in_;      // per layer: its input in the last forward
+  std::vector<float*> out_;           // per layer: its output in the last forward
+  int lastBatch_ = 0;
+};
+
+}  // namespace dtrain::nn

@@ -1,0 +1,85 @@
+// The model spec: the JSON "model" object of a job, parsed and shape-checked.
+//
+//   {"input": [1, 28, 28], "layers": [{"type": "conv2d", "out": 16, "kernel": 5}, {"type": "relu"},
+//                                     {"type": "maxpool2d", "kernel": 2}, {"type": "flatten"},
+//                                     {"type": "linear", "out": 10}]}
+//
+// parseModelSpec validates every field and infers every layer's per-sample input and output shape, so
+// `dtrain check` reports a bad model without building it. Errors are ConfigError naming the file, the JSON
+// path and both shapes, e.g.
+//   job.json: /model/layers/4: linear expects input [N, F] but gets [N,16,5,5]; add a flatten layer
+// The field reference is docs/model-spec.md. Shapes here are per sample (no batch dimension).
+// Plain values; thread-compatible.
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "lib/nn/tensor.h"
+
+namespace dtrain::nn {
+
+enum class LayerType { kLinear, kRelu, kGelu, kTanh, kSigmoid, kDropout, kLayerNorm, kFlatten, kConv2d, kMaxPool2d };
+
+const char* layerTypeName(LayerType type);  // the JSON "type" string, e.g. "maxpool2d"
+
+// One layer, with the union of all layer fields (only those of `type` are meaningful).
+struct LayerSpec {
+  LayerType type = LayerType::kRelu;
+  int index = 0;       // position in the layer list: the "k" of PyTorch's "k.weight"
+  std::string path;    // JSON pointer of the layer object, for errors: "/model/layers/3"
+  Shape input;         // per-sample input shape
+  Shape output;        // per-sample output shape
+
+  int64_t out = 0;     // linear: out features; conv2d: out channels
+  bool bias = true;    // linear, conv2d
+  double p = 0.5;      // dropout probability
+  std::optional<uint64_t> seed;  // dropout: fixed mask seed (else derived from the build seed)
+  double eps = 1e-5;   // layernorm
+  bool affine = true;  // layernorm: learnable weight and bias
+  int64_t kernelH = 0, kernelW = 0, strideH = 1, strideW = 1, padH = 0, padW = 0;  // conv2d, maxpool2d
+
+  // Parameter count (weights + biases) of this layer.
+  int64_t paramCount() const;
+  // "784 -> 256", "1 -> 16, k5x5 s1 p0", "p=0.5": the summary's detail column.
+  std::string detail() const;
+};
+
+struct ModelSpec {
+  std::string source;  // the file the spec came from, for errors (may be empty)
+  std::string path;    // JSON pointer of the model object ("/model")
+  Shape input;         // per-sample input shape
+  std::vector<LayerSpec> layers;
+
+  Shape output() const { return layers.empty() ? input : layers.back().output; }
+  int64_t paramCount() const;
+};
+
+// Parses and shape-checks a model object. sourceFile and jsonPathPrefix only label errors.
+// Throws ConfigError (exit code 2) on any invalid field or shape mismatch.
+ModelSpec parseModelSpec(const nlohmann::json& model, const std::string& sourceFile,
+                         const std::string& jsonPathPrefix = "/model");
+
+// Reads a model file (a JSON object as above, or a job file whose "model" is an object) and parses it.
+// Missing file or bad JSON -> ConfigError naming the file.
+ModelSpec loadModelSpec(const std::filesystem::path& file);
+
+// One row of a model summary, as `dtrain check` prints it.
+struct SummaryRow {
+  int index = 0;
+  std::string type;
+  std::string detail;
+  Shape output;  // per sample
+  int64_t params = 0;
+};
+
+std::vector<SummaryRow> summarize(const ModelSpec& spec);
+// A printable table of summarize(spec) with a header, an input row and a total line.
+std::string formatSummary(const ModelSpec& spec);
+
+}  // namespace dtrain::nn

@@ -96,6 +96,8 @@ std::vector<std::byte> readFileBytes(const std::string& path) {
   unsigned char trailer[4];
   if (st.st_size >= 18 && ::pread(fd, trailer, 4, st.st_size - 4) == 4)
     hint = trailer[0] | (trailer[1] << 8) | (trailer[2] << 16) | (static_cast<size_t>(trailer[3]) << 24);
+  // A truncated file's last bytes are not a trailer: deflate never expands more than 1032:1, so cap there.
+  hint = std::min(hint, static_cast<size_t>(st.st_size) * 1032);
   guard.fd = -1;  // gzdopen owns it now
   return readGzip(fd, path, hint);
 }

@@ -313,7 +313,7 @@ std::shared_ptr<const Dataset> load(const DataSpec& spec, const std::string& whe
       break;
     }
     case Format::kSynthetic:
-      ds = withKey("format", [&] { return makeSynthetic(spec.synthetic, spec.transform); });
+      ds = makeSynthetic(spec.synthetic, spec.transform);
       break;
   }
   if (spec.shape) ds->reshape(*spec.shape, at("shape"));

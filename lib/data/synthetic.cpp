@@ -91,7 +91,7 @@ std::unique_ptr<ArrayDataset> makeSynthetic(const SyntheticOptions& o, const Tra
     what = fmt::format("synthetic classification ({}): {} x [{}], {} classes",
                        o.rule == SyntheticOptions::Rule::kBlobs ? "blobs" : "linear", n, f, c);
   }
-  return std::make_unique<ArrayDataset>(std::move(raw), std::move(labels), transform, what, "synthetic");
+  return std::make_unique<ArrayDataset>(std::move(raw), std::move(labels), transform, what);
 }
 
 }  // namespace dtrain::data

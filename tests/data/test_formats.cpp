@@ -1,0 +1,210 @@
+#include <doctest/doctest.h>
+
+#include <cstring>
+#include <filesystem>
+#include <functional>
+
+#include "lib/common/error.h"
+#include "lib/data/formats.h"
+#include "tests/data/data_files.h"
+#include "tests/support/process.h"
+
+using namespace dtrain;
+using namespace dtrain::data;
+using dtrain::testing::idxBytes;
+using dtrain::testing::npyBytes;
+using dtrain::testing::rawBytes;
+using dtrain::testing::writeBytes;
+
+namespace {
+
+std::string tmp(const std::string& name) {
+  static std::string dir = dtrain::testing::tempDir("formats");
+  return dir + "/" + name;
+}
+
+std::string messageOf(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const ConfigError& e) {
+    return e.what();
+  }
+  return "(no ConfigError)";
+}
+
+template <typename T>
+std::vector<T> as(const RawArray& a) {
+  std::vector<T> v(a.bytes.size() / sizeof(T));
+  std::memcpy(v.data(), a.bytes.data(), a.bytes.size());
+  return v;
+}
+
+}  // namespace
+
+TEST_CASE("IDX images and labels read plain and gzipped, shapes from the header") {
+  std::string pixels;
+  for (int i = 0; i < 2 * 3 * 4; ++i) pixels.push_back(static_cast<char>(i * 10));
+  for (bool gz : {false, true}) {
+    CAPTURE(gz);
+    const std::string images = tmp(gz ? "img.gz" : "img"), labels = tmp(gz ? "lab.gz" : "lab");
+    writeBytes(images, idxBytes(0x08, {2, 3, 4}, pixels), gz);
+    writeBytes(labels, idxBytes(0x08, {2}, std::string("\x07\x02", 2)), gz);
+    auto a = readIdx(images, 3, "images");
+    CHECK(a.type == ElemType::kU8);
+    CHECK(a.shape == Shape{2, 3, 4});
+    CHECK(a.bytes.size() == 24);
+    CHECK(std::to_integer<int>(a.bytes[23]) == 230);
+    auto l = readIdx(labels, 1, "labels");
+    CHECK(l.shape == Shape{2});
+    CHECK(std::to_integer<int>(l.bytes[0]) == 7);
+  }
+}
+
+TEST_CASE("IDX multi-byte types are converted from big-endian") {
+  std::string be = {0x00, 0x01, static_cast<char>(0xff), static_cast<char>(0xfe)};  // int16: 1, -2
+  writeBytes(tmp("i16"), idxBytes(0x0B, {2}, be));
+  auto a = readIdx(tmp("i16"), 1, "labels");
+  CHECK(a.type == ElemType::kI16);
+  CHECK(as<int16_t>(a) == std::vector<int16_t>{1, -2});
+  std::string f = {0x3f, static_cast<char>(0x80), 0, 0};  // 1.0f big-endian
+  writeBytes(tmp("f32"), idxBytes(0x0D, {1, 1, 1}, f));
+  CHECK(as<float>(readIdx(tmp("f32"), 3, "images")) == std::vector<float>{1.0f});
+}
+
+TEST_CASE("IDX errors name the file and what was expected") {
+  const std::string p = tmp("bad.gz");
+  writeBytes(p, std::string(8, '\0'), true);
+  CHECK(messageOf([&] { readIdx(p, 1, "labels"); }) ==
+        p + ": bad IDX magic 0x00000000 (expected 0x00000801 for labels)");
+  writeBytes(p, idxBytes(0x08, {5}, "abcde"), true);  // a labels file given as images
+  CHECK(messageOf([&] { readIdx(p, 3, "images"); }) ==
+        p + ": bad IDX magic 0x00000801 (expected 0x00000803 for images)");
+  writeBytes(p, idxBytes(0x08, {2, 2, 2}, "1234567"), true);
+  CHECK(messageOf([&] { readIdx(p, 3, "images"); }) ==
+        p + ": IDX data has 7 bytes, expected 8 for shape [2, 2, 2] of uint8");
+  writeBytes(p, "ab");
+  CHECK(messageOf([&] { readIdx(p, 3, "images"); }) == p + ": file too short for an IDX header (2 bytes)");
+  CHECK(messageOf([&] { readIdx(tmp("missing"), 3, "images"); }) ==
+        tmp("missing") + ": cannot open (No such file or directory)");
+}
+
+TEST_CASE("a truncated gzip file is an error, not short data") {
+  const std::string whole = tmp("whole.gz");
+  std::string pixels(5000, '\0');
+  for (size_t i = 0; i < pixels.size(); ++i) pixels[i] = static_cast<char>(i * 7919 % 251);
+  writeBytes(whole, idxBytes(0x08, {5, 10, 100}, pixels), true);
+  auto gz = dtrain::testing::readFile(whole);
+  const std::string cut = tmp("cut.gz");
+  writeBytes(cut, gz.substr(0, gz.size() / 2));
+  CHECK(messageOf([&] { readIdx(cut, 3, "images"); }).find("corrupt or truncated gzip data") != std::string::npos);
+}
+
+TEST_CASE("NPY v1/v2 arrays of every supported dtype") {
+  writeBytes(tmp("f4.npy"), npyBytes("<f4", {2, 3}, rawBytes(std::vector<float>{1, 2, 3, 4, 5, 6.5f})));
+  auto a = readNpy(tmp("f4.npy"));
+  CHECK(a.type == ElemType::kF32);
+  CHECK(a.shape == Shape{2, 3});
+  CHECK(as<float>(a)[5] == 6.5f);
+
+  writeBytes(tmp("f8.npy"), npyBytes("<f8", {3}, rawBytes(std::vector<double>{0.5, -1, 2}), 2));
+  auto b = readNpy(tmp("f8.npy"));
+  CHECK(b.type == ElemType::kF64);
+  CHECK(b.shape == Shape{3});
+  CHECK(as<double>(b)[1] == -1.0);
+
+  writeBytes(tmp("u1.npy.gz"), npyBytes("|u1", {4, 1, 2}, std::string(8, '\x05')), true);
+  auto c = readNpy(tmp("u1.npy.gz"));
+  CHECK(c.type == ElemType::kU8);
+  CHECK(c.shape == Shape{4, 1, 2});
+
+  for (auto [descr, type, width] : {std::tuple{"<i8", ElemType::kI64, 8}, std::tuple{"<i4", ElemType::kI32, 4},
+                                    std::tuple{"<i2", ElemType::kI16, 2}, std::tuple{"|i1", ElemType::kI8, 1},
+                                    std::tuple{"<u2", ElemType::kU16, 2}, std::tuple{"|b1", ElemType::kU8, 1}}) {
+    CAPTURE(descr);
+    writeBytes(tmp("x.npy"), npyBytes(descr, {5}, std::string(5 * static_cast<size_t>(width), '\0')));
+    auto x = readNpy(tmp("x.npy"));
+    CHECK(x.type == type);
+    CHECK(x.shape == Shape{5});
+  }
+}
+
+TEST_CASE("NPY errors: Fortran order, big-endian, truncated data, not an NPY file") {
+  const std::string p = tmp("e.npy");
+  writeBytes(p, npyBytes("<f4", {2, 2}, std::string(16, '\0'), 1, /*fortran=*/true));
+  CHECK(messageOf([&] { readNpy(p); }).find("Fortran-order array (expected C order") != std::string::npos);
+  writeBytes(p, npyBytes(">f4", {2}, std::string(8, '\0')));
+  CHECK(messageOf([&] { readNpy(p); }) ==
+        p + ": NPY dtype '>f4' not supported (expected little-endian u1, i1, i2, u2, i4, i8, f4, f8 or b1)");
+  writeBytes(p, npyBytes("<f4", {2, 2}, std::string(15, '\0')));
+  CHECK(messageOf([&] { readNpy(p); }) == p + ": NPY data has 15 bytes, expected 16 for shape [2, 2] of float32");
+  writeBytes(p, "hello world, not numpy");
+  CHECK(messageOf([&] { readNpy(p); }) == p + ": not an NPY file (expected the magic \\x93NUMPY)");
+}
+
+TEST_CASE("CSV: header detection, label by name, index or negative index, quoted cells") {
+  const std::string p = tmp("a.csv");
+  writeBytes(p, "x1,\"x,2\",label\n1.5,2,0\n\n-3,4e-1,2\r\n");
+  CsvOptions o;
+  o.labelColumns = {std::string("label")};
+  auto t = readCsv(p, o);
+  CHECK(t.features.shape == Shape{2, 2});
+  CHECK(as<float>(t.features) == std::vector<float>{1.5f, 2, -3, 0.4f});
+  CHECK(t.featureNames == std::vector<std::string>{"x1", "x,2"});
+  CHECK(t.labels.kind == LabelKind::kClass);
+  CHECK(t.labels.classes == std::vector<int32_t>{0, 2});
+
+  o.labelColumns = {int64_t{0}};
+  auto u = readCsv(p, o);
+  CHECK(as<float>(u.features) == std::vector<float>{2, 0, 0.4f, 2});
+  CHECK(u.labels.kind == LabelKind::kTarget);  // 1.5 is fractional
+  CHECK(u.labels.targets == std::vector<float>{1.5f, -3});
+  CHECK(u.labels.shape == Shape{1});
+
+  writeBytes(p, "1,2,3\n4,5,6\n");  // no header: first row is data
+  o.labelColumns = {int64_t{-1}};
+  auto v = readCsv(p, o);
+  CHECK(v.features.shape == Shape{2, 2});
+  CHECK(v.labels.classes == std::vector<int32_t>{3, 6});
+  o.labelKind = LabelKind::kTarget;
+  o.labelColumns = {int64_t{1}, int64_t{2}};
+  auto w = readCsv(p, o);
+  CHECK(w.labels.shape == Shape{2});
+  CHECK(w.labels.targets == std::vector<float>{2, 3, 5, 6});
+}
+
+TEST_CASE("CSV: text class labels become sorted class ids with names") {
+  const std::string p = tmp("iris.csv");
+  writeBytes(p, "a,b,species\n1,2,virginica\n3,4,setosa\n5,6,virginica\n");
+  CsvOptions o;
+  o.labelColumns = {std::string("species")};
+  auto t = readCsv(p, o);
+  CHECK(t.labels.classNames == std::vector<std::string>{"setosa", "virginica"});
+  CHECK(t.labels.classes == std::vector<int32_t>{1, 0, 1});
+  CHECK(*t.labels.numClasses == 2);
+}
+
+TEST_CASE("CSV errors name the line, the column and the bad cell") {
+  const std::string p = tmp("bad.csv");
+  writeBytes(p, "a,b,y\n1,2,0\n3,abc,1\n");
+  CsvOptions o;
+  o.labelColumns = {std::string("y")};
+  CHECK(messageOf([&] { readCsv(p, o); }) == p + ":3: column 'b' (1): cannot parse 'abc' as a number");
+  writeBytes(p, "a,b,y\n1,2,0\n3,1\n");
+  CHECK(messageOf([&] { readCsv(p, o); }) == p + ":3: 2 cells, expected 3 (as in the header)");
+  writeBytes(p, "a,b,y\n1,2,0\n");
+  o.labelColumns = {std::string("z")};
+  CHECK(messageOf([&] { readCsv(p, o); }) == p + ": no column named 'z' (columns: a, b, y)");
+  o.labelColumns = {int64_t{3}};
+  CHECK(messageOf([&] { readCsv(p, o); }) == p + ": label column index 3 out of range (the file has 3 columns)");
+  writeBytes(p, "1,2,0\n");
+  o.labelColumns = {std::string("y")};
+  CHECK(messageOf([&] { readCsv(p, o); }) ==
+        p + ": label column 'y' given by name, but the file has no header row");
+  writeBytes(p, "a,y\n1,-1\n");
+  o.labelColumns = {std::string("y")};
+  o.labelKind = LabelKind::kClass;
+  CHECK(messageOf([&] { readCsv(p, o); }) ==
+        p + ":2: label column 'y' (1): '-1' is not a class index (expected an integer >= 0)");
+  writeBytes(p, "");
+  CHECK(messageOf([&] { readCsv(p, o); }) == p + ": empty CSV file");
+}

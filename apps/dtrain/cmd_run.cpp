@@ -22,8 +22,14 @@ struct RunArgs {
   std::string masterAddr;
   int masterPort = 0;
   bool dryRun = false;
+  bool afterDashes = false;
   std::vector<std::string> positional;
 };
+
+std::shared_ptr<RunArgs>& runArgs() {
+  static std::shared_ptr<RunArgs> args;
+  return args;
+}
 
 std::chrono::milliseconds duration(const std::string& flag, const std::string& value) {
   auto d = parse::toDuration(value);
@@ -85,7 +91,6 @@ void addRunCommand(CLI::App& root, Action& action) {
   auto a = std::make_shared<RunArgs>();
   auto* sub = root.add_subcommand(
       "run", "Launch workers on this node (torchrun-compatible): dtrain run [options] JOB.json | -- PROGRAM [ARGS...]");
-  sub->prefix_command();  // everything from the first positional on belongs to the worker program
   auto& o = a->opts;
   sub->add_option("--nnodes", o.nnodesText, "Number of nodes, N or MIN:MAX (elastic)")->envname("DTRAIN_NNODES");
   sub->add_option("--nproc-per-node,--nproc_per_node,--nproc,-n", o.nprocText,
@@ -129,19 +134,38 @@ void addRunCommand(CLI::App& root, Action& action) {
                   "Show only these local ranks' output on the console, e.g. 0 or 0,1")
       ->envname("DTRAIN_LOCAL_RANKS_FILTER");
   sub->add_flag("--dry-run", a->dryRun, "Print the resolved launch plan and exit");
-  sub->add_option("job_or_program", a->positional, "JOB.json [train options], or PROGRAM [ARGS...] (after --)");
-  sub->callback([&action, a, sub] {
-    // With prefix_command CLI11 leaves everything after `--` (or after the first positional) in remaining().
-    bool dashes = false;
-    for (auto& extra : sub->remaining()) {
-      if (extra == "--" && a->positional.empty() && !dashes) {
-        dashes = true;
-        continue;
-      }
-      a->positional.push_back(extra);
+  sub->footer("Everything from JOB.json or PROGRAM on (or after --) is passed to the workers untouched.");
+  runArgs() = a;
+  sub->callback([&action, a] { action = [a] { return runCommand(*a, a->afterDashes); }; });
+}
+
+std::vector<std::string> splitWorkerArgs(CLI::App& root, std::vector<std::string>& args) {
+  // torchrun's rule: launcher options come first; the first token that is neither an option nor an option's
+  // value starts the worker's command line (or everything after `--`). CLI11 then parses only the options.
+  auto* sub = root.get_subcommand("run");
+  std::vector<std::string> worker;
+  if (args.size() < 2 || args[1] != "run") return worker;
+  for (size_t i = 2; i < args.size(); ++i) {
+    const std::string& t = args[i];
+    if (t == "--") {
+      worker.assign(args.begin() + static_cast<long>(i) + 1, args.end());
+      args.resize(i);
+      runArgs()->afterDashes = true;
+      break;
     }
-    action = [a, dashes] { return runCommand(*a, dashes); };
-  });
+    if (t.size() > 1 && t[0] == '-') {
+      if (t.find('=') != std::string::npos) continue;
+      const CLI::Option* opt = sub->get_option_no_throw(t);
+      bool takesValue = opt == nullptr || opt->get_expected_min() > 0;
+      if (takesValue) ++i;  // unknown options too: CLI11 reports them
+      continue;
+    }
+    worker.assign(args.begin() + static_cast<long>(i), args.end());
+    args.resize(i);
+    break;
+  }
+  runArgs()->positional = worker;
+  return worker;
 }
 
 }  // namespace dtrain::app

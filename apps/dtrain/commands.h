@@ -11,6 +11,9 @@ namespace dtrain::app {
 using Action = std::function<int()>;
 
 void addRunCommand(CLI::App& root, Action& action);
+// Before CLI11 parses `dtrain run ...`: removes the worker's command line (JOB.json... or PROGRAM...) from
+// `args` (argv as strings, argv[0] included) and hands it to the run command.
+std::vector<std::string> splitWorkerArgs(CLI::App& root, std::vector<std::string>& args);
 void addStoreCommand(CLI::App& root, Action& action);
 void addTrainCommand(CLI::App& root, Action& action);
 void addCheckCommand(CLI::App& root, Action& action);

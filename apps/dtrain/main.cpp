@@ -20,7 +20,7 @@ int report(const dtrain::Error& e) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App root{"dtrain: launch and run distributed training (torchrun-compatible), one native binary"};
+  CLI::App root{"dtrain: launch and run distributed training (torchrun-compatible), one native binary", "dtrain"};
   root.set_version_flag("--version", std::string("dtrain ") + DTRAIN_VERSION +
                                          (DTRAIN_WITH_CUDA ? " (cuda)" : " (cpu)"));
   root.require_subcommand(1);
@@ -31,12 +31,15 @@ int main(int argc, char** argv) {
   dtrain::app::addCheckCommand(root, action);
   dtrain::app::addBenchCommand(root, action);
   dtrain::app::addCkptCommand(root, action);
+  std::vector<std::string> args(argv, argv + argc);
+  dtrain::app::splitWorkerArgs(root, args);
+  std::vector<std::string> reversed(args.rbegin(), args.rend() - 1);  // CLI11 wants them reversed, no argv[0]
   try {
-    root.parse(argc, argv);
+    root.parse(reversed);
   } catch (const CLI::Success& e) {
     return root.exit(e);
   } catch (const CLI::ParseError& e) {
-    root.exit(e);
+    std::fprintf(stderr, "dtrain: error: %s (see dtrain --help)\n", e.what());
     return static_cast<int>(dtrain::ExitCode::kUsage);
   } catch (const dtrain::Error& e) {
     return report(e);

@@ -84,9 +84,9 @@ TEST_CASE("workers that ignore SIGTERM are killed after --shutdown-timeout") {
   std::string script = "trap '' TERM; echo ready-$RANK; while :; do sleep 1; done";
   Background agent(runArgs({"--standalone", "--nproc-per-node", "1", "--shutdown-timeout", "1s", "--", "sh", "-c", script}));
   agent.waitForLine("ready-0", 30s);
-  agent.signal(SIGINT);
+  agent.signal(SIGTERM);
   auto r = agent.wait(30s);
-  CHECK(r.exitCode == 128 + SIGINT);
+  CHECK(r.exitCode == 128 + SIGTERM);
   CHECK(r.err.find("did not stop within --shutdown-timeout") != std::string::npos);
 }
 

@@ -213,7 +213,11 @@ std::string sourceDir() {
 
 std::string tempDir(const std::string& tag) {
   static std::once_flag once;
-  std::call_once(once, [] { std::atexit(removeTempDirs); });
+  // Construct the list before registering the handler, so it is destroyed after the handler ran.
+  std::call_once(once, [] {
+    tempDirs();
+    std::atexit(removeTempDirs);
+  });
   std::string pattern = (std::filesystem::temp_directory_path() / ("dtrain-test-" + tag + "-XXXXXX")).string();
   std::vector<char> buf(pattern.begin(), pattern.end());
   buf.push_back('\0');

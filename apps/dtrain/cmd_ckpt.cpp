@@ -1,10 +1,100 @@
+// `dtrain ckpt list|inspect|bench`: look at a checkpoint directory, and measure checkpoint writes. Parsing only;
+// lib/ckpt/report.h and lib/ckpt/bench.h do the work.
+#include <cstdio>
+#include <filesystem>
+#include <memory>
+
 #include "apps/dtrain/commands.h"
+#include "lib/ckpt/bench.h"
+#include "lib/ckpt/report.h"
+#include "lib/common/error.h"
+#include "lib/common/parse.h"
 
 namespace dtrain::app {
 
+namespace {
+
+struct CkptArgs {
+  std::string path;
+  bool noVerify = false;
+  bool json = false;
+  std::string size = "1G";
+  int tensors = 8;
+  int repeats = 3;
+  bool buffered = false;
+};
+
+void requireExists(const std::string& path) {
+  std::error_code ec;
+  if (!std::filesystem::exists(path, ec)) DTRAIN_THROW(UsageError, "{}: no such file or directory", path);
+}
+
+int runList(const CkptArgs& a) {
+  requireExists(a.path);
+  const auto list = ckpt::listCheckpoints(a.path, !a.noVerify);
+  const std::string out = a.json ? ckpt::listToJson(list).dump(2) + "\n" : ckpt::formatList(a.path, list);
+  std::fputs(out.c_str(), stdout);
+  return 0;
+}
+
+int runInspect(const CkptArgs& a) {
+  requireExists(a.path);
+  const std::string out =
+      a.json ? ckpt::inspectToJson(a.path, !a.noVerify).dump(2) + "\n" : ckpt::formatInspect(a.path, !a.noVerify);
+  std::fputs(out.c_str(), stdout);
+  return 0;
+}
+
+int runBench(const CkptArgs& a) {
+  auto bytes = parse::toBytes(a.size);
+  if (!bytes || *bytes == 0) DTRAIN_THROW(UsageError, "--size {}: expected a size like 1G or 512M", a.size);
+  ckpt::WriteBenchOptions o;
+  o.dir = a.path;
+  o.bytes = *bytes;
+  o.tensors = a.tensors;
+  o.repeats = a.repeats;
+  o.directIO = !a.buffered;
+  const auto r = ckpt::runWriteBenchmark(o);
+  std::printf("checkpoint write: %s safetensors file + manifest + marker in %s (%s I/O)\n",
+              parse::formatBytes(r.fileBytes).c_str(), a.path.c_str(), r.directIO ? "O_DIRECT" : "buffered");
+  for (size_t i = 0; i < r.runs.size(); ++i) {
+    const auto& run = r.runs[i];
+    std::printf("  run %zu: %.3f s (write+crc32+fsync %.3f s, commit %.3f s)  %.0f MB/s\n", i + 1, run.totalSeconds(),
+                run.writeSeconds, run.commitSeconds, static_cast<double>(r.fileBytes) / run.totalSeconds() / 1e6);
+  }
+  std::printf("checkpoint write throughput (median): %.0f MB/s\n", r.medianBytesPerSecond() / 1e6);
+  return 0;
+}
+
+}  // namespace
+
 void addCkptCommand(CLI::App& root, Action& action) {
-  auto* sub = root.add_subcommand("ckpt", "(not yet implemented)");
-  sub->callback([&action] { action = [] { return 1; }; });
+  auto args = std::make_shared<CkptArgs>();
+  auto* sub = root.add_subcommand("ckpt", "Inspect checkpoint directories; measure checkpoint writes");
+  sub->require_subcommand(1);
+
+  auto* list = sub->add_subcommand("list", "List the checkpoints in DIR, newest first, with their status");
+  list->add_option("DIR", args->path, "Checkpoint directory (holding step-<N> directories)")->required();
+  list->add_flag("--no-verify", args->noVerify, "Check markers and sizes only, not crc32 checksums (faster)");
+  list->add_flag("--json", args->json, "Print JSON");
+  list->callback([&action, args] { action = [args] { return runList(*args); }; });
+
+  auto* inspect = sub->add_subcommand(
+      "inspect", "Show a checkpoint's meta, files and tensors (DIR: its newest valid checkpoint; or a step-<N> "
+                 "directory; or a .safetensors file)");
+  inspect->add_option("PATH", args->path, "Checkpoint directory, step-<N> directory or .safetensors file")->required();
+  inspect->add_flag("--no-verify", args->noVerify, "Do not verify crc32 checksums");
+  inspect->add_flag("--json", args->json, "Print JSON");
+  inspect->callback([&action, args] { action = [args] { return runInspect(*args); }; });
+
+  auto* bench = sub->add_subcommand("bench", "Time checkpoint writes into DIR (compare with dd; see "
+                                             "scripts/bench/ckpt_write)");
+  bench->add_option("DIR", args->path, "Scratch directory on the disk to measure")->required();
+  bench->add_option("--size", args->size, "Checkpoint size (default 1G)");
+  bench->add_option("--tensors", args->tensors, "Number of tensors (default 8)")->check(CLI::PositiveNumber);
+  bench->add_option("--repeats", args->repeats, "Runs (default 3; the median is reported)")->check(CLI::PositiveNumber);
+  bench->add_flag("--buffered", args->buffered, "Use buffered writes + fdatasync instead of O_DIRECT");
+  bench->callback([&action, args] { action = [args] { return runBench(*args); }; });
 }
 
 }  // namespace dtrain::app

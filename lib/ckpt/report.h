@@ -1,0 +1,24 @@
+// What `dtrain ckpt list` and `dtrain ckpt inspect` print (apps/dtrain/cmd_ckpt.cpp only parses the command
+// line). Text for people, JSON for scripts. Read-only; blocks on file I/O.
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "lib/ckpt/checkpoint.h"
+
+namespace dtrain::ckpt {
+
+// Table: STEP EPOCH SAMPLES WORLD SIZE CREATED STATUS (with the reason when not complete).
+std::string formatList(const std::filesystem::path& root, const std::vector<CheckpointInfo>& checkpoints);
+nlohmann::json listToJson(const std::vector<CheckpointInfo>& checkpoints);
+
+// `target` may be a checkpoint root (its newest valid checkpoint, else its newest entry), a step-<N> dir, or a
+// .safetensors file. Throws CheckpointError when there is nothing to inspect.
+std::string formatInspect(const std::filesystem::path& target, bool verifyChecksums);
+nlohmann::json inspectToJson(const std::filesystem::path& target, bool verifyChecksums);
+
+}  // namespace dtrain::ckpt

@@ -1,14 +1,29 @@
 #include "apps/dtrain/job_hooks.h"
 
-#include <filesystem>
-
 #include "lib/common/error.h"
 
 namespace dtrain::app {
 
+void addJobOptions(CLI::App& app, train::JobArgs& args) {
+  app.add_option("job", args.path, "Job file (JSON)")->required();
+  app.add_option("--set", args.sets, "Override a job field: --set train.epochs=1 --set optimizer.lr=0.1 (repeatable)")
+      ->take_all()
+      ->allow_extra_args(false);
+  app.add_option("--output-dir", args.outputDir, "Where the run writes metrics, weights and checkpoints "
+                                                 "(default: runs/<job name>)");
+}
+
 void validateJobForLaunch(const std::vector<std::string>& args) {
-  DTRAIN_CHECK_AS(ConfigError, !args.empty() && std::filesystem::exists(args.front()), "job file {} does not exist",
-                  args.empty() ? std::string("?") : args.front());
+  CLI::App app{"dtrain train", "dtrain train"};
+  train::JobArgs jobArgs;
+  addJobOptions(app, jobArgs);
+  std::vector<std::string> reversed(args.rbegin(), args.rend());
+  try {
+    app.parse(reversed);
+  } catch (const CLI::ParseError& e) {
+    DTRAIN_THROW(UsageError, "job options after {}: {}", args.empty() ? "" : args.front(), e.what());
+  }
+  train::loadJob(jobArgs);
 }
 
 }  // namespace dtrain::app

@@ -1,13 +1,22 @@
-// Glue between `dtrain run JOB.json` and the trainer: validate the job (and its --set overrides) in the agent,
-// before any worker starts, so a bad config costs no restart and no rendezvous.
+// Glue between the job-file commands (`dtrain train`, `dtrain check`, `dtrain run JOB.json`): the shared
+// options (--set, --output-dir) and the validation the launcher runs before any worker starts.
 #pragma once
+
+#include <CLI/CLI.hpp>
 
 #include <string>
 #include <vector>
 
+#include "lib/train/job.h"
+
 namespace dtrain::app {
 
-// args: JOB.json followed by the `dtrain train` options given after it. Throws ConfigError/UsageError.
+// JOB.json (positional), --set PATH=VALUE (repeatable), --output-dir DIR.
+void addJobOptions(CLI::App& app, train::JobArgs& args);
+
+// args: JOB.json followed by `dtrain train` options (as `dtrain run JOB.json ...` received them). Parses them
+// like `dtrain train` would and validates the job; throws ConfigError/UsageError so that a bad job costs no
+// rendezvous, no worker and no restart.
 void validateJobForLaunch(const std::vector<std::string>& args);
 
 }  // namespace dtrain::app

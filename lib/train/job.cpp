@@ -1,0 +1,216 @@
+#include "lib/train/job.h"
+
+#include <fstream>
+#include <sstream>
+
+#include "lib/common/error.h"
+#include "lib/common/parse.h"
+#include "lib/nn/json_fields.h"
+
+namespace dtrain::train {
+
+using json = nlohmann::json;
+namespace fs = std::filesystem;
+using nn::JsonFields;
+
+namespace {
+
+json readJsonFile(const fs::path& path, const std::string& what) {
+  std::ifstream in(path);
+  DTRAIN_CHECK_AS(ConfigError, in.good(), "{} {} does not exist or cannot be read", what, path.string());
+  std::stringstream ss;
+  ss << in.rdbuf();
+  try {
+    return json::parse(ss.str());
+  } catch (const json::parse_error& e) {
+    DTRAIN_THROW(ConfigError, "{}: not valid JSON: {}", path.string(), e.what());
+  }
+}
+
+bool positive(int64_t v) { return v >= 1; }
+bool nonNegative(int64_t v) { return v >= 0; }
+
+// "model": {...} inline, or "model": "path/to/model.json" (a model object, or a job file with a "model").
+json resolveModel(json& doc, const std::string& source, const fs::path& baseDir) {
+  DTRAIN_CHECK_AS(ConfigError, doc.contains("model"), "{}: missing required field 'model' (an object or a model file)",
+                  source);
+  json& model = doc["model"];
+  if (model.is_string()) {
+    fs::path file = baseDir / model.get<std::string>();
+    DTRAIN_CHECK_AS(ConfigError, fs::exists(file), "{}: /model: model file {} does not exist", source, file.string());
+    json loaded = readJsonFile(file, "model file");
+    if (loaded.is_object() && loaded.contains("model") && !loaded.contains("layers")) loaded = loaded["model"];
+    model = loaded;
+  }
+  DTRAIN_CHECK_AS(ConfigError, model.is_object(), "{}: /model: expected an object or a model file path, got {}", source,
+                  nn::jsonSnippet(model));
+  return model;
+}
+
+DataSettings parseData(const json& doc, const std::string& source, const fs::path& baseDir) {
+  DataSettings d;
+  DTRAIN_CHECK_AS(ConfigError, doc.contains("data"), "{}: missing required field 'data' (with 'train' inside)", source);
+  JsonFields f(doc.at("data"), source, "/data", "the data section");
+  f.allowOnly({"train", "eval", "batch_size", "shuffle", "drop_last", "prefetch"});
+  d.train = data::parseDataSpec(f.at("train"), source, "/data/train", baseDir);
+  if (f.has("eval") && !f.at("eval").is_null()) d.eval = data::parseDataSpec(f.at("eval"), source, "/data/eval", baseDir);
+  d.batchSize = f.integer("batch_size", 64, "an integer >= 1 (samples per rank)", positive);
+  d.shuffle = f.boolean("shuffle", true);
+  d.dropLast = f.boolean("drop_last", false);
+  d.prefetch = f.boolean("prefetch", true);
+  return d;
+}
+
+LoopSettings parseLoop(const json& doc, const std::string& source) {
+  LoopSettings l;
+  if (!doc.contains("train")) return l;
+  JsonFields f(doc.at("train"), source, "/train", "the train section");
+  f.allowOnly({"epochs", "seed", "max_steps", "grad_accum", "log_every", "eval"});
+  l.epochs = f.integer("epochs", 1, "an integer >= 1", positive);
+  l.seed = static_cast<uint64_t>(f.integer("seed", 0, "an integer >= 0", nonNegative));
+  l.maxSteps = f.integer("max_steps", 0, "an integer >= 0 (0: no limit)", nonNegative);
+  l.gradAccum = static_cast<int>(f.integer("grad_accum", 1, "an integer between 1 and 4096", [](int64_t v) {
+    return v >= 1 && v <= 4096;
+  }));
+  l.logEverySteps = f.integer("log_every", 0, "an integer >= 0 (0: about 20 lines per epoch)", nonNegative);
+  l.evalEachEpoch = f.boolean("eval", true);
+  return l;
+}
+
+ParallelSettings parseParallel(const json& doc, const std::string& source) {
+  ParallelSettings p;
+  if (!doc.contains("parallel")) return p;
+  JsonFields f(doc.at("parallel"), source, "/parallel", "the parallel section");
+  f.allowOnly({"strategy", "backend", "bucket_mb", "first_bucket_mb", "timeout", "lr_scaling", "reference_world_size"});
+  p.strategy = f.choice("strategy", {"ddp"}, "strategy");
+  p.backend = f.choice("backend", {"auto", "tcp", "shm", "hier", "nccl"}, "backend");
+  auto positiveMb = [](double v) { return v > 0 && v <= 4096; };
+  p.bucketMb = f.number("bucket_mb", 25.0, "a number of MiB > 0", positiveMb);
+  p.firstBucketMb = f.number("first_bucket_mb", 1.0, "a number of MiB > 0", positiveMb);
+  if (f.has("timeout")) {
+    const json& t = f.at("timeout");
+    std::optional<std::chrono::milliseconds> d;
+    if (t.is_number() && t.get<double>() > 0) d = std::chrono::milliseconds(static_cast<int64_t>(t.get<double>() * 1000));
+    else if (t.is_string()) d = parse::toDuration(t.get<std::string>());
+    if (!d || d->count() <= 0) f.failAt("timeout", "expected a duration: seconds (300) or a string such as \"5m\"");
+    p.timeout = *d;
+  }
+  p.lrScaling = f.choice("lr_scaling", {"none", "linear"}, "lr scaling");
+  p.referenceWorldSize = static_cast<int>(f.integer("reference_world_size", 1, "an integer >= 1", positive));
+  return p;
+}
+
+CheckpointSettings parseCheckpoint(const json& doc, const std::string& source, const fs::path& outputDir) {
+  CheckpointSettings c;
+  c.dir = outputDir / "checkpoints";
+  if (!doc.contains("checkpoint")) return c;
+  const json& v = doc.at("checkpoint");
+  if (v.is_boolean()) {
+    c.enabled = v.get<bool>();
+    return c;
+  }
+  JsonFields f(v, source, "/checkpoint", "the checkpoint section");
+  f.allowOnly({"dir", "every_steps", "keep", "enabled", "resume"});
+  if (f.has("dir")) c.dir = outputDir / f.string("dir");  // relative to the output folder (absolute stays)
+  c.everySteps = f.integer("every_steps", 0, "an integer >= 0 (0: at epoch ends only)", nonNegative);
+  c.keep = static_cast<int>(f.integer("keep", 3, "an integer >= 1", positive));
+  c.enabled = f.boolean("enabled", true);
+  c.resume = f.boolean("resume", true);
+  return c;
+}
+
+}  // namespace
+
+std::string fnv1aHex(std::string_view data) {
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : data) {
+    h ^= c;
+    h *= 1099511628211ull;
+  }
+  return fmt::format("{:016x}", h);
+}
+
+void applySet(json& doc, const std::string& assignment, const std::string& source) {
+  auto eq = assignment.find('=');
+  DTRAIN_CHECK_AS(ConfigError, eq != std::string::npos && eq > 0,
+                  "--set {}: expected PATH=VALUE, e.g. --set train.epochs=1", assignment);
+  std::string path = assignment.substr(0, eq);
+  std::string text = assignment.substr(eq + 1);
+  json value = json::parse(text, nullptr, false);
+  if (value.is_discarded()) value = text;
+  json* node = &doc;
+  std::string walked;
+  auto parts = parse::split(path, '.');
+  for (size_t i = 0; i < parts.size(); ++i) {
+    const std::string& part = parts[i];
+    DTRAIN_CHECK_AS(ConfigError, !part.empty(), "--set {}: empty component in path '{}'", assignment, path);
+    walked += "/" + part;
+    bool last = i + 1 == parts.size();
+    if (node->is_array()) {
+      auto idx = parse::toInt(part);
+      DTRAIN_CHECK_AS(ConfigError, idx && *idx >= 0 && static_cast<size_t>(*idx) < node->size(),
+                      "--set {}: {}: {} is an array of {} element(s); expected an index 0..{}", assignment, walked,
+                      walked.substr(0, walked.rfind('/')), node->size(), node->size() == 0 ? 0 : node->size() - 1);
+      node = &(*node)[static_cast<size_t>(*idx)];
+    } else {
+      if (node->is_null()) *node = json::object();
+      DTRAIN_CHECK_AS(ConfigError, node->is_object(), "--set {}: {} is {}, not an object with a field '{}' ({})",
+                      assignment, walked.substr(0, walked.rfind('/')), nn::jsonSnippet(*node), part, source);
+      node = &(*node)[part];
+    }
+    if (last) *node = value;
+  }
+}
+
+Job loadJob(const JobArgs& args) {
+  Job job;
+  job.sourceFile = args.path;
+  fs::path file(args.path);
+  DTRAIN_CHECK_AS(ConfigError, fs::exists(file), "job file {} does not exist", args.path);
+  job.doc = readJsonFile(file, "job file");
+  DTRAIN_CHECK_AS(ConfigError, job.doc.is_object(), "{}: expected a JSON object at the top level", args.path);
+  job.baseDir = file.has_parent_path() ? file.parent_path() : fs::path(".");
+  for (const auto& s : args.sets) applySet(job.doc, s, args.path);
+  const std::string& src = job.sourceFile;
+
+  JsonFields top(job.doc, src, "", "the job");
+  top.allowOnly({"name", "description", "model", "loss", "optimizer", "schedule", "lr_schedule", "data", "train",
+                 "parallel", "checkpoint", "init", "output_dir", "device"});
+  job.name = top.string("name", file.stem().string());
+  DTRAIN_CHECK_AS(ConfigError, !job.name.empty() && job.name.find('/') == std::string::npos,
+                  "{}: /name: expected a non-empty name without '/', got '{}'", src, job.name);
+  json model = resolveModel(job.doc, src, job.baseDir);
+  job.model = nn::parseModelSpec(model, src, "/model");
+  job.modelHash = fnv1aHex(model.dump());
+  DTRAIN_CHECK_AS(ConfigError, job.doc.contains("loss"), "{}: missing required field 'loss' (e.g. {{\"type\": \"cross_entropy\"}})", src);
+  job.loss = nn::parseLossSpec(job.doc["loss"], src, "/loss");
+  DTRAIN_CHECK_AS(ConfigError, job.doc.contains("optimizer"),
+                  "{}: missing required field 'optimizer' (e.g. {{\"type\": \"sgd\", \"lr\": 0.05}})", src);
+  job.optimizer = nn::parseOptimizerSpec(job.doc["optimizer"], src, "/optimizer");
+  DTRAIN_CHECK_AS(ConfigError, !(job.doc.contains("schedule") && job.doc.contains("lr_schedule")),
+                  "{}: give either 'schedule' or 'lr_schedule', not both", src);
+  if (job.doc.contains("schedule")) job.schedule = nn::parseScheduleSpec(job.doc["schedule"], src, "/schedule");
+  if (job.doc.contains("lr_schedule")) job.schedule = nn::parseScheduleSpec(job.doc["lr_schedule"], src, "/lr_schedule");
+  job.data = parseData(job.doc, src, job.baseDir);
+  job.loop = parseLoop(job.doc, src);
+  job.parallel = parseParallel(job.doc, src);
+  if (job.doc.contains("device")) {
+    std::string device = top.choice("device", {"cpu", "cuda"}, "device");
+    DTRAIN_CHECK_AS(ConfigError, device == "cpu",
+                    "{}: /device: the built-in trainer runs layers on the CPU in this build (expected \"cpu\")", src);
+  }
+  if (job.doc.contains("init")) {
+    JsonFields init(job.doc["init"], src, "/init", "the init section");
+    init.allowOnly({"from"});
+    job.initFrom = job.baseDir / init.string("from");
+    DTRAIN_CHECK_AS(ConfigError, fs::exists(job.initFrom), "{}: /init/from: weights file {} does not exist", src,
+                    job.initFrom.string());
+  }
+  if (!args.outputDir.empty()) job.outputDir = args.outputDir;
+  else if (job.doc.contains("output_dir")) job.outputDir = top.string("output_dir");
+  else job.outputDir = fs::path("runs") / job.name;
+  job.checkpoint = parseCheckpoint(job.doc, src, job.outputDir);
+  return job;
+}
+
+}  // namespace dtrain::train

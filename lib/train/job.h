@@ -1,0 +1,95 @@
+// A job file: one JSON object describing the model, loss, optimizer, schedule, data, training loop, parallel
+// strategy and checkpoints (see docs/job-file.md). loadJob() reads it, applies `--set PATH=VALUE` overrides,
+// resolves relative input paths against the job file's folder, and validates every section up front, so a
+// bad job is rejected (ConfigError, exit code 2, naming the file and JSON path) before any worker starts.
+// Files are only checked for existence here; datasets are read by the trainer.
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "lib/data/spec.h"
+#include "lib/nn/loss.h"
+#include "lib/nn/optimizer.h"
+#include "lib/nn/schedule.h"
+#include "lib/nn/spec.h"
+
+namespace dtrain::train {
+
+struct DataSettings {
+  data::DataSpec train;
+  std::optional<data::DataSpec> eval;
+  int64_t batchSize = 64;  // per rank
+  bool shuffle = true;
+  bool dropLast = false;
+  bool prefetch = true;
+};
+
+struct LoopSettings {
+  int64_t epochs = 1;
+  uint64_t seed = 0;
+  int64_t maxSteps = 0;       // 0: no limit
+  int gradAccum = 1;          // micro-batches per optimizer step
+  int64_t logEverySteps = 0;  // 0: about 20 lines per epoch
+  bool evalEachEpoch = true;
+};
+
+struct ParallelSettings {
+  std::string strategy = "ddp";
+  std::string backend = "auto";  // tcp | shm | hier | nccl | auto
+  double bucketMb = 25;
+  double firstBucketMb = 1;      // PyTorch DDP's small first bucket: communication starts early
+  std::chrono::milliseconds timeout{std::chrono::minutes(5)};
+  // How the learning rate follows the world size: "none" keeps the job's lr; "linear" multiplies it by
+  // world_size / reference_world_size (Goyal et al.), so a resized elastic group keeps its effective step.
+  std::string lrScaling = "none";
+  int referenceWorldSize = 1;
+};
+
+struct CheckpointSettings {
+  std::filesystem::path dir;  // resolved; empty when checkpoints are off
+  int64_t everySteps = 0;     // 0: only at epoch ends (and on SIGTERM/SIGUSR1)
+  int keep = 3;
+  bool enabled = true;
+  bool resume = true;         // load the newest valid checkpoint at start
+};
+
+struct Job {
+  std::string sourceFile;           // as given, for messages
+  std::filesystem::path baseDir;    // the job file's folder
+  std::string name;                 // "name" or the file's stem
+  nlohmann::json doc;               // the job after --set overrides (model inlined)
+  nn::ModelSpec model;
+  nn::LossSpec loss;
+  nn::OptimizerSpec optimizer;
+  nn::ScheduleSpec schedule;
+  DataSettings data;
+  LoopSettings loop;
+  ParallelSettings parallel;
+  CheckpointSettings checkpoint;
+  std::filesystem::path initFrom;   // "init": {"from": "w.safetensors"}; empty when not given
+  std::filesystem::path outputDir;  // everything the run writes goes here
+  std::string modelHash;            // FNV-1a of the canonical model JSON: guards checkpoint loading
+};
+
+struct JobArgs {
+  std::string path;
+  std::vector<std::string> sets;  // "train.epochs=1"
+  std::string outputDir;          // --output-dir; empty: "output_dir" field, else runs/<name>
+};
+
+Job loadJob(const JobArgs& args);
+
+// Applies one "a.b.c=VALUE" override: VALUE is parsed as JSON when it is valid JSON (numbers, true, [1,2],
+// {"k":1}, "quoted"), else taken as a string. Array elements are addressed by index (model.layers.0.out).
+// Throws ConfigError naming the assignment.
+void applySet(nlohmann::json& doc, const std::string& assignment, const std::string& sourceFile);
+
+std::string fnv1aHex(std::string_view data);
+
+}  // namespace dtrain::train

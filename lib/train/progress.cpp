@@ -1,0 +1,94 @@
+#include "lib/train/progress.h"
+
+#include <unistd.h>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include <cmath>
+
+#include "lib/common/error.h"
+
+namespace dtrain::train {
+
+std::string formatDuration(double seconds) {
+  if (!std::isfinite(seconds) || seconds < 0) return "?";
+  auto s = static_cast<int64_t>(seconds + 0.5);
+  if (s >= 3600) return fmt::format("{}:{:02}:{:02}", s / 3600, (s / 60) % 60, s % 60);
+  return fmt::format("{}:{:02}", s / 60, s % 60);
+}
+
+Progress::Progress(bool enabled, const std::filesystem::path& metricsPath, bool append)
+    : enabled_(enabled), tty_(enabled && ::isatty(STDOUT_FILENO) == 1) {
+  if (!enabled_ || metricsPath.empty()) return;
+  std::error_code ec;
+  std::filesystem::create_directories(metricsPath.parent_path(), ec);
+  metrics_ = std::fopen(metricsPath.c_str(), append ? "a" : "w");
+  DTRAIN_CHECK(metrics_ != nullptr, "cannot write {}: {}", metricsPath.string(), std::strerror(errno));
+}
+
+Progress::~Progress() {
+  endLine();
+  if (metrics_) std::fclose(metrics_);
+}
+
+void Progress::endLine() {
+  if (lineOpen_) {
+    std::fputc('\n', stdout);
+    std::fflush(stdout);
+    lineOpen_ = false;
+  }
+}
+
+void Progress::step(const StepStats& s) {
+  if (!enabled_) return;
+  double remaining = s.samplesPerSec > 0 && s.step > 0
+                         ? s.elapsedSec / static_cast<double>(s.step) * static_cast<double>(s.totalSteps - s.step)
+                         : -1;
+  std::string line = fmt::format("epoch {}/{} step {}/{} loss {:.4f} lr {:.4g} {:.0f} samples/s ETA {}", s.epoch + 1,
+                                 s.epochs, s.stepInEpoch, s.stepsPerEpoch, s.loss, s.lr, s.samplesPerSec,
+                                 formatDuration(remaining));
+  if (tty_) {
+    fmt::print("\r\033[K{}", line);
+    lineOpen_ = true;
+  } else {
+    fmt::print("{}\n", line);
+  }
+  std::fflush(stdout);
+  if (metrics_) {
+    nlohmann::json j{{"step", s.step},   {"epoch", s.epoch},   {"loss", s.loss},
+                     {"lr", s.lr},       {"samples_per_s", s.samplesPerSec}, {"time_s", s.elapsedSec}};
+    fmt::print(metrics_, "{}\n", j.dump());
+    std::fflush(metrics_);
+  }
+}
+
+void Progress::eval(const StepStats& s, double evalLoss, std::optional<double> evalAccuracy, int64_t samples) {
+  if (!enabled_) return;
+  endLine();
+  if (evalAccuracy)
+    fmt::print("epoch {}/{} eval: loss {:.4f} accuracy {:.2f}% ({} samples)\n", s.epoch + 1, s.epochs, evalLoss,
+               *evalAccuracy * 100, samples);
+  else
+    fmt::print("epoch {}/{} eval: loss {:.6f} ({} samples)\n", s.epoch + 1, s.epochs, evalLoss, samples);
+  std::fflush(stdout);
+  if (metrics_) {
+    nlohmann::json j{{"step", s.step}, {"epoch", s.epoch},         {"loss", s.loss},
+                     {"lr", s.lr},     {"samples_per_s", s.samplesPerSec}, {"time_s", s.elapsedSec},
+                     {"eval_loss", evalLoss}, {"eval_samples", samples}};
+    j["eval_accuracy"] = evalAccuracy ? nlohmann::json(*evalAccuracy) : nlohmann::json(nullptr);
+    fmt::print(metrics_, "{}\n", j.dump());
+    std::fflush(metrics_);
+  }
+}
+
+void Progress::info(const std::string& line) {
+  if (!enabled_) return;
+  endLine();
+  fmt::print("{}\n", line);
+  std::fflush(stdout);
+}
+
+void Progress::summary(const std::string& line) { info(line); }
+
+}  // namespace dtrain::train

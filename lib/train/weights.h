@@ -1,0 +1,21 @@
+// Model weights as safetensors, with torch.nn.Sequential's names ("0.weight" [out, in], ...), so PyTorch,
+// numpy and the safetensors library read what dtrain writes and dtrain starts from what they wrote.
+#pragma once
+
+#include <filesystem>
+#include <vector>
+
+#include "lib/ckpt/safetensors.h"
+#include "lib/nn/model.h"
+
+namespace dtrain::train {
+
+// The model's parameters as tensors to write, pointing into the arena (valid while the model lives).
+std::vector<ckpt::TensorView> parameterTensors(const nn::Model& model);
+// Writes model.safetensors durably (temporary name, fsync, rename).
+void saveWeights(const std::filesystem::path& path, const nn::Model& model);
+// Loads every parameter by name with shape checks (CheckpointError naming the tensor); extra tensors in the
+// file are an error too, so a weights file for another model is never half-loaded.
+void loadWeights(const std::filesystem::path& path, nn::Model& model);
+
+}  // namespace dtrain::train

@@ -1,0 +1,236 @@
+#include "rendezvous/tcp_store_server.h"
+
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <pthread.h>
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <boost/asio/post.hpp>
+
+#include <cstring>
+
+#include "lib/common/error.h"
+#include "lib/common/log.h"
+#include "lib/common/net.h"
+#include "rendezvous/tcp_store_session.h"
+
+namespace dtrain::rendezvous {
+
+namespace {
+
+// Bound hint for the first retry after accept() ran out of descriptors: the backlog keeps the clients waiting.
+constexpr auto kAcceptRetry = std::chrono::milliseconds(50);
+
+std::string hostPortText(const std::string& host, uint16_t port) { return net::HostPort{host, port}.str(); }
+
+// Creates the listening socket ourselves (Asio 1.74 opens sockets without SOCK_CLOEXEC, and the agent forks).
+// Returns the fd and its address family; throws kAddressInUse naming host:port.
+int bindAndListen(const std::string& host, uint16_t port, int backlog, int& family) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+  addrinfo* res = nullptr;
+  auto service = std::to_string(port);
+  int rc = ::getaddrinfo(host.empty() ? nullptr : host.c_str(), service.c_str(), &hints, &res);
+  if (rc != 0)
+    throw Error(fmt::format("cannot listen on {}: {}", hostPortText(host, port), ::gai_strerror(rc)),
+                ExitCode::kAddressInUse);
+  int lastErr = EADDRNOTAVAIL;
+  int fd = -1;
+  for (auto* ai = res; ai != nullptr && fd < 0; ai = ai->ai_next) {
+    fd = ::socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, ai->ai_protocol);
+    if (fd < 0) {
+      lastErr = errno;
+      continue;
+    }
+    int one = 1;
+    // SO_REUSEADDR lets a restarted store reuse a port in TIME_WAIT; Linux still refuses a second listener.
+    ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (::bind(fd, ai->ai_addr, ai->ai_addrlen) != 0 || ::listen(fd, backlog) != 0) {
+      lastErr = errno;
+      ::close(fd);
+      fd = -1;
+      continue;
+    }
+    family = ai->ai_family;
+  }
+  ::freeaddrinfo(res);
+  if (fd < 0)
+    throw Error(fmt::format("cannot listen on {}: {}", hostPortText(host, port), std::strerror(lastErr)),
+                ExitCode::kAddressInUse);
+  return fd;
+}
+
+uint16_t localPort(int fd) {
+  sockaddr_storage addr{};
+  socklen_t len = sizeof(addr);
+  DTRAIN_SYSCALL(::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len));
+  if (addr.ss_family == AF_INET6) return ntohs(reinterpret_cast<sockaddr_in6*>(&addr)->sin6_port);
+  return ntohs(reinterpret_cast<sockaddr_in*>(&addr)->sin_port);
+}
+
+}  // namespace
+
+uint64_t raiseFileLimit() {
+  rlimit lim{};
+  if (::getrlimit(RLIMIT_NOFILE, &lim) != 0) return 0;
+  if (lim.rlim_cur < lim.rlim_max) {
+    rlimit raised = lim;
+    raised.rlim_cur = lim.rlim_max;
+    if (::setrlimit(RLIMIT_NOFILE, &raised) == 0) return raised.rlim_cur;
+  }
+  return lim.rlim_cur;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Impl
+
+TcpStoreServer::Impl::Impl(const TcpStoreServerOptions& options) : host_(options.host) {
+  auto limit = raiseFileLimit();
+  if (limit < 1100)
+    log::warn("store: the open-file limit is {}; fewer than 512 clients may be able to connect (ulimit -n)",
+              limit);
+  int family = AF_INET;
+  int fd = bindAndListen(options.host, options.port, options.backlog, family);
+  port_ = localPort(fd);
+  boost::system::error_code ec;
+  v6_ = family == AF_INET6;
+  acceptor_.assign(v6_ ? asio::ip::tcp::v6() : asio::ip::tcp::v4(), fd, ec);
+  if (ec) {
+    ::close(fd);
+    DTRAIN_THROW(Error, "store: cannot register the listening socket: {}", ec.message());
+  }
+  armAccept();
+  // The io thread inherits a fully blocked signal mask, so signals meant for the embedding process (SIGCHLD,
+  // SIGTERM in the agent) are never delivered to it.
+  sigset_t all, old;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &old);
+  try {
+    thread_ = std::thread([this] { run(); });
+  } catch (...) {
+    pthread_sigmask(SIG_SETMASK, &old, nullptr);
+    throw;
+  }
+  pthread_sigmask(SIG_SETMASK, &old, nullptr);
+}
+
+TcpStoreServer::Impl::~Impl() { stop(); }
+
+void TcpStoreServer::Impl::run() {
+  pthread_setname_np(pthread_self(), "dtrain-store");
+  for (;;) {
+    try {
+      io_.run();
+      return;
+    } catch (const std::exception& e) {
+      // A handler threw something unexpected (e.g. bad_alloc on a huge frame): keep serving everyone else.
+      log::error("store: internal error in the io thread: {}", e.what());
+    }
+  }
+}
+
+void TcpStoreServer::Impl::stop() {
+  std::lock_guard<std::mutex> lock(stopMu_);
+  if (!thread_.joinable()) return;
+  asio::post(io_, [this] {
+    shutdownAll();
+    io_.stop();
+  });
+  thread_.join();
+}
+
+void TcpStoreServer::Impl::shutdownAll() {
+  boost::system::error_code ec;
+  acceptor_.close(ec);
+  acceptRetry_.cancel();
+  auto sessions = sessions_;  // close() removes from the registry
+  for (auto& [ptr, session] : sessions) session->close();
+}
+
+void TcpStoreServer::Impl::removeSession(Session* session) {
+  if (sessions_.erase(session) > 0) open_.fetch_sub(1, std::memory_order_relaxed);
+}
+
+void TcpStoreServer::Impl::armAccept() {
+  acceptor_.async_wait(asio::ip::tcp::acceptor::wait_read, [this](const boost::system::error_code& ec) {
+    if (ec) return;  // closed by stop()
+    acceptReady();
+  });
+}
+
+// Accepts every pending connection with accept4(SOCK_CLOEXEC) and hands each to Asio.
+void TcpStoreServer::Impl::acceptReady() {
+  const int listenFd = acceptor_.native_handle();
+  for (;;) {
+    int fd = ::accept4(listenFd, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+    if (fd < 0) {
+      int err = errno;
+      if (err == EINTR || err == ECONNABORTED) continue;
+      if (err == EAGAIN || err == EWOULDBLOCK) break;
+      // Out of descriptors or memory: leave the clients in the backlog and try again shortly, instead of
+      // spinning on a listening socket that stays readable.
+      log::warn("store: accept failed: {}; retrying in {} ms", std::strerror(err), kAcceptRetry.count());
+      acceptRetry_.expires_after(kAcceptRetry);
+      acceptRetry_.async_wait([this](const boost::system::error_code& e) {
+        if (!e) armAccept();
+      });
+      return;
+    }
+    int one = 1;
+    ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    asio::ip::tcp::socket socket(io_);
+    boost::system::error_code ec;
+    socket.assign(v6_ ? asio::ip::tcp::v6() : asio::ip::tcp::v4(), fd, ec);
+    if (ec) {
+      log::warn("store: cannot register an accepted connection: {}", ec.message());
+      ::close(fd);
+      continue;
+    }
+    auto session = std::make_shared<Session>(std::move(socket), *this);
+    sessions_.emplace(session.get(), session);
+    accepted_.fetch_add(1, std::memory_order_relaxed);
+    open_.fetch_add(1, std::memory_order_relaxed);
+    session->start();
+  }
+  armAccept();
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// TcpStoreServer
+
+TcpStoreServer::TcpStoreServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+std::unique_ptr<TcpStoreServer> TcpStoreServer::start(const TcpStoreServerOptions& options) {
+  auto impl = std::make_unique<Impl>(options);
+  log::debug("store: listening on {}", hostPortText(impl->host_, impl->port_));
+  return std::unique_ptr<TcpStoreServer>(new TcpStoreServer(std::move(impl)));
+}
+
+TcpStoreServer::~TcpStoreServer() { stop(); }
+
+void TcpStoreServer::stop() { impl_->stop(); }
+
+uint16_t TcpStoreServer::port() const { return impl_->port_; }
+
+const std::string& TcpStoreServer::host() const { return impl_->host_; }
+
+std::string TcpStoreServer::address() const { return hostPortText(impl_->host_, impl_->port_); }
+
+TcpStoreServerStats TcpStoreServer::stats() const {
+  TcpStoreServerStats s;
+  s.connectionsAccepted = impl_->accepted_.load(std::memory_order_relaxed);
+  s.connectionsOpen = impl_->open_.load(std::memory_order_relaxed);
+  s.requests = impl_->requests_.load(std::memory_order_relaxed);
+  s.protocolErrors = impl_->protocolErrors_.load(std::memory_order_relaxed);
+  s.waiters = impl_->waiters_.load(std::memory_order_relaxed);
+  return s;
+}
+
+}  // namespace dtrain::rendezvous

@@ -1,0 +1,419 @@
+#include "rendezvous/tcp_store_session.h"
+
+#include <boost/asio/post.hpp>
+#include <boost/asio/write.hpp>
+
+#include <algorithm>
+#include <cstring>
+
+#include "lib/common/error.h"
+#include "lib/common/log.h"
+
+namespace dtrain::rendezvous {
+
+using proto::Op;
+using proto::Status;
+
+namespace {
+
+constexpr size_t kInitialBuffer = 16 * 1024;
+constexpr size_t kMinReadSpace = 4 * 1024;
+// A parked client that keeps sending is not read past this (it would only grow our buffer).
+constexpr size_t kMaxBufferedWhileParked = 1 << 20;
+// Buffers grown for one large frame are released afterwards, so 512 idle connections stay small.
+constexpr size_t kKeepBuffer = 1 << 20;
+
+void expectEnd(const ByteReader& r) {
+  if (!r.done()) throw ProtocolError(fmt::format("{} unexpected trailing bytes", r.remaining()));
+}
+
+std::vector<std::string> getKeys(ByteReader& r) {
+  auto n = r.get<uint32_t>();
+  std::vector<std::string> keys;
+  keys.reserve(std::min<size_t>(n, r.remaining() / sizeof(uint32_t)));  // never trust n for an allocation
+  for (uint32_t i = 0; i < n; ++i) keys.emplace_back(r.getBytes());
+  return keys;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------------
+// Session: framing
+
+Session::Session(asio::ip::tcp::socket socket, TcpStoreServer::Impl& core)
+    : socket_(std::move(socket)), core_(core), in_(kInitialBuffer) {}
+
+void Session::start() { readMore(); }
+
+std::string Session::peer() {
+  boost::system::error_code ec;
+  auto ep = socket_.remote_endpoint(ec);
+  if (ec) return "a client";
+  return fmt::format("{}:{}", ep.address().to_string(), ep.port());
+}
+
+void Session::readMore() {
+  if (reading_ || closed_ || closing_) return;
+  if (parked_ && end_ - begin_ > kMaxBufferedWhileParked) return;  // resumed by finishParked
+  if (begin_ == end_) {
+    begin_ = end_ = 0;
+    if (in_.size() > kKeepBuffer && need_ == 0) std::vector<char>(kInitialBuffer).swap(in_);
+  }
+  size_t pending = end_ - begin_;
+  size_t capacityNeeded = std::max(need_, pending + kMinReadSpace);  // counted from begin_
+  if (in_.size() - begin_ < capacityNeeded) {
+    // Move the partial frame to the front, then grow so that the whole frame fits.
+    std::memmove(in_.data(), in_.data() + begin_, pending);
+    begin_ = 0;
+    end_ = pending;
+    if (in_.size() < capacityNeeded) in_.resize(capacityNeeded);
+  }
+  reading_ = true;
+  socket_.async_read_some(asio::buffer(in_.data() + end_, in_.size() - end_),
+                          [self = shared_from_this()](const boost::system::error_code& ec, size_t n) {
+                            self->reading_ = false;
+                            self->onRead(ec, n);
+                          });
+}
+
+void Session::onRead(const boost::system::error_code& ec, size_t n) {
+  if (closed_) return;
+  if (ec) {  // EOF or reset: close() also cancels a parked waiter
+    close();
+    return;
+  }
+  if (closing_) return;
+  end_ += n;
+  process();
+  readMore();
+}
+
+void Session::process() {
+  while (!closed_ && !closing_ && !parked_) {
+    size_t avail = end_ - begin_;
+    const char* p = in_.data() + begin_;
+    if (!handshaken_) {
+      if (avail < proto::kHandshakeBytes) break;
+      begin_ += proto::kHandshakeBytes;
+      handshake(std::string_view(p, proto::kHandshakeBytes));
+      continue;
+    }
+    if (avail < proto::kFrameHeaderBytes) break;
+    uint32_t len = 0;
+    std::memcpy(&len, p, sizeof(len));
+    if (len > proto::kMaxFrameBytes) {
+      violation(fmt::format("frame of {} bytes exceeds the limit of {} bytes", len, proto::kMaxFrameBytes));
+      break;
+    }
+    size_t total = proto::kFrameHeaderBytes + len;
+    if (avail < total) {
+      need_ = total;
+      break;
+    }
+    need_ = 0;
+    begin_ += total;  // the body stays valid: nothing touches in_ during dispatch
+    dispatch(std::string_view(p + proto::kFrameHeaderBytes, len));
+  }
+  flush();
+}
+
+void Session::handshake(std::string_view hello) {
+  ByteReader r(hello);
+  auto magic = r.getRaw(proto::kMagic.size());
+  auto version = r.get<uint16_t>();
+  auto status = proto::HandshakeStatus::kOk;
+  if (magic != proto::kMagic)
+    status = proto::HandshakeStatus::kBadMagic;
+  else if (version != proto::kVersion)
+    status = proto::HandshakeStatus::kBadVersion;
+  proto::putHandshake(out_);
+  out_.push_back(static_cast<char>(status));
+  if (status == proto::HandshakeStatus::kOk) {
+    handshaken_ = true;
+    return;
+  }
+  core_.protocolErrors_.fetch_add(1, std::memory_order_relaxed);
+  log::warn("store: closing connection from {}: {}", peer(),
+            status == proto::HandshakeStatus::kBadMagic
+                ? std::string("not a dtrain store client (bad handshake magic)")
+                : fmt::format("client speaks store protocol v{}, this store speaks v{}", version, proto::kVersion));
+  closing_ = true;
+}
+
+void Session::violation(const std::string& message) {
+  core_.protocolErrors_.fetch_add(1, std::memory_order_relaxed);
+  log::warn("store: closing connection from {}: {}", peer(), message);
+  replyBytes(Status::kError, "protocol violation: " + message);
+  closing_ = true;
+}
+
+void Session::flush() {
+  if (writing_ || closed_) return;
+  if (out_.empty()) {
+    if (closing_) close();
+    return;
+  }
+  if (sending_.capacity() > kKeepBuffer) std::string().swap(sending_);
+  sending_.swap(out_);
+  writing_ = true;
+  asio::async_write(socket_, asio::buffer(sending_),
+                    [self = shared_from_this()](const boost::system::error_code& ec, size_t) {
+                      self->writing_ = false;
+                      self->sending_.clear();
+                      if (ec) {
+                        self->close();
+                        return;
+                      }
+                      self->flush();
+                    });
+}
+
+void Session::close() {
+  if (closed_) return;
+  auto self = shared_from_this();  // the registry may hold the last reference
+  closed_ = true;
+  if (parked_) {
+    parked_->cancel();
+    parked_.reset();
+  }
+  boost::system::error_code ec;
+  socket_.close(ec);
+  core_.removeSession(this);
+}
+
+void Session::finishParked(Status status, const std::string* value) {
+  auto self = shared_from_this();
+  parked_.reset();
+  if (value != nullptr)
+    replyBytes(status, *value);
+  else
+    reply(status);
+  // Requests that arrived while parked are answered from a fresh handler, not from inside another session's
+  // mutation (which is where a waiter completes).
+  asio::post(core_.io_, [self] {
+    self->process();
+    self->readMore();
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Replies
+
+void Session::reply(Status status) {
+  size_t start = proto::beginFrame(out_);
+  out_.push_back(static_cast<char>(status));
+  proto::finishFrame(out_, start);
+}
+
+void Session::replyBytes(Status status, std::string_view bytes) {
+  size_t start = proto::beginFrame(out_);
+  out_.push_back(static_cast<char>(status));
+  ByteWriter(out_).putBytes(bytes);
+  proto::finishFrame(out_, start);
+}
+
+void Session::replyInt(int64_t value) {
+  size_t start = proto::beginFrame(out_);
+  out_.push_back(static_cast<char>(Status::kOk));
+  ByteWriter(out_).put<int64_t>(value);
+  proto::finishFrame(out_, start);
+}
+
+void Session::replyBool(bool value) {
+  size_t start = proto::beginFrame(out_);
+  out_.push_back(static_cast<char>(Status::kOk));
+  out_.push_back(value ? 1 : 0);
+  proto::finishFrame(out_, start);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The dispatcher. Request fields (after the u8 op) and the replies of each op:
+//
+//   op           request fields                  reply
+//   PING         -                               kOk
+//   SET          bytes key, bytes value          kOk
+//   GET          bytes key, u64 timeoutMs        kOk bytes value | kTimeout      (parks until the key exists)
+//   TRY_GET      bytes key                       kOk bytes value | kNotFound
+//   ADD          bytes key, i64 delta            kOk i64 newValue
+//   COMPARE_SET  bytes key, bytes expected,      kOk bytes valueAfter
+//                bytes desired
+//   WAIT         keys, u64 timeoutMs             kOk | kTimeout                  (parks until all keys exist)
+//   CHECK        keys                            kOk u8 allExist
+//   DELETE       bytes key                       kOk u8 existed
+//   NUM_KEYS     -                               kOk i64 count
+//   APPEND       bytes key, bytes value          kOk
+//
+// Any op may instead reply kError bytes message (a key or value over the limits of store.h, ADD on a value
+// that is not an integer). A malformed request (unknown op, truncated or trailing bytes) is a violation.
+
+void Session::dispatch(std::string_view body) {
+  core_.requests_.fetch_add(1, std::memory_order_relaxed);
+  ByteReader r(body);
+  Op op = Op::kPing;
+  try {
+    op = static_cast<Op>(r.get<uint8_t>());
+    switch (op) {
+      case Op::kPing: expectEnd(r); reply(Status::kOk); return;
+      case Op::kSet: onSet(r); return;
+      case Op::kGet: onGet(r); return;
+      case Op::kTryGet: onTryGet(r); return;
+      case Op::kAdd: onAdd(r); return;
+      case Op::kCompareSet: onCompareSet(r); return;
+      case Op::kWait: onWait(r); return;
+      case Op::kCheck: onCheck(r); return;
+      case Op::kDelete: onDelete(r); return;
+      case Op::kNumKeys: onNumKeys(r); return;
+      case Op::kAppend: onAppend(r); return;
+    }
+    violation(fmt::format("unknown op {}", static_cast<int>(op)));
+  } catch (const ProtocolError& e) {
+    violation(fmt::format("malformed {} request: {}", body.empty() ? "empty" : proto::opName(op), e.what()));
+  } catch (const Error& e) {
+    replyBytes(Status::kError, e.what());
+  }
+}
+
+void Session::onSet(ByteReader& r) {
+  auto key = r.getBytes();
+  auto value = r.getBytes();
+  expectEnd(r);
+  core_.state_.set(key, value);
+  reply(Status::kOk);
+}
+
+void Session::onGet(ByteReader& r) {
+  auto key = r.getBytes();
+  auto timeoutMs = r.get<uint64_t>();
+  expectEnd(r);
+  checkKey(key);
+  if (const auto* value = core_.state_.find(key)) {
+    replyBytes(Status::kOk, *value);
+  } else if (timeoutMs == 0) {
+    reply(Status::kTimeout);
+  } else {
+    park(true, {std::string(key)}, timeoutMs);
+  }
+}
+
+void Session::onTryGet(ByteReader& r) {
+  auto key = r.getBytes();
+  expectEnd(r);
+  checkKey(key);
+  if (const auto* value = core_.state_.find(key))
+    replyBytes(Status::kOk, *value);
+  else
+    reply(Status::kNotFound);
+}
+
+void Session::onAdd(ByteReader& r) {
+  auto key = r.getBytes();
+  auto delta = r.get<int64_t>();
+  expectEnd(r);
+  replyInt(core_.state_.add(key, delta));
+}
+
+void Session::onCompareSet(ByteReader& r) {
+  auto key = r.getBytes();
+  auto expected = r.getBytes();
+  auto desired = r.getBytes();
+  expectEnd(r);
+  replyBytes(Status::kOk, core_.state_.compareSet(key, expected, desired));
+}
+
+void Session::onWait(ByteReader& r) {
+  auto keys = getKeys(r);
+  auto timeoutMs = r.get<uint64_t>();
+  expectEnd(r);
+  for (const auto& k : keys) checkKey(k);
+  if (core_.state_.firstMissing(keys) == nullptr)
+    reply(Status::kOk);
+  else if (timeoutMs == 0)
+    reply(Status::kTimeout);
+  else
+    park(false, std::move(keys), timeoutMs);
+}
+
+void Session::onCheck(ByteReader& r) {
+  auto keys = getKeys(r);
+  expectEnd(r);
+  replyBool(core_.state_.firstMissing(keys) == nullptr);
+}
+
+void Session::onDelete(ByteReader& r) {
+  auto key = r.getBytes();
+  expectEnd(r);
+  replyBool(core_.state_.remove(key));
+}
+
+void Session::onNumKeys(ByteReader& r) {
+  expectEnd(r);
+  replyInt(core_.state_.numKeys());
+}
+
+void Session::onAppend(ByteReader& r) {
+  auto key = r.getBytes();
+  auto value = r.getBytes();
+  expectEnd(r);
+  core_.state_.append(key, value);
+  reply(Status::kOk);
+}
+
+void Session::park(bool isGet, std::vector<std::string> keys, uint64_t timeoutMs) {
+  parked_ = std::make_shared<Waiter>(*this, core_, isGet, std::move(keys));
+  parked_->arm(std::chrono::milliseconds(std::min(timeoutMs, proto::kMaxWaitMillis)));
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Waiter
+
+Waiter::Waiter(Session& session, TcpStoreServer::Impl& core, bool isGet, std::vector<std::string> keys)
+    : session_(session), core_(core), isGet_(isGet), keys_(std::move(keys)), timer_(core.io_) {
+  core_.waiters_.fetch_add(1, std::memory_order_relaxed);
+}
+
+void Waiter::arm(std::chrono::milliseconds timeout) {
+  watching_ = *core_.state_.firstMissing(keys_);
+  core_.state_.watch(watching_, shared_from_this());
+  timer_.expires_after(timeout);
+  timer_.async_wait([self = shared_from_this()](const boost::system::error_code& ec) {
+    if (!ec && !self->done_) self->onTimeout();
+  });
+}
+
+void Waiter::onKeyChanged() {
+  if (done_) return;
+  const auto* missing = core_.state_.firstMissing(keys_);
+  if (missing == nullptr) {
+    complete();
+    return;
+  }
+  watching_ = *missing;
+  core_.state_.watch(watching_, shared_from_this());
+}
+
+void Waiter::complete() {
+  done_ = true;
+  core_.waiters_.fetch_sub(1, std::memory_order_relaxed);
+  timer_.cancel();
+  if (isGet_)
+    session_.finishParked(Status::kOk, core_.state_.find(keys_.front()));
+  else
+    session_.finishParked(Status::kOk, nullptr);
+}
+
+void Waiter::onTimeout() {
+  done_ = true;
+  core_.waiters_.fetch_sub(1, std::memory_order_relaxed);
+  core_.state_.unwatch(watching_, this);
+  session_.finishParked(Status::kTimeout, nullptr);
+}
+
+void Waiter::cancel() {
+  if (done_) return;
+  done_ = true;
+  core_.waiters_.fetch_sub(1, std::memory_order_relaxed);
+  core_.state_.unwatch(watching_, this);
+  timer_.cancel();
+}
+
+}  // namespace dtrain::rendezvous

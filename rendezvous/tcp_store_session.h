@@ -1,0 +1,138 @@
+// Internals of the TCP store server (tcp_store_server.h), shared by its two source files: the server core
+// (listener, io thread, session registry) and a Session (one client connection: framing, dispatch, waiters).
+// Not a public header: everything here runs on the server's single io thread unless stated otherwise.
+#pragma once
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/steady_timer.hpp>
+
+#include <atomic>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "lib/common/bytes.h"
+#include "rendezvous/store_protocol.h"
+#include "rendezvous/store_state.h"
+#include "rendezvous/tcp_store_server.h"
+
+namespace dtrain::rendezvous {
+
+namespace asio = boost::asio;
+
+class Session;
+
+class TcpStoreServer::Impl {
+ public:
+  explicit Impl(const TcpStoreServerOptions& options);
+  ~Impl();
+  void run();   // io thread body
+  void stop();  // any thread; idempotent
+
+  // Called by sessions (io thread).
+  void removeSession(Session* session);
+
+  // Members the sessions use directly (io thread only, except the atomics).
+  asio::io_context io_{1};  // hint: one thread runs it
+  StoreState state_;
+  std::atomic<uint64_t> accepted_{0}, open_{0}, requests_{0}, protocolErrors_{0}, waiters_{0};
+
+  std::string host_;
+  uint16_t port_ = 0;
+  bool v6_ = false;
+
+ private:
+  void armAccept();
+  void acceptReady();
+  void shutdownAll();
+
+  asio::ip::tcp::acceptor acceptor_{io_};
+  asio::steady_timer acceptRetry_{io_};
+  std::unordered_map<Session*, std::shared_ptr<Session>> sessions_;
+  std::thread thread_;
+  std::mutex stopMu_;
+};
+
+class Waiter;
+
+// One client connection. Reads whole frames into one buffer and answers them in order; output is batched into
+// one write per read burst. A GET/WAIT that cannot be answered parks the session (it keeps reading, to notice a
+// disconnect, but answers nothing else) until its Waiter completes or times out, so replies stay in order.
+class Session : public std::enable_shared_from_this<Session> {
+ public:
+  Session(asio::ip::tcp::socket socket, TcpStoreServer::Impl& core);
+  void start();
+  void close();
+  // The parked request is answered: kOk with the value (GET) or without (WAIT, value null), or kTimeout.
+  void finishParked(proto::Status status, const std::string* value);
+
+ private:
+  void readMore();
+  void onRead(const boost::system::error_code& ec, size_t n);
+  void process();
+  void handshake(std::string_view hello);
+  void dispatch(std::string_view body);
+  void violation(const std::string& message);
+  void flush();
+  std::string peer();
+
+  // Replies (append one frame to out_).
+  void reply(proto::Status status);
+  void replyBytes(proto::Status status, std::string_view bytes);
+  void replyInt(int64_t value);
+  void replyBool(bool value);
+
+  // One handler per op; each parses all its fields first (a truncated field is a violation), then acts.
+  void onSet(ByteReader& r);
+  void onGet(ByteReader& r);
+  void onTryGet(ByteReader& r);
+  void onAdd(ByteReader& r);
+  void onCompareSet(ByteReader& r);
+  void onWait(ByteReader& r);
+  void onCheck(ByteReader& r);
+  void onDelete(ByteReader& r);
+  void onNumKeys(ByteReader& r);
+  void onAppend(ByteReader& r);
+  void park(bool isGet, std::vector<std::string> keys, uint64_t timeoutMs);
+
+  asio::ip::tcp::socket socket_;
+  TcpStoreServer::Impl& core_;
+  std::vector<char> in_;
+  size_t begin_ = 0, end_ = 0;  // unconsumed bytes are in_[begin_, end_)
+  size_t need_ = 0;             // size of the incomplete frame at begin_, when known
+  std::string out_, sending_;
+  bool handshaken_ = false;
+  bool reading_ = false, writing_ = false;
+  bool closing_ = false;  // answer what is queued, then close (after a protocol violation)
+  bool closed_ = false;
+  std::shared_ptr<Waiter> parked_;
+};
+
+// A parked GET (one key) or WAIT (several keys): watches one missing key at a time (see store_state.h) and
+// owns the timer that answers kTimeout.
+class Waiter : public StoreState::Watcher, public std::enable_shared_from_this<Waiter> {
+ public:
+  Waiter(Session& session, TcpStoreServer::Impl& core, bool isGet, std::vector<std::string> keys);
+  void arm(std::chrono::milliseconds timeout);
+  void onKeyChanged() override;
+  void cancel();  // the session is closing
+
+ private:
+  void complete();
+  void onTimeout();
+
+  Session& session_;
+  TcpStoreServer::Impl& core_;
+  bool isGet_;
+  std::vector<std::string> keys_;
+  std::string watching_;
+  asio::steady_timer timer_;
+  bool done_ = false;
+};
+
+}  // namespace dtrain::rendezvous

@@ -1,0 +1,94 @@
+// `dtrain store` and `dtrain bench store` as a user runs them: real processes, stdout lines, exit codes.
+#include <doctest/doctest.h>
+
+#include <signal.h>
+
+#include <algorithm>
+
+#include "lib/common/error.h"
+#include "rendezvous/tcp_store_client.h"
+#include "tests/support/process.h"
+
+using namespace dtrain;
+using namespace dtrain::testing;
+using namespace std::chrono_literals;
+
+namespace {
+
+// "dtrain store listening on 127.0.0.1:41234" -> 41234
+int portFromLine(const std::string& line) {
+  auto colon = line.rfind(':');
+  REQUIRE(colon != std::string::npos);
+  return std::stoi(line.substr(colon + 1));
+}
+
+}  // namespace
+
+TEST_CASE("dtrain store: port 0, serves clients, second instance on the port exits 5, SIGTERM exits 0") {
+  Background store({dtrainBinary(), "store", "--host", "127.0.0.1", "--port", "0"});
+  auto line = store.waitForLine("dtrain store listening on", 20s);
+  CHECK(line.rfind("dtrain store listening on 127.0.0.1:", 0) == 0);
+  int port = portFromLine(line);
+  REQUIRE(port > 0);
+
+  auto client = rendezvous::connectStore("127.0.0.1:" + std::to_string(port), 10s);
+  client->set("k", "v");
+  CHECK(client->get("k", 5s) == "v");
+  CHECK(client->add("n", 3) == 3);
+
+  auto second = run({dtrainBinary(), "store", "--host", "127.0.0.1", "--port", std::to_string(port)},
+                    RunOptions{.timeout = 20s});
+  CHECK(second.exitCode == static_cast<int>(ExitCode::kAddressInUse));
+  CHECK(second.out.empty());
+  CHECK(second.err.find("127.0.0.1:" + std::to_string(port)) != std::string::npos);
+  CHECK(second.err.find("Address already in use") != std::string::npos);
+  // One clear line, no more.
+  CHECK(std::count(second.err.begin(), second.err.end(), '\n') == 1);
+
+  store.signal(SIGTERM);
+  auto result = store.wait(20s);
+  CHECK_FALSE(result.timedOut);
+  CHECK(result.exitCode == 0);
+  // stdout held exactly the one listening line.
+  CHECK(result.out == line + "\n");
+  // The connected client now sees the store gone, not a hang.
+  CHECK_THROWS_AS(client->set("k", "again"), NetworkError);
+}
+
+TEST_CASE("dtrain store: SIGINT stops it too, --quiet keeps the listening line") {
+  Background store({dtrainBinary(), "store", "--host", "127.0.0.1", "--port", "0", "--quiet"});
+  auto line = store.waitForLine("dtrain store listening on", 20s);
+  store.signal(SIGINT);
+  auto result = store.wait(20s);
+  CHECK(result.exitCode == 0);
+  CHECK(result.err.empty());  // quiet: no info lines
+}
+
+TEST_CASE("dtrain store: a bad port is a usage error") {
+  auto r = run({dtrainBinary(), "store", "--port", "70000"}, RunOptions{.timeout = 20s});
+  CHECK(r.exitCode == static_cast<int>(ExitCode::kUsage));
+}
+
+TEST_CASE("dtrain bench store prints throughput against a standalone store") {
+  Background store({dtrainBinary(), "store", "--host", "127.0.0.1", "--port", "0", "--quiet"});
+  int port = portFromLine(store.waitForLine("dtrain store listening on", 20s));
+  auto r = run({dtrainBinary(), "bench", "store", "--store", "127.0.0.1:" + std::to_string(port), "--clients",
+                "4", "--seconds", "0.2"},
+               RunOptions{.timeout = 60s});
+  CHECK(r.exitCode == 0);
+  CHECK(r.out.find("4 clients") != std::string::npos);
+  CHECK(r.out.find("\nset ") != std::string::npos);
+  CHECK(r.out.find("\nget ") != std::string::npos);
+  CHECK(r.out.find("\ntotal ") != std::string::npos);
+  // The bench removed its keys from the shared store.
+  auto client = rendezvous::connectStore("127.0.0.1:" + std::to_string(port), 10s);
+  CHECK(client->numKeys() == 0);
+}
+
+TEST_CASE("dtrain bench store: an unreachable store is a rendezvous error naming it") {
+  auto r = run({dtrainBinary(), "bench", "store", "--store", "127.0.0.1:1", "--clients", "1", "--seconds", "0.1",
+                "--connect-timeout", "300ms"},
+               RunOptions{.timeout = 60s});
+  CHECK(r.exitCode == static_cast<int>(ExitCode::kRendezvous));
+  CHECK(r.err.find("127.0.0.1:1") != std::string::npos);
+}

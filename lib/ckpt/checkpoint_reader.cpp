@@ -60,15 +60,20 @@ std::string checkFinal(CheckpointInfo& info, bool verify) {
   json marker, manifest;
   try {
     marker = json::parse(readWholeFile(dir / kMarkerFile));
-    manifest = json::parse(manifestText);
   } catch (const std::exception& e) {
-    return fmt::format("COMMITTED or manifest.json unreadable: {}", e.what());
+    return fmt::format("COMMITTED marker unreadable: {}", e.what());
   }
+  // The marker pins the manifest: any change to it (or a manifest from another commit) shows here.
   const uint32_t manifestCrc = crc32Of(manifestText);
   const std::string want = marker.is_object() ? marker.value("manifest_crc32", "") : "";
   if (want != crcHex(manifestCrc))
     return fmt::format("manifest.json crc32 {} does not match the COMMITTED marker's {}", crcHex(manifestCrc),
                        want.empty() ? "(none)" : want);
+  try {
+    manifest = json::parse(manifestText);
+  } catch (const std::exception& e) {
+    return fmt::format("manifest.json unreadable: {}", e.what());
+  }
   if (!manifest.is_object() || !manifest.contains("files") || !manifest["files"].is_array())
     return "manifest.json has no file list";
   info.files.clear();

@@ -79,6 +79,7 @@ struct FileSink::Impl {
   int fd = -1;
   std::atomic<bool> direct{false};  // the I/O thread may turn it off
   bool finished = false;
+  bool regular = false;  // a regular file, which an abandoned sink removes
 
   // Caller-side state.
   std::vector<AlignedBuffer> buffers;
@@ -190,14 +191,18 @@ FileSink::FileSink(std::filesystem::path path, Options options) : impl_(std::mak
   }
   if (impl_->fd < 0) impl_->fd = ::open(impl_->path.c_str(), flags, 0644);
   if (impl_->fd < 0) fail(impl_->path, "open", errno);
+  struct stat st {};
+  impl_->regular = ::fstat(impl_->fd, &st) == 0 && S_ISREG(st.st_mode);
 }
 
 FileSink::~FileSink() {
   if (!impl_ || impl_->finished) return;
   impl_->stopThread();
   if (impl_->fd >= 0) ::close(impl_->fd);
-  std::error_code ec;
-  std::filesystem::remove(impl_->path, ec);
+  if (impl_->regular) {  // never unlink a device or fifo someone pointed us at
+    std::error_code ec;
+    std::filesystem::remove(impl_->path, ec);
+  }
 }
 
 bool FileSink::usingDirectIO() const { return impl_->direct; }

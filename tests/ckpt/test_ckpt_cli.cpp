@@ -1,0 +1,88 @@
+// `dtrain ckpt list|inspect` as a user runs them: output, JSON and exit codes.
+#include <doctest/doctest.h>
+
+#include <filesystem>
+
+#include "tests/ckpt/ckpt_fixtures.h"
+
+using namespace dtrain;
+using namespace dtrain::testing;
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+RunResult ckpt(const std::vector<std::string>& args) {
+  std::vector<std::string> argv = {dtrainBinary(), "ckpt"};
+  argv.insert(argv.end(), args.begin(), args.end());
+  return run(argv, {.timeout = std::chrono::seconds(30)});
+}
+}  // namespace
+
+TEST_CASE("dtrain ckpt list shows every checkpoint newest first with its status") {
+  const auto root = freshRoot("cli-list");
+  writeCheckpoint(root, 100);
+  const auto bad = writeCheckpoint(root, 200);
+  fs::resize_file(bad / "rank-1.json", 3);
+  ckpt::CheckpointWriter(root, 300, "abc").writeJson("rank-0.json", {});
+
+  auto r = ckpt({"list", root.string()});
+  CHECK(r.exitCode == 0);
+  INFO(r.out);
+  INFO(r.err);
+  const auto header = r.out.find("STEP");
+  const auto s300 = r.out.find("300");
+  const auto s200 = r.out.find("200");
+  const auto s100 = r.out.find("100");
+  REQUIRE(header != std::string::npos);
+  CHECK(header < s300);
+  CHECK(s300 < s200);
+  CHECK(s200 < s100);
+  CHECK(r.out.find("staging: not committed") != std::string::npos);
+  CHECK(r.out.find("corrupt: rank-1.json has 3 bytes, the manifest says") != std::string::npos);
+  CHECK(r.out.find("complete (verified)") != std::string::npos);
+
+  auto j = ckpt({"list", root.string(), "--json", "--no-verify"});
+  CHECK(j.exitCode == 0);
+  auto list = json::parse(j.out);
+  REQUIRE(list.size() == 3);
+  CHECK(list[2]["status"] == "complete");
+  CHECK(list[2]["meta"]["world_size"] == 2);
+  CHECK(list[2]["checksums_verified"] == false);
+}
+
+TEST_CASE("dtrain ckpt inspect shows meta, files and tensors of the newest valid checkpoint") {
+  const auto root = freshRoot("cli-inspect");
+  writeCheckpoint(root, 100, "feedface");
+  auto r = ckpt({"inspect", root.string()});
+  CHECK(r.exitCode == 0);
+  INFO(r.out);
+  CHECK(r.out.find("step-000000100") != std::string::npos);
+  CHECK(r.out.find("status       complete (verified)") != std::string::npos);
+  CHECK(r.out.find("spec hash    feedface") != std::string::npos);
+  CHECK(r.out.find("world size   2") != std::string::npos);
+  CHECK(r.out.find("model.safetensors: 1 tensors, 3000 elements") != std::string::npos);
+  CHECK(r.out.find("0.weight  F32   [3, 1000]") != std::string::npos);
+
+  auto file = ckpt({"inspect", (root / "step-000000100" / "model.safetensors").string()});
+  CHECK(file.exitCode == 0);
+  CHECK(file.out.find("0.weight  F32   [3, 1000]") != std::string::npos);
+
+  auto j = ckpt({"inspect", (root / "step-000000100").string(), "--json"});
+  CHECK(j.exitCode == 0);
+  auto info = json::parse(j.out);
+  CHECK(info["meta"]["step"] == 100);
+  CHECK(info["safetensors"]["model.safetensors"]["tensors"][0]["shape"] == json::array({3, 1000}));
+}
+
+TEST_CASE("dtrain ckpt: missing and empty directories") {
+  auto missing = ckpt({"list", "/nonexistent/dtrain-ckpt"});
+  CHECK(missing.exitCode == 3);
+  CHECK(missing.err.find("/nonexistent/dtrain-ckpt: no such file or directory") != std::string::npos);
+  const auto empty = fs::path(tempDir("cli-empty"));
+  auto none = ckpt({"list", empty.string()});
+  CHECK(none.exitCode == 0);
+  CHECK(none.out == "no checkpoints in " + empty.string() + "\n");
+  auto inspect = ckpt({"inspect", empty.string()});
+  CHECK(inspect.exitCode == 8);
+  CHECK(inspect.err.find("no checkpoints here") != std::string::npos);
+}

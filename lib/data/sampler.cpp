@@ -45,9 +45,13 @@ void DistributedSampler::setEpoch(int64_t epoch, int64_t startSample) {
   epochOrder(n, options_.shuffle, options_.seed, epoch, order_);
   indices_.clear();
   indices_.reserve(static_cast<size_t>((total_ + world - 1) / world));
-  // Position p of the padded rest is rest[p % rest]: PyTorch repeats the list's start as often as needed.
-  for (int64_t p = rank; p < total_; p += world)
-    indices_.push_back(order_[static_cast<size_t>(startSample + p % rest)]);
+  // Padding repeats the epoch order from its start, as often as needed (PyTorch: indices += indices[:padding]).
+  // Taking it from the order's start, not from the rest's, keeps a same-world resume identical to an uninterrupted
+  // epoch: the resume position is then a multiple of the world, so the rest needs exactly the same padding.
+  for (int64_t q = rank; q < total_; q += world) {
+    const int64_t at = q < rest ? startSample + q : (q - rest) % n;
+    indices_.push_back(order_[static_cast<size_t>(at)]);
+  }
 }
 
 int64_t DistributedSampler::position(int64_t localTaken) const {

@@ -7,9 +7,11 @@
 // semantics are the same: same seed and epoch give the same order on every rank and every machine.
 //
 // Resume: `startSample` is how many entries of the epoch's order the group already consumed (possibly at another
-// world size). Only the rest, order[startSample:], is shared out over the *current* world: padded by repeating
-// its own start (PyTorch's rule) to a multiple of the world size, or cut down to one with dropLast, or (pad=false,
-// for evaluation) left uneven so every sample is seen exactly once. Rank r takes rest[r::world]. After every rank
+// world size). Only the rest, order[startSample:], is shared out over the *current* world: padded to a multiple of
+// the world size by repeating the epoch order from its start (PyTorch's rule), or cut down to one with dropLast, or
+// (pad=false, for evaluation) left uneven so every sample is seen exactly once. Rank r takes rest[r::world]. A
+// resume at the same world size therefore yields exactly the indices the uninterrupted epoch had left, padding
+// included (bit-identical resume). After every rank
 // has taken k samples, the group has consumed exactly the prefix rest[0 : k*world] (position() below), so a
 // checkpoint storing that position resumes with no sample of the epoch skipped and none seen twice (padding
 // aside), whatever the next world size is.

@@ -135,6 +135,23 @@ TEST_CASE("resume at the same world size covers the rest of the epoch exactly on
   for (int64_t i = 0; i < n; ++i) REQUIRE(seen.count(i) == 1);
 }
 
+TEST_CASE("resume at the same world size with padding is identical to the uninterrupted epoch") {
+  const int64_t n = 103;  // not divisible: 1 padding entry at world 4, 5 at world 6
+  for (int world : {4, 6}) {
+    CAPTURE(world);
+    auto full = shards(n, world, true, 2, 3);
+    for (int64_t taken : {int64_t{0}, int64_t{1}, int64_t{10}, static_cast<int64_t>(full[0].size()) - 1}) {
+      CAPTURE(taken);
+      DistributedSampler probe({.datasetSize = n, .rank = 0, .worldSize = world, .seed = 2, .epoch = 3});
+      auto rest = shards(n, world, true, 2, 3, probe.position(taken));
+      for (int r = 0; r < world; ++r) {
+        const auto& f = full[static_cast<size_t>(r)];
+        CHECK(std::vector<int64_t>(f.begin() + taken, f.end()) == rest[static_cast<size_t>(r)]);
+      }
+    }
+  }
+}
+
 TEST_CASE("resume at a different world size covers the rest of the epoch exactly once") {
   const int64_t n = 1001;
   for (auto [before, after] : {std::pair{4, 3}, std::pair{2, 5}, std::pair{3, 1}}) {

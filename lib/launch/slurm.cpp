@@ -180,8 +180,8 @@ SlurmPlan detectSlurm(const Environment& env) {
   if (multiNodeOutsideStep) {
     // A single agent here would wait forever for the other nodes: use this node only and say how to use all.
     p.notes.push_back(fmt::format(
-        "dtrain run is running outside srun in a {}-node allocation ({}={}), so it uses this node only; to use "
-        "every node run it as a step: srun --nodes={} --ntasks={} --ntasks-per-node=1 dtrain run ...",
+        "outside srun in a {}-node allocation ({}={}) only this node takes part; to use every node, run dtrain "
+        "as a step: srun --nodes={} --ntasks={} --ntasks-per-node=1 dtrain run ...",
         *nnodes.value, nnodes.from, *nnodes.value, *nnodes.value, *nnodes.value));
     nnodes = {};
     nodeRank = {};

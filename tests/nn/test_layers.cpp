@@ -1,0 +1,307 @@
+// Every layer: forward values against independent references (hand values, naive loops), and
+// finite-difference checks of the input gradient and every parameter gradient.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "lib/nn/layer.h"
+#include "lib/nn/spec.h"
+
+using namespace dtrain::nn;
+using nlohmann::json;
+
+namespace {
+
+enum class Inputs { kSmooth, kAwayFromZero, kDistinct };
+
+// One layer with its own parameter/gradient arenas, a random input and a random upstream gradient r, so the
+// scalar objective L = sum(y * r) has dL/dy = r.
+struct Harness {
+  Harness(const json& layer, std::vector<int64_t> input, int batch, Inputs kind = Inputs::kSmooth)
+      : batch(batch) {
+    spec = parseModelSpec(json{{"input", input}, {"layers", json::array({layer})}}, "", "/model").layers[0];
+    impl = makeLayer(spec, batch, 7);
+    size_t count = 0;
+    for (const auto& p : impl->paramShapes()) count += static_cast<size_t>(p.shape.numel());
+    params.assign(count, 0.0f);
+    grads.assign(count, 0.0f);
+    impl->bind(params.data(), grads.data());
+    InitRng init(11);
+    impl->initParams(init);
+    std::mt19937 rng(3);
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    // Move parameters off their initial values (layernorm starts at 1 and 0) so every term is exercised.
+    for (float& p : params) p += 0.3f * u(rng);
+    const size_t nx = static_cast<size_t>(batch * spec.input.numel());
+    x.resize(nx);
+    if (kind == Inputs::kDistinct) {
+      // Distinct values 0.05 apart: the max of a window changes only for steps far above the FD step.
+      std::vector<int> order(nx);
+      std::iota(order.begin(), order.end(), 0);
+      std::shuffle(order.begin(), order.end(), rng);
+      for (size_t i = 0; i < nx; ++i) x[i] = 0.05f * static_cast<float>(order[i]) - 1.0f;
+    } else {
+      for (float& v : x) {
+        float s = u(rng);
+        v = kind == Inputs::kAwayFromZero ? std::copysign(0.1f + 0.9f * std::fabs(s), s) : 2.0f * s;
+      }
+    }
+    y.assign(static_cast<size_t>(batch * spec.output.numel()), 0.0f);
+    r.resize(y.size());
+    for (float& v : r) v = u(rng);
+    dx.assign(nx, 0.0f);
+  }
+
+  double objective(bool train) {
+    if (reseed) impl->reseed(5);
+    impl->forward(x.data(), y.data(), batch, train);
+    double s = 0;
+    for (size_t i = 0; i < y.size(); ++i) s += static_cast<double>(y[i]) * r[i];
+    return s;
+  }
+
+  void analytic(bool train) {
+    objective(train);
+    impl->backward(x.data(), y.data(), r.data(), dx.data(), batch, false);
+  }
+
+  // Central differences of L against the analytic gradients of x and of every parameter.
+  void checkGradients(double h, bool train = false) {
+    analytic(train);
+    const std::vector<float> dxA = dx, gradsA = grads;
+    auto numeric = [&](std::vector<float>& v, size_t i) {
+      const float saved = v[i];
+      v[i] = saved + static_cast<float>(h);
+      const double plus = objective(train);
+      v[i] = saved - static_cast<float>(h);
+      const double minus = objective(train);
+      v[i] = saved;
+      return (plus - minus) / (2 * h);
+    };
+    auto close = [](double num, double ana) { return std::fabs(num - ana) <= 2e-3 + 1e-2 * std::fabs(ana); };
+    int bad = 0;
+    for (size_t i = 0; i < x.size(); ++i) {
+      double num = numeric(x, i);
+      if (!close(num, dxA[i]) && bad++ < 5) FAIL_CHECK("dx[" << i << "]: numeric " << num << " analytic " << dxA[i]);
+    }
+    for (size_t i = 0; i < params.size(); ++i) {
+      double num = numeric(params, i);
+      if (!close(num, gradsA[i]) && bad++ < 5) {
+        FAIL_CHECK("dparam[" << i << "]: numeric " << num << " analytic " << gradsA[i]);
+      }
+    }
+    CHECK(bad == 0);
+  }
+
+  int batch;
+  bool reseed = false;
+  LayerSpec spec;
+  std::unique_ptr<Layer> impl;
+  std::vector<float> params, grads, x, y, r, dx;
+};
+
+}  // namespace
+
+TEST_CASE("linear: values, layout [out, in], gradients") {
+  Harness h(json{{"type", "linear"}, {"out", 3}}, {2}, 2);
+  // W = [[1, 2], [3, 4], [5, 6]], b = [0.5, -1, 0]: y = x W^T + b.
+  const std::vector<float> w = {1, 2, 3, 4, 5, 6, 0.5f, -1, 0};
+  std::copy(w.begin(), w.end(), h.params.begin());  // in place: the layer is bound to this storage
+  h.x = {1, -1, 2, 0.5f};
+  h.impl->forward(h.x.data(), h.y.data(), 2, false);
+  CHECK(h.y == std::vector<float>{-0.5f, -2.0f, -1.0f, 3.5f, 7.0f, 13.0f});
+  CHECK(h.impl->paramShapes()[0].shape == Shape{3, 2});
+  Harness g(json{{"type", "linear"}, {"out", 5}}, {7}, 3);
+  g.checkGradients(1e-2);
+  Harness nb(json{{"type", "linear"}, {"out", 4}, {"bias", false}}, {3}, 2);
+  CHECK(nb.params.size() == 12);
+  nb.checkGradients(1e-2);
+}
+
+TEST_CASE("relu, tanh, sigmoid, gelu: values and gradients") {
+  Harness relu(json{{"type", "relu"}}, {4}, 1);
+  relu.x = {-1.0f, 0.5f, 0.0f, 2.0f};
+  relu.impl->forward(relu.x.data(), relu.y.data(), 1, false);
+  CHECK(relu.y == std::vector<float>{0.0f, 0.5f, 0.0f, 2.0f});
+
+  Harness gelu(json{{"type", "gelu"}}, {4}, 1);
+  gelu.x = {1.0f, -0.5f, 2.0f, -3.0f};
+  gelu.impl->forward(gelu.x.data(), gelu.y.data(), 1, false);
+  CHECK(gelu.y[0] == doctest::Approx(0.8413447460685429).epsilon(1e-6));
+  CHECK(gelu.y[1] == doctest::Approx(-0.15426876936299344).epsilon(1e-6));
+  CHECK(gelu.y[2] == doctest::Approx(1.9544997361036416).epsilon(1e-6));
+  CHECK(gelu.y[3] == doctest::Approx(-0.00404969409489031).epsilon(1e-5));
+
+  Harness sig(json{{"type", "sigmoid"}}, {2}, 1);
+  sig.x = {0.0f, 2.0f};
+  sig.impl->forward(sig.x.data(), sig.y.data(), 1, false);
+  CHECK(sig.y[0] == doctest::Approx(0.5));
+  CHECK(sig.y[1] == doctest::Approx(1.0 / (1.0 + std::exp(-2.0))));
+
+  Harness(json{{"type", "relu"}}, {3, 4}, 2, Inputs::kAwayFromZero).checkGradients(1e-3);
+  Harness(json{{"type", "gelu"}}, {10}, 2).checkGradients(1e-2);
+  Harness(json{{"type", "tanh"}}, {2, 5}, 2).checkGradients(1e-2);
+  Harness(json{{"type", "sigmoid"}}, {10}, 2).checkGradients(1e-2);
+  Harness(json{{"type", "flatten"}}, {2, 3, 2}, 2).checkGradients(1e-2);
+}
+
+TEST_CASE("dropout: identity in eval, inverted scaling in training, seeded masks, gradients") {
+  Harness d(json{{"type", "dropout"}, {"p", 0.25}}, {10000}, 1);
+  d.impl->forward(d.x.data(), d.y.data(), 1, false);
+  CHECK(d.y == d.x);
+  d.impl->forward(d.x.data(), d.y.data(), 1, true);
+  size_t zeros = 0;
+  for (size_t i = 0; i < d.y.size(); ++i) {
+    if (d.y[i] == 0.0f) {
+      ++zeros;
+    } else {
+      REQUIRE(d.y[i] == doctest::Approx(d.x[i] / 0.75f));
+    }
+  }
+  CHECK(zeros > 2300);  // 2500 expected; the binomial's sd is 43
+  CHECK(zeros < 2700);
+  // A second forward draws a new mask; reseeding repeats one.
+  std::vector<float> first = d.y;
+  d.impl->forward(d.x.data(), d.y.data(), 1, true);
+  CHECK(d.y != first);
+  d.impl->reseed(99);
+  d.impl->forward(d.x.data(), d.y.data(), 1, true);
+  first = d.y;
+  d.impl->reseed(99);
+  d.impl->forward(d.x.data(), d.y.data(), 1, true);
+  CHECK(d.y == first);
+
+  Harness all(json{{"type", "dropout"}, {"p", 1.0}}, {8}, 1);
+  all.impl->forward(all.x.data(), all.y.data(), 1, true);
+  CHECK(all.y == std::vector<float>(8, 0.0f));
+
+  Harness g(json{{"type", "dropout"}, {"p", 0.5}}, {20}, 2);
+  g.reseed = true;
+  g.checkGradients(1e-2, /*train=*/true);
+  g.checkGradients(1e-2, /*train=*/false);
+}
+
+TEST_CASE("layernorm: normalises the last dimension, gradients with and without affine") {
+  Harness h(json{{"type", "layernorm"}}, {2, 4}, 1);
+  std::fill(h.params.begin(), h.params.begin() + 4, 1.0f);
+  std::fill(h.params.begin() + 4, h.params.end(), 0.0f);
+  h.x = {1, 2, 3, 4, 10, 10, 10, 10};
+  h.impl->forward(h.x.data(), h.y.data(), 1, false);
+  const double rstd = 1.0 / std::sqrt(1.25 + 1e-5);
+  CHECK(h.y[0] == doctest::Approx(-1.5 * rstd).epsilon(1e-5));
+  CHECK(h.y[3] == doctest::Approx(1.5 * rstd).epsilon(1e-5));
+  CHECK(h.y[5] == doctest::Approx(0.0));  // a constant row normalises to 0 (eps keeps it finite)
+  CHECK(h.impl->paramShapes()[0].shape == Shape{4});
+
+  InitRng init(1);
+  h.impl->initParams(init);
+  CHECK(h.params == std::vector<float>{1, 1, 1, 1, 0, 0, 0, 0});
+
+  Harness(json{{"type", "layernorm"}}, {3, 6}, 2).checkGradients(1e-2);
+  Harness plain(json{{"type", "layernorm"}, {"affine", false}, {"eps", 1e-3}}, {8}, 3);
+  CHECK(plain.params.empty());
+  plain.checkGradients(1e-2);
+}
+
+namespace {
+
+// Direct convolution from the definition, weight [out, in, kh, kw], NCHW, zero padding.
+std::vector<double> naiveConv(const Harness& h) {
+  const auto& s = h.spec;
+  const int64_t c = s.input[0], hh = s.input[1], ww = s.input[2], o = s.out, oh = s.output[1], ow = s.output[2];
+  std::vector<double> y(static_cast<size_t>(h.batch * o * oh * ow), 0.0);
+  for (int64_t n = 0; n < h.batch; ++n)
+    for (int64_t oc = 0; oc < o; ++oc)
+      for (int64_t oy = 0; oy < oh; ++oy)
+        for (int64_t ox = 0; ox < ow; ++ox) {
+          double acc = s.bias ? h.params[static_cast<size_t>(o * c * s.kernelH * s.kernelW + oc)] : 0.0;
+          for (int64_t ic = 0; ic < c; ++ic)
+            for (int64_t i = 0; i < s.kernelH; ++i)
+              for (int64_t j = 0; j < s.kernelW; ++j) {
+                int64_t iy = oy * s.strideH - s.padH + i, ix = ox * s.strideW - s.padW + j;
+                if (iy < 0 || iy >= hh || ix < 0 || ix >= ww) continue;
+                acc += h.params[static_cast<size_t>(((oc * c + ic) * s.kernelH + i) * s.kernelW + j)] *
+                       h.x[static_cast<size_t>(((n * c + ic) * hh + iy) * ww + ix)];
+              }
+          y[static_cast<size_t>(((n * o + oc) * oh + oy) * ow + ox)] = acc;
+        }
+  return y;
+}
+
+// Direct max pooling with -inf padding.
+std::vector<float> naivePool(const Harness& h) {
+  const auto& s = h.spec;
+  const int64_t c = s.input[0], hh = s.input[1], ww = s.input[2], oh = s.output[1], ow = s.output[2];
+  std::vector<float> y;
+  for (int64_t n = 0; n < h.batch; ++n)
+    for (int64_t ch = 0; ch < c; ++ch)
+      for (int64_t oy = 0; oy < oh; ++oy)
+        for (int64_t ox = 0; ox < ow; ++ox) {
+          float m = -INFINITY;
+          for (int64_t i = 0; i < s.kernelH; ++i)
+            for (int64_t j = 0; j < s.kernelW; ++j) {
+              int64_t iy = oy * s.strideH - s.padH + i, ix = ox * s.strideW - s.padW + j;
+              if (iy >= 0 && iy < hh && ix >= 0 && ix < ww) {
+                m = std::max(m, h.x[static_cast<size_t>(((n * c + ch) * hh + iy) * ww + ix)]);
+              }
+            }
+          y.push_back(m);
+        }
+  return y;
+}
+
+}  // namespace
+
+TEST_CASE("conv2d: matches a direct convolution (stride, padding, channels) and its gradients") {
+  const std::vector<json> configs = {
+      json{{"type", "conv2d"}, {"out", 3}, {"kernel", 3}},
+      json{{"type", "conv2d"}, {"out", 4}, {"kernel", 3}, {"stride", 2}, {"padding", 1}},
+      json{{"type", "conv2d"}, {"out", 2}, {"kernel", {2, 3}}, {"stride", {1, 2}}, {"padding", {1, 0}}, {"bias", false}},
+  };
+  for (const auto& cfg : configs) {
+    INFO(cfg.dump());
+    Harness h(cfg, {2, 6, 7}, 2);
+    CHECK(h.impl->paramShapes()[0].shape == Shape{h.spec.out, 2, h.spec.kernelH, h.spec.kernelW});
+    h.impl->forward(h.x.data(), h.y.data(), 2, false);
+    auto ref = naiveConv(h);
+    for (size_t i = 0; i < ref.size(); ++i) REQUIRE(h.y[i] == doctest::Approx(ref[i]).epsilon(1e-5));
+    h.checkGradients(1e-2);
+  }
+}
+
+TEST_CASE("maxpool2d: matches direct pooling (stride, padding) and routes gradients to the maxima") {
+  const std::vector<json> configs = {
+      json{{"type", "maxpool2d"}, {"kernel", 2}},
+      json{{"type", "maxpool2d"}, {"kernel", 3}, {"stride", 2}, {"padding", 1}},
+      json{{"type", "maxpool2d"}, {"kernel", {2, 3}}, {"stride", 1}},
+  };
+  for (const auto& cfg : configs) {
+    INFO(cfg.dump());
+    Harness h(cfg, {2, 5, 6}, 2, Inputs::kDistinct);
+    h.impl->forward(h.x.data(), h.y.data(), 2, false);
+    CHECK(h.y == naivePool(h));
+    h.checkGradients(1e-3);
+  }
+}
+
+TEST_CASE("backward overwrites or accumulates parameter gradients") {
+  for (const json& cfg : {json{{"type", "linear"}, {"out", 3}}, json{{"type", "layernorm"}}}) {
+    Harness h(cfg, {4}, 2);
+    h.analytic(false);
+    const std::vector<float> once = h.grads;
+    h.impl->backward(h.x.data(), h.y.data(), h.r.data(), nullptr, 2, true);
+    for (size_t i = 0; i < once.size(); ++i) CHECK(h.grads[i] == doctest::Approx(2 * once[i]));
+    h.impl->backward(h.x.data(), h.y.data(), h.r.data(), nullptr, 2, false);
+    for (size_t i = 0; i < once.size(); ++i) CHECK(h.grads[i] == doctest::Approx(once[i]));
+  }
+  Harness c(json{{"type", "conv2d"}, {"out", 2}, {"kernel", 2}}, {1, 3, 3}, 2);
+  c.analytic(false);
+  const std::vector<float> once = c.grads;
+  c.impl->backward(c.x.data(), c.y.data(), c.r.data(), nullptr, 2, true);
+  for (size_t i = 0; i < once.size(); ++i) CHECK(c.grads[i] == doctest::Approx(2 * once[i]));
+}

@@ -1,0 +1,141 @@
+// Losses: values by hand, finite-difference gradients, evaluation sums, label and shape errors.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "lib/common/error.h"
+#include "lib/nn/loss.h"
+
+using namespace dtrain::nn;
+
+namespace {
+
+// Central differences of loss->forward against loss->backward() for every output element.
+template <typename Targets>
+void checkLossGradient(Loss& loss, std::vector<float>& out, const Shape& shape, const Targets& targets) {
+  TensorView view = TensorView::f32(out.data(), shape);
+  loss.forward(view, targets);
+  TensorView g = loss.backward();
+  REQUIRE(g.shape == shape);
+  const std::vector<float> analytic(g.f32(), g.f32() + g.numel());
+  const double h = 1e-2;
+  for (size_t i = 0; i < out.size(); ++i) {
+    const float saved = out[i];
+    out[i] = saved + static_cast<float>(h);
+    const double plus = loss.forward(view, targets);
+    out[i] = saved - static_cast<float>(h);
+    const double minus = loss.forward(view, targets);
+    out[i] = saved;
+    const double num = (plus - minus) / (2 * h);
+    INFO("element " << i);
+    CHECK(std::fabs(num - analytic[i]) <= 1e-4 + 1e-2 * std::fabs(analytic[i]));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("cross_entropy: mean of -log softmax[label], int64 and int32 labels") {
+  auto loss = Loss::create({LossType::kCrossEntropy}, Shape{3}, 4);
+  std::vector<float> logits = {1, 2, 3, 1, 1, 1};
+  std::vector<int64_t> labels = {2, 0};
+  std::vector<int32_t> labels32 = {2, 0};
+  TensorView out = TensorView::f32(logits.data(), Shape{2, 3});
+  // Row 0: log(e + e^2 + e^3) - 3 = 0.40760596; row 1: log 3 = 1.09861229.
+  CHECK(loss->forward(out, TensorView::i64(labels.data(), Shape{2})) == doctest::Approx(0.753109126556245));
+  CHECK(loss->forward(out, TensorView::i32(labels32.data(), Shape{2})) == doctest::Approx(0.753109126556245));
+  // d/dlogits = (softmax - onehot) / N.
+  TensorView g = loss->backward();
+  const double e = std::exp(1.0), z = e + e * e + e * e * e;
+  CHECK(g.f32()[0] == doctest::Approx(e / z / 2));
+  CHECK(g.f32()[2] == doctest::Approx((e * e * e / z - 1) / 2));
+  CHECK(g.f32()[3] == doctest::Approx((1.0 / 3 - 1) / 2));
+  // Scaling for micro-batch accumulation.
+  TensorView g4 = loss->backward(0.25f);
+  CHECK(g4.f32()[2] == doctest::Approx((e * e * e / z - 1) / 8));
+}
+
+TEST_CASE("cross_entropy is stable for large logits and its gradient matches finite differences") {
+  auto loss = Loss::create({LossType::kCrossEntropy}, Shape{2}, 1);
+  std::vector<float> big = {1000.0f, 0.0f};
+  std::vector<int64_t> label = {1};
+  CHECK(loss->forward(TensorView::f32(big.data(), Shape{1, 2}), TensorView::i64(label.data(), Shape{1})) ==
+        doctest::Approx(1000.0));
+
+  auto ce = Loss::create({LossType::kCrossEntropy}, Shape{5}, 3);
+  std::mt19937 rng(1);
+  std::uniform_real_distribution<float> u(-2.0f, 2.0f);
+  std::vector<float> out(15);
+  for (float& v : out) v = u(rng);
+  std::vector<int64_t> labels = {4, 0, 2};
+  checkLossGradient(*ce, out, Shape{3, 5}, TensorView::i64(labels.data(), Shape{3}));
+}
+
+TEST_CASE("mse: mean over all elements, gradient 2 (y - t) / count") {
+  auto loss = Loss::create({LossType::kMse}, Shape{2}, 2);
+  std::vector<float> y = {1, 2, 3, 4};
+  std::vector<float> t = {1, 0, 0, 4};
+  CHECK(loss->forward(TensorView::f32(y.data(), Shape{2, 2}), TensorView::f32(t.data(), Shape{2, 2})) ==
+        doctest::Approx((4.0 + 9.0) / 4));
+  TensorView g = loss->backward();
+  CHECK(std::vector<float>(g.f32(), g.f32() + 4) == std::vector<float>{0.0f, 1.0f, 1.5f, 0.0f});
+
+  auto mse = Loss::create({LossType::kMse}, Shape{3}, 2);
+  std::vector<float> out = {0.5f, -1.0f, 2.0f, 0.1f, 0.2f, -0.3f};
+  std::vector<float> target = {0.0f, 1.0f, 1.0f, -1.0f, 0.5f, 0.0f};
+  checkLossGradient(*mse, out, Shape{2, 3}, TensorView::f32(target.data(), Shape{2, 3}));
+}
+
+TEST_CASE("evaluate returns sums that reduce across ranks") {
+  auto ce = Loss::create({LossType::kCrossEntropy}, Shape{3}, 4);
+  std::vector<float> logits = {1, 2, 3, 5, 1, 1, 0, 0, 9};
+  std::vector<int64_t> labels = {2, 1, 2};
+  TensorView out = TensorView::f32(logits.data(), Shape{3, 3});
+  TensorView lab = TensorView::i64(labels.data(), Shape{3});
+  EvalSums s = ce->evaluate(out, lab);
+  CHECK(s.samples == 3);
+  CHECK(s.lossCount == 3);
+  CHECK(s.correct == 2);
+  CHECK(countCorrect(out, lab) == 2);
+  CHECK(s.lossSum == doctest::Approx(3 * ce->forward(out, lab)).epsilon(1e-6));
+  EvalSums total = s;
+  total += s;
+  CHECK(total.samples == 6);
+  CHECK(total.accuracy() == doctest::Approx(2.0 / 3));
+  CHECK(total.meanLoss() == doctest::Approx(s.meanLoss()));
+
+  auto mse = Loss::create({LossType::kMse}, Shape{2}, 2);
+  std::vector<float> y = {1, 2, 3, 4}, t = {0, 2, 3, 2};
+  EvalSums m = mse->evaluate(TensorView::f32(y.data(), Shape{2, 2}), TensorView::f32(t.data(), Shape{2, 2}));
+  CHECK(m.lossSum == doctest::Approx(5.0));
+  CHECK(m.lossCount == 4);
+  CHECK(m.samples == 2);
+  CHECK(m.correct == 0);
+  CHECK_FALSE(mse->hasAccuracy());
+}
+
+TEST_CASE("loss errors: labels out of range, wrong output shape, wrong target type") {
+  auto ce = Loss::create({LossType::kCrossEntropy}, Shape{10}, 2);
+  std::vector<float> logits(20, 0.0f);
+  std::vector<int64_t> labels = {3, 12};
+  CHECK_THROWS_WITH_AS(ce->forward(TensorView::f32(logits.data(), Shape{2, 10}), TensorView::i64(labels.data(), Shape{2})),
+                       "label 12 of batch row 1 is outside [0, 10) (the model has 10 outputs)", dtrain::ConfigError);
+  CHECK_THROWS_WITH_AS(Loss::create({LossType::kCrossEntropy}, Shape{16, 5, 5}, 2),
+                       "cross_entropy expects model output [N, C] (class logits) but the model gives [N,16,5,5]",
+                       dtrain::ConfigError);
+  CHECK_NOTHROW(ce->checkTargets(Shape{}, DType::kInt64));
+  CHECK_NOTHROW(ce->checkTargets(Shape{1}, DType::kInt32));
+  CHECK_THROWS_WITH_AS(ce->checkTargets(Shape{}, DType::kFloat32),
+                       "cross_entropy needs one integer class label per sample, but the labels are float32 [N]",
+                       dtrain::ConfigError);
+  auto mse = Loss::create({LossType::kMse}, Shape{1}, 2);
+  CHECK_NOTHROW(mse->checkTargets(Shape{}, DType::kFloat32));
+  CHECK_THROWS_WITH_AS(mse->checkTargets(Shape{3}, DType::kFloat32),
+                       "mse needs float32 targets shaped like the model output [N,1], but the targets are float32 [N,3]",
+                       dtrain::ConfigError);
+  // Misuse by the caller (not configuration): a wrong output shape.
+  std::vector<float> wrong(6);
+  CHECK_THROWS_AS(ce->forward(TensorView::f32(wrong.data(), Shape{2, 3}), TensorView::i64(labels.data(), Shape{2})),
+                  dtrain::Error);
+}

@@ -11,7 +11,7 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 
 namespace {
-RunResult ckpt(const std::vector<std::string>& args) {
+RunResult dtrainCkpt(const std::vector<std::string>& args) {
   std::vector<std::string> argv = {dtrainBinary(), "ckpt"};
   argv.insert(argv.end(), args.begin(), args.end());
   return run(argv, {.timeout = std::chrono::seconds(30)});
@@ -25,7 +25,7 @@ TEST_CASE("dtrain ckpt list shows every checkpoint newest first with its status"
   fs::resize_file(bad / "rank-1.json", 3);
   ckpt::CheckpointWriter(root, 300, "abc").writeJson("rank-0.json", {});
 
-  auto r = ckpt({"list", root.string()});
+  auto r = dtrainCkpt({"list", root.string()});
   CHECK(r.exitCode == 0);
   INFO(r.out);
   INFO(r.err);
@@ -41,7 +41,7 @@ TEST_CASE("dtrain ckpt list shows every checkpoint newest first with its status"
   CHECK(r.out.find("corrupt: rank-1.json has 3 bytes, the manifest says") != std::string::npos);
   CHECK(r.out.find("complete (verified)") != std::string::npos);
 
-  auto j = ckpt({"list", root.string(), "--json", "--no-verify"});
+  auto j = dtrainCkpt({"list", root.string(), "--json", "--no-verify"});
   CHECK(j.exitCode == 0);
   auto list = json::parse(j.out);
   REQUIRE(list.size() == 3);
@@ -53,7 +53,7 @@ TEST_CASE("dtrain ckpt list shows every checkpoint newest first with its status"
 TEST_CASE("dtrain ckpt inspect shows meta, files and tensors of the newest valid checkpoint") {
   const auto root = freshRoot("cli-inspect");
   writeCheckpoint(root, 100, "feedface");
-  auto r = ckpt({"inspect", root.string()});
+  auto r = dtrainCkpt({"inspect", root.string()});
   CHECK(r.exitCode == 0);
   INFO(r.out);
   CHECK(r.out.find("step-000000100") != std::string::npos);
@@ -63,11 +63,11 @@ TEST_CASE("dtrain ckpt inspect shows meta, files and tensors of the newest valid
   CHECK(r.out.find("model.safetensors: 1 tensors, 3000 elements") != std::string::npos);
   CHECK(r.out.find("0.weight  F32   [3, 1000]") != std::string::npos);
 
-  auto file = ckpt({"inspect", (root / "step-000000100" / "model.safetensors").string()});
+  auto file = dtrainCkpt({"inspect", (root / "step-000000100" / "model.safetensors").string()});
   CHECK(file.exitCode == 0);
   CHECK(file.out.find("0.weight  F32   [3, 1000]") != std::string::npos);
 
-  auto j = ckpt({"inspect", (root / "step-000000100").string(), "--json"});
+  auto j = dtrainCkpt({"inspect", (root / "step-000000100").string(), "--json"});
   CHECK(j.exitCode == 0);
   auto info = json::parse(j.out);
   CHECK(info["meta"]["step"] == 100);
@@ -75,14 +75,14 @@ TEST_CASE("dtrain ckpt inspect shows meta, files and tensors of the newest valid
 }
 
 TEST_CASE("dtrain ckpt: missing and empty directories") {
-  auto missing = ckpt({"list", "/nonexistent/dtrain-ckpt"});
+  auto missing = dtrainCkpt({"list", "/nonexistent/dtrain-ckpt"});
   CHECK(missing.exitCode == 3);
   CHECK(missing.err.find("/nonexistent/dtrain-ckpt: no such file or directory") != std::string::npos);
   const auto empty = fs::path(tempDir("cli-empty"));
-  auto none = ckpt({"list", empty.string()});
+  auto none = dtrainCkpt({"list", empty.string()});
   CHECK(none.exitCode == 0);
   CHECK(none.out == "no checkpoints in " + empty.string() + "\n");
-  auto inspect = ckpt({"inspect", empty.string()});
+  auto inspect = dtrainCkpt({"inspect", empty.string()});
   CHECK(inspect.exitCode == 8);
   CHECK(inspect.err.find("no checkpoints here") != std::string::npos);
 }

@@ -120,7 +120,7 @@ CheckpointInfo inspectCheckpoint(const fs::path& path, bool verifyChecksums) {
   if (parsed->kind != DirKind::kFinal) {
     info.status = Status::kStaging;
     info.files = listFiles(path, info.bytes);
-    info.reason = parsed->kind == DirKind::kStaging ? "staging: not committed (being written, or its writer died)"
+    info.reason = parsed->kind == DirKind::kStaging ? "not committed (being written, or its writer died)"
                                                     : "leftover of a replaced checkpoint";
     return info;
   }

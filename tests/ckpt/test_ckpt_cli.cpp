@@ -37,7 +37,7 @@ TEST_CASE("dtrain ckpt list shows every checkpoint newest first with its status"
   CHECK(header < s300);
   CHECK(s300 < s200);
   CHECK(s200 < s100);
-  CHECK(r.out.find("staging: not committed") != std::string::npos);
+  CHECK(r.out.find("staging: not committed (being written") != std::string::npos);
   CHECK(r.out.find("corrupt: rank-1.json has 3 bytes, the manifest says") != std::string::npos);
   CHECK(r.out.find("complete (verified)") != std::string::npos);
 

@@ -95,7 +95,7 @@ TensorView Model::forward(const float* x, int batch, bool train) {
   return TensorView::f32(out_.back(), spec_.output().withBatch(batch));
 }
 
-void Model::backward(const TensorView& gradOutput, const LayerGradReady& onLayerGradReady, GradMode mode) {
+void Model::backward(const TensorView& gradOutput, LayerGradReady onLayerGradReady, GradMode mode) {
   DTRAIN_CHECK(lastBatch_ > 0, "backward called before forward");
   const Shape expected = spec_.output().withBatch(lastBatch_);
   DTRAIN_CHECK(gradOutput.dtype == DType::kFloat32 && gradOutput.shape == expected,

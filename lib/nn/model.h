@@ -20,17 +20,18 @@
 //
 // Memory: activations, gradients between layers and each layer's scratch are allocated once at build for
 // maxBatch samples; forward/backward never allocate. A smaller batch (the last one of an epoch) uses the
-// front of the same buffers. The input x and the returned output view stay valid (and x must stay unchanged)
+// front of the same buffers (Eigen's GEMM scratch is placed on the stack, at most 512 KiB per buffer, instead
+// of the heap; see lib/nn/CMakeLists.txt). The input x and the returned output view stay valid (and x must stay unchanged)
 // until the next forward, since backward reads them.
 // Not thread-safe: one thread drives a model. Movable, not copyable; moving keeps the arenas in place.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
-#include <functional>
 #include <memory>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "lib/nn/buffer.h"
@@ -53,7 +54,25 @@ struct ParamRange {
   size_t count = 0;
 };
 
-using LayerGradReady = std::function<void(int layerIndex)>;
+// A non-owning reference to any callable `void(int layerIndex)`: it never allocates (a std::function holding a
+// lambda with several captures would, on every step). The callable must outlive the backward() call, which a
+// lambda written in the call's argument list does.
+class LayerGradReady {
+ public:
+  LayerGradReady() = default;
+  template <typename F>
+    requires(!std::is_same_v<std::remove_cvref_t<F>, LayerGradReady> && std::is_invocable_v<F&, int>)
+  LayerGradReady(F&& f) noexcept  // NOLINT(google-explicit-constructor): lambdas convert implicitly
+      : object_(const_cast<void*>(static_cast<const void*>(std::addressof(f)))),
+        call_([](void* o, int layer) { (*static_cast<std::remove_reference_t<F>*>(o))(layer); }) {}
+
+  explicit operator bool() const noexcept { return call_ != nullptr; }
+  void operator()(int layer) const { call_(object_, layer); }
+
+ private:
+  void* object_ = nullptr;
+  void (*call_)(void*, int) = nullptr;
+};
 
 // kAccumulate adds to the gradients (PyTorch's .grad semantics: call zeroGrad() before each step, or not, to
 // accumulate micro-batches); kOverwrite writes them, which saves the zeroGrad pass when not accumulating.
@@ -75,7 +94,7 @@ class Model {
   TensorView forward(const float* x, int batch, bool train);
   // Back-propagates gradOutput (shape [batch, output...] of the last forward, float32) into grads().
   // Throws dtrain::Error when called without a forward or with a mismatching shape.
-  void backward(const TensorView& gradOutput, const LayerGradReady& onLayerGradReady = {},
+  void backward(const TensorView& gradOutput, LayerGradReady onLayerGradReady = {},
                 GradMode mode = GradMode::kAccumulate);
 
   std::span<float> params() noexcept { return params_.span(); }

@@ -1,8 +1,8 @@
 // Durable file writing for checkpoints: a streaming sink that checksums as it writes, small whole-file writes,
 // directory fsync, and crc32 of an existing file.
 //
-// Why O_DIRECT: on the machines dtrain was measured on, buffered writes + fdatasync reach well under half of the
-// disk's sequential speed (page-cache writeback), while O_DIRECT with large aligned requests reaches it. FileSink
+// Why O_DIRECT: on the machine dtrain was measured on, buffered writes + fdatasync reached 25-90% of the disk's
+// sequential speed (page-cache writeback, varying with load), while O_DIRECT with large aligned requests reaches it. FileSink
 // therefore copies the caller's bytes into 4096-aligned chunks (computing crc32 on the way, in the caller's
 // thread) and a second thread writes full chunks with O_DIRECT, so checksumming and copying overlap the disk.
 // Where O_DIRECT is refused (tmpfs, some network file systems) it falls back to buffered writes transparently.

@@ -157,7 +157,9 @@ std::vector<int64_t> JsonFields::integers(std::string_view key, size_t count, co
       failAt(key, fmt::format("expected {} or a list of {} such values, got {}", expected, count, jsonSnippet(*it)));
     }
     std::vector<int64_t> out;
-    for (size_t i = 0; i < count; ++i) out.push_back(toInteger(fmt::format("{}/{}", pathOf(key), i), (*it)[i], expected, valid));
+    for (size_t i = 0; i < count; ++i) {
+      out.push_back(toInteger(fmt::format("{}/{}", pathOf(key), i), (*it)[i], expected, valid));
+    }
     return out;
   }
   if (!it->is_number_integer()) {

@@ -119,7 +119,8 @@ class Mse final : public Loss {
 
   void checkTargets(const Shape& perSample, DType dtype) const override {
     if (dtype != DType::kFloat32 || perSample.numel() != outputShape_.numel()) {
-      throw ConfigError(fmt::format("mse needs float32 targets shaped like the model output {}, but the targets are {} {}",
+      throw ConfigError(fmt::format("mse needs float32 targets shaped like the model output {}, but the targets are "
+                                    "{} {}",
                                     outputShape_.batchStr(), dtypeName(dtype), perSample.batchStr()));
     }
   }

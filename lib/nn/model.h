@@ -15,13 +15,14 @@
 //
 // Backward runs the layers in reverse and calls onLayerGradReady(k) right after layer k's parameter gradients
 // are final (only for layers that own parameters), so a data-parallel trainer can start all-reducing the
-// slice [layerParamRange(k).offset, end of arena) while layers < k are still back-propagating. The callback
-// runs on the calling thread; it must not touch the model.
+// slice [layerParamRange(k).offset, end of arena) while layers < k are still back-propagating: backward never
+// touches that slice again. The callback runs on the calling thread; it may read grads() and hand slices to
+// another thread, but must not call forward/backward or write below layerParamRange(k).offset.
 //
 // Memory: activations, gradients between layers and each layer's scratch are allocated once at build for
-// maxBatch samples; forward/backward never allocate. A smaller batch (the last one of an epoch) uses the
-// front of the same buffers (Eigen's GEMM scratch is placed on the stack, at most 512 KiB per buffer, instead
-// of the heap; see lib/nn/CMakeLists.txt). The input x and the returned output view stay valid (and x must stay unchanged)
+// maxBatch samples, and forward/backward never allocate: a smaller batch (the last one of an epoch) uses the
+// front of the same buffers, and Eigen's GEMM scratch is placed on the stack (at most 512 KiB per buffer; see
+// lib/nn/CMakeLists.txt). The input x and the returned output view stay valid (and x must stay unchanged)
 // until the next forward, since backward reads them.
 // Not thread-safe: one thread drives a model. Movable, not copyable; moving keeps the arenas in place.
 #pragma once

@@ -168,7 +168,8 @@ OptimizerSpec parseOptimizerSpec(const nlohmann::json& optimizer, const std::str
       const auto& betas = f.at("betas");
       if (!betas.is_array() || betas.size() != 2 || !betas[0].is_number() || !betas[1].is_number() ||
           !betaRange(betas[0].get<double>()) || !betaRange(betas[1].get<double>())) {
-        f.failAt("betas", fmt::format("expected two numbers in [0, 1) such as [0.9, 0.999], got {}", jsonSnippet(betas)));
+        f.failAt("betas",
+                 fmt::format("expected two numbers in [0, 1) such as [0.9, 0.999], got {}", jsonSnippet(betas)));
       }
       s.beta1 = betas[0].get<double>();
       s.beta2 = betas[1].get<double>();

@@ -29,7 +29,8 @@ ScheduleSpec parseScheduleSpec(const nlohmann::json& schedule, const std::string
   } else if (type == "step") {
     f.allowOnly({"type", "step_size", "gamma", "warmup_steps"});
     s.type = ScheduleType::kStep;
-    s.stepSize = f.integer("step_size", "an integer >= 1, counted in optimizer steps", [](int64_t v) { return v >= 1; });
+    s.stepSize =
+        f.integer("step_size", "an integer >= 1, counted in optimizer steps", [](int64_t v) { return v >= 1; });
     s.gamma = f.number("gamma", 0.1, "a number > 0", [](double v) { return v > 0.0; });
   } else {
     f.allowOnly({"type", "T_max", "eta_min", "warmup_steps"});

@@ -107,7 +107,9 @@ int main(int argc, char** argv) {
       flops += 2.0 * batch * static_cast<double>(l.input[0] * l.out) * (first ? 2.0 : 3.0);
       first = false;
     }
-    if (flops > 0) std::printf("linear layers: %.1f GFLOP/s over forward+backward at the minimum\n", flops / (fb.min() * 1e3));
+    if (flops > 0) {
+      std::printf("linear layers: %.1f GFLOP/s over forward+backward at the minimum\n", flops / (fb.min() * 1e3));
+    }
   } catch (const dtrain::Error& e) {
     std::fprintf(stderr, "bench_nn_step: %s\n", e.what());
     return e.exitCode();

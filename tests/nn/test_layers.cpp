@@ -261,7 +261,8 @@ TEST_CASE("conv2d: matches a direct convolution (stride, padding, channels) and 
   const std::vector<json> configs = {
       json{{"type", "conv2d"}, {"out", 3}, {"kernel", 3}},
       json{{"type", "conv2d"}, {"out", 4}, {"kernel", 3}, {"stride", 2}, {"padding", 1}},
-      json{{"type", "conv2d"}, {"out", 2}, {"kernel", {2, 3}}, {"stride", {1, 2}}, {"padding", {1, 0}}, {"bias", false}},
+      json{{"type", "conv2d"}, {"out", 2}, {"kernel", {2, 3}}, {"stride", {1, 2}}, {"padding", {1, 0}},
+           {"bias", false}},
   };
   for (const auto& cfg : configs) {
     INFO(cfg.dump());

@@ -119,7 +119,8 @@ TEST_CASE("loss errors: labels out of range, wrong output shape, wrong target ty
   auto ce = Loss::create({LossType::kCrossEntropy}, Shape{10}, 2);
   std::vector<float> logits(20, 0.0f);
   std::vector<int64_t> labels = {3, 12};
-  CHECK_THROWS_WITH_AS(ce->forward(TensorView::f32(logits.data(), Shape{2, 10}), TensorView::i64(labels.data(), Shape{2})),
+  const TensorView labelView = TensorView::i64(labels.data(), Shape{2});
+  CHECK_THROWS_WITH_AS(ce->forward(TensorView::f32(logits.data(), Shape{2, 10}), labelView),
                        "label 12 of batch row 1 is outside [0, 10) (the model has 10 outputs)", dtrain::ConfigError);
   CHECK_THROWS_WITH_AS(Loss::create({LossType::kCrossEntropy}, Shape{16, 5, 5}, 2),
                        "cross_entropy expects model output [N, C] (class logits) but the model gives [N,16,5,5]",
@@ -132,7 +133,8 @@ TEST_CASE("loss errors: labels out of range, wrong output shape, wrong target ty
   auto mse = Loss::create({LossType::kMse}, Shape{1}, 2);
   CHECK_NOTHROW(mse->checkTargets(Shape{}, DType::kFloat32));
   CHECK_THROWS_WITH_AS(mse->checkTargets(Shape{3}, DType::kFloat32),
-                       "mse needs float32 targets shaped like the model output [N,1], but the targets are float32 [N,3]",
+                       "mse needs float32 targets shaped like the model output [N,1], but the targets are "
+                       "float32 [N,3]",
                        dtrain::ConfigError);
   // Misuse by the caller (not configuration): a wrong output shape.
   std::vector<float> wrong(6);

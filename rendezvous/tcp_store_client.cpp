@@ -24,7 +24,7 @@ using proto::Status;
 namespace {
 
 constexpr uint16_t kDefaultStorePort = 29400;
-constexpr size_t kRecvBuffer = 64 * 1024;
+constexpr size_t kRecvBuffer = 16 * 1024;
 constexpr size_t kKeepBuffer = 1 << 20;
 // How long past a GET/WAIT's own timeout the client waits for the server's TIMEOUT reply before it
 // concludes that the server is unresponsive.
@@ -149,7 +149,7 @@ void TcpStoreClient::handshake(int fd, const Deadline& deadline) {
     if (ready == 0)
       DTRAIN_THROW(ProtocolError,
                    "{} accepted the connection but did not answer the dtrain store handshake within {} ms: "
-                   "is it a dtrain store?",
+                   "not a dtrain store, or a store out of file descriptors (see its log)",
                    address_, options_.connectTimeout.count());
     ssize_t n = ::recv(fd, reply + have, sizeof(reply) - have, 0);
     if (n < 0 && errno == EINTR) continue;

@@ -176,12 +176,20 @@ void TcpStoreServer::Impl::acceptReady() {
       if (err == EAGAIN || err == EWOULDBLOCK) break;
       // Out of descriptors or memory: leave the clients in the backlog and try again shortly, instead of
       // spinning on a listening socket that stays readable.
-      log::warn("store: accept failed: {}; retrying in {} ms", std::strerror(err), kAcceptRetry.count());
+      // Once per streak: a store at its descriptor limit would otherwise log every retry.
+      if (!acceptFailing_)
+        log::warn("store: cannot accept more connections ({}, {} open); retrying every {} ms",
+                  std::strerror(err), open_.load(std::memory_order_relaxed), kAcceptRetry.count());
+      acceptFailing_ = true;
       acceptRetry_.expires_after(kAcceptRetry);
       acceptRetry_.async_wait([this](const boost::system::error_code& e) {
         if (!e) armAccept();
       });
       return;
+    }
+    if (acceptFailing_) {
+      log::info("store: accepting connections again");
+      acceptFailing_ = false;
     }
     int one = 1;
     ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));

@@ -54,6 +54,7 @@ class TcpStoreServer::Impl {
   asio::ip::tcp::acceptor acceptor_{io_};
   asio::steady_timer acceptRetry_{io_};
   std::unordered_map<Session*, std::shared_ptr<Session>> sessions_;
+  bool acceptFailing_ = false;  // accept() ran out of descriptors; logged once until it recovers
   std::thread thread_;
   std::mutex stopMu_;
 };

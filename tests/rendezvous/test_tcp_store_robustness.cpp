@@ -309,3 +309,29 @@ TEST_CASE("store client: a peer that is not a store, or another version, is name
     t.join();
   }
 }
+
+TEST_CASE("store client: a store that stops answering gives TimeoutError, then the connection fails fast") {
+  SilentListener fake;
+  std::thread t([&] {
+    int c = ::accept4(fake.fd, nullptr, nullptr, SOCK_CLOEXEC);
+    if (c < 0) return;
+    char buf[256];
+    (void)!::recv(c, buf, proto::kHandshakeBytes, MSG_WAITALL);
+    std::string ok;
+    proto::putHandshake(ok);
+    ok.push_back(static_cast<char>(proto::HandshakeStatus::kOk));
+    (void)!::send(c, ok.data(), ok.size(), MSG_NOSIGNAL);
+    while (::recv(c, buf, sizeof(buf), 0) > 0) {
+    }  // swallow requests until the client gives up and closes
+    ::close(c);
+  });
+  auto options = clientOptions(fake.port, 5s);
+  options.timeout = 200ms;
+  auto c = TcpStoreClient::connect(options);
+  auto start = Clock::now();
+  CHECK_THROWS_WITH_AS(c->set("k", "v"), doctest::Contains("did not answer within 200 ms (during set('k'))"),
+                       TimeoutError);
+  CHECK(secondsSince(start) >= 0.2);
+  CHECK_THROWS_WITH_AS(c->tryGet("k"), doctest::Contains("unusable after an earlier error"), NetworkError);
+  t.join();  // the client closed its end
+}

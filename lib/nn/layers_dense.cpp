@@ -175,8 +175,11 @@ class Dropout final : public Elementwise {
   }
 
   void reseed(uint64_t seed) override {
-    // A seed fixed in the spec wins, so a user who pins it gets the same masks whatever the run does.
+    // A seed fixed in the spec wins, so a user who pins it gets the same masks whatever the run does: such a
+    // layer is seeded once, at construction, and later reseeds leave its stream alone.
+    if (seeded_ && spec().seed) return;
     engine_.seed(detail::mixSeed(spec().seed.value_or(seed), static_cast<uint64_t>(spec().index)));
+    seeded_ = true;
   }
 
   void forward(const float* x, float* y, int batch, bool train) override {
@@ -209,6 +212,7 @@ class Dropout final : public Elementwise {
  private:
   FloatBuffer mask_;
   std::mt19937_64 engine_;
+  bool seeded_ = false;
   bool masked_ = false;
 };
 

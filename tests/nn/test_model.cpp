@@ -212,6 +212,18 @@ TEST_CASE("dropout in a model: active only in training, reseedable") {
   const auto a = run(true);
   m.reseedDropout(7);
   CHECK(run(true) == a);
+
+  // A layer with its own "seed" ignores reseedDropout: its masks continue their own stream.
+  Model pinned = Model::build(spec({50}, R"([{"type": "dropout", "p": 0.5, "seed": 3}])"), 1, 1);
+  Model twin = Model::build(pinned.spec(), 1, 99);  // another build seed: same masks
+  auto mask = [&](Model& model) {
+    TensorView y = model.forward(x.data(), 1, true);
+    return std::vector<float>(y.f32(), y.f32() + 50);
+  };
+  const auto first = mask(pinned);
+  CHECK(mask(twin) == first);
+  pinned.reseedDropout(5);
+  CHECK(mask(pinned) == mask(twin));  // both on their second mask
 }
 
 TEST_CASE("gradient modes and zeroGrad") {

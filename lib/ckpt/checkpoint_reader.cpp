@@ -109,7 +109,9 @@ std::string checkFinal(CheckpointInfo& info, bool verify) {
 
 }  // namespace
 
-CheckpointInfo inspectCheckpoint(const fs::path& path, bool verifyChecksums) {
+CheckpointInfo inspectCheckpoint(const fs::path& given, bool verifyChecksums) {
+  // "runs/x/step-000000100/" (shell completion) names the same directory.
+  const fs::path path = given.has_filename() ? given : given.parent_path();
   CheckpointInfo info;
   info.path = path;
   const auto parsed = parseDirName(path.filename().string());
@@ -192,8 +194,9 @@ RetentionResult applyRetention(const fs::path& root, int keep) {
   return result;
 }
 
-Checkpoint Checkpoint::open(const fs::path& path) {
-  const CheckpointInfo info = inspectCheckpoint(path, /*verifyChecksums=*/false);
+Checkpoint Checkpoint::open(const fs::path& given) {
+  const CheckpointInfo info = inspectCheckpoint(given, /*verifyChecksums=*/false);
+  const fs::path& path = info.path;
   DTRAIN_CHECK_AS(CheckpointError, info.status == Status::kComplete, "{}: not a complete checkpoint: {}",
                   path.string(), info.reason);
   Checkpoint c;

@@ -33,7 +33,8 @@ json infoToJson(const CheckpointInfo& c) {
 }
 
 // What inspect looks at: a step dir, or the best one under a root.
-fs::path resolve(const fs::path& target) {
+fs::path resolve(const fs::path& given) {
+  const fs::path target = given.has_filename() ? given : given.parent_path();
   DTRAIN_CHECK_AS(CheckpointError, fs::exists(target), "{}: no such file or directory", target.string());
   if (parseDirName(target.filename().string())) return target;
   auto latest = findLatestValid(target);

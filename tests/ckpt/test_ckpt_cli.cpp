@@ -67,6 +67,9 @@ TEST_CASE("dtrain ckpt inspect shows meta, files and tensors of the newest valid
   CHECK(file.exitCode == 0);
   CHECK(file.out.find("0.weight  F32   [3, 1000]") != std::string::npos);
 
+  auto slash = dtrainCkpt({"inspect", (root / "step-000000100").string() + "/"});
+  CHECK(slash.exitCode == 0);
+  CHECK(slash.out == r.out);
   auto j = dtrainCkpt({"inspect", (root / "step-000000100").string(), "--json"});
   CHECK(j.exitCode == 0);
   auto info = json::parse(j.out);

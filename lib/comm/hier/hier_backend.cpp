@@ -1,0 +1,120 @@
+#include "lib/comm/hier/hier_backend.h"
+
+#include <algorithm>
+
+#include "lib/comm/reduce.h"
+#include "lib/comm/shm/shm_backend.h"
+#include "lib/comm/tcp/tcp_backend.h"
+#include "lib/common/error.h"
+
+namespace dtrain::comm::hier {
+
+HierBackend::HierBackend(BackendOptions options) : Backend(std::move(options)) {
+  const int n = size();
+  int localSize = 0;
+  for (int r = 0; r < n; ++r) {
+    const auto node = peers_[static_cast<size_t>(r)].nodeRank;
+    if (node == options_.nodeRank) ++localSize;
+    if (localIndex(r) == 0) leaders_.push_back(r);
+  }
+  BackendOptions local = options_;
+  local.groupName = key(fmt::format("hier/node{}", options_.nodeRank));
+  local.rank = localIndex(rank());
+  local.size = localSize;
+  local.localRank = local.rank;
+  local.localSize = localSize;
+  local_ = std::make_shared<shm::ShmBackend>(local);
+  if (leaders_.size() == 1) return;
+  auto leader = std::find(leaders_.begin(), leaders_.end(), rank());
+  if (leader != leaders_.end()) {
+    BackendOptions across = options_;
+    across.groupName = key("hier/leaders");
+    across.rank = static_cast<int>(leader - leaders_.begin());
+    across.size = static_cast<int>(leaders_.size());
+    across.localRank = 0;
+    across.localSize = 1;
+    leaderGroup_ = std::make_shared<tcp::TcpBackend>(across);
+  }
+  BackendOptions all = options_;
+  all.groupName = key("hier/all");
+  all_ = std::make_shared<tcp::TcpBackend>(all);
+}
+
+HierBackend::~HierBackend() { shutdown(); }
+
+std::shared_ptr<Backend> HierBackend::makeGroup(BackendOptions options) {
+  return std::make_shared<HierBackend>(std::move(options));
+}
+
+// The inner communicators' operations are reached through Backend, whose friend this class is.
+Backend& HierBackend::local() { return *local_; }
+Backend& HierBackend::leaders() { return *leaderGroup_; }
+Backend& HierBackend::all() { return *all_; }
+
+int HierBackend::localIndex(int globalRank) const {
+  const auto node = peers_[static_cast<size_t>(globalRank)].nodeRank;
+  int index = 0;
+  for (int r = 0; r < globalRank; ++r)
+    if (peers_[static_cast<size_t>(r)].nodeRank == node) ++index;
+  return index;
+}
+
+void HierBackend::doAllreduce(void* buf, size_t count, DType dtype, ReduceOp op, const Deadline& deadline) {
+  if (!all_) return local().doAllreduce(buf, count, dtype, op, deadline);
+  // Sum everywhere and divide once at the end: an average over nodes of different sizes must weight ranks,
+  // not nodes.
+  const ReduceOp cop = combiningOp(op);
+  local_->reduceToRoot(buf, count, dtype, cop, 0, deadline);
+  if (leaderGroup_) {
+    leaders().doAllreduce(buf, count, dtype, cop, deadline);
+    if (op == ReduceOp::kAvg) divide(buf, count, dtype, size());
+  }
+  local().doBroadcast(buf, count, dtype, 0, deadline);
+}
+
+void HierBackend::doBroadcast(void* buf, size_t count, DType dtype, int root, const Deadline& deadline) {
+  if (!all_) return local().doBroadcast(buf, count, dtype, root, deadline);
+  const int rootNode = peers_[static_cast<size_t>(root)].nodeRank;
+  const bool onRootNode = options_.nodeRank == rootNode;
+  if (onRootNode) local().doBroadcast(buf, count, dtype, localIndex(root), deadline);
+  if (leaderGroup_) {
+    const int rootLeader = static_cast<int>(std::find_if(leaders_.begin(), leaders_.end(), [&](int r) {
+                                              return peers_[static_cast<size_t>(r)].nodeRank == rootNode;
+                                            }) - leaders_.begin());
+    leaders().doBroadcast(buf, count, dtype, rootLeader, deadline);
+  }
+  if (!onRootNode) local().doBroadcast(buf, count, dtype, 0, deadline);
+}
+
+void HierBackend::doAllgather(const void* in, void* out, size_t countPerRank, DType dtype,
+                              const Deadline& deadline) {
+  if (!all_) return local().doAllgather(in, out, countPerRank, dtype, deadline);
+  all().doAllgather(in, out, countPerRank, dtype, deadline);
+}
+
+void HierBackend::doReduceScatter(const void* in, void* out, size_t countPerRank, DType dtype, ReduceOp op,
+                                  const Deadline& deadline) {
+  if (!all_) return local().doReduceScatter(in, out, countPerRank, dtype, op, deadline);
+  all().doReduceScatter(in, out, countPerRank, dtype, op, deadline);
+}
+
+void HierBackend::doSend(const void* buf, size_t bytes, int peer, const Deadline& deadline) {
+  if (peers_[static_cast<size_t>(peer)].nodeRank == options_.nodeRank)
+    return local().doSend(buf, bytes, localIndex(peer), deadline);
+  all().doSend(buf, bytes, peer, deadline);
+}
+
+void HierBackend::doRecv(void* buf, size_t bytes, int peer, const Deadline& deadline) {
+  if (peers_[static_cast<size_t>(peer)].nodeRank == options_.nodeRank)
+    return local().doRecv(buf, bytes, localIndex(peer), deadline);
+  all().doRecv(buf, bytes, peer, deadline);
+}
+
+void HierBackend::doBarrier(const Deadline& deadline) {
+  local().doBarrier(deadline);
+  if (!all_) return;
+  if (leaderGroup_) leaders().doBarrier(deadline);
+  local().doBarrier(deadline);
+}
+
+}  // namespace dtrain::comm::hier

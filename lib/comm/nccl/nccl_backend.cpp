@@ -1,0 +1,284 @@
+#include "lib/comm/nccl/nccl_backend.h"
+
+#include <cuda_runtime.h>
+#include <nccl.h>
+
+#include <chrono>
+#include <cstring>
+#include <thread>
+
+#include "lib/common/error.h"
+#include "lib/common/parse.h"
+
+namespace dtrain::comm::nccl {
+namespace {
+
+#define DTRAIN_CUDA(expr)                                                                        \
+  do {                                                                                           \
+    cudaError_t dtrain_e_ = (expr);                                                              \
+    if (dtrain_e_ != cudaSuccess) DTRAIN_THROW(CommError, "{} failed: {}", #expr, cudaGetErrorString(dtrain_e_)); \
+  } while (0)
+
+ncclDataType_t toNccl(DType t) {
+  switch (t) {
+    case DType::kFloat32: return ncclFloat32;
+    case DType::kFloat64: return ncclFloat64;
+    case DType::kInt32: return ncclInt32;
+    case DType::kInt64: return ncclInt64;
+    case DType::kBFloat16: return ncclBfloat16;
+    case DType::kFloat16: return ncclFloat16;
+  }
+  return ncclFloat32;
+}
+
+ncclRedOp_t toNccl(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kSum: return ncclSum;
+    case ReduceOp::kAvg: return ncclAvg;
+    case ReduceOp::kMin: return ncclMin;
+    case ReduceOp::kMax: return ncclMax;
+  }
+  return ncclSum;
+}
+
+int deviceFor(const BackendOptions& o) {
+  int count = visibleGpuCount();
+  DTRAIN_CHECK_AS(UsageError, count > 0, "backend 'nccl' needs a GPU, but none is visible to this process");
+  auto colon = o.device.find(':');
+  if (colon != std::string::npos) {
+    auto idx = parse::toInt(o.device.substr(colon + 1));
+    DTRAIN_CHECK_AS(UsageError, idx && *idx >= 0 && *idx < count, "device '{}': this process sees {} GPU(s)",
+                    o.device, count);
+    return static_cast<int>(*idx);
+  }
+  return o.localRank % count;
+}
+
+class NcclBackend;
+
+class NcclWork : public Work {
+ public:
+  NcclWork(std::shared_ptr<NcclBackend> owner, cudaEvent_t event, Deadline deadline)
+      : owner_(std::move(owner)), event_(event), deadline_(deadline) {}
+  ~NcclWork() override { cudaEventDestroy(event_); }
+  void wait() override;
+  bool done() override {
+    if (finished_) return true;
+    cudaError_t st = cudaEventQuery(event_);
+    return st != cudaErrorNotReady;
+  }
+
+ private:
+  std::shared_ptr<NcclBackend> owner_;
+  cudaEvent_t event_;
+  Deadline deadline_;
+  bool finished_ = false;
+};
+
+class NcclBackend : public Backend {
+ public:
+  explicit NcclBackend(BackendOptions options) : Backend(std::move(options)) {
+    device_ = deviceFor(options_);
+    DTRAIN_CUDA(cudaSetDevice(device_));
+    DTRAIN_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamDefault));
+    DTRAIN_CUDA(cudaMalloc(&barrierBuf_, sizeof(float)));
+    ncclUniqueId id;
+    const Deadline deadline = newDeadline();
+    if (rank() == 0) {
+      settle(ncclGetUniqueId(&id), "ncclGetUniqueId", deadline);
+      options_.store->set(key("nccl/id"), std::string_view(reinterpret_cast<const char*>(&id), sizeof(id)));
+    } else {
+      std::string bytes;
+      try {
+        bytes = options_.store->get(key("nccl/id"), deadline.remaining());
+      } catch (const TimeoutError&) {
+        DTRAIN_THROW(CommError, "rank 0 never published the NCCL id of '{}'", options_.groupName);
+      }
+      DTRAIN_CHECK_AS(ProtocolError, bytes.size() == sizeof(id), "malformed NCCL id in the store");
+      std::memcpy(&id, bytes.data(), sizeof(id));
+    }
+    // Non-blocking init, so a rank that never shows up is a timeout here instead of a hang inside NCCL.
+    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    config.blocking = 0;
+    ncclResult_t r = ncclCommInitRankConfig(&comm_, size(), id, rank(), &config);
+    settle(r, "ncclCommInitRankConfig", deadline);
+  }
+
+  ~NcclBackend() override {
+    shutdown();
+    if (comm_ != nullptr) {
+      if (aborted_) {
+        // already released by ncclCommAbort
+      } else {
+        ncclCommDestroy(comm_);
+      }
+    }
+    if (barrierBuf_ != nullptr) cudaFree(barrierBuf_);
+    if (stream_ != nullptr) cudaStreamDestroy(stream_);
+  }
+
+  std::string name() const override { return "nccl"; }
+
+  WorkPtr allreduceAsync(void* buf, size_t count, DType dtype, ReduceOp op) override {
+    return launch({buf}, [&] { return ncclAllReduce(buf, buf, count, toNccl(dtype), toNccl(op), comm_, stream_); });
+  }
+  WorkPtr broadcastAsync(void* buf, size_t count, DType dtype, int root) override {
+    return launch({buf}, [&] { return ncclBroadcast(buf, buf, count, toNccl(dtype), root, comm_, stream_); });
+  }
+  WorkPtr allgatherAsync(const void* in, void* out, size_t countPerRank, DType dtype) override {
+    return launch({in, out}, [&] { return ncclAllGather(in, out, countPerRank, toNccl(dtype), comm_, stream_); });
+  }
+  WorkPtr reduceScatterAsync(const void* in, void* out, size_t countPerRank, DType dtype, ReduceOp op) override {
+    return launch({in, out}, [&] {
+      return ncclReduceScatter(in, out, countPerRank, toNccl(dtype), toNccl(op), comm_, stream_);
+    });
+  }
+  WorkPtr sendAsync(const void* buf, size_t bytes, int peer) override {
+    return launch({buf}, [&] { return ncclSend(buf, bytes, ncclInt8, peer, comm_, stream_); });
+  }
+  WorkPtr recvAsync(void* buf, size_t bytes, int peer) override {
+    return launch({buf}, [&] { return ncclRecv(buf, bytes, ncclInt8, peer, comm_, stream_); });
+  }
+  WorkPtr barrierAsync() override {
+    return launch({}, [&] { return ncclAllReduce(barrierBuf_, barrierBuf_, 1, ncclFloat32, ncclSum, comm_, stream_); });
+  }
+
+  // Waits for `event` until the deadline; aborts the communicator on failure or timeout.
+  void waitEvent(cudaEvent_t event, const Deadline& deadline) {
+    try {
+      for (int spins = 0;; ++spins) {
+        cudaError_t st = cudaEventQuery(event);
+        if (st == cudaSuccess) return;
+        if (st != cudaErrorNotReady)
+          DTRAIN_THROW(CommError, "NCCL operation failed on the GPU: {}", cudaGetErrorString(st));
+        ncclResult_t async = ncclSuccess;
+        ncclCommGetAsyncError(comm_, &async);
+        if (async != ncclSuccess && async != ncclInProgress)
+          DTRAIN_THROW(CommError, "NCCL reported {} ({})", ncclGetErrorString(async), ncclGetLastError(comm_));
+        if (deadline.expired())
+          DTRAIN_THROW(CommError, "NCCL operation timed out after {} ms (stalled or dead peer)",
+                       options_.timeout.count());
+        // Short operations finish within microseconds; long ones should not burn a core while polling.
+        if (spins > 1000) std::this_thread::sleep_for(std::chrono::microseconds(50));
+      }
+    } catch (const Error& e) {
+      abortComm(e.what());
+      throw;
+    }
+  }
+
+ protected:
+  // Synchronous forms: enqueue and wait on the caller's thread.
+  void doAllreduce(void* buf, size_t count, DType dtype, ReduceOp op, const Deadline&) override {
+    allreduceAsync(buf, count, dtype, op)->wait();
+  }
+  void doBroadcast(void* buf, size_t count, DType dtype, int root, const Deadline&) override {
+    broadcastAsync(buf, count, dtype, root)->wait();
+  }
+  void doAllgather(const void* in, void* out, size_t countPerRank, DType dtype, const Deadline&) override {
+    allgatherAsync(in, out, countPerRank, dtype)->wait();
+  }
+  void doReduceScatter(const void* in, void* out, size_t countPerRank, DType dtype, ReduceOp op,
+                       const Deadline&) override {
+    reduceScatterAsync(in, out, countPerRank, dtype, op)->wait();
+  }
+  void doSend(const void* buf, size_t bytes, int peer, const Deadline&) override { sendAsync(buf, bytes, peer)->wait(); }
+  void doRecv(void* buf, size_t bytes, int peer, const Deadline&) override { recvAsync(buf, bytes, peer)->wait(); }
+  void doBarrier(const Deadline&) override { barrierAsync()->wait(); }
+  std::shared_ptr<Backend> makeGroup(BackendOptions options) override {
+    return std::make_shared<NcclBackend>(std::move(options));
+  }
+
+ private:
+  template <typename Launch>
+  WorkPtr launch(std::initializer_list<const void*> buffers, Launch&& call) {
+    checkUsable();
+    DTRAIN_CUDA(cudaSetDevice(device_));
+    for (const void* p : buffers) requireDevicePointer(p);
+    const Deadline deadline = newDeadline();
+    settle(call(), "NCCL enqueue", deadline);
+    cudaEvent_t event;
+    DTRAIN_CUDA(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+    DTRAIN_CUDA(cudaEventRecord(event, stream_));
+    return std::make_shared<NcclWork>(std::static_pointer_cast<NcclBackend>(shared_from_this()), event, deadline);
+  }
+
+  static void requireDevicePointer(const void* p) {
+    cudaPointerAttributes attr{};
+    cudaError_t st = cudaPointerGetAttributes(&attr, p);
+    DTRAIN_CHECK_AS(UsageError, st == cudaSuccess && (attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged),
+                    "backend 'nccl' needs GPU buffers; got a host pointer (use tcp/shm/hier for CPU tensors)");
+  }
+
+  // A non-blocking communicator may answer ncclInProgress: poll until it settles or the deadline passes.
+  void settle(ncclResult_t r, const char* what, const Deadline& deadline) {
+    while (r == ncclInProgress) {
+      if (deadline.expired()) {
+        abortComm("timed out");
+        DTRAIN_THROW(CommError, "{} timed out after {} ms (a peer did not join or stalled)", what,
+                     options_.timeout.count());
+      }
+      std::this_thread::yield();
+      ncclCommGetAsyncError(comm_, &r);
+    }
+    if (r != ncclSuccess) {
+      std::string detail = comm_ != nullptr ? ncclGetLastError(comm_) : "";
+      abortComm(ncclGetErrorString(r));
+      DTRAIN_THROW(CommError, "{} failed: {} {}", what, ncclGetErrorString(r), detail);
+    }
+  }
+
+  void abortComm(const std::string& why) {
+    markBroken(why);
+    if (comm_ != nullptr && !aborted_) {
+      aborted_ = true;
+      ncclCommAbort(comm_);
+    }
+  }
+
+  int device_ = 0;
+  cudaStream_t stream_ = nullptr;
+  ncclComm_t comm_ = nullptr;
+  float* barrierBuf_ = nullptr;
+  bool aborted_ = false;
+};
+
+void NcclWork::wait() {
+  if (finished_) return;
+  owner_->waitEvent(event_, deadline_);
+  finished_ = true;
+}
+
+}  // namespace
+
+BackendPtr createNcclBackend(const BackendOptions& options) { return std::make_shared<NcclBackend>(options); }
+
+int visibleGpuCount() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky "no device" error
+    return 0;
+  }
+  return n;
+}
+
+void* deviceAlloc(size_t bytes, int device) {
+  DTRAIN_CUDA(cudaSetDevice(device));
+  void* p = nullptr;
+  DTRAIN_CUDA(cudaMalloc(&p, bytes == 0 ? 1 : bytes));
+  return p;
+}
+
+void deviceFree(void* p) {
+  if (p != nullptr) cudaFree(p);
+}
+
+void copyToDevice(void* dst, const void* src, size_t bytes) {
+  DTRAIN_CUDA(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+}
+
+void copyFromDevice(void* dst, const void* src, size_t bytes) {
+  DTRAIN_CUDA(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
+}
+
+}  // namespace dtrain::comm::nccl

@@ -1,0 +1,45 @@
+// Bootstrap of the TCP backend: one connection between every pair of ranks, found through the Store.
+//
+// Each rank listens on an ephemeral port (never a fixed one) and publishes "host:port" under
+// `<prefix>addr/<rank>`. Rank j connects to every lower rank i and introduces itself with a hello frame
+// (magic, version, its rank, a tag naming the group), so a connection that reaches the wrong listener is
+// refused, not silently mixed up; rank i accepts the higher ranks. All connects, accepts and hellos progress
+// together on one Boost.Asio io_context, bounded by the deadline. The sockets are then handed to the data
+// path as plain non-blocking descriptors with TCP_NODELAY (see conn.h for why).
+//
+// A full mesh costs size-1 sockets per rank: fine for the tens of ranks dtrain targets; connections could be
+// made lazily if that ever matters.
+// Blocking: the constructor blocks until the mesh is complete or the deadline passes (CommError).
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "lib/comm/tcp/conn.h"
+#include "lib/common/clock.h"
+#include "rendezvous/store.h"
+
+namespace dtrain::comm::tcp {
+
+class Mesh {
+ public:
+  Mesh(rendezvous::Store& store, const std::string& prefix, int rank, int size, const std::string& host,
+       const Deadline& deadline);
+  ~Mesh();
+
+  Conn& peer(int r) { return *conns_[static_cast<size_t>(r)]; }
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+
+ private:
+  int rank_;
+  int size_;
+  std::vector<std::unique_ptr<Conn>> conns_;  // [rank_] is empty
+};
+
+// The address to listen on and publish when BackendOptions::host is empty: DTRAIN_COMM_HOST, else 127.0.0.1
+// when every rank is on this node, else this host's first non-loopback IPv4 address.
+std::string chooseHost(const std::string& configured, bool singleNode);
+
+}  // namespace dtrain::comm::tcp

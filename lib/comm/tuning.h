@@ -1,0 +1,12 @@
+// Resolves one Tuning knob: the value set in BackendOptions, else the environment variable, else the default.
+#pragma once
+
+#include <cstdint>
+
+namespace dtrain::comm {
+
+// `value` >= 0 wins; else `envName` (a size such as 64K, or a plain integer) when set; else `fallback`.
+// Throws UsageError on a malformed environment value.
+int64_t tuned(int64_t value, const char* envName, int64_t fallback);
+
+}  // namespace dtrain::comm

@@ -1,0 +1,218 @@
+// Behaviour around the collectives: asynchronous submission and ordering, sub-groups, the registry and
+// `auto`, timeouts (a rank that never joins or never calls), and the broken state after a failure.
+#include <doctest/doctest.h>
+
+#include <atomic>
+#include <chrono>
+
+#include "lib/common/config.h"
+#include "lib/common/error.h"
+#include "rendezvous/prefix_store.h"
+#include "tests/comm/comm_test_util.h"
+
+using namespace dtrain;
+using namespace dtrain::comm;
+using namespace dtrain::comm::testing;
+using namespace std::chrono_literals;
+
+TEST_CASE("async allreduces on buckets complete in submission order while the caller keeps working") {
+  for (const char* backend : {"tcp", "shm", "hier"}) {
+    const int n = 3;
+    auto store = rendezvous::MemoryStore::create();
+    auto errors = onRanks(n, [&](int r) {
+      auto b = createBackend(backend, rankOptions(r, n, store, nodesFor(backend)));
+      // A gradient arena cut into buckets, reduced asynchronously, as the trainer does during backward.
+      const size_t total = 200000, bucket = 30000;
+      std::vector<float> arena(total);
+      for (size_t i = 0; i < total; ++i) arena[i] = static_cast<float>(inputValue(r, i));
+      std::vector<WorkPtr> works;
+      for (size_t off = 0; off < total; off += bucket)
+        works.push_back(b->allreduceAsync(arena.data() + off, std::min(bucket, total - off), DType::kFloat32,
+                                          ReduceOp::kAvg));
+      // The same buffer twice in a row: only correct if the second runs after the first.
+      std::vector<int64_t> twice(1000, r + 1);
+      works.push_back(b->allreduceAsync(twice.data(), twice.size(), DType::kInt64, ReduceOp::kSum));
+      works.push_back(b->allreduceAsync(twice.data(), twice.size(), DType::kInt64, ReduceOp::kSum));
+      double busy = 0;  // "backward" keeps the main thread busy meanwhile
+      for (int i = 0; i < 100000; ++i) busy += i * 1e-9;
+      for (auto& w : works) w->wait();
+      for (auto& w : works) expect(w->done(), "done() false after wait()");
+      for (size_t i = 0; i < total; ++i)
+        expect(arena[i] == static_cast<float>(expectedValue(n, i, ReduceOp::kAvg, DType::kFloat32)),
+               fmt::format("bucketed average wrong at {}", i));
+      const int64_t sum = n * (n + 1) / 2;
+      for (int64_t v : twice) expect(v == sum * n, fmt::format("ordering broken: {} != {}", v, sum * n));
+      // A synchronous call after async ones runs after them.
+      std::vector<float> x(10, 1.0f);
+      auto w = b->allreduceAsync(x.data(), x.size(), DType::kFloat32, ReduceOp::kSum);
+      b->allreduce(x.data(), x.size(), DType::kFloat32, ReduceOp::kSum);
+      w->wait();
+      expect(x[0] == static_cast<float>(n * n), "sync call overtook an async one");
+      expect(busy > 0, "");
+    });
+    CHECK_MESSAGE(firstError(errors).empty(), (std::string(backend) + ": " + firstError(errors)));
+  }
+}
+
+TEST_CASE("newGroup builds sub-communicators from the same store") {
+  for (const char* backend : {"tcp", "shm", "hier"}) {
+    const int n = 4;
+    auto store = rendezvous::MemoryStore::create();
+    auto errors = onRanks(n, [&](int r) {
+      auto world = createBackend(backend, rankOptions(r, n, store, nodesFor(backend)));
+      // Pipeline x data parallel: stages {0,1} {2,3}; data-parallel groups {0,2} {1,3}.
+      auto even = world->newGroup({0, 2});
+      auto odd = world->newGroup({1, 3});
+      auto mine = r % 2 == 0 ? even : odd;
+      expect(mine != nullptr && (r % 2 == 0 ? odd : even) == nullptr, "membership wrong");
+      expect(mine->size() == 2 && mine->rank() == r / 2, "sub-group rank wrong");
+      expect(mine->name() == world->name(), "sub-group of another kind");
+      int64_t v = r;
+      mine->allreduce(&v, 1, DType::kInt64, ReduceOp::kSum);
+      expect(v == (r % 2 == 0 ? 2 : 4), fmt::format("sub-group sum {}", v));
+      // The same list again is a different communicator; an unordered list ranks by position.
+      auto reversed = world->newGroup({3, 2, 1, 0});
+      expect(reversed->rank() == 3 - r, "position in the list is the new rank");
+      int64_t w = reversed->rank() == 0 ? 42 : 0;
+      reversed->broadcast(&w, 1, DType::kInt64, 0);
+      expect(w == 42, "broadcast in reversed group");
+      world->barrier();
+    });
+    CHECK_MESSAGE(firstError(errors).empty(), (std::string(backend) + ": " + firstError(errors)));
+  }
+  CHECK_THROWS_AS(createBackend("tcp", rankOptions(0, 1, nullptr))->newGroup({0, 0}), UsageError);
+  CHECK_THROWS_AS(createBackend("tcp", rankOptions(0, 1, nullptr))->newGroup({1}), UsageError);
+}
+
+TEST_CASE("registry: names, auto and the nccl backend") {
+  auto names = backendNames();
+  for (const char* name : {"auto", "hier", "nccl", "shm", "tcp"})
+    CHECK(std::find(names.begin(), names.end(), name) != names.end());
+  CHECK_THROWS_AS(createBackend("mpi", rankOptions(0, 1, nullptr)), UsageError);
+  CHECK(createBackend("auto", rankOptions(0, 1, nullptr))->size() == 1);
+  BackendOptions gpu = rankOptions(0, 1, nullptr);
+  gpu.device = "cuda";
+#if DTRAIN_WITH_CUDA
+  // CUDA is built here but this machine may have no GPU: nccl must refuse cleanly, and auto never picks it
+  // for CPU buffers.
+  if (createBackend("auto", rankOptions(0, 1, nullptr))->name() == "nccl") FAIL("auto picked nccl for cpu");
+#else
+  CHECK_THROWS_WITH_AS(createBackend("nccl", gpu), doctest::Contains("backend 'nccl' was not built"), NotBuiltError);
+  CHECK_THROWS_AS(createBackend("auto", gpu), NotBuiltError);
+#endif
+  // auto: one node -> shm; several ranks on some node -> hier; one rank per node -> tcp.
+  for (auto [nodes, n, want] : {std::tuple{1, 3, "shm"}, std::tuple{2, 3, "hier"}, std::tuple{3, 3, "tcp"}}) {
+    auto store = rendezvous::MemoryStore::create();
+    std::vector<std::string> picked(static_cast<size_t>(n));
+    auto errors = onRanks(n, [&](int r) {
+      auto b = createBackend("auto", rankOptions(r, n, store, nodes));
+      picked[static_cast<size_t>(r)] = b->name();
+    });
+    REQUIRE(firstError(errors).empty());
+    for (const auto& p : picked) CHECK(p == want);
+  }
+}
+
+TEST_CASE("shm refuses ranks on different nodes") {
+  auto store = rendezvous::MemoryStore::create();
+  auto errors = onRanks(2, [&](int r) { createBackend("shm", rankOptions(r, 2, store, 2)); });
+  CHECK(errors[0].find("needs every rank on one node") != std::string::npos);
+}
+
+TEST_CASE("a rank that never joins makes creation fail within the timeout") {
+  for (const char* backend : {"tcp", "shm", "hier"}) {
+    auto store = rendezvous::MemoryStore::create();
+    BackendOptions o = rankOptions(0, 2, store);
+    o.timeout = 300ms;
+    const auto start = std::chrono::steady_clock::now();
+    CHECK_THROWS_AS(createBackend(backend, o), CommError);
+    CHECK(std::chrono::steady_clock::now() - start < 10s);
+  }
+  CHECK(ownShmSegments().empty());
+}
+
+TEST_CASE("a rank that stops calling collectives fails the others within the timeout, then the group is broken") {
+  for (const char* backend : {"tcp", "shm", "hier"}) {
+    const int n = 3;
+    auto store = rendezvous::MemoryStore::create();
+    std::atomic<int> failed{0};
+    std::vector<std::chrono::milliseconds> took(static_cast<size_t>(n));
+    std::vector<BackendPtr> keep(static_cast<size_t>(n));
+    auto errors = onRanks(n, [&](int r) {
+      BackendOptions o = rankOptions(r, n, store, nodesFor(backend));
+      o.timeout = 500ms;
+      auto b = createBackend(backend, o);
+      keep[static_cast<size_t>(r)] = b;  // rank 2 stays connected but silent (a stalled peer)
+      std::vector<float> x(100000, 1.0f);
+      b->allreduce(x.data(), x.size(), DType::kFloat32, ReduceOp::kSum);
+      if (r == 2) return;
+      const auto start = std::chrono::steady_clock::now();
+      try {
+        b->allreduce(x.data(), x.size(), DType::kFloat32, ReduceOp::kSum);
+      } catch (const CommError& e) {
+        ++failed;
+        took[static_cast<size_t>(r)] = std::chrono::duration_cast<std::chrono::milliseconds>(
+            std::chrono::steady_clock::now() - start);
+        // Broken for good: later calls fail at once, naming the first failure.
+        try {
+          b->barrier();
+        } catch (const CommError& again) {
+          expect(std::string(again.what()).find("unusable after an earlier failure") != std::string::npos,
+                 std::string("second failure: ") + again.what());
+          return;
+        }
+        throw std::runtime_error("barrier succeeded on a broken communicator");
+      }
+      throw std::runtime_error("allreduce succeeded without rank 2");
+    });
+    CHECK_MESSAGE(firstError(errors).empty(), (std::string(backend) + ": " + firstError(errors)));
+    CHECK(failed == n - 1);
+    for (int r = 0; r < n - 1; ++r) CHECK(took[static_cast<size_t>(r)] < 5s);
+    keep.clear();
+  }
+  CHECK(ownShmSegments().empty());
+}
+
+TEST_CASE("async failures surface in wait() and fail the queued operations behind them") {
+  auto store = rendezvous::MemoryStore::create();
+  std::vector<BackendPtr> keep(2);
+  auto errors = onRanks(2, [&](int r) {
+    BackendOptions o = rankOptions(r, 2, store);
+    o.timeout = 300ms;
+    auto b = createBackend("tcp", o);
+    keep[static_cast<size_t>(r)] = b;
+    if (r == 1) return;
+    std::vector<float> x(10, 1.0f);
+    auto first = b->allreduceAsync(x.data(), x.size(), DType::kFloat32, ReduceOp::kSum);
+    auto second = b->allreduceAsync(x.data(), x.size(), DType::kFloat32, ReduceOp::kSum);
+    int thrown = 0;
+    for (auto* w : {&first, &second}) {
+      try {
+        (*w)->wait();
+      } catch (const CommError&) {
+        ++thrown;
+      }
+    }
+    expect(thrown == 2, fmt::format("{} of 2 waits threw", thrown));
+  });
+  CHECK_MESSAGE(firstError(errors).empty(), firstError(errors));
+}
+
+TEST_CASE("usage errors are reported before anything is sent") {
+  auto b = createBackend("tcp", rankOptions(0, 1, nullptr));
+  float x = 1;
+  CHECK_THROWS_AS(b->broadcast(&x, 1, DType::kFloat32, 1), UsageError);
+  CHECK_THROWS_AS(b->send(&x, 4, 0), UsageError);
+  CHECK_THROWS_AS(createBackend("tcp", rankOptions(0, 2, nullptr)), UsageError);  // no store
+  BackendOptions bad = rankOptions(0, 1, nullptr);
+  bad.rank = 1;
+  CHECK_THROWS_AS(createBackend("tcp", bad), UsageError);
+  // World size 1: every operation works without a peer.
+  b->allreduce(&x, 1, DType::kFloat32, ReduceOp::kAvg);
+  CHECK(x == 1.0f);
+  float out[1];
+  b->allgather(&x, out, 1, DType::kFloat32);
+  CHECK(out[0] == 1.0f);
+  b->reduceScatter(&x, out, 1, DType::kFloat32, ReduceOp::kSum);
+  b->barrier();
+}

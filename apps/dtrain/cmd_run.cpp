@@ -9,6 +9,7 @@
 #include "lib/common/error.h"
 #include "lib/common/parse.h"
 #include "lib/launch/agent.h"
+#include "lib/launch/slurm.h"
 
 namespace dtrain::app {
 
@@ -23,6 +24,7 @@ struct RunArgs {
   int masterPort = 0;
   bool dryRun = false;
   bool afterDashes = false;
+  launch::GivenOptions given;  // which launch options the user set (the others may come from Slurm)
   std::vector<std::string> positional;
 };
 
@@ -46,6 +48,12 @@ std::string selfExe() {
 
 int runCommand(RunArgs& a, bool programAfterDashes) {
   auto& o = a.opts;
+  // Inside a Slurm allocation, what the user did not give comes from Slurm (lib/launch/slurm.h).
+  auto slurm = launch::detectSlurm(launch::processEnvironment());
+  if (slurm.extraTask()) {
+    fmt::print(stderr, "{}\n", slurm.extraTaskNote());
+    return 0;
+  }
   o.rdzvTimeout = duration("--rdzv-timeout", a.rdzvTimeout);
   o.lastCall = duration("--rdzv-last-call", a.lastCall);
   o.shutdownTimeout = duration("--shutdown-timeout", a.shutdownTimeout);
@@ -73,8 +81,11 @@ int runCommand(RunArgs& a, bool programAfterDashes) {
   }
   DTRAIN_CHECK_AS(UsageError, (o.redirects.all == 0 && o.redirects.perRank.empty()) || !o.logDir.empty(),
                   "--redirects sends worker output to files: it needs --log-dir");
+  auto slurmLines = launch::applySlurm(slurm, a.given, o);
+  for (const auto& note : slurm.notes) fmt::print(stderr, "dtrain run: {}\n", note);
   o.validate();
   if (a.dryRun) {
+    for (const auto& line : slurmLines) fmt::print("{}\n", line);
     fmt::print("nnodes={} nproc_per_node={} node_rank={} rdzv_backend={} rdzv_endpoint={} rdzv_id={} "
                "max_restarts={}\nprogram={}\n",
                o.nnodesText, o.nproc, o.nodeRank, o.rdzvBackend, o.rdzvEndpoint.empty() ? "-" : o.rdzvEndpoint,
@@ -136,7 +147,16 @@ void addRunCommand(CLI::App& root, Action& action) {
   sub->add_flag("--dry-run", a->dryRun, "Print the resolved launch plan and exit");
   sub->footer("Everything from JOB.json or PROGRAM on (or after --) is passed to the workers untouched.");
   runArgs() = a;
-  sub->callback([&action, a] { action = [a] { return runCommand(*a, a->afterDashes); }; });
+  sub->callback([&action, a, sub] {
+    auto given = [sub](std::initializer_list<const char*> names) {
+      for (const char* n : names)
+        if (sub->get_option(n)->count() > 0) return true;
+      return false;
+    };
+    a->given = {given({"--nnodes"}), given({"--nproc-per-node"}), given({"--node-rank"}),
+                given({"--rdzv-endpoint", "--master-addr"}), given({"--rdzv-id"})};
+    action = [a] { return runCommand(*a, a->afterDashes); };
+  });
 }
 
 std::vector<std::string> splitWorkerArgs(CLI::App& root, std::vector<std::string>& args) {

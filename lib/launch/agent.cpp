@@ -1,5 +1,6 @@
 #include "lib/launch/agent.h"
 
+#include <signal.h>
 #include <unistd.h>
 
 #include <boost/asio/io_context.hpp>
@@ -94,6 +95,10 @@ void Agent::setUpStore() {
 }
 
 int Agent::run() {
+  // Slurm's --signal=USR1 warning must not kill the agent between rounds (default action: terminate); during
+  // a round it is forwarded to the workers.
+  ::signal(SIGUSR1, SIG_IGN);
+  ::signal(SIGUSR2, SIG_IGN);
   setUpStore();
   rendezvous::NodeInfo self;
   self.requestedNodeRank = options_.nodeRank;
@@ -129,6 +134,8 @@ int Agent::run() {
       event = runner.run();
       interrupted = runner.interruptedBy();
     }
+    ::signal(SIGUSR1, SIG_IGN);  // the round's signal_set restored the default action
+    ::signal(SIGUSR2, SIG_IGN);
     auto finish = [&](int code) {
       if (round.numNodes > 1) {
         try {

@@ -35,7 +35,10 @@ RoundRunner::RoundRunner(asio::io_context& io, RoundContext ctx)
       heartbeatTimer_(io_),
       killTimer_(io_),
       drainTimer_(io_),
-      failTimer_(io_) {}
+      failTimer_(io_) {
+  signals_.add(SIGUSR1);
+  signals_.add(SIGUSR2);
+}
 
 RoundRunner::~RoundRunner() {
   watcherStop_ = true;
@@ -153,6 +156,16 @@ void RoundRunner::onSignal(const boost::system::error_code& ec, int sig) {
     reapChildren();
     return;
   }
+  if (sig == SIGUSR1 || sig == SIGUSR2) {
+    // Slurm's --signal warning (time limit / preemption ahead): the workers checkpoint; the round goes on.
+    // dtrain's own workers answer SIGUSR1 by checkpointing and exiting: from now on a worker exit ends the job
+    // (a "shutdown", no restart consumed) instead of counting as a failure.
+    log::warn("received SIG{}: forwarding it to the workers", sigabbrev_np(sig));
+    if (sig == SIGUSR1) preemptedBy_ = sig;
+    for (auto& w : workers_)
+      if (!w.exited) signalGroup(w.pid, sig);
+    return;
+  }
   if (interruptedBy_) {  // a second Ctrl-C: no more grace
     stopWorkers(SIGKILL);
     return;
@@ -182,7 +195,13 @@ void RoundRunner::reapChildren() {
 
 void RoundRunner::onWorkerExit(Worker& w) {
   log::debug("rank {} (pid {}) ended: {}", w.rank, w.pid, describeStatus(w.status));
-  if (!ended_ && !stopping_) {
+  if (!ended_ && !stopping_ && preemptedBy_) {
+    interruptedBy_ = *preemptedBy_;
+    publish(RoundEvent{"shutdown",
+                       fmt::format("rank {} stopped after SIG{} (preemption): {}", w.rank, sigabbrev_np(*preemptedBy_),
+                                   describeStatus(w.status)),
+                       128 + *preemptedBy_, ""});
+  } else if (!ended_ && !stopping_) {
     if (!(WIFEXITED(w.status) && WEXITSTATUS(w.status) == 0)) {
       // The report quotes the worker's last stderr lines: publish once its stderr is drained (or shortly after,
       // if a grandchild keeps the pipe open).
@@ -250,7 +269,9 @@ void RoundRunner::onEvent(const RoundEvent& event) {
   if (ended_) return;
   ended_ = event;
   heartbeatTimer_.cancel();
-  if (event.type != "done") stopWorkers(interruptedBy_.value_or(SIGTERM));
+  // Ctrl-C/SIGTERM are passed on as they came; everything else (including a preemption's end) stops with SIGTERM.
+  int stopSig = interruptedBy_ && *interruptedBy_ != SIGUSR1 ? *interruptedBy_ : SIGTERM;
+  if (event.type != "done") stopWorkers(stopSig);
   maybeFinish();
 }
 

@@ -81,6 +81,7 @@ class RoundRunner {
   std::vector<Worker> workers_;
   std::optional<rendezvous::RoundEvent> ended_;
   std::optional<int> interruptedBy_;
+  std::optional<int> preemptedBy_;  // SIGUSR1 was forwarded to the workers
   std::optional<int> pendingFailure_;  // local rank of the first failed worker
   bool failurePublished_ = false;
   bool stopping_ = false;

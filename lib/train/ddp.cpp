@@ -39,10 +39,12 @@ GradientSync::GradientSync(nn::Model& model, std::shared_ptr<comm::Backend> back
 
 nn::LayerGradReady GradientSync::hook() {
   if (!backend_ || backend_->size() == 1) return {};
-  return [this](int layer) {
-    int b = bucketOfLowestLayer_.at(layer);
-    if (b >= 0) submit(static_cast<size_t>(b));
-  };
+  return nn::LayerGradReady(*this);
+}
+
+void GradientSync::operator()(int layer) {
+  int b = bucketOfLowestLayer_.at(static_cast<size_t>(layer));
+  if (b >= 0) submit(static_cast<size_t>(b));
 }
 
 void GradientSync::submit(size_t b) {

@@ -34,8 +34,11 @@ class GradientSync {
  public:
   GradientSync(nn::Model& model, std::shared_ptr<comm::Backend> backend, double firstBucketMb, double bucketMb);
 
-  // The callback to pass to Model::backward on the micro-batch that ends an optimizer step.
+  // The callback to pass to Model::backward on the micro-batch that ends an optimizer step (it refers to this
+  // object, which outlives the backward call); empty when there is nothing to communicate.
   nn::LayerGradReady hook();
+  // Layer `layer`'s gradients are final: submits its bucket when it is the bucket's lowest layer.
+  void operator()(int layer);
   // Waits for all buckets (submitting any not yet started); gradients are then averaged over the world.
   void finish();
   const std::vector<Bucket>& buckets() const { return buckets_; }

@@ -28,6 +28,12 @@ json readJsonFile(const fs::path& path, const std::string& what) {
 }
 
 bool positive(int64_t v) { return v >= 1; }
+
+// An optional field that must be one of `allowed` when present.
+std::string choiceOr(const JsonFields& f, std::string_view key, const std::vector<std::string_view>& allowed,
+                     std::string_view what, const std::string& fallback) {
+  return f.has(key) ? f.choice(key, allowed, what) : fallback;
+}
 bool nonNegative(int64_t v) { return v >= 0; }
 
 // "model": {...} inline, or "model": "path/to/model.json" (a model object, or a job file with a "model").
@@ -82,8 +88,8 @@ ParallelSettings parseParallel(const json& doc, const std::string& source) {
   if (!doc.contains("parallel")) return p;
   JsonFields f(doc.at("parallel"), source, "/parallel", "the parallel section");
   f.allowOnly({"strategy", "backend", "bucket_mb", "first_bucket_mb", "timeout", "lr_scaling", "reference_world_size"});
-  p.strategy = f.choice("strategy", {"ddp"}, "strategy");
-  p.backend = f.choice("backend", {"auto", "tcp", "shm", "hier", "nccl"}, "backend");
+  p.strategy = choiceOr(f, "strategy", {"ddp"}, "strategy", "ddp");
+  p.backend = choiceOr(f, "backend", {"auto", "tcp", "shm", "hier", "nccl"}, "backend", "auto");
   auto positiveMb = [](double v) { return v > 0 && v <= 4096; };
   p.bucketMb = f.number("bucket_mb", 25.0, "a number of MiB > 0", positiveMb);
   p.firstBucketMb = f.number("first_bucket_mb", 1.0, "a number of MiB > 0", positiveMb);
@@ -95,7 +101,7 @@ ParallelSettings parseParallel(const json& doc, const std::string& source) {
     if (!d || d->count() <= 0) f.failAt("timeout", "expected a duration: seconds (300) or a string such as \"5m\"");
     p.timeout = *d;
   }
-  p.lrScaling = f.choice("lr_scaling", {"none", "linear"}, "lr scaling");
+  p.lrScaling = choiceOr(f, "lr_scaling", {"none", "linear"}, "lr scaling", "none");
   p.referenceWorldSize = static_cast<int>(f.integer("reference_world_size", 1, "an integer >= 1", positive));
   return p;
 }

@@ -1,0 +1,160 @@
+// The built-in trainer as a user runs it: dtrain check / train / run JOB.json, files written, equivalence.
+#include <doctest/doctest.h>
+
+#include <nlohmann/json.hpp>
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+
+#include "tests/integration/launch_helpers.h"
+
+using namespace dtrain::testing;
+using namespace std::chrono_literals;
+using nlohmann::json;
+
+namespace {
+
+const char* kJob = R"({
+  "model": {"input": [6], "layers": [{"type": "linear", "out": 16}, {"type": "tanh"}, {"type": "linear", "out": 3}]},
+  "loss": {"type": "cross_entropy"},
+  "data": {"train": {"format": "synthetic", "task": "classification", "samples": 96, "features": 6, "num_classes": 3,
+                     "seed": 5},
+           "eval": {"format": "synthetic", "task": "classification", "samples": 50, "features": 6, "num_classes": 3,
+                    "seed": 5, "sample_seed": 9},
+           "batch_size": 8, "shuffle": true},
+  "optimizer": {"type": "sgd", "lr": 0.1, "momentum": 0.9},
+  "train": {"epochs": 2, "seed": 11, "log_every": 1},
+  "checkpoint": false
+})";
+
+// A minimal safetensors reader, independent of lib/ckpt: name -> float values.
+std::map<std::string, std::vector<float>> readSafetensors(const std::string& path) {
+  std::string bytes = readFile(path);
+  REQUIRE(bytes.size() >= 8);
+  uint64_t n;
+  std::memcpy(&n, bytes.data(), 8);
+  auto header = json::parse(bytes.substr(8, n));
+  std::map<std::string, std::vector<float>> out;
+  for (auto& [name, info] : header.items()) {
+    if (name == "__metadata__") continue;
+    REQUIRE(info["dtype"] == "F32");
+    auto begin = info["data_offsets"][0].get<size_t>(), end = info["data_offsets"][1].get<size_t>();
+    std::vector<float> v((end - begin) / 4);
+    std::memcpy(v.data(), bytes.data() + 8 + n + begin, end - begin);
+    out[name] = v;
+  }
+  return out;
+}
+
+std::vector<json> readJsonLines(const std::string& path) {
+  std::vector<json> out;
+  std::istringstream in(readFile(path));
+  std::string line;
+  while (std::getline(in, line))
+    if (!line.empty()) out.push_back(json::parse(line));
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("dtrain check validates the shipped main job and prints the model summary") {
+  auto r = run({dtrainBinary(), "check", sourceDir() + "/configs/fashion_mnist_mlp.json"}, {.timeout = 60s});
+  INFO(r.err);
+  REQUIRE(r.exitCode == 0);
+  CHECK(r.out.find("OK") != std::string::npos);
+  CHECK(r.out.find("269322") != std::string::npos);  // 784*256+256 + 256*256+256 + 256*10+10 parameters
+  for (auto name : {"linear_regression.json", "fashion_mnist_cnn.json"}) {
+    auto c = run({dtrainBinary(), "check", sourceDir() + "/configs/" + name}, {.timeout = 60s});
+    CHECK_MESSAGE(c.exitCode == 0, name, c.err);
+  }
+}
+
+TEST_CASE("a bad job is rejected with exit 2 by check, train and run (before any worker starts)") {
+  std::string dir = tempDir("badjob");
+  json doc = json::parse(kJob);
+  doc["model"]["layers"][2]["out"] = "three";
+  writeFile(dir + "/bad.json", doc.dump());
+  auto c = run({dtrainBinary(), "check", dir + "/bad.json"});
+  CHECK(c.exitCode == 2);
+  CHECK(c.err.find("/model/layers/2/out") != std::string::npos);
+  auto t = run({dtrainBinary(), "train", dir + "/bad.json"});
+  CHECK(t.exitCode == 2);
+  auto r = run({dtrainBinary(), "run", "--standalone", "--nproc-per-node", "2", dir + "/bad.json", "--output-dir", dir + "/out"});
+  CHECK(r.exitCode == 2);
+  CHECK(r.err.find("/model/layers/2/out") != std::string::npos);
+  CHECK(r.out.find("[n0 r") == std::string::npos);  // no worker printed anything: none was started
+  CHECK_FALSE(std::filesystem::exists(dir + "/out"));
+  auto s = run({dtrainBinary(), "check", dir + "/bad.json", "--set", "nonsense"});
+  CHECK(s.exitCode == 2);
+  CHECK(s.err.find("expected PATH=VALUE") != std::string::npos);
+}
+
+TEST_CASE("data parallel: 2 ranks x batch b give the same weights as 1 rank x batch 2b") {
+  std::string dir = tempDir("ddp");
+  writeFile(dir + "/job.json", kJob);
+  auto one = run({dtrainBinary(), "train", dir + "/job.json", "--set", "data.batch_size=16", "--output-dir", dir + "/one"},
+                 {.timeout = 60s});
+  INFO(one.err);
+  REQUIRE(one.exitCode == 0);
+  auto two = run({dtrainBinary(), "run", "--standalone", "--nproc-per-node", "2", dir + "/job.json", "--set",
+                  "data.batch_size=8", "--output-dir", dir + "/two"},
+                 {.timeout = 60s});
+  INFO(two.err);
+  REQUIRE(two.exitCode == 0);
+  auto a = readSafetensors(dir + "/one/model.safetensors");
+  auto b = readSafetensors(dir + "/two/model.safetensors");
+  REQUIRE(a.size() == 4);
+  REQUIRE(b.size() == 4);
+  for (auto& [name, va] : a) {
+    auto& vb = b[name];
+    REQUIRE(va.size() == vb.size());
+    for (size_t i = 0; i < va.size(); ++i) CHECK_MESSAGE(std::fabs(va[i] - vb[i]) < 1e-5f, name, "[", i, "]");
+  }
+  // The two runs also report the same evaluation (the eval set is sharded and reduced over ranks).
+  auto ma = readJsonLines(dir + "/one/metrics.jsonl");
+  auto mb = readJsonLines(dir + "/two/metrics.jsonl");
+  REQUIRE(!ma.empty());
+  REQUIRE(!mb.empty());
+  CHECK(ma.back()["eval_loss"].get<double>() == doctest::Approx(mb.back()["eval_loss"].get<double>()).epsilon(1e-4));
+  CHECK(ma.back()["eval_accuracy"] == mb.back()["eval_accuracy"]);
+}
+
+TEST_CASE("metrics.jsonl has a line per log step and evaluation lines; max_steps stops early") {
+  std::string dir = tempDir("metrics");
+  writeFile(dir + "/job.json", kJob);
+  auto r = run({dtrainBinary(), "train", dir + "/job.json", "--output-dir", dir + "/out"}, {.timeout = 60s});
+  REQUIRE(r.exitCode == 0);
+  auto lines = readJsonLines(dir + "/out/metrics.jsonl");
+  int evals = 0, steps = 0;
+  for (auto& j : lines) {
+    for (auto key : {"step", "epoch", "loss", "lr", "samples_per_s"}) CHECK_MESSAGE(j.contains(key), key);
+    if (j.contains("eval_loss")) {
+      ++evals;
+      CHECK(j.contains("eval_accuracy"));
+    } else {
+      ++steps;
+    }
+  }
+  CHECK(evals == 2);         // one per epoch
+  CHECK(steps == 2 * 12);    // 96 samples / batch 8 = 12 steps per epoch, log_every 1
+  CHECK(r.out.find("eval: loss") != std::string::npos);
+  auto capped = run({dtrainBinary(), "train", dir + "/job.json", "--set", "train.max_steps=5", "--output-dir", dir + "/cap"},
+                    {.timeout = 60s});
+  REQUIRE(capped.exitCode == 0);
+  CHECK(capped.out.find("done: 5 steps") != std::string::npos);
+}
+
+TEST_CASE("linear regression (Linear(10,1), SGD, MSE) fits its synthetic data") {
+  std::string dir = tempDir("linreg");
+  auto r = run({dtrainBinary(), "train", sourceDir() + "/configs/linear_regression.json", "--output-dir", dir},
+               {.timeout = 60s});
+  INFO(r.out, r.err);
+  REQUIRE(r.exitCode == 0);
+  auto lines = readJsonLines(dir + "/metrics.jsonl");
+  REQUIRE(!lines.empty());
+  CHECK(lines.back()["eval_loss"].get<double>() < 0.01);
+  auto w = readSafetensors(dir + "/model.safetensors");
+  CHECK(w["0.weight"].size() == 10);
+  CHECK(w["0.bias"].size() == 1);
+}

@@ -102,6 +102,8 @@ int runBenchComm(const std::string& what, const BenchCommArgs& a) {
     co.groupName = "bench-control";
     control = comm::createBackend("tcp", co);
   }
+  // Tests (and people watching a hung job) learn from this line that the group is connected.
+  log::info("bench {}: {} communicator ready, rank {} of {}", what, bench->name(), bench->rank(), bench->size());
   const bool printer = bench->rank() == 0;
   if (printer && !a.json) printHeader(*bench, o, what);
   const std::string type(comm::dtypeName(o.dtype));

@@ -9,8 +9,11 @@
 namespace dtrain::comm::tcp {
 
 namespace {
-// Measured on the reference 2-core machine with 2 ranks over loopback (docs/collectives.md): recursive
-// doubling wins below ~64 KiB, and 256 KiB ring pieces keep a piece in L2 while it is combined.
+// Measured on the reference 2-core machine over loopback (docs/collectives.md). With 2 ranks recursive
+// doubling moves the same bytes as the ring in one dependent exchange instead of two and wins up to ~512 KiB;
+// with more ranks it moves log2(n) x the buffer against the ring's 2(n-1)/n, so the crossover drops (64 KiB).
+// 256 KiB ring pieces keep a piece in L2 while it is combined.
+constexpr int64_t kDefaultSmallBytesTwoRanks = 512 << 10;
 constexpr int64_t kDefaultSmallBytes = 64 << 10;
 constexpr int64_t kDefaultChunkBytes = 256 << 10;
 constexpr int64_t kDefaultSpinMicros = 50;
@@ -20,7 +23,8 @@ size_t roundUp64(int64_t v) { return static_cast<size_t>(std::max<int64_t>(64, (
 
 TcpBackend::TcpBackend(BackendOptions options) : Backend(std::move(options)) {
   const Tuning& t = options_.tuning;
-  smallBytes_ = static_cast<size_t>(tuned(t.tcpSmallBytes, "DTRAIN_TCP_SMALL_BYTES", kDefaultSmallBytes));
+  smallBytes_ = static_cast<size_t>(tuned(t.tcpSmallBytes, "DTRAIN_TCP_SMALL_BYTES",
+                                          size() == 2 ? kDefaultSmallBytesTwoRanks : kDefaultSmallBytes));
   chunkBytes_ = roundUp64(tuned(t.tcpChunkBytes, "DTRAIN_TCP_CHUNK_BYTES", kDefaultChunkBytes));
   spin_ = std::chrono::microseconds(tuned(t.spinMicros, "DTRAIN_COMM_SPIN_US", kDefaultSpinMicros));
   stagingStore_.resize(chunkBytes_ + 64);

@@ -39,13 +39,9 @@ Registry& registry() {
 
 bool isGpuDevice(const std::string& device) { return device.rfind("cuda", 0) == 0 || device.rfind("gpu", 0) == 0; }
 
-bool gpuVisible() {
 #if DTRAIN_WITH_CUDA
-  return nccl::visibleGpuCount() > 0;
-#else
-  return false;
+bool gpuVisible() { return nccl::visibleGpuCount() > 0; }
 #endif
-}
 
 }  // namespace
 

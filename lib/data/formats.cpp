@@ -27,10 +27,11 @@ struct FdGuard {
 };
 
 std::vector<std::byte> readPlain(int fd, const std::string& path, size_t sizeHint) {
-  std::vector<std::byte> out(sizeHint);
+  std::vector<std::byte> out(sizeHint + 1);  // +1 so the final read sees EOF without a resize
   size_t used = 0;
   for (;;) {
-    if (out.size() - used < kReadChunk) out.resize(std::max(out.size() * 2, used + kReadChunk));
+    // Grow only when full: growing earlier would double a buffer that the size hint already made exact.
+    if (used == out.size()) out.resize(std::max(out.size() * 2, used + kReadChunk));
     ssize_t n = ::read(fd, out.data() + used, out.size() - used);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) DTRAIN_THROW(ConfigError, "{}: read failed ({})", path, std::strerror(errno));
@@ -48,7 +49,7 @@ std::vector<std::byte> readGzip(int fd, const std::string& path, size_t sizeHint
   std::vector<std::byte> out(sizeHint + 1);  // +1 so the final read sees EOF without a resize
   size_t used = 0;
   for (;;) {
-    if (out.size() - used < kReadChunk) out.resize(std::max(out.size() * 2, used + kReadChunk));
+    if (used == out.size()) out.resize(std::max(out.size() * 2, used + kReadChunk));
     auto want = static_cast<unsigned>(std::min<size_t>(out.size() - used, 1u << 30));
     int n = ::gzread(gz, out.data() + used, want);
     if (n < 0) {

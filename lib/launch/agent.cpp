@@ -155,6 +155,14 @@ int Agent::run() {
       return finish(event.exitCode);
     }
     if (event.isFailure()) {
+      // Exit code 2 is a configuration error (dtrain's own, and argparse's for Python scripts): a restart would
+      // fail the same way, so it is reported at once without burning the restarts.
+      bool configError = event.type == "failed" && event.exitCode == static_cast<int>(ExitCode::kConfig);
+      if (configError) {
+        printBlock(log::Level::kError, event.report);
+        log::error("exit code 2 is a configuration error: not restarting");
+        return finish(event.exitCode);
+      }
       if (round.restartCount >= options_.maxRestarts) {
         printBlock(log::Level::kError, event.report.empty() ? event.message : event.report);
         if (options_.maxRestarts > 0)

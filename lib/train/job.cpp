@@ -3,6 +3,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "lib/ckpt/checkpoint.h"
 #include "lib/common/error.h"
 #include "lib/common/parse.h"
 #include "lib/nn/json_fields.h"
@@ -63,7 +64,7 @@ DataSettings parseData(const json& doc, const std::string& source, const fs::pat
   d.batchSize = f.integer("batch_size", 64, "an integer >= 1 (samples per rank)", positive);
   d.shuffle = f.boolean("shuffle", true);
   d.dropLast = f.boolean("drop_last", false);
-  d.prefetch = f.boolean("prefetch", true);
+  if (f.has("prefetch")) d.prefetch = f.boolean("prefetch", true);
   return d;
 }
 
@@ -187,7 +188,7 @@ Job loadJob(const JobArgs& args) {
                   "{}: /name: expected a non-empty name without '/', got '{}'", src, job.name);
   json model = resolveModel(job.doc, src, job.baseDir);
   job.model = nn::parseModelSpec(model, src, "/model");
-  job.modelHash = fnv1aHex(model.dump());
+  job.modelHash = ckpt::specHash(model);
   DTRAIN_CHECK_AS(ConfigError, job.doc.contains("loss"), "{}: missing required field 'loss' (e.g. {{\"type\": \"cross_entropy\"}})", src);
   job.loss = nn::parseLossSpec(job.doc["loss"], src, "/loss");
   DTRAIN_CHECK_AS(ConfigError, job.doc.contains("optimizer"),

@@ -27,7 +27,7 @@ struct DataSettings {
   int64_t batchSize = 64;  // per rank
   bool shuffle = true;
   bool dropLast = false;
-  bool prefetch = true;
+  std::optional<bool> prefetch;  // unset: on when the node has more cores than workers
 };
 
 struct LoopSettings {

@@ -11,6 +11,10 @@
 
 namespace dtrain::train {
 
+double wallTime() {
+  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
 std::string formatDuration(double seconds) {
   if (!std::isfinite(seconds) || seconds < 0) return "?";
   auto s = static_cast<int64_t>(seconds + 0.5);
@@ -56,8 +60,8 @@ void Progress::step(const StepStats& s) {
   }
   std::fflush(stdout);
   if (metrics_) {
-    nlohmann::json j{{"step", s.step},   {"epoch", s.epoch},   {"loss", s.loss},
-                     {"lr", s.lr},       {"samples_per_s", s.samplesPerSec}, {"time_s", s.elapsedSec}};
+    nlohmann::json j{{"step", s.step}, {"epoch", s.epoch}, {"loss", s.loss}, {"lr", s.lr},
+                     {"samples_per_s", s.samplesPerSec}, {"time_s", s.elapsedSec}, {"wall_time", wallTime()}};
     fmt::print(metrics_, "{}\n", j.dump());
     std::fflush(metrics_);
   }
@@ -80,6 +84,17 @@ void Progress::eval(const StepStats& s, double evalLoss, std::optional<double> e
     fmt::print(metrics_, "{}\n", j.dump());
     std::fflush(metrics_);
   }
+}
+
+void Progress::final(const StepStats& s, double trainSamplesPerSec, double trainSec, double wallSec,
+                     double peakRssMb) {
+  if (!enabled_ || !metrics_) return;
+  nlohmann::json j{{"step", s.step},          {"epoch", s.epoch},       {"loss", s.loss},
+                   {"lr", s.lr},              {"samples_per_s", trainSamplesPerSec},
+                   {"final", true},           {"train_time_s", trainSec}, {"time_s", wallSec},
+                   {"peak_rss_mb", peakRssMb}, {"wall_time", wallTime()}};
+  fmt::print(metrics_, "{}\n", j.dump());
+  std::fflush(metrics_);
 }
 
 void Progress::info(const std::string& line) {

@@ -36,6 +36,8 @@ class Progress {
   void eval(const StepStats& s, double evalLoss, std::optional<double> evalAccuracy, int64_t samples);
   void info(const std::string& line);  // a plain line (ends an updating line first)
   void summary(const std::string& line);
+  // The last metrics line ("final": true): training throughput, times and the peak RSS over the ranks.
+  void final(const StepStats& s, double trainSamplesPerSec, double trainSec, double wallSec, double peakRssMb);
 
  private:
   void endLine();
@@ -46,5 +48,6 @@ class Progress {
 };
 
 std::string formatDuration(double seconds);  // "1:02:03" / "2:03"
+double wallTime();                           // Unix time in seconds (metrics' wall_time)
 
 }  // namespace dtrain::train

@@ -1,8 +1,12 @@
 #include "lib/train/trainer.h"
 
+#include <sys/resource.h>
+#include <unistd.h>
+
 #include <csignal>
 #include <cmath>
 #include <future>
+#include <thread>
 
 #include "lib/comm/registry.h"
 #include "lib/common/clock.h"
@@ -13,6 +17,8 @@
 #include "lib/nn/loss.h"
 #include "lib/nn/model.h"
 #include "lib/train/check.h"
+#include "lib/train/checkpointing.h"
+#include "lib/train/fault.h"
 #include "lib/train/ddp.h"
 #include "lib/train/progress.h"
 #include "lib/train/weights.h"
@@ -31,6 +37,25 @@ void installStopHandlers() {
   sa.sa_handler = onStopSignal;
   sigemptyset(&sa.sa_mask);
   for (int sig : {SIGTERM, SIGINT, SIGUSR1}) ::sigaction(sig, &sa, nullptr);
+}
+
+double peakRssMb() {
+  struct rusage ru {};
+  ::getrusage(RUSAGE_SELF, &ru);
+  return static_cast<double>(ru.ru_maxrss) / 1024.0;  // ru_maxrss is in KiB on Linux
+}
+
+constexpr int64_t kStopCheckEvery = 8;
+
+// Dropout masks are a function of (seed, rank, step, micro-batch), so a resumed run draws the masks the
+// uninterrupted run drew.
+uint64_t dropoutSeed(uint64_t seed, int rank, int64_t step, int micro) {
+  uint64_t h = seed ^ 0x9E3779B97F4A7C15ull;
+  for (uint64_t v : {static_cast<uint64_t>(rank), static_cast<uint64_t>(step), static_cast<uint64_t>(micro)}) {
+    h ^= v + 0x9E3779B97F4A7C15ull + (h << 6) + (h >> 2);
+    h *= 0xBF58476D1CE4E5B9ull;
+  }
+  return h;
 }
 
 int envInt(const char* name, int fallback) { return static_cast<int>(env::getInt(name, fallback)); }
@@ -88,6 +113,7 @@ class TrainLoop {
   int64_t intervalSamples_ = 0;
   Clock::time_point intervalStart_;
   TrainResult result_;
+  bool prefetch_ = true;
 };
 
 void TrainLoop::connect() {
@@ -121,7 +147,7 @@ void TrainLoop::evaluate(const StepStats& stats) {
   // Every sample exactly once: no padding, uneven shards; sums are reduced over the group.
   data::DistributedSampler sampler({.datasetSize = eval_->size(), .rank = worker_.rank, .worldSize = worker_.worldSize,
                                     .shuffle = false, .pad = false});
-  data::BatchLoader loader(*eval_, sampler, {.batchSize = job_.data.batchSize, .prefetch = job_.data.prefetch});
+  data::BatchLoader loader(*eval_, sampler, {.batchSize = job_.data.batchSize, .prefetch = prefetch_});
   nn::EvalSums sums;
   for (const data::Batch& b : loader) {
     nn::TensorView out = model_->forward(b.features, static_cast<int>(b.size), false);
@@ -141,6 +167,9 @@ void TrainLoop::evaluate(const StepStats& stats) {
 TrainResult TrainLoop::run() {
   installStopHandlers();
   const bool leader = worker_.rank == 0;
+  // A prefetch thread only pays when a core is free for it: with as many workers as cores on the node it
+  // competes with the training threads (measured: 2 ranks on 2 cores run faster without it).
+  prefetch_ = job_.data.prefetch.value_or(std::thread::hardware_concurrency() > static_cast<unsigned>(worker_.localWorldSize));
   // The eval set loads in the background while the group forms and the training set loads.
   std::future<std::shared_ptr<const data::Dataset>> evalLoad;
   if (job_.data.eval) evalLoad = std::async(std::launch::async, [&] { return data::loadDataset(*job_.data.eval); });
@@ -148,29 +177,38 @@ TrainResult TrainLoop::run() {
   connect();
   const int64_t batch = job_.data.batchSize;
   model_.emplace(nn::Model::build(job_.model, static_cast<int>(batch), job_.loop.seed));
-  // Different dropout masks per rank (the same masks on every rank would waste data parallelism).
-  model_->reseedDropout(job_.loop.seed + 0x9E3779B97F4A7C15ull * static_cast<uint64_t>(worker_.rank + 1));
   loss_ = nn::Loss::create(job_.loss, job_.model.output(), static_cast<int>(batch));
   checkDataFitsModel(job_, *train_, *loss_, "/data/train");
   if (!job_.initFrom.empty()) loadWeights(job_.initFrom, *model_);
   auto params = model_->params();
   auto grads = model_->grads();
-  // Rank 0's initial parameters for everyone: replicas start identical whatever each rank built.
-  if (backend_) backend_->broadcast(params.data(), params.size(), comm::DType::kFloat32, 0);
   auto optimizer = nn::Optimizer::create(job_.optimizer, model_->numParams());
+  Checkpointer checkpointer(job_, worker_.rank, worker_.worldSize, backend_,
+                            fmt::format("{}/{}/{}", worker_.runId, worker_.round, worker_.restartCount));
+  std::optional<ResumePoint> resumed = checkpointer.resume(*model_, *optimizer);
+  // Rank 0's parameters for everyone: replicas start identical whatever each rank built or loaded.
+  if (backend_) backend_->broadcast(params.data(), params.size(), comm::DType::kFloat32, 0);
   GradientSync sync(*model_, backend_, job_.parallel.firstBucketMb, job_.parallel.bucketMb);
 
   data::SamplerOptions so{.datasetSize = train_->size(), .rank = worker_.rank, .worldSize = worker_.worldSize,
                           .shuffle = job_.data.shuffle, .seed = job_.loop.seed, .dropLast = job_.data.dropLast};
   data::DistributedSampler sampler(so);
-  const int64_t perRank = sampler.numSamplesThisRank();
-  const int64_t batchesPerEpoch = job_.data.dropLast ? perRank / batch : (perRank + batch - 1) / batch;
-  DTRAIN_CHECK_AS(ConfigError, batchesPerEpoch > 0,
-                  "{}: /data/batch_size: {} samples per rank ({} in all over {} rank(s)) make no batch of {}",
-                  job_.sourceFile, perRank, train_->size(), worker_.worldSize, batch);
   const int accum = job_.loop.gradAccum;
-  const int64_t stepsPerEpoch = (batchesPerEpoch + accum - 1) / accum;
-  int64_t totalSteps = stepsPerEpoch * job_.loop.epochs;
+  auto stepsOf = [&](int64_t samplesPerRank) {
+    int64_t batches = job_.data.dropLast ? samplesPerRank / batch : (samplesPerRank + batch - 1) / batch;
+    return (batches + accum - 1) / accum;
+  };
+  const int64_t stepsPerEpoch = stepsOf(sampler.numSamplesThisRank());
+  DTRAIN_CHECK_AS(ConfigError, stepsPerEpoch > 0,
+                  "{}: /data/batch_size: {} samples per rank ({} in all over {} rank(s)) make no batch of {}",
+                  job_.sourceFile, sampler.numSamplesThisRank(), train_->size(), worker_.worldSize, batch);
+  int64_t step = resumed ? resumed->step : 0;
+  int64_t startEpoch = resumed ? resumed->epoch : 0;
+  int64_t startSample = resumed ? resumed->samplesConsumed : 0;
+  // Steps of the whole run as this world sees it: done + the rest of this epoch + the remaining epochs.
+  sampler.setEpoch(startEpoch, startSample);
+  int64_t totalSteps = step + (startEpoch < job_.loop.epochs ? stepsOf(sampler.numSamplesThisRank()) : 0) +
+                       std::max<int64_t>(0, job_.loop.epochs - startEpoch - 1) * stepsPerEpoch;
   if (job_.loop.maxSteps > 0) totalSteps = std::min(totalSteps, job_.loop.maxSteps);
   double baseLr = job_.optimizer.lr;
   if (job_.parallel.lrScaling == "linear")
@@ -183,34 +221,58 @@ TrainResult TrainLoop::run() {
     eval_ = evalLoad.get();
     checkDataFitsModel(job_, *eval_, *loss_, "/data/eval");
   }
-  progress_ = std::make_unique<Progress>(leader, job_.outputDir / "metrics.jsonl", false);
+  progress_ = std::make_unique<Progress>(leader, job_.outputDir / "metrics.jsonl", resumed.has_value());
   if (leader) {
     progress_->info(fmt::format("{}: {} parameters, {} training samples, {} rank(s) x batch {}, {} steps{}",
                                 job_.name, model_->numParams(), train_->size(), worker_.worldSize, batch, totalSteps,
                                 backend_ ? fmt::format(", {} backend", backend_->name()) : ""));
+    if (resumed)
+      progress_->info(fmt::format("resumed from {} (step {}, epoch {}, {} samples of it done, saved by {} rank(s))",
+                                  resumed->path.string(), resumed->step, resumed->epoch + 1, resumed->samplesConsumed,
+                                  resumed->savedWorldSize));
   }
+
+  const bool hasDropout = std::any_of(job_.model.layers.begin(), job_.model.layers.end(),
+                                      [](const nn::LayerSpec& l) { return l.type == nn::LayerType::kDropout; });
+  FaultInjector faults(worker_.rank, worker_.restartCount);
+  SampleLog sampleLog(worker_.rank, worker_.worldSize, worker_.restartCount, worker_.round);
+  // Ranks agree on a stop (SIGTERM/SIGINT/SIGUSR1 on any of them) every kStopCheckEvery steps, so that they
+  // all checkpoint at the same step; alone, every step.
+  const int64_t stopCheckEvery = backend_ ? kStopCheckEvery : 1;
+  auto agreedStopSignal = [&]() -> int {
+    double flag[1] = {static_cast<double>(gStopSignal.load())};
+    if (backend_) backend_->allreduce(flag, 1, comm::DType::kFloat64, comm::ReduceOp::kMax);
+    return static_cast<int>(flag[0]);
+  };
+  auto saveCheckpoint = [&](int64_t epoch, int64_t position) {
+    if (!checkpointer.enabled()) return;
+    auto dir = checkpointer.save(*model_, *optimizer, step, epoch, position);
+    if (leader) log::debug("checkpoint {} committed", dir.string());
+  };
 
   StepStats stats{.totalSteps = totalSteps, .epochs = job_.loop.epochs, .stepsPerEpoch = stepsPerEpoch};
   const float gradScale = 1.0f / static_cast<float>(accum);
-  Clock::time_point firstStep{};
   intervalStart_ = Clock::now();
-  int64_t step = 0;
-  bool stop = false;
-  for (int64_t epoch = 0; epoch < job_.loop.epochs && !stop; ++epoch) {
-    sampler.setEpoch(epoch, 0);
+  bool stop = job_.loop.maxSteps > 0 && step >= job_.loop.maxSteps;
+  for (int64_t epoch = startEpoch; epoch < job_.loop.epochs && !stop; ++epoch) {
+    sampler.setEpoch(epoch, epoch == startEpoch ? startSample : 0);
     data::BatchLoader loader(*train_, sampler, {.batchSize = batch, .dropLast = job_.data.dropLast,
-                                                .prefetch = job_.data.prefetch});
+                                                .prefetch = prefetch_});
+    const int64_t numBatches = loader.numBatches();
     stats.epoch = epoch;
+    Clock::time_point epochStart = Clock::now();
     int micro = 0;
     int64_t batchIndex = 0;
     for (const data::Batch& b : loader) {
       ++batchIndex;
-      bool lastMicro = micro + 1 == accum || batchIndex == batchesPerEpoch;
+      bool lastMicro = micro + 1 == accum || batchIndex == numBatches;
+      if (hasDropout) model_->reseedDropout(dropoutSeed(job_.loop.seed, worker_.rank, step, micro));
       nn::TensorView out = model_->forward(b.features, static_cast<int>(b.size), true);
       float l = loss_->forward(out, targetsOf(b, *train_));
       intervalLoss_ += l;
       ++intervalBatches_;
       intervalSamples_ += b.size;
+      sampleLog.add(b.indices);
       model_->backward(loss_->backward(gradScale), lastMicro ? sync.hook() : nn::LayerGradReady{},
                        micro == 0 ? nn::GradMode::kOverwrite : nn::GradMode::kAccumulate);
       if (!lastMicro) {
@@ -222,38 +284,59 @@ TrainResult TrainLoop::run() {
       if (job_.optimizer.clipGradNorm > 0) nn::clipGradNorm(grads, job_.optimizer.clipGradNorm);
       optimizer->setLr(schedule.lr(step));
       optimizer->step(params, grads);
-      if (step == 0) firstStep = Clock::now();
       ++step;
+      sampleLog.commitStep(epoch, step);
       stats.step = step;
       stats.stepInEpoch = (batchIndex + accum - 1) / accum;
       stats.lr = optimizer->lr();
       result_.samples += b.size * worker_.worldSize;
-      if (step % logEvery == 0 || batchIndex == batchesPerEpoch) logInterval(stats, false);
+      const bool epochEnd = batchIndex == numBatches;
+      // Step 1 is always logged: its wall_time tells how long the start took.
+      if (step == 1 || step % logEvery == 0 || epochEnd) logInterval(stats, false);
+      // A run that reaches max_steps is checkpointed there, so raising max_steps continues it.
       if (job_.loop.maxSteps > 0 && step >= job_.loop.maxSteps) stop = true;
-      if (gStopSignal.load() != 0) {
-        result_.stoppedBySignal = gStopSignal.load();
-        stop = true;
+      if (step % stopCheckEvery == 0 || stop) {
+        if (int sig = agreedStopSignal(); sig != 0) {
+          result_.stoppedBySignal = sig;
+          stop = true;
+        }
       }
-      if (stop) break;
+      // The epoch's last step is saved after the evaluation, below, as the start of the next epoch.
+      bool due = stop || (job_.checkpoint.everySteps > 0 && step % job_.checkpoint.everySteps == 0);
+      if (due && !epochEnd) saveCheckpoint(epoch, b.position);
+      faults.afterStep(step);
+      if (stop && !epochEnd) break;
     }
     logInterval(stats, false);
-    if (job_.loop.evalEachEpoch && !result_.stoppedBySignal) evaluate(stats);
+    result_.trainSec += secondsSince(epochStart);
+    if (batchIndex == numBatches) {  // the epoch ran to its end
+      if (job_.loop.evalEachEpoch && !result_.stoppedBySignal) evaluate(stats);
+      saveCheckpoint(epoch + 1, 0);
+    }
+    intervalStart_ = Clock::now();  // evaluation time is not training throughput
   }
   result_.steps = step;
-  result_.trainSec = step > 0 ? secondsSince(firstStep) : 0;
   if (leader && !result_.stoppedBySignal) {
     std::filesystem::create_directories(job_.outputDir);
     saveWeights(job_.outputDir / "model.safetensors", *model_);
   }
   result_.wallSec = secondsSince(start_);
-  result_.samplesPerSec = result_.wallSec > 0 ? static_cast<double>(result_.samples) / result_.wallSec : 0;
+  result_.samplesPerSec = result_.trainSec > 0 ? static_cast<double>(result_.samples) / result_.trainSec : 0;
+  // Peak memory of every rank (the largest is what a user sizes a machine by).
+  double rss[1] = {peakRssMb()};
+  if (backend_) backend_->allreduce(rss, 1, comm::DType::kFloat64, comm::ReduceOp::kMax);
+  result_.peakRssMb = rss[0];
   if (leader) {
     std::string eval;
     if (result_.evalAccuracy) eval = fmt::format(", eval accuracy {:.2f}%", *result_.evalAccuracy * 100);
     else if (result_.evalLoss) eval = fmt::format(", eval loss {:.6f}", *result_.evalLoss);
-    progress_->summary(fmt::format("done: {} steps, {} samples in {} ({:.0f} samples/s overall){}; wrote {}", step,
-                                   result_.samples, formatDuration(result_.wallSec), result_.samplesPerSec, eval,
-                                   (job_.outputDir / "model.safetensors").string()));
+    std::string wrote = result_.stoppedBySignal ? std::string()
+                                                : "; wrote " + (job_.outputDir / "model.safetensors").string();
+    progress_->summary(fmt::format("done: {} steps, {} samples in {} (training {:.0f} samples/s, peak RSS {:.0f} MB per "
+                                   "rank){}{}",
+                                   step, result_.samples, formatDuration(result_.wallSec), result_.samplesPerSec,
+                                   result_.peakRssMb, eval, wrote));
+    progress_->final(stats, result_.samplesPerSec, result_.trainSec, result_.wallSec, result_.peakRssMb);
   }
   return result_;
 }

@@ -30,8 +30,9 @@ struct TrainResult {
   int64_t steps = 0;
   int64_t samples = 0;  // all ranks
   double wallSec = 0;
-  double trainSec = 0;  // from the first step to the last
-  double samplesPerSec = 0;
+  double trainSec = 0;  // time in the training loop (evaluation excluded)
+  double peakRssMb = 0; // largest peak resident set size over the ranks
+  double samplesPerSec = 0;  // training samples per second over the group
   std::optional<double> evalLoss;
   std::optional<double> evalAccuracy;
   int stoppedBySignal = 0;  // SIGTERM/SIGINT/SIGUSR1 stopped the run early (after a checkpoint)

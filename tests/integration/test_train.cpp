@@ -47,6 +47,14 @@ std::map<std::string, std::vector<float>> readSafetensors(const std::string& pat
   return out;
 }
 
+// The last evaluation line of a metrics.jsonl.
+json lastEval(const std::vector<json>& lines) {
+  for (auto it = lines.rbegin(); it != lines.rend(); ++it)
+    if (it->contains("eval_loss")) return *it;
+  FAIL("no evaluation line");
+  return {};
+}
+
 std::vector<json> readJsonLines(const std::string& path) {
   std::vector<json> out;
   std::istringstream in(readFile(path));
@@ -116,8 +124,8 @@ TEST_CASE("data parallel: 2 ranks x batch b give the same weights as 1 rank x ba
   auto mb = readJsonLines(dir + "/two/metrics.jsonl");
   REQUIRE(!ma.empty());
   REQUIRE(!mb.empty());
-  CHECK(ma.back()["eval_loss"].get<double>() == doctest::Approx(mb.back()["eval_loss"].get<double>()).epsilon(1e-4));
-  CHECK(ma.back()["eval_accuracy"] == mb.back()["eval_accuracy"]);
+  CHECK(lastEval(ma)["eval_loss"].get<double>() == doctest::Approx(lastEval(mb)["eval_loss"].get<double>()).epsilon(1e-4));
+  CHECK(lastEval(ma)["eval_accuracy"] == lastEval(mb)["eval_accuracy"]);
 }
 
 TEST_CASE("metrics.jsonl has a line per log step and evaluation lines; max_steps stops early") {
@@ -126,16 +134,21 @@ TEST_CASE("metrics.jsonl has a line per log step and evaluation lines; max_steps
   auto r = run({dtrainBinary(), "train", dir + "/job.json", "--output-dir", dir + "/out"}, {.timeout = 60s});
   REQUIRE(r.exitCode == 0);
   auto lines = readJsonLines(dir + "/out/metrics.jsonl");
-  int evals = 0, steps = 0;
+  int evals = 0, steps = 0, finals = 0;
   for (auto& j : lines) {
     for (auto key : {"step", "epoch", "loss", "lr", "samples_per_s"}) CHECK_MESSAGE(j.contains(key), key);
-    if (j.contains("eval_loss")) {
+    if (j.value("final", false)) {
+      ++finals;
+      CHECK(j["peak_rss_mb"].get<double>() > 0);
+    } else if (j.contains("eval_loss")) {
       ++evals;
       CHECK(j.contains("eval_accuracy"));
     } else {
       ++steps;
     }
   }
+  CHECK(finals == 1);
+  CHECK(lines.back().value("final", false));
   CHECK(evals == 2);         // one per epoch
   CHECK(steps == 2 * 12);    // 96 samples / batch 8 = 12 steps per epoch, log_every 1
   CHECK(r.out.find("eval: loss") != std::string::npos);
@@ -153,7 +166,7 @@ TEST_CASE("linear regression (Linear(10,1), SGD, MSE) fits its synthetic data") 
   REQUIRE(r.exitCode == 0);
   auto lines = readJsonLines(dir + "/metrics.jsonl");
   REQUIRE(!lines.empty());
-  CHECK(lines.back()["eval_loss"].get<double>() < 0.01);
+  CHECK(lastEval(lines)["eval_loss"].get<double>() < 0.01);
   auto w = readSafetensors(dir + "/model.safetensors");
   CHECK(w["0.weight"].size() == 10);
   CHECK(w["0.bias"].size() == 1);

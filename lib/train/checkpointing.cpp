@@ -1,0 +1,83 @@
+#include "lib/train/checkpointing.h"
+
+#include "lib/ckpt/checkpoint.h"
+#include "lib/common/error.h"
+#include "lib/common/log.h"
+#include "lib/train/weights.h"
+
+namespace dtrain::train {
+
+namespace {
+
+constexpr const char* kModelFile = "model.safetensors";
+constexpr const char* kOptimizerFile = "optimizer.safetensors";
+
+std::string rankFile(int rank) { return fmt::format("rank-{}.json", rank); }
+
+}  // namespace
+
+Checkpointer::Checkpointer(const Job& job, int rank, int worldSize, std::shared_ptr<comm::Backend> backend,
+                           std::string runTag)
+    : job_(job), rank_(rank), worldSize_(worldSize), backend_(std::move(backend)), runTag_(std::move(runTag)) {}
+
+std::optional<ResumePoint> Checkpointer::resume(nn::Model& model, nn::Optimizer& optimizer) {
+  if (!job_.checkpoint.enabled || !job_.checkpoint.resume) return std::nullopt;
+  auto latest = ckpt::findLatestValid(job_.checkpoint.dir);
+  if (rank_ == 0)
+    for (const auto& s : latest.skipped)
+      log::warn("skipping checkpoint {}: {} ({})", s.path.string(), ckpt::statusName(s.status), s.reason);
+  if (!latest.checkpoint) return std::nullopt;
+  auto cp = ckpt::Checkpoint::open(latest.checkpoint->path);
+  cp.checkSpecHash(job_.modelHash);
+  auto params = model.params();
+  for (const auto& p : model.paramTable()) {
+    std::span<std::byte> dst(reinterpret_cast<std::byte*>(params.data() + p.offset), p.count * sizeof(float));
+    cp.loadTensor(kModelFile, p.name, ckpt::DType::kF32, p.shape.toVector(), dst);
+  }
+  const auto n = static_cast<int64_t>(model.numParams());
+  for (auto& buf : optimizer.stateBuffers()) {
+    std::span<std::byte> dst(reinterpret_cast<std::byte*>(buf.data.data()), buf.data.size() * sizeof(float));
+    cp.loadTensor(kOptimizerFile, buf.name, ckpt::DType::kF32, {n}, dst);
+  }
+  const auto& meta = cp.meta();
+  optimizer.setSteps(meta.user.value("optimizer_steps", meta.step));
+  ResumePoint r{meta.step, meta.epoch, meta.samplesConsumed, meta.worldSize, cp.path()};
+  return r;
+}
+
+std::filesystem::path Checkpointer::save(const nn::Model& model, nn::Optimizer& optimizer, int64_t step,
+                                         int64_t epoch, int64_t samplesConsumed) {
+  // Every rank derives the same token: no message needed to agree on the staging dir.
+  std::string token = fnv1aHex(fmt::format("{}/{}", runTag_, step));
+  ckpt::CheckpointWriter writer(job_.checkpoint.dir, step, token);
+  if (rank_ == 0) {
+    auto tensors = parameterTensors(model);
+    writer.writeTensors(kModelFile, tensors, {{"format", "pt"}});
+    std::vector<ckpt::TensorView> state;
+    const auto n = static_cast<int64_t>(model.numParams());
+    for (auto& buf : optimizer.stateBuffers()) state.push_back({buf.name, ckpt::DType::kF32, {n}, buf.data.data()});
+    writer.writeTensors(kOptimizerFile, state, {{"optimizer", nn::optimizerTypeName(optimizer.spec().type)}});
+  }
+  writer.writeJson(rankFile(rank_), {{"rank", rank_}, {"world_size", worldSize_}, {"step", step}, {"epoch", epoch},
+                                     {"samples_consumed", samplesConsumed}});
+  if (backend_) backend_->barrier();  // every rank's part is durable before rank 0 commits
+  std::filesystem::path committed;
+  if (rank_ == 0) {
+    ckpt::CheckpointMeta meta;
+    meta.step = step;
+    meta.epoch = epoch;
+    meta.samplesConsumed = samplesConsumed;
+    meta.worldSize = worldSize_;
+    meta.specHash = job_.modelHash;
+    meta.user = {{"optimizer_steps", optimizer.steps()}, {"job", job_.name}, {"lr", optimizer.lr()}};
+    ckpt::CommitOptions options;
+    for (int r = 0; r < worldSize_; ++r) options.requiredFiles.push_back(rankFile(r));
+    committed = writer.commit(meta, options);
+    ckpt::applyRetention(job_.checkpoint.dir, job_.checkpoint.keep);
+  }
+  // Nobody moves on (or exits after a stop signal) before the checkpoint is committed.
+  if (backend_) backend_->barrier();
+  return committed;
+}
+
+}  // namespace dtrain::train

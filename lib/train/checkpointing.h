@@ -1,0 +1,59 @@
+// The trainer's side of checkpoints (lib/ckpt does the files): what a checkpoint holds, when every rank writes
+// its part, and how a (re)started group resumes.
+//
+// A checkpoint at optimizer step S holds: model.safetensors (the parameter arena under torch.nn.Sequential's
+// names), optimizer.safetensors (the optimizer's state arenas and its step count), one rank-<r>.json per rank
+// (what that rank saw: the group's data position and its world), and meta.json (step, epoch, samples of the
+// epoch consumed by the group, world size, model-spec hash, format version). Parameters and optimizer state are
+// identical on every data-parallel rank, so rank 0 writes them; the per-rank files prove every rank reached the
+// same step, and the checkpoint is committed by rank 0 only after a barrier (lib/ckpt's protocol).
+//
+// Exact resume: with the same world size a resumed run continues with the same batches (the sampler resumes at
+// the saved position), the same parameters and optimizer state bit for bit, the same lr (a function of the
+// step), and the same dropout masks (the trainer reseeds dropout from (seed, rank, step) every step), so it ends
+// with bit-identical weights. With another world size the position is global: the rest of the epoch is shared
+// out over the new world, no sample skipped and none repeated (padding aside).
+#pragma once
+
+#include <filesystem>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "lib/comm/backend.h"
+#include "lib/nn/model.h"
+#include "lib/nn/optimizer.h"
+#include "lib/train/job.h"
+
+namespace dtrain::train {
+
+struct ResumePoint {
+  int64_t step = 0;
+  int64_t epoch = 0;
+  int64_t samplesConsumed = 0;  // of `epoch`, by the whole group
+  int savedWorldSize = 1;
+  std::filesystem::path path;
+};
+
+class Checkpointer {
+ public:
+  Checkpointer(const Job& job, int rank, int worldSize, std::shared_ptr<comm::Backend> backend, std::string runTag);
+
+  bool enabled() const { return job_.checkpoint.enabled; }
+  // Finds the newest valid checkpoint (logging the ones it skips and why) and loads parameters and optimizer
+  // state from it. nullopt when there is none (or resume is off). Throws CheckpointError when the newest valid
+  // one was written for another model.
+  std::optional<ResumePoint> resume(nn::Model& model, nn::Optimizer& optimizer);
+  // Collective: every rank calls it at the same step. Returns the committed checkpoint dir.
+  std::filesystem::path save(const nn::Model& model, nn::Optimizer& optimizer, int64_t step, int64_t epoch,
+                             int64_t samplesConsumed);
+
+ private:
+  const Job& job_;
+  int rank_;
+  int worldSize_;
+  std::shared_ptr<comm::Backend> backend_;
+  std::string runTag_;  // makes staging-dir tokens unique per run and round, and equal on every rank
+};
+
+}  // namespace dtrain::train

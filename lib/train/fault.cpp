@@ -1,0 +1,86 @@
+#include "lib/train/fault.h"
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <filesystem>
+
+#include "lib/common/env.h"
+#include "lib/common/error.h"
+#include "lib/common/log.h"
+#include "lib/common/parse.h"
+
+namespace dtrain::train {
+
+std::vector<Fault> parseFaults(const std::string& text) {
+  std::vector<Fault> out;
+  for (const auto& item : parse::split(text, ';')) {
+    if (parse::trim(item).empty()) continue;
+    Fault f;
+    bool haveStep = false;
+    for (const auto& kv : parse::split(item, ',')) {
+      auto eq = kv.find('=');
+      std::string k(parse::trim(kv.substr(0, eq)));
+      std::string v(eq == std::string::npos ? "" : parse::trim(kv.substr(eq + 1)));
+      auto num = parse::toInt(v);
+      if (k == "action" && (v == "kill" || v == "exit" || v == "hang")) f.action = v;
+      else if (k == "rank" && num && *num >= 0) f.rank = static_cast<int>(*num);
+      else if (k == "step" && num && *num >= 1) f.step = *num, haveStep = true;
+      else if (k == "attempt" && num && *num >= 0) f.attempt = static_cast<int>(*num);
+      else if (k == "code" && num && *num >= 0 && *num <= 255) f.code = static_cast<int>(*num);
+      else
+        DTRAIN_THROW(UsageError,
+                     "DTRAIN_FAULT={}: bad item '{}' (expected rank=R,step=S,action=kill|exit|hang[,attempt=A][,code=C])",
+                     text, kv);
+    }
+    DTRAIN_CHECK_AS(UsageError, haveStep && !f.action.empty(), "DTRAIN_FAULT={}: '{}' needs step=S and action=...", text,
+                    item);
+    out.push_back(f);
+  }
+  return out;
+}
+
+FaultInjector::FaultInjector(int rank, int attempt)
+    : faults_(parseFaults(env::getOr("DTRAIN_FAULT", ""))), rank_(rank), attempt_(attempt) {}
+
+void FaultInjector::afterStep(int64_t step) const {
+  for (const auto& f : faults_) {
+    if (f.rank != rank_ || f.step != step || f.attempt != attempt_) continue;
+    log::warn("DTRAIN_FAULT: rank {} {} after step {}", rank_, f.action, step);
+    if (f.action == "kill") ::raise(SIGKILL);
+    if (f.action == "exit") throw Error(fmt::format("DTRAIN_FAULT: injected exit after step {}", step),
+                                        static_cast<ExitCode>(f.code));
+    // hang: a stuck process that even ignores SIGTERM, as a deadlocked one would
+    ::signal(SIGTERM, SIG_IGN);
+    ::signal(SIGINT, SIG_IGN);
+    for (;;) ::pause();
+  }
+}
+
+SampleLog::SampleLog(int rank, int worldSize, int attempt, int round)
+    : rank_(rank), world_(worldSize), attempt_(attempt), round_(round) {
+  auto dir = env::getOr("DTRAIN_SAMPLE_LOG", "");
+  if (dir.empty()) return;
+  std::filesystem::create_directories(dir);
+  auto path = fmt::format("{}/samples-a{}-r{}.jsonl", dir, attempt, rank);
+  file_ = std::fopen(path.c_str(), "a");
+  DTRAIN_CHECK(file_ != nullptr, "DTRAIN_SAMPLE_LOG: cannot write {}", path);
+}
+
+SampleLog::~SampleLog() {
+  if (file_) std::fclose(file_);
+}
+
+void SampleLog::add(std::span<const int64_t> indices) {
+  if (file_) pending_.insert(pending_.end(), indices.begin(), indices.end());
+}
+
+void SampleLog::commitStep(int64_t epoch, int64_t step) {
+  if (!file_) return;
+  fmt::print(file_, "{{\"attempt\":{},\"round\":{},\"rank\":{},\"world\":{},\"epoch\":{},\"step\":{},\"idx\":[{}]}}\n",
+             attempt_, round_, rank_, world_, epoch, step, fmt::join(pending_, ","));
+  std::fflush(file_);
+  pending_.clear();
+}
+
+}  // namespace dtrain::train

@@ -1,0 +1,59 @@
+// Testing aids, documented for users who want to rehearse failures (docs/fault-tolerance.md):
+//
+// DTRAIN_FAULT="rank=1,step=50,action=kill[,attempt=0][,code=3]"
+//   makes rank `rank` misbehave right after optimizer step `step` completes, in launcher attempt `attempt`
+//   (DTRAIN_RESTART_COUNT, default 0, so a restarted group does not fail again): `kill` SIGKILLs itself,
+//   `exit` ends with exit code `code` (default 1), `hang` stops making progress (ignoring SIGTERM) so that the
+//   peers' collective timeout and the agent's SIGKILL must deal with it. Several faults: separate with ';'.
+// DTRAIN_SAMPLE_LOG=DIR
+//   every rank appends, per optimizer step, the sample indices it trained on to
+//   DIR/samples-a<attempt>-r<rank>.jsonl ({"attempt","round","rank","world","epoch","step","idx"}), flushed per
+//   line: proof that an elastic resize neither skips nor repeats samples.
+#pragma once
+
+#include <cstdint>
+#include <cstdio>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace dtrain::train {
+
+struct Fault {
+  int rank = 0;
+  int64_t step = 0;
+  std::string action;  // kill | exit | hang
+  int attempt = 0;
+  int code = 1;
+};
+
+// Parses DTRAIN_FAULT (empty: no faults); UsageError naming the variable on bad syntax.
+std::vector<Fault> parseFaults(const std::string& text);
+
+class FaultInjector {
+ public:
+  FaultInjector(int rank, int attempt);  // reads DTRAIN_FAULT
+  // Called after each optimizer step. Does not return when a fault fires (kill/hang) or throws (exit).
+  void afterStep(int64_t step) const;
+
+ private:
+  std::vector<Fault> faults_;
+  int rank_;
+  int attempt_;
+};
+
+class SampleLog {
+ public:
+  SampleLog(int rank, int worldSize, int attempt, int round);  // reads DTRAIN_SAMPLE_LOG
+  ~SampleLog();
+  bool enabled() const { return file_ != nullptr; }
+  void add(std::span<const int64_t> indices);
+  void commitStep(int64_t epoch, int64_t step);  // writes the indices added since the last step
+
+ private:
+  std::FILE* file_ = nullptr;
+  int rank_, world_, attempt_, round_;
+  std::vector<int64_t> pending_;
+};
+
+}  // namespace dtrain::train

@@ -1,0 +1,119 @@
+// Elastic --nnodes MIN:MAX: a node dies, the survivors re-form and finish, and no sample of an epoch is skipped
+// or seen twice across the resize.
+#include <doctest/doctest.h>
+
+#include <signal.h>
+
+#include <filesystem>
+#include <map>
+#include <set>
+
+#include "tests/integration/launch_helpers.h"
+#include "tests/integration/train_helpers.h"
+
+using namespace dtrain::testing;
+using namespace std::chrono_literals;
+using nlohmann::json;
+
+namespace {
+
+struct StepEntry {
+  int attempt;
+  int64_t epoch;
+  int64_t step;
+  std::vector<int64_t> idx;
+};
+
+// Reads every rank's sample log; keeps, for each attempt, only the steps that the next attempt did not redo
+// (it resumed from a checkpoint and repeated the steps after it), and returns epoch -> sample -> times seen.
+std::map<int64_t, std::map<int64_t, int>> samplesSeen(const std::string& logDir, int& attempts) {
+  std::vector<StepEntry> entries;
+  for (auto& f : std::filesystem::directory_iterator(logDir))
+    for (auto& j : readJsonLines(f.path().string()))
+      entries.push_back({j["attempt"], j["epoch"], j["step"], j["idx"].get<std::vector<int64_t>>()});
+  std::map<int, int64_t> firstStep;  // attempt -> first step it ran
+  for (auto& e : entries) {
+    auto it = firstStep.find(e.attempt);
+    if (it == firstStep.end() || e.step < it->second) firstStep[e.attempt] = e.step;
+  }
+  attempts = static_cast<int>(firstStep.size());
+  std::map<int64_t, std::map<int64_t, int>> seen;
+  for (auto& e : entries) {
+    auto next = firstStep.upper_bound(e.attempt);
+    if (next != firstStep.end() && e.step >= next->second) continue;  // redone by a later attempt
+    for (auto i : e.idx) seen[e.epoch][i]++;
+  }
+  return seen;
+}
+
+}  // namespace
+
+TEST_CASE("--nnodes 2:3: SIGKILL of one agent; the survivors re-form with 2 nodes, finish, and see each sample once") {
+  std::string dir = tempDir("elastic");
+  json job = smallJob(240, 4, 100);
+  job["train"]["max_steps"] = 150;
+  job["checkpoint"] = {{"every_steps", 5}, {"keep", 3}};
+  job["parallel"] = {{"timeout", 20}};
+  writeFile(dir + "/job.json", job.dump());
+  int port = freePort();
+  std::string id = uniqueRunId("elastic");
+  auto agent = [&](int nodeRank) {
+    return runArgs({"--nnodes", "2:3", "--nproc-per-node", "2", "--node-rank", std::to_string(nodeRank), "--rdzv-endpoint",
+                    fmt::format("127.0.0.1:{}", port), "--rdzv-id", id, "--rdzv-last-call", "1s", "--heartbeat-timeout",
+                    "2s", "--max-restarts", "3", "--shutdown-timeout", "2s", dir + "/job.json", "--output-dir",
+                    dir + "/out"});
+  };
+  RunOptions opts{.env = {{"DTRAIN_SAMPLE_LOG", dir + "/samples"}}};
+  Background node2(agent(2), opts);
+  Background node1(agent(1), opts);
+  Background node0(agent(0), opts);
+  node0.waitForLine("6 rank(s)", 60s);  // all three nodes formed the first group
+  node0.waitForLine("epoch 2/100 step 2/", 60s);  // step 12: past the checkpoints at 5 and 10
+  node2.signal(SIGKILL);
+  auto r0 = node0.wait(120s);
+  auto r1 = node1.wait(120s);
+  node2.wait(10s);
+  INFO(r0.out, r0.err, r1.err);
+  REQUIRE(r0.exitCode == 0);
+  REQUIRE(r1.exitCode == 0);
+  CHECK(r0.out.find("4 rank(s)") != std::string::npos);  // re-formed with 2 nodes x 2 workers
+  CHECK(r0.out.find("resumed from") != std::string::npos);
+  CHECK(r0.out.find("done: 150 steps") != std::string::npos);
+  CHECK(processesWithRunId(id).empty());
+
+  int attempts = 0;
+  auto seen = samplesSeen(dir + "/samples", attempts);
+  CHECK(attempts >= 2);
+  // Every completed epoch covers the 240 samples exactly once (240 splits evenly over 6 and 4 ranks: no padding).
+  int complete = 0;
+  for (auto& [epoch, counts] : seen) {
+    bool whole = counts.size() == 240;
+    if (!whole) continue;  // the last, unfinished epoch (max_steps)
+    ++complete;
+    for (auto& [sample, times] : counts) CHECK_MESSAGE(times == 1, "epoch ", epoch, " sample ", sample, " seen ", times);
+  }
+  CHECK(complete >= 5);
+  for (auto& [epoch, counts] : seen)
+    for (auto& [sample, times] : counts) CHECK_MESSAGE(times == 1, "epoch ", epoch, " sample ", sample);
+}
+
+TEST_CASE("below MIN nodes the survivors wait for the join timeout, then fail with a clear report") {
+  std::string id = uniqueRunId("belowmin");
+  int port = freePort();
+  auto agent = [&](int nodeRank) {
+    return runArgs({"--nnodes", "2:2", "--nproc-per-node", "1", "--node-rank", std::to_string(nodeRank), "--rdzv-endpoint",
+                    fmt::format("127.0.0.1:{}", port), "--rdzv-id", id, "--heartbeat-timeout", "2s", "--rdzv-timeout",
+                    "3s", "--max-restarts", "2", "--", "sh", "-c", "echo ready-$RANK; exec sleep 1000"});
+  };
+  Background node1(agent(1));
+  Background node0(agent(0));
+  node0.waitForLine("ready-0", 30s);
+  node1.waitForLine("ready-1", 30s);
+  node1.signal(SIGKILL);
+  auto r0 = node0.wait(60s);
+  INFO(r0.err);
+  CHECK(r0.exitCode == 4);
+  CHECK(r0.err.find("sent no heartbeat") != std::string::npos);
+  CHECK(r0.err.find("1 of 2 node(s) joined") != std::string::npos);
+  CHECK(processesWithRunId(id).empty());
+}

@@ -1,0 +1,162 @@
+// Fault tolerance as a user sees it: kill anything at any moment and the job finishes with the same result.
+#include <doctest/doctest.h>
+
+#include <signal.h>
+
+#include <filesystem>
+#include <fstream>
+#include <set>
+
+#include "tests/integration/launch_helpers.h"
+#include "tests/integration/train_helpers.h"
+
+using namespace dtrain::testing;
+using namespace std::chrono_literals;
+using nlohmann::json;
+namespace fs = std::filesystem;
+
+namespace {
+
+std::vector<std::string> trainRun(const std::string& job, const std::string& out, std::vector<std::string> extra = {}) {
+  std::vector<std::string> args = runArgs({"--standalone", "--nproc-per-node", "2", "--max-restarts", "2",
+                                           "--shutdown-timeout", "2s"});
+  args.insert(args.end(), extra.begin(), extra.end());
+  args.push_back(job);
+  args.push_back("--output-dir");
+  args.push_back(out);
+  return args;
+}
+
+std::vector<std::string> listSteps(const std::string& dir) {
+  std::vector<std::string> out;
+  if (!fs::exists(dir)) return out;
+  for (auto& e : fs::directory_iterator(dir)) out.push_back(e.path().filename().string());
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("SIGKILL of a worker mid-epoch: the job succeeds with weights bit-identical to an uninterrupted run") {
+  std::string dir = tempDir("killresume");
+  writeFile(dir + "/job.json", smallJob().dump());
+  auto clean = run(trainRun(dir + "/job.json", dir + "/clean"), {.timeout = 60s});
+  REQUIRE_MESSAGE(clean.exitCode == 0, clean.err);
+  auto killed = run(trainRun(dir + "/job.json", dir + "/killed"),
+                    {.timeout = 60s, .env = {{"DTRAIN_FAULT", "rank=1,step=7,action=kill"}}});
+  INFO(killed.out, killed.err);
+  REQUIRE(killed.exitCode == 0);
+  CHECK(killed.err.find("signal 9 (SIGKILL)") != std::string::npos);
+  CHECK(killed.out.find("resumed from") != std::string::npos);
+  CHECK(readTensorsRaw(dir + "/clean/model.safetensors") == readTensorsRaw(dir + "/killed/model.safetensors"));
+}
+
+TEST_CASE("a worker that exits with an error is restarted and resumes from the last checkpoint") {
+  std::string dir = tempDir("exitresume");
+  writeFile(dir + "/job.json", smallJob().dump());
+  auto clean = run(trainRun(dir + "/job.json", dir + "/clean"), {.timeout = 60s});
+  REQUIRE(clean.exitCode == 0);
+  auto r = run(trainRun(dir + "/job.json", dir + "/exit"), {.timeout = 60s, .env = {{"DTRAIN_FAULT", "rank=0,step=10,action=exit,code=3"}}});
+  INFO(r.err);
+  REQUIRE(r.exitCode == 0);
+  CHECK(r.out.find("resumed from") != std::string::npos);
+  CHECK(readTensorsRaw(dir + "/clean/model.safetensors") == readTensorsRaw(dir + "/exit/model.safetensors"));
+}
+
+TEST_CASE("a corrupt or truncated newest checkpoint is reported and skipped for the previous one") {
+  std::string dir = tempDir("corrupt");
+  json job = smallJob();
+  job["train"]["max_steps"] = 9;
+  writeFile(dir + "/job.json", job.dump());
+  auto first = run({dtrainBinary(), "train", dir + "/job.json", "--output-dir", dir + "/out"}, {.timeout = 60s});
+  REQUIRE(first.exitCode == 0);
+  auto steps = listSteps(dir + "/out/checkpoints");
+  REQUIRE(steps == std::vector<std::string>{"step-000000006", "step-000000009"});
+  SUBCASE("flipped byte") {
+    std::fstream f(dir + "/out/checkpoints/step-000000009/model.safetensors", std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(-3, std::ios::end);
+    f.put('\x7f');
+  }
+  SUBCASE("truncated file") {
+    auto p = dir + "/out/checkpoints/step-000000009/optimizer.safetensors";
+    fs::resize_file(p, fs::file_size(p) / 2);
+  }
+  job["train"]["max_steps"] = 12;
+  writeFile(dir + "/job.json", job.dump());
+  auto second = run({dtrainBinary(), "train", dir + "/job.json", "--output-dir", dir + "/out"}, {.timeout = 60s});
+  INFO(second.out, second.err);
+  REQUIRE(second.exitCode == 0);
+  CHECK(second.err.find("skipping checkpoint") != std::string::npos);
+  CHECK(second.err.find("step-000000009") != std::string::npos);
+  CHECK(second.out.find("resumed from " + dir + "/out/checkpoints/step-000000006 (step 6") != std::string::npos);
+  CHECK(second.out.find("done: 12 steps") != std::string::npos);
+}
+
+TEST_CASE("a checkpoint from a different model is an error, not a silent load") {
+  std::string dir = tempDir("spec");
+  json job = smallJob();
+  job["train"]["max_steps"] = 3;
+  writeFile(dir + "/job.json", job.dump());
+  REQUIRE(run({dtrainBinary(), "train", dir + "/job.json", "--output-dir", dir + "/out"}, {.timeout = 60s}).exitCode == 0);
+  auto r = run({dtrainBinary(), "train", dir + "/job.json", "--set", "model.layers.0.out=32", "--output-dir", dir + "/out"},
+               {.timeout = 60s});
+  CHECK(r.exitCode == 8);
+  CHECK(r.err.find("step-000000003") != std::string::npos);
+}
+
+TEST_CASE("restarts exhausted: the root cause and its exit code come back") {
+  std::string dir = tempDir("exhaust");
+  writeFile(dir + "/job.json", smallJob().dump());
+  auto r = run(runArgs({"--standalone", "--nproc-per-node", "2", "--max-restarts", "1", dir + "/job.json", "--output-dir",
+                        dir + "/out"}),
+               {.timeout = 60s, .env = {{"DTRAIN_FAULT", "rank=1,step=4,action=exit,code=5;rank=1,step=5,action=exit,code=5,attempt=1"}}});
+  CHECK(r.exitCode == 5);
+  CHECK(r.err.find("giving up after 1 restart(s)") != std::string::npos);
+  CHECK(r.err.find("rank 1 (local rank 1)") != std::string::npos);
+  CHECK(r.err.find("injected exit after step 5") != std::string::npos);
+}
+
+TEST_CASE("configuration errors do not burn restarts") {
+  auto r = run(runArgs({"--standalone", "--max-restarts", "3", "--", "sh", "-c", "echo bad config >&2; exit 2"}),
+               {.timeout = 30s});
+  CHECK(r.exitCode == 2);
+  CHECK(r.err.find("restarting the workers") == std::string::npos);
+  CHECK(r.err.find("not restarting") != std::string::npos);
+}
+
+TEST_CASE("SIGTERM to the agent: the workers write a checkpoint before they exit") {
+  std::string dir = tempDir("sigterm");
+  json job = smallJob(4000, 4, 1000);  // far longer than the test lets it run
+  job["checkpoint"] = {{"every_steps", 0}};
+  writeFile(dir + "/job.json", job.dump());
+  Background agent(trainRun(dir + "/job.json", dir + "/out"));
+  agent.waitForLine("step 20/", 60s);
+  agent.signal(SIGTERM);
+  auto r = agent.wait(60s);
+  INFO(r.err);
+  CHECK(r.exitCode == 128 + SIGTERM);
+  auto steps = listSteps(dir + "/out/checkpoints");
+  REQUIRE(steps.size() == 1);
+  // every_steps is 0 and no epoch ended: only the stop could have written it, at a step past 20
+  CHECK(steps[0] > "step-000000020");
+  auto resumed = run({dtrainBinary(), "train", dir + "/job.json", "--set", "train.max_steps=" + std::to_string(std::stoi(steps[0].substr(5)) + 2),
+                      "--output-dir", dir + "/out"},
+                     {.timeout = 60s});
+  CHECK(resumed.exitCode == 0);
+  CHECK(resumed.out.find("resumed from") != std::string::npos);
+}
+
+TEST_CASE("a hung worker is detected by the collective timeout and the group recovers") {
+  std::string dir = tempDir("hang");
+  json job = smallJob();
+  job["parallel"] = {{"timeout", 2}};
+  writeFile(dir + "/job.json", job.dump());
+  auto clean = run(trainRun(dir + "/job.json", dir + "/clean"), {.timeout = 60s});
+  REQUIRE(clean.exitCode == 0);
+  auto r = run(trainRun(dir + "/job.json", dir + "/hung"), {.timeout = 90s, .env = {{"DTRAIN_FAULT", "rank=1,step=5,action=hang"}}});
+  INFO(r.out, r.err);
+  REQUIRE(r.exitCode == 0);
+  CHECK(r.err.find("timed out") != std::string::npos);
+  CHECK(r.out.find("resumed from") != std::string::npos);
+  CHECK(readTensorsRaw(dir + "/clean/model.safetensors") == readTensorsRaw(dir + "/hung/model.safetensors"));
+}

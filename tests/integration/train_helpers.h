@@ -1,0 +1,62 @@
+// Helpers for trainer integration tests: a small synthetic job, an independent safetensors reader, metrics.
+#pragma once
+
+#include <doctest/doctest.h>
+#include <nlohmann/json.hpp>
+
+#include <cstring>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "tests/support/process.h"
+
+namespace dtrain::testing {
+
+// A classification job on synthetic data, small enough for a test, with dropout (so exact resume has to
+// reproduce the masks too).
+inline nlohmann::json smallJob(int samples = 96, int batch = 8, int epochs = 2) {
+  return nlohmann::json::parse(fmt::format(R"({{
+  "model": {{"input": [6], "layers": [{{"type": "linear", "out": 16}}, {{"type": "tanh"}}, {{"type": "dropout", "p": 0.2}},
+                                     {{"type": "linear", "out": 3}}]}},
+  "loss": {{"type": "cross_entropy"}},
+  "data": {{"train": {{"format": "synthetic", "task": "classification", "samples": {}, "features": 6, "num_classes": 3,
+                      "seed": 5}},
+           "eval": {{"format": "synthetic", "task": "classification", "samples": 50, "features": 6, "num_classes": 3,
+                    "seed": 5, "sample_seed": 9}},
+           "batch_size": {}, "shuffle": true}},
+  "optimizer": {{"type": "adam", "lr": 0.01}},
+  "train": {{"epochs": {}, "seed": 11, "log_every": 1}},
+  "checkpoint": {{"every_steps": 3, "keep": 2}}
+}})",
+                                           samples, batch, epochs));
+}
+
+// A minimal safetensors reader, independent of lib/ckpt: name -> raw little-endian bytes.
+inline std::map<std::string, std::string> readTensorsRaw(const std::string& path) {
+  std::string bytes = readFile(path);
+  REQUIRE(bytes.size() >= 8);
+  uint64_t n;
+  std::memcpy(&n, bytes.data(), 8);
+  REQUIRE(8 + n <= bytes.size());
+  auto header = nlohmann::json::parse(bytes.substr(8, n));
+  std::map<std::string, std::string> out;
+  for (auto& [name, info] : header.items()) {
+    if (name == "__metadata__") continue;
+    auto begin = info["data_offsets"][0].get<size_t>(), end = info["data_offsets"][1].get<size_t>();
+    out[name] = bytes.substr(8 + n + begin, end - begin);
+  }
+  return out;
+}
+
+inline std::vector<nlohmann::json> readJsonLines(const std::string& path) {
+  std::vector<nlohmann::json> out;
+  std::istringstream in(readFile(path));
+  std::string line;
+  while (std::getline(in, line))
+    if (!line.empty()) out.push_back(nlohmann::json::parse(line));
+  return out;
+}
+
+}  // namespace dtrain::testing

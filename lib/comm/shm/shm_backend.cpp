@@ -12,7 +12,7 @@ namespace {
 
 // Defaults measured on the reference 2-core machine, 2 ranks (docs/collectives.md).
 constexpr int64_t kDefaultSmallBytes = 32 << 10;
-constexpr int64_t kDefaultSlotBytes = 256 << 10;
+constexpr int64_t kDefaultSlotBytes = 1 << 20;
 constexpr int64_t kDefaultSpinMicros = 100;
 constexpr size_t kP2pBytes = 256 << 10;  // per ordered pair; power of two (ring positions wrap by masking)
 

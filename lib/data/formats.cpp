@@ -6,11 +6,18 @@
 #include <unistd.h>
 #include <zlib.h>
 
+#include <climits>
+#include <cstdlib>
+#include <filesystem>
+
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
 
+#include "lib/common/env.h"
 #include "lib/common/error.h"
+#include "lib/common/hash.h"
+#include "lib/common/log.h"
 
 namespace dtrain::data {
 
@@ -81,6 +88,54 @@ void byteSwapInPlace(std::vector<std::byte>& bytes, size_t width) {
   for (size_t i = 0; i + width <= bytes.size(); i += width) std::reverse(bytes.begin() + i, bytes.begin() + i + width);
 }
 
+// Inflating is the slowest part of starting a job (Fashion-MNIST's 47 MB take ~0.25 s, in every worker, at
+// every start and restart), so gzip files of at least kCacheMinBytes are decompressed once into a cache file
+// keyed by the source's path, size and mtime; later loads read that plain file (~20 ms from the page cache).
+// DTRAIN_DATA_CACHE=DIR moves the cache (default $XDG_CACHE_HOME/dtrain/data, else ~/.cache/dtrain/data);
+// DTRAIN_DATA_CACHE=0 turns it off. Cache problems never fail a load: they only cost the inflate.
+constexpr size_t kCacheMinBytes = 4u << 20;
+
+std::string cacheDir() {
+  auto v = env::getOr("DTRAIN_DATA_CACHE", "");
+  if (v == "0" || v == "off" || v == "false") return "";
+  if (!v.empty()) return v;
+  if (auto xdg = env::get("XDG_CACHE_HOME"); xdg && !xdg->empty()) return *xdg + "/dtrain/data";
+  if (auto home = env::get("HOME"); home && !home->empty()) return *home + "/.cache/dtrain/data";
+  return "";
+}
+
+std::string cachePath(const std::string& path, const struct stat& st) {
+  std::string dir = cacheDir();
+  if (dir.empty()) return "";
+  char resolved[PATH_MAX];
+  std::string abs = ::realpath(path.c_str(), resolved) ? std::string(resolved) : path;
+  std::string key = fmt::format("{}|{}|{}.{}", abs, st.st_size, st.st_mtim.tv_sec, st.st_mtim.tv_nsec);
+  std::string base = abs.substr(abs.rfind('/') + 1);
+  return fmt::format("{}/{}-{}.raw", dir, base, fnv1aHex(key));
+}
+
+void writeCache(const std::string& cache, const std::vector<std::byte>& bytes) {
+  std::string dir = cache.substr(0, cache.rfind('/'));
+  std::string tmp = fmt::format("{}.tmp-{}", cache, ::getpid());
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    log::debug("data cache: cannot write {}: {}", tmp, std::strerror(errno));
+    return;
+  }
+  size_t done = 0;
+  while (done < bytes.size()) {
+    ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    done += static_cast<size_t>(n);
+  }
+  ::close(fd);
+  // Readers check the size, so a half-written file never passes for the cache; rename publishes it whole.
+  if (done != bytes.size() || ::rename(tmp.c_str(), cache.c_str()) != 0) ::unlink(tmp.c_str());
+}
+
 }  // namespace
 
 std::vector<std::byte> readFileBytes(const std::string& path) {
@@ -99,8 +154,20 @@ std::vector<std::byte> readFileBytes(const std::string& path) {
     hint = trailer[0] | (trailer[1] << 8) | (trailer[2] << 16) | (static_cast<size_t>(trailer[3]) << 24);
   // A truncated file's last bytes are not a trailer: deflate never expands more than 1032:1, so cap there.
   hint = std::min(hint, static_cast<size_t>(st.st_size) * 1032);
+  std::string cache = hint >= kCacheMinBytes ? cachePath(path, st) : "";
+  if (!cache.empty()) {
+    int cfd = ::open(cache.c_str(), O_RDONLY | O_CLOEXEC);
+    struct stat cst {};
+    if (cfd >= 0 && ::fstat(cfd, &cst) == 0 && static_cast<size_t>(cst.st_size) == hint) {
+      FdGuard cguard{cfd};
+      return readPlain(cfd, cache, hint);
+    }
+    if (cfd >= 0) ::close(cfd);
+  }
   guard.fd = -1;  // gzdopen owns it now
-  return readGzip(fd, path, hint);
+  auto bytes = readGzip(fd, path, hint);
+  if (!cache.empty() && bytes.size() == hint) writeCache(cache, bytes);
+  return bytes;
 }
 
 RawArray readIdx(const std::string& path, int expectedDims, const std::string& what) {

@@ -2,6 +2,7 @@
 
 #include "lib/ckpt/checkpoint.h"
 #include "lib/common/error.h"
+#include "lib/common/hash.h"
 #include "lib/common/log.h"
 #include "lib/train/weights.h"
 

@@ -28,8 +28,8 @@ std::vector<Bucket> planBuckets(const nn::Model& model, size_t firstBucketFloats
 }
 
 GradientSync::GradientSync(nn::Model& model, std::shared_ptr<comm::Backend> backend, double firstBucketMb,
-                           double bucketMb)
-    : model_(model), backend_(std::move(backend)) {
+                           double bucketMb, bool overlap)
+    : model_(model), backend_(std::move(backend)), overlap_(overlap) {
   auto floats = [](double mb) { return std::max<size_t>(1, static_cast<size_t>(mb * 1024 * 1024 / sizeof(float))); };
   buckets_ = planBuckets(model_, floats(firstBucketMb), floats(bucketMb));
   bucketOfLowestLayer_.assign(model_.numLayers(), -1);
@@ -38,7 +38,7 @@ GradientSync::GradientSync(nn::Model& model, std::shared_ptr<comm::Backend> back
 }
 
 nn::LayerGradReady GradientSync::hook() {
-  if (!backend_ || backend_->size() == 1) return {};
+  if (!backend_ || backend_->size() == 1 || !overlap_) return {};
   return nn::LayerGradReady(*this);
 }
 
@@ -56,6 +56,11 @@ void GradientSync::submit(size_t b) {
 
 void GradientSync::finish() {
   if (!backend_ || backend_->size() == 1) return;
+  if (!overlap_) {
+    auto grads = model_.grads();
+    backend_->allreduce(grads.data(), grads.size(), comm::DType::kFloat32, comm::ReduceOp::kAvg);
+    return;
+  }
   for (size_t b = 0; b < buckets_.size(); ++b) submit(b);
   for (auto& w : pending_) {
     w->wait();

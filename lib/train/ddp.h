@@ -32,7 +32,10 @@ std::vector<Bucket> planBuckets(const nn::Model& model, size_t firstBucketFloats
 
 class GradientSync {
  public:
-  GradientSync(nn::Model& model, std::shared_ptr<comm::Backend> backend, double firstBucketMb, double bucketMb);
+  // overlap=false: no buckets during backward; finish() all-reduces the whole arena in one synchronous call on
+  // the caller's thread (the better choice when no core is free to run communication beside backward).
+  GradientSync(nn::Model& model, std::shared_ptr<comm::Backend> backend, double firstBucketMb, double bucketMb,
+               bool overlap = true);
 
   // The callback to pass to Model::backward on the micro-batch that ends an optimizer step (it refers to this
   // object, which outlives the backward call); empty when there is nothing to communicate.
@@ -51,6 +54,7 @@ class GradientSync {
   std::vector<Bucket> buckets_;
   std::vector<int> bucketOfLowestLayer_;  // layer -> bucket index when the layer is a bucket's lowest, else -1
   std::vector<comm::WorkPtr> pending_;
+  bool overlap_ = true;
 };
 
 }  // namespace dtrain::train

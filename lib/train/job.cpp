@@ -88,7 +88,9 @@ ParallelSettings parseParallel(const json& doc, const std::string& source) {
   ParallelSettings p;
   if (!doc.contains("parallel")) return p;
   JsonFields f(doc.at("parallel"), source, "/parallel", "the parallel section");
-  f.allowOnly({"strategy", "backend", "bucket_mb", "first_bucket_mb", "timeout", "lr_scaling", "reference_world_size"});
+  f.allowOnly({"strategy", "backend", "bucket_mb", "first_bucket_mb", "overlap", "timeout", "lr_scaling",
+               "reference_world_size"});
+  if (f.has("overlap")) p.overlap = f.boolean("overlap", true);
   p.strategy = choiceOr(f, "strategy", {"ddp"}, "strategy", "ddp");
   p.backend = choiceOr(f, "backend", {"auto", "tcp", "shm", "hier", "nccl"}, "backend", "auto");
   auto positiveMb = [](double v) { return v > 0 && v <= 4096; };
@@ -127,15 +129,6 @@ CheckpointSettings parseCheckpoint(const json& doc, const std::string& source, c
 }
 
 }  // namespace
-
-std::string fnv1aHex(std::string_view data) {
-  uint64_t h = 1469598103934665603ull;
-  for (unsigned char c : data) {
-    h ^= c;
-    h *= 1099511628211ull;
-  }
-  return fmt::format("{:016x}", h);
-}
 
 void applySet(json& doc, const std::string& assignment, const std::string& source) {
   auto eq = assignment.find('=');

@@ -44,6 +44,10 @@ struct ParallelSettings {
   std::string backend = "auto";  // tcp | shm | hier | nccl | auto
   double bucketMb = 25;
   double firstBucketMb = 1;      // PyTorch DDP's small first bucket: communication starts early
+  // Overlap gradient all-reduce with backward (buckets on the communication thread). Unset: on when the node
+  // has more cores than workers; with a core per worker there is nothing to overlap on and one synchronous
+  // all-reduce of the whole arena after backward is faster (measured, see README Benchmarks).
+  std::optional<bool> overlap;
   std::chrono::milliseconds timeout{std::chrono::minutes(5)};
   // How the learning rate follows the world size: "none" keeps the job's lr; "linear" multiplies it by
   // world_size / reference_world_size (Goyal et al.), so a resized elastic group keeps its effective step.
@@ -89,7 +93,5 @@ Job loadJob(const JobArgs& args);
 // {"k":1}, "quoted"), else taken as a string. Array elements are addressed by index (model.layers.0.out).
 // Throws ConfigError naming the assignment.
 void applySet(nlohmann::json& doc, const std::string& assignment, const std::string& sourceFile);
-
-std::string fnv1aHex(std::string_view data);
 
 }  // namespace dtrain::train

@@ -169,7 +169,8 @@ TrainResult TrainLoop::run() {
   const bool leader = worker_.rank == 0;
   // A prefetch thread only pays when a core is free for it: with as many workers as cores on the node it
   // competes with the training threads (measured: 2 ranks on 2 cores run faster without it).
-  prefetch_ = job_.data.prefetch.value_or(std::thread::hardware_concurrency() > static_cast<unsigned>(worker_.localWorldSize));
+  prefetch_ = job_.data.prefetch.value_or(std::thread::hardware_concurrency() >
+                                          static_cast<unsigned>(worker_.localWorldSize));
   // The eval set loads in the background while the group forms and the training set loads.
   std::future<std::shared_ptr<const data::Dataset>> evalLoad;
   if (job_.data.eval) evalLoad = std::async(std::launch::async, [&] { return data::loadDataset(*job_.data.eval); });
@@ -188,7 +189,9 @@ TrainResult TrainLoop::run() {
   std::optional<ResumePoint> resumed = checkpointer.resume(*model_, *optimizer);
   // Rank 0's parameters for everyone: replicas start identical whatever each rank built or loaded.
   if (backend_) backend_->broadcast(params.data(), params.size(), comm::DType::kFloat32, 0);
-  GradientSync sync(*model_, backend_, job_.parallel.firstBucketMb, job_.parallel.bucketMb);
+  const bool spareCores = std::thread::hardware_concurrency() > static_cast<unsigned>(worker_.localWorldSize);
+  GradientSync sync(*model_, backend_, job_.parallel.firstBucketMb, job_.parallel.bucketMb,
+                    job_.parallel.overlap.value_or(spareCores));
 
   data::SamplerOptions so{.datasetSize = train_->size(), .rank = worker_.rank, .worldSize = worker_.worldSize,
                           .shuffle = job_.data.shuffle, .seed = job_.loop.seed, .dropLast = job_.data.dropLast};

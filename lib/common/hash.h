@@ -1,0 +1,23 @@
+// Non-cryptographic fingerprints (FNV-1a, 64 bit): cache keys, staging-dir tokens. Stable across platforms.
+#pragma once
+
+#include <fmt/format.h>
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+namespace dtrain {
+
+inline uint64_t fnv1a64(std::string_view data, uint64_t h = 1469598103934665603ull) {
+  for (unsigned char c : data) {
+    h ^= c;
+    h *= 1099511628211ull;
+  }
+  return h;
+}
+
+// 16 lowercase hex digits.
+inline std::string fnv1aHex(std::string_view data) { return fmt::format("{:016x}", fnv1a64(data)); }
+
+}  // namespace dtrain

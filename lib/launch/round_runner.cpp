@@ -271,6 +271,11 @@ void RoundRunner::onEvent(const RoundEvent& event) {
   heartbeatTimer_.cancel();
   // Ctrl-C/SIGTERM are passed on as they came; everything else (including a preemption's end) stops with SIGTERM.
   int stopSig = interruptedBy_ && *interruptedBy_ != SIGUSR1 ? *interruptedBy_ : SIGTERM;
+  // A preemption on another node ended the round: our workers may not have seen Slurm's SIGUSR1 yet, so they
+  // get it now (to checkpoint), and SIGKILL after the grace like any stop.
+  if (event.type == "shutdown" && event.exitCode == 128 + SIGUSR1) stopSig = SIGUSR1;
+  // After a lost node the workers are stuck in collectives with it and can write no checkpoint: a short grace.
+  if (event.type == "node_lost") graceOverride_ = std::min(ctx_.options->shutdownTimeout, Millis(1000));
   if (event.type != "done") stopWorkers(stopSig);
   maybeFinish();
 }
@@ -282,7 +287,7 @@ void RoundRunner::stopWorkers(int sig) {
   for (auto& w : workers_)
     if (!w.exited) signalGroup(w.pid, sig);
   if (first && sig != SIGKILL) {
-    killTimer_.expires_after(ctx_.options->shutdownTimeout);
+    killTimer_.expires_after(graceOverride_.value_or(ctx_.options->shutdownTimeout));
     killTimer_.async_wait([this](const boost::system::error_code& ec) {
       if (ec) return;
       for (auto& w : workers_) {

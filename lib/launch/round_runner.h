@@ -81,7 +81,8 @@ class RoundRunner {
   std::vector<Worker> workers_;
   std::optional<rendezvous::RoundEvent> ended_;
   std::optional<int> interruptedBy_;
-  std::optional<int> preemptedBy_;  // SIGUSR1 was forwarded to the workers
+  std::optional<int> preemptedBy_;
+  std::optional<Millis> graceOverride_;  // SIGTERM->SIGKILL grace when not --shutdown-timeout  // SIGUSR1 was forwarded to the workers
   std::optional<int> pendingFailure_;  // local rank of the first failed worker
   bool failurePublished_ = false;
   bool stopping_ = false;

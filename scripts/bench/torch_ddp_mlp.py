@@ -43,6 +43,10 @@ def main():
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
     first_step = None
+    # scripts/bench/recovery: rank 1 of the first attempt SIGKILLs itself after step BENCH_KILL_STEP.
+    kill_step = int(os.environ.get("BENCH_KILL_STEP", "0"))
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    steps = 0
     samples = 0
     train_time = 0.0
     for epoch in range(epochs):
@@ -53,8 +57,14 @@ def main():
             loss_fn(model(xb), yb).backward()
             opt.step()
             samples += xb.shape[0] * world
+            steps += 1
             if first_step is None:
                 first_step = time.time()
+                if kill_step:
+                    print(json.dumps({"attempt": attempt, "rank": rank, "first_step_wall": first_step}), flush=True)
+            if kill_step and attempt == 0 and rank == 1 and steps == kill_step:
+                print(json.dumps({"killed_wall": time.time()}), flush=True)
+                os.kill(os.getpid(), 9)
         train_time += time.perf_counter() - t0
     model.eval()
     with torch.no_grad():

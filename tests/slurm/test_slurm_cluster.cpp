@@ -218,13 +218,11 @@ TEST_CASE("train-requeue.sbatch: the preemption signal requeues the job and it r
     CHECK(countLines(log, fmt::format("run={}.0-requeue1 ", job)) == 1);    // the requeued attempt's own
     CHECK(countLines(log, fmt::format("done attempt=1 rank={}", rank)) == 1);
   }
-  // Until the agent forwards SIGUSR1 (the preemption test below), it dies of the signal and its workers' own
-  // children may outlive it: clean up what this test started.
+  // Belt and braces: whatever this test started goes, even if an assertion above failed.
   for (pid_t p : processesOfJob(job)) ::kill(p, SIGKILL);
 }
 
-// Needs `dtrain run` to forward SIGUSR1 to its workers; registered as its own ctest entry (see CMakeLists.txt),
-// which stays DISABLED until the agent does.
+// `dtrain run` forwards SIGUSR1 to its workers; registered as its own ctest entry (see CMakeLists.txt).
 TEST_CASE("preemption: SIGUSR1 reaches every worker, which checkpoints, and nothing is left behind" *
           doctest::skip()) {
   if (!clusterOrSkip()) return;

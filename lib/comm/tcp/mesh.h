@@ -24,8 +24,9 @@ namespace dtrain::comm::tcp {
 
 class Mesh {
  public:
+  // bufferBytes: SO_SNDBUF/SO_RCVBUF of every connection; 0 keeps the kernel's autotuning.
   Mesh(rendezvous::Store& store, const std::string& prefix, int rank, int size, const std::string& host,
-       const Deadline& deadline);
+       int bufferBytes, const Deadline& deadline);
   ~Mesh();
 
   Conn& peer(int r) { return *conns_[static_cast<size_t>(r)]; }

@@ -10,13 +10,14 @@ namespace dtrain::comm::tcp {
 
 namespace {
 // Measured on the reference 2-core machine over loopback (docs/collectives.md). With 2 ranks recursive
-// doubling moves the same bytes as the ring in one dependent exchange instead of two and wins up to ~512 KiB;
+// doubling moves the same bytes as the ring in one dependent exchange instead of two and wins up to ~256 KiB;
 // with more ranks it moves log2(n) x the buffer against the ring's 2(n-1)/n, so the crossover drops (64 KiB).
 // 256 KiB ring pieces keep a piece in L2 while it is combined.
-constexpr int64_t kDefaultSmallBytesTwoRanks = 512 << 10;
+constexpr int64_t kDefaultSmallBytesTwoRanks = 256 << 10;
 constexpr int64_t kDefaultSmallBytes = 64 << 10;
 constexpr int64_t kDefaultChunkBytes = 256 << 10;
 constexpr int64_t kDefaultSpinMicros = 50;
+constexpr int64_t kDefaultBufferBytes = 4 << 20;
 
 size_t roundUp64(int64_t v) { return static_cast<size_t>(std::max<int64_t>(64, (v + 63) / 64 * 64)); }
 }  // namespace
@@ -30,8 +31,9 @@ TcpBackend::TcpBackend(BackendOptions options) : Backend(std::move(options)) {
   stagingStore_.resize(chunkBytes_ + 64);
   staging_ = stagingStore_.data() + (64 - reinterpret_cast<uintptr_t>(stagingStore_.data()) % 64) % 64;
   if (size() > 1) {
+    const auto buffers = static_cast<int>(tuned(t.tcpBufferBytes, "DTRAIN_TCP_BUFFER_BYTES", kDefaultBufferBytes));
     mesh_ = std::make_unique<Mesh>(*options_.store, key("tcp/"), rank(), size(),
-                                   chooseHost(options_.host, singleNode()), newDeadline());
+                                   chooseHost(options_.host, singleNode()), buffers, newDeadline());
   }
 }
 

@@ -274,8 +274,12 @@ void RoundRunner::onEvent(const RoundEvent& event) {
   // A preemption on another node ended the round: our workers may not have seen Slurm's SIGUSR1 yet, so they
   // get it now (to checkpoint), and SIGKILL after the grace like any stop.
   if (event.type == "shutdown" && event.exitCode == 128 + SIGUSR1) stopSig = SIGUSR1;
-  // After a lost node the workers are stuck in collectives with it and can write no checkpoint: a short grace.
-  if (event.type == "node_lost") graceOverride_ = std::min(ctx_.options->shutdownTimeout, Millis(1000));
+  // After a lost node the workers are stuck in collectives with it and can commit no checkpoint (that needs
+  // every rank): there is nothing to wait for, so they are killed at once.
+  if (event.type == "node_lost") {
+    graceOverride_ = Millis(0);
+    stopSig = SIGKILL;
+  }
   if (event.type != "done") stopWorkers(stopSig);
   maybeFinish();
 }

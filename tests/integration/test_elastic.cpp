@@ -24,13 +24,14 @@ struct StepEntry {
   std::vector<int64_t> idx;
 };
 
-// Reads every rank's sample log; keeps, for each attempt, only the steps that the next attempt did not redo
-// (it resumed from a checkpoint and repeated the steps after it), and returns epoch -> sample -> times seen.
+// Reads every rank's sample log; keeps, for each rendezvous round ("attempt" below: restarts and re-formations
+// alike), only the steps that the next round did not redo (it resumed from a checkpoint and repeated the steps
+// after it), and returns epoch -> sample -> times seen.
 std::map<int64_t, std::map<int64_t, int>> samplesSeen(const std::string& logDir, int& attempts) {
   std::vector<StepEntry> entries;
   for (auto& f : std::filesystem::directory_iterator(logDir))
     for (auto& j : readJsonLines(f.path().string()))
-      entries.push_back({j["attempt"], j["epoch"], j["step"], j["idx"].get<std::vector<int64_t>>()});
+      entries.push_back({j["round"], j["epoch"], j["step"], j["idx"].get<std::vector<int64_t>>()});
   std::map<int, int64_t> firstStep;  // attempt -> first step it ran
   for (auto& e : entries) {
     auto it = firstStep.find(e.attempt);
@@ -116,4 +117,40 @@ TEST_CASE("below MIN nodes the survivors wait for the join timeout, then fail wi
   CHECK(r0.err.find("sent no heartbeat") != std::string::npos);
   CHECK(r0.err.find("1 of 2 node(s) joined") != std::string::npos);
   CHECK(processesWithRunId(id).empty());
+}
+
+TEST_CASE("--nnodes 2:3: a node that joins a running job is admitted at a checkpoint and the group grows") {
+  std::string dir = tempDir("scaleup");
+  json job = smallJob(240, 4, 1000);
+  job["train"]["max_steps"] = 400;
+  job["checkpoint"] = {{"every_steps", 50}, {"keep", 2}};
+  writeFile(dir + "/job.json", job.dump());
+  int port = freePort();
+  std::string id = uniqueRunId("scaleup");
+  auto agent = [&](int nodeRank) {
+    return runArgs({"--nnodes", "2:3", "--nproc-per-node", "2", "--node-rank", std::to_string(nodeRank), "--rdzv-endpoint",
+                    fmt::format("127.0.0.1:{}", port), "--rdzv-id", id, "--rdzv-last-call", "1s", "--max-restarts", "1",
+                    dir + "/job.json", "--output-dir", dir + "/out"});
+  };
+  RunOptions opts{.env = {{"DTRAIN_SAMPLE_LOG", dir + "/samples"}}};
+  Background node1(agent(1), opts);
+  Background node0(agent(0), opts);
+  node0.waitForLine("4 rank(s)", 60s);    // two nodes formed the group (MIN), after the last call
+  node0.waitForLine("epoch 2/1000 step 1/", 60s);
+  Background node2(agent(2), opts);      // a third node arrives while the job runs
+  auto r0 = node0.wait(120s);
+  auto r1 = node1.wait(120s);
+  auto r2 = node2.wait(120s);
+  INFO(r0.out, r0.err, r2.err);
+  REQUIRE(r0.exitCode == 0);
+  CHECK(r1.exitCode == 0);
+  CHECK(r2.exitCode == 0);
+  CHECK(r0.err.find("re-forming the group") != std::string::npos);
+  CHECK(r0.out.find("6 rank(s)") != std::string::npos);  // the grown group: 3 nodes x 2 workers
+  CHECK(r0.out.find("resumed from") != std::string::npos);
+  CHECK(r0.out.find("done: 400 steps") != std::string::npos);
+  int attempts = 0;
+  auto seen = samplesSeen(dir + "/samples", attempts);
+  for (auto& [epoch, counts] : seen)
+    for (auto& [sample, times] : counts) CHECK_MESSAGE(times == 1, "epoch ", epoch, " sample ", sample);
 }

@@ -171,3 +171,24 @@ TEST_CASE("linear regression (Linear(10,1), SGD, MSE) fits its synthetic data") 
   CHECK(w["0.weight"].size() == 10);
   CHECK(w["0.bias"].size() == 1);
 }
+
+TEST_CASE("init.from starts from a weights file; one for another model is an error naming the tensor") {
+  std::string dir = tempDir("init");
+  writeFile(dir + "/job.json", kJob);
+  REQUIRE(run({dtrainBinary(), "train", dir + "/job.json", "--output-dir", dir + "/a"}, {.timeout = 60s}).exitCode == 0);
+  std::string init = R"(init={"from": ")" + dir + R"(/a/model.safetensors"})";
+  auto b = run({dtrainBinary(), "train", dir + "/job.json", "--set", init, "--set", "optimizer.lr=1e-30", "--set",
+                "checkpoint=false", "--output-dir", dir + "/b"},
+               {.timeout = 60s});
+  INFO(b.err);
+  REQUIRE(b.exitCode == 0);
+  // lr 1e-30: every update rounds away, so the weights stay what was loaded
+  auto wa = readSafetensors(dir + "/a/model.safetensors");
+  auto wb = readSafetensors(dir + "/b/model.safetensors");
+  CHECK(wa == wb);
+  auto bad = run({dtrainBinary(), "train", dir + "/job.json", "--set", init, "--set", "model.layers.0.out=8",
+                  "--output-dir", dir + "/c"},
+                 {.timeout = 60s});
+  CHECK(bad.exitCode == 8);
+  CHECK(bad.err.find("0.weight") != std::string::npos);
+}

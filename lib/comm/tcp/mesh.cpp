@@ -43,9 +43,8 @@ uint32_t tagOf(const std::string& s) {
 }
 
 // Turns an established Asio socket into the data path's descriptor: non-blocking, no Nagle delay (every
-// collective message is latency-bound at its end), close-on-exec, and fixed large socket buffers: measured on
-// loopback, 4 MiB buffers sustain ~1.5x the bandwidth of the kernel's autotuning (which starts at 16 KiB and
-// grows slowly) for 16-64 MiB all-reduces. 0 keeps autotuning.
+// collective message is latency-bound at its end), close-on-exec, and optionally fixed socket buffers
+// (0 keeps the kernel's autotuning, the default: see tcp_backend.cpp).
 int adopt(tcp::socket& s, int bufferBytes) {
   boost::system::error_code ec;
   int fd = s.release(ec);

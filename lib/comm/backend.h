@@ -56,6 +56,7 @@ using WorkPtr = std::shared_ptr<Work>;
 struct Tuning {
   int64_t tcpSmallBytes = -1;  // DTRAIN_TCP_SMALL_BYTES: allreduce up to this size uses recursive doubling
   int64_t tcpChunkBytes = -1;  // DTRAIN_TCP_CHUNK_BYTES: ring pipeline unit (receive, reduce, forward)
+  int64_t tcpBlockBytes = -1;  // DTRAIN_TCP_BLOCK_BYTES: ring all-reduce runs block by block (streamed)
   int64_t tcpBufferBytes = -1;  // DTRAIN_TCP_BUFFER_BYTES: SO_SNDBUF/SO_RCVBUF; 0 = kernel autotuning
   int64_t shmSmallBytes = -1;  // DTRAIN_SHM_SMALL_BYTES: allreduce up to this size: every rank reduces all
   int64_t shmSlotBytes = -1;   // DTRAIN_SHM_SLOT_BYTES: per-rank staging per round (rounded to 4 KiB)

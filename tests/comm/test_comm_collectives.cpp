@@ -25,6 +25,7 @@ struct Config {
 
 Tuning tuning(int64_t tcpSmall, int64_t tcpChunk, int64_t shmSmall, int64_t shmSlot) {
   Tuning t;
+  t.tcpBlockBytes = tcpChunk > 0 ? 3 * tcpChunk : -1;  // forced pieces come with many ring blocks
   t.tcpSmallBytes = tcpSmall;
   t.tcpChunkBytes = tcpChunk;
   t.shmSmallBytes = shmSmall;
@@ -34,7 +35,7 @@ Tuning tuning(int64_t tcpSmall, int64_t tcpChunk, int64_t shmSmall, int64_t shmS
 
 const Config kConfigs[] = {
     {"tcp defaults", "tcp", 1, {}, true},
-    {"tcp ring only, 4 KiB pieces", "tcp", 1, tuning(0, 4096, -1, -1)},
+    {"tcp ring only, 4 KiB pieces, 12 KiB blocks", "tcp", 1, tuning(0, 4096, -1, -1)},
     {"tcp recursive doubling only", "tcp", 1, tuning(1 << 30, -1, -1, -1)},
     {"shm defaults", "shm", 1, {}, true},
     {"shm split only, 4 KiB slots", "shm", 1, tuning(-1, -1, 0, 4096)},

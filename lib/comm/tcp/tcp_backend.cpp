@@ -16,6 +16,8 @@ namespace {
 constexpr int64_t kDefaultSmallBytesTwoRanks = 256 << 10;
 constexpr int64_t kDefaultSmallBytes = 64 << 10;
 constexpr int64_t kDefaultChunkBytes = 256 << 10;
+// Blocks of 0.5-2 MiB measured alike and ~1.2x faster than one ring over the whole buffer at 64 MiB.
+constexpr int64_t kDefaultBlockBytes = 1 << 20;
 constexpr int64_t kDefaultSpinMicros = 50;
 // Kernel autotuning: fixed 4 MiB buffers measured better once, then markedly worse at 16-32 MiB (queues that
 // outgrow the caches) in repeated A/B runs.
@@ -29,6 +31,7 @@ TcpBackend::TcpBackend(BackendOptions options) : Backend(std::move(options)) {
   smallBytes_ = static_cast<size_t>(tuned(t.tcpSmallBytes, "DTRAIN_TCP_SMALL_BYTES",
                                           size() == 2 ? kDefaultSmallBytesTwoRanks : kDefaultSmallBytes));
   chunkBytes_ = roundUp64(tuned(t.tcpChunkBytes, "DTRAIN_TCP_CHUNK_BYTES", kDefaultChunkBytes));
+  blockBytes_ = roundUp64(tuned(t.tcpBlockBytes, "DTRAIN_TCP_BLOCK_BYTES", kDefaultBlockBytes));
   spin_ = std::chrono::microseconds(tuned(t.spinMicros, "DTRAIN_COMM_SPIN_US", kDefaultSpinMicros));
   stagingStore_.resize(chunkBytes_ + 64);
   staging_ = stagingStore_.data() + (64 - reinterpret_cast<uintptr_t>(stagingStore_.data()) % 64) % 64;
@@ -120,36 +123,44 @@ void TcpBackend::allreduceRecursiveDoubling(char* buf, size_t count, DType dtype
 }
 
 void TcpBackend::allreduceRing(char* buf, size_t count, DType dtype, ReduceOp op, Waiter& w) {
+  // Large buffers run as consecutive ring all-reduces over blocks, all streamed through one plan: a block's
+  // all-gather re-sends what was combined a moment ago (still in cache) instead of tens of MiB later, and the
+  // next block's reduce-scatter needs nothing from the previous one, so the link never drains between blocks.
   const int n = size(), r = rank();
   const size_t esz = dtypeSize(dtype);
-  const auto segs = splitEvenly(count, n);
-  auto at = [&](int s) { return buf + segs[static_cast<size_t>(s)].offset * esz; };
-  auto len = [&](int s) { return segs[static_cast<size_t>(s)].count * esz; };
+  const size_t blockCount = std::max<size_t>(static_cast<size_t>(n), blockBytes_ / esz);
   RingPlan plan = ringPlan(dtype, op);
-  plan.steps.reserve(static_cast<size_t>(2 * (n - 1)));
-  for (int t = 0; t < n - 1; ++t) {  // reduce-scatter: rank r ends owning segment r+1
-    const int sendSeg = ((r - t) % n + n) % n;
-    const int recvSeg = ((r - t - 1) % n + n) % n;
-    RingStep st;
-    st.send = at(sendSeg);
-    st.sendLen = len(sendSeg);
-    st.sendAfter = t - 1;
-    st.recvLen = len(recvSeg);
-    st.combineWith = at(recvSeg);
-    st.combineOut = at(recvSeg);
-    st.divisor = (t == n - 2 && op == ReduceOp::kAvg) ? n : 1;
-    plan.steps.push_back(st);
-  }
-  for (int t = 0; t < n - 1; ++t) {  // all-gather the owned segments
-    const int sendSeg = ((r + 1 - t) % n + n) % n;
-    const int recvSeg = ((r - t) % n + n) % n;
-    RingStep st;
-    st.send = at(sendSeg);
-    st.sendLen = len(sendSeg);
-    st.sendAfter = n - 2 + t;
-    st.recvLen = len(recvSeg);
-    st.recvInto = at(recvSeg);
-    plan.steps.push_back(st);
+  plan.steps.reserve(static_cast<size_t>(2 * (n - 1)) * ((count + blockCount - 1) / blockCount));
+  for (size_t first = 0; first < count; first += blockCount) {
+    char* block = buf + first * esz;
+    const auto segs = splitEvenly(std::min(blockCount, count - first), n);
+    auto at = [&](int s) { return block + segs[static_cast<size_t>(s)].offset * esz; };
+    auto len = [&](int s) { return segs[static_cast<size_t>(s)].count * esz; };
+    const int base = static_cast<int>(plan.steps.size());
+    for (int t = 0; t < n - 1; ++t) {  // reduce-scatter: rank r ends owning segment r+1
+      const int sendSeg = ((r - t) % n + n) % n;
+      const int recvSeg = ((r - t - 1) % n + n) % n;
+      RingStep st;
+      st.send = at(sendSeg);
+      st.sendLen = len(sendSeg);
+      st.sendAfter = t == 0 ? -1 : base + t - 1;
+      st.recvLen = len(recvSeg);
+      st.combineWith = at(recvSeg);
+      st.combineOut = at(recvSeg);
+      st.divisor = (t == n - 2 && op == ReduceOp::kAvg) ? n : 1;
+      plan.steps.push_back(st);
+    }
+    for (int t = 0; t < n - 1; ++t) {  // all-gather the owned segments
+      const int sendSeg = ((r + 1 - t) % n + n) % n;
+      const int recvSeg = ((r - t) % n + n) % n;
+      RingStep st;
+      st.send = at(sendSeg);
+      st.sendLen = len(sendSeg);
+      st.sendAfter = base + n - 2 + t;
+      st.recvLen = len(recvSeg);
+      st.recvInto = at(recvSeg);
+      plan.steps.push_back(st);
+    }
   }
   runRing(plan, w);
 }

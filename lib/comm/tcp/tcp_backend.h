@@ -5,7 +5,8 @@
 //  - allreduce, small: recursive doubling. log2(n) rounds, each a full-buffer exchange with rank ^ 2^k and a
 //    local combine; latency-optimal. A non-power-of-two world first folds the extra ranks into partners and
 //    hands them the result at the end. Pairs combine the same two operands, so results stay bitwise equal.
-//  - allreduce, large: pipelined ring reduce-scatter + all-gather (ring.h).
+//  - allreduce, large: pipelined ring reduce-scatter + all-gather (ring.h), block by block (1 MiB blocks,
+//    all streamed through one plan, so a block's all-gather re-sends data still in cache).
 //  - broadcast: binomial tree for small messages, pipelined chain (root -> root+1 -> ...) for large ones.
 //  - allgather: pipelined ring. reduce_scatter: pipelined ring (rank r ends with block r).
 //  - barrier: dissemination (log2(n) rounds of one byte).
@@ -52,6 +53,7 @@ class TcpBackend : public Backend {
   std::unique_ptr<Mesh> mesh_;
   size_t smallBytes_;
   size_t chunkBytes_;
+  size_t blockBytes_;
   std::chrono::microseconds spin_;
   std::vector<char> scratchStore_;
   char* staging_ = nullptr;  // chunkBytes_ for the ring engine

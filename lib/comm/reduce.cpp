@@ -5,7 +5,7 @@
 #include <cstring>
 #include <type_traits>
 
-#if defined(__F16C__) && defined(__AVX__)
+#if defined(__F16C__) && defined(__AVX2__)
 #include <immintrin.h>
 #define DTRAIN_COMM_F16C 1
 #else
@@ -80,7 +80,8 @@ void kernel2(void* outv, const void* av, const void* bv, size_t n) {
 }
 
 #if DTRAIN_COMM_F16C
-// fp16 with hardware conversions, 8 lanes at a time; the scalar tail rounds identically (nearest even).
+// AVX2 + F16C paths (the scalar tails round identically, nearest even).
+// fp16 with hardware conversions, 8 lanes at a time.
 template <typename Op>
 __m256 apply8(__m256 a, __m256 b) {
   if constexpr (std::is_same_v<Op, Sum>) return _mm256_add_ps(a, b);
@@ -101,6 +102,39 @@ void kernel2Fp16(void* outv, const void* av, const void* bv, size_t n) {
   }
   kernel2<FP16, Op>(out + i, a + i, b + i, n - i);
 }
+
+// bf16, 8 lanes at a time: widen by shifting into the high half, combine, round to nearest even with the
+// same integer trick as floatToBf16 (NaN kept quiet), narrow with an unsigned pack.
+__m256 loadBf16x8(const uint16_t* p) {
+  __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+void storeBf16x8(uint16_t* p, __m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
+  const __m256i quietNan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+  const __m256 isNan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+  rounded = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(rounded), _mm256_castsi256_ps(quietNan), isNan));
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(rounded, rounded), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+template <typename Op>
+void kernel2Bf16(void* outv, const void* av, const void* bv, size_t n) {
+  auto* out = static_cast<uint16_t*>(outv);
+  const auto* a = static_cast<const uint16_t*>(av);
+  const auto* b = static_cast<const uint16_t*>(bv);
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) storeBf16x8(out + i, apply8<Op>(loadBf16x8(a + i), loadBf16x8(b + i)));
+  kernel2<BF16, Op>(out + i, a + i, b + i, n - i);
+}
+void divideBf16(void* bufv, size_t n, int d) {
+  auto* buf = static_cast<uint16_t*>(bufv);
+  const __m256 div = _mm256_set1_ps(static_cast<float>(d));
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) storeBf16x8(buf + i, _mm256_div_ps(loadBf16x8(buf + i), div));
+  for (; i < n; ++i) buf[i] = floatToBf16(bf16ToFloat(buf[i]) / static_cast<float>(d));
+}
 #endif
 
 template <typename Op>
@@ -110,7 +144,12 @@ void dispatchType(void* out, const void* a, const void* b, size_t n, DType t) {
     case DType::kFloat64: return kernel2<Plain<double>, Op>(out, a, b, n);
     case DType::kInt32: return kernel2<Plain<int32_t>, Op>(out, a, b, n);
     case DType::kInt64: return kernel2<Plain<int64_t>, Op>(out, a, b, n);
-    case DType::kBFloat16: return kernel2<BF16, Op>(out, a, b, n);
+    case DType::kBFloat16:
+#if DTRAIN_COMM_F16C
+      return kernel2Bf16<Op>(out, a, b, n);
+#else
+      return kernel2<BF16, Op>(out, a, b, n);
+#endif
     case DType::kFloat16:
 #if DTRAIN_COMM_F16C
       return kernel2Fp16<Op>(out, a, b, n);
@@ -119,6 +158,20 @@ void dispatchType(void* out, const void* a, const void* b, size_t n, DType t) {
 #endif
   }
 }
+
+#if DTRAIN_COMM_F16C
+void divideFp16(void* bufv, size_t n, int d) {
+  auto* buf = static_cast<uint16_t*>(bufv);
+  const __m256 div = _mm256_set1_ps(static_cast<float>(d));
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 x = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(buf + i)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(buf + i),
+                     _mm256_cvtps_ph(_mm256_div_ps(x, div), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  for (; i < n; ++i) buf[i] = floatToFp16(fp16ToFloat(buf[i]) / static_cast<float>(d));
+}
+#endif
 
 template <typename Tr>
 void divideT(void* bufv, size_t n, int d) {
@@ -133,10 +186,11 @@ void divideT(void* bufv, size_t n, int d) {
 float bf16ToFloat(uint16_t v) { return floatOf(static_cast<uint32_t>(v) << 16); }
 
 uint16_t floatToBf16(float v) {
-  uint32_t u = bitsOf(v);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // quiet NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
+  // Branch-free (a select, not a branch), so the kernels' loops vectorise.
+  const uint32_t u = bitsOf(v);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t quietNan = (u >> 16) | 0x40u;
+  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? quietNan : rounded);
 }
 
 // Branch-light IEEE half conversions (after F. Giesen's public-domain float/half routines).
@@ -193,8 +247,18 @@ void divide(void* buf, size_t count, DType dtype, int divisor) {
     case DType::kFloat64: return divideT<Plain<double>>(buf, count, divisor);
     case DType::kInt32: return divideT<Plain<int32_t>>(buf, count, divisor);
     case DType::kInt64: return divideT<Plain<int64_t>>(buf, count, divisor);
-    case DType::kBFloat16: return divideT<BF16>(buf, count, divisor);
-    case DType::kFloat16: return divideT<FP16>(buf, count, divisor);
+    case DType::kBFloat16:
+#if DTRAIN_COMM_F16C
+      return divideBf16(buf, count, divisor);
+#else
+      return divideT<BF16>(buf, count, divisor);
+#endif
+    case DType::kFloat16:
+#if DTRAIN_COMM_F16C
+      return divideFp16(buf, count, divisor);
+#else
+      return divideT<FP16>(buf, count, divisor);
+#endif
   }
 }
 

@@ -134,6 +134,40 @@ TEST_CASE("vectorised fp16 sums agree with the scalar conversions bit for bit") 
   for (size_t i = 0; i < n; ++i) REQUIRE(out[i] == floatToFp16(fp16ToFloat(a[i]) + fp16ToFloat(b[i])));
 }
 
+TEST_CASE("vectorised bf16 sums and divisions agree with the scalar conversions bit for bit") {
+  std::mt19937 rng(13);
+  std::uniform_real_distribution<float> val(-1000.0f, 1000.0f);
+  const size_t n = 1029;
+  std::vector<uint16_t> a(n), b(n), out(n);
+  for (size_t i = 0; i < n; ++i) {
+    a[i] = floatToBf16(val(rng));
+    b[i] = floatToBf16(val(rng) * 1e-2f);
+  }
+  // Specials in the vector part: NaN, infinities, the largest finite value (its sum overflows to inf).
+  a[3] = floatToBf16(std::nanf(""));
+  a[4] = floatToBf16(std::numeric_limits<float>::infinity());
+  a[5] = 0x7f7f;
+  b[5] = 0x7f7f;
+  reduce2(out.data(), a.data(), b.data(), n, DType::kBFloat16, ReduceOp::kSum);
+  for (size_t i = 0; i < n; ++i) {
+    const uint16_t want = floatToBf16(bf16ToFloat(a[i]) + bf16ToFloat(b[i]));
+    if (std::isnan(bf16ToFloat(want))) {
+      REQUIRE(std::isnan(bf16ToFloat(out[i])));
+    } else {
+      REQUIRE(out[i] == want);
+    }
+  }
+  CHECK(out[5] == 0x7f80);  // overflow rounds to +inf
+  std::vector<uint16_t> d = b;
+  divide(d.data(), n, DType::kBFloat16, 3);
+  for (size_t i = 0; i < n; ++i) REQUIRE(d[i] == floatToBf16(bf16ToFloat(b[i]) / 3.0f));
+  std::vector<uint16_t> h(n);
+  for (size_t i = 0; i < n; ++i) h[i] = floatToFp16(val(rng));
+  std::vector<uint16_t> hd = h;
+  divide(hd.data(), n, DType::kFloat16, 7);
+  for (size_t i = 0; i < n; ++i) REQUIRE(hd[i] == floatToFp16(fp16ToFloat(h[i]) / 7.0f));
+}
+
 TEST_CASE("integer sums wrap around instead of overflowing") {
   int32_t a[2] = {std::numeric_limits<int32_t>::max(), -5};
   int32_t b[2] = {1, 3};

@@ -15,12 +15,6 @@
 
 #include "lib/common/error.h"
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define DTRAIN_CPU_RELAX() _mm_pause()
-#else
-#define DTRAIN_CPU_RELAX() std::atomic_signal_fence(std::memory_order_seq_cst)
-#endif
 
 namespace dtrain::comm::shm {
 namespace {
@@ -112,21 +106,10 @@ void Waiter::throwAborted() {
   DTRAIN_THROW(CommError, "shared-memory communicator aborted by rank {}: {}", abort_.rank, abort_.why);
 }
 
-void Waiter::untilSlow(Flag& flag, int peer, const std::function<bool()>& pred) {
-  // Phase 1: spin. Short pause bursts, then yield between checks so an oversubscribed machine (more ranks than
-  // cores) lets the peer we wait for run.
-  const auto start = Clock::now();
-  for (uint32_t i = 1;; ++i) {
-    for (int k = 0; k < 16; ++k) DTRAIN_CPU_RELAX();
-    if (pred()) return;
-    if ((i & 15) == 0) {
-      if (abort_.flag.load() != 0) throwAborted();
-      const auto spent = Clock::now() - start;
-      if (spent >= spin_) break;
-      if (spent >= std::chrono::microseconds(4)) std::this_thread::yield();
-    }
-  }
-  // Phase 2: sleep on the futex in slices.
+void Waiter::yieldCpu() { std::this_thread::yield(); }
+
+void Waiter::sleepUntil(Flag& flag, int peer, const std::function<bool()>& pred) {
+  // Sleep on the futex in slices, checking abort, dead peers and the deadline between them.
   for (;;) {
     if (abort_.flag.load() != 0) throwAborted();
     const uint32_t seen = flag.load();

@@ -115,29 +115,7 @@ size_t countLines(const std::string& path, const std::string& needle) {
       std::count_if(all.begin(), all.end(), [&](const std::string& l) { return l.find(needle) != std::string::npos; }));
 }
 
-std::vector<pid_t> processesOfJob(const std::string& jobId) {
-  std::vector<pid_t> out;
-  const std::string needle = "SLURM_JOB_ID=" + jobId;
-  DIR* d = ::opendir("/proc");
-  if (d == nullptr) return out;
-  while (dirent* e = ::readdir(d)) {
-    char* end = nullptr;
-    long pid = std::strtol(e->d_name, &end, 10);
-    if (*end != '\0' || pid <= 0) continue;
-    std::string env = readFile(std::string("/proc/") + e->d_name + "/environ");
-    for (size_t pos = 0; pos < env.size();) {
-      size_t next = env.find('\0', pos);
-      if (next == std::string::npos) next = env.size();
-      if (env.compare(pos, next - pos, needle) == 0 && processAlive(static_cast<pid_t>(pid))) {
-        out.push_back(static_cast<pid_t>(pid));
-        break;
-      }
-      pos = next + 1;
-    }
-  }
-  ::closedir(d);
-  return out;
-}
+std::vector<pid_t> processesOfJob(const std::string& jobId) { return processesWithEnv("SLURM_JOB_ID", jobId); }
 
 std::string describeProcesses(const std::vector<pid_t>& pids) {
   std::string out;

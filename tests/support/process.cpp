@@ -270,9 +270,9 @@ int freePort() {
   return ntohs(addr.sin_port);
 }
 
-std::vector<pid_t> processesWithRunId(const std::string& runId) {
+std::vector<pid_t> processesWithEnv(const std::string& name, const std::string& value) {
   std::vector<pid_t> out;
-  const std::string needle = "DTRAIN_RUN_ID=" + runId;
+  const std::string needle = name + "=" + value;
   DIR* d = ::opendir("/proc");
   if (d == nullptr) return out;
   while (dirent* e = ::readdir(d)) {
@@ -294,5 +294,7 @@ std::vector<pid_t> processesWithRunId(const std::string& runId) {
   ::closedir(d);
   return out;
 }
+
+std::vector<pid_t> processesWithRunId(const std::string& runId) { return processesWithEnv("DTRAIN_RUN_ID", runId); }
 
 }  // namespace dtrain::testing

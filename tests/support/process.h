@@ -71,7 +71,9 @@ bool processAlive(pid_t pid);
 bool waitForExit(pid_t pid, std::chrono::milliseconds timeout);
 // A TCP port free on 127.0.0.1 right now.
 int freePort();
-// Pids of processes whose environment holds DTRAIN_RUN_ID=<runId>: to prove nothing was left behind.
+// Pids of live processes whose environment holds NAME=VALUE: to prove nothing was left behind.
+std::vector<pid_t> processesWithEnv(const std::string& name, const std::string& value);
+// processesWithEnv("DTRAIN_RUN_ID", runId).
 std::vector<pid_t> processesWithRunId(const std::string& runId);
 
 }  // namespace dtrain::testing

@@ -95,9 +95,16 @@ class TrainLoop {
   TrainResult run();
 
  private:
+  void setUp();    // data, group, model, optimizer, resume, sampler, plan
+  void planRun();  // steps, schedule, log interval for this world
   void connect();
+  void trainEpoch(int64_t epoch, int64_t startSample);
+  void afterStep(int64_t epoch, int64_t position, bool epochEnd);  // log, stop, checkpoint, faults
+  int agreedStopSignal();
+  void saveCheckpoint(int64_t epoch, int64_t position);
   void evaluate(const StepStats& stats);
   void logInterval(StepStats& stats, bool force);
+  void finish();   // final weights and summary
 
   const Job& job_;
   const WorkerInfo& worker_;
@@ -112,6 +119,20 @@ class TrainLoop {
   int64_t intervalBatches_ = 0;
   int64_t intervalSamples_ = 0;
   Clock::time_point intervalStart_;
+  std::unique_ptr<nn::Optimizer> optimizer_;
+  std::unique_ptr<Checkpointer> checkpointer_;
+  std::unique_ptr<GradientSync> sync_;
+  std::unique_ptr<data::DistributedSampler> sampler_;
+  nn::Schedule schedule_;
+  std::unique_ptr<FaultInjector> faults_;
+  std::unique_ptr<SampleLog> sampleLog_;
+  std::optional<ResumePoint> resumed_;
+  StepStats stats_;
+  int64_t step_ = 0;  // optimizer steps done
+  bool stop_ = false;
+  int64_t logEvery_ = 1;
+  int64_t stopCheckEvery_ = 1;
+  bool hasDropout_ = false;
   TrainResult result_;
   bool prefetch_ = true;
 };
@@ -164,13 +185,11 @@ void TrainLoop::evaluate(const StepStats& stats) {
   progress_->eval(stats, evalLoss, acc, static_cast<int64_t>(v[3]));
 }
 
-TrainResult TrainLoop::run() {
-  installStopHandlers();
-  const bool leader = worker_.rank == 0;
+void TrainLoop::setUp() {
   // A prefetch thread only pays when a core is free for it: with as many workers as cores on the node it
   // competes with the training threads (measured: 2 ranks on 2 cores run faster without it).
-  prefetch_ = job_.data.prefetch.value_or(std::thread::hardware_concurrency() >
-                                          static_cast<unsigned>(worker_.localWorldSize));
+  const bool spareCores = std::thread::hardware_concurrency() > static_cast<unsigned>(worker_.localWorldSize);
+  prefetch_ = job_.data.prefetch.value_or(spareCores);
   // The eval set loads in the background while the group forms and the training set loads.
   std::future<std::shared_ptr<const data::Dataset>> evalLoad;
   if (job_.data.eval) evalLoad = std::async(std::launch::async, [&] { return data::loadDataset(*job_.data.eval); });
@@ -181,144 +200,150 @@ TrainResult TrainLoop::run() {
   loss_ = nn::Loss::create(job_.loss, job_.model.output(), static_cast<int>(batch));
   checkDataFitsModel(job_, *train_, *loss_, "/data/train");
   if (!job_.initFrom.empty()) loadWeights(job_.initFrom, *model_);
-  auto params = model_->params();
-  auto grads = model_->grads();
-  auto optimizer = nn::Optimizer::create(job_.optimizer, model_->numParams());
-  Checkpointer checkpointer(job_, worker_.rank, worker_.worldSize, backend_,
-                            fmt::format("{}/{}/{}", worker_.runId, worker_.round, worker_.restartCount));
-  std::optional<ResumePoint> resumed = checkpointer.resume(*model_, *optimizer);
+  optimizer_ = nn::Optimizer::create(job_.optimizer, model_->numParams());
+  checkpointer_ = std::make_unique<Checkpointer>(
+      job_, worker_.rank, worker_.worldSize, backend_,
+      fmt::format("{}/{}/{}", worker_.runId, worker_.round, worker_.restartCount));
+  resumed_ = checkpointer_->resume(*model_, *optimizer_);
   // Rank 0's parameters for everyone: replicas start identical whatever each rank built or loaded.
+  auto params = model_->params();
   if (backend_) backend_->broadcast(params.data(), params.size(), comm::DType::kFloat32, 0);
-  const bool spareCores = std::thread::hardware_concurrency() > static_cast<unsigned>(worker_.localWorldSize);
-  GradientSync sync(*model_, backend_, job_.parallel.firstBucketMb, job_.parallel.bucketMb,
-                    job_.parallel.overlap.value_or(spareCores));
+  sync_ = std::make_unique<GradientSync>(*model_, backend_, job_.parallel.firstBucketMb, job_.parallel.bucketMb,
+                                         job_.parallel.overlap.value_or(spareCores));
+  sampler_ = std::make_unique<data::DistributedSampler>(data::SamplerOptions{
+      .datasetSize = train_->size(), .rank = worker_.rank, .worldSize = worker_.worldSize,
+      .shuffle = job_.data.shuffle, .seed = job_.loop.seed, .dropLast = job_.data.dropLast});
+  planRun();
+  if (evalLoad.valid()) {
+    eval_ = evalLoad.get();
+    checkDataFitsModel(job_, *eval_, *loss_, "/data/eval");
+  }
+  hasDropout_ = std::any_of(job_.model.layers.begin(), job_.model.layers.end(),
+                            [](const nn::LayerSpec& l) { return l.type == nn::LayerType::kDropout; });
+  faults_ = std::make_unique<FaultInjector>(worker_.rank, worker_.restartCount);
+  sampleLog_ = std::make_unique<SampleLog>(worker_.rank, worker_.worldSize, worker_.restartCount, worker_.round);
+  // Ranks agree on a stop (SIGTERM/SIGINT/SIGUSR1 on any of them) every kStopCheckEvery steps, so that they
+  // all checkpoint at the same step; alone, every step.
+  stopCheckEvery_ = backend_ ? kStopCheckEvery : 1;
+  progress_ = std::make_unique<Progress>(worker_.rank == 0, job_.outputDir / "metrics.jsonl", resumed_.has_value());
+  progress_->info(fmt::format("{}: {} parameters, {} training samples, {} rank(s) x batch {}, {} steps{}", job_.name,
+                              model_->numParams(), train_->size(), worker_.worldSize, batch, stats_.totalSteps,
+                              backend_ ? fmt::format(", {} backend", backend_->name()) : ""));
+  if (resumed_)
+    progress_->info(fmt::format("resumed from {} (step {}, epoch {}, {} samples of it done, saved by {} rank(s))",
+                                resumed_->path.string(), resumed_->step, resumed_->epoch + 1,
+                                resumed_->samplesConsumed, resumed_->savedWorldSize));
+}
 
-  data::SamplerOptions so{.datasetSize = train_->size(), .rank = worker_.rank, .worldSize = worker_.worldSize,
-                          .shuffle = job_.data.shuffle, .seed = job_.loop.seed, .dropLast = job_.data.dropLast};
-  data::DistributedSampler sampler(so);
+void TrainLoop::planRun() {
+  const int64_t batch = job_.data.batchSize;
   const int accum = job_.loop.gradAccum;
   auto stepsOf = [&](int64_t samplesPerRank) {
     int64_t batches = job_.data.dropLast ? samplesPerRank / batch : (samplesPerRank + batch - 1) / batch;
     return (batches + accum - 1) / accum;
   };
-  const int64_t stepsPerEpoch = stepsOf(sampler.numSamplesThisRank());
+  const int64_t stepsPerEpoch = stepsOf(sampler_->numSamplesThisRank());
   DTRAIN_CHECK_AS(ConfigError, stepsPerEpoch > 0,
                   "{}: /data/batch_size: {} samples per rank ({} in all over {} rank(s)) make no batch of {}",
-                  job_.sourceFile, sampler.numSamplesThisRank(), train_->size(), worker_.worldSize, batch);
-  int64_t step = resumed ? resumed->step : 0;
-  int64_t startEpoch = resumed ? resumed->epoch : 0;
-  int64_t startSample = resumed ? resumed->samplesConsumed : 0;
+                  job_.sourceFile, sampler_->numSamplesThisRank(), train_->size(), worker_.worldSize, batch);
+  step_ = resumed_ ? resumed_->step : 0;
+  const int64_t startEpoch = resumed_ ? resumed_->epoch : 0;
   // Steps of the whole run as this world sees it: done + the rest of this epoch + the remaining epochs.
-  sampler.setEpoch(startEpoch, startSample);
-  int64_t totalSteps = step + (startEpoch < job_.loop.epochs ? stepsOf(sampler.numSamplesThisRank()) : 0) +
+  sampler_->setEpoch(startEpoch, resumed_ ? resumed_->samplesConsumed : 0);
+  int64_t totalSteps = step_ + (startEpoch < job_.loop.epochs ? stepsOf(sampler_->numSamplesThisRank()) : 0) +
                        std::max<int64_t>(0, job_.loop.epochs - startEpoch - 1) * stepsPerEpoch;
   if (job_.loop.maxSteps > 0) totalSteps = std::min(totalSteps, job_.loop.maxSteps);
   double baseLr = job_.optimizer.lr;
   if (job_.parallel.lrScaling == "linear")
     baseLr *= static_cast<double>(worker_.worldSize) / job_.parallel.referenceWorldSize;
-  nn::Schedule schedule(job_.schedule, baseLr, totalSteps);
-  const int64_t logEvery =
-      job_.loop.logEverySteps > 0 ? job_.loop.logEverySteps : std::max<int64_t>(1, stepsPerEpoch / 20);
+  schedule_ = nn::Schedule(job_.schedule, baseLr, totalSteps);
+  logEvery_ = job_.loop.logEverySteps > 0 ? job_.loop.logEverySteps : std::max<int64_t>(1, stepsPerEpoch / 20);
+  stats_ = StepStats{.totalSteps = totalSteps, .epochs = job_.loop.epochs, .stepsPerEpoch = stepsPerEpoch};
+}
 
-  if (evalLoad.valid()) {
-    eval_ = evalLoad.get();
-    checkDataFitsModel(job_, *eval_, *loss_, "/data/eval");
-  }
-  progress_ = std::make_unique<Progress>(leader, job_.outputDir / "metrics.jsonl", resumed.has_value());
-  if (leader) {
-    progress_->info(fmt::format("{}: {} parameters, {} training samples, {} rank(s) x batch {}, {} steps{}",
-                                job_.name, model_->numParams(), train_->size(), worker_.worldSize, batch, totalSteps,
-                                backend_ ? fmt::format(", {} backend", backend_->name()) : ""));
-    if (resumed)
-      progress_->info(fmt::format("resumed from {} (step {}, epoch {}, {} samples of it done, saved by {} rank(s))",
-                                  resumed->path.string(), resumed->step, resumed->epoch + 1, resumed->samplesConsumed,
-                                  resumed->savedWorldSize));
-  }
+int TrainLoop::agreedStopSignal() {
+  double flag[1] = {static_cast<double>(gStopSignal.load())};
+  if (backend_) backend_->allreduce(flag, 1, comm::DType::kFloat64, comm::ReduceOp::kMax);
+  return static_cast<int>(flag[0]);
+}
 
-  const bool hasDropout = std::any_of(job_.model.layers.begin(), job_.model.layers.end(),
-                                      [](const nn::LayerSpec& l) { return l.type == nn::LayerType::kDropout; });
-  FaultInjector faults(worker_.rank, worker_.restartCount);
-  SampleLog sampleLog(worker_.rank, worker_.worldSize, worker_.restartCount, worker_.round);
-  // Ranks agree on a stop (SIGTERM/SIGINT/SIGUSR1 on any of them) every kStopCheckEvery steps, so that they
-  // all checkpoint at the same step; alone, every step.
-  const int64_t stopCheckEvery = backend_ ? kStopCheckEvery : 1;
-  auto agreedStopSignal = [&]() -> int {
-    double flag[1] = {static_cast<double>(gStopSignal.load())};
-    if (backend_) backend_->allreduce(flag, 1, comm::DType::kFloat64, comm::ReduceOp::kMax);
-    return static_cast<int>(flag[0]);
-  };
-  auto saveCheckpoint = [&](int64_t epoch, int64_t position) {
-    if (!checkpointer.enabled()) return;
-    auto dir = checkpointer.save(*model_, *optimizer, step, epoch, position);
-    if (leader) log::debug("checkpoint {} committed", dir.string());
-  };
+void TrainLoop::saveCheckpoint(int64_t epoch, int64_t position) {
+  if (!checkpointer_->enabled()) return;
+  auto dir = checkpointer_->save(*model_, *optimizer_, step_, epoch, position);
+  if (worker_.rank == 0) log::debug("checkpoint {} committed", dir.string());
+}
 
-  StepStats stats{.totalSteps = totalSteps, .epochs = job_.loop.epochs, .stepsPerEpoch = stepsPerEpoch};
+void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
+  sampler_->setEpoch(epoch, startSample);
+  data::BatchLoader loader(*train_, *sampler_,
+                           {.batchSize = job_.data.batchSize, .dropLast = job_.data.dropLast, .prefetch = prefetch_});
+  const int64_t numBatches = loader.numBatches();
+  const int accum = job_.loop.gradAccum;
   const float gradScale = 1.0f / static_cast<float>(accum);
-  intervalStart_ = Clock::now();
-  bool stop = job_.loop.maxSteps > 0 && step >= job_.loop.maxSteps;
-  for (int64_t epoch = startEpoch; epoch < job_.loop.epochs && !stop; ++epoch) {
-    sampler.setEpoch(epoch, epoch == startEpoch ? startSample : 0);
-    data::BatchLoader loader(*train_, sampler, {.batchSize = batch, .dropLast = job_.data.dropLast,
-                                                .prefetch = prefetch_});
-    const int64_t numBatches = loader.numBatches();
-    stats.epoch = epoch;
-    Clock::time_point epochStart = Clock::now();
-    int micro = 0;
-    int64_t batchIndex = 0;
-    for (const data::Batch& b : loader) {
-      ++batchIndex;
-      bool lastMicro = micro + 1 == accum || batchIndex == numBatches;
-      if (hasDropout) model_->reseedDropout(dropoutSeed(job_.loop.seed, worker_.rank, step, micro));
-      nn::TensorView out = model_->forward(b.features, static_cast<int>(b.size), true);
-      float l = loss_->forward(out, targetsOf(b, *train_));
-      intervalLoss_ += l;
-      ++intervalBatches_;
-      intervalSamples_ += b.size;
-      sampleLog.add(b.indices);
-      model_->backward(loss_->backward(gradScale), lastMicro ? sync.hook() : nn::LayerGradReady{},
-                       micro == 0 ? nn::GradMode::kOverwrite : nn::GradMode::kAccumulate);
-      if (!lastMicro) {
-        ++micro;
-        continue;
-      }
-      micro = 0;
-      sync.finish();
-      if (job_.optimizer.clipGradNorm > 0) nn::clipGradNorm(grads, job_.optimizer.clipGradNorm);
-      optimizer->setLr(schedule.lr(step));
-      optimizer->step(params, grads);
-      ++step;
-      sampleLog.commitStep(epoch, step);
-      stats.step = step;
-      stats.stepInEpoch = (batchIndex + accum - 1) / accum;
-      stats.lr = optimizer->lr();
-      result_.samples += b.size * worker_.worldSize;
-      const bool epochEnd = batchIndex == numBatches;
-      // Step 1 is always logged: its wall_time tells how long the start took.
-      if (step == 1 || step % logEvery == 0 || epochEnd) logInterval(stats, false);
-      // A run that reaches max_steps is checkpointed there, so raising max_steps continues it.
-      if (job_.loop.maxSteps > 0 && step >= job_.loop.maxSteps) stop = true;
-      if (step % stopCheckEvery == 0 || stop) {
-        if (int sig = agreedStopSignal(); sig != 0) {
-          result_.stoppedBySignal = sig;
-          stop = true;
-        }
-      }
-      // The epoch's last step is saved after the evaluation, below, as the start of the next epoch.
-      bool due = stop || (job_.checkpoint.everySteps > 0 && step % job_.checkpoint.everySteps == 0);
-      if (due && !epochEnd) saveCheckpoint(epoch, b.position);
-      faults.afterStep(step);
-      if (stop && !epochEnd) break;
+  auto params = model_->params();
+  auto grads = model_->grads();
+  stats_.epoch = epoch;
+  Clock::time_point epochStart = Clock::now();
+  int micro = 0;
+  int64_t batchIndex = 0;
+  for (const data::Batch& b : loader) {
+    ++batchIndex;
+    bool lastMicro = micro + 1 == accum || batchIndex == numBatches;
+    if (hasDropout_) model_->reseedDropout(dropoutSeed(job_.loop.seed, worker_.rank, step_, micro));
+    nn::TensorView out = model_->forward(b.features, static_cast<int>(b.size), true);
+    intervalLoss_ += loss_->forward(out, targetsOf(b, *train_));
+    ++intervalBatches_;
+    intervalSamples_ += b.size;
+    sampleLog_->add(b.indices);
+    model_->backward(loss_->backward(gradScale), lastMicro ? sync_->hook() : nn::LayerGradReady{},
+                     micro == 0 ? nn::GradMode::kOverwrite : nn::GradMode::kAccumulate);
+    if (!lastMicro) {
+      ++micro;
+      continue;
     }
-    logInterval(stats, false);
-    result_.trainSec += secondsSince(epochStart);
-    if (batchIndex == numBatches) {  // the epoch ran to its end
-      if (job_.loop.evalEachEpoch && !result_.stoppedBySignal) evaluate(stats);
-      saveCheckpoint(epoch + 1, 0);
-    }
-    intervalStart_ = Clock::now();  // evaluation time is not training throughput
+    micro = 0;
+    sync_->finish();
+    if (job_.optimizer.clipGradNorm > 0) nn::clipGradNorm(grads, job_.optimizer.clipGradNorm);
+    optimizer_->setLr(schedule_.lr(step_));
+    optimizer_->step(params, grads);
+    ++step_;
+    sampleLog_->commitStep(epoch, step_);
+    stats_.stepInEpoch = (batchIndex + accum - 1) / accum;
+    result_.samples += b.size * worker_.worldSize;
+    afterStep(epoch, b.position, batchIndex == numBatches);
+    if (stop_ && batchIndex != numBatches) break;
   }
-  result_.steps = step;
+  logInterval(stats_, false);
+  result_.trainSec += secondsSince(epochStart);
+  if (batchIndex == numBatches) {  // the epoch ran to its end
+    if (job_.loop.evalEachEpoch && !result_.stoppedBySignal) evaluate(stats_);
+    saveCheckpoint(epoch + 1, 0);
+  }
+  intervalStart_ = Clock::now();  // evaluation time is not training throughput
+}
+
+void TrainLoop::afterStep(int64_t epoch, int64_t position, bool epochEnd) {
+  stats_.step = step_;
+  stats_.lr = optimizer_->lr();
+  // Step 1 is always logged: its wall_time tells how long the start took.
+  if (step_ == 1 || step_ % logEvery_ == 0 || epochEnd) logInterval(stats_, false);
+  // A run that reaches max_steps is checkpointed there, so raising max_steps continues it.
+  if (job_.loop.maxSteps > 0 && step_ >= job_.loop.maxSteps) stop_ = true;
+  if (step_ % stopCheckEvery_ == 0 || stop_) {
+    if (int sig = agreedStopSignal(); sig != 0) {
+      result_.stoppedBySignal = sig;
+      stop_ = true;
+    }
+  }
+  // The epoch's last step is saved after the evaluation, by trainEpoch, as the start of the next epoch.
+  bool due = stop_ || (job_.checkpoint.everySteps > 0 && step_ % job_.checkpoint.everySteps == 0);
+  if (due && !epochEnd) saveCheckpoint(epoch, position);
+  faults_->afterStep(step_);
+}
+
+void TrainLoop::finish() {
+  const bool leader = worker_.rank == 0;
+  result_.steps = step_;
   if (leader && !result_.stoppedBySignal) {
     std::filesystem::create_directories(job_.outputDir);
     saveWeights(job_.outputDir / "model.safetensors", *model_);
@@ -329,18 +354,28 @@ TrainResult TrainLoop::run() {
   double rss[1] = {peakRssMb()};
   if (backend_) backend_->allreduce(rss, 1, comm::DType::kFloat64, comm::ReduceOp::kMax);
   result_.peakRssMb = rss[0];
-  if (leader) {
-    std::string eval;
-    if (result_.evalAccuracy) eval = fmt::format(", eval accuracy {:.2f}%", *result_.evalAccuracy * 100);
-    else if (result_.evalLoss) eval = fmt::format(", eval loss {:.6f}", *result_.evalLoss);
-    std::string wrote = result_.stoppedBySignal ? std::string()
-                                                : "; wrote " + (job_.outputDir / "model.safetensors").string();
-    progress_->summary(fmt::format("done: {} steps, {} samples in {} (training {:.0f} samples/s, peak RSS {:.0f} MB per "
-                                   "rank){}{}",
-                                   step, result_.samples, formatDuration(result_.wallSec), result_.samplesPerSec,
-                                   result_.peakRssMb, eval, wrote));
-    progress_->final(stats, result_.samplesPerSec, result_.trainSec, result_.wallSec, result_.peakRssMb);
-  }
+  if (!leader) return;
+  std::string eval;
+  if (result_.evalAccuracy) eval = fmt::format(", eval accuracy {:.2f}%", *result_.evalAccuracy * 100);
+  else if (result_.evalLoss) eval = fmt::format(", eval loss {:.6f}", *result_.evalLoss);
+  std::string wrote =
+      result_.stoppedBySignal ? std::string() : "; wrote " + (job_.outputDir / "model.safetensors").string();
+  progress_->summary(fmt::format("done: {} steps, {} samples in {} (training {:.0f} samples/s, peak RSS {:.0f} MB per "
+                                 "rank){}{}",
+                                 step_, result_.samples, formatDuration(result_.wallSec), result_.samplesPerSec,
+                                 result_.peakRssMb, eval, wrote));
+  progress_->final(stats_, result_.samplesPerSec, result_.trainSec, result_.wallSec, result_.peakRssMb);
+}
+
+TrainResult TrainLoop::run() {
+  installStopHandlers();
+  setUp();
+  intervalStart_ = Clock::now();
+  const int64_t startEpoch = resumed_ ? resumed_->epoch : 0;
+  stop_ = job_.loop.maxSteps > 0 && step_ >= job_.loop.maxSteps;
+  for (int64_t epoch = startEpoch; epoch < job_.loop.epochs && !stop_; ++epoch)
+    trainEpoch(epoch, epoch == startEpoch && resumed_ ? resumed_->samplesConsumed : 0);
+  finish();
   return result_;
 }
 

@@ -273,7 +273,8 @@ void RoundRunner::onEvent(const RoundEvent& event) {
   int stopSig = interruptedBy_ && *interruptedBy_ != SIGUSR1 ? *interruptedBy_ : SIGTERM;
   // A preemption on another node ended the round: our workers may not have seen Slurm's SIGUSR1 yet, so they
   // get it now (to checkpoint), and SIGKILL after the grace like any stop.
-  if (event.type == "shutdown" && event.exitCode == 128 + SIGUSR1) stopSig = SIGUSR1;
+  // If this agent already forwarded one, the workers are stopping: no second signal, only SIGKILL after the grace.
+  if (event.type == "shutdown" && event.exitCode == 128 + SIGUSR1) stopSig = preemptedBy_ ? 0 : SIGUSR1;
   // After a lost node the workers are stuck in collectives with it and can commit no checkpoint (that needs
   // every rank): there is nothing to wait for, so they are killed at once.
   if (event.type == "node_lost") {

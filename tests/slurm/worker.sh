@@ -18,8 +18,10 @@ fi
 # `sleep` the shell would run the trap only after the sleep ended).
 sleep 120 &
 sleeper=$!
-trap 'echo "checkpoint attempt=$attempt rank=$RANK signal=USR1" >>"$log"; kill $sleeper 2>/dev/null; exit 0' USR1
-trap 'echo "stopped attempt=$attempt rank=$RANK signal=TERM" >>"$log"; kill $sleeper 2>/dev/null; exit 143' TERM
+# Under Slurm a signal can arrive twice (slurmstepd signals every process of the step, and the agent forwards
+# it too): like any real worker, act on the first and ignore repeats while stopping.
+trap 'trap "" USR1 TERM; echo "checkpoint attempt=$attempt rank=$RANK signal=USR1" >>"$log"; kill $sleeper 2>/dev/null; exit 0' USR1
+trap 'trap "" USR1 TERM; echo "stopped attempt=$attempt rank=$RANK signal=TERM" >>"$log"; kill $sleeper 2>/dev/null; exit 143' TERM
 echo "ready rank=$RANK attempt=$attempt" >>"$dir/ready"
 wait $sleeper
 echo "no signal came within 120 s: rank=$RANK" >>"$log"

@@ -225,7 +225,9 @@ void TrainLoop::setUp() {
   // Ranks agree on a stop (SIGTERM/SIGINT/SIGUSR1 on any of them) every kStopCheckEvery steps, so that they
   // all checkpoint at the same step; alone, every step.
   stopCheckEvery_ = backend_ ? kStopCheckEvery : 1;
-  progress_ = std::make_unique<Progress>(worker_.rank == 0, job_.outputDir / "metrics.jsonl", resumed_.has_value());
+  // A resumed run, or any later round of the launcher (a restart that found no checkpoint yet), appends.
+  progress_ = std::make_unique<Progress>(worker_.rank == 0, job_.outputDir / "metrics.jsonl",
+                                         resumed_.has_value() || worker_.round > 0);
   progress_->info(fmt::format("{}: {} parameters, {} training samples, {} rank(s) x batch {}, {} steps{}", job_.name,
                               model_->numParams(), train_->size(), worker_.worldSize, batch, stats_.totalSteps,
                               backend_ ? fmt::format(", {} backend", backend_->name()) : ""));

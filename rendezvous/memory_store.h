@@ -1,12 +1,12 @@
-// In-process Store over a mutex-protected map: for unit tests (one thread per rank) and for the agent's own
-// view of a store it hosts. Waiters park on a condition variable and wake on set/add/compareSet/append.
+// In-process Store: the TCP server's StoreState (the same key/value semantics and limits) behind a mutex, for
+// unit tests (one thread per rank). Waiters park on a condition variable and wake on set/add/compareSet/append.
 #pragma once
 
 #include <condition_variable>
-#include <map>
 #include <mutex>
 
 #include "rendezvous/store.h"
+#include "rendezvous/store_state.h"
 
 namespace dtrain::rendezvous {
 
@@ -28,11 +28,9 @@ class MemoryStore : public Store, public std::enable_shared_from_this<MemoryStor
 
  private:
   MemoryStore() = default;
-  bool hasAll(const std::vector<std::string>& keys) const;  // caller holds mu_
-
   std::mutex mu_;
   std::condition_variable changed_;
-  std::map<std::string, std::string, std::less<>> data_;
+  StoreState state_;  // guarded by mu_
 };
 
 }  // namespace dtrain::rendezvous

@@ -8,6 +8,7 @@
 #include <filesystem>
 
 #include "tests/integration/launch_helpers.h"
+#include "tests/integration/train_helpers.h"
 
 using namespace dtrain::testing;
 using namespace std::chrono_literals;
@@ -28,40 +29,12 @@ const char* kJob = R"({
   "checkpoint": false
 })";
 
-// A minimal safetensors reader, independent of lib/ckpt: name -> float values.
-std::map<std::string, std::vector<float>> readSafetensors(const std::string& path) {
-  std::string bytes = readFile(path);
-  REQUIRE(bytes.size() >= 8);
-  uint64_t n;
-  std::memcpy(&n, bytes.data(), 8);
-  auto header = json::parse(bytes.substr(8, n));
-  std::map<std::string, std::vector<float>> out;
-  for (auto& [name, info] : header.items()) {
-    if (name == "__metadata__") continue;
-    REQUIRE(info["dtype"] == "F32");
-    auto begin = info["data_offsets"][0].get<size_t>(), end = info["data_offsets"][1].get<size_t>();
-    std::vector<float> v((end - begin) / 4);
-    std::memcpy(v.data(), bytes.data() + 8 + n + begin, end - begin);
-    out[name] = v;
-  }
-  return out;
-}
-
 // The last evaluation line of a metrics.jsonl.
 json lastEval(const std::vector<json>& lines) {
   for (auto it = lines.rbegin(); it != lines.rend(); ++it)
     if (it->contains("eval_loss")) return *it;
   FAIL("no evaluation line");
   return {};
-}
-
-std::vector<json> readJsonLines(const std::string& path) {
-  std::vector<json> out;
-  std::istringstream in(readFile(path));
-  std::string line;
-  while (std::getline(in, line))
-    if (!line.empty()) out.push_back(json::parse(line));
-  return out;
 }
 
 }  // namespace
@@ -110,8 +83,8 @@ TEST_CASE("data parallel: 2 ranks x batch b give the same weights as 1 rank x ba
                  {.timeout = 60s});
   INFO(two.err);
   REQUIRE(two.exitCode == 0);
-  auto a = readSafetensors(dir + "/one/model.safetensors");
-  auto b = readSafetensors(dir + "/two/model.safetensors");
+  auto a = readTensorsF32(dir + "/one/model.safetensors");
+  auto b = readTensorsF32(dir + "/two/model.safetensors");
   REQUIRE(a.size() == 4);
   REQUIRE(b.size() == 4);
   for (auto& [name, va] : a) {
@@ -167,7 +140,7 @@ TEST_CASE("linear regression (Linear(10,1), SGD, MSE) fits its synthetic data") 
   auto lines = readJsonLines(dir + "/metrics.jsonl");
   REQUIRE(!lines.empty());
   CHECK(lastEval(lines)["eval_loss"].get<double>() < 0.01);
-  auto w = readSafetensors(dir + "/model.safetensors");
+  auto w = readTensorsF32(dir + "/model.safetensors");
   CHECK(w["0.weight"].size() == 10);
   CHECK(w["0.bias"].size() == 1);
 }
@@ -183,8 +156,8 @@ TEST_CASE("init.from starts from a weights file; one for another model is an err
   INFO(b.err);
   REQUIRE(b.exitCode == 0);
   // lr 1e-30: every update rounds away, so the weights stay what was loaded
-  auto wa = readSafetensors(dir + "/a/model.safetensors");
-  auto wb = readSafetensors(dir + "/b/model.safetensors");
+  auto wa = readTensorsF32(dir + "/a/model.safetensors");
+  auto wb = readTensorsF32(dir + "/b/model.safetensors");
   CHECK(wa == wb);
   auto bad = run({dtrainBinary(), "train", dir + "/job.json", "--set", init, "--set", "model.layers.0.out=8",
                   "--output-dir", dir + "/c"},

@@ -33,8 +33,9 @@ inline nlohmann::json smallJob(int samples = 96, int batch = 8, int epochs = 2) 
                                            samples, batch, epochs));
 }
 
-// A minimal safetensors reader, independent of lib/ckpt: name -> raw little-endian bytes.
-inline std::map<std::string, std::string> readTensorsRaw(const std::string& path) {
+// A minimal safetensors reader, independent of lib/ckpt: name -> raw little-endian bytes. With `dtype`, every
+// tensor must have it.
+inline std::map<std::string, std::string> readTensorsRaw(const std::string& path, const char* dtype = nullptr) {
   std::string bytes = readFile(path);
   REQUIRE(bytes.size() >= 8);
   uint64_t n;
@@ -44,8 +45,20 @@ inline std::map<std::string, std::string> readTensorsRaw(const std::string& path
   std::map<std::string, std::string> out;
   for (auto& [name, info] : header.items()) {
     if (name == "__metadata__") continue;
+    if (dtype != nullptr) REQUIRE(info["dtype"] == dtype);
     auto begin = info["data_offsets"][0].get<size_t>(), end = info["data_offsets"][1].get<size_t>();
     out[name] = bytes.substr(8 + n + begin, end - begin);
+  }
+  return out;
+}
+
+// readTensorsRaw for F32 tensors, as float values.
+inline std::map<std::string, std::vector<float>> readTensorsF32(const std::string& path) {
+  std::map<std::string, std::vector<float>> out;
+  for (auto& [name, bytes] : readTensorsRaw(path, "F32")) {
+    std::vector<float> v(bytes.size() / sizeof(float));
+    std::memcpy(v.data(), bytes.data(), v.size() * sizeof(float));
+    out[name] = std::move(v);
   }
   return out;
 }

@@ -43,9 +43,9 @@ std::string checkJob(const Job& job) {
                      nn::optimizerTypeName(job.optimizer.type), job.optimizer.lr);
   out += fmt::format("train: {}\n{}\n", train->describe(), evalLine);
   auto stepsPerEpoch = [&](int64_t world) {
-    int64_t perRank = (train->size() + world - 1) / world;
-    int64_t batchesPerRank = (perRank + job.data.batchSize - 1) / job.data.batchSize;
-    return (batchesPerRank + job.loop.gradAccum - 1) / job.loop.gradAccum;
+    // DistributedSampler's share: padded up to a multiple of the world, or cut down with drop_last.
+    int64_t perRank = job.data.dropLast ? train->size() / world : (train->size() + world - 1) / world;
+    return stepsForSamples(job, perRank);
   };
   out += fmt::format("run:   {} epoch(s), batch {} per rank: {} steps per epoch on 1 rank, {} on 2, {} on 4{}\n",
                      job.loop.epochs, job.data.batchSize, stepsPerEpoch(1), stepsPerEpoch(2), stepsPerEpoch(4),

@@ -130,6 +130,12 @@ CheckpointSettings parseCheckpoint(const json& doc, const std::string& source, c
 
 }  // namespace
 
+int64_t stepsForSamples(const Job& job, int64_t samplesPerRank) {
+  const int64_t batch = job.data.batchSize;
+  int64_t batches = job.data.dropLast ? samplesPerRank / batch : (samplesPerRank + batch - 1) / batch;
+  return (batches + job.loop.gradAccum - 1) / job.loop.gradAccum;
+}
+
 void applySet(json& doc, const std::string& assignment, const std::string& source) {
   auto eq = assignment.find('=');
   DTRAIN_CHECK_AS(ConfigError, eq != std::string::npos && eq > 0,

@@ -89,6 +89,9 @@ struct JobArgs {
 
 Job loadJob(const JobArgs& args);
 
+// Optimizer steps one epoch takes when a rank holds `samplesPerRank` samples (batch size, drop_last, grad_accum).
+int64_t stepsForSamples(const Job& job, int64_t samplesPerRank);
+
 // Applies one "a.b.c=VALUE" override: VALUE is parsed as JSON when it is valid JSON (numbers, true, [1,2],
 // {"k":1}, "quoted"), else taken as a string. Array elements are addressed by index (model.layers.0.out).
 // Throws ConfigError naming the assignment.

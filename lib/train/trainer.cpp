@@ -239,11 +239,7 @@ void TrainLoop::setUp() {
 
 void TrainLoop::planRun() {
   const int64_t batch = job_.data.batchSize;
-  const int accum = job_.loop.gradAccum;
-  auto stepsOf = [&](int64_t samplesPerRank) {
-    int64_t batches = job_.data.dropLast ? samplesPerRank / batch : (samplesPerRank + batch - 1) / batch;
-    return (batches + accum - 1) / accum;
-  };
+  auto stepsOf = [&](int64_t samplesPerRank) { return stepsForSamples(job_, samplesPerRank); };
   const int64_t stepsPerEpoch = stepsOf(sampler_->numSamplesThisRank());
   DTRAIN_CHECK_AS(ConfigError, stepsPerEpoch > 0,
                   "{}: /data/batch_size: {} samples per rank ({} in all over {} rank(s)) make no batch of {}",

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <iterator>
 #include <numeric>
 
 #include "lib/common/clock.h"
@@ -45,15 +46,33 @@ NodeInfo NodeInfo::fromJson(const std::string& text) {
   return n;
 }
 
+namespace {
+
+// The one table of wire names; the order follows RoundEventType.
+constexpr std::string_view kEventNames[] = {"failed", "node_lost", "membership", "shutdown", "done"};
+
+}  // namespace
+
+std::string_view roundEventName(RoundEventType type) { return kEventNames[static_cast<size_t>(type)]; }
+
+std::optional<RoundEventType> parseRoundEventType(std::string_view name) {
+  for (size_t i = 0; i < std::size(kEventNames); ++i)
+    if (kEventNames[i] == name) return static_cast<RoundEventType>(i);
+  return std::nullopt;
+}
+
 std::string RoundEvent::toJson() const {
-  return json{{"type", type}, {"message", message}, {"exit_code", exitCode}, {"report", report}}.dump();
+  return json{{"type", roundEventName(type)}, {"message", message}, {"exit_code", exitCode}, {"report", report}}
+      .dump();
 }
 
 RoundEvent RoundEvent::fromJson(const std::string& text) {
   auto j = json::parse(text, nullptr, false);
   DTRAIN_CHECK_AS(ProtocolError, j.is_object(), "rendezvous: malformed round event '{}'", text);
+  auto type = parseRoundEventType(j.value("type", ""));
+  DTRAIN_CHECK_AS(ProtocolError, type.has_value(), "rendezvous: round event of unknown type in '{}'", text);
   RoundEvent e;
-  e.type = j.value("type", "");
+  e.type = *type;
   e.message = j.value("message", "");
   e.exitCode = j.value("exit_code", 0);
   e.report = j.value("report", "");
@@ -74,7 +93,8 @@ RoundInfo Rendezvous::join() {
   Deadline deadline(options_.joinTimeout);
   for (;;) {
     int round = currentRound();
-    if (auto ev = store_->tryGet(key(round, "event")); ev && RoundEvent::fromJson(*ev).type == "done")
+    auto ended = store_->tryGet(key(round, "event"));
+    if (ended && RoundEvent::fromJson(*ended).type == RoundEventType::kDone)
       DTRAIN_THROW(RendezvousError,
                    "rendezvous at {}: this run id already completed a job on this store; use a new --rdzv-id",
                    options_.endpoint);
@@ -84,7 +104,8 @@ RoundInfo Rendezvous::join() {
     auto closed = store_->tryGet(key(round, "closed"));
     int members = closed ? static_cast<int>(parse::toInt(*closed).value_or(0)) : 0;
     if (members < options_.maxNodes) {
-      RoundEvent e{"membership", fmt::format("node {} ({}) asks to join", self_.hostname, self_.host), 0, ""};
+      RoundEvent e{RoundEventType::kMembership,
+                   fmt::format("node {} ({}) asks to join", self_.hostname, self_.host), 0, ""};
       store_->compareSet(key(round, "event"), "", e.toJson());
     }
     if (!store_->wait({key(round + 1, "open")}, deadline.remaining()))
@@ -188,7 +209,7 @@ std::optional<RoundEvent> Rendezvous::waitEvent(Store& store, int round, Millis 
 
 void Rendezvous::markFinished(const RoundInfo& info) {
   auto n = store_->add(key(info.round, "finished"), 1);
-  if (n == info.numNodes) endRound(info.round, RoundEvent{"done", "all nodes finished", 0, ""});
+  if (n == info.numNodes) endRound(info.round, RoundEvent{RoundEventType::kDone, "all nodes finished", 0, ""});
 }
 
 void Rendezvous::advance(int round) {

@@ -28,6 +28,7 @@
 #include <chrono>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "lib/common/clock.h"
@@ -72,14 +73,31 @@ struct RoundInfo {
   uint16_t masterPort = 0;
 };
 
+// What ended a round. The names ("failed", "node_lost", ...) exist only in the store's JSON (toJson/fromJson
+// and roundEventName/parseRoundEventType); code compares the enum.
+enum class RoundEventType {
+  kFailed,      // "failed": a worker failed; exitCode is its exit code, report quotes its stderr
+  kNodeLost,    // "node_lost": a member missed heartbeats, or an agent lost the store
+  kMembership,  // "membership": a node asks to join; the group re-forms without consuming a restart
+  kShutdown,    // "shutdown": an agent was signalled (exitCode 128+signal), or a worker stopped after SIGUSR1
+  kDone,        // "done": every node's workers succeeded
+};
+
+// The wire name of `type`; parseRoundEventType is its inverse (nullopt for an unknown name).
+std::string_view roundEventName(RoundEventType type);
+std::optional<RoundEventType> parseRoundEventType(std::string_view name);
+
 struct RoundEvent {
-  std::string type;     // failed | node_lost | membership | shutdown | done
+  RoundEventType type = RoundEventType::kFailed;
   std::string message;  // one line for humans
   int exitCode = 0;     // for failed / shutdown: what `dtrain run` should exit with
   std::string report;   // multi-line root-cause report (failed)
+  // {"type": name, "message", "exit_code", "report"}; fromJson throws ProtocolError for a malformed record
+  // or an unknown type.
   std::string toJson() const;
   static RoundEvent fromJson(const std::string& json);
-  bool isFailure() const { return type == "failed" || type == "node_lost"; }
+  // A failure consumes a restart (see `restarts` above).
+  bool isFailure() const { return type == RoundEventType::kFailed || type == RoundEventType::kNodeLost; }
 };
 
 class Rendezvous {

@@ -10,6 +10,7 @@
 #include "lib/common/error.h"
 #include "lib/common/log.h"
 #include "lib/common/net.h"
+#include "lib/launch/round_policy.h"
 #include "lib/launch/round_runner.h"
 #include "rendezvous/prefix_store.h"
 #include "rendezvous/rendezvous.h"
@@ -45,6 +46,29 @@ void printBlock(log::Level level, const std::string& text) {
     log::write(level, std::string_view(text).substr(start, nl == std::string::npos ? std::string::npos : nl - start));
     if (nl == std::string::npos) break;
     start = nl + 1;
+  }
+}
+
+// What the user reads about the end of a round (decided by decideAfterRound).
+void reportAfterRound(const AfterRound& after, const RoundEvent& event, int restartCount, int maxRestarts) {
+  const std::string& details = event.report.empty() ? event.message : event.report;
+  switch (after.verdict) {
+    case RoundVerdict::kInterrupted:
+    case RoundVerdict::kSucceeded: break;
+    case RoundVerdict::kShutdown: log::error("stopping: {}", event.message); break;
+    case RoundVerdict::kConfigError:
+      printBlock(log::Level::kError, event.report);
+      log::error("exit code 2 is a configuration error: not restarting");
+      break;
+    case RoundVerdict::kGiveUp:
+      printBlock(log::Level::kError, details);
+      if (maxRestarts > 0) log::error("giving up after {} restart(s) (--max-restarts {})", restartCount, maxRestarts);
+      break;
+    case RoundVerdict::kRestart:
+      printBlock(log::Level::kWarn, details);
+      log::warn("restarting the workers (restart {} of {})", restartCount + 1, maxRestarts);
+      break;
+    case RoundVerdict::kReform: log::info("re-forming the group: {}", event.message); break;
   }
 }
 
@@ -136,7 +160,9 @@ int Agent::run() {
     }
     ::signal(SIGUSR1, SIG_IGN);  // the round's signal_set restored the default action
     ::signal(SIGUSR2, SIG_IGN);
-    auto finish = [&](int code) {
+    auto after = decideAfterRound(event, interrupted, round.restartCount, options_.maxRestarts);
+    reportAfterRound(after, event, round.restartCount, options_.maxRestarts);
+    if (after.exits()) {
       if (round.numNodes > 1) {
         try {
           rdzv.acknowledgeEnd(round);
@@ -146,33 +172,7 @@ int Agent::run() {
           log::debug("could not acknowledge the end of round {}: {}", round.round, e.what());
         }
       }
-      return code;
-    };
-    if (interrupted) return finish(128 + *interrupted);
-    if (event.type == "done") return finish(0);
-    if (event.type == "shutdown") {
-      log::error("stopping: {}", event.message);
-      return finish(event.exitCode);
-    }
-    if (event.isFailure()) {
-      // Exit code 2 is a configuration error (dtrain's own, and argparse's for Python scripts): a restart would
-      // fail the same way, so it is reported at once without burning the restarts.
-      bool configError = event.type == "failed" && event.exitCode == static_cast<int>(ExitCode::kConfig);
-      if (configError) {
-        printBlock(log::Level::kError, event.report);
-        log::error("exit code 2 is a configuration error: not restarting");
-        return finish(event.exitCode);
-      }
-      if (round.restartCount >= options_.maxRestarts) {
-        printBlock(log::Level::kError, event.report.empty() ? event.message : event.report);
-        if (options_.maxRestarts > 0)
-          log::error("giving up after {} restart(s) (--max-restarts {})", round.restartCount, options_.maxRestarts);
-        return finish(event.exitCode);
-      }
-      printBlock(log::Level::kWarn, event.report.empty() ? event.message : event.report);
-      log::warn("restarting the workers (restart {} of {})", round.restartCount + 1, options_.maxRestarts);
-    } else {
-      log::info("re-forming the group: {}", event.message);
+      return after.exitCode;
     }
     rdzv.advance(round.round);
   }

@@ -19,6 +19,7 @@ namespace dtrain::launch {
 
 namespace asio = boost::asio;
 using rendezvous::RoundEvent;
+using rendezvous::RoundEventType;
 using namespace std::chrono_literals;
 
 namespace {
@@ -77,13 +78,17 @@ void RoundRunner::startWatcher() {
         }
       } catch (const std::exception& e) {
         if (watcherStop_) return;
-        RoundEvent lost{"node_lost", fmt::format("lost the rendezvous store at {}: {}", ctx_.storeAddr, e.what()),
-                        static_cast<int>(ExitCode::kRendezvous), ""};
-        asio::post(io_, [this, lost] { onEvent(lost); });
+        asio::post(io_, [this, lost = storeLost(e)] { onEvent(lost); });
         return;
       }
     }
   });
+}
+
+RoundEvent RoundRunner::storeLost(const std::exception& e) const {
+  return RoundEvent{RoundEventType::kNodeLost,
+                    fmt::format("lost the rendezvous store at {}: {}", ctx_.storeAddr, e.what()),
+                    static_cast<int>(ExitCode::kRendezvous), ""};
 }
 
 void RoundRunner::startWorkers() {
@@ -144,9 +149,90 @@ void RoundRunner::readPipe(Worker& w, int s) {
     if (ec == asio::error::operation_aborted && !w.pipes[s]) return;
     w.sinks[s]->finish();
     w.pipes[s].reset();
-    if (s == 1 && pendingFailure_ == w.localRank) publishFailure();
-    maybeFinish();
+    if (s == 1 && failedRank_ == w.localRank)
+      apply(decideRound(state_, RoundInput::failureReport(localWorkers())), "the failed worker's stderr closed");
+    onOutputClosed();
   });
+}
+
+LocalWorkers RoundRunner::localWorkers() const {
+  LocalWorkers lw;
+  lw.allExited = std::all_of(workers_.begin(), workers_.end(), [](const Worker& w) { return w.exited; });
+  lw.allSucceeded = std::all_of(workers_.begin(), workers_.end(), [](const Worker& w) {
+    return w.exited && WIFEXITED(w.status) && WEXITSTATUS(w.status) == 0;
+  });
+  lw.drained =
+      std::all_of(workers_.begin(), workers_.end(), [](const Worker& w) { return !w.pipes[0] && !w.pipes[1]; });
+  return lw;
+}
+
+void RoundRunner::transition(RoundPhase next, std::string_view why) {
+  if (next == state_.phase) return;
+  log::debug("round {}: {} -> {} ({})", ctx_.round->round, roundPhaseName(state_.phase), roundPhaseName(next), why);
+  state_.phase = next;
+}
+
+void RoundRunner::apply(const RoundActions& a, std::string_view why, const Worker* subject) {
+  bool enteringDone = a.next.phase == RoundPhase::kDone && state_.phase != RoundPhase::kDone;
+  if (subject && a.next.phase == RoundPhase::kFailurePending && state_.phase != RoundPhase::kFailurePending)
+    failedRank_ = subject->localRank;
+  transition(a.next.phase, why);
+  state_.interruptedBy = a.next.interruptedBy;
+  state_.preemptedBy = a.next.preemptedBy;
+  if (a.forwardSignal != 0)
+    for (auto& w : workers_)
+      if (!w.exited) signalGroup(w.pid, a.forwardSignal);
+  if (a.stopSignal) stopWorkers(*a.stopSignal, a.armKillTimer);
+  if (a.waitForReport) {
+    // The report quotes the worker's last stderr lines: it is published once its stderr is drained, or shortly
+    // after if a grandchild keeps the pipe open.
+    failTimer_.expires_after(std::chrono::milliseconds(300));
+    failTimer_.async_wait([this](const boost::system::error_code& ec) {
+      if (!ec) apply(decideRound(state_, RoundInput::failureReport(localWorkers())), "no more stderr to wait for");
+    });
+  }
+  if (a.armDrainTimer) {
+    drainTimer_.expires_after(kDrainGrace);
+    drainTimer_.async_wait([this](const boost::system::error_code& ec) {
+      if (ec) return;
+      for (auto& w : workers_)
+        for (int s = 0; s < 2; ++s)
+          if (w.pipes[s]) {
+            w.sinks[s]->finish();
+            w.pipes[s].reset();
+          }
+      onOutputClosed();
+    });
+  }
+  if (a.markFinished) {
+    try {
+      ctx_.rdzv->markFinished(*ctx_.round);
+    } catch (const std::exception& e) {
+      onEvent(storeLost(e));
+    }
+  }
+  const auto& me = ctx_.round->members[ctx_.round->nodeRank].info;
+  switch (a.publish) {
+    case Publish::kNone: break;
+    case Publish::kShutdown: {
+      int sig = *state_.interruptedBy;
+      publish(RoundEvent{RoundEventType::kShutdown,
+                         fmt::format("the agent on node {} ({}) received SIG{}", ctx_.round->nodeRank, me.hostname,
+                                     sigabbrev_np(sig)),
+                         128 + sig, ""});
+      break;
+    }
+    case Publish::kPreemptedShutdown: {
+      int sig = *state_.preemptedBy;
+      publish(RoundEvent{RoundEventType::kShutdown,
+                         fmt::format("rank {} stopped after SIG{} (preemption): {}", subject->rank, sigabbrev_np(sig),
+                                     describeStatus(subject->status)),
+                         128 + sig, ""});
+      break;
+    }
+    case Publish::kFailure: publishFailure(); break;
+  }
+  if (enteringDone) finish();
 }
 
 void RoundRunner::onSignal(const boost::system::error_code& ec, int sig) {
@@ -156,26 +242,10 @@ void RoundRunner::onSignal(const boost::system::error_code& ec, int sig) {
     reapChildren();
     return;
   }
-  if (sig == SIGUSR1 || sig == SIGUSR2) {
-    // Slurm's --signal warning (time limit / preemption ahead): the workers checkpoint; the round goes on.
-    // dtrain's own workers answer SIGUSR1 by checkpointing and exiting: from now on a worker exit ends the job
-    // (a "shutdown", no restart consumed) instead of counting as a failure.
-    log::warn("received SIG{}: forwarding it to the workers", sigabbrev_np(sig));
-    if (sig == SIGUSR1) preemptedBy_ = sig;
-    for (auto& w : workers_)
-      if (!w.exited) signalGroup(w.pid, sig);
-    return;
-  }
-  if (interruptedBy_) {  // a second Ctrl-C: no more grace
-    stopWorkers(SIGKILL);
-    return;
-  }
-  interruptedBy_ = sig;
-  log::warn("received SIG{}: stopping the workers", sigabbrev_np(sig));
-  publish(RoundEvent{"shutdown",
-                     fmt::format("the agent on node {} ({}) received SIG{}", ctx_.round->nodeRank,
-                                 ctx_.round->members[ctx_.round->nodeRank].info.hostname, sigabbrev_np(sig)),
-                     128 + sig, ""});
+  auto a = decideRound(state_, RoundInput::signalled(sig, localWorkers()));
+  if (a.forwardSignal) log::warn("received SIG{}: forwarding it to the workers", sigabbrev_np(sig));
+  if (a.publish == Publish::kShutdown) log::warn("received SIG{}: stopping the workers", sigabbrev_np(sig));
+  apply(a, fmt::format("SIG{}", sigabbrev_np(sig)));
 }
 
 void RoundRunner::reapChildren() {
@@ -195,40 +265,12 @@ void RoundRunner::reapChildren() {
 
 void RoundRunner::onWorkerExit(Worker& w) {
   log::debug("rank {} (pid {}) ended: {}", w.rank, w.pid, describeStatus(w.status));
-  if (!ended_ && !stopping_ && preemptedBy_) {
-    interruptedBy_ = *preemptedBy_;
-    publish(RoundEvent{"shutdown",
-                       fmt::format("rank {} stopped after SIG{} (preemption): {}", w.rank, sigabbrev_np(*preemptedBy_),
-                                   describeStatus(w.status)),
-                       128 + *preemptedBy_, ""});
-  } else if (!ended_ && !stopping_) {
-    if (!(WIFEXITED(w.status) && WEXITSTATUS(w.status) == 0)) {
-      // The report quotes the worker's last stderr lines: publish once its stderr is drained (or shortly after,
-      // if a grandchild keeps the pipe open).
-      if (!pendingFailure_) {
-        pendingFailure_ = w.localRank;
-        if (!w.pipes[1]) {
-          publishFailure();
-        } else {
-          failTimer_.expires_after(std::chrono::milliseconds(300));
-          failTimer_.async_wait([this](const boost::system::error_code& ec) {
-            if (!ec) publishFailure();
-          });
-        }
-      }
-    } else if (!finishedMarked_ && std::all_of(workers_.begin(), workers_.end(), [](const Worker& x) {
-                 return x.exited && WIFEXITED(x.status) && WEXITSTATUS(x.status) == 0;
-               })) {
-      finishedMarked_ = true;
-      try {
-        ctx_.rdzv->markFinished(*ctx_.round);
-      } catch (const std::exception& e) {
-        onEvent(RoundEvent{"node_lost", fmt::format("lost the rendezvous store at {}: {}", ctx_.storeAddr, e.what()),
-                           static_cast<int>(ExitCode::kRendezvous), ""});
-      }
-    }
-  }
-  maybeFinish();
+  auto a = decideRound(state_, RoundInput::workerExited(w.status, w.pipes[1] != nullptr, localWorkers()));
+  apply(a, fmt::format("rank {} ended: {}", w.rank, describeStatus(w.status)), &w);
+}
+
+void RoundRunner::onOutputClosed() {
+  apply(decideRound(state_, RoundInput::outputClosed(localWorkers())), "worker output closed");
 }
 
 std::string RoundRunner::failureReport(const Worker& w) const {
@@ -247,12 +289,10 @@ std::string RoundRunner::failureReport(const Worker& w) const {
 }
 
 void RoundRunner::publishFailure() {
-  if (failurePublished_ || !pendingFailure_) return;
-  failurePublished_ = true;
   failTimer_.cancel();
-  const Worker& w = workers_[*pendingFailure_];
+  const Worker& w = workers_.at(static_cast<size_t>(*failedRank_));
   std::string report = failureReport(w);
-  publish(RoundEvent{"failed", report.substr(0, report.find('\n')), exitCodeOf(w.status), report});
+  publish(RoundEvent{RoundEventType::kFailed, report.substr(0, report.find('\n')), exitCodeOf(w.status), report});
 }
 
 void RoundRunner::publish(const RoundEvent& event) {
@@ -260,39 +300,26 @@ void RoundRunner::publish(const RoundEvent& event) {
   try {
     winner = ctx_.rdzv->endRound(ctx_.round->round, event);
   } catch (const std::exception& e) {
-    log::warn("could not publish '{}' to the rendezvous store: {}", event.type, e.what());
+    log::warn("could not publish '{}' to the rendezvous store: {}", rendezvous::roundEventName(event.type), e.what());
   }
   onEvent(winner);
 }
 
 void RoundRunner::onEvent(const RoundEvent& event) {
-  if (ended_) return;
-  ended_ = event;
-  heartbeatTimer_.cancel();
-  // Ctrl-C/SIGTERM are passed on as they came; everything else (including a preemption's end) stops with SIGTERM.
-  int stopSig = interruptedBy_ && *interruptedBy_ != SIGUSR1 ? *interruptedBy_ : SIGTERM;
-  // A preemption on another node ended the round: our workers may not have seen Slurm's SIGUSR1 yet, so they
-  // get it now (to checkpoint), and SIGKILL after the grace like any stop.
-  // If this agent already forwarded one, the workers are stopping: no second signal, only SIGKILL after the grace.
-  if (event.type == "shutdown" && event.exitCode == 128 + SIGUSR1) stopSig = preemptedBy_ ? 0 : SIGUSR1;
-  // After a lost node the workers are stuck in collectives with it and can commit no checkpoint (that needs
-  // every rank): there is nothing to wait for, so they are killed at once.
-  if (event.type == "node_lost") {
-    graceOverride_ = Millis(0);
-    stopSig = SIGKILL;
+  auto a = decideRound(state_, RoundInput::roundEvent(event.type, event.exitCode, localWorkers()));
+  if (a.endsRound) {
+    ended_ = event;
+    heartbeatTimer_.cancel();
   }
-  if (event.type != "done") stopWorkers(stopSig);
-  maybeFinish();
+  apply(a, fmt::format("round event '{}'", rendezvous::roundEventName(event.type)));
 }
 
-void RoundRunner::stopWorkers(int sig) {
-  if (stopping_ && sig != SIGKILL) return;
-  bool first = !stopping_;
-  stopping_ = true;
-  for (auto& w : workers_)
-    if (!w.exited) signalGroup(w.pid, sig);
-  if (first && sig != SIGKILL) {
-    killTimer_.expires_after(graceOverride_.value_or(ctx_.options->shutdownTimeout));
+void RoundRunner::stopWorkers(int sig, bool armKillTimer) {
+  if (sig != 0)
+    for (auto& w : workers_)
+      if (!w.exited) signalGroup(w.pid, sig);
+  if (armKillTimer) {
+    killTimer_.expires_after(ctx_.options->shutdownTimeout);
     killTimer_.async_wait([this](const boost::system::error_code& ec) {
       if (ec) return;
       for (auto& w : workers_) {
@@ -306,21 +333,20 @@ void RoundRunner::stopWorkers(int sig) {
 }
 
 void RoundRunner::onHeartbeat() {
-  if (ended_) return;
+  if (roundEnded(state_.phase)) return;
   try {
     ctx_.rdzv->heartbeat(*ctx_.round);
     auto silent = ctx_.rdzv->silentMembers(*ctx_.round, ctx_.options->heartbeatTimeout);
     if (!silent.empty()) {
       const auto& lost = ctx_.round->members.at(silent.front()).info;
-      publish(RoundEvent{"node_lost",
+      publish(RoundEvent{RoundEventType::kNodeLost,
                          fmt::format("node {} ({}, agent pid {}) sent no heartbeat for {} ms", silent.front(),
                                      lost.hostname, lost.pid, ctx_.options->heartbeatTimeout.count()),
                          static_cast<int>(ExitCode::kRendezvous), ""});
       return;
     }
   } catch (const std::exception& e) {
-    onEvent(RoundEvent{"node_lost", fmt::format("lost the rendezvous store at {}: {}", ctx_.storeAddr, e.what()),
-                       static_cast<int>(ExitCode::kRendezvous), ""});
+    onEvent(storeLost(e));
     return;
   }
   heartbeatTimer_.expires_after(ctx_.options->heartbeatInterval);
@@ -329,33 +355,12 @@ void RoundRunner::onHeartbeat() {
   });
 }
 
-void RoundRunner::maybeFinish() {
-  bool allExited = std::all_of(workers_.begin(), workers_.end(), [](const Worker& w) { return w.exited; });
-  if (!ended_ || !allExited) return;
-  bool drained = std::all_of(workers_.begin(), workers_.end(),
-                             [](const Worker& w) { return !w.pipes[0] && !w.pipes[1]; });
-  if (drained) {
-    killTimer_.cancel();
-    drainTimer_.cancel();
-    failTimer_.cancel();
-    signals_.cancel();
-    io_.stop();
-    return;
-  }
-  if (!done_) {
-    done_ = true;
-    drainTimer_.expires_after(kDrainGrace);
-    drainTimer_.async_wait([this](const boost::system::error_code& ec) {
-      if (ec) return;
-      for (auto& w : workers_)
-        for (int s = 0; s < 2; ++s)
-          if (w.pipes[s]) {
-            w.sinks[s]->finish();
-            w.pipes[s].reset();
-          }
-      maybeFinish();
-    });
-  }
+void RoundRunner::finish() {
+  killTimer_.cancel();
+  drainTimer_.cancel();
+  failTimer_.cancel();
+  signals_.cancel();
+  io_.stop();
 }
 
 }  // namespace dtrain::launch

@@ -5,6 +5,9 @@
 //
 // A round ends with exactly one RoundEvent (the first published wins, see rendezvous.h). run() returns it
 // once every local worker is reaped and its output drained; it never leaves a worker running.
+//
+// What to do on each input is decided by round_policy.h's decideRound (pure, unit-tested); this class feeds it
+// the inputs, carries out its actions (signals, timers, store calls) and moves through its phases.
 #pragma once
 
 #include <sys/types.h>
@@ -18,11 +21,13 @@
 #include <atomic>
 #include <memory>
 #include <optional>
+#include <string_view>
 #include <thread>
 #include <vector>
 
 #include "lib/launch/launch_options.h"
 #include "lib/launch/log_fanout.h"
+#include "lib/launch/round_policy.h"
 #include "rendezvous/rendezvous.h"
 
 namespace dtrain::launch {
@@ -43,8 +48,9 @@ class RoundRunner {
   ~RoundRunner();
 
   rendezvous::RoundEvent run();
-  // Set when SIGINT/SIGTERM reached the agent during the round: the agent exits with 128+signal.
-  std::optional<int> interruptedBy() const { return interruptedBy_; }
+  // Set when SIGINT/SIGTERM reached the agent during the round (or SIGUSR1, when a worker stopped after a
+  // preemption warning): the agent exits with 128+signal.
+  std::optional<int> interruptedBy() const { return state_.interruptedBy; }
 
  private:
   struct Worker {
@@ -63,13 +69,21 @@ class RoundRunner {
   void reapChildren();
   void onWorkerExit(Worker& w);
   void onEvent(const rendezvous::RoundEvent& event);
+  void onOutputClosed();
+  // Carries out `actions` (decided for an input about `subject`, when the input concerns one worker): moves to
+  // the next phase first, so that the events this publishes are decided in it.
+  void apply(const RoundActions& actions, std::string_view why, const Worker* subject = nullptr);
+  // The one place the phase changes.
+  void transition(RoundPhase next, std::string_view why);
+  LocalWorkers localWorkers() const;
   void publish(const rendezvous::RoundEvent& event);
   void publishFailure();
-  void stopWorkers(int sig);
+  void stopWorkers(int sig, bool armKillTimer);
   void onHeartbeat();
-  void maybeFinish();
+  void finish();
   std::string failureReport(const Worker& w) const;
   void startWatcher();
+  rendezvous::RoundEvent storeLost(const std::exception& e) const;
 
   boost::asio::io_context& io_;
   RoundContext ctx_;
@@ -79,15 +93,9 @@ class RoundRunner {
   boost::asio::steady_timer drainTimer_;
   boost::asio::steady_timer failTimer_;
   std::vector<Worker> workers_;
-  std::optional<rendezvous::RoundEvent> ended_;
-  std::optional<int> interruptedBy_;
-  std::optional<int> preemptedBy_;
-  std::optional<Millis> graceOverride_;  // SIGTERM->SIGKILL grace when not --shutdown-timeout  // SIGUSR1 was forwarded to the workers
-  std::optional<int> pendingFailure_;  // local rank of the first failed worker
-  bool failurePublished_ = false;
-  bool stopping_ = false;
-  bool finishedMarked_ = false;
-  bool done_ = false;
+  RoundState state_;
+  std::optional<rendezvous::RoundEvent> ended_;  // the round's outcome, from kStopping on
+  std::optional<int> failedRank_;                // local rank of the first failed worker (the report's subject)
   std::thread watcher_;
   std::atomic<bool> watcherStop_{false};
 };

@@ -1,0 +1,132 @@
+#include "lib/launch/round_policy.h"
+
+#include <signal.h>
+#include <sys/wait.h>
+
+#include "lib/common/error.h"
+
+namespace dtrain::launch {
+
+using rendezvous::RoundEventType;
+
+std::string_view roundPhaseName(RoundPhase phase) {
+  switch (phase) {
+    case RoundPhase::kRunning: return "running";
+    case RoundPhase::kFailurePending: return "failure pending";
+    case RoundPhase::kFinished: return "finished";
+    case RoundPhase::kStopping: return "stopping";
+    case RoundPhase::kDraining: return "draining";
+    case RoundPhase::kDone: return "done";
+  }
+  return "?";
+}
+
+bool roundEnded(RoundPhase phase) {
+  return phase == RoundPhase::kStopping || phase == RoundPhase::kDraining || phase == RoundPhase::kDone;
+}
+
+namespace {
+
+bool succeeded(int status) { return WIFEXITED(status) && WEXITSTATUS(status) == 0; }
+
+// Once the round ended and every worker is reaped, the loop ends as soon as their output is drained.
+void drainBookkeeping(RoundActions& a, const LocalWorkers& workers) {
+  if (!roundEnded(a.next.phase) || !workers.allExited) return;
+  if (workers.drained) {
+    a.next.phase = RoundPhase::kDone;
+  } else if (a.next.phase != RoundPhase::kDraining) {
+    a.next.phase = RoundPhase::kDraining;
+    a.armDrainTimer = true;
+  }
+}
+
+void onSignal(const RoundState& s, int sig, RoundActions& a) {
+  if (sig == SIGUSR1 || sig == SIGUSR2) {
+    // Slurm's --signal warning (time limit / preemption ahead): the workers checkpoint; the round goes on.
+    // dtrain's own workers answer SIGUSR1 by checkpointing and exiting.
+    if (sig == SIGUSR1) a.next.preemptedBy = sig;
+    a.forwardSignal = sig;
+  } else if (s.interruptedBy) {
+    a.stopSignal = SIGKILL;  // a second Ctrl-C: no more grace
+  } else {
+    a.next.interruptedBy = sig;
+    a.publish = Publish::kShutdown;
+  }
+}
+
+void onWorkerExit(const RoundState& s, const RoundInput& in, RoundActions& a) {
+  if (!roundEnded(s.phase)) {
+    if (s.preemptedBy) {
+      a.next.interruptedBy = s.preemptedBy;
+      a.publish = Publish::kPreemptedShutdown;
+    } else if (!succeeded(in.status)) {
+      if (s.phase == RoundPhase::kRunning) {  // the first failure is the root cause the report names
+        a.next.phase = RoundPhase::kFailurePending;
+        if (in.stderrOpen) a.waitForReport = true;
+        else a.publish = Publish::kFailure;
+      }
+    } else if (s.phase == RoundPhase::kRunning && in.workers.allSucceeded) {
+      a.next.phase = RoundPhase::kFinished;
+      a.markFinished = true;
+    }
+  }
+  drainBookkeeping(a, in.workers);
+}
+
+void onRoundEvent(const RoundState& s, const RoundInput& in, RoundActions& a) {
+  if (roundEnded(s.phase)) return;  // the first event is the outcome
+  a.endsRound = true;
+  a.next.phase = RoundPhase::kStopping;
+  if (in.eventType != RoundEventType::kDone) {
+    // Ctrl-C/SIGTERM are passed on as they came; everything else (a preemption's end included) stops with SIGTERM.
+    int stop = s.interruptedBy && *s.interruptedBy != SIGUSR1 ? *s.interruptedBy : SIGTERM;
+    // A preemption on another node ended the round: our workers may not have seen Slurm's SIGUSR1 yet, so they
+    // get it now (to checkpoint), and SIGKILL after the grace like any stop. If this agent already forwarded
+    // one, the workers are stopping: no second signal, only SIGKILL after the grace.
+    if (in.eventType == RoundEventType::kShutdown && in.eventExitCode == 128 + SIGUSR1)
+      stop = s.preemptedBy ? 0 : SIGUSR1;
+    // After a lost node the workers are stuck in collectives with it and can commit no checkpoint (that needs
+    // every rank): there is nothing to wait for, so they are killed at once.
+    if (in.eventType == RoundEventType::kNodeLost) stop = SIGKILL;
+    a.stopSignal = stop;
+    a.armKillTimer = stop != SIGKILL;
+  }
+  drainBookkeeping(a, in.workers);
+}
+
+}  // namespace
+
+RoundActions decideRound(const RoundState& state, const RoundInput& input) {
+  RoundActions a;
+  a.next = state;
+  switch (input.kind) {
+    case RoundInput::Kind::kSignal: onSignal(state, input.signal, a); break;
+    case RoundInput::Kind::kWorkerExit: onWorkerExit(state, input, a); break;
+    case RoundInput::Kind::kRoundEvent: onRoundEvent(state, input, a); break;
+    case RoundInput::Kind::kFailureReport:
+      if (state.phase == RoundPhase::kFailurePending) a.publish = Publish::kFailure;
+      break;
+    case RoundInput::Kind::kOutputClosed: drainBookkeeping(a, input.workers); break;
+  }
+  return a;
+}
+
+AfterRound decideAfterRound(const rendezvous::RoundEvent& event, std::optional<int> interruptedBy,
+                            int restartCount, int maxRestarts) {
+  if (interruptedBy) return {RoundVerdict::kInterrupted, 128 + *interruptedBy};
+  switch (event.type) {
+    case RoundEventType::kDone: return {RoundVerdict::kSucceeded, 0};
+    case RoundEventType::kShutdown: return {RoundVerdict::kShutdown, event.exitCode};
+    case RoundEventType::kMembership: return {RoundVerdict::kReform, 0};
+    case RoundEventType::kFailed:
+    case RoundEventType::kNodeLost: break;
+  }
+  // Exit code 2 is a configuration error (dtrain's own, and argparse's for Python scripts): a restart would
+  // fail the same way, so it is reported at once without burning the restarts.
+  if (event.type == RoundEventType::kFailed && event.exitCode == static_cast<int>(ExitCode::kConfig))
+    return {RoundVerdict::kConfigError, event.exitCode};
+  if (restartCount >= maxRestarts) return {RoundVerdict::kGiveUp, event.exitCode};
+  return {RoundVerdict::kRestart, 0};
+}
+
+}  // namespace dtrain::launch

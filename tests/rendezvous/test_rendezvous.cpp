@@ -3,12 +3,114 @@
 // processes. Every wait is the store's own (condition variable, with a timeout); nothing sleeps to synchronise.
 #include <doctest/doctest.h>
 
+#include <algorithm>
+#include <future>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "lib/common/clock.h"
 #include "lib/common/error.h"
 #include "rendezvous/memory_store.h"
+#include "rendezvous/prefix_store.h"
 #include "rendezvous/rendezvous.h"
 
 using namespace dtrain;
 using namespace dtrain::rendezvous;
+using namespace std::chrono_literals;
+
+namespace {
+
+// One job's keys on a shared in-memory store, as every agent of a run sees them (/dtrain/<run_id>/).
+class Job {
+ public:
+  Job() : base_(MemoryStore::create()), store_(std::make_shared<PrefixStore>("/dtrain/test/", base_)) {}
+  StorePtr store() const { return store_; }
+
+  // An agent ("node") of this job. Agents are separate objects as they are separate processes; only the store
+  // is shared.
+  std::unique_ptr<Rendezvous> agent(const std::string& name, RendezvousOptions options, int nproc = 1,
+                                    int nodeRank = -1) {
+    NodeInfo self;
+    self.requestedNodeRank = nodeRank;
+    self.nproc = nproc;
+    self.host = name + ".example";
+    self.hostname = name;
+    self.pid = ++pids_;
+    self.masterPort = static_cast<uint16_t>(29500 + pids_);
+    options.endpoint = "memory";
+    return std::make_unique<Rendezvous>(store_, options, self);
+  }
+
+ private:
+  std::shared_ptr<MemoryStore> base_;
+  StorePtr store_;
+  int pids_ = 100;
+};
+
+RendezvousOptions nodes(int minNodes, int maxNodes, Millis lastCall = 30s, Millis joinTimeout = 30s) {
+  RendezvousOptions o;
+  o.minNodes = minNodes;
+  o.maxNodes = maxNodes;
+  o.lastCall = lastCall;
+  o.joinTimeout = joinTimeout;
+  return o;
+}
+
+// join() on its own thread, as each agent runs it in its own process.
+std::future<RoundInfo> joinAsync(Rendezvous& r) {
+  return std::async(std::launch::async, [&r] { return r.join(); });
+}
+
+std::vector<RoundInfo> joinAll(const std::vector<Rendezvous*>& agents) {
+  std::vector<std::future<RoundInfo>> pending;
+  for (auto* a : agents) pending.push_back(joinAsync(*a));
+  std::vector<RoundInfo> rounds;
+  for (auto& f : pending) rounds.push_back(f.get());
+  return rounds;
+}
+
+std::string errorOf(std::future<RoundInfo>& f) {
+  try {
+    f.get();
+  } catch (const RendezvousError& e) {
+    return e.what();
+  }
+  return "(no RendezvousError)";
+}
+
+// Every agent of a round sees the same members in the same order, itself among them at its node rank, and
+// ranks contiguous per node in that order.
+void checkConsistent(const std::vector<RoundInfo>& rounds) {
+  const RoundInfo& first = rounds.front();
+  std::vector<int> nodeRanks;
+  for (const auto& r : rounds) {
+    CHECK(r.round == first.round);
+    CHECK(r.restartCount == first.restartCount);
+    REQUIRE(r.numNodes == static_cast<int>(rounds.size()));
+    REQUIRE(r.members.size() == rounds.size());
+    int offset = 0;
+    for (int i = 0; i < r.numNodes; ++i) {
+      CHECK(r.members[i].nodeRank == i);
+      CHECK(r.members[i].rankOffset == offset);
+      CHECK(r.members[i].info.pid == first.members[i].info.pid);
+      offset += r.members[i].info.nproc;
+    }
+    CHECK(r.worldSize == offset);
+    CHECK(r.rankOffset == r.members[r.nodeRank].rankOffset);
+    CHECK(r.masterAddr == r.members.front().info.host);
+    CHECK(r.masterPort == r.members.front().info.masterPort);
+    nodeRanks.push_back(r.nodeRank);
+  }
+  std::sort(nodeRanks.begin(), nodeRanks.end());
+  for (size_t i = 0; i < nodeRanks.size(); ++i) CHECK(nodeRanks[i] == static_cast<int>(i));
+}
+
+RoundEvent event(RoundEventType type, std::string message = "", int exitCode = 0) {
+  return RoundEvent{type, std::move(message), exitCode, ""};
+}
+
+}  // namespace
 
 TEST_CASE("round events keep their wire names in the store") {
   const std::pair<RoundEventType, const char*> names[] = {{RoundEventType::kFailed, "failed"},
@@ -39,4 +141,225 @@ TEST_CASE("round events keep their wire names in the store") {
   CHECK_FALSE(RoundEvent{RoundEventType::kMembership, "", 0, ""}.isFailure());
   CHECK_FALSE(RoundEvent{RoundEventType::kShutdown, "", 0, ""}.isFailure());
   CHECK_FALSE(RoundEvent{RoundEventType::kDone, "", 0, ""}.isFailure());
+}
+
+TEST_CASE("join: min == max nodes form one round; ranks are contiguous per node, nodes may differ in nproc") {
+  Job job;
+  auto a = job.agent("a", nodes(3, 3), 2);
+  auto b = job.agent("b", nodes(3, 3), 1);
+  auto c = job.agent("c", nodes(3, 3), 3);
+  auto rounds = joinAll({a.get(), b.get(), c.get()});
+  checkConsistent(rounds);
+  CHECK(rounds[0].round == 0);
+  CHECK(rounds[0].restartCount == 0);
+  CHECK(rounds[0].worldSize == 6);
+  // Each agent finds itself at its node rank.
+  CHECK(rounds[0].members[rounds[0].nodeRank].info.hostname == "a");
+  CHECK(rounds[1].members[rounds[1].nodeRank].info.hostname == "b");
+  CHECK(rounds[2].members[rounds[2].nodeRank].info.hostname == "c");
+}
+
+TEST_CASE("join: given node ranks order the members, whatever the join order") {
+  Job job;
+  auto a = job.agent("a", nodes(3, 3), 1, 2);
+  auto b = job.agent("b", nodes(3, 3), 2, 0);
+  auto c = job.agent("c", nodes(3, 3), 1, 1);
+  auto rounds = joinAll({a.get(), b.get(), c.get()});
+  checkConsistent(rounds);
+  CHECK(rounds[0].nodeRank == 2);
+  CHECK(rounds[1].nodeRank == 0);
+  CHECK(rounds[2].nodeRank == 1);
+  CHECK(rounds[0].rankOffset == 3);  // after b's two ranks and c's one
+  CHECK(rounds[0].masterAddr == "b.example");
+}
+
+TEST_CASE("join: two agents claiming the same node rank are refused") {
+  Job job;
+  auto a = job.agent("a", nodes(2, 2), 1, 0);
+  auto b = job.agent("b", nodes(2, 2), 1, 0);
+  auto fa = joinAsync(*a);
+  auto fb = joinAsync(*b);
+  CHECK(errorOf(fa).find("node rank 0 is claimed by two agents") != std::string::npos);
+  CHECK(errorOf(fb).find("node rank 0 is claimed by two agents") != std::string::npos);
+}
+
+TEST_CASE("join: a round short of nodes times out naming what is missing") {
+  Job job;
+  auto a = job.agent("a", nodes(2, 2, 30s, 300ms));
+  auto f = joinAsync(*a);
+  auto message = errorOf(f);
+  CHECK(message.find("1 of 2 node(s) joined (need 2)") != std::string::npos);
+  CHECK(message.find("--rdzv-id") != std::string::npos);
+}
+
+TEST_CASE("last call: below min nodes the round never closes, however short the last call") {
+  Job job;
+  auto a = job.agent("a", nodes(2, 3, 1ms, 300ms));
+  auto f = joinAsync(*a);
+  CHECK(errorOf(f).find("1 of 3 node(s) joined (need 2)") != std::string::npos);
+}
+
+TEST_CASE("last call: with min nodes joined the round closes once the last call passed") {
+  Job job;
+  const Millis lastCall = 200ms;
+  auto a = job.agent("a", nodes(2, 4, lastCall));
+  auto b = job.agent("b", nodes(2, 4, lastCall));
+  Clock::time_point start = Clock::now();
+  auto rounds = joinAll({a.get(), b.get()});
+  CHECK(Clock::now() - start >= lastCall);  // it waited for more nodes
+  checkConsistent(rounds);
+  CHECK(rounds[0].numNodes == 2);
+}
+
+TEST_CASE("last call: max nodes close the round at once") {
+  Job job;
+  // A last call this long outlasts the join timeout: only reaching max nodes can close the round in time.
+  auto a = job.agent("a", nodes(1, 2, 1h));
+  auto b = job.agent("b", nodes(1, 2, 1h));
+  auto rounds = joinAll({a.get(), b.get()});
+  checkConsistent(rounds);
+  CHECK(rounds[0].numNodes == 2);
+}
+
+TEST_CASE("round end: the first event wins and every agent sees it") {
+  Job job;
+  auto a = job.agent("a", nodes(2, 2));
+  auto b = job.agent("b", nodes(2, 2));
+  auto rounds = joinAll({a.get(), b.get()});
+  CHECK_FALSE(Rendezvous::waitEvent(*job.store(), 0, 0ms).has_value());
+  auto won = a->endRound(0, event(RoundEventType::kFailed, "worker failed", 3));
+  CHECK(won.type == RoundEventType::kFailed);
+  auto lost = b->endRound(0, event(RoundEventType::kNodeLost, "node a is silent", 4));
+  CHECK(lost.type == RoundEventType::kFailed);
+  CHECK(lost.exitCode == 3);
+  auto seen = Rendezvous::waitEvent(*job.store(), 0, 10s);
+  REQUIRE(seen.has_value());
+  CHECK(seen->message == "worker failed");
+}
+
+TEST_CASE("advance: a failure restarts into the next round with one more restart; a membership change does not") {
+  Job job;
+  auto a = job.agent("a", nodes(2, 2));
+  auto b = job.agent("b", nodes(2, 2));
+  auto r0 = joinAll({a.get(), b.get()});
+  CHECK(r0[0].round == 0);
+
+  a->endRound(0, event(RoundEventType::kFailed, "worker failed", 1));
+  // Each agent advances on its own; the second advance is a no-op.
+  a->advance(0);
+  b->advance(0);
+  auto r1 = joinAll({a.get(), b.get()});
+  checkConsistent(r1);
+  CHECK(r1[0].round == 1);
+  CHECK(r1[0].restartCount == 1);
+
+  b->endRound(1, event(RoundEventType::kMembership, "node c asks to join"));
+  b->advance(1);
+  a->advance(1);
+  auto r2 = joinAll({a.get(), b.get()});
+  checkConsistent(r2);
+  CHECK(r2[0].round == 2);
+  CHECK(r2[0].restartCount == 1);
+
+  b->endRound(2, event(RoundEventType::kNodeLost, "node a is silent", 4));
+  a->advance(2);  // agents may advance in any order, even before the event reached them
+  b->advance(2);
+  auto r3 = joinAll({a.get(), b.get()});
+  CHECK(r3[0].round == 3);
+  CHECK(r3[0].restartCount == 2);
+}
+
+TEST_CASE("done: the last node to finish ends the round, and the run id cannot be reused") {
+  Job job;
+  auto a = job.agent("a", nodes(2, 2));
+  auto b = job.agent("b", nodes(2, 2));
+  auto rounds = joinAll({a.get(), b.get()});
+  a->markFinished(rounds[0]);
+  CHECK_FALSE(Rendezvous::waitEvent(*job.store(), 0, 0ms).has_value());
+  b->markFinished(rounds[1]);
+  auto done = Rendezvous::waitEvent(*job.store(), 0, 10s);
+  REQUIRE(done.has_value());
+  CHECK(done->type == RoundEventType::kDone);
+
+  // Terminal outcome: the host waits until every agent acknowledged it.
+  a->acknowledgeEnd(rounds[0]);
+  CHECK_FALSE(a->waitAcknowledged(rounds[0], 0ms));
+  b->acknowledgeEnd(rounds[1]);
+  CHECK(a->waitAcknowledged(rounds[0], 10s));
+
+  auto late = job.agent("late", nodes(1, 1));
+  auto f = joinAsync(*late);
+  CHECK(errorOf(f).find("already completed a job on this store") != std::string::npos);
+}
+
+TEST_CASE("heartbeats: a member whose counter stops moving is reported silent; beating again clears it") {
+  Job job;
+  auto a = job.agent("a", nodes(2, 2));
+  auto b = job.agent("b", nodes(2, 2));
+  auto rounds = joinAll({a.get(), b.get()});
+  const RoundInfo& ra = rounds[0];
+  const RoundInfo& rb = rounds[1];
+  const int bRank = rb.nodeRank;
+
+  a->heartbeat(ra);
+  b->heartbeat(rb);
+  // A counter that moved since the last look is never silent, whatever the timeout; nor is the caller itself.
+  CHECK(a->silentMembers(ra, 0ms).empty());
+  CHECK(b->silentMembers(rb, 0ms).empty());
+  CHECK(a->silentMembers(ra, 1h).empty());
+
+  // b stops beating: a reports it once the (short) timeout passed without a change. The store's timed wait on a
+  // key nobody sets paces the checks.
+  std::vector<int> silent;
+  Deadline deadline(10s);
+  while (silent.empty() && !deadline.expired()) {
+    silent = a->silentMembers(ra, 5ms);
+    if (silent.empty()) job.store()->wait({"never-set"}, 5ms);
+  }
+  CHECK(silent == std::vector<int>{bRank});
+
+  b->heartbeat(rb);
+  CHECK(a->silentMembers(ra, 1h).empty());
+}
+
+TEST_CASE("scale-up: a node joining a running round asks it to re-form, and the next round includes it") {
+  Job job;
+  // Round 0 closes with two nodes after a short last call; the third node comes later.
+  auto a = job.agent("a", nodes(2, 3, 100ms));
+  auto b = job.agent("b", nodes(2, 3, 100ms));
+  auto r0 = joinAll({a.get(), b.get()});
+  checkConsistent(r0);
+  REQUIRE(r0[0].numNodes == 2);
+
+  auto c = job.agent("c", nodes(2, 3));
+  auto fc = joinAsync(*c);
+  auto ev = Rendezvous::waitEvent(*job.store(), 0, 10s);
+  REQUIRE(ev.has_value());
+  CHECK(ev->type == RoundEventType::kMembership);
+  CHECK(ev->message == "node c (c.example) asks to join");
+
+  // The members re-form (as restarted agents: with a long last call, round 1 can only close at max nodes, so
+  // it holds all three whatever the threads' timing).
+  a->advance(0);
+  b->advance(0);
+  auto a1 = job.agent("a", nodes(2, 3));
+  auto b1 = job.agent("b", nodes(2, 3));
+  auto fa = joinAsync(*a1);
+  auto fb = joinAsync(*b1);
+  std::vector<RoundInfo> r1{fa.get(), fb.get(), fc.get()};
+  checkConsistent(r1);
+  CHECK(r1[0].round == 1);
+  CHECK(r1[0].numNodes == 3);
+  CHECK(r1[0].restartCount == 0);  // growing the group costs no restart
+}
+
+TEST_CASE("scale-up: a node finding the round full waits for a next round, and says so when none opens") {
+  Job job;
+  auto a = job.agent("a", nodes(2, 2));
+  auto b = job.agent("b", nodes(2, 2));
+  joinAll({a.get(), b.get()});
+  auto c = job.agent("c", nodes(2, 2, 30s, 300ms));
+  auto fc = joinAsync(*c);
+  CHECK(errorOf(fc).find("round 0 is running with 2 node(s) and no new round opened") != std::string::npos);
+  CHECK_FALSE(Rendezvous::waitEvent(*job.store(), 0, 0ms).has_value());  // a full round is not disturbed
 }

@@ -42,7 +42,7 @@ size_t bytesArg(const std::string& flag, const std::string& v) {
 
 void printHeader(const comm::Backend& b, const comm::BenchOptions& o, const std::string& what) {
   std::printf("# dtrain bench %s: backend %s, %d rank(s), %d on this node, %s %s, timeout %lld ms\n", what.c_str(),
-              b.name().c_str(), b.size(), b.options().localSize, std::string(comm::dtypeName(o.dtype)).c_str(),
+              b.name().c_str(), b.size(), b.options().localSize, std::string(dtypeName(o.dtype)).c_str(),
               what == "allreduce" || what == "reduce_scatter" ? std::string(comm::reduceOpName(o.op)).c_str() : "-",
               static_cast<long long>(b.options().timeout.count()));
   std::printf("# %12s %12s %9s %6s %8s %12s %12s %12s %8s\n", "bytes", "count", "type", "redop", "iters",
@@ -61,8 +61,8 @@ int runBenchComm(const std::string& what, const BenchCommArgs& a) {
                   a.maxBytes);
   o.stepFactor = a.stepFactor;
   DTRAIN_CHECK_AS(UsageError, a.stepFactor > 1.0, "--step-factor {}: expected a number above 1", a.stepFactor);
-  auto dtype = comm::parseDType(a.dtype);
-  DTRAIN_CHECK_AS(UsageError, dtype.has_value(),
+  auto dtype = parseDType(a.dtype);
+  DTRAIN_CHECK_AS(UsageError, dtype.has_value() && comm::isSupported(*dtype),
                   "--dtype {}: expected float32, float64, int32, int64, bfloat16 or float16", a.dtype);
   o.dtype = *dtype;
   auto op = comm::parseReduceOp(a.op);
@@ -106,7 +106,7 @@ int runBenchComm(const std::string& what, const BenchCommArgs& a) {
   log::info("bench {}: {} communicator ready, rank {} of {}", what, bench->name(), bench->rank(), bench->size());
   const bool printer = bench->rank() == 0;
   if (printer && !a.json) printHeader(*bench, o, what);
-  const std::string type(comm::dtypeName(o.dtype));
+  const std::string type(dtypeName(o.dtype));
   const std::string redop = (o.what == comm::Collective::kAllreduce || o.what == comm::Collective::kReduceScatter)
                                 ? std::string(comm::reduceOpName(o.op)) : "-";
   int64_t totalWrong = 0;

@@ -9,6 +9,7 @@
 #include "lib/common/bytes.h"
 #include "lib/common/env.h"
 #include "lib/common/error.h"
+#include "lib/common/hash.h"
 #include "lib/common/log.h"
 #include "lib/common/net.h"
 
@@ -43,12 +44,6 @@ class Backend::QueuedWork : public Work {
 };
 
 namespace {
-
-class CompletedWork : public Work {
- public:
-  void wait() override {}
-  bool done() override { return true; }
-};
 
 std::string encodePeer(const PeerInfo& p, int size) {
   std::string out;
@@ -160,9 +155,102 @@ void Backend::checkPeer(int peer, const char* what) const {
                   size());
 }
 
-void Backend::runOp(const Op& op) {
+void Backend::checkView(const TensorView& view, Operation::Kind kind, const char* which) const {
+  const Device mine = device();
+  if (view.device != mine) [[unlikely]] {
+    if (mine.isCpu())
+      DTRAIN_THROW(UsageError, "{}: backend '{}' works on CPU buffers, but the {} is on {} (use backend 'nccl' for "
+                               "GPU buffers)", operationName(kind), name(), which, view.device.str());
+    DTRAIN_THROW(UsageError, "{}: backend '{}' works on {} buffers, but the {} is on {}{}", operationName(kind),
+                 name(), mine.str(), which, view.device.str(),
+                 view.device.isCpu() ? " (use tcp/shm/hier for CPU buffers)" : "");
+  }
+  DTRAIN_CHECK_AS(UsageError, view.data != nullptr || view.numel() == 0, "{}: the {} has no memory",
+                  operationName(kind), which);
+}
+
+std::string_view operationName(Operation::Kind kind) {
+  switch (kind) {
+    case Operation::Kind::kNone: return "no-op";
+    case Operation::Kind::kAllreduce: return "allreduce";
+    case Operation::Kind::kBroadcast: return "broadcast";
+    case Operation::Kind::kAllgather: return "allgather";
+    case Operation::Kind::kReduceScatter: return "reduce_scatter";
+    case Operation::Kind::kSend: return "send";
+    case Operation::Kind::kRecv: return "recv";
+    case Operation::Kind::kBarrier: return "barrier";
+  }
+  return "?";
+}
+
+void Backend::validate(const Operation& op) const {
+  using K = Operation::Kind;
+  switch (op.kind) {
+    case K::kNone:
+    case K::kBarrier: return;
+    case K::kBroadcast: checkPeer(op.peer, "broadcast root"); break;
+    case K::kSend:
+    case K::kRecv: {
+      const char* what = op.kind == K::kSend ? "send" : "recv";
+      checkPeer(op.peer, what);
+      DTRAIN_CHECK_AS(UsageError, op.peer != rank(), "{}: rank {} cannot {} itself", what, op.peer,
+                      op.kind == K::kSend ? "send to" : "receive from");
+      return checkView(op.buf, op.kind, "buffer");
+    }
+    case K::kAllreduce: break;
+    case K::kAllgather:
+    case K::kReduceScatter: {
+      checkView(op.out, op.kind, "output");
+      const bool gather = op.kind == K::kAllgather;
+      const int64_t block = gather ? op.buf.numel() : op.out.numel();
+      const int64_t whole = gather ? op.out.numel() : op.buf.numel();
+      DTRAIN_CHECK_AS(UsageError, whole == block * size() && op.buf.dtype == op.out.dtype,
+                      "{}: the {} must hold {} blocks of the {} ({} x {} {}), but holds {} {}", operationName(op.kind),
+                      gather ? "output" : "input", size(), gather ? "input" : "output", size(), block,
+                      dtypeName(op.buf.dtype), whole, dtypeName(op.out.dtype));
+      break;
+    }
+  }
+  checkView(op.buf, op.kind, op.kind == K::kAllgather || op.kind == K::kReduceScatter ? "input" : "buffer");
+  checkSupported(op.buf.dtype, operationName(op.kind));
+}
+
+bool Backend::isEmpty(const Operation& op) const {
+  using K = Operation::Kind;
+  switch (op.kind) {
+    case K::kNone: return true;
+    case K::kAllreduce:
+    case K::kAllgather:
+    case K::kSend:
+    case K::kRecv: return op.buf.numel() == 0;
+    case K::kReduceScatter: return op.out.numel() == 0;
+    case K::kBroadcast: return op.buf.numel() == 0 || size() == 1;
+    case K::kBarrier: return size() == 1;
+  }
+  return true;
+}
+
+void Backend::dispatch(const Operation& op, const Deadline& d) {
+  using K = Operation::Kind;
+  const auto count = static_cast<size_t>(op.buf.numel());
+  switch (op.kind) {
+    case K::kNone: return;
+    case K::kAllreduce: return doAllreduce(op.buf.data, count, op.buf.dtype, op.op, d);
+    case K::kBroadcast: return doBroadcast(op.buf.data, count, op.buf.dtype, op.peer, d);
+    case K::kAllgather: return doAllgather(op.buf.data, op.out.data, count, op.buf.dtype, d);
+    case K::kReduceScatter:
+      return doReduceScatter(op.buf.data, op.out.data, static_cast<size_t>(op.out.numel()), op.buf.dtype, op.op, d);
+    case K::kSend: return doSend(op.buf.data, op.buf.bytes(), op.peer, d);
+    case K::kRecv: return doRecv(op.buf.data, op.buf.bytes(), op.peer, d);
+    case K::kBarrier: return doBarrier(d);
+  }
+}
+
+void Backend::runInline(const Operation& op, const Deadline& deadline) { dispatch(op, deadline); }
+
+void Backend::runOp(const Operation& op) {
   try {
-    op(newDeadline());
+    dispatch(op, newDeadline());
   } catch (const CommError& e) {
     markBroken(e.what());
     throw;
@@ -172,18 +260,31 @@ void Backend::runOp(const Op& op) {
   }
 }
 
-WorkPtr Backend::submit(Op op, bool sync) {
+WorkPtr Backend::start(const Operation& op, const CallOptions& call) {
+  validate(op);
+  return issue(op, call, false);
+}
+
+void Backend::run(const Operation& op, const CallOptions& call) {
+  validate(op);
+  issue(op, call, true);
+}
+
+WorkPtr Backend::issue(const Operation& op, const CallOptions&, bool sync) {
   checkUsable();
+  const bool empty = isEmpty(op);
+  if (sync && empty) return nullptr;
   if (sync && outstanding_.load(std::memory_order_acquire) == 0) {
     runOp(op);
-    return std::make_shared<CompletedWork>();
+    return nullptr;
   }
   auto work = std::make_shared<QueuedWork>();
   {
     std::lock_guard<std::mutex> lock(mu_);
     DTRAIN_CHECK(!stopping_, "operation submitted to a communicator that is shutting down");
     if (!thread_.joinable()) thread_ = std::thread([this] { threadMain(); });
-    queue_.emplace_back(std::move(op), work);
+    // An empty asynchronous operation still completes in submission order, after the ones before it.
+    queue_.emplace_back(empty ? Operation{} : op, work);
     outstanding_.fetch_add(1, std::memory_order_acq_rel);
   }
   cv_.notify_one();
@@ -193,7 +294,7 @@ WorkPtr Backend::submit(Op op, bool sync) {
 
 void Backend::threadMain() {
   for (;;) {
-    std::pair<Op, std::shared_ptr<QueuedWork>> item;
+    std::pair<Operation, std::shared_ptr<QueuedWork>> item;
     {
       std::unique_lock<std::mutex> lock(mu_);
       cv_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
@@ -214,86 +315,6 @@ void Backend::threadMain() {
   }
 }
 
-WorkPtr Backend::allreduceAsync(void* buf, size_t count, DType dtype, ReduceOp op) {
-  if (count == 0) return submit([](const Deadline&) {}, false);
-  return submit([=, this](const Deadline& d) { doAllreduce(buf, count, dtype, op, d); }, false);
-}
-
-WorkPtr Backend::broadcastAsync(void* buf, size_t count, DType dtype, int root) {
-  checkPeer(root, "broadcast root");
-  if (count == 0 || size() == 1) return submit([](const Deadline&) {}, false);
-  return submit([=, this](const Deadline& d) { doBroadcast(buf, count, dtype, root, d); }, false);
-}
-
-WorkPtr Backend::allgatherAsync(const void* in, void* out, size_t countPerRank, DType dtype) {
-  if (countPerRank == 0) return submit([](const Deadline&) {}, false);
-  return submit([=, this](const Deadline& d) { doAllgather(in, out, countPerRank, dtype, d); }, false);
-}
-
-WorkPtr Backend::reduceScatterAsync(const void* in, void* out, size_t countPerRank, DType dtype, ReduceOp op) {
-  if (countPerRank == 0) return submit([](const Deadline&) {}, false);
-  return submit([=, this](const Deadline& d) { doReduceScatter(in, out, countPerRank, dtype, op, d); }, false);
-}
-
-WorkPtr Backend::sendAsync(const void* buf, size_t bytes, int peer) {
-  checkPeer(peer, "send");
-  DTRAIN_CHECK_AS(UsageError, peer != rank(), "send: rank {} cannot send to itself", peer);
-  if (bytes == 0) return submit([](const Deadline&) {}, false);
-  return submit([=, this](const Deadline& d) { doSend(buf, bytes, peer, d); }, false);
-}
-
-WorkPtr Backend::recvAsync(void* buf, size_t bytes, int peer) {
-  checkPeer(peer, "recv");
-  DTRAIN_CHECK_AS(UsageError, peer != rank(), "recv: rank {} cannot receive from itself", peer);
-  if (bytes == 0) return submit([](const Deadline&) {}, false);
-  return submit([=, this](const Deadline& d) { doRecv(buf, bytes, peer, d); }, false);
-}
-
-WorkPtr Backend::barrierAsync() {
-  if (size() == 1) return submit([](const Deadline&) {}, false);
-  return submit([this](const Deadline& d) { doBarrier(d); }, false);
-}
-
-void Backend::allreduce(void* buf, size_t count, DType dtype, ReduceOp op) {
-  if (count == 0) return checkUsable();
-  submit([=, this](const Deadline& d) { doAllreduce(buf, count, dtype, op, d); }, true);
-}
-
-void Backend::broadcast(void* buf, size_t count, DType dtype, int root) {
-  checkPeer(root, "broadcast root");
-  if (count == 0 || size() == 1) return checkUsable();
-  submit([=, this](const Deadline& d) { doBroadcast(buf, count, dtype, root, d); }, true);
-}
-
-void Backend::allgather(const void* in, void* out, size_t countPerRank, DType dtype) {
-  if (countPerRank == 0) return checkUsable();
-  submit([=, this](const Deadline& d) { doAllgather(in, out, countPerRank, dtype, d); }, true);
-}
-
-void Backend::reduceScatter(const void* in, void* out, size_t countPerRank, DType dtype, ReduceOp op) {
-  if (countPerRank == 0) return checkUsable();
-  submit([=, this](const Deadline& d) { doReduceScatter(in, out, countPerRank, dtype, op, d); }, true);
-}
-
-void Backend::send(const void* buf, size_t bytes, int peer) {
-  checkPeer(peer, "send");
-  DTRAIN_CHECK_AS(UsageError, peer != rank(), "send: rank {} cannot send to itself", peer);
-  if (bytes == 0) return checkUsable();
-  submit([=, this](const Deadline& d) { doSend(buf, bytes, peer, d); }, true);
-}
-
-void Backend::recv(void* buf, size_t bytes, int peer) {
-  checkPeer(peer, "recv");
-  DTRAIN_CHECK_AS(UsageError, peer != rank(), "recv: rank {} cannot receive from itself", peer);
-  if (bytes == 0) return checkUsable();
-  submit([=, this](const Deadline& d) { doRecv(buf, bytes, peer, d); }, true);
-}
-
-void Backend::barrier() {
-  if (size() == 1) return checkUsable();
-  submit([this](const Deadline& d) { doBarrier(d); }, true);
-}
-
 std::shared_ptr<Backend> Backend::newGroup(const std::vector<int>& ranks) {
   DTRAIN_CHECK_AS(UsageError, !ranks.empty(), "newGroup: the rank list is empty");
   std::set<int> seen;
@@ -305,11 +326,7 @@ std::shared_ptr<Backend> Backend::newGroup(const std::vector<int>& ranks) {
   }
   // The store prefix names the rank list and how often this list was made, so repeated and overlapping
   // groups never share keys. Long lists are hashed to stay under the store's key limit.
-  if (list.size() > 200) {
-    uint64_t h = 1469598103934665603ull;  // FNV-1a
-    for (char c : list) h = (h ^ static_cast<unsigned char>(c)) * 1099511628211ull;
-    list = fmt::format("{}r-{:016x}", ranks.size(), h);
-  }
+  if (list.size() > 200) list = fmt::format("{}r-{}", ranks.size(), fnv1aHex(list));
   const int serial = groupsMade_[list]++;
   auto mine = std::find(ranks.begin(), ranks.end(), rank());
   if (mine == ranks.end()) return nullptr;

@@ -3,7 +3,11 @@
 //
 // Contract every implementation keeps:
 //  - Collectives are issued in the same order, with the same counts, dtype, op and root, on every rank.
-//    Buffers are the caller's; operations are in place (allreduce, broadcast) or in -> out.
+//    Buffers are the caller's, given as dtrain::TensorView (pointer, shape, dtype, device; only the element
+//    count numel() matters, so a flat view is the usual form); operations are in place (allreduce, broadcast)
+//    or in -> out. The view's device must be the communicator's (`device()`): cpu for tcp/shm/hier, the
+//    communicator's GPU for nccl; anything else is a UsageError before anything is sent. Collectives take
+//    the dtypes in kSupportedDTypes (types.h); send/recv move the view's bytes whatever its dtype.
 //  - Asynchronous calls (`...Async`) return a Work handle at once; the operation runs on a communication
 //    thread owned by the backend, strictly in submission order, and the buffers must stay alive and
 //    untouched until `wait()` returns. Synchronous calls run after every earlier async call (on the caller's
@@ -23,23 +27,20 @@
 #include <cstddef>
 #include <cstdint>
 #include <deque>
-#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
 #include "lib/comm/types.h"
 #include "lib/common/clock.h"
+#include "lib/common/tensor.h"
 #include "rendezvous/store.h"
 
 namespace dtrain::comm {
-
-namespace hier {
-class HierBackend;
-}
 
 class Work {
  public:
@@ -92,6 +93,39 @@ struct PeerInfo {
   std::string hostname;
 };
 
+// Per-call options. Every field has a default that keeps the call's plain behaviour.
+struct CallOptions {
+  // An opaque stream handle for backends that run on one (nccl: a cudaStream_t, passed as void* so this header
+  // needs no CUDA). The operation is enqueued on that stream instead of the communicator's own, so it is
+  // ordered after the caller's work already issued there and the caller may order later work after it on
+  // the same stream; Work::wait() (and a synchronous call) still waits for it to finish. nullptr: the
+  // communicator's own stream. The CPU backends ignore it.
+  void* stream = nullptr;
+};
+
+// One operation as the backends receive it: what to do, on which buffers. Built by the named calls below
+// (or its factories); the counts are the views' element counts.
+struct Operation {
+  enum class Kind : uint8_t { kNone, kAllreduce, kBroadcast, kAllgather, kReduceScatter, kSend, kRecv, kBarrier };
+  Kind kind = Kind::kNone;
+  TensorView buf;  // allreduce/broadcast/send/recv: the buffer; allgather/reduceScatter: the input
+  TensorView out;  // allgather: size() blocks of buf.numel(); reduceScatter: buf.numel() / size() elements
+  ReduceOp op = ReduceOp::kSum;
+  int peer = 0;  // broadcast: the root; send/recv: the other rank
+
+  static Operation allreduce(const TensorView& buf, ReduceOp op) { return {Kind::kAllreduce, buf, {}, op, 0}; }
+  static Operation broadcast(const TensorView& buf, int root) { return {Kind::kBroadcast, buf, {}, {}, root}; }
+  static Operation allgather(const TensorView& in, const TensorView& out) { return {Kind::kAllgather, in, out}; }
+  static Operation reduceScatter(const TensorView& in, const TensorView& out, ReduceOp op) {
+    return {Kind::kReduceScatter, in, out, op, 0};
+  }
+  static Operation send(const TensorView& buf, int peer) { return {Kind::kSend, buf, {}, {}, peer}; }
+  static Operation recv(const TensorView& buf, int peer) { return {Kind::kRecv, buf, {}, {}, peer}; }
+  static Operation barrier() { return {Kind::kBarrier}; }
+};
+// "allreduce", "broadcast", "allgather", "reduce_scatter", "send", "recv", "barrier", "no-op".
+std::string_view operationName(Operation::Kind kind);
+
 class Backend : public std::enable_shared_from_this<Backend> {
  public:
   virtual ~Backend();
@@ -101,31 +135,66 @@ class Backend : public std::enable_shared_from_this<Backend> {
   int rank() const { return options_.rank; }
   int size() const { return options_.size; }
   virtual std::string name() const = 0;
+  // Where this communicator's buffers live: cpu, or the GPU an nccl communicator runs on.
+  virtual Device device() const { return Device::cpu(); }
   const BackendOptions& options() const { return options_; }
   const std::vector<PeerInfo>& peers() const { return peers_; }
 
-  // --- asynchronous (see the contract above) ---
-  virtual WorkPtr allreduceAsync(void* buf, size_t count, DType dtype, ReduceOp op);
-  virtual WorkPtr broadcastAsync(void* buf, size_t count, DType dtype, int root);
-  // out holds size() * countPerRank elements, rank r's block at r * countPerRank. `in` may be that block.
-  virtual WorkPtr allgatherAsync(const void* in, void* out, size_t countPerRank, DType dtype);
-  // in holds size() * countPerRank elements; out receives this rank's reduced block.
-  virtual WorkPtr reduceScatterAsync(const void* in, void* out, size_t countPerRank, DType dtype, ReduceOp op);
-  // Point to point, matched in order per (sender, receiver) pair; sizes must agree. A send may block until
-  // the receiver takes the bytes, so two ranks that both send large messages first can only finish by timeout:
-  // order them (as with MPI_Send).
-  virtual WorkPtr sendAsync(const void* buf, size_t bytes, int peer);
-  virtual WorkPtr recvAsync(void* buf, size_t bytes, int peer);
-  virtual WorkPtr barrierAsync();
+  // --- the operations, asynchronous (see the contract above) and synchronous (returning when done) ---
+  // Every pair below is a one-line form of start()/run(); validation, the empty-operation shortcuts and the
+  // queue live there, once.
+  WorkPtr allreduceAsync(const TensorView& buf, ReduceOp op, const CallOptions& call = {}) {
+    return start(Operation::allreduce(buf, op), call);
+  }
+  void allreduce(const TensorView& buf, ReduceOp op, const CallOptions& call = {}) {
+    run(Operation::allreduce(buf, op), call);
+  }
+  WorkPtr broadcastAsync(const TensorView& buf, int root, const CallOptions& call = {}) {
+    return start(Operation::broadcast(buf, root), call);
+  }
+  void broadcast(const TensorView& buf, int root, const CallOptions& call = {}) {
+    run(Operation::broadcast(buf, root), call);
+  }
+  // `out` holds size() blocks of in.numel() elements, rank r's at r * in.numel(). `in` may be that block.
+  WorkPtr allgatherAsync(const TensorView& in, const TensorView& out, const CallOptions& call = {}) {
+    return start(Operation::allgather(in, out), call);
+  }
+  void allgather(const TensorView& in, const TensorView& out, const CallOptions& call = {}) {
+    run(Operation::allgather(in, out), call);
+  }
+  // `in` holds size() blocks of out.numel() elements; `out` receives this rank's reduced block.
+  WorkPtr reduceScatterAsync(const TensorView& in, const TensorView& out, ReduceOp op, const CallOptions& call = {}) {
+    return start(Operation::reduceScatter(in, out, op), call);
+  }
+  void reduceScatter(const TensorView& in, const TensorView& out, ReduceOp op, const CallOptions& call = {}) {
+    run(Operation::reduceScatter(in, out, op), call);
+  }
+  // Point to point: the view's bytes, matched in order per (sender, receiver) pair; sizes must agree. A send
+  // may block until the receiver takes the bytes, so two ranks that both send large messages first can only
+  // finish by timeout: order them (as with MPI_Send).
+  WorkPtr sendAsync(const TensorView& buf, int peer, const CallOptions& call = {}) {
+    return start(Operation::send(buf, peer), call);
+  }
+  void send(const TensorView& buf, int peer, const CallOptions& call = {}) { run(Operation::send(buf, peer), call); }
+  WorkPtr recvAsync(const TensorView& buf, int peer, const CallOptions& call = {}) {
+    return start(Operation::recv(buf, peer), call);
+  }
+  void recv(const TensorView& buf, int peer, const CallOptions& call = {}) { run(Operation::recv(buf, peer), call); }
+  WorkPtr barrierAsync(const CallOptions& call = {}) { return start(Operation::barrier(), call); }
+  void barrier(const CallOptions& call = {}) { run(Operation::barrier(), call); }
 
-  // --- synchronous: the same operations, returning when done ---
-  void allreduce(void* buf, size_t count, DType dtype, ReduceOp op);
-  void broadcast(void* buf, size_t count, DType dtype, int root);
-  void allgather(const void* in, void* out, size_t countPerRank, DType dtype);
-  void reduceScatter(const void* in, void* out, size_t countPerRank, DType dtype, ReduceOp op);
-  void send(const void* buf, size_t bytes, int peer);
-  void recv(void* buf, size_t bytes, int peer);
-  void barrier();
+  // The generic forms. Both validate first (UsageError: a peer outside the group, a view on another device,
+  // an unsupported dtype, mismatched allgather/reduceScatter sizes) and throw CommError when the
+  // communicator failed earlier.
+  WorkPtr start(const Operation& op, const CallOptions& call = {});
+  void run(const Operation& op, const CallOptions& call = {});
+
+  // Runs `op` at once on the calling thread, bypassing the queue, the validation, the empty-operation
+  // shortcuts and the failure bookkeeping: the entry point for a backend composed of others (hier), which
+  // drives its inner communicators from inside its own operations. The caller guarantees that nothing else
+  // is submitted to this communicator meanwhile (only the composite uses it) and that `op` is valid and not
+  // empty. Blocks until done or `deadline`; throws what the implementation throws (dtrain::Error subclasses).
+  void runInline(const Operation& op, const Deadline& deadline);
 
   // A communicator over `ranks` (this group's ranks; new rank = position in the list), bootstrapped through
   // the same store and of the same kind. Collective over the members: each calls it with the same list, in
@@ -134,11 +203,14 @@ class Backend : public std::enable_shared_from_this<Backend> {
   std::shared_ptr<Backend> newGroup(const std::vector<int>& ranks);
 
  protected:
-  // hier composes shm and tcp communicators and runs their operations on its own thread, directly.
-  friend class hier::HierBackend;
-
   // Validates the options and exchanges PeerInfo through the store (blocking, timeout).
   explicit Backend(BackendOptions options);
+
+  // Hands a validated operation to the backend. The default runs it on the communication thread in
+  // submission order (a synchronous one on the caller's thread when nothing is queued) and turns failures
+  // into CommError; an empty operation completes without communicating. A backend with its own execution
+  // engine (nccl: a CUDA stream) overrides it; when `sync` it returns after the operation finished.
+  virtual WorkPtr issue(const Operation& op, const CallOptions& call, bool sync);
 
   // The operations, implemented by each backend. Synchronous; called one at a time, in submission order,
   // either on the submitting thread or on the communication thread. Counts are > 0 here (empty operations
@@ -167,21 +239,24 @@ class Backend : public std::enable_shared_from_this<Backend> {
   Deadline newDeadline() const { return Deadline(options_.timeout); }
   // Throws CommError when the backend failed earlier (backends that bypass the queue call it themselves).
   void checkUsable();
+  // True when `op` has nothing to communicate (zero elements, or a broadcast/barrier in a group of one).
+  bool isEmpty(const Operation& op) const;
 
   BackendOptions options_;
   std::vector<PeerInfo> peers_;
 
  private:
   class QueuedWork;
-  using Op = std::function<void(const Deadline&)>;
-  WorkPtr submit(Op op, bool sync);
-  void runOp(const Op& op);  // runs one op, recording a failure
+  void validate(const Operation& op) const;
+  void dispatch(const Operation& op, const Deadline& deadline);  // to the do* implementation
+  void runOp(const Operation& op);  // runs one op, recording a failure
   void threadMain();
   void checkPeer(int peer, const char* what) const;
+  void checkView(const TensorView& view, Operation::Kind kind, const char* which) const;
 
   std::mutex mu_;
   std::condition_variable cv_;
-  std::deque<std::pair<Op, std::shared_ptr<QueuedWork>>> queue_;
+  std::deque<std::pair<Operation, std::shared_ptr<QueuedWork>>> queue_;
   std::atomic<int64_t> outstanding_{0};  // queued or running async operations
   bool stopping_ = false;
   std::thread thread_;

@@ -77,6 +77,7 @@ void put(DType t, char* buf, size_t i, double v) {
     case DType::kInt64: reinterpret_cast<int64_t*>(buf)[i] = static_cast<int64_t>(v); break;
     case DType::kBFloat16: reinterpret_cast<uint16_t*>(buf)[i] = floatToBf16(static_cast<float>(v)); break;
     case DType::kFloat16: reinterpret_cast<uint16_t*>(buf)[i] = floatToFp16(static_cast<float>(v)); break;
+    default: DTRAIN_THROW(UsageError, "bench: dtype {} is not supported by the collectives", dtypeName(t));
   }
 }
 
@@ -88,6 +89,7 @@ double get(DType t, const char* buf, size_t i) {
     case DType::kInt64: return static_cast<double>(reinterpret_cast<const int64_t*>(buf)[i]);
     case DType::kBFloat16: return bf16ToFloat(reinterpret_cast<const uint16_t*>(buf)[i]);
     case DType::kFloat16: return fp16ToFloat(reinterpret_cast<const uint16_t*>(buf)[i]);
+    default: break;
   }
   return 0;
 }
@@ -146,9 +148,11 @@ void runBench(Backend& bench, Backend& control, const BenchOptions& o,
   DTRAIN_CHECK_AS(UsageError, o.minBytes > 0 && o.minBytes <= o.maxBytes, "sizes: need 0 < min-bytes <= max-bytes");
   DTRAIN_CHECK_AS(UsageError, o.stepFactor > 1.0, "step factor must be > 1");
   const int n = bench.size(), me = bench.rank();
+  checkSupported(o.dtype, collectiveName(o.what));
   const size_t esz = dtypeSize(o.dtype);
-  const bool device = bench.name() == "nccl";
-  const int gpu = bench.options().localRank;
+  const Device where = bench.device();
+  const bool device = where.isCuda();
+  const int gpu = where.index;
   // Every size is a whole number of elements, and for allgather / reduce_scatter of n equal blocks.
   const size_t unit = esz * ((o.what == Collective::kAllgather || o.what == Collective::kReduceScatter)
                                  ? static_cast<size_t>(n) : 1);
@@ -163,14 +167,17 @@ void runBench(Backend& bench, Backend& control, const BenchOptions& o,
     if (bytes == 0) continue;
     const size_t count = bytes / esz;
     const size_t perRank = count / static_cast<size_t>(n);
+    // The views are built once per size, so the timed loop measures the collective alone.
+    const TensorView whole = TensorView::flat(a.data(), count, o.dtype, where);
+    const TensorView gatherIn = TensorView::flat(a.data(), perRank, o.dtype, where);
+    const TensorView gatherOut = TensorView::flat(b.data(), count, o.dtype, where);
+    const TensorView scatterOut = TensorView::flat(b.data(), perRank, o.dtype, where);
     auto once = [&] {
       switch (o.what) {
-        case Collective::kAllreduce: return bench.allreduce(a.data(), count, o.dtype, o.op);
-        case Collective::kBroadcast: return bench.broadcast(a.data(), count, o.dtype, 0);
-        case Collective::kAllgather:
-          return bench.allgather(a.data(), b.data(), perRank, o.dtype);
-        case Collective::kReduceScatter:
-          return bench.reduceScatter(a.data(), b.data(), perRank, o.dtype, o.op);
+        case Collective::kAllreduce: return bench.allreduce(whole, o.op);
+        case Collective::kBroadcast: return bench.broadcast(whole, 0);
+        case Collective::kAllgather: return bench.allgather(gatherIn, gatherOut);
+        case Collective::kReduceScatter: return bench.reduceScatter(whole, scatterOut, o.op);
       }
     };
     auto timed = [&](int iters) {
@@ -178,13 +185,13 @@ void runBench(Backend& bench, Backend& control, const BenchOptions& o,
       const auto start = Clock::now();
       for (int i = 0; i < iters; ++i) once();
       double mine = secondsSince(start) / iters;
-      control.allreduce(&mine, 1, DType::kFloat64, ReduceOp::kMax);
+      control.allreduce(TensorView::flat(&mine, 1), ReduceOp::kMax);
       return mine;
     };
     const double warm = timed(std::max(1, o.warmup));
     int64_t iters = o.iters;
     if (iters <= 0) iters = std::clamp<int64_t>(static_cast<int64_t>(o.budgetSeconds / std::max(warm, 1e-7)), 5, 100000);
-    control.broadcast(&iters, 1, DType::kInt64, 0);
+    control.broadcast(TensorView::flat(&iters, 1), 0);
     BenchRow row;
     row.bytes = bytes;
     row.count = count;
@@ -217,7 +224,7 @@ void runBench(Backend& bench, Backend& control, const BenchOptions& o,
         }
         if (!close(o.dtype, get(o.dtype, got.data(), i), want)) ++wrong;
       }
-      control.allreduce(&wrong, 1, DType::kInt64, ReduceOp::kSum);
+      control.allreduce(TensorView::flat(&wrong, 1), ReduceOp::kSum);
       row.wrong = wrong;
     }
     onRow(row);

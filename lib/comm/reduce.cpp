@@ -156,7 +156,9 @@ void dispatchType(void* out, const void* a, const void* b, size_t n, DType t) {
 #else
       return kernel2<FP16, Op>(out, a, b, n);
 #endif
+    default: break;
   }
+  DTRAIN_THROW(Error, "reduce: dtype {} is not supported by the collectives", dtypeName(t));
 }
 
 #if DTRAIN_COMM_F16C
@@ -259,7 +261,9 @@ void divide(void* buf, size_t count, DType dtype, int divisor) {
 #else
       return divideT<FP16>(buf, count, divisor);
 #endif
+    default: break;
   }
+  DTRAIN_THROW(Error, "divide: dtype {} is not supported by the collectives", dtypeName(dtype));
 }
 
 void reduceMany(void* out, void* out2, const void* const* srcs, int nsrc, size_t count, DType dtype, ReduceOp op,

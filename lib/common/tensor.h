@@ -166,6 +166,11 @@ struct TensorView {
   static TensorView flat(const void* data, size_t count, DType dtype, Device device = Device::cpu()) {
     return {const_cast<void*>(data), Shape{static_cast<int64_t>(count)}, dtype, device};
   }
+  // The same with the dtype taken from the element type: TensorView::flat(grads.data(), grads.size()).
+  template <class T>
+  static TensorView flat(T* data, size_t count, Device device = Device::cpu()) {
+    return flat(data, count, dtypeOf<std::remove_const_t<T>>(), device);
+  }
 
  private:
   void checkDType(DType wanted) const;

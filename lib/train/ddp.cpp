@@ -50,7 +50,7 @@ void GradientSync::operator()(int layer) {
 void GradientSync::submit(size_t b) {
   if (pending_[b]) return;
   auto grads = model_.grads();
-  pending_[b] = backend_->allreduceAsync(grads.data() + buckets_[b].offset, buckets_[b].count, comm::DType::kFloat32,
+  pending_[b] = backend_->allreduceAsync(TensorView::flat(grads.data() + buckets_[b].offset, buckets_[b].count),
                                          comm::ReduceOp::kAvg);
 }
 
@@ -58,7 +58,7 @@ void GradientSync::finish() {
   if (!backend_ || backend_->size() == 1) return;
   if (!overlap_) {
     auto grads = model_.grads();
-    backend_->allreduce(grads.data(), grads.size(), comm::DType::kFloat32, comm::ReduceOp::kAvg);
+    backend_->allreduce(TensorView::flat(grads.data(), grads.size()), comm::ReduceOp::kAvg);
     return;
   }
   for (size_t b = 0; b < buckets_.size(); ++b) submit(b);

@@ -152,7 +152,7 @@ void TrainLoop::connect() {
 void TrainLoop::logInterval(StepStats& stats, bool force) {
   if (intervalBatches_ == 0 && !force) return;
   double sums[3] = {intervalLoss_, static_cast<double>(intervalBatches_), static_cast<double>(intervalSamples_)};
-  if (backend_) backend_->allreduce(sums, 3, comm::DType::kFloat64, comm::ReduceOp::kSum);
+  if (backend_) backend_->allreduce(TensorView::flat(sums, 3), comm::ReduceOp::kSum);
   double secs = std::max(1e-9, secondsSince(intervalStart_));
   stats.loss = sums[1] > 0 ? sums[0] / sums[1] : 0;
   stats.samplesPerSec = sums[2] / secs;
@@ -176,7 +176,7 @@ void TrainLoop::evaluate(const StepStats& stats) {
   }
   double v[4] = {sums.lossSum, static_cast<double>(sums.lossCount), static_cast<double>(sums.correct),
                  static_cast<double>(sums.samples)};
-  if (backend_) backend_->allreduce(v, 4, comm::DType::kFloat64, comm::ReduceOp::kSum);
+  if (backend_) backend_->allreduce(TensorView::flat(v, 4), comm::ReduceOp::kSum);
   double evalLoss = v[1] > 0 ? v[0] / v[1] : 0;
   std::optional<double> acc;
   if (loss_->hasAccuracy() && v[3] > 0) acc = v[2] / v[3];
@@ -207,7 +207,7 @@ void TrainLoop::setUp() {
   resumed_ = checkpointer_->resume(*model_, *optimizer_);
   // Rank 0's parameters for everyone: replicas start identical whatever each rank built or loaded.
   auto params = model_->params();
-  if (backend_) backend_->broadcast(params.data(), params.size(), comm::DType::kFloat32, 0);
+  if (backend_) backend_->broadcast(TensorView::flat(params.data(), params.size()), 0);
   sync_ = std::make_unique<GradientSync>(*model_, backend_, job_.parallel.firstBucketMb, job_.parallel.bucketMb,
                                          job_.parallel.overlap.value_or(spareCores));
   sampler_ = std::make_unique<data::DistributedSampler>(data::SamplerOptions{
@@ -261,7 +261,7 @@ void TrainLoop::planRun() {
 
 int TrainLoop::agreedStopSignal() {
   double flag[1] = {static_cast<double>(gStopSignal.load())};
-  if (backend_) backend_->allreduce(flag, 1, comm::DType::kFloat64, comm::ReduceOp::kMax);
+  if (backend_) backend_->allreduce(TensorView::flat(flag, 1), comm::ReduceOp::kMax);
   return static_cast<int>(flag[0]);
 }
 
@@ -350,7 +350,7 @@ void TrainLoop::finish() {
   result_.samplesPerSec = result_.trainSec > 0 ? static_cast<double>(result_.samples) / result_.trainSec : 0;
   // Peak memory of every rank (the largest is what a user sizes a machine by).
   double rss[1] = {peakRssMb()};
-  if (backend_) backend_->allreduce(rss, 1, comm::DType::kFloat64, comm::ReduceOp::kMax);
+  if (backend_) backend_->allreduce(TensorView::flat(rss, 1), comm::ReduceOp::kMax);
   result_.peakRssMb = rss[0];
   if (!leader) return;
   std::string eval;

@@ -98,6 +98,7 @@ inline void storeAs(DType t, void* buf, size_t i, double v) {
     case DType::kInt64: static_cast<int64_t*>(buf)[i] = static_cast<int64_t>(v); break;
     case DType::kBFloat16: static_cast<uint16_t*>(buf)[i] = floatToBf16(static_cast<float>(v)); break;
     case DType::kFloat16: static_cast<uint16_t*>(buf)[i] = floatToFp16(static_cast<float>(v)); break;
+    default: throw std::runtime_error("storeAs: unsupported dtype");
   }
 }
 
@@ -109,6 +110,7 @@ inline double loadAs(DType t, const void* buf, size_t i) {
     case DType::kInt64: return static_cast<double>(static_cast<const int64_t*>(buf)[i]);
     case DType::kBFloat16: return bf16ToFloat(static_cast<const uint16_t*>(buf)[i]);
     case DType::kFloat16: return fp16ToFloat(static_cast<const uint16_t*>(buf)[i]);
+    default: break;
   }
   return 0;
 }

@@ -27,12 +27,12 @@ TEST_CASE("async allreduces on buckets complete in submission order while the ca
       for (size_t i = 0; i < total; ++i) arena[i] = static_cast<float>(inputValue(r, i));
       std::vector<WorkPtr> works;
       for (size_t off = 0; off < total; off += bucket)
-        works.push_back(b->allreduceAsync(arena.data() + off, std::min(bucket, total - off), DType::kFloat32,
+        works.push_back(b->allreduceAsync(TensorView::flat(arena.data() + off, std::min(bucket, total - off)),
                                           ReduceOp::kAvg));
       // The same buffer twice in a row: only correct if the second runs after the first.
       std::vector<int64_t> twice(1000, r + 1);
-      works.push_back(b->allreduceAsync(twice.data(), twice.size(), DType::kInt64, ReduceOp::kSum));
-      works.push_back(b->allreduceAsync(twice.data(), twice.size(), DType::kInt64, ReduceOp::kSum));
+      works.push_back(b->allreduceAsync(TensorView::flat(twice.data(), twice.size()), ReduceOp::kSum));
+      works.push_back(b->allreduceAsync(TensorView::flat(twice.data(), twice.size()), ReduceOp::kSum));
       double busy = 0;  // "backward" keeps the main thread busy meanwhile
       for (int i = 0; i < 100000; ++i) busy += i * 1e-9;
       for (auto& w : works) w->wait();
@@ -44,8 +44,8 @@ TEST_CASE("async allreduces on buckets complete in submission order while the ca
       for (int64_t v : twice) expect(v == sum * n, fmt::format("ordering broken: {} != {}", v, sum * n));
       // A synchronous call after async ones runs after them.
       std::vector<float> x(10, 1.0f);
-      auto w = b->allreduceAsync(x.data(), x.size(), DType::kFloat32, ReduceOp::kSum);
-      b->allreduce(x.data(), x.size(), DType::kFloat32, ReduceOp::kSum);
+      auto w = b->allreduceAsync(TensorView::flat(x.data(), x.size()), ReduceOp::kSum);
+      b->allreduce(TensorView::flat(x.data(), x.size()), ReduceOp::kSum);
       w->wait();
       expect(x[0] == static_cast<float>(n * n), "sync call overtook an async one");
       expect(busy > 0, "");
@@ -68,13 +68,13 @@ TEST_CASE("newGroup builds sub-communicators from the same store") {
       expect(mine->size() == 2 && mine->rank() == r / 2, "sub-group rank wrong");
       expect(mine->name() == world->name(), "sub-group of another kind");
       int64_t v = r;
-      mine->allreduce(&v, 1, DType::kInt64, ReduceOp::kSum);
+      mine->allreduce(TensorView::flat(&v, 1), ReduceOp::kSum);
       expect(v == (r % 2 == 0 ? 2 : 4), fmt::format("sub-group sum {}", v));
       // The same list again is a different communicator; an unordered list ranks by position.
       auto reversed = world->newGroup({3, 2, 1, 0});
       expect(reversed->rank() == 3 - r, "position in the list is the new rank");
       int64_t w = reversed->rank() == 0 ? 42 : 0;
-      reversed->broadcast(&w, 1, DType::kInt64, 0);
+      reversed->broadcast(TensorView::flat(&w, 1), 0);
       expect(w == 42, "broadcast in reversed group");
       world->barrier();
     });
@@ -144,11 +144,11 @@ TEST_CASE("a rank that stops calling collectives fails the others within the tim
       auto b = createBackend(backend, o);
       keep[static_cast<size_t>(r)] = b;  // rank 2 stays connected but silent (a stalled peer)
       std::vector<float> x(100000, 1.0f);
-      b->allreduce(x.data(), x.size(), DType::kFloat32, ReduceOp::kSum);
+      b->allreduce(TensorView::flat(x.data(), x.size()), ReduceOp::kSum);
       if (r == 2) return;
       const auto start = std::chrono::steady_clock::now();
       try {
-        b->allreduce(x.data(), x.size(), DType::kFloat32, ReduceOp::kSum);
+        b->allreduce(TensorView::flat(x.data(), x.size()), ReduceOp::kSum);
       } catch (const CommError& e) {
         ++failed;
         took[static_cast<size_t>(r)] = std::chrono::duration_cast<std::chrono::milliseconds>(
@@ -183,8 +183,8 @@ TEST_CASE("async failures surface in wait() and fail the queued operations behin
     keep[static_cast<size_t>(r)] = b;
     if (r == 1) return;
     std::vector<float> x(10, 1.0f);
-    auto first = b->allreduceAsync(x.data(), x.size(), DType::kFloat32, ReduceOp::kSum);
-    auto second = b->allreduceAsync(x.data(), x.size(), DType::kFloat32, ReduceOp::kSum);
+    auto first = b->allreduceAsync(TensorView::flat(x.data(), x.size()), ReduceOp::kSum);
+    auto second = b->allreduceAsync(TensorView::flat(x.data(), x.size()), ReduceOp::kSum);
     int thrown = 0;
     for (auto* w : {&first, &second}) {
       try {
@@ -201,18 +201,54 @@ TEST_CASE("async failures surface in wait() and fail the queued operations behin
 TEST_CASE("usage errors are reported before anything is sent") {
   auto b = createBackend("tcp", rankOptions(0, 1, nullptr));
   float x = 1;
-  CHECK_THROWS_AS(b->broadcast(&x, 1, DType::kFloat32, 1), UsageError);
-  CHECK_THROWS_AS(b->send(&x, 4, 0), UsageError);
+  CHECK_THROWS_AS(b->broadcast(TensorView::flat(&x, 1), 1), UsageError);
+  CHECK_THROWS_AS(b->send(TensorView::flat(&x, 1), 0), UsageError);
   CHECK_THROWS_AS(createBackend("tcp", rankOptions(0, 2, nullptr)), UsageError);  // no store
   BackendOptions bad = rankOptions(0, 1, nullptr);
   bad.rank = 1;
   CHECK_THROWS_AS(createBackend("tcp", bad), UsageError);
   // World size 1: every operation works without a peer.
-  b->allreduce(&x, 1, DType::kFloat32, ReduceOp::kAvg);
+  b->allreduce(TensorView::flat(&x, 1), ReduceOp::kAvg);
   CHECK(x == 1.0f);
   float out[1];
-  b->allgather(&x, out, 1, DType::kFloat32);
+  b->allgather(TensorView::flat(&x, 1), TensorView::flat(out, 1));
   CHECK(out[0] == 1.0f);
-  b->reduceScatter(&x, out, 1, DType::kFloat32, ReduceOp::kSum);
+  b->reduceScatter(TensorView::flat(&x, 1), TensorView::flat(out, 1), ReduceOp::kSum);
   b->barrier();
+}
+
+TEST_CASE("a buffer on a device the backend cannot serve, or of a dtype the collectives lack, is a UsageError") {
+  for (const char* backend : {"tcp", "shm", "hier"}) {
+    CAPTURE(backend);
+    auto b = createBackend(backend, rankOptions(0, 1, nullptr));
+    CHECK(b->device() == Device::cpu());
+    float x = 1, out[1] = {0};
+    const TensorView gpu = TensorView::flat(&x, 1, Device::cuda(0));
+    CHECK_THROWS_WITH_AS(b->allreduce(gpu, ReduceOp::kSum),
+                         doctest::Contains("works on CPU buffers, but the buffer is on cuda:0"), UsageError);
+    CHECK_THROWS_WITH_AS(b->allreduceAsync(gpu, ReduceOp::kSum), doctest::Contains("cuda:0"), UsageError);
+    CHECK_THROWS_WITH_AS(b->broadcast(TensorView::flat(&x, 0, Device::cuda(1)), 0), doctest::Contains("cuda:1"),
+                         UsageError);  // even when empty: nothing would have been sent
+    CHECK_THROWS_WITH_AS(b->allgather(TensorView::flat(&x, 1), TensorView::flat(out, 1, Device::cuda(0))),
+                         doctest::Contains("the output is on cuda:0"), UsageError);
+    CHECK_THROWS_WITH_AS(b->reduceScatter(gpu, TensorView::flat(out, 1), ReduceOp::kSum),
+                         doctest::Contains("the input is on cuda:0"), UsageError);
+    // Only the six reducible dtypes; the message names the one given.
+    bool flag = true;
+    uint8_t bytes[4] = {1, 2, 3, 4};
+    CHECK_THROWS_WITH_AS(b->allreduce(TensorView::flat(&flag, 1), ReduceOp::kMax),
+                         doctest::Contains("allreduce: dtype bool is not supported"), UsageError);
+    CHECK_THROWS_WITH_AS(b->broadcast(TensorView::flat(bytes, 4), 0), doctest::Contains("dtype uint8"), UsageError);
+    CHECK_THROWS_WITH_AS(b->allgather(TensorView::flat(bytes, 1), TensorView::flat(bytes, 1)),
+                         doctest::Contains("dtype uint8"), UsageError);
+    // allgather / reduce_scatter sizes must agree with the group size.
+    float two[2] = {0, 0};
+    CHECK_THROWS_WITH_AS(b->allgather(TensorView::flat(&x, 1), TensorView::flat(two, 2)),
+                         doctest::Contains("allgather: the output must hold 1 blocks"), UsageError);
+    CHECK_THROWS_AS(b->reduceScatter(TensorView::flat(two, 2), TensorView::flat(out, 1), ReduceOp::kSum), UsageError);
+    CHECK_THROWS_AS(b->allgather(TensorView::flat(&x, 1), TensorView::flat(two, 1, DType::kInt32)), UsageError);
+    // Usage errors leave the communicator usable.
+    b->allreduce(TensorView::flat(&x, 1), ReduceOp::kSum);
+    CHECK(x == 1.0f);
+  }
 }

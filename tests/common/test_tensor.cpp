@@ -69,6 +69,13 @@ TEST_CASE("a view checks its dtype on typed access") {
   auto flat = TensorView::flat(x, 6, DType::kFloat32);
   CHECK(flat.shape == Shape{6});
   CHECK(flat.device.isCpu());
+  // The typed form takes the dtype from the pointer.
+  const int64_t counts[3] = {};
+  auto typed = TensorView::flat(counts, 3, Device::cuda(1));
+  CHECK(typed.dtype == DType::kInt64);
+  CHECK(typed.bytes() == 24);
+  CHECK(typed.device == Device::cuda(1));
+  CHECK(TensorView::flat(x, 6).dtype == DType::kFloat32);
 }
 
 TEST_CASE("aligned buffers are zeroed, 64-byte aligned and keep their address when moved") {

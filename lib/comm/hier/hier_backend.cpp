@@ -46,11 +46,6 @@ std::shared_ptr<Backend> HierBackend::makeGroup(BackendOptions options) {
   return std::make_shared<HierBackend>(std::move(options));
 }
 
-// The inner communicators' operations are reached through Backend, whose friend this class is.
-Backend& HierBackend::local() { return *local_; }
-Backend& HierBackend::leaders() { return *leaderGroup_; }
-Backend& HierBackend::all() { return *all_; }
-
 int HierBackend::localIndex(int globalRank) const {
   const auto node = peers_[static_cast<size_t>(globalRank)].nodeRank;
   int index = 0;
@@ -59,62 +54,72 @@ int HierBackend::localIndex(int globalRank) const {
   return index;
 }
 
+// The inner communicators are driven directly on this backend's thread (Backend::runInline): they are used
+// by nobody else, and their own queues stay idle.
 void HierBackend::doAllreduce(void* buf, size_t count, DType dtype, ReduceOp op, const Deadline& deadline) {
-  if (!all_) return local().doAllreduce(buf, count, dtype, op, deadline);
+  const TensorView view = TensorView::flat(buf, count, dtype);
+  if (!all_) return local_->runInline(Operation::allreduce(view, op), deadline);
   // Sum everywhere and divide once at the end: an average over nodes of different sizes must weight ranks,
   // not nodes.
   const ReduceOp cop = combiningOp(op);
   local_->reduceToRoot(buf, count, dtype, cop, 0, deadline);
   if (leaderGroup_) {
-    leaders().doAllreduce(buf, count, dtype, cop, deadline);
+    leaderGroup_->runInline(Operation::allreduce(view, cop), deadline);
     if (op == ReduceOp::kAvg) divide(buf, count, dtype, size());
   }
-  local().doBroadcast(buf, count, dtype, 0, deadline);
+  local_->runInline(Operation::broadcast(view, 0), deadline);
 }
 
 void HierBackend::doBroadcast(void* buf, size_t count, DType dtype, int root, const Deadline& deadline) {
-  if (!all_) return local().doBroadcast(buf, count, dtype, root, deadline);
+  const TensorView view = TensorView::flat(buf, count, dtype);
+  if (!all_) return local_->runInline(Operation::broadcast(view, root), deadline);
   const int rootNode = peers_[static_cast<size_t>(root)].nodeRank;
   const bool onRootNode = options_.nodeRank == rootNode;
-  if (onRootNode) local().doBroadcast(buf, count, dtype, localIndex(root), deadline);
+  if (onRootNode) local_->runInline(Operation::broadcast(view, localIndex(root)), deadline);
   if (leaderGroup_) {
     const int rootLeader = static_cast<int>(std::find_if(leaders_.begin(), leaders_.end(), [&](int r) {
                                               return peers_[static_cast<size_t>(r)].nodeRank == rootNode;
                                             }) - leaders_.begin());
-    leaders().doBroadcast(buf, count, dtype, rootLeader, deadline);
+    leaderGroup_->runInline(Operation::broadcast(view, rootLeader), deadline);
   }
-  if (!onRootNode) local().doBroadcast(buf, count, dtype, 0, deadline);
+  if (!onRootNode) local_->runInline(Operation::broadcast(view, 0), deadline);
 }
 
 void HierBackend::doAllgather(const void* in, void* out, size_t countPerRank, DType dtype,
                               const Deadline& deadline) {
-  if (!all_) return local().doAllgather(in, out, countPerRank, dtype, deadline);
-  all().doAllgather(in, out, countPerRank, dtype, deadline);
+  const auto n = static_cast<size_t>(size());
+  const Operation op = Operation::allgather(TensorView::flat(in, countPerRank, dtype),
+                                            TensorView::flat(out, countPerRank * n, dtype));
+  (all_ ? *all_ : static_cast<Backend&>(*local_)).runInline(op, deadline);
 }
 
 void HierBackend::doReduceScatter(const void* in, void* out, size_t countPerRank, DType dtype, ReduceOp op,
                                   const Deadline& deadline) {
-  if (!all_) return local().doReduceScatter(in, out, countPerRank, dtype, op, deadline);
-  all().doReduceScatter(in, out, countPerRank, dtype, op, deadline);
+  const auto n = static_cast<size_t>(size());
+  const Operation rs = Operation::reduceScatter(TensorView::flat(in, countPerRank * n, dtype),
+                                                TensorView::flat(out, countPerRank, dtype), op);
+  (all_ ? *all_ : static_cast<Backend&>(*local_)).runInline(rs, deadline);
 }
 
 void HierBackend::doSend(const void* buf, size_t bytes, int peer, const Deadline& deadline) {
+  const TensorView view = TensorView::flat(buf, bytes, DType::kUInt8);
   if (peers_[static_cast<size_t>(peer)].nodeRank == options_.nodeRank)
-    return local().doSend(buf, bytes, localIndex(peer), deadline);
-  all().doSend(buf, bytes, peer, deadline);
+    return local_->runInline(Operation::send(view, localIndex(peer)), deadline);
+  all_->runInline(Operation::send(view, peer), deadline);
 }
 
 void HierBackend::doRecv(void* buf, size_t bytes, int peer, const Deadline& deadline) {
+  const TensorView view = TensorView::flat(buf, bytes, DType::kUInt8);
   if (peers_[static_cast<size_t>(peer)].nodeRank == options_.nodeRank)
-    return local().doRecv(buf, bytes, localIndex(peer), deadline);
-  all().doRecv(buf, bytes, peer, deadline);
+    return local_->runInline(Operation::recv(view, localIndex(peer)), deadline);
+  all_->runInline(Operation::recv(view, peer), deadline);
 }
 
 void HierBackend::doBarrier(const Deadline& deadline) {
-  local().doBarrier(deadline);
+  local_->runInline(Operation::barrier(), deadline);
   if (!all_) return;
-  if (leaderGroup_) leaders().doBarrier(deadline);
-  local().doBarrier(deadline);
+  if (leaderGroup_) leaderGroup_->runInline(Operation::barrier(), deadline);
+  local_->runInline(Operation::barrier(), deadline);
 }
 
 }  // namespace dtrain::comm::hier

@@ -48,9 +48,6 @@ class HierBackend : public Backend {
 
  private:
   int localIndex(int globalRank) const;  // position among its node's ranks
-  Backend& local();
-  Backend& leaders();
-  Backend& all();
 
   std::vector<int> leaders_;  // global rank of each node's leader, ascending
   std::shared_ptr<shm::ShmBackend> local_;

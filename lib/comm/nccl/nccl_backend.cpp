@@ -27,8 +27,10 @@ ncclDataType_t toNccl(DType t) {
     case DType::kInt64: return ncclInt64;
     case DType::kBFloat16: return ncclBfloat16;
     case DType::kFloat16: return ncclFloat16;
+    default: break;
   }
-  return ncclFloat32;
+  // Backend::start/run reject other dtypes before anything reaches NCCL.
+  DTRAIN_THROW(UsageError, "backend 'nccl': dtype {} is not supported", dtypeName(t));
 }
 
 ncclRedOp_t toNccl(ReduceOp op) {
@@ -119,29 +121,7 @@ class NcclBackend : public Backend {
 
   std::string name() const override { return "nccl"; }
 
-  WorkPtr allreduceAsync(void* buf, size_t count, DType dtype, ReduceOp op) override {
-    return launch({buf}, [&] { return ncclAllReduce(buf, buf, count, toNccl(dtype), toNccl(op), comm_, stream_); });
-  }
-  WorkPtr broadcastAsync(void* buf, size_t count, DType dtype, int root) override {
-    return launch({buf}, [&] { return ncclBroadcast(buf, buf, count, toNccl(dtype), root, comm_, stream_); });
-  }
-  WorkPtr allgatherAsync(const void* in, void* out, size_t countPerRank, DType dtype) override {
-    return launch({in, out}, [&] { return ncclAllGather(in, out, countPerRank, toNccl(dtype), comm_, stream_); });
-  }
-  WorkPtr reduceScatterAsync(const void* in, void* out, size_t countPerRank, DType dtype, ReduceOp op) override {
-    return launch({in, out}, [&] {
-      return ncclReduceScatter(in, out, countPerRank, toNccl(dtype), toNccl(op), comm_, stream_);
-    });
-  }
-  WorkPtr sendAsync(const void* buf, size_t bytes, int peer) override {
-    return launch({buf}, [&] { return ncclSend(buf, bytes, ncclInt8, peer, comm_, stream_); });
-  }
-  WorkPtr recvAsync(void* buf, size_t bytes, int peer) override {
-    return launch({buf}, [&] { return ncclRecv(buf, bytes, ncclInt8, peer, comm_, stream_); });
-  }
-  WorkPtr barrierAsync() override {
-    return launch({}, [&] { return ncclAllReduce(barrierBuf_, barrierBuf_, 1, ncclFloat32, ncclSum, comm_, stream_); });
-  }
+  Device device() const override { return Device::cuda(device_); }
 
   // Waits for `event` until the deadline; aborts the communicator on failure or timeout.
   void waitEvent(cudaEvent_t event, const Deadline& deadline) {
@@ -168,38 +148,74 @@ class NcclBackend : public Backend {
   }
 
  protected:
-  // Synchronous forms: enqueue and wait on the caller's thread.
+  // Enqueues on the stream (the caller's, else this communicator's) and, when `sync`, waits on this thread.
+  WorkPtr issue(const Operation& op, const CallOptions& call, bool sync) override {
+    auto work = launch(op, call.stream != nullptr ? static_cast<cudaStream_t>(call.stream) : stream_);
+    if (sync) work->wait();
+    return work;
+  }
+  // Reached only through runInline (nothing composes nccl today): the same, synchronously.
   void doAllreduce(void* buf, size_t count, DType dtype, ReduceOp op, const Deadline&) override {
-    allreduceAsync(buf, count, dtype, op)->wait();
+    issue(Operation::allreduce(view(buf, count, dtype), op), {}, true);
   }
   void doBroadcast(void* buf, size_t count, DType dtype, int root, const Deadline&) override {
-    broadcastAsync(buf, count, dtype, root)->wait();
+    issue(Operation::broadcast(view(buf, count, dtype), root), {}, true);
   }
   void doAllgather(const void* in, void* out, size_t countPerRank, DType dtype, const Deadline&) override {
-    allgatherAsync(in, out, countPerRank, dtype)->wait();
+    issue(Operation::allgather(view(in, countPerRank, dtype), view(out, countPerRank * size(), dtype)), {}, true);
   }
   void doReduceScatter(const void* in, void* out, size_t countPerRank, DType dtype, ReduceOp op,
                        const Deadline&) override {
-    reduceScatterAsync(in, out, countPerRank, dtype, op)->wait();
+    issue(Operation::reduceScatter(view(in, countPerRank * size(), dtype), view(out, countPerRank, dtype), op), {},
+          true);
   }
-  void doSend(const void* buf, size_t bytes, int peer, const Deadline&) override { sendAsync(buf, bytes, peer)->wait(); }
-  void doRecv(void* buf, size_t bytes, int peer, const Deadline&) override { recvAsync(buf, bytes, peer)->wait(); }
-  void doBarrier(const Deadline&) override { barrierAsync()->wait(); }
+  void doSend(const void* buf, size_t bytes, int peer, const Deadline&) override {
+    issue(Operation::send(view(buf, bytes, DType::kUInt8), peer), {}, true);
+  }
+  void doRecv(void* buf, size_t bytes, int peer, const Deadline&) override {
+    issue(Operation::recv(view(buf, bytes, DType::kUInt8), peer), {}, true);
+  }
+  void doBarrier(const Deadline&) override { issue(Operation::barrier(), {}, true); }
   std::shared_ptr<Backend> makeGroup(BackendOptions options) override {
     return std::make_shared<NcclBackend>(std::move(options));
   }
 
  private:
-  template <typename Launch>
-  WorkPtr launch(std::initializer_list<const void*> buffers, Launch&& call) {
+  TensorView view(const void* p, size_t count, DType dtype) const {
+    return TensorView::flat(p, count, dtype, device());
+  }
+
+  // Enqueues the NCCL call for `op` on `stream` and returns a Work on an event recorded after it.
+  WorkPtr launch(const Operation& op, cudaStream_t stream) {
     checkUsable();
     DTRAIN_CUDA(cudaSetDevice(device_));
-    for (const void* p : buffers) requireDevicePointer(p);
+    using K = Operation::Kind;
+    const size_t count = static_cast<size_t>(op.buf.numel());
+    void* buf = op.buf.data;
+    void* out = op.out.data;
+    const bool hasBuf = op.kind != K::kBarrier && op.kind != K::kNone;
+    const bool hasOut = op.kind == K::kAllgather || op.kind == K::kReduceScatter;
+    if (hasBuf && op.buf.numel() > 0) requireDevicePointer(buf);
+    if (hasOut && op.out.numel() > 0) requireDevicePointer(out);
     const Deadline deadline = newDeadline();
-    settle(call(), "NCCL enqueue", deadline);
+    ncclResult_t r = ncclSuccess;
+    switch (op.kind) {
+      case K::kNone: break;
+      case K::kAllreduce: r = ncclAllReduce(buf, buf, count, toNccl(op.buf.dtype), toNccl(op.op), comm_, stream); break;
+      case K::kBroadcast: r = ncclBroadcast(buf, buf, count, toNccl(op.buf.dtype), op.peer, comm_, stream); break;
+      case K::kAllgather: r = ncclAllGather(buf, out, count, toNccl(op.buf.dtype), comm_, stream); break;
+      case K::kReduceScatter:
+        r = ncclReduceScatter(buf, out, static_cast<size_t>(op.out.numel()), toNccl(op.buf.dtype), toNccl(op.op),
+                              comm_, stream);
+        break;
+      case K::kSend: r = ncclSend(buf, op.buf.bytes(), ncclInt8, op.peer, comm_, stream); break;
+      case K::kRecv: r = ncclRecv(buf, op.buf.bytes(), ncclInt8, op.peer, comm_, stream); break;
+      case K::kBarrier: r = ncclAllReduce(barrierBuf_, barrierBuf_, 1, ncclFloat32, ncclSum, comm_, stream); break;
+    }
+    settle(r, "NCCL enqueue", deadline);
     cudaEvent_t event;
     DTRAIN_CUDA(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
-    DTRAIN_CUDA(cudaEventRecord(event, stream_));
+    DTRAIN_CUDA(cudaEventRecord(event, stream));
     return std::make_shared<NcclWork>(std::static_pointer_cast<NcclBackend>(shared_from_this()), event, deadline);
   }
 

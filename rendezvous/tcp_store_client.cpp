@@ -1,9 +1,5 @@
 #include "rendezvous/tcp_store_client.h"
 
-#include <fcntl.h>
-#include <netdb.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -11,10 +7,10 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
-#include <thread>
 
 #include "lib/common/error.h"
 #include "lib/common/net.h"
+#include "lib/common/socket.h"
 
 namespace dtrain::rendezvous {
 
@@ -77,64 +73,20 @@ std::shared_ptr<Store> TcpStoreClient::clone() {
 // it, or the agent that hosts it is still starting), which is normal during a launch.
 void TcpStoreClient::openConnection() {
   Deadline deadline(options_.connectTimeout);
-  Millis backoff = std::max(options_.initialBackoff, Millis(1));
-  std::string lastError = "no address to try";
-  int attempts = 0;
-  auto service = std::to_string(options_.port);
-  for (;;) {
-    ++attempts;
-    addrinfo hints{};
-    hints.ai_family = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
-    hints.ai_flags = AI_NUMERICSERV;
-    addrinfo* res = nullptr;
-    int rc = ::getaddrinfo(options_.host.c_str(), service.c_str(), &hints, &res);
-    if (rc != 0) lastError = ::gai_strerror(rc);
-    for (auto* ai = rc == 0 ? res : nullptr; ai != nullptr; ai = ai->ai_next) {
-      int fd = ::socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, ai->ai_protocol);
-      if (fd < 0) {
-        lastError = std::strerror(errno);
-        continue;
-      }
-      int err = 0;
-      if (::connect(fd, ai->ai_addr, ai->ai_addrlen) != 0) {
-        err = errno;
-        if (err == EINPROGRESS) {
-          int ready = pollOne(fd, POLLOUT, deadline.remaining());
-          socklen_t len = sizeof(err);
-          if (ready <= 0)
-            err = ETIMEDOUT;
-          else if (::getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0)
-            err = errno;
-        }
-      }
-      if (err != 0) {
-        lastError = std::strerror(err);
-        ::close(fd);
-        continue;
-      }
-      ::freeaddrinfo(res);
-      res = nullptr;
-      try {
-        int flags = DTRAIN_SYSCALL(::fcntl(fd, F_GETFL));
-        DTRAIN_SYSCALL(::fcntl(fd, F_SETFL, flags & ~O_NONBLOCK));
-        int one = 1;
-        ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-        handshake(fd, deadline);
-      } catch (...) {
-        ::close(fd);
-        throw;
-      }
-      fd_ = fd;
-      return;
-    }
-    if (res != nullptr) ::freeaddrinfo(res);
-    if (deadline.expired())
+  net::ConnectOptions connectOptions;
+  connectOptions.initialBackoff = options_.initialBackoff;
+  connectOptions.maxBackoff = options_.maxBackoff;
+  net::Socket socket;
+  try {
+    socket = net::connect(net::HostPort{options_.host, options_.port}, deadline, connectOptions);
+  } catch (const net::ConnectError& e) {
+    if (e.timedOut())
       DTRAIN_THROW(RendezvousError, "cannot connect to the store at {} within {} ms ({} attempts): {}", address_,
-                   options_.connectTimeout.count(), attempts, lastError);
-    std::this_thread::sleep_for(std::min(backoff, deadline.remaining()));
-    backoff = std::min(backoff * 2, std::max(options_.maxBackoff, Millis(1)));
+                   options_.connectTimeout.count(), e.attempts(), e.reason());
+    DTRAIN_THROW(RendezvousError, "cannot connect to the store at {}: {}", address_, e.reason());
   }
+  handshake(socket.fd(), deadline);
+  fd_ = socket.release();
 }
 
 void TcpStoreClient::handshake(int fd, const Deadline& deadline) {

@@ -1,7 +1,5 @@
 #include "rendezvous/tcp_store_server.h"
 
-#include <arpa/inet.h>
-#include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <pthread.h>
@@ -17,6 +15,7 @@
 #include "lib/common/error.h"
 #include "lib/common/log.h"
 #include "lib/common/net.h"
+#include "lib/common/socket.h"
 #include "rendezvous/tcp_store_session.h"
 
 namespace dtrain::rendezvous {
@@ -27,53 +26,6 @@ namespace {
 constexpr auto kAcceptRetry = std::chrono::milliseconds(50);
 
 std::string hostPortText(const std::string& host, uint16_t port) { return net::HostPort{host, port}.str(); }
-
-// Creates the listening socket ourselves (Asio 1.74 opens sockets without SOCK_CLOEXEC, and the agent forks).
-// Returns the fd and its address family; throws kAddressInUse naming host:port.
-int bindAndListen(const std::string& host, uint16_t port, int backlog, int& family) {
-  addrinfo hints{};
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
-  addrinfo* res = nullptr;
-  auto service = std::to_string(port);
-  int rc = ::getaddrinfo(host.empty() ? nullptr : host.c_str(), service.c_str(), &hints, &res);
-  if (rc != 0)
-    throw Error(fmt::format("cannot listen on {}: {}", hostPortText(host, port), ::gai_strerror(rc)),
-                ExitCode::kAddressInUse);
-  int lastErr = EADDRNOTAVAIL;
-  int fd = -1;
-  for (auto* ai = res; ai != nullptr && fd < 0; ai = ai->ai_next) {
-    fd = ::socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, ai->ai_protocol);
-    if (fd < 0) {
-      lastErr = errno;
-      continue;
-    }
-    int one = 1;
-    // SO_REUSEADDR lets a restarted store reuse a port in TIME_WAIT; Linux still refuses a second listener.
-    ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-    if (::bind(fd, ai->ai_addr, ai->ai_addrlen) != 0 || ::listen(fd, backlog) != 0) {
-      lastErr = errno;
-      ::close(fd);
-      fd = -1;
-      continue;
-    }
-    family = ai->ai_family;
-  }
-  ::freeaddrinfo(res);
-  if (fd < 0)
-    throw Error(fmt::format("cannot listen on {}: {}", hostPortText(host, port), std::strerror(lastErr)),
-                ExitCode::kAddressInUse);
-  return fd;
-}
-
-uint16_t localPort(int fd) {
-  sockaddr_storage addr{};
-  socklen_t len = sizeof(addr);
-  DTRAIN_SYSCALL(::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len));
-  if (addr.ss_family == AF_INET6) return ntohs(reinterpret_cast<sockaddr_in6*>(&addr)->sin6_port);
-  return ntohs(reinterpret_cast<sockaddr_in*>(&addr)->sin_port);
-}
 
 }  // namespace
 
@@ -96,16 +48,15 @@ TcpStoreServer::Impl::Impl(const TcpStoreServerOptions& options) : host_(options
   if (limit < 1100)
     log::warn("store: the open-file limit is {}; fewer than 512 clients may be able to connect (ulimit -n)",
               limit);
-  int family = AF_INET;
-  int fd = bindAndListen(options.host, options.port, options.backlog, family);
-  port_ = localPort(fd);
+  // The listening socket is created by lib/common (Asio 1.74 opens sockets without SOCK_CLOEXEC, and the
+  // agent forks); throws kAddressInUse naming host:port.
+  auto listener = net::listen(options.host, options.port, {.backlog = options.backlog, .nonBlocking = true});
+  port_ = listener.port;
   boost::system::error_code ec;
-  v6_ = family == AF_INET6;
-  acceptor_.assign(v6_ ? asio::ip::tcp::v6() : asio::ip::tcp::v4(), fd, ec);
-  if (ec) {
-    ::close(fd);
-    DTRAIN_THROW(Error, "store: cannot register the listening socket: {}", ec.message());
-  }
+  v6_ = listener.family == AF_INET6;
+  acceptor_.assign(v6_ ? asio::ip::tcp::v6() : asio::ip::tcp::v4(), listener.socket.fd(), ec);
+  if (ec) DTRAIN_THROW(Error, "store: cannot register the listening socket: {}", ec.message());
+  listener.socket.release();  // the acceptor owns it now
   armAccept();
   // The io thread inherits a fully blocked signal mask, so signals meant for the embedding process (SIGCHLD,
   // SIGTERM in the agent) are never delivered to it.

@@ -8,6 +8,7 @@
 #include <arpa/inet.h>
 #include <sys/socket.h>
 
+#include <cstring>
 #include <functional>
 #include <utility>  // before Asio: Boost 1.74's awaitable.hpp uses std::exchange without it
 
@@ -17,6 +18,7 @@
 #include "lib/common/error.h"
 #include "lib/common/log.h"
 #include "lib/common/net.h"
+#include "lib/common/socket.h"
 
 namespace dtrain::comm::tcp {
 namespace {
@@ -42,13 +44,11 @@ uint32_t tagOf(const std::string& s) {
   return h;
 }
 
-// Turns an established Asio socket into the data path's descriptor: non-blocking, no Nagle delay (every
+// Turns an established socket into the data path's descriptor: non-blocking, no Nagle delay (every
 // collective message is latency-bound at its end), close-on-exec, and optionally fixed socket buffers
 // (0 keeps the kernel's autotuning, the default: see tcp_backend.cpp).
-int adopt(tcp::socket& s, int bufferBytes) {
-  boost::system::error_code ec;
-  int fd = s.release(ec);
-  DTRAIN_CHECK_AS(CommError, !ec, "cannot take over a collective socket: {}", ec.message());
+int adopt(net::Socket s, int bufferBytes) {
+  const int fd = s.fd();
   int one = 1;
   DTRAIN_SYSCALL(::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)));
   int flags = DTRAIN_SYSCALL(::fcntl(fd, F_GETFL));
@@ -58,7 +58,7 @@ int adopt(tcp::socket& s, int bufferBytes) {
     ::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bufferBytes, sizeof(bufferBytes));
     ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &bufferBytes, sizeof(bufferBytes));
   }
-  return fd;
+  return s.release();
 }
 
 }  // namespace
@@ -69,20 +69,23 @@ Mesh::Mesh(rendezvous::Store& store, const std::string& prefix, int rank, int si
   if (size == 1) return;
   asio::io_context io;
   boost::system::error_code ec;
-  auto addr = asio::ip::make_address(host, ec);
-  DTRAIN_CHECK_AS(ConfigError, !ec, "collective host '{}' is not an IP address: {}", host, ec.message());
+  // The listening socket comes from lib/common (close-on-exec, host names resolved); no SO_REUSEADDR, as
+  // before: with port 0 it could hand out a port another bound socket still holds.
+  net::Listener listener;
+  try {
+    listener = net::listen(host, 0, {.backlog = size, .reuseAddress = false});
+  } catch (const net::ListenError& e) {
+    DTRAIN_THROW(ConfigError, "cannot listen on {} for collectives: {}", host, e.reason());
+  }
   tcp::acceptor acceptor(io);
-  tcp::endpoint listenAt(addr, 0);
-  acceptor.open(listenAt.protocol());
-  acceptor.bind(listenAt, ec);
-  DTRAIN_CHECK_AS(ConfigError, !ec, "cannot listen on {} for collectives: {}", host, ec.message());
-  acceptor.listen(size, ec);
+  acceptor.assign(listener.family == AF_INET6 ? tcp::v6() : tcp::v4(), listener.socket.fd(), ec);
   DTRAIN_CHECK_AS(CommError, !ec, "listen failed: {}", ec.message());
-  const uint16_t port = acceptor.local_endpoint().port();
+  listener.socket.release();  // the acceptor owns it now
+  const uint16_t port = listener.port;
   store.set(prefix + "addr/" + std::to_string(rank), net::HostPort{host, port}.str());
 
   const uint32_t tag = tagOf(prefix);
-  std::vector<std::unique_ptr<tcp::socket>> sockets(static_cast<size_t>(size));
+  std::vector<net::Socket> sockets(static_cast<size_t>(size));
   int pending = size - 1;
   std::string failure;
   auto fail = [&](std::string why) {
@@ -101,11 +104,14 @@ Mesh::Mesh(rendezvous::Store& store, const std::string& prefix, int rank, int si
                        [&, s, hello](const boost::system::error_code& e2, size_t) {
                          const int r = hello->rank;
                          if (e2 || hello->magic != kHelloMagic || hello->version != kHelloVersion ||
-                             hello->tag != tag || r <= rank || r >= size || sockets[static_cast<size_t>(r)]) {
+                             hello->tag != tag || r <= rank || r >= size || sockets[static_cast<size_t>(r)].valid()) {
                            log::warn("dropped a connection to the collective port that is not from this group");
                            return;
                          }
-                         sockets[static_cast<size_t>(r)] = std::make_unique<tcp::socket>(std::move(*s));
+                         boost::system::error_code e3;
+                         int fd = s->release(e3);
+                         if (e3) return fail("cannot take over a collective socket: " + e3.message());
+                         sockets[static_cast<size_t>(r)] = net::Socket(fd);
                          --pending;
                        });
       acceptNext();  // keep one accept armed until the mesh is complete
@@ -114,28 +120,8 @@ Mesh::Mesh(rendezvous::Store& store, const std::string& prefix, int rank, int si
   if (toAccept > 0) acceptNext();
 
   // Connect to the lower ranks. The listener exists before its address is published, so a refusal is rare
-  // (a firewall's, or an address of an earlier attempt); it is retried briefly until the deadline.
-  std::function<void(int, tcp::endpoint)> connect = [&](int peer, tcp::endpoint ep) {
-    auto s = std::make_shared<tcp::socket>(io);
-    s->async_connect(ep, [&, s, peer, ep](const boost::system::error_code& e) {
-      if (e == asio::error::connection_refused && !deadline.expired()) {
-        auto timer = std::make_shared<asio::steady_timer>(io, std::chrono::milliseconds(20));
-        timer->async_wait([&, timer, peer, ep](const boost::system::error_code&) { connect(peer, ep); });
-        return;
-      }
-      if (e) return fail(fmt::format("connecting to rank {} at {} failed: {}", peer, ep.address().to_string(),
-                                     e.message()));
-      auto hello = std::make_shared<Hello>();
-      hello->rank = rank;
-      hello->tag = tag;
-      asio::async_write(*s, asio::buffer(hello.get(), sizeof(Hello)),
-                        [&, s, hello, peer](const boost::system::error_code& e2, size_t) {
-                          if (e2) return fail(fmt::format("greeting rank {} failed: {}", peer, e2.message()));
-                          sockets[static_cast<size_t>(peer)] = std::make_unique<tcp::socket>(std::move(*s));
-                          --pending;
-                        });
-    });
-  };
+  // (a firewall's, or an address of an earlier attempt); net::connect retries it until the deadline. The
+  // listener's backlog holds the connection until that rank's loop below accepts it and reads the hello.
   for (int peer = 0; peer < rank; ++peer) {
     std::string where;
     try {
@@ -144,17 +130,28 @@ Mesh::Mesh(rendezvous::Store& store, const std::string& prefix, int rank, int si
       DTRAIN_THROW(CommError, "rank {} never published its collective address (did it start?)", peer);
     }
     auto hp = net::parseHostPort(where, 0);
-    DTRAIN_CHECK_AS(ProtocolError, hp.has_value(), "rank {} published a malformed address '{}'", peer, where);
-    auto peerAddr = asio::ip::make_address(hp->host, ec);
-    DTRAIN_CHECK_AS(ProtocolError, !ec, "rank {} published a malformed address '{}'", peer, where);
-    connect(peer, tcp::endpoint(peerAddr, hp->port));
+    DTRAIN_CHECK_AS(ProtocolError, hp.has_value(),
+                    "rank {} published a malformed address '{}'", peer, where);
+    net::Socket s;
+    try {
+      s = net::connect(*hp, deadline, {.initialBackoff = std::chrono::milliseconds(20)});
+    } catch (const net::ConnectError& e) {
+      DTRAIN_THROW(CommError, "connecting to rank {} at {} failed: {}", peer, hp->host, e.reason());
+    }
+    Hello hello;
+    hello.rank = rank;
+    hello.tag = tag;
+    if (!net::sendAll(s.fd(), &hello, sizeof(hello)))
+      DTRAIN_THROW(CommError, "greeting rank {} failed: {}", peer, std::strerror(errno));
+    sockets[static_cast<size_t>(peer)] = std::move(s);
+    --pending;
   }
 
   while (pending > 0 && failure.empty()) {
     if (deadline.expired()) {
       std::string missing;
       for (int r = 0; r < size; ++r)
-        if (r != rank && !sockets[static_cast<size_t>(r)]) missing += (missing.empty() ? "" : ", ") + std::to_string(r);
+        if (r != rank && !sockets[static_cast<size_t>(r)].valid()) missing += (missing.empty() ? "" : ", ") + std::to_string(r);
       DTRAIN_THROW(CommError, "collective connections to rank(s) {} not established before the timeout", missing);
     }
     io.run_one_for(std::min<std::chrono::milliseconds>(deadline.remaining(), std::chrono::milliseconds(100)));
@@ -162,7 +159,7 @@ Mesh::Mesh(rendezvous::Store& store, const std::string& prefix, int rank, int si
   DTRAIN_CHECK_AS(CommError, failure.empty(), "{}", failure);
   for (int r = 0; r < size; ++r) {
     if (r == rank) continue;
-    conns_[static_cast<size_t>(r)] = std::make_unique<Conn>(adopt(*sockets[static_cast<size_t>(r)], bufferBytes), r);
+    conns_[static_cast<size_t>(r)] = std::make_unique<Conn>(adopt(std::move(sockets[static_cast<size_t>(r)]), bufferBytes), r);
   }
 }
 

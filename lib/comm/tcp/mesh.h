@@ -3,9 +3,11 @@
 // Each rank listens on an ephemeral port (never a fixed one) and publishes "host:port" under
 // `<prefix>addr/<rank>`. Rank j connects to every lower rank i and introduces itself with a hello frame
 // (magic, version, its rank, a tag naming the group), so a connection that reaches the wrong listener is
-// refused, not silently mixed up; rank i accepts the higher ranks. All connects, accepts and hellos progress
-// together on one Boost.Asio io_context, bounded by the deadline. The sockets are then handed to the data
-// path as plain non-blocking descriptors with TCP_NODELAY (see conn.h for why).
+// refused, not silently mixed up; rank i accepts the higher ranks. Listening and connecting (host names, IPv4
+// and IPv6, retries with backoff) use lib/common/socket.h; connections to the lower ranks are made in turn
+// (the peers' listen backlogs hold them), then the accepts and their hellos progress on one Boost.Asio
+// io_context, all bounded by the deadline. The sockets are then handed to the data path as plain non-blocking
+// descriptors with TCP_NODELAY (see conn.h for why).
 //
 // A full mesh costs size-1 sockets per rank: fine for the tens of ranks dtrain targets; connections could be
 // made lazily if that ever matters.

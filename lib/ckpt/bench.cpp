@@ -5,6 +5,7 @@
 #include <memory>
 
 #include "lib/ckpt/checkpoint.h"
+#include "lib/common/aligned_buffer.h"
 #include "lib/common/error.h"
 
 namespace dtrain::ckpt {
@@ -22,17 +23,18 @@ WriteBenchResult runWriteBenchmark(const WriteBenchOptions& o) {
   DTRAIN_CHECK_AS(UsageError, o.tensors >= 1 && o.repeats >= 1 && o.bytes >= 4 * static_cast<uint64_t>(o.tensors),
                   "bench: bad sizes (bytes {}, tensors {}, repeats {})", o.bytes, o.tensors, o.repeats);
   const uint64_t perTensor = o.bytes / static_cast<uint64_t>(o.tensors) / 4;  // floats per tensor
-  std::unique_ptr<float[]> payload(new float[perTensor * static_cast<uint64_t>(o.tensors)]);
+  AlignedBuffer<float> payload(perTensor * static_cast<uint64_t>(o.tensors));
   // Not zeros: a file system or device that compresses or deduplicates must not flatter the figure.
   uint32_t x = 2463534242u;
   for (uint64_t i = 0; i < perTensor * static_cast<uint64_t>(o.tensors); ++i) {
     x ^= x << 13, x ^= x >> 17, x ^= x << 5;
     payload[i] = static_cast<float>(x) * 1e-9f;
   }
-  std::vector<TensorView> views;
-  for (int t = 0; t < o.tensors; ++t)
-    views.push_back({fmt::format("layer{}.weight", t), DType::kF32, {static_cast<int64_t>(perTensor)},
-                     payload.get() + perTensor * static_cast<uint64_t>(t)});
+  std::vector<NamedTensor> views;
+  for (int t = 0; t < o.tensors; ++t) {
+    const float* data = payload.data() + perTensor * static_cast<uint64_t>(t);
+    views.push_back({fmt::format("layer{}.weight", t), TensorView::flat(data, perTensor, DType::kFloat32)});
+  }
 
   WriteBenchResult result;
   using Clock = std::chrono::steady_clock;

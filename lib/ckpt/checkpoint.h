@@ -94,7 +94,7 @@ class CheckpointWriter {
   int64_t step() const { return step_; }
 
   // Each writes one file of the checkpoint (names: no '/', not hidden, not meta.json/manifest.json/COMMITTED).
-  FileRecord writeTensors(const std::string& file, std::span<const TensorView> tensors, const Metadata& metadata = {});
+  FileRecord writeTensors(const std::string& file, std::span<const NamedTensor> tensors, const Metadata& metadata = {});
   FileRecord writeJson(const std::string& file, const nlohmann::json& value);
   FileRecord writeBytes(const std::string& file, std::span<const std::byte> bytes);
 
@@ -169,6 +169,8 @@ class Checkpoint {
   // Copies one tensor into caller memory; CheckpointError on a missing tensor or a dtype/shape/size mismatch.
   void loadTensor(const std::string& file, const std::string& name, DType dtype, const Shape& shape,
                   std::span<std::byte> dst);
+  // The same into a CPU view, whose dtype and shape are the expected ones.
+  void loadTensor(const std::string& file, const std::string& name, const TensorView& dst);
   // CheckpointError unless the checkpoint was written for a model spec with this hash.
   void checkSpecHash(const std::string& expected) const;
 

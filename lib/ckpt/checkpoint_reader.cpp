@@ -232,6 +232,10 @@ void Checkpoint::loadTensor(const std::string& file, const std::string& name, DT
   tensors(file).readInto(name, dtype, shape, dst);
 }
 
+void Checkpoint::loadTensor(const std::string& file, const std::string& name, const TensorView& dst) {
+  tensors(file).readInto(name, dst);
+}
+
 void Checkpoint::checkSpecHash(const std::string& expected) const {
   DTRAIN_CHECK_AS(CheckpointError, meta_.specHash == expected,
                   "{}: checkpoint was written for another model (spec hash {}, this job's model hashes to {}); "

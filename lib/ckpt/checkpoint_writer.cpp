@@ -124,7 +124,7 @@ FileRecord CheckpointWriter::publish(const std::string& file, const FileRecord& 
   return r;
 }
 
-FileRecord CheckpointWriter::writeTensors(const std::string& file, std::span<const TensorView> tensors,
+FileRecord CheckpointWriter::writeTensors(const std::string& file, std::span<const NamedTensor> tensors,
                                           const Metadata& metadata) {
   checkName(file);
   FileRecord written;

@@ -16,6 +16,7 @@
 #include <thread>
 #include <vector>
 
+#include "lib/common/aligned_buffer.h"
 #include "lib/common/error.h"
 
 namespace dtrain::ckpt {
@@ -41,11 +42,6 @@ int writeAll(int fd, const char* data, size_t size, uint64_t offset) {
   }
   return 0;
 }
-
-struct AlignedFree {
-  void operator()(char* p) const { std::free(p); }
-};
-using AlignedBuffer = std::unique_ptr<char, AlignedFree>;
 
 }  // namespace
 
@@ -82,7 +78,7 @@ struct FileSink::Impl {
   bool regular = false;  // a regular file, which an abandoned sink removes
 
   // Caller-side state.
-  std::vector<AlignedBuffer> buffers;
+  std::vector<AlignedBuffer<char>> buffers;
   int current = -1;      // buffer being filled, -1 when none
   size_t fill = 0;       // bytes in it
   uint64_t submitted = 0;  // file offset of the next chunk
@@ -119,7 +115,7 @@ struct FileSink::Impl {
   }
 
   int writeChunk(const Job& job) {
-    const char* data = buffers[static_cast<size_t>(job.buffer)].get();
+    const char* data = buffers[static_cast<size_t>(job.buffer)].data();
     int err = writeAll(fd, data, job.length, job.offset);
     if (err == EINVAL && direct) {
       // Some file systems accept O_DIRECT at open and refuse the I/O: continue buffered.
@@ -135,9 +131,12 @@ struct FileSink::Impl {
   int takeBuffer() {
     std::unique_lock<std::mutex> lock(mutex);
     if (freeBuffers.empty() && static_cast<int>(buffers.size()) < kBuffers) {
-      void* p = nullptr;
-      if (::posix_memalign(&p, kAlign, options.chunkBytes) != 0) fail(path, "allocating a write buffer", ENOMEM);
-      buffers.emplace_back(static_cast<char*>(p));
+      // Uninitialised: a chunk is always filled (and its tail zeroed) before it is written.
+      try {
+        buffers.push_back(AlignedBuffer<char>::uninitialized(options.chunkBytes, kAlign));
+      } catch (const std::bad_alloc&) {
+        fail(path, "allocating a write buffer", ENOMEM);
+      }
       return static_cast<int>(buffers.size()) - 1;
     }
     cv.wait(lock, [&] { return !freeBuffers.empty(); });
@@ -216,7 +215,7 @@ void FileSink::write(const void* data, size_t size) {
     if (s.current < 0) s.current = s.takeBuffer();
     const size_t n = std::min(size, s.options.chunkBytes - s.fill);
     s.crc = static_cast<uint32_t>(::crc32_z(s.crc, reinterpret_cast<const Bytef*>(p), n));
-    std::memcpy(s.buffers[static_cast<size_t>(s.current)].get() + s.fill, p, n);
+    std::memcpy(s.buffers[static_cast<size_t>(s.current)].data() + s.fill, p, n);
     s.fill += n;
     s.total += n;
     p += n;
@@ -233,7 +232,7 @@ FileRecord FileSink::finish() {
     size_t length = s.fill;
     if (s.direct) {
       length = (s.fill + kAlign - 1) / kAlign * kAlign;
-      std::memset(s.buffers[static_cast<size_t>(s.current)].get() + s.fill, 0, length - s.fill);
+      std::memset(s.buffers[static_cast<size_t>(s.current)].data() + s.fill, 0, length - s.fill);
     }
     s.submit(length);
   }

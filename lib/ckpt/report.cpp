@@ -59,7 +59,7 @@ void appendTensors(std::string& out, const SafetensorsFile& f, const std::string
   out += fmt::format("\n{}: {} tensors, {} elements, {}\n", title, f.tensors().size(), params,
                      parse::formatBytes(f.fileSize()));
   for (const auto& t : f.tensors())
-    out += fmt::format("  {:<{}}  {:<4}  {:<18}  {}\n", t.name, width, dtypeName(t.dtype), formatShape(t.shape),
+    out += fmt::format("  {:<{}}  {:<4}  {:<18}  {}\n", t.name, width, safetensorsName(t.dtype), t.shape.spaced(),
                        parse::formatBytes(t.bytes()));
   for (const auto& [k, v] : f.metadata()) out += fmt::format("  metadata {} = {}\n", k, v);
 }
@@ -67,7 +67,8 @@ void appendTensors(std::string& out, const SafetensorsFile& f, const std::string
 json tensorsToJson(const SafetensorsFile& f) {
   json tensors = json::array();
   for (const auto& t : f.tensors())
-    tensors.push_back({{"name", t.name}, {"dtype", dtypeName(t.dtype)}, {"shape", t.shape}, {"bytes", t.bytes()}});
+    tensors.push_back(
+        {{"name", t.name}, {"dtype", safetensorsName(t.dtype)}, {"shape", t.shape.toVector()}, {"bytes", t.bytes()}});
   return {{"tensors", tensors}, {"metadata", f.metadata()}};
 }
 

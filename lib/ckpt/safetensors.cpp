@@ -5,7 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <fmt/ranges.h>
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
@@ -17,17 +17,6 @@
 namespace dtrain::ckpt {
 
 namespace {
-
-struct DTypeInfo {
-  DType dtype;
-  const char* name;
-  size_t size;
-};
-constexpr DTypeInfo kDTypes[] = {
-    {DType::kBool, "BOOL", 1}, {DType::kU8, "U8", 1},   {DType::kI8, "I8", 1},       {DType::kI16, "I16", 2},
-    {DType::kU16, "U16", 2},   {DType::kF16, "F16", 2}, {DType::kBF16, "BF16", 2},   {DType::kI32, "I32", 4},
-    {DType::kU32, "U32", 4},   {DType::kF32, "F32", 4}, {DType::kI64, "I64", 8},     {DType::kU64, "U64", 8},
-    {DType::kF64, "F64", 8}};
 
 // The reference implementation refuses headers above 100 MB; so do we, before allocating anything.
 constexpr uint64_t kMaxHeader = 100'000'000;
@@ -43,27 +32,7 @@ std::optional<uint64_t> byteCount(const Shape& shape, DType dtype) {
 
 }  // namespace
 
-size_t dtypeSize(DType dtype) {
-  for (const auto& t : kDTypes)
-    if (t.dtype == dtype) return t.size;
-  return 0;
-}
-
-const char* dtypeName(DType dtype) {
-  for (const auto& t : kDTypes)
-    if (t.dtype == dtype) return t.name;
-  return "?";
-}
-
-std::optional<DType> parseDType(std::string_view name) {
-  for (const auto& t : kDTypes)
-    if (name == t.name) return t.dtype;
-  return std::nullopt;
-}
-
-std::string formatShape(const Shape& shape) { return fmt::format("[{}]", fmt::join(shape, ", ")); }
-
-std::string safetensorsHeader(std::span<const TensorView> tensors, const Metadata& metadata) {
+std::string safetensorsHeader(std::span<const NamedTensor> tensors, const Metadata& metadata) {
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
   uint64_t offset = 0;
@@ -72,11 +41,16 @@ std::string safetensorsHeader(std::span<const TensorView> tensors, const Metadat
     DTRAIN_CHECK_AS(CheckpointError, !t.name.empty() && t.name != "__metadata__",
                     "safetensors: invalid tensor name '{}'", t.name);
     DTRAIN_CHECK_AS(CheckpointError, names.insert(t.name).second, "safetensors: duplicate tensor name '{}'", t.name);
-    auto bytes = byteCount(t.shape, t.dtype);
+    const TensorView& v = t.tensor;
+    DTRAIN_CHECK_AS(CheckpointError, v.device.isCpu(), "safetensors: tensor '{}' is on {}; copy it to the host first",
+                    t.name, v.device.str());
+    auto bytes = byteCount(v.shape, v.dtype);
     DTRAIN_CHECK_AS(CheckpointError, bytes.has_value(), "safetensors: tensor '{}' has invalid shape {}", t.name,
-                    formatShape(t.shape));
-    DTRAIN_CHECK_AS(CheckpointError, t.data != nullptr || *bytes == 0, "safetensors: tensor '{}' has no data", t.name);
-    header[t.name] = {{"dtype", dtypeName(t.dtype)}, {"shape", t.shape}, {"data_offsets", {offset, offset + *bytes}}};
+                    v.shape.spaced());
+    DTRAIN_CHECK_AS(CheckpointError, v.data != nullptr || *bytes == 0, "safetensors: tensor '{}' has no data", t.name);
+    header[t.name] = {{"dtype", safetensorsName(v.dtype)},
+                      {"shape", v.shape.toVector()},
+                      {"data_offsets", {offset, offset + *bytes}}};
     offset += *bytes;
   }
   std::string json = header.dump();
@@ -87,12 +61,12 @@ std::string safetensorsHeader(std::span<const TensorView> tensors, const Metadat
   return out + json;
 }
 
-void writeSafetensors(FileSink& sink, std::span<const TensorView> tensors, const Metadata& metadata) {
+void writeSafetensors(FileSink& sink, std::span<const NamedTensor> tensors, const Metadata& metadata) {
   sink.write(safetensorsHeader(tensors, metadata));
-  for (const auto& t : tensors) sink.write(t.data, *byteCount(t.shape, t.dtype));
+  for (const auto& t : tensors) sink.write(t.tensor.data, *byteCount(t.tensor.shape, t.tensor.dtype));
 }
 
-FileRecord writeSafetensorsFile(const std::filesystem::path& path, std::span<const TensorView> tensors,
+FileRecord writeSafetensorsFile(const std::filesystem::path& path, std::span<const NamedTensor> tensors,
                                 const Metadata& metadata) {
   const auto dir = path.has_parent_path() ? path.parent_path() : std::filesystem::path(".");
   const auto tmp = dir / fmt::format(".{}.tmp-{}", path.filename().string(), ::getpid());
@@ -217,11 +191,13 @@ void SafetensorsFile::parse() {
     TensorInfo t;
     t.name = name;
     const auto& dt = entry["dtype"];
-    auto dtype = dt.is_string() ? parseDType(dt.get<std::string>()) : std::nullopt;
+    auto dtype = dt.is_string() ? parseSafetensorsDType(dt.get<std::string>()) : std::nullopt;
     if (!dtype) bad(fmt::format("unknown dtype {}", dt.dump()));
     t.dtype = *dtype;
     const auto& shape = entry["shape"];
     if (!shape.is_array()) bad("shape is not an array");
+    if (shape.size() > static_cast<size_t>(kMaxRank))
+      bad(fmt::format("shape {} has more than {} dimensions", shape.dump(), kMaxRank));
     for (const auto& d : shape) {
       if (!d.is_number_integer() || d.get<int64_t>() < 0) bad(fmt::format("bad shape {}", shape.dump()));
       t.shape.push_back(d.get<int64_t>());
@@ -234,8 +210,8 @@ void SafetensorsFile::parse() {
     if (t.end < t.begin) bad(fmt::format("data_offsets [{}, {}] end before begin", t.begin, t.end));
     auto bytes = byteCount(t.shape, t.dtype);
     if (!bytes || *bytes != t.end - t.begin)
-      bad(fmt::format("shape {} of {} needs {} bytes, data_offsets [{}, {}] hold {}", formatShape(t.shape),
-                      dtypeName(t.dtype), bytes ? std::to_string(*bytes) : "too many", t.begin, t.end,
+      bad(fmt::format("shape {} of {} needs {} bytes, data_offsets [{}, {}] hold {}", t.shape.spaced(),
+                      safetensorsName(t.dtype), bytes ? std::to_string(*bytes) : "too many", t.begin, t.end,
                       t.end - t.begin));
     tensors_.push_back(std::move(t));
   }
@@ -271,12 +247,18 @@ void SafetensorsFile::readInto(const std::string& name, DType dtype, const Shape
   const TensorInfo* t = find(name);
   DTRAIN_CHECK_AS(CheckpointError, t != nullptr, "{}: no tensor named '{}'", path_, name);
   DTRAIN_CHECK_AS(CheckpointError, t->dtype == dtype, "{}: tensor '{}' has dtype {}, expected {}", path_, name,
-                  dtypeName(t->dtype), dtypeName(dtype));
+                  safetensorsName(t->dtype), safetensorsName(dtype));
   DTRAIN_CHECK_AS(CheckpointError, t->shape == shape, "{}: tensor '{}' has shape {}, expected {}", path_, name,
-                  formatShape(t->shape), formatShape(shape));
+                  t->shape.spaced(), shape.spaced());
   DTRAIN_CHECK_AS(CheckpointError, dst.size() == t->bytes(), "{}: tensor '{}' has {} bytes, the destination {}",
                   path_, name, t->bytes(), dst.size());
   std::memcpy(dst.data(), base_ + dataStart_ + t->begin, dst.size());
+}
+
+void SafetensorsFile::readInto(const std::string& name, const TensorView& dst) const {
+  DTRAIN_CHECK_AS(CheckpointError, dst.device.isCpu(), "{}: tensor '{}' cannot be read into {} memory", path_, name,
+                  dst.device.str());
+  readInto(name, dst.dtype, dst.shape, {static_cast<std::byte*>(dst.data), dst.bytes()});
 }
 
 }  // namespace dtrain::ckpt

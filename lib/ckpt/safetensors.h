@@ -21,39 +21,35 @@
 #include <vector>
 
 #include "lib/ckpt/file_io.h"
+#include "lib/common/tensor.h"
 
 namespace dtrain::ckpt {
 
-enum class DType : uint8_t { kBool, kU8, kI8, kI16, kU16, kF16, kBF16, kI32, kU32, kF32, kI64, kU64, kF64 };
-size_t dtypeSize(DType dtype);
-const char* dtypeName(DType dtype);  // the safetensors spelling: "F32", "BF16", "U8", ...
-std::optional<DType> parseDType(std::string_view name);
+// Element types, shapes and views are lib/common's (tensor.h); the safetensors spelling of a dtype is
+// dtrain::safetensorsName / dtrain::parseSafetensorsDType. A file's tensor of rank above dtrain::kMaxRank is
+// rejected as corrupt (no dtrain model or optimizer state comes near it).
 
-using Shape = std::vector<int64_t>;
-std::string formatShape(const Shape& shape);  // "[256, 784]"
-
-// A tensor to write: borrowed bytes, numElements(shape) * dtypeSize(dtype) of them, little-endian.
-struct TensorView {
+// A tensor to write: a name and a view of borrowed CPU memory, tensor.bytes() bytes, little-endian, row-major.
+struct NamedTensor {
   std::string name;
-  DType dtype = DType::kF32;
-  Shape shape;
-  const void* data = nullptr;
+  TensorView tensor;
 };
 
 using Metadata = std::map<std::string, std::string>;
 
 // The header bytes (length prefix + padded JSON) for these tensors, laid out in the given order. Throws
-// CheckpointError on duplicate or empty names, negative dimensions, or a null pointer with a non-empty shape.
-std::string safetensorsHeader(std::span<const TensorView> tensors, const Metadata& metadata = {});
+// CheckpointError on duplicate or empty names, negative dimensions, a null pointer with a non-empty shape, or a
+// tensor that is not in CPU memory.
+std::string safetensorsHeader(std::span<const NamedTensor> tensors, const Metadata& metadata = {});
 // Streams header and data into a sink (the checkpoint writer uses this).
-void writeSafetensors(FileSink& sink, std::span<const TensorView> tensors, const Metadata& metadata = {});
+void writeSafetensors(FileSink& sink, std::span<const NamedTensor> tensors, const Metadata& metadata = {});
 // Writes a standalone file (e.g. the final model.safetensors) durably: temporary name, fsync, rename, dir fsync.
-FileRecord writeSafetensorsFile(const std::filesystem::path& path, std::span<const TensorView> tensors,
+FileRecord writeSafetensorsFile(const std::filesystem::path& path, std::span<const NamedTensor> tensors,
                                 const Metadata& metadata = {});
 
 struct TensorInfo {
   std::string name;
-  DType dtype = DType::kF32;
+  DType dtype = DType::kFloat32;
   Shape shape;
   uint64_t begin = 0;  // offsets into the data section
   uint64_t end = 0;
@@ -81,6 +77,8 @@ class SafetensorsFile {
   // Copies tensor `name` into dst after checking that it exists and its dtype, shape and dst's size match:
   // CheckpointError "model.safetensors: tensor '0.weight' has shape [256, 784], expected [128, 784]".
   void readInto(const std::string& name, DType dtype, const Shape& shape, std::span<std::byte> dst) const;
+  // The same into a CPU view, whose dtype and shape are the expected ones.
+  void readInto(const std::string& name, const TensorView& dst) const;
   uint64_t fileSize() const { return size_; }
 
  private:

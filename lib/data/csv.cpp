@@ -121,7 +121,7 @@ CsvTable readCsv(const std::string& path, const CsvOptions& options) {
 
   const size_t rows = records.size() - firstRow;
   CsvTable table;
-  table.features.type = ElemType::kF32;
+  table.features.type = DType::kFloat32;
   table.features.shape = {static_cast<int64_t>(rows), static_cast<int64_t>(featureCount)};
   table.features.bytes.resize(rows * featureCount * sizeof(float));
   auto* feat = reinterpret_cast<float*>(table.features.bytes.data());

@@ -1,7 +1,6 @@
 #include "lib/data/dataset.h"
 
 #include <fmt/format.h>
-#include <fmt/ranges.h>
 
 #include <cstring>
 #include <stdexcept>
@@ -9,42 +8,6 @@
 #include "lib/common/error.h"
 
 namespace dtrain::data {
-
-int64_t numElements(const Shape& shape) {
-  int64_t n = 1;
-  for (auto d : shape) n *= d;
-  return n;
-}
-
-std::string formatShape(const Shape& shape) { return fmt::format("[{}]", fmt::join(shape, ", ")); }
-
-size_t elemSize(ElemType type) {
-  switch (type) {
-    case ElemType::kU8:
-    case ElemType::kI8: return 1;
-    case ElemType::kI16:
-    case ElemType::kU16: return 2;
-    case ElemType::kI32:
-    case ElemType::kF32: return 4;
-    case ElemType::kI64:
-    case ElemType::kF64: return 8;
-  }
-  return 1;
-}
-
-const char* elemName(ElemType type) {
-  switch (type) {
-    case ElemType::kU8: return "uint8";
-    case ElemType::kI8: return "int8";
-    case ElemType::kI16: return "int16";
-    case ElemType::kU16: return "uint16";
-    case ElemType::kI32: return "int32";
-    case ElemType::kI64: return "int64";
-    case ElemType::kF32: return "float32";
-    case ElemType::kF64: return "float64";
-  }
-  return "?";
-}
 
 const char* labelKindName(LabelKind kind) { return kind == LabelKind::kClass ? "class" : "target"; }
 
@@ -67,18 +30,19 @@ void convertRow(const std::byte* src, int64_t n, const float* mul, const float* 
 
 using RowFn = void (*)(const std::byte*, int64_t, const float*, const float*, bool, float*);
 
-RowFn rowFunction(ElemType type) {
+// Throws dtrain::Error for a type no reader produces (a programming error).
+RowFn rowFunction(DType type) {
   switch (type) {
-    case ElemType::kU8: return convertRow<uint8_t>;
-    case ElemType::kI8: return convertRow<int8_t>;
-    case ElemType::kI16: return convertRow<int16_t>;
-    case ElemType::kU16: return convertRow<uint16_t>;
-    case ElemType::kI32: return convertRow<int32_t>;
-    case ElemType::kI64: return convertRow<int64_t>;
-    case ElemType::kF32: return convertRow<float>;
-    case ElemType::kF64: return convertRow<double>;
+    case DType::kUInt8: return convertRow<uint8_t>;
+    case DType::kInt8: return convertRow<int8_t>;
+    case DType::kInt16: return convertRow<int16_t>;
+    case DType::kUInt16: return convertRow<uint16_t>;
+    case DType::kInt32: return convertRow<int32_t>;
+    case DType::kInt64: return convertRow<int64_t>;
+    case DType::kFloat32: return convertRow<float>;
+    case DType::kFloat64: return convertRow<double>;
+    default: DTRAIN_THROW(Error, "raw features of type {} cannot be converted", dtypeName(type));
   }
-  return convertRow<uint8_t>;
 }
 
 }  // namespace
@@ -89,15 +53,16 @@ ArrayDataset::ArrayDataset(RawArray features, Labels labels, Transform transform
       description_(std::move(description)) {
   DTRAIN_CHECK_AS(ConfigError, !raw_.shape.empty(), "{}", prefixed(origin, "features have no sample dimension"));
   size_ = raw_.shape[0];
-  featureShape_.assign(raw_.shape.begin() + 1, raw_.shape.end());
-  DTRAIN_CHECK(raw_.bytes.size() == static_cast<size_t>(numElements(raw_.shape)) * elemSize(raw_.type),
-               "raw feature bytes do not match shape {}", formatShape(raw_.shape));
+  featureShape_ = raw_.shape.dropFirst();
+  DTRAIN_CHECK(raw_.bytes.size() == static_cast<size_t>(raw_.shape.numel()) * dtypeSize(raw_.type),
+               "raw feature bytes do not match shape {}", raw_.shape.spaced());
+  rowFunction(raw_.type);  // rejects a raw type fetch() could not convert, here rather than per batch
   if (labels_.kind == LabelKind::kClass) {
     auto count = static_cast<int64_t>(labels_.classes.size());
     DTRAIN_CHECK_AS(ConfigError, count == size_, "{}",
                     prefixed(origin, fmt::format("{} labels for {} samples (expected one label per sample)",
                                                  count, size_)));
-    labels_.shape.clear();
+    labels_.shape = Shape{};
     int32_t maxLabel = -1;
     for (int64_t i = 0; i < count; ++i) {
       int32_t c = labels_.classes[static_cast<size_t>(i)];
@@ -112,12 +77,12 @@ ArrayDataset::ArrayDataset(RawArray features, Labels labels, Transform transform
     }
     if (!labels_.numClasses) labels_.numClasses = static_cast<int64_t>(maxLabel) + 1;
   } else {
-    if (labels_.shape.empty()) labels_.shape = {1};
-    auto per = numElements(labels_.shape);
+    if (labels_.shape.empty()) labels_.shape = Shape{1};
+    auto per = labels_.shape.numel();
     auto count = per > 0 ? static_cast<int64_t>(labels_.targets.size()) / per : 0;
     DTRAIN_CHECK_AS(ConfigError, count == size_ && count * per == static_cast<int64_t>(labels_.targets.size()), "{}",
                     prefixed(origin, fmt::format("{} targets of shape {} for {} samples (expected one per sample)",
-                                                 labels_.targets.size(), formatShape(labels_.shape), size_)));
+                                                 labels_.targets.size(), labels_.shape.spaced(), size_)));
     labels_.numClasses.reset();
   }
   buildAffine(origin);
@@ -137,7 +102,7 @@ void ArrayDataset::buildAffine(const std::string& origin) {
   for (double s : stdv)
     DTRAIN_CHECK_AS(ConfigError, s > 0, "{}", prefixed(origin, fmt::format("normalize std {} (expected > 0)", s)));
   const auto values = static_cast<int64_t>(mean.size());
-  const int64_t channels = featureShape_.size() >= 2 ? featureShape_[0] : n;
+  const int64_t channels = featureShape_.rank() >= 2 ? featureShape_[0] : n;
   // Which mean/std applies to feature j: one for all, per channel (contiguous blocks in C order), per feature.
   int64_t block = 0;
   if (values == 1) block = n;
@@ -146,7 +111,7 @@ void ArrayDataset::buildAffine(const std::string& origin) {
   DTRAIN_CHECK_AS(ConfigError, block > 0, "{}",
                   prefixed(origin, fmt::format("normalize has {} values for features of shape {} (expected 1, {} "
                                                "channels or {} features)",
-                                               values, formatShape(featureShape_), channels, n)));
+                                               values, featureShape_.spaced(), channels, n)));
   for (int64_t j = 0; j < n; ++j) {
     auto k = static_cast<size_t>(values == 1 ? 0 : j / block);
     mul_[static_cast<size_t>(j)] = static_cast<float>(transform_.scale / stdv[k]);
@@ -155,13 +120,12 @@ void ArrayDataset::buildAffine(const std::string& origin) {
 }
 
 void ArrayDataset::reshape(const Shape& featureShape, const std::string& origin) {
-  DTRAIN_CHECK_AS(ConfigError, numElements(featureShape) == featureSize(), "{}",
+  DTRAIN_CHECK_AS(ConfigError, featureShape.numel() == featureSize(), "{}",
                   prefixed(origin, fmt::format("shape {} has {} elements, the samples have {} ({})",
-                                               formatShape(featureShape), numElements(featureShape), featureSize(),
-                                               formatShape(featureShape_))));
+                                               featureShape.spaced(), featureShape.numel(), featureSize(),
+                                               featureShape_.spaced())));
   featureShape_ = featureShape;
-  raw_.shape.resize(1);
-  raw_.shape.insert(raw_.shape.end(), featureShape.begin(), featureShape.end());
+  raw_.shape = featureShape.withBatch(size_);
   buildAffine(origin);
 }
 
@@ -170,7 +134,7 @@ void ArrayDataset::truncate(int64_t n) {
   DTRAIN_CHECK(n >= 0, "truncate to {} samples", n);
   size_ = n;
   raw_.shape[0] = n;
-  raw_.bytes.resize(static_cast<size_t>(n * featureSize()) * elemSize(raw_.type));
+  raw_.bytes.resize(static_cast<size_t>(n * featureSize()) * dtypeSize(raw_.type));
   raw_.bytes.shrink_to_fit();
   if (labels_.kind == LabelKind::kClass) labels_.classes.resize(static_cast<size_t>(n));
   else labels_.targets.resize(static_cast<size_t>(n * labelSize()));
@@ -178,7 +142,7 @@ void ArrayDataset::truncate(int64_t n) {
 
 void ArrayDataset::fetch(std::span<const int64_t> indices, float* features, void* labels) const {
   const int64_t n = featureSize();
-  const size_t rowBytes = static_cast<size_t>(n) * elemSize(raw_.type);
+  const size_t rowBytes = static_cast<size_t>(n) * dtypeSize(raw_.type);
   const RowFn convert = rowFunction(raw_.type);
   const int64_t per = labelSize();
   for (size_t b = 0; b < indices.size(); ++b) {

@@ -15,23 +15,19 @@
 #include <string>
 #include <vector>
 
+#include "lib/common/tensor.h"
+
 namespace dtrain::data {
 
-using Shape = std::vector<int64_t>;
-
-int64_t numElements(const Shape& shape);
-std::string formatShape(const Shape& shape);  // "[60000, 28, 28]"
-
-// Element type of raw feature bytes as stored in memory (native byte order).
-enum class ElemType : uint8_t { kU8, kI8, kI16, kU16, kI32, kI64, kF32, kF64 };
-size_t elemSize(ElemType type);
-const char* elemName(ElemType type);  // "uint8", "float32", ...
+// Shapes and element types are lib/common's (tensor.h); messages print shapes as Shape::spaced(),
+// "[60000, 28, 28]", and element types as dtypeName(), "uint8". Raw arrays hold one of the types the readers
+// produce: uint8, int8, int16, uint16, int32, int64, float32, float64.
 
 // A dense C-order array as read from a file: shape[0] is the sample dimension.
 struct RawArray {
-  ElemType type = ElemType::kU8;
+  DType type = DType::kUInt8;
   Shape shape;
-  std::vector<std::byte> bytes;  // numElements(shape) * elemSize(type), native byte order
+  std::vector<std::byte> bytes;  // shape.numel() * dtypeSize(type), native byte order
 };
 
 enum class LabelKind : uint8_t {
@@ -39,6 +35,8 @@ enum class LabelKind : uint8_t {
   kTarget,  // float target tensor of labelShape() per sample; fetch writes float labels
 };
 const char* labelKindName(LabelKind kind);  // "class" / "target"
+// The element type fetch() writes labels in: int32 for kClass, float32 for kTarget.
+constexpr DType labelDType(LabelKind kind) { return kind == LabelKind::kClass ? DType::kInt32 : DType::kFloat32; }
 
 class Dataset {
  public:
@@ -62,8 +60,8 @@ class Dataset {
   // indices.size() * labelSize() floats (kTarget). Throws std::out_of_range naming a bad index.
   virtual void fetch(std::span<const int64_t> indices, float* features, void* labels) const = 0;
 
-  int64_t featureSize() const { return numElements(featureShape()); }
-  int64_t labelSize() const { return numElements(labelShape()); }
+  int64_t featureSize() const { return featureShape().numel(); }
+  int64_t labelSize() const { return labelShape().numel(); }
 };
 
 // Per-feature affine conversion applied in fetch(): out = raw * scale, then (out - mean) / std. mean/std have
@@ -78,7 +76,7 @@ struct Transform {
 struct Labels {
   LabelKind kind = LabelKind::kClass;
   std::vector<int32_t> classes;  // kClass: one per sample
-  std::vector<float> targets;    // kTarget: numElements(shape) per sample
+  std::vector<float> targets;    // kTarget: shape.numel() per sample
   Shape shape;                   // kTarget: per-sample shape ([1] for a scalar)
   std::optional<int64_t> numClasses;
   std::vector<std::string> classNames;
@@ -105,7 +103,7 @@ class ArrayDataset final : public Dataset {
   void reshape(const Shape& featureShape, const std::string& origin);
   // Keeps only the first n samples (n <= size()); for smoke tests and quick runs.
   void truncate(int64_t n);
-  ElemType rawType() const { return raw_.type; }
+  DType rawType() const { return raw_.type; }
   size_t rawBytes() const { return raw_.bytes.size(); }
 
  private:

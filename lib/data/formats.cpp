@@ -181,12 +181,12 @@ RawArray readIdx(const std::string& path, int expectedDims, const std::string& w
   RawArray out;
   bool knownType = true;
   switch (typeCode) {
-    case 0x08: out.type = ElemType::kU8; break;
-    case 0x09: out.type = ElemType::kI8; break;
-    case 0x0B: out.type = ElemType::kI16; break;
-    case 0x0C: out.type = ElemType::kI32; break;
-    case 0x0D: out.type = ElemType::kF32; break;
-    case 0x0E: out.type = ElemType::kF64; break;
+    case 0x08: out.type = DType::kUInt8; break;
+    case 0x09: out.type = DType::kInt8; break;
+    case 0x0B: out.type = DType::kInt16; break;
+    case 0x0C: out.type = DType::kInt32; break;
+    case 0x0D: out.type = DType::kFloat32; break;
+    case 0x0E: out.type = DType::kFloat64; break;
     default: knownType = false;
   }
   DTRAIN_CHECK_AS(ConfigError, (magic >> 16) == 0 && knownType && dims == expectedDims,
@@ -195,11 +195,11 @@ RawArray readIdx(const std::string& path, int expectedDims, const std::string& w
   DTRAIN_CHECK_AS(ConfigError, bytes.size() >= headerBytes, "{}: truncated IDX header ({} bytes, expected {})", path,
                   bytes.size(), headerBytes);
   for (int d = 0; d < dims; ++d) out.shape.push_back(bigEndian32(bytes.data() + 4 + 4 * d));
-  const size_t width = elemSize(out.type);
-  const auto dataBytes = static_cast<size_t>(numElements(out.shape)) * width;
+  const size_t width = dtypeSize(out.type);
+  const auto dataBytes = static_cast<size_t>(out.shape.numel()) * width;
   DTRAIN_CHECK_AS(ConfigError, bytes.size() - headerBytes == dataBytes,
                   "{}: IDX data has {} bytes, expected {} for shape {} of {}", path, bytes.size() - headerBytes,
-                  dataBytes, formatShape(out.shape), elemName(out.type));
+                  dataBytes, out.shape.spaced(), dtypeName(out.type));
   bytes.erase(bytes.begin(), bytes.begin() + static_cast<std::ptrdiff_t>(headerBytes));
   byteSwapInPlace(bytes, width);
   out.bytes = std::move(bytes);
@@ -251,10 +251,10 @@ RawArray readNpy(const std::string& path) {
   DTRAIN_CHECK_AS(ConfigError, fortran == "False", "{}: Fortran-order array (expected C order; save with "
                   "np.ascontiguousarray)", path);
   RawArray out;
-  static const std::pair<const char*, ElemType> kTypes[] = {
-      {"u1", ElemType::kU8},  {"b1", ElemType::kU8},  {"i1", ElemType::kI8},  {"i2", ElemType::kI16},
-      {"u2", ElemType::kU16}, {"i4", ElemType::kI32}, {"i8", ElemType::kI64}, {"f4", ElemType::kF32},
-      {"f8", ElemType::kF64}};
+  static const std::pair<const char*, DType> kTypes[] = {
+      {"u1", DType::kUInt8},  {"b1", DType::kUInt8},  {"i1", DType::kInt8},  {"i2", DType::kInt16},
+      {"u2", DType::kUInt16}, {"i4", DType::kInt32}, {"i8", DType::kInt64}, {"f4", DType::kFloat32},
+      {"f8", DType::kFloat64}};
   bool found = false;
   if (descr.size() == 5 && (descr[1] == '<' || descr[1] == '|')) {
     for (const auto& [code, type] : kTypes) {
@@ -278,16 +278,18 @@ RawArray readNpy(const std::string& path) {
       char* end = nullptr;
       long long v = std::strtoll(item.c_str(), &end, 10);
       DTRAIN_CHECK_AS(ConfigError, *end == '\0' && v >= 0, "{}: bad NPY shape {}", path, shapeText);
+      DTRAIN_CHECK_AS(ConfigError, out.shape.rank() < kMaxRank, "{}: NPY shape {} has more than {} dimensions", path,
+                      shapeText, kMaxRank);
       out.shape.push_back(v);
     }
     if (comma == std::string::npos) break;
     pos = comma + 1;
   }
   DTRAIN_CHECK_AS(ConfigError, !out.shape.empty(), "{}: NPY array is a scalar (expected a sample dimension)", path);
-  const size_t dataBytes = static_cast<size_t>(numElements(out.shape)) * elemSize(out.type);
+  const size_t dataBytes = static_cast<size_t>(out.shape.numel()) * dtypeSize(out.type);
   const size_t have = bytes.size() - offset - headerLen;
   DTRAIN_CHECK_AS(ConfigError, have == dataBytes, "{}: NPY data has {} bytes, expected {} for shape {} of {}", path,
-                  have, dataBytes, formatShape(out.shape), elemName(out.type));
+                  have, dataBytes, out.shape.spaced(), dtypeName(out.type));
   bytes.erase(bytes.begin(), bytes.begin() + static_cast<std::ptrdiff_t>(offset + headerLen));
   out.bytes = std::move(bytes);
   return out;

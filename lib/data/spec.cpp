@@ -199,11 +199,14 @@ DataSpec parseDataSpec(const json& j, const std::string& sourceFile, const std::
   }
   if (f.has("shape")) {
     const auto& s = f.at("shape");
+    // At most kMaxRank - 1 dimensions: the batch dimension goes in front.
+    if (s.is_array() && s.size() >= static_cast<size_t>(kMaxRank))
+      f.fail("shape", fmt::format("{} (expected at most {} dimensions)", s.dump(), kMaxRank - 1));
     Shape shape;
     if (s.is_array())
       for (const auto& d : s)
         if (d.is_number_integer() && d.get<int64_t>() > 0) shape.push_back(d.get<int64_t>());
-    if (!s.is_array() || s.empty() || shape.size() != s.size())
+    if (!s.is_array() || s.empty() || shape.rank() != static_cast<int>(s.size()))
       f.fail("shape", fmt::format("{} (expected an array of positive integers, e.g. [1, 28, 28])", s.dump()));
     spec.shape = shape;
   }
@@ -226,26 +229,26 @@ namespace {
 // Labels from an integer or float array read from a file (NPY or IDX).
 Labels labelsFromArray(const RawArray& a, std::optional<LabelKind> kind, const std::string& file) {
   Labels l;
-  const bool isFloat = a.type == ElemType::kF32 || a.type == ElemType::kF64;
+  const bool isFloat = isFloatingPoint(a.type);
   l.kind = kind.value_or(isFloat ? LabelKind::kTarget : LabelKind::kClass);
-  const auto n = numElements(a.shape);
+  const auto n = a.shape.numel();
   auto value = [&](int64_t i) -> double {
-    const std::byte* p = a.bytes.data() + static_cast<size_t>(i) * elemSize(a.type);
+    const std::byte* p = a.bytes.data() + static_cast<size_t>(i) * dtypeSize(a.type);
     switch (a.type) {
-      case ElemType::kU8: return static_cast<double>(*reinterpret_cast<const uint8_t*>(p));
-      case ElemType::kI8: return *reinterpret_cast<const int8_t*>(p);
-      case ElemType::kI16: return *reinterpret_cast<const int16_t*>(p);
-      case ElemType::kU16: return *reinterpret_cast<const uint16_t*>(p);
-      case ElemType::kI32: return *reinterpret_cast<const int32_t*>(p);
-      case ElemType::kI64: return static_cast<double>(*reinterpret_cast<const int64_t*>(p));
-      case ElemType::kF32: return *reinterpret_cast<const float*>(p);
-      case ElemType::kF64: return *reinterpret_cast<const double*>(p);
+      case DType::kUInt8: return static_cast<double>(*reinterpret_cast<const uint8_t*>(p));
+      case DType::kInt8: return *reinterpret_cast<const int8_t*>(p);
+      case DType::kInt16: return *reinterpret_cast<const int16_t*>(p);
+      case DType::kUInt16: return *reinterpret_cast<const uint16_t*>(p);
+      case DType::kInt32: return *reinterpret_cast<const int32_t*>(p);
+      case DType::kInt64: return static_cast<double>(*reinterpret_cast<const int64_t*>(p));
+      case DType::kFloat32: return *reinterpret_cast<const float*>(p);
+      case DType::kFloat64: return *reinterpret_cast<const double*>(p);
+      default: DTRAIN_THROW(Error, "labels of type {} cannot be read", dtypeName(a.type));
     }
-    return 0;
   };
   if (l.kind == LabelKind::kClass) {
-    DTRAIN_CHECK_AS(ConfigError, a.shape.size() == 1, "{}: class labels of shape {} (expected one per sample: [N])",
-                    file, formatShape(a.shape));
+    DTRAIN_CHECK_AS(ConfigError, a.shape.rank() == 1, "{}: class labels of shape {} (expected one per sample: [N])",
+                    file, a.shape.spaced());
     l.classes.resize(static_cast<size_t>(n));
     for (int64_t i = 0; i < n; ++i) {
       double v = value(i);
@@ -254,8 +257,8 @@ Labels labelsFromArray(const RawArray& a, std::optional<LabelKind> kind, const s
       l.classes[static_cast<size_t>(i)] = static_cast<int32_t>(v);
     }
   } else {
-    l.shape.assign(a.shape.begin() + 1, a.shape.end());
-    if (l.shape.empty()) l.shape = {1};
+    l.shape = a.shape.dropFirst();
+    if (l.shape.empty()) l.shape = Shape{1};
     l.targets.resize(static_cast<size_t>(n));
     for (int64_t i = 0; i < n; ++i) l.targets[static_cast<size_t>(i)] = static_cast<float>(value(i));
   }
@@ -285,7 +288,7 @@ std::shared_ptr<const Dataset> load(const DataSpec& spec, const std::string& whe
       auto labels = withKey("labels", [&] { return labelsFromArray(labelArray, spec.labelKind, spec.labels); });
       labels.numClasses = spec.numClasses;
       auto what = fmt::format("idx {}: {} x {} {}", baseName(spec.images), images.shape[0],
-                              formatShape(Shape(images.shape.begin() + 1, images.shape.end())), elemName(images.type));
+                              images.shape.dropFirst().spaced(), dtypeName(images.type));
       ds = std::make_unique<ArrayDataset>(std::move(images), std::move(labels), spec.transform, what, where);
       break;
     }
@@ -298,8 +301,7 @@ std::shared_ptr<const Dataset> load(const DataSpec& spec, const std::string& whe
       auto labels = withKey("labels", [&] { return labelsFromArray(labelArray, spec.labelKind, spec.labels); });
       if (labels.kind == LabelKind::kClass) labels.numClasses = spec.numClasses;
       auto what = fmt::format("npy {}: {} x {} {}", baseName(spec.features), features.shape[0],
-                              formatShape(Shape(features.shape.begin() + 1, features.shape.end())),
-                              elemName(features.type));
+                              features.shape.dropFirst().spaced(), dtypeName(features.type));
       ds = std::make_unique<ArrayDataset>(std::move(features), std::move(labels), spec.transform, what, where);
       break;
     }

@@ -37,7 +37,7 @@ std::unique_ptr<ArrayDataset> makeSynthetic(const SyntheticOptions& o, const Tra
   Random rng(o.sampleSeed ^ kSampleStream);
   const int64_t n = o.samples, f = o.features;
   RawArray raw;
-  raw.type = ElemType::kF32;
+  raw.type = DType::kFloat32;
   raw.shape = {n, f};
   raw.bytes.resize(static_cast<size_t>(n * f) * sizeof(float));
   auto* x = reinterpret_cast<float*>(raw.bytes.data());

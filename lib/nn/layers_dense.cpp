@@ -3,7 +3,7 @@
 #include <cstring>
 
 #include "lib/common/error.h"
-#include "lib/nn/buffer.h"
+#include "lib/common/aligned_buffer.h"
 #include "lib/nn/layers_impl.h"
 
 namespace dtrain::nn {
@@ -210,7 +210,7 @@ class Dropout final : public Elementwise {
   }
 
  private:
-  FloatBuffer mask_;
+  AlignedBuffer<float> mask_;
   std::mt19937_64 engine_;
   bool seeded_ = false;
   bool masked_ = false;

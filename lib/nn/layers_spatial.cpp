@@ -5,7 +5,7 @@
 #include <vector>
 
 #include "lib/common/error.h"
-#include "lib/nn/buffer.h"
+#include "lib/common/aligned_buffer.h"
 #include "lib/nn/layers_impl.h"
 
 namespace dtrain::nn::detail {
@@ -119,7 +119,7 @@ class Conv2d final : public Layer {
 
   Window g_;
   int64_t k_, p_;
-  FloatBuffer cols_, dcols_;
+  AlignedBuffer<float> cols_, dcols_;
   float* w_ = nullptr;
   float* b_ = nullptr;
   float* gw_ = nullptr;
@@ -251,8 +251,8 @@ class LayerNorm final : public Layer {
 
  private:
   int64_t d_, rowsPerSample_;
-  FloatBuffer mean_, rstd_;
-  FloatBuffer xhatRow_, gradRow_;  // backward scratch for one row
+  AlignedBuffer<float> mean_, rstd_;
+  AlignedBuffer<float> xhatRow_, gradRow_;  // backward scratch for one row
   float* w_ = nullptr;
   float* b_ = nullptr;
   float* gw_ = nullptr;

@@ -17,8 +17,8 @@
 #include <memory>
 #include <string>
 
-#include "lib/nn/buffer.h"
-#include "lib/nn/tensor.h"
+#include "lib/common/aligned_buffer.h"
+#include "lib/common/tensor.h"
 
 namespace dtrain::nn {
 
@@ -77,8 +77,8 @@ class Loss {
   LossType type_;
   Shape outputShape_;
   int maxBatch_;
-  FloatBuffer diff_;  // maxBatch * outputShape.numel(): softmax - onehot, or output - target
-  FloatBuffer grad_;  // what backward() returns: diff_ scaled to d(scale * mean loss)/d(output)
+  AlignedBuffer<float> diff_;  // maxBatch * outputShape.numel(): softmax - onehot, or output - target
+  AlignedBuffer<float> grad_;  // what backward() returns: diff_ scaled to d(scale * mean loss)/d(output)
   int lastBatch_ = 0;
 };
 

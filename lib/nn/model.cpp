@@ -42,8 +42,8 @@ Model Model::build(const ModelSpec& spec, int maxBatch, uint64_t seed) {
     range.count = offset - range.offset;
     m.layerRanges_.push_back(range);
   }
-  m.params_ = FloatBuffer(offset);
-  m.grads_ = FloatBuffer(offset);
+  m.params_ = AlignedBuffer<float>(offset);
+  m.grads_ = AlignedBuffer<float>(offset);
   InitRng rng(seed);
   bool seenParams = false;
   for (size_t i = 0; i < m.layers_.size(); ++i) {
@@ -62,7 +62,7 @@ Model Model::build(const ModelSpec& spec, int maxBatch, uint64_t seed) {
     if (!m.layers_[i]->aliasesInput()) actTotal += roundUp(batch * static_cast<size_t>(spec.layers[i].output.numel()));
     if (m.needsInputGrad_[i]) maxInput = std::max(maxInput, batch * static_cast<size_t>(spec.layers[i].input.numel()));
   }
-  m.activations_ = FloatBuffer(actTotal);
+  m.activations_ = AlignedBuffer<float>(actTotal);
   size_t at = 0;
   for (size_t i = 0; i < m.layers_.size(); ++i) {
     if (m.layers_[i]->aliasesInput()) {
@@ -72,8 +72,8 @@ Model Model::build(const ModelSpec& spec, int maxBatch, uint64_t seed) {
     m.ownOutput_.push_back(m.activations_.data() + at);
     at += roundUp(batch * static_cast<size_t>(spec.layers[i].output.numel()));
   }
-  m.gradA_ = FloatBuffer(maxInput);
-  m.gradB_ = FloatBuffer(maxInput);
+  m.gradA_ = AlignedBuffer<float>(maxInput);
+  m.gradB_ = AlignedBuffer<float>(maxInput);
   m.in_.assign(m.layers_.size(), nullptr);
   m.out_.assign(m.layers_.size(), nullptr);
   return m;

@@ -35,10 +35,10 @@
 #include <type_traits>
 #include <vector>
 
-#include "lib/nn/buffer.h"
+#include "lib/common/aligned_buffer.h"
 #include "lib/nn/layer.h"
 #include "lib/nn/spec.h"
-#include "lib/nn/tensor.h"
+#include "lib/common/tensor.h"
 
 namespace dtrain::nn {
 
@@ -106,6 +106,11 @@ class Model {
   void zeroGrad() noexcept { grads_.zero(); }
 
   const std::vector<ParamEntry>& paramTable() const noexcept { return table_; }
+  // One parameter of paramTable() as a float32 view of its slice of params() (PyTorch's shape), e.g. to save or
+  // load it by name. Valid while the model lives; writable through the view even from a const model.
+  TensorView paramTensor(const ParamEntry& entry) const {
+    return TensorView::of(params_.data() + entry.offset, entry.shape);
+  }
   // The arena slice of layer k's parameters ({offset, 0} for parameterless layers).
   ParamRange layerParamRange(int layer) const;
   // Indices of the layers that own parameters, ascending.
@@ -129,13 +134,13 @@ class Model {
   ModelSpec spec_;
   int maxBatch_ = 0;
   std::vector<std::unique_ptr<Layer>> layers_;
-  FloatBuffer params_, grads_;
+  AlignedBuffer<float> params_, grads_;
   std::vector<ParamEntry> table_;
   std::vector<ParamRange> layerRanges_;
   std::vector<bool> needsInputGrad_;  // some earlier layer has parameters
-  FloatBuffer activations_;           // every non-aliasing layer's output, maxBatch samples each
+  AlignedBuffer<float> activations_;  // every non-aliasing layer's output, maxBatch samples each
   std::vector<float*> ownOutput_;     // per layer: its slice of activations_ (null when aliasing)
-  FloatBuffer gradA_, gradB_;         // ping-pong buffers for gradients between layers
+  AlignedBuffer<float> gradA_, gradB_;  // ping-pong buffers for gradients between layers
   std::vector<const float*> in_;      // per layer: its input in the last forward
   std::vector<float*> out_;           // per layer: its output in the last forward
   int lastBatch_ = 0;

@@ -50,7 +50,7 @@ class Sgd final : public Optimizer {
   }
 
  private:
-  FloatBuffer momentumBuffer_;
+  AlignedBuffer<float> momentumBuffer_;
 };
 
 // torch.optim.Adam / AdamW, _single_tensor_adam(w):
@@ -112,7 +112,7 @@ class Adam final : public Optimizer {
   }
 
  private:
-  FloatBuffer expAvg_, expAvgSq_, maxExpAvgSq_;
+  AlignedBuffer<float> expAvg_, expAvgSq_, maxExpAvgSq_;
 };
 
 bool positiveNumber(double v) { return v > 0.0; }

@@ -22,7 +22,7 @@
 #include <string>
 #include <vector>
 
-#include "lib/nn/buffer.h"
+#include "lib/common/aligned_buffer.h"
 
 namespace dtrain::nn {
 

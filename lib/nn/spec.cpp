@@ -199,7 +199,7 @@ ModelSpec parseModelSpec(const nlohmann::json& model, const std::string& sourceF
 
   const auto& input = m.at("input");
   constexpr std::string_view kInputExpected = "a list of 1 to 5 integers >= 1 (the per-sample shape, e.g. [784])";
-  if (!input.is_array() || input.empty() || input.size() > kMaxRank - 1) {
+  if (!input.is_array() || input.empty() || input.size() > kMaxSampleRank) {
     m.failAt("input", fmt::format("expected {}, got {}", kInputExpected, jsonSnippet(input)));
   }
   std::vector<int64_t> dims;

@@ -20,9 +20,13 @@
 #include <string>
 #include <vector>
 
-#include "lib/nn/tensor.h"
+#include "lib/common/tensor.h"
 
 namespace dtrain::nn {
+
+// A per-sample shape has at most 5 dimensions (the model input's limit; docs/model-spec.md), so a batched one
+// fits well inside dtrain::kMaxRank.
+inline constexpr int kMaxSampleRank = 5;
 
 enum class LayerType { kLinear, kRelu, kGelu, kTanh, kSigmoid, kDropout, kLayerNorm, kFlatten, kConv2d, kMaxPool2d };
 

@@ -12,10 +12,9 @@ void checkDataFitsModel(const Job& job, const data::Dataset& ds, const nn::Loss&
   int64_t input = job.model.input.numel();
   DTRAIN_CHECK_AS(ConfigError, features == input,
                   "{}: {}: samples have shape {} ({} values) but the model's input {} takes {} values", job.sourceFile,
-                  which, data::formatShape(ds.featureShape()), features, job.model.input.str(), input);
-  nn::DType dtype = ds.labelKind() == data::LabelKind::kClass ? nn::DType::kInt32 : nn::DType::kFloat32;
+                  which, ds.featureShape().spaced(), features, job.model.input.str(), input);
   try {
-    loss.checkTargets(nn::Shape::of(ds.labelShape()), dtype);
+    loss.checkTargets(ds.labelShape(), data::labelDType(ds.labelKind()));
   } catch (const ConfigError& e) {
     DTRAIN_THROW(ConfigError, "{}: {}: {}", job.sourceFile, which, e.what());
   }

@@ -30,16 +30,10 @@ std::optional<ResumePoint> Checkpointer::resume(nn::Model& model, nn::Optimizer&
   if (!latest.checkpoint) return std::nullopt;
   auto cp = ckpt::Checkpoint::open(latest.checkpoint->path);
   cp.checkSpecHash(job_.modelHash);
-  auto params = model.params();
-  for (const auto& p : model.paramTable()) {
-    std::span<std::byte> dst(reinterpret_cast<std::byte*>(params.data() + p.offset), p.count * sizeof(float));
-    cp.loadTensor(kModelFile, p.name, ckpt::DType::kF32, p.shape.toVector(), dst);
-  }
+  for (const auto& p : model.paramTable()) cp.loadTensor(kModelFile, p.name, model.paramTensor(p));
   const auto n = static_cast<int64_t>(model.numParams());
-  for (auto& buf : optimizer.stateBuffers()) {
-    std::span<std::byte> dst(reinterpret_cast<std::byte*>(buf.data.data()), buf.data.size() * sizeof(float));
-    cp.loadTensor(kOptimizerFile, buf.name, ckpt::DType::kF32, {n}, dst);
-  }
+  for (auto& buf : optimizer.stateBuffers())
+    cp.loadTensor(kOptimizerFile, buf.name, TensorView::of(buf.data.data(), Shape{n}));
   const auto& meta = cp.meta();
   optimizer.setSteps(meta.user.value("optimizer_steps", meta.step));
   ResumePoint r{meta.step, meta.epoch, meta.samplesConsumed, meta.worldSize, cp.path()};
@@ -54,9 +48,9 @@ std::filesystem::path Checkpointer::save(const nn::Model& model, nn::Optimizer& 
   if (rank_ == 0) {
     auto tensors = parameterTensors(model);
     writer.writeTensors(kModelFile, tensors, {{"format", "pt"}});
-    std::vector<ckpt::TensorView> state;
+    std::vector<ckpt::NamedTensor> state;
     const auto n = static_cast<int64_t>(model.numParams());
-    for (auto& buf : optimizer.stateBuffers()) state.push_back({buf.name, ckpt::DType::kF32, {n}, buf.data.data()});
+    for (auto& buf : optimizer.stateBuffers()) state.push_back({buf.name, TensorView::of(buf.data.data(), Shape{n})});
     writer.writeTensors(kOptimizerFile, state, {{"optimizer", nn::optimizerTypeName(optimizer.spec().type)}});
   }
   writer.writeJson(rankFile(rank_), {{"rank", rank_}, {"world_size", worldSize_}, {"step", step}, {"epoch", epoch},

@@ -61,10 +61,9 @@ uint64_t dropoutSeed(uint64_t seed, int rank, int64_t step, int micro) {
 int envInt(const char* name, int fallback) { return static_cast<int>(env::getInt(name, fallback)); }
 
 // Views of a batch's labels in the form the loss expects.
-nn::TensorView targetsOf(const data::Batch& b, const data::Dataset& ds) {
-  if (b.classLabels) return nn::TensorView::i32(b.classLabels, nn::Shape{b.size});
-  nn::Shape shape = nn::Shape::of(ds.labelShape()).withBatch(b.size);
-  return nn::TensorView::f32(b.targets, shape);
+TensorView targetsOf(const data::Batch& b, const data::Dataset& ds) {
+  if (b.classLabels) return TensorView::i32(b.classLabels, Shape{b.size});
+  return TensorView::f32(b.targets, ds.labelShape().withBatch(b.size));
 }
 
 }  // namespace
@@ -171,7 +170,7 @@ void TrainLoop::evaluate(const StepStats& stats) {
   data::BatchLoader loader(*eval_, sampler, {.batchSize = job_.data.batchSize, .prefetch = prefetch_});
   nn::EvalSums sums;
   for (const data::Batch& b : loader) {
-    nn::TensorView out = model_->forward(b.features, static_cast<int>(b.size), false);
+    TensorView out = model_->forward(b.features, static_cast<int>(b.size), false);
     sums += loss_->evaluate(out, targetsOf(b, *eval_));
   }
   double v[4] = {sums.lossSum, static_cast<double>(sums.lossCount), static_cast<double>(sums.correct),
@@ -288,7 +287,7 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
     ++batchIndex;
     bool lastMicro = micro + 1 == accum || batchIndex == numBatches;
     if (hasDropout_) model_->reseedDropout(dropoutSeed(job_.loop.seed, worker_.rank, step_, micro));
-    nn::TensorView out = model_->forward(b.features, static_cast<int>(b.size), true);
+    TensorView out = model_->forward(b.features, static_cast<int>(b.size), true);
     intervalLoss_ += loss_->forward(out, targetsOf(b, *train_));
     ++intervalBatches_;
     intervalSamples_ += b.size;

@@ -11,7 +11,7 @@
 namespace dtrain::train {
 
 // The model's parameters as tensors to write, pointing into the arena (valid while the model lives).
-std::vector<ckpt::TensorView> parameterTensors(const nn::Model& model);
+std::vector<ckpt::NamedTensor> parameterTensors(const nn::Model& model);
 // Writes model.safetensors durably (temporary name, fsync, rename).
 void saveWeights(const std::filesystem::path& path, const nn::Model& model);
 // Loads every parameter by name with shape checks (CheckpointError naming the tensor); extra tensors in the

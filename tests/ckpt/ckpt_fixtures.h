@@ -35,7 +35,7 @@ inline std::filesystem::path writeCheckpoint(const std::filesystem::path& root, 
     writer.writeJson("rank-1.json", {{"rng", 1000 + step}});
   });
   ckpt::CheckpointWriter writer(root, step, token);
-  std::vector<ckpt::TensorView> tensors = {{"0.weight", ckpt::DType::kF32, {3, 1000}, w.data()}};
+  std::vector<ckpt::NamedTensor> tensors = {{"0.weight", TensorView::of(w.data(), {3, 1000})}};
   writer.writeTensors("model.safetensors", tensors);
   writer.writeJson("rank-0.json", {{"rng", step}});
   rank1.join();  // the trainer's barrier

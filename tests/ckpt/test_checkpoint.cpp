@@ -56,10 +56,10 @@ TEST_CASE("a two-rank checkpoint commits atomically and loads back by name") {
   CHECK(ckpt.meta().createdAt.size() == 20);  // 2026-11-25T04:29:48Z
   CHECK(ckpt.readJson("rank-1.json") == json{{"rng", 1200}});
   std::vector<float> w(3000);
-  ckpt.loadTensor("model.safetensors", "0.weight", DType::kF32, {3, 1000}, std::as_writable_bytes(std::span(w)));
+  ckpt.loadTensor("model.safetensors", "0.weight", DType::kFloat32, {3, 1000}, std::as_writable_bytes(std::span(w)));
   CHECK(w == weightsOf(200));
   CHECK(messageOf([&] {
-          ckpt.loadTensor("model.safetensors", "0.weight", DType::kF32, {1000, 3}, std::as_writable_bytes(std::span(w)));
+          ckpt.loadTensor("model.safetensors", "0.weight", DType::kFloat32, {1000, 3}, std::as_writable_bytes(std::span(w)));
         }).find("tensor '0.weight' has shape [3, 1000], expected [1000, 3]") != std::string::npos);
   CHECK(messageOf([&] { ckpt.readJson("rank-7.json"); }) == path.string() + ": checkpoint has no file 'rank-7.json'");
 }
@@ -69,7 +69,7 @@ TEST_CASE("a staging dir without commit is never valid; the previous checkpoint 
   writeCheckpoint(root, 100);
   CheckpointWriter crashed(root, 200, "deadbeef");
   std::vector<float> w = weightsOf(200);
-  std::vector<TensorView> t = {{"0.weight", DType::kF32, {3, 1000}, w.data()}};
+  std::vector<NamedTensor> t = {{"0.weight", TensorView::of(w.data(), {3, 1000})}};
   crashed.writeTensors("model.safetensors", t);  // ... and the job died before commit
   auto list = listCheckpoints(root, true);
   REQUIRE(list.size() == 2);

@@ -17,6 +17,11 @@ using nlohmann::json;
 
 namespace {
 
+// A tensor to write from borrowed (possibly const) bytes of any dtype.
+NamedTensor named(std::string name, DType dtype, Shape shape, const void* data) {
+  return {std::move(name), {const_cast<void*>(data), shape, dtype}};
+}
+
 const std::string& dir() {
   static std::string d = dtrain::testing::tempDir("safetensors");
   return d;
@@ -75,24 +80,24 @@ TEST_CASE("every dtype round-trips through writer, reader and an independent min
     const char* name;
     size_t size;
   };
-  const Case cases[] = {{DType::kF32, "F32", 4},   {DType::kF64, "F64", 8}, {DType::kI32, "I32", 4},
-                        {DType::kI64, "I64", 8},   {DType::kBF16, "BF16", 2}, {DType::kF16, "F16", 2},
-                        {DType::kU8, "U8", 1},     {DType::kI8, "I8", 1},   {DType::kI16, "I16", 2},
-                        {DType::kU16, "U16", 2},   {DType::kU32, "U32", 4}, {DType::kU64, "U64", 8},
+  const Case cases[] = {{DType::kFloat32, "F32", 4},   {DType::kFloat64, "F64", 8}, {DType::kInt32, "I32", 4},
+                        {DType::kInt64, "I64", 8},   {DType::kBFloat16, "BF16", 2}, {DType::kFloat16, "F16", 2},
+                        {DType::kUInt8, "U8", 1},     {DType::kInt8, "I8", 1},   {DType::kInt16, "I16", 2},
+                        {DType::kUInt16, "U16", 2},   {DType::kUInt32, "U32", 4}, {DType::kUInt64, "U64", 8},
                         {DType::kBool, "BOOL", 1}};
   std::vector<std::string> payloads;
-  std::vector<TensorView> views;
+  std::vector<NamedTensor> views;
   uint32_t seed = 1;
   for (const auto& c : cases) {
     CHECK(dtypeSize(c.dtype) == c.size);
-    CHECK(std::string(dtypeName(c.dtype)) == c.name);
-    CHECK(parseDType(c.name) == c.dtype);
+    CHECK(std::string(safetensorsName(c.dtype)) == c.name);
+    CHECK(parseSafetensorsDType(c.name) == c.dtype);
     payloads.push_back(patterned(3 * 5 * c.size, seed++));
   }
   for (size_t i = 0; i < std::size(cases); ++i)
-    views.push_back({std::string("t.") + cases[i].name, cases[i].dtype, {3, 5}, payloads[i].data()});
-  views.push_back({"scalar", DType::kF32, {}, payloads[0].data()});
-  views.push_back({"empty", DType::kF32, {0, 7}, nullptr});
+    views.push_back(named(std::string("t.") + cases[i].name, cases[i].dtype, {3, 5}, payloads[i].data()));
+  views.push_back(named("scalar", DType::kFloat32, {}, payloads[0].data()));
+  views.push_back(named("empty", DType::kFloat32, {0, 7}, nullptr));
   const std::string path = dir() + "/all.safetensors";
   auto rec = writeSafetensorsFile(path, views, {{"format", "pt"}, {"step", "12"}});
   const std::string bytes = dtrain::testing::readFile(path);
@@ -137,8 +142,8 @@ TEST_CASE("every dtype round-trips through writer, reader and an independent min
 TEST_CASE("the header matches the reference implementation's bytes for a simple file") {
   // safetensors (Rust/Python) writes {"a": tensor([1., 2.])} as this header, padded with spaces to 8 bytes.
   const float data[2] = {1.0f, 2.0f};
-  TensorView v{"a", DType::kF32, {2}, data};
-  const std::string header = safetensorsHeader(std::span<const TensorView>(&v, 1));
+  NamedTensor v = named("a", DType::kFloat32, {2}, data);
+  const std::string header = safetensorsHeader(std::span<const NamedTensor>(&v, 1));
   const std::string json = R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})";
   std::string expected(8, '\0');
   expected[0] = 56;
@@ -147,23 +152,23 @@ TEST_CASE("the header matches the reference implementation's bytes for a simple 
   // ... and a file in that layout, as another tool would write it, reads back.
   auto f = SafetensorsFile::fromBytes(expected + std::string(reinterpret_cast<const char*>(data), 8), "ref");
   float out[2];
-  f.readInto("a", DType::kF32, {2}, std::as_writable_bytes(std::span<float>(out, 2)));
+  f.readInto("a", DType::kFloat32, {2}, std::as_writable_bytes(std::span<float>(out, 2)));
   CHECK(out[1] == 2.0f);
 }
 
 TEST_CASE("writer refuses duplicate names, bad shapes and missing data") {
   float x = 0;
-  std::vector<TensorView> dup = {{"w", DType::kF32, {1}, &x}, {"w", DType::kF32, {1}, &x}};
+  std::vector<NamedTensor> dup = {named("w", DType::kFloat32, {1}, &x), named("w", DType::kFloat32, {1}, &x)};
   CHECK(messageOf([&] { safetensorsHeader(dup); }) == "safetensors: duplicate tensor name 'w'");
-  std::vector<TensorView> neg = {{"w", DType::kF32, {-1}, &x}};
+  std::vector<NamedTensor> neg = {named("w", DType::kFloat32, {-1}, &x)};
   CHECK(messageOf([&] { safetensorsHeader(neg); }) == "safetensors: tensor 'w' has invalid shape [-1]");
-  std::vector<TensorView> null = {{"w", DType::kF32, {2}, nullptr}};
+  std::vector<NamedTensor> null = {named("w", DType::kFloat32, {2}, nullptr)};
   CHECK(messageOf([&] { safetensorsHeader(null); }) == "safetensors: tensor 'w' has no data");
 }
 
 TEST_CASE("corrupt headers and truncated data are errors naming the file, never crashes") {
   const float data[4] = {1, 2, 3, 4};
-  std::vector<TensorView> v = {{"a", DType::kF32, {2}, data}, {"b", DType::kF32, {2}, data + 2}};
+  std::vector<NamedTensor> v = {named("a", DType::kFloat32, {2}, data), named("b", DType::kFloat32, {2}, data + 2)};
   const std::string good = safetensorsHeader(v) + std::string(reinterpret_cast<const char*>(data), 16);
   auto parse = [](const std::string& bytes) { return messageOf([&] { SafetensorsFile::fromBytes(bytes, "f"); }); };
 
@@ -208,7 +213,7 @@ TEST_CASE("corrupt headers and truncated data are errors naming the file, never 
 
 TEST_CASE("every truncation and many byte flips of a valid file are rejected or read within bounds") {
   const double data[3] = {1.5, -2.5, 3.25};
-  std::vector<TensorView> v = {{"x", DType::kF64, {3}, data}, {"y", DType::kU8, {1}, "z"}};
+  std::vector<NamedTensor> v = {named("x", DType::kFloat64, {3}, data), named("y", DType::kUInt8, {1}, "z")};
   const std::string good = safetensorsHeader(v, {{"k", "v"}}) + std::string(reinterpret_cast<const char*>(data), 24) + "z";
   CHECK_NOTHROW(SafetensorsFile::fromBytes(good, "good"));
   for (size_t cut = 0; cut < good.size(); ++cut) {
@@ -237,20 +242,20 @@ TEST_CASE("every truncation and many byte flips of a valid file are rejected or 
 
 TEST_CASE("readInto checks name, dtype, shape and destination size") {
   const int32_t data[6] = {1, 2, 3, 4, 5, 6};
-  std::vector<TensorView> v = {{"0.weight", DType::kI32, {2, 3}, data}};
+  std::vector<NamedTensor> v = {named("0.weight", DType::kInt32, {2, 3}, data)};
   auto f = SafetensorsFile::fromBytes(safetensorsHeader(v) + std::string(reinterpret_cast<const char*>(data), 24),
                                       "model.safetensors");
   std::vector<std::byte> dst(24);
-  CHECK(messageOf([&] { f.readInto("1.weight", DType::kI32, {2, 3}, dst); }) ==
+  CHECK(messageOf([&] { f.readInto("1.weight", DType::kInt32, {2, 3}, dst); }) ==
         "model.safetensors: no tensor named '1.weight'");
-  CHECK(messageOf([&] { f.readInto("0.weight", DType::kF32, {2, 3}, dst); }) ==
+  CHECK(messageOf([&] { f.readInto("0.weight", DType::kFloat32, {2, 3}, dst); }) ==
         "model.safetensors: tensor '0.weight' has dtype I32, expected F32");
-  CHECK(messageOf([&] { f.readInto("0.weight", DType::kI32, {3, 2}, dst); }) ==
+  CHECK(messageOf([&] { f.readInto("0.weight", DType::kInt32, {3, 2}, dst); }) ==
         "model.safetensors: tensor '0.weight' has shape [2, 3], expected [3, 2]");
   std::vector<std::byte> small(20);
-  CHECK(messageOf([&] { f.readInto("0.weight", DType::kI32, {2, 3}, small); }) ==
+  CHECK(messageOf([&] { f.readInto("0.weight", DType::kInt32, {2, 3}, small); }) ==
         "model.safetensors: tensor '0.weight' has 24 bytes, the destination 20");
-  f.readInto("0.weight", DType::kI32, {2, 3}, dst);
+  f.readInto("0.weight", DType::kInt32, {2, 3}, dst);
   CHECK(std::memcmp(dst.data(), data, 24) == 0);
   CHECK(messageOf([] { SafetensorsFile::open("/nonexistent/x.safetensors"); }) ==
         "/nonexistent/x.safetensors: cannot open (No such file or directory)");

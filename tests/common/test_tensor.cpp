@@ -90,3 +90,12 @@ TEST_CASE("aligned buffers are zeroed, 64-byte aligned and keep their address wh
   AlignedBuffer<std::byte> none;
   CHECK(none.empty());
 }
+
+TEST_CASE("uninitialised aligned buffers honour a larger alignment and refuse a bad one") {
+  auto b = AlignedBuffer<std::byte>::uninitialized(10000, 4096);
+  CHECK(reinterpret_cast<uintptr_t>(b.data()) % 4096 == 0);
+  CHECK(b.size() == 10000);
+  CHECK(AlignedBuffer<float>::uninitialized(0).empty());
+  CHECK_THROWS_AS(AlignedBuffer<std::byte>::uninitialized(16, 32), std::invalid_argument);
+  CHECK_THROWS_AS(AlignedBuffer<std::byte>::uninitialized(16, 96), std::invalid_argument);
+}

@@ -50,7 +50,7 @@ TEST_CASE("IDX images and labels read plain and gzipped, shapes from the header"
     writeBytes(images, idxBytes(0x08, {2, 3, 4}, pixels), gz);
     writeBytes(labels, idxBytes(0x08, {2}, std::string("\x07\x02", 2)), gz);
     auto a = readIdx(images, 3, "images");
-    CHECK(a.type == ElemType::kU8);
+    CHECK(a.type == DType::kUInt8);
     CHECK(a.shape == Shape{2, 3, 4});
     CHECK(a.bytes.size() == 24);
     CHECK(std::to_integer<int>(a.bytes[23]) == 230);
@@ -64,7 +64,7 @@ TEST_CASE("IDX multi-byte types are converted from big-endian") {
   std::string be = {0x00, 0x01, static_cast<char>(0xff), static_cast<char>(0xfe)};  // int16: 1, -2
   writeBytes(tmp("i16"), idxBytes(0x0B, {2}, be));
   auto a = readIdx(tmp("i16"), 1, "labels");
-  CHECK(a.type == ElemType::kI16);
+  CHECK(a.type == DType::kInt16);
   CHECK(as<int16_t>(a) == std::vector<int16_t>{1, -2});
   std::string f = {0x3f, static_cast<char>(0x80), 0, 0};  // 1.0f big-endian
   writeBytes(tmp("f32"), idxBytes(0x0D, {1, 1, 1}, f));
@@ -102,24 +102,24 @@ TEST_CASE("a truncated gzip file is an error, not short data") {
 TEST_CASE("NPY v1/v2 arrays of every supported dtype") {
   writeBytes(tmp("f4.npy"), npyBytes("<f4", {2, 3}, rawBytes(std::vector<float>{1, 2, 3, 4, 5, 6.5f})));
   auto a = readNpy(tmp("f4.npy"));
-  CHECK(a.type == ElemType::kF32);
+  CHECK(a.type == DType::kFloat32);
   CHECK(a.shape == Shape{2, 3});
   CHECK(as<float>(a)[5] == 6.5f);
 
   writeBytes(tmp("f8.npy"), npyBytes("<f8", {3}, rawBytes(std::vector<double>{0.5, -1, 2}), 2));
   auto b = readNpy(tmp("f8.npy"));
-  CHECK(b.type == ElemType::kF64);
+  CHECK(b.type == DType::kFloat64);
   CHECK(b.shape == Shape{3});
   CHECK(as<double>(b)[1] == -1.0);
 
   writeBytes(tmp("u1.npy.gz"), npyBytes("|u1", {4, 1, 2}, std::string(8, '\x05')), true);
   auto c = readNpy(tmp("u1.npy.gz"));
-  CHECK(c.type == ElemType::kU8);
+  CHECK(c.type == DType::kUInt8);
   CHECK(c.shape == Shape{4, 1, 2});
 
-  for (auto [descr, type, width] : {std::tuple{"<i8", ElemType::kI64, 8}, std::tuple{"<i4", ElemType::kI32, 4},
-                                    std::tuple{"<i2", ElemType::kI16, 2}, std::tuple{"|i1", ElemType::kI8, 1},
-                                    std::tuple{"<u2", ElemType::kU16, 2}, std::tuple{"|b1", ElemType::kU8, 1}}) {
+  for (auto [descr, type, width] : {std::tuple{"<i8", DType::kInt64, 8}, std::tuple{"<i4", DType::kInt32, 4},
+                                    std::tuple{"<i2", DType::kInt16, 2}, std::tuple{"|i1", DType::kInt8, 1},
+                                    std::tuple{"<u2", DType::kUInt16, 2}, std::tuple{"|b1", DType::kUInt8, 1}}) {
     CAPTURE(descr);
     writeBytes(tmp("x.npy"), npyBytes(descr, {5}, std::string(5 * static_cast<size_t>(width), '\0')));
     auto x = readNpy(tmp("x.npy"));

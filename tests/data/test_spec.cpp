@@ -172,7 +172,7 @@ TEST_CASE("Fashion-MNIST as installed loads with raw uint8 pixels") {
   CHECK(*ds->numClasses() == 10);
   auto* arr = dynamic_cast<const ArrayDataset*>(ds.get());
   REQUIRE(arr != nullptr);
-  CHECK(arr->rawType() == ElemType::kU8);
+  CHECK(arr->rawType() == DType::kUInt8);
   CHECK(arr->rawBytes() == 60000u * 784u);  // 47 MB, not 188 MB of floats
   std::vector<int64_t> idx(64);
   for (int i = 0; i < 64; ++i) idx[static_cast<size_t>(i)] = i * 900;

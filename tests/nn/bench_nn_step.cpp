@@ -17,6 +17,7 @@
 #include "lib/nn/model.h"
 #include "lib/nn/optimizer.h"
 
+using namespace dtrain;
 using namespace dtrain::nn;
 using Clock = std::chrono::steady_clock;
 

@@ -12,6 +12,7 @@
 #include "lib/nn/layer.h"
 #include "lib/nn/spec.h"
 
+using namespace dtrain;
 using namespace dtrain::nn;
 using nlohmann::json;
 

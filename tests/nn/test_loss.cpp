@@ -8,6 +8,7 @@
 #include "lib/common/error.h"
 #include "lib/nn/loss.h"
 
+using namespace dtrain;
 using namespace dtrain::nn;
 
 namespace {

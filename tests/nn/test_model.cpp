@@ -10,6 +10,7 @@
 #include "lib/nn/loss.h"
 #include "lib/nn/model.h"
 
+using namespace dtrain;
 using namespace dtrain::nn;
 using nlohmann::json;
 

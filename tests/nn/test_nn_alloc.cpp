@@ -34,6 +34,7 @@ extern "C" void* malloc(size_t size) {
 }
 #endif
 
+using namespace dtrain;
 using namespace dtrain::nn;
 
 TEST_CASE("training steps do not allocate") {

@@ -11,6 +11,7 @@
 #include "lib/common/error.h"
 #include "lib/nn/optimizer.h"
 
+using namespace dtrain;
 using namespace dtrain::nn;
 
 namespace {

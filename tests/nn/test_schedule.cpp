@@ -7,6 +7,7 @@
 #include "lib/common/error.h"
 #include "lib/nn/schedule.h"
 
+using namespace dtrain;
 using namespace dtrain::nn;
 using nlohmann::json;
 

@@ -9,6 +9,7 @@
 #include "lib/nn/spec.h"
 #include "tests/support/process.h"
 
+using namespace dtrain;
 using namespace dtrain::nn;
 using nlohmann::json;
 

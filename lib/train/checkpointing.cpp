@@ -17,9 +17,12 @@ std::string rankFile(int rank) { return fmt::format("rank-{}.json", rank); }
 
 }  // namespace
 
-Checkpointer::Checkpointer(const Job& job, int rank, int worldSize, std::shared_ptr<comm::Backend> backend,
-                           std::string runTag)
-    : job_(job), rank_(rank), worldSize_(worldSize), backend_(std::move(backend)), runTag_(std::move(runTag)) {}
+Checkpointer::Checkpointer(const Job& job, Strategy& strategy, std::string runTag)
+    : job_(job),
+      strategy_(strategy),
+      rank_(strategy.groups().rank),
+      worldSize_(strategy.groups().worldSize),
+      runTag_(std::move(runTag)) {}
 
 std::optional<ResumePoint> Checkpointer::resume(nn::Model& model, nn::Optimizer& optimizer) {
   if (!job_.checkpoint.enabled || !job_.checkpoint.resume) return std::nullopt;
@@ -30,10 +33,15 @@ std::optional<ResumePoint> Checkpointer::resume(nn::Model& model, nn::Optimizer&
   if (!latest.checkpoint) return std::nullopt;
   auto cp = ckpt::Checkpoint::open(latest.checkpoint->path);
   cp.checkSpecHash(job_.modelHash);
-  for (const auto& p : model.paramTable()) cp.loadTensor(kModelFile, p.name, model.paramTensor(p));
+  const CheckpointShard shard = strategy_.checkpointShard(model);
+  for (size_t i : shard.loadParams) {
+    const auto& p = model.paramTable().at(i);
+    cp.loadTensor(kModelFile, p.name, model.paramTensor(p));
+  }
   const auto n = static_cast<int64_t>(model.numParams());
-  for (auto& buf : optimizer.stateBuffers())
-    cp.loadTensor(kOptimizerFile, buf.name, TensorView::of(buf.data.data(), Shape{n}));
+  if (shard.loadOptimizer)
+    for (auto& buf : optimizer.stateBuffers())
+      cp.loadTensor(kOptimizerFile, buf.name, TensorView::of(buf.data.data(), Shape{n}));
   const auto& meta = cp.meta();
   optimizer.setSteps(meta.user.value("optimizer_steps", meta.step));
   ResumePoint r{meta.step, meta.epoch, meta.samplesConsumed, meta.worldSize, cp.path()};
@@ -45,9 +53,12 @@ std::filesystem::path Checkpointer::save(const nn::Model& model, nn::Optimizer& 
   // Every rank derives the same token: no message needed to agree on the staging dir.
   std::string token = fnv1aHex(fmt::format("{}/{}", runTag_, step));
   ckpt::CheckpointWriter writer(job_.checkpoint.dir, step, token);
-  if (rank_ == 0) {
-    auto tensors = parameterTensors(model);
+  const CheckpointShard shard = strategy_.checkpointShard(model);
+  if (shard.saveModel) {
+    auto tensors = parameterTensors(model, shard.saveParams);
     writer.writeTensors(kModelFile, tensors, {{"format", "pt"}});
+  }
+  if (shard.saveOptimizer) {
     std::vector<ckpt::NamedTensor> state;
     const auto n = static_cast<int64_t>(model.numParams());
     for (auto& buf : optimizer.stateBuffers()) state.push_back({buf.name, TensorView::of(buf.data.data(), Shape{n})});
@@ -55,7 +66,7 @@ std::filesystem::path Checkpointer::save(const nn::Model& model, nn::Optimizer& 
   }
   writer.writeJson(rankFile(rank_), {{"rank", rank_}, {"world_size", worldSize_}, {"step", step}, {"epoch", epoch},
                                      {"samples_consumed", samplesConsumed}});
-  if (backend_) backend_->barrier();  // every rank's part is durable before rank 0 commits
+  strategy_.barrier();  // every rank's part is durable before rank 0 commits
   std::filesystem::path committed;
   if (rank_ == 0) {
     ckpt::CheckpointMeta meta;
@@ -71,7 +82,7 @@ std::filesystem::path Checkpointer::save(const nn::Model& model, nn::Optimizer& 
     ckpt::applyRetention(job_.checkpoint.dir, job_.checkpoint.keep);
   }
   // Nobody moves on (or exits after a stop signal) before the checkpoint is committed.
-  if (backend_) backend_->barrier();
+  strategy_.barrier();
   return committed;
 }
 

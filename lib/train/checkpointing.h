@@ -4,9 +4,11 @@
 // A checkpoint at optimizer step S holds: model.safetensors (the parameter arena under torch.nn.Sequential's
 // names), optimizer.safetensors (the optimizer's state arenas and its step count), one rank-<r>.json per rank
 // (what that rank saw: the group's data position and its world), and meta.json (step, epoch, samples of the
-// epoch consumed by the group, world size, model-spec hash, format version). Parameters and optimizer state are
-// identical on every data-parallel rank, so rank 0 writes them; the per-rank files prove every rank reached the
-// same step, and the checkpoint is committed by rank 0 only after a barrier (lib/ckpt's protocol).
+// epoch consumed by the group, world size, model-spec hash, format version). Which rank writes and reads which
+// named buffers is the strategy's CheckpointShard (lib/train/strategy.h): with data parallelism parameters and
+// optimizer state are identical on every rank, so rank 0 writes them and every rank loads them. The per-rank
+// files prove every rank reached the same step, and the checkpoint is committed by rank 0 only after a barrier
+// (lib/ckpt's protocol).
 //
 // Exact resume: with the same world size a resumed run continues with the same batches (the sampler resumes at
 // the saved position), the same parameters and optimizer state bit for bit, the same lr (a function of the
@@ -20,10 +22,10 @@
 #include <optional>
 #include <string>
 
-#include "lib/comm/backend.h"
 #include "lib/nn/model.h"
 #include "lib/nn/optimizer.h"
 #include "lib/train/job.h"
+#include "lib/train/strategy.h"
 
 namespace dtrain::train {
 
@@ -37,7 +39,8 @@ struct ResumePoint {
 
 class Checkpointer {
  public:
-  Checkpointer(const Job& job, int rank, int worldSize, std::shared_ptr<comm::Backend> backend, std::string runTag);
+  // `strategy` (its groups, barrier and shard) must outlive the checkpointer.
+  Checkpointer(const Job& job, Strategy& strategy, std::string runTag);
 
   bool enabled() const { return job_.checkpoint.enabled; }
   // Finds the newest valid checkpoint (logging the ones it skips and why) and loads parameters and optimizer
@@ -50,9 +53,9 @@ class Checkpointer {
 
  private:
   const Job& job_;
+  Strategy& strategy_;
   int rank_;
   int worldSize_;
-  std::shared_ptr<comm::Backend> backend_;
   std::string runTag_;  // makes staging-dir tokens unique per run and round, and equal on every rank
 };
 

@@ -1,5 +1,7 @@
 #include "lib/train/ddp.h"
 
+#include <fmt/format.h>
+
 #include "lib/common/error.h"
 
 namespace dtrain::train {
@@ -27,45 +29,95 @@ std::vector<Bucket> planBuckets(const nn::Model& model, size_t firstBucketFloats
   return buckets;
 }
 
-GradientSync::GradientSync(nn::Model& model, std::shared_ptr<comm::Backend> backend, double firstBucketMb,
-                           double bucketMb, bool overlap)
-    : model_(model), backend_(std::move(backend)), overlap_(overlap) {
-  auto floats = [](double mb) { return std::max<size_t>(1, static_cast<size_t>(mb * 1024 * 1024 / sizeof(float))); };
-  buckets_ = planBuckets(model_, floats(firstBucketMb), floats(bucketMb));
-  bucketOfLowestLayer_.assign(model_.numLayers(), -1);
-  for (size_t b = 0; b < buckets_.size(); ++b) bucketOfLowestLayer_[buckets_[b].lowestLayer] = static_cast<int>(b);
-  pending_.resize(buckets_.size());
+DdpStrategy::DdpStrategy(ProcessGroups groups, DdpOptions options)
+    : Strategy(std::move(groups)), options_(std::move(options)) {
+  DTRAIN_CHECK(groups_.world && groups_.data, "ddp strategy: needs the world and data process groups");
+  if (!options_.hook) options_.hook = std::make_shared<AllreduceAvgHook>();
 }
 
-nn::LayerGradReady GradientSync::hook() {
-  if (!backend_ || backend_->size() == 1 || !overlap_) return {};
+std::string DdpStrategy::summary() const { return fmt::format("{} backend", groups_.world->name()); }
+
+void DdpStrategy::prepare(nn::Model& model) {
+  model_ = &model;
+  // Rank 0's parameters for everyone: replicas start identical whatever each rank built or loaded.
+  auto params = model.params();
+  groups_.data->broadcast(TensorView::flat(params.data(), params.size()), 0);
+
+  auto floats = [](double mb) { return std::max<size_t>(1, static_cast<size_t>(mb * 1024 * 1024 / sizeof(float))); };
+  buckets_ = planBuckets(model, floats(options_.firstBucketMb), floats(options_.bucketMb));
+  bucketOfLowestLayer_.assign(static_cast<size_t>(model.numLayers()), -1);
+  auto grads = model.grads();
+  views_.clear();
+  for (size_t b = 0; b < buckets_.size(); ++b) {
+    const Bucket& bk = buckets_[b];
+    bucketOfLowestLayer_[static_cast<size_t>(bk.lowestLayer)] = static_cast<int>(b);
+    views_.push_back(GradBucket{.index = b,
+                                .grads = TensorView::flat(grads.data() + bk.offset, bk.count),
+                                .offset = bk.offset,
+                                .layers = bk.layers,
+                                .last = b + 1 == buckets_.size()});
+  }
+  pending_.assign(buckets_.size(), nullptr);
+  // overlap=false: one bucket of every layer (in backward's order) over the whole arena.
+  allLayers_.clear();
+  for (const Bucket& bk : buckets_) allLayers_.insert(allLayers_.end(), bk.layers.begin(), bk.layers.end());
+  whole_ = GradBucket{.index = 0,
+                      .grads = TensorView::flat(grads.data(), grads.size()),
+                      .offset = 0,
+                      .layers = allLayers_,
+                      .last = true};
+}
+
+nn::LayerGradReady DdpStrategy::gradReadyHook() {
+  if (!options_.overlap) return {};
   return nn::LayerGradReady(*this);
 }
 
-void GradientSync::operator()(int layer) {
+void DdpStrategy::operator()(int layer) {
   int b = bucketOfLowestLayer_.at(static_cast<size_t>(layer));
-  if (b >= 0) submit(static_cast<size_t>(b));
+  if (b >= 0) start(static_cast<size_t>(b));
 }
 
-void GradientSync::submit(size_t b) {
+void DdpStrategy::start(size_t b) {
   if (pending_[b]) return;
-  auto grads = model_.grads();
-  pending_[b] = backend_->allreduceAsync(TensorView::flat(grads.data() + buckets_[b].offset, buckets_[b].count),
-                                         comm::ReduceOp::kAvg);
+  pending_[b] = options_.hook->start(views_[b], *groups_.data);
+  DTRAIN_CHECK(pending_[b] != nullptr, "communication hook '{}' returned no Work for bucket {}",
+               options_.hook->name(), b);
 }
 
-void GradientSync::finish() {
-  if (!backend_ || backend_->size() == 1) return;
-  if (!overlap_) {
-    auto grads = model_.grads();
-    backend_->allreduce(TensorView::flat(grads.data(), grads.size()), comm::ReduceOp::kAvg);
+void DdpStrategy::finishStep() {
+  DTRAIN_CHECK(model_ != nullptr, "ddp strategy: finishStep() before prepare()");
+  if (!options_.overlap) {
+    options_.hook->run(whole_, *groups_.data);
     return;
   }
-  for (size_t b = 0; b < buckets_.size(); ++b) submit(b);
+  for (size_t b = 0; b < buckets_.size(); ++b) start(b);
   for (auto& w : pending_) {
     w->wait();
     w.reset();
   }
+}
+
+void DdpStrategy::reduceMetrics(std::span<double> values, comm::ReduceOp op) {
+  groups_.world->allreduce(TensorView::flat(values.data(), values.size()), op);
+}
+
+int DdpStrategy::agreeOnStop(int localSignal) {
+  double flag[1] = {static_cast<double>(localSignal)};
+  groups_.world->allreduce(TensorView::flat(flag, 1), comm::ReduceOp::kMax);
+  return static_cast<int>(flag[0]);
+}
+
+void DdpStrategy::barrier() { groups_.world->barrier(); }
+
+CheckpointShard DdpStrategy::checkpointShard(const nn::Model& model) const {
+  // Replicas are identical: rank 0 writes for everyone, every rank restores everything.
+  const bool writer = groups_.rank == 0;
+  return {.loadParams = allParams(model),
+          .loadOptimizer = true,
+          .saveModel = writer,
+          .saveParams = writer ? allParams(model) : std::vector<size_t>{},
+          .saveOptimizer = writer};
 }
 
 }  // namespace dtrain::train

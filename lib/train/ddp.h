@@ -1,22 +1,26 @@
-// Data-parallel gradient synchronisation (PyTorch DDP's reducer, over dtrain's flat arenas).
+// Data parallelism (PyTorch DDP's reducer, over dtrain's flat arenas): every rank holds a whole replica, trains
+// on its shard of the data, and the gradients are averaged over the data group before each optimizer step.
 //
 // The gradient arena is cut into buckets at layer boundaries, in *reverse* layer order (the order backward
 // produces gradients): the first bucket holds the last layers and is kept small (first_bucket_mb, as DDP does)
 // so communication starts as early as possible; the others grow to bucket_mb. Because the arena is contiguous
-// and in layer order, every bucket is one slice [offset, offset+count) of it: all-reducing it needs no copy.
+// and in layer order, every bucket is one slice [offset, offset+count) of it: reducing it needs no copy.
 //
 // During the last micro-batch's backward, the model reports each layer whose gradients are final; when the
-// lowest layer of a bucket is reported, every layer of the bucket is final (backward runs in reverse), and
-// the bucket's average all-reduce is submitted asynchronously while backward continues with earlier layers.
-// finish() waits for every bucket, so the optimizer sees averaged gradients.
-// With world size 1 nothing is communicated. One thread drives a GradientSync (the trainer's).
+// lowest layer of a bucket is reported, every layer of the bucket is final (backward runs in reverse), and the
+// bucket goes to the communication hook (lib/train/comm_hook.h; default: an asynchronous averaging all-reduce)
+// while backward continues with earlier layers. finishStep() hands any bucket not yet started to the hook, in
+// bucket order, and waits for all of them, so the optimizer sees the hook's result.
+// overlap=false: nothing happens during backward; finishStep() gives the hook one bucket spanning the whole
+// arena and runs it synchronously (CommHook::run): the better choice when no core is free to run communication
+// beside backward. Replicas are kept identical: prepare() broadcasts rank 0's parameters, and each rank writes
+// the checkpoint's parameters and optimizer state only from rank 0 (every rank loads all of them).
 #pragma once
 
 #include <memory>
 #include <vector>
 
-#include "lib/comm/backend.h"
-#include "lib/nn/model.h"
+#include "lib/train/strategy.h"
 
 namespace dtrain::train {
 
@@ -24,37 +28,51 @@ struct Bucket {
   size_t offset = 0;  // in the gradient arena
   size_t count = 0;   // floats
   int lowestLayer = 0;
-  std::vector<int> layers;
+  std::vector<int> layers;  // in the order backward reports them (descending)
 };
 
 // Pure bucket planning (tested on its own): layers in reverse order, sizes in floats.
 std::vector<Bucket> planBuckets(const nn::Model& model, size_t firstBucketFloats, size_t bucketFloats);
 
-class GradientSync {
- public:
-  // overlap=false: no buckets during backward; finish() all-reduces the whole arena in one synchronous call on
-  // the caller's thread (the better choice when no core is free to run communication beside backward).
-  GradientSync(nn::Model& model, std::shared_ptr<comm::Backend> backend, double firstBucketMb, double bucketMb,
-               bool overlap = true);
+struct DdpOptions {
+  double firstBucketMb = 1;
+  double bucketMb = 25;
+  bool overlap = true;
+  CommHookPtr hook;  // null: AllreduceAvgHook
+};
 
-  // The callback to pass to Model::backward on the micro-batch that ends an optimizer step (it refers to this
-  // object, which outlives the backward call); empty when there is nothing to communicate.
-  nn::LayerGradReady hook();
-  // Layer `layer`'s gradients are final: submits its bucket when it is the bucket's lowest layer.
+class DdpStrategy final : public Strategy {
+ public:
+  // groups.world and groups.data must be set (a world of at least one rank).
+  DdpStrategy(ProcessGroups groups, DdpOptions options);
+
+  std::string name() const override { return "ddp"; }
+  std::string summary() const override;
+  void prepare(nn::Model& model) override;
+  nn::LayerGradReady gradReadyHook() override;
+  void finishStep() override;
+  void reduceMetrics(std::span<double> values, comm::ReduceOp op) override;
+  int agreeOnStop(int localSignal) override;
+  int64_t stopCheckEvery() const override { return 8; }
+  void barrier() override;
+  CheckpointShard checkpointShard(const nn::Model& model) const override;
+
+  // Layer `layer`'s gradients are final: starts its bucket when it is the bucket's lowest layer.
   void operator()(int layer);
-  // Waits for all buckets (submitting any not yet started); gradients are then averaged over the world.
-  void finish();
   const std::vector<Bucket>& buckets() const { return buckets_; }
+  const CommHook& hook() const { return *options_.hook; }
 
  private:
-  void submit(size_t bucket);
+  void start(size_t bucket);
 
-  nn::Model& model_;
-  std::shared_ptr<comm::Backend> backend_;
+  DdpOptions options_;
+  nn::Model* model_ = nullptr;
   std::vector<Bucket> buckets_;
-  std::vector<int> bucketOfLowestLayer_;  // layer -> bucket index when the layer is a bucket's lowest, else -1
+  std::vector<GradBucket> views_;          // one per bucket, built once in prepare()
+  std::vector<int> allLayers_;             // every parameter layer, descending (whole_.layers)
+  GradBucket whole_;                       // the whole arena, for overlap=false
+  std::vector<int> bucketOfLowestLayer_;   // layer -> bucket index when the layer is a bucket's lowest, else -1
   std::vector<comm::WorkPtr> pending_;
-  bool overlap_ = true;
 };
 
 }  // namespace dtrain::train

@@ -91,7 +91,7 @@ ParallelSettings parseParallel(const json& doc, const std::string& source) {
   f.allowOnly({"strategy", "backend", "bucket_mb", "first_bucket_mb", "overlap", "timeout", "lr_scaling",
                "reference_world_size"});
   if (f.has("overlap")) p.overlap = f.boolean("overlap", true);
-  p.strategy = choiceOr(f, "strategy", {"ddp"}, "strategy", "ddp");
+  p.strategy = choiceOr(f, "strategy", kStrategyNames, "strategy", "ddp");
   p.backend = choiceOr(f, "backend", {"auto", "tcp", "shm", "hier", "nccl"}, "backend", "auto");
   auto positiveMb = [](double v) { return v > 0 && v <= 4096; };
   p.bucketMb = f.number("bucket_mb", 25.0, "a number of MiB > 0", positiveMb);

@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "lib/data/spec.h"
@@ -39,8 +40,12 @@ struct LoopSettings {
   bool evalEachEpoch = true;
 };
 
+// parallel.strategy values that have an implementation (makeStrategy, lib/train/strategy.h); any other value
+// ("pipeline", "parameter_server", ...) is a ConfigError naming /parallel/strategy until its strategy exists.
+inline const std::vector<std::string_view> kStrategyNames = {"ddp"};
+
 struct ParallelSettings {
-  std::string strategy = "ddp";
+  std::string strategy = "ddp";  // one of kStrategyNames
   std::string backend = "auto";  // tcp | shm | hier | nccl | auto
   double bucketMb = 25;
   double firstBucketMb = 1;      // PyTorch DDP's small first bucket: communication starts early

@@ -19,8 +19,8 @@
 #include "lib/train/check.h"
 #include "lib/train/checkpointing.h"
 #include "lib/train/fault.h"
-#include "lib/train/ddp.h"
 #include "lib/train/progress.h"
+#include "lib/train/strategy.h"
 #include "lib/train/weights.h"
 #include "rendezvous/prefix_store.h"
 #include "rendezvous/tcp_store_client.h"
@@ -44,8 +44,6 @@ double peakRssMb() {
   ::getrusage(RUSAGE_SELF, &ru);
   return static_cast<double>(ru.ru_maxrss) / 1024.0;  // ru_maxrss is in KiB on Linux
 }
-
-constexpr int64_t kStopCheckEvery = 8;
 
 // Dropout masks are a function of (seed, rank, step, micro-batch), so a resumed run draws the masks the
 // uninterrupted run drew.
@@ -96,10 +94,9 @@ class TrainLoop {
  private:
   void setUp();    // data, group, model, optimizer, resume, sampler, plan
   void planRun();  // steps, schedule, log interval for this world
-  void connect();
+  ProcessGroups connect();
   void trainEpoch(int64_t epoch, int64_t startSample);
   void afterStep(int64_t epoch, int64_t position, bool epochEnd);  // log, stop, checkpoint, faults
-  int agreedStopSignal();
   void saveCheckpoint(int64_t epoch, int64_t position);
   void evaluate(const StepStats& stats);
   void logInterval(StepStats& stats, bool force);
@@ -108,7 +105,6 @@ class TrainLoop {
   const Job& job_;
   const WorkerInfo& worker_;
   Clock::time_point start_;
-  std::shared_ptr<comm::Backend> backend_;
   std::shared_ptr<const data::Dataset> train_, eval_;
   std::optional<nn::Model> model_;
   std::unique_ptr<nn::Loss> loss_;
@@ -120,7 +116,7 @@ class TrainLoop {
   Clock::time_point intervalStart_;
   std::unique_ptr<nn::Optimizer> optimizer_;
   std::unique_ptr<Checkpointer> checkpointer_;
-  std::unique_ptr<GradientSync> sync_;
+  std::unique_ptr<Strategy> strategy_;
   std::unique_ptr<data::DistributedSampler> sampler_;
   nn::Schedule schedule_;
   std::unique_ptr<FaultInjector> faults_;
@@ -136,8 +132,13 @@ class TrainLoop {
   bool prefetch_ = true;
 };
 
-void TrainLoop::connect() {
-  if (worker_.worldSize == 1) return;
+// The process groups of this world: none alone (LocalStrategy needs no communicator).
+ProcessGroups TrainLoop::connect() {
+  ProcessGroups groups{.rank = worker_.rank,
+                       .worldSize = worker_.worldSize,
+                       .dataRank = worker_.rank,
+                       .dataSize = worker_.worldSize};
+  if (worker_.worldSize == 1) return groups;
   auto store = rendezvous::connectStore(worker_.store, job_.parallel.timeout);
   // Each round of the launcher gets fresh keys, so a restarted group never meets a stale address.
   auto prefixed = std::make_shared<rendezvous::PrefixStore>(
@@ -145,13 +146,15 @@ void TrainLoop::connect() {
   comm::BackendOptions opts = comm::optionsFromEnv();
   opts.store = prefixed;
   opts.timeout = job_.parallel.timeout;
-  backend_ = comm::createBackend(job_.parallel.backend, opts);
+  groups.world = comm::createBackend(job_.parallel.backend, opts);
+  groups.data = groups.world;  // one replica per rank: the data group is the world
+  return groups;
 }
 
 void TrainLoop::logInterval(StepStats& stats, bool force) {
   if (intervalBatches_ == 0 && !force) return;
   double sums[3] = {intervalLoss_, static_cast<double>(intervalBatches_), static_cast<double>(intervalSamples_)};
-  if (backend_) backend_->allreduce(TensorView::flat(sums, 3), comm::ReduceOp::kSum);
+  strategy_->reduceMetrics(sums, comm::ReduceOp::kSum);
   double secs = std::max(1e-9, secondsSince(intervalStart_));
   stats.loss = sums[1] > 0 ? sums[0] / sums[1] : 0;
   stats.samplesPerSec = sums[2] / secs;
@@ -165,8 +168,9 @@ void TrainLoop::logInterval(StepStats& stats, bool force) {
 void TrainLoop::evaluate(const StepStats& stats) {
   if (!eval_) return;
   // Every sample exactly once: no padding, uneven shards; sums are reduced over the group.
-  data::DistributedSampler sampler({.datasetSize = eval_->size(), .rank = worker_.rank, .worldSize = worker_.worldSize,
-                                    .shuffle = false, .pad = false});
+  const ProcessGroups& g = strategy_->groups();
+  data::DistributedSampler sampler(
+      {.datasetSize = eval_->size(), .rank = g.dataRank, .worldSize = g.dataSize, .shuffle = false, .pad = false});
   data::BatchLoader loader(*eval_, sampler, {.batchSize = job_.data.batchSize, .prefetch = prefetch_});
   nn::EvalSums sums;
   for (const data::Batch& b : loader) {
@@ -175,7 +179,7 @@ void TrainLoop::evaluate(const StepStats& stats) {
   }
   double v[4] = {sums.lossSum, static_cast<double>(sums.lossCount), static_cast<double>(sums.correct),
                  static_cast<double>(sums.samples)};
-  if (backend_) backend_->allreduce(TensorView::flat(v, 4), comm::ReduceOp::kSum);
+  strategy_->reduceMetrics(v, comm::ReduceOp::kSum);
   double evalLoss = v[1] > 0 ? v[0] / v[1] : 0;
   std::optional<double> acc;
   if (loss_->hasAccuracy() && v[3] > 0) acc = v[2] / v[3];
@@ -193,7 +197,7 @@ void TrainLoop::setUp() {
   std::future<std::shared_ptr<const data::Dataset>> evalLoad;
   if (job_.data.eval) evalLoad = std::async(std::launch::async, [&] { return data::loadDataset(*job_.data.eval); });
   train_ = data::loadDataset(job_.data.train);
-  connect();
+  strategy_ = makeStrategy(job_, connect(), {.overlapDefault = spareCores});
   const int64_t batch = job_.data.batchSize;
   model_.emplace(nn::Model::build(job_.model, static_cast<int>(batch), job_.loop.seed));
   loss_ = nn::Loss::create(job_.loss, job_.model.output(), static_cast<int>(batch));
@@ -201,16 +205,12 @@ void TrainLoop::setUp() {
   if (!job_.initFrom.empty()) loadWeights(job_.initFrom, *model_);
   optimizer_ = nn::Optimizer::create(job_.optimizer, model_->numParams());
   checkpointer_ = std::make_unique<Checkpointer>(
-      job_, worker_.rank, worker_.worldSize, backend_,
-      fmt::format("{}/{}/{}", worker_.runId, worker_.round, worker_.restartCount));
+      job_, *strategy_, fmt::format("{}/{}/{}", worker_.runId, worker_.round, worker_.restartCount));
   resumed_ = checkpointer_->resume(*model_, *optimizer_);
-  // Rank 0's parameters for everyone: replicas start identical whatever each rank built or loaded.
-  auto params = model_->params();
-  if (backend_) backend_->broadcast(TensorView::flat(params.data(), params.size()), 0);
-  sync_ = std::make_unique<GradientSync>(*model_, backend_, job_.parallel.firstBucketMb, job_.parallel.bucketMb,
-                                         job_.parallel.overlap.value_or(spareCores));
+  strategy_->prepare(*model_);
+  const ProcessGroups& g = strategy_->groups();
   sampler_ = std::make_unique<data::DistributedSampler>(data::SamplerOptions{
-      .datasetSize = train_->size(), .rank = worker_.rank, .worldSize = worker_.worldSize,
+      .datasetSize = train_->size(), .rank = g.dataRank, .worldSize = g.dataSize,
       .shuffle = job_.data.shuffle, .seed = job_.loop.seed, .dropLast = job_.data.dropLast});
   planRun();
   if (evalLoad.valid()) {
@@ -221,15 +221,15 @@ void TrainLoop::setUp() {
                             [](const nn::LayerSpec& l) { return l.type == nn::LayerType::kDropout; });
   faults_ = std::make_unique<FaultInjector>(worker_.rank, worker_.restartCount);
   sampleLog_ = std::make_unique<SampleLog>(worker_.rank, worker_.worldSize, worker_.restartCount, worker_.round);
-  // Ranks agree on a stop (SIGTERM/SIGINT/SIGUSR1 on any of them) every kStopCheckEvery steps, so that they
-  // all checkpoint at the same step; alone, every step.
-  stopCheckEvery_ = backend_ ? kStopCheckEvery : 1;
+  // Ranks agree on a stop (SIGTERM/SIGINT/SIGUSR1 on any of them) every few steps, so that they all checkpoint
+  // at the same step.
+  stopCheckEvery_ = strategy_->stopCheckEvery();
   // A resumed run, or any later round of the launcher (a restart that found no checkpoint yet), appends.
   progress_ = std::make_unique<Progress>(worker_.rank == 0, job_.outputDir / "metrics.jsonl",
                                          resumed_.has_value() || worker_.round > 0);
   progress_->info(fmt::format("{}: {} parameters, {} training samples, {} rank(s) x batch {}, {} steps{}", job_.name,
                               model_->numParams(), train_->size(), worker_.worldSize, batch, stats_.totalSteps,
-                              backend_ ? fmt::format(", {} backend", backend_->name()) : ""));
+                              strategy_->summary().empty() ? "" : ", " + strategy_->summary()));
   if (resumed_)
     progress_->info(fmt::format("resumed from {} (step {}, epoch {}, {} samples of it done, saved by {} rank(s))",
                                 resumed_->path.string(), resumed_->step, resumed_->epoch + 1,
@@ -256,12 +256,6 @@ void TrainLoop::planRun() {
   schedule_ = nn::Schedule(job_.schedule, baseLr, totalSteps);
   logEvery_ = job_.loop.logEverySteps > 0 ? job_.loop.logEverySteps : std::max<int64_t>(1, stepsPerEpoch / 20);
   stats_ = StepStats{.totalSteps = totalSteps, .epochs = job_.loop.epochs, .stepsPerEpoch = stepsPerEpoch};
-}
-
-int TrainLoop::agreedStopSignal() {
-  double flag[1] = {static_cast<double>(gStopSignal.load())};
-  if (backend_) backend_->allreduce(TensorView::flat(flag, 1), comm::ReduceOp::kMax);
-  return static_cast<int>(flag[0]);
 }
 
 void TrainLoop::saveCheckpoint(int64_t epoch, int64_t position) {
@@ -292,14 +286,14 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
     ++intervalBatches_;
     intervalSamples_ += b.size;
     sampleLog_->add(b.indices);
-    model_->backward(loss_->backward(gradScale), lastMicro ? sync_->hook() : nn::LayerGradReady{},
+    model_->backward(loss_->backward(gradScale), lastMicro ? strategy_->gradReadyHook() : nn::LayerGradReady{},
                      micro == 0 ? nn::GradMode::kOverwrite : nn::GradMode::kAccumulate);
     if (!lastMicro) {
       ++micro;
       continue;
     }
     micro = 0;
-    sync_->finish();
+    strategy_->finishStep();
     if (job_.optimizer.clipGradNorm > 0) nn::clipGradNorm(grads, job_.optimizer.clipGradNorm);
     optimizer_->setLr(schedule_.lr(step_));
     optimizer_->step(params, grads);
@@ -327,7 +321,7 @@ void TrainLoop::afterStep(int64_t epoch, int64_t position, bool epochEnd) {
   // A run that reaches max_steps is checkpointed there, so raising max_steps continues it.
   if (job_.loop.maxSteps > 0 && step_ >= job_.loop.maxSteps) stop_ = true;
   if (step_ % stopCheckEvery_ == 0 || stop_) {
-    if (int sig = agreedStopSignal(); sig != 0) {
+    if (int sig = strategy_->agreeOnStop(gStopSignal.load()); sig != 0) {
       result_.stoppedBySignal = sig;
       stop_ = true;
     }
@@ -349,7 +343,7 @@ void TrainLoop::finish() {
   result_.samplesPerSec = result_.trainSec > 0 ? static_cast<double>(result_.samples) / result_.trainSec : 0;
   // Peak memory of every rank (the largest is what a user sizes a machine by).
   double rss[1] = {peakRssMb()};
-  if (backend_) backend_->allreduce(TensorView::flat(rss, 1), comm::ReduceOp::kMax);
+  strategy_->reduceMetrics(rss, comm::ReduceOp::kMax);
   result_.peakRssMb = rss[0];
   if (!leader) return;
   std::string eval;

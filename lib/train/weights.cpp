@@ -4,6 +4,15 @@
 
 namespace dtrain::train {
 
+std::vector<ckpt::NamedTensor> parameterTensors(const nn::Model& model, std::span<const size_t> indices) {
+  std::vector<ckpt::NamedTensor> out;
+  for (size_t i : indices) {
+    const auto& p = model.paramTable().at(i);
+    out.push_back({p.name, model.paramTensor(p)});
+  }
+  return out;
+}
+
 std::vector<ckpt::NamedTensor> parameterTensors(const nn::Model& model) {
   std::vector<ckpt::NamedTensor> out;
   for (const auto& p : model.paramTable()) out.push_back({p.name, model.paramTensor(p)});

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <filesystem>
+#include <span>
 #include <vector>
 
 #include "lib/ckpt/safetensors.h"
@@ -12,6 +13,8 @@ namespace dtrain::train {
 
 // The model's parameters as tensors to write, pointing into the arena (valid while the model lives).
 std::vector<ckpt::NamedTensor> parameterTensors(const nn::Model& model);
+// The same for the parameters at `indices` of paramTable() (in the order given).
+std::vector<ckpt::NamedTensor> parameterTensors(const nn::Model& model, std::span<const size_t> indices);
 // Writes model.safetensors durably (temporary name, fsync, rename).
 void saveWeights(const std::filesystem::path& path, const nn::Model& model);
 // Loads every parameter by name with shape checks (CheckpointError naming the tensor); extra tensors in the

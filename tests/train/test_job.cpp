@@ -47,6 +47,7 @@ TEST_CASE("a job loads with defaults: name from the file, output under runs/<nam
   CHECK(job.data.batchSize == 8);
   CHECK(job.loop.epochs == 2);
   CHECK(job.parallel.backend == "auto");
+  CHECK(job.parallel.strategy == "ddp");
   CHECK(job.modelHash.size() == 16);
 }
 
@@ -106,6 +107,17 @@ TEST_CASE("job errors name the file, the JSON path and what was expected") {
     auto msg = configErrorOf({writeJob(dir, doc.dump())});
     CHECK(msg.find("/parallel/backend") != std::string::npos);
     CHECK(msg.find("mpi") != std::string::npos);
+  }
+  SUBCASE("a parallel strategy that does not exist yet") {
+    for (const char* strategy : {"pipeline", "parameter_server"}) {
+      json doc = json::parse(kJob);
+      doc["parallel"] = {{"strategy", strategy}};
+      auto msg = configErrorOf({writeJob(dir, doc.dump())});
+      CHECK(msg.find("job.json") != std::string::npos);
+      CHECK(msg.find("/parallel/strategy") != std::string::npos);
+      CHECK(msg.find(strategy) != std::string::npos);
+      CHECK(msg.find("expected ddp") != std::string::npos);
+    }
   }
   SUBCASE("missing model file") {
     json doc = json::parse(kJob);

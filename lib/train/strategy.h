@@ -1,0 +1,121 @@
+// How ranks cooperate on one model: the trainer loop talks to a Strategy and never to a Backend directly.
+//
+// The loop, per run and per optimizer step:
+//   strategy->prepare(model);                          // after resume: replicas/stages start consistent
+//   for each step:
+//     for each micro-batch: forward, loss,
+//       model.backward(..., last micro-batch ? strategy->gradReadyHook() : {});
+//     strategy->finishStep();                          // gradients ready for the optimizer
+//     optimizer.step(params, grads);
+//   strategy->reduceMetrics(...), agreeOnStop(...), barrier() at log/eval/checkpoint boundaries.
+// A checkpoint is layout-free (DESIGN.md): names are the full model's, and checkpointShard() says which named
+// buffers this rank loads and which it writes, so every layout writes the same files.
+//
+// Strategies: LocalStrategy (one process: nothing to communicate) and DdpStrategy (lib/train/ddp.h: replicas,
+// bucketed gradient averaging through a communication hook). makeStrategy() picks one from the job's
+// `parallel.strategy` ("ddp"; job.cpp rejects names that have no strategy yet) and the world size.
+//
+// ProcessGroups: the communicators a strategy may talk in. The trainer creates them (one Backend per group,
+// Backend::newGroup for sub-groups); today the data group is the world. Pipeline and tensor groups stay empty
+// until those strategies exist.
+// Threading: one thread (the trainer's) drives a strategy; every collective method blocks until done and must be
+// called by every rank of the group in the same order (the Backend contract). Errors: CommError from the groups.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "lib/comm/backend.h"
+#include "lib/nn/model.h"
+#include "lib/train/comm_hook.h"
+#include "lib/train/job.h"
+
+namespace dtrain::train {
+
+struct ProcessGroups {
+  int rank = 0;       // in the world
+  int worldSize = 1;
+  int dataRank = 0;   // among the ranks that split the data (the sampler's rank)
+  int dataSize = 1;
+  comm::BackendPtr world;     // every rank; null when worldSize == 1 (nobody to talk to)
+  comm::BackendPtr data;      // data-parallel replicas (== world today)
+  comm::BackendPtr pipeline;  // stages of one replica (none yet)
+  comm::BackendPtr tensor;    // shards of one layer (none yet)
+};
+
+// What a rank reads from and writes to a checkpoint, as indices into Model::paramTable() (full-model names).
+// Optimizer state is per element of the parameter arena, stored under the optimizer's buffer names.
+struct CheckpointShard {
+  std::vector<size_t> loadParams;  // parameters this rank holds and restores on resume
+  bool loadOptimizer = false;      // restores the optimizer's state buffers
+  bool saveModel = false;          // writes model.safetensors, holding saveParams
+  std::vector<size_t> saveParams;
+  bool saveOptimizer = false;      // writes optimizer.safetensors (the whole state arena)
+};
+
+class Strategy {
+ public:
+  virtual ~Strategy() = default;
+  virtual std::string name() const = 0;     // "local", "ddp"
+  // For the start-up line: "tcp backend"; empty when there is nothing to say.
+  virtual std::string summary() const = 0;
+  const ProcessGroups& groups() const { return groups_; }
+
+  // Collective. Makes the ranks' models consistent after they were built and resumed (DDP: rank 0's parameters
+  // for everyone) and sets up per-model state (buckets). `model` must outlive the strategy's use of it.
+  virtual void prepare(nn::Model& model) = 0;
+  // The callback for Model::backward on the micro-batch that ends an optimizer step (it refers to the
+  // strategy); empty when the strategy does nothing during backward.
+  virtual nn::LayerGradReady gradReadyHook() = 0;
+  // Blocks until the step's gradient communication is done: grads() then holds what the optimizer uses.
+  virtual void finishStep() = 0;
+
+  // Collective over the world: `values` reduced in place (kSum or kMax) over the ranks; every rank gets the
+  // result. Used for training/eval metrics and sample counts.
+  virtual void reduceMetrics(std::span<double> values, comm::ReduceOp op) = 0;
+  // Collective over the world: the largest stop signal any rank caught (0: none), so all stop at the same step.
+  virtual int agreeOnStop(int localSignal) = 0;
+  // Steps between agreeOnStop calls: agreeing costs a collective in a group, nothing alone.
+  virtual int64_t stopCheckEvery() const = 0;
+  // Collective over the world: returns when every rank called it (checkpoint commit protocol).
+  virtual void barrier() = 0;
+  // This rank's part of a checkpoint; the union over the ranks writes every buffer exactly once.
+  virtual CheckpointShard checkpointShard(const nn::Model& model) const = 0;
+
+ protected:
+  explicit Strategy(ProcessGroups groups) : groups_(std::move(groups)) {}
+  ProcessGroups groups_;
+};
+
+// One process, nothing to communicate: every collective is the identity, the rank writes the whole checkpoint.
+class LocalStrategy final : public Strategy {
+ public:
+  LocalStrategy() : Strategy(ProcessGroups{}) {}
+  std::string name() const override { return "local"; }
+  std::string summary() const override { return ""; }
+  void prepare(nn::Model&) override {}
+  nn::LayerGradReady gradReadyHook() override { return {}; }
+  void finishStep() override {}
+  void reduceMetrics(std::span<double>, comm::ReduceOp) override {}
+  int agreeOnStop(int localSignal) override { return localSignal; }
+  int64_t stopCheckEvery() const override { return 1; }
+  void barrier() override {}
+  CheckpointShard checkpointShard(const nn::Model& model) const override;
+};
+
+// The strategies' knobs that do not come from the job file.
+struct StrategyOptions {
+  bool overlapDefault = true;  // DDP overlap when parallel.overlap is unset (a core is free for communication)
+  CommHookPtr commHook;        // DDP's hook; null: AllreduceAvgHook
+};
+
+// LocalStrategy when the world has one rank, else the job's parallel.strategy over `groups`.
+std::unique_ptr<Strategy> makeStrategy(const Job& job, ProcessGroups groups, const StrategyOptions& options = {});
+
+// Every parameter of the model (indices into paramTable()), in table order.
+std::vector<size_t> allParams(const nn::Model& model);
+
+}  // namespace dtrain::train

@@ -1,20 +1,11 @@
-// `dtrain bench store`: throughput and latency of the TCP store under N concurrent clients doing set/get
-// pairs, against an in-process server (default) or a running store (--store HOST:PORT).
-#include <unistd.h>
-
-#include <algorithm>
-#include <atomic>
+// `dtrain bench store`: CLI parsing and the table; rendezvous/store_bench.h measures.
 #include <cstdio>
-#include <latch>
 #include <memory>
-#include <thread>
 
 #include "apps/dtrain/commands.h"
-#include "lib/common/clock.h"
 #include "lib/common/error.h"
 #include "lib/common/parse.h"
-#include "rendezvous/tcp_store_client.h"
-#include "rendezvous/tcp_store_server.h"
+#include "rendezvous/store_bench.h"
 
 namespace dtrain::app {
 
@@ -28,31 +19,9 @@ struct BenchStoreArgs {
   std::string connectTimeout = "30s";
 };
 
-struct ClientResult {
-  std::vector<uint32_t> setNs, getNs;  // one latency per op
-  std::exception_ptr error;
-};
-
-double percentileUs(const std::vector<uint32_t>& sorted, double p) {
-  if (sorted.empty()) return 0.0;
-  auto i = static_cast<size_t>(p * static_cast<double>(sorted.size() - 1) + 0.5);
-  return sorted[std::min(i, sorted.size() - 1)] / 1000.0;
-}
-
-void printRow(const char* name, double opsPerSec, std::vector<uint32_t>* lat) {
-  if (lat == nullptr) {
-    std::printf("%-6s %12.0f\n", name, opsPerSec);
-    return;
-  }
-  std::sort(lat->begin(), lat->end());
-  std::printf("%-6s %12.0f %9.1f %9.1f %9.1f %9.1f %9.1f\n", name, opsPerSec, percentileUs(*lat, 0.5),
-              percentileUs(*lat, 0.9), percentileUs(*lat, 0.99), percentileUs(*lat, 0.999),
-              lat->empty() ? 0.0 : lat->back() / 1000.0);
-}
-
-uint32_t nanosSince(Clock::time_point t) {
-  auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t).count();
-  return static_cast<uint32_t>(std::min<int64_t>(ns, UINT32_MAX));
+void printRow(const char* name, const rendezvous::OpFigures& f) {
+  std::printf("%-6s %12.0f %9.1f %9.1f %9.1f %9.1f %9.1f\n", name, f.opsPerSecond, f.p50Us, f.p90Us, f.p99Us,
+              f.p999Us, f.maxUs);
 }
 
 int runBench(const BenchStoreArgs& a) {
@@ -63,78 +32,21 @@ int runBench(const BenchStoreArgs& a) {
   auto connectTimeout = parse::toDuration(a.connectTimeout);
   DTRAIN_CHECK_AS(UsageError, connectTimeout.has_value(), "--connect-timeout {}: expected a duration such as 30s",
                   a.connectTimeout);
-  std::unique_ptr<rendezvous::TcpStoreServer> server;
-  std::string address = a.store;
-  if (address.empty()) {
-    rendezvous::TcpStoreServerOptions o;
-    o.host = "127.0.0.1";
-    server = rendezvous::TcpStoreServer::start(o);
-    address = server->address();
-  }
+  rendezvous::StoreBenchOptions o;
+  o.address = a.store;
+  o.clients = a.clients;
+  o.duration = std::chrono::duration<double>(a.seconds);
+  o.valueBytes = static_cast<size_t>(a.valueBytes);
+  o.connectTimeout = *connectTimeout;
+  const auto r = rendezvous::runStoreBenchmark(o);
 
-  const auto n = static_cast<size_t>(a.clients);
-  const std::string value(static_cast<size_t>(a.valueBytes), 'v');
-  const std::string prefix = fmt::format("/dtrain-bench/{}/", ::getpid());
-  std::vector<ClientResult> results(n);
-  std::vector<std::thread> threads;
-  std::latch ready(static_cast<std::ptrdiff_t>(n) + 1);
-  std::latch go(1);
-  std::atomic<bool> stop{false};
-  for (size_t i = 0; i < n; ++i)
-    threads.emplace_back([&, i] {
-      auto& r = results[i];
-      rendezvous::StorePtr store;
-      try {
-        store = rendezvous::connectStore(address, *connectTimeout);
-      } catch (...) {
-        r.error = std::current_exception();
-      }
-      ready.count_down();
-      go.wait();
-      if (!store) return;
-      const std::string key = prefix + std::to_string(i);
-      r.setNs.reserve(1 << 16);
-      r.getNs.reserve(1 << 16);
-      try {
-        while (!stop.load(std::memory_order_relaxed)) {
-          auto t0 = Clock::now();
-          store->set(key, value);
-          r.setNs.push_back(nanosSince(t0));
-          auto t1 = Clock::now();
-          auto got = store->get(key, std::chrono::seconds(30));
-          r.getNs.push_back(nanosSince(t1));
-          if (got.size() != value.size()) throw Error("store bench: get returned a value of the wrong size");
-        }
-        store->remove(key);
-      } catch (...) {
-        r.error = std::current_exception();
-        stop = true;
-      }
-    });
-  ready.arrive_and_wait();
-  auto start = Clock::now();
-  go.count_down();
-  std::this_thread::sleep_for(std::chrono::duration<double>(a.seconds));  // the measured interval
-  stop = true;
-  for (auto& t : threads) t.join();
-  double elapsed = secondsSince(start);
-  for (auto& r : results)
-    if (r.error) std::rethrow_exception(r.error);
-
-  std::vector<uint32_t> sets, gets;
-  for (auto& r : results) {
-    sets.insert(sets.end(), r.setNs.begin(), r.setNs.end());
-    gets.insert(gets.end(), r.getNs.begin(), r.getNs.end());
-  }
-  std::printf("dtrain bench store: %d clients x %.1f s, %d-byte values, %s store at %s\n", a.clients, elapsed,
-              a.valueBytes, server ? "in-process" : "external", address.c_str());
+  std::printf("dtrain bench store: %d clients x %.1f s, %d-byte values, %s store at %s\n", a.clients,
+              r.elapsedSeconds, a.valueBytes, r.inProcess ? "in-process" : "external", r.address.c_str());
   std::printf("%-6s %12s %9s %9s %9s %9s %9s\n", "op", "ops/s", "p50 us", "p90 us", "p99 us", "p99.9 us",
               "max us");
-  double setRate = static_cast<double>(sets.size()) / elapsed;
-  double getRate = static_cast<double>(gets.size()) / elapsed;
-  printRow("set", setRate, &sets);
-  printRow("get", getRate, &gets);
-  printRow("total", setRate + getRate, nullptr);
+  printRow("set", r.set);
+  printRow("get", r.get);
+  std::printf("%-6s %12.0f\n", "total", r.set.opsPerSecond + r.get.opsPerSecond);
   std::fflush(stdout);
   return 0;
 }

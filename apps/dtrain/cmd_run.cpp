@@ -86,10 +86,7 @@ int runCommand(RunArgs& a, bool programAfterDashes) {
   o.validate();
   if (a.dryRun) {
     for (const auto& line : slurmLines) fmt::print("{}\n", line);
-    fmt::print("nnodes={} nproc_per_node={} node_rank={} rdzv_backend={} rdzv_endpoint={} rdzv_id={} "
-               "max_restarts={}\nprogram={}\n",
-               o.nnodesText, o.nproc, o.nodeRank, o.rdzvBackend, o.rdzvEndpoint.empty() ? "-" : o.rdzvEndpoint,
-               o.rdzvId, o.maxRestarts, fmt::join(o.program, " "));
+    fmt::print("{}\n", o.plan());
     return 0;
   }
   launch::Agent agent(std::move(o));

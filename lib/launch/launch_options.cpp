@@ -169,4 +169,11 @@ void LaunchOptions::validate() {
   programPath = resolveProgram(program.front());
 }
 
+std::string LaunchOptions::plan() const {
+  return fmt::format("nnodes={} nproc_per_node={} node_rank={} rdzv_backend={} rdzv_endpoint={} rdzv_id={} "
+                     "max_restarts={}\nprogram={}",
+                     nnodesText, nproc, nodeRank, rdzvBackend, rdzvEndpoint.empty() ? "-" : rdzvEndpoint, rdzvId,
+                     maxRestarts, fmt::join(program, " "));
+}
+
 }  // namespace dtrain::launch

@@ -49,6 +49,8 @@ struct LaunchOptions {
 
   // Throws UsageError (bad flag values, contradictions) or Error with kNotFound/kNotExecutable (program).
   void validate();
+  // The resolved launch plan as `dtrain run --dry-run` prints it: "nnodes=... max_restarts=N\nprogram=...".
+  std::string plan() const;
 };
 
 // "N" or "MIN:MAX" -> {min, max}; throws UsageError.

@@ -121,7 +121,11 @@ TEST_CASE("below MIN nodes the survivors wait for the join timeout, then fail wi
 
 TEST_CASE("--nnodes 2:3: a node that joins a running job is admitted at a checkpoint and the group grows") {
   std::string dir = tempDir("scaleup");
-  json job = smallJob(240, 4, 1000);
+  // Batch 3 on 4 ranks: every resume position is a multiple of 12, so what is left of an epoch of 240 always
+  // divides by the grown world (6) and the sampler never pads (padding repeats samples, by design: see
+  // docs/fault-tolerance.md). With batch 4 the resize point (a SIGTERM checkpoint at whatever step the join lands
+  // on) decided whether the epoch was padded: the test failed about 1 run in 2.
+  json job = smallJob(240, 3, 1000);
   job["train"]["max_steps"] = 400;
   job["checkpoint"] = {{"every_steps", 50}, {"keep", 2}};
   writeFile(dir + "/job.json", job.dump());

@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <set>
 
-#include "lib/comm/tuning.h"
 #include "lib/common/bytes.h"
 #include "lib/common/env.h"
 #include "lib/common/error.h"

@@ -52,18 +52,6 @@ class Work {
 };
 using WorkPtr = std::shared_ptr<Work>;
 
-// Knobs for the algorithms; -1 keeps the measured default (docs/collectives.md lists them). Each can also be
-// set through the environment variable named beside it, read when a backend is created.
-struct Tuning {
-  int64_t tcpSmallBytes = -1;  // DTRAIN_TCP_SMALL_BYTES: allreduce up to this size uses recursive doubling
-  int64_t tcpChunkBytes = -1;  // DTRAIN_TCP_CHUNK_BYTES: ring pipeline unit (receive, reduce, forward)
-  int64_t tcpBlockBytes = -1;  // DTRAIN_TCP_BLOCK_BYTES: ring all-reduce runs block by block (streamed)
-  int64_t tcpBufferBytes = -1;  // DTRAIN_TCP_BUFFER_BYTES: SO_SNDBUF/SO_RCVBUF; 0 = kernel autotuning
-  int64_t shmSmallBytes = -1;  // DTRAIN_SHM_SMALL_BYTES: allreduce up to this size: every rank reduces all
-  int64_t shmSlotBytes = -1;   // DTRAIN_SHM_SLOT_BYTES: per-rank staging per round (rounded to 4 KiB)
-  int64_t spinMicros = -1;     // DTRAIN_COMM_SPIN_US: busy-wait this long before sleeping on a peer
-};
-
 struct BackendOptions {
   int rank = 0;
   int size = 1;
@@ -75,10 +63,8 @@ struct BackendOptions {
   std::chrono::milliseconds timeout{std::chrono::minutes(5)};  // per operation, and for the bootstrap
   std::string device = "cpu";     // "cpu", "cuda" or "cuda:N" (nccl; default device = localRank)
   std::string groupName = "comm";  // key namespace inside `store`
-  // tcp: the address to listen on and publish. Empty: DTRAIN_COMM_HOST, else 127.0.0.1 when every rank is on
-  // one node, else the first non-loopback IPv4 address of this host.
-  std::string host;
-  Tuning tuning;
+  // Knobs of one backend's algorithms live with that backend (tcp::TcpOptions, shm::ShmOptions, given to its
+  // constructor; createBackend uses their defaults and environment variables).
 };
 
 // RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK (defaults: a one-process job) and

@@ -1,4 +1,5 @@
-// Resolves one Tuning knob: the value set in BackendOptions, else the environment variable, else the default.
+// Resolves one backend knob (TcpOptions, ShmOptions): the value set in the options, else the environment
+// variable, else the default.
 #pragma once
 
 #include <cstdint>

@@ -4,7 +4,9 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 
+#include "lib/comm/hier/hier_backend.h"
 #include "lib/common/config.h"
 #include "lib/common/error.h"
 #include "rendezvous/prefix_store.h"
@@ -251,4 +253,30 @@ TEST_CASE("a buffer on a device the backend cannot serve, or of a dtype the coll
     b->allreduce(TensorView::flat(&x, 1), ReduceOp::kSum);
     CHECK(x == 1.0f);
   }
+}
+
+TEST_CASE("per-backend knobs: set options win over the environment, which is still read, and sub-groups inherit them") {
+  const BackendOptions one = rankOptions(0, 1, nullptr);
+  ::setenv("DTRAIN_TCP_CHUNK_BYTES", "lots", 1);
+  CHECK_THROWS_WITH_AS(createBackend("tcp", one), doctest::Contains("DTRAIN_TCP_CHUNK_BYTES=lots"), UsageError);
+  tcp::TcpOptions t;
+  t.chunkBytes = 4096;
+  auto tcpOne = std::make_shared<tcp::TcpBackend>(one, t);  // the variable is not consulted
+  CHECK(tcpOne->newGroup({0}) != nullptr);                   // nor by the sub-group
+  ::unsetenv("DTRAIN_TCP_CHUNK_BYTES");
+
+  ::setenv("DTRAIN_SHM_SLOT_BYTES", "-", 1);
+  CHECK_THROWS_WITH_AS(createBackend("shm", one), doctest::Contains("DTRAIN_SHM_SLOT_BYTES"), UsageError);
+  shm::ShmOptions s;
+  s.slotBytes = 1 << 16;
+  CHECK(std::make_shared<shm::ShmBackend>(one, s)->newGroup({0}) != nullptr);
+  ::unsetenv("DTRAIN_SHM_SLOT_BYTES");
+
+  ::setenv("DTRAIN_COMM_SPIN_US", "x", 1);  // shared by tcp and shm, so hier's inner shm reads it
+  CHECK_THROWS_WITH_AS(createBackend("hier", one), doctest::Contains("DTRAIN_COMM_SPIN_US"), UsageError);
+  hier::HierOptions h;
+  h.shm.spinMicros = 10;
+  CHECK(std::make_shared<hier::HierBackend>(one, h)->newGroup({0}) != nullptr);
+  ::unsetenv("DTRAIN_COMM_SPIN_US");
+  CHECK(ownShmSegments().empty());
 }

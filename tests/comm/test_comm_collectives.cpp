@@ -7,6 +7,7 @@
 #include <cstring>
 #include <random>
 
+#include "lib/comm/hier/hier_backend.h"
 #include "tests/comm/comm_test_util.h"
 
 using namespace dtrain;
@@ -14,6 +15,9 @@ using namespace dtrain::comm;
 using namespace dtrain::comm::testing;
 
 namespace {
+
+// The per-backend knobs of a configuration (hier takes both).
+using Tuning = hier::HierOptions;
 
 struct Config {
   const char* label;
@@ -25,12 +29,20 @@ struct Config {
 
 Tuning tuning(int64_t tcpSmall, int64_t tcpChunk, int64_t shmSmall, int64_t shmSlot) {
   Tuning t;
-  t.tcpBlockBytes = tcpChunk > 0 ? 3 * tcpChunk : -1;  // forced pieces come with many ring blocks
-  t.tcpSmallBytes = tcpSmall;
-  t.tcpChunkBytes = tcpChunk;
-  t.shmSmallBytes = shmSmall;
-  t.shmSlotBytes = shmSlot;
+  t.tcp.blockBytes = tcpChunk > 0 ? 3 * tcpChunk : -1;  // forced pieces come with many ring blocks
+  t.tcp.smallBytes = tcpSmall;
+  t.tcp.chunkBytes = tcpChunk;
+  t.shm.smallBytes = shmSmall;
+  t.shm.slotBytes = shmSlot;
   return t;
+}
+
+// The named backend, built directly so that it gets these knobs (createBackend uses the defaults).
+BackendPtr makeBackend(const std::string& name, const BackendOptions& o, const Tuning& t) {
+  if (name == "tcp") return std::make_shared<tcp::TcpBackend>(o, t.tcp);
+  if (name == "shm") return std::make_shared<shm::ShmBackend>(o, t.shm);
+  if (name == "hier") return std::make_shared<hier::HierBackend>(o, t);
+  throw std::runtime_error("no such backend: " + name);
 }
 
 const Config kConfigs[] = {
@@ -131,9 +143,7 @@ void checkSendRecv(Backend& b, size_t bytes) {
 void runConfig(const Config& c, int n) {
   auto store = rendezvous::MemoryStore::create();
   auto errors = onRanks(n, [&](int r) {
-    BackendOptions o = rankOptions(r, n, store, c.nodes);
-    o.tuning = c.tuning;
-    auto b = createBackend(c.backend, o);
+    auto b = makeBackend(c.backend, rankOptions(r, n, store, c.nodes), c.tuning);
     expect(b->rank() == r && b->size() == n, "rank/size mismatch");
     // 1, 7: fewer elements than ranks (empty segments and slices); 20001: above every small-message
     // threshold, not divisible by any world size, many pieces/rounds with the forced 4 KiB units.

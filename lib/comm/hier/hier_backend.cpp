@@ -3,13 +3,12 @@
 #include <algorithm>
 
 #include "lib/comm/reduce.h"
-#include "lib/comm/shm/shm_backend.h"
-#include "lib/comm/tcp/tcp_backend.h"
 #include "lib/common/error.h"
 
 namespace dtrain::comm::hier {
 
-HierBackend::HierBackend(BackendOptions options) : Backend(std::move(options)) {
+HierBackend::HierBackend(BackendOptions options, HierOptions hier)
+    : Backend(std::move(options)), hier_(std::move(hier)) {
   const int n = size();
   int localSize = 0;
   for (int r = 0; r < n; ++r) {
@@ -23,7 +22,7 @@ HierBackend::HierBackend(BackendOptions options) : Backend(std::move(options)) {
   local.size = localSize;
   local.localRank = local.rank;
   local.localSize = localSize;
-  local_ = std::make_shared<shm::ShmBackend>(local);
+  local_ = std::make_shared<shm::ShmBackend>(local, hier_.shm);
   if (leaders_.size() == 1) return;
   auto leader = std::find(leaders_.begin(), leaders_.end(), rank());
   if (leader != leaders_.end()) {
@@ -33,17 +32,17 @@ HierBackend::HierBackend(BackendOptions options) : Backend(std::move(options)) {
     across.size = static_cast<int>(leaders_.size());
     across.localRank = 0;
     across.localSize = 1;
-    leaderGroup_ = std::make_shared<tcp::TcpBackend>(across);
+    leaderGroup_ = std::make_shared<tcp::TcpBackend>(across, hier_.tcp);
   }
   BackendOptions all = options_;
   all.groupName = key("hier/all");
-  all_ = std::make_shared<tcp::TcpBackend>(all);
+  all_ = std::make_shared<tcp::TcpBackend>(all, hier_.tcp);
 }
 
 HierBackend::~HierBackend() { shutdown(); }
 
 std::shared_ptr<Backend> HierBackend::makeGroup(BackendOptions options) {
-  return std::make_shared<HierBackend>(std::move(options));
+  return std::make_shared<HierBackend>(std::move(options), hier_);
 }
 
 int HierBackend::localIndex(int globalRank) const {

@@ -17,19 +17,20 @@
 #include <vector>
 
 #include "lib/comm/backend.h"
-
-namespace dtrain::comm::shm {
-class ShmBackend;
-}
-namespace dtrain::comm::tcp {
-class TcpBackend;
-}
+#include "lib/comm/shm/shm_backend.h"
+#include "lib/comm/tcp/tcp_backend.h"
 
 namespace dtrain::comm::hier {
 
+// The knobs of the inner communicators (their environment variables apply as for shm and tcp alone).
+struct HierOptions {
+  tcp::TcpOptions tcp;
+  shm::ShmOptions shm;
+};
+
 class HierBackend : public Backend {
  public:
-  explicit HierBackend(BackendOptions options);
+  explicit HierBackend(BackendOptions options, HierOptions hier = {});
   ~HierBackend() override;
   std::string name() const override { return "hier"; }
 
@@ -49,6 +50,7 @@ class HierBackend : public Backend {
  private:
   int localIndex(int globalRank) const;  // position among its node's ranks
 
+  HierOptions hier_;
   std::vector<int> leaders_;  // global rank of each node's leader, ascending
   std::shared_ptr<shm::ShmBackend> local_;
   std::shared_ptr<tcp::TcpBackend> leaderGroup_;  // null unless leader with several nodes

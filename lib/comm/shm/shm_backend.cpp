@@ -18,10 +18,10 @@ constexpr size_t kP2pBytes = 256 << 10;  // per ordered pair; power of two (ring
 
 }  // namespace
 
-ShmBackend::ShmBackend(BackendOptions options) : Backend(std::move(options)) {
-  const Tuning& t = options_.tuning;
+ShmBackend::ShmBackend(BackendOptions options, ShmOptions shm) : Backend(std::move(options)), shm_(shm) {
+  const ShmOptions& t = shm_;
   spin_ = std::chrono::microseconds(tuned(t.spinMicros, "DTRAIN_COMM_SPIN_US", kDefaultSpinMicros));
-  const auto slot = static_cast<size_t>(std::max<int64_t>(4096, tuned(t.shmSlotBytes, "DTRAIN_SHM_SLOT_BYTES",
+  const auto slot = static_cast<size_t>(std::max<int64_t>(4096, tuned(t.slotBytes, "DTRAIN_SHM_SLOT_BYTES",
                                                                       kDefaultSlotBytes)));
   if (!singleNode()) {
     for (int r = 0; r < size(); ++r)
@@ -33,7 +33,7 @@ ShmBackend::ShmBackend(BackendOptions options) : Backend(std::move(options)) {
   const Layout layout(size(), slot, kP2pBytes);
   // The one-shot path stages the whole message in one slot.
   smallBytes_ = std::min(layout.slotBytes,
-                         static_cast<size_t>(tuned(t.shmSmallBytes, "DTRAIN_SHM_SMALL_BYTES", kDefaultSmallBytes)));
+                         static_cast<size_t>(tuned(t.smallBytes, "DTRAIN_SHM_SMALL_BYTES", kDefaultSmallBytes)));
   peersAlive_ = std::make_unique<PeerWatch>(peers_);
   const Deadline deadline = newDeadline();
   if (rank() == 0) {
@@ -63,7 +63,7 @@ ShmBackend::ShmBackend(BackendOptions options) : Backend(std::move(options)) {
 ShmBackend::~ShmBackend() { shutdown(); }
 
 std::shared_ptr<Backend> ShmBackend::makeGroup(BackendOptions options) {
-  return std::make_shared<ShmBackend>(std::move(options));
+  return std::make_shared<ShmBackend>(std::move(options), shm_);
 }
 
 void ShmBackend::post() { seg_->phase(rank()).post(++phase_); }

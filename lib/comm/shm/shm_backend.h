@@ -7,7 +7,7 @@
 // without any extra handshake. Large operations run as a sequence of slot-sized rounds, so the data a peer
 // reads was written a moment ago by another core and is still in cache.
 //
-// Algorithms (thresholds measured, see Tuning and docs/collectives.md):
+// Algorithms (thresholds measured, see ShmOptions and docs/collectives.md):
 //  - allreduce, small: one round. Each rank copies its buffer into its slot, posts, waits for all, and reduces
 //    all n inputs itself (in rank order, so every rank computes the identical expression): one
 //    synchronisation, which is what latency at 1 KiB is made of.
@@ -22,6 +22,7 @@
 // Thread-safety: as Backend.
 #pragma once
 
+#include <cstdint>
 #include <memory>
 #include <vector>
 
@@ -31,10 +32,19 @@
 
 namespace dtrain::comm::shm {
 
+// The shm backend's knobs. A negative value keeps the environment variable named beside it, else the
+// measured default (docs/collectives.md). Read once, when the backend is created; malformed environment
+// values are a UsageError. Every rank of a group must agree on slotBytes. Sub-groups (newGroup) inherit them.
+struct ShmOptions {
+  int64_t smallBytes = -1;  // DTRAIN_SHM_SMALL_BYTES: allreduce up to this size: every rank reduces all
+  int64_t slotBytes = -1;   // DTRAIN_SHM_SLOT_BYTES: per-rank staging per round (rounded to 4 KiB)
+  int64_t spinMicros = -1;  // DTRAIN_COMM_SPIN_US: busy-wait this long before sleeping on a peer
+};
+
 class ShmBackend : public Backend {
  public:
   // Collective: rank 0 creates the segment, the others map it. Every rank must be on this node.
-  explicit ShmBackend(BackendOptions options);
+  explicit ShmBackend(BackendOptions options, ShmOptions shm = {});
   ~ShmBackend() override;
   std::string name() const override { return "shm"; }
 
@@ -67,6 +77,7 @@ class ShmBackend : public Backend {
   void allreduceSplit(char* buf, size_t count, DType dtype, ReduceOp op, int root, Waiter& w);
   void runAllreduce(void* buf, size_t count, DType dtype, ReduceOp op, int root, const Deadline& deadline);
 
+  ShmOptions shm_;  // as given (unresolved), for sub-groups
   std::unique_ptr<Segment> seg_;
   std::unique_ptr<PeerWatch> peersAlive_;
   std::vector<Flag*> flags_;

@@ -41,7 +41,7 @@ class Mesh {
   std::vector<std::unique_ptr<Conn>> conns_;  // [rank_] is empty
 };
 
-// The address to listen on and publish when BackendOptions::host is empty: DTRAIN_COMM_HOST, else 127.0.0.1
+// The address to listen on and publish when TcpOptions::host is empty: DTRAIN_COMM_HOST, else 127.0.0.1
 // when every rank is on this node, else this host's first non-loopback IPv4 address.
 std::string chooseHost(const std::string& configured, bool singleNode);
 

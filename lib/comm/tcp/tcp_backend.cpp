@@ -26,26 +26,26 @@ constexpr int64_t kDefaultBufferBytes = 0;
 size_t roundUp64(int64_t v) { return static_cast<size_t>(std::max<int64_t>(64, (v + 63) / 64 * 64)); }
 }  // namespace
 
-TcpBackend::TcpBackend(BackendOptions options) : Backend(std::move(options)) {
-  const Tuning& t = options_.tuning;
-  smallBytes_ = static_cast<size_t>(tuned(t.tcpSmallBytes, "DTRAIN_TCP_SMALL_BYTES",
+TcpBackend::TcpBackend(BackendOptions options, TcpOptions tcp) : Backend(std::move(options)), tcp_(std::move(tcp)) {
+  const TcpOptions& t = tcp_;
+  smallBytes_ = static_cast<size_t>(tuned(t.smallBytes, "DTRAIN_TCP_SMALL_BYTES",
                                           size() == 2 ? kDefaultSmallBytesTwoRanks : kDefaultSmallBytes));
-  chunkBytes_ = roundUp64(tuned(t.tcpChunkBytes, "DTRAIN_TCP_CHUNK_BYTES", kDefaultChunkBytes));
-  blockBytes_ = roundUp64(tuned(t.tcpBlockBytes, "DTRAIN_TCP_BLOCK_BYTES", kDefaultBlockBytes));
+  chunkBytes_ = roundUp64(tuned(t.chunkBytes, "DTRAIN_TCP_CHUNK_BYTES", kDefaultChunkBytes));
+  blockBytes_ = roundUp64(tuned(t.blockBytes, "DTRAIN_TCP_BLOCK_BYTES", kDefaultBlockBytes));
   spin_ = std::chrono::microseconds(tuned(t.spinMicros, "DTRAIN_COMM_SPIN_US", kDefaultSpinMicros));
   stagingStore_.resize(chunkBytes_ + 64);
   staging_ = stagingStore_.data() + (64 - reinterpret_cast<uintptr_t>(stagingStore_.data()) % 64) % 64;
   if (size() > 1) {
-    const auto buffers = static_cast<int>(tuned(t.tcpBufferBytes, "DTRAIN_TCP_BUFFER_BYTES", kDefaultBufferBytes));
+    const auto buffers = static_cast<int>(tuned(t.bufferBytes, "DTRAIN_TCP_BUFFER_BYTES", kDefaultBufferBytes));
     mesh_ = std::make_unique<Mesh>(*options_.store, key("tcp/"), rank(), size(),
-                                   chooseHost(options_.host, singleNode()), buffers, newDeadline());
+                                   chooseHost(t.host, singleNode()), buffers, newDeadline());
   }
 }
 
 TcpBackend::~TcpBackend() { shutdown(); }
 
 std::shared_ptr<Backend> TcpBackend::makeGroup(BackendOptions options) {
-  return std::make_shared<TcpBackend>(std::move(options));
+  return std::make_shared<TcpBackend>(std::move(options), tcp_);
 }
 
 Waiter TcpBackend::waiter(const Deadline& deadline) const { return Waiter(deadline, options_.timeout, spin_); }

@@ -83,4 +83,11 @@ void SampleLog::commitStep(int64_t epoch, int64_t step) {
   pending_.clear();
 }
 
+void addTestAids(CallbackList& callbacks, int rank, int worldSize, int attempt, int round) {
+  auto faults = std::make_shared<FaultInjector>(rank, attempt);  // a malformed DTRAIN_FAULT fails before any file
+  auto sampleLog = std::make_shared<SampleLog>(rank, worldSize, attempt, round);
+  if (sampleLog->enabled()) callbacks.add(sampleLog);
+  if (faults->enabled()) callbacks.add(faults);
+}
+
 }  // namespace dtrain::train

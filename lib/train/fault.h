@@ -9,6 +9,8 @@
 //   every rank appends, per optimizer step, the sample indices it trained on to
 //   DIR/samples-a<attempt>-r<rank>.jsonl ({"attempt","round","rank","world","epoch","step","idx"}), flushed per
 //   line: proof that an elastic resize neither skips nor repeats samples.
+// Both are trainer callbacks (lib/train/callbacks.h), registered by addTestAids only when their variable is set,
+// so an ordinary run calls neither.
 #pragma once
 
 #include <cstdint>
@@ -16,6 +18,8 @@
 #include <span>
 #include <string>
 #include <vector>
+
+#include "lib/train/callbacks.h"
 
 namespace dtrain::train {
 
@@ -30,11 +34,14 @@ struct Fault {
 // Parses DTRAIN_FAULT (empty: no faults); UsageError naming the variable on bad syntax.
 std::vector<Fault> parseFaults(const std::string& text);
 
-class FaultInjector {
+class FaultInjector final : public TrainerCallback {
  public:
   FaultInjector(int rank, int attempt);  // reads DTRAIN_FAULT
+  bool enabled() const { return !faults_.empty(); }
   // Called after each optimizer step. Does not return when a fault fires (kill/hang) or throws (exit).
   void afterStep(int64_t step) const;
+  // After the step's checkpoint (if any), so a fault at a checkpoint step leaves that checkpoint behind.
+  void onStepEnd(const StepEvent& e) override { afterStep(e.step); }
 
  private:
   std::vector<Fault> faults_;
@@ -42,18 +49,25 @@ class FaultInjector {
   int attempt_;
 };
 
-class SampleLog {
+class SampleLog final : public TrainerCallback {
  public:
   SampleLog(int rank, int worldSize, int attempt, int round);  // reads DTRAIN_SAMPLE_LOG
-  ~SampleLog();
+  ~SampleLog() override;
   bool enabled() const { return file_ != nullptr; }
   void add(std::span<const int64_t> indices);
   void commitStep(int64_t epoch, int64_t step);  // writes the indices added since the last step
+
+  void onBatch(const data::Batch& b) override { add(b.indices); }
+  // Before the step can be checkpointed: a checkpoint never covers a step missing from the log.
+  void onOptimizerStep(const StepEvent& e) override { commitStep(e.epoch, e.step); }
 
  private:
   std::FILE* file_ = nullptr;
   int rank_, world_, attempt_, round_;
   std::vector<int64_t> pending_;
 };
+
+// Registers the SampleLog and the FaultInjector when DTRAIN_SAMPLE_LOG / DTRAIN_FAULT ask for them.
+void addTestAids(CallbackList& callbacks, int rank, int worldSize, int attempt, int round);
 
 }  // namespace dtrain::train

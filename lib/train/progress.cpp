@@ -22,8 +22,9 @@ std::string formatDuration(double seconds) {
   return fmt::format("{}:{:02}", s / 60, s % 60);
 }
 
-Progress::Progress(bool enabled, const std::filesystem::path& metricsPath, bool append)
-    : enabled_(enabled), tty_(enabled && ::isatty(STDOUT_FILENO) == 1) {
+Progress::Progress(bool enabled, const std::filesystem::path& metricsPath, bool append,
+                   std::filesystem::path weightsPath)
+    : enabled_(enabled), tty_(enabled && ::isatty(STDOUT_FILENO) == 1), weightsPath_(std::move(weightsPath)) {
   if (!enabled_ || metricsPath.empty()) return;
   std::error_code ec;
   std::filesystem::create_directories(metricsPath.parent_path(), ec);
@@ -105,5 +106,16 @@ void Progress::info(const std::string& line) {
 }
 
 void Progress::summary(const std::string& line) { info(line); }
+
+void Progress::onFinish(const StepStats& s, const TrainResult& r) {
+  if (!enabled_) return;
+  std::string eval;
+  if (r.evalAccuracy) eval = fmt::format(", eval accuracy {:.2f}%", *r.evalAccuracy * 100);
+  else if (r.evalLoss) eval = fmt::format(", eval loss {:.6f}", *r.evalLoss);
+  std::string wrote = r.stoppedBySignal ? std::string() : "; wrote " + weightsPath_.string();
+  summary(fmt::format("done: {} steps, {} samples in {} (training {:.0f} samples/s, peak RSS {:.0f} MB per rank){}{}",
+                      r.steps, r.samples, formatDuration(r.wallSec), r.samplesPerSec, r.peakRssMb, eval, wrote));
+  final(s, r.samplesPerSec, r.trainSec, r.wallSec, r.peakRssMb);
+}
 
 }  // namespace dtrain::train

@@ -1,6 +1,7 @@
 // What rank 0 shows and records while training: a progress line (one updating line on a terminal, periodic
 // lines otherwise), metrics.jsonl (one JSON object per line: step, epoch, loss, lr, samples_per_s, and on
 // evaluation lines eval_loss and eval_accuracy), and the final summary. Other ranks keep quiet.
+// The loop reaches it as a TrainerCallback (onLog, onEval, onFinish); the trainer's set-up lines go to info().
 #pragma once
 
 #include <cstdint>
@@ -10,27 +11,21 @@
 #include <string>
 
 #include "lib/common/clock.h"
+#include "lib/train/callbacks.h"
 
 namespace dtrain::train {
 
-struct StepStats {
-  int64_t step = 0;         // optimizer steps done
-  int64_t totalSteps = 0;
-  int64_t epoch = 0;        // 0-based
-  int64_t epochs = 0;
-  int64_t stepInEpoch = 0;
-  int64_t stepsPerEpoch = 0;
-  double loss = 0;          // mean training loss over the interval, all ranks
-  double lr = 0;
-  double samplesPerSec = 0; // all ranks, over the interval
-  double elapsedSec = 0;    // since training started
-};
-
-class Progress {
+class Progress final : public TrainerCallback {
  public:
-  // Only `enabled` (rank 0) prints and writes; metricsPath empty: no file.
-  Progress(bool enabled, const std::filesystem::path& metricsPath, bool append);
-  ~Progress();
+  // Only `enabled` (rank 0) prints and writes; metricsPath empty: no file. `weightsPath`: where the run writes
+  // its final weights (named in the summary line).
+  Progress(bool enabled, const std::filesystem::path& metricsPath, bool append, std::filesystem::path weightsPath = {});
+  ~Progress() override;
+
+  void onLog(const StepStats& s) override { step(s); }
+  void onEval(const StepStats& s, const EvalResult& e) override { eval(s, e.loss, e.accuracy, e.samples); }
+  // The summary line ("done: ...") and the final metrics line.
+  void onFinish(const StepStats& s, const TrainResult& r) override;
 
   void step(const StepStats& s);
   void eval(const StepStats& s, double evalLoss, std::optional<double> evalAccuracy, int64_t samples);
@@ -45,6 +40,7 @@ class Progress {
   bool tty_;
   bool lineOpen_ = false;
   std::FILE* metrics_ = nullptr;
+  std::filesystem::path weightsPath_;
 };
 
 std::string formatDuration(double seconds);  // "1:02:03" / "2:03"

@@ -88,7 +88,8 @@ namespace {
 
 class TrainLoop {
  public:
-  TrainLoop(const Job& job, const WorkerInfo& worker) : job_(job), worker_(worker), start_(Clock::now()) {}
+  TrainLoop(const Job& job, const WorkerInfo& worker, std::vector<TrainerCallbackPtr> extra)
+      : job_(job), worker_(worker), start_(Clock::now()), extraCallbacks_(std::move(extra)) {}
   TrainResult run();
 
  private:
@@ -96,11 +97,11 @@ class TrainLoop {
   void planRun();  // steps, schedule, log interval for this world
   ProcessGroups connect();
   void trainEpoch(int64_t epoch, int64_t startSample);
-  void afterStep(int64_t epoch, int64_t position, bool epochEnd);  // log, stop, checkpoint, faults
+  void afterStep(int64_t epoch, int64_t position, bool epochEnd);  // log, stop, checkpoint, callbacks
   void saveCheckpoint(int64_t epoch, int64_t position);
   void evaluate(const StepStats& stats);
   void logInterval(StepStats& stats, bool force);
-  void finish();   // final weights and summary
+  void finish();   // final weights, the result over the ranks, onFinish
 
   const Job& job_;
   const WorkerInfo& worker_;
@@ -108,19 +109,19 @@ class TrainLoop {
   std::shared_ptr<const data::Dataset> train_, eval_;
   std::optional<nn::Model> model_;
   std::unique_ptr<nn::Loss> loss_;
-  std::unique_ptr<Progress> progress_;
+  std::vector<TrainerCallbackPtr> extraCallbacks_;
+  CallbackList callbacks_;              // progress, test aids, then the caller's; see callbacks.h
+  std::shared_ptr<Progress> progress_;  // also in callbacks_; set-up lines go to it directly
   // interval accounting for progress lines
   double intervalLoss_ = 0;
   int64_t intervalBatches_ = 0;
   int64_t intervalSamples_ = 0;
   Clock::time_point intervalStart_;
   std::unique_ptr<nn::Optimizer> optimizer_;
-  std::unique_ptr<Checkpointer> checkpointer_;
   std::unique_ptr<Strategy> strategy_;
+  std::unique_ptr<Checkpointer> checkpointer_;  // uses strategy_
   std::unique_ptr<data::DistributedSampler> sampler_;
   nn::Schedule schedule_;
-  std::unique_ptr<FaultInjector> faults_;
-  std::unique_ptr<SampleLog> sampleLog_;
   std::optional<ResumePoint> resumed_;
   StepStats stats_;
   int64_t step_ = 0;  // optimizer steps done
@@ -159,7 +160,7 @@ void TrainLoop::logInterval(StepStats& stats, bool force) {
   stats.loss = sums[1] > 0 ? sums[0] / sums[1] : 0;
   stats.samplesPerSec = sums[2] / secs;
   stats.elapsedSec = secondsSince(start_);
-  progress_->step(stats);
+  callbacks_.log(stats);
   intervalLoss_ = 0;
   intervalBatches_ = intervalSamples_ = 0;
   intervalStart_ = Clock::now();
@@ -185,7 +186,7 @@ void TrainLoop::evaluate(const StepStats& stats) {
   if (loss_->hasAccuracy() && v[3] > 0) acc = v[2] / v[3];
   result_.evalLoss = evalLoss;
   result_.evalAccuracy = acc;
-  progress_->eval(stats, evalLoss, acc, static_cast<int64_t>(v[3]));
+  callbacks_.eval(stats, EvalResult{evalLoss, acc, static_cast<int64_t>(v[3])});
 }
 
 void TrainLoop::setUp() {
@@ -219,14 +220,15 @@ void TrainLoop::setUp() {
   }
   hasDropout_ = std::any_of(job_.model.layers.begin(), job_.model.layers.end(),
                             [](const nn::LayerSpec& l) { return l.type == nn::LayerType::kDropout; });
-  faults_ = std::make_unique<FaultInjector>(worker_.rank, worker_.restartCount);
-  sampleLog_ = std::make_unique<SampleLog>(worker_.rank, worker_.worldSize, worker_.restartCount, worker_.round);
+  addTestAids(callbacks_, worker_.rank, worker_.worldSize, worker_.restartCount, worker_.round);
   // Ranks agree on a stop (SIGTERM/SIGINT/SIGUSR1 on any of them) every few steps, so that they all checkpoint
   // at the same step.
   stopCheckEvery_ = strategy_->stopCheckEvery();
   // A resumed run, or any later round of the launcher (a restart that found no checkpoint yet), appends.
-  progress_ = std::make_unique<Progress>(worker_.rank == 0, job_.outputDir / "metrics.jsonl",
-                                         resumed_.has_value() || worker_.round > 0);
+  progress_ = std::make_shared<Progress>(worker_.rank == 0, job_.outputDir / "metrics.jsonl",
+                                         resumed_.has_value() || worker_.round > 0, job_.outputDir / "model.safetensors");
+  callbacks_.add(progress_);
+  for (auto& c : extraCallbacks_) callbacks_.add(std::move(c));
   progress_->info(fmt::format("{}: {} parameters, {} training samples, {} rank(s) x batch {}, {} steps{}", job_.name,
                               model_->numParams(), train_->size(), worker_.worldSize, batch, stats_.totalSteps,
                               strategy_->summary().empty() ? "" : ", " + strategy_->summary()));
@@ -285,7 +287,7 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
     intervalLoss_ += loss_->forward(out, targetsOf(b, *train_));
     ++intervalBatches_;
     intervalSamples_ += b.size;
-    sampleLog_->add(b.indices);
+    callbacks_.batch(b);
     model_->backward(loss_->backward(gradScale), lastMicro ? strategy_->gradReadyHook() : nn::LayerGradReady{},
                      micro == 0 ? nn::GradMode::kOverwrite : nn::GradMode::kAccumulate);
     if (!lastMicro) {
@@ -298,7 +300,7 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
     optimizer_->setLr(schedule_.lr(step_));
     optimizer_->step(params, grads);
     ++step_;
-    sampleLog_->commitStep(epoch, step_);
+    callbacks_.optimizerStep({.epoch = epoch, .step = step_});
     stats_.stepInEpoch = (batchIndex + accum - 1) / accum;
     result_.samples += b.size * worker_.worldSize;
     afterStep(epoch, b.position, batchIndex == numBatches);
@@ -329,7 +331,7 @@ void TrainLoop::afterStep(int64_t epoch, int64_t position, bool epochEnd) {
   // The epoch's last step is saved after the evaluation, by trainEpoch, as the start of the next epoch.
   bool due = stop_ || (job_.checkpoint.everySteps > 0 && step_ % job_.checkpoint.everySteps == 0);
   if (due && !epochEnd) saveCheckpoint(epoch, position);
-  faults_->afterStep(step_);
+  callbacks_.stepEnd({.epoch = epoch, .step = step_});
 }
 
 void TrainLoop::finish() {
@@ -345,17 +347,7 @@ void TrainLoop::finish() {
   double rss[1] = {peakRssMb()};
   strategy_->reduceMetrics(rss, comm::ReduceOp::kMax);
   result_.peakRssMb = rss[0];
-  if (!leader) return;
-  std::string eval;
-  if (result_.evalAccuracy) eval = fmt::format(", eval accuracy {:.2f}%", *result_.evalAccuracy * 100);
-  else if (result_.evalLoss) eval = fmt::format(", eval loss {:.6f}", *result_.evalLoss);
-  std::string wrote =
-      result_.stoppedBySignal ? std::string() : "; wrote " + (job_.outputDir / "model.safetensors").string();
-  progress_->summary(fmt::format("done: {} steps, {} samples in {} (training {:.0f} samples/s, peak RSS {:.0f} MB per "
-                                 "rank){}{}",
-                                 step_, result_.samples, formatDuration(result_.wallSec), result_.samplesPerSec,
-                                 result_.peakRssMb, eval, wrote));
-  progress_->final(stats_, result_.samplesPerSec, result_.trainSec, result_.wallSec, result_.peakRssMb);
+  callbacks_.finish(stats_, result_);
 }
 
 TrainResult TrainLoop::run() {
@@ -372,8 +364,8 @@ TrainResult TrainLoop::run() {
 
 }  // namespace
 
-TrainResult runTraining(const Job& job, const WorkerInfo& worker) {
-  TrainLoop loop(job, worker);
+TrainResult runTraining(const Job& job, const WorkerInfo& worker, std::vector<TrainerCallbackPtr> callbacks) {
+  TrainLoop loop(job, worker, std::move(callbacks));
   return loop.run();
 }
 

@@ -1,5 +1,6 @@
 // The worker runtime behind `dtrain train`: builds the model and data from a Job, joins the collective group
-// (under `dtrain run`, through DTRAIN_STORE), and runs the data-parallel training loop.
+// (under `dtrain run`, through DTRAIN_STORE), and runs the training loop; how ranks cooperate is the Strategy's
+// business (lib/train/strategy.h), what happens around the loop the callbacks' (lib/train/callbacks.h).
 //
 // One process is one rank. World size 1 runs the same code with no communication. Rank 0 prints progress,
 // writes metrics.jsonl and model.safetensors into the job's output folder.
@@ -7,7 +8,9 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
+#include "lib/train/callbacks.h"
 #include "lib/train/job.h"
 
 namespace dtrain::train {
@@ -26,18 +29,8 @@ struct WorkerInfo {
   static WorkerInfo fromEnv();  // throws UsageError on malformed values
 };
 
-struct TrainResult {
-  int64_t steps = 0;
-  int64_t samples = 0;  // all ranks
-  double wallSec = 0;
-  double trainSec = 0;  // time in the training loop (evaluation excluded)
-  double peakRssMb = 0; // largest peak resident set size over the ranks
-  double samplesPerSec = 0;  // training samples per second over the group
-  std::optional<double> evalLoss;
-  std::optional<double> evalAccuracy;
-  int stoppedBySignal = 0;  // SIGTERM/SIGINT/SIGUSR1 stopped the run early (after a checkpoint)
-};
-
-TrainResult runTraining(const Job& job, const WorkerInfo& worker);
+// Trains the job as this worker. `callbacks` are called after the built-in ones (progress, test aids) at every
+// event of lib/train/callbacks.h. Throws ConfigError/UsageError/CommError/CheckpointError (exit codes in error.h).
+TrainResult runTraining(const Job& job, const WorkerInfo& worker, std::vector<TrainerCallbackPtr> callbacks = {});
 
 }  // namespace dtrain::train

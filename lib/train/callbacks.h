@@ -1,0 +1,105 @@
+// Trainer callbacks: what runs at the loop's boundaries without being part of training (progress lines and
+// metrics.jsonl, the DTRAIN_SAMPLE_LOG and DTRAIN_FAULT test aids, and whatever monitoring comes next).
+// They are registered once at set-up; the loop calls the list at fixed points and knows nothing of what they do
+// (Keras' and PyTorch Lightning's Callback, cut down to the events dtrain has).
+//
+// Events, in the order the loop raises them:
+//   onBatch           a micro-batch was drawn and its loss computed (every micro-batch; before its backward)
+//   onOptimizerStep   right after an optimizer step, before the trainer logs, agrees on a stop or checkpoints
+//                     (so what a callback records of the step is durable before a checkpoint can cover it)
+//   onLog             a progress interval, reduced over the ranks (all ranks; values are the group's)
+//   onStepEnd         after everything the trainer does at a step boundary, checkpoint included
+//   onEval            an evaluation ended (all ranks; values reduced over the group)
+//   onFinish          once, after the final weights were written and the result reduced over the ranks
+// Every rank raises every event; a callback that only rank 0 should act on checks the rank itself (Progress).
+// Threading: all on the trainer's thread. Callbacks may throw (dtrain::Error ends the run with its exit code)
+// and must not allocate per batch when they are registered unconditionally (the loop is allocation-free).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "lib/data/batch_loader.h"
+
+namespace dtrain::train {
+
+struct StepStats {
+  int64_t step = 0;         // optimizer steps done
+  int64_t totalSteps = 0;
+  int64_t epoch = 0;        // 0-based
+  int64_t epochs = 0;
+  int64_t stepInEpoch = 0;
+  int64_t stepsPerEpoch = 0;
+  double loss = 0;          // mean training loss over the interval, all ranks
+  double lr = 0;
+  double samplesPerSec = 0; // all ranks, over the interval
+  double elapsedSec = 0;    // since training started
+};
+
+struct EvalResult {
+  double loss = 0;                  // mean over the evaluation set, all ranks
+  std::optional<double> accuracy;   // when the loss has one
+  int64_t samples = 0;              // evaluated, all ranks
+};
+
+struct TrainResult {
+  int64_t steps = 0;
+  int64_t samples = 0;  // all ranks
+  double wallSec = 0;
+  double trainSec = 0;  // time in the training loop (evaluation excluded)
+  double peakRssMb = 0; // largest peak resident set size over the ranks
+  double samplesPerSec = 0;  // training samples per second over the group
+  std::optional<double> evalLoss;
+  std::optional<double> evalAccuracy;
+  int stoppedBySignal = 0;  // SIGTERM/SIGINT/SIGUSR1 stopped the run early (after a checkpoint)
+};
+
+struct StepEvent {
+  int64_t epoch = 0;  // 0-based
+  int64_t step = 0;   // optimizer steps done, this one included
+};
+
+class TrainerCallback {
+ public:
+  virtual ~TrainerCallback() = default;
+  virtual void onBatch(const data::Batch& /*batch*/) {}
+  virtual void onOptimizerStep(const StepEvent& /*event*/) {}
+  virtual void onLog(const StepStats& /*stats*/) {}
+  virtual void onStepEnd(const StepEvent& /*event*/) {}
+  virtual void onEval(const StepStats& /*stats*/, const EvalResult& /*eval*/) {}
+  virtual void onFinish(const StepStats& /*stats*/, const TrainResult& /*result*/) {}
+};
+using TrainerCallbackPtr = std::shared_ptr<TrainerCallback>;
+
+// The registered callbacks, called in registration order.
+class CallbackList {
+ public:
+  void add(TrainerCallbackPtr callback) { list_.push_back(std::move(callback)); }
+  size_t size() const { return list_.size(); }
+
+  void batch(const data::Batch& b) const {
+    for (const auto& c : list_) c->onBatch(b);
+  }
+  void optimizerStep(const StepEvent& e) const {
+    for (const auto& c : list_) c->onOptimizerStep(e);
+  }
+  void log(const StepStats& s) const {
+    for (const auto& c : list_) c->onLog(s);
+  }
+  void stepEnd(const StepEvent& e) const {
+    for (const auto& c : list_) c->onStepEnd(e);
+  }
+  void eval(const StepStats& s, const EvalResult& r) const {
+    for (const auto& c : list_) c->onEval(s, r);
+  }
+  void finish(const StepStats& s, const TrainResult& r) const {
+    for (const auto& c : list_) c->onFinish(s, r);
+  }
+
+ private:
+  std::vector<TrainerCallbackPtr> list_;
+};
+
+}  // namespace dtrain::train

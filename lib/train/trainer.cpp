@@ -287,6 +287,7 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
     intervalLoss_ += loss_->forward(out, targetsOf(b, *train_));
     ++intervalBatches_;
     intervalSamples_ += b.size;
+    result_.samples += b.size * worker_.worldSize;  // every micro-batch of the step (grad_accum > 1 has several)
     callbacks_.batch(b);
     model_->backward(loss_->backward(gradScale), lastMicro ? strategy_->gradReadyHook() : nn::LayerGradReady{},
                      micro == 0 ? nn::GradMode::kOverwrite : nn::GradMode::kAccumulate);
@@ -302,7 +303,6 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
     ++step_;
     callbacks_.optimizerStep({.epoch = epoch, .step = step_});
     stats_.stepInEpoch = (batchIndex + accum - 1) / accum;
-    result_.samples += b.size * worker_.worldSize;
     afterStep(epoch, b.position, batchIndex == numBatches);
     if (stop_ && batchIndex != numBatches) break;
   }

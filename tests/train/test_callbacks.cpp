@@ -92,6 +92,9 @@ TEST_CASE("callbacks see every micro-batch, step boundary, log, evaluation and t
   CHECK(recorder->evalSamples == 2 * 16);
   CHECK(recorder->result.steps == 8);
   CHECK(result.steps == 8);
+  // Every micro-batch's samples count (2 epochs x 64), not only the last micro-batch of each step.
+  CHECK(result.samples == 2 * 64);
+  CHECK(recorder->result.samples == 2 * 64);
   // The built-in progress callback wrote metrics.jsonl: a line per log, per evaluation, and the final line.
   CHECK(countLines(dir + "/out/metrics.jsonl") == 8 + 2 + 1);
 }

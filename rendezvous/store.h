@@ -26,6 +26,14 @@ namespace dtrain::rendezvous {
 
 using Millis = std::chrono::milliseconds;
 
+// torchrun's default rendezvous port: the store's port when an endpoint gives none (`dtrain store`, `dtrain run
+// --rdzv-endpoint HOST`, DTRAIN_STORE=HOST) and the base of the ports derived under Slurm.
+inline constexpr uint16_t kDefaultPort = 29400;
+
+// Every key of run `runId` lives under "/dtrain/<runId>/" (rendezvous rounds, heartbeats, the workers'
+// collective bootstrap), so runs sharing one store never meet each other's keys.
+inline std::string runPrefix(std::string_view runId) { return "/dtrain/" + std::string(runId) + "/"; }
+
 // Limits enforced by every implementation (the TCP server rejects larger fields with an error reply).
 inline constexpr size_t kMaxKeyBytes = 4096;
 inline constexpr size_t kMaxValueBytes = 64u << 20;

@@ -19,7 +19,6 @@ using proto::Status;
 
 namespace {
 
-constexpr uint16_t kDefaultStorePort = 29400;
 constexpr size_t kRecvBuffer = 16 * 1024;
 constexpr size_t kKeepBuffer = 1 << 20;
 // How long past a GET/WAIT's own timeout the client waits for the server's TIMEOUT reply before it
@@ -385,7 +384,7 @@ void TcpStoreClient::ping() {
 }
 
 StorePtr connectStore(const std::string& hostPort, Millis timeout) {
-  auto hp = net::parseHostPort(hostPort, kDefaultStorePort);
+  auto hp = net::parseHostPort(hostPort, kDefaultPort);
   if (!hp) DTRAIN_THROW(UsageError, "invalid store address '{}': expected HOST:PORT", hostPort);
   TcpStoreClientOptions options;
   options.host = hp->host;

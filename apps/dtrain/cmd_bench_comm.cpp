@@ -8,10 +8,10 @@
 #include "apps/dtrain/commands.h"
 #include "lib/comm/bench.h"
 #include "lib/comm/registry.h"
-#include "lib/common/env.h"
 #include "lib/common/error.h"
 #include "lib/common/log.h"
 #include "lib/common/parse.h"
+#include "lib/common/worker_contract.h"
 #include "rendezvous/memory_store.h"
 #include "rendezvous/prefix_store.h"
 #include "rendezvous/tcp_store_client.h"
@@ -78,19 +78,19 @@ int runBenchComm(const std::string& what, const BenchCommArgs& a) {
   DTRAIN_CHECK_AS(UsageError, timeout.has_value() && timeout->count() > 0, "--timeout {}: expected a duration",
                   a.timeout);
 
-  comm::BackendOptions bo = comm::optionsFromEnv();
+  const auto worker = WorkerContract::fromEnv();
+  comm::BackendOptions bo = comm::optionsFromContract(worker);
   bo.timeout = *timeout;
   log::setTag(fmt::format("dtrain r{}", bo.rank));
   if (bo.size > 1) {
-    auto address = env::get("DTRAIN_STORE");
-    DTRAIN_CHECK_AS(UsageError, address && !address->empty(),
+    DTRAIN_CHECK_AS(UsageError, !worker.store.empty(),
                     "WORLD_SIZE={} but DTRAIN_STORE is not set: run under `dtrain run`, or start a `dtrain store` "
                     "and export DTRAIN_STORE=host:port for every rank",
                     bo.size);
     // One namespace per run, attempt and benchmark, so a restarted round never reads a dead attempt's keys.
-    const std::string prefix = fmt::format("/dtrain/{}/bench-{}/{}/", env::getOr("DTRAIN_RUN_ID", "none"), what,
-                                           env::getOr("DTRAIN_RESTART_COUNT", "0"));
-    bo.store = std::make_shared<rendezvous::PrefixStore>(prefix, rendezvous::connectStore(*address, *timeout));
+    const std::string prefix =
+        fmt::format("{}bench-{}/{}/", rendezvous::runPrefix(worker.runId), what, worker.restartCount);
+    bo.store = std::make_shared<rendezvous::PrefixStore>(prefix, rendezvous::connectStore(worker.store, *timeout));
   } else {
     bo.store = rendezvous::MemoryStore::create();
   }

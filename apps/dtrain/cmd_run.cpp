@@ -10,6 +10,7 @@
 #include "lib/common/parse.h"
 #include "lib/launch/agent.h"
 #include "lib/launch/slurm.h"
+#include "rendezvous/store.h"
 
 namespace dtrain::app {
 
@@ -106,7 +107,7 @@ void addRunCommand(CLI::App& root, Action& action) {
       ->envname("DTRAIN_NPROC_PER_NODE");
   sub->add_option("--node-rank,--node_rank", o.nodeRank, "This node's rank (0 hosts the store with the static backend)")
       ->envname("DTRAIN_NODE_RANK");
-  sub->add_option("--rdzv-endpoint,--rdzv_endpoint", o.rdzvEndpoint, "Rendezvous store HOST[:PORT] (port 29400)")
+  sub->add_option("--rdzv-endpoint,--rdzv_endpoint", o.rdzvEndpoint, fmt::format("Rendezvous store HOST[:PORT] (port {})", rendezvous::kDefaultPort))
       ->envname("DTRAIN_RDZV_ENDPOINT");
   sub->add_option("--rdzv-backend,--rdzv_backend", o.rdzvBackend,
                   "static: node rank 0 hosts the store; store: a standalone `dtrain store` at the endpoint")

@@ -10,6 +10,7 @@
 #include "apps/dtrain/commands.h"
 #include "lib/common/log.h"
 #include "lib/common/net.h"
+#include "rendezvous/store.h"
 #include "rendezvous/store_protocol.h"
 #include "rendezvous/tcp_store_server.h"
 
@@ -19,7 +20,7 @@ namespace {
 
 struct StoreArgs {
   std::string host = "0.0.0.0";
-  int port = 29400;  // torchrun's default rendezvous port
+  int port = rendezvous::kDefaultPort;  // torchrun's default rendezvous port
   bool quiet = false;
 };
 

@@ -11,6 +11,7 @@
 #include "lib/common/hash.h"
 #include "lib/common/log.h"
 #include "lib/common/net.h"
+#include "lib/common/worker_contract.h"
 
 namespace dtrain::comm {
 
@@ -68,20 +69,16 @@ PeerInfo decodePeer(std::string_view bytes, int* size) {
 
 }  // namespace
 
-BackendOptions optionsFromEnv() {
+BackendOptions optionsFromEnv() { return optionsFromContract(WorkerContract::fromEnv()); }
+
+BackendOptions optionsFromContract(const WorkerContract& worker) {
   BackendOptions o;
-  o.rank = static_cast<int>(env::getInt("RANK", 0));
-  o.size = static_cast<int>(env::getInt("WORLD_SIZE", 1));
-  // Started by hand without the launcher's node variables: assume one node.
-  o.localRank = static_cast<int>(env::getInt("LOCAL_RANK", o.rank));
-  o.localSize = static_cast<int>(env::getInt("LOCAL_WORLD_SIZE", o.size));
-  o.nodeRank = static_cast<int>(env::getInt("GROUP_RANK", 0));
+  o.rank = worker.rank;
+  o.size = worker.worldSize;
+  o.localRank = worker.localRank;
+  o.localSize = worker.localWorldSize;
+  o.nodeRank = worker.nodeRank;
   o.timeout = env::getDuration("DTRAIN_COMM_TIMEOUT", o.timeout);
-  DTRAIN_CHECK_AS(UsageError, o.size >= 1 && o.rank >= 0 && o.rank < o.size,
-                  "RANK={} and WORLD_SIZE={} do not describe a rank of the job", o.rank, o.size);
-  DTRAIN_CHECK_AS(UsageError, o.localSize >= 1 && o.localRank >= 0 && o.localRank < o.localSize,
-                  "LOCAL_RANK={} and LOCAL_WORLD_SIZE={} do not describe a rank on this node", o.localRank,
-                  o.localSize);
   return o;
 }
 

@@ -38,6 +38,7 @@
 #include "lib/comm/types.h"
 #include "lib/common/clock.h"
 #include "lib/common/tensor.h"
+#include "lib/common/worker_contract.h"
 #include "rendezvous/store.h"
 
 namespace dtrain::comm {
@@ -67,9 +68,11 @@ struct BackendOptions {
   // constructor; createBackend uses their defaults and environment variables).
 };
 
-// RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK (defaults: a one-process job) and
-// DTRAIN_COMM_TIMEOUT; the store is left to the caller. Throws UsageError on malformed values.
+// The ranks from the worker contract (lib/common/worker_contract.h: RANK, WORLD_SIZE, LOCAL_RANK,
+// LOCAL_WORLD_SIZE, GROUP_RANK; defaults: a one-process job) and DTRAIN_COMM_TIMEOUT; the store is left to the
+// caller. Throws UsageError on malformed values.
 BackendOptions optionsFromEnv();
+BackendOptions optionsFromContract(const WorkerContract& worker);
 
 // What every rank publishes about itself when a backend is created.
 struct PeerInfo {

@@ -30,7 +30,6 @@ class StoreHost {
 
 namespace {
 
-constexpr uint16_t kDefaultPort = 29400;
 // After a terminal outcome the store's host lingers this long for the other agents to read it.
 constexpr auto kLingerForPeers = 5s;
 
@@ -84,7 +83,7 @@ void Agent::setUpStore() {
     runId_ = options_.rdzvId == "none" ? randomRunId() : options_.rdzvId;
     hosting_ = true;
   } else {
-    hp = *net::parseHostPort(options_.rdzvEndpoint.empty() ? "127.0.0.1" : options_.rdzvEndpoint, kDefaultPort);
+    hp = *net::parseHostPort(options_.rdzvEndpoint.empty() ? "127.0.0.1" : options_.rdzvEndpoint, rendezvous::kDefaultPort);
     runId_ = options_.rdzvId;
     hosting_ = options_.rdzvBackend == "static" && (options_.nodeRank == 0 || options_.maxNodes == 1);
   }
@@ -114,7 +113,7 @@ void Agent::setUpStore() {
     throw RendezvousError(fmt::format("no rendezvous store answered at {} within {} s ({}): {}", endpoint_,
                                       options_.rdzvTimeout.count() / 1000, who, e.what()));
   }
-  store_ = std::make_shared<rendezvous::PrefixStore>(fmt::format("/dtrain/{}/", runId_), client);
+  store_ = std::make_shared<rendezvous::PrefixStore>(rendezvous::runPrefix(runId_), client);
   watchStore_ = store_->clone();
 }
 
@@ -132,7 +131,7 @@ int Agent::run() {
   if (!options_.localAddr.empty()) self.host = options_.localAddr;
   else if (options_.standalone || (hosting_ && options_.maxNodes == 1 && options_.rdzvEndpoint.empty()))
     self.host = "127.0.0.1";
-  else if (hosting_) self.host = net::parseHostPort(endpoint_, kDefaultPort)->host;
+  else if (hosting_) self.host = net::parseHostPort(endpoint_, rendezvous::kDefaultPort)->host;
   else self.host = self.hostname;
   self.masterPort = net::pickFreePort();
 

@@ -9,6 +9,7 @@
 #include "lib/common/error.h"
 #include "lib/common/net.h"
 #include "lib/common/parse.h"
+#include "rendezvous/store.h"
 
 namespace dtrain::launch {
 
@@ -156,7 +157,7 @@ void LaunchOptions::validate() {
     DTRAIN_CHECK_AS(UsageError, !rdzvEndpoint.empty(),
                     "--rdzv-backend store needs --rdzv-endpoint HOST[:PORT] of a running `dtrain store`");
   if (!rdzvEndpoint.empty())
-    DTRAIN_CHECK_AS(UsageError, net::parseHostPort(rdzvEndpoint, 29400).has_value(),
+    DTRAIN_CHECK_AS(UsageError, net::parseHostPort(rdzvEndpoint, rendezvous::kDefaultPort).has_value(),
                     "--rdzv-endpoint {}: expected HOST or HOST:PORT", rdzvEndpoint);
   DTRAIN_CHECK_AS(UsageError, shutdownTimeout.count() >= 0, "--shutdown-timeout must not be negative");
   DTRAIN_CHECK_AS(UsageError, heartbeatInterval.count() > 0 && heartbeatTimeout > heartbeatInterval,

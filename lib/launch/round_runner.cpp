@@ -121,7 +121,7 @@ void RoundRunner::startWorkers() {
       w.sinks[s] = std::make_unique<StreamSink>(prefix, consoleFd, file, s == 1 ? kTailLines : 0);
     }
     wctx.localRank = lr;
-    SpawnSpec spec{opts.programPath, opts.program, workerEnvironment(wctx, nproc), fds[0][1], fds[1][1]};
+    SpawnSpec spec{opts.programPath, opts.program, workerEnvironment(wctx), fds[0][1], fds[1][1]};
     try {
       w.pid = spawnProcess(spec);
     } catch (...) {

@@ -6,6 +6,7 @@
 #include "lib/common/error.h"
 #include "lib/common/parse.h"
 #include "lib/launch/hostlist.h"
+#include "rendezvous/store.h"
 
 extern char** environ;
 
@@ -13,7 +14,7 @@ namespace dtrain::launch {
 
 namespace {
 
-constexpr int kPortBase = 29400;
+constexpr int kPortBase = rendezvous::kDefaultPort;
 constexpr int kPortSpan = 1000;
 
 struct Var {

@@ -1,9 +1,11 @@
-// The worker environment contract (torchrun-compatible plus DTRAIN_*), built once per worker per round.
+// The worker environment contract (lib/common/worker_contract.h) as the launcher fills it, once per worker per
+// round.
 #pragma once
 
 #include <string>
 #include <vector>
 
+#include "lib/common/worker_contract.h"
 #include "lib/launch/launch_options.h"
 #include "rendezvous/rendezvous.h"
 
@@ -17,11 +19,11 @@ struct WorkerContext {
   int maxRestarts = 0;
 };
 
-// The agent's own environment with the contract variables set (overriding inherited values), as
-// "NAME=value" strings ready for execve.
-std::vector<std::string> workerEnvironment(const WorkerContext& ctx, int nprocOnThisNode);
+// The contract of local worker ctx.localRank in ctx.round.
+WorkerContract workerContract(const WorkerContext& ctx);
 
-// Just the contract variables, in a fixed order (for --dry-run and tests).
-std::vector<std::pair<std::string, std::string>> contractVariables(const WorkerContext& ctx);
+// The agent's own environment with the contract variables set (overriding inherited values) and the
+// OMP_NUM_THREADS rule applied, as "NAME=value" strings ready for execve.
+std::vector<std::string> workerEnvironment(const WorkerContext& ctx);
 
 }  // namespace dtrain::launch

@@ -10,7 +10,6 @@
 
 #include "lib/comm/registry.h"
 #include "lib/common/clock.h"
-#include "lib/common/env.h"
 #include "lib/common/error.h"
 #include "lib/common/log.h"
 #include "lib/data/batch_loader.h"
@@ -56,35 +55,11 @@ uint64_t dropoutSeed(uint64_t seed, int rank, int64_t step, int micro) {
   return h;
 }
 
-int envInt(const char* name, int fallback) { return static_cast<int>(env::getInt(name, fallback)); }
-
 // Views of a batch's labels in the form the loss expects.
 TensorView targetsOf(const data::Batch& b, const data::Dataset& ds) {
   if (b.classLabels) return TensorView::i32(b.classLabels, Shape{b.size});
   return TensorView::f32(b.targets, ds.labelShape().withBatch(b.size));
 }
-
-}  // namespace
-
-WorkerInfo WorkerInfo::fromEnv() {
-  WorkerInfo w;
-  w.rank = envInt("RANK", 0);
-  w.worldSize = envInt("WORLD_SIZE", 1);
-  w.localRank = envInt("LOCAL_RANK", 0);
-  w.localWorldSize = envInt("LOCAL_WORLD_SIZE", 1);
-  w.nodeRank = envInt("GROUP_RANK", 0);
-  w.store = env::getOr("DTRAIN_STORE", "");
-  w.runId = env::getOr("DTRAIN_RUN_ID", "none");
-  w.round = envInt("DTRAIN_ROUND", 0);
-  w.restartCount = envInt("DTRAIN_RESTART_COUNT", 0);
-  DTRAIN_CHECK_AS(UsageError, w.worldSize >= 1 && w.rank >= 0 && w.rank < w.worldSize,
-                  "RANK={} WORLD_SIZE={}: expected 0 <= RANK < WORLD_SIZE", w.rank, w.worldSize);
-  DTRAIN_CHECK_AS(UsageError, w.worldSize == 1 || !w.store.empty(),
-                  "WORLD_SIZE={} but DTRAIN_STORE is not set: start the workers with `dtrain run`", w.worldSize);
-  return w;
-}
-
-namespace {
 
 class TrainLoop {
  public:
@@ -143,8 +118,8 @@ ProcessGroups TrainLoop::connect() {
   auto store = rendezvous::connectStore(worker_.store, job_.parallel.timeout);
   // Each round of the launcher gets fresh keys, so a restarted group never meets a stale address.
   auto prefixed = std::make_shared<rendezvous::PrefixStore>(
-      fmt::format("/dtrain/{}/r{}/w/", worker_.runId, worker_.round), store);
-  comm::BackendOptions opts = comm::optionsFromEnv();
+      fmt::format("{}r{}/w/", rendezvous::runPrefix(worker_.runId), worker_.round), store);
+  comm::BackendOptions opts = comm::optionsFromContract(worker_);
   opts.store = prefixed;
   opts.timeout = job_.parallel.timeout;
   groups.world = comm::createBackend(job_.parallel.backend, opts);
@@ -365,6 +340,8 @@ TrainResult TrainLoop::run() {
 }  // namespace
 
 TrainResult runTraining(const Job& job, const WorkerInfo& worker, std::vector<TrainerCallbackPtr> callbacks) {
+  DTRAIN_CHECK_AS(UsageError, worker.worldSize == 1 || !worker.store.empty(),
+                  "WORLD_SIZE={} but DTRAIN_STORE is not set: start the workers with `dtrain run`", worker.worldSize);
   TrainLoop loop(job, worker, std::move(callbacks));
   return loop.run();
 }

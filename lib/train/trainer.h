@@ -10,27 +10,19 @@
 #include <string>
 #include <vector>
 
+#include "lib/common/worker_contract.h"
 #include "lib/train/callbacks.h"
 #include "lib/train/job.h"
 
 namespace dtrain::train {
 
-// The launcher's environment contract as the worker sees it (defaults: a one-process job).
-struct WorkerInfo {
-  int rank = 0;
-  int worldSize = 1;
-  int localRank = 0;
-  int localWorldSize = 1;
-  int nodeRank = 0;
-  std::string store;  // DTRAIN_STORE host:port; empty when alone
-  std::string runId;  // DTRAIN_RUN_ID
-  int round = 0;      // DTRAIN_ROUND
-  int restartCount = 0;
-  static WorkerInfo fromEnv();  // throws UsageError on malformed values
-};
+// The launcher's environment contract as the worker sees it: lib/common/worker_contract.h (defaults: a
+// one-process job; WorkerInfo::fromEnv() throws UsageError on malformed values).
+using WorkerInfo = WorkerContract;
 
 // Trains the job as this worker. `callbacks` are called after the built-in ones (progress, test aids) at every
-// event of lib/train/callbacks.h. Throws ConfigError/UsageError/CommError/CheckpointError (exit codes in error.h).
+// event of lib/train/callbacks.h. Throws ConfigError/UsageError/CommError/CheckpointError (exit codes in error.h);
+// UsageError when worker.worldSize > 1 and no store is given (DTRAIN_STORE).
 TrainResult runTraining(const Job& job, const WorkerInfo& worker, std::vector<TrainerCallbackPtr> callbacks = {});
 
 }  // namespace dtrain::train

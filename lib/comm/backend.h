@@ -88,7 +88,9 @@ struct CallOptions {
   // needs no CUDA). The operation is enqueued on that stream instead of the communicator's own, so it is
   // ordered after the caller's work already issued there and the caller may order later work after it on
   // the same stream; Work::wait() (and a synchronous call) still waits for it to finish. nullptr: the
-  // communicator's own stream. The CPU backends ignore it.
+  // communicator's own stream. Operations on different streams are ordered only as the caller orders those
+  // streams, and every rank must still issue collectives in the same order, so keep one communicator's
+  // operations on one stream at a time. The CPU backends ignore it.
   void* stream = nullptr;
 };
 

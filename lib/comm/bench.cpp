@@ -6,66 +6,60 @@
 #include <cstring>
 
 #include "lib/comm/reduce.h"
+#include "lib/common/aligned_buffer.h"
 #include "lib/common/config.h"
 #include "lib/common/error.h"
 
 #if DTRAIN_WITH_CUDA
-#include "lib/comm/nccl/nccl_backend.h"
+#include "lib/gpu/memory.h"
 #endif
 
 namespace dtrain::comm {
 namespace {
 
-// A benchmark buffer: host memory (64-byte aligned), or device memory when the backend is nccl.
+// A benchmark buffer: host memory (64-byte aligned, zeroed), or device memory on the bench communicator's GPU.
 class Buffer {
  public:
-  Buffer(size_t bytes, bool device, int gpu) : bytes_(bytes), device_(device) {
-    if (device_) {
-#if DTRAIN_WITH_CUDA
-      p_ = nccl::deviceAlloc(bytes, gpu);
-#else
-      (void)gpu;
-#endif
-    } else {
-      p_ = std::aligned_alloc(64, std::max<size_t>(64, (bytes + 63) / 64 * 64));
-      DTRAIN_CHECK(p_ != nullptr, "cannot allocate {} bytes for the benchmark", bytes);
-      std::memset(p_, 0, bytes);
-    }
-  }
-  ~Buffer() {
-    if (!device_) {
-      std::free(p_);
+  Buffer(size_t bytes, const Device& where) : bytes_(bytes), where_(where) {
+    if (where.isCpu()) {
+      host_ = AlignedBuffer<char>(bytes);
+      p_ = host_.data();
       return;
     }
 #if DTRAIN_WITH_CUDA
-    nccl::deviceFree(p_);
+    device_ = gpu::DeviceBuffer(bytes, where.index);
+    p_ = device_.data();
+#else
+    DTRAIN_THROW(NotBuiltError, "bench: {} buffers need CUDA, which this dtrain was built without", where.str());
 #endif
   }
-  Buffer(const Buffer&) = delete;
-  Buffer& operator=(const Buffer&) = delete;
 
   void* data() { return p_; }
   void upload(const std::vector<char>& host) {
-    if (!device_) return (void)std::memcpy(p_, host.data(), std::min(bytes_, host.size()));
-#if DTRAIN_WITH_CUDA
-    nccl::copyToDevice(p_, host.data(), std::min(bytes_, host.size()));
-#endif
+    const size_t n = std::min(bytes_, host.size());
+    copy(TensorView::flat(p_, n, DType::kUInt8, where_), TensorView::flat(host.data(), n, DType::kUInt8));
   }
   std::vector<char> download() {
     std::vector<char> host(bytes_);
-    if (!device_) {
-      std::memcpy(host.data(), p_, bytes_);
-      return host;
-    }
-#if DTRAIN_WITH_CUDA
-    nccl::copyFromDevice(host.data(), p_, bytes_);
-#endif
+    copy(TensorView::flat(host.data(), bytes_, DType::kUInt8), TensorView::flat(p_, bytes_, DType::kUInt8, where_));
     return host;
   }
 
  private:
+  static void copy(const TensorView& dst, const TensorView& src) {
+#if DTRAIN_WITH_CUDA
+    gpu::copy(dst, src);
+#else
+    std::memcpy(dst.data, src.data, src.bytes());  // host only: a device Buffer cannot exist here
+#endif
+  }
+
   size_t bytes_;
-  bool device_;
+  Device where_;
+  AlignedBuffer<char> host_;
+#if DTRAIN_WITH_CUDA
+  gpu::DeviceBuffer device_;
+#endif
   void* p_ = nullptr;
 };
 
@@ -151,15 +145,13 @@ void runBench(Backend& bench, Backend& control, const BenchOptions& o,
   checkSupported(o.dtype, collectiveName(o.what));
   const size_t esz = dtypeSize(o.dtype);
   const Device where = bench.device();
-  const bool device = where.isCuda();
-  const int gpu = where.index;
   // Every size is a whole number of elements, and for allgather / reduce_scatter of n equal blocks.
   const size_t unit = esz * ((o.what == Collective::kAllgather || o.what == Collective::kReduceScatter)
                                  ? static_cast<size_t>(n) : 1);
   const size_t maxBytes = o.maxBytes / unit * unit;
   DTRAIN_CHECK_AS(UsageError, maxBytes > 0, "max-bytes {} is smaller than one element per rank ({} bytes)",
                   o.maxBytes, unit);
-  Buffer a(maxBytes, device, gpu), b(maxBytes, device, gpu);
+  Buffer a(maxBytes, where), b(maxBytes, where);
 
   for (double size = static_cast<double>(o.minBytes); size <= static_cast<double>(o.maxBytes) * (1 + 1e-9);
        size *= o.stepFactor) {

@@ -13,6 +13,7 @@
 
 #if DTRAIN_WITH_CUDA
 #include "lib/comm/nccl/nccl_backend.h"
+#include "lib/gpu/device.h"
 #endif
 
 namespace dtrain::comm {
@@ -40,7 +41,7 @@ Registry& registry() {
 bool isGpuDevice(const std::string& device) { return device.rfind("cuda", 0) == 0 || device.rfind("gpu", 0) == 0; }
 
 #if DTRAIN_WITH_CUDA
-bool gpuVisible() { return nccl::visibleGpuCount() > 0; }
+bool gpuVisible() { return gpu::visibleGpuCount() > 0; }
 #endif
 
 }  // namespace

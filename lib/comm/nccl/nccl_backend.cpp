@@ -9,28 +9,32 @@
 
 #include "lib/common/error.h"
 #include "lib/common/parse.h"
+#include "lib/gpu/check.h"
+#include "lib/gpu/device.h"
+#include "lib/gpu/memory.h"
+#include "lib/gpu/nccl.h"
+#include "lib/gpu/stream.h"
 
 namespace dtrain::comm::nccl {
 namespace {
 
-#define DTRAIN_CUDA(expr)                                                                        \
-  do {                                                                                           \
-    cudaError_t dtrain_e_ = (expr);                                                              \
-    if (dtrain_e_ != cudaSuccess) DTRAIN_THROW(CommError, "{} failed: {}", #expr, cudaGetErrorString(dtrain_e_)); \
-  } while (0)
-
 ncclDataType_t toNccl(DType t) {
-  switch (t) {
-    case DType::kFloat32: return ncclFloat32;
-    case DType::kFloat64: return ncclFloat64;
-    case DType::kInt32: return ncclInt32;
-    case DType::kInt64: return ncclInt64;
-    case DType::kBFloat16: return ncclBfloat16;
-    case DType::kFloat16: return ncclFloat16;
-    default: break;
+  // Backend::start/run reject dtypes outside kSupportedDTypes before anything reaches NCCL.
+  const auto type = gpu::ncclType(t);
+  DTRAIN_CHECK_AS(UsageError, type.has_value(), "backend 'nccl': dtype {} is not supported", dtypeName(t));
+  return *type;
+}
+
+// GPU failures inside the communicator are collective failures (exit code 7), as NCCL's own are.
+template <typename F>
+decltype(auto) gpuFailureIsCommError(F&& body) {
+  try {
+    return body();
+  } catch (const gpu::GpuError& e) {
+    CommError translated(e.what());
+    translated.setWhere(e.where());
+    throw translated;
   }
-  // Backend::start/run reject other dtypes before anything reaches NCCL.
-  DTRAIN_THROW(UsageError, "backend 'nccl': dtype {} is not supported", dtypeName(t));
 }
 
 ncclRedOp_t toNccl(ReduceOp op) {
@@ -44,7 +48,7 @@ ncclRedOp_t toNccl(ReduceOp op) {
 }
 
 int deviceFor(const BackendOptions& o) {
-  int count = visibleGpuCount();
+  int count = gpu::visibleGpuCount();
   DTRAIN_CHECK_AS(UsageError, count > 0, "backend 'nccl' needs a GPU, but none is visible to this process");
   auto colon = o.device.find(':');
   if (colon != std::string::npos) {
@@ -60,34 +64,36 @@ class NcclBackend;
 
 class NcclWork : public Work {
  public:
-  NcclWork(std::shared_ptr<NcclBackend> owner, cudaEvent_t event, Deadline deadline)
-      : owner_(std::move(owner)), event_(event), deadline_(deadline) {}
-  ~NcclWork() override { cudaEventDestroy(event_); }
+  NcclWork(std::shared_ptr<NcclBackend> owner, gpu::Event event, Deadline deadline)
+      : owner_(std::move(owner)), event_(std::move(event)), deadline_(deadline) {}
   void wait() override;
   bool done() override {
     if (finished_) return true;
-    cudaError_t st = cudaEventQuery(event_);
-    return st != cudaErrorNotReady;
+    try {
+      return event_.query();
+    } catch (const Error&) {
+      return true;  // finished, unsuccessfully: wait() reports it
+    }
   }
 
  private:
   std::shared_ptr<NcclBackend> owner_;
-  cudaEvent_t event_;
+  gpu::Event event_;
   Deadline deadline_;
   bool finished_ = false;
 };
 
 class NcclBackend : public Backend {
  public:
-  explicit NcclBackend(BackendOptions options) : Backend(std::move(options)) {
-    device_ = deviceFor(options_);
-    DTRAIN_CUDA(cudaSetDevice(device_));
-    DTRAIN_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamDefault));
-    DTRAIN_CUDA(cudaMalloc(&barrierBuf_, sizeof(float)));
+  explicit NcclBackend(BackendOptions options)
+      : Backend(std::move(options)),
+        device_(deviceFor(options_)),
+        stream_(gpuFailureIsCommError([&] { return gpu::Stream(device_); })),
+        barrier_(gpuFailureIsCommError([&] { return gpu::DeviceBuffer(sizeof(float), device_); })) {
     ncclUniqueId id;
     const Deadline deadline = newDeadline();
     if (rank() == 0) {
-      settle(ncclGetUniqueId(&id), "ncclGetUniqueId", deadline);
+      DTRAIN_NCCL_CHECK(ncclGetUniqueId(&id));
       options_.store->set(key("nccl/id"), std::string_view(reinterpret_cast<const char*>(&id), sizeof(id)));
     } else {
       std::string bytes;
@@ -108,15 +114,8 @@ class NcclBackend : public Backend {
 
   ~NcclBackend() override {
     shutdown();
-    if (comm_ != nullptr) {
-      if (aborted_) {
-        // already released by ncclCommAbort
-      } else {
-        ncclCommDestroy(comm_);
-      }
-    }
-    if (barrierBuf_ != nullptr) cudaFree(barrierBuf_);
-    if (stream_ != nullptr) cudaStreamDestroy(stream_);
+    // ncclCommAbort already released an aborted communicator. The barrier buffer, then the stream, go after.
+    if (comm_ != nullptr && !aborted_) ncclCommDestroy(comm_);
   }
 
   std::string name() const override { return "nccl"; }
@@ -124,13 +123,16 @@ class NcclBackend : public Backend {
   Device device() const override { return Device::cuda(device_); }
 
   // Waits for `event` until the deadline; aborts the communicator on failure or timeout.
-  void waitEvent(cudaEvent_t event, const Deadline& deadline) {
+  void waitEvent(const gpu::Event& event, const Deadline& deadline) {
     try {
       for (int spins = 0;; ++spins) {
-        cudaError_t st = cudaEventQuery(event);
-        if (st == cudaSuccess) return;
-        if (st != cudaErrorNotReady)
-          DTRAIN_THROW(CommError, "NCCL operation failed on the GPU: {}", cudaGetErrorString(st));
+        bool finished = false;
+        try {
+          finished = event.query();
+        } catch (const gpu::GpuError& e) {
+          DTRAIN_THROW(CommError, "NCCL operation failed on the GPU: {}", e.what());
+        }
+        if (finished) return;
         ncclResult_t async = ncclSuccess;
         ncclCommGetAsyncError(comm_, &async);
         if (async != ncclSuccess && async != ncclInProgress)
@@ -150,7 +152,7 @@ class NcclBackend : public Backend {
  protected:
   // Enqueues on the stream (the caller's, else this communicator's) and, when `sync`, waits on this thread.
   WorkPtr issue(const Operation& op, const CallOptions& call, bool sync) override {
-    auto work = launch(op, call.stream != nullptr ? static_cast<cudaStream_t>(call.stream) : stream_);
+    auto work = gpuFailureIsCommError([&] { return launch(op, call.stream != nullptr ? call.stream : stream_.handle()); });
     if (sync) work->wait();
     return work;
   }
@@ -185,10 +187,11 @@ class NcclBackend : public Backend {
     return TensorView::flat(p, count, dtype, device());
   }
 
-  // Enqueues the NCCL call for `op` on `stream` and returns a Work on an event recorded after it.
-  WorkPtr launch(const Operation& op, cudaStream_t stream) {
+  // Enqueues the NCCL call for `op` on `streamHandle` and returns a Work on an event recorded after it.
+  WorkPtr launch(const Operation& op, void* streamHandle) {
     checkUsable();
-    DTRAIN_CUDA(cudaSetDevice(device_));
+    gpu::setDevice(device_);
+    const auto stream = static_cast<cudaStream_t>(streamHandle);
     using K = Operation::Kind;
     const size_t count = static_cast<size_t>(op.buf.numel());
     void* buf = op.buf.data;
@@ -210,19 +213,20 @@ class NcclBackend : public Backend {
         break;
       case K::kSend: r = ncclSend(buf, op.buf.bytes(), ncclInt8, op.peer, comm_, stream); break;
       case K::kRecv: r = ncclRecv(buf, op.buf.bytes(), ncclInt8, op.peer, comm_, stream); break;
-      case K::kBarrier: r = ncclAllReduce(barrierBuf_, barrierBuf_, 1, ncclFloat32, ncclSum, comm_, stream); break;
+      case K::kBarrier:
+        r = ncclAllReduce(barrier_.data(), barrier_.data(), 1, ncclFloat32, ncclSum, comm_, stream);
+        break;
     }
     settle(r, "NCCL enqueue", deadline);
-    cudaEvent_t event;
-    DTRAIN_CUDA(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
-    DTRAIN_CUDA(cudaEventRecord(event, stream));
-    return std::make_shared<NcclWork>(std::static_pointer_cast<NcclBackend>(shared_from_this()), event, deadline);
+    gpu::Event event(device_);
+    event.record(streamHandle);
+    return std::make_shared<NcclWork>(std::static_pointer_cast<NcclBackend>(shared_from_this()), std::move(event),
+                                      deadline);
   }
 
+  // The view says cuda; make sure the memory is (a host pointer would fail inside NCCL, less clearly).
   static void requireDevicePointer(const void* p) {
-    cudaPointerAttributes attr{};
-    cudaError_t st = cudaPointerGetAttributes(&attr, p);
-    DTRAIN_CHECK_AS(UsageError, st == cudaSuccess && (attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged),
+    DTRAIN_CHECK_AS(UsageError, gpu::isDeviceMemory(p),
                     "backend 'nccl' needs GPU buffers; got a host pointer (use tcp/shm/hier for CPU tensors)");
   }
 
@@ -253,9 +257,9 @@ class NcclBackend : public Backend {
   }
 
   int device_ = 0;
-  cudaStream_t stream_ = nullptr;
+  gpu::Stream stream_;          // destroyed after the barrier buffer (members go in reverse order)
+  gpu::DeviceBuffer barrier_;   // one float all-reduced by barrier()
   ncclComm_t comm_ = nullptr;
-  float* barrierBuf_ = nullptr;
   bool aborted_ = false;
 };
 
@@ -268,33 +272,5 @@ void NcclWork::wait() {
 }  // namespace
 
 BackendPtr createNcclBackend(const BackendOptions& options) { return std::make_shared<NcclBackend>(options); }
-
-int visibleGpuCount() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    cudaGetLastError();  // clear the sticky "no device" error
-    return 0;
-  }
-  return n;
-}
-
-void* deviceAlloc(size_t bytes, int device) {
-  DTRAIN_CUDA(cudaSetDevice(device));
-  void* p = nullptr;
-  DTRAIN_CUDA(cudaMalloc(&p, bytes == 0 ? 1 : bytes));
-  return p;
-}
-
-void deviceFree(void* p) {
-  if (p != nullptr) cudaFree(p);
-}
-
-void copyToDevice(void* dst, const void* src, size_t bytes) {
-  DTRAIN_CUDA(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
-}
-
-void copyFromDevice(void* dst, const void* src, size_t bytes) {
-  DTRAIN_CUDA(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
-}
 
 }  // namespace dtrain::comm::nccl

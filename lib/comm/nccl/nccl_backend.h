@@ -4,8 +4,9 @@
 // One NCCL communicator per group: rank 0 creates the ncclUniqueId and publishes it through the store; the
 // device is "cuda:N" from BackendOptions::device, else LOCAL_RANK modulo the visible GPUs. Operations run on
 // one CUDA stream created with default flags, so they are ordered after work already issued to the legacy
-// default stream; a caller using other streams synchronises them first. Buffers must be device (or managed)
-// memory. Async calls enqueue on the stream and return a Work backed by a CUDA event; wait() polls the event
+// default stream; a caller using other streams synchronises them first, or hands its stream to the call
+// (CallOptions::stream). Buffers are views on this communicator's GPU (Backend::device()) of device (or
+// managed) memory. The CUDA side (device, stream, events, buffers) is lib/gpu. Async calls enqueue on the stream and return a Work backed by a CUDA event; wait() polls the event
 // and the communicator's async error, and on timeout aborts the communicator (ncclCommAbort), so a dead or
 // stalled peer is a CommError, not a hang. The communicator is created non-blocking for the same reason.
 #pragma once
@@ -18,14 +19,5 @@ namespace dtrain::comm::nccl {
 
 // Collective over the group (blocks until the NCCL communicator is up, options.timeout).
 BackendPtr createNcclBackend(const BackendOptions& options);
-
-// GPUs visible to this process; 0 when there is no driver or device (never throws).
-int visibleGpuCount();
-
-// Device buffers for the benchmark and GPU tests, so they need no CUDA header. Throw CommError.
-void* deviceAlloc(size_t bytes, int device);
-void deviceFree(void* p);
-void copyToDevice(void* dst, const void* src, size_t bytes);
-void copyFromDevice(void* dst, const void* src, size_t bytes);
 
 }  // namespace dtrain::comm::nccl

@@ -5,6 +5,7 @@
 #include <set>
 
 #include "lib/common/error.h"
+#include "lib/common/json_fields.h"
 #include "lib/common/parse.h"
 
 namespace dtrain::data {
@@ -23,85 +24,29 @@ namespace {
 
 using nlohmann::json;
 
-// Typed access to one JSON object's fields, with errors naming the job file and the field's JSON path.
-class Fields {
- public:
-  Fields(const json& j, std::string source, std::string path)
-      : j_(j), source_(std::move(source)), path_(std::move(path)) {}
+// Dataset specs keep the wording their users know: "<path>: <value> (expected ...)" (lib/common/json_fields.h).
+constexpr auto kTerse = JsonFields::Wording::kTerse;
 
-  std::string where(const std::string& key = "") const {
-    std::string p = key.empty() ? path_ : path_ + "/" + key;
-    return source_.empty() ? p : source_ + ": " + p;
-  }
-  [[noreturn]] void fail(const std::string& key, const std::string& message) const {
-    DTRAIN_THROW(ConfigError, "{}: {}", where(key), message);
-  }
-  bool has(const std::string& key) const { return j_.contains(key) && !j_.at(key).is_null(); }
-  const json& at(const std::string& key) const { return j_.at(key); }
+int64_t integerAtLeast(const JsonFields& f, std::string_view key, int64_t fallback, int64_t min) {
+  return f.integer(key, fallback, fmt::format("an integer >= {}", min), [min](int64_t v) { return v >= min; });
+}
 
-  void allowOnly(const std::set<std::string>& allowed) const {
-    for (const auto& [k, v] : j_.items())
-      if (!allowed.count(k)) fail(k, fmt::format("unknown key (expected one of: {})", fmt::join(allowed, ", ")));
-  }
-  std::string string(const std::string& key) const {
-    if (!has(key)) fail(key, "missing (expected a string)");
-    if (!at(key).is_string()) fail(key, fmt::format("{} (expected a string)", at(key).dump()));
-    return at(key).get<std::string>();
-  }
-  int64_t integer(const std::string& key, int64_t fallback, int64_t min) const {
-    if (!has(key)) return fallback;
-    const auto& v = at(key);
-    if (!v.is_number_integer() || v.get<int64_t>() < min)
-      fail(key, fmt::format("{} (expected an integer >= {})", v.dump(), min));
-    return v.get<int64_t>();
-  }
-  double number(const std::string& key, double fallback) const {
-    if (!has(key)) return fallback;
-    if (!at(key).is_number()) fail(key, fmt::format("{} (expected a number)", at(key).dump()));
-    return at(key).get<double>();
-  }
-  bool boolean(const std::string& key) const {
-    if (!at(key).is_boolean()) fail(key, fmt::format("{} (expected true or false)", at(key).dump()));
-    return at(key).get<bool>();
-  }
-  std::string choice(const std::string& key, const std::string& fallback, const std::set<std::string>& options) const {
-    if (!has(key)) return fallback;
-    auto s = string(key);
-    if (!options.count(s)) fail(key, fmt::format("'{}' (expected one of: {})", s, fmt::join(options, ", ")));
-    return s;
-  }
-  // A number or an array of numbers.
-  std::vector<double> numbers(const std::string& key, const std::string& sub) const {
-    const auto& v = at(key).at(sub);
-    std::vector<double> out;
-    if (v.is_number()) out.push_back(v.get<double>());
-    else if (v.is_array() && !v.empty()) {
-      for (const auto& x : v) {
-        if (!x.is_number()) fail(key + "/" + sub, fmt::format("{} (expected a number or an array of numbers)", v.dump()));
-        out.push_back(x.get<double>());
-      }
-    } else {
-      fail(key + "/" + sub, fmt::format("{} (expected a number or an array of numbers)", v.dump()));
-    }
-    return out;
-  }
-  // Resolves a file path against baseDir and checks the file exists.
-  std::string file(const std::string& key, const std::filesystem::path& baseDir, const std::string& expected) const {
-    std::filesystem::path p = string(key);
-    if (p.is_relative()) p = baseDir / p;
-    std::error_code ec;
-    if (!std::filesystem::is_regular_file(p, ec))
-      fail(key, fmt::format("{}: no such file (expected {})", p.lexically_normal().string(), expected));
-    return p.lexically_normal().string();
-  }
+double anyNumber(const JsonFields& f, std::string_view key, double fallback) {
+  return f.number(key, fallback, "a number", [](double) { return true; });
+}
 
- private:
-  const json& j_;
-  std::string source_;
-  std::string path_;
-};
+// Resolves a file path against baseDir and checks the file exists.
+std::string existingFile(const JsonFields& f, std::string_view key, const std::filesystem::path& baseDir,
+                         const std::string& expected) {
+  std::filesystem::path p = f.string(key);
+  if (p.is_relative()) p = baseDir / p;
+  std::error_code ec;
+  if (!std::filesystem::is_regular_file(p, ec))
+    f.failAt(key, fmt::format("{}: no such file (expected {})", p.lexically_normal().string(), expected));
+  return p.lexically_normal().string();
+}
 
-double parseScale(const Fields& f) {
+double parseScale(const JsonFields& f) {
   if (!f.has("scale")) return 1.0;
   const auto& v = f.at("scale");
   if (v.is_number()) return v.get<double>();
@@ -114,76 +59,74 @@ double parseScale(const Fields& f) {
     if (parts.size() == 1)
       if (auto a = parse::toDouble(parts[0])) return *a;
   }
-  f.fail("scale", fmt::format("{} (expected a number or a fraction like \"1/255\")", v.dump()));
+  f.failAt("scale", fmt::format("{} (expected a number or a fraction like \"1/255\")", jsonSnippet(v)));
 }
 
-void parseSynthetic(const Fields& f, SyntheticOptions& s) {
-  auto task = f.choice("task", "regression", {"regression", "classification"});
+void parseSynthetic(const JsonFields& f, SyntheticOptions& s) {
+  auto task = f.choice("task", {"classification", "regression"}, "task", "regression");
   s.task = task == "regression" ? SyntheticOptions::Task::kRegression : SyntheticOptions::Task::kClassification;
-  s.rule = f.choice("rule", "blobs", {"blobs", "linear"}) == "blobs" ? SyntheticOptions::Rule::kBlobs
+  s.rule = f.choice("rule", {"blobs", "linear"}, "rule", "blobs") == "blobs" ? SyntheticOptions::Rule::kBlobs
                                                                      : SyntheticOptions::Rule::kLinear;
-  s.samples = f.integer("samples", s.samples, 1);
-  s.features = f.integer("features", s.features, 1);
-  s.outputs = f.integer("outputs", s.outputs, 1);
-  s.numClasses = f.integer("num_classes", s.numClasses, 2);
-  s.noise = f.number("noise", s.noise);
-  s.spread = f.number("spread", s.spread);
-  if (s.noise < 0) f.fail("noise", fmt::format("{} (expected >= 0)", s.noise));
-  s.seed = static_cast<uint64_t>(f.integer("seed", 0, 0));
-  s.sampleSeed = static_cast<uint64_t>(f.integer("sample_seed", static_cast<int64_t>(s.seed), 0));
+  s.samples = integerAtLeast(f, "samples", s.samples, 1);
+  s.features = integerAtLeast(f, "features", s.features, 1);
+  s.outputs = integerAtLeast(f, "outputs", s.outputs, 1);
+  s.numClasses = integerAtLeast(f, "num_classes", s.numClasses, 2);
+  s.noise = anyNumber(f, "noise", s.noise);
+  s.spread = anyNumber(f, "spread", s.spread);
+  if (s.noise < 0) f.failAt("noise", fmt::format("{} (expected >= 0)", s.noise));
+  s.seed = static_cast<uint64_t>(integerAtLeast(f, "seed", 0, 0));
+  s.sampleSeed = static_cast<uint64_t>(integerAtLeast(f, "sample_seed", static_cast<int64_t>(s.seed), 0));
 }
 
 }  // namespace
 
 DataSpec parseDataSpec(const json& j, const std::string& sourceFile, const std::string& jsonPath,
                        const std::filesystem::path& baseDir) {
-  Fields f(j, sourceFile, jsonPath);
-  if (!j.is_object()) f.fail("", fmt::format("{} (expected an object with a \"format\")", j.dump()));
+  JsonFields f(j, sourceFile, jsonPath, "an object with a \"format\"", kTerse);
   DataSpec spec;
   spec.sourceFile = sourceFile;
   spec.jsonPath = jsonPath;
-  const auto format = f.choice("format", "", {"idx", "csv", "npy", "synthetic"});
-  if (format.empty()) f.fail("format", "missing (expected one of: csv, idx, npy, synthetic)");
+  const auto format = f.choice("format", {"csv", "idx", "npy", "synthetic"}, "format");
   std::set<std::string> allowed = {"format", "scale", "normalize", "shape", "limit", "label_kind", "num_classes"};
   if (format == "idx") {
     spec.format = Format::kIdx;
     allowed.insert({"images", "labels"});
-    f.allowOnly(allowed);
-    spec.images = f.file("images", baseDir, "an IDX images file, e.g. train-images-idx3-ubyte.gz");
-    spec.labels = f.file("labels", baseDir, "an IDX labels file, e.g. train-labels-idx1-ubyte.gz");
+    f.allowOnly({allowed.begin(), allowed.end()});
+    spec.images = existingFile(f, "images", baseDir, "an IDX images file, e.g. train-images-idx3-ubyte.gz");
+    spec.labels = existingFile(f, "labels", baseDir, "an IDX labels file, e.g. train-labels-idx1-ubyte.gz");
   } else if (format == "csv") {
     spec.format = Format::kCsv;
     allowed.insert({"path", "label", "header", "delimiter"});
-    f.allowOnly(allowed);
-    spec.path = f.file("path", baseDir, "a CSV file");
-    if (!f.has("label")) f.fail("label", "missing (expected a column name, an index like -1, or an array of them)");
+    f.allowOnly({allowed.begin(), allowed.end()});
+    spec.path = existingFile(f, "path", baseDir, "a CSV file");
+    if (!f.has("label")) f.failAt("label", "missing (expected a column name, an index like -1, or an array of them)");
     auto addColumn = [&](const json& c) {
       if (c.is_string()) spec.csv.labelColumns.emplace_back(c.get<std::string>());
       else if (c.is_number_integer()) spec.csv.labelColumns.emplace_back(c.get<int64_t>());
-      else f.fail("label", fmt::format("{} (expected a column name or index)", c.dump()));
+      else f.failAt("label", fmt::format("{} (expected a column name or index)", jsonSnippet(c)));
     };
     if (f.at("label").is_array()) {
       for (const auto& c : f.at("label")) addColumn(c);
-      if (spec.csv.labelColumns.empty()) f.fail("label", "empty array (expected at least one column)");
+      if (spec.csv.labelColumns.empty()) f.failAt("label", "empty array (expected at least one column)");
     } else {
       addColumn(f.at("label"));
     }
-    if (f.has("header")) spec.csv.header = f.boolean("header");
+    if (f.has("header")) spec.csv.header = f.boolean("header", true);
     if (f.has("delimiter")) {
       const auto d = f.string("delimiter");
-      if (d != "\\t" && d.size() != 1) f.fail("delimiter", fmt::format("'{}' (expected one character)", d));
+      if (d != "\\t" && d.size() != 1) f.failAt("delimiter", fmt::format("'{}' (expected one character)", d));
       spec.csv.delimiter = d == "\\t" ? '\t' : d[0];
     }
   } else if (format == "npy") {
     spec.format = Format::kNpy;
     allowed.insert({"features", "labels"});
-    f.allowOnly(allowed);
-    spec.features = f.file("features", baseDir, "an .npy file of features, samples first");
-    spec.labels = f.file("labels", baseDir, "an .npy file of labels, samples first");
+    f.allowOnly({allowed.begin(), allowed.end()});
+    spec.features = existingFile(f, "features", baseDir, "an .npy file of features, samples first");
+    spec.labels = existingFile(f, "labels", baseDir, "an .npy file of labels, samples first");
   } else {
     spec.format = Format::kSynthetic;
     allowed.insert({"task", "rule", "samples", "features", "outputs", "noise", "spread", "seed", "sample_seed"});
-    f.allowOnly(allowed);
+    f.allowOnly({allowed.begin(), allowed.end()});
     parseSynthetic(f, spec.synthetic);
   }
 
@@ -191,34 +134,35 @@ DataSpec parseDataSpec(const json& j, const std::string& sourceFile, const std::
   if (f.has("normalize")) {
     const auto& n = f.at("normalize");
     if (!n.is_object() || !n.contains("mean") || !n.contains("std") || n.size() != 2)
-      f.fail("normalize", fmt::format("{} (expected {{\"mean\": m, \"std\": s}})", n.dump()));
-    spec.transform.mean = f.numbers("normalize", "mean");
-    spec.transform.std = f.numbers("normalize", "std");
+      f.failAt("normalize", fmt::format("{} (expected {{\"mean\": m, \"std\": s}})", jsonSnippet(n)));
+    const JsonFields normalize = f.object("normalize");
+    spec.transform.mean = normalize.numbers("mean");
+    spec.transform.std = normalize.numbers("std");
     for (double s : spec.transform.std)
-      if (s <= 0) f.fail("normalize/std", fmt::format("{} (expected every std > 0)", s));
+      if (s <= 0) normalize.failAt("std", fmt::format("{} (expected every std > 0)", s));
   }
   if (f.has("shape")) {
     const auto& s = f.at("shape");
     // At most kMaxRank - 1 dimensions: the batch dimension goes in front.
     if (s.is_array() && s.size() >= static_cast<size_t>(kMaxRank))
-      f.fail("shape", fmt::format("{} (expected at most {} dimensions)", s.dump(), kMaxRank - 1));
+      f.failAt("shape", fmt::format("{} (expected at most {} dimensions)", jsonSnippet(s), kMaxRank - 1));
     Shape shape;
     if (s.is_array())
       for (const auto& d : s)
         if (d.is_number_integer() && d.get<int64_t>() > 0) shape.push_back(d.get<int64_t>());
     if (!s.is_array() || s.empty() || shape.rank() != static_cast<int>(s.size()))
-      f.fail("shape", fmt::format("{} (expected an array of positive integers, e.g. [1, 28, 28])", s.dump()));
+      f.failAt("shape", fmt::format("{} (expected an array of positive integers, e.g. [1, 28, 28])", jsonSnippet(s)));
     spec.shape = shape;
   }
-  if (f.has("limit")) spec.limit = f.integer("limit", 0, 1);
+  if (f.has("limit")) spec.limit = integerAtLeast(f, "limit", 0, 1);
   if (f.has("label_kind"))
-    spec.labelKind = f.choice("label_kind", "", {"class", "target"}) == "class" ? LabelKind::kClass : LabelKind::kTarget;
-  if (f.has("num_classes") && spec.format != Format::kSynthetic) spec.numClasses = f.integer("num_classes", 0, 1);
+    spec.labelKind = f.choice("label_kind", {"class", "target"}, "label kind") == "class" ? LabelKind::kClass : LabelKind::kTarget;
+  if (f.has("num_classes") && spec.format != Format::kSynthetic) spec.numClasses = integerAtLeast(f, "num_classes", 0, 1);
   spec.csv.labelKind = spec.labelKind;
   if (spec.format == Format::kSynthetic && spec.labelKind) {
     bool regression = spec.synthetic.task == SyntheticOptions::Task::kRegression;
     if ((*spec.labelKind == LabelKind::kClass) == regression)
-      f.fail("label_kind", fmt::format("{} contradicts task {}", labelKindName(*spec.labelKind),
+      f.failAt("label_kind", fmt::format("{} contradicts task {}", labelKindName(*spec.labelKind),
                                        regression ? "regression" : "classification"));
   }
   return spec;

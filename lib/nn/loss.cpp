@@ -3,7 +3,7 @@
 #include <cmath>
 
 #include "lib/common/error.h"
-#include "lib/nn/json_fields.h"
+#include "lib/common/json_fields.h"
 
 namespace dtrain::nn {
 namespace {

@@ -4,7 +4,7 @@
 #include <numbers>
 
 #include "lib/common/error.h"
-#include "lib/nn/json_fields.h"
+#include "lib/common/json_fields.h"
 
 namespace dtrain::nn {
 

@@ -6,7 +6,7 @@
 #include <sstream>
 
 #include "lib/common/error.h"
-#include "lib/nn/json_fields.h"
+#include "lib/common/json_fields.h"
 
 namespace dtrain::nn {
 namespace {

@@ -6,13 +6,12 @@
 #include "lib/ckpt/checkpoint.h"
 #include "lib/common/error.h"
 #include "lib/common/parse.h"
-#include "lib/nn/json_fields.h"
+#include "lib/common/json_fields.h"
 
 namespace dtrain::train {
 
 using json = nlohmann::json;
 namespace fs = std::filesystem;
-using nn::JsonFields;
 
 namespace {
 
@@ -30,11 +29,6 @@ json readJsonFile(const fs::path& path, const std::string& what) {
 
 bool positive(int64_t v) { return v >= 1; }
 
-// An optional field that must be one of `allowed` when present.
-std::string choiceOr(const JsonFields& f, std::string_view key, const std::vector<std::string_view>& allowed,
-                     std::string_view what, const std::string& fallback) {
-  return f.has(key) ? f.choice(key, allowed, what) : fallback;
-}
 bool nonNegative(int64_t v) { return v >= 0; }
 
 // "model": {...} inline, or "model": "path/to/model.json" (a model object, or a job file with a "model").
@@ -50,7 +44,7 @@ json resolveModel(json& doc, const std::string& source, const fs::path& baseDir)
     model = loaded;
   }
   DTRAIN_CHECK_AS(ConfigError, model.is_object(), "{}: /model: expected an object or a model file path, got {}", source,
-                  nn::jsonSnippet(model));
+                  jsonSnippet(model));
   return model;
 }
 
@@ -60,7 +54,7 @@ DataSettings parseData(const json& doc, const std::string& source, const fs::pat
   JsonFields f(doc.at("data"), source, "/data", "the data section");
   f.allowOnly({"train", "eval", "batch_size", "shuffle", "drop_last", "prefetch"});
   d.train = data::parseDataSpec(f.at("train"), source, "/data/train", baseDir);
-  if (f.has("eval") && !f.at("eval").is_null()) d.eval = data::parseDataSpec(f.at("eval"), source, "/data/eval", baseDir);
+  if (f.has("eval")) d.eval = data::parseDataSpec(f.at("eval"), source, "/data/eval", baseDir);
   d.batchSize = f.integer("batch_size", 64, "an integer >= 1 (samples per rank)", positive);
   d.shuffle = f.boolean("shuffle", true);
   d.dropLast = f.boolean("drop_last", false);
@@ -91,20 +85,13 @@ ParallelSettings parseParallel(const json& doc, const std::string& source) {
   f.allowOnly({"strategy", "backend", "bucket_mb", "first_bucket_mb", "overlap", "timeout", "lr_scaling",
                "reference_world_size"});
   if (f.has("overlap")) p.overlap = f.boolean("overlap", true);
-  p.strategy = choiceOr(f, "strategy", kStrategyNames, "strategy", "ddp");
-  p.backend = choiceOr(f, "backend", {"auto", "tcp", "shm", "hier", "nccl"}, "backend", "auto");
+  p.strategy = f.choice("strategy", kStrategyNames, "strategy", "ddp");
+  p.backend = f.choice("backend", {"auto", "tcp", "shm", "hier", "nccl"}, "backend", "auto");
   auto positiveMb = [](double v) { return v > 0 && v <= 4096; };
   p.bucketMb = f.number("bucket_mb", 25.0, "a number of MiB > 0", positiveMb);
   p.firstBucketMb = f.number("first_bucket_mb", 1.0, "a number of MiB > 0", positiveMb);
-  if (f.has("timeout")) {
-    const json& t = f.at("timeout");
-    std::optional<std::chrono::milliseconds> d;
-    if (t.is_number() && t.get<double>() > 0) d = std::chrono::milliseconds(static_cast<int64_t>(t.get<double>() * 1000));
-    else if (t.is_string()) d = parse::toDuration(t.get<std::string>());
-    if (!d || d->count() <= 0) f.failAt("timeout", "expected a duration: seconds (300) or a string such as \"5m\"");
-    p.timeout = *d;
-  }
-  p.lrScaling = choiceOr(f, "lr_scaling", {"none", "linear"}, "lr scaling", "none");
+  p.timeout = f.duration("timeout", p.timeout);
+  p.lrScaling = f.choice("lr_scaling", {"none", "linear"}, "lr scaling", "none");
   p.referenceWorldSize = static_cast<int>(f.integer("reference_world_size", 1, "an integer >= 1", positive));
   return p;
 }
@@ -161,7 +148,7 @@ void applySet(json& doc, const std::string& assignment, const std::string& sourc
     } else {
       if (node->is_null()) *node = json::object();
       DTRAIN_CHECK_AS(ConfigError, node->is_object(), "--set {}: {} is {}, not an object with a field '{}' ({})",
-                      assignment, walked.substr(0, walked.rfind('/')), nn::jsonSnippet(*node), part, source);
+                      assignment, walked.substr(0, walked.rfind('/')), jsonSnippet(*node), part, source);
       node = &(*node)[part];
     }
     if (last) *node = value;

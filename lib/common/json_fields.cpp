@@ -1,0 +1,214 @@
+#include "lib/common/json_fields.h"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include "lib/common/error.h"
+#include "lib/common/parse.h"
+
+namespace dtrain {
+
+std::string configMessage(std::string_view source, std::string_view path, std::string_view message) {
+  std::string out;
+  if (!source.empty()) out += fmt::format("{}: ", source);
+  if (!path.empty()) out += fmt::format("{}: ", path);
+  out += message;
+  return out;
+}
+
+void throwConfig(std::string_view source, std::string_view path, std::string_view message) {
+  throw ConfigError(configMessage(source, path, message));
+}
+
+std::string jsonSnippet(const nlohmann::json& value) {
+  constexpr size_t kMax = 60;
+  std::string s = value.dump();
+  if (s.size() > kMax) s = s.substr(0, kMax - 3) + "...";
+  return s;
+}
+
+std::string jsonPointer(std::string_view path, std::string_view key) {
+  std::string out = std::string(path) + "/";
+  for (char c : key) {
+    if (c == '~') {
+      out += "~0";
+    } else if (c == '/') {
+      out += "~1";
+    } else {
+      out += c;
+    }
+  }
+  return out;
+}
+
+JsonFields::JsonFields(const nlohmann::json& value, std::string source, std::string path, std::string_view what,
+                       Wording wording)
+    : value_(value), source_(std::move(source)), path_(std::move(path)), wording_(wording) {
+  if (value_.is_object()) return;
+  if (wording_ == Wording::kTerse)
+    fail(fmt::format("{} (expected {})", jsonSnippet(value_), what.empty() ? "an object" : what));
+  fail(fmt::format("expected {}a JSON object, got {}", what.empty() ? "" : fmt::format("{} as ", what),
+                   jsonSnippet(value_)));
+}
+
+bool JsonFields::has(std::string_view key) const {
+  auto it = value_.find(key);
+  return it != value_.end() && !it->is_null();
+}
+
+const nlohmann::json& JsonFields::at(std::string_view key) const {
+  if (!has(key)) {
+    if (wording_ == Wording::kTerse) failAt(key, "missing");
+    fail(fmt::format("missing required field '{}'", key));
+  }
+  return *value_.find(key);
+}
+
+JsonFields JsonFields::object(std::string_view key, std::string_view what) const {
+  return JsonFields(at(key), source_, pathOf(key), what, wording_);
+}
+
+void JsonFields::fail(std::string_view message) const { throwConfig(source_, path_, message); }
+
+void JsonFields::failAt(std::string_view key, std::string_view message) const {
+  throwConfig(source_, pathOf(key), message);
+}
+
+void JsonFields::missing(std::string_view key, std::string_view expected) const {
+  if (wording_ == Wording::kTerse) failAt(key, fmt::format("missing (expected {})", expected));
+  fail(fmt::format("missing required field '{}' ({})", key, expected));
+}
+
+void JsonFields::wrong(const std::string& fullPath, std::string_view expected, const nlohmann::json& v) const {
+  if (wording_ == Wording::kTerse) throwConfig(source_, fullPath, fmt::format("{} (expected {})", jsonSnippet(v), expected));
+  throwConfig(source_, fullPath, fmt::format("expected {}, got {}", expected, jsonSnippet(v)));
+}
+
+void JsonFields::allowOnly(const std::vector<std::string_view>& keys) const {
+  for (const auto& item : value_.items()) {
+    bool known = false;
+    for (std::string_view k : keys) known = known || item.key() == k;
+    if (known) continue;
+    if (wording_ == Wording::kTerse)
+      failAt(item.key(), fmt::format("unknown key (expected one of: {})", fmt::join(keys, ", ")));
+    failAt(item.key(), fmt::format("unknown field '{}' (expected {})", item.key(), fmt::join(keys, ", ")));
+  }
+}
+
+std::string JsonFields::string(std::string_view key) const {
+  if (!has(key)) missing(key, "a string");
+  const auto& v = *value_.find(key);
+  if (!v.is_string()) wrong(pathOf(key), "a string", v);
+  return v.get<std::string>();
+}
+
+std::string JsonFields::string(std::string_view key, const std::string& fallback) const {
+  return has(key) ? string(key) : fallback;
+}
+
+std::string JsonFields::choice(std::string_view key, const std::vector<std::string_view>& allowed,
+                               std::string_view what) const {
+  const bool terse = wording_ == Wording::kTerse;
+  if (!has(key)) missing(key, fmt::format("one of{} {}", terse ? ":" : "", fmt::join(allowed, ", ")));
+  const auto& v = *value_.find(key);
+  if (!v.is_string()) wrong(pathOf(key), terse ? "a string" : fmt::format("a string (one of {})", fmt::join(allowed, ", ")), v);
+  std::string s = v.get<std::string>();
+  for (std::string_view a : allowed) {
+    if (s == a) return s;
+  }
+  if (terse) failAt(key, fmt::format("'{}' (expected one of: {})", s, fmt::join(allowed, ", ")));
+  failAt(key, fmt::format("unknown {} '{}' (expected {})", what, s, fmt::join(allowed, ", ")));
+}
+
+std::string JsonFields::choice(std::string_view key, const std::vector<std::string_view>& allowed,
+                               std::string_view what, const std::string& fallback) const {
+  return has(key) ? choice(key, allowed, what) : fallback;
+}
+
+int64_t JsonFields::toInteger(const std::string& fullPath, const nlohmann::json& v, std::string_view expected,
+                              const std::function<bool(int64_t)>& valid) const {
+  bool ok = v.is_number_integer() &&
+            !(v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX));
+  if (!ok || !valid(v.get<int64_t>())) wrong(fullPath, expected, v);
+  return v.get<int64_t>();
+}
+
+int64_t JsonFields::integer(std::string_view key, std::string_view expected,
+                            const std::function<bool(int64_t)>& valid) const {
+  if (!has(key)) missing(key, expected);
+  return toInteger(pathOf(key), *value_.find(key), expected, valid);
+}
+
+int64_t JsonFields::integer(std::string_view key, int64_t fallback, std::string_view expected,
+                            const std::function<bool(int64_t)>& valid) const {
+  return has(key) ? integer(key, expected, valid) : fallback;
+}
+
+double JsonFields::number(std::string_view key, std::string_view expected,
+                          const std::function<bool(double)>& valid) const {
+  if (!has(key)) missing(key, expected);
+  const auto& v = *value_.find(key);
+  if (!v.is_number() || !valid(v.get<double>())) wrong(pathOf(key), expected, v);
+  return v.get<double>();
+}
+
+double JsonFields::number(std::string_view key, double fallback, std::string_view expected,
+                          const std::function<bool(double)>& valid) const {
+  return has(key) ? number(key, expected, valid) : fallback;
+}
+
+bool JsonFields::boolean(std::string_view key, bool fallback) const {
+  if (!has(key)) return fallback;
+  const auto& v = *value_.find(key);
+  if (!v.is_boolean()) wrong(pathOf(key), "true or false", v);
+  return v.get<bool>();
+}
+
+std::vector<int64_t> JsonFields::integers(std::string_view key, size_t count, const std::vector<int64_t>& fallback,
+                                          std::string_view expected,
+                                          const std::function<bool(int64_t)>& valid) const {
+  if (!has(key)) {
+    if (!fallback.empty()) return fallback;
+    missing(key, fmt::format("{}, or a list of {}", expected, count));
+  }
+  const auto& v = *value_.find(key);
+  const auto listExpected = fmt::format("{} or a list of {} such values", expected, count);
+  if (v.is_array()) {
+    if (v.size() != count) wrong(pathOf(key), listExpected, v);
+    std::vector<int64_t> out;
+    for (size_t i = 0; i < count; ++i) out.push_back(toInteger(jsonPointer(pathOf(key), std::to_string(i)), v[i], expected, valid));
+    return out;
+  }
+  if (!v.is_number_integer()) wrong(pathOf(key), listExpected, v);
+  return std::vector<int64_t>(count, toInteger(pathOf(key), v, expected, valid));
+}
+
+std::vector<double> JsonFields::numbers(std::string_view key) const {
+  constexpr std::string_view kExpected = "a number or an array of numbers";
+  if (!has(key)) missing(key, kExpected);
+  const auto& v = *value_.find(key);
+  std::vector<double> out;
+  if (v.is_number()) {
+    out.push_back(v.get<double>());
+  } else if (v.is_array() && !v.empty()) {
+    for (const auto& x : v) {
+      if (!x.is_number()) wrong(pathOf(key), kExpected, v);
+      out.push_back(x.get<double>());
+    }
+  } else {
+    wrong(pathOf(key), kExpected, v);
+  }
+  return out;
+}
+
+std::chrono::milliseconds JsonFields::duration(std::string_view key, std::chrono::milliseconds fallback) const {
+  if (!has(key)) return fallback;
+  const auto& v = *value_.find(key);
+  std::optional<std::chrono::milliseconds> d;
+  if (v.is_number() && v.get<double>() > 0) d = std::chrono::milliseconds(static_cast<int64_t>(v.get<double>() * 1000));
+  else if (v.is_string()) d = parse::toDuration(v.get<std::string>());
+  if (!d || d->count() <= 0) failAt(key, "expected a duration: seconds (300) or a string such as \"5m\"");
+  return *d;
+}
+
+}  // namespace dtrain

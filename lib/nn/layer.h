@@ -4,7 +4,8 @@
 // parameter/gradient arenas and hands pointers in. A layer owns only what its backward needs beyond x and y
 // (dropout mask, maxpool argmax, layernorm statistics, conv im2col scratch), sized once for maxBatch at
 // construction, so forward/backward never allocate. CPU implementations compute through Eigen::Map over the
-// buffers; a CUDA implementation would sit beside them behind this same interface.
+// buffers; a CUDA implementation would sit beside them behind this same interface (the registry's per-device
+// factories choose; makeLayer in registry.h builds one).
 // Not thread-safe: one model per thread.
 #pragma once
 
@@ -14,6 +15,8 @@
 #include <string>
 #include <vector>
 
+#include "lib/common/tensor.h"
+#include "lib/nn/registry.h"
 #include "lib/nn/spec.h"
 
 namespace dtrain::nn {
@@ -33,22 +36,20 @@ class InitRng {
   std::mt19937_64 engine_;
 };
 
-struct ParamShape {
-  std::string suffix;  // "weight" or "bias": PyTorch's attribute name
-  Shape shape;
-};
-
 class Layer {
  public:
-  explicit Layer(const LayerSpec& spec) : spec_(spec) {}
+  Layer(const LayerSpec& spec, Device device) : spec_(spec), device_(device) {}
   virtual ~Layer() = default;
   Layer(const Layer&) = delete;
   Layer& operator=(const Layer&) = delete;
 
   const LayerSpec& spec() const noexcept { return spec_; }
+  // Where its buffers (inputs, outputs, parameters, scratch) live.
+  Device device() const noexcept { return device_; }
 
-  // The parameters in PyTorch order (weight, then bias); empty for parameterless layers.
-  virtual std::vector<ParamShape> paramShapes() const { return {}; }
+  // The parameters in PyTorch order (weight, then bias); empty for parameterless layers. The registry entry's
+  // paramShapes, so the arenas, the spec's counts and checkpoints agree by construction.
+  std::vector<ParamShape> paramShapes() const { return paramShapesOf(spec_); }
   // Called once at build: where this layer's parameters and gradients live in the arenas (consecutive, in
   // paramShapes() order).
   virtual void bind(float* /*params*/, float* /*grads*/) {}
@@ -67,10 +68,7 @@ class Layer {
 
  private:
   LayerSpec spec_;
+  Device device_;
 };
-
-// The CPU implementation of spec's layer, with scratch for up to maxBatch samples. `seed` seeds random layers
-// (dropout) unless the spec fixes one.
-std::unique_ptr<Layer> makeLayer(const LayerSpec& spec, int maxBatch, uint64_t seed);
 
 }  // namespace dtrain::nn

@@ -1,9 +1,12 @@
-// Dense and elementwise layers: linear, relu, gelu, tanh, sigmoid, dropout, flatten; and the makeLayer factory.
+// Dense and elementwise layers: linear, relu, gelu, tanh, sigmoid, dropout, flatten, with their registry entries.
+#include <fmt/format.h>
+
 #include <cmath>
 #include <cstring>
 
-#include "lib/common/error.h"
 #include "lib/common/aligned_buffer.h"
+#include "lib/common/error.h"
+#include "lib/common/json_fields.h"
 #include "lib/nn/layers_impl.h"
 
 namespace dtrain::nn {
@@ -20,6 +23,8 @@ uint64_t mixSeed(uint64_t seed, uint64_t salt) {
 
 namespace {
 
+using detail::nonNegative;
+using detail::positive;
 using detail::ArrMap;
 using detail::ConstArrMap;
 using detail::ConstMatMap;
@@ -29,13 +34,7 @@ using detail::MatMap;
 // GEMM with a transposed operand and no copy.
 class Linear final : public Layer {
  public:
-  explicit Linear(const LayerSpec& spec) : Layer(spec), in_(spec.input[0]), out_(spec.out) {}
-
-  std::vector<ParamShape> paramShapes() const override {
-    std::vector<ParamShape> shapes{{"weight", Shape{out_, in_}}};
-    if (spec().bias) shapes.push_back({"bias", Shape{out_}});
-    return shapes;
-  }
+  explicit Linear(const LayerSpec& spec) : Layer(spec, Device::cpu()), in_(spec.input[0]), out_(spec.out) {}
 
   void bind(float* params, float* grads) override {
     w_ = params;
@@ -94,7 +93,7 @@ class Linear final : public Layer {
 // Elementwise activations share the plumbing; each supplies its forward and derivative.
 class Elementwise : public Layer {
  public:
-  explicit Elementwise(const LayerSpec& spec) : Layer(spec), numel_(spec.input.numel()) {}
+  explicit Elementwise(const LayerSpec& spec) : Layer(spec, Device::cpu()), numel_(spec.input.numel()) {}
 
  protected:
   Eigen::Index count(int batch) const { return static_cast<Eigen::Index>(batch) * numel_; }
@@ -229,23 +228,108 @@ class Flatten final : public Elementwise {
   }
 };
 
+// --- Registry entries: parsing, parameters and summary detail of each type (docs/model-spec.md). ---
+
+void parseLinear(const JsonFields& f, LayerSpec& l) {
+  f.allowOnly({"type", "out", "bias", "in"});
+  l.out = f.integer("out", "an integer >= 1", positive);
+  l.bias = f.boolean("bias", true);
+  if (l.input.rank() != 1) {
+    f.fail(fmt::format("linear expects input [N, F] but gets {}; add a flatten layer", l.input.batchStr()));
+  }
+  if (f.has("in")) {
+    int64_t in = f.integer("in", "an integer >= 1", positive);
+    if (in != l.input[0]) {
+      f.failAt("in", fmt::format("linear declares in {} but its input is {} ({} features)", in, l.input.batchStr(),
+                                 l.input[0]));
+    }
+  }
+  l.output = Shape{l.out};
+}
+
+std::vector<ParamShape> linearParams(const LayerSpec& l) {
+  std::vector<ParamShape> shapes{{"weight", Shape{l.out, l.input[0]}}};
+  if (l.bias) shapes.push_back({"bias", Shape{l.out}});
+  return shapes;
+}
+
+std::string linearDetail(const LayerSpec& l) {
+  return fmt::format("{} -> {}{}", l.input[0], l.out, l.bias ? "" : ", no bias");
+}
+
+void parseDropout(const JsonFields& f, LayerSpec& l) {
+  f.allowOnly({"type", "p", "seed"});
+  l.p = f.number("p", 0.5, "a probability in [0, 1]", [](double v) { return v >= 0.0 && v <= 1.0; });
+  if (f.has("seed")) l.seed = static_cast<uint64_t>(f.integer("seed", "an integer >= 0", nonNegative));
+  l.output = l.input;
+}
+
+std::string dropoutDetail(const LayerSpec& l) { return fmt::format("p={}", l.p); }
+
+// Activations: no fields, the output has the input's shape.
+void parseElementwise(const JsonFields& f, LayerSpec& l) {
+  f.allowOnly({"type"});
+  l.output = l.input;
+}
+
+void parseFlatten(const JsonFields& f, LayerSpec& l) {
+  f.allowOnly({"type"});
+  l.output = Shape{l.input.numel()};
+}
+
+template <class L>
+std::unique_ptr<Layer> make(const LayerSpec& spec, const LayerBuild&) {
+  return std::make_unique<L>(spec);
+}
+
+std::unique_ptr<Layer> makeDropout(const LayerSpec& spec, const LayerBuild& build) {
+  return std::make_unique<Dropout>(spec, build.maxBatch, build.seed);
+}
+
 }  // namespace
 
-std::unique_ptr<Layer> makeLayer(const LayerSpec& spec, int maxBatch, uint64_t seed) {
-  DTRAIN_CHECK(maxBatch >= 1, "maxBatch must be >= 1, got {}", maxBatch);
-  switch (spec.type) {
-    case LayerType::kLinear: return std::make_unique<Linear>(spec);
-    case LayerType::kRelu: return std::make_unique<Relu>(spec);
-    case LayerType::kGelu: return std::make_unique<Gelu>(spec);
-    case LayerType::kTanh: return std::make_unique<Tanh>(spec);
-    case LayerType::kSigmoid: return std::make_unique<Sigmoid>(spec);
-    case LayerType::kDropout: return std::make_unique<Dropout>(spec, maxBatch, seed);
-    case LayerType::kFlatten: return std::make_unique<Flatten>(spec);
-    case LayerType::kLayerNorm: return detail::makeLayerNorm(spec, maxBatch);
-    case LayerType::kConv2d: return detail::makeConv2d(spec);
-    case LayerType::kMaxPool2d: return detail::makeMaxPool2d(spec, maxBatch);
-  }
-  DTRAIN_THROW(Error, "unknown layer type {}", static_cast<int>(spec.type));
+const LayerKind& linearKind() {
+  static constexpr LayerKind kind{.name = "linear", .parse = parseLinear, .paramShapes = linearParams,
+                                  .detail = linearDetail, .cpu = make<Linear>,
+                                  .exampleLayer = R"({"type": "linear", "out": 3})", .exampleInput = "[4]"};
+  return kind;
+}
+
+const LayerKind& reluKind() {
+  static constexpr LayerKind kind{.name = "relu", .parse = parseElementwise, .cpu = make<Relu>,
+                                  .exampleLayer = R"({"type": "relu"})", .exampleInput = "[2, 3]"};
+  return kind;
+}
+
+const LayerKind& geluKind() {
+  static constexpr LayerKind kind{.name = "gelu", .parse = parseElementwise, .cpu = make<Gelu>,
+                                  .exampleLayer = R"({"type": "gelu"})", .exampleInput = "[5]"};
+  return kind;
+}
+
+const LayerKind& tanhKind() {
+  static constexpr LayerKind kind{.name = "tanh", .parse = parseElementwise, .cpu = make<Tanh>,
+                                  .exampleLayer = R"({"type": "tanh"})", .exampleInput = "[5]"};
+  return kind;
+}
+
+const LayerKind& sigmoidKind() {
+  static constexpr LayerKind kind{.name = "sigmoid", .parse = parseElementwise, .cpu = make<Sigmoid>,
+                                  .exampleLayer = R"({"type": "sigmoid"})", .exampleInput = "[5]"};
+  return kind;
+}
+
+const LayerKind& dropoutKind() {
+  static constexpr LayerKind kind{.name = "dropout", .parse = parseDropout, .detail = dropoutDetail,
+                                  .cpu = makeDropout, .random = true,
+                                  .exampleLayer = R"({"type": "dropout", "p": 0.25})", .exampleInput = "[6]"};
+  return kind;
+}
+
+const LayerKind& flattenKind() {
+  static constexpr LayerKind kind{.name = "flatten", .parse = parseFlatten, .cpu = make<Flatten>,
+                                  .exampleLayer = R"({"type": "flatten"})", .exampleInput = "[2, 3, 2]"};
+  return kind;
 }
 
 }  // namespace dtrain::nn

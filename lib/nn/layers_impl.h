@@ -1,5 +1,5 @@
-// Internal to lib/nn: the Eigen types the CPU layers compute with, and the per-family layer factories that
-// makeLayer dispatches to. Only lib/nn/*.cpp include this; no Eigen type leaves lib/nn.
+// Internal to lib/nn: the Eigen types the CPU layers compute with and small helpers shared by the layer files.
+// Only lib/nn/*.cpp include this; no Eigen type leaves lib/nn.
 #pragma once
 
 #include <Eigen/Core>
@@ -20,8 +20,8 @@ using ConstArrMap = Eigen::Map<const Eigen::ArrayXf>;
 // Mixes a seed with a small integer (layer index) into an independent-looking 64-bit seed (splitmix64).
 uint64_t mixSeed(uint64_t seed, uint64_t salt);
 
-std::unique_ptr<Layer> makeLayerNorm(const LayerSpec& spec, int maxBatch);
-std::unique_ptr<Layer> makeConv2d(const LayerSpec& spec);
-std::unique_ptr<Layer> makeMaxPool2d(const LayerSpec& spec, int maxBatch);
+// Range checks for JsonFields::integer.
+inline bool positive(int64_t v) { return v >= 1; }
+inline bool nonNegative(int64_t v) { return v >= 0; }
 
 }  // namespace dtrain::nn::detail

@@ -1,11 +1,15 @@
-// Layers with structure inside a sample: conv2d, maxpool2d (NCHW) and layernorm (over the last dimension).
+// Layers with structure inside a sample: conv2d, maxpool2d (NCHW) and layernorm (over the last dimension), with
+// their registry entries.
+#include <fmt/format.h>
+
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <vector>
 
-#include "lib/common/error.h"
 #include "lib/common/aligned_buffer.h"
+#include "lib/common/error.h"
+#include "lib/common/json_fields.h"
 #include "lib/nn/layers_impl.h"
 
 namespace dtrain::nn::detail {
@@ -25,14 +29,8 @@ struct Window {
 class Conv2d final : public Layer {
  public:
   explicit Conv2d(const LayerSpec& spec)
-      : Layer(spec), g_(spec), k_(g_.c * g_.kh * g_.kw), p_(g_.oh * g_.ow),
+      : Layer(spec, Device::cpu()), g_(spec), k_(g_.c * g_.kh * g_.kw), p_(g_.oh * g_.ow),
         cols_(static_cast<size_t>(k_ * p_)), dcols_(static_cast<size_t>(k_ * p_)) {}
-
-  std::vector<ParamShape> paramShapes() const override {
-    std::vector<ParamShape> shapes{{"weight", Shape{spec().out, g_.c, g_.kh, g_.kw}}};
-    if (spec().bias) shapes.push_back({"bias", Shape{spec().out}});
-    return shapes;
-  }
 
   void bind(float* params, float* grads) override {
     w_ = params;
@@ -131,7 +129,7 @@ class Conv2d final : public Layer {
 class MaxPool2d final : public Layer {
  public:
   MaxPool2d(const LayerSpec& spec, int maxBatch)
-      : Layer(spec), g_(spec), argmax_(static_cast<size_t>(maxBatch) * static_cast<size_t>(spec.output.numel())) {}
+      : Layer(spec, Device::cpu()), g_(spec), argmax_(static_cast<size_t>(maxBatch) * static_cast<size_t>(spec.output.numel())) {}
 
   void forward(const float* x, float* y, int batch, bool) override {
     const int64_t planes = batch * g_.c;
@@ -185,16 +183,11 @@ class MaxPool2d final : public Layer {
 class LayerNorm final : public Layer {
  public:
   LayerNorm(const LayerSpec& spec, int maxBatch)
-      : Layer(spec), d_(spec.input.back()), rowsPerSample_(spec.input.numel() / d_),
+      : Layer(spec, Device::cpu()), d_(spec.input.back()), rowsPerSample_(spec.input.numel() / d_),
         mean_(static_cast<size_t>(maxBatch * rowsPerSample_)),
         rstd_(static_cast<size_t>(maxBatch * rowsPerSample_)),
         xhatRow_(static_cast<size_t>(d_)),
         gradRow_(static_cast<size_t>(d_)) {}
-
-  std::vector<ParamShape> paramShapes() const override {
-    if (!spec().affine) return {};
-    return {{"weight", Shape{d_}}, {"bias", Shape{d_}}};
-  }
 
   void bind(float* params, float* grads) override {
     if (!spec().affine) return;
@@ -259,14 +252,119 @@ class LayerNorm final : public Layer {
   float* gb_ = nullptr;
 };
 
+// --- Registry entries: parsing, parameters and summary detail of each type (docs/model-spec.md). ---
+
+// Reads kernel/stride/padding, checks the input is [C, H, W] and sets the output [out, OH, OW].
+void parseWindow(const JsonFields& f, LayerSpec& l, const char* name, bool strideDefaultsToKernel) {
+  if (l.input.rank() != 3) {
+    std::string hint = l.input.rank() == 1 ? "; set the model input to [C, H, W] (e.g. [1, 28, 28])"
+                                           : "";
+    f.fail(fmt::format("{} expects input [N, C, H, W] but gets {}{}", name, l.input.batchStr(), hint));
+  }
+  auto k = f.integers("kernel", 2, {}, "an integer >= 1", positive);
+  std::vector<int64_t> sDefault = strideDefaultsToKernel ? k : std::vector<int64_t>{1, 1};
+  auto s = f.integers("stride", 2, sDefault, "an integer >= 1", positive);
+  auto p = f.integers("padding", 2, {0, 0}, "an integer >= 0", nonNegative);
+  l.kernelH = k[0], l.kernelW = k[1], l.strideH = s[0], l.strideW = s[1], l.padH = p[0], l.padW = p[1];
+  int64_t h = l.input[1], w = l.input[2];
+  int64_t oh = (h + 2 * l.padH - l.kernelH) / l.strideH + 1;
+  int64_t ow = (w + 2 * l.padW - l.kernelW) / l.strideW + 1;
+  if (h + 2 * l.padH < l.kernelH || w + 2 * l.padW < l.kernelW || oh < 1 || ow < 1) {
+    f.fail(fmt::format("{} output would be empty: input {} with kernel {}x{}, stride {}x{}, padding {}x{}", name,
+                       l.input.batchStr(), l.kernelH, l.kernelW, l.strideH, l.strideW, l.padH, l.padW));
+  }
+  l.output = Shape{l.out, oh, ow};
+}
+
+std::string windowDetail(const LayerSpec& l) {
+  return fmt::format("k{}x{} s{}x{} p{}x{}", l.kernelH, l.kernelW, l.strideH, l.strideW, l.padH, l.padW);
+}
+
+void parseConv2d(const JsonFields& f, LayerSpec& l) {
+  f.allowOnly({"type", "out", "kernel", "stride", "padding", "bias", "in"});
+  l.out = f.integer("out", "an integer >= 1 (output channels)", positive);
+  l.bias = f.boolean("bias", true);
+  parseWindow(f, l, "conv2d", false);
+  if (f.has("in")) {
+    int64_t in = f.integer("in", "an integer >= 1", positive);
+    if (in != l.input[0]) {
+      f.failAt("in", fmt::format("conv2d declares in {} channels but its input is {} ({} channels)", in,
+                                 l.input.batchStr(), l.input[0]));
+    }
+  }
+}
+
+std::vector<ParamShape> conv2dParams(const LayerSpec& l) {
+  std::vector<ParamShape> shapes{{"weight", Shape{l.out, l.input[0], l.kernelH, l.kernelW}}};
+  if (l.bias) shapes.push_back({"bias", Shape{l.out}});
+  return shapes;
+}
+
+std::string conv2dDetail(const LayerSpec& l) {
+  return fmt::format("{} -> {}, {}{}", l.input[0], l.out, windowDetail(l), l.bias ? "" : ", no bias");
+}
+
+void parseMaxPool2d(const JsonFields& f, LayerSpec& l) {
+  f.allowOnly({"type", "kernel", "stride", "padding"});
+  l.out = l.input.rank() == 3 ? l.input[0] : 0;
+  parseWindow(f, l, "maxpool2d", true);
+  // PyTorch's rule: a window must always contain at least one real input value.
+  if (2 * l.padH > l.kernelH || 2 * l.padW > l.kernelW) {
+    f.failAt("padding", fmt::format("maxpool2d padding {}x{} must be at most half the kernel {}x{}", l.padH, l.padW,
+                                    l.kernelH, l.kernelW));
+  }
+}
+
+void parseLayerNorm(const JsonFields& f, LayerSpec& l) {
+  f.allowOnly({"type", "eps", "affine"});
+  l.eps = f.number("eps", 1e-5, "a number > 0", [](double v) { return v > 0.0; });
+  l.affine = f.boolean("affine", true);
+  l.output = l.input;
+}
+
+std::vector<ParamShape> layerNormParams(const LayerSpec& l) {
+  if (!l.affine) return {};
+  return {{"weight", Shape{l.input.back()}}, {"bias", Shape{l.input.back()}}};
+}
+
+std::string layerNormDetail(const LayerSpec& l) {
+  return fmt::format("[{}], eps={}{}", l.input.back(), l.eps, l.affine ? "" : ", no affine");
+}
+
+std::unique_ptr<Layer> makeConv2d(const LayerSpec& spec, const LayerBuild&) { return std::make_unique<Conv2d>(spec); }
+std::unique_ptr<Layer> makeMaxPool2d(const LayerSpec& spec, const LayerBuild& build) {
+  return std::make_unique<MaxPool2d>(spec, build.maxBatch);
+}
+std::unique_ptr<Layer> makeLayerNorm(const LayerSpec& spec, const LayerBuild& build) {
+  return std::make_unique<LayerNorm>(spec, build.maxBatch);
+}
+
 }  // namespace
-
-std::unique_ptr<Layer> makeLayerNorm(const LayerSpec& spec, int maxBatch) {
-  return std::make_unique<LayerNorm>(spec, maxBatch);
-}
-std::unique_ptr<Layer> makeConv2d(const LayerSpec& spec) { return std::make_unique<Conv2d>(spec); }
-std::unique_ptr<Layer> makeMaxPool2d(const LayerSpec& spec, int maxBatch) {
-  return std::make_unique<MaxPool2d>(spec, maxBatch);
-}
-
 }  // namespace dtrain::nn::detail
+
+namespace dtrain::nn {
+
+const LayerKind& conv2dKind() {
+  static constexpr LayerKind kind{.name = "conv2d", .parse = detail::parseConv2d, .paramShapes = detail::conv2dParams,
+                                  .detail = detail::conv2dDetail, .cpu = detail::makeConv2d,
+                                  .exampleLayer = R"({"type": "conv2d", "out": 2, "kernel": [3, 2], "padding": 1})",
+                                  .exampleInput = "[2, 5, 4]"};
+  return kind;
+}
+
+const LayerKind& maxPool2dKind() {
+  static constexpr LayerKind kind{.name = "maxpool2d", .parse = detail::parseMaxPool2d, .detail = detail::windowDetail,
+                                  .cpu = detail::makeMaxPool2d,
+                                  .exampleLayer = R"({"type": "maxpool2d", "kernel": 2})", .exampleInput = "[2, 4, 6]"};
+  return kind;
+}
+
+const LayerKind& layerNormKind() {
+  static constexpr LayerKind kind{.name = "layernorm", .parse = detail::parseLayerNorm,
+                                  .paramShapes = detail::layerNormParams, .detail = detail::layerNormDetail,
+                                  .cpu = detail::makeLayerNorm,
+                                  .exampleLayer = R"({"type": "layernorm"})", .exampleInput = "[3, 4]"};
+  return kind;
+}
+
+}  // namespace dtrain::nn

@@ -1,9 +1,12 @@
 #include "lib/nn/loss.h"
 
+#include <fmt/format.h>
+
 #include <cmath>
 
 #include "lib/common/error.h"
 #include "lib/common/json_fields.h"
+#include "lib/nn/registry.h"
 
 namespace dtrain::nn {
 namespace {
@@ -109,7 +112,7 @@ class CrossEntropy final : public Loss {
     const int64_t count = lastBatch_ * outputShape_.numel();
     DTRAIN_CHECK(lastBatch_ > 0, "loss backward called before forward");
     for (int64_t i = 0; i < count; ++i) grad_.data()[i] = diff_.data()[i] * factor;
-    return TensorView::f32(grad_.data(), outputShape_.withBatch(lastBatch_));
+    return TensorView::of(grad_.data(), outputShape_.withBatch(lastBatch_), device_);
   }
 };
 
@@ -146,7 +149,7 @@ class Mse final : public Loss {
     const int64_t count = lastBatch_ * outputShape_.numel();
     const float factor = 2.0f * scale / static_cast<float>(count);
     for (int64_t i = 0; i < count; ++i) grad_.data()[i] = diff_.data()[i] * factor;
-    return TensorView::f32(grad_.data(), outputShape_.withBatch(lastBatch_));
+    return TensorView::of(grad_.data(), outputShape_.withBatch(lastBatch_), device_);
   }
 
   EvalSums evaluate(const TensorView& output, const TensorView& targets) const override {
@@ -182,7 +185,8 @@ Loss::Loss(LossType type, const Shape& outputShape, int maxBatch)
   DTRAIN_CHECK_AS(ConfigError, maxBatch >= 1, "maximum batch size must be >= 1, got {}", maxBatch);
 }
 
-std::unique_ptr<Loss> Loss::create(const LossSpec& spec, const Shape& outputShape, int maxBatch) {
+std::unique_ptr<Loss> Loss::create(const LossSpec& spec, const Shape& outputShape, int maxBatch, Device device) {
+  requireCpu(device, fmt::format("loss '{}'", lossTypeName(spec.type)));
   if (spec.type == LossType::kCrossEntropy) return std::make_unique<CrossEntropy>(outputShape, maxBatch);
   return std::make_unique<Mse>(outputShape, maxBatch);
 }

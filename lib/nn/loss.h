@@ -51,10 +51,13 @@ class Loss {
  public:
   // outputShape: the model's per-sample output shape. Throws ConfigError when the loss cannot apply to it
   // (cross_entropy needs logits of shape [C]).
-  static std::unique_ptr<Loss> create(const LossSpec& spec, const Shape& outputShape, int maxBatch);
+  // Its buffers live on `device`: NotBuiltError for a device without an implementation (CPU only in this build).
+  static std::unique_ptr<Loss> create(const LossSpec& spec, const Shape& outputShape, int maxBatch,
+                                      Device device = Device::cpu());
   virtual ~Loss() = default;
 
   LossType type() const noexcept { return type_; }
+  Device device() const noexcept { return device_; }
   // Whether evaluate() counts correct predictions (classification).
   bool hasAccuracy() const noexcept { return type_ == LossType::kCrossEntropy; }
   // Checks at setup that targets of this per-sample shape and dtype fit (ConfigError naming both), so the
@@ -75,6 +78,7 @@ class Loss {
   Loss(LossType type, const Shape& outputShape, int maxBatch);
 
   LossType type_;
+  Device device_;  // the CPU: the implementations below are the CPU ones
   Shape outputShape_;
   int maxBatch_;
   AlignedBuffer<float> diff_;  // maxBatch * outputShape.numel(): softmax - onehot, or output - target

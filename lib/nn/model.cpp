@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 
 #include "lib/common/error.h"
+#include "lib/nn/registry.h"
 
 namespace dtrain::nn {
 namespace {
@@ -19,7 +20,7 @@ Model::Model(Model&&) noexcept = default;
 Model& Model::operator=(Model&&) noexcept = default;
 Model::~Model() = default;
 
-Model Model::build(const ModelSpec& spec, int maxBatch, uint64_t seed) {
+Model Model::build(const ModelSpec& spec, int maxBatch, uint64_t seed, Device device) {
   DTRAIN_CHECK_AS(ConfigError, maxBatch >= 1, "maximum batch size must be >= 1, got {}", maxBatch);
   DTRAIN_CHECK_AS(ConfigError, !spec.layers.empty(), "{}: the model has no layers", spec.path);
   // dtrain runs one worker per core; Eigen must not start threads of its own (it only would with OpenMP).
@@ -27,12 +28,14 @@ Model Model::build(const ModelSpec& spec, int maxBatch, uint64_t seed) {
 
   Model m;
   m.spec_ = spec;
+  m.device_ = device;
   m.maxBatch_ = maxBatch;
   const size_t batch = static_cast<size_t>(maxBatch);
 
   size_t offset = 0;
   for (const auto& ls : spec.layers) {
-    m.layers_.push_back(makeLayer(ls, maxBatch, seed));
+    m.layers_.push_back(makeLayer(ls, {.device = device, .maxBatch = maxBatch, .seed = seed}));
+    m.hasRandomLayers_ = m.hasRandomLayers_ || ls.kind->random;
     ParamRange range{offset, 0};
     for (const auto& ps : m.layers_.back()->paramShapes()) {
       size_t count = static_cast<size_t>(ps.shape.numel());
@@ -42,6 +45,8 @@ Model Model::build(const ModelSpec& spec, int maxBatch, uint64_t seed) {
     range.count = offset - range.offset;
     m.layerRanges_.push_back(range);
   }
+  // The arenas and activations below are host memory.
+  requireCpu(device, "the model's parameter arenas");
   m.params_ = AlignedBuffer<float>(offset);
   m.grads_ = AlignedBuffer<float>(offset);
   InitRng rng(seed);
@@ -92,7 +97,7 @@ TensorView Model::forward(const float* x, int batch, bool train) {
     in = out;
   }
   lastBatch_ = batch;
-  return TensorView::f32(out_.back(), spec_.output().withBatch(batch));
+  return TensorView::of(out_.back(), spec_.output().withBatch(batch), device_);
 }
 
 void Model::backward(const TensorView& gradOutput, LayerGradReady onLayerGradReady, GradMode mode) {

@@ -1,7 +1,7 @@
 // Model: a built sequential model with its parameters and gradients in two flat float32 arenas.
 //
 //   ModelSpec spec = parseModelSpec(job["model"], "job.json", "/model");
-//   Model model = Model::build(spec, /*maxBatch=*/64, /*seed=*/42);
+//   Model model = Model::build(spec, /*maxBatch=*/64, /*seed=*/42, Device::cpu());
 //   TensorView out = model.forward(x, batch, /*train=*/true);       // x: batch * input.numel() floats
 //   float l = loss->forward(out, targets);
 //   model.zeroGrad();
@@ -81,10 +81,11 @@ enum class GradMode { kAccumulate, kOverwrite };
 
 class Model {
  public:
-  // Builds layers and arenas for up to maxBatch samples and initialises parameters with PyTorch's default
-  // schemes drawn from InitRng(seed) (docs/model-spec.md "Initialisation"); `seed` also seeds dropout.
-  // Throws ConfigError for a maxBatch < 1.
-  static Model build(const ModelSpec& spec, int maxBatch, uint64_t seed);
+  // Builds layers and arenas on `device` for up to maxBatch samples and initialises parameters with PyTorch's
+  // default schemes drawn from InitRng(seed) (docs/model-spec.md "Initialisation"); `seed` also seeds dropout.
+  // Throws ConfigError for a maxBatch < 1, NotBuiltError for a device without an implementation (this build has
+  // CPU layers only: "device cuda:0: layer 'linear' has no CUDA implementation in this build").
+  static Model build(const ModelSpec& spec, int maxBatch, uint64_t seed, Device device = Device::cpu());
 
   Model(Model&&) noexcept;
   Model& operator=(Model&&) noexcept;
@@ -109,7 +110,7 @@ class Model {
   // One parameter of paramTable() as a float32 view of its slice of params() (PyTorch's shape), e.g. to save or
   // load it by name. Valid while the model lives; writable through the view even from a const model.
   TensorView paramTensor(const ParamEntry& entry) const {
-    return TensorView::of(params_.data() + entry.offset, entry.shape);
+    return TensorView::of(params_.data() + entry.offset, entry.shape, device_);
   }
   // The arena slice of layer k's parameters ({offset, 0} for parameterless layers).
   ParamRange layerParamRange(int layer) const;
@@ -117,6 +118,8 @@ class Model {
   std::vector<int> paramLayers() const;
 
   const ModelSpec& spec() const noexcept { return spec_; }
+  // Where the arenas, activations and layers live.
+  Device device() const noexcept { return device_; }
   int numLayers() const noexcept { return static_cast<int>(layers_.size()); }
   Shape inputShape() const { return spec_.input; }    // per sample
   Shape outputShape() const { return spec_.output(); }  // per sample
@@ -127,12 +130,16 @@ class Model {
   // Reseeds the dropout layers (e.g. with seed + rank, so ranks draw different masks). Layers whose spec
   // fixes a "seed" keep it.
   void reseedDropout(uint64_t seed);
+  // Whether any layer draws random numbers in training (a registry entry marked `random`, e.g. dropout).
+  bool hasRandomLayers() const noexcept { return hasRandomLayers_; }
 
  private:
   Model() = default;
 
   ModelSpec spec_;
+  Device device_;
   int maxBatch_ = 0;
+  bool hasRandomLayers_ = false;
   std::vector<std::unique_ptr<Layer>> layers_;
   AlignedBuffer<float> params_, grads_;
   std::vector<ParamEntry> table_;

@@ -2,10 +2,13 @@
 // adds, and fusing them into FMAs here would change the last bit of the updates.
 #include "lib/nn/optimizer.h"
 
+#include <fmt/format.h>
+
 #include <cmath>
 
 #include "lib/common/error.h"
 #include "lib/common/json_fields.h"
+#include "lib/nn/registry.h"
 
 namespace dtrain::nn {
 namespace {
@@ -137,7 +140,8 @@ void Optimizer::checkSizes(std::span<float> params, std::span<const float> grads
                grads.size());
 }
 
-std::unique_ptr<Optimizer> Optimizer::create(const OptimizerSpec& spec, size_t numParams) {
+std::unique_ptr<Optimizer> Optimizer::create(const OptimizerSpec& spec, size_t numParams, Device device) {
+  requireCpu(device, fmt::format("optimizer '{}'", optimizerTypeName(spec.type)));
   if (spec.type == OptimizerType::kSgd) return std::make_unique<Sgd>(spec, numParams);
   return std::make_unique<Adam>(spec, numParams);
 }

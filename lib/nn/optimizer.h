@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "lib/common/aligned_buffer.h"
+#include "lib/common/tensor.h"
 
 namespace dtrain::nn {
 
@@ -59,7 +60,9 @@ struct StateBuffer {
 
 class Optimizer {
  public:
-  static std::unique_ptr<Optimizer> create(const OptimizerSpec& spec, size_t numParams);
+  // Its state lives on `device`, beside the arenas it updates: NotBuiltError for a device without an
+  // implementation (CPU only in this build).
+  static std::unique_ptr<Optimizer> create(const OptimizerSpec& spec, size_t numParams, Device device = Device::cpu());
   virtual ~Optimizer() = default;
 
   // One update of params from grads (both numParams floats). Throws dtrain::Error on a size mismatch.

@@ -18,6 +18,7 @@
 #include <filesystem>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "lib/common/tensor.h"
@@ -28,13 +29,11 @@ namespace dtrain::nn {
 // fits well inside dtrain::kMaxRank.
 inline constexpr int kMaxSampleRank = 5;
 
-enum class LayerType { kLinear, kRelu, kGelu, kTanh, kSigmoid, kDropout, kLayerNorm, kFlatten, kConv2d, kMaxPool2d };
+struct LayerKind;  // lib/nn/registry.h
 
-const char* layerTypeName(LayerType type);  // the JSON "type" string, e.g. "maxpool2d"
-
-// One layer, with the union of all layer fields (only those of `type` are meaningful).
+// One layer, with the union of all layer fields (only those its type reads are meaningful).
 struct LayerSpec {
-  LayerType type = LayerType::kRelu;
+  const LayerKind* kind = nullptr;  // its registry entry; set by parsing
   int index = 0;       // position in the layer list: the "k" of PyTorch's "k.weight"
   std::string path;    // JSON pointer of the layer object, for errors: "/model/layers/3"
   Shape input;         // per-sample input shape
@@ -48,7 +47,9 @@ struct LayerSpec {
   bool affine = true;  // layernorm: learnable weight and bias
   int64_t kernelH = 0, kernelW = 0, strideH = 1, strideW = 1, padH = 0, padW = 0;  // conv2d, maxpool2d
 
-  // Parameter count (weights + biases) of this layer.
+  // The JSON "type", e.g. "maxpool2d" (empty before parsing).
+  std::string_view type() const;
+  // Parameter count (weights + biases) of this layer, from its registry entry's paramShapes.
   int64_t paramCount() const;
   // "784 -> 256", "1 -> 16, k5x5 s1 p0", "p=0.5": the summary's detail column.
   std::string detail() const;

@@ -28,7 +28,7 @@ void checkDataFitsModel(const Job& job, const data::Dataset& ds, const nn::Loss&
 
 std::string checkJob(const Job& job) {
   auto train = data::loadDataset(job.data.train);
-  auto loss = nn::Loss::create(job.loss, job.model.output(), static_cast<int>(job.data.batchSize));
+  auto loss = nn::Loss::create(job.loss, job.model.output(), static_cast<int>(job.data.batchSize), Device::cpu());
   checkDataFitsModel(job, *train, *loss, "/data/train");
   std::string evalLine = "eval:  (none)";
   if (job.data.eval) {
@@ -36,7 +36,7 @@ std::string checkJob(const Job& job) {
     checkDataFitsModel(job, *eval, *loss, "/data/eval");
     evalLine = fmt::format("eval:  {}", eval->describe());
   }
-  auto model = nn::Model::build(job.model, static_cast<int>(job.data.batchSize), job.loop.seed);
+  auto model = nn::Model::build(job.model, static_cast<int>(job.data.batchSize), job.loop.seed, Device::cpu());
   std::string out = fmt::format("{}: OK\n\n{}\n", job.sourceFile, model.summaryTable());
   out += fmt::format("loss:  {}\noptimizer: {} lr {}\n", nn::lossTypeName(job.loss.type),
                      nn::optimizerTypeName(job.optimizer.type), job.optimizer.lr);

@@ -175,11 +175,13 @@ void TrainLoop::setUp() {
   train_ = data::loadDataset(job_.data.train);
   strategy_ = makeStrategy(job_, connect(), {.overlapDefault = spareCores});
   const int64_t batch = job_.data.batchSize;
-  model_.emplace(nn::Model::build(job_.model, static_cast<int>(batch), job_.loop.seed));
-  loss_ = nn::Loss::create(job_.loss, job_.model.output(), static_cast<int>(batch));
+  // The job's "device" is validated to be "cpu" (lib/train/job.cpp): the layers have CPU implementations only.
+  const Device device = Device::cpu();
+  model_.emplace(nn::Model::build(job_.model, static_cast<int>(batch), job_.loop.seed, device));
+  loss_ = nn::Loss::create(job_.loss, job_.model.output(), static_cast<int>(batch), device);
   checkDataFitsModel(job_, *train_, *loss_, "/data/train");
   if (!job_.initFrom.empty()) loadWeights(job_.initFrom, *model_);
-  optimizer_ = nn::Optimizer::create(job_.optimizer, model_->numParams());
+  optimizer_ = nn::Optimizer::create(job_.optimizer, model_->numParams(), device);
   checkpointer_ = std::make_unique<Checkpointer>(
       job_, *strategy_, fmt::format("{}/{}/{}", worker_.runId, worker_.round, worker_.restartCount));
   resumed_ = checkpointer_->resume(*model_, *optimizer_);
@@ -193,8 +195,7 @@ void TrainLoop::setUp() {
     eval_ = evalLoad.get();
     checkDataFitsModel(job_, *eval_, *loss_, "/data/eval");
   }
-  hasDropout_ = std::any_of(job_.model.layers.begin(), job_.model.layers.end(),
-                            [](const nn::LayerSpec& l) { return l.type == nn::LayerType::kDropout; });
+  hasDropout_ = model_->hasRandomLayers();
   addTestAids(callbacks_, worker_.rank, worker_.worldSize, worker_.restartCount, worker_.round);
   // Ranks agree on a stop (SIGTERM/SIGINT/SIGUSR1 on any of them) every few steps, so that they all checkpoint
   // at the same step.

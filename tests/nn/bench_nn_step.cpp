@@ -104,7 +104,7 @@ int main(int argc, char** argv) {
     double flops = 0;
     bool first = true;
     for (const auto& l : spec.layers) {
-      if (l.type != LayerType::kLinear) continue;
+      if (l.type() != "linear") continue;
       flops += 2.0 * batch * static_cast<double>(l.input[0] * l.out) * (first ? 2.0 : 3.0);
       first = false;
     }

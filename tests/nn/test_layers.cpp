@@ -26,7 +26,7 @@ struct Harness {
   Harness(const json& layer, std::vector<int64_t> input, int batch, Inputs kind = Inputs::kSmooth)
       : batch(batch) {
     spec = parseModelSpec(json{{"input", input}, {"layers", json::array({layer})}}, "", "/model").layers[0];
-    impl = makeLayer(spec, batch, 7);
+    impl = makeLayer(spec, {.device = Device::cpu(), .maxBatch = batch, .seed = 7});
     size_t count = 0;
     for (const auto& p : impl->paramShapes()) count += static_cast<size_t>(p.shape.numel());
     params.assign(count, 0.0f);

@@ -1,0 +1,79 @@
+#include "lib/nn/registry.h"
+
+#include <fmt/format.h>
+
+#include "lib/common/error.h"
+#include "lib/nn/layer.h"
+
+namespace dtrain::nn {
+
+// The entries, each defined beside its implementation (layers_dense.cpp, layers_spatial.cpp).
+const LayerKind& linearKind();
+const LayerKind& reluKind();
+const LayerKind& geluKind();
+const LayerKind& tanhKind();
+const LayerKind& sigmoidKind();
+const LayerKind& dropoutKind();
+const LayerKind& layerNormKind();
+const LayerKind& flattenKind();
+const LayerKind& conv2dKind();
+const LayerKind& maxPool2dKind();
+
+std::span<const LayerKind* const> layerKinds() {
+  // The order of the "unknown layer type" message and of docs/model-spec.md.
+  static const LayerKind* const kKinds[] = {
+      &linearKind(),  &reluKind(),      &geluKind(),    &tanhKind(),   &sigmoidKind(),
+      &dropoutKind(), &layerNormKind(), &flattenKind(), &conv2dKind(), &maxPool2dKind(),
+  };
+  return kKinds;
+}
+
+const LayerKind* findLayerKind(std::string_view name) {
+  for (const LayerKind* k : layerKinds())
+    if (k->name == name) return k;
+  return nullptr;
+}
+
+std::vector<std::string_view> layerTypeNames() {
+  std::vector<std::string_view> names;
+  for (const LayerKind* k : layerKinds()) names.push_back(k->name);
+  return names;
+}
+
+namespace {
+
+const LayerKind& kindOf(const LayerSpec& spec) {
+  DTRAIN_CHECK(spec.kind != nullptr, "{}: layer spec was not parsed (no layer type)", spec.path);
+  return *spec.kind;
+}
+
+}  // namespace
+
+std::vector<ParamShape> paramShapesOf(const LayerSpec& spec) {
+  const LayerKind& kind = kindOf(spec);
+  return kind.paramShapes != nullptr ? kind.paramShapes(spec) : std::vector<ParamShape>{};
+}
+
+int64_t paramCountOf(const LayerSpec& spec) {
+  int64_t n = 0;
+  for (const auto& p : paramShapesOf(spec)) n += p.shape.numel();
+  return n;
+}
+
+std::unique_ptr<Layer> makeLayer(const LayerSpec& spec, const LayerBuild& build) {
+  DTRAIN_CHECK(build.maxBatch >= 1, "maxBatch must be >= 1, got {}", build.maxBatch);
+  const LayerKind& kind = kindOf(spec);
+  LayerFactory factory = build.device.isCpu() ? kind.cpu : kind.cuda;
+  if (factory == nullptr) {
+    DTRAIN_THROW(NotBuiltError, "device {}: layer '{}' has no {} implementation in this build", build.device.str(),
+                 kind.name, build.device.isCpu() ? "CPU" : "CUDA");
+  }
+  return factory(spec, build);
+}
+
+void requireCpu(Device device, std::string_view what) {
+  if (!device.isCpu())
+    DTRAIN_THROW(NotBuiltError, "device {}: {} has no CUDA implementation in this build", device.str(), what);
+}
+
+}  // namespace dtrain::nn

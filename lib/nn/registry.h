@@ -1,0 +1,98 @@
+// The layer registry: every layer type dtrain knows, one entry each, and the factory that builds a layer for a
+// device. The model spec parser, parameter counts, the `dtrain check` summary and Model::build all ask the
+// registry; nothing else switches on a layer type.
+//
+// Adding a layer type is its implementation file plus its line in the registry's table (registry.cpp):
+//
+//   // lib/nn/layers_swish.cpp (and add it to lib/nn/CMakeLists.txt)
+//   namespace {
+//   class Swish final : public Layer { ... forward/backward over raw row-major floats ... };
+//   void parseSwish(const JsonFields& f, LayerSpec& s) { f.allowOnly({"type"}); s.output = s.input; }
+//   std::unique_ptr<Layer> makeSwish(const LayerSpec& s, const LayerBuild&) { return std::make_unique<Swish>(s); }
+//   }  // namespace
+//   const LayerKind& swishKind() {
+//     static constexpr LayerKind kind{.name = "swish", .parse = parseSwish, .cpu = makeSwish,
+//                                     .exampleLayer = R"({"type": "swish"})", .exampleInput = "[4]"};
+//     return kind;
+//   }
+//   // lib/nn/registry.cpp: declare `const LayerKind& swishKind();` and add &swishKind() to the table.
+//
+// A layer with parameters also gives paramShapes (PyTorch's names and shapes, in PyTorch's order): it is the one
+// source of every parameter count (spec, summary, arenas, checkpoints). Entries are constant data (constant-
+// initialised, so usable at any time) and thread-safe to read.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "lib/common/tensor.h"
+#include "lib/nn/spec.h"
+
+namespace dtrain {
+class JsonFields;  // lib/common/json_fields.h
+}  // namespace dtrain
+
+namespace dtrain::nn {
+
+class Layer;
+
+// A named parameter of a layer: "weight" or "bias" (PyTorch's attribute name) and its shape.
+struct ParamShape {
+  std::string suffix;
+  Shape shape;
+};
+
+// What a layer implementation is built with besides its spec.
+struct LayerBuild {
+  Device device;
+  int maxBatch = 1;   // scratch is sized for up to this many samples
+  uint64_t seed = 0;  // seeds random layers (dropout) unless the spec fixes a seed
+};
+
+using LayerFactory = std::unique_ptr<Layer> (*)(const LayerSpec& spec, const LayerBuild& build);
+
+struct LayerKind {
+  std::string_view name;  // the JSON "type"
+  // Reads the layer's fields (f.allowOnly first, so typos are errors), checks them against spec.input (the
+  // per-sample input shape, already set) and sets spec.output. Errors: f.fail / f.failAt (ConfigError naming
+  // the file and the JSON path).
+  void (*parse)(const JsonFields& f, LayerSpec& spec) = nullptr;
+  // The parameters of a parsed spec; nullptr: none.
+  std::vector<ParamShape> (*paramShapes)(const LayerSpec& spec) = nullptr;
+  // The summary's detail column ("784 -> 256"); nullptr: empty.
+  std::string (*detail)(const LayerSpec& spec) = nullptr;
+  // The implementation per device type; nullptr where there is none. Only CPU implementations exist so far.
+  LayerFactory cpu = nullptr;
+  LayerFactory cuda = nullptr;
+  // Draws random numbers in training (dropout): Model::reseedDropout reaches it.
+  bool random = false;
+  // A valid layer object and per-sample input shape (JSON text), so tests cover every registered type.
+  std::string_view exampleLayer;
+  std::string_view exampleInput;
+};
+
+// Every registered type, in the order error messages list them.
+std::span<const LayerKind* const> layerKinds();
+// The registered type named `name`, or nullptr.
+const LayerKind* findLayerKind(std::string_view name);
+// The names of layerKinds(), in order.
+std::vector<std::string_view> layerTypeNames();
+
+// The parameters of spec's layer (empty when it has none) and their total element count.
+std::vector<ParamShape> paramShapesOf(const LayerSpec& spec);
+int64_t paramCountOf(const LayerSpec& spec);
+
+// The implementation of spec's layer for build.device, with scratch for up to build.maxBatch samples.
+// Throws NotBuiltError "device cuda:0: layer 'linear' has no CUDA implementation in this build" when the type has
+// none for that device, dtrain::Error for a maxBatch < 1 or a spec that was not parsed.
+std::unique_ptr<Layer> makeLayer(const LayerSpec& spec, const LayerBuild& build);
+
+// Throws NotBuiltError "device cuda:0: <what> has no CUDA implementation in this build" unless device is the CPU:
+// for the parts of lib/nn (model arenas, losses, optimizers) that exist for the CPU only.
+void requireCpu(Device device, std::string_view what);
+
+}  // namespace dtrain::nn

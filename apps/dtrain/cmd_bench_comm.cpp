@@ -34,12 +34,6 @@ struct BenchCommArgs {
   bool noCheck = false;
 };
 
-size_t bytesArg(const std::string& flag, const std::string& v) {
-  auto b = parse::toBytes(v);
-  DTRAIN_CHECK_AS(UsageError, b.has_value() && *b > 0, "{} {}: expected a size such as 1K or 64M", flag, v);
-  return static_cast<size_t>(*b);
-}
-
 void printHeader(const comm::Backend& b, const comm::BenchOptions& o, const std::string& what) {
   std::printf("# dtrain bench %s: backend %s, %d rank(s), %d on this node, %s %s, timeout %lld ms\n", what.c_str(),
               b.name().c_str(), b.size(), b.options().localSize, std::string(dtypeName(o.dtype)).c_str(),
@@ -55,8 +49,8 @@ int runBenchComm(const std::string& what, const BenchCommArgs& a) {
   DTRAIN_CHECK(collective.has_value(), "unknown collective {}", what);
   comm::BenchOptions o;
   o.what = *collective;
-  o.minBytes = bytesArg("--min-bytes", a.minBytes);
-  o.maxBytes = bytesArg("--max-bytes", a.maxBytes);
+  o.minBytes = static_cast<size_t>(parse::bytesFlag("--min-bytes", a.minBytes, true));
+  o.maxBytes = static_cast<size_t>(parse::bytesFlag("--max-bytes", a.maxBytes, true));
   DTRAIN_CHECK_AS(UsageError, o.minBytes <= o.maxBytes, "--min-bytes {} is larger than --max-bytes {}", a.minBytes,
                   a.maxBytes);
   o.stepFactor = a.stepFactor;
@@ -70,17 +64,14 @@ int runBenchComm(const std::string& what, const BenchCommArgs& a) {
   o.op = *op;
   o.iters = a.iters;
   o.warmup = a.warmup;
-  auto budget = parse::toDuration(a.budget);
-  DTRAIN_CHECK_AS(UsageError, budget.has_value() && budget->count() > 0, "--budget {}: expected a duration", a.budget);
-  o.budgetSeconds = static_cast<double>(budget->count()) / 1000.0;
+  const auto budget = parse::durationFlag("--budget", a.budget, true);
+  o.budgetSeconds = static_cast<double>(budget.count()) / 1000.0;
   o.check = !a.noCheck;
-  auto timeout = parse::toDuration(a.timeout);
-  DTRAIN_CHECK_AS(UsageError, timeout.has_value() && timeout->count() > 0, "--timeout {}: expected a duration",
-                  a.timeout);
+  const auto timeout = parse::durationFlag("--timeout", a.timeout, true);
 
   const auto worker = WorkerContract::fromEnv();
   comm::BackendOptions bo = comm::optionsFromContract(worker);
-  bo.timeout = *timeout;
+  bo.timeout = timeout;
   log::setTag(fmt::format("dtrain r{}", bo.rank));
   if (bo.size > 1) {
     DTRAIN_CHECK_AS(UsageError, !worker.store.empty(),
@@ -90,7 +81,7 @@ int runBenchComm(const std::string& what, const BenchCommArgs& a) {
     // One namespace per run, attempt and benchmark, so a restarted round never reads a dead attempt's keys.
     const std::string prefix =
         fmt::format("{}bench-{}/{}/", rendezvous::runPrefix(worker.runId), what, worker.restartCount);
-    bo.store = std::make_shared<rendezvous::PrefixStore>(prefix, rendezvous::connectStore(worker.store, *timeout));
+    bo.store = std::make_shared<rendezvous::PrefixStore>(prefix, rendezvous::connectStore(worker.store, timeout));
   } else {
     bo.store = rendezvous::MemoryStore::create();
   }

@@ -29,15 +29,13 @@ int runBench(const BenchStoreArgs& a) {
   DTRAIN_CHECK_AS(UsageError, a.seconds > 0, "--seconds {}: expected a positive duration", a.seconds);
   DTRAIN_CHECK_AS(UsageError, a.valueBytes >= 0 && static_cast<size_t>(a.valueBytes) <= rendezvous::kMaxValueBytes,
                   "--value-bytes {}: expected 0..{}", a.valueBytes, rendezvous::kMaxValueBytes);
-  auto connectTimeout = parse::toDuration(a.connectTimeout);
-  DTRAIN_CHECK_AS(UsageError, connectTimeout.has_value(), "--connect-timeout {}: expected a duration such as 30s",
-                  a.connectTimeout);
+  const auto connectTimeout = parse::durationFlag("--connect-timeout", a.connectTimeout);
   rendezvous::StoreBenchOptions o;
   o.address = a.store;
   o.clients = a.clients;
   o.duration = std::chrono::duration<double>(a.seconds);
   o.valueBytes = static_cast<size_t>(a.valueBytes);
-  o.connectTimeout = *connectTimeout;
+  o.connectTimeout = connectTimeout;
   const auto r = rendezvous::runStoreBenchmark(o);
 
   std::printf("dtrain bench store: %d clients x %.1f s, %d-byte values, %s store at %s\n", a.clients,

@@ -46,11 +46,10 @@ int runInspect(const CkptArgs& a) {
 }
 
 int runBench(const CkptArgs& a) {
-  auto bytes = parse::toBytes(a.size);
-  if (!bytes || *bytes == 0) DTRAIN_THROW(UsageError, "--size {}: expected a size like 1G or 512M", a.size);
+  const auto bytes = parse::bytesFlag("--size", a.size, true);
   ckpt::WriteBenchOptions o;
   o.dir = a.path;
-  o.bytes = *bytes;
+  o.bytes = bytes;
   o.tensors = a.tensors;
   o.repeats = a.repeats;
   o.directIO = !a.buffered;

@@ -34,12 +34,6 @@ std::shared_ptr<RunArgs>& runArgs() {
   return args;
 }
 
-std::chrono::milliseconds duration(const std::string& flag, const std::string& value) {
-  auto d = parse::toDuration(value);
-  DTRAIN_CHECK_AS(UsageError, d.has_value(), "{} {}: expected a duration such as 30, 30s, 500ms or 2m", flag, value);
-  return *d;
-}
-
 std::string selfExe() {
   char buf[PATH_MAX];
   ssize_t n = ::readlink("/proc/self/exe", buf, sizeof(buf) - 1);
@@ -55,11 +49,11 @@ int runCommand(RunArgs& a, bool programAfterDashes) {
     fmt::print(stderr, "{}\n", slurm.extraTaskNote());
     return 0;
   }
-  o.rdzvTimeout = duration("--rdzv-timeout", a.rdzvTimeout);
-  o.lastCall = duration("--rdzv-last-call", a.lastCall);
-  o.shutdownTimeout = duration("--shutdown-timeout", a.shutdownTimeout);
-  o.heartbeatInterval = duration("--heartbeat-interval", a.heartbeatInterval);
-  o.heartbeatTimeout = duration("--heartbeat-timeout", a.heartbeatTimeout);
+  o.rdzvTimeout = parse::durationFlag("--rdzv-timeout", a.rdzvTimeout);
+  o.lastCall = parse::durationFlag("--rdzv-last-call", a.lastCall);
+  o.shutdownTimeout = parse::durationFlag("--shutdown-timeout", a.shutdownTimeout);
+  o.heartbeatInterval = parse::durationFlag("--heartbeat-interval", a.heartbeatInterval);
+  o.heartbeatTimeout = parse::durationFlag("--heartbeat-timeout", a.heartbeatTimeout);
   o.redirects = launch::StreamChoice::parse("--redirects", a.redirects);
   o.tee = launch::StreamChoice::parse("--tee", a.tee);
   if (!a.localRanksFilter.empty()) o.localRanksFilter = launch::parseIntList("--local-ranks-filter", a.localRanksFilter);

@@ -29,10 +29,13 @@ int64_t getInt(const char* name, int64_t fallback) {
 std::chrono::milliseconds getDuration(const char* name, std::chrono::milliseconds fallback) {
   auto v = get(name);
   if (!v || v->empty()) return fallback;
-  auto parsed = parse::toDuration(*v);
-  DTRAIN_CHECK_AS(UsageError, parsed.has_value(),
-                  "environment variable {}={}: expected a duration such as 30, 30s, 500ms or 2m", name, *v);
-  return *parsed;
+  return parse::durationOrThrow(*v, fmt::format("environment variable {}={}", name, *v));
+}
+
+uint64_t getBytes(const char* name, uint64_t fallback) {
+  auto v = get(name);
+  if (!v || v->empty()) return fallback;
+  return parse::bytesOrThrow(*v, fmt::format("environment variable {}={}", name, *v));
 }
 
 bool getBool(const char* name, bool fallback) {

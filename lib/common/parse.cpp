@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include "lib/common/error.h"
+
 #include <cctype>
 #include <charconv>
 #include <cmath>
@@ -98,6 +100,28 @@ std::string formatBytes(uint64_t bytes) {
   if (bytes >= (1ull << 20)) return fmt::format("{:.1f} MiB", static_cast<double>(bytes) / (1 << 20));
   if (bytes >= (1ull << 10)) return fmt::format("{:.1f} KiB", static_cast<double>(bytes) / (1 << 10));
   return fmt::format("{} B", bytes);
+}
+
+std::chrono::milliseconds durationOrThrow(std::string_view value, std::string_view what, bool positive) {
+  auto d = toDuration(value);
+  DTRAIN_CHECK_AS(UsageError, d.has_value() && (!positive || d->count() > 0), "{}: expected {}{}", what,
+                  positive ? "a positive " : "", positive ? kDurationExpected.substr(2) : kDurationExpected);
+  return *d;
+}
+
+uint64_t bytesOrThrow(std::string_view value, std::string_view what, bool positive) {
+  auto b = toBytes(value);
+  DTRAIN_CHECK_AS(UsageError, b.has_value() && (!positive || *b > 0), "{}: expected {}{}", what,
+                  positive ? "a positive " : "", positive ? kBytesExpected.substr(2) : kBytesExpected);
+  return *b;
+}
+
+std::chrono::milliseconds durationFlag(std::string_view flag, std::string_view value, bool positive) {
+  return durationOrThrow(value, fmt::format("{} {}", flag, value), positive);
+}
+
+uint64_t bytesFlag(std::string_view flag, std::string_view value, bool positive) {
+  return bytesOrThrow(value, fmt::format("{} {}", flag, value), positive);
 }
 
 }  // namespace dtrain::parse

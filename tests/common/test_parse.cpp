@@ -1,6 +1,11 @@
 #include <doctest/doctest.h>
 
+#include <cstdlib>
+#include <functional>
+
 #include "lib/common/bytes.h"
+#include "lib/common/env.h"
+#include "lib/common/error.h"
 #include "lib/common/net.h"
 #include "lib/common/parse.h"
 
@@ -61,4 +66,34 @@ TEST_CASE("byte coding round-trips and a short buffer is a protocol error") {
   ByteReader shortReader(std::string_view(buf).substr(0, 6));
   shortReader.get<uint32_t>();
   CHECK_THROWS_AS(shortReader.getBytes(), ProtocolError);
+}
+
+TEST_CASE("flags and environment variables share one duration and size reader and one wording") {
+  using std::chrono::milliseconds;
+  CHECK(parse::durationFlag("--timeout", "5m") == milliseconds(300000));
+  CHECK(parse::durationFlag("--grace", "0") == milliseconds(0));
+  CHECK(parse::bytesFlag("--size", "64K", true) == 65536u);
+  auto usage = [](const std::function<void()>& fn) -> std::string {
+    try {
+      fn();
+    } catch (const UsageError& e) {
+      return e.what();
+    }
+    return "(no UsageError)";
+  };
+  CHECK(usage([] { parse::durationFlag("--rdzv-timeout", "5x"); }) ==
+        "--rdzv-timeout 5x: expected a duration such as 30, 30s, 500ms or 2m");
+  CHECK(usage([] { parse::durationFlag("--budget", "0", true); }) ==
+        "--budget 0: expected a positive duration such as 30, 30s, 500ms or 2m");
+  CHECK(usage([] { parse::bytesFlag("--size", "12Q", true); }) ==
+        "--size 12Q: expected a positive size such as 65536, 64K or 1G");
+  CHECK(usage([] { parse::durationOrThrow("x", "environment variable T=x"); }) ==
+        "environment variable T=x: expected a duration such as 30, 30s, 500ms or 2m");
+  ::setenv("DTRAIN_TEST_BYTES", "2M", 1);
+  CHECK(env::getBytes("DTRAIN_TEST_BYTES", 1) == 2u << 20);
+  ::setenv("DTRAIN_TEST_BYTES", "lots", 1);
+  CHECK(usage([] { env::getBytes("DTRAIN_TEST_BYTES", 1); }) ==
+        "environment variable DTRAIN_TEST_BYTES=lots: expected a size such as 65536, 64K or 1G");
+  ::unsetenv("DTRAIN_TEST_BYTES");
+  CHECK(env::getBytes("DTRAIN_TEST_BYTES", 7) == 7u);
 }

@@ -1,4 +1,4 @@
-// Non-cryptographic fingerprints (FNV-1a, 64 bit): cache keys, staging-dir tokens. Stable across platforms.
+// Non-cryptographic fingerprints (FNV-1a, 64 and 32 bit; http://www.isthe.com/chongo/tech/comp/fnv/): cache keys, staging-dir tokens. Stable across platforms.
 #pragma once
 
 #include <fmt/format.h>
@@ -13,6 +13,15 @@ inline uint64_t fnv1a64(std::string_view data, uint64_t h = 1469598103934665603u
   for (unsigned char c : data) {
     h ^= c;
     h *= 1099511628211ull;
+  }
+  return h;
+}
+
+// The 32-bit variant (wire tags that must stay 4 bytes).
+inline uint32_t fnv1a32(std::string_view data, uint32_t h = 2166136261u) {
+  for (unsigned char c : data) {
+    h ^= c;
+    h *= 16777619u;
   }
   return h;
 }

@@ -16,6 +16,7 @@
 
 #include "lib/common/env.h"
 #include "lib/common/error.h"
+#include "lib/common/hash.h"
 #include "lib/common/log.h"
 #include "lib/common/net.h"
 #include "lib/common/socket.h"
@@ -37,12 +38,6 @@ struct Hello {
   uint32_t tag = 0;  // hash of the group's key prefix
 };
 static_assert(sizeof(Hello) == 16);
-
-uint32_t tagOf(const std::string& s) {
-  uint32_t h = 2166136261u;  // FNV-1a
-  for (char c : s) h = (h ^ static_cast<unsigned char>(c)) * 16777619u;
-  return h;
-}
 
 // Turns an established socket into the data path's descriptor: non-blocking, no Nagle delay (every
 // collective message is latency-bound at its end), close-on-exec, and optionally fixed socket buffers
@@ -84,7 +79,7 @@ Mesh::Mesh(rendezvous::Store& store, const std::string& prefix, int rank, int si
   const uint16_t port = listener.port;
   store.set(prefix + "addr/" + std::to_string(rank), net::HostPort{host, port}.str());
 
-  const uint32_t tag = tagOf(prefix);
+  const uint32_t tag = fnv1a32(prefix);
   std::vector<net::Socket> sockets(static_cast<size_t>(size));
   int pending = size - 1;
   std::string failure;

@@ -1,5 +1,7 @@
 #include "rendezvous/store_state.h"
 
+#include <malloc.h>
+
 #include <algorithm>
 
 #include "lib/common/error.h"
@@ -7,6 +9,35 @@
 #include "rendezvous/store.h"
 
 namespace dtrain::rendezvous {
+
+namespace {
+// Freed bytes after which remove() hands memory back to the system (glibc keeps freed small blocks otherwise).
+constexpr size_t kTrimAfterBytes = size_t{64} << 20;
+}  // namespace
+
+void StoreState::charge(std::string_view key, bool isNew, size_t grow) {
+  if (isNew) {
+    DTRAIN_CHECK(data_.size() < quota_.maxKeys,
+                 "store quota exceeded: the store holds {} keys, the limit (max-keys) is {}; cannot create '{}'",
+                 data_.size(), quota_.maxKeys, key);
+    grow += key.size() + kEntryOverheadBytes;
+  }
+  DTRAIN_CHECK(storedBytes_ + grow <= quota_.maxStoredBytes,
+               "store quota exceeded: storing '{}' would bring the store to {} bytes, the limit (max-stored-bytes) "
+               "is {} bytes",
+               key, storedBytes_ + grow, quota_.maxStoredBytes);
+  storedBytes_ += grow;
+}
+
+void StoreState::release(size_t bytes) {
+  storedBytes_ -= std::min(bytes, storedBytes_);
+  freedSinceTrim_ += bytes;
+  if (freedSinceTrim_ >= kTrimAfterBytes || data_.empty()) {
+    if (data_.empty()) Map<std::string>().swap(data_);  // also return the bucket array
+    freedSinceTrim_ = 0;
+    ::malloc_trim(0);
+  }
+}
 
 const std::string* StoreState::find(std::string_view key) const {
   auto it = data_.find(key);
@@ -23,10 +54,14 @@ void StoreState::set(std::string_view key, std::string_view value) {
   checkKey(key);
   checkValue(value);
   auto it = data_.find(key);
-  if (it == data_.end())
+  if (it == data_.end()) {
+    charge(key, true, value.size());
     data_.emplace(std::string(key), std::string(value));
-  else
+  } else {
+    if (value.size() > it->second.size()) charge(key, false, value.size() - it->second.size());
+    else release(it->second.size() - value.size());
     it->second.assign(value);
+  }
   notify(key);
 }
 
@@ -42,10 +77,15 @@ int64_t StoreState::add(std::string_view key, int64_t delta) {
   int64_t result = 0;
   DTRAIN_CHECK(!__builtin_add_overflow(current, delta, &result), "store add('{}'): {} + {} overflows int64", key,
                current, delta);
-  if (it == data_.end())
-    data_.emplace(std::string(key), std::to_string(result));
-  else
-    it->second = std::to_string(result);
+  auto text = std::to_string(result);
+  if (it == data_.end()) {
+    charge(key, true, text.size());
+    data_.emplace(std::string(key), std::move(text));
+  } else {
+    if (text.size() > it->second.size()) charge(key, false, text.size() - it->second.size());
+    else storedBytes_ -= it->second.size() - text.size();
+    it->second = std::move(text);
+  }
   notify(key);
   return result;
 }
@@ -57,8 +97,11 @@ std::string StoreState::compareSet(std::string_view key, std::string_view expect
   if (it == data_.end()) {
     // A missing key matches an empty `expected` (c10d semantics); otherwise the caller learns it lost.
     if (!expected.empty()) return std::string();
+    charge(key, true, desired.size());
     data_.emplace(std::string(key), std::string(desired));
   } else if (it->second == expected) {
+    if (desired.size() > it->second.size()) charge(key, false, desired.size() - it->second.size());
+    else release(it->second.size() - desired.size());
     it->second.assign(desired);
   } else {
     return it->second;
@@ -72,10 +115,12 @@ void StoreState::append(std::string_view key, std::string_view value) {
   auto it = data_.find(key);
   if (it == data_.end()) {
     checkValue(value);
+    charge(key, true, value.size());
     data_.emplace(std::string(key), std::string(value));
   } else {
     DTRAIN_CHECK(it->second.size() + value.size() <= kMaxValueBytes,
                  "store append('{}') would exceed the value limit of {} bytes", key, kMaxValueBytes);
+    charge(key, false, value.size());
     it->second.append(value);
   }
   notify(key);
@@ -84,7 +129,9 @@ void StoreState::append(std::string_view key, std::string_view value) {
 bool StoreState::remove(std::string_view key) {
   auto it = data_.find(key);
   if (it == data_.end()) return false;
+  size_t bytes = it->first.size() + it->second.size() + kEntryOverheadBytes;
   data_.erase(it);
+  release(bytes);
   return true;
 }
 

@@ -19,8 +19,19 @@
 
 namespace dtrain::rendezvous {
 
+// Quotas: the number of keys and the stored bytes (key + value + kEntryOverheadBytes per key, an estimate of
+// the map's own cost) are bounded; a mutation that would exceed one throws dtrain::Error naming the quota and
+// changes nothing. Removing keys gives memory back to the system (malloc_trim) once enough was freed.
 class StoreState {
  public:
+  static constexpr size_t kEntryOverheadBytes = 64;
+  struct Quota {
+    size_t maxKeys = SIZE_MAX;
+    size_t maxStoredBytes = SIZE_MAX;
+  };
+  StoreState() = default;
+  explicit StoreState(Quota quota) : quota_(quota) {}
+
   class Watcher {
    public:
     virtual ~Watcher() = default;
@@ -41,6 +52,7 @@ class StoreState {
   void append(std::string_view key, std::string_view value);
   bool remove(std::string_view key);
   int64_t numKeys() const { return static_cast<int64_t>(data_.size()); }
+  size_t storedBytes() const { return storedBytes_; }
 
   void watch(const std::string& key, WatcherPtr watcher);
   void unwatch(const std::string& key, const Watcher* watcher);
@@ -55,6 +67,13 @@ class StoreState {
   using Map = std::unordered_map<std::string, V, Hash, std::equal_to<>>;
 
   void notify(std::string_view key);
+  // Throws when a new key (isNew) or `grow` more bytes would exceed a quota; then charges them.
+  void charge(std::string_view key, bool isNew, size_t grow);
+  void release(size_t bytes);
+
+  Quota quota_;
+  size_t storedBytes_ = 0;
+  size_t freedSinceTrim_ = 0;
 
   Map<std::string> data_;
   Map<std::vector<WatcherPtr>> watchers_;

@@ -10,6 +10,7 @@
 
 #include <boost/asio/post.hpp>
 
+#include <algorithm>
 #include <cstring>
 
 #include "lib/common/error.h"
@@ -43,7 +44,13 @@ uint64_t raiseFileLimit() {
 // ---------------------------------------------------------------------------------------------------------
 // Impl
 
-TcpStoreServer::Impl::Impl(const TcpStoreServerOptions& options) : host_(options.host) {
+TcpStoreServer::Impl::Impl(const TcpStoreServerOptions& options)
+    : limits_(options.limits),
+      state_(StoreState::Quota{options.limits.maxKeys, options.limits.maxStoredBytes}),
+      host_(options.host) {
+  DTRAIN_CHECK(limits_.maxBufferedBytes >= proto::kMaxFrameBytes + (64 << 10),
+               "store: the buffer budget of {} bytes is below one maximal frame ({} bytes)", limits_.maxBufferedBytes,
+               proto::kMaxFrameBytes);
   auto limit = raiseFileLimit();
   if (limit < 1100)
     log::warn("store: the open-file limit is {}; fewer than 512 clients may be able to connect (ulimit -n)",
@@ -58,6 +65,13 @@ TcpStoreServer::Impl::Impl(const TcpStoreServerOptions& options) : host_(options
   if (ec) DTRAIN_THROW(Error, "store: cannot register the listening socket: {}", ec.message());
   listener.socket.release();  // the acceptor owns it now
   armAccept();
+  auto shortest = std::chrono::milliseconds::max();
+  for (auto t : {limits_.handshakeTimeout, limits_.idleTimeout})
+    if (t.count() > 0) shortest = std::min(shortest, t);
+  if (shortest != std::chrono::milliseconds::max()) {
+    sweepEvery_ = std::clamp(shortest / 4, std::chrono::milliseconds(10), std::chrono::milliseconds(1000));
+    armSweep();
+  }
   // The io thread inherits a fully blocked signal mask, so signals meant for the embedding process (SIGCHLD,
   // SIGTERM in the agent) are never delivered to it.
   sigset_t all, old;
@@ -101,12 +115,52 @@ void TcpStoreServer::Impl::shutdownAll() {
   boost::system::error_code ec;
   acceptor_.close(ec);
   acceptRetry_.cancel();
+  sweepTimer_.cancel();
   auto sessions = sessions_;  // close() removes from the registry
   for (auto& [ptr, session] : sessions) session->close();
 }
 
 void TcpStoreServer::Impl::removeSession(Session* session) {
   if (sessions_.erase(session) > 0) open_.fetch_sub(1, std::memory_order_relaxed);
+}
+
+void TcpStoreServer::Impl::adjustBuffered(size_t before, size_t after) {
+  buffered_ = buffered_ - before + after;
+  bufferedStat_.store(buffered_, std::memory_order_relaxed);
+  if (after < before && !waitingForBudget_.empty()) {
+    // Wake every waiter from a fresh handler; those that still do not fit wait again.
+    auto waiting = std::move(waitingForBudget_);
+    waitingForBudget_.clear();
+    asio::post(io_, [waiting = std::move(waiting)] {
+      for (const auto& w : waiting)
+        if (auto s = w.lock()) s->resume();
+    });
+  }
+}
+
+void TcpStoreServer::Impl::waitForBudget(std::shared_ptr<Session> session) {
+  waitingForBudget_.push_back(std::move(session));
+}
+
+void TcpStoreServer::Impl::armSweep() {
+  sweepTimer_.expires_after(sweepEvery_);
+  sweepTimer_.async_wait([this](const boost::system::error_code& ec) {
+    if (ec) return;
+    sweep();
+    armSweep();
+  });
+}
+
+void TcpStoreServer::Impl::sweep() {
+  auto now = std::chrono::steady_clock::now();
+  std::vector<std::pair<std::shared_ptr<Session>, const char*>> expired;
+  for (auto& [ptr, session] : sessions_)
+    if (const char* why = session->expired(now, limits_)) expired.emplace_back(session, why);
+  for (auto& [session, why] : expired) {
+    log::debug("store: closing a connection: {}", why);
+    timedOut_.fetch_add(1, std::memory_order_relaxed);
+    session->close();
+  }
 }
 
 void TcpStoreServer::Impl::armAccept() {
@@ -142,6 +196,17 @@ void TcpStoreServer::Impl::acceptReady() {
       log::info("store: accepting connections again");
       acceptFailing_ = false;
     }
+    if (sessions_.size() >= limits_.maxConnections) {
+      // Accepted and closed at once: the client learns immediately instead of waiting in the backlog.
+      if (!refusing_)
+        log::warn("store: refusing connections: {} are open, the limit (max-connections) is {}", sessions_.size(),
+                  limits_.maxConnections);
+      refusing_ = true;
+      refused_.fetch_add(1, std::memory_order_relaxed);
+      ::close(fd);
+      continue;
+    }
+    refusing_ = false;
     int one = 1;
     ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     asio::ip::tcp::socket socket(io_);
@@ -189,6 +254,11 @@ TcpStoreServerStats TcpStoreServer::stats() const {
   s.requests = impl_->requests_.load(std::memory_order_relaxed);
   s.protocolErrors = impl_->protocolErrors_.load(std::memory_order_relaxed);
   s.waiters = impl_->waiters_.load(std::memory_order_relaxed);
+  s.bufferedBytes = impl_->bufferedStat_.load(std::memory_order_relaxed);
+  s.connectionsRefused = impl_->refused_.load(std::memory_order_relaxed);
+  s.connectionsTimedOut = impl_->timedOut_.load(std::memory_order_relaxed);
+  s.keys = impl_->keysStat_.load(std::memory_order_relaxed);
+  s.storedBytes = impl_->storedStat_.load(std::memory_order_relaxed);
   return s;
 }
 

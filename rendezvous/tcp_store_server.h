@@ -12,22 +12,44 @@
 //
 // Limits: at start the RLIMIT_NOFILE soft limit is raised to the hard limit (one fd per connection; at least
 // 512 connections must work). A malformed frame closes that one connection; the server keeps serving.
+// Memory is bounded against careless or hostile clients (TcpStoreLimits): a frame's buffer grows as its bytes
+// arrive (never from the declared length alone); all connections' buffers together stay under a server-wide
+// budget (a connection that would exceed it stops being read until others release memory); a connection whose
+// queued replies exceed a bound is not read or answered further until its client drains them (back-pressure);
+// connections that do not finish the handshake in time, or (optionally) stay idle, are closed; connections
+// over the cap are accepted and closed at once; the key/value data has quotas on keys and bytes, answered
+// with an error naming the quota. At EMFILE accept pauses briefly and logs once, then retries.
 //
 // Thread-safety: start/stop/port/stats may be called from any thread; stop() is idempotent and blocks until
 // the io thread has exited, after closing every connection (blocked clients see their connection drop).
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
 
 namespace dtrain::rendezvous {
 
+// Resource limits of one server. Defaults are sized for jobs of thousands of agents (each agent and worker
+// holds one connection and a few small keys) while keeping a flood far below the machine's memory.
+struct TcpStoreLimits {
+  size_t maxConnections = 20000;                  // more are accepted and closed at once (logged once a streak)
+  size_t maxBufferedBytes = size_t{512} << 20;    // all connections' input buffers and queued replies together
+  size_t maxQueuedReplyBytes = size_t{4} << 20;   // per connection; one reply is always allowed, however large
+  std::chrono::milliseconds handshakeTimeout{10000};  // connect -> complete handshake; 0 = none
+  std::chrono::milliseconds idleTimeout{0};           // no request and nothing parked/queued; 0 = none (default)
+  size_t maxKeys = 1000000;                      // quota on the number of keys
+  size_t maxStoredBytes = size_t{1} << 30;       // quota on stored bytes (keys + values + kEntryOverheadBytes each)
+  size_t maxKeysPerRequest = 100000;             // check/wait: number of keys in one request
+};
+
 struct TcpStoreServerOptions {
   std::string host = "0.0.0.0";  // address to bind: "0.0.0.0", "::", "127.0.0.1", a hostname
   uint16_t port = 0;             // 0 picks a free port (read it back with port())
   int backlog = 1024;
+  TcpStoreLimits limits;
 };
 
 struct TcpStoreServerStats {
@@ -36,6 +58,10 @@ struct TcpStoreServerStats {
   uint64_t requests = 0;
   uint64_t protocolErrors = 0;  // connections closed for a malformed frame or a bad handshake
   uint64_t waiters = 0;         // GET/WAIT requests parked right now
+  uint64_t bufferedBytes = 0;   // input buffers + queued replies of all connections right now
+  uint64_t connectionsRefused = 0;  // accepted and closed at once: over limits.maxConnections
+  uint64_t connectionsTimedOut = 0;  // closed by the handshake or idle timeout
+  uint64_t keys = 0, storedBytes = 0;  // the data, as counted by the quotas
 };
 
 class TcpStoreServer {

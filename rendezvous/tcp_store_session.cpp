@@ -27,8 +27,11 @@ void expectEnd(const ByteReader& r) {
   if (!r.done()) throw ProtocolError(fmt::format("{} unexpected trailing bytes", r.remaining()));
 }
 
-std::vector<std::string> getKeys(ByteReader& r) {
+// A check/wait names at most `maxKeys` keys: bounds the memory and the time one request holds the io thread.
+std::vector<std::string> getKeys(ByteReader& r, Op op, size_t maxKeys) {
   auto n = r.get<uint32_t>();
+  DTRAIN_CHECK(n <= maxKeys, "store {} of {} keys exceeds the limit of {} keys per request (max-keys-per-request)",
+               proto::opName(op), n, maxKeys);
   std::vector<std::string> keys;
   keys.reserve(std::min<size_t>(n, r.remaining() / sizeof(uint32_t)));  // never trust n for an allocation
   for (uint32_t i = 0; i < n; ++i) keys.emplace_back(r.getBytes());
@@ -41,7 +44,10 @@ std::vector<std::string> getKeys(ByteReader& r) {
 // Session: framing
 
 Session::Session(asio::ip::tcp::socket socket, TcpStoreServer::Impl& core)
-    : socket_(std::move(socket)), core_(core), in_(kInitialBuffer) {}
+    : socket_(std::move(socket)), core_(core), in_(kInitialBuffer) {
+  started_ = lastActive_ = std::chrono::steady_clock::now();
+  account();
+}
 
 void Session::start() { readMore(); }
 
@@ -52,21 +58,68 @@ std::string Session::peer() {
   return fmt::format("{}:{}", ep.address().to_string(), ep.port());
 }
 
+void Session::account() {
+  size_t now = closed_ ? 0 : bufferedBytes();
+  if (now == accounted_) return;
+  core_.adjustBuffered(accounted_, now);
+  accounted_ = now;
+}
+
+const char* Session::expired(std::chrono::steady_clock::time_point now, const TcpStoreLimits& limits) const {
+  if (closed_) return nullptr;
+  if (!handshaken_ && limits.handshakeTimeout.count() > 0 && now - started_ > limits.handshakeTimeout)
+    return "no handshake within the handshake timeout";
+  if (handshaken_ && limits.idleTimeout.count() > 0 && !parked_ && !writing_ && out_.empty() &&
+      now - lastActive_ > limits.idleTimeout)
+    return "idle for longer than the idle timeout";
+  return nullptr;
+}
+
+void Session::resume() {
+  if (closed_) return;
+  waitingForBudget_ = false;
+  process();
+  readMore();
+}
+
 void Session::readMore() {
-  if (reading_ || closed_ || closing_) return;
+  if (reading_ || closed_ || closing_ || waitingForBudget_) return;
   if (parked_ && end_ - begin_ > kMaxBufferedWhileParked) return;  // resumed by finishParked
+  if (repliesBlocked()) return;                                    // resumed when the replies drain
   if (begin_ == end_) {
     begin_ = end_ = 0;
-    if (in_.size() > kKeepBuffer && need_ == 0) std::vector<char>(kInitialBuffer).swap(in_);
+    if (in_.size() > kKeepBuffer && need_ == 0) {
+      std::vector<char>(kInitialBuffer).swap(in_);
+      account();
+    }
   }
-  size_t pending = end_ - begin_;
-  size_t capacityNeeded = std::max(need_, pending + kMinReadSpace);  // counted from begin_
-  if (in_.size() - begin_ < capacityNeeded) {
-    // Move the partial frame to the front, then grow so that the whole frame fits.
-    std::memmove(in_.data(), in_.data() + begin_, pending);
-    begin_ = 0;
-    end_ = pending;
-    if (in_.size() < capacityNeeded) in_.resize(capacityNeeded);
+  if (in_.size() - end_ < kMinReadSpace) {
+    // Move the partial frame to the front; grow only as its bytes arrive (doubling, at most to the frame's
+    // declared size), never to a declared length no byte of which is here yet.
+    size_t pending = end_ - begin_;
+    if (begin_ > 0) {
+      std::memmove(in_.data(), in_.data() + begin_, pending);
+      begin_ = 0;
+      end_ = pending;
+    }
+    if (in_.size() - end_ < kMinReadSpace) {
+      size_t target = std::max(end_ + kMinReadSpace, std::min(need_, 2 * in_.size()));
+      // A large frame reserves its whole declared size from the server-wide budget before its buffer grows
+      // past kKeepBuffer (the memory itself is still only allocated as its bytes arrive). Reserving the
+      // whole frame means two half-read frames can never each wait for the other's memory.
+      size_t want = target > kKeepBuffer ? std::max(target, need_) : target;
+      size_t have = std::max(in_.size(), reserved_);
+      if (want > have) {
+        if (!core_.canBuffer(want - have)) {
+          waitingForBudget_ = true;  // resumed by the core when others release memory
+          core_.waitForBudget(shared_from_this());
+          return;
+        }
+        if (target > kKeepBuffer) reserved_ = want;
+      }
+      in_.resize(target);
+      account();
+    }
   }
   reading_ = true;
   socket_.async_read_some(asio::buffer(in_.data() + end_, in_.size() - end_),
@@ -84,12 +137,13 @@ void Session::onRead(const boost::system::error_code& ec, size_t n) {
   }
   if (closing_) return;
   end_ += n;
+  lastActive_ = std::chrono::steady_clock::now();
   process();
   readMore();
 }
 
 void Session::process() {
-  while (!closed_ && !closing_ && !parked_) {
+  while (!closed_ && !closing_ && !parked_ && !repliesBlocked()) {
     size_t avail = end_ - begin_;
     const char* p = in_.data() + begin_;
     if (!handshaken_) {
@@ -111,10 +165,14 @@ void Session::process() {
       break;
     }
     need_ = 0;
+    reserved_ = 0;  // the frame is complete; its buffer is released by readMore once consumed
     begin_ += total;  // the body stays valid: nothing touches in_ during dispatch
     dispatch(std::string_view(p + proto::kFrameHeaderBytes, len));
   }
+  core_.keysStat_.store(static_cast<uint64_t>(core_.state_.numKeys()), std::memory_order_relaxed);
+  core_.storedStat_.store(core_.state_.storedBytes(), std::memory_order_relaxed);
   flush();
+  account();
 }
 
 void Session::handshake(std::string_view hello) {
@@ -155,16 +213,26 @@ void Session::flush() {
   }
   if (sending_.capacity() > kKeepBuffer) std::string().swap(sending_);
   sending_.swap(out_);
+  account();
   writing_ = true;
   asio::async_write(socket_, asio::buffer(sending_),
                     [self = shared_from_this()](const boost::system::error_code& ec, size_t) {
                       self->writing_ = false;
+                      bool wasBlocked = self->repliesBlocked();
                       self->sending_.clear();
+                      if (self->sending_.capacity() > kKeepBuffer) std::string().swap(self->sending_);
+                      self->account();
                       if (ec) {
                         self->close();
                         return;
                       }
-                      self->flush();
+                      self->lastActive_ = std::chrono::steady_clock::now();
+                      if (wasBlocked && !self->repliesBlocked()) {
+                        self->process();  // answers what waited behind the replies, then flushes
+                        self->readMore();
+                      } else {
+                        self->flush();
+                      }
                     });
 }
 
@@ -178,6 +246,9 @@ void Session::close() {
   }
   boost::system::error_code ec;
   socket_.close(ec);
+  std::vector<char>().swap(in_);
+  std::string().swap(out_);
+  account();  // closed_: reports 0 (sending_ may still be in flight; it is freed with the session)
   core_.removeSession(this);
 }
 
@@ -321,7 +392,7 @@ void Session::onCompareSet(ByteReader& r) {
 }
 
 void Session::onWait(ByteReader& r) {
-  auto keys = getKeys(r);
+  auto keys = getKeys(r, Op::kWait, core_.limits_.maxKeysPerRequest);
   auto timeoutMs = r.get<uint64_t>();
   expectEnd(r);
   for (const auto& k : keys) checkKey(k);
@@ -334,7 +405,7 @@ void Session::onWait(ByteReader& r) {
 }
 
 void Session::onCheck(ByteReader& r) {
-  auto keys = getKeys(r);
+  auto keys = getKeys(r, Op::kCheck, core_.limits_.maxKeysPerRequest);
   expectEnd(r);
   replyBool(core_.state_.firstMissing(keys) == nullptr);
 }

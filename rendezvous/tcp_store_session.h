@@ -7,6 +7,7 @@
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/steady_timer.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <memory>
 #include <mutex>
@@ -36,11 +37,18 @@ class TcpStoreServer::Impl {
 
   // Called by sessions (io thread).
   void removeSession(Session* session);
+  // Buffer accounting against limits_.maxBufferedBytes: sessions report every change of their buffers.
+  void adjustBuffered(size_t before, size_t after);
+  bool canBuffer(size_t more) const { return buffered_ + more <= limits_.maxBufferedBytes; }
+  // A session that could not grow its input buffer waits here until another releases memory.
+  void waitForBudget(std::shared_ptr<Session> session);
 
   // Members the sessions use directly (io thread only, except the atomics).
   asio::io_context io_{1};  // hint: one thread runs it
+  TcpStoreLimits limits_;
   StoreState state_;
   std::atomic<uint64_t> accepted_{0}, open_{0}, requests_{0}, protocolErrors_{0}, waiters_{0};
+  std::atomic<uint64_t> bufferedStat_{0}, refused_{0}, timedOut_{0}, keysStat_{0}, storedStat_{0};
 
   std::string host_;
   uint16_t port_ = 0;
@@ -50,11 +58,18 @@ class TcpStoreServer::Impl {
   void armAccept();
   void acceptReady();
   void shutdownAll();
+  void armSweep();
+  void sweep();  // closes connections past the handshake or idle timeout
 
   asio::ip::tcp::acceptor acceptor_{io_};
   asio::steady_timer acceptRetry_{io_};
+  asio::steady_timer sweepTimer_{io_};
+  std::chrono::milliseconds sweepEvery_{0};
   std::unordered_map<Session*, std::shared_ptr<Session>> sessions_;
+  std::vector<std::weak_ptr<Session>> waitingForBudget_;
+  size_t buffered_ = 0;
   bool acceptFailing_ = false;  // accept() ran out of descriptors; logged once until it recovers
+  bool refusing_ = false;       // over maxConnections; logged once until a connection is accepted again
   std::thread thread_;
   std::mutex stopMu_;
 };
@@ -69,6 +84,9 @@ class Session : public std::enable_shared_from_this<Session> {
   Session(asio::ip::tcp::socket socket, TcpStoreServer::Impl& core);
   void start();
   void close();
+  // The sweep's question: should this connection be closed for a timeout now? Returns the reason or nullptr.
+  const char* expired(std::chrono::steady_clock::time_point now, const TcpStoreLimits& limits) const;
+  void resume();  // memory became available or replies drained: read and answer again
   // The parked request is answered: kOk with the value (GET) or without (WAIT, value null), or kTimeout.
   void finishParked(proto::Status status, const std::string* value);
 
@@ -81,6 +99,13 @@ class Session : public std::enable_shared_from_this<Session> {
   void violation(const std::string& message);
   void flush();
   std::string peer();
+  size_t bufferedBytes() const { return std::max(in_.size(), reserved_) + out_.size() + sending_.size(); }
+  void account();  // reports bufferedBytes() changes to the core
+  // Back-pressure: stop answering (and reading) while the client has not taken its queued replies.
+  bool repliesBlocked() const {
+    size_t queued = out_.size() + sending_.size();
+    return queued > core_.limits_.maxQueuedReplyBytes || (queued > 0 && !core_.canBuffer(0));
+  }
 
   // Replies (append one frame to out_).
   void reply(proto::Status status);
@@ -111,6 +136,10 @@ class Session : public std::enable_shared_from_this<Session> {
   bool reading_ = false, writing_ = false;
   bool closing_ = false;  // answer what is queued, then close (after a protocol violation)
   bool closed_ = false;
+  bool waitingForBudget_ = false;
+  size_t accounted_ = 0;  // bufferedBytes() as last reported to the core
+  size_t reserved_ = 0;   // budget reserved for the whole large frame being read (its buffer grows within it)
+  std::chrono::steady_clock::time_point started_, lastActive_;
   std::shared_ptr<Waiter> parked_;
 };
 

@@ -9,7 +9,9 @@
 
 #include "apps/dtrain/commands.h"
 #include "lib/common/log.h"
+#include "lib/common/error.h"
 #include "lib/common/net.h"
+#include "lib/common/parse.h"
 #include "rendezvous/store.h"
 #include "rendezvous/store_protocol.h"
 #include "rendezvous/tcp_store_server.h"
@@ -22,9 +24,32 @@ struct StoreArgs {
   std::string host = "0.0.0.0";
   int port = rendezvous::kDefaultPort;  // torchrun's default rendezvous port
   bool quiet = false;
+  // Limits (rendezvous::TcpStoreLimits); sizes and durations as text, parsed with dtrain's one wording.
+  size_t maxConnections = rendezvous::TcpStoreLimits{}.maxConnections;
+  std::string maxBuffered = "512MiB", maxQueuedReplies = "4MiB", maxStoredBytes = "1GiB";
+  std::string handshakeTimeout = "10s", idleTimeout = "0";
+  size_t maxKeys = rendezvous::TcpStoreLimits{}.maxKeys;
+  size_t maxKeysPerRequest = rendezvous::TcpStoreLimits{}.maxKeysPerRequest;
 };
 
+rendezvous::TcpStoreLimits limitsFrom(const StoreArgs& a) {
+  rendezvous::TcpStoreLimits l;
+  l.maxConnections = a.maxConnections;
+  l.maxBufferedBytes = static_cast<size_t>(parse::bytesFlag("--max-buffered", a.maxBuffered, true));
+  DTRAIN_CHECK_AS(UsageError, l.maxBufferedBytes >= rendezvous::proto::kMaxFrameBytes + (64 << 10),
+               "--max-buffered {}: must be at least {} bytes (one maximal frame plus 64 KiB)", a.maxBuffered,
+               rendezvous::proto::kMaxFrameBytes + (64 << 10));
+  l.maxQueuedReplyBytes = static_cast<size_t>(parse::bytesFlag("--max-queued-replies", a.maxQueuedReplies, true));
+  l.handshakeTimeout = parse::durationFlag("--handshake-timeout", a.handshakeTimeout);
+  l.idleTimeout = parse::durationFlag("--idle-timeout", a.idleTimeout);
+  l.maxKeys = a.maxKeys;
+  l.maxStoredBytes = static_cast<size_t>(parse::bytesFlag("--max-stored-bytes", a.maxStoredBytes, true));
+  l.maxKeysPerRequest = a.maxKeysPerRequest;
+  return l;
+}
+
 int runStore(const StoreArgs& a) {
+  auto limits = limitsFrom(a);  // bad flag values fail before anything starts
   if (a.quiet) log::setLevel(log::Level::kWarn);
   // Block the stop signals before the server's thread exists, then wait for them synchronously: no handler,
   // nothing async-signal-unsafe, and the io thread never sees them.
@@ -37,6 +62,7 @@ int runStore(const StoreArgs& a) {
   rendezvous::TcpStoreServerOptions options;
   options.host = a.host;
   options.port = static_cast<uint16_t>(a.port);
+  options.limits = limits;
   auto server = rendezvous::TcpStoreServer::start(options);
   // Exactly one line on stdout, flushed, once connections are accepted: scripts and tests read the port here.
   std::printf("dtrain store listening on %s\n", server->address().c_str());
@@ -62,6 +88,29 @@ void addStoreCommand(CLI::App& root, Action& action) {
   sub->add_option("--host", args->host, "Address to listen on")->capture_default_str();
   sub->add_option("--port", args->port, "TCP port to listen on; 0 picks a free one (printed on stdout)")
       ->check(CLI::Range(0, 65535))
+      ->capture_default_str();
+  sub->add_option("--max-connections", args->maxConnections, "Connections over this are closed at once")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  sub->add_option("--max-buffered", args->maxBuffered,
+                   "Memory for all connections' partial requests and queued replies (at least 129MiB)")
+      ->capture_default_str();
+  sub->add_option("--max-queued-replies", args->maxQueuedReplies,
+                  "Per connection: stop answering a client whose unread replies exceed this")
+      ->capture_default_str();
+  sub->add_option("--handshake-timeout", args->handshakeTimeout,
+                  "Close connections that do not complete the handshake in time; 0 = never")
+      ->capture_default_str();
+  sub->add_option("--idle-timeout", args->idleTimeout,
+                  "Close connections without a request (or a parked wait) for this long; 0 = never")
+      ->capture_default_str();
+  sub->add_option("--max-keys", args->maxKeys, "Quota: number of keys")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  sub->add_option("--max-stored-bytes", args->maxStoredBytes, "Quota: bytes of keys and values (+64 per key)")
+      ->capture_default_str();
+  sub->add_option("--max-keys-per-request", args->maxKeysPerRequest, "Keys in one check or wait")
+      ->check(CLI::PositiveNumber)
       ->capture_default_str();
   sub->add_flag("--quiet", args->quiet, "Log only warnings and errors (the listening line is still printed)");
   sub->callback([&action, args] { action = [args] { return runStore(*args); }; });

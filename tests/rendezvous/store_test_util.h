@@ -65,6 +65,7 @@ class RawConn {
       if (got <= 0) return true;
     }
   }
+  int fd() const { return fd_; }
   void closeNow() {
     if (fd_ >= 0) ::close(fd_);
     fd_ = -1;

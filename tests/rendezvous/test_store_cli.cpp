@@ -69,6 +69,23 @@ TEST_CASE("dtrain store: a bad port is a usage error") {
   CHECK(r.exitCode == static_cast<int>(ExitCode::kUsage));
 }
 
+TEST_CASE("dtrain store: limit flags are checked before it starts") {
+  auto r = run({dtrainBinary(), "store", "--port", "0", "--max-buffered", "1MiB"}, RunOptions{.timeout = 20s});
+  CHECK(r.exitCode == static_cast<int>(ExitCode::kUsage));
+  CHECK(r.err.find("--max-buffered 1MiB: must be at least") != std::string::npos);
+  r = run({dtrainBinary(), "store", "--port", "0", "--handshake-timeout", "soon"}, RunOptions{.timeout = 20s});
+  CHECK(r.exitCode == static_cast<int>(ExitCode::kUsage));
+  CHECK(r.err.find("--handshake-timeout soon") != std::string::npos);
+}
+
+TEST_CASE("dtrain store: quota flags reach the server") {
+  Background store({dtrainBinary(), "store", "--host", "127.0.0.1", "--port", "0", "--quiet", "--max-keys", "1"});
+  int port = portFromLine(store.waitForLine("dtrain store listening on", 20s));
+  auto client = rendezvous::connectStore("127.0.0.1:" + std::to_string(port), 10s);
+  client->set("a", "1");
+  CHECK_THROWS_WITH_AS(client->set("b", "2"), doctest::Contains("max-keys"), Error);
+}
+
 TEST_CASE("dtrain bench store prints throughput against a standalone store") {
   Background store({dtrainBinary(), "store", "--host", "127.0.0.1", "--port", "0", "--quiet"});
   int port = portFromLine(store.waitForLine("dtrain store listening on", 20s));

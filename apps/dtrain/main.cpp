@@ -2,11 +2,13 @@
 #include <CLI/CLI.hpp>
 
 #include <cstdio>
+#include <cstring>
 
 #include "apps/dtrain/commands.h"
 #include "lib/common/config.h"
 #include "lib/common/error.h"
 #include "lib/common/log.h"
+#include "lib/launch/process_tree.h"
 
 namespace {
 
@@ -20,6 +22,9 @@ int report(const dtrain::Error& e) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // The process watchdog of `dtrain run` (lib/launch/process_tree.h): hidden, and kept out of CLI11.
+  if (argc > 1 && std::strcmp(argv[1], dtrain::launch::kWatchdogCommand) == 0)
+    return dtrain::launch::watchdogMain(argc, argv);
   CLI::App root{"dtrain: launch and run distributed training (torchrun-compatible), one native binary", "dtrain"};
   root.set_version_flag("--version", std::string("dtrain ") + DTRAIN_VERSION +
                                          (DTRAIN_WITH_CUDA ? " (cuda)" : " (cpu)"));

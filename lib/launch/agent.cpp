@@ -10,6 +10,7 @@
 #include "lib/common/error.h"
 #include "lib/common/log.h"
 #include "lib/common/net.h"
+#include "lib/launch/process_tree.h"
 #include "lib/launch/round_policy.h"
 #include "lib/launch/round_runner.h"
 #include "rendezvous/prefix_store.h"
@@ -122,6 +123,8 @@ int Agent::run() {
   // a round it is forwarded to the workers.
   ::signal(SIGUSR1, SIG_IGN);
   ::signal(SIGUSR2, SIG_IGN);
+  // Before the store and any worker: no descendant of a worker outlives this agent (process_tree.h).
+  ProcessTree processes(options_.shutdownTimeout, "/proc/self/exe");
   setUpStore();
   rendezvous::NodeInfo self;
   self.requestedNodeRank = options_.nodeRank;
@@ -148,6 +151,7 @@ int Agent::run() {
     log::debug("round {}: node {} of {}, ranks {}..{} of {}", round.round, round.nodeRank, round.numNodes,
                round.rankOffset, round.rankOffset + options_.nproc - 1, round.worldSize);
     RoundContext ctx{&options_, &rdzv, watchStore_, &round, endpoint_, runId_, ""};
+    ctx.processes = &processes;
     if (!options_.logDir.empty()) ctx.attemptLogDir = fmt::format("{}/{}/attempt_{}", options_.logDir, runId_, round.round);
     RoundEvent event;
     std::optional<int> interrupted;

@@ -64,6 +64,8 @@ RoundEvent RoundRunner::run() {
   if (watcher_.joinable()) watcher_.join();
   // Whatever is left of each worker's process group (daemonised grandchildren) goes with the round.
   for (auto& w : workers_) signalGroup(w.pid, SIGKILL);
+  // ...and so does every other descendant (setsid grandchildren, orphans re-parented to the agent).
+  if (ctx_.processes) ctx_.processes->stopLeftovers(ctx_.options->shutdownTimeout);
   return *ended_;
 }
 
@@ -122,6 +124,7 @@ void RoundRunner::startWorkers() {
     }
     wctx.localRank = lr;
     SpawnSpec spec{opts.programPath, opts.program, workerEnvironment(wctx), fds[0][1], fds[1][1]};
+    if (ctx_.processes) ctx_.processes->mark(spec.env);
     try {
       w.pid = spawnProcess(spec);
     } catch (...) {

@@ -27,6 +27,7 @@
 
 #include "lib/launch/launch_options.h"
 #include "lib/launch/log_fanout.h"
+#include "lib/launch/process_tree.h"
 #include "lib/launch/round_policy.h"
 #include "rendezvous/rendezvous.h"
 
@@ -40,6 +41,7 @@ struct RoundContext {
   std::string storeAddr;
   std::string runId;
   std::string attemptLogDir;  // "" when --log-dir is not given
+  ProcessTree* processes = nullptr;  // marks the workers and stops what they leave behind (process_tree.h)
 };
 
 class RoundRunner {

@@ -4,7 +4,8 @@
 //  - runs in its own process group, so signals for the agent's terminal do not hit it and the agent can
 //    stop everything the worker started with one killpg;
 //  - gets PR_SET_PDEATHSIG=SIGKILL, so it dies with the agent even when the agent is SIGKILLed. The death
-//    signal fires when the *thread* that forked exits, so spawn() must be called from the agent's main thread;
+//    signal fires when the *thread* that forked exits, so spawn() must be called from the agent's main thread.
+//    It reaches the worker only, not what the worker starts: process_tree.h stops every descendant;
 //  - starts with a clean signal mask and default dispositions, stdin from /dev/null.
 // An exec failure is reported to the parent through a close-on-exec pipe, so spawn() returns only after the
 // exec succeeded or throws with the errno of the failed exec.

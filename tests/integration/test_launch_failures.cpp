@@ -2,6 +2,7 @@
 #include <doctest/doctest.h>
 
 #include <signal.h>
+#include <sys/stat.h>
 
 #include <filesystem>
 
@@ -92,8 +93,12 @@ TEST_CASE("workers that ignore SIGTERM are killed after --shutdown-timeout") {
 
 TEST_CASE("an agent killed with SIGKILL leaves no worker behind") {
   std::string id = uniqueRunId("orphans");
+  // The workers block in the shell itself (opening a FIFO nobody writes): an `exec sleep` after the ready line
+  // let processesWithRunId read an empty /proc/PID/environ mid-exec (1 run in ~20 saw one worker).
+  std::string fifo = tempDir("orphans") + "/never";
+  REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
   Background agent(runArgs({"--standalone", "--rdzv-id", id, "--nproc-per-node", "2", "--", "sh", "-c",
-                            "echo ready-$RANK; exec sleep 1000"}));
+                            "echo ready-$RANK; read x < " + fifo}));
   agent.waitForLine("ready-0", 30s);
   agent.waitForLine("ready-1", 30s);
   auto workers = processesWithRunId(id);

@@ -1,0 +1,85 @@
+// No process outlives its job (issue 10, section 3): not only the workers, every descendant of a worker is gone
+// within --shutdown-timeout after the job ends or the agent dies, even when it left the worker's process group
+// (setsid) and ignores SIGTERM. See lib/launch/process_tree.h and docs/fault-tolerance.md.
+#include <doctest/doctest.h>
+
+#include <signal.h>
+#include <sys/stat.h>
+
+#include "tests/integration/launch_helpers.h"
+
+using namespace dtrain::testing;
+using namespace std::chrono_literals;
+
+namespace {
+
+// Whatever happens in a test case, nothing it started survives it: every process carrying the run's marker is
+// SIGKILLed when the case ends.
+struct KillByRunId {
+  std::string id;
+  ~KillByRunId() {
+    for (pid_t pid : processesWithRunId(id)) ::kill(pid, SIGKILL);
+  }
+};
+
+pid_t pidAfter(const std::string& text, const std::string& key) {
+  auto lines = linesWith(text, key);
+  if (lines.empty()) return -1;
+  return static_cast<pid_t>(std::stol(lines.front().substr(lines.front().find(key) + key.size())));
+}
+
+// The agent's watchdog (a child running `dtrain __watchdog`), or -1.
+pid_t watchdogOf(pid_t agent) {
+  std::istringstream children(readFile(fmt::format("/proc/{}/task/{}/children", agent, agent)));
+  pid_t child;
+  while (children >> child)
+    if (readFile(fmt::format("/proc/{}/cmdline", child)).find("__watchdog") != std::string::npos) return child;
+  return -1;
+}
+
+}  // namespace
+
+TEST_CASE("an agent killed with SIGKILL takes the children of a wrapper-script worker with it") {
+  std::string id = uniqueRunId("wrapper");
+  KillByRunId guard{id};
+  // The worker is a wrapper; its child (the "real trainer") ignores SIGTERM and outlives its parent unless
+  // someone SIGKILLs it.
+  std::string script = "sh -c 'trap \"\" TERM; echo child=$$; exec sleep 1000' & wait";
+  Background agent(runArgs({"--standalone", "--rdzv-id", id, "--shutdown-timeout", "2s", "--", "sh", "-c", script}));
+  std::string line = agent.waitForLine("child=", 30s);
+  pid_t child = pidAfter(line, "child=");
+  REQUIRE(child > 0);
+  REQUIRE(processAlive(child));
+  pid_t watchdog = watchdogOf(agent.pid());
+  REQUIRE(watchdog > 0);
+  agent.signal(SIGKILL);
+  agent.wait(10s);
+  // Gone within the shutdown timeout (2 s) plus what SIGKILL and the scheduler take.
+  CHECK(waitForExit(child, 5s));
+  CHECK(processesWithRunId(id).empty());
+  // The watchdog outlives the agent only as long as its sweep.
+  CHECK(waitForExit(watchdog, 5s));
+}
+
+TEST_CASE("a grandchild that calls setsid and ignores SIGTERM is gone after a clean job end") {
+  std::string id = uniqueRunId("setsid");
+  KillByRunId guard{id};
+  std::string dir = tempDir("setsid");
+  std::string fifo = dir + "/ready";
+  REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+  // The worker waits on the FIFO until the grandchild ignores SIGTERM and has left the worker's session, then
+  // exits 0: the job succeeds with the grandchild still running.
+  std::string script = fmt::format(
+      "setsid sh -c 'trap \"\" TERM; echo $$ > {0}; exec sleep 1000' </dev/null >/dev/null 2>&1 & "
+      "read pid < {0}; echo grandchild=$pid",
+      fifo);
+  auto r = run(runArgs({"--standalone", "--rdzv-id", id, "--shutdown-timeout", "2s", "--", "sh", "-c", script}),
+               {.timeout = 60s});
+  INFO(r.out, r.err);
+  CHECK(r.exitCode == 0);
+  pid_t grandchild = pidAfter(r.out, "grandchild=");
+  REQUIRE(grandchild > 0);
+  // The agent has exited: it must not have left the grandchild behind.
+  CHECK_FALSE(processAlive(grandchild));
+  CHECK(processesWithRunId(id).empty());
+}

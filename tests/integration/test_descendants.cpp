@@ -83,3 +83,28 @@ TEST_CASE("a grandchild that calls setsid and ignores SIGTERM is gone after a cl
   CHECK_FALSE(processAlive(grandchild));
   CHECK(processesWithRunId(id).empty());
 }
+
+TEST_CASE("what a failed attempt left behind is gone before the restarted attempt starts") {
+  std::string id = uniqueRunId("attempt");
+  KillByRunId guard{id};
+  std::string dir = tempDir("attempt");
+  std::string fifo = dir + "/ready";
+  REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+  // Attempt 0 leaves a setsid grandchild that ignores SIGTERM and fails; attempt 1 reports whether it still runs
+  // (a zombie counts as gone).
+  std::string script = fmt::format(
+      "if [ \"$DTRAIN_RESTART_COUNT\" = 0 ]; then "
+      "setsid sh -c 'trap \"\" TERM; echo $$ > {0}; exec sleep 1000' </dev/null >/dev/null 2>&1 & "
+      "read pid < {0}; echo $pid > {1}/pid; exit 1; fi; "
+      "pid=$(cat {1}/pid); state=$(cut -d' ' -f3 /proc/$pid/stat 2>/dev/null); "
+      "if [ -n \"$state\" ] && [ \"$state\" != Z ]; then echo leftover=alive; else echo leftover=gone; fi",
+      fifo, dir);
+  auto r = run(runArgs({"--standalone", "--rdzv-id", id, "--max-restarts", "1", "--shutdown-timeout", "2s", "--",
+                        "sh", "-c", script}),
+               {.timeout = 60s});
+  INFO(r.out, r.err);
+  CHECK(r.exitCode == 0);
+  CHECK(r.out.find("leftover=gone") != std::string::npos);
+  CHECK(r.err.find("stopped 1 process(es) left behind by the workers") != std::string::npos);
+  CHECK(processesWithRunId(id).empty());
+}

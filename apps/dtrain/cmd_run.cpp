@@ -3,9 +3,11 @@
 #include <unistd.h>
 
 #include <climits>
+#include <optional>
 
 #include "apps/dtrain/commands.h"
 #include "apps/dtrain/job_hooks.h"
+#include "lib/train/check.h"
 #include "lib/common/error.h"
 #include "lib/common/parse.h"
 #include "lib/launch/agent.h"
@@ -62,13 +64,14 @@ int runCommand(RunArgs& a, bool programAfterDashes) {
   DTRAIN_CHECK_AS(UsageError, !a.positional.empty(),
                   "dtrain run: nothing to launch; give a job file (dtrain run job.json) or a program after -- "
                   "(dtrain run -- python train.py)");
+  std::optional<train::Job> job;
   bool isJob = !programAfterDashes && a.positional.front().size() > 5 &&
                a.positional.front().compare(a.positional.front().size() - 5, 5, ".json") == 0;
   if (isJob) {
     // The built-in trainer: workers are this binary's `train` subcommand. The job is validated here, before
     // any store or worker exists.
     std::vector<std::string> trainArgs(a.positional.begin(), a.positional.end());
-    validateJobForLaunch(trainArgs);
+    job = validateJobForLaunch(trainArgs);
     o.program = {selfExe(), "train"};
     o.program.insert(o.program.end(), trainArgs.begin(), trainArgs.end());
   } else {
@@ -79,6 +82,8 @@ int runCommand(RunArgs& a, bool programAfterDashes) {
   auto slurmLines = launch::applySlurm(slurm, a.given, o);
   for (const auto& note : slurm.notes) fmt::print(stderr, "dtrain run: {}\n", note);
   o.validate();
+  // Every local worker builds the whole model and its batch: refuse a job that cannot fit before any starts.
+  if (job) train::checkJobFitsMemory(*job, o.nproc, train::readMachineMemory());
   if (a.dryRun) {
     for (const auto& line : slurmLines) fmt::print("{}\n", line);
     fmt::print("{}\n", o.plan());

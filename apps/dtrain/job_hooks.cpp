@@ -13,7 +13,7 @@ void addJobOptions(CLI::App& app, train::JobArgs& args) {
                                                  "(default: runs/<job name>)");
 }
 
-void validateJobForLaunch(const std::vector<std::string>& args) {
+train::Job validateJobForLaunch(const std::vector<std::string>& args) {
   CLI::App app{"dtrain train", "dtrain train"};
   train::JobArgs jobArgs;
   addJobOptions(app, jobArgs);
@@ -23,7 +23,7 @@ void validateJobForLaunch(const std::vector<std::string>& args) {
   } catch (const CLI::ParseError& e) {
     DTRAIN_THROW(UsageError, "job options after {}: {}", args.empty() ? "" : args.front(), e.what());
   }
-  train::loadJob(jobArgs);
+  return train::loadJob(jobArgs);
 }
 
 }  // namespace dtrain::app

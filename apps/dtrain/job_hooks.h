@@ -16,7 +16,8 @@ void addJobOptions(CLI::App& app, train::JobArgs& args);
 
 // args: JOB.json followed by `dtrain train` options (as `dtrain run JOB.json ...` received them). Parses them
 // like `dtrain train` would and validates the job; throws ConfigError/UsageError so that a bad job costs no
-// rendezvous, no worker and no restart.
-void validateJobForLaunch(const std::vector<std::string>& args);
+// rendezvous, no worker and no restart. Returns the job, for checks that need the launch plan (the memory check,
+// train::checkJobFitsMemory, once the local worker count is known).
+train::Job validateJobForLaunch(const std::vector<std::string>& args);
 
 }  // namespace dtrain::app

@@ -31,6 +31,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <filesystem>
 #include <functional>
 #include <string>
 #include <string_view>
@@ -45,6 +46,21 @@ std::string configMessage(std::string_view source, std::string_view path, std::s
 std::string jsonSnippet(const nlohmann::json& value);
 // `path` + "/" + `key`, the key escaped per RFC 6901.
 std::string jsonPointer(std::string_view path, std::string_view key);
+
+// Config files (job, model) are small: anything bigger is not a config file (docs/job-file.md).
+inline constexpr int64_t kMaxConfigFileBytes = int64_t{64} << 20;
+
+// The text of a config file, read only when it is a regular file of at most maxBytes: a FIFO, a device such as
+// /dev/zero or a directory is refused without blocking or reading (opened O_NONBLOCK, checked with fstat), and a
+// file that grows past maxBytes while being read is refused too. `what` names it in errors ("job file").
+// Throws ConfigError "<what> <path> does not exist or cannot be read" / "<path>: <what> is not a regular file
+// (a fifo)" / "<path>: <what> is N bytes, more than the 64 MiB a config file may have".
+std::string readConfigText(const std::filesystem::path& path, std::string_view what,
+                           int64_t maxBytes = kMaxConfigFileBytes);
+
+// Parses JSON text; nlohmann's parse errors and number overflow ("lr": 1e999) become ConfigError
+// "<source>: <wording>: <nlohmann's message without its [json.exception...] tag>".
+nlohmann::json parseConfigJson(const std::string& text, std::string_view source, std::string_view wording);
 
 class JsonFields {
  public:

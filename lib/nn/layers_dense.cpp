@@ -19,12 +19,19 @@ uint64_t mixSeed(uint64_t seed, uint64_t salt) {
   return z ^ (z >> 31);
 }
 
+void checkSizes(const JsonFields& f, std::string_view key, const std::vector<int64_t>& values) {
+  for (int64_t v : values) {
+    if (v > kMaxSampleNumel) f.failAt(key, fmt::format("{} is more than the supported {}", v, kMaxSampleNumel));
+  }
+}
+
 }  // namespace detail
 
 namespace {
 
 using detail::nonNegative;
 using detail::positive;
+using detail::checkSize;
 using detail::ArrMap;
 using detail::ConstArrMap;
 using detail::ConstMatMap;
@@ -232,7 +239,7 @@ class Flatten final : public Elementwise {
 
 void parseLinear(const JsonFields& f, LayerSpec& l) {
   f.allowOnly({"type", "out", "bias", "in"});
-  l.out = f.integer("out", "an integer >= 1", positive);
+  l.out = checkSize(f, "out", f.integer("out", "an integer >= 1", positive));
   l.bias = f.boolean("bias", true);
   if (l.input.rank() != 1) {
     f.fail(fmt::format("linear expects input [N, F] but gets {}; add a flatten layer", l.input.batchStr()));

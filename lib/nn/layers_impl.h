@@ -6,8 +6,14 @@
 
 #include <cstdint>
 #include <memory>
+#include <string_view>
+#include <vector>
 
 #include "lib/nn/layer.h"
+
+namespace dtrain {
+class JsonFields;
+}  // namespace dtrain
 
 namespace dtrain::nn::detail {
 
@@ -23,5 +29,12 @@ uint64_t mixSeed(uint64_t seed, uint64_t salt);
 // Range checks for JsonFields::integer.
 inline bool positive(int64_t v) { return v >= 1; }
 inline bool nonNegative(int64_t v) { return v >= 0; }
+// Sizes (out, kernel, stride, padding, in) are bounded by kMaxSampleNumel so that no shape arithmetic can
+// overflow (spec.h): ConfigError "<field>: 4294967296 is more than the supported 1073741824" past it.
+void checkSizes(const JsonFields& f, std::string_view key, const std::vector<int64_t>& values);
+inline int64_t checkSize(const JsonFields& f, std::string_view key, int64_t value) {
+  checkSizes(f, key, {value});
+  return value;
+}
 
 }  // namespace dtrain::nn::detail

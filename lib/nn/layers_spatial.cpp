@@ -265,6 +265,9 @@ void parseWindow(const JsonFields& f, LayerSpec& l, const char* name, bool strid
   std::vector<int64_t> sDefault = strideDefaultsToKernel ? k : std::vector<int64_t>{1, 1};
   auto s = f.integers("stride", 2, sDefault, "an integer >= 1", positive);
   auto p = f.integers("padding", 2, {0, 0}, "an integer >= 0", nonNegative);
+  checkSizes(f, "kernel", k);
+  checkSizes(f, "stride", s);
+  checkSizes(f, "padding", p);
   l.kernelH = k[0], l.kernelW = k[1], l.strideH = s[0], l.strideW = s[1], l.padH = p[0], l.padW = p[1];
   int64_t h = l.input[1], w = l.input[2];
   int64_t oh = (h + 2 * l.padH - l.kernelH) / l.strideH + 1;
@@ -282,7 +285,7 @@ std::string windowDetail(const LayerSpec& l) {
 
 void parseConv2d(const JsonFields& f, LayerSpec& l) {
   f.allowOnly({"type", "out", "kernel", "stride", "padding", "bias", "in"});
-  l.out = f.integer("out", "an integer >= 1 (output channels)", positive);
+  l.out = checkSize(f, "out", f.integer("out", "an integer >= 1 (output channels)", positive));
   l.bias = f.boolean("bias", true);
   parseWindow(f, l, "conv2d", false);
   if (f.has("in")) {

@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include <limits>
+
 #include "lib/common/error.h"
 #include "lib/nn/layer.h"
 
@@ -57,6 +59,16 @@ std::vector<ParamShape> paramShapesOf(const LayerSpec& spec) {
 int64_t paramCountOf(const LayerSpec& spec) {
   int64_t n = 0;
   for (const auto& p : paramShapesOf(spec)) n += p.shape.numel();
+  return n;
+}
+
+std::optional<int64_t> checkedParamCountOf(const LayerSpec& spec) {
+  int64_t n = 0;
+  for (const auto& p : paramShapesOf(spec)) {
+    auto c = p.shape.checkedNumel();
+    if (!c || *c > std::numeric_limits<int64_t>::max() - n) return std::nullopt;
+    n += *c;
+  }
   return n;
 }
 

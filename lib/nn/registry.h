@@ -24,6 +24,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -85,6 +86,8 @@ std::vector<std::string_view> layerTypeNames();
 // The parameters of spec's layer (empty when it has none) and their total element count.
 std::vector<ParamShape> paramShapesOf(const LayerSpec& spec);
 int64_t paramCountOf(const LayerSpec& spec);
+// The same count with overflow checks (nullopt past INT64_MAX): the parser's guard for untrusted specs.
+std::optional<int64_t> checkedParamCountOf(const LayerSpec& spec);
 
 // The implementation of spec's layer for build.device, with scratch for up to build.maxBatch samples.
 // Throws NotBuiltError "device cuda:0: layer 'linear' has no CUDA implementation in this build" when the type has

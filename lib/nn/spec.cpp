@@ -2,8 +2,6 @@
 
 #include <fmt/format.h>
 
-#include <fstream>
-#include <sstream>
 
 #include "lib/common/error.h"
 #include "lib/common/json_fields.h"
@@ -12,13 +10,20 @@
 namespace dtrain::nn {
 namespace {
 
-// Per-sample tensors beyond this are certainly a typo, and int32 offsets stay safe inside layers.
-constexpr int64_t kMaxSampleNumel = int64_t{1} << 30;
-
+// Per-sample tensors beyond kMaxSampleNumel are certainly a typo, and int32 offsets stay safe inside layers.
+// Products are checked: a huge kernel or channel count must not wrap around to a small, valid-looking number.
 void checkSize(const JsonFields& f, const LayerSpec& l) {
-  if (l.output.numel() > kMaxSampleNumel) {
+  auto n = l.output.checkedNumel();
+  if (!n || *n > kMaxSampleNumel) {
     f.fail(fmt::format("{} output {} has {} values per sample, more than the supported {}", l.type(),
-                       l.output.batchStr(), l.output.numel(), kMaxSampleNumel));
+                       l.output.batchStr(), n ? fmt::format("{}", *n) : std::string("more than 2^63"),
+                       kMaxSampleNumel));
+  }
+  auto params = checkedParamCountOf(l);
+  if (!params || *params > kMaxParams) {
+    f.fail(fmt::format("{} has {} parameters, more than the supported {} ({} GiB as float32)", l.type(),
+                       params ? fmt::format("{}", *params) : std::string("more than 2^63"), kMaxParams,
+                       (kMaxParams * 4) >> 30));
   }
 }
 
@@ -70,7 +75,7 @@ ModelSpec parseModelSpec(const nlohmann::json& model, const std::string& sourceF
     dims.push_back(d.get<int64_t>());
   }
   spec.input = Shape::of(dims);
-  if (spec.input.numel() > kMaxSampleNumel) {
+  if (auto n = spec.input.checkedNumel(); !n || *n > kMaxSampleNumel) {
     m.failAt("input", fmt::format("input {} has more than {} values per sample", spec.input.str(), kMaxSampleNumel));
   }
 
@@ -84,20 +89,19 @@ ModelSpec parseModelSpec(const nlohmann::json& model, const std::string& sourceF
     spec.layers.push_back(parseLayer(layers[i], sourceFile, path, static_cast<int>(i), current));
     current = spec.layers.back().output;
   }
+  // Each layer is within kMaxParams, so the sum cannot overflow.
+  if (spec.paramCount() > kMaxParams) {
+    m.fail(fmt::format("the model has {} parameters, more than the supported {} ({} GiB as float32)",
+                       spec.paramCount(), kMaxParams, (kMaxParams * 4) >> 30));
+  }
   return spec;
 }
 
 ModelSpec loadModelSpec(const std::filesystem::path& file) {
-  std::ifstream in(file);
-  if (!in) throwConfig(file.string(), "", "cannot open model file");
-  std::stringstream text;
-  text << in.rdbuf();
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(text.str());
-  } catch (const nlohmann::json::parse_error& e) {
-    throwConfig(file.string(), "", fmt::format("invalid JSON: {}", e.what()));
-  }
+  std::error_code ec;
+  if (!std::filesystem::exists(file, ec)) throwConfig(file.string(), "", "cannot open model file");
+  // A regular file of a config file's size, checked before reading (a FIFO or /dev/zero is refused).
+  nlohmann::json j = parseConfigJson(readConfigText(file, "model file"), file.string(), "invalid JSON");
   if (j.is_object() && !j.contains("layers") && j.contains("model") && j["model"].is_object()) {
     return parseModelSpec(j["model"], file.string(), "/model");
   }

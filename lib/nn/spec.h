@@ -28,6 +28,12 @@ namespace dtrain::nn {
 // A per-sample shape has at most 5 dimensions (the model input's limit; docs/model-spec.md), so a batched one
 // fits well inside dtrain::kMaxRank.
 inline constexpr int kMaxSampleRank = 5;
+// Limits every model obeys (docs/model-spec.md), so no size computed from a spec can overflow: a per-sample
+// tensor (the input, any layer's output) has at most kMaxSampleNumel values; every integer layer field (out,
+// kernel, stride, padding, in) is at most kMaxSampleNumel; a layer and the whole model have at most kMaxParams
+// parameters (8 GiB as float32, before gradients and optimizer state).
+inline constexpr int64_t kMaxSampleNumel = int64_t{1} << 30;
+inline constexpr int64_t kMaxParams = int64_t{1} << 31;
 
 struct LayerKind;  // lib/nn/registry.h
 

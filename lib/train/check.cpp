@@ -2,8 +2,13 @@
 
 #include <fmt/format.h>
 
+#include <fstream>
+#include <limits>
+#include <sstream>
+
 #include "lib/common/error.h"
 #include "lib/nn/model.h"
+#include "lib/nn/registry.h"
 
 namespace dtrain::train {
 
@@ -26,7 +31,96 @@ void checkDataFitsModel(const Job& job, const data::Dataset& ds, const nn::Loss&
   }
 }
 
+namespace {
+
+constexpr int64_t kInt64Max = std::numeric_limits<int64_t>::max();
+
+int64_t satMul(int64_t a, int64_t b) {
+  int64_t r = 0;
+  return __builtin_mul_overflow(a, b, &r) ? kInt64Max : r;
+}
+
+int64_t satAdd(int64_t a, int64_t b) {
+  int64_t r = 0;
+  return __builtin_add_overflow(a, b, &r) ? kInt64Max : r;
+}
+
+int64_t satNumel(const Shape& s) { return s.checkedNumel().value_or(kInt64Max); }
+
+std::string humanBytes(int64_t bytes) {
+  constexpr const char* kUnits[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
+  double v = static_cast<double>(bytes);
+  size_t u = 0;
+  while (v >= 1024.0 && u + 1 < std::size(kUnits)) v /= 1024.0, ++u;
+  return u == 0 ? fmt::format("{} B", bytes) : fmt::format("{:.1f} {}", v, kUnits[u]);
+}
+
+int64_t syntheticBytes(const data::DataSpec& d) {
+  if (d.format != data::Format::kSynthetic) return 0;
+  int64_t perSample = satAdd(d.synthetic.features, d.synthetic.outputs);
+  int64_t samples = d.limit ? std::min(*d.limit, d.synthetic.samples) : d.synthetic.samples;
+  return satMul(satMul(samples, perSample), 4);
+}
+
+}  // namespace
+
+int64_t MemoryEstimate::total() const noexcept { return satAdd(satAdd(parameters, optimizer), satAdd(activations, data)); }
+
+std::string MemoryEstimate::str() const {
+  return fmt::format("{} (parameters {}, optimizer {}, activations {}, data {})", humanBytes(total()),
+                     humanBytes(parameters), humanBytes(optimizer), humanBytes(activations), humanBytes(data));
+}
+
+MemoryEstimate estimateMemory(const Job& job) {
+  MemoryEstimate e;
+  int64_t params = 0;
+  for (const auto& l : job.model.layers) params = satAdd(params, nn::checkedParamCountOf(l).value_or(kInt64Max));
+  e.parameters = satMul(params, 3 * 4);
+  int64_t slots = 0;
+  if (job.optimizer.type == nn::OptimizerType::kSgd) slots = job.optimizer.momentum != 0 ? 1 : 0;
+  else slots = job.optimizer.amsgrad ? 3 : 2;
+  e.optimizer = satMul(params, slots * 4);
+  int64_t values = satNumel(job.model.input);
+  for (const auto& l : job.model.layers) values = satAdd(values, satMul(satNumel(l.output), 2));
+  e.activations = satMul(satMul(values, job.data.batchSize), 4);
+  e.data = satAdd(syntheticBytes(job.data.train), job.data.eval ? syntheticBytes(*job.data.eval) : 0);
+  return e;
+}
+
+std::optional<MachineMemory> readMachineMemory(const std::string& meminfoPath) {
+  std::ifstream in(meminfoPath);
+  if (!in) return std::nullopt;
+  MachineMemory m;
+  bool haveAvailable = false, haveTotal = false;
+  std::string line;
+  while (std::getline(in, line)) {
+    std::istringstream fields(line);
+    std::string key;
+    int64_t kib = 0;
+    if (!(fields >> key >> kib)) continue;
+    if (key == "MemAvailable:") m.available = satMul(kib, 1024), haveAvailable = true;
+    if (key == "MemTotal:") m.total = satMul(kib, 1024), haveTotal = true;
+  }
+  if (!haveTotal) return std::nullopt;
+  if (!haveAvailable) m.available = m.total;  // kernels before 3.14
+  return m;
+}
+
+void checkJobFitsMemory(const Job& job, int localWorkers, const std::optional<MachineMemory>& machine) {
+  if (!machine) return;
+  const MemoryEstimate e = estimateMemory(job);
+  const int64_t workers = std::max(localWorkers, 1);
+  const int64_t need = satMul(e.total(), workers);
+  DTRAIN_CHECK_AS(ConfigError, need <= machine->available,
+                  "{}: this job needs about {} per worker x {} local worker(s) = {}, but this machine has {} "
+                  "available ({} total); reduce the model, the batch size or --nproc-per-node",
+                  job.sourceFile, e.str(), workers, humanBytes(need), humanBytes(machine->available),
+                  humanBytes(machine->total));
+}
+
 std::string checkJob(const Job& job) {
+  // Before anything is loaded or built: a job that cannot fit fails here, not in an allocation.
+  checkJobFitsMemory(job, 1, readMachineMemory());
   auto train = data::loadDataset(job.data.train);
   auto loss = nn::Loss::create(job.loss, job.model.output(), static_cast<int>(job.data.batchSize), Device::cpu());
   checkDataFitsModel(job, *train, *loss, "/data/train");
@@ -49,6 +143,7 @@ std::string checkJob(const Job& job) {
   out += fmt::format("run:   {} epoch(s), batch {} per rank: {} steps per epoch on 1 rank, {} on 2, {} on 4{}\n",
                      job.loop.epochs, job.data.batchSize, stepsPerEpoch(1), stepsPerEpoch(2), stepsPerEpoch(4),
                      job.loop.maxSteps > 0 ? fmt::format(" (max_steps {})", job.loop.maxSteps) : "");
+  out += fmt::format("memory: about {} per worker\n", estimateMemory(job).str());
   out += fmt::format("output: {}\n", job.outputDir.string());
   return out;
 }

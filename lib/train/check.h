@@ -1,6 +1,8 @@
 // Validation of a job against its data, shared by `dtrain check` and the trainer.
 #pragma once
 
+#include <cstdint>
+#include <optional>
 #include <string>
 
 #include "lib/data/dataset.h"
@@ -16,5 +18,34 @@ void checkDataFitsModel(const Job& job, const data::Dataset& ds, const nn::Loss&
 // Loads the datasets, builds the model and loss, checks that they fit, and returns the report `dtrain check`
 // prints: the model summary table, the data, and the run's shape (steps per epoch at the job's batch size).
 std::string checkJob(const Job& job);
+
+// What one worker of `job` needs in memory, in bytes, estimated from the spec alone (nothing is allocated). Every
+// product and sum saturates at INT64_MAX instead of wrapping, so a huge job is never estimated as a small one.
+//   parameters: weights + gradients + the DDP communication copy (3 x 4 bytes per parameter);
+//   optimizer: state (SGD with momentum 1, Adam/AdamW 2, amsgrad 3 floats per parameter);
+//   activations: per layer output + its gradient for batch_size samples, plus the input batch (float32);
+//   data: the training and eval sets as floats when their size is known from the spec (synthetic), else 0.
+struct MemoryEstimate {
+  int64_t parameters = 0;
+  int64_t optimizer = 0;
+  int64_t activations = 0;
+  int64_t data = 0;
+  int64_t total() const noexcept;
+  std::string str() const;  // "9.1 GiB (parameters 1.2 GiB, optimizer 0.8 GiB, activations 7.1 GiB, data 0 B)"
+};
+MemoryEstimate estimateMemory(const Job& job);
+
+// MemAvailable and MemTotal of /proc/meminfo (bytes); nullopt when the file cannot be read or parsed.
+struct MachineMemory {
+  int64_t available = 0;
+  int64_t total = 0;
+};
+std::optional<MachineMemory> readMachineMemory(const std::string& meminfoPath = "/proc/meminfo");
+
+// ConfigError (exit 2) when localWorkers x estimateMemory(job) exceeds the machine's available memory, naming
+// the estimate and the machine's memory, e.g. "job.json: this job needs about 64 TiB per worker x 2 local
+// workers = 128 TiB, but this machine has 12.3 GiB available (15.5 GiB total); reduce the model, the batch size
+// or --nproc-per-node". No check when the machine's memory is unknown.
+void checkJobFitsMemory(const Job& job, int localWorkers, const std::optional<MachineMemory>& machine);
 
 }  // namespace dtrain::train

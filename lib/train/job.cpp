@@ -1,7 +1,5 @@
 #include "lib/train/job.h"
 
-#include <fstream>
-#include <sstream>
 
 #include "lib/ckpt/checkpoint.h"
 #include "lib/common/error.h"
@@ -16,20 +14,20 @@ namespace fs = std::filesystem;
 namespace {
 
 json readJsonFile(const fs::path& path, const std::string& what) {
-  std::ifstream in(path);
-  DTRAIN_CHECK_AS(ConfigError, in.good(), "{} {} does not exist or cannot be read", what, path.string());
-  std::stringstream ss;
-  ss << in.rdbuf();
-  try {
-    return json::parse(ss.str());
-  } catch (const json::parse_error& e) {
-    DTRAIN_THROW(ConfigError, "{}: not valid JSON: {}", path.string(), e.what());
-  }
+  // A regular file of a config file's size, checked before reading (a FIFO or /dev/zero is refused).
+  return parseConfigJson(readConfigText(path, what), path.string(), "not valid JSON");
 }
 
 bool positive(int64_t v) { return v >= 1; }
 
 bool nonNegative(int64_t v) { return v >= 0; }
+
+// An upper bound checked after the field's own check, so "expected an integer >= 1, got 0" stays as it was and a
+// huge value says what the limit is instead of being truncated (a batch size of 2^31 used to wrap to a negative int).
+int64_t atMost(const JsonFields& f, std::string_view key, int64_t value, int64_t max, std::string_view unit = "") {
+  if (value > max) f.failAt(key, fmt::format("{} is more than the supported {}{}", value, max, unit));
+  return value;
+}
 
 // "model": {...} inline, or "model": "path/to/model.json" (a model object, or a job file with a "model").
 json resolveModel(json& doc, const std::string& source, const fs::path& baseDir) {
@@ -55,7 +53,8 @@ DataSettings parseData(const json& doc, const std::string& source, const fs::pat
   f.allowOnly({"train", "eval", "batch_size", "shuffle", "drop_last", "prefetch"});
   d.train = data::parseDataSpec(f.at("train"), source, "/data/train", baseDir);
   if (f.has("eval")) d.eval = data::parseDataSpec(f.at("eval"), source, "/data/eval", baseDir);
-  d.batchSize = f.integer("batch_size", 64, "an integer >= 1 (samples per rank)", positive);
+  d.batchSize = atMost(f, "batch_size", f.integer("batch_size", 64, "an integer >= 1 (samples per rank)", positive),
+                       kMaxBatchSize, " samples per rank");
   d.shuffle = f.boolean("shuffle", true);
   d.dropLast = f.boolean("drop_last", false);
   if (f.has("prefetch")) d.prefetch = f.boolean("prefetch", true);
@@ -92,7 +91,8 @@ ParallelSettings parseParallel(const json& doc, const std::string& source) {
   p.firstBucketMb = f.number("first_bucket_mb", 1.0, "a number of MiB > 0", positiveMb);
   p.timeout = f.duration("timeout", p.timeout);
   p.lrScaling = f.choice("lr_scaling", {"none", "linear"}, "lr scaling", "none");
-  p.referenceWorldSize = static_cast<int>(f.integer("reference_world_size", 1, "an integer >= 1", positive));
+  p.referenceWorldSize = static_cast<int>(
+      atMost(f, "reference_world_size", f.integer("reference_world_size", 1, "an integer >= 1", positive), 1 << 20));
   return p;
 }
 
@@ -109,7 +109,7 @@ CheckpointSettings parseCheckpoint(const json& doc, const std::string& source, c
   f.allowOnly({"dir", "every_steps", "keep", "enabled", "resume"});
   if (f.has("dir")) c.dir = outputDir / f.string("dir");  // relative to the output folder (absolute stays)
   c.everySteps = f.integer("every_steps", 0, "an integer >= 0 (0: at epoch ends only)", nonNegative);
-  c.keep = static_cast<int>(f.integer("keep", 3, "an integer >= 1", positive));
+  c.keep = static_cast<int>(atMost(f, "keep", f.integer("keep", 3, "an integer >= 1", positive), 1 << 20));
   c.enabled = f.boolean("enabled", true);
   c.resume = f.boolean("resume", true);
   return c;

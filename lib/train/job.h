@@ -22,6 +22,10 @@
 
 namespace dtrain::train {
 
+// The largest batch_size (per rank): batch sizes are int inside the layers, and batch x sample values must stay
+// far from overflow; memory is estimated separately (estimateJobMemory).
+inline constexpr int64_t kMaxBatchSize = int64_t{1} << 24;
+
 struct DataSettings {
   data::DataSpec train;
   std::optional<data::DataSpec> eval;

@@ -1,6 +1,8 @@
 // Model/loss/optimizer spec parsing: shape inference and every kind of error, each asserted on its message.
 #include <doctest/doctest.h>
 
+#include <sys/stat.h>
+
 #include <fstream>
 
 #include "lib/common/error.h"
@@ -201,4 +203,49 @@ TEST_CASE("loss spec errors") {
         "job.json: /loss/type: unknown loss 'nll' (expected cross_entropy, mse)");
   CHECK(errorOf([] { parseLossSpec(json{{"type", "mse"}, {"reduction", "sum"}}, "job.json", "/loss"); }) ==
         "job.json: /loss/reduction: unknown field 'reduction' (expected type)");
+}
+
+// Issue 10 §5: sizes are bounded and products overflow-checked, so a huge field is an error naming it, never a
+// wrapped-around parameter count (a conv2d kernel of 2^32 used to pass with 1 parameter) or a bad_alloc later.
+TEST_CASE("huge sizes are config errors, and no parameter count or shape wraps around") {
+  CHECK(modelError(model({1, 8, 8}, json::parse(R"([{"type": "conv2d", "out": 1, "kernel": 4294967296}])"))) ==
+        "job.json: /model/layers/0/kernel: 4294967296 is more than the supported 1073741824");
+  CHECK(modelError(model({1, 8, 8}, json::parse(R"([{"type": "conv2d", "out": 1, "kernel": 3,
+                                                    "stride": 9223372036854775807}])"))) ==
+        "job.json: /model/layers/0/stride: 9223372036854775807 is more than the supported 1073741824");
+  CHECK(modelError(model({1, 8, 8}, json::parse(R"([{"type": "conv2d", "out": 1, "kernel": 3,
+                                                    "padding": [4611686018427387904, 0]}])"))) ==
+        "job.json: /model/layers/0/padding: 4611686018427387904 is more than the supported 1073741824");
+  CHECK(modelError(model({1, 8, 8}, json::parse(R"([{"type": "conv2d", "out": 4294967296, "kernel": 3}])"))) ==
+        "job.json: /model/layers/0/out: 4294967296 is more than the supported 1073741824");
+  CHECK(modelError(model({4}, json::parse(R"([{"type": "linear", "out": 4294967296}])"))) ==
+        "job.json: /model/layers/0/out: 4294967296 is more than the supported 1073741824");
+  // Within each field's bound, but the product is far beyond any machine: out 2^30 x 784 inputs.
+  CHECK(modelError(model({784}, json::parse(R"([{"type": "linear", "out": 1073741824}])"))) ==
+        "job.json: /model/layers/0: linear has 842887331840 parameters, more than the supported 2147483648 (8 GiB "
+        "as float32)");
+  // kernel 2^30 x 2^30 with padding that keeps the output non-empty: the weight count overflows int64.
+  auto overflow = modelError(model({1024, 1, 1}, json::parse(R"([{"type": "conv2d", "out": 1048576,
+      "kernel": 1073741824, "padding": 536870912}])")));
+  CHECK(overflow.find("/model/layers/0: conv2d has more than 2^63 parameters") != std::string::npos);
+  // A per-sample shape whose product overflows.
+  CHECK(modelError(model({1048576, 1048576, 1048576, 1048576}, json::parse(R"([{"type": "relu"}])"))) ==
+        "job.json: /model/input: input [1048576,1048576,1048576,1048576] has more than 1073741824 values per sample");
+  // Many layers each under the limit, together over it.
+  json layers = json::array();
+  for (int i = 0; i < 3; ++i) layers.push_back(json{{"type", "linear"}, {"out", 32768}});
+  CHECK(modelError(model({32768}, layers)) ==
+        "job.json: /model: the model has 3221323776 parameters, more than the supported 2147483648 (8 GiB as "
+        "float32)");
+}
+
+TEST_CASE("model files must be regular files of a config file's size") {
+  auto dir = testing::tempDir("spec_files");
+  CHECK(errorOf([&] { loadModelSpec("/dev/zero"); }) == "/dev/zero: model file is not a regular file (a character device)");
+  REQUIRE(::mkfifo((dir + "/fifo.json").c_str(), 0600) == 0);
+  CHECK(errorOf([&] { loadModelSpec(dir + "/fifo.json"); }) == dir + "/fifo.json: model file is not a regular file (a fifo)");
+  CHECK(errorOf([&] { loadModelSpec(dir); }) == dir + ": model file is not a regular file (a directory)");
+  testing::writeFile(dir + "/overflow.json", R"({"input": [1e999], "layers": []})");
+  CHECK(errorOf([&] { loadModelSpec(dir + "/overflow.json"); }) ==
+        dir + "/overflow.json: invalid JSON: number overflow parsing '1e999'");
 }

@@ -1,8 +1,12 @@
 #include <doctest/doctest.h>
 
+#include <sys/stat.h>
+
 #include <filesystem>
+#include <fstream>
 
 #include "lib/common/error.h"
+#include "lib/train/check.h"
 #include "lib/train/job.h"
 #include "tests/support/process.h"
 
@@ -138,4 +142,105 @@ TEST_CASE("the model may live in its own file, resolved against the job's folder
   CHECK(job.model.layers.size() == 3);
   auto inline_ = loadJob({writeJob(dir, kJob, "inline.json")});
   CHECK(job.modelHash == inline_.modelHash);
+}
+
+// Issue 10 §5: numbers that lie. Each used to be truncated, hang, read without limit or end in an internal error.
+TEST_CASE("batch sizes past the bound are errors, not truncated") {
+  auto dir = testing::tempDir("job_bounds");
+  auto path = writeJob(dir, kJob);
+  CHECK(configErrorOf({path, {"data.batch_size=2147483648"}}) ==
+        path + ": /data/batch_size: 2147483648 is more than the supported 16777216 samples per rank");
+  CHECK(configErrorOf({path, {"data.batch_size=4294967297"}}) ==
+        path + ": /data/batch_size: 4294967297 is more than the supported 16777216 samples per rank");
+  CHECK(configErrorOf({path, {"checkpoint.keep=4294967297"}}) ==
+        path + ": /checkpoint/keep: 4294967297 is more than the supported 1048576");
+  CHECK(configErrorOf({path, {"parallel.reference_world_size=4294967297"}}) ==
+        path + ": /parallel/reference_world_size: 4294967297 is more than the supported 1048576");
+  CHECK(loadJob({path, {"data.batch_size=16777216"}}).data.batchSize == 16777216);
+}
+
+TEST_CASE("a number that overflows a double is a config error naming the file") {
+  auto dir = testing::tempDir("job_overflow");
+  std::string text = kJob;
+  text.replace(text.find("\"lr\": 0.1"), 9, "\"lr\": 1e999");
+  auto path = writeJob(dir, text);
+  CHECK(configErrorOf({path}) == path + ": not valid JSON: number overflow parsing '1e999'");
+  // In a model file the job refers to, too.
+  testing::writeFile(dir + "/model.json", R"({"input": [4], "layers": [{"type": "linear", "out": -1e400}]})");
+  std::string withFile = kJob;
+  auto start = withFile.find("\"model\":");
+  withFile.replace(start, withFile.find("\"loss\"") - start, "\"model\": \"model.json\",\n  ");
+  auto path2 = writeJob(dir, withFile, "job2.json");
+  CHECK(configErrorOf({path2}) == dir + "/model.json: not valid JSON: number overflow parsing '-1e400'");
+  // --set takes a value that is not valid JSON as a string, which the field then refuses.
+  auto clean = writeJob(dir, kJob, "clean.json");
+  CHECK(configErrorOf({clean, {"optimizer.lr=1e999"}}) ==
+        clean + ": /optimizer/lr: expected a number > 0, got \"1e999\"");
+}
+
+TEST_CASE("job files must be regular files of a config file's size, checked before reading") {
+  auto dir = testing::tempDir("job_special");
+  CHECK(configErrorOf({"/dev/zero"}) == "/dev/zero: job file is not a regular file (a character device)");
+  REQUIRE(::mkfifo((dir + "/fifo.json").c_str(), 0600) == 0);
+  CHECK(configErrorOf({dir + "/fifo.json"}) == dir + "/fifo.json: job file is not a regular file (a fifo)");
+  // A model path that is a FIFO: refused, not waited on.
+  std::string withFifo = kJob;
+  auto start = withFifo.find("\"model\":");
+  withFifo.replace(start, withFifo.find("\"loss\"") - start, "\"model\": \"fifo.json\",\n  ");
+  auto path = writeJob(dir, withFifo);
+  CHECK(configErrorOf({path}) == dir + "/fifo.json: model file is not a regular file (a fifo)");
+  // Bigger than 64 MiB: refused from its size, before reading it.
+  {
+    std::ofstream big(dir + "/big.json");
+    big.seekp((int64_t{64} << 20) + 1);
+    big.put(' ');
+  }
+  CHECK(configErrorOf({dir + "/big.json"}) ==
+        dir + "/big.json: job file is 67108866 bytes, more than the 64 MiB a config file may have");
+}
+
+TEST_CASE("memory is estimated from the spec, saturating, and a job that cannot fit is refused") {
+  auto dir = testing::tempDir("job_memory");
+  auto path = writeJob(dir, kJob);
+  auto job = loadJob({path});
+  auto e = estimateMemory(job);
+  // linear 4->8 (40) + linear 8->3 (27) = 67 parameters: weights, gradients, DDP copy.
+  CHECK(e.parameters == 67 * 12);
+  CHECK(e.optimizer == 0);  // plain SGD
+  CHECK(e.activations == (4 + 2 * (8 + 8 + 3)) * 8 * 4);
+  CHECK(e.data == 64 * (4 + 1) * 4);
+  CHECK(estimateMemory(loadJob({path, {"optimizer.type=adam"}})).optimizer == 67 * 8);
+  CHECK(estimateMemory(loadJob({path, {"optimizer.momentum=0.9"}})).optimizer == 67 * 4);
+
+  const MachineMemory small{.available = 1 << 20, .total = 2 << 20};
+  CHECK_NOTHROW(checkJobFitsMemory(job, 4, small));
+  CHECK_NOTHROW(checkJobFitsMemory(job, 4, std::nullopt));  // unknown machine: no check
+  // 2^20 features x 2^24 samples per batch: far beyond any machine, whatever the worker count.
+  auto huge = loadJob({path, {"model.input=[1048576]", "data.batch_size=16777216", "data.train.features=1048576"}});
+  CHECK(estimateMemory(huge).activations > (int64_t{1} << 46));
+  std::string msg;
+  try {
+    checkJobFitsMemory(huge, 2, MachineMemory{.available = int64_t{12} << 30, .total = int64_t{16} << 30});
+  } catch (const ConfigError& err) {
+    CHECK(err.exitCode() == 2);
+    msg = err.what();
+  }
+  CHECK(msg.find(path + ": this job needs about ") == 0);
+  CHECK(msg.find("per worker x 2 local worker(s) = ") != std::string::npos);
+  CHECK(msg.find("but this machine has 12.0 GiB available (16.0 GiB total)") != std::string::npos);
+  // The local worker count multiplies: fits once, not eight times.
+  const MachineMemory tight{.available = e.total() * 4, .total = e.total() * 8};
+  CHECK_NOTHROW(checkJobFitsMemory(job, 4, tight));
+  CHECK_THROWS_AS(checkJobFitsMemory(job, 8, tight), ConfigError);
+}
+
+TEST_CASE("machine memory is read from /proc/meminfo") {
+  auto dir = testing::tempDir("meminfo");
+  testing::writeFile(dir + "/meminfo", "MemTotal:       16384 kB\nMemFree:  100 kB\nMemAvailable:    8192 kB\n");
+  auto m = readMachineMemory(dir + "/meminfo");
+  REQUIRE(m);
+  CHECK(m->total == 16384 * 1024);
+  CHECK(m->available == 8192 * 1024);
+  CHECK_FALSE(readMachineMemory(dir + "/missing"));
+  CHECK(readMachineMemory()->total > 0);
 }

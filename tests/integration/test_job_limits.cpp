@@ -1,0 +1,117 @@
+// Issue 10 §5, "job files that lie about their size or their numbers": every example is refused with exit 2 by
+// `dtrain check`, `dtrain train` and `dtrain run` (before any worker starts), with a message naming the file and
+// the field, never "internal error", a hang, an unbounded read or a wrapped-around size.
+#include <doctest/doctest.h>
+
+#include <nlohmann/json.hpp>
+#include <sys/stat.h>
+
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "tests/integration/launch_helpers.h"
+#include "tests/integration/train_helpers.h"
+
+using namespace dtrain::testing;
+using namespace std::chrono_literals;
+using nlohmann::json;
+
+namespace {
+
+const char* kCnnJob = R"({
+  "model": {"input": [1, 8, 8], "layers": [{"type": "conv2d", "out": 2, "kernel": 3}, {"type": "flatten"},
+                                         {"type": "linear", "out": 2}]},
+  "loss": {"type": "cross_entropy"},
+  "optimizer": {"type": "sgd", "lr": 0.1},
+  "data": {"train": {"format": "synthetic", "task": "classification", "samples": 32, "features": 64,
+                     "num_classes": 2, "shape": [1, 8, 8]}, "batch_size": 8},
+  "checkpoint": false
+})";
+
+struct BadJob {
+  std::string name;
+  std::string file;             // the job file given to dtrain
+  std::vector<std::string> sets;
+  std::string expected;         // a part of the error message
+};
+
+void expectRefused(const BadJob& b, const std::string& dir) {
+  INFO(b.name);
+  for (const char* cmd : {"check", "train", "run"}) {
+    INFO(cmd);
+    std::vector<std::string> argv{dtrainBinary(), cmd};
+    if (std::string(cmd) == "run") argv.insert(argv.end(), {"--standalone", "--nproc-per-node", "2"});
+    argv.push_back(b.file);
+    for (const auto& s : b.sets) argv.insert(argv.end(), {"--set", s});
+    argv.insert(argv.end(), {"--output-dir", dir + "/out"});
+    auto r = run(argv, {.timeout = 30s});
+    INFO(r.err);
+    CHECK_FALSE(r.timedOut);
+    CHECK(r.exitCode == 2);
+    CHECK(r.err.find(b.expected) != std::string::npos);
+    CHECK(r.err.find("internal error") == std::string::npos);
+    CHECK(r.out.find("[n0 r") == std::string::npos);  // no worker was started
+    CHECK_FALSE(std::filesystem::exists(dir + "/out"));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("sizes and numbers that lie are config errors (exit 2) before any worker starts") {
+  std::string dir = tempDir("job_limits");
+  const std::string job = dir + "/cnn.json";
+  writeFile(job, kCnnJob);
+  REQUIRE(run({dtrainBinary(), "check", job}).exitCode == 0);
+
+  std::string lr = kCnnJob;
+  lr.replace(lr.find("\"lr\": 0.1"), 9, "\"lr\": 1e999");
+  writeFile(dir + "/lr.json", lr);
+  REQUIRE(::mkfifo((dir + "/fifo.json").c_str(), 0600) == 0);
+  std::filesystem::create_symlink("/dev/zero", dir + "/zero.json");
+  json fifoModel = json::parse(kCnnJob);
+  fifoModel["model"] = "fifo.json";
+  writeFile(dir + "/fifo_model.json", fifoModel.dump());
+
+  const std::vector<BadJob> bad = {
+      {"kernel 2^32", job, {"model.layers.0.kernel=4294967296"}, "/model/layers/0/kernel: 4294967296 is more than"},
+      {"kernel and padding whose product overflows", job,
+       {"model.layers.0.kernel=[1073741824,1]", "model.layers.0.padding=[536870912,0]", "model.layers.0.out=4"},
+       "/model/layers/0: conv2d has"},
+      {"linear out 2^30", job, {"model.layers.2.out=1073741824"}, "/model/layers/2: linear has 78383153152 parameters"},
+      {"batch size 2^31", job, {"data.batch_size=2147483648"}, "/data/batch_size: 2147483648 is more than"},
+      {"batch size 2^32 + 1", job, {"data.batch_size=4294967297"}, "/data/batch_size: 4294967297 is more than"},
+      {"lr 1e999", dir + "/lr.json", {}, "lr.json: not valid JSON: number overflow parsing '1e999'"},
+      {"job file that is /dev/zero", dir + "/zero.json", {}, "zero.json: job file is not a regular file (a character device)"},
+      {"job file that is a FIFO", dir + "/fifo.json", {}, "fifo.json: job file is not a regular file (a fifo)"},
+      {"model file that is a FIFO", dir + "/fifo_model.json", {}, "fifo.json: model file is not a regular file (a fifo)"},
+  };
+  for (const auto& b : bad) expectRefused(b, dir);
+}
+
+TEST_CASE("a job that cannot fit in this machine's memory is refused by check and run, naming both sizes") {
+  std::string dir = tempDir("job_memory");
+  const std::string job = dir + "/huge.json";
+  json doc = json::parse(kCnnJob);
+  // 2^20 values per sample x 2^24 samples per batch: 2^44 floats of activations, more than any machine has.
+  doc["model"] = json::parse(R"({"input": [1048576], "layers": [{"type": "relu"}, {"type": "linear", "out": 2}]})");
+  doc["data"]["train"].erase("shape");
+  doc["data"]["train"]["features"] = 1048576;
+  doc["data"]["batch_size"] = 16777216;
+  writeFile(job, doc.dump());
+  for (const char* cmd : {"check", "run"}) {
+    INFO(cmd);
+    std::vector<std::string> argv{dtrainBinary(), cmd};
+    if (std::string(cmd) == "run") argv.insert(argv.end(), {"--standalone", "--nproc-per-node", "2"});
+    argv.insert(argv.end(), {job, "--output-dir", dir + "/out"});
+    auto r = run(argv, {.timeout = 30s});
+    INFO(r.err);
+    CHECK(r.exitCode == 2);
+    CHECK(r.err.find("this job needs about ") != std::string::npos);
+    CHECK(r.err.find(std::string(" local worker(s) = ")) != std::string::npos);
+    CHECK(r.err.find("available (") != std::string::npos);
+    CHECK(r.err.find(std::string(cmd) == "run" ? "x 2 local worker(s)" : "x 1 local worker(s)") != std::string::npos);
+    CHECK(r.out.find("[n0 r") == std::string::npos);
+    CHECK_FALSE(std::filesystem::exists(dir + "/out"));
+  }
+}

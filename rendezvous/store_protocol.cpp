@@ -1,6 +1,15 @@
 #include "rendezvous/store_protocol.h"
 
+#include "lib/common/sha256.h"
+
 namespace dtrain::rendezvous::proto {
+
+std::string authDigest(std::string_view token, std::string_view nonce) {
+  std::string message("dtrain store auth v1:");
+  message.append(nonce);
+  auto d = sha256::hmac(token, message);
+  return std::string(reinterpret_cast<const char*>(d.data()), d.size());
+}
 
 const char* opName(Op op) {
   switch (op) {

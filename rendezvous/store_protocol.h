@@ -3,7 +3,9 @@
 // Connection start (handshake), once per TCP connection:
 //   client -> server   "DTRS" u16 version                          (6 bytes)
 //   server -> client   "DTRS" u16 serverVersion u8 HandshakeStatus (7 bytes)
-// A status other than kOk is followed by the server closing the connection. The client checks the reply's
+// A store started with a token (shared secret) answers kAuthRequired followed by a random 32-byte nonce; the
+// client then sends authDigest(token, nonce) (32 bytes) and the server answers one byte, kOk or kBadToken
+// (then it closes). Any other status other than kOk is followed by the server closing the connection. The client checks the reply's
 // magic itself, so a service that is not a dtrain store is named as such instead of being misread.
 //
 // Then request/response frames, strictly in order (one response per request, the client may pipeline):
@@ -35,7 +37,13 @@ inline constexpr size_t kMaxFrameBytes = 2 * kMaxValueBytes + 2 * kMaxKeyBytes +
 // Server-side waits are capped (a u64 of milliseconds from the wire must not overflow a time_point).
 inline constexpr uint64_t kMaxWaitMillis = 30ull * 24 * 3600 * 1000;
 
-enum class HandshakeStatus : uint8_t { kOk = 0, kBadVersion = 1, kBadMagic = 2 };
+enum class HandshakeStatus : uint8_t { kOk = 0, kBadVersion = 1, kBadMagic = 2, kAuthRequired = 3, kBadToken = 4 };
+inline constexpr size_t kNonceBytes = 32;
+inline constexpr size_t kDigestBytes = 32;
+// The challenge's answer: HMAC-SHA-256 keyed by the token over a fixed label and the nonce.
+std::string authDigest(std::string_view token, std::string_view nonce);
+// The environment variable a client reads its token from when it is given none, and the agent sets for workers.
+inline constexpr const char* kTokenEnv = "DTRAIN_RDZV_TOKEN";
 
 enum class Op : uint8_t {
   kPing = 0,

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 
 #include "lib/common/error.h"
@@ -50,6 +51,10 @@ std::string describeBytes(std::string_view bytes) {
 TcpStoreClient::TcpStoreClient(const TcpStoreClientOptions& options)
     : options_(options), address_(net::HostPort{options.host, options.port}.str()), in_(kRecvBuffer, '\0') {
   timeout_ = options.timeout;
+  if (!options_.token) {
+    const char* env = std::getenv(proto::kTokenEnv);
+    options_.token = env != nullptr ? std::string(env) : std::string();
+  }
 }
 
 TcpStoreClient::~TcpStoreClient() {
@@ -121,11 +126,50 @@ void TcpStoreClient::handshake(int fd, const Deadline& deadline) {
   auto version = r.get<uint16_t>();
   auto status = static_cast<proto::HandshakeStatus>(r.get<uint8_t>());
   if (status == proto::HandshakeStatus::kOk) return;
+  if (status == proto::HandshakeStatus::kAuthRequired) {
+    authenticate(fd, deadline);
+    return;
+  }
   if (status == proto::HandshakeStatus::kBadVersion)
     DTRAIN_THROW(ProtocolError, "store at {} speaks protocol v{}, this dtrain speaks v{}", address_, version,
                  proto::kVersion);
   DTRAIN_THROW(ProtocolError, "store at {} (protocol v{}) rejected the handshake (status {})", address_, version,
                static_cast<int>(status));
+}
+
+// Answers the store's challenge: reads its nonce, sends the digest, reads the verdict.
+void TcpStoreClient::authenticate(int fd, const Deadline& deadline) {
+  auto recvExactly = [&](size_t n, const char* what) {
+    std::string got(n, '\0');
+    size_t have = 0;
+    while (have < n) {
+      int ready = pollOne(fd, POLLIN, deadline.remaining());
+      if (ready == 0)
+        DTRAIN_THROW(RendezvousError, "the store at {} did not send its {} within {} ms", address_, what,
+                     options_.connectTimeout.count());
+      ssize_t r = ::recv(fd, got.data() + have, n - have, 0);
+      if (r < 0 && errno == EINTR) continue;
+      if (r <= 0) return std::string();
+      have += static_cast<size_t>(r);
+    }
+    return got;
+  };
+  auto nonce = recvExactly(proto::kNonceBytes, "authentication challenge");
+  if (nonce.empty()) DTRAIN_THROW(RendezvousError, "the store at {} closed the connection during authentication", address_);
+  if (options_.token->empty())
+    DTRAIN_THROW(StoreAuthError,
+                 "the store at {} requires a rendezvous token and none was given: pass the store's token with "
+                 "--rdzv-token (or --rdzv-token-file, or the environment variable {})",
+                 address_, proto::kTokenEnv);
+  auto digest = proto::authDigest(*options_.token, nonce);
+  if (::send(fd, digest.data(), digest.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(digest.size()))
+    DTRAIN_THROW(RendezvousError, "cannot authenticate to the store at {}: {}", address_, std::strerror(errno));
+  auto verdict = recvExactly(1, "authentication verdict");
+  if (verdict.size() == 1 && verdict[0] == static_cast<char>(proto::HandshakeStatus::kOk)) return;
+  DTRAIN_THROW(StoreAuthError,
+               "the store at {} refused the rendezvous token: --rdzv-token (or --rdzv-token-file, {}) differs "
+               "from the store's",
+               address_, proto::kTokenEnv);
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@
 #include <chrono>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 
 #include "lib/common/clock.h"
@@ -27,6 +28,12 @@
 
 namespace dtrain::rendezvous {
 
+// The store refused this client's token, or wants one and the client has none (exit code 4).
+class StoreAuthError : public RendezvousError {
+ public:
+  using RendezvousError::RendezvousError;
+};
+
 struct TcpStoreClientOptions {
   std::string host = "127.0.0.1";
   uint16_t port = 0;
@@ -34,6 +41,10 @@ struct TcpStoreClientOptions {
   Millis timeout{std::chrono::seconds(300)};        // default timeout of get() and of every other call
   Millis initialBackoff{2};                         // first retry delay; doubles up to maxBackoff
   Millis maxBackoff{1000};
+  // The store's shared secret, for a store started with one; nullopt reads DTRAIN_RDZV_TOKEN (proto::kTokenEnv),
+  // so workers started by an agent authenticate without being told. A store that asks for a token when the
+  // client has none, or refuses the one given, fails the connect with RendezvousError naming --rdzv-token.
+  std::optional<std::string> token;
 };
 
 class TcpStoreClient : public Store {
@@ -66,6 +77,7 @@ class TcpStoreClient : public Store {
   explicit TcpStoreClient(const TcpStoreClientOptions& options);
   void openConnection();  // connect with retries + handshake; throws
   void handshake(int fd, const Deadline& deadline);
+  void authenticate(int fd, const Deadline& deadline);
 
   // Starts a request frame for `op` in out_ (caller holds mu_); exchange() sends it and reads the reply into
   // in_, returning the reply status; fields follow at reply_.

@@ -46,6 +46,7 @@ uint64_t raiseFileLimit() {
 
 TcpStoreServer::Impl::Impl(const TcpStoreServerOptions& options)
     : limits_(options.limits),
+      token_(options.token),
       state_(StoreState::Quota{options.limits.maxKeys, options.limits.maxStoredBytes}),
       host_(options.host) {
   DTRAIN_CHECK(limits_.maxBufferedBytes >= proto::kMaxFrameBytes + (64 << 10),
@@ -257,6 +258,7 @@ TcpStoreServerStats TcpStoreServer::stats() const {
   s.bufferedBytes = impl_->bufferedStat_.load(std::memory_order_relaxed);
   s.connectionsRefused = impl_->refused_.load(std::memory_order_relaxed);
   s.connectionsTimedOut = impl_->timedOut_.load(std::memory_order_relaxed);
+  s.authFailures = impl_->authFailures_.load(std::memory_order_relaxed);
   s.keys = impl_->keysStat_.load(std::memory_order_relaxed);
   s.storedBytes = impl_->storedStat_.load(std::memory_order_relaxed);
   return s;

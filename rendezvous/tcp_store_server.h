@@ -50,6 +50,9 @@ struct TcpStoreServerOptions {
   uint16_t port = 0;             // 0 picks a free port (read it back with port())
   int backlog = 1024;
   TcpStoreLimits limits;
+  // Shared secret: when not empty, every client must answer the handshake's challenge with it
+  // (store_protocol.h); a client with a wrong or no token is closed before any request.
+  std::string token;
 };
 
 struct TcpStoreServerStats {
@@ -57,6 +60,7 @@ struct TcpStoreServerStats {
   uint64_t connectionsOpen = 0;
   uint64_t requests = 0;
   uint64_t protocolErrors = 0;  // connections closed for a malformed frame or a bad handshake
+  uint64_t authFailures = 0;    // connections closed for a wrong or missing token
   uint64_t waiters = 0;         // GET/WAIT requests parked right now
   uint64_t bufferedBytes = 0;   // input buffers + queued replies of all connections right now
   uint64_t connectionsRefused = 0;  // accepted and closed at once: over limits.maxConnections

@@ -1,5 +1,7 @@
 #include "rendezvous/tcp_store_session.h"
 
+#include <sys/random.h>
+
 #include <boost/asio/post.hpp>
 #include <boost/asio/write.hpp>
 
@@ -146,6 +148,12 @@ void Session::process() {
   while (!closed_ && !closing_ && !parked_ && !repliesBlocked()) {
     size_t avail = end_ - begin_;
     const char* p = in_.data() + begin_;
+    if (!nonce_.empty()) {
+      if (avail < proto::kDigestBytes) break;
+      begin_ += proto::kDigestBytes;
+      authenticate(std::string_view(p, proto::kDigestBytes));
+      continue;
+    }
     if (!handshaken_) {
       if (avail < proto::kHandshakeBytes) break;
       begin_ += proto::kHandshakeBytes;
@@ -184,6 +192,19 @@ void Session::handshake(std::string_view hello) {
     status = proto::HandshakeStatus::kBadMagic;
   else if (version != proto::kVersion)
     status = proto::HandshakeStatus::kBadVersion;
+  if (status == proto::HandshakeStatus::kOk && !core_.token_.empty()) {
+    nonce_.resize(proto::kNonceBytes);
+    size_t got = 0;
+    while (got < nonce_.size()) {
+      ssize_t n = ::getrandom(nonce_.data() + got, nonce_.size() - got, 0);
+      if (n > 0) got += static_cast<size_t>(n);
+      else if (errno != EINTR) DTRAIN_THROW(Error, "store: getrandom failed: {}", std::strerror(errno));
+    }
+    proto::putHandshake(out_);
+    out_.push_back(static_cast<char>(proto::HandshakeStatus::kAuthRequired));
+    out_.append(nonce_);
+    return;
+  }
   proto::putHandshake(out_);
   out_.push_back(static_cast<char>(status));
   if (status == proto::HandshakeStatus::kOk) {
@@ -195,6 +216,23 @@ void Session::handshake(std::string_view hello) {
             status == proto::HandshakeStatus::kBadMagic
                 ? std::string("not a dtrain store client (bad handshake magic)")
                 : fmt::format("client speaks store protocol v{}, this store speaks v{}", version, proto::kVersion));
+  closing_ = true;
+}
+
+void Session::authenticate(std::string_view digest) {
+  auto expected = proto::authDigest(core_.token_, nonce_);
+  nonce_.clear();
+  // Compare all bytes whatever the first difference, so the timing says nothing about the token.
+  unsigned char diff = 0;
+  for (size_t i = 0; i < proto::kDigestBytes; ++i) diff |= static_cast<unsigned char>(expected[i] ^ digest[i]);
+  if (diff == 0) {
+    out_.push_back(static_cast<char>(proto::HandshakeStatus::kOk));
+    handshaken_ = true;
+    return;
+  }
+  core_.authFailures_.fetch_add(1, std::memory_order_relaxed);
+  log::warn("store: closing connection from {}: wrong rendezvous token (--rdzv-token)", peer());
+  out_.push_back(static_cast<char>(proto::HandshakeStatus::kBadToken));
   closing_ = true;
 }
 

@@ -46,9 +46,10 @@ class TcpStoreServer::Impl {
   // Members the sessions use directly (io thread only, except the atomics).
   asio::io_context io_{1};  // hint: one thread runs it
   TcpStoreLimits limits_;
+  std::string token_;
   StoreState state_;
   std::atomic<uint64_t> accepted_{0}, open_{0}, requests_{0}, protocolErrors_{0}, waiters_{0};
-  std::atomic<uint64_t> bufferedStat_{0}, refused_{0}, timedOut_{0}, keysStat_{0}, storedStat_{0};
+  std::atomic<uint64_t> bufferedStat_{0}, refused_{0}, timedOut_{0}, authFailures_{0}, keysStat_{0}, storedStat_{0};
 
   std::string host_;
   uint16_t port_ = 0;
@@ -95,6 +96,7 @@ class Session : public std::enable_shared_from_this<Session> {
   void onRead(const boost::system::error_code& ec, size_t n);
   void process();
   void handshake(std::string_view hello);
+  void authenticate(std::string_view digest);
   void dispatch(std::string_view body);
   void violation(const std::string& message);
   void flush();
@@ -137,6 +139,7 @@ class Session : public std::enable_shared_from_this<Session> {
   bool closing_ = false;  // answer what is queued, then close (after a protocol violation)
   bool closed_ = false;
   bool waitingForBudget_ = false;
+  std::string nonce_;  // the challenge sent; not empty while its answer is awaited
   size_t accounted_ = 0;  // bufferedBytes() as last reported to the core
   size_t reserved_ = 0;   // budget reserved for the whole large frame being read (its buffer grows within it)
   std::chrono::steady_clock::time_point started_, lastActive_;

@@ -24,6 +24,7 @@ struct RunArgs {
   std::string heartbeatInterval = "1s", heartbeatTimeout = "5s";
   std::string redirects = "0", tee = "0", localRanksFilter;
   std::string masterAddr;
+  std::string rdzvToken, rdzvTokenFile;
   int masterPort = 0;
   bool dryRun = false;
   bool afterDashes = false;
@@ -52,6 +53,7 @@ int runCommand(RunArgs& a, bool programAfterDashes) {
     return 0;
   }
   o.rdzvTimeout = parse::durationFlag("--rdzv-timeout", a.rdzvTimeout);
+  o.rdzvToken = resolveRdzvToken(a.rdzvToken, a.rdzvTokenFile);
   o.lastCall = parse::durationFlag("--rdzv-last-call", a.lastCall);
   o.shutdownTimeout = parse::durationFlag("--shutdown-timeout", a.shutdownTimeout);
   o.heartbeatInterval = parse::durationFlag("--heartbeat-interval", a.heartbeatInterval);
@@ -112,6 +114,11 @@ void addRunCommand(CLI::App& root, Action& action) {
                   "static: node rank 0 hosts the store; store: a standalone `dtrain store` at the endpoint")
       ->envname("DTRAIN_RDZV_BACKEND");
   sub->add_option("--rdzv-id,--rdzv_id", o.rdzvId, "Job id shared by all nodes")->envname("DTRAIN_RDZV_ID");
+  sub->add_option("--rdzv-token", a->rdzvToken,
+                  "Shared secret of the rendezvous store (the same on every node and for `dtrain store`); "
+                  "generated with --standalone")
+      ->envname("DTRAIN_RDZV_TOKEN");
+  sub->add_option("--rdzv-token-file", a->rdzvTokenFile, "Read the store's shared secret from this file's first line");
   sub->add_option("--rdzv-timeout,--rdzv_timeout", a->rdzvTimeout, "How long to wait for all nodes (default 900s)")
       ->envname("DTRAIN_RDZV_TIMEOUT");
   sub->add_option("--rdzv-last-call", a->lastCall, "With --nnodes MIN:MAX, extra wait for nodes beyond MIN (30s)")

@@ -5,6 +5,7 @@
 
 #include <cstdio>
 #include <cstring>
+#include <fstream>
 #include <memory>
 
 #include "apps/dtrain/commands.h"
@@ -24,6 +25,7 @@ struct StoreArgs {
   std::string host = "0.0.0.0";
   int port = rendezvous::kDefaultPort;  // torchrun's default rendezvous port
   bool quiet = false;
+  std::string token, tokenFile;
   // Limits (rendezvous::TcpStoreLimits); sizes and durations as text, parsed with dtrain's one wording.
   size_t maxConnections = rendezvous::TcpStoreLimits{}.maxConnections;
   std::string maxBuffered = "512MiB", maxQueuedReplies = "4MiB", maxStoredBytes = "1GiB";
@@ -31,6 +33,24 @@ struct StoreArgs {
   size_t maxKeys = rendezvous::TcpStoreLimits{}.maxKeys;
   size_t maxKeysPerRequest = rendezvous::TcpStoreLimits{}.maxKeysPerRequest;
 };
+
+}  // namespace
+
+std::string resolveRdzvToken(const std::string& token, const std::string& tokenFile) {
+  if (tokenFile.empty()) return token;
+  DTRAIN_CHECK_AS(UsageError, token.empty(),
+                  "--rdzv-token and --rdzv-token-file both give the store's token (DTRAIN_RDZV_TOKEN counts as "
+                  "--rdzv-token): give one");
+  std::ifstream in(tokenFile);
+  DTRAIN_CHECK_AS(UsageError, in.good(), "--rdzv-token-file {}: cannot read it", tokenFile);
+  std::string line;
+  std::getline(in, line);
+  while (!line.empty() && (line.back() == '\r' || line.back() == ' ' || line.back() == '\t')) line.pop_back();
+  DTRAIN_CHECK_AS(UsageError, !line.empty(), "--rdzv-token-file {}: the first line is empty", tokenFile);
+  return line;
+}
+
+namespace {
 
 rendezvous::TcpStoreLimits limitsFrom(const StoreArgs& a) {
   rendezvous::TcpStoreLimits l;
@@ -50,6 +70,7 @@ rendezvous::TcpStoreLimits limitsFrom(const StoreArgs& a) {
 
 int runStore(const StoreArgs& a) {
   auto limits = limitsFrom(a);  // bad flag values fail before anything starts
+  auto token = resolveRdzvToken(a.token, a.tokenFile);
   if (a.quiet) log::setLevel(log::Level::kWarn);
   // Block the stop signals before the server's thread exists, then wait for them synchronously: no handler,
   // nothing async-signal-unsafe, and the io thread never sees them.
@@ -63,6 +84,7 @@ int runStore(const StoreArgs& a) {
   options.host = a.host;
   options.port = static_cast<uint16_t>(a.port);
   options.limits = limits;
+  options.token = token;
   auto server = rendezvous::TcpStoreServer::start(options);
   // Exactly one line on stdout, flushed, once connections are accepted: scripts and tests read the port here.
   std::printf("dtrain store listening on %s\n", server->address().c_str());
@@ -89,6 +111,10 @@ void addStoreCommand(CLI::App& root, Action& action) {
   sub->add_option("--port", args->port, "TCP port to listen on; 0 picks a free one (printed on stdout)")
       ->check(CLI::Range(0, 65535))
       ->capture_default_str();
+  sub->add_option("--rdzv-token", args->token,
+                  "Shared secret every client must prove it knows (dtrain run --rdzv-token); default: none")
+      ->envname("DTRAIN_RDZV_TOKEN");
+  sub->add_option("--rdzv-token-file", args->tokenFile, "Read the shared secret from the first line of this file");
   sub->add_option("--max-connections", args->maxConnections, "Connections over this are closed at once")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();

@@ -15,6 +15,10 @@ void addRunCommand(CLI::App& root, Action& action);
 // `args` (argv as strings, argv[0] included) and hands it to the run command.
 std::vector<std::string> splitWorkerArgs(CLI::App& root, std::vector<std::string>& args);
 void addStoreCommand(CLI::App& root, Action& action);
+// The store's shared secret from --rdzv-token (or DTRAIN_RDZV_TOKEN, through the flag's envname) or
+// --rdzv-token-file (its first line); "" when neither is given. Throws UsageError for both, or an unreadable or
+// empty file. cmd_store.cpp.
+std::string resolveRdzvToken(const std::string& token, const std::string& tokenFile);
 void addTrainCommand(CLI::App& root, Action& action);
 void addCheckCommand(CLI::App& root, Action& action);
 void addBenchCommand(CLI::App& root, Action& action);

@@ -52,6 +52,7 @@ WorkerContract WorkerContract::fromEnv(const Lookup& lookup) {
   c.masterAddr = value(lookup, "MASTER_ADDR").value_or("");
   c.masterPort = intVar(lookup, "MASTER_PORT", 0);
   c.store = value(lookup, "DTRAIN_STORE").value_or("");
+  c.storeToken = value(lookup, "DTRAIN_RDZV_TOKEN").value_or("");
   c.runId = value(lookup, "DTRAIN_RUN_ID").value_or(value(lookup, "TORCHELASTIC_RUN_ID").value_or("none"));
   c.round = intVar(lookup, "DTRAIN_ROUND", 0);
   c.restartCount = intVarOrAlias(lookup, "DTRAIN_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT", 0);
@@ -74,7 +75,7 @@ WorkerContract WorkerContract::fromEnv(const Lookup& lookup) {
 
 std::vector<std::pair<std::string, std::string>> WorkerContract::toEnv() const {
   auto s = [](int v) { return std::to_string(v); };
-  return {
+  std::vector<std::pair<std::string, std::string>> env = {
       {"RANK", s(rank)},
       {"LOCAL_RANK", s(localRank)},
       {"WORLD_SIZE", s(worldSize)},
@@ -95,6 +96,8 @@ std::vector<std::pair<std::string, std::string>> WorkerContract::toEnv() const {
       {"TORCHELASTIC_RESTART_COUNT", s(restartCount)},
       {"TORCHELASTIC_MAX_RESTARTS", s(maxRestarts)},
   };
+  if (!storeToken.empty()) env.emplace_back("DTRAIN_RDZV_TOKEN", storeToken);
+  return env;
 }
 
 }  // namespace dtrain

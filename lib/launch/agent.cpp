@@ -82,6 +82,8 @@ void Agent::setUpStore() {
   if (options_.standalone) {
     hp = {"127.0.0.1", 0};
     runId_ = options_.rdzvId == "none" ? randomRunId() : options_.rdzvId;
+    // The loopback store is reachable by every local user: it gets a secret that only the workers learn.
+    if (options_.rdzvToken.empty()) options_.rdzvToken = randomRunId() + randomRunId();
     hosting_ = true;
   } else {
     hp = *net::parseHostPort(options_.rdzvEndpoint.empty() ? "127.0.0.1" : options_.rdzvEndpoint, rendezvous::kDefaultPort);
@@ -93,6 +95,7 @@ void Agent::setUpStore() {
     rendezvous::TcpStoreServerOptions so;
     so.host = options_.standalone ? "127.0.0.1" : "0.0.0.0";
     so.port = hp.port;
+    so.token = options_.rdzvToken;
     try {
       host_->server = rendezvous::TcpStoreServer::start(so);
     } catch (const Error& e) {
@@ -105,7 +108,14 @@ void Agent::setUpStore() {
   endpoint_ = hp.str();
   rendezvous::StorePtr client;
   try {
-    client = rendezvous::connectStore(endpoint_, options_.rdzvTimeout);
+    rendezvous::TcpStoreClientOptions co;
+    co.host = hp.host;
+    co.port = hp.port;
+    co.connectTimeout = options_.rdzvTimeout;
+    co.token = options_.rdzvToken;
+    client = rendezvous::TcpStoreClient::connect(co);
+  } catch (const rendezvous::StoreAuthError&) {
+    throw;  // names --rdzv-token: nothing to add
   } catch (const Error& e) {
     std::string who = options_.rdzvBackend == "static"
                           ? "with --rdzv-backend static the agent with --node-rank 0 hosts it: is it running, and "

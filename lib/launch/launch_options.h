@@ -33,6 +33,8 @@ struct LaunchOptions {
   std::string rdzvBackend = "static";  // static: node rank 0 hosts the store; store: a standalone store
   std::string rdzvId = "none";
   bool standalone = false;
+  // Shared secret of the store (--rdzv-token, --rdzv-token-file, DTRAIN_RDZV_TOKEN); generated under --standalone.
+  std::string rdzvToken;
   int maxRestarts = 0;
   Millis shutdownTimeout{std::chrono::seconds(30)};
   Millis rdzvTimeout{std::chrono::seconds(900)};

@@ -98,7 +98,7 @@ void RoundRunner::startWorkers() {
   const auto& opts = *ctx_.options;
   int nproc = round.members.at(round.nodeRank).info.nproc;
   workers_.resize(nproc);
-  WorkerContext wctx{&round, 0, ctx_.storeAddr, ctx_.runId, opts.maxRestarts};
+  WorkerContext wctx{&round, 0, ctx_.storeAddr, ctx_.runId, opts.maxRestarts, opts.rdzvToken};
   for (int lr = 0; lr < nproc; ++lr) {
     Worker& w = workers_[lr];
     w.localRank = lr;

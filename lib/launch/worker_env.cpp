@@ -23,6 +23,7 @@ WorkerContract workerContract(const WorkerContext& ctx) {
   c.masterAddr = r.masterAddr;
   c.masterPort = r.masterPort;
   c.store = ctx.storeAddr;
+  c.storeToken = ctx.storeToken;
   c.runId = ctx.runId;
   c.round = r.round;
   c.restartCount = r.restartCount;

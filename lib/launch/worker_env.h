@@ -17,6 +17,7 @@ struct WorkerContext {
   std::string storeAddr;  // host:port of the rendezvous store, for DTRAIN_STORE
   std::string runId;
   int maxRestarts = 0;
+  std::string storeToken;  // DTRAIN_RDZV_TOKEN; empty: not set by the contract
 };
 
 // The contract of local worker ctx.localRank in ctx.round.

@@ -4,6 +4,8 @@
 #include <signal.h>
 
 #include <algorithm>
+#include <filesystem>
+#include <fstream>
 
 #include "lib/common/error.h"
 #include "rendezvous/tcp_store_client.h"
@@ -84,6 +86,45 @@ TEST_CASE("dtrain store: quota flags reach the server") {
   auto client = rendezvous::connectStore("127.0.0.1:" + std::to_string(port), 10s);
   client->set("a", "1");
   CHECK_THROWS_WITH_AS(client->set("b", "2"), doctest::Contains("max-keys"), Error);
+}
+
+TEST_CASE("dtrain store --rdzv-token: dtrain run needs the same token, else exit 4 naming --rdzv-token") {
+  Background store({dtrainBinary(), "store", "--host", "127.0.0.1", "--port", "0", "--quiet", "--rdzv-token", "t0k"});
+  int port = portFromLine(store.waitForLine("dtrain store listening on", 20s));
+  std::vector<std::string> runArgs = {dtrainBinary(), "run", "--rdzv-backend", "store", "--rdzv-endpoint",
+                                      "127.0.0.1:" + std::to_string(port), "--rdzv-timeout", "20s"};
+  auto withArgs = [&](std::vector<std::string> extra) {
+    auto argv = runArgs;
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    argv.insert(argv.end(), {"--", "/bin/true"});
+    return run(argv, RunOptions{.timeout = 60s});
+  };
+  auto none = withArgs({});
+  CHECK(none.exitCode == static_cast<int>(ExitCode::kRendezvous));
+  CHECK(none.err.find("requires a rendezvous token and none was given") != std::string::npos);
+  CHECK(none.err.find("--rdzv-token") != std::string::npos);
+  auto wrong = withArgs({"--rdzv-token", "nope", "--rdzv-id", "wrong"});
+  CHECK(wrong.exitCode == static_cast<int>(ExitCode::kRendezvous));
+  CHECK(wrong.err.find("refused the rendezvous token: --rdzv-token") != std::string::npos);
+  auto tokenFile = std::filesystem::temp_directory_path() / fmt::format("dtrain-token-{}", ::getpid());
+  { std::ofstream(tokenFile) << "t0k\n"; }
+  auto right = withArgs({"--rdzv-token-file", tokenFile.string(), "--rdzv-id", "right"});
+  std::filesystem::remove(tokenFile);
+  CHECK(right.exitCode == 0);
+  auto both = withArgs({"--rdzv-token", "t0k", "--rdzv-token-file", "/nonexistent"});
+  CHECK(both.exitCode == static_cast<int>(ExitCode::kUsage));
+}
+
+TEST_CASE("dtrain run --standalone: the store gets a generated token that only the workers learn") {
+  // Each worker connects to the store with the token it inherited; a client without it is refused.
+  auto script = fmt::format(
+      "test ${{#DTRAIN_RDZV_TOKEN}} -ge 32 && {0} bench store --store $DTRAIN_STORE --clients 1 --seconds 1 "
+      ">/dev/null && ! DTRAIN_RDZV_TOKEN= {0} bench store --store $DTRAIN_STORE --clients 1 --seconds 1",
+      dtrainBinary());
+  auto r = run({dtrainBinary(), "run", "--standalone", "--nproc", "2", "--", "/bin/sh", "-c", script},
+               RunOptions{.timeout = 60s});
+  CHECK(r.exitCode == 0);
+  CHECK(r.err.find("requires a rendezvous token") != std::string::npos);
 }
 
 TEST_CASE("dtrain bench store prints throughput against a standalone store") {

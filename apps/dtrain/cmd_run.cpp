@@ -89,6 +89,8 @@ int runCommand(RunArgs& a, bool programAfterDashes) {
   if (a.dryRun) {
     for (const auto& line : slurmLines) fmt::print("{}\n", line);
     fmt::print("{}\n", o.plan());
+    if (o.hostsStore())
+      fmt::print("store: this agent hosts it, listening on {} (--rdzv-bind)\n", o.storeBindHost());
     return 0;
   }
   launch::Agent agent(std::move(o));
@@ -118,6 +120,9 @@ void addRunCommand(CLI::App& root, Action& action) {
                   "Shared secret of the rendezvous store (the same on every node and for `dtrain store`); "
                   "generated with --standalone")
       ->envname("DTRAIN_RDZV_TOKEN");
+  sub->add_option("--rdzv-bind", o.rdzvBind,
+                  "Address the store hosted by this agent listens on (default: the endpoint's host; "
+                  "0.0.0.0 for every interface)");
   sub->add_option("--rdzv-token-file", a->rdzvTokenFile, "Read the store's shared secret from this file's first line");
   sub->add_option("--rdzv-timeout,--rdzv_timeout", a->rdzvTimeout, "How long to wait for all nodes (default 900s)")
       ->envname("DTRAIN_RDZV_TIMEOUT");

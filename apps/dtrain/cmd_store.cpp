@@ -107,7 +107,7 @@ int runStore(const StoreArgs& a) {
 void addStoreCommand(CLI::App& root, Action& action) {
   auto args = std::make_shared<StoreArgs>();
   auto* sub = root.add_subcommand("store", "Run a standalone rendezvous store (TCP) until SIGINT/SIGTERM");
-  sub->add_option("--host", args->host, "Address to listen on")->capture_default_str();
+  sub->add_option("--host,--rdzv-bind", args->host, "Address to listen on")->capture_default_str();
   sub->add_option("--port", args->port, "TCP port to listen on; 0 picks a free one (printed on stdout)")
       ->check(CLI::Range(0, 65535))
       ->capture_default_str();

@@ -93,14 +93,15 @@ void Agent::setUpStore() {
   if (hosting_) {
     host_ = std::make_unique<StoreHost>();
     rendezvous::TcpStoreServerOptions so;
-    so.host = options_.standalone ? "127.0.0.1" : "0.0.0.0";
+    so.host = options_.storeBindHost();
     so.port = hp.port;
     so.token = options_.rdzvToken;
     try {
       host_->server = rendezvous::TcpStoreServer::start(so);
     } catch (const Error& e) {
-      throw Error(fmt::format("cannot host the rendezvous store on port {} (--rdzv-endpoint {}): {}", hp.port,
-                              hp.str(), e.what()),
+      throw Error(fmt::format("cannot host the rendezvous store on port {} (--rdzv-endpoint {}; it listens on "
+                              "{}, set another address with --rdzv-bind): {}",
+                              hp.port, hp.str(), so.host, e.what()),
                   ExitCode::kAddressInUse);
     }
     hp.port = host_->server->port();

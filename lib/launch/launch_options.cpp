@@ -1,5 +1,9 @@
 #include "lib/launch/launch_options.h"
 
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <netinet/in.h>
+
 #include <sched.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -168,6 +172,38 @@ void LaunchOptions::validate() {
                     r, nproc);
   DTRAIN_CHECK_AS(UsageError, !program.empty(), "no program to launch: give a job file or -- PROGRAM [ARGS...]");
   programPath = resolveProgram(program.front());
+}
+
+bool LaunchOptions::hostsStore() const {
+  return standalone || (rdzvBackend == "static" && (nodeRank == 0 || maxNodes == 1));
+}
+
+std::string LaunchOptions::storeBindHost() const {
+  if (!rdzvBind.empty()) return rdzvBind;
+  if (standalone || rdzvEndpoint.empty()) return "127.0.0.1";
+  auto hp = net::parseHostPort(rdzvEndpoint, rendezvous::kDefaultPort);
+  if (!hp) return "0.0.0.0";  // validate() reports the bad endpoint
+  if (maxNodes > 1) {
+    in_addr a4{};
+    in6_addr a6{};
+    bool literal = ::inet_pton(AF_INET, hp->host.c_str(), &a4) == 1 || ::inet_pton(AF_INET6, hp->host.c_str(), &a6) == 1;
+    if (!literal) {
+      addrinfo hints{};
+      hints.ai_family = AF_UNSPEC;
+      hints.ai_socktype = SOCK_STREAM;
+      addrinfo* res = nullptr;
+      if (::getaddrinfo(hp->host.c_str(), nullptr, &hints, &res) == 0 && res != nullptr) {
+        bool loopback = false;
+        if (res->ai_family == AF_INET)
+          loopback = (ntohl(reinterpret_cast<sockaddr_in*>(res->ai_addr)->sin_addr.s_addr) >> 24) == 127;
+        else if (res->ai_family == AF_INET6)
+          loopback = IN6_IS_ADDR_LOOPBACK(&reinterpret_cast<sockaddr_in6*>(res->ai_addr)->sin6_addr);
+        ::freeaddrinfo(res);
+        if (loopback) return "0.0.0.0";
+      }
+    }
+  }
+  return hp->host;
 }
 
 std::string LaunchOptions::plan() const {

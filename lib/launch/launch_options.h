@@ -35,6 +35,7 @@ struct LaunchOptions {
   bool standalone = false;
   // Shared secret of the store (--rdzv-token, --rdzv-token-file, DTRAIN_RDZV_TOKEN); generated under --standalone.
   std::string rdzvToken;
+  std::string rdzvBind;  // --rdzv-bind: address the hosted store listens on; empty: derived (storeBindHost)
   int maxRestarts = 0;
   Millis shutdownTimeout{std::chrono::seconds(30)};
   Millis rdzvTimeout{std::chrono::seconds(900)};
@@ -51,6 +52,13 @@ struct LaunchOptions {
 
   // Throws UsageError (bad flag values, contradictions) or Error with kNotFound/kNotExecutable (program).
   void validate();
+  // Whether this agent hosts the store: --standalone, or the static backend's node rank 0 (or a single node).
+  bool hostsStore() const;
+  // The address a store hosted by this agent listens on: --rdzv-bind if given; 127.0.0.1 under --standalone;
+  // else the endpoint's host (127.0.0.1 when no endpoint), so the store is not exposed on every interface. One
+  // exception keeps multi-node jobs working: an endpoint NAME that resolves to a loopback address here (the
+  // Debian /etc/hosts 127.0.1.1 entry for the own hostname) while other nodes must reach it binds 0.0.0.0.
+  std::string storeBindHost() const;
   // The resolved launch plan as `dtrain run --dry-run` prints it: "nnodes=... max_restarts=N\nprogram=...".
   std::string plan() const;
 };

@@ -8,6 +8,7 @@
 #include <fstream>
 
 #include "lib/common/error.h"
+#include "lib/common/net.h"
 #include "rendezvous/tcp_store_client.h"
 #include "tests/support/process.h"
 
@@ -125,6 +126,29 @@ TEST_CASE("dtrain run --standalone: the store gets a generated token that only t
                RunOptions{.timeout = 60s});
   CHECK(r.exitCode == 0);
   CHECK(r.err.find("requires a rendezvous token") != std::string::npos);
+}
+
+TEST_CASE("dtrain run: the store it hosts listens on the endpoint's address, not on every interface") {
+  auto dry = run({dtrainBinary(), "run", "--dry-run", "--nnodes", "2", "--node-rank", "0", "--rdzv-endpoint",
+                  "127.0.0.2:29999", "--", "/bin/true"},
+                 RunOptions{.timeout = 20s});
+  CHECK(dry.exitCode == 0);
+  CHECK(dry.out.find("store: this agent hosts it, listening on 127.0.0.2") != std::string::npos);
+  auto bound = run({dtrainBinary(), "run", "--dry-run", "--nnodes", "2", "--node-rank", "0", "--rdzv-endpoint",
+                    "127.0.0.2:29999", "--rdzv-bind", "0.0.0.0", "--", "/bin/true"},
+                   RunOptions{.timeout = 20s});
+  CHECK(bound.out.find("listening on 0.0.0.0") != std::string::npos);
+
+  // 127.0.0.2 is a loopback address on Linux (127/8): the store must answer there and nowhere else.
+  auto port = std::to_string(net::pickFreePort("127.0.0.2"));
+  auto script = fmt::format(
+      "{0} bench store --store $DTRAIN_STORE --clients 1 --seconds 1 >/dev/null || exit 10; "
+      "{0} bench store --store 127.0.0.1:{1} --clients 1 --seconds 1 --connect-timeout 1s; test $? -eq 4",
+      dtrainBinary(), port);
+  auto r = run({dtrainBinary(), "run", "--rdzv-endpoint", "127.0.0.2:" + port, "--", "/bin/sh", "-c", script},
+               RunOptions{.timeout = 60s});
+  CHECK(r.exitCode == 0);
+  CHECK(r.err.find("cannot connect to the store at 127.0.0.1:" + port) != std::string::npos);
 }
 
 TEST_CASE("dtrain bench store prints throughput against a standalone store") {

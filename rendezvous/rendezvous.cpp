@@ -91,6 +91,15 @@ int Rendezvous::currentRound() {
 
 RoundInfo Rendezvous::join() {
   Deadline deadline(options_.joinTimeout);
+  if (!options_.jobFingerprint.empty()) {
+    auto first = store_->compareSet("job", "", options_.jobFingerprint);
+    auto idOf = [](std::string_view fp) { return fp.substr(0, fp.find(' ')); };
+    if (idOf(first) != idOf(options_.jobFingerprint))
+      DTRAIN_THROW(RendezvousError,
+                   "rendezvous at {}: another job already uses this run id on this store (job {}); this is job {}. "
+                   "Give each job its own --rdzv-id",
+                   options_.endpoint, first, options_.jobFingerprint);
+  }
   for (;;) {
     int round = currentRound();
     auto ended = store_->tryGet(key(round, "event"));

@@ -2,6 +2,8 @@
 // membership, and agree on when a round ends (a failure, a lost node, a new node, a shutdown, or success).
 //
 // Keys live under `/dtrain/<run_id>/` (the Store passed in is already prefixed):
+//   job                   the job fingerprint of the first agent ("<hex> <program summary>"), set once by
+//                         compareSet; an agent with another fingerprint is refused (two jobs, one run id)
 //   round                 current round number R (decimal); moved R -> R+1 by compareSet, so racing agents
 //                         agree on one increment
 //   restarts              failure restarts so far (added once per failed round, by the agent that won the
@@ -53,6 +55,9 @@ struct RendezvousOptions {
   Millis joinTimeout{std::chrono::seconds(900)};  // whole join, waiting for nodes included
   Millis lastCall{std::chrono::seconds(30)};      // extra wait for more nodes once minNodes joined (min < max)
   std::string endpoint;                           // for messages only ("host:port")
+  // "<hex> <summary>": identifies the job (launch::LaunchOptions::jobFingerprint). join() refuses, with a
+  // RendezvousError naming both jobs, to join a run id whose first agent ran another job. Empty: no check.
+  std::string jobFingerprint;
 };
 
 struct Member {

@@ -155,6 +155,7 @@ int Agent::run() {
   ropts.joinTimeout = options_.rdzvTimeout;
   ropts.lastCall = options_.lastCall;
   ropts.endpoint = endpoint_;
+  ropts.jobFingerprint = options_.jobFingerprint();
   rendezvous::Rendezvous rdzv(store_, ropts, self);
 
   for (;;) {

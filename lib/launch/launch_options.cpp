@@ -12,6 +12,7 @@
 
 #include "lib/common/error.h"
 #include "lib/common/net.h"
+#include "lib/common/sha256.h"
 #include "lib/common/parse.h"
 #include "rendezvous/store.h"
 
@@ -204,6 +205,20 @@ std::string LaunchOptions::storeBindHost() const {
     }
   }
   return hp->host;
+}
+
+std::string LaunchOptions::jobFingerprint() const {
+  std::string text = nnodesText;
+  std::string summary;
+  for (size_t i = 0; i < program.size(); ++i) {
+    auto arg = i == 0 ? std::filesystem::path(program[i]).filename().string() : program[i];
+    text.push_back('\0');
+    text += arg;
+    if (!summary.empty()) summary.push_back(' ');
+    summary += arg;
+  }
+  if (summary.size() > 120) summary = summary.substr(0, 117) + "...";
+  return fmt::format("{} `{}`", sha256::hex(sha256::hash(text)).substr(0, 16), summary);
 }
 
 std::string LaunchOptions::plan() const {

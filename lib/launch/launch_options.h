@@ -59,6 +59,10 @@ struct LaunchOptions {
   // exception keeps multi-node jobs working: an endpoint NAME that resolves to a loopback address here (the
   // Debian /etc/hosts 127.0.1.1 entry for the own hostname) while other nodes must reach it binds 0.0.0.0.
   std::string storeBindHost() const;
+  // "<16 hex> `<program summary>`": SHA-256 of the program's basename, its arguments and --nnodes, so two
+  // different jobs started with the same --rdzv-id on one store are told apart (the path of the program is
+  // left out: nodes may install it in different places).
+  std::string jobFingerprint() const;
   // The resolved launch plan as `dtrain run --dry-run` prints it: "nnodes=... max_restarts=N\nprogram=...".
   std::string plan() const;
 };

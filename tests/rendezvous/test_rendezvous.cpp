@@ -183,6 +183,29 @@ TEST_CASE("join: two agents claiming the same node rank are refused") {
   CHECK(errorOf(fb).find("node rank 0 is claimed by two agents") != std::string::npos);
 }
 
+TEST_CASE("join: an agent of another job (another fingerprint) on the same run id is refused, naming both") {
+  Job job;
+  auto withFp = [](std::string fp, Millis joinTimeout) {
+    auto o = nodes(2, 2, 30s, joinTimeout);
+    o.jobFingerprint = std::move(fp);
+    return o;
+  };
+  auto a = job.agent("a", withFp("aaaa `train.py --lr 1`", 30s));
+  auto b = job.agent("b", withFp("bbbb `other.py`", 30s));
+  auto fa = joinAsync(*a);
+  REQUIRE(job.store()->wait({"job"}, 10s));  // a's job owns the run id
+  auto fb = joinAsync(*b);
+  auto message = errorOf(fb);
+  CHECK(message.find("(job aaaa `train.py --lr 1`); this is job bbbb `other.py`") != std::string::npos);
+  CHECK(message.find("another job already uses this run id") != std::string::npos);
+  CHECK(message.find("--rdzv-id") != std::string::npos);
+  // An agent of the same job (same fingerprint) joins the first one's round.
+  auto c = job.agent("c", withFp("aaaa `train.py --lr 1`", 30s));
+  auto fc = joinAsync(*c);
+  CHECK(fa.get().numNodes == 2);
+  CHECK(fc.get().numNodes == 2);
+}
+
 TEST_CASE("join: a round short of nodes times out naming what is missing") {
   Job job;
   auto a = job.agent("a", nodes(2, 2, 30s, 300ms));

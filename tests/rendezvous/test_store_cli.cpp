@@ -151,6 +151,24 @@ TEST_CASE("dtrain run: the store it hosts listens on the endpoint's address, not
   CHECK(r.err.find("cannot connect to the store at 127.0.0.1:" + port) != std::string::npos);
 }
 
+TEST_CASE("dtrain run: a different job on a run id already used on the store exits 4 naming both jobs") {
+  Background store({dtrainBinary(), "store", "--host", "127.0.0.1", "--port", "0", "--quiet"});
+  int port = portFromLine(store.waitForLine("dtrain store listening on", 20s));
+  std::vector<std::string> base = {dtrainBinary(), "run", "--rdzv-backend", "store", "--rdzv-endpoint",
+                                   "127.0.0.1:" + std::to_string(port), "--rdzv-timeout", "20s", "--"};
+  auto first = base;
+  first.push_back("/bin/true");
+  CHECK(run(first, RunOptions{.timeout = 60s}).exitCode == 0);
+  auto other = base;
+  other.insert(other.end(), {"/bin/echo", "another", "job"});
+  auto r = run(other, RunOptions{.timeout = 60s});
+  CHECK(r.exitCode == static_cast<int>(ExitCode::kRendezvous));
+  CHECK(r.err.find("another job already uses this run id") != std::string::npos);
+  CHECK(r.err.find("`true`") != std::string::npos);
+  CHECK(r.err.find("`echo another job`") != std::string::npos);
+  CHECK(r.err.find("--rdzv-id") != std::string::npos);
+}
+
 TEST_CASE("dtrain bench store prints throughput against a standalone store") {
   Background store({dtrainBinary(), "store", "--host", "127.0.0.1", "--port", "0", "--quiet"});
   int port = portFromLine(store.waitForLine("dtrain store listening on", 20s));

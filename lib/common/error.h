@@ -25,6 +25,7 @@ enum class ExitCode : int {
   kProtocol = 6,       // store/peer speaks another protocol or version
   kComm = 7,           // a collective failed: peer lost, timeout
   kCheckpoint = 8,     // checkpoint cannot be written or is incompatible with the job
+  kDiverged = 9,       // training diverged: a non-finite loss, gradient or weights (train.on_nonfinite)
   kNotExecutable = 126,
   kNotFound = 127,
 };
@@ -58,6 +59,7 @@ DTRAIN_DEFINE_ERROR(TimeoutError, ExitCode::kComm);       // a blocking call ran
 DTRAIN_DEFINE_ERROR(ProtocolError, ExitCode::kProtocol);  // malformed frame, bad magic/version
 DTRAIN_DEFINE_ERROR(CommError, ExitCode::kComm);          // collective failure
 DTRAIN_DEFINE_ERROR(CheckpointError, ExitCode::kCheckpoint);
+DTRAIN_DEFINE_ERROR(DivergedError, ExitCode::kDiverged);  // non-finite loss/gradient/weights in training
 DTRAIN_DEFINE_ERROR(NotBuiltError, ExitCode::kUsage);     // feature compiled out (e.g. nccl on CPU build)
 
 #undef DTRAIN_DEFINE_ERROR

@@ -193,6 +193,13 @@ float gradNorm(std::span<const float> grads) {
   return static_cast<float>(std::sqrt(sum));
 }
 
+bool allFinite(std::span<const float> values) {
+  // x - x is 0 for finite x and NaN for NaN and +-inf; the sum of those is NaN iff one value is not finite.
+  float acc = 0.0f;
+  for (float v : values) acc += v - v;
+  return acc == 0.0f;
+}
+
 float clipGradNorm(std::span<float> grads, double maxNorm) {
   const float norm = gradNorm(grads);
   // PyTorch: clip_coef = max_norm / (total_norm + 1e-6), clamped to 1 (a factor of 1 changes nothing).

@@ -92,5 +92,7 @@ class Optimizer {
 float clipGradNorm(std::span<float> grads, double maxNorm);
 // The global L2 norm of the gradients, without clipping.
 float gradNorm(std::span<const float> grads);
+// True when no value is NaN or infinite (one pass, no early exit so it vectorises).
+bool allFinite(std::span<const float> values);
 
 }  // namespace dtrain::nn

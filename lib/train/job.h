@@ -42,6 +42,12 @@ struct LoopSettings {
   int gradAccum = 1;          // micro-batches per optimizer step
   int64_t logEverySteps = 0;  // 0: about 20 lines per epoch
   bool evalEachEpoch = true;
+  // "on_nonfinite": what a step whose loss or gradient is NaN/inf does. kStop: the run ends with DivergedError
+  // (exit 9) naming the step, before that step changes the weights; kSkip: the step's update is dropped (as
+  // mixed-precision loss scalers do) and training goes on. Weights that become non-finite always stop the run.
+  // Nothing non-finite is ever written to a checkpoint or model.safetensors.
+  enum class OnNonFinite : uint8_t { kStop, kSkip };
+  OnNonFinite onNonFinite = OnNonFinite::kStop;
 };
 
 // parallel.strategy values that have an implementation (makeStrategy, lib/train/strategy.h); any other value

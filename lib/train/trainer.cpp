@@ -5,6 +5,7 @@
 
 #include <csignal>
 #include <cmath>
+#include <limits>
 #include <future>
 #include <thread>
 
@@ -72,6 +73,7 @@ class TrainLoop {
   void planRun();  // steps, schedule, log interval for this world
   ProcessGroups connect();
   void trainEpoch(int64_t epoch, int64_t startSample);
+  [[noreturn]] void diverged(int64_t epoch, std::string_view what);
   void afterStep(int64_t epoch, int64_t position, bool epochEnd);  // log, stop, checkpoint, callbacks
   void saveCheckpoint(int64_t epoch, int64_t position);
   void evaluate(const StepStats& stats);
@@ -104,6 +106,8 @@ class TrainLoop {
   int64_t logEvery_ = 1;
   int64_t stopCheckEvery_ = 1;
   bool hasDropout_ = false;
+  bool stepLossFinite_ = true;  // every micro-batch loss of the current step on this rank was finite
+  int64_t skippedSteps_ = 0;    // train.on_nonfinite = skip
   TrainResult result_;
   bool prefetch_ = true;
 };
@@ -260,22 +264,54 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
     bool lastMicro = micro + 1 == accum || batchIndex == numBatches;
     if (hasDropout_) model_->reseedDropout(dropoutSeed(job_.loop.seed, worker_.rank, step_, micro));
     TensorView out = model_->forward(b.features, static_cast<int>(b.size), true);
-    intervalLoss_ += loss_->forward(out, targetsOf(b, *train_));
+    const float loss = loss_->forward(out, targetsOf(b, *train_));
+    intervalLoss_ += loss;
+    const bool lossFinite = std::isfinite(loss);
+    stepLossFinite_ = (micro == 0 || stepLossFinite_) && lossFinite;
     ++intervalBatches_;
     intervalSamples_ += b.size;
     result_.samples += b.size * worker_.worldSize;  // every micro-batch of the step (grad_accum > 1 has several)
     callbacks_.batch(b);
-    model_->backward(loss_->backward(gradScale), lastMicro ? strategy_->gradReadyHook() : nn::LayerGradReady{},
-                     micro == 0 ? nn::GradMode::kOverwrite : nn::GradMode::kAccumulate);
+    const nn::LayerGradReady hook = lastMicro ? strategy_->gradReadyHook() : nn::LayerGradReady{};
+    const nn::GradMode mode = micro == 0 ? nn::GradMode::kOverwrite : nn::GradMode::kAccumulate;
+    // A non-finite loss on this rank puts a NaN into every layer's gradient slice before that slice is handed to
+    // the all-reduce, so the reduced gradients are non-finite on every rank: all ranks see the same thing below
+    // and stop (or skip) at the same step without another collective per step.
+    if (!lossFinite && hook) {
+      auto poisoned = [&](int k) {
+        grads[model_->layerParamRange(k).offset] = std::numeric_limits<float>::quiet_NaN();
+        hook(k);
+      };
+      model_->backward(loss_->backward(gradScale), poisoned, mode);
+    } else {
+      model_->backward(loss_->backward(gradScale), hook, mode);
+      // Not communicated yet (no hook: finishStep reduces the whole arena; or a micro-batch before the last,
+      // whose NaN stays through accumulation).
+      if (!lossFinite && !grads.empty()) grads[0] = std::numeric_limits<float>::quiet_NaN();
+    }
     if (!lastMicro) {
       ++micro;
       continue;
     }
     micro = 0;
     strategy_->finishStep();
-    if (job_.optimizer.clipGradNorm > 0) nn::clipGradNorm(grads, job_.optimizer.clipGradNorm);
-    optimizer_->setLr(schedule_.lr(step_));
-    optimizer_->step(params, grads);
+    const bool gradsFinite = nn::allFinite(grads);
+    if (gradsFinite || job_.loop.onNonFinite == LoopSettings::OnNonFinite::kStop) {
+      if (!gradsFinite)
+        diverged(epoch, stepLossFinite_ ? std::string("gradient") : fmt::format("loss on rank {}", worker_.rank));
+      if (job_.optimizer.clipGradNorm > 0) nn::clipGradNorm(grads, job_.optimizer.clipGradNorm);
+      optimizer_->setLr(schedule_.lr(step_));
+      optimizer_->step(params, grads);
+      // The weights are identical on every rank, so every rank stops here together.
+      if (!nn::allFinite(params)) diverged(epoch, "weights after the update");
+    } else {
+      ++skippedSteps_;
+      progress_->info(fmt::format("step {}: non-finite {} on {}, update skipped (train.on_nonfinite=skip; {} "
+                                  "skipped so far)",
+                                  step_ + 1, stepLossFinite_ ? "gradient" : "loss",
+                                  stepLossFinite_ ? "some rank" : fmt::format("rank {}", worker_.rank),
+                                  skippedSteps_));
+    }
     ++step_;
     callbacks_.optimizerStep({.epoch = epoch, .step = step_});
     stats_.stepInEpoch = (batchIndex + accum - 1) / accum;
@@ -289,6 +325,14 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
     saveCheckpoint(epoch + 1, 0);
   }
   intervalStart_ = Clock::now();  // evaluation time is not training throughput
+}
+
+void TrainLoop::diverged(int64_t epoch, std::string_view what) {
+  DTRAIN_THROW(DivergedError,
+               "{}: training diverged at step {} (epoch {}): non-finite {}; nothing was saved from this step (the "
+               "last checkpoint and model.safetensors are kept); lower optimizer.lr, set optimizer.clip_grad_norm, "
+               "or set train.on_nonfinite to \"skip\" to drop such steps",
+               job_.sourceFile, step_ + 1, epoch + 1, what);
 }
 
 void TrainLoop::afterStep(int64_t epoch, int64_t position, bool epochEnd) {

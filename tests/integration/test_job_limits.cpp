@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 #include <sys/stat.h>
 
+#include <cmath>
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -114,4 +115,59 @@ TEST_CASE("a job that cannot fit in this machine's memory is refused by check an
     CHECK(r.out.find("[n0 r") == std::string::npos);
     CHECK_FALSE(std::filesystem::exists(dir + "/out"));
   }
+}
+
+// "lr": 1e38 used to train on NaN, exit 0 and write a NaN model.
+TEST_CASE("a diverging run stops with exit 9 naming the step and never saves non-finite weights") {
+  std::string dir = tempDir("job_diverge");
+  const std::string job = dir + "/cnn.json";
+  json doc = json::parse(kCnnJob);
+  doc["checkpoint"] = json{{"every_steps", 1}, {"keep", 10}};
+  doc["train"] = json{{"epochs", 3}};
+  writeFile(job, doc.dump());
+  auto finiteWeights = [](const std::string& file) {
+    for (const auto& [name, values] : readTensorsF32(file))
+      for (float v : values)
+        if (!std::isfinite(v)) return false;
+    return true;
+  };
+  // One process.
+  auto t = run({dtrainBinary(), "train", job, "--set", "optimizer.lr=1e38", "--output-dir", dir + "/one"},
+               {.timeout = 60s});
+  INFO(t.err);
+  CHECK(t.exitCode == 9);
+  CHECK(t.err.find("training diverged at step 2 (epoch 1): non-finite loss on rank 0") != std::string::npos);
+  CHECK_FALSE(std::filesystem::exists(dir + "/one/model.safetensors"));
+  int checkpoints = 0;
+  for (const auto& e : std::filesystem::recursive_directory_iterator(dir + "/one/checkpoints")) {
+    if (e.path().filename() != "model.safetensors") continue;
+    ++checkpoints;
+    CHECK(finiteWeights(e.path().string()));
+  }
+  CHECK(checkpoints >= 1);  // step 1's checkpoint (its weights are huge but finite) is kept
+
+  // Two ranks stop at the same step: the agent reports exit 9 and no rank hangs in a collective.
+  auto r = run({dtrainBinary(), "run", "--standalone", "--nproc-per-node", "2", job, "--set", "optimizer.lr=1e38",
+                "--output-dir", dir + "/two"},
+               {.timeout = 120s});
+  INFO(r.err);
+  CHECK_FALSE(r.timedOut);
+  CHECK(r.exitCode == 9);
+  CHECK(r.err.find("training diverged at step 2 (epoch 1)") != std::string::npos);
+  CHECK_FALSE(std::filesystem::exists(dir + "/two/model.safetensors"));
+
+  // on_nonfinite = skip: the steps are dropped, the run ends normally with finite weights.
+  auto s = run({dtrainBinary(), "train", job, "--set", "optimizer.lr=1e38", "--set", "train.on_nonfinite=skip",
+                "--set", "checkpoint=false", "--output-dir", dir + "/skip"},
+               {.timeout = 60s});
+  INFO(s.out);
+  CHECK(s.exitCode == 0);
+  CHECK(s.out.find("update skipped (train.on_nonfinite=skip") != std::string::npos);
+  REQUIRE(std::filesystem::exists(dir + "/skip/model.safetensors"));
+  CHECK(finiteWeights(dir + "/skip/model.safetensors"));
+  // A bad value is a config error.
+  auto bad = run({dtrainBinary(), "check", job, "--set", "train.on_nonfinite=ignore"});
+  CHECK(bad.exitCode == 2);
+  CHECK(bad.err.find("/train/on_nonfinite: unknown on_nonfinite value 'ignore' (expected stop, skip)") !=
+        std::string::npos);
 }

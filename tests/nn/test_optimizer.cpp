@@ -6,6 +6,8 @@
 #include <array>
 #include <cmath>
 #include <cstring>
+#include <limits>
+#include <span>
 #include <vector>
 
 #include "lib/common/error.h"
@@ -179,4 +181,16 @@ TEST_CASE("clipGradNorm follows clip_grad_norm_") {
   CHECK(g[0] == doctest::Approx(3.0 / (5.0 + 1e-6)));
   CHECK(g[2] == doctest::Approx(4.0 / (5.0 + 1e-6)));
   CHECK(gradNorm(g) == doctest::Approx(1.0f).epsilon(1e-6));
+}
+
+TEST_CASE("allFinite finds a NaN or an infinity anywhere") {
+  std::vector<float> v(1000, 1.5f);
+  CHECK(allFinite(v));
+  CHECK(allFinite(std::span<const float>{}));
+  v[999] = std::numeric_limits<float>::quiet_NaN();
+  CHECK_FALSE(allFinite(v));
+  v[999] = -std::numeric_limits<float>::infinity();
+  CHECK_FALSE(allFinite(v));
+  v[999] = std::numeric_limits<float>::max();
+  CHECK(allFinite(v));
 }

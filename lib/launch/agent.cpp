@@ -69,6 +69,13 @@ void reportAfterRound(const AfterRound& after, const RoundEvent& event, int rest
       log::warn("restarting the workers (restart {} of {})", restartCount + 1, maxRestarts);
       break;
     case RoundVerdict::kReform: log::info("re-forming the group: {}", event.message); break;
+    case RoundVerdict::kStoreLost:
+      if (!event.report.empty()) printBlock(log::Level::kError, event.report);
+      log::error("{}", event.message);
+      log::error("not restarting: the rendezvous store is gone, so the group can neither restart nor re-form "
+                 "(--max-restarts cannot help; keep the store's host alive, or run a standalone `dtrain store` "
+                 "with --rdzv-backend store)");
+      break;
   }
 }
 
@@ -117,6 +124,8 @@ void Agent::setUpStore() {
     client = rendezvous::TcpStoreClient::connect(co);
   } catch (const rendezvous::StoreAuthError&) {
     throw;  // names --rdzv-token: nothing to add
+  } catch (const ProtocolError&) {
+    throw;  // something answers there, but not a dtrain store of this version: exit 6 as documented
   } catch (const Error& e) {
     std::string who = options_.rdzvBackend == "static"
                           ? "with --rdzv-backend static the agent with --node-rank 0 hosts it: is it running, and "
@@ -125,6 +134,9 @@ void Agent::setUpStore() {
     throw RendezvousError(fmt::format("no rendezvous store answered at {} within {} s ({}): {}", endpoint_,
                                       options_.rdzvTimeout.count() / 1000, who, e.what()));
   }
+  // Every single call gets a deadline from the heartbeat settings instead of the store's 300 s default: a
+  // frozen or mute store then ends the job in bounded time (clones, like the round watcher's, inherit it).
+  client->setTimeout(storeCallTimeout(options_.heartbeatTimeout, options_.rdzvTimeout));
   store_ = std::make_shared<rendezvous::PrefixStore>(rendezvous::runPrefix(runId_), client);
   watchStore_ = store_->clone();
 }
@@ -158,8 +170,18 @@ int Agent::run() {
   ropts.jobFingerprint = options_.jobFingerprint();
   rendezvous::Rendezvous rdzv(store_, ropts, self);
 
+  // A store that stops answering between rounds is a rendezvous failure (exit 4), not a collective one.
+  auto storeCall = [&](auto&& call, std::string_view what) {
+    try {
+      return call();
+    } catch (const NetworkError& e) {
+      throw RendezvousError(fmt::format("lost the rendezvous store at {} while {}: {}", endpoint_, what, e.what()));
+    } catch (const TimeoutError& e) {
+      throw RendezvousError(fmt::format("lost the rendezvous store at {} while {}: {}", endpoint_, what, e.what()));
+    }
+  };
   for (;;) {
-    RoundInfo round = rdzv.join();
+    RoundInfo round = storeCall([&] { return rdzv.join(); }, "joining the group");
     log::debug("round {}: node {} of {}, ranks {}..{} of {}", round.round, round.nodeRank, round.numNodes,
                round.rankOffset, round.rankOffset + options_.nproc - 1, round.worldSize);
     RoundContext ctx{&options_, &rdzv, watchStore_, &round, endpoint_, runId_, ""};
@@ -167,18 +189,20 @@ int Agent::run() {
     if (!options_.logDir.empty()) ctx.attemptLogDir = fmt::format("{}/{}/attempt_{}", options_.logDir, runId_, round.round);
     RoundEvent event;
     std::optional<int> interrupted;
+    bool lostStore = false;
     {
       boost::asio::io_context io;
       RoundRunner runner(io, ctx);
       event = runner.run();
       interrupted = runner.interruptedBy();
+      lostStore = runner.lostStore();
     }
     ::signal(SIGUSR1, SIG_IGN);  // the round's signal_set restored the default action
     ::signal(SIGUSR2, SIG_IGN);
-    auto after = decideAfterRound(event, interrupted, round.restartCount, options_.maxRestarts);
+    auto after = decideAfterRound(event, interrupted, round.restartCount, options_.maxRestarts, lostStore);
     reportAfterRound(after, event, round.restartCount, options_.maxRestarts);
     if (after.exits()) {
-      if (round.numNodes > 1) {
+      if (round.numNodes > 1 && !lostStore) {
         try {
           rdzv.acknowledgeEnd(round);
           // The store's host must outlive the other agents' last reads of this round.
@@ -189,7 +213,7 @@ int Agent::run() {
       }
       return after.exitCode;
     }
-    rdzv.advance(round.round);
+    storeCall([&] { rdzv.advance(round.round); }, "moving to the next round");
   }
 }
 

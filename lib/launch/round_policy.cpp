@@ -112,8 +112,9 @@ RoundActions decideRound(const RoundState& state, const RoundInput& input) {
 }
 
 AfterRound decideAfterRound(const rendezvous::RoundEvent& event, std::optional<int> interruptedBy,
-                            int restartCount, int maxRestarts) {
+                            int restartCount, int maxRestarts, bool storeLost) {
   if (interruptedBy) return {RoundVerdict::kInterrupted, 128 + *interruptedBy};
+  if (storeLost) return {RoundVerdict::kStoreLost, static_cast<int>(ExitCode::kRendezvous)};
   switch (event.type) {
     case RoundEventType::kDone: return {RoundVerdict::kSucceeded, 0};
     case RoundEventType::kShutdown: return {RoundVerdict::kShutdown, event.exitCode};
@@ -127,6 +128,10 @@ AfterRound decideAfterRound(const rendezvous::RoundEvent& event, std::optional<i
     return {RoundVerdict::kConfigError, event.exitCode};
   if (restartCount >= maxRestarts) return {RoundVerdict::kGiveUp, event.exitCode};
   return {RoundVerdict::kRestart, 0};
+}
+
+rendezvous::Millis storeCallTimeout(rendezvous::Millis heartbeatTimeout, rendezvous::Millis rdzvTimeout) {
+  return std::min(std::max(heartbeatTimeout, rendezvous::Millis(5000)), rdzvTimeout);
 }
 
 }  // namespace dtrain::launch

@@ -134,6 +134,7 @@ enum class RoundVerdict {
   kGiveUp,       // a failure with no restart left: exit with the failed worker's code
   kRestart,      // a failure with restarts left: advance and restart the workers
   kReform,       // membership change: advance and re-form the group, no restart consumed
+  kStoreLost,    // this agent lost the rendezvous store: nothing to restart or re-form through; exit 4
 };
 
 struct AfterRound {
@@ -142,8 +143,15 @@ struct AfterRound {
   bool exits() const { return verdict != RoundVerdict::kRestart && verdict != RoundVerdict::kReform; }
 };
 
-// `restartCount`: failure restarts before this round; `maxRestarts`: --max-restarts.
+// `restartCount`: failure restarts before this round; `maxRestarts`: --max-restarts; `storeLost`: the round
+// ended because this agent could not reach the store (RoundRunner::lostStore), which no restart can cure.
 AfterRound decideAfterRound(const rendezvous::RoundEvent& event, std::optional<int> interruptedBy,
-                            int restartCount, int maxRestarts);
+                            int restartCount, int maxRestarts, bool storeLost = false);
+
+// The deadline of every single store call the agent makes (not of the waits that have their own timeout): a
+// healthy store answers in milliseconds, so a call that takes longer than the heartbeat timeout (at least 5 s,
+// so that a loaded store is not taken for a dead one) means the store or its host is gone or frozen. Never more
+// than --rdzv-timeout.
+rendezvous::Millis storeCallTimeout(rendezvous::Millis heartbeatTimeout, rendezvous::Millis rdzvTimeout);
 
 }  // namespace dtrain::launch

@@ -28,6 +28,41 @@ constexpr auto kDrainGrace = 2s;  // output still open after every worker exited
 constexpr size_t kReadChunk = 64 * 1024;
 }  // namespace
 
+StoreCalls::StoreCalls() : thread_([this] { loop(); }) {}
+
+StoreCalls::~StoreCalls() {
+  {
+    std::lock_guard lock(mu_);
+    stop_ = true;
+    jobs_.clear();
+  }
+  cv_.notify_one();
+  thread_.join();
+}
+
+void StoreCalls::post(std::function<void()> job) {
+  {
+    std::lock_guard lock(mu_);
+    if (stop_) return;
+    jobs_.push_back(std::move(job));
+  }
+  cv_.notify_one();
+}
+
+void StoreCalls::loop() {
+  for (;;) {
+    std::function<void()> job;
+    {
+      std::unique_lock lock(mu_);
+      cv_.wait(lock, [this] { return stop_ || !jobs_.empty(); });
+      if (stop_) return;
+      job = std::move(jobs_.front());
+      jobs_.pop_front();
+    }
+    job();  // jobs catch their own errors
+  }
+}
+
 RoundRunner::RoundRunner(asio::io_context& io, RoundContext ctx)
     : io_(io),
       ctx_(std::move(ctx)),
@@ -60,6 +95,10 @@ RoundEvent RoundRunner::run() {
   startWorkers();
   if (ctx_.round->numNodes > 1) onHeartbeat();
   io_.run();
+  // Worker lines queued for a slow console go out before the agent reports the round (bounded: a console
+  // nobody reads must not hold the agent).
+  ConsoleWriter::forFd(STDOUT_FILENO).flush(kDrainGrace);
+  ConsoleWriter::forFd(STDERR_FILENO).flush(kDrainGrace);
   watcherStop_ = true;
   if (watcher_.joinable()) watcher_.join();
   // Whatever is left of each worker's process group (daemonised grandchildren) goes with the round.
@@ -80,7 +119,7 @@ void RoundRunner::startWatcher() {
         }
       } catch (const std::exception& e) {
         if (watcherStop_) return;
-        asio::post(io_, [this, lost = storeLost(e)] { onEvent(lost); });
+        asio::post(io_, [this, lost = storeLost(e)] { onEvent(lost, /*storeLost=*/true); });
         return;
       }
     }
@@ -208,11 +247,13 @@ void RoundRunner::apply(const RoundActions& a, std::string_view why, const Worke
     });
   }
   if (a.markFinished) {
-    try {
-      ctx_.rdzv->markFinished(*ctx_.round);
-    } catch (const std::exception& e) {
-      onEvent(storeLost(e));
-    }
+    storeCalls_.post([this] {
+      try {
+        ctx_.rdzv->markFinished(*ctx_.round);
+      } catch (const std::exception& e) {
+        asio::post(io_, [this, lost = storeLost(e)] { onEvent(lost, /*storeLost=*/true); });
+      }
+    });
   }
   const auto& me = ctx_.round->members[ctx_.round->nodeRank].info;
   switch (a.publish) {
@@ -222,7 +263,8 @@ void RoundRunner::apply(const RoundActions& a, std::string_view why, const Worke
       publish(RoundEvent{RoundEventType::kShutdown,
                          fmt::format("the agent on node {} ({}) received SIG{}", ctx_.round->nodeRank, me.hostname,
                                      sigabbrev_np(sig)),
-                         128 + sig, ""});
+                         128 + sig, ""},
+              /*actNow=*/true);
       break;
     }
     case Publish::kPreemptedShutdown: {
@@ -298,20 +340,29 @@ void RoundRunner::publishFailure() {
   publish(RoundEvent{RoundEventType::kFailed, report.substr(0, report.find('\n')), exitCodeOf(w.status), report});
 }
 
-void RoundRunner::publish(const RoundEvent& event) {
-  RoundEvent winner = event;
-  try {
-    winner = ctx_.rdzv->endRound(ctx_.round->round, event);
-  } catch (const std::exception& e) {
-    log::warn("could not publish '{}' to the rendezvous store: {}", rendezvous::roundEventName(event.type), e.what());
-  }
-  onEvent(winner);
+void RoundRunner::publish(const RoundEvent& event, bool actNow) {
+  // The agent's own shutdown does not wait for the store: the exit code is 128+signal whoever wins the round.
+  if (actNow) onEvent(event);
+  storeCalls_.post([this, event] {
+    try {
+      RoundEvent winner = ctx_.rdzv->endRound(ctx_.round->round, event);
+      asio::post(io_, [this, winner] { onEvent(winner); });
+    } catch (const std::exception& e) {
+      log::warn("could not publish '{}' to the rendezvous store: {}", rendezvous::roundEventName(event.type),
+                e.what());
+      // The store is gone: the round ends here with what this node knows (a failure keeps its report).
+      RoundEvent lost = storeLost(e);
+      if (event.type == RoundEventType::kFailed) lost.report = event.report;
+      asio::post(io_, [this, lost] { onEvent(lost, /*storeLost=*/true); });
+    }
+  });
 }
 
-void RoundRunner::onEvent(const RoundEvent& event) {
+void RoundRunner::onEvent(const RoundEvent& event, bool storeLost) {
   auto a = decideRound(state_, RoundInput::roundEvent(event.type, event.exitCode, localWorkers()));
   if (a.endsRound) {
     ended_ = event;
+    lostStore_ = storeLost;
     heartbeatTimer_.cancel();
   }
   apply(a, fmt::format("round event '{}'", rendezvous::roundEventName(event.type)));
@@ -337,19 +388,27 @@ void RoundRunner::stopWorkers(int sig, bool armKillTimer) {
 
 void RoundRunner::onHeartbeat() {
   if (roundEnded(state_.phase)) return;
-  try {
-    ctx_.rdzv->heartbeat(*ctx_.round);
-    auto silent = ctx_.rdzv->silentMembers(*ctx_.round, ctx_.options->heartbeatTimeout);
-    if (!silent.empty()) {
-      const auto& lost = ctx_.round->members.at(silent.front()).info;
-      publish(RoundEvent{RoundEventType::kNodeLost,
-                         fmt::format("node {} ({}, agent pid {}) sent no heartbeat for {} ms", silent.front(),
-                                     lost.hostname, lost.pid, ctx_.options->heartbeatTimeout.count()),
-                         static_cast<int>(ExitCode::kRendezvous), ""});
-      return;
+  storeCalls_.post([this] {
+    try {
+      ctx_.rdzv->heartbeat(*ctx_.round);
+      auto silent = ctx_.rdzv->silentMembers(*ctx_.round, ctx_.options->heartbeatTimeout);
+      std::optional<int> first;
+      if (!silent.empty()) first = silent.front();
+      asio::post(io_, [this, first] { onHeartbeatResult(first); });
+    } catch (const std::exception& e) {
+      asio::post(io_, [this, lost = storeLost(e)] { onEvent(lost, /*storeLost=*/true); });
     }
-  } catch (const std::exception& e) {
-    onEvent(storeLost(e));
+  });
+}
+
+void RoundRunner::onHeartbeatResult(std::optional<int> silent) {
+  if (roundEnded(state_.phase)) return;
+  if (silent) {
+    const auto& lost = ctx_.round->members.at(*silent).info;
+    publish(RoundEvent{RoundEventType::kNodeLost,
+                       fmt::format("node {} ({}, agent pid {}) sent no heartbeat for {} ms", *silent, lost.hostname,
+                                   lost.pid, ctx_.options->heartbeatTimeout.count()),
+                       static_cast<int>(ExitCode::kRendezvous), ""});
     return;
   }
   heartbeatTimer_.expires_after(ctx_.options->heartbeatInterval);

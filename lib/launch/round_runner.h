@@ -3,6 +3,13 @@
 // SIGCHLD reaps workers, pipes carry their output, a timer drives heartbeats, and a watcher thread blocked
 // on the round's `event` key in the store posts the group's decision back to the loop.
 //
+// No store call runs on the loop's thread: heartbeats, publishing the round's event and marking this node
+// finished are queued to a store thread of their own (StoreCalls), whose results are posted back. Each call
+// has the deadline of the agent's store client (storeCallTimeout in round_policy.h), so a frozen or mute store
+// ends the round with "lost the rendezvous store" within that deadline, and signals and worker exits are
+// handled at once meanwhile. The agent's own SIGINT/SIGTERM stops the local workers without waiting for the
+// store: the "shutdown" event is published in the background.
+//
 // A round ends with exactly one RoundEvent (the first published wins, see rendezvous.h). run() returns it
 // once every local worker is reaped and its output drained; it never leaves a worker running.
 //
@@ -19,7 +26,11 @@
 
 #include <array>
 #include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <functional>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string_view>
 #include <thread>
@@ -44,6 +55,25 @@ struct RoundContext {
   ProcessTree* processes = nullptr;  // marks the workers and stops what they leave behind (process_tree.h)
 };
 
+// Runs store calls in order on a thread of its own. post() never blocks; the destructor finishes the job in
+// progress (bounded by the store client's deadline) and drops the ones not started.
+class StoreCalls {
+ public:
+  StoreCalls();
+  ~StoreCalls();
+  StoreCalls(const StoreCalls&) = delete;
+  StoreCalls& operator=(const StoreCalls&) = delete;
+  void post(std::function<void()> job);
+
+ private:
+  void loop();
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> jobs_;
+  bool stop_ = false;
+  std::thread thread_;
+};
+
 class RoundRunner {
  public:
   RoundRunner(boost::asio::io_context& io, RoundContext ctx);
@@ -53,6 +83,8 @@ class RoundRunner {
   // Set when SIGINT/SIGTERM reached the agent during the round (or SIGUSR1, when a worker stopped after a
   // preemption warning): the agent exits with 128+signal.
   std::optional<int> interruptedBy() const { return state_.interruptedBy; }
+  // True when the round ended because this agent lost the rendezvous store (nothing to restart through).
+  bool lostStore() const { return lostStore_; }
 
  private:
   struct Worker {
@@ -70,7 +102,7 @@ class RoundRunner {
   void onSignal(const boost::system::error_code& ec, int sig);
   void reapChildren();
   void onWorkerExit(Worker& w);
-  void onEvent(const rendezvous::RoundEvent& event);
+  void onEvent(const rendezvous::RoundEvent& event, bool storeLost = false);
   void onOutputClosed();
   // Carries out `actions` (decided for an input about `subject`, when the input concerns one worker): moves to
   // the next phase first, so that the events this publishes are decided in it.
@@ -78,10 +110,13 @@ class RoundRunner {
   // The one place the phase changes.
   void transition(RoundPhase next, std::string_view why);
   LocalWorkers localWorkers() const;
-  void publish(const rendezvous::RoundEvent& event);
+  // Queues `event` to the store thread; the event that wins comes back through onEvent. With `actNow` the round
+  // ends with `event` locally at once (the store's answer is then only for the other nodes).
+  void publish(const rendezvous::RoundEvent& event, bool actNow = false);
   void publishFailure();
   void stopWorkers(int sig, bool armKillTimer);
   void onHeartbeat();
+  void onHeartbeatResult(std::optional<int> silent);
   void finish();
   std::string failureReport(const Worker& w) const;
   void startWatcher();
@@ -100,6 +135,9 @@ class RoundRunner {
   std::optional<int> failedRank_;                // local rank of the first failed worker (the report's subject)
   std::thread watcher_;
   std::atomic<bool> watcherStop_{false};
+  bool lostStore_ = false;
+  // Declared last: destroyed (joined) first, while everything its jobs touch is still alive.
+  StoreCalls storeCalls_;
 };
 
 }  // namespace dtrain::launch

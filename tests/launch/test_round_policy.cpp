@@ -334,3 +334,25 @@ TEST_CASE("after the round: a membership change re-forms without consuming a res
   CHECK(a.verdict == RoundVerdict::kReform);
   CHECK_FALSE(a.exits());
 }
+
+TEST_CASE("after the round: a lost store ends the job with exit 4, never a restart") {
+  RoundEvent lost{RoundEventType::kNodeLost, "lost the rendezvous store at h:1: timed out",
+                  static_cast<int>(ExitCode::kRendezvous), ""};
+  auto a = decideAfterRound(lost, std::nullopt, 0, 5, /*storeLost=*/true);
+  CHECK(a.verdict == RoundVerdict::kStoreLost);
+  CHECK(a.exits());
+  CHECK(a.exitCode == 4);
+  // A worker failure whose "failed" event could not be published (the store was gone) is no restart either.
+  RoundEvent failedLocally{RoundEventType::kNodeLost, "lost the rendezvous store", 4, "worker failed: exit code 7"};
+  CHECK(decideAfterRound(failedLocally, std::nullopt, 0, 5, true).exitCode == 4);
+  // The agent's own interrupt still wins.
+  CHECK(decideAfterRound(lost, SIGTERM, 0, 5, true).exitCode == 128 + SIGTERM);
+}
+
+TEST_CASE("store calls: the deadline follows the heartbeat timeout, at least 5 s, never past --rdzv-timeout") {
+  using std::chrono::milliseconds;
+  CHECK(storeCallTimeout(milliseconds(5000), milliseconds(900000)) == milliseconds(5000));
+  CHECK(storeCallTimeout(milliseconds(1000), milliseconds(900000)) == milliseconds(5000));
+  CHECK(storeCallTimeout(milliseconds(30000), milliseconds(900000)) == milliseconds(30000));
+  CHECK(storeCallTimeout(milliseconds(30000), milliseconds(2000)) == milliseconds(2000));
+}

@@ -58,11 +58,13 @@ void reportAfterRound(const AfterRound& after, const RoundEvent& event, int rest
     case RoundVerdict::kShutdown: log::error("stopping: {}", event.message); break;
     case RoundVerdict::kConfigError:
       printBlock(log::Level::kError, event.report);
-      log::error("exit code 2 is a configuration error: not restarting");
+      log::error("exit code 2 is a configuration error: not restarting (a restart would fail the same way, whatever "
+                 "--max-restarts says: fix the job or its command line)");
       break;
     case RoundVerdict::kGiveUp:
       printBlock(log::Level::kError, details);
       if (maxRestarts > 0) log::error("giving up after {} restart(s) (--max-restarts {})", restartCount, maxRestarts);
+      else log::error("not restarting: --max-restarts is 0 (give --max-restarts N to restart the workers after a failure)");
       break;
     case RoundVerdict::kRestart:
       printBlock(log::Level::kWarn, details);

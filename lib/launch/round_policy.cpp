@@ -54,9 +54,16 @@ void onSignal(const RoundState& s, int sig, RoundActions& a) {
   }
 }
 
+// The worker stopped because of `sig`: killed by it (no handler), or exited with 128+sig as dtrain's trainer does
+// after checkpointing on SIGUSR1. Any other exit after the warning is judged as usual (0 a success, else a
+// failure with its report and the restart policy).
+bool stoppedBy(int status, int sig) {
+  return (WIFSIGNALED(status) && WTERMSIG(status) == sig) || (WIFEXITED(status) && WEXITSTATUS(status) == 128 + sig);
+}
+
 void onWorkerExit(const RoundState& s, const RoundInput& in, RoundActions& a) {
   if (!roundEnded(s.phase)) {
-    if (s.preemptedBy) {
+    if (s.preemptedBy && stoppedBy(in.status, *s.preemptedBy)) {
       a.next.interruptedBy = s.preemptedBy;
       a.publish = Publish::kPreemptedShutdown;
     } else if (!succeeded(in.status)) {

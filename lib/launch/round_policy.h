@@ -42,8 +42,8 @@ struct RoundState {
   // SIGINT/SIGTERM reached the agent (or SIGUSR1, once a worker exited after a preemption warning): the agent
   // exits with 128+signal whatever the round's outcome.
   std::optional<int> interruptedBy;
-  // SIGUSR1 was forwarded to the workers: from then on a worker's exit ends the job as a "shutdown" (no restart
-  // consumed) instead of counting as a failure.
+  // SIGUSR1 was forwarded to the workers: from then on a worker that the signal stops (killed by it, or exit
+  // code 128+SIGUSR1) ends the job as a "shutdown" (no restart consumed) instead of counting as a failure.
   std::optional<int> preemptedBy;
 };
 
@@ -108,8 +108,12 @@ struct RoundActions {
 //  signal SIGUSR1/SIGUSR2   forward it to the workers (SIGUSR1 also sets preemptedBy); nothing else changes.
 //  signal SIGINT/SIGTERM    first one: interruptedBy = sig and publish kShutdown; a second one (or one after a
 //                           preemption ended the round): SIGKILL every worker, no grace.
-//  worker exit              once the round ended: only the drain bookkeeping. Else after SIGUSR1: publish
-//                           kPreemptedShutdown (and interruptedBy = SIGUSR1). Else a non-zero exit (or a
+//  worker exit              once the round ended: only the drain bookkeeping. Else after SIGUSR1, when the
+//                           signal stopped the worker (killed by SIGUSR1, or exit code 128+SIGUSR1 = 138 as
+//                           dtrain's trainer exits after its checkpoint): publish kPreemptedShutdown (and
+//                           interruptedBy = SIGUSR1); any other exit is judged as if no SIGUSR1 came (a worker
+//                           that handles it and finishes with 0 succeeded; a failure keeps its report and the
+//                           restart policy). Else a non-zero exit (or a
 //                           signal) while kRunning: kFailurePending, and publish kFailure now if its stderr is
 //                           already closed, otherwise wait for it. Else exit 0 making every local worker
 //                           successful while kRunning: kFinished and mark finished.

@@ -160,3 +160,31 @@ TEST_CASE("bad input: one clear line, a distinct exit code, nothing started") {
     CHECK(r.err.find("--node-rank 2 is out of range for --nnodes 2") != std::string::npos);
   }
 }
+
+TEST_CASE("after a forwarded SIGUSR1, a failing worker keeps its report and restart; a clean finish is success") {
+  SUBCASE("fails after the warning: reported and restarted") {
+    std::string script = "if [ $DTRAIN_RESTART_COUNT = 1 ]; then exit 0; fi; "
+                         "trap 'echo \"fatal: after the warning\" >&2; exit 5' USR1; echo ready; "
+                         "while :; do sleep 0.1; done";
+    Background bg(runArgs({"--standalone", "--nproc-per-node", "2", "--max-restarts", "1", "--", "sh", "-c", script}));
+    bg.waitForLine("[n0 r0] ready", 30s);
+    bg.waitForLine("[n0 r1] ready", 30s);
+    bg.signal(SIGUSR1);
+    auto r = bg.wait(60s);
+    INFO(r.err);
+    CHECK(r.exitCode == 0);
+    CHECK(r.err.find("exit code 5") != std::string::npos);
+    CHECK(r.err.find("| fatal: after the warning") != std::string::npos);
+    CHECK(linesWith(r.err, "restarting the workers").size() == 1);
+  }
+  SUBCASE("handles it and finishes with 0: success, not 138") {
+    std::string script = "trap 'exit 0' USR1; echo ready; while :; do sleep 0.1; done";
+    Background bg(runArgs({"--standalone", "--nproc-per-node", "2", "--", "sh", "-c", script}));
+    bg.waitForLine("[n0 r0] ready", 30s);
+    bg.waitForLine("[n0 r1] ready", 30s);
+    bg.signal(SIGUSR1);
+    auto r = bg.wait(60s);
+    INFO(r.err);
+    CHECK(r.exitCode == 0);
+  }
+}

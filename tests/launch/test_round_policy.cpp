@@ -185,7 +185,7 @@ TEST_CASE("round policy: SIGUSR1 is forwarded, then a worker's exit is a preempt
   CHECK(a.publish == Publish::kNone);
   CHECK_FALSE(a.stopSignal.has_value());
 
-  for (int status : {exitStatus(0), exitStatus(1), killedBy(SIGTERM)}) {
+  for (int status : {exitStatus(128 + SIGUSR1), killedBy(SIGUSR1)}) {
     CAPTURE(status);
     auto exit = decideRound(a.next, RoundInput::workerExited(status, true, kSomeRunning));
     CHECK(exit.publish == Publish::kPreemptedShutdown);
@@ -201,6 +201,30 @@ TEST_CASE("round policy: SIGUSR1 is forwarded, then a worker's exit is a preempt
     CHECK(won.next.phase == RoundPhase::kStopping);
     // And a Ctrl-C now is a second interrupt: kill.
     CHECK(decideRound(won.next, RoundInput::signalled(SIGINT)).stopSignal == SIGKILL);
+  }
+}
+
+TEST_CASE("round policy: after SIGUSR1, only a stop the signal caused is a preemption") {
+  auto warned = decideRound(at(RoundPhase::kRunning), RoundInput::signalled(SIGUSR1)).next;
+  SUBCASE("a worker that fails keeps its report and the restart policy") {
+    for (int status : {exitStatus(1), exitStatus(7), killedBy(SIGSEGV), killedBy(SIGTERM)}) {
+      CAPTURE(status);
+      auto exit = decideRound(warned, RoundInput::workerExited(status, false, kSomeRunning));
+      CHECK(exit.publish == Publish::kFailure);
+      CHECK(exit.next.phase == RoundPhase::kFailurePending);
+      CHECK_FALSE(exit.next.interruptedBy.has_value());
+    }
+  }
+  SUBCASE("workers that handle it and finish with 0 succeed") {
+    auto one = decideRound(warned, RoundInput::workerExited(exitStatus(0), false, kSomeRunning));
+    CHECK(one.publish == Publish::kNone);
+    CHECK(one.next.phase == RoundPhase::kRunning);
+    CHECK_FALSE(one.next.interruptedBy.has_value());
+    LocalWorkers all{true, true, true};
+    auto last = decideRound(warned, RoundInput::workerExited(exitStatus(0), false, all));
+    CHECK(last.markFinished);
+    CHECK(last.next.phase == RoundPhase::kFinished);
+    CHECK_FALSE(last.next.interruptedBy.has_value());
   }
 }
 

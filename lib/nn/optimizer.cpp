@@ -2,6 +2,9 @@
 // adds, and fusing them into FMAs here would change the last bit of the updates.
 #include "lib/nn/optimizer.h"
 
+#include <algorithm>
+#include <bit>
+
 #include <fmt/format.h>
 
 #include <cmath>
@@ -194,10 +197,13 @@ float gradNorm(std::span<const float> grads) {
 }
 
 bool allFinite(std::span<const float> values) {
-  // x - x is 0 for finite x and NaN for NaN and +-inf; the sum of those is NaN iff one value is not finite.
-  float acc = 0.0f;
-  for (float v : values) acc += v - v;
-  return acc == 0.0f;
+  // A float is NaN or +-inf exactly when its exponent bits are all ones. The largest exponent field over the
+  // span is an integer max reduction, which the compiler vectorises (a float sum would be one serial add
+  // chain: it cost ~15% of the main job's step time when run over the gradients and weights every step).
+  constexpr uint32_t kExponent = 0x7f800000u;
+  uint32_t widest = 0;
+  for (float v : values) widest = std::max(widest, std::bit_cast<uint32_t>(v) & kExponent);
+  return widest != kExponent;
 }
 
 float clipGradNorm(std::span<float> grads, double maxNorm) {

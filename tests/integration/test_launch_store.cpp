@@ -16,6 +16,7 @@
 #include <thread>
 #include <vector>
 
+#include "lib/common/socket.h"
 #include "rendezvous/store_protocol.h"
 #include "tests/integration/launch_helpers.h"
 
@@ -30,15 +31,9 @@ namespace {
 class FakeStore {
  public:
   explicit FakeStore(std::function<std::string(const std::string&)> greeting) : greeting_(std::move(greeting)) {
-    fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    REQUIRE(::bind(fd_, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0);
-    REQUIRE(::listen(fd_, 16) == 0);
-    socklen_t len = sizeof(a);
-    ::getsockname(fd_, reinterpret_cast<sockaddr*>(&a), &len);
-    port_ = ntohs(a.sin_port);
+    auto listener = dtrain::net::listen("127.0.0.1", 0);
+    fd_ = listener.socket.release();
+    port_ = listener.port;
     thread_ = std::thread([this] { loop(); });
   }
   ~FakeStore() {

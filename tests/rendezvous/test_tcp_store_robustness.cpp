@@ -6,6 +6,7 @@
 
 #include "lib/common/error.h"
 #include "lib/common/net.h"
+#include "lib/common/socket.h"
 #include "rendezvous/tcp_store_client.h"
 #include "rendezvous/tcp_store_server.h"
 #include "tests/rendezvous/store_test_util.h"
@@ -38,15 +39,9 @@ std::string op(proto::Op o) { return std::string(1, static_cast<char>(o)); }
 // A listening socket that accepts connections into its backlog and never says a word.
 struct SilentListener {
   SilentListener() {
-    fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0);
-    REQUIRE(::listen(fd, 16) == 0);
-    socklen_t len = sizeof(addr);
-    ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-    port = ntohs(addr.sin_port);
+    auto listener = net::listen("127.0.0.1", 0);
+    fd = listener.socket.release();
+    port = listener.port;
   }
   ~SilentListener() { ::close(fd); }
   // Accepts one connection, writes `answer`, and closes it.

@@ -24,6 +24,8 @@ std::string key(int round, std::string_view what) { return fmt::format("r{}/{}",
 // While fewer than minNodes joined we re-check the join counter at this pace; once the round can close
 // we wait on the `closed` key itself, which wakes us the moment anyone closes it.
 constexpr Millis kQuorumPoll{100};
+// While waiting for a round to open, we look whether the job ended this often.
+constexpr Millis kEndedPoll{1000};
 
 }  // namespace
 
@@ -91,6 +93,7 @@ int Rendezvous::currentRound() {
 
 RoundInfo Rendezvous::join() {
   Deadline deadline(options_.joinTimeout);
+  throwIfEnded();  // before the fingerprint: an ended run id is refused whatever job asks for it
   if (!options_.jobFingerprint.empty()) {
     auto first = store_->compareSet("job", "", options_.jobFingerprint);
     auto idOf = [](std::string_view fp) { return fp.substr(0, fp.find(' ')); };
@@ -102,8 +105,9 @@ RoundInfo Rendezvous::join() {
   }
   for (;;) {
     int round = currentRound();
-    auto ended = store_->tryGet(key(round, "event"));
-    if (ended && RoundEvent::fromJson(*ended).type == RoundEventType::kDone)
+    throwIfEnded();
+    auto roundEvent = store_->tryGet(key(round, "event"));
+    if (roundEvent && RoundEvent::fromJson(*roundEvent).type == RoundEventType::kDone)
       DTRAIN_THROW(RendezvousError,
                    "rendezvous at {}: this run id already completed a job on this store; use a new --rdzv-id",
                    options_.endpoint);
@@ -117,13 +121,45 @@ RoundInfo Rendezvous::join() {
                    fmt::format("node {} ({}) asks to join", self_.hostname, self_.host), 0, ""};
       store_->compareSet(key(round, "event"), "", e.toJson());
     }
-    if (!store_->wait({key(round + 1, "open")}, deadline.remaining()))
+    // A job that ends while we wait is reported within a slice, not after the whole timeout.
+    bool opened = false;
+    while (!opened && !deadline.expired()) {
+      opened = store_->wait({key(round + 1, "open")}, std::min(kEndedPoll, deadline.remaining()));
+      if (!opened) throwIfEnded();
+    }
+    if (!opened) {
+      auto event = store_->tryGet(key(round, "event"));
+      if (event)
+        DTRAIN_THROW(RendezvousError,
+                     "rendezvous at {} timed out after {} s: round {} of this run id ended ({}: {}) and its {} "
+                     "node(s) opened no new round (were they killed? a job whose agents all died records no "
+                     "outcome); use a new --rdzv-id",
+                     options_.endpoint, options_.joinTimeout.count() / 1000, round,
+                     roundEventName(RoundEvent::fromJson(*event).type), RoundEvent::fromJson(*event).message,
+                     members);
       DTRAIN_THROW(RendezvousError,
                    "rendezvous at {} timed out after {} s: round {} is running with {} node(s) and no new "
                    "round opened for this node",
                    options_.endpoint, options_.joinTimeout.count() / 1000, round, members);
+    }
   }
 }
+
+void Rendezvous::throwIfEnded() {
+  auto ended = store_->tryGet("ended");
+  if (!ended) return;
+  auto outcome = RoundEvent::fromJson(*ended);
+  if (outcome.type == RoundEventType::kDone)
+    DTRAIN_THROW(RendezvousError,
+                 "rendezvous at {}: this run id already completed a job on this store; use a new --rdzv-id",
+                 options_.endpoint);
+  DTRAIN_THROW(RendezvousError,
+               "rendezvous at {}: the job that used this run id on this store already ended ({}, exit code {}: {}); "
+               "use a new --rdzv-id",
+               options_.endpoint, roundEventName(outcome.type), outcome.exitCode, outcome.message);
+}
+
+void Rendezvous::recordEnd(const RoundEvent& outcome) { store_->compareSet("ended", "", outcome.toJson()); }
 
 std::optional<RoundInfo> Rendezvous::tryJoinRound(int round, const Deadline& deadline) {
   if (store_->check({key(round, "closed")})) return std::nullopt;
@@ -187,6 +223,7 @@ RoundInfo Rendezvous::assemble(int round, int members, int myIndex) {
   RoundInfo info;
   info.round = round;
   info.restartCount = static_cast<int>(parse::toInt(store_->tryGet(key(round, "restarts")).value_or("0")).value_or(0));
+  info.reformCount = static_cast<int>(parse::toInt(store_->tryGet(key(round, "reforms")).value_or("0")).value_or(0));
   info.numNodes = members;
   int offset = 0;
   for (int i = 0; i < members; ++i) {
@@ -221,12 +258,15 @@ void Rendezvous::markFinished(const RoundInfo& info) {
   if (n == info.numNodes) endRound(info.round, RoundEvent{RoundEventType::kDone, "all nodes finished", 0, ""});
 }
 
-void Rendezvous::advance(int round) {
-  auto event = RoundEvent::fromJson(store_->get(key(round, "event"), 10s));
-  int before = static_cast<int>(parse::toInt(store_->tryGet(key(round, "restarts")).value_or("0")).value_or(0));
-  int after = before + (event.isFailure() ? 1 : 0);
-  // Every agent computes the same value, so the compareSet is idempotent and the order of agents is irrelevant.
-  store_->compareSet(key(round + 1, "restarts"), "", std::to_string(after));
+void Rendezvous::advance(int round, bool restart) {
+  auto count = [&](std::string_view what) {
+    return static_cast<int>(parse::toInt(store_->tryGet(key(round, what)).value_or("0")).value_or(0));
+  };
+  int restarts = count("restarts") + (restart ? 1 : 0);
+  int reforms = count("reforms") + (restart ? 0 : 1);
+  // Every agent computes the same values, so the compareSets are idempotent and the order of agents is irrelevant.
+  store_->compareSet(key(round + 1, "restarts"), "", std::to_string(restarts));
+  store_->compareSet(key(round + 1, "reforms"), "", std::to_string(reforms));
   store_->compareSet("round", std::to_string(round), std::to_string(round + 1));
   store_->set(key(round + 1, "open"), "1");
 }

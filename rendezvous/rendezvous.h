@@ -6,8 +6,12 @@
 //                         compareSet; an agent with another fingerprint is refused (two jobs, one run id)
 //   round                 current round number R (decimal); moved R -> R+1 by compareSet, so racing agents
 //                         agree on one increment
-//   restarts              failure restarts so far (added once per failed round, by the agent that won the
-//                         round's event)
+//   r<R>/restarts         failure restarts before round R (set once, by compareSet, when the round opens)
+//   r<R>/reforms          re-formations before round R: membership changes that did not consume a restart
+//                         (a node joined an elastic job, or left it); bounded by --max-reforms
+//   ended                 the job's terminal outcome (JSON RoundEvent of the round that ended it), written by every
+//                         agent that exits after a round (first one wins): a later join() with this run id fails
+//                         at once, naming the outcome, instead of waiting for a round that never opens
 //   r<R>/count            join counter; a joiner's index is the counter value it got minus one
 //   r<R>/node/<i>         the i-th joiner's NodeInfo (JSON)
 //   r<R>/closed           N, the number of members; set once (compareSet) when `maxNodes` joined, or after
@@ -69,6 +73,7 @@ struct Member {
 struct RoundInfo {
   int round = 0;
   int restartCount = 0;  // failure restarts before this round (DTRAIN_RESTART_COUNT)
+  int reformCount = 0;   // re-formations (membership changes) before this round
   int nodeRank = 0;      // this agent's GROUP_RANK
   int numNodes = 0;      // GROUP_WORLD_SIZE
   int rankOffset = 0;
@@ -110,7 +115,8 @@ class Rendezvous {
   Rendezvous(StorePtr store, RendezvousOptions options, NodeInfo self);
 
   // Joins the current (or next) round and blocks until it closes with this agent in it. Throws
-  // RendezvousError naming what was missing after joinTimeout.
+  // RendezvousError naming what was missing after joinTimeout, and at once when the run id already ended (see
+  // `ended`) or belongs to another job.
   RoundInfo join();
 
   // Ends `round` with `event` unless something else ended it first; returns the event that won.
@@ -121,7 +127,12 @@ class Rendezvous {
   // Records that this node's workers all succeeded; the last node to finish ends the round with "done".
   void markFinished(const RoundInfo& info);
   // Moves the shared round counter past `round` (idempotent across agents) so the next join() starts fresh.
-  void advance(int round);
+  // `restart`: the round ended in a failure that consumes a restart (restarts + 1); otherwise it is a
+  // re-formation (reforms + 1). Every agent must pass the same value (decideAfterRound computes it from shared
+  // state); the first agent's counts win.
+  void advance(int round, bool restart);
+  // Records the job's terminal outcome (`ended`) unless one is recorded already.
+  void recordEnd(const RoundEvent& outcome);
 
   // Terminal outcomes: every agent acknowledges it saw the round's end; the agent hosting the store waits
   // (bounded) for all acknowledgements before it exits and takes the store with it.
@@ -136,6 +147,7 @@ class Rendezvous {
 
  private:
   int currentRound();
+  void throwIfEnded();
   std::optional<RoundInfo> tryJoinRound(int round, const Deadline& deadline);
   RoundInfo assemble(int round, int members, int myIndex);
 

@@ -132,6 +132,9 @@ void addRunCommand(CLI::App& root, Action& action) {
       ->envname("DTRAIN_STANDALONE");
   sub->add_option("--max-restarts,--max_restarts", o.maxRestarts, "Restarts of the group after a failure (0)")
       ->envname("DTRAIN_MAX_RESTARTS");
+  sub->add_option("--max-reforms", o.maxReforms,
+                  "Re-formations of an elastic group after nodes join or leave, which are not failures (100)")
+      ->envname("DTRAIN_MAX_REFORMS");
   sub->add_option("--shutdown-timeout", a->shutdownTimeout, "Grace between SIGTERM and SIGKILL for workers (30s)")
       ->envname("DTRAIN_SHUTDOWN_TIMEOUT");
   sub->add_option("--heartbeat-interval", a->heartbeatInterval, "Agent heartbeat interval (1s)")

@@ -21,6 +21,7 @@
 namespace dtrain::launch {
 
 using rendezvous::RoundEvent;
+using rendezvous::RoundEventType;
 using rendezvous::RoundInfo;
 using namespace std::chrono_literals;
 
@@ -50,8 +51,9 @@ void printBlock(log::Level level, const std::string& text) {
 }
 
 // What the user reads about the end of a round (decided by decideAfterRound).
-void reportAfterRound(const AfterRound& after, const RoundEvent& event, int restartCount, int maxRestarts) {
+void reportAfterRound(const AfterRound& after, const RoundEvent& event, const RestartBudget& budget) {
   const std::string& details = event.report.empty() ? event.message : event.report;
+  int restartCount = budget.restartCount, maxRestarts = budget.maxRestarts;
   switch (after.verdict) {
     case RoundVerdict::kInterrupted:
     case RoundVerdict::kSucceeded: break;
@@ -65,12 +67,25 @@ void reportAfterRound(const AfterRound& after, const RoundEvent& event, int rest
       printBlock(log::Level::kError, details);
       if (maxRestarts > 0) log::error("giving up after {} restart(s) (--max-restarts {})", restartCount, maxRestarts);
       else log::error("not restarting: --max-restarts is 0 (give --max-restarts N to restart the workers after a failure)");
+      if (event.type == RoundEventType::kNodeLost)
+        log::error("a lost node is a failure in a fixed-size job (--nnodes N); with --nnodes MIN:MAX the survivors "
+                   "would re-form without it");
       break;
     case RoundVerdict::kRestart:
       printBlock(log::Level::kWarn, details);
       log::warn("restarting the workers (restart {} of {})", restartCount + 1, maxRestarts);
       break;
-    case RoundVerdict::kReform: log::info("re-forming the group: {}", event.message); break;
+    case RoundVerdict::kReform:
+      log::info("re-forming the group: {} (a membership change, not a failure: re-formation {} of {}, "
+                "--max-reforms)",
+                event.message, budget.reformCount + 1, budget.maxReforms);
+      break;
+    case RoundVerdict::kTooManyReforms:
+      log::error("{}", event.message);
+      log::error("not re-forming: the group already re-formed {} time(s) (--max-reforms {}): nodes keep leaving or "
+                 "joining; raise --max-reforms if that is expected",
+                 budget.reformCount, budget.maxReforms);
+      break;
     case RoundVerdict::kStoreLost:
       if (!event.report.empty()) printBlock(log::Level::kError, event.report);
       log::error("{}", event.message);
@@ -201,9 +216,25 @@ int Agent::run() {
     }
     ::signal(SIGUSR1, SIG_IGN);  // the round's signal_set restored the default action
     ::signal(SIGUSR2, SIG_IGN);
-    auto after = decideAfterRound(event, interrupted, round.restartCount, options_.maxRestarts, lostStore);
-    reportAfterRound(after, event, round.restartCount, options_.maxRestarts);
+    RestartBudget budget{round.restartCount, options_.maxRestarts, round.reformCount, options_.maxReforms,
+                         options_.minNodes < options_.maxNodes};
+    auto after = decideAfterRound(event, interrupted, budget, lostStore);
+    reportAfterRound(after, event, budget);
     if (after.exits()) {
+      // A reused run id then fails at once, naming this outcome (rendezvous.h, `ended`).
+      if (!lostStore) {
+        RoundEvent outcome = event;
+        outcome.exitCode = after.exitCode;
+        if (after.verdict == RoundVerdict::kInterrupted) {
+          outcome.type = RoundEventType::kShutdown;
+          outcome.message = fmt::format("an agent was stopped by signal {}", after.exitCode - 128);
+        }
+        try {
+          rdzv.recordEnd(outcome);
+        } catch (const std::exception& e) {
+          log::debug("could not record the end of the job: {}", e.what());
+        }
+      }
       if (round.numNodes > 1 && !lostStore) {
         try {
           rdzv.acknowledgeEnd(round);
@@ -215,7 +246,7 @@ int Agent::run() {
       }
       return after.exitCode;
     }
-    storeCall([&] { rdzv.advance(round.round); }, "moving to the next round");
+    storeCall([&] { rdzv.advance(round.round, after.verdict == RoundVerdict::kRestart); }, "moving to the next round");
   }
 }
 

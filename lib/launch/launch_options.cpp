@@ -137,6 +137,7 @@ void LaunchOptions::validate() {
   std::tie(minNodes, maxNodes) = parseNnodes(nnodesText);
   nproc = resolveNproc(nprocText);
   DTRAIN_CHECK_AS(UsageError, maxRestarts >= 0, "--max-restarts {}: expected 0 or more", maxRestarts);
+  DTRAIN_CHECK_AS(UsageError, maxReforms >= 0, "--max-reforms {}: expected 0 or more", maxReforms);
   DTRAIN_CHECK_AS(UsageError, rdzvBackend == "static" || rdzvBackend == "store" || rdzvBackend == "c10d",
                   "--rdzv-backend {}: expected static (node rank 0 hosts the store) or store (a standalone "
                   "`dtrain store` at --rdzv-endpoint)",
@@ -223,9 +224,9 @@ std::string LaunchOptions::jobFingerprint() const {
 
 std::string LaunchOptions::plan() const {
   return fmt::format("nnodes={} nproc_per_node={} node_rank={} rdzv_backend={} rdzv_endpoint={} rdzv_id={} "
-                     "max_restarts={}\nprogram={}",
+                     "max_restarts={} max_reforms={}\nprogram={}",
                      nnodesText, nproc, nodeRank, rdzvBackend, rdzvEndpoint.empty() ? "-" : rdzvEndpoint, rdzvId,
-                     maxRestarts, fmt::join(program, " "));
+                     maxRestarts, maxReforms, fmt::join(program, " "));
 }
 
 }  // namespace dtrain::launch

@@ -37,6 +37,7 @@ struct LaunchOptions {
   std::string rdzvToken;
   std::string rdzvBind;  // --rdzv-bind: address the hosted store listens on; empty: derived (storeBindHost)
   int maxRestarts = 0;
+  int maxReforms = 100;  // --max-reforms: re-formations (membership changes) allowed per job
   Millis shutdownTimeout{std::chrono::seconds(30)};
   Millis rdzvTimeout{std::chrono::seconds(900)};
   Millis lastCall{std::chrono::seconds(30)};

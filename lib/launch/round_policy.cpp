@@ -67,8 +67,18 @@ void onWorkerExit(const RoundState& s, const RoundInput& in, RoundActions& a) {
       a.next.interruptedBy = s.preemptedBy;
       a.publish = Publish::kPreemptedShutdown;
     } else if (!succeeded(in.status)) {
-      if (s.phase == RoundPhase::kRunning) {  // the first failure is the root cause the report names
+      bool secondary = s.multiNode && WIFEXITED(in.status) &&
+                       WEXITSTATUS(in.status) == static_cast<int>(ExitCode::kComm);
+      bool replacesHeld = s.phase == RoundPhase::kFailurePending && s.rootCauseGrace && !secondary;
+      if (s.phase == RoundPhase::kRunning && secondary) {
         a.next.phase = RoundPhase::kFailurePending;
+        a.next.rootCauseGrace = true;
+        a.armRootCauseTimer = true;
+      } else if (s.phase == RoundPhase::kRunning || replacesHeld) {
+        // The first failure is the root cause the report names (a held secondary one gives way to a real one).
+        a.next.phase = RoundPhase::kFailurePending;
+        a.next.rootCauseGrace = false;
+        a.newRootCause = replacesHeld;
         if (in.stderrOpen) a.waitForReport = true;
         else a.publish = Publish::kFailure;
       }
@@ -111,7 +121,10 @@ RoundActions decideRound(const RoundState& state, const RoundInput& input) {
     case RoundInput::Kind::kWorkerExit: onWorkerExit(state, input, a); break;
     case RoundInput::Kind::kRoundEvent: onRoundEvent(state, input, a); break;
     case RoundInput::Kind::kFailureReport:
-      if (state.phase == RoundPhase::kFailurePending) a.publish = Publish::kFailure;
+      if (state.phase == RoundPhase::kFailurePending && (!state.rootCauseGrace || input.graceOver)) {
+        a.publish = Publish::kFailure;
+        a.next.rootCauseGrace = false;
+      }
       break;
     case RoundInput::Kind::kOutputClosed: drainBookkeeping(a, input.workers); break;
   }
@@ -119,21 +132,28 @@ RoundActions decideRound(const RoundState& state, const RoundInput& input) {
 }
 
 AfterRound decideAfterRound(const rendezvous::RoundEvent& event, std::optional<int> interruptedBy,
-                            int restartCount, int maxRestarts, bool storeLost) {
+                            const RestartBudget& budget, bool storeLost) {
   if (interruptedBy) return {RoundVerdict::kInterrupted, 128 + *interruptedBy};
   if (storeLost) return {RoundVerdict::kStoreLost, static_cast<int>(ExitCode::kRendezvous)};
+  auto reform = [&]() -> AfterRound {
+    if (budget.reformCount >= budget.maxReforms)
+      return {RoundVerdict::kTooManyReforms, static_cast<int>(ExitCode::kRendezvous)};
+    return {RoundVerdict::kReform, 0};
+  };
   switch (event.type) {
     case RoundEventType::kDone: return {RoundVerdict::kSucceeded, 0};
     case RoundEventType::kShutdown: return {RoundVerdict::kShutdown, event.exitCode};
-    case RoundEventType::kMembership: return {RoundVerdict::kReform, 0};
-    case RoundEventType::kFailed:
-    case RoundEventType::kNodeLost: break;
+    case RoundEventType::kMembership: return reform();
+    case RoundEventType::kNodeLost:
+      if (budget.elastic) return reform();
+      break;
+    case RoundEventType::kFailed: break;
   }
   // Exit code 2 is a configuration error (dtrain's own, and argparse's for Python scripts): a restart would
   // fail the same way, so it is reported at once without burning the restarts.
   if (event.type == RoundEventType::kFailed && event.exitCode == static_cast<int>(ExitCode::kConfig))
     return {RoundVerdict::kConfigError, event.exitCode};
-  if (restartCount >= maxRestarts) return {RoundVerdict::kGiveUp, event.exitCode};
+  if (budget.restartCount >= budget.maxRestarts) return {RoundVerdict::kGiveUp, event.exitCode};
   return {RoundVerdict::kRestart, 0};
 }
 

@@ -45,6 +45,14 @@ struct RoundState {
   // SIGUSR1 was forwarded to the workers: from then on a worker that the signal stops (killed by it, or exit
   // code 128+SIGUSR1) ends the job as a "shutdown" (no restart consumed) instead of counting as a failure.
   std::optional<int> preemptedBy;
+  // The round spans several nodes (fixed for the round): a local worker's collective failure (exit 7) is then
+  // usually a symptom of something on another node, see rootCauseGrace.
+  bool multiNode = false;
+  // kFailurePending with a secondary failure: the local worker exited 7 (its collective failed: a peer was
+  // lost) in a multi-node round. Its report is held for the root-cause grace (heartbeat timeout + 2 heartbeat
+  // intervals), so that the real cause wins the round's event: another node's failed worker, or node_lost when
+  // a node died (which an elastic job survives by re-forming, where a "failed" would be a failure).
+  bool rootCauseGrace = false;
 };
 
 // What the runner knows about its local workers when an input arrives, the input's own effect included (the
@@ -60,7 +68,7 @@ struct RoundInput {
     kSignal,         // SIGINT, SIGTERM, SIGUSR1 or SIGUSR2 reached the agent
     kWorkerExit,     // a worker was reaped
     kRoundEvent,     // the round's event: seen in the store, won by our own publish, or a local store failure
-    kFailureReport,  // the failed worker's stderr closed, or the grace for it ran out
+    kFailureReport,  // the failed worker's stderr closed, or the grace for it (or the root-cause grace) ran out
     kOutputClosed,   // a worker's stdout or stderr pipe closed (or the drain grace closed it)
   };
   Kind kind = Kind::kOutputClosed;
@@ -70,16 +78,19 @@ struct RoundInput {
   rendezvous::RoundEventType eventType = rendezvous::RoundEventType::kFailed;  // kRoundEvent
   int eventExitCode = 0;                                                       // kRoundEvent
   LocalWorkers workers;
+  bool graceOver = false;          // kFailureReport: the root-cause grace ran out (not only the stderr)
 
-  static RoundInput signalled(int sig, LocalWorkers w = {}) { return {Kind::kSignal, sig, 0, false, {}, 0, w}; }
+  static RoundInput signalled(int sig, LocalWorkers w = {}) { return {Kind::kSignal, sig, 0, false, {}, 0, w, false}; }
   static RoundInput workerExited(int status, bool stderrOpen, LocalWorkers w) {
-    return {Kind::kWorkerExit, 0, status, stderrOpen, {}, 0, w};
+    return {Kind::kWorkerExit, 0, status, stderrOpen, {}, 0, w, false};
   }
   static RoundInput roundEvent(rendezvous::RoundEventType type, int exitCode, LocalWorkers w) {
-    return {Kind::kRoundEvent, 0, 0, false, type, exitCode, w};
+    return {Kind::kRoundEvent, 0, 0, false, type, exitCode, w, false};
   }
-  static RoundInput failureReport(LocalWorkers w) { return {Kind::kFailureReport, 0, 0, false, {}, 0, w}; }
-  static RoundInput outputClosed(LocalWorkers w) { return {Kind::kOutputClosed, 0, 0, false, {}, 0, w}; }
+  static RoundInput failureReport(LocalWorkers w, bool graceOver = false) {
+    return {Kind::kFailureReport, 0, 0, false, {}, 0, w, graceOver};
+  }
+  static RoundInput outputClosed(LocalWorkers w) { return {Kind::kOutputClosed, 0, 0, false, {}, 0, w, false}; }
 };
 
 // The event this node asks the group to end the round with (the first one published wins, see rendezvous.h).
@@ -98,6 +109,9 @@ struct RoundActions {
   std::optional<int> stopSignal;
   bool armKillTimer = false;     // SIGKILL whoever still runs after --shutdown-timeout
   bool waitForReport = false;    // the failed worker's stderr is open: publish once it closes, or after a grace
+  bool armRootCauseTimer = false;  // a secondary failure: publish it after the root-cause grace (failureReport
+                                   // with graceOver) unless the round's event comes first
+  bool newRootCause = false;     // the exiting worker replaces the one held in the root-cause grace as the failure
   bool markFinished = false;     // tell the group that this node's workers all succeeded
   Publish publish = Publish::kNone;
   bool endsRound = false;        // kRoundEvent only: the event is the round's outcome (the first one wins)
@@ -114,16 +128,19 @@ struct RoundActions {
 //                           interruptedBy = SIGUSR1); any other exit is judged as if no SIGUSR1 came (a worker
 //                           that handles it and finishes with 0 succeeded; a failure keeps its report and the
 //                           restart policy). Else a non-zero exit (or a
-//                           signal) while kRunning: kFailurePending, and publish kFailure now if its stderr is
-//                           already closed, otherwise wait for it. Else exit 0 making every local worker
-//                           successful while kRunning: kFinished and mark finished.
+//                           signal) while kRunning: kFailurePending; a secondary failure (exit 7 in a multi-node
+//                           round) holds its report for the root-cause grace (rootCauseGrace, armRootCauseTimer);
+//                           any other publishes kFailure now if its stderr is already closed, otherwise waits for
+//                           it. A non-secondary failure during the root-cause grace becomes the failure instead
+//                           (newRootCause). Else exit 0 making every local worker successful while kRunning:
+//                           kFinished and mark finished.
 //  round event              ignored once the round ended. Otherwise it ends the round (kStopping) and stops the
 //                           workers: with SIGKILL after node_lost (they are stuck in collectives with the lost
 //                           node and can commit no checkpoint); with SIGUSR1 after a preemption shutdown from
 //                           another node (so they checkpoint), or no new signal when this agent already
 //                           forwarded SIGUSR1; else with the agent's own SIGINT/SIGTERM, or SIGTERM. Each stop
 //                           but SIGKILL starts the --shutdown-timeout grace. "done" stops nothing.
-//  failure report ready     while kFailurePending: publish kFailure.
+//  failure report ready     while kFailurePending: publish kFailure (in the root-cause grace only once it ran out).
 //  output closed            the drain bookkeeping.
 // Drain bookkeeping, once the round ended and every worker is reaped: kDone when every pipe is closed, else
 // kDraining (arming the drain grace on entry).
@@ -131,14 +148,15 @@ RoundActions decideRound(const RoundState& state, const RoundInput& input);
 
 // What the agent does once a round is over.
 enum class RoundVerdict {
-  kInterrupted,  // the agent was signalled: exit 128+signal
-  kSucceeded,    // "done": exit 0
-  kShutdown,     // another agent was signalled, or a worker stopped after preemption: exit with its code
-  kConfigError,  // a worker exited 2 (configuration error): a restart would fail the same way; exit 2
-  kGiveUp,       // a failure with no restart left: exit with the failed worker's code
-  kRestart,      // a failure with restarts left: advance and restart the workers
-  kReform,       // membership change: advance and re-form the group, no restart consumed
-  kStoreLost,    // this agent lost the rendezvous store: nothing to restart or re-form through; exit 4
+  kInterrupted,    // the agent was signalled: exit 128+signal
+  kSucceeded,      // "done": exit 0
+  kShutdown,       // another agent was signalled, or a worker stopped after preemption: exit with its code
+  kConfigError,    // a worker exited 2 (configuration error): a restart would fail the same way; exit 2
+  kGiveUp,         // a failure with no restart left: exit with the failed worker's code
+  kRestart,        // a failure with restarts left: advance and restart the workers
+  kReform,         // membership change: advance and re-form the group, no restart consumed
+  kTooManyReforms, // a membership change with no re-formation left (--max-reforms): exit 4
+  kStoreLost,      // this agent lost the rendezvous store: nothing to restart or re-form through; exit 4
 };
 
 struct AfterRound {
@@ -147,10 +165,27 @@ struct AfterRound {
   bool exits() const { return verdict != RoundVerdict::kRestart && verdict != RoundVerdict::kReform; }
 };
 
-// `restartCount`: failure restarts before this round; `maxRestarts`: --max-restarts; `storeLost`: the round
-// ended because this agent could not reach the store (RoundRunner::lostStore), which no restart can cure.
+// The job's budget of restarts and re-formations, as the store counts them before this round.
+struct RestartBudget {
+  int restartCount = 0;  // failure restarts before this round (RoundInfo::restartCount)
+  int maxRestarts = 0;   // --max-restarts
+  int reformCount = 0;   // re-formations before this round (RoundInfo::reformCount)
+  int maxReforms = 100;  // --max-reforms
+  bool elastic = false;  // --nnodes MIN:MAX with MIN < MAX
+};
+
+// The rules, in order: the agent's own signal decides its exit (128+signal); a lost store exits 4; "done" exits
+// 0; "shutdown" exits with its code; a worker's exit code 2 is a configuration error (never restarted).
+// Membership changes are not failures: a node asking to join, and - in an elastic job (MIN < MAX) - a node lost
+// (missed heartbeats), re-form the group without consuming a restart, like Horovod's elastic mode; the survivors'
+// next round closes with whatever count is in range (below MIN it waits --rdzv-timeout for nodes to come back).
+// Flapping (nodes leaving and joining over and over) is bounded by --max-reforms (Horovod's --reset-limit):
+// past it the agent exits 4 naming the flag. Any other failure (a worker failed; a node lost in a fixed-size job)
+// restarts while restartCount < maxRestarts, else gives up with the failure's exit code.
+// `storeLost`: the round ended because this agent could not reach the store (RoundRunner::lostStore), which no
+// restart can cure.
 AfterRound decideAfterRound(const rendezvous::RoundEvent& event, std::optional<int> interruptedBy,
-                            int restartCount, int maxRestarts, bool storeLost = false);
+                            const RestartBudget& budget, bool storeLost = false);
 
 // The deadline of every single store call the agent makes (not of the waits that have their own timeout): a
 // healthy store answers in milliseconds, so a call that takes longer than the heartbeat timeout (at least 5 s,

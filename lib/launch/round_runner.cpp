@@ -74,6 +74,7 @@ RoundRunner::RoundRunner(asio::io_context& io, RoundContext ctx)
       failTimer_(io_) {
   signals_.add(SIGUSR1);
   signals_.add(SIGUSR2);
+  state_.multiNode = ctx_.round->numNodes > 1;
 }
 
 RoundRunner::~RoundRunner() {
@@ -216,11 +217,13 @@ void RoundRunner::transition(RoundPhase next, std::string_view why) {
 
 void RoundRunner::apply(const RoundActions& a, std::string_view why, const Worker* subject) {
   bool enteringDone = a.next.phase == RoundPhase::kDone && state_.phase != RoundPhase::kDone;
-  if (subject && a.next.phase == RoundPhase::kFailurePending && state_.phase != RoundPhase::kFailurePending)
+  if (subject && a.next.phase == RoundPhase::kFailurePending &&
+      (state_.phase != RoundPhase::kFailurePending || a.newRootCause))
     failedRank_ = subject->localRank;
   transition(a.next.phase, why);
   state_.interruptedBy = a.next.interruptedBy;
   state_.preemptedBy = a.next.preemptedBy;
+  state_.rootCauseGrace = a.next.rootCauseGrace;
   if (a.forwardSignal != 0)
     for (auto& w : workers_)
       if (!w.exited) signalGroup(w.pid, a.forwardSignal);
@@ -231,6 +234,18 @@ void RoundRunner::apply(const RoundActions& a, std::string_view why, const Worke
     failTimer_.expires_after(std::chrono::milliseconds(300));
     failTimer_.async_wait([this](const boost::system::error_code& ec) {
       if (!ec) apply(decideRound(state_, RoundInput::failureReport(localWorkers())), "no more stderr to wait for");
+    });
+  }
+  if (a.armRootCauseTimer) {
+    // Long enough for the heartbeats to find a dead node (round_policy.h, rootCauseGrace).
+    auto grace = ctx_.options->heartbeatTimeout + 2 * ctx_.options->heartbeatInterval;
+    log::debug("rank {} lost a peer in a collective: waiting up to {} ms for the root cause", subject ? subject->rank : -1,
+               grace.count());
+    failTimer_.expires_after(grace);
+    failTimer_.async_wait([this](const boost::system::error_code& ec) {
+      if (!ec)
+        apply(decideRound(state_, RoundInput::failureReport(localWorkers(), /*graceOver=*/true)),
+              "no root cause elsewhere");
     });
   }
   if (a.armDrainTimer) {

@@ -158,3 +158,57 @@ TEST_CASE("--nnodes 2:3: a node that joins a running job is admitted at a checkp
   for (auto& [epoch, counts] : seen)
     for (auto& [sample, times] : counts) CHECK_MESSAGE(times == 1, "epoch ", epoch, " sample ", sample);
 }
+
+TEST_CASE("--nnodes 1:2 with the default --max-restarts 0: a lost node is a membership change, the survivor finishes") {
+  std::string dir = tempDir("elastic-norestart");
+  json job = smallJob(240, 4, 100);
+  job["train"]["max_steps"] = 120;
+  job["checkpoint"] = {{"every_steps", 5}, {"keep", 3}};
+  job["parallel"] = {{"timeout", 20}};
+  writeFile(dir + "/job.json", job.dump());
+  int port = freePort();
+  std::string id = uniqueRunId("elastic-norestart");
+  auto agent = [&](int nodeRank) {
+    return runArgs({"--nnodes", "1:2", "--nproc-per-node", "1", "--node-rank", std::to_string(nodeRank),
+                    "--rdzv-endpoint", fmt::format("127.0.0.1:{}", port), "--rdzv-id", id, "--rdzv-last-call", "1s",
+                    "--heartbeat-timeout", "2s", "--shutdown-timeout", "2s", dir + "/job.json", "--output-dir",
+                    dir + "/out"});
+  };
+  Background node1(agent(1));
+  Background node0(agent(0));
+  node0.waitForLine("2 rank(s)", 60s);  // both nodes formed the first group
+  node0.waitForLine("epoch 1/100 step 12/", 60s);  // past the checkpoints at 5 and 10
+  node1.signal(SIGKILL);
+  auto r0 = node0.wait(120s);
+  node1.wait(10s);
+  INFO(r0.out, r0.err);
+  CHECK(r0.exitCode == 0);
+  CHECK(r0.err.find("re-forming the group: node 1") != std::string::npos);
+  CHECK(r0.err.find("not a failure: re-formation 1 of 100, --max-reforms") != std::string::npos);
+  CHECK(r0.out.find("resumed from") != std::string::npos);
+  CHECK(r0.out.find("done: 120 steps") != std::string::npos);
+  CHECK(processesWithRunId(id).empty());
+}
+
+TEST_CASE("--max-reforms bounds re-formations: past it the survivor exits 4 and names the flag") {
+  std::string id = uniqueRunId("maxreforms");
+  int port = freePort();
+  auto agent = [&](int nodeRank) {
+    return runArgs({"--nnodes", "1:2", "--nproc-per-node", "1", "--node-rank", std::to_string(nodeRank),
+                    "--rdzv-endpoint", fmt::format("127.0.0.1:{}", port), "--rdzv-id", id, "--rdzv-last-call", "1s",
+                    "--heartbeat-timeout", "2s", "--max-reforms", "0", "--", "sh", "-c",
+                    "echo ready-$RANK; exec sleep 1000"});
+  };
+  Background node1(agent(1));
+  Background node0(agent(0));
+  node0.waitForLine("ready-0", 30s);
+  node1.waitForLine("ready-1", 30s);
+  node1.signal(SIGKILL);
+  auto r0 = node0.wait(60s);
+  node1.wait(10s);
+  INFO(r0.err);
+  CHECK(r0.exitCode == 4);
+  CHECK(r0.err.find("sent no heartbeat") != std::string::npos);
+  CHECK(r0.err.find("not re-forming: the group already re-formed 0 time(s) (--max-reforms 0)") != std::string::npos);
+  CHECK(processesWithRunId(id).empty());
+}

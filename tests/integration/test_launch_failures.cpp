@@ -161,6 +161,51 @@ TEST_CASE("bad input: one clear line, a distinct exit code, nothing started") {
   }
 }
 
+TEST_CASE("a run id reused on a long-lived store after a failed or interrupted job fails at once, naming the outcome") {
+  int port = freePort();
+  Background store({dtrainBinary(), "store", "--host", "127.0.0.1", "--port", std::to_string(port)});
+  store.waitForLine("listening on", 30s);
+  auto onStore = [&](const std::string& id, std::vector<std::string> rest) {
+    std::vector<std::string> args{"--rdzv-backend", "store", "--rdzv-endpoint", fmt::format("127.0.0.1:{}", port),
+                                  "--rdzv-id", id, "--rdzv-timeout", "60s"};
+    args.insert(args.end(), rest.begin(), rest.end());
+    return runArgs(args);
+  };
+  SUBCASE("after a failure") {
+    std::string id = uniqueRunId("reuse-failed");
+    auto first = run(onStore(id, {"--", "sh", "-c", "echo boom >&2; exit 3"}));
+    CHECK(first.exitCode == 3);
+    auto start = std::chrono::steady_clock::now();
+    auto again = run(onStore(id, {"--", "true"}));
+    INFO(again.err);
+    CHECK(again.exitCode == 4);
+    CHECK(again.err.find("the job that used this run id on this store already ended (failed, exit code 3") !=
+          std::string::npos);
+    CHECK(again.err.find("use a new --rdzv-id") != std::string::npos);
+    CHECK(std::chrono::steady_clock::now() - start < 30s);  // not the 60 s --rdzv-timeout
+  }
+  SUBCASE("after SIGTERM") {
+    std::string id = uniqueRunId("reuse-term");
+    Background first(onStore(id, {"--", "sh", "-c", "echo ready; exec sleep 1000"}));
+    first.waitForLine("ready", 30s);
+    first.signal(SIGTERM);
+    CHECK(first.wait(60s).exitCode == 128 + SIGTERM);
+    auto start = std::chrono::steady_clock::now();
+    auto again = run(onStore(id, {"--", "true"}));
+    INFO(again.err);
+    CHECK(again.exitCode == 4);
+    CHECK(again.err.find("already ended (shutdown, exit code 143") != std::string::npos);
+    CHECK(std::chrono::steady_clock::now() - start < 30s);
+  }
+  SUBCASE("after success") {
+    std::string id = uniqueRunId("reuse-done");
+    CHECK(run(onStore(id, {"--", "true"})).exitCode == 0);
+    auto again = run(onStore(id, {"--", "true"}));
+    CHECK(again.exitCode == 4);
+    CHECK(again.err.find("already completed a job on this store") != std::string::npos);
+  }
+}
+
 TEST_CASE("after a forwarded SIGUSR1, a failing worker keeps its report and restart; a clean finish is success") {
   SUBCASE("fails after the warning: reported and restarted") {
     std::string script = "if [ $DTRAIN_RESTART_COUNT = 1 ]; then exit 0; fi; "

@@ -26,7 +26,11 @@ constexpr LocalWorkers kReapedDrained{true, false, true};
 constexpr LocalWorkers kAllSucceededOpen{true, true, false};
 
 RoundState at(RoundPhase phase, std::optional<int> interruptedBy = {}, std::optional<int> preemptedBy = {}) {
-  return RoundState{phase, interruptedBy, preemptedBy};
+  RoundState s;
+  s.phase = phase;
+  s.interruptedBy = interruptedBy;
+  s.preemptedBy = preemptedBy;
+  return s;
 }
 
 RoundActions event(const RoundState& s, RoundEventType type, int exitCode = 0, LocalWorkers w = kSomeRunning) {
@@ -43,6 +47,8 @@ void checkQuiet(const RoundActions& a) {
   CHECK(a.publish == Publish::kNone);
   CHECK_FALSE(a.endsRound);
   CHECK_FALSE(a.armDrainTimer);
+  CHECK_FALSE(a.armRootCauseTimer);
+  CHECK_FALSE(a.newRootCause);
 }
 
 }  // namespace
@@ -125,6 +131,45 @@ TEST_CASE("round policy: a failed worker with open stderr waits for its report, 
   CHECK(ended.next.phase == RoundPhase::kStopping);
   CHECK(ended.stopSignal == SIGTERM);
   CHECK(ended.armKillTimer);
+}
+
+TEST_CASE("round policy: a lost peer (exit 7) in a multi-node round waits for the root cause before publishing") {
+  RoundState multi = at(RoundPhase::kRunning);
+  multi.multiNode = true;
+  auto a = decideRound(multi, RoundInput::workerExited(exitStatus(7), false, kSomeRunning));
+  CHECK(a.next.phase == RoundPhase::kFailurePending);
+  CHECK(a.next.rootCauseGrace);
+  CHECK(a.armRootCauseTimer);
+  CHECK(a.publish == Publish::kNone);
+  // Its stderr closing does not publish it; the grace running out does.
+  checkQuiet(decideRound(a.next, RoundInput::failureReport(kSomeRunning)));
+  auto late = decideRound(a.next, RoundInput::failureReport(kSomeRunning, /*graceOver=*/true));
+  CHECK(late.publish == Publish::kFailure);
+  CHECK_FALSE(late.next.rootCauseGrace);
+  // node_lost from the heartbeats comes first: it is the outcome, the held failure is dropped.
+  auto lost = event(a.next, RoundEventType::kNodeLost, 4);
+  CHECK(lost.endsRound);
+  CHECK(lost.stopSignal == SIGKILL);
+  checkQuiet(decideRound(lost.next, RoundInput::failureReport(kSomeRunning, true)));
+}
+
+TEST_CASE("round policy: during the root-cause grace a real local failure becomes the failure") {
+  RoundState held = at(RoundPhase::kFailurePending);
+  held.multiNode = true;
+  held.rootCauseGrace = true;
+  auto a = decideRound(held, RoundInput::workerExited(killedBy(SIGSEGV), true, kSomeRunning));
+  CHECK(a.newRootCause);
+  CHECK(a.waitForReport);
+  CHECK_FALSE(a.next.rootCauseGrace);
+  CHECK(decideRound(a.next, RoundInput::failureReport(kSomeRunning)).publish == Publish::kFailure);
+  // Another lost peer changes nothing.
+  checkQuiet(decideRound(held, RoundInput::workerExited(exitStatus(7), false, kSomeRunning)));
+}
+
+TEST_CASE("round policy: on a single node, exit 7 is published at once like any failure") {
+  auto a = decideRound(at(RoundPhase::kRunning), RoundInput::workerExited(exitStatus(7), false, kSomeRunning));
+  CHECK(a.publish == Publish::kFailure);
+  CHECK_FALSE(a.armRootCauseTimer);
 }
 
 TEST_CASE("round policy: another node's event while our failure report is pending wins, and ours is dropped") {
@@ -307,19 +352,19 @@ TEST_CASE("round policy: a preempted worker exiting after the round ended publis
 
 TEST_CASE("after the round: the agent's own interrupt decides the exit code") {
   RoundEvent done{RoundEventType::kDone, "all nodes finished", 0, ""};
-  auto a = decideAfterRound(done, SIGTERM, 0, 3);
+  auto a = decideAfterRound(done, SIGTERM, {0, 3});
   CHECK(a.verdict == RoundVerdict::kInterrupted);
   CHECK(a.exits());
   CHECK(a.exitCode == 128 + SIGTERM);
   RoundEvent failed{RoundEventType::kFailed, "worker failed", 1, "report"};
-  CHECK(decideAfterRound(failed, SIGUSR1, 0, 3).exitCode == 128 + SIGUSR1);
+  CHECK(decideAfterRound(failed, SIGUSR1, {0, 3}).exitCode == 128 + SIGUSR1);
 }
 
 TEST_CASE("after the round: done exits 0, a shutdown exits with its code") {
-  auto done = decideAfterRound({RoundEventType::kDone, "", 0, ""}, std::nullopt, 2, 3);
+  auto done = decideAfterRound({RoundEventType::kDone, "", 0, ""}, std::nullopt, {2, 3});
   CHECK(done.verdict == RoundVerdict::kSucceeded);
   CHECK(done.exitCode == 0);
-  auto shutdown = decideAfterRound({RoundEventType::kShutdown, "", 128 + SIGUSR1, ""}, std::nullopt, 0, 3);
+  auto shutdown = decideAfterRound({RoundEventType::kShutdown, "", 128 + SIGUSR1, ""}, std::nullopt, {0, 3});
   CHECK(shutdown.verdict == RoundVerdict::kShutdown);
   CHECK(shutdown.exits());
   CHECK(shutdown.exitCode == 128 + SIGUSR1);
@@ -327,50 +372,82 @@ TEST_CASE("after the round: done exits 0, a shutdown exits with its code") {
 
 TEST_CASE("after the round: failures restart until the restarts run out") {
   RoundEvent failed{RoundEventType::kFailed, "worker failed", 3, "report"};
-  auto again = decideAfterRound(failed, std::nullopt, 0, 1);
+  auto again = decideAfterRound(failed, std::nullopt, {0, 1});
   CHECK(again.verdict == RoundVerdict::kRestart);
   CHECK_FALSE(again.exits());
-  auto out = decideAfterRound(failed, std::nullopt, 1, 1);
+  auto out = decideAfterRound(failed, std::nullopt, {1, 1});
   CHECK(out.verdict == RoundVerdict::kGiveUp);
   CHECK(out.exitCode == 3);
-  CHECK(decideAfterRound(failed, std::nullopt, 0, 0).verdict == RoundVerdict::kGiveUp);
+  CHECK(decideAfterRound(failed, std::nullopt, {0, 0}).verdict == RoundVerdict::kGiveUp);
 
   RoundEvent lost{RoundEventType::kNodeLost, "node 1 sent no heartbeat", static_cast<int>(ExitCode::kRendezvous), ""};
-  CHECK(decideAfterRound(lost, std::nullopt, 0, 2).verdict == RoundVerdict::kRestart);
-  auto lostOut = decideAfterRound(lost, std::nullopt, 2, 2);
+  CHECK(decideAfterRound(lost, std::nullopt, {0, 2}).verdict == RoundVerdict::kRestart);
+  auto lostOut = decideAfterRound(lost, std::nullopt, {2, 2});
   CHECK(lostOut.verdict == RoundVerdict::kGiveUp);
   CHECK(lostOut.exitCode == static_cast<int>(ExitCode::kRendezvous));
 }
 
 TEST_CASE("after the round: a worker's exit code 2 is a configuration error, never restarted") {
   RoundEvent config{RoundEventType::kFailed, "worker failed", static_cast<int>(ExitCode::kConfig), "report"};
-  auto a = decideAfterRound(config, std::nullopt, 0, 5);
+  auto a = decideAfterRound(config, std::nullopt, {0, 5});
   CHECK(a.verdict == RoundVerdict::kConfigError);
   CHECK(a.exitCode == 2);
   // node_lost carries the agent's own code, never a worker's: not a configuration error.
   RoundEvent lost{RoundEventType::kNodeLost, "", 2, ""};
-  CHECK(decideAfterRound(lost, std::nullopt, 0, 5).verdict == RoundVerdict::kRestart);
+  CHECK(decideAfterRound(lost, std::nullopt, {0, 5}).verdict == RoundVerdict::kRestart);
 }
 
 TEST_CASE("after the round: a membership change re-forms without consuming a restart") {
   RoundEvent join{RoundEventType::kMembership, "node x asks to join", 0, ""};
-  auto a = decideAfterRound(join, std::nullopt, 3, 3);
+  auto a = decideAfterRound(join, std::nullopt, {3, 3});
   CHECK(a.verdict == RoundVerdict::kReform);
   CHECK_FALSE(a.exits());
+}
+
+TEST_CASE("after the round: in an elastic job a lost node re-forms the group, whatever --max-restarts says") {
+  RoundEvent lost{RoundEventType::kNodeLost, "node 1 sent no heartbeat", static_cast<int>(ExitCode::kRendezvous), ""};
+  RestartBudget elastic{.restartCount = 0, .maxRestarts = 0, .reformCount = 0, .maxReforms = 100, .elastic = true};
+  auto a = decideAfterRound(lost, std::nullopt, elastic);
+  CHECK(a.verdict == RoundVerdict::kReform);
+  CHECK_FALSE(a.exits());
+  // In a fixed-size job the same loss is a failure: it restarts or gives up with exit 4.
+  RestartBudget fixed{.restartCount = 0, .maxRestarts = 0, .reformCount = 0, .maxReforms = 100, .elastic = false};
+  auto b = decideAfterRound(lost, std::nullopt, fixed);
+  CHECK(b.verdict == RoundVerdict::kGiveUp);
+  CHECK(b.exitCode == 4);
+  // A worker's failure in an elastic job is still a failure.
+  RoundEvent failed{RoundEventType::kFailed, "worker failed", 3, "report"};
+  CHECK(decideAfterRound(failed, std::nullopt, elastic).verdict == RoundVerdict::kGiveUp);
+}
+
+TEST_CASE("after the round: --max-reforms bounds flapping; past it the agent exits 4") {
+  RoundEvent lost{RoundEventType::kNodeLost, "node 1 sent no heartbeat", static_cast<int>(ExitCode::kRendezvous), ""};
+  RoundEvent join{RoundEventType::kMembership, "node x asks to join", 0, ""};
+  RestartBudget budget{.restartCount = 0, .maxRestarts = 5, .reformCount = 2, .maxReforms = 3, .elastic = true};
+  CHECK(decideAfterRound(lost, std::nullopt, budget).verdict == RoundVerdict::kReform);
+  budget.reformCount = 3;
+  auto a = decideAfterRound(lost, std::nullopt, budget);
+  CHECK(a.verdict == RoundVerdict::kTooManyReforms);
+  CHECK(a.exits());
+  CHECK(a.exitCode == 4);
+  CHECK(decideAfterRound(join, std::nullopt, budget).verdict == RoundVerdict::kTooManyReforms);
+  // Re-formations and restarts are separate budgets.
+  RoundEvent failed{RoundEventType::kFailed, "worker failed", 3, "report"};
+  CHECK(decideAfterRound(failed, std::nullopt, budget).verdict == RoundVerdict::kRestart);
 }
 
 TEST_CASE("after the round: a lost store ends the job with exit 4, never a restart") {
   RoundEvent lost{RoundEventType::kNodeLost, "lost the rendezvous store at h:1: timed out",
                   static_cast<int>(ExitCode::kRendezvous), ""};
-  auto a = decideAfterRound(lost, std::nullopt, 0, 5, /*storeLost=*/true);
+  auto a = decideAfterRound(lost, std::nullopt, {0, 5}, /*storeLost=*/true);
   CHECK(a.verdict == RoundVerdict::kStoreLost);
   CHECK(a.exits());
   CHECK(a.exitCode == 4);
   // A worker failure whose "failed" event could not be published (the store was gone) is no restart either.
   RoundEvent failedLocally{RoundEventType::kNodeLost, "lost the rendezvous store", 4, "worker failed: exit code 7"};
-  CHECK(decideAfterRound(failedLocally, std::nullopt, 0, 5, true).exitCode == 4);
+  CHECK(decideAfterRound(failedLocally, std::nullopt, {0, 5}, true).exitCode == 4);
   // The agent's own interrupt still wins.
-  CHECK(decideAfterRound(lost, SIGTERM, 0, 5, true).exitCode == 128 + SIGTERM);
+  CHECK(decideAfterRound(lost, SIGTERM, {0, 5}, true).exitCode == 128 + SIGTERM);
 }
 
 TEST_CASE("store calls: the deadline follows the heartbeat timeout, at least 5 s, never past --rdzv-timeout") {

@@ -260,7 +260,7 @@ TEST_CASE("round end: the first event wins and every agent sees it") {
   CHECK(seen->message == "worker failed");
 }
 
-TEST_CASE("advance: a failure restarts into the next round with one more restart; a membership change does not") {
+TEST_CASE("advance: a restart adds one to the restarts, a re-formation one to the re-formations") {
   Job job;
   auto a = job.agent("a", nodes(2, 2));
   auto b = job.agent("b", nodes(2, 2));
@@ -269,27 +269,30 @@ TEST_CASE("advance: a failure restarts into the next round with one more restart
 
   a->endRound(0, event(RoundEventType::kFailed, "worker failed", 1));
   // Each agent advances on its own; the second advance is a no-op.
-  a->advance(0);
-  b->advance(0);
+  a->advance(0, true);
+  b->advance(0, true);
   auto r1 = joinAll({a.get(), b.get()});
   checkConsistent(r1);
   CHECK(r1[0].round == 1);
   CHECK(r1[0].restartCount == 1);
+  CHECK(r1[0].reformCount == 0);
 
   b->endRound(1, event(RoundEventType::kMembership, "node c asks to join"));
-  b->advance(1);
-  a->advance(1);
+  b->advance(1, false);
+  a->advance(1, false);
   auto r2 = joinAll({a.get(), b.get()});
   checkConsistent(r2);
   CHECK(r2[0].round == 2);
   CHECK(r2[0].restartCount == 1);
+  CHECK(r2[0].reformCount == 1);
 
   b->endRound(2, event(RoundEventType::kNodeLost, "node a is silent", 4));
-  a->advance(2);  // agents may advance in any order, even before the event reached them
-  b->advance(2);
+  a->advance(2, true);  // agents may advance in any order, even before the event reached them
+  b->advance(2, true);
   auto r3 = joinAll({a.get(), b.get()});
   CHECK(r3[0].round == 3);
   CHECK(r3[0].restartCount == 2);
+  CHECK(r3[0].reformCount == 1);
 }
 
 TEST_CASE("done: the last node to finish ends the round, and the run id cannot be reused") {
@@ -313,6 +316,42 @@ TEST_CASE("done: the last node to finish ends the round, and the run id cannot b
   auto late = job.agent("late", nodes(1, 1));
   auto f = joinAsync(*late);
   CHECK(errorOf(f).find("already completed a job on this store") != std::string::npos);
+}
+
+TEST_CASE("a failed or interrupted job's run id: a later join fails at once, naming the outcome") {
+  Job job;
+  auto a = job.agent("a", nodes(1, 1));
+  auto rounds = joinAll({a.get()});
+  a->endRound(0, event(RoundEventType::kShutdown, "node a was stopped by SIGTERM", 128 + 15));
+  a->recordEnd(event(RoundEventType::kShutdown, "node a was stopped by SIGTERM", 128 + 15));
+  // The first record wins: a second agent's view of the same end does not overwrite it.
+  a->recordEnd(event(RoundEventType::kFailed, "worker failed", 1));
+
+  auto start = Clock::now();
+  auto late = job.agent("late", nodes(1, 1, 30s, /*joinTimeout=*/60s));
+  auto f = joinAsync(*late);
+  auto error = errorOf(f);
+  CHECK(error.find("already ended (shutdown, exit code 143: node a was stopped by SIGTERM)") != std::string::npos);
+  CHECK(error.find("--rdzv-id") != std::string::npos);
+  CHECK(Clock::now() - start < 10s);  // not the join timeout
+}
+
+TEST_CASE("a node waiting for the next round learns within a second that the job ended") {
+  Job job;
+  auto a = job.agent("a", nodes(1, 1));
+  auto rounds = joinAll({a.get()});
+  // Round 0 closed without the late node (elastic, up to 2 nodes): it asks to join, then waits for round 1.
+  auto late = job.agent("late", nodes(1, 2, 30s, /*joinTimeout=*/60s));
+  auto start = Clock::now();
+  auto f = joinAsync(*late);
+  auto ev = Rendezvous::waitEvent(*job.store(), 0, 10s);
+  REQUIRE(ev.has_value());
+  CHECK(ev->type == RoundEventType::kMembership);
+  // The job ends instead of re-forming (say, its agent was out of re-formations).
+  a->recordEnd(event(RoundEventType::kFailed, "worker failed: exit code 3", 3));
+  auto error = errorOf(f);
+  CHECK(error.find("already ended (failed, exit code 3: worker failed: exit code 3)") != std::string::npos);
+  CHECK(Clock::now() - start < 10s);
 }
 
 TEST_CASE("heartbeats: a member whose counter stops moving is reported silent; beating again clears it") {
@@ -363,8 +402,8 @@ TEST_CASE("scale-up: a node joining a running round asks it to re-form, and the 
 
   // The members re-form (as restarted agents: with a long last call, round 1 can only close at max nodes, so
   // it holds all three whatever the threads' timing).
-  a->advance(0);
-  b->advance(0);
+  a->advance(0, false);
+  b->advance(0, false);
   auto a1 = job.agent("a", nodes(2, 3));
   auto b1 = job.agent("b", nodes(2, 3));
   auto fa = joinAsync(*a1);

@@ -93,7 +93,6 @@ int Rendezvous::currentRound() {
 
 RoundInfo Rendezvous::join() {
   Deadline deadline(options_.joinTimeout);
-  throwIfEnded();  // before the fingerprint: an ended run id is refused whatever job asks for it
   if (!options_.jobFingerprint.empty()) {
     auto first = store_->compareSet("job", "", options_.jobFingerprint);
     auto idOf = [](std::string_view fp) { return fp.substr(0, fp.find(' ')); };
@@ -103,9 +102,10 @@ RoundInfo Rendezvous::join() {
                    "Give each job its own --rdzv-id",
                    options_.endpoint, first, options_.jobFingerprint);
   }
+  // After the fingerprint: another job is told that the id is another job's; the same job that its run ended.
+  throwIfEnded();
   for (;;) {
     int round = currentRound();
-    throwIfEnded();
     auto roundEvent = store_->tryGet(key(round, "event"));
     if (roundEvent && RoundEvent::fromJson(*roundEvent).type == RoundEventType::kDone)
       DTRAIN_THROW(RendezvousError,

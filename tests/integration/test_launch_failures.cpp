@@ -176,7 +176,7 @@ TEST_CASE("a run id reused on a long-lived store after a failed or interrupted j
     auto first = run(onStore(id, {"--", "sh", "-c", "echo boom >&2; exit 3"}));
     CHECK(first.exitCode == 3);
     auto start = std::chrono::steady_clock::now();
-    auto again = run(onStore(id, {"--", "true"}));
+    auto again = run(onStore(id, {"--", "sh", "-c", "echo boom >&2; exit 3"}));  // the same job, run again
     INFO(again.err);
     CHECK(again.exitCode == 4);
     CHECK(again.err.find("the job that used this run id on this store already ended (failed, exit code 3") !=
@@ -191,7 +191,7 @@ TEST_CASE("a run id reused on a long-lived store after a failed or interrupted j
     first.signal(SIGTERM);
     CHECK(first.wait(60s).exitCode == 128 + SIGTERM);
     auto start = std::chrono::steady_clock::now();
-    auto again = run(onStore(id, {"--", "true"}));
+    auto again = run(onStore(id, {"--", "sh", "-c", "echo ready; exec sleep 1000"}));
     INFO(again.err);
     CHECK(again.exitCode == 4);
     CHECK(again.err.find("already ended (shutdown, exit code 143") != std::string::npos);

@@ -36,6 +36,10 @@ struct StepStats {
   double lr = 0;
   double samplesPerSec = 0; // all ranks, over the interval
   double elapsedSec = 0;    // since training started
+  // Data-parallel gradient traffic over the interval (CommHook::traffic; unset alone): bytes this rank sent
+  // per optimizer step, and the float32 all-reduce's bytes over those (1 without compression).
+  std::optional<double> commBytesPerStep;
+  std::optional<double> compressionRatio;
 };
 
 struct EvalResult {

@@ -14,6 +14,7 @@ constexpr const char* kModelFile = "model.safetensors";
 constexpr const char* kOptimizerFile = "optimizer.safetensors";
 
 std::string rankFile(int rank) { return fmt::format("rank-{}.json", rank); }
+std::string hookFile(int rank) { return fmt::format("comm_hook-rank-{}.safetensors", rank); }
 
 }  // namespace
 
@@ -48,6 +49,22 @@ std::optional<ResumePoint> Checkpointer::resume(nn::Model& model, nn::Optimizer&
   return r;
 }
 
+bool Checkpointer::loadCommHookState(const ResumePoint& from) {
+  if (!hook_) return false;
+  auto state = hook_->stateBuffers();
+  if (state.empty()) return false;
+  const bool sameWorld = from.savedWorldSize == worldSize_;
+  const std::string file = hookFile(sameWorld ? rank_ : 0);
+  auto cp = ckpt::Checkpoint::open(from.path);
+  if (!cp.hasFile(file)) return false;
+  const auto& tensors = cp.tensors(file);
+  for (const auto& s : state)
+    if (tensors.find(s.name) == nullptr) return false;
+  for (const auto& s : state) cp.loadTensor(file, s.name, s.view);
+  hook_->stateLoaded(sameWorld);
+  return true;
+}
+
 std::filesystem::path Checkpointer::save(const nn::Model& model, nn::Optimizer& optimizer, int64_t step,
                                          int64_t epoch, int64_t samplesConsumed) {
   // Every rank derives the same token: no message needed to agree on the staging dir.
@@ -63,6 +80,11 @@ std::filesystem::path Checkpointer::save(const nn::Model& model, nn::Optimizer& 
     const auto n = static_cast<int64_t>(model.numParams());
     for (auto& buf : optimizer.stateBuffers()) state.push_back({buf.name, TensorView::of(buf.data.data(), Shape{n})});
     writer.writeTensors(kOptimizerFile, state, {{"optimizer", nn::optimizerTypeName(optimizer.spec().type)}});
+  }
+  if (hook_) {
+    std::vector<ckpt::NamedTensor> state;
+    for (auto& s : hook_->stateBuffers()) state.push_back({s.name, s.view});
+    if (!state.empty()) writer.writeTensors(hookFile(rank_), state, {{"hook", hook_->name()}});
   }
   writer.writeJson(rankFile(rank_), {{"rank", rank_}, {"world_size", worldSize_}, {"step", step}, {"epoch", epoch},
                                      {"samples_consumed", samplesConsumed}});

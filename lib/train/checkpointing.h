@@ -10,6 +10,10 @@
 // files prove every rank reached the same step, and the checkpoint is committed by rank 0 only after a barrier
 // (lib/ckpt's protocol).
 //
+// With a stateful communication hook (gradient compression: error-feedback residuals, PowerSGD's Q), every rank
+// also writes comm_hook-rank-<r>.safetensors, its hook's stateBuffers(); a resume with the same world size loads
+// each rank's own, another world size loads rank 0's (the hook then drops what was per rank).
+//
 // Exact resume: with the same world size a resumed run continues with the same batches (the sampler resumes at
 // the saved position), the same parameters and optimizer state bit for bit, the same lr (a function of the
 // step), and the same dropout masks (the trainer reseeds dropout from (seed, rank, step) every step), so it ends
@@ -50,12 +54,19 @@ class Checkpointer {
   // Collective: every rank calls it at the same step. Returns the committed checkpoint dir.
   std::filesystem::path save(const nn::Model& model, nn::Optimizer& optimizer, int64_t step, int64_t epoch,
                              int64_t samplesConsumed);
+  // The communication hook whose state save() writes (null: none). Its stateBuffers() must be valid (bound).
+  void setCommHook(CommHookPtr hook) { hook_ = std::move(hook); }
+  // Loads the hook's state from the checkpoint `from` resumed (after the strategy's prepare() bound the hook).
+  // Returns false, leaving the hook's fresh state, when the checkpoint holds none for it (written without
+  // compression, or with another type). CheckpointError when it holds state of another size.
+  bool loadCommHookState(const ResumePoint& from);
 
  private:
   const Job& job_;
   Strategy& strategy_;
   int rank_;
   int worldSize_;
+  CommHookPtr hook_;
   std::string runTag_;  // makes staging-dir tokens unique per run and round, and equal on every rank
 };
 

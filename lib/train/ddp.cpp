@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+
 #include "lib/common/error.h"
 
 namespace dtrain::train {
@@ -47,6 +49,15 @@ void DdpStrategy::prepare(nn::Model& model) {
   buckets_ = planBuckets(model, floats(options_.firstBucketMb), floats(options_.bucketMb));
   bucketOfLowestLayer_.assign(static_cast<size_t>(model.numLayers()), -1);
   auto grads = model.grads();
+  params_.clear();
+  for (const auto& p : model.paramTable()) params_.push_back({p.name, p.shape, p.offset, p.count});
+  // A bucket's parameters: the ones whose slice starts inside it (buckets are cut at layer boundaries).
+  auto paramsIn = [&](size_t offset, size_t count) {
+    auto inside = [&](const GradParam& p) { return p.offset >= offset && p.offset < offset + count; };
+    auto first = std::find_if(params_.begin(), params_.end(), inside);
+    auto last = std::find_if_not(first, params_.end(), inside);
+    return std::span<const GradParam>(params_.data() + (first - params_.begin()), static_cast<size_t>(last - first));
+  };
   views_.clear();
   for (size_t b = 0; b < buckets_.size(); ++b) {
     const Bucket& bk = buckets_[b];
@@ -55,7 +66,8 @@ void DdpStrategy::prepare(nn::Model& model) {
                                 .grads = TensorView::flat(grads.data() + bk.offset, bk.count),
                                 .offset = bk.offset,
                                 .layers = bk.layers,
-                                .last = b + 1 == buckets_.size()});
+                                .last = b + 1 == buckets_.size(),
+                                .params = paramsIn(bk.offset, bk.count)});
   }
   pending_.assign(buckets_.size(), nullptr);
   // overlap=false: one bucket of every layer (in backward's order) over the whole arena.
@@ -65,7 +77,9 @@ void DdpStrategy::prepare(nn::Model& model) {
                       .grads = TensorView::flat(grads.data(), grads.size()),
                       .offset = 0,
                       .layers = allLayers_,
-                      .last = true};
+                      .last = true,
+                      .params = params_};
+  options_.hook->bind(HookLayout{.arenaSize = grads.size(), .params = params_, .groupSize = groups_.data->size()});
 }
 
 nn::LayerGradReady DdpStrategy::gradReadyHook() {

@@ -13,7 +13,8 @@
 // bucket order, and waits for all of them, so the optimizer sees the hook's result.
 // overlap=false: nothing happens during backward; finishStep() gives the hook one bucket spanning the whole
 // arena and runs it synchronously (CommHook::run): the better choice when no core is free to run communication
-// beside backward. Replicas are kept identical: prepare() broadcasts rank 0's parameters, and each rank writes
+// beside backward. prepare() also binds the hook to the arena's parameters (CommHook::bind) and gives every
+// bucket its parameters' names, shapes and offsets (GradBucket::params). Replicas are kept identical: prepare() broadcasts rank 0's parameters, and each rank writes
 // the checkpoint's parameters and optimizer state only from rank 0 (every rank loads all of them).
 #pragma once
 
@@ -72,6 +73,7 @@ class DdpStrategy final : public Strategy {
   std::vector<int> allLayers_;             // every parameter layer, descending (whole_.layers)
   GradBucket whole_;                       // the whole arena, for overlap=false
   std::vector<int> bucketOfLowestLayer_;   // layer -> bucket index when the layer is a bucket's lowest, else -1
+  std::vector<GradParam> params_;          // every parameter, arena order (the buckets' params are slices)
   std::vector<comm::WorkPtr> pending_;
 };
 

@@ -5,6 +5,7 @@
 #include "lib/common/error.h"
 #include "lib/common/parse.h"
 #include "lib/common/json_fields.h"
+#include "lib/train/compression.h"
 
 namespace dtrain::train {
 
@@ -85,7 +86,7 @@ ParallelSettings parseParallel(const json& doc, const std::string& source) {
   if (!doc.contains("parallel")) return p;
   JsonFields f(doc.at("parallel"), source, "/parallel", "the parallel section");
   f.allowOnly({"strategy", "backend", "bucket_mb", "first_bucket_mb", "overlap", "timeout", "lr_scaling",
-               "reference_world_size"});
+               "reference_world_size", "compression"});
   if (f.has("overlap")) p.overlap = f.boolean("overlap", true);
   p.strategy = f.choice("strategy", kStrategyNames, "strategy", "ddp");
   p.backend = f.choice("backend", {"auto", "tcp", "shm", "hier", "nccl"}, "backend", "auto");
@@ -96,6 +97,7 @@ ParallelSettings parseParallel(const json& doc, const std::string& source) {
   p.lrScaling = f.choice("lr_scaling", {"none", "linear"}, "lr scaling", "none");
   p.referenceWorldSize = static_cast<int>(
       atMost(f, "reference_world_size", f.integer("reference_world_size", 1, "an integer >= 1", positive), 1 << 20));
+  if (f.has("compression")) p.compression = parseCompression(f.at("compression"), source, f.pathOf("compression"));
   return p;
 }
 
@@ -190,6 +192,8 @@ Job loadJob(const JobArgs& args) {
   job.data = parseData(job.doc, src, job.baseDir);
   job.loop = parseLoop(job.doc, src);
   job.parallel = parseParallel(job.doc, src);
+  if (job.parallel.compression)
+    checkCompressionFitsModel(*job.parallel.compression, job.model, src, "/parallel/compression");
   if (job.doc.contains("device")) {
     std::string device = top.choice("device", {"cpu", "cuda"}, "device");
     DTRAIN_CHECK_AS(ConfigError, device == "cpu",

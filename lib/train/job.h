@@ -54,6 +54,16 @@ struct LoopSettings {
 // ("pipeline", "parameter_server", ...) is a ConfigError naming /parallel/strategy until its strategy exists.
 inline const std::vector<std::string_view> kStrategyNames = {"ddp"};
 
+// parallel.compression (lib/train/compression.h, docs/compression.md): how DDP compresses gradients.
+struct CompressionSettings {
+  enum class Type : uint8_t { kFp16, kBf16, kPowerSgd, kTopK };
+  Type type = Type::kFp16;
+  int rank = 1;              // powersgd: rank of the approximation (PyTorch's matrix_approximation_rank)
+  double ratio = 0.01;       // topk: fraction of each bucket's elements sent, in (0, 1]
+  int64_t startStep = 0;     // optimizer steps of plain all-reduce before compressing
+  bool errorFeedback = true; // powersgd/topk: carry what was not sent into the next step
+};
+
 struct ParallelSettings {
   std::string strategy = "ddp";  // one of kStrategyNames
   std::string backend = "auto";  // tcp | shm | hier | nccl | auto
@@ -68,6 +78,7 @@ struct ParallelSettings {
   // world_size / reference_world_size (Goyal et al.), so a resized elastic group keeps its effective step.
   std::string lrScaling = "none";
   int referenceWorldSize = 1;
+  std::optional<CompressionSettings> compression;  // unset: the float32 averaging all-reduce
 };
 
 struct CheckpointSettings {

@@ -63,6 +63,8 @@ void Progress::step(const StepStats& s) {
   if (metrics_) {
     nlohmann::json j{{"step", s.step}, {"epoch", s.epoch}, {"loss", s.loss}, {"lr", s.lr},
                      {"samples_per_s", s.samplesPerSec}, {"time_s", s.elapsedSec}, {"wall_time", wallTime()}};
+    if (s.commBytesPerStep) j["comm_bytes_per_step"] = *s.commBytesPerStep;
+    if (s.compressionRatio) j["compression_ratio"] = *s.compressionRatio;
     fmt::print(metrics_, "{}\n", j.dump());
     std::fflush(metrics_);
   }

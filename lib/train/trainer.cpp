@@ -18,6 +18,7 @@
 #include "lib/nn/model.h"
 #include "lib/train/check.h"
 #include "lib/train/checkpointing.h"
+#include "lib/train/compression.h"
 #include "lib/train/fault.h"
 #include "lib/train/progress.h"
 #include "lib/train/strategy.h"
@@ -95,6 +96,8 @@ class TrainLoop {
   int64_t intervalSamples_ = 0;
   Clock::time_point intervalStart_;
   std::unique_ptr<nn::Optimizer> optimizer_;
+  CommHookPtr commHook_;                // DDP's (null alone); its traffic goes to metrics.jsonl
+  HookTraffic loggedTraffic_;           // commHook_'s counts at the last progress interval
   std::unique_ptr<Strategy> strategy_;
   std::unique_ptr<Checkpointer> checkpointer_;  // uses strategy_
   std::unique_ptr<data::DistributedSampler> sampler_;
@@ -139,6 +142,13 @@ void TrainLoop::logInterval(StepStats& stats, bool force) {
   stats.loss = sums[1] > 0 ? sums[0] / sums[1] : 0;
   stats.samplesPerSec = sums[2] / secs;
   stats.elapsedSec = secondsSince(start_);
+  if (auto t = commHook_ ? commHook_->traffic() : std::nullopt; t && t->steps > loggedTraffic_.steps) {
+    const double sent = static_cast<double>(t->bytesSent - loggedTraffic_.bytesSent);
+    const double dense = static_cast<double>(t->bytesUncompressed - loggedTraffic_.bytesUncompressed);
+    stats.commBytesPerStep = sent / static_cast<double>(t->steps - loggedTraffic_.steps);
+    stats.compressionRatio = sent > 0 ? dense / sent : 1.0;
+    loggedTraffic_ = *t;
+  }
   callbacks_.log(stats);
   intervalLoss_ = 0;
   intervalBatches_ = intervalSamples_ = 0;
@@ -177,7 +187,14 @@ void TrainLoop::setUp() {
   std::future<std::shared_ptr<const data::Dataset>> evalLoad;
   if (job_.data.eval) evalLoad = std::async(std::launch::async, [&] { return data::loadDataset(*job_.data.eval); });
   train_ = data::loadDataset(job_.data.train);
-  strategy_ = makeStrategy(job_, connect(), {.overlapDefault = spareCores});
+  if (job_.parallel.compression && worker_.worldSize == 1) {
+    if (worker_.rank == 0)
+      log::warn("{}: /parallel/compression: ignored with a world of 1 rank (nothing is communicated)", job_.sourceFile);
+  } else if (worker_.worldSize > 1) {
+    commHook_ = job_.parallel.compression ? makeCompressionHook(*job_.parallel.compression, job_.loop.seed)
+                                          : std::make_shared<AllreduceAvgHook>();
+  }
+  strategy_ = makeStrategy(job_, connect(), {.overlapDefault = spareCores, .commHook = commHook_});
   const int64_t batch = job_.data.batchSize;
   // The job's "device" is validated to be "cpu" (lib/train/job.cpp): the layers have CPU implementations only.
   const Device device = Device::cpu();
@@ -189,7 +206,9 @@ void TrainLoop::setUp() {
   checkpointer_ = std::make_unique<Checkpointer>(
       job_, *strategy_, fmt::format("{}/{}/{}", worker_.runId, worker_.round, worker_.restartCount));
   resumed_ = checkpointer_->resume(*model_, *optimizer_);
-  strategy_->prepare(*model_);
+  strategy_->prepare(*model_);  // binds commHook_: its state exists from here
+  checkpointer_->setCommHook(commHook_);
+  bool hookStateLoaded = resumed_ && checkpointer_->loadCommHookState(*resumed_);
   const ProcessGroups& g = strategy_->groups();
   sampler_ = std::make_unique<data::DistributedSampler>(data::SamplerOptions{
       .datasetSize = train_->size(), .rank = g.dataRank, .worldSize = g.dataSize,
@@ -216,6 +235,14 @@ void TrainLoop::setUp() {
     progress_->info(fmt::format("resumed from {} (step {}, epoch {}, {} samples of it done, saved by {} rank(s))",
                                 resumed_->path.string(), resumed_->step, resumed_->epoch + 1,
                                 resumed_->samplesConsumed, resumed_->savedWorldSize));
+  if (job_.parallel.compression && commHook_) {
+    const auto& c = *job_.parallel.compression;
+    progress_->info(fmt::format("gradient compression: {}{}{}{}", compressionTypeName(c.type),
+                                c.type == CompressionSettings::Type::kPowerSgd ? fmt::format(" rank {}", c.rank) : "",
+                                c.type == CompressionSettings::Type::kTopK ? fmt::format(" ratio {}", c.ratio) : "",
+                                resumed_ ? (hookStateLoaded ? ", state resumed" : ", fresh state (none in the checkpoint)")
+                                         : ""));
+  }
 }
 
 void TrainLoop::planRun() {

@@ -1,0 +1,120 @@
+#include "lib/train/compression.h"
+
+#include <fmt/format.h>
+
+#include <cmath>
+#include <limits>
+
+#include "lib/common/error.h"
+#include "lib/common/json_fields.h"
+#include "lib/nn/registry.h"
+#include "lib/train/compression_hooks.h"
+
+namespace dtrain::train {
+
+namespace {
+
+constexpr std::string_view kTypes[] = {"fp16", "bf16", "powersgd", "topk"};
+
+}  // namespace
+
+std::string compressionTypeName(CompressionSettings::Type type) {
+  return std::string(kTypes[static_cast<size_t>(type)]);
+}
+
+CompressionSettings parseCompression(const nlohmann::json& value, const std::string& source,
+                                     const std::string& pointer) {
+  JsonFields f(value, source, pointer, "the compression section");
+  f.allowOnly({"type", "rank", "ratio", "start_step", "error_feedback"});
+  CompressionSettings c;
+  const std::string type = f.choice("type", {kTypes[0], kTypes[1], kTypes[2], kTypes[3]}, "compression type");
+  for (size_t i = 0; i < std::size(kTypes); ++i)
+    if (type == kTypes[i]) c.type = static_cast<CompressionSettings::Type>(i);
+  const bool powersgd = c.type == CompressionSettings::Type::kPowerSgd;
+  const bool topk = c.type == CompressionSettings::Type::kTopK;
+  auto onlyFor = [&](std::string_view key, bool applies, std::string_view types) {
+    if (f.has(key) && !applies)
+      f.failAt(key, fmt::format("applies to \"type\": {} only, not to \"{}\"", types, type));
+  };
+  onlyFor("rank", powersgd, "\"powersgd\"");
+  onlyFor("ratio", topk, "\"topk\"");
+  onlyFor("error_feedback", powersgd || topk, "\"powersgd\" or \"topk\"");
+  c.rank = static_cast<int>(f.integer("rank", 1, "an integer >= 1 (the rank of PowerSGD's approximation)",
+                                      [](int64_t v) { return v >= 1 && v <= (1 << 20); }));
+  c.ratio = f.number("ratio", 0.01, "a number in (0, 1] (the fraction of each bucket sent)",
+                     [](double v) { return v > 0 && v <= 1; });
+  c.startStep = f.integer("start_step", 0, "an integer >= 0 (steps of plain all-reduce first)",
+                          [](int64_t v) { return v >= 0; });
+  c.errorFeedback = f.boolean("error_feedback", true);
+  return c;
+}
+
+std::vector<GradParam> paramsOfSpec(const nn::ModelSpec& model) {
+  std::vector<GradParam> out;
+  size_t offset = 0;
+  for (const auto& layer : model.layers)
+    for (const auto& ps : nn::paramShapesOf(layer)) {
+      const auto count = static_cast<size_t>(ps.shape.numel());
+      out.push_back({fmt::format("{}.{}", layer.index, ps.suffix), ps.shape, offset, count});
+      offset += count;
+    }
+  return out;
+}
+
+void checkCompressionFitsModel(const CompressionSettings& c, const nn::ModelSpec& model, const std::string& source,
+                               const std::string& pointer) {
+  if (c.type != CompressionSettings::Type::kPowerSgd) return;
+  std::optional<GradParam> smallest;
+  int64_t limit = std::numeric_limits<int64_t>::max();
+  for (const GradParam& p : paramsOfSpec(model)) {
+    auto dims = matrixDims(p.shape);
+    if (dims && std::min(dims->rows, dims->cols) < limit) limit = std::min(dims->rows, dims->cols), smallest = p;
+  }
+  if (!smallest || c.rank <= limit) return;
+  auto dims = *matrixDims(smallest->shape);
+  DTRAIN_THROW(ConfigError,
+               "{}: {}/rank: {} is larger than the matrix {} {} (a {}x{} matrix) can take: expected an integer "
+               "between 1 and {}",
+               source, pointer, c.rank, smallest->name, smallest->shape.spaced(), dims.rows, dims.cols, limit);
+}
+
+CompressionEstimate estimateCompression(const CompressionSettings& c, const std::vector<GradParam>& params,
+                                        int worldSize) {
+  CompressionEstimate e;
+  uint64_t total = 0;
+  for (const auto& p : params) total += p.count;
+  e.bytesUncompressed = allreduceWireBytes(total * sizeof(float), worldSize);
+  switch (c.type) {
+    case CompressionSettings::Type::kFp16:
+    case CompressionSettings::Type::kBf16:
+      e.bytesSent = allreduceWireBytes(total * 2, worldSize);
+      break;
+    case CompressionSettings::Type::kTopK: {
+      const auto k = static_cast<uint64_t>(std::ceil(c.ratio * static_cast<double>(total)));
+      e.bytesSent = allgatherWireBytes(std::max<uint64_t>(k, 1) * kTopKPairBytes, worldSize);
+      break;
+    }
+    case CompressionSettings::Type::kPowerSgd: {
+      const PowerSgdPlan plan = planPowerSgd(params, c.rank);
+      e.bytesSent = allreduceWireBytes((plan.pSize + plan.vectorSize) * sizeof(float), worldSize) +
+                    allreduceWireBytes(plan.qSize * sizeof(float), worldSize);
+      break;
+    }
+  }
+  return e;
+}
+
+CommHookPtr makeCompressionHook(const CompressionSettings& c, uint64_t seed) {
+  switch (c.type) {
+    case CompressionSettings::Type::kFp16:
+    case CompressionSettings::Type::kBf16:
+      return std::make_shared<CastHook>(c);
+    case CompressionSettings::Type::kTopK:
+      return std::make_shared<TopKHook>(c);
+    case CompressionSettings::Type::kPowerSgd:
+      return std::make_shared<PowerSgdHook>(c, seed);
+  }
+  DTRAIN_THROW(Error, "unknown compression type {}", static_cast<int>(c.type));
+}
+
+}  // namespace dtrain::train

@@ -1,0 +1,67 @@
+// Gradient compression for data parallelism: communication hooks (lib/train/comm_hook.h) that send fewer bytes
+// than the float32 all-reduce, chosen by the job file's "parallel": {"compression": {...}} (docs/compression.md).
+//
+//  fp16 / bf16   PyTorch's fp16_compress_hook / bf16_compress_hook: the bucket divided by the group size (so the
+//                sum of n values stays in fp16's range), cast to 16 bits, all-reduced (sum) in 16 bits, cast
+//                back. Half the bytes; no state.
+//  topk          Deep Gradient Compression's sparsification (Lin et al. 2018) without momentum correction: per
+//                bucket, the ceil(ratio x count) elements of largest |g + e| are exchanged by an all-gather of
+//                (int32 index, float32 value) pairs and averaged; with error feedback the rest accumulates in a
+//                per-rank residual e (e = (g + e) - sent) that is added to the next step's gradient.
+//  powersgd      PowerSGD (Vogels et al., NeurIPS 2019), as PyTorch's powerSGD_hook: per matrix-shaped
+//                parameter M (a tensor of rank >= 2 viewed as [shape[0], rest]), one power-iteration step with
+//                the previous step's Q (warm start): P = M Q, all-reduce P, orthogonalise P (Gram-Schmidt),
+//                Q = M^T P, all-reduce Q, M ~ P Q^T / n. Vectors (biases, norms) and matrices too small to gain
+//                (PyTorch's min_compression_rate 2: (m + n) r x 2 >= m n) are batched and all-reduced uncompressed.
+//                With error feedback e = (g + e) - P Q^T / n per rank (as PyTorch: the whole bucket).
+// Every method does the plain averaging all-reduce for steps before start_step (PyTorch's start_powerSGD_iter).
+//
+// Determinism: each rank computes the same operations on bitwise-identical collective results, so replicas stay
+// identical; the state (residuals, Q, the step count) is saved per rank in checkpoints, so a resumed run with the
+// same world size continues bit for bit. A non-finite gradient on any rank makes the step's result non-finite
+// on every rank (the trainer then stops or skips the step) and leaves the state as it was before that step.
+// Threading: as CommHook (the trainer's thread submits; wait() finishes a bucket on the waiting thread).
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "lib/nn/spec.h"
+#include "lib/train/comm_hook.h"
+#include "lib/train/job.h"
+
+namespace dtrain::train {
+
+// "fp16", "bf16", "powersgd", "topk".
+std::string compressionTypeName(CompressionSettings::Type type);
+
+// Parses parallel.compression (`pointer` is its JSON path, "/parallel/compression"). ConfigError naming the file,
+// the field and the value: an unknown type, rank < 1, ratio outside (0, 1], start_step < 0, a field that does
+// not apply to the type (rank for topk...), an unknown field.
+CompressionSettings parseCompression(const nlohmann::json& value, const std::string& source,
+                                     const std::string& pointer);
+
+// ConfigError when a powersgd rank is larger than a matrix of the model can take (min(m, n) of its smallest
+// matrix-shaped parameter), naming the parameter and its shape.
+void checkCompressionFitsModel(const CompressionSettings& c, const nn::ModelSpec& model, const std::string& source,
+                               const std::string& pointer);
+
+// Bytes per optimizer step for one rank in a group of `worldSize`, as HookTraffic counts them, from the
+// parameters alone (top-k per whole arena: per-bucket rounding adds at most one pair per bucket).
+struct CompressionEstimate {
+  uint64_t bytesSent = 0;
+  uint64_t bytesUncompressed = 0;
+  double ratio() const { return bytesSent > 0 ? static_cast<double>(bytesUncompressed) / bytesSent : 0; }
+};
+CompressionEstimate estimateCompression(const CompressionSettings& c, const std::vector<GradParam>& params,
+                                        int worldSize);
+// The parameters of a model spec in arena order (names, shapes, offsets), without building the model.
+std::vector<GradParam> paramsOfSpec(const nn::ModelSpec& model);
+
+// The hook for `c` (seed: PowerSGD's initial Q, equal on every rank).
+CommHookPtr makeCompressionHook(const CompressionSettings& c, uint64_t seed = 0);
+
+}  // namespace dtrain::train

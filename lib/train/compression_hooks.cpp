@@ -1,0 +1,163 @@
+// The shared part of the compression hooks, fp16/bf16 casts and top-k (PowerSGD: powersgd.cpp).
+#include "lib/train/compression_hooks.h"
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <limits>
+#include <numeric>
+
+#include "lib/comm/reduce.h"
+#include "lib/common/error.h"
+#include "lib/nn/optimizer.h"
+
+namespace dtrain::train {
+
+std::optional<MatrixDims> matrixDims(const Shape& shape) {
+  if (shape.rank() < 2 || shape[0] <= 0) return std::nullopt;
+  return MatrixDims{shape[0], shape.numel() / shape[0]};
+}
+
+// --- CompressionHook ---
+
+void CompressionHook::bind(const HookLayout& layout) {
+  layout_ = layout;
+  bound_ = true;
+  allocate();
+}
+
+comm::WorkPtr CompressionHook::start(const GradBucket& bucket, comm::Backend& group) {
+  DTRAIN_CHECK(bound_, "compression hook '{}': bucket {} started before bind()", name(), bucket.index);
+  DTRAIN_CHECK(bucket.offset + static_cast<size_t>(bucket.grads.numel()) <= layout_.arenaSize,
+               "compression hook '{}': bucket [{}, +{}) outside the arena of {}", name(), bucket.offset,
+               bucket.grads.numel(), layout_.arenaSize);
+  const uint64_t dense = allreduceWireBytes(bucket.grads.bytes(), group.size());
+  traffic_.bytesUncompressed += dense;
+  comm::WorkPtr work;
+  if (step_[0] < settings_.startStep) {
+    sent(dense);
+    work = group.allreduceAsync(bucket.grads, comm::ReduceOp::kAvg);
+  } else {
+    work = compress(bucket, group);
+  }
+  if (bucket.last) {
+    ++step_[0];
+    ++traffic_.steps;
+  }
+  return work;
+}
+
+std::vector<HookState> CompressionHook::stateBuffers() {
+  std::vector<HookState> out{{name() + ".step", TensorView::flat(step_, 1)}};
+  addState(out);
+  return out;
+}
+
+// --- fp16 / bf16 ---
+
+void CastHook::allocate() { half_.assign(layout_.arenaSize, 0); }
+
+comm::WorkPtr CastHook::compress(const GradBucket& bucket, comm::Backend& group) {
+  const size_t n = static_cast<size_t>(bucket.grads.numel());
+  float* g = bucket.grads.as<float>();
+  uint16_t* h = half_.data() + bucket.offset;
+  const bool fp16 = settings_.type == CompressionSettings::Type::kFp16;
+  // Divided before the cast (PyTorch's fp16 hook divides by the world size): the sum of n values is then as
+  // large as the largest of them, so the 16-bit sum overflows only where one rank's gradient alone would.
+  const auto size = static_cast<float>(group.size());
+  if (fp16)
+    for (size_t i = 0; i < n; ++i) h[i] = comm::floatToFp16(g[i] / size);
+  else
+    for (size_t i = 0; i < n; ++i) h[i] = comm::floatToBf16(g[i] / size);
+  const DType dtype = fp16 ? DType::kFloat16 : DType::kBFloat16;
+  sent(allreduceWireBytes(n * 2, group.size()));
+  auto work = group.allreduceAsync(TensorView::flat(h, n, dtype), comm::ReduceOp::kSum);
+  return thenWork(std::move(work), [g, h, n, fp16] {
+    if (fp16)
+      for (size_t i = 0; i < n; ++i) g[i] = comm::fp16ToFloat(h[i]);
+    else
+      for (size_t i = 0; i < n; ++i) g[i] = comm::bf16ToFloat(h[i]);
+  });
+}
+
+// --- top-k ---
+
+void TopKHook::allocate() {
+  residual_.assign(settings_.errorFeedback ? layout_.arenaSize : 0, 0.0f);
+}
+
+void TopKHook::addState(std::vector<HookState>& out) {
+  if (settings_.errorFeedback) out.push_back({"topk.residual", TensorView::flat(residual_.data(), residual_.size())});
+}
+
+void TopKHook::stateLoaded(bool sameWorld) {
+  // Another world: the residuals were other ranks' (and another data split's); start from none.
+  if (!sameWorld) std::fill(residual_.begin(), residual_.end(), 0.0f);
+}
+
+comm::WorkPtr TopKHook::compress(const GradBucket& bucket, comm::Backend& group) {
+  const size_t n = static_cast<size_t>(bucket.grads.numel());
+  DTRAIN_CHECK(n <= static_cast<size_t>(std::numeric_limits<int32_t>::max()),
+               "topk: bucket {} has {} elements, more than int32 indices address; lower parallel.bucket_mb",
+               bucket.index, n);
+  const size_t k = std::clamp<size_t>(static_cast<size_t>(std::ceil(settings_.ratio * static_cast<double>(n))), 1, n);
+  float* g = bucket.grads.as<float>();
+  Buffers& b = buffers_[{bucket.offset, n}];
+  if (b.send.empty()) {
+    b.order.resize(n);
+    b.send.resize(2 * k);
+    b.recv.resize(2 * k * static_cast<size_t>(group.size()));
+  }
+  // A non-finite gradient is sent as NaN values (every rank's result is then non-finite, so all stop or skip
+  // together) and leaves the residual as it was.
+  bool finite = nn::allFinite({g, n});
+  float* acc = g;
+  if (finite && settings_.errorFeedback) {
+    acc = residual_.data() + bucket.offset;
+    for (size_t i = 0; i < n; ++i) acc[i] += g[i];
+    if (!nn::allFinite({acc, n})) {  // the sum overflowed: drop the residual rather than keep an infinity
+      std::fill(acc, acc + n, 0.0f);
+      finite = false;
+    }
+  }
+  if (finite) {
+    std::iota(b.order.begin(), b.order.end(), 0);
+    if (k < n) {
+      // Largest magnitude first; ties by index, so the choice does not depend on the algorithm's internals.
+      auto larger = [acc](int32_t x, int32_t y) {
+        const float ax = std::fabs(acc[x]), ay = std::fabs(acc[y]);
+        return ax > ay || (ax == ay && x < y);
+      };
+      std::nth_element(b.order.begin(), b.order.begin() + static_cast<ptrdiff_t>(k), b.order.end(), larger);
+      std::sort(b.order.begin(), b.order.begin() + static_cast<ptrdiff_t>(k));  // ascending: a cache-friendly scatter
+    }
+    for (size_t j = 0; j < k; ++j) {
+      const int32_t i = b.order[j];
+      b.send[2 * j] = i;
+      b.send[2 * j + 1] = std::bit_cast<int32_t>(acc[i]);
+      if (settings_.errorFeedback) acc[i] = 0.0f;  // sent: what stays in the residual is the rest
+    }
+  } else {
+    for (size_t j = 0; j < k; ++j) {
+      b.send[2 * j] = static_cast<int32_t>(j);
+      b.send[2 * j + 1] = std::bit_cast<int32_t>(std::numeric_limits<float>::quiet_NaN());
+    }
+  }
+  sent(allgatherWireBytes(k * kTopKPairBytes, group.size()));
+  auto work = group.allgatherAsync(TensorView::flat(b.send.data(), b.send.size()),
+                                   TensorView::flat(b.recv.data(), b.recv.size()));
+  const int ranks = group.size();
+  return thenWork(std::move(work), [g, n, k, ranks, recv = b.recv.data()] {
+    // The same additions in the same order (rank 0's pairs first) on every rank: identical results.
+    std::fill(g, g + n, 0.0f);
+    for (size_t p = 0; p < k * static_cast<size_t>(ranks); ++p) {
+      const auto i = static_cast<size_t>(static_cast<uint32_t>(recv[2 * p]));
+      DTRAIN_CHECK(i < n, "topk: a peer sent index {} for a bucket of {} elements", i, n);
+      g[i] += std::bit_cast<float>(recv[2 * p + 1]);
+    }
+    const auto size = static_cast<float>(ranks);
+    for (size_t i = 0; i < n; ++i) g[i] /= size;
+  });
+}
+
+}  // namespace dtrain::train

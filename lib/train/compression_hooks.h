@@ -1,0 +1,135 @@
+// The compression hooks behind makeCompressionHook (lib/train/compression.h, which states the methods and their
+// sources), visible here for tests and for the byte estimates of `dtrain check`.
+//
+// State lives in buffers indexed by the gradient arena (residuals) or by a plan over the arena's parameters
+// (PowerSGD's P, Q and the uncompressed vectors), allocated once in bind(); a bucket is a slice of the arena at
+// parameter boundaries, so each bucket's share of every buffer is one contiguous range, whatever the bucket
+// sizes or overlap setting are. Nothing allocates per step except the first use of a bucket size (top-k).
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <vector>
+
+#include "lib/train/compression.h"
+
+namespace dtrain::train {
+
+// A tensor of rank >= 2 as a matrix [shape[0], numel / shape[0]] (PyTorch's tensor.view(shape[0], -1));
+// nullopt for vectors and scalars.
+struct MatrixDims {
+  int64_t rows = 0;
+  int64_t cols = 0;
+};
+std::optional<MatrixDims> matrixDims(const Shape& shape);
+
+// Bytes of one top-k pair on the wire: an int32 index and a float32 value.
+inline constexpr uint64_t kTopKPairBytes = 8;
+
+// Where each parameter's gradient goes in PowerSGD: a rank-r factorisation (P: r x rows, Q: r x cols, both
+// stored transposed so each factor column is contiguous) or the uncompressed vector buffer.
+struct PowerSgdPlan {
+  struct Entry {
+    size_t offset = 0;  // in the gradient arena
+    size_t count = 0;
+    bool compressed = false;
+    int64_t rows = 0, cols = 0;
+    int rank = 0;       // min(rank, rows, cols)
+    size_t pOff = 0, qOff = 0, vOff = 0;  // in the P, Q and vector buffers
+  };
+  std::vector<Entry> entries;  // arena order
+  size_t pSize = 0, qSize = 0, vectorSize = 0;
+};
+// PyTorch's rule: a matrix is compressed when (rows + cols) x r x 2 < rows x cols.
+PowerSgdPlan planPowerSgd(const std::vector<GradParam>& params, int rank);
+
+// What every compression hook shares: bind(), the start_step switch (plain averaging all-reduce before it),
+// the step count (checkpointed) and the traffic counters.
+class CompressionHook : public CommHook {
+ public:
+  explicit CompressionHook(CompressionSettings settings) : settings_(settings) {}
+  std::string name() const override { return compressionTypeName(settings_.type); }
+  comm::WorkPtr start(const GradBucket& bucket, comm::Backend& group) final;
+  void bind(const HookLayout& layout) final;
+  std::vector<HookState> stateBuffers() final;
+  std::optional<HookTraffic> traffic() const final { return traffic_; }
+  int64_t stepsStarted() const { return step_[0]; }
+
+ protected:
+  // Starts compressing and communicating a bucket once step >= start_step.
+  virtual comm::WorkPtr compress(const GradBucket& bucket, comm::Backend& group) = 0;
+  virtual void allocate() {}
+  virtual void addState(std::vector<HookState>& /*out*/) {}
+  void sent(uint64_t wireBytes) { traffic_.bytesSent += wireBytes; }
+
+  CompressionSettings settings_;
+  HookLayout layout_;
+  bool bound_ = false;
+
+ private:
+  int64_t step_[1] = {0};  // optimizer steps whose buckets were started
+  HookTraffic traffic_;
+};
+
+// fp16 / bf16: g / n cast to 16 bits, summed in 16 bits, cast back.
+class CastHook final : public CompressionHook {
+ public:
+  using CompressionHook::CompressionHook;
+
+ protected:
+  comm::WorkPtr compress(const GradBucket& bucket, comm::Backend& group) override;
+  void allocate() override;
+
+ private:
+  std::vector<uint16_t> half_;  // arena-sized
+};
+
+// top-k with error feedback, exchanged by all-gather of (index, value) pairs.
+class TopKHook final : public CompressionHook {
+ public:
+  using CompressionHook::CompressionHook;
+  std::span<const float> residual() const { return residual_; }
+  void stateLoaded(bool sameWorld) override;
+
+ protected:
+  comm::WorkPtr compress(const GradBucket& bucket, comm::Backend& group) override;
+  void allocate() override;
+  void addState(std::vector<HookState>& out) override;
+
+ private:
+  struct Buffers {
+    std::vector<int32_t> order;  // candidate indices for the selection
+    std::vector<int32_t> send;   // k pairs
+    std::vector<int32_t> recv;   // n x k pairs
+  };
+  std::vector<float> residual_;  // arena-sized, this rank's unsent gradient (error feedback)
+  std::map<std::pair<size_t, size_t>, Buffers> buffers_;  // per bucket (offset, count)
+};
+
+// PowerSGD with warm start and error feedback.
+class PowerSgdHook final : public CompressionHook {
+ public:
+  PowerSgdHook(CompressionSettings settings, uint64_t seed) : CompressionHook(settings), seed_(seed) {}
+  const PowerSgdPlan& plan() const { return plan_; }
+  std::span<const float> q() const { return q_; }
+  std::span<const float> residual() const { return residual_; }
+  void stateLoaded(bool sameWorld) override;
+
+ protected:
+  comm::WorkPtr compress(const GradBucket& bucket, comm::Backend& group) override;
+  void allocate() override;
+  void addState(std::vector<HookState>& out) override;
+
+ private:
+  void initQ(size_t entry);  // Q of one entry from N(0, 1), the same on every rank
+  void finish(const GradBucket& bucket, comm::Backend& group, size_t first, size_t last);
+
+  uint64_t seed_;
+  PowerSgdPlan plan_;
+  std::vector<float> p_, q_, vectors_;
+  std::vector<float> residual_;  // arena-sized (error feedback)
+  std::vector<float> input_;     // arena-sized copy of g + e before decompression (error feedback)
+};
+
+}  // namespace dtrain::train

@@ -1,0 +1,120 @@
+// Gradient compression as a user sees it: `dtrain run -n 2` with each type trains and records its traffic,
+// a killed worker resumes bit for bit (the residuals and Q are in the checkpoint), bad settings exit 2.
+#include <doctest/doctest.h>
+
+#include <filesystem>
+
+#include "tests/integration/launch_helpers.h"
+#include "tests/integration/train_helpers.h"
+
+using namespace dtrain::testing;
+using namespace std::chrono_literals;
+using nlohmann::json;
+
+namespace {
+
+std::vector<std::string> twoRanks(const std::string& job, const std::string& out) {
+  return runArgs({"--standalone", "--nproc-per-node", "2", "--max-restarts", "2", "--shutdown-timeout", "2s", job,
+                  "--output-dir", out});
+}
+
+double lastEvalAccuracy(const std::string& metrics) {
+  double acc = -1;
+  for (const auto& line : readJsonLines(metrics))
+    if (line.contains("eval_accuracy") && line["eval_accuracy"].is_number()) acc = line["eval_accuracy"].get<double>();
+  return acc;
+}
+
+const char* kTypes[] = {R"({"type": "fp16"})", R"({"type": "bf16"})", R"({"type": "powersgd", "rank": 2})",
+                        R"({"type": "topk", "ratio": 0.25})"};
+
+}  // namespace
+
+TEST_CASE("dtrain run -n 2 with each compression type: exit 0, accuracy near uncompressed, ratio in metrics") {
+  std::string dir = tempDir("compress");
+  json job = smallJob(192, 8, 3);
+  job["checkpoint"] = false;
+  writeFile(dir + "/plain.json", job.dump());
+  auto plain = run(twoRanks(dir + "/plain.json", dir + "/plain"), {.timeout = 60s});
+  REQUIRE_MESSAGE(plain.exitCode == 0, plain.err);
+  const double plainAcc = lastEvalAccuracy(dir + "/plain/metrics.jsonl");
+  REQUIRE(plainAcc > 0.5);
+  for (const char* type : kTypes) {
+    CAPTURE(type);
+    job["parallel"]["compression"] = json::parse(type);
+    writeFile(dir + "/job.json", job.dump());
+    auto r = run(twoRanks(dir + "/job.json", dir + "/out"), {.timeout = 60s});
+    INFO(r.out, r.err);
+    REQUIRE(r.exitCode == 0);
+    CHECK(r.out.find("gradient compression: " + job["parallel"]["compression"]["type"].get<std::string>()) !=
+          std::string::npos);
+    CHECK(lastEvalAccuracy(dir + "/out/metrics.jsonl") >= plainAcc - 0.1);
+    // Every progress line of a two-rank run says what a step sent and how much less than float32 that was.
+    int lines = 0;
+    for (const auto& line : readJsonLines(dir + "/out/metrics.jsonl")) {
+      if (!line.contains("loss") || line.contains("eval_loss") || line.contains("final")) continue;
+      ++lines;
+      REQUIRE(line.contains("comm_bytes_per_step"));
+      CHECK(line["comm_bytes_per_step"].get<double>() > 0);
+      CHECK(line["compression_ratio"].get<double>() > 1.2);
+    }
+    CHECK(lines > 0);
+  }
+  // Without compression the traffic is recorded too, at ratio 1.
+  auto plainLines = readJsonLines(dir + "/plain/metrics.jsonl");
+  REQUIRE(plainLines.front().contains("compression_ratio"));
+  CHECK(plainLines.front()["compression_ratio"].get<double>() == 1.0);
+}
+
+TEST_CASE("SIGKILL of a worker with powersgd or topk: the resumed job's weights are bit-identical") {
+  for (const char* type : {R"({"type": "powersgd", "rank": 1})", R"({"type": "topk", "ratio": 0.1})"}) {
+    CAPTURE(type);
+    std::string dir = tempDir("compresskill");
+    json job = smallJob();
+    job["parallel"]["compression"] = json::parse(type);
+    writeFile(dir + "/job.json", job.dump());
+    auto clean = run(twoRanks(dir + "/job.json", dir + "/clean"), {.timeout = 60s});
+    REQUIRE_MESSAGE(clean.exitCode == 0, clean.err);
+    auto killed = run(twoRanks(dir + "/job.json", dir + "/killed"),
+                      {.timeout = 60s, .env = {{"DTRAIN_FAULT", "rank=1,step=7,action=kill"}}});
+    INFO(killed.out, killed.err);
+    REQUIRE(killed.exitCode == 0);
+    CHECK(killed.out.find("resumed from") != std::string::npos);
+    CHECK(killed.out.find("state resumed") != std::string::npos);
+    CHECK(std::filesystem::exists(dir + "/killed/checkpoints/step-000000012/comm_hook-rank-1.safetensors"));
+    CHECK(readTensorsRaw(dir + "/clean/model.safetensors") == readTensorsRaw(dir + "/killed/model.safetensors"));
+  }
+}
+
+TEST_CASE("bad compression settings are rejected by run with exit 2 before any worker starts") {
+  std::string dir = tempDir("compressbad");
+  struct Case {
+    const char* compression;
+    const char* message;
+  };
+  for (const Case& c : {Case{R"({"type": "gzip"})", "/parallel/compression/type: unknown compression type 'gzip'"},
+                        Case{R"({"type": "powersgd", "rank": 0})", "/parallel/compression/rank: expected an integer >= 1"},
+                        Case{R"({"type": "powersgd", "rank": 7})", "/parallel/compression/rank: 7 is larger than the matrix"},
+                        Case{R"({"type": "topk", "ratio": 2})", "/parallel/compression/ratio: expected a number in (0, 1]"}}) {
+    CAPTURE(c.compression);
+    json job = smallJob();
+    job["parallel"]["compression"] = json::parse(c.compression);
+    writeFile(dir + "/job.json", job.dump());
+    auto r = run(twoRanks(dir + "/job.json", dir + "/out"), {.timeout = 30s});
+    CHECK(r.exitCode == 2);
+    CHECK(r.err.find(c.message) != std::string::npos);
+    CHECK(r.out.find("[n0 r0]") == std::string::npos);  // no worker said anything: none started
+  }
+}
+
+TEST_CASE("compression with one rank warns and trains without it") {
+  std::string dir = tempDir("compressone");
+  json job = smallJob();
+  job["parallel"]["compression"] = json::parse(R"({"type": "powersgd", "rank": 1})");
+  job["checkpoint"] = false;
+  writeFile(dir + "/job.json", job.dump());
+  auto r = run({dtrainBinary(), "train", dir + "/job.json", "--output-dir", dir + "/out"}, {.timeout = 60s});
+  INFO(r.out, r.err);
+  REQUIRE(r.exitCode == 0);
+  CHECK(r.err.find("/parallel/compression: ignored with a world of 1 rank") != std::string::npos);
+}

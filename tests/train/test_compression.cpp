@@ -1,0 +1,280 @@
+// Gradient compression: job-file parsing and validation, and each hook over real tcp groups (one thread per rank
+// over the in-memory store), checked against the averages they approximate.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <algorithm>
+#include <limits>
+#include <numeric>
+
+#include "lib/comm/reduce.h"
+#include "lib/comm/registry.h"
+#include "lib/common/error.h"
+#include "lib/nn/optimizer.h"
+#include "lib/train/compression.h"
+#include "lib/train/compression_hooks.h"
+#include "rendezvous/memory_store.h"
+#include "tests/comm/comm_test_util.h"
+
+using namespace dtrain;
+using namespace dtrain::train;
+using nlohmann::json;
+
+namespace {
+
+CompressionSettings parsed(const std::string& text) { return parseCompression(json::parse(text), "j.json", "/c"); }
+
+std::string parseError(const std::string& text) {
+  try {
+    parsed(text);
+  } catch (const ConfigError& e) {
+    return e.what();
+  }
+  return "";
+}
+
+// Two parameters: a [rows, cols] matrix and a [cols] vector, in one arena.
+HookLayout layoutOf(int64_t rows, int64_t cols, int ranks) {
+  HookLayout l;
+  l.params = {{"0.weight", Shape{rows, cols}, 0, static_cast<size_t>(rows * cols)},
+              {"0.bias", Shape{cols}, static_cast<size_t>(rows * cols), static_cast<size_t>(cols)}};
+  l.arenaSize = static_cast<size_t>(rows * cols + cols);
+  l.groupSize = ranks;
+  return l;
+}
+
+// Runs `steps` steps of `hook` on every rank: grads(rank, step) gives the rank's gradient; the whole arena is one
+// bucket. Returns each rank's result per step.
+using GradFn = std::function<std::vector<float>(int rank, int step)>;
+struct RankRun {
+  std::vector<std::vector<float>> results;
+  std::vector<std::vector<float>> state;  // stateBuffers() after the last step, as floats (step count excluded)
+  HookTraffic traffic;
+};
+std::vector<RankRun> runHook(int ranks, const HookLayout& layout, const CompressionSettings& c, int steps,
+                             const GradFn& grads) {
+  auto store = rendezvous::MemoryStore::create();
+  std::vector<RankRun> out(static_cast<size_t>(ranks));
+  auto errors = comm::testing::onRanks(ranks, [&](int rank) {
+    auto backend = comm::createBackend("tcp", comm::testing::rankOptions(rank, ranks, store));
+    auto hook = makeCompressionHook(c, 7);
+    hook->bind(layout);
+    RankRun& run = out[static_cast<size_t>(rank)];
+    for (int step = 0; step < steps; ++step) {
+      std::vector<float> g = grads(rank, step);
+      GradBucket bucket{.index = 0, .grads = TensorView::flat(g.data(), g.size()), .offset = 0, .last = true,
+                        .params = layout.params};
+      hook->start(bucket, *backend)->wait();
+      run.results.push_back(g);
+    }
+    for (auto& s : hook->stateBuffers())
+      if (s.view.dtype == DType::kFloat32) run.state.emplace_back(s.view.as<float>(), s.view.as<float>() + s.view.numel());
+    run.traffic = *hook->traffic();
+  });
+  REQUIRE(comm::testing::firstError(errors) == "");
+  return out;
+}
+
+std::vector<float> wave(size_t n, int rank, int step) {
+  std::vector<float> g(n);
+  for (size_t i = 0; i < n; ++i)
+    g[i] = std::sin(0.37f * static_cast<float>(i) + 1.3f * static_cast<float>(rank) + 0.7f * static_cast<float>(step));
+  return g;
+}
+
+}  // namespace
+
+TEST_CASE("parallel.compression: types, defaults and bad values name the field and the value") {
+  auto c = parsed(R"({"type": "powersgd", "rank": 2, "start_step": 100})");
+  CHECK(c.type == CompressionSettings::Type::kPowerSgd);
+  CHECK(c.rank == 2);
+  CHECK(c.startStep == 100);
+  CHECK(c.errorFeedback);
+  c = parsed(R"({"type": "topk", "ratio": 0.01, "error_feedback": false})");
+  CHECK(c.type == CompressionSettings::Type::kTopK);
+  CHECK(c.ratio == doctest::Approx(0.01));
+  CHECK(!c.errorFeedback);
+  CHECK(parsed(R"({"type": "bf16"})").type == CompressionSettings::Type::kBf16);
+
+  CHECK(parseError(R"({"type": "zip"})").find("/c/type: unknown compression type 'zip'") != std::string::npos);
+  CHECK(parseError(R"({"rank": 2})").find("/c") != std::string::npos);
+  CHECK(parseError(R"({"type": "powersgd", "rank": 0})").find("/c/rank: expected an integer >= 1") !=
+        std::string::npos);
+  CHECK(parseError(R"({"type": "topk", "ratio": 0})").find("/c/ratio: expected a number in (0, 1]") !=
+        std::string::npos);
+  CHECK(parseError(R"({"type": "topk", "ratio": 1.5})").find("got 1.5") != std::string::npos);
+  CHECK(parseError(R"({"type": "topk", "rank": 2})").find("/c/rank: applies to \"type\": \"powersgd\" only") !=
+        std::string::npos);
+  CHECK(parseError(R"({"type": "fp16", "error_feedback": true})").find("/c/error_feedback") != std::string::npos);
+  CHECK(parseError(R"({"type": "fp16", "start_step": -1})").find("/c/start_step") != std::string::npos);
+  CHECK(parseError(R"({"type": "fp16", "typo": 1})").find("typo") != std::string::npos);
+}
+
+TEST_CASE("a powersgd rank larger than the model's smallest matrix is rejected, naming the parameter") {
+  auto model = nn::parseModelSpec(json::parse(R"({"input": [20], "layers": [{"type": "linear", "out": 30},
+      {"type": "relu"}, {"type": "linear", "out": 4}]})"), "j.json");
+  CompressionSettings c{.type = CompressionSettings::Type::kPowerSgd, .rank = 4};
+  CHECK_NOTHROW(checkCompressionFitsModel(c, model, "j.json", "/parallel/compression"));
+  c.rank = 5;
+  try {
+    checkCompressionFitsModel(c, model, "j.json", "/parallel/compression");
+    FAIL("no error");
+  } catch (const ConfigError& e) {
+    CHECK(std::string(e.what()).find("/parallel/compression/rank: 5 is larger than the matrix 2.weight [4, 30]") !=
+          std::string::npos);
+  }
+}
+
+TEST_CASE("expected ratios: fp16 halves, powersgd sends P, Q and the vectors, topk pairs grow with the group") {
+  std::vector<GradParam> params = {{"0.weight", Shape{1000, 1000}, 0, 1000000},
+                                   {"0.bias", Shape{1000}, 1000000, 1000}};
+  auto fp16 = estimateCompression({.type = CompressionSettings::Type::kFp16}, params, 2);
+  CHECK(fp16.ratio() == doctest::Approx(2.0));
+  auto psgd = estimateCompression({.type = CompressionSettings::Type::kPowerSgd, .rank = 2}, params, 2);
+  CHECK(psgd.bytesSent == (2 * 1000 + 2 * 1000 + 1000) * 4);  // P + Q + bias, each all-reduced once
+  auto topk = estimateCompression({.type = CompressionSettings::Type::kTopK, .ratio = 0.01}, params, 2);
+  CHECK(topk.bytesSent == 10010 * 8);
+  CHECK(estimateCompression({.type = CompressionSettings::Type::kTopK, .ratio = 0.01}, params, 4).bytesSent ==
+        3 * 10010 * 8);
+}
+
+TEST_CASE("fp16 and bf16 hooks: the average within 16-bit rounding, identical on every rank, half the bytes") {
+  for (auto type : {CompressionSettings::Type::kFp16, CompressionSettings::Type::kBf16}) {
+    CAPTURE(compressionTypeName(type));
+    constexpr int kRanks = 3;
+    auto layout = layoutOf(8, 16, kRanks);
+    // Values near fp16's largest: the sum of three would overflow, the division first keeps it finite.
+    auto grads = [&](int rank, int step) {
+      auto g = wave(layout.arenaSize, rank, step);
+      g[5] = 60000.0f;
+      return g;
+    };
+    auto runs = runHook(kRanks, layout, {.type = type}, 2, grads);
+    const float tol = type == CompressionSettings::Type::kFp16 ? 2e-3f : 2e-2f;
+    for (int step = 0; step < 2; ++step)
+      for (size_t i = 0; i < layout.arenaSize; ++i) {
+        float want = 0;
+        for (int r = 0; r < kRanks; ++r) want += grads(r, step)[i] / kRanks;
+        const float got = runs[0].results[static_cast<size_t>(step)][i];
+        CHECK_MESSAGE(std::abs(got - want) <= tol * std::max(1.0f, std::abs(want)), "i=", i, " got ", got, " want ", want);
+        for (int r = 1; r < kRanks; ++r) CHECK(runs[static_cast<size_t>(r)].results[static_cast<size_t>(step)][i] == got);
+      }
+    CHECK(runs[0].traffic.steps == 2);
+    CHECK(runs[0].traffic.bytesSent * 2 == runs[0].traffic.bytesUncompressed);
+  }
+}
+
+TEST_CASE("topk with error feedback: k largest of g + e per rank, averaged; the rest stays in the residual") {
+  constexpr int kRanks = 2;
+  auto layout = layoutOf(10, 10, kRanks);  // 110 elements: k = ceil(0.05 * 110) = 6 per rank
+  const CompressionSettings c{.type = CompressionSettings::Type::kTopK, .ratio = 0.05};
+  auto runs = runHook(kRanks, layout, c, 1, [&](int rank, int step) { return wave(layout.arenaSize, rank, step); });
+  // The reference: each rank's 6 largest |g|, summed and averaged.
+  std::vector<float> want(layout.arenaSize, 0.0f);
+  for (int r = 0; r < kRanks; ++r) {
+    auto g = wave(layout.arenaSize, r, 0);
+    std::vector<size_t> idx(g.size());
+    std::iota(idx.begin(), idx.end(), 0);
+    std::sort(idx.begin(), idx.end(), [&](size_t a, size_t b) { return std::abs(g[a]) > std::abs(g[b]); });
+    for (size_t j = 0; j < 6; ++j) want[idx[j]] += g[idx[j]];
+    // The residual holds exactly what was not sent.
+    auto residual = runs[static_cast<size_t>(r)].state.at(0);
+    for (size_t i = 0; i < g.size(); ++i) {
+      const bool sentIt = std::find(idx.begin(), idx.begin() + 6, i) != idx.begin() + 6;
+      CHECK(residual[i] == (sentIt ? 0.0f : g[i]));
+    }
+  }
+  for (size_t i = 0; i < want.size(); ++i) {
+    CHECK(runs[0].results[0][i] == doctest::Approx(want[i] / 2).epsilon(1e-6));
+    CHECK(runs[1].results[0][i] == runs[0].results[0][i]);
+  }
+  CHECK(runs[0].traffic.bytesSent == 6 * kTopKPairBytes);
+  SUBCASE("ratio 1 is the exact average") {
+    auto all = runHook(kRanks, layout, {.type = CompressionSettings::Type::kTopK, .ratio = 1.0}, 2,
+                       [&](int rank, int step) { return wave(layout.arenaSize, rank, step); });
+    for (size_t i = 0; i < layout.arenaSize; ++i)
+      CHECK(all[0].results[1][i] ==
+            doctest::Approx((wave(layout.arenaSize, 0, 1)[i] + wave(layout.arenaSize, 1, 1)[i]) / 2).epsilon(1e-6));
+  }
+  SUBCASE("error feedback sends, over steps, what one step left out") {
+    // The same gradient every step: the elements left out accumulate until they are sent.
+    auto steps = runHook(kRanks, layout, c, 30, [&](int rank, int) { return wave(layout.arenaSize, rank, 0); });
+    std::vector<float> sum(layout.arenaSize, 0.0f);
+    for (const auto& r : steps[0].results)
+      for (size_t i = 0; i < sum.size(); ++i) sum[i] += r[i];
+    // Every element has been sent at least once in 30 steps (110 elements, 6 a step and rank).
+    for (size_t i = 0; i < sum.size(); ++i) CHECK(sum[i] != 0.0f);
+  }
+}
+
+TEST_CASE("powersgd: a rank-1 gradient is recovered exactly, vectors are averaged, ranks agree bit for bit") {
+  constexpr int kRanks = 2;
+  constexpr int64_t kRows = 24, kCols = 32;
+  auto layout = layoutOf(kRows, kCols, kRanks);
+  // Rank r's matrix is (r + 1) u v^T: the average 1.5 u v^T has rank 1, which a rank-1 PowerSGD step recovers.
+  auto grads = [&](int rank, int step) {
+    std::vector<float> g(layout.arenaSize);
+    for (int64_t i = 0; i < kRows; ++i)
+      for (int64_t j = 0; j < kCols; ++j)
+        g[static_cast<size_t>(i * kCols + j)] = static_cast<float>(rank + 1) * std::cos(0.3f * static_cast<float>(i)) *
+                                                std::sin(0.2f * static_cast<float>(j) + 0.1f * static_cast<float>(step) + 0.5f);
+    for (int64_t j = 0; j < kCols; ++j) g[static_cast<size_t>(kRows * kCols + j)] = static_cast<float>(rank * 10 + j);
+    return g;
+  };
+  auto runs = runHook(kRanks, layout, {.type = CompressionSettings::Type::kPowerSgd, .rank = 1}, 3, grads);
+  for (int step = 0; step < 3; ++step) {
+    const auto& got = runs[0].results[static_cast<size_t>(step)];
+    CHECK(got == runs[1].results[static_cast<size_t>(step)]);
+    for (size_t i = 0; i < layout.arenaSize; ++i) {
+      const float want = (grads(0, step)[i] + grads(1, step)[i]) / 2;
+      CHECK_MESSAGE(std::abs(got[i] - want) <= 1e-4f * std::max(1.0f, std::abs(want)), "step ", step, " i=", i);
+    }
+  }
+  // Bytes: P (24) and the bias (32) in the first round, Q (32) in the second.
+  CHECK(runs[0].traffic.bytesSent == 3 * (24 + 32 + 32) * 4);
+}
+
+TEST_CASE("powersgd: plain all-reduce before start_step; with error feedback the residual is g - approximation") {
+  constexpr int kRanks = 2;
+  auto layout = layoutOf(16, 16, kRanks);
+  // wave() as a 16x16 matrix, sin(a i + b j + c), has rank 2: rank 1 cannot hold it.
+  const CompressionSettings c{.type = CompressionSettings::Type::kPowerSgd, .rank = 1, .startStep = 1};
+  auto runs = runHook(kRanks, layout, c, 2, [&](int rank, int step) { return wave(layout.arenaSize, rank, step); });
+  for (size_t i = 0; i < layout.arenaSize; ++i)
+    CHECK(runs[0].results[0][i] ==
+          doctest::Approx((wave(layout.arenaSize, 0, 0)[i] + wave(layout.arenaSize, 1, 0)[i]) / 2).epsilon(1e-6));
+  // Step 1 compressed: residual = g - result on each rank (no residual before it).
+  for (int r = 0; r < kRanks; ++r) {
+    const auto& residual = runs[static_cast<size_t>(r)].state.at(1);  // powersgd.q, then powersgd.residual
+    auto g = wave(layout.arenaSize, r, 1);
+    for (size_t i = 0; i < g.size(); ++i)
+      CHECK(residual[i] == doctest::Approx(g[i] - runs[static_cast<size_t>(r)].results[1][i]).epsilon(1e-5));
+  }
+  // The 16x16 matrix at rank 1 is compressed ((16 + 16) * 1 * 2 < 256): it is not the plain average.
+  bool differs = false;
+  for (size_t i = 0; i < 256; ++i)
+    differs = differs || std::abs(runs[0].results[1][i] - (wave(layout.arenaSize, 0, 1)[i] + wave(layout.arenaSize, 1, 1)[i]) / 2) > 1e-3f;
+  CHECK(differs);
+}
+
+TEST_CASE("a non-finite gradient on one rank makes every rank's result non-finite and leaves the state as it was") {
+  for (auto type : {CompressionSettings::Type::kTopK, CompressionSettings::Type::kPowerSgd,
+                    CompressionSettings::Type::kFp16}) {
+    CAPTURE(compressionTypeName(type));
+    constexpr int kRanks = 2;
+    auto layout = layoutOf(16, 16, kRanks);
+    CompressionSettings c{.type = type, .rank = 2, .ratio = 0.1};
+    auto runs = runHook(kRanks, layout, c, 3, [&](int rank, int step) {
+      auto g = wave(layout.arenaSize, rank, step);
+      if (step == 1 && rank == 1) g[3] = std::numeric_limits<float>::quiet_NaN();
+      return g;
+    });
+    for (int r = 0; r < kRanks; ++r) {
+      const auto& res = runs[static_cast<size_t>(r)].results;
+      CHECK(nn::allFinite(res[0]));
+      CHECK(!nn::allFinite(res[1]));
+      CHECK(nn::allFinite(res[2]));  // the state was not poisoned
+      for (const auto& s : runs[static_cast<size_t>(r)].state) CHECK(nn::allFinite(s));
+    }
+  }
+}

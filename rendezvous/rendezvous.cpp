@@ -283,6 +283,15 @@ void Rendezvous::heartbeat(const RoundInfo& info) {
   store_->set(key(info.round, fmt::format("hb/{}", info.nodeRank)), std::to_string(++beats_));
 }
 
+std::vector<double> Rendezvous::heartbeatAges(const RoundInfo& info) const {
+  std::vector<double> ages(static_cast<size_t>(info.numNodes), -1.0);
+  if (seenRound_ != info.round) return ages;
+  auto now = Clock::now();
+  for (int n = 0; n < info.numNodes && n < static_cast<int>(seen_.size()); ++n)
+    ages[static_cast<size_t>(n)] = n == info.nodeRank ? 0.0 : std::chrono::duration<double>(now - seen_[n].second).count();
+  return ages;
+}
+
 std::vector<int> Rendezvous::silentMembers(const RoundInfo& info, Millis timeout) {
   std::vector<int> silent;
   if (seenRound_ != info.round) {

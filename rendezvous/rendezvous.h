@@ -142,6 +142,9 @@ class Rendezvous {
   // Heartbeats: bump ours, and report members whose counter has not moved for `timeout` (by our clock).
   void heartbeat(const RoundInfo& info);
   std::vector<int> silentMembers(const RoundInfo& info, Millis timeout);
+  // Seconds since each member's heartbeat counter last changed as silentMembers saw it (index: node rank; this
+  // node's own entry is 0; -1 before silentMembers first ran in this round). For monitoring.
+  std::vector<double> heartbeatAges(const RoundInfo& info) const;
 
   Store& store() { return *store_; }
 

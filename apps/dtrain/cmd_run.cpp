@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <climits>
+#include <filesystem>
 #include <optional>
 
 #include "apps/dtrain/commands.h"
@@ -79,6 +80,8 @@ int runCommand(RunArgs& a, bool programAfterDashes) {
   } else {
     o.program = a.positional;
   }
+  if (job) o.jobName = job->name;
+  else o.jobName = std::filesystem::path(o.program.front()).filename().string();
   DTRAIN_CHECK_AS(UsageError, (o.redirects.all == 0 && o.redirects.perRank.empty()) || !o.logDir.empty(),
                   "--redirects sends worker output to files: it needs --log-dir");
   auto slurmLines = launch::applySlurm(slurm, a.given, o);
@@ -156,6 +159,12 @@ void addRunCommand(CLI::App& root, Action& action) {
   sub->add_option("--local-ranks-filter,--local_ranks_filter", a->localRanksFilter,
                   "Show only these local ranks' output on the console, e.g. 0 or 0,1")
       ->envname("DTRAIN_LOCAL_RANKS_FILTER");
+  sub->add_option("--metrics-port", o.metricsPort,
+                  "Serve Prometheus metrics of this node's workers and agent at http://HOST:PORT/metrics (0: a free "
+                  "port, logged)")
+      ->check(CLI::Range(0, 65535))
+      ->envname("DTRAIN_METRICS_PORT");
+  sub->add_option("--metrics-bind", o.metricsBind, "Address the metrics endpoint listens on")->capture_default_str();
   sub->add_flag("--dry-run", a->dryRun, "Print the resolved launch plan and exit");
   sub->footer("Everything from JOB.json or PROGRAM on (or after --) is passed to the workers untouched.");
   runArgs() = a;

@@ -13,6 +13,8 @@
 #include "lib/common/error.h"
 #include "lib/common/net.h"
 #include "lib/common/parse.h"
+#include "lib/launch/http_server.h"
+#include "lib/launch/metrics_hub.h"
 #include "rendezvous/store.h"
 #include "rendezvous/store_protocol.h"
 #include "rendezvous/tcp_store_server.h"
@@ -25,6 +27,7 @@ struct StoreArgs {
   std::string host = "0.0.0.0";
   int port = rendezvous::kDefaultPort;  // torchrun's default rendezvous port
   bool quiet = false;
+  int metricsPort = -1;
   std::string token, tokenFile;
   // Limits (rendezvous::TcpStoreLimits); sizes and durations as text, parsed with dtrain's one wording.
   size_t maxConnections = rendezvous::TcpStoreLimits{}.maxConnections;
@@ -86,6 +89,19 @@ int runStore(const StoreArgs& a) {
   options.limits = limits;
   options.token = token;
   auto server = rendezvous::TcpStoreServer::start(options);
+  std::unique_ptr<launch::HttpServer> metrics;
+  if (a.metricsPort >= 0) {
+    metrics = std::make_unique<launch::HttpServer>(
+        a.host, a.metricsPort,
+        [s = server.get()](std::string_view target) {
+          if (target == "/metrics" || target.substr(0, 9) == "/metrics?")
+            return launch::HttpResponse{200, "text/plain; version=0.0.4; charset=utf-8",
+                                        launch::renderStoreMetrics(s->stats())};
+          return launch::HttpResponse{404, "text/plain; charset=utf-8", "not found: this endpoint serves /metrics\n"};
+        },
+        "--metrics-port");
+    log::info("store: serving Prometheus metrics on http://{}:{}/metrics", a.host, metrics->port());
+  }
   // Exactly one line on stdout, flushed, once connections are accepted: scripts and tests read the port here.
   std::printf("dtrain store listening on %s\n", server->address().c_str());
   std::fflush(stdout);
@@ -96,6 +112,7 @@ int runStore(const StoreArgs& a) {
   while (sigwait(&stopSignals, &sig) != 0) {
   }
   auto stats = server->stats();
+  metrics.reset();
   server->stop();
   log::info("store: {} received, stopped ({} connections, {} requests, {} protocol errors)", ::strsignal(sig),
             stats.connectionsAccepted, stats.requests, stats.protocolErrors);
@@ -138,6 +155,9 @@ void addStoreCommand(CLI::App& root, Action& action) {
   sub->add_option("--max-keys-per-request", args->maxKeysPerRequest, "Keys in one check or wait")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
+  sub->add_option("--metrics-port", args->metricsPort,
+                  "Serve Prometheus metrics of the store at http://HOST:PORT/metrics (0: a free port, logged)")
+      ->check(CLI::Range(0, 65535));
   sub->add_flag("--quiet", args->quiet, "Log only warnings and errors (the listening line is still printed)");
   sub->callback([&action, args] { action = [args] { return runStore(*args); }; });
 }

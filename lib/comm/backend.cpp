@@ -244,9 +244,20 @@ void Backend::dispatch(const Operation& op, const Deadline& d) {
 
 void Backend::runInline(const Operation& op, const Deadline& deadline) { dispatch(op, deadline); }
 
+CommCounters& commCounters(Operation::Kind kind) {
+  static CommCounters counters[kNumOperationKinds];
+  return counters[static_cast<int>(kind) % kNumOperationKinds];
+}
+
 void Backend::runOp(const Operation& op) {
   try {
+    const auto t0 = Clock::now();
     dispatch(op, newDeadline());
+    CommCounters& c = commCounters(op.kind);
+    c.calls.fetch_add(1, std::memory_order_relaxed);
+    if (op.kind != Operation::Kind::kBarrier) c.bytes.fetch_add(op.buf.bytes(), std::memory_order_relaxed);
+    c.nanos.fetch_add(static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0).count()),
+                      std::memory_order_relaxed);
   } catch (const CommError& e) {
     markBroken(e.what());
     throw;

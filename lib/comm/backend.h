@@ -117,6 +117,18 @@ struct Operation {
 // "allreduce", "broadcast", "allgather", "reduce_scatter", "send", "recv", "barrier", "no-op".
 std::string_view operationName(Operation::Kind kind);
 
+// Process-wide totals of the operations this process ran through the base's queue (Backend::start/run on every
+// communicator of tcp, shm and hier; nccl's stream path is not counted), per kind: what the monitoring endpoint
+// reports (lib/train/metrics_reporter.h). Relaxed atomics, readable at any time from any thread; one update per
+// operation, so they cost nothing measurable.
+struct CommCounters {
+  std::atomic<uint64_t> calls{0};
+  std::atomic<uint64_t> bytes{0};  // payload: the bytes of the caller's view (buf), not the bytes on the wire
+  std::atomic<uint64_t> nanos{0};  // wall time inside the operation, waiting for peers included
+};
+inline constexpr int kNumOperationKinds = 8;  // Operation::Kind's values, kNone included
+CommCounters& commCounters(Operation::Kind kind);
+
 class Backend : public std::enable_shared_from_this<Backend> {
  public:
   virtual ~Backend();

@@ -10,6 +10,8 @@
 #include "lib/common/error.h"
 #include "lib/common/log.h"
 #include "lib/common/net.h"
+#include "lib/launch/http_server.h"
+#include "lib/launch/metrics_hub.h"
 #include "lib/launch/process_tree.h"
 #include "lib/launch/round_policy.h"
 #include "lib/launch/round_runner.h"
@@ -158,6 +160,20 @@ void Agent::setUpStore() {
   watchStore_ = store_->clone();
 }
 
+void Agent::setUpMetrics() {
+  if (options_.metricsPort < 0) return;
+  metrics_ = std::make_unique<MetricsHub>(options_.jobName, runId_);
+  metricsServer_ = std::make_unique<HttpServer>(
+      options_.metricsBind, options_.metricsPort,
+      [hub = metrics_.get()](std::string_view target) {
+        if (target == "/metrics" || target.substr(0, 9) == "/metrics?")
+          return HttpResponse{200, "text/plain; version=0.0.4; charset=utf-8", hub->render()};
+        return HttpResponse{404, "text/plain; charset=utf-8", "not found: this endpoint serves /metrics\n"};
+      },
+      "--metrics-port");
+  log::info("serving Prometheus metrics on http://{}:{}/metrics", options_.metricsBind, metricsServer_->port());
+}
+
 int Agent::run() {
   // Slurm's --signal=USR1 warning must not kill the agent between rounds (default action: terminate); during
   // a round it is forwarded to the workers.
@@ -166,6 +182,7 @@ int Agent::run() {
   // Before the store and any worker: no descendant of a worker outlives this agent (process_tree.h).
   ProcessTree processes(options_.shutdownTimeout, "/proc/self/exe");
   setUpStore();
+  setUpMetrics();
   rendezvous::NodeInfo self;
   self.requestedNodeRank = options_.nodeRank;
   self.nproc = options_.nproc;
@@ -203,6 +220,8 @@ int Agent::run() {
                round.rankOffset, round.rankOffset + options_.nproc - 1, round.worldSize);
     RoundContext ctx{&options_, &rdzv, watchStore_, &round, endpoint_, runId_, ""};
     ctx.processes = &processes;
+    ctx.metrics = metrics_.get();
+    if (metrics_) metrics_->setRound(round.round, round.restartCount, round.nodeRank, round.numNodes, round.worldSize);
     if (!options_.logDir.empty()) ctx.attemptLogDir = fmt::format("{}/{}/attempt_{}", options_.logDir, runId_, round.round);
     RoundEvent event;
     std::optional<int> interrupted;

@@ -14,6 +14,8 @@
 namespace dtrain::launch {
 
 class StoreHost;  // the embedded TCP store server, when this agent hosts it
+class MetricsHub;
+class HttpServer;
 
 class Agent {
  public:
@@ -27,6 +29,7 @@ class Agent {
 
  private:
   void setUpStore();
+  void setUpMetrics();
 
   LaunchOptions options_;
   std::string endpoint_;  // host:port of the store
@@ -35,6 +38,8 @@ class Agent {
   std::unique_ptr<StoreHost> host_;
   rendezvous::StorePtr store_;       // prefixed with /dtrain/<run_id>/
   rendezvous::StorePtr watchStore_;  // second connection, for the blocking watch of each round
+  std::unique_ptr<MetricsHub> metrics_;       // --metrics-port
+  std::unique_ptr<HttpServer> metricsServer_;  // declared after metrics_: stopped before the hub goes
 };
 
 }  // namespace dtrain::launch

@@ -50,6 +50,10 @@ struct LaunchOptions {
   std::vector<int> localRanksFilter;  // empty: all
   std::vector<std::string> program;   // argv of the worker program (argv[0] as typed)
   std::string programPath;            // resolved executable
+  // Monitoring (docs/monitoring.md): --metrics-port serves /metrics on --metrics-bind; -1: off, 0: a free port.
+  int metricsPort = -1;
+  std::string metricsBind = "0.0.0.0";
+  std::string jobName;  // the `job` label: the job's name, or the program's basename
 
   // Throws UsageError (bad flag values, contradictions) or Error with kNotFound/kNotExecutable (program).
   void validate();

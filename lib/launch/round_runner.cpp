@@ -164,6 +164,7 @@ void RoundRunner::startWorkers() {
     }
     wctx.localRank = lr;
     SpawnSpec spec{opts.programPath, opts.program, workerEnvironment(wctx), fds[0][1], fds[1][1]};
+    if (ctx_.metrics) spec.env.push_back(fmt::format("{}={}", kMetricsShmEnv, ctx_.metrics->prepareSlot(lr)));
     if (ctx_.processes) ctx_.processes->mark(spec.env);
     try {
       w.pid = spawnProcess(spec);
@@ -177,6 +178,7 @@ void RoundRunner::startWorkers() {
       w.pipes[s] = std::make_unique<asio::posix::stream_descriptor>(io_, fds[s][0]);
       readPipe(w, s);
     }
+    if (ctx_.metrics) ctx_.metrics->workerStarted();
     log::debug("started rank {} (local rank {}) as pid {}", w.rank, lr, w.pid);
   }
 }
@@ -325,6 +327,7 @@ void RoundRunner::reapChildren() {
 
 void RoundRunner::onWorkerExit(Worker& w) {
   log::debug("rank {} (pid {}) ended: {}", w.rank, w.pid, describeStatus(w.status));
+  if (ctx_.metrics) ctx_.metrics->workerExited(exitCodeOf(w.status));
   auto a = decideRound(state_, RoundInput::workerExited(w.status, w.pipes[1] != nullptr, localWorkers()));
   apply(a, fmt::format("rank {} ended: {}", w.rank, describeStatus(w.status)), &w);
 }
@@ -407,6 +410,7 @@ void RoundRunner::onHeartbeat() {
     try {
       ctx_.rdzv->heartbeat(*ctx_.round);
       auto silent = ctx_.rdzv->silentMembers(*ctx_.round, ctx_.options->heartbeatTimeout);
+      if (ctx_.metrics) ctx_.metrics->setHeartbeatAges(ctx_.rdzv->heartbeatAges(*ctx_.round));
       std::optional<int> first;
       if (!silent.empty()) first = silent.front();
       asio::post(io_, [this, first] { onHeartbeatResult(first); });

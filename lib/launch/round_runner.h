@@ -38,6 +38,7 @@
 
 #include "lib/launch/launch_options.h"
 #include "lib/launch/log_fanout.h"
+#include "lib/launch/metrics_hub.h"
 #include "lib/launch/process_tree.h"
 #include "lib/launch/round_policy.h"
 #include "rendezvous/rendezvous.h"
@@ -53,6 +54,7 @@ struct RoundContext {
   std::string runId;
   std::string attemptLogDir;  // "" when --log-dir is not given
   ProcessTree* processes = nullptr;  // marks the workers and stops what they leave behind (process_tree.h)
+  MetricsHub* metrics = nullptr;     // --metrics-port: the workers' blocks and the agent's counters
 };
 
 // Runs store calls in order on a thread of its own. post() never blocks; the destructor finishes the job in

@@ -8,6 +8,7 @@
 //   onOptimizerStep   right after an optimizer step, before the trainer logs, agrees on a stop or checkpoints
 //                     (so what a callback records of the step is durable before a checkpoint can cover it)
 //   onLog             a progress interval, reduced over the ranks (all ranks; values are the group's)
+//   onCheckpoint      a checkpoint was committed (every rank, at the step it covers)
 //   onStepEnd         after everything the trainer does at a step boundary, checkpoint included
 //   onEval            an evaluation ended (all ranks; values reduced over the group)
 //   onFinish          once, after the final weights were written and the result reduced over the ranks
@@ -60,9 +61,32 @@ struct TrainResult {
   int stoppedBySignal = 0;  // SIGTERM/SIGINT/SIGUSR1 stopped the run early (after a checkpoint)
 };
 
+// Where this rank's time went during one optimizer step (all its micro-batches), in seconds: waiting for the
+// data loader, forward + loss, backward (with the overlapped gradient communication it issues), waiting for the
+// communication still in flight after the backward (Strategy::finishStep), and the optimizer update.
+struct StepTimes {
+  double data = 0;
+  double forward = 0;
+  double backward = 0;
+  double commWait = 0;
+  double optimizer = 0;
+};
+
 struct StepEvent {
   int64_t epoch = 0;  // 0-based
   int64_t step = 0;   // optimizer steps done, this one included
+  // This rank's view of the step (monitoring): its own loss and samples, not the group's.
+  double loss = 0;      // mean over the step's micro-batches
+  double lr = 0;        // the learning rate the update used
+  int64_t samples = 0;  // training samples of the step
+  StepTimes times;
+};
+
+// A checkpoint this rank took part in was committed.
+struct CheckpointEvent {
+  int64_t step = 0;
+  double seconds = 0;  // this rank's wall time in the save, commit included
+  uint64_t bytes = 0;  // size of the committed checkpoint directory (0 when this rank cannot see it)
 };
 
 class TrainerCallback {
@@ -71,6 +95,7 @@ class TrainerCallback {
   virtual void onBatch(const data::Batch& /*batch*/) {}
   virtual void onOptimizerStep(const StepEvent& /*event*/) {}
   virtual void onLog(const StepStats& /*stats*/) {}
+  virtual void onCheckpoint(const CheckpointEvent& /*event*/) {}
   virtual void onStepEnd(const StepEvent& /*event*/) {}
   virtual void onEval(const StepStats& /*stats*/, const EvalResult& /*eval*/) {}
   virtual void onFinish(const StepStats& /*stats*/, const TrainResult& /*result*/) {}
@@ -91,6 +116,9 @@ class CallbackList {
   }
   void log(const StepStats& s) const {
     for (const auto& c : list_) c->onLog(s);
+  }
+  void checkpoint(const CheckpointEvent& e) const {
+    for (const auto& c : list_) c->onCheckpoint(e);
   }
   void stepEnd(const StepEvent& e) const {
     for (const auto& c : list_) c->onStepEnd(e);

@@ -20,6 +20,7 @@
 #include "lib/train/checkpointing.h"
 #include "lib/train/compression.h"
 #include "lib/train/fault.h"
+#include "lib/train/metrics_reporter.h"
 #include "lib/train/progress.h"
 #include "lib/train/strategy.h"
 #include "lib/train/weights.h"
@@ -220,6 +221,7 @@ void TrainLoop::setUp() {
   }
   hasDropout_ = model_->hasRandomLayers();
   addTestAids(callbacks_, worker_.rank, worker_.worldSize, worker_.restartCount, worker_.round);
+  if (auto reporter = makeMetricsReporter(worker_.rank)) callbacks_.add(std::move(reporter));
   // Ranks agree on a stop (SIGTERM/SIGINT/SIGUSR1 on any of them) every few steps, so that they all checkpoint
   // at the same step.
   stopCheckEvery_ = strategy_->stopCheckEvery();
@@ -269,7 +271,14 @@ void TrainLoop::planRun() {
 
 void TrainLoop::saveCheckpoint(int64_t epoch, int64_t position) {
   if (!checkpointer_->enabled()) return;
+  const auto t0 = Clock::now();
   auto dir = checkpointer_->save(*model_, *optimizer_, step_, epoch, position);
+  CheckpointEvent saved{.step = step_, .seconds = secondsSince(t0)};
+  std::error_code ec;
+  for (auto it = std::filesystem::recursive_directory_iterator(dir, ec);
+       !ec && it != std::filesystem::recursive_directory_iterator(); it.increment(ec))
+    if (it->is_regular_file(ec)) saved.bytes += it->file_size(ec);
+  callbacks_.checkpoint(saved);
   if (worker_.rank == 0) log::debug("checkpoint {} committed", dir.string());
 }
 
@@ -286,12 +295,30 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
   Clock::time_point epochStart = Clock::now();
   int micro = 0;
   int64_t batchIndex = 0;
+  // Step-time breakdown for the callbacks (StepTimes): a handful of clock reads per micro-batch.
+  StepEvent event;
+  double stepLoss = 0;
+  Clock::time_point mark = Clock::now();
+  auto lap = [&mark](double& into) {
+    auto now = Clock::now();
+    into += std::chrono::duration<double>(now - mark).count();
+    mark = now;
+  };
   for (const data::Batch& b : loader) {
     ++batchIndex;
+    if (micro == 0) {
+      event.times = {};
+      event.samples = 0;
+      stepLoss = 0;
+    }
+    lap(event.times.data);
     bool lastMicro = micro + 1 == accum || batchIndex == numBatches;
     if (hasDropout_) model_->reseedDropout(dropoutSeed(job_.loop.seed, worker_.rank, step_, micro));
     TensorView out = model_->forward(b.features, static_cast<int>(b.size), true);
     const float loss = loss_->forward(out, targetsOf(b, *train_));
+    lap(event.times.forward);
+    stepLoss += loss;
+    event.samples += b.size;
     intervalLoss_ += loss;
     const bool lossFinite = std::isfinite(loss);
     stepLossFinite_ = (micro == 0 || stepLossFinite_) && lossFinite;
@@ -316,12 +343,15 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
       // whose NaN stays through accumulation).
       if (!lossFinite && !grads.empty()) grads[0] = std::numeric_limits<float>::quiet_NaN();
     }
+    lap(event.times.backward);
     if (!lastMicro) {
       ++micro;
       continue;
     }
+    event.loss = stepLoss / (micro + 1);
     micro = 0;
     strategy_->finishStep();
+    lap(event.times.commWait);
     const bool gradsFinite = nn::allFinite(grads);
     if (gradsFinite || job_.loop.onNonFinite == LoopSettings::OnNonFinite::kStop) {
       if (!gradsFinite)
@@ -340,9 +370,14 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
                                   skippedSteps_));
     }
     ++step_;
-    callbacks_.optimizerStep({.epoch = epoch, .step = step_});
+    lap(event.times.optimizer);
+    event.epoch = epoch;
+    event.step = step_;
+    event.lr = optimizer_->lr();
+    callbacks_.optimizerStep(event);
     stats_.stepInEpoch = (batchIndex + accum - 1) / accum;
     afterStep(epoch, b.position, batchIndex == numBatches);
+    mark = Clock::now();  // logging and checkpoints are not the next step's data wait
     if (stop_ && batchIndex != numBatches) break;
   }
   logInterval(stats_, false);

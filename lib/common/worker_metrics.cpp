@@ -1,0 +1,124 @@
+#include "lib/common/worker_metrics.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <new>
+
+#include "lib/common/error.h"
+
+namespace dtrain {
+
+namespace {
+
+constexpr size_t kMapBytes = 4096;
+
+WorkerMetricsBlock* mapFile(const std::string& path, bool create) {
+  int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC | (create ? O_CREAT | O_TRUNC : 0), 0600);
+  DTRAIN_CHECK(fd >= 0, "metrics block {}: cannot open: {}", path, std::strerror(errno));
+  struct stat st {};
+  bool ok = ::fstat(fd, &st) == 0;
+  if (ok && create) ok = ::ftruncate(fd, kMapBytes) == 0;
+  else if (ok) ok = static_cast<size_t>(st.st_size) >= sizeof(WorkerMetricsBlock);
+  int err = errno;
+  if (!ok) {
+    ::close(fd);
+    DTRAIN_THROW(Error, "metrics block {}: {}", path, create ? std::strerror(err) : "too small (not a metrics block)");
+  }
+  void* p = ::mmap(nullptr, kMapBytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  err = errno;
+  ::close(fd);
+  DTRAIN_CHECK(p != MAP_FAILED, "metrics block {}: mmap: {}", path, std::strerror(err));
+  return static_cast<WorkerMetricsBlock*>(p);
+}
+
+}  // namespace
+
+const char* stepPhaseName(StepPhase phase) {
+  switch (phase) {
+    case StepPhase::kData: return "data";
+    case StepPhase::kForward: return "forward";
+    case StepPhase::kBackward: return "backward";
+    case StepPhase::kCommWait: return "comm_wait";
+    case StepPhase::kOptimizer: return "optimizer";
+    case StepPhase::kCount: break;
+  }
+  return "?";
+}
+
+WorkerMetricsMapping WorkerMetricsMapping::create(const std::string& path) {
+  WorkerMetricsMapping m(mapFile(path, true));
+  // A fresh (zero-filled) file: construct the atomics in place once.
+  new (m.block_) WorkerMetricsBlock();
+  m.reset();
+  return m;
+}
+
+WorkerMetricsMapping WorkerMetricsMapping::open(const std::string& path) {
+  WorkerMetricsMapping m(mapFile(path, false));
+  DTRAIN_CHECK(m.block_->magic.load() == WorkerMetricsBlock::kMagic &&
+                   m.block_->version.load() == WorkerMetricsBlock::kVersion,
+               "metrics block {}: not a dtrain metrics block of version {}", path, WorkerMetricsBlock::kVersion);
+  return m;
+}
+
+WorkerMetricsMapping::WorkerMetricsMapping(WorkerMetricsMapping&& other) noexcept : block_(other.block_) {
+  other.block_ = nullptr;
+}
+
+WorkerMetricsMapping& WorkerMetricsMapping::operator=(WorkerMetricsMapping&& other) noexcept {
+  if (this != &other) {
+    if (block_) ::munmap(block_, kMapBytes);
+    block_ = other.block_;
+    other.block_ = nullptr;
+  }
+  return *this;
+}
+
+WorkerMetricsMapping::~WorkerMetricsMapping() {
+  if (block_) ::munmap(block_, kMapBytes);
+}
+
+void WorkerMetricsMapping::reset() const {
+  auto& b = *block_;
+  constexpr auto r = std::memory_order_relaxed;
+  b.rank.store(-1, r);
+  b.pid.store(0, r);
+  b.step.store(0, r);
+  b.epoch.store(0, r);
+  b.loss.store(0, r);
+  b.learningRate.store(0, r);
+  b.samplesPerSecond.store(0, r);
+  b.samplesTotal.store(0, r);
+  b.stepsTotal.store(0, r);
+  for (auto& v : b.phaseSecondsTotal) v.store(0, r);
+  for (int k = 0; k < WorkerMetricsBlock::kCollectiveKinds; ++k) {
+    b.collectiveCallsTotal[k].store(0, r);
+    b.collectiveBytesTotal[k].store(0, r);
+    b.collectiveSecondsTotal[k].store(0, r);
+  }
+  b.checkpointsTotal.store(0, r);
+  b.checkpointSecondsTotal.store(0, r);
+  b.checkpointSizeBytes.store(0, r);
+  b.residentBytes.store(0, r);
+  b.updatedUnixSeconds.store(0, r);
+  b.version.store(WorkerMetricsBlock::kVersion, r);
+  b.magic.store(WorkerMetricsBlock::kMagic, std::memory_order_release);
+}
+
+uint64_t residentBytes() {
+  FILE* f = std::fopen("/proc/self/statm", "r");
+  if (!f) return 0;
+  unsigned long long size = 0, resident = 0;
+  int n = std::fscanf(f, "%llu %llu", &size, &resident);
+  std::fclose(f);
+  if (n != 2) return 0;
+  return static_cast<uint64_t>(resident) * static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+}
+
+}  // namespace dtrain

@@ -1,0 +1,83 @@
+// The worker -> agent monitoring channel: one small shared-memory block per local worker.
+//
+// Design: the agent creates a 4 KiB file per local rank (under /dev/shm when it exists), maps it, and names it
+// to the worker in DTRAIN_METRICS_SHM. The worker maps the same file and overwrites the block's fields at every
+// optimizer step; the agent's metrics thread reads them whenever it is scraped. Neither side ever waits for the
+// other: no socket, no lock, no syscall on the hot path (a few relaxed atomic stores per step, ~tens of ns
+// against steps of milliseconds), and a worker that dies or freezes leaves its last values readable.
+// Every field is its own lock-free atomic (static_asserts below), so the block is well defined across
+// processes; a read may mix fields of two adjacent steps, which is fine for monitoring.
+//
+// Units are base units (seconds, bytes); "_total" fields are cumulative since the worker started (a restarted
+// worker starts again from 0: Prometheus counters handle resets).
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <string>
+
+namespace dtrain {
+
+inline constexpr const char* kMetricsShmEnv = "DTRAIN_METRICS_SHM";
+
+enum class StepPhase : int { kData, kForward, kBackward, kCommWait, kOptimizer, kCount };
+// "data", "forward", "backward", "comm_wait", "optimizer".
+const char* stepPhaseName(StepPhase phase);
+
+struct WorkerMetricsBlock {
+  static constexpr uint32_t kMagic = 0x6d747264;  // "drtm"
+  static constexpr uint32_t kVersion = 1;
+  static constexpr int kCollectiveKinds = 8;  // comm::Operation::Kind's values
+
+  std::atomic<uint32_t> magic;
+  std::atomic<uint32_t> version;
+  std::atomic<int32_t> rank;        // global rank, -1 until the worker attached
+  std::atomic<int32_t> pid;
+  std::atomic<int64_t> step;        // optimizer steps done
+  std::atomic<int64_t> epoch;       // 0-based
+  std::atomic<double> loss;         // mean loss of the last step's micro-batches, this rank
+  std::atomic<double> learningRate;
+  std::atomic<double> samplesPerSecond;  // this rank, over the last ~second of steps
+  std::atomic<uint64_t> samplesTotal;    // training samples this rank consumed
+  std::atomic<uint64_t> stepsTotal;      // optimizer steps this process ran (not the resumed ones)
+  std::atomic<double> phaseSecondsTotal[static_cast<int>(StepPhase::kCount)];
+  std::atomic<uint64_t> collectiveCallsTotal[kCollectiveKinds];
+  std::atomic<uint64_t> collectiveBytesTotal[kCollectiveKinds];
+  std::atomic<double> collectiveSecondsTotal[kCollectiveKinds];
+  std::atomic<uint64_t> checkpointsTotal;
+  std::atomic<double> checkpointSecondsTotal;
+  std::atomic<uint64_t> checkpointSizeBytes;  // the last checkpoint's size on disk
+  std::atomic<uint64_t> residentBytes;        // RSS, sampled at most once a second
+  std::atomic<double> updatedUnixSeconds;     // wall clock of the last update
+};
+static_assert(std::atomic<double>::is_always_lock_free && std::atomic<uint64_t>::is_always_lock_free &&
+                  std::atomic<int64_t>::is_always_lock_free && std::atomic<uint32_t>::is_always_lock_free,
+              "the block is shared between processes: its atomics must be lock-free");
+static_assert(sizeof(WorkerMetricsBlock) <= 4096);
+
+// A mapping of one block file. create() (the agent) makes or truncates the file and zeroes the block; open()
+// (the worker) maps an existing one. Both throw dtrain::Error naming the path on failure. Not copyable; the
+// destructor unmaps (the file stays: its creator removes it).
+class WorkerMetricsMapping {
+ public:
+  static WorkerMetricsMapping create(const std::string& path);
+  static WorkerMetricsMapping open(const std::string& path);
+  WorkerMetricsMapping(WorkerMetricsMapping&& other) noexcept;
+  WorkerMetricsMapping& operator=(WorkerMetricsMapping&& other) noexcept;
+  WorkerMetricsMapping(const WorkerMetricsMapping&) = delete;
+  WorkerMetricsMapping& operator=(const WorkerMetricsMapping&) = delete;
+  ~WorkerMetricsMapping();
+
+  WorkerMetricsBlock& block() const { return *block_; }
+  // Zeroes every field and stamps magic/version, rank -1 (the agent, before it starts a worker on the slot).
+  void reset() const;
+
+ private:
+  explicit WorkerMetricsMapping(WorkerMetricsBlock* block) : block_(block) {}
+  WorkerMetricsBlock* block_ = nullptr;
+};
+
+// Resident set size of this process in bytes (/proc/self/statm), 0 when unreadable.
+uint64_t residentBytes();
+
+}  // namespace dtrain

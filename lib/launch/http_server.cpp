@@ -1,0 +1,117 @@
+#include "lib/launch/http_server.h"
+
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+
+#include <chrono>
+#include <thread>
+
+#include "lib/common/error.h"
+#include "lib/common/log.h"
+
+namespace dtrain::launch {
+
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+using tcp = asio::ip::tcp;
+
+namespace {
+
+constexpr auto kConnectionBudget = std::chrono::seconds(10);
+
+class Session : public std::enable_shared_from_this<Session> {
+ public:
+  Session(tcp::socket socket, const HttpHandler& handler) : stream_(std::move(socket)), handler_(handler) {}
+
+  void start() {
+    stream_.expires_after(kConnectionBudget);
+    http::async_read(stream_, buffer_, request_,
+                     [self = shared_from_this()](beast::error_code ec, size_t) { self->onRead(ec); });
+  }
+
+ private:
+  void onRead(beast::error_code ec) {
+    if (ec) return;  // closed, timed out or malformed: nothing to answer
+    response_.version(request_.version());
+    response_.keep_alive(false);
+    response_.set(http::field::server, "dtrain");
+    if (request_.method() != http::verb::get && request_.method() != http::verb::head) {
+      response_.result(http::status::method_not_allowed);
+      response_.set(http::field::content_type, "text/plain; charset=utf-8");
+      response_.body() = "only GET and HEAD are served\n";
+    } else {
+      HttpResponse r;
+      try {
+        r = handler_(std::string_view(request_.target().data(), request_.target().size()));
+      } catch (const std::exception& e) {
+        r = {500, "text/plain; charset=utf-8", std::string(e.what()) + "\n"};
+      }
+      response_.result(static_cast<unsigned>(r.status));
+      response_.set(http::field::content_type, r.contentType);
+      response_.body() = std::move(r.body);
+    }
+    response_.prepare_payload();
+    if (request_.method() == http::verb::head) response_.body().clear();
+    http::async_write(stream_, response_, [self = shared_from_this()](beast::error_code, size_t) {
+      beast::error_code ignored;
+      self->stream_.socket().shutdown(tcp::socket::shutdown_send, ignored);
+    });
+  }
+
+  beast::tcp_stream stream_;
+  beast::flat_buffer buffer_;
+  http::request<http::string_body> request_;
+  http::response<http::string_body> response_;
+  const HttpHandler& handler_;
+};
+
+}  // namespace
+
+struct HttpServer::Impl {
+  asio::io_context io{1};
+  tcp::acceptor acceptor{io};
+  HttpHandler handler;
+  std::thread thread;
+
+  void accept() {
+    acceptor.async_accept([this](beast::error_code ec, tcp::socket socket) {
+      if (ec == asio::error::operation_aborted) return;
+      if (!ec) std::make_shared<Session>(std::move(socket), handler)->start();
+      accept();
+    });
+  }
+};
+
+HttpServer::HttpServer(const std::string& host, int port, HttpHandler handler, const std::string& flag)
+    : impl_(std::make_unique<Impl>()) {
+  impl_->handler = std::move(handler);
+  try {
+    tcp::endpoint ep(asio::ip::make_address(host), static_cast<unsigned short>(port));
+    impl_->acceptor.open(ep.protocol());
+    impl_->acceptor.set_option(asio::socket_base::reuse_address(true));
+    impl_->acceptor.bind(ep);
+    impl_->acceptor.listen();
+  } catch (const std::exception& e) {
+    throw Error(fmt::format("{} {}: cannot listen on {}:{}: {}", flag, port, host, port, e.what()),
+                ExitCode::kAddressInUse);
+  }
+  impl_->accept();
+  impl_->thread = std::thread([impl = impl_.get()] {
+    try {
+      impl->io.run();
+    } catch (const std::exception& e) {
+      log::warn("monitoring endpoint stopped: {}", e.what());
+    }
+  });
+}
+
+HttpServer::~HttpServer() {
+  impl_->io.stop();
+  if (impl_->thread.joinable()) impl_->thread.join();
+}
+
+int HttpServer::port() const { return impl_->acceptor.local_endpoint().port(); }
+
+}  // namespace dtrain::launch

@@ -1,0 +1,41 @@
+// A minimal HTTP/1.1 server (Boost.Beast) for the agent's monitoring endpoints (/metrics; later pages).
+//
+// It runs on a thread and an io_context of its own, so a slow or stuck client never delays the agent's
+// supervision loop; each connection has a 10 s budget for its request and its reply and is closed after one
+// answer (Connection: close). Only GET and HEAD are served; anything else is 405.
+// The handler is called on the server's thread: it must be thread-safe with respect to whatever it reads
+// (the metrics hub copies its state under a short lock) and must not block.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+
+namespace dtrain::launch {
+
+struct HttpResponse {
+  int status = 200;
+  std::string contentType = "text/plain; charset=utf-8";
+  std::string body;
+};
+// Called with the request target (path and query, "/metrics?x=1").
+using HttpHandler = std::function<HttpResponse(std::string_view target)>;
+
+class HttpServer {
+ public:
+  // Listens on host:port (port 0: a free one, see port()) and starts serving. Throws dtrain::Error with
+  // ExitCode::kAddressInUse, naming `flag`, when the address cannot be bound.
+  HttpServer(const std::string& host, int port, HttpHandler handler, const std::string& flag);
+  ~HttpServer();  // stops accepting, drops open connections, joins the thread
+  HttpServer(const HttpServer&) = delete;
+  HttpServer& operator=(const HttpServer&) = delete;
+
+  int port() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace dtrain::launch

@@ -1,0 +1,250 @@
+#include "lib/launch/metrics_hub.h"
+
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+
+#include "lib/common/error.h"
+#include "rendezvous/tcp_store_server.h"
+
+namespace dtrain::launch {
+
+namespace {
+
+constexpr auto kRelaxed = std::memory_order_relaxed;
+
+// comm::Operation::Kind's names, in its order (lib/comm/backend.h; launch does not link comm).
+constexpr const char* kCollectiveNames[WorkerMetricsBlock::kCollectiveKinds] = {
+    "none", "allreduce", "broadcast", "allgather", "reduce_scatter", "send", "recv", "barrier"};
+
+std::string formatValue(double v) {
+  if (std::isnan(v)) return "NaN";
+  if (std::isinf(v)) return v > 0 ? "+Inf" : "-Inf";
+  if (v == std::floor(v) && std::fabs(v) < 1e15) return fmt::format("{}", static_cast<int64_t>(v));
+  return fmt::format("{}", v);
+}
+
+std::string shmBase() {
+  if (std::filesystem::is_directory("/dev/shm") && ::access("/dev/shm", W_OK) == 0) return "/dev/shm";
+  const char* tmp = std::getenv("TMPDIR");
+  return tmp && *tmp ? tmp : "/tmp";
+}
+
+}  // namespace
+
+std::string escapeLabelValue(const std::string& value) {
+  std::string out;
+  out.reserve(value.size());
+  for (char c : value) {
+    if (c == '\\') out += "\\\\";
+    else if (c == '"') out += "\\\"";
+    else if (c == '\n') out += "\\n";
+    else out += c;
+  }
+  return out;
+}
+
+void PromText::family(const std::string& name, const char* type, const std::string& help) {
+  out_ += fmt::format("# HELP {} {}\n# TYPE {} {}\n", name, help, name, type);
+}
+
+void PromText::sample(const std::string& name, const Labels& labels, double value) {
+  out_ += name;
+  if (!labels.empty()) {
+    out_ += '{';
+    for (size_t i = 0; i < labels.size(); ++i) {
+      if (i) out_ += ',';
+      out_ += fmt::format("{}=\"{}\"", labels[i].first, escapeLabelValue(labels[i].second));
+    }
+    out_ += '}';
+  }
+  out_ += ' ';
+  out_ += formatValue(value);
+  out_ += '\n';
+}
+
+MetricsHub::MetricsHub(std::string job, std::string runId) : job_(std::move(job)), runId_(std::move(runId)) {
+  std::string templ = shmBase() + "/dtrain-metrics-XXXXXX";
+  DTRAIN_CHECK(::mkdtemp(templ.data()) != nullptr, "--metrics-port: cannot create a directory like {}: {}", templ,
+               std::strerror(errno));
+  dir_ = templ;
+}
+
+MetricsHub::~MetricsHub() {
+  std::lock_guard lock(mu_);
+  slots_.clear();
+  std::error_code ec;
+  std::filesystem::remove_all(dir_, ec);
+}
+
+std::string MetricsHub::prepareSlot(int localRank) {
+  std::string path = fmt::format("{}/local_rank_{}", dir_, localRank);
+  std::lock_guard lock(mu_);
+  while (static_cast<int>(slots_.size()) <= localRank)
+    slots_.push_back(WorkerMetricsMapping::create(fmt::format("{}/local_rank_{}", dir_, slots_.size())));
+  slots_[static_cast<size_t>(localRank)].reset();
+  return path;
+}
+
+void MetricsHub::setRound(int round, int restartCount, int nodeRank, int numNodes, int worldSize) {
+  std::lock_guard lock(mu_);
+  state_.round = round;
+  state_.restartCount = restartCount;
+  state_.nodeRank = nodeRank;
+  state_.numNodes = numNodes;
+  state_.worldSize = worldSize;
+  state_.heartbeatAges.clear();
+}
+
+void MetricsHub::workerStarted() {
+  std::lock_guard lock(mu_);
+  ++state_.running;
+}
+
+void MetricsHub::workerExited(int exitCode) {
+  std::lock_guard lock(mu_);
+  --state_.running;
+  ++state_.exitsByCode[exitCode];
+}
+
+void MetricsHub::setHeartbeatAges(std::vector<double> secondsByNode) {
+  std::lock_guard lock(mu_);
+  state_.heartbeatAges = std::move(secondsByNode);
+}
+
+std::string MetricsHub::render() const {
+  AgentState s;
+  std::vector<const WorkerMetricsBlock*> blocks;
+  {
+    std::lock_guard lock(mu_);
+    s = state_;
+    for (const auto& m : slots_) blocks.push_back(&m.block());
+  }
+  PromText out;
+  const std::string node = std::to_string(s.nodeRank);
+  const PromText::Labels agent = {{"job", job_}, {"run_id", runId_}, {"node", node}};
+  auto one = [&](const std::string& name, const char* type, const std::string& help, double v) {
+    out.family(name, type, help);
+    out.sample(name, agent, v);
+  };
+  one("dtrain_round", "gauge", "Rendezvous round this agent's workers run in (-1 before the first).", s.round);
+  one("dtrain_rounds_total", "counter", "Rendezvous rounds the run has formed (restarts and re-forms included).",
+      s.round + 1);
+  one("dtrain_restarts_total", "counter", "Restarts of the worker group after failures (--max-restarts counts these).",
+      s.restartCount);
+  one("dtrain_nodes", "gauge", "Nodes in the current round.", s.numNodes);
+  one("dtrain_world_size", "gauge", "Worker ranks in the current round.", s.worldSize);
+  one("dtrain_workers_running", "gauge", "Local worker processes running now.", s.running);
+  out.family("dtrain_worker_exits_total", "counter", "Local worker exits by exit code (128+N: killed by signal N).");
+  for (const auto& [code, n] : s.exitsByCode) {
+    auto l = agent;
+    l.emplace_back("code", std::to_string(code));
+    out.sample("dtrain_worker_exits_total", l, static_cast<double>(n));
+  }
+  out.family("dtrain_heartbeat_age_seconds", "gauge",
+             "Seconds since each other node's heartbeat last changed, as this agent saw it (multi-node rounds).");
+  for (size_t n = 0; n < s.heartbeatAges.size(); ++n) {
+    if (s.heartbeatAges[n] < 0) continue;
+    auto l = agent;
+    l.emplace_back("peer_node", std::to_string(n));
+    out.sample("dtrain_heartbeat_age_seconds", l, s.heartbeatAges[n]);
+  }
+  renderWorkers(out, blocks, s.nodeRank);
+  return out.take();
+}
+
+void MetricsHub::renderWorkers(PromText& out, const std::vector<const WorkerMetricsBlock*>& all, int nodeRank) const {
+  std::vector<const WorkerMetricsBlock*> blocks;
+  std::vector<PromText::Labels> labels;
+  for (const auto* b : all) {
+    int rank = b->rank.load(kRelaxed);
+    if (rank < 0) continue;  // no worker attached yet
+    blocks.push_back(b);
+    labels.push_back({{"job", job_}, {"run_id", runId_}, {"node", std::to_string(nodeRank)}, {"rank", std::to_string(rank)}});
+  }
+  auto each = [&](const std::string& name, const char* type, const std::string& help, auto value) {
+    out.family(name, type, help);
+    for (size_t i = 0; i < blocks.size(); ++i) out.sample(name, labels[i], static_cast<double>(value(*blocks[i])));
+  };
+  each("dtrain_step", "gauge", "Optimizer steps done (a resumed run counts from its checkpoint).",
+       [](const auto& b) { return b.step.load(kRelaxed); });
+  each("dtrain_epoch", "gauge", "Current epoch, 0-based.", [](const auto& b) { return b.epoch.load(kRelaxed); });
+  each("dtrain_loss", "gauge", "Training loss of this rank's last step (mean over its micro-batches).",
+       [](const auto& b) { return b.loss.load(kRelaxed); });
+  each("dtrain_learning_rate", "gauge", "Learning rate of the last update.",
+       [](const auto& b) { return b.learningRate.load(kRelaxed); });
+  each("dtrain_samples_per_second", "gauge", "Training samples per second of this rank over the last second.",
+       [](const auto& b) { return b.samplesPerSecond.load(kRelaxed); });
+  each("dtrain_samples_total", "counter", "Training samples this rank's process consumed.",
+       [](const auto& b) { return b.samplesTotal.load(kRelaxed); });
+  each("dtrain_steps_total", "counter", "Optimizer steps this rank's process ran.",
+       [](const auto& b) { return b.stepsTotal.load(kRelaxed); });
+  out.family("dtrain_step_phase_seconds_total", "counter",
+             "Time of the optimizer steps by phase: data (loader wait), forward, backward, comm_wait (gradient "
+             "communication not hidden by the backward), optimizer.");
+  for (size_t i = 0; i < blocks.size(); ++i)
+    for (int p = 0; p < static_cast<int>(StepPhase::kCount); ++p) {
+      auto l = labels[i];
+      l.emplace_back("phase", stepPhaseName(static_cast<StepPhase>(p)));
+      out.sample("dtrain_step_phase_seconds_total", l, blocks[i]->phaseSecondsTotal[p].load(kRelaxed));
+    }
+  auto perCollective = [&](const std::string& name, const std::string& help, auto value) {
+    out.family(name, "counter", help);
+    for (size_t i = 0; i < blocks.size(); ++i)
+      for (int k = 1; k < WorkerMetricsBlock::kCollectiveKinds; ++k) {
+        if (blocks[i]->collectiveCallsTotal[k].load(kRelaxed) == 0) continue;
+        auto l = labels[i];
+        l.emplace_back("op", kCollectiveNames[k]);
+        out.sample(name, l, static_cast<double>(value(*blocks[i], k)));
+      }
+  };
+  perCollective("dtrain_collective_calls_total", "Collective operations this rank ran, by operation.",
+                [](const auto& b, int k) { return b.collectiveCallsTotal[k].load(kRelaxed); });
+  perCollective("dtrain_collective_bytes_total",
+                "Payload bytes this rank handed to collectives (the buffer's size, not the bytes on the wire).",
+                [](const auto& b, int k) { return b.collectiveBytesTotal[k].load(kRelaxed); });
+  perCollective("dtrain_collective_seconds_total", "Time inside collective operations, waiting for peers included.",
+                [](const auto& b, int k) { return b.collectiveSecondsTotal[k].load(kRelaxed); });
+  each("dtrain_checkpoints_total", "counter", "Checkpoints this rank's process took part in.",
+       [](const auto& b) { return b.checkpointsTotal.load(kRelaxed); });
+  each("dtrain_checkpoint_seconds_total", "counter", "Time this rank spent saving checkpoints.",
+       [](const auto& b) { return b.checkpointSecondsTotal.load(kRelaxed); });
+  each("dtrain_checkpoint_size_bytes", "gauge", "Size on disk of the last checkpoint (reported by rank 0, which commits it; 0 elsewhere).",
+       [](const auto& b) { return b.checkpointSizeBytes.load(kRelaxed); });
+  each("dtrain_resident_memory_bytes", "gauge", "Resident set size of the worker process.",
+       [](const auto& b) { return b.residentBytes.load(kRelaxed); });
+  each("dtrain_worker_last_update_timestamp_seconds", "gauge",
+       "Unix time of the worker's last report (a frozen worker stops moving it).",
+       [](const auto& b) { return b.updatedUnixSeconds.load(kRelaxed); });
+}
+
+std::string renderStoreMetrics(const rendezvous::TcpStoreServerStats& st) {
+  PromText out;
+  auto one = [&](const char* name, const char* type, const char* help, uint64_t v) {
+    out.family(name, type, help);
+    out.sample(name, {}, static_cast<double>(v));
+  };
+  one("dtrain_store_connections_accepted_total", "counter", "Client connections accepted.", st.connectionsAccepted);
+  one("dtrain_store_connections_open", "gauge", "Client connections open now.", st.connectionsOpen);
+  one("dtrain_store_connections_refused_total", "counter", "Connections closed at once: over --max-connections.",
+      st.connectionsRefused);
+  one("dtrain_store_connections_timed_out_total", "counter", "Connections closed by the handshake or idle timeout.",
+      st.connectionsTimedOut);
+  one("dtrain_store_requests_total", "counter", "Requests served.", st.requests);
+  one("dtrain_store_protocol_errors_total", "counter", "Connections closed for a malformed frame or handshake.",
+      st.protocolErrors);
+  one("dtrain_store_auth_failures_total", "counter", "Connections closed for a wrong or missing token.",
+      st.authFailures);
+  one("dtrain_store_waiters", "gauge", "GET/WAIT requests parked now.", st.waiters);
+  one("dtrain_store_buffered_bytes", "gauge", "Input buffers and queued replies of all connections.",
+      st.bufferedBytes);
+  one("dtrain_store_keys", "gauge", "Keys stored.", st.keys);
+  one("dtrain_store_stored_bytes", "gauge", "Bytes of keys and values stored (as the quota counts them).",
+      st.storedBytes);
+  return out.take();
+}
+
+}  // namespace dtrain::launch

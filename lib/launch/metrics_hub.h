@@ -1,0 +1,90 @@
+// The agent's metrics: what its workers report through their shared blocks (lib/common/worker_metrics.h) plus
+// the agent's own state (round, restarts, worker exits by code, heartbeat ages of the other nodes), rendered
+// in the Prometheus text exposition format 0.0.4 for `dtrain run --metrics-port` (served by http_server.h).
+//
+// Names and labels follow Prometheus' conventions: the dtrain_ prefix, base units (seconds, bytes), counters end
+// in _total; every sample carries job (the job's name), run_id and node (this agent's node rank), and per-rank
+// samples add rank. The catalogue is in docs/monitoring.md.
+//
+// Thread-safety: the agent's threads (its loop, its store thread) update the agent state under a mutex held only
+// for the update; render() (the HTTP thread) copies that state under the same mutex and reads the workers'
+// blocks without any lock. Nothing here blocks on a worker or the store.
+#pragma once
+
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "lib/common/worker_metrics.h"
+
+namespace dtrain::rendezvous {
+struct TcpStoreServerStats;
+}
+
+namespace dtrain::launch {
+
+// Builds a text-format exposition, one family at a time.
+class PromText {
+ public:
+  using Labels = std::vector<std::pair<std::string, std::string>>;
+  // Starts a family: "# HELP name help" and "# TYPE name type" (type: counter, gauge).
+  void family(const std::string& name, const char* type, const std::string& help);
+  // A sample of the current family (or of `name` when given: for a family with one sample).
+  void sample(const std::string& name, const Labels& labels, double value);
+  std::string take() { return std::move(out_); }
+
+ private:
+  std::string out_;
+};
+
+// Label values escaped as the format wants (backslash, double quote, newline).
+std::string escapeLabelValue(const std::string& value);
+
+class MetricsHub {
+ public:
+  // Creates a private directory for the workers' blocks (under /dev/shm when it exists, else $TMPDIR or /tmp).
+  // Throws dtrain::Error when it cannot.
+  MetricsHub(std::string job, std::string runId);
+  ~MetricsHub();  // removes the blocks and their directory
+  MetricsHub(const MetricsHub&) = delete;
+  MetricsHub& operator=(const MetricsHub&) = delete;
+
+  // The agent's loop, before it starts local worker `localRank`: zeroes (creating when new) its block and
+  // returns the path to hand to the worker in DTRAIN_METRICS_SHM.
+  std::string prepareSlot(int localRank);
+
+  // Agent state; any thread.
+  void setRound(int round, int restartCount, int nodeRank, int numNodes, int worldSize);
+  void workerStarted();
+  void workerExited(int exitCode);  // exit code in the shell's convention (128+signal when killed)
+  void setHeartbeatAges(std::vector<double> secondsByNode);  // index: node rank; negative: not known
+
+  // The exposition (text format 0.0.4). Any thread.
+  std::string render() const;
+
+ private:
+  struct AgentState {
+    int round = -1;
+    int restartCount = 0;
+    int nodeRank = 0;
+    int numNodes = 0;
+    int worldSize = 0;
+    int running = 0;
+    std::map<int, uint64_t> exitsByCode;
+    std::vector<double> heartbeatAges;
+  };
+  void renderWorkers(PromText& out, const std::vector<const WorkerMetricsBlock*>& blocks, int nodeRank) const;
+
+  std::string job_;
+  std::string runId_;
+  std::string dir_;
+  mutable std::mutex mu_;
+  AgentState state_;
+  std::vector<WorkerMetricsMapping> slots_;  // grown by the agent's loop only, under mu_
+};
+
+// The exposition of a standalone `dtrain store` (dtrain store --metrics-port).
+std::string renderStoreMetrics(const rendezvous::TcpStoreServerStats& stats);
+
+}  // namespace dtrain::launch

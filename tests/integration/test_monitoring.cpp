@@ -1,0 +1,191 @@
+// Monitoring end to end (docs/monitoring.md): `dtrain run --metrics-port` and `dtrain store --metrics-port`
+// serve /metrics while a real job runs; `promtool check metrics` (Debian's prometheus package) lints a live
+// scrape, and a real Prometheus server scrapes the job and answers a query for the step counter. The tests skip
+// with a message only where those tools are not installed (scripts/setup installs them).
+#include <doctest/doctest.h>
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <nlohmann/json.hpp>
+
+#include <regex>
+#include <thread>
+
+#include "tests/integration/launch_helpers.h"
+#include "tests/support/http_get.h"
+
+using namespace dtrain::testing;
+using namespace std::chrono_literals;
+
+namespace {
+
+struct KillByRunId {
+  std::string id;
+  ~KillByRunId() {
+    for (pid_t pid : processesWithRunId(id)) ::kill(pid, SIGKILL);
+  }
+};
+
+bool installed(const char* path) { return ::access(path, X_OK) == 0; }
+
+// A job that trains until it is stopped (many epochs of a small synthetic set), checkpointing often.
+std::string longJob(const std::string& dir) {
+  writeFile(dir + "/job.json", R"({
+    "name": "monitored",
+    "model": {"input": [10], "layers": [{"type": "linear", "out": 1}]},
+    "loss": {"type": "mse"},
+    "data": {"train": {"format": "synthetic", "task": "regression", "samples": 1024, "features": 10,
+                       "outputs": 1, "noise": 0.01, "seed": 7},
+             "batch_size": 32},
+    "optimizer": {"type": "sgd", "lr": 0.01},
+    "train": {"epochs": 100000, "seed": 0},
+    "checkpoint": {"dir": "ck", "every_steps": 20, "keep": 2}
+  })");
+  return dir + "/job.json";
+}
+
+// The port in "... serving Prometheus metrics on http://HOST:PORT/metrics".
+int portFromLine(const std::string& line) {
+  std::smatch m;
+  REQUIRE(std::regex_search(line, m, std::regex(R"(http://[^:\s]+:(\d+)/metrics)")));
+  return std::stoi(m[1]);
+}
+
+// The value of the first sample line starting with `prefix` (name and labels), or -1.
+double sampleValue(const std::string& text, const std::string& prefix) {
+  for (const auto& line : linesWith(text, prefix))
+    if (line.rfind(prefix, 0) == 0) return std::stod(line.substr(line.rfind(' ') + 1));
+  return -1;
+}
+
+// Polls `probe` (a cheap HTTP request) until it returns true or the deadline passes.
+template <class F>
+bool pollUntil(std::chrono::milliseconds timeout, F probe) {
+  auto end = std::chrono::steady_clock::now() + timeout;
+  while (std::chrono::steady_clock::now() < end) {
+    if (probe()) return true;
+    std::this_thread::sleep_for(100ms);
+  }
+  return false;
+}
+
+std::string urlEncode(const std::string& s) {
+  std::string out;
+  for (unsigned char c : s) {
+    if (std::isalnum(c) || c == '_' || c == '-' || c == '.') out += static_cast<char>(c);
+    else out += fmt::format("%{:02X}", c);
+  }
+  return out;
+}
+
+std::string promtoolProblems(const std::string& text) {
+  RunOptions ro;
+  ro.stdinData = text;
+  auto r = run({"/usr/bin/promtool", "check", "metrics"}, ro);
+  return r.exitCode == 0 ? "" : r.out + r.err;
+}
+
+}  // namespace
+
+TEST_CASE("dtrain run --metrics-port: a live scrape of every rank passes promtool, and Prometheus scrapes the job") {
+  std::string dir = tempDir("monitoring");
+  std::string id = uniqueRunId("metrics");
+  KillByRunId cleanup{id};
+  Background agent(runArgs({"--standalone", "--rdzv-id", id, "-n", "2", "--metrics-port", "0", longJob(dir)}));
+  const int port = portFromLine(agent.waitForLine("serving Prometheus metrics on", 60s, /*fromStderr=*/true));
+
+  // Both ranks report steps, a step-time breakdown, all-reduce totals and checkpoints.
+  const std::string labels = fmt::format("job=\"monitored\",run_id=\"{}\",node=\"0\"", id);
+  std::string scrape;
+  REQUIRE(pollUntil(60s, [&] {
+    auto r = httpGet(port, "/metrics");
+    scrape = r.body;
+    return r.status == 200 && sampleValue(scrape, "dtrain_checkpoints_total{" + labels + ",rank=\"1\"}") > 0 &&
+           sampleValue(scrape, "dtrain_step{" + labels + ",rank=\"0\"}") > 0;
+  }));
+  for (int rank : {0, 1}) {
+    const std::string r = fmt::format("{},rank=\"{}\"}}", labels, rank);
+    CHECK(sampleValue(scrape, "dtrain_samples_total{" + r) > 0);
+    CHECK(sampleValue(scrape, "dtrain_resident_memory_bytes{" + r) > 1e6);
+    // Rank 0 commits the checkpoint, so only it knows its size.
+    if (rank == 0) CHECK(sampleValue(scrape, "dtrain_checkpoint_size_bytes{" + r) > 0);
+    else CHECK(sampleValue(scrape, "dtrain_checkpoint_size_bytes{" + r) == 0);
+    CHECK(sampleValue(scrape, fmt::format("dtrain_collective_calls_total{{{},rank=\"{}\",op=\"allreduce\"}}", labels,
+                                          rank)) > 0);
+    CHECK(sampleValue(scrape, fmt::format("dtrain_step_phase_seconds_total{{{},rank=\"{}\",phase=\"forward\"}}",
+                                          labels, rank)) > 0);
+  }
+  CHECK(sampleValue(scrape, "dtrain_world_size{" + labels + "}") == 2);
+  CHECK(sampleValue(scrape, "dtrain_workers_running{" + labels + "}") == 2);
+  CHECK(httpGet(port, "/elsewhere").status == 404);
+  if (installed("/usr/bin/promtool")) CHECK(promtoolProblems(scrape) == "");
+  else MESSAGE("promtool not installed (Debian package prometheus): lint skipped");
+
+  if (installed("/usr/bin/prometheus")) {
+    // A real Prometheus server scrapes the agent every second; its query API must then know the step counter.
+    const int promPort = freePort();
+    writeFile(dir + "/prometheus.yml", fmt::format(R"(global:
+  scrape_interval: 1s
+scrape_configs:
+  - job_name: dtrain
+    honor_labels: true
+    static_configs:
+      - targets: ["127.0.0.1:{}"]
+)",
+                                                   port));
+    Background prometheus({"/usr/bin/prometheus", "--config.file=" + dir + "/prometheus.yml",
+                           "--storage.tsdb.path=" + dir + "/tsdb", fmt::format("--web.listen-address=127.0.0.1:{}", promPort)});
+    const std::string query = "/api/v1/query?query=" + urlEncode(fmt::format("dtrain_step{{run_id=\"{}\"}}", id));
+    nlohmann::json answer;
+    bool known = pollUntil(90s, [&] {
+      try {
+        auto r = httpGet(promPort, query, 5s);
+        if (r.status != 200) return false;
+        answer = nlohmann::json::parse(r.body);
+        return answer["status"] == "success" && answer["data"]["result"].size() == 2;
+      } catch (const std::exception&) {
+        return false;  // not listening yet
+      }
+    });
+    CHECK_MESSAGE(known, answer.dump());
+    if (known) {
+      for (const auto& series : answer["data"]["result"]) {
+        CHECK(series["metric"]["job"] == "monitored");
+        CHECK(std::stod(series["value"][1].get<std::string>()) > 0);
+      }
+    }
+    // Every query of the shipped dashboard is valid PromQL for this server (run_id set to this run's).
+    auto dashboard = nlohmann::json::parse(readFile(sourceDir() + "/configs/monitoring/grafana-dashboard.json"));
+    for (const auto& panel : dashboard["panels"])
+      for (const auto& target : panel["targets"]) {
+        std::string expr = std::regex_replace(target["expr"].get<std::string>(), std::regex(R"(\$run_id)"), id);
+        auto r = httpGet(promPort, "/api/v1/query?query=" + urlEncode(expr), 10s);
+        CHECK_MESSAGE(r.status == 200, expr, ": ", r.body);
+      }
+    prometheus.signal(SIGTERM);
+    CHECK_FALSE(prometheus.wait(30s).timedOut);
+  } else {
+    MESSAGE("prometheus not installed (Debian package prometheus): the scrape by a real server was skipped");
+  }
+
+  agent.signal(SIGTERM);
+  auto result = agent.wait(60s);
+  CHECK_FALSE(result.timedOut);
+  CHECK(result.exitCode == 128 + SIGTERM);
+  CHECK(processesWithRunId(id).empty());
+}
+
+TEST_CASE("dtrain store --metrics-port serves the store's counters") {
+  Background store({dtrainBinary(), "store", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"});
+  const int port = portFromLine(store.waitForLine("serving Prometheus metrics on", 30s, /*fromStderr=*/true));
+  auto r = httpGet(port, "/metrics");
+  CHECK(r.status == 200);
+  CHECK(sampleValue(r.body, "dtrain_store_connections_open") == 0);
+  CHECK(sampleValue(r.body, "dtrain_store_keys") == 0);
+  if (installed("/usr/bin/promtool")) CHECK(promtoolProblems(r.body) == "");
+  store.signal(SIGTERM);
+  auto result = store.wait(30s);
+  CHECK_FALSE(result.timedOut);
+  CHECK(result.exitCode == 0);
+}

@@ -1,0 +1,131 @@
+// The monitoring endpoint's pieces: the text exposition (PromText, escaping), the worker -> agent shared block
+// as the agent renders it, and the HTTP server that serves it. `promtool check metrics` (Debian's prometheus
+// package) lints every exposition when it is installed.
+#include <doctest/doctest.h>
+
+#include <unistd.h>
+
+#include <cstdlib>
+#include <string>
+
+#include "lib/common/error.h"
+#include "lib/common/worker_metrics.h"
+#include "lib/launch/http_server.h"
+#include "lib/launch/metrics_hub.h"
+#include "rendezvous/tcp_store_server.h"
+#include "tests/support/http_get.h"
+#include "tests/support/process.h"
+
+using namespace dtrain;
+using namespace dtrain::launch;
+
+namespace {
+
+bool havePromtool() { return ::access("/usr/bin/promtool", X_OK) == 0; }
+
+// promtool's verdict on an exposition: "" when it passes, else what it printed.
+std::string promtoolProblems(const std::string& text) {
+  testing::RunOptions ro;
+  ro.stdinData = text;
+  auto r = testing::run({"/usr/bin/promtool", "check", "metrics"}, ro);
+  return r.exitCode == 0 ? "" : r.out + r.err + " (exit " + std::to_string(r.exitCode) + ")";
+}
+
+}  // namespace
+
+TEST_CASE("label values are escaped as the text format wants") {
+  CHECK(escapeLabelValue("plain") == "plain");
+  CHECK(escapeLabelValue("a\"b\\c\nd") == "a\\\"b\\\\c\\nd");
+  PromText t;
+  t.family("dtrain_x_total", "counter", "Help.");
+  t.sample("dtrain_x_total", {{"job", "j\"1"}}, 3);
+  t.sample("dtrain_x_total", {{"job", "k"}}, 0.5);
+  CHECK(t.take() == "# HELP dtrain_x_total Help.\n# TYPE dtrain_x_total counter\n"
+                    "dtrain_x_total{job=\"j\\\"1\"} 3\ndtrain_x_total{job=\"k\"} 0.5\n");
+}
+
+TEST_CASE("the hub renders what a worker writes into its block, with the agent's counters") {
+  MetricsHub hub("my job", "run-1");
+  std::string path = hub.prepareSlot(1);
+  CHECK(hub.render().find("rank=") == std::string::npos);  // no worker attached yet: no per-rank samples
+  {
+    // The worker's side: map the block the agent named and write a step.
+    auto worker = WorkerMetricsMapping::open(path);
+    auto& b = worker.block();
+    b.rank.store(5);
+    b.step.store(42);
+    b.loss.store(0.25);
+    b.samplesTotal.store(1344);
+    b.phaseSecondsTotal[static_cast<int>(StepPhase::kCommWait)].store(1.5);
+    b.collectiveCallsTotal[1].store(84);
+    b.collectiveBytesTotal[1].store(4096);
+    b.checkpointSizeBytes.store(1 << 20);
+  }
+  hub.setRound(2, 1, 0, 1, 8);
+  hub.workerStarted();
+  hub.workerExited(137);
+  hub.setHeartbeatAges({0.0, 1.25});
+  std::string text = hub.render();
+  const std::string rank = "job=\"my job\",run_id=\"run-1\",node=\"0\",rank=\"5\"";
+  CHECK(text.find("dtrain_step{" + rank + "} 42\n") != std::string::npos);
+  CHECK(text.find("dtrain_loss{" + rank + "} 0.25\n") != std::string::npos);
+  CHECK(text.find("dtrain_samples_total{" + rank + "} 1344\n") != std::string::npos);
+  CHECK(text.find("dtrain_step_phase_seconds_total{" + rank + ",phase=\"comm_wait\"} 1.5\n") != std::string::npos);
+  CHECK(text.find("dtrain_collective_calls_total{" + rank + ",op=\"allreduce\"} 84\n") != std::string::npos);
+  CHECK(text.find("dtrain_collective_bytes_total{" + rank + ",op=\"allreduce\"} 4096\n") != std::string::npos);
+  CHECK(text.find("op=\"broadcast\"") == std::string::npos);  // kinds never used are left out
+  CHECK(text.find("dtrain_checkpoint_size_bytes{" + rank + "} 1048576\n") != std::string::npos);
+  const std::string agent = "job=\"my job\",run_id=\"run-1\",node=\"0\"";
+  CHECK(text.find("dtrain_restarts_total{" + agent + "} 1\n") != std::string::npos);
+  CHECK(text.find("dtrain_rounds_total{" + agent + "} 3\n") != std::string::npos);
+  CHECK(text.find("dtrain_worker_exits_total{" + agent + ",code=\"137\"} 1\n") != std::string::npos);
+  CHECK(text.find("dtrain_workers_running{" + agent + "} 0\n") != std::string::npos);
+  CHECK(text.find("dtrain_heartbeat_age_seconds{" + agent + ",peer_node=\"1\"} 1.25\n") != std::string::npos);
+  // A new worker on the slot starts from zero.
+  hub.prepareSlot(1);
+  CHECK(hub.render().find(rank) == std::string::npos);
+  if (havePromtool()) CHECK(promtoolProblems(text).empty());
+  else MESSAGE("promtool not installed (Debian package prometheus): lint skipped");
+}
+
+TEST_CASE("a block that is not a metrics block is refused by name") {
+  std::string dir = testing::tempDir("metrics");
+  testing::writeFile(dir + "/junk", std::string(4096, 'x'));
+  CHECK_THROWS_WITH_AS(WorkerMetricsMapping::open(dir + "/junk"), doctest::Contains("not a dtrain metrics block"),
+                       Error);
+  CHECK_THROWS_WITH_AS(WorkerMetricsMapping::open(dir + "/missing"), doctest::Contains((dir + "/missing").c_str()), Error);
+}
+
+TEST_CASE("the HTTP server answers GET with the handler's reply, on a port of its own") {
+  int calls = 0;
+  HttpServer server("127.0.0.1", 0, [&](std::string_view target) {
+    ++calls;
+    if (target == "/metrics") return HttpResponse{200, "text/plain; version=0.0.4; charset=utf-8", "dtrain_up 1\n"};
+    return HttpResponse{404, "text/plain; charset=utf-8", "not found\n"};
+  }, "--metrics-port");
+  REQUIRE(server.port() > 0);
+  auto ok = testing::httpGet(server.port(), "/metrics");
+  CHECK(ok.status == 200);
+  CHECK(ok.body == "dtrain_up 1\n");
+  CHECK(ok.headers.find("version=0.0.4") != std::string::npos);
+  CHECK(testing::httpGet(server.port(), "/nothing").status == 404);
+  CHECK(calls == 2);
+  // The port is taken: a second server on it fails with the flag named and exit code 5.
+  try {
+    HttpServer second("127.0.0.1", server.port(), [](std::string_view) { return HttpResponse{}; }, "--metrics-port");
+    FAIL("a second server bound the same port");
+  } catch (const Error& e) {
+    CHECK(std::string(e.what()).find("--metrics-port") != std::string::npos);
+    CHECK(e.exitCode() == static_cast<int>(ExitCode::kAddressInUse));
+  }
+}
+
+TEST_CASE("the store's exposition passes promtool") {
+  rendezvous::TcpStoreServerStats st;
+  st.connectionsAccepted = 3;
+  st.keys = 7;
+  std::string text = renderStoreMetrics(st);
+  CHECK(text.find("dtrain_store_connections_accepted_total 3\n") != std::string::npos);
+  CHECK(text.find("dtrain_store_keys 7\n") != std::string::npos);
+  if (havePromtool()) CHECK(promtoolProblems(text).empty());
+}

@@ -41,6 +41,9 @@ struct StepStats {
   // per optimizer step, and the float32 all-reduce's bytes over those (1 without compression).
   std::optional<double> commBytesPerStep;
   std::optional<double> compressionRatio;
+  // L2 norm of the gradients of the interval's last step, after reduction (and clipping); set only when
+  // something reads it ("logging": {"tensorboard": true}), since it costs a pass over the gradients.
+  std::optional<double> gradNorm;
 };
 
 struct EvalResult {

@@ -173,7 +173,7 @@ Job loadJob(const JobArgs& args) {
 
   JsonFields top(job.doc, src, "", "the job");
   top.allowOnly({"name", "description", "model", "loss", "optimizer", "schedule", "lr_schedule", "data", "train",
-                 "parallel", "checkpoint", "init", "output_dir", "device"});
+                 "parallel", "checkpoint", "init", "output_dir", "device", "logging"});
   job.name = top.string("name", file.stem().string());
   DTRAIN_CHECK_AS(ConfigError, !job.name.empty() && job.name.find('/') == std::string::npos,
                   "{}: /name: expected a non-empty name without '/', got '{}'", src, job.name);
@@ -210,6 +210,11 @@ Job loadJob(const JobArgs& args) {
   else if (job.doc.contains("output_dir")) job.outputDir = top.string("output_dir");
   else job.outputDir = fs::path("runs") / job.name;
   job.checkpoint = parseCheckpoint(job.doc, src, job.outputDir);
+  if (job.doc.contains("logging")) {
+    JsonFields logging(job.doc["logging"], src, "/logging", "the logging section");
+    logging.allowOnly({"tensorboard"});
+    job.logging.tensorboard = logging.boolean("tensorboard", false);
+  }
   return job;
 }
 

@@ -89,6 +89,10 @@ struct CheckpointSettings {
   bool resume = true;         // load the newest valid checkpoint at start
 };
 
+struct LoggingSettings {
+  bool tensorboard = false;  // "logging": {"tensorboard": true}: event files under <output dir>/tensorboard
+};
+
 struct Job {
   std::string sourceFile;           // as given, for messages
   std::filesystem::path baseDir;    // the job file's folder
@@ -102,6 +106,7 @@ struct Job {
   LoopSettings loop;
   ParallelSettings parallel;
   CheckpointSettings checkpoint;
+  LoggingSettings logging;
   std::filesystem::path initFrom;   // "init": {"from": "w.safetensors"}; empty when not given
   std::filesystem::path outputDir;  // everything the run writes goes here
   std::string modelHash;            // FNV-1a of the canonical model JSON: guards checkpoint loading

@@ -21,6 +21,7 @@
 #include "lib/train/compression.h"
 #include "lib/train/fault.h"
 #include "lib/train/metrics_reporter.h"
+#include "lib/train/tensorboard.h"
 #include "lib/train/progress.h"
 #include "lib/train/strategy.h"
 #include "lib/train/weights.h"
@@ -143,6 +144,7 @@ void TrainLoop::logInterval(StepStats& stats, bool force) {
   stats.loss = sums[1] > 0 ? sums[0] / sums[1] : 0;
   stats.samplesPerSec = sums[2] / secs;
   stats.elapsedSec = secondsSince(start_);
+  if (job_.logging.tensorboard) stats.gradNorm = nn::gradNorm(model_->grads());
   if (auto t = commHook_ ? commHook_->traffic() : std::nullopt; t && t->steps > loggedTraffic_.steps) {
     const double sent = static_cast<double>(t->bytesSent - loggedTraffic_.bytesSent);
     const double dense = static_cast<double>(t->bytesUncompressed - loggedTraffic_.bytesUncompressed);
@@ -222,6 +224,8 @@ void TrainLoop::setUp() {
   hasDropout_ = model_->hasRandomLayers();
   addTestAids(callbacks_, worker_.rank, worker_.worldSize, worker_.restartCount, worker_.round);
   if (auto reporter = makeMetricsReporter(worker_.rank)) callbacks_.add(std::move(reporter));
+  if (job_.logging.tensorboard)
+    callbacks_.add(std::make_shared<TensorBoardLogger>(worker_.rank == 0, job_.outputDir));
   // Ranks agree on a stop (SIGTERM/SIGINT/SIGUSR1 on any of them) every few steps, so that they all checkpoint
   // at the same step.
   stopCheckEvery_ = strategy_->stopCheckEvery();

@@ -78,6 +78,7 @@ BackendOptions optionsFromContract(const WorkerContract& worker) {
   o.localRank = worker.localRank;
   o.localSize = worker.localWorldSize;
   o.nodeRank = worker.nodeRank;
+  o.token = worker.storeToken;
   o.timeout = env::getDuration("DTRAIN_COMM_TIMEOUT", o.timeout);
   return o;
 }

@@ -64,13 +64,16 @@ struct BackendOptions {
   std::chrono::milliseconds timeout{std::chrono::minutes(5)};  // per operation, and for the bootstrap
   std::string device = "cpu";     // "cpu", "cuda" or "cuda:N" (nccl; default device = localRank)
   std::string groupName = "comm";  // key namespace inside `store`
+  // The job's shared secret (WorkerContract::storeToken, DTRAIN_RDZV_TOKEN): the tcp mesh (also hier's tcp
+  // groups) admits only connections that prove they know it (lib/comm/tcp/mesh_auth.h). "": unauthenticated.
+  std::string token;
   // Knobs of one backend's algorithms live with that backend (tcp::TcpOptions, shm::ShmOptions, given to its
   // constructor; createBackend uses their defaults and environment variables).
 };
 
 // The ranks from the worker contract (lib/common/worker_contract.h: RANK, WORLD_SIZE, LOCAL_RANK,
-// LOCAL_WORLD_SIZE, GROUP_RANK; defaults: a one-process job) and DTRAIN_COMM_TIMEOUT; the store is left to the
-// caller. Throws UsageError on malformed values.
+// LOCAL_WORLD_SIZE, GROUP_RANK; defaults: a one-process job), its store token and DTRAIN_COMM_TIMEOUT; the
+// store is left to the caller. Throws UsageError on malformed values.
 BackendOptions optionsFromEnv();
 BackendOptions optionsFromContract(const WorkerContract& worker);
 

@@ -210,4 +210,33 @@ bool sendAll(int fd, const void* bytes, size_t size) {
   return true;
 }
 
+bool recvAll(int fd, void* bytes, size_t size, const Deadline& deadline) {
+  char* p = static_cast<char*>(bytes);
+  while (size > 0) {
+    pollfd pfd{fd, POLLIN, 0};
+    const auto left = deadline.remaining();
+    const int waitMs = static_cast<int>(std::min<Millis::rep>(left.count(), 1000 * 60));
+    int ready = ::poll(&pfd, 1, waitMs);
+    if (ready < 0 && errno == EINTR) continue;
+    if (ready < 0) return false;
+    if (ready == 0) {
+      if (deadline.expired()) {
+        errno = ETIMEDOUT;
+        return false;
+      }
+      continue;
+    }
+    ssize_t n = ::recv(fd, p, size, 0);
+    if (n < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)) continue;
+    if (n < 0) return false;
+    if (n == 0) {
+      errno = 0;
+      return false;
+    }
+    p += n;
+    size -= static_cast<size_t>(n);
+  }
+  return true;
+}
+
 }  // namespace dtrain::net

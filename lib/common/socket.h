@@ -123,4 +123,9 @@ uint16_t localPort(int fd);
 // Writes all of `bytes` to a blocking socket (MSG_NOSIGNAL); false with errno set on failure.
 bool sendAll(int fd, const void* bytes, size_t size);
 
+// Reads exactly `size` bytes from a socket (blocking or not), waiting in poll(2) no later than `deadline`.
+// Returns true when all arrived; false with errno set on failure: 0 for an orderly close by the peer before
+// the last byte, ETIMEDOUT at the deadline, else the recv/poll error.
+bool recvAll(int fd, void* bytes, size_t size, const Deadline& deadline);
+
 }  // namespace dtrain::net

@@ -122,3 +122,30 @@ TEST_CASE("IPv6 loopback, when the machine has it") {
   roundTrip(s);
   t.join();
 }
+
+TEST_CASE("recvAll reads exactly the size asked, and reports a close (errno 0) and the deadline (ETIMEDOUT)") {
+  int sv[2];
+  REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0);
+  net::Socket a(sv[0]), b(sv[1]);
+  std::thread writer([&] {
+    for (char c : std::string("hello world")) {
+      REQUIRE(net::sendAll(b.fd(), &c, 1));
+      std::this_thread::sleep_for(1ms);
+    }
+  });
+  char buf[6] = {};
+  CHECK(net::recvAll(a.fd(), buf, 5, Deadline(5s)));
+  CHECK(std::string(buf, 5) == "hello");
+  writer.join();
+  char rest[6] = {};
+  CHECK(net::recvAll(a.fd(), rest, 6, Deadline(5s)));
+  CHECK(std::string(rest, 6) == " world");
+  auto start = std::chrono::steady_clock::now();
+  CHECK_FALSE(net::recvAll(a.fd(), buf, 1, Deadline(100ms)));
+  CHECK(errno == ETIMEDOUT);
+  CHECK(std::chrono::steady_clock::now() - start >= 100ms);
+  REQUIRE(net::sendAll(b.fd(), "x", 1));
+  b.close();
+  CHECK_FALSE(net::recvAll(a.fd(), buf, 2, Deadline(5s)));  // one byte, then the close
+  CHECK(errno == 0);
+}

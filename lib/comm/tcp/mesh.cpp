@@ -14,11 +14,13 @@
 
 #include <boost/asio.hpp>
 
+#include "lib/comm/tcp/mesh_auth.h"
 #include "lib/common/env.h"
 #include "lib/common/error.h"
 #include "lib/common/hash.h"
 #include "lib/common/log.h"
 #include "lib/common/net.h"
+#include "lib/common/sha256.h"
 #include "lib/common/socket.h"
 
 namespace dtrain::comm::tcp {
@@ -27,17 +29,13 @@ namespace {
 namespace asio = boost::asio;
 using asio::ip::tcp;
 
-constexpr uint32_t kHelloMagic = 0x43525444;  // "DTRC"
-constexpr uint16_t kHelloVersion = 1;
-
-struct Hello {
-  uint32_t magic = kHelloMagic;
-  uint16_t version = kHelloVersion;
-  uint16_t reserved = 0;
-  int32_t rank = -1;
-  uint32_t tag = 0;  // hash of the group's key prefix
-};
-static_assert(sizeof(Hello) == 16);
+// "host:port" of an accepted connection's peer, for log lines; "an unknown address" when it is gone already.
+std::string peerText(const tcp::socket& s) {
+  boost::system::error_code ec;
+  auto ep = s.remote_endpoint(ec);
+  if (ec) return "an unknown address";
+  return net::HostPort{ep.address().to_string(), ep.port()}.str();
+}
 
 // Turns an established socket into the data path's descriptor: non-blocking, no Nagle delay (every
 // collective message is latency-bound at its end), close-on-exec, and optionally fixed socket buffers
@@ -59,11 +57,26 @@ int adopt(net::Socket s, int bufferBytes) {
 }  // namespace
 
 Mesh::Mesh(rendezvous::Store& store, const std::string& prefix, int rank, int size, const std::string& host,
-           int bufferBytes, const Deadline& deadline)
+           int bufferBytes, const Deadline& deadline, const std::string& token)
     : rank_(rank), size_(size), conns_(static_cast<size_t>(size)) {
   if (size == 1) return;
   asio::io_context io;
   boost::system::error_code ec;
+  // This instance of the group: rank 0 draws it, everyone binds their handshakes to it (mesh_auth.h).
+  auth::Session session{};
+  if (rank == 0) {
+    auth::randomBytes(session.data(), session.size());
+    store.set(prefix + "session", std::string_view(reinterpret_cast<const char*>(session.data()), session.size()));
+  } else {
+    std::string got;
+    try {
+      got = store.get(prefix + "session", deadline.remaining());
+    } catch (const TimeoutError&) {
+      DTRAIN_THROW(CommError, "rank 0 never published the collective group's session (did it start?)");
+    }
+    DTRAIN_CHECK_AS(ProtocolError, got.size() == session.size(), "malformed collective session in the store");
+    std::memcpy(session.data(), got.data(), session.size());
+  }
   // The listening socket comes from lib/common (close-on-exec, host names resolved); no SO_REUSEADDR, as
   // before: with port 0 it could hand out a port another bound socket still holds.
   net::Listener listener;
@@ -87,28 +100,58 @@ Mesh::Mesh(rendezvous::Store& store, const std::string& prefix, int rank, int si
     if (failure.empty()) failure = std::move(why);
   };
 
-  // Accept the higher ranks, each introducing itself before it counts. A connection that does not greet
-  // like a member of this group (a port scanner, a peer of an earlier attempt) is dropped, not fatal.
+  // Accept the higher ranks, each proving who it is (mesh_auth.h) before it counts. A connection that fails
+  // (a port scanner, a peer of an earlier attempt, someone without the token) is closed and logged; the
+  // accept stays armed, so the real peers still connect.
+  struct Handshake {
+    explicit Handshake(asio::io_context& io) : socket(io) {}
+    tcp::socket socket;
+    auth::HelloHeader header;
+    auth::HelloTail tail;
+    auth::Challenge challenge;
+    sha256::Digest proof{};
+  };
+  auto refuse = [&](const std::shared_ptr<Handshake>& h, const std::string& why) {
+    log::warn("collectives: rank {} refused a connection from {}: {}", rank, peerText(h->socket), why);
+    boost::system::error_code ignored;
+    h->socket.close(ignored);
+  };
   const int toAccept = size - 1 - rank;
   std::function<void()> acceptNext = [&] {
-    auto s = std::make_shared<tcp::socket>(io);
-    acceptor.async_accept(*s, [&, s](const boost::system::error_code& e) {
+    auto h = std::make_shared<Handshake>(io);
+    acceptor.async_accept(h->socket, [&, h](const boost::system::error_code& e) {
       if (e) return fail("accept failed: " + e.message());
-      auto hello = std::make_shared<Hello>();
-      asio::async_read(*s, asio::buffer(hello.get(), sizeof(Hello)),
-                       [&, s, hello](const boost::system::error_code& e2, size_t) {
-                         const int r = hello->rank;
-                         if (e2 || hello->magic != kHelloMagic || hello->version != kHelloVersion ||
-                             hello->tag != tag || r <= rank || r >= size || sockets[static_cast<size_t>(r)].valid()) {
-                           log::warn("dropped a connection to the collective port that is not from this group");
-                           return;
-                         }
-                         boost::system::error_code e3;
-                         int fd = s->release(e3);
-                         if (e3) return fail("cannot take over a collective socket: " + e3.message());
-                         sockets[static_cast<size_t>(r)] = net::Socket(fd);
-                         --pending;
-                       });
+      asio::async_read(h->socket, asio::buffer(&h->header, sizeof(h->header)), [&, h](const boost::system::error_code& e1, size_t) {
+        if (e1) return refuse(h, "it closed before its hello (" + e1.message() + ")");
+        if (auto why = auth::checkHeader(h->header, tag, rank, size); !why.empty()) return refuse(h, why);
+        asio::async_read(h->socket, asio::buffer(&h->tail, sizeof(h->tail)), [&, h](const boost::system::error_code& e2, size_t) {
+          if (e2) return refuse(h, "it closed during its hello (" + e2.message() + ")");
+          if (h->tail.session != session)
+            return refuse(h, fmt::format("it claims rank {} of another job, round or attempt (its session differs)",
+                                         h->header.rank));
+          auth::randomBytes(h->challenge.nonce.data(), h->challenge.nonce.size());
+          h->challenge.proof = auth::acceptorProof(token, session, tag, rank, h->header.rank, h->tail.nonce,
+                                                   h->challenge.nonce);
+          asio::async_write(h->socket, asio::buffer(&h->challenge, sizeof(h->challenge)), [&, h](const boost::system::error_code& e3, size_t) {
+            if (e3) return refuse(h, "it closed before the challenge (" + e3.message() + ")");
+            asio::async_read(h->socket, asio::buffer(h->proof.data(), h->proof.size()), [&, h](const boost::system::error_code& e4, size_t) {
+              const int r = h->header.rank;
+              if (e4) return refuse(h, fmt::format("it claimed rank {} and closed before proving it ({})", r, e4.message()));
+              auto expected = auth::connectorProof(token, session, tag, r, rank, h->challenge.nonce, h->tail.nonce);
+              if (!sha256::equal(expected, h->proof))
+                return refuse(h, fmt::format("it claimed rank {} without proving it knows the job's token "
+                                             "(DTRAIN_RDZV_TOKEN / --rdzv-token)", r));
+              if (sockets[static_cast<size_t>(r)].valid())
+                return refuse(h, fmt::format("rank {} is connected already", r));
+              boost::system::error_code e5;
+              int fd = h->socket.release(e5);
+              if (e5) return fail("cannot take over a collective socket: " + e5.message());
+              sockets[static_cast<size_t>(r)] = net::Socket(fd);
+              --pending;
+            });
+          });
+        });
+      });
       acceptNext();  // keep one accept armed until the mesh is complete
     });
   };
@@ -116,7 +159,8 @@ Mesh::Mesh(rendezvous::Store& store, const std::string& prefix, int rank, int si
 
   // Connect to the lower ranks. The listener exists before its address is published, so a refusal is rare
   // (a firewall's, or an address of an earlier attempt); net::connect retries it until the deadline. The
-  // listener's backlog holds the connection until that rank's loop below accepts it and reads the hello.
+  // listener's backlog holds the connection until that rank's loop below accepts it and answers the hello
+  // (lower ranks finish their own connections first; rank 0 has none, so this always progresses).
   for (int peer = 0; peer < rank; ++peer) {
     std::string where;
     try {
@@ -133,11 +177,27 @@ Mesh::Mesh(rendezvous::Store& store, const std::string& prefix, int rank, int si
     } catch (const net::ConnectError& e) {
       DTRAIN_THROW(CommError, "connecting to rank {} at {} failed: {}", peer, hp->host, e.reason());
     }
-    Hello hello;
+    auth::HelloHeader hello;
     hello.rank = rank;
     hello.tag = tag;
-    if (!net::sendAll(s.fd(), &hello, sizeof(hello)))
-      DTRAIN_THROW(CommError, "greeting rank {} failed: {}", peer, std::strerror(errno));
+    auth::HelloTail tail;
+    tail.session = session;
+    auth::randomBytes(tail.nonce.data(), tail.nonce.size());
+    auth::Challenge challenge;
+    if (!net::sendAll(s.fd(), &hello, sizeof(hello)) || !net::sendAll(s.fd(), &tail, sizeof(tail)))
+      DTRAIN_THROW(CommError, "greeting rank {} at {} failed: {}", peer, where, std::strerror(errno));
+    if (!net::recvAll(s.fd(), &challenge, sizeof(challenge), deadline))
+      DTRAIN_THROW(CommError, "rank {} at {} did not answer the collective handshake: {}", peer, where,
+                   errno == 0 ? std::string("it closed the connection (see its log)") : std::string(std::strerror(errno)));
+    auto expected = auth::acceptorProof(token, session, tag, peer, rank, tail.nonce, challenge.nonce);
+    if (!sha256::equal(expected, challenge.proof))
+      DTRAIN_THROW(CommError,
+                   "rank {} at {} did not prove it knows the job's token: the ranks were given different "
+                   "DTRAIN_RDZV_TOKEN values, or that address is not rank {} of this job",
+                   peer, where, peer);
+    auto proof = auth::connectorProof(token, session, tag, rank, peer, challenge.nonce, tail.nonce);
+    if (!net::sendAll(s.fd(), proof.data(), proof.size()))
+      DTRAIN_THROW(CommError, "greeting rank {} at {} failed: {}", peer, where, std::strerror(errno));
     sockets[static_cast<size_t>(peer)] = std::move(s);
     --pending;
   }

@@ -1,9 +1,11 @@
 // Bootstrap of the TCP backend: one connection between every pair of ranks, found through the Store.
 //
-// Each rank listens on an ephemeral port (never a fixed one) and publishes "host:port" under
-// `<prefix>addr/<rank>`. Rank j connects to every lower rank i and introduces itself with a hello frame
-// (magic, version, its rank, a tag naming the group), so a connection that reaches the wrong listener is
-// refused, not silently mixed up; rank i accepts the higher ranks. Listening and connecting (host names, IPv4
+// Rank 0 publishes a random session under `<prefix>session`; each rank listens on an ephemeral port (never a
+// fixed one) and publishes "host:port" under `<prefix>addr/<rank>`. Rank j connects to every lower rank i and
+// both prove who they are before any data (mesh_auth.h: HMAC-SHA-256 with the job's token over fresh nonces,
+// the claimed ranks, the group's tag and the session), so a connection from someone without the token, from
+// another job, round or group, or claiming a rank it is not, is closed with a warning naming its address, and
+// the real peers still connect; rank i accepts the higher ranks. Listening and connecting (host names, IPv4
 // and IPv6, retries with backoff) use lib/common/socket.h; connections to the lower ranks are made in turn
 // (the peers' listen backlogs hold them), then the accepts and their hellos progress on one Boost.Asio
 // io_context, all bounded by the deadline. The sockets are then handed to the data path as plain non-blocking
@@ -26,9 +28,10 @@ namespace dtrain::comm::tcp {
 
 class Mesh {
  public:
-  // bufferBytes: SO_SNDBUF/SO_RCVBUF of every connection; 0 keeps the kernel's autotuning.
+  // bufferBytes: SO_SNDBUF/SO_RCVBUF of every connection; 0 keeps the kernel's autotuning. token: the shared
+  // secret every connection proves (BackendOptions::token); "" leaves the mesh unauthenticated (mesh_auth.h).
   Mesh(rendezvous::Store& store, const std::string& prefix, int rank, int size, const std::string& host,
-       int bufferBytes, const Deadline& deadline);
+       int bufferBytes, const Deadline& deadline, const std::string& token = "");
   ~Mesh();
 
   Conn& peer(int r) { return *conns_[static_cast<size_t>(r)]; }

@@ -38,7 +38,7 @@ TcpBackend::TcpBackend(BackendOptions options, TcpOptions tcp) : Backend(std::mo
   if (size() > 1) {
     const auto buffers = static_cast<int>(tuned(t.bufferBytes, "DTRAIN_TCP_BUFFER_BYTES", kDefaultBufferBytes));
     mesh_ = std::make_unique<Mesh>(*options_.store, key("tcp/"), rank(), size(),
-                                   chooseHost(t.host, singleNode()), buffers, newDeadline());
+                                   chooseHost(t.host, singleNode()), buffers, newDeadline(), options_.token);
   }
 }
 

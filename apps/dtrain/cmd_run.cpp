@@ -88,7 +88,13 @@ int runCommand(RunArgs& a, bool programAfterDashes) {
   for (const auto& note : slurm.notes) fmt::print(stderr, "dtrain run: {}\n", note);
   o.validate();
   // Every local worker builds the whole model and its batch: refuse a job that cannot fit before any starts.
-  if (job) train::checkJobFitsMemory(*job, o.nproc, train::readMachineMemory());
+  // ... and whose data is broken or does not fit the model: headers, sizes and labels are checked here, in
+  // milliseconds, instead of in every worker after the rendezvous.
+  if (job) {
+    auto machine = train::readMachineMemory();
+    train::checkJobFitsMemory(*job, o.nproc, machine);
+    train::checkJobFitsMemory(*job, o.nproc, machine, train::checkJobData(*job).bytes);
+  }
   if (a.dryRun) {
     for (const auto& line : slurmLines) fmt::print("{}\n", line);
     fmt::print("{}\n", o.plan());

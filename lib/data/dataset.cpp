@@ -54,7 +54,7 @@ ArrayDataset::ArrayDataset(RawArray features, Labels labels, Transform transform
   DTRAIN_CHECK_AS(ConfigError, !raw_.shape.empty(), "{}", prefixed(origin, "features have no sample dimension"));
   size_ = raw_.shape[0];
   featureShape_ = raw_.shape.dropFirst();
-  DTRAIN_CHECK(raw_.bytes.size() == static_cast<size_t>(raw_.shape.numel()) * dtypeSize(raw_.type),
+  DTRAIN_CHECK(raw_.probed || raw_.bytes.size() == static_cast<size_t>(raw_.shape.numel()) * dtypeSize(raw_.type),
                "raw feature bytes do not match shape {}", raw_.shape.spaced());
   rowFunction(raw_.type);  // rejects a raw type fetch() could not convert, here rather than per batch
   if (labels_.kind == LabelKind::kClass) {
@@ -134,13 +134,16 @@ void ArrayDataset::truncate(int64_t n) {
   DTRAIN_CHECK(n >= 0, "truncate to {} samples", n);
   size_ = n;
   raw_.shape[0] = n;
-  raw_.bytes.resize(static_cast<size_t>(n * featureSize()) * dtypeSize(raw_.type));
-  raw_.bytes.shrink_to_fit();
+  if (!raw_.probed) {
+    raw_.bytes.resize(static_cast<size_t>(n * featureSize()) * dtypeSize(raw_.type));
+    raw_.bytes.shrink_to_fit();
+  }
   if (labels_.kind == LabelKind::kClass) labels_.classes.resize(static_cast<size_t>(n));
   else labels_.targets.resize(static_cast<size_t>(n * labelSize()));
 }
 
 void ArrayDataset::fetch(std::span<const int64_t> indices, float* features, void* labels) const {
+  DTRAIN_CHECK(!raw_.probed, "fetch from a dataset whose data was not read (ReadMode::kHeader)");
   const int64_t n = featureSize();
   const size_t rowBytes = static_cast<size_t>(n) * dtypeSize(raw_.type);
   const RowFn convert = rowFunction(raw_.type);

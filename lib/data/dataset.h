@@ -27,7 +27,10 @@ namespace dtrain::data {
 struct RawArray {
   DType type = DType::kUInt8;
   Shape shape;
-  std::vector<std::byte> bytes;  // shape.numel() * dtypeSize(type), native byte order
+  std::vector<std::byte> bytes;  // shape.numel() * dtypeSize(type), native byte order; empty when probed
+  // Only the header was read (ReadMode::kHeader): shape and type are the file's, `bytes` is empty. A dataset
+  // built on it answers every question about shapes, counts and labels but cannot fetch samples.
+  bool probed = false;
 };
 
 enum class LabelKind : uint8_t {
@@ -104,7 +107,8 @@ class ArrayDataset final : public Dataset {
   // Keeps only the first n samples (n <= size()); for smoke tests and quick runs.
   void truncate(int64_t n);
   DType rawType() const { return raw_.type; }
-  size_t rawBytes() const { return raw_.bytes.size(); }
+  // Bytes the features take in memory (for a probed dataset: what they would take once read).
+  size_t rawBytes() const { return static_cast<size_t>(raw_.shape.numel()) * dtypeSize(raw_.type); }
 
  private:
   void buildAffine(const std::string& origin);

@@ -33,30 +33,44 @@ struct FdGuard {
   }
 };
 
-std::vector<std::byte> readPlain(int fd, const std::string& path, size_t sizeHint) {
-  std::vector<std::byte> out(sizeHint + 1);  // +1 so the final read sees EOF without a resize
+// Reads to EOF, never more than `maxBytes` + 1 bytes (one past the bound proves there is more).
+std::vector<std::byte> readPlain(int fd, const std::string& path, size_t sizeHint,
+                                 std::optional<size_t> maxBytes = std::nullopt) {
+  const size_t cap = maxBytes ? *maxBytes + 1 : SIZE_MAX;
+  std::vector<std::byte> out(std::min(sizeHint + 1, cap));  // +1 so the final read sees EOF without a resize
   size_t used = 0;
   for (;;) {
     // Grow only when full: growing earlier would double a buffer that the size hint already made exact.
-    if (used == out.size()) out.resize(std::max(out.size() * 2, used + kReadChunk));
+    if (used == out.size()) {
+      if (used >= cap) break;
+      out.resize(std::min(std::max(out.size() * 2, used + kReadChunk), cap));
+    }
     ssize_t n = ::read(fd, out.data() + used, out.size() - used);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) DTRAIN_THROW(ConfigError, "{}: read failed ({})", path, std::strerror(errno));
     if (n == 0) break;
     used += static_cast<size_t>(n);
   }
+  DTRAIN_CHECK_AS(ConfigError, !maxBytes || used <= *maxBytes,
+                  "{}: the file has more data than its header declares ({} bytes)", path, *maxBytes);
   out.resize(used);
   return out;
 }
 
-std::vector<std::byte> readGzip(int fd, const std::string& path, size_t sizeHint) {
+// Inflates to EOF, never more than `maxBytes` + 1 bytes: a gzip bomb is stopped at what its header declared.
+std::vector<std::byte> readGzip(int fd, const std::string& path, size_t sizeHint,
+                                std::optional<size_t> maxBytes = std::nullopt) {
   gzFile gz = ::gzdopen(fd, "rb");
   DTRAIN_CHECK_AS(ConfigError, gz != nullptr, "{}: cannot open gzip stream", path);
   ::gzbuffer(gz, 256 * 1024);
-  std::vector<std::byte> out(sizeHint + 1);  // +1 so the final read sees EOF without a resize
+  const size_t cap = maxBytes ? *maxBytes + 1 : SIZE_MAX;
+  std::vector<std::byte> out(std::min(sizeHint + 1, cap));  // +1 so the final read sees EOF without a resize
   size_t used = 0;
   for (;;) {
-    if (used == out.size()) out.resize(std::max(out.size() * 2, used + kReadChunk));
+    if (used == out.size()) {
+      if (used >= cap) break;
+      out.resize(std::min(std::max(out.size() * 2, used + kReadChunk), cap));
+    }
     auto want = static_cast<unsigned>(std::min<size_t>(out.size() - used, 1u << 30));
     int n = ::gzread(gz, out.data() + used, want);
     if (n < 0) {
@@ -68,6 +82,13 @@ std::vector<std::byte> readGzip(int fd, const std::string& path, size_t sizeHint
     if (n == 0) break;
     used += static_cast<size_t>(n);
   }
+  if (maxBytes && used > *maxBytes) {
+    ::gzclose(gz);
+    DTRAIN_THROW(ConfigError,
+                 "{}: the gzip data inflates to more than the {} bytes its header declares (a corrupt file or a "
+                 "gzip bomb); stopped there",
+                 path, *maxBytes);
+  }
   int code = 0;
   std::string why = ::gzerror(gz, &code);
   ::gzclose(gz);
@@ -76,6 +97,60 @@ std::vector<std::byte> readGzip(int fd, const std::string& path, size_t sizeHint
                   path, why);
   out.resize(used);
   return out;
+}
+
+// Deflate never expands more than 1032:1 (zlib's technical details), so a gzip file of N bytes holds at most
+// about 1032 N bytes of data.
+constexpr uint64_t kMaxDeflateRatio = 1032;
+
+// What a file's size says before it is read: a plain file's length; a gzip file's compressed length and its
+// trailer's ISIZE (RFC 1952: the uncompressed size mod 2^32, of the last member).
+struct FileFacts {
+  bool gzip = false;
+  uint64_t fileBytes = 0;
+  uint32_t isize = 0;
+};
+
+FileFacts factsOf(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  DTRAIN_CHECK_AS(ConfigError, fd >= 0, "{}: cannot open ({})", path, std::strerror(errno));
+  FdGuard guard{fd};
+  struct stat st {};
+  DTRAIN_CHECK_AS(ConfigError, ::fstat(fd, &st) == 0 && S_ISREG(st.st_mode), "{}: not a regular file", path);
+  FileFacts f;
+  f.fileBytes = static_cast<uint64_t>(st.st_size);
+  unsigned char magic[2] = {0, 0};
+  f.gzip = ::pread(fd, magic, 2, 0) == 2 && magic[0] == 0x1f && magic[1] == 0x8b;
+  unsigned char t[4];
+  if (f.gzip && st.st_size >= 18 && ::pread(fd, t, 4, st.st_size - 4) == 4)
+    f.isize = t[0] | (t[1] << 8) | (t[2] << 16) | (static_cast<uint32_t>(t[3]) << 24);
+  return f;
+}
+
+// Checks the content size a header declares (`total` bytes, header included) against the file before any data
+// is read. `mismatch(haveBytes)` words the error for content of another size. A gzip file's trailer is only
+// trusted in ReadMode::kHeader (which reads nothing else): a full read lets zlib tell a truncated stream
+// ("corrupt or truncated gzip data") from short content, and stops at `total` bytes anyway.
+template <typename Mismatch>
+void checkDeclaredSize(const std::string& path, uint64_t total, Mismatch&& mismatch, ReadMode mode) {
+  FileFacts f = factsOf(path);
+  if (!f.gzip) {
+    if (f.fileBytes != total) throw ConfigError(mismatch(f.fileBytes));
+    return;
+  }
+  DTRAIN_CHECK_AS(ConfigError, f.fileBytes > 0 && total / f.fileBytes <= kMaxDeflateRatio,
+                  "{}: the header declares {} bytes but a gzip file of {} bytes holds at most about {} (deflate "
+                  "expands at most {}:1): a wrong header, or a truncated file",
+                  path, total, f.fileBytes, f.fileBytes * kMaxDeflateRatio, kMaxDeflateRatio);
+  if (mode == ReadMode::kHeader && static_cast<uint32_t>(total) != f.isize)
+    throw ConfigError(mismatch(f.isize) + " (by the gzip trailer's size; or the gzip file is truncated or corrupt)");
+}
+
+// a * b, or nullopt when it does not fit 64 bits.
+std::optional<uint64_t> mul(uint64_t a, uint64_t b) {
+  uint64_t r = 0;
+  if (__builtin_mul_overflow(a, b, &r)) return std::nullopt;
+  return r;
 }
 
 uint32_t bigEndian32(const std::byte* p) {
@@ -138,7 +213,7 @@ void writeCache(const std::string& cache, const std::vector<std::byte>& bytes) {
 
 }  // namespace
 
-std::vector<std::byte> readFileBytes(const std::string& path) {
+std::vector<std::byte> readFileBytes(const std::string& path, std::optional<size_t> maxBytes) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   DTRAIN_CHECK_AS(ConfigError, fd >= 0, "{}: cannot open ({})", path, std::strerror(errno));
   FdGuard guard{fd};
@@ -146,32 +221,74 @@ std::vector<std::byte> readFileBytes(const std::string& path) {
   DTRAIN_CHECK_AS(ConfigError, ::fstat(fd, &st) == 0 && S_ISREG(st.st_mode), "{}: not a regular file", path);
   unsigned char magic[2] = {0, 0};
   bool gzip = ::pread(fd, magic, 2, 0) == 2 && magic[0] == 0x1f && magic[1] == 0x8b;
-  if (!gzip) return readPlain(fd, path, static_cast<size_t>(st.st_size));
+  if (!gzip) return readPlain(fd, path, static_cast<size_t>(st.st_size), maxBytes);
   // The gzip trailer holds the uncompressed size mod 2^32: a good first allocation for datasets < 4 GB.
   size_t hint = 0;
   unsigned char trailer[4];
   if (st.st_size >= 18 && ::pread(fd, trailer, 4, st.st_size - 4) == 4)
     hint = trailer[0] | (trailer[1] << 8) | (trailer[2] << 16) | (static_cast<size_t>(trailer[3]) << 24);
   // A truncated file's last bytes are not a trailer: deflate never expands more than 1032:1, so cap there.
-  hint = std::min(hint, static_cast<size_t>(st.st_size) * 1032);
+  hint = std::min(hint, static_cast<size_t>(st.st_size) * kMaxDeflateRatio);
+  if (maxBytes) hint = std::min(hint, *maxBytes);
   std::string cache = hint >= kCacheMinBytes ? cachePath(path, st) : "";
   if (!cache.empty()) {
     int cfd = ::open(cache.c_str(), O_RDONLY | O_CLOEXEC);
     struct stat cst {};
     if (cfd >= 0 && ::fstat(cfd, &cst) == 0 && static_cast<size_t>(cst.st_size) == hint) {
       FdGuard cguard{cfd};
-      return readPlain(cfd, cache, hint);
+      return readPlain(cfd, cache, hint, maxBytes);
     }
     if (cfd >= 0) ::close(cfd);
   }
   guard.fd = -1;  // gzdopen owns it now
-  auto bytes = readGzip(fd, path, hint);
+  auto bytes = readGzip(fd, path, hint, maxBytes);
   if (!cache.empty() && bytes.size() == hint) writeCache(cache, bytes);
   return bytes;
 }
 
-RawArray readIdx(const std::string& path, int expectedDims, const std::string& what) {
-  auto bytes = readFileBytes(path);
+std::vector<std::byte> readFilePrefix(const std::string& path, size_t n) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  DTRAIN_CHECK_AS(ConfigError, fd >= 0, "{}: cannot open ({})", path, std::strerror(errno));
+  FdGuard guard{fd};
+  struct stat st {};
+  DTRAIN_CHECK_AS(ConfigError, ::fstat(fd, &st) == 0 && S_ISREG(st.st_mode), "{}: not a regular file", path);
+  unsigned char magic[2] = {0, 0};
+  bool gzip = ::pread(fd, magic, 2, 0) == 2 && magic[0] == 0x1f && magic[1] == 0x8b;
+  std::vector<std::byte> out(n);
+  size_t used = 0;
+  if (!gzip) {
+    while (used < n) {
+      ssize_t r = ::pread(fd, out.data() + used, n - used, static_cast<off_t>(used));
+      if (r < 0 && errno == EINTR) continue;
+      if (r < 0) DTRAIN_THROW(ConfigError, "{}: read failed ({})", path, std::strerror(errno));
+      if (r == 0) break;
+      used += static_cast<size_t>(r);
+    }
+  } else {
+    gzFile gz = ::gzdopen(fd, "rb");
+    DTRAIN_CHECK_AS(ConfigError, gz != nullptr, "{}: cannot open gzip stream", path);
+    guard.fd = -1;  // gzdopen owns it now
+    while (used < n) {
+      int r = ::gzread(gz, out.data() + used, static_cast<unsigned>(std::min<size_t>(n - used, 1u << 30)));
+      if (r < 0) {
+        int code = 0;
+        std::string why = ::gzerror(gz, &code);
+        ::gzclose(gz);
+        DTRAIN_THROW(ConfigError, "{}: corrupt gzip data ({})", path, why);
+      }
+      if (r == 0) break;
+      used += static_cast<size_t>(r);
+    }
+    ::gzclose(gz);
+  }
+  out.resize(used);
+  return out;
+}
+
+RawArray readIdx(const std::string& path, int expectedDims, const std::string& what, ReadMode mode) {
+  // The header first (at most 4 + 4 x 255 bytes): the declared size is checked against the file before any
+  // data is read or allocated.
+  auto bytes = readFilePrefix(path, 4 + 4 * 255);
   const uint32_t expectedMagic = 0x0800u | static_cast<uint32_t>(expectedDims);
   DTRAIN_CHECK_AS(ConfigError, bytes.size() >= 4, "{}: file too short for an IDX header ({} bytes)", path,
                   bytes.size());
@@ -194,12 +311,28 @@ RawArray readIdx(const std::string& path, int expectedDims, const std::string& w
   const size_t headerBytes = 4 + 4 * static_cast<size_t>(dims);
   DTRAIN_CHECK_AS(ConfigError, bytes.size() >= headerBytes, "{}: truncated IDX header ({} bytes, expected {})", path,
                   bytes.size(), headerBytes);
+  DTRAIN_CHECK_AS(ConfigError, dims <= kMaxRank, "{}: IDX header declares {} dimensions (at most {} supported)", path,
+                  dims, kMaxRank);
   for (int d = 0; d < dims; ++d) out.shape.push_back(bigEndian32(bytes.data() + 4 + 4 * d));
   const size_t width = dtypeSize(out.type);
-  const auto dataBytes = static_cast<size_t>(out.shape.numel()) * width;
-  DTRAIN_CHECK_AS(ConfigError, bytes.size() - headerBytes == dataBytes,
-                  "{}: IDX data has {} bytes, expected {} for shape {} of {}", path, bytes.size() - headerBytes,
-                  dataBytes, out.shape.spaced(), dtypeName(out.type));
+  std::optional<uint64_t> declared = width;
+  for (int d = 0; d < dims && declared; ++d) declared = mul(*declared, static_cast<uint64_t>(out.shape[d]));
+  DTRAIN_CHECK_AS(ConfigError, declared && *declared <= (uint64_t{1} << 48),
+                  "{}: IDX header declares shape {} of {}, more than any dataset this machine can hold", path,
+                  out.shape.spaced(), dtypeName(out.type));
+  const auto dataBytes = static_cast<size_t>(*declared);
+  auto sizeMismatch = [&](uint64_t have) {
+    return fmt::format("{}: IDX data has {} bytes, expected {} for shape {} of {}", path,
+                       have < headerBytes ? 0 : have - headerBytes, dataBytes, out.shape.spaced(),
+                       dtypeName(out.type));
+  };
+  checkDeclaredSize(path, headerBytes + dataBytes, sizeMismatch, mode);
+  if (mode == ReadMode::kHeader) {
+    out.probed = true;
+    return out;
+  }
+  bytes = readFileBytes(path, headerBytes + dataBytes);
+  if (bytes.size() != headerBytes + dataBytes) throw ConfigError(sizeMismatch(bytes.size()));
   bytes.erase(bytes.begin(), bytes.begin() + static_cast<std::ptrdiff_t>(headerBytes));
   byteSwapInPlace(bytes, width);
   out.bytes = std::move(bytes);
@@ -226,8 +359,10 @@ std::string npyField(const std::string& header, const std::string& key, const st
 
 }  // namespace
 
-RawArray readNpy(const std::string& path) {
-  auto bytes = readFileBytes(path);
+RawArray readNpy(const std::string& path, ReadMode mode) {
+  // numpy writes headers of a few hundred bytes; 64 KiB is far more than any real one.
+  constexpr size_t kMaxHeader = 64 * 1024;
+  auto bytes = readFilePrefix(path, kMaxHeader);
   static const char kMagic[] = "\x93NUMPY";
   DTRAIN_CHECK_AS(ConfigError, bytes.size() >= 10 && std::memcmp(bytes.data(), kMagic, 6) == 0,
                   "{}: not an NPY file (expected the magic \\x93NUMPY)", path);
@@ -243,6 +378,8 @@ RawArray readNpy(const std::string& path) {
   } else {
     DTRAIN_THROW(ConfigError, "{}: NPY version {} (expected 1, 2 or 3)", path, major);
   }
+  DTRAIN_CHECK_AS(ConfigError, headerLen <= kMaxHeader - offset, "{}: NPY header of {} bytes (at most {} supported)",
+                  path, headerLen, kMaxHeader - offset);
   DTRAIN_CHECK_AS(ConfigError, bytes.size() >= offset + headerLen, "{}: truncated NPY header", path);
   std::string header(reinterpret_cast<const char*>(bytes.data()) + offset, headerLen);
   const std::string descr = npyField(header, "descr", path);
@@ -286,10 +423,25 @@ RawArray readNpy(const std::string& path) {
     pos = comma + 1;
   }
   DTRAIN_CHECK_AS(ConfigError, !out.shape.empty(), "{}: NPY array is a scalar (expected a sample dimension)", path);
-  const size_t dataBytes = static_cast<size_t>(out.shape.numel()) * dtypeSize(out.type);
-  const size_t have = bytes.size() - offset - headerLen;
-  DTRAIN_CHECK_AS(ConfigError, have == dataBytes, "{}: NPY data has {} bytes, expected {} for shape {} of {}", path,
-                  have, dataBytes, out.shape.spaced(), dtypeName(out.type));
+  std::optional<uint64_t> declared = dtypeSize(out.type);
+  for (int d = 0; d < out.shape.rank() && declared; ++d) declared = mul(*declared, static_cast<uint64_t>(out.shape[d]));
+  DTRAIN_CHECK_AS(ConfigError, declared && *declared <= (uint64_t{1} << 48),
+                  "{}: NPY header declares shape {} of {}, more than any dataset this machine can hold", path,
+                  shapeText, dtypeName(out.type));
+  const auto dataBytes = static_cast<size_t>(*declared);
+  const size_t headerBytes = offset + headerLen;
+  auto sizeMismatch = [&](uint64_t have) {
+    return fmt::format("{}: NPY data has {} bytes, expected {} for shape {} of {}", path,
+                       have < headerBytes ? 0 : have - headerBytes, dataBytes, out.shape.spaced(),
+                       dtypeName(out.type));
+  };
+  checkDeclaredSize(path, headerBytes + dataBytes, sizeMismatch, mode);
+  if (mode == ReadMode::kHeader) {
+    out.probed = true;
+    return out;
+  }
+  bytes = readFileBytes(path, headerBytes + dataBytes);
+  if (bytes.size() != headerBytes + dataBytes) throw ConfigError(sizeMismatch(bytes.size()));
   bytes.erase(bytes.begin(), bytes.begin() + static_cast<std::ptrdiff_t>(offset + headerLen));
   out.bytes = std::move(bytes);
   return out;

@@ -15,17 +15,32 @@
 namespace dtrain::data {
 
 // The whole (decompressed) content of a file. ConfigError "PATH: cannot open (No such file or directory)".
-std::vector<std::byte> readFileBytes(const std::string& path);
+// `maxBytes`: the most the content may hold (what a format's header declares): a gzip stream that inflates to
+// more is an error as soon as it passes the bound ("has more data than its header declares"), so a gzip bomb
+// never costs more memory than the header admits to.
+std::vector<std::byte> readFileBytes(const std::string& path, std::optional<size_t> maxBytes = std::nullopt);
+
+// The first `n` bytes of the (decompressed) content, or all of it when shorter. Reads only what it returns.
+std::vector<std::byte> readFilePrefix(const std::string& path, size_t n);
+
+// How much of a file the IDX and NPY readers read.
+enum class ReadMode {
+  kAll,     // header and data
+  kHeader,  // the header only (a few bytes, inflated when gzip): shape and type, and the file's size checked
+            // against them without reading the data (a plain file's size; a gzip file's compressed size and
+            // its trailer's uncompressed size, which a truncated file does not have). RawArray::probed is true.
+};
 
 // IDX (LeCun's MNIST format): 2 zero bytes, a type code (0x08 u8, 0x09 i8, 0x0B i16, 0x0C i32, 0x0D f32,
 // 0x0E f64), the number of dimensions, big-endian u32 sizes, then big-endian data. The result is in native
 // byte order. `expectedDims` (3 for idx3 images, 1 for idx1 labels) is checked against the magic, and `what`
-// ("images"/"labels") names the role in the message.
-RawArray readIdx(const std::string& path, int expectedDims, const std::string& what);
+// ("images"/"labels") names the role in the message. In both modes the declared size is checked against the
+// file before any data is read or allocated.
+RawArray readIdx(const std::string& path, int expectedDims, const std::string& what, ReadMode mode = ReadMode::kAll);
 
 // NPY (numpy.save): versions 1, 2 and 3, C order, little-endian (or byte-order-free) dtypes
-// u1 i1 i2 u2 i4 i8 f4 f8 and b1 (read as uint8).
-RawArray readNpy(const std::string& path);
+// u1 i1 i2 u2 i4 i8 f4 f8 and b1 (read as uint8). Sizes are checked as for readIdx.
+RawArray readNpy(const std::string& path, ReadMode mode = ReadMode::kAll);
 
 struct CsvOptions {
   char delimiter = ',';

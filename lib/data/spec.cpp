@@ -211,7 +211,7 @@ Labels labelsFromArray(const RawArray& a, std::optional<LabelKind> kind, const s
 
 std::string baseName(const std::string& path) { return std::filesystem::path(path).filename().string(); }
 
-std::shared_ptr<const Dataset> load(const DataSpec& spec, const std::string& where) {
+std::shared_ptr<const Dataset> load(const DataSpec& spec, const std::string& where, ReadMode features) {
   std::unique_ptr<ArrayDataset> ds;
   auto at = [&](const std::string& key) { return where + "/" + key; };
   // Runs a reader, prefixing its message with the JSON path of the key that named the file.
@@ -224,7 +224,7 @@ std::shared_ptr<const Dataset> load(const DataSpec& spec, const std::string& whe
   };
   switch (spec.format) {
     case Format::kIdx: {
-      auto images = withKey("images", [&] { return readIdx(spec.images, 3, "images"); });
+      auto images = withKey("images", [&] { return readIdx(spec.images, 3, "images", features); });
       auto labelArray = withKey("labels", [&] { return readIdx(spec.labels, 1, "labels"); });
       DTRAIN_CHECK_AS(ConfigError, labelArray.shape[0] == images.shape[0],
                       "{}: {} has {} labels but {} has {} images (expected one label per image)", at("labels"),
@@ -237,16 +237,16 @@ std::shared_ptr<const Dataset> load(const DataSpec& spec, const std::string& whe
       break;
     }
     case Format::kNpy: {
-      auto features = withKey("features", [&] { return readNpy(spec.features); });
+      auto values = withKey("features", [&] { return readNpy(spec.features, features); });
       auto labelArray = withKey("labels", [&] { return readNpy(spec.labels); });
-      DTRAIN_CHECK_AS(ConfigError, labelArray.shape[0] == features.shape[0],
+      DTRAIN_CHECK_AS(ConfigError, labelArray.shape[0] == values.shape[0],
                       "{}: {} has {} labels but {} has {} samples (expected one label per sample)", at("labels"),
-                      spec.labels, labelArray.shape[0], spec.features, features.shape[0]);
+                      spec.labels, labelArray.shape[0], spec.features, values.shape[0]);
       auto labels = withKey("labels", [&] { return labelsFromArray(labelArray, spec.labelKind, spec.labels); });
       if (labels.kind == LabelKind::kClass) labels.numClasses = spec.numClasses;
-      auto what = fmt::format("npy {}: {} x {} {}", baseName(spec.features), features.shape[0],
-                              features.shape.dropFirst().spaced(), dtypeName(features.type));
-      ds = std::make_unique<ArrayDataset>(std::move(features), std::move(labels), spec.transform, what, where);
+      auto what = fmt::format("npy {}: {} x {} {}", baseName(spec.features), values.shape[0],
+                              values.shape.dropFirst().spaced(), dtypeName(values.type));
+      ds = std::make_unique<ArrayDataset>(std::move(values), std::move(labels), spec.transform, what, where);
       break;
     }
     case Format::kCsv: {
@@ -269,10 +269,10 @@ std::shared_ptr<const Dataset> load(const DataSpec& spec, const std::string& whe
 
 }  // namespace
 
-std::shared_ptr<const Dataset> loadDataset(const DataSpec& spec) {
+std::shared_ptr<const Dataset> loadDataset(const DataSpec& spec, ReadMode features) {
   const std::string where = spec.sourceFile.empty() ? spec.jsonPath : spec.sourceFile + ": " + spec.jsonPath;
   try {
-    return load(spec, where);
+    return load(spec, where, features);
   } catch (const ConfigError& e) {
     // Messages from ArrayDataset already carry `where`; the rest get it here.
     std::string m = e.what();

@@ -52,6 +52,10 @@ DataSpec parseDataSpec(const nlohmann::json& spec, const std::string& sourceFile
                        const std::filesystem::path& baseDir);
 
 // Reads the files and builds the dataset (shared: the trainer and an evaluation pass may both hold it).
-std::shared_ptr<const Dataset> loadDataset(const DataSpec& spec);
+// `features`: ReadMode::kHeader reads only the headers of IDX/NPY feature files (their sizes checked against the
+// files) and builds a dataset that answers size, shapes, labels and classes but cannot fetch(): what the launcher
+// and `dtrain check` validate before any worker starts, in milliseconds. Labels are always read in full (they are
+// small, and their values are what is checked). CSV is always read in full (text has no declared size).
+std::shared_ptr<const Dataset> loadDataset(const DataSpec& spec, ReadMode features = ReadMode::kAll);
 
 }  // namespace dtrain::data

@@ -125,9 +125,11 @@ std::optional<MachineMemory> readMachineMemory(const std::string& meminfoPath) {
   return m;
 }
 
-void checkJobFitsMemory(const Job& job, int localWorkers, const std::optional<MachineMemory>& machine) {
+void checkJobFitsMemory(const Job& job, int localWorkers, const std::optional<MachineMemory>& machine,
+                        std::optional<int64_t> dataBytes) {
   if (!machine) return;
-  const MemoryEstimate e = estimateMemory(job);
+  MemoryEstimate e = estimateMemory(job);
+  if (dataBytes) e.data = *dataBytes;
   const int64_t workers = std::max(localWorkers, 1);
   const int64_t need = satMul(e.total(), workers);
   DTRAIN_CHECK_AS(ConfigError, need <= machine->available,
@@ -137,18 +139,38 @@ void checkJobFitsMemory(const Job& job, int localWorkers, const std::optional<Ma
                   humanBytes(machine->total));
 }
 
+namespace {
+
+int64_t datasetBytes(const data::Dataset& ds, const data::DataSpec& spec) {
+  const auto* array = dynamic_cast<const data::ArrayDataset*>(&ds);
+  if (!array) return syntheticBytes(spec);
+  int64_t labels = satMul(ds.size(), satMul(ds.labelKind() == data::LabelKind::kClass ? 1 : ds.labelShape().numel(), 4));
+  return satAdd(static_cast<int64_t>(array->rawBytes()), labels);
+}
+
+}  // namespace
+
+DataCheck checkJobData(const Job& job) {
+  DataCheck c;
+  auto loss = nn::Loss::create(job.loss, job.model.output(), static_cast<int>(job.data.batchSize), Device::cpu());
+  c.train = data::loadDataset(job.data.train, data::ReadMode::kHeader);
+  checkDataFitsModel(job, *c.train, *loss, "/data/train");
+  c.bytes = datasetBytes(*c.train, job.data.train);
+  if (job.data.eval) {
+    c.eval = data::loadDataset(*job.data.eval, data::ReadMode::kHeader);
+    checkDataFitsModel(job, *c.eval, *loss, "/data/eval");
+    c.bytes = satAdd(c.bytes, datasetBytes(*c.eval, *job.data.eval));
+  }
+  return c;
+}
+
 std::string checkJob(const Job& job) {
   // Before anything is loaded or built: a job that cannot fit fails here, not in an allocation.
   checkJobFitsMemory(job, 1, readMachineMemory());
-  auto train = data::loadDataset(job.data.train);
-  auto loss = nn::Loss::create(job.loss, job.model.output(), static_cast<int>(job.data.batchSize), Device::cpu());
-  checkDataFitsModel(job, *train, *loss, "/data/train");
-  std::string evalLine = "eval:  (none)";
-  if (job.data.eval) {
-    auto eval = data::loadDataset(*job.data.eval);
-    checkDataFitsModel(job, *eval, *loss, "/data/eval");
-    evalLine = fmt::format("eval:  {}", eval->describe());
-  }
+  auto data = checkJobData(job);
+  checkJobFitsMemory(job, 1, readMachineMemory(), data.bytes);
+  auto train = data.train;
+  std::string evalLine = data.eval ? fmt::format("eval:  {}", data.eval->describe()) : "eval:  (none)";
   auto model = nn::Model::build(job.model, static_cast<int>(job.data.batchSize), job.loop.seed, Device::cpu());
   std::string out = fmt::format("{}: OK\n\n{}\n", job.sourceFile, model.summaryTable());
   out += fmt::format("loss:  {}\noptimizer: {} lr {}\n", nn::lossTypeName(job.loss.type),
@@ -163,7 +185,9 @@ std::string checkJob(const Job& job) {
                      job.loop.epochs, job.data.batchSize, stepsPerEpoch(1), stepsPerEpoch(2), stepsPerEpoch(4),
                      job.loop.maxSteps > 0 ? fmt::format(" (max_steps {})", job.loop.maxSteps) : "");
   if (job.parallel.compression) out += compressionLine(job);
-  out += fmt::format("memory: about {} per worker\n", estimateMemory(job).str());
+  MemoryEstimate memory = estimateMemory(job);
+  memory.data = data.bytes;
+  out += fmt::format("memory: about {} per worker\n", memory.str());
   out += fmt::format("output: {}\n", job.outputDir.string());
   return out;
 }

@@ -19,6 +19,17 @@ void checkDataFitsModel(const Job& job, const data::Dataset& ds, const nn::Loss&
 // prints: the model summary table, the data, and the run's shape (steps per epoch at the job's batch size).
 std::string checkJob(const Job& job);
 
+// What `dtrain run` (before any store or worker exists) and `dtrain check` learn about a job's data: the
+// datasets read with data::ReadMode::kHeader (headers, sizes against the files, labels in full; no feature data),
+// checked against the model and the loss with checkDataFitsModel. Bad magic, a truncated or lying file, a label
+// count that differs from the sample count, labels out of range: ConfigError (exit 2) naming the job file, the
+// data section and the file. Blocks on file I/O (milliseconds for headers; labels and CSV are read whole).
+struct DataCheck {
+  std::shared_ptr<const data::Dataset> train, eval;  // probed: no fetch()
+  int64_t bytes = 0;  // what the datasets take in one worker's memory once read (features + labels)
+};
+DataCheck checkJobData(const Job& job);
+
 // What one worker of `job` needs in memory, in bytes, estimated from the spec alone (nothing is allocated). Every
 // product and sum saturates at INT64_MAX instead of wrapping, so a huge job is never estimated as a small one.
 //   parameters: weights + gradients + the DDP communication copy (3 x 4 bytes per parameter);
@@ -46,6 +57,8 @@ std::optional<MachineMemory> readMachineMemory(const std::string& meminfoPath = 
 // the estimate and the machine's memory, e.g. "job.json: this job needs about 64 TiB per worker x 2 local
 // workers = 128 TiB, but this machine has 12.3 GiB available (15.5 GiB total); reduce the model, the batch size
 // or --nproc-per-node". No check when the machine's memory is unknown.
-void checkJobFitsMemory(const Job& job, int localWorkers, const std::optional<MachineMemory>& machine);
+// `dataBytes`: the datasets' size when known (DataCheck::bytes), else the estimate's own (synthetic data only).
+void checkJobFitsMemory(const Job& job, int localWorkers, const std::optional<MachineMemory>& machine,
+                        std::optional<int64_t> dataBytes = std::nullopt);
 
 }  // namespace dtrain::train

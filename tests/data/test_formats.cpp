@@ -4,6 +4,10 @@
 #include <filesystem>
 #include <functional>
 
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include "lib/common/error.h"
 #include "lib/data/formats.h"
 #include "tests/data/data_files.h"
@@ -207,4 +211,66 @@ TEST_CASE("CSV errors name the line, the column and the bad cell") {
         p + ":2: label column 'y' (1): '-1' is not a class index (expected an integer >= 0)");
   writeBytes(p, "");
   CHECK(messageOf([&] { readCsv(p, o); }) == p + ": empty CSV file");
+}
+
+TEST_CASE("a gzip bomb is stopped at the size its header declares, in memory as in time") {
+  const std::string bomb = tmp("bomb.gz");
+  {
+    std::string content = idxBytes(0x08, {2, 2, 2}, std::string(8, '\x01')) + std::string(96u << 20, '\0');
+    writeBytes(bomb, content, true);
+  }
+  CHECK(std::filesystem::file_size(bomb) < (1u << 20));
+  CHECK(messageOf([&] { readIdx(bomb, 3, "images"); }) ==
+        bomb + ": the gzip data inflates to more than the 24 bytes its header declares (a corrupt file or a gzip "
+               "bomb); stopped there");
+  // The header-only read (what the launcher does) needs only the trailer to refuse it.
+  CHECK(messageOf([&] { readIdx(bomb, 3, "images", ReadMode::kHeader); })
+            .find(": IDX data has 100663304 bytes, expected 8 for shape [2, 2, 2] of uint8 (by the gzip trailer's size")
+        != std::string::npos);
+  // Peak memory of a child that reads it: far below the 96 MiB it inflates to (before the bound it took all of it).
+  pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    struct rusage before {}, after {};
+    ::getrusage(RUSAGE_SELF, &before);
+    try {
+      readIdx(bomb, 3, "images");
+    } catch (...) {
+    }
+    ::getrusage(RUSAGE_SELF, &after);
+    ::_exit(after.ru_maxrss - before.ru_maxrss < 16 * 1024 ? 0 : 1);  // KiB
+  }
+  int status = 0;
+  REQUIRE(::waitpid(pid, &status, 0) == pid);
+  CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+}
+
+TEST_CASE("header-only reads give shape and type without the data, and check sizes against the file") {
+  std::string pixels(2 * 3 * 4, '\x05');
+  for (bool gz : {false, true}) {
+    CAPTURE(gz);
+    const std::string images = tmp(gz ? "probe.gz" : "probe");
+    writeBytes(images, idxBytes(0x08, {2, 3, 4}, pixels), gz);
+    auto a = readIdx(images, 3, "images", ReadMode::kHeader);
+    CHECK(a.probed);
+    CHECK(a.shape == Shape{2, 3, 4});
+    CHECK(a.bytes.empty());
+    // One byte short: the plain file's size, or the gzip trailer, gives it away without reading the data.
+    const std::string shortFile = tmp(gz ? "probe_short.gz" : "probe_short");
+    writeBytes(shortFile, idxBytes(0x08, {2, 3, 4}, pixels.substr(1)), gz);
+    CHECK(messageOf([&] { readIdx(shortFile, 3, "images", ReadMode::kHeader); })
+              .find(shortFile + ": IDX data has 23 bytes, expected 24 for shape [2, 3, 4] of uint8") == 0);
+  }
+  const std::string npy = tmp("probe.npy");
+  writeBytes(npy, npyBytes("<f4", {2, 2}, std::string(16, '\0')));
+  auto n = readNpy(npy, ReadMode::kHeader);
+  CHECK(n.probed);
+  CHECK(n.shape == Shape{2, 2});
+  CHECK(n.type == DType::kFloat32);
+  // A header that declares more than the file could ever hold is refused before any allocation.
+  const std::string huge = tmp("huge.gz");
+  writeBytes(huge, idxBytes(0x08, {4000000, 1000, 1000}, std::string(16, '\0')), true);
+  CHECK(messageOf([&] { readIdx(huge, 3, "images"); }).find("the header declares 4000000000016 bytes but a gzip file of") !=
+        std::string::npos);
 }

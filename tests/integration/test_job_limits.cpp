@@ -171,3 +171,81 @@ TEST_CASE("a diverging run stops with exit 9 naming the step and never saves non
   CHECK(bad.err.find("/train/on_nonfinite: unknown on_nonfinite value 'ignore' (expected stop, skip)") !=
         std::string::npos);
 }
+
+namespace {
+
+// An IDX file (LeCun's format): magic 0x0000 0x08 ndims, big-endian sizes, then bytes.
+std::string idx(const std::vector<uint32_t>& dims, const std::string& data) {
+  std::string out{'\0', '\0', '\x08', static_cast<char>(dims.size())};
+  for (uint32_t d : dims)
+    for (int shift : {24, 16, 8, 0}) out.push_back(static_cast<char>((d >> shift) & 0xff));
+  return out + data;
+}
+
+void gzipFile(const std::string& plain, const std::string& gz) {
+  REQUIRE(run({"sh", "-c", "gzip -c -n '" + plain + "' > '" + gz + "'"}).exitCode == 0);
+}
+
+}  // namespace
+
+TEST_CASE("data that lies (bad magic, truncated gzip, labels out of range, a gzip bomb) is refused before any worker starts") {
+  std::string dir = tempDir("job_data");
+  const std::string pixels(4 * 2 * 2, '\x10');
+  writeFile(dir + "/img", idx({4, 2, 2}, pixels));
+  writeFile(dir + "/lab", idx({4}, std::string("\x00\x01\x02\x01", 4)));
+  writeFile(dir + "/lab_range", idx({4}, std::string("\x00\x01\x05\x01", 4)));
+  writeFile(dir + "/lab_short", idx({3}, std::string("\x00\x01\x02", 3)));
+  std::string badMagic = idx({4}, std::string("\x00\x01\x02\x01", 4));
+  badMagic[3] = '\x03';
+  writeFile(dir + "/lab_magic", badMagic);
+  // Incompressible pixels, so that cutting the gzip file in half loses data and its trailer.
+  std::string noise(4000 * 4, '\0');
+  for (size_t i = 0; i < noise.size(); ++i) noise[i] = static_cast<char>(i * 7919 % 251);
+  writeFile(dir + "/big", idx({1000, 4, 4}, noise));
+  gzipFile(dir + "/big", dir + "/big.gz");
+  std::string gz = readFile(dir + "/big.gz");
+  writeFile(dir + "/cut.gz", gz.substr(0, gz.size() / 2));
+  // A gzip bomb: the header declares 4 images of 2x2, the stream inflates to 64 MiB more.
+  writeFile(dir + "/bomb", idx({4, 2, 2}, pixels) + std::string(64u << 20, '\0'));
+  gzipFile(dir + "/bomb", dir + "/bomb.gz");
+  std::filesystem::remove(dir + "/bomb");
+
+  auto jobWith = [&](const std::string& name, const std::string& images, const std::string& labels,
+                     std::optional<int> numClasses) {
+    json job = {{"model", {{"input", {2, 2}}, {"layers", {{{"type", "flatten"}}, {{"type", "linear"}, {"out", 3}}}}}},
+                {"loss", {{"type", "cross_entropy"}}},
+                {"optimizer", {{"type", "sgd"}, {"lr", 0.1}}},
+                {"data", {{"train", {{"format", "idx"}, {"images", images}, {"labels", labels}}}, {"batch_size", 2}}},
+                {"checkpoint", false}};
+    if (numClasses) job["data"]["train"]["num_classes"] = *numClasses;
+    writeFile(dir + "/" + name + ".json", job.dump());
+    return dir + "/" + name + ".json";
+  };
+  REQUIRE(run({dtrainBinary(), "check", jobWith("good", "img", "lab", std::nullopt)}).exitCode == 0);
+
+  const std::vector<BadJob> bad = {
+      {"labels with a bad IDX magic", jobWith("magic", "img", "lab_magic", std::nullopt), {},
+       "/data/train/labels: " + dir + "/lab_magic: bad IDX magic 0x00000803 (expected 0x00000801 for labels)"},
+      {"labels out of range for num_classes", jobWith("range", "img", "lab_range", 3), {},
+       "sample 2 has class label 5 (expected < num_classes 3)"},
+      {"more classes in the labels than the model has logits", jobWith("logits", "img", "lab_range", std::nullopt), {},
+       "the data has 6 classes but the model outputs 3 logits"},
+      {"fewer labels than images", jobWith("count", "img", "lab_short", std::nullopt), {},
+       "has 3 labels but " + dir + "/img has 4 images"},
+      // `run` and `check` read only the header and the trailer; `train` inflates and finds the cut.
+      {"truncated gzip images", jobWith("cut", "cut.gz", "lab", std::nullopt), {},
+       "/data/train/images: " + dir + "/cut.gz: "},
+      {"a gzip bomb", jobWith("bomb", "bomb.gz", "lab", std::nullopt), {}, "/data/train/images: " + dir + "/bomb.gz: "},
+  };
+  for (const auto& b : bad) expectRefused(b, dir);
+
+  // What each reader says: the launcher before any worker, from the header and the gzip trailer alone...
+  auto r = run({dtrainBinary(), "run", "--standalone", dir + "/bomb.json"}, {.timeout = 30s});
+  CHECK(r.err.find("IDX data has 67108880 bytes, expected 16 for shape [4, 2, 2] of uint8 (by the gzip trailer's size") !=
+        std::string::npos);
+  r = run({dtrainBinary(), "check", dir + "/cut.json"}, {.timeout = 30s});
+  CHECK(r.err.find("(by the gzip trailer's size; or the gzip file is truncated or corrupt)") != std::string::npos);
+  // ... and a full read stops inflating at the declared size instead of taking the whole 64 MiB.
+  r = run({dtrainBinary(), "train", dir + "/bomb.json", "--output-dir", dir + "/out"}, {.timeout = 30s});
+  CHECK(r.err.find("inflates to more than the 32 bytes its header declares") != std::string::npos);
+}

@@ -23,14 +23,14 @@ std::vector<Fault> parseFaults(const std::string& text) {
       std::string k(parse::trim(kv.substr(0, eq)));
       std::string v(eq == std::string::npos ? "" : parse::trim(kv.substr(eq + 1)));
       auto num = parse::toInt(v);
-      if (k == "action" && (v == "kill" || v == "exit" || v == "hang")) f.action = v;
+      if (k == "action" && (v == "kill" || v == "exit" || v == "hang" || v == "throw")) f.action = v;
       else if (k == "rank" && num && *num >= 0) f.rank = static_cast<int>(*num);
       else if (k == "step" && num && *num >= 1) f.step = *num, haveStep = true;
       else if (k == "attempt" && num && *num >= 0) f.attempt = static_cast<int>(*num);
       else if (k == "code" && num && *num >= 0 && *num <= 255) f.code = static_cast<int>(*num);
       else
         DTRAIN_THROW(UsageError,
-                     "DTRAIN_FAULT={}: bad item '{}' (expected rank=R,step=S,action=kill|exit|hang[,attempt=A][,code=C])",
+                     "DTRAIN_FAULT={}: bad item '{}' (expected rank=R,step=S,action=kill|exit|hang|throw[,attempt=A][,code=C])",
                      text, kv);
     }
     DTRAIN_CHECK_AS(UsageError, haveStep && !f.action.empty(), "DTRAIN_FAULT={}: '{}' needs step=S and action=...", text,
@@ -50,6 +50,8 @@ void FaultInjector::afterStep(int64_t step) const {
     if (f.action == "kill") ::raise(SIGKILL);
     if (f.action == "exit") throw Error(fmt::format("DTRAIN_FAULT: injected exit after step {}", step),
                                         static_cast<ExitCode>(f.code));
+    // An exception that is no dtrain::Error: what a bug looks like ("internal error", exit 1).
+    if (f.action == "throw") throw std::logic_error(fmt::format("DTRAIN_FAULT: injected bug after step {}", step));
     // hang: a stuck process that even ignores SIGTERM, as a deadlocked one would
     ::signal(SIGTERM, SIG_IGN);
     ::signal(SIGINT, SIG_IGN);

@@ -4,7 +4,8 @@
 //   makes rank `rank` misbehave right after optimizer step `step` completes, in launcher attempt `attempt`
 //   (DTRAIN_RESTART_COUNT, default 0, so a restarted group does not fail again): `kill` SIGKILLs itself,
 //   `exit` ends with exit code `code` (default 1), `hang` stops making progress (ignoring SIGTERM) so that the
-//   peers' collective timeout and the agent's SIGKILL must deal with it. Several faults: separate with ';'.
+//   peers' collective timeout and the agent's SIGKILL must deal with it, `throw` raises an exception that is not
+//   a dtrain::Error (a bug: "internal error", exit 1). Several faults: separate with ';'.
 // DTRAIN_SAMPLE_LOG=DIR
 //   every rank appends, per optimizer step, the sample indices it trained on to
 //   DIR/samples-a<attempt>-r<rank>.jsonl ({"attempt","round","rank","world","epoch","step","idx"}), flushed per

@@ -24,7 +24,7 @@ namespace dtrain::app {
 namespace {
 
 struct StoreArgs {
-  std::string host = "0.0.0.0";
+  std::string host;  // --host / --rdzv-bind; empty: chosen by bindHost()
   int port = rendezvous::kDefaultPort;  // torchrun's default rendezvous port
   bool quiet = false;
   int metricsPort = -1;
@@ -71,9 +71,24 @@ rendezvous::TcpStoreLimits limitsFrom(const StoreArgs& a) {
   return l;
 }
 
+// Where the store listens. An explicit --host/--rdzv-bind is obeyed. Without one, a store with a token serves
+// every interface (clients must prove the token: the usual standalone store that agents on other nodes reach),
+// and a store without a token refuses to start: an unauthenticated store on the network lets anyone read and
+// forge every job's rendezvous state, so that takes an explicit choice (docs/store.md, "Where it listens").
+std::string bindHost(const StoreArgs& a, const std::string& token) {
+  if (!a.host.empty()) return a.host;
+  DTRAIN_CHECK_AS(UsageError, !token.empty(),
+                  "dtrain store: no --rdzv-token, so the store would serve anyone who can reach it. Give a shared "
+                  "secret with --rdzv-token T (or --rdzv-token-file F, or DTRAIN_RDZV_TOKEN) and the same one to "
+                  "dtrain run; or say where it listens: --host 127.0.0.1 (this machine only) or --host 0.0.0.0 "
+                  "(every interface, unauthenticated)");
+  return "0.0.0.0";
+}
+
 int runStore(const StoreArgs& a) {
   auto limits = limitsFrom(a);  // bad flag values fail before anything starts
   auto token = resolveRdzvToken(a.token, a.tokenFile);
+  const std::string host = bindHost(a, token);
   if (a.quiet) log::setLevel(log::Level::kWarn);
   // Block the stop signals before the server's thread exists, then wait for them synchronously: no handler,
   // nothing async-signal-unsafe, and the io thread never sees them.
@@ -84,7 +99,7 @@ int runStore(const StoreArgs& a) {
   pthread_sigmask(SIG_BLOCK, &stopSignals, nullptr);
 
   rendezvous::TcpStoreServerOptions options;
-  options.host = a.host;
+  options.host = host;
   options.port = static_cast<uint16_t>(a.port);
   options.limits = limits;
   options.token = token;
@@ -92,7 +107,7 @@ int runStore(const StoreArgs& a) {
   std::unique_ptr<launch::HttpServer> metrics;
   if (a.metricsPort >= 0) {
     metrics = std::make_unique<launch::HttpServer>(
-        a.host, a.metricsPort,
+        host, a.metricsPort,
         [s = server.get()](std::string_view target) {
           if (target == "/metrics" || target.substr(0, 9) == "/metrics?")
             return launch::HttpResponse{200, "text/plain; version=0.0.4; charset=utf-8",
@@ -100,13 +115,26 @@ int runStore(const StoreArgs& a) {
           return launch::HttpResponse{404, "text/plain; charset=utf-8", "not found: this endpoint serves /metrics\n"};
         },
         "--metrics-port");
-    log::info("store: serving Prometheus metrics on http://{}:{}/metrics", a.host, metrics->port());
+    log::info("store: serving Prometheus metrics on http://{}:{}/metrics", host, metrics->port());
   }
   // Exactly one line on stdout, flushed, once connections are accepted: scripts and tests read the port here.
   std::printf("dtrain store listening on %s\n", server->address().c_str());
   std::fflush(stdout);
   log::info("store: protocol v{}, host {}, pid {}; stop with Ctrl-C or SIGTERM", rendezvous::proto::kVersion,
             net::hostname(), ::getpid());
+  // Where it listens and whether it authenticates, at start: an open store on the network is a warning (shown
+  // under --quiet too), since anyone who can reach it can read and forge the rendezvous state.
+  const bool everywhere = host == "0.0.0.0" || host == "::" || host == "[::]";
+  const std::string where = everywhere ? "every interface" : (net::isLoopback(host) ? "loopback only" : "this address");
+  if (!token.empty()) {
+    log::info("store: listening on {} ({}); authentication on: clients must prove the --rdzv-token", server->address(),
+              where);
+  } else if (net::isLoopback(host)) {
+    log::info("store: listening on {} ({}); authentication off (no --rdzv-token)", server->address(), where);
+  } else {
+    log::warn("store: listening on {} ({}) WITHOUT authentication (no --rdzv-token): anyone who can reach this "
+              "port can read and forge the rendezvous state of every job using it", server->address(), where);
+  }
 
   int sig = 0;
   while (sigwait(&stopSignals, &sig) != 0) {
@@ -124,7 +152,9 @@ int runStore(const StoreArgs& a) {
 void addStoreCommand(CLI::App& root, Action& action) {
   auto args = std::make_shared<StoreArgs>();
   auto* sub = root.add_subcommand("store", "Run a standalone rendezvous store (TCP) until SIGINT/SIGTERM");
-  sub->add_option("--host,--rdzv-bind", args->host, "Address to listen on")->capture_default_str();
+  sub->add_option("--host,--rdzv-bind", args->host,
+                  "Address to listen on; default: every interface when --rdzv-token is given, else required "
+                  "(127.0.0.1: this machine only; 0.0.0.0: every interface, unauthenticated)");
   sub->add_option("--port", args->port, "TCP port to listen on; 0 picks a free one (printed on stdout)")
       ->check(CLI::Range(0, 65535))
       ->capture_default_str();

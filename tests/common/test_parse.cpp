@@ -97,3 +97,15 @@ TEST_CASE("flags and environment variables share one duration and size reader an
   ::unsetenv("DTRAIN_TEST_BYTES");
   CHECK(env::getBytes("DTRAIN_TEST_BYTES", 7) == 7u);
 }
+
+TEST_CASE("net::isLoopback: loopback literals and localhost, not wildcards or other addresses") {
+  CHECK(net::isLoopback("127.0.0.1"));
+  CHECK(net::isLoopback("127.0.0.2"));
+  CHECK(net::isLoopback("::1"));
+  CHECK(net::isLoopback("localhost"));
+  CHECK_FALSE(net::isLoopback("0.0.0.0"));
+  CHECK_FALSE(net::isLoopback("::"));
+  CHECK_FALSE(net::isLoopback(""));
+  CHECK_FALSE(net::isLoopback("10.1.2.3"));
+  CHECK_FALSE(net::isLoopback("no-such-host.invalid"));
+}

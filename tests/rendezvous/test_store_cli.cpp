@@ -2,13 +2,18 @@
 #include <doctest/doctest.h>
 
 #include <signal.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
+#include <sstream>
+#include <thread>
 
 #include "lib/common/error.h"
 #include "lib/common/net.h"
+#include "lib/common/socket.h"
 #include "rendezvous/tcp_store_client.h"
 #include "tests/support/process.h"
 
@@ -87,6 +92,52 @@ TEST_CASE("dtrain store: quota flags reach the server") {
   auto client = rendezvous::connectStore("127.0.0.1:" + std::to_string(port), 10s);
   client->set("a", "1");
   CHECK_THROWS_WITH_AS(client->set("b", "2"), doctest::Contains("max-keys"), Error);
+}
+
+TEST_CASE("dtrain store: where it listens: every interface only with a token or when asked, and it says so") {
+  const RunOptions noToken{.timeout = 20s, .unsetEnv = {"DTRAIN_RDZV_TOKEN"}};
+  // No --host and no token: refused before it listens (it used to serve 0.0.0.0 unauthenticated).
+  auto r = run({dtrainBinary(), "store", "--port", "0"}, noToken);
+  CHECK_FALSE(r.timedOut);
+  CHECK(r.exitCode == static_cast<int>(ExitCode::kUsage));
+  CHECK(r.out.empty());
+  CHECK(r.err.find("no --rdzv-token") != std::string::npos);
+  CHECK(r.err.find("--host 127.0.0.1") != std::string::npos);
+  CHECK(r.err.find("--host 0.0.0.0") != std::string::npos);
+
+  {  // A token and no --host: every interface, authenticated, and the start says both.
+    Background store({dtrainBinary(), "store", "--port", "0", "--rdzv-token", "t0k"}, noToken);
+    auto line = store.waitForLine("dtrain store listening on", 20s);
+    CHECK(line.rfind("dtrain store listening on 0.0.0.0:", 0) == 0);
+    auto said = store.waitForLine("store: listening on", 20s, true);
+    CHECK(said.find("every interface") != std::string::npos);
+    CHECK(said.find("authentication on") != std::string::npos);
+    rendezvous::TcpStoreClientOptions o;
+    o.port = static_cast<uint16_t>(portFromLine(line));
+    o.token = "t0k";
+    auto client = rendezvous::TcpStoreClient::connect(o);
+    client->set("k", "v");
+    CHECK(client->get("k", 5s) == "v");
+    store.signal(SIGTERM);
+    CHECK(store.wait(20s).exitCode == 0);
+  }
+  {  // Explicitly every interface without a token: served, with a warning that --quiet does not hide.
+    Background store({dtrainBinary(), "store", "--host", "0.0.0.0", "--port", "0", "--quiet"}, noToken);
+    auto said = store.waitForLine("store: listening on", 20s, true);
+    CHECK(said.find("WITHOUT authentication") != std::string::npos);
+    CHECK(said.find("every interface") != std::string::npos);
+    store.signal(SIGTERM);
+    CHECK(store.wait(20s).exitCode == 0);
+  }
+  {  // Loopback without a token: fine, and said (info).
+    Background store({dtrainBinary(), "store", "--rdzv-bind", "127.0.0.1", "--port", "0"}, noToken);
+    auto said = store.waitForLine("store: listening on", 20s, true);
+    CHECK(said.find("127.0.0.1:") != std::string::npos);
+    CHECK(said.find("loopback only") != std::string::npos);
+    CHECK(said.find("authentication off") != std::string::npos);
+    store.signal(SIGTERM);
+    CHECK(store.wait(20s).exitCode == 0);
+  }
 }
 
 TEST_CASE("dtrain store --rdzv-token: dtrain run needs the same token, else exit 4 naming --rdzv-token") {
@@ -192,3 +243,4 @@ TEST_CASE("dtrain bench store: an unreachable store is a rendezvous error naming
   CHECK(r.exitCode == static_cast<int>(ExitCode::kRendezvous));
   CHECK(r.err.find("127.0.0.1:1") != std::string::npos);
 }
+

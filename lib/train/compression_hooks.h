@@ -102,6 +102,7 @@ class TopKHook final : public CompressionHook {
     std::vector<int32_t> order;  // candidate indices for the selection
     std::vector<int32_t> send;   // k pairs
     std::vector<int32_t> recv;   // n x k pairs
+    std::vector<float> sample;   // magnitudes sampled for the candidate threshold
   };
   std::vector<float> residual_;  // arena-sized, this rank's unsent gradient (error feedback)
   std::map<std::pair<size_t, size_t>, Buffers> buffers_;  // per bucket (offset, count)

@@ -44,6 +44,18 @@ void orthogonalise(float* pt, int r, int64_t len) {
   }
 }
 
+// A dot product in 8 independent partial sums (then added in a fixed order): the compiler vectorises it
+// without reassociating anything, and every rank computes it the same way.
+float dot(const float* a, const float* b, size_t n) {
+  float part[8] = {};
+  size_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (size_t l = 0; l < 8; ++l) part[l] += a[j + l] * b[j + l];
+  float sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+  for (; j < n; ++j) sum += a[j] * b[j];
+  return sum;
+}
+
 }  // namespace
 
 PowerSgdPlan planPowerSgd(const std::vector<GradParam>& params, int rank) {
@@ -136,12 +148,7 @@ comm::WorkPtr PowerSgdHook::compress(const GradBucket& bucket, comm::Backend& gr
     const float* qt = q_.data() + e.qOff;
     for (size_t i = 0; i < rows; ++i) {
       const float* row = m + i * cols;
-      for (int c = 0; c < e.rank; ++c) {
-        const float* qc = qt + static_cast<size_t>(c) * cols;
-        float dot = 0;
-        for (size_t j = 0; j < cols; ++j) dot += row[j] * qc[j];
-        pt[static_cast<size_t>(c) * rows + i] = dot;
-      }
+      for (int c = 0; c < e.rank; ++c) pt[static_cast<size_t>(c) * rows + i] = dot(row, qt + static_cast<size_t>(c) * cols, cols);
     }
   }
   auto end = [&](size_t PowerSgdPlan::Entry::*off, size_t total) { return last < entries.size() ? entries[last].*off : total; };

@@ -118,3 +118,15 @@ TEST_CASE("compression with one rank warns and trains without it") {
   REQUIRE(r.exitCode == 0);
   CHECK(r.err.find("/parallel/compression: ignored with a world of 1 rank") != std::string::npos);
 }
+
+TEST_CASE("dtrain check prints the expected compression ratio") {
+  std::string dir = tempDir("compresscheck");
+  json job = smallJob();
+  job["parallel"]["compression"] = json::parse(R"({"type": "fp16"})");
+  writeFile(dir + "/job.json", job.dump());
+  auto r = run({dtrainBinary(), "check", dir + "/job.json"}, {.timeout = 30s});
+  INFO(r.out, r.err);
+  REQUIRE(r.exitCode == 0);
+  CHECK(r.out.find("compression: fp16: ") != std::string::npos);
+  CHECK(r.out.find("(expected ratio 2.0x)") != std::string::npos);
+}

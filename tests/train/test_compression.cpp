@@ -5,6 +5,7 @@
 #include <cmath>
 #include <algorithm>
 #include <limits>
+#include <map>
 #include <numeric>
 
 #include "lib/comm/reduce.h"
@@ -13,6 +14,8 @@
 #include "lib/nn/optimizer.h"
 #include "lib/train/compression.h"
 #include "lib/train/compression_hooks.h"
+#include "lib/train/ddp.h"
+#include "lib/nn/model.h"
 #include "rendezvous/memory_store.h"
 #include "tests/comm/comm_test_util.h"
 
@@ -207,6 +210,28 @@ TEST_CASE("topk with error feedback: k largest of g + e per rank, averaged; the 
   }
 }
 
+TEST_CASE("topk on a large bucket (sampled threshold, then exact selection) picks exactly the k largest") {
+  constexpr int kRanks = 2;
+  auto layout = layoutOf(300, 200, kRanks);  // 60200 elements: k = 602 per rank
+  auto grads = [&](int rank, int step) {
+    auto g = wave(layout.arenaSize, rank, step);
+    for (size_t i = 0; i < g.size(); ++i) g[i] *= static_cast<float>((i * 2654435761u) % 1000) / 1000.0f;
+    return g;
+  };
+  auto runs = runHook(kRanks, layout, {.type = CompressionSettings::Type::kTopK, .ratio = 0.01}, 1, grads);
+  std::vector<float> want(layout.arenaSize, 0.0f);
+  for (int r = 0; r < kRanks; ++r) {
+    auto g = grads(r, 0);
+    std::vector<size_t> idx(g.size());
+    std::iota(idx.begin(), idx.end(), 0);
+    std::stable_sort(idx.begin(), idx.end(), [&](size_t a, size_t b) { return std::abs(g[a]) > std::abs(g[b]); });
+    for (size_t j = 0; j < 602; ++j) want[idx[j]] += g[idx[j]];
+  }
+  size_t wrong = 0;
+  for (size_t i = 0; i < want.size(); ++i) wrong += runs[0].results[0][i] == want[i] / 2 ? 0 : 1;
+  CHECK(wrong == 0);
+}
+
 TEST_CASE("powersgd: a rank-1 gradient is recovered exactly, vectors are averaged, ranks agree bit for bit") {
   constexpr int kRanks = 2;
   constexpr int64_t kRows = 24, kCols = 32;
@@ -277,4 +302,47 @@ TEST_CASE("a non-finite gradient on one rank makes every rank's result non-finit
       for (const auto& s : runs[static_cast<size_t>(r)].state) CHECK(nn::allFinite(s));
     }
   }
+}
+
+TEST_CASE("DDP with a compression hook: bucket params and bind() are wired; powersgd's result does not depend on "
+          "the bucket layout (overlap on or off)") {
+  // layer 0: [50, 100] + 50, layer 2: [40, 50] + 40, layer 4: [10, 40] + 10; tiny bucket caps: one bucket per layer.
+  auto spec = nn::parseModelSpec(json::parse(R"({"input": [100], "layers": [
+      {"type": "linear", "out": 50}, {"type": "relu"}, {"type": "linear", "out": 40}, {"type": "relu"},
+      {"type": "linear", "out": 10}]})"), "t.json");
+  constexpr int kRanks = 2, kBatch = 4, kSteps = 3;
+  std::map<bool, std::vector<std::vector<float>>> grads;  // overlap -> rank 0's gradients per step
+  for (bool overlap : {true, false}) {
+    CAPTURE(overlap);
+    auto store = rendezvous::MemoryStore::create();
+    std::vector<std::string> problems(kRanks);
+    std::vector<std::vector<std::vector<float>>> seen(kRanks);
+    auto errors = comm::testing::onRanks(kRanks, [&](int rank) {
+      auto backend = comm::createBackend("tcp", comm::testing::rankOptions(rank, kRanks, store));
+      auto hook = makeCompressionHook({.type = CompressionSettings::Type::kPowerSgd, .rank = 2}, 3);
+      std::vector<size_t> paramsPerBucket;
+      DdpStrategy ddp(ProcessGroups{.rank = rank, .worldSize = kRanks, .dataRank = rank, .dataSize = kRanks,
+                                    .world = backend, .data = backend},
+                      {.firstBucketMb = 0.002, .bucketMb = 0.023, .overlap = overlap, .hook = hook});
+      nn::Model model = nn::Model::build(spec, kBatch, 1);
+      ddp.prepare(model);
+      auto& psgd = dynamic_cast<PowerSgdHook&>(*hook);
+      if (psgd.plan().entries.size() != 6) problems[static_cast<size_t>(rank)] = "bind() did not see 6 parameters";
+      for (int step = 0; step < kSteps; ++step) {
+        std::vector<float> x(kBatch * 100), dy(kBatch * 10);
+        for (size_t i = 0; i < x.size(); ++i) x[i] = std::sin(0.1f * static_cast<float>(i) + static_cast<float>(rank + step));
+        for (size_t i = 0; i < dy.size(); ++i) dy[i] = 0.01f * static_cast<float>((i * 7 + rank * 3 + step) % 11) - 0.05f;
+        model.forward(x.data(), kBatch, true);
+        model.backward(TensorView::f32(dy.data(), Shape{kBatch, 10}), ddp.gradReadyHook(), nn::GradMode::kOverwrite);
+        ddp.finishStep();
+        auto g = model.grads();
+        seen[static_cast<size_t>(rank)].emplace_back(g.begin(), g.end());
+      }
+    });
+    REQUIRE(comm::testing::firstError(errors) == "");
+    CHECK(problems[0] == "");
+    CHECK(seen[0] == seen[1]);  // replicas agree bit for bit
+    grads[overlap] = seen[0];
+  }
+  CHECK(grads[true] == grads[false]);
 }

@@ -12,6 +12,7 @@
 #include "lib/common/log.h"
 #include "lib/common/net.h"
 #include "lib/common/worker_contract.h"
+#include "lib/common/worker_metrics.h"
 
 namespace dtrain::comm {
 
@@ -253,7 +254,10 @@ CommCounters& commCounters(Operation::Kind kind) {
 void Backend::runOp(const Operation& op) {
   try {
     const auto t0 = Clock::now();
+    const uint64_t flight = flightBegin(static_cast<int>(op.kind), op.kind == Operation::Kind::kBarrier ? 0 : op.buf.bytes(),
+                                        options_.groupName);
     dispatch(op, newDeadline());
+    flightEnd(flight);
     CommCounters& c = commCounters(op.kind);
     c.calls.fetch_add(1, std::memory_order_relaxed);
     if (op.kind != Operation::Kind::kBarrier) c.bytes.fetch_add(op.buf.bytes(), std::memory_order_relaxed);

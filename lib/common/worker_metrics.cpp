@@ -7,6 +7,8 @@
 
 #include <cerrno>
 #include <cstdio>
+#include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <new>
 
@@ -107,8 +109,58 @@ void WorkerMetricsMapping::reset() const {
   b.checkpointSizeBytes.store(0, r);
   b.residentBytes.store(0, r);
   b.updatedUnixSeconds.store(0, r);
+  b.flightSeq.store(0, r);
+  for (auto& e : b.flight) {
+    e.seq.store(0, r);
+    e.kind.store(0, r);
+    e.bytes.store(0, r);
+    e.step.store(0, r);
+    e.startNs.store(0, r);
+    e.endNs.store(0, r);
+    e.group[0].store(0, r);
+    e.group[1].store(0, r);
+  }
   b.version.store(WorkerMetricsBlock::kVersion, r);
   b.magic.store(WorkerMetricsBlock::kMagic, std::memory_order_release);
+}
+
+namespace {
+std::atomic<WorkerMetricsBlock*> gFlightBlock{nullptr};
+
+int64_t unixNanos() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+}  // namespace
+
+void attachFlightRecorder(WorkerMetricsBlock* block) { gFlightBlock.store(block, std::memory_order_release); }
+
+uint64_t flightBegin(int kind, uint64_t bytes, std::string_view group) {
+  WorkerMetricsBlock* b = gFlightBlock.load(std::memory_order_acquire);
+  if (!b) return 0;
+  constexpr auto r = std::memory_order_relaxed;
+  const uint64_t seq = b->flightSeq.load(r) + 1;
+  FlightEntry& e = b->flight[(seq - 1) % WorkerMetricsBlock::kFlightEntries];
+  e.seq.store(0, r);  // the slot is being rewritten
+  e.kind.store(kind, r);
+  e.bytes.store(bytes, r);
+  e.step.store(b->step.load(r) + 1, r);
+  e.startNs.store(unixNanos(), r);
+  e.endNs.store(0, r);
+  uint64_t packed[2] = {0, 0};
+  std::memcpy(packed, group.data(), std::min(group.size(), sizeof(packed)));
+  e.group[0].store(packed[0], r);
+  e.group[1].store(packed[1], r);
+  e.seq.store(seq, std::memory_order_release);
+  b->flightSeq.store(seq, std::memory_order_release);
+  return seq;
+}
+
+void flightEnd(uint64_t token) {
+  WorkerMetricsBlock* b = gFlightBlock.load(std::memory_order_acquire);
+  if (!b || token == 0) return;
+  FlightEntry& e = b->flight[(token - 1) % WorkerMetricsBlock::kFlightEntries];
+  if (e.seq.load(std::memory_order_relaxed) == token) e.endNs.store(unixNanos(), std::memory_order_release);
 }
 
 uint64_t residentBytes() {

@@ -15,6 +15,7 @@
 #include <atomic>
 #include <cstdint>
 #include <string>
+#include <string_view>
 
 namespace dtrain {
 
@@ -24,9 +25,24 @@ enum class StepPhase : int { kData, kForward, kBackward, kCommWait, kOptimizer, 
 // "data", "forward", "backward", "comm_wait", "optimizer".
 const char* stepPhaseName(StepPhase phase);
 
+// One collective call in the flight recorder (TORCH_NCCL's flight recorder, cut down): what it was, when it
+// started and ended. Written by the process's collectives (Backend::runOp), read by the agent at any time, so a
+// rank frozen inside or between collectives still shows where it is.
+struct FlightEntry {
+  std::atomic<uint64_t> seq;       // 1-based number of the call in this process; 0: empty slot
+  std::atomic<int32_t> kind;       // comm::Operation::Kind
+  std::atomic<int32_t> reserved;
+  std::atomic<uint64_t> bytes;     // payload
+  std::atomic<int64_t> step;       // the optimizer step in progress (steps done + 1)
+  std::atomic<int64_t> startNs;    // Unix time, ns
+  std::atomic<int64_t> endNs;      // 0 while in flight
+  std::atomic<uint64_t> group[2];  // the communicator's group name, first 16 bytes, zero-padded
+};
+
 struct WorkerMetricsBlock {
   static constexpr uint32_t kMagic = 0x6d747264;  // "drtm"
-  static constexpr uint32_t kVersion = 1;
+  static constexpr uint32_t kVersion = 2;
+  static constexpr int kFlightEntries = 32;
   static constexpr int kCollectiveKinds = 8;  // comm::Operation::Kind's values
 
   std::atomic<uint32_t> magic;
@@ -49,6 +65,8 @@ struct WorkerMetricsBlock {
   std::atomic<uint64_t> checkpointSizeBytes;  // the last checkpoint's size on disk
   std::atomic<uint64_t> residentBytes;        // RSS, sampled at most once a second
   std::atomic<double> updatedUnixSeconds;     // wall clock of the last update
+  std::atomic<uint64_t> flightSeq;            // number of collective calls begun
+  FlightEntry flight[kFlightEntries];         // the last calls: call n is in flight[(n - 1) % kFlightEntries]
 };
 static_assert(std::atomic<double>::is_always_lock_free && std::atomic<uint64_t>::is_always_lock_free &&
                   std::atomic<int64_t>::is_always_lock_free && std::atomic<uint32_t>::is_always_lock_free,
@@ -76,6 +94,13 @@ class WorkerMetricsMapping {
   explicit WorkerMetricsMapping(WorkerMetricsBlock* block) : block_(block) {}
   WorkerMetricsBlock* block_ = nullptr;
 };
+
+// The flight recorder of this process: collectives are recorded into `block` once attached (the worker does at
+// start-up when the agent gave it a block; null detaches). flightBegin returns a token for flightEnd, 0 when no
+// block is attached. Any thread; each call is a few relaxed atomic stores and a clock read.
+void attachFlightRecorder(WorkerMetricsBlock* block);
+uint64_t flightBegin(int kind, uint64_t bytes, std::string_view group);
+void flightEnd(uint64_t token);
 
 // Resident set size of this process in bytes (/proc/self/statm), 0 when unreadable.
 uint64_t residentBytes();

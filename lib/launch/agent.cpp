@@ -10,6 +10,7 @@
 #include "lib/common/error.h"
 #include "lib/common/log.h"
 #include "lib/common/net.h"
+#include "lib/launch/flight_report.h"
 #include "lib/launch/http_server.h"
 #include "lib/launch/metrics_hub.h"
 #include "lib/launch/process_tree.h"
@@ -168,7 +169,15 @@ void Agent::setUpMetrics() {
       [hub = metrics_.get()](std::string_view target) {
         if (target == "/metrics" || target.substr(0, 9) == "/metrics?")
           return HttpResponse{200, "text/plain; version=0.0.4; charset=utf-8", hub->render()};
-        return HttpResponse{404, "text/plain; charset=utf-8", "not found: this endpoint serves /metrics\n"};
+        if (target == "/debug/flight")
+          return HttpResponse{200, "text/plain; charset=utf-8", analyzeFlight(hub->flightRecords(), unixNowNs())};
+        if (target == "/debug/flight.json") {
+          nlohmann::json ranks = nlohmann::json::array();
+          for (const auto& r : hub->flightRecords()) ranks.push_back(toJson(r));
+          return HttpResponse{200, "application/json", ranks.dump()};
+        }
+        return HttpResponse{404, "text/plain; charset=utf-8",
+                            "not found: this endpoint serves /metrics, /debug/flight and /debug/flight.json\n"};
       },
       "--metrics-port");
   log::info("serving Prometheus metrics on http://{}:{}/metrics", options_.metricsBind, metricsServer_->port());
@@ -203,6 +212,14 @@ int Agent::run() {
   ropts.endpoint = endpoint_;
   ropts.jobFingerprint = options_.jobFingerprint();
   rendezvous::Rendezvous rdzv(store_, ropts, self);
+  // `dtrain debug dump RUN_ID` finds the agents' endpoints here (one line per agent start; readers dedupe).
+  if (metricsServer_) {
+    try {
+      store_->append(kMonitorAgentsKey, fmt::format("{}:{}\n", self.host, metricsServer_->port()));
+    } catch (const std::exception& e) {
+      log::warn("could not publish the metrics endpoint for `dtrain debug dump`: {}", e.what());
+    }
+  }
 
   // A store that stops answering between rounds is a rendezvous failure (exit 4), not a collective one.
   auto storeCall = [&](auto&& call, std::string_view what) {
@@ -239,6 +256,15 @@ int Agent::run() {
                          options_.minNodes < options_.maxNodes};
     auto after = decideAfterRound(event, interrupted, budget, lostStore);
     reportAfterRound(after, event, budget);
+    // A failed round: where each local rank was in its collectives (the answer to "which rank hangs").
+    if (metrics_ && (after.verdict == RoundVerdict::kGiveUp || after.verdict == RoundVerdict::kRestart)) {
+      auto flights = metrics_->flightRecords();
+      if (!flights.empty()) {
+        std::string report = analyzeFlight(std::move(flights), unixNowNs());
+        if (!report.empty() && report.back() == '\n') report.pop_back();
+        printBlock(log::Level::kWarn, report);
+      }
+    }
     if (after.exits()) {
       // A reused run id then fails at once, naming this outcome (rendezvous.h, `ended`).
       if (!lostStore) {

@@ -17,6 +17,9 @@ class StoreHost;  // the embedded TCP store server, when this agent hosts it
 class MetricsHub;
 class HttpServer;
 
+// The store key (under /dtrain/<run_id>/) where agents with --metrics-port append "host:port\n".
+inline constexpr const char* kMonitorAgentsKey = "monitor/agents";
+
 class Agent {
  public:
   explicit Agent(LaunchOptions options);

@@ -4,11 +4,16 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 
+#include <poll.h>
+#include <sys/socket.h>
+
 #include <chrono>
+#include <cstring>
 #include <thread>
 
 #include "lib/common/error.h"
 #include "lib/common/log.h"
+#include "lib/common/socket.h"
 
 namespace dtrain::launch {
 
@@ -83,6 +88,34 @@ struct HttpServer::Impl {
     });
   }
 };
+
+HttpResponse httpGet(const std::string& host, int port, const std::string& target, std::chrono::milliseconds timeout) {
+  const std::string where = fmt::format("{}:{}", host, port);
+  Deadline deadline(timeout);
+  net::Socket sock = net::connect(net::HostPort{host, static_cast<uint16_t>(port)}, deadline);
+  const std::string request = fmt::format("GET {} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", target, where);
+  if (!net::sendAll(sock.fd(), request.data(), request.size()))
+    throw NetworkError(fmt::format("GET http://{}{}: send failed: {}", where, target, std::strerror(errno)));
+  std::string raw;
+  char buf[16384];
+  for (;;) {
+    pollfd p{sock.fd(), POLLIN, 0};
+    const auto left = deadline.remaining().count();
+    if (left <= 0 || ::poll(&p, 1, static_cast<int>(std::min<int64_t>(left, 1 << 30))) <= 0)
+      throw TimeoutError(fmt::format("GET http://{}{}: no complete reply within {} ms", where, target, timeout.count()));
+    const ssize_t n = ::recv(sock.fd(), buf, sizeof(buf), 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    raw.append(buf, static_cast<size_t>(n));
+  }
+  const auto split = raw.find("\r\n\r\n");
+  if (raw.compare(0, 5, "HTTP/") != 0 || split == std::string::npos || raw.size() < 12)
+    throw NetworkError(fmt::format("GET http://{}{}: not an HTTP reply", where, target));
+  HttpResponse r;
+  r.status = std::atoi(raw.c_str() + raw.find(' ') + 1);
+  r.body = raw.substr(split + 4);
+  return r;
+}
 
 HttpServer::HttpServer(const std::string& host, int port, HttpHandler handler, const std::string& flag)
     : impl_(std::make_unique<Impl>()) {

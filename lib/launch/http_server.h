@@ -7,6 +7,7 @@
 // (the metrics hub copies its state under a short lock) and must not block.
 #pragma once
 
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <string>
@@ -21,6 +22,10 @@ struct HttpResponse {
 };
 // Called with the request target (path and query, "/metrics?x=1").
 using HttpHandler = std::function<HttpResponse(std::string_view target)>;
+
+// A plain GET to host:port (the client side, for `dtrain debug dump`): connect, request, read until the server
+// closes, all within `timeout`. Throws dtrain::NetworkError (or TimeoutError) naming the address.
+HttpResponse httpGet(const std::string& host, int port, const std::string& target, std::chrono::milliseconds timeout);
 
 class HttpServer {
  public:

@@ -221,6 +221,20 @@ void MetricsHub::renderWorkers(PromText& out, const std::vector<const WorkerMetr
        [](const auto& b) { return b.updatedUnixSeconds.load(kRelaxed); });
 }
 
+std::vector<RankFlight> MetricsHub::flightRecords() const {
+  std::vector<const WorkerMetricsBlock*> blocks;
+  int node = 0;
+  {
+    std::lock_guard lock(mu_);
+    node = state_.nodeRank;
+    for (const auto& m : slots_) blocks.push_back(&m.block());
+  }
+  std::vector<RankFlight> out;
+  for (const auto* b : blocks)
+    if (b->rank.load(kRelaxed) >= 0) out.push_back(readFlight(*b, node));
+  return out;
+}
+
 std::string renderStoreMetrics(const rendezvous::TcpStoreServerStats& st) {
   PromText out;
   auto one = [&](const char* name, const char* type, const char* help, uint64_t v) {

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "lib/common/worker_metrics.h"
+#include "lib/launch/flight_report.h"
 
 namespace dtrain::rendezvous {
 struct TcpStoreServerStats;
@@ -62,6 +63,8 @@ class MetricsHub {
 
   // The exposition (text format 0.0.4). Any thread.
   std::string render() const;
+  // The flight recorders of the local workers that attached (flight_report.h). Any thread.
+  std::vector<RankFlight> flightRecords() const;
 
  private:
   struct AgentState {

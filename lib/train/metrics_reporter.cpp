@@ -19,16 +19,19 @@ double unixSeconds() {
 }  // namespace
 
 MetricsReporter::MetricsReporter(const std::string& path, int rank)
-    : mapping_(WorkerMetricsMapping::open(path)), windowStart_(Clock::now()), lastRss_(Clock::now()) {
-  auto& b = mapping_.block();
+    : mapping_(new WorkerMetricsMapping(WorkerMetricsMapping::open(path))), windowStart_(Clock::now()), lastRss_(Clock::now()) {
+  auto& b = mapping_->block();
   b.rank.store(rank, kRelaxed);
   b.pid.store(static_cast<int32_t>(::getpid()), kRelaxed);
   b.residentBytes.store(residentBytes(), kRelaxed);
   b.updatedUnixSeconds.store(unixSeconds(), kRelaxed);
+  attachFlightRecorder(&b);
 }
 
+MetricsReporter::~MetricsReporter() { attachFlightRecorder(nullptr); }
+
 void MetricsReporter::onOptimizerStep(const StepEvent& e) {
-  auto& b = mapping_.block();
+  auto& b = mapping_->block();
   const auto now = Clock::now();
   samples_ += static_cast<uint64_t>(e.samples);
   ++steps_;
@@ -64,7 +67,7 @@ void MetricsReporter::onOptimizerStep(const StepEvent& e) {
 }
 
 void MetricsReporter::onCheckpoint(const CheckpointEvent& e) {
-  auto& b = mapping_.block();
+  auto& b = mapping_->block();
   ++checkpoints_;
   checkpointSeconds_ += e.seconds;
   b.checkpointsTotal.store(checkpoints_, kRelaxed);

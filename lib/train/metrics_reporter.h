@@ -18,12 +18,15 @@ namespace dtrain::train {
 class MetricsReporter : public TrainerCallback {
  public:
   // Maps the block at `path` (throws dtrain::Error naming it when that fails).
+  // Also attaches the process's flight recorder to the block (detached again by the destructor).
   MetricsReporter(const std::string& path, int rank);
+  ~MetricsReporter() override;
   void onOptimizerStep(const StepEvent& event) override;
   void onCheckpoint(const CheckpointEvent& event) override;
 
  private:
-  WorkerMetricsMapping mapping_;
+  // Never unmapped: a collective on another thread may still be recording into it when the trainer ends.
+  WorkerMetricsMapping* mapping_;
   Clock::time_point windowStart_;
   Clock::time_point lastRss_;
   int64_t windowSamples_ = 0;

@@ -10,6 +10,7 @@
 
 #include "lib/common/error.h"
 #include "lib/common/worker_metrics.h"
+#include "lib/launch/flight_report.h"
 #include "lib/launch/http_server.h"
 #include "lib/launch/metrics_hub.h"
 #include "rendezvous/tcp_store_server.h"
@@ -128,4 +129,49 @@ TEST_CASE("the store's exposition passes promtool") {
   CHECK(text.find("dtrain_store_connections_accepted_total 3\n") != std::string::npos);
   CHECK(text.find("dtrain_store_keys 7\n") != std::string::npos);
   if (havePromtool()) CHECK(promtoolProblems(text).empty());
+}
+
+TEST_CASE("the flight recorder: a rank that has not reached the others' collective is named, with its step") {
+  MetricsHub hub("job", "run");
+  std::vector<WorkerMetricsMapping> workers;
+  for (int lr = 0; lr < 3; ++lr) workers.push_back(WorkerMetricsMapping::open(hub.prepareSlot(lr)));
+  // Each "worker" records calls as lib/comm does: ranks 0 and 2 reach call #3 and wait in it; rank 1 stops
+  // after call #2, at step 2.
+  for (int lr = 0; lr < 3; ++lr) {
+    auto& b = workers[lr].block();
+    b.rank.store(lr);
+    b.pid.store(100 + lr);
+    attachFlightRecorder(&b);
+    b.step.store(0);
+    flightEnd(flightBegin(1, 4096, "comm"));
+    b.step.store(1);
+    flightEnd(flightBegin(1, 4096, "comm"));
+    if (lr != 1) flightBegin(1, 4096, "comm");  // step 2's all-reduce, never finished
+  }
+  attachFlightRecorder(nullptr);
+  auto flights = hub.flightRecords();
+  REQUIRE(flights.size() == 3);
+  CHECK(flights[0].calls.size() == 3);
+  CHECK(flights[0].calls.back().endNs == 0);
+  CHECK(flights[0].calls.back().group == "comm");
+  CHECK(flights[1].calls.back().seq == 2);
+  CHECK(flights[1].calls.back().step == 2);
+  std::string report = analyzeFlight(flights, unixNowNs());
+  CHECK(report.find("rank 1 is behind: at step 2, it has not begun allreduce #3") != std::string::npos);
+  CHECK(report.find("rank(s) 0, 2 wait in allreduce #3") != std::string::npos);
+  // The JSON form (what `dtrain debug dump` gathers from every agent) round-trips.
+  auto back = rankFlightFromJson(nlohmann::json::parse(toJson(flights[1]).dump()));
+  CHECK(back.rank == 1);
+  CHECK(back.pid == 101);
+  CHECK(back.calls.size() == 2);
+  CHECK(analyzeFlight({flights[0], flights[2]}, unixNowNs()).find("no rank is behind: every rank is inside") !=
+        std::string::npos);
+  // More calls than the ring holds: the newest kFlightEntries are kept.
+  attachFlightRecorder(&workers[1].block());
+  for (int i = 0; i < 40; ++i) flightEnd(flightBegin(7, 0, "comm"));
+  attachFlightRecorder(nullptr);
+  auto ring = hub.flightRecords()[1].calls;
+  CHECK(ring.size() == static_cast<size_t>(WorkerMetricsBlock::kFlightEntries));
+  CHECK(ring.back().seq == 42);
+  CHECK(ring.back().op == "barrier");
 }

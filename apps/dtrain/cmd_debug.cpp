@@ -1,0 +1,89 @@
+// `dtrain debug dump RUN_ID --rdzv-endpoint HOST:PORT`: which rank hangs, and where. Reads the agents' monitoring
+// endpoints from the run's store (agents started with --metrics-port publish them), gathers every rank's flight
+// recorder from them (/debug/flight.json) and prints lib/launch/flight_report.h's analysis.
+#include <set>
+#include <sstream>
+
+#include "apps/dtrain/commands.h"
+#include "lib/common/error.h"
+#include "lib/common/net.h"
+#include "lib/common/parse.h"
+#include "lib/launch/agent.h"
+#include "lib/launch/flight_report.h"
+#include "lib/launch/http_server.h"
+#include "rendezvous/prefix_store.h"
+#include "rendezvous/rendezvous.h"
+#include "rendezvous/tcp_store_client.h"
+
+namespace dtrain::app {
+
+namespace {
+
+struct DebugArgs {
+  std::string runId;
+  std::string endpoint = "127.0.0.1";
+  std::string token, tokenFile;
+  std::string timeout = "10s";
+};
+
+int runDump(const DebugArgs& a) {
+  const auto timeout = parse::durationFlag("--timeout", a.timeout);
+  auto hp = net::parseHostPort(a.endpoint, rendezvous::kDefaultPort);
+  DTRAIN_CHECK_AS(UsageError, hp.has_value(), "--rdzv-endpoint {}: expected HOST[:PORT]", a.endpoint);
+  rendezvous::TcpStoreClientOptions co;
+  co.host = hp->host;
+  co.port = hp->port;
+  co.connectTimeout = timeout;
+  co.timeout = timeout;
+  if (auto token = resolveRdzvToken(a.token, a.tokenFile); !token.empty()) co.token = token;
+  rendezvous::PrefixStore store(rendezvous::runPrefix(a.runId), rendezvous::TcpStoreClient::connect(co));
+  std::string listing = store.tryGet(launch::kMonitorAgentsKey).value_or("");
+  std::set<std::string> agents;
+  std::istringstream lines(listing);
+  for (std::string line; std::getline(lines, line);)
+    if (!line.empty()) agents.insert(line);
+  DTRAIN_CHECK_AS(RendezvousError, !agents.empty(),
+                  "run {} at {}: no agent published a monitoring endpoint (start `dtrain run` with --metrics-port to "
+                  "use `dtrain debug dump`)",
+                  a.runId, hp->str());
+  std::vector<launch::RankFlight> ranks;
+  std::map<int, size_t> byRank;  // an agent listed twice (restarted) reports the same ranks: keep the newest
+  for (const auto& agent : agents) {
+    auto ap = net::parseHostPort(agent, 0);
+    if (!ap) continue;
+    try {
+      auto reply = launch::httpGet(ap->host, ap->port, "/debug/flight.json", timeout);
+      if (reply.status != 200) throw Error(fmt::format("HTTP status {}", reply.status));
+      for (const auto& j : nlohmann::json::parse(reply.body)) {
+        auto r = launch::rankFlightFromJson(j);
+        if (auto it = byRank.find(r.rank); it != byRank.end()) ranks[it->second] = std::move(r);
+        else {
+          byRank[r.rank] = ranks.size();
+          ranks.push_back(std::move(r));
+        }
+      }
+    } catch (const std::exception& e) {
+      fmt::print(stderr, "dtrain debug dump: agent at {} did not answer: {}\n", agent, e.what());
+    }
+  }
+  fmt::print("{}", launch::analyzeFlight(std::move(ranks), launch::unixNowNs()));
+  return 0;
+}
+
+}  // namespace
+
+void addDebugCommand(CLI::App& root, Action& action) {
+  auto* debug = root.add_subcommand("debug", "Diagnose a running job");
+  debug->require_subcommand(1);
+  auto a = std::make_shared<DebugArgs>();
+  auto* dump = debug->add_subcommand(
+      "dump", "Gather every rank's last collective calls and say which ranks are behind, at which call and step");
+  dump->add_option("run_id", a->runId, "The job's --rdzv-id")->required();
+  dump->add_option("--rdzv-endpoint", a->endpoint, "The run's rendezvous store HOST[:PORT]")->capture_default_str();
+  dump->add_option("--rdzv-token", a->token, "The store's shared secret")->envname("DTRAIN_RDZV_TOKEN");
+  dump->add_option("--rdzv-token-file", a->tokenFile, "Read the store's shared secret from this file");
+  dump->add_option("--timeout", a->timeout, "Budget for the store and each agent")->capture_default_str();
+  dump->callback([&action, a] { action = [a] { return runDump(*a); }; });
+}
+
+}  // namespace dtrain::app

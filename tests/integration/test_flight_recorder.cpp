@@ -1,0 +1,95 @@
+// Hang diagnosis end to end (docs/monitoring.md): a rank frozen mid-run (SIGSTOP) is named by
+// `dtrain debug dump RUN_ID` while the others wait in a collective, and again by the agent when the collective
+// times out and the round fails.
+#include <doctest/doctest.h>
+
+#include <signal.h>
+
+#include <nlohmann/json.hpp>
+
+#include <regex>
+#include <thread>
+
+#include "tests/integration/launch_helpers.h"
+#include "tests/support/http_get.h"
+
+using namespace dtrain::testing;
+using namespace std::chrono_literals;
+
+namespace {
+
+// Whatever happens, nothing survives the case: a stopped rank is continued and killed.
+struct KillRun {
+  std::string id;
+  ~KillRun() {
+    for (pid_t pid : processesWithRunId(id)) {
+      ::kill(pid, SIGKILL);
+      ::kill(pid, SIGCONT);
+    }
+  }
+};
+
+}  // namespace
+
+TEST_CASE("a rank frozen mid-step is named by dtrain debug dump and by the agent when the collective times out") {
+  std::string dir = tempDir("flight");
+  std::string id = uniqueRunId("flight");
+  KillRun cleanup{id};
+  writeFile(dir + "/job.json", R"({
+    "name": "frozen",
+    "model": {"input": [10], "layers": [{"type": "linear", "out": 1}]},
+    "loss": {"type": "mse"},
+    "data": {"train": {"format": "synthetic", "task": "regression", "samples": 1024, "features": 10, "outputs": 1,
+                       "seed": 7}, "batch_size": 32},
+    "optimizer": {"type": "sgd", "lr": 0.01},
+    "train": {"epochs": 100000, "seed": 0},
+    "parallel": {"timeout": "15s"},
+    "checkpoint": false
+  })");
+  const int storePort = freePort();
+  const std::string endpoint = fmt::format("127.0.0.1:{}", storePort);
+  Background agent(runArgs({"--rdzv-endpoint", endpoint, "--rdzv-id", id, "-n", "2", "--metrics-port", "0",
+                            "--shutdown-timeout", "2s", dir + "/job.json"}));
+  std::smatch m;
+  std::string line = agent.waitForLine("serving Prometheus metrics on", 60s, /*fromStderr=*/true);
+  REQUIRE(std::regex_search(line, m, std::regex(R"(:(\d+)/metrics)")));
+  const int port = std::stoi(m[1]);
+
+  // Both ranks training: find rank 1's pid in the agent's flight records.
+  int rank1 = -1;
+  auto until = std::chrono::steady_clock::now() + 60s;
+  while (rank1 < 0 && std::chrono::steady_clock::now() < until) {
+    auto ranks = nlohmann::json::parse(httpGet(port, "/debug/flight.json").body);
+    for (const auto& r : ranks)
+      if (r["rank"] == 1 && r["steps_done"].get<int64_t>() > 3) rank1 = r["pid"];
+    if (rank1 < 0) std::this_thread::sleep_for(100ms);
+  }
+  REQUIRE(rank1 > 0);
+  REQUIRE(::kill(rank1, SIGSTOP) == 0);
+
+  // Rank 0 soon waits in a collective rank 1 never begins: dump names rank 1 as behind.
+  std::string dump;
+  until = std::chrono::steady_clock::now() + 10s;
+  while (std::chrono::steady_clock::now() < until) {
+    auto r = run({dtrainBinary(), "debug", "dump", id, "--rdzv-endpoint", endpoint}, {.timeout = 30s});
+    REQUIRE_MESSAGE(r.exitCode == 0, r.err);
+    dump = r.out;
+    if (dump.find("verdict: rank 1 is behind") != std::string::npos) break;
+    std::this_thread::sleep_for(200ms);
+  }
+  CHECK_MESSAGE(dump.find("verdict: rank 1 is behind: at step ") != std::string::npos, dump);
+  CHECK_MESSAGE(dump.find("verdict: rank(s) 0 wait in allreduce #") != std::string::npos, dump);
+  CHECK(dump.find(fmt::format("pid {}", rank1)) != std::string::npos);
+
+  // The collective times out (parallel.timeout 15s): rank 0 fails, the round ends, and the agent prints the same
+  // diagnosis with its failure report.
+  auto result = agent.wait(90s);
+  CHECK_FALSE(result.timedOut);
+  CHECK(result.exitCode != 0);
+  CHECK_MESSAGE(result.err.find("verdict: rank 1 is behind") != std::string::npos, result.err);
+  CHECK(processesWithRunId(id).empty());
+
+  // Without --metrics-port there is nothing to gather: a clear error, exit 4.
+  auto none = run({dtrainBinary(), "debug", "dump", "no-such-run", "--rdzv-endpoint", "127.0.0.1:1", "--timeout", "1s"});
+  CHECK(none.exitCode != 0);
+}

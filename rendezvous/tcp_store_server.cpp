@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 
 #include "lib/common/error.h"
 #include "lib/common/log.h"
@@ -29,6 +30,12 @@ constexpr auto kAcceptRetry = std::chrono::milliseconds(50);
 std::string hostPortText(const std::string& host, uint16_t port) { return net::HostPort{host, port}.str(); }
 
 }  // namespace
+
+size_t connectionCapFor(uint64_t fileLimit) {
+  if (fileLimit == 0 || fileLimit == RLIM_INFINITY) return std::numeric_limits<size_t>::max();
+  const uint64_t reserve = std::clamp<uint64_t>(fileLimit / 8, 16, 1024);
+  return static_cast<size_t>(fileLimit > 2 * reserve ? fileLimit - reserve : fileLimit / 2);
+}
 
 uint64_t raiseFileLimit() {
   rlimit lim{};
@@ -56,6 +63,14 @@ TcpStoreServer::Impl::Impl(const TcpStoreServerOptions& options)
   if (limit < 1100)
     log::warn("store: the open-file limit is {}; fewer than 512 clients may be able to connect (ulimit -n)",
               limit);
+  connectionCap_ = limits_.maxConnections;
+  capReason_ = "(max-connections)";
+  if (auto cap = connectionCapFor(limit); cap < connectionCap_) {
+    connectionCap_ = cap;
+    capReason_ = fmt::format("(the open-file limit {} less {} descriptors kept for the rest of the process)", limit,
+                             limit - cap);
+    log::debug("store: at most {} connections {}", cap, capReason_);
+  }
   // The listening socket is created by lib/common (Asio 1.74 opens sockets without SOCK_CLOEXEC, and the
   // agent forks); throws kAddressInUse naming host:port.
   auto listener = net::listen(options.host, options.port, {.backlog = options.backlog, .nonBlocking = true});
@@ -197,11 +212,12 @@ void TcpStoreServer::Impl::acceptReady() {
       log::info("store: accepting connections again");
       acceptFailing_ = false;
     }
-    if (sessions_.size() >= limits_.maxConnections) {
-      // Accepted and closed at once: the client learns immediately instead of waiting in the backlog.
+    if (sessions_.size() >= connectionCap_) {
+      // Accepted and closed at once: the client learns immediately instead of waiting in the backlog, and the
+      // process keeps descriptors for everything else it does.
       if (!refusing_)
-        log::warn("store: refusing connections: {} are open, the limit (max-connections) is {}", sessions_.size(),
-                  limits_.maxConnections);
+        log::warn("store: refusing connections: {} are open, the limit is {} {}", sessions_.size(), connectionCap_,
+                  capReason_);
       refusing_ = true;
       refused_.fetch_add(1, std::memory_order_relaxed);
       ::close(fd);

@@ -18,7 +18,11 @@
 // queued replies exceed a bound is not read or answered further until its client drains them (back-pressure);
 // connections that do not finish the handshake in time, or (optionally) stay idle, are closed; connections
 // over the cap are accepted and closed at once; the key/value data has quotas on keys and bytes, answered
-// with an error naming the quota. At EMFILE accept pauses briefly and logs once, then retries.
+// with an error naming the quota. Descriptors: the cap is lowered to connectionCapFor(the open-file limit), so
+// clients alone never exhaust the process's descriptors (the agent hosting the store still forks workers and
+// opens logs; a metrics endpoint still accepts). Should accept() still fail (EMFILE/ENFILE: something else in
+// the process used them), it logs once, leaves the clients in the backlog and retries every 50 ms: it never
+// spins on the readable listening socket and never stops accepting.
 //
 // Thread-safety: start/stop/port/stats may be called from any thread; stop() is idempotent and blocks until
 // the io thread has exited, after closing every connection (blocked clients see their connection drop).
@@ -35,7 +39,8 @@ namespace dtrain::rendezvous {
 // Resource limits of one server. Defaults are sized for jobs of thousands of agents (each agent and worker
 // holds one connection and a few small keys) while keeping a flood far below the machine's memory.
 struct TcpStoreLimits {
-  size_t maxConnections = 20000;                  // more are accepted and closed at once (logged once a streak)
+  size_t maxConnections = 20000;                  // more are accepted and closed at once (logged once a streak);
+                                                  // lowered to connectionCapFor(the open-file limit)
   size_t maxBufferedBytes = size_t{512} << 20;    // all connections' input buffers and queued replies together
   size_t maxQueuedReplyBytes = size_t{4} << 20;   // per connection; one reply is always allowed, however large
   std::chrono::milliseconds handshakeTimeout{10000};  // connect -> complete handshake; 0 = none
@@ -63,7 +68,7 @@ struct TcpStoreServerStats {
   uint64_t authFailures = 0;    // connections closed for a wrong or missing token
   uint64_t waiters = 0;         // GET/WAIT requests parked right now
   uint64_t bufferedBytes = 0;   // input buffers + queued replies of all connections right now
-  uint64_t connectionsRefused = 0;  // accepted and closed at once: over limits.maxConnections
+  uint64_t connectionsRefused = 0;  // accepted and closed at once: over the cap (maxConnections, connectionCapFor)
   uint64_t connectionsTimedOut = 0;  // closed by the handshake or idle timeout
   uint64_t keys = 0, storedBytes = 0;  // the data, as counted by the quotas
 };
@@ -93,5 +98,9 @@ class TcpStoreServer {
 
 // Raises RLIMIT_NOFILE's soft limit to its hard limit; returns the new soft limit. Never throws.
 uint64_t raiseFileLimit();
+// The most connections a server may hold under an open-file limit: the limit less a reserve for the rest of the
+// process (an eighth of it, at least 16 and at most 1024 descriptors); half of a tiny limit. SIZE_MAX when
+// unlimited or unknown (0).
+size_t connectionCapFor(uint64_t fileLimit);
 
 }  // namespace dtrain::rendezvous

@@ -70,7 +70,11 @@ class TcpStoreServer::Impl {
   std::vector<std::weak_ptr<Session>> waitingForBudget_;
   size_t buffered_ = 0;
   bool acceptFailing_ = false;  // accept() ran out of descriptors; logged once until it recovers
-  bool refusing_ = false;       // over maxConnections; logged once until a connection is accepted again
+  bool refusing_ = false;       // over connectionCap_; logged once until a connection is accepted again
+  // limits_.maxConnections, lowered so that the open-file limit keeps descriptors free for the rest of the
+  // process (the agent hosting the store forks workers and opens logs; a metrics endpoint accepts too).
+  size_t connectionCap_ = 0;
+  std::string capReason_;  // why connectionCap_ is what it is, for the refusal log line
   std::thread thread_;
   std::mutex stopMu_;
 };

@@ -1,6 +1,7 @@
 #include "lib/launch/http_server.h"
 
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 
@@ -80,10 +81,26 @@ struct HttpServer::Impl {
   HttpHandler handler;
   std::thread thread;
 
+  asio::steady_timer retry{io};
+  bool failing = false;  // accept() is failing (EMFILE...): logged once until it recovers
+
   void accept() {
     acceptor.async_accept([this](beast::error_code ec, tcp::socket socket) {
       if (ec == asio::error::operation_aborted) return;
-      if (!ec) std::make_shared<Session>(std::move(socket), handler)->start();
+      if (ec) {
+        // Out of descriptors (or memory): the pending connection stays in the backlog and the listening socket
+        // stays readable, so accepting again at once would spin a core. Back off and retry.
+        if (!failing) log::warn("monitoring endpoint: cannot accept connections ({}); retrying every 50 ms", ec.message());
+        failing = true;
+        retry.expires_after(std::chrono::milliseconds(50));
+        retry.async_wait([this](beast::error_code e) {
+          if (!e) accept();
+        });
+        return;
+      }
+      if (failing) log::info("monitoring endpoint: accepting connections again");
+      failing = false;
+      std::make_shared<Session>(std::move(socket), handler)->start();
       accept();
     });
   }

@@ -2,7 +2,8 @@
 //
 // It runs on a thread and an io_context of its own, so a slow or stuck client never delays the agent's
 // supervision loop; each connection has a 10 s budget for its request and its reply and is closed after one
-// answer (Connection: close). Only GET and HEAD are served; anything else is 405.
+// answer (Connection: close). Only GET and HEAD are served; anything else is 405. When accept() fails (the
+// process is out of descriptors) it logs once and retries every 50 ms instead of spinning on the listener.
 // The handler is called on the server's thread: it must be thread-safe with respect to whatever it reads
 // (the metrics hub copies its state under a short lock) and must not block.
 #pragma once

@@ -3,12 +3,16 @@
 // package) lints every exposition when it is installed.
 #include <doctest/doctest.h>
 
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <cstdlib>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "lib/common/error.h"
+#include "lib/common/socket.h"
 #include "lib/common/worker_metrics.h"
 #include "lib/launch/flight_report.h"
 #include "lib/launch/http_server.h"
@@ -119,6 +123,49 @@ TEST_CASE("the HTTP server answers GET with the handler's reply, on a port of it
     CHECK(std::string(e.what()).find("--metrics-port") != std::string::npos);
     CHECK(e.exitCode() == static_cast<int>(ExitCode::kAddressInUse));
   }
+}
+
+TEST_CASE("the HTTP server backs off while the process is out of descriptors, then answers the waiting client") {
+  using namespace std::chrono_literals;
+  HttpServer server("127.0.0.1", 0, [](std::string_view) { return HttpResponse{200, "text/plain", "ok\n"}; },
+                    "--metrics-port");
+  // The client's socket exists before the descriptors run out; its connection waits in the backlog.
+  net::Socket client = net::connect({"127.0.0.1", static_cast<uint16_t>(server.port())}, Deadline(5s));
+  const std::string get = "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+  REQUIRE(net::sendAll(client.fd(), get.data(), get.size()));
+  struct Exhaust {  // every descriptor of this process in use, under a lowered soft limit; undone when gone
+    rlimit saved{};
+    std::vector<int> fds;
+    Exhaust() {
+      ::getrlimit(RLIMIT_NOFILE, &saved);
+      rlimit low = saved;
+      low.rlim_cur = 256;
+      ::setrlimit(RLIMIT_NOFILE, &low);
+      for (int fd; (fd = ::dup(0)) >= 0;) fds.push_back(fd);
+    }
+    void release() {
+      for (int fd : fds) ::close(fd);
+      fds.clear();
+      ::setrlimit(RLIMIT_NOFILE, &saved);
+    }
+    ~Exhaust() { release(); }
+  } exhaust;
+  CHECK(errno == EMFILE);
+  auto cpu = [] {
+    rusage u{};
+    ::getrusage(RUSAGE_SELF, &u);
+    return static_cast<double>(u.ru_utime.tv_sec + u.ru_stime.tv_sec) +
+           static_cast<double>(u.ru_utime.tv_usec + u.ru_stime.tv_usec) / 1e6;
+  };
+  const double before = cpu();
+  std::this_thread::sleep_for(1s);  // measuring CPU over a duration, not waiting for an event
+  const double used = cpu() - before;
+  exhaust.release();
+  // Re-arming accept at once on EMFILE spun a core here (the listening socket stays readable).
+  CHECK_MESSAGE(used < 0.2, "the process used ", used, " s of CPU in 1 s while out of descriptors");
+  char head[12] = {};
+  CHECK(net::recvAll(client.fd(), head, sizeof(head), Deadline(5s)));
+  CHECK(std::string(head, sizeof(head)) == "HTTP/1.1 200");
 }
 
 TEST_CASE("the store's exposition passes promtool") {

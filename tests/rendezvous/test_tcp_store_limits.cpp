@@ -8,6 +8,7 @@
 #include <sys/time.h>
 
 #include <fstream>
+#include <limits>
 #include <thread>
 
 #include "lib/common/error.h"
@@ -264,4 +265,12 @@ TEST_CASE("store limits: check and wait on too many keys are refused with an err
   c->set("k", "v");
   CHECK(c->check(keys));
   CHECK(c->wait(keys, 1s));
+}
+
+TEST_CASE("the connection cap keeps descriptors for the rest of the process under any open-file limit") {
+  CHECK(rendezvous::connectionCapFor(64) == 48);        // 16 kept at least
+  CHECK(rendezvous::connectionCapFor(20000) == 18976);  // 1024 kept at most
+  CHECK(rendezvous::connectionCapFor(4096) == 3584);    // an eighth
+  CHECK(rendezvous::connectionCapFor(20) == 10);        // half of a tiny limit
+  CHECK(rendezvous::connectionCapFor(0) == std::numeric_limits<size_t>::max());  // unknown
 }

@@ -66,7 +66,7 @@ LoopSettings parseLoop(const json& doc, const std::string& source) {
   LoopSettings l;
   if (!doc.contains("train")) return l;
   JsonFields f(doc.at("train"), source, "/train", "the train section");
-  f.allowOnly({"epochs", "seed", "max_steps", "grad_accum", "log_every", "eval", "on_nonfinite"});
+  f.allowOnly({"epochs", "seed", "max_steps", "grad_accum", "log_every", "eval", "on_nonfinite", "max_skipped_steps"});
   l.epochs = f.integer("epochs", 1, "an integer >= 1", positive);
   l.seed = static_cast<uint64_t>(f.integer("seed", 0, "an integer >= 0", nonNegative));
   l.maxSteps = f.integer("max_steps", 0, "an integer >= 0 (0: no limit)", nonNegative);
@@ -78,6 +78,7 @@ LoopSettings parseLoop(const json& doc, const std::string& source) {
   l.onNonFinite = f.choice("on_nonfinite", {"stop", "skip"}, "on_nonfinite value", "stop") == "skip"
                       ? LoopSettings::OnNonFinite::kSkip
                       : LoopSettings::OnNonFinite::kStop;
+  l.maxSkippedSteps = f.integer("max_skipped_steps", l.maxSkippedSteps, "an integer >= 1", positive);
   return l;
 }
 

@@ -48,6 +48,9 @@ struct LoopSettings {
   // Nothing non-finite is ever written to a checkpoint or model.safetensors.
   enum class OnNonFinite : uint8_t { kStop, kSkip };
   OnNonFinite onNonFinite = OnNonFinite::kStop;
+  // "max_skipped_steps": with kSkip, this many skipped steps in a row end the run as diverged (exit 9): a run whose
+  // every step is non-finite is not training, and would otherwise "succeed" with its initial weights.
+  int64_t maxSkippedSteps = 100;
 };
 
 // parallel.strategy values that have an implementation (makeStrategy, lib/train/strategy.h); any other value

@@ -113,6 +113,7 @@ class TrainLoop {
   bool hasDropout_ = false;
   bool stepLossFinite_ = true;  // every micro-batch loss of the current step on this rank was finite
   int64_t skippedSteps_ = 0;    // train.on_nonfinite = skip
+  int64_t skippedInARow_ = 0;   // ... consecutive, bounded by train.max_skipped_steps
   TrainResult result_;
   bool prefetch_ = true;
 };
@@ -358,6 +359,7 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
     lap(event.times.commWait);
     const bool gradsFinite = nn::allFinite(grads);
     if (gradsFinite || job_.loop.onNonFinite == LoopSettings::OnNonFinite::kStop) {
+      skippedInARow_ = 0;
       if (!gradsFinite)
         diverged(epoch, stepLossFinite_ ? std::string("gradient") : fmt::format("loss on rank {}", worker_.rank));
       if (job_.optimizer.clipGradNorm > 0) nn::clipGradNorm(grads, job_.optimizer.clipGradNorm);
@@ -367,6 +369,9 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
       if (!nn::allFinite(params)) diverged(epoch, "weights after the update");
     } else {
       ++skippedSteps_;
+      if (++skippedInARow_ >= job_.loop.maxSkippedSteps)
+        diverged(epoch, fmt::format("{} on {} consecutive steps (train.max_skipped_steps {})",
+                                    stepLossFinite_ ? "gradient" : "loss", skippedInARow_, job_.loop.maxSkippedSteps));
       progress_->info(fmt::format("step {}: non-finite {} on {}, update skipped (train.on_nonfinite=skip; {} "
                                   "skipped so far)",
                                   step_ + 1, stepLossFinite_ ? "gradient" : "loss",

@@ -165,6 +165,15 @@ TEST_CASE("a diverging run stops with exit 9 naming the step and never saves non
   CHECK(s.out.find("update skipped (train.on_nonfinite=skip") != std::string::npos);
   REQUIRE(std::filesystem::exists(dir + "/skip/model.safetensors"));
   CHECK(finiteWeights(dir + "/skip/model.safetensors"));
+  // ... but not forever: train.max_skipped_steps in a row end the run as diverged.
+  auto bounded = run({dtrainBinary(), "train", job, "--set", "optimizer.lr=1e38", "--set", "train.on_nonfinite=skip",
+                      "--set", "train.max_skipped_steps=5", "--set", "checkpoint=false", "--output-dir",
+                      dir + "/bounded"},
+                     {.timeout = 60s});
+  INFO(bounded.err);
+  CHECK(bounded.exitCode == 9);
+  CHECK(bounded.err.find("on 5 consecutive steps (train.max_skipped_steps 5)") != std::string::npos);
+  CHECK_FALSE(std::filesystem::exists(dir + "/bounded/model.safetensors"));
   // A bad value is a config error.
   auto bad = run({dtrainBinary(), "check", job, "--set", "train.on_nonfinite=ignore"});
   CHECK(bad.exitCode == 2);

@@ -14,7 +14,8 @@ BatchLoader::BatchLoader(const Dataset& dataset, const DistributedSampler& sampl
   const auto b = static_cast<size_t>(options.batchSize);
   for (auto& slot : slots_) {
     slot.features.resize(b * static_cast<size_t>(dataset.featureSize()));
-    if (dataset.labelKind() == LabelKind::kClass) slot.classes.resize(b);
+    // One class label per sample, or one per position for sequences (labelShape [T]).
+    if (dataset.labelKind() == LabelKind::kClass) slot.classes.resize(b * static_cast<size_t>(dataset.labelSize()));
     else slot.targets.resize(b * static_cast<size_t>(dataset.labelSize()));
   }
   if (options.prefetch && numBatches_ > 0) thread_ = std::thread([this] { producer(); });

@@ -44,7 +44,7 @@ struct Batch {
   int64_t size = 0;   // samples in the batch
   std::span<const int64_t> indices;
   const float* features = nullptr;        // size * featureSize floats
-  const int32_t* classLabels = nullptr;   // size labels when labelKind is kClass, else nullptr
+  const int32_t* classLabels = nullptr;   // size * labelSize labels when labelKind is kClass, else nullptr
   const float* targets = nullptr;         // size * labelSize floats when labelKind is kTarget, else nullptr
   int64_t position = 0;  // epoch position once every rank has finished this batch (store it in a checkpoint)
 };

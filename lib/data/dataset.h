@@ -59,7 +59,8 @@ class Dataset {
   virtual std::string describe() const = 0;
 
   // Converts the samples `indices` (each in [0, size())) into caller buffers: `features` receives
-  // indices.size() * featureSize() floats, `labels` indices.size() int32_t (kClass) or
+  // indices.size() * featureSize() floats, `labels` indices.size() * labelSize() int32_t (kClass: labelShape is []
+  // for one class per sample, [T] for sequences) or
   // indices.size() * labelSize() floats (kTarget). Throws std::out_of_range naming a bad index.
   virtual void fetch(std::span<const int64_t> indices, float* features, void* labels) const = 0;
 

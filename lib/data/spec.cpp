@@ -2,6 +2,10 @@
 
 #include <fmt/ranges.h>
 
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 #include <set>
 
 #include "lib/common/error.h"
@@ -16,6 +20,8 @@ const char* formatName(Format format) {
     case Format::kCsv: return "csv";
     case Format::kNpy: return "npy";
     case Format::kSynthetic: return "synthetic";
+    case Format::kText: return "text";
+    case Format::kTokens: return "tokens";
   }
   return "?";
 }
@@ -78,6 +84,41 @@ void parseSynthetic(const JsonFields& f, SyntheticOptions& s) {
   s.sampleSeed = static_cast<uint64_t>(integerAtLeast(f, "sample_seed", static_cast<int64_t>(s.seed), 0));
 }
 
+// text / tokens: their own small set of fields (no transforms: the features are token ids).
+void parseSequence(const JsonFields& f, DataSpec& spec, const std::filesystem::path& baseDir, bool text) {
+  spec.format = text ? Format::kText : Format::kTokens;
+  SequenceOptions& s = spec.sequence;
+  s.textFormat = text;
+  if (text) f.allowOnly({"format", "path", "vocab", "split", "val_fraction", "block_size"});
+  else f.allowOnly({"format", "path", "block_size"});
+  const std::string expected = text ? "a text file (UTF-8 or bytes)" : "a uint16 token file (nanoGPT or llm.c .bin)";
+  const auto& p = f.at("path");
+  auto addFile = [&](const nlohmann::json& v, const std::string& key) {
+    if (!v.is_string() || v.get<std::string>().empty())
+      f.failAt("path", fmt::format("{} (expected a file name or a list of file names)", jsonSnippet(v)));
+    std::filesystem::path file = v.get<std::string>();
+    if (file.is_relative()) file = baseDir / file;
+    std::error_code ec;
+    if (!std::filesystem::is_regular_file(file, ec))
+      f.failAt(key, fmt::format("{}: no such file (expected {})", file.lexically_normal().string(), expected));
+    if (::access(file.c_str(), R_OK) != 0)
+      f.failAt(key, fmt::format("{}: not readable ({})", file.lexically_normal().string(), std::strerror(errno)));
+    s.paths.push_back(file.lexically_normal().string());
+  };
+  if (p.is_array()) {
+    if (p.empty()) f.failAt("path", "empty list (expected at least one file)");
+    for (size_t i = 0; i < p.size(); ++i) addFile(p[i], fmt::format("path/{}", i));
+  } else {
+    addFile(p, "path");
+  }
+  if (f.has("block_size")) s.blockSize = integerAtLeast(f, "block_size", 0, 1);
+  if (!text) return;
+  s.vocab = f.choice("vocab", {"byte", "char"}, "vocabulary", "byte") == "byte" ? Vocab::kByte : Vocab::kChar;
+  s.valSplit = f.choice("split", {"train", "val"}, "split", "train") == "val";
+  s.valFraction = f.number("val_fraction", 0.1, "a number in [0, 1)", [](double v) { return v >= 0 && v < 1; });
+  if (s.valSplit && s.valFraction == 0) f.failAt("val_fraction", "0 leaves the val split empty (expected > 0)");
+}
+
 }  // namespace
 
 DataSpec parseDataSpec(const json& j, const std::string& sourceFile, const std::string& jsonPath,
@@ -86,7 +127,11 @@ DataSpec parseDataSpec(const json& j, const std::string& sourceFile, const std::
   DataSpec spec;
   spec.sourceFile = sourceFile;
   spec.jsonPath = jsonPath;
-  const auto format = f.choice("format", {"csv", "idx", "npy", "synthetic"}, "format");
+  const auto format = f.choice("format", {"csv", "idx", "npy", "synthetic", "text", "tokens"}, "format");
+  if (format == "text" || format == "tokens") {
+    parseSequence(f, spec, baseDir, format == "text");
+    return spec;
+  }
   std::set<std::string> allowed = {"format", "scale", "normalize", "shape", "limit", "label_kind", "num_classes"};
   if (format == "idx") {
     spec.format = Format::kIdx;
@@ -261,6 +306,12 @@ std::shared_ptr<const Dataset> load(const DataSpec& spec, const std::string& whe
     case Format::kSynthetic:
       ds = makeSynthetic(spec.synthetic, spec.transform);
       break;
+    case Format::kText:
+    case Format::kTokens: {
+      auto stream = withKey("path", [&] { return std::make_shared<const TokenStream>(readTokenStream(spec.sequence)); });
+      return withKey(spec.sequence.blockSize > 0 ? "path" : "block_size",
+                     [&] { return std::make_shared<const SequenceDataset>(stream, spec.sequence); });
+    }
   }
   if (spec.shape) ds->reshape(*spec.shape, at("shape"));
   if (spec.limit) ds->truncate(*spec.limit);

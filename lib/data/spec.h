@@ -6,6 +6,9 @@
 //   {"format": "synthetic", "task": "regression", "samples": 1000, "features": 10, "outputs": 1, "noise": 0.01,
 //    "seed": 0, "sample_seed": 0}
 //   {"format": "synthetic", "task": "classification", "rule": "blobs"|"linear", "num_classes": 3, ...}
+//   {"format": "text", "path": "input.txt" or [...], "vocab": "byte"|"char", "split": "train"|"val",
+//    "val_fraction": 0.1, "block_size": 128}          (lib/data/sequence.h)
+//   {"format": "tokens", "path": "train.bin" or [...], "block_size": 1024}
 // and for every format: "scale": 0.00392156862745098 (or "1/255"), "normalize": {"mean": m, "std": s}
 // (numbers or arrays: per channel or per feature), "shape": [1, 28, 28] (reshape the features), "limit": N (first
 // N samples), "label_kind": "class"|"target", "num_classes": K.
@@ -25,11 +28,12 @@
 
 #include "lib/data/dataset.h"
 #include "lib/data/formats.h"
+#include "lib/data/sequence.h"
 #include "lib/data/synthetic.h"
 
 namespace dtrain::data {
 
-enum class Format : uint8_t { kIdx, kCsv, kNpy, kSynthetic };
+enum class Format : uint8_t { kIdx, kCsv, kNpy, kSynthetic, kText, kTokens };
 const char* formatName(Format format);
 
 struct DataSpec {
@@ -40,6 +44,7 @@ struct DataSpec {
   std::string images, labels, path, features;
   CsvOptions csv;
   SyntheticOptions synthetic;
+  SequenceOptions sequence;  // text, tokens (lib/data/sequence.h); blockSize 0 = the model's input length
   Transform transform;
   std::optional<Shape> shape;
   std::optional<int64_t> limit;

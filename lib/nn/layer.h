@@ -9,6 +9,7 @@
 // Not thread-safe: one model per thread.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <random>
@@ -31,6 +32,13 @@ class InitRng {
   double unit() { return static_cast<double>(engine_() >> 40) * 0x1.0p-24; }
   // U(-bound, bound), rounded to float.
   float symmetric(double bound) { return static_cast<float>(-bound + 2.0 * bound * unit()); }
+  // N(0, std^2) by Box-Muller from two unit() draws (the first mapped to (0, 1] so the log is finite), rounded to
+  // float: the gpt preset's normal_(0, 0.02). Deterministic like unit(); not PyTorch's stream.
+  float normal(double std) {
+    const double u1 = 1.0 - unit();
+    const double u2 = unit();
+    return static_cast<float>(std * std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2));
+  }
 
  private:
   std::mt19937_64 engine_;
@@ -53,6 +61,10 @@ class Layer {
   // Called once at build: where this layer's parameters and gradients live in the arenas (consecutive, in
   // paramShapes() order).
   virtual void bind(float* /*params*/, float* /*grads*/) {}
+  // Called once at build, after bind, for a layer whose spec is tied to another layer's parameter (a tied lm_head:
+  // the embedding's token table and its gradient, LayerSpec::tiedTo). Its backward adds into (or, when not
+  // accumulating, overwrites) that gradient before the owner's backward runs, so the owner always adds.
+  virtual void bindTied(const float* /*weight*/, float* /*grad*/) {}
   // PyTorch's default initialisation for the layer, drawing from `rng` in parameter order.
   virtual void initParams(InitRng& /*rng*/) {}
   // True when the output is the input buffer itself (flatten): the model then skips the copy.

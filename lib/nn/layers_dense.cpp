@@ -1,6 +1,7 @@
 // Dense and elementwise layers: linear, relu, gelu, tanh, sigmoid, dropout, flatten, with their registry entries.
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -41,7 +42,9 @@ using detail::MatMap;
 // GEMM with a transposed operand and no copy.
 class Linear final : public Layer {
  public:
-  explicit Linear(const LayerSpec& spec) : Layer(spec, Device::cpu()), in_(spec.input[0]), out_(spec.out) {}
+  // Over the last dimension, as nn.Linear: an input [T, in] is T rows per sample.
+  explicit Linear(const LayerSpec& spec)
+      : Layer(spec, Device::cpu()), in_(spec.input.back()), out_(spec.out), rows_(spec.input.numel() / in_) {}
 
   void bind(float* params, float* grads) override {
     w_ = params;
@@ -53,7 +56,13 @@ class Linear final : public Layer {
   }
 
   // PyTorch: kaiming_uniform_(a=sqrt(5)) gives U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the bias uses the same bound.
+  // With the spec's initStd (the gpt preset): normal(0, initStd) weights and zero biases, as nanoGPT.
   void initParams(InitRng& rng) override {
+    if (spec().initStd > 0) {
+      for (int64_t i = 0; i < out_ * in_; ++i) w_[i] = rng.normal(spec().initStd);
+      if (b_ != nullptr) std::fill(b_, b_ + out_, 0.0f);
+      return;
+    }
     double bound = 1.0 / std::sqrt(static_cast<double>(in_));
     for (int64_t i = 0; i < out_ * in_; ++i) w_[i] = rng.symmetric(bound);
     if (b_ != nullptr) {
@@ -62,16 +71,18 @@ class Linear final : public Layer {
   }
 
   void forward(const float* x, float* y, int batch, bool /*train*/) override {
-    ConstMatMap X(x, batch, in_);
+    const Eigen::Index rows = batch * rows_;
+    ConstMatMap X(x, rows, in_);
     ConstMatMap W(w_, out_, in_);
-    MatMap Y(y, batch, out_);
+    MatMap Y(y, rows, out_);
     Y.noalias() = X * W.transpose();
     if (b_ != nullptr) Y.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(b_, out_);
   }
 
   void backward(const float* x, const float*, const float* dy, float* dx, int batch, bool accumulate) override {
-    ConstMatMap X(x, batch, in_);
-    ConstMatMap dY(dy, batch, out_);
+    const Eigen::Index rows = batch * rows_;
+    ConstMatMap X(x, rows, in_);
+    ConstMatMap dY(dy, rows, out_);
     MatMap dW(gw_, out_, in_);
     if (accumulate) {
       dW.noalias() += dY.transpose() * X;
@@ -81,16 +92,16 @@ class Linear final : public Layer {
     if (gb_ != nullptr) {
       Eigen::Map<Eigen::RowVectorXf> db(gb_, out_);
       if (!accumulate) db.setZero();
-      for (int r = 0; r < batch; ++r) db += dY.row(r);
+      for (Eigen::Index r = 0; r < rows; ++r) db += dY.row(r);
     }
     if (dx != nullptr) {
-      MatMap dX(dx, batch, in_);
+      MatMap dX(dx, rows, in_);
       dX.noalias() = dY * ConstMatMap(w_, out_, in_);
     }
   }
 
  private:
-  int64_t in_, out_;
+  int64_t in_, out_, rows_;
   float* w_ = nullptr;
   float* b_ = nullptr;
   float* gw_ = nullptr;
@@ -238,30 +249,33 @@ class Flatten final : public Elementwise {
 // --- Registry entries: parsing, parameters and summary detail of each type (docs/model-spec.md). ---
 
 void parseLinear(const JsonFields& f, LayerSpec& l) {
-  f.allowOnly({"type", "out", "bias", "in"});
+  f.allowOnly({"type", "out", "bias", "in", "init_std"});
   l.out = checkSize(f, "out", f.integer("out", "an integer >= 1", positive));
   l.bias = f.boolean("bias", true);
-  if (l.input.rank() != 1) {
+  l.initStd = f.number("init_std", 0.0, "a number >= 0 (0: PyTorch's default initialisation)",
+                       [](double v) { return v >= 0; });
+  // [N, F], or [N, T, F] (a sequence: applied to every position, as nn.Linear over the last dimension).
+  if (l.input.rank() > 2) {
     f.fail(fmt::format("linear expects input [N, F] but gets {}; add a flatten layer", l.input.batchStr()));
   }
   if (f.has("in")) {
     int64_t in = f.integer("in", "an integer >= 1", positive);
-    if (in != l.input[0]) {
+    if (in != l.input.back()) {
       f.failAt("in", fmt::format("linear declares in {} but its input is {} ({} features)", in, l.input.batchStr(),
-                                 l.input[0]));
+                                 l.input.back()));
     }
   }
-  l.output = Shape{l.out};
+  l.output = l.input.rank() == 2 ? Shape{l.input[0], l.out} : Shape{l.out};
 }
 
 std::vector<ParamShape> linearParams(const LayerSpec& l) {
-  std::vector<ParamShape> shapes{{"weight", Shape{l.out, l.input[0]}}};
+  std::vector<ParamShape> shapes{{"weight", Shape{l.out, l.input.back()}}};
   if (l.bias) shapes.push_back({"bias", Shape{l.out}});
   return shapes;
 }
 
 std::string linearDetail(const LayerSpec& l) {
-  return fmt::format("{} -> {}{}", l.input[0], l.out, l.bias ? "" : ", no bias");
+  return fmt::format("{} -> {}{}", l.input.back(), l.out, l.bias ? "" : ", no bias");
 }
 
 void parseDropout(const JsonFields& f, LayerSpec& l) {

@@ -45,15 +45,29 @@ RowStats rowStats(const float* x, int64_t c) {
 
 class CrossEntropy final : public Loss {
  public:
-  CrossEntropy(const Shape& outputShape, int maxBatch) : Loss(LossType::kCrossEntropy, outputShape, maxBatch) {
-    if (outputShape.rank() != 1) {
-      throw ConfigError(fmt::format("cross_entropy expects model output [N, C] (class logits) but the model gives {}",
+  // Logits [C] per sample (one label each), or [T, C] (a sequence: one label per position, the mean over all
+  // N * T positions, as F.cross_entropy on logits.view(-1, C) in nanoGPT).
+  CrossEntropy(const Shape& outputShape, int maxBatch)
+      : Loss(LossType::kCrossEntropy, outputShape, maxBatch),
+        positions_(outputShape.rank() == 2 ? outputShape[0] : 1), classes_(outputShape.back()) {
+    if (outputShape.rank() != 1 && outputShape.rank() != 2) {
+      throw ConfigError(fmt::format("cross_entropy expects model output [N, C] (class logits) or [N, T, C] (logits per "
+                                    "position) but the model gives {}",
                                     outputShape.batchStr()));
     }
   }
 
   void checkTargets(const Shape& perSample, DType dtype) const override {
-    if ((dtype != DType::kInt32 && dtype != DType::kInt64) || perSample.numel() != 1 || perSample.rank() > 1) {
+    const bool ints = dtype == DType::kInt32 || dtype == DType::kInt64;
+    if (outputShape_.rank() == 2) {
+      if (!ints || perSample.numel() != positions_ || perSample.rank() != 1) {
+        throw ConfigError(fmt::format("cross_entropy over {} positions needs {} integer labels per sample ([N, {}]), "
+                                      "but the labels are {} {}",
+                                      positions_, positions_, positions_, dtypeName(dtype), perSample.batchStr()));
+      }
+      return;
+    }
+    if (!ints || perSample.numel() != 1 || perSample.rank() > 1) {
       throw ConfigError(fmt::format("cross_entropy needs one integer class label per sample, but the labels are {} {}",
                                     dtypeName(dtype), perSample.batchStr()));
     }
@@ -61,7 +75,7 @@ class CrossEntropy final : public Loss {
 
   float forward(const TensorView& output, const TensorView& targets) override {
     checkOutput(output, outputShape_, maxBatch_);
-    const int64_t n = output.shape[0], c = outputShape_[0];
+    const int64_t n = output.shape[0] * positions_, c = classes_;
     checkLabels(targets, n);
     const float* x = output.f32();
     float* d = diff_.data();
@@ -69,21 +83,31 @@ class CrossEntropy final : public Loss {
     for (int64_t i = 0; i < n; ++i) {
       const int64_t label = checkedLabel(targets, i, c);
       const float* row = x + i * c;
-      RowStats st = rowStats(row, c);
-      sum += static_cast<double>(st.max + st.logSum - row[label]);
-      const float inv = 1.0f / std::exp(st.logSum);
-      for (int64_t j = 0; j < c; ++j) d[i * c + j] = std::exp(row[j] - st.max) * inv;
-      d[i * c + label] -= 1.0f;
+      float* drow = d + i * c;
+      // One exp per logit: the shifted exponentials are kept and normalised in place.
+      float m = row[0];
+      for (int64_t j = 1; j < c; ++j) m = std::max(m, row[j]);
+      float total = 0.0f;
+      for (int64_t j = 0; j < c; ++j) {
+        drow[j] = std::exp(row[j] - m);
+        total += drow[j];
+      }
+      sum += static_cast<double>(m + std::log(total) - row[label]);
+      const float inv = 1.0f / total;
+      for (int64_t j = 0; j < c; ++j) drow[j] *= inv;
+      drow[label] -= 1.0f;
     }
-    lastBatch_ = static_cast<int>(n);
+    lastBatch_ = static_cast<int>(output.shape[0]);
     return static_cast<float>(sum / static_cast<double>(n));
   }
 
-  TensorView backward(float scale) override { return scaledGrad(scale / static_cast<float>(lastBatch_)); }
+  TensorView backward(float scale) override {
+    return scaledGrad(scale / static_cast<float>(static_cast<int64_t>(lastBatch_) * positions_));
+  }
 
   EvalSums evaluate(const TensorView& output, const TensorView& targets) const override {
     checkOutput(output, outputShape_, maxBatch_);
-    const int64_t n = output.shape[0], c = outputShape_[0];
+    const int64_t n = output.shape[0] * positions_, c = classes_;
     checkLabels(targets, n);
     EvalSums s;
     const float* x = output.f32();
@@ -93,12 +117,14 @@ class CrossEntropy final : public Loss {
       s.lossSum += static_cast<double>(st.max + st.logSum - x[i * c + label]);
     }
     s.lossCount = n;
-    s.samples = n;
-    s.correct = countCorrect(output, targets);
+    s.samples = n;  // positions: accuracy is per predicted token for sequences
+    s.correct = countCorrect(TensorView::f32(output.f32(), Shape{n, c}), targets);
     return s;
   }
 
  private:
+  int64_t positions_, classes_;
+
   static int64_t checkedLabel(const TensorView& labels, int64_t row, int64_t classes) {
     int64_t label = labelAt(labels, row);
     if (label < 0 || label >= classes) [[unlikely]] {

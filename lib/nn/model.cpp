@@ -35,11 +35,11 @@ Model Model::build(const ModelSpec& spec, int maxBatch, uint64_t seed, Device de
   size_t offset = 0;
   for (const auto& ls : spec.layers) {
     m.layers_.push_back(makeLayer(ls, {.device = device, .maxBatch = maxBatch, .seed = seed}));
-    m.hasRandomLayers_ = m.hasRandomLayers_ || ls.kind->random;
+    m.hasRandomLayers_ = m.hasRandomLayers_ || drawsRandom(ls);
     ParamRange range{offset, 0};
     for (const auto& ps : m.layers_.back()->paramShapes()) {
       size_t count = static_cast<size_t>(ps.shape.numel());
-      m.table_.push_back({fmt::format("{}.{}", ls.index, ps.suffix), ps.shape, offset, count, ls.index});
+      m.table_.push_back({fmt::format("{}.{}", ls.paramPrefix(), ps.suffix), ps.shape, offset, count, ls.index});
       offset += count;
     }
     range.count = offset - range.offset;
@@ -57,6 +57,13 @@ Model Model::build(const ModelSpec& spec, int maxBatch, uint64_t seed, Device de
     if (m.layerRanges_[i].count == 0) continue;
     m.layers_[i]->bind(m.params_.data() + m.layerRanges_[i].offset, m.grads_.data() + m.layerRanges_[i].offset);
     m.layers_[i]->initParams(rng);
+  }
+  // A tied lm_head shares its embedding's token table (the embedding's first parameter).
+  for (size_t i = 0; i < m.layers_.size(); ++i) {
+    const int tied = spec.layers[i].tiedTo;
+    if (tied < 0) continue;
+    const size_t at = m.layerRanges_[static_cast<size_t>(tied)].offset;
+    m.layers_[i]->bindTied(m.params_.data() + at, m.grads_.data() + at);
   }
 
   // One arena for all outputs; gradients between layers ping-pong between two buffers as large as the

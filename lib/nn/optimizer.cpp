@@ -92,23 +92,34 @@ class Adam final : public Optimizer {
     float* m = expAvg_.data();
     float* v = expAvgSq_.data();
     float* vmax = maxExpAvgSq_.data();
-    for (size_t i = 0; i < numParams_; ++i) {
-      float grad = g[i];
-      if (decoupled) {
-        p[i] = p[i] * decay;
-      } else if (wd != 0.0f) {
-        grad = grad + wd * p[i];
+    // One elementwise pass per parameter group: segments in noDecay_ run with weight_decay 0.
+    auto run = [&](size_t begin, size_t end, bool decayOn) {
+      const bool applyDecay = decayOn && spec_.weightDecay != 0.0;
+      for (size_t i = begin; i < end; ++i) {
+        float grad = g[i];
+        if (decoupled) {
+          if (applyDecay) p[i] = p[i] * decay;
+        } else if (applyDecay) {
+          grad = grad + wd * p[i];
+        }
+        m[i] = m[i] * beta1 + keep1 * grad;
+        v[i] = v[i] * beta2 + keep2 * grad * grad;
+        float second = v[i];
+        if (vmax != nullptr) {
+          vmax[i] = std::max(vmax[i], v[i]);
+          second = vmax[i];
+        }
+        const float denom = std::sqrt(second) / bc2Sqrt + eps;
+        p[i] = p[i] + negStepSize * m[i] / denom;
       }
-      m[i] = m[i] * beta1 + keep1 * grad;
-      v[i] = v[i] * beta2 + keep2 * grad * grad;
-      float second = v[i];
-      if (vmax != nullptr) {
-        vmax[i] = std::max(vmax[i], v[i]);
-        second = vmax[i];
-      }
-      const float denom = std::sqrt(second) / bc2Sqrt + eps;
-      p[i] = p[i] + negStepSize * m[i] / denom;
+    };
+    size_t at = 0;
+    for (const auto& [offset, count] : noDecay_) {
+      run(at, std::min(offset, numParams_), true);
+      run(std::min(offset, numParams_), std::min(offset + count, numParams_), false);
+      at = std::min(offset + count, numParams_);
     }
+    run(at, numParams_, true);
   }
 
   std::vector<StateBuffer> stateBuffers() override {
@@ -168,7 +179,7 @@ OptimizerSpec parseOptimizerSpec(const nlohmann::json& optimizer, const std::str
       f.failAt("nesterov", "nesterov momentum requires a momentum > 0 and zero dampening");
     }
   } else {
-    f.allowOnly({"type", "lr", "betas", "eps", "weight_decay", "amsgrad", kClip});
+    f.allowOnly({"type", "lr", "betas", "eps", "weight_decay", "amsgrad", "weight_decay_on", kClip});
     s.type = type == "adam" ? OptimizerType::kAdam : OptimizerType::kAdamW;
     s.lr = f.number("lr", 1e-3, "a number > 0", positiveNumber);
     if (f.has("betas")) {
@@ -185,6 +196,7 @@ OptimizerSpec parseOptimizerSpec(const nlohmann::json& optimizer, const std::str
     s.weightDecay = f.number("weight_decay", s.type == OptimizerType::kAdamW ? 1e-2 : 0.0, "a number >= 0",
                              nonNegativeNumber);
     s.amsgrad = f.boolean("amsgrad", false);
+    s.decayMatricesOnly = f.choice("weight_decay_on", {"all", "matrices"}, "weight_decay_on value", "all") == "matrices";
   }
   s.clipGradNorm = f.number(kClip, 0.0, "a number >= 0 (0 turns clipping off)", nonNegativeNumber);
   return s;

@@ -20,6 +20,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "lib/common/aligned_buffer.h"
@@ -44,6 +45,9 @@ struct OptimizerSpec {
   double eps = 1e-8;
   bool amsgrad = false;
   double clipGradNorm = 0;  // "clip_grad_norm": max global L2 norm of the gradients; 0 = no clipping
+  // "weight_decay_on": "all" (torch.optim's default: every parameter) or "matrices" (nanoGPT's configure_optimizers:
+  // parameters with >= 2 dimensions decay, biases, LayerNorm weights and other vectors do not). Adam/AdamW only.
+  bool decayMatricesOnly = false;
 };
 
 // {"type": "sgd", "lr": 0.05, "momentum": 0.9, ...}; every error is a ConfigError naming file, JSON path and
@@ -76,6 +80,9 @@ class Optimizer {
   void setSteps(int64_t steps) noexcept { steps_ = steps; }
   // The state arenas, for checkpoints: write into the spans to restore. Empty for plain SGD.
   virtual std::vector<StateBuffer> stateBuffers() = 0;
+  // Arena ranges [offset, offset + count) that get no weight decay (a second parameter group with
+  // weight_decay 0, as nanoGPT builds for 1-D parameters). Ranges must be sorted and disjoint.
+  void setNoDecayRanges(std::vector<std::pair<size_t, size_t>> ranges) { noDecay_ = std::move(ranges); }
 
  protected:
   Optimizer(const OptimizerSpec& spec, size_t numParams) : spec_(spec), lr_(spec.lr), numParams_(numParams) {}
@@ -85,6 +92,7 @@ class Optimizer {
   double lr_;
   size_t numParams_;
   int64_t steps_ = 0;
+  std::vector<std::pair<size_t, size_t>> noDecay_;  // (offset, count), sorted
 };
 
 // torch.nn.utils.clip_grad_norm_(max_norm, norm_type=2): scales grads by max_norm / (norm + 1e-6) when that is

@@ -20,12 +20,17 @@ const LayerKind& layerNormKind();
 const LayerKind& flattenKind();
 const LayerKind& conv2dKind();
 const LayerKind& maxPool2dKind();
+const LayerKind& embeddingKind();
+const LayerKind& attentionKind();
+const LayerKind& lmHeadKind();
+const LayerKind& blockKind();
 
 std::span<const LayerKind* const> layerKinds() {
   // The order of the "unknown layer type" message and of docs/model-spec.md.
   static const LayerKind* const kKinds[] = {
       &linearKind(),  &reluKind(),      &geluKind(),    &tanhKind(),   &sigmoidKind(),
       &dropoutKind(), &layerNormKind(), &flattenKind(), &conv2dKind(), &maxPool2dKind(),
+      &embeddingKind(), &attentionKind(), &blockKind(), &lmHeadKind(),
   };
   return kKinds;
 }

@@ -89,6 +89,9 @@ int64_t paramCountOf(const LayerSpec& spec);
 // The same count with overflow checks (nullopt past INT64_MAX): the parser's guard for untrusted specs.
 std::optional<int64_t> checkedParamCountOf(const LayerSpec& spec);
 
+// Whether spec's layer, or a layer inside it (a block's children), draws random numbers in training (dropout).
+bool drawsRandom(const LayerSpec& spec);
+
 // The implementation of spec's layer for build.device, with scratch for up to build.maxBatch samples.
 // Throws NotBuiltError "device cuda:0: layer 'linear' has no CUDA implementation in this build" when the type has
 // none for that device, dtrain::Error for a maxBatch < 1 or a spec that was not parsed.

@@ -27,20 +27,54 @@ void checkSize(const JsonFields& f, const LayerSpec& l) {
   }
 }
 
-LayerSpec parseLayer(const nlohmann::json& j, const std::string& source, const std::string& path, int index,
-                     const Shape& input) {
-  JsonFields f(j, source, path, "a layer");
+// The gpt preset's lm_head shares the embedding's token table: find it and check the shapes agree.
+void tieHeads(ModelSpec& spec) {
+  for (auto& l : spec.layers) {
+    if (l.type() != "lm_head" || !l.tied) continue;
+    LayerSpec* emb = nullptr;
+    for (auto& e : spec.layers)
+      if (e.type() == "embedding") {
+        emb = &e;
+        break;
+      }
+    if (emb == nullptr || emb->index >= l.index)
+      throwConfig(spec.source, l.path, "a tied lm_head needs an embedding layer before it (or set \"tied\": false)");
+    if (emb->vocab != l.vocab || emb->output.back() != l.input.back())
+      throwConfig(spec.source, l.path,
+                  fmt::format("a tied lm_head [{}, {}] does not match the embedding at {} ([{}, {}])", l.vocab,
+                              l.input.back(), emb->path, emb->vocab, emb->output.back()));
+    l.tiedTo = emb->index;
+    emb->tied = true;
+  }
+}
+
+}  // namespace
+
+LayerSpec parseLayerSpec(const nlohmann::json& j, const std::string& source, const std::string& path, int index,
+                         const Shape& input) {
   LayerSpec l;
   l.index = index;
   l.path = path;
   l.input = input;
+  // "name" is common to every layer: taken off here so each type's allowOnly lists only its own fields.
+  nlohmann::json rest = j;
+  if (j.is_object() && j.contains("name")) {
+    JsonFields named(j, source, path, "a layer");
+    l.name = named.string("name");
+    static constexpr std::string_view kNameChars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.";
+    if (l.name.empty() || l.name.find_first_not_of(kNameChars) != std::string::npos || l.name.front() == '.' ||
+        l.name.back() == '.')
+      named.failAt("name", fmt::format("'{}' is not a parameter name prefix (expected letters, digits, _ and inner "
+                                       "dots, e.g. \"transformer.h.0\")",
+                                       l.name));
+    rest.erase("name");
+  }
+  JsonFields f(rest, source, path, "a layer");
   l.kind = findLayerKind(f.choice("type", layerTypeNames(), "layer type"));
   l.kind->parse(f, l);
   checkSize(f, l);
   return l;
 }
-
-}  // namespace
 
 std::string_view LayerSpec::type() const { return kind != nullptr ? kind->name : std::string_view(); }
 
@@ -56,6 +90,10 @@ int64_t ModelSpec::paramCount() const {
 
 ModelSpec parseModelSpec(const nlohmann::json& model, const std::string& sourceFile,
                          const std::string& jsonPathPrefix) {
+  if (model.is_object() && model.contains("preset")) {
+    ModelSpec spec = parseModelSpec(expandGptPreset(model, sourceFile, jsonPathPrefix), sourceFile, jsonPathPrefix);
+    return spec;
+  }
   JsonFields m(model, sourceFile, jsonPathPrefix, "the model");
   m.allowOnly({"input", "layers", "name"});
   ModelSpec spec;
@@ -86,9 +124,10 @@ ModelSpec parseModelSpec(const nlohmann::json& model, const std::string& sourceF
   Shape current = spec.input;
   for (size_t i = 0; i < layers.size(); ++i) {
     std::string path = fmt::format("{}/layers/{}", jsonPathPrefix, i);
-    spec.layers.push_back(parseLayer(layers[i], sourceFile, path, static_cast<int>(i), current));
+    spec.layers.push_back(parseLayerSpec(layers[i], sourceFile, path, static_cast<int>(i), current));
     current = spec.layers.back().output;
   }
+  tieHeads(spec);
   // Each layer is within kMaxParams, so the sum cannot overflow.
   if (spec.paramCount() > kMaxParams) {
     m.fail(fmt::format("the model has {} parameters, more than the supported {} ({} GiB as float32)",

@@ -41,6 +41,9 @@ struct LayerKind;  // lib/nn/registry.h
 struct LayerSpec {
   const LayerKind* kind = nullptr;  // its registry entry; set by parsing
   int index = 0;       // position in the layer list: the "k" of PyTorch's "k.weight"
+  // "name": the prefix of its parameters' names instead of the index ("transformer.ln_f" -> "transformer.ln_f.weight"),
+  // so a model written with names matches a PyTorch module's state_dict (the gpt preset's nanoGPT names).
+  std::string name;
   std::string path;    // JSON pointer of the layer object, for errors: "/model/layers/3"
   Shape input;         // per-sample input shape
   Shape output;        // per-sample output shape
@@ -52,6 +55,20 @@ struct LayerSpec {
   double eps = 1e-5;   // layernorm
   bool affine = true;  // layernorm: learnable weight and bias
   int64_t kernelH = 0, kernelW = 0, strideH = 1, strideW = 1, padH = 0, padW = 0;  // conv2d, maxpool2d
+  // Transformer layers (docs/model-spec.md "Transformers"):
+  int64_t vocab = 0;       // embedding, lm_head: vocabulary size
+  int64_t nHead = 0;       // causal_self_attention: heads
+  bool position = true;    // embedding: add a learned position embedding of input[0] rows
+  bool tied = false;       // lm_head: use the first embedding's token table as its weight; embedding: a tied
+                           // lm_head adds into its gradient (set by the model parser)
+  int tiedTo = -1;         // lm_head: the index of the embedding it is tied to
+  // Initialisation overrides (the gpt preset's): normal(0, initStd) weights and zero biases instead of PyTorch's
+  // default; projInitStd for causal_self_attention's c_proj. 0 = the layer's PyTorch default.
+  double initStd = 0, projInitStd = 0;
+  std::vector<LayerSpec> children;  // block: its layers, in order (index = position in the block)
+
+  // The prefix of this layer's parameter names: name, else the index.
+  std::string paramPrefix() const { return name.empty() ? std::to_string(index) : name; }
 
   // The JSON "type", e.g. "maxpool2d" (empty before parsing).
   std::string_view type() const;
@@ -75,6 +92,16 @@ struct ModelSpec {
 // Throws ConfigError (exit code 2) on any invalid field or shape mismatch.
 ModelSpec parseModelSpec(const nlohmann::json& model, const std::string& sourceFile,
                          const std::string& jsonPathPrefix = "/model");
+
+// Parses one layer object at `path` whose per-sample input is `input` (the "name" field is handled here, the rest
+// by its registry entry). For containers (block) parsing their children.
+LayerSpec parseLayerSpec(const nlohmann::json& layer, const std::string& sourceFile, const std::string& path, int index,
+                         const Shape& input);
+
+// The layers of {"preset": "gpt", ...} (lib/nn/gpt_preset.cpp) as a plain model object {"input", "layers"}.
+// Throws ConfigError naming the preset's field (n_embd not divisible by n_head, ...).
+nlohmann::json expandGptPreset(const nlohmann::json& model, const std::string& sourceFile,
+                               const std::string& jsonPathPrefix);
 
 // Reads a model file (a JSON object as above, or a job file whose "model" is an object) and parses it.
 // Missing file or bad JSON -> ConfigError naming the file.

@@ -61,6 +61,7 @@ struct TrainResult {
   double samplesPerSec = 0;  // training samples per second over the group
   std::optional<double> evalLoss;
   std::optional<double> evalAccuracy;
+  std::optional<double> baselineLoss;  // token datasets: the bigram baseline's eval loss on the same split
   int stoppedBySignal = 0;  // SIGTERM/SIGINT/SIGUSR1 stopped the run early (after a checkpoint)
 };
 

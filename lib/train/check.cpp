@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "lib/common/error.h"
+#include "lib/data/sequence.h"
 #include "lib/nn/model.h"
 #include "lib/nn/registry.h"
 #include "lib/train/compression.h"
@@ -23,6 +24,16 @@ void checkDataFitsModel(const Job& job, const data::Dataset& ds, const nn::Loss&
     loss.checkTargets(ds.labelShape(), data::labelDType(ds.labelKind()));
   } catch (const ConfigError& e) {
     DTRAIN_THROW(ConfigError, "{}: {}: {}", job.sourceFile, which, e.what());
+  }
+  if (const auto* seq = dynamic_cast<const data::SequenceDataset*>(&ds)) {
+    // Token ids index the embedding: each must be below the model's vocabulary (its output's last dimension).
+    const int64_t vocab = job.model.output().back();
+    const auto [maxId, at] = seq->maxToken();
+    DTRAIN_CHECK_AS(ConfigError, maxId < vocab,
+                    "{}: {}: token id {} (at token {} of {}) is >= the model's vocab_size {}; set /model/vocab_size to "
+                    "at least {}",
+                    job.sourceFile, which, maxId, at, seq->describe(), vocab, seq->stream().vocabSize);
+    return;
   }
   if (auto classes = ds.numClasses(); classes && loss.type() == nn::LossType::kCrossEntropy) {
     int64_t logits = job.model.output().numel();
@@ -142,6 +153,9 @@ void checkJobFitsMemory(const Job& job, int localWorkers, const std::optional<Ma
 namespace {
 
 int64_t datasetBytes(const data::Dataset& ds, const data::DataSpec& spec) {
+  // Token sequences keep their uint16 stream (text and tokens formats read it whole, also for the check).
+  if (const auto* seq = dynamic_cast<const data::SequenceDataset*>(&ds))
+    return satMul(static_cast<int64_t>(seq->stream().tokens.size()), 2);
   const auto* array = dynamic_cast<const data::ArrayDataset*>(&ds);
   if (!array) return syntheticBytes(spec);
   int64_t labels = satMul(ds.size(), satMul(ds.labelKind() == data::LabelKind::kClass ? 1 : ds.labelShape().numel(), 4));

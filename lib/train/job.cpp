@@ -191,6 +191,17 @@ Job loadJob(const JobArgs& args) {
   if (job.doc.contains("schedule")) job.schedule = nn::parseScheduleSpec(job.doc["schedule"], src, "/schedule");
   if (job.doc.contains("lr_schedule")) job.schedule = nn::parseScheduleSpec(job.doc["lr_schedule"], src, "/lr_schedule");
   job.data = parseData(job.doc, src, job.baseDir);
+  // Token datasets cut windows of the model's sequence length unless they say otherwise.
+  for (data::DataSpec* d : {&job.data.train, job.data.eval ? &*job.data.eval : nullptr}) {
+    if (d == nullptr || (d->format != data::Format::kText && d->format != data::Format::kTokens)) continue;
+    if (d->sequence.blockSize == 0) {
+      DTRAIN_CHECK_AS(ConfigError, job.model.input.rank() == 1,
+                      "{}: {}: a {} dataset feeds a sequence model (input [T], e.g. the gpt preset) but the model's "
+                      "input is {}",
+                      src, d->jsonPath, data::formatName(d->format), job.model.input.str());
+      d->sequence.blockSize = job.model.input[0];
+    }
+  }
   job.loop = parseLoop(job.doc, src);
   job.parallel = parseParallel(job.doc, src);
   if (job.parallel.compression)

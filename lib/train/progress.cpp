@@ -112,7 +112,9 @@ void Progress::summary(const std::string& line) { info(line); }
 void Progress::onFinish(const StepStats& s, const TrainResult& r) {
   if (!enabled_) return;
   std::string eval;
-  if (r.evalAccuracy) eval = fmt::format(", eval accuracy {:.2f}%", *r.evalAccuracy * 100);
+  if (r.baselineLoss && r.evalLoss)
+    eval = fmt::format(", eval loss {:.4f} vs bigram baseline {:.4f}", *r.evalLoss, *r.baselineLoss);
+  else if (r.evalAccuracy) eval = fmt::format(", eval accuracy {:.2f}%", *r.evalAccuracy * 100);
   else if (r.evalLoss) eval = fmt::format(", eval loss {:.6f}", *r.evalLoss);
   std::string wrote = r.stoppedBySignal ? std::string() : "; wrote " + weightsPath_.string();
   summary(fmt::format("done: {} steps, {} samples in {} (training {:.0f} samples/s, peak RSS {:.0f} MB per rank){}{}",

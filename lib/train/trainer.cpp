@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <csignal>
+#include <fstream>
 #include <cmath>
 #include <limits>
 #include <future>
@@ -14,12 +15,14 @@
 #include "lib/common/error.h"
 #include "lib/common/log.h"
 #include "lib/data/batch_loader.h"
+#include "lib/data/sequence.h"
 #include "lib/nn/loss.h"
 #include "lib/nn/model.h"
 #include "lib/train/check.h"
 #include "lib/train/checkpointing.h"
 #include "lib/train/compression.h"
 #include "lib/train/fault.h"
+#include "lib/train/generate.h"
 #include "lib/train/metrics_reporter.h"
 #include "lib/train/tensorboard.h"
 #include "lib/train/progress.h"
@@ -61,7 +64,7 @@ uint64_t dropoutSeed(uint64_t seed, int rank, int64_t step, int micro) {
 
 // Views of a batch's labels in the form the loss expects.
 TensorView targetsOf(const data::Batch& b, const data::Dataset& ds) {
-  if (b.classLabels) return TensorView::i32(b.classLabels, Shape{b.size});
+  if (b.classLabels) return TensorView::i32(b.classLabels, ds.labelShape().withBatch(b.size));
   return TensorView::f32(b.targets, ds.labelShape().withBatch(b.size));
 }
 
@@ -82,6 +85,7 @@ class TrainLoop {
   void evaluate(const StepStats& stats);
   void logInterval(StepStats& stats, bool force);
   void finish();   // final weights, the result over the ranks, onFinish
+  void writeVocabulary();  // vocab.json beside the model, for `dtrain generate` (token datasets, rank 0)
 
   const Job& job_;
   const WorkerInfo& worker_;
@@ -207,6 +211,14 @@ void TrainLoop::setUp() {
   checkDataFitsModel(job_, *train_, *loss_, "/data/train");
   if (!job_.initFrom.empty()) loadWeights(job_.initFrom, *model_);
   optimizer_ = nn::Optimizer::create(job_.optimizer, model_->numParams(), device);
+  if (job_.optimizer.decayMatricesOnly) {
+    // nanoGPT's groups: only parameters with >= 2 dimensions decay.
+    std::vector<std::pair<size_t, size_t>> noDecay;
+    for (const auto& e : model_->paramTable())
+      if (e.shape.rank() < 2) noDecay.emplace_back(e.offset, e.count);
+    optimizer_->setNoDecayRanges(std::move(noDecay));
+  }
+  writeVocabulary();
   checkpointer_ = std::make_unique<Checkpointer>(
       job_, *strategy_, fmt::format("{}/{}/{}", worker_.runId, worker_.round, worker_.restartCount));
   resumed_ = checkpointer_->resume(*model_, *optimizer_);
@@ -238,6 +250,14 @@ void TrainLoop::setUp() {
   progress_->info(fmt::format("{}: {} parameters, {} training samples, {} rank(s) x batch {}, {} steps{}", job_.name,
                               model_->numParams(), train_->size(), worker_.worldSize, batch, stats_.totalSteps,
                               strategy_->summary().empty() ? "" : ", " + strategy_->summary()));
+  if (const auto* seqTrain = dynamic_cast<const data::SequenceDataset*>(train_.get()); seqTrain && worker_.rank == 0) {
+    if (const auto* seqEval = dynamic_cast<const data::SequenceDataset*>(eval_.get())) {
+      const double bigram = data::bigramLoss(*seqTrain, *seqEval, model_->outputShape().back());
+      result_.baselineLoss = bigram;
+      progress_->info(fmt::format("bigram baseline on the same split: eval loss {:.4f} (the model must get below it)",
+                                  bigram));
+    }
+  }
   if (resumed_)
     progress_->info(fmt::format("resumed from {} (step {}, epoch {}, {} samples of it done, saved by {} rank(s))",
                                 resumed_->path.string(), resumed_->step, resumed_->epoch + 1,
@@ -250,6 +270,28 @@ void TrainLoop::setUp() {
                                 resumed_ ? (hookStateLoaded ? ", state resumed" : ", fresh state (none in the checkpoint)")
                                          : ""));
   }
+}
+
+void TrainLoop::writeVocabulary() {
+  const auto* seq = dynamic_cast<const data::SequenceDataset*>(train_.get());
+  if (seq == nullptr || worker_.rank != 0) return;
+  std::filesystem::create_directories(job_.outputDir);
+  const auto file = job_.outputDir / "vocab.json";
+  const auto tmp = job_.outputDir / "vocab.json.tmp";
+  {
+    std::ofstream out(tmp);
+    out << data::vocabularyJson(seq->stream());
+    DTRAIN_CHECK(out.good(), "cannot write {}", tmp.string());
+  }
+  std::filesystem::rename(tmp, file);
+  // The model spec beside the weights, so `dtrain generate RUN_DIR` can rebuild the model.
+  const auto spec = job_.outputDir / kModelSpecFile;
+  {
+    std::ofstream out(tmp);
+    out << job_.doc["model"].dump(2) << "\n";
+    DTRAIN_CHECK(out.good(), "cannot write {}", tmp.string());
+  }
+  std::filesystem::rename(tmp, spec);
 }
 
 void TrainLoop::planRun() {

@@ -18,7 +18,9 @@ std::vector<ckpt::NamedTensor> parameterTensors(const nn::Model& model, std::spa
 // Writes model.safetensors durably (temporary name, fsync, rename).
 void saveWeights(const std::filesystem::path& path, const nn::Model& model);
 // Loads every parameter by name with shape checks (CheckpointError naming the tensor); extra tensors in the
-// file are an error too, so a weights file for another model is never half-loaded.
+// file are an error too, so a weights file for another model is never half-loaded. For a gpt preset model it also
+// reads a Hugging Face GPT-2 model.safetensors ("h.0.attn.c_attn.weight", Conv1D weights [in, out], transposed
+// here; the attention mask buffers and lm_head.weight are skipped; a longer wpe is cropped to block_size).
 void loadWeights(const std::filesystem::path& path, nn::Model& model);
 
 }  // namespace dtrain::train

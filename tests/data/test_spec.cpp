@@ -96,9 +96,9 @@ TEST_CASE("spec errors name the job file, the JSON path and what was expected") 
         "job.json: /data/train/imags: unknown key (expected one of: format, images, label_kind, labels, limit, "
         "normalize, num_classes, scale, shape)");
   CHECK(messageOf([] { load({{"format", "parquet"}}); }) ==
-        "job.json: /data/train/format: 'parquet' (expected one of: csv, idx, npy, synthetic)");
+        "job.json: /data/train/format: 'parquet' (expected one of: csv, idx, npy, synthetic, text, tokens)");
   CHECK(messageOf([] { load(json::object()); }) ==
-        "job.json: /data/train/format: missing (expected one of: csv, idx, npy, synthetic)");
+        "job.json: /data/train/format: missing (expected one of: csv, idx, npy, synthetic, text, tokens)");
   CHECK(messageOf([] { load({{"format", "synthetic"}, {"samples", 0}}); }) ==
         "job.json: /data/train/samples: 0 (expected an integer >= 1)");
   CHECK(messageOf([] { load({{"format", "synthetic"}, {"scale", "x/y"}}); }) ==

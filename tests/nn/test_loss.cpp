@@ -124,7 +124,8 @@ TEST_CASE("loss errors: labels out of range, wrong output shape, wrong target ty
   CHECK_THROWS_WITH_AS(ce->forward(TensorView::f32(logits.data(), Shape{2, 10}), labelView),
                        "label 12 of batch row 1 is outside [0, 10) (the model has 10 outputs)", dtrain::ConfigError);
   CHECK_THROWS_WITH_AS(Loss::create({LossType::kCrossEntropy}, Shape{16, 5, 5}, 2),
-                       "cross_entropy expects model output [N, C] (class logits) but the model gives [N,16,5,5]",
+                       "cross_entropy expects model output [N, C] (class logits) or [N, T, C] (logits per "
+                       "position) but the model gives [N,16,5,5]",
                        dtrain::ConfigError);
   CHECK_NOTHROW(ce->checkTargets(Shape{}, DType::kInt64));
   CHECK_NOTHROW(ce->checkTargets(Shape{1}, DType::kInt32));

@@ -91,7 +91,9 @@ TEST_CASE("every registered type round-trips parse -> paramShapes -> make -> for
 TEST_CASE("the unknown-type message lists the registered types in registry order") {
   std::string expected;
   for (std::string_view name : layerTypeNames()) expected += (expected.empty() ? "" : ", ") + std::string(name);
-  CHECK(expected == "linear, relu, gelu, tanh, sigmoid, dropout, layernorm, flatten, conv2d, maxpool2d");
+  CHECK(expected ==
+        "linear, relu, gelu, tanh, sigmoid, dropout, layernorm, flatten, conv2d, maxpool2d, embedding, "
+        "causal_self_attention, block, lm_head");
   json model{{"input", {4}}, {"layers", json::parse(R"([{"type": "swish"}])")}};
   CHECK(messageOf([&] { parseModelSpec(model, "job.json", "/model"); }) ==
         "job.json: /model/layers/0/type: unknown layer type 'swish' (expected " + expected + ")");

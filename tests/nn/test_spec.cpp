@@ -85,7 +85,7 @@ TEST_CASE("summary rows and table") {
 TEST_CASE("unknown layer type") {
   CHECK(modelError(model({4}, json::parse(R"([{"type": "relu"}, {"type": "conv"}])"))) ==
         "job.json: /model/layers/1/type: unknown layer type 'conv' (expected linear, relu, gelu, tanh, sigmoid, "
-        "dropout, layernorm, flatten, conv2d, maxpool2d)");
+        "dropout, layernorm, flatten, conv2d, maxpool2d, embedding, causal_self_attention, block, lm_head)");
 }
 
 TEST_CASE("bad shapes name the layer index and both shapes") {
@@ -121,14 +121,14 @@ TEST_CASE("missing fields, wrong types and unknown fields") {
   CHECK(modelError(model({4}, json::parse(R"([{"type": "dropout", "p": 1.5}])"))) ==
         "job.json: /model/layers/0/p: expected a probability in [0, 1], got 1.5");
   CHECK(modelError(model({4}, json::parse(R"([{"type": "linear", "out": 3, "out_features": 3}])"))) ==
-        "job.json: /model/layers/0/out_features: unknown field 'out_features' (expected type, out, bias, in)");
+        "job.json: /model/layers/0/out_features: unknown field 'out_features' (expected type, out, bias, in, init_std)");
   CHECK(modelError(model({1, 8, 8}, json::parse(R"([{"type": "conv2d", "out": 3, "kernel": [3]}])"))) ==
         "job.json: /model/layers/0/kernel: expected an integer >= 1 or a list of 2 such values, got [3]");
   CHECK(modelError(model({1, 8, 8}, json::parse(R"([{"type": "conv2d", "out": 3, "kernel": [3, -1]}])"))) ==
         "job.json: /model/layers/0/kernel/1: expected an integer >= 1, got -1");
   CHECK(modelError(model({4}, json::parse(R"([{"out": 3}])"))) ==
         "job.json: /model/layers/0: missing required field 'type' (one of linear, relu, gelu, tanh, sigmoid, "
-        "dropout, layernorm, flatten, conv2d, maxpool2d)");
+        "dropout, layernorm, flatten, conv2d, maxpool2d, embedding, causal_self_attention, block, lm_head)");
   CHECK(modelError(model({4}, json::parse(R"([17])"))) ==
         "job.json: /model/layers/0: expected a layer as a JSON object, got 17");
 }
@@ -192,7 +192,7 @@ TEST_CASE("optimizer spec: defaults and errors") {
         "job.json: /optimizer/betas: expected two numbers in [0, 1) such as [0.9, 0.999], got [0.9,1.0]");
   CHECK(optimizerError(json{{"type", "adam"}, {"momentum", 0.9}}) ==
         "job.json: /optimizer/momentum: unknown field 'momentum' (expected type, lr, betas, eps, weight_decay, "
-        "amsgrad, clip_grad_norm)");
+        "amsgrad, weight_decay_on, clip_grad_norm)");
   CHECK(optimizerError(json{{"type", "sgd"}, {"lr", 0.1}, {"clip_grad_norm", -1}}) ==
         "job.json: /optimizer/clip_grad_norm: expected a number >= 0 (0 turns clipping off), got -1");
 }

@@ -1,0 +1,508 @@
+// Transformer layers: embedding, causal_self_attention, lm_head and the residual block container, with their
+// registry entries (docs/model-spec.md "Transformers"). Shapes are per sample: tokens [T] (token ids carried as
+// floats, exact below 2^24) -> [T, C] -> ... -> logits [T, V]. The math and parameter layouts are nanoGPT's
+// (model.py: Embedding, CausalSelfAttention with c_attn [3C, C] stacking q, k, v, Block, tied lm_head), so a
+// checkpoint's tensors load into its PyTorch module as they are.
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "lib/common/aligned_buffer.h"
+#include "lib/common/error.h"
+#include "lib/common/json_fields.h"
+#include "lib/nn/layers_impl.h"
+
+namespace dtrain::nn {
+namespace {
+
+using detail::ArrMap;
+using detail::checkSize;
+using detail::ConstArrMap;
+using detail::ConstMatMap;
+using detail::MatMap;
+using detail::positive;
+using detail::RowMat;
+
+using StridedMap = Eigen::Map<RowMat, 0, Eigen::OuterStride<>>;
+using ConstStridedMap = Eigen::Map<const RowMat, 0, Eigen::OuterStride<>>;
+
+size_t sz(int64_t n) { return static_cast<size_t>(n); }
+
+// y[t] = wte[token[t]] + wpe[t] (nn.Embedding; the position table when "position"). The token gradient is a
+// scatter-add into the table's rows; no gradient flows to the token ids.
+class Embedding final : public Layer {
+ public:
+  explicit Embedding(const LayerSpec& spec)
+      : Layer(spec, Device::cpu()), t_(spec.input[0]), c_(spec.output.back()), v_(spec.vocab) {}
+
+  void bind(float* params, float* grads) override {
+    wte_ = params, gwte_ = grads;
+    if (spec().position) wpe_ = params + v_ * c_, gwpe_ = grads + v_ * c_;
+  }
+
+  // PyTorch's nn.Embedding default is N(0, 1); the gpt preset sets initStd 0.02 (nanoGPT).
+  void initParams(InitRng& rng) override {
+    const double std = spec().initStd > 0 ? spec().initStd : 1.0;
+    for (int64_t i = 0; i < v_ * c_; ++i) wte_[i] = rng.normal(std);
+    if (wpe_ != nullptr)
+      for (int64_t i = 0; i < t_ * c_; ++i) wpe_[i] = rng.normal(std);
+  }
+
+  void forward(const float* x, float* y, int batch, bool) override {
+    for (int64_t r = 0; r < batch * t_; ++r) {
+      const int64_t tok = token(x[r], r);
+      float* out = y + r * c_;
+      std::memcpy(out, wte_ + tok * c_, sz(c_) * sizeof(float));
+      if (wpe_ != nullptr) ArrMap(out, c_) += ConstArrMap(wpe_ + (r % t_) * c_, c_);
+    }
+  }
+
+  void backward(const float* x, const float*, const float* dy, float*, int batch, bool accumulate) override {
+    // A tied lm_head has already written (or added to) the token table's gradient in this backward.
+    if (!accumulate && !spec().tied) std::memset(gwte_, 0, sz(v_ * c_) * sizeof(float));
+    if (!accumulate && gwpe_ != nullptr) std::memset(gwpe_, 0, sz(t_ * c_) * sizeof(float));
+    for (int64_t r = 0; r < batch * t_; ++r) {
+      ConstArrMap g(dy + r * c_, c_);
+      ArrMap(gwte_ + token(x[r], r) * c_, c_) += g;
+      if (gwpe_ != nullptr) ArrMap(gwpe_ + (r % t_) * c_, c_) += g;
+    }
+  }
+
+ private:
+  int64_t token(float v, int64_t r) const {
+    const auto tok = static_cast<int64_t>(std::nearbyint(v));
+    DTRAIN_CHECK(tok >= 0 && tok < v_, "{}: token id {} at position {} is outside [0, {}) (vocab_size)", spec().path, v,
+                 r % t_, v_);
+    return tok;
+  }
+
+  int64_t t_, c_, v_;
+  float* wte_ = nullptr;
+  float* wpe_ = nullptr;
+  float* gwte_ = nullptr;
+  float* gwpe_ = nullptr;
+};
+
+// Causal multi-head self-attention, nanoGPT's CausalSelfAttention without dropout:
+//   q, k, v = split(x c_attn^T + b, C);  per head h (hs = C / H columns):
+//   P = softmax(mask(q_h k_h^T / sqrt(hs)));  y_h = P v_h;  out = concat_h(y_h) c_proj^T + b.
+// Per sample and head the scores are one [T, T] GEMM over strided views of the stacked qkv buffer (no copies);
+// the full square is computed and the upper triangle masked in the softmax, which costs the wasted half of a
+// small GEMM but keeps Eigen's fast kernel. qkv, the concatenated heads and the probabilities are kept for
+// backward (maxBatch * (4C + H*T) * T floats).
+class CausalSelfAttention final : public Layer {
+ public:
+  CausalSelfAttention(const LayerSpec& spec, int maxBatch)
+      : Layer(spec, Device::cpu()), t_(spec.input[0]), c_(spec.input[1]), h_(spec.nHead), hs_(c_ / h_),
+        rows_(sz(maxBatch) * sz(t_)), qkv_(rows_ * sz(3 * c_)), att_(rows_ * sz(c_)),
+        probs_(sz(maxBatch) * sz(h_ * t_ * t_)), dqkv_(rows_ * sz(3 * c_)), datt_(rows_ * sz(c_)),
+        dprobs_(sz(t_ * t_)) {}
+
+  void bind(float* params, float* grads) override {
+    wAttn_ = params, gwAttn_ = grads;
+    size_t at = sz(3 * c_ * c_);
+    if (spec().bias) bAttn_ = params + at, gbAttn_ = grads + at, at += sz(3 * c_);
+    wProj_ = params + at, gwProj_ = grads + at, at += sz(c_ * c_);
+    if (spec().bias) bProj_ = params + at, gbProj_ = grads + at;
+  }
+
+  void initParams(InitRng& rng) override {
+    initLinear(rng, wAttn_, bAttn_, 3 * c_, spec().initStd);
+    initLinear(rng, wProj_, bProj_, c_, spec().projInitStd > 0 ? spec().projInitStd : spec().initStd);
+  }
+
+  void forward(const float* x, float* y, int batch, bool) override {
+    const Eigen::Index rows = batch * t_;
+    MatMap qkv(qkv_.data(), rows, 3 * c_);
+    qkv.noalias() = ConstMatMap(x, rows, c_) * ConstMatMap(wAttn_, 3 * c_, c_).transpose();
+    if (bAttn_ != nullptr) qkv.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(bAttn_, 3 * c_);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hs_));
+    for (int b = 0; b < batch; ++b) {
+      for (int64_t h = 0; h < h_; ++h) {
+        const float* base = qkv_.data() + b * t_ * 3 * c_ + h * hs_;
+        ConstStridedMap q(base, t_, hs_, Eigen::OuterStride<>(3 * c_));
+        ConstStridedMap k(base + c_, t_, hs_, Eigen::OuterStride<>(3 * c_));
+        ConstStridedMap v(base + 2 * c_, t_, hs_, Eigen::OuterStride<>(3 * c_));
+        MatMap p(probs(b, h), t_, t_);
+        p.noalias() = q * k.transpose();
+        for (int64_t i = 0; i < t_; ++i) softmaxRow(p.row(i).data(), i + 1, scale);
+        StridedMap out(att_.data() + b * t_ * c_ + h * hs_, t_, hs_, Eigen::OuterStride<>(c_));
+        out.noalias() = p * v;
+      }
+    }
+    MatMap Y(y, rows, c_);
+    Y.noalias() = ConstMatMap(att_.data(), rows, c_) * ConstMatMap(wProj_, c_, c_).transpose();
+    if (bProj_ != nullptr) Y.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(bProj_, c_);
+  }
+
+  void backward(const float* x, const float*, const float* dy, float* dx, int batch, bool accumulate) override {
+    const Eigen::Index rows = batch * t_;
+    ConstMatMap dY(dy, rows, c_);
+    ConstMatMap att(att_.data(), rows, c_);
+    linearGrads(dY, att, gwProj_, gbProj_, c_, c_, accumulate);
+    MatMap dAtt(datt_.data(), rows, c_);
+    dAtt.noalias() = dY * ConstMatMap(wProj_, c_, c_);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hs_));
+    MatMap dP(dprobs_.data(), t_, t_);
+    for (int b = 0; b < batch; ++b) {
+      for (int64_t h = 0; h < h_; ++h) {
+        const int64_t off = b * t_ * 3 * c_ + h * hs_;
+        const Eigen::OuterStride<> s3(3 * c_);
+        ConstStridedMap q(qkv_.data() + off, t_, hs_, s3);
+        ConstStridedMap k(qkv_.data() + off + c_, t_, hs_, s3);
+        ConstStridedMap v(qkv_.data() + off + 2 * c_, t_, hs_, s3);
+        StridedMap dq(dqkv_.data() + off, t_, hs_, s3);
+        StridedMap dk(dqkv_.data() + off + c_, t_, hs_, s3);
+        StridedMap dv(dqkv_.data() + off + 2 * c_, t_, hs_, s3);
+        ConstStridedMap dOut(datt_.data() + b * t_ * c_ + h * hs_, t_, hs_, Eigen::OuterStride<>(c_));
+        MatMap p(probs(b, h), t_, t_);
+        dv.noalias() = p.transpose() * dOut;
+        dP.noalias() = dOut * v.transpose();
+        // Softmax backward per row over the unmasked prefix: dS = P * (dP - sum(dP * P)) * scale (0 where masked,
+        // since P is 0 there).
+        for (int64_t i = 0; i < t_; ++i) {
+          float* pr = p.row(i).data();
+          float* dr = dP.row(i).data();
+          float dot = 0.0f;
+          for (int64_t j = 0; j <= i; ++j) dot += pr[j] * dr[j];
+          for (int64_t j = 0; j <= i; ++j) dr[j] = pr[j] * (dr[j] - dot) * scale;
+          for (int64_t j = i + 1; j < t_; ++j) dr[j] = 0.0f;
+        }
+        dq.noalias() = dP * k;
+        dk.noalias() = dP.transpose() * q;
+      }
+    }
+    ConstMatMap dQkv(dqkv_.data(), rows, 3 * c_);
+    linearGrads(dQkv, ConstMatMap(x, rows, c_), gwAttn_, gbAttn_, 3 * c_, c_, accumulate);
+    if (dx != nullptr) MatMap(dx, rows, c_).noalias() = dQkv * ConstMatMap(wAttn_, 3 * c_, c_);
+  }
+
+ private:
+  float* probs(int b, int64_t h) { return probs_.data() + (b * h_ + h) * t_ * t_; }
+
+  // Softmax of row[0..n) scaled by `scale` (stable: shifted by the maximum); row[n..T) becomes 0 (the mask).
+  void softmaxRow(float* row, int64_t n, float scale) const {
+    float m = row[0];
+    for (int64_t j = 1; j < n; ++j) m = std::max(m, row[j]);
+    float sum = 0.0f;
+    for (int64_t j = 0; j < n; ++j) {
+      row[j] = std::exp((row[j] - m) * scale);
+      sum += row[j];
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t j = 0; j < n; ++j) row[j] *= inv;
+    for (int64_t j = n; j < t_; ++j) row[j] = 0.0f;
+  }
+
+  // dW (+)= dY^T X, db (+)= column sums of dY.
+  static void linearGrads(const ConstMatMap& dY, const ConstMatMap& X, float* gw, float* gb, int64_t out, int64_t in,
+                          bool accumulate) {
+    MatMap dW(gw, out, in);
+    if (accumulate) {
+      dW.noalias() += dY.transpose() * X;
+    } else {
+      dW.noalias() = dY.transpose() * X;
+    }
+    if (gb == nullptr) return;
+    Eigen::Map<Eigen::RowVectorXf> db(gb, out);
+    if (!accumulate) db.setZero();
+    db += dY.colwise().sum();
+  }
+
+  // nn.Linear's default (kaiming uniform, bias U(+-1/sqrt(in))) or normal(0, std) with a zero bias.
+  void initLinear(InitRng& rng, float* w, float* b, int64_t out, double std) const {
+    const double bound = 1.0 / std::sqrt(static_cast<double>(c_));
+    for (int64_t i = 0; i < out * c_; ++i) w[i] = std > 0 ? rng.normal(std) : rng.symmetric(bound);
+    if (b == nullptr) return;
+    for (int64_t i = 0; i < out; ++i) b[i] = std > 0 ? 0.0f : rng.symmetric(bound);
+  }
+
+  int64_t t_, c_, h_, hs_;
+  size_t rows_;
+  AlignedBuffer<float> qkv_, att_, probs_, dqkv_, datt_, dprobs_;
+  float* wAttn_ = nullptr;
+  float* bAttn_ = nullptr;
+  float* wProj_ = nullptr;
+  float* bProj_ = nullptr;
+  float* gwAttn_ = nullptr;
+  float* gbAttn_ = nullptr;
+  float* gwProj_ = nullptr;
+  float* gbProj_ = nullptr;
+};
+
+// logits = x W^T, W [V, C]: its own "weight", or (tied) the embedding's token table, as nanoGPT's lm_head.
+class LmHead final : public Layer {
+ public:
+  explicit LmHead(const LayerSpec& spec)
+      : Layer(spec, Device::cpu()), t_(spec.input[0]), c_(spec.input[1]), v_(spec.vocab) {}
+
+  void bind(float* params, float* grads) override { w_ = params, gw_ = grads; }
+  void bindTied(const float* weight, float* grad) override { w_ = weight, gw_ = grad; }
+
+  void initParams(InitRng& rng) override {
+    const double std = spec().initStd;
+    const double bound = 1.0 / std::sqrt(static_cast<double>(c_));
+    for (int64_t i = 0; i < v_ * c_; ++i) gwInit()[i] = std > 0 ? rng.normal(std) : rng.symmetric(bound);
+  }
+
+  void forward(const float* x, float* y, int batch, bool) override {
+    const Eigen::Index rows = batch * t_;
+    MatMap(y, rows, v_).noalias() = ConstMatMap(x, rows, c_) * ConstMatMap(w_, v_, c_).transpose();
+  }
+
+  void backward(const float* x, const float*, const float* dy, float* dx, int batch, bool accumulate) override {
+    const Eigen::Index rows = batch * t_;
+    ConstMatMap dY(dy, rows, v_);
+    MatMap dW(gw_, v_, c_);
+    if (accumulate) {
+      dW.noalias() += dY.transpose() * ConstMatMap(x, rows, c_);
+    } else {
+      dW.noalias() = dY.transpose() * ConstMatMap(x, rows, c_);
+    }
+    if (dx != nullptr) MatMap(dx, rows, c_).noalias() = dY * ConstMatMap(w_, v_, c_);
+  }
+
+ private:
+  // Only an untied head owns (and initialises) its weight: bind() gave it a writable arena slice.
+  float* gwInit() { return const_cast<float*>(w_); }
+
+  int64_t t_, c_, v_;
+  const float* w_ = nullptr;
+  float* gw_ = nullptr;
+};
+
+// y = x + f(x), f the block's layers in sequence (a pre-LayerNorm transformer's residual branch). The children's
+// parameters are the block's, consecutive, named "<child name or index>.<suffix>"; their outputs live in the
+// block's own buffers for maxBatch samples.
+class Block final : public Layer {
+ public:
+  Block(const LayerSpec& spec, const LayerBuild& build) : Layer(spec, Device::cpu()) {
+    size_t maxIn = 0;
+    for (const auto& c : spec.children) {
+      children_.push_back(makeLayer(c, build));
+      const size_t n = sz(build.maxBatch) * sz(c.output.numel());
+      outs_.emplace_back(children_.back()->aliasesInput() ? 0 : n);
+      maxIn = std::max(maxIn, sz(build.maxBatch) * sz(c.input.numel()));
+      counts_.push_back(sz(paramCountOf(c)));
+    }
+    gradA_ = AlignedBuffer<float>(maxIn);
+    gradB_ = AlignedBuffer<float>(maxIn);
+    in_.assign(children_.size(), nullptr);
+    out_.assign(children_.size(), nullptr);
+  }
+
+  void bind(float* params, float* grads) override {
+    for (size_t i = 0; i < children_.size(); ++i) {
+      if (counts_[i] > 0) children_[i]->bind(params, grads);
+      params += counts_[i], grads += counts_[i];
+    }
+  }
+
+  void initParams(InitRng& rng) override {
+    for (size_t i = 0; i < children_.size(); ++i)
+      if (counts_[i] > 0) children_[i]->initParams(rng);
+  }
+
+  void reseed(uint64_t seed) override {
+    for (auto& c : children_) c->reseed(detail::mixSeed(seed, static_cast<uint64_t>(spec().index) + 1000));
+  }
+
+  void forward(const float* x, float* y, int batch, bool train) override {
+    const float* in = x;
+    for (size_t i = 0; i < children_.size(); ++i) {
+      float* out = outs_[i].size() > 0 ? outs_[i].data() : const_cast<float*>(in);
+      if (outs_[i].size() > 0) children_[i]->forward(in, out, batch, train);
+      in_[i] = in, out_[i] = out;
+      in = out;
+    }
+    const Eigen::Index n = batch * spec().output.numel();
+    ArrMap(y, n) = ConstArrMap(x, n) + ConstArrMap(in, n);
+  }
+
+  void backward(const float*, const float*, const float* dy, float* dx, int batch, bool accumulate) override {
+    const float* g = dy;  // d(branch output) = dy
+    for (size_t k = children_.size(); k-- > 0;) {
+      const bool aliasing = outs_[k].size() == 0;
+      float* d = nullptr;
+      if (k > 0 || dx != nullptr) d = g == gradA_.data() ? gradB_.data() : gradA_.data();
+      if (!aliasing) children_[k]->backward(in_[k], out_[k], g, d, batch, accumulate);
+      if (!aliasing) g = d;
+    }
+    if (dx == nullptr) return;
+    const Eigen::Index n = batch * spec().input.numel();
+    ArrMap(dx, n) = ConstArrMap(dy, n) + ConstArrMap(g, n);
+  }
+
+ private:
+  std::vector<std::unique_ptr<Layer>> children_;
+  std::vector<AlignedBuffer<float>> outs_;
+  std::vector<size_t> counts_;
+  AlignedBuffer<float> gradA_, gradB_;
+  std::vector<const float*> in_;
+  std::vector<float*> out_;
+};
+
+// --- Registry entries. ---
+
+double initStdField(const JsonFields& f, std::string_view key) {
+  return f.number(key, 0.0, "a number >= 0 (0: PyTorch's default initialisation)", [](double v) { return v >= 0; });
+}
+
+void requireSequence(const JsonFields& f, const LayerSpec& l, const char* type) {
+  if (l.input.rank() != 2)
+    f.fail(fmt::format("{} expects input [N, T, C] (a sequence of vectors) but gets {}", type, l.input.batchStr()));
+}
+
+void parseEmbedding(const JsonFields& f, LayerSpec& l) {
+  f.allowOnly({"type", "vocab_size", "n_embd", "position", "init_std"});
+  l.vocab = checkSize(f, "vocab_size", f.integer("vocab_size", "an integer >= 1", positive));
+  l.out = checkSize(f, "n_embd", f.integer("n_embd", "an integer >= 1", positive));
+  l.position = f.boolean("position", true);
+  l.initStd = initStdField(f, "init_std");
+  if (l.input.rank() != 1)
+    f.fail(fmt::format("embedding expects token ids [N, T] but gets {}; set the model input to [T]",
+                       l.input.batchStr()));
+  l.output = Shape{l.input[0], l.out};
+}
+
+std::vector<ParamShape> embeddingParams(const LayerSpec& l) {
+  std::vector<ParamShape> p{{"wte.weight", Shape{l.vocab, l.out}}};
+  if (l.position) p.push_back({"wpe.weight", Shape{l.input[0], l.out}});
+  return p;
+}
+
+std::string embeddingDetail(const LayerSpec& l) {
+  return fmt::format("vocab {} -> {}{}{}", l.vocab, l.out, l.position ? ", +position" : "", l.tied ? ", tied" : "");
+}
+
+void parseAttention(const JsonFields& f, LayerSpec& l) {
+  f.allowOnly({"type", "n_head", "bias", "init_std", "proj_init_std"});
+  requireSequence(f, l, "causal_self_attention");
+  l.nHead = checkSize(f, "n_head", f.integer("n_head", "an integer >= 1", positive));
+  if (l.input[1] % l.nHead != 0)
+    f.failAt("n_head", fmt::format("n_embd {} is not divisible by n_head {} (each head takes n_embd / n_head columns)",
+                                   l.input[1], l.nHead));
+  l.bias = f.boolean("bias", true);
+  l.initStd = initStdField(f, "init_std");
+  l.projInitStd = initStdField(f, "proj_init_std");
+  l.output = l.input;
+}
+
+std::vector<ParamShape> attentionParams(const LayerSpec& l) {
+  const int64_t c = l.input[1];
+  std::vector<ParamShape> p{{"c_attn.weight", Shape{3 * c, c}}};
+  if (l.bias) p.push_back({"c_attn.bias", Shape{3 * c}});
+  p.push_back({"c_proj.weight", Shape{c, c}});
+  if (l.bias) p.push_back({"c_proj.bias", Shape{c}});
+  return p;
+}
+
+std::string attentionDetail(const LayerSpec& l) {
+  return fmt::format("{} heads x {}, causal{}", l.nHead, l.input[1] / l.nHead, l.bias ? "" : ", no bias");
+}
+
+void parseLmHead(const JsonFields& f, LayerSpec& l) {
+  f.allowOnly({"type", "vocab_size", "tied", "init_std"});
+  requireSequence(f, l, "lm_head");
+  l.vocab = checkSize(f, "vocab_size", f.integer("vocab_size", "an integer >= 1", positive));
+  l.tied = f.boolean("tied", true);
+  l.initStd = initStdField(f, "init_std");
+  l.output = Shape{l.input[0], l.vocab};
+}
+
+std::vector<ParamShape> lmHeadParams(const LayerSpec& l) {
+  if (l.tied) return {};
+  return {{"weight", Shape{l.vocab, l.input[1]}}};
+}
+
+std::string lmHeadDetail(const LayerSpec& l) {
+  return fmt::format("{} -> {}{}", l.input[1], l.vocab,
+                     l.tied ? fmt::format(", tied to layer {}", l.tiedTo) : std::string());
+}
+
+void parseBlock(const JsonFields& f, LayerSpec& l) {
+  f.allowOnly({"type", "layers"});
+  const auto& layers = f.at("layers");
+  if (!layers.is_array() || layers.empty())
+    f.failAt("layers", fmt::format("expected a non-empty list of layer objects, got {}", jsonSnippet(layers)));
+  Shape current = l.input;
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const std::string path = f.pathOf("layers") + "/" + std::to_string(i);
+    l.children.push_back(parseLayerSpec(layers[i], f.source(), path, static_cast<int>(i), current));
+    const LayerSpec& c = l.children.back();
+    if (c.type() == "lm_head" && c.tied)
+      throwConfig(f.source(), path, "a tied lm_head cannot sit inside a block; put it after the blocks");
+    current = c.output;
+  }
+  if (current != l.input)
+    f.fail(fmt::format("a block adds its layers' output to its input, so they must keep the shape {} but give {}",
+                       l.input.batchStr(), current.batchStr()));
+  l.output = l.input;
+}
+
+std::vector<ParamShape> blockParams(const LayerSpec& l) {
+  std::vector<ParamShape> out;
+  for (const auto& c : l.children)
+    for (auto& p : paramShapesOf(c)) out.push_back({c.paramPrefix() + "." + p.suffix, p.shape});
+  return out;
+}
+
+std::string blockDetail(const LayerSpec& l) {
+  std::string s = "x + ";
+  for (size_t i = 0; i < l.children.size(); ++i) {
+    const LayerSpec& c = l.children[i];
+    s += (i ? ">" : "") + (c.name.empty() ? std::string(c.type()) : c.name);
+  }
+  return s;
+}
+
+std::unique_ptr<Layer> makeEmbedding(const LayerSpec& s, const LayerBuild&) { return std::make_unique<Embedding>(s); }
+std::unique_ptr<Layer> makeAttention(const LayerSpec& s, const LayerBuild& b) {
+  return std::make_unique<CausalSelfAttention>(s, b.maxBatch);
+}
+std::unique_ptr<Layer> makeLmHead(const LayerSpec& s, const LayerBuild&) { return std::make_unique<LmHead>(s); }
+std::unique_ptr<Layer> makeBlock(const LayerSpec& s, const LayerBuild& b) { return std::make_unique<Block>(s, b); }
+
+}  // namespace
+
+const LayerKind& embeddingKind() {
+  static constexpr LayerKind kind{.name = "embedding", .parse = parseEmbedding, .paramShapes = embeddingParams,
+                                  .detail = embeddingDetail, .cpu = makeEmbedding,
+                                  .exampleLayer = R"({"type": "embedding", "vocab_size": 5, "n_embd": 4})",
+                                  .exampleInput = "[3]"};
+  return kind;
+}
+
+const LayerKind& attentionKind() {
+  static constexpr LayerKind kind{.name = "causal_self_attention", .parse = parseAttention,
+                                  .paramShapes = attentionParams, .detail = attentionDetail, .cpu = makeAttention,
+                                  .exampleLayer = R"({"type": "causal_self_attention", "n_head": 2})",
+                                  .exampleInput = "[3, 4]"};
+  return kind;
+}
+
+const LayerKind& lmHeadKind() {
+  static constexpr LayerKind kind{.name = "lm_head", .parse = parseLmHead, .paramShapes = lmHeadParams,
+                                  .detail = lmHeadDetail, .cpu = makeLmHead,
+                                  .exampleLayer = R"({"type": "lm_head", "vocab_size": 5, "tied": false})",
+                                  .exampleInput = "[3, 4]"};
+  return kind;
+}
+
+const LayerKind& blockKind() {
+  static constexpr LayerKind kind{
+      .name = "block", .parse = parseBlock, .paramShapes = blockParams, .detail = blockDetail, .cpu = makeBlock,
+      .exampleLayer = R"({"type": "block", "layers": [{"type": "layernorm"}, {"type": "linear", "out": 4}]})",
+      .exampleInput = "[3, 4]"};
+  return kind;
+}
+
+// Whether the layer or any layer inside it draws random numbers in training (dropout inside a block).
+bool drawsRandom(const LayerSpec& spec) {
+  if (spec.kind != nullptr && spec.kind->random) return true;
+  return std::any_of(spec.children.begin(), spec.children.end(), drawsRandom);
+}
+
+}  // namespace dtrain::nn

@@ -1,0 +1,94 @@
+#include "lib/train/generate.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <fstream>
+#include <random>
+#include <sstream>
+#include <vector>
+
+#include "lib/common/error.h"
+#include "lib/data/sequence.h"
+#include "lib/nn/model.h"
+#include "lib/train/weights.h"
+
+namespace dtrain::train {
+namespace {
+
+std::string readText(const std::filesystem::path& file) {
+  std::ifstream in(file);
+  DTRAIN_CHECK_AS(ConfigError, in.good(), "{}: cannot open (is this a run directory of a model trained on text or "
+                  "tokens?)", file.string());
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+}  // namespace
+
+std::string generateText(const GenerateOptions& o, const std::function<void(const std::string&)>& onToken) {
+  DTRAIN_CHECK_AS(ConfigError, o.tokens >= 0, "--tokens: {} (expected >= 0)", o.tokens);
+  DTRAIN_CHECK_AS(ConfigError, o.temperature > 0, "--temperature: {} (expected > 0)", o.temperature);
+  DTRAIN_CHECK_AS(ConfigError, o.topK >= 0, "--top-k: {} (expected >= 0; 0 = no cut)", o.topK);
+  const auto specFile = o.runDir / kModelSpecFile;
+  const nn::ModelSpec spec = nn::loadModelSpec(specFile);
+  DTRAIN_CHECK_AS(ConfigError, spec.input.rank() == 1 && spec.output().rank() == 2,
+                  "{}: not a language model (input {} and output {}; expected [T] and [T, V])", specFile.string(),
+                  spec.input.str(), spec.output().str());
+  const int64_t t = spec.input[0], v = spec.output()[1];
+  nn::Model model = nn::Model::build(spec, 1, 0);
+  loadWeights(o.runDir / "model.safetensors", model);
+  data::Vocabulary vocab;
+  if (std::filesystem::exists(o.runDir / "vocab.json"))
+    vocab = data::Vocabulary::fromJson(readText(o.runDir / "vocab.json"), (o.runDir / "vocab.json").string());
+  std::vector<int32_t> context = vocab.encode(o.prompt);
+  DTRAIN_CHECK_AS(ConfigError, !context.empty(), "--prompt: empty (expected at least one character)");
+  for (int32_t id : context)
+    DTRAIN_CHECK_AS(ConfigError, id < v, "--prompt: token {} is outside the model's vocabulary of {}", id, v);
+
+  std::mt19937_64 rng(o.seed);
+  std::vector<float> window(static_cast<size_t>(t));
+  std::vector<double> probs(static_cast<size_t>(v));
+  std::vector<int64_t> order(static_cast<size_t>(v));
+  std::string out = o.prompt;
+  for (int64_t n = 0; n < o.tokens; ++n) {
+    const size_t len = std::min(context.size(), static_cast<size_t>(t));
+    std::fill(window.begin(), window.end(), 0.0f);
+    for (size_t i = 0; i < len; ++i) window[i] = static_cast<float>(context[context.size() - len + i]);
+    const float* logits = model.forward(window.data(), 1, false).f32() + (len - 1) * static_cast<size_t>(v);
+    double mx = -INFINITY;
+    for (int64_t j = 0; j < v; ++j) mx = std::max(mx, static_cast<double>(logits[j]) / o.temperature);
+    double cut = -INFINITY;
+    if (o.topK > 0 && o.topK < v) {
+      for (int64_t j = 0; j < v; ++j) order[static_cast<size_t>(j)] = j;
+      std::nth_element(order.begin(), order.begin() + (o.topK - 1), order.end(),
+                       [&](int64_t a, int64_t b) { return logits[a] > logits[b]; });
+      cut = logits[order[static_cast<size_t>(o.topK - 1)]];
+    }
+    double total = 0;
+    for (int64_t j = 0; j < v; ++j) {
+      const double p = logits[j] < cut ? 0.0 : std::exp(static_cast<double>(logits[j]) / o.temperature - mx);
+      probs[static_cast<size_t>(j)] = p;
+      total += p;
+    }
+    // A uniform draw with our own conversion (std::uniform_real_distribution is implementation-defined).
+    double u = static_cast<double>(rng() >> 11) * 0x1.0p-53 * total;
+    int32_t next = static_cast<int32_t>(v - 1);
+    for (int64_t j = 0; j < v; ++j) {
+      u -= probs[static_cast<size_t>(j)];
+      if (u < 0) {
+        next = static_cast<int32_t>(j);
+        break;
+      }
+    }
+    context.push_back(next);
+    const std::string piece = vocab.decode(next);
+    out += piece;
+    if (onToken) onToken(piece);
+  }
+  return out;
+}
+
+}  // namespace dtrain::train

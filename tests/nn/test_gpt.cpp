@@ -1,0 +1,270 @@
+// Transformer layers (embedding, causal_self_attention, block, lm_head, linear over a sequence) against naive
+// references and finite differences, and the gpt preset: nanoGPT's names, count, initialisation, a tied head whose
+// gradient reaches the token table, and the sequence cross-entropy.
+#include <doctest/doctest.h>
+
+#include <fmt/format.h>
+
+#include <cmath>
+#include <map>
+#include <vector>
+
+#include "lib/common/error.h"
+#include "lib/nn/loss.h"
+#include "lib/nn/model.h"
+#include "lib/nn/optimizer.h"
+#include "tests/nn/layer_harness.h"
+
+using namespace dtrain;
+using namespace dtrain::nn;
+using dtrain::nn::testing::Harness;
+using nlohmann::json;
+
+namespace {
+
+template <class F>
+std::string messageOf(F&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+json gptPreset(int layers = 2, int heads = 2, int embd = 8, int block = 5, int vocab = 11) {
+  return json{{"preset", "gpt"}, {"vocab_size", vocab}, {"block_size", block}, {"n_layer", layers},
+              {"n_head", heads}, {"n_embd", embd}};
+}
+
+}  // namespace
+
+TEST_CASE("embedding: token rows plus position rows; scatter-added gradients") {
+  Harness h(json{{"type", "embedding"}, {"vocab_size", 5}, {"n_embd", 3}}, {4}, 2);
+  CHECK(h.spec.output == Shape{4, 3});
+  REQUIRE(h.impl->paramShapes().size() == 2);
+  CHECK(h.impl->paramShapes()[0].suffix == "wte.weight");
+  CHECK(h.impl->paramShapes()[1].shape == Shape{4, 3});
+  h.x = {0, 4, 4, 2, 1, 1, 3, 0};
+  h.impl->forward(h.x.data(), h.y.data(), 2, false);
+  for (int r = 0; r < 8; ++r)
+    for (int j = 0; j < 3; ++j) {
+      const float expected = h.params[static_cast<size_t>(h.x[r] * 3 + j)] + h.params[static_cast<size_t>(15 + (r % 4) * 3 + j)];
+      CHECK(h.y[static_cast<size_t>(r * 3 + j)] == expected);
+    }
+  h.checkGradients(1e-2);
+  // A token id outside the vocabulary is an error, not a read past the table.
+  h.x[1] = 5;
+  CHECK(messageOf([&] { h.impl->forward(h.x.data(), h.y.data(), 2, false); }).find("token id 5 at position 1") !=
+        std::string::npos);
+}
+
+namespace {
+
+// Attention from its definition, in double: qkv = x Wa^T + ba; per head softmax(q k^T / sqrt(hs)) over j <= i.
+std::vector<double> naiveAttention(const Harness& h, int64_t heads) {
+  const int64_t t = h.spec.input[0], c = h.spec.input[1], hs = c / heads;
+  const float* wa = h.params.data();
+  const float* ba = wa + 3 * c * c;
+  const float* wp = ba + 3 * c;
+  const float* bp = wp + c * c;
+  std::vector<double> y;
+  for (int b = 0; b < h.batch; ++b) {
+    const float* x = h.x.data() + b * t * c;
+    std::vector<double> qkv(static_cast<size_t>(t * 3 * c));
+    for (int64_t i = 0; i < t; ++i)
+      for (int64_t o = 0; o < 3 * c; ++o) {
+        double s = ba[o];
+        for (int64_t k = 0; k < c; ++k) s += static_cast<double>(x[i * c + k]) * wa[o * c + k];
+        qkv[static_cast<size_t>(i * 3 * c + o)] = s;
+      }
+    std::vector<double> att(static_cast<size_t>(t * c), 0.0);
+    for (int64_t hd = 0; hd < heads; ++hd)
+      for (int64_t i = 0; i < t; ++i) {
+        std::vector<double> p(static_cast<size_t>(i + 1));
+        double m = -1e300, z = 0;
+        for (int64_t j = 0; j <= i; ++j) {
+          double s = 0;
+          for (int64_t d = 0; d < hs; ++d)
+            s += qkv[static_cast<size_t>(i * 3 * c + hd * hs + d)] * qkv[static_cast<size_t>(j * 3 * c + c + hd * hs + d)];
+          p[static_cast<size_t>(j)] = s / std::sqrt(static_cast<double>(hs));
+          m = std::max(m, p[static_cast<size_t>(j)]);
+        }
+        for (auto& v : p) z += (v = std::exp(v - m));
+        for (int64_t j = 0; j <= i; ++j)
+          for (int64_t d = 0; d < hs; ++d)
+            att[static_cast<size_t>(i * c + hd * hs + d)] +=
+                p[static_cast<size_t>(j)] / z * qkv[static_cast<size_t>(j * 3 * c + 2 * c + hd * hs + d)];
+      }
+    for (int64_t i = 0; i < t; ++i)
+      for (int64_t o = 0; o < c; ++o) {
+        double s = bp[o];
+        for (int64_t k = 0; k < c; ++k) s += att[static_cast<size_t>(i * c + k)] * wp[o * c + k];
+        y.push_back(s);
+      }
+  }
+  return y;
+}
+
+}  // namespace
+
+TEST_CASE("causal_self_attention: matches the definition, is causal, and its gradients") {
+  Harness h(json{{"type", "causal_self_attention"}, {"n_head", 2}}, {5, 4}, 2);
+  const auto shapes = h.impl->paramShapes();
+  REQUIRE(shapes.size() == 4);
+  CHECK(shapes[0].suffix == "c_attn.weight");
+  CHECK(shapes[0].shape == Shape{12, 4});
+  CHECK(shapes[3].suffix == "c_proj.bias");
+  h.impl->forward(h.x.data(), h.y.data(), 2, false);
+  const auto ref = naiveAttention(h, 2);
+  for (size_t i = 0; i < ref.size(); ++i) CHECK(h.y[i] == doctest::Approx(ref[i]).epsilon(1e-4));
+  // Changing the last position's input leaves every earlier output unchanged.
+  const std::vector<float> before = h.y;
+  for (int k = 0; k < 4; ++k) h.x[static_cast<size_t>(4 * 4 + k)] += 1.0f;
+  h.impl->forward(h.x.data(), h.y.data(), 2, false);
+  for (size_t i = 0; i < 16; ++i) CHECK(h.y[i] == before[i]);
+  CHECK(h.y[16] != before[16]);
+  h.checkGradients(1e-2);
+  Harness(json{{"type", "causal_self_attention"}, {"n_head", 1}, {"bias", false}}, {3, 6}, 1).checkGradients(1e-2);
+}
+
+TEST_CASE("block: x + f(x) with its children's parameters named under it; gradients") {
+  json layer = json::parse(R"({"type": "block", "layers": [{"type": "layernorm", "name": "ln"},
+      {"type": "linear", "out": 6, "name": "fc"}, {"type": "gelu"}, {"type": "linear", "out": 3}]})");
+  Harness h(layer, {4, 3}, 2);
+  const auto shapes = h.impl->paramShapes();
+  REQUIRE(shapes.size() == 6);
+  CHECK(shapes[0].suffix == "ln.weight");
+  CHECK(shapes[2].suffix == "fc.weight");
+  CHECK(shapes[2].shape == Shape{6, 3});
+  CHECK(shapes[4].suffix == "3.weight");
+  h.checkGradients(1e-2);
+  // The branch must keep the shape it adds to.
+  json bad = json::parse(R"({"input": [4, 3], "layers": [{"type": "block", "layers": [{"type": "linear", "out": 5}]}]})");
+  CHECK(messageOf([&] { parseModelSpec(bad, "job.json", "/model"); }) ==
+        "job.json: /model/layers/0: a block adds its layers' output to its input, so they must keep the shape "
+        "[N,4,3] but give [N,4,5]");
+}
+
+TEST_CASE("linear over a sequence and an untied lm_head: every position, gradients") {
+  Harness lin(json{{"type", "linear"}, {"out", 2}}, {3, 4}, 2);
+  CHECK(lin.spec.output == Shape{3, 2});
+  lin.checkGradients(1e-2);
+  Harness head(json{{"type", "lm_head"}, {"vocab_size", 7}, {"tied", false}}, {3, 4}, 2);
+  CHECK(head.spec.output == Shape{3, 7});
+  CHECK(head.impl->paramShapes().at(0).shape == Shape{7, 4});
+  head.checkGradients(1e-2);
+}
+
+TEST_CASE("gpt preset: nanoGPT's parameter names, shapes, count and initialisation") {
+  const int L = 2, C = 8, T = 5, V = 11;
+  ModelSpec spec = parseModelSpec(gptPreset(L, 2, C, T, V), "job.json", "/model");
+  CHECK(spec.input == Shape{T});
+  CHECK(spec.output() == Shape{T, V});
+  CHECK(spec.layers.size() == static_cast<size_t>(2 * L + 3));
+  CHECK(spec.paramCount() == V * C + T * C + L * (12 * C * C + 13 * C) + 2 * C);
+  Model m = Model::build(spec, 2, 1);
+  std::map<std::string, Shape> names;
+  for (const auto& e : m.paramTable()) names[e.name] = e.shape;
+  const std::map<std::string, Shape> expected = {
+      {"transformer.wte.weight", Shape{V, C}}, {"transformer.wpe.weight", Shape{T, C}},
+      {"transformer.h.0.ln_1.weight", Shape{C}}, {"transformer.h.0.ln_1.bias", Shape{C}},
+      {"transformer.h.0.attn.c_attn.weight", Shape{3 * C, C}}, {"transformer.h.0.attn.c_attn.bias", Shape{3 * C}},
+      {"transformer.h.0.attn.c_proj.weight", Shape{C, C}}, {"transformer.h.0.attn.c_proj.bias", Shape{C}},
+      {"transformer.h.0.ln_2.weight", Shape{C}}, {"transformer.h.0.ln_2.bias", Shape{C}},
+      {"transformer.h.0.mlp.c_fc.weight", Shape{4 * C, C}}, {"transformer.h.0.mlp.c_fc.bias", Shape{4 * C}},
+      {"transformer.h.0.mlp.c_proj.weight", Shape{C, 4 * C}}, {"transformer.h.0.mlp.c_proj.bias", Shape{C}},
+      {"transformer.ln_f.weight", Shape{C}}, {"transformer.ln_f.bias", Shape{C}}};
+  for (const auto& [name, shape] : expected) {
+    CAPTURE(name);
+    REQUIRE(names.count(name) == 1);
+    CHECK(names[name] == shape);
+  }
+  CHECK(names.count("transformer.h.1.mlp.c_proj.bias") == 1);
+  CHECK(names.size() == 2 + 12 * L + 2);
+  CHECK(names.count("lm_head.weight") == 0);  // tied to wte
+  // Init: zero biases, unit LayerNorm weights, std 0.02 and 0.02/sqrt(2L) for the projections.
+  auto stdOf = [&](const std::string& name) {
+    for (const auto& e : m.paramTable())
+      if (e.name == name) {
+        double s = 0;
+        for (size_t i = 0; i < e.count; ++i) s += static_cast<double>(m.params()[e.offset + i]) * m.params()[e.offset + i];
+        return std::sqrt(s / static_cast<double>(e.count));
+      }
+    return -1.0;
+  };
+  CHECK(stdOf("transformer.h.0.attn.c_attn.bias") == 0.0);
+  CHECK(stdOf("transformer.h.1.ln_2.weight") == 1.0);
+  CHECK(stdOf("transformer.h.0.mlp.c_fc.weight") == doctest::Approx(0.02).epsilon(0.1));
+  CHECK(stdOf("transformer.h.0.mlp.c_proj.weight") == doctest::Approx(0.02 / std::sqrt(2.0 * L)).epsilon(0.1));
+  const std::string table = m.summaryTable();
+  CHECK(table.find("x + ln_1>attn") != std::string::npos);  // blocks show their branch
+  CHECK(table.find("x + ln_2>mlp.c_fc>gelu>mlp.c_proj") != std::string::npos);
+  CHECK(table.find("lm_head") != std::string::npos);
+  CHECK(table.find(fmt::format("total parameters: {}", spec.paramCount())) != std::string::npos);
+}
+
+TEST_CASE("gpt preset: bad fields name the field and value") {
+  CHECK(messageOf([] { parseModelSpec(gptPreset(1, 3, 8), "job.json", "/model"); }) ==
+        "job.json: /model/n_head: n_embd 8 is not divisible by n_head 3 (each head takes n_embd / n_head columns)");
+  json typo = gptPreset();
+  typo["n_layers"] = 2;
+  CHECK(messageOf([&] { parseModelSpec(typo, "job.json", "/model"); }).find("n_layers") != std::string::npos);
+  json bad = gptPreset();
+  bad["preset"] = "bert";
+  CHECK(messageOf([&] { parseModelSpec(bad, "job.json", "/model"); }).find("/model/preset") != std::string::npos);
+}
+
+TEST_CASE("gpt: the sequence cross-entropy's gradient through the whole model, tied head included") {
+  const int B = 2, T = 4, V = 7;
+  ModelSpec spec = parseModelSpec(gptPreset(1, 2, 4, T, V), "", "/model");
+  Model m = Model::build(spec, B, 3);
+  auto loss = Loss::create({LossType::kCrossEntropy}, m.outputShape(), B);
+  loss->checkTargets(Shape{T}, DType::kInt32);
+  CHECK_THROWS_AS(loss->checkTargets(Shape{}, DType::kInt32), ConfigError);
+  const std::vector<float> x = {1, 2, 3, 4, 6, 5, 0, 1};
+  const std::vector<int32_t> y = {2, 3, 4, 5, 5, 0, 1, 1};
+  const TensorView targets = TensorView::i32(y.data(), Shape{B, T});
+  // Bigger weights than the init so that every gradient is well above the finite-difference noise.
+  for (size_t i = 0; i < m.numParams(); ++i) m.params()[i] += 0.2f * std::sin(static_cast<float>(i));
+  auto lossAt = [&] { return static_cast<double>(loss->forward(m.forward(x.data(), B, false), targets)); };
+  const double l0 = lossAt();
+  // The mean over all B*T positions: a uniform prediction would give log(V).
+  CHECK(l0 > 0.5 * std::log(V));
+  m.backward(loss->backward(), {}, GradMode::kOverwrite);
+  const std::vector<float> grads(m.grads().begin(), m.grads().end());
+  int bad = 0;
+  for (size_t i = 0; i < m.numParams(); i += 3) {
+    const float saved = m.params()[i];
+    const double h = 1e-2;
+    m.params()[i] = saved + static_cast<float>(h);
+    const double plus = lossAt();
+    m.params()[i] = saved - static_cast<float>(h);
+    const double minus = lossAt();
+    m.params()[i] = saved;
+    const double num = (plus - minus) / (2 * h);
+    if (std::fabs(num - grads[i]) > 1e-3 + 2e-2 * std::fabs(grads[i]) && bad++ < 5)
+      FAIL_CHECK(m.paramTable().size() << " param " << i << ": numeric " << num << " analytic " << grads[i]);
+  }
+  CHECK(bad == 0);
+  // Accumulating a second identical backward doubles every gradient, the tied token table's included.
+  lossAt();
+  m.backward(loss->backward(), {}, GradMode::kAccumulate);
+  for (size_t i = 0; i < m.numParams(); ++i) CHECK(m.grads()[i] == doctest::Approx(2 * grads[i]).epsilon(1e-5));
+}
+
+TEST_CASE("adamw weight_decay_on matrices: the no-decay ranges step as weight_decay 0, the rest decays") {
+  OptimizerSpec spec = parseOptimizerSpec(json{{"type", "adamw"}, {"lr", 0.1}, {"weight_decay", 0.5},
+                                               {"weight_decay_on", "matrices"}},
+                                          "job.json");
+  CHECK(spec.decayMatricesOnly);
+  std::vector<float> p(6, 1.0f), g(6, 0.0f);
+  auto opt = Optimizer::create(spec, 6);
+  opt->setNoDecayRanges({{1, 2}, {5, 1}});
+  opt->step(p, g);
+  // A zero gradient leaves only the decoupled decay: p * (1 - lr * wd) where it applies.
+  CHECK(p == std::vector<float>{0.95f, 1, 1, 0.95f, 0.95f, 1});
+  CHECK(messageOf([] {
+          parseOptimizerSpec(json{{"type", "adamw"}, {"weight_decay_on", "vectors"}}, "job.json");
+        }).find("/optimizer/weight_decay_on") != std::string::npos);
+}

@@ -2,7 +2,9 @@
 // on a rank's collective port are refused (and logged with their address) while the real ranks connect.
 #include <doctest/doctest.h>
 
+#include <netinet/in.h>
 #include <poll.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -66,6 +68,7 @@ struct Rogue {
   net::Socket socket;
   std::string local;  // "127.0.0.1:port": how rank 0's log names it
 
+  Rogue(net::Socket s, std::string addr) : socket(std::move(s)), local(std::move(addr)) {}
   explicit Rogue(const net::HostPort& to) : socket(net::connect(to, Deadline(10s))) {
     sockaddr_storage ss{};
     socklen_t len = sizeof(ss);
@@ -73,10 +76,10 @@ struct Rogue {
     local = "127.0.0.1:" + std::to_string(net::localPort(socket.fd()));
   }
   void send(const void* p, size_t n) { REQUIRE(net::sendAll(socket.fd(), p, n)); }
-  // True when the other side closed the connection within 10 s (EOF or reset), whatever it sent before.
-  bool closedByPeer() {
+  // True when the other side closed the connection within `within` (EOF or reset), whatever it sent before.
+  bool closedByPeer(std::chrono::milliseconds within = 10s) {
     char buf[256];
-    Deadline deadline(10s);
+    Deadline deadline(within);
     while (!deadline.expired()) {
       pollfd pfd{socket.fd(), POLLIN, 0};
       if (::poll(&pfd, 1, 100) <= 0) continue;
@@ -92,6 +95,19 @@ auth::HelloHeader helloFor(int rank, uint32_t tag) {
   h.rank = rank;
   h.tag = tag;
   return h;
+}
+
+// Rank 0 builds its mesh once every rank published its PeerInfo (Backend's constructor); publish rank 1's as
+// it will (same encoding, same host), so rank 0 listens while the real rank 1 has not started yet.
+void publishRankOnePeerInfo(rendezvous::Store& store) {
+  std::string peer;
+  ByteWriter w(peer);
+  w.put<int32_t>(2);
+  w.put<int32_t>(0);
+  w.put<int32_t>(1);
+  w.put<int64_t>(::getpid());
+  w.putBytes(net::hostname());
+  store.set("test/peer/1", peer);
 }
 
 std::vector<float> twoRankSum(int rank) {
@@ -124,18 +140,7 @@ TEST_CASE("tcp mesh: rogue connections to a rank's port are refused and logged; 
     }
   };
 
-  // Rank 0 builds its mesh once every rank published its PeerInfo (Backend's constructor); publish rank 1's
-  // as it will (same encoding, same host), so rank 0 listens while the real rank 1 has not started yet.
-  {
-    std::string peer;
-    ByteWriter w(peer);
-    w.put<int32_t>(2);
-    w.put<int32_t>(0);
-    w.put<int32_t>(1);
-    w.put<int64_t>(::getpid());
-    w.putBytes(net::hostname());
-    store->set("test/peer/1", peer);
-  }
+  publishRankOnePeerInfo(*store);
   CaptureStderr captured;
   std::thread rank0(rankBody, 0), rank1;
   struct Join {  // also when an assertion below ends the test early
@@ -244,6 +249,73 @@ TEST_CASE("tcp mesh: rogue connections to a rank's port are refused and logged; 
   CHECK(log.find("not a dtrain collective connection") != std::string::npos);
   CHECK(log.find("without proving it knows the job's token") != std::string::npos);
   CHECK(log.find("another job, round or attempt") != std::string::npos);
+}
+
+TEST_CASE("tcp mesh: a rank out of descriptors keeps accepting; a connection that stalls is dropped after 10 s") {
+  auto store = rendezvous::MemoryStore::create();
+  publishRankOnePeerInfo(*store);
+  std::string error0, error1;
+  auto body = [&](int r, std::string& error) {
+    try {
+      auto o = rankOptions(r, 2, store);
+      o.token = "t";
+      o.timeout = 60s;
+      auto b = createBackend("tcp", o);
+      std::vector<int64_t> v(1000, r + 1);
+      b->allreduce(TensorView::flat(v.data(), v.size()), ReduceOp::kSum);
+      if (v[0] != 3) error = "wrong sum";
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  };
+  CaptureStderr captured;
+  std::thread rank0(body, 0, std::ref(error0)), rank1;
+  struct Join {
+    std::thread& a;
+    std::thread& b;
+    ~Join() {
+      if (a.joinable()) a.join();
+      if (b.joinable()) b.join();
+    }
+  } join{rank0, rank1};
+  auto where = net::parseHostPort(store->get("test/tcp/addr/0", 30s), 0);
+  REQUIRE(where.has_value());
+  {
+    // The process runs out of descriptors while a connection is pending: accept fails with EMFILE. It used to
+    // fail the whole group ("accept failed: Too many open files"); now it retries until descriptors are back.
+    int pendingFd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    REQUIRE(pendingFd >= 0);
+    net::Socket pending(pendingFd);
+    rlimit saved{};
+    ::getrlimit(RLIMIT_NOFILE, &saved);
+    rlimit low = saved;
+    low.rlim_cur = 256;
+    ::setrlimit(RLIMIT_NOFILE, &low);
+    std::vector<int> fds;
+    for (int fd; (fd = ::dup(0)) >= 0;) fds.push_back(fd);
+    sockaddr_in sa{};
+    sa.sin_family = AF_INET;
+    sa.sin_port = htons(where->port);
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    const int connected = ::connect(pending.fd(), reinterpret_cast<sockaddr*>(&sa), sizeof(sa));
+    std::this_thread::sleep_for(300ms);  // let the accept fail a few times (a duration, not a synchronisation)
+    for (int fd : fds) ::close(fd);
+    ::setrlimit(RLIMIT_NOFILE, &saved);
+    CHECK(connected == 0);
+    // Once accepted, it never says a word: dropped by the handshake timeout, without rank 1 having started.
+    const std::string addr = "127.0.0.1:" + std::to_string(net::localPort(pending.fd()));
+    Rogue staller(std::move(pending), addr);
+    CHECK(staller.closedByPeer(20s));
+  }
+  rank1 = std::thread(body, 1, std::ref(error1));
+  rank0.join();
+  rank1.join();
+  const std::string log = captured.text();
+  INFO(log);
+  CHECK(error0.empty());
+  CHECK(error1.empty());
+  CHECK(log.find("cannot accept connections") != std::string::npos);
+  CHECK(log.find("did not complete the handshake within 10 s") != std::string::npos);
 }
 
 TEST_CASE("tcp mesh: ranks given different tokens fail with an error naming the token, not a silent mix") {

@@ -29,6 +29,10 @@ namespace {
 namespace asio = boost::asio;
 using asio::ip::tcp;
 
+// How long an accepted connection may take to complete the handshake (a peer answers in microseconds; a
+// rogue that stalls must not hold a descriptor until the bootstrap deadline).
+constexpr std::chrono::milliseconds kHandshakeTimeout{10000};
+
 // "host:port" of an accepted connection's peer, for log lines; "an unknown address" when it is gone already.
 std::string peerText(const tcp::socket& s) {
   boost::system::error_code ec;
@@ -104,27 +108,52 @@ Mesh::Mesh(rendezvous::Store& store, const std::string& prefix, int rank, int si
   // (a port scanner, a peer of an earlier attempt, someone without the token) is closed and logged; the
   // accept stays armed, so the real peers still connect.
   struct Handshake {
-    explicit Handshake(asio::io_context& io) : socket(io) {}
+    explicit Handshake(asio::io_context& io) : socket(io), timer(io) {}
     tcp::socket socket;
+    asio::steady_timer timer;  // a connection that stalls mid-handshake is dropped, not held to the deadline
+    bool over = false;         // refused, timed out or taken over: later completions are ignored
     auth::HelloHeader header;
     auth::HelloTail tail;
     auth::Challenge challenge;
     sha256::Digest proof{};
   };
   auto refuse = [&](const std::shared_ptr<Handshake>& h, const std::string& why) {
+    if (h->over) return;
+    h->over = true;
+    h->timer.cancel();
     log::warn("collectives: rank {} refused a connection from {}: {}", rank, peerText(h->socket), why);
     boost::system::error_code ignored;
     h->socket.close(ignored);
   };
   const int toAccept = size - 1 - rank;
+  asio::steady_timer acceptRetry(io);
+  bool acceptFailing = false;
   std::function<void()> acceptNext = [&] {
     auto h = std::make_shared<Handshake>(io);
     acceptor.async_accept(h->socket, [&, h](const boost::system::error_code& e) {
-      if (e) return fail("accept failed: " + e.message());
+      if (e) {
+        // Out of descriptors (a flood of connections, or the process's own use): the peers wait in the backlog;
+        // retrying at once would spin on the readable listener, and giving up would fail the whole group.
+        if (!acceptFailing)
+          log::warn("collectives: rank {} cannot accept connections ({}); retrying every 50 ms", rank, e.message());
+        acceptFailing = true;
+        acceptRetry.expires_after(std::chrono::milliseconds(50));
+        acceptRetry.async_wait([&](const boost::system::error_code& e0) {
+          if (!e0) acceptNext();
+        });
+        return;
+      }
+      acceptFailing = false;
+      h->timer.expires_after(std::min<std::chrono::milliseconds>(kHandshakeTimeout, deadline.remaining()));
+      h->timer.async_wait([&, h](const boost::system::error_code& et) {
+        if (!et) refuse(h, fmt::format("it did not complete the handshake within {} s", kHandshakeTimeout.count() / 1000));
+      });
       asio::async_read(h->socket, asio::buffer(&h->header, sizeof(h->header)), [&, h](const boost::system::error_code& e1, size_t) {
+        if (h->over) return;
         if (e1) return refuse(h, "it closed before its hello (" + e1.message() + ")");
         if (auto why = auth::checkHeader(h->header, tag, rank, size); !why.empty()) return refuse(h, why);
         asio::async_read(h->socket, asio::buffer(&h->tail, sizeof(h->tail)), [&, h](const boost::system::error_code& e2, size_t) {
+          if (h->over) return;
           if (e2) return refuse(h, "it closed during its hello (" + e2.message() + ")");
           if (h->tail.session != session)
             return refuse(h, fmt::format("it claims rank {} of another job, round or attempt (its session differs)",
@@ -133,8 +162,10 @@ Mesh::Mesh(rendezvous::Store& store, const std::string& prefix, int rank, int si
           h->challenge.proof = auth::acceptorProof(token, session, tag, rank, h->header.rank, h->tail.nonce,
                                                    h->challenge.nonce);
           asio::async_write(h->socket, asio::buffer(&h->challenge, sizeof(h->challenge)), [&, h](const boost::system::error_code& e3, size_t) {
+            if (h->over) return;
             if (e3) return refuse(h, "it closed before the challenge (" + e3.message() + ")");
             asio::async_read(h->socket, asio::buffer(h->proof.data(), h->proof.size()), [&, h](const boost::system::error_code& e4, size_t) {
+              if (h->over) return;
               const int r = h->header.rank;
               if (e4) return refuse(h, fmt::format("it claimed rank {} and closed before proving it ({})", r, e4.message()));
               auto expected = auth::connectorProof(token, session, tag, r, rank, h->challenge.nonce, h->tail.nonce);
@@ -143,6 +174,8 @@ Mesh::Mesh(rendezvous::Store& store, const std::string& prefix, int rank, int si
                                              "(DTRAIN_RDZV_TOKEN / --rdzv-token)", r));
               if (sockets[static_cast<size_t>(r)].valid())
                 return refuse(h, fmt::format("rank {} is connected already", r));
+              h->over = true;
+              h->timer.cancel();
               boost::system::error_code e5;
               int fd = h->socket.release(e5);
               if (e5) return fail("cannot take over a collective socket: " + e5.message());

@@ -28,7 +28,7 @@ class Attn(nn.Module):
     def __init__(self):
         super().__init__()
         self.c_attn, self.c_proj = nn.Linear(C, 3 * C), nn.Linear(C, C)
-        self.register_buffer("mask", torch.tril(torch.ones(T, T, dtype=torch.bool)))
+        self.mask = torch.tril(torch.ones(T, T, dtype=torch.bool))  # not a buffer: gloo cannot broadcast bool
 
     def forward(self, x):
         b, t, c = x.shape

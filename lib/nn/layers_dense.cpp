@@ -10,6 +10,8 @@
 #include "lib/common/json_fields.h"
 #include "lib/nn/layers_impl.h"
 
+#include <unsupported/Eigen/SpecialFunctions>
+
 namespace dtrain::nn {
 namespace detail {
 
@@ -134,23 +136,25 @@ class Relu final : public Elementwise {
   }
 };
 
-// The exact (erf) GELU, PyTorch's default (approximate='none'), with PyTorch's formulas.
+// The exact (erf) GELU, PyTorch's default (approximate='none'), with PyTorch's formulas. erf and exp run through
+// Eigen's vectorised float implementations (a few ulp from libm's, as PyTorch's own vectorised CPU kernel is):
+// the scalar libm erf had cost ~18% of a GPT training step.
 class Gelu final : public Elementwise {
  public:
   using Elementwise::Elementwise;
   void forward(const float* x, float* y, int batch, bool) override {
     constexpr float kAlpha = static_cast<float>(M_SQRT1_2);
-    for (Eigen::Index i = 0, n = count(batch); i < n; ++i) y[i] = x[i] * 0.5f * (1.0f + std::erf(x[i] * kAlpha));
+    const auto n = count(batch);
+    ConstArrMap X(x, n);
+    ArrMap(y, n) = X * 0.5f * (1.0f + (X * kAlpha).erf());
   }
   void backward(const float* x, const float*, const float* dy, float* dx, int batch, bool) override {
     if (dx == nullptr) return;
     constexpr float kAlpha = static_cast<float>(M_SQRT1_2);
     constexpr float kBeta = static_cast<float>(M_2_SQRTPI * M_SQRT1_2 * 0.5);
-    for (Eigen::Index i = 0, n = count(batch); i < n; ++i) {
-      float cdf = 0.5f * (1.0f + std::erf(x[i] * kAlpha));
-      float pdf = std::exp(-0.5f * x[i] * x[i]) * kBeta;
-      dx[i] = dy[i] * (cdf + x[i] * pdf);
-    }
+    const auto n = count(batch);
+    ConstArrMap X(x, n);
+    ArrMap(dx, n) = ConstArrMap(dy, n) * (0.5f * (1.0f + (X * kAlpha).erf()) + X * ((-0.5f * X * X).exp() * kBeta));
   }
 };
 

@@ -25,7 +25,7 @@ std::string compressionTypeName(CompressionSettings::Type type) {
 CompressionSettings parseCompression(const nlohmann::json& value, const std::string& source,
                                      const std::string& pointer) {
   JsonFields f(value, source, pointer, "the compression section");
-  f.allowOnly({"type", "rank", "ratio", "start_step", "error_feedback"});
+  f.allowOnly({"type", "rank", "ratio", "start_step", "error_feedback", "momentum_correction"});
   CompressionSettings c;
   const std::string type = f.choice("type", {kTypes[0], kTypes[1], kTypes[2], kTypes[3]}, "compression type");
   for (size_t i = 0; i < std::size(kTypes); ++i)
@@ -39,6 +39,7 @@ CompressionSettings parseCompression(const nlohmann::json& value, const std::str
   onlyFor("rank", powersgd, "\"powersgd\"");
   onlyFor("ratio", topk, "\"topk\"");
   onlyFor("error_feedback", powersgd || topk, "\"powersgd\" or \"topk\"");
+  onlyFor("momentum_correction", topk, "\"topk\"");
   c.rank = static_cast<int>(f.integer("rank", 1, "an integer >= 1 (the rank of PowerSGD's approximation)",
                                       [](int64_t v) { return v >= 1 && v <= (1 << 20); }));
   c.ratio = f.number("ratio", 0.01, "a number in (0, 1] (the fraction of each bucket sent)",
@@ -46,6 +47,9 @@ CompressionSettings parseCompression(const nlohmann::json& value, const std::str
   c.startStep = f.integer("start_step", 0, "an integer >= 0 (steps of plain all-reduce first)",
                           [](int64_t v) { return v >= 0; });
   c.errorFeedback = f.boolean("error_feedback", true);
+  c.momentumCorrection = f.boolean("momentum_correction", false);
+  if (c.momentumCorrection && !c.errorFeedback)
+    f.failAt("momentum_correction", "needs \"error_feedback\": true (the velocity not sent stays in the residual)");
   return c;
 }
 
@@ -76,6 +80,18 @@ void checkCompressionFitsModel(const CompressionSettings& c, const nn::ModelSpec
                "{}: {}/rank: {} is larger than the matrix {} {} (a {}x{} matrix) can take: expected an integer "
                "between 1 and {}",
                source, pointer, c.rank, smallest->name, smallest->shape.spaced(), dims.rows, dims.cols, limit);
+}
+
+void checkCompressionFitsOptimizer(CompressionSettings& c, const nn::OptimizerSpec& optimizer, const std::string& source,
+                                   const std::string& pointer) {
+  if (!c.momentumCorrection) return;
+  DTRAIN_CHECK_AS(ConfigError,
+                  optimizer.type == nn::OptimizerType::kSgd && optimizer.momentum > 0 && !optimizer.nesterov &&
+                      optimizer.dampening == 0,
+                  "{}: {}/momentum_correction: needs an \"sgd\" optimizer with \"momentum\" > 0 (no nesterov, no "
+                  "dampening): the hook takes the momentum over from it",
+                  source, pointer);
+  c.momentum = optimizer.momentum;
 }
 
 CompressionEstimate estimateCompression(const CompressionSettings& c, const std::vector<GradParam>& params,

@@ -7,7 +7,9 @@
 //  topk          Deep Gradient Compression's sparsification (Lin et al. 2018) without momentum correction: per
 //                bucket, the ceil(ratio x count) elements of largest |g + e| are exchanged by an all-gather of
 //                (int32 index, float32 value) pairs and averaged; with error feedback the rest accumulates in a
-//                per-rank residual e (e = (g + e) - sent) that is added to the next step's gradient.
+//                per-rank residual e (e = (g + e) - sent) that is added to the next step's gradient. With
+//                momentum_correction (DGC, section 3.2) the SGD momentum runs here instead: u = m u + g, e += u,
+//                and u and e are zeroed where sent (momentum factor masking); the optimizer runs without momentum.
 //  powersgd      PowerSGD (Vogels et al., NeurIPS 2019), as PyTorch's powerSGD_hook: per matrix-shaped
 //                parameter M (a tensor of rank >= 2 viewed as [shape[0], rest]), one power-iteration step with
 //                the previous step's Q (warm start): P = M Q, all-reduce P, orthogonalise P (Gram-Schmidt),
@@ -48,6 +50,11 @@ CompressionSettings parseCompression(const nlohmann::json& value, const std::str
 // matrix-shaped parameter), naming the parameter and its shape.
 void checkCompressionFitsModel(const CompressionSettings& c, const nn::ModelSpec& model, const std::string& source,
                                const std::string& pointer);
+
+// momentum_correction needs SGD with momentum (no nesterov, no dampening): ConfigError naming the field
+// otherwise; sets c.momentum from the optimizer.
+void checkCompressionFitsOptimizer(CompressionSettings& c, const nn::OptimizerSpec& optimizer, const std::string& source,
+                                   const std::string& pointer);
 
 // Bytes per optimizer step for one rank in a group of `worldSize`, as HookTraffic counts them, from the
 // parameters alone (top-k per whole arena: per-bucket rounding adds at most one pair per bucket).

@@ -158,15 +158,21 @@ size_t selectCandidates(const float* acc, size_t n, size_t k, std::vector<int32_
 
 void TopKHook::allocate() {
   residual_.assign(settings_.errorFeedback ? layout_.arenaSize : 0, 0.0f);
+  velocity_.assign(settings_.momentumCorrection ? layout_.arenaSize : 0, 0.0f);
 }
 
 void TopKHook::addState(std::vector<HookState>& out) {
   if (settings_.errorFeedback) out.push_back({"topk.residual", TensorView::flat(residual_.data(), residual_.size())});
+  if (settings_.momentumCorrection)
+    out.push_back({"topk.velocity", TensorView::flat(velocity_.data(), velocity_.size())});
 }
 
 void TopKHook::stateLoaded(bool sameWorld) {
   // Another world: the residuals were other ranks' (and another data split's); start from none.
-  if (!sameWorld) std::fill(residual_.begin(), residual_.end(), 0.0f);
+  if (!sameWorld) {
+    std::fill(residual_.begin(), residual_.end(), 0.0f);
+    std::fill(velocity_.begin(), velocity_.end(), 0.0f);
+  }
 }
 
 comm::WorkPtr TopKHook::compress(const GradBucket& bucket, comm::Backend& group) {
@@ -186,11 +192,21 @@ comm::WorkPtr TopKHook::compress(const GradBucket& bucket, comm::Backend& group)
   // together) and leaves the residual as it was.
   bool finite = nn::allFinite({g, n});
   float* acc = g;
+  float* velocity = settings_.momentumCorrection ? velocity_.data() + bucket.offset : nullptr;
   if (finite && settings_.errorFeedback) {
     acc = residual_.data() + bucket.offset;
-    for (size_t i = 0; i < n; ++i) acc[i] += g[i];
+    if (velocity) {
+      const auto m = static_cast<float>(settings_.momentum);
+      for (size_t i = 0; i < n; ++i) {
+        velocity[i] = m * velocity[i] + g[i];
+        acc[i] += velocity[i];
+      }
+    } else {
+      for (size_t i = 0; i < n; ++i) acc[i] += g[i];
+    }
     if (!nn::allFinite({acc, n})) {  // the sum overflowed: drop the residual rather than keep an infinity
       std::fill(acc, acc + n, 0.0f);
+      if (velocity) std::fill(velocity, velocity + n, 0.0f);
       finite = false;
     }
   }
@@ -212,6 +228,7 @@ comm::WorkPtr TopKHook::compress(const GradBucket& bucket, comm::Backend& group)
       b.send[2 * j] = i;
       b.send[2 * j + 1] = std::bit_cast<int32_t>(acc[i]);
       if (settings_.errorFeedback) acc[i] = 0.0f;  // sent: what stays in the residual is the rest
+      if (velocity) velocity[i] = 0.0f;             // DGC's momentum factor masking
     }
   } else {
     for (size_t j = 0; j < k; ++j) {

@@ -105,6 +105,7 @@ class TopKHook final : public CompressionHook {
     std::vector<float> sample;   // magnitudes sampled for the candidate threshold
   };
   std::vector<float> residual_;  // arena-sized, this rank's unsent gradient (error feedback)
+  std::vector<float> velocity_;  // arena-sized, momentum_correction's u
   std::map<std::pair<size_t, size_t>, Buffers> buffers_;  // per bucket (offset, count)
 };
 

@@ -204,8 +204,10 @@ Job loadJob(const JobArgs& args) {
   }
   job.loop = parseLoop(job.doc, src);
   job.parallel = parseParallel(job.doc, src);
-  if (job.parallel.compression)
+  if (job.parallel.compression) {
     checkCompressionFitsModel(*job.parallel.compression, job.model, src, "/parallel/compression");
+    checkCompressionFitsOptimizer(*job.parallel.compression, job.optimizer, src, "/parallel/compression");
+  }
   if (job.doc.contains("device")) {
     std::string device = top.choice("device", {"cpu", "cuda"}, "device");
     DTRAIN_CHECK_AS(ConfigError, device == "cpu",

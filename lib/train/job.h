@@ -65,6 +65,11 @@ struct CompressionSettings {
   double ratio = 0.01;       // topk: fraction of each bucket's elements sent, in (0, 1]
   int64_t startStep = 0;     // optimizer steps of plain all-reduce before compressing
   bool errorFeedback = true; // powersgd/topk: carry what was not sent into the next step
+  // topk: Deep Gradient Compression's momentum correction. The SGD momentum moves from the optimizer into the
+  // hook (velocity accumulated per rank before sparsification, masked once sent); the trainer then runs SGD
+  // without momentum. `momentum` is the optimizer's, filled in by loadJob.
+  bool momentumCorrection = false;
+  double momentum = 0;
 };
 
 struct ParallelSettings {

@@ -210,7 +210,11 @@ void TrainLoop::setUp() {
   loss_ = nn::Loss::create(job_.loss, job_.model.output(), static_cast<int>(batch), device);
   checkDataFitsModel(job_, *train_, *loss_, "/data/train");
   if (!job_.initFrom.empty()) loadWeights(job_.initFrom, *model_);
-  optimizer_ = nn::Optimizer::create(job_.optimizer, model_->numParams(), device);
+  // DGC's momentum correction: the compression hook applies the momentum, the optimizer only the step.
+  nn::OptimizerSpec optimizerSpec = job_.optimizer;
+  if (commHook_ && job_.parallel.compression && job_.parallel.compression->momentumCorrection)
+    optimizerSpec.momentum = 0;
+  optimizer_ = nn::Optimizer::create(optimizerSpec, model_->numParams(), device);
   if (job_.optimizer.decayMatricesOnly) {
     // nanoGPT's groups: only parameters with >= 2 dimensions decay.
     std::vector<std::pair<size_t, size_t>> noDecay;

@@ -66,12 +66,15 @@ TEST_CASE("dtrain run -n 2 with each compression type: exit 0, accuracy near unc
   CHECK(plainLines.front()["compression_ratio"].get<double>() == 1.0);
 }
 
-TEST_CASE("SIGKILL of a worker with powersgd or topk: the resumed job's weights are bit-identical") {
-  for (const char* type : {R"({"type": "powersgd", "rank": 1})", R"({"type": "topk", "ratio": 0.1})"}) {
+TEST_CASE("SIGKILL of a worker with powersgd or topk (with and without momentum correction): the resumed job's weights are bit-identical") {
+  for (const char* type : {R"({"type": "powersgd", "rank": 1})", R"({"type": "topk", "ratio": 0.1})",
+                           R"({"type": "topk", "ratio": 0.1, "momentum_correction": true})"}) {
     CAPTURE(type);
     std::string dir = tempDir("compresskill");
     json job = smallJob();
     job["parallel"]["compression"] = json::parse(type);
+    if (job["parallel"]["compression"].contains("momentum_correction"))
+      job["optimizer"] = json::parse(R"({"type": "sgd", "lr": 0.05, "momentum": 0.9})");
     writeFile(dir + "/job.json", job.dump());
     auto clean = run(twoRanks(dir + "/job.json", dir + "/clean"), {.timeout = 60s});
     REQUIRE_MESSAGE(clean.exitCode == 0, clean.err);

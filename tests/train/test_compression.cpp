@@ -346,3 +346,30 @@ TEST_CASE("DDP with a compression hook: bucket params and bind() are wired; powe
   }
   CHECK(grads[true] == grads[false]);
 }
+
+TEST_CASE("topk momentum_correction: needs sgd with momentum; keeps a velocity, masked where sent") {
+  CHECK(parseError(R"({"type": "powersgd", "momentum_correction": true})").find("/c/momentum_correction") !=
+        std::string::npos);
+  CHECK(parseError(R"({"type": "topk", "momentum_correction": true, "error_feedback": false})")
+            .find("/c/momentum_correction: needs \"error_feedback\": true") != std::string::npos);
+  auto c = parsed(R"({"type": "topk", "momentum_correction": true})");
+  nn::OptimizerSpec adam{.type = nn::OptimizerType::kAdam};
+  CHECK_THROWS_WITH_AS(checkCompressionFitsOptimizer(c, adam, "j.json", "/c"),
+                       doctest::Contains("/c/momentum_correction: needs an \"sgd\" optimizer"), ConfigError);
+  nn::OptimizerSpec sgd{.type = nn::OptimizerType::kSgd, .momentum = 0.5};
+  checkCompressionFitsOptimizer(c, sgd, "j.json", "/c");
+  CHECK(c.momentum == 0.5);
+
+  // One rank's view over two steps, k = 1 of 4: u = m u + g, e += u, u and e zeroed where sent.
+  constexpr int kRanks = 2;
+  HookLayout layout{.arenaSize = 4, .params = {{"0.bias", Shape{4}, 0, 4}}, .groupSize = kRanks};
+  c.ratio = 0.25;
+  const std::vector<std::vector<float>> g = {{1, 2, 3, 4}, {1, 1, 1, 1}};
+  auto runs = runHook(kRanks, layout, c, 2, [&](int, int step) { return g[static_cast<size_t>(step)]; });
+  // Step 0: u = g0, e = g0; index 3 (4) sent. Step 1: u = 0.5 * {1, 2, 3, 0} + 1 = {1.5, 2, 2.5, 1};
+  // e = {1, 2, 3, 0} + u = {2.5, 4, 5.5, 1}; index 2 (5.5) sent.
+  CHECK(runs[0].results[0] == std::vector<float>{0, 0, 0, 4});
+  CHECK(runs[0].results[1] == std::vector<float>{0, 0, 5.5f, 0});
+  CHECK(runs[0].state.at(0) == std::vector<float>{2.5f, 4, 0, 1});     // topk.residual
+  CHECK(runs[0].state.at(1) == std::vector<float>{1.5f, 2, 0, 1});     // topk.velocity
+}

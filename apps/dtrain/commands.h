@@ -25,6 +25,7 @@ void addBenchCommand(CLI::App& root, Action& action);
 void addCkptCommand(CLI::App& root, Action& action);
 void addDebugCommand(CLI::App& root, Action& action);  // cmd_debug.cpp: `dtrain debug dump RUN_ID`
 void addGenerateCommand(CLI::App& root, Action& action);  // cmd_generate.cpp
+void addPlotCommand(CLI::App& root, Action& action);  // cmd_plot.cpp: `dtrain plot RUN_DIR...`
 
 // `dtrain bench <what>`: cmd_bench.cpp creates the `bench` group; each benchmark adds itself to it.
 void addBenchStore(CLI::App& bench, Action& action);        // cmd_bench_store.cpp

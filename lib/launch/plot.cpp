@@ -1,0 +1,157 @@
+#include "lib/launch/plot.h"
+
+#include <fmt/format.h>
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+
+#include "lib/common/error.h"
+
+namespace dtrain::launch {
+
+namespace {
+
+constexpr int kPanelWidth = 460, kPanelHeight = 260, kMarginLeft = 70, kMarginBottom = 40, kMarginTop = 30;
+constexpr const char* kColours[] = {"#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
+                                    "#7f7f7f"};
+
+std::string escapeXml(const std::string& s) {
+  std::string out;
+  for (char c : s) {
+    if (c == '<') out += "&lt;";
+    else if (c == '>') out += "&gt;";
+    else if (c == '&') out += "&amp;";
+    else if (c == '"') out += "&quot;";
+    else out += c;
+  }
+  return out;
+}
+
+std::string tick(double v) {
+  if (v == 0) return "0";
+  const double a = std::fabs(v);
+  if (a >= 1e5 || a < 1e-3) return fmt::format("{:.2e}", v);
+  if (a >= 100) return fmt::format("{:.0f}", v);
+  return fmt::format("{:.3g}", v);
+}
+
+using Series = std::vector<std::pair<double, double>>;
+
+// One panel at (x0, y0): axes, 5 ticks per axis, one polyline per run.
+std::string panel(int x0, int y0, const std::string& title, const std::vector<const Series*>& series) {
+  double xmin = std::numeric_limits<double>::infinity(), xmax = -xmin, ymin = xmin, ymax = -xmin;
+  for (const auto* s : series)
+    for (auto [x, y] : *s) {
+      if (!std::isfinite(y)) continue;
+      xmin = std::min(xmin, x), xmax = std::max(xmax, x), ymin = std::min(ymin, y), ymax = std::max(ymax, y);
+    }
+  std::string out = fmt::format("<g class=\"panel\"><text x=\"{}\" y=\"{}\" font-weight=\"bold\">{}</text>\n",
+                                x0 + kMarginLeft, y0 + 18, escapeXml(title));
+  const int w = kPanelWidth - kMarginLeft - 10, h = kPanelHeight - kMarginTop - kMarginBottom;
+  const int left = x0 + kMarginLeft, top = y0 + kMarginTop;
+  out += fmt::format("<rect x=\"{}\" y=\"{}\" width=\"{}\" height=\"{}\" fill=\"none\" stroke=\"#999\"/>\n", left, top,
+                     w, h);
+  if (!std::isfinite(xmin)) return out + fmt::format("<text x=\"{}\" y=\"{}\">no data</text></g>\n", left + 10, top + 20);
+  if (xmax == xmin) xmax = xmin + 1;
+  if (ymax == ymin) ymax = ymin + (ymin == 0 ? 1 : std::fabs(ymin) * 0.1);
+  auto px = [&](double x) { return left + (x - xmin) / (xmax - xmin) * w; };
+  auto py = [&](double y) { return top + h - (y - ymin) / (ymax - ymin) * h; };
+  for (int i = 0; i <= 4; ++i) {
+    const double fy = ymin + (ymax - ymin) * i / 4, fx = xmin + (xmax - xmin) * i / 4;
+    out += fmt::format("<text x=\"{}\" y=\"{:.1f}\" text-anchor=\"end\" font-size=\"11\">{}</text>\n", left - 4,
+                       py(fy) + 4, tick(fy));
+    out += fmt::format("<text x=\"{:.1f}\" y=\"{}\" text-anchor=\"middle\" font-size=\"11\">{}</text>\n", px(fx),
+                       top + h + 15, tick(fx));
+  }
+  out += fmt::format("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" font-size=\"11\">step</text>\n", left + w / 2,
+                     top + h + 30);
+  for (size_t r = 0; r < series.size(); ++r) {
+    std::string points;
+    for (auto [x, y] : *series[r])
+      if (std::isfinite(y)) points += fmt::format("{:.1f},{:.1f} ", px(x), py(y));
+    if (points.empty()) continue;
+    out += fmt::format("<polyline class=\"run{}\" fill=\"none\" stroke=\"{}\" stroke-width=\"1.5\" points=\"{}\"/>\n",
+                       r, kColours[r % std::size(kColours)], points);
+  }
+  return out + "</g>\n";
+}
+
+}  // namespace
+
+RunCurves readRunCurves(const std::string& runDirOrFile) {
+  std::filesystem::path path = runDirOrFile;
+  if (std::filesystem::is_directory(path)) path /= "metrics.jsonl";
+  std::ifstream in(path);
+  DTRAIN_CHECK_AS(UsageError, in.good(), "{}: no such file (give a run folder with a metrics.jsonl)", path.string());
+  RunCurves c;
+  c.label = std::filesystem::is_directory(runDirOrFile) ? std::filesystem::path(runDirOrFile).lexically_normal().filename().string()
+                                                        : path.parent_path().filename().string();
+  if (c.label.empty()) c.label = runDirOrFile;
+  std::string line;
+  int lineNo = 0;
+  while (std::getline(in, line)) {
+    ++lineNo;
+    if (line.empty()) continue;
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(line);
+    } catch (const std::exception& e) {
+      DTRAIN_THROW(ConfigError, "{}:{}: not a JSON line: {}", path.string(), lineNo, e.what());
+    }
+    if (!j.contains("step") || j.value("final", false)) continue;
+    const double step = j["step"].get<double>();
+    auto num = [&](const char* key) { return j.contains(key) && j[key].is_number() ? j[key].get<double>() : NAN; };
+    if (j.contains("eval_loss")) {
+      c.evalLoss.emplace_back(step, num("eval_loss"));
+      if (!std::isnan(num("eval_accuracy"))) c.evalAccuracy.emplace_back(step, num("eval_accuracy"));
+      continue;
+    }
+    c.loss.emplace_back(step, num("loss"));
+    c.lr.emplace_back(step, num("lr"));
+    c.samplesPerSec.emplace_back(step, num("samples_per_s"));
+  }
+  return c;
+}
+
+std::string renderSvg(const std::vector<RunCurves>& runs) {
+  const int legendHeight = 20 * static_cast<int>(runs.size()) + 10;
+  const int width = 2 * kPanelWidth, height = 2 * kPanelHeight + legendHeight;
+  std::string out = fmt::format(
+      "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" viewBox=\"0 0 {} {}\" "
+      "font-family=\"sans-serif\" font-size=\"13\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n",
+      width, height, width, height);
+  auto pick = [&](auto member) {
+    std::vector<const Series*> s;
+    for (const auto& r : runs) s.push_back(&(r.*member));
+    return s;
+  };
+  const bool accuracy = std::any_of(runs.begin(), runs.end(), [](const auto& r) { return !r.evalAccuracy.empty(); });
+  out += panel(0, 0, "training loss", pick(&RunCurves::loss));
+  out += accuracy ? panel(kPanelWidth, 0, "evaluation accuracy", pick(&RunCurves::evalAccuracy))
+                  : panel(kPanelWidth, 0, "evaluation loss", pick(&RunCurves::evalLoss));
+  out += panel(0, kPanelHeight, "learning rate", pick(&RunCurves::lr));
+  out += panel(kPanelWidth, kPanelHeight, "throughput (samples/s)", pick(&RunCurves::samplesPerSec));
+  for (size_t r = 0; r < runs.size(); ++r) {
+    const int y = 2 * kPanelHeight + 15 + 20 * static_cast<int>(r);
+    out += fmt::format("<line x1=\"{}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"{}\" stroke-width=\"3\"/>", kMarginLeft,
+                       y - 4, kMarginLeft + 25, y - 4, kColours[r % std::size(kColours)]);
+    out += fmt::format("<text class=\"legend\" x=\"{}\" y=\"{}\">{}</text>\n", kMarginLeft + 32, y,
+                       escapeXml(runs[r].label));
+  }
+  return out + "</svg>\n";
+}
+
+std::string renderHtml(const std::vector<RunCurves>& runs) {
+  std::string names;
+  for (const auto& r : runs) names += (names.empty() ? "" : ", ") + r.label;
+  return fmt::format("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>dtrain: {}</title></head>\n"
+                     "<body style=\"font-family: sans-serif\"><h1>dtrain: {}</h1>\n{}</body></html>\n",
+                     escapeXml(names), escapeXml(names), renderSvg(runs));
+}
+
+}  // namespace dtrain::launch

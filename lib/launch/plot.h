@@ -1,0 +1,27 @@
+// `dtrain plot RUN_DIR... --out FILE.svg|.html`: training curves from runs' metrics.jsonl, drawn as SVG with no
+// plotting library (people would rather look than read). Four panels: training loss, evaluation accuracy (or
+// evaluation loss for regression), learning rate and throughput (samples/s), against the optimizer step; several
+// runs are overlaid in different colours with a legend. The HTML form wraps the same SVG in a page.
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace dtrain::launch {
+
+struct RunCurves {
+  std::string label;  // the run's folder name
+  // (step, value) per series, in file order.
+  std::vector<std::pair<double, double>> loss, evalLoss, evalAccuracy, lr, samplesPerSec;
+};
+
+// Reads RUN_DIR/metrics.jsonl (or a metrics.jsonl path). Throws UsageError (exit 3) naming the file when it is
+// missing, ConfigError naming file:line for a line that is not JSON.
+RunCurves readRunCurves(const std::string& runDirOrFile);
+
+// The chart, a standalone SVG document.
+std::string renderSvg(const std::vector<RunCurves>& runs);
+// The same chart in a minimal HTML page (title, the SVG inline).
+std::string renderHtml(const std::vector<RunCurves>& runs);
+
+}  // namespace dtrain::launch

@@ -1,0 +1,81 @@
+// `dtrain plot`: the curves of real runs, several overlaid, as SVG and HTML that an XML parser accepts, with one
+// line per run and panel and as many points as metrics.jsonl has; bad input is refused with exit 3.
+#include <doctest/doctest.h>
+
+#include "tests/integration/launch_helpers.h"
+
+using namespace dtrain::testing;
+using namespace std::chrono_literals;
+
+namespace {
+
+void trainRun(const std::string& dir, const std::string& name, double lr) {
+  writeFile(dir + "/" + name + ".json", fmt::format(R"({{
+    "name": "{}",
+    "model": {{"input": [4], "layers": [{{"type": "linear", "out": 8}}, {{"type": "relu"}}, {{"type": "linear", "out": 3}}]}},
+    "loss": {{"type": "cross_entropy"}},
+    "data": {{"train": {{"format": "synthetic", "task": "classification", "samples": 256, "features": 4, "num_classes": 3}},
+             "eval": {{"format": "synthetic", "task": "classification", "samples": 64, "features": 4, "num_classes": 3,
+                      "sample_seed": 1}},
+             "batch_size": 16}},
+    "optimizer": {{"type": "sgd", "lr": {}}},
+    "train": {{"epochs": 3, "seed": 1, "log_every": 2}},
+    "checkpoint": false,
+    "output_dir": "{}/{}"
+  }})",
+                                                    name, lr, dir, name));
+  auto r = run({dtrainBinary(), "train", dir + "/" + name + ".json"}, {.timeout = 60s});
+  REQUIRE_MESSAGE(r.exitCode == 0, r.err);
+}
+
+// What an XML parser finds in the SVG: polylines per class and the number of points of each, the legend texts.
+RunResult inspect(const std::string& file) {
+  return run({"/usr/bin/python3", "-c", R"(
+import sys, xml.etree.ElementTree as ET
+text = open(sys.argv[1]).read()
+if sys.argv[1].endswith('.html'):
+    text = text[text.index('<svg'):text.index('</svg>') + 6]
+root = ET.fromstring(text)
+ns = '{http://www.w3.org/2000/svg}'
+for p in root.iter(ns + 'polyline'):
+    print(p.get('class'), len(p.get('points').split()))
+for t in root.iter(ns + 'text'):
+    if t.get('class') == 'legend':
+        print('legend', t.text)
+)",
+              file});
+}
+
+}  // namespace
+
+TEST_CASE("dtrain plot draws every run's curves, overlaid, as SVG and HTML") {
+  std::string dir = tempDir("plot");
+  trainRun(dir, "fast", 0.1);
+  trainRun(dir, "slow", 0.01);
+  auto r = run({dtrainBinary(), "plot", dir + "/fast", dir + "/slow", "--out", dir + "/curves.svg"});
+  REQUIRE_MESSAGE(r.exitCode == 0, r.err);
+  auto lines = [&](const std::string& text, const std::string& prefix) { return linesWith(text, prefix); };
+  // metrics.jsonl: progress lines (log_every 2 of 16 steps per epoch, plus step 1 and epoch ends) and 3 evaluations.
+  int progress = 0;
+  for (const auto& l : linesWith(readFile(dir + "/fast/metrics.jsonl"), "\"step\""))
+    if (l.find("eval_loss") == std::string::npos && l.find("\"final\"") == std::string::npos) ++progress;
+  auto svg = inspect(dir + "/curves.svg");
+  REQUIRE_MESSAGE(svg.exitCode == 0, svg.err);
+  // 4 panels x 2 runs; the loss, lr and throughput lines have a point per progress line, accuracy one per epoch.
+  CHECK(lines(svg.out, "run0 ").size() == 4);
+  CHECK(lines(svg.out, "run1 ").size() == 4);
+  CHECK(lines(svg.out, "run0 " + std::to_string(progress)).size() == 3);
+  CHECK(lines(svg.out, "run0 3").size() >= 1);
+  CHECK(svg.out.find("legend fast") != std::string::npos);
+  CHECK(svg.out.find("legend slow") != std::string::npos);
+
+  auto html = run({dtrainBinary(), "plot", dir + "/fast", "-o", dir + "/curves.html"});
+  REQUIRE(html.exitCode == 0);
+  CHECK(readFile(dir + "/curves.html").find("<!DOCTYPE html>") == 0);
+  CHECK(lines(inspect(dir + "/curves.html").out, "run0 ").size() == 4);
+
+  CHECK(run({dtrainBinary(), "plot", dir + "/fast", "--out", dir + "/curves.png"}).exitCode == 3);
+  auto missing = run({dtrainBinary(), "plot", dir + "/nothing"});
+  CHECK(missing.exitCode == 3);
+  CHECK(missing.err.find(dir + "/nothing: no such file") != std::string::npos);
+}

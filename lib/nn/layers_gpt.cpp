@@ -94,11 +94,14 @@ class Embedding final : public Layer {
 // backward (maxBatch * (4C + H*T) * T floats).
 class CausalSelfAttention final : public Layer {
  public:
-  CausalSelfAttention(const LayerSpec& spec, int maxBatch)
+  CausalSelfAttention(const LayerSpec& spec, int maxBatch, SharedScratch* scratch)
       : Layer(spec, Device::cpu()), t_(spec.input[0]), c_(spec.input[1]), h_(spec.nHead), hs_(c_ / h_),
         rows_(sz(maxBatch) * sz(t_)), qkv_(rows_ * sz(3 * c_)), att_(rows_ * sz(c_)),
-        probs_(sz(maxBatch) * sz(h_ * t_ * t_)), dqkv_(rows_ * sz(3 * c_)), datt_(rows_ * sz(c_)),
-        dprobs_(sz(t_ * t_)) {}
+        probs_(sz(maxBatch) * sz(h_ * t_ * t_)), dprobs_(sz(t_ * t_)), scratch_(scratch) {
+    // dqkv and datt live only inside one backward: the model's attention layers share them.
+    if (scratch_ != nullptr) scratch_->reserve(SharedScratch::kAttention, rows_ * sz(4 * c_));
+    else own_ = AlignedBuffer<float>(rows_ * sz(4 * c_));
+  }
 
   void bind(float* params, float* grads) override {
     wAttn_ = params, gwAttn_ = grads;
@@ -139,10 +142,12 @@ class CausalSelfAttention final : public Layer {
 
   void backward(const float* x, const float*, const float* dy, float* dx, int batch, bool accumulate) override {
     const Eigen::Index rows = batch * t_;
+    float* dqkvData = scratch_ != nullptr ? scratch_->data(SharedScratch::kAttention) : own_.data();
+    float* dattData = dqkvData + rows_ * sz(3 * c_);
     ConstMatMap dY(dy, rows, c_);
     ConstMatMap att(att_.data(), rows, c_);
     linearGrads(dY, att, gwProj_, gbProj_, c_, c_, accumulate);
-    MatMap dAtt(datt_.data(), rows, c_);
+    MatMap dAtt(dattData, rows, c_);
     dAtt.noalias() = dY * ConstMatMap(wProj_, c_, c_);
     const float scale = 1.0f / std::sqrt(static_cast<float>(hs_));
     MatMap dP(dprobs_.data(), t_, t_);
@@ -153,10 +158,10 @@ class CausalSelfAttention final : public Layer {
         ConstStridedMap q(qkv_.data() + off, t_, hs_, s3);
         ConstStridedMap k(qkv_.data() + off + c_, t_, hs_, s3);
         ConstStridedMap v(qkv_.data() + off + 2 * c_, t_, hs_, s3);
-        StridedMap dq(dqkv_.data() + off, t_, hs_, s3);
-        StridedMap dk(dqkv_.data() + off + c_, t_, hs_, s3);
-        StridedMap dv(dqkv_.data() + off + 2 * c_, t_, hs_, s3);
-        ConstStridedMap dOut(datt_.data() + b * t_ * c_ + h * hs_, t_, hs_, Eigen::OuterStride<>(c_));
+        StridedMap dq(dqkvData + off, t_, hs_, s3);
+        StridedMap dk(dqkvData + off + c_, t_, hs_, s3);
+        StridedMap dv(dqkvData + off + 2 * c_, t_, hs_, s3);
+        ConstStridedMap dOut(dattData + b * t_ * c_ + h * hs_, t_, hs_, Eigen::OuterStride<>(c_));
         MatMap p(probs(b, h), t_, t_);
         dv.noalias() = p.transpose() * dOut;
         dP.noalias() = dOut * v.transpose();
@@ -174,7 +179,7 @@ class CausalSelfAttention final : public Layer {
         dk.noalias() = dP.transpose() * q;
       }
     }
-    ConstMatMap dQkv(dqkv_.data(), rows, 3 * c_);
+    ConstMatMap dQkv(dqkvData, rows, 3 * c_);
     linearGrads(dQkv, ConstMatMap(x, rows, c_), gwAttn_, gbAttn_, 3 * c_, c_, accumulate);
     if (dx != nullptr) MatMap(dx, rows, c_).noalias() = dQkv * ConstMatMap(wAttn_, 3 * c_, c_);
   }
@@ -221,7 +226,9 @@ class CausalSelfAttention final : public Layer {
 
   int64_t t_, c_, h_, hs_;
   size_t rows_;
-  AlignedBuffer<float> qkv_, att_, probs_, dqkv_, datt_, dprobs_;
+  AlignedBuffer<float> qkv_, att_, probs_, dprobs_;
+  SharedScratch* scratch_;
+  AlignedBuffer<float> own_;  // dqkv + datt when built without a shared scratch
   float* wAttn_ = nullptr;
   float* bAttn_ = nullptr;
   float* wProj_ = nullptr;
@@ -287,8 +294,15 @@ class Block final : public Layer {
       maxIn = std::max(maxIn, sz(build.maxBatch) * sz(c.input.numel()));
       counts_.push_back(sz(paramCountOf(c)));
     }
-    gradA_ = AlignedBuffer<float>(maxIn);
-    gradB_ = AlignedBuffer<float>(maxIn);
+    // The gradients between the children live only inside one backward: the model's blocks share them.
+    scratch_ = build.scratch;
+    if (scratch_ != nullptr) {
+      scratch_->reserve(SharedScratch::kGradA, maxIn);
+      scratch_->reserve(SharedScratch::kGradB, maxIn);
+    } else {
+      gradA_ = AlignedBuffer<float>(maxIn);
+      gradB_ = AlignedBuffer<float>(maxIn);
+    }
     in_.assign(children_.size(), nullptr);
     out_.assign(children_.size(), nullptr);
   }
@@ -322,11 +336,13 @@ class Block final : public Layer {
   }
 
   void backward(const float*, const float*, const float* dy, float* dx, int batch, bool accumulate) override {
+    float* gradA = scratch_ != nullptr ? scratch_->data(SharedScratch::kGradA) : gradA_.data();
+    float* gradB = scratch_ != nullptr ? scratch_->data(SharedScratch::kGradB) : gradB_.data();
     const float* g = dy;  // d(branch output) = dy
     for (size_t k = children_.size(); k-- > 0;) {
       const bool aliasing = outs_[k].size() == 0;
       float* d = nullptr;
-      if (k > 0 || dx != nullptr) d = g == gradA_.data() ? gradB_.data() : gradA_.data();
+      if (k > 0 || dx != nullptr) d = g == gradA ? gradB : gradA;
       if (!aliasing) children_[k]->backward(in_[k], out_[k], g, d, batch, accumulate);
       if (!aliasing) g = d;
     }
@@ -339,7 +355,8 @@ class Block final : public Layer {
   std::vector<std::unique_ptr<Layer>> children_;
   std::vector<AlignedBuffer<float>> outs_;
   std::vector<size_t> counts_;
-  AlignedBuffer<float> gradA_, gradB_;
+  SharedScratch* scratch_ = nullptr;
+  AlignedBuffer<float> gradA_, gradB_;  // when built without a shared scratch
   std::vector<const float*> in_;
   std::vector<float*> out_;
 };
@@ -434,6 +451,8 @@ void parseBlock(const JsonFields& f, LayerSpec& l) {
     const LayerSpec& c = l.children.back();
     if (c.type() == "lm_head" && c.tied)
       throwConfig(f.source(), path, "a tied lm_head cannot sit inside a block; put it after the blocks");
+    // Blocks share their backward scratch (SharedScratch), which a block inside a block would overwrite.
+    if (c.type() == "block") throwConfig(f.source(), path, "a block cannot contain a block; list them one after another");
     current = c.output;
   }
   if (current != l.input)
@@ -460,7 +479,7 @@ std::string blockDetail(const LayerSpec& l) {
 
 std::unique_ptr<Layer> makeEmbedding(const LayerSpec& s, const LayerBuild&) { return std::make_unique<Embedding>(s); }
 std::unique_ptr<Layer> makeAttention(const LayerSpec& s, const LayerBuild& b) {
-  return std::make_unique<CausalSelfAttention>(s, b.maxBatch);
+  return std::make_unique<CausalSelfAttention>(s, b.maxBatch, b.scratch);
 }
 std::unique_ptr<Layer> makeLmHead(const LayerSpec& s, const LayerBuild&) { return std::make_unique<LmHead>(s); }
 std::unique_ptr<Layer> makeBlock(const LayerSpec& s, const LayerBuild& b) { return std::make_unique<Block>(s, b); }

@@ -27,6 +27,7 @@ Model Model::build(const ModelSpec& spec, int maxBatch, uint64_t seed, Device de
   Eigen::setNbThreads(1);
 
   Model m;
+  m.scratch_ = std::make_unique<SharedScratch>();
   m.spec_ = spec;
   m.device_ = device;
   m.maxBatch_ = maxBatch;
@@ -34,7 +35,8 @@ Model Model::build(const ModelSpec& spec, int maxBatch, uint64_t seed, Device de
 
   size_t offset = 0;
   for (const auto& ls : spec.layers) {
-    m.layers_.push_back(makeLayer(ls, {.device = device, .maxBatch = maxBatch, .seed = seed}));
+    m.layers_.push_back(
+        makeLayer(ls, {.device = device, .maxBatch = maxBatch, .seed = seed, .scratch = m.scratch_.get()}));
     m.hasRandomLayers_ = m.hasRandomLayers_ || drawsRandom(ls);
     ParamRange range{offset, 0};
     for (const auto& ps : m.layers_.back()->paramShapes()) {
@@ -45,6 +47,7 @@ Model Model::build(const ModelSpec& spec, int maxBatch, uint64_t seed, Device de
     range.count = offset - range.offset;
     m.layerRanges_.push_back(range);
   }
+  m.scratch_->allocate();
   // The arenas and activations below are host memory.
   requireCpu(device, "the model's parameter arenas");
   m.params_ = AlignedBuffer<float>(offset);

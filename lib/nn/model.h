@@ -148,6 +148,7 @@ class Model {
   AlignedBuffer<float> activations_;  // every non-aliasing layer's output, maxBatch samples each
   std::vector<float*> ownOutput_;     // per layer: its slice of activations_ (null when aliasing)
   AlignedBuffer<float> gradA_, gradB_;  // ping-pong buffers for gradients between layers
+  std::unique_ptr<SharedScratch> scratch_;  // backward scratch the blocks and attention layers share
   std::vector<const float*> in_;      // per layer: its input in the last forward
   std::vector<float*> out_;           // per layer: its output in the last forward
   int lastBatch_ = 0;

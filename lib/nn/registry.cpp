@@ -88,6 +88,18 @@ std::unique_ptr<Layer> makeLayer(const LayerSpec& spec, const LayerBuild& build)
   return factory(spec, build);
 }
 
+void SharedScratch::allocate() {
+  size_t total = 0;
+  for (size_t n : size_) total += (n + 15) / 16 * 16;  // each slot on a 64-byte boundary
+  if (total == 0) return;
+  memory_ = AlignedBuffer<float>(total);
+  size_t at = 0;
+  for (int i = 0; i < kSlots; ++i) {
+    slot_[i] = memory_.data() + at;
+    at += (size_[i] + 15) / 16 * 16;
+  }
+}
+
 void requireCpu(Device device, std::string_view what) {
   if (!device.isCpu())
     DTRAIN_THROW(NotBuiltError, "device {}: {} has no CUDA implementation in this build", device.str(), what);

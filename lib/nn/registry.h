@@ -22,6 +22,8 @@
 // initialised, so usable at any time) and thread-safe to read.
 #pragma once
 
+#include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -30,6 +32,7 @@
 #include <string_view>
 #include <vector>
 
+#include "lib/common/aligned_buffer.h"
 #include "lib/common/tensor.h"
 #include "lib/nn/spec.h"
 
@@ -47,11 +50,29 @@ struct ParamShape {
   Shape shape;
 };
 
+// Backward scratch that layers of one model share because only one layer runs at a time (one model per thread):
+// a slot is sized by the largest request made while the model is built and allocated once, by allocate(), at
+// the end of Model::build. data(slot) is valid after that; never during building. Not thread-safe.
+class SharedScratch {
+ public:
+  enum Slot { kGradA, kGradB, kAttention, kSlots };  // a block's ping-pong gradients; attention's dqkv + datt
+  void reserve(Slot slot, size_t floats) { size_[slot] = std::max(size_[slot], floats); }
+  void allocate();
+  float* data(Slot slot) { return slot_[slot]; }
+
+ private:
+  size_t size_[kSlots] = {};
+  float* slot_[kSlots] = {};
+  AlignedBuffer<float> memory_;
+};
+
 // What a layer implementation is built with besides its spec.
 struct LayerBuild {
   Device device;
   int maxBatch = 1;   // scratch is sized for up to this many samples
   uint64_t seed = 0;  // seeds random layers (dropout) unless the spec fixes a seed
+  // Where layers that support it take their backward scratch from; null: their own buffers.
+  SharedScratch* scratch = nullptr;
 };
 
 using LayerFactory = std::unique_ptr<Layer> (*)(const LayerSpec& spec, const LayerBuild& build);

@@ -139,6 +139,11 @@ TEST_CASE("block: x + f(x) with its children's parameters named under it; gradie
   CHECK(shapes[2].shape == Shape{6, 3});
   CHECK(shapes[4].suffix == "3.weight");
   h.checkGradients(1e-2);
+  // Blocks share their backward scratch inside a model, so they do not nest.
+  json nested = json::parse(R"({"input": [4, 3], "layers": [{"type": "block", "layers": [{"type": "block",
+      "layers": [{"type": "relu"}]}]}]})");
+  CHECK(messageOf([&] { parseModelSpec(nested, "job.json", "/model"); }) ==
+        "job.json: /model/layers/0/layers/0: a block cannot contain a block; list them one after another");
   // The branch must keep the shape it adds to.
   json bad = json::parse(R"({"input": [4, 3], "layers": [{"type": "block", "layers": [{"type": "linear", "out": 5}]}]})");
   CHECK(messageOf([&] { parseModelSpec(bad, "job.json", "/model"); }) ==

@@ -26,26 +26,35 @@ struct DebugArgs {
   std::string timeout = "10s";
 };
 
-int runDump(const DebugArgs& a) {
-  const auto timeout = parse::durationFlag("--timeout", a.timeout);
-  auto hp = net::parseHostPort(a.endpoint, rendezvous::kDefaultPort);
-  DTRAIN_CHECK_AS(UsageError, hp.has_value(), "--rdzv-endpoint {}: expected HOST[:PORT]", a.endpoint);
+}  // namespace
+
+std::vector<std::string> monitoredAgents(const std::string& runId, const std::string& endpoint,
+                                         const std::string& token, std::chrono::milliseconds timeout) {
+  auto hp = net::parseHostPort(endpoint, rendezvous::kDefaultPort);
+  DTRAIN_CHECK_AS(UsageError, hp.has_value(), "--rdzv-endpoint {}: expected HOST[:PORT]", endpoint);
   rendezvous::TcpStoreClientOptions co;
   co.host = hp->host;
   co.port = hp->port;
   co.connectTimeout = timeout;
   co.timeout = timeout;
-  if (auto token = resolveRdzvToken(a.token, a.tokenFile); !token.empty()) co.token = token;
-  rendezvous::PrefixStore store(rendezvous::runPrefix(a.runId), rendezvous::TcpStoreClient::connect(co));
+  if (!token.empty()) co.token = token;
+  rendezvous::PrefixStore store(rendezvous::runPrefix(runId), rendezvous::TcpStoreClient::connect(co));
   std::string listing = store.tryGet(launch::kMonitorAgentsKey).value_or("");
   std::set<std::string> agents;
   std::istringstream lines(listing);
   for (std::string line; std::getline(lines, line);)
     if (!line.empty()) agents.insert(line);
   DTRAIN_CHECK_AS(RendezvousError, !agents.empty(),
-                  "run {} at {}: no agent published a monitoring endpoint (start `dtrain run` with --metrics-port to "
-                  "use `dtrain debug dump`)",
-                  a.runId, hp->str());
+                  "run {} at {}: no agent published a monitoring endpoint (start `dtrain run` with --metrics-port)",
+                  runId, hp->str());
+  return {agents.begin(), agents.end()};
+}
+
+namespace {
+
+int runDump(const DebugArgs& a) {
+  const auto timeout = parse::durationFlag("--timeout", a.timeout);
+  const auto agents = monitoredAgents(a.runId, a.endpoint, resolveRdzvToken(a.token, a.tokenFile), timeout);
   std::vector<launch::RankFlight> ranks;
   std::map<int, size_t> byRank;  // an agent listed twice (restarted) reports the same ranks: keep the newest
   for (const auto& agent : agents) {

@@ -4,7 +4,10 @@
 
 #include <CLI/CLI.hpp>
 
+#include <chrono>
 #include <functional>
+#include <string>
+#include <vector>
 
 namespace dtrain::app {
 
@@ -26,6 +29,11 @@ void addCkptCommand(CLI::App& root, Action& action);
 void addDebugCommand(CLI::App& root, Action& action);  // cmd_debug.cpp: `dtrain debug dump RUN_ID`
 void addGenerateCommand(CLI::App& root, Action& action);  // cmd_generate.cpp
 void addPlotCommand(CLI::App& root, Action& action);  // cmd_plot.cpp: `dtrain plot RUN_DIR...`
+void addTopCommand(CLI::App& root, Action& action);   // cmd_top.cpp: `dtrain top RUN_ID`
+// The "host:port" monitoring endpoints the agents of `runId` published in its store (cmd_debug.cpp). Throws
+// RendezvousError when none did (agents without --metrics-port), UsageError for a bad endpoint.
+std::vector<std::string> monitoredAgents(const std::string& runId, const std::string& endpoint,
+                                         const std::string& token, std::chrono::milliseconds timeout);
 
 // `dtrain bench <what>`: cmd_bench.cpp creates the `bench` group; each benchmark adds itself to it.
 void addBenchStore(CLI::App& bench, Action& action);        // cmd_bench_store.cpp

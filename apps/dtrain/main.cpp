@@ -39,6 +39,7 @@ int main(int argc, char** argv) {
   dtrain::app::addDebugCommand(root, action);
   dtrain::app::addGenerateCommand(root, action);
   dtrain::app::addPlotCommand(root, action);
+  dtrain::app::addTopCommand(root, action);
   std::vector<std::string> args(argv, argv + argc);
   dtrain::app::splitWorkerArgs(root, args);
   std::vector<std::string> reversed(args.rbegin(), args.rend() - 1);  // CLI11 wants them reversed, no argv[0]

@@ -65,6 +65,13 @@ TEST_CASE("a rank frozen mid-step is named by dtrain debug dump and by the agent
     if (rank1 < 0) std::this_thread::sleep_for(100ms);
   }
   REQUIRE(rank1 > 0);
+  // dtrain top shows both ranks of the running job, found through the store.
+  auto top = run({dtrainBinary(), "top", id, "--rdzv-endpoint", endpoint, "--once"}, {.timeout = 30s});
+  CHECK_MESSAGE(top.exitCode == 0, top.err);
+  CHECK(top.out.find(fmt::format("dtrain top: run {} (1 agent(s), 2 rank(s))", id)) != std::string::npos);
+  CHECK(top.out.find("round 0, restarts 0, 2 worker(s) running") != std::string::npos);
+  CHECK(linesWith(top.out, "     0     0 ").size() == 1);  // rank 0 on node 0
+  CHECK(linesWith(top.out, "     1     0 ").size() == 1);
   REQUIRE(::kill(rank1, SIGSTOP) == 0);
 
   // Rank 0 soon waits in a collective rank 1 never begins: dump names rank 1 as behind.

@@ -1,0 +1,142 @@
+// `dtrain top RUN_ID --rdzv-endpoint HOST:PORT`: a terminal view of a running job (nvidia-smi's one glance): per
+// rank its node, step, epoch, loss, samples/s and the age of its last report; per node the round, restarts and
+// heartbeat ages. Reads the agents' /metrics (agents started with --metrics-port publish their endpoints in the
+// run's store) and redraws in place every --interval; --once prints one view and exits.
+#include <unistd.h>
+
+#include <chrono>
+#include <map>
+#include <regex>
+#include <sstream>
+#include <thread>
+
+#include "apps/dtrain/commands.h"
+#include "lib/common/error.h"
+#include "lib/common/net.h"
+#include "lib/common/parse.h"
+#include "lib/launch/http_server.h"
+
+namespace dtrain::app {
+
+namespace {
+
+struct TopArgs {
+  std::string runId;
+  std::string endpoint = "127.0.0.1";
+  std::string token, tokenFile;
+  std::string interval = "1s";
+  bool once = false;
+};
+
+struct Sample {
+  std::string name;
+  std::map<std::string, std::string> labels;
+  double value = 0;
+};
+
+// The sample lines of a text exposition (comments skipped).
+std::vector<Sample> parseExposition(const std::string& text) {
+  static const std::regex line(R"(^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$)");
+  static const std::regex label(R"re(([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)")re");
+  std::vector<Sample> out;
+  std::istringstream in(text);
+  for (std::string l; std::getline(in, l);) {
+    std::smatch m;
+    if (l.empty() || l[0] == '#' || !std::regex_match(l, m, line)) continue;
+    Sample s{m[1], {}, std::strtod(m[3].str().c_str(), nullptr)};
+    const std::string labels = m[2];
+    for (auto it = std::sregex_iterator(labels.begin(), labels.end(), label); it != std::sregex_iterator(); ++it)
+      s.labels[(*it)[1]] = (*it)[2];
+    out.push_back(std::move(s));
+  }
+  return out;
+}
+
+std::string view(const TopArgs& a, const std::vector<std::string>& agents, std::chrono::milliseconds timeout) {
+  struct Rank {
+    std::string node;
+    double step = 0, epoch = 0, loss = 0, sps = 0, updated = 0;
+  };
+  std::map<int, Rank> ranks;
+  std::string nodes;
+  for (const auto& agent : agents) {
+    auto hp = net::parseHostPort(agent, 0);
+    if (!hp) continue;
+    std::vector<Sample> samples;
+    try {
+      auto r = launch::httpGet(hp->host, hp->port, "/metrics", timeout);
+      if (r.status != 200) throw Error(fmt::format("HTTP status {}", r.status));
+      samples = parseExposition(r.body);
+    } catch (const std::exception& e) {
+      nodes += fmt::format("  agent {}: no answer ({})\n", agent, e.what());
+      continue;
+    }
+    std::map<std::string, double> agentValues;
+    std::string hb;
+    for (const auto& s : samples) {
+      if (s.labels.count("rank")) {
+        Rank& r = ranks[std::stoi(s.labels.at("rank"))];
+        r.node = s.labels.count("node") ? s.labels.at("node") : "?";
+        if (s.name == "dtrain_step") r.step = s.value;
+        else if (s.name == "dtrain_epoch") r.epoch = s.value;
+        else if (s.name == "dtrain_loss") r.loss = s.value;
+        else if (s.name == "dtrain_samples_per_second") r.sps = s.value;
+        else if (s.name == "dtrain_worker_last_update_timestamp_seconds") r.updated = s.value;
+      } else if (s.name == "dtrain_heartbeat_age_seconds") {
+        hb += fmt::format(" node {} {:.1f}s", s.labels.count("peer_node") ? s.labels.at("peer_node") : "?", s.value);
+      } else {
+        agentValues[s.name] = s.value;
+        if (s.labels.count("node")) agentValues["node"] = std::stod(s.labels.at("node"));
+      }
+    }
+    nodes += fmt::format("  node {} at {}: round {}, restarts {}, {} worker(s) running{}\n", agentValues["node"], agent,
+                         agentValues["dtrain_round"], agentValues["dtrain_restarts_total"],
+                         agentValues["dtrain_workers_running"], hb.empty() ? "" : "; heartbeat ages:" + hb);
+  }
+  const double now =
+      std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+  std::string out = fmt::format("dtrain top: run {} ({} agent(s), {} rank(s))\n{}\n", a.runId, agents.size(),
+                                ranks.size(), nodes);
+  out += fmt::format("{:>6} {:>5} {:>10} {:>6} {:>12} {:>12} {:>12}\n", "rank", "node", "step", "epoch", "loss",
+                     "samples/s", "last report");
+  double total = 0;
+  for (const auto& [rank, r] : ranks) {
+    total += r.sps;
+    out += fmt::format("{:>6} {:>5} {:>10.0f} {:>6.0f} {:>12.6g} {:>12.0f} {:>10.1f} s\n", rank, r.node, r.step,
+                       r.epoch + 1, r.loss, r.sps, r.updated > 0 ? now - r.updated : 0.0);
+  }
+  out += fmt::format("{:>6} {:>5} {:>10} {:>6} {:>12} {:>12.0f}\n", "all", "", "", "", "", total);
+  return out;
+}
+
+int runTop(const TopArgs& a) {
+  const auto interval = parse::durationFlag("--interval", a.interval);
+  const auto timeout = std::chrono::milliseconds(5000);
+  const auto agents = monitoredAgents(a.runId, a.endpoint, resolveRdzvToken(a.token, a.tokenFile), timeout);
+  if (a.once || !::isatty(STDOUT_FILENO)) {
+    fmt::print("{}", view(a, agents, timeout));
+    return 0;
+  }
+  for (;;) {  // until Ctrl-C: redraw in place
+    std::string frame = view(a, agents, timeout);
+    fmt::print("\033[H\033[2J{}", frame);
+    std::fflush(stdout);
+    std::this_thread::sleep_for(interval);
+  }
+}
+
+}  // namespace
+
+void addTopCommand(CLI::App& root, Action& action) {
+  auto a = std::make_shared<TopArgs>();
+  auto* sub = root.add_subcommand("top", "A live terminal view of a running job (agents need --metrics-port)");
+  sub->add_option("run_id", a->runId, "The job's --rdzv-id")->required();
+  sub->add_option("--rdzv-endpoint", a->endpoint, "The run's rendezvous store HOST[:PORT]")->capture_default_str();
+  sub->add_option("--rdzv-token", a->token, "The store's shared secret")->envname("DTRAIN_RDZV_TOKEN");
+  sub->add_option("--rdzv-token-file", a->tokenFile, "Read the store's shared secret from this file");
+  sub->add_option("--interval", a->interval, "Refresh period")->capture_default_str();
+  sub->add_flag("--once", a->once, "Print one view and exit (also when stdout is not a terminal)");
+  sub->callback([&action, a] { action = [a] { return runTop(*a); }; });
+}
+
+}  // namespace dtrain::app

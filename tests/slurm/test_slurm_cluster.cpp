@@ -146,12 +146,17 @@ TEST_CASE("flags that contradict the allocation are refused, naming both values"
   CHECK(r.exitCode == 3);  // dtrain's usage error, passed on by srun
   CHECK(r.err.find("--nnodes 4 contradicts the Slurm allocation: SLURM_STEP_NUM_NODES=2") != std::string::npos);
   // Only node 1 contradicts --node-rank 0; --kill-on-bad-exit ends node 0's agent, which would wait for it.
-  r = run({"srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", dtrainBinary(), "run", "--node-rank",
-           "0", "--", "true"},
+  // Each task's stderr goes to its own file, written by slurmstepd on the node: srun kills the step as soon as
+  // task 1 exits, and its forwarding of that task's last stderr races with the kill (the message was missing
+  // from srun's stderr in one clean-clone CI run).
+  auto dir = tempDir("slurm-contradict");
+  r = run({"srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "--error=" + dir + "/err-%t.txt",
+           dtrainBinary(), "run", "--node-rank", "0", "--", "true"},
           RunOptions{.timeout = 60s});
-  INFO("stderr:\n", r.err);
+  std::string task1 = readFile(dir + "/err-1.txt");
+  INFO("srun stderr:\n", r.err, "\ntask 1 stderr:\n", task1);
   CHECK(r.exitCode != 0);
-  CHECK(r.err.find("--node-rank 0 contradicts the Slurm step: SLURM_NODEID=1") != std::string::npos);
+  CHECK(task1.find("--node-rank 0 contradicts the Slurm step: SLURM_NODEID=1") != std::string::npos);
 }
 
 TEST_CASE("scancel mid-run stops every worker through SIGTERM and leaves no process behind") {

@@ -127,30 +127,49 @@ FileFacts factsOf(const std::string& path) {
   return f;
 }
 
-// Checks the content size a header declares (`total` bytes, header included) against the file before any data
-// is read. `mismatch(haveBytes)` words the error for content of another size. A gzip file's trailer is only
-// trusted in ReadMode::kHeader (which reads nothing else): a full read lets zlib tell a truncated stream
-// ("corrupt or truncated gzip data") from short content, and stops at `total` bytes anyway.
-template <typename Mismatch>
-void checkDeclaredSize(const std::string& path, uint64_t total, Mismatch&& mismatch, ReadMode mode) {
+// The data part of an IDX or NPY file whose header (`headerBytes` long) declared `out`'s shape and type
+// (`format` and `shapeText` word the messages). The declared size is checked against the file before any data
+// is read or allocated: a plain file's length; for gzip, what deflate could hold at most and - in
+// ReadMode::kHeader, which reads nothing else - the trailer's size (a full read lets zlib tell a truncated stream,
+// "corrupt or truncated gzip data", from short content, and stops at the declared size anyway). kHeader marks
+// `out` probed; kAll fills out.bytes with the data (header stripped, file byte order).
+void readDeclaredData(const std::string& path, const char* format, const std::string& shapeText, size_t headerBytes,
+                      ReadMode mode, RawArray& out) {
+  std::optional<uint64_t> declared = dtypeSize(out.type);
+  for (int d = 0; d < out.shape.rank() && declared; ++d) {
+    uint64_t r = 0;
+    if (__builtin_mul_overflow(*declared, static_cast<uint64_t>(out.shape[d]), &r)) declared.reset();
+    else declared = r;
+  }
+  DTRAIN_CHECK_AS(ConfigError, declared && *declared <= (uint64_t{1} << 48),
+                  "{}: {} header declares shape {} of {}, more than any dataset this machine can hold", path, format,
+                  shapeText, dtypeName(out.type));
+  const auto dataBytes = static_cast<size_t>(*declared);
+  const uint64_t total = headerBytes + dataBytes;
+  auto mismatch = [&](uint64_t have) {
+    return fmt::format("{}: {} data has {} bytes, expected {} for shape {} of {}", path, format,
+                       have < headerBytes ? 0 : have - headerBytes, dataBytes, out.shape.spaced(),
+                       dtypeName(out.type));
+  };
   FileFacts f = factsOf(path);
   if (!f.gzip) {
     if (f.fileBytes != total) throw ConfigError(mismatch(f.fileBytes));
+  } else {
+    DTRAIN_CHECK_AS(ConfigError, f.fileBytes > 0 && total / f.fileBytes <= kMaxDeflateRatio,
+                    "{}: the header declares {} bytes but a gzip file of {} bytes holds at most about {} (deflate "
+                    "expands at most {}:1): a wrong header, or a truncated file",
+                    path, total, f.fileBytes, f.fileBytes * kMaxDeflateRatio, kMaxDeflateRatio);
+    if (mode == ReadMode::kHeader && static_cast<uint32_t>(total) != f.isize)
+      throw ConfigError(mismatch(f.isize) + " (by the gzip trailer's size; or the gzip file is truncated or corrupt)");
+  }
+  if (mode == ReadMode::kHeader) {
+    out.probed = true;
     return;
   }
-  DTRAIN_CHECK_AS(ConfigError, f.fileBytes > 0 && total / f.fileBytes <= kMaxDeflateRatio,
-                  "{}: the header declares {} bytes but a gzip file of {} bytes holds at most about {} (deflate "
-                  "expands at most {}:1): a wrong header, or a truncated file",
-                  path, total, f.fileBytes, f.fileBytes * kMaxDeflateRatio, kMaxDeflateRatio);
-  if (mode == ReadMode::kHeader && static_cast<uint32_t>(total) != f.isize)
-    throw ConfigError(mismatch(f.isize) + " (by the gzip trailer's size; or the gzip file is truncated or corrupt)");
-}
-
-// a * b, or nullopt when it does not fit 64 bits.
-std::optional<uint64_t> mul(uint64_t a, uint64_t b) {
-  uint64_t r = 0;
-  if (__builtin_mul_overflow(a, b, &r)) return std::nullopt;
-  return r;
+  auto bytes = readFileBytes(path, total);
+  if (bytes.size() != total) throw ConfigError(mismatch(bytes.size()));
+  bytes.erase(bytes.begin(), bytes.begin() + static_cast<std::ptrdiff_t>(headerBytes));
+  out.bytes = std::move(bytes);
 }
 
 uint32_t bigEndian32(const std::byte* p) {
@@ -314,28 +333,8 @@ RawArray readIdx(const std::string& path, int expectedDims, const std::string& w
   DTRAIN_CHECK_AS(ConfigError, dims <= kMaxRank, "{}: IDX header declares {} dimensions (at most {} supported)", path,
                   dims, kMaxRank);
   for (int d = 0; d < dims; ++d) out.shape.push_back(bigEndian32(bytes.data() + 4 + 4 * d));
-  const size_t width = dtypeSize(out.type);
-  std::optional<uint64_t> declared = width;
-  for (int d = 0; d < dims && declared; ++d) declared = mul(*declared, static_cast<uint64_t>(out.shape[d]));
-  DTRAIN_CHECK_AS(ConfigError, declared && *declared <= (uint64_t{1} << 48),
-                  "{}: IDX header declares shape {} of {}, more than any dataset this machine can hold", path,
-                  out.shape.spaced(), dtypeName(out.type));
-  const auto dataBytes = static_cast<size_t>(*declared);
-  auto sizeMismatch = [&](uint64_t have) {
-    return fmt::format("{}: IDX data has {} bytes, expected {} for shape {} of {}", path,
-                       have < headerBytes ? 0 : have - headerBytes, dataBytes, out.shape.spaced(),
-                       dtypeName(out.type));
-  };
-  checkDeclaredSize(path, headerBytes + dataBytes, sizeMismatch, mode);
-  if (mode == ReadMode::kHeader) {
-    out.probed = true;
-    return out;
-  }
-  bytes = readFileBytes(path, headerBytes + dataBytes);
-  if (bytes.size() != headerBytes + dataBytes) throw ConfigError(sizeMismatch(bytes.size()));
-  bytes.erase(bytes.begin(), bytes.begin() + static_cast<std::ptrdiff_t>(headerBytes));
-  byteSwapInPlace(bytes, width);
-  out.bytes = std::move(bytes);
+  readDeclaredData(path, "IDX", out.shape.spaced(), headerBytes, mode, out);
+  byteSwapInPlace(out.bytes, dtypeSize(out.type));  // IDX is big-endian (nothing to swap when probed)
   return out;
 }
 
@@ -423,27 +422,7 @@ RawArray readNpy(const std::string& path, ReadMode mode) {
     pos = comma + 1;
   }
   DTRAIN_CHECK_AS(ConfigError, !out.shape.empty(), "{}: NPY array is a scalar (expected a sample dimension)", path);
-  std::optional<uint64_t> declared = dtypeSize(out.type);
-  for (int d = 0; d < out.shape.rank() && declared; ++d) declared = mul(*declared, static_cast<uint64_t>(out.shape[d]));
-  DTRAIN_CHECK_AS(ConfigError, declared && *declared <= (uint64_t{1} << 48),
-                  "{}: NPY header declares shape {} of {}, more than any dataset this machine can hold", path,
-                  shapeText, dtypeName(out.type));
-  const auto dataBytes = static_cast<size_t>(*declared);
-  const size_t headerBytes = offset + headerLen;
-  auto sizeMismatch = [&](uint64_t have) {
-    return fmt::format("{}: NPY data has {} bytes, expected {} for shape {} of {}", path,
-                       have < headerBytes ? 0 : have - headerBytes, dataBytes, out.shape.spaced(),
-                       dtypeName(out.type));
-  };
-  checkDeclaredSize(path, headerBytes + dataBytes, sizeMismatch, mode);
-  if (mode == ReadMode::kHeader) {
-    out.probed = true;
-    return out;
-  }
-  bytes = readFileBytes(path, headerBytes + dataBytes);
-  if (bytes.size() != headerBytes + dataBytes) throw ConfigError(sizeMismatch(bytes.size()));
-  bytes.erase(bytes.begin(), bytes.begin() + static_cast<std::ptrdiff_t>(offset + headerLen));
-  out.bytes = std::move(bytes);
+  readDeclaredData(path, "NPY", shapeText, offset + headerLen, mode, out);
   return out;
 }
 

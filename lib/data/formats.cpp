@@ -33,10 +33,11 @@ struct FdGuard {
   }
 };
 
-// Reads to EOF, never more than `maxBytes` + 1 bytes (one past the bound proves there is more).
+// Reads to EOF, never more than `maxBytes` + 1 bytes (one past the bound proves there is more). `prefix`: read
+// at most `maxBytes` and stop there, more data being no error (readFilePrefix).
 std::vector<std::byte> readPlain(int fd, const std::string& path, size_t sizeHint,
-                                 std::optional<size_t> maxBytes = std::nullopt) {
-  const size_t cap = maxBytes ? *maxBytes + 1 : SIZE_MAX;
+                                 std::optional<size_t> maxBytes = std::nullopt, bool prefix = false) {
+  const size_t cap = maxBytes ? *maxBytes + (prefix ? 0 : 1) : SIZE_MAX;
   std::vector<std::byte> out(std::min(sizeHint + 1, cap));  // +1 so the final read sees EOF without a resize
   size_t used = 0;
   for (;;) {
@@ -51,19 +52,20 @@ std::vector<std::byte> readPlain(int fd, const std::string& path, size_t sizeHin
     if (n == 0) break;
     used += static_cast<size_t>(n);
   }
-  DTRAIN_CHECK_AS(ConfigError, !maxBytes || used <= *maxBytes,
+  DTRAIN_CHECK_AS(ConfigError, prefix || !maxBytes || used <= *maxBytes,
                   "{}: the file has more data than its header declares ({} bytes)", path, *maxBytes);
   out.resize(used);
   return out;
 }
 
 // Inflates to EOF, never more than `maxBytes` + 1 bytes: a gzip bomb is stopped at what its header declared.
+// `prefix`: inflate at most `maxBytes` and stop there, with no verdict on the rest of the stream.
 std::vector<std::byte> readGzip(int fd, const std::string& path, size_t sizeHint,
-                                std::optional<size_t> maxBytes = std::nullopt) {
+                                std::optional<size_t> maxBytes = std::nullopt, bool prefix = false) {
   gzFile gz = ::gzdopen(fd, "rb");
   DTRAIN_CHECK_AS(ConfigError, gz != nullptr, "{}: cannot open gzip stream", path);
   ::gzbuffer(gz, 256 * 1024);
-  const size_t cap = maxBytes ? *maxBytes + 1 : SIZE_MAX;
+  const size_t cap = maxBytes ? *maxBytes + (prefix ? 0 : 1) : SIZE_MAX;
   std::vector<std::byte> out(std::min(sizeHint + 1, cap));  // +1 so the final read sees EOF without a resize
   size_t used = 0;
   for (;;) {
@@ -81,6 +83,11 @@ std::vector<std::byte> readGzip(int fd, const std::string& path, size_t sizeHint
     }
     if (n == 0) break;
     used += static_cast<size_t>(n);
+  }
+  if (prefix) {
+    ::gzclose(gz);
+    out.resize(used);
+    return out;
   }
   if (maxBytes && used > *maxBytes) {
     ::gzclose(gz);
@@ -273,35 +280,9 @@ std::vector<std::byte> readFilePrefix(const std::string& path, size_t n) {
   DTRAIN_CHECK_AS(ConfigError, ::fstat(fd, &st) == 0 && S_ISREG(st.st_mode), "{}: not a regular file", path);
   unsigned char magic[2] = {0, 0};
   bool gzip = ::pread(fd, magic, 2, 0) == 2 && magic[0] == 0x1f && magic[1] == 0x8b;
-  std::vector<std::byte> out(n);
-  size_t used = 0;
-  if (!gzip) {
-    while (used < n) {
-      ssize_t r = ::pread(fd, out.data() + used, n - used, static_cast<off_t>(used));
-      if (r < 0 && errno == EINTR) continue;
-      if (r < 0) DTRAIN_THROW(ConfigError, "{}: read failed ({})", path, std::strerror(errno));
-      if (r == 0) break;
-      used += static_cast<size_t>(r);
-    }
-  } else {
-    gzFile gz = ::gzdopen(fd, "rb");
-    DTRAIN_CHECK_AS(ConfigError, gz != nullptr, "{}: cannot open gzip stream", path);
-    guard.fd = -1;  // gzdopen owns it now
-    while (used < n) {
-      int r = ::gzread(gz, out.data() + used, static_cast<unsigned>(std::min<size_t>(n - used, 1u << 30)));
-      if (r < 0) {
-        int code = 0;
-        std::string why = ::gzerror(gz, &code);
-        ::gzclose(gz);
-        DTRAIN_THROW(ConfigError, "{}: corrupt gzip data ({})", path, why);
-      }
-      if (r == 0) break;
-      used += static_cast<size_t>(r);
-    }
-    ::gzclose(gz);
-  }
-  out.resize(used);
-  return out;
+  if (!gzip) return readPlain(fd, path, n, n, /*prefix=*/true);
+  guard.fd = -1;  // gzdopen owns it now
+  return readGzip(fd, path, n, n, /*prefix=*/true);
 }
 
 RawArray readIdx(const std::string& path, int expectedDims, const std::string& what, ReadMode mode) {

@@ -9,6 +9,7 @@
 #include "lib/common/error.h"
 #include "lib/common/json_fields.h"
 #include "lib/nn/layers_impl.h"
+#include "lib/nn/tensor_parallel.h"
 
 #include <unsupported/Eigen/SpecialFunctions>
 
@@ -42,11 +43,18 @@ using detail::MatMap;
 
 // y = x W^T + b with W [out, in] row-major: PyTorch's nn.Linear layout, so X * W.transpose() is a plain
 // GEMM with a transposed operand and no copy.
+// Tensor-parallel (spec().shard, lib/nn/tensor_parallel.h): a column linear holds rows of W and b and
+// all-reduces dx in backward; a row linear holds columns of W, all-reduces its partial output before adding the
+// whole bias in forward.
 class Linear final : public Layer {
  public:
   // Over the last dimension, as nn.Linear: an input [T, in] is T rows per sample.
-  explicit Linear(const LayerSpec& spec)
-      : Layer(spec, Device::cpu()), in_(spec.input.back()), out_(spec.out), rows_(spec.input.numel() / in_) {}
+  Linear(const LayerSpec& spec, TensorGroup* group)
+      : Layer(spec, Device::cpu()), in_(spec.input.back()), out_(spec.out), rows_(spec.input.numel() / in_),
+        group_(spec.shard.kind == TensorShard::kNone ? nullptr : group) {
+    DTRAIN_CHECK(spec.shard.kind == TensorShard::kNone || group_ != nullptr,
+                 "{}: a tensor-parallel linear needs its tensor group", spec.path);
+  }
 
   void bind(float* params, float* grads) override {
     w_ = params;
@@ -60,6 +68,7 @@ class Linear final : public Layer {
   // PyTorch: kaiming_uniform_(a=sqrt(5)) gives U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the bias uses the same bound.
   // With the spec's initStd (the gpt preset): normal(0, initStd) weights and zero biases, as nanoGPT.
   void initParams(InitRng& rng) override {
+    if (group_ != nullptr) return initShard(rng);
     if (spec().initStd > 0) {
       for (int64_t i = 0; i < out_ * in_; ++i) w_[i] = rng.normal(spec().initStd);
       if (b_ != nullptr) std::fill(b_, b_ + out_, 0.0f);
@@ -78,6 +87,7 @@ class Linear final : public Layer {
     ConstMatMap W(w_, out_, in_);
     MatMap Y(y, rows, out_);
     Y.noalias() = X * W.transpose();
+    if (spec().shard.kind == TensorShard::kRow) group_->allReduceSum(y, static_cast<size_t>(rows * out_));
     if (b_ != nullptr) Y.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(b_, out_);
   }
 
@@ -99,11 +109,31 @@ class Linear final : public Layer {
     if (dx != nullptr) {
       MatMap dX(dx, rows, in_);
       dX.noalias() = dY * ConstMatMap(w_, out_, in_);
+      if (spec().shard.kind == TensorShard::kColumn) group_->allReduceSum(dx, static_cast<size_t>(rows * in_));
     }
   }
 
  private:
+  // The full layer's initialisation (same draws, same order), keeping this rank's rows or columns.
+  void initShard(InitRng& rng) {
+    const TensorShard& t = spec().shard;
+    const bool column = t.kind == TensorShard::kColumn;
+    const int64_t fullOut = column ? out_ * t.size : out_, fullIn = column ? in_ : in_ * t.size;
+    const int64_t r0 = column ? t.rank * out_ : 0, c0 = column ? 0 : t.rank * in_;
+    const double std = spec().initStd;
+    const double bound = 1.0 / std::sqrt(static_cast<double>(fullIn));
+    auto draw = [&] { return std > 0 ? rng.normal(std) : rng.symmetric(bound); };
+    detail::drawBlock(w_, fullOut, fullIn, r0, out_, c0, in_, draw);
+    if (b_ == nullptr) return;
+    if (std > 0) {
+      std::fill(b_, b_ + out_, 0.0f);
+    } else {
+      detail::drawBlock(b_, 1, fullOut, 0, 1, r0, out_, draw);
+    }
+  }
+
   int64_t in_, out_, rows_;
+  TensorGroup* group_;
   float* w_ = nullptr;
   float* b_ = nullptr;
   float* gw_ = nullptr;
@@ -273,8 +303,16 @@ void parseLinear(const JsonFields& f, LayerSpec& l) {
 }
 
 std::vector<ParamShape> linearParams(const LayerSpec& l) {
-  std::vector<ParamShape> shapes{{"weight", Shape{l.out, l.input.back()}}};
-  if (l.bias) shapes.push_back({"bias", Shape{l.out}});
+  const int64_t out = l.out, in = l.input.back();
+  std::vector<ParamShape> shapes{{"weight", Shape{out, in}}};
+  if (l.bias) shapes.push_back({"bias", Shape{out}});
+  const TensorShard& t = l.shard;
+  if (t.kind == TensorShard::kColumn) {  // rows [rank * out, +out) of the full [out * size, in]
+    shapes[0].full = Shape{out * t.size, in}, shapes[0].dim = 0, shapes[0].start = t.rank * out;
+    if (l.bias) shapes[1].full = Shape{out * t.size}, shapes[1].dim = 0, shapes[1].start = t.rank * out;
+  } else if (t.kind == TensorShard::kRow) {  // columns [rank * in, +in) of the full [out, in * size]; bias whole
+    shapes[0].full = Shape{out, in * t.size}, shapes[0].dim = 1, shapes[0].start = t.rank * in;
+  }
   return shapes;
 }
 
@@ -307,6 +345,10 @@ std::unique_ptr<Layer> make(const LayerSpec& spec, const LayerBuild&) {
   return std::make_unique<L>(spec);
 }
 
+std::unique_ptr<Layer> makeLinear(const LayerSpec& spec, const LayerBuild& build) {
+  return std::make_unique<Linear>(spec, build.tensor);
+}
+
 std::unique_ptr<Layer> makeDropout(const LayerSpec& spec, const LayerBuild& build) {
   return std::make_unique<Dropout>(spec, build.maxBatch, build.seed);
 }
@@ -315,7 +357,7 @@ std::unique_ptr<Layer> makeDropout(const LayerSpec& spec, const LayerBuild& buil
 
 const LayerKind& linearKind() {
   static constexpr LayerKind kind{.name = "linear", .parse = parseLinear, .paramShapes = linearParams,
-                                  .detail = linearDetail, .cpu = make<Linear>,
+                                  .detail = linearDetail, .cpu = makeLinear,
                                   .exampleLayer = R"({"type": "linear", "out": 3})", .exampleInput = "[4]"};
   return kind;
 }

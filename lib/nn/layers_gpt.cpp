@@ -13,6 +13,7 @@
 #include "lib/common/error.h"
 #include "lib/common/json_fields.h"
 #include "lib/nn/layers_impl.h"
+#include "lib/nn/tensor_parallel.h"
 
 namespace dtrain::nn {
 namespace {
@@ -92,76 +93,84 @@ class Embedding final : public Layer {
 // the full square is computed and the upper triangle masked in the softmax, which costs the wasted half of a
 // small GEMM but keeps Eigen's fast kernel. qkv, the concatenated heads and the probabilities are kept for
 // backward (maxBatch * (4C + H*T) * T floats).
+// Tensor-parallel (spec().shard kHeads, lib/nn/tensor_parallel.h): the rank computes its H / size heads, w = C /
+// size columns of q, k, v and of the concatenated heads; c_proj's partial output is all-reduced before its
+// (whole) bias is added, and dx is all-reduced in backward. With one rank w = C and nothing is communicated.
 class CausalSelfAttention final : public Layer {
  public:
-  CausalSelfAttention(const LayerSpec& spec, int maxBatch, SharedScratch* scratch)
-      : Layer(spec, Device::cpu()), t_(spec.input[0]), c_(spec.input[1]), h_(spec.nHead), hs_(c_ / h_),
-        rows_(sz(maxBatch) * sz(t_)), qkv_(rows_ * sz(3 * c_)), att_(rows_ * sz(c_)),
-        probs_(sz(maxBatch) * sz(h_ * t_ * t_)), dprobs_(sz(t_ * t_)), scratch_(scratch) {
+  CausalSelfAttention(const LayerSpec& spec, int maxBatch, SharedScratch* scratch, TensorGroup* group)
+      : Layer(spec, Device::cpu()), t_(spec.input[0]), c_(spec.input[1]), parts_(spec.shard.size),
+        h_(spec.nHead / parts_), hs_(c_ / spec.nHead), w_(h_ * hs_), rows_(sz(maxBatch) * sz(t_)),
+        qkv_(rows_ * sz(3 * w_)), att_(rows_ * sz(w_)), probs_(sz(maxBatch) * sz(h_ * t_ * t_)),
+        dprobs_(sz(t_ * t_)), scratch_(scratch), group_(spec.shard.kind == TensorShard::kHeads ? group : nullptr) {
+    DTRAIN_CHECK(spec.shard.kind != TensorShard::kHeads || group_ != nullptr,
+                 "{}: a tensor-parallel attention layer needs its tensor group", spec.path);
     // dqkv and datt live only inside one backward: the model's attention layers share them.
-    if (scratch_ != nullptr) scratch_->reserve(SharedScratch::kAttention, rows_ * sz(4 * c_));
-    else own_ = AlignedBuffer<float>(rows_ * sz(4 * c_));
+    if (scratch_ != nullptr) scratch_->reserve(SharedScratch::kAttention, rows_ * sz(4 * w_));
+    else own_ = AlignedBuffer<float>(rows_ * sz(4 * w_));
   }
 
   void bind(float* params, float* grads) override {
     wAttn_ = params, gwAttn_ = grads;
-    size_t at = sz(3 * c_ * c_);
-    if (spec().bias) bAttn_ = params + at, gbAttn_ = grads + at, at += sz(3 * c_);
-    wProj_ = params + at, gwProj_ = grads + at, at += sz(c_ * c_);
+    size_t at = sz(3 * w_ * c_);
+    if (spec().bias) bAttn_ = params + at, gbAttn_ = grads + at, at += sz(3 * w_);
+    wProj_ = params + at, gwProj_ = grads + at, at += sz(c_ * w_);
     if (spec().bias) bProj_ = params + at, gbProj_ = grads + at;
   }
 
   void initParams(InitRng& rng) override {
+    if (group_ != nullptr) return initShard(rng);
     initLinear(rng, wAttn_, bAttn_, 3 * c_, spec().initStd);
     initLinear(rng, wProj_, bProj_, c_, spec().projInitStd > 0 ? spec().projInitStd : spec().initStd);
   }
 
   void forward(const float* x, float* y, int batch, bool) override {
     const Eigen::Index rows = batch * t_;
-    MatMap qkv(qkv_.data(), rows, 3 * c_);
-    qkv.noalias() = ConstMatMap(x, rows, c_) * ConstMatMap(wAttn_, 3 * c_, c_).transpose();
-    if (bAttn_ != nullptr) qkv.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(bAttn_, 3 * c_);
+    MatMap qkv(qkv_.data(), rows, 3 * w_);
+    qkv.noalias() = ConstMatMap(x, rows, c_) * ConstMatMap(wAttn_, 3 * w_, c_).transpose();
+    if (bAttn_ != nullptr) qkv.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(bAttn_, 3 * w_);
     const float scale = 1.0f / std::sqrt(static_cast<float>(hs_));
     for (int b = 0; b < batch; ++b) {
       for (int64_t h = 0; h < h_; ++h) {
-        const float* base = qkv_.data() + b * t_ * 3 * c_ + h * hs_;
-        ConstStridedMap q(base, t_, hs_, Eigen::OuterStride<>(3 * c_));
-        ConstStridedMap k(base + c_, t_, hs_, Eigen::OuterStride<>(3 * c_));
-        ConstStridedMap v(base + 2 * c_, t_, hs_, Eigen::OuterStride<>(3 * c_));
+        const float* base = qkv_.data() + b * t_ * 3 * w_ + h * hs_;
+        ConstStridedMap q(base, t_, hs_, Eigen::OuterStride<>(3 * w_));
+        ConstStridedMap k(base + w_, t_, hs_, Eigen::OuterStride<>(3 * w_));
+        ConstStridedMap v(base + 2 * w_, t_, hs_, Eigen::OuterStride<>(3 * w_));
         MatMap p(probs(b, h), t_, t_);
         p.noalias() = q * k.transpose();
         for (int64_t i = 0; i < t_; ++i) softmaxRow(p.row(i).data(), i + 1, scale);
-        StridedMap out(att_.data() + b * t_ * c_ + h * hs_, t_, hs_, Eigen::OuterStride<>(c_));
+        StridedMap out(att_.data() + b * t_ * w_ + h * hs_, t_, hs_, Eigen::OuterStride<>(w_));
         out.noalias() = p * v;
       }
     }
     MatMap Y(y, rows, c_);
-    Y.noalias() = ConstMatMap(att_.data(), rows, c_) * ConstMatMap(wProj_, c_, c_).transpose();
+    Y.noalias() = ConstMatMap(att_.data(), rows, w_) * ConstMatMap(wProj_, c_, w_).transpose();
+    if (group_ != nullptr) group_->allReduceSum(y, sz(rows * c_));
     if (bProj_ != nullptr) Y.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(bProj_, c_);
   }
 
   void backward(const float* x, const float*, const float* dy, float* dx, int batch, bool accumulate) override {
     const Eigen::Index rows = batch * t_;
     float* dqkvData = scratch_ != nullptr ? scratch_->data(SharedScratch::kAttention) : own_.data();
-    float* dattData = dqkvData + rows_ * sz(3 * c_);
+    float* dattData = dqkvData + rows_ * sz(3 * w_);
     ConstMatMap dY(dy, rows, c_);
-    ConstMatMap att(att_.data(), rows, c_);
-    linearGrads(dY, att, gwProj_, gbProj_, c_, c_, accumulate);
-    MatMap dAtt(dattData, rows, c_);
-    dAtt.noalias() = dY * ConstMatMap(wProj_, c_, c_);
+    ConstMatMap att(att_.data(), rows, w_);
+    linearGrads(dY, att, gwProj_, gbProj_, c_, w_, accumulate);
+    MatMap dAtt(dattData, rows, w_);
+    dAtt.noalias() = dY * ConstMatMap(wProj_, c_, w_);
     const float scale = 1.0f / std::sqrt(static_cast<float>(hs_));
     MatMap dP(dprobs_.data(), t_, t_);
     for (int b = 0; b < batch; ++b) {
       for (int64_t h = 0; h < h_; ++h) {
-        const int64_t off = b * t_ * 3 * c_ + h * hs_;
-        const Eigen::OuterStride<> s3(3 * c_);
+        const int64_t off = b * t_ * 3 * w_ + h * hs_;
+        const Eigen::OuterStride<> s3(3 * w_);
         ConstStridedMap q(qkv_.data() + off, t_, hs_, s3);
-        ConstStridedMap k(qkv_.data() + off + c_, t_, hs_, s3);
-        ConstStridedMap v(qkv_.data() + off + 2 * c_, t_, hs_, s3);
+        ConstStridedMap k(qkv_.data() + off + w_, t_, hs_, s3);
+        ConstStridedMap v(qkv_.data() + off + 2 * w_, t_, hs_, s3);
         StridedMap dq(dqkvData + off, t_, hs_, s3);
-        StridedMap dk(dqkvData + off + c_, t_, hs_, s3);
-        StridedMap dv(dqkvData + off + 2 * c_, t_, hs_, s3);
-        ConstStridedMap dOut(dattData + b * t_ * c_ + h * hs_, t_, hs_, Eigen::OuterStride<>(c_));
+        StridedMap dk(dqkvData + off + w_, t_, hs_, s3);
+        StridedMap dv(dqkvData + off + 2 * w_, t_, hs_, s3);
+        ConstStridedMap dOut(dattData + b * t_ * w_ + h * hs_, t_, hs_, Eigen::OuterStride<>(w_));
         MatMap p(probs(b, h), t_, t_);
         dv.noalias() = p.transpose() * dOut;
         dP.noalias() = dOut * v.transpose();
@@ -179,9 +188,11 @@ class CausalSelfAttention final : public Layer {
         dk.noalias() = dP.transpose() * q;
       }
     }
-    ConstMatMap dQkv(dqkvData, rows, 3 * c_);
-    linearGrads(dQkv, ConstMatMap(x, rows, c_), gwAttn_, gbAttn_, 3 * c_, c_, accumulate);
-    if (dx != nullptr) MatMap(dx, rows, c_).noalias() = dQkv * ConstMatMap(wAttn_, 3 * c_, c_);
+    ConstMatMap dQkv(dqkvData, rows, 3 * w_);
+    linearGrads(dQkv, ConstMatMap(x, rows, c_), gwAttn_, gbAttn_, 3 * w_, c_, accumulate);
+    if (dx == nullptr) return;
+    MatMap(dx, rows, c_).noalias() = dQkv * ConstMatMap(wAttn_, 3 * w_, c_);
+    if (group_ != nullptr) group_->allReduceSum(dx, sz(rows * c_));
   }
 
  private:
@@ -224,11 +235,40 @@ class CausalSelfAttention final : public Layer {
     for (int64_t i = 0; i < out; ++i) b[i] = std > 0 ? 0.0f : rng.symmetric(bound);
   }
 
-  int64_t t_, c_, h_, hs_;
+  // initLinear's draws for the full c_attn [3C, C] and c_proj [C, C], keeping the head group's q, k, v rows
+  // [k * C + rank * w, +w) and c_proj's columns [rank * w, +w).
+  void initShard(InitRng& rng) {
+    const int64_t r = spec().shard.rank;
+    const double bound = 1.0 / std::sqrt(static_cast<double>(c_));
+    auto drawer = [&](double std) {
+      return [&rng, std, bound] { return std > 0 ? rng.normal(std) : rng.symmetric(bound); };
+    };
+    auto attn = drawer(spec().initStd);
+    for (int64_t k = 0; k < 3; ++k) {
+      detail::drawBlock(wAttn_ + k * w_ * c_, c_, c_, r * w_, w_, 0, c_, attn);
+    }
+    if (bAttn_ != nullptr) {
+      for (int64_t k = 0; k < 3; ++k) {
+        if (spec().initStd > 0) std::fill(bAttn_ + k * w_, bAttn_ + (k + 1) * w_, 0.0f);
+        else detail::drawBlock(bAttn_ + k * w_, 1, c_, 0, 1, r * w_, w_, attn);
+      }
+    }
+    auto proj = drawer(spec().projInitStd > 0 ? spec().projInitStd : spec().initStd);
+    detail::drawBlock(wProj_, c_, c_, 0, c_, r * w_, w_, proj);
+    if (bProj_ != nullptr) {
+      const double std = spec().projInitStd > 0 ? spec().projInitStd : spec().initStd;
+      for (int64_t i = 0; i < c_; ++i) bProj_[i] = std > 0 ? 0.0f : proj();
+    }
+  }
+
+  int64_t t_, c_;
+  int parts_;          // tensor-parallel ranks sharing the heads (1: the whole layer)
+  int64_t h_, hs_, w_;  // this rank's heads, the head size, this rank's columns of q/k/v (h_ * hs_)
   size_t rows_;
   AlignedBuffer<float> qkv_, att_, probs_, dprobs_;
   SharedScratch* scratch_;
   AlignedBuffer<float> own_;  // dqkv + datt when built without a shared scratch
+  TensorGroup* group_;        // the tensor group when split by heads; else null
   float* wAttn_ = nullptr;
   float* bAttn_ = nullptr;
   float* wProj_ = nullptr;
@@ -409,6 +449,19 @@ void parseAttention(const JsonFields& f, LayerSpec& l) {
 
 std::vector<ParamShape> attentionParams(const LayerSpec& l) {
   const int64_t c = l.input[1];
+  const TensorShard& t = l.shard;
+  if (t.kind == TensorShard::kHeads) {
+    // The rank's head group: rows [rank * w, +w) of each of q, k and v (three slices of c_attn), the matching
+    // columns of c_proj; c_proj's bias is whole (added after the all-reduce).
+    const int64_t w = c / t.size;
+    std::vector<ParamShape> p;
+    for (int64_t k = 0; k < 3; ++k) p.push_back({"c_attn.weight", Shape{w, c}, Shape{3 * c, c}, 0, k * c + t.rank * w});
+    if (l.bias)
+      for (int64_t k = 0; k < 3; ++k) p.push_back({"c_attn.bias", Shape{w}, Shape{3 * c}, 0, k * c + t.rank * w});
+    p.push_back({"c_proj.weight", Shape{c, w}, Shape{c, c}, 1, t.rank * w});
+    if (l.bias) p.push_back({"c_proj.bias", Shape{c}});
+    return p;
+  }
   std::vector<ParamShape> p{{"c_attn.weight", Shape{3 * c, c}}};
   if (l.bias) p.push_back({"c_attn.bias", Shape{3 * c}});
   p.push_back({"c_proj.weight", Shape{c, c}});
@@ -464,7 +517,10 @@ void parseBlock(const JsonFields& f, LayerSpec& l) {
 std::vector<ParamShape> blockParams(const LayerSpec& l) {
   std::vector<ParamShape> out;
   for (const auto& c : l.children)
-    for (auto& p : paramShapesOf(c)) out.push_back({c.paramPrefix() + "." + p.suffix, p.shape});
+    for (auto& p : paramShapesOf(c)) {
+      p.suffix = c.paramPrefix() + "." + p.suffix;
+      out.push_back(std::move(p));
+    }
   return out;
 }
 
@@ -479,7 +535,7 @@ std::string blockDetail(const LayerSpec& l) {
 
 std::unique_ptr<Layer> makeEmbedding(const LayerSpec& s, const LayerBuild&) { return std::make_unique<Embedding>(s); }
 std::unique_ptr<Layer> makeAttention(const LayerSpec& s, const LayerBuild& b) {
-  return std::make_unique<CausalSelfAttention>(s, b.maxBatch, b.scratch);
+  return std::make_unique<CausalSelfAttention>(s, b.maxBatch, b.scratch, b.tensor);
 }
 std::unique_ptr<Layer> makeLmHead(const LayerSpec& s, const LayerBuild&) { return std::make_unique<LmHead>(s); }
 std::unique_ptr<Layer> makeBlock(const LayerSpec& s, const LayerBuild& b) { return std::make_unique<Block>(s, b); }

@@ -32,6 +32,18 @@ inline bool nonNegative(int64_t v) { return v >= 0; }
 // Sizes (out, kernel, stride, padding, in) are bounded by kMaxSampleNumel so that no shape arithmetic can
 // overflow (spec.h): ConfigError "<field>: 4294967296 is more than the supported 1073741824" past it.
 void checkSizes(const JsonFields& f, std::string_view key, const std::vector<int64_t>& values);
+// Draws a full [rows, cols] matrix from draw() in row-major order (the unsplit layer's initialisation stream) and
+// keeps the block rows [r0, r0 + nr) x columns [c0, c0 + nc) in dst, row-major [nr, nc]: a tensor-parallel
+// shard starts from exactly the unsplit layer's values.
+template <class Draw>
+void drawBlock(float* dst, int64_t rows, int64_t cols, int64_t r0, int64_t nr, int64_t c0, int64_t nc, Draw&& draw) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) {
+      const float v = draw();
+      if (r >= r0 && r < r0 + nr && c >= c0 && c < c0 + nc) dst[(r - r0) * nc + (c - c0)] = v;
+    }
+}
+
 inline int64_t checkSize(const JsonFields& f, std::string_view key, int64_t value) {
   checkSizes(f, key, {value});
   return value;

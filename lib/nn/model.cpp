@@ -6,6 +6,7 @@
 
 #include "lib/common/error.h"
 #include "lib/nn/registry.h"
+#include "lib/nn/tensor_parallel.h"
 
 namespace dtrain::nn {
 namespace {
@@ -20,28 +21,34 @@ Model::Model(Model&&) noexcept = default;
 Model& Model::operator=(Model&&) noexcept = default;
 Model::~Model() = default;
 
-Model Model::build(const ModelSpec& spec, int maxBatch, uint64_t seed, Device device) {
+Model Model::build(const ModelSpec& fullSpec, int maxBatch, uint64_t seed, Device device,
+                   std::shared_ptr<TensorGroup> tensor) {
   DTRAIN_CHECK_AS(ConfigError, maxBatch >= 1, "maximum batch size must be >= 1, got {}", maxBatch);
-  DTRAIN_CHECK_AS(ConfigError, !spec.layers.empty(), "{}: the model has no layers", spec.path);
+  DTRAIN_CHECK_AS(ConfigError, !fullSpec.layers.empty(), "{}: the model has no layers", fullSpec.path);
   // dtrain runs one worker per core; Eigen must not start threads of its own (it only would with OpenMP).
   Eigen::setNbThreads(1);
 
   Model m;
   m.scratch_ = std::make_unique<SharedScratch>();
-  m.spec_ = spec;
+  m.spec_ = fullSpec;
   m.device_ = device;
   m.maxBatch_ = maxBatch;
   const size_t batch = static_cast<size_t>(maxBatch);
+  // With a tensor group the layers are built from this rank's part of the spec (its shapes); spec_ stays the
+  // full model's (the input and output are the same).
+  if (tensor && tensor->size() > 1) m.tensor_ = std::move(tensor);
+  const ModelSpec spec = m.tensor_ ? shardModelSpec(fullSpec, m.tensor_->size(), m.tensor_->rank()) : fullSpec;
 
   size_t offset = 0;
   for (const auto& ls : spec.layers) {
-    m.layers_.push_back(
-        makeLayer(ls, {.device = device, .maxBatch = maxBatch, .seed = seed, .scratch = m.scratch_.get()}));
+    m.layers_.push_back(makeLayer(ls, {.device = device, .maxBatch = maxBatch, .seed = seed,
+                                       .scratch = m.scratch_.get(), .tensor = m.tensor_.get()}));
     m.hasRandomLayers_ = m.hasRandomLayers_ || drawsRandom(ls);
     ParamRange range{offset, 0};
     for (const auto& ps : m.layers_.back()->paramShapes()) {
       size_t count = static_cast<size_t>(ps.shape.numel());
-      m.table_.push_back({fmt::format("{}.{}", ls.paramPrefix(), ps.suffix), ps.shape, offset, count, ls.index});
+      m.table_.push_back({fmt::format("{}.{}", ls.paramPrefix(), ps.suffix), ps.shape, offset, count, ls.index,
+                          ps.full.empty() ? ps.shape : ps.full, ps.dim, ps.start});
       offset += count;
     }
     range.count = offset - range.offset;

@@ -48,6 +48,13 @@ struct ParamEntry {
   size_t offset = 0; // first float in the arena
   size_t count = 0;  // floats
   int layer = 0;     // owning layer index
+  // Tensor parallelism (lib/nn/tensor_parallel.h): this entry is the slice [start, start + shape[dim]) along
+  // `dim` of the full model's tensor `full`; dim == -1: the whole tensor (full == shape), replicated over the
+  // tensor group. One name may have several slice entries (attention's q, k, v rows).
+  Shape full{};
+  int dim = -1;
+  int64_t start = 0;
+  bool sliced() const noexcept { return dim >= 0; }
 };
 
 struct ParamRange {
@@ -85,7 +92,11 @@ class Model {
   // default schemes drawn from InitRng(seed) (docs/model-spec.md "Initialisation"); `seed` also seeds dropout.
   // Throws ConfigError for a maxBatch < 1, NotBuiltError for a device without an implementation (this build has
   // CPU layers only: "device cuda:0: layer 'linear' has no CUDA implementation in this build").
-  static Model build(const ModelSpec& spec, int maxBatch, uint64_t seed, Device device = Device::cpu());
+  // With a `tensor` group of more than one rank the model is this rank's tensor-parallel part
+  // (lib/nn/tensor_parallel.h): the arenas hold its slices (paramTable() says which), forward/backward call the
+  // group's all-reduce, and spec() stays the full model's. Throws ConfigError when the spec does not split.
+  static Model build(const ModelSpec& spec, int maxBatch, uint64_t seed, Device device = Device::cpu(),
+                     std::shared_ptr<TensorGroup> tensor = {});
 
   Model(Model&&) noexcept;
   Model& operator=(Model&&) noexcept;
@@ -124,6 +135,8 @@ class Model {
   Shape inputShape() const { return spec_.input; }    // per sample
   Shape outputShape() const { return spec_.output(); }  // per sample
   int maxBatch() const noexcept { return maxBatch_; }
+  // The tensor group the model is split over (null when it is whole).
+  const TensorGroup* tensorGroup() const noexcept { return tensor_.get(); }
   std::vector<SummaryRow> summary() const { return summarize(spec_); }
   std::string summaryTable() const { return formatSummary(spec_); }
 
@@ -149,6 +162,7 @@ class Model {
   std::vector<float*> ownOutput_;     // per layer: its slice of activations_ (null when aliasing)
   AlignedBuffer<float> gradA_, gradB_;  // ping-pong buffers for gradients between layers
   std::unique_ptr<SharedScratch> scratch_;  // backward scratch the blocks and attention layers share
+  std::shared_ptr<TensorGroup> tensor_;     // the layers' tensor group (null: not tensor-parallel)
   std::vector<const float*> in_;      // per layer: its input in the last forward
   std::vector<float*> out_;           // per layer: its output in the last forward
   int lastBatch_ = 0;

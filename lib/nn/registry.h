@@ -43,11 +43,18 @@ class JsonFields;  // lib/common/json_fields.h
 namespace dtrain::nn {
 
 class Layer;
+class TensorGroup;  // lib/nn/tensor_parallel.h
 
-// A named parameter of a layer: "weight" or "bias" (PyTorch's attribute name) and its shape.
+// A named parameter of a layer: "weight" or "bias" (PyTorch's attribute name) and its shape. In a tensor-parallel
+// (sharded) spec a parameter may be a slice of the full model's tensor: rows or columns [start, start +
+// shape[dim]) along `dim` of `full`; a tensor may be held as several slices under one name (c_attn's q, k and v
+// rows of one head group), consecutive in the arena. dim == -1: the whole tensor (full is then shape).
 struct ParamShape {
   std::string suffix;
   Shape shape;
+  Shape full{};
+  int dim = -1;
+  int64_t start = 0;
 };
 
 // Backward scratch that layers of one model share because only one layer runs at a time (one model per thread):
@@ -73,6 +80,8 @@ struct LayerBuild {
   uint64_t seed = 0;  // seeds random layers (dropout) unless the spec fixes a seed
   // Where layers that support it take their backward scratch from; null: their own buffers.
   SharedScratch* scratch = nullptr;
+  // The tensor group a sharded spec's layers all-reduce in (tensor_parallel.h); null: the spec is not sharded.
+  TensorGroup* tensor = nullptr;
 };
 
 using LayerFactory = std::unique_ptr<Layer> (*)(const LayerSpec& spec, const LayerBuild& build);

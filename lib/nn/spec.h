@@ -37,6 +37,17 @@ inline constexpr int64_t kMaxParams = int64_t{1} << 31;
 
 struct LayerKind;  // lib/nn/registry.h
 
+// How a layer of a tensor-parallel model is split over its tensor group (lib/nn/tensor_parallel.h, Megatron-LM):
+// kColumn: a linear's outputs (its weight's rows, its bias); kRow: a linear's inputs (its weight's columns; the bias
+// is whole, added after the all-reduce); kHeads: causal_self_attention's heads (c_attn column, c_proj row). A
+// sharded spec's shapes are the rank's own (a column linear's `out` is out / size). kNone: whole on every rank.
+struct TensorShard {
+  enum Kind : uint8_t { kNone, kColumn, kRow, kHeads };
+  Kind kind = kNone;
+  int rank = 0;  // in the tensor group
+  int size = 1;
+};
+
 // One layer, with the union of all layer fields (only those its type reads are meaningful).
 struct LayerSpec {
   const LayerKind* kind = nullptr;  // its registry entry; set by parsing
@@ -66,6 +77,7 @@ struct LayerSpec {
   // default; projInitStd for causal_self_attention's c_proj. 0 = the layer's PyTorch default.
   double initStd = 0, projInitStd = 0;
   std::vector<LayerSpec> children;  // block: its layers, in order (index = position in the block)
+  TensorShard shard;                // set by shardModelSpec (tensor_parallel.h) only
 
   // The prefix of this layer's parameter names: name, else the index.
   std::string paramPrefix() const { return name.empty() ? std::to_string(index) : name; }

@@ -48,13 +48,14 @@ struct ParamEntry {
   size_t offset = 0; // first float in the arena
   size_t count = 0;  // floats
   int layer = 0;     // owning layer index
-  // Tensor parallelism (lib/nn/tensor_parallel.h): this entry is the slice [start, start + shape[dim]) along
-  // `dim` of the full model's tensor `full`; dim == -1: the whole tensor (full == shape), replicated over the
-  // tensor group. One name may have several slice entries (attention's q, k, v rows).
-  Shape full{};
-  int dim = -1;
-  int64_t start = 0;
-  bool sliced() const noexcept { return dim >= 0; }
+  // The full tensor this entry is part of. A tensor-parallel layer (lib/nn/tensor_parallel.h) holds a slice along
+  // one dimension: sliceDim >= 0, [sliceStart, sliceStart + shape[sliceDim]) of fullShape; one name may have
+  // several slice entries (attention's q, k and v rows). sliceDim -1: whole (fullShape == shape), replicated over
+  // the tensor group. Checkpoints record it.
+  Shape fullShape;
+  int sliceDim = -1;
+  int64_t sliceStart = 0;
+  bool sliced() const noexcept { return sliceDim >= 0; }
 };
 
 struct ParamRange {

@@ -121,11 +121,11 @@ template <class Fn>
 void forEachRun(const ParamEntry& e, Fn&& fn) {
   if (!e.sliced()) return fn(size_t{0}, size_t{0}, e.count);
   size_t outer = 1, inner = 1;
-  for (int d = 0; d < e.dim; ++d) outer *= static_cast<size_t>(e.full[d]);
-  for (int d = e.dim + 1; d < e.full.rank(); ++d) inner *= static_cast<size_t>(e.full[d]);
-  const auto len = static_cast<size_t>(e.shape[e.dim]), fullLen = static_cast<size_t>(e.full[e.dim]);
+  for (int d = 0; d < e.sliceDim; ++d) outer *= static_cast<size_t>(e.fullShape[d]);
+  for (int d = e.sliceDim + 1; d < e.fullShape.rank(); ++d) inner *= static_cast<size_t>(e.fullShape[d]);
+  const auto len = static_cast<size_t>(e.shape[e.sliceDim]), fullLen = static_cast<size_t>(e.fullShape[e.sliceDim]);
   for (size_t o = 0; o < outer; ++o)
-    fn((o * fullLen + static_cast<size_t>(e.start)) * inner, o * len * inner, len * inner);
+    fn((o * fullLen + static_cast<size_t>(e.sliceStart)) * inner, o * len * inner, len * inner);
 }
 
 }  // namespace

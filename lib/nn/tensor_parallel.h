@@ -78,7 +78,7 @@ ShardCounts shardCounts(const ModelSpec& spec, int size, int rank);
 // each parameter once. `grads` is the model's gradient arena (or any arena laid out like it).
 double ownedSquaredNorm(const Model& model, std::span<const float> grads, bool countReplicated);
 
-// Copies between a full row-major tensor (entry.full) and the entry's slice (entry.shape, as in the arena):
+// Copies between a full row-major tensor (entry.fullShape) and the entry's slice (entry.shape, as in the arena):
 // extractSlice full -> slice, insertSlice slice -> full. A whole (unsliced) entry copies everything.
 void extractSlice(const ParamEntry& entry, const float* full, float* slice);
 void insertSlice(const ParamEntry& entry, const float* slice, float* full);

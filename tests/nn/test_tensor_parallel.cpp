@@ -133,7 +133,7 @@ void checkSplitMatches(const ModelSpec& spec, int size, std::vector<float> x, in
       local += static_cast<int64_t>(e.count);
       const auto& fp = fullParams.at(e.name);
       const auto& fg = fullGrads.at(e.name);
-      REQUIRE(static_cast<int64_t>(fp.size()) == e.full.numel());
+      REQUIRE(static_cast<int64_t>(fp.size()) == e.fullShape.numel());
       std::vector<float> want(e.count);
       extractSlice(e, fp.data(), want.data());
       CHECK(std::equal(want.begin(), want.end(), run.params.begin() + static_cast<std::ptrdiff_t>(e.offset)));

@@ -10,6 +10,7 @@
 #include "apps/dtrain/job_hooks.h"
 #include "lib/train/check.h"
 #include "lib/common/error.h"
+#include "lib/common/ps_placement.h"
 #include "lib/common/parse.h"
 #include "lib/launch/agent.h"
 #include "lib/launch/slurm.h"
@@ -90,6 +91,16 @@ int runCommand(RunArgs& a, bool programAfterDashes) {
   // Every local worker builds the whole model and its batch: refuse a job that cannot fit before any starts.
   // ... and whose data is broken or does not fit the model: headers, sizes and labels are checked here, in
   // milliseconds, instead of in every worker after the rendezvous.
+  if (job && job->parallel.ps) {
+    // Parameter servers are ranks of the world: they must leave at least one rank to train (known here when the
+    // node count is fixed and the nodes are alike; the trainer checks the world it gets in any case).
+    o.psServers = job->parallel.ps->servers;
+    const int world = o.minNodes * o.nproc;
+    DTRAIN_CHECK_AS(ConfigError, o.minNodes != o.maxNodes || o.psServers < world,
+                    "{}: /parallel/servers: {} server(s) but this launch makes {} rank(s) (--nnodes {} x "
+                    "--nproc-per-node {}); expected servers < world size, so that at least one rank trains",
+                    job->sourceFile, o.psServers, world, o.minNodes, o.nproc);
+  }
   if (job) {
     auto machine = train::readMachineMemory();
     train::checkJobFitsMemory(*job, o.nproc, machine);
@@ -98,6 +109,10 @@ int runCommand(RunArgs& a, bool programAfterDashes) {
   if (a.dryRun) {
     for (const auto& line : slurmLines) fmt::print("{}\n", line);
     fmt::print("{}\n", o.plan());
+    if (o.psServers > 0 && o.minNodes == o.maxNodes)
+      fmt::print("parameter servers: {} of {} ranks serve, ROLE_NAME=server|worker\n{}", o.psServers,
+                 o.minNodes * o.nproc, psPlacement(std::vector<int>(static_cast<size_t>(o.minNodes), o.nproc),
+                                                   o.psServers));
     if (o.hostsStore())
       fmt::print("store: this agent hosts it, listening on {} (--rdzv-bind)\n", o.storeBindHost());
     return 0;

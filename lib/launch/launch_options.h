@@ -54,6 +54,9 @@ struct LaunchOptions {
   int metricsPort = -1;
   std::string metricsBind = "0.0.0.0";
   std::string jobName;  // the `job` label: the job's name, or the program's basename
+  // The job's parameter servers ("parallel": {"strategy": "parameter_server", "servers": S}); 0: no roles. The
+  // workers' environment then carries ROLE_NAME=server|worker, ROLE_RANK, ROLE_WORLD_SIZE (ps_placement.h).
+  int psServers = 0;
 
   // Throws UsageError (bad flag values, contradictions) or Error with kNotFound/kNotExecutable (program).
   void validate();

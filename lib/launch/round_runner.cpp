@@ -138,7 +138,7 @@ void RoundRunner::startWorkers() {
   const auto& opts = *ctx_.options;
   int nproc = round.members.at(round.nodeRank).info.nproc;
   workers_.resize(nproc);
-  WorkerContext wctx{&round, 0, ctx_.storeAddr, ctx_.runId, opts.maxRestarts, opts.rdzvToken};
+  WorkerContext wctx{&round, 0, ctx_.storeAddr, ctx_.runId, opts.maxRestarts, opts.rdzvToken, opts.psServers};
   for (int lr = 0; lr < nproc; ++lr) {
     Worker& w = workers_[lr];
     w.localRank = lr;

@@ -2,6 +2,9 @@
 
 #include <map>
 
+#include "lib/common/error.h"
+#include "lib/common/ps_placement.h"
+
 extern char** environ;
 
 namespace dtrain::launch {
@@ -28,7 +31,13 @@ WorkerContract workerContract(const WorkerContext& ctx) {
   c.round = r.round;
   c.restartCount = r.restartCount;
   c.maxRestarts = ctx.maxRestarts;
-  return c;
+  try {
+    return withPsRole(c, ctx.psServers);
+  } catch (const UsageError&) {
+    // The servers do not fit this round's world (an elastic job shrank): the trainer reports it as a
+    // ConfigError naming /parallel/servers; the roles stay "default".
+    return c;
+  }
 }
 
 std::vector<std::string> workerEnvironment(const WorkerContext& ctx) {

@@ -18,6 +18,7 @@ struct WorkerContext {
   std::string runId;
   int maxRestarts = 0;
   std::string storeToken;  // DTRAIN_RDZV_TOKEN; empty: not set by the contract
+  int psServers = 0;       // > 0: ROLE_* from the parameter-server placement (lib/common/ps_placement.h)
 };
 
 // The contract of local worker ctx.localRank in ctx.round.

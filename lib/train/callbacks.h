@@ -44,6 +44,11 @@ struct StepStats {
   // L2 norm of the gradients of the interval's last step, after reduction (and clipping); set only when
   // something reads it ("logging": {"tensorboard": true}), since it costs a pass over the gradients.
   std::optional<double> gradNorm;
+  // Parameter server, async/ssp (docs/parameter_server.md): over the interval's pushes, how many steps this rank
+  // was ahead of the slowest worker (min, mean, max); unset for other strategies.
+  std::optional<double> stalenessMin, stalenessMean, stalenessMax;
+  // Parameter server: payload + header bytes this rank sent to and received from the servers per step.
+  std::optional<double> psBytesPerStep;
 };
 
 struct EvalResult {

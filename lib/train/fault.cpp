@@ -1,5 +1,8 @@
 #include "lib/train/fault.h"
 
+#include <chrono>
+#include <thread>
+
 #include <signal.h>
 #include <unistd.h>
 
@@ -23,18 +26,25 @@ std::vector<Fault> parseFaults(const std::string& text) {
       std::string k(parse::trim(kv.substr(0, eq)));
       std::string v(eq == std::string::npos ? "" : parse::trim(kv.substr(eq + 1)));
       auto num = parse::toInt(v);
-      if (k == "action" && (v == "kill" || v == "exit" || v == "hang" || v == "throw")) f.action = v;
+      if (k == "action" && (v == "kill" || v == "exit" || v == "hang" || v == "throw" || v == "slow")) f.action = v;
       else if (k == "rank" && num && *num >= 0) f.rank = static_cast<int>(*num);
       else if (k == "step" && num && *num >= 1) f.step = *num, haveStep = true;
       else if (k == "attempt" && num && *num >= 0) f.attempt = static_cast<int>(*num);
       else if (k == "code" && num && *num >= 0 && *num <= 255) f.code = static_cast<int>(*num);
+      else if (k == "ms" && num && *num >= 1 && *num <= 3600000) f.ms = static_cast<int>(*num);
+      else if (k == "role" && (v == "worker" || v == "server")) f.role = v;
       else
         DTRAIN_THROW(UsageError,
-                     "DTRAIN_FAULT={}: bad item '{}' (expected rank=R,step=S,action=kill|exit|hang|throw[,attempt=A][,code=C])",
+                     "DTRAIN_FAULT={}: bad item '{}' (expected rank=R,step=S,action=kill|exit|hang|throw|slow[,attempt=A]"
+                     "[,code=C][,ms=M])",
                      text, kv);
     }
     DTRAIN_CHECK_AS(UsageError, haveStep && !f.action.empty(), "DTRAIN_FAULT={}: '{}' needs step=S and action=...", text,
                     item);
+    DTRAIN_CHECK_AS(UsageError, (f.action == "slow") == (f.ms > 0), "DTRAIN_FAULT={}: '{}': ms=M goes with action=slow",
+                    text, item);
+    DTRAIN_CHECK_AS(UsageError, f.role == "worker" || f.action == "kill",
+                    "DTRAIN_FAULT={}: '{}': role=server supports action=kill only", text, item);
     out.push_back(f);
   }
   return out;
@@ -45,7 +55,12 @@ FaultInjector::FaultInjector(int rank, int attempt)
 
 void FaultInjector::afterStep(int64_t step) const {
   for (const auto& f : faults_) {
-    if (f.rank != rank_ || f.step != step || f.attempt != attempt_) continue;
+    if (f.rank != rank_ || f.attempt != attempt_ || f.role != "worker") continue;
+    if (f.action == "slow") {  // a straggler: every step from `step` on takes `ms` longer
+      if (step >= f.step) std::this_thread::sleep_for(std::chrono::milliseconds(f.ms));
+      continue;
+    }
+    if (f.step != step) continue;
     log::warn("DTRAIN_FAULT: rank {} {} after step {}", rank_, f.action, step);
     if (f.action == "kill") ::raise(SIGKILL);
     if (f.action == "exit") throw Error(fmt::format("DTRAIN_FAULT: injected exit after step {}", step),

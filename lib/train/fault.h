@@ -5,7 +5,10 @@
 //   (DTRAIN_RESTART_COUNT, default 0, so a restarted group does not fail again): `kill` SIGKILLs itself,
 //   `exit` ends with exit code `code` (default 1), `hang` stops making progress (ignoring SIGTERM) so that the
 //   peers' collective timeout and the agent's SIGKILL must deal with it, `throw` raises an exception that is not
-//   a dtrain::Error (a bug: "internal error", exit 1). Several faults: separate with ';'.
+//   a dtrain::Error (a bug: "internal error", exit 1), `slow` (with ms=M) makes every step from `step` on M
+//   milliseconds longer (a straggler, for the parameter server's sync/ssp/async comparison). Several faults:
+//   separate with ';'. `role=server` aims at parameter server `rank` instead, which SIGKILLs itself (action=kill)
+//   after serving its `step`-th push.
 // DTRAIN_SAMPLE_LOG=DIR
 //   every rank appends, per optimizer step, the sample indices it trained on to
 //   DIR/samples-a<attempt>-r<rank>.jsonl ({"attempt","round","rank","world","epoch","step","idx"}), flushed per
@@ -30,6 +33,10 @@ struct Fault {
   std::string action;  // kill | exit | hang
   int attempt = 0;
   int code = 1;
+  int ms = 0;          // slow: added to every step from `step` on
+  // "worker" (the trainer's ranks; with the parameter server, `rank` is the worker index) or "server": parameter
+  // server `rank` kills itself after its `step`-th push (only action=kill; lib/train/ps_strategy.cpp).
+  std::string role = "worker";
 };
 
 // Parses DTRAIN_FAULT (empty: no faults); UsageError naming the variable on bad syntax.

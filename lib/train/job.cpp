@@ -82,12 +82,46 @@ LoopSettings parseLoop(const json& doc, const std::string& source) {
   return l;
 }
 
+// servers / mode / staleness: only with the parameter-server strategy (docs/parameter_server.md).
+std::optional<PsSettings> parsePsSettings(const JsonFields& f, const std::string& strategy) {
+  if (strategy != "parameter_server") {
+    for (const char* key : {"servers", "mode", "staleness"})
+      if (f.has(key))
+        f.failAt(key, fmt::format("only for the parameter-server strategy (strategy is \"{}\"; set "
+                                  "\"strategy\": \"parameter_server\")", strategy));
+    return std::nullopt;
+  }
+  PsSettings ps;
+  ps.servers = static_cast<int>(atMost(f, "servers", f.integer("servers", 1, "an integer >= 1", positive), 1 << 16));
+  ps.mode = f.choice("mode", {"sync", "async", "ssp"}, "mode", "sync");
+  ps.staleness = static_cast<int>(atMost(
+      f, "staleness", f.integer("staleness", 0, "an integer >= 0 (steps a worker may run ahead)", nonNegative),
+      1 << 20));
+  if (f.has("staleness") && ps.mode != "ssp")
+    f.failAt("staleness", fmt::format("only with \"mode\": \"ssp\" (mode is \"{}\")", ps.mode));
+  return ps;
+}
+
+// What the parameter server does not do (yet): say so before any rank starts.
+void checkPsFitsJob(const Job& job) {
+  const std::string& src = job.sourceFile;
+  DTRAIN_CHECK_AS(ConfigError, !job.parallel.compression,
+                  "{}: /parallel/compression: not with the parameter-server strategy (workers push float32 "
+                  "partitions; compression applies to ddp)", src);
+  DTRAIN_CHECK_AS(ConfigError, job.optimizer.clipGradNorm == 0,
+                  "{}: /optimizer/clip_grad_norm: not with the parameter-server strategy (the servers update "
+                  "partitions independently, so no rank sees the global gradient norm); remove it", src);
+  DTRAIN_CHECK_AS(ConfigError, job.loop.onNonFinite == LoopSettings::OnNonFinite::kStop,
+                  "{}: /train/on_nonfinite: \"skip\" is not available with the parameter-server strategy (the "
+                  "servers apply a gradient as it arrives); use \"stop\"", src);
+}
+
 ParallelSettings parseParallel(const json& doc, const std::string& source) {
   ParallelSettings p;
   if (!doc.contains("parallel")) return p;
   JsonFields f(doc.at("parallel"), source, "/parallel", "the parallel section");
   f.allowOnly({"strategy", "backend", "bucket_mb", "first_bucket_mb", "overlap", "timeout", "lr_scaling",
-               "reference_world_size", "compression"});
+               "reference_world_size", "compression", "servers", "mode", "staleness"});
   if (f.has("overlap")) p.overlap = f.boolean("overlap", true);
   p.strategy = f.choice("strategy", kStrategyNames, "strategy", "ddp");
   p.backend = f.choice("backend", {"auto", "tcp", "shm", "hier", "nccl"}, "backend", "auto");
@@ -99,6 +133,7 @@ ParallelSettings parseParallel(const json& doc, const std::string& source) {
   p.referenceWorldSize = static_cast<int>(
       atMost(f, "reference_world_size", f.integer("reference_world_size", 1, "an integer >= 1", positive), 1 << 20));
   if (f.has("compression")) p.compression = parseCompression(f.at("compression"), source, f.pathOf("compression"));
+  p.ps = parsePsSettings(f, p.strategy);
   return p;
 }
 
@@ -204,6 +239,7 @@ Job loadJob(const JobArgs& args) {
   }
   job.loop = parseLoop(job.doc, src);
   job.parallel = parseParallel(job.doc, src);
+  if (job.parallel.ps) checkPsFitsJob(job);
   if (job.parallel.compression) {
     checkCompressionFitsModel(*job.parallel.compression, job.model, src, "/parallel/compression");
     checkCompressionFitsOptimizer(*job.parallel.compression, job.optimizer, src, "/parallel/compression");

@@ -54,8 +54,16 @@ struct LoopSettings {
 };
 
 // parallel.strategy values that have an implementation (makeStrategy, lib/train/strategy.h); any other value
-// ("pipeline", "parameter_server", ...) is a ConfigError naming /parallel/strategy until its strategy exists.
-inline const std::vector<std::string_view> kStrategyNames = {"ddp"};
+// ("pipeline", ...) is a ConfigError naming /parallel/strategy until its strategy exists.
+inline const std::vector<std::string_view> kStrategyNames = {"ddp", "parameter_server"};
+
+// "parallel": {"strategy": "parameter_server", "servers": S, "mode": "sync"|"async"|"ssp", "staleness": k}
+// (docs/parameter_server.md, lib/train/ps_strategy.h). `servers` ranks of the world serve, the others train.
+struct PsSettings {
+  int servers = 1;            // 1 <= servers < world size (checked where the world size is known)
+  std::string mode = "sync";  // sync | async | ssp
+  int staleness = 0;          // ssp: how many steps a worker may run ahead of the slowest (>= 0)
+};
 
 // parallel.compression (lib/train/compression.h, docs/compression.md): how DDP compresses gradients.
 struct CompressionSettings {
@@ -87,6 +95,7 @@ struct ParallelSettings {
   std::string lrScaling = "none";
   int referenceWorldSize = 1;
   std::optional<CompressionSettings> compression;  // unset: the float32 averaging all-reduce
+  std::optional<PsSettings> ps;                    // set when strategy is "parameter_server"
 };
 
 struct CheckpointSettings {

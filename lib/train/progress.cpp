@@ -65,6 +65,8 @@ void Progress::step(const StepStats& s) {
                      {"samples_per_s", s.samplesPerSec}, {"time_s", s.elapsedSec}, {"wall_time", wallTime()}};
     if (s.commBytesPerStep) j["comm_bytes_per_step"] = *s.commBytesPerStep;
     if (s.compressionRatio) j["compression_ratio"] = *s.compressionRatio;
+    if (s.stalenessMax) j["staleness"] = {{"min", *s.stalenessMin}, {"mean", *s.stalenessMean}, {"max", *s.stalenessMax}};
+    if (s.psBytesPerStep) j["ps_bytes_per_step"] = *s.psBytesPerStep;
     fmt::print(metrics_, "{}\n", j.dump());
     std::fflush(metrics_);
   }

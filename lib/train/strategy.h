@@ -30,8 +30,11 @@
 
 #include "lib/comm/backend.h"
 #include "lib/nn/model.h"
+#include "lib/nn/optimizer.h"
+#include "lib/train/callbacks.h"
 #include "lib/train/comm_hook.h"
 #include "lib/train/job.h"
+#include "rendezvous/store.h"
 
 namespace dtrain::train {
 
@@ -85,6 +88,24 @@ class Strategy {
   // This rank's part of a checkpoint; the union over the ranks writes every buffer exactly once.
   virtual CheckpointShard checkpointShard(const nn::Model& model) const = 0;
 
+  // --- for strategies whose parameters are updated elsewhere (the parameter server, lib/train/ps_strategy.h);
+  // the defaults do nothing, so DDP and local training are unchanged. ---
+  // True when finishStep() already leaves the updated parameters in params(): the trainer then skips its own
+  // optimizer step (its optimizer only holds the state that checkpoints save, see syncForSave).
+  virtual bool updatesParameters() const { return false; }
+  // Called with the trainer's optimizer (its state is what a resumed run starts from) and the step training
+  // starts at, after resume and before prepare().
+  virtual void bindOptimizer(nn::Optimizer& /*optimizer*/, int64_t /*startStep*/) {}
+  // Called before the first micro-batch of optimizer step `step` (0-based) with that step's learning rate.
+  virtual void beginStep(int64_t /*step*/, double /*lr*/) {}
+  // Called before a checkpoint or the final weights are written: brings the current parameters and optimizer
+  // state into the trainer's arenas on the ranks that write them (checkpointShard).
+  virtual void syncForSave() {}
+  // Adds the strategy's own figures for the last log interval (e.g. staleness) to the stats a log line reports.
+  virtual void fillStats(StepStats& /*stats*/) {}
+  // Called once when training ended normally, before the final metrics reduction.
+  virtual void finishRun() {}
+
  protected:
   explicit Strategy(ProcessGroups groups) : groups_(std::move(groups)) {}
   ProcessGroups groups_;
@@ -110,6 +131,8 @@ class LocalStrategy final : public Strategy {
 struct StrategyOptions {
   bool overlapDefault = true;  // DDP overlap when parallel.overlap is unset (a core is free for communication)
   CommHookPtr commHook;        // DDP's hook; null: AllreduceAvgHook
+  // parameter_server: the round's store (where servers publish their addresses) and this worker's view.
+  rendezvous::StorePtr roundStore;
 };
 
 // LocalStrategy when the world has one rank, else the job's parallel.strategy over `groups`.

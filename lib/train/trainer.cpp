@@ -26,6 +26,8 @@
 #include "lib/train/metrics_reporter.h"
 #include "lib/train/tensorboard.h"
 #include "lib/train/progress.h"
+#include "lib/train/ps_strategy.h"
+#include "lib/common/ps_placement.h"
 #include "lib/train/strategy.h"
 #include "lib/train/weights.h"
 #include "rendezvous/prefix_store.h"
@@ -70,8 +72,10 @@ TensorView targetsOf(const data::Batch& b, const data::Dataset& ds) {
 
 class TrainLoop {
  public:
-  TrainLoop(const Job& job, const WorkerInfo& worker, std::vector<TrainerCallbackPtr> extra)
-      : job_(job), worker_(worker), start_(Clock::now()), extraCallbacks_(std::move(extra)) {}
+  // psServers > 0: this rank is a worker of the parameter-server strategy and `worker` its workers-only view
+  // (lib/common/ps_placement.h); the servers publish their addresses in the round's store.
+  TrainLoop(const Job& job, const WorkerInfo& worker, std::vector<TrainerCallbackPtr> extra, int psServers = 0)
+      : job_(job), worker_(worker), start_(Clock::now()), extraCallbacks_(std::move(extra)), psServers_(psServers) {}
   TrainResult run();
 
  private:
@@ -120,6 +124,8 @@ class TrainLoop {
   int64_t skippedInARow_ = 0;   // ... consecutive, bounded by train.max_skipped_steps
   TrainResult result_;
   bool prefetch_ = true;
+  int psServers_ = 0;
+  rendezvous::StorePtr roundStore_;  // this round's keys (parameter-server addresses); null alone
 };
 
 // The process groups of this world: none alone (LocalStrategy needs no communicator).
@@ -128,8 +134,11 @@ ProcessGroups TrainLoop::connect() {
                        .worldSize = worker_.worldSize,
                        .dataRank = worker_.rank,
                        .dataSize = worker_.worldSize};
-  if (worker_.worldSize == 1) return groups;
+  if (worker_.worldSize == 1 && psServers_ == 0) return groups;
   auto store = rendezvous::connectStore(worker_.store, job_.parallel.timeout);
+  roundStore_ = std::make_shared<rendezvous::PrefixStore>(
+      fmt::format("{}r{}/", rendezvous::runPrefix(worker_.runId), worker_.round), store);
+  if (worker_.worldSize == 1) return groups;
   // Each round of the launcher gets fresh keys, so a restarted group never meets a stale address.
   auto prefixed = std::make_shared<rendezvous::PrefixStore>(
       fmt::format("{}r{}/w/", rendezvous::runPrefix(worker_.runId), worker_.round), store);
@@ -150,6 +159,7 @@ void TrainLoop::logInterval(StepStats& stats, bool force) {
   stats.samplesPerSec = sums[2] / secs;
   stats.elapsedSec = secondsSince(start_);
   if (job_.logging.tensorboard) stats.gradNorm = nn::gradNorm(model_->grads());
+  strategy_->fillStats(stats);
   if (auto t = commHook_ ? commHook_->traffic() : std::nullopt; t && t->steps > loggedTraffic_.steps) {
     const double sent = static_cast<double>(t->bytesSent - loggedTraffic_.bytesSent);
     const double dense = static_cast<double>(t->bytesUncompressed - loggedTraffic_.bytesUncompressed);
@@ -198,11 +208,13 @@ void TrainLoop::setUp() {
   if (job_.parallel.compression && worker_.worldSize == 1) {
     if (worker_.rank == 0)
       log::warn("{}: /parallel/compression: ignored with a world of 1 rank (nothing is communicated)", job_.sourceFile);
-  } else if (worker_.worldSize > 1) {
+  } else if (worker_.worldSize > 1 && psServers_ == 0) {
     commHook_ = job_.parallel.compression ? makeCompressionHook(*job_.parallel.compression, job_.loop.seed)
                                           : std::make_shared<AllreduceAvgHook>();
   }
-  strategy_ = makeStrategy(job_, connect(), {.overlapDefault = spareCores, .commHook = commHook_});
+  ProcessGroups groups = connect();
+  strategy_ = makeStrategy(job_, std::move(groups),
+                           {.overlapDefault = spareCores, .commHook = commHook_, .roundStore = roundStore_});
   const int64_t batch = job_.data.batchSize;
   // The job's "device" is validated to be "cpu" (lib/train/job.cpp): the layers have CPU implementations only.
   const Device device = Device::cpu();
@@ -226,6 +238,7 @@ void TrainLoop::setUp() {
   checkpointer_ = std::make_unique<Checkpointer>(
       job_, *strategy_, fmt::format("{}/{}/{}", worker_.runId, worker_.round, worker_.restartCount));
   resumed_ = checkpointer_->resume(*model_, *optimizer_);
+  strategy_->bindOptimizer(*optimizer_, resumed_ ? resumed_->step : 0);
   strategy_->prepare(*model_);  // binds commHook_: its state exists from here
   checkpointer_->setCommHook(commHook_);
   bool hookStateLoaded = resumed_ && checkpointer_->loadCommHookState(*resumed_);
@@ -323,6 +336,7 @@ void TrainLoop::planRun() {
 void TrainLoop::saveCheckpoint(int64_t epoch, int64_t position) {
   if (!checkpointer_->enabled()) return;
   const auto t0 = Clock::now();
+  strategy_->syncForSave();
   auto dir = checkpointer_->save(*model_, *optimizer_, step_, epoch, position);
   CheckpointEvent saved{.step = step_, .seconds = secondsSince(t0)};
   std::error_code ec;
@@ -358,6 +372,7 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
   for (const data::Batch& b : loader) {
     ++batchIndex;
     if (micro == 0) {
+      strategy_->beginStep(step_, schedule_.lr(step_));
       event.times = {};
       event.samples = 0;
       stepLoss = 0;
@@ -408,9 +423,11 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
       skippedInARow_ = 0;
       if (!gradsFinite)
         diverged(epoch, stepLossFinite_ ? std::string("gradient") : fmt::format("loss on rank {}", worker_.rank));
-      if (job_.optimizer.clipGradNorm > 0) nn::clipGradNorm(grads, job_.optimizer.clipGradNorm);
       optimizer_->setLr(schedule_.lr(step_));
-      optimizer_->step(params, grads);
+      if (!strategy_->updatesParameters()) {  // the parameter server updated params() already
+        if (job_.optimizer.clipGradNorm > 0) nn::clipGradNorm(grads, job_.optimizer.clipGradNorm);
+        optimizer_->step(params, grads);
+      }
       // The weights are identical on every rank, so every rank stops here together.
       if (!nn::allFinite(params)) diverged(epoch, "weights after the update");
     } else {
@@ -474,10 +491,12 @@ void TrainLoop::afterStep(int64_t epoch, int64_t position, bool epochEnd) {
 void TrainLoop::finish() {
   const bool leader = worker_.rank == 0;
   result_.steps = step_;
+  if (!result_.stoppedBySignal) strategy_->syncForSave();
   if (leader && !result_.stoppedBySignal) {
     std::filesystem::create_directories(job_.outputDir);
     saveWeights(job_.outputDir / "model.safetensors", *model_);
   }
+  strategy_->finishRun();
   result_.wallSec = secondsSince(start_);
   result_.samplesPerSec = result_.trainSec > 0 ? static_cast<double>(result_.samples) / result_.trainSec : 0;
   // Peak memory of every rank (the largest is what a user sizes a machine by).
@@ -504,6 +523,27 @@ TrainResult TrainLoop::run() {
 TrainResult runTraining(const Job& job, const WorkerInfo& worker, std::vector<TrainerCallbackPtr> callbacks) {
   DTRAIN_CHECK_AS(UsageError, worker.worldSize == 1 || !worker.store.empty(),
                   "WORLD_SIZE={} but DTRAIN_STORE is not set: start the workers with `dtrain run`", worker.worldSize);
+  if (job.parallel.ps && worker.worldSize > 1) {
+    const int servers = job.parallel.ps->servers;
+    DTRAIN_CHECK_AS(ConfigError, servers < worker.worldSize,
+                    "{}: /parallel/servers: {} server(s) in a world of {} rank(s) (expected 1 <= servers < world "
+                    "size, so that at least one rank trains)",
+                    job.sourceFile, servers, worker.worldSize);
+    const PsRole role = psRole(worker, servers);
+    if (role.server) {
+      auto store = rendezvous::connectStore(worker.store, job.parallel.timeout);
+      rendezvous::PrefixStore roundStore(fmt::format("{}r{}/", rendezvous::runPrefix(worker.runId), worker.round),
+                                         store);
+      runPsServer(job, role.roleRank, worker.worldSize - servers, roundStore, worker.numNodes == 1,
+                  worker.restartCount);
+      return TrainResult{};
+    }
+    const WorkerInfo view = workerView(worker, servers);
+    TrainLoop loop(job, view, std::move(callbacks), servers);
+    return loop.run();
+  }
+  if (job.parallel.ps && worker.rank == 0)
+    log::info("{}: parameter-server job in a world of 1 rank: training alone, without servers", job.sourceFile);
   TrainLoop loop(job, worker, std::move(callbacks));
   return loop.run();
 }

@@ -1,0 +1,100 @@
+// The parameter server's wire protocol between worker ranks and server ranks (docs/parameter_server.md), and the
+// partitioning of the parameter arena over the servers.
+//
+// Partitions (BytePS): the flat parameter arena is cut into contiguous slices of at most kMaxPartitionFloats
+// floats (4 MiB) and at most ceil(numParams / servers) floats (so every server gets work even for a small model),
+// rounded to 16 floats; partition i lives on server i % servers. The optimizer is elementwise, so a slice of it
+// per partition on the servers updates exactly what one optimizer over the arena would.
+//
+// Transport: one TCP connection per (worker, server), opened by the worker to the address the server published in
+// the store under `<run prefix>r<round>/ps/server/<k>`. Requests and replies strictly alternate on a connection.
+// Every field is little-endian (the only byte order dtrain runs on; static_assert in ps_protocol.cpp).
+//
+//   request  (40 bytes): u32 magic "DPS1" | u8 op | u8[3] zero | u32 partition | i64 step | f64 lr | u64 bytes
+//   reply    (40 bytes): u32 magic "DPS1" | u8 status | u8[3] zero | u32 partition | i64 version | i64 min_clock |
+//                        u64 bytes
+// followed by `bytes` of payload. status 0 is OK; status 1 is an error whose payload is the message text (UTF-8).
+//
+//   op        request payload                                          OK reply payload
+//   kHello    i32 worker rank, i32 workers, u64 params, u64 partition   -
+//             floats (both sides computed the same plan, or error)
+//   kInit     u64 optimizer steps, u32 ranges, ranges x (u64 offset,    -    (worker 0 only: the partition's
+//             u64 count) without weight decay (relative to the               parameters, optimizer state and
+//             partition), params, then each optimizer state buffer           step count, e.g. from a checkpoint)
+//   kPushPull the partition's gradient for `step` (count floats) at `lr`  the partition's parameters afterwards
+//   kPull     - (waits until initialised and, in sync mode, version >=    the partition's parameters
+//             step)
+//   kFetch    -                                                       u64 steps, params, each state buffer
+//   kBye      - (this worker is done)                                   -
+//
+// Validation and errors: a frame with a bad magic, an unknown op or a payload above kMaxPayloadBytes closes that
+// one connection (the peer is not speaking this protocol); a well-framed request that is wrong for its partition
+// (unknown partition, a gradient of the wrong size, a push for a step that is not the partition's current one in
+// sync mode) is answered with an error reply naming what was expected, its payload is discarded, and the server
+// keeps serving this worker and the others. The client turns an error reply into a CommError.
+// `min_clock` is the slowest live worker's clock (steps it has pushed) on that server: a worker's staleness is its
+// own clock minus min_clock.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "lib/common/clock.h"
+
+namespace dtrain::train::ps {
+
+inline constexpr uint32_t kMagic = 0x31535044;  // "DPS1" little-endian
+inline constexpr size_t kMaxPartitionFloats = size_t{1} << 20;  // 4 MiB of float32 (BytePS's partition size)
+// The largest payload a server reads: an init of the largest partition with Adam's amsgrad state (4 arenas), its
+// no-decay ranges, and headroom. Anything larger is not this protocol.
+inline constexpr uint64_t kMaxPayloadBytes = 5 * kMaxPartitionFloats * sizeof(float) + (uint64_t{1} << 20);
+
+enum class Op : uint8_t { kHello = 1, kInit = 2, kPushPull = 3, kPull = 4, kFetch = 5, kBye = 6 };
+const char* opName(Op op);
+bool validOp(uint8_t op);
+
+struct RequestHeader {
+  Op op = Op::kHello;
+  uint32_t partition = 0;
+  int64_t step = 0;
+  double lr = 0;
+  uint64_t bytes = 0;
+};
+
+struct ReplyHeader {
+  bool ok = true;
+  uint32_t partition = 0;
+  int64_t version = 0;
+  int64_t minClock = 0;
+  uint64_t bytes = 0;
+};
+
+inline constexpr size_t kHeaderBytes = 40;
+
+// Encoding (exactly kHeaderBytes) and decoding. decode* throw ProtocolError on a bad magic, unknown op or status,
+// non-zero reserved bytes, or a payload above kMaxPayloadBytes.
+void encode(const RequestHeader& h, uint8_t* out);
+void encode(const ReplyHeader& h, uint8_t* out);
+RequestHeader decodeRequest(const uint8_t* in);
+ReplyHeader decodeReply(const uint8_t* in);
+
+// Blocking I/O of a whole header or payload on a socket. send* throw CommError on a failed write; recv* throw
+// CommError naming `peer` when the connection closes or the deadline passes. recvPayload discards `bytes` when
+// `into` is null.
+void sendFrame(int fd, const uint8_t* header, const void* payload, size_t payloadBytes, const std::string& peer);
+void recvBytes(int fd, void* into, size_t bytes, const Deadline& deadline, const std::string& peer);
+
+struct Partition {
+  size_t offset = 0;  // in the parameter arena, floats
+  size_t count = 0;
+  int server = 0;
+};
+
+// The plan described above; `maxFloats` is kMaxPartitionFloats except in tests.
+std::vector<Partition> planPartitions(size_t numParams, int servers, size_t maxFloats = kMaxPartitionFloats);
+
+// The key a server publishes its "host:port" under, inside the round's prefix.
+std::string serverKey(int server);
+
+}  // namespace dtrain::train::ps

@@ -1,0 +1,106 @@
+// A parameter server rank (docs/parameter_server.md): holds its partitions of the parameter arena (ps_protocol.h)
+// with their optimizer state, and answers the workers' push/pull requests.
+//
+// Modes (the consistency models of ps-lite / TensorFlow's ParameterServerStrategy / the SSP paper, Ho et al. 2013):
+//  - kSync: a partition's step t completes when every worker pushed its gradient for t; the server applies the
+//    average (sum in worker-rank order, times 1/workers: PyTorch DDP's averaging) with one optimizer step and
+//    answers every waiting push with the new parameters. Equal to DDP up to float summation order.
+//  - kAsync: each push is applied on arrival (one optimizer step with that worker's gradient) and answered at once.
+//  - kSsp: applied on arrival like kAsync, but the answer to a worker's push for step t waits until the slowest live
+//    worker has pushed step t + 1 - staleness, so no worker runs more than `staleness` steps ahead of the slowest.
+// A worker whose connection drops: kAsync/kSsp go on without it (it no longer holds back SSP); kSync cannot finish
+// a step without it, so every waiting and later push fails with an error (the launcher then re-forms the group).
+//
+// Threading: serve() runs an accept loop and one thread per connection; partitions and clocks are guarded by one
+// mutex (the optimizer runs under it, which serialises updates as the modes require). stop() may be called from
+// any thread. Errors: listen() throws ConfigError when it cannot listen; serve() throws CommError when no worker
+// connects within the timeout; per-request errors go back to that request's worker (ps_protocol.h).
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "lib/common/socket.h"
+#include "lib/nn/optimizer.h"
+#include "lib/train/ps_protocol.h"
+
+namespace dtrain::train::ps {
+
+enum class Mode : uint8_t { kSync, kAsync, kSsp };
+const char* modeName(Mode mode);
+
+struct ServerOptions {
+  int serverRank = 0;
+  int servers = 1;
+  int workers = 1;
+  Mode mode = Mode::kSync;
+  int staleness = 0;  // kSsp only
+  nn::OptimizerSpec optimizer;
+  std::chrono::milliseconds timeout{std::chrono::minutes(5)};  // per wait, and for the workers to connect
+  std::string host = "127.0.0.1";                              // the address to listen on and publish
+  int64_t killAfterPushes = 0;  // testing aid (DTRAIN_FAULT role=server): SIGKILL itself after this many pushes
+};
+
+// What a server counted (for tests and its exit line).
+struct ServerStats {
+  int64_t pushes = 0;
+  int64_t updates = 0;      // optimizer steps over all partitions
+  int64_t errors = 0;       // requests answered with an error
+  int64_t bytesIn = 0;      // payload bytes received
+  int64_t bytesOut = 0;     // payload bytes sent
+};
+
+class Server {
+ public:
+  explicit Server(ServerOptions options);
+  ~Server();
+  Server(const Server&) = delete;
+  Server& operator=(const Server&) = delete;
+
+  // Binds a port (0: any) and returns "host:port" for the workers. Call once, before serve().
+  std::string listen();
+  // Blocks until every worker said bye or went away (or stop()). Throws CommError when no worker connected within
+  // the timeout.
+  void serve();
+  void stop();
+  ServerStats stats() const;
+
+ private:
+  struct PartitionState;
+  struct Conn;
+  void handle(Conn& conn);
+  // One request: reads its payload, answers it. Throws ProtocolError/CommError to close the connection.
+  void dispatch(Conn& conn, const RequestHeader& h);
+  void reply(Conn& conn, const ReplyHeader& h, const void* payload, size_t bytes);
+  void replyError(Conn& conn, uint32_t partition, const std::string& message);
+  std::string hello(Conn& conn, const std::vector<uint8_t>& payload);
+  std::string init(PartitionState& p, const std::vector<uint8_t>& payload, size_t count, int64_t step);
+  // Under mu_: the slowest live worker's clock (INT64_MAX when none is live).
+  int64_t minClockLocked() const;
+  void workerGone(int worker, bool bye);
+
+  ServerOptions options_;
+  net::Listener listener_;
+  std::string address_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<Partition> plan_;                         // set by the first hello
+  size_t numParams_ = 0;
+  std::vector<std::unique_ptr<PartitionState>> parts_;  // by partition index; null when not this server's
+  std::vector<int64_t> clock_;                          // per worker: steps pushed
+  std::vector<uint8_t> live_;                           // per worker: connected and not done
+  std::vector<uint8_t> seen_;                           // per worker: said hello once
+  int done_ = 0;                                        // workers that said bye or left
+  std::string syncBroken_;                              // kSync: why no step can complete any more
+  ServerStats stats_;
+  std::atomic<bool> stopping_{false};
+  std::vector<std::thread> threads_;
+};
+
+}  // namespace dtrain::train::ps

@@ -1,0 +1,126 @@
+// The parameter-server strategy as a user sees it: `dtrain run -n 3` with one server and two workers trains in
+// every mode, the placement shows in --dry-run, a killed worker re-forms the group from the last checkpoint, and
+// bad settings exit 2 before any rank starts.
+#include <doctest/doctest.h>
+
+#include <filesystem>
+
+#include "tests/integration/launch_helpers.h"
+#include "tests/integration/train_helpers.h"
+
+using namespace dtrain::testing;
+using namespace std::chrono_literals;
+using nlohmann::json;
+
+namespace {
+
+std::vector<std::string> threeRanks(const std::string& job, const std::string& out, int maxRestarts = 0) {
+  return runArgs({"--standalone", "--nproc-per-node", "3", "--max-restarts", std::to_string(maxRestarts),
+                  "--shutdown-timeout", "2s", job, "--output-dir", out});
+}
+
+json psJob(const std::string& mode) {
+  json job = smallJob(192, 8, 3);
+  job["checkpoint"] = false;
+  job["parallel"] = {{"strategy", "parameter_server"}, {"servers", 1}, {"mode", mode}};
+  if (mode == "ssp") job["parallel"]["staleness"] = 2;
+  return job;
+}
+
+double lastEvalAccuracy(const std::string& metrics) {
+  double acc = -1;
+  for (const auto& line : readJsonLines(metrics))
+    if (line.contains("eval_accuracy") && line["eval_accuracy"].is_number()) acc = line["eval_accuracy"].get<double>();
+  return acc;
+}
+
+}  // namespace
+
+TEST_CASE("dtrain run -n 3 with one parameter server: every mode trains; traffic and staleness in metrics") {
+  std::string dir = tempDir("ps");
+  for (const std::string mode : {"sync", "async", "ssp"}) {
+    CAPTURE(mode);
+    writeFile(dir + "/job.json", psJob(mode).dump());
+    auto r = run(threeRanks(dir + "/job.json", dir + "/" + mode), {.timeout = 120s});
+    INFO(r.out, r.err);
+    REQUIRE(r.exitCode == 0);
+    // Rank 2 (the node's last) serves; the two workers report as a world of 2.
+    CHECK(!linesWith(r.out + r.err, "[n0 r2] ").empty());
+    CHECK((r.out + r.err).find("parameter server 0 of 1 listening") != std::string::npos);
+    CHECK(r.out.find("2 rank(s) x batch 8") != std::string::npos);
+    CHECK(r.out.find("parameter server: 1 server(s), 2 worker(s), " + mode) != std::string::npos);
+    CHECK(lastEvalAccuracy(dir + "/" + mode + "/metrics.jsonl") > 0.5);
+    CHECK(std::filesystem::exists(dir + "/" + mode + "/model.safetensors"));
+    int lines = 0;
+    for (const auto& line : readJsonLines(dir + "/" + mode + "/metrics.jsonl")) {
+      if (!line.contains("loss") || line.contains("eval_loss") || line.contains("final")) continue;
+      ++lines;
+      REQUIRE(line.contains("ps_bytes_per_step"));
+      CHECK(line["ps_bytes_per_step"].get<double>() > 0);
+      CHECK(line.contains("staleness") == (mode != "sync"));
+      if (mode == "ssp") CHECK(line["staleness"]["max"].get<double>() <= 2);
+    }
+    CHECK(lines > 0);
+  }
+}
+
+TEST_CASE("parameter server: --dry-run shows the placement; bad settings exit 2 before any rank starts") {
+  std::string dir = tempDir("psbad");
+  json job = psJob("sync");
+  job["parallel"]["servers"] = 2;
+  writeFile(dir + "/job.json", job.dump());
+  auto dry = run(runArgs({"--standalone", "--nproc-per-node", "4", "--dry-run", dir + "/job.json"}));
+  INFO(dry.out, dry.err);
+  REQUIRE(dry.exitCode == 0);
+  CHECK(dry.out.find("node 0: ranks 0-1 workers 0-1, ranks 2-3 servers 0-1") != std::string::npos);
+  // As many servers as ranks: nobody would train.
+  job["parallel"]["servers"] = 3;
+  writeFile(dir + "/job.json", job.dump());
+  auto r = run(threeRanks(dir + "/job.json", dir + "/out"), {.timeout = 60s});
+  INFO(r.out, r.err);
+  CHECK(r.exitCode == 2);
+  CHECK(r.err.find("/parallel/servers: 3 server(s) but this launch makes 3 rank(s)") != std::string::npos);
+  CHECK(!std::filesystem::exists(dir + "/out/metrics.jsonl"));
+  job["parallel"] = {{"strategy", "parameter_server"}, {"mode", "ssp"}, {"staleness", -1}};
+  writeFile(dir + "/job.json", job.dump());
+  r = run(threeRanks(dir + "/job.json", dir + "/out"), {.timeout = 60s});
+  CHECK(r.exitCode == 2);
+  CHECK(r.err.find("/parallel/staleness") != std::string::npos);
+}
+
+TEST_CASE("parameter server, sync: a killed worker re-forms the group, which resumes from the last checkpoint") {
+  std::string dir = tempDir("pskill");
+  json job = psJob("sync");
+  job["checkpoint"] = {{"every_steps", 3}, {"keep", 2}};
+  writeFile(dir + "/job.json", job.dump());
+  auto r = run(threeRanks(dir + "/job.json", dir + "/out", 2),
+               {.timeout = 180s, .env = {{"DTRAIN_FAULT", "rank=1,step=7,action=kill"}}});
+  INFO(r.out, r.err);
+  REQUIRE(r.exitCode == 0);
+  CHECK(r.out.find("resumed from") != std::string::npos);
+  CHECK(lastEvalAccuracy(dir + "/out/metrics.jsonl") > 0.5);
+}
+
+TEST_CASE("parameter server killed: the job restarts from the last checkpoint (with another server count too)") {
+  std::string dir = tempDir("pssrv");
+  json job = psJob("sync");
+  job["checkpoint"] = {{"every_steps", 3}, {"keep", 2}};
+  job["parallel"]["servers"] = 2;
+  writeFile(dir + "/job.json", job.dump());
+  // 4 ranks: 2 workers, 2 servers; server 1 dies after 20 pushes (its partitions' 10th step).
+  auto r = run(runArgs({"--standalone", "--nproc-per-node", "4", "--max-restarts", "2", "--shutdown-timeout", "2s",
+                        dir + "/job.json", "--output-dir", dir + "/out", "--set", "train.epochs=2"}),
+               {.timeout = 180s, .env = {{"DTRAIN_FAULT", "role=server,rank=1,step=20,action=kill"}}});
+  INFO(r.out, r.err);
+  REQUIRE(r.exitCode == 0);
+  CHECK((r.out + r.err).find("parameter server 1 kills itself") != std::string::npos);
+  CHECK(r.out.find("resumed from") != std::string::npos);
+  // Resharding: the finished run's checkpoint continues with one server and one more epoch.
+  auto again = run(runArgs({"--standalone", "--nproc-per-node", "3", "--shutdown-timeout", "2s", dir + "/job.json",
+                            "--output-dir", dir + "/out", "--set", "parallel.servers=1"}),
+                   {.timeout = 120s});
+  INFO(again.out, again.err);
+  REQUIRE(again.exitCode == 0);
+  CHECK(again.out.find("resumed from") != std::string::npos);
+  CHECK(lastEvalAccuracy(dir + "/out/metrics.jsonl") > 0.5);
+}

@@ -1,0 +1,398 @@
+// The parameter server (lib/train/ps_*.h, lib/common/ps_placement.h): placement, partitions, the wire protocol's
+// validation, the consistency modes, and sync training against DDP's arithmetic. Servers run as threads on
+// 127.0.0.1:0, workers as threads with a tcp group over the in-memory store.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <future>
+#include <thread>
+
+#include "lib/comm/registry.h"
+#include "lib/common/error.h"
+#include "lib/common/ps_placement.h"
+#include "lib/nn/optimizer.h"
+#include "lib/train/fault.h"
+#include "lib/train/job.h"
+#include "lib/train/ps_client.h"
+#include "lib/train/ps_server.h"
+#include "lib/train/ps_strategy.h"
+#include "rendezvous/memory_store.h"
+#include "tests/comm/comm_test_util.h"
+#include "tests/support/process.h"
+
+using namespace dtrain;
+using namespace dtrain::train;
+
+namespace {
+
+constexpr int kBatch = 4;
+constexpr int kIn = 100;
+constexpr int kOut = 10;
+
+nn::ModelSpec specOf() {  // 5050 + 2040 + 410 = 7500 parameters
+  return nn::parseModelSpec(nlohmann::json::parse(R"({"input": [100], "layers": [
+      {"type": "linear", "out": 50}, {"type": "relu"}, {"type": "linear", "out": 40}, {"type": "relu"},
+      {"type": "linear", "out": 10}]})"),
+                            "t.json");
+}
+
+struct StepData {
+  std::vector<float> x, dy;
+};
+StepData dataOf(int rank, int step) {
+  StepData d{std::vector<float>(kBatch * kIn), std::vector<float>(kBatch * kOut)};
+  for (size_t i = 0; i < d.x.size(); ++i) d.x[i] = std::sin(0.1f * static_cast<float>(i) + static_cast<float>(rank + 3 * step));
+  for (size_t i = 0; i < d.dy.size(); ++i) d.dy[i] = 0.01f * static_cast<float>((i * 7 + rank * 3 + step) % 11) - 0.05f;
+  return d;
+}
+
+void forwardBackward(nn::Model& model, const StepData& d, nn::LayerGradReady onReady) {
+  model.forward(d.x.data(), kBatch, true);
+  model.backward(TensorView::f32(d.dy.data(), Shape{kBatch, kOut}), onReady, nn::GradMode::kOverwrite);
+}
+
+bool close(float got, float want) { return std::abs(got - want) <= 1e-5f + 1e-4f * std::abs(want); }
+
+// `n` servers in threads; addresses() once they listen. Joined (after serving) on destruction.
+struct Servers {
+  std::vector<std::unique_ptr<ps::Server>> servers;
+  std::vector<std::string> addrs;
+  std::vector<std::future<void>> done;
+  Servers(int n, int workers, ps::Mode mode, int staleness, nn::OptimizerSpec opt) {
+    for (int s = 0; s < n; ++s) {
+      servers.push_back(std::make_unique<ps::Server>(ps::ServerOptions{.serverRank = s,
+                                                                      .servers = n,
+                                                                      .workers = workers,
+                                                                      .mode = mode,
+                                                                      .staleness = staleness,
+                                                                      .optimizer = opt,
+                                                                      .timeout = std::chrono::seconds(60)}));
+      addrs.push_back(servers.back()->listen());
+    }
+    for (auto& s : servers) done.push_back(std::async(std::launch::async, [p = s.get()] { p->serve(); }));
+  }
+  ~Servers() {
+    for (auto& s : servers) s->stop();
+    for (auto& d : done) d.wait();
+  }
+};
+
+ProcessGroups groupsOf(int rank, int size, comm::BackendPtr backend) {
+  return ProcessGroups{.rank = rank, .worldSize = size, .dataRank = rank, .dataSize = size, .world = backend,
+                       .data = backend};
+}
+
+std::vector<uint8_t> initPayload(std::span<const float> params) {
+  std::vector<uint8_t> p(12 + params.size_bytes(), 0);  // steps 0, no ranges, the params (plain SGD: no state)
+  std::memcpy(p.data() + 12, params.data(), params.size_bytes());
+  return p;
+}
+
+}  // namespace
+
+TEST_CASE("placement: servers are the last local ranks, spread evenly over the nodes, node 0 last to get more") {
+  WorkerContract c;
+  c.worldSize = 4;
+  c.localWorldSize = 4;
+  std::vector<std::string> roles;
+  for (int r = 0; r < 4; ++r) {
+    c.rank = c.localRank = r;
+    auto role = psRole(c, 2);
+    roles.push_back(fmt::format("{}{}/{}", role.server ? "s" : "w", role.roleRank, role.roleWorldSize));
+  }
+  CHECK(roles == std::vector<std::string>{"w0/2", "w1/2", "s0/2", "s1/2"});
+  // Two nodes of three ranks, three servers: node 0 gets one, node 1 two.
+  CHECK(psServersOnNode(0, 2, 3) == 1);
+  CHECK(psServersOnNode(1, 2, 3) == 2);
+  c = WorkerContract{.rank = 3, .worldSize = 6, .localRank = 0, .localWorldSize = 3, .nodeRank = 1, .numNodes = 2};
+  auto role = psRole(c, 3);  // node 1's first rank: the third worker
+  CHECK(!role.server);
+  CHECK(role.roleRank == 2);
+  CHECK(role.roleWorldSize == 3);
+  auto view = workerView(c, 3);
+  CHECK(view.rank == 2);
+  CHECK(view.worldSize == 3);
+  CHECK(view.localWorldSize == 1);
+  CHECK(view.localRank == 0);
+  c.rank = 5;
+  c.localRank = 2;
+  role = psRole(c, 3);
+  CHECK(role.server);
+  CHECK(role.roleRank == 2);
+  auto env = withPsRole(c, 3);
+  CHECK(env.roleName == "server");
+  CHECK(env.roleRank == 2);
+  CHECK(env.roleWorldSize == 3);
+  CHECK(withPsRole(c, 0).roleName == "default");
+  CHECK(psPlacement({3, 3}, 3) == "node 0: ranks 0-1 workers 0-1, rank 2 server 0\n"
+                                  "node 1: rank 3 worker 2, ranks 4-5 servers 1-2\n");
+  CHECK_THROWS_WITH_AS(psRole(c, 6), doctest::Contains("1 <= parallel.servers < world size"), UsageError);
+  CHECK_THROWS_AS(psPlacement({1, 1}, 2), UsageError);
+}
+
+TEST_CASE("partitions: at most 4 MiB, every server gets work, the whole arena exactly once") {
+  auto plan = ps::planPartitions(7500, 2, 1024);
+  size_t next = 0;
+  for (size_t i = 0; i < plan.size(); ++i) {
+    CHECK(plan[i].offset == next);
+    CHECK(plan[i].count <= 1024);
+    CHECK(plan[i].server == static_cast<int>(i % 2));
+    next += plan[i].count;
+  }
+  CHECK(next == 7500);
+  plan = ps::planPartitions(100, 4);  // small: one slice per server, rounded to 16 floats
+  CHECK(plan.size() == 4);
+  CHECK(plan[0].count == 32);
+  CHECK(plan[3].count == 4);
+  plan = ps::planPartitions(size_t{3} << 20, 1);
+  CHECK(plan.size() == 3);
+  CHECK(plan[0].count == ps::kMaxPartitionFloats);
+}
+
+TEST_CASE("protocol: headers round-trip; a bad magic, op, reserved byte or oversized payload is refused") {
+  uint8_t buf[ps::kHeaderBytes];
+  ps::encode(ps::RequestHeader{.op = ps::Op::kPushPull, .partition = 7, .step = 42, .lr = 0.5, .bytes = 64}, buf);
+  auto h = ps::decodeRequest(buf);
+  CHECK(h.op == ps::Op::kPushPull);
+  CHECK(h.partition == 7);
+  CHECK(h.step == 42);
+  CHECK(h.lr == 0.5);
+  CHECK(h.bytes == 64);
+  uint8_t bad[ps::kHeaderBytes];
+  std::memcpy(bad, buf, sizeof(buf));
+  bad[0] ^= 1;
+  CHECK_THROWS_WITH_AS(ps::decodeRequest(bad), doctest::Contains("bad magic"), ProtocolError);
+  std::memcpy(bad, buf, sizeof(buf));
+  bad[4] = 99;
+  CHECK_THROWS_WITH_AS(ps::decodeRequest(bad), doctest::Contains("unknown op"), ProtocolError);
+  std::memcpy(bad, buf, sizeof(buf));
+  bad[5] = 1;
+  CHECK_THROWS_AS(ps::decodeRequest(bad), ProtocolError);
+  ps::encode(ps::RequestHeader{.op = ps::Op::kPushPull, .bytes = ps::kMaxPayloadBytes + 1}, bad);
+  CHECK_THROWS_WITH_AS(ps::decodeRequest(bad), doctest::Contains("payload"), ProtocolError);
+  ps::encode(ps::ReplyHeader{.ok = false, .partition = 3, .version = 9, .minClock = 8, .bytes = 5}, buf);
+  auto r = ps::decodeReply(buf);
+  CHECK(!r.ok);
+  CHECK(r.version == 9);
+  CHECK(r.minClock == 8);
+}
+
+TEST_CASE("sync mode equals DDP's averaged step (Adam, 2 workers, 2 servers, several partitions)") {
+  constexpr int kWorkers = 2;
+  constexpr int kSteps = 3;
+  nn::OptimizerSpec opt{.type = nn::OptimizerType::kAdam, .lr = 0.01};
+  Servers servers(2, kWorkers, ps::Mode::kSync, 0, opt);
+  // The reference: one model, one optimizer, the average of both workers' gradients per step (what DDP does).
+  auto spec = specOf();
+  nn::Model reference = nn::Model::build(spec, kBatch, 1);
+  auto refOpt = nn::Optimizer::create(opt, reference.numParams());
+  for (int step = 0; step < kSteps; ++step) {
+    std::vector<float> avg(reference.numParams(), 0.0f);
+    for (int w = 0; w < kWorkers; ++w) {
+      forwardBackward(reference, dataOf(w, step), {});
+      auto g = reference.grads();
+      for (size_t i = 0; i < avg.size(); ++i) avg[i] += g[i] / kWorkers;
+    }
+    refOpt->step(reference.params(), avg);
+  }
+  auto store = rendezvous::MemoryStore::create();
+  std::vector<std::string> mismatch(kWorkers);
+  auto errors = comm::testing::onRanks(kWorkers, [&](int rank) {
+    auto backend = comm::createBackend("tcp", comm::testing::rankOptions(rank, kWorkers, store));
+    PsSettings settings{.servers = 2, .mode = "sync"};
+    PsStrategy strategy(groupsOf(rank, kWorkers, backend),
+                        {.settings = settings, .serverAddresses = servers.addrs, .partitionFloats = 1024});
+    CHECK(strategy.updatesParameters());
+    // Different seeds: only worker 0's init makes them equal.
+    nn::Model model = nn::Model::build(spec, kBatch, rank == 0 ? 1 : 77);
+    auto optimizer = nn::Optimizer::create(opt, model.numParams());
+    strategy.bindOptimizer(*optimizer, 0);
+    strategy.prepare(model);
+    for (int step = 0; step < kSteps; ++step) {
+      strategy.beginStep(step, 0.01);
+      forwardBackward(model, dataOf(rank, step), strategy.gradReadyHook());
+      strategy.finishStep();
+    }
+    auto p = model.params();
+    auto ref = reference.params();
+    for (size_t i = 0; i < p.size() && mismatch[static_cast<size_t>(rank)].empty(); ++i)
+      if (!close(p[i], ref[i])) mismatch[static_cast<size_t>(rank)] = fmt::format("param[{}] = {}, want {}", i, p[i], ref[i]);
+    // Worker 0 fetches the servers' optimizer state for a checkpoint: it matches the reference's.
+    if (rank == 0) {
+      strategy.syncForSave();
+      CHECK(optimizer->steps() == kSteps);
+      auto got = optimizer->stateBuffers();
+      auto want = refOpt->stateBuffers();
+      REQUIRE(got.size() == want.size());
+      for (size_t b = 0; b < got.size(); ++b)
+        for (size_t i = 0; i < got[b].data.size(); i += 97) CHECK(close(got[b].data[i], want[b].data[i]));
+    }
+    strategy.finishRun();
+  });
+  REQUIRE(comm::testing::firstError(errors) == "");
+  for (const auto& m : mismatch) CHECK(m == "");
+}
+
+// One request on a raw connection: the reply header and its payload.
+std::pair<ps::ReplyHeader, std::string> rawRequest(int fd, const ps::RequestHeader& req, const void* payload) {
+  uint8_t h[ps::kHeaderBytes];
+  ps::encode(req, h);
+  ps::sendFrame(fd, h, payload, req.bytes, "server");
+  ps::recvBytes(fd, h, ps::kHeaderBytes, Deadline(std::chrono::seconds(30)), "server");
+  auto r = ps::decodeReply(h);
+  std::string body(r.bytes, '\0');
+  ps::recvBytes(fd, body.data(), body.size(), Deadline(std::chrono::seconds(30)), "server");
+  return {r, body};
+}
+
+TEST_CASE("a wrong-size push gets an error; the server keeps serving that worker and the others") {
+  nn::OptimizerSpec sgd{.type = nn::OptimizerType::kSgd, .lr = 0.1};
+  Servers servers(1, 3, ps::Mode::kAsync, 0, sgd);
+  std::vector<float> params(64, 1.0f), grad(64, 1.0f), out(64, 0.0f);
+  ps::Client w0({.workerRank = 0, .workers = 3, .numParams = 64, .partitionFloats = 64, .servers = servers.addrs});
+  ps::Client w1({.workerRank = 1, .workers = 3, .numParams = 64, .partitionFloats = 64, .servers = servers.addrs});
+  w0.init(0, 0, initPayload(params));
+  auto hp = net::parseHostPort(servers.addrs[0], 0);
+  // A connection speaking garbage is closed; nobody else notices.
+  {
+    net::Socket raw = net::connect(*hp, Deadline(std::chrono::seconds(30)));
+    uint8_t junk[ps::kHeaderBytes] = {1, 2, 3};
+    REQUIRE(net::sendAll(raw.fd(), junk, sizeof(junk)));
+    uint8_t reply[1];
+    CHECK(!net::recvAll(raw.fd(), reply, 1, Deadline(std::chrono::seconds(30))));  // closed by the server
+  }
+  // Worker 2 on a raw connection: a push before hello, then a push of 63 floats to a 64-float partition.
+  net::Socket raw = net::connect(*hp, Deadline(std::chrono::seconds(30)));
+  auto [r0, m0] = rawRequest(raw.fd(), {.op = ps::Op::kPushPull, .partition = 0, .bytes = 256}, grad.data());
+  CHECK(!r0.ok);
+  CHECK(m0.find("before hello") != std::string::npos);
+  std::vector<uint8_t> hello(24, 0);
+  const int32_t rank = 2, workers = 3;
+  const uint64_t n = 64;
+  std::memcpy(hello.data(), &rank, 4);
+  std::memcpy(hello.data() + 4, &workers, 4);
+  std::memcpy(hello.data() + 8, &n, 8);
+  std::memcpy(hello.data() + 16, &n, 8);
+  CHECK(rawRequest(raw.fd(), {.op = ps::Op::kHello, .bytes = 24}, hello.data()).first.ok);
+  auto [r1, m1] = rawRequest(raw.fd(), {.op = ps::Op::kPushPull, .partition = 0, .lr = 0.1, .bytes = 63 * 4},
+                             grad.data());
+  CHECK(!r1.ok);
+  CHECK(m1.find("252 bytes, expected 256") != std::string::npos);
+  auto [r2, m2] = rawRequest(raw.fd(), {.op = ps::Op::kPushPull, .partition = 5, .lr = 0.1, .bytes = 256},
+                             grad.data());
+  CHECK(!r2.ok);
+  CHECK(m2.find("partition 5") != std::string::npos);
+  // The others are served, and so is worker 2's next, correct push.
+  w1.pushPullAsync(0, 0, 0.1, grad.data(), out.data());
+  w1.wait();
+  CHECK(out[0] == doctest::Approx(0.9));
+  auto [r3, m3] = rawRequest(raw.fd(), {.op = ps::Op::kPushPull, .partition = 0, .lr = 0.1, .bytes = 256},
+                             grad.data());
+  REQUIRE(r3.ok);
+  float first = 0;
+  std::memcpy(&first, m3.data(), 4);
+  CHECK(first == doctest::Approx(0.8));
+  w0.pushPullAsync(0, 0, 0.1, grad.data(), out.data());
+  w0.wait();
+  CHECK(out[0] == doctest::Approx(0.7));
+  // The client refuses a partition outside its plan before sending anything.
+  CHECK_THROWS_AS(w0.pushPullAsync(9, 0, 0.1, grad.data(), out.data()), std::out_of_range);
+  CHECK(servers.servers[0]->stats().errors >= 3);
+  rawRequest(raw.fd(), {.op = ps::Op::kBye}, nullptr);
+  w0.bye();
+  w1.bye();
+}
+
+TEST_CASE("ssp bounds how far a worker runs ahead; async does not") {
+  nn::OptimizerSpec sgd{.type = nn::OptimizerType::kSgd, .lr = 0.01};
+  constexpr int kSteps = 6;
+  for (auto mode : {ps::Mode::kSsp, ps::Mode::kAsync}) {
+    CAPTURE(ps::modeName(mode));
+    Servers servers(1, 2, mode, 1, sgd);
+    std::vector<float> params(32, 0.0f);
+    ps::Client w0({.workerRank = 0, .workers = 2, .numParams = 32, .partitionFloats = 32, .servers = servers.addrs});
+    ps::Client w1({.workerRank = 1, .workers = 2, .numParams = 32, .partitionFloats = 32, .servers = servers.addrs});
+    w0.init(0, 0, initPayload(params));
+    // Worker 0 runs all its steps on a thread while worker 1 starts only when told to.
+    std::promise<void> started1;
+    auto run = [&](ps::Client& c, int64_t steps) {
+      std::vector<float> g(32, 1.0f), p(32);
+      for (int64_t s = 0; s < steps; ++s) {
+        c.pushPullAsync(0, s, 0.01, g.data(), p.data());
+        c.wait();
+      }
+      return c.takeStaleness();
+    };
+    auto fast = std::async(std::launch::async, [&] { return run(w0, kSteps); });
+    if (mode == ps::Mode::kAsync) fast.wait();  // async: worker 0 finishes alone, 6 steps ahead of worker 1
+    auto slow = run(w1, kSteps);
+    auto f = fast.get();
+    if (mode == ps::Mode::kSsp) {
+      CHECK(f.max <= 1);
+      CHECK(slow.max <= 1);
+    } else {
+      CHECK(f.max == kSteps);
+    }
+    w0.bye();
+    w1.bye();
+  }
+}
+
+TEST_CASE("sync: a worker that leaves mid-step fails the others' step instead of hanging them") {
+  nn::OptimizerSpec sgd{.type = nn::OptimizerType::kSgd, .lr = 0.1};
+  Servers servers(1, 2, ps::Mode::kSync, 0, sgd);
+  std::vector<float> params(32, 0.0f), g(32, 1.0f), p(32);
+  ps::Client w0({.workerRank = 0, .workers = 2, .numParams = 32, .partitionFloats = 32, .servers = servers.addrs});
+  {
+    ps::Client w1({.workerRank = 1, .workers = 2, .numParams = 32, .partitionFloats = 32, .servers = servers.addrs});
+    w0.init(0, 0, initPayload(params));
+  }  // worker 1's connection closes without bye
+  w0.pushPullAsync(0, 0, 0.1, g.data(), p.data());
+  CHECK_THROWS_WITH_AS(w0.wait(), doctest::Contains("worker 1 left"), CommError);
+}
+
+TEST_CASE("job: parameter-server fields are validated before any rank starts") {
+  auto dir = testing::tempDir("psjob");
+  auto load = [&](const std::string& parallel) {
+    auto path = dir + "/job.json";
+    testing::writeFile(path, std::string(R"({
+      "model": {"input": [4], "layers": [{"type": "linear", "out": 3}]},
+      "loss": {"type": "cross_entropy"},
+      "data": {"train": {"format": "synthetic", "task": "classification", "samples": 64, "features": 4,
+               "num_classes": 3}, "batch_size": 8},
+      "optimizer": {"type": "sgd", "lr": 0.1},
+      "parallel": )") + parallel + "}");
+    return loadJob({path});
+  };
+  auto job = load(R"({"strategy": "parameter_server", "servers": 2, "mode": "ssp", "staleness": 3})");
+  REQUIRE(job.parallel.ps);
+  CHECK(job.parallel.ps->servers == 2);
+  CHECK(job.parallel.ps->mode == "ssp");
+  CHECK(job.parallel.ps->staleness == 3);
+  CHECK(load(R"({"strategy": "parameter_server"})").parallel.ps->mode == "sync");
+  CHECK(!load(R"({"strategy": "ddp"})").parallel.ps);
+  CHECK_THROWS_WITH_AS(load(R"({"strategy": "parameter_server", "mode": "ssp", "staleness": -1})"),
+                       doctest::Contains("/parallel/staleness"), ConfigError);
+  CHECK_THROWS_WITH_AS(load(R"({"strategy": "parameter_server", "servers": 0})"),
+                       doctest::Contains("/parallel/servers"), ConfigError);
+  CHECK_THROWS_WITH_AS(load(R"({"strategy": "parameter_server", "mode": "hogwild"})"),
+                       doctest::Contains("/parallel/mode"), ConfigError);
+  CHECK_THROWS_WITH_AS(load(R"({"strategy": "parameter_server", "staleness": 2})"),
+                       doctest::Contains("only with \"mode\": \"ssp\""), ConfigError);
+  CHECK_THROWS_WITH_AS(load(R"({"servers": 2})"), doctest::Contains("only for the parameter-server strategy"),
+                       ConfigError);
+  CHECK_THROWS_WITH_AS(load(R"({"strategy": "parameter_server", "compression": {"type": "fp16"}})"),
+                       doctest::Contains("/parallel/compression"), ConfigError);
+}
+
+TEST_CASE("DTRAIN_FAULT action=slow: a straggler switch with its delay") {
+  auto faults = parseFaults("rank=1,step=2,action=slow,ms=50");
+  REQUIRE(faults.size() == 1);
+  CHECK(faults[0].action == "slow");
+  CHECK(faults[0].ms == 50);
+  CHECK_THROWS_WITH_AS(parseFaults("rank=1,step=2,action=slow"), doctest::Contains("ms=M goes with action=slow"),
+                       UsageError);
+  CHECK_THROWS_AS(parseFaults("rank=1,step=2,action=kill,ms=5"), UsageError);
+}

@@ -1,10 +1,12 @@
 // `dtrain check JOB.json`: validate a job (every section, files, dataset contents against the model) and print
-// the model summary. Exit 0, or the precise error and exit 2.
+// the model summary; with --world N also which ranks are parameter servers. Exit 0, or the precise error and
+// exit 2.
 #include <fmt/format.h>
 
 #include "apps/dtrain/commands.h"
 #include "apps/dtrain/job_hooks.h"
 #include "lib/train/check.h"
+#include "lib/train/ps_strategy.h"
 
 namespace dtrain::app {
 
@@ -12,9 +14,15 @@ void addCheckCommand(CLI::App& root, Action& action) {
   auto args = std::make_shared<train::JobArgs>();
   auto* sub = root.add_subcommand("check", "Validate a job file and print the model summary");
   addJobOptions(*sub, *args);
-  sub->callback([&action, args] {
-    action = [args] {
-      fmt::print("{}", train::checkJob(train::loadJob(*args)));
+  auto world = std::make_shared<int>(0);
+  sub->add_option("--world", *world, "Also print the rank layout for a world of N ranks (parameter servers: "
+                                     "which ranks serve)")
+      ->check(CLI::Range(1, 1 << 20));
+  sub->callback([&action, args, world] {
+    action = [args, world] {
+      const train::Job job = train::loadJob(*args);
+      fmt::print("{}", train::checkJob(job));
+      if (*world > 0) fmt::print("{}", train::describePsPlacement(job, *world));
       return 0;
     };
   });

@@ -8,6 +8,7 @@
 #include "lib/common/error.h"
 #include "lib/common/env.h"
 #include "lib/common/log.h"
+#include "lib/common/ps_placement.h"
 #include "lib/train/fault.h"
 
 namespace dtrain::train {
@@ -195,6 +196,17 @@ CheckpointShard PsStrategy::checkpointShard(const nn::Model& model) const {
           .saveModel = writer,
           .saveParams = writer ? allParams(model) : std::vector<size_t>{},
           .saveOptimizer = writer};
+}
+
+std::string describePsPlacement(const Job& job, int world) {
+  if (!job.parallel.ps) return "";
+  const int servers = job.parallel.ps->servers;
+  DTRAIN_CHECK_AS(ConfigError, servers < world,
+                  "{}: /parallel/servers: {} server(s) in a world of {} rank(s) (expected servers < world size, so "
+                  "that at least one rank trains)",
+                  job.sourceFile, servers, world);
+  return fmt::format("parameter servers ({} mode): {} of {} ranks serve, ROLE_NAME=server|worker\n{}",
+                     job.parallel.ps->mode, servers, world, psPlacement({world}, servers));
 }
 
 std::vector<std::string> psServerAddresses(rendezvous::Store& roundStore, int servers,

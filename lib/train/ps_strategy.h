@@ -89,6 +89,11 @@ class PsStrategy final : public Strategy {
 void runPsServer(const Job& job, int serverRank, int workers, rendezvous::Store& roundStore, bool singleNode,
                  int attempt);
 
+// What `dtrain check --world N` prints for a job on one node of N ranks: the parameter servers' placement
+// ("parameter servers: ..." and one line per node), or "" when the job has none. ConfigError naming
+// /parallel/servers when the servers leave no rank to train.
+std::string describePsPlacement(const Job& job, int world);
+
 // The servers' addresses, waiting for each to be published (CommError after `timeout`).
 std::vector<std::string> psServerAddresses(rendezvous::Store& roundStore, int servers, std::chrono::milliseconds timeout);
 

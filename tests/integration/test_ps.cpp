@@ -73,6 +73,13 @@ TEST_CASE("parameter server: --dry-run shows the placement; bad settings exit 2 
   INFO(dry.out, dry.err);
   REQUIRE(dry.exitCode == 0);
   CHECK(dry.out.find("node 0: ranks 0-1 workers 0-1, ranks 2-3 servers 0-1") != std::string::npos);
+  auto check = run({dtrainBinary(), "check", dir + "/job.json", "--world", "5"});
+  INFO(check.out, check.err);
+  CHECK(check.exitCode == 0);
+  CHECK(check.out.find("node 0: ranks 0-2 workers 0-2, ranks 3-4 servers 0-1") != std::string::npos);
+  check = run({dtrainBinary(), "check", dir + "/job.json", "--world", "2"});
+  CHECK(check.exitCode == 2);
+  CHECK(check.err.find("/parallel/servers: 2 server(s) in a world of 2 rank(s)") != std::string::npos);
   // As many servers as ranks: nobody would train.
   job["parallel"]["servers"] = 3;
   writeFile(dir + "/job.json", job.dump());

@@ -1,4 +1,4 @@
-// `dtrain plot RUN_DIR... [--out FILE.svg|FILE.html]`: training curves of one or several runs (lib/launch/plot.h).
+// `dtrain plot RUN_DIR... [--out FILE.svg|FILE.html|FILE.png]`: training curves of one or several runs (lib/launch/plot.h).
 #include <fstream>
 
 #include "apps/dtrain/commands.h"
@@ -20,12 +20,16 @@ bool endsWith(const std::string& s, const std::string& suffix) {
 
 int runPlot(const PlotArgs& a) {
   const bool html = endsWith(a.out, ".html") || endsWith(a.out, ".htm");
-  DTRAIN_CHECK_AS(UsageError, html || endsWith(a.out, ".svg"),
-                  "--out {}: expected a file ending in .svg or .html (PNG is not drawn: open the SVG, or convert it "
-                  "with rsvg-convert)",
-                  a.out);
+  const bool png = endsWith(a.out, ".png");
+  DTRAIN_CHECK_AS(UsageError, html || png || endsWith(a.out, ".svg"),
+                  "--out {}: expected a file ending in .svg, .html or .png", a.out);
   std::vector<launch::RunCurves> runs;
   for (const auto& r : a.runs) runs.push_back(launch::readRunCurves(r));
+  if (png) {
+    launch::writePng(runs, a.out);
+    fmt::print("wrote {} ({} run(s))\n", a.out, runs.size());
+    return 0;
+  }
   std::ofstream out(a.out);
   DTRAIN_CHECK(out.good(), "--out {}: cannot write it", a.out);
   out << (html ? launch::renderHtml(runs) : launch::renderSvg(runs));
@@ -41,7 +45,7 @@ void addPlotCommand(CLI::App& root, Action& action) {
   auto a = std::make_shared<PlotArgs>();
   auto* sub = root.add_subcommand("plot", "Draw loss, accuracy, learning rate and throughput curves of runs");
   sub->add_option("runs", a->runs, "Run folders (with metrics.jsonl), overlaid")->required();
-  sub->add_option("--out,-o", a->out, "Output file: .svg or .html")->capture_default_str();
+  sub->add_option("--out,-o", a->out, "Output file: .svg, .html or .png (PNG: rendered by rsvg-convert, Debian's librsvg2-bin)")->capture_default_str();
   sub->callback([&action, a] { action = [a] { return runPlot(*a); }; });
 }
 

@@ -185,7 +185,17 @@ void addRunCommand(CLI::App& root, Action& action) {
                   "port, logged)")
       ->check(CLI::Range(0, 65535))
       ->envname("DTRAIN_METRICS_PORT");
-  sub->add_option("--metrics-bind", o.metricsBind, "Address the metrics endpoint listens on")->capture_default_str();
+  sub->add_option("--metrics-bind", o.metricsBind, "Address the metrics endpoint (and the dashboard) listens on")
+      ->capture_default_str();
+  sub->add_option("--dashboard", o.dashboardPort,
+                  "Serve a live page of the run (curves per rank, node state, restarts) at http://HOST:PORT/dashboard "
+                  "(0: a free port, logged)")
+      ->check(CLI::Range(0, 65535))
+      ->envname("DTRAIN_DASHBOARD_PORT");
+  sub->add_option("--timeline", o.timelineFile,
+                  "Write a Chrome trace (chrome://tracing, Perfetto) of every rank's step phases and collectives to "
+                  "this file when the job ends (give it to one agent; the others ship their part)")
+      ->envname("DTRAIN_TIMELINE");
   sub->add_flag("--dry-run", a->dryRun, "Print the resolved launch plan and exit");
   sub->footer("Everything from JOB.json or PROGRAM on (or after --) is passed to the workers untouched.");
   runArgs() = a;

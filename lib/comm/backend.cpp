@@ -11,6 +11,7 @@
 #include "lib/common/hash.h"
 #include "lib/common/log.h"
 #include "lib/common/net.h"
+#include "lib/common/timeline.h"
 #include "lib/common/worker_contract.h"
 #include "lib/common/worker_metrics.h"
 
@@ -251,6 +252,17 @@ CommCounters& commCounters(Operation::Kind kind) {
   return counters[static_cast<int>(kind) % kNumOperationKinds];
 }
 
+// `dtrain run --timeline`: one event per collective, on the thread that ran it (the communicator's own thread
+// for asynchronous calls, so the trace shows how they overlap the backward).
+void Backend::recordOnTimeline(const Operation& op, Clock::time_point start, Clock::time_point end) const {
+  timeline::nameThread(fmt::format("collectives ({})", options_.groupName));
+  char detail[64];
+  const auto n = fmt::format_to_n(detail, sizeof(detail), R"("bytes":{},"group":"{}")",
+                                  op.kind == Operation::Kind::kBarrier ? 0 : op.buf.bytes(), options_.groupName);
+  timeline::record(operationName(op.kind).data(), "comm", start, end,
+                   n.size <= sizeof(detail) ? std::string_view(detail, n.size) : std::string_view());
+}
+
 void Backend::runOp(const Operation& op) {
   try {
     const auto t0 = Clock::now();
@@ -258,11 +270,13 @@ void Backend::runOp(const Operation& op) {
                                         options_.groupName);
     dispatch(op, newDeadline());
     flightEnd(flight);
+    const auto t1 = Clock::now();
     CommCounters& c = commCounters(op.kind);
     c.calls.fetch_add(1, std::memory_order_relaxed);
     if (op.kind != Operation::Kind::kBarrier) c.bytes.fetch_add(op.buf.bytes(), std::memory_order_relaxed);
-    c.nanos.fetch_add(static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0).count()),
+    c.nanos.fetch_add(static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(t1 - t0).count()),
                       std::memory_order_relaxed);
+    if (timeline::enabled()) recordOnTimeline(op, t0, t1);
   } catch (const CommError& e) {
     markBroken(e.what());
     throw;

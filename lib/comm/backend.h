@@ -256,6 +256,7 @@ class Backend : public std::enable_shared_from_this<Backend> {
   void validate(const Operation& op) const;
   void dispatch(const Operation& op, const Deadline& deadline);  // to the do* implementation
   void runOp(const Operation& op);  // runs one op, recording a failure
+  void recordOnTimeline(const Operation& op, Clock::time_point start, Clock::time_point end) const;
   void threadMain();
   void checkPeer(int peer, const char* what) const;
   void checkView(const TensorView& view, Operation::Kind kind, const char* which) const;

@@ -10,12 +10,14 @@
 #include "lib/common/error.h"
 #include "lib/common/log.h"
 #include "lib/common/net.h"
+#include "lib/launch/dashboard.h"
 #include "lib/launch/flight_report.h"
 #include "lib/launch/http_server.h"
 #include "lib/launch/metrics_hub.h"
 #include "lib/launch/process_tree.h"
 #include "lib/launch/round_policy.h"
 #include "lib/launch/round_runner.h"
+#include "lib/launch/timeline.h"
 #include "rendezvous/prefix_store.h"
 #include "rendezvous/rendezvous.h"
 #include "rendezvous/tcp_store_client.h"
@@ -162,25 +164,45 @@ void Agent::setUpStore() {
 }
 
 void Agent::setUpMetrics() {
-  if (options_.metricsPort < 0) return;
+  if (options_.metricsPort < 0 && options_.dashboardPort < 0) return;
   metrics_ = std::make_unique<MetricsHub>(options_.jobName, runId_);
-  metricsServer_ = std::make_unique<HttpServer>(
-      options_.metricsBind, options_.metricsPort,
-      [hub = metrics_.get()](std::string_view target) {
-        if (target == "/metrics" || target.substr(0, 9) == "/metrics?")
-          return HttpResponse{200, "text/plain; version=0.0.4; charset=utf-8", hub->render()};
-        if (target == "/debug/flight")
-          return HttpResponse{200, "text/plain; charset=utf-8", analyzeFlight(hub->flightRecords(), unixNowNs())};
-        if (target == "/debug/flight.json") {
-          nlohmann::json ranks = nlohmann::json::array();
-          for (const auto& r : hub->flightRecords()) ranks.push_back(toJson(r));
-          return HttpResponse{200, "application/json", ranks.dump()};
-        }
-        return HttpResponse{404, "text/plain; charset=utf-8",
-                            "not found: this endpoint serves /metrics, /debug/flight and /debug/flight.json\n"};
-      },
-      "--metrics-port");
-  log::info("serving Prometheus metrics on http://{}:{}/metrics", options_.metricsBind, metricsServer_->port());
+  if (options_.dashboardPort >= 0) dashboard_ = std::make_unique<Dashboard>(*metrics_, options_.jobName, runId_);
+  // One handler for both ports: --dashboard's port serves /metrics too, --metrics-port's the dashboard when on.
+  HttpHandler handler = [hub = metrics_.get(), dashboard = dashboard_.get()](std::string_view target) {
+    if (dashboard)
+      if (auto r = dashboard->handle(target)) return *r;
+    if (target == "/metrics" || target.substr(0, 9) == "/metrics?")
+      return HttpResponse{200, "text/plain; version=0.0.4; charset=utf-8", hub->render()};
+    if (target == "/debug/flight")
+      return HttpResponse{200, "text/plain; charset=utf-8", analyzeFlight(hub->flightRecords(), unixNowNs())};
+    if (target == "/debug/flight.json") {
+      nlohmann::json ranks = nlohmann::json::array();
+      for (const auto& r : hub->flightRecords()) ranks.push_back(toJson(r));
+      return HttpResponse{200, "application/json", ranks.dump()};
+    }
+    return HttpResponse{404, "text/plain; charset=utf-8",
+                        dashboard ? "not found: this endpoint serves /dashboard, /metrics, /debug/flight and /debug/flight.json\n"
+                                  : "not found: this endpoint serves /metrics, /debug/flight and /debug/flight.json\n"};
+  };
+  if (options_.metricsPort >= 0) {
+    metricsServer_ = std::make_unique<HttpServer>(options_.metricsBind, options_.metricsPort, handler, "--metrics-port");
+    log::info("serving Prometheus metrics on http://{}:{}/metrics", options_.metricsBind, metricsServer_->port());
+  }
+  if (dashboard_) {
+    int port = metricsServer_ ? metricsServer_->port() : -1;
+    if (options_.dashboardPort != port) {
+      dashboardServer_ = std::make_unique<HttpServer>(options_.metricsBind, options_.dashboardPort, handler, "--dashboard");
+      port = dashboardServer_->port();
+    }
+    log::info("serving the dashboard on http://{}:{}/dashboard", options_.metricsBind, port);
+  }
+}
+
+void Agent::setUpTimeline() {
+  if (options_.timelineFile.empty()) return;
+  timeline_ = std::make_unique<TimelineCollector>(options_.timelineFile, store_);
+  // Before joining: every other agent of the run checks this key after each rendezvous, before its workers start.
+  store_->set(kTimelineOnKey, "1");
 }
 
 int Agent::run() {
@@ -192,6 +214,7 @@ int Agent::run() {
   ProcessTree processes(options_.shutdownTimeout, "/proc/self/exe");
   setUpStore();
   setUpMetrics();
+  setUpTimeline();
   rendezvous::NodeInfo self;
   self.requestedNodeRank = options_.nodeRank;
   self.nproc = options_.nproc;
@@ -213,9 +236,9 @@ int Agent::run() {
   ropts.jobFingerprint = options_.jobFingerprint();
   rendezvous::Rendezvous rdzv(store_, ropts, self);
   // `dtrain debug dump RUN_ID` finds the agents' endpoints here (one line per agent start; readers dedupe).
-  if (metricsServer_) {
+  if (HttpServer* server = metricsServer_ ? metricsServer_.get() : dashboardServer_.get()) {
     try {
-      store_->append(kMonitorAgentsKey, fmt::format("{}:{}\n", self.host, metricsServer_->port()));
+      store_->append(kMonitorAgentsKey, fmt::format("{}:{}\n", self.host, server->port()));
     } catch (const std::exception& e) {
       log::warn("could not publish the metrics endpoint for `dtrain debug dump`: {}", e.what());
     }
@@ -238,6 +261,14 @@ int Agent::run() {
     RoundContext ctx{&options_, &rdzv, watchStore_, &round, endpoint_, runId_, ""};
     ctx.processes = &processes;
     ctx.metrics = metrics_.get();
+    if (!timeline_) {
+      try {
+        if (store_->check({kTimelineOnKey})) timeline_ = std::make_unique<TimelineCollector>("", store_);
+      } catch (const std::exception& e) {
+        log::warn("--timeline: could not learn whether the run records a timeline: {}", e.what());
+      }
+    }
+    ctx.timeline = timeline_.get();
     if (metrics_) metrics_->setRound(round.round, round.restartCount, round.nodeRank, round.numNodes, round.worldSize);
     if (!options_.logDir.empty()) ctx.attemptLogDir = fmt::format("{}/{}/attempt_{}", options_.logDir, runId_, round.round);
     RoundEvent event;
@@ -250,12 +281,18 @@ int Agent::run() {
       interrupted = runner.interruptedBy();
       lostStore = runner.lostStore();
     }
+    if (timeline_ && !lostStore) timeline_->afterRound(round.round, round.nodeRank, round.numNodes);
     ::signal(SIGUSR1, SIG_IGN);  // the round's signal_set restored the default action
     ::signal(SIGUSR2, SIG_IGN);
     RestartBudget budget{round.restartCount, options_.maxRestarts, round.reformCount, options_.maxReforms,
                          options_.minNodes < options_.maxNodes};
     auto after = decideAfterRound(event, interrupted, budget, lostStore);
     reportAfterRound(after, event, budget);
+    if (metrics_ && after.verdict != RoundVerdict::kSucceeded)
+      metrics_->noteEvent(fmt::format("round {}: {}{}", round.round, event.message.empty() ? "ended" : event.message,
+                                      after.verdict == RoundVerdict::kRestart ? "; restarting the workers"
+                                      : after.exits()                         ? "; the job ends"
+                                                                              : ""));
     // A failed round: where each local rank was in its collectives (the answer to "which rank hangs").
     if (metrics_ && (after.verdict == RoundVerdict::kGiveUp || after.verdict == RoundVerdict::kRestart)) {
       auto flights = metrics_->flightRecords();
@@ -289,6 +326,8 @@ int Agent::run() {
           log::debug("could not acknowledge the end of round {}: {}", round.round, e.what());
         }
       }
+      // The other agents shipped their parts before acknowledging the end: they are in the store by now.
+      if (timeline_ && timeline_->collects()) timeline_->write(options_.jobName, runId_, lostStore ? 0s : 30s);
       return after.exitCode;
     }
     storeCall([&] { rdzv.advance(round.round, after.verdict == RoundVerdict::kRestart); }, "moving to the next round");

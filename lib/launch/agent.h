@@ -16,6 +16,8 @@ namespace dtrain::launch {
 class StoreHost;  // the embedded TCP store server, when this agent hosts it
 class MetricsHub;
 class HttpServer;
+class Dashboard;
+class TimelineCollector;
 
 // The store key (under /dtrain/<run_id>/) where agents with --metrics-port append "host:port\n".
 inline constexpr const char* kMonitorAgentsKey = "monitor/agents";
@@ -33,6 +35,7 @@ class Agent {
  private:
   void setUpStore();
   void setUpMetrics();
+  void setUpTimeline();
 
   LaunchOptions options_;
   std::string endpoint_;  // host:port of the store
@@ -41,8 +44,11 @@ class Agent {
   std::unique_ptr<StoreHost> host_;
   rendezvous::StorePtr store_;       // prefixed with /dtrain/<run_id>/
   rendezvous::StorePtr watchStore_;  // second connection, for the blocking watch of each round
-  std::unique_ptr<MetricsHub> metrics_;       // --metrics-port
-  std::unique_ptr<HttpServer> metricsServer_;  // declared after metrics_: stopped before the hub goes
+  std::unique_ptr<MetricsHub> metrics_;        // --metrics-port or --dashboard
+  std::unique_ptr<Dashboard> dashboard_;        // --dashboard; reads metrics_
+  std::unique_ptr<HttpServer> metricsServer_;   // declared after both: stopped before they go
+  std::unique_ptr<HttpServer> dashboardServer_;  // --dashboard on a port of its own
+  std::unique_ptr<TimelineCollector> timeline_;  // --timeline here, or `timeline/on` published by another agent
 };
 
 }  // namespace dtrain::launch

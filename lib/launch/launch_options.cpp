@@ -143,6 +143,12 @@ void LaunchOptions::validate() {
                   "`dtrain store` at --rdzv-endpoint)",
                   rdzvBackend);
   if (rdzvBackend == "c10d") rdzvBackend = "store";
+  if (!timelineFile.empty()) {
+    const auto parent = std::filesystem::absolute(timelineFile).parent_path();
+    DTRAIN_CHECK_AS(UsageError, std::filesystem::is_directory(parent),
+                    "--timeline {}: the folder {} does not exist", timelineFile, parent.string());
+    timelineFile = std::filesystem::absolute(timelineFile).string();
+  }
   if (standalone) {
     DTRAIN_CHECK_AS(UsageError, maxNodes == 1, "--standalone runs a single node, but --nnodes is {}", nnodesText);
     DTRAIN_CHECK_AS(UsageError, rdzvEndpoint.empty(), "--standalone picks its own endpoint; drop --rdzv-endpoint {}",

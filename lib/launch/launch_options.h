@@ -57,6 +57,10 @@ struct LaunchOptions {
   // The job's parameter servers ("parallel": {"strategy": "parameter_server", "servers": S}); 0: no roles. The
   // workers' environment then carries ROLE_NAME=server|worker, ROLE_RANK, ROLE_WORLD_SIZE (ps_placement.h).
   int psServers = 0;
+  // --timeline FILE.json: this agent writes every node's timeline there at the end (lib/launch/timeline.h).
+  std::string timelineFile;
+  // --dashboard PORT: a live page of the run's curves (lib/launch/dashboard.h); -1: off, 0: a free port.
+  int dashboardPort = -1;
 
   // Throws UsageError (bad flag values, contradictions) or Error with kNotFound/kNotExecutable (program).
   void validate();

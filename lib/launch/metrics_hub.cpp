@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -108,6 +109,41 @@ void MetricsHub::workerExited(int exitCode) {
   std::lock_guard lock(mu_);
   --state_.running;
   ++state_.exitsByCode[exitCode];
+}
+
+MetricsHub::AgentState MetricsHub::agentState() const {
+  std::lock_guard lock(mu_);
+  return state_;
+}
+
+void MetricsHub::noteEvent(std::string text) {
+  const double now = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+  std::lock_guard lock(mu_);
+  state_.events.emplace_back(now, std::move(text));
+  if (state_.events.size() > kMaxEvents) state_.events.erase(state_.events.begin());
+}
+
+std::vector<MetricsHub::RankState> MetricsHub::rankStates() const {
+  std::vector<const WorkerMetricsBlock*> blocks;
+  {
+    std::lock_guard lock(mu_);
+    for (const auto& m : slots_) blocks.push_back(&m.block());
+  }
+  std::vector<RankState> out;
+  for (const WorkerMetricsBlock* b : blocks) {
+    if (b->magic.load(std::memory_order_acquire) != WorkerMetricsBlock::kMagic) continue;
+    RankState r;
+    r.rank = b->rank.load(kRelaxed);
+    if (r.rank < 0) continue;
+    r.step = b->step.load(kRelaxed);
+    r.epoch = b->epoch.load(kRelaxed);
+    r.loss = b->loss.load(kRelaxed);
+    r.learningRate = b->learningRate.load(kRelaxed);
+    r.samplesPerSecond = b->samplesPerSecond.load(kRelaxed);
+    r.updatedUnixSeconds = b->updatedUnixSeconds.load(kRelaxed);
+    out.push_back(r);
+  }
+  return out;
 }
 
 void MetricsHub::setHeartbeatAges(std::vector<double> secondsByNode) {

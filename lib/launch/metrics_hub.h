@@ -66,7 +66,7 @@ class MetricsHub {
   // The flight recorders of the local workers that attached (flight_report.h). Any thread.
   std::vector<RankFlight> flightRecords() const;
 
- private:
+  // For the live dashboard (dashboard.h). Any thread.
   struct AgentState {
     int round = -1;
     int restartCount = 0;
@@ -76,7 +76,25 @@ class MetricsHub {
     int running = 0;
     std::map<int, uint64_t> exitsByCode;
     std::vector<double> heartbeatAges;
+    std::vector<std::pair<double, std::string>> events;  // (Unix seconds, what happened): the last kMaxEvents
   };
+  static constexpr size_t kMaxEvents = 20;
+  AgentState agentState() const;
+  // Something the user should see on the dashboard (a failed round, a restart); the oldest beyond kMaxEvents go.
+  void noteEvent(std::string text);
+  struct RankState {
+    int rank = -1;
+    int64_t step = 0;
+    int64_t epoch = 0;
+    double loss = 0;
+    double learningRate = 0;
+    double samplesPerSecond = 0;
+    double updatedUnixSeconds = 0;  // 0: never reported
+  };
+  // The local workers that attached, by local rank.
+  std::vector<RankState> rankStates() const;
+
+ private:
   void renderWorkers(PromText& out, const std::vector<const WorkerMetricsBlock*>& blocks, int nodeRank) const;
 
   std::string job_;

@@ -10,6 +10,12 @@
 #include <fstream>
 #include <limits>
 
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include "lib/common/error.h"
 
 namespace dtrain::launch {
@@ -152,6 +158,47 @@ std::string renderHtml(const std::vector<RunCurves>& runs) {
   return fmt::format("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>dtrain: {}</title></head>\n"
                      "<body style=\"font-family: sans-serif\"><h1>dtrain: {}</h1>\n{}</body></html>\n",
                      escapeXml(names), escapeXml(names), renderSvg(runs));
+}
+
+void writePng(const std::vector<RunCurves>& runs, const std::string& outPath, const std::string& converter) {
+  const std::string svg = renderSvg(runs);
+  int in[2];
+  DTRAIN_SYSCALL(::pipe2(in, O_CLOEXEC));
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_adddup2(&actions, in[0], STDIN_FILENO);
+  std::vector<std::string> args = {converter, "--format", "png", "--background-color", "white", "--output", outPath};
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  pid_t pid = 0;
+  const int err = ::posix_spawnp(&pid, converter.c_str(), &actions, nullptr, argv.data(), ::environ);
+  posix_spawn_file_actions_destroy(&actions);
+  ::close(in[0]);
+  if (err != 0) {
+    ::close(in[1]);
+    DTRAIN_THROW(UsageError, "--out {}: PNG is drawn from the SVG by {} (Debian package librsvg2-bin), which could not "
+                 "be started: {}; install it, or write .svg or .html",
+                 outPath, converter, std::strerror(err));
+  }
+  // A converter that dies early must not kill us with SIGPIPE: the write fails instead, and its status says why.
+  struct sigaction ignore {}, old {};
+  ignore.sa_handler = SIG_IGN;
+  ::sigaction(SIGPIPE, &ignore, &old);
+  bool sent = true;
+  for (size_t off = 0; off < svg.size() && sent;) {
+    const ssize_t n = ::write(in[1], svg.data() + off, svg.size() - off);
+    if (n < 0 && errno == EINTR) continue;
+    sent = n > 0;
+    if (sent) off += static_cast<size_t>(n);
+  }
+  ::sigaction(SIGPIPE, &old, nullptr);
+  ::close(in[1]);
+  int status = 0;
+  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
+  DTRAIN_CHECK(sent && WIFEXITED(status) && WEXITSTATUS(status) == 0,
+               "--out {}: {} failed to convert the chart to PNG (status {})", outPath, converter, status);
 }
 
 }  // namespace dtrain::launch

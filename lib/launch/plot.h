@@ -1,4 +1,4 @@
-// `dtrain plot RUN_DIR... --out FILE.svg|.html`: training curves from runs' metrics.jsonl, drawn as SVG with no
+// `dtrain plot RUN_DIR... --out FILE.svg|.html|.png`: training curves from runs' metrics.jsonl, drawn as SVG with no
 // plotting library (people would rather look than read). Four panels: training loss, evaluation accuracy (or
 // evaluation loss for regression), learning rate and throughput (samples/s), against the optimizer step; several
 // runs are overlaid in different colours with a legend. The HTML form wraps the same SVG in a page.
@@ -23,5 +23,13 @@ RunCurves readRunCurves(const std::string& runDirOrFile);
 std::string renderSvg(const std::vector<RunCurves>& runs);
 // The same chart in a minimal HTML page (title, the SVG inline).
 std::string renderHtml(const std::vector<RunCurves>& runs);
+
+// The same chart as a PNG image at `outPath`: the SVG piped to `converter` (rsvg-convert, Debian's librsvg2-bin,
+// looked up in PATH) at run time. librsvg is the SVG renderer GNOME itself uses; running its command-line tool
+// keeps librsvg/cairo/glib out of dtrain's build and its one binary, for one optional output format. Blocks until
+// the converter exits. Throws UsageError (exit 3) naming --out and the package when the converter cannot be
+// started, dtrain::Error when it fails.
+void writePng(const std::vector<RunCurves>& runs, const std::string& outPath,
+              const std::string& converter = "rsvg-convert");
 
 }  // namespace dtrain::launch

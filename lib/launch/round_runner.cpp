@@ -12,6 +12,7 @@
 
 #include "lib/common/error.h"
 #include "lib/common/log.h"
+#include "lib/common/timeline.h"
 #include "lib/launch/spawn.h"
 #include "lib/launch/worker_env.h"
 
@@ -165,6 +166,8 @@ void RoundRunner::startWorkers() {
     wctx.localRank = lr;
     SpawnSpec spec{opts.programPath, opts.program, workerEnvironment(wctx), fds[0][1], fds[1][1]};
     if (ctx_.metrics) spec.env.push_back(fmt::format("{}={}", kMetricsShmEnv, ctx_.metrics->prepareSlot(lr)));
+    if (ctx_.timeline)
+      spec.env.push_back(fmt::format("{}={}", timeline::kTimelineEnv, ctx_.timeline->workerFile(round.round, w.rank)));
     if (ctx_.processes) ctx_.processes->mark(spec.env);
     try {
       w.pid = spawnProcess(spec);

@@ -41,6 +41,7 @@
 #include "lib/launch/metrics_hub.h"
 #include "lib/launch/process_tree.h"
 #include "lib/launch/round_policy.h"
+#include "lib/launch/timeline.h"
 #include "rendezvous/rendezvous.h"
 
 namespace dtrain::launch {
@@ -55,6 +56,7 @@ struct RoundContext {
   std::string attemptLogDir;  // "" when --log-dir is not given
   ProcessTree* processes = nullptr;  // marks the workers and stops what they leave behind (process_tree.h)
   MetricsHub* metrics = nullptr;     // --metrics-port: the workers' blocks and the agent's counters
+  TimelineCollector* timeline = nullptr;  // --timeline (here or on another agent of the run): the workers' files
 };
 
 // Runs store calls in order on a thread of its own. post() never blocks; the destructor finishes the job in

@@ -14,6 +14,7 @@
 #include "lib/common/clock.h"
 #include "lib/common/error.h"
 #include "lib/common/log.h"
+#include "lib/common/timeline.h"
 #include "lib/data/batch_loader.h"
 #include "lib/data/sequence.h"
 #include "lib/nn/loss.h"
@@ -68,6 +69,24 @@ uint64_t dropoutSeed(uint64_t seed, int rank, int64_t step, int micro) {
 TensorView targetsOf(const data::Batch& b, const data::Dataset& ds) {
   if (b.classLabels) return TensorView::i32(b.classLabels, ds.labelShape().withBatch(b.size));
   return TensorView::f32(b.targets, ds.labelShape().withBatch(b.size));
+}
+
+// `dtrain run --timeline`: this rank's clock minus rank 0's, in ns, so that the merged trace lines up across
+// nodes. Rank 0 sends its clock right after a barrier; the smallest (receive time - rank 0's send time) over a few
+// tries keeps the least transfer delay, which stays in the estimate (a bias of one broadcast's latency, tens of
+// microseconds on a LAN). Ranks on node 0 share rank 0's clock: 0, no estimate. Every rank of the world calls it.
+int64_t measureClockOffset(comm::Backend& world, int nodeRank) {
+  auto unixNs = [] {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+  };
+  int64_t best = std::numeric_limits<int64_t>::max();
+  for (int i = 0; i < 5; ++i) {
+    world.barrier();
+    int64_t sent = world.rank() == 0 ? unixNs() : 0;
+    world.broadcast(TensorView::flat(&sent, 1, DType::kInt64), 0);
+    best = std::min(best, unixNs() - sent);
+  }
+  return nodeRank == 0 ? 0 : best;
 }
 
 class TrainLoop {
@@ -147,6 +166,7 @@ ProcessGroups TrainLoop::connect() {
   opts.timeout = job_.parallel.timeout;
   groups.world = comm::createBackend(job_.parallel.backend, opts);
   groups.data = groups.world;  // one replica per rank: the data group is the world
+  if (timeline::enabled()) timeline::setClockOffset(measureClockOffset(*groups.world, worker_.nodeRank));
   return groups;
 }
 
@@ -175,6 +195,7 @@ void TrainLoop::logInterval(StepStats& stats, bool force) {
 
 void TrainLoop::evaluate(const StepStats& stats) {
   if (!eval_) return;
+  const auto evalStart = Clock::now();
   // Every sample exactly once: no padding, uneven shards; sums are reduced over the group.
   const ProcessGroups& g = strategy_->groups();
   data::DistributedSampler sampler(
@@ -193,6 +214,7 @@ void TrainLoop::evaluate(const StepStats& stats) {
   if (loss_->hasAccuracy() && v[3] > 0) acc = v[2] / v[3];
   result_.evalLoss = evalLoss;
   result_.evalAccuracy = acc;
+  if (timeline::enabled()) timeline::record("eval", "eval", evalStart, Clock::now());
   callbacks_.eval(stats, EvalResult{evalLoss, acc, static_cast<int64_t>(v[3])});
 }
 
@@ -200,6 +222,7 @@ void TrainLoop::setUp() {
   // A prefetch thread only pays when a core is free for it: with as many workers as cores on the node it
   // competes with the training threads (measured: 2 ranks on 2 cores run faster without it).
   const bool spareCores = std::thread::hardware_concurrency() > static_cast<unsigned>(worker_.localWorldSize);
+  timeline::startFromEnv(worker_.rank, worker_.nodeRank);  // before connect(): the set-up's collectives show too
   prefetch_ = job_.data.prefetch.value_or(spareCores);
   // The eval set loads in the background while the group forms and the training set loads.
   std::future<std::shared_ptr<const data::Dataset>> evalLoad;
@@ -344,6 +367,7 @@ void TrainLoop::saveCheckpoint(int64_t epoch, int64_t position) {
        !ec && it != std::filesystem::recursive_directory_iterator(); it.increment(ec))
     if (it->is_regular_file(ec)) saved.bytes += it->file_size(ec);
   callbacks_.checkpoint(saved);
+  if (timeline::enabled()) timeline::record("checkpoint", "checkpoint", t0, Clock::now(), fmt::format(R"("step":{})", step_));
   if (worker_.rank == 0) log::debug("checkpoint {} committed", dir.string());
 }
 
@@ -364,9 +388,11 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
   StepEvent event;
   double stepLoss = 0;
   Clock::time_point mark = Clock::now();
-  auto lap = [&mark](double& into) {
+  Clock::time_point stepStart = mark;
+  auto lap = [&mark](double& into, const char* phase) {
     auto now = Clock::now();
     into += std::chrono::duration<double>(now - mark).count();
+    if (timeline::enabled()) timeline::record(phase, "phase", mark, now);
     mark = now;
   };
   for (const data::Batch& b : loader) {
@@ -376,13 +402,14 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
       event.times = {};
       event.samples = 0;
       stepLoss = 0;
+      stepStart = mark;
     }
-    lap(event.times.data);
+    lap(event.times.data, "data");
     bool lastMicro = micro + 1 == accum || batchIndex == numBatches;
     if (hasDropout_) model_->reseedDropout(dropoutSeed(job_.loop.seed, worker_.rank, step_, micro));
     TensorView out = model_->forward(b.features, static_cast<int>(b.size), true);
     const float loss = loss_->forward(out, targetsOf(b, *train_));
-    lap(event.times.forward);
+    lap(event.times.forward, "forward");
     stepLoss += loss;
     event.samples += b.size;
     intervalLoss_ += loss;
@@ -409,7 +436,7 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
       // whose NaN stays through accumulation).
       if (!lossFinite && !grads.empty()) grads[0] = std::numeric_limits<float>::quiet_NaN();
     }
-    lap(event.times.backward);
+    lap(event.times.backward, "backward");
     if (!lastMicro) {
       ++micro;
       continue;
@@ -417,7 +444,7 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
     event.loss = stepLoss / (micro + 1);
     micro = 0;
     strategy_->finishStep();
-    lap(event.times.commWait);
+    lap(event.times.commWait, "comm_wait");
     const bool gradsFinite = nn::allFinite(grads);
     if (gradsFinite || job_.loop.onNonFinite == LoopSettings::OnNonFinite::kStop) {
       skippedInARow_ = 0;
@@ -442,10 +469,11 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
                                   skippedSteps_));
     }
     ++step_;
-    lap(event.times.optimizer);
+    lap(event.times.optimizer, "optimizer");
     event.epoch = epoch;
     event.step = step_;
     event.lr = optimizer_->lr();
+    if (timeline::enabled()) timeline::record("step", "step", stepStart, mark, fmt::format(R"("step":{})", step_));
     callbacks_.optimizerStep(event);
     stats_.stepInEpoch = (batchIndex + accum - 1) / accum;
     afterStep(epoch, b.position, batchIndex == numBatches);
@@ -504,6 +532,7 @@ void TrainLoop::finish() {
   strategy_->reduceMetrics(rss, comm::ReduceOp::kMax);
   result_.peakRssMb = rss[0];
   callbacks_.finish(stats_, result_);
+  timeline::flush();
 }
 
 TrainResult TrainLoop::run() {

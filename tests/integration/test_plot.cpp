@@ -1,6 +1,9 @@
 // `dtrain plot`: the curves of real runs, several overlaid, as SVG and HTML that an XML parser accepts, with one
-// line per run and panel and as many points as metrics.jsonl has; bad input is refused with exit 3.
+// line per run and panel and as many points as metrics.jsonl has, and as a PNG of the chart's size (rsvg-convert);
+// bad input, and PNG without the converter, are refused with exit 3.
 #include <doctest/doctest.h>
+
+#include <unistd.h>
 
 #include "tests/integration/launch_helpers.h"
 
@@ -74,7 +77,27 @@ TEST_CASE("dtrain plot draws every run's curves, overlaid, as SVG and HTML") {
   CHECK(readFile(dir + "/curves.html").find("<!DOCTYPE html>") == 0);
   CHECK(lines(inspect(dir + "/curves.html").out, "run0 ").size() == 4);
 
-  CHECK(run({dtrainBinary(), "plot", dir + "/fast", "--out", dir + "/curves.png"}).exitCode == 3);
+  // PNG: the SVG rendered by rsvg-convert (Debian's librsvg2-bin, installed by scripts/setup).
+  if (::access("/usr/bin/rsvg-convert", X_OK) == 0) {
+    auto png = run({dtrainBinary(), "plot", dir + "/fast", dir + "/slow", "--out", dir + "/curves.png"});
+    REQUIRE_MESSAGE(png.exitCode == 0, png.err);
+    const std::string bytes = readFile(dir + "/curves.png");
+    REQUIRE(bytes.size() > 24);
+    CHECK(bytes.compare(0, 8, "\x89PNG\r\n\x1a\n") == 0);
+    auto be32 = [&](size_t at) {
+      return (uint32_t(uint8_t(bytes[at])) << 24) | (uint32_t(uint8_t(bytes[at + 1])) << 16) |
+             (uint32_t(uint8_t(bytes[at + 2])) << 8) | uint32_t(uint8_t(bytes[at + 3]));
+    };
+    CHECK(be32(16) > 400);  // IHDR width and height: the chart's size, not an empty image
+    CHECK(be32(20) > 200);
+  } else {
+    MESSAGE("rsvg-convert not installed (Debian package librsvg2-bin): the PNG rendering was not checked");
+  }
+  auto noConverter = run({dtrainBinary(), "plot", dir + "/fast", "--out", dir + "/other.png"},
+                         {.env = {{"PATH", "/nonexistent"}}});
+  CHECK(noConverter.exitCode == 3);
+  CHECK(noConverter.err.find("librsvg2-bin") != std::string::npos);
+  CHECK(run({dtrainBinary(), "plot", dir + "/fast", "--out", dir + "/curves.jpg"}).exitCode == 3);
   auto missing = run({dtrainBinary(), "plot", dir + "/nothing"});
   CHECK(missing.exitCode == 3);
   CHECK(missing.err.find(dir + "/nothing: no such file") != std::string::npos);

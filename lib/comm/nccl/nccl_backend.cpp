@@ -6,9 +6,11 @@
 #include <chrono>
 #include <cstring>
 #include <thread>
+#include <utility>
 
 #include "lib/common/error.h"
 #include "lib/common/parse.h"
+#include "lib/common/worker_metrics.h"
 #include "lib/gpu/check.h"
 #include "lib/gpu/device.h"
 #include "lib/gpu/memory.h"
@@ -64,13 +66,16 @@ class NcclBackend;
 
 class NcclWork : public Work {
  public:
-  NcclWork(std::shared_ptr<NcclBackend> owner, gpu::Event event, Deadline deadline)
-      : owner_(std::move(owner)), event_(std::move(event)), deadline_(deadline) {}
+  // `flight`: the flight recorder's token of the call (worker_metrics.h), ended when completion is observed.
+  NcclWork(std::shared_ptr<NcclBackend> owner, gpu::Event event, Deadline deadline, uint64_t flight)
+      : owner_(std::move(owner)), event_(std::move(event)), deadline_(deadline), flight_(flight) {}
   void wait() override;
   bool done() override {
     if (finished_) return true;
     try {
-      return event_.query();
+      const bool ready = event_.query();
+      if (ready) flightEnd(std::exchange(flight_, 0));
+      return ready;
     } catch (const Error&) {
       return true;  // finished, unsuccessfully: wait() reports it
     }
@@ -80,6 +85,7 @@ class NcclWork : public Work {
   std::shared_ptr<NcclBackend> owner_;
   gpu::Event event_;
   Deadline deadline_;
+  uint64_t flight_ = 0;
   bool finished_ = false;
 };
 
@@ -201,6 +207,10 @@ class NcclBackend : public Backend {
     if (hasBuf && op.buf.numel() > 0) requireDevicePointer(buf);
     if (hasOut && op.out.numel() > 0) requireDevicePointer(out);
     const Deadline deadline = newDeadline();
+    // The flight recorder (dtrain debug dump): begun at the enqueue, ended when a wait sees the event complete, so
+    // a rank stuck in NCCL shows the call it never finished (TORCH_NCCL's flight recorder semantics).
+    const uint64_t flight = flightBegin(static_cast<int>(op.kind), hasBuf && op.kind != K::kBarrier ? op.buf.bytes() : 0,
+                                        options_.groupName);
     ncclResult_t r = ncclSuccess;
     switch (op.kind) {
       case K::kNone: break;
@@ -221,7 +231,7 @@ class NcclBackend : public Backend {
     gpu::Event event(device_);
     event.record(streamHandle);
     return std::make_shared<NcclWork>(std::static_pointer_cast<NcclBackend>(shared_from_this()), std::move(event),
-                                      deadline);
+                                      deadline, flight);
   }
 
   // The view says cuda; make sure the memory is (a host pointer would fail inside NCCL, less clearly).
@@ -267,6 +277,7 @@ void NcclWork::wait() {
   if (finished_) return;
   owner_->waitEvent(event_, deadline_);
   finished_ = true;
+  flightEnd(std::exchange(flight_, 0));
 }
 
 }  // namespace

@@ -74,19 +74,21 @@ TensorView targetsOf(const data::Batch& b, const data::Dataset& ds) {
 // `dtrain run --timeline`: this rank's clock minus rank 0's, in ns, so that the merged trace lines up across
 // nodes. Rank 0 sends its clock right after a barrier; the smallest (receive time - rank 0's send time) over a few
 // tries keeps the least transfer delay, which stays in the estimate (a bias of one broadcast's latency, tens of
-// microseconds on a LAN). Ranks on node 0 share rank 0's clock: 0, no estimate. Every rank of the world calls it.
+// microseconds on a LAN). Ranks on rank 0's node share its clock: 0, no estimate. Every rank of `world` calls it.
 int64_t measureClockOffset(comm::Backend& world, int nodeRank) {
   auto unixNs = [] {
     return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch()).count();
   };
   int64_t best = std::numeric_limits<int64_t>::max();
+  int64_t rootNode = 0;
   for (int i = 0; i < 5; ++i) {
     world.barrier();
-    int64_t sent = world.rank() == 0 ? unixNs() : 0;
-    world.broadcast(TensorView::flat(&sent, 1, DType::kInt64), 0);
-    best = std::min(best, unixNs() - sent);
+    int64_t sent[2] = {world.rank() == 0 ? unixNs() : 0, nodeRank};  // rank 0's clock and node
+    world.broadcast(TensorView::flat(sent, 2, DType::kInt64), 0);
+    best = std::min(best, unixNs() - sent[0]);
+    rootNode = sent[1];
   }
-  return nodeRank == 0 ? 0 : best;
+  return nodeRank == rootNode ? 0 : best;
 }
 
 class TrainLoop {

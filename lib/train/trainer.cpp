@@ -562,6 +562,9 @@ TrainResult runTraining(const Job& job, const WorkerInfo& worker, std::vector<Tr
                     job.sourceFile, servers, worker.worldSize);
     const PsRole role = psRole(worker, servers);
     if (role.server) {
+      // A stop signal (Ctrl-C, preemption) reaches every rank: the workers then fetch the servers' state for their
+      // last checkpoint, so a server ignores it and exits once every worker is done (or by the agent's SIGKILL).
+      for (int sig : {SIGTERM, SIGINT, SIGUSR1}) ::signal(sig, SIG_IGN);
       auto store = rendezvous::connectStore(worker.store, job.parallel.timeout);
       rendezvous::PrefixStore roundStore(fmt::format("{}r{}/", rendezvous::runPrefix(worker.runId), worker.round),
                                          store);

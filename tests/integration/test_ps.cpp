@@ -3,6 +3,7 @@
 // bad settings exit 2 before any rank starts.
 #include <doctest/doctest.h>
 
+#include <csignal>
 #include <filesystem>
 
 #include "tests/integration/launch_helpers.h"
@@ -130,4 +131,23 @@ TEST_CASE("parameter server killed: the job restarts from the last checkpoint (w
   REQUIRE(again.exitCode == 0);
   CHECK(again.out.find("resumed from") != std::string::npos);
   CHECK(lastEvalAccuracy(dir + "/out/metrics.jsonl") > 0.5);
+}
+
+TEST_CASE("parameter server, SIGTERM to the agent: the servers outlive the stop, so the workers' checkpoint is written") {
+  std::string dir = tempDir("psterm");
+  json job = smallJob(4000, 4, 1000);  // far longer than the test lets it run
+  job["checkpoint"] = {{"every_steps", 0}};
+  job["parallel"] = {{"strategy", "parameter_server"}, {"servers", 1}};
+  writeFile(dir + "/job.json", job.dump());
+  Background agent(threeRanks(dir + "/job.json", dir + "/out"));
+  agent.waitForLine("step 20/", 60s);
+  agent.signal(SIGTERM);
+  auto r = agent.wait(60s);
+  INFO(r.out, r.err);
+  CHECK(r.exitCode == 128 + SIGTERM);
+  // every_steps is 0 and no epoch ended: only the stop could have written a checkpoint
+  bool found = false;
+  for (const auto& e : std::filesystem::directory_iterator(dir + "/out/checkpoints"))
+    found = found || e.path().filename().string().rfind("step-", 0) == 0;
+  CHECK(found);
 }

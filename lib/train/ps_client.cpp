@@ -198,6 +198,98 @@ std::vector<float> Client::fetch(uint32_t partition) {
   return out;
 }
 
+std::vector<float> Client::exchange(Lane& lane, const RequestHeader& h, const std::vector<uint8_t>& payload) {
+  uint8_t header[kHeaderBytes];
+  encode(h, header);
+  sendFrame(lane.socket.fd(), header, payload.data(), payload.size(), lane.peer);
+  const Deadline deadline(options_.timeout + options_.timeout / 2);
+  recvBytes(lane.socket.fd(), header, kHeaderBytes, deadline, lane.peer);
+  ReplyHeader r = decodeReply(header);
+  {
+    std::lock_guard lock(mu_);
+    traffic_.bytesSent += kHeaderBytes + payload.size();
+    traffic_.bytesReceived += kHeaderBytes + r.bytes;
+    ++traffic_.requests;
+  }
+  if (!r.ok) {
+    std::string message(r.bytes, '\0');
+    recvBytes(lane.socket.fd(), message.data(), message.size(), deadline, lane.peer);
+    DTRAIN_THROW(CommError, "{} refused {} of table {}: {}", lane.peer, opName(h.op), h.partition, message);
+  }
+  DTRAIN_CHECK_AS(ProtocolError, r.bytes % sizeof(float) == 0, "{}: {} reply of {} bytes", lane.peer, opName(h.op),
+                  r.bytes);
+  std::vector<float> out(r.bytes / sizeof(float));
+  recvBytes(lane.socket.fd(), out.data(), r.bytes, deadline, lane.peer);
+  return out;
+}
+
+namespace {
+
+template <typename T>
+void appendRaw(std::vector<uint8_t>& out, const T* p, size_t n) {
+  const size_t at = out.size();
+  out.resize(at + n * sizeof(T));
+  if (n > 0) std::memcpy(out.data() + at, p, n * sizeof(T));
+}
+
+std::vector<uint8_t> rowsPayload(const std::vector<int64_t>& ids, const std::vector<float>* floats) {
+  std::vector<uint8_t> out;
+  const auto n = static_cast<uint64_t>(ids.size());
+  appendRaw(out, &n, 1);
+  appendRaw(out, ids.data(), ids.size());
+  if (floats) appendRaw(out, floats->data(), floats->size());
+  return out;
+}
+
+}  // namespace
+
+void Client::sparsePullAsync(uint32_t table, int server, int64_t step, std::vector<int64_t> ids, float* out) {
+  enqueue(server, [this, table, step, ids = std::move(ids), out](Lane& lane) {
+    std::vector<uint8_t> payload = rowsPayload(ids, nullptr);
+    std::vector<float> rows = exchange(
+        lane, RequestHeader{.op = Op::kSparsePull, .partition = table, .step = step, .bytes = payload.size()}, payload);
+    DTRAIN_CHECK_AS(ProtocolError, ids.empty() || rows.size() % ids.size() == 0,
+                    "{}: sparse pull of {} rows answered with {} floats", lane.peer, ids.size(), rows.size());
+    std::copy(rows.begin(), rows.end(), out);
+  });
+}
+
+void Client::sparsePushAsync(uint32_t table, int server, int64_t step, double lr, std::vector<int64_t> ids,
+                             std::vector<float> grads) {
+  enqueue(server, [this, table, step, lr, ids = std::move(ids), grads = std::move(grads)](Lane& lane) {
+    std::vector<uint8_t> payload = rowsPayload(ids, &grads);
+    exchange(lane,
+             RequestHeader{.op = Op::kSparsePush, .partition = table, .step = step, .lr = lr, .bytes = payload.size()},
+             payload);
+  });
+}
+
+std::vector<float> Client::sparseFetch(uint32_t table, int server, int64_t firstRow, int64_t rows) {
+  std::vector<float> out;
+  enqueue(server, [this, table, firstRow, rows, &out](Lane& lane) {
+    std::vector<uint8_t> payload;
+    appendRaw(payload, &firstRow, 1);
+    appendRaw(payload, &rows, 1);
+    out = exchange(lane, RequestHeader{.op = Op::kSparseFetch, .partition = table, .bytes = payload.size()}, payload);
+  });
+  wait();
+  return out;
+}
+
+void Client::sparseInit(uint32_t table, int server, int64_t step, int64_t firstRow, int64_t rows, int64_t steps,
+                        std::span<const float> floats) {
+  enqueue(server, [this, table, step, firstRow, rows, steps, floats](Lane& lane) {
+    std::vector<uint8_t> payload;
+    appendRaw(payload, &firstRow, 1);
+    appendRaw(payload, &rows, 1);
+    appendRaw(payload, &steps, 1);
+    appendRaw(payload, floats.data(), floats.size());
+    exchange(lane, RequestHeader{.op = Op::kSparseInit, .partition = table, .step = step, .bytes = payload.size()},
+             payload);
+  });
+  wait();
+}
+
 void Client::wait() {
   std::unique_lock lock(mu_);
   cv_.wait(lock, [&] { return pending_ == 0; });

@@ -58,6 +58,17 @@ class Client {
   void init(uint32_t partition, int64_t step, const std::vector<uint8_t>& payload);
   // Fetches one partition's steps, params and optimizer state (blocking): the kFetch reply payload as floats.
   std::vector<float> fetch(uint32_t partition);
+  // Sparse tables (ps_sparse.h, ps_protocol.h's kSparse* ops) on `server`, the holder of the rows' range.
+  // Queues a pull of the distinct rows `ids` (sync mode: once the table reached `step`) into out (ids x dim floats).
+  void sparsePullAsync(uint32_t table, int server, int64_t step, std::vector<int64_t> ids, float* out);
+  // Queues a push of the distinct rows' gradient (ids x dim floats) for `step` at `lr` (sync: returns once applied).
+  void sparsePushAsync(uint32_t table, int server, int64_t step, double lr, std::vector<int64_t> ids,
+                       std::vector<float> grads);
+  // Blocking: a window of the server's rows: i64 steps (2 floats), values, then each state buffer's window.
+  std::vector<float> sparseFetch(uint32_t table, int server, int64_t firstRow, int64_t rows);
+  // Blocking: restores a window (`floats`: values then each state buffer, rows x dim each) and the step count.
+  void sparseInit(uint32_t table, int server, int64_t step, int64_t firstRow, int64_t rows, int64_t steps,
+                  std::span<const float> floats);
   // Blocks until every queued request finished; rethrows the first failure.
   void wait();
   // Tells every server this worker is done (blocking, errors ignored: the job is over).
@@ -76,6 +87,8 @@ class Client {
   struct Lane;
   // Runs one request on `lane`'s connection; returns the reply header, the payload read into `into` (bytes).
   ReplyHeader roundTrip(Lane& lane, const RequestHeader& h, const void* payload, void* into, size_t intoBytes);
+  // Runs one request whose reply may have any size; returns the reply payload.
+  std::vector<float> exchange(Lane& lane, const RequestHeader& h, const std::vector<uint8_t>& payload);
   void enqueue(int server, std::function<void(Lane&)> task);
 
   ClientOptions options_;

@@ -46,11 +46,15 @@ const char* opName(Op op) {
     case Op::kPull: return "pull";
     case Op::kFetch: return "fetch";
     case Op::kBye: return "bye";
+    case Op::kSparsePull: return "sparse-pull";
+    case Op::kSparsePush: return "sparse-push";
+    case Op::kSparseFetch: return "sparse-fetch";
+    case Op::kSparseInit: return "sparse-init";
   }
   return "?";
 }
 
-bool validOp(uint8_t op) { return op >= 1 && op <= 6; }
+bool validOp(uint8_t op) { return op >= 1 && op <= 10; }
 
 void encode(const RequestHeader& h, uint8_t* out) {
   uint8_t* p = out;

@@ -27,6 +27,17 @@
 //   kFetch    -                                                       u64 steps, params, each state buffer
 //   kBye      - (this worker is done)                                   -
 //
+// Sparse tables (ps_sparse.h; `partition` is the table's index, rows are the server's row range of it):
+//   kSparsePull  u64 n, n x i64 distinct rows (sync mode: waits until     n x dim floats, the rows
+//                the table reached `step`)
+//   kSparsePush  u64 n, n x i64 distinct rows, n x dim floats of their    -   (sync: once every worker pushed
+//                gradient, for `step` at `lr`                                  `step`, their average is applied)
+//   kSparseFetch i64 first row, i64 rows (a window of the server's range) i64 steps, rows x dim values, then each
+//                                                                          state buffer's rows x dim floats
+//   kSparseInit  i64 first row, i64 rows, i64 steps, the values and        -   (worker 0, from a checkpoint)
+//                state buffers as kSparseFetch answers them
+// Fetch and init go in windows of at most kMaxPartitionFloats floats per buffer, so payloads stay bounded.
+//
 // Validation and errors: a frame with a bad magic, an unknown op or a payload above kMaxPayloadBytes closes that
 // one connection (the peer is not speaking this protocol); a well-framed request that is wrong for its partition
 // (unknown partition, a gradient of the wrong size, a push for a step that is not the partition's current one in
@@ -50,7 +61,18 @@ inline constexpr size_t kMaxPartitionFloats = size_t{1} << 20;  // 4 MiB of floa
 // no-decay ranges, and headroom. Anything larger is not this protocol.
 inline constexpr uint64_t kMaxPayloadBytes = 5 * kMaxPartitionFloats * sizeof(float) + (uint64_t{1} << 20);
 
-enum class Op : uint8_t { kHello = 1, kInit = 2, kPushPull = 3, kPull = 4, kFetch = 5, kBye = 6 };
+enum class Op : uint8_t {
+  kHello = 1,
+  kInit = 2,
+  kPushPull = 3,
+  kPull = 4,
+  kFetch = 5,
+  kBye = 6,
+  kSparsePull = 7,
+  kSparsePush = 8,
+  kSparseFetch = 9,
+  kSparseInit = 10,
+};
 const char* opName(Op op);
 bool validOp(uint8_t op);
 

@@ -11,6 +11,10 @@
 // A worker whose connection drops: kAsync/kSsp go on without it (it no longer holds back SSP); kSync cannot finish
 // a step without it, so every waiting and later push fails with an error (the launcher then re-forms the group).
 //
+// Sparse tables (ps_sparse.h) follow the same modes: kSync averages every worker's row gradients of a step (rows
+// a worker did not touch count as zero, as in DDP's dense average) and applies one sparse optimizer step;
+// kAsync/kSsp apply each push on arrival (the staleness bound is the dense partitions' pushes').
+//
 // Threading: serve() runs an accept loop and one thread per connection; partitions and clocks are guarded by one
 // mutex (the optimizer runs under it, which serialises updates as the modes require). stop() may be called from
 // any thread. Errors: listen() throws ConfigError when it cannot listen; serve() throws CommError when no worker
@@ -29,11 +33,21 @@
 #include "lib/common/socket.h"
 #include "lib/nn/optimizer.h"
 #include "lib/train/ps_protocol.h"
+#include "lib/train/ps_sparse.h"
 
 namespace dtrain::train::ps {
 
 enum class Mode : uint8_t { kSync, kAsync, kSsp };
 const char* modeName(Mode mode);
+
+// A sparse table (ps_sparse.h) the servers hold: each server creates its row range of it at start.
+struct SparseTableOptions {
+  int64_t rows = 0;
+  int dim = 0;
+  SparseOptimizerSpec optimizer;
+  double initStd = 1.0;  // torch.nn.Embedding's N(0, 1)
+  uint64_t seed = 0;
+};
 
 struct ServerOptions {
   int serverRank = 0;
@@ -44,6 +58,7 @@ struct ServerOptions {
   nn::OptimizerSpec optimizer;
   std::chrono::milliseconds timeout{std::chrono::minutes(5)};  // per wait, and for the workers to connect
   std::string host = "127.0.0.1";                              // the address to listen on and publish
+  std::vector<SparseTableOptions> tables;  // every server gets the same list (from the job file)
   int64_t killAfterPushes = 0;  // testing aid (DTRAIN_FAULT role=server): SIGKILL itself after this many pushes
 };
 
@@ -73,6 +88,7 @@ class Server {
 
  private:
   struct PartitionState;
+  struct TableState;
   struct Conn;
   void handle(Conn& conn);
   // One request: reads its payload, answers it. Throws ProtocolError/CommError to close the connection.
@@ -84,6 +100,8 @@ class Server {
   // Under mu_: the slowest live worker's clock (INT64_MAX when none is live).
   int64_t minClockLocked() const;
   void workerGone(int worker, bool bye);
+  // The kSparse* ops (ps_protocol.h); returns an error message for the worker, "" when it replied.
+  std::string dispatchSparse(Conn& conn, const RequestHeader& h);
 
   ServerOptions options_;
   net::Listener listener_;
@@ -93,6 +111,7 @@ class Server {
   std::vector<Partition> plan_;                         // set by the first hello
   size_t numParams_ = 0;
   std::vector<std::unique_ptr<PartitionState>> parts_;  // by partition index; null when not this server's
+  std::vector<std::unique_ptr<TableState>> tables_;   // this server's row range of each sparse table
   std::vector<int64_t> clock_;                          // per worker: steps pushed
   std::vector<uint8_t> live_;                           // per worker: connected and not done
   std::vector<uint8_t> seen_;                           // per worker: said hello once

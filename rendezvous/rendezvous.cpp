@@ -3,6 +3,8 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <charconv>
+#include <cstdio>
 #include <climits>
 #include <iterator>
 #include <numeric>
@@ -26,6 +28,8 @@ std::string key(int round, std::string_view what) { return fmt::format("r{}/{}",
 constexpr Millis kQuorumPoll{100};
 // While waiting for a round to open, we look whether the job ended this often.
 constexpr Millis kEndedPoll{1000};
+// How long members wait for the last joiner to publish the round's layout before computing it themselves.
+constexpr Millis kLayoutWait{10000};
 
 }  // namespace
 
@@ -165,6 +169,8 @@ std::optional<RoundInfo> Rendezvous::tryJoinRound(int round, const Deadline& dea
   if (store_->check({key(round, "closed")})) return std::nullopt;
   int index = static_cast<int>(store_->add(key(round, "count"), 1)) - 1;
   store_->set(key(round, fmt::format("node/{}", index)), self_.toJson());
+  // The compact copy the layout is computed from in one read (see computeLayout).
+  store_->append(key(round, "records"), fmt::format("{} {} {}\n", index, self_.nproc, self_.requestedNodeRank));
   if (index + 1 == options_.maxNodes) store_->compareSet(key(round, "closed"), "", std::to_string(index + 1));
 
   // Wait for the round to close. With min < max, the first agent to see quorum for `lastCall` closes it.
@@ -195,52 +201,162 @@ std::optional<RoundInfo> Rendezvous::tryJoinRound(int round, const Deadline& dea
   }
   int members = static_cast<int>(parse::toInt(store_->get(key(round, "closed"), 10s)).value_or(0));
   if (index >= members) return std::nullopt;
-  return assemble(round, members, index);
+  return assemble(round, members, index, deadline);
 }
 
-RoundInfo Rendezvous::assemble(int round, int members, int myIndex) {
+// The layout: "layout <numNodes> <worldSize>\n" then one "<join index> <nproc>\n" per node rank, in node-rank
+// order; or "error <message>" when the members cannot form a group (two claim one node rank).
+std::string Rendezvous::computeLayout(int round, int members) {
   struct Joined {
-    NodeInfo info;
+    int requestedNodeRank;
+    int nproc;
     int index;
   };
+  // One read of every joiner's compact record; a joiner whose append is still in flight is read from its
+  // node record (set before the append, so the get returns at once or very soon).
+  std::vector<std::optional<Joined>> byIndex(static_cast<size_t>(members));
+  const std::string records = store_->tryGet(key(round, "records")).value_or("");
+  size_t pos = 0;
+  while (pos < records.size()) {
+    auto eol = records.find('\n', pos);
+    if (eol == std::string::npos) break;
+    int index = -1, nproc = 0, requested = -1;
+    if (std::sscanf(records.c_str() + pos, "%d %d %d", &index, &nproc, &requested) == 3 && index >= 0 &&
+        index < members)
+      byIndex[static_cast<size_t>(index)] = Joined{requested, nproc, index};
+    pos = eol + 1;
+  }
   std::vector<Joined> joined;
-  for (int i = 0; i < members; ++i)
-    joined.push_back({NodeInfo::fromJson(store_->get(key(round, fmt::format("node/{}", i)), 30s)), i});
+  joined.reserve(static_cast<size_t>(members));
+  for (int i = 0; i < members; ++i) {
+    if (!byIndex[static_cast<size_t>(i)]) {
+      auto n = NodeInfo::fromJson(store_->get(key(round, fmt::format("node/{}", i)), 30s));
+      byIndex[static_cast<size_t>(i)] = Joined{n.requestedNodeRank, n.nproc, i};
+    }
+    joined.push_back(*byIndex[static_cast<size_t>(i)]);
+  }
   std::stable_sort(joined.begin(), joined.end(), [](const Joined& a, const Joined& b) {
-    int ra = a.info.requestedNodeRank < 0 ? INT_MAX : a.info.requestedNodeRank;
-    int rb = b.info.requestedNodeRank < 0 ? INT_MAX : b.info.requestedNodeRank;
+    int ra = a.requestedNodeRank < 0 ? INT_MAX : a.requestedNodeRank;
+    int rb = b.requestedNodeRank < 0 ? INT_MAX : b.requestedNodeRank;
     return ra != rb ? ra < rb : a.index < b.index;
   });
   for (size_t i = 1; i < joined.size(); ++i) {
-    const auto& a = joined[i - 1].info;
-    const auto& b = joined[i].info;
-    if (a.requestedNodeRank >= 0 && a.requestedNodeRank == b.requestedNodeRank)
-      DTRAIN_THROW(RendezvousError,
-                   "rendezvous: node rank {} is claimed by two agents ({} pid {} and {} pid {}); give each node "
-                   "its own --node-rank",
-                   a.requestedNodeRank, a.hostname, a.pid, b.hostname, b.pid);
+    if (joined[i - 1].requestedNodeRank < 0 || joined[i - 1].requestedNodeRank != joined[i].requestedNodeRank) continue;
+    auto a = NodeInfo::fromJson(store_->get(key(round, fmt::format("node/{}", joined[i - 1].index)), 30s));
+    auto b = NodeInfo::fromJson(store_->get(key(round, fmt::format("node/{}", joined[i].index)), 30s));
+    return fmt::format("error node rank {} is claimed by two agents ({} pid {} and {} pid {}); give each node "
+                       "its own --node-rank",
+                       a.requestedNodeRank, a.hostname, a.pid, b.hostname, b.pid);
   }
+  int world = 0;
+  std::string body;
+  body.reserve(static_cast<size_t>(members) * 12);
+  for (const auto& j : joined) {
+    world += j.nproc;
+    body += fmt::format("{} {}\n", j.index, j.nproc);
+  }
+  return fmt::format("layout {} {}\n", members, world) + body;
+}
+
+RoundInfo Rendezvous::assemble(int round, int members, int myIndex, const Deadline& deadline) {
+  // The round's last joiner computes the layout once (O(N) reads) and everyone reads that one small key, so a
+  // round of N agents costs O(N) store operations instead of N reads by each of N agents. Should the last
+  // joiner die before it publishes, anyone computes it after kLayoutWait (the result is deterministic, so the
+  // compareSet keeps whichever copy came first).
+  const std::string layoutKey = key(round, "layout");
+  if (myIndex == members - 1) store_->compareSet(layoutKey, "", computeLayout(round, members));
+  if (!store_->wait({layoutKey}, std::min(kLayoutWait, deadline.remaining())))
+    store_->compareSet(layoutKey, "", computeLayout(round, members));
+  const std::string layout = store_->get(layoutKey, 10s);
+  if (layout.rfind("error ", 0) == 0) DTRAIN_THROW(RendezvousError, "rendezvous: {}", layout.substr(6));
+
   RoundInfo info;
   info.round = round;
   info.restartCount = static_cast<int>(parse::toInt(store_->tryGet(key(round, "restarts")).value_or("0")).value_or(0));
   info.reformCount = static_cast<int>(parse::toInt(store_->tryGet(key(round, "reforms")).value_or("0")).value_or(0));
   info.numNodes = members;
-  int offset = 0;
-  for (int i = 0; i < members; ++i) {
-    Member m{joined[i].info, i, offset};
-    if (joined[i].index == myIndex) {
-      info.nodeRank = i;
-      info.rankOffset = offset;
-    }
-    offset += m.info.nproc;
-    info.members.push_back(std::move(m));
+  info.nodeRank = -1;
+  std::vector<int> joinIndex;  // by node rank
+  parseLayout(layout, members, info, joinIndex, myIndex);
+  DTRAIN_CHECK_AS(ProtocolError, info.nodeRank >= 0, "rendezvous: round {}'s layout has no entry for join index {}",
+                  round, myIndex);
+  // Full records of every member in small rounds; in large ones those of node 0 (MASTER_ADDR), this node and
+  // the members it watches (their hostnames name a lost node), so no agent reads O(N) records.
+  auto fill = [&](int nodeRank) {
+    auto& m = info.members[static_cast<size_t>(nodeRank)];
+    if (!m.info.host.empty() || !m.info.hostname.empty()) return;
+    m.info = nodeRank == info.nodeRank
+                 ? self_
+                 : NodeInfo::fromJson(store_->get(key(round, fmt::format("node/{}", joinIndex[static_cast<size_t>(nodeRank)])), 30s));
+  };
+  if (members <= kFullMembershipNodes) {
+    for (int r = 0; r < members; ++r) fill(r);
+  } else {
+    fill(0);
+    fill(info.nodeRank);
+    for (int r : watchedMembers(info)) fill(r);
   }
-  info.worldSize = offset;
   info.masterAddr = info.members.front().info.host;
   info.masterPort = info.members.front().info.masterPort;
-  seen_.assign(members, {std::string(), Clock::now()});
+  seen_.assign(static_cast<size_t>(members), {std::string(), Clock::now()});
   seenRound_ = round;
   return info;
+}
+
+void Rendezvous::parseLayout(const std::string& layout, int members, RoundInfo& info, std::vector<int>& joinIndex,
+                             int myIndex) {
+  auto bad = [&] {
+    DTRAIN_THROW(ProtocolError, "rendezvous: malformed layout of round {}: '{}'", info.round,
+                 layout.substr(0, 200));
+  };
+  const char* p = layout.data();
+  const char* end = p + layout.size();
+  auto nextInt = [&](int& out) {
+    while (p < end && (*p == ' ' || *p == '\n')) ++p;
+    auto [q, ec] = std::from_chars(p, end, out);
+    if (ec != std::errc()) bad();
+    p = q;
+  };
+  if (layout.rfind("layout ", 0) != 0) bad();
+  p += 7;
+  int n = 0, world = 0;
+  nextInt(n);
+  nextInt(world);
+  if (n != members) bad();
+  info.members.resize(static_cast<size_t>(n));
+  joinIndex.resize(static_cast<size_t>(n));
+  int offset = 0;
+  for (int r = 0; r < n; ++r) {
+    int index = 0, nproc = 0;
+    nextInt(index);
+    nextInt(nproc);
+    auto& m = info.members[static_cast<size_t>(r)];
+    m.nodeRank = r;
+    m.rankOffset = offset;
+    m.info.nproc = nproc;
+    joinIndex[static_cast<size_t>(r)] = index;
+    if (index == myIndex) {
+      info.nodeRank = r;
+      info.rankOffset = offset;
+    }
+    offset += nproc;
+  }
+  if (offset != world) bad();
+  info.worldSize = world;
+}
+
+std::vector<int> Rendezvous::watchedMembers(const RoundInfo& info) {
+  std::vector<int> watched;
+  if (info.numNodes <= kFullMembershipNodes) {
+    for (int n = 0; n < info.numNodes; ++n)
+      if (n != info.nodeRank) watched.push_back(n);
+    return watched;
+  }
+  // A ring: each member watches the next kRingWatch node ranks. Any lost member is watched by its predecessor,
+  // and if that one is lost too, by the predecessor's predecessor, and so on: while one member lives, some
+  // member detects a loss, and any loss ends the round for everyone.
+  for (int k = 1; k <= kRingWatch && k < info.numNodes; ++k) watched.push_back((info.nodeRank + k) % info.numNodes);
+  return watched;
 }
 
 RoundEvent Rendezvous::endRound(int round, const RoundEvent& event) {
@@ -287,8 +403,10 @@ std::vector<double> Rendezvous::heartbeatAges(const RoundInfo& info) const {
   std::vector<double> ages(static_cast<size_t>(info.numNodes), -1.0);
   if (seenRound_ != info.round) return ages;
   auto now = Clock::now();
-  for (int n = 0; n < info.numNodes && n < static_cast<int>(seen_.size()); ++n)
-    ages[static_cast<size_t>(n)] = n == info.nodeRank ? 0.0 : std::chrono::duration<double>(now - seen_[n].second).count();
+  if (info.nodeRank >= 0 && info.nodeRank < info.numNodes) ages[static_cast<size_t>(info.nodeRank)] = 0.0;
+  for (int n : watchedMembers(info))
+    if (n < static_cast<int>(seen_.size()))
+      ages[static_cast<size_t>(n)] = std::chrono::duration<double>(now - seen_[static_cast<size_t>(n)].second).count();
   return ages;
 }
 
@@ -299,8 +417,7 @@ std::vector<int> Rendezvous::silentMembers(const RoundInfo& info, Millis timeout
     seenRound_ = info.round;
   }
   auto now = Clock::now();
-  for (int n = 0; n < info.numNodes; ++n) {
-    if (n == info.nodeRank) continue;
+  for (int n : watchedMembers(info)) {
     auto v = store_->tryGet(key(info.round, fmt::format("hb/{}", n))).value_or("");
     if (v != seen_[n].first) {
       seen_[n] = {v, now};

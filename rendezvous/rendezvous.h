@@ -14,6 +14,10 @@
 //                         at once, naming the outcome, instead of waiting for a round that never opens
 //   r<R>/count            join counter; a joiner's index is the counter value it got minus one
 //   r<R>/node/<i>         the i-th joiner's NodeInfo (JSON)
+//   r<R>/records          "<join index> <nproc> <node rank or -1>\n" appended by each joiner: the layout's input
+//   r<R>/layout           the round's membership in node-rank order, "layout <N> <world>" then "<join index> <nproc>"
+//                         per node rank; written once by the last joiner (any member after a wait if it died),
+//                         read once by each member: a round of N agents costs O(N) store operations, not O(N^2)
 //   r<R>/closed           N, the number of members; set once (compareSet) when `maxNodes` joined, or after
 //                         `lastCall` once `minNodes` joined. Joiners with index >= N missed the round.
 //   r<R>/event            the first thing that ends the round (JSON RoundEvent), set once by compareSet:
@@ -23,6 +27,11 @@
 //   r<R>/finished         count of nodes whose workers all succeeded; the one that makes it N sets "done"
 //   r<R>/hb/<node rank>   heartbeat counter of each member, bumped every heartbeat interval
 //   r<R>/acks, all_acked  after a terminal outcome: agents that saw it; the last one sets all_acked
+//
+// Scale (docs/store.md, scripts/bench/rdzv_scale): in rounds of more than kFullMembershipNodes nodes each agent
+// reads the full records of node 0, itself and the kRingWatch nodes after it only, and watches only those
+// nodes' heartbeats (a ring: every node is watched by its predecessor, so a loss is still seen while one member
+// lives); smaller rounds read and watch everyone, as before.
 //
 // Ranks: members are ordered by their given node rank (when every member gave one) else by join order;
 // global ranks are contiguous per node in that order, and nodes may run different numbers of workers.
@@ -64,6 +73,11 @@ struct RendezvousOptions {
   std::string jobFingerprint;
 };
 
+// Rounds up to this many nodes: every agent reads every member's record and watches every heartbeat.
+inline constexpr int kFullMembershipNodes = 64;
+// Larger rounds: each agent watches the heartbeats of this many successors (by node rank, modulo N).
+inline constexpr int kRingWatch = 2;
+
 struct Member {
   NodeInfo info;
   int nodeRank = 0;    // GROUP_RANK in this round
@@ -78,7 +92,10 @@ struct RoundInfo {
   int numNodes = 0;      // GROUP_WORLD_SIZE
   int rankOffset = 0;
   int worldSize = 0;
-  std::vector<Member> members;  // ordered by node rank
+  // Ordered by node rank; nodeRank, rankOffset and info.nproc are set for all. info's other fields are set for
+  // every member when numNodes <= kFullMembershipNodes, else for node 0, this node and the watched ones only
+  // (Rendezvous::watchedMembers); the others have an empty host and hostname.
+  std::vector<Member> members;
   std::string masterAddr;       // node 0's host
   uint16_t masterPort = 0;
 };
@@ -139,11 +156,14 @@ class Rendezvous {
   void acknowledgeEnd(const RoundInfo& info);
   bool waitAcknowledged(const RoundInfo& info, Millis timeout);
 
-  // Heartbeats: bump ours, and report members whose counter has not moved for `timeout` (by our clock).
+  // The node ranks whose heartbeats this agent watches: every other member in rounds of up to
+  // kFullMembershipNodes, else the kRingWatch members after this one (modulo numNodes).
+  static std::vector<int> watchedMembers(const RoundInfo& info);
+  // Heartbeats: bump ours, and report watched members whose counter has not moved for `timeout` (by our clock).
   void heartbeat(const RoundInfo& info);
   std::vector<int> silentMembers(const RoundInfo& info, Millis timeout);
   // Seconds since each member's heartbeat counter last changed as silentMembers saw it (index: node rank; this
-  // node's own entry is 0; -1 before silentMembers first ran in this round). For monitoring.
+  // node's own entry is 0; -1 for members not watched, and before silentMembers first ran in this round).
   std::vector<double> heartbeatAges(const RoundInfo& info) const;
 
   Store& store() { return *store_; }
@@ -152,7 +172,10 @@ class Rendezvous {
   int currentRound();
   void throwIfEnded();
   std::optional<RoundInfo> tryJoinRound(int round, const Deadline& deadline);
-  RoundInfo assemble(int round, int members, int myIndex);
+  RoundInfo assemble(int round, int members, int myIndex, const Deadline& deadline);
+  std::string computeLayout(int round, int members);
+  static void parseLayout(const std::string& layout, int members, RoundInfo& info, std::vector<int>& joinIndex,
+                          int myIndex);
 
   StorePtr store_;
   RendezvousOptions options_;

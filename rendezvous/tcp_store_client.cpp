@@ -1,5 +1,7 @@
 #include "rendezvous/tcp_store_client.h"
 
+#include "rendezvous/etcd_store.h"
+
 #include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -428,6 +430,14 @@ void TcpStoreClient::ping() {
 }
 
 StorePtr connectStore(const std::string& hostPort, Millis timeout) {
+  if (isEtcdAddress(hostPort)) {
+    auto endpoints = parseEtcdEndpoints(hostPort);
+    if (!endpoints) DTRAIN_THROW(UsageError, "invalid etcd address '{}': expected etcd://HOST[:PORT][,HOST[:PORT]...]", hostPort);
+    EtcdStoreOptions options;
+    options.endpoints = *endpoints;
+    options.connectTimeout = timeout;
+    return EtcdStore::connect(options);
+  }
   auto hp = net::parseHostPort(hostPort, kDefaultPort);
   if (!hp) DTRAIN_THROW(UsageError, "invalid store address '{}': expected HOST:PORT", hostPort);
   TcpStoreClientOptions options;

@@ -102,7 +102,8 @@ class TcpStoreClient : public Store {
   size_t frameStart_ = 0;
 };
 
-// Parses "host:port" (port defaults to 29400, torchrun's rendezvous port) and connects within `timeout`.
+// Parses "host:port" (port defaults to 29400, torchrun's rendezvous port) and connects within `timeout`; an
+// "etcd://h1:2379,h2:2379" address connects to etcd instead (etcd_store.h).
 // Throws UsageError on a malformed address.
 StorePtr connectStore(const std::string& hostPort, Millis timeout);
 

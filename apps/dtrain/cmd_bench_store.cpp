@@ -1,10 +1,12 @@
-// `dtrain bench store`: CLI parsing and the table; rendezvous/store_bench.h measures.
+// `dtrain bench store` and `dtrain bench rdzv`: CLI parsing and the tables; rendezvous/store_bench.h and
+// rendezvous/rdzv_bench.h measure.
 #include <cstdio>
 #include <memory>
 
 #include "apps/dtrain/commands.h"
 #include "lib/common/error.h"
 #include "lib/common/parse.h"
+#include "rendezvous/rdzv_bench.h"
 #include "rendezvous/store_bench.h"
 
 namespace dtrain::app {
@@ -49,7 +51,70 @@ int runBench(const BenchStoreArgs& a) {
   return 0;
 }
 
+struct BenchRdzvArgs {
+  std::string store;
+  int agents = 4096;
+  int nproc = 8;
+  int beats = 5;
+  std::string interval = "1s";
+  std::string connectTimeout = "120s";
+  std::string joinTimeout = "300s";
+};
+
+int runBenchRdzv(const BenchRdzvArgs& a) {
+  DTRAIN_CHECK_AS(UsageError, a.agents > 0, "--agents {}: expected at least 1", a.agents);
+  DTRAIN_CHECK_AS(UsageError, a.nproc > 0, "--nproc-per-node {}: expected at least 1", a.nproc);
+  DTRAIN_CHECK_AS(UsageError, a.beats >= 0, "--beats {}: expected 0 or more", a.beats);
+  rendezvous::RdzvBenchOptions o;
+  o.address = a.store;
+  o.agents = a.agents;
+  o.nprocPerAgent = a.nproc;
+  o.beats = a.beats;
+  o.interval = parse::durationFlag("--heartbeat-interval", a.interval);
+  DTRAIN_CHECK_AS(UsageError, o.interval.count() > 0, "--heartbeat-interval {}: expected a positive duration",
+                  a.interval);
+  o.connectTimeout = parse::durationFlag("--connect-timeout", a.connectTimeout);
+  o.joinTimeout = parse::durationFlag("--rdzv-timeout", a.joinTimeout);
+  const auto r = rendezvous::runRdzvBenchmark(o);
+
+  std::printf("dtrain bench rdzv: %d agents x %d workers, one round, %s store at %s\n", a.agents, a.nproc,
+              r.inProcess ? "in-process" : "external", r.address.c_str());
+  std::printf("connect   %8.3f s   (every agent's store connection)\n", r.connectSeconds);
+  std::printf("form      %8.3f s   (all agents join -> the last join returns; world size %d)\n", r.formSeconds,
+              r.worldSize);
+  std::printf("join      p50 %.1f ms  p99 %.1f ms  max %.1f ms (per agent)\n", r.joinP50Ms, r.joinP99Ms, r.joinMaxMs);
+  std::printf("%d heartbeats per agent at %s, spread over the interval:\n", a.beats, a.interval.c_str());
+  std::printf("%-10s %10s %9s %9s %9s %9s %9s\n", "op", "ops/s", "p50 us", "p90 us", "p99 us", "p99.9 us",
+              "max us");
+  auto row = [](const char* name, const rendezvous::OpFigures& f) {
+    std::printf("%-10s %10.0f %9.1f %9.1f %9.1f %9.1f %9.1f\n", name, f.opsPerSecond, f.p50Us, f.p90Us, f.p99Us,
+                f.p999Us, f.maxUs);
+  };
+  row("heartbeat", r.heartbeat);
+  row("members", r.membership);
+  if (r.inProcess)
+    std::printf("store: %llu requests, io thread CPU %.2f s over the whole run\n",
+                static_cast<unsigned long long>(r.storeRequests), r.storeCpuSeconds);
+  std::fflush(stdout);
+  return 0;
+}
+
 }  // namespace
+
+void addBenchRdzv(CLI::App& bench, Action& action) {
+  auto args = std::make_shared<BenchRdzvArgs>();
+  auto* sub = bench.add_subcommand(
+      "rdzv", "Rendezvous at scale: N simulated agents (threads) join one round, then heartbeat and read members");
+  sub->add_option("--store", args->store, "HOST:PORT of a running store (default: start one in this process)");
+  sub->add_option("--agents", args->agents, "Simulated agents, one thread and connection each")->capture_default_str();
+  sub->add_option("--nproc-per-node", args->nproc, "Workers each agent declares")->capture_default_str();
+  sub->add_option("--beats", args->beats, "Heartbeats per agent after the round formed")->capture_default_str();
+  sub->add_option("--heartbeat-interval", args->interval, "Heartbeat interval")->capture_default_str();
+  sub->add_option("--connect-timeout", args->connectTimeout, "How long each agent retries connecting")
+      ->capture_default_str();
+  sub->add_option("--rdzv-timeout", args->joinTimeout, "How long the round may take to form")->capture_default_str();
+  sub->callback([&action, args] { action = [args] { return runBenchRdzv(*args); }; });
+}
 
 void addBenchStore(CLI::App& bench, Action& action) {
   auto args = std::make_shared<BenchStoreArgs>();

@@ -13,6 +13,7 @@
 #include "lib/common/ps_placement.h"
 #include "lib/common/parse.h"
 #include "lib/launch/agent.h"
+#include "lib/launch/cluster_env.h"
 #include "lib/launch/slurm.h"
 #include "rendezvous/store.h"
 
@@ -87,6 +88,13 @@ int runCommand(RunArgs& a, bool programAfterDashes) {
                   "--redirects sends worker output to files: it needs --log-dir");
   auto slurmLines = launch::applySlurm(slurm, a.given, o);
   for (const auto& note : slurm.notes) fmt::print(stderr, "dtrain run: {}\n", note);
+  // Outside Slurm: an MPI launcher or a Kubernetes training operator (lib/launch/cluster_env.h).
+  if (!slurm.inSlurm) {
+    auto cluster = launch::detectCluster(launch::processEnvironment());
+    auto clusterLines = launch::applyCluster(cluster, a.given, o);
+    for (const auto& note : cluster.notes) fmt::print(stderr, "dtrain run: {}\n", note);
+    slurmLines.insert(slurmLines.end(), clusterLines.begin(), clusterLines.end());
+  }
   o.validate();
   // Every local worker builds the whole model and its batch: refuse a job that cannot fit before any starts.
   // ... and whose data is broken or does not fit the model: headers, sizes and labels are checked here, in
@@ -134,10 +142,10 @@ void addRunCommand(CLI::App& root, Action& action) {
       ->envname("DTRAIN_NPROC_PER_NODE");
   sub->add_option("--node-rank,--node_rank", o.nodeRank, "This node's rank (0 hosts the store with the static backend)")
       ->envname("DTRAIN_NODE_RANK");
-  sub->add_option("--rdzv-endpoint,--rdzv_endpoint", o.rdzvEndpoint, fmt::format("Rendezvous store HOST[:PORT] (port {})", rendezvous::kDefaultPort))
+  sub->add_option("--rdzv-endpoint,--rdzv_endpoint", o.rdzvEndpoint, fmt::format("Rendezvous store HOST[:PORT] (port {}); with --rdzv-backend etcd: HOST[:PORT][,HOST[:PORT]...] (port 2379)", rendezvous::kDefaultPort))
       ->envname("DTRAIN_RDZV_ENDPOINT");
   sub->add_option("--rdzv-backend,--rdzv_backend", o.rdzvBackend,
-                  "static: node rank 0 hosts the store; store: a standalone `dtrain store` at the endpoint")
+                  "static: node rank 0 hosts the store; store: a standalone `dtrain store` at the endpoint; etcd: an etcd v3 cluster at the endpoint(s)")
       ->envname("DTRAIN_RDZV_BACKEND");
   sub->add_option("--rdzv-id,--rdzv_id", o.rdzvId, "Job id shared by all nodes")->envname("DTRAIN_RDZV_ID");
   sub->add_option("--rdzv-token", a->rdzvToken,

@@ -37,6 +37,7 @@ std::vector<std::string> monitoredAgents(const std::string& runId, const std::st
 
 // `dtrain bench <what>`: cmd_bench.cpp creates the `bench` group; each benchmark adds itself to it.
 void addBenchStore(CLI::App& bench, Action& action);        // cmd_bench_store.cpp
+void addBenchRdzv(CLI::App& bench, Action& action);         // cmd_bench_store.cpp (rendezvous at scale)
 void addBenchCollectives(CLI::App& bench, Action& action);  // cmd_bench_comm.cpp (allreduce, broadcast, ...)
 
 }  // namespace dtrain::app

@@ -18,6 +18,7 @@
 #include "lib/launch/round_policy.h"
 #include "lib/launch/round_runner.h"
 #include "lib/launch/timeline.h"
+#include "rendezvous/etcd_store.h"
 #include "rendezvous/prefix_store.h"
 #include "rendezvous/rendezvous.h"
 #include "rendezvous/tcp_store_client.h"
@@ -107,6 +108,10 @@ Agent::Agent(LaunchOptions options) : options_(std::move(options)) {}
 Agent::~Agent() = default;
 
 void Agent::setUpStore() {
+  if (options_.rdzvBackend == "etcd") {
+    setUpEtcdStore();
+    return;
+  }
   net::HostPort hp;
   if (options_.standalone) {
     hp = {"127.0.0.1", 0};
@@ -158,6 +163,30 @@ void Agent::setUpStore() {
   }
   // Every single call gets a deadline from the heartbeat settings instead of the store's 300 s default: a
   // frozen or mute store then ends the job in bounded time (clones, like the round watcher's, inherit it).
+  client->setTimeout(storeCallTimeout(options_.heartbeatTimeout, options_.rdzvTimeout));
+  store_ = std::make_shared<rendezvous::PrefixStore>(rendezvous::runPrefix(runId_), client);
+  watchStore_ = store_->clone();
+}
+
+// --rdzv-backend etcd: every agent (and, through DTRAIN_STORE=etcd://..., every worker) is a client of the etcd
+// cluster; nobody hosts a store, so any node may fail without taking the rendezvous with it.
+void Agent::setUpEtcdStore() {
+  runId_ = options_.rdzvId;
+  hosting_ = false;
+  rendezvous::EtcdStoreOptions eo;
+  eo.endpoints = *rendezvous::parseEtcdEndpoints(options_.rdzvEndpoint);
+  eo.connectTimeout = options_.rdzvTimeout;
+  // A lease outlives a few missed heartbeats, like --heartbeat-timeout (at least 2 s: etcd's minimum is 1).
+  eo.leaseTtlSeconds = std::max<int64_t>(2, std::chrono::ceil<std::chrono::seconds>(options_.heartbeatTimeout).count());
+  std::shared_ptr<rendezvous::EtcdStore> client;
+  try {
+    client = rendezvous::EtcdStore::connect(eo);
+  } catch (const Error& e) {
+    throw RendezvousError(fmt::format("no etcd endpoint of {} answered within {} s (--rdzv-backend etcd needs a "
+                                      "running etcd v3 cluster at --rdzv-endpoint): {}",
+                                      options_.rdzvEndpoint, options_.rdzvTimeout.count() / 1000, e.what()));
+  }
+  endpoint_ = client->address();
   client->setTimeout(storeCallTimeout(options_.heartbeatTimeout, options_.rdzvTimeout));
   store_ = std::make_shared<rendezvous::PrefixStore>(rendezvous::runPrefix(runId_), client);
   watchStore_ = store_->clone();

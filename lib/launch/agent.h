@@ -34,6 +34,7 @@ class Agent {
 
  private:
   void setUpStore();
+  void setUpEtcdStore();
   void setUpMetrics();
   void setUpTimeline();
 

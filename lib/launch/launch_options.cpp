@@ -14,6 +14,7 @@
 #include "lib/common/net.h"
 #include "lib/common/sha256.h"
 #include "lib/common/parse.h"
+#include "rendezvous/etcd_store.h"
 #include "rendezvous/store.h"
 
 namespace dtrain::launch {
@@ -138,10 +139,13 @@ void LaunchOptions::validate() {
   nproc = resolveNproc(nprocText);
   DTRAIN_CHECK_AS(UsageError, maxRestarts >= 0, "--max-restarts {}: expected 0 or more", maxRestarts);
   DTRAIN_CHECK_AS(UsageError, maxReforms >= 0, "--max-reforms {}: expected 0 or more", maxReforms);
-  DTRAIN_CHECK_AS(UsageError, rdzvBackend == "static" || rdzvBackend == "store" || rdzvBackend == "c10d",
-                  "--rdzv-backend {}: expected static (node rank 0 hosts the store) or store (a standalone "
-                  "`dtrain store` at --rdzv-endpoint)",
+  DTRAIN_CHECK_AS(UsageError,
+                  rdzvBackend == "static" || rdzvBackend == "store" || rdzvBackend == "c10d" || rdzvBackend == "etcd" ||
+                      rdzvBackend == "etcd-v3",
+                  "--rdzv-backend {}: expected static (node rank 0 hosts the store), store (a standalone "
+                  "`dtrain store` at --rdzv-endpoint) or etcd (an etcd v3 cluster at --rdzv-endpoint)",
                   rdzvBackend);
+  if (rdzvBackend == "etcd-v3") rdzvBackend = "etcd";
   if (rdzvBackend == "c10d") rdzvBackend = "store";
   if (!timelineFile.empty()) {
     const auto parent = std::filesystem::absolute(timelineFile).parent_path();
@@ -168,9 +172,16 @@ void LaunchOptions::validate() {
   if (rdzvBackend == "store")
     DTRAIN_CHECK_AS(UsageError, !rdzvEndpoint.empty(),
                     "--rdzv-backend store needs --rdzv-endpoint HOST[:PORT] of a running `dtrain store`");
-  if (!rdzvEndpoint.empty())
+  if (rdzvBackend == "etcd") {
+    DTRAIN_CHECK_AS(UsageError, !rdzvEndpoint.empty(),
+                    "--rdzv-backend etcd needs --rdzv-endpoint HOST[:PORT][,HOST[:PORT]...] of the etcd cluster");
+    DTRAIN_CHECK_AS(UsageError, rendezvous::parseEtcdEndpoints(rdzvEndpoint).has_value(),
+                    "--rdzv-endpoint {}: expected HOST[:PORT][,HOST[:PORT]...] (etcd's client port, 2379 by default)",
+                    rdzvEndpoint);
+  } else if (!rdzvEndpoint.empty()) {
     DTRAIN_CHECK_AS(UsageError, net::parseHostPort(rdzvEndpoint, rendezvous::kDefaultPort).has_value(),
                     "--rdzv-endpoint {}: expected HOST or HOST:PORT", rdzvEndpoint);
+  }
   DTRAIN_CHECK_AS(UsageError, shutdownTimeout.count() >= 0, "--shutdown-timeout must not be negative");
   DTRAIN_CHECK_AS(UsageError, heartbeatInterval.count() > 0 && heartbeatTimeout > heartbeatInterval,
                   "--heartbeat-timeout ({} ms) must be longer than --heartbeat-interval ({} ms)",

@@ -425,3 +425,57 @@ TEST_CASE("scale-up: a node finding the round full waits for a next round, and s
   CHECK(errorOf(fc).find("round 0 is running with 2 node(s) and no new round opened") != std::string::npos);
   CHECK_FALSE(Rendezvous::waitEvent(*job.store(), 0, 0ms).has_value());  // a full round is not disturbed
 }
+
+TEST_CASE("large rounds: one layout read per agent, consistent ranks, and a heartbeat ring that sees every loss") {
+  Job job;
+  const int n = kFullMembershipNodes + 36;  // 100: past the full-membership size
+  std::vector<std::unique_ptr<Rendezvous>> agents;
+  std::vector<Rendezvous*> ptrs;
+  for (int i = 0; i < n; ++i) {
+    agents.push_back(job.agent(fmt::format("node{}", i), nodes(n, n), 1 + i % 3));
+    ptrs.push_back(agents.back().get());
+  }
+  auto rounds = joinAll(ptrs);
+  std::vector<int> agentOfRank(n, -1);
+  for (int i = 0; i < n; ++i) {
+    const auto& r = rounds[static_cast<size_t>(i)];
+    REQUIRE(r.members.size() == static_cast<size_t>(n));
+    CHECK(agentOfRank[static_cast<size_t>(r.nodeRank)] == -1);  // node ranks are a permutation
+    agentOfRank[static_cast<size_t>(r.nodeRank)] = i;
+    // Offsets, world size and master agree with the first agent's view; own record and the watched ones are full.
+    CHECK(r.worldSize == rounds[0].worldSize);
+    CHECK(r.masterAddr == rounds[0].masterAddr);
+    CHECK(r.masterPort == rounds[0].masterPort);
+    for (int m = 0; m < n; ++m) CHECK(r.members[static_cast<size_t>(m)].rankOffset == rounds[0].members[static_cast<size_t>(m)].rankOffset);
+    CHECK(r.members[static_cast<size_t>(r.nodeRank)].info.hostname == fmt::format("node{}", i));
+    auto watched = Rendezvous::watchedMembers(r);
+    CHECK(watched.size() == static_cast<size_t>(kRingWatch));
+    for (int w : watched) CHECK_FALSE(r.members[static_cast<size_t>(w)].info.hostname.empty());
+  }
+  // Every node is watched by someone (its ring predecessors).
+  std::vector<int> watchers(n, 0);
+  for (const auto& r : rounds)
+    for (int w : Rendezvous::watchedMembers(r)) ++watchers[static_cast<size_t>(w)];
+  CHECK(std::all_of(watchers.begin(), watchers.end(), [](int c) { return c == kRingWatch; }));
+
+  // Everyone beats but node rank 7: its predecessor reports it.
+  for (int i = 0; i < n; ++i)
+    if (rounds[static_cast<size_t>(i)].nodeRank != 7) agents[static_cast<size_t>(i)]->heartbeat(rounds[static_cast<size_t>(i)]);
+  const int pred = agentOfRank[6];
+  auto& watcher = *agents[static_cast<size_t>(pred)];
+  const auto& rw = rounds[static_cast<size_t>(pred)];
+  CHECK(watcher.silentMembers(rw, 1h).empty());
+  std::vector<int> silent;
+  Deadline deadline(10s);
+  const int next = agentOfRank[8];  // the other watched node keeps beating
+  while (silent.empty() && !deadline.expired()) {
+    agents[static_cast<size_t>(next)]->heartbeat(rounds[static_cast<size_t>(next)]);
+    silent = watcher.silentMembers(rw, 5ms);
+    if (silent.empty()) job.store()->wait({"never-set"}, 5ms);
+  }
+  CHECK(silent == std::vector<int>{7});
+  auto ages = watcher.heartbeatAges(rw);
+  CHECK(ages[6] == 0.0);
+  CHECK(ages[7] >= 0.0);
+  CHECK(ages[20] == -1.0);  // not watched by this node
+}

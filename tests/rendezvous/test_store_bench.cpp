@@ -3,6 +3,7 @@
 #include <doctest/doctest.h>
 
 #include "lib/common/error.h"
+#include "rendezvous/rdzv_bench.h"
 #include "rendezvous/store_bench.h"
 #include "rendezvous/tcp_store_client.h"
 #include "rendezvous/tcp_store_server.h"
@@ -80,4 +81,24 @@ TEST_CASE("store bench: bad options and unreachable stores are errors") {
   o.address = "127.0.0.1:1";  // nothing listens on port 1
   o.connectTimeout = std::chrono::milliseconds(200);
   CHECK_THROWS_AS(runStoreBenchmark(o), Error);
+}
+
+TEST_CASE("rdzv bench: agents form one round through the real rendezvous, then every agent beats") {
+  RdzvBenchOptions o;
+  o.agents = 80;  // past kFullMembershipNodes: the layout key and the heartbeat ring
+  o.nprocPerAgent = 2;
+  o.beats = 2;
+  o.interval = std::chrono::milliseconds(20);
+  o.joinTimeout = std::chrono::seconds(60);
+  auto r = runRdzvBenchmark(o);
+  CHECK(r.inProcess);
+  CHECK(r.worldSize == 160);
+  CHECK(r.heartbeat.ops == 160);
+  CHECK(r.membership.ops == 160);
+  CHECK(r.formSeconds >= 0);
+  CHECK(r.joinMaxMs >= r.joinP50Ms);
+  CHECK(r.storeRequests > 0);
+  RdzvBenchOptions bad;
+  bad.agents = 0;
+  CHECK_THROWS_AS(runRdzvBenchmark(bad), Error);
 }

@@ -1,0 +1,464 @@
+#include "rendezvous/etcd_store.h"
+
+#include <boost/asio/connect.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <nlohmann/json.hpp>
+
+#include <fcntl.h>
+
+#include <thread>
+
+#include "lib/common/clock.h"
+#include "lib/common/error.h"
+#include "lib/common/log.h"
+#include "lib/common/parse.h"
+
+namespace dtrain::rendezvous {
+
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+using json = nlohmann::json;
+using namespace std::chrono_literals;
+
+namespace {
+
+constexpr uint16_t kEtcdPort = 2379;
+constexpr std::string_view kScheme = "etcd://";
+
+const char kB64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+std::string b64(std::string_view in) {
+  std::string out;
+  out.reserve((in.size() + 2) / 3 * 4);
+  size_t i = 0;
+  for (; i + 2 < in.size(); i += 3) {
+    uint32_t v = (uint8_t(in[i]) << 16) | (uint8_t(in[i + 1]) << 8) | uint8_t(in[i + 2]);
+    for (int s = 18; s >= 0; s -= 6) out += kB64[(v >> s) & 63];
+  }
+  if (i + 1 == in.size()) {
+    uint32_t v = uint8_t(in[i]) << 16;
+    out += kB64[(v >> 18) & 63];
+    out += kB64[(v >> 12) & 63];
+    out += "==";
+  } else if (i + 2 == in.size()) {
+    uint32_t v = (uint8_t(in[i]) << 16) | (uint8_t(in[i + 1]) << 8);
+    out += kB64[(v >> 18) & 63];
+    out += kB64[(v >> 12) & 63];
+    out += kB64[(v >> 6) & 63];
+    out += '=';
+  }
+  return out;
+}
+
+std::string unb64(std::string_view in) {
+  auto val = [](char c) -> int {
+    if (c >= 'A' && c <= 'Z') return c - 'A';
+    if (c >= 'a' && c <= 'z') return c - 'a' + 26;
+    if (c >= '0' && c <= '9') return c - '0' + 52;
+    if (c == '+' || c == '-') return 62;
+    if (c == '/' || c == '_') return 63;
+    return -1;
+  };
+  std::string out;
+  uint32_t acc = 0;
+  int bits = 0;
+  for (char c : in) {
+    int v = val(c);
+    if (v < 0) continue;  // padding
+    acc = (acc << 6) | static_cast<uint32_t>(v);
+    bits += 6;
+    if (bits >= 8) {
+      bits -= 8;
+      out += static_cast<char>((acc >> bits) & 0xff);
+    }
+  }
+  return out;
+}
+
+// grpc-gateway writes int64 as strings and leaves out zero values.
+int64_t int64Field(const json& j, const char* name) {
+  auto it = j.find(name);
+  if (it == j.end()) return 0;
+  if (it->is_string()) return parse::toInt(it->get<std::string>()).value_or(0);
+  if (it->is_number_integer()) return it->get<int64_t>();
+  return 0;
+}
+
+// A retryable failure of one endpoint (connection, timeout, 5xx): the caller moves to the next endpoint.
+struct EndpointFailure : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// grpc-gateway's HTTP status for a gRPC code that says "this member, now" rather than "this request": 5xx
+// (UNAVAILABLE 503: no leader; DEADLINE_EXCEEDED 504; UNKNOWN/INTERNAL 500), CANCELED 408 (a member shutting
+// down answers "the client connection is closing"), ABORTED 409, RESOURCE_EXHAUSTED 429.
+bool retryableStatus(unsigned status) { return status >= 500 || status == 408 || status == 409 || status == 429; }
+
+}  // namespace
+
+std::optional<std::vector<net::HostPort>> parseEtcdEndpoints(std::string_view text) {
+  if (text.substr(0, kScheme.size()) == kScheme) text.remove_prefix(kScheme.size());
+  while (!text.empty() && text.back() == '/') text.remove_suffix(1);
+  std::vector<net::HostPort> out;
+  while (!text.empty()) {
+    auto comma = text.find(',');
+    auto one = text.substr(0, comma);
+    if (one.substr(0, 7) == "http://") one.remove_prefix(7);
+    auto hp = net::parseHostPort(one, kEtcdPort);
+    if (!hp || hp->host.empty()) return std::nullopt;
+    out.push_back(*hp);
+    if (comma == std::string_view::npos) break;
+    text.remove_prefix(comma + 1);
+  }
+  if (out.empty()) return std::nullopt;
+  return out;
+}
+
+bool isEtcdAddress(std::string_view address) { return address.substr(0, kScheme.size()) == kScheme; }
+
+// One HTTP/1.1 connection to one endpoint, with a deadline on every exchange. Beast's stream timeouts apply to
+// asynchronous operations only, so each step is started asynchronously and the private io_context is run until
+// it completes (or its timer closes the socket): a blocking call with a deadline.
+class EtcdStore::Http {
+ public:
+  Http(const net::HostPort& endpoint, Millis timeout) : endpoint_(endpoint), stream_(io_) {
+    asio::ip::tcp::resolver resolver(io_);
+    boost::system::error_code ec;
+    auto results = resolver.resolve(endpoint.host, std::to_string(endpoint.port), ec);
+    if (ec) throw EndpointFailure(fmt::format("cannot resolve {}: {}", endpoint.str(), ec.message()));
+    stream_.expires_after(timeout);
+    stream_.async_connect(results, [&](const boost::system::error_code& e, const auto&) { ec = e; });
+    runIo();
+    if (ec) throw EndpointFailure(fmt::format("cannot connect to {}: {}", endpoint.str(), ec.message()));
+    ::fcntl(stream_.socket().native_handle(), F_SETFD, FD_CLOEXEC);
+  }
+
+  void send(const std::string& path, const std::string& body, Millis timeout, bool keepAlive) {
+    http::request<http::string_body> req{http::verb::post, path, 11};
+    req.set(http::field::host, endpoint_.str());
+    req.set(http::field::content_type, "application/json");
+    req.keep_alive(keepAlive);
+    req.body() = body;
+    req.prepare_payload();
+    boost::system::error_code ec;
+    stream_.expires_after(timeout);
+    http::async_write(stream_, req, [&](const boost::system::error_code& e, size_t) { ec = e; });
+    runIo();
+    if (ec) throw EndpointFailure(fmt::format("{}: sending {}: {}", endpoint_.str(), path, ec.message()));
+  }
+
+  // One request, one whole answer. 5xx => EndpointFailure (etcd unavailable there); 4xx => Error.
+  std::string exchange(const std::string& path, const std::string& body, Millis timeout) {
+    send(path, body, timeout, true);
+    http::response<http::string_body> res;
+    boost::system::error_code ec;
+    stream_.expires_after(timeout);
+    http::async_read(stream_, buffer_, res, [&](const boost::system::error_code& e, size_t) { ec = e; });
+    runIo();
+    if (ec) throw EndpointFailure(fmt::format("{}: reading the answer to {}: {}", endpoint_.str(), path, ec.message()));
+    auto status = res.result_int();
+    if (retryableStatus(status))
+      throw EndpointFailure(fmt::format("{} answered {} to {}: {}", endpoint_.str(), status, path, res.body()));
+    if (status != 200)
+      DTRAIN_THROW(Error, "etcd at {} answered {} to {}: {}", endpoint_.str(), status, path, res.body());
+    return std::move(res.body());
+  }
+
+  // Streams a watch: returns true once a message carries events, false when `deadline` passes first.
+  bool watch(const std::string& body, const Deadline& deadline, Millis requestTimeout) {
+    send("/v3/watch", body, std::min(requestTimeout, std::max(Millis(1), deadline.remaining())), false);
+    http::response_parser<http::string_body> parser;
+    parser.body_limit(boost::none);
+    for (;;) {
+      if (deadline.expired()) return false;
+      boost::system::error_code ec;
+      stream_.expires_after(deadline.remaining());
+      http::async_read_some(stream_, buffer_, parser, [&](const boost::system::error_code& e, size_t) { ec = e; });
+      runIo();
+      if (ec == beast::error::timeout) return false;
+      if (ec) throw EndpointFailure(fmt::format("{}: watch stream: {}", endpoint_.str(), ec.message()));
+      if (parser.is_header_done() && parser.get().result_int() != 200)
+        throw EndpointFailure(fmt::format("{} answered {} to a watch", endpoint_.str(), parser.get().result_int()));
+      auto& text = parser.get().body();
+      if (text.find("\"events\"") != std::string::npos) return true;
+      if (text.find("\"canceled\":true") != std::string::npos || text.find("\"error\"") != std::string::npos)
+        throw EndpointFailure(fmt::format("{}: watch ended: {}", endpoint_.str(), text.substr(0, 300)));
+      if (parser.is_done()) throw EndpointFailure(fmt::format("{}: watch stream closed", endpoint_.str()));
+    }
+  }
+
+ private:
+  void runIo() {
+    io_.restart();
+    io_.run();
+  }
+
+  net::HostPort endpoint_;
+  asio::io_context io_;
+  beast::tcp_stream stream_;
+  beast::flat_buffer buffer_;
+};
+
+struct EtcdStore::Kv {
+  std::string value;
+  int64_t modRevision = 0;
+};
+
+EtcdStore::EtcdStore(EtcdStoreOptions options) : options_(std::move(options)) {
+  DTRAIN_CHECK(!options_.endpoints.empty(), "etcd store: no endpoint given");
+}
+
+EtcdStore::~EtcdStore() = default;
+
+std::shared_ptr<EtcdStore> EtcdStore::connect(const EtcdStoreOptions& options) {
+  std::shared_ptr<EtcdStore> store(new EtcdStore(options));
+  Deadline deadline(options.connectTimeout);
+  store->range(store->full("__dtrain_ping__"), deadline);
+  return store;
+}
+
+std::string EtcdStore::address() const {
+  std::string out(kScheme);
+  for (size_t i = 0; i < options_.endpoints.size(); ++i) out += (i ? "," : "") + options_.endpoints[i].str();
+  return out;
+}
+
+std::string EtcdStore::currentEndpoint() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return options_.endpoints[current_].str();
+}
+
+std::string EtcdStore::call(const std::string& path, const std::string& body, const Deadline& deadline) {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::string last;
+  Millis backoff{20};
+  size_t failures = 0;
+  for (;;) {
+    const auto& ep = options_.endpoints[current_];
+    try {
+      auto t = std::max(Millis(1), std::min(options_.requestTimeout, deadline.remaining()));
+      if (!http_) http_ = std::make_unique<Http>(ep, t);
+      return http_->exchange(path, body, t);
+    } catch (const EndpointFailure& e) {
+      last = e.what();
+      http_.reset();
+      if (failures++ == 0 || failures % options_.endpoints.size() == 0)
+        log::debug("etcd store: {}; trying the next endpoint", last);
+      current_ = (current_ + 1) % options_.endpoints.size();
+    }
+    if (deadline.expired())
+      DTRAIN_THROW(RendezvousError, "no etcd endpoint of {} answered {} in time: {}", address(), path, last);
+    // A full pass over the endpoints failed: back off a little (an election takes ~1 s) before the next pass.
+    if (current_ == 0 || options_.endpoints.size() == 1) {
+      std::this_thread::sleep_for(std::min(backoff, deadline.remaining()));
+      backoff = std::min(backoff * 2, Millis(500));
+    }
+  }
+}
+
+std::optional<EtcdStore::Kv> EtcdStore::range(const std::string& fullKey, const Deadline& deadline, int64_t* revision) {
+  auto res = json::parse(call("/v3/kv/range", json{{"key", b64(fullKey)}}.dump(), deadline));
+  if (revision) *revision = int64Field(res.value("header", json::object()), "revision");
+  auto kvs = res.find("kvs");
+  if (kvs == res.end() || !kvs->is_array() || kvs->empty()) return std::nullopt;
+  const auto& kv = kvs->front();
+  return Kv{unb64(kv.value("value", "")), int64Field(kv, "mod_revision")};
+}
+
+int64_t EtcdStore::leaseFor(const std::string& fullKey, const Deadline& deadline) {
+  if (fullKey.find("/hb/") == std::string::npos || options_.leaseTtlSeconds <= 0) return 0;
+  std::lock_guard<std::mutex> lock(leaseMu_);
+  if (lease_ != 0) {
+    auto res = json::parse(call("/v3/lease/keepalive", json{{"ID", std::to_string(lease_)}}.dump(), deadline));
+    // keepalive answers {"result": {"TTL": ...}}; a TTL of 0 (or none) means the lease expired: grant another.
+    auto result = res.value("result", json::object());
+    if (int64Field(result, "TTL") > 0) return lease_;
+  }
+  auto res = json::parse(call("/v3/lease/grant", json{{"TTL", std::to_string(options_.leaseTtlSeconds)}}.dump(), deadline));
+  lease_ = int64Field(res, "ID");
+  return lease_;
+}
+
+void EtcdStore::set(std::string_view key, std::string_view value) {
+  checkKey(key);
+  checkValue(value);
+  Deadline deadline(timeout_);
+  auto k = full(key);
+  json req{{"key", b64(k)}, {"value", b64(value)}};
+  if (auto lease = leaseFor(k, deadline)) req["lease"] = std::to_string(lease);
+  call("/v3/kv/put", req.dump(), deadline);
+}
+
+std::optional<std::string> EtcdStore::tryGet(std::string_view key) {
+  checkKey(key);
+  auto kv = range(full(key), Deadline(timeout_));
+  if (!kv) return std::nullopt;
+  return kv->value;
+}
+
+std::string EtcdStore::get(std::string_view key, Millis timeout) {
+  checkKey(key);
+  Deadline deadline(timeout);
+  auto k = full(key);
+  for (;;) {
+    if (auto kv = range(k, Deadline(std::max(timeout_, Millis(1000))))) return kv->value;
+    if (!waitOne(k, deadline))
+      DTRAIN_THROW(TimeoutError, "etcd store at {}: key '{}' did not appear within {} ms", address(), key,
+                   timeout.count());
+  }
+}
+
+bool EtcdStore::waitOne(const std::string& fullKey, const Deadline& deadline) {
+  std::string last;
+  size_t endpoint = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    endpoint = current_;
+  }
+  for (;;) {
+    int64_t revision = 0;
+    if (range(fullKey, Deadline(std::max(timeout_, Millis(1000))), &revision)) return true;
+    if (deadline.expired()) return false;
+    try {
+      Http watcher(options_.endpoints[endpoint], std::min(options_.requestTimeout, deadline.remaining()));
+      json req{{"create_request", {{"key", b64(fullKey)}, {"start_revision", std::to_string(revision + 1)}}}};
+      if (watcher.watch(req.dump(), deadline, options_.requestTimeout)) continue;  // an event: re-check
+      return false;
+    } catch (const EndpointFailure& e) {
+      last = e.what();
+      endpoint = (endpoint + 1) % options_.endpoints.size();
+      log::debug("etcd store: watch on {}: {}; trying the next endpoint", options_.endpoints[endpoint].str(), last);
+      std::this_thread::sleep_for(std::min(Millis(50), deadline.remaining()));
+    }
+  }
+}
+
+bool EtcdStore::wait(const std::vector<std::string>& keys, Millis timeout) {
+  for (const auto& k : keys) checkKey(k);
+  Deadline deadline(timeout);
+  // Each key must exist; once one does it stays (keys are removed only by their owners, after the waits).
+  for (const auto& k : keys)
+    if (!waitOne(full(k), deadline)) return false;
+  return true;
+}
+
+bool EtcdStore::check(const std::vector<std::string>& keys) {
+  for (const auto& k : keys) {
+    checkKey(k);
+    if (!range(full(k), Deadline(timeout_))) return false;
+  }
+  return true;
+}
+
+bool EtcdStore::remove(std::string_view key) {
+  checkKey(key);
+  auto res = json::parse(call("/v3/kv/deleterange", json{{"key", b64(full(key))}}.dump(), Deadline(timeout_)));
+  return int64Field(res, "deleted") > 0;
+}
+
+int64_t EtcdStore::numKeys() {
+  // Every key under the prefix: range [prefix, prefix + 1) in the last byte (etcd's "prefix end").
+  std::string start = options_.prefix.empty() ? std::string(1, '\0') : options_.prefix;
+  std::string end = options_.prefix;
+  if (end.empty()) {
+    end = std::string(1, '\0');  // with key "\0": the whole keyspace
+  } else {
+    while (!end.empty() && static_cast<unsigned char>(end.back()) == 0xff) end.pop_back();
+    if (!end.empty()) end.back() = static_cast<char>(end.back() + 1);
+  }
+  auto res = json::parse(call("/v3/kv/range",
+                              json{{"key", b64(start)}, {"range_end", b64(end)}, {"count_only", true}}.dump(),
+                              Deadline(timeout_)));
+  return int64Field(res, "count");
+}
+
+std::string EtcdStore::compareSet(std::string_view key, std::string_view expected, std::string_view desired) {
+  checkKey(key);
+  checkValue(desired);
+  Deadline deadline(timeout_);
+  const auto k = b64(full(key));
+  const json put = {{"request_put", {{"key", k}, {"value", b64(desired)}}}};
+  const json read = {{"request_range", {{"key", k}}}};
+  for (bool missingTried = false;;) {
+    // A missing key matches an empty `expected` (c10d semantics), and so does an existing empty value.
+    json compare = expected.empty() && !missingTried
+                       ? json{{"key", k}, {"target", "CREATE"}, {"result", "EQUAL"}, {"create_revision", "0"}}
+                       : json{{"key", k}, {"target", "VALUE"}, {"result", "EQUAL"}, {"value", b64(expected)}};
+    json txn{{"compare", json::array({compare})}, {"success", json::array({put})}, {"failure", json::array({read})}};
+    auto res = json::parse(call("/v3/kv/txn", txn.dump(), deadline));
+    if (res.value("succeeded", false)) return std::string(desired);
+    std::optional<std::string> current;
+    for (const auto& r : res.value("responses", json::array())) {
+      auto kvs = r.value("response_range", json::object()).value("kvs", json::array());
+      if (!kvs.empty()) current = unb64(kvs.front().value("value", ""));
+    }
+    if (!current) {
+      if (expected.empty()) continue;  // deleted between: try again
+      return std::string();
+    }
+    if (expected.empty() && current->empty() && !missingTried) {
+      missingTried = true;  // the key exists with an empty value: compare on the value instead
+      continue;
+    }
+    return *current;
+  }
+}
+
+int64_t EtcdStore::add(std::string_view key, int64_t delta) {
+  checkKey(key);
+  Deadline deadline(timeout_);
+  const auto fk = full(key);
+  const auto k = b64(fk);
+  for (;;) {
+    auto kv = range(fk, deadline);
+    int64_t current = 0;
+    if (kv) {
+      auto parsed = parse::toInt(kv->value);
+      DTRAIN_CHECK(parsed.has_value(), "store add('{}'): current value is not an integer", key);
+      current = *parsed;
+    }
+    int64_t result = 0;
+    DTRAIN_CHECK(!__builtin_add_overflow(current, delta, &result), "store add('{}'): {} + {} overflows int64", key,
+                 current, delta);
+    if (kv && delta == 0) return current;  // a read: nothing to write
+    json compare = kv ? json{{"key", k}, {"target", "MOD"}, {"result", "EQUAL"},
+                             {"mod_revision", std::to_string(kv->modRevision)}}
+                      : json{{"key", k}, {"target", "CREATE"}, {"result", "EQUAL"}, {"create_revision", "0"}};
+    json put = {{"request_put", {{"key", k}, {"value", b64(std::to_string(result))}}}};
+    json txn{{"compare", json::array({compare})}, {"success", json::array({put})}};
+    if (json::parse(call("/v3/kv/txn", txn.dump(), deadline)).value("succeeded", false)) return result;
+    if (deadline.expired()) DTRAIN_THROW(TimeoutError, "etcd store at {}: add('{}') kept conflicting", address(), key);
+  }
+}
+
+void EtcdStore::append(std::string_view key, std::string_view value) {
+  checkKey(key);
+  Deadline deadline(timeout_);
+  const auto fk = full(key);
+  const auto k = b64(fk);
+  for (;;) {
+    auto kv = range(fk, deadline);
+    std::string next = kv ? kv->value + std::string(value) : std::string(value);
+    DTRAIN_CHECK(next.size() <= kMaxValueBytes, "store append('{}') would exceed the value limit of {} bytes", key,
+                 kMaxValueBytes);
+    json compare = kv ? json{{"key", k}, {"target", "MOD"}, {"result", "EQUAL"},
+                             {"mod_revision", std::to_string(kv->modRevision)}}
+                      : json{{"key", k}, {"target", "CREATE"}, {"result", "EQUAL"}, {"create_revision", "0"}};
+    json put = {{"request_put", {{"key", k}, {"value", b64(next)}}}};
+    json txn{{"compare", json::array({compare})}, {"success", json::array({put})}};
+    if (json::parse(call("/v3/kv/txn", txn.dump(), deadline)).value("succeeded", false)) return;
+    if (deadline.expired()) DTRAIN_THROW(TimeoutError, "etcd store at {}: append('{}') kept conflicting", address(), key);
+  }
+}
+
+std::shared_ptr<Store> EtcdStore::clone() {
+  std::shared_ptr<EtcdStore> copy(new EtcdStore(options_));
+  copy->setTimeout(timeout_);
+  return copy;
+}
+
+}  // namespace dtrain::rendezvous

@@ -1,0 +1,49 @@
+// The rendezvous-at-scale benchmark behind `dtrain bench rdzv` (figures in docs/store.md,
+// scripts/bench/rdzv_scale): `agents` simulated agents, one thread and one store connection each, join ONE
+// rendezvous round through the real Rendezvous code (min = max = agents), then heartbeat every `interval` for
+// `beats` beats, each beat being Rendezvous::heartbeat plus Rendezvous::silentMembers (reading the watched
+// members' heartbeats), as an agent's round loop does. The beats of different agents are spread evenly over the
+// interval, as independent agents' timers are. Against a store started in this process (when `address` is
+// empty) or a running store (`dtrain store`).
+//
+// Reports: connect time, time to form the round (from the moment all connected agents start joining until the
+// last join returns), per-agent join latency, and latency percentiles of the heartbeat and the membership read.
+// Blocking; throws the first agent's error (a join that timed out, a lost store). Needs about 2 descriptors per
+// agent with an in-process store (RLIMIT_NOFILE is raised to its hard limit).
+#pragma once
+
+#include <chrono>
+#include <string>
+
+#include "rendezvous/store.h"
+#include "rendezvous/store_bench.h"
+
+namespace dtrain::rendezvous {
+
+struct RdzvBenchOptions {
+  std::string address;  // HOST:PORT of a running store; "": one in this process on loopback
+  int agents = 4096;    // >= 1
+  int nprocPerAgent = 8;
+  int beats = 5;                               // heartbeats per agent after the round formed
+  Millis interval{std::chrono::seconds(1)};    // heartbeat interval
+  Millis connectTimeout{std::chrono::seconds(120)};
+  Millis joinTimeout{std::chrono::seconds(300)};
+};
+
+struct RdzvBenchResult {
+  std::string address;
+  bool inProcess = false;
+  double connectSeconds = 0;  // until every agent had its connection
+  double formSeconds = 0;     // start of join -> the last agent's join returned
+  double joinP50Ms = 0, joinP99Ms = 0, joinMaxMs = 0;  // per agent: its join() call
+  int worldSize = 0;
+  double beatSeconds = 0;  // the heartbeat phase
+  OpFigures heartbeat;     // Rendezvous::heartbeat (one set)
+  OpFigures membership;    // Rendezvous::silentMembers (reads of the watched members' heartbeats)
+  uint64_t storeRequests = 0;   // in-process store only: requests served over the whole run
+  double storeCpuSeconds = -1;  // in-process store only: CPU of its io thread over the whole run
+};
+
+RdzvBenchResult runRdzvBenchmark(const RdzvBenchOptions& options);
+
+}  // namespace dtrain::rendezvous

@@ -1,12 +1,13 @@
 // `dtrain check JOB.json`: validate a job (every section, files, dataset contents against the model) and print
-// the model summary; with --world N also which ranks are parameter servers. Exit 0, or the precise error and
-// exit 2.
+// the model summary; with --world N also the rank layout: parameter-server placement, or the data x pipeline x
+// tensor grid (each rank's coordinates, layers and parameter count). Exit 0, or the precise error and exit 2.
 #include <fmt/format.h>
 
 #include "apps/dtrain/commands.h"
 #include "apps/dtrain/job_hooks.h"
 #include "lib/train/check.h"
 #include "lib/train/ps_strategy.h"
+#include "lib/train/layout.h"
 
 namespace dtrain::app {
 
@@ -15,14 +16,18 @@ void addCheckCommand(CLI::App& root, Action& action) {
   auto* sub = root.add_subcommand("check", "Validate a job file and print the model summary");
   addJobOptions(*sub, *args);
   auto world = std::make_shared<int>(0);
-  sub->add_option("--world", *world, "Also print the rank layout for a world of N ranks (parameter servers: "
-                                     "which ranks serve)")
+  sub->add_option("--world", *world, "Also print the rank layout for a world of N ranks (data x pipeline x tensor, or "
+                                     "which ranks serve parameters)")
       ->check(CLI::Range(1, 1 << 20));
   sub->callback([&action, args, world] {
     action = [args, world] {
       const train::Job job = train::loadJob(*args);
+      for (const auto& w : job.parallel.warnings) fmt::print(stderr, "warning: {}\n", w);
       fmt::print("{}", train::checkJob(job));
-      if (*world > 0) fmt::print("{}", train::describePsPlacement(job, *world));
+      if (*world > 0 && job.parallel.strategy == "parameter_server")
+        fmt::print("{}", train::describePsPlacement(job, *world));
+      else if (*world > 0)
+        fmt::print("{}", train::describeLayout(job, *world));
       return 0;
     };
   });

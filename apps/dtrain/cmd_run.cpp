@@ -9,6 +9,7 @@
 #include "apps/dtrain/commands.h"
 #include "apps/dtrain/job_hooks.h"
 #include "lib/train/check.h"
+#include "lib/train/layout.h"
 #include "lib/common/error.h"
 #include "lib/common/ps_placement.h"
 #include "lib/common/parse.h"
@@ -110,6 +111,9 @@ int runCommand(RunArgs& a, bool programAfterDashes) {
                     job->sourceFile, o.psServers, world, o.minNodes, o.nproc);
   }
   if (job) {
+    for (const auto& w : job->parallel.warnings) fmt::print(stderr, "dtrain run: warning: {}\n", w);
+    // The rank grid must divide the world (known here when the node count is fixed and nodes are alike).
+    if (o.minNodes == o.maxNodes) train::resolveLayout(job->parallel, o.minNodes * o.nproc, job->sourceFile);
     auto machine = train::readMachineMemory();
     train::checkJobFitsMemory(*job, o.nproc, machine);
     train::checkJobFitsMemory(*job, o.nproc, machine, train::checkJobData(*job).bytes);

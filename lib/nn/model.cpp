@@ -21,84 +21,190 @@ Model::Model(Model&&) noexcept = default;
 Model& Model::operator=(Model&&) noexcept = default;
 Model::~Model() = default;
 
-Model Model::build(const ModelSpec& fullSpec, int maxBatch, uint64_t seed, Device device,
-                   std::shared_ptr<TensorGroup> tensor) {
+std::vector<ParamEntry> paramTableOf(const ModelSpec& spec) {
+  std::vector<ParamEntry> table;
+  size_t offset = 0;
+  for (size_t i = 0; i < spec.layers.size(); ++i) {
+    const auto& ls = spec.layers[i];
+    for (const auto& ps : paramShapesOf(ls)) {
+      const auto count = static_cast<size_t>(ps.shape.numel());
+      table.push_back({.name = fmt::format("{}.{}", ls.paramPrefix(), ps.suffix), .shape = ps.shape, .offset = offset,
+                       .count = count, .layer = static_cast<int>(i), .fullShape = ps.shape});
+      offset += count;
+    }
+  }
+  return table;
+}
+
+void Model::makeLayers(uint64_t seed) {
+  seed_ = seed;
+  scratch_ = std::make_unique<SharedScratch>();
+  layers_.clear();
+  hasRandomLayers_ = false;
+  for (const auto& ls : parts_.layers) {
+    layers_.push_back(makeLayer(
+        ls, {.device = device_, .maxBatch = maxBatch_, .seed = seed, .scratch = scratch_.get(), .tensor = tensor_.get()}));
+    hasRandomLayers_ = hasRandomLayers_ || drawsRandom(ls);
+  }
+  scratch_->allocate();
+}
+
+void Model::bindArenas() {
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    if (layerRanges_[i].count == 0 || static_cast<int>(i) == tiedReplica_) continue;
+    layers_[i]->bind(params_.data() + layerRanges_[i].offset, grads_.data() + layerRanges_[i].offset);
+  }
+  // A tied lm_head shares its embedding's token table (the embedding's first parameter), or its replica slot.
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    const int tied = spec_.layers[i].tiedTo;
+    if (tied < 0) continue;
+    const size_t at = static_cast<int>(i) == tiedReplica_
+                          ? layerRanges_[i].offset
+                          : layerRanges_[static_cast<size_t>(tied - spec_.layers.front().index)].offset;
+    layers_[i]->bindTied(params_.data() + at, grads_.data() + at);
+  }
+}
+
+Model Model::build(const ModelSpec& full, int maxBatch, uint64_t seed, Device device,
+                   std::shared_ptr<TensorGroup> tensor, const StageOptions& stage) {
   DTRAIN_CHECK_AS(ConfigError, maxBatch >= 1, "maximum batch size must be >= 1, got {}", maxBatch);
-  DTRAIN_CHECK_AS(ConfigError, !fullSpec.layers.empty(), "{}: the model has no layers", fullSpec.path);
+  DTRAIN_CHECK_AS(ConfigError, !full.layers.empty(), "{}: the model has no layers", full.path);
+  const int n = static_cast<int>(full.layers.size());
+  const int first = stage.first;
+  const int last = stage.last < 0 ? n : stage.last;
+  DTRAIN_CHECK(first >= 0 && first < last && last <= n, "stage layers [{}, {}) outside the model's {} layers", first,
+               last, n);
   // dtrain runs one worker per core; Eigen must not start threads of its own (it only would with OpenMP).
   Eigen::setNbThreads(1);
 
   Model m;
-  m.scratch_ = std::make_unique<SharedScratch>();
-  m.spec_ = fullSpec;
+  m.spec_ = full;
+  if (first > 0 || last < n) {
+    m.spec_.layers.assign(full.layers.begin() + first, full.layers.begin() + last);
+    m.spec_.input = full.layers[static_cast<size_t>(first)].input;
+  }
+  // An embedding whose tied lm_head is in a later stage trains as an untied one (the pipeline sums the copies).
+  for (auto& l : m.spec_.layers) {
+    if (l.type() != "embedding" || !l.tied) continue;
+    bool headHere = false;
+    for (const auto& h : m.spec_.layers) headHere = headHere || h.tiedTo == l.index;
+    if (!headHere) l.tied = false;
+  }
   m.device_ = device;
   m.maxBatch_ = maxBatch;
-  const size_t batch = static_cast<size_t>(maxBatch);
+  m.inputGradWanted_ = stage.inputGrad;
   // With a tensor group the layers are built from this rank's part of the spec (its shapes); spec_ stays the
   // full model's (the input and output are the same).
   if (tensor && tensor->size() > 1) m.tensor_ = std::move(tensor);
-  const ModelSpec spec = m.tensor_ ? shardModelSpec(fullSpec, m.tensor_->size(), m.tensor_->rank()) : fullSpec;
+  m.parts_ = m.tensor_ ? shardModelSpec(m.spec_, m.tensor_->size(), m.tensor_->rank()) : m.spec_;
+  m.makeLayers(seed);
 
   size_t offset = 0;
-  for (const auto& ls : spec.layers) {
-    m.layers_.push_back(makeLayer(ls, {.device = device, .maxBatch = maxBatch, .seed = seed,
-                                       .scratch = m.scratch_.get(), .tensor = m.tensor_.get()}));
-    m.hasRandomLayers_ = m.hasRandomLayers_ || drawsRandom(ls);
+  for (size_t i = 0; i < m.spec_.layers.size(); ++i) {
+    const auto& ls = m.parts_.layers[i];
     ParamRange range{offset, 0};
-    for (const auto& ps : m.layers_.back()->paramShapes()) {
-      size_t count = static_cast<size_t>(ps.shape.numel());
-      m.table_.push_back({fmt::format("{}.{}", ls.paramPrefix(), ps.suffix), ps.shape, offset, count, ls.index,
-                          ps.full.empty() ? ps.shape : ps.full, ps.dim, ps.start});
+    if (ls.tiedTo >= 0 && ls.tiedTo < first) {
+      // The token table lives in an earlier stage: this stage keeps a replica under the table's own name.
+      const LayerSpec& emb = full.layers[static_cast<size_t>(ls.tiedTo)];
+      const ParamShape table = paramShapesOf(emb).front();
+      const auto count = static_cast<size_t>(table.shape.numel());
+      m.table_.push_back({.name = fmt::format("{}.{}", emb.paramPrefix(), table.suffix), .shape = table.shape,
+                          .offset = offset, .count = count, .layer = static_cast<int>(i), .fullShape = table.shape,
+                          .replica = true});
+      offset += count;
+      m.tiedReplica_ = static_cast<int>(i);
+    }
+    for (const auto& ps : m.layers_[i]->paramShapes()) {
+      const auto count = static_cast<size_t>(ps.shape.numel());
+      m.table_.push_back({.name = fmt::format("{}.{}", ls.paramPrefix(), ps.suffix), .shape = ps.shape,
+                          .offset = offset, .count = count, .layer = static_cast<int>(i),
+                          .fullShape = ps.full.empty() ? ps.shape : ps.full, .sliceDim = ps.dim,
+                          .sliceStart = ps.start});
       offset += count;
     }
     range.count = offset - range.offset;
     m.layerRanges_.push_back(range);
   }
-  m.scratch_->allocate();
   // The arenas and activations below are host memory.
   requireCpu(device, "the model's parameter arenas");
-  m.params_ = AlignedBuffer<float>(offset);
-  m.grads_ = AlignedBuffer<float>(offset);
+  m.paramArena_ = AlignedBuffer<float>(offset);
+  m.gradArena_ = AlignedBuffer<float>(offset);
+  m.params_ = m.paramArena_.span();
+  m.grads_ = m.gradArena_.span();
+  m.bindArenas();
+
   InitRng rng(seed);
+  // A stage draws the init stream through the layers before it, so its values are the whole model's.
+  SharedScratch skipScratch;
+  for (int i = 0; i < first; ++i) {
+    const LayerSpec& ls = full.layers[static_cast<size_t>(i)];
+    const auto count = static_cast<size_t>(ls.paramCount());
+    if (count == 0) continue;
+    auto layer = makeLayer(ls, {.device = device, .maxBatch = 1, .seed = seed, .scratch = &skipScratch});
+    AlignedBuffer<float> p(count), g(count);
+    layer->bind(p.data(), g.data());
+    layer->initParams(rng);
+    if (m.tiedReplica_ >= 0 && m.spec_.layers[static_cast<size_t>(m.tiedReplica_)].tiedTo == i) {
+      const ParamRange slot = m.layerRanges_[static_cast<size_t>(m.tiedReplica_)];
+      std::copy_n(p.data(), slot.count, m.params_.data() + slot.offset);
+    }
+  }
   bool seenParams = false;
   for (size_t i = 0; i < m.layers_.size(); ++i) {
-    m.needsInputGrad_.push_back(seenParams);
+    m.needsInputGrad_.push_back(seenParams || stage.inputGrad);
     seenParams = seenParams || m.layerRanges_[i].count > 0;
-    if (m.layerRanges_[i].count == 0) continue;
-    m.layers_[i]->bind(m.params_.data() + m.layerRanges_[i].offset, m.grads_.data() + m.layerRanges_[i].offset);
+    if (m.layerRanges_[i].count == 0 || static_cast<int>(i) == m.tiedReplica_) continue;
     m.layers_[i]->initParams(rng);
   }
-  // A tied lm_head shares its embedding's token table (the embedding's first parameter).
-  for (size_t i = 0; i < m.layers_.size(); ++i) {
-    const int tied = spec.layers[i].tiedTo;
-    if (tied < 0) continue;
-    const size_t at = m.layerRanges_[static_cast<size_t>(tied)].offset;
-    m.layers_[i]->bindTied(m.params_.data() + at, m.grads_.data() + at);
-  }
+  m.allocateActivations();
+  return m;
+}
 
-  // One arena for all outputs; gradients between layers ping-pong between two buffers as large as the
-  // largest layer input.
+Model Model::replica() const {
+  Model r;
+  r.spec_ = spec_;
+  r.parts_ = parts_;
+  r.tensor_ = tensor_;
+  r.device_ = device_;
+  r.maxBatch_ = maxBatch_;
+  r.inputGradWanted_ = inputGradWanted_;
+  r.tiedReplica_ = tiedReplica_;
+  r.table_ = table_;
+  r.layerRanges_ = layerRanges_;
+  r.needsInputGrad_ = needsInputGrad_;
+  r.params_ = params_;
+  r.grads_ = grads_;
+  r.makeLayers(seed_);
+  r.bindArenas();
+  r.allocateActivations();
+  return r;
+}
+
+// One arena for all outputs; gradients between layers ping-pong between two buffers as large as the largest
+// layer input.
+void Model::allocateActivations() {
+  const auto batch = static_cast<size_t>(maxBatch_);
   size_t actTotal = 0;
   size_t maxInput = 0;
-  for (size_t i = 0; i < m.layers_.size(); ++i) {
-    if (!m.layers_[i]->aliasesInput()) actTotal += roundUp(batch * static_cast<size_t>(spec.layers[i].output.numel()));
-    if (m.needsInputGrad_[i]) maxInput = std::max(maxInput, batch * static_cast<size_t>(spec.layers[i].input.numel()));
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    if (!layers_[i]->aliasesInput()) actTotal += roundUp(batch * static_cast<size_t>(parts_.layers[i].output.numel()));
+    if (needsInputGrad_[i]) maxInput = std::max(maxInput, batch * static_cast<size_t>(parts_.layers[i].input.numel()));
   }
-  m.activations_ = AlignedBuffer<float>(actTotal);
+  activations_ = AlignedBuffer<float>(actTotal);
+  ownOutput_.clear();
   size_t at = 0;
-  for (size_t i = 0; i < m.layers_.size(); ++i) {
-    if (m.layers_[i]->aliasesInput()) {
-      m.ownOutput_.push_back(nullptr);
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    if (layers_[i]->aliasesInput()) {
+      ownOutput_.push_back(nullptr);
       continue;
     }
-    m.ownOutput_.push_back(m.activations_.data() + at);
-    at += roundUp(batch * static_cast<size_t>(spec.layers[i].output.numel()));
+    ownOutput_.push_back(activations_.data() + at);
+    at += roundUp(batch * static_cast<size_t>(parts_.layers[i].output.numel()));
   }
-  m.gradA_ = AlignedBuffer<float>(maxInput);
-  m.gradB_ = AlignedBuffer<float>(maxInput);
-  m.in_.assign(m.layers_.size(), nullptr);
-  m.out_.assign(m.layers_.size(), nullptr);
-  return m;
+  gradA_ = AlignedBuffer<float>(maxInput);
+  gradB_ = AlignedBuffer<float>(maxInput);
+  in_.assign(layers_.size(), nullptr);
+  out_.assign(layers_.size(), nullptr);
 }
 
 TensorView Model::forward(const float* x, int batch, bool train) {
@@ -136,6 +242,12 @@ void Model::backward(const TensorView& gradOutput, LayerGradReady onLayerGradRea
     if (!needsInputGrad_[k]) break;
     if (!aliasing) dy = dx;
   }
+  inputGrad_ = inputGradWanted_ ? dy : nullptr;
+}
+
+TensorView Model::inputGrad() const {
+  if (inputGrad_ == nullptr) return {};
+  return TensorView::of(const_cast<float*>(inputGrad_), spec_.input.withBatch(lastBatch_), device_);
 }
 
 ParamRange Model::layerParamRange(int layer) const {

@@ -24,6 +24,14 @@
 // front of the same buffers, and Eigen's GEMM scratch is placed on the stack (at most 512 KiB per buffer; see
 // lib/nn/CMakeLists.txt). The input x and the returned output view stay valid (and x must stay unchanged)
 // until the next forward, since backward reads them.
+// Pipeline stages (lib/train/pipeline.h): build(..., StageOptions{first, last}) builds the top-level layers
+// [first, last) of the spec under the full model's parameter names, with the initial values the whole model
+// would get (the init stream is drawn through the earlier layers), and, with inputGrad, backward computes the
+// gradient of the stage's input (inputGrad()). A tied lm_head whose embedding lies in an earlier stage gets a copy
+// of the token table in its own arena slot (ParamEntry::replica, the embedding's name and values), and an
+// embedding whose lm_head lies in a later stage is built untied; the pipeline keeps the two copies equal by
+// summing their gradients. replica() builds another instance of the same layers over the same arenas, with its
+// own activations and layer state: the pipeline keeps one per micro-batch in flight.
 // Not thread-safe: one thread drives a model. Movable, not copyable; moving keeps the arenas in place.
 #pragma once
 
@@ -33,6 +41,7 @@
 #include <span>
 #include <string>
 #include <type_traits>
+#include <algorithm>
 #include <vector>
 
 #include "lib/common/aligned_buffer.h"
@@ -43,19 +52,33 @@
 namespace dtrain::nn {
 
 struct ParamEntry {
-  std::string name;  // "3.weight"
-  Shape shape;       // PyTorch's shape
+  std::string name;  // "3.weight": the full model's name, whatever part of the model this one holds
+  Shape shape;       // PyTorch's shape (of the part held here)
   size_t offset = 0; // first float in the arena
   size_t count = 0;  // floats
-  int layer = 0;     // owning layer index
+  int layer = 0;     // owning layer: its position in this model (== the spec index for a whole model)
   // The full tensor this entry is part of. A tensor-parallel layer (lib/nn/tensor_parallel.h) holds a slice along
   // one dimension: sliceDim >= 0, [sliceStart, sliceStart + shape[sliceDim]) of fullShape; one name may have
   // several slice entries (attention's q, k and v rows). sliceDim -1: whole (fullShape == shape), replicated over
-  // the tensor group. Checkpoints record it.
+  // the tensor group. Checkpoints record it (lib/ckpt/sharded.h).
   Shape fullShape;
   int sliceDim = -1;
   int64_t sliceStart = 0;
   bool sliced() const noexcept { return sliceDim >= 0; }
+  // A copy of a parameter another pipeline stage owns (a tied lm_head's token table): loaded from checkpoints,
+  // never written to them.
+  bool replica = false;
+};
+
+// The parameter table of the whole model of `spec`, as Model::build would make it, without building anything
+// (names, shapes, arena offsets): what a checkpoint written by any layout is indexed by.
+std::vector<ParamEntry> paramTableOf(const ModelSpec& spec);
+
+// Which part of a model to build (a pipeline stage); the default is the whole model.
+struct StageOptions {
+  int first = 0;        // top-level layers [first, last) of the spec
+  int last = -1;        // -1: to the end
+  bool inputGrad = false;  // backward also computes the gradient of the input (inputGrad())
 };
 
 struct ParamRange {
@@ -96,8 +119,12 @@ class Model {
   // With a `tensor` group of more than one rank the model is this rank's tensor-parallel part
   // (lib/nn/tensor_parallel.h): the arenas hold its slices (paramTable() says which), forward/backward call the
   // group's all-reduce, and spec() stays the full model's. Throws ConfigError when the spec does not split.
+  // With `stage`, the model is that pipeline stage (see above; both combine: a stage's tensor-parallel part).
   static Model build(const ModelSpec& spec, int maxBatch, uint64_t seed, Device device = Device::cpu(),
-                     std::shared_ptr<TensorGroup> tensor = {});
+                     std::shared_ptr<TensorGroup> tensor = {}, const StageOptions& stage = {});
+  // Another instance of this model's layers over the same parameter and gradient arenas, with its own
+  // activations and layer state (see above). This model must outlive it and stay in place.
+  Model replica() const;
 
   Model(Model&&) noexcept;
   Model& operator=(Model&&) noexcept;
@@ -111,18 +138,22 @@ class Model {
   void backward(const TensorView& gradOutput, LayerGradReady onLayerGradReady = {},
                 GradMode mode = GradMode::kAccumulate);
 
-  std::span<float> params() noexcept { return params_.span(); }
-  std::span<const float> params() const noexcept { return params_.span(); }
-  std::span<float> grads() noexcept { return grads_.span(); }
-  std::span<const float> grads() const noexcept { return grads_.span(); }
+  // The gradient of the input of the last backward, shape [batch, input...]; only for a model built with
+  // StageOptions::inputGrad (an empty view otherwise). Valid until the next forward/backward.
+  TensorView inputGrad() const;
+
+  std::span<float> params() noexcept { return params_; }
+  std::span<const float> params() const noexcept { return params_; }
+  std::span<float> grads() noexcept { return grads_; }
+  std::span<const float> grads() const noexcept { return grads_; }
   size_t numParams() const noexcept { return params_.size(); }
-  void zeroGrad() noexcept { grads_.zero(); }
+  void zeroGrad() noexcept { std::fill(grads_.begin(), grads_.end(), 0.0f); }
 
   const std::vector<ParamEntry>& paramTable() const noexcept { return table_; }
   // One parameter of paramTable() as a float32 view of its slice of params() (PyTorch's shape), e.g. to save or
   // load it by name. Valid while the model lives; writable through the view even from a const model.
   TensorView paramTensor(const ParamEntry& entry) const {
-    return TensorView::of(params_.data() + entry.offset, entry.shape, device_);
+    return TensorView::of(const_cast<float*>(params_.data()) + entry.offset, entry.shape, device_);
   }
   // The arena slice of layer k's parameters ({offset, 0} for parameterless layers).
   ParamRange layerParamRange(int layer) const;
@@ -149,13 +180,20 @@ class Model {
 
  private:
   Model() = default;
+  void makeLayers(uint64_t seed);      // layers_ and the scratch, from parts_
+  void allocateActivations();          // activations_, ownOutput_, gradA_/gradB_, in_/out_
+  void bindArenas();                   // layers onto params_/grads_ at layerRanges_ (and tied tables)
 
-  ModelSpec spec_;
+  ModelSpec spec_;   // this model's layers with the full model's shapes (a stage's layers for a stage)
+  ModelSpec parts_;  // the layers as built: spec_ sharded over the tensor group (== spec_ without one)
+  uint64_t seed_ = 0;
+  int tiedReplica_ = -1;  // position of a tied lm_head whose table is a replica slot in this model (else -1)
   Device device_;
   int maxBatch_ = 0;
   bool hasRandomLayers_ = false;
   std::vector<std::unique_ptr<Layer>> layers_;
-  AlignedBuffer<float> params_, grads_;
+  AlignedBuffer<float> paramArena_, gradArena_;  // empty in a replica()
+  std::span<float> params_, grads_;              // the arenas (a replica's point at its original's)
   std::vector<ParamEntry> table_;
   std::vector<ParamRange> layerRanges_;
   std::vector<bool> needsInputGrad_;  // some earlier layer has parameters
@@ -167,6 +205,8 @@ class Model {
   std::vector<const float*> in_;      // per layer: its input in the last forward
   std::vector<float*> out_;           // per layer: its output in the last forward
   int lastBatch_ = 0;
+  bool inputGradWanted_ = false;
+  const float* inputGrad_ = nullptr;
 };
 
 }  // namespace dtrain::nn

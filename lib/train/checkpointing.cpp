@@ -1,6 +1,7 @@
 #include "lib/train/checkpointing.h"
 
 #include "lib/ckpt/checkpoint.h"
+#include "lib/ckpt/sharded.h"
 #include "lib/common/error.h"
 #include "lib/common/hash.h"
 #include "lib/common/log.h"
@@ -14,6 +15,48 @@ constexpr const char* kModelFile = "model.safetensors";
 constexpr const char* kOptimizerFile = "optimizer.safetensors";
 
 std::string rankFile(int rank) { return fmt::format("rank-{}.json", rank); }
+
+bool startsWith(const std::string& s, std::string_view head) { return s.rfind(head, 0) == 0; }
+bool endsWith(const std::string& s, std::string_view tail) {
+  return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
+}
+
+// The optimizer state of one parameter, as sharded files name it.
+std::string stateName(const std::string& buffer, const std::string& param) { return buffer + "/" + param; }
+
+ckpt::Slice sliceOf(const nn::ParamEntry& p) {
+  if (p.sliceDim < 0) return {};
+  return {.dim = p.sliceDim, .start = p.sliceStart, .length = p.shape[p.sliceDim]};
+}
+
+// Every tensor of checkpoint `cp` under its full name, whatever layout wrote it: the pieces of the sharded files
+// (model-*.safetensors, optimizer-*.safetensors) and of the unsharded ones, whose optimizer state is one flat
+// arena per buffer in the whole model's parameter order (`fullTable`).
+struct CheckpointTensors {
+  ckpt::TensorAssembler model, optimizer;
+};
+CheckpointTensors indexCheckpoint(const ckpt::Checkpoint& cp, const std::vector<nn::ParamEntry>& fullTable) {
+  CheckpointTensors t;
+  for (const auto& f : cp.files()) {
+    if (!endsWith(f.name, ".safetensors")) continue;
+    const auto path = cp.path() / f.name;
+    if (f.name == kModelFile || startsWith(f.name, "model-")) t.model.addFile(path);
+    if (startsWith(f.name, "optimizer-")) t.optimizer.addFile(path);
+    if (f.name == kOptimizerFile) {
+      std::vector<std::string> buffers;
+      const auto file = ckpt::SafetensorsFile::open(path);
+      for (const auto& info : file.tensors()) buffers.push_back(info.name);
+      for (const auto& buffer : buffers)
+        for (const auto& p : fullTable)
+          t.optimizer.addFlatPiece(path, buffer, stateName(buffer, p.name), static_cast<int64_t>(p.offset), p.shape);
+    }
+  }
+  return t;
+}
+
+void loadPiece(const ckpt::TensorAssembler& from, const std::string& name, const nn::ParamEntry& p, float* dst) {
+  from.load(name, p.fullShape.empty() ? p.shape : p.fullShape, sliceOf(p), std::span<float>(dst, p.count));
+}
 std::string hookFile(int rank) { return fmt::format("comm_hook-rank-{}.safetensors", rank); }
 
 }  // namespace
@@ -35,14 +78,18 @@ std::optional<ResumePoint> Checkpointer::resume(nn::Model& model, nn::Optimizer&
   auto cp = ckpt::Checkpoint::open(latest.checkpoint->path);
   cp.checkSpecHash(job_.modelHash);
   const CheckpointShard shard = strategy_.checkpointShard(model);
+  // Names are the whole model's in every layout, so any layout resumes any other (docs/checkpoints.md).
+  const CheckpointTensors tensors = indexCheckpoint(cp, nn::paramTableOf(job_.model));
   for (size_t i : shard.loadParams) {
     const auto& p = model.paramTable().at(i);
-    cp.loadTensor(kModelFile, p.name, model.paramTensor(p));
+    loadPiece(tensors.model, p.name, p, model.params().data() + p.offset);
   }
-  const auto n = static_cast<int64_t>(model.numParams());
   if (shard.loadOptimizer)
     for (auto& buf : optimizer.stateBuffers())
-      cp.loadTensor(kOptimizerFile, buf.name, TensorView::of(buf.data.data(), Shape{n}));
+      for (size_t i : shard.loadParams) {
+        const auto& p = model.paramTable().at(i);
+        loadPiece(tensors.optimizer, stateName(buf.name, p.name), p, buf.data.data() + p.offset);
+      }
   const auto& meta = cp.meta();
   optimizer.setSteps(meta.user.value("optimizer_steps", meta.step));
   ResumePoint r{meta.step, meta.epoch, meta.samplesConsumed, meta.worldSize, cp.path()};
@@ -71,11 +118,36 @@ std::filesystem::path Checkpointer::save(const nn::Model& model, nn::Optimizer& 
   std::string token = fnv1aHex(fmt::format("{}/{}", runTag_, step));
   ckpt::CheckpointWriter writer(job_.checkpoint.dir, step, token);
   const CheckpointShard shard = strategy_.checkpointShard(model);
-  if (shard.saveModel) {
+  if (!shard.shardTag.empty()) {
+    const ckpt::Metadata meta{{"format", "pt"}, {"dtrain.shard", shard.shardTag}};
+    std::vector<ckpt::PieceTensor> params;
+    for (size_t i : shard.saveParams) {
+      const auto& p = model.paramTable().at(i);
+      params.push_back({p.name, model.paramTensor(p), p.fullShape, sliceOf(p)});
+    }
+    if (shard.saveModel) {
+      const auto file = ckpt::piecesToWrite(params, meta);
+      writer.writeTensors(fmt::format("model-{}.safetensors", shard.shardTag), file.tensors, file.metadata);
+    }
+    if (shard.saveOptimizer) {
+      std::vector<ckpt::PieceTensor> state;
+      for (auto& buf : optimizer.stateBuffers())
+        for (const auto& p : params)
+          state.push_back({stateName(buf.name, p.name),
+                           TensorView::of(buf.data.data() + (static_cast<const float*>(p.piece.data) -
+                                                             model.params().data()),
+                                          p.piece.shape),
+                           p.fullShape, p.slice});
+      auto extra = meta;
+      extra["optimizer"] = nn::optimizerTypeName(optimizer.spec().type);
+      const auto file = ckpt::piecesToWrite(state, extra);
+      writer.writeTensors(fmt::format("optimizer-{}.safetensors", shard.shardTag), file.tensors, file.metadata);
+    }
+  } else if (shard.saveModel) {
     auto tensors = parameterTensors(model, shard.saveParams);
     writer.writeTensors(kModelFile, tensors, {{"format", "pt"}});
   }
-  if (shard.saveOptimizer) {
+  if (shard.shardTag.empty() && shard.saveOptimizer) {
     std::vector<ckpt::NamedTensor> state;
     const auto n = static_cast<int64_t>(model.numParams());
     for (auto& buf : optimizer.stateBuffers()) state.push_back({buf.name, TensorView::of(buf.data.data(), Shape{n})});
@@ -98,6 +170,8 @@ std::filesystem::path Checkpointer::save(const nn::Model& model, nn::Optimizer& 
     meta.worldSize = worldSize_;
     meta.specHash = job_.modelHash;
     meta.user = {{"optimizer_steps", optimizer.steps()}, {"job", job_.name}, {"lr", optimizer.lr()}};
+    const LayoutDims& l = strategy_.groups().layout;
+    meta.user["layout"] = {{"data", l.data}, {"pipeline", l.stages}, {"tensor", l.tensor}};
     ckpt::CommitOptions options;
     for (int r = 0; r < worldSize_; ++r) options.requiredFiles.push_back(rankFile(r));
     committed = writer.commit(meta, options);

@@ -121,7 +121,7 @@ ParallelSettings parseParallel(const json& doc, const std::string& source) {
   if (!doc.contains("parallel")) return p;
   JsonFields f(doc.at("parallel"), source, "/parallel", "the parallel section");
   f.allowOnly({"strategy", "backend", "bucket_mb", "first_bucket_mb", "overlap", "timeout", "lr_scaling",
-               "reference_world_size", "compression", "servers", "mode", "staleness"});
+               "reference_world_size", "compression", "servers", "mode", "staleness", "data", "pipeline", "tensor"});
   if (f.has("overlap")) p.overlap = f.boolean("overlap", true);
   p.strategy = f.choice("strategy", kStrategyNames, "strategy", "ddp");
   p.backend = f.choice("backend", {"auto", "tcp", "shm", "hier", "nccl"}, "backend", "auto");
@@ -134,7 +134,66 @@ ParallelSettings parseParallel(const json& doc, const std::string& source) {
       atMost(f, "reference_world_size", f.integer("reference_world_size", 1, "an integer >= 1", positive), 1 << 20));
   if (f.has("compression")) p.compression = parseCompression(f.at("compression"), source, f.pathOf("compression"));
   p.ps = parsePsSettings(f, p.strategy);
+  constexpr int64_t kMaxDegree = 1 << 16;
+  auto degree = [](int64_t v) { return v >= 1 && v <= kMaxDegree; };
+  if (f.has("data")) p.data = static_cast<int>(f.integer("data", 1, "an integer >= 1 (data-parallel replicas)", degree));
+  p.tensor = static_cast<int>(f.integer("tensor", 1, "an integer >= 1 (ranks per tensor-parallel group)", degree));
+  if (f.has("pipeline")) {
+    JsonFields pf(f.at("pipeline"), source, f.pathOf("pipeline"), "the pipeline section");
+    pf.allowOnly({"stages", "micro_batches", "schedule", "balance"});
+    p.pipeline.stages = static_cast<int>(pf.integer("stages", 1, "an integer >= 1 (pipeline stages)", degree));
+    p.pipeline.microBatches = static_cast<int>(
+        pf.integer("micro_batches", 4 * int64_t{p.pipeline.stages}, "an integer between 1 and 65536", degree));
+    p.pipeline.schedule = pf.choice("schedule", {"gpipe", "1f1b"}, "pipeline schedule", "1f1b") == "gpipe"
+                              ? PipelineSettings::Schedule::kGpipe
+                              : PipelineSettings::Schedule::k1F1B;
+    if (pf.has("balance")) {
+      const json& b = pf.at("balance");
+      if (!b.is_array()) pf.failAt("balance", fmt::format("expected a list of layer counts, got {}", jsonSnippet(b)));
+      for (const auto& v : b) {
+        if (!v.is_number_integer() || v.get<int64_t>() < 1 || v.get<int64_t>() > kMaxDegree)
+          pf.failAt("balance", fmt::format("expected a list of layer counts >= 1, got {}", jsonSnippet(b)));
+        p.pipeline.balance.push_back(static_cast<int>(v.get<int64_t>()));
+      }
+    }
+  }
   return p;
+}
+
+// The parallel section against the model: a stage needs at least one layer, a balance names every layer once.
+void checkParallelFitsModel(ParallelSettings& p, const nn::ModelSpec& model, int64_t batchSize,
+                            const std::string& source) {
+  const auto layers = static_cast<int64_t>(model.layers.size());
+  const PipelineSettings& pl = p.pipeline;
+  DTRAIN_CHECK_AS(ConfigError, pl.stages <= layers,
+                  "{}: /parallel/pipeline/stages: {} stages but the model has {} layers (a stage holds at least one "
+                  "top-level layer)",
+                  source, pl.stages, layers);
+  if (!pl.balance.empty()) {
+    int64_t sum = 0;
+    for (int n : pl.balance) sum += n;
+    DTRAIN_CHECK_AS(ConfigError, static_cast<int>(pl.balance.size()) == pl.stages && sum == layers,
+                    "{}: /parallel/pipeline/balance: {} gives {} stage(s) holding {} layers in all; expected {} "
+                    "stage(s) holding the model's {} layers",
+                    source, jsonSnippet(json(pl.balance)), pl.balance.size(), sum, pl.stages, layers);
+  }
+  if (pl.stages > 1 && pl.microBatches < pl.stages)
+    p.warnings.push_back(fmt::format(
+        "{}: /parallel/pipeline/micro_batches: {} micro-batches for {} stages: the pipeline stays mostly idle "
+        "(bubble (K-1)/(M+K-1) = {:.0f}%); use at least {} (4 x stages keeps it under 20%)",
+        source, pl.microBatches, pl.stages,
+        100.0 * (pl.stages - 1) / (pl.microBatches + pl.stages - 1), pl.stages));
+  if (pl.stages > 1 && pl.microBatches > batchSize)
+    p.warnings.push_back(fmt::format("{}: /parallel/pipeline/micro_batches: {} micro-batches but a batch of {} "
+                                     "samples: each step uses {} micro-batches of 1 sample",
+                                     source, pl.microBatches, batchSize, batchSize));
+  DTRAIN_CHECK_AS(ConfigError, !p.ps || (pl.stages == 1 && p.tensor == 1),
+                  "{}: /parallel: the parameter_server strategy holds whole models on its workers; it does not combine "
+                  "with pipeline stages ({}) or tensor parallelism ({})",
+                  source, pl.stages, p.tensor);
+  DTRAIN_CHECK_AS(ConfigError, p.tensor == 1,
+                  "{}: /parallel/tensor: {}: tensor parallelism is not available in this build yet (expected 1)",
+                  source, p.tensor);
 }
 
 CheckpointSettings parseCheckpoint(const json& doc, const std::string& source, const fs::path& outputDir) {
@@ -240,6 +299,7 @@ Job loadJob(const JobArgs& args) {
   job.loop = parseLoop(job.doc, src);
   job.parallel = parseParallel(job.doc, src);
   if (job.parallel.ps) checkPsFitsJob(job);
+  checkParallelFitsModel(job.parallel, job.model, job.data.batchSize, src);
   if (job.parallel.compression) {
     checkCompressionFitsModel(*job.parallel.compression, job.model, src, "/parallel/compression");
     checkCompressionFitsOptimizer(*job.parallel.compression, job.optimizer, src, "/parallel/compression");

@@ -80,6 +80,16 @@ struct CompressionSettings {
   double momentum = 0;
 };
 
+// parallel.pipeline (lib/train/pipeline.h, docs/parallelism.md): the model cut into `stages` contiguous ranges of
+// its top-level layers, each batch cut into `microBatches` micro-batches that flow through the stages.
+struct PipelineSettings {
+  int stages = 1;
+  int microBatches = 1;  // default 4 x stages (GPipe's advice: M >= 4K keeps the bubble under 20%)
+  enum class Schedule : uint8_t { kGpipe, k1F1B };
+  Schedule schedule = Schedule::k1F1B;
+  std::vector<int> balance;  // layers per stage; empty: balanced by parameters and compute (layout.h)
+};
+
 struct ParallelSettings {
   std::string strategy = "ddp";  // one of kStrategyNames
   std::string backend = "auto";  // tcp | shm | hier | nccl | auto
@@ -96,6 +106,14 @@ struct ParallelSettings {
   int referenceWorldSize = 1;
   std::optional<CompressionSettings> compression;  // unset: the float32 averaging all-reduce
   std::optional<PsSettings> ps;                    // set when strategy is "parameter_server"
+  // The rank grid data x pipeline x tensor (lib/train/layout.h). data 0: world / (stages x tensor), resolved
+  // when the world size is known (resolveLayout); a world that does not divide is a ConfigError then.
+  int data = 0;
+  PipelineSettings pipeline;
+  int tensor = 1;
+  // Warnings about the parallel section that are not errors (micro_batches < stages: a large bubble), for the
+  // launcher and `dtrain check` to print before workers start.
+  std::vector<std::string> warnings;
 };
 
 struct CheckpointSettings {

@@ -15,9 +15,10 @@
 // bucketed gradient averaging through a communication hook). makeStrategy() picks one from the job's
 // `parallel.strategy` ("ddp"; job.cpp rejects names that have no strategy yet) and the world size.
 //
-// ProcessGroups: the communicators a strategy may talk in. The trainer creates them (one Backend per group,
-// Backend::newGroup for sub-groups); today the data group is the world. Pipeline and tensor groups stay empty
-// until those strategies exist.
+// ProcessGroups: the communicators a strategy may talk in. The trainer creates them with makeProcessGroups (one
+// Backend per group, Backend::newGroup for sub-groups) from the rank grid of lib/train/layout.h: without model
+// parallelism the data group is the world; with it every rank gets its data, pipeline and tensor groups and the
+// point-to-point communicators to its pipeline neighbours.
 // Threading: one thread (the trainer's) drives a strategy; every collective method blocks until done and must be
 // called by every rank of the group in the same order (the Backend contract). Errors: CommError from the groups.
 #pragma once
@@ -34,6 +35,7 @@
 #include "lib/train/callbacks.h"
 #include "lib/train/comm_hook.h"
 #include "lib/train/job.h"
+#include "lib/train/layout.h"
 #include "rendezvous/store.h"
 
 namespace dtrain::train {
@@ -41,13 +43,30 @@ namespace dtrain::train {
 struct ProcessGroups {
   int rank = 0;       // in the world
   int worldSize = 1;
-  int dataRank = 0;   // among the ranks that split the data (the sampler's rank)
-  int dataSize = 1;
+  int dataRank = 0;   // among the ranks that split the data (the sampler's rank): coords.data
+  int dataSize = 1;   // layout.data
+  LayoutDims layout;  // the grid (data = world without model parallelism)
+  RankCoords coords;  // this rank's place in it
   comm::BackendPtr world;     // every rank; null when worldSize == 1 (nobody to talk to)
-  comm::BackendPtr data;      // data-parallel replicas (== world today)
-  comm::BackendPtr pipeline;  // stages of one replica (none yet)
-  comm::BackendPtr tensor;    // shards of one layer (none yet)
+  comm::BackendPtr data;      // the replicas of this rank's (stage, tensor) shard, group rank = coords.data
+                              // (== world without model parallelism; null when layout.data == 1)
+  comm::BackendPtr pipeline;  // the stages of this replica, group rank = coords.stage (null when 1 stage)
+  comm::BackendPtr tensor;    // the tensor shards of this stage, group rank = coords.tensor (null when tensor 1)
+  // Pipeline neighbours: 2-rank communicators (group rank 0 = the lower stage), one per direction, so that a
+  // send never waits on the same communication thread behind a receive (Backend runs a communicator's async
+  // operations strictly in order). Null at the ends of the pipeline.
+  comm::BackendPtr actPrev;   // activations from stage - 1 (this rank receives; the peer is group rank 0)
+  comm::BackendPtr actNext;   // activations to stage + 1 (this rank sends; the peer is group rank 1)
+  comm::BackendPtr gradNext;  // gradients from stage + 1 (receives; peer 1)
+  comm::BackendPtr gradPrev;  // gradients to stage - 1 (sends; peer 0)
+  comm::BackendPtr ends;      // first and last stage of this replica (group rank 0 / 1): a tied embedding and
+                              // lm_head sum their gradients here; null unless stages > 1 and this rank is one end
 };
+
+// The groups of `rank` in `layout` over `world` (null when the world is one rank). Collective over the world:
+// every rank calls it once, in the same order relative to its other newGroup calls (it makes every group of the
+// grid, in one fixed order). Blocks until each group this rank belongs to has connected (the backend's timeout).
+ProcessGroups makeProcessGroups(const LayoutDims& layout, int rank, comm::BackendPtr world);
 
 // What a rank reads from and writes to a checkpoint, as indices into Model::paramTable() (full-model names).
 // Optimizer state is per element of the parameter arena, stored under the optimizer's buffer names.
@@ -57,6 +76,10 @@ struct CheckpointShard {
   bool saveModel = false;          // writes model.safetensors, holding saveParams
   std::vector<size_t> saveParams;
   bool saveOptimizer = false;      // writes optimizer.safetensors (the whole state arena)
+  // Empty: the unsharded files above (one process, DDP). Else this rank writes its pieces as
+  // model-<shardTag>.safetensors and optimizer-<shardTag>.safetensors (saveParams and their optimizer state,
+  // per parameter, slices described: lib/ckpt/sharded.h); shardTag is "p<stage>-t<tensor>", unique per writer.
+  std::string shardTag;
 };
 
 class Strategy {
@@ -87,6 +110,13 @@ class Strategy {
   virtual void barrier() = 0;
   // This rank's part of a checkpoint; the union over the ranks writes every buffer exactly once.
   virtual CheckpointShard checkpointShard(const nn::Model& model) const = 0;
+  // Whether `values` (this rank's gradients or weights after finishStep/the update) are finite on every rank that
+  // holds a part of the model: every rank gets the same answer, so all stop (or skip) at the same step. Replicas
+  // are identical, so the default checks locally; model parallelism agrees over the world (a collective).
+  virtual bool agreeFinite(std::span<const float> values) { return nn::allFinite(values); }
+  // The global L2 norm of the model's gradients (the whole model's, each parameter once), for clipping and
+  // logging; the default is the local arena's. Collective under model parallelism.
+  virtual double gradNorm(const nn::Model& model) { return nn::gradNorm(model.grads()); }
 
   // --- for strategies whose parameters are updated elsewhere (the parameter server, lib/train/ps_strategy.h);
   // the defaults do nothing, so DDP and local training are unchanged. ---
@@ -135,7 +165,8 @@ struct StrategyOptions {
   rendezvous::StorePtr roundStore;
 };
 
-// LocalStrategy when the world has one rank, else the job's parallel.strategy over `groups`.
+// LocalStrategy when the world has one rank; PipelineStrategy (lib/train/pipeline.h) when the layout has pipeline
+// stages; else the job's parallel.strategy over `groups`. `job` must outlive the strategy.
 std::unique_ptr<Strategy> makeStrategy(const Job& job, ProcessGroups groups, const StrategyOptions& options = {});
 
 // Every parameter of the model (indices into paramTable()), in table order.

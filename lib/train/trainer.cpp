@@ -25,6 +25,7 @@
 #include "lib/train/fault.h"
 #include "lib/train/generate.h"
 #include "lib/train/metrics_reporter.h"
+#include "lib/train/pipeline.h"
 #include "lib/train/tensorboard.h"
 #include "lib/train/progress.h"
 #include "lib/train/ps_strategy.h"
@@ -130,6 +131,8 @@ class TrainLoop {
   CommHookPtr commHook_;                // DDP's (null alone); its traffic goes to metrics.jsonl
   HookTraffic loggedTraffic_;           // commHook_'s counts at the last progress interval
   std::unique_ptr<Strategy> strategy_;
+  PipelineStrategy* pipeline_ = nullptr;  // strategy_ when it is one: it runs forward/backward for the loop
+  bool countsMetrics_ = true;             // this rank's losses and samples count (a pipeline's last stage)
   std::unique_ptr<Checkpointer> checkpointer_;  // uses strategy_
   std::unique_ptr<data::DistributedSampler> sampler_;
   nn::Schedule schedule_;
@@ -151,10 +154,8 @@ class TrainLoop {
 
 // The process groups of this world: none alone (LocalStrategy needs no communicator).
 ProcessGroups TrainLoop::connect() {
-  ProcessGroups groups{.rank = worker_.rank,
-                       .worldSize = worker_.worldSize,
-                       .dataRank = worker_.rank,
-                       .dataSize = worker_.worldSize};
+  const LayoutDims layout = resolveLayout(job_.parallel, worker_.worldSize, job_.sourceFile);
+  ProcessGroups groups = makeProcessGroups(layout, worker_.rank, nullptr);
   if (worker_.worldSize == 1 && psServers_ == 0) return groups;
   auto store = rendezvous::connectStore(worker_.store, job_.parallel.timeout);
   roundStore_ = std::make_shared<rendezvous::PrefixStore>(
@@ -166,21 +167,23 @@ ProcessGroups TrainLoop::connect() {
   comm::BackendOptions opts = comm::optionsFromContract(worker_);
   opts.store = prefixed;
   opts.timeout = job_.parallel.timeout;
-  groups.world = comm::createBackend(job_.parallel.backend, opts);
-  groups.data = groups.world;  // one replica per rank: the data group is the world
-  if (timeline::enabled()) timeline::setClockOffset(measureClockOffset(*groups.world, worker_.nodeRank));
-  return groups;
+  auto world = comm::createBackend(job_.parallel.backend, opts);
+  if (timeline::enabled()) timeline::setClockOffset(measureClockOffset(*world, worker_.nodeRank));
+  // One replica per rank without model parallelism (the data group is the world); else the grid's groups.
+  return makeProcessGroups(layout, worker_.rank, std::move(world));
 }
 
 void TrainLoop::logInterval(StepStats& stats, bool force) {
   if (intervalBatches_ == 0 && !force) return;
-  double sums[3] = {intervalLoss_, static_cast<double>(intervalBatches_), static_cast<double>(intervalSamples_)};
+  // Under pipeline parallelism only the last stage sees the loss: the other stages add nothing.
+  double sums[3] = {countsMetrics_ ? intervalLoss_ : 0.0, countsMetrics_ ? static_cast<double>(intervalBatches_) : 0.0,
+                    countsMetrics_ ? static_cast<double>(intervalSamples_) : 0.0};
   strategy_->reduceMetrics(sums, comm::ReduceOp::kSum);
   double secs = std::max(1e-9, secondsSince(intervalStart_));
   stats.loss = sums[1] > 0 ? sums[0] / sums[1] : 0;
   stats.samplesPerSec = sums[2] / secs;
   stats.elapsedSec = secondsSince(start_);
-  if (job_.logging.tensorboard) stats.gradNorm = nn::gradNorm(model_->grads());
+  if (job_.logging.tensorboard) stats.gradNorm = static_cast<float>(strategy_->gradNorm(*model_));
   strategy_->fillStats(stats);
   if (auto t = commHook_ ? commHook_->traffic() : std::nullopt; t && t->steps > loggedTraffic_.steps) {
     const double sent = static_cast<double>(t->bytesSent - loggedTraffic_.bytesSent);
@@ -205,6 +208,10 @@ void TrainLoop::evaluate(const StepStats& stats) {
   data::BatchLoader loader(*eval_, sampler, {.batchSize = job_.data.batchSize, .prefetch = prefetch_});
   nn::EvalSums sums;
   for (const data::Batch& b : loader) {
+    if (pipeline_ != nullptr) {
+      sums += pipeline_->evalBatch(b.features, targetsOf(b, *eval_), static_cast<int>(b.size));
+      continue;
+    }
     TensorView out = model_->forward(b.features, static_cast<int>(b.size), false);
     sums += loss_->evaluate(out, targetsOf(b, *eval_));
   }
@@ -243,10 +250,19 @@ void TrainLoop::setUp() {
   const int64_t batch = job_.data.batchSize;
   // The job's "device" is validated to be "cpu" (lib/train/job.cpp): the layers have CPU implementations only.
   const Device device = Device::cpu();
-  model_.emplace(nn::Model::build(job_.model, static_cast<int>(batch), job_.loop.seed, device));
+  pipeline_ = dynamic_cast<PipelineStrategy*>(strategy_.get());
+  if (pipeline_ != nullptr) {
+    model_.emplace(pipeline_->buildModel(job_.loop.seed));  // this rank's stage, for micro-batches
+    countsMetrics_ = pipeline_->lastStage();
+  } else {
+    model_.emplace(nn::Model::build(job_.model, static_cast<int>(batch), job_.loop.seed, device));
+  }
   loss_ = nn::Loss::create(job_.loss, job_.model.output(), static_cast<int>(batch), device);
   checkDataFitsModel(job_, *train_, *loss_, "/data/train");
-  if (!job_.initFrom.empty()) loadWeights(job_.initFrom, *model_);
+  if (!job_.initFrom.empty()) {
+    if (pipeline_ != nullptr) loadWeightsByName(job_.initFrom, *model_);  // a stage: its own tensors of the file
+    else loadWeights(job_.initFrom, *model_);
+  }
   // DGC's momentum correction: the compression hook applies the momentum, the optimizer only the step.
   nn::OptimizerSpec optimizerSpec = job_.optimizer;
   if (commHook_ && job_.parallel.compression && job_.parallel.compression->momentumCorrection)
@@ -408,9 +424,17 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
     }
     lap(event.times.data, "data");
     bool lastMicro = micro + 1 == accum || batchIndex == numBatches;
-    if (hasDropout_) model_->reseedDropout(dropoutSeed(job_.loop.seed, worker_.rank, step_, micro));
-    TensorView out = model_->forward(b.features, static_cast<int>(b.size), true);
-    const float loss = loss_->forward(out, targetsOf(b, *train_));
+    const nn::GradMode mode = micro == 0 ? nn::GradMode::kOverwrite : nn::GradMode::kAccumulate;
+    float loss = 0;
+    if (pipeline_ != nullptr) {
+      // The schedule interleaves forwards and backwards: its whole time is booked as forward.
+      loss = pipeline_->trainBatch(b.features, targetsOf(b, *train_), static_cast<int>(b.size), gradScale, mode,
+                                   dropoutSeed(job_.loop.seed, worker_.rank, step_, micro));
+    } else {
+      if (hasDropout_) model_->reseedDropout(dropoutSeed(job_.loop.seed, worker_.rank, step_, micro));
+      TensorView out = model_->forward(b.features, static_cast<int>(b.size), true);
+      loss = loss_->forward(out, targetsOf(b, *train_));
+    }
     lap(event.times.forward, "forward");
     stepLoss += loss;
     event.samples += b.size;
@@ -419,14 +443,15 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
     stepLossFinite_ = (micro == 0 || stepLossFinite_) && lossFinite;
     ++intervalBatches_;
     intervalSamples_ += b.size;
-    result_.samples += b.size * worker_.worldSize;  // every micro-batch of the step (grad_accum > 1 has several)
+    result_.samples += b.size * strategy_->groups().dataSize;  // every micro-batch of the step (grad_accum > 1 has several)
     callbacks_.batch(b);
     const nn::LayerGradReady hook = lastMicro ? strategy_->gradReadyHook() : nn::LayerGradReady{};
-    const nn::GradMode mode = micro == 0 ? nn::GradMode::kOverwrite : nn::GradMode::kAccumulate;
     // A non-finite loss on this rank puts a NaN into every layer's gradient slice before that slice is handed to
     // the all-reduce, so the reduced gradients are non-finite on every rank: all ranks see the same thing below
     // and stop (or skip) at the same step without another collective per step.
-    if (!lossFinite && hook) {
+    if (pipeline_ != nullptr) {
+      if (!lossFinite && !grads.empty()) grads[0] = std::numeric_limits<float>::quiet_NaN();
+    } else if (!lossFinite && hook) {
       auto poisoned = [&](int k) {
         grads[model_->layerParamRange(k).offset] = std::numeric_limits<float>::quiet_NaN();
         hook(k);
@@ -447,18 +472,28 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
     micro = 0;
     strategy_->finishStep();
     lap(event.times.commWait, "comm_wait");
-    const bool gradsFinite = nn::allFinite(grads);
+    const bool gradsFinite = strategy_->agreeFinite(grads);
     if (gradsFinite || job_.loop.onNonFinite == LoopSettings::OnNonFinite::kStop) {
       skippedInARow_ = 0;
       if (!gradsFinite)
         diverged(epoch, stepLossFinite_ ? std::string("gradient") : fmt::format("loss on rank {}", worker_.rank));
       optimizer_->setLr(schedule_.lr(step_));
       if (!strategy_->updatesParameters()) {  // the parameter server updated params() already
-        if (job_.optimizer.clipGradNorm > 0) nn::clipGradNorm(grads, job_.optimizer.clipGradNorm);
+        if (job_.optimizer.clipGradNorm > 0) {
+          if (pipeline_ == nullptr) {
+            nn::clipGradNorm(grads, job_.optimizer.clipGradNorm);
+          } else {
+            // PyTorch's clip_grad_norm_ over the whole model's gradients, which the stages hold in parts.
+            const double norm = strategy_->gradNorm(*model_);
+            const auto coef = static_cast<float>(job_.optimizer.clipGradNorm / (norm + 1e-6));
+            if (coef < 1.0f)
+              for (float& g : grads) g *= coef;
+          }
+        }
         optimizer_->step(params, grads);
       }
       // The weights are identical on every rank, so every rank stops here together.
-      if (!nn::allFinite(params)) diverged(epoch, "weights after the update");
+      if (!strategy_->agreeFinite(params)) diverged(epoch, "weights after the update");
     } else {
       ++skippedSteps_;
       if (++skippedInARow_ >= job_.loop.maxSkippedSteps)
@@ -522,7 +557,10 @@ void TrainLoop::finish() {
   const bool leader = worker_.rank == 0;
   result_.steps = step_;
   if (!result_.stoppedBySignal) strategy_->syncForSave();
-  if (leader && !result_.stoppedBySignal) {
+  if (pipeline_ != nullptr && !result_.stoppedBySignal) {
+    if (leader) std::filesystem::create_directories(job_.outputDir);
+    pipeline_->exportModel(*model_, job_.outputDir / "model.safetensors");  // collective: the stages' parts
+  } else if (leader && !result_.stoppedBySignal) {
     std::filesystem::create_directories(job_.outputDir);
     saveWeights(job_.outputDir / "model.safetensors", *model_);
   }

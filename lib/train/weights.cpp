@@ -1,5 +1,6 @@
 #include "lib/train/weights.h"
 
+#include "lib/ckpt/sharded.h"
 #include "lib/common/error.h"
 
 #include <algorithm>
@@ -106,6 +107,17 @@ void loadWeights(const std::filesystem::path& path, nn::Model& model) {
   DTRAIN_CHECK_AS(CheckpointError, file.tensors().size() == model.paramTable().size(),
                   "{}: holds {} tensors but the model has {} parameters (names such as {})", path.string(),
                   file.tensors().size(), model.paramTable().size(), model.paramTable().front().name);
+}
+
+void loadWeightsByName(const std::filesystem::path& path, nn::Model& model) {
+  ckpt::TensorAssembler file;
+  file.addFile(path);
+  for (const auto& p : model.paramTable()) {
+    const ckpt::Slice slice =
+        p.sliceDim < 0 ? ckpt::Slice{} : ckpt::Slice{.dim = p.sliceDim, .start = p.sliceStart, .length = p.shape[p.sliceDim]};
+    file.load(p.name, p.fullShape.empty() ? p.shape : p.fullShape, slice,
+              std::span<float>(model.params().data() + p.offset, p.count));
+  }
 }
 
 }  // namespace dtrain::train

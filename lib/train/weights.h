@@ -22,5 +22,9 @@ void saveWeights(const std::filesystem::path& path, const nn::Model& model);
 // reads a Hugging Face GPT-2 model.safetensors ("h.0.attn.c_attn.weight", Conv1D weights [in, out], transposed
 // here; the attention mask buffers and lm_head.weight are skipped; a longer wpe is cropped to block_size).
 void loadWeights(const std::filesystem::path& path, nn::Model& model);
+// For a part of a model (a pipeline stage, a tensor-parallel slice): loads each parameter it holds, by full name
+// and slice (ParamEntry), from a file of the whole model; the file's other tensors are not this part's and are
+// ignored. CheckpointError on a missing tensor or a shape mismatch.
+void loadWeightsByName(const std::filesystem::path& path, nn::Model& model);
 
 }  // namespace dtrain::train

@@ -1,0 +1,123 @@
+// The rank grid (lib/train/layout.h), stage partitioning, the parallel section of a job file and its errors.
+#include <doctest/doctest.h>
+
+#include <string>
+
+#include "lib/common/error.h"
+#include "lib/nn/spec.h"
+#include "lib/train/job.h"
+#include "lib/train/layout.h"
+#include "tests/support/process.h"
+
+using namespace dtrain;
+using namespace dtrain::train;
+using nlohmann::json;
+
+namespace {
+
+json mlpJob() {
+  return json::parse(R"({
+    "model": {"input": [4], "layers": [{"type": "linear", "out": 8}, {"type": "relu"}, {"type": "linear", "out": 8},
+                                       {"type": "relu"}, {"type": "linear", "out": 3}]},
+    "loss": {"type": "cross_entropy"},
+    "data": {"train": {"format": "synthetic", "task": "classification", "samples": 64, "features": 4,
+                       "num_classes": 3}, "batch_size": 8},
+    "optimizer": {"type": "sgd", "lr": 0.1}
+  })");
+}
+
+Job load(const json& doc) {
+  auto dir = testing::tempDir("layout");
+  testing::writeFile(dir + "/job.json", doc.dump());
+  return loadJob({dir + "/job.json"});
+}
+
+std::string configErrorOf(const json& doc) {
+  try {
+    load(doc);
+  } catch (const ConfigError& e) {
+    return e.what();
+  }
+  return "";
+}
+
+}  // namespace
+
+TEST_CASE("layout: tensor fastest, then stage, then data; groups in coordinate order") {
+  const LayoutDims d{.data = 2, .stages = 2, .tensor = 2};
+  CHECK(d.world() == 8);
+  const RankCoords c = coordsOf(d, 6);  // (1 * 2 + 1) * 2 + 0
+  CHECK(c.data == 1);
+  CHECK(c.stage == 1);
+  CHECK(c.tensor == 0);
+  for (int r = 0; r < 8; ++r) CHECK(rankOf(d, coordsOf(d, r)) == r);
+  CHECK(tensorGroupRanks(d, 6) == std::vector<int>{6, 7});
+  CHECK(pipelineGroupRanks(d, 6) == std::vector<int>{4, 6});
+  CHECK(dataGroupRanks(d, 6) == std::vector<int>{2, 6});
+}
+
+TEST_CASE("layout: data defaults to world / (stages x tensor); a world that does not divide is an error") {
+  ParallelSettings p;
+  p.pipeline.stages = 2;
+  CHECK(resolveLayout(p, 4, "job.json").data == 2);
+  CHECK_THROWS_WITH_AS(resolveLayout(p, 3, "job.json"),
+                       doctest::Contains("a world of 3 rank(s) is not divisible by pipeline stages 2 x tensor 1 = 2"),
+                       ConfigError);
+  p.data = 3;
+  CHECK_THROWS_WITH_AS(resolveLayout(p, 4, "job.json"),
+                       doctest::Contains("data 3 x pipeline stages 2 x tensor 1 = 6 ranks, but the world has 4"),
+                       ConfigError);
+}
+
+TEST_CASE("stages: balanced by parameters, parameterless layers stay with the layer before; balance as given") {
+  const Job job = load(mlpJob());
+  // costs: 40+1, 1, 72+1, 1, 27+1
+  auto two = partitionStages(job.model, 2, {});
+  REQUIRE(two.size() == 2);
+  CHECK(two[0].first == 0);
+  CHECK(two[0].last == 2);
+  CHECK(two[1].last == 5);
+  CHECK(two[0].params + two[1].params == job.model.paramCount());
+  auto given = partitionStages(job.model, 2, {1, 4});
+  CHECK(given[0].numLayers() == 1);
+  CHECK(given[1].numLayers() == 4);
+  auto five = partitionStages(job.model, 5, {});
+  for (const auto& s : five) CHECK(s.numLayers() == 1);
+}
+
+TEST_CASE("parallel section: parsed with defaults, bad values rejected naming the field") {
+  json doc = mlpJob();
+  doc["parallel"] = {{"pipeline", {{"stages", 2}, {"schedule", "gpipe"}}}};
+  const Job job = load(doc);
+  CHECK(job.parallel.pipeline.stages == 2);
+  CHECK(job.parallel.pipeline.microBatches == 8);
+  CHECK(job.parallel.pipeline.schedule == PipelineSettings::Schedule::kGpipe);
+  CHECK(job.parallel.data == 0);
+  CHECK(job.parallel.warnings.empty());
+
+  doc["parallel"] = {{"pipeline", {{"stages", 6}}}};
+  CHECK(configErrorOf(doc).ends_with("job.json: /parallel/pipeline/stages: 6 stages but the model has 5 layers (a stage "
+                                     "holds at least one top-level layer)"));
+  doc["parallel"] = {{"pipeline", {{"stages", 2}, {"balance", {2, 2}}}}};
+  CHECK(configErrorOf(doc).find("/parallel/pipeline/balance: [2,2] gives 2 stage(s) holding 4 layers in all; expected "
+                                "2 stage(s) holding the model's 5 layers") != std::string::npos);
+  doc["parallel"] = {{"pipeline", {{"stages", 2}, {"schedule", "zigzag"}}}};
+  CHECK(configErrorOf(doc).find("/parallel/pipeline/schedule") != std::string::npos);
+  doc["parallel"] = {{"data", 0}};
+  CHECK(configErrorOf(doc).find("/parallel/data") != std::string::npos);
+
+  doc["parallel"] = {{"pipeline", {{"stages", 3}, {"micro_batches", 2}}}};
+  const Job warned = load(doc);
+  REQUIRE(warned.parallel.warnings.size() == 1);
+  CHECK(warned.parallel.warnings[0].find("2 micro-batches for 3 stages") != std::string::npos);
+}
+
+TEST_CASE("describeLayout: each rank's coordinates, layers and parameter count") {
+  json doc = mlpJob();
+  doc["parallel"] = {{"pipeline", {{"stages", 2}, {"micro_batches", 4}}}};
+  const Job job = load(doc);
+  const std::string text = describeLayout(job, 4);
+  CHECK(text.find("layout: 4 rank(s) = data 2 x pipeline 2 x tensor 1") != std::string::npos);
+  CHECK(text.find("    3     1      1       0           99  2..4 (3 layers: 2 linear .. 4 linear)") != std::string::npos);
+  CHECK_THROWS_AS(describeLayout(job, 3), ConfigError);
+}

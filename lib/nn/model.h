@@ -172,6 +172,11 @@ class Model {
   std::vector<SummaryRow> summary() const { return summarize(spec_); }
   std::string summaryTable() const { return formatSummary(spec_); }
 
+  // Bytes of this instance's activations and inter-layer gradients (not the arenas): what each micro-batch in
+  // flight costs a pipeline stage (layers' own state, e.g. attention probabilities, comes on top).
+  size_t activationBytes() const noexcept {
+    return (activations_.size() + gradA_.size() + gradB_.size()) * sizeof(float);
+  }
   // Reseeds the dropout layers (e.g. with seed + rank, so ranks draw different masks). Layers whose spec
   // fixes a "seed" keep it.
   void reseedDropout(uint64_t seed);

@@ -4,12 +4,16 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <fstream>
 
 #include "lib/ckpt/sharded.h"
 #include "lib/common/aligned_buffer.h"
 #include "lib/common/error.h"
 #include "lib/train/weights.h"
+
+#include <nlohmann/json.hpp>
 
 namespace dtrain::train {
 
@@ -74,6 +78,10 @@ PipelineStrategy::PipelineStrategy(ProcessGroups groups, const Job& job, const S
                                                     .bucketMb = job.parallel.bucketMb,
                                                     .overlap = false,
                                                     .hook = options.commHook});
+  }
+  if (const char* dir = std::getenv("DTRAIN_PIPELINE_TRACE"); dir != nullptr && *dir != '\0') {
+    std::filesystem::create_directories(dir);
+    tracePath_ = fmt::format("{}/pipeline-r{}.jsonl", dir, groups_.rank);
   }
 }
 
@@ -143,7 +151,28 @@ void PipelineStrategy::postReceives(int j) {
         TensorView::flat(s.gradOut.data(), static_cast<size_t>(n * model_->outputShape().numel())), 1);
 }
 
+namespace {
+double since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+}  // namespace
+
+// The trace times compute only: from after the waits for the inputs (markCompute) to the end.
 void PipelineStrategy::forward(int j) {
+  forwardCompute(j);
+  if (!tracePath_.empty()) events_.emplace_back('F', j, computeStart_, since(batchStart_));
+}
+
+void PipelineStrategy::backward(int j) {
+  backwardCompute(j);
+  if (!tracePath_.empty()) events_.emplace_back('B', j, computeStart_, since(batchStart_));
+}
+
+void PipelineStrategy::markCompute() {
+  if (!tracePath_.empty()) computeStart_ = since(batchStart_);
+}
+
+void PipelineStrategy::forwardCompute(int j) {
   Slot& s = *slots_[static_cast<size_t>(j) % slots_.size()];
   const Micro& m = micro_[static_cast<size_t>(j)];
   finish(s.actSend);  // the slot's previous output is about to be overwritten
@@ -154,6 +183,7 @@ void PipelineStrategy::forward(int j) {
     finish(s.actRecv);
     x = s.input.data();
   }
+  markCompute();
   if (s.model->hasRandomLayers()) s.model->reseedDropout(dropoutSeed_ + 0x9E3779B97F4A7C15ull * static_cast<uint64_t>(j + 1));
   TensorView out = s.model->forward(x, m.size, true);
   if (!lastStage()) {
@@ -168,11 +198,12 @@ void PipelineStrategy::forward(int j) {
   std::memcpy(s.gradOut.data(), g.data, g.bytes());
 }
 
-void PipelineStrategy::backward(int j) {
+void PipelineStrategy::backwardCompute(int j) {
   Slot& s = *slots_[static_cast<size_t>(j) % slots_.size()];
   const Micro& m = micro_[static_cast<size_t>(j)];
   if (!lastStage()) finish(s.gradRecv);
   finish(s.gradSend);  // the slot's previous input gradient is about to be overwritten
+  markCompute();
   const nn::GradMode mode = firstBackward_ ? mode_ : nn::GradMode::kAccumulate;
   firstBackward_ = false;
   s.model->backward(TensorView::of(s.gradOut.data(), model_->outputShape().withBatch(m.size)), {}, mode);
@@ -208,6 +239,8 @@ float PipelineStrategy::trainBatch(const float* features, const TensorView& targ
   firstBackward_ = true;
   dropoutSeed_ = dropoutSeed;
   lossSum_ = 0;
+  events_.clear();
+  batchStart_ = std::chrono::steady_clock::now();
   const int inFlight = static_cast<int>(slots_.size());
   for (int j = 0; j < std::min(inFlight, m); ++j) postReceives(j);
   if (schedule_ == PipelineSettings::Schedule::kGpipe) {
@@ -224,7 +257,25 @@ float PipelineStrategy::trainBatch(const float* features, const TensorView& targ
     for (int i = m - warmup; i < m; ++i) backward(i);
   }
   waitSends();
+  if (!tracePath_.empty()) writeTrace(m);
   return lastStage() ? static_cast<float>(lossSum_) : 0.0f;
+}
+
+void PipelineStrategy::writeTrace(int m) {
+  // Busy time is the compute of the forwards and backwards, waits for their inputs excluded.
+  double busy = 0;
+  nlohmann::json events = nlohmann::json::array();
+  for (const auto& [kind, j, t0, t1] : events_) {
+    busy += t1 - t0;
+    events.push_back({std::string(1, kind), j, t0, t1});
+  }
+  size_t activationBytes = 0;
+  for (const auto& s : slots_) activationBytes += s->model->activationBytes();
+  nlohmann::json line{{"rank", groups_.rank}, {"stage", groups_.coords.stage}, {"stages", groups_.layout.stages},
+                      {"micro", m}, {"wall", since(batchStart_)}, {"busy", busy},
+                      {"slots", slots_.size()}, {"activation_bytes", activationBytes}, {"events", events}};
+  std::ofstream out(tracePath_, std::ios::app);
+  out << line.dump() << "\n";
 }
 
 nn::EvalSums PipelineStrategy::evalBatch(const float* features, const TensorView& targets, int batch) {

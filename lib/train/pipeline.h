@@ -36,10 +36,18 @@
 // model-p<s>-t<t>.safetensors / optimizer-p<s>-t<t>.safetensors (lib/ckpt/sharded.h). exportModel() writes the
 // final, whole model.safetensors.
 //
+// Timeline (scripts/bench/pipeline): with DTRAIN_PIPELINE_TRACE=DIR every rank appends one JSON line per
+// trainBatch() to DIR/pipeline-r<rank>.jsonl: {"rank", "stage", "stages", "micro", "wall" (s), "busy" (s, forward and
+// backward compute), "slots" (micro-batches in flight), "activation_bytes" (the slots' activations and layer
+// state), "events": [["F"|"B", j, t0, t1], ...] (seconds from the batch's start)}.
+//
 // Threading: the trainer's thread drives everything; the communicators' threads move bytes. Not thread-safe.
 #pragma once
 
+#include <chrono>
 #include <memory>
+#include <string>
+#include <tuple>
 #include <vector>
 
 #include "lib/nn/loss.h"
@@ -91,8 +99,12 @@ class PipelineStrategy final : public Strategy {
 
  private:
   struct Slot;
-  void forward(int j);
+  void forward(int j);   // forwardCompute(j), timed for the trace
   void backward(int j);
+  void forwardCompute(int j);
+  void backwardCompute(int j);
+  void writeTrace(int m);
+  void markCompute();
   void postReceives(int j);
   void waitSends();
 
@@ -121,6 +133,11 @@ class PipelineStrategy final : public Strategy {
   bool firstBackward_ = true;
   uint64_t dropoutSeed_ = 0;
   double lossSum_ = 0;
+  // DTRAIN_PIPELINE_TRACE: the timeline of the current batch (empty path: off).
+  std::string tracePath_;
+  std::vector<std::tuple<char, int, double, double>> events_;
+  std::chrono::steady_clock::time_point batchStart_;
+  double computeStart_ = 0;
 };
 
 }  // namespace dtrain::train

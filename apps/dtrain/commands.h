@@ -30,6 +30,9 @@ void addDebugCommand(CLI::App& root, Action& action);  // cmd_debug.cpp: `dtrain
 void addGenerateCommand(CLI::App& root, Action& action);  // cmd_generate.cpp
 void addPlotCommand(CLI::App& root, Action& action);  // cmd_plot.cpp: `dtrain plot RUN_DIR...`
 void addTopCommand(CLI::App& root, Action& action);   // cmd_top.cpp: `dtrain top RUN_ID`
+void addSimCommand(CLI::App& root, Action& action);   // cmd_sim.cpp: `dtrain sim --nodes N JOB.json`
+// Before CLI11 parses `dtrain sim ...`: removes what the agents run (JOB.json... or -- PROGRAM...) from `args`.
+void splitSimArgs(std::vector<std::string>& args);
 // The "host:port" monitoring endpoints the agents of `runId` published in its store (cmd_debug.cpp). Throws
 // RendezvousError when none did (agents without --metrics-port), UsageError for a bad endpoint.
 std::vector<std::string> monitoredAgents(const std::string& runId, const std::string& endpoint,

@@ -40,8 +40,10 @@ int main(int argc, char** argv) {
   dtrain::app::addGenerateCommand(root, action);
   dtrain::app::addPlotCommand(root, action);
   dtrain::app::addTopCommand(root, action);
+  dtrain::app::addSimCommand(root, action);
   std::vector<std::string> args(argv, argv + argc);
   dtrain::app::splitWorkerArgs(root, args);
+  dtrain::app::splitSimArgs(args);
   std::vector<std::string> reversed(args.rbegin(), args.rend() - 1);  // CLI11 wants them reversed, no argv[0]
   try {
     root.parse(reversed);

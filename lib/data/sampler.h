@@ -16,6 +16,12 @@
 // checkpoint storing that position resumes with no sample of the epoch skipped and none seen twice (padding
 // aside), whatever the next world size is.
 //
+// Resize without repeats: padding is what a fixed world does (PyTorch), but after a resize mid-epoch the rest
+// rarely divides by the new world, and padding would repeat samples. The trainer then sets pad=false for the
+// rest of that epoch (setPad): uneven shards, rank r taking rest[r::world] as before, so ranks differ by at most
+// one sample and only in their last batch; maxSamplesPerRank() (rank 0's count) tells every rank how many steps
+// the group takes, and a rank whose samples ran out joins the last step with an empty batch (trainer.cpp).
+//
 // Cost: setEpoch() is O(N) time (one permutation) and keeps only this rank's N/world indices.
 // Thread-safety: const methods may run concurrently; setEpoch() must not overlap any other call.
 #pragma once
@@ -57,6 +63,11 @@ class DistributedSampler {
   // Samples the whole group takes this epoch after padding/dropping (a multiple of the world unless uneven).
   int64_t totalSize() const { return total_; }
   int64_t numSamplesThisRank() const { return static_cast<int64_t>(indices_.size()); }
+  // The most samples any rank takes this epoch (rank 0's share): what fixes the group's step count.
+  int64_t maxSamplesPerRank() const { return (total_ + options_.worldSize - 1) / options_.worldSize; }
+  // Padding (true) or uneven shards (false) from the next setEpoch on; dropLast, when set, still wins.
+  void setPad(bool pad) { options_.pad = pad; }
+  bool pad() const { return options_.pad; }
   // This rank's sample indices for the epoch, in order.
   std::span<const int64_t> indices() const { return indices_; }
 

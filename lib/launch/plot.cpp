@@ -49,7 +49,9 @@ std::string tick(double v) {
 using Series = std::vector<std::pair<double, double>>;
 
 // One panel at (x0, y0): axes, 5 ticks per axis, one polyline per run.
-std::string panel(int x0, int y0, const std::string& title, const std::vector<const Series*>& series) {
+std::string panel(int x0, int y0, const std::string& title, const std::vector<const Series*>& series,
+                  const std::string& xLabel = "step", const std::vector<bool>& dots = {},
+                  const std::vector<std::pair<double, std::string>>& vlines = {}) {
   double xmin = std::numeric_limits<double>::infinity(), xmax = -xmin, ymin = xmin, ymax = -xmin;
   for (const auto* s : series)
     for (auto [x, y] : *s) {
@@ -74,8 +76,16 @@ std::string panel(int x0, int y0, const std::string& title, const std::vector<co
     out += fmt::format("<text x=\"{:.1f}\" y=\"{}\" text-anchor=\"middle\" font-size=\"11\">{}</text>\n", px(fx),
                        top + h + 15, tick(fx));
   }
-  out += fmt::format("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" font-size=\"11\">step</text>\n", left + w / 2,
-                     top + h + 30);
+  out += fmt::format("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" font-size=\"11\">{}</text>\n", left + w / 2,
+                     top + h + 30, escapeXml(xLabel));
+  int marker = 0;  // labels step down so that close markers stay readable
+  for (const auto& [x, label] : vlines) {
+    if (x < xmin || x > xmax) continue;
+    const int labelY = top + 10 + 12 * (marker++ % 5);
+    out += fmt::format("<line x1=\"{0:.1f}\" y1=\"{1}\" x2=\"{0:.1f}\" y2=\"{2}\" stroke=\"#888\" stroke-dasharray=\"4,3\"/>"
+                       "<text x=\"{3:.1f}\" y=\"{4}\" font-size=\"10\" fill=\"#555\">{5}</text>\n",
+                       px(x), top, top + h, px(x) + 2, labelY, escapeXml(label));
+  }
   for (size_t r = 0; r < series.size(); ++r) {
     std::string points;
     for (auto [x, y] : *series[r])
@@ -83,6 +93,11 @@ std::string panel(int x0, int y0, const std::string& title, const std::vector<co
     if (points.empty()) continue;
     out += fmt::format("<polyline class=\"run{}\" fill=\"none\" stroke=\"{}\" stroke-width=\"1.5\" points=\"{}\"/>\n",
                        r, kColours[r % std::size(kColours)], points);
+    if (r < dots.size() && dots[r])
+      for (auto [x, y] : *series[r])
+        if (std::isfinite(y))
+          out += fmt::format("<circle cx=\"{:.1f}\" cy=\"{:.1f}\" r=\"3\" fill=\"{}\"/>\n", px(x), py(y),
+                             kColours[r % std::size(kColours)]);
   }
   return out + "</g>\n";
 }
@@ -199,6 +214,38 @@ void writePng(const std::vector<RunCurves>& runs, const std::string& outPath, co
   }
   DTRAIN_CHECK(sent && WIFEXITED(status) && WEXITSTATUS(status) == 0,
                "--out {}: {} failed to convert the chart to PNG (status {})", outPath, converter, status);
+}
+
+std::string renderChart(const std::string& title, const std::vector<ChartPanel>& panels) {
+  const int rows = static_cast<int>((panels.size() + 1) / 2), titleHeight = 30;
+  const int width = 2 * kPanelWidth, height = titleHeight + rows * (kPanelHeight + 20) + 10;
+  std::string out = fmt::format(
+      "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" viewBox=\"0 0 {} {}\" "
+      "font-family=\"sans-serif\" font-size=\"13\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+      "<text x=\"{}\" y=\"20\" font-weight=\"bold\" font-size=\"15\">{}</text>\n",
+      width, height, width, height, kMarginLeft, escapeXml(title));
+  for (size_t i = 0; i < panels.size(); ++i) {
+    const auto& p = panels[i];
+    const int x0 = static_cast<int>(i % 2) * kPanelWidth, y0 = titleHeight + static_cast<int>(i / 2) * (kPanelHeight + 20);
+    std::vector<const Series*> series;
+    std::vector<bool> dots;
+    for (const auto& s : p.series) series.push_back(&s.points), dots.push_back(s.dots);
+    out += panel(x0, y0, p.title, series, p.xLabel, dots, p.vlines);
+    // The series' names under the panel, in their colours.
+    int lx = x0 + kMarginLeft;
+    for (size_t r = 0; r < p.series.size(); ++r) {
+      out += fmt::format("<text class=\"legend\" x=\"{}\" y=\"{}\" font-size=\"11\" fill=\"{}\">{}</text>\n", lx,
+                         y0 + kPanelHeight + 8, kColours[r % std::size(kColours)], escapeXml(p.series[r].label));
+      lx += 12 + 7 * static_cast<int>(p.series[r].label.size());
+    }
+  }
+  return out + "</svg>\n";
+}
+
+std::string wrapHtml(const std::string& title, const std::string& svg) {
+  return fmt::format("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{}</title></head>\n"
+                     "<body style=\"font-family: sans-serif\"><h1>{}</h1>\n{}</body></html>\n",
+                     escapeXml(title), escapeXml(title), svg);
 }
 
 }  // namespace dtrain::launch

@@ -31,5 +31,20 @@ std::string renderHtml(const std::vector<RunCurves>& runs);
 // started, dtrain::Error when it fails.
 void writePng(const std::vector<RunCurves>& runs, const std::string& outPath,
               const std::string& converter = "rsvg-convert");
+// A chart of other data through the same drawing (dtrain sim's report): panels two per row, each with its own
+// x-axis label, one polyline per series (with dots when `dots`), and dashed vertical markers with a label.
+struct ChartSeries {
+  std::string label;
+  std::vector<std::pair<double, double>> points;
+  bool dots = false;
+};
+struct ChartPanel {
+  std::string title, xLabel;
+  std::vector<ChartSeries> series;
+  std::vector<std::pair<double, std::string>> vlines;
+};
+std::string renderChart(const std::string& title, const std::vector<ChartPanel>& panels);
+// A minimal HTML page with `title` as heading and the SVG inline.
+std::string wrapHtml(const std::string& title, const std::string& svg);
 
 }  // namespace dtrain::launch

@@ -92,7 +92,8 @@ std::optional<ResumePoint> Checkpointer::resume(nn::Model& model, nn::Optimizer&
       }
   const auto& meta = cp.meta();
   optimizer.setSteps(meta.user.value("optimizer_steps", meta.step));
-  ResumePoint r{meta.step, meta.epoch, meta.samplesConsumed, meta.worldSize, cp.path()};
+  ResumePoint r{meta.step, meta.epoch, meta.samplesConsumed, meta.worldSize,
+                meta.user.value("epoch_world", meta.worldSize), cp.path()};
   return r;
 }
 
@@ -113,7 +114,7 @@ bool Checkpointer::loadCommHookState(const ResumePoint& from) {
 }
 
 std::filesystem::path Checkpointer::save(const nn::Model& model, nn::Optimizer& optimizer, int64_t step,
-                                         int64_t epoch, int64_t samplesConsumed) {
+                                         int64_t epoch, int64_t samplesConsumed, int epochWorld) {
   // Every rank derives the same token: no message needed to agree on the staging dir.
   std::string token = fnv1aHex(fmt::format("{}/{}", runTag_, step));
   ckpt::CheckpointWriter writer(job_.checkpoint.dir, step, token);
@@ -169,7 +170,8 @@ std::filesystem::path Checkpointer::save(const nn::Model& model, nn::Optimizer& 
     meta.samplesConsumed = samplesConsumed;
     meta.worldSize = worldSize_;
     meta.specHash = job_.modelHash;
-    meta.user = {{"optimizer_steps", optimizer.steps()}, {"job", job_.name}, {"lr", optimizer.lr()}};
+    meta.user = {{"optimizer_steps", optimizer.steps()}, {"job", job_.name}, {"lr", optimizer.lr()},
+                 {"epoch_world", epochWorld}};
     const LayoutDims& l = strategy_.groups().layout;
     meta.user["layout"] = {{"data", l.data}, {"pipeline", l.stages}, {"tensor", l.tensor}};
     ckpt::CommitOptions options;

@@ -38,6 +38,9 @@ struct ResumePoint {
   int64_t epoch = 0;
   int64_t samplesConsumed = 0;  // of `epoch`, by the whole group
   int savedWorldSize = 1;
+  // The world whose padding rule `epoch` follows (the sampler's shards): the world that started the epoch, or 0
+  // once a resize made the rest of the epoch uneven. Checkpoints older than this field: savedWorldSize.
+  int epochWorld = 1;
   std::filesystem::path path;
 };
 
@@ -53,7 +56,7 @@ class Checkpointer {
   std::optional<ResumePoint> resume(nn::Model& model, nn::Optimizer& optimizer);
   // Collective: every rank calls it at the same step. Returns the committed checkpoint dir.
   std::filesystem::path save(const nn::Model& model, nn::Optimizer& optimizer, int64_t step, int64_t epoch,
-                             int64_t samplesConsumed);
+                             int64_t samplesConsumed, int epochWorld);
   // The communication hook whose state save() writes (null: none). Its stateBuffers() must be valid (bound).
   void setCommHook(CommHookPtr hook) { hook_ = std::move(hook); }
   // Loads the hook's state from the checkpoint `from` resumed (after the strategy's prepare() bound the hook).

@@ -6,7 +6,9 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <filesystem>
+#include <thread>
 
 #include "lib/common/env.h"
 #include "lib/common/error.h"
@@ -94,16 +96,28 @@ void SampleLog::add(std::span<const int64_t> indices) {
 
 void SampleLog::commitStep(int64_t epoch, int64_t step) {
   if (!file_) return;
-  fmt::print(file_, "{{\"attempt\":{},\"round\":{},\"rank\":{},\"world\":{},\"epoch\":{},\"step\":{},\"idx\":[{}]}}\n",
-             attempt_, round_, rank_, world_, epoch, step, fmt::join(pending_, ","));
+  // t: wall-clock seconds (Unix time), so that `dtrain sim` can time steps across processes and namespaces.
+  const double t = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+  fmt::print(file_,
+             "{{\"attempt\":{},\"round\":{},\"rank\":{},\"world\":{},\"epoch\":{},\"step\":{},\"t\":{:.6f},\"idx\":[{}]}}\n",
+             attempt_, round_, rank_, world_, epoch, step, t, fmt::join(pending_, ","));
   std::fflush(file_);
   pending_.clear();
 }
 
+StepPause::StepPause() {
+  if (auto text = env::getOr("DTRAIN_STEP_PAUSE", ""); !text.empty())
+    pause_ = parse::durationOrThrow(text, fmt::format("environment variable DTRAIN_STEP_PAUSE={}", text));
+}
+
+void StepPause::onStepEnd(const StepEvent&) { std::this_thread::sleep_for(pause_); }
+
 void addTestAids(CallbackList& callbacks, int rank, int worldSize, int attempt, int round) {
   auto faults = std::make_shared<FaultInjector>(rank, attempt);  // a malformed DTRAIN_FAULT fails before any file
+  auto pause = std::make_shared<StepPause>();
   auto sampleLog = std::make_shared<SampleLog>(rank, worldSize, attempt, round);
   if (sampleLog->enabled()) callbacks.add(sampleLog);
+  if (pause->enabled()) callbacks.add(pause);
   if (faults->enabled()) callbacks.add(faults);
 }
 

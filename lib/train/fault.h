@@ -11,12 +11,16 @@
 //   after serving its `step`-th push.
 // DTRAIN_SAMPLE_LOG=DIR
 //   every rank appends, per optimizer step, the sample indices it trained on to
-//   DIR/samples-a<attempt>-r<rank>.jsonl ({"attempt","round","rank","world","epoch","step","idx"}), flushed per
-//   line: proof that an elastic resize neither skips nor repeats samples.
-// Both are trainer callbacks (lib/train/callbacks.h), registered by addTestAids only when their variable is set,
+//   DIR/samples-a<attempt>-r<rank>.jsonl ({"attempt","round","rank","world","epoch","step","t","idx"}; t: Unix
+//   seconds), flushed per line: proof that an elastic resize neither skips nor repeats samples.
+// DTRAIN_STEP_PAUSE=DURATION ("20ms")
+//   every rank sleeps this long after each optimizer step: a slower step, so that a rehearsal (`dtrain sim`, the
+//   tests) gives faults and joins time to land whatever the machine's speed.
+// They are trainer callbacks (lib/train/callbacks.h), registered by addTestAids only when their variable is set,
 // so an ordinary run calls neither.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <span>
@@ -75,7 +79,17 @@ class SampleLog final : public TrainerCallback {
   std::vector<int64_t> pending_;
 };
 
-// Registers the SampleLog and the FaultInjector when DTRAIN_SAMPLE_LOG / DTRAIN_FAULT ask for them.
+class StepPause final : public TrainerCallback {
+ public:
+  StepPause();  // reads DTRAIN_STEP_PAUSE; UsageError naming it on a bad duration
+  bool enabled() const { return pause_.count() > 0; }
+  void onStepEnd(const StepEvent&) override;
+
+ private:
+  std::chrono::milliseconds pause_{0};
+};
+
+// Registers the SampleLog, the StepPause and the FaultInjector when DTRAIN_SAMPLE_LOG / DTRAIN_FAULT ask for them.
 void addTestAids(CallbackList& callbacks, int rank, int worldSize, int attempt, int round);
 
 }  // namespace dtrain::train

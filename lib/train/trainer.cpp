@@ -104,6 +104,7 @@ class TrainLoop {
   void setUp();    // data, group, model, optimizer, resume, sampler, plan
   void planRun();  // steps, schedule, log interval for this world
   ProcessGroups connect();
+  void shardEpoch(int64_t epoch, int64_t startSample);  // padding or uneven shards, then sampler_->setEpoch
   void trainEpoch(int64_t epoch, int64_t startSample);
   [[noreturn]] void diverged(int64_t epoch, std::string_view what);
   void afterStep(int64_t epoch, int64_t position, bool epochEnd);  // log, stop, checkpoint, callbacks
@@ -135,6 +136,7 @@ class TrainLoop {
   bool countsMetrics_ = true;             // this rank's losses and samples count (a pipeline's last stage)
   std::unique_ptr<Checkpointer> checkpointer_;  // uses strategy_
   std::unique_ptr<data::DistributedSampler> sampler_;
+  int epochWorld_ = 0;  // the world whose padding the current epoch follows; 0: uneven (resized mid-epoch)
   nn::Schedule schedule_;
   std::optional<ResumePoint> resumed_;
   StepStats stats_;
@@ -355,15 +357,15 @@ void TrainLoop::writeVocabulary() {
 void TrainLoop::planRun() {
   const int64_t batch = job_.data.batchSize;
   auto stepsOf = [&](int64_t samplesPerRank) { return stepsForSamples(job_, samplesPerRank); };
-  const int64_t stepsPerEpoch = stepsOf(sampler_->numSamplesThisRank());
+  const int64_t stepsPerEpoch = stepsOf(sampler_->maxSamplesPerRank());
   DTRAIN_CHECK_AS(ConfigError, stepsPerEpoch > 0,
                   "{}: /data/batch_size: {} samples per rank ({} in all over {} rank(s)) make no batch of {}",
                   job_.sourceFile, sampler_->numSamplesThisRank(), train_->size(), worker_.worldSize, batch);
   step_ = resumed_ ? resumed_->step : 0;
   const int64_t startEpoch = resumed_ ? resumed_->epoch : 0;
   // Steps of the whole run as this world sees it: done + the rest of this epoch + the remaining epochs.
-  sampler_->setEpoch(startEpoch, resumed_ ? resumed_->samplesConsumed : 0);
-  int64_t totalSteps = step_ + (startEpoch < job_.loop.epochs ? stepsOf(sampler_->numSamplesThisRank()) : 0) +
+  shardEpoch(startEpoch, resumed_ ? resumed_->samplesConsumed : 0);
+  int64_t totalSteps = step_ + (startEpoch < job_.loop.epochs ? stepsOf(sampler_->maxSamplesPerRank()) : 0) +
                        std::max<int64_t>(0, job_.loop.epochs - startEpoch - 1) * stepsPerEpoch;
   if (job_.loop.maxSteps > 0) totalSteps = std::min(totalSteps, job_.loop.maxSteps);
   double baseLr = job_.optimizer.lr;
@@ -378,7 +380,9 @@ void TrainLoop::saveCheckpoint(int64_t epoch, int64_t position) {
   if (!checkpointer_->enabled()) return;
   const auto t0 = Clock::now();
   strategy_->syncForSave();
-  auto dir = checkpointer_->save(*model_, *optimizer_, step_, epoch, position);
+  // At an epoch's start (position 0) the next epoch follows this world's padding; mid-epoch, the current one's.
+  const int epochWorld = position == 0 ? strategy_->groups().dataSize : epochWorld_;
+  auto dir = checkpointer_->save(*model_, *optimizer_, step_, epoch, position, epochWorld);
   CheckpointEvent saved{.step = step_, .seconds = secondsSince(t0)};
   std::error_code ec;
   for (auto it = std::filesystem::recursive_directory_iterator(dir, ec);
@@ -389,11 +393,26 @@ void TrainLoop::saveCheckpoint(int64_t epoch, int64_t position) {
   if (worker_.rank == 0) log::debug("checkpoint {} committed", dir.string());
 }
 
-void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
+void TrainLoop::shardEpoch(int64_t epoch, int64_t startSample) {
+  // A fixed world pads the epoch to a multiple of itself (PyTorch's rule; a same-world resume gives the same
+  // indices, bit for bit). The rest of an epoch resumed at another world than the one whose padding it followed
+  // is shared out unevenly instead, so that a resize neither repeats nor skips a sample (sampler.h).
+  const int world = strategy_->groups().dataSize;
+  const bool resumedElsewhere = startSample > 0 && resumed_ && resumed_->epochWorld != world;
+  epochWorld_ = resumedElsewhere ? 0 : world;
+  sampler_->setPad(!resumedElsewhere);
   sampler_->setEpoch(epoch, startSample);
+}
+
+void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
+  shardEpoch(epoch, startSample);
   data::BatchLoader loader(*train_, *sampler_,
                            {.batchSize = job_.data.batchSize, .dropLast = job_.data.dropLast, .prefetch = prefetch_});
-  const int64_t numBatches = loader.numBatches();
+  // Every rank takes as many steps as rank 0, which has the most samples: with uneven shards a rank whose
+  // samples ran out joins the last step with an empty batch (zero gradients), as PyTorch's Join does.
+  const int64_t batchSize = job_.data.batchSize, most = sampler_->maxSamplesPerRank();
+  const int64_t numBatches =
+      std::max(loader.numBatches(), job_.data.dropLast ? most / batchSize : (most + batchSize - 1) / batchSize);
   const int accum = job_.loop.gradAccum;
   const float gradScale = 1.0f / static_cast<float>(accum);
   auto params = model_->params();
@@ -413,7 +432,15 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
     if (timeline::enabled()) timeline::record(phase, "phase", mark, now);
     mark = now;
   };
-  for (const data::Batch& b : loader) {
+  data::Batch none;  // the empty batch of a rank whose uneven share ran out before the group's last step
+  auto nextBatch = [&]() -> const data::Batch* {
+    if (const data::Batch* b = loader.next()) return b;
+    if (batchIndex >= numBatches) return nullptr;
+    none.position = sampler_->position(sampler_->numSamplesThisRank());
+    return &none;
+  };
+  while (const data::Batch* batch = nextBatch()) {
+    const data::Batch& b = *batch;
     ++batchIndex;
     if (micro == 0) {
       strategy_->beginStep(step_, schedule_.lr(step_));
@@ -425,6 +452,18 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
     lap(event.times.data, "data");
     bool lastMicro = micro + 1 == accum || batchIndex == numBatches;
     const nn::GradMode mode = micro == 0 ? nn::GradMode::kOverwrite : nn::GradMode::kAccumulate;
+    if (b.size == 0) {
+      // Nothing to learn from (a short shard after a mid-epoch resize): zero gradients (or what earlier
+      // micro-batches accumulated) still take part in the step's all-reduce, layer by layer as backward would hand
+      // them over. Every stage of a pipeline replica reads the same (empty) batch, so they all skip together.
+      if (micro == 0) std::fill(grads.begin(), grads.end(), 0.0f);
+      if (lastMicro)
+        if (const nn::LayerGradReady hook = strategy_->gradReadyHook())
+          for (int k = model_->numLayers() - 1; k >= 0; --k)
+            if (model_->layerParamRange(k).count > 0) hook(k);
+      stepLossFinite_ = micro == 0 || stepLossFinite_;
+      lap(event.times.backward, "backward");
+    } else {
     float loss = 0;
     if (pipeline_ != nullptr) {
       // The schedule interleaves forwards and backwards: its whole time is booked as forward.
@@ -464,11 +503,12 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
       if (!lossFinite && !grads.empty()) grads[0] = std::numeric_limits<float>::quiet_NaN();
     }
     lap(event.times.backward, "backward");
+    }
     if (!lastMicro) {
       ++micro;
       continue;
     }
-    event.loss = stepLoss / (micro + 1);
+    event.loss = event.samples > 0 ? stepLoss / (micro + 1) : 0;
     micro = 0;
     strategy_->finishStep();
     lap(event.times.commWait, "comm_wait");

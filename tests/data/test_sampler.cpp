@@ -206,3 +206,42 @@ TEST_CASE("position saturates at the end; a resume past the dataset is an error;
   CHECK_THROWS_AS(DistributedSampler({.datasetSize = 10, .rank = 4, .worldSize = 4}), ConfigError);
   CHECK_THROWS_AS(DistributedSampler({.datasetSize = 10, .rank = 0, .worldSize = 0}), ConfigError);
 }
+
+TEST_CASE("a resize mid-epoch with uneven shards (pad=false) repeats and skips nothing, whatever the cut") {
+  // 240 samples, batch 5: a cut after 6 steps of 4 ranks (120 consumed), then 3 ranks for 7 steps (105 more), then
+  // 4 ranks to the end: neither rest divides by the new world; the ranks' shares differ by at most one, and rank 0
+  // holds the most (maxSamplesPerRank), which fixes the group's step count.
+  const int64_t n = 240;
+  std::map<int64_t, int> seen;
+  int64_t position = 0;
+  bool first = true;
+  for (auto [world, steps] : {std::pair{4, 6}, std::pair{3, 7}, std::pair{4, 1000}}) {
+    auto parts = shards(n, world, true, 3, 2, position, false, /*pad=*/first);
+    DistributedSampler probe({.datasetSize = n, .rank = 0, .worldSize = world, .seed = 3, .pad = first, .epoch = 2,
+                              .startSample = position});
+    CHECK(probe.maxSamplesPerRank() == static_cast<int64_t>(parts[0].size()));
+    for (const auto& p : parts) CHECK(parts[0].size() - p.size() <= 1);
+    const auto taken = std::min<int64_t>(steps * 5, probe.maxSamplesPerRank());
+    for (const auto& p : parts)
+      for (size_t k = 0; k < std::min(p.size(), static_cast<size_t>(taken)); ++k) ++seen[p[k]];
+    position = probe.position(taken);
+    first = false;
+  }
+  CHECK(position == n);
+  CHECK(seen.size() == static_cast<size_t>(n));
+  for (auto& [i, k] : seen) REQUIRE(k == 1);
+}
+
+TEST_CASE("setPad switches padding for the next setEpoch; maxSamplesPerRank is the padded or the uneven share") {
+  DistributedSampler s({.datasetSize = 10, .rank = 3, .worldSize = 4, .seed = 0});
+  CHECK(s.pad());
+  CHECK(s.numSamplesThisRank() == 3);  // padded to 12
+  CHECK(s.maxSamplesPerRank() == 3);
+  s.setPad(false);
+  s.setEpoch(0, 0);
+  CHECK(s.numSamplesThisRank() == 2);  // 10 over 4: 3, 3, 2, 2
+  CHECK(s.maxSamplesPerRank() == 3);
+  s.setEpoch(0, 3);  // 7 left: 2, 2, 2, 1
+  CHECK(s.numSamplesThisRank() == 1);
+  CHECK(s.maxSamplesPerRank() == 2);
+}

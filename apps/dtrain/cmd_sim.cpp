@@ -1,0 +1,115 @@
+// `dtrain sim`: N virtual nodes on this machine, each a real agent in its own network namespace, with a fault
+// schedule and a report (docs/sim.md). CLI parsing only: the work is lib/launch/sim.h's runSim.
+#include <unistd.h>
+
+#include <climits>
+
+#include "apps/dtrain/commands.h"
+#include "apps/dtrain/job_hooks.h"
+#include "lib/common/error.h"
+#include "lib/common/parse.h"
+#include "lib/launch/sim.h"
+
+namespace dtrain::app {
+
+namespace {
+
+struct SimArgs {
+  launch::SimOptions opts;
+  std::string faults, heartbeatTimeout = "3s", lastCall = "2s", shutdownTimeout = "3s", timeout = "10m";
+  std::vector<std::string> positional;
+  bool afterDashes = false;
+};
+
+std::shared_ptr<SimArgs>& simArgs() {
+  static std::shared_ptr<SimArgs> args;
+  return args;
+}
+
+std::string selfExe() {
+  char buf[PATH_MAX];
+  ssize_t n = ::readlink("/proc/self/exe", buf, sizeof(buf) - 1);
+  DTRAIN_CHECK(n > 0, "cannot resolve /proc/self/exe");
+  return std::string(buf, static_cast<size_t>(n));
+}
+
+int simCommand(SimArgs& a) {
+  auto& o = a.opts;
+  DTRAIN_CHECK_AS(UsageError, !a.positional.empty(),
+                  "dtrain sim: nothing to run; give a job file (dtrain sim --nodes 4 job.json) or a program after --");
+  o.heartbeatTimeout = parse::durationFlag("--heartbeat-timeout", a.heartbeatTimeout, true);
+  o.lastCall = parse::durationFlag("--rdzv-last-call", a.lastCall);
+  o.shutdownTimeout = parse::durationFlag("--shutdown-timeout", a.shutdownTimeout, true);
+  o.timeout = parse::durationFlag("--timeout", a.timeout, true);
+  DTRAIN_CHECK_AS(UsageError, o.nodes >= 1 && o.nodes <= 250, "--nodes {}: expected 1 to 250", o.nodes);
+  DTRAIN_CHECK_AS(UsageError, o.nprocPerNode >= 1, "--nproc-per-node {}: expected at least 1", o.nprocPerNode);
+  if (!o.link.empty()) launch::checkTcRate(o.link, "--link");
+  o.faults = launch::parseSimFaults(a.faults, o.nodes);
+  DTRAIN_CHECK_AS(UsageError, launch::simTotalNodes(o.faults, o.nodes) <= 250,
+                  "--faults: {} nodes with the joins (expected at most 250)", launch::simTotalNodes(o.faults, o.nodes));
+  const std::string& first = a.positional.front();
+  o.isJob = !a.afterDashes && first.size() > 5 && first.compare(first.size() - 5, 5, ".json") == 0;
+  o.program = a.positional;
+  if (o.isJob) {
+    // The job is validated here, before any namespace or agent exists (exit 2 for a bad job file).
+    std::vector<std::string> trainArgs = a.positional;
+    validateJobForLaunch(trainArgs);
+  }
+  if (o.outputDir.empty()) o.outputDir = fmt::format("dtrain-sim-{}", ::getpid());
+  o.exe = selfExe();
+  return launch::runSim(o);
+}
+
+}  // namespace
+
+void addSimCommand(CLI::App& root, Action& action) {
+  auto a = std::make_shared<SimArgs>();
+  auto& o = a->opts;
+  auto* sub = root.add_subcommand(
+      "sim", "Rehearse a multi-node job on this machine: N virtual nodes (network namespaces, shaped links), a "
+             "fault schedule, a report: dtrain sim --nodes N [options] JOB.json | -- PROGRAM [ARGS...]");
+  sub->add_option("--nodes", o.nodes, "Virtual nodes at the start (node0..nodeN-1)")->required();
+  sub->add_option("--nproc-per-node,--nproc_per_node,-n", o.nprocPerNode, "Workers per node (1)");
+  sub->add_option("--link", o.link, "Every link's bandwidth, shaped with tc tbf: 100mbit, 1gbit (default: unshaped)");
+  sub->add_option("--faults", a->faults,
+                  "Fault schedule: kill:node3@5s, freeze:node2@10s+5s, partition:node1@8s+3s, slow:node4=10mbit, "
+                  "join:node5@12s (comma-separated)");
+  sub->add_option("--report", o.report, "Also write the report as a chart: FILE.svg or FILE.html");
+  sub->add_option("--output-dir", o.outputDir,
+                  "Node logs, sample logs and the job's output (run/) go here (default: ./dtrain-sim-PID)");
+  sub->add_option("--heartbeat-timeout", a->heartbeatTimeout, "The agents' --heartbeat-timeout (3s)");
+  sub->add_option("--rdzv-last-call", a->lastCall, "The agents' --rdzv-last-call (2s)");
+  sub->add_option("--shutdown-timeout", a->shutdownTimeout, "The agents' --shutdown-timeout (3s)");
+  sub->add_option("--max-restarts", o.maxRestarts, "The agents' --max-restarts (3)");
+  sub->add_option("--timeout", a->timeout, "Stop everything and fail (exit 4) after this long (10m)");
+  sub->add_flag("--loopback", o.loopback, "Run on 127.0.0.x even as root (no namespaces, no shaping)");
+  sub->add_flag("--verbose,-v", o.verbose, "Echo every agent's output, prefixed with its node");
+  sub->footer("Everything from JOB.json on (or after --) is what each agent runs, as with dtrain run.");
+  simArgs() = a;
+  sub->callback([&action, a] { action = [a] { return simCommand(*a); }; });
+}
+
+void splitSimArgs(std::vector<std::string>& args) {
+  // As for `dtrain run`: the first token that is neither an option nor an option's value starts what the agents
+  // run (or everything after `--`).
+  if (args.size() < 2 || args[1] != "sim" || !simArgs()) return;
+  static const std::vector<std::string> kFlags = {"--loopback", "--verbose", "-v", "--help", "-h"};
+  for (size_t i = 2; i < args.size(); ++i) {
+    const std::string& t = args[i];
+    if (t == "--") {
+      simArgs()->positional.assign(args.begin() + static_cast<long>(i) + 1, args.end());
+      simArgs()->afterDashes = true;
+      args.resize(i);
+      return;
+    }
+    if (t.size() > 1 && t[0] == '-') {
+      if (t.find('=') == std::string::npos && std::find(kFlags.begin(), kFlags.end(), t) == kFlags.end()) ++i;
+      continue;
+    }
+    simArgs()->positional.assign(args.begin() + static_cast<long>(i), args.end());
+    args.resize(i);
+    return;
+  }
+}
+
+}  // namespace dtrain::app

@@ -1,0 +1,46 @@
+// The fault schedule of `dtrain sim --faults` (docs/sim.md): what happens to which virtual node, and when.
+//
+// Grammar: entries separated by ',' or ';', each one of
+//   kill:nodeK@T          SIGKILL node K's agent and every process under it at T (the node is gone for good)
+//   freeze:nodeK@T+D      SIGSTOP node K's agent and its processes at T, SIGCONT them at T+D
+//   partition:nodeK@T+D   cut node K's link (its bridge port goes down) at T, restore it at T+D
+//   slow:nodeK=RATE[@T]   shape node K's link to RATE (tc tbf, "10mbit", "1gbit") from T (default: the start)
+//   join:nodeK@T          start node K's agent at T: K must be the next node after the initial --nodes ones
+// T and D are durations as the other flags take them ("5s", "500ms", "2m"), measured from the moment the initial
+// agents are started; or T is "stepN": the moment the job has completed optimizer step N (job files only: read
+// from the workers' sample logs), which lands a fault at the same point of training however fast the machine is. Nodes are numbered from 0: --nodes 4 makes node0..node3; joins add node4, node5, ...
+#pragma once
+
+#include <chrono>
+#include <string>
+#include <vector>
+
+namespace dtrain::launch {
+
+enum class SimFaultKind { kKill, kFreeze, kPartition, kSlow, kJoin };
+
+struct SimFault {
+  SimFaultKind kind = SimFaultKind::kKill;
+  int node = 0;
+  std::chrono::milliseconds at{0};
+  int64_t atStep = -1;                    // >= 0: fire once the job completed this optimizer step (instead of `at`)
+  std::chrono::milliseconds duration{0};  // freeze and partition
+  std::string rate;                       // slow
+  std::string text;                       // the entry as typed, for the report
+  double firedAt = -1;                    // set by the sim: seconds since the start when it was applied
+};
+
+// Parses the schedule for a sim of `initialNodes` nodes. Throws UsageError naming --faults, the entry and what was
+// expected: unknown kinds, node numbers out of range, joins that skip a number or name an existing node, a node
+// killed or joined twice, a freeze/partition without +D, a bad rate.
+std::vector<SimFault> parseSimFaults(const std::string& text, int initialNodes);
+
+// The total number of nodes (initial plus joined).
+int simTotalNodes(const std::vector<SimFault>& faults, int initialNodes);
+
+const char* simFaultName(SimFaultKind kind);
+
+// A tc rate ("10mbit", "1gbit", "500kbit", "100mbps"): digits then a unit tc knows. Throws UsageError naming `what`.
+void checkTcRate(const std::string& rate, const std::string& what);
+
+}  // namespace dtrain::launch

@@ -1,0 +1,167 @@
+// `dtrain sim` end to end (docs/sim.md): real agents in network namespaces (as root; on loopback otherwise), a
+// fault schedule landed at fixed training steps (@stepN, so the machine's speed does not matter), the sim's own
+// exactly-once verdict and an independent recount of the sample logs here.
+#include <doctest/doctest.h>
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <map>
+
+#include "tests/integration/launch_helpers.h"
+#include "tests/integration/train_helpers.h"
+
+using namespace dtrain::testing;
+using namespace std::chrono_literals;
+using nlohmann::json;
+
+namespace {
+
+// The final model's history from the sample logs (the definition in lib/launch/sim_report.h): per round, the
+// steps at or after the next round's first step were redone and are dropped. Returns epoch -> sample -> times.
+std::map<int64_t, std::map<int64_t, int>> finalHistory(const std::string& dir, int& rounds) {
+  struct Entry {
+    int round;
+    int64_t epoch, step;
+    std::vector<int64_t> idx;
+  };
+  std::vector<Entry> entries;
+  for (auto& f : std::filesystem::directory_iterator(dir))
+    for (auto& j : readJsonLines(f.path().string()))
+      entries.push_back({j["round"], j["epoch"], j["step"], j["idx"].get<std::vector<int64_t>>()});
+  std::map<int, int64_t> firstStep;
+  for (auto& e : entries)
+    if (!firstStep.count(e.round) || e.step < firstStep[e.round]) firstStep[e.round] = e.step;
+  rounds = static_cast<int>(firstStep.size());
+  std::map<int64_t, std::map<int64_t, int>> seen;
+  for (auto& e : entries) {
+    auto next = firstStep.upper_bound(e.round);
+    if (next != firstStep.end() && e.step >= next->second) continue;
+    for (auto i : e.idx) seen[e.epoch][i]++;
+  }
+  return seen;
+}
+
+std::vector<std::string> simArgs(std::vector<std::string> args) {
+  args.insert(args.begin(), {dtrainBinary(), "sim"});
+  return args;
+}
+
+}  // namespace
+
+TEST_CASE("dtrain sim: 4 nodes, one killed and one joining: the job finishes and every sample is seen once") {
+  std::string dir = tempDir("sim-kill-join");
+  // 240 samples, batch 5: 20 samples per step on 4 ranks, 15 on 3: the kill and the join land mid-epoch, where the
+  // rest of the epoch does not divide by the new world (the uneven shards of a resize, sampler.h).
+  // Checkpoints every 5 steps and at each epoch's end (12 steps of 4 ranks): the kill at step 27 resumes from step
+  // 25, one step into an epoch, and 220 samples left do not divide by 3 ranks.
+  json job = smallJob(240, 5, 1000);
+  job["train"]["max_steps"] = 120;
+  job["checkpoint"] = {{"every_steps", 5}, {"keep", 3}};
+  job["parallel"] = {{"timeout", 20}};
+  writeFile(dir + "/job.json", job.dump());
+  RunOptions opts{.timeout = 180s, .env = {{"DTRAIN_STEP_PAUSE", "25ms"}}};
+  auto r = run(simArgs({"--nodes", "4", "--faults", "kill:node3@step27,join:node4@step60", "--report",
+                        dir + "/report.svg", "--output-dir", dir + "/sim", dir + "/job.json"}),
+               opts);
+  INFO(r.out, r.err);
+  REQUIRE(r.exitCode == 0);
+  CHECK(r.out.find("samples: ") != std::string::npos);
+  CHECK(r.out.find("OK: every sample seen once") != std::string::npos);
+  CHECK(r.out.find("repeated 0, skipped 0") != std::string::npos);
+  CHECK(r.out.find("kill:node3@step27") != std::string::npos);
+  CHECK(r.out.find("join:node4@step60") != std::string::npos);
+  CHECK(r.out.find("done: 120 steps") != std::string::npos);
+  if (::geteuid() == 0) CHECK(r.out.find("network namespaces on a bridge") != std::string::npos);
+  else CHECK(r.out.find("loopback 127.0.0.x") != std::string::npos);
+  const std::string svg = readFile(dir + "/report.svg");
+  CHECK(svg.find("<svg") != std::string::npos);
+  CHECK(svg.find("throughput vs node count") != std::string::npos);
+
+  int rounds = 0;
+  auto seen = finalHistory(dir + "/sim/samples", rounds);
+  CHECK(rounds >= 3);  // the first group, after the kill, after the join
+  int64_t trained = 0;
+  for (auto& [epoch, counts] : seen) {
+    for (auto& [sample, times] : counts) {
+      CHECK_MESSAGE(times == 1, "epoch ", epoch, " sample ", sample, " seen ", times);
+      trained += times;
+    }
+    if (epoch != seen.rbegin()->first) CHECK_MESSAGE(counts.size() == 240, "epoch ", epoch);
+  }
+  CHECK(trained > 0);
+  // Nothing the sim started is left: every worker carried the sample-log variable.
+  CHECK(processesWithEnv("DTRAIN_SAMPLE_LOG", dir + "/sim/samples").empty());
+}
+
+TEST_CASE("dtrain sim: a node cut off by a partition; the others re-form and the job finishes") {
+  if (::geteuid() != 0) {
+    MESSAGE("skipped: partitions need network namespaces (root)");
+    return;
+  }
+  std::string dir = tempDir("sim-partition");
+  json job = smallJob(240, 5, 1000);
+  job["train"]["max_steps"] = 120;
+  job["checkpoint"] = {{"every_steps", 10}, {"keep", 3}};
+  job["parallel"] = {{"timeout", 10}};
+  writeFile(dir + "/job.json", job.dump());
+  RunOptions opts{.timeout = 180s, .env = {{"DTRAIN_STEP_PAUSE", "25ms"}}};
+  auto r = run(simArgs({"--nodes", "3", "--link", "1gbit", "--faults", "partition:node2@step20+6s", "--output-dir",
+                        dir + "/sim", dir + "/job.json"}),
+               opts);
+  INFO(r.out, r.err);
+  REQUIRE(r.exitCode == 0);
+  CHECK(r.out.find("node2's link is down") != std::string::npos);
+  CHECK(r.out.find("node2's link is up again") != std::string::npos);
+  CHECK(r.out.find("done: 120 steps") != std::string::npos);
+  CHECK(r.out.find("repeated 0, skipped 0") != std::string::npos);
+  CHECK(r.out.find("links (bytes through each node's veth") != std::string::npos);
+  CHECK(processesWithEnv("DTRAIN_SAMPLE_LOG", dir + "/sim/samples").empty());
+}
+
+TEST_CASE("dtrain sim: a bad fault schedule is a usage error (exit 3) naming the entry, before anything starts") {
+  std::string dir = tempDir("sim-bad");
+  writeFile(dir + "/job.json", smallJob(48, 4, 1).dump());
+  auto r = run(simArgs({"--nodes", "2", "--faults", "kill:node7@5s", dir + "/job.json"}));
+  CHECK(r.exitCode == 3);
+  CHECK(r.err.find("--faults 'kill:node7@5s': there is no node7") != std::string::npos);
+  r = run(simArgs({"--nodes", "2", "--faults", "freeze:node1@5s", dir + "/job.json"}));
+  CHECK(r.exitCode == 3);
+  CHECK(r.err.find("freeze needs a duration") != std::string::npos);
+  r = run(simArgs({"--nodes", "2", "--faults", "join:node3@5s", dir + "/job.json"}));
+  CHECK(r.exitCode == 3);
+  CHECK(r.err.find("the next node to join is node2") != std::string::npos);
+  r = run(simArgs({"--nodes", "2", "--link", "fast", dir + "/job.json"}));
+  CHECK(r.exitCode == 3);
+  CHECK(r.err.find("--link 'fast': expected a rate") != std::string::npos);
+}
+
+TEST_CASE("dtrain sim: SIGINT stops every node (exit 130); after a SIGKILL of the sim its watchdog leaves nothing") {
+  std::string dir = tempDir("sim-stop");
+  json job = smallJob(240, 5, 1000);
+  job["train"]["max_steps"] = 100000;
+  writeFile(dir + "/job.json", job.dump());
+  RunOptions opts{.timeout = 120s, .env = {{"DTRAIN_STEP_PAUSE", "25ms"}}};
+  {
+    Background sim(simArgs({"--nodes", "2", "--verbose", "--output-dir", dir + "/a", dir + "/job.json"}), opts);
+    sim.waitForLine("epoch 1/", 60s);  // rank 0's first progress line: both nodes train
+    CHECK(!processesWithEnv("DTRAIN_SAMPLE_LOG", dir + "/a/samples").empty());
+    sim.signal(SIGINT);
+    auto r = sim.wait(60s);
+    INFO(r.out, r.err);
+    CHECK(r.exitCode == 130);
+    CHECK(r.err.find("received SIGINT: stopping every node") != std::string::npos);
+    CHECK(processesWithEnv("DTRAIN_SAMPLE_LOG", dir + "/a/samples").empty());
+  }
+  {
+    Background sim(simArgs({"--nodes", "2", "--verbose", "--output-dir", dir + "/b", dir + "/job.json"}), opts);
+    sim.waitForLine("epoch 1/", 60s);
+    auto left = processesWithEnv("DTRAIN_SAMPLE_LOG", dir + "/b/samples");
+    CHECK(left.size() >= 2);  // both agents and their workers
+    sim.signal(SIGKILL);
+    sim.wait(10s);
+    for (pid_t p : left) CHECK_MESSAGE(waitForExit(p, 30s), "pid ", p, " outlived the sim");
+    CHECK(processesWithEnv("DTRAIN_SAMPLE_LOG", dir + "/b/samples").empty());
+  }
+}

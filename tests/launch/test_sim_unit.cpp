@@ -1,0 +1,98 @@
+// dtrain sim's pure pieces: the fault schedule grammar and the report's arithmetic (sim_faults.h, sim_report.h).
+#include <doctest/doctest.h>
+
+#include "lib/common/error.h"
+#include "lib/launch/sim_faults.h"
+#include "lib/launch/sim_net.h"
+#include "lib/launch/sim_report.h"
+
+using namespace dtrain;
+using namespace dtrain::launch;
+using namespace std::chrono_literals;
+
+TEST_CASE("the fault schedule: every kind, times, steps and durations") {
+  auto f = parseSimFaults("kill:node3@5s, freeze:node2@10s+5s;partition:node1@step8+3s,slow:node0=10mbit,"
+                          "join:node4@12s,slow:node4=1gbit@step40", 4);
+  REQUIRE(f.size() == 6);
+  CHECK(f[0].kind == SimFaultKind::kKill);
+  CHECK(f[0].node == 3);
+  CHECK(f[0].at == 5000ms);
+  CHECK(f[1].kind == SimFaultKind::kFreeze);
+  CHECK(f[1].duration == 5000ms);
+  CHECK(f[2].kind == SimFaultKind::kPartition);
+  CHECK(f[2].atStep == 8);
+  CHECK(f[2].duration == 3000ms);
+  CHECK(f[3].rate == "10mbit");
+  CHECK(f[3].at == 0ms);
+  CHECK(f[4].kind == SimFaultKind::kJoin);
+  CHECK(f[4].node == 4);
+  CHECK(f[5].atStep == 40);
+  CHECK(simTotalNodes(f, 4) == 5);
+  CHECK(parseSimFaults("", 2).empty());
+  CHECK(tcRateBits("10mbit") == doctest::Approx(1e7));
+  CHECK(tcRateBits("1gbit") == doctest::Approx(1e9));
+  CHECK(tcRateBits("100mbps") == doctest::Approx(8e8));
+}
+
+TEST_CASE("the fault schedule: each mistake is a usage error naming the entry") {
+  auto fails = [](const std::string& text, const std::string& needle) {
+    CHECK_THROWS_WITH_AS(parseSimFaults(text, 4), doctest::Contains(needle.c_str()), UsageError);
+  };
+  fails("explode:node1@1s", "unknown fault 'explode'");
+  fails("kill:node9@1s", "there is no node9");
+  fails("kill:nodeX@1s", "'nodeX' is not a node");
+  fails("kill:node1", "expected kill:nodeK@T");
+  fails("kill:node1@soon", "'soon' is not a time");
+  fails("kill:node1@1s+2s", "kill takes no duration");
+  fails("freeze:node1@1s", "freeze needs a duration");
+  fails("join:node6@1s", "the next node to join is node4");
+  fails("slow:node1=fast", "expected a rate such as 10mbit");
+  fails("kill:node1@1s,kill:node1@2s", "node1 is killed twice");
+  fails("kill:node1@step0", "'step0' is not a step");
+}
+
+TEST_CASE("the report: redone steps are left out; repeats, skips, throughput, detection and recovery") {
+  // Round 0: 2 ranks, steps 1-4 at t=1..4 (epoch 0: samples 0-7), a kill at t=4.5; round 1 resumes from step 2
+  // (redoes 3 and 4) with 1 rank at t=8..11 and finishes epoch 0 and part of epoch 1.
+  std::vector<SampleStep> steps;
+  for (int s = 1; s <= 4; ++s)
+    for (int r = 0; r < 2; ++r) steps.push_back({0, r, 2, 0, s, double(s), {int64_t((s - 1) * 2 + r)}});
+  for (int s = 3; s <= 6; ++s) steps.push_back({1, 0, 1, s <= 6 ? 0 : 1, s, 5.0 + s, {int64_t(s + 1)}});
+  steps.push_back({1, 0, 1, 1, 7, 12.5, {0}});
+  std::vector<SimAgentEvent> events = {{4.6, 2, "re-form"}, {6.0, 0, "re-form"}};
+  SimFault kill;
+  kill.kind = SimFaultKind::kKill;
+  kill.node = 2;
+  kill.firedAt = 4.5;
+  kill.text = "kill:node2@4s";
+  SimReport report;
+  report.audit.datasetSize = 8;
+  analyseSim(report, steps, events, {kill}, 1);
+  const auto& a = report.audit;
+  CHECK(a.rounds == 2);
+  CHECK(a.stepsRedone == 2);     // round 0's steps 3 and 4
+  CHECK(a.stepsKept == 2 + 5);   // round 0's 1-2, round 1's 3-7
+  CHECK(a.repeated == 0);
+  CHECK(a.skipped == 0);         // epoch 0 holds samples 0..7 once each
+  CHECK(a.epochsComplete == 1);
+  REQUIRE(report.faults.size() == 1);
+  REQUIRE(report.faults[0].detection.has_value());
+  CHECK(*report.faults[0].detection == doctest::Approx(1.5));  // node2's own line does not count
+  REQUIRE(report.faults[0].recovery.has_value());
+  CHECK(*report.faults[0].recovery == doctest::Approx(3.5));   // round 1's first step at t=8
+  CHECK(report.faults[0].stepsRedone == 2);
+  REQUIRE(report.throughput.size() == 2);
+  CHECK(report.throughput[0].nodes == 1);
+  CHECK(report.throughput[1].nodes == 2);
+  CHECK(report.throughput[1].samplesPerSec == doctest::Approx(6.0 / 3.0));  // steps 2-4: 6 samples over 3 s
+  CHECK(formatSimReport(report).find("repeated 0, skipped 0") != std::string::npos);
+
+  // A sample trained twice in one epoch, and one never trained in a finished epoch.
+  steps.push_back({1, 0, 1, 0, 6, 10.5, {3}});
+  SimReport bad;
+  bad.audit.datasetSize = 9;
+  analyseSim(bad, steps, events, {kill}, 1);
+  CHECK(bad.audit.repeated == 1);
+  CHECK(bad.audit.skipped == 1);
+  CHECK(formatSimReport(bad).find("FAIL") != std::string::npos);
+}

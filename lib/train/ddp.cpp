@@ -5,6 +5,7 @@
 #include <algorithm>
 
 #include "lib/common/error.h"
+#include "lib/train/tensor_parallel.h"
 
 namespace dtrain::train {
 
@@ -33,7 +34,9 @@ std::vector<Bucket> planBuckets(const nn::Model& model, size_t firstBucketFloats
 
 DdpStrategy::DdpStrategy(ProcessGroups groups, DdpOptions options)
     : Strategy(std::move(groups)), options_(std::move(options)) {
-  DTRAIN_CHECK(groups_.world && groups_.data, "ddp strategy: needs the world and data process groups");
+  // Under tensor parallelism with one replica there is no data group: nothing to average.
+  DTRAIN_CHECK(groups_.world && (groups_.data || groups_.tensor),
+               "ddp strategy: needs the world and data (or tensor) process groups");
   if (!options_.hook) options_.hook = std::make_shared<AllreduceAvgHook>();
 }
 
@@ -41,6 +44,7 @@ std::string DdpStrategy::summary() const { return fmt::format("{} backend", grou
 
 void DdpStrategy::prepare(nn::Model& model) {
   model_ = &model;
+  if (!groups_.data) return;
   // Rank 0's parameters for everyone: replicas start identical whatever each rank built or loaded.
   auto params = model.params();
   groups_.data->broadcast(TensorView::flat(params.data(), params.size()), 0);
@@ -83,7 +87,7 @@ void DdpStrategy::prepare(nn::Model& model) {
 }
 
 nn::LayerGradReady DdpStrategy::gradReadyHook() {
-  if (!options_.overlap) return {};
+  if (!options_.overlap || !groups_.data) return {};
   return nn::LayerGradReady(*this);
 }
 
@@ -101,6 +105,7 @@ void DdpStrategy::start(size_t b) {
 
 void DdpStrategy::finishStep() {
   DTRAIN_CHECK(model_ != nullptr, "ddp strategy: finishStep() before prepare()");
+  if (!groups_.data) return;
   if (!options_.overlap) {
     options_.hook->run(whole_, *groups_.data);
     return;
@@ -124,7 +129,34 @@ int DdpStrategy::agreeOnStop(int localSignal) {
 
 void DdpStrategy::barrier() { groups_.world->barrier(); }
 
+bool DdpStrategy::agreeFinite(std::span<const float> values) {
+  if (!groups_.tensor) return nn::allFinite(values);
+  // Tensor ranks hold different slices: a non-finite value in one must stop them all.
+  double bad[1] = {nn::allFinite(values) ? 0.0 : 1.0};
+  groups_.tensor->allreduce(TensorView::flat(bad, 1), comm::ReduceOp::kMax);
+  return bad[0] == 0.0;
+}
+
+double DdpStrategy::gradNorm(const nn::Model& model) {
+  if (!groups_.tensor) return nn::gradNorm(model.grads());
+  const comm::BackendPtr groups[] = {groups_.tensor};
+  return partsGradNorm(model, groups_.tensor->rank() == 0, groups);
+}
+
 CheckpointShard DdpStrategy::checkpointShard(const nn::Model& model) const {
+  if (groups_.tensor) {
+    // Tensor parallel: the first replica's tensor ranks write their slices (the replicated parameters once, from
+    // tensor rank 0); every rank restores its own slices, whatever layout wrote them.
+    const int t = groups_.tensor->rank();
+    const bool writer = !groups_.data || groups_.data->rank() == 0;
+    const auto mine = tensorSaveParams(model, t);
+    return {.loadParams = allParams(model),
+            .loadOptimizer = true,
+            .saveModel = writer,
+            .saveParams = writer ? mine : std::vector<size_t>{},
+            .saveOptimizer = writer,
+            .shardTag = fmt::format("p0-t{}", t)};
+  }
   // Replicas are identical: rank 0 writes for everyone, every rank restores everything.
   const bool writer = groups_.rank == 0;
   return {.loadParams = allParams(model),

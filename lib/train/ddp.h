@@ -57,6 +57,10 @@ class DdpStrategy final : public Strategy {
   int64_t stopCheckEvery() const override { return 8; }
   void barrier() override;
   CheckpointShard checkpointShard(const nn::Model& model) const override;
+  // With a tensor group (tensor parallelism, lib/train/tensor_parallel.h): agreed over it, and the whole model's
+  // norm from the slices (collectives over the tensor group); else local.
+  bool agreeFinite(std::span<const float> values) override;
+  double gradNorm(const nn::Model& model) override;
 
   // Layer `layer`'s gradients are final: starts its bucket when it is the bucket's lowest layer.
   void operator()(int layer);

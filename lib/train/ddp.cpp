@@ -40,7 +40,11 @@ DdpStrategy::DdpStrategy(ProcessGroups groups, DdpOptions options)
   if (!options_.hook) options_.hook = std::make_shared<AllreduceAvgHook>();
 }
 
-std::string DdpStrategy::summary() const { return fmt::format("{} backend", groups_.world->name()); }
+std::string DdpStrategy::summary() const {
+  if (!groups_.tensor) return fmt::format("{} backend", groups_.world->name());
+  return fmt::format("{} backend, tensor {} x data {}", groups_.world->name(), groups_.tensor->size(),
+                     groups_.data ? groups_.data->size() : 1);
+}
 
 void DdpStrategy::prepare(nn::Model& model) {
   model_ = &model;

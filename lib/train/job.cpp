@@ -1,11 +1,12 @@
 #include "lib/train/job.h"
 
-
 #include "lib/ckpt/checkpoint.h"
 #include "lib/common/error.h"
 #include "lib/common/parse.h"
 #include "lib/common/json_fields.h"
+#include "lib/nn/tensor_parallel.h"
 #include "lib/train/compression.h"
+#include "lib/train/layout.h"
 
 namespace dtrain::train {
 
@@ -191,9 +192,15 @@ void checkParallelFitsModel(ParallelSettings& p, const nn::ModelSpec& model, int
                   "{}: /parallel: the parameter_server strategy holds whole models on its workers; it does not combine "
                   "with pipeline stages ({}) or tensor parallelism ({})",
                   source, pl.stages, p.tensor);
-  DTRAIN_CHECK_AS(ConfigError, p.tensor == 1,
-                  "{}: /parallel/tensor: {}: tensor parallelism is not available in this build yet (expected 1)",
-                  source, p.tensor);
+  if (p.tensor > 1) {
+    // Layers split inside each stage (a column/row pair never spans two stages): every stage must divide.
+    for (const auto& stage : partitionStages(model, p.pipeline.stages, p.pipeline.balance, source)) {
+      const auto problems = nn::tensorParallelProblems(stageSpec(model, stage), p.tensor);
+      if (!problems.empty())
+        DTRAIN_THROW(ConfigError, "{}: /parallel/tensor: {} ranks cannot split the model: {}", source, p.tensor,
+                     problems.front());
+    }
+  }
 }
 
 CheckpointSettings parseCheckpoint(const json& doc, const std::string& source, const fs::path& outputDir) {

@@ -6,6 +6,7 @@
 #include <limits>
 
 #include "lib/common/error.h"
+#include "lib/nn/tensor_parallel.h"
 
 namespace dtrain::train {
 
@@ -147,6 +148,13 @@ std::string layerList(const nn::ModelSpec& model, const StageRange& r) {
 
 }  // namespace
 
+nn::ModelSpec stageSpec(const nn::ModelSpec& model, const StageRange& stage) {
+  nn::ModelSpec part = model;
+  part.layers.assign(model.layers.begin() + stage.first, model.layers.begin() + stage.last);
+  part.input = model.layers[static_cast<size_t>(stage.first)].input;
+  return part;
+}
+
 std::string describeLayout(const Job& job, int worldSize) {
   const LayoutDims d = resolveLayout(job.parallel, worldSize, job.sourceFile);
   const auto stages = partitionStages(job.model, d.stages, job.parallel.pipeline.balance, job.sourceFile);
@@ -162,15 +170,29 @@ std::string describeLayout(const Job& job, int worldSize) {
                        pl.schedule == PipelineSettings::Schedule::kGpipe ? "gpipe" : "1f1b",
                        100.0 * (d.stages - 1) / (pl.microBatches + d.stages - 1),
                        pl.balance.empty() ? ", balanced by parameters and compute" : ", balance as given");
-  out += fmt::format("{:>5} {:>5} {:>6} {:>7} {:>12}  {}\n", "rank", "data", "stage", "tensor", "parameters", "layers");
+  // Parameters, their gradients and the optimizer's per-element state (momentum; Adam's two moments), float32.
+  const auto& o = job.optimizer;
+  const int states = o.type == nn::OptimizerType::kSgd ? (o.momentum > 0 ? 1 : 0) : 2;
+  auto mib = [&](int64_t params) { return static_cast<double>(params) * 4.0 * (2 + states) / (1024.0 * 1024.0); };
+  const int64_t whole = job.model.paramCount();
+  out += fmt::format("{:>5} {:>5} {:>6} {:>7} {:>12} {:>12} {:>7}  {}\n", "rank", "data", "stage", "tensor",
+                     "parameters", "+grad+opt", "share", "layers");
+  int64_t largest = 0;
   for (int r = 0; r < worldSize; ++r) {
     const RankCoords c = coordsOf(d, r);
     const StageRange& s = stages[static_cast<size_t>(c.stage)];
-    // A tensor-parallel rank holds about 1/tensor of its stage (replicated layers aside).
-    const int64_t held = (stageHeld(job.model, s) + d.tensor - 1) / d.tensor;
-    out += fmt::format("{:>5} {:>5} {:>6} {:>7} {:>12}  {}\n", r, c.data, c.stage, c.tensor, held,
+    // This rank's slices of the stage's split layers plus its replicated ones (and a tied table's copy).
+    const int64_t held = stageHeld(job.model, s) - s.params +
+                         nn::shardCounts(stageSpec(job.model, s), d.tensor, c.tensor).local;
+    largest = std::max(largest, held);
+    out += fmt::format("{:>5} {:>5} {:>6} {:>7} {:>12} {:>9.1f} MiB {:>6.1f}%  {}\n", r, c.data, c.stage, c.tensor,
+                       held, mib(held), 100.0 * static_cast<double>(held) / static_cast<double>(whole),
                        layerList(job.model, s));
   }
+  out += fmt::format("whole model: {} parameters, {:.1f} MiB with gradients and {} state; the largest rank holds "
+                     "{:.1f}% (1/(pipeline x tensor) = {:.1f}%)\n",
+                     whole, mib(whole), nn::optimizerTypeName(o.type), 100.0 * static_cast<double>(largest) /
+                     static_cast<double>(whole), 100.0 / (d.stages * d.tensor));
   return out;
 }
 

@@ -72,8 +72,12 @@ std::vector<int64_t> layerCosts(const nn::ModelSpec& model);
 std::vector<StageRange> partitionStages(const nn::ModelSpec& model, int stages, const std::vector<int>& balance,
                                         const std::string& source = "");
 
-// What `dtrain check --world N` prints: the grid, the stages and, per rank, its coordinates, layers and
-// parameter count. ConfigError when the world does not divide (resolveLayout).
+// The model spec of one stage: its top-level layers (indices and names unchanged), its input the first one's.
+nn::ModelSpec stageSpec(const nn::ModelSpec& model, const StageRange& stage);
+
+// What `dtrain check --world N` prints: the grid, the stages and, per rank, its coordinates, layers, parameter
+// count (its tensor-parallel slices plus the replicated parameters: lib/nn/tensor_parallel.h), the memory those
+// take with their gradients and optimizer state, and that share of the whole model's. ConfigError when the world does not divide (resolveLayout).
 std::string describeLayout(const Job& job, int worldSize);
 
 }  // namespace dtrain::train

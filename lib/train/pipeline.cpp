@@ -11,6 +11,7 @@
 #include "lib/ckpt/sharded.h"
 #include "lib/common/aligned_buffer.h"
 #include "lib/common/error.h"
+#include "lib/train/tensor_parallel.h"
 #include "lib/train/weights.h"
 
 #include <nlohmann/json.hpp>
@@ -104,7 +105,8 @@ std::string PipelineStrategy::summary() const {
 
 nn::Model PipelineStrategy::buildModel(uint64_t seed) const {
   const StageRange& s = stage();
-  return nn::Model::build(job_.model, microMax_, seed, Device::cpu(), nullptr,
+  return nn::Model::build(job_.model, microMax_, seed, Device::cpu(),
+                          tensorGroupOver(groups_.tensor, groups_.coords.tensor, groups_.layout.tensor),
                           {.first = s.first, .last = s.last, .inputGrad = !firstStage()});
 }
 
@@ -326,13 +328,16 @@ bool PipelineStrategy::agreeFinite(std::span<const float> values) {
 }
 
 double PipelineStrategy::gradNorm(const nn::Model& model) {
-  // Each parameter once: the tied table's replica on the last stage is left out (its sum is the first stage's).
+  // Each parameter once: the tied table's replica on the last stage is left out (its sum is the first stage's);
+  // under tensor parallelism the slices of every tensor rank and the replicated parameters of tensor rank 0.
   double sum[1] = {0};
   const auto grads = model.grads();
+  const bool replicatedHere = groups_.coords.tensor == 0;
   for (const auto& e : model.paramTable()) {
-    if (e.replica) continue;
+    if (e.replica || (!e.sliced() && !replicatedHere)) continue;
     for (size_t i = e.offset; i < e.offset + e.count; ++i) sum[0] += static_cast<double>(grads[i]) * grads[i];
   }
+  if (groups_.tensor) groups_.tensor->allreduce(TensorView::flat(sum, 1), comm::ReduceOp::kSum);
   if (groups_.pipeline) groups_.pipeline->allreduce(TensorView::flat(sum, 1), comm::ReduceOp::kSum);
   return std::sqrt(sum[0]);
 }
@@ -341,8 +346,9 @@ CheckpointShard PipelineStrategy::checkpointShard(const nn::Model& model) const 
   const bool writer = groups_.coords.data == 0;
   CheckpointShard shard{.loadParams = allParams(model), .loadOptimizer = true, .saveModel = writer,
                         .saveOptimizer = writer};
+  // Replicated parameters of a tensor-parallel stage are written by its tensor rank 0 only.
   if (writer)
-    for (size_t i = 0; i < model.paramTable().size(); ++i)
+    for (size_t i : tensorSaveParams(model, groups_.coords.tensor))
       if (!model.paramTable()[i].replica) shard.saveParams.push_back(i);
   shard.shardTag = fmt::format("p{}-t{}", groups_.coords.stage, groups_.coords.tensor);
   return shard;

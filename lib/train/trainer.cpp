@@ -31,6 +31,7 @@
 #include "lib/train/ps_strategy.h"
 #include "lib/common/ps_placement.h"
 #include "lib/train/strategy.h"
+#include "lib/train/tensor_parallel.h"
 #include "lib/train/weights.h"
 #include "rendezvous/prefix_store.h"
 #include "rendezvous/tcp_store_client.h"
@@ -112,7 +113,10 @@ class TrainLoop {
   void evaluate(const StepStats& stats);
   void logInterval(StepStats& stats, bool force);
   void finish();   // final weights, the result over the ranks, onFinish
-  void writeVocabulary();  // vocab.json beside the model, for `dtrain generate` (token datasets, rank 0)
+  void writeVocabulary();
+  // The rank dropout masks are drawn for: the ranks of a tensor group share masks (their replicated layers must
+  // agree), so it is the world rank with the tensor coordinate taken out.
+  int dropoutRank() const { return worker_.rank - strategy_->groups().coords.tensor; }  // vocab.json beside the model, for `dtrain generate` (token datasets, rank 0)
 
   const Job& job_;
   const WorkerInfo& worker_;
@@ -133,7 +137,9 @@ class TrainLoop {
   HookTraffic loggedTraffic_;           // commHook_'s counts at the last progress interval
   std::unique_ptr<Strategy> strategy_;
   PipelineStrategy* pipeline_ = nullptr;  // strategy_ when it is one: it runs forward/backward for the loop
-  bool countsMetrics_ = true;             // this rank's losses and samples count (a pipeline's last stage)
+  bool countsMetrics_ = true;             // this rank's losses and samples count (a pipeline's last stage,
+                                          // tensor rank 0)
+  bool tensorParallel_ = false;           // the model is split over a tensor group
   std::unique_ptr<Checkpointer> checkpointer_;  // uses strategy_
   std::unique_ptr<data::DistributedSampler> sampler_;
   int epochWorld_ = 0;  // the world whose padding the current epoch follows; 0: uneven (resized mid-epoch)
@@ -253,16 +259,22 @@ void TrainLoop::setUp() {
   // The job's "device" is validated to be "cpu" (lib/train/job.cpp): the layers have CPU implementations only.
   const Device device = Device::cpu();
   pipeline_ = dynamic_cast<PipelineStrategy*>(strategy_.get());
+  const ProcessGroups& groups = strategy_->groups();
+  tensorParallel_ = groups.layout.tensor > 1;
   if (pipeline_ != nullptr) {
     model_.emplace(pipeline_->buildModel(job_.loop.seed));  // this rank's stage, for micro-batches
     countsMetrics_ = pipeline_->lastStage();
   } else {
-    model_.emplace(nn::Model::build(job_.model, static_cast<int>(batch), job_.loop.seed, device));
+    // Tensor parallel: this rank's slices of the split layers (lib/nn/tensor_parallel.h).
+    model_.emplace(nn::Model::build(job_.model, static_cast<int>(batch), job_.loop.seed, device,
+                                    tensorGroupOver(groups.tensor, groups.coords.tensor, groups.layout.tensor)));
   }
+  // The ranks of a tensor group compute the same losses: one of them counts.
+  countsMetrics_ = countsMetrics_ && groups.coords.tensor == 0;
   loss_ = nn::Loss::create(job_.loss, job_.model.output(), static_cast<int>(batch), device);
   checkDataFitsModel(job_, *train_, *loss_, "/data/train");
   if (!job_.initFrom.empty()) {
-    if (pipeline_ != nullptr) loadWeightsByName(job_.initFrom, *model_);  // a stage: its own tensors of the file
+    if (pipeline_ != nullptr || tensorParallel_) loadWeightsByName(job_.initFrom, *model_);  // its own parts
     else loadWeights(job_.initFrom, *model_);
   }
   // DGC's momentum correction: the compression hook applies the momentum, the optimizer only the step.
@@ -468,9 +480,9 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
     if (pipeline_ != nullptr) {
       // The schedule interleaves forwards and backwards: its whole time is booked as forward.
       loss = pipeline_->trainBatch(b.features, targetsOf(b, *train_), static_cast<int>(b.size), gradScale, mode,
-                                   dropoutSeed(job_.loop.seed, worker_.rank, step_, micro));
+                                   dropoutSeed(job_.loop.seed, dropoutRank(), step_, micro));
     } else {
-      if (hasDropout_) model_->reseedDropout(dropoutSeed(job_.loop.seed, worker_.rank, step_, micro));
+      if (hasDropout_) model_->reseedDropout(dropoutSeed(job_.loop.seed, dropoutRank(), step_, micro));
       TensorView out = model_->forward(b.features, static_cast<int>(b.size), true);
       loss = loss_->forward(out, targetsOf(b, *train_));
     }
@@ -520,7 +532,7 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
       optimizer_->setLr(schedule_.lr(step_));
       if (!strategy_->updatesParameters()) {  // the parameter server updated params() already
         if (job_.optimizer.clipGradNorm > 0) {
-          if (pipeline_ == nullptr) {
+          if (pipeline_ == nullptr && !tensorParallel_) {
             nn::clipGradNorm(grads, job_.optimizer.clipGradNorm);
           } else {
             // PyTorch's clip_grad_norm_ over the whole model's gradients, which the stages hold in parts.
@@ -600,6 +612,11 @@ void TrainLoop::finish() {
   if (pipeline_ != nullptr && !result_.stoppedBySignal) {
     if (leader) std::filesystem::create_directories(job_.outputDir);
     pipeline_->exportModel(*model_, job_.outputDir / "model.safetensors");  // collective: the stages' parts
+  } else if (tensorParallel_ && !result_.stoppedBySignal) {
+    // The first replica's tensor group gathers the full tensors one at a time; its rank 0 (the world's) writes.
+    const ProcessGroups& g = strategy_->groups();
+    if (leader) std::filesystem::create_directories(job_.outputDir);
+    if (g.coords.data == 0) exportTensorParallel(*model_, *g.tensor, leader, job_.outputDir / "model.safetensors");
   } else if (leader && !result_.stoppedBySignal) {
     std::filesystem::create_directories(job_.outputDir);
     saveWeights(job_.outputDir / "model.safetensors", *model_);

@@ -118,6 +118,24 @@ TEST_CASE("describeLayout: each rank's coordinates, layers and parameter count")
   const Job job = load(doc);
   const std::string text = describeLayout(job, 4);
   CHECK(text.find("layout: 4 rank(s) = data 2 x pipeline 2 x tensor 1") != std::string::npos);
-  CHECK(text.find("    3     1      1       0           99  2..4 (3 layers: 2 linear .. 4 linear)") != std::string::npos);
+  CHECK(text.find("    3     1      1       0           99 ") != std::string::npos);
+  CHECK(text.find("%  2..4 (3 layers: 2 linear .. 4 linear)") != std::string::npos);
   CHECK_THROWS_AS(describeLayout(job, 3), ConfigError);
+}
+
+TEST_CASE("describeLayout with tensor parallelism: each rank's slices plus the replicated parameters") {
+  // 4 -> 16 -> relu -> 3: one column/row pair; tensor 2 holds half of each weight, half of the first bias and the
+  // whole second bias: 32 + 8 + 24 + 3 = 67 of the model's 131.
+  json doc = mlpJob();
+  doc["model"]["layers"] = json::parse(R"([{"type": "linear", "out": 16}, {"type": "relu"},
+                                           {"type": "linear", "out": 3}])");
+  doc["parallel"] = {{"tensor", 2}};
+  const Job job = load(doc);
+  const std::string text = describeLayout(job, 2);
+  CHECK(text.find("    1     0      0       1           67 ") != std::string::npos);
+  CHECK(text.find("whole model: 131 parameters") != std::string::npos);
+  CHECK(text.find("the largest rank holds 51.1% (1/(pipeline x tensor) = 50.0%)") != std::string::npos);
+  doc["parallel"] = {{"tensor", 3}};
+  CHECK(configErrorOf(doc).find("/parallel/tensor: 3 ranks cannot split the model: /model/layers/0/out: 16 is not "
+                                "divisible by parallel.tensor 3") != std::string::npos);
 }

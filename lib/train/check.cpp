@@ -11,6 +11,7 @@
 #include "lib/nn/model.h"
 #include "lib/nn/registry.h"
 #include "lib/train/compression.h"
+#include "lib/train/layout.h"
 
 namespace dtrain::train {
 
@@ -105,6 +106,8 @@ MemoryEstimate estimateMemory(const Job& job) {
   MemoryEstimate e;
   int64_t params = 0;
   for (const auto& l : job.model.layers) params = satAdd(params, nn::checkedParamCountOf(l).value_or(kInt64Max));
+  // Under model parallelism a worker holds its stage's part, 1/tensor of its split layers (layout.h).
+  if (job.parallel.tensor > 1 || job.parallel.pipeline.stages > 1) params = largestRankParams(job);
   e.parameters = satMul(params, 3 * 4);
   int64_t slots = 0;
   if (job.optimizer.type == nn::OptimizerType::kSgd) slots = job.optimizer.momentum != 0 ? 1 : 0;

@@ -155,6 +155,17 @@ nn::ModelSpec stageSpec(const nn::ModelSpec& model, const StageRange& stage) {
   return part;
 }
 
+int64_t largestRankParams(const Job& job) {
+  const int tensor = job.parallel.tensor, stages = job.parallel.pipeline.stages;
+  if (tensor == 1 && stages == 1) return job.model.paramCount();
+  int64_t largest = 0;
+  for (const auto& s : partitionStages(job.model, stages, job.parallel.pipeline.balance, job.sourceFile))
+    for (int t = 0; t < tensor; ++t)
+      largest = std::max(largest, stageHeld(job.model, s) - s.params +
+                                      nn::shardCounts(stageSpec(job.model, s), tensor, t).local);
+  return largest;
+}
+
 std::string describeLayout(const Job& job, int worldSize) {
   const LayoutDims d = resolveLayout(job.parallel, worldSize, job.sourceFile);
   const auto stages = partitionStages(job.model, d.stages, job.parallel.pipeline.balance, job.sourceFile);

@@ -75,6 +75,10 @@ std::vector<StageRange> partitionStages(const nn::ModelSpec& model, int stages, 
 // The model spec of one stage: its top-level layers (indices and names unchanged), its input the first one's.
 nn::ModelSpec stageSpec(const nn::ModelSpec& model, const StageRange& stage);
 
+// The parameters the fullest rank holds under the job's pipeline stages and tensor degree (the whole model's
+// without model parallelism): what a worker's memory is sized by.
+int64_t largestRankParams(const Job& job);
+
 // What `dtrain check --world N` prints: the grid, the stages and, per rank, its coordinates, layers, parameter
 // count (its tensor-parallel slices plus the replicated parameters: lib/nn/tensor_parallel.h), the memory those
 // take with their gradients and optimizer state, and that share of the whole model's. ConfigError when the world does not divide (resolveLayout).

@@ -259,18 +259,18 @@ void TrainLoop::setUp() {
   // The job's "device" is validated to be "cpu" (lib/train/job.cpp): the layers have CPU implementations only.
   const Device device = Device::cpu();
   pipeline_ = dynamic_cast<PipelineStrategy*>(strategy_.get());
-  const ProcessGroups& groups = strategy_->groups();
-  tensorParallel_ = groups.layout.tensor > 1;
+  const ProcessGroups& built = strategy_->groups();
+  tensorParallel_ = built.layout.tensor > 1;
   if (pipeline_ != nullptr) {
     model_.emplace(pipeline_->buildModel(job_.loop.seed));  // this rank's stage, for micro-batches
     countsMetrics_ = pipeline_->lastStage();
   } else {
     // Tensor parallel: this rank's slices of the split layers (lib/nn/tensor_parallel.h).
     model_.emplace(nn::Model::build(job_.model, static_cast<int>(batch), job_.loop.seed, device,
-                                    tensorGroupOver(groups.tensor, groups.coords.tensor, groups.layout.tensor)));
+                                    tensorGroupOver(built.tensor, built.coords.tensor, built.layout.tensor)));
   }
   // The ranks of a tensor group compute the same losses: one of them counts.
-  countsMetrics_ = countsMetrics_ && groups.coords.tensor == 0;
+  countsMetrics_ = countsMetrics_ && built.coords.tensor == 0;
   loss_ = nn::Loss::create(job_.loss, job_.model.output(), static_cast<int>(batch), device);
   checkDataFitsModel(job_, *train_, *loss_, "/data/train");
   if (!job_.initFrom.empty()) {

@@ -10,8 +10,9 @@
 //
 // Initialisation is nanoGPT's: normal(0, 0.02) for every Linear and Embedding weight, 0.02 / sqrt(2 n_layer) for
 // the residual projections (c_proj), zero biases, LayerNorm weight 1 and bias 0. Dropout (when > 0) follows the
-// embedding and ends each residual branch (nanoGPT's resid_dropout and mlp dropout); dropout on the attention
-// probabilities is not applied.
+// embedding, ends each residual branch (nanoGPT's resid_dropout and mlp dropout) and applies to the attention
+// probabilities (attn_dropout, inside causal_self_attention). "bias": false drops every Linear's and LayerNorm's
+// bias, as nanoGPT's bias=False.
 #include <fmt/format.h>
 
 #include <cmath>
@@ -47,9 +48,8 @@ nlohmann::json expandGptPreset(const nlohmann::json& model, const std::string& s
   constexpr double kStd = 0.02;
   const double projStd = kStd / std::sqrt(2.0 * static_cast<double>(layers));
   auto ln = [&](const std::string& name) {
-    // nanoGPT's LayerNorm with bias=False has no bias at all; ours is all-or-nothing affine, so bias=false keeps
-    // the affine pair (documented in docs/model-spec.md).
-    return json{{"type", "layernorm"}, {"name", name}, {"eps", 1e-5}};
+    // nanoGPT's LayerNorm(ndim, bias): with bias=False only the weight.
+    return json{{"type", "layernorm"}, {"name", name}, {"eps", 1e-5}, {"bias", bias}};
   };
   auto drop = [&](json& list) {
     if (dropout > 0) list.push_back({{"type", "dropout"}, {"p", dropout}});
@@ -60,8 +60,10 @@ nlohmann::json expandGptPreset(const nlohmann::json& model, const std::string& s
   drop(list);
   for (int64_t i = 0; i < layers; ++i) {
     const std::string name = fmt::format("transformer.h.{}", i);
-    json attn = json::array({ln("ln_1"), json{{"type", "causal_self_attention"}, {"name", "attn"}, {"n_head", heads},
-                                              {"bias", bias}, {"init_std", kStd}, {"proj_init_std", projStd}}});
+    json attention{{"type", "causal_self_attention"}, {"name", "attn"}, {"n_head", heads}, {"bias", bias},
+                   {"init_std", kStd}, {"proj_init_std", projStd}};
+    if (dropout > 0) attention["dropout"] = dropout;  // nanoGPT's attn_dropout
+    json attn = json::array({ln("ln_1"), attention});
     drop(attn);
     list.push_back({{"type", "block"}, {"name", name}, {"layers", attn}});
     json mlp = json::array({ln("ln_2"),

@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
+#include <random>
 
 #include "lib/common/aligned_buffer.h"
 #include "lib/common/error.h"
@@ -86,25 +88,31 @@ class Embedding final : public Layer {
   float* gwpe_ = nullptr;
 };
 
-// Causal multi-head self-attention, nanoGPT's CausalSelfAttention without dropout:
+// Causal multi-head self-attention, nanoGPT's CausalSelfAttention (its resid_dropout is a dropout layer after it):
 //   q, k, v = split(x c_attn^T + b, C);  per head h (hs = C / H columns):
-//   P = softmax(mask(q_h k_h^T / sqrt(hs)));  y_h = P v_h;  out = concat_h(y_h) c_proj^T + b.
-// Per sample and head the scores are one [T, T] GEMM over strided views of the stacked qkv buffer (no copies);
-// the full square is computed and the upper triangle masked in the softmax, which costs the wasted half of a
-// small GEMM but keeps Eigen's fast kernel. qkv, the concatenated heads and the probabilities are kept for
-// backward (maxBatch * (4C + H*T) * T floats).
+//   P = softmax(mask(q_h k_h^T / sqrt(hs)));  y_h = dropout(P) v_h;  out = concat_h(y_h) c_proj^T + b.
+// Dropout on P (nanoGPT's attn_dropout, "dropout" > 0, training only) keeps element (i, j <= i) with probability
+// 1 - p and scales it by 1 / (1 - p); its masks come from the layer's own stream, reseeded every step by the
+// trainer (Model::reseedDropout), so a run is deterministic per seed and resumes bit for bit. The dropped
+// probabilities are kept beside P for backward (another maxBatch * H * T * T floats).
+// Per sample and head the scores are GEMMs over strided views of the stacked qkv buffer (no copies), one per
+// block of 32 query rows against the keys it may see: the masked upper triangle is skipped block-wise (62.5% of
+// the full square's work at T = 128) while every product stays large enough for Eigen's fast kernel. qkv, the
+// concatenated heads and the probabilities are kept for backward (maxBatch * (4C + H*T) * T floats).
 // Tensor-parallel (spec().shard kHeads, lib/nn/tensor_parallel.h): the rank computes its H / size heads, w = C /
 // size columns of q, k, v and of the concatenated heads; c_proj's partial output is all-reduced before its
 // (whole) bias is added, and dx is all-reduced in backward. With one rank w = C and nothing is communicated.
 class CausalSelfAttention final : public Layer {
  public:
-  CausalSelfAttention(const LayerSpec& spec, int maxBatch, SharedScratch* scratch, TensorGroup* group)
+  CausalSelfAttention(const LayerSpec& spec, int maxBatch, SharedScratch* scratch, TensorGroup* group, uint64_t seed)
       : Layer(spec, Device::cpu()), t_(spec.input[0]), c_(spec.input[1]), parts_(spec.shard.size),
         h_(spec.nHead / parts_), hs_(c_ / spec.nHead), w_(h_ * hs_), rows_(sz(maxBatch) * sz(t_)),
         qkv_(rows_ * sz(3 * w_)), att_(rows_ * sz(w_)), probs_(sz(maxBatch) * sz(h_ * t_ * t_)),
-        dprobs_(sz(t_ * t_)), scratch_(scratch), group_(spec.shard.kind == TensorShard::kHeads ? group : nullptr) {
+        dprobs_(sz(t_ * t_)), dropped_(spec.p > 0 ? sz(maxBatch) * sz(h_ * t_ * t_) : 0), scratch_(scratch),
+        group_(spec.shard.kind == TensorShard::kHeads ? group : nullptr) {
     DTRAIN_CHECK(spec.shard.kind != TensorShard::kHeads || group_ != nullptr,
                  "{}: a tensor-parallel attention layer needs its tensor group", spec.path);
+    reseed(seed);
     // dqkv and datt live only inside one backward: the model's attention layers share them.
     if (scratch_ != nullptr) scratch_->reserve(SharedScratch::kAttention, rows_ * sz(4 * w_));
     else own_ = AlignedBuffer<float>(rows_ * sz(4 * w_));
@@ -118,14 +126,17 @@ class CausalSelfAttention final : public Layer {
     if (spec().bias) bProj_ = params + at, gbProj_ = grads + at;
   }
 
+  void reseed(uint64_t seed) override { engine_.seed(detail::mixSeed(seed, static_cast<uint64_t>(spec().index))); }
+
   void initParams(InitRng& rng) override {
     if (group_ != nullptr) return initShard(rng);
     initLinear(rng, wAttn_, bAttn_, 3 * c_, spec().initStd);
     initLinear(rng, wProj_, bProj_, c_, spec().projInitStd > 0 ? spec().projInitStd : spec().initStd);
   }
 
-  void forward(const float* x, float* y, int batch, bool) override {
+  void forward(const float* x, float* y, int batch, bool train) override {
     const Eigen::Index rows = batch * t_;
+    dropping_ = train && spec().p > 0;
     MatMap qkv(qkv_.data(), rows, 3 * w_);
     qkv.noalias() = ConstMatMap(x, rows, c_) * ConstMatMap(wAttn_, 3 * w_, c_).transpose();
     if (bAttn_ != nullptr) qkv.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(bAttn_, 3 * w_);
@@ -137,10 +148,20 @@ class CausalSelfAttention final : public Layer {
         ConstStridedMap k(base + w_, t_, hs_, Eigen::OuterStride<>(3 * w_));
         ConstStridedMap v(base + 2 * w_, t_, hs_, Eigen::OuterStride<>(3 * w_));
         MatMap p(probs(b, h), t_, t_);
-        p.noalias() = q * k.transpose();
-        for (int64_t i = 0; i < t_; ++i) softmaxRow(p.row(i).data(), i + 1, scale);
         StridedMap out(att_.data() + b * t_ * w_ + h * hs_, t_, hs_, Eigen::OuterStride<>(w_));
-        out.noalias() = p * v;
+        // Row block [i0, i1) attends to columns [0, i1) only: the rest of its rows is masked.
+        for (int64_t i0 = 0; i0 < t_; i0 += kRowBlock) {
+          const int64_t rb = std::min(kRowBlock, t_ - i0), i1 = i0 + rb;
+          p.block(i0, 0, rb, i1).noalias() = q.middleRows(i0, rb) * k.topRows(i1).transpose();
+          for (int64_t i = i0; i < i1; ++i) softmaxRow(p.row(i).data(), i + 1, i1, scale);
+          if (dropping_) {
+            MatMap pd(dropped(b, h), t_, t_);
+            for (int64_t i = i0; i < i1; ++i) dropRow(p.row(i).data(), pd.row(i).data(), i + 1, i1);
+            out.middleRows(i0, rb).noalias() = pd.block(i0, 0, rb, i1) * v.topRows(i1);
+          } else {
+            out.middleRows(i0, rb).noalias() = p.block(i0, 0, rb, i1) * v.topRows(i1);
+          }
+        }
       }
     }
     MatMap Y(y, rows, c_);
@@ -172,20 +193,41 @@ class CausalSelfAttention final : public Layer {
         StridedMap dv(dqkvData + off + 2 * w_, t_, hs_, s3);
         ConstStridedMap dOut(dattData + b * t_ * w_ + h * hs_, t_, hs_, Eigen::OuterStride<>(w_));
         MatMap p(probs(b, h), t_, t_);
-        dv.noalias() = p.transpose() * dOut;
-        dP.noalias() = dOut * v.transpose();
-        // Softmax backward per row over the unmasked prefix: dS = P * (dP - sum(dP * P)) * scale (0 where masked,
-        // since P is 0 there).
-        for (int64_t i = 0; i < t_; ++i) {
-          float* pr = p.row(i).data();
-          float* dr = dP.row(i).data();
-          float dot = 0.0f;
-          for (int64_t j = 0; j <= i; ++j) dot += pr[j] * dr[j];
-          for (int64_t j = 0; j <= i; ++j) dr[j] = pr[j] * (dr[j] - dot) * scale;
-          for (int64_t j = i + 1; j < t_; ++j) dr[j] = 0.0f;
+        MatMap pd(dropping_ ? dropped(b, h) : probs(b, h), t_, t_);  // what multiplied v in forward
+        const float keep = dropping_ ? 1.0f / static_cast<float>(1.0 - spec().p) : 1.0f;
+        // Row blocks as in forward, the last first: it covers every column, so it assigns dv and dk, and the
+        // earlier blocks add to their first i1 rows.
+        for (int64_t i0 = (t_ - 1) / kRowBlock * kRowBlock; i0 >= 0; i0 -= kRowBlock) {
+          const int64_t rb = std::min(kRowBlock, t_ - i0), i1 = i0 + rb;
+          const bool all = i1 == t_;
+          auto dOutRows = dOut.middleRows(i0, rb);
+          if (all) {
+            dv.noalias() = pd.block(i0, 0, rb, i1).transpose() * dOutRows;
+          } else {
+            dv.topRows(i1).noalias() += pd.block(i0, 0, rb, i1).transpose() * dOutRows;
+          }
+          auto dS = dP.block(i0, 0, rb, i1);
+          dS.noalias() = dOutRows * v.topRows(i1).transpose();
+          if (dropping_) {
+            // Through the dropout: d(P) = d(dropped P) x 1 / (1 - p) where kept, 0 where dropped (a kept element
+            // that is exactly 0 has P = 0 too, and the softmax backward below multiplies by P).
+            dS.array() = (pd.block(i0, 0, rb, i1).array() != 0.0f).select(dS.array() * keep, 0.0f);
+          }
+          // Softmax backward per row over the unmasked prefix: dS = P * (dP - sum(dP * P)) * scale, 0 where masked.
+          for (int64_t i = i0; i < i1; ++i) {
+            ConstArrMap pr(p.row(i).data(), i + 1);
+            ArrMap dr(dP.row(i).data(), i + 1);
+            const float dot = (pr * dr).sum();
+            dr = pr * (dr - dot) * scale;
+            std::fill(dP.row(i).data() + i + 1, dP.row(i).data() + i1, 0.0f);
+          }
+          dq.middleRows(i0, rb).noalias() = dS * k.topRows(i1);
+          if (all) {
+            dk.noalias() = dS.transpose() * q.middleRows(i0, rb);
+          } else {
+            dk.topRows(i1).noalias() += dS.transpose() * q.middleRows(i0, rb);
+          }
         }
-        dq.noalias() = dP * k;
-        dk.noalias() = dP.transpose() * q;
       }
     }
     ConstMatMap dQkv(dqkvData, rows, 3 * w_);
@@ -197,19 +239,32 @@ class CausalSelfAttention final : public Layer {
 
  private:
   float* probs(int b, int64_t h) { return probs_.data() + (b * h_ + h) * t_ * t_; }
+  float* dropped(int b, int64_t h) { return dropped_.data() + (b * h_ + h) * t_ * t_; }
 
-  // Softmax of row[0..n) scaled by `scale` (stable: shifted by the maximum); row[n..T) becomes 0 (the mask).
-  void softmaxRow(float* row, int64_t n, float scale) const {
-    float m = row[0];
-    for (int64_t j = 1; j < n; ++j) m = std::max(m, row[j]);
-    float sum = 0.0f;
+  // Rows of the causal mask's blocks: 32 rows attend to at most 32 more columns than they need, so the
+  // products cost (T / 32 + 1) / (2 T / 32) of the full square (62.5% at T = 128) and stay large enough for Eigen's
+  // fast kernel.
+  static constexpr int64_t kRowBlock = 32;
+
+  // out[0, end) = dropout(p[0, n)) then zeros: one draw per element j < n in order (the row's causal prefix).
+  void dropRow(const float* p, float* out, int64_t n, int64_t end) {
+    const double drop = spec().p;
+    const float keep = 1.0f / static_cast<float>(1.0 - drop);
     for (int64_t j = 0; j < n; ++j) {
-      row[j] = std::exp((row[j] - m) * scale);
-      sum += row[j];
+      const double u = static_cast<double>(engine_() >> 40) * 0x1.0p-24;
+      out[j] = u >= drop ? p[j] * keep : 0.0f;
     }
-    const float inv = 1.0f / sum;
-    for (int64_t j = 0; j < n; ++j) row[j] *= inv;
-    for (int64_t j = n; j < t_; ++j) row[j] = 0.0f;
+    std::fill(out + n, out + end, 0.0f);
+  }
+
+  // Softmax of row[0..n) scaled by `scale` (stable: shifted by the maximum; Eigen's vectorised exp); row[n..end)
+  // becomes 0 (the mask inside the row's block).
+  static void softmaxRow(float* row, int64_t n, int64_t end, float scale) {
+    ArrMap r(row, n);
+    const float m = r.maxCoeff();
+    r = ((r - m) * scale).exp();
+    r *= 1.0f / r.sum();
+    std::fill(row + n, row + end, 0.0f);
   }
 
   // dW (+)= dY^T X, db (+)= column sums of dY.
@@ -266,7 +321,10 @@ class CausalSelfAttention final : public Layer {
   int64_t h_, hs_, w_;  // this rank's heads, the head size, this rank's columns of q/k/v (h_ * hs_)
   size_t rows_;
   AlignedBuffer<float> qkv_, att_, probs_, dprobs_;
+  AlignedBuffer<float> dropped_;  // dropout(P), when "dropout" > 0
   SharedScratch* scratch_;
+  std::mt19937_64 engine_;
+  bool dropping_ = false;  // the last forward applied dropout (training with p > 0)
   AlignedBuffer<float> own_;  // dqkv + datt when built without a shared scratch
   TensorGroup* group_;        // the tensor group when split by heads; else null
   float* wAttn_ = nullptr;
@@ -435,16 +493,33 @@ std::string embeddingDetail(const LayerSpec& l) {
 }
 
 void parseAttention(const JsonFields& f, LayerSpec& l) {
-  f.allowOnly({"type", "n_head", "bias", "init_std", "proj_init_std"});
+  f.allowOnly({"type", "n_head", "bias", "init_std", "proj_init_std", "dropout"});
   requireSequence(f, l, "causal_self_attention");
   l.nHead = checkSize(f, "n_head", f.integer("n_head", "an integer >= 1", positive));
   if (l.input[1] % l.nHead != 0)
     f.failAt("n_head", fmt::format("n_embd {} is not divisible by n_head {} (each head takes n_embd / n_head columns)",
                                    l.input[1], l.nHead));
   l.bias = f.boolean("bias", true);
+  l.p = f.number("dropout", 0.0, "a probability in [0, 1) (dropout on the attention probabilities)",
+                 [](double v) { return v >= 0 && v < 1; });
   l.initStd = initStdField(f, "init_std");
   l.projInitStd = initStdField(f, "proj_init_std");
   l.output = l.input;
+}
+
+// q, k, v and the concatenated heads [T, 4C], the probabilities [H, T, T] and, with dropout, their dropped copy.
+int64_t attentionKept(const LayerSpec& l) {
+  const double t = static_cast<double>(l.input[0]), c = static_cast<double>(l.input[1]);
+  const double n = 4 * c * t + static_cast<double>(l.nHead) * t * t * (l.p > 0 ? 2 : 1);
+  return n >= 9.2e18 ? std::numeric_limits<int64_t>::max() : static_cast<int64_t>(n);
+}
+
+// Each child's output (in the block's own buffers) and what the child keeps itself.
+int64_t blockKept(const LayerSpec& l) {
+  double n = 0;
+  for (const auto& c : l.children)
+    n += static_cast<double>(c.output.numel()) + static_cast<double>(keptFloatsOf(c));
+  return n >= 9.2e18 ? std::numeric_limits<int64_t>::max() : static_cast<int64_t>(n);
 }
 
 std::vector<ParamShape> attentionParams(const LayerSpec& l) {
@@ -470,7 +545,8 @@ std::vector<ParamShape> attentionParams(const LayerSpec& l) {
 }
 
 std::string attentionDetail(const LayerSpec& l) {
-  return fmt::format("{} heads x {}, causal{}", l.nHead, l.input[1] / l.nHead, l.bias ? "" : ", no bias");
+  return fmt::format("{} heads x {}, causal{}{}", l.nHead, l.input[1] / l.nHead, l.bias ? "" : ", no bias",
+                     l.p > 0 ? fmt::format(", dropout {}", l.p) : "");
 }
 
 void parseLmHead(const JsonFields& f, LayerSpec& l) {
@@ -535,7 +611,7 @@ std::string blockDetail(const LayerSpec& l) {
 
 std::unique_ptr<Layer> makeEmbedding(const LayerSpec& s, const LayerBuild&) { return std::make_unique<Embedding>(s); }
 std::unique_ptr<Layer> makeAttention(const LayerSpec& s, const LayerBuild& b) {
-  return std::make_unique<CausalSelfAttention>(s, b.maxBatch, b.scratch, b.tensor);
+  return std::make_unique<CausalSelfAttention>(s, b.maxBatch, b.scratch, b.tensor, b.seed);
 }
 std::unique_ptr<Layer> makeLmHead(const LayerSpec& s, const LayerBuild&) { return std::make_unique<LmHead>(s); }
 std::unique_ptr<Layer> makeBlock(const LayerSpec& s, const LayerBuild& b) { return std::make_unique<Block>(s, b); }
@@ -554,7 +630,7 @@ const LayerKind& attentionKind() {
   static constexpr LayerKind kind{.name = "causal_self_attention", .parse = parseAttention,
                                   .paramShapes = attentionParams, .detail = attentionDetail, .cpu = makeAttention,
                                   .exampleLayer = R"({"type": "causal_self_attention", "n_head": 2})",
-                                  .exampleInput = "[3, 4]"};
+                                  .exampleInput = "[3, 4]", .keptFloats = attentionKept};
   return kind;
 }
 
@@ -570,13 +646,14 @@ const LayerKind& blockKind() {
   static constexpr LayerKind kind{
       .name = "block", .parse = parseBlock, .paramShapes = blockParams, .detail = blockDetail, .cpu = makeBlock,
       .exampleLayer = R"({"type": "block", "layers": [{"type": "layernorm"}, {"type": "linear", "out": 4}]})",
-      .exampleInput = "[3, 4]"};
+      .exampleInput = "[3, 4]", .keptFloats = blockKept};
   return kind;
 }
 
 // Whether the layer or any layer inside it draws random numbers in training (dropout inside a block).
 bool drawsRandom(const LayerSpec& spec) {
   if (spec.kind != nullptr && spec.kind->random) return true;
+  if (spec.kind == &attentionKind() && spec.p > 0) return true;  // attention dropout
   return std::any_of(spec.children.begin(), spec.children.end(), drawsRandom);
 }
 

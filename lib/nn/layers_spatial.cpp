@@ -179,7 +179,8 @@ class MaxPool2d final : public Layer {
 };
 
 // LayerNorm over the last dimension (PyTorch's nn.LayerNorm(input[-1])): biased variance, eps inside the
-// square root, optional affine weight (init 1) and bias (init 0). Row statistics are kept for backward.
+// square root, optional affine weight (init 1) and bias (init 0; "bias": false leaves it out, as PyTorch's
+// LayerNorm(bias=False) and nanoGPT's bias=False). Row statistics are kept for backward.
 class LayerNorm final : public Layer {
  public:
   LayerNorm(const LayerSpec& spec, int maxBatch)
@@ -191,13 +192,14 @@ class LayerNorm final : public Layer {
 
   void bind(float* params, float* grads) override {
     if (!spec().affine) return;
-    w_ = params, b_ = params + d_, gw_ = grads, gb_ = grads + d_;
+    w_ = params, gw_ = grads;
+    if (spec().bias) b_ = params + d_, gb_ = grads + d_;
   }
 
   void initParams(InitRng&) override {
     if (!spec().affine) return;
     std::fill(w_, w_ + d_, 1.0f);
-    std::fill(b_, b_ + d_, 0.0f);
+    if (b_ != nullptr) std::fill(b_, b_ + d_, 0.0f);
   }
 
   void forward(const float* x, float* y, int batch, bool) override {
@@ -211,14 +213,18 @@ class LayerNorm final : public Layer {
       mean_.data()[r] = mean;
       rstd_.data()[r] = rstd;
       Y = (X - mean) * rstd;
-      if (w_ != nullptr) Y = Y * ConstArrMap(w_, d_) + ConstArrMap(b_, d_);
+      if (b_ != nullptr) {
+        Y = Y * ConstArrMap(w_, d_) + ConstArrMap(b_, d_);
+      } else if (w_ != nullptr) {
+        Y = Y * ConstArrMap(w_, d_);
+      }
     }
   }
 
   void backward(const float* x, const float*, const float* dy, float* dx, int batch, bool accumulate) override {
     if (w_ != nullptr && !accumulate) {
       std::memset(gw_, 0, static_cast<size_t>(d_) * sizeof(float));
-      std::memset(gb_, 0, static_cast<size_t>(d_) * sizeof(float));
+      if (gb_ != nullptr) std::memset(gb_, 0, static_cast<size_t>(d_) * sizeof(float));
     }
     ArrMap xhat(xhatRow_.data(), d_);
     ArrMap g(gradRow_.data(), d_);
@@ -227,7 +233,7 @@ class LayerNorm final : public Layer {
       ConstArrMap dY(dy + r * d_, d_);
       if (w_ != nullptr) {
         ArrMap(gw_, d_) += dY * xhat;
-        ArrMap(gb_, d_) += dY;
+        if (gb_ != nullptr) ArrMap(gb_, d_) += dY;
       }
       if (dx == nullptr) continue;
       // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * weight.
@@ -319,19 +325,22 @@ void parseMaxPool2d(const JsonFields& f, LayerSpec& l) {
 }
 
 void parseLayerNorm(const JsonFields& f, LayerSpec& l) {
-  f.allowOnly({"type", "eps", "affine"});
+  f.allowOnly({"type", "eps", "affine", "bias"});
   l.eps = f.number("eps", 1e-5, "a number > 0", [](double v) { return v > 0.0; });
   l.affine = f.boolean("affine", true);
+  l.bias = f.boolean("bias", true);
+  if (f.has("bias") && l.bias && !l.affine) f.failAt("bias", "needs \"affine\": true (the bias is part of the affine pair)");
   l.output = l.input;
 }
 
 std::vector<ParamShape> layerNormParams(const LayerSpec& l) {
   if (!l.affine) return {};
+  if (!l.bias) return {{"weight", Shape{l.input.back()}}};
   return {{"weight", Shape{l.input.back()}}, {"bias", Shape{l.input.back()}}};
 }
 
 std::string layerNormDetail(const LayerSpec& l) {
-  return fmt::format("[{}], eps={}{}", l.input.back(), l.eps, l.affine ? "" : ", no affine");
+  return fmt::format("[{}], eps={}{}", l.input.back(), l.eps, !l.affine ? ", no affine" : !l.bias ? ", no bias" : "");
 }
 
 std::unique_ptr<Layer> makeConv2d(const LayerSpec& spec, const LayerBuild&) { return std::make_unique<Conv2d>(spec); }

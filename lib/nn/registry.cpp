@@ -67,6 +67,10 @@ int64_t paramCountOf(const LayerSpec& spec) {
   return n;
 }
 
+int64_t keptFloatsOf(const LayerSpec& spec) {
+  return spec.kind != nullptr && spec.kind->keptFloats != nullptr ? spec.kind->keptFloats(spec) : 0;
+}
+
 std::optional<int64_t> checkedParamCountOf(const LayerSpec& spec) {
   int64_t n = 0;
   for (const auto& p : paramShapesOf(spec)) {

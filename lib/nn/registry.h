@@ -104,6 +104,9 @@ struct LayerKind {
   // A valid layer object and per-sample input shape (JSON text), so tests cover every registered type.
   std::string_view exampleLayer;
   std::string_view exampleInput;
+  // Floats per sample the layer keeps from forward to backward besides its output (attention: q, k, v, the
+  // heads and the probabilities [H, T, T]); nullptr: none. Memory estimates only (dtrain check, the agent).
+  int64_t (*keptFloats)(const LayerSpec& spec) = nullptr;
 };
 
 // Every registered type, in the order error messages list them.
@@ -118,6 +121,9 @@ std::vector<ParamShape> paramShapesOf(const LayerSpec& spec);
 int64_t paramCountOf(const LayerSpec& spec);
 // The same count with overflow checks (nullopt past INT64_MAX): the parser's guard for untrusted specs.
 std::optional<int64_t> checkedParamCountOf(const LayerSpec& spec);
+
+// keptFloats of spec's layer, saturating at INT64_MAX; 0 when its type keeps nothing beyond its output.
+int64_t keptFloatsOf(const LayerSpec& spec);
 
 // Whether spec's layer, or a layer inside it (a block's children), draws random numbers in training (dropout).
 bool drawsRandom(const LayerSpec& spec);

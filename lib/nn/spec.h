@@ -60,8 +60,8 @@ struct LayerSpec {
   Shape output;        // per-sample output shape
 
   int64_t out = 0;     // linear: out features; conv2d: out channels
-  bool bias = true;    // linear, conv2d
-  double p = 0.5;      // dropout probability
+  bool bias = true;    // linear, conv2d, causal_self_attention, layernorm (with affine)
+  double p = 0.5;      // dropout probability; causal_self_attention: on the attention probabilities (default 0)
   std::optional<uint64_t> seed;  // dropout: fixed mask seed (else derived from the build seed)
   double eps = 1e-5;   // layernorm
   bool affine = true;  // layernorm: learnable weight and bias

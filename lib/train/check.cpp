@@ -95,14 +95,17 @@ std::string compressionLine(const Job& job) {
 
 }  // namespace
 
-int64_t MemoryEstimate::total() const noexcept { return satAdd(satAdd(parameters, optimizer), satAdd(activations, data)); }
-
-std::string MemoryEstimate::str() const {
-  return fmt::format("{} (parameters {}, optimizer {}, activations {}, data {})", humanBytes(total()),
-                     humanBytes(parameters), humanBytes(optimizer), humanBytes(activations), humanBytes(data));
+int64_t MemoryEstimate::total() const noexcept {
+  return satAdd(satAdd(satAdd(parameters, optimizer), satAdd(activations, data)), compression);
 }
 
-MemoryEstimate estimateMemory(const Job& job) {
+std::string MemoryEstimate::str() const {
+  return fmt::format("{} (parameters {}, optimizer {}, activations {}, data {}{})", humanBytes(total()),
+                     humanBytes(parameters), humanBytes(optimizer), humanBytes(activations), humanBytes(data),
+                     compression > 0 ? fmt::format(", compression {}", humanBytes(compression)) : "");
+}
+
+MemoryEstimate estimateMemory(const Job& job, int worldSize) {
   MemoryEstimate e;
   int64_t params = 0;
   for (const auto& l : job.model.layers) params = satAdd(params, nn::checkedParamCountOf(l).value_or(kInt64Max));
@@ -114,9 +117,14 @@ MemoryEstimate estimateMemory(const Job& job) {
   else slots = job.optimizer.amsgrad ? 3 : 2;
   e.optimizer = satMul(params, slots * 4);
   int64_t values = satNumel(job.model.input);
-  for (const auto& l : job.model.layers) values = satAdd(values, satMul(satNumel(l.output), 2));
+  for (const auto& l : job.model.layers)
+    values = satAdd(values, satAdd(satMul(satNumel(l.output), 2), nn::keptFloatsOf(l)));
   e.activations = satMul(satMul(values, job.data.batchSize), 4);
   e.data = satAdd(syntheticBytes(job.data.train), job.data.eval ? syntheticBytes(*job.data.eval) : 0);
+  if (job.parallel.compression && params < kInt64Max) {
+    const uint64_t bytes = compressionBufferBytes(*job.parallel.compression, paramsOfSpec(job.model), worldSize);
+    e.compression = bytes > static_cast<uint64_t>(kInt64Max) ? kInt64Max : static_cast<int64_t>(bytes);
+  }
   return e;
 }
 
@@ -142,7 +150,7 @@ std::optional<MachineMemory> readMachineMemory(const std::string& meminfoPath) {
 void checkJobFitsMemory(const Job& job, int localWorkers, const std::optional<MachineMemory>& machine,
                         std::optional<int64_t> dataBytes) {
   if (!machine) return;
-  MemoryEstimate e = estimateMemory(job);
+  MemoryEstimate e = estimateMemory(job, std::max(localWorkers, 2));
   if (dataBytes) e.data = *dataBytes;
   const int64_t workers = std::max(localWorkers, 1);
   const int64_t need = satMul(e.total(), workers);

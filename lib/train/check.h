@@ -34,17 +34,22 @@ DataCheck checkJobData(const Job& job);
 // product and sum saturates at INT64_MAX instead of wrapping, so a huge job is never estimated as a small one.
 //   parameters: weights + gradients + the DDP communication copy (3 x 4 bytes per parameter);
 //   optimizer: state (SGD with momentum 1, Adam/AdamW 2, amsgrad 3 floats per parameter);
-//   activations: per layer output + its gradient for batch_size samples, plus the input batch (float32);
-//   data: the training and eval sets as floats when their size is known from the spec (synthetic), else 0.
+//   activations: per layer output + its gradient for batch_size samples, plus the input batch and what layers keep
+//     for backward (nn::keptFloatsOf: a block's inner outputs, attention's qkv and probabilities [H, T, T]) (float32);
+//   data: the training and eval sets as floats when their size is known from the spec (synthetic), else 0;
+//   compression: the gradient compression hook's buffers (compressionBufferBytes) at `worldSize` ranks.
 struct MemoryEstimate {
   int64_t parameters = 0;
   int64_t optimizer = 0;
   int64_t activations = 0;
   int64_t data = 0;
+  int64_t compression = 0;
   int64_t total() const noexcept;
-  std::string str() const;  // "9.1 GiB (parameters 1.2 GiB, optimizer 0.8 GiB, activations 7.1 GiB, data 0 B)"
+  // "9.1 GiB (parameters 1.2 GiB, optimizer 0.8 GiB, activations 7.1 GiB, data 0 B)", then
+  // ", compression 12 MiB" inside the parentheses when the job compresses gradients.
+  std::string str() const;
 };
-MemoryEstimate estimateMemory(const Job& job);
+MemoryEstimate estimateMemory(const Job& job, int worldSize = 2);
 
 // MemAvailable and MemTotal of /proc/meminfo (bytes); nullopt when the file cannot be read or parsed.
 struct MachineMemory {

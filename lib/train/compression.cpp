@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -25,7 +26,7 @@ std::string compressionTypeName(CompressionSettings::Type type) {
 CompressionSettings parseCompression(const nlohmann::json& value, const std::string& source,
                                      const std::string& pointer) {
   JsonFields f(value, source, pointer, "the compression section");
-  f.allowOnly({"type", "rank", "ratio", "start_step", "error_feedback", "momentum_correction"});
+  f.allowOnly({"type", "rank", "ratio", "start_step", "error_feedback", "momentum_correction", "warmup_steps"});
   CompressionSettings c;
   const std::string type = f.choice("type", {kTypes[0], kTypes[1], kTypes[2], kTypes[3]}, "compression type");
   for (size_t i = 0; i < std::size(kTypes); ++i)
@@ -40,6 +41,7 @@ CompressionSettings parseCompression(const nlohmann::json& value, const std::str
   onlyFor("ratio", topk, "\"topk\"");
   onlyFor("error_feedback", powersgd || topk, "\"powersgd\" or \"topk\"");
   onlyFor("momentum_correction", topk, "\"topk\"");
+  onlyFor("warmup_steps", topk, "\"topk\"");
   c.rank = static_cast<int>(f.integer("rank", 1, "an integer >= 1 (the rank of PowerSGD's approximation)",
                                       [](int64_t v) { return v >= 1 && v <= (1 << 20); }));
   c.ratio = f.number("ratio", 0.01, "a number in (0, 1] (the fraction of each bucket sent)",
@@ -48,6 +50,8 @@ CompressionSettings parseCompression(const nlohmann::json& value, const std::str
                           [](int64_t v) { return v >= 0; });
   c.errorFeedback = f.boolean("error_feedback", true);
   c.momentumCorrection = f.boolean("momentum_correction", false);
+  c.warmupSteps = f.integer("warmup_steps", 0, "an integer >= 0 (steps of DGC's sparsity warm-up)",
+                            [](int64_t v) { return v >= 0; });
   if (c.momentumCorrection && !c.errorFeedback)
     f.failAt("momentum_correction", "needs \"error_feedback\": true (the velocity not sent stays in the residual)");
   return c;
@@ -84,6 +88,7 @@ void checkCompressionFitsModel(const CompressionSettings& c, const nn::ModelSpec
 
 void checkCompressionFitsOptimizer(CompressionSettings& c, const nn::OptimizerSpec& optimizer, const std::string& source,
                                    const std::string& pointer) {
+  if (c.type == CompressionSettings::Type::kTopK) c.localClipNorm = optimizer.clipGradNorm;
   if (!c.momentumCorrection) return;
   DTRAIN_CHECK_AS(ConfigError,
                   optimizer.type == nn::OptimizerType::kSgd && optimizer.momentum > 0 && !optimizer.nesterov &&
@@ -118,6 +123,28 @@ CompressionEstimate estimateCompression(const CompressionSettings& c, const std:
     }
   }
   return e;
+}
+
+uint64_t compressionBufferBytes(const CompressionSettings& c, const std::vector<GradParam>& params, int worldSize) {
+  uint64_t total = 0;
+  for (const auto& p : params) total += p.count;
+  const uint64_t arena = total * sizeof(float);
+  switch (c.type) {
+    case CompressionSettings::Type::kFp16:
+    case CompressionSettings::Type::kBf16:
+      return total * 2;
+    case CompressionSettings::Type::kTopK: {
+      const double density = topKDensity(c, 0);  // the warm-up's first stage is the largest
+      const auto k = static_cast<uint64_t>(std::ceil(density * static_cast<double>(total))) + params.size();
+      const uint64_t pairs = k * kTopKPairBytes * (1 + static_cast<uint64_t>(std::max(worldSize, 1)));
+      return (c.errorFeedback ? arena : 0) + (c.momentumCorrection ? arena : 0) + total * sizeof(int32_t) + pairs;
+    }
+    case CompressionSettings::Type::kPowerSgd: {
+      const PowerSgdPlan plan = planPowerSgd(params, c.rank);
+      return (plan.pSize + plan.qSize + plan.vectorSize) * sizeof(float) + (c.errorFeedback ? 2 * arena : 0);
+    }
+  }
+  return 0;
 }
 
 CommHookPtr makeCompressionHook(const CompressionSettings& c, uint64_t seed) {

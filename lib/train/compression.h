@@ -10,6 +10,9 @@
 //                per-rank residual e (e = (g + e) - sent) that is added to the next step's gradient. With
 //                momentum_correction (DGC, section 3.2) the SGD momentum runs here instead: u = m u + g, e += u,
 //                and u and e are zeroed where sent (momentum factor masking); the optimizer runs without momentum.
+//                DGC's sparsity warm-up (warmup_steps: the ratio falls from 25% to `ratio` in stages that divide it
+//                by 4) and, when the optimizer clips, its local gradient clipping (each rank clips its bucket to
+//                clip_grad_norm x sqrt(bucket / arena) / sqrt(ranks) before accumulating it).
 //  powersgd      PowerSGD (Vogels et al., NeurIPS 2019), as PyTorch's powerSGD_hook: per matrix-shaped
 //                parameter M (a tensor of rank >= 2 viewed as [shape[0], rest]), one power-iteration step with
 //                the previous step's Q (warm start): P = M Q, all-reduce P, orthogonalise P (Gram-Schmidt),
@@ -52,7 +55,7 @@ void checkCompressionFitsModel(const CompressionSettings& c, const nn::ModelSpec
                                const std::string& pointer);
 
 // momentum_correction needs SGD with momentum (no nesterov, no dampening): ConfigError naming the field
-// otherwise; sets c.momentum from the optimizer.
+// otherwise; sets c.momentum from the optimizer, and for topk c.localClipNorm from its clip_grad_norm.
 void checkCompressionFitsOptimizer(CompressionSettings& c, const nn::OptimizerSpec& optimizer, const std::string& source,
                                    const std::string& pointer);
 
@@ -65,6 +68,10 @@ struct CompressionEstimate {
 };
 CompressionEstimate estimateCompression(const CompressionSettings& c, const std::vector<GradParam>& params,
                                         int worldSize);
+// Bytes the hook for `c` allocates per rank beyond the gradients (residuals, velocity, PowerSGD's P, Q, vectors and
+// error-feedback copy, 16-bit copies, top-k's index and pair buffers at their largest, during the sparsity
+// warm-up), for a group of `worldSize` ranks (top-k's all-gather buffer grows with it). From the parameters alone.
+uint64_t compressionBufferBytes(const CompressionSettings& c, const std::vector<GradParam>& params, int worldSize);
 // The parameters of a model spec in arena order (names, shapes, offsets), without building the model.
 std::vector<GradParam> paramsOfSpec(const nn::ModelSpec& model);
 

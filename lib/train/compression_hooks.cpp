@@ -85,7 +85,7 @@ comm::WorkPtr CompressionHook::start(const GradBucket& bucket, comm::Backend& gr
   comm::WorkPtr work;
   if (step_[0] < settings_.startStep) {
     sent(dense);
-    work = group.allreduceAsync(bucket.grads, comm::ReduceOp::kAvg);
+    work = plain(bucket, group);
   } else {
     work = compress(bucket, group);
   }
@@ -94,6 +94,10 @@ comm::WorkPtr CompressionHook::start(const GradBucket& bucket, comm::Backend& gr
     ++traffic_.steps;
   }
   return work;
+}
+
+comm::WorkPtr CompressionHook::plain(const GradBucket& bucket, comm::Backend& group) {
+  return group.allreduceAsync(bucket.grads, comm::ReduceOp::kAvg);
 }
 
 std::vector<HookState> CompressionHook::stateBuffers() {
@@ -130,6 +134,15 @@ comm::WorkPtr CastHook::compress(const GradBucket& bucket, comm::Backend& group)
 }
 
 // --- top-k ---
+
+double topKDensity(const CompressionSettings& c, int64_t compressedStep) {
+  constexpr double kFirst = 0.25;  // DGC's first stage: 75% sparsity
+  if (c.warmupSteps <= 0 || c.ratio >= kFirst || compressedStep >= c.warmupSteps) return c.ratio;
+  int stages = 0;  // densities 25%, 6.25%, 1.56%... above the target
+  for (double d = kFirst; d > c.ratio; d /= 4) ++stages;
+  const auto stage = static_cast<int>(std::max<int64_t>(compressedStep, 0) * stages / c.warmupSteps);
+  return std::max(c.ratio, kFirst / std::pow(4.0, stage));
+}
 
 namespace {
 
@@ -175,22 +188,40 @@ void TopKHook::stateLoaded(bool sameWorld) {
   }
 }
 
+comm::WorkPtr TopKHook::plain(const GradBucket& bucket, comm::Backend& group) {
+  auto work = group.allreduceAsync(bucket.grads, comm::ReduceOp::kAvg);
+  if (!settings_.momentumCorrection) return work;
+  const size_t n = static_cast<size_t>(bucket.grads.numel());
+  return thenWork(std::move(work), [g = bucket.grads.as<float>(), u = velocity_.data() + bucket.offset, n,
+                                    m = static_cast<float>(settings_.momentum)] {
+    // The same average on every rank: the velocities stay equal. A non-finite average leaves u as it was.
+    if (!nn::allFinite({g, n})) return;
+    for (size_t i = 0; i < n; ++i) g[i] = u[i] = m * u[i] + g[i];
+  });
+}
+
 comm::WorkPtr TopKHook::compress(const GradBucket& bucket, comm::Backend& group) {
   const size_t n = static_cast<size_t>(bucket.grads.numel());
   DTRAIN_CHECK(n <= static_cast<size_t>(std::numeric_limits<int32_t>::max()),
                "topk: bucket {} has {} elements, more than int32 indices address; lower parallel.bucket_mb",
                bucket.index, n);
-  const size_t k = std::clamp<size_t>(static_cast<size_t>(std::ceil(settings_.ratio * static_cast<double>(n))), 1, n);
+  const double density = topKDensity(settings_, stepsStarted() - settings_.startStep);
+  const size_t k = std::clamp<size_t>(static_cast<size_t>(std::ceil(density * static_cast<double>(n))), 1, n);
   float* g = bucket.grads.as<float>();
   Buffers& b = buffers_[{bucket.offset, n}];
-  if (b.send.empty()) {
-    b.order.resize(n);
-    b.send.resize(2 * k);
-    b.recv.resize(2 * k * static_cast<size_t>(group.size()));
-  }
+  b.order.resize(n);  // k changes during the warm-up only: after it nothing reallocates
+  b.send.resize(2 * k);
+  b.recv.resize(2 * k * static_cast<size_t>(group.size()));
   // A non-finite gradient is sent as NaN values (every rank's result is then non-finite, so all stop or skip
   // together) and leaves the residual as it was.
   bool finite = nn::allFinite({g, n});
+  if (finite && settings_.localClipNorm > 0) {
+    // DGC's local gradient clipping: the global threshold over sqrt(ranks) (the sum of n independent local
+    // gradients has sqrt(n) times their norm), and this bucket's share of it by its size.
+    const double limit = settings_.localClipNorm * std::sqrt(static_cast<double>(n) / static_cast<double>(layout_.arenaSize)) /
+                         std::sqrt(static_cast<double>(group.size()));
+    nn::clipGradNorm({g, n}, limit);
+  }
   float* acc = g;
   float* velocity = settings_.momentumCorrection ? velocity_.data() + bucket.offset : nullptr;
   if (finite && settings_.errorFeedback) {

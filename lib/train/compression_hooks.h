@@ -44,6 +44,11 @@ struct PowerSgdPlan {
 // PyTorch's rule: a matrix is compressed when (rows + cols) x r x 2 < rows x cols.
 PowerSgdPlan planPowerSgd(const std::vector<GradParam>& params, int rank);
 
+// top-k's fraction of a bucket sent at `compressedStep` (steps since start_step): `ratio`, or during DGC's sparsity
+// warm-up (c.warmupSteps > 0) 25%, 6.25%, ... (each stage a quarter of the one before, never below `ratio`), the
+// stages equal in length and together warmupSteps long.
+double topKDensity(const CompressionSettings& c, int64_t compressedStep);
+
 // What every compression hook shares: bind(), the start_step switch (plain averaging all-reduce before it),
 // the step count (checkpointed) and the traffic counters.
 class CompressionHook : public CommHook {
@@ -59,6 +64,8 @@ class CompressionHook : public CommHook {
  protected:
   // Starts compressing and communicating a bucket once step >= start_step.
   virtual comm::WorkPtr compress(const GradBucket& bucket, comm::Backend& group) = 0;
+  // Before start_step: the plain averaging all-reduce (a hook that took over part of the optimizer adds it here).
+  virtual comm::WorkPtr plain(const GradBucket& bucket, comm::Backend& group);
   virtual void allocate() {}
   virtual void addState(std::vector<HookState>& /*out*/) {}
   void sent(uint64_t wireBytes) { traffic_.bytesSent += wireBytes; }
@@ -94,6 +101,9 @@ class TopKHook final : public CompressionHook {
 
  protected:
   comm::WorkPtr compress(const GradBucket& bucket, comm::Backend& group) override;
+  // With momentum_correction the optimizer runs without momentum from the first step, so before start_step
+  // the averaged gradient goes through the velocity here (u = m u + g, sent as u): plain momentum SGD.
+  comm::WorkPtr plain(const GradBucket& bucket, comm::Backend& group) override;
   void allocate() override;
   void addState(std::vector<HookState>& out) override;
 

@@ -78,6 +78,12 @@ struct CompressionSettings {
   // without momentum. `momentum` is the optimizer's, filled in by loadJob.
   bool momentumCorrection = false;
   double momentum = 0;
+  // topk: Deep Gradient Compression's sparsity warm-up: over the first `warmupSteps` compressed steps the ratio
+  // falls exponentially from 25% to `ratio` (DGC's 75%, 93.75%, 98.4%... sparsity stages, equal in length).
+  int64_t warmupSteps = 0;
+  // topk: DGC's local gradient clipping, on when the optimizer clips (its clip_grad_norm, filled in by loadJob):
+  // each rank clips its own gradient before accumulating it into the residual, to clipNorm / sqrt(ranks).
+  double localClipNorm = 0;
 };
 
 // parallel.pipeline (lib/train/pipeline.h, docs/parallelism.md): the model cut into `stages` contiguous ranges of

@@ -4,7 +4,9 @@ nanoGPT's GPT (4 layers, 4 heads, 128 wide, block 128, byte vocabulary 256, tied
 fortune files cut into windows at i*128 (first 90% of the bytes), DistributedSampler(shuffle), batch 16 per
 rank, AdamW(lr 2e-3, betas (0.9, 0.99), weight decay 0.1 on >= 2-D weights), clip_grad_norm 1.0, gloo backend,
 OMP_NUM_THREADS=1 (torchrun sets it). Runs BENCH_STEPS steps (default 60); the first BENCH_SKIP (default 5) are
-warm-up and not timed. Rank 0 prints one JSON line: tokens/s over the group, peak RSS of each rank (max).
+warm-up and not timed. Rank 0 prints one JSON line: tokens/s over the group, tokens per CPU second (the ranks'
+process CPU time over the timed steps, summed: what the code costs, whatever else the machine runs), peak RSS of each
+rank (max).
 """
 import json
 import math
@@ -90,6 +92,7 @@ def main():
     for step in range(steps):
         if step == skip:
             t0 = time.perf_counter()
+            c0 = time.process_time()
         idx = order[(step * BATCH) % len(order):][:BATCH]
         x = torch.stack([tokens[i * T:i * T + T] for i in idx])
         y = torch.stack([tokens[i * T + 1:i * T + T + 1] for i in idx])
@@ -99,11 +102,14 @@ def main():
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
     timed = time.perf_counter() - t0
+    cpu = torch.tensor([time.process_time() - c0])
+    dist.all_reduce(cpu, op=dist.ReduceOp.SUM)
     rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])
     dist.all_reduce(rss, op=dist.ReduceOp.MAX)
     if rank == 0:
         tok = (steps - skip) * BATCH * T * world
-        print(json.dumps({"tokens_per_s": tok / timed, "peak_rss_mb": rss.item(), "loss": loss.item()}), flush=True)
+        print(json.dumps({"tokens_per_s": tok / timed, "tokens_per_cpu_s": tok / cpu.item(), "peak_rss_mb": rss.item(),
+                          "loss": loss.item()}), flush=True)
     dist.destroy_process_group()
 
 

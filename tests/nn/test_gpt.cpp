@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <map>
+#include <set>
 #include <vector>
 
 #include "lib/common/error.h"
@@ -128,6 +129,42 @@ TEST_CASE("causal_self_attention: matches the definition, is causal, and its gra
   Harness(json{{"type", "causal_self_attention"}, {"n_head", 1}, {"bias", false}}, {3, 6}, 1).checkGradients(1e-2);
 }
 
+TEST_CASE("causal_self_attention dropout: on the probabilities in training only, seeded, resumable, gradients") {
+  Harness plain(json{{"type", "causal_self_attention"}, {"n_head", 2}}, {6, 4}, 2);
+  Harness drop(json{{"type", "causal_self_attention"}, {"n_head", 2}, {"dropout", 0.3}}, {6, 4}, 2);
+  CHECK(drop.spec.detail().find("dropout 0.3") != std::string::npos);
+  CHECK(drawsRandom(drop.spec));
+  CHECK_FALSE(drawsRandom(plain.spec));
+  // Same parameters and input: evaluation is the plain layer's.
+  drop.params = plain.params;
+  drop.x = plain.x;
+  plain.impl->forward(plain.x.data(), plain.y.data(), 2, false);
+  drop.impl->forward(drop.x.data(), drop.y.data(), 2, false);
+  CHECK(drop.y == plain.y);
+  // Training: different outputs, a new mask each forward, the same mask after the same reseed.
+  drop.impl->reseed(42);
+  drop.impl->forward(drop.x.data(), drop.y.data(), 2, true);
+  const std::vector<float> first = drop.y;
+  CHECK(first != plain.y);
+  drop.impl->forward(drop.x.data(), drop.y.data(), 2, true);
+  CHECK(drop.y != first);
+  drop.impl->reseed(42);
+  drop.impl->forward(drop.x.data(), drop.y.data(), 2, true);
+  CHECK(drop.y == first);
+  // The first position attends to itself only: its output is the plain one, or the bias alone when dropped.
+  drop.reseed = true;
+  drop.checkGradients(1e-2, /*train=*/true);
+  drop.checkGradients(1e-2, /*train=*/false);
+  CHECK(messageOf([] {
+          parseModelSpec(json{{"input", {3, 4}}, {"layers", {{{"type", "causal_self_attention"}, {"n_head", 2},
+                                                               {"dropout", 1.0}}}}},
+                         "job.json", "/model");
+        }).find("/model/layers/0/dropout: expected a probability in [0, 1)") != std::string::npos);
+  // What it keeps for backward: qkv and heads [T, 4C], probabilities [H, T, T] and their dropped copy.
+  CHECK(keptFloatsOf(plain.spec) == 6 * 16 + 2 * 36);
+  CHECK(keptFloatsOf(drop.spec) == 6 * 16 + 2 * 2 * 36);
+}
+
 TEST_CASE("block: x + f(x) with its children's parameters named under it; gradients") {
   json layer = json::parse(R"({"type": "block", "layers": [{"type": "layernorm", "name": "ln"},
       {"type": "linear", "out": 6, "name": "fc"}, {"type": "gelu"}, {"type": "linear", "out": 3}]})");
@@ -207,6 +244,26 @@ TEST_CASE("gpt preset: nanoGPT's parameter names, shapes, count and initialisati
   CHECK(table.find("x + ln_2>mlp.c_fc>gelu>mlp.c_proj") != std::string::npos);
   CHECK(table.find("lm_head") != std::string::npos);
   CHECK(table.find(fmt::format("total parameters: {}", spec.paramCount())) != std::string::npos);
+}
+
+TEST_CASE("gpt preset with bias false: no Linear or LayerNorm bias, as nanoGPT's bias=False") {
+  const int L = 2, C = 8, T = 5, V = 11;
+  json preset = gptPreset(L, 2, C, T, V);
+  preset["bias"] = false;
+  preset["dropout"] = 0.1;
+  ModelSpec spec = parseModelSpec(preset, "job.json", "/model");
+  // nanoGPT: wte, wpe, per block ln_1.weight, c_attn, c_proj, ln_2.weight, c_fc, c_proj; ln_f.weight.
+  CHECK(spec.paramCount() == V * C + T * C + L * (12 * C * C + 2 * C) + C);
+  Model m = Model::build(spec, 2, 1);
+  std::set<std::string> names;
+  for (const auto& e : m.paramTable()) names.insert(e.name);
+  CHECK(names.size() == 2 + 6 * L + 1);
+  for (const auto& n : names) CHECK_MESSAGE(n.find("bias") == std::string::npos, n);
+  CHECK(names.count("transformer.h.1.ln_2.weight") == 1);
+  CHECK(names.count("transformer.ln_f.weight") == 1);
+  CHECK(m.summaryTable().find("no bias") != std::string::npos);
+  // attn_dropout: the attention layers draw random numbers too.
+  CHECK(drawsRandom(spec.layers[2].children[1]));
 }
 
 TEST_CASE("gpt preset: bad fields name the field and value") {

@@ -9,6 +9,7 @@
 #include <random>
 #include <vector>
 
+#include "lib/common/error.h"
 #include "lib/nn/layer.h"
 #include "lib/nn/spec.h"
 #include "tests/nn/layer_harness.h"
@@ -118,6 +119,20 @@ TEST_CASE("layernorm: normalises the last dimension, gradients with and without 
   Harness plain(json{{"type", "layernorm"}, {"affine", false}, {"eps", 1e-3}}, {8}, 3);
   CHECK(plain.params.empty());
   plain.checkGradients(1e-2);
+  // "bias": false keeps the weight only (PyTorch's LayerNorm(bias=False)).
+  Harness noBias(json{{"type", "layernorm"}, {"bias", false}}, {3, 6}, 2);
+  REQUIRE(noBias.impl->paramShapes().size() == 1);
+  CHECK(noBias.impl->paramShapes()[0].suffix == "weight");
+  CHECK(noBias.spec.detail().find("no bias") != std::string::npos);
+  noBias.checkGradients(1e-2);
+  std::string error;
+  try {
+    parseModelSpec(json{{"input", {4}}, {"layers", {{{"type", "layernorm"}, {"affine", false}, {"bias", true}}}}}, "j.json",
+                   "/model");
+  } catch (const ConfigError& e) {
+    error = e.what();
+  }
+  CHECK(error.find("j.json: /model/layers/0/bias: needs \"affine\": true") != std::string::npos);
 }
 
 namespace {

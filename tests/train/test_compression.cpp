@@ -373,3 +373,97 @@ TEST_CASE("topk momentum_correction: needs sgd with momentum; keeps a velocity, 
   CHECK(runs[0].state.at(0) == std::vector<float>{2.5f, 4, 0, 1});     // topk.residual
   CHECK(runs[0].state.at(1) == std::vector<float>{1.5f, 2, 0, 1});     // topk.velocity
 }
+
+TEST_CASE("topk DGC sparsity warm-up: 25%, then a quarter each stage, down to ratio over warmup_steps") {
+  auto c = parsed(R"({"type": "topk", "ratio": 0.01, "warmup_steps": 90})");
+  CHECK(c.warmupSteps == 90);
+  CHECK(parseError(R"({"type": "powersgd", "warmup_steps": 5})").find("/c/warmup_steps: applies to \"type\": \"topk\"") !=
+        std::string::npos);
+  CHECK(parseError(R"({"type": "topk", "warmup_steps": -1})").find("/c/warmup_steps: expected an integer >= 0") !=
+        std::string::npos);
+  // Three stages above 1% (25%, 6.25%, 1.5625%), 30 steps each.
+  CHECK(topKDensity(c, 0) == 0.25);
+  CHECK(topKDensity(c, 29) == 0.25);
+  CHECK(topKDensity(c, 30) == 0.0625);
+  CHECK(topKDensity(c, 89) == 0.015625);
+  CHECK(topKDensity(c, 90) == 0.01);
+  c.warmupSteps = 0;
+  CHECK(topKDensity(c, 0) == 0.01);
+  c.ratio = 0.5;  // above the first stage: no warm-up
+  c.warmupSteps = 10;
+  CHECK(topKDensity(c, 0) == 0.5);
+
+  // Over a real group, after start_step: k = 28 of 110 (25%) for 2 steps, 7 (6.25%) for 2, then 6 (5%).
+  constexpr int kRanks = 2;
+  auto layout = layoutOf(10, 10, kRanks);
+  const CompressionSettings w{.type = CompressionSettings::Type::kTopK, .ratio = 0.05, .startStep = 1, .warmupSteps = 4};
+  auto runs = runHook(kRanks, layout, w, 6, [&](int rank, int step) { return wave(layout.arenaSize, rank, step); });
+  CHECK(runs[0].traffic.bytesSent == 110 * 4 + (28 + 28 + 7 + 7 + 6) * kTopKPairBytes);
+  auto nonzero = [](const std::vector<float>& v) { return std::count_if(v.begin(), v.end(), [](float x) { return x != 0; }); };
+  CHECK(nonzero(runs[0].results[1]) <= 56);
+  CHECK(nonzero(runs[0].results[1]) > 28);
+  CHECK(runs[1].results == runs[0].results);
+}
+
+TEST_CASE("topk local gradient clipping (DGC): each rank clips to clip_grad_norm / sqrt(ranks) before sending") {
+  auto c = parsed(R"({"type": "topk", "ratio": 1})");
+  nn::OptimizerSpec sgd{.type = nn::OptimizerType::kSgd, .clipGradNorm = 0.5};
+  checkCompressionFitsOptimizer(c, sgd, "j.json", "/c");
+  CHECK(c.localClipNorm == 0.5);
+  auto p = parsed(R"({"type": "powersgd"})");
+  checkCompressionFitsOptimizer(p, sgd, "j.json", "/c");
+  CHECK(p.localClipNorm == 0.0);
+
+  constexpr int kRanks = 2;
+  auto layout = layoutOf(4, 5, kRanks);  // one bucket: the whole threshold, 0.5 / sqrt(2)
+  auto runs = runHook(kRanks, layout, c, 1, [&](int rank, int step) { return wave(layout.arenaSize, rank, step); });
+  const double limit = 0.5 / std::sqrt(2.0);
+  for (size_t i = 0; i < layout.arenaSize; ++i) {
+    double want = 0;
+    for (int r = 0; r < kRanks; ++r) {
+      auto g = wave(layout.arenaSize, r, 0);
+      double norm = 0;
+      for (float v : g) norm += static_cast<double>(v) * v;
+      norm = std::sqrt(norm);
+      want += g[i] * std::min(1.0, limit / (norm + 1e-6)) / kRanks;
+    }
+    CHECK(runs[0].results[0][i] == doctest::Approx(want).epsilon(1e-5));
+  }
+}
+
+TEST_CASE("compression buffers for the memory estimate: residuals, copies, factors and pair buffers") {
+  std::vector<GradParam> params = {{"0.weight", Shape{1000, 1000}, 0, 1000000},
+                                   {"0.bias", Shape{1000}, 1000000, 1000}};
+  const uint64_t arena = 1001000 * 4;
+  CHECK(compressionBufferBytes({.type = CompressionSettings::Type::kFp16}, params, 2) == 1001000 * 2);
+  // P and Q (2 x 1000 each) and the bias, plus the residual and the copy of g + e.
+  CHECK(compressionBufferBytes({.type = CompressionSettings::Type::kPowerSgd, .rank = 2}, params, 2) ==
+        (2000 + 2000 + 1000) * 4 + 2 * arena);
+  CHECK(compressionBufferBytes({.type = CompressionSettings::Type::kPowerSgd, .rank = 2, .errorFeedback = false},
+                               params, 2) == (2000 + 2000 + 1000) * 4);
+  // top-k: residual, candidate indices, and k pairs sent plus n x k received (k = 10010 + 1 per parameter).
+  const uint64_t k = 10010 + 2;
+  CHECK(compressionBufferBytes({.type = CompressionSettings::Type::kTopK, .ratio = 0.01}, params, 4) ==
+        arena + 1001000 * 4 + k * 8 * 5);
+  // The warm-up's first stage (25%) sizes the pair buffers.
+  const auto warm = compressionBufferBytes({.type = CompressionSettings::Type::kTopK, .ratio = 0.01, .warmupSteps = 10},
+                                           params, 2);
+  CHECK(warm == arena + 1001000 * 4 + (250250 + 2) * 8 * 3);
+}
+
+TEST_CASE("topk momentum_correction before start_step: the averaged gradient goes through the velocity") {
+  // The optimizer runs without momentum from the first step, so the plain steps must carry it.
+  constexpr int kRanks = 2;
+  HookLayout layout{.arenaSize = 4, .params = {{"0.bias", Shape{4}, 0, 4}}, .groupSize = kRanks};
+  const CompressionSettings c{.type = CompressionSettings::Type::kTopK, .ratio = 0.25, .startStep = 1,
+                              .momentumCorrection = true, .momentum = 0.5};
+  const std::vector<std::vector<float>> g = {{1, 2, 3, 4}, {1, 1, 1, 1}};
+  auto runs = runHook(kRanks, layout, c, 2, [&](int, int step) { return g[static_cast<size_t>(step)]; });
+  // Step 0 (plain): u = avg g = {1, 2, 3, 4}, sent as is. Step 1: u = 0.5 u + g = {1.5, 2, 2.5, 3}; e = u;
+  // index 3 sent; u and e masked there.
+  CHECK(runs[0].results[0] == std::vector<float>{1, 2, 3, 4});
+  CHECK(runs[0].results[1] == std::vector<float>{0, 0, 0, 3});
+  CHECK(runs[0].state.at(0) == std::vector<float>{1.5f, 2, 2.5f, 0});  // topk.residual
+  CHECK(runs[0].state.at(1) == std::vector<float>{1.5f, 2, 2.5f, 0});  // topk.velocity
+  CHECK(runs[1].results == runs[0].results);
+}

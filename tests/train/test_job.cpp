@@ -6,6 +6,7 @@
 #include <fstream>
 
 #include "lib/common/error.h"
+#include "lib/nn/registry.h"
 #include "lib/train/check.h"
 #include "lib/train/job.h"
 #include "tests/support/process.h"
@@ -211,6 +212,19 @@ TEST_CASE("memory is estimated from the spec, saturating, and a job that cannot 
   CHECK(e.data == 64 * (4 + 1) * 4);
   CHECK(estimateMemory(loadJob({path, {"optimizer.type=adam"}})).optimizer == 67 * 8);
   CHECK(estimateMemory(loadJob({path, {"optimizer.momentum=0.9"}})).optimizer == 67 * 4);
+  // Gradient compression's buffers: fp16 keeps a 16-bit copy of the gradients; shown in the summary.
+  CHECK(e.compression == 0);
+  auto fp16 = estimateMemory(loadJob({path, {R"(parallel.compression={"type": "fp16"})"}}));
+  CHECK(fp16.compression == 67 * 2);
+  CHECK(fp16.total() == e.total() + 67 * 2);
+  CHECK(fp16.str().find(", compression 134 B)") != std::string::npos);
+  // Attention keeps q, k, v, its heads and the probabilities [H, T, T] per sample: counted beyond the outputs
+  // (input 8 tokens; embedding, 2 blocks and ln_f [8, 4]; logits [8, 16]; each with its gradient).
+  auto gpt = loadJob({path, {R"(model={"preset": "gpt", "vocab_size": 16, "block_size": 8, "n_layer": 1, "n_head": 2, "n_embd": 4})"}});
+  const int64_t probs = 2 * 8 * 8;
+  CHECK(estimateMemory(gpt).activations >= (8 + 2 * (8 * 4 * 4 + 8 * 16) + probs) * 8 * 4);
+  CHECK(estimateMemory(gpt).activations == (8 + 2 * (8 * 4 * 4 + 8 * 16) + nn::keptFloatsOf(gpt.model.layers[1]) +
+                                            nn::keptFloatsOf(gpt.model.layers[2])) * 8 * 4);
 
   const MachineMemory small{.available = 1 << 20, .total = 2 << 20};
   CHECK_NOTHROW(checkJobFitsMemory(job, 4, small));

@@ -11,32 +11,9 @@ namespace dtrain::launch {
 
 namespace {
 
-struct Var {
-  std::string name;
-  std::string value;
-};
-
-std::optional<Var> firstSet(const Environment& env, std::initializer_list<const char*> names) {
-  for (const char* n : names) {
-    auto it = env.find(n);
-    if (it != env.end() && !parse::trim(it->second).empty()) return Var{n, std::string(parse::trim(it->second))};
-  }
-  return std::nullopt;
-}
-
 Derived<int> countFrom(const Environment& env, std::initializer_list<const char*> names, int min,
                        const std::string& why) {
-  Derived<int> d;
-  if (auto v = firstSet(env, names)) {
-    auto n = parse::toInt(v->value);
-    DTRAIN_CHECK_AS(UsageError, n && *n >= min && *n <= INT_MAX,
-                    "environment variable {}={}: expected an integer >= {} (dtrain reads it because {}; "
-                    "DTRAIN_CLUSTER=none turns this detection off)",
-                    v->name, v->value, min, why);
-    d.value = static_cast<int>(*n);
-    d.from = v->name;
-  }
-  return d;
+  return launch::countFrom(env, names, min, {why, "DTRAIN_CLUSTER=none turns this detection off"});
 }
 
 void checkRank(const Derived<int>& rank, const Derived<int>& size) {
@@ -178,15 +155,6 @@ ClusterPlan detectCluster(const Environment& env) {
   return p;
 }
 
-namespace {
-
-template <typename T>
-void describeLine(std::string& out, const char* name, const Derived<T>& d) {
-  if (d.has()) out += fmt::format("{}={} ({})\n", name, *d.value, d.from);
-}
-
-}  // namespace
-
 std::string describe(const ClusterPlan& p) {
   std::string out = fmt::format("cluster: {}\n", p.status);
   if (!p.detected()) return out;
@@ -205,47 +173,10 @@ std::vector<std::string> applyCluster(const ClusterPlan& plan, const GivenOption
   if (!plan.detected()) return lines;
   const std::string launch = plan.kind == "mpi" ? "the MPI launch" : "the Kubernetes job";
   lines.push_back("cluster: " + plan.status);
-  const auto& nn = plan.nnodes;
-  if (given.nnodes) {
-    auto [lo, hi] = parseNnodes(o.nnodesText);
-    if (nn.has())
-      DTRAIN_CHECK_AS(UsageError, lo <= *nn.value && *nn.value <= hi,
-                      "--nnodes {} contradicts {}: {}={} (drop --nnodes, or change the launch)", o.nnodesText, launch,
-                      nn.from, *nn.value);
-    lines.push_back(fmt::format("nnodes={} (--nnodes)", o.nnodesText));
-  } else if (nn.has()) {
-    o.nnodesText = std::to_string(*nn.value);
-    lines.push_back(fmt::format("nnodes={} ({})", *nn.value, nn.from));
-  }
-  if (o.standalone && nn.has())
-    DTRAIN_CHECK_AS(UsageError, *nn.value == 1, "--standalone runs a single node, but {} has {} ({}={}); drop --standalone",
-                    launch, *nn.value, nn.from, *nn.value);
-  const auto& nr = plan.nodeRank;
-  if (given.nodeRank) {
-    if (nr.has())
-      DTRAIN_CHECK_AS(UsageError, o.nodeRank == *nr.value,
-                      "--node-rank {} contradicts {}: {}={} (every node's rank comes from the launcher; drop "
-                      "--node-rank)",
-                      o.nodeRank, launch, nr.from, *nr.value);
-    lines.push_back(fmt::format("node_rank={} (--node-rank)", o.nodeRank));
-  } else if (nr.has()) {
-    o.nodeRank = *nr.value;
-    lines.push_back(fmt::format("node_rank={} ({})", *nr.value, nr.from));
-  }
-  if (given.rdzvId) {
-    lines.push_back(fmt::format("rdzv_id={} (--rdzv-id)", o.rdzvId));
-  } else if (plan.runId.has()) {
-    o.rdzvId = *plan.runId.value;
-    lines.push_back(fmt::format("rdzv_id={} ({})", o.rdzvId, plan.runId.from));
-  }
-  // A standalone store or etcd lives where the user says; only the static backend's endpoint is derived.
-  bool ownStore = o.rdzvBackend == "store" || o.rdzvBackend == "c10d" || o.rdzvBackend == "etcd";
-  if (given.rdzvEndpoint) {
-    lines.push_back(fmt::format("rdzv_endpoint={} (--rdzv-endpoint / --master-addr)", o.rdzvEndpoint));
-  } else if (!o.standalone && !ownStore && plan.rdzvEndpoint.has()) {
-    o.rdzvEndpoint = *plan.rdzvEndpoint.value;
-    lines.push_back(fmt::format("rdzv_endpoint={} ({})", o.rdzvEndpoint, plan.rdzvEndpoint.from));
-  }
+  applyPlacement({plan.nnodes, plan.nodeRank, plan.runId, plan.rdzvEndpoint},
+                 {launch, launch, "drop --nnodes, or change the launch",
+                  "every node's rank comes from the launcher; drop --node-rank"},
+                 given, o, lines);
   if (given.nproc) {
     if (plan.nproc.has() && parse::toInt(o.nprocText))
       DTRAIN_CHECK_AS(UsageError, *parse::toInt(o.nprocText) == *plan.nproc.value,

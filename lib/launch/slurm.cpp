@@ -8,8 +8,6 @@
 #include "lib/launch/hostlist.h"
 #include "rendezvous/store.h"
 
-extern char** environ;
-
 namespace dtrain::launch {
 
 namespace {
@@ -17,40 +15,16 @@ namespace {
 constexpr int kPortBase = rendezvous::kDefaultPort;
 constexpr int kPortSpan = 1000;
 
-struct Var {
-  std::string name;
-  std::string value;
-};
+const EnvReason kWhy{"SLURM_JOB_ID is set", "DTRAIN_SLURM=0 turns Slurm detection off"};
 
-// The first of `names` that is set to a non-empty value.
-std::optional<Var> firstSet(const Environment& env, std::initializer_list<const char*> names) {
-  for (const char* n : names) {
-    auto it = env.find(n);
-    if (it != env.end() && !parse::trim(it->second).empty()) return Var{n, std::string(parse::trim(it->second))};
-  }
-  return std::nullopt;
-}
-
-int toCount(const Var& v, int min) {
-  auto n = parse::toInt(v.value);
-  DTRAIN_CHECK_AS(UsageError, n && *n >= min && *n <= INT_MAX,
-                  "environment variable {}={}: expected an integer >= {} (dtrain reads it because SLURM_JOB_ID is "
-                  "set; DTRAIN_SLURM=0 turns Slurm detection off)",
-                  v.name, v.value, min);
-  return static_cast<int>(*n);
-}
+int toCount(const EnvVar& v, int min) { return launch::toCount(v, min, kWhy); }
 
 Derived<int> countFrom(const Environment& env, std::initializer_list<const char*> names, int min) {
-  Derived<int> d;
-  if (auto v = firstSet(env, names)) {
-    d.value = toCount(*v, min);
-    d.from = v->name;
-  }
-  return d;
+  return launch::countFrom(env, names, min, kWhy);
 }
 
 // Devices in a list such as CUDA_VISIBLE_DEVICES=0,1 or SLURM_JOB_GPUS=0-3,5 (UUIDs count one each).
-int countDevices(const Var& v) {
+int countDevices(const EnvVar& v) {
   if (v.value == "NoDevFiles" || v.value == "-1") return 0;
   int n = 0;
   for (const auto& item : parse::split(v.value, ',')) {
@@ -105,17 +79,6 @@ int64_t numberOr(const std::string& s, int64_t fallback) {
 }
 
 }  // namespace
-
-Environment processEnvironment() {
-  Environment env;
-  for (char** e = environ; e != nullptr && *e != nullptr; ++e) {
-    std::string_view kv(*e);
-    auto eq = kv.find('=');
-    if (eq == std::string_view::npos) continue;
-    env.emplace(std::string(kv.substr(0, eq)), std::string(kv.substr(eq + 1)));
-  }
-  return env;
-}
 
 SlurmPlan detectSlurm(const Environment& env) {
   SlurmPlan p;
@@ -218,15 +181,6 @@ std::string SlurmPlan::extraTaskNote() const {
       nproc.has() ? fmt::format(" with {} workers", *nproc.value) : "", localId.value.value_or(0), n, n);
 }
 
-namespace {
-
-template <typename T>
-void describeLine(std::string& out, const char* name, const Derived<T>& d) {
-  if (d.has()) out += fmt::format("{}={} ({})\n", name, *d.value, d.from);
-}
-
-}  // namespace
-
 std::string describe(const SlurmPlan& p) {
   std::string out = fmt::format("slurm: {}\n", p.status);
   if (!p.inSlurm) return out;
@@ -247,52 +201,10 @@ std::vector<std::string> applySlurm(const SlurmPlan& plan, const GivenOptions& g
   std::vector<std::string> lines;
   if (!plan.inSlurm) return lines;
   lines.push_back("slurm: " + plan.status);
-  const auto& nn = plan.nnodes;
-
-  if (given.nnodes) {
-    auto [lo, hi] = parseNnodes(o.nnodesText);
-    if (nn.has())
-      DTRAIN_CHECK_AS(UsageError, lo <= *nn.value && *nn.value <= hi,
-                      "--nnodes {} contradicts the Slurm allocation: {}={} (drop --nnodes inside Slurm, or change "
-                      "the allocation)",
-                      o.nnodesText, nn.from, *nn.value);
-    lines.push_back(fmt::format("nnodes={} (--nnodes)", o.nnodesText));
-  } else if (nn.has()) {
-    o.nnodesText = std::to_string(*nn.value);
-    lines.push_back(fmt::format("nnodes={} ({})", *nn.value, nn.from));
-  }
-  if (o.standalone && nn.has())
-    DTRAIN_CHECK_AS(UsageError, *nn.value == 1,
-                    "--standalone runs a single node, but the Slurm step has {} nodes ({}={}); drop --standalone",
-                    *nn.value, nn.from, *nn.value);
-
-  const auto& nr = plan.nodeRank;
-  if (given.nodeRank) {
-    if (nr.has())
-      DTRAIN_CHECK_AS(UsageError, o.nodeRank == *nr.value,
-                      "--node-rank {} contradicts the Slurm step: {}={} (inside Slurm every node's rank comes from "
-                      "Slurm; drop --node-rank)",
-                      o.nodeRank, nr.from, *nr.value);
-    lines.push_back(fmt::format("node_rank={} (--node-rank)", o.nodeRank));
-  } else if (nr.has()) {
-    o.nodeRank = *nr.value;
-    lines.push_back(fmt::format("node_rank={} ({})", *nr.value, nr.from));
-  }
-
-  if (given.rdzvId) {
-    lines.push_back(fmt::format("rdzv_id={} (--rdzv-id)", o.rdzvId));
-  } else if (plan.runId.has()) {
-    o.rdzvId = *plan.runId.value;
-    lines.push_back(fmt::format("rdzv_id={} ({})", o.rdzvId, plan.runId.from));
-  }
-
-  bool standaloneStore = o.rdzvBackend == "store" || o.rdzvBackend == "c10d";
-  if (given.rdzvEndpoint) {
-    lines.push_back(fmt::format("rdzv_endpoint={} (--rdzv-endpoint / --master-addr)", o.rdzvEndpoint));
-  } else if (!o.standalone && !standaloneStore && plan.rdzvEndpoint.has()) {
-    o.rdzvEndpoint = *plan.rdzvEndpoint.value;
-    lines.push_back(fmt::format("rdzv_endpoint={} ({})", o.rdzvEndpoint, plan.rdzvEndpoint.from));
-  }
+  applyPlacement({plan.nnodes, plan.nodeRank, plan.runId, plan.rdzvEndpoint},
+                 {"the Slurm allocation", "the Slurm step", "drop --nnodes inside Slurm, or change the allocation",
+                  "inside Slurm every node's rank comes from Slurm; drop --node-rank"},
+                 given, o, lines);
 
   std::string kind = given.nproc ? o.nprocText : "auto";
   auto setNproc = [&](const Derived<int>& d, const std::string& how) {

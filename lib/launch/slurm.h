@@ -26,27 +26,13 @@
 // Malformed SLURM_* values (not numbers, bad host lists) are UsageErrors naming the variable and the value.
 #pragma once
 
-#include <map>
-#include <optional>
 #include <string>
 #include <vector>
 
 #include "lib/launch/launch_options.h"
+#include "lib/launch/launcher_env.h"
 
 namespace dtrain::launch {
-
-using Environment = std::map<std::string, std::string>;
-
-// This process's environment as a map. Reads `environ`: not safe against a concurrent setenv.
-Environment processEnvironment();
-
-// A value derived from the environment and where it came from ("SLURM_STEP_NUM_NODES"), for --dry-run.
-template <typename T>
-struct Derived {
-  std::optional<T> value;
-  std::string from;
-  bool has() const { return value.has_value(); }
-};
 
 struct SlurmPlan {
   bool inSlurm = false;  // inside a Slurm job and detection not disabled
@@ -79,22 +65,13 @@ SlurmPlan detectSlurm(const Environment& env);
 // Lines for `dtrain run --dry-run`, one value each with its source: "nnodes=2 (SLURM_STEP_NUM_NODES)".
 std::string describe(const SlurmPlan& plan);
 
-// Which launch options the user gave (as a flag or a DTRAIN_* variable); the others may come from Slurm.
-// rdzvEndpoint counts --master-addr too (cmd_run turns it into the endpoint).
-struct GivenOptions {
-  bool nnodes = false;
-  bool nproc = false;
-  bool nodeRank = false;
-  bool rdzvEndpoint = false;
-  bool rdzvId = false;
-};
-
 // Merges a plan into `options` before options.validate(): fills in nnodesText, nodeRank, rdzvId, rdzvEndpoint
 // and nprocText where the user gave none (an explicit nproc of auto/gpu/cpu resolves through Slurm's counts),
 // and leaves explicit values alone unless they contradict the allocation, which is a UsageError naming both
 // ("--nnodes 4 contradicts the Slurm allocation: SLURM_STEP_NUM_NODES=2"): --nnodes outside the step's node count,
 // --node-rank other than SLURM_NODEID, --standalone in a multi-node step, --nproc-per-node gpu without GPUs.
-// With --rdzv-backend store the endpoint is never derived (it is where the standalone store runs).
+// With --rdzv-backend store/c10d/etcd the endpoint is never derived (it is where that store runs).
+// The shared part (nnodes, node rank, run id, endpoint) is applyPlacement (launcher_env.h).
 // Returns the --dry-run lines "name=value (source)" for every value it decided or checked; empty and no change
 // when the plan is not in Slurm.
 std::vector<std::string> applySlurm(const SlurmPlan& plan, const GivenOptions& given, LaunchOptions& options);

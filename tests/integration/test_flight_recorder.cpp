@@ -37,6 +37,7 @@ TEST_CASE("a rank frozen mid-step is named by dtrain debug dump and by the agent
   KillRun cleanup{id};
   writeFile(dir + "/job.json", R"({
     "name": "frozen",
+    "output_dir": ")" + dir + R"(/out",
     "model": {"input": [10], "layers": [{"type": "linear", "out": 1}]},
     "loss": {"type": "mse"},
     "data": {"train": {"format": "synthetic", "task": "regression", "samples": 1024, "features": 10, "outputs": 1,

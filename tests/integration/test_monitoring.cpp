@@ -30,9 +30,11 @@ struct KillByRunId {
 bool installed(const char* path) { return ::access(path, X_OK) == 0; }
 
 // A job that trains until it is stopped (many epochs of a small synthetic set), checkpointing often.
+// Its output folder is inside `dir`, so tests never resume each other's checkpoints from a shared runs/ folder.
 std::string longJob(const std::string& dir) {
   writeFile(dir + "/job.json", R"({
     "name": "monitored",
+    "output_dir": ")" + dir + R"(/out",
     "model": {"input": [10], "layers": [{"type": "linear", "out": 1}]},
     "loss": {"type": "mse"},
     "data": {"train": {"format": "synthetic", "task": "regression", "samples": 1024, "features": 10,

@@ -264,6 +264,12 @@ TEST_CASE("explicit flags win unless they contradict the allocation") {
     applySlurm(plan, GivenOptions{}, o);
     CHECK(o.rdzvEndpoint.empty());
   }
+  {
+    LaunchOptions o;  // etcd runs where the user says too: Slurm's head node is not an etcd endpoint
+    o.rdzvBackend = "etcd";
+    applySlurm(plan, GivenOptions{}, o);
+    CHECK(o.rdzvEndpoint.empty());
+  }
 }
 
 TEST_CASE("explicit auto, gpu and cpu resolve through Slurm's counts") {

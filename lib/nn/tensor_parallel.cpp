@@ -64,6 +64,16 @@ std::vector<std::string> tensorParallelProblems(const ModelSpec& spec, int size)
   return problems;
 }
 
+std::vector<std::pair<int, int>> topLevelPairs(const ModelSpec& spec) {
+  std::vector<std::pair<int, int>> pairs;
+  ModelSpec copy = spec;
+  plan(copy.layers, [&](std::vector<LayerSpec>& layers, size_t i, TensorShard::Kind kind, size_t end) {
+    if (&layers == &copy.layers && kind == TensorShard::kColumn)
+      pairs.emplace_back(static_cast<int>(i), static_cast<int>(end));
+  });
+  return pairs;
+}
+
 ModelSpec shardModelSpec(const ModelSpec& spec, int size, int rank) {
   DTRAIN_CHECK(size >= 1 && rank >= 0 && rank < size, "tensor rank {} outside a group of {}", rank, size);
   if (size == 1) return spec;

@@ -32,6 +32,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "lib/nn/spec.h"
@@ -58,6 +59,11 @@ class TensorGroup {
 // field and both values: "/model/layers/0/out: 250 is not divisible by parallel.tensor 4 (a column-parallel
 // linear splits its outputs)". Empty: the spec splits (always for size 1).
 std::vector<std::string> tensorParallelProblems(const ModelSpec& spec, int size);
+
+// The column/row pairs of the model's top-level layer list, as (column layer index, row layer index), in order.
+// A pipeline stage boundary between the two would leave both whole, since pairs form inside a stage:
+// train::partitionStages keeps them together unless the balance is given (then the job warns).
+std::vector<std::pair<int, int>> topLevelPairs(const ModelSpec& spec);
 
 // The rank's part of `spec` over a tensor group of `size`: split layers get TensorShard and their local shapes
 // (a column linear's out / size, the following activations' and the row linear's input last dimension / size),

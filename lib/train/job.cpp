@@ -1,5 +1,9 @@
 #include "lib/train/job.h"
 
+#include <fmt/ranges.h>
+
+#include <algorithm>
+
 #include "lib/ckpt/checkpoint.h"
 #include "lib/common/error.h"
 #include "lib/common/parse.h"
@@ -194,11 +198,28 @@ void checkParallelFitsModel(ParallelSettings& p, const nn::ModelSpec& model, int
                   source, pl.stages, p.tensor);
   if (p.tensor > 1) {
     // Layers split inside each stage (a column/row pair never spans two stages): every stage must divide.
-    for (const auto& stage : partitionStages(model, p.pipeline.stages, p.pipeline.balance, source)) {
+    const auto stages = partitionStages(model, p.pipeline.stages, p.pipeline.balance, source, p.tensor);
+    for (const auto& stage : stages) {
       const auto problems = nn::tensorParallelProblems(stageSpec(model, stage), p.tensor);
       if (!problems.empty())
         DTRAIN_THROW(ConfigError, "{}: /parallel/tensor: {} ranks cannot split the model: {}", source, p.tensor,
                      problems.front());
+    }
+    // The automatic balance keeps pairs together when it can; a given balance (or too many stages) may not. A
+    // layer of a broken pair is split only if it pairs with another inside its stage.
+    std::vector<int> paired;
+    for (const auto& stage : stages)
+      for (const auto& [col, row] : nn::topLevelPairs(stageSpec(model, stage)))
+        paired.insert(paired.end(), {stage.first + col, stage.first + row});
+    for (const auto& [col, row] : stagesSplittingPairs(model, stages)) {
+      std::vector<int> whole;
+      for (int l : {col, row})
+        if (std::find(paired.begin(), paired.end(), l) == paired.end()) whole.push_back(l);
+      p.warnings.push_back(fmt::format(
+          "{}: /parallel/pipeline/{}: the stage boundary between layers {} and {} splits a column/row linear pair: "
+          "layer {} stay(s) whole on every tensor rank (not split over parallel.tensor {}); {}",
+          source, pl.balance.empty() ? "stages" : "balance", col, row, fmt::join(whole, " and "), p.tensor,
+          pl.balance.empty() ? "use fewer stages" : "give a balance that keeps the pair in one stage"));
     }
   }
 }

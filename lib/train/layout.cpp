@@ -69,8 +69,57 @@ std::vector<int64_t> layerCosts(const nn::ModelSpec& model) {
   return costs;
 }
 
+namespace {
+
+// Linear partition (min over cuts of the max stage cost), O(stages x n^2): models have tens of layers. A stage may
+// start at layer j only where canStart[j]; empty when no partition into `stages` respects that.
+std::vector<int> balancedSizes(const std::vector<int64_t>& cost, int stages, const std::vector<char>& canStart) {
+  const int n = static_cast<int>(cost.size());
+  std::vector<int64_t> prefix(static_cast<size_t>(n) + 1, 0);
+  for (int i = 0; i < n; ++i) prefix[static_cast<size_t>(i) + 1] = prefix[static_cast<size_t>(i)] + cost[static_cast<size_t>(i)];
+  constexpr int64_t kInf = std::numeric_limits<int64_t>::max();
+  // best[k][i]: the smallest max cost of the first i layers in k stages; cut[k][i]: where stage k starts.
+  std::vector<std::vector<int64_t>> best(static_cast<size_t>(stages) + 1, std::vector<int64_t>(static_cast<size_t>(n) + 1, kInf));
+  std::vector<std::vector<int>> cut(static_cast<size_t>(stages) + 1, std::vector<int>(static_cast<size_t>(n) + 1, 0));
+  best[0][0] = 0;
+  for (int k = 1; k <= stages; ++k)
+    for (int i = k; i <= n; ++i)
+      for (int j = k - 1; j < i; ++j) {
+        const int64_t prev = best[static_cast<size_t>(k) - 1][static_cast<size_t>(j)];
+        if (prev == kInf || canStart[static_cast<size_t>(j)] == 0) continue;
+        const int64_t v = std::max(prev, prefix[static_cast<size_t>(i)] - prefix[static_cast<size_t>(j)]);
+        if (v <= best[static_cast<size_t>(k)][static_cast<size_t>(i)]) {  // <=: the later cut wins ties
+          best[static_cast<size_t>(k)][static_cast<size_t>(i)] = v;
+          cut[static_cast<size_t>(k)][static_cast<size_t>(i)] = j;
+        }
+      }
+  if (best[static_cast<size_t>(stages)][static_cast<size_t>(n)] == kInf) return {};
+  std::vector<int> sizes(static_cast<size_t>(stages), 0);
+  int end = n;
+  for (int k = stages; k >= 1; --k) {
+    const int start = cut[static_cast<size_t>(k)][static_cast<size_t>(end)];
+    sizes[static_cast<size_t>(k) - 1] = end - start;
+    end = start;
+  }
+  return sizes;
+}
+
+}  // namespace
+
+std::vector<std::pair<int, int>> stagesSplittingPairs(const nn::ModelSpec& model, const std::vector<StageRange>& stages) {
+  auto stageOf = [&](int layer) {
+    for (size_t s = 0; s < stages.size(); ++s)
+      if (layer >= stages[s].first && layer < stages[s].last) return static_cast<int>(s);
+    return -1;
+  };
+  std::vector<std::pair<int, int>> out;
+  for (const auto& p : nn::topLevelPairs(model))
+    if (stageOf(p.first) != stageOf(p.second)) out.push_back(p);
+  return out;
+}
+
 std::vector<StageRange> partitionStages(const nn::ModelSpec& model, int stages, const std::vector<int>& balance,
-                                        const std::string& source) {
+                                        const std::string& source, int tensor) {
   const int n = static_cast<int>(model.layers.size());
   DTRAIN_CHECK_AS(ConfigError, stages >= 1 && stages <= n,
                   "{}: /parallel/pipeline/stages: {} stages but the model has {} layers (a stage holds at least one "
@@ -85,33 +134,13 @@ std::vector<StageRange> partitionStages(const nn::ModelSpec& model, int stages, 
                     "model's {} layers",
                     source, sizes.size(), sum, stages, n);
   } else {
-    // Linear partition (min over cuts of the max stage cost), O(stages x n^2): models have tens of layers.
-    const std::vector<int64_t> cost = layerCosts(model);
-    std::vector<int64_t> prefix(static_cast<size_t>(n) + 1, 0);
-    for (int i = 0; i < n; ++i) prefix[static_cast<size_t>(i) + 1] = prefix[static_cast<size_t>(i)] + cost[static_cast<size_t>(i)];
-    constexpr int64_t kInf = std::numeric_limits<int64_t>::max();
-    // best[k][i]: the smallest max cost of the first i layers in k stages; cut[k][i]: where stage k starts.
-    std::vector<std::vector<int64_t>> best(static_cast<size_t>(stages) + 1, std::vector<int64_t>(static_cast<size_t>(n) + 1, kInf));
-    std::vector<std::vector<int>> cut(static_cast<size_t>(stages) + 1, std::vector<int>(static_cast<size_t>(n) + 1, 0));
-    best[0][0] = 0;
-    for (int k = 1; k <= stages; ++k)
-      for (int i = k; i <= n; ++i)
-        for (int j = k - 1; j < i; ++j) {
-          const int64_t prev = best[static_cast<size_t>(k) - 1][static_cast<size_t>(j)];
-          if (prev == kInf) continue;
-          const int64_t v = std::max(prev, prefix[static_cast<size_t>(i)] - prefix[static_cast<size_t>(j)]);
-          if (v <= best[static_cast<size_t>(k)][static_cast<size_t>(i)]) {  // <=: the later cut wins ties
-            best[static_cast<size_t>(k)][static_cast<size_t>(i)] = v;
-            cut[static_cast<size_t>(k)][static_cast<size_t>(i)] = j;
-          }
-        }
-    sizes.assign(static_cast<size_t>(stages), 0);
-    int end = n;
-    for (int k = stages; k >= 1; --k) {
-      const int start = cut[static_cast<size_t>(k)][static_cast<size_t>(end)];
-      sizes[static_cast<size_t>(k) - 1] = end - start;
-      end = start;
-    }
+    // A stage may start at layer j unless j falls inside a column/row pair (col < j <= row) under tensor > 1.
+    std::vector<char> canStart(static_cast<size_t>(n) + 1, 1);
+    if (tensor > 1)
+      for (const auto& [col, row] : nn::topLevelPairs(model))
+        for (int j = col + 1; j <= row; ++j) canStart[static_cast<size_t>(j)] = 0;
+    sizes = balancedSizes(layerCosts(model), stages, canStart);
+    if (sizes.empty()) sizes = balancedSizes(layerCosts(model), stages, std::vector<char>(static_cast<size_t>(n) + 1, 1));
   }
   std::vector<StageRange> out;
   int at = 0;
@@ -159,7 +188,7 @@ int64_t largestRankParams(const Job& job) {
   const int tensor = job.parallel.tensor, stages = job.parallel.pipeline.stages;
   if (tensor == 1 && stages == 1) return job.model.paramCount();
   int64_t largest = 0;
-  for (const auto& s : partitionStages(job.model, stages, job.parallel.pipeline.balance, job.sourceFile))
+  for (const auto& s : partitionStages(job.model, stages, job.parallel.pipeline.balance, job.sourceFile, tensor))
     for (int t = 0; t < tensor; ++t)
       largest = std::max(largest, stageHeld(job.model, s) - s.params +
                                       nn::shardCounts(stageSpec(job.model, s), tensor, t).local);
@@ -168,7 +197,7 @@ int64_t largestRankParams(const Job& job) {
 
 std::string describeLayout(const Job& job, int worldSize) {
   const LayoutDims d = resolveLayout(job.parallel, worldSize, job.sourceFile);
-  const auto stages = partitionStages(job.model, d.stages, job.parallel.pipeline.balance, job.sourceFile);
+  const auto stages = partitionStages(job.model, d.stages, job.parallel.pipeline.balance, job.sourceFile, d.tensor);
   const auto& pl = job.parallel.pipeline;
   std::string out = fmt::format(
       "layout: {} rank(s) = data {} x pipeline {} x tensor {} (tensor fastest: rank = (data x {} + stage) x {} + "

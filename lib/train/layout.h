@@ -12,13 +12,15 @@
 // transformer layer, ln_f, lm_head). partitionStages() takes the job's "balance" (layers per stage), or balances
 // automatically: it minimises the largest stage cost, a layer's cost being its parameters plus, for a tied
 // lm_head, the size of the table it multiplies by (its compute), plus 1 so that no layer is free; among equal
-// cuts it prefers later ones, so a parameterless layer (relu, gelu) stays with the layer before it.
+// cuts it prefers later ones, so a parameterless layer (relu, gelu) stays with the layer before it. Under tensor
+// parallelism it keeps each column/row linear pair in one stage (pairs form inside a stage).
 //
 // Plain functions over plain values: thread-compatible. Errors: ConfigError naming the job file and field.
 #pragma once
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "lib/nn/spec.h"
@@ -67,10 +69,16 @@ struct StageRange {
 // The cost partitionStages balances, per top-level layer (see above).
 std::vector<int64_t> layerCosts(const nn::ModelSpec& model);
 // `stages` contiguous ranges covering every layer, from `balance` (layers per stage) when given, else balanced.
+// With `tensor` > 1 the automatic balance never cuts between the two linears of a column/row pair
+// (nn::topLevelPairs: a pair split over two stages would stay whole), unless no such cut into `stages` exists;
+// stagesSplittingPairs() names the pairs a given balance (or that fallback) splits, for the job's warning.
 // ConfigError (naming `source` and /parallel/pipeline) when stages > layers or the balance does not sum; job.cpp
 // checks both first, with the same messages.
 std::vector<StageRange> partitionStages(const nn::ModelSpec& model, int stages, const std::vector<int>& balance,
-                                        const std::string& source = "");
+                                        const std::string& source = "", int tensor = 1);
+
+// The top-level column/row pairs (column index, row index) whose two layers `stages` puts in different stages.
+std::vector<std::pair<int, int>> stagesSplittingPairs(const nn::ModelSpec& model, const std::vector<StageRange>& stages);
 
 // The model spec of one stage: its top-level layers (indices and names unchanged), its input the first one's.
 nn::ModelSpec stageSpec(const nn::ModelSpec& model, const StageRange& stage);

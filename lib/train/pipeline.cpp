@@ -58,7 +58,8 @@ std::string tiedTableName(const nn::ModelSpec& spec, const std::vector<StageRang
 PipelineStrategy::PipelineStrategy(ProcessGroups groups, const Job& job, const StrategyOptions& options)
     : Strategy(std::move(groups)),
       job_(job),
-      stages_(partitionStages(job.model, groups_.layout.stages, job.parallel.pipeline.balance, job.sourceFile)),
+      stages_(partitionStages(job.model, groups_.layout.stages, job.parallel.pipeline.balance, job.sourceFile,
+                              groups_.layout.tensor)),
       microBatches_(job.parallel.pipeline.microBatches),
       microMax_(static_cast<int>((job.data.batchSize + microBatches_ - 1) / microBatches_)),
       schedule_(job.parallel.pipeline.schedule) {

@@ -1,19 +1,19 @@
 // Tensor parallelism (issue 12) from a user's side: `"parallel": {"tensor": T}` under `dtrain run` ends with the
 // same weights (1e-5 relative) as the one-process run of the same job, for an MLP and the gpt preset, alone and
-// combined with data parallelism; checkpoints resume across layouts (1x1x2 <-> 1x1x1); the exported
+// combined with data parallelism and pipeline stages (up to 2x2x2); checkpoints resume across layouts (1x1x2 <->
+// 1x1x1, 2x2x2 -> 1x4x1 and -> data-parallel only); the exported
 // model.safetensors is the full, unsplit model; a tensor degree that does not divide the heads or widths is
 // refused with exit 2 before any worker starts.
 #include <doctest/doctest.h>
 
 #include <nlohmann/json.hpp>
 
-#include <algorithm>
-#include <cmath>
 #include <filesystem>
 #include <string>
 #include <vector>
 
 #include "tests/integration/launch_helpers.h"
+#include "tests/integration/model_parallel_helpers.h"
 #include "tests/integration/train_helpers.h"
 
 using namespace dtrain::testing;
@@ -50,49 +50,7 @@ json gptJob(const std::string& textFile) {
 }
 
 std::string writeText(const std::string& dir) {
-  std::string text;
-  for (int i = 0; i < 60; ++i) text += "the quick brown fox jumps over the lazy dog. ";
-  writeFile(dir + "/text.txt", text);
-  return dir + "/text.txt";
-}
-
-// Every tensor of `got` equals `want`'s within `rel` of the tensor's largest magnitude.
-void checkSameWeights(const std::string& gotFile, const std::string& wantFile, double rel = 1e-5) {
-  auto got = readTensorsF32(gotFile);
-  auto want = readTensorsF32(wantFile);
-  REQUIRE(got.size() == want.size());
-  for (auto& [name, w] : want) {
-    CAPTURE(name);
-    REQUIRE(got.count(name) == 1);
-    const auto& g = got[name];
-    REQUIRE(g.size() == w.size());
-    double scale = 1e-12, worst = 0;
-    for (size_t i = 0; i < w.size(); ++i) {
-      scale = std::max(scale, static_cast<double>(std::fabs(w[i])));
-      worst = std::max(worst, std::fabs(static_cast<double>(g[i]) - w[i]));
-    }
-    CHECK(worst <= rel * scale);
-  }
-}
-
-RunResult train1(const std::string& job, const std::string& out, std::vector<std::string> extra = {}) {
-  std::vector<std::string> args{dtrainBinary(), "train", job, "--output-dir", out};
-  args.insert(args.end(), extra.begin(), extra.end());
-  auto r = run(args, {.timeout = 120s});
-  INFO(r.err);
-  REQUIRE(r.exitCode == 0);
-  return r;
-}
-
-RunResult trainN(int n, const std::string& job, const std::string& out, std::vector<std::string> extra = {}) {
-  std::vector<std::string> args{dtrainBinary(), "run", "--standalone", "--nproc-per-node", std::to_string(n), job,
-                                "--output-dir", out};
-  args.insert(args.end(), extra.begin(), extra.end());
-  auto r = run(args, {.timeout = 180s});
-  INFO(r.out);
-  INFO(r.err);
-  REQUIRE(r.exitCode == 0);
-  return r;
+  return writeCorpus(dir, "the quick brown fox jumps over the lazy dog. ", 60);
 }
 
 }  // namespace
@@ -100,40 +58,43 @@ RunResult trainN(int n, const std::string& job, const std::string& out, std::vec
 TEST_CASE("tensor parallel MLP: 1x1x2 and 2x1x2 end with the one-process weights") {
   const std::string dir = tempDir("tp_mlp");
   writeFile(dir + "/job.json", mlpJob().dump());
-  train1(dir + "/job.json", dir + "/one");
-  auto t2 = trainN(2, dir + "/job.json", dir + "/t2", {"--set", "parallel.tensor=2"});
+  trainJob(dir + "/job.json", dir + "/one", 1);
+  auto t2 = trainJob(dir + "/job.json", dir + "/t2", 2, {"parallel.tensor=2"});
   CHECK(t2.out.find("tensor 2 x data 1") != std::string::npos);
   checkSameWeights(dir + "/t2/model.safetensors", dir + "/one/model.safetensors");
   // Data 2 x tensor 2 with batch 4 per replica is the one-process run with batch 8.
-  trainN(4, dir + "/job.json", dir + "/d2t2", {"--set", "parallel.tensor=2", "--set", "data.batch_size=4"});
+  trainJob(dir + "/job.json", dir + "/d2t2", 4, {"parallel.tensor=2", "data.batch_size=4"});
   checkSameWeights(dir + "/d2t2/model.safetensors", dir + "/one/model.safetensors");
 }
 
 TEST_CASE("tensor parallel GPT: 1x1x2 ends with the one-process weights; the export is the full model") {
   const std::string dir = tempDir("tp_gpt");
   writeFile(dir + "/job.json", gptJob(writeText(dir)).dump());
-  train1(dir + "/job.json", dir + "/one");
-  trainN(2, dir + "/job.json", dir + "/t2", {"--set", "parallel.tensor=2"});
+  trainJob(dir + "/job.json", dir + "/one", 1);
+  trainJob(dir + "/job.json", dir + "/t2", 2, {"parallel.tensor=2"});
   checkSameWeights(dir + "/t2/model.safetensors", dir + "/one/model.safetensors");
   auto t = readTensorsF32(dir + "/t2/model.safetensors");
   CHECK(t.at("transformer.h.0.attn.c_attn.weight").size() == 3 * 16 * 16);
   CHECK(t.at("transformer.h.1.mlp.c_fc.weight").size() == 64 * 16);
 }
 
-TEST_CASE("pipeline x tensor: 1x2x2 (MLP, GPT) and 2x2x2 (MLP) end with the one-process weights") {
+TEST_CASE("pipeline x tensor: 1x2x2 and 2x2x2 (MLP, GPT) end with the one-process weights") {
   const std::string dir = tempDir("tp_pipe");
   const std::string pipe = R"(parallel={"tensor": 2, "pipeline": {"stages": 2, "micro_batches": 2}})";
   writeFile(dir + "/mlp.json", mlpJob().dump());
-  train1(dir + "/mlp.json", dir + "/mlp1");
-  trainN(4, dir + "/mlp.json", dir + "/mlp122", {"--set", pipe});
+  trainJob(dir + "/mlp.json", dir + "/mlp1", 1);
+  trainJob(dir + "/mlp.json", dir + "/mlp122", 4, {pipe});
   checkSameWeights(dir + "/mlp122/model.safetensors", dir + "/mlp1/model.safetensors");
   // 8 processes on a small machine: few steps, batch 4 per replica.
-  trainN(8, dir + "/mlp.json", dir + "/mlp222", {"--set", pipe, "--set", "data.batch_size=4"});
+  trainJob(dir + "/mlp.json", dir + "/mlp222", 8, {pipe, "data.batch_size=4"});
   checkSameWeights(dir + "/mlp222/model.safetensors", dir + "/mlp1/model.safetensors");
   writeFile(dir + "/gpt.json", gptJob(writeText(dir)).dump());
-  train1(dir + "/gpt.json", dir + "/gpt1");
-  trainN(4, dir + "/gpt.json", dir + "/gpt122", {"--set", pipe});
+  trainJob(dir + "/gpt.json", dir + "/gpt1", 1);
+  trainJob(dir + "/gpt.json", dir + "/gpt122", 4, {pipe});
   checkSameWeights(dir + "/gpt122/model.safetensors", dir + "/gpt1/model.safetensors");
+  // 2 replicas of 2 samples (one per micro-batch) are the one process's batch of 4; the export is the full model.
+  trainJob(dir + "/gpt.json", dir + "/gpt222", 8, {pipe, "data.batch_size=2"});
+  checkSameWeights(dir + "/gpt222/model.safetensors", dir + "/gpt1/model.safetensors");
 }
 
 TEST_CASE("tensor parallel checkpoints resume across layouts: 1x1x2 -> 1x1x1 and 1x1x1 -> 1x1x2") {
@@ -142,17 +103,60 @@ TEST_CASE("tensor parallel checkpoints resume across layouts: 1x1x2 -> 1x1x1 and
   job["checkpoint"] = {{"every_steps", 3}, {"keep", 2}};
   job["optimizer"] = {{"type", "adam"}, {"lr", 0.01}};  // per-element state travels too
   writeFile(dir + "/job.json", job.dump());
-  train1(dir + "/job.json", dir + "/straight", {"--set", "train.max_steps=6", "--set", "checkpoint=false"});
+  trainJob(dir + "/job.json", dir + "/straight", 1, {"train.max_steps=6", "checkpoint=false"});
   // Saved split, resumed whole.
-  trainN(2, dir + "/job.json", dir + "/a", {"--set", "parallel.tensor=2", "--set", "train.max_steps=3"});
-  auto resumed = train1(dir + "/job.json", dir + "/a", {"--set", "train.max_steps=6"});
+  trainJob(dir + "/job.json", dir + "/a", 2, {"parallel.tensor=2", "train.max_steps=3"});
+  auto resumed = trainJob(dir + "/job.json", dir + "/a", 1, {"train.max_steps=6"});
   CHECK(resumed.out.find("resumed from") != std::string::npos);
   checkSameWeights(dir + "/a/model.safetensors", dir + "/straight/model.safetensors");
   // Saved whole, resumed split.
-  train1(dir + "/job.json", dir + "/b", {"--set", "train.max_steps=3"});
-  auto split = trainN(2, dir + "/job.json", dir + "/b", {"--set", "parallel.tensor=2", "--set", "train.max_steps=6"});
+  trainJob(dir + "/job.json", dir + "/b", 1, {"train.max_steps=3"});
+  auto split = trainJob(dir + "/job.json", dir + "/b", 2, {"parallel.tensor=2", "train.max_steps=6"});
   CHECK(split.out.find("resumed from") != std::string::npos);
   checkSameWeights(dir + "/b/model.safetensors", dir + "/straight/model.safetensors");
+}
+
+namespace {
+
+// The issue's resume across layouts with pipeline and tensor together: `job` (max_steps 6, a checkpoint every 3
+// steps, `batch` samples per step) saved at data 2 x pipeline 2 x tensor 2 after 3 steps, resumed once at 1x4x1
+// (gpipe) and once at `dataRanks` x 1 x 1 (plain DDP); both end with the uninterrupted one-process run's weights.
+void resumeFrom222(const std::string& dir, const std::string& job, int batch, int dataRanks) {
+  trainJob(job, dir + "/straight", 1, {"checkpoint=false"});
+  trainJob(job, dir + "/a", 8,
+           {parallelSet(2, "1f1b", 2, 2), fmt::format("data.batch_size={}", batch / 2), "train.max_steps=3"});
+  const std::string step3 = dir + "/a/checkpoints/step-000000003";
+  for (const char* shard : {"p0-t0", "p0-t1", "p1-t0", "p1-t1"})  // each (stage, tensor) shard writes its pieces
+    CHECK(std::filesystem::exists(fmt::format("{}/model-{}.safetensors", step3, shard)));
+  std::filesystem::copy(dir + "/a", dir + "/b", std::filesystem::copy_options::recursive);
+  auto pipeline = trainJob(job, dir + "/a", 4, {parallelSet(4, "gpipe", 4)});
+  CHECK(pipeline.out.find("resumed from") != std::string::npos);
+  checkSameWeights(dir + "/a/model.safetensors", dir + "/straight/model.safetensors");
+  auto data = trainJob(job, dir + "/b", dataRanks, {fmt::format("data.batch_size={}", batch / dataRanks)});
+  CHECK(data.out.find("resumed from") != std::string::npos);
+  checkSameWeights(dir + "/b/model.safetensors", dir + "/straight/model.safetensors");
+}
+
+}  // namespace
+
+TEST_CASE("MLP checkpoints resume across layouts with pipeline and tensor: 2x2x2 -> 1x4x1 and 2x2x2 -> 8x1x1") {
+  const std::string dir = tempDir("mp_resume_mlp");
+  json job = mlpJob();
+  job["checkpoint"] = {{"every_steps", 3}};
+  job["optimizer"] = {{"type", "adam"}, {"lr", 0.01}, {"clip_grad_norm", 0.5}};  // the moments travel too
+  job["train"]["max_steps"] = 6;
+  writeFile(dir + "/job.json", job.dump());
+  resumeFrom222(dir, dir + "/job.json", 8, 8);
+}
+
+TEST_CASE("GPT checkpoints resume across layouts with pipeline and tensor: 2x2x2 -> 1x4x1 and 2x2x2 -> 4x1x1") {
+  // 4 data ranks, not 8: the batch of 4 does not split over 8.
+  const std::string dir = tempDir("mp_resume_gpt");
+  json job = gptJob(writeText(dir));
+  job["checkpoint"] = {{"every_steps", 3}};  // SGD's momentum travels
+  job["train"]["max_steps"] = 6;
+  writeFile(dir + "/job.json", job.dump());
+  resumeFrom222(dir, dir + "/job.json", 4, 4);
 }
 
 TEST_CASE("a tensor degree that does not divide the heads or a width is refused with exit 2 before workers start") {

@@ -5,6 +5,7 @@
 
 #include "lib/common/error.h"
 #include "lib/nn/spec.h"
+#include "lib/nn/tensor_parallel.h"
 #include "lib/train/job.h"
 #include "lib/train/layout.h"
 #include "tests/support/process.h"
@@ -138,4 +139,37 @@ TEST_CASE("describeLayout with tensor parallelism: each rank's slices plus the r
   doc["parallel"] = {{"tensor", 3}};
   CHECK(configErrorOf(doc).find("/parallel/tensor: 3 ranks cannot split the model: /model/layers/0/out: 16 is not "
                                 "divisible by parallel.tensor 3") != std::string::npos);
+}
+
+TEST_CASE("stages under tensor parallelism keep a column/row pair in one stage; a balance that splits one warns") {
+  const Job job = load(mlpJob());
+  // costs 41, 1, 73, 1, 28: alone, the best cut is before layer 2, between the pair (0, 2).
+  CHECK(partitionStages(job.model, 2, {})[1].first == 2);
+  CHECK(nn::topLevelPairs(job.model) == std::vector<std::pair<int, int>>{{0, 2}});
+  auto kept = partitionStages(job.model, 2, {}, "job.json", 2);
+  REQUIRE(kept.size() == 2);
+  CHECK(kept[0].last == 3);  // linear, relu, linear | relu, linear
+  CHECK(stagesSplittingPairs(job.model, kept).empty());
+  // Four stages cannot keep the pair whole (only two cuts avoid it): the plain balance, and a warning.
+  auto four = partitionStages(job.model, 4, {}, "job.json", 2);
+  CHECK(four.size() == 4);
+  CHECK(stagesSplittingPairs(job.model, four) == std::vector<std::pair<int, int>>{{0, 2}});
+
+  json doc = mlpJob();
+  doc["parallel"] = {{"tensor", 2}, {"pipeline", {{"stages", 2}}}};
+  CHECK(load(doc).parallel.warnings.empty());
+  doc["parallel"] = {{"tensor", 2}, {"pipeline", {{"stages", 2}, {"balance", {2, 3}}}}};
+  const Job split = load(doc);
+  REQUIRE(split.parallel.warnings.size() == 1);
+  CHECK(split.parallel.warnings[0].find("/parallel/pipeline/balance: the stage boundary between layers 0 and 2 "
+                                        "splits a column/row linear pair: layer 0 stay(s) whole") != std::string::npos);
+  doc["parallel"] = {{"tensor", 2}, {"pipeline", {{"stages", 4}, {"micro_batches", 8}}}};
+  const Job many = load(doc);
+  REQUIRE(many.parallel.warnings.size() == 1);
+  CHECK(many.parallel.warnings[0].find("/parallel/pipeline/stages: the stage boundary between layers 0 and 2") !=
+        std::string::npos);
+  // dtrain check's parameter counts follow the pairs: with 2 stages x tensor 2 each rank holds half of each weight.
+  doc["parallel"] = {{"tensor", 2}, {"pipeline", {{"stages", 2}}}};
+  const std::string text = describeLayout(load(doc), 4);
+  CHECK(text.find("%  0..2 (3 layers: 0 linear .. 2 linear)") != std::string::npos);
 }

@@ -8,6 +8,8 @@
 #include <cstring>
 #include <fstream>
 
+#include "lib/ckpt/file_io.h"
+#include "lib/ckpt/safetensors.h"
 #include "lib/ckpt/sharded.h"
 #include "lib/common/aligned_buffer.h"
 #include "lib/common/error.h"
@@ -380,16 +382,23 @@ void PipelineStrategy::exportModel(const nn::Model& model, const std::filesystem
   if (groups_.rank != 0) return;
   ckpt::TensorAssembler pieces;
   for (const auto& entry : std::filesystem::directory_iterator(parts)) pieces.addFile(entry.path());
+  // Streamed one tensor at a time (header first: it needs names and shapes only), so rank 0 never holds the whole
+  // model beside its own stage: what lets a model that needs model parallelism to fit also export.
   const std::vector<nn::ParamEntry> table = nn::paramTableOf(job_.model);
-  size_t total = 0;
-  for (const auto& e : table) total += e.count;
-  AlignedBuffer<float> whole(total);
-  std::vector<ckpt::NamedTensor> tensors;
+  static const float kShapeOnly = 0;
+  std::vector<ckpt::NamedTensor> header;
+  for (const auto& e : table) header.push_back({e.name, TensorView::of(&kShapeOnly, e.shape)});
+  const auto tmp = std::filesystem::path(path.string() + ".tmp");
+  ckpt::FileSink sink(tmp, ckpt::FileSink::Options{.direct = false});
+  sink.write(ckpt::safetensorsHeader(header, {{"format", "pt"}, {"producer", "dtrain"}}));
+  std::vector<float> tensor;
   for (const auto& e : table) {
-    pieces.load(e.name, e.shape, {}, std::span<float>(whole.data() + e.offset, e.count));
-    tensors.push_back({e.name, TensorView::of(whole.data() + e.offset, e.shape)});
+    tensor.resize(e.count);
+    pieces.load(e.name, e.shape, {}, std::span<float>(tensor.data(), e.count));
+    sink.write(tensor.data(), e.count * sizeof(float));
   }
-  ckpt::writeSafetensorsFile(path, tensors, {{"format", "pt"}, {"producer", "dtrain"}});
+  sink.finish();
+  std::filesystem::rename(tmp, path);
   std::filesystem::remove_all(parts);
 }
 

@@ -94,7 +94,8 @@ class PipelineStrategy final : public Strategy {
   // Forward only, in micro-batches, for evaluation: the batch's sums on the last stage, zeros elsewhere.
   nn::EvalSums evalBatch(const float* features, const TensorView& targets, int batch);
   // Collective over the world: writes the whole model as safetensors at `path` (rank 0 writes; each stage's
-  // data-rank-0 rank contributes its parameters through a temporary folder beside it).
+  // data-rank-0 rank contributes its parameters through a temporary folder beside it; rank 0 streams the file one
+  // tensor at a time, so it never holds the whole model).
   void exportModel(const nn::Model& model, const std::filesystem::path& path);
 
  private:

@@ -611,6 +611,9 @@ void TrainLoop::finish() {
   if (!result_.stoppedBySignal) strategy_->syncForSave();
   if (pipeline_ != nullptr && !result_.stoppedBySignal) {
     if (leader) std::filesystem::create_directories(job_.outputDir);
+    // Training and checkpoints are done: the optimizer's state (Adam: twice the parameters) goes before rank 0
+    // assembles the whole model, so a job split to fit a memory cap also exports under it.
+    optimizer_.reset();
     pipeline_->exportModel(*model_, job_.outputDir / "model.safetensors");  // collective: the stages' parts
   } else if (tensorParallel_ && !result_.stoppedBySignal) {
     // The first replica's tensor group gathers the full tensors one at a time; its rank 0 (the world's) writes.

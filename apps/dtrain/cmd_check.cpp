@@ -23,11 +23,11 @@ void addCheckCommand(CLI::App& root, Action& action) {
     action = [args, world] {
       const train::Job job = train::loadJob(*args);
       for (const auto& w : job.parallel.warnings) fmt::print(stderr, "warning: {}\n", w);
-      fmt::print("{}", train::checkJob(job));
-      if (*world > 0 && job.parallel.strategy == "parameter_server")
-        fmt::print("{}", train::describePsPlacement(job, *world));
-      else if (*world > 0)
-        fmt::print("{}", train::describeLayout(job, *world));
+      // The layout is worked out before anything is printed: a world the layout rejects must not print "OK".
+      std::string layout;
+      if (*world > 0 && job.parallel.strategy == "parameter_server") layout = train::describePsPlacement(job, *world);
+      else if (*world > 0) layout = train::describeLayout(job, *world);
+      fmt::print("{}{}", train::checkJob(job), layout);
       return 0;
     };
   });

@@ -148,6 +148,11 @@ TEST_CASE("pipeline: bad layouts are refused before any worker starts; few micro
   CHECK(world.exitCode == 2);
   CHECK(world.err.find("a world of 3 rank(s) is not divisible by pipeline stages 2 x tensor 1 = 2") != std::string::npos);
   CHECK(world.err.find("[n0 r") == std::string::npos);  // no worker started
+  // `check --world` with a world the layout rejects says so and nothing else: no "OK", no summary.
+  auto checkWorld = check({"check", job, "--world", "3", "--set", parallelSet(2, "1f1b", 4)});
+  CHECK(checkWorld.exitCode == 2);
+  CHECK(checkWorld.err.find("a world of 3 rank(s) is not divisible by pipeline stages 2") != std::string::npos);
+  CHECK(checkWorld.out.find("OK") == std::string::npos);
   auto warned = check({"check", job, "--world", "4", "--set", parallelSet(4, "gpipe", 2)});
   INFO(warned.err);
   CHECK(warned.exitCode == 0);

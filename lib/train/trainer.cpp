@@ -324,7 +324,9 @@ void TrainLoop::setUp() {
                               strategy_->summary().empty() ? "" : ", " + strategy_->summary()));
   if (const auto* seqTrain = dynamic_cast<const data::SequenceDataset*>(train_.get()); seqTrain && worker_.rank == 0) {
     if (const auto* seqEval = dynamic_cast<const data::SequenceDataset*>(eval_.get())) {
-      const double bigram = data::bigramLoss(*seqTrain, *seqEval, model_->outputShape().back());
+      // The whole model's vocabulary: under pipeline parallelism model_ is this rank's stage, whose output is a
+      // hidden state, not logits.
+      const double bigram = data::bigramLoss(*seqTrain, *seqEval, job_.model.output().back());
       result_.baselineLoss = bigram;
       progress_->info(fmt::format("bigram baseline on the same split: eval loss {:.4f} (the model must get below it)",
                                   bigram));

@@ -93,6 +93,26 @@ TEST_CASE("pipeline: the gpt preset (tied lm_head, clipping by the global norm) 
   checkSameWeights(dir + "/d2p2/model.safetensors", dir + "/one/model.safetensors");
 }
 
+TEST_CASE("pipeline: a gpt job's bigram baseline is the one-process one (the vocabulary is the model's, not a stage's)") {
+  const std::string dir = tempDir("pipeline_bigram");
+  const std::string job = dir + "/job.json";
+  json doc = gptJob(writeText(dir));
+  doc["data"]["eval"] = doc["data"]["train"];
+  doc["data"]["eval"]["split"] = "val";
+  doc["train"]["max_steps"] = 1;
+  writeFile(job, doc.dump());
+  auto baseline = [](const std::string& out) {
+    const std::string key = "bigram baseline on the same split: eval loss ";
+    const auto at = out.find(key);
+    REQUIRE(at != std::string::npos);
+    return std::stod(out.substr(at + key.size(), 6));
+  };
+  const double one = baseline(trainJob(job, dir + "/one", 1, {}).out);
+  const double piped = baseline(trainJob(job, dir + "/p2", 2, {parallelSet(2, "1f1b", 2)}).out);
+  CHECK(one > 0.5);
+  CHECK(piped == doctest::Approx(one).epsilon(1e-3));
+}
+
 TEST_CASE("pipeline: checkpoints resume under other layouts (2x2x1 -> 1x1x1, 1x2x1 -> 4x1x1, 1x1x1 -> 1x2x1)") {
   const std::string dir = tempDir("pipeline_resume");
   json doc = mlpJob();

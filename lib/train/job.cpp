@@ -292,6 +292,9 @@ Job loadJob(const JobArgs& args) {
   DTRAIN_CHECK_AS(ConfigError, job.doc.is_object(), "{}: expected a JSON object at the top level", args.path);
   job.baseDir = file.has_parent_path() ? file.parent_path() : fs::path(".");
   for (const auto& s : args.sets) applySet(job.doc, s, args.path);
+  // A field set to null counts as not given (docs/job-file.md), top-level sections included: `--set parallel=null`
+  // drops the section, so its defaults apply (and a required one is reported missing).
+  for (auto it = job.doc.begin(); it != job.doc.end();) it = it->is_null() ? job.doc.erase(it) : std::next(it);
   const std::string& src = job.sourceFile;
 
   JsonFields top(job.doc, src, "", "the job");

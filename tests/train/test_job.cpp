@@ -56,6 +56,21 @@ TEST_CASE("a job loads with defaults: name from the file, output under runs/<nam
   CHECK(job.modelHash.size() == 16);
 }
 
+TEST_CASE("a top-level section set to null counts as not given (docs/job-file.md), a required one is missing") {
+  auto dir = testing::tempDir("job_null");
+  auto path = writeJob(dir, kJob);
+  for (const char* section : {"parallel", "checkpoint", "logging", "init", "schedule", "train", "output_dir"}) {
+    CAPTURE(section);
+    Job job;
+    REQUIRE_NOTHROW(job = loadJob({path, {std::string(section) + "=null"}}));
+    CHECK(job.parallel.strategy == "ddp");
+    CHECK(job.checkpoint.enabled);
+  }
+  CHECK(loadJob({path, {"train=null"}}).loop.epochs == 1);
+  CHECK(configErrorOf({path, {"model=null"}}).find("missing required field 'model'") != std::string::npos);
+  CHECK(configErrorOf({path, {"optimizer=null"}}).find("missing required field 'optimizer'") != std::string::npos);
+}
+
 TEST_CASE("--set overrides any field, parsing JSON values, and creates missing objects") {
   json doc = json::parse(kJob);
   applySet(doc, "train.epochs=1", "job.json");

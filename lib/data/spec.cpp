@@ -69,8 +69,14 @@ double parseScale(const JsonFields& f) {
 }
 
 void parseSynthetic(const JsonFields& f, SyntheticOptions& s) {
-  auto task = f.choice("task", {"classification", "regression"}, "task", "regression");
-  s.task = task == "regression" ? SyntheticOptions::Task::kRegression : SyntheticOptions::Task::kClassification;
+  auto task = f.choice("task", {"classification", "regression", "recsys"}, "task", "regression");
+  s.task = task == "regression"       ? SyntheticOptions::Task::kRegression
+           : task == "classification" ? SyntheticOptions::Task::kClassification
+                                      : SyntheticOptions::Task::kRecsys;
+  s.users = integerAtLeast(f, "users", s.users, 1);
+  s.items = integerAtLeast(f, "items", s.items, 1);
+  s.factors = integerAtLeast(f, "factors", s.factors, 1);
+  s.zipf = anyNumber(f, "zipf", s.zipf);
   s.rule = f.choice("rule", {"blobs", "linear"}, "rule", "blobs") == "blobs" ? SyntheticOptions::Rule::kBlobs
                                                                      : SyntheticOptions::Rule::kLinear;
   s.samples = integerAtLeast(f, "samples", s.samples, 1);
@@ -82,6 +88,12 @@ void parseSynthetic(const JsonFields& f, SyntheticOptions& s) {
   if (s.noise < 0) f.failAt("noise", fmt::format("{} (expected >= 0)", s.noise));
   s.seed = static_cast<uint64_t>(integerAtLeast(f, "seed", 0, 0));
   s.sampleSeed = static_cast<uint64_t>(integerAtLeast(f, "sample_seed", static_cast<int64_t>(s.seed), 0));
+  if (s.task == SyntheticOptions::Task::kRecsys) {
+    for (const char* field : {"features", "outputs", "rule", "num_classes", "noise", "spread"})
+      if (f.has(field))
+        f.failAt(field, "not a field of task recsys (its features are [user, users + item], its class a click)");
+    s.features = 2;
+  }
 }
 
 // text / tokens: their own small set of fields (no transforms: the features are token ids).
@@ -170,7 +182,8 @@ DataSpec parseDataSpec(const json& j, const std::string& sourceFile, const std::
     spec.labels = existingFile(f, "labels", baseDir, "an .npy file of labels, samples first");
   } else {
     spec.format = Format::kSynthetic;
-    allowed.insert({"task", "rule", "samples", "features", "outputs", "noise", "spread", "seed", "sample_seed"});
+    allowed.insert({"task", "rule", "samples", "features", "outputs", "noise", "spread", "seed", "sample_seed", "users",
+                    "items", "factors", "zipf"});
     f.allowOnly({allowed.begin(), allowed.end()});
     parseSynthetic(f, spec.synthetic);
   }

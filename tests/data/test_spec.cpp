@@ -117,6 +117,13 @@ TEST_CASE("spec errors name the job file, the JSON path and what was expected") 
         "job.json: /data/train: sample 3 has class label 3 (expected < num_classes 3)");
   CHECK(messageOf([] { load({{"format", "synthetic"}, {"label_kind", "class"}}); }) ==
         "job.json: /data/train/label_kind: class contradicts task regression");
+  // recsys: two id features and a click class; the other tasks' fields are refused.
+  auto recsys = load({{"format", "synthetic"}, {"task", "recsys"}, {"samples", 10}, {"users", 5}, {"items", 7}});
+  CHECK(recsys->size() == 10);
+  CHECK(recsys->featureSize() == 2);
+  CHECK(recsys->labelKind() == LabelKind::kClass);
+  CHECK(messageOf([] { load({{"format", "synthetic"}, {"task", "recsys"}, {"features", 3}}); }).find(
+            "job.json: /data/train/features: not a field of task recsys") == 0);
 }
 
 TEST_CASE("CSV and NPY specs load, with errors prefixed by the JSON path") {

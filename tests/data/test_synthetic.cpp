@@ -1,5 +1,7 @@
 #include <doctest/doctest.h>
 
+#include <algorithm>
+
 #include "lib/common/error.h"
 #include "lib/data/synthetic.h"
 
@@ -81,4 +83,66 @@ TEST_CASE("synthetic classification: blobs and linear rules give valid, learnabl
   for (auto c : lin.classes) ++linCount[static_cast<size_t>(c)];
   for (int k : linCount) CHECK(k > 0);
   CHECK_THROWS_AS(makeSynthetic({.task = SyntheticOptions::Task::kClassification, .numClasses = 1}), ConfigError);
+}
+
+namespace {
+
+// Area under the ROC curve (Mann-Whitney U; ties count half).
+double auc(const std::vector<double>& score, const std::vector<int32_t>& label) {
+  std::vector<size_t> order(score.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return score[a] < score[b]; });
+  double rankSum = 0, pos = 0;
+  for (size_t i = 0; i < order.size();) {
+    size_t j = i;
+    while (j < order.size() && score[order[j]] == score[order[i]]) ++j;
+    const double midRank = (static_cast<double>(i) + static_cast<double>(j) + 1) / 2;
+    for (size_t k = i; k < j; ++k)
+      if (label[order[k]] == 1) rankSum += midRank, pos += 1;
+    i = j;
+  }
+  const double neg = static_cast<double>(score.size()) - pos;
+  return (rankSum - pos * (pos + 1) / 2) / (pos * neg);
+}
+
+}  // namespace
+
+TEST_CASE("synthetic recsys: Zipf ids, and a hidden preference a popularity baseline cannot see") {
+  SyntheticOptions o{.task = SyntheticOptions::Task::kRecsys, .samples = 200000, .users = 1000, .items = 500,
+                     .seed = 3, .sampleSeed = 3};
+  auto train = fetchAll(*makeSynthetic(o));
+  CHECK(train.x == fetchAll(*makeSynthetic(o)).x);  // deterministic
+  std::vector<int64_t> userCount(1000), itemClicks(500), itemCount(500);
+  for (size_t s = 0; s < train.classes.size(); ++s) {
+    const auto u = static_cast<int64_t>(train.x[2 * s]), i = static_cast<int64_t>(train.x[2 * s + 1]) - 1000;
+    REQUIRE(u >= 0);
+    REQUIRE(u < 1000);
+    REQUIRE(i >= 0);
+    REQUIRE(i < 500);
+    ++userCount[static_cast<size_t>(u)];
+    ++itemCount[static_cast<size_t>(i)];
+    itemClicks[static_cast<size_t>(i)] += train.classes[s];
+  }
+  // Zipf: the most frequent ids come first, the head is far more frequent than the tail.
+  CHECK(userCount[0] > userCount[10]);
+  CHECK(userCount[10] > userCount[500]);
+  CHECK(itemCount[0] > 20 * itemCount[400]);
+
+  // On fresh samples of the same task: the item's click rate (popularity baseline) vs the true probability.
+  o.sampleSeed = 4;
+  o.samples = 50000;
+  auto eval = fetchAll(*makeSynthetic(o));
+  const RecsysTruth truth = syntheticRecsysTruth(o);
+  std::vector<double> pop, oracle;
+  for (size_t s = 0; s < eval.classes.size(); ++s) {
+    const auto u = static_cast<int64_t>(eval.x[2 * s]), i = static_cast<int64_t>(eval.x[2 * s + 1]) - 1000;
+    const auto ii = static_cast<size_t>(i);
+    pop.push_back(static_cast<double>(itemClicks[ii] + 1) / static_cast<double>(itemCount[ii] + 2));
+    oracle.push_back(truth.clickProbability(u, i));
+  }
+  const double popAuc = auc(pop, eval.classes), oracleAuc = auc(oracle, eval.classes);
+  MESSAGE("popularity AUC " << popAuc << ", true-preference AUC " << oracleAuc);
+  CHECK(popAuc > 0.55);               // popularity (item bias) carries some signal ...
+  CHECK(oracleAuc > popAuc + 0.08);   // ... the users' preferences much more
+  CHECK_THROWS_AS(makeSynthetic({.task = SyntheticOptions::Task::kRecsys, .users = 1 << 24, .items = 1}), ConfigError);
 }

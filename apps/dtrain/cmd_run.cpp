@@ -104,6 +104,7 @@ int runCommand(RunArgs& a, bool programAfterDashes) {
     // Parameter servers are ranks of the world: they must leave at least one rank to train (known here when the
     // node count is fixed and the nodes are alike; the trainer checks the world it gets in any case).
     o.psServers = job->parallel.ps->servers;
+    o.psWorkersExpendable = job->parallel.ps->mode != "sync";
     const int world = o.minNodes * o.nproc;
     DTRAIN_CHECK_AS(ConfigError, o.minNodes != o.maxNodes || o.psServers < world,
                     "{}: /parallel/servers: {} server(s) but this launch makes {} rank(s) (--nnodes {} x "

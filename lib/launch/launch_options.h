@@ -57,6 +57,10 @@ struct LaunchOptions {
   // The job's parameter servers ("parallel": {"strategy": "parameter_server", "servers": S}); 0: no roles. The
   // workers' environment then carries ROLE_NAME=server|worker, ROLE_RANK, ROLE_WORLD_SIZE (ps_placement.h).
   int psServers = 0;
+  // The parameter servers run in "async" or "ssp" mode: a failed worker other than worker 0 (the chief, which
+  // writes checkpoints and the model) does not end the round; the servers and the other workers go on without it
+  // (TensorFlow's ParameterServerStrategy; docs/parameter_server.md "Failures").
+  bool psWorkersExpendable = false;
   // --timeline FILE.json: this agent writes every node's timeline there at the end (lib/launch/timeline.h).
   std::string timelineFile;
   // --dashboard PORT: a live page of the run's curves (lib/launch/dashboard.h); -1: off, 0: a free port.

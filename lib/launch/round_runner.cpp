@@ -12,6 +12,7 @@
 
 #include "lib/common/error.h"
 #include "lib/common/log.h"
+#include "lib/common/ps_placement.h"
 #include "lib/common/timeline.h"
 #include "lib/launch/spawn.h"
 #include "lib/launch/worker_env.h"
@@ -144,6 +145,12 @@ void RoundRunner::startWorkers() {
     Worker& w = workers_[lr];
     w.localRank = lr;
     w.rank = round.rankOffset + lr;
+    if (opts.psWorkersExpendable) {
+      WorkerContext c = wctx;
+      c.localRank = lr;
+      const WorkerContract contract = workerContract(c);
+      w.expendable = contract.roleName == kRoleWorker && contract.roleRank != 0;
+    }
     bool shown = opts.localRanksFilter.empty() ||
                  std::find(opts.localRanksFilter.begin(), opts.localRanksFilter.end(), lr) !=
                      opts.localRanksFilter.end();
@@ -331,6 +338,14 @@ void RoundRunner::reapChildren() {
 void RoundRunner::onWorkerExit(Worker& w) {
   log::debug("rank {} (pid {}) ended: {}", w.rank, w.pid, describeStatus(w.status));
   if (ctx_.metrics) ctx_.metrics->workerExited(exitCodeOf(w.status));
+  const bool failed = !WIFEXITED(w.status) || WEXITSTATUS(w.status) != 0;
+  if (w.expendable && failed && state_.phase == RoundPhase::kRunning) {
+    // Async parameter server: the servers drop this worker and the others go on; to the round it finished.
+    log::warn("rank {} (a parameter-server worker) ended: {}; async training goes on with the other workers "
+              "(the rest of its data shard is not trained on)",
+              w.rank, describeStatus(w.status));
+    w.status = 0;
+  }
   auto a = decideRound(state_, RoundInput::workerExited(w.status, w.pipes[1] != nullptr, localWorkers()));
   apply(a, fmt::format("rank {} ended: {}", w.rank, describeStatus(w.status)), &w);
 }

@@ -97,6 +97,9 @@ class RoundRunner {
     pid_t pid = -1;
     bool exited = false;
     int status = 0;
+    // A non-chief worker of an async/ssp parameter-server job (LaunchOptions::psWorkersExpendable): its failure
+    // is logged and the round goes on (it counts as finished).
+    bool expendable = false;
     std::array<std::unique_ptr<boost::asio::posix::stream_descriptor>, 2> pipes;  // stdout, stderr
     std::array<std::unique_ptr<StreamSink>, 2> sinks;
   };

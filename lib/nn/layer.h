@@ -18,6 +18,7 @@
 
 #include "lib/common/tensor.h"
 #include "lib/nn/registry.h"
+#include "lib/nn/sparse_rows.h"
 #include "lib/nn/spec.h"
 
 namespace dtrain::nn {
@@ -65,6 +66,9 @@ class Layer {
   // the embedding's token table and its gradient, LayerSpec::tiedTo). Its backward adds into (or, when not
   // accumulating, overwrites) that gradient before the owner's backward runs, so the owner always adds.
   virtual void bindTied(const float* /*weight*/, float* /*grad*/) {}
+  // Called for a layer whose spec is sparse (an embedding with "sparse": true; lib/nn/sparse_rows.h): where its
+  // table's rows come from and go to, and the table's index among the model's sparse tables.
+  virtual void bindSparse(SparseRows* /*rows*/, int /*table*/) {}
   // PyTorch's default initialisation for the layer, drawing from `rng` in parameter order.
   virtual void initParams(InitRng& /*rng*/) {}
   // True when the output is the input buffer itself (flatten): the model then skips the copy.

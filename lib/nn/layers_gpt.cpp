@@ -35,37 +35,66 @@ size_t sz(int64_t n) { return static_cast<size_t>(n); }
 
 // y[t] = wte[token[t]] + wpe[t] (nn.Embedding; the position table when "position"). The token gradient is a
 // scatter-add into the table's rows; no gradient flows to the token ids.
+// Sparse ("sparse": true, torch's nn.Embedding(sparse=True)): wte is not in the arena. forward() deduplicates the
+// batch's ids (sorted), pulls those rows from the SparseRows bound to the layer into rows_, and reads them from
+// there; backward() sums dy per distinct id (torch's coalesce()) and pushes those gradient rows. Only wpe (when
+// "position") stays in the arena.
 class Embedding final : public Layer {
  public:
-  explicit Embedding(const LayerSpec& spec)
-      : Layer(spec, Device::cpu()), t_(spec.input[0]), c_(spec.output.back()), v_(spec.vocab) {}
+  Embedding(const LayerSpec& spec, int maxBatch)
+      : Layer(spec, Device::cpu()), t_(spec.input[0]), c_(spec.output.back()), v_(spec.vocab) {
+    if (spec.sparse) {
+      const size_t occurrences = sz(maxBatch) * sz(t_);
+      rows_ = AlignedBuffer<float>(occurrences * sz(c_));
+      slot_.resize(occurrences);
+      ids_.reserve(occurrences);
+    }
+  }
 
   void bind(float* params, float* grads) override {
+    if (spec().sparse) {
+      if (spec().position) wpe_ = params, gwpe_ = grads;
+      return;
+    }
     wte_ = params, gwte_ = grads;
     if (spec().position) wpe_ = params + v_ * c_, gwpe_ = grads + v_ * c_;
   }
+  void bindSparse(SparseRows* rows, int table) override { source_ = rows, table_ = table; }
 
   // PyTorch's nn.Embedding default is N(0, 1); the gpt preset sets initStd 0.02 (nanoGPT).
   void initParams(InitRng& rng) override {
     const double std = spec().initStd > 0 ? spec().initStd : 1.0;
-    for (int64_t i = 0; i < v_ * c_; ++i) wte_[i] = rng.normal(std);
+    if (wte_ != nullptr)
+      for (int64_t i = 0; i < v_ * c_; ++i) wte_[i] = rng.normal(std);
     if (wpe_ != nullptr)
       for (int64_t i = 0; i < t_ * c_; ++i) wpe_[i] = rng.normal(std);
   }
 
   void forward(const float* x, float* y, int batch, bool) override {
+    const float* table = wte_;
+    if (spec().sparse) table = pullRows(x, batch);
     for (int64_t r = 0; r < batch * t_; ++r) {
-      const int64_t tok = token(x[r], r);
+      const int64_t row = spec().sparse ? slot_[sz(r)] : token(x[r], r);
       float* out = y + r * c_;
-      std::memcpy(out, wte_ + tok * c_, sz(c_) * sizeof(float));
+      std::memcpy(out, table + row * c_, sz(c_) * sizeof(float));
       if (wpe_ != nullptr) ArrMap(out, c_) += ConstArrMap(wpe_ + (r % t_) * c_, c_);
     }
   }
 
   void backward(const float* x, const float*, const float* dy, float*, int batch, bool accumulate) override {
+    if (!accumulate && gwpe_ != nullptr) std::memset(gwpe_, 0, sz(t_ * c_) * sizeof(float));
+    if (spec().sparse) {
+      // One gradient row per distinct id (the ids of the last forward), pushed as the step's sparse gradient.
+      std::vector<float> g(ids_.size() * sz(c_), 0.0f);
+      for (int64_t r = 0; r < batch * t_; ++r) {
+        ArrMap(g.data() + sz(slot_[sz(r)]) * sz(c_), c_) += ConstArrMap(dy + r * c_, c_);
+        if (gwpe_ != nullptr) ArrMap(gwpe_ + (r % t_) * c_, c_) += ConstArrMap(dy + r * c_, c_);
+      }
+      source_->push(table_, ids_, std::move(g));
+      return;
+    }
     // A tied lm_head has already written (or added to) the token table's gradient in this backward.
     if (!accumulate && !spec().tied) std::memset(gwte_, 0, sz(v_ * c_) * sizeof(float));
-    if (!accumulate && gwpe_ != nullptr) std::memset(gwpe_, 0, sz(t_ * c_) * sizeof(float));
     for (int64_t r = 0; r < batch * t_; ++r) {
       ConstArrMap g(dy + r * c_, c_);
       ArrMap(gwte_ + token(x[r], r) * c_, c_) += g;
@@ -81,11 +110,33 @@ class Embedding final : public Layer {
     return tok;
   }
 
+  // Dedups the batch's ids into ids_ (ascending) and slot_ (each occurrence's index in ids_), pulls the rows.
+  const float* pullRows(const float* x, int batch) {
+    DTRAIN_CHECK(source_ != nullptr, "{}: a sparse embedding needs its table's holder (the parameter-server "
+                 "strategy, or a local table for one process)", spec().path);
+    const int64_t n = batch * t_;
+    ids_.clear();
+    for (int64_t r = 0; r < n; ++r) ids_.push_back(token(x[r], r));
+    std::sort(ids_.begin(), ids_.end());
+    ids_.erase(std::unique(ids_.begin(), ids_.end()), ids_.end());
+    for (int64_t r = 0; r < n; ++r)
+      slot_[sz(r)] = std::lower_bound(ids_.begin(), ids_.end(), token(x[r], r)) - ids_.begin();
+    source_->pull(table_, ids_, std::span<float>(rows_.data(), ids_.size() * sz(c_)));
+    return rows_.data();
+  }
+
   int64_t t_, c_, v_;
   float* wte_ = nullptr;
   float* wpe_ = nullptr;
   float* gwte_ = nullptr;
   float* gwpe_ = nullptr;
+  // Sparse: the table's holder, this table's index, the last forward's distinct ids, each occurrence's slot and
+  // the pulled rows (ids_.size() x c_ of maxBatch * t_ x c_).
+  SparseRows* source_ = nullptr;
+  int table_ = 0;
+  std::vector<int64_t> ids_;
+  std::vector<int64_t> slot_;
+  AlignedBuffer<float> rows_;
 };
 
 // Causal multi-head self-attention, nanoGPT's CausalSelfAttention (its resid_dropout is a dropout layer after it):
@@ -471,10 +522,11 @@ void requireSequence(const JsonFields& f, const LayerSpec& l, const char* type) 
 }
 
 void parseEmbedding(const JsonFields& f, LayerSpec& l) {
-  f.allowOnly({"type", "vocab_size", "n_embd", "position", "init_std"});
+  f.allowOnly({"type", "vocab_size", "n_embd", "position", "init_std", "sparse"});
   l.vocab = checkSize(f, "vocab_size", f.integer("vocab_size", "an integer >= 1", positive));
   l.out = checkSize(f, "n_embd", f.integer("n_embd", "an integer >= 1", positive));
   l.position = f.boolean("position", true);
+  l.sparse = f.boolean("sparse", false);
   l.initStd = initStdField(f, "init_std");
   if (l.input.rank() != 1)
     f.fail(fmt::format("embedding expects token ids [N, T] but gets {}; set the model input to [T]",
@@ -483,13 +535,16 @@ void parseEmbedding(const JsonFields& f, LayerSpec& l) {
 }
 
 std::vector<ParamShape> embeddingParams(const LayerSpec& l) {
-  std::vector<ParamShape> p{{"wte.weight", Shape{l.vocab, l.out}}};
+  // A sparse table is not in the arena (lib/nn/sparse_rows.h): Model::sparseTables() lists it instead.
+  std::vector<ParamShape> p;
+  if (!l.sparse) p.push_back({"wte.weight", Shape{l.vocab, l.out}});
   if (l.position) p.push_back({"wpe.weight", Shape{l.input[0], l.out}});
   return p;
 }
 
 std::string embeddingDetail(const LayerSpec& l) {
-  return fmt::format("vocab {} -> {}{}{}", l.vocab, l.out, l.position ? ", +position" : "", l.tied ? ", tied" : "");
+  return fmt::format("vocab {} -> {}{}{}{}", l.vocab, l.out, l.position ? ", +position" : "", l.tied ? ", tied" : "",
+                     l.sparse ? ", sparse" : "");
 }
 
 void parseAttention(const JsonFields& f, LayerSpec& l) {
@@ -609,7 +664,9 @@ std::string blockDetail(const LayerSpec& l) {
   return s;
 }
 
-std::unique_ptr<Layer> makeEmbedding(const LayerSpec& s, const LayerBuild&) { return std::make_unique<Embedding>(s); }
+std::unique_ptr<Layer> makeEmbedding(const LayerSpec& s, const LayerBuild& b) {
+  return std::make_unique<Embedding>(s, b.maxBatch);
+}
 std::unique_ptr<Layer> makeAttention(const LayerSpec& s, const LayerBuild& b) {
   return std::make_unique<CausalSelfAttention>(s, b.maxBatch, b.scratch, b.tensor, b.seed);
 }

@@ -2,7 +2,9 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cmath>
+#include <numeric>
 
 #include "lib/common/error.h"
 #include "lib/common/json_fields.h"
@@ -202,6 +204,84 @@ class Mse final : public Loss {
   }
 };
 
+// nn.BCEWithLogitsLoss (mean): per sample max(x, 0) - x t + log(1 + exp(-|x|)) (the stable form); the gradient is
+// (sigmoid(x) - t) / N. Targets: one 0/1 class label per sample (int32/int64), or a float32 target in [0, 1].
+class BceWithLogits final : public Loss {
+ public:
+  BceWithLogits(const Shape& outputShape, int maxBatch) : Loss(LossType::kBceWithLogits, outputShape, maxBatch) {
+    if (outputShape.numel() != 1)
+      throw ConfigError(fmt::format("bce_with_logits expects one logit per sample (model output [N, 1]) but the model "
+                                    "gives {}",
+                                    outputShape.batchStr()));
+  }
+
+  void checkTargets(const Shape& perSample, DType dtype) const override {
+    const bool ok = (dtype == DType::kInt32 || dtype == DType::kInt64 || dtype == DType::kFloat32) &&
+                    perSample.numel() == 1 && perSample.rank() <= 1;
+    if (!ok)
+      throw ConfigError(fmt::format("bce_with_logits needs one 0/1 label (or float target) per sample, but the labels "
+                                    "are {} {}",
+                                    dtypeName(dtype), perSample.batchStr()));
+  }
+
+  float forward(const TensorView& output, const TensorView& targets) override {
+    checkOutput(output, outputShape_, maxBatch_);
+    const int64_t n = output.shape[0];
+    const float* x = output.f32();
+    double sum = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const double t = target(targets, i, n);
+      sum += lossOf(x[i], t);
+      diff_.data()[i] = static_cast<float>(sigmoid(x[i]) - t);
+    }
+    lastBatch_ = static_cast<int>(n);
+    return static_cast<float>(sum / static_cast<double>(n));
+  }
+
+  TensorView backward(float scale) override {
+    DTRAIN_CHECK(lastBatch_ > 0, "loss backward called before forward");
+    const float factor = scale / static_cast<float>(lastBatch_);
+    for (int64_t i = 0; i < lastBatch_; ++i) grad_.data()[i] = diff_.data()[i] * factor;
+    return TensorView::of(grad_.data(), outputShape_.withBatch(lastBatch_), device_);
+  }
+
+  EvalSums evaluate(const TensorView& output, const TensorView& targets) const override {
+    checkOutput(output, outputShape_, maxBatch_);
+    const int64_t n = output.shape[0];
+    const float* x = output.f32();
+    EvalSums s;
+    s.aucHist.assign(2 * kAucBins, 0.0);
+    for (int64_t i = 0; i < n; ++i) {
+      const double t = target(targets, i, n);
+      s.lossSum += lossOf(x[i], t);
+      const bool positive = t >= 0.5;
+      s.correct += (x[i] > 0) == positive ? 1 : 0;
+      const auto bin = std::min<int64_t>(kAucBins - 1, static_cast<int64_t>(sigmoid(x[i]) * kAucBins));
+      s.aucHist[static_cast<size_t>((positive ? 0 : kAucBins) + bin)] += 1;
+    }
+    s.lossCount = s.samples = n;
+    return s;
+  }
+
+ private:
+  static double sigmoid(float x) { return 1.0 / (1.0 + std::exp(-static_cast<double>(x))); }
+  static double lossOf(float x, double t) {
+    const double v = x;
+    return std::max(v, 0.0) - v * t + std::log1p(std::exp(-std::abs(v)));
+  }
+  static double target(const TensorView& targets, int64_t i, int64_t n) {
+    DTRAIN_CHECK(targets.numel() == n, "bce_with_logits got {} targets for a batch of {}", targets.numel(), n);
+    if (targets.dtype == DType::kFloat32) {
+      const float t = targets.f32()[i];
+      DTRAIN_CHECK_AS(ConfigError, t >= 0 && t <= 1, "bce_with_logits target {} outside [0, 1]", t);
+      return t;
+    }
+    const int64_t label = labelAt(targets, i);
+    DTRAIN_CHECK_AS(ConfigError, label == 0 || label == 1, "bce_with_logits label {} (expected 0 or 1)", label);
+    return static_cast<double>(label);
+  }
+};
+
 }  // namespace
 
 Loss::Loss(LossType type, const Shape& outputShape, int maxBatch)
@@ -214,15 +294,58 @@ Loss::Loss(LossType type, const Shape& outputShape, int maxBatch)
 std::unique_ptr<Loss> Loss::create(const LossSpec& spec, const Shape& outputShape, int maxBatch, Device device) {
   requireCpu(device, fmt::format("loss '{}'", lossTypeName(spec.type)));
   if (spec.type == LossType::kCrossEntropy) return std::make_unique<CrossEntropy>(outputShape, maxBatch);
+  if (spec.type == LossType::kBceWithLogits) return std::make_unique<BceWithLogits>(outputShape, maxBatch);
   return std::make_unique<Mse>(outputShape, maxBatch);
 }
 
-const char* lossTypeName(LossType type) { return type == LossType::kCrossEntropy ? "cross_entropy" : "mse"; }
+const char* lossTypeName(LossType type) {
+  switch (type) {
+    case LossType::kCrossEntropy: return "cross_entropy";
+    case LossType::kBceWithLogits: return "bce_with_logits";
+    case LossType::kMse: return "mse";
+  }
+  return "?";
+}
+
+std::optional<double> aucFromHistogram(std::span<const double> hist) {
+  DTRAIN_CHECK(hist.size() == 2 * kAucBins, "AUC histogram of {} bins (expected {})", hist.size(), 2 * kAucBins);
+  const std::span<const double> pos = hist.first(kAucBins), neg = hist.subspan(kAucBins);
+  const double p = std::accumulate(pos.begin(), pos.end(), 0.0), n = std::accumulate(neg.begin(), neg.end(), 0.0);
+  if (p == 0 || n == 0) return std::nullopt;
+  // Over the bins in ascending score: each positive beats the negatives of the lower bins, ties the same bin's.
+  double below = 0, wins = 0;
+  for (size_t b = 0; b < pos.size(); ++b) {
+    wins += pos[b] * (below + 0.5 * neg[b]);
+    below += neg[b];
+  }
+  return wins / (p * n);
+}
+
+std::optional<double> rocAuc(std::span<const double> scores, std::span<const int> labels) {
+  DTRAIN_CHECK(scores.size() == labels.size(), "rocAuc: {} scores, {} labels", scores.size(), labels.size());
+  std::vector<size_t> order(scores.size());
+  std::iota(order.begin(), order.end(), size_t{0});
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return scores[a] < scores[b]; });
+  // Mann-Whitney U: the sum of the positives' (mid)ranks.
+  double rankSum = 0, positives = 0;
+  for (size_t i = 0; i < order.size();) {
+    size_t j = i;
+    while (j < order.size() && scores[order[j]] == scores[order[i]]) ++j;
+    const double midRank = 0.5 * static_cast<double>(i + 1 + j);
+    for (size_t k = i; k < j; ++k)
+      if (labels[order[k]] != 0) rankSum += midRank, positives += 1;
+    i = j;
+  }
+  const double negatives = static_cast<double>(scores.size()) - positives;
+  if (positives == 0 || negatives == 0) return std::nullopt;
+  return (rankSum - positives * (positives + 1) / 2) / (positives * negatives);
+}
 
 LossSpec parseLossSpec(const nlohmann::json& loss, const std::string& sourceFile, const std::string& jsonPathPrefix) {
   JsonFields f(loss, sourceFile, jsonPathPrefix, "the loss");
   f.allowOnly({"type"});
-  std::string type = f.choice("type", {"cross_entropy", "mse"}, "loss");
+  std::string type = f.choice("type", {"cross_entropy", "mse", "bce_with_logits"}, "loss");
+  if (type == "bce_with_logits") return {LossType::kBceWithLogits};
   return {type == "cross_entropy" ? LossType::kCrossEntropy : LossType::kMse};
 }
 

@@ -1,5 +1,7 @@
-// Losses: cross_entropy (integer class labels, mean over the batch; PyTorch's nn.CrossEntropyLoss on logits)
-// and mse (float targets shaped like the output, mean over all elements; nn.MSELoss).
+// Losses: cross_entropy (integer class labels, mean over the batch; PyTorch's nn.CrossEntropyLoss on logits),
+// mse (float targets shaped like the output, mean over all elements; nn.MSELoss) and bce_with_logits (one logit
+// per sample, a 0/1 label or a float target in [0, 1]; nn.BCEWithLogitsLoss, mean over the batch), whose
+// evaluation also gives the ROC AUC (a click model's usual figure).
 //
 //   auto loss = Loss::create(parseLossSpec(job["loss"], "job.json", "/loss"), model.outputShape(), maxBatch);
 //   float l = loss->forward(out, labels);      // labels: TensorView::i64(ptr, Shape{batch}) (or i32)
@@ -15,14 +17,17 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
+#include <span>
 #include <string>
+#include <vector>
 
 #include "lib/common/aligned_buffer.h"
 #include "lib/common/tensor.h"
 
 namespace dtrain::nn {
 
-enum class LossType { kCrossEntropy, kMse };
+enum class LossType { kCrossEntropy, kMse, kBceWithLogits };
 
 struct LossSpec {
   LossType type = LossType::kCrossEntropy;
@@ -33,14 +38,23 @@ LossSpec parseLossSpec(const nlohmann::json& loss, const std::string& sourceFile
                        const std::string& jsonPathPrefix = "/loss");
 const char* lossTypeName(LossType type);
 
+// bce_with_logits: the ROC AUC from histograms of sigmoid(logit) over kAucBins equal bins of [0, 1], one for the
+// positive and one for the negative samples. Histograms add up over batches and ranks (a sum all-reduce), which
+// a list of scores would not; pairs in the same bin count one half (a tie), so the AUC is exact up to the bins'
+// width (1/4096).
+inline constexpr int kAucBins = 4096;
+
 struct EvalSums {
   double lossSum = 0;     // sum of per-sample losses (cross_entropy) or of squared errors (mse)
   int64_t lossCount = 0;  // what lossSum divides by for the mean: samples, or elements for mse
-  int64_t correct = 0;    // argmax == label (cross_entropy only)
+  int64_t correct = 0;    // argmax == label (cross_entropy), (logit > 0) == label (bce_with_logits)
   int64_t samples = 0;
+  std::vector<double> aucHist;  // bce_with_logits: positives' bins then negatives' (2 x kAucBins); else empty
 
   EvalSums& operator+=(const EvalSums& o) {
     lossSum += o.lossSum, lossCount += o.lossCount, correct += o.correct, samples += o.samples;
+    if (aucHist.size() < o.aucHist.size()) aucHist.resize(o.aucHist.size(), 0.0);
+    for (size_t i = 0; i < o.aucHist.size(); ++i) aucHist[i] += o.aucHist[i];
     return *this;
   }
   double meanLoss() const { return lossCount > 0 ? lossSum / static_cast<double>(lossCount) : 0.0; }
@@ -59,7 +73,9 @@ class Loss {
   LossType type() const noexcept { return type_; }
   Device device() const noexcept { return device_; }
   // Whether evaluate() counts correct predictions (classification).
-  bool hasAccuracy() const noexcept { return type_ == LossType::kCrossEntropy; }
+  bool hasAccuracy() const noexcept { return type_ != LossType::kMse; }
+  // Whether evaluate() fills EvalSums::aucHist (bce_with_logits).
+  bool hasAuc() const noexcept { return type_ == LossType::kBceWithLogits; }
   // Checks at setup that targets of this per-sample shape and dtype fit (ConfigError naming both), so the
   // training loop never meets a mismatch: cross_entropy wants one int32/int64 label per sample (shape [] or
   // [1]), mse wants float32 with as many values per sample as the output (e.g. [] or [1] for an output [1]).
@@ -85,6 +101,12 @@ class Loss {
   AlignedBuffer<float> grad_;  // what backward() returns: diff_ scaled to d(scale * mean loss)/d(output)
   int lastBatch_ = 0;
 };
+
+// The ROC AUC of EvalSums::aucHist (positives' bins, then negatives'): the probability that a random positive
+// scores above a random negative, ties one half. nullopt when either class is absent.
+std::optional<double> aucFromHistogram(std::span<const double> hist);
+// The exact ROC AUC of scores against 0/1 labels (ties one half, by ranks): baselines and tests.
+std::optional<double> rocAuc(std::span<const double> scores, std::span<const int> labels);
 
 // Number of rows whose argmax (first maximum, as torch.argmax) equals the label. logits [N, C]; labels [N].
 int64_t countCorrect(const TensorView& logits, const TensorView& labels);

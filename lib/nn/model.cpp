@@ -152,7 +152,8 @@ Model Model::build(const ModelSpec& full, int maxBatch, uint64_t seed, Device de
   bool seenParams = false;
   for (size_t i = 0; i < m.layers_.size(); ++i) {
     m.needsInputGrad_.push_back(seenParams || stage.inputGrad);
-    seenParams = seenParams || m.layerRanges_[i].count > 0;
+    // A sparse embedding's table is outside the arena but still needs its gradient (lib/nn/sparse_rows.h).
+    seenParams = seenParams || m.layerRanges_[i].count > 0 || m.parts_.layers[i].sparse;
     if (m.layerRanges_[i].count == 0 || static_cast<int>(i) == m.tiedReplica_) continue;
     m.layers_[i]->initParams(rng);
   }
@@ -265,6 +266,22 @@ std::vector<int> Model::paramLayers() const {
 
 void Model::reseedDropout(uint64_t seed) {
   for (auto& layer : layers_) layer->reseed(seed);
+}
+
+std::vector<SparseTableInfo> Model::sparseTables() const {
+  std::vector<SparseTableInfo> out;
+  for (size_t i = 0; i < spec_.layers.size(); ++i) {
+    const LayerSpec& l = spec_.layers[i];
+    if (!l.sparse) continue;
+    out.push_back({.table = static_cast<int>(out.size()), .layer = static_cast<int>(i),
+                   .name = fmt::format("{}.wte.weight", l.paramPrefix()), .rows = l.vocab,
+                   .dim = static_cast<int>(l.output.back()), .initStd = l.initStd > 0 ? l.initStd : 1.0});
+  }
+  return out;
+}
+
+void Model::bindSparseRows(SparseRows* rows) {
+  for (const SparseTableInfo& t : sparseTables()) layers_[static_cast<size_t>(t.layer)]->bindSparse(rows, t.table);
 }
 
 }  // namespace dtrain::nn

@@ -177,6 +177,11 @@ class Model {
   size_t activationBytes() const noexcept {
     return (activations_.size() + gradA_.size() + gradB_.size()) * sizeof(float);
   }
+  // The sparse embedding tables (layers with "sparse": true, lib/nn/sparse_rows.h), in layer order: not in the
+  // arenas or paramTable(); their rows come from the SparseRows bound with bindSparseRows(), which must outlive the
+  // model's forward/backward calls (a forward without one throws).
+  std::vector<SparseTableInfo> sparseTables() const;
+  void bindSparseRows(SparseRows* rows);
   // Reseeds the dropout layers (e.g. with seed + rank, so ranks draw different masks). Layers whose spec
   // fixes a "seed" keep it.
   void reseedDropout(uint64_t seed);

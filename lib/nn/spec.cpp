@@ -39,6 +39,11 @@ void tieHeads(ModelSpec& spec) {
       }
     if (emb == nullptr || emb->index >= l.index)
       throwConfig(spec.source, l.path, "a tied lm_head needs an embedding layer before it (or set \"tied\": false)");
+    if (emb->sparse)
+      throwConfig(spec.source, l.path,
+                  fmt::format("a tied lm_head cannot share the sparse table of the embedding at {} (it lives on the "
+                              "parameter servers); set \"tied\": false",
+                              emb->path));
     if (emb->vocab != l.vocab || emb->output.back() != l.input.back())
       throwConfig(spec.source, l.path,
                   fmt::format("a tied lm_head [{}, {}] does not match the embedding at {} ([{}, {}])", l.vocab,
@@ -166,6 +171,12 @@ std::string formatSummary(const ModelSpec& spec) {
   int64_t total = spec.paramCount();
   out += fmt::format("total parameters: {} ({:.2f} MiB as float32)\n", total,
                      static_cast<double>(total) * 4.0 / (1024.0 * 1024.0));
+  int64_t sparse = 0;
+  for (const auto& l : spec.layers)
+    if (l.sparse) sparse += l.vocab * l.output.back();
+  if (sparse > 0)
+    out += fmt::format("sparse tables: {} parameters ({:.2f} MiB) on the parameter servers, not in the workers\n",
+                       sparse, static_cast<double>(sparse) * 4.0 / (1024.0 * 1024.0));
   return out;
 }
 

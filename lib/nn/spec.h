@@ -73,6 +73,7 @@ struct LayerSpec {
   bool tied = false;       // lm_head: use the first embedding's token table as its weight; embedding: a tied
                            // lm_head adds into its gradient (set by the model parser)
   int tiedTo = -1;         // lm_head: the index of the embedding it is tied to
+  bool sparse = false;     // embedding: the token table lives outside the parameter arena (lib/nn/sparse_rows.h)
   // Initialisation overrides (the gpt preset's): normal(0, initStd) weights and zero biases instead of PyTorch's
   // default; projInitStd for causal_self_attention's c_proj. 0 = the layer's PyTorch default.
   double initStd = 0, projInitStd = 0;

@@ -55,6 +55,8 @@ struct EvalResult {
   double loss = 0;                  // mean over the evaluation set, all ranks
   std::optional<double> accuracy;   // when the loss has one
   int64_t samples = 0;              // evaluated, all ranks
+  std::optional<double> auc;        // bce_with_logits: ROC AUC over the evaluation set (nn::aucFromHistogram)
+  std::optional<double> baselineAuc;  // the popularity baseline's AUC on the same set, when the data has one
 };
 
 struct TrainResult {
@@ -67,6 +69,8 @@ struct TrainResult {
   std::optional<double> evalLoss;
   std::optional<double> evalAccuracy;
   std::optional<double> baselineLoss;  // token datasets: the bigram baseline's eval loss on the same split
+  std::optional<double> evalAuc;       // bce_with_logits
+  std::optional<double> baselineAuc;   // recsys data: the popularity baseline's AUC on the eval set
   int stoppedBySignal = 0;  // SIGTERM/SIGINT/SIGUSR1 stopped the run early (after a checkpoint)
 };
 

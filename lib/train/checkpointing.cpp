@@ -13,6 +13,7 @@ namespace {
 
 constexpr const char* kModelFile = "model.safetensors";
 constexpr const char* kOptimizerFile = "optimizer.safetensors";
+constexpr const char* kSparseFile = "sparse.safetensors";
 
 std::string rankFile(int rank) { return fmt::format("rank-{}.json", rank); }
 
@@ -154,6 +155,24 @@ std::filesystem::path Checkpointer::save(const nn::Model& model, nn::Optimizer& 
     for (auto& buf : optimizer.stateBuffers()) state.push_back({buf.name, TensorView::of(buf.data.data(), Shape{n})});
     writer.writeTensors(kOptimizerFile, state, {{"optimizer", nn::optimizerTypeName(optimizer.spec().type)}});
   }
+  if (sparse_ != nullptr && shard.saveModel) {
+    // The tables are not in the arenas: read each whole from its holder (window by window from every server).
+    std::vector<SparseTableState> tables;
+    tables.reserve(sparseInfo_.size());
+    std::vector<ckpt::NamedTensor> tensors;
+    ckpt::Metadata meta{{"format", "pt"}};
+    for (const nn::SparseTableInfo& t : sparseInfo_) {
+      tables.push_back(sparse_->readTable(t.table));
+      SparseTableState& st = tables.back();
+      const Shape shape{t.rows, t.dim};
+      tensors.push_back({t.name, TensorView::of(st.values.data(), shape)});
+      const auto names = sparseStateNames(sparse_->tables().at(static_cast<size_t>(t.table)).optimizer.type);
+      for (size_t b = 0; b < names.size(); ++b)
+        tensors.push_back({stateName(names[b], t.name), TensorView::of(st.state[b].data(), shape)});
+      meta["steps/" + t.name] = std::to_string(st.steps);
+    }
+    writer.writeTensors(kSparseFile, tensors, meta);
+  }
   if (hook_) {
     std::vector<ckpt::NamedTensor> state;
     for (auto& s : hook_->stateBuffers()) state.push_back({s.name, s.view});
@@ -175,13 +194,37 @@ std::filesystem::path Checkpointer::save(const nn::Model& model, nn::Optimizer& 
     const LayoutDims& l = strategy_.groups().layout;
     meta.user["layout"] = {{"data", l.data}, {"pipeline", l.stages}, {"tensor", l.tensor}};
     ckpt::CommitOptions options;
-    for (int r = 0; r < worldSize_; ++r) options.requiredFiles.push_back(rankFile(r));
+    for (int r = 0; r < (shard.everyRankFile ? worldSize_ : 1); ++r) options.requiredFiles.push_back(rankFile(r));
     committed = writer.commit(meta, options);
     ckpt::applyRetention(job_.checkpoint.dir, job_.checkpoint.keep);
   }
   // Nobody moves on (or exits after a stop signal) before the checkpoint is committed.
   strategy_.barrier();
   return committed;
+}
+
+void Checkpointer::loadSparseTables(const ResumePoint& from) {
+  if (sparse_ == nullptr) return;
+  auto cp = ckpt::Checkpoint::open(from.path);
+  DTRAIN_CHECK_AS(CheckpointError, cp.hasFile(kSparseFile),
+                  "{}: no {} (the checkpoint was written without the model's sparse embedding tables)",
+                  from.path.string(), kSparseFile);
+  const auto& meta = cp.tensors(kSparseFile).metadata();
+  for (const nn::SparseTableInfo& t : sparseInfo_) {
+    SparseTableState st;
+    const Shape shape{t.rows, t.dim};
+    st.values.resize(static_cast<size_t>(t.rows) * static_cast<size_t>(t.dim));
+    cp.loadTensor(kSparseFile, t.name, TensorView::of(st.values.data(), shape));
+    for (const auto& name : sparseStateNames(sparse_->tables().at(static_cast<size_t>(t.table)).optimizer.type)) {
+      st.state.emplace_back(st.values.size());
+      cp.loadTensor(kSparseFile, stateName(name, t.name), TensorView::of(st.state.back().data(), shape));
+    }
+    auto steps = meta.find("steps/" + t.name);
+    DTRAIN_CHECK_AS(CheckpointError, steps != meta.end(), "{}/{}: no step count for table {}", from.path.string(),
+                    kSparseFile, t.name);
+    st.steps = std::stoll(steps->second);
+    sparse_->writeTable(t.table, from.step, st);
+  }
 }
 
 }  // namespace dtrain::train

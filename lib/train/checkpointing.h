@@ -29,6 +29,7 @@
 #include "lib/nn/model.h"
 #include "lib/nn/optimizer.h"
 #include "lib/train/job.h"
+#include "lib/train/sparse_tables.h"
 #include "lib/train/strategy.h"
 
 namespace dtrain::train {
@@ -63,6 +64,16 @@ class Checkpointer {
   // Returns false, leaving the hook's fresh state, when the checkpoint holds none for it (written without
   // compression, or with another type). CheckpointError when it holds state of another size.
   bool loadCommHookState(const ResumePoint& from);
+  // The model's sparse embedding tables (null: none). save() then has the writer (the rank that writes
+  // model.safetensors) read every table whole from its holder (the parameter servers) and write sparse.safetensors:
+  // each table under its parameter name ("0.wte.weight" [rows, dim]), its optimizer state as "<buffer>/<name>"
+  // and its step count in the metadata ("steps/<name>").
+  void setSparseTables(SparseTables* tables, std::vector<nn::SparseTableInfo> info) {
+    sparse_ = tables, sparseInfo_ = std::move(info);
+  }
+  // Writes the tables of checkpoint `from` back into the holder (one rank does it: worker 0 for the servers).
+  // CheckpointError when the checkpoint has no sparse.safetensors or a table of another shape.
+  void loadSparseTables(const ResumePoint& from);
 
  private:
   const Job& job_;
@@ -70,6 +81,8 @@ class Checkpointer {
   int rank_;
   int worldSize_;
   CommHookPtr hook_;
+  SparseTables* sparse_ = nullptr;
+  std::vector<nn::SparseTableInfo> sparseInfo_;
   std::string runTag_;  // makes staging-dir tokens unique per run and round, and equal on every rank
 };
 

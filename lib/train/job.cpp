@@ -11,6 +11,7 @@
 #include "lib/nn/tensor_parallel.h"
 #include "lib/train/compression.h"
 #include "lib/train/layout.h"
+#include "lib/train/sparse_tables.h"
 
 namespace dtrain::train {
 
@@ -119,6 +120,23 @@ void checkPsFitsJob(const Job& job) {
   DTRAIN_CHECK_AS(ConfigError, job.loop.onNonFinite == LoopSettings::OnNonFinite::kStop,
                   "{}: /train/on_nonfinite: \"skip\" is not available with the parameter-server strategy (the "
                   "servers apply a gradient as it arrives); use \"stop\"", src);
+}
+
+// Sparse embeddings keep their table on the parameter servers (docs/parameter_server.md "Sparse embeddings").
+void checkSparseLayers(const Job& job) {
+  for (const nn::LayerSpec& l : job.model.layers) {
+    if (!l.sparse) continue;
+    DTRAIN_CHECK_AS(ConfigError, job.parallel.ps.has_value(),
+                    "{}: {}/sparse: a sparse embedding keeps its table on parameter servers, so it needs "
+                    "\"parallel\": {{\"strategy\": \"parameter_server\"}} (the strategy is \"{}\"); remove "
+                    "\"sparse\" for a dense table",
+                    job.sourceFile, l.path, job.parallel.strategy);
+    DTRAIN_CHECK_AS(ConfigError, job.loop.gradAccum == 1,
+                    "{}: /train/grad_accum: {} with the sparse embedding at {} (expected 1: its row gradients are "
+                    "pushed once per micro-batch)",
+                    job.sourceFile, job.loop.gradAccum, l.path);
+  }
+  sparseTableOptions(job);  // the optimizer must have a sparse variant (ConfigError naming /optimizer)
 }
 
 ParallelSettings parseParallel(const json& doc, const std::string& source) {
@@ -330,6 +348,7 @@ Job loadJob(const JobArgs& args) {
   job.loop = parseLoop(job.doc, src);
   job.parallel = parseParallel(job.doc, src);
   if (job.parallel.ps) checkPsFitsJob(job);
+  checkSparseLayers(job);
   checkParallelFitsModel(job.parallel, job.model, job.data.batchSize, src);
   if (job.parallel.compression) {
     checkCompressionFitsModel(*job.parallel.compression, job.model, src, "/parallel/compression");

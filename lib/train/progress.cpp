@@ -72,10 +72,15 @@ void Progress::step(const StepStats& s) {
   }
 }
 
-void Progress::eval(const StepStats& s, double evalLoss, std::optional<double> evalAccuracy, int64_t samples) {
+void Progress::eval(const StepStats& s, double evalLoss, std::optional<double> evalAccuracy, int64_t samples,
+                    std::optional<double> auc, std::optional<double> baselineAuc) {
   if (!enabled_) return;
   endLine();
-  if (evalAccuracy)
+  if (auc)
+    fmt::print("epoch {}/{} eval: loss {:.4f} accuracy {:.2f}% AUC {:.4f}{} ({} samples)\n", s.epoch + 1, s.epochs,
+               evalLoss, evalAccuracy.value_or(0) * 100, *auc,
+               baselineAuc ? fmt::format(" (popularity baseline AUC {:.4f})", *baselineAuc) : "", samples);
+  else if (evalAccuracy)
     fmt::print("epoch {}/{} eval: loss {:.4f} accuracy {:.2f}% ({} samples)\n", s.epoch + 1, s.epochs, evalLoss,
                *evalAccuracy * 100, samples);
   else
@@ -86,6 +91,8 @@ void Progress::eval(const StepStats& s, double evalLoss, std::optional<double> e
                      {"lr", s.lr},     {"samples_per_s", s.samplesPerSec}, {"time_s", s.elapsedSec},
                      {"eval_loss", evalLoss}, {"eval_samples", samples}};
     j["eval_accuracy"] = evalAccuracy ? nlohmann::json(*evalAccuracy) : nlohmann::json(nullptr);
+    if (auc) j["eval_auc"] = *auc;
+    if (baselineAuc) j["baseline_auc"] = *baselineAuc;
     fmt::print(metrics_, "{}\n", j.dump());
     std::fflush(metrics_);
   }
@@ -114,7 +121,10 @@ void Progress::summary(const std::string& line) { info(line); }
 void Progress::onFinish(const StepStats& s, const TrainResult& r) {
   if (!enabled_) return;
   std::string eval;
-  if (r.baselineLoss && r.evalLoss)
+  if (r.evalAuc)
+    eval = fmt::format(", eval AUC {:.4f}{}", *r.evalAuc,
+                       r.baselineAuc ? fmt::format(" vs popularity baseline {:.4f}", *r.baselineAuc) : "");
+  else if (r.baselineLoss && r.evalLoss)
     eval = fmt::format(", eval loss {:.4f} vs bigram baseline {:.4f}", *r.evalLoss, *r.baselineLoss);
   else if (r.evalAccuracy) eval = fmt::format(", eval accuracy {:.2f}%", *r.evalAccuracy * 100);
   else if (r.evalLoss) eval = fmt::format(", eval loss {:.6f}", *r.evalLoss);

@@ -23,12 +23,15 @@ class Progress final : public TrainerCallback {
   ~Progress() override;
 
   void onLog(const StepStats& s) override { step(s); }
-  void onEval(const StepStats& s, const EvalResult& e) override { eval(s, e.loss, e.accuracy, e.samples); }
+  void onEval(const StepStats& s, const EvalResult& e) override {
+    eval(s, e.loss, e.accuracy, e.samples, e.auc, e.baselineAuc);
+  }
   // The summary line ("done: ...") and the final metrics line.
   void onFinish(const StepStats& s, const TrainResult& r) override;
 
   void step(const StepStats& s);
-  void eval(const StepStats& s, double evalLoss, std::optional<double> evalAccuracy, int64_t samples);
+  void eval(const StepStats& s, double evalLoss, std::optional<double> evalAccuracy, int64_t samples,
+            std::optional<double> auc = {}, std::optional<double> baselineAuc = {});
   void info(const std::string& line);  // a plain line (ends an updating line first)
   void summary(const std::string& line);
   // The last metrics line ("final": true): training throughput, times and the peak RSS over the ranks.

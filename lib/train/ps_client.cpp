@@ -296,6 +296,13 @@ void Client::wait() {
   if (!failure_.empty()) DTRAIN_THROW(CommError, "{}", failure_);
 }
 
+void Client::barrier(int64_t count) {
+  enqueue(0, [this, count](Lane& lane) {
+    exchange(lane, RequestHeader{.op = Op::kBarrier, .step = count}, {});
+  });
+  wait();
+}
+
 void Client::bye() {
   for (auto& l : lanes_) {
     enqueue(l->server, [](Lane& lane) {

@@ -69,6 +69,9 @@ class Client {
   // Blocking: restores a window (`floats`: values then each state buffer, rows x dim each) and the step count.
   void sparseInit(uint32_t table, int server, int64_t step, int64_t firstRow, int64_t rows, int64_t steps,
                   std::span<const float> floats);
+  // Blocking: the workers' barrier number `count` (1, 2, ...) on server 0, which answers once every live worker
+  // reached it (ps_protocol.h's kBarrier): a worker that died does not hold the others. CommError on timeout.
+  void barrier(int64_t count);
   // Blocks until every queued request finished; rethrows the first failure.
   void wait();
   // Tells every server this worker is done (blocking, errors ignored: the job is over).

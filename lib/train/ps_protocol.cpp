@@ -50,11 +50,12 @@ const char* opName(Op op) {
     case Op::kSparsePush: return "sparse-push";
     case Op::kSparseFetch: return "sparse-fetch";
     case Op::kSparseInit: return "sparse-init";
+    case Op::kBarrier: return "barrier";
   }
   return "?";
 }
 
-bool validOp(uint8_t op) { return op >= 1 && op <= 10; }
+bool validOp(uint8_t op) { return op >= 1 && op <= 11; }
 
 void encode(const RequestHeader& h, uint8_t* out) {
   uint8_t* p = out;

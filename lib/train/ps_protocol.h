@@ -36,6 +36,11 @@
 //                                                                          state buffer's rows x dim floats
 //   kSparseInit  i64 first row, i64 rows, i64 steps, the values and        -   (worker 0, from a checkpoint)
 //                state buffers as kSparseFetch answers them
+//   kBarrier     - (`step`: the worker's barrier count, 1, 2, ...)       -   once every live worker reached
+//                                                                          barrier `step` (a worker that left
+//                                                                          counts as arrived; server 0 only)
+// kBarrier is how async/ssp workers meet (checkpoints, the end) without a collective among themselves, so a
+// worker that died does not stop the others (docs/parameter_server.md "Failures").
 // Fetch and init go in windows of at most kMaxPartitionFloats floats per buffer, so payloads stay bounded.
 //
 // Validation and errors: a frame with a bad magic, an unknown op or a payload above kMaxPayloadBytes closes that
@@ -72,6 +77,7 @@ enum class Op : uint8_t {
   kSparsePush = 8,
   kSparseFetch = 9,
   kSparseInit = 10,
+  kBarrier = 11,
 };
 const char* opName(Op op);
 bool validOp(uint8_t op);

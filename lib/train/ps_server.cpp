@@ -76,6 +76,7 @@ Server::Server(ServerOptions options) : options_(std::move(options)) {
   DTRAIN_CHECK(options_.workers >= 1 && options_.servers >= 1 && options_.serverRank < options_.servers,
                "ps server: workers {} servers {} rank {}", options_.workers, options_.servers, options_.serverRank);
   clock_.assign(static_cast<size_t>(options_.workers), 0);
+  barrier_.assign(static_cast<size_t>(options_.workers), 0);
   live_.assign(static_cast<size_t>(options_.workers), 0);
   seen_.assign(static_cast<size_t>(options_.workers), 0);
   for (const SparseTableOptions& t : options_.tables) {
@@ -290,6 +291,22 @@ void Server::dispatch(Conn& conn, const RequestHeader& h) {
     conn.bye = true;
     workerGone(conn.worker, true);
     return reply(conn, ReplyHeader{}, nullptr, 0);
+  }
+  if (h.op == Op::kBarrier) {
+    std::unique_lock lock(mu_);
+    const auto w = static_cast<size_t>(conn.worker);
+    barrier_[w] = std::max(barrier_[w], h.step);
+    cv_.notify_all();
+    const bool met = cv_.wait_until(lock, Deadline(options_.timeout).at(), [&] {
+      if (stopping_) return true;
+      for (size_t v = 0; v < barrier_.size(); ++v)
+        if (live_[v] && barrier_[v] < h.step) return false;
+      return true;
+    });
+    lock.unlock();
+    if (!met || stopping_) return replyError(conn, 0, fmt::format("barrier {}: the other workers did not arrive in time",
+                                                                  h.step));
+    return reply(conn, ReplyHeader{.version = h.step}, nullptr, 0);
   }
   if (h.op == Op::kSparsePull || h.op == Op::kSparsePush || h.op == Op::kSparseFetch || h.op == Op::kSparseInit) {
     std::string err = dispatchSparse(conn, h);

@@ -113,6 +113,7 @@ class Server {
   std::vector<std::unique_ptr<PartitionState>> parts_;  // by partition index; null when not this server's
   std::vector<std::unique_ptr<TableState>> tables_;   // this server's row range of each sparse table
   std::vector<int64_t> clock_;                          // per worker: steps pushed
+  std::vector<int64_t> barrier_;                        // per worker: barriers reached (kBarrier)
   std::vector<uint8_t> live_;                           // per worker: connected and not done
   std::vector<uint8_t> seen_;                           // per worker: said hello once
   int done_ = 0;                                        // workers that said bye or left

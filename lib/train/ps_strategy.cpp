@@ -10,6 +10,7 @@
 #include "lib/common/log.h"
 #include "lib/common/ps_placement.h"
 #include "lib/train/fault.h"
+#include "lib/train/sparse_tables.h"
 
 namespace dtrain::train {
 
@@ -101,9 +102,18 @@ void PsStrategy::prepare(nn::Model& model) {
   client_->wait();
   client_->takeStaleness();
   nextPush_ = plan_.size();
+  DTRAIN_CHECK(model.sparseTables().size() == options_.sparseTables.size(),
+               "parameter-server strategy: the model has {} sparse tables, the options {}", model.sparseTables().size(),
+               options_.sparseTables.size());
+  if (!options_.sparseTables.empty())
+    sparse_ = std::make_unique<PsSparseTables>(options_.sparseTables, *client_, options_.settings.servers,
+                                               startStep_);
 }
 
+SparseTables* PsStrategy::sparseTables() { return sparse_.get(); }
+
 void PsStrategy::beginStep(int64_t step, double lr) {
+  if (sparse_) sparse_->beginStep(step, lr);
   step_ = step;
   lr_ = lr;
   nextPush_ = plan_.size();
@@ -184,6 +194,9 @@ int PsStrategy::agreeOnStop(int localSignal) {
 }
 
 void PsStrategy::barrier() {
+  // async/ssp: the workers meet through server 0, which counts only the live ones (a dead worker must not stop
+  // the others); sync (and before the client exists): the workers' own group.
+  if (decoupled() && client_) return client_->barrier(++barriers_);
   if (groups_.world) groups_.world->barrier();
 }
 
@@ -195,7 +208,8 @@ CheckpointShard PsStrategy::checkpointShard(const nn::Model& model) const {
           .loadOptimizer = true,
           .saveModel = writer,
           .saveParams = writer ? allParams(model) : std::vector<size_t>{},
-          .saveOptimizer = writer};
+          .saveOptimizer = writer,
+          .everyRankFile = !decoupled()};
 }
 
 std::string describePsPlacement(const Job& job, int world) {
@@ -237,6 +251,7 @@ void runPsServer(const Job& job, int serverRank, int workers, rendezvous::Store&
                                       .optimizer = job.optimizer,
                                       .timeout = job.parallel.timeout,
                                       .host = comm::tcp::chooseHost("", singleNode),
+                                      .tables = sparseTableOptions(job),
                                       .killAfterPushes = killAfter});
   const std::string address = server.listen();
   roundStore.set(ps::serverKey(serverRank), address);

@@ -38,6 +38,7 @@ struct PsStrategyOptions {
   std::vector<std::string> serverAddresses;  // "host:port" of server 0, 1, ...
   std::chrono::milliseconds timeout{std::chrono::minutes(5)};
   size_t partitionFloats = ps::kMaxPartitionFloats;  // tests use smaller partitions
+  std::vector<ps::SparseTableOptions> sparseTables;  // the model's sparse embeddings (sparseTableOptions(job))
 };
 
 class PsStrategy final : public Strategy {
@@ -62,6 +63,7 @@ class PsStrategy final : public Strategy {
   void syncForSave() override;
   void fillStats(StepStats& stats) override;
   void finishRun() override;
+  SparseTables* sparseTables() override;
 
   // Layer `layer`'s gradients are final: pushes every partition that is now complete.
   void operator()(int layer);
@@ -75,11 +77,13 @@ class PsStrategy final : public Strategy {
   nn::Optimizer* optimizer_ = nullptr;
   int64_t startStep_ = 0;
   std::unique_ptr<ps::Client> client_;
+  std::unique_ptr<SparseTables> sparse_;  // the model's sparse tables on the servers (null: none)
   std::vector<ps::Partition> plan_;
   size_t nextPush_ = 0;  // partitions are pushed from the last one down
   int64_t step_ = 0;
   double lr_ = 0;
   int64_t stepsInInterval_ = 0;
+  int64_t barriers_ = 0;  // async/ssp: barriers met through server 0
   ps::ClientTraffic loggedTraffic_;
 };
 

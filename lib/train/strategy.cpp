@@ -3,6 +3,7 @@
 #include "lib/common/error.h"
 #include "lib/train/ddp.h"
 #include "lib/train/ps_strategy.h"
+#include "lib/train/sparse_tables.h"
 #include "lib/train/pipeline.h"
 
 namespace dtrain::train {
@@ -70,7 +71,8 @@ std::unique_ptr<Strategy> makeStrategy(const Job& job, ProcessGroups groups, con
         std::move(groups),
         PsStrategyOptions{.settings = ps,
                           .serverAddresses = psServerAddresses(*options.roundStore, ps.servers, job.parallel.timeout),
-                          .timeout = job.parallel.timeout});
+                          .timeout = job.parallel.timeout,
+                          .sparseTables = sparseTableOptions(job)});
   }
   if (groups.worldSize == 1) return std::make_unique<LocalStrategy>();
   if (groups.layout.stages > 1) return std::make_unique<PipelineStrategy>(std::move(groups), job, options);

@@ -40,6 +40,8 @@
 
 namespace dtrain::train {
 
+class SparseTables;  // lib/train/sparse_tables.h
+
 struct ProcessGroups {
   int rank = 0;       // in the world
   int worldSize = 1;
@@ -80,6 +82,9 @@ struct CheckpointShard {
   // model-<shardTag>.safetensors and optimizer-<shardTag>.safetensors (saveParams and their optimizer state,
   // per parameter, slices described: lib/ckpt/sharded.h); shardTag is "p<stage>-t<tensor>", unique per writer.
   std::string shardTag;
+  // Whether the commit waits for every rank's rank-<r>.json; false: rank 0's only (async parameter-server workers,
+  // of which some may have left the job, lib/train/ps_strategy.h).
+  bool everyRankFile = true;
 };
 
 class Strategy {
@@ -135,6 +140,9 @@ class Strategy {
   virtual void fillStats(StepStats& /*stats*/) {}
   // Called once when training ended normally, before the final metrics reduction.
   virtual void finishRun() {}
+  // The holder of the model's sparse embedding tables when the strategy keeps them elsewhere (the parameter
+  // servers), valid after prepare(); null: the trainer keeps them in this process (LocalSparseTables).
+  virtual SparseTables* sparseTables() { return nullptr; }
 
  protected:
   explicit Strategy(ProcessGroups groups) : groups_(std::move(groups)) {}

@@ -19,6 +19,7 @@
 #include "lib/data/sequence.h"
 #include "lib/nn/loss.h"
 #include "lib/nn/model.h"
+#include "lib/train/baselines.h"
 #include "lib/train/check.h"
 #include "lib/train/checkpointing.h"
 #include "lib/train/compression.h"
@@ -114,6 +115,7 @@ class TrainLoop {
   void logInterval(StepStats& stats, bool force);
   void finish();   // final weights, the result over the ranks, onFinish
   void writeVocabulary();
+  void setUpSparseTables();  // binds the model's sparse tables to their holder, restores them on resume
   // The rank dropout masks are drawn for: the ranks of a tensor group share masks (their replicated layers must
   // agree), so it is the world rank with the tensor coordinate taken out.
   int dropoutRank() const { return worker_.rank - strategy_->groups().coords.tensor; }  // vocab.json beside the model, for `dtrain generate` (token datasets, rank 0)
@@ -136,6 +138,9 @@ class TrainLoop {
   CommHookPtr commHook_;                // DDP's (null alone); its traffic goes to metrics.jsonl
   HookTraffic loggedTraffic_;           // commHook_'s counts at the last progress interval
   std::unique_ptr<Strategy> strategy_;
+  // The model's sparse embedding tables: the strategy's (the parameter servers) or localSparse_ (one process).
+  SparseTables* sparse_ = nullptr;
+  std::unique_ptr<LocalSparseTables> localSparse_;
   PipelineStrategy* pipeline_ = nullptr;  // strategy_ when it is one: it runs forward/backward for the loop
   bool countsMetrics_ = true;             // this rank's losses and samples count (a pipeline's last stage,
                                           // tensor rank 0)
@@ -223,8 +228,13 @@ void TrainLoop::evaluate(const StepStats& stats) {
     TensorView out = model_->forward(b.features, static_cast<int>(b.size), false);
     sums += loss_->evaluate(out, targetsOf(b, *eval_));
   }
-  double v[4] = {sums.lossSum, static_cast<double>(sums.lossCount), static_cast<double>(sums.correct),
-                 static_cast<double>(sums.samples)};
+  std::vector<double> v = {sums.lossSum, static_cast<double>(sums.lossCount), static_cast<double>(sums.correct),
+                           static_cast<double>(sums.samples)};
+  // bce_with_logits: the AUC histograms add up over the ranks (every rank sends them, also without samples).
+  if (loss_->hasAuc()) {
+    sums.aucHist.resize(2 * nn::kAucBins, 0.0);
+    v.insert(v.end(), sums.aucHist.begin(), sums.aucHist.end());
+  }
   strategy_->reduceMetrics(v, comm::ReduceOp::kSum);
   double evalLoss = v[1] > 0 ? v[0] / v[1] : 0;
   std::optional<double> acc;
@@ -232,7 +242,10 @@ void TrainLoop::evaluate(const StepStats& stats) {
   result_.evalLoss = evalLoss;
   result_.evalAccuracy = acc;
   if (timeline::enabled()) timeline::record("eval", "eval", evalStart, Clock::now());
-  callbacks_.eval(stats, EvalResult{evalLoss, acc, static_cast<int64_t>(v[3])});
+  std::optional<double> auc;
+  if (loss_->hasAuc()) auc = nn::aucFromHistogram(std::span<const double>(v).subspan(4));
+  result_.evalAuc = auc;
+  callbacks_.eval(stats, EvalResult{evalLoss, acc, static_cast<int64_t>(v[3]), auc, result_.baselineAuc});
 }
 
 void TrainLoop::setUp() {
@@ -295,6 +308,7 @@ void TrainLoop::setUp() {
   resumed_ = checkpointer_->resume(*model_, *optimizer_);
   strategy_->bindOptimizer(*optimizer_, resumed_ ? resumed_->step : 0);
   strategy_->prepare(*model_);  // binds commHook_: its state exists from here
+  setUpSparseTables();
   checkpointer_->setCommHook(commHook_);
   bool hookStateLoaded = resumed_ && checkpointer_->loadCommHookState(*resumed_);
   const ProcessGroups& g = strategy_->groups();
@@ -332,6 +346,14 @@ void TrainLoop::setUp() {
                                   bigram));
     }
   }
+  if (eval_ && worker_.rank == 0 && job_.data.train.format == data::Format::kSynthetic &&
+      job_.data.train.synthetic.task == data::SyntheticOptions::Task::kRecsys) {
+    result_.baselineAuc = popularityBaselineAuc(*train_, *eval_);
+    if (result_.baselineAuc)
+      progress_->info(fmt::format("popularity baseline (items ranked by their training click rate): eval AUC {:.4f} "
+                                  "(the model must beat it)",
+                                  *result_.baselineAuc));
+  }
   if (resumed_)
     progress_->info(fmt::format("resumed from {} (step {}, epoch {}, {} samples of it done, saved by {} rank(s))",
                                 resumed_->path.string(), resumed_->step, resumed_->epoch + 1,
@@ -344,6 +366,22 @@ void TrainLoop::setUp() {
                                 resumed_ ? (hookStateLoaded ? ", state resumed" : ", fresh state (none in the checkpoint)")
                                          : ""));
   }
+}
+
+void TrainLoop::setUpSparseTables() {
+  const std::vector<nn::SparseTableInfo> tables = model_->sparseTables();
+  if (tables.empty()) return;
+  sparse_ = strategy_->sparseTables();
+  if (sparse_ == nullptr) {  // one process: the tables live here
+    localSparse_ = std::make_unique<LocalSparseTables>(sparseTableOptions(job_));
+    sparse_ = localSparse_.get();
+  }
+  model_->bindSparseRows(sparse_);
+  checkpointer_->setSparseTables(sparse_, tables);
+  if (!resumed_) return;
+  // Worker 0 restores the servers' rows (as it initialises the dense partitions); nobody pulls a row before.
+  if (worker_.rank == 0) checkpointer_->loadSparseTables(*resumed_);
+  strategy_->barrier();
 }
 
 void TrainLoop::writeVocabulary() {
@@ -458,6 +496,7 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
     ++batchIndex;
     if (micro == 0) {
       strategy_->beginStep(step_, schedule_.lr(step_));
+      if (localSparse_) localSparse_->beginStep(step_, schedule_.lr(step_));
       event.times = {};
       event.samples = 0;
       stepLoss = 0;
@@ -624,7 +663,15 @@ void TrainLoop::finish() {
     if (g.coords.data == 0) exportTensorParallel(*model_, *g.tensor, leader, job_.outputDir / "model.safetensors");
   } else if (leader && !result_.stoppedBySignal) {
     std::filesystem::create_directories(job_.outputDir);
-    saveWeights(job_.outputDir / "model.safetensors", *model_);
+    // Sparse tables go in too, fetched from their holder, as torch's state_dict() holds an nn.Embedding(sparse=True).
+    std::vector<SparseTableState> tables;
+    std::vector<ckpt::NamedTensor> extra;
+    if (sparse_ != nullptr)
+      for (const nn::SparseTableInfo& t : model_->sparseTables()) {
+        tables.push_back(sparse_->readTable(t.table));
+        extra.push_back({t.name, TensorView::of(tables.back().values.data(), Shape{t.rows, t.dim})});
+      }
+    saveWeights(job_.outputDir / "model.safetensors", *model_, extra);
   }
   strategy_->finishRun();
   result_.wallSec = secondsSince(start_);

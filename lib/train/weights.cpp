@@ -23,8 +23,9 @@ std::vector<ckpt::NamedTensor> parameterTensors(const nn::Model& model) {
   return out;
 }
 
-void saveWeights(const std::filesystem::path& path, const nn::Model& model) {
+void saveWeights(const std::filesystem::path& path, const nn::Model& model, std::span<const ckpt::NamedTensor> extra) {
   auto tensors = parameterTensors(model);
+  tensors.insert(tensors.end(), extra.begin(), extra.end());
   ckpt::writeSafetensorsFile(path, tensors, {{"format", "pt"}, {"producer", "dtrain"}});
 }
 

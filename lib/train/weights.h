@@ -15,8 +15,10 @@ namespace dtrain::train {
 std::vector<ckpt::NamedTensor> parameterTensors(const nn::Model& model);
 // The same for the parameters at `indices` of paramTable() (in the order given).
 std::vector<ckpt::NamedTensor> parameterTensors(const nn::Model& model, std::span<const size_t> indices);
-// Writes model.safetensors durably (temporary name, fsync, rename).
-void saveWeights(const std::filesystem::path& path, const nn::Model& model);
+// Writes model.safetensors durably (temporary name, fsync, rename): the parameters, then `extra` tensors (a sparse
+// embedding's table, which is not in the arena).
+void saveWeights(const std::filesystem::path& path, const nn::Model& model,
+                 std::span<const ckpt::NamedTensor> extra = {});
 // Loads every parameter by name with shape checks (CheckpointError naming the tensor); extra tensors in the
 // file are an error too, so a weights file for another model is never half-loaded. For a gpt preset model it also
 // reads a Hugging Face GPT-2 model.safetensors ("h.0.attn.c_attn.weight", Conv1D weights [in, out], transposed

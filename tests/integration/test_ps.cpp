@@ -1,6 +1,6 @@
 // The parameter-server strategy as a user sees it: `dtrain run -n 3` with one server and two workers trains in
-// every mode, the placement shows in --dry-run, a killed worker re-forms the group from the last checkpoint, and
-// bad settings exit 2 before any rank starts.
+// every mode, the placement shows in --dry-run, a killed worker re-forms the group from the last checkpoint (sync)
+// or leaves while the others finish (async), and bad settings exit 2 before any rank starts.
 #include <doctest/doctest.h>
 
 #include <csignal>
@@ -106,6 +106,25 @@ TEST_CASE("parameter server, sync: a killed worker re-forms the group, which res
   INFO(r.out, r.err);
   REQUIRE(r.exitCode == 0);
   CHECK(r.out.find("resumed from") != std::string::npos);
+  CHECK(lastEvalAccuracy(dir + "/out/metrics.jsonl") > 0.5);
+}
+
+TEST_CASE("parameter server, async: a killed worker leaves; the others finish the job without a restart, exit 0") {
+  std::string dir = tempDir("psasynckill");
+  json job = psJob("async");
+  job["checkpoint"] = {{"every_steps", 3}, {"keep", 2}};
+  writeFile(dir + "/job.json", job.dump());
+  // No restart allowed: only going on without worker 1 can finish the job.
+  auto r = run(threeRanks(dir + "/job.json", dir + "/out", 0),
+               {.timeout = 180s, .env = {{"DTRAIN_FAULT", "rank=1,step=7,action=kill"}}});
+  INFO(r.out, r.err);
+  REQUIRE(r.exitCode == 0);
+  CHECK((r.out + r.err).find("async training goes on with the other workers") != std::string::npos);
+  CHECK((r.out + r.err).find("worker 1 left; training goes on with the others") != std::string::npos);
+  CHECK(r.out.find("resumed from") == std::string::npos);
+  CHECK(std::filesystem::exists(dir + "/out/model.safetensors"));
+  // Worker 0 ran every one of its 36 steps and checkpointed after the kill (server 0 counts the live workers).
+  CHECK(std::filesystem::exists(dir + "/out/checkpoints/step-000000036/COMMITTED"));
   CHECK(lastEvalAccuracy(dir + "/out/metrics.jsonl") > 0.5);
 }
 

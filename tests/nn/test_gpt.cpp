@@ -14,6 +14,7 @@
 #include "lib/nn/loss.h"
 #include "lib/nn/model.h"
 #include "lib/nn/optimizer.h"
+#include "lib/nn/sparse_rows.h"
 #include "tests/nn/layer_harness.h"
 
 using namespace dtrain;
@@ -58,6 +59,67 @@ TEST_CASE("embedding: token rows plus position rows; scatter-added gradients") {
   h.x[1] = 5;
   CHECK(messageOf([&] { h.impl->forward(h.x.data(), h.y.data(), 2, false); }).find("token id 5 at position 1") !=
         std::string::npos);
+}
+
+namespace {
+
+// A table holder for tests: the rows live here; pushes are recorded.
+struct FakeRows final : SparseRows {
+  int dim = 0;
+  std::vector<float> table;
+  std::vector<std::vector<int64_t>> pulled, pushedIds;
+  std::vector<std::vector<float>> pushedGrads;
+  void pull(int table0, std::span<const int64_t> ids, std::span<float> out) override {
+    CHECK(table0 == 0);
+    pulled.emplace_back(ids.begin(), ids.end());
+    for (size_t i = 0; i < ids.size(); ++i)
+      std::copy_n(table.data() + ids[i] * dim, dim, out.data() + i * static_cast<size_t>(dim));
+  }
+  void push(int, std::vector<int64_t> ids, std::vector<float> grads) override {
+    pushedIds.push_back(std::move(ids));
+    pushedGrads.push_back(std::move(grads));
+  }
+};
+
+}  // namespace
+
+TEST_CASE("sparse embedding: the table is outside the arena; dedup pulls and coalesced pushes equal the dense layer") {
+  auto modelOf = [](bool sparse) {
+    json m{{"input", {3}},
+           {"layers",
+            {{{"type", "embedding"}, {"vocab_size", 7}, {"n_embd", 2}, {"position", false}, {"sparse", sparse}},
+             {{"type", "flatten"}},
+             {{"type", "linear"}, {"out", 1}}}}};
+    return Model::build(parseModelSpec(m, "job.json"), 4, 5);
+  };
+  Model dense = modelOf(false), sparse = modelOf(true);
+  CHECK(dense.numParams() == 14 + 7);
+  REQUIRE(sparse.numParams() == 7);  // the linear only
+  REQUIRE(sparse.sparseTables().size() == 1);
+  CHECK(sparse.sparseTables()[0].name == "0.wte.weight");
+  CHECK(sparse.sparseTables()[0].rows == 7);
+  FakeRows rows;
+  rows.dim = 2;
+  rows.table.assign(dense.params().begin(), dense.params().begin() + 14);
+  std::copy(dense.params().begin() + 14, dense.params().end(), sparse.params().begin());  // same linear
+  std::vector<float> x{3, 1, 3, 6, 1, 1};  // two samples; id 3 and id 1 repeat
+  CHECK_THROWS_AS(sparse.forward(x.data(), 2, true), Error);  // no holder bound yet
+  sparse.bindSparseRows(&rows);
+  TensorView yd = dense.forward(x.data(), 2, true);
+  TensorView ys = sparse.forward(x.data(), 2, true);
+  REQUIRE(rows.pulled.size() == 1);
+  CHECK(rows.pulled[0] == std::vector<int64_t>{1, 3, 6});
+  for (int i = 0; i < 2; ++i) CHECK(ys.f32()[i] == yd.f32()[i]);
+  std::vector<float> dy{0.5f, -2.0f};
+  dense.backward(TensorView::f32(dy.data(), Shape{2, 1}), {}, GradMode::kOverwrite);
+  sparse.backward(TensorView::f32(dy.data(), Shape{2, 1}), {}, GradMode::kOverwrite);
+  REQUIRE(rows.pushedIds.size() == 1);
+  CHECK(rows.pushedIds[0] == std::vector<int64_t>{1, 3, 6});
+  for (size_t i = 0; i < 3; ++i)
+    for (size_t c = 0; c < 2; ++c)
+      CHECK(rows.pushedGrads[0][i * 2 + c] ==
+            doctest::Approx(dense.grads()[static_cast<size_t>(rows.pushedIds[0][i]) * 2 + c]));
+  for (size_t i = 0; i < 7; ++i) CHECK(sparse.grads()[i] == dense.grads()[14 + i]);
 }
 
 namespace {

@@ -143,3 +143,53 @@ TEST_CASE("loss errors: labels out of range, wrong output shape, wrong target ty
   CHECK_THROWS_AS(ce->forward(TensorView::f32(wrong.data(), Shape{2, 3}), TensorView::i64(labels.data(), Shape{2})),
                   dtrain::Error);
 }
+
+TEST_CASE("bce_with_logits: torch's BCEWithLogitsLoss values, gradient, accuracy and AUC histograms") {
+  auto loss = Loss::create({LossType::kBceWithLogits}, Shape{1}, 4);
+  std::vector<float> out{2.0f, -1.0f, 0.5f, -30.0f};
+  std::vector<int32_t> labels{1, 0, 0, 1};
+  auto y = TensorView::i32(labels.data(), Shape{4});
+  // Per sample: softplus(-x) for label 1, softplus(x) for label 0 (log1p(exp(30)) = 30 + tiny).
+  const double want = (std::log1p(std::exp(-2.0)) + std::log1p(std::exp(-1.0)) + std::log1p(std::exp(0.5)) +
+                       (30.0 + std::log1p(std::exp(-30.0)))) / 4;
+  CHECK(loss->forward(TensorView::f32(out.data(), Shape{4, 1}), y) == doctest::Approx(want).epsilon(1e-6));
+  checkLossGradient(*loss, out, Shape{4, 1}, y);
+  EvalSums s = loss->evaluate(TensorView::f32(out.data(), Shape{4, 1}), y);
+  CHECK(s.samples == 4);
+  CHECK(s.correct == 2);  // 2.0 -> 1 right, -1.0 -> 0 right, 0.5 -> 1 wrong, -30 -> 0 wrong
+  REQUIRE(loss->hasAuc());
+  // Positives score 2.0 and -30, negatives -1.0 and 0.5: 2 of the 4 pairs are ordered right.
+  CHECK(*aucFromHistogram(s.aucHist) == doctest::Approx(0.5));
+  std::vector<double> scores(out.begin(), out.end());
+  std::vector<int> ints(labels.begin(), labels.end());
+  CHECK(*rocAuc(scores, ints) == doctest::Approx(0.5));
+  // Float targets in [0, 1] work too; a label of 2 does not.
+  std::vector<float> soft{1.0f, 0.0f, 0.25f, 1.0f};
+  CHECK(std::isfinite(loss->forward(TensorView::f32(out.data(), Shape{4, 1}), TensorView::f32(soft.data(), Shape{4}))));
+  labels[0] = 2;
+  CHECK_THROWS_AS(loss->forward(TensorView::f32(out.data(), Shape{4, 1}), y), ConfigError);
+  CHECK_THROWS_AS(Loss::create({LossType::kBceWithLogits}, Shape{2}, 4), ConfigError);
+}
+
+TEST_CASE("AUC: the histogram's agrees with the exact rank statistic; ties count one half; one class is none") {
+  std::mt19937 rng(3);
+  std::normal_distribution<double> noise(0, 1);
+  std::vector<double> scores, hist(2 * kAucBins, 0.0);
+  std::vector<int> labels;
+  for (int i = 0; i < 5000; ++i) {
+    const int label = i % 3 == 0;
+    const double logit = noise(rng) + (label ? 1.0 : 0.0);
+    scores.push_back(logit);
+    labels.push_back(label);
+    const double p = 1 / (1 + std::exp(-logit));
+    hist[static_cast<size_t>((label ? 0 : kAucBins) + std::min(kAucBins - 1, static_cast<int>(p * kAucBins)))] += 1;
+  }
+  const double exact = *rocAuc(scores, labels);
+  CHECK(exact > 0.7);
+  CHECK(*aucFromHistogram(hist) == doctest::Approx(exact).epsilon(2e-3));
+  std::vector<double> same{1, 1, 1, 1};
+  std::vector<int> mixed{0, 1, 0, 1};
+  CHECK(*rocAuc(same, mixed) == doctest::Approx(0.5));
+  std::vector<int> ones{1, 1, 1, 1};
+  CHECK(!rocAuc(same, ones).has_value());
+}

@@ -200,7 +200,7 @@ TEST_CASE("optimizer spec: defaults and errors") {
 TEST_CASE("loss spec errors") {
   CHECK(parseLossSpec(json{{"type", "mse"}}, "job.json").type == LossType::kMse);
   CHECK(errorOf([] { parseLossSpec(json{{"type", "nll"}}, "job.json", "/loss"); }) ==
-        "job.json: /loss/type: unknown loss 'nll' (expected cross_entropy, mse)");
+        "job.json: /loss/type: unknown loss 'nll' (expected cross_entropy, mse, bce_with_logits)");
   CHECK(errorOf([] { parseLossSpec(json{{"type", "mse"}, {"reduction", "sum"}}, "job.json", "/loss"); }) ==
         "job.json: /loss/reduction: unknown field 'reduction' (expected type)");
 }

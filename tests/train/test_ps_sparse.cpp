@@ -13,6 +13,7 @@
 #include "lib/train/ps_client.h"
 #include "lib/train/ps_server.h"
 #include "lib/train/ps_sparse.h"
+#include "lib/train/sparse_tables.h"
 
 using namespace dtrain;
 using namespace dtrain::train::ps;
@@ -381,4 +382,63 @@ TEST_CASE("sparse fetch and init round-trip a window; rows on the wrong server a
   } catch (const CommError& e) {
     CHECK(std::string(e.what()).find("holds rows [25, 50)") != std::string::npos);
   }
+}
+
+TEST_CASE("PsSparseTables over 2 servers equals LocalSparseTables; readTable/writeTable round-trip every shard") {
+  nn::OptimizerSpec job;
+  job.type = nn::OptimizerType::kAdam;
+  job.lr = 0.01;
+  const SparseOptimizerSpec spec = sparseOptimizerFor(job, false, "job.json");
+  const SparseTableOptions table{.rows = kRows, .dim = kDim, .optimizer = spec, .initStd = 1.0, .seed = 7};
+  SparseServers servers(1, Mode::kAsync, spec);
+  auto c = clientOf(0, 1, servers);
+  train::PsSparseTables remote({table}, *c, 2, 0);
+  train::LocalSparseTables local({table});
+  for (int step = 0; step < 3; ++step) {
+    remote.beginStep(step, 0.01);
+    local.beginStep(step, 0.01);
+    UniqueIds u = dedupIds(kBatches[static_cast<size_t>(step)], kRows);
+    std::vector<float> a(u.ids.size() * kDim), b(a.size());
+    remote.pull(0, u.ids, a);
+    local.pull(0, u.ids, b);
+    CHECK(a == b);
+    auto g = coalesceRowGrads(u, occurrenceGrads(kBatches[static_cast<size_t>(step)].size(), step), kDim);
+    remote.push(0, u.ids, g);
+    local.push(0, u.ids, g);
+    c->wait();
+  }
+  train::SparseTableState got = remote.readTable(0), want = local.readTable(0);
+  CHECK(got.steps == 3);  // every server stepped once per push (touched or not)
+  CHECK(got.steps == want.steps);
+  CHECK(got.values == want.values);
+  REQUIRE(got.state.size() == 2);
+  CHECK(got.state == want.state);
+  // Write a changed table back through the servers (as a resume does) and read it again.
+  for (float& v : got.values) v += 1;
+  remote.writeTable(0, 3, got);
+  train::SparseTableState again = remote.readTable(0);
+  CHECK(again.values == got.values);
+  CHECK(again.state == got.state);
+  c->bye();
+}
+
+TEST_CASE("server barrier (async workers): releases once every live worker arrived; a worker that left counts") {
+  nn::OptimizerSpec job;
+  job.type = nn::OptimizerType::kSgd;
+  job.lr = 0.1;
+  SparseServers servers(3, Mode::kAsync, sparseOptimizerFor(job, false, "job.json"));
+  auto c0 = clientOf(0, 3, servers), c1 = clientOf(1, 3, servers), c2 = clientOf(2, 3, servers);
+  auto w0 = std::async(std::launch::async, [&] { c0->barrier(1); });
+  auto w1 = std::async(std::launch::async, [&] { c1->barrier(1); });
+  // Worker 2 has not arrived, so neither may have passed (whenever this runs).
+  CHECK(w0.wait_for(std::chrono::milliseconds(0)) == std::future_status::timeout);
+  CHECK(w1.wait_for(std::chrono::milliseconds(0)) == std::future_status::timeout);
+  c2.reset();  // worker 2 leaves: the barrier opens for the others
+  w0.get();
+  w1.get();
+  w0 = std::async(std::launch::async, [&] { c0->barrier(2); });
+  c1->barrier(2);
+  w0.get();
+  c0->bye();
+  c1->bye();
 }

@@ -223,6 +223,15 @@ void checkParallelFitsModel(ParallelSettings& p, const nn::ModelSpec& model, int
         DTRAIN_THROW(ConfigError, "{}: /parallel/tensor: {} ranks cannot split the model: {}", source, p.tensor,
                      problems.front());
     }
+    // A model with no column/row pair and no attention (a dropout between the linears, convolutions only) runs
+    // whole on every tensor rank: correct, but the ranks buy nothing, so say so before they start. (Pairs that
+    // stage boundaries cut are the warning below.)
+    if (const auto counts = nn::shardCounts(model, p.tensor, 0); counts.local >= counts.full)
+      p.warnings.push_back(fmt::format(
+          "{}: /parallel/tensor: {} ranks split no layer of this model: every tensor rank holds and computes all of "
+          "it (only a linear followed, through relu/gelu/tanh/sigmoid, by a linear, and causal_self_attention split; "
+          "docs/parallelism.md); use parallel.tensor 1 and give the ranks to data parallelism",
+          source, p.tensor));
     // The automatic balance keeps pairs together when it can; a given balance (or too many stages) may not. A
     // layer of a broken pair is split only if it pairs with another inside its stage.
     std::vector<int> paired;

@@ -176,3 +176,25 @@ TEST_CASE("a tensor degree that does not divide the heads or a width is refused 
   CHECK(c.exitCode == 2);
   CHECK(c.err.find("/model/layers/0/out: 16 is not divisible by parallel.tensor 3") != std::string::npos);
 }
+
+TEST_CASE("a tensor degree on a model with nothing to split warns before workers start") {
+  const std::string dir = tempDir("tp_nothing");
+  json doc = mlpJob();
+  // A dropout between the linears: no column/row pair, no attention, so every tensor rank would hold it all.
+  doc["model"]["layers"] = json::parse(R"([{"type": "linear", "out": 16}, {"type": "dropout", "p": 0.1},
+                                           {"type": "linear", "out": 3}])");
+  writeFile(dir + "/job.json", doc.dump());
+  auto c = run({dtrainBinary(), "check", dir + "/job.json", "--world", "2", "--set", "parallel.tensor=2"},
+               {.timeout = 60s});
+  INFO(c.err);
+  CHECK(c.exitCode == 0);
+  CHECK(c.err.find("warning: ") != std::string::npos);
+  CHECK(c.err.find("job.json: /parallel/tensor: 2 ranks split no layer of this model") != std::string::npos);
+  // A model that splits does not warn.
+  writeFile(dir + "/mlp.json", mlpJob().dump());
+  auto ok = run({dtrainBinary(), "check", dir + "/mlp.json", "--world", "2", "--set", "parallel.tensor=2"},
+                {.timeout = 60s});
+  INFO(ok.err);
+  CHECK(ok.exitCode == 0);
+  CHECK(ok.err.find("split no layer") == std::string::npos);
+}

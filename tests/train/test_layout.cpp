@@ -139,6 +139,14 @@ TEST_CASE("describeLayout with tensor parallelism: each rank's slices plus the r
   doc["parallel"] = {{"tensor", 3}};
   CHECK(configErrorOf(doc).find("/parallel/tensor: 3 ranks cannot split the model: /model/layers/0/out: 16 is not "
                                 "divisible by parallel.tensor 3") != std::string::npos);
+  CHECK(job.parallel.warnings.empty());
+  // A dropout between the linears: no pair, nothing splits, and the job says so.
+  doc["model"]["layers"] = json::parse(R"([{"type": "linear", "out": 16}, {"type": "dropout", "p": 0.5},
+                                           {"type": "linear", "out": 3}])");
+  doc["parallel"] = {{"tensor", 2}};
+  const Job whole = load(doc);
+  REQUIRE(whole.parallel.warnings.size() == 1);
+  CHECK(whole.parallel.warnings[0].find("/parallel/tensor: 2 ranks split no layer of this model") != std::string::npos);
 }
 
 TEST_CASE("stages under tensor parallelism keep a column/row pair in one stage; a balance that splits one warns") {

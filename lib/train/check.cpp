@@ -15,6 +15,14 @@
 
 namespace dtrain::train {
 
+std::string humanBytes(int64_t bytes) {
+  constexpr const char* kUnits[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
+  double v = static_cast<double>(bytes);
+  size_t u = 0;
+  while (v >= 1024.0 && u + 1 < std::size(kUnits)) v /= 1024.0, ++u;
+  return u == 0 ? fmt::format("{} B", bytes) : fmt::format("{:.1f} {}", v, kUnits[u]);
+}
+
 void checkDataFitsModel(const Job& job, const data::Dataset& ds, const nn::Loss& loss, const std::string& which) {
   int64_t features = ds.featureSize();
   int64_t input = job.model.input.numel();
@@ -59,14 +67,6 @@ int64_t satAdd(int64_t a, int64_t b) {
 }
 
 int64_t satNumel(const Shape& s) { return s.checkedNumel().value_or(kInt64Max); }
-
-std::string humanBytes(int64_t bytes) {
-  constexpr const char* kUnits[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
-  double v = static_cast<double>(bytes);
-  size_t u = 0;
-  while (v >= 1024.0 && u + 1 < std::size(kUnits)) v /= 1024.0, ++u;
-  return u == 0 ? fmt::format("{} B", bytes) : fmt::format("{:.1f} {}", v, kUnits[u]);
-}
 
 int64_t syntheticBytes(const data::DataSpec& d) {
   if (d.format != data::Format::kSynthetic) return 0;

@@ -15,6 +15,9 @@ namespace dtrain::train {
 // job file, the data section (`which`, e.g. "/data/train") and both shapes otherwise.
 void checkDataFitsModel(const Job& job, const data::Dataset& ds, const nn::Loss& loss, const std::string& which);
 
+// A byte count in the unit that suits it, one decimal: "792 B", "236.8 KiB", "6.8 MiB" (binary units).
+std::string humanBytes(int64_t bytes);
+
 // Loads the datasets, builds the model and loss, checks that they fit, and returns the report `dtrain check`
 // prints: the model summary table, the data, and the run's shape (steps per epoch at the job's batch size).
 std::string checkJob(const Job& job);

@@ -7,6 +7,7 @@
 
 #include "lib/common/error.h"
 #include "lib/nn/tensor_parallel.h"
+#include "lib/train/check.h"
 
 namespace dtrain::train {
 
@@ -213,7 +214,10 @@ std::string describeLayout(const Job& job, int worldSize) {
   // Parameters, their gradients and the optimizer's per-element state (momentum; Adam's two moments), float32.
   const auto& o = job.optimizer;
   const int states = o.type == nn::OptimizerType::kSgd ? (o.momentum > 0 ? 1 : 0) : 2;
-  auto mib = [&](int64_t params) { return static_cast<double>(params) * 4.0 * (2 + states) / (1024.0 * 1024.0); };
+  // In the unit that suits the size ("236.8 KiB", "544.5 MiB"): a small model's ranks are not all "0.0 MiB".
+  auto bytes = [&](int64_t params) {
+    return humanBytes(params * 4 * (2 + states));
+  };
   const int64_t whole = job.model.paramCount();
   out += fmt::format("{:>5} {:>5} {:>6} {:>7} {:>12} {:>12} {:>7}  {}\n", "rank", "data", "stage", "tensor",
                      "parameters", "+grad+opt", "share", "layers");
@@ -225,13 +229,13 @@ std::string describeLayout(const Job& job, int worldSize) {
     const int64_t held = stageHeld(job.model, s) - s.params +
                          nn::shardCounts(stageSpec(job.model, s), d.tensor, c.tensor).local;
     largest = std::max(largest, held);
-    out += fmt::format("{:>5} {:>5} {:>6} {:>7} {:>12} {:>9.1f} MiB {:>6.1f}%  {}\n", r, c.data, c.stage, c.tensor,
-                       held, mib(held), 100.0 * static_cast<double>(held) / static_cast<double>(whole),
+    out += fmt::format("{:>5} {:>5} {:>6} {:>7} {:>12} {:>12} {:>6.1f}%  {}\n", r, c.data, c.stage, c.tensor,
+                       held, bytes(held), 100.0 * static_cast<double>(held) / static_cast<double>(whole),
                        layerList(job.model, s));
   }
-  out += fmt::format("whole model: {} parameters, {:.1f} MiB with gradients and {} state; the largest rank holds "
+  out += fmt::format("whole model: {} parameters, {} with gradients and {} state; the largest rank holds "
                      "{:.1f}% (1/(pipeline x tensor) = {:.1f}%)\n",
-                     whole, mib(whole), nn::optimizerTypeName(o.type), 100.0 * static_cast<double>(largest) /
+                     whole, bytes(whole), nn::optimizerTypeName(o.type), 100.0 * static_cast<double>(largest) /
                      static_cast<double>(whole), 100.0 / (d.stages * d.tensor));
   return out;
 }

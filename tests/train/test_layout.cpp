@@ -121,6 +121,9 @@ TEST_CASE("describeLayout: each rank's coordinates, layers and parameter count")
   CHECK(text.find("layout: 4 rank(s) = data 2 x pipeline 2 x tensor 1") != std::string::npos);
   CHECK(text.find("    3     1      1       0           99 ") != std::string::npos);
   CHECK(text.find("%  2..4 (3 layers: 2 linear .. 4 linear)") != std::string::npos);
+  // Memory in a unit that suits it: 99 parameters and their gradients (plain SGD) are 792 B, not "0.0 MiB".
+  CHECK(text.find("    3     1      1       0           99        792 B ") != std::string::npos);
+  CHECK(text.find("0.0 MiB") == std::string::npos);
   CHECK_THROWS_AS(describeLayout(job, 3), ConfigError);
 }
 

@@ -29,9 +29,9 @@ std::string readText(const std::filesystem::path& file) {
 }  // namespace
 
 std::string generateText(const GenerateOptions& o, const std::function<void(const std::string&)>& onToken) {
-  DTRAIN_CHECK_AS(ConfigError, o.tokens >= 0, "--tokens: {} (expected >= 0)", o.tokens);
-  DTRAIN_CHECK_AS(ConfigError, o.temperature > 0, "--temperature: {} (expected > 0)", o.temperature);
-  DTRAIN_CHECK_AS(ConfigError, o.topK >= 0, "--top-k: {} (expected >= 0; 0 = no cut)", o.topK);
+  DTRAIN_CHECK_AS(UsageError, o.tokens >= 0, "--tokens: {} (expected >= 0)", o.tokens);
+  DTRAIN_CHECK_AS(UsageError, o.temperature > 0, "--temperature: {} (expected > 0)", o.temperature);
+  DTRAIN_CHECK_AS(UsageError, o.topK >= 0, "--top-k: {} (expected >= 0; 0 = no cut)", o.topK);
   const auto specFile = o.runDir / kModelSpecFile;
   const nn::ModelSpec spec = nn::loadModelSpec(specFile);
   DTRAIN_CHECK_AS(ConfigError, spec.input.rank() == 1 && spec.output().rank() == 2,
@@ -39,7 +39,14 @@ std::string generateText(const GenerateOptions& o, const std::function<void(cons
                   spec.input.str(), spec.output().str());
   const int64_t t = spec.input[0], v = spec.output()[1];
   nn::Model model = nn::Model::build(spec, 1, 0);
-  loadWeights(o.runDir / "model.safetensors", model);
+  // A run writes model.safetensors when it finishes; one stopped early (Ctrl-C, max restarts) has only checkpoints.
+  const auto weights = o.runDir / "model.safetensors";
+  DTRAIN_CHECK_AS(CheckpointError, std::filesystem::exists(weights),
+                  "{} does not exist: the run has not finished (a run writes it at its end{}); resume the run with "
+                  "the same job and --output-dir to finish it",
+                  weights.string(),
+                  std::filesystem::exists(o.runDir / "checkpoints") ? ", and its checkpoints are in checkpoints/" : "");
+  loadWeights(weights, model);
   data::Vocabulary vocab;
   if (std::filesystem::exists(o.runDir / "vocab.json"))
     vocab = data::Vocabulary::fromJson(readText(o.runDir / "vocab.json"), (o.runDir / "vocab.json").string());

@@ -5,7 +5,8 @@
 // RUN_DIR is a run's output directory: model.json (the model spec, written by the trainer for token datasets),
 // model.safetensors (its weights) and vocab.json (lib/data/sequence.h; absent = byte vocabulary).
 // The model's input is a fixed window [T]: a shorter context is padded on the right, which causal attention never
-// lets the last real position see. Deterministic for a given seed. Errors: ConfigError naming the file or flag.
+// lets the last real position see. Deterministic for a given seed. Errors: UsageError (exit 3) naming a flag
+// with a bad value (--tokens, --temperature, --top-k), ConfigError naming the file.
 #pragma once
 
 #include <cstdint>

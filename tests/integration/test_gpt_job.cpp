@@ -68,9 +68,18 @@ TEST_CASE("a GPT trains on text with dtrain run -n 2, and dtrain generate sample
   CHECK(g1.out.rfind("the ", 0) == 0);
   CHECK(g1.out.size() == 4 + 40 + 1);  // prompt, 40 byte tokens, newline
   CHECK(g1.out == g2.out);  // the same seed, the same text
+  // A bad flag value is a command-line error (the README's exit 3), before anything is loaded.
   auto bad = run({dtrainBinary(), "generate", dir + "/run", "--temperature", "0"});
-  CHECK(bad.exitCode == 2);
+  CHECK(bad.exitCode == 3);
   CHECK(bad.err.find("--temperature: 0 (expected > 0)") != std::string::npos);
+  auto badTokens = run({dtrainBinary(), "generate", dir + "/run", "--tokens", "-5"});
+  CHECK(badTokens.exitCode == 3);
+  CHECK(badTokens.err.find("--tokens: -5 (expected >= 0)") != std::string::npos);
+  // A run folder without model.safetensors (stopped before its end) says why, with the checkpoint exit code.
+  std::filesystem::rename(dir + "/run/model.safetensors", dir + "/run/model.safetensors.bak");
+  auto unfinished = run({dtrainBinary(), "generate", dir + "/run"});
+  CHECK(unfinished.exitCode == 8);
+  CHECK(unfinished.err.find("/run/model.safetensors does not exist: the run has not finished") != std::string::npos);
 }
 
 TEST_CASE("bad GPT jobs are refused with exit 2 before any worker starts, naming file, field and value") {

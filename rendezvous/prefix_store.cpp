@@ -25,6 +25,15 @@ bool PrefixStore::check(const std::vector<std::string>& keys) { return base_->ch
 bool PrefixStore::remove(std::string_view key) { return base_->remove(k(key)); }
 int64_t PrefixStore::numKeys() { return base_->numKeys(); }
 void PrefixStore::append(std::string_view key, std::string_view value) { base_->append(k(key), value); }
+void PrefixStore::multiSet(const std::vector<std::pair<std::string, std::string>>& entries) {
+  std::vector<std::pair<std::string, std::string>> prefixed;
+  prefixed.reserve(entries.size());
+  for (const auto& [key, value] : entries) prefixed.emplace_back(k(key), value);
+  base_->multiSet(prefixed);
+}
+std::vector<std::optional<std::string>> PrefixStore::multiGet(const std::vector<std::string>& keys) {
+  return base_->multiGet(ks(keys));
+}
 std::shared_ptr<Store> PrefixStore::clone() {
   auto copy = std::make_shared<PrefixStore>(prefix_, base_->clone());
   copy->setTimeout(timeout_);

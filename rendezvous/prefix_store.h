@@ -22,6 +22,8 @@ class PrefixStore : public Store {
   bool remove(std::string_view key) override;
   int64_t numKeys() override;
   void append(std::string_view key, std::string_view value) override;
+  void multiSet(const std::vector<std::pair<std::string, std::string>>& entries) override;
+  std::vector<std::optional<std::string>> multiGet(const std::vector<std::string>& keys) override;
   std::shared_ptr<Store> clone() override;
 
   const std::string& prefix() const { return prefix_; }

@@ -1,11 +1,13 @@
 #include "rendezvous/rdzv_bench.h"
 
 #include <dirent.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <barrier>
+#include <cstdlib>
 #include <exception>
 #include <fstream>
 #include <latch>
@@ -25,16 +27,16 @@ namespace dtrain::rendezvous {
 namespace {
 
 struct AgentResult {
-  std::vector<uint32_t> beatNs, readNs;
+  std::vector<uint64_t> beatNs, readNs;
   double joinMs = 0;
   Clock::time_point joined;
   int worldSize = 0;
   std::exception_ptr error;
 };
 
-uint32_t nanosSince(Clock::time_point t) {
+uint64_t nanosSince(Clock::time_point t) {
   auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t).count();
-  return static_cast<uint32_t>(std::min<int64_t>(ns, UINT32_MAX));
+  return static_cast<uint64_t>(std::max<int64_t>(ns, 0));
 }
 
 // CPU seconds of this process's thread named `name` (the store's io thread is "dtrain-store"); -1 if none.
@@ -62,6 +64,20 @@ double threadCpuSeconds(const std::string& name) {
   }
   ::closedir(dir);
   return total;
+}
+
+double processCpuSeconds() {
+  timespec ts{};
+  ::clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) * 1e-9;
+}
+
+double peakRssMiB() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::strtod(line.c_str() + 6, nullptr) / 1024.0;
+  return 0;
 }
 
 double percentileMs(std::vector<double>& v, double p) {
@@ -101,9 +117,14 @@ RdzvBenchResult runRdzvBenchmark(const RdzvBenchOptions& options) {
   std::latch go(1);
   std::atomic<bool> failed{false};
   Clock::time_point joinStart{}, beatStart{};
+  double cpuAtJoin = 0, cpuAtFormed = 0, storeCpuAtJoin = -1, storeCpuAtFormed = -1;
   // The last agent to finish joining fixes the beats' common origin (the completion runs before any agent is
-  // released, so every agent reads it).
-  auto origin = [&]() noexcept { beatStart = Clock::now(); };
+  // released, so every agent reads it), and the CPU the round took.
+  auto origin = [&]() noexcept {
+    beatStart = Clock::now();
+    cpuAtFormed = processCpuSeconds();
+    if (server) storeCpuAtFormed = threadCpuSeconds("dtrain-store");
+  };
   std::barrier allJoined(static_cast<std::ptrdiff_t>(n), origin);
   const auto connectStart = Clock::now();
   for (size_t i = 0; i < n; ++i)
@@ -169,6 +190,8 @@ RdzvBenchResult runRdzvBenchmark(const RdzvBenchOptions& options) {
   connected.arrive_and_wait();
   result.connectSeconds = secondsSince(connectStart);
   joinStart = Clock::now();
+  cpuAtJoin = processCpuSeconds();
+  if (server) storeCpuAtJoin = threadCpuSeconds("dtrain-store");
   go.count_down();
   for (auto& t : threads) t.join();
   for (auto& r : results)
@@ -176,7 +199,7 @@ RdzvBenchResult runRdzvBenchmark(const RdzvBenchOptions& options) {
 
   Clock::time_point lastJoin = joinStart;
   std::vector<double> joins;
-  std::vector<uint32_t> beats, reads;
+  std::vector<uint64_t> beats, reads;
   for (auto& r : results) {
     lastJoin = std::max(lastJoin, r.joined);
     joins.push_back(r.joinMs);
@@ -184,6 +207,9 @@ RdzvBenchResult runRdzvBenchmark(const RdzvBenchOptions& options) {
     reads.insert(reads.end(), r.readNs.begin(), r.readNs.end());
   }
   result.formSeconds = std::chrono::duration<double>(lastJoin - joinStart).count();
+  result.formCpuSeconds = cpuAtFormed - cpuAtJoin;
+  if (storeCpuAtFormed >= 0) result.formStoreCpuSeconds = storeCpuAtFormed - std::max(storeCpuAtJoin, 0.0);
+  result.peakRssMiB = peakRssMiB();
   result.worldSize = results.front().worldSize;
   result.joinP50Ms = percentileMs(joins, 0.5);
   result.joinP99Ms = percentileMs(joins, 0.99);

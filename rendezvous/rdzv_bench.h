@@ -40,6 +40,9 @@ struct RdzvBenchResult {
   double beatSeconds = 0;  // the heartbeat phase
   OpFigures heartbeat;     // Rendezvous::heartbeat (one set)
   OpFigures membership;    // Rendezvous::silentMembers (reads of the watched members' heartbeats)
+  double formCpuSeconds = 0;    // this process's CPU (all agents, and the in-process store) while the round formed
+  double formStoreCpuSeconds = -1;  // in-process store only: its io thread's share of formCpuSeconds
+  double peakRssMiB = 0;        // this process's peak resident memory (VmHWM): the agents' state (and the store's)
   uint64_t storeRequests = 0;   // in-process store only: requests served over the whole run
   double storeCpuSeconds = -1;  // in-process store only: CPU of its io thread over the whole run
 };

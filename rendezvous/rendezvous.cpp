@@ -23,15 +23,43 @@ namespace {
 
 std::string key(int round, std::string_view what) { return fmt::format("r{}/{}", round, what); }
 
-// While fewer than minNodes joined we re-check the join counter at this pace; once the round can close
-// we wait on the `closed` key itself, which wakes us the moment anyone closes it.
-constexpr Millis kQuorumPoll{100};
+// While fewer than minNodes joined an elastic round, joiners block on its `quorum` key (set by the minNodes-th
+// joiner); this bounds the wait only in case that joiner died between joining and setting it. Once the round
+// can close we wait on the `closed` key itself, which wakes us the moment anyone closes it.
+constexpr Millis kQuorumPoll{1000};
 // While waiting for a round to open, we look whether the job ended this often.
 constexpr Millis kEndedPoll{1000};
 // How long members wait for the last joiner to publish the round's layout before computing it themselves.
 constexpr Millis kLayoutWait{10000};
 
+// Large rounds: the kRingWatch node ranks after `nodeRank`, modulo numNodes.
+std::vector<int> ringWatched(int nodeRank, int numNodes) {
+  std::vector<int> watched;
+  for (int k = 1; k <= kRingWatch && k < numNodes; ++k) watched.push_back((nodeRank + k) % numNodes);
+  return watched;
+}
+
+// One node of a parsed layout, by node rank.
+struct Placed {
+  int joinIndex = 0;
+  int rankOffset = 0;
+  int nproc = 0;
+};
+
 }  // namespace
+
+const Member* RoundInfo::member(int rank) const {
+  auto it = std::lower_bound(members.begin(), members.end(), rank,
+                             [](const Member& m, int r) { return m.nodeRank < r; });
+  return it != members.end() && it->nodeRank == rank ? &*it : nullptr;
+}
+
+const Member& RoundInfo::self() const {
+  const Member* m = member(nodeRank);
+  DTRAIN_CHECK_AS(ProtocolError, m != nullptr, "rendezvous: round {} holds no entry for this node (node rank {})",
+                  round, nodeRank);
+  return *m;
+}
 
 std::string NodeInfo::toJson() const {
   return json{{"node_rank", requestedNodeRank}, {"nproc", nproc},  {"host", host},
@@ -171,11 +199,14 @@ std::optional<RoundInfo> Rendezvous::tryJoinRound(int round, const Deadline& dea
   store_->set(key(round, fmt::format("node/{}", index)), self_.toJson());
   // The compact copy the layout is computed from in one read (see computeLayout).
   store_->append(key(round, "records"), fmt::format("{} {} {}\n", index, self_.nproc, self_.requestedNodeRank));
+  const bool elastic = options_.minNodes < options_.maxNodes;
+  if (elastic && index + 1 == options_.minNodes) store_->set(key(round, "quorum"), std::to_string(index + 1));
   if (index + 1 == options_.maxNodes) store_->compareSet(key(round, "closed"), "", std::to_string(index + 1));
 
   // Wait for the round to close. With min < max, the first agent to see quorum for `lastCall` closes it.
   std::optional<Clock::time_point> quorumSince;
-  while (!store_->check({key(round, "closed")})) {
+  std::optional<std::string> closed;
+  while (!(closed = store_->tryGet(key(round, "closed")))) {
     if (deadline.expired()) {
       int joined = static_cast<int>(store_->add(key(round, "count"), 0));
       DTRAIN_THROW(RendezvousError,
@@ -184,22 +215,30 @@ std::optional<RoundInfo> Rendezvous::tryJoinRound(int round, const Deadline& dea
                    options_.endpoint, options_.joinTimeout.count() / 1000, joined,
                    options_.maxNodes, options_.minNodes);
     }
-    int joined = static_cast<int>(store_->add(key(round, "count"), 0));
-    Millis slice = kQuorumPoll;
-    if (joined >= options_.minNodes && options_.minNodes < options_.maxNodes) {
-      if (!quorumSince) quorumSince = Clock::now();
-      auto waited = std::chrono::duration_cast<Millis>(Clock::now() - *quorumSince);
-      if (waited >= options_.lastCall) {
-        store_->compareSet(key(round, "closed"), "", std::to_string(joined));
-        continue;
+    if (!elastic) {
+      // Only `closed` can end this wait: block on it and read it in one round trip (no polling).
+      try {
+        closed = store_->get(key(round, "closed"), deadline.remaining());
+      } catch (const TimeoutError&) {
+        // the deadline check above reports it
       }
-      slice = options_.lastCall - waited;
-    } else if (options_.minNodes == options_.maxNodes) {
-      slice = deadline.remaining();  // only `closed` can end this wait: block on it
+      continue;
     }
-    store_->wait({key(round, "closed")}, std::min(slice, deadline.remaining()));
+    int joined = static_cast<int>(store_->add(key(round, "count"), 0));
+    if (joined < options_.minNodes) {
+      // Woken by the minNodes-th joiner's `quorum` key (or, should it have died, by the fallback slice).
+      store_->wait({key(round, "quorum")}, std::min(kQuorumPoll, deadline.remaining()));
+      continue;
+    }
+    if (!quorumSince) quorumSince = Clock::now();
+    auto waited = std::chrono::duration_cast<Millis>(Clock::now() - *quorumSince);
+    if (waited >= options_.lastCall) {
+      store_->compareSet(key(round, "closed"), "", std::to_string(joined));
+      continue;
+    }
+    store_->wait({key(round, "closed")}, std::min(options_.lastCall - waited, deadline.remaining()));
   }
-  int members = static_cast<int>(parse::toInt(store_->get(key(round, "closed"), 10s)).value_or(0));
+  int members = static_cast<int>(parse::toInt(*closed).value_or(0));
   if (index >= members) return std::nullopt;
   return assemble(round, members, index, deadline);
 }
@@ -258,56 +297,12 @@ std::string Rendezvous::computeLayout(int round, int members) {
   return fmt::format("layout {} {}\n", members, world) + body;
 }
 
-RoundInfo Rendezvous::assemble(int round, int members, int myIndex, const Deadline& deadline) {
-  // The round's last joiner computes the layout once (O(N) reads) and everyone reads that one small key, so a
-  // round of N agents costs O(N) store operations instead of N reads by each of N agents. Should the last
-  // joiner die before it publishes, anyone computes it after kLayoutWait (the result is deterministic, so the
-  // compareSet keeps whichever copy came first).
-  const std::string layoutKey = key(round, "layout");
-  if (myIndex == members - 1) store_->compareSet(layoutKey, "", computeLayout(round, members));
-  if (!store_->wait({layoutKey}, std::min(kLayoutWait, deadline.remaining())))
-    store_->compareSet(layoutKey, "", computeLayout(round, members));
-  const std::string layout = store_->get(layoutKey, 10s);
-  if (layout.rfind("error ", 0) == 0) DTRAIN_THROW(RendezvousError, "rendezvous: {}", layout.substr(6));
+namespace {
 
-  RoundInfo info;
-  info.round = round;
-  info.restartCount = static_cast<int>(parse::toInt(store_->tryGet(key(round, "restarts")).value_or("0")).value_or(0));
-  info.reformCount = static_cast<int>(parse::toInt(store_->tryGet(key(round, "reforms")).value_or("0")).value_or(0));
-  info.numNodes = members;
-  info.nodeRank = -1;
-  std::vector<int> joinIndex;  // by node rank
-  parseLayout(layout, members, info, joinIndex, myIndex);
-  DTRAIN_CHECK_AS(ProtocolError, info.nodeRank >= 0, "rendezvous: round {}'s layout has no entry for join index {}",
-                  round, myIndex);
-  // Full records of every member in small rounds; in large ones those of node 0 (MASTER_ADDR), this node and
-  // the members it watches (their hostnames name a lost node), so no agent reads O(N) records.
-  auto fill = [&](int nodeRank) {
-    auto& m = info.members[static_cast<size_t>(nodeRank)];
-    if (!m.info.host.empty() || !m.info.hostname.empty()) return;
-    m.info = nodeRank == info.nodeRank
-                 ? self_
-                 : NodeInfo::fromJson(store_->get(key(round, fmt::format("node/{}", joinIndex[static_cast<size_t>(nodeRank)])), 30s));
-  };
-  if (members <= kFullMembershipNodes) {
-    for (int r = 0; r < members; ++r) fill(r);
-  } else {
-    fill(0);
-    fill(info.nodeRank);
-    for (int r : watchedMembers(info)) fill(r);
-  }
-  info.masterAddr = info.members.front().info.host;
-  info.masterPort = info.members.front().info.masterPort;
-  seen_.assign(static_cast<size_t>(members), {std::string(), Clock::now()});
-  seenRound_ = round;
-  return info;
-}
-
-void Rendezvous::parseLayout(const std::string& layout, int members, RoundInfo& info, std::vector<int>& joinIndex,
-                             int myIndex) {
+// Parses a layout (see computeLayout) of `members` nodes into one entry per node rank; throws ProtocolError.
+std::vector<Placed> parseLayout(const std::string& layout, int members, int round, int& world) {
   auto bad = [&] {
-    DTRAIN_THROW(ProtocolError, "rendezvous: malformed layout of round {}: '{}'", info.round,
-                 layout.substr(0, 200));
+    DTRAIN_THROW(ProtocolError, "rendezvous: malformed layout of round {}: '{}'", round, layout.substr(0, 200));
   };
   const char* p = layout.data();
   const char* end = p + layout.size();
@@ -319,35 +314,192 @@ void Rendezvous::parseLayout(const std::string& layout, int members, RoundInfo& 
   };
   if (layout.rfind("layout ", 0) != 0) bad();
   p += 7;
-  int n = 0, world = 0;
+  int n = 0;
   nextInt(n);
   nextInt(world);
   if (n != members) bad();
-  info.members.resize(static_cast<size_t>(n));
-  joinIndex.resize(static_cast<size_t>(n));
+  std::vector<Placed> placed(static_cast<size_t>(n));
   int offset = 0;
-  for (int r = 0; r < n; ++r) {
-    int index = 0, nproc = 0;
-    nextInt(index);
-    nextInt(nproc);
-    auto& m = info.members[static_cast<size_t>(r)];
-    m.nodeRank = r;
-    m.rankOffset = offset;
-    m.info.nproc = nproc;
-    joinIndex[static_cast<size_t>(r)] = index;
-    if (index == myIndex) {
-      info.nodeRank = r;
-      info.rankOffset = offset;
-    }
-    offset += nproc;
+  for (auto& node : placed) {
+    nextInt(node.joinIndex);
+    nextInt(node.nproc);
+    if (node.joinIndex < 0 || node.joinIndex >= n || node.nproc < 1) bad();
+    node.rankOffset = offset;
+    offset += node.nproc;
   }
   if (offset != world) bad();
-  info.worldSize = world;
+  return placed;
+}
+
+// Every joiner's assignment in a large round, indexed by join index (format in rendezvous.h: r<R>/assign/<i>);
+// an error layout gives every joiner that error.
+std::vector<std::string> assignments(const std::string& layout, int members, int round) {
+  if (layout.rfind("error ", 0) == 0) return std::vector<std::string>(static_cast<size_t>(members), layout);
+  int world = 0;
+  auto placed = parseLayout(layout, members, round, world);
+  std::vector<std::string> out(static_cast<size_t>(members));
+  auto line = [&](std::string& text, int r) {
+    const auto& p = placed[static_cast<size_t>(r)];
+    text += fmt::format("{} {} {} {}\n", r, p.joinIndex, p.rankOffset, p.nproc);
+  };
+  for (int r = 0; r < members; ++r) {
+    std::string text = fmt::format("assign {} {}\n", members, world);
+    line(text, r);
+    if (r != 0) line(text, 0);
+    for (int w : ringWatched(r, members))
+      if (w != 0) line(text, w);
+    out[static_cast<size_t>(placed[static_cast<size_t>(r)].joinIndex)] = std::move(text);
+  }
+  return out;
+}
+
+}  // namespace
+
+std::string Rendezvous::publishLayout(int round, int members) {
+  // Deterministic, so a second writer (a member that gave up waiting) writes the same thing.
+  std::string layout = store_->compareSet(key(round, "layout"), "", computeLayout(round, members));
+  if (members > kFullMembershipNodes) {
+    auto texts = assignments(layout, members, round);
+    std::vector<std::pair<std::string, std::string>> entries;
+    entries.reserve(texts.size());
+    for (size_t i = 0; i < texts.size(); ++i)
+      entries.emplace_back(key(round, fmt::format("assign/{}", i)), std::move(texts[i]));
+    store_->multiSet(entries);  // pipelined: one round trip per few hundred assignments
+  }
+  return layout;
+}
+
+RoundInfo Rendezvous::assemble(int round, int members, int myIndex, const Deadline& deadline) {
+  if (members > kFullMembershipNodes) return assembleLarge(round, members, myIndex, deadline);
+  // The round's last joiner computes the layout once (O(N) reads) and everyone reads that one small key, so a
+  // round of N agents costs O(N) store operations instead of N reads by each of N agents. Should the last
+  // joiner die before it publishes, anyone computes it after kLayoutWait (the result is deterministic, so the
+  // compareSet keeps whichever copy came first).
+  const std::string layoutKey = key(round, "layout");
+  std::string layout;
+  if (myIndex == members - 1) {
+    layout = publishLayout(round, members);
+  } else {
+    try {
+      layout = store_->get(layoutKey, std::min(kLayoutWait, deadline.remaining()));  // waits and reads
+    } catch (const TimeoutError&) {
+      layout = publishLayout(round, members);
+    }
+  }
+  if (layout.rfind("error ", 0) == 0) DTRAIN_THROW(RendezvousError, "rendezvous: {}", layout.substr(6));
+
+  RoundInfo info;
+  info.round = round;
+  info.numNodes = members;
+  info.nodeRank = -1;
+  auto placed = parseLayout(layout, members, round, info.worldSize);
+  // Every member's full record, the restart counts with them: one pipelined batch.
+  std::vector<std::string> keys{key(round, "restarts"), key(round, "reforms")};
+  for (const auto& p : placed) keys.push_back(key(round, fmt::format("node/{}", p.joinIndex)));
+  auto values = store_->multiGet(keys);
+  auto count = [&](size_t i) { return static_cast<int>(parse::toInt(values[i].value_or("0")).value_or(0)); };
+  info.restartCount = count(0);
+  info.reformCount = count(1);
+  info.members.resize(placed.size());
+  for (int r = 0; r < members; ++r) {
+    const auto& p = placed[static_cast<size_t>(r)];
+    auto& m = info.members[static_cast<size_t>(r)];
+    m.nodeRank = r;
+    m.rankOffset = p.rankOffset;
+    if (p.joinIndex == myIndex) {
+      info.nodeRank = r;
+      info.rankOffset = p.rankOffset;
+      m.info = self_;
+      continue;
+    }
+    // A record whose set is still in flight (it precedes the joiner's append, so it is there or very soon).
+    auto& record = values[2 + static_cast<size_t>(r)];
+    m.info = NodeInfo::fromJson(record ? *record : store_->get(key(round, fmt::format("node/{}", p.joinIndex)), 30s));
+  }
+  DTRAIN_CHECK_AS(ProtocolError, info.nodeRank >= 0, "rendezvous: round {}'s layout has no entry for join index {}",
+                  round, myIndex);
+  info.masterAddr = info.members.front().info.host;
+  info.masterPort = info.members.front().info.masterPort;
+  resetSeen(info);
+  return info;
+}
+
+RoundInfo Rendezvous::assembleLarge(int round, int members, int myIndex, const Deadline& deadline) {
+  // Each member reads only its own assignment (written by the last joiner with the layout): O(1) per agent.
+  // Should the last joiner die before it publishes, a member computes the layout itself after kLayoutWait and
+  // takes its own assignment from it.
+  const std::string assignKey = key(round, fmt::format("assign/{}", myIndex));
+  if (myIndex == members - 1) publishLayout(round, members);
+  std::optional<std::string> mine;
+  try {
+    mine = store_->get(assignKey, std::min(kLayoutWait, deadline.remaining()));  // waits and reads: one round trip
+  } catch (const TimeoutError&) {
+    auto layout = store_->compareSet(key(round, "layout"), "", computeLayout(round, members));
+    mine = assignments(layout, members, round)[static_cast<size_t>(myIndex)];
+  }
+  const std::string text = std::move(*mine);
+  if (text.rfind("error ", 0) == 0) DTRAIN_THROW(RendezvousError, "rendezvous: {}", text.substr(6));
+
+  RoundInfo info;
+  info.round = round;
+  info.numNodes = members;
+  auto bad = [&] {
+    DTRAIN_THROW(ProtocolError, "rendezvous: malformed assignment of join index {} in round {}: '{}'", myIndex,
+                 round, text.substr(0, 200));
+  };
+  int n = 0;
+  int used = 0;
+  if (std::sscanf(text.c_str(), "assign %d %d\n%n", &n, &info.worldSize, &used) != 2 || n != members || used <= 0)
+    bad();
+  struct Known {
+    int nodeRank, joinIndex, rankOffset, nproc;
+  };
+  std::vector<Known> known;  // this node first, then node 0 and the watched nodes
+  for (size_t pos = static_cast<size_t>(used); pos < text.size();) {
+    Known k{};
+    if (std::sscanf(text.c_str() + pos, "%d %d %d %d", &k.nodeRank, &k.joinIndex, &k.rankOffset, &k.nproc) != 4 ||
+        k.nodeRank < 0 || k.nodeRank >= members || k.joinIndex < 0 || k.joinIndex >= members || k.nproc < 1)
+      bad();
+    known.push_back(k);
+    auto eol = text.find('\n', pos);
+    pos = eol == std::string::npos ? text.size() : eol + 1;
+  }
+  if (known.empty() || known.front().joinIndex != myIndex) bad();
+  info.nodeRank = known.front().nodeRank;
+  info.rankOffset = known.front().rankOffset;
+  std::sort(known.begin(), known.end(), [](const Known& a, const Known& b) { return a.nodeRank < b.nodeRank; });
+  if (known.front().nodeRank != 0) bad();
+
+  // The other known members' records and the restart counts: one pipelined batch.
+  std::vector<std::string> keys{key(round, "restarts"), key(round, "reforms")};
+  for (const auto& k : known)
+    if (k.nodeRank != info.nodeRank) keys.push_back(key(round, fmt::format("node/{}", k.joinIndex)));
+  auto values = store_->multiGet(keys);
+  info.restartCount = static_cast<int>(parse::toInt(values[0].value_or("0")).value_or(0));
+  info.reformCount = static_cast<int>(parse::toInt(values[1].value_or("0")).value_or(0));
+  size_t next = 2;
+  for (const auto& k : known) {
+    Member m;
+    m.nodeRank = k.nodeRank;
+    m.rankOffset = k.rankOffset;
+    if (k.nodeRank == info.nodeRank) {
+      m.info = self_;
+    } else {
+      auto& record = values[next++];
+      m.info = NodeInfo::fromJson(record ? *record : store_->get(key(round, fmt::format("node/{}", k.joinIndex)), 30s));
+    }
+    m.info.nproc = k.nproc;
+    info.members.push_back(std::move(m));
+  }
+  info.masterAddr = info.members.front().info.host;
+  info.masterPort = info.members.front().info.masterPort;
+  resetSeen(info);
+  return info;
 }
 
 std::vector<int> Rendezvous::watchedMembers(const RoundInfo& info) {
-  std::vector<int> watched;
   if (info.numNodes <= kFullMembershipNodes) {
+    std::vector<int> watched;
     for (int n = 0; n < info.numNodes; ++n)
       if (n != info.nodeRank) watched.push_back(n);
     return watched;
@@ -355,8 +507,7 @@ std::vector<int> Rendezvous::watchedMembers(const RoundInfo& info) {
   // A ring: each member watches the next kRingWatch node ranks. Any lost member is watched by its predecessor,
   // and if that one is lost too, by the predecessor's predecessor, and so on: while one member lives, some
   // member detects a loss, and any loss ends the round for everyone.
-  for (int k = 1; k <= kRingWatch && k < info.numNodes; ++k) watched.push_back((info.nodeRank + k) % info.numNodes);
-  return watched;
+  return ringWatched(info.nodeRank, info.numNodes);
 }
 
 RoundEvent Rendezvous::endRound(int round, const RoundEvent& event) {
@@ -399,30 +550,41 @@ void Rendezvous::heartbeat(const RoundInfo& info) {
   store_->set(key(info.round, fmt::format("hb/{}", info.nodeRank)), std::to_string(++beats_));
 }
 
+void Rendezvous::resetSeen(const RoundInfo& info) {
+  seen_.clear();
+  auto now = Clock::now();
+  for (int n : watchedMembers(info)) seen_.push_back(Seen{n, std::string(), now});
+  seenRound_ = info.round;
+}
+
 std::vector<double> Rendezvous::heartbeatAges(const RoundInfo& info) const {
   std::vector<double> ages(static_cast<size_t>(info.numNodes), -1.0);
   if (seenRound_ != info.round) return ages;
   auto now = Clock::now();
   if (info.nodeRank >= 0 && info.nodeRank < info.numNodes) ages[static_cast<size_t>(info.nodeRank)] = 0.0;
-  for (int n : watchedMembers(info))
-    if (n < static_cast<int>(seen_.size()))
-      ages[static_cast<size_t>(n)] = std::chrono::duration<double>(now - seen_[static_cast<size_t>(n)].second).count();
+  for (const auto& s : seen_)
+    if (s.nodeRank < info.numNodes)
+      ages[static_cast<size_t>(s.nodeRank)] = std::chrono::duration<double>(now - s.changed).count();
   return ages;
 }
 
 std::vector<int> Rendezvous::silentMembers(const RoundInfo& info, Millis timeout) {
+  if (seenRound_ != info.round) resetSeen(info);
+  // All watched counters in one pipelined batch: one round trip per beat, whatever the number watched.
+  std::vector<std::string> keys;
+  keys.reserve(seen_.size());
+  for (const auto& s : seen_) keys.push_back(key(info.round, fmt::format("hb/{}", s.nodeRank)));
+  auto values = store_->multiGet(keys);
   std::vector<int> silent;
-  if (seenRound_ != info.round) {
-    seen_.assign(info.numNodes, {std::string(), Clock::now()});
-    seenRound_ = info.round;
-  }
   auto now = Clock::now();
-  for (int n : watchedMembers(info)) {
-    auto v = store_->tryGet(key(info.round, fmt::format("hb/{}", n))).value_or("");
-    if (v != seen_[n].first) {
-      seen_[n] = {v, now};
-    } else if (now - seen_[n].second > timeout) {
-      silent.push_back(n);
+  for (size_t i = 0; i < seen_.size(); ++i) {
+    auto& s = seen_[i];
+    auto v = values[i].value_or("");
+    if (v != s.value) {
+      s.value = std::move(v);
+      s.changed = now;
+    } else if (now - s.changed > timeout) {
+      silent.push_back(s.nodeRank);
     }
   }
   return silent;

@@ -16,8 +16,15 @@
 //   r<R>/node/<i>         the i-th joiner's NodeInfo (JSON)
 //   r<R>/records          "<join index> <nproc> <node rank or -1>\n" appended by each joiner: the layout's input
 //   r<R>/layout           the round's membership in node-rank order, "layout <N> <world>" then "<join index> <nproc>"
-//                         per node rank; written once by the last joiner (any member after a wait if it died),
-//                         read once by each member: a round of N agents costs O(N) store operations, not O(N^2)
+//                         per node rank; written once by the last joiner (any member after a wait if it died).
+//                         Rounds up to kFullMembershipNodes: read once by each member.
+//   r<R>/assign/<i>       rounds of more than kFullMembershipNodes nodes: joiner i's assignment, written by the
+//                         last joiner with the layout (one pipelined multiSet): "assign <N> <world>" then
+//                         "<node rank> <join index> <rank offset> <nproc>" for joiner i itself, node 0 and the
+//                         nodes it watches. A member reads only its own: O(1) bytes and operations per agent,
+//                         where reading the layout is O(N) per agent and O(N^2) for the store to send
+//   r<R>/quorum           set by the minNodes-th joiner of an elastic round (min < max): waiting joiners block on
+//                         it instead of polling the join counter
 //   r<R>/closed           N, the number of members; set once (compareSet) when `maxNodes` joined, or after
 //                         `lastCall` once `minNodes` joined. Joiners with index >= N missed the round.
 //   r<R>/event            the first thing that ends the round (JSON RoundEvent), set once by compareSet:
@@ -28,10 +35,12 @@
 //   r<R>/hb/<node rank>   heartbeat counter of each member, bumped every heartbeat interval
 //   r<R>/acks, all_acked  after a terminal outcome: agents that saw it; the last one sets all_acked
 //
-// Scale (docs/store.md, scripts/bench/rdzv_scale): in rounds of more than kFullMembershipNodes nodes each agent
-// reads the full records of node 0, itself and the kRingWatch nodes after it only, and watches only those
-// nodes' heartbeats (a ring: every node is watched by its predecessor, so a loss is still seen while one member
-// lives); smaller rounds read and watch everyone, as before.
+// Scale (docs/rendezvous.md, scripts/bench/rdzv_scale): in rounds of more than kFullMembershipNodes nodes each
+// agent learns its own assignment (node rank, rank offset, world size) and the records of node 0 and the
+// kRingWatch nodes after it only, and watches only those nodes' heartbeats (a ring: every node is watched by its
+// predecessor, so a loss is still seen while one member lives); smaller rounds read and watch everyone. Every
+// agent's work per round and per heartbeat is O(1) store round trips (batches are pipelined: multiGet) and O(1)
+// bytes, except the last joiner's O(N) layout.
 //
 // Ranks: members are ordered by their given node rank (when every member gave one) else by join order;
 // global ranks are contiguous per node in that order, and nodes may run different numbers of workers.
@@ -92,12 +101,17 @@ struct RoundInfo {
   int numNodes = 0;      // GROUP_WORLD_SIZE
   int rankOffset = 0;
   int worldSize = 0;
-  // Ordered by node rank; nodeRank, rankOffset and info.nproc are set for all. info's other fields are set for
-  // every member when numNodes <= kFullMembershipNodes, else for node 0, this node and the watched ones only
-  // (Rendezvous::watchedMembers); the others have an empty host and hostname.
+  // The members this agent knows, ordered by node rank, each complete (info, nodeRank, rankOffset). Rounds of
+  // up to kFullMembershipNodes nodes: every member, so members[r].nodeRank == r. Larger rounds: node 0, this
+  // node and the watched ones (Rendezvous::watchedMembers) only; an agent never holds O(N) of the membership.
+  // Look members up with member() / self() rather than by index.
   std::vector<Member> members;
   std::string masterAddr;       // node 0's host
   uint16_t masterPort = 0;
+  // The member with node rank `nodeRank`, or nullptr when this agent does not know it (see `members`).
+  const Member* member(int nodeRank) const;
+  // This agent's own entry (throws ProtocolError if missing, which join() never returns).
+  const Member& self() const;
 };
 
 // What ended a round. The names ("failed", "node_lost", ...) exist only in the store's JSON (toJson/fromJson
@@ -173,15 +187,23 @@ class Rendezvous {
   void throwIfEnded();
   std::optional<RoundInfo> tryJoinRound(int round, const Deadline& deadline);
   RoundInfo assemble(int round, int members, int myIndex, const Deadline& deadline);
+  RoundInfo assembleLarge(int round, int members, int myIndex, const Deadline& deadline);
   std::string computeLayout(int round, int members);
-  static void parseLayout(const std::string& layout, int members, RoundInfo& info, std::vector<int>& joinIndex,
-                          int myIndex);
+  // Writes the layout (compareSet) and, for a large round, every joiner's assignment; returns the layout that won.
+  std::string publishLayout(int round, int members);
+  void resetSeen(const RoundInfo& info);
 
   StorePtr store_;
   RendezvousOptions options_;
   NodeInfo self_;
-  // heartbeat bookkeeping: last counter value seen per node rank and when it last changed
-  std::vector<std::pair<std::string, std::chrono::steady_clock::time_point>> seen_;
+  // heartbeat bookkeeping, one entry per watched member: its node rank, the last counter value seen and when
+  // it last changed
+  struct Seen {
+    int nodeRank = 0;
+    std::string value;
+    std::chrono::steady_clock::time_point changed;
+  };
+  std::vector<Seen> seen_;
   int seenRound_ = -1;
   int64_t beats_ = 0;
 };

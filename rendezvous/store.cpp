@@ -14,4 +14,15 @@ void checkValue(std::string_view value) {
                value.size(), kMaxValueBytes);
 }
 
+void Store::multiSet(const std::vector<std::pair<std::string, std::string>>& entries) {
+  for (const auto& [key, value] : entries) set(key, value);
+}
+
+std::vector<std::optional<std::string>> Store::multiGet(const std::vector<std::string>& keys) {
+  std::vector<std::optional<std::string>> values;
+  values.reserve(keys.size());
+  for (const auto& key : keys) values.push_back(tryGet(key));
+  return values;
+}
+
 }  // namespace dtrain::rendezvous

@@ -20,6 +20,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace dtrain::rendezvous {
@@ -57,6 +58,13 @@ class Store {
   virtual bool remove(std::string_view key) = 0;
   virtual int64_t numKeys() = 0;
   virtual void append(std::string_view key, std::string_view value) = 0;
+
+  // Batches (c10d's multi_set / multi_get): the same result as calling set / tryGet for each entry in order,
+  // in as few round trips as the implementation allows (the TCP client pipelines them: one round trip per
+  // few hundred keys instead of one per key). Not atomic: another client may see some of the keys set before
+  // the others. multiGet's results are in the order of `keys` (nullopt: missing). The defaults loop.
+  virtual void multiSet(const std::vector<std::pair<std::string, std::string>>& entries);
+  virtual std::vector<std::optional<std::string>> multiGet(const std::vector<std::string>& keys);
 
   // A new handle on the same store with its own connection (the same object for in-process stores).
   virtual std::shared_ptr<Store> clone() = 0;

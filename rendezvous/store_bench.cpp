@@ -19,19 +19,19 @@ namespace dtrain::rendezvous {
 namespace {
 
 struct ClientResult {
-  std::vector<uint32_t> setNs, getNs;  // one latency per op
+  std::vector<uint64_t> setNs, getNs;  // one latency per op
   std::exception_ptr error;
 };
 
-double percentileUs(const std::vector<uint32_t>& sorted, double p) {
+double percentileUs(const std::vector<uint64_t>& sorted, double p) {
   if (sorted.empty()) return 0.0;
   auto i = static_cast<size_t>(p * static_cast<double>(sorted.size() - 1) + 0.5);
   return sorted[std::min(i, sorted.size() - 1)] / 1000.0;
 }
 
-uint32_t nanosSince(Clock::time_point t) {
+uint64_t nanosSince(Clock::time_point t) {
   auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t).count();
-  return static_cast<uint32_t>(std::min<int64_t>(ns, UINT32_MAX));
+  return static_cast<uint64_t>(std::max<int64_t>(ns, 0));
 }
 
 // One client's loop: set then get its own key until `stop`, timing each call.
@@ -53,7 +53,7 @@ void runClient(StorePtr store, const std::string& key, const std::string& value,
 
 }  // namespace
 
-OpFigures summarizeLatencies(std::vector<uint32_t>& latenciesNs, double seconds) {
+OpFigures summarizeLatencies(std::vector<uint64_t>& latenciesNs, double seconds) {
   std::sort(latenciesNs.begin(), latenciesNs.end());
   OpFigures f;
   f.ops = latenciesNs.size();
@@ -118,7 +118,7 @@ StoreBenchResult runStoreBenchmark(const StoreBenchOptions& options) {
   for (auto& r : results)
     if (r.error) std::rethrow_exception(r.error);
 
-  std::vector<uint32_t> sets, gets;
+  std::vector<uint64_t> sets, gets;
   for (auto& r : results) {
     sets.insert(sets.end(), r.setNs.begin(), r.setNs.end());
     gets.insert(gets.end(), r.getNs.begin(), r.getNs.end());

@@ -40,6 +40,6 @@ StoreBenchResult runStoreBenchmark(const StoreBenchOptions& options);
 
 // Figures for `latenciesNs` (one per operation, in any order; sorted in place) over `seconds`; all zero
 // percentiles when empty.
-OpFigures summarizeLatencies(std::vector<uint32_t>& latenciesNs, double seconds);
+OpFigures summarizeLatencies(std::vector<uint64_t>& latenciesNs, double seconds);
 
 }  // namespace dtrain::rendezvous

@@ -23,6 +23,11 @@ using proto::Status;
 namespace {
 
 constexpr size_t kRecvBuffer = 16 * 1024;
+// A pipelined batch is written in chunks of this many requests (or bytes), and each chunk's replies are read
+// before the next is sent: bounded buffers on both ends, and the server's reply backpressure never meets a
+// client that is still writing.
+constexpr size_t kPipelineRequests = 512;
+constexpr size_t kPipelineBytes = 1 << 20;
 constexpr size_t kKeepBuffer = 1 << 20;
 // How long past a GET/WAIT's own timeout the client waits for the server's TIMEOUT reply before it
 // concludes that the server is unresponsive.
@@ -420,6 +425,119 @@ void TcpStoreClient::append(std::string_view key, std::string_view value) {
   w.putBytes(value);
   auto status = exchange(Op::kAppend, timeout_, key);
   if (status != Status::kOk) unexpected(address_, Op::kAppend, status);
+}
+
+void TcpStoreClient::pipeline(Op op, size_t count, const Encode& encode, const Decode& decode,
+                              std::string_view what) {
+  std::lock_guard<std::mutex> lock(mu_);
+  size_t next = 0;
+  while (next < count) {
+    checkUsable();
+    out_.clear();
+    const size_t first = next;
+    while (next < count && next - first < kPipelineRequests && out_.size() < kPipelineBytes) {
+      size_t start = proto::beginFrame(out_);
+      out_.push_back(static_cast<char>(op));
+      ByteWriter w(out_);
+      encode(w, next);
+      proto::finishFrame(out_, start);
+      ++next;
+    }
+    std::string error;  // the first kError reply's message; the chunk's other replies are still read
+    Deadline deadline(timeout_);
+    try {
+      sendAll(deadline);
+      // Replies arrive as one byte stream: several frames may come in one receive, a frame may span two.
+      std::string& buf = in_;  // the connection's receive buffer, reused (reply_ is not used by a batch)
+      if (buf.size() < kRecvBuffer) buf.resize(kRecvBuffer);
+      size_t have = 0, pos = 0;
+      for (size_t i = first; i < next;) {
+        while (i < next && have - pos >= proto::kFrameHeaderBytes) {
+          uint32_t len = 0;
+          std::memcpy(&len, buf.data() + pos, sizeof(len));
+          if (len == 0 || len > proto::kMaxFrameBytes) fail(fmt::format("reply frame of {} bytes is invalid", len), 0);
+          if (have - pos < proto::kFrameHeaderBytes + len) {
+            if (buf.size() < proto::kFrameHeaderBytes + len) buf.resize(proto::kFrameHeaderBytes + len + pos);
+            break;
+          }
+          auto status = static_cast<Status>(buf[pos + proto::kFrameHeaderBytes]);
+          std::string_view fields(buf.data() + pos + proto::kFrameHeaderBytes + 1, len - 1);
+          if (status == Status::kError) {
+            if (error.empty()) error = std::string(ByteReader(fields).getBytes());
+          } else {
+            decode(i, status, fields);
+          }
+          pos += proto::kFrameHeaderBytes + len;
+          ++i;
+        }
+        if (i == next) break;
+        if (pos > 0) {  // keep the partial frame at the front
+          std::memmove(buf.data(), buf.data() + pos, have - pos);
+          have -= pos;
+          pos = 0;
+        }
+        if (have == buf.size()) buf.resize(buf.size() * 2);
+        setRecvTimeout(deadline.remaining());
+        ssize_t n = ::recv(fd_, buf.data() + have, buf.size() - have, 0);
+        if (n > 0) {
+          have += static_cast<size_t>(n);
+          continue;
+        }
+        if (n == 0) fail("the store closed the connection", 0);
+        int err = errno;
+        if (err == EINTR) continue;
+        if (err != EAGAIN && err != EWOULDBLOCK) fail("receive failed", err);
+        if (deadline.expired()) {
+          broken_ = fmt::format("no reply within {} ms", timeout_.count());
+          ::close(fd_);
+          fd_ = -1;
+          DTRAIN_THROW(TimeoutError, "the store at {} did not answer within {} ms", address_, timeout_.count());
+        }
+      }
+      if (pos != have) fail("the store sent more replies than requests", 0);
+    } catch (Error& e) {
+      if (broken_.empty()) {  // e.g. a reply of the wrong shape: the rest of the stream cannot be trusted
+        broken_ = e.what();
+        ::close(fd_);
+        fd_ = -1;
+      }
+      auto message = fmt::format("{} (during a batch of {} {} requests, {})", e.what(), count, proto::opName(op), what);
+      if (dynamic_cast<TimeoutError*>(&e)) DTRAIN_THROW(TimeoutError, "{}", message);
+      DTRAIN_THROW(NetworkError, "{}", message);
+    }
+    if (!error.empty()) DTRAIN_THROW(Error, "{}", error);
+  }
+}
+
+void TcpStoreClient::multiSet(const std::vector<std::pair<std::string, std::string>>& entries) {
+  for (const auto& [key, value] : entries) {
+    checkKey(key);
+    checkValue(value);
+  }
+  pipeline(
+      Op::kSet, entries.size(),
+      [&](ByteWriter& w, size_t i) {
+        w.putBytes(entries[i].first);
+        w.putBytes(entries[i].second);
+      },
+      [&](size_t, Status status, std::string_view) {
+        if (status != Status::kOk) unexpected(address_, Op::kSet, status);
+      },
+      entries.empty() ? std::string_view() : std::string_view(entries.front().first));
+}
+
+std::vector<std::optional<std::string>> TcpStoreClient::multiGet(const std::vector<std::string>& keys) {
+  for (const auto& key : keys) checkKey(key);
+  std::vector<std::optional<std::string>> values(keys.size());
+  pipeline(
+      Op::kTryGet, keys.size(), [&](ByteWriter& w, size_t i) { w.putBytes(keys[i]); },
+      [&](size_t i, Status status, std::string_view fields) {
+        if (status == Status::kNotFound) return;
+        if (status != Status::kOk) unexpected(address_, Op::kTryGet, status);
+        values[i] = std::string(ByteReader(fields).getBytes());
+      },
+      keys.empty() ? std::string_view() : std::string_view(keys.front()));
+  return values;
 }
 
 void TcpStoreClient::ping() {

@@ -17,6 +17,7 @@
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -65,6 +66,11 @@ class TcpStoreClient : public Store {
   bool remove(std::string_view key) override;
   int64_t numKeys() override;
   void append(std::string_view key, std::string_view value) override;
+  // Pipelined (the protocol allows it): up to kPipelineRequests requests are written back to back, then their
+  // replies read in order, so a batch costs one round trip per chunk. A kError reply for one entry throws
+  // after the chunk's other replies were read (the connection stays usable); later chunks are not sent.
+  void multiSet(const std::vector<std::pair<std::string, std::string>>& entries) override;
+  std::vector<std::optional<std::string>> multiGet(const std::vector<std::string>& keys) override;
   // A new connection to the same server (same options, current default timeout).
   std::shared_ptr<Store> clone() override;
 
@@ -84,6 +90,11 @@ class TcpStoreClient : public Store {
   void begin(proto::Op op);
   proto::Status exchange(proto::Op op, Millis readTimeout, std::string_view key);
   void sendAll(const Deadline& deadline);
+  // The batch behind multiSet/multiGet: encode(i) writes request i's fields after its op byte; decode(i,
+  // status, fields) reads reply i (never called for kError replies).
+  using Encode = std::function<void(ByteWriter&, size_t)>;
+  using Decode = std::function<void(size_t, proto::Status, std::string_view)>;
+  void pipeline(proto::Op op, size_t count, const Encode& encode, const Decode& decode, std::string_view what);
   void recvFrame(Millis readTimeout, const Deadline& deadline);
   void setRecvTimeout(Millis t);
   [[noreturn]] void fail(const std::string& what, int err);

@@ -83,6 +83,12 @@ int runBenchRdzv(const BenchRdzvArgs& a) {
   std::printf("form      %8.3f s   (all agents join -> the last join returns; world size %d)\n", r.formSeconds,
               r.worldSize);
   std::printf("join      p50 %.1f ms  p99 %.1f ms  max %.1f ms (per agent)\n", r.joinP50Ms, r.joinP99Ms, r.joinMaxMs);
+  if (r.formStoreCpuSeconds >= 0)
+    std::printf("form CPU  %8.3f s   (this process: agents %.3f s, in-process store io thread %.3f s)\n",
+                r.formCpuSeconds, r.formCpuSeconds - r.formStoreCpuSeconds, r.formStoreCpuSeconds);
+  else
+    std::printf("form CPU  %8.3f s   (this process: the %d agents' threads)\n", r.formCpuSeconds, a.agents);
+  std::printf("memory    %8.1f MiB peak resident (this process)\n", r.peakRssMiB);
   std::printf("%d heartbeats per agent at %s, spread over the interval:\n", a.beats, a.interval.c_str());
   std::printf("%-10s %10s %9s %9s %9s %9s %9s\n", "op", "ops/s", "p50 us", "p90 us", "p99 us", "p99.9 us",
               "max us");

@@ -138,7 +138,7 @@ RoundEvent RoundRunner::storeLost(const std::exception& e) const {
 void RoundRunner::startWorkers() {
   const auto& round = *ctx_.round;
   const auto& opts = *ctx_.options;
-  int nproc = round.members.at(round.nodeRank).info.nproc;
+  int nproc = round.self().info.nproc;
   workers_.resize(nproc);
   WorkerContext wctx{&round, 0, ctx_.storeAddr, ctx_.runId, opts.maxRestarts, opts.rdzvToken, opts.psServers};
   for (int lr = 0; lr < nproc; ++lr) {
@@ -282,7 +282,7 @@ void RoundRunner::apply(const RoundActions& a, std::string_view why, const Worke
       }
     });
   }
-  const auto& me = ctx_.round->members[ctx_.round->nodeRank].info;
+  const auto& me = ctx_.round->self().info;
   switch (a.publish) {
     case Publish::kNone: break;
     case Publish::kShutdown: {
@@ -355,7 +355,7 @@ void RoundRunner::onOutputClosed() {
 }
 
 std::string RoundRunner::failureReport(const Worker& w) const {
-  const auto& me = ctx_.round->members[ctx_.round->nodeRank].info;
+  const auto& me = ctx_.round->self().info;
   std::string report = fmt::format("worker failed: node {} ({}), rank {} (local rank {}), pid {}: {}",
                                    ctx_.round->nodeRank, me.hostname, w.rank, w.localRank, w.pid,
                                    describeStatus(w.status));
@@ -441,7 +441,9 @@ void RoundRunner::onHeartbeat() {
 void RoundRunner::onHeartbeatResult(std::optional<int> silent) {
   if (roundEnded(state_.phase)) return;
   if (silent) {
-    const auto& lost = ctx_.round->members.at(*silent).info;
+    // A watched member: its record is always among the ones this agent knows (rendezvous.h).
+    const auto* lostMember = ctx_.round->member(*silent);
+    rendezvous::NodeInfo lost = lostMember ? lostMember->info : rendezvous::NodeInfo{};
     publish(RoundEvent{RoundEventType::kNodeLost,
                        fmt::format("node {} ({}, agent pid {}) sent no heartbeat for {} ms", *silent, lost.hostname,
                                    lost.pid, ctx_.options->heartbeatTimeout.count()),

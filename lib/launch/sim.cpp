@@ -243,6 +243,9 @@ void Sim::startAgent(int node) {
   }
   std::vector<std::string> extra = {"DTRAIN_COMM_HOST=" + net_->nodeAddress(node), "DTRAIN_RDZV_TOKEN=" + token_};
   if (o_.isJob) extra.push_back("DTRAIN_SAMPLE_LOG=" + o_.outputDir + "/samples");
+  // delay:nodeK=D: the node's workers hold every message they send that long (lib/comm/tcp/conn.h, linkDelay).
+  if (auto delay = simLinkDelay(o_.faults, node); delay.count() > 0)
+    extra.push_back(fmt::format("DTRAIN_LINK_DELAY={}ms", delay.count()));
   auto env = environmentWith(extra);
   tree_->mark(env);
   int out[2];
@@ -421,6 +424,18 @@ void Sim::applyFault(size_t index) {
     case SimFaultKind::kJoin:
       event(k, "join", fmt::format("{}: node{} joins", f.text, k));
       startAgent(k);
+      break;
+    case SimFaultKind::kDelay:  // in the node's environment from its start (startAgent)
+      event(k, "delay", fmt::format("{}: node{}'s messages leave {} ms late (dtrain's transport)", f.text, k,
+                                    f.delay.count()));
+      break;
+    case SimFaultKind::kLoss:
+      if (!net_->isolated()) {
+        log::warn("dtrain sim: {} skipped: packet loss needs network namespaces", f.text);
+        break;
+      }
+      event(k, "loss", fmt::format("{}: node{} drops {}% of its packets each way", f.text, k, f.lossPercent));
+      net_->setLoss(k, f.lossPercent);
       break;
   }
 }

@@ -44,6 +44,8 @@ const char* simFaultName(SimFaultKind kind) {
     case SimFaultKind::kPartition: return "partition";
     case SimFaultKind::kSlow: return "slow";
     case SimFaultKind::kJoin: return "join";
+    case SimFaultKind::kDelay: return "delay";
+    case SimFaultKind::kLoss: return "loss";
   }
   return "?";
 }
@@ -62,7 +64,7 @@ std::vector<SimFault> parseSimFaults(const std::string& text, int initialNodes) 
   std::vector<SimFault> faults;
   std::string normalized = text;
   std::replace(normalized.begin(), normalized.end(), ';', ',');
-  std::set<int> killed, joined;
+  std::set<int> killed, joined, delayed;
   for (auto piece : parse::split(normalized, ',')) {
     std::string entry(parse::trim(piece));
     if (entry.empty()) continue;
@@ -70,16 +72,44 @@ std::vector<SimFault> parseSimFaults(const std::string& text, int initialNodes) 
     f.text = entry;
     auto colon = entry.find(':');
     DTRAIN_CHECK_AS(UsageError, colon != std::string::npos,
-                    "--faults '{}': expected KIND:nodeK@T (kill, freeze, partition, slow, join)", entry);
+                    "--faults '{}': expected KIND:nodeK@T (kill, freeze, partition, slow, join, delay, loss)", entry);
     std::string kind = entry.substr(0, colon), rest = entry.substr(colon + 1);
     if (kind == "kill") f.kind = SimFaultKind::kKill;
     else if (kind == "freeze") f.kind = SimFaultKind::kFreeze;
     else if (kind == "partition") f.kind = SimFaultKind::kPartition;
     else if (kind == "slow") f.kind = SimFaultKind::kSlow;
     else if (kind == "join") f.kind = SimFaultKind::kJoin;
-    else DTRAIN_THROW(UsageError, "--faults '{}': unknown fault '{}' (expected kill, freeze, partition, slow or join)", entry, kind);
+    else if (kind == "delay") f.kind = SimFaultKind::kDelay;
+    else if (kind == "loss") f.kind = SimFaultKind::kLoss;
+    else DTRAIN_THROW(UsageError, "--faults '{}': unknown fault '{}' (expected kill, freeze, partition, slow, join, delay or loss)", entry, kind);
     std::string node = rest, when;
-    if (f.kind == SimFaultKind::kSlow) {
+    if (f.kind == SimFaultKind::kDelay) {
+      auto eq = rest.find('=');
+      DTRAIN_CHECK_AS(UsageError, eq != std::string::npos && rest.find('@') == std::string::npos,
+                      "--faults '{}': expected delay:nodeK=D, e.g. delay:node1=20ms (a delay holds from the start: "
+                      "it takes no @T)", entry);
+      node = rest.substr(0, eq);
+      f.delay = parseTime(entry, rest.substr(eq + 1));
+      DTRAIN_CHECK_AS(UsageError, f.delay.count() > 0 && f.delay.count() <= 10000,
+                      "--faults '{}': the delay must be between 1ms and 10s", entry);
+    } else if (f.kind == SimFaultKind::kLoss) {
+      auto eq = rest.find('=');
+      DTRAIN_CHECK_AS(UsageError, eq != std::string::npos, "--faults '{}': expected loss:nodeK=P%[@T], e.g. loss:node1=1%", entry);
+      node = rest.substr(0, eq);
+      std::string percent = rest.substr(eq + 1);
+      if (auto at = percent.find('@'); at != std::string::npos) {
+        when = percent.substr(at + 1);
+        percent = percent.substr(0, at);
+        f.atStep = parseStep(entry, when);
+        if (f.atStep < 0) f.at = parseTime(entry, when);
+      }
+      auto value = percent.size() > 1 && percent.back() == '%' ? parse::toDouble(percent.substr(0, percent.size() - 1))
+                                                               : std::nullopt;
+      DTRAIN_CHECK_AS(UsageError, value && *value > 0 && *value < 100,
+                      "--faults '{}': '{}' is not a loss (expected a percentage above 0 and below 100, e.g. 1%)", entry,
+                      percent);
+      f.lossPercent = *value;
+    } else if (f.kind == SimFaultKind::kSlow) {
       auto eq = rest.find('=');
       DTRAIN_CHECK_AS(UsageError, eq != std::string::npos, "--faults '{}': expected slow:nodeK=RATE[@T]", entry);
       node = rest.substr(0, eq);
@@ -128,9 +158,18 @@ std::vector<SimFault> parseSimFaults(const std::string& text, int initialNodes) 
     if (f.kind == SimFaultKind::kKill) {
       DTRAIN_CHECK_AS(UsageError, killed.insert(f.node).second, "--faults '{}': node{} is killed twice", entry, f.node);
     }
+    if (f.kind == SimFaultKind::kDelay) {
+      DTRAIN_CHECK_AS(UsageError, delayed.insert(f.node).second, "--faults '{}': node{} is given two delays", entry, f.node);
+    }
     faults.push_back(f);
   }
   return faults;
+}
+
+std::chrono::milliseconds simLinkDelay(const std::vector<SimFault>& faults, int node) {
+  for (const auto& f : faults)
+    if (f.kind == SimFaultKind::kDelay && f.node == node) return f.delay;
+  return std::chrono::milliseconds(0);
 }
 
 int simTotalNodes(const std::vector<SimFault>& faults, int initialNodes) {

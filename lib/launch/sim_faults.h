@@ -6,6 +6,11 @@
 //   partition:nodeK@T+D   cut node K's link (its bridge port goes down) at T, restore it at T+D
 //   slow:nodeK=RATE[@T]   shape node K's link to RATE (tc tbf, "10mbit", "1gbit") from T (default: the start)
 //   join:nodeK@T          start node K's agent at T: K must be the next node after the initial --nodes ones
+//   delay:nodeK=D         every message node K's workers send over the TCP transport leaves D after it is ready
+//                         (DTRAIN_LINK_DELAY, lib/comm/tcp/conn.h: dtrain's own latency, this kernel has no netem);
+//                         from the start, for every agent node K runs
+//   loss:nodeK=P%[@T]     drop P percent of node K's packets in each direction (iptables statistic mode in its
+//                         namespace) from T (default: the start); needs namespaces and iptables
 // T and D are durations as the other flags take them ("5s", "500ms", "2m"), measured from the moment the initial
 // agents are started; or T is "stepN": the moment the job has completed optimizer step N (job files only: read
 // from the workers' sample logs), which lands a fault at the same point of training however fast the machine is. Nodes are numbered from 0: --nodes 4 makes node0..node3; joins add node4, node5, ...
@@ -17,7 +22,7 @@
 
 namespace dtrain::launch {
 
-enum class SimFaultKind { kKill, kFreeze, kPartition, kSlow, kJoin };
+enum class SimFaultKind { kKill, kFreeze, kPartition, kSlow, kJoin, kDelay, kLoss };
 
 struct SimFault {
   SimFaultKind kind = SimFaultKind::kKill;
@@ -26,14 +31,20 @@ struct SimFault {
   int64_t atStep = -1;                    // >= 0: fire once the job completed this optimizer step (instead of `at`)
   std::chrono::milliseconds duration{0};  // freeze and partition
   std::string rate;                       // slow
+  std::chrono::milliseconds delay{0};     // delay
+  double lossPercent = 0;                 // loss: 0 < P < 100
   std::string text;                       // the entry as typed, for the report
   double firedAt = -1;                    // set by the sim: seconds since the start when it was applied
 };
 
 // Parses the schedule for a sim of `initialNodes` nodes. Throws UsageError naming --faults, the entry and what was
 // expected: unknown kinds, node numbers out of range, joins that skip a number or name an existing node, a node
-// killed or joined twice, a freeze/partition without +D, a bad rate.
+// killed or joined twice, a freeze/partition without +D, a bad rate, a delay with @T or given twice for a node, a
+// loss outside (0, 100)%.
 std::vector<SimFault> parseSimFaults(const std::string& text, int initialNodes);
+
+// The delay:nodeK=D of node `node`, zero when none.
+std::chrono::milliseconds simLinkDelay(const std::vector<SimFault>& faults, int node);
 
 // The total number of nodes (initial plus joined).
 int simTotalNodes(const std::vector<SimFault>& faults, int initialNodes);

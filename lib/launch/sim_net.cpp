@@ -231,6 +231,21 @@ void SimNetwork::setPartitioned(int node, bool partitioned) {
   runInNamespace(hub_, {"ip", "link", "set", fmt::format("n{}", node), partitioned ? "down" : "up"});
 }
 
+void SimNetwork::setLoss(int node, double percent) {
+  if (!isolated_) return;
+  const pid_t holder = nodeHolders_.at(static_cast<size_t>(node));
+  // The legacy back end needs only the ip_tables module, not nf_tables (absent from some kernels).
+  std::string tool = findTool("iptables-legacy");
+  if (tool.empty()) tool = findTool("iptables");
+  DTRAIN_CHECK(!tool.empty(), "dtrain sim: loss needs iptables (not found; scripts/setup installs it)");
+  for (const char* chain : {"INPUT", "OUTPUT"}) {
+    runInNamespace(holder, {tool, "-F", chain});
+    if (percent <= 0) continue;
+    runInNamespace(holder, {tool, "-A", chain, std::string(chain) == "INPUT" ? "-i" : "-o", "eth0", "-m", "statistic",
+                            "--mode", "random", "--probability", fmt::format("{:.6f}", percent / 100.0), "-j", "DROP"});
+  }
+}
+
 std::vector<SimNetwork::LinkBytes> SimNetwork::linkBytes() const {
   std::vector<LinkBytes> out(static_cast<size_t>(nodes()));
   if (!isolated_) return out;

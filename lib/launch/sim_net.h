@@ -13,7 +13,8 @@
 // (process_tree.h). Two sims can run at once: their 10.200.0.0/24 networks never meet.
 //
 // Shaping: tbf on both ends of a node's veth (egress of each side), so the rate holds in both directions. This
-// kernel has no netem: latency and loss are not simulated; a partition takes the node's bridge port down.
+// kernel has no netem: loss is iptables' statistic match in the node's namespace (setLoss), latency is dtrain's
+// own transport (DTRAIN_LINK_DELAY, lib/comm/tcp/conn.h); a partition takes the node's bridge port down.
 //
 // Without root (or without ip/tc/nsenter) the sim runs on loopback instead: every node on 127.0.0.(K+2), the store
 // on 127.0.0.1, no shaping, no partitions, no per-link counters; the caller says so.
@@ -63,6 +64,10 @@ class SimNetwork {
 
   void setRate(int node, const std::string& rate);  // "" removes the shaping
   void setPartitioned(int node, bool partitioned);
+  // Drops `percent` of the node's packets in each direction: iptables (iptables-legacy when present) statistic
+  // mode on its eth0, INPUT and OUTPUT, inside its namespace; 0 removes the rules. Throws Error naming iptables
+  // when it is missing (scripts/setup installs it).
+  void setLoss(int node, double percent);
   // Per node, from the hub ends' interface counters (all zero on loopback).
   std::vector<LinkBytes> linkBytes() const;
 

@@ -131,7 +131,9 @@ void analyseSim(SimReport& report, const std::vector<SampleStep>& steps, const s
     SimFaultResult res{f, std::nullopt, std::nullopt, 0};
     const double tf = f.firedAt;
     const double tend = tf + std::chrono::duration<double>(f.duration).count();
-    if (f.kind != SimFaultKind::kSlow && f.firedAt >= 0) {
+    // A link's condition (slow, delay, loss) is not an event with a detection or a recovery.
+    const bool condition = f.kind == SimFaultKind::kSlow || f.kind == SimFaultKind::kDelay || f.kind == SimFaultKind::kLoss;
+    if (!condition && f.firedAt >= 0) {
       for (const auto& e : events)
         if (e.t >= tf && (e.what == "re-form" || e.what == "restart") &&
             (e.node != f.node || f.kind == SimFaultKind::kJoin)) {
@@ -219,7 +221,10 @@ std::string formatSimReport(const SimReport& r) {
       out += fmt::format("  {:<26} {:>8} {:>10} {:>10} {:>12}\n", f.fault.text,
                          f.fault.firedAt >= 0 ? fmt::format("{:.1f} s", f.fault.firedAt) : "never",
                          seconds(f.detection), seconds(f.recovery),
-                         f.fault.kind == SimFaultKind::kSlow ? "-" : std::to_string(f.stepsRedone));
+                         f.fault.kind == SimFaultKind::kSlow || f.fault.kind == SimFaultKind::kDelay ||
+                                 f.fault.kind == SimFaultKind::kLoss
+                             ? "-"
+                             : std::to_string(f.stepsRedone));
   }
   if (!r.links.empty()) {
     out += "links (bytes through each node's veth, from the hub end's counters):\n";

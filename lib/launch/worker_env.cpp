@@ -11,7 +11,7 @@ namespace dtrain::launch {
 
 WorkerContract workerContract(const WorkerContext& ctx) {
   const auto& r = *ctx.round;
-  const auto& me = r.members.at(r.nodeRank);
+  const auto& me = r.self();
   WorkerContract c;
   c.rank = r.rankOffset + ctx.localRank;
   c.worldSize = r.worldSize;

@@ -34,6 +34,22 @@ TEST_CASE("the fault schedule: every kind, times, steps and durations") {
   CHECK(tcRateBits("100mbps") == doctest::Approx(8e8));
 }
 
+TEST_CASE("the fault schedule: delay (dtrain's transport) and loss (iptables) entries") {
+  auto f = parseSimFaults("delay:node1=20ms,loss:node2=1.5%,loss:node0=5%@step30", 3);
+  REQUIRE(f.size() == 3);
+  CHECK(f[0].kind == SimFaultKind::kDelay);
+  CHECK(f[0].node == 1);
+  CHECK(f[0].delay == 20ms);
+  CHECK(f[1].kind == SimFaultKind::kLoss);
+  CHECK(f[1].lossPercent == doctest::Approx(1.5));
+  CHECK(f[1].at == 0ms);
+  CHECK(f[2].atStep == 30);
+  CHECK(simLinkDelay(f, 1) == 20ms);
+  CHECK(simLinkDelay(f, 0) == 0ms);
+  CHECK(std::string(simFaultName(SimFaultKind::kDelay)) == "delay");
+  CHECK(std::string(simFaultName(SimFaultKind::kLoss)) == "loss");
+}
+
 TEST_CASE("the fault schedule: each mistake is a usage error naming the entry") {
   auto fails = [](const std::string& text, const std::string& needle) {
     CHECK_THROWS_WITH_AS(parseSimFaults(text, 4), doctest::Contains(needle.c_str()), UsageError);
@@ -49,6 +65,14 @@ TEST_CASE("the fault schedule: each mistake is a usage error naming the entry") 
   fails("slow:node1=fast", "expected a rate such as 10mbit");
   fails("kill:node1@1s,kill:node1@2s", "node1 is killed twice");
   fails("kill:node1@step0", "'step0' is not a step");
+  fails("delay:node1=20ms@5s", "a delay holds from the start");
+  fails("delay:node1", "expected delay:nodeK=D");
+  fails("delay:node1=0ms", "between 1ms and 10s");
+  fails("delay:node1=1s,delay:node1=2s", "node1 is given two delays");
+  fails("loss:node1=0%", "'0%' is not a loss");
+  fails("loss:node1=100%", "'100%' is not a loss");
+  fails("loss:node1=5", "'5' is not a loss");
+  fails("loss:node1", "expected loss:nodeK=P%");
 }
 
 TEST_CASE("the report: redone steps are left out; repeats, skips, throughput, detection and recovery") {

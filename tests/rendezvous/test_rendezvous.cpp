@@ -426,7 +426,7 @@ TEST_CASE("scale-up: a node finding the round full waits for a next round, and s
   CHECK_FALSE(Rendezvous::waitEvent(*job.store(), 0, 0ms).has_value());  // a full round is not disturbed
 }
 
-TEST_CASE("large rounds: one layout read per agent, consistent ranks, and a heartbeat ring that sees every loss") {
+TEST_CASE("large rounds: each agent reads only its assignment, consistent ranks, and a heartbeat ring that sees every loss") {
   Job job;
   const int n = kFullMembershipNodes + 36;  // 100: past the full-membership size
   std::vector<std::unique_ptr<Rendezvous>> agents;
@@ -439,19 +439,43 @@ TEST_CASE("large rounds: one layout read per agent, consistent ranks, and a hear
   std::vector<int> agentOfRank(n, -1);
   for (int i = 0; i < n; ++i) {
     const auto& r = rounds[static_cast<size_t>(i)];
-    REQUIRE(r.members.size() == static_cast<size_t>(n));
     CHECK(agentOfRank[static_cast<size_t>(r.nodeRank)] == -1);  // node ranks are a permutation
     agentOfRank[static_cast<size_t>(r.nodeRank)] = i;
-    // Offsets, world size and master agree with the first agent's view; own record and the watched ones are full.
+    // An agent holds O(1) of the membership: node 0, itself and the watched nodes, each complete.
+    auto watched = Rendezvous::watchedMembers(r);
+    CHECK(watched.size() == static_cast<size_t>(kRingWatch));
+    CHECK(r.members.size() <= static_cast<size_t>(2 + kRingWatch));
+    CHECK(r.self().nodeRank == r.nodeRank);
+    CHECK(r.self().rankOffset == r.rankOffset);
+    CHECK(r.self().info.hostname == fmt::format("node{}", i));
+    CHECK(r.self().info.nproc == 1 + i % 3);
+    REQUIRE(r.member(0) != nullptr);
+    CHECK(r.masterAddr == r.member(0)->info.host);
+    for (int w : watched) {
+      REQUIRE(r.member(w) != nullptr);
+      CHECK_FALSE(r.member(w)->info.hostname.empty());
+    }
     CHECK(r.worldSize == rounds[0].worldSize);
     CHECK(r.masterAddr == rounds[0].masterAddr);
     CHECK(r.masterPort == rounds[0].masterPort);
-    for (int m = 0; m < n; ++m) CHECK(r.members[static_cast<size_t>(m)].rankOffset == rounds[0].members[static_cast<size_t>(m)].rankOffset);
-    CHECK(r.members[static_cast<size_t>(r.nodeRank)].info.hostname == fmt::format("node{}", i));
-    auto watched = Rendezvous::watchedMembers(r);
-    CHECK(watched.size() == static_cast<size_t>(kRingWatch));
-    for (int w : watched) CHECK_FALSE(r.members[static_cast<size_t>(w)].info.hostname.empty());
   }
+  // Ranks are contiguous per node in node-rank order and cover the world exactly, and whatever an agent knows
+  // of another node (offset, nproc, record) is what that node itself was told.
+  int offset = 0;
+  for (int nr = 0; nr < n; ++nr) {
+    const auto& owner = rounds[static_cast<size_t>(agentOfRank[static_cast<size_t>(nr)])];
+    CHECK(owner.rankOffset == offset);
+    offset += owner.self().info.nproc;
+  }
+  CHECK(offset == rounds[0].worldSize);
+  for (const auto& r : rounds)
+    for (const auto& m : r.members) {
+      const auto& owner = rounds[static_cast<size_t>(agentOfRank[static_cast<size_t>(m.nodeRank)])];
+      CHECK(m.rankOffset == owner.rankOffset);
+      CHECK(m.info.nproc == owner.self().info.nproc);
+      CHECK(m.info.hostname == owner.self().info.hostname);
+      CHECK(m.info.pid == owner.self().info.pid);
+    }
   // Every node is watched by someone (its ring predecessors).
   std::vector<int> watchers(n, 0);
   for (const auto& r : rounds)
@@ -478,4 +502,68 @@ TEST_CASE("large rounds: one layout read per agent, consistent ranks, and a hear
   CHECK(ages[6] == 0.0);
   CHECK(ages[7] >= 0.0);
   CHECK(ages[20] == -1.0);  // not watched by this node
+}
+
+TEST_CASE("large rounds: given node ranks order the members, and two claiming one rank are refused, all told") {
+  SUBCASE("given ranks") {
+    Job job;
+    const int n = kFullMembershipNodes + 6;
+    std::vector<std::unique_ptr<Rendezvous>> agents;
+    std::vector<Rendezvous*> ptrs;
+    for (int i = 0; i < n; ++i) {
+      agents.push_back(job.agent(fmt::format("node{}", i), nodes(n, n), 2, n - 1 - i));  // reversed
+      ptrs.push_back(agents.back().get());
+    }
+    auto rounds = joinAll(ptrs);
+    for (int i = 0; i < n; ++i) {
+      const auto& r = rounds[static_cast<size_t>(i)];
+      CHECK(r.nodeRank == n - 1 - i);
+      CHECK(r.rankOffset == 2 * (n - 1 - i));
+      CHECK(r.worldSize == 2 * n);
+      CHECK(r.masterAddr == fmt::format("node{}.example", n - 1));
+    }
+  }
+  SUBCASE("a duplicate rank") {
+    Job job;
+    const int n = kFullMembershipNodes + 6;
+    std::vector<std::unique_ptr<Rendezvous>> agents;
+    std::vector<std::future<RoundInfo>> pending;
+    for (int i = 0; i < n; ++i) agents.push_back(job.agent(fmt::format("node{}", i), nodes(n, n), 1, i == 9 ? 5 : i));
+    for (auto& a : agents) pending.push_back(joinAsync(*a));
+    for (auto& f : pending) CHECK(errorOf(f).find("node rank 5 is claimed by two agents") != std::string::npos);
+  }
+}
+
+TEST_CASE("large rounds: should the last joiner die before it publishes, the members assign themselves") {
+  Job job;
+  const int n = kFullMembershipNodes + 6;
+  std::vector<std::unique_ptr<Rendezvous>> agents;
+  std::vector<std::future<RoundInfo>> pending;
+  for (int i = 0; i + 1 < n; ++i) {
+    agents.push_back(job.agent(fmt::format("node{}", i), nodes(n, n, 30s, 60s)));
+    pending.push_back(joinAsync(*agents.back()));
+  }
+  // Once the n-1 agents joined, a last joiner joins and closes the round as an agent does, then "dies": it never
+  // publishes the layout or the assignments.
+  std::vector<std::string> joined;
+  for (int i = 0; i + 1 < n; ++i) joined.push_back(fmt::format("r0/node/{}", i));
+  REQUIRE(job.store()->wait(joined, 30s));
+  auto& store = *job.store();
+  REQUIRE(store.add("r0/count", 1) == n);
+  NodeInfo dead;
+  dead.host = "dead.example";
+  dead.hostname = "dead";
+  store.set(fmt::format("r0/node/{}", n - 1), dead.toJson());
+  store.append("r0/records", fmt::format("{} 1 -1\n", n - 1));
+  store.compareSet("r0/closed", "", std::to_string(n));
+  std::vector<int> seenRank(n, 0);
+  for (auto& f : pending) {
+    auto r = f.get();  // after the layout wait (10 s), from the layout they compute themselves
+    CHECK(r.numNodes == n);
+    CHECK(r.worldSize == n);
+    CHECK(r.rankOffset == r.nodeRank);
+    ++seenRank[static_cast<size_t>(r.nodeRank)];
+  }
+  CHECK(seenRank[static_cast<size_t>(n - 1)] == 0);  // the dead joiner's rank (join order: last)
+  CHECK(std::count(seenRank.begin(), seenRank.end(), 1) == n - 1);
 }

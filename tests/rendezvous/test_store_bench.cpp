@@ -25,7 +25,7 @@ void checkFigures(const OpFigures& f) {
 }  // namespace
 
 TEST_CASE("store bench: latency summary is nearest-rank over the sorted values") {
-  std::vector<uint32_t> ns;
+  std::vector<uint64_t> ns;
   for (uint32_t i = 100; i >= 1; --i) ns.push_back(i * 1000);  // 1..100 us, reversed
   auto f = summarizeLatencies(ns, 2.0);
   CHECK(f.ops == 100);
@@ -34,7 +34,7 @@ TEST_CASE("store bench: latency summary is nearest-rank over the sorted values")
   CHECK(f.p90Us == doctest::Approx(90.0));  // index round(0.9 * 99) = 89
   CHECK(f.p99Us == doctest::Approx(99.0));
   CHECK(f.maxUs == doctest::Approx(100.0));
-  std::vector<uint32_t> none;
+  std::vector<uint64_t> none;
   auto z = summarizeLatencies(none, 1.0);
   CHECK(z.ops == 0);
   CHECK(z.p50Us == 0.0);

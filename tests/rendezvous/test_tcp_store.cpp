@@ -275,3 +275,51 @@ TEST_CASE("tcp store: every descriptor is close-on-exec (the agent forks workers
   }
   CHECK(sockets >= 5);  // listener, 2 accepted, 2 client ends
 }
+
+TEST_CASE("tcp store: multiSet and multiGet are pipelined batches with set/tryGet semantics") {
+  auto server = startServer();
+  auto s = client(*server);
+  // More entries than one pipelined chunk (512), values of mixed sizes (a reply may span receives).
+  std::vector<std::pair<std::string, std::string>> entries;
+  for (int i = 0; i < 1300; ++i)
+    entries.emplace_back(fmt::format("k{}", i), std::string(static_cast<size_t>(i % 7 == 0 ? 40000 : i), 'a' + i % 26));
+  const auto before = server->stats().requests;
+  s->multiSet(entries);
+  CHECK(server->stats().requests - before == entries.size());  // one request per entry, same as set()
+  for (int i : {0, 1, 511, 512, 1299}) CHECK(s->get(fmt::format("k{}", i), 1s) == entries[static_cast<size_t>(i)].second);
+
+  std::vector<std::string> keys{"k1299", "missing", "k0"};
+  for (int i = 0; i < 1000; ++i) keys.push_back(fmt::format("k{}", (i * 7) % 1300));
+  auto values = s->multiGet(keys);
+  REQUIRE(values.size() == keys.size());
+  CHECK(values[0] == entries[1299].second);
+  CHECK_FALSE(values[1].has_value());
+  CHECK(values[2] == entries[0].second);
+  for (int i = 0; i < 1000; ++i) CHECK(values[3 + static_cast<size_t>(i)] == entries[static_cast<size_t>((i * 7) % 1300)].second);
+  CHECK(s->multiGet({}).empty());
+  s->multiSet({});
+
+  // Through a prefix store: the keys are prefixed, still one batch.
+  PrefixStore p("/run/", s);
+  p.multiSet({{"x", "1"}, {"y", "2"}});
+  CHECK(s->get("/run/y", 1s) == "2");
+  CHECK(p.multiGet({"x", "z"}) == std::vector<std::optional<std::string>>{std::string("1"), std::nullopt});
+  s->ping();  // the connection is in step after the batches
+}
+
+TEST_CASE("tcp store: a refused entry of a batch is an error and the connection stays in step") {
+  TcpStoreServerOptions o;
+  o.host = "127.0.0.1";
+  o.limits.maxKeys = 600;
+  auto server = TcpStoreServer::start(o);
+  auto s = client(*server);
+  std::vector<std::pair<std::string, std::string>> entries;
+  for (int i = 0; i < 700; ++i) entries.emplace_back(fmt::format("k{}", i), "v");
+  CHECK_THROWS_WITH_AS(s->multiSet(entries), doctest::Contains("max-keys"), Error);
+  // The first chunk (512) was applied; the second was refused from key 600 on; later calls are answered in step.
+  CHECK(s->tryGet("k511") == "v");
+  CHECK(s->numKeys() == 600);
+  CHECK(s->multiGet({"k0", "k650"}) == std::vector<std::optional<std::string>>{std::string("v"), std::nullopt});
+  s->set("k0", "again");
+  CHECK(s->get("k0", 1s) == "again");
+}

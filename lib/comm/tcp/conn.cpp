@@ -5,9 +5,12 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
+#include <thread>
 
 #include "lib/common/error.h"
+#include "lib/common/parse.h"
 
 namespace dtrain::comm::tcp {
 
@@ -27,6 +30,18 @@ namespace {
 }
 
 }  // namespace
+
+std::chrono::microseconds linkDelay() {
+  static const std::chrono::microseconds delay = [] {
+    const char* text = std::getenv("DTRAIN_LINK_DELAY");
+    if (text == nullptr || *text == '\0') return std::chrono::microseconds(0);
+    auto d = parse::toDuration(text);
+    DTRAIN_CHECK_AS(UsageError, d.has_value() && d->count() >= 0, "DTRAIN_LINK_DELAY='{}': expected {}", text,
+                    parse::kDurationExpected);
+    return std::chrono::duration_cast<std::chrono::microseconds>(*d);
+  }();
+  return delay;
+}
 
 size_t Conn::sendSome(const void* buf, size_t len) {
   for (;;) {
@@ -49,7 +64,15 @@ size_t Conn::recvSome(void* buf, size_t len) {
   }
 }
 
-void Waiter::wait(Conn& a, bool aRead, bool aWrite, Conn* b, bool bRead, bool bWrite) {
+void Waiter::wait(Conn& a, bool aRead, bool aWrite, Conn* b, bool bRead, bool bWrite, Clock::time_point wakeBy) {
+  const bool timed = wakeBy != Clock::time_point::max();
+  if (!aRead && !aWrite && !(b != nullptr && (bRead || bWrite))) {
+    // Nothing to wait for but a held send's release time.
+    if (timed) std::this_thread::sleep_until(std::min(wakeBy, Clock::now() + deadline_.remaining()));
+    if (deadline_.expired())
+      DTRAIN_THROW(CommError, "timed out after {} ms waiting to send to rank {}", timeout_.count(), a.peer());
+    return;
+  }
   pollfd fds[2];
   int n = 0;
   auto events = [](bool r, bool w) { return static_cast<short>((r ? POLLIN : 0) | (w ? POLLOUT : 0)); };
@@ -69,6 +92,10 @@ void Waiter::wait(Conn& a, bool aRead, bool aWrite, Conn* b, bool bRead, bool bW
     int timeoutMs = 0;
     if (!spinning) {
       auto left = deadline_.remaining();
+      if (timed) {
+        if (Clock::now() >= wakeBy) return;
+        left = std::min(left, std::chrono::ceil<std::chrono::milliseconds>(wakeBy - Clock::now()));
+      }
       // Round up so a wait never returns early just before the deadline and spins.
       timeoutMs = left == std::chrono::milliseconds::max() ? -1 : static_cast<int>(left.count()) + 1;
     }
@@ -87,6 +114,7 @@ void Waiter::wait(Conn& a, bool aRead, bool aWrite, Conn* b, bool bRead, bool bW
       if (Clock::now() >= spinUntil) spinning = false;
       continue;
     }
+    if (timed && Clock::now() >= wakeBy) return;
     if (deadline_.expired())
       DTRAIN_THROW(CommError, "timed out after {} ms waiting for rank {} (stalled or hung peer)", timeout_.count(),
                    waitedFor);
@@ -96,6 +124,7 @@ void Waiter::wait(Conn& a, bool aRead, bool aWrite, Conn* b, bool bRead, bool bW
 void sendAll(Conn& to, const void* buf, size_t len, Waiter& waiter) {
   const auto* p = static_cast<const char*>(buf);
   size_t done = 0;
+  if (linkDelay().count() > 0) waiter.wait(to, false, false, nullptr, false, false, Clock::now() + linkDelay());
   while (done < len) {
     size_t n = to.sendSome(p + done, len - done);
     if (n == 0) {
@@ -123,10 +152,14 @@ void exchange(Conn& to, const void* sbuf, size_t slen, Conn& from, void* rbuf, s
   const auto* sp = static_cast<const char*>(sbuf);
   auto* rp = static_cast<char*>(rbuf);
   size_t sent = 0, got = 0;
+  // A simulated link latency holds the send (linkDelay); the receive goes on meanwhile.
+  const bool held = linkDelay().count() > 0 && slen > 0;
+  const auto sendAt = held ? Clock::now() + linkDelay() : Clock::time_point::min();
   while (sent < slen || got < rlen) {
     bool moved = false;
     bool wantWrite = false, wantRead = false;
-    if (sent < slen) {
+    const bool holding = held && sent == 0 && Clock::now() < sendAt;
+    if (sent < slen && !holding) {
       size_t n = to.sendSome(sp + sent, slen - sent);
       sent += n;
       moved |= n > 0;
@@ -138,7 +171,7 @@ void exchange(Conn& to, const void* sbuf, size_t slen, Conn& from, void* rbuf, s
       moved |= n > 0;
       wantRead = got < rlen && n == 0;
     }
-    if (!moved) waiter.wait(from, wantRead, false, &to, false, wantWrite);
+    if (!moved) waiter.wait(from, wantRead, false, &to, false, wantWrite, holding ? sendAt : Clock::time_point::max());
   }
 }
 

@@ -34,15 +34,25 @@ class Conn {
   int peer_;
 };
 
+// The simulated one-way latency of this process's links: DTRAIN_LINK_DELAY ("20ms"; `dtrain sim`'s delay:nodeK=D
+// fault sets it for that node's agent, whose workers inherit it), read once; zero when unset. The data path
+// holds every message this process sends (a sendAll, the send half of an exchange, each step of a ring) this
+// long after it is ready before its first byte goes out, receiving meanwhile: what a link with that latency
+// does to a latency-bound collective, done in dtrain's transport because this kernel has no netem. Bandwidth
+// is not affected. Throws UsageError naming the variable when it is not a duration.
+std::chrono::microseconds linkDelay();
+
 // How long one operation may wait, and how: busy-poll for `spin` first (a peer answering within microseconds
 // is cheaper to catch awake than to be woken for), then sleep in poll(2) until the deadline.
 class Waiter {
  public:
   Waiter(const Deadline& deadline, std::chrono::milliseconds timeout, std::chrono::microseconds spin)
       : deadline_(deadline), timeout_(timeout), spin_(spin) {}
-  // Blocks until `conn` (or `conn2`, may be null or the same) is ready for what is asked. At least one of the
-  // wants must be set. Throws CommError on timeout (naming the rank) or when a socket reports an error.
-  void wait(Conn& a, bool aRead, bool aWrite, Conn* b = nullptr, bool bRead = false, bool bWrite = false);
+  // Blocks until `conn` (or `conn2`, may be null or the same) is ready for what is asked, or until `wakeBy`
+  // (a held send's release time, see linkDelay; then it returns normally). At least one of the wants must be
+  // set unless wakeBy is. Throws CommError on timeout (naming the rank) or when a socket reports an error.
+  void wait(Conn& a, bool aRead, bool aWrite, Conn* b = nullptr, bool bRead = false, bool bWrite = false,
+            Clock::time_point wakeBy = Clock::time_point::max());
   const Deadline& deadline() const { return deadline_; }
 
  private:

@@ -1,6 +1,8 @@
 #include "lib/comm/tcp/ring.h"
 
 #include <algorithm>
+#include <cstdint>
+#include <optional>
 
 #include "lib/comm/reduce.h"
 #include "lib/common/error.h"
@@ -38,8 +40,9 @@ class RingRun {
       pumpRecv(moved, wantRead);
       // A send can unblock after the receive side moved on (its gate), so loop once more before sleeping.
       if (moved) continue;
-      DTRAIN_CHECK(wantRead || wantWrite, "ring engine stalled with nothing to wait for (inconsistent plan)");
-      waiter_.wait(*p_.left, wantRead, false, p_.right, false, wantWrite);
+      DTRAIN_CHECK(wantRead || wantWrite || heldUntil_, "ring engine stalled with nothing to wait for (inconsistent plan)");
+      waiter_.wait(*p_.left, wantRead, false, p_.right, false, wantWrite,
+                   heldUntil_ ? *heldUntil_ : Clock::time_point::max());
     }
   }
 
@@ -62,6 +65,13 @@ class RingRun {
       }
       const size_t allowed = st.sendAfter < 0 ? st.sendLen : std::min(st.sendLen, finished(st.sendAfter));
       if (allowed <= sent_) return;  // gated: the receive side will open it
+      if (releasedStep_ != sendStep_ && linkDelay().count() > 0) {
+        // A simulated link latency (linkDelay): the step's first byte leaves that long after it is ready.
+        if (!heldUntil_) heldUntil_ = Clock::now() + linkDelay();
+        if (Clock::now() < *heldUntil_) return;
+        heldUntil_.reset();
+        releasedStep_ = sendStep_;
+      }
       const size_t n = p_.right->sendSome(st.send + sent_, allowed - sent_);
       if (n == 0) {
         wantWrite = true;
@@ -117,6 +127,8 @@ class RingRun {
   size_t recvStep_ = 0;
   size_t received_ = 0;
   size_t processed_ = 0;
+  std::optional<Clock::time_point> heldUntil_;
+  size_t releasedStep_ = SIZE_MAX;  // the send step whose hold has passed  // the current step's held first byte leaves then (linkDelay)
 };
 
 }  // namespace

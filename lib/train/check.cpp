@@ -206,9 +206,18 @@ std::string checkJob(const Job& job) {
     int64_t perRank = job.data.dropLast ? train->size() / world : (train->size() + world - 1) / world;
     return stepsForSamples(job, perRank);
   };
-  out += fmt::format("run:   {} epoch(s), batch {} per rank: {} steps per epoch on 1 rank, {} on 2, {} on 4{}\n",
-                     job.loop.epochs, job.data.batchSize, stepsPerEpoch(1), stepsPerEpoch(2), stepsPerEpoch(4),
-                     job.loop.maxSteps > 0 ? fmt::format(" (max_steps {})", job.loop.maxSteps) : "");
+  // Under model parallelism a batch belongs to a data replica of stages x tensor ranks, which all read it.
+  const int group = job.parallel.pipeline.stages * job.parallel.tensor;
+  const std::string maxSteps = job.loop.maxSteps > 0 ? fmt::format(" (max_steps {})", job.loop.maxSteps) : "";
+  if (group > 1)
+    out += fmt::format("run:   {} epoch(s), batch {} per data replica (pipeline {} x tensor {} = {} ranks): {} steps "
+                       "per epoch on 1 replica, {} on 2, {} on 4{}\n",
+                       job.loop.epochs, job.data.batchSize, job.parallel.pipeline.stages, job.parallel.tensor, group,
+                       stepsPerEpoch(1), stepsPerEpoch(2), stepsPerEpoch(4), maxSteps);
+  else
+    out += fmt::format("run:   {} epoch(s), batch {} per rank: {} steps per epoch on 1 rank, {} on 2, {} on 4{}\n",
+                       job.loop.epochs, job.data.batchSize, stepsPerEpoch(1), stepsPerEpoch(2), stepsPerEpoch(4),
+                       maxSteps);
   if (job.parallel.compression) out += compressionLine(job);
   MemoryEstimate memory = estimateMemory(job);
   memory.data = data.bytes;

@@ -333,8 +333,14 @@ void TrainLoop::setUp() {
                                          resumed_.has_value() || worker_.round > 0, job_.outputDir / "model.safetensors");
   callbacks_.add(progress_);
   for (auto& c : extraCallbacks_) callbacks_.add(std::move(c));
-  progress_->info(fmt::format("{}: {} parameters, {} training samples, {} rank(s) x batch {}, {} steps{}", job_.name,
-                              model_->numParams(), train_->size(), worker_.worldSize, batch, stats_.totalSteps,
+  // Under model parallelism a batch belongs to a data replica (its stages x tensor ranks all read it).
+  const LayoutDims& dims = strategy_->groups().layout;
+  const std::string readers =
+      dims.modelParallel()
+          ? fmt::format("{} data replica(s) of {} ranks", dims.data, dims.stages * dims.tensor)
+          : fmt::format("{} rank(s)", worker_.worldSize);
+  progress_->info(fmt::format("{}: {} parameters, {} training samples, {} x batch {}, {} steps{}", job_.name,
+                              model_->numParams(), train_->size(), readers, batch, stats_.totalSteps,
                               strategy_->summary().empty() ? "" : ", " + strategy_->summary()));
   if (const auto* seqTrain = dynamic_cast<const data::SequenceDataset*>(train_.get()); seqTrain && worker_.rank == 0) {
     if (const auto* seqEval = dynamic_cast<const data::SequenceDataset*>(eval_.get())) {

@@ -67,8 +67,9 @@ TEST_CASE("pipeline: an MLP at 1x2x1, 1x4x1 (gpipe and 1f1b) and 2x2x1 ends with
   trainJob(job, dir + "/p4f", 4, {parallelSet(4, "1f1b", 8)});
   checkSameWeights(dir + "/p4f/model.safetensors", dir + "/one/model.safetensors");
   // Two replicas of two stages: batch 8 per replica is the one process's 16.
-  trainJob(job, dir + "/d2p2", 4, {parallelSet(2, "1f1b", 2), "data.batch_size=8"});
+  auto d2p2 = trainJob(job, dir + "/d2p2", 4, {parallelSet(2, "1f1b", 2), "data.batch_size=8"});
   checkSameWeights(dir + "/d2p2/model.safetensors", dir + "/one/model.safetensors");
+  CHECK(d2p2.out.find("2 data replica(s) of 2 ranks x batch 8, 6 steps") != std::string::npos);
   // The loss and evaluation are reported once per sample, as alone.
   auto one = readJsonLines(dir + "/one/metrics.jsonl");
   auto pipe = readJsonLines(dir + "/d2p2/metrics.jsonl");

@@ -6,6 +6,7 @@
 #include "lib/common/error.h"
 #include "lib/nn/spec.h"
 #include "lib/nn/tensor_parallel.h"
+#include "lib/train/check.h"
 #include "lib/train/job.h"
 #include "lib/train/layout.h"
 #include "tests/support/process.h"
@@ -125,6 +126,11 @@ TEST_CASE("describeLayout: each rank's coordinates, layers and parameter count")
   CHECK(text.find("    3     1      1       0           99        792 B ") != std::string::npos);
   CHECK(text.find("0.0 MiB") == std::string::npos);
   CHECK_THROWS_AS(describeLayout(job, 3), ConfigError);
+  // dtrain check's run line counts steps per data replica (2 ranks here), not per rank.
+  const std::string summary = checkJob(job);
+  CHECK(summary.find("batch 8 per data replica (pipeline 2 x tensor 1 = 2 ranks): 8 steps per epoch on 1 replica, "
+                     "4 on 2, 2 on 4") != std::string::npos);
+  CHECK(checkJob(load(mlpJob())).find("batch 8 per rank: 8 steps per epoch on 1 rank") != std::string::npos);
 }
 
 TEST_CASE("describeLayout with tensor parallelism: each rank's slices plus the replicated parameters") {

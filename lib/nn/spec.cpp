@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 
 #include "lib/common/error.h"
 #include "lib/common/json_fields.h"
@@ -162,12 +163,21 @@ std::vector<SummaryRow> summarize(const ModelSpec& spec) {
 
 std::string formatSummary(const ModelSpec& spec) {
   auto rows = summarize(spec);
-  std::string out = fmt::format("{:>3}  {:<10} {:<28} {:<16} {:>12}\n", "#", "layer", "detail", "output", "params");
-  out += fmt::format("{:>3}  {:<10} {:<28} {:<16} {:>12}\n", "", "input", "", spec.input.batchStr(), "");
+  // Columns as wide as their widest cell (at least the usual widths), so long details ("vocab 256 -> 128,
+  // +position, tied") do not push their row's output and parameters out of line.
+  size_t type = 10, detail = 28, output = 16;
   for (const auto& r : rows) {
-    out += fmt::format("{:>3}  {:<10} {:<28} {:<16} {:>12}\n", r.index, r.type, r.detail, r.output.batchStr(),
-                       r.params);
+    type = std::max(type, r.type.size());
+    detail = std::max(detail, r.detail.size());
+    output = std::max(output, r.output.batchStr().size());
   }
+  auto row = [&](const auto& index, const std::string& t, const std::string& d, const std::string& o,
+                 const auto& params) {
+    return fmt::format("{:>3}  {:<{}} {:<{}} {:<{}} {:>12}\n", index, t, type, d, detail, o, output, params);
+  };
+  std::string out = row("#", "layer", "detail", "output", "params");
+  out += row("", "input", "", spec.input.batchStr(), "");
+  for (const auto& r : rows) out += row(r.index, r.type, r.detail, r.output.batchStr(), r.params);
   int64_t total = spec.paramCount();
   out += fmt::format("total parameters: {} ({:.2f} MiB as float32)\n", total,
                      static_cast<double>(total) * 4.0 / (1024.0 * 1024.0));

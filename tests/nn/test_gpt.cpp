@@ -306,6 +306,22 @@ TEST_CASE("gpt preset: nanoGPT's parameter names, shapes, count and initialisati
   CHECK(table.find("x + ln_2>mlp.c_fc>gelu>mlp.c_proj") != std::string::npos);
   CHECK(table.find("lm_head") != std::string::npos);
   CHECK(table.find(fmt::format("total parameters: {}", spec.paramCount())) != std::string::npos);
+  // The embedding's long detail does not push its output column out of line: every row's shape starts at the
+  // header's "output".
+  const size_t column = table.find("output");
+  REQUIRE(column != std::string::npos);
+  size_t start = 0, rowsChecked = 0;
+  while (start < table.size()) {
+    const size_t end = table.find('\n', start);
+    const std::string line = table.substr(start, end - start);
+    if (line.find("[N,") != std::string::npos) {
+      CAPTURE(line);
+      CHECK(line.find("[N,") == column);
+      ++rowsChecked;
+    }
+    start = end == std::string::npos ? table.size() : end + 1;
+  }
+  CHECK(rowsChecked == spec.layers.size() + 1);
 }
 
 TEST_CASE("gpt preset with bias false: no Linear or LayerNorm bias, as nanoGPT's bias=False") {

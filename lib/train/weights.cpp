@@ -114,6 +114,8 @@ void loadWeightsByName(const std::filesystem::path& path, nn::Model& model) {
   ckpt::TensorAssembler file;
   file.addFile(path);
   for (const auto& p : model.paramTable()) {
+    // Named as loadWeights does: the file, and the tensor the model needs from it (another model's weights).
+    DTRAIN_CHECK_AS(CheckpointError, file.has(p.name), "{}: no tensor named '{}'", path.string(), p.name);
     const ckpt::Slice slice =
         p.sliceDim < 0 ? ckpt::Slice{} : ckpt::Slice{.dim = p.sliceDim, .start = p.sliceStart, .length = p.shape[p.sliceDim]};
     file.load(p.name, p.fullShape.empty() ? p.shape : p.fullShape, slice,

@@ -94,7 +94,7 @@ TEST_CASE("pipeline: the gpt preset (tied lm_head, clipping by the global norm) 
   checkSameWeights(dir + "/d2p2/model.safetensors", dir + "/one/model.safetensors");
 }
 
-TEST_CASE("pipeline: a gpt job's bigram baseline is the one-process one (the vocabulary is the model's, not a stage's)") {
+TEST_CASE("pipeline: a gpt job's bigram baseline is the one-process one; init.from another model names file and tensor") {
   const std::string dir = tempDir("pipeline_bigram");
   const std::string job = dir + "/job.json";
   json doc = gptJob(writeText(dir));
@@ -112,6 +112,16 @@ TEST_CASE("pipeline: a gpt job's bigram baseline is the one-process one (the voc
   const double piped = baseline(trainJob(job, dir + "/p2", 2, {parallelSet(2, "1f1b", 2)}).out);
   CHECK(one > 0.5);
   CHECK(piped == doctest::Approx(one).epsilon(1e-3));
+  // init.from another model's weights names the file and the missing tensor under a pipeline, as alone.
+  writeFile(dir + "/mlp.json", mlpJob().dump());
+  trainJob(dir + "/mlp.json", dir + "/mlp", 1, {});
+  auto other = run({dtrainBinary(), "run", "--standalone", "--nproc-per-node", "2", job, "--output-dir", dir + "/o",
+                    "--set", parallelSet(2, "1f1b", 2), "--set", "init.from=" + dir + "/mlp/model.safetensors"},
+                   {.timeout = 120s});
+  INFO(other.err);
+  CHECK(other.exitCode == 8);
+  // Either stage may fail first (the other is then stopped): each names the file and its first missing tensor.
+  CHECK(other.err.find("/mlp/model.safetensors: no tensor named 'transformer.") != std::string::npos);
 }
 
 TEST_CASE("pipeline: checkpoints resume under other layouts (2x2x1 -> 1x1x1, 1x2x1 -> 4x1x1, 1x1x1 -> 1x2x1)") {

@@ -26,7 +26,8 @@ std::string compressionTypeName(CompressionSettings::Type type) {
 CompressionSettings parseCompression(const nlohmann::json& value, const std::string& source,
                                      const std::string& pointer) {
   JsonFields f(value, source, pointer, "the compression section");
-  f.allowOnly({"type", "rank", "ratio", "start_step", "error_feedback", "momentum_correction", "warmup_steps"});
+  f.allowOnly({"type", "rank", "ratio", "start_step", "error_feedback", "momentum_correction", "momentum_masking",
+               "warmup_steps"});
   CompressionSettings c;
   const std::string type = f.choice("type", {kTypes[0], kTypes[1], kTypes[2], kTypes[3]}, "compression type");
   for (size_t i = 0; i < std::size(kTypes); ++i)
@@ -41,6 +42,7 @@ CompressionSettings parseCompression(const nlohmann::json& value, const std::str
   onlyFor("ratio", topk, "\"topk\"");
   onlyFor("error_feedback", powersgd || topk, "\"powersgd\" or \"topk\"");
   onlyFor("momentum_correction", topk, "\"topk\"");
+  onlyFor("momentum_masking", topk, "\"topk\"");
   onlyFor("warmup_steps", topk, "\"topk\"");
   c.rank = static_cast<int>(f.integer("rank", 1, "an integer >= 1 (the rank of PowerSGD's approximation)",
                                       [](int64_t v) { return v >= 1 && v <= (1 << 20); }));
@@ -50,6 +52,9 @@ CompressionSettings parseCompression(const nlohmann::json& value, const std::str
                           [](int64_t v) { return v >= 0; });
   c.errorFeedback = f.boolean("error_feedback", true);
   c.momentumCorrection = f.boolean("momentum_correction", false);
+  c.momentumMasking = f.boolean("momentum_masking", c.momentumMasking);
+  if (f.has("momentum_masking") && !c.momentumCorrection)
+    f.failAt("momentum_masking", "applies with \"momentum_correction\": true only");
   c.warmupSteps = f.integer("warmup_steps", 0, "an integer >= 0 (steps of DGC's sparsity warm-up)",
                             [](int64_t v) { return v >= 0; });
   if (c.momentumCorrection && !c.errorFeedback)

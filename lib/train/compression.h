@@ -9,7 +9,8 @@
 //                (int32 index, float32 value) pairs and averaged; with error feedback the rest accumulates in a
 //                per-rank residual e (e = (g + e) - sent) that is added to the next step's gradient. With
 //                momentum_correction (DGC, section 3.2) the SGD momentum runs here instead: u = m u + g, e += u,
-//                and u and e are zeroed where sent (momentum factor masking); the optimizer runs without momentum.
+//                and u and e are zeroed where sent (momentum factor masking; momentum_masking false keeps u, so
+//                that ratio 1 is exactly momentum SGD); the optimizer runs without momentum.
 //                DGC's sparsity warm-up (warmup_steps: the ratio falls from 25% to `ratio` in stages that divide it
 //                by 4) and, when the optimizer clips, its local gradient clipping (each rank clips its bucket to
 //                clip_grad_norm x sqrt(bucket / arena) / sqrt(ranks) before accumulating it).

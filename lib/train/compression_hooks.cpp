@@ -241,6 +241,7 @@ comm::WorkPtr TopKHook::compress(const GradBucket& bucket, comm::Backend& group)
       finite = false;
     }
   }
+  const bool masking = velocity != nullptr && settings_.momentumMasking;
   if (finite) {
     const size_t candidates = k < n ? selectCandidates(acc, n, k, b.order, b.sample) : n;
     if (candidates == n) std::iota(b.order.begin(), b.order.end(), 0);
@@ -259,7 +260,7 @@ comm::WorkPtr TopKHook::compress(const GradBucket& bucket, comm::Backend& group)
       b.send[2 * j] = i;
       b.send[2 * j + 1] = std::bit_cast<int32_t>(acc[i]);
       if (settings_.errorFeedback) acc[i] = 0.0f;  // sent: what stays in the residual is the rest
-      if (velocity) velocity[i] = 0.0f;             // DGC's momentum factor masking
+      if (masking) velocity[i] = 0.0f;              // DGC's momentum factor masking
     }
   } else {
     for (size_t j = 0; j < k; ++j) {

@@ -78,6 +78,9 @@ struct CompressionSettings {
   // without momentum. `momentum` is the optimizer's, filled in by loadJob.
   bool momentumCorrection = false;
   double momentum = 0;
+  // topk with momentumCorrection: DGC's momentum factor masking (the velocity zeroed where sent, as the residual).
+  // Off, every sent coordinate keeps its velocity, and ratio 1 is exactly momentum SGD on the average.
+  bool momentumMasking = true;
   // topk: Deep Gradient Compression's sparsity warm-up: over the first `warmupSteps` compressed steps the ratio
   // falls exponentially from 25% to `ratio` (DGC's 75%, 93.75%, 98.4%... sparsity stages, equal in length).
   int64_t warmupSteps = 0;

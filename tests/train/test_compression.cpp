@@ -467,3 +467,49 @@ TEST_CASE("topk momentum_correction before start_step: the averaged gradient goe
   CHECK(runs[0].state.at(1) == std::vector<float>{1.5f, 2, 2.5f, 0});  // topk.velocity
   CHECK(runs[1].results == runs[0].results);
 }
+
+// The checks that compression with nothing left out is the uncompressed path: top-k at ratio 1 (with and without
+// momentum correction) and PowerSGD at a rank that holds the whole gradient.
+TEST_CASE("nothing left out is uncompressed: powersgd at the gradient's rank, topk ratio 1 with momentum correction") {
+  constexpr int kRanks = 2;
+  SUBCASE("powersgd: rank >= the average's rank recovers it at every step (warm start, error feedback on)") {
+    auto layout = layoutOf(16, 16, kRanks);
+    // wave() as a 16x16 matrix has rank 2 on each rank, with the same column space: so has the average, and so
+    // has each rank's residual (its gradient minus the average), which error feedback adds back the next step.
+    const CompressionSettings c{.type = CompressionSettings::Type::kPowerSgd, .rank = 2};
+    constexpr int kSteps = 4;
+    auto runs = runHook(kRanks, layout, c, kSteps, [&](int rank, int step) { return wave(layout.arenaSize, rank, step); });
+    for (int step = 0; step < kSteps; ++step)
+      for (size_t i = 0; i < layout.arenaSize; ++i) {
+        const float want = (wave(layout.arenaSize, 0, step)[i] + wave(layout.arenaSize, 1, step)[i]) / 2;
+        CHECK_MESSAGE(std::abs(runs[0].results[static_cast<size_t>(step)][i] - want) <= 1e-4f, "step ", step, " i=", i);
+      }
+    // What one rank kept back the other sent extra: the residuals cancel.
+    for (size_t i = 0; i < layout.arenaSize; ++i) CHECK(std::abs(runs[0].state.at(1)[i] + runs[1].state.at(1)[i]) <= 1e-4f);
+  }
+  SUBCASE("topk ratio 1 with momentum correction and no masking is momentum SGD's velocity of the average") {
+    auto c = parsed(R"({"type": "topk", "ratio": 1, "momentum_correction": true, "momentum_masking": false})");
+    CHECK(!c.momentumMasking);
+    c.momentum = 0.9;
+    HookLayout layout{.arenaSize = 64, .params = {{"0.bias", Shape{64}, 0, 64}}, .groupSize = kRanks};
+    constexpr int kSteps = 5;
+    auto runs = runHook(kRanks, layout, c, kSteps, [&](int rank, int step) { return wave(64, rank, step); });
+    std::vector<float> u(64, 0.0f);
+    for (int step = 0; step < kSteps; ++step)
+      for (size_t i = 0; i < 64; ++i) {
+        u[i] = 0.9f * u[i] + (wave(64, 0, step)[i] + wave(64, 1, step)[i]) / 2;
+        CHECK(runs[0].results[static_cast<size_t>(step)][i] == doctest::Approx(u[i]).epsilon(1e-5));
+      }
+    // With DGC's masking (the default) a coordinate sent every step has no velocity left: plain SGD at ratio 1.
+    c.momentumMasking = true;
+    runs = runHook(kRanks, layout, c, 2, [&](int rank, int step) { return wave(64, rank, step); });
+    for (size_t i = 0; i < 64; ++i)
+      CHECK(runs[0].results[1][i] == doctest::Approx((wave(64, 0, 1)[i] + wave(64, 1, 1)[i]) / 2).epsilon(1e-5));
+  }
+  SUBCASE("momentum_masking needs momentum_correction") {
+    CHECK(parseError(R"({"type": "topk", "momentum_masking": false})").find("/c/momentum_masking: applies with") !=
+          std::string::npos);
+    CHECK(parseError(R"({"type": "powersgd", "momentum_masking": false})").find("/c/momentum_masking") !=
+          std::string::npos);
+  }
+}

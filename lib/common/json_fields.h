@@ -1,6 +1,6 @@
 // JsonFields: reads one JSON object of a config file (the job file's sections, a model file, a dataset spec)
 // with errors that name the file, the JSON pointer of the offending value and what was expected, e.g.
-//   job.json: /optimizer/type: unknown optimizer 'sgdd' (expected sgd, adam, adamw)
+//   job.json: /optimizer/type: unknown optimizer 'sgdd' (expected sgd, adam, adamw, adagrad)
 //   job.json: /model/layers/0: missing required field 'out' (an integer >= 1)
 //   job.json: /optimizer/lr: expected a number > 0, got "0.1"
 //   job.json: /data/train/samples: 0 (expected an integer >= 1)

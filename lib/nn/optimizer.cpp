@@ -132,6 +132,39 @@ class Adam final : public Optimizer {
   AlignedBuffer<float> expAvg_, expAvgSq_, maxExpAvgSq_;
 };
 
+// torch.optim.Adagrad, _single_tensor_adagrad:
+//   grad = grad + weight_decay * param;  clr = lr / (1 + (step - 1) * lr_decay)
+//   sum = sum + grad * grad;  param = param - clr * grad / (sqrt(sum) + eps)
+// (its sparse variant for embeddings on parameter servers is lib/train/ps_sparse.h's kAdagrad).
+class Adagrad final : public Optimizer {
+ public:
+  Adagrad(const OptimizerSpec& spec, size_t numParams) : Optimizer(spec, numParams), sum_(numParams) {
+    std::fill(sum_.data(), sum_.data() + numParams, static_cast<float>(spec.initialAccumulator));
+  }
+
+  void step(std::span<float> params, std::span<const float> grads) override {
+    checkSizes(params, grads);
+    ++steps_;
+    const float negClr = static_cast<float>(-(lr_ / (1.0 + static_cast<double>(steps_ - 1) * spec_.lrDecay)));
+    const float wd = static_cast<float>(spec_.weightDecay);
+    const float eps = static_cast<float>(spec_.eps);
+    float* p = params.data();
+    const float* g = grads.data();
+    float* sum = sum_.data();
+    for (size_t i = 0; i < numParams_; ++i) {
+      float grad = g[i];
+      if (wd != 0.0f) grad = grad + wd * p[i];
+      sum[i] = sum[i] + grad * grad;
+      p[i] = p[i] + negClr * (grad / (std::sqrt(sum[i]) + eps));
+    }
+  }
+
+  std::vector<StateBuffer> stateBuffers() override { return {{"sum", sum_.span()}}; }
+
+ private:
+  AlignedBuffer<float> sum_;
+};
+
 bool positiveNumber(double v) { return v > 0.0; }
 bool nonNegativeNumber(double v) { return v >= 0.0; }
 bool unitInterval(double v) { return v >= 0.0 && v <= 1.0; }
@@ -144,6 +177,7 @@ const char* optimizerTypeName(OptimizerType type) {
     case OptimizerType::kSgd: return "sgd";
     case OptimizerType::kAdam: return "adam";
     case OptimizerType::kAdamW: return "adamw";
+    case OptimizerType::kAdagrad: return "adagrad";
   }
   return "?";
 }
@@ -157,6 +191,7 @@ void Optimizer::checkSizes(std::span<float> params, std::span<const float> grads
 std::unique_ptr<Optimizer> Optimizer::create(const OptimizerSpec& spec, size_t numParams, Device device) {
   requireCpu(device, fmt::format("optimizer '{}'", optimizerTypeName(spec.type)));
   if (spec.type == OptimizerType::kSgd) return std::make_unique<Sgd>(spec, numParams);
+  if (spec.type == OptimizerType::kAdagrad) return std::make_unique<Adagrad>(spec, numParams);
   return std::make_unique<Adam>(spec, numParams);
 }
 
@@ -164,7 +199,7 @@ OptimizerSpec parseOptimizerSpec(const nlohmann::json& optimizer, const std::str
                                  const std::string& jsonPathPrefix) {
   JsonFields f(optimizer, sourceFile, jsonPathPrefix, "the optimizer");
   OptimizerSpec s;
-  std::string type = f.choice("type", {"sgd", "adam", "adamw"}, "optimizer");
+  std::string type = f.choice("type", {"sgd", "adam", "adamw", "adagrad"}, "optimizer");
   const char* kClip = "clip_grad_norm";
   if (type == "sgd") {
     f.allowOnly({"type", "lr", "momentum", "dampening", "nesterov", "weight_decay", kClip});
@@ -178,6 +213,14 @@ OptimizerSpec parseOptimizerSpec(const nlohmann::json& optimizer, const std::str
     if (s.nesterov && (s.momentum <= 0.0 || s.dampening != 0.0)) {
       f.failAt("nesterov", "nesterov momentum requires a momentum > 0 and zero dampening");
     }
+  } else if (type == "adagrad") {
+    f.allowOnly({"type", "lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps", kClip});
+    s.type = OptimizerType::kAdagrad;
+    s.lr = f.number("lr", 1e-2, "a number > 0", positiveNumber);
+    s.lrDecay = f.number("lr_decay", 0.0, "a number >= 0", nonNegativeNumber);
+    s.weightDecay = f.number("weight_decay", 0.0, "a number >= 0", nonNegativeNumber);
+    s.initialAccumulator = f.number("initial_accumulator_value", 0.0, "a number >= 0", nonNegativeNumber);
+    s.eps = f.number("eps", 1e-10, "a number > 0", positiveNumber);
   } else {
     f.allowOnly({"type", "lr", "betas", "eps", "weight_decay", "amsgrad", "weight_decay_on", kClip});
     s.type = type == "adam" ? OptimizerType::kAdam : OptimizerType::kAdamW;

@@ -28,11 +28,12 @@
 
 namespace dtrain::nn {
 
-enum class OptimizerType { kSgd, kAdam, kAdamW };
+enum class OptimizerType { kSgd, kAdam, kAdamW, kAdagrad };
 const char* optimizerTypeName(OptimizerType type);
 
 // Defaults are torch.optim's: SGD(momentum=0, dampening=0, nesterov=False, weight_decay=0), Adam(lr=1e-3,
-// betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False), AdamW(same, weight_decay=1e-2).
+// betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False), AdamW(same, weight_decay=1e-2), Adagrad(lr=1e-2,
+// lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10).
 struct OptimizerSpec {
   OptimizerType type = OptimizerType::kSgd;
   double lr = 1e-3;
@@ -44,6 +45,8 @@ struct OptimizerSpec {
   double beta2 = 0.999;
   double eps = 1e-8;
   bool amsgrad = false;
+  double lrDecay = 0;             // Adagrad
+  double initialAccumulator = 0;  // Adagrad's initial_accumulator_value
   double clipGradNorm = 0;  // "clip_grad_norm": max global L2 norm of the gradients; 0 = no clipping
   // "weight_decay_on": "all" (torch.optim's default: every parameter) or "matrices" (nanoGPT's configure_optimizers:
   // parameters with >= 2 dimensions decay, biases, LayerNorm weights and other vectors do not). Adam/AdamW only.
@@ -51,7 +54,8 @@ struct OptimizerSpec {
 };
 
 // {"type": "sgd", "lr": 0.05, "momentum": 0.9, ...}; every error is a ConfigError naming file, JSON path and
-// the expected values, e.g. "job.json: /optimizer/type: unknown optimizer 'sgdd' (expected sgd, adam, adamw)".
+// the expected values, e.g. "job.json: /optimizer/type: unknown optimizer 'sgdd' (expected sgd, adam, adamw,
+// adagrad)".
 // SGD requires "lr"; Adam/AdamW default it to 1e-3. Unknown fields are rejected.
 OptimizerSpec parseOptimizerSpec(const nlohmann::json& optimizer, const std::string& sourceFile,
                                  const std::string& jsonPathPrefix = "/optimizer");

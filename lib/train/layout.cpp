@@ -213,7 +213,9 @@ std::string describeLayout(const Job& job, int worldSize) {
                        pl.balance.empty() ? ", balanced by parameters and compute" : ", balance as given");
   // Parameters, their gradients and the optimizer's per-element state (momentum; Adam's two moments), float32.
   const auto& o = job.optimizer;
-  const int states = o.type == nn::OptimizerType::kSgd ? (o.momentum > 0 ? 1 : 0) : 2;
+  const int states = o.type == nn::OptimizerType::kSgd       ? (o.momentum > 0 ? 1 : 0)
+                     : o.type == nn::OptimizerType::kAdagrad ? 1
+                                                             : 2;
   // In the unit that suits the size ("236.8 KiB", "544.5 MiB"): a small model's ranks are not all "0.0 MiB".
   auto bytes = [&](int64_t params) {
     return humanBytes(params * 4 * (2 + states));

@@ -92,9 +92,11 @@ SparseOptimizerSpec sparseOptimizerFor(const nn::OptimizerSpec& job, bool adagra
                   where, job.weightDecay);
   SparseOptimizerSpec s;
   s.lr = job.lr;
-  if (adagrad) {
+  if (adagrad || job.type == nn::OptimizerType::kAdagrad) {
     s.type = SparseOptimizerType::kAdagrad;
-    s.eps = 1e-10;
+    s.eps = job.type == nn::OptimizerType::kAdagrad ? job.eps : 1e-10;
+    s.lrDecay = job.lrDecay;
+    s.initialAccumulator = job.initialAccumulator;
     return s;
   }
   if (job.type == nn::OptimizerType::kSgd) {

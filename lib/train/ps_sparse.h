@@ -66,9 +66,10 @@ struct SparseOptimizerSpec {
   double initialAccumulator = 0;  // kAdagrad
 };
 
-// The sparse counterpart of the job's optimizer: sgd -> kSgd, adam/adamw -> kAdam (SparseAdam), or kAdagrad when
-// `adagrad` (then lr comes from the job, eps is Adagrad's 1e-10). ConfigError naming `where` for momentum or weight
-// decay, which torch does not support with sparse gradients.
+// The sparse counterpart of the job's optimizer: sgd -> kSgd, adam/adamw -> kAdam (SparseAdam), adagrad -> kAdagrad
+// (its lr, eps, lr_decay, initial_accumulator_value); `adagrad` true forces kAdagrad with the job's lr and
+// Adagrad's eps 1e-10. ConfigError naming `where` for momentum or weight decay, which torch does not support with
+// sparse gradients.
 SparseOptimizerSpec sparseOptimizerFor(const nn::OptimizerSpec& job, bool adagrad, const std::string& where);
 
 // One server's rows of one table with their optimizer state.

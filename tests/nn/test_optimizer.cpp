@@ -194,3 +194,34 @@ TEST_CASE("allFinite finds a NaN or an infinity anywhere") {
   v[999] = std::numeric_limits<float>::max();
   CHECK(allFinite(v));
 }
+
+TEST_CASE("adagrad: torch.optim.Adagrad's update, lr_decay, weight decay and initial accumulator; parsed with defaults") {
+  OptimizerSpec spec;
+  spec.type = OptimizerType::kAdagrad;
+  spec.lr = 0.1;
+  spec.eps = 1e-10;
+  spec.lrDecay = 0.5;
+  spec.weightDecay = 0.01;
+  spec.initialAccumulator = 0.2;
+  auto opt = Optimizer::create(spec, 2);
+  std::vector<float> p{1.0f, -2.0f}, g{0.5f, 3.0f};
+  double sum[2] = {0.2, 0.2}, ref[2] = {1.0, -2.0};
+  for (int t = 1; t <= 3; ++t) {
+    opt->step(p, g);
+    const double clr = 0.1 / (1 + (t - 1) * 0.5);
+    for (int i = 0; i < 2; ++i) {
+      const double grad = g[static_cast<size_t>(i)] + 0.01 * ref[i];
+      sum[i] += grad * grad;
+      ref[i] -= clr * grad / (std::sqrt(sum[i]) + 1e-10);
+      CHECK(p[static_cast<size_t>(i)] == doctest::Approx(ref[i]).epsilon(1e-6));
+    }
+  }
+  REQUIRE(opt->stateBuffers().size() == 1);
+  CHECK(opt->stateBuffers()[0].name == "sum");
+  CHECK(opt->steps() == 3);
+  OptimizerSpec parsed = parseOptimizerSpec(nlohmann::json{{"type", "adagrad"}}, "job.json");
+  CHECK(parsed.type == OptimizerType::kAdagrad);
+  CHECK(parsed.lr == 1e-2);
+  CHECK(parsed.eps == 1e-10);
+  CHECK_THROWS_AS(parseOptimizerSpec(nlohmann::json{{"type", "adagrad"}, {"momentum", 0.9}}, "job.json"), ConfigError);
+}

@@ -179,7 +179,7 @@ TEST_CASE("optimizer spec: defaults and errors") {
   CHECK(parseOptimizerSpec(json{{"type", "adam"}}, "job.json").weightDecay == 0.0);
 
   CHECK(optimizerError(json{{"type", "sgdd"}, {"lr", 0.1}}) ==
-        "job.json: /optimizer/type: unknown optimizer 'sgdd' (expected sgd, adam, adamw)");
+        "job.json: /optimizer/type: unknown optimizer 'sgdd' (expected sgd, adam, adamw, adagrad)");
   CHECK(optimizerError(json{{"type", "sgd"}}) == "job.json: /optimizer: missing required field 'lr' (a number > 0)");
   CHECK(optimizerError(json{{"type", "sgd"}, {"lr", "0.1"}}) ==
         "job.json: /optimizer/lr: expected a number > 0, got \"0.1\"");

@@ -442,3 +442,17 @@ TEST_CASE("server barrier (async workers): releases once every live worker arriv
   c0->bye();
   c1->bye();
 }
+
+TEST_CASE("the job's adagrad maps to sparse Adagrad with its lr, eps, lr_decay and initial accumulator") {
+  nn::OptimizerSpec job = nn::parseOptimizerSpec(
+      nlohmann::json{{"type", "adagrad"}, {"lr", 0.05}, {"lr_decay", 0.1}, {"initial_accumulator_value", 0.3}},
+      "job.json");
+  const SparseOptimizerSpec s = sparseOptimizerFor(job, false, "job.json");
+  CHECK(s.type == SparseOptimizerType::kAdagrad);
+  CHECK(s.lr == 0.05);
+  CHECK(s.eps == 1e-10);
+  CHECK(s.lrDecay == 0.1);
+  CHECK(s.initialAccumulator == 0.3);
+  job.weightDecay = 0.1;
+  CHECK_THROWS_AS(sparseOptimizerFor(job, false, "job.json"), ConfigError);
+}

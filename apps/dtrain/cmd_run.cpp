@@ -15,6 +15,7 @@
 #include "lib/common/parse.h"
 #include "lib/launch/agent.h"
 #include "lib/launch/cluster_env.h"
+#include "lib/launch/launch_options.h"
 #include "lib/launch/slurm.h"
 #include "rendezvous/store.h"
 
@@ -118,6 +119,9 @@ int runCommand(RunArgs& a, bool programAfterDashes) {
     auto machine = train::readMachineMemory();
     train::checkJobFitsMemory(*job, o.nproc, machine);
     train::checkJobFitsMemory(*job, o.nproc, machine, train::checkJobData(*job).bytes);
+    // "device": "cuda": one visible GPU per local worker, checked here so the error comes before any worker. The
+    // agent counts without starting CUDA (it forks workers later): CUDA_VISIBLE_DEVICES, else the driver's /proc.
+    if (job->device.isCuda()) train::checkGpusForWorkers(*job, o.nproc, launch::visibleGpuCount());
   }
   if (a.dryRun) {
     for (const auto& line : slurmLines) fmt::print("{}\n", line);

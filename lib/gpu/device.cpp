@@ -1,6 +1,7 @@
 #include "lib/gpu/device.h"
 
 #include "lib/gpu/check.h"
+#include "lib/gpu/launch.h"
 
 namespace dtrain::gpu {
 
@@ -31,5 +32,15 @@ int currentDevice() {
 }
 
 void synchronizeDevice() { DTRAIN_CUDA_CHECK(cudaDeviceSynchronize()); }
+
+namespace detail {
+
+void cudaFailed(const char* what, int error, const char* file, int line) {
+  cudaGetLastError();
+  ::dtrain::detail::throwAt<GpuError>(file, line, fmt::format("{} failed: {}", what,
+                                                              cudaGetErrorString(static_cast<cudaError_t>(error))));
+}
+
+}  // namespace detail
 
 }  // namespace dtrain::gpu

@@ -8,6 +8,7 @@
 #include "lib/common/aligned_buffer.h"
 #include "lib/common/error.h"
 #include "lib/common/json_fields.h"
+#include "lib/nn/cuda_impl.h"
 #include "lib/nn/layers_impl.h"
 #include "lib/nn/tensor_parallel.h"
 
@@ -357,31 +358,31 @@ std::unique_ptr<Layer> makeDropout(const LayerSpec& spec, const LayerBuild& buil
 
 const LayerKind& linearKind() {
   static constexpr LayerKind kind{.name = "linear", .parse = parseLinear, .paramShapes = linearParams,
-                                  .detail = linearDetail, .cpu = makeLinear,
+                                  .detail = linearDetail, .cpu = makeLinear, .cuda = DTRAIN_NN_CUDA(makeLinear),
                                   .exampleLayer = R"({"type": "linear", "out": 3})", .exampleInput = "[4]"};
   return kind;
 }
 
 const LayerKind& reluKind() {
-  static constexpr LayerKind kind{.name = "relu", .parse = parseElementwise, .cpu = make<Relu>,
+  static constexpr LayerKind kind{.name = "relu", .parse = parseElementwise, .cpu = make<Relu>, .cuda = DTRAIN_NN_CUDA(makeRelu),
                                   .exampleLayer = R"({"type": "relu"})", .exampleInput = "[2, 3]"};
   return kind;
 }
 
 const LayerKind& geluKind() {
-  static constexpr LayerKind kind{.name = "gelu", .parse = parseElementwise, .cpu = make<Gelu>,
+  static constexpr LayerKind kind{.name = "gelu", .parse = parseElementwise, .cpu = make<Gelu>, .cuda = DTRAIN_NN_CUDA(makeGelu),
                                   .exampleLayer = R"({"type": "gelu"})", .exampleInput = "[5]"};
   return kind;
 }
 
 const LayerKind& tanhKind() {
-  static constexpr LayerKind kind{.name = "tanh", .parse = parseElementwise, .cpu = make<Tanh>,
+  static constexpr LayerKind kind{.name = "tanh", .parse = parseElementwise, .cpu = make<Tanh>, .cuda = DTRAIN_NN_CUDA(makeTanh),
                                   .exampleLayer = R"({"type": "tanh"})", .exampleInput = "[5]"};
   return kind;
 }
 
 const LayerKind& sigmoidKind() {
-  static constexpr LayerKind kind{.name = "sigmoid", .parse = parseElementwise, .cpu = make<Sigmoid>,
+  static constexpr LayerKind kind{.name = "sigmoid", .parse = parseElementwise, .cpu = make<Sigmoid>, .cuda = DTRAIN_NN_CUDA(makeSigmoid),
                                   .exampleLayer = R"({"type": "sigmoid"})", .exampleInput = "[5]"};
   return kind;
 }
@@ -394,7 +395,7 @@ const LayerKind& dropoutKind() {
 }
 
 const LayerKind& flattenKind() {
-  static constexpr LayerKind kind{.name = "flatten", .parse = parseFlatten, .cpu = make<Flatten>,
+  static constexpr LayerKind kind{.name = "flatten", .parse = parseFlatten, .cpu = make<Flatten>, .cuda = DTRAIN_NN_CUDA(makeFlatten),
                                   .exampleLayer = R"({"type": "flatten"})", .exampleInput = "[2, 3, 2]"};
   return kind;
 }

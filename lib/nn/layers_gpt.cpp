@@ -14,6 +14,7 @@
 #include "lib/common/aligned_buffer.h"
 #include "lib/common/error.h"
 #include "lib/common/json_fields.h"
+#include "lib/nn/cuda_impl.h"
 #include "lib/nn/layers_impl.h"
 #include "lib/nn/tensor_parallel.h"
 
@@ -677,7 +678,7 @@ std::unique_ptr<Layer> makeBlock(const LayerSpec& s, const LayerBuild& b) { retu
 
 const LayerKind& embeddingKind() {
   static constexpr LayerKind kind{.name = "embedding", .parse = parseEmbedding, .paramShapes = embeddingParams,
-                                  .detail = embeddingDetail, .cpu = makeEmbedding,
+                                  .detail = embeddingDetail, .cpu = makeEmbedding, .cuda = DTRAIN_NN_CUDA(makeEmbedding),
                                   .exampleLayer = R"({"type": "embedding", "vocab_size": 5, "n_embd": 4})",
                                   .exampleInput = "[3]"};
   return kind;
@@ -685,7 +686,7 @@ const LayerKind& embeddingKind() {
 
 const LayerKind& attentionKind() {
   static constexpr LayerKind kind{.name = "causal_self_attention", .parse = parseAttention,
-                                  .paramShapes = attentionParams, .detail = attentionDetail, .cpu = makeAttention,
+                                  .paramShapes = attentionParams, .detail = attentionDetail, .cpu = makeAttention, .cuda = DTRAIN_NN_CUDA(makeAttention),
                                   .exampleLayer = R"({"type": "causal_self_attention", "n_head": 2})",
                                   .exampleInput = "[3, 4]", .keptFloats = attentionKept};
   return kind;
@@ -693,7 +694,7 @@ const LayerKind& attentionKind() {
 
 const LayerKind& lmHeadKind() {
   static constexpr LayerKind kind{.name = "lm_head", .parse = parseLmHead, .paramShapes = lmHeadParams,
-                                  .detail = lmHeadDetail, .cpu = makeLmHead,
+                                  .detail = lmHeadDetail, .cpu = makeLmHead, .cuda = DTRAIN_NN_CUDA(makeLmHead),
                                   .exampleLayer = R"({"type": "lm_head", "vocab_size": 5, "tied": false})",
                                   .exampleInput = "[3, 4]"};
   return kind;
@@ -701,7 +702,7 @@ const LayerKind& lmHeadKind() {
 
 const LayerKind& blockKind() {
   static constexpr LayerKind kind{
-      .name = "block", .parse = parseBlock, .paramShapes = blockParams, .detail = blockDetail, .cpu = makeBlock,
+      .name = "block", .parse = parseBlock, .paramShapes = blockParams, .detail = blockDetail, .cpu = makeBlock, .cuda = DTRAIN_NN_CUDA(makeBlock),
       .exampleLayer = R"({"type": "block", "layers": [{"type": "layernorm"}, {"type": "linear", "out": 4}]})",
       .exampleInput = "[3, 4]", .keptFloats = blockKept};
   return kind;

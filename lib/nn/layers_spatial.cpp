@@ -10,6 +10,7 @@
 #include "lib/common/aligned_buffer.h"
 #include "lib/common/error.h"
 #include "lib/common/json_fields.h"
+#include "lib/nn/cuda_impl.h"
 #include "lib/nn/layers_impl.h"
 
 namespace dtrain::nn::detail {
@@ -374,7 +375,7 @@ const LayerKind& maxPool2dKind() {
 const LayerKind& layerNormKind() {
   static constexpr LayerKind kind{.name = "layernorm", .parse = detail::parseLayerNorm,
                                   .paramShapes = detail::layerNormParams, .detail = detail::layerNormDetail,
-                                  .cpu = detail::makeLayerNorm,
+                                  .cpu = detail::makeLayerNorm, .cuda = DTRAIN_NN_CUDA(makeLayerNorm),
                                   .exampleLayer = R"({"type": "layernorm"})", .exampleInput = "[3, 4]"};
   return kind;
 }

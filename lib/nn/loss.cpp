@@ -8,9 +8,49 @@
 
 #include "lib/common/error.h"
 #include "lib/common/json_fields.h"
+#include "lib/nn/cuda_impl.h"
+#include "lib/nn/loss_impl.h"
 #include "lib/nn/registry.h"
 
 namespace dtrain::nn {
+
+namespace detail {
+
+void checkCrossEntropyOutput(const Shape& outputShape) {
+  if (outputShape.rank() != 1 && outputShape.rank() != 2) {
+    throw ConfigError(fmt::format("cross_entropy expects model output [N, C] (class logits) or [N, T, C] (logits per "
+                                  "position) but the model gives {}",
+                                  outputShape.batchStr()));
+  }
+}
+
+void checkCrossEntropyTargets(const Shape& outputShape, const Shape& perSample, DType dtype) {
+  const bool ints = dtype == DType::kInt32 || dtype == DType::kInt64;
+  if (outputShape.rank() == 2) {
+    const int64_t positions = outputShape[0];
+    if (!ints || perSample.numel() != positions || perSample.rank() != 1) {
+      throw ConfigError(fmt::format("cross_entropy over {} positions needs {} integer labels per sample ([N, {}]), "
+                                    "but the labels are {} {}",
+                                    positions, positions, positions, dtypeName(dtype), perSample.batchStr()));
+    }
+    return;
+  }
+  if (!ints || perSample.numel() != 1 || perSample.rank() > 1) {
+    throw ConfigError(fmt::format("cross_entropy needs one integer class label per sample, but the labels are {} {}",
+                                  dtypeName(dtype), perSample.batchStr()));
+  }
+}
+
+void checkMseTargets(const Shape& outputShape, const Shape& perSample, DType dtype) {
+  if (dtype != DType::kFloat32 || perSample.numel() != outputShape.numel()) {
+    throw ConfigError(fmt::format("mse needs float32 targets shaped like the model output {}, but the targets are "
+                                  "{} {}",
+                                  outputShape.batchStr(), dtypeName(dtype), perSample.batchStr()));
+  }
+}
+
+}  // namespace detail
+
 namespace {
 
 void checkOutput(const TensorView& output, const Shape& perSample, int maxBatch) {
@@ -52,27 +92,11 @@ class CrossEntropy final : public Loss {
   CrossEntropy(const Shape& outputShape, int maxBatch)
       : Loss(LossType::kCrossEntropy, outputShape, maxBatch),
         positions_(outputShape.rank() == 2 ? outputShape[0] : 1), classes_(outputShape.back()) {
-    if (outputShape.rank() != 1 && outputShape.rank() != 2) {
-      throw ConfigError(fmt::format("cross_entropy expects model output [N, C] (class logits) or [N, T, C] (logits per "
-                                    "position) but the model gives {}",
-                                    outputShape.batchStr()));
-    }
+    detail::checkCrossEntropyOutput(outputShape);
   }
 
   void checkTargets(const Shape& perSample, DType dtype) const override {
-    const bool ints = dtype == DType::kInt32 || dtype == DType::kInt64;
-    if (outputShape_.rank() == 2) {
-      if (!ints || perSample.numel() != positions_ || perSample.rank() != 1) {
-        throw ConfigError(fmt::format("cross_entropy over {} positions needs {} integer labels per sample ([N, {}]), "
-                                      "but the labels are {} {}",
-                                      positions_, positions_, positions_, dtypeName(dtype), perSample.batchStr()));
-      }
-      return;
-    }
-    if (!ints || perSample.numel() != 1 || perSample.rank() > 1) {
-      throw ConfigError(fmt::format("cross_entropy needs one integer class label per sample, but the labels are {} {}",
-                                    dtypeName(dtype), perSample.batchStr()));
-    }
+    detail::checkCrossEntropyTargets(outputShape_, perSample, dtype);
   }
 
   float forward(const TensorView& output, const TensorView& targets) override {
@@ -149,11 +173,7 @@ class Mse final : public Loss {
   Mse(const Shape& outputShape, int maxBatch) : Loss(LossType::kMse, outputShape, maxBatch) {}
 
   void checkTargets(const Shape& perSample, DType dtype) const override {
-    if (dtype != DType::kFloat32 || perSample.numel() != outputShape_.numel()) {
-      throw ConfigError(fmt::format("mse needs float32 targets shaped like the model output {}, but the targets are "
-                                    "{} {}",
-                                    outputShape_.batchStr(), dtypeName(dtype), perSample.batchStr()));
-    }
+    detail::checkMseTargets(outputShape_, perSample, dtype);
   }
 
   float forward(const TensorView& output, const TensorView& targets) override {
@@ -284,15 +304,22 @@ class BceWithLogits final : public Loss {
 
 }  // namespace
 
-Loss::Loss(LossType type, const Shape& outputShape, int maxBatch)
-    : type_(type), outputShape_(outputShape), maxBatch_(maxBatch),
-      diff_(static_cast<size_t>(maxBatch) * static_cast<size_t>(outputShape.numel())),
-      grad_(static_cast<size_t>(maxBatch) * static_cast<size_t>(outputShape.numel())) {
+Loss::Loss(LossType type, const Shape& outputShape, int maxBatch, Device device)
+    : type_(type), device_(device), outputShape_(outputShape), maxBatch_(maxBatch) {
   DTRAIN_CHECK_AS(ConfigError, maxBatch >= 1, "maximum batch size must be >= 1, got {}", maxBatch);
+  // The CPU losses' buffers; a CUDA loss keeps its own on the device.
+  if (device.isCpu()) {
+    diff_ = AlignedBuffer<float>(static_cast<size_t>(maxBatch) * static_cast<size_t>(outputShape.numel()));
+    grad_ = AlignedBuffer<float>(static_cast<size_t>(maxBatch) * static_cast<size_t>(outputShape.numel()));
+  }
 }
 
 std::unique_ptr<Loss> Loss::create(const LossSpec& spec, const Shape& outputShape, int maxBatch, Device device) {
-  requireCpu(device, fmt::format("loss '{}'", lossTypeName(spec.type)));
+  if (device.isCuda()) {
+    std::unique_ptr<Loss> (*factory)(const LossSpec&, const Shape&, int, Device) = DTRAIN_NN_CUDA(makeLoss);
+    if (factory == nullptr) requireCpu(device, fmt::format("loss '{}'", lossTypeName(spec.type)));
+    return factory(spec, outputShape, maxBatch, device);
+  }
   if (spec.type == LossType::kCrossEntropy) return std::make_unique<CrossEntropy>(outputShape, maxBatch);
   if (spec.type == LossType::kBceWithLogits) return std::make_unique<BceWithLogits>(outputShape, maxBatch);
   return std::make_unique<Mse>(outputShape, maxBatch);

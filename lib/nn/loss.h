@@ -65,7 +65,8 @@ class Loss {
  public:
   // outputShape: the model's per-sample output shape. Throws ConfigError when the loss cannot apply to it
   // (cross_entropy needs logits of shape [C]).
-  // Its buffers live on `device`: NotBuiltError for a device without an implementation (CPU only in this build).
+  // Its buffers live on `device`, and forward/evaluate then take device views (output and targets) and backward
+  // returns one: NotBuiltError for cuda in a build without CUDA. forward and evaluate block (they return sums).
   static std::unique_ptr<Loss> create(const LossSpec& spec, const Shape& outputShape, int maxBatch,
                                       Device device = Device::cpu());
   virtual ~Loss() = default;
@@ -91,10 +92,11 @@ class Loss {
   virtual EvalSums evaluate(const TensorView& output, const TensorView& targets) const = 0;
 
  protected:
-  Loss(LossType type, const Shape& outputShape, int maxBatch);
+  // CPU losses get diff_ and grad_ (maxBatch * outputShape.numel() floats); other devices keep their own.
+  Loss(LossType type, const Shape& outputShape, int maxBatch, Device device = Device::cpu());
 
   LossType type_;
-  Device device_;  // the CPU: the implementations below are the CPU ones
+  Device device_;  // where the buffers (and the views forward/backward take and return) live
   Shape outputShape_;
   int maxBatch_;
   AlignedBuffer<float> diff_;  // maxBatch * outputShape.numel(): softmax - onehot, or output - target

@@ -17,6 +17,69 @@ size_t roundUp(size_t n) { return (n + kAlignFloats - 1) / kAlignFloats * kAlign
 
 }  // namespace
 
+// PyTorch's default initialisation drawn from InitRng(seed) in parameter order; a stage draws the stream through
+// the layers before it, so its values are the whole model's. The draws are host code: on the CPU the layers draw
+// straight into the arena; on a GPU CPU twins of the layers (one sample, bound to a host copy of the arena) draw
+// and the result is copied over, so the same seed gives the same bits on every device.
+void Model::initParams(const ModelSpec& full, int first, uint64_t seed) {
+  const bool onHost = device_.isCpu();
+  AlignedBuffer<float> hostArena, hostGrads;
+  if (!onHost) {
+    hostArena = AlignedBuffer<float>(params_.size());
+    hostGrads = AlignedBuffer<float>(params_.size());
+  }
+  float* base = onHost ? params_.data() : hostArena.data();
+  InitRng rng(seed);
+  SharedScratch skipScratch;
+  for (int i = 0; i < first; ++i) {
+    const LayerSpec& ls = full.layers[static_cast<size_t>(i)];
+    const auto count = static_cast<size_t>(ls.paramCount());
+    if (count == 0) continue;
+    auto layer = makeLayer(ls, {.device = Device::cpu(), .maxBatch = 1, .seed = seed, .scratch = &skipScratch});
+    AlignedBuffer<float> p(count), g(count);
+    layer->bind(p.data(), g.data());
+    layer->initParams(rng);
+    if (tiedReplica_ >= 0 && spec_.layers[static_cast<size_t>(tiedReplica_)].tiedTo == i) {
+      const ParamRange slot = layerRanges_[static_cast<size_t>(tiedReplica_)];
+      std::copy_n(p.data(), slot.count, base + slot.offset);
+    }
+  }
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    const ParamRange range = layerRanges_[i];
+    if (range.count == 0 || static_cast<int>(i) == tiedReplica_) continue;
+    if (onHost) {
+      layers_[i]->initParams(rng);
+      continue;
+    }
+    auto twin = makeLayer(parts_.layers[i], {.device = Device::cpu(), .maxBatch = 1, .seed = seed,
+                                             .scratch = &skipScratch, .tensor = tensor_.get()});
+    twin->bind(base + range.offset, hostGrads.data() + range.offset);
+    twin->initParams(rng);
+  }
+  if (!onHost) copyBytes(params_.data(), device_, base, Device::cpu(), params_.size() * sizeof(float));
+}
+
+void Model::zeroGrad() { zeroFloats(grads_.data(), grads_.size(), device_); }
+
+std::span<float> Model::hostParams() const {
+  if (device_.isCpu()) return {const_cast<float*>(params_.data()), params_.size()};
+  if (hostParams_.size() != params_.size()) hostParams_ = AlignedBuffer<float>(params_.size());
+  copyBytes(hostParams_.data(), Device::cpu(), params_.data(), device_, params_.size() * sizeof(float));
+  return hostParams_.span();
+}
+
+TensorView Model::hostParamTensor(const ParamEntry& entry) const {
+  const float* base = device_.isCpu() ? params_.data() : hostParams_.data();
+  DTRAIN_CHECK(base != nullptr || entry.count == 0, "hostParamTensor before hostParams() on {}", device_.str());
+  return TensorView::of(base + entry.offset, entry.shape);
+}
+
+void Model::uploadHostParams() {
+  if (device_.isCpu()) return;
+  DTRAIN_CHECK(hostParams_.size() == params_.size(), "uploadHostParams before hostParams() on {}", device_.str());
+  copyBytes(params_.data(), device_, hostParams_.data(), Device::cpu(), params_.size() * sizeof(float));
+}
+
 Model::Model(Model&&) noexcept = default;
 Model& Model::operator=(Model&&) noexcept = default;
 Model::~Model() = default;
@@ -96,6 +159,8 @@ Model Model::build(const ModelSpec& full, int maxBatch, uint64_t seed, Device de
   // With a tensor group the layers are built from this rank's part of the spec (its shapes); spec_ stays the
   // full model's (the input and output are the same).
   if (tensor && tensor->size() > 1) m.tensor_ = std::move(tensor);
+  if (m.tensor_ && !device.isCpu())
+    DTRAIN_THROW(NotBuiltError, "device {}: tensor parallelism has no CUDA implementation in this build", device.str());
   m.parts_ = m.tensor_ ? shardModelSpec(m.spec_, m.tensor_->size(), m.tensor_->rank()) : m.spec_;
   m.makeLayers(seed);
 
@@ -125,38 +190,20 @@ Model Model::build(const ModelSpec& full, int maxBatch, uint64_t seed, Device de
     range.count = offset - range.offset;
     m.layerRanges_.push_back(range);
   }
-  // The arenas and activations below are host memory.
-  requireCpu(device, "the model's parameter arenas");
-  m.paramArena_ = AlignedBuffer<float>(offset);
-  m.gradArena_ = AlignedBuffer<float>(offset);
+  // Every layer has an implementation on the device (makeLayer threw otherwise): the GPU is the caller's from here.
+  useDevice(device);
+  m.paramArena_ = DeviceFloats(offset, device);
+  m.gradArena_ = DeviceFloats(offset, device);
   m.params_ = m.paramArena_.span();
   m.grads_ = m.gradArena_.span();
   m.bindArenas();
-
-  InitRng rng(seed);
-  // A stage draws the init stream through the layers before it, so its values are the whole model's.
-  SharedScratch skipScratch;
-  for (int i = 0; i < first; ++i) {
-    const LayerSpec& ls = full.layers[static_cast<size_t>(i)];
-    const auto count = static_cast<size_t>(ls.paramCount());
-    if (count == 0) continue;
-    auto layer = makeLayer(ls, {.device = device, .maxBatch = 1, .seed = seed, .scratch = &skipScratch});
-    AlignedBuffer<float> p(count), g(count);
-    layer->bind(p.data(), g.data());
-    layer->initParams(rng);
-    if (m.tiedReplica_ >= 0 && m.spec_.layers[static_cast<size_t>(m.tiedReplica_)].tiedTo == i) {
-      const ParamRange slot = m.layerRanges_[static_cast<size_t>(m.tiedReplica_)];
-      std::copy_n(p.data(), slot.count, m.params_.data() + slot.offset);
-    }
-  }
   bool seenParams = false;
   for (size_t i = 0; i < m.layers_.size(); ++i) {
     m.needsInputGrad_.push_back(seenParams || stage.inputGrad);
     // A sparse embedding's table is outside the arena but still needs its gradient (lib/nn/sparse_rows.h).
     seenParams = seenParams || m.layerRanges_[i].count > 0 || m.parts_.layers[i].sparse;
-    if (m.layerRanges_[i].count == 0 || static_cast<int>(i) == m.tiedReplica_) continue;
-    m.layers_[i]->initParams(rng);
   }
+  m.initParams(full, first, seed);
   m.allocateActivations();
   return m;
 }
@@ -191,7 +238,7 @@ void Model::allocateActivations() {
     if (!layers_[i]->aliasesInput()) actTotal += roundUp(batch * static_cast<size_t>(parts_.layers[i].output.numel()));
     if (needsInputGrad_[i]) maxInput = std::max(maxInput, batch * static_cast<size_t>(parts_.layers[i].input.numel()));
   }
-  activations_ = AlignedBuffer<float>(actTotal);
+  activations_ = DeviceFloats(actTotal, device_);
   ownOutput_.clear();
   size_t at = 0;
   for (size_t i = 0; i < layers_.size(); ++i) {
@@ -202,8 +249,8 @@ void Model::allocateActivations() {
     ownOutput_.push_back(activations_.data() + at);
     at += roundUp(batch * static_cast<size_t>(parts_.layers[i].output.numel()));
   }
-  gradA_ = AlignedBuffer<float>(maxInput);
-  gradB_ = AlignedBuffer<float>(maxInput);
+  gradA_ = DeviceFloats(maxInput, device_);
+  gradB_ = DeviceFloats(maxInput, device_);
   in_.assign(layers_.size(), nullptr);
   out_.assign(layers_.size(), nullptr);
 }

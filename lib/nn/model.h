@@ -19,6 +19,12 @@
 // touches that slice again. The callback runs on the calling thread; it may read grads() and hand slices to
 // another thread, but must not call forward/backward or write below layerParamRange(k).offset.
 //
+// Devices: on cuda:N (Model::build with Device::cuda(N)) the arenas, activations and layers live on that GPU:
+// forward's x, the returned view, backward's gradOutput and the params()/grads() spans are device memory, which
+// host code must never dereference (lib/nn/device.h has the arena operations; hostParams() gives a host copy).
+// Initial weights are drawn on the host by the CPU layers and copied over, so a CPU and a GPU model built with
+// the same seed start bit-identical.
+//
 // Memory: activations, gradients between layers and each layer's scratch are allocated once at build for
 // maxBatch samples, and forward/backward never allocate: a smaller batch (the last one of an epoch) uses the
 // front of the same buffers, and Eigen's GEMM scratch is placed on the stack (at most 512 KiB per buffer; see
@@ -45,6 +51,7 @@
 #include <vector>
 
 #include "lib/common/aligned_buffer.h"
+#include "lib/nn/device.h"
 #include "lib/nn/layer.h"
 #include "lib/nn/spec.h"
 #include "lib/common/tensor.h"
@@ -114,12 +121,16 @@ class Model {
  public:
   // Builds layers and arenas on `device` for up to maxBatch samples and initialises parameters with PyTorch's
   // default schemes drawn from InitRng(seed) (docs/model-spec.md "Initialisation"); `seed` also seeds dropout.
-  // Throws ConfigError for a maxBatch < 1, NotBuiltError for a device without an implementation (this build has
-  // CPU layers only: "device cuda:0: layer 'linear' has no CUDA implementation in this build").
+  // Throws ConfigError for a maxBatch < 1, NotBuiltError for a layer without an implementation on the device
+  // ("device cuda:0: layer 'conv2d' has no CUDA implementation in this build", or any cuda device in a build
+  // without CUDA).
   // With a `tensor` group of more than one rank the model is this rank's tensor-parallel part
   // (lib/nn/tensor_parallel.h): the arenas hold its slices (paramTable() says which), forward/backward call the
   // group's all-reduce, and spec() stays the full model's. Throws ConfigError when the spec does not split.
   // With `stage`, the model is that pipeline stage (see above; both combine: a stage's tensor-parallel part).
+  // Tensor parallelism is CPU-only so far: a GPU model with a tensor group is refused (NotBuiltError). A GPU model
+  // may be a stage (its inputGrad() is then device memory), but the pipeline strategy runs on the CPU only
+  // (lib/train/job.cpp refuses "device": "cuda" with pipeline stages before any worker starts).
   static Model build(const ModelSpec& spec, int maxBatch, uint64_t seed, Device device = Device::cpu(),
                      std::shared_ptr<TensorGroup> tensor = {}, const StageOptions& stage = {});
   // Another instance of this model's layers over the same parameter and gradient arenas, with its own
@@ -147,7 +158,15 @@ class Model {
   std::span<float> grads() noexcept { return grads_; }
   std::span<const float> grads() const noexcept { return grads_; }
   size_t numParams() const noexcept { return params_.size(); }
-  void zeroGrad() noexcept { std::fill(grads_.begin(), grads_.end(), 0.0f); }
+  void zeroGrad();  // asynchronous on a GPU (ordered before the next kernel on the device's stream)
+
+  // The parameters as host memory, for checkpoints and weight files: the arena itself on the CPU; on a GPU a host
+  // copy made by this call (blocking), valid until the next. hostParamTensor(e) is entry e's view of that memory
+  // (call hostParams() first on a GPU). After writing into it, uploadHostParams() copies it to the device
+  // (nothing to do on the CPU). Logically const: the copy is a cache.
+  std::span<float> hostParams() const;
+  TensorView hostParamTensor(const ParamEntry& entry) const;
+  void uploadHostParams();
 
   const std::vector<ParamEntry>& paramTable() const noexcept { return table_; }
   // One parameter of paramTable() as a float32 view of its slice of params() (PyTorch's shape), e.g. to save or
@@ -193,6 +212,7 @@ class Model {
   void makeLayers(uint64_t seed);      // layers_ and the scratch, from parts_
   void allocateActivations();          // activations_, ownOutput_, gradA_/gradB_, in_/out_
   void bindArenas();                   // layers onto params_/grads_ at layerRanges_ (and tied tables)
+  void initParams(const ModelSpec& full, int first, uint64_t seed);  // the init stream, on the host
 
   ModelSpec spec_;   // this model's layers with the full model's shapes (a stage's layers for a stage)
   ModelSpec parts_;  // the layers as built: spec_ sharded over the tensor group (== spec_ without one)
@@ -202,14 +222,15 @@ class Model {
   int maxBatch_ = 0;
   bool hasRandomLayers_ = false;
   std::vector<std::unique_ptr<Layer>> layers_;
-  AlignedBuffer<float> paramArena_, gradArena_;  // empty in a replica()
-  std::span<float> params_, grads_;              // the arenas (a replica's point at its original's)
+  DeviceFloats paramArena_, gradArena_;  // on device_; empty in a replica()
+  std::span<float> params_, grads_;      // the arenas (a replica's point at its original's)
+  mutable AlignedBuffer<float> hostParams_;  // GPU models: hostParams()' copy
   std::vector<ParamEntry> table_;
   std::vector<ParamRange> layerRanges_;
   std::vector<bool> needsInputGrad_;  // some earlier layer has parameters
-  AlignedBuffer<float> activations_;  // every non-aliasing layer's output, maxBatch samples each
+  DeviceFloats activations_;  // every non-aliasing layer's output, maxBatch samples each
   std::vector<float*> ownOutput_;     // per layer: its slice of activations_ (null when aliasing)
-  AlignedBuffer<float> gradA_, gradB_;  // ping-pong buffers for gradients between layers
+  DeviceFloats gradA_, gradB_;  // ping-pong buffers for gradients between layers
   std::unique_ptr<SharedScratch> scratch_;  // backward scratch the blocks and attention layers share
   std::shared_ptr<TensorGroup> tensor_;     // the layers' tensor group (null: not tensor-parallel)
   std::vector<const float*> in_;      // per layer: its input in the last forward

@@ -11,6 +11,7 @@
 
 #include "lib/common/error.h"
 #include "lib/common/json_fields.h"
+#include "lib/nn/cuda_impl.h"
 #include "lib/nn/registry.h"
 
 namespace dtrain::nn {
@@ -189,7 +190,11 @@ void Optimizer::checkSizes(std::span<float> params, std::span<const float> grads
 }
 
 std::unique_ptr<Optimizer> Optimizer::create(const OptimizerSpec& spec, size_t numParams, Device device) {
-  requireCpu(device, fmt::format("optimizer '{}'", optimizerTypeName(spec.type)));
+  if (device.isCuda()) {
+    std::unique_ptr<Optimizer> (*factory)(const OptimizerSpec&, size_t, Device) = DTRAIN_NN_CUDA(makeOptimizer);
+    if (factory == nullptr) requireCpu(device, fmt::format("optimizer '{}'", optimizerTypeName(spec.type)));
+    return factory(spec, numParams, device);
+  }
   if (spec.type == OptimizerType::kSgd) return std::make_unique<Sgd>(spec, numParams);
   if (spec.type == OptimizerType::kAdagrad) return std::make_unique<Adagrad>(spec, numParams);
   return std::make_unique<Adam>(spec, numParams);

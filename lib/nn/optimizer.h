@@ -68,8 +68,8 @@ struct StateBuffer {
 
 class Optimizer {
  public:
-  // Its state lives on `device`, beside the arenas it updates: NotBuiltError for a device without an
-  // implementation (CPU only in this build).
+  // Its state lives on `device`, beside the arenas it updates (step() then takes device spans): NotBuiltError
+  // for cuda in a build without CUDA.
   static std::unique_ptr<Optimizer> create(const OptimizerSpec& spec, size_t numParams, Device device = Device::cpu());
   virtual ~Optimizer() = default;
 
@@ -82,8 +82,13 @@ class Optimizer {
   // Updates done so far (torch's state['step']); restore it together with the state buffers.
   int64_t steps() const noexcept { return steps_; }
   void setSteps(int64_t steps) noexcept { steps_ = steps; }
-  // The state arenas, for checkpoints: write into the spans to restore. Empty for plain SGD.
+  // The state arenas on the optimizer's device (device memory for cuda): write into the spans to restore. Empty
+  // for plain SGD.
   virtual std::vector<StateBuffer> stateBuffers() = 0;
+  // The same as host memory, for checkpoints: the arenas themselves on the CPU; for cuda a host copy made now
+  // (blocking). After writing into these spans (a resume), commitHostState() copies them to the device.
+  virtual std::vector<StateBuffer> hostStateBuffers() { return stateBuffers(); }
+  virtual void commitHostState() {}
   // Arena ranges [offset, offset + count) that get no weight decay (a second parameter group with
   // weight_decay 0, as nanoGPT builds for 1-D parameters). Ranges must be sorted and disjoint.
   void setNoDecayRanges(std::vector<std::pair<size_t, size_t>> ranges) { noDecay_ = std::move(ranges); }

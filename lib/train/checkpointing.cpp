@@ -79,18 +79,24 @@ std::optional<ResumePoint> Checkpointer::resume(nn::Model& model, nn::Optimizer&
   auto cp = ckpt::Checkpoint::open(latest.checkpoint->path);
   cp.checkSpecHash(job_.modelHash);
   const CheckpointShard shard = strategy_.checkpointShard(model);
-  // Names are the whole model's in every layout, so any layout resumes any other (docs/checkpoints.md).
+  // Names are the whole model's in every layout, so any layout resumes any other (docs/checkpoints.md). Through
+  // host memory: a GPU model's arenas are staged down, overwritten by the file and copied back, so any checkpoint
+  // resumes on any device.
   const CheckpointTensors tensors = indexCheckpoint(cp, nn::paramTableOf(job_.model));
+  model.hostParams();
   for (size_t i : shard.loadParams) {
     const auto& p = model.paramTable().at(i);
-    loadPiece(tensors.model, p.name, p, model.params().data() + p.offset);
+    loadPiece(tensors.model, p.name, p, static_cast<float*>(model.hostParamTensor(p).data));
   }
-  if (shard.loadOptimizer)
-    for (auto& buf : optimizer.stateBuffers())
+  model.uploadHostParams();
+  if (shard.loadOptimizer) {
+    for (auto& buf : optimizer.hostStateBuffers())
       for (size_t i : shard.loadParams) {
         const auto& p = model.paramTable().at(i);
         loadPiece(tensors.optimizer, stateName(buf.name, p.name), p, buf.data.data() + p.offset);
       }
+    optimizer.commitHostState();
+  }
   const auto& meta = cp.meta();
   optimizer.setSteps(meta.user.value("optimizer_steps", meta.step));
   ResumePoint r{meta.step, meta.epoch, meta.samplesConsumed, meta.worldSize,
@@ -122,10 +128,12 @@ std::filesystem::path Checkpointer::save(const nn::Model& model, nn::Optimizer& 
   const CheckpointShard shard = strategy_.checkpointShard(model);
   if (!shard.shardTag.empty()) {
     const ckpt::Metadata meta{{"format", "pt"}, {"dtrain.shard", shard.shardTag}};
+    // Host views (a GPU model's parameters and optimizer state are staged down first).
+    model.hostParams();
     std::vector<ckpt::PieceTensor> params;
     for (size_t i : shard.saveParams) {
       const auto& p = model.paramTable().at(i);
-      params.push_back({p.name, model.paramTensor(p), p.fullShape, sliceOf(p)});
+      params.push_back({p.name, model.hostParamTensor(p), p.fullShape, sliceOf(p)});
     }
     if (shard.saveModel) {
       const auto file = ckpt::piecesToWrite(params, meta);
@@ -133,13 +141,12 @@ std::filesystem::path Checkpointer::save(const nn::Model& model, nn::Optimizer& 
     }
     if (shard.saveOptimizer) {
       std::vector<ckpt::PieceTensor> state;
-      for (auto& buf : optimizer.stateBuffers())
-        for (const auto& p : params)
-          state.push_back({stateName(buf.name, p.name),
-                           TensorView::of(buf.data.data() + (static_cast<const float*>(p.piece.data) -
-                                                             model.params().data()),
-                                          p.piece.shape),
-                           p.fullShape, p.slice});
+      for (auto& buf : optimizer.hostStateBuffers())
+        for (size_t i : shard.saveParams) {
+          const auto& p = model.paramTable().at(i);
+          state.push_back({stateName(buf.name, p.name), TensorView::of(buf.data.data() + p.offset, p.shape),
+                           p.fullShape, sliceOf(p)});
+        }
       auto extra = meta;
       extra["optimizer"] = nn::optimizerTypeName(optimizer.spec().type);
       const auto file = ckpt::piecesToWrite(state, extra);
@@ -152,7 +159,8 @@ std::filesystem::path Checkpointer::save(const nn::Model& model, nn::Optimizer& 
   if (shard.shardTag.empty() && shard.saveOptimizer) {
     std::vector<ckpt::NamedTensor> state;
     const auto n = static_cast<int64_t>(model.numParams());
-    for (auto& buf : optimizer.stateBuffers()) state.push_back({buf.name, TensorView::of(buf.data.data(), Shape{n})});
+    for (auto& buf : optimizer.hostStateBuffers())
+      state.push_back({buf.name, TensorView::of(buf.data.data(), Shape{n})});
     writer.writeTensors(kOptimizerFile, state, {{"optimizer", nn::optimizerTypeName(optimizer.spec().type)}});
   }
   if (sparse_ != nullptr && shard.saveModel) {

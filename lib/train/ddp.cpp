@@ -51,7 +51,8 @@ void DdpStrategy::prepare(nn::Model& model) {
   if (!groups_.data) return;
   // Rank 0's parameters for everyone: replicas start identical whatever each rank built or loaded.
   auto params = model.params();
-  groups_.data->broadcast(TensorView::flat(params.data(), params.size()), 0);
+  // Views carry the model's device: GPU arenas go over the data group's nccl communicator without a host copy.
+  groups_.data->broadcast(TensorView::flat(params.data(), params.size(), model.device()), 0);
 
   auto floats = [](double mb) { return std::max<size_t>(1, static_cast<size_t>(mb * 1024 * 1024 / sizeof(float))); };
   buckets_ = planBuckets(model, floats(options_.firstBucketMb), floats(options_.bucketMb));
@@ -71,7 +72,7 @@ void DdpStrategy::prepare(nn::Model& model) {
     const Bucket& bk = buckets_[b];
     bucketOfLowestLayer_[static_cast<size_t>(bk.lowestLayer)] = static_cast<int>(b);
     views_.push_back(GradBucket{.index = b,
-                                .grads = TensorView::flat(grads.data() + bk.offset, bk.count),
+                                .grads = TensorView::flat(grads.data() + bk.offset, bk.count, model.device()),
                                 .offset = bk.offset,
                                 .layers = bk.layers,
                                 .last = b + 1 == buckets_.size(),
@@ -82,7 +83,7 @@ void DdpStrategy::prepare(nn::Model& model) {
   allLayers_.clear();
   for (const Bucket& bk : buckets_) allLayers_.insert(allLayers_.end(), bk.layers.begin(), bk.layers.end());
   whole_ = GradBucket{.index = 0,
-                      .grads = TensorView::flat(grads.data(), grads.size()),
+                      .grads = TensorView::flat(grads.data(), grads.size(), model.device()),
                       .offset = 0,
                       .layers = allLayers_,
                       .last = true,
@@ -142,7 +143,7 @@ bool DdpStrategy::agreeFinite(std::span<const float> values) {
 }
 
 double DdpStrategy::gradNorm(const nn::Model& model) {
-  if (!groups_.tensor) return nn::gradNorm(model.grads());
+  if (!groups_.tensor) return nn::gradNorm(model.grads(), model.device());
   const comm::BackendPtr groups[] = {groups_.tensor};
   return partsGradNorm(model, groups_.tensor->rank() == 0, groups);
 }

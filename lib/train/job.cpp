@@ -3,11 +3,15 @@
 #include <fmt/ranges.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <functional>
 
 #include "lib/ckpt/checkpoint.h"
 #include "lib/common/error.h"
 #include "lib/common/parse.h"
 #include "lib/common/json_fields.h"
+#include "lib/nn/device.h"
+#include "lib/nn/registry.h"
 #include "lib/nn/tensor_parallel.h"
 #include "lib/train/compression.h"
 #include "lib/train/layout.h"
@@ -310,6 +314,61 @@ void applySet(json& doc, const std::string& assignment, const std::string& sourc
   }
 }
 
+namespace {
+
+// What the CUDA path supports today (docs/gpu.md "What runs on a GPU"): DDP over nccl (data parallelism only), no
+// compression hooks, no dropout. The model-parallel and parameter-server strategies move host buffers (pipeline
+// activations, tensor-group all-reduces inside the layers, push/pull frames), so they stay on the CPU for now.
+void checkCudaJob(const Job& job, const std::string& src) {
+  DTRAIN_CHECK_AS(ConfigError, job.parallel.backend == "auto" || job.parallel.backend == "nccl",
+                  "{}: /parallel/backend: '{}' cannot carry GPU gradients; with \"device\": \"cuda\" use \"auto\" or "
+                  "\"nccl\"",
+                  src, job.parallel.backend);
+  DTRAIN_CHECK_AS(ConfigError, job.parallel.strategy == "ddp",
+                  "{}: /parallel/strategy: '{}' runs on the CPU only in this build; \"device\": \"cuda\" supports "
+                  "\"ddp\"",
+                  src, job.parallel.strategy);
+  DTRAIN_CHECK_AS(ConfigError, job.parallel.pipeline.stages == 1,
+                  "{}: /parallel/pipeline/stages: {} pipeline stages run on the CPU only in this build; \"device\": "
+                  "\"cuda\" supports data parallelism (stages 1) or use \"device\": \"cpu\"",
+                  src, job.parallel.pipeline.stages);
+  DTRAIN_CHECK_AS(ConfigError, job.parallel.tensor == 1,
+                  "{}: /parallel/tensor: tensor parallelism ({} ranks) runs on the CPU only in this build; \"device\": "
+                  "\"cuda\" supports \"tensor\": 1, or use \"device\": \"cpu\"",
+                  src, job.parallel.tensor);
+  DTRAIN_CHECK_AS(ConfigError, !job.parallel.compression,
+                  "{}: /parallel/compression: gradient compression runs on the CPU only in this build; remove it or "
+                  "use \"device\": \"cpu\"",
+                  src);
+  // Every layer needs a CUDA implementation: name the first that has none, before any worker starts.
+  std::function<void(const nn::LayerSpec&)> check = [&](const nn::LayerSpec& l) {
+    DTRAIN_CHECK_AS(ConfigError, l.kind != nullptr && l.kind->cuda != nullptr,
+                    "{}: {}: layer '{}' has no CUDA implementation yet (\"device\": \"cuda\"); see docs/gpu.md for "
+                    "the layers that have one",
+                    src, l.path, l.type());
+    DTRAIN_CHECK_AS(ConfigError, l.type() != "causal_self_attention" || l.p == 0.0,
+                    "{}: {}/dropout: attention dropout ({}) has no CUDA implementation yet (\"device\": \"cuda\"); "
+                    "set it to 0 (for the gpt preset: \"dropout\": 0) or use \"device\": \"cpu\"",
+                    src, l.path, l.p);
+    for (const auto& c : l.children) check(c);
+  };
+  for (const auto& l : job.model.layers) check(l);
+}
+
+}  // namespace
+
+void checkGpusForWorkers(const Job& job, int localWorkers, int visibleGpus) {
+  if (!job.device.isCuda() || localWorkers <= visibleGpus) return;
+  const char* visible = std::getenv("CUDA_VISIBLE_DEVICES");
+  DTRAIN_THROW(ConfigError,
+               "{}: /device: \"cuda\" needs one GPU per local worker: {} local worker(s) but {} GPU(s) visible ({}); "
+               "lower --nproc-per-node (or use --nproc-per-node gpu), or set \"device\": \"cpu\"",
+               job.sourceFile, localWorkers, visibleGpus,
+               visible != nullptr ? fmt::format("CUDA_VISIBLE_DEVICES={}", visible)
+                                  : std::string(visibleGpus == 0 ? "no CUDA driver or device found"
+                                                                 : "CUDA_VISIBLE_DEVICES is not set"));
+}
+
 Job loadJob(const JobArgs& args) {
   Job job;
   job.sourceFile = args.path;
@@ -326,7 +385,7 @@ Job loadJob(const JobArgs& args) {
 
   JsonFields top(job.doc, src, "", "the job");
   top.allowOnly({"name", "description", "model", "loss", "optimizer", "schedule", "lr_schedule", "data", "train",
-                 "parallel", "checkpoint", "init", "output_dir", "device", "logging"});
+                 "parallel", "checkpoint", "init", "output_dir", "device", "logging", "tf32", "precision"});
   job.name = top.string("name", file.stem().string());
   DTRAIN_CHECK_AS(ConfigError, !job.name.empty() && job.name.find('/') == std::string::npos,
                   "{}: /name: expected a non-empty name without '/', got '{}'", src, job.name);
@@ -363,10 +422,21 @@ Job loadJob(const JobArgs& args) {
     checkCompressionFitsModel(*job.parallel.compression, job.model, src, "/parallel/compression");
     checkCompressionFitsOptimizer(*job.parallel.compression, job.optimizer, src, "/parallel/compression");
   }
-  if (job.doc.contains("device")) {
-    std::string device = top.choice("device", {"cpu", "cuda"}, "device");
-    DTRAIN_CHECK_AS(ConfigError, device == "cpu",
-                    "{}: /device: the built-in trainer runs layers on the CPU in this build (expected \"cpu\")", src);
+  if (job.doc.contains("device") && top.choice("device", {"cpu", "cuda"}, "device") == "cuda") {
+    DTRAIN_CHECK_AS(ConfigError, nn::cudaBuilt(),
+                    "{}: /device: \"cuda\" needs a dtrain built with CUDA, and this one was built without it (configure "
+                    "with -DDTRAIN_WITH_CUDA=ON where nvcc and NCCL are installed; see docs/gpu.md)",
+                    src);
+    job.device = Device::cuda(0);
+    checkCudaJob(job, src);
+  }
+  job.tf32 = top.boolean("tf32", true);
+  if (job.doc.contains("precision")) {
+    const std::string precision = top.choice("precision", {"fp32", "bf16"}, "precision");
+    DTRAIN_CHECK_AS(ConfigError, precision == "fp32",
+                    "{}: /precision: \"bf16\" (bf16 compute with fp32 master weights) is not implemented yet; use "
+                    "\"fp32\" (on a GPU with \"tf32\": true, the default, for tensor-core GEMMs); see docs/gpu.md",
+                    src);
   }
   if (job.doc.contains("init")) {
     JsonFields init(job.doc["init"], src, "/init", "the init section");

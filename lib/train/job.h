@@ -154,7 +154,16 @@ struct Job {
   std::filesystem::path initFrom;   // "init": {"from": "w.safetensors"}; empty when not given
   std::filesystem::path outputDir;  // everything the run writes goes here
   std::string modelHash;            // FNV-1a of the canonical model JSON: guards checkpoint loading
+  // "device": "cpu" (default) or "cuda": each worker then computes on the GPU of its LOCAL_RANK among the visible
+  // ones (the index is set by the worker; the job holds cuda:0). "tf32": cuBLAS may use TF32 tensor cores for
+  // float32 GEMMs (default true; false for exact comparisons with the CPU). "precision": "fp32" only so far.
+  Device device;
+  bool tf32 = true;
 };
+
+// "device": "cuda" needs one visible GPU per local worker. Throws ConfigError naming the job file, both counts and
+// CUDA_VISIBLE_DEVICES when `localWorkers` exceed `visibleGpus` (none visible included); nothing for the CPU.
+void checkGpusForWorkers(const Job& job, int localWorkers, int visibleGpus);
 
 struct JobArgs {
   std::string path;

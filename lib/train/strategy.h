@@ -120,8 +120,8 @@ class Strategy {
   // are identical, so the default checks locally; model parallelism agrees over the world (a collective).
   virtual bool agreeFinite(std::span<const float> values) { return nn::allFinite(values); }
   // The global L2 norm of the model's gradients (the whole model's, each parameter once), for clipping and
-  // logging; the default is the local arena's. Collective under model parallelism.
-  virtual double gradNorm(const nn::Model& model) { return nn::gradNorm(model.grads()); }
+  // logging; the default is the local arena's (on the model's device). Collective under model parallelism.
+  virtual double gradNorm(const nn::Model& model) { return nn::gradNorm(model.grads(), model.device()); }
 
   // --- for strategies whose parameters are updated elsewhere (the parameter server, lib/train/ps_strategy.h);
   // the defaults do nothing, so DDP and local training are unchanged. ---

@@ -17,6 +17,7 @@
 #include "lib/common/timeline.h"
 #include "lib/data/batch_loader.h"
 #include "lib/data/sequence.h"
+#include "lib/nn/device.h"
 #include "lib/nn/loss.h"
 #include "lib/nn/model.h"
 #include "lib/train/baselines.h"
@@ -114,11 +115,24 @@ class TrainLoop {
   void evaluate(const StepStats& stats);
   void logInterval(StepStats& stats, bool force);
   void finish();   // final weights, the result over the ranks, onFinish
-  void writeVocabulary();
+  void writeVocabulary();  // vocab.json beside the model, for `dtrain generate` (token datasets, rank 0)
   void setUpSparseTables();  // binds the model's sparse tables to their holder, restores them on resume
   // The rank dropout masks are drawn for: the ranks of a tensor group share masks (their replicated layers must
   // agree), so it is the world rank with the tensor coordinate taken out.
-  int dropoutRank() const { return worker_.rank - strategy_->groups().coords.tensor; }  // vocab.json beside the model, for `dtrain generate` (token datasets, rank 0)
+  int dropoutRank() const { return worker_.rank - strategy_->groups().coords.tensor; }
+  Device workerDevice() const;  // cpu, or cuda:LOCAL_RANK after checking there are enough GPUs
+  // A batch as the model's device sees it: the loader's buffers on the CPU; on a GPU, blocking copies into the
+  // staging buffers (a pinned, double-buffered copy stream is future work: docs/gpu.md).
+  struct Staged {
+    const float* features;
+    TensorView targets;
+  };
+  Staged stage(const data::Batch& b, const data::Dataset& ds);
+  // Whether every value of an arena is finite, agreed over the ranks that hold other parts of the model. On a GPU
+  // (DDP only, lib/train/job.cpp) every rank holds the whole, all-reduced arena: a device reduction suffices.
+  bool agreeFinite(std::span<const float> values) {
+    return device_.isCuda() ? nn::allFinite(values, device_) : strategy_->agreeFinite(values);
+  }
 
   const Job& job_;
   const WorkerInfo& worker_;
@@ -163,7 +177,34 @@ class TrainLoop {
   bool prefetch_ = true;
   int psServers_ = 0;
   rendezvous::StorePtr roundStore_;  // this round's keys (parameter-server addresses); null alone
+  Device device_;                       // where the model, loss and optimizer compute
+  nn::DeviceFloats featuresDev_, labelsDev_;  // GPU staging (labelsDev_ holds int32 labels or float targets)
 };
+
+Device TrainLoop::workerDevice() const {
+  if (!job_.device.isCuda()) return Device::cpu();
+  // The agent checked its node before starting workers; a worker alone (or under another launcher) checks here.
+  checkGpusForWorkers(job_, std::max(worker_.localWorldSize, worker_.localRank + 1), nn::visibleGpus());
+  return Device::cuda(worker_.localRank);
+}
+
+TrainLoop::Staged TrainLoop::stage(const data::Batch& b, const data::Dataset& ds) {
+  if (device_.isCpu()) return {b.features, targetsOf(b, ds)};
+  const size_t features = static_cast<size_t>(b.size * ds.featureShape().numel());
+  const size_t labels = static_cast<size_t>(b.size * ds.labelShape().numel());
+  DTRAIN_CHECK(features <= featuresDev_.size() && labels <= labelsDev_.size(),
+               "batch of {} samples does not fit the GPU staging buffers", b.size);
+  nn::copyBytes(featuresDev_.data(), device_, b.features, Device::cpu(), features * sizeof(float));
+  const Shape shape = ds.labelShape().withBatch(b.size);
+  if (b.classLabels != nullptr) {
+    static_assert(sizeof(int32_t) == sizeof(float));
+    auto* dst = reinterpret_cast<int32_t*>(labelsDev_.data());
+    nn::copyBytes(dst, device_, b.classLabels, Device::cpu(), labels * sizeof(int32_t));
+    return {featuresDev_.data(), TensorView::of(dst, shape, device_)};
+  }
+  nn::copyBytes(labelsDev_.data(), device_, b.targets, Device::cpu(), labels * sizeof(float));
+  return {featuresDev_.data(), TensorView::of(labelsDev_.data(), shape, device_)};
+}
 
 // The process groups of this world: none alone (LocalStrategy needs no communicator).
 ProcessGroups TrainLoop::connect() {
@@ -180,6 +221,18 @@ ProcessGroups TrainLoop::connect() {
   comm::BackendOptions opts = comm::optionsFromContract(worker_);
   opts.store = prefixed;
   opts.timeout = job_.parallel.timeout;
+  if (device_.isCuda()) {
+    // Gradients and parameters travel between GPUs (nccl) in the data group; the metrics, stop votes and barriers
+    // are host values, so the world group stays a CPU backend (as PyTorch keeps a gloo group beside nccl). A GPU
+    // job is data-parallel only (lib/train/job.cpp), so the data group spans the world.
+    groups = makeProcessGroups(layout, worker_.rank, comm::createBackend("auto", opts));
+    comm::BackendOptions gpu = opts;
+    gpu.device = device_.str();
+    gpu.groupName = "gpu";
+    groups.data = comm::createBackend(job_.parallel.backend, gpu);
+    if (timeline::enabled()) timeline::setClockOffset(measureClockOffset(*groups.world, worker_.nodeRank));
+    return groups;
+  }
   auto world = comm::createBackend(job_.parallel.backend, opts);
   if (timeline::enabled()) timeline::setClockOffset(measureClockOffset(*world, worker_.nodeRank));
   // One replica per rank without model parallelism (the data group is the world); else the grid's groups.
@@ -225,8 +278,9 @@ void TrainLoop::evaluate(const StepStats& stats) {
       sums += pipeline_->evalBatch(b.features, targetsOf(b, *eval_), static_cast<int>(b.size));
       continue;
     }
-    TensorView out = model_->forward(b.features, static_cast<int>(b.size), false);
-    sums += loss_->evaluate(out, targetsOf(b, *eval_));
+    const Staged in = stage(b, *eval_);
+    TensorView out = model_->forward(in.features, static_cast<int>(b.size), false);
+    sums += loss_->evaluate(out, in.targets);
   }
   std::vector<double> v = {sums.lossSum, static_cast<double>(sums.lossCount), static_cast<double>(sums.correct),
                            static_cast<double>(sums.samples)};
@@ -254,6 +308,9 @@ void TrainLoop::setUp() {
   const bool spareCores = std::thread::hardware_concurrency() > static_cast<unsigned>(worker_.localWorldSize);
   timeline::startFromEnv(worker_.rank, worker_.nodeRank);  // before connect(): the set-up's collectives show too
   prefetch_ = job_.data.prefetch.value_or(spareCores);
+  device_ = workerDevice();
+  nn::useDevice(device_);
+  nn::setTf32(job_.tf32);
   // The eval set loads in the background while the group forms and the training set loads.
   std::future<std::shared_ptr<const data::Dataset>> evalLoad;
   if (job_.data.eval) evalLoad = std::async(std::launch::async, [&] { return data::loadDataset(*job_.data.eval); });
@@ -269,8 +326,8 @@ void TrainLoop::setUp() {
   strategy_ = makeStrategy(job_, std::move(groups),
                            {.overlapDefault = spareCores, .commHook = commHook_, .roundStore = roundStore_});
   const int64_t batch = job_.data.batchSize;
-  // The job's "device" is validated to be "cpu" (lib/train/job.cpp): the layers have CPU implementations only.
-  const Device device = Device::cpu();
+  // A GPU job is DDP only (lib/train/job.cpp): no pipeline stage and no tensor group on cuda.
+  const Device device = device_;
   pipeline_ = dynamic_cast<PipelineStrategy*>(strategy_.get());
   const ProcessGroups& built = strategy_->groups();
   tensorParallel_ = built.layout.tensor > 1;
@@ -286,6 +343,10 @@ void TrainLoop::setUp() {
   countsMetrics_ = countsMetrics_ && built.coords.tensor == 0;
   loss_ = nn::Loss::create(job_.loss, job_.model.output(), static_cast<int>(batch), device);
   checkDataFitsModel(job_, *train_, *loss_, "/data/train");
+  if (device_.isCuda()) {
+    featuresDev_ = nn::DeviceFloats(static_cast<size_t>(batch * train_->featureShape().numel()), device_);
+    labelsDev_ = nn::DeviceFloats(static_cast<size_t>(batch * train_->labelShape().numel()), device_);
+  }
   if (!job_.initFrom.empty()) {
     if (pipeline_ != nullptr || tensorParallel_) loadWeightsByName(job_.initFrom, *model_);  // its own parts
     else loadWeights(job_.initFrom, *model_);
@@ -515,7 +576,7 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
       // Nothing to learn from (a short shard after a mid-epoch resize): zero gradients (or what earlier
       // micro-batches accumulated) still take part in the step's all-reduce, layer by layer as backward would hand
       // them over. Every stage of a pipeline replica reads the same (empty) batch, so they all skip together.
-      if (micro == 0) std::fill(grads.begin(), grads.end(), 0.0f);
+      if (micro == 0) nn::zeroFloats(grads.data(), grads.size(), device_);
       if (lastMicro)
         if (const nn::LayerGradReady hook = strategy_->gradReadyHook())
           for (int k = model_->numLayers() - 1; k >= 0; --k)
@@ -530,8 +591,9 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
                                    dropoutSeed(job_.loop.seed, dropoutRank(), step_, micro));
     } else {
       if (hasDropout_) model_->reseedDropout(dropoutSeed(job_.loop.seed, dropoutRank(), step_, micro));
-      TensorView out = model_->forward(b.features, static_cast<int>(b.size), true);
-      loss = loss_->forward(out, targetsOf(b, *train_));
+      const Staged in = stage(b, *train_);
+      TensorView out = model_->forward(in.features, static_cast<int>(b.size), true);
+      loss = loss_->forward(out, in.targets);
     }
     lap(event.times.forward, "forward");
     stepLoss += loss;
@@ -551,7 +613,7 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
       if (!lossFinite && !grads.empty()) grads[0] = std::numeric_limits<float>::quiet_NaN();
     } else if (!lossFinite && hook) {
       auto poisoned = [&](int k) {
-        grads[model_->layerParamRange(k).offset] = std::numeric_limits<float>::quiet_NaN();
+        nn::setFloat(grads.data() + model_->layerParamRange(k).offset, std::numeric_limits<float>::quiet_NaN(), device_);
         hook(k);
       };
       model_->backward(loss_->backward(gradScale), poisoned, mode);
@@ -559,7 +621,7 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
       model_->backward(loss_->backward(gradScale), hook, mode);
       // Not communicated yet (no hook: finishStep reduces the whole arena; or a micro-batch before the last,
       // whose NaN stays through accumulation).
-      if (!lossFinite && !grads.empty()) grads[0] = std::numeric_limits<float>::quiet_NaN();
+      if (!lossFinite && !grads.empty()) nn::setFloat(grads.data(), std::numeric_limits<float>::quiet_NaN(), device_);
     }
     lap(event.times.backward, "backward");
     }
@@ -571,7 +633,7 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
     micro = 0;
     strategy_->finishStep();
     lap(event.times.commWait, "comm_wait");
-    const bool gradsFinite = strategy_->agreeFinite(grads);
+    const bool gradsFinite = agreeFinite(grads);
     if (gradsFinite || job_.loop.onNonFinite == LoopSettings::OnNonFinite::kStop) {
       skippedInARow_ = 0;
       if (!gradsFinite)
@@ -580,7 +642,7 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
       if (!strategy_->updatesParameters()) {  // the parameter server updated params() already
         if (job_.optimizer.clipGradNorm > 0) {
           if (pipeline_ == nullptr && !tensorParallel_) {
-            nn::clipGradNorm(grads, job_.optimizer.clipGradNorm);
+            nn::clipGradNorm(grads, job_.optimizer.clipGradNorm, device_);
           } else {
             // PyTorch's clip_grad_norm_ over the whole model's gradients, which the stages hold in parts.
             const double norm = strategy_->gradNorm(*model_);
@@ -592,7 +654,7 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
         optimizer_->step(params, grads);
       }
       // The weights are identical on every rank, so every rank stops here together.
-      if (!strategy_->agreeFinite(params)) diverged(epoch, "weights after the update");
+      if (!agreeFinite(params)) diverged(epoch, "weights after the update");
     } else {
       ++skippedSteps_;
       if (++skippedInARow_ >= job_.loop.maxSkippedSteps)

@@ -8,18 +8,21 @@
 
 namespace dtrain::train {
 
+// Host views: a GPU model's parameters are staged into host memory first (Model::hostParams).
 std::vector<ckpt::NamedTensor> parameterTensors(const nn::Model& model, std::span<const size_t> indices) {
   std::vector<ckpt::NamedTensor> out;
+  model.hostParams();
   for (size_t i : indices) {
     const auto& p = model.paramTable().at(i);
-    out.push_back({p.name, model.paramTensor(p)});
+    out.push_back({p.name, model.hostParamTensor(p)});
   }
   return out;
 }
 
 std::vector<ckpt::NamedTensor> parameterTensors(const nn::Model& model) {
   std::vector<ckpt::NamedTensor> out;
-  for (const auto& p : model.paramTable()) out.push_back({p.name, model.paramTensor(p)});
+  model.hostParams();
+  for (const auto& p : model.paramTable()) out.push_back({p.name, model.hostParamTensor(p)});
   return out;
 }
 
@@ -64,7 +67,7 @@ void loadHfGpt2(const ckpt::SafetensorsFile& file, nn::Model& model, const std::
     DTRAIN_CHECK_AS(CheckpointError, t->dtype == DType::kFloat32, "{}: tensor '{}' is {}, expected F32", path, t->name,
                     dtypeName(t->dtype));
     const auto* src = reinterpret_cast<const float*>(file.data(*t).data());
-    float* dst = model.params().data() + p.offset;
+    float* dst = static_cast<float*>(model.hostParamTensor(p).data);  // loadWeights staged the host copy
     const bool conv1d = endsWith(p.name, "attn.c_attn.weight") || endsWith(p.name, "attn.c_proj.weight") ||
                         endsWith(p.name, "mlp.c_fc.weight") || endsWith(p.name, "mlp.c_proj.weight");
     if (conv1d) {
@@ -100,11 +103,15 @@ void loadHfGpt2(const ckpt::SafetensorsFile& file, nn::Model& model, const std::
 
 void loadWeights(const std::filesystem::path& path, nn::Model& model) {
   auto file = ckpt::SafetensorsFile::open(path);
+  // Into host memory, then onto the model's device (nothing to copy on the CPU).
+  model.hostParams();
   if (isHfGpt2(file, model)) {
     loadHfGpt2(file, model, path.string());
+    model.uploadHostParams();
     return;
   }
-  for (const auto& p : model.paramTable()) file.readInto(p.name, model.paramTensor(p));
+  for (const auto& p : model.paramTable()) file.readInto(p.name, model.hostParamTensor(p));
+  model.uploadHostParams();
   DTRAIN_CHECK_AS(CheckpointError, file.tensors().size() == model.paramTable().size(),
                   "{}: holds {} tensors but the model has {} parameters (names such as {})", path.string(),
                   file.tensors().size(), model.paramTable().size(), model.paramTable().front().name);
@@ -113,14 +120,15 @@ void loadWeights(const std::filesystem::path& path, nn::Model& model) {
 void loadWeightsByName(const std::filesystem::path& path, nn::Model& model) {
   ckpt::TensorAssembler file;
   file.addFile(path);
+  const std::span<float> host = model.hostParams();  // the arena itself on the CPU
   for (const auto& p : model.paramTable()) {
     // Named as loadWeights does: the file, and the tensor the model needs from it (another model's weights).
     DTRAIN_CHECK_AS(CheckpointError, file.has(p.name), "{}: no tensor named '{}'", path.string(), p.name);
     const ckpt::Slice slice =
         p.sliceDim < 0 ? ckpt::Slice{} : ckpt::Slice{.dim = p.sliceDim, .start = p.sliceStart, .length = p.shape[p.sliceDim]};
-    file.load(p.name, p.fullShape.empty() ? p.shape : p.fullShape, slice,
-              std::span<float>(model.params().data() + p.offset, p.count));
+    file.load(p.name, p.fullShape.empty() ? p.shape : p.fullShape, slice, host.subspan(p.offset, p.count));
   }
+  model.uploadHostParams();
 }
 
 }  // namespace dtrain::train

@@ -13,6 +13,7 @@
 #include "lib/nn/loss.h"
 #include "lib/nn/model.h"
 #include "lib/nn/optimizer.h"
+#include "lib/nn/device.h"
 #include "lib/nn/registry.h"
 #include "lib/nn/spec.h"
 
@@ -48,7 +49,9 @@ TEST_CASE("every registered type round-trips parse -> paramShapes -> make -> for
     CHECK(findLayerKind(kind->name) == kind);
     REQUIRE(bool(kind->parse));
     REQUIRE(bool(kind->cpu));
-    CHECK_FALSE(bool(kind->cuda));  // no CUDA layers in this build
+    // A CUDA build has a CUDA implementation of every layer but these three; a CPU build has none.
+    const bool cpuOnly = kind->name == "conv2d" || kind->name == "maxpool2d" || kind->name == "dropout";
+    CHECK(bool(kind->cuda) == (cudaBuilt() && !cpuOnly));
 
     ModelSpec spec = exampleModel(*kind);
     const LayerSpec& ls = spec.layers.at(0);
@@ -101,8 +104,17 @@ TEST_CASE("the unknown-type message lists the registered types in registry order
 }
 
 TEST_CASE("a device without an implementation is refused with NotBuiltError, not a crash") {
-  ModelSpec spec = exampleModel(*findLayerKind("linear"));
   const Device gpu = Device::cuda(0);
+  if (cudaBuilt()) {
+    // CUDA build: the layers without a CUDA implementation are refused the same way, whatever GPUs are visible.
+    ModelSpec conv = exampleModel(*findLayerKind("conv2d"));
+    CHECK(messageOf([&] { makeLayer(conv.layers[0], {.device = gpu, .maxBatch = 2}); }) ==
+          "device cuda:0: layer 'conv2d' has no CUDA implementation in this build");
+    CHECK_THROWS_AS(Model::build(conv, 2, 1, gpu), NotBuiltError);
+    CHECK_NOTHROW(requireCpu(Device::cpu(), "the arenas"));
+    return;
+  }
+  ModelSpec spec = exampleModel(*findLayerKind("linear"));
   CHECK_THROWS_AS(makeLayer(spec.layers[0], {.device = gpu, .maxBatch = 2}), NotBuiltError);
   CHECK(messageOf([&] { makeLayer(spec.layers[0], {.device = gpu, .maxBatch = 2}); }) ==
         "device cuda:0: layer 'linear' has no CUDA implementation in this build");

@@ -196,6 +196,8 @@ RunResult run(const std::vector<std::string>& argv, const RunOptions& options) {
 }
 
 std::string dtrainBinary() {
+  // scripts/gpu-check runs prebuilt test binaries on another machine: the binary's path comes from there.
+  if (const char* b = std::getenv("DTRAIN_TEST_BINARY"); b != nullptr && *b != '\0') return b;
 #ifdef DTRAIN_BINARY
   return DTRAIN_BINARY;
 #else

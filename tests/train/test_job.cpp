@@ -6,6 +6,7 @@
 #include <fstream>
 
 #include "lib/common/error.h"
+#include "lib/nn/device.h"
 #include "lib/nn/registry.h"
 #include "lib/train/check.h"
 #include "lib/train/job.h"
@@ -272,4 +273,71 @@ TEST_CASE("machine memory is read from /proc/meminfo") {
   CHECK(m->available == 8192 * 1024);
   CHECK_FALSE(readMachineMemory(dir + "/missing"));
   CHECK(readMachineMemory()->total > 0);
+}
+
+TEST_CASE("\"device\": \"cuda\" is validated before any worker: build, backend, strategy, layers, precision") {
+  const std::string dir = testing::tempDir("job_cuda");
+  auto withDevice = [&](const std::string& extra) {
+    std::string text = kJob;
+    text.insert(text.rfind('}'), ", " + extra);
+    return JobArgs{.path = writeJob(dir, text)};
+  };
+  if (!nn::cudaBuilt()) {
+    CHECK(configErrorOf(withDevice(R"("device": "cuda")")).find("/device: \"cuda\" needs a dtrain built with CUDA") !=
+          std::string::npos);
+    return;
+  }
+  const Job job = loadJob(withDevice(R"("device": "cuda", "tf32": false)"));
+  CHECK(job.device == Device::cuda(0));
+  CHECK_FALSE(job.tf32);
+  CHECK(loadJob(withDevice(R"("device": "cpu")")).device == Device::cpu());
+  CHECK(loadJob(withDevice(R"("precision": "fp32")")).tf32);
+  CHECK(configErrorOf(withDevice(R"("device": "cuda", "parallel": {"backend": "tcp"})"))
+            .find("/parallel/backend: 'tcp' cannot carry GPU gradients") != std::string::npos);
+  CHECK(configErrorOf(withDevice(R"("device": "cuda", "parallel": {"compression": {"type": "fp16"}})"))
+            .find("/parallel/compression: gradient compression runs on the CPU only") != std::string::npos);
+  CHECK(configErrorOf(withDevice(R"("precision": "bf16")")).find("/precision: \"bf16\"") != std::string::npos);
+  std::string conv = R"({"model": {"input": [1, 6, 6], "layers": [{"type": "conv2d", "out": 2, "kernel": 3},
+    {"type": "flatten"}, {"type": "linear", "out": 3}]}, "loss": {"type": "cross_entropy"},
+    "data": {"train": {"format": "synthetic", "task": "classification", "samples": 8, "features": 36,
+    "num_classes": 3}}, "optimizer": {"type": "sgd", "lr": 0.1}, "device": "cuda"})";
+  CHECK(configErrorOf({.path = writeJob(dir, conv, "conv.json")})
+            .find("/model/layers/0: layer 'conv2d' has no CUDA implementation yet") != std::string::npos);
+  // The model-parallel and parameter-server strategies stay on the CPU: refused with the field that asks for them.
+  CHECK(configErrorOf(withDevice(R"("device": "cuda", "parallel": {"pipeline": {"stages": 2, "micro_batches": 8}})"))
+            .find("/parallel/pipeline/stages: 2 pipeline stages run on the CPU only") != std::string::npos);
+  CHECK(configErrorOf(withDevice(R"("device": "cuda", "parallel": {"tensor": 2})"))
+            .find("/parallel/tensor: tensor parallelism (2 ranks) runs on the CPU only") != std::string::npos);
+  CHECK(configErrorOf(withDevice(R"("device": "cuda", "parallel": {"strategy": "parameter_server", "servers": 1})"))
+            .find("/parallel/strategy: 'parameter_server' runs on the CPU only") != std::string::npos);
+  CHECK(loadJob(withDevice(R"("parallel": {"tensor": 2})")).parallel.tensor == 2);  // fine on the CPU
+  // Attention dropout (the gpt preset's "dropout") has no CUDA kernel yet.
+  const std::string gpt = writeJob(dir, kJob, "gpt.json");
+  const std::string preset = R"(model={"preset": "gpt", "vocab_size": 16, "block_size": 8, "n_layer": 1, "n_head": 2, "n_embd": 4)";
+  CHECK(loadJob({gpt, {preset + "}", R"(device="cuda")"}}).device == Device::cuda(0));
+  const std::string attnDropout = R"(model={"input": [8], "layers": [{"type": "embedding", "vocab_size": 16,
+    "n_embd": 4}, {"type": "causal_self_attention", "n_head": 2, "dropout": 0.1}, {"type": "lm_head",
+    "vocab_size": 16, "tied": false}]})";
+  CHECK(configErrorOf({gpt, {attnDropout, R"(device="cuda")"}})
+            .find("/model/layers/1/dropout: attention dropout (0.1) has no CUDA implementation yet") != std::string::npos);
+}
+
+TEST_CASE("checkGpusForWorkers names both counts when a node has fewer GPUs than local workers") {
+  const std::string dir = testing::tempDir("job_gpus");
+  Job cpu = loadJob({.path = writeJob(dir, kJob)});
+  CHECK_NOTHROW(checkGpusForWorkers(cpu, 8, 0));  // CPU jobs need no GPU
+  Job gpu = cpu;
+  gpu.device = Device::cuda(0);
+  CHECK_NOTHROW(checkGpusForWorkers(gpu, 2, 2));
+  try {
+    checkGpusForWorkers(gpu, 4, 2);
+    FAIL("4 workers on 2 GPUs passed");
+  } catch (const ConfigError& e) {
+    const std::string m = e.what();
+    CHECK(m.find("/device: \"cuda\" needs one GPU per local worker: 4 local worker(s) but 2 GPU(s) visible") !=
+          std::string::npos);
+    CHECK(m.find(gpu.sourceFile) == 0);
+  }
+  CHECK_THROWS_WITH_AS(checkGpusForWorkers(gpu, 1, 0), doctest::Contains("1 local worker(s) but 0 GPU(s) visible"),
+                       ConfigError);
 }

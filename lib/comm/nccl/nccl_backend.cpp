@@ -67,8 +67,8 @@ class NcclBackend;
 class NcclWork : public Work {
  public:
   // `flight`: the flight recorder's token of the call (worker_metrics.h), ended when completion is observed.
-  NcclWork(std::shared_ptr<NcclBackend> owner, gpu::Event event, Deadline deadline, uint64_t flight)
-      : owner_(std::move(owner)), event_(std::move(event)), deadline_(deadline), flight_(flight) {}
+  NcclWork(std::shared_ptr<NcclBackend> owner, gpu::Event event, Deadline deadline, uint64_t flight, const char* call)
+      : owner_(std::move(owner)), event_(std::move(event)), deadline_(deadline), flight_(flight), call_(call) {}
   void wait() override;
   bool done() override {
     if (finished_) return true;
@@ -86,6 +86,7 @@ class NcclWork : public Work {
   gpu::Event event_;
   Deadline deadline_;
   uint64_t flight_ = 0;
+  const char* call_;  // "ncclAllReduce", ...: named by every failure of this operation
   bool finished_ = false;
 };
 
@@ -94,7 +95,8 @@ class NcclBackend : public Backend {
   explicit NcclBackend(BackendOptions options)
       : Backend(std::move(options)),
         device_(deviceFor(options_)),
-        stream_(gpuFailureIsCommError([&] { return gpu::Stream(device_); })),
+        stream_(gpuFailureIsCommError([&] { return gpu::Stream(device_, /*nonBlocking=*/true); })),
+        ready_(gpuFailureIsCommError([&] { return gpu::Event(device_); })),
         barrier_(gpuFailureIsCommError([&] { return gpu::DeviceBuffer(sizeof(float), device_); })) {
     ncclUniqueId id;
     const Deadline deadline = newDeadline();
@@ -128,24 +130,25 @@ class NcclBackend : public Backend {
 
   Device device() const override { return Device::cuda(device_); }
 
-  // Waits for `event` until the deadline; aborts the communicator on failure or timeout.
-  void waitEvent(const gpu::Event& event, const Deadline& deadline) {
+  // Waits for `event` until the deadline, polling NCCL's asynchronous error meanwhile; aborts the communicator on
+  // failure or timeout, so every rank fails with `call` named instead of hanging.
+  void waitEvent(const gpu::Event& event, const Deadline& deadline, const char* call) {
     try {
       for (int spins = 0;; ++spins) {
         bool finished = false;
         try {
           finished = event.query();
         } catch (const gpu::GpuError& e) {
-          DTRAIN_THROW(CommError, "NCCL operation failed on the GPU: {}", e.what());
+          DTRAIN_THROW(CommError, "{} failed on the GPU: {}", call, e.what());
         }
         if (finished) return;
         ncclResult_t async = ncclSuccess;
         ncclCommGetAsyncError(comm_, &async);
         if (async != ncclSuccess && async != ncclInProgress)
-          DTRAIN_THROW(CommError, "NCCL reported {} ({})", ncclGetErrorString(async), ncclGetLastError(comm_));
+          DTRAIN_THROW(CommError, "{} failed: NCCL reported {} ({})", call, ncclGetErrorString(async),
+                       ncclGetLastError(comm_));
         if (deadline.expired())
-          DTRAIN_THROW(CommError, "NCCL operation timed out after {} ms (stalled or dead peer)",
-                       options_.timeout.count());
+          DTRAIN_THROW(CommError, "{} timed out after {} ms (stalled or dead peer)", call, options_.timeout.count());
         // Short operations finish within microseconds; long ones should not burn a core while polling.
         if (spins > 1000) std::this_thread::sleep_for(std::chrono::microseconds(50));
       }
@@ -198,6 +201,13 @@ class NcclBackend : public Backend {
     checkUsable();
     gpu::setDevice(device_);
     const auto stream = static_cast<cudaStream_t>(streamHandle);
+    if (streamHandle == stream_.handle()) {
+      // The communication stream is non-blocking: it is ordered after the work issued so far to the legacy default
+      // stream (where dtrain's CUDA layers compute) by an event, on the GPU, so backward keeps computing while
+      // this bucket is reduced and the host never waits to launch it.
+      ready_.record(nullptr);
+      DTRAIN_CUDA_CHECK(cudaStreamWaitEvent(stream, static_cast<cudaEvent_t>(ready_.handle()), 0));
+    }
     using K = Operation::Kind;
     const size_t count = static_cast<size_t>(op.buf.numel());
     void* buf = op.buf.data;
@@ -227,11 +237,27 @@ class NcclBackend : public Backend {
         r = ncclAllReduce(barrier_.data(), barrier_.data(), 1, ncclFloat32, ncclSum, comm_, stream);
         break;
     }
-    settle(r, "NCCL enqueue", deadline);
+    const char* call = callName(op.kind);
+    settle(r, call, deadline);
     gpu::Event event(device_);
     event.record(streamHandle);
     return std::make_shared<NcclWork>(std::static_pointer_cast<NcclBackend>(shared_from_this()), std::move(event),
-                                      deadline, flight);
+                                      deadline, flight, call);
+  }
+
+  static const char* callName(Operation::Kind kind) {
+    using K = Operation::Kind;
+    switch (kind) {
+      case K::kAllreduce: return "ncclAllReduce";
+      case K::kBroadcast: return "ncclBroadcast";
+      case K::kAllgather: return "ncclAllGather";
+      case K::kReduceScatter: return "ncclReduceScatter";
+      case K::kSend: return "ncclSend";
+      case K::kRecv: return "ncclRecv";
+      case K::kBarrier: return "ncclAllReduce (barrier)";
+      case K::kNone: break;
+    }
+    return "NCCL operation";
   }
 
   // The view says cuda; make sure the memory is (a host pointer would fail inside NCCL, less clearly).
@@ -267,7 +293,8 @@ class NcclBackend : public Backend {
   }
 
   int device_ = 0;
-  gpu::Stream stream_;          // destroyed after the barrier buffer (members go in reverse order)
+  gpu::Stream stream_;          // non-blocking; destroyed after the barrier buffer (members go in reverse order)
+  gpu::Event ready_;            // recorded on the legacy default stream before each launch on stream_
   gpu::DeviceBuffer barrier_;   // one float all-reduced by barrier()
   ncclComm_t comm_ = nullptr;
   bool aborted_ = false;
@@ -275,7 +302,7 @@ class NcclBackend : public Backend {
 
 void NcclWork::wait() {
   if (finished_) return;
-  owner_->waitEvent(event_, deadline_);
+  owner_->waitEvent(event_, deadline_, call_);
   finished_ = true;
   flightEnd(std::exchange(flight_, 0));
 }

@@ -1,0 +1,34 @@
+// Row-major GEMMs through cuBLAS, for the CUDA layers (lib/nn/cuda). No CUDA header is needed to include this.
+//
+// Every matrix is row-major (C / PyTorch contiguous) with a leading dimension (elements between rows):
+//   gemm:        C[M,N] = alpha * op(A)[M,K] * op(B)[K,N] + beta * C      (op(X) = X, or X^T when trans)
+//   gemmBatched: the same for `batch` matrices at fixed strides (cublasGemmStridedBatchedEx).
+// cuBLAS is column-major; a row-major C = op(A) op(B) is the column-major C^T = op(B)^T op(A)^T, so the calls
+// below swap the operands instead of transposing any data.
+//
+// Stream: the legacy default stream of the current GPU (where every CUDA layer computes); asynchronous.
+// Handle: one cuBLAS handle per GPU per process, created on first use (cublasCreate) and never destroyed (a
+// process-lifetime object: destroying it at exit races with the CUDA runtime's own teardown).
+// Precision: float32 in and out with float32 accumulation. TF32 tensor cores (CUBLAS_COMPUTE_32F_FAST_TF32,
+// PyTorch's allow_tf32) are used while tf32() is true, the default; setTf32(false) gives IEEE float32 products
+// for exact comparisons with the CPU (the job file's "tf32": false).
+// Thread-safety: setTf32 is a process-wide atomic; gemm calls from several threads on one GPU share its handle,
+// which cuBLAS allows only when they use the same stream (they do: the legacy default stream).
+// Errors: GpuError "<call> failed: <cuBLAS status name>" with the file:line of the check.
+#pragma once
+
+#include <cstdint>
+
+namespace dtrain::gpu {
+
+void setTf32(bool on) noexcept;
+bool tf32() noexcept;
+
+void gemm(bool transA, bool transB, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+          const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
+
+void gemmBatched(bool transA, bool transB, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                 int64_t strideA, const float* b, int64_t ldb, int64_t strideB, float beta, float* c, int64_t ldc,
+                 int64_t strideC, int64_t batch);
+
+}  // namespace dtrain::gpu

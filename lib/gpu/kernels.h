@@ -1,0 +1,98 @@
+// The CUDA kernels behind lib/nn's CUDA layers, losses and optimizers. No CUDA header is needed to include this.
+//
+// Conventions (every function):
+// - Pointers are device memory of the current GPU; matrices are row-major and contiguous unless a stride is given.
+// - Work is enqueued on the legacy default stream and the call returns at once, except the few functions that
+//   return a value to the host (documented "blocks"), which copy it back and so wait for the stream.
+// - A launch failure throws GpuError naming the kernel and the file:line of the check; a fault inside a kernel
+//   is reported by the next blocking call (CUDA's rule), whose error then names that call.
+// - Kernels are written simply, one thread per element or one block per row, and are deterministic: no float
+//   atomics, fixed reduction orders, so the same inputs give bit-identical outputs run after run (what a
+//   bitwise-identical resume needs). Speed comes second; docs/gpu.md lists what a faster version would fuse.
+// The formulas are the CPU layers' (lib/nn/*.cpp), which are PyTorch's; each function names its CPU twin.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace dtrain::gpu::kernels {
+
+// --- Elementwise and bias (layers_dense.cpp) ---
+void fill(float* p, size_t n, float value);
+// out[i] = in[i] * s (in == out allowed).
+void scale(const float* in, float* out, size_t n, float s);
+// out[i] = a[i] + b[i] (aliasing allowed).
+void add(const float* a, const float* b, float* out, size_t n);
+// y[r, c] += bias[c] for r < rows, c < cols.
+void addBias(float* y, const float* bias, int64_t rows, int64_t cols);
+// db[c] = (accumulate ? db[c] : 0) + sum_r dy[r, c], summed in row order.
+void biasGrad(const float* dy, float* db, int64_t rows, int64_t cols, bool accumulate);
+
+enum class Activation { kRelu, kGelu, kTanh, kSigmoid };
+// y = f(x). Gelu is the exact (erf) form, PyTorch's approximate='none'.
+void activationForward(Activation f, const float* x, float* y, size_t n);
+// dx = dy * f'(x): relu and tanh/sigmoid use y (as PyTorch's backward formulas do), gelu uses x.
+void activationBackward(Activation f, const float* x, const float* y, const float* dy, float* dx, size_t n);
+
+// --- LayerNorm over the last dimension d (layers_spatial.cpp LayerNorm); one block per row ---
+// y = (x - mean) * rstd (* w when w != nullptr, + b when b != nullptr too: b may be nullptr, "bias": false); mean and rstd of each row are kept for backward.
+void layerNormForward(const float* x, const float* w, const float* b, float* y, float* mean, float* rstd,
+                      int64_t rows, int64_t d, float eps);
+// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w (dx may be nullptr); with w, the weight and bias
+// gradients dw (+)= sum_r dy * xhat, db (+)= sum_r dy (summed in row order; db may be nullptr).
+void layerNormBackward(const float* x, const float* w, const float* mean, const float* rstd, const float* dy,
+                       float* dx, float* dw, float* db, int64_t rows, int64_t d, bool accumulate);
+
+// --- Embedding (layers_gpt.cpp Embedding): token ids carried as floats ---
+// y[r] = wte[token[r]] + (wpe ? wpe[r % t] : 0) for r < rows; a token outside [0, vocab) sets *badRow to the
+// smallest such r (initialise it to INT32_MAX) and writes zeros there.
+void embeddingForward(const float* tokens, const float* wte, const float* wpe, float* y, int64_t rows, int64_t t,
+                      int64_t c, int64_t vocab, int32_t* badRow);
+// gwte[token[r]] += dy[r] for every r, in row order per column (deterministic: one thread per column);
+// gwpe[p] += sum over r with r % t == p (gwpe may be nullptr). The caller zeroes them first when not accumulating.
+void embeddingBackward(const float* tokens, const float* dy, float* gwte, float* gwpe, int64_t rows, int64_t t,
+                       int64_t c, int64_t vocab);
+
+// --- Causal attention's softmax (layers_gpt.cpp CausalSelfAttention); one block per row of [count, t, t] ---
+// Row i of each [t, t] matrix: softmax of s[0..i] * scale (shifted by its maximum), zero beyond i (the mask).
+void causalSoftmaxForward(float* s, int64_t count, int64_t t, float scale);
+// In place on dp: dS = P * (dP - sum_j(dP * P)) * scale over the unmasked prefix, 0 beyond it.
+void causalSoftmaxBackward(const float* p, float* dp, int64_t count, int64_t t, float scale);
+
+// --- Losses (loss.cpp) ---
+// Cross-entropy over rows of `classes` logits with int32 or int64 labels. Writes diff = softmax - onehot (when
+// diff != nullptr), rowLoss[r] = logsumexp - logit[label] (double) and rowCorrect[r] = (argmax == label, the
+// first maximum as torch.argmax); a label outside [0, classes) sets *badRow to the smallest such row (initialise
+// it to INT32_MAX) and contributes nothing.
+void crossEntropyRows(const float* logits, const void* labels, bool labels64, int64_t rows, int64_t classes,
+                      float* diff, double* rowLoss, int32_t* rowCorrect, int32_t* badRow);
+// diff = y - t; sq[i] = (double)diff^2.
+void mseRows(const float* y, const float* t, float* diff, double* sq, size_t n);
+
+// --- Deterministic reductions (blocking: they return the value to the host). `partials` is device memory of at
+// least kReduceBlocks doubles, owned by the caller. ---
+inline constexpr int kReduceBlocks = 256;
+double sumDoubles(const double* v, size_t n, double* partials);
+int64_t sumInts(const int32_t* v, size_t n, double* partials);
+double sumSquares(const float* v, size_t n, double* partials);  // sum v^2 in double
+bool allFinite(const float* v, size_t n, double* partials);
+// Reads one int32 / one float from device memory (blocks).
+int32_t readInt(const int32_t* p);
+float readFloat(const float* p);
+
+// --- Optimizers over a slice of the arena (optimizer.cpp; compiled without FMA contraction, as the CPU's) ---
+struct SgdStep {
+  float weightDecay = 0, momentum = 0, keep = 1 /* 1 - dampening */, negLr = 0;
+  bool first = false, nesterov = false;
+};
+void sgdStep(float* p, const float* g, float* momentumBuffer, size_t n, const SgdStep& s);
+
+struct AdamStep {
+  bool decoupled = false, applyDecay = false;
+  float decay = 1 /* AdamW: 1 - lr * wd */, wd = 0 /* Adam: L2 */, beta1 = 0, keep1 = 0, beta2 = 0, keep2 = 0;
+  float negStepSize = 0, bc2Sqrt = 1, eps = 0;
+};
+// vmax may be nullptr (no amsgrad).
+void adamStep(float* p, const float* g, float* m, float* v, float* vmax, size_t n, const AdamStep& s);
+
+}  // namespace dtrain::gpu::kernels

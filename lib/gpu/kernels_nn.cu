@@ -1,0 +1,392 @@
+// Layer and loss kernels (kernels.h). Simple and deterministic: one thread per element, or one block of
+// kThreads per row with fixed-order tree reductions in shared memory.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "lib/gpu/kernels.h"
+#include "lib/gpu/launch.h"
+
+namespace dtrain::gpu::kernels {
+namespace {
+
+constexpr int kThreads = 256;  // a power of two: the tree reductions below halve it
+
+// Elementwise launches: grid-stride loops, so any n fits a bounded grid.
+unsigned blocksFor(size_t n) {
+  const size_t blocks = (n + kThreads - 1) / kThreads;
+  return static_cast<unsigned>(std::max<size_t>(1, std::min<size_t>(blocks, 1u << 20)));
+}
+unsigned rowBlocks(int64_t rows) { return static_cast<unsigned>(rows); }
+
+#define DTRAIN_GRID_STRIDE(i, n) \
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < (n); i += static_cast<size_t>(blockDim.x) * gridDim.x)
+
+// Sum of v over the block (every thread gets it); sh holds kThreads floats. Fixed order: deterministic.
+__device__ float blockSum(float v, float* sh) {
+  sh[threadIdx.x] = v;
+  __syncthreads();
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+    __syncthreads();
+  }
+  const float r = sh[0];
+  __syncthreads();
+  return r;
+}
+
+__device__ float blockMax(float v, float* sh) {
+  sh[threadIdx.x] = v;
+  __syncthreads();
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) sh[threadIdx.x] = fmaxf(sh[threadIdx.x], sh[threadIdx.x + s]);
+    __syncthreads();
+  }
+  const float r = sh[0];
+  __syncthreads();
+  return r;
+}
+
+__global__ void fillKernel(float* p, size_t n, float value) {
+  DTRAIN_GRID_STRIDE(i, n) p[i] = value;
+}
+__global__ void scaleKernel(const float* in, float* out, size_t n, float s) {
+  DTRAIN_GRID_STRIDE(i, n) out[i] = in[i] * s;
+}
+__global__ void addKernel(const float* a, const float* b, float* out, size_t n) {
+  DTRAIN_GRID_STRIDE(i, n) out[i] = a[i] + b[i];
+}
+__global__ void addBiasKernel(float* y, const float* bias, size_t n, int64_t cols) {
+  DTRAIN_GRID_STRIDE(i, n) y[i] += bias[static_cast<int64_t>(i) % cols];
+}
+// One thread per column, rows summed in order (coalesced: neighbouring threads read neighbouring columns).
+__global__ void biasGradKernel(const float* dy, float* db, int64_t rows, int64_t cols, bool accumulate) {
+  const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (c >= cols) return;
+  float acc = accumulate ? db[c] : 0.0f;
+  for (int64_t r = 0; r < rows; ++r) acc += dy[r * cols + c];
+  db[c] = acc;
+}
+
+__device__ float geluForward(float x) { return x * 0.5f * (1.0f + erff(x * static_cast<float>(M_SQRT1_2))); }
+__device__ float geluGrad(float x) {
+  const float kBeta = static_cast<float>(M_2_SQRTPI * M_SQRT1_2 * 0.5);
+  return 0.5f * (1.0f + erff(x * static_cast<float>(M_SQRT1_2))) + x * (expf(-0.5f * x * x) * kBeta);
+}
+
+__global__ void activationForwardKernel(Activation f, const float* x, float* y, size_t n) {
+  DTRAIN_GRID_STRIDE(i, n) {
+    const float v = x[i];
+    switch (f) {
+      case Activation::kRelu: y[i] = v > 0.0f ? v : 0.0f; break;
+      case Activation::kGelu: y[i] = geluForward(v); break;
+      case Activation::kTanh: y[i] = tanhf(v); break;
+      case Activation::kSigmoid: y[i] = 1.0f / (1.0f + expf(-v)); break;
+    }
+  }
+}
+
+__global__ void activationBackwardKernel(Activation f, const float* x, const float* y, const float* dy, float* dx,
+                                         size_t n) {
+  DTRAIN_GRID_STRIDE(i, n) {
+    switch (f) {
+      case Activation::kRelu: dx[i] = y[i] > 0.0f ? dy[i] : 0.0f; break;
+      case Activation::kGelu: dx[i] = dy[i] * geluGrad(x[i]); break;
+      case Activation::kTanh: dx[i] = dy[i] * (1.0f - y[i] * y[i]); break;
+      case Activation::kSigmoid: dx[i] = dy[i] * (1.0f - y[i]) * y[i]; break;
+    }
+  }
+}
+
+__global__ void layerNormForwardKernel(const float* x, const float* w, const float* b, float* y, float* mean,
+                                       float* rstd, int64_t d, float eps) {
+  __shared__ float sh[kThreads];
+  const int64_t r = blockIdx.x;
+  const float* xr = x + r * d;
+  float* yr = y + r * d;
+  float s = 0.0f;
+  for (int64_t j = threadIdx.x; j < d; j += kThreads) s += xr[j];
+  const float mu = blockSum(s, sh) / static_cast<float>(d);
+  float v = 0.0f;
+  for (int64_t j = threadIdx.x; j < d; j += kThreads) v += (xr[j] - mu) * (xr[j] - mu);
+  const float var = blockSum(v, sh) / static_cast<float>(d);
+  const float rs = 1.0f / sqrtf(var + eps);
+  if (threadIdx.x == 0) mean[r] = mu, rstd[r] = rs;
+  for (int64_t j = threadIdx.x; j < d; j += kThreads) {
+    const float xhat = (xr[j] - mu) * rs;
+    yr[j] = w != nullptr ? xhat * w[j] + (b != nullptr ? b[j] : 0.0f) : xhat;
+  }
+}
+
+__global__ void layerNormDxKernel(const float* x, const float* w, const float* mean, const float* rstd,
+                                  const float* dy, float* dx, int64_t d) {
+  __shared__ float sh[kThreads];
+  const int64_t r = blockIdx.x;
+  const float mu = mean[r], rs = rstd[r];
+  float sg = 0.0f, sgx = 0.0f;
+  for (int64_t j = threadIdx.x; j < d; j += kThreads) {
+    const float g = w != nullptr ? dy[r * d + j] * w[j] : dy[r * d + j];
+    sg += g;
+    sgx += g * ((x[r * d + j] - mu) * rs);
+  }
+  const float meanG = blockSum(sg, sh) / static_cast<float>(d);
+  const float meanGx = blockSum(sgx, sh) / static_cast<float>(d);
+  for (int64_t j = threadIdx.x; j < d; j += kThreads) {
+    const float g = w != nullptr ? dy[r * d + j] * w[j] : dy[r * d + j];
+    const float xhat = (x[r * d + j] - mu) * rs;
+    dx[r * d + j] = rs * (g - meanG - xhat * meanGx);
+  }
+}
+
+// One thread per column of the weight and bias gradients, rows in order.
+__global__ void layerNormDwKernel(const float* x, const float* mean, const float* rstd, const float* dy, float* dw,
+                                  float* db, int64_t rows, int64_t d, bool accumulate) {
+  const int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (j >= d) return;
+  float gw = accumulate ? dw[j] : 0.0f, gb = accumulate && db != nullptr ? db[j] : 0.0f;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float g = dy[r * d + j];
+    gw += g * ((x[r * d + j] - mean[r]) * rstd[r]);
+    gb += g;
+  }
+  dw[j] = gw;
+  if (db != nullptr) db[j] = gb;
+}
+
+__device__ int64_t tokenOf(float v) { return static_cast<int64_t>(rintf(v)); }
+
+__global__ void embeddingForwardKernel(const float* tokens, const float* wte, const float* wpe, float* y, size_t n,
+                                       int64_t t, int64_t c, int64_t vocab, int32_t* badRow) {
+  DTRAIN_GRID_STRIDE(i, n) {
+    const int64_t r = static_cast<int64_t>(i) / c, j = static_cast<int64_t>(i) % c;
+    const int64_t tok = tokenOf(tokens[r]);
+    if (tok < 0 || tok >= vocab) {
+      if (j == 0) atomicMin(badRow, static_cast<int32_t>(r));
+      y[i] = 0.0f;
+      continue;
+    }
+    float v = wte[tok * c + j];
+    if (wpe != nullptr) v += wpe[(r % t) * c + j];
+    y[i] = v;
+  }
+}
+
+// One thread per column: the scatter-add over rows is sequential per column, so repeated tokens add in row order
+// without atomics (deterministic; slow for long batches: docs/gpu.md).
+__global__ void embeddingTokenGradKernel(const float* tokens, const float* dy, float* gwte, int64_t rows, int64_t c,
+                                         int64_t vocab) {
+  const int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (j >= c) return;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t tok = tokenOf(tokens[r]);
+    if (tok >= 0 && tok < vocab) gwte[tok * c + j] += dy[r * c + j];
+  }
+}
+
+__global__ void embeddingPositionGradKernel(const float* dy, float* gwpe, int64_t rows, int64_t t, int64_t c) {
+  const size_t n = static_cast<size_t>(t * c);
+  DTRAIN_GRID_STRIDE(i, n) {
+    const int64_t p = static_cast<int64_t>(i) / c, j = static_cast<int64_t>(i) % c;
+    float acc = gwpe[i];
+    for (int64_t r = p; r < rows; r += t) acc += dy[r * c + j];
+    gwpe[i] = acc;
+  }
+}
+
+__global__ void causalSoftmaxForwardKernel(float* s, int64_t t, float scale) {
+  __shared__ float sh[kThreads];
+  const int64_t row = blockIdx.x;
+  const int64_t i = row % t;  // position: columns 0..i are visible
+  float* x = s + row * t;
+  float m = -INFINITY;
+  for (int64_t j = threadIdx.x; j <= i; j += kThreads) m = fmaxf(m, x[j]);
+  m = blockMax(m, sh);
+  float sum = 0.0f;
+  for (int64_t j = threadIdx.x; j <= i; j += kThreads) {
+    const float e = expf((x[j] - m) * scale);
+    x[j] = e;
+    sum += e;
+  }
+  const float inv = 1.0f / blockSum(sum, sh);
+  for (int64_t j = threadIdx.x; j < t; j += kThreads) x[j] = j <= i ? x[j] * inv : 0.0f;
+}
+
+__global__ void causalSoftmaxBackwardKernel(const float* p, float* dp, int64_t t, float scale) {
+  __shared__ float sh[kThreads];
+  const int64_t row = blockIdx.x;
+  const int64_t i = row % t;
+  const float* pr = p + row * t;
+  float* dr = dp + row * t;
+  float dot = 0.0f;
+  for (int64_t j = threadIdx.x; j <= i; j += kThreads) dot += pr[j] * dr[j];
+  dot = blockSum(dot, sh);
+  for (int64_t j = threadIdx.x; j < t; j += kThreads) dr[j] = j <= i ? pr[j] * (dr[j] - dot) * scale : 0.0f;
+}
+
+__global__ void crossEntropyKernel(const float* logits, const void* labels, bool labels64, int64_t classes,
+                                   float* diff, double* rowLoss, int32_t* rowCorrect, int32_t* badRow) {
+  __shared__ float sh[kThreads];
+  __shared__ float shv[kThreads];
+  __shared__ int64_t shi[kThreads];
+  const int64_t r = blockIdx.x;
+  const float* x = logits + r * classes;
+  const int64_t label = labels64 ? static_cast<const int64_t*>(labels)[r] : static_cast<const int32_t*>(labels)[r];
+  const bool valid = label >= 0 && label < classes;
+  // Maximum, and the first index holding it (torch.argmax): per thread in increasing j, then a tree that prefers
+  // the larger value and, on a tie, the smaller index.
+  float best = -INFINITY;
+  int64_t bestAt = classes;
+  for (int64_t j = threadIdx.x; j < classes; j += kThreads)
+    if (x[j] > best || bestAt == classes) best = x[j], bestAt = j;
+  shv[threadIdx.x] = best;
+  shi[threadIdx.x] = bestAt;
+  __syncthreads();
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) {
+      const float ov = shv[threadIdx.x + s];
+      const int64_t oi = shi[threadIdx.x + s];
+      if (oi < classes && (shi[threadIdx.x] == classes || ov > shv[threadIdx.x] ||
+                           (ov == shv[threadIdx.x] && oi < shi[threadIdx.x])))
+        shv[threadIdx.x] = ov, shi[threadIdx.x] = oi;
+    }
+    __syncthreads();
+  }
+  const float m = shv[0];
+  const int64_t argmax = shi[0];
+  __syncthreads();
+  float sum = 0.0f;
+  for (int64_t j = threadIdx.x; j < classes; j += kThreads) sum += expf(x[j] - m);
+  const float total = blockSum(sum, sh);
+  if (diff != nullptr) {
+    const float inv = 1.0f / total;
+    for (int64_t j = threadIdx.x; j < classes; j += kThreads)
+      diff[r * classes + j] = expf(x[j] - m) * inv - (valid && j == label ? 1.0f : 0.0f);
+  }
+  if (threadIdx.x == 0) {
+    if (!valid) atomicMin(badRow, static_cast<int32_t>(r));
+    rowLoss[r] = valid ? static_cast<double>(m + logf(total) - x[label]) : 0.0;
+    rowCorrect[r] = valid && argmax == label ? 1 : 0;
+  }
+}
+
+__global__ void mseKernel(const float* y, const float* t, float* diff, double* sq, size_t n) {
+  DTRAIN_GRID_STRIDE(i, n) {
+    const float d = y[i] - t[i];
+    if (diff != nullptr) diff[i] = d;
+    sq[i] = static_cast<double>(d) * static_cast<double>(d);
+  }
+}
+
+}  // namespace
+
+void fill(float* p, size_t n, float value) {
+  if (n == 0) return;
+  fillKernel<<<blocksFor(n), kThreads>>>(p, n, value);
+  DTRAIN_CU_CHECK_LAUNCH("fillKernel");
+}
+
+void scale(const float* in, float* out, size_t n, float s) {
+  if (n == 0) return;
+  scaleKernel<<<blocksFor(n), kThreads>>>(in, out, n, s);
+  DTRAIN_CU_CHECK_LAUNCH("scaleKernel");
+}
+
+void add(const float* a, const float* b, float* out, size_t n) {
+  if (n == 0) return;
+  addKernel<<<blocksFor(n), kThreads>>>(a, b, out, n);
+  DTRAIN_CU_CHECK_LAUNCH("addKernel");
+}
+
+void addBias(float* y, const float* bias, int64_t rows, int64_t cols) {
+  const size_t n = static_cast<size_t>(rows * cols);
+  if (n == 0) return;
+  addBiasKernel<<<blocksFor(n), kThreads>>>(y, bias, n, cols);
+  DTRAIN_CU_CHECK_LAUNCH("addBiasKernel");
+}
+
+void biasGrad(const float* dy, float* db, int64_t rows, int64_t cols, bool accumulate) {
+  if (cols == 0) return;
+  biasGradKernel<<<blocksFor(static_cast<size_t>(cols)), kThreads>>>(dy, db, rows, cols, accumulate);
+  DTRAIN_CU_CHECK_LAUNCH("biasGradKernel");
+}
+
+void activationForward(Activation f, const float* x, float* y, size_t n) {
+  if (n == 0) return;
+  activationForwardKernel<<<blocksFor(n), kThreads>>>(f, x, y, n);
+  DTRAIN_CU_CHECK_LAUNCH("activationForwardKernel");
+}
+
+void activationBackward(Activation f, const float* x, const float* y, const float* dy, float* dx, size_t n) {
+  if (n == 0) return;
+  activationBackwardKernel<<<blocksFor(n), kThreads>>>(f, x, y, dy, dx, n);
+  DTRAIN_CU_CHECK_LAUNCH("activationBackwardKernel");
+}
+
+void layerNormForward(const float* x, const float* w, const float* b, float* y, float* mean, float* rstd,
+                      int64_t rows, int64_t d, float eps) {
+  if (rows == 0) return;
+  layerNormForwardKernel<<<rowBlocks(rows), kThreads>>>(x, w, b, y, mean, rstd, d, eps);
+  DTRAIN_CU_CHECK_LAUNCH("layerNormForwardKernel");
+}
+
+void layerNormBackward(const float* x, const float* w, const float* mean, const float* rstd, const float* dy,
+                       float* dx, float* dw, float* db, int64_t rows, int64_t d, bool accumulate) {
+  if (rows == 0) return;
+  if (w != nullptr) {
+    layerNormDwKernel<<<blocksFor(static_cast<size_t>(d)), kThreads>>>(x, mean, rstd, dy, dw, db, rows, d, accumulate);
+    DTRAIN_CU_CHECK_LAUNCH("layerNormDwKernel");
+  }
+  if (dx != nullptr) {
+    layerNormDxKernel<<<rowBlocks(rows), kThreads>>>(x, w, mean, rstd, dy, dx, d);
+    DTRAIN_CU_CHECK_LAUNCH("layerNormDxKernel");
+  }
+}
+
+void embeddingForward(const float* tokens, const float* wte, const float* wpe, float* y, int64_t rows, int64_t t,
+                      int64_t c, int64_t vocab, int32_t* badRow) {
+  const size_t n = static_cast<size_t>(rows * c);
+  if (n == 0) return;
+  embeddingForwardKernel<<<blocksFor(n), kThreads>>>(tokens, wte, wpe, y, n, t, c, vocab, badRow);
+  DTRAIN_CU_CHECK_LAUNCH("embeddingForwardKernel");
+}
+
+void embeddingBackward(const float* tokens, const float* dy, float* gwte, float* gwpe, int64_t rows, int64_t t,
+                       int64_t c, int64_t vocab) {
+  if (rows == 0 || c == 0) return;
+  embeddingTokenGradKernel<<<blocksFor(static_cast<size_t>(c)), kThreads>>>(tokens, dy, gwte, rows, c, vocab);
+  DTRAIN_CU_CHECK_LAUNCH("embeddingTokenGradKernel");
+  if (gwpe != nullptr) {
+    embeddingPositionGradKernel<<<blocksFor(static_cast<size_t>(t * c)), kThreads>>>(dy, gwpe, rows, t, c);
+    DTRAIN_CU_CHECK_LAUNCH("embeddingPositionGradKernel");
+  }
+}
+
+void causalSoftmaxForward(float* s, int64_t count, int64_t t, float scale) {
+  if (count * t == 0) return;
+  causalSoftmaxForwardKernel<<<rowBlocks(count * t), kThreads>>>(s, t, scale);
+  DTRAIN_CU_CHECK_LAUNCH("causalSoftmaxForwardKernel");
+}
+
+void causalSoftmaxBackward(const float* p, float* dp, int64_t count, int64_t t, float scale) {
+  if (count * t == 0) return;
+  causalSoftmaxBackwardKernel<<<rowBlocks(count * t), kThreads>>>(p, dp, t, scale);
+  DTRAIN_CU_CHECK_LAUNCH("causalSoftmaxBackwardKernel");
+}
+
+void crossEntropyRows(const float* logits, const void* labels, bool labels64, int64_t rows, int64_t classes,
+                      float* diff, double* rowLoss, int32_t* rowCorrect, int32_t* badRow) {
+  if (rows == 0) return;
+  crossEntropyKernel<<<rowBlocks(rows), kThreads>>>(logits, labels, labels64, classes, diff, rowLoss, rowCorrect,
+                                                    badRow);
+  DTRAIN_CU_CHECK_LAUNCH("crossEntropyKernel");
+}
+
+void mseRows(const float* y, const float* t, float* diff, double* sq, size_t n) {
+  if (n == 0) return;
+  mseKernel<<<blocksFor(n), kThreads>>>(y, t, diff, sq, n);
+  DTRAIN_CU_CHECK_LAUNCH("mseKernel");
+}
+
+}  // namespace dtrain::gpu::kernels

@@ -1,0 +1,148 @@
+// Optimizer updates and deterministic reductions (kernels.h). Compiled with --fmad=false (lib/gpu/CMakeLists.txt):
+// the CPU optimizers (optimizer.cpp, -ffp-contract=off) and PyTorch's kernels multiply and add separately, and
+// an FMA would change the last bit of the updates.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "lib/gpu/kernels.h"
+#include "lib/gpu/launch.h"
+
+namespace dtrain::gpu::kernels {
+namespace {
+
+constexpr int kThreads = 256;
+
+unsigned blocksFor(size_t n) {
+  const size_t blocks = (n + kThreads - 1) / kThreads;
+  return static_cast<unsigned>(std::max<size_t>(1, std::min<size_t>(blocks, 1u << 20)));
+}
+
+#define DTRAIN_GRID_STRIDE(i, n) \
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < (n); i += static_cast<size_t>(blockDim.x) * gridDim.x)
+
+__global__ void sgdKernel(float* p, const float* g, float* buf, size_t n, SgdStep s) {
+  DTRAIN_GRID_STRIDE(i, n) {
+    float d = g[i];
+    if (s.weightDecay != 0.0f) d = d + s.weightDecay * p[i];
+    if (s.momentum != 0.0f) {
+      buf[i] = s.first ? d : buf[i] * s.momentum + s.keep * d;
+      d = s.nesterov ? d + s.momentum * buf[i] : buf[i];
+    }
+    p[i] = p[i] + s.negLr * d;
+  }
+}
+
+__global__ void adamKernel(float* p, const float* g, float* m, float* v, float* vmax, size_t n, AdamStep s) {
+  DTRAIN_GRID_STRIDE(i, n) {
+    float grad = g[i];
+    if (s.decoupled) {
+      if (s.applyDecay) p[i] = p[i] * s.decay;
+    } else if (s.applyDecay) {
+      grad = grad + s.wd * p[i];
+    }
+    m[i] = m[i] * s.beta1 + s.keep1 * grad;
+    v[i] = v[i] * s.beta2 + s.keep2 * grad * grad;
+    float second = v[i];
+    if (vmax != nullptr) {
+      vmax[i] = fmaxf(vmax[i], v[i]);
+      second = vmax[i];
+    }
+    const float denom = sqrtf(second) / s.bc2Sqrt + s.eps;
+    p[i] = p[i] + s.negStepSize * m[i] / denom;
+  }
+}
+
+// Reductions: each of kReduceBlocks blocks sums a fixed strided subset into partials[block] (tree order in shared
+// memory), then one block sums the partials the same way. Fixed orders: the result is the same on every run.
+struct Identity {
+  __device__ double operator()(double x) const { return x; }
+};
+struct IntValue {
+  __device__ double operator()(int32_t x) const { return static_cast<double>(x); }
+};
+struct Square {
+  __device__ double operator()(float x) const { return static_cast<double>(x) * static_cast<double>(x); }
+};
+struct NonFinite {
+  __device__ double operator()(float x) const { return isfinite(x) ? 0.0 : 1.0; }
+};
+
+__device__ double blockSumDouble(double v, double* sh) {
+  sh[threadIdx.x] = v;
+  __syncthreads();
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+    __syncthreads();
+  }
+  return sh[0];
+}
+
+template <class T, class F>
+__global__ void partialSums(const T* v, size_t n, double* partials, F f) {
+  __shared__ double sh[kThreads];
+  double acc = 0.0;
+  for (size_t i = blockIdx.x * static_cast<size_t>(kThreads) + threadIdx.x; i < n;
+       i += static_cast<size_t>(kThreads) * gridDim.x)
+    acc += f(v[i]);
+  const double total = blockSumDouble(acc, sh);
+  if (threadIdx.x == 0) partials[blockIdx.x] = total;
+}
+
+__global__ void finalSum(double* partials, int count) {
+  __shared__ double sh[kThreads];
+  double acc = 0.0;
+  for (int i = threadIdx.x; i < count; i += kThreads) acc += partials[i];
+  const double total = blockSumDouble(acc, sh);
+  __syncthreads();
+  if (threadIdx.x == 0) partials[0] = total;
+}
+
+template <class T, class F>
+double reduce(const T* v, size_t n, double* partials, F f) {
+  if (n == 0) return 0.0;
+  partialSums<<<kReduceBlocks, kThreads>>>(v, n, partials, f);
+  DTRAIN_CU_CHECK_LAUNCH("partialSums");
+  finalSum<<<1, kThreads>>>(partials, kReduceBlocks);
+  DTRAIN_CU_CHECK_LAUNCH("finalSum");
+  double out = 0.0;
+  DTRAIN_CU_CHECK(cudaMemcpy(&out, partials, sizeof(double), cudaMemcpyDeviceToHost));
+  return out;
+}
+
+}  // namespace
+
+double sumDoubles(const double* v, size_t n, double* partials) { return reduce(v, n, partials, Identity{}); }
+int64_t sumInts(const int32_t* v, size_t n, double* partials) {
+  return static_cast<int64_t>(reduce(v, n, partials, IntValue{}));
+}
+double sumSquares(const float* v, size_t n, double* partials) { return reduce(v, n, partials, Square{}); }
+bool allFinite(const float* v, size_t n, double* partials) { return reduce(v, n, partials, NonFinite{}) == 0.0; }
+
+int32_t readInt(const int32_t* p) {
+  int32_t out = 0;
+  DTRAIN_CU_CHECK(cudaMemcpy(&out, p, sizeof(out), cudaMemcpyDeviceToHost));
+  return out;
+}
+
+float readFloat(const float* p) {
+  float out = 0;
+  DTRAIN_CU_CHECK(cudaMemcpy(&out, p, sizeof(out), cudaMemcpyDeviceToHost));
+  return out;
+}
+
+void sgdStep(float* p, const float* g, float* momentumBuffer, size_t n, const SgdStep& s) {
+  if (n == 0) return;
+  sgdKernel<<<blocksFor(n), kThreads>>>(p, g, momentumBuffer, n, s);
+  DTRAIN_CU_CHECK_LAUNCH("sgdKernel");
+}
+
+void adamStep(float* p, const float* g, float* m, float* v, float* vmax, size_t n, const AdamStep& s) {
+  if (n == 0) return;
+  adamKernel<<<blocksFor(n), kThreads>>>(p, g, m, v, vmax, n, s);
+  DTRAIN_CU_CHECK_LAUNCH("adamKernel");
+}
+
+}  // namespace dtrain::gpu::kernels

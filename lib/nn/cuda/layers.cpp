@@ -1,0 +1,133 @@
+// CUDA layers: linear, the elementwise activations, flatten and layernorm (the CPU twins: layers_dense.cpp,
+// layers_spatial.cpp). GEMMs through cuBLAS (lib/gpu/blas.h), the rest through lib/gpu/kernels.h; everything on the
+// legacy default stream of the layer's GPU, asynchronous. Parameters are initialised on the host by the CPU
+// layers (Model::build), so these classes have no initParams.
+#include "lib/common/error.h"
+#include "lib/gpu/blas.h"
+#include "lib/gpu/kernels.h"
+#include "lib/nn/cuda_impl.h"
+#include "lib/nn/device.h"
+#include "lib/nn/layer.h"
+
+namespace dtrain::nn::cuda {
+namespace {
+
+namespace k = gpu::kernels;
+
+// y = x W^T + b over the last dimension, W [out, in] (nn.Linear).
+class Linear final : public Layer {
+ public:
+  Linear(const LayerSpec& spec, const LayerBuild& build)
+      : Layer(spec, build.device), in_(spec.input.back()), out_(spec.out), rows_(spec.input.numel() / in_) {}
+
+  void bind(float* params, float* grads) override {
+    w_ = params, gw_ = grads;
+    if (spec().bias) b_ = params + out_ * in_, gb_ = grads + out_ * in_;
+  }
+
+  void forward(const float* x, float* y, int batch, bool) override {
+    const int64_t rows = batch * rows_;
+    gpu::gemm(false, true, rows, out_, in_, 1.0f, x, in_, w_, in_, 0.0f, y, out_);
+    if (b_ != nullptr) k::addBias(y, b_, rows, out_);
+  }
+
+  void backward(const float* x, const float*, const float* dy, float* dx, int batch, bool accumulate) override {
+    const int64_t rows = batch * rows_;
+    gpu::gemm(true, false, out_, in_, rows, 1.0f, dy, out_, x, in_, accumulate ? 1.0f : 0.0f, gw_, in_);
+    if (gb_ != nullptr) k::biasGrad(dy, gb_, rows, out_, accumulate);
+    if (dx != nullptr) gpu::gemm(false, false, rows, in_, out_, 1.0f, dy, out_, w_, in_, 0.0f, dx, in_);
+  }
+
+ private:
+  int64_t in_, out_, rows_;
+  float* w_ = nullptr;
+  float* b_ = nullptr;
+  float* gw_ = nullptr;
+  float* gb_ = nullptr;
+};
+
+class Activation final : public Layer {
+ public:
+  Activation(const LayerSpec& spec, const LayerBuild& build, k::Activation f)
+      : Layer(spec, build.device), f_(f), numel_(static_cast<size_t>(spec.input.numel())) {}
+  void forward(const float* x, float* y, int batch, bool) override {
+    k::activationForward(f_, x, y, static_cast<size_t>(batch) * numel_);
+  }
+  void backward(const float* x, const float* y, const float* dy, float* dx, int batch, bool) override {
+    if (dx != nullptr) k::activationBackward(f_, x, y, dy, dx, static_cast<size_t>(batch) * numel_);
+  }
+
+ private:
+  k::Activation f_;
+  size_t numel_;
+};
+
+// The output is the input (the model skips it); forward/backward copy only if ever asked to with other buffers.
+class Flatten final : public Layer {
+ public:
+  Flatten(const LayerSpec& spec, const LayerBuild& build)
+      : Layer(spec, build.device), numel_(static_cast<size_t>(spec.input.numel())) {}
+  bool aliasesInput() const override { return true; }
+  void forward(const float* x, float* y, int batch, bool) override {
+    if (y != x) k::scale(x, y, static_cast<size_t>(batch) * numel_, 1.0f);
+  }
+  void backward(const float*, const float*, const float* dy, float* dx, int batch, bool) override {
+    if (dx != nullptr && dx != dy) k::scale(dy, dx, static_cast<size_t>(batch) * numel_, 1.0f);
+  }
+
+ private:
+  size_t numel_;
+};
+
+class LayerNorm final : public Layer {
+ public:
+  LayerNorm(const LayerSpec& spec, const LayerBuild& build)
+      : Layer(spec, build.device), d_(spec.input.back()), rowsPerSample_(spec.input.numel() / d_),
+        mean_(static_cast<size_t>(build.maxBatch * rowsPerSample_), build.device),
+        rstd_(static_cast<size_t>(build.maxBatch * rowsPerSample_), build.device) {}
+
+  void bind(float* params, float* grads) override {
+    if (!spec().affine) return;
+    w_ = params, gw_ = grads;
+    if (spec().bias) b_ = params + d_, gb_ = grads + d_;  // "bias": false: weight only
+  }
+
+  void forward(const float* x, float* y, int batch, bool) override {
+    k::layerNormForward(x, w_, b_, y, mean_.data(), rstd_.data(), batch * rowsPerSample_, d_,
+                        static_cast<float>(spec().eps));
+  }
+
+  void backward(const float* x, const float*, const float* dy, float* dx, int batch, bool accumulate) override {
+    k::layerNormBackward(x, w_, mean_.data(), rstd_.data(), dy, dx, gw_, gb_, batch * rowsPerSample_, d_, accumulate);
+  }
+
+ private:
+  int64_t d_, rowsPerSample_;
+  DeviceFloats mean_, rstd_;
+  float* w_ = nullptr;
+  float* b_ = nullptr;
+  float* gw_ = nullptr;
+  float* gb_ = nullptr;
+};
+
+}  // namespace
+
+std::unique_ptr<Layer> makeLinear(const LayerSpec& s, const LayerBuild& b) { return std::make_unique<Linear>(s, b); }
+std::unique_ptr<Layer> makeRelu(const LayerSpec& s, const LayerBuild& b) {
+  return std::make_unique<Activation>(s, b, k::Activation::kRelu);
+}
+std::unique_ptr<Layer> makeGelu(const LayerSpec& s, const LayerBuild& b) {
+  return std::make_unique<Activation>(s, b, k::Activation::kGelu);
+}
+std::unique_ptr<Layer> makeTanh(const LayerSpec& s, const LayerBuild& b) {
+  return std::make_unique<Activation>(s, b, k::Activation::kTanh);
+}
+std::unique_ptr<Layer> makeSigmoid(const LayerSpec& s, const LayerBuild& b) {
+  return std::make_unique<Activation>(s, b, k::Activation::kSigmoid);
+}
+std::unique_ptr<Layer> makeFlatten(const LayerSpec& s, const LayerBuild& b) { return std::make_unique<Flatten>(s, b); }
+std::unique_ptr<Layer> makeLayerNorm(const LayerSpec& s, const LayerBuild& b) {
+  return std::make_unique<LayerNorm>(s, b);
+}
+
+}  // namespace dtrain::nn::cuda

@@ -1,0 +1,244 @@
+// CUDA transformer layers: embedding, causal_self_attention, lm_head and the residual block (CPU twins in
+// layers_gpt.cpp, same math and parameter layouts). Attention is the simple, correct form: per sample, cuBLAS
+// batched GEMMs over the heads on strided views of the stacked qkv buffer, the full [T, T] score square, and a
+// masked softmax kernel; probabilities are kept for backward (maxBatch * H * T * T floats per layer). A fused,
+// memory-efficient (flash) kernel is the next step (docs/gpu.md).
+#include <fmt/format.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "lib/common/error.h"
+#include "lib/gpu/blas.h"
+#include "lib/gpu/kernels.h"
+#include "lib/nn/cuda_impl.h"
+#include "lib/nn/device.h"
+#include "lib/nn/layer.h"
+
+namespace dtrain::nn::cuda {
+namespace {
+
+namespace k = gpu::kernels;
+
+size_t sz(int64_t n) { return static_cast<size_t>(n); }
+
+class Embedding final : public Layer {
+ public:
+  Embedding(const LayerSpec& spec, const LayerBuild& build)
+      : Layer(spec, build.device), t_(spec.input[0]), c_(spec.output.back()), v_(spec.vocab),
+        badRow_(1, build.device) {}
+
+  void bind(float* params, float* grads) override {
+    wte_ = params, gwte_ = grads;
+    if (spec().position) wpe_ = params + v_ * c_, gwpe_ = grads + v_ * c_;
+  }
+
+  void forward(const float* x, float* y, int batch, bool) override {
+    int32_t* bad = reinterpret_cast<int32_t*>(badRow_.data());
+    const int32_t none = std::numeric_limits<int32_t>::max();
+    copyBytes(bad, device(), &none, Device::cpu(), sizeof(none));
+    k::embeddingForward(x, wte_, wpe_, y, batch * t_, t_, c_, v_, bad);
+    // One small blocking read per forward: a bad token id is an error naming it, as on the CPU.
+    const int32_t row = k::readInt(bad);
+    if (row != none) {
+      float token = 0;
+      copyBytes(&token, Device::cpu(), x + row, device(), sizeof(token));
+      DTRAIN_THROW(Error, "{}: token id {} at position {} is outside [0, {}) (vocab_size)", spec().path, token,
+                   row % t_, v_);
+    }
+  }
+
+  void backward(const float* x, const float*, const float* dy, float*, int batch, bool accumulate) override {
+    // A tied lm_head has already written (or added to) the token table's gradient in this backward.
+    if (!accumulate && !spec().tied) k::fill(gwte_, sz(v_ * c_), 0.0f);
+    if (!accumulate && gwpe_ != nullptr) k::fill(gwpe_, sz(t_ * c_), 0.0f);
+    k::embeddingBackward(x, dy, gwte_, gwpe_, batch * t_, t_, c_, v_);
+  }
+
+ private:
+  int64_t t_, c_, v_;
+  DeviceFloats badRow_;  // one int32: the first row with a token outside the vocabulary
+  float* wte_ = nullptr;
+  float* wpe_ = nullptr;
+  float* gwte_ = nullptr;
+  float* gwpe_ = nullptr;
+};
+
+class CausalSelfAttention final : public Layer {
+ public:
+  CausalSelfAttention(const LayerSpec& spec, const LayerBuild& build)
+      : Layer(spec, build.device), t_(spec.input[0]), c_(spec.input[1]), h_(spec.nHead), hs_(c_ / h_),
+        rows_(sz(build.maxBatch) * sz(t_)), qkv_(rows_ * sz(3 * c_), build.device), att_(rows_ * sz(c_), build.device),
+        probs_(sz(build.maxBatch) * sz(h_ * t_ * t_), build.device), dprobs_(sz(h_ * t_ * t_), build.device),
+        dqkv_(rows_ * sz(3 * c_), build.device), datt_(rows_ * sz(c_), build.device) {}
+
+  void bind(float* params, float* grads) override {
+    wAttn_ = params, gwAttn_ = grads;
+    size_t at = sz(3 * c_ * c_);
+    if (spec().bias) bAttn_ = params + at, gbAttn_ = grads + at, at += sz(3 * c_);
+    wProj_ = params + at, gwProj_ = grads + at, at += sz(c_ * c_);
+    if (spec().bias) bProj_ = params + at, gbProj_ = grads + at;
+  }
+
+  void forward(const float* x, float* y, int batch, bool) override {
+    const int64_t rows = batch * t_, c3 = 3 * c_, tt = t_ * t_;
+    float* qkv = qkv_.data();
+    gpu::gemm(false, true, rows, c3, c_, 1.0f, x, c_, wAttn_, c_, 0.0f, qkv, c3);
+    if (bAttn_ != nullptr) k::addBias(qkv, bAttn_, rows, c3);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hs_));
+    for (int b = 0; b < batch; ++b) {
+      const float* base = qkv + b * t_ * c3;  // q at column h*hs, k at C + h*hs, v at 2C + h*hs
+      float* p = probs(b);
+      // S_h = q_h k_h^T for every head h (heads hs columns apart).
+      gpu::gemmBatched(false, true, t_, t_, hs_, 1.0f, base, c3, hs_, base + c_, c3, hs_, 0.0f, p, t_, tt, h_);
+      k::causalSoftmaxForward(p, h_, t_, scale);
+      // y_h = P_h v_h into the concatenated heads.
+      gpu::gemmBatched(false, false, t_, hs_, t_, 1.0f, p, t_, tt, base + 2 * c_, c3, hs_, 0.0f,
+                       att_.data() + b * t_ * c_, c_, hs_, h_);
+    }
+    gpu::gemm(false, true, rows, c_, c_, 1.0f, att_.data(), c_, wProj_, c_, 0.0f, y, c_);
+    if (bProj_ != nullptr) k::addBias(y, bProj_, rows, c_);
+  }
+
+  void backward(const float* x, const float*, const float* dy, float* dx, int batch, bool accumulate) override {
+    const int64_t rows = batch * t_, c3 = 3 * c_, tt = t_ * t_;
+    const float beta = accumulate ? 1.0f : 0.0f;
+    gpu::gemm(true, false, c_, c_, rows, 1.0f, dy, c_, att_.data(), c_, beta, gwProj_, c_);
+    if (gbProj_ != nullptr) k::biasGrad(dy, gbProj_, rows, c_, accumulate);
+    float* datt = datt_.data();
+    gpu::gemm(false, false, rows, c_, c_, 1.0f, dy, c_, wProj_, c_, 0.0f, datt, c_);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hs_));
+    float* dp = dprobs_.data();
+    for (int b = 0; b < batch; ++b) {
+      const float* base = qkv_.data() + b * t_ * c3;
+      float* dbase = dqkv_.data() + b * t_ * c3;
+      const float* dout = datt + b * t_ * c_;
+      const float* p = probs(b);
+      // dv_h = P_h^T dOut_h;  dP_h = dOut_h v_h^T.
+      gpu::gemmBatched(true, false, t_, hs_, t_, 1.0f, p, t_, tt, dout, c_, hs_, 0.0f, dbase + 2 * c_, c3, hs_, h_);
+      gpu::gemmBatched(false, true, t_, t_, hs_, 1.0f, dout, c_, hs_, base + 2 * c_, c3, hs_, 0.0f, dp, t_, tt, h_);
+      k::causalSoftmaxBackward(p, dp, h_, t_, scale);  // dp becomes dS (scaled, masked)
+      // dq_h = dS_h k_h;  dk_h = dS_h^T q_h.
+      gpu::gemmBatched(false, false, t_, hs_, t_, 1.0f, dp, t_, tt, base + c_, c3, hs_, 0.0f, dbase, c3, hs_, h_);
+      gpu::gemmBatched(true, false, t_, hs_, t_, 1.0f, dp, t_, tt, base, c3, hs_, 0.0f, dbase + c_, c3, hs_, h_);
+    }
+    const float* dqkv = dqkv_.data();
+    gpu::gemm(true, false, c3, c_, rows, 1.0f, dqkv, c3, x, c_, beta, gwAttn_, c_);
+    if (gbAttn_ != nullptr) k::biasGrad(dqkv, gbAttn_, rows, c3, accumulate);
+    if (dx != nullptr) gpu::gemm(false, false, rows, c_, c3, 1.0f, dqkv, c3, wAttn_, c_, 0.0f, dx, c_);
+  }
+
+ private:
+  float* probs(int b) { return probs_.data() + sz(b) * sz(h_ * t_ * t_); }
+
+  int64_t t_, c_, h_, hs_;
+  size_t rows_;
+  DeviceFloats qkv_, att_, probs_, dprobs_, dqkv_, datt_;
+  float* wAttn_ = nullptr;
+  float* bAttn_ = nullptr;
+  float* wProj_ = nullptr;
+  float* bProj_ = nullptr;
+  float* gwAttn_ = nullptr;
+  float* gbAttn_ = nullptr;
+  float* gwProj_ = nullptr;
+  float* gbProj_ = nullptr;
+};
+
+class LmHead final : public Layer {
+ public:
+  LmHead(const LayerSpec& spec, const LayerBuild& build)
+      : Layer(spec, build.device), t_(spec.input[0]), c_(spec.input[1]), v_(spec.vocab) {}
+
+  void bind(float* params, float* grads) override { w_ = params, gw_ = grads; }
+  void bindTied(const float* weight, float* grad) override { w_ = weight, gw_ = grad; }
+
+  void forward(const float* x, float* y, int batch, bool) override {
+    gpu::gemm(false, true, batch * t_, v_, c_, 1.0f, x, c_, w_, c_, 0.0f, y, v_);
+  }
+
+  void backward(const float* x, const float*, const float* dy, float* dx, int batch, bool accumulate) override {
+    const int64_t rows = batch * t_;
+    gpu::gemm(true, false, v_, c_, rows, 1.0f, dy, v_, x, c_, accumulate ? 1.0f : 0.0f, gw_, c_);
+    if (dx != nullptr) gpu::gemm(false, false, rows, c_, v_, 1.0f, dy, v_, w_, c_, 0.0f, dx, c_);
+  }
+
+ private:
+  int64_t t_, c_, v_;
+  const float* w_ = nullptr;
+  float* gw_ = nullptr;
+};
+
+// y = x + f(x), f the children in sequence (CPU twin: Block in layers_gpt.cpp). Children's outputs and the
+// gradients between them live in the block's own device buffers.
+class Block final : public Layer {
+ public:
+  Block(const LayerSpec& spec, const LayerBuild& build) : Layer(spec, build.device) {
+    size_t maxIn = 0;
+    for (const auto& c : spec.children) {
+      children_.push_back(makeLayer(c, build));
+      const size_t n = sz(build.maxBatch) * sz(c.output.numel());
+      outs_.emplace_back(children_.back()->aliasesInput() ? 0 : n, build.device);
+      maxIn = std::max(maxIn, sz(build.maxBatch) * sz(c.input.numel()));
+      counts_.push_back(sz(paramCountOf(c)));
+    }
+    gradA_ = DeviceFloats(maxIn, build.device);
+    gradB_ = DeviceFloats(maxIn, build.device);
+    in_.assign(children_.size(), nullptr);
+    out_.assign(children_.size(), nullptr);
+  }
+
+  void bind(float* params, float* grads) override {
+    for (size_t i = 0; i < children_.size(); ++i) {
+      if (counts_[i] > 0) children_[i]->bind(params, grads);
+      params += counts_[i], grads += counts_[i];
+    }
+  }
+
+  void forward(const float* x, float* y, int batch, bool train) override {
+    const float* in = x;
+    for (size_t i = 0; i < children_.size(); ++i) {
+      float* out = outs_[i].size() > 0 ? outs_[i].data() : const_cast<float*>(in);
+      if (outs_[i].size() > 0) children_[i]->forward(in, out, batch, train);
+      in_[i] = in, out_[i] = out;
+      in = out;
+    }
+    k::add(x, in, y, sz(batch) * sz(spec().output.numel()));
+  }
+
+  void backward(const float*, const float*, const float* dy, float* dx, int batch, bool accumulate) override {
+    float* gradA = gradA_.data();
+    float* gradB = gradB_.data();
+    const float* g = dy;
+    for (size_t i = children_.size(); i-- > 0;) {
+      const bool aliasing = outs_[i].size() == 0;
+      float* d = nullptr;
+      if (i > 0 || dx != nullptr) d = g == gradA ? gradB : gradA;
+      if (!aliasing) children_[i]->backward(in_[i], out_[i], g, d, batch, accumulate);
+      if (!aliasing) g = d;
+    }
+    if (dx != nullptr) k::add(dy, g, dx, sz(batch) * sz(spec().input.numel()));
+  }
+
+ private:
+  std::vector<std::unique_ptr<Layer>> children_;
+  std::vector<DeviceFloats> outs_;
+  std::vector<size_t> counts_;
+  DeviceFloats gradA_, gradB_;
+  std::vector<const float*> in_;
+  std::vector<float*> out_;
+};
+
+}  // namespace
+
+std::unique_ptr<Layer> makeEmbedding(const LayerSpec& s, const LayerBuild& b) {
+  return std::make_unique<Embedding>(s, b);
+}
+std::unique_ptr<Layer> makeAttention(const LayerSpec& s, const LayerBuild& b) {
+  return std::make_unique<CausalSelfAttention>(s, b);
+}
+std::unique_ptr<Layer> makeLmHead(const LayerSpec& s, const LayerBuild& b) { return std::make_unique<LmHead>(s, b); }
+std::unique_ptr<Layer> makeBlock(const LayerSpec& s, const LayerBuild& b) { return std::make_unique<Block>(s, b); }
+
+}  // namespace dtrain::nn::cuda

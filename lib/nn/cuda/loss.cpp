@@ -1,0 +1,189 @@
+// CUDA losses (CPU twins in loss.cpp): cross_entropy over [N, C] or [N, T, C] logits, mse. Per-row values are
+// computed on the device and summed there in a fixed order (kernels.h), so the returned loss is deterministic;
+// forward and evaluate block to return it, as the CPU's do (PyTorch's loss.item()).
+#include <fmt/format.h>
+
+#include <cstdint>
+#include <limits>
+
+#include "lib/common/error.h"
+#include "lib/gpu/kernels.h"
+#include "lib/nn/cuda_impl.h"
+#include "lib/nn/device.h"
+#include "lib/nn/loss.h"
+#include "lib/nn/loss_impl.h"
+
+namespace dtrain::nn::cuda {
+namespace {
+
+namespace k = gpu::kernels;
+
+constexpr int32_t kNoRow = std::numeric_limits<int32_t>::max();
+
+void checkOnDevice(const TensorView& v, Device device, const char* what) {
+  DTRAIN_CHECK(v.device == device, "loss {} is on {}, but the loss runs on {}", what, v.device.str(), device.str());
+}
+
+void checkOutput(const TensorView& output, const Shape& perSample, int maxBatch) {
+  DTRAIN_CHECK(output.dtype == DType::kFloat32 && output.shape.rank() >= 1 && output.shape.dropFirst() == perSample,
+               "loss input is {} {}, expected float32 {}", dtypeName(output.dtype), output.shape.str(),
+               perSample.batchStr());
+  DTRAIN_CHECK(output.shape[0] >= 1 && output.shape[0] <= maxBatch, "loss batch {} outside [1, {}]", output.shape[0],
+               maxBatch);
+}
+
+// Device scratch: per-row doubles and ints, the bad-row flag and the reduction partials, carved from one buffer.
+struct Scratch {
+  Scratch(size_t rows, Device device)
+      : memory(2 * rows + rows + 2 + 2 * k::kReduceBlocks + 8, device),
+        rowValue(reinterpret_cast<double*>(memory.data())),
+        rowCorrect(reinterpret_cast<int32_t*>(memory.data() + 2 * rows)),
+        badRow(reinterpret_cast<int32_t*>(memory.data() + 3 * rows)),
+        // 8-byte aligned: cudaMalloc's base is 256-aligned and the offset is rounded to an even float count.
+        partials(reinterpret_cast<double*>(memory.data() + ((3 * rows + 2 + 1) & ~size_t{1}))) {}
+  DeviceFloats memory;
+  double* rowValue;
+  int32_t* rowCorrect;
+  int32_t* badRow;
+  double* partials;
+};
+
+class CrossEntropy final : public Loss {
+ public:
+  CrossEntropy(const Shape& outputShape, int maxBatch, Device device)
+      : Loss(LossType::kCrossEntropy, outputShape, maxBatch, device),
+        positions_(outputShape.rank() == 2 ? outputShape[0] : 1), classes_(outputShape.back()),
+        diffDev_(static_cast<size_t>(maxBatch) * static_cast<size_t>(outputShape.numel()), device),
+        gradDev_(diffDev_.size(), device), scratch_(static_cast<size_t>(maxBatch * positions_), device) {
+    detail::checkCrossEntropyOutput(outputShape);
+  }
+
+  void checkTargets(const Shape& perSample, DType dtype) const override {
+    detail::checkCrossEntropyTargets(outputShape_, perSample, dtype);
+  }
+
+  float forward(const TensorView& output, const TensorView& targets) override {
+    const int64_t n = rowsOf(output, targets);
+    run(output, targets, n, diffDev_.data());
+    lastBatch_ = static_cast<int>(output.shape[0]);
+    return static_cast<float>(k::sumDoubles(scratch_.rowValue, static_cast<size_t>(n), scratch_.partials) /
+                              static_cast<double>(n));
+  }
+
+  TensorView backward(float scale) override {
+    DTRAIN_CHECK(lastBatch_ > 0, "loss backward called before forward");
+    const int64_t count = lastBatch_ * outputShape_.numel();
+    const float factor = scale / static_cast<float>(static_cast<int64_t>(lastBatch_) * positions_);
+    k::scale(diffDev_.data(), gradDev_.data(), static_cast<size_t>(count), factor);
+    return TensorView::of(gradDev_.data(), outputShape_.withBatch(lastBatch_), device_);
+  }
+
+  EvalSums evaluate(const TensorView& output, const TensorView& targets) const override {
+    const int64_t n = rowsOf(output, targets);
+    run(output, targets, n, nullptr);
+    EvalSums s;
+    s.lossSum = k::sumDoubles(scratch_.rowValue, static_cast<size_t>(n), scratch_.partials);
+    s.lossCount = n;
+    s.samples = n;
+    s.correct = k::sumInts(scratch_.rowCorrect, static_cast<size_t>(n), scratch_.partials);
+    return s;
+  }
+
+ private:
+  int64_t rowsOf(const TensorView& output, const TensorView& targets) const {
+    checkOutput(output, outputShape_, maxBatch_);
+    checkOnDevice(output, device_, "input");
+    checkOnDevice(targets, device_, "labels");
+    const int64_t n = output.shape[0] * positions_;
+    DTRAIN_CHECK(targets.dtype == DType::kInt32 || targets.dtype == DType::kInt64,
+                 "cross_entropy labels are {}, expected int32 or int64", dtypeName(targets.dtype));
+    DTRAIN_CHECK(targets.numel() == n, "cross_entropy got {} labels for a batch of {}", targets.numel(), n);
+    return n;
+  }
+
+  // Per-row losses, correct flags and (diff != nullptr) softmax - onehot; a label outside [0, C) is the CPU's
+  // ConfigError, naming it.
+  void run(const TensorView& output, const TensorView& targets, int64_t n, float* diff) const {
+    const bool labels64 = targets.dtype == DType::kInt64;
+    copyBytes(scratch_.badRow, device_, &kNoRow, Device::cpu(), sizeof(kNoRow));
+    k::crossEntropyRows(static_cast<const float*>(output.data), targets.data, labels64, n, classes_, diff,
+                        scratch_.rowValue, scratch_.rowCorrect, scratch_.badRow);
+    const int32_t bad = k::readInt(scratch_.badRow);
+    if (bad == kNoRow) return;
+    int64_t label = 0;
+    if (labels64) {
+      copyBytes(&label, Device::cpu(), static_cast<const int64_t*>(targets.data) + bad, device_, sizeof(label));
+    } else {
+      int32_t l32 = 0;
+      copyBytes(&l32, Device::cpu(), static_cast<const int32_t*>(targets.data) + bad, device_, sizeof(l32));
+      label = l32;
+    }
+    throw ConfigError(fmt::format("label {} of batch row {} is outside [0, {}) (the model has {} outputs)", label, bad,
+                                  classes_, classes_));
+  }
+
+  int64_t positions_, classes_;
+  DeviceFloats diffDev_, gradDev_;
+  mutable Scratch scratch_;
+};
+
+class Mse final : public Loss {
+ public:
+  Mse(const Shape& outputShape, int maxBatch, Device device)
+      : Loss(LossType::kMse, outputShape, maxBatch, device),
+        diffDev_(static_cast<size_t>(maxBatch) * static_cast<size_t>(outputShape.numel()), device),
+        gradDev_(diffDev_.size(), device), scratch_(diffDev_.size(), device) {}
+
+  void checkTargets(const Shape& perSample, DType dtype) const override {
+    detail::checkMseTargets(outputShape_, perSample, dtype);
+  }
+
+  float forward(const TensorView& output, const TensorView& targets) override {
+    const size_t count = countOf(output, targets);
+    k::mseRows(static_cast<const float*>(output.data), static_cast<const float*>(targets.data), diffDev_.data(),
+               scratch_.rowValue, count);
+    lastBatch_ = static_cast<int>(output.shape[0]);
+    return static_cast<float>(k::sumDoubles(scratch_.rowValue, count, scratch_.partials) / static_cast<double>(count));
+  }
+
+  TensorView backward(float scale) override {
+    DTRAIN_CHECK(lastBatch_ > 0, "loss backward called before forward");
+    const int64_t count = lastBatch_ * outputShape_.numel();
+    k::scale(diffDev_.data(), gradDev_.data(), static_cast<size_t>(count), 2.0f * scale / static_cast<float>(count));
+    return TensorView::of(gradDev_.data(), outputShape_.withBatch(lastBatch_), device_);
+  }
+
+  EvalSums evaluate(const TensorView& output, const TensorView& targets) const override {
+    const size_t count = countOf(output, targets);
+    k::mseRows(static_cast<const float*>(output.data), static_cast<const float*>(targets.data), nullptr,
+               scratch_.rowValue, count);
+    EvalSums s;
+    s.lossSum = k::sumDoubles(scratch_.rowValue, count, scratch_.partials);
+    s.lossCount = static_cast<int64_t>(count);
+    s.samples = output.shape[0];
+    return s;
+  }
+
+ private:
+  size_t countOf(const TensorView& output, const TensorView& targets) const {
+    checkOutput(output, outputShape_, maxBatch_);
+    checkOnDevice(output, device_, "input");
+    checkOnDevice(targets, device_, "targets");
+    DTRAIN_CHECK(targets.dtype == DType::kFloat32 && targets.numel() == output.numel(),
+                 "mse targets are {} {}, expected float32 with the output's {} values", dtypeName(targets.dtype),
+                 targets.shape.str(), output.numel());
+    return static_cast<size_t>(output.numel());
+  }
+
+  DeviceFloats diffDev_, gradDev_;
+  mutable Scratch scratch_;
+};
+
+}  // namespace
+
+std::unique_ptr<Loss> makeLoss(const LossSpec& spec, const Shape& outputShape, int maxBatch, Device device) {
+  if (spec.type == LossType::kCrossEntropy) return std::make_unique<CrossEntropy>(outputShape, maxBatch, device);
+  return std::make_unique<Mse>(outputShape, maxBatch, device);
+}
+
+}  // namespace dtrain::nn::cuda

@@ -1,0 +1,137 @@
+// CUDA optimizers (CPU twins in optimizer.cpp): the same torch.optim update rules, one fused elementwise kernel
+// per parameter group over the device arena (lib/gpu/kernels_optim.cu, compiled without FMA contraction so the
+// updates round like the CPU's). State lives on the device; checkpoints read and write it through host copies
+// (hostStateBuffers / commitHostState).
+#include <algorithm>
+#include <cmath>
+
+#include "lib/common/error.h"
+#include "lib/gpu/kernels.h"
+#include "lib/nn/cuda_impl.h"
+#include "lib/nn/device.h"
+#include "lib/nn/optimizer.h"
+
+namespace dtrain::nn::cuda {
+namespace {
+
+namespace k = gpu::kernels;
+
+// Device state buffers with host mirrors for checkpoints.
+class DeviceState {
+ public:
+  void add(std::string name, size_t count, Device device) {
+    names_.push_back(std::move(name));
+    device_.emplace_back(count, device);
+    host_.emplace_back();
+  }
+  float* data(size_t i) { return device_[i].data(); }
+  std::vector<StateBuffer> deviceBuffers() {
+    std::vector<StateBuffer> out;
+    for (size_t i = 0; i < names_.size(); ++i) out.push_back({names_[i], device_[i].span()});
+    return out;
+  }
+  std::vector<StateBuffer> hostBuffers() {
+    std::vector<StateBuffer> out;
+    for (size_t i = 0; i < names_.size(); ++i) {
+      if (host_[i].size() != device_[i].size()) host_[i] = AlignedBuffer<float>(device_[i].size());
+      copyBytes(host_[i].data(), Device::cpu(), device_[i].data(), device_[i].device(), device_[i].size() * sizeof(float));
+      out.push_back({names_[i], host_[i].span()});
+    }
+    return out;
+  }
+  void commitHost() {
+    for (size_t i = 0; i < names_.size(); ++i) {
+      if (host_[i].size() != device_[i].size()) continue;  // never staged: nothing to upload
+      copyBytes(device_[i].data(), device_[i].device(), host_[i].data(), Device::cpu(), device_[i].size() * sizeof(float));
+    }
+  }
+
+ private:
+  std::vector<std::string> names_;
+  std::vector<DeviceFloats> device_;
+  std::vector<AlignedBuffer<float>> host_;
+};
+
+class Sgd final : public Optimizer {
+ public:
+  Sgd(const OptimizerSpec& spec, size_t numParams, Device device) : Optimizer(spec, numParams) {
+    if (spec.momentum != 0) state_.add("momentum_buffer", numParams, device);
+  }
+
+  void step(std::span<float> params, std::span<const float> grads) override {
+    checkSizes(params, grads);
+    k::SgdStep s;
+    s.weightDecay = static_cast<float>(spec_.weightDecay);
+    s.momentum = static_cast<float>(spec_.momentum);
+    s.keep = static_cast<float>(1.0 - spec_.dampening);
+    s.negLr = static_cast<float>(-lr_);
+    s.first = steps_ == 0;
+    s.nesterov = spec_.nesterov;
+    k::sgdStep(params.data(), grads.data(), spec_.momentum != 0 ? state_.data(0) : nullptr, numParams_, s);
+    ++steps_;
+  }
+
+  std::vector<StateBuffer> stateBuffers() override { return state_.deviceBuffers(); }
+  std::vector<StateBuffer> hostStateBuffers() override { return state_.hostBuffers(); }
+  void commitHostState() override { state_.commitHost(); }
+
+ private:
+  DeviceState state_;
+};
+
+class Adam final : public Optimizer {
+ public:
+  Adam(const OptimizerSpec& spec, size_t numParams, Device device) : Optimizer(spec, numParams) {
+    state_.add("exp_avg", numParams, device);
+    state_.add("exp_avg_sq", numParams, device);
+    if (spec.amsgrad) state_.add("max_exp_avg_sq", numParams, device);
+  }
+
+  void step(std::span<float> params, std::span<const float> grads) override {
+    checkSizes(params, grads);
+    ++steps_;
+    const double step = static_cast<double>(steps_);
+    const double bc1 = 1.0 - std::pow(spec_.beta1, step);
+    const double bc2 = 1.0 - std::pow(spec_.beta2, step);
+    k::AdamStep s;
+    s.decoupled = spec_.type == OptimizerType::kAdamW;
+    s.decay = static_cast<float>(1.0 - lr_ * spec_.weightDecay);
+    s.wd = static_cast<float>(spec_.weightDecay);
+    s.beta1 = static_cast<float>(spec_.beta1), s.keep1 = static_cast<float>(1.0 - spec_.beta1);
+    s.beta2 = static_cast<float>(spec_.beta2), s.keep2 = static_cast<float>(1.0 - spec_.beta2);
+    s.negStepSize = static_cast<float>(-(lr_ / bc1));
+    s.bc2Sqrt = static_cast<float>(std::sqrt(bc2));
+    s.eps = static_cast<float>(spec_.eps);
+    float* vmax = spec_.amsgrad ? state_.data(2) : nullptr;
+    // One launch per parameter group segment: segments in noDecay_ run with weight_decay 0 (as optimizer.cpp).
+    auto run = [&](size_t begin, size_t end, bool decayOn) {
+      if (end <= begin) return;
+      s.applyDecay = decayOn && spec_.weightDecay != 0.0;
+      k::adamStep(params.data() + begin, grads.data() + begin, state_.data(0) + begin, state_.data(1) + begin,
+                  vmax != nullptr ? vmax + begin : nullptr, end - begin, s);
+    };
+    size_t at = 0;
+    for (const auto& [offset, count] : noDecay_) {
+      run(at, std::min(offset, numParams_), true);
+      run(std::min(offset, numParams_), std::min(offset + count, numParams_), false);
+      at = std::min(offset + count, numParams_);
+    }
+    run(at, numParams_, true);
+  }
+
+  std::vector<StateBuffer> stateBuffers() override { return state_.deviceBuffers(); }
+  std::vector<StateBuffer> hostStateBuffers() override { return state_.hostBuffers(); }
+  void commitHostState() override { state_.commitHost(); }
+
+ private:
+  DeviceState state_;
+};
+
+}  // namespace
+
+std::unique_ptr<Optimizer> makeOptimizer(const OptimizerSpec& spec, size_t numParams, Device device) {
+  if (spec.type == OptimizerType::kSgd) return std::make_unique<Sgd>(spec, numParams, device);
+  return std::make_unique<Adam>(spec, numParams, device);
+}
+
+}  // namespace dtrain::nn::cuda

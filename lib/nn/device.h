@@ -1,0 +1,76 @@
+// lib/nn's view of devices: float storage that lives on the CPU or a GPU, and the few arena-wide operations the
+// trainer runs on the model's device (gradient norm, finiteness, clipping, copies), so code above lib/nn never
+// needs a CUDA header or a CUDA build.
+//
+// - DeviceFloats: an owning array of floats on `device`: 64-byte-aligned zeroed host memory (AlignedBuffer) for
+//   the CPU, cudaMalloc'd memory (zeroed) for cuda:N. Move-only; moving keeps the memory where it is.
+// - On a CUDA device every pointer these functions take is device memory of that GPU; calls that return a value
+//   to the host (gradNorm, allFinite, clipGradNorm) block until the GPU has computed it. Copies block.
+// - In a build without CUDA (DTRAIN_WITH_CUDA 0) every CUDA request throws NotBuiltError "device cuda:0: ... this
+//   dtrain was built without CUDA"; CPU requests never touch CUDA.
+// Thread-safety: none beyond CUDA's (one model per thread). Errors: NotBuiltError, UsageError (a GPU that is not
+// visible), gpu::GpuError (CUDA failures, naming the call and the file:line).
+#pragma once
+
+#include <cstddef>
+#include <memory>
+#include <span>
+#include <string>
+
+#include "lib/common/aligned_buffer.h"
+#include "lib/common/tensor.h"
+
+namespace dtrain::nn {
+
+// True when this binary was built with CUDA (lib/gpu and the CUDA layers).
+bool cudaBuilt() noexcept;
+// GPUs visible to this process (CUDA_VISIBLE_DEVICES honoured); 0 without a driver, a device or a CUDA build.
+// Never throws.
+int visibleGpus() noexcept;
+// Makes `device`'s GPU current on the calling thread (nothing for the CPU).
+void useDevice(Device device);
+// Whether cuBLAS may use TF32 tensor cores for float32 GEMMs (default true, PyTorch's allow_tf32 for cuDNN;
+// off gives IEEE float32 products, for exact comparisons with the CPU). Process-wide; no effect on the CPU.
+void setTf32(bool on);
+
+class DeviceFloats {
+ public:
+  DeviceFloats() = default;
+  DeviceFloats(size_t count, Device device);
+  ~DeviceFloats();
+  DeviceFloats(DeviceFloats&&) noexcept;
+  DeviceFloats& operator=(DeviceFloats&&) noexcept;
+  DeviceFloats(const DeviceFloats&) = delete;
+  DeviceFloats& operator=(const DeviceFloats&) = delete;
+
+  float* data() noexcept { return data_; }
+  const float* data() const noexcept { return data_; }
+  size_t size() const noexcept { return size_; }
+  std::span<float> span() noexcept { return {data_, size_}; }
+  std::span<const float> span() const noexcept { return {data_, size_}; }
+  Device device() const noexcept { return device_; }
+  // Sets every element to 0 (asynchronous on a GPU).
+  void zero();
+
+ private:
+  AlignedBuffer<float> host_;
+  std::shared_ptr<void> gpu_;  // a gpu::DeviceBuffer (CUDA builds), type-erased so no CUDA type shows here
+  float* data_ = nullptr;
+  size_t size_ = 0;
+  Device device_;
+};
+
+// Copies `bytes` between host and device memory (either side may be either); blocks until done.
+void copyBytes(void* dst, Device dstDevice, const void* src, Device srcDevice, size_t bytes);
+// Sets `count` floats at `p` on `device` to 0 (asynchronous on a GPU, on the legacy default stream).
+void zeroFloats(float* p, size_t count, Device device);
+// Writes one float at `p` on `device` (the trainer's NaN marker in a gradient slice).
+void setFloat(float* p, float value, Device device);
+// The global L2 norm (accumulated in double) and whether every value is finite: optimizer.h's gradNorm and
+// allFinite on the values' device.
+float gradNorm(std::span<const float> values, Device device);
+bool allFinite(std::span<const float> values, Device device);
+// torch.nn.utils.clip_grad_norm_ (optimizer.h's clipGradNorm) on the gradients' device.
+float clipGradNorm(std::span<float> grads, double maxNorm, Device device);
+
+}  // namespace dtrain::nn

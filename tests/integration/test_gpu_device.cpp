@@ -1,0 +1,50 @@
+// "device": "cuda" where the GPUs are missing: `dtrain run` refuses before starting any worker and `dtrain train`
+// alone before training, with exit 2 and both counts named. CUDA_VISIBLE_DEVICES="" hides every GPU, so this
+// runs the same on a machine with or without one; a build without CUDA says so instead.
+#include <doctest/doctest.h>
+
+#include <filesystem>
+#include <string>
+
+#include "tests/support/process.h"
+
+using namespace dtrain::testing;
+
+namespace {
+
+const char* kCudaJob = R"({
+  "model": {"input": [4], "layers": [{"type": "linear", "out": 8}, {"type": "relu"}, {"type": "linear", "out": 3}]},
+  "loss": {"type": "cross_entropy"},
+  "data": {"train": {"format": "synthetic", "task": "classification", "samples": 64, "features": 4, "num_classes": 3},
+           "batch_size": 8},
+  "optimizer": {"type": "sgd", "lr": 0.1},
+  "train": {"epochs": 1, "seed": 3},
+  "device": "cuda"
+})";
+
+bool builtWithCuda() { return run({dtrainBinary(), "--version"}).out.find("(cuda)") != std::string::npos; }
+
+}  // namespace
+
+TEST_CASE("device cuda without enough GPUs: a clear error naming both counts, before any worker starts (exit 2)") {
+  const std::string dir = tempDir("gpu_device");
+  writeFile(dir + "/job.json", kCudaJob);
+  const RunOptions noGpu{.env = {{"CUDA_VISIBLE_DEVICES", ""}}};
+  auto launched = run({dtrainBinary(), "run", "--standalone", "--nproc-per-node", "2", dir + "/job.json",
+                       "--output-dir", dir + "/out"},
+                      noGpu);
+  INFO(launched.err);
+  CHECK(launched.exitCode == 2);
+  CHECK(launched.err.find(dir + "/job.json") != std::string::npos);
+  if (builtWithCuda()) {
+    CHECK(launched.err.find("2 local worker(s) but 0 GPU(s) visible (CUDA_VISIBLE_DEVICES=)") != std::string::npos);
+    // No worker ran: nothing was written.
+    CHECK_FALSE(std::filesystem::exists(dir + "/out/metrics.jsonl"));
+    auto alone = run({dtrainBinary(), "train", dir + "/job.json", "--output-dir", dir + "/alone"}, noGpu);
+    INFO(alone.err);
+    CHECK(alone.exitCode == 2);
+    CHECK(alone.err.find("1 local worker(s) but 0 GPU(s) visible") != std::string::npos);
+  } else {
+    CHECK(launched.err.find("needs a dtrain built with CUDA") != std::string::npos);
+  }
+}

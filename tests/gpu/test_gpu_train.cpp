@@ -82,7 +82,12 @@ TEST_CASE("an MLP and a GPT trained on the GPU end within 1e-3 of the CPU run (T
   std::string text;
   for (int i = 0; i < 200; ++i) text += "the quick brown fox jumps over the lazy dog. ";
   writeFile(dir + "/text.txt", text);
-  for (const auto& [name, job] : {std::pair{"mlp", mlpJob()}, std::pair{"gpt", gptJob(dir + "/text.txt")}}) {
+  // The GPT compares under SGD: Adam normalises each update, so rounding-level differences in near-zero gradients
+  // become lr-sized weight differences that say nothing about the forward/backward math (AdamW itself is compared
+  // update for update in test_gpu_nn, and the resume test below runs the GPT with AdamW).
+  json gptSgd = gptJob(dir + "/text.txt");
+  gptSgd["optimizer"] = {{"type", "sgd"}, {"lr", 0.1}, {"momentum", 0.9}, {"clip_grad_norm", 1.0}};
+  for (const auto& [name, job] : {std::pair{"mlp", mlpJob()}, std::pair{"gpt", gptSgd}}) {
     CAPTURE(name);
     train(dir, job, "cpu", 12, dir + "/" + name + "_cpu");
     train(dir, job, "cuda", 12, dir + "/" + name + "_gpu");

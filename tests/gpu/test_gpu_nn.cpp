@@ -115,6 +115,7 @@ TEST_CASE("every layer with a CUDA implementation matches its CPU twin: forward,
       {R"({"type": "tanh"})", {6}},
       {R"({"type": "sigmoid"})", {6}},
       {R"({"type": "layernorm"})", {3, 300}},  // d > the kernel's 256 threads: strided rows
+      {R"({"type": "layernorm", "bias": false})", {3, 8}},  // nanoGPT's bias=False: weight only
       {R"({"type": "embedding", "vocab_size": 11, "n_embd": 8})", {5}, true},
       {R"({"type": "embedding", "vocab_size": 11, "n_embd": 8, "position": false})", {5}, true},
       {R"({"type": "causal_self_attention", "n_head": 2})", {5, 8}},

@@ -4,8 +4,8 @@
 Prints one table from one run, both sides of every comparison:
   - bf16 and TF32 GEMM rates measured with torch.matmul (8192^3): the ceilings MFU is computed against;
   - GPT-2-small shape (12 layers, 12 heads, 768 wide, block 1024, vocab 50257), batch B: step time, tokens/s, MFU
-    and peak GPU memory for dtrain (fp32 weights and activations, TF32 GEMMs: bf16 is not implemented yet) and for
-    PyTorch eager on the same model and batch (bf16 autocast, and fp32 with TF32 for the like-for-like row);
+    and peak GPU memory for dtrain ("precision": "bf16": bf16 GEMM inputs, fp32 master weights and activations; and
+    fp32 with TF32 GEMMs) and for PyTorch eager on the same model and batch (bf16 autocast, and fp32 with TF32);
   - all-reduce over the GPUs present: dtrain bench allreduce --backend nccl, and PyTorch's NCCL all_reduce on the
     same sizes (algbw and busbw as nccl-tests define them: busbw = algbw * 2 (n - 1) / n).
 """
@@ -131,14 +131,16 @@ class GpuMemory:
         self.thread.join()
 
 
-def dtrain_gpt(dtrain, batch, steps, tmp):
+def dtrain_gpt(dtrain, batch, steps, tmp, precision):
     tokens = batch * T * (steps + 6) + T + 1
     path = os.path.join(tmp, "tokens.bin")
-    header = torch.zeros(256, dtype=torch.int32)
-    header[0], header[1], header[2] = 20240520, 1, tokens  # llm.c's token file
-    with open(path, "wb") as f:
-        f.write(header.numpy().tobytes())
-        f.write(torch.randint(0, V, (tokens,), dtype=torch.int32).to(torch.int16).numpy().tobytes())
+    if not os.path.exists(path):
+        header = torch.zeros(256, dtype=torch.int32)
+        header[0], header[1], header[2] = 20240520, 1, tokens  # llm.c's token file
+        with open(path, "wb") as f:
+            f.write(header.numpy().tobytes())
+            f.write(torch.randint(0, V, (tokens,), dtype=torch.int32).to(torch.int16).numpy().tobytes())
+    out = os.path.join(tmp, "out-" + precision)
     warm = 3
     job = {
         "model": {"preset": "gpt", "vocab_size": V, "block_size": T, "n_layer": L, "n_head": H, "n_embd": C,
@@ -147,17 +149,17 @@ def dtrain_gpt(dtrain, batch, steps, tmp):
         "data": {"train": {"format": "tokens", "path": path}, "batch_size": batch, "shuffle": False},
         "optimizer": {"type": "adamw", "lr": 6e-4, "weight_decay_on": "matrices"},
         "train": {"epochs": 1, "seed": 1, "max_steps": warm + steps, "log_every": 1},
-        "checkpoint": False, "device": "cuda", "tf32": True,
+        "checkpoint": False, "device": "cuda", "tf32": True, "precision": precision,
     }
     with open(os.path.join(tmp, "job.json"), "w") as f:
         json.dump(job, f)
     with GpuMemory() as mem:
-        r = subprocess.run([dtrain, "train", os.path.join(tmp, "job.json"), "--output-dir", os.path.join(tmp, "out")],
+        r = subprocess.run([dtrain, "train", os.path.join(tmp, "job.json"), "--output-dir", out],
                            capture_output=True, text=True, timeout=300)
     if r.returncode != 0:
         print(r.stderr[-3000:], file=sys.stderr)
         raise SystemExit(f"dtrain train failed (exit {r.returncode})")
-    rows = [json.loads(l) for l in open(os.path.join(tmp, "out", "metrics.jsonl")) if l.strip()]
+    rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if l.strip()]
     t = {row["step"]: row["time_s"] for row in rows if "time_s" in row and "step" in row}
     dt = (t[warm + steps] - t[warm]) / steps
     params = 12 * (12 * C * C + 13 * C) + V * C + T * C + 2 * C  # the gpt preset with bias and a tied head
@@ -202,20 +204,23 @@ def main():
     print(f"\n== GPT-2-small shape (L{L} H{H} C{C} T{T} V{V}), batch {a.batch} = {tokens} tokens/step, "
           f"{a.steps} timed steps after 3 warm-up ==")
     print(f"{'side':<34}{'step ms':>9}{'tokens/s':>11}{'MFU bf16':>10}{'MFU tf32':>10}{'peak GiB':>10}")
-    rows = []
+    rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            rows.append(("dtrain (fp32, TF32 GEMMs)",) + dtrain_gpt(a.dtrain, a.batch, a.steps, tmp))
-        except Exception as e:  # keep the PyTorch rows: they say what the machine does
-            print(f"dtrain row failed: {e}")
-    for name, use_bf16 in (("PyTorch eager (bf16 autocast)", True), ("PyTorch eager (fp32, TF32)", False)):
-        rows.append((name,) + torch_gpt(a.batch, a.steps, use_bf16))
-    for name, dt, params, peak in rows:
+        for key, name, precision in (("dtrain bf16", "dtrain (bf16 GEMMs, fp32 master)", "bf16"),
+                                     ("dtrain fp32", "dtrain (fp32, TF32 GEMMs)", "fp32")):
+            try:
+                rows[key] = (name,) + dtrain_gpt(a.dtrain, a.batch, a.steps, tmp, precision)
+            except Exception as e:  # keep the other rows: they say what the machine does
+                print(f"{name} row failed: {e}")
+    for key, name, use_bf16 in (("torch bf16", "PyTorch eager (bf16 autocast)", True),
+                                ("torch fp32", "PyTorch eager (fp32, TF32)", False)):
+        rows[key] = (name,) + torch_gpt(a.batch, a.steps, use_bf16)
+    for name, dt, params, peak in rows.values():
         fpt = flops_per_token(params) * tokens / dt / 1e12
         print(f"{name:<34}{dt * 1e3:>9.1f}{tokens / dt:>11.0f}{fpt / bf16:>10.1%}{fpt / tf32:>10.1%}{peak:>10.1f}")
-    if len(rows) == 3:
-        print(f"dtrain / PyTorch eager tokens/s: {rows[1][1] / rows[0][1]:.2f}x (vs bf16), "
-              f"{rows[2][1] / rows[0][1]:.2f}x (vs fp32+TF32)")
+    for mine, theirs in (("dtrain bf16", "torch bf16"), ("dtrain fp32", "torch fp32")):
+        if mine in rows and theirs in rows:  # tokens/s ratio = inverse step-time ratio
+            print(f"{rows[mine][0]} / {rows[theirs][0]} tokens/s: {rows[theirs][1] / rows[mine][1]:.2f}x")
 
     print(f"\n== all-reduce, float32 sum, {a.gpus} GPU(s) ==")
     sizes = [1 << p for p in range(20, 31, 2)]  # 1 MiB .. 1 GiB

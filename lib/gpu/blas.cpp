@@ -6,9 +6,12 @@
 #include <atomic>
 #include <limits>
 #include <mutex>
+#include <unordered_map>
 
 #include "lib/gpu/check.h"
 #include "lib/gpu/device.h"
+#include "lib/gpu/kernels.h"
+#include "lib/gpu/memory.h"
 
 // cuBLAS calls return cublasStatus_t: the same shape of check as DTRAIN_CUDA_CHECK.
 #define DTRAIN_CUBLAS_CHECK(expr)                                                                          \
@@ -23,6 +26,7 @@ namespace dtrain::gpu {
 namespace {
 
 std::atomic<bool> gTf32{true};
+std::atomic<bool> gBf16{false};
 
 // One handle per GPU index, created on first use on that GPU (made current by the caller).
 cublasHandle_t handleFor(int device) {
@@ -43,20 +47,60 @@ cublasComputeType_t computeType() {
   return gTf32.load(std::memory_order_relaxed) ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
 }
 
+// Elements a row-major operand of `rows` x `cols` with leading dimension ld spans, over `batch` matrices `stride`
+// apart: what the bf16 copy must cover (the gaps between rows are converted too; they are never read).
+size_t operandSpan(int64_t rows, int64_t cols, int64_t ld, int64_t stride, int64_t batch) {
+  if (rows == 0 || cols == 0 || batch == 0) return 0;
+  return static_cast<size_t>((batch - 1) * stride + (rows - 1) * ld + cols);
+}
+
+// The bf16 copies of A and B: per thread and GPU, grown to the largest operand seen.
+struct Bf16Scratch {
+  DeviceBuffer a, b;
+};
+void* bf16Copy(const float* x, size_t count, bool first) {
+  thread_local std::unordered_map<int, Bf16Scratch> scratch;
+  const int device = currentDevice();
+  DeviceBuffer& buf = first ? scratch[device].a : scratch[device].b;
+  const size_t bytes = count * 2;
+  if (buf.bytes() < bytes) buf = DeviceBuffer(bytes + bytes / 4, device);  // freeing the old one synchronises
+  kernels::toBf16(x, buf.data(), count);
+  return buf.data();
+}
+
+// The operands as cuBLAS gets them: float32 as they are, or bf16 copies.
+struct Operands {
+  const void* a;
+  const void* b;
+  cudaDataType_t type;
+  cublasComputeType_t compute;
+};
+Operands operands(bool transA, bool transB, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                  int64_t strideA, const float* b, int64_t ldb, int64_t strideB, int64_t batch) {
+  if (!gBf16.load(std::memory_order_relaxed) || k == 0) return {a, b, CUDA_R_32F, computeType()};
+  // Stored row-major: A is [m, k] ([k, m] when transposed), B is [k, n] ([n, k]).
+  const size_t spanA = transA ? operandSpan(k, m, lda, strideA, batch) : operandSpan(m, k, lda, strideA, batch);
+  const size_t spanB = transB ? operandSpan(n, k, ldb, strideB, batch) : operandSpan(k, n, ldb, strideB, batch);
+  return {bf16Copy(a, spanA, true), bf16Copy(b, spanB, false), CUDA_R_16BF, CUBLAS_COMPUTE_32F};
+}
+
 }  // namespace
 
 void setTf32(bool on) noexcept { gTf32.store(on); }
 bool tf32() noexcept { return gTf32.load(); }
+void setBf16(bool on) noexcept { gBf16.store(on); }
+bool bf16() noexcept { return gBf16.load(); }
 
 void gemm(bool transA, bool transB, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
           const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
   cublasHandle_t h = handleFor(currentDevice());
+  const Operands op = operands(transA, transB, m, n, k, a, lda, 0, b, ldb, 0, 1);
   // Row-major C = op(A) op(B)  <=>  column-major C^T = op(B)^T op(A)^T: B first, dimensions n x m.
   DTRAIN_CUBLAS_CHECK(cublasGemmEx(h, transB ? CUBLAS_OP_T : CUBLAS_OP_N, transA ? CUBLAS_OP_T : CUBLAS_OP_N,
-                                   checkedInt(n, "n"), checkedInt(m, "m"), checkedInt(k, "k"), &alpha, b, CUDA_R_32F,
-                                   checkedInt(ldb, "ldb"), a, CUDA_R_32F, checkedInt(lda, "lda"), &beta, c,
-                                   CUDA_R_32F, checkedInt(ldc, "ldc"), computeType(), CUBLAS_GEMM_DEFAULT));
+                                   checkedInt(n, "n"), checkedInt(m, "m"), checkedInt(k, "k"), &alpha, op.b, op.type,
+                                   checkedInt(ldb, "ldb"), op.a, op.type, checkedInt(lda, "lda"), &beta, c,
+                                   CUDA_R_32F, checkedInt(ldc, "ldc"), op.compute, CUBLAS_GEMM_DEFAULT));
 }
 
 void gemmBatched(bool transA, bool transB, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
@@ -64,11 +108,12 @@ void gemmBatched(bool transA, bool transB, int64_t m, int64_t n, int64_t k, floa
                  int64_t strideC, int64_t batch) {
   if (m == 0 || n == 0 || batch == 0) return;
   cublasHandle_t h = handleFor(currentDevice());
+  const Operands op = operands(transA, transB, m, n, k, a, lda, strideA, b, ldb, strideB, batch);
   DTRAIN_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
       h, transB ? CUBLAS_OP_T : CUBLAS_OP_N, transA ? CUBLAS_OP_T : CUBLAS_OP_N, checkedInt(n, "n"),
-      checkedInt(m, "m"), checkedInt(k, "k"), &alpha, b, CUDA_R_32F, checkedInt(ldb, "ldb"), strideB, a, CUDA_R_32F,
+      checkedInt(m, "m"), checkedInt(k, "k"), &alpha, op.b, op.type, checkedInt(ldb, "ldb"), strideB, op.a, op.type,
       checkedInt(lda, "lda"), strideA, &beta, c, CUDA_R_32F, checkedInt(ldc, "ldc"), strideC,
-      checkedInt(batch, "batch"), computeType(), CUBLAS_GEMM_DEFAULT));
+      checkedInt(batch, "batch"), op.compute, CUBLAS_GEMM_DEFAULT));
 }
 
 }  // namespace dtrain::gpu

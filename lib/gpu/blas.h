@@ -9,11 +9,17 @@
 // Stream: the legacy default stream of the current GPU (where every CUDA layer computes); asynchronous.
 // Handle: one cuBLAS handle per GPU per process, created on first use (cublasCreate) and never destroyed (a
 // process-lifetime object: destroying it at exit races with the CUDA runtime's own teardown).
-// Precision: float32 in and out with float32 accumulation. TF32 tensor cores (CUBLAS_COMPUTE_32F_FAST_TF32,
-// PyTorch's allow_tf32) are used while tf32() is true, the default; setTf32(false) gives IEEE float32 products
-// for exact comparisons with the CPU (the job file's "tf32": false).
-// Thread-safety: setTf32 is a process-wide atomic; gemm calls from several threads on one GPU share its handle,
-// which cuBLAS allows only when they use the same stream (they do: the legacy default stream).
+// Precision: the operands and C are float32 in memory and accumulation is float32 in every mode.
+// - TF32 tensor cores (CUBLAS_COMPUTE_32F_FAST_TF32, PyTorch's allow_tf32) are used while tf32() is true, the
+//   default; setTf32(false) gives IEEE float32 products for exact comparisons with the CPU ("tf32": false).
+// - While bf16() is true ("precision": "bf16"), A and B are first rounded to bfloat16 (round to nearest even)
+//   into a per-thread, per-GPU scratch buffer that grows to the largest operand seen (then stays: no allocation
+//   in the steady state), and cuBLAS multiplies bf16 x bf16 on tensor cores with CUBLAS_COMPUTE_32F (float32
+//   accumulation and float32 C, as PyTorch's bf16 matmul with allow_bf16_reduced_precision_reduction off).
+//   bf16 takes precedence over tf32. The conversion and the GEMM run on the same stream, so the scratch is reused
+//   safely by the next call.
+// Thread-safety: setTf32/setBf16 are process-wide atomics; gemm calls from several threads on one GPU share its
+// handle, which cuBLAS allows only when they use the same stream (they do: the legacy default stream).
 // Errors: GpuError "<call> failed: <cuBLAS status name>" with the file:line of the check.
 #pragma once
 
@@ -23,6 +29,8 @@ namespace dtrain::gpu {
 
 void setTf32(bool on) noexcept;
 bool tf32() noexcept;
+void setBf16(bool on) noexcept;
+bool bf16() noexcept;
 
 void gemm(bool transA, bool transB, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
           const float* b, int64_t ldb, float beta, float* c, int64_t ldc);

@@ -34,6 +34,11 @@ void activationForward(Activation f, const float* x, float* y, size_t n);
 // dx = dy * f'(x): relu and tanh/sigmoid use y (as PyTorch's backward formulas do), gelu uses x.
 void activationBackward(Activation f, const float* x, const float* y, const float* dy, float* dx, size_t n);
 
+// --- bf16 (the GEMM inputs of "precision": "bf16", lib/gpu/blas.cpp) ---
+// y[i] = x[i] rounded to bfloat16, to nearest even (__float2bfloat16_rn, as PyTorch's .to(torch.bfloat16)); y
+// holds n 2-byte values (device memory, at least 2 * n bytes).
+void toBf16(const float* x, void* y, size_t n);
+
 // --- LayerNorm over the last dimension d (layers_spatial.cpp LayerNorm); one block per row ---
 // y = (x - mean) * rstd (* w when w != nullptr, + b when b != nullptr too: b may be nullptr, "bias": false); mean and rstd of each row are kept for backward.
 void layerNormForward(const float* x, const float* w, const float* b, float* y, float* mean, float* rstd,

@@ -1,5 +1,6 @@
 // Layer and loss kernels (kernels.h). Simple and deterministic: one thread per element, or one block of
 // kThreads per row with fixed-order tree reductions in shared memory.
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -54,6 +55,9 @@ __global__ void fillKernel(float* p, size_t n, float value) {
 }
 __global__ void scaleKernel(const float* in, float* out, size_t n, float s) {
   DTRAIN_GRID_STRIDE(i, n) out[i] = in[i] * s;
+}
+__global__ void toBf16Kernel(const float* x, __nv_bfloat16* y, size_t n) {
+  DTRAIN_GRID_STRIDE(i, n) y[i] = __float2bfloat16_rn(x[i]);
 }
 __global__ void addKernel(const float* a, const float* b, float* out, size_t n) {
   DTRAIN_GRID_STRIDE(i, n) out[i] = a[i] + b[i];
@@ -285,6 +289,12 @@ void fill(float* p, size_t n, float value) {
   if (n == 0) return;
   fillKernel<<<blocksFor(n), kThreads>>>(p, n, value);
   DTRAIN_CU_CHECK_LAUNCH("fillKernel");
+}
+
+void toBf16(const float* x, void* y, size_t n) {
+  if (n == 0) return;
+  toBf16Kernel<<<blocksFor(n), kThreads>>>(x, static_cast<__nv_bfloat16*>(y), n);
+  DTRAIN_CU_CHECK_LAUNCH("toBf16Kernel");
 }
 
 void scale(const float* in, float* out, size_t n, float s) {

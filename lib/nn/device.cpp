@@ -12,6 +12,7 @@
 #include "lib/gpu/device.h"
 #include "lib/gpu/kernels.h"
 #include "lib/gpu/memory.h"
+#include "lib/gpu/staging.h"
 #endif
 
 namespace dtrain::nn {
@@ -64,6 +65,14 @@ void setTf32(bool on) {
 #endif
 }
 
+void setBf16(bool on) {
+#if DTRAIN_WITH_CUDA
+  gpu::setBf16(on);
+#else
+  (void)on;
+#endif
+}
+
 DeviceFloats::DeviceFloats(size_t count, Device device) : size_(count), device_(device) {
   if (device.isCpu()) {
     host_ = AlignedBuffer<float>(count);
@@ -96,6 +105,26 @@ void zeroFloats(float* p, size_t count, Device device) {
   gpu::kernels::fill(p, count, 0.0f);
 #else
   notBuilt(device, "zeroing device memory");
+#endif
+}
+
+HostStaging::HostStaging(size_t maxBytes, Device device) {
+  if (device.isCpu()) return;
+#if DTRAIN_WITH_CUDA
+  gpu_ = std::make_shared<gpu::HostStaging>(maxBytes, device.index);
+#else
+  (void)maxBytes;
+  notBuilt(device, "pinned staging");
+#endif
+}
+
+void HostStaging::toDevice(void* dst, const void* src, size_t bytes) {
+  if (gpu_ == nullptr) {
+    if (bytes > 0) std::memcpy(dst, src, bytes);
+    return;
+  }
+#if DTRAIN_WITH_CUDA
+  static_cast<gpu::HostStaging*>(gpu_.get())->toDevice(dst, src, bytes);
 #endif
 }
 

@@ -32,6 +32,11 @@ void useDevice(Device device);
 // Whether cuBLAS may use TF32 tensor cores for float32 GEMMs (default true, PyTorch's allow_tf32 for cuDNN;
 // off gives IEEE float32 products, for exact comparisons with the CPU). Process-wide; no effect on the CPU.
 void setTf32(bool on);
+// "precision": "bf16": GPU GEMMs round their float32 inputs to bfloat16 and multiply on bf16 tensor cores with
+// float32 accumulation and output (lib/gpu/blas.h); everything else (parameters, gradients, activations in
+// memory, LayerNorm and softmax statistics, losses, optimizer) stays float32. Process-wide; takes precedence over
+// setTf32; no effect on the CPU (whose layers compute in float32 only).
+void setBf16(bool on);
 
 class DeviceFloats {
  public:
@@ -58,6 +63,19 @@ class DeviceFloats {
   float* data_ = nullptr;
   size_t size_ = 0;
   Device device_;
+};
+
+// Host -> device copies of batches through pinned host memory, asynchronous for the host and ordered on the
+// stream the layers compute on (lib/gpu/staging.h: two pinned slots, each reused only once its previous copy is
+// done). On the CPU (or empty) toDevice is a plain memcpy. Move-only; not thread-safe.
+class HostStaging {
+ public:
+  HostStaging() = default;
+  HostStaging(size_t maxBytes, Device device);
+  void toDevice(void* dst, const void* src, size_t bytes);
+
+ private:
+  std::shared_ptr<void> gpu_;  // a gpu::HostStaging (CUDA builds)
 };
 
 // Copies `bytes` between host and device memory (either side may be either); blocks until done.

@@ -156,9 +156,13 @@ struct Job {
   std::string modelHash;            // FNV-1a of the canonical model JSON: guards checkpoint loading
   // "device": "cpu" (default) or "cuda": each worker then computes on the GPU of its LOCAL_RANK among the visible
   // ones (the index is set by the worker; the job holds cuda:0). "tf32": cuBLAS may use TF32 tensor cores for
-  // float32 GEMMs (default true; false for exact comparisons with the CPU). "precision": "fp32" only so far.
+  // float32 GEMMs (default true; false for exact comparisons with the CPU). "precision": "fp32" (default) or
+  // "bf16" (GPU only: bf16 GEMM inputs, float32 master weights, accumulation, statistics and gradient
+  // all-reduces; nn::setBf16, docs/gpu.md).
   Device device;
   bool tf32 = true;
+  enum class Precision { kFp32, kBf16 };
+  Precision precision = Precision::kFp32;
 };
 
 // "device": "cuda" needs one visible GPU per local worker. Throws ConfigError naming the job file, both counts and

@@ -121,8 +121,9 @@ class TrainLoop {
   // agree), so it is the world rank with the tensor coordinate taken out.
   int dropoutRank() const { return worker_.rank - strategy_->groups().coords.tensor; }
   Device workerDevice() const;  // cpu, or cuda:LOCAL_RANK after checking there are enough GPUs
-  // A batch as the model's device sees it: the loader's buffers on the CPU; on a GPU, blocking copies into the
-  // staging buffers (a pinned, double-buffered copy stream is future work: docs/gpu.md).
+  // A batch as the model's device sees it: the loader's buffers on the CPU; on a GPU, copies into the device
+  // staging buffers through pinned host memory, asynchronous for the host and ordered before the forward on the
+  // layers' stream (nn::HostStaging; prefetching on a separate copy stream is future work: docs/gpu.md).
   struct Staged {
     const float* features;
     TensorView targets;
@@ -179,6 +180,7 @@ class TrainLoop {
   rendezvous::StorePtr roundStore_;  // this round's keys (parameter-server addresses); null alone
   Device device_;                       // where the model, loss and optimizer compute
   nn::DeviceFloats featuresDev_, labelsDev_;  // GPU staging (labelsDev_ holds int32 labels or float targets)
+  nn::HostStaging featuresPinned_, labelsPinned_;  // their pinned host side
 };
 
 Device TrainLoop::workerDevice() const {
@@ -194,15 +196,15 @@ TrainLoop::Staged TrainLoop::stage(const data::Batch& b, const data::Dataset& ds
   const size_t labels = static_cast<size_t>(b.size * ds.labelShape().numel());
   DTRAIN_CHECK(features <= featuresDev_.size() && labels <= labelsDev_.size(),
                "batch of {} samples does not fit the GPU staging buffers", b.size);
-  nn::copyBytes(featuresDev_.data(), device_, b.features, Device::cpu(), features * sizeof(float));
+  featuresPinned_.toDevice(featuresDev_.data(), b.features, features * sizeof(float));
   const Shape shape = ds.labelShape().withBatch(b.size);
   if (b.classLabels != nullptr) {
     static_assert(sizeof(int32_t) == sizeof(float));
     auto* dst = reinterpret_cast<int32_t*>(labelsDev_.data());
-    nn::copyBytes(dst, device_, b.classLabels, Device::cpu(), labels * sizeof(int32_t));
+    labelsPinned_.toDevice(dst, b.classLabels, labels * sizeof(int32_t));
     return {featuresDev_.data(), TensorView::of(dst, shape, device_)};
   }
-  nn::copyBytes(labelsDev_.data(), device_, b.targets, Device::cpu(), labels * sizeof(float));
+  labelsPinned_.toDevice(labelsDev_.data(), b.targets, labels * sizeof(float));
   return {featuresDev_.data(), TensorView::of(labelsDev_.data(), shape, device_)};
 }
 
@@ -311,6 +313,7 @@ void TrainLoop::setUp() {
   device_ = workerDevice();
   nn::useDevice(device_);
   nn::setTf32(job_.tf32);
+  nn::setBf16(job_.precision == Job::Precision::kBf16);
   // The eval set loads in the background while the group forms and the training set loads.
   std::future<std::shared_ptr<const data::Dataset>> evalLoad;
   if (job_.data.eval) evalLoad = std::async(std::launch::async, [&] { return data::loadDataset(*job_.data.eval); });
@@ -346,6 +349,8 @@ void TrainLoop::setUp() {
   if (device_.isCuda()) {
     featuresDev_ = nn::DeviceFloats(static_cast<size_t>(batch * train_->featureShape().numel()), device_);
     labelsDev_ = nn::DeviceFloats(static_cast<size_t>(batch * train_->labelShape().numel()), device_);
+    featuresPinned_ = nn::HostStaging(featuresDev_.size() * sizeof(float), device_);
+    labelsPinned_ = nn::HostStaging(labelsDev_.size() * sizeof(float), device_);
   }
   if (!job_.initFrom.empty()) {
     if (pipeline_ != nullptr || tensorParallel_) loadWeightsByName(job_.initFrom, *model_);  // its own parts

@@ -65,7 +65,18 @@ struct Case {
   bool tokens = false;  // integer inputs in [0, 11) (embedding)
 };
 
-void checkLayer(const Case& c) {
+// Tolerances of checkLayer: float32 rounding by default; bf16 GEMM inputs round to 8 significant bits.
+struct Tolerance {
+  double out = 1e-5, dx = 1e-5, grads = 1e-4;
+};
+
+// bf16 GEMMs for the scope of one test (reset on the way out, also when a REQUIRE fails).
+struct Bf16Scope {
+  Bf16Scope() { setBf16(true); }
+  ~Bf16Scope() { setBf16(false); }
+};
+
+void checkLayer(const Case& c, const Tolerance& tol = {}) {
   CAPTURE(c.layer);
   const int batch = 3;
   LayerSpec spec =
@@ -95,12 +106,12 @@ void checkLayer(const Case& c) {
     CAPTURE(accumulate);
     cpu->forward(x.data(), y.data(), batch, true);
     gpu->forward(dX.data(), dY.data(), batch, true);
-    CHECK(maxDiff(y, toHost(dY.data(), ny)) < 1e-5);
+    CHECK(maxDiff(y, toHost(dY.data(), ny)) < tol.out);
     const bool wantDx = !c.tokens;
     cpu->backward(x.data(), y.data(), dy.data(), wantDx ? dx.data() : nullptr, batch, accumulate);
     gpu->backward(dX.data(), dY.data(), dDy.data(), wantDx ? dDx.data() : nullptr, batch, accumulate);
-    if (wantDx) CHECK(maxDiff(dx, toHost(dDx.data(), nx)) < 1e-5);
-    if (count > 0) CHECK(maxDiff(grads, toHost(dGrads.data(), count)) < 1e-4);
+    if (wantDx) CHECK(maxDiff(dx, toHost(dDx.data(), nx)) < tol.dx);
+    if (count > 0) CHECK(maxDiff(grads, toHost(dGrads.data(), count)) < tol.grads);
   }
 }
 
@@ -132,6 +143,16 @@ TEST_CASE("every layer with a CUDA implementation matches its CPU twin: forward,
           .layers[0];
   CHECK_THROWS_WITH_AS(makeLayer(conv, {.device = kGpu, .maxBatch = 1}), doctest::Contains("no CUDA implementation"),
                        NotBuiltError);
+}
+
+TEST_CASE("bf16 GEMMs (\"precision\": \"bf16\"): GEMM layers stay within bf16 rounding of the float32 CPU twin") {
+  Bf16Scope bf16;
+  // Inputs in [-2, 2] and sums over up to 16 products: bf16's relative 2^-8 per operand gives about 1e-2.
+  const Tolerance loose{.out = 3e-2, .dx = 3e-2, .grads = 5e-2};
+  for (const Case& c : std::vector<Case>{{R"({"type": "linear", "out": 5})", {7}},
+                                         {R"({"type": "causal_self_attention", "n_head": 2})", {5, 8}},
+                                         {R"({"type": "lm_head", "vocab_size": 11, "tied": false})", {5, 8}}})
+    checkLayer(c, loose);
 }
 
 TEST_CASE("a GPU model starts bit-identical to the CPU model of the same seed and trains alike (a tied GPT)") {

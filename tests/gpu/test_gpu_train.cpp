@@ -1,6 +1,6 @@
 // Whole runs of `dtrain train` on the GPU against the CPU (TF32 off): an MLP and a small GPT end within 1e-3 of the
 // CPU run's weights; a GPU run stopped and resumed ends bit-identical to an uninterrupted one; checkpoints move
-// between devices (GPU -> CPU and CPU -> GPU).
+// between devices (GPU -> CPU and CPU -> GPU); a bf16 run's losses follow the float32 run's.
 #include <doctest/doctest.h>
 
 #include <nlohmann/json.hpp>
@@ -9,6 +9,8 @@
 #include <cmath>
 #include <cstring>
 #include <string>
+
+#include <fstream>
 
 #include "lib/ckpt/safetensors.h"
 #include "tests/support/process.h"
@@ -75,6 +77,17 @@ double maxAbsDiff(const std::vector<float>& a, const std::vector<float>& b) {
   return worst;
 }
 
+// The training losses of metrics.jsonl, one per progress line (eval and final lines left out).
+std::vector<double> trainLosses(const std::string& file) {
+  std::ifstream in(file);
+  std::vector<double> out;
+  for (std::string line; std::getline(in, line);) {
+    const json j = json::parse(line);
+    if (!j.contains("eval_loss") && !j.contains("final")) out.push_back(j.at("loss").get<double>());
+  }
+  return out;
+}
+
 }  // namespace
 
 TEST_CASE("an MLP and a GPT trained on the GPU end within 1e-3 of the CPU run (TF32 off)") {
@@ -123,4 +136,26 @@ TEST_CASE("checkpoints move between devices: GPU -> CPU and CPU -> GPU resumes m
   const auto reference = weights(dir + "/cpu/model.safetensors");
   CHECK(maxAbsDiff(reference, weights(dir + "/g2c/model.safetensors")) < 1e-3);
   CHECK(maxAbsDiff(reference, weights(dir + "/c2g/model.safetensors")) < 1e-3);
+}
+
+TEST_CASE("\"precision\": \"bf16\": the GPT's losses stay within 2% of the float32 run's over 24 steps") {
+  const std::string dir = tempDir("gpu_bf16");
+  std::string text;
+  for (int i = 0; i < 300; ++i) text += "sphinx of black quartz, judge my vow. ";
+  writeFile(dir + "/text.txt", text);
+  json job = gptJob(dir + "/text.txt");
+  job["train"]["log_every"] = 4;
+  job.erase("checkpoint");
+  train(dir, job, "cuda", 24, dir + "/fp32");
+  job["precision"] = "bf16";
+  train(dir, job, "cuda", 24, dir + "/bf16");
+  const auto fp32 = trainLosses(dir + "/fp32/metrics.jsonl"), bf16 = trainLosses(dir + "/bf16/metrics.jsonl");
+  REQUIRE(fp32.size() == bf16.size());
+  REQUIRE(fp32.size() >= 5);
+  CHECK(fp32.back() < fp32.front());  // it learns
+  for (size_t i = 0; i < fp32.size(); ++i) {
+    CAPTURE(i);
+    MESSAGE("loss fp32 " << fp32[i] << " bf16 " << bf16[i]);
+    CHECK(std::fabs(bf16[i] - fp32[i]) <= 0.02 * fp32[i]);
+  }
 }

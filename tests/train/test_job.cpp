@@ -282,6 +282,11 @@ TEST_CASE("\"device\": \"cuda\" is validated before any worker: build, backend, 
     text.insert(text.rfind('}'), ", " + extra);
     return JobArgs{.path = writeJob(dir, text)};
   };
+  // bf16 is GPU-only: on the CPU a clear refusal naming the field; with cuda it loads (below).
+  CHECK(configErrorOf(withDevice(R"("precision": "bf16")"))
+            .find("/precision: \"bf16\" runs on GPUs only (\"device\": \"cuda\")") != std::string::npos);
+  CHECK(loadJob(withDevice(R"("precision": "fp32")")).precision == Job::Precision::kFp32);
+  CHECK(configErrorOf(withDevice(R"("precision": "fp16")")).find("/precision") != std::string::npos);
   if (!nn::cudaBuilt()) {
     CHECK(configErrorOf(withDevice(R"("device": "cuda")")).find("/device: \"cuda\" needs a dtrain built with CUDA") !=
           std::string::npos);
@@ -296,7 +301,7 @@ TEST_CASE("\"device\": \"cuda\" is validated before any worker: build, backend, 
             .find("/parallel/backend: 'tcp' cannot carry GPU gradients") != std::string::npos);
   CHECK(configErrorOf(withDevice(R"("device": "cuda", "parallel": {"compression": {"type": "fp16"}})"))
             .find("/parallel/compression: gradient compression runs on the CPU only") != std::string::npos);
-  CHECK(configErrorOf(withDevice(R"("precision": "bf16")")).find("/precision: \"bf16\"") != std::string::npos);
+  CHECK(loadJob(withDevice(R"("device": "cuda", "precision": "bf16")")).precision == Job::Precision::kBf16);
   std::string conv = R"({"model": {"input": [1, 6, 6], "layers": [{"type": "conv2d", "out": 2, "kernel": 3},
     {"type": "flatten"}, {"type": "linear", "out": 3}]}, "loss": {"type": "cross_entropy"},
     "data": {"train": {"format": "synthetic", "task": "classification", "samples": 8, "features": 36,

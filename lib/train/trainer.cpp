@@ -538,6 +538,8 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
   const int64_t numBatches =
       std::max(loader.numBatches(), job_.data.dropLast ? most / batchSize : (most + batchSize - 1) / batchSize);
   const int accum = job_.loop.gradAccum;
+  // An epoch resumed mid-way counts its steps from where the full epoch (in this world) would be, not from 1.
+  const int64_t stepsBefore = std::max<int64_t>(0, stats_.stepsPerEpoch - (numBatches + accum - 1) / accum);
   const float gradScale = 1.0f / static_cast<float>(accum);
   auto params = model_->params();
   auto grads = model_->grads();
@@ -678,7 +680,7 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
     event.lr = optimizer_->lr();
     if (timeline::enabled()) timeline::record("step", "step", stepStart, mark, fmt::format(R"("step":{})", step_));
     callbacks_.optimizerStep(event);
-    stats_.stepInEpoch = (batchIndex + accum - 1) / accum;
+    stats_.stepInEpoch = stepsBefore + (batchIndex + accum - 1) / accum;
     afterStep(epoch, b.position, batchIndex == numBatches);
     mark = Clock::now();  // logging and checkpoints are not the next step's data wait
     if (stop_ && batchIndex != numBatches) break;

@@ -4,7 +4,9 @@
 #include <signal.h>
 
 #include <filesystem>
+#include <algorithm>
 #include <fstream>
+#include <regex>
 #include <set>
 
 #include "tests/integration/launch_helpers.h"
@@ -59,8 +61,22 @@ TEST_CASE("a worker that exits with an error is restarted and resumes from the l
   auto r = run(trainRun(dir + "/job.json", dir + "/exit"), {.timeout = 60s, .env = {{"DTRAIN_FAULT", "rank=0,step=10,action=exit,code=3"}}});
   INFO(r.err);
   REQUIRE(r.exitCode == 0);
-  CHECK(r.out.find("resumed from") != std::string::npos);
+  REQUIRE(r.out.find("resumed from") != std::string::npos);
   CHECK(readTensorsRaw(dir + "/clean/model.safetensors") == readTensorsRaw(dir + "/exit/model.safetensors"));
+  // The progress lines count steps within the epoch as the uninterrupted run does, also after resuming mid-epoch
+  // (they restarted at step 1 of the resumed part): what the resumed run prints is the clean run's last lines.
+  auto counters = [](const std::string& out) {
+    std::vector<std::string> found;
+    const std::regex line(R"(epoch \d+/\d+ step \d+/\d+)");
+    for (auto it = std::sregex_iterator(out.begin(), out.end(), line); it != std::sregex_iterator(); ++it)
+      found.push_back(it->str());
+    return found;
+  };
+  const auto cleanCounters = counters(clean.out);
+  const auto resumedCounters = counters(r.out.substr(r.out.rfind("resumed from")));
+  REQUIRE(!resumedCounters.empty());
+  REQUIRE(resumedCounters.size() <= cleanCounters.size());
+  CHECK(std::equal(resumedCounters.rbegin(), resumedCounters.rend(), cleanCounters.rbegin()));
 }
 
 TEST_CASE("a corrupt or truncated newest checkpoint is reported and skipped for the previous one") {

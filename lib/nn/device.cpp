@@ -164,9 +164,9 @@ bool allFinite(std::span<const float> values, Device device) {
 float clipGradNorm(std::span<float> grads, double maxNorm, Device device) {
   if (device.isCpu()) return clipGradNorm(grads, maxNorm);
   const float norm = gradNorm(grads, device);
+#if DTRAIN_WITH_CUDA
   // PyTorch: clip_coef = max_norm / (total_norm + 1e-6), clamped to 1 (as optimizer.cpp).
   const float coef = static_cast<float>(maxNorm / (static_cast<double>(norm) + 1e-6));
-#if DTRAIN_WITH_CUDA
   if (coef < 1.0f) gpu::kernels::scale(grads.data(), grads.data(), grads.size(), coef);
 #endif
   return norm;

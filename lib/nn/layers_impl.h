@@ -44,6 +44,12 @@ void drawBlock(float* dst, int64_t rows, int64_t cols, int64_t r0, int64_t nr, i
     }
 }
 
+// A transformer layer's "init_std"-style field: a number >= 0, 0 (the default) meaning PyTorch's initialisation.
+// Throws ConfigError naming the field otherwise. (layers_gpt.cpp)
+double initStdField(const JsonFields& f, std::string_view key);
+// ConfigError unless the layer's input is a sequence [T, C] (per sample), naming `type`. (layers_gpt.cpp)
+void requireSequence(const JsonFields& f, const LayerSpec& l, const char* type);
+
 inline int64_t checkSize(const JsonFields& f, std::string_view key, int64_t value) {
   checkSizes(f, key, {value});
   return value;

@@ -1,0 +1,136 @@
+// Internal to lib/train: the training loop behind runTraining (trainer.h), one object per worker process. Its
+// definitions are split over trainer.cpp (the loop: steps, evaluation, checkpoints, the finish) and
+// train_setup.cpp (set-up: device, process groups, data, model, optimizer, resume, sparse tables, the run's plan).
+// Only those two files include this header. Not thread-safe: one thread drives a TrainLoop.
+#pragma once
+
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <csignal>
+#include <fstream>
+#include <cmath>
+#include <limits>
+#include <future>
+#include <thread>
+
+#include "lib/comm/registry.h"
+#include "lib/common/clock.h"
+#include "lib/common/error.h"
+#include "lib/common/log.h"
+#include "lib/common/timeline.h"
+#include "lib/data/batch_loader.h"
+#include "lib/data/sequence.h"
+#include "lib/nn/device.h"
+#include "lib/nn/loss.h"
+#include "lib/nn/model.h"
+#include "lib/train/baselines.h"
+#include "lib/train/check.h"
+#include "lib/train/checkpointing.h"
+#include "lib/train/compression.h"
+#include "lib/train/fault.h"
+#include "lib/train/generate.h"
+#include "lib/train/metrics_reporter.h"
+#include "lib/train/pipeline.h"
+#include "lib/train/tensorboard.h"
+#include "lib/train/progress.h"
+#include "lib/train/ps_strategy.h"
+#include "lib/common/ps_placement.h"
+#include "lib/train/strategy.h"
+#include "lib/train/tensor_parallel.h"
+#include "lib/train/weights.h"
+#include "rendezvous/prefix_store.h"
+#include "rendezvous/tcp_store_client.h"
+#include "lib/train/trainer.h"
+
+namespace dtrain::train::detail {
+
+class TrainLoop {
+ public:
+  // psServers > 0: this rank is a worker of the parameter-server strategy and `worker` its workers-only view
+  // (lib/common/ps_placement.h); the servers publish their addresses in the round's store.
+  TrainLoop(const Job& job, const WorkerInfo& worker, std::vector<TrainerCallbackPtr> extra, int psServers = 0)
+      : job_(job), worker_(worker), start_(Clock::now()), extraCallbacks_(std::move(extra)), psServers_(psServers) {}
+  TrainResult run();
+
+ private:
+  void setUp();    // data, group, model, optimizer, resume, sampler, plan
+  void planRun();  // steps, schedule, log interval for this world
+  ProcessGroups connect();
+  void shardEpoch(int64_t epoch, int64_t startSample);  // padding or uneven shards, then sampler_->setEpoch
+  void trainEpoch(int64_t epoch, int64_t startSample);
+  [[noreturn]] void diverged(int64_t epoch, std::string_view what);
+  void afterStep(int64_t epoch, int64_t position, bool epochEnd);  // log, stop, checkpoint, callbacks
+  void saveCheckpoint(int64_t epoch, int64_t position);
+  void evaluate(const StepStats& stats);
+  void logInterval(StepStats& stats, bool force);
+  void finish();   // final weights, the result over the ranks, onFinish
+  void writeVocabulary();  // vocab.json beside the model, for `dtrain generate` (token datasets, rank 0)
+  void setUpSparseTables();  // binds the model's sparse tables to their holder, restores them on resume
+  // The rank dropout masks are drawn for: the ranks of a tensor group share masks (their replicated layers must
+  // agree), so it is the world rank with the tensor coordinate taken out.
+  int dropoutRank() const { return worker_.rank - strategy_->groups().coords.tensor; }
+  Device workerDevice() const;  // cpu, or cuda:LOCAL_RANK after checking there are enough GPUs
+  // A batch as the model's device sees it: the loader's buffers on the CPU; on a GPU, copies into the device
+  // staging buffers through pinned host memory, asynchronous for the host and ordered before the forward on the
+  // layers' stream (nn::HostStaging; prefetching on a separate copy stream is future work: docs/gpu.md).
+  struct Staged {
+    const float* features;
+    TensorView targets;
+  };
+  Staged stage(const data::Batch& b, const data::Dataset& ds);
+  // Whether every value of an arena is finite, agreed over the ranks that hold other parts of the model. On a GPU
+  // (DDP only, lib/train/job.cpp) every rank holds the whole, all-reduced arena: a device reduction suffices.
+  bool agreeFinite(std::span<const float> values) {
+    return device_.isCuda() ? nn::allFinite(values, device_) : strategy_->agreeFinite(values);
+  }
+
+  const Job& job_;
+  const WorkerInfo& worker_;
+  Clock::time_point start_;
+  std::shared_ptr<const data::Dataset> train_, eval_;
+  std::optional<nn::Model> model_;
+  std::unique_ptr<nn::Loss> loss_;
+  std::vector<TrainerCallbackPtr> extraCallbacks_;
+  CallbackList callbacks_;              // progress, test aids, then the caller's; see callbacks.h
+  std::shared_ptr<Progress> progress_;  // also in callbacks_; set-up lines go to it directly
+  // interval accounting for progress lines
+  double intervalLoss_ = 0;
+  int64_t intervalBatches_ = 0;
+  int64_t intervalSamples_ = 0;
+  Clock::time_point intervalStart_;
+  std::unique_ptr<nn::Optimizer> optimizer_;
+  CommHookPtr commHook_;                // DDP's (null alone); its traffic goes to metrics.jsonl
+  HookTraffic loggedTraffic_;           // commHook_'s counts at the last progress interval
+  std::unique_ptr<Strategy> strategy_;
+  // The model's sparse embedding tables: the strategy's (the parameter servers) or localSparse_ (one process).
+  SparseTables* sparse_ = nullptr;
+  std::unique_ptr<LocalSparseTables> localSparse_;
+  PipelineStrategy* pipeline_ = nullptr;  // strategy_ when it is one: it runs forward/backward for the loop
+  bool countsMetrics_ = true;             // this rank's losses and samples count (a pipeline's last stage,
+                                          // tensor rank 0)
+  bool tensorParallel_ = false;           // the model is split over a tensor group
+  std::unique_ptr<Checkpointer> checkpointer_;  // uses strategy_
+  std::unique_ptr<data::DistributedSampler> sampler_;
+  int epochWorld_ = 0;  // the world whose padding the current epoch follows; 0: uneven (resized mid-epoch)
+  nn::Schedule schedule_;
+  std::optional<ResumePoint> resumed_;
+  StepStats stats_;
+  int64_t step_ = 0;  // optimizer steps done
+  bool stop_ = false;
+  int64_t logEvery_ = 1;
+  int64_t stopCheckEvery_ = 1;
+  bool hasDropout_ = false;
+  bool stepLossFinite_ = true;  // every micro-batch loss of the current step on this rank was finite
+  int64_t skippedSteps_ = 0;    // train.on_nonfinite = skip
+  int64_t skippedInARow_ = 0;   // ... consecutive, bounded by train.max_skipped_steps
+  TrainResult result_;
+  bool prefetch_ = true;
+  int psServers_ = 0;
+  rendezvous::StorePtr roundStore_;  // this round's keys (parameter-server addresses); null alone
+  Device device_;                       // where the model, loss and optimizer compute
+  nn::DeviceFloats featuresDev_, labelsDev_;  // GPU staging (labelsDev_ holds int32 labels or float targets)
+  nn::HostStaging featuresPinned_, labelsPinned_;  // their pinned host side
+};
+
+}  // namespace dtrain::train::detail

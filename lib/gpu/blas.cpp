@@ -1,6 +1,7 @@
 #include "lib/gpu/blas.h"
 
 #include <cublas_v2.h>
+#include <dlfcn.h>
 #include <fmt/format.h>
 
 #include <atomic>
@@ -19,11 +20,57 @@
     const cublasStatus_t dtrain_blas_s_ = (expr);                                                          \
     if (dtrain_blas_s_ != CUBLAS_STATUS_SUCCESS) [[unlikely]]                                              \
       ::dtrain::detail::throwAt<::dtrain::gpu::GpuError>(                                                  \
-          __FILE__, __LINE__, ::fmt::format("{} failed: {}", #expr, cublasGetStatusName(dtrain_blas_s_))); \
+          __FILE__, __LINE__, ::fmt::format("{} failed: {}", #expr, cublas().statusName(dtrain_blas_s_))); \
   } while (0)
 
 namespace dtrain::gpu {
 namespace {
+
+// cuBLAS is loaded on the first GEMM (dlopen), not linked: linked, every dtrain process, the agent and each worker
+// of a CPU job included, mapped and relocated libcublas + libcublasLt at start-up (+150 MB RSS and +1.8 s before
+// the first step of the main job, scripts/bench/train). PyTorch defers CUDA libraries the same way.
+// The C entry points (cublas_api.h also declares C++ overloads taking a cudaDataType compute type).
+using GemmExFn = cublasStatus_t (*)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int, const void*,
+                                    const void*, cudaDataType, int, const void*, cudaDataType, int, const void*, void*,
+                                    cudaDataType, int, cublasComputeType_t, cublasGemmAlgo_t);
+using GemmStridedBatchedExFn = cublasStatus_t (*)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int,
+                                                  const void*, const void*, cudaDataType, int, long long int,
+                                                  const void*, cudaDataType, int, long long int, const void*, void*,
+                                                  cudaDataType, int, long long int, int, cublasComputeType_t,
+                                                  cublasGemmAlgo_t);
+// Overload resolution against the declarations checks these types at compile time (unevaluated: no link reference).
+static_assert(sizeof(static_cast<GemmExFn>(&cublasGemmEx)) > 0);
+static_assert(sizeof(static_cast<GemmStridedBatchedExFn>(&cublasGemmStridedBatchedEx)) > 0);
+struct CublasApi {
+  decltype(&cublasCreate_v2) create;
+  GemmExFn gemmEx;
+  GemmStridedBatchedExFn gemmStridedBatchedEx;
+  decltype(&cublasGetStatusName) statusName;
+};
+
+// Thread-safe (a function-local static); throws GpuError naming the library and dlerror() when it cannot load.
+const CublasApi& cublas() {
+  static const CublasApi api = [] {
+    const std::string soname = fmt::format("libcublas.so.{}", CUBLAS_VER_MAJOR);
+    void* lib = ::dlopen(soname.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (lib == nullptr) lib = ::dlopen(("/usr/local/cuda/lib64/" + soname).c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (lib == nullptr)
+      throw GpuError(fmt::format("cannot load cuBLAS ({}): {}; put CUDA's lib64 folder on LD_LIBRARY_PATH", soname,
+                                 ::dlerror()));
+    auto symbol = [&](const char* name) {
+      void* f = ::dlsym(lib, name);
+      if (f == nullptr) throw GpuError(fmt::format("{} has no {}: {}", soname, name, ::dlerror()));
+      return f;
+    };
+    CublasApi a{};
+    a.create = reinterpret_cast<decltype(a.create)>(symbol("cublasCreate_v2"));
+    a.gemmEx = reinterpret_cast<decltype(a.gemmEx)>(symbol("cublasGemmEx"));
+    a.gemmStridedBatchedEx = reinterpret_cast<decltype(a.gemmStridedBatchedEx)>(symbol("cublasGemmStridedBatchedEx"));
+    a.statusName = reinterpret_cast<decltype(a.statusName)>(symbol("cublasGetStatusName"));
+    return a;
+  }();
+  return api;
+}
 
 std::atomic<bool> gTf32{true};
 std::atomic<bool> gBf16{false};
@@ -34,7 +81,7 @@ cublasHandle_t handleFor(int device) {
   static cublasHandle_t handles[64] = {};
   DTRAIN_CHECK(device >= 0 && device < 64, "GPU index {} is beyond the 64 this build supports", device);
   std::lock_guard<std::mutex> lock(mu);
-  if (handles[device] == nullptr) DTRAIN_CUBLAS_CHECK(cublasCreate(&handles[device]));
+  if (handles[device] == nullptr) DTRAIN_CUBLAS_CHECK(cublas().create(&handles[device]));
   return handles[device];
 }
 
@@ -97,7 +144,7 @@ void gemm(bool transA, bool transB, int64_t m, int64_t n, int64_t k, float alpha
   cublasHandle_t h = handleFor(currentDevice());
   const Operands op = operands(transA, transB, m, n, k, a, lda, 0, b, ldb, 0, 1);
   // Row-major C = op(A) op(B)  <=>  column-major C^T = op(B)^T op(A)^T: B first, dimensions n x m.
-  DTRAIN_CUBLAS_CHECK(cublasGemmEx(h, transB ? CUBLAS_OP_T : CUBLAS_OP_N, transA ? CUBLAS_OP_T : CUBLAS_OP_N,
+  DTRAIN_CUBLAS_CHECK(cublas().gemmEx(h, transB ? CUBLAS_OP_T : CUBLAS_OP_N, transA ? CUBLAS_OP_T : CUBLAS_OP_N,
                                    checkedInt(n, "n"), checkedInt(m, "m"), checkedInt(k, "k"), &alpha, op.b, op.type,
                                    checkedInt(ldb, "ldb"), op.a, op.type, checkedInt(lda, "lda"), &beta, c,
                                    CUDA_R_32F, checkedInt(ldc, "ldc"), op.compute, CUBLAS_GEMM_DEFAULT));
@@ -109,7 +156,7 @@ void gemmBatched(bool transA, bool transB, int64_t m, int64_t n, int64_t k, floa
   if (m == 0 || n == 0 || batch == 0) return;
   cublasHandle_t h = handleFor(currentDevice());
   const Operands op = operands(transA, transB, m, n, k, a, lda, strideA, b, ldb, strideB, batch);
-  DTRAIN_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+  DTRAIN_CUBLAS_CHECK(cublas().gemmStridedBatchedEx(
       h, transB ? CUBLAS_OP_T : CUBLAS_OP_N, transA ? CUBLAS_OP_T : CUBLAS_OP_N, checkedInt(n, "n"),
       checkedInt(m, "m"), checkedInt(k, "k"), &alpha, op.b, op.type, checkedInt(ldb, "ldb"), strideB, op.a, op.type,
       checkedInt(lda, "lda"), strideA, &beta, c, CUDA_R_32F, checkedInt(ldc, "ldc"), strideC,

@@ -31,9 +31,6 @@ using detail::MatMap;
 using detail::positive;
 using detail::RowMat;
 
-using StridedMap = Eigen::Map<RowMat, 0, Eigen::OuterStride<>>;
-using ConstStridedMap = Eigen::Map<const RowMat, 0, Eigen::OuterStride<>>;
-
 size_t sz(int64_t n) { return static_cast<size_t>(n); }
 
 // y[t] = wte[token[t]] + wpe[t] (nn.Embedding; the position table when "position"). The token gradient is a

@@ -1,8 +1,5 @@
 // `dtrain run`: CLI parsing for the launcher. torchrun's flag names (with - or _) and semantics; every option
 // can also come from DTRAIN_<NAME> in the environment. The work is lib/launch's Agent.
-#include <unistd.h>
-
-#include <climits>
 #include <filesystem>
 #include <optional>
 
@@ -40,13 +37,6 @@ struct RunArgs {
 std::shared_ptr<RunArgs>& runArgs() {
   static std::shared_ptr<RunArgs> args;
   return args;
-}
-
-std::string selfExe() {
-  char buf[PATH_MAX];
-  ssize_t n = ::readlink("/proc/self/exe", buf, sizeof(buf) - 1);
-  DTRAIN_CHECK(n > 0, "cannot resolve /proc/self/exe");
-  return std::string(buf, static_cast<size_t>(n));
 }
 
 int runCommand(RunArgs& a, bool programAfterDashes) {

@@ -1,9 +1,5 @@
 // `dtrain sim`: N virtual nodes on this machine, each a real agent in its own network namespace, with a fault
 // schedule and a report (docs/sim.md). CLI parsing only: the work is lib/launch/sim.h's runSim.
-#include <unistd.h>
-
-#include <climits>
-
 #include "apps/dtrain/commands.h"
 #include "apps/dtrain/job_hooks.h"
 #include "lib/common/error.h"
@@ -24,13 +20,6 @@ struct SimArgs {
 std::shared_ptr<SimArgs>& simArgs() {
   static std::shared_ptr<SimArgs> args;
   return args;
-}
-
-std::string selfExe() {
-  char buf[PATH_MAX];
-  ssize_t n = ::readlink("/proc/self/exe", buf, sizeof(buf) - 1);
-  DTRAIN_CHECK(n > 0, "cannot resolve /proc/self/exe");
-  return std::string(buf, static_cast<size_t>(n));
 }
 
 int simCommand(SimArgs& a) {

@@ -1,5 +1,9 @@
 #include "apps/dtrain/job_hooks.h"
 
+#include <unistd.h>
+
+#include <climits>
+
 #include "lib/common/error.h"
 
 namespace dtrain::app {
@@ -24,6 +28,13 @@ train::Job validateJobForLaunch(const std::vector<std::string>& args) {
     DTRAIN_THROW(UsageError, "job options after {}: {}", args.empty() ? "" : args.front(), e.what());
   }
   return train::loadJob(jobArgs);
+}
+
+std::string selfExe() {
+  char buf[PATH_MAX];
+  ssize_t n = ::readlink("/proc/self/exe", buf, sizeof(buf) - 1);
+  DTRAIN_CHECK(n > 0, "cannot resolve /proc/self/exe");
+  return std::string(buf, static_cast<size_t>(n));
 }
 
 }  // namespace dtrain::app

@@ -1,4 +1,4 @@
-// Glue between the job-file commands (`dtrain train`, `dtrain check`, `dtrain run JOB.json`): the shared
+// Glue shared by the commands that launch (selfExe) and between the job-file commands (`dtrain train`, `dtrain check`, `dtrain run JOB.json`): the shared
 // options (--set, --output-dir) and the validation the launcher runs before any worker starts.
 #pragma once
 
@@ -19,5 +19,9 @@ void addJobOptions(CLI::App& app, train::JobArgs& args);
 // rendezvous, no worker and no restart. Returns the job, for checks that need the launch plan (the memory check,
 // train::checkJobFitsMemory, once the local worker count is known).
 train::Job validateJobForLaunch(const std::vector<std::string>& args);
+
+// This executable's absolute path (/proc/self/exe), what `dtrain run` and `dtrain sim` start workers and agents
+// from. Throws Error when the link cannot be read.
+std::string selfExe();
 
 }  // namespace dtrain::app

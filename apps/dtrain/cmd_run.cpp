@@ -6,6 +6,7 @@
 #include "apps/dtrain/commands.h"
 #include "apps/dtrain/job_hooks.h"
 #include "lib/train/check.h"
+#include "lib/train/checkpointing.h"
 #include "lib/train/layout.h"
 #include "lib/common/error.h"
 #include "lib/common/ps_placement.h"
@@ -109,6 +110,9 @@ int runCommand(RunArgs& a, bool programAfterDashes) {
     auto machine = train::readMachineMemory();
     train::checkJobFitsMemory(*job, o.nproc, machine);
     train::checkJobFitsMemory(*job, o.nproc, machine, train::checkJobData(*job).bytes);
+    // The checkpoint the workers would resume from must be this model's (exit 8): here, not in every worker after
+    // the rendezvous, where each restart would fail the same way.
+    train::checkResumeCheckpoint(*job);
     // "device": "cuda": one visible GPU per local worker, checked here so the error comes before any worker. The
     // agent counts without starting CUDA (it forks workers later): CUDA_VISIBLE_DEVICES, else the driver's /proc.
     if (job->device.isCuda()) train::checkGpusForWorkers(*job, o.nproc, launch::visibleGpuCount());

@@ -55,6 +55,43 @@ CheckpointTensors indexCheckpoint(const ckpt::Checkpoint& cp, const std::vector<
   return t;
 }
 
+// CheckpointError unless checkpoint `cp` (its model tensors indexed in `model`) was written for `job`'s model: the
+// same spec hash, and every dense parameter of the whole model present with its full shape. The message names the
+// first parameter that differs, so the user sees what changed, not only two hashes.
+void checkWrittenForModel(const ckpt::Checkpoint& cp, const ckpt::TensorAssembler& model, const Job& job) {
+  std::string difference;
+  for (const auto& p : nn::paramTableOf(job.model)) {
+    if (!model.has(p.name)) {
+      difference = fmt::format("this job's model has {} {} but the checkpoint has no tensor of that name", p.name,
+                               p.fullShape.spaced());
+      break;
+    }
+    if (const Shape stored = model.fullShape(p.name); !(stored == p.fullShape)) {
+      difference = fmt::format("{} is {} in the checkpoint but {} in this job's model", p.name, stored.spaced(),
+                               p.fullShape.spaced());
+      break;
+    }
+  }
+  const bool sameSpec = cp.meta().specHash == job.modelHash;
+  if (sameSpec && difference.empty()) return;
+  if (difference.empty())
+    difference = "every parameter has the shape this model expects: the layers differ in something else (a layer "
+                 "without parameters, or a setting)";
+  DTRAIN_THROW(CheckpointError,
+               "{}: checkpoint was written for another model: {} (spec hash {}, this job's model hashes to {}); "
+               "refusing to load it: resume with the original model spec, or start a fresh run in another output "
+               "directory (--output-dir), or set checkpoint.resume=false",
+               cp.path().string(), difference, cp.meta().specHash, job.modelHash);
+}
+
+ckpt::TensorAssembler indexModelFiles(const ckpt::Checkpoint& cp) {
+  ckpt::TensorAssembler model;
+  for (const auto& f : cp.files())
+    if (f.name == kModelFile || (startsWith(f.name, "model-") && endsWith(f.name, ".safetensors")))
+      model.addFile(cp.path() / f.name);
+  return model;
+}
+
 void loadPiece(const ckpt::TensorAssembler& from, const std::string& name, const nn::ParamEntry& p, float* dst) {
   from.load(name, p.fullShape.empty() ? p.shape : p.fullShape, sliceOf(p), std::span<float>(dst, p.count));
 }
@@ -77,7 +114,7 @@ std::optional<ResumePoint> Checkpointer::resume(nn::Model& model, nn::Optimizer&
       log::warn("skipping checkpoint {}: {} ({})", s.path.string(), ckpt::statusName(s.status), s.reason);
   if (!latest.checkpoint) return std::nullopt;
   auto cp = ckpt::Checkpoint::open(latest.checkpoint->path);
-  cp.checkSpecHash(job_.modelHash);
+  checkWrittenForModel(cp, indexModelFiles(cp), job_);  // before anything is indexed by this model's offsets
   const CheckpointShard shard = strategy_.checkpointShard(model);
   // Names are the whole model's in every layout, so any layout resumes any other (docs/checkpoints.md). Through
   // host memory: a GPU model's arenas are staged down, overwritten by the file and copied back, so any checkpoint
@@ -102,6 +139,17 @@ std::optional<ResumePoint> Checkpointer::resume(nn::Model& model, nn::Optimizer&
   ResumePoint r{meta.step, meta.epoch, meta.samplesConsumed, meta.worldSize,
                 meta.user.value("epoch_world", meta.worldSize), cp.path()};
   return r;
+}
+
+std::optional<ResumePoint> checkResumeCheckpoint(const Job& job) {
+  if (!job.checkpoint.enabled || !job.checkpoint.resume) return std::nullopt;
+  auto latest = ckpt::findLatestValid(job.checkpoint.dir);
+  if (!latest.checkpoint) return std::nullopt;
+  auto cp = ckpt::Checkpoint::open(latest.checkpoint->path);
+  checkWrittenForModel(cp, indexModelFiles(cp), job);
+  const auto& meta = cp.meta();
+  return ResumePoint{meta.step, meta.epoch, meta.samplesConsumed, meta.worldSize,
+                     meta.user.value("epoch_world", meta.worldSize), cp.path()};
 }
 
 bool Checkpointer::loadCommHookState(const ResumePoint& from) {

@@ -45,6 +45,17 @@ struct ResumePoint {
   std::filesystem::path path;
 };
 
+// The checkpoint a run of `job` would resume from, checked against the job's model without building it, so that
+// the agent of `dtrain run` and `dtrain check` refuse another model's checkpoint before any rendezvous or worker
+// (a worker's resume refuses it with the same message): the newest valid checkpoint of job.checkpoint.dir (as
+// ckpt::findLatestValid picks it, checksums verified; skipped ones are not logged here), its model-spec hash, and
+// every dense parameter of the model (nn::paramTableOf, whole-model names; sparse embedding tables live on the
+// parameter servers and are not among them) present in its model files, whole or in slices of any layout, with
+// the model's full shape. nullopt when the job does not resume (checkpoints or resume off, no valid checkpoint).
+// CheckpointError (exit 8) naming the checkpoint, the first tensor that differs (missing, or both shapes) and both
+// spec hashes. Blocks on file I/O (reads the candidate's files once for their crc32).
+std::optional<ResumePoint> checkResumeCheckpoint(const Job& job);
+
 class Checkpointer {
  public:
   // `strategy` (its groups, barrier and shard) must outlive the checkpointer.

@@ -120,6 +120,48 @@ TEST_CASE("a checkpoint from a different model is an error, not a silent load") 
   CHECK(r.err.find("step-000000003") != std::string::npos);
 }
 
+TEST_CASE("dtrain run and dtrain check refuse another model's checkpoint before any worker starts") {
+  std::string dir = tempDir("specagent");
+  json job = smallJob();
+  job["train"]["max_steps"] = 3;
+  writeFile(dir + "/job.json", job.dump());
+  REQUIRE(run({dtrainBinary(), "train", dir + "/job.json", "--output-dir", dir + "/out"}, {.timeout = 60s}).exitCode == 0);
+  auto ok = run({dtrainBinary(), "check", dir + "/job.json", "--output-dir", dir + "/out"}, {.timeout = 60s});
+  INFO(ok.out, ok.err);
+  CHECK(ok.exitCode == 0);
+  CHECK(ok.out.find("resume: from " + dir + "/out/checkpoints/step-000000003 (step 3") != std::string::npos);
+  struct Change {
+    std::string set, says;
+  };
+  for (const Change& c : {Change{"model.layers.0.out=32", "0.weight is [16, 6] in the checkpoint but [32, 6] in this "
+                                                          "job's model"},
+                          Change{"model.layers.1.type=relu", "every parameter has the shape this model expects"}}) {
+    CAPTURE(c.set);
+    // --max-restarts: a worker's refusal used to burn every restart the same way.
+    auto r = run(runArgs({"--standalone", "--nproc-per-node", "2", "--max-restarts", "2", dir + "/job.json", "--set",
+                          c.set, "--output-dir", dir + "/out"}),
+                 {.timeout = 60s});
+    INFO(r.out, r.err);
+    CHECK(r.exitCode == 8);
+    CHECK(r.err.find(dir + "/out/checkpoints/step-000000003: checkpoint was written for another model") !=
+          std::string::npos);
+    CHECK(r.err.find(c.says) != std::string::npos);
+    CHECK(r.out.find("[n0 r") == std::string::npos);  // no worker started
+    CHECK(r.err.find("[n0 r") == std::string::npos);
+    CHECK(r.err.find("restarting") == std::string::npos);
+    auto checked = run({dtrainBinary(), "check", dir + "/job.json", "--set", c.set, "--output-dir", dir + "/out"},
+                       {.timeout = 60s});
+    CHECK(checked.exitCode == 8);
+    CHECK(checked.err.find(c.says) != std::string::npos);
+  }
+  // A fresh output folder, or resume off, is no conflict.
+  auto fresh = run({dtrainBinary(), "check", dir + "/job.json", "--set", "model.layers.0.out=32", "--set",
+                    "checkpoint.resume=false", "--output-dir", dir + "/out"},
+                   {.timeout = 60s});
+  CHECK(fresh.exitCode == 0);
+  CHECK(fresh.out.find("resume: off") != std::string::npos);
+}
+
 TEST_CASE("restarts exhausted: the root cause and its exit code come back") {
   std::string dir = tempDir("exhaust");
   writeFile(dir + "/job.json", smallJob().dump());

@@ -71,6 +71,7 @@ int runCommand(RunArgs& a, bool programAfterDashes) {
     std::vector<std::string> trainArgs(a.positional.begin(), a.positional.end());
     job = validateJobForLaunch(trainArgs);
     o.program = {selfExe(), "train"};
+    o.trainerWorkers = true;
     o.program.insert(o.program.end(), trainArgs.begin(), trainArgs.end());
   } else {
     o.program = a.positional;

@@ -5,6 +5,7 @@
 
 #include <boost/asio/io_context.hpp>
 
+#include <cstring>
 #include <random>
 
 #include "lib/common/error.h"
@@ -303,20 +304,24 @@ int Agent::run() {
     RoundEvent event;
     std::optional<int> interrupted;
     bool lostStore = false;
+    bool workersCompleted = false;
     {
       boost::asio::io_context io;
       RoundRunner runner(io, ctx);
       event = runner.run();
       interrupted = runner.interruptedBy();
       lostStore = runner.lostStore();
+      workersCompleted = round.numNodes == 1 && runner.workersCompletedDespiteSignal();
     }
     if (timeline_ && !lostStore) timeline_->afterRound(round.round, round.nodeRank, round.numNodes);
     ::signal(SIGUSR1, SIG_IGN);  // the round's signal_set restored the default action
     ::signal(SIGUSR2, SIG_IGN);
     RestartBudget budget{round.restartCount, options_.maxRestarts, round.reformCount, options_.maxReforms,
                          options_.minNodes < options_.maxNodes};
-    auto after = decideAfterRound(event, interrupted, budget, lostStore);
+    auto after = decideAfterRound(event, interrupted, budget, lostStore, workersCompleted);
     reportAfterRound(after, event, budget);
+    if (interrupted && after.verdict == RoundVerdict::kSucceeded)
+      log::info("SIG{} came after every worker had finished: the job completed (exit 0)", sigabbrev_np(*interrupted));
     if (metrics_ && after.verdict != RoundVerdict::kSucceeded)
       metrics_->noteEvent(fmt::format("round {}: {}{}", round.round, event.message.empty() ? "ended" : event.message,
                                       after.verdict == RoundVerdict::kRestart ? "; restarting the workers"

@@ -54,6 +54,10 @@ struct LaunchOptions {
   int metricsPort = -1;
   std::string metricsBind = "0.0.0.0";
   std::string jobName;  // the `job` label: the job's name, or the program's basename
+  // The workers are dtrain's own trainer (`dtrain run JOB.json`): a worker exits 0 only when its training
+  // completed (a stop signal makes it checkpoint and exit 128+signal), so a Ctrl-C that reaches the agent while the
+  // workers exit after writing the model does not turn the completed job into 130 (round_policy.h).
+  bool trainerWorkers = false;
   // The job's parameter servers ("parallel": {"strategy": "parameter_server", "servers": S}); 0: no roles. The
   // workers' environment then carries ROLE_NAME=server|worker, ROLE_RANK, ROLE_WORLD_SIZE (ps_placement.h).
   int psServers = 0;

@@ -132,7 +132,10 @@ RoundActions decideRound(const RoundState& state, const RoundInput& input) {
 }
 
 AfterRound decideAfterRound(const rendezvous::RoundEvent& event, std::optional<int> interruptedBy,
-                            const RestartBudget& budget, bool storeLost) {
+                            const RestartBudget& budget, bool storeLost, bool workersCompleted) {
+  // A signal that came once the work was done stops nothing: the job completed (exit 0, not 128+signal).
+  if (interruptedBy && (event.type == RoundEventType::kDone || workersCompleted))
+    return {RoundVerdict::kSucceeded, 0};
   if (interruptedBy) return {RoundVerdict::kInterrupted, 128 + *interruptedBy};
   if (storeLost) return {RoundVerdict::kStoreLost, static_cast<int>(ExitCode::kRendezvous)};
   auto reform = [&]() -> AfterRound {

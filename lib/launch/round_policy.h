@@ -174,8 +174,11 @@ struct RestartBudget {
   bool elastic = false;  // --nnodes MIN:MAX with MIN < MAX
 };
 
-// The rules, in order: the agent's own signal decides its exit (128+signal); a lost store exits 4; "done" exits
-// 0; "shutdown" exits with its code; a worker's exit code 2 is a configuration error (never restarted).
+// The rules, in order: a job that completed exits 0 even when a signal reached the agent at its end ("done":
+// every node's workers exited 0 before the signal decided anything; or `workersCompleted`, see below), as
+// torchrun returns its worker group's SUCCEEDED result once it has seen it; otherwise the agent's own signal
+// decides its exit (128+signal); a lost store exits 4; "done" exits 0; "shutdown" exits with its code; a worker's
+// exit code 2 is a configuration error (never restarted).
 // Membership changes are not failures: a node asking to join, and - in an elastic job (MIN < MAX) - a node lost
 // (missed heartbeats), re-form the group without consuming a restart, like Horovod's elastic mode; the survivors'
 // next round closes with whatever count is in range (below MIN it waits --rdzv-timeout for nodes to come back).
@@ -183,9 +186,11 @@ struct RestartBudget {
 // past it the agent exits 4 naming the flag. Any other failure (a worker failed; a node lost in a fixed-size job)
 // restarts while restartCount < maxRestarts, else gives up with the failure's exit code.
 // `storeLost`: the round ended because this agent could not reach the store (RoundRunner::lostStore), which no
-// restart can cure.
+// restart can cure. `workersCompleted`: the round had one node and its workers completed their work although the
+// signal came (RoundRunner::workersCompletedDespiteSignal: e.g. Ctrl-C while rank 0 exits with the model written);
+// the agent knows no other node's workers, so with several nodes only "done" says the job completed.
 AfterRound decideAfterRound(const rendezvous::RoundEvent& event, std::optional<int> interruptedBy,
-                            const RestartBudget& budget, bool storeLost = false);
+                            const RestartBudget& budget, bool storeLost = false, bool workersCompleted = false);
 
 // The deadline of every single store call the agent makes (not of the waits that have their own timeout): a
 // healthy store answers in milliseconds, so a call that takes longer than the heartbeat timeout (at least 5 s,

@@ -210,6 +210,10 @@ void RoundRunner::readPipe(Worker& w, int s) {
   });
 }
 
+bool RoundRunner::workersCompletedDespiteSignal() const {
+  return localWorkers().allSucceeded && (signalAfterWorkersExited_ || ctx_.options->trainerWorkers);
+}
+
 LocalWorkers RoundRunner::localWorkers() const {
   LocalWorkers lw;
   lw.allExited = std::all_of(workers_.begin(), workers_.end(), [](const Worker& w) { return w.exited; });
@@ -291,7 +295,9 @@ void RoundRunner::apply(const RoundActions& a, std::string_view why, const Worke
                          fmt::format("the agent on node {} ({}) received SIG{}", ctx_.round->nodeRank, me.hostname,
                                      sigabbrev_np(sig)),
                          128 + sig, ""},
-              /*actNow=*/true);
+              // With workers to stop, at once; once every local worker has exited there is nothing to stop, and
+              // the group's answer decides (a "done" already in the store means the job completed: exit 0).
+              /*actNow=*/!localWorkers().allExited);
       break;
     }
     case Publish::kPreemptedShutdown: {
@@ -314,9 +320,12 @@ void RoundRunner::onSignal(const boost::system::error_code& ec, int sig) {
     reapChildren();
     return;
   }
+  if ((sig == SIGINT || sig == SIGTERM) && !state_.interruptedBy) signalAfterWorkersExited_ = localWorkers().allExited;
   auto a = decideRound(state_, RoundInput::signalled(sig, localWorkers()));
   if (a.forwardSignal) log::warn("received SIG{}: forwarding it to the workers", sigabbrev_np(sig));
-  if (a.publish == Publish::kShutdown) log::warn("received SIG{}: stopping the workers", sigabbrev_np(sig));
+  if (a.publish == Publish::kShutdown)
+    log::warn("received SIG{}: {}", sigabbrev_np(sig),
+              localWorkers().allExited ? "every local worker has already exited" : "stopping the workers");
   apply(a, fmt::format("SIG{}", sigabbrev_np(sig)));
 }
 

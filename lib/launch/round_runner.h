@@ -89,6 +89,11 @@ class RoundRunner {
   std::optional<int> interruptedBy() const { return state_.interruptedBy; }
   // True when the round ended because this agent lost the rendezvous store (nothing to restart through).
   bool lostStore() const { return lostStore_; }
+  // After run(): this node's workers completed their work although a SIGINT/SIGTERM reached the agent. Every one
+  // exited 0, and either all had exited before the signal came (torchrun's rule: a SUCCEEDED group it has seen
+  // stays succeeded) or they are dtrain's own trainer, whose exit 0 means its training completed
+  // (LaunchOptions::trainerWorkers; a worker of another program that exits 0 on the forwarded signal was stopped).
+  bool workersCompletedDespiteSignal() const;
 
  private:
   struct Worker {
@@ -143,6 +148,8 @@ class RoundRunner {
   std::thread watcher_;
   std::atomic<bool> watcherStop_{false};
   bool lostStore_ = false;
+  // The first SIGINT/SIGTERM found every local worker already exited (workersCompletedDespiteSignal).
+  bool signalAfterWorkersExited_ = false;
   // Declared last: destroyed (joined) first, while everything its jobs touch is still alive.
   StoreCalls storeCalls_;
 };

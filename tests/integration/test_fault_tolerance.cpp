@@ -162,6 +162,25 @@ TEST_CASE("dtrain run and dtrain check refuse another model's checkpoint before 
   CHECK(fresh.out.find("resume: off") != std::string::npos);
 }
 
+TEST_CASE("Ctrl-C once the model is written: the job completed and dtrain run exits 0") {
+  std::string dir = tempDir("lateint");
+  json job = smallJob(96, 8, 1);
+  writeFile(dir + "/job.json", job.dump());
+  // The signal lands while the workers exit after writing the model (or once they have): the outcome is theirs.
+  // Several tries, as where it lands within that window is up to the scheduler.
+  for (int i = 0; i < 3; ++i) {
+    CAPTURE(i);
+    const std::string out = dir + "/out" + std::to_string(i);
+    Background agent(runArgs({"--standalone", "--nproc-per-node", "2", dir + "/job.json", "--output-dir", out}));
+    agent.waitForLine("wrote " + out + "/model.safetensors", 60s);
+    agent.signal(SIGINT);
+    auto r = agent.wait(60s);
+    INFO(r.out, r.err);
+    CHECK(r.exitCode == 0);
+    CHECK(fs::exists(out + "/model.safetensors"));
+  }
+}
+
 TEST_CASE("restarts exhausted: the root cause and its exit code come back") {
   std::string dir = tempDir("exhaust");
   writeFile(dir + "/job.json", smallJob().dump());

@@ -351,13 +351,33 @@ TEST_CASE("round policy: a preempted worker exiting after the round ended publis
 }
 
 TEST_CASE("after the round: the agent's own interrupt decides the exit code") {
-  RoundEvent done{RoundEventType::kDone, "all nodes finished", 0, ""};
-  auto a = decideAfterRound(done, SIGTERM, {0, 3});
+  RoundEvent shutdown{RoundEventType::kShutdown, "the agent on node 0 received SIGTERM", 128 + SIGTERM, ""};
+  auto a = decideAfterRound(shutdown, SIGTERM, {0, 3});
   CHECK(a.verdict == RoundVerdict::kInterrupted);
   CHECK(a.exits());
   CHECK(a.exitCode == 128 + SIGTERM);
   RoundEvent failed{RoundEventType::kFailed, "worker failed", 1, "report"};
   CHECK(decideAfterRound(failed, SIGUSR1, {0, 3}).exitCode == 128 + SIGUSR1);
+  CHECK(decideAfterRound(failed, SIGINT, {0, 3}, false, /*workersCompleted=*/false).exitCode == 128 + SIGINT);
+}
+
+TEST_CASE("after the round: a signal after every worker finished leaves a completed job at exit 0") {
+  // Ctrl-C once the model is written: torchrun returns the group's SUCCEEDED result once it has seen it.
+  RoundEvent done{RoundEventType::kDone, "all nodes finished", 0, ""};
+  for (int sig : {SIGINT, SIGTERM}) {
+    CAPTURE(sig);
+    auto a = decideAfterRound(done, sig, {0, 3});
+    CHECK(a.verdict == RoundVerdict::kSucceeded);
+    CHECK(a.exitCode == 0);
+    // On one node, the agent's own shutdown won the round but every worker still exited 0.
+    RoundEvent own{RoundEventType::kShutdown, "the agent on node 0 received SIGINT", 128 + sig, ""};
+    auto b = decideAfterRound(own, sig, {0, 3}, false, /*workersCompleted=*/true);
+    CHECK(b.verdict == RoundVerdict::kSucceeded);
+    CHECK(b.exitCode == 0);
+  }
+  // Without a signal, workers that exited 0 change no other outcome (an elastic re-formation stays one).
+  RoundEvent join{RoundEventType::kMembership, "node 1 asks to join", 0, ""};
+  CHECK(decideAfterRound(join, std::nullopt, {0, 3}, false, true).verdict == RoundVerdict::kReform);
 }
 
 TEST_CASE("after the round: done exits 0, a shutdown exits with its code") {

@@ -111,8 +111,10 @@ int runCommand(RunArgs& a, bool programAfterDashes) {
     auto machine = train::readMachineMemory();
     train::checkJobFitsMemory(*job, o.nproc, machine);
     train::checkJobFitsMemory(*job, o.nproc, machine, train::checkJobData(*job).bytes);
-    // The checkpoint the workers would resume from must be this model's (exit 8): here, not in every worker after
-    // the rendezvous, where each restart would fail the same way.
+    // The output and checkpoint folders must be usable (exit 2), and the checkpoint the workers would resume from
+    // must be this model's (exit 8): here, not in every worker after the rendezvous (or at the first checkpoint,
+    // an epoch later), where each restart would fail the same way.
+    train::checkOutputDirs(*job);
     train::checkResumeCheckpoint(*job);
     // "device": "cuda": one visible GPU per local worker, checked here so the error comes before any worker. The
     // agent counts without starting CUDA (it forks workers later): CUDA_VISIBLE_DEVICES, else the driver's /proc.

@@ -2,6 +2,10 @@
 
 #include <fmt/format.h>
 
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 #include <fstream>
 #include <limits>
 #include <sstream>
@@ -190,9 +194,39 @@ DataCheck checkJobData(const Job& job) {
   return c;
 }
 
+namespace {
+
+// `dir` is a writable directory, or does not exist and its nearest existing ancestor is one.
+void checkWritableDir(const Job& job, const std::filesystem::path& dir, std::string_view what) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  fs::path at = fs::absolute(dir, ec);
+  if (ec) at = dir;
+  while (!at.empty()) {
+    const auto status = fs::status(at, ec);
+    if (fs::exists(status)) {
+      DTRAIN_CHECK_AS(ConfigError, fs::is_directory(status), "{}: {} {}: {} exists and is not a directory",
+                      job.sourceFile, what, dir.string(), at.string());
+      DTRAIN_CHECK_AS(ConfigError, ::access(at.c_str(), W_OK | X_OK) == 0, "{}: {} {}: {} is not writable ({})",
+                      job.sourceFile, what, dir.string(), at.string(), std::strerror(errno));
+      return;
+    }
+    if (at == at.parent_path()) return;
+    at = at.parent_path();
+  }
+}
+
+}  // namespace
+
+void checkOutputDirs(const Job& job) {
+  checkWritableDir(job, job.outputDir, "output folder (--output-dir, /output_dir or runs/<name>)");
+  if (job.checkpoint.enabled) checkWritableDir(job, job.checkpoint.dir, "checkpoint folder (/checkpoint/dir)");
+}
+
 std::string checkJob(const Job& job) {
   // Before anything is loaded or built: a job that cannot fit fails here, not in an allocation.
   checkJobFitsMemory(job, 1, readMachineMemory());
+  checkOutputDirs(job);
   auto data = checkJobData(job);
   checkJobFitsMemory(job, 1, readMachineMemory(), data.bytes);
   auto train = data.train;

@@ -69,4 +69,11 @@ std::optional<MachineMemory> readMachineMemory(const std::string& meminfoPath = 
 void checkJobFitsMemory(const Job& job, int localWorkers, const std::optional<MachineMemory>& machine,
                         std::optional<int64_t> dataBytes = std::nullopt);
 
+// The folders a run writes to must be usable before any worker starts (a checkpoint folder that cannot be created
+// used to fail the first checkpoint, after an epoch of training): job.outputDir and, with checkpoints on,
+// job.checkpoint.dir must each be a directory the process can write, or not exist yet under a writable directory
+// (nothing is created here). ConfigError (exit 2) naming the job file, the folder, where it was set and what is
+// wrong ("exists and is not a directory", "not writable"). Only stats and access(2) calls.
+void checkOutputDirs(const Job& job);
+
 }  // namespace dtrain::train

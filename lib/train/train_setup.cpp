@@ -2,6 +2,8 @@
 // data, model, optimizer, checkpoint resume, sparse tables, the vocabulary file and the run's plan.
 #include "lib/train/train_loop.h"
 
+#include "lib/train/check.h"
+
 namespace dtrain::train::detail {
 
 namespace {
@@ -72,6 +74,8 @@ void TrainLoop::setUp() {
   // A prefetch thread only pays when a core is free for it: with as many workers as cores on the node it
   // competes with the training threads (measured: 2 ranks on 2 cores run faster without it).
   const bool spareCores = std::thread::hardware_concurrency() > static_cast<unsigned>(worker_.localWorldSize);
+  // A one-process `dtrain train` has had no agent to check them: an unusable folder fails now, not an epoch later.
+  if (worker_.rank == 0) checkOutputDirs(job_);
   timeline::startFromEnv(worker_.rank, worker_.nodeRank);  // before connect(): the set-up's collectives show too
   prefetch_ = job_.data.prefetch.value_or(spareCores);
   device_ = workerDevice();

@@ -258,3 +258,34 @@ TEST_CASE("data that lies (bad magic, truncated gzip, labels out of range, a gzi
   r = run({dtrainBinary(), "train", dir + "/bomb.json", "--output-dir", dir + "/out"}, {.timeout = 30s});
   CHECK(r.err.find("inflates to more than the 32 bytes its header declares") != std::string::npos);
 }
+
+TEST_CASE("an output or checkpoint folder that cannot be a directory is refused (exit 2) before any training") {
+  std::string dir = tempDir("outdirs");
+  writeFile(dir + "/job.json", smallJob().dump());
+  writeFile(dir + "/afile", "not a folder");
+  struct Case {
+    std::vector<std::string> args;
+    std::string expected;
+  };
+  // The checkpoint folder used to fail at the first checkpoint, after a whole epoch of training (exit 8).
+  for (const Case& c : {Case{{"--output-dir", dir + "/afile"}, "output folder (--output-dir"},
+                        Case{{"--output-dir", dir + "/afile/sub"}, "output folder (--output-dir"},
+                        Case{{"--output-dir", dir + "/out", "--set", "checkpoint.dir=" + dir + "/afile"},
+                             "checkpoint folder (/checkpoint/dir) " + dir + "/afile: " + dir +
+                                 "/afile exists and is not a directory"}}) {
+    for (const char* cmd : {"check", "train", "run"}) {
+      CAPTURE(cmd);
+      CAPTURE(c.args.at(1));
+      std::vector<std::string> argv{dtrainBinary(), cmd};
+      if (std::string(cmd) == "run") argv.insert(argv.end(), {"--standalone", "--nproc-per-node", "2"});
+      argv.push_back(dir + "/job.json");
+      argv.insert(argv.end(), c.args.begin(), c.args.end());
+      auto r = run(argv, {.timeout = 60s});
+      INFO(r.out, r.err);
+      CHECK(r.exitCode == 2);
+      CHECK(r.err.find(c.expected) != std::string::npos);
+      CHECK(r.out.find("[n0 r") == std::string::npos);  // no worker was started
+      CHECK(r.out.find("step") == std::string::npos);   // nothing trained
+    }
+  }
+}

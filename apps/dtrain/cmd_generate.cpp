@@ -21,13 +21,18 @@ void addGenerateCommand(CLI::App& root, Action& action) {
   sub->add_option("--seed", o->seed, "Random seed (default 1337): the same seed gives the same text");
   sub->callback([&action, o] {
     action = [o] {
-      fmt::print("{}", o->prompt);
-      std::fflush(stdout);
-      train::generateText(*o, [](const std::string& piece) {
+      // The prompt is echoed with the first token, once the run directory, model and prompt are checked: an
+      // error must not follow a half-printed text.
+      bool echoed = false;
+      train::generateText(*o, [&](const std::string& piece) {
+        if (!echoed) {
+          fmt::print("{}", o->prompt);
+          echoed = true;
+        }
         fmt::print("{}", piece);
         std::fflush(stdout);
       });
-      fmt::print("\n");
+      fmt::print("{}\n", echoed ? "" : o->prompt);
       return 0;
     };
   });

@@ -33,6 +33,13 @@ std::string generateText(const GenerateOptions& o, const std::function<void(cons
   DTRAIN_CHECK_AS(UsageError, o.temperature > 0, "--temperature: {} (expected > 0)", o.temperature);
   DTRAIN_CHECK_AS(UsageError, o.topK >= 0, "--top-k: {} (expected >= 0; 0 = no cut)", o.topK);
   const auto specFile = o.runDir / kModelSpecFile;
+  DTRAIN_CHECK_AS(ConfigError, std::filesystem::is_directory(o.runDir),
+                  "{}: no such run directory (expected the output folder of a run, e.g. runs/gpt_fortunes)",
+                  o.runDir.string());
+  DTRAIN_CHECK_AS(ConfigError, std::filesystem::exists(specFile),
+                  "{}: no {} here: not the output folder of a language model's run (runs on text or token data write "
+                  "model.json, model.safetensors and vocab.json)",
+                  o.runDir.string(), kModelSpecFile);
   const nn::ModelSpec spec = nn::loadModelSpec(specFile);
   DTRAIN_CHECK_AS(ConfigError, spec.input.rank() == 1 && spec.output().rank() == 2,
                   "{}: not a language model (input {} and output {}; expected [T] and [T, V])", specFile.string(),

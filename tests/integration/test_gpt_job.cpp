@@ -80,6 +80,15 @@ TEST_CASE("a GPT trains on text with dtrain run -n 2, and dtrain generate sample
   auto unfinished = run({dtrainBinary(), "generate", dir + "/run"});
   CHECK(unfinished.exitCode == 8);
   CHECK(unfinished.err.find("/run/model.safetensors does not exist: the run has not finished") != std::string::npos);
+  // Nothing of the prompt is printed before an error; the wrong folder says what it lacks.
+  CHECK(unfinished.out.empty());
+  auto notRun = run({dtrainBinary(), "generate", dir, "--prompt", "hello"});
+  CHECK(notRun.exitCode == 2);
+  CHECK(notRun.out.empty());
+  CHECK(notRun.err.find(": no model.json here: not the output folder of a language model's run") != std::string::npos);
+  auto missing = run({dtrainBinary(), "generate", dir + "/nonexistent"});
+  CHECK(missing.exitCode == 2);
+  CHECK(missing.err.find("/nonexistent: no such run directory") != std::string::npos);
 }
 
 TEST_CASE("bad GPT jobs are refused with exit 2 before any worker starts, naming file, field and value") {

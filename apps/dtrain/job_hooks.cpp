@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <climits>
 
 #include "lib/common/error.h"
@@ -25,9 +26,30 @@ train::Job validateJobForLaunch(const std::vector<std::string>& args) {
   try {
     app.parse(reversed);
   } catch (const CLI::ParseError& e) {
-    DTRAIN_THROW(UsageError, "job options after {}: {}", args.empty() ? "" : args.front(), e.what());
+    // `dtrain run job.json -n 2`: launcher options after the job file are the usual slip.
+    DTRAIN_THROW(UsageError,
+                 "job options after {}: {}; only --set PATH=VALUE and --output-dir DIR may follow the job file, "
+                 "launcher options go before it (dtrain run [options] JOB.json [--set ...] [--output-dir DIR])",
+                 args.empty() ? "" : args.front(), parseErrorText(e));
   }
   return train::loadJob(jobArgs);
+}
+
+std::string parseErrorText(const CLI::ParseError& e) {
+  std::string text = e.what();
+  if (dynamic_cast<const CLI::ExtrasError*>(&e) == nullptr) return text;
+  const auto colon = text.find(": ");
+  if (colon == std::string::npos) return text;
+  std::vector<std::string> words;
+  std::string rest = text.substr(colon + 2);
+  for (size_t start = 0; start <= rest.size();) {
+    const size_t space = std::min(rest.find(' ', start), rest.size());
+    words.push_back(rest.substr(start, space - start));
+    start = space + 1;
+  }
+  std::string out = text.substr(0, colon + 2);
+  for (size_t i = words.size(); i-- > 0;) out += words[i] + (i > 0 ? " " : "");
+  return out;
 }
 
 std::string selfExe() {

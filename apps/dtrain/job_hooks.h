@@ -20,6 +20,10 @@ void addJobOptions(CLI::App& app, train::JobArgs& args);
 // train::checkJobFitsMemory, once the local worker count is known).
 train::Job validateJobForLaunch(const std::vector<std::string>& args);
 
+// What a CLI11 parse error says, with the unexpected arguments of an ExtrasError in the order they were typed
+// (CLI11 2.x lists them reversed when they came after the positionals: "not expected: 2 -n" for `... -n 2`).
+std::string parseErrorText(const CLI::ParseError& e);
+
 // This executable's absolute path (/proc/self/exe), what `dtrain run` and `dtrain sim` start workers and agents
 // from. Throws Error when the link cannot be read.
 std::string selfExe();

@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "apps/dtrain/commands.h"
+#include "apps/dtrain/job_hooks.h"
 #include "lib/common/config.h"
 #include "lib/common/error.h"
 #include "lib/common/log.h"
@@ -50,7 +51,7 @@ int main(int argc, char** argv) {
   } catch (const CLI::Success& e) {
     return root.exit(e);
   } catch (const CLI::ParseError& e) {
-    std::fprintf(stderr, "dtrain: error: %s (see dtrain --help)\n", e.what());
+    std::fprintf(stderr, "dtrain: error: %s (see dtrain --help)\n", dtrain::app::parseErrorText(e).c_str());
     return static_cast<int>(dtrain::ExitCode::kUsage);
   } catch (const dtrain::Error& e) {
     return report(e);

@@ -115,6 +115,18 @@ TEST_CASE("bad input: one clear line, a distinct exit code, nothing started") {
     CHECK(r.exitCode == 3);
     CHECK(r.err.find("--nprocs-per-node") != std::string::npos);
   }
+  SUBCASE("unexpected arguments are quoted in the order they were typed") {
+    auto r = run({dtrainBinary(), "check", sourceDir() + "/configs/linear_regression.json", "--nproc", "2"});
+    CHECK(r.exitCode == 3);
+    CHECK(r.err.find("not expected: --nproc 2") != std::string::npos);
+  }
+  SUBCASE("a launcher option after the job file says where it goes") {
+    auto r = run(runArgs({"--standalone", sourceDir() + "/configs/linear_regression.json", "-n", "2"}));
+    CHECK(r.exitCode == 3);
+    CHECK(r.err.find("not expected: -n 2; only --set PATH=VALUE and --output-dir DIR may follow the job file, "
+                     "launcher options go before it") != std::string::npos);
+    CHECK(r.out.find("[n0 r") == std::string::npos);
+  }
   SUBCASE("--nproc-per-node 0") {
     auto r = run(runArgs({"--standalone", "--nproc-per-node", "0", "--", "true"}));
     CHECK(r.exitCode == 3);

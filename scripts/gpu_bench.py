@@ -8,6 +8,9 @@ Prints one table from one run, both sides of every comparison:
     fp32 with TF32 GEMMs) and for PyTorch eager on the same model and batch (bf16 autocast, and fp32 with TF32);
   - all-reduce over the GPUs present: dtrain bench allreduce --backend nccl, and PyTorch's NCCL all_reduce on the
     same sizes (algbw and busbw as nccl-tests define them: busbw = algbw * 2 (n - 1) / n).
+Time: --budget S bounds the whole run (scripts/gpu-check passes what its own budget leaves); each part's timeout
+is the smaller of its own and what is left, keeping a reserve for the parts after it. A part that fails or runs
+out of time prints why and the others still print; the exit code is then 1.
 """
 import argparse
 import json
@@ -24,6 +27,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 L, H, C, T, V = 12, 12, 768, 1024, 50257
+DEADLINE = [float("inf")]
+FAILURES = []
+
+
+def left(reserve=0.0):
+    """Seconds until the deadline, less `reserve` (kept for the parts after this one); at least 1."""
+    return max(1.0, DEADLINE[0] - time.monotonic() - reserve)
 
 
 def gemm_tflops(dtype, n=8192, iters=20):
@@ -131,7 +141,7 @@ class GpuMemory:
         self.thread.join()
 
 
-def dtrain_gpt(dtrain, batch, steps, tmp, precision):
+def dtrain_gpt(dtrain, batch, steps, tmp, precision, reserve):
     tokens = batch * T * (steps + 6) + T + 1
     path = os.path.join(tmp, "tokens.bin")
     if not os.path.exists(path):
@@ -155,7 +165,7 @@ def dtrain_gpt(dtrain, batch, steps, tmp, precision):
         json.dump(job, f)
     with GpuMemory() as mem:
         r = subprocess.run([dtrain, "train", os.path.join(tmp, "job.json"), "--output-dir", out],
-                           capture_output=True, text=True, timeout=300)
+                           capture_output=True, text=True, timeout=min(300.0, left(reserve)))
     if r.returncode != 0:
         print(r.stderr[-3000:], file=sys.stderr)
         raise SystemExit(f"dtrain train failed (exit {r.returncode})")
@@ -193,7 +203,9 @@ def main():
     ap.add_argument("--gpus", type=int, default=1)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--budget", type=float, default=420, help="seconds for the whole run")
     a = ap.parse_args()
+    DEADLINE[0] = time.monotonic() + a.budget
     print(f"\n== GEMM ceilings ({torch.cuda.get_device_name(0)}, torch {torch.__version__}) ==")
     bf16, tf32 = gemm_tflops(torch.bfloat16), None
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -206,29 +218,47 @@ def main():
     print(f"{'side':<34}{'step ms':>9}{'tokens/s':>11}{'MFU bf16':>10}{'MFU tf32':>10}{'peak GiB':>10}")
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for key, name, precision in (("dtrain bf16", "dtrain (bf16 GEMMs, fp32 master)", "bf16"),
-                                     ("dtrain fp32", "dtrain (fp32, TF32 GEMMs)", "fp32")):
+        # Reserves: the second dtrain row, the PyTorch rows and the all-reduce table come after the first row.
+        for key, name, precision, reserve in (("dtrain bf16", "dtrain (bf16 GEMMs, fp32 master)", "bf16", 150),
+                                              ("dtrain fp32", "dtrain (fp32, TF32 GEMMs)", "fp32", 90)):
             try:
-                rows[key] = (name,) + dtrain_gpt(a.dtrain, a.batch, a.steps, tmp, precision)
+                rows[key] = (name,) + dtrain_gpt(a.dtrain, a.batch, a.steps, tmp, precision, reserve)
             except Exception as e:  # keep the other rows: they say what the machine does
                 print(f"{name} row failed: {e}")
+                FAILURES.append(key)
     for key, name, use_bf16 in (("torch bf16", "PyTorch eager (bf16 autocast)", True),
                                 ("torch fp32", "PyTorch eager (fp32, TF32)", False)):
-        rows[key] = (name,) + torch_gpt(a.batch, a.steps, use_bf16)
+        try:
+            rows[key] = (name,) + torch_gpt(a.batch, a.steps, use_bf16)
+        except Exception as e:
+            print(f"{name} row failed: {e}")
+            FAILURES.append(key)
+            torch.cuda.empty_cache()
     for name, dt, params, peak in rows.values():
         fpt = flops_per_token(params) * tokens / dt / 1e12
         print(f"{name:<34}{dt * 1e3:>9.1f}{tokens / dt:>11.0f}{fpt / bf16:>10.1%}{fpt / tf32:>10.1%}{peak:>10.1f}")
+    print("(peak GiB: dtrain's is nvidia-smi's memory.used of GPU 0, CUDA context included; PyTorch's is "
+          "max_memory_allocated, its context and cache excluded)")
     for mine, theirs in (("dtrain bf16", "torch bf16"), ("dtrain fp32", "torch fp32")):
         if mine in rows and theirs in rows:  # tokens/s ratio = inverse step-time ratio
             print(f"{rows[mine][0]} / {rows[theirs][0]} tokens/s: {rows[theirs][1] / rows[mine][1]:.2f}x")
 
     print(f"\n== all-reduce, float32 sum, {a.gpus} GPU(s) ==")
     sizes = [1 << p for p in range(20, 31, 2)]  # 1 MiB .. 1 GiB
-    r = subprocess.run([a.dtrain, "run", "--standalone", "--nproc-per-node", str(a.gpus), "--", a.dtrain, "bench",
-                        "allreduce", "--backend", "nccl", "--min-bytes", "1M", "--max-bytes", "1G", "--step-factor", "4"],
-                       capture_output=True, text=True, timeout=180)
     print("dtrain bench allreduce --backend nccl:")
-    print(r.stdout.strip() or r.stderr[-2000:])
+    try:
+        r = subprocess.run([a.dtrain, "run", "--standalone", "--nproc-per-node", str(a.gpus), "--", a.dtrain, "bench",
+                            "allreduce", "--backend", "nccl", "--min-bytes", "1M", "--max-bytes", "1G",
+                            "--step-factor", "4"],
+                           capture_output=True, text=True, timeout=min(180.0, left(40)))
+        print(r.stdout.strip() or r.stderr[-2000:])
+        if r.returncode != 0:
+            print(f"(exit {r.returncode})")
+            FAILURES.append("dtrain all-reduce")
+    except subprocess.TimeoutExpired:
+        print("timed out (time budget)")
+        FAILURES.append("dtrain all-reduce")
+    import queue
     import torch.multiprocessing as mp
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
@@ -236,14 +266,24 @@ def main():
              for i in range(a.gpus)]
     for p in procs:
         p.start()
-    times = q.get(timeout=180)
+    try:
+        times = q.get(timeout=min(180.0, left()))
+    except queue.Empty:
+        print("PyTorch all_reduce: timed out (time budget)")
+        FAILURES.append("torch all-reduce")
+        times = []
     for p in procs:
-        p.join()
+        p.join(timeout=10)
+        if p.is_alive():
+            p.terminate()
     print("PyTorch torch.distributed.all_reduce (nccl):")
     print(f"{'bytes':>12}{'time us':>11}{'algbw GB/s':>12}{'busbw GB/s':>12}")
     for n, t in zip(sizes, times):
         alg = n / t / 1e9
         print(f"{n:>12}{t * 1e6:>11.1f}{alg:>12.2f}{alg * 2 * (a.gpus - 1) / a.gpus:>12.2f}")
+    if FAILURES:
+        print(f"\nbenchmark parts that failed: {', '.join(FAILURES)}")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

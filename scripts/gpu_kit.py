@@ -13,8 +13,11 @@ or zlib headers) and perhaps no cmake or ninja. So the kit carries, beside prebu
                   tree), $KIT, $CUDA_HOME and the directories holding NCCL and cuBLAS there.
 
   gpu_kit.py pack BUILD_DIR KIT TARGET...   on the build machine, after building TARGETs in BUILD_DIR
-  gpu_kit.py build KIT SRC OUT              on the GPU machine: runs the commands (compiles in parallel), leaving
-                                            the binaries in OUT (OUT/apps/dtrain/dtrain, OUT/tests/gpu/test_gpu*)
+  gpu_kit.py build KIT SRC OUT [--preprocess-only]
+                                            on the GPU machine: runs the commands (compiles in parallel), leaving
+                                            the binaries in OUT (OUT/apps/dtrain/dtrain, OUT/tests/gpu/test_gpu*);
+                                            --preprocess-only runs each compile as -E and links nothing: it proves
+                                            every header is found, in a fraction of the time (scripts/gpu-kit-sim)
 
 Exit: 0 done; 1 a command failed (its output is printed); 2 bad usage or nothing to build with.
 """
@@ -62,12 +65,22 @@ def pack(build, kit, targets):
     for d in ("include", "cuda", "lib"):
         os.makedirs(os.path.join(deps, d))
 
-    # Headers: every dependency ninja recorded, outside the sources, the build tree and the toolchain.
+    # Headers: every dependency ninja recorded for the objects the targets are made of, outside the sources, the
+    # build tree and the toolchain. (`ninja -t deps TARGET` is not transitive: for a linked target it lists
+    # nothing, so the log is read whole and filtered by the objects of the targets' compile commands.)
     toolchain = owned_by_toolchain()
+    raw_commands = run(["ninja", "-C", build, "-t", "commands"] + targets).splitlines()
+    objects = {m.group(1) for c in raw_commands if " -c " in c for m in [re.search(r" -o (\S+)", c)] if m}
     headers = set()
-    for line in run(["ninja", "-C", build, "-t", "deps"] + targets).splitlines():
-        if line.startswith("    "):
+    current = None
+    for line in run(["ninja", "-C", build, "-t", "deps"]).splitlines():
+        if not line.startswith(" "):
+            current = line.split(":", 1)[0] if line.strip() else None
+        elif current in objects:
             headers.add(os.path.normpath(line.strip()))
+    if not any(h.startswith(SYSTEM_INCLUDE) for h in headers):
+        raise SystemExit(f"gpu_kit: no header dependency recorded for the {len(objects)} objects of {targets} in "
+                         f"{build}: build them with Ninja first")
     cuda_real = os.path.realpath(cuda)
     copied = {"include": 0, "cuda": 0}
     for h in sorted(headers):
@@ -86,7 +99,7 @@ def pack(build, kit, targets):
     # Commands in ninja's order; paths rewritten to variables the GPU machine fills in.
     libs = {}  # system library path -> replacement
     commands = []
-    for line in run(["ninja", "-C", build, "-t", "commands"] + targets).splitlines():
+    for line in raw_commands:
         line = line.replace("/usr/bin/ccache ", "").replace("ccache ", "")
         line = re.sub(r"(\S+/cmake) -E rm -f", "rm -f", line)
         if "cmake -E" in line:
@@ -103,7 +116,8 @@ def pack(build, kit, targets):
                 libs[tok] = "-l:" + soname(os.path.realpath(tok)) if "nccl" not in tok else "-l:libnccl.so.2"
         for old in sorted(libs, key=len, reverse=True):
             line = line.replace(old, libs[old])
-        line = line.replace(src, "$SRC").replace(build + "/", "").replace(build, ".")
+        # The build tree first: it may sit inside the sources (build/), and its paths become relative to OUT.
+        line = line.replace(build + "/", "").replace(build, ".").replace(src, "$SRC")
         # -isystem /usr/include/eigen3 and the like: the kit's copy.
         line = re.sub(r"(-I|-isystem |-idirafter )/usr/include/", r"\1$KIT/deps/include/", line)
         line = re.sub(r"(^|&& )/usr/bin/c\+\+ ", r"\1$CXX ", line)
@@ -127,7 +141,14 @@ def nvidia_dirs(sub):
     return out
 
 
-def build(kit, src, out):
+def preprocess_only(cmd):
+    """The compile command `cmd` with -c replaced by -E, its output discarded and no depfile written."""
+    cmd = re.sub(r" -c ", " -E ", cmd, count=1)
+    cmd = re.sub(r" -M[TF] \S+| -MM?D(?= )", "", cmd)  # no depfile: nvcc refuses -MD with -E
+    return re.sub(r" -o \S+", " -o /dev/null", cmd, count=1)
+
+
+def build(kit, src, out, preprocess=False):
     kit, src, out = (os.path.realpath(p) for p in (kit, src, out))
     spec = json.load(open(os.path.join(kit, "commands.json")))
     cuda = os.environ.get("CUDA_HOME") or next((d for d in ("/usr/local/cuda",) if os.path.isdir(d)), None)
@@ -154,20 +175,22 @@ def build(kit, src, out):
     def expand(cmd):
         # Compilers get the kit's headers (searched after the command's own -I paths, before the system's); links
         # get the library folders.
-        if " -c " in cmd:
+        if " -c " in cmd or " -E " in cmd:
             return re.sub(r"^(\S+) ", lambda m: f"{m.group(1)} {system_inc} ", cmd, count=1)
         if " -o " in cmd and "$CXX " in cmd:
             return cmd.replace("$CXX ", f"$CXX {link_flags} ", 1)
         return cmd
 
     def one(cmd):
-        for d in re.findall(r" -o (\S+)", cmd):
+        for d in re.findall(r" -(?:o|MF) (\S+)", cmd):
             os.makedirs(os.path.join(out, os.path.dirname(d)), exist_ok=True)
         r = subprocess.run(["bash", "-c", expand(cmd)], cwd=out, env=env, capture_output=True, text=True)
         return cmd, r
 
     compiles = [c for c in spec["commands"] if " -c " in c and " -o " in c]
     rest = [c for c in spec["commands"] if c not in compiles]
+    if preprocess:
+        compiles, rest = [preprocess_only(c) for c in compiles], []
     jobs = os.cpu_count() or 4
     print(f"gpu_kit build: {len(compiles)} compiles on {jobs} cores, then {len(rest)} archive/link steps, in {out}")
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
@@ -188,8 +211,8 @@ def main(argv):
     if len(argv) >= 4 and argv[0] == "pack":
         pack(argv[1], argv[2], argv[3:])
         return 0
-    if len(argv) == 4 and argv[0] == "build":
-        return build(argv[1], argv[2], argv[3])
+    if len(argv) in (4, 5) and argv[0] == "build" and argv[4:] in ([], ["--preprocess-only"]):
+        return build(argv[1], argv[2], argv[3], preprocess=len(argv) == 5)
     print(__doc__, file=sys.stderr)
     return 2
 

@@ -8,9 +8,11 @@
 #include <limits>
 #include <mutex>
 #include <unordered_map>
+#include <utility>
 
 #include "lib/gpu/check.h"
 #include "lib/gpu/device.h"
+#include "lib/gpu/gemm_args.h"
 #include "lib/gpu/kernels.h"
 #include "lib/gpu/memory.h"
 
@@ -94,13 +96,6 @@ cublasComputeType_t computeType() {
   return gTf32.load(std::memory_order_relaxed) ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
 }
 
-// Elements a row-major operand of `rows` x `cols` with leading dimension ld spans, over `batch` matrices `stride`
-// apart: what the bf16 copy must cover (the gaps between rows are converted too; they are never read).
-size_t operandSpan(int64_t rows, int64_t cols, int64_t ld, int64_t stride, int64_t batch) {
-  if (rows == 0 || cols == 0 || batch == 0) return 0;
-  return static_cast<size_t>((batch - 1) * stride + (rows - 1) * ld + cols);
-}
-
 // The bf16 copies of A and B: per thread and GPU, grown to the largest operand seen.
 struct Bf16Scratch {
   DeviceBuffer a, b;
@@ -122,13 +117,23 @@ struct Operands {
   cudaDataType_t type;
   cublasComputeType_t compute;
 };
-Operands operands(bool transA, bool transB, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
-                  int64_t strideA, const float* b, int64_t ldb, int64_t strideB, int64_t batch) {
-  if (!gBf16.load(std::memory_order_relaxed) || k == 0) return {a, b, CUDA_R_32F, computeType()};
-  // Stored row-major: A is [m, k] ([k, m] when transposed), B is [k, n] ([n, k]).
-  const size_t spanA = transA ? operandSpan(k, m, lda, strideA, batch) : operandSpan(m, k, lda, strideA, batch);
-  const size_t spanB = transB ? operandSpan(n, k, ldb, strideB, batch) : operandSpan(k, n, ldb, strideB, batch);
-  return {bf16Copy(a, spanA, true), bf16Copy(b, spanB, false), CUDA_R_16BF, CUBLAS_COMPUTE_32F};
+Operands operands(const RowMajorGemm& g, const float* a, const float* b) {
+  if (!gBf16.load(std::memory_order_relaxed) || g.k == 0) return {a, b, CUDA_R_32F, computeType()};
+  // The copies keep every element's offset, so lda/ldb and the strides apply to them unchanged.
+  return {bf16Copy(a, spanA(g), true), bf16Copy(b, spanB(g), false), CUDA_R_16BF, CUBLAS_COMPUTE_32F};
+}
+
+// The checked column-major arguments of a row-major call (gemm_args.h): every size fits cuBLAS's int and every
+// leading dimension its matrix, else a clear error instead of CUBLAS_STATUS_INVALID_VALUE.
+ColumnMajorGemm checkedArgs(const RowMajorGemm& g) {
+  const char* bad = badLeadingDimension(g);
+  DTRAIN_CHECK(bad == nullptr, "gemm: {} too small (m {} n {} k {}, lda {} ldb {} ldc {}, trans {}{})",
+               bad == nullptr ? "" : bad, g.m, g.n, g.k, g.lda, g.ldb, g.ldc, g.transA ? 'T' : 'N', g.transB ? 'T' : 'N');
+  const ColumnMajorGemm c = toColumnMajor(g);
+  const std::pair<int64_t, const char*> sizes[] = {{c.m, "n"},       {c.n, "m"},        {c.k, "k"},    {c.batch, "batch"},
+                                                  {c.ldFirst, "ldb"}, {c.ldSecond, "lda"}, {c.ldc, "ldc"}};
+  for (const auto& [v, what] : sizes) checkedInt(v, what);
+  return c;
 }
 
 }  // namespace
@@ -138,29 +143,36 @@ bool tf32() noexcept { return gTf32.load(); }
 void setBf16(bool on) noexcept { gBf16.store(on); }
 bool bf16() noexcept { return gBf16.load(); }
 
+cublasOperation_t opOf(bool trans) { return trans ? CUBLAS_OP_T : CUBLAS_OP_N; }
+
 void gemm(bool transA, bool transB, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
           const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
+  const RowMajorGemm g{.transA = transA, .transB = transB, .m = m, .n = n, .k = k, .lda = lda, .ldb = ldb, .ldc = ldc};
+  const ColumnMajorGemm cm = checkedArgs(g);
   cublasHandle_t h = handleFor(currentDevice());
-  const Operands op = operands(transA, transB, m, n, k, a, lda, 0, b, ldb, 0, 1);
-  // Row-major C = op(A) op(B)  <=>  column-major C^T = op(B)^T op(A)^T: B first, dimensions n x m.
-  DTRAIN_CUBLAS_CHECK(cublas().gemmEx(h, transB ? CUBLAS_OP_T : CUBLAS_OP_N, transA ? CUBLAS_OP_T : CUBLAS_OP_N,
-                                   checkedInt(n, "n"), checkedInt(m, "m"), checkedInt(k, "k"), &alpha, op.b, op.type,
-                                   checkedInt(ldb, "ldb"), op.a, op.type, checkedInt(lda, "lda"), &beta, c,
-                                   CUDA_R_32F, checkedInt(ldc, "ldc"), op.compute, CUBLAS_GEMM_DEFAULT));
+  const Operands op = operands(g, a, b);
+  // Row-major C = op(A) op(B)  <=>  column-major C^T = op(B)^T op(A)^T: B first, dimensions n x m (gemm_args.h).
+  DTRAIN_CUBLAS_CHECK(cublas().gemmEx(h, opOf(cm.transFirst), opOf(cm.transSecond), static_cast<int>(cm.m),
+                                      static_cast<int>(cm.n), static_cast<int>(cm.k), &alpha, op.b, op.type,
+                                      static_cast<int>(cm.ldFirst), op.a, op.type, static_cast<int>(cm.ldSecond), &beta,
+                                      c, CUDA_R_32F, static_cast<int>(cm.ldc), op.compute, CUBLAS_GEMM_DEFAULT));
 }
 
 void gemmBatched(bool transA, bool transB, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
                  int64_t strideA, const float* b, int64_t ldb, int64_t strideB, float beta, float* c, int64_t ldc,
                  int64_t strideC, int64_t batch) {
   if (m == 0 || n == 0 || batch == 0) return;
+  const RowMajorGemm g{.transA = transA, .transB = transB, .m = m, .n = n, .k = k, .lda = lda, .ldb = ldb, .ldc = ldc,
+                       .strideA = strideA, .strideB = strideB, .strideC = strideC, .batch = batch};
+  const ColumnMajorGemm cm = checkedArgs(g);
   cublasHandle_t h = handleFor(currentDevice());
-  const Operands op = operands(transA, transB, m, n, k, a, lda, strideA, b, ldb, strideB, batch);
+  const Operands op = operands(g, a, b);
   DTRAIN_CUBLAS_CHECK(cublas().gemmStridedBatchedEx(
-      h, transB ? CUBLAS_OP_T : CUBLAS_OP_N, transA ? CUBLAS_OP_T : CUBLAS_OP_N, checkedInt(n, "n"),
-      checkedInt(m, "m"), checkedInt(k, "k"), &alpha, op.b, op.type, checkedInt(ldb, "ldb"), strideB, op.a, op.type,
-      checkedInt(lda, "lda"), strideA, &beta, c, CUDA_R_32F, checkedInt(ldc, "ldc"), strideC,
-      checkedInt(batch, "batch"), op.compute, CUBLAS_GEMM_DEFAULT));
+      h, opOf(cm.transFirst), opOf(cm.transSecond), static_cast<int>(cm.m), static_cast<int>(cm.n),
+      static_cast<int>(cm.k), &alpha, op.b, op.type, static_cast<int>(cm.ldFirst), cm.strideFirst, op.a, op.type,
+      static_cast<int>(cm.ldSecond), cm.strideSecond, &beta, c, CUDA_R_32F, static_cast<int>(cm.ldc), cm.strideC,
+      static_cast<int>(cm.batch), op.compute, CUBLAS_GEMM_DEFAULT));
 }
 
 }  // namespace dtrain::gpu

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "lib/gpu/grid.h"
 #include "lib/gpu/kernels.h"
 #include "lib/gpu/launch.h"
 
@@ -15,15 +16,19 @@ namespace {
 
 constexpr int kThreads = 256;  // a power of two: the tree reductions below halve it
 
-// Elementwise launches: grid-stride loops, so any n fits a bounded grid.
-unsigned blocksFor(size_t n) {
-  const size_t blocks = (n + kThreads - 1) / kThreads;
-  return static_cast<unsigned>(std::max<size_t>(1, std::min<size_t>(blocks, 1u << 20)));
-}
-unsigned rowBlocks(int64_t rows) { return static_cast<unsigned>(rows); }
+// Grids are bounded (CUDA allows 2^31 - 1 blocks in x; a GPT's attention has batch * heads * T rows, which a
+// long context or a large batch could push past that): every kernel loops, elementwise ones over elements
+// (grid-stride), row ones over rows (block-stride), column ones over columns. The sizes are in launch.h.
+unsigned blocksFor(size_t n) { return gridFor(n, kThreads); }
+unsigned rowBlocks(int64_t rows) { return rowGrid(rows); }
 
 #define DTRAIN_GRID_STRIDE(i, n) \
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < (n); i += static_cast<size_t>(blockDim.x) * gridDim.x)
+// One block per row, for rows beyond the grid too (r is the same in every thread of a block: __syncthreads is safe).
+#define DTRAIN_ROW_STRIDE(r, rows) for (int64_t r = blockIdx.x; r < (rows); r += gridDim.x)
+// One thread per column, for columns beyond the grid too.
+#define DTRAIN_COL_STRIDE(c, cols) \
+  for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < (cols); c += static_cast<int64_t>(blockDim.x) * gridDim.x)
 
 // Sum of v over the block (every thread gets it); sh holds kThreads floats. Fixed order: deterministic.
 __device__ float blockSum(float v, float* sh) {
@@ -67,11 +72,11 @@ __global__ void addBiasKernel(float* y, const float* bias, size_t n, int64_t col
 }
 // One thread per column, rows summed in order (coalesced: neighbouring threads read neighbouring columns).
 __global__ void biasGradKernel(const float* dy, float* db, int64_t rows, int64_t cols, bool accumulate) {
-  const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (c >= cols) return;
-  float acc = accumulate ? db[c] : 0.0f;
-  for (int64_t r = 0; r < rows; ++r) acc += dy[r * cols + c];
-  db[c] = acc;
+  DTRAIN_COL_STRIDE(c, cols) {
+    float acc = accumulate ? db[c] : 0.0f;
+    for (int64_t r = 0; r < rows; ++r) acc += dy[r * cols + c];
+    db[c] = acc;
+  }
 }
 
 __device__ float geluForward(float x) { return x * 0.5f * (1.0f + erff(x * static_cast<float>(M_SQRT1_2))); }
@@ -105,9 +110,9 @@ __global__ void activationBackwardKernel(Activation f, const float* x, const flo
 }
 
 __global__ void layerNormForwardKernel(const float* x, const float* w, const float* b, float* y, float* mean,
-                                       float* rstd, int64_t d, float eps) {
+                                       float* rstd, int64_t rows, int64_t d, float eps) {
   __shared__ float sh[kThreads];
-  const int64_t r = blockIdx.x;
+  DTRAIN_ROW_STRIDE(r, rows) {
   const float* xr = x + r * d;
   float* yr = y + r * d;
   float s = 0.0f;
@@ -122,12 +127,13 @@ __global__ void layerNormForwardKernel(const float* x, const float* w, const flo
     const float xhat = (xr[j] - mu) * rs;
     yr[j] = w != nullptr ? xhat * w[j] + (b != nullptr ? b[j] : 0.0f) : xhat;
   }
+  }
 }
 
 __global__ void layerNormDxKernel(const float* x, const float* w, const float* mean, const float* rstd,
-                                  const float* dy, float* dx, int64_t d) {
+                                  const float* dy, float* dx, int64_t rows, int64_t d) {
   __shared__ float sh[kThreads];
-  const int64_t r = blockIdx.x;
+  DTRAIN_ROW_STRIDE(r, rows) {
   const float mu = mean[r], rs = rstd[r];
   float sg = 0.0f, sgx = 0.0f;
   for (int64_t j = threadIdx.x; j < d; j += kThreads) {
@@ -142,13 +148,13 @@ __global__ void layerNormDxKernel(const float* x, const float* w, const float* m
     const float xhat = (x[r * d + j] - mu) * rs;
     dx[r * d + j] = rs * (g - meanG - xhat * meanGx);
   }
+  }
 }
 
 // One thread per column of the weight and bias gradients, rows in order.
 __global__ void layerNormDwKernel(const float* x, const float* mean, const float* rstd, const float* dy, float* dw,
                                   float* db, int64_t rows, int64_t d, bool accumulate) {
-  const int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (j >= d) return;
+  DTRAIN_COL_STRIDE(j, d) {
   float gw = accumulate ? dw[j] : 0.0f, gb = accumulate && db != nullptr ? db[j] : 0.0f;
   for (int64_t r = 0; r < rows; ++r) {
     const float g = dy[r * d + j];
@@ -157,6 +163,7 @@ __global__ void layerNormDwKernel(const float* x, const float* mean, const float
   }
   dw[j] = gw;
   if (db != nullptr) db[j] = gb;
+  }
 }
 
 __device__ int64_t tokenOf(float v) { return static_cast<int64_t>(rintf(v)); }
@@ -181,11 +188,11 @@ __global__ void embeddingForwardKernel(const float* tokens, const float* wte, co
 // without atomics (deterministic; slow for long batches: docs/gpu.md).
 __global__ void embeddingTokenGradKernel(const float* tokens, const float* dy, float* gwte, int64_t rows, int64_t c,
                                          int64_t vocab) {
-  const int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (j >= c) return;
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t tok = tokenOf(tokens[r]);
-    if (tok >= 0 && tok < vocab) gwte[tok * c + j] += dy[r * c + j];
+  DTRAIN_COL_STRIDE(j, c) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t tok = tokenOf(tokens[r]);
+      if (tok >= 0 && tok < vocab) gwte[tok * c + j] += dy[r * c + j];
+    }
   }
 }
 
@@ -199,9 +206,9 @@ __global__ void embeddingPositionGradKernel(const float* dy, float* gwpe, int64_
   }
 }
 
-__global__ void causalSoftmaxForwardKernel(float* s, int64_t t, float scale) {
+__global__ void causalSoftmaxForwardKernel(float* s, int64_t rows, int64_t t, float scale) {
   __shared__ float sh[kThreads];
-  const int64_t row = blockIdx.x;
+  DTRAIN_ROW_STRIDE(row, rows) {
   const int64_t i = row % t;  // position: columns 0..i are visible
   float* x = s + row * t;
   float m = -INFINITY;
@@ -215,11 +222,12 @@ __global__ void causalSoftmaxForwardKernel(float* s, int64_t t, float scale) {
   }
   const float inv = 1.0f / blockSum(sum, sh);
   for (int64_t j = threadIdx.x; j < t; j += kThreads) x[j] = j <= i ? x[j] * inv : 0.0f;
+  }
 }
 
-__global__ void causalSoftmaxBackwardKernel(const float* p, float* dp, int64_t t, float scale) {
+__global__ void causalSoftmaxBackwardKernel(const float* p, float* dp, int64_t rows, int64_t t, float scale) {
   __shared__ float sh[kThreads];
-  const int64_t row = blockIdx.x;
+  DTRAIN_ROW_STRIDE(row, rows) {
   const int64_t i = row % t;
   const float* pr = p + row * t;
   float* dr = dp + row * t;
@@ -227,14 +235,15 @@ __global__ void causalSoftmaxBackwardKernel(const float* p, float* dp, int64_t t
   for (int64_t j = threadIdx.x; j <= i; j += kThreads) dot += pr[j] * dr[j];
   dot = blockSum(dot, sh);
   for (int64_t j = threadIdx.x; j < t; j += kThreads) dr[j] = j <= i ? pr[j] * (dr[j] - dot) * scale : 0.0f;
+  }
 }
 
-__global__ void crossEntropyKernel(const float* logits, const void* labels, bool labels64, int64_t classes,
-                                   float* diff, double* rowLoss, int32_t* rowCorrect, int32_t* badRow) {
+__global__ void crossEntropyKernel(const float* logits, const void* labels, bool labels64, int64_t rows,
+                                   int64_t classes, float* diff, double* rowLoss, int32_t* rowCorrect, int32_t* badRow) {
   __shared__ float sh[kThreads];
   __shared__ float shv[kThreads];
   __shared__ int64_t shi[kThreads];
-  const int64_t r = blockIdx.x;
+  DTRAIN_ROW_STRIDE(r, rows) {
   const float* x = logits + r * classes;
   const int64_t label = labels64 ? static_cast<const int64_t*>(labels)[r] : static_cast<const int32_t*>(labels)[r];
   const bool valid = label >= 0 && label < classes;
@@ -272,6 +281,8 @@ __global__ void crossEntropyKernel(const float* logits, const void* labels, bool
     if (!valid) atomicMin(badRow, static_cast<int32_t>(r));
     rowLoss[r] = valid ? static_cast<double>(m + logf(total) - x[label]) : 0.0;
     rowCorrect[r] = valid && argmax == label ? 1 : 0;
+  }
+  __syncthreads();  // shv/shi are rewritten by the next row
   }
 }
 
@@ -337,7 +348,7 @@ void activationBackward(Activation f, const float* x, const float* y, const floa
 void layerNormForward(const float* x, const float* w, const float* b, float* y, float* mean, float* rstd,
                       int64_t rows, int64_t d, float eps) {
   if (rows == 0) return;
-  layerNormForwardKernel<<<rowBlocks(rows), kThreads>>>(x, w, b, y, mean, rstd, d, eps);
+  layerNormForwardKernel<<<rowBlocks(rows), kThreads>>>(x, w, b, y, mean, rstd, rows, d, eps);
   DTRAIN_CU_CHECK_LAUNCH("layerNormForwardKernel");
 }
 
@@ -349,7 +360,7 @@ void layerNormBackward(const float* x, const float* w, const float* mean, const 
     DTRAIN_CU_CHECK_LAUNCH("layerNormDwKernel");
   }
   if (dx != nullptr) {
-    layerNormDxKernel<<<rowBlocks(rows), kThreads>>>(x, w, mean, rstd, dy, dx, d);
+    layerNormDxKernel<<<rowBlocks(rows), kThreads>>>(x, w, mean, rstd, dy, dx, rows, d);
     DTRAIN_CU_CHECK_LAUNCH("layerNormDxKernel");
   }
 }
@@ -375,21 +386,21 @@ void embeddingBackward(const float* tokens, const float* dy, float* gwte, float*
 
 void causalSoftmaxForward(float* s, int64_t count, int64_t t, float scale) {
   if (count * t == 0) return;
-  causalSoftmaxForwardKernel<<<rowBlocks(count * t), kThreads>>>(s, t, scale);
+  causalSoftmaxForwardKernel<<<rowBlocks(count * t), kThreads>>>(s, count * t, t, scale);
   DTRAIN_CU_CHECK_LAUNCH("causalSoftmaxForwardKernel");
 }
 
 void causalSoftmaxBackward(const float* p, float* dp, int64_t count, int64_t t, float scale) {
   if (count * t == 0) return;
-  causalSoftmaxBackwardKernel<<<rowBlocks(count * t), kThreads>>>(p, dp, t, scale);
+  causalSoftmaxBackwardKernel<<<rowBlocks(count * t), kThreads>>>(p, dp, count * t, t, scale);
   DTRAIN_CU_CHECK_LAUNCH("causalSoftmaxBackwardKernel");
 }
 
 void crossEntropyRows(const float* logits, const void* labels, bool labels64, int64_t rows, int64_t classes,
                       float* diff, double* rowLoss, int32_t* rowCorrect, int32_t* badRow) {
   if (rows == 0) return;
-  crossEntropyKernel<<<rowBlocks(rows), kThreads>>>(logits, labels, labels64, classes, diff, rowLoss, rowCorrect,
-                                                    badRow);
+  crossEntropyKernel<<<rowBlocks(rows), kThreads>>>(logits, labels, labels64, rows, classes, diff, rowLoss,
+                                                    rowCorrect, badRow);
   DTRAIN_CU_CHECK_LAUNCH("crossEntropyKernel");
 }
 

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "lib/gpu/grid.h"
 #include "lib/gpu/kernels.h"
 #include "lib/gpu/launch.h"
 
@@ -15,10 +16,7 @@ namespace {
 
 constexpr int kThreads = 256;
 
-unsigned blocksFor(size_t n) {
-  const size_t blocks = (n + kThreads - 1) / kThreads;
-  return static_cast<unsigned>(std::max<size_t>(1, std::min<size_t>(blocks, 1u << 20)));
-}
+unsigned blocksFor(size_t n) { return gridFor(n, kThreads); }  // grid-stride loops: grid.h
 
 #define DTRAIN_GRID_STRIDE(i, n) \
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < (n); i += static_cast<size_t>(blockDim.x) * gridDim.x)

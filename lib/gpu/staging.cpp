@@ -4,56 +4,108 @@
 #include <utility>
 
 #include "lib/gpu/check.h"
-#include "lib/gpu/stream.h"
 
 namespace dtrain::gpu {
 
-HostStaging::HostStaging(size_t maxBytes, int device) : capacity_(maxBytes), device_(device) {
+BatchStaging::BatchStaging(std::array<size_t, kParts> maxBytes, int device) : maxBytes_(maxBytes), device_(device) {
   setDevice(device);
+  copyStream_ = std::make_unique<Stream>(device, /*nonBlocking=*/true);
   for (Slot& s : slots_) {
-    if (maxBytes > 0) DTRAIN_CUDA_CHECK(cudaHostAlloc(&s.host, maxBytes, cudaHostAllocDefault));
-    s.done = std::make_unique<Event>(device);
+    for (int i = 0; i < kParts; ++i) {
+      if (maxBytes[i] > 0) DTRAIN_CUDA_CHECK(cudaHostAlloc(&s.pinned[i], maxBytes[i], cudaHostAllocDefault));
+      s.device[i] = DeviceBuffer(maxBytes[i], device);
+    }
+    s.copied = std::make_unique<Event>(device);
+    s.finished = std::make_unique<Event>(device);
   }
 }
 
-HostStaging::~HostStaging() { release(); }
+BatchStaging::~BatchStaging() { release(); }
 
-HostStaging::HostStaging(HostStaging&& other) noexcept
-    : next_(other.next_), capacity_(std::exchange(other.capacity_, 0)), device_(other.device_) {
-  for (int i = 0; i < 2; ++i) slots_[i] = std::exchange(other.slots_[i], Slot{});
+BatchStaging::BatchStaging(BatchStaging&& other) noexcept
+    : slots_(std::move(other.slots_)), maxBytes_(other.maxBytes_), copyStream_(std::move(other.copyStream_)),
+      next_(other.next_), lastUsed_(other.lastUsed_), device_(other.device_) {
+  for (Slot& s : other.slots_) s.pinned = {};
 }
 
-HostStaging& HostStaging::operator=(HostStaging&& other) noexcept {
+BatchStaging& BatchStaging::operator=(BatchStaging&& other) noexcept {
   if (this != &other) {
     release();
+    slots_ = std::move(other.slots_);
+    for (Slot& s : other.slots_) s.pinned = {};
+    maxBytes_ = other.maxBytes_;
+    copyStream_ = std::move(other.copyStream_);
     next_ = other.next_;
-    capacity_ = std::exchange(other.capacity_, 0);
+    lastUsed_ = other.lastUsed_;
     device_ = other.device_;
-    for (int i = 0; i < 2; ++i) slots_[i] = std::exchange(other.slots_[i], Slot{});
   }
   return *this;
 }
 
-void HostStaging::release() noexcept {
+void BatchStaging::release() noexcept {
   for (Slot& s : slots_) {
-    // cudaFreeHost waits for the device; a copy still reading the slot finishes first.
-    if (s.host != nullptr) cudaFreeHost(s.host);
-    s = Slot{};
+    // cudaFreeHost waits for the device: a copy still reading the memory finishes first.
+    for (void*& p : s.pinned) {
+      if (p != nullptr) cudaFreeHost(p);
+      p = nullptr;
+    }
   }
 }
 
-void HostStaging::toDevice(void* dst, const void* src, size_t bytes) {
-  if (bytes == 0) return;
-  DTRAIN_CHECK_AS(UsageError, bytes <= capacity_, "staging {} bytes through pinned slots of {} bytes", bytes,
-                  capacity_);
+int BatchStaging::stage(std::initializer_list<Part> parts) {
+  DTRAIN_CHECK_AS(UsageError, copyStream_ != nullptr, "BatchStaging: stage() on an empty staging");
+  DTRAIN_CHECK_AS(UsageError, parts.size() <= static_cast<size_t>(kParts), "BatchStaging: {} parts, at most {}",
+                  parts.size(), kParts);
+  const int slot = next_;
+  Slot& s = slots_[static_cast<size_t>(slot)];
+  DTRAIN_CHECK_AS(UsageError, !s.staged, "BatchStaging: slot {} is staged again before its batch was used", slot);
+  // One batch ahead at most: the slot of the batch in use is refilled only after the next batch is used (which
+  // marks where the batch in use ends on the compute stream).
+  DTRAIN_CHECK_AS(UsageError, slot != lastUsed_,
+                  "BatchStaging: slot {} holds the batch in use; use the batch staged ahead before staging another", slot);
+  int i = 0;
+  for (const Part& p : parts) {
+    DTRAIN_CHECK_AS(UsageError, p.bytes <= maxBytes_[static_cast<size_t>(i)],
+                    "BatchStaging: part {} of {} bytes does not fit its {} bytes", i, p.bytes, maxBytes_[static_cast<size_t>(i)]);
+    ++i;
+  }
   setDevice(device_);
-  Slot& s = slots_[next_];
-  next_ ^= 1;
-  if (s.used) s.done->synchronize();  // its previous copy has read the slot
-  std::memcpy(s.host, src, bytes);
-  DTRAIN_CUDA_CHECK(cudaMemcpyAsync(dst, s.host, bytes, cudaMemcpyHostToDevice, cudaStreamLegacy));
-  s.done->record(nullptr);  // the legacy default stream, as the copy
-  s.used = true;
+  const auto copy = static_cast<cudaStream_t>(copyStream_->handle());
+  if (s.copiedOnce) s.copied->synchronize();  // the previous copy has read the pinned memory
+  // The kernels of the slot's previous batch are done before its device memory is overwritten (on the GPU).
+  if (s.finishedOnce) DTRAIN_CUDA_CHECK(cudaStreamWaitEvent(copy, static_cast<cudaEvent_t>(s.finished->handle()), 0));
+  i = 0;
+  for (const Part& p : parts) {
+    const auto k = static_cast<size_t>(i++);
+    if (p.bytes == 0) continue;
+    std::memcpy(s.pinned[k], p.host, p.bytes);
+    DTRAIN_CUDA_CHECK(cudaMemcpyAsync(s.device[k].data(), s.pinned[k], p.bytes, cudaMemcpyHostToDevice, copy));
+  }
+  s.copied->record(copy);
+  s.copiedOnce = true;
+  s.staged = true;
+  next_ = (slot + 1) % kSlots;
+  return slot;
+}
+
+std::array<void*, BatchStaging::kParts> BatchStaging::use(int slot) {
+  DTRAIN_CHECK_AS(UsageError, slot >= 0 && slot < kSlots && slots_[static_cast<size_t>(slot)].staged,
+                  "BatchStaging: use({}) of a slot with no staged batch", slot);
+  Slot& s = slots_[static_cast<size_t>(slot)];
+  setDevice(device_);
+  // Everything enqueued so far on the compute stream belongs to batches used before this one: once the stream
+  // passes this point, their slot may be refilled.
+  if (lastUsed_ >= 0 && lastUsed_ != slot) {
+    Slot& previous = slots_[static_cast<size_t>(lastUsed_)];
+    previous.finished->record(nullptr);
+    previous.finishedOnce = true;
+  }
+  DTRAIN_CUDA_CHECK(cudaStreamWaitEvent(cudaStreamLegacy, static_cast<cudaEvent_t>(s.copied->handle()), 0));
+  s.staged = false;
+  lastUsed_ = slot;
+  std::array<void*, kParts> out{};
+  for (size_t k = 0; k < static_cast<size_t>(kParts); ++k) out[k] = s.device[k].data();
+  return out;
 }
 
 }  // namespace dtrain::gpu

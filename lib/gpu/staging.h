@@ -1,52 +1,79 @@
-// Host -> device copies of training batches through page-locked (pinned) host memory: the DMA engine reads the
-// host side directly (pageable memory would first be copied by the driver into its own pinned bounce buffer),
-// and the copy is asynchronous for the host.
+// Host -> device copies of training batches: page-locked (pinned) host memory, a separate copy stream, and two
+// device slots, so the copy of batch n+1 can run while batch n computes (PyTorch's pin_memory + non_blocking
+// copies on a side stream, with the stream-ordering a caching allocator would otherwise give).
 //
-//   HostStaging staging(maxBytes, device);
-//   staging.toDevice(devicePtr, hostPtr, bytes);  // memcpy into a pinned slot, then cudaMemcpyAsync
+//   BatchStaging staging({featureBytes, labelBytes}, device);
+//   int slot = staging.stage({{features, fBytes}, {labels, lBytes}});  // memcpy into pinned memory, async H2D
+//   auto dev = staging.use(slot);   // the compute stream waits (on the GPU) for the copy; dev[0], dev[1]
+//   ... kernels on the compute stream read dev[0], dev[1] ...
 //
-// Two pinned slots alternate; a slot is reused only after its previous copy finished (one event per slot, which
-// the host waits on before writing the slot), so the host may run one call ahead of the GPU and never overwrites
-// memory a copy still reads. The copy is enqueued on the legacy default stream, where every CUDA layer computes:
-// kernels issued afterwards see the data, kernels issued before it finish reading the destination first (stream
-// order), so one destination buffer can be refilled every step.
-// A separate copy stream that prefetches batch n+1 while batch n computes is the next step (docs/gpu.md).
-// Ownership: move-only; the pinned memory (cudaHostAlloc) is freed at destruction (cudaFreeHost synchronises).
-// Thread-safety: none (one trainer thread). Errors: GpuError for CUDA failures, UsageError for more than maxBytes.
+// Ordering, all by events, the host never waiting for compute:
+// - stage() takes the slots in turn. Before overwriting a slot's pinned memory the host waits for that slot's
+//   previous copy to have read it (an event on the copy stream; normally long done). The copy stream then waits
+//   (cudaStreamWaitEvent) until the compute stream has finished every kernel of the batch the slot held before,
+//   and copies; an event marks the copy done.
+// - use(slot) makes the compute stream wait for that event, and records on the compute stream that every batch
+//   used before this one is finished once the stream gets here: that is what stage() waits for before reusing
+//   the other slot. So a caller may stage batch n+1 as soon as batch n's work is enqueued, and the copy overlaps
+//   it; or stage and use at once (no overlap, still correct).
+// - At most one batch is staged ahead: staging into the slot of the batch in use (before the batch staged ahead
+//   is used) or into a slot staged but not yet used is a UsageError.
+// The compute stream is the legacy default stream (where every CUDA layer computes); the copy stream is
+// non-blocking (a blocking stream would wait for the legacy stream's work and overlap nothing).
+// Ownership: move-only; pinned memory (cudaHostAlloc) and device slots are freed at destruction (cudaFreeHost
+// and cudaFree synchronise). Thread-safety: none (one trainer thread). Errors: GpuError for CUDA failures,
+// UsageError for a part larger than its maximum or a slot staged twice.
 #pragma once
 
+#include <array>
 #include <cstddef>
+#include <initializer_list>
 #include <memory>
 
+#include "lib/gpu/memory.h"
 #include "lib/gpu/stream.h"
 
 namespace dtrain::gpu {
 
-class HostStaging {
+class BatchStaging {
  public:
-  HostStaging() = default;
-  HostStaging(size_t maxBytes, int device);
-  ~HostStaging();
-  HostStaging(HostStaging&&) noexcept;
-  HostStaging& operator=(HostStaging&&) noexcept;
-  HostStaging(const HostStaging&) = delete;
-  HostStaging& operator=(const HostStaging&) = delete;
+  static constexpr int kSlots = 2;
+  static constexpr int kParts = 2;  // features and labels
+  struct Part {
+    const void* host = nullptr;  // any host memory (pageable is fine): copied into pinned memory first
+    size_t bytes = 0;
+  };
 
-  // Copies `bytes` from host memory `src` (any: pageable is fine) to device memory `dst` of this staging's GPU.
-  // Returns once the copy is enqueued (after a memcpy into the pinned slot).
-  void toDevice(void* dst, const void* src, size_t bytes);
+  BatchStaging() = default;
+  // Slots for parts of at most maxBytes[i] bytes each, on GPU `device`.
+  BatchStaging(std::array<size_t, kParts> maxBytes, int device);
+  ~BatchStaging();
+  BatchStaging(BatchStaging&&) noexcept;
+  BatchStaging& operator=(BatchStaging&&) noexcept;
+  BatchStaging(const BatchStaging&) = delete;
+  BatchStaging& operator=(const BatchStaging&) = delete;
+
+  // Starts the copy of one batch's parts (fewer than kParts is fine) into the next slot; returns the slot.
+  int stage(std::initializer_list<Part> parts);
+  // The slot's device pointers (part i at [i]), ordered after its copy on the compute stream. Each staged slot
+  // is used once.
+  std::array<void*, kParts> use(int slot);
 
  private:
   void release() noexcept;
 
   struct Slot {
-    void* host = nullptr;          // cudaHostAlloc'd, maxBytes
-    std::unique_ptr<Event> done;   // recorded after the slot's last copy
-    bool used = false;
+    std::array<void*, kParts> pinned{};  // cudaHostAlloc'd, maxBytes_[i] each
+    std::array<DeviceBuffer, kParts> device;
+    std::unique_ptr<Event> copied;       // on the copy stream, after the slot's last copy
+    std::unique_ptr<Event> finished;     // on the compute stream, after the last kernel of the slot's last batch
+    bool copiedOnce = false, finishedOnce = false, staged = false;
   };
-  Slot slots_[2];
-  int next_ = 0;
-  size_t capacity_ = 0;
+  std::array<Slot, kSlots> slots_;
+  std::array<size_t, kParts> maxBytes_{};
+  std::unique_ptr<Stream> copyStream_;
+  int next_ = 0;       // the slot stage() takes next
+  int lastUsed_ = -1;  // the slot of the batch used last
   int device_ = 0;
 };
 

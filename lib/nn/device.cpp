@@ -108,23 +108,41 @@ void zeroFloats(float* p, size_t count, Device device) {
 #endif
 }
 
-HostStaging::HostStaging(size_t maxBytes, Device device) {
-  if (device.isCpu()) return;
+BatchStaging::BatchStaging(size_t maxFeatureBytes, size_t maxLabelBytes, Device device) {
 #if DTRAIN_WITH_CUDA
-  gpu_ = std::make_shared<gpu::HostStaging>(maxBytes, device.index);
+  if (device.isCuda()) {
+    gpu_ = std::make_shared<gpu::BatchStaging>(std::array<size_t, 2>{maxFeatureBytes, maxLabelBytes}, device.index);
+    return;
+  }
 #else
-  (void)maxBytes;
-  notBuilt(device, "pinned staging");
+  (void)maxFeatureBytes;
+  (void)maxLabelBytes;
+#endif
+  DTRAIN_THROW(NotBuiltError, "device {}: batch staging is for GPUs{}", device.str(),
+               cudaBuilt() ? "" : " (this dtrain was built without CUDA)");
+}
+
+int BatchStaging::stage(const void* features, size_t featureBytes, const void* labels, size_t labelBytes) {
+  DTRAIN_CHECK_AS(UsageError, gpu_ != nullptr, "BatchStaging: stage() on an empty staging");
+#if DTRAIN_WITH_CUDA
+  return static_cast<gpu::BatchStaging*>(gpu_.get())->stage({{features, featureBytes}, {labels, labelBytes}});
+#else
+  (void)features;
+  (void)featureBytes;
+  (void)labels;
+  (void)labelBytes;
+  return 0;
 #endif
 }
 
-void HostStaging::toDevice(void* dst, const void* src, size_t bytes) {
-  if (gpu_ == nullptr) {
-    if (bytes > 0) std::memcpy(dst, src, bytes);
-    return;
-  }
+std::pair<void*, void*> BatchStaging::use(int slot) {
+  DTRAIN_CHECK_AS(UsageError, gpu_ != nullptr, "BatchStaging: use() on an empty staging");
 #if DTRAIN_WITH_CUDA
-  static_cast<gpu::HostStaging*>(gpu_.get())->toDevice(dst, src, bytes);
+  const auto p = static_cast<gpu::BatchStaging*>(gpu_.get())->use(slot);
+  return {p[0], p[1]};
+#else
+  (void)slot;
+  return {nullptr, nullptr};
 #endif
 }
 

@@ -16,6 +16,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <utility>
 
 #include "lib/common/aligned_buffer.h"
 #include "lib/common/tensor.h"
@@ -65,17 +66,22 @@ class DeviceFloats {
   Device device_;
 };
 
-// Host -> device copies of batches through pinned host memory, asynchronous for the host and ordered on the
-// stream the layers compute on (lib/gpu/staging.h: two pinned slots, each reused only once its previous copy is
-// done). On the CPU (or empty) toDevice is a plain memcpy. Move-only; not thread-safe.
-class HostStaging {
+// Batches copied host -> device for the layers (lib/gpu/staging.h): pinned host memory, a separate copy stream and
+// two device slots ordered by events, so batch n+1 may be staged while batch n computes. stage() starts the copy of
+// a batch's features and labels and returns its slot; use(slot) gives their device pointers, ordered after the
+// copy on the layers' stream (the host does not wait). At most one batch is staged ahead of the one in use. GPU
+// only (a CPU or CPU-only build throws NotBuiltError): on the CPU the loader's buffers are used as they are.
+// Move-only; not thread-safe. Errors: gpu::GpuError, UsageError (a batch larger than the maximum, or misuse).
+class BatchStaging {
  public:
-  HostStaging() = default;
-  HostStaging(size_t maxBytes, Device device);
-  void toDevice(void* dst, const void* src, size_t bytes);
+  BatchStaging() = default;
+  BatchStaging(size_t maxFeatureBytes, size_t maxLabelBytes, Device device);
+  bool empty() const noexcept { return gpu_ == nullptr; }
+  int stage(const void* features, size_t featureBytes, const void* labels, size_t labelBytes);
+  std::pair<void*, void*> use(int slot);  // features, labels
 
  private:
-  std::shared_ptr<void> gpu_;  // a gpu::HostStaging (CUDA builds)
+  std::shared_ptr<void> gpu_;  // a gpu::BatchStaging (CUDA builds)
 };
 
 // Copies `bytes` between host and device memory (either side may be either); blocks until done.

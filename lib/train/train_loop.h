@@ -71,9 +71,9 @@ class TrainLoop {
   // agree), so it is the world rank with the tensor coordinate taken out.
   int dropoutRank() const { return worker_.rank - strategy_->groups().coords.tensor; }
   Device workerDevice() const;  // cpu, or cuda:LOCAL_RANK after checking there are enough GPUs
-  // A batch as the model's device sees it: the loader's buffers on the CPU; on a GPU, copies into the device
-  // staging buffers through pinned host memory, asynchronous for the host and ordered before the forward on the
-  // layers' stream (nn::HostStaging; prefetching on a separate copy stream is future work: docs/gpu.md).
+  // A batch as the model's device sees it: the loader's buffers on the CPU; on a GPU, copies through pinned host
+  // memory on a separate copy stream into one of two device slots (nn::BatchStaging), ordered before the forward
+  // on the layers' stream by an event: the host does not wait for them.
   struct Staged {
     const float* features;
     TensorView targets;
@@ -129,8 +129,7 @@ class TrainLoop {
   int psServers_ = 0;
   rendezvous::StorePtr roundStore_;  // this round's keys (parameter-server addresses); null alone
   Device device_;                       // where the model, loss and optimizer compute
-  nn::DeviceFloats featuresDev_, labelsDev_;  // GPU staging (labelsDev_ holds int32 labels or float targets)
-  nn::HostStaging featuresPinned_, labelsPinned_;  // their pinned host side
+  nn::BatchStaging staging_;             // GPU: batches to the device (int32 labels or float targets)
 };
 
 }  // namespace dtrain::train::detail

@@ -115,10 +115,16 @@ void TrainLoop::setUp() {
   loss_ = nn::Loss::create(job_.loss, job_.model.output(), static_cast<int>(batch), device);
   checkDataFitsModel(job_, *train_, *loss_, "/data/train");
   if (device_.isCuda()) {
-    featuresDev_ = nn::DeviceFloats(static_cast<size_t>(batch * train_->featureShape().numel()), device_);
-    labelsDev_ = nn::DeviceFloats(static_cast<size_t>(batch * train_->labelShape().numel()), device_);
-    featuresPinned_ = nn::HostStaging(featuresDev_.size() * sizeof(float), device_);
-    labelsPinned_ = nn::HostStaging(labelsDev_.size() * sizeof(float), device_);
+    // One staging for the training and the evaluation batches: sized for the larger of each part.
+    int64_t features = train_->featureShape().numel(), labels = train_->labelShape().numel();
+    if (eval_) {
+      features = std::max(features, eval_->featureShape().numel());
+      labels = std::max(labels, eval_->labelShape().numel());
+    }
+    // Labels are int32 class ids or float targets: 4 bytes either way.
+    static_assert(sizeof(int32_t) == sizeof(float));
+    staging_ = nn::BatchStaging(static_cast<size_t>(batch * features) * sizeof(float),
+                                static_cast<size_t>(batch * labels) * sizeof(float), device_);
   }
   if (!job_.initFrom.empty()) {
     if (pipeline_ != nullptr || tensorParallel_) loadWeightsByName(job_.initFrom, *model_);  // its own parts

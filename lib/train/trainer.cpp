@@ -45,20 +45,18 @@ namespace detail {
 
 TrainLoop::Staged TrainLoop::stage(const data::Batch& b, const data::Dataset& ds) {
   if (device_.isCpu()) return {b.features, targetsOf(b, ds)};
-  const size_t features = static_cast<size_t>(b.size * ds.featureShape().numel());
-  const size_t labels = static_cast<size_t>(b.size * ds.labelShape().numel());
-  DTRAIN_CHECK(features <= featuresDev_.size() && labels <= labelsDev_.size(),
-               "batch of {} samples does not fit the GPU staging buffers", b.size);
-  featuresPinned_.toDevice(featuresDev_.data(), b.features, features * sizeof(float));
+  DTRAIN_CHECK(b.size <= job_.data.batchSize, "batch of {} samples does not fit the GPU staging of {}", b.size,
+               job_.data.batchSize);
+  const size_t features = static_cast<size_t>(b.size * ds.featureShape().numel()) * sizeof(float);
+  const size_t labels = static_cast<size_t>(b.size * ds.labelShape().numel()) * sizeof(float);  // int32 or float
+  const bool classes = b.classLabels != nullptr;
+  const int slot = staging_.stage(b.features, features, classes ? static_cast<const void*>(b.classLabels) : b.targets,
+                                  labels);
+  const auto [x, y] = staging_.use(slot);
   const Shape shape = ds.labelShape().withBatch(b.size);
-  if (b.classLabels != nullptr) {
-    static_assert(sizeof(int32_t) == sizeof(float));
-    auto* dst = reinterpret_cast<int32_t*>(labelsDev_.data());
-    labelsPinned_.toDevice(dst, b.classLabels, labels * sizeof(int32_t));
-    return {featuresDev_.data(), TensorView::of(dst, shape, device_)};
-  }
-  labelsPinned_.toDevice(labelsDev_.data(), b.targets, labels * sizeof(float));
-  return {featuresDev_.data(), TensorView::of(labelsDev_.data(), shape, device_)};
+  const TensorView targets = classes ? TensorView::of(static_cast<int32_t*>(y), shape, device_)
+                                     : TensorView::of(static_cast<float*>(y), shape, device_);
+  return {static_cast<const float*>(x), targets};
 }
 
 void TrainLoop::logInterval(StepStats& stats, bool force) {

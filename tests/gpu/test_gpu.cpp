@@ -1,16 +1,20 @@
-// lib/gpu: the check macros and the NCCL mapping (no GPU needed), buffers, copies, streams and events (round
-// trips when a GPU is visible; clear errors when none is).
+// lib/gpu: the check macros, the NCCL mapping, the grid sizes and the GEMM argument mapping (no GPU needed),
+// buffers, copies, streams and events (round trips when a GPU is visible; clear errors when none is).
 #include <doctest/doctest.h>
 
 #include <cstring>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "lib/gpu/check.h"
 #include "lib/gpu/device.h"
+#include "lib/gpu/gemm_args.h"
+#include "lib/gpu/grid.h"
 #include "lib/gpu/memory.h"
 #include "lib/gpu/nccl.h"
+#include "lib/gpu/staging.h"
 #include "lib/gpu/stream.h"
 
 using namespace dtrain;
@@ -113,4 +117,184 @@ TEST_CASE("with a GPU: host -> device -> device -> host round trips, on a stream
   CHECK(a.empty());
   CHECK(isDeviceMemory(c.data()));
   synchronizeDevice();
+}
+
+TEST_CASE("with a GPU: batches staged on the copy stream arrive in order, one batch ahead at most") {
+  if (visibleGpuCount() == 0) return;
+  const int dev = 0;
+  const size_t n = 4096;
+  BatchStaging staging({n * sizeof(float), n * sizeof(int32_t)}, dev);
+  auto batch = [&](int i) {
+    std::vector<float> f(n);
+    std::vector<int32_t> l(n);
+    for (size_t j = 0; j < n; ++j) f[j] = static_cast<float>(i * 10000 + static_cast<int>(j)), l[j] = i - static_cast<int>(j);
+    return std::pair{f, l};
+  };
+  auto readBack = [&](void* f, void* l, size_t count) {
+    std::vector<float> hf(count);
+    std::vector<int32_t> hl(count);
+    copy(TensorView::flat(hf.data(), count), TensorView::flat(f, count, DType::kFloat32, Device::cuda(dev)));
+    copy(TensorView::flat(hl.data(), count), TensorView::flat(l, count, DType::kInt32, Device::cuda(dev)));
+    return std::pair{hf, hl};
+  };
+  // Staged and used at once, as the trainer does; then one ahead (batch i+1 staged before batch i is read).
+  for (int i = 0; i < 5; ++i) {
+    auto [f, l] = batch(i);
+    const int slot = staging.stage({{f.data(), n * sizeof(float)}, {l.data(), n * sizeof(int32_t)}});
+    const auto d = staging.use(slot);
+    CHECK(readBack(d[0], d[1], n) == std::pair{f, l});
+  }
+  auto [f0, l0] = batch(100);
+  auto d0 = staging.use(staging.stage({{f0.data(), n * sizeof(float)}, {l0.data(), n * sizeof(int32_t)}}));
+  auto [f1, l1] = batch(101);
+  const int ahead = staging.stage({{f1.data(), n * sizeof(float)}, {l1.data(), 8 * sizeof(int32_t)}});
+  f1.assign(n, -1.0f);  // the host copy is free once stage() returned
+  CHECK(readBack(d0[0], d0[1], n) == std::pair{f0, l0});
+  // The slot of the batch in use cannot be refilled before the batch staged ahead is used.
+  CHECK_THROWS_AS(staging.stage({{f0.data(), 4}}), UsageError);
+  const auto d1 = staging.use(ahead);
+  CHECK(readBack(d1[0], d1[1], 8).second == std::vector<int32_t>(l1.begin(), l1.begin() + 8));
+  CHECK(readBack(d1[0], d1[1], 1).first[0] == 101 * 10000.0f);
+  CHECK_THROWS_AS(staging.use(ahead), UsageError);  // used once
+  CHECK_THROWS_AS(staging.stage({{f0.data(), (n + 1) * sizeof(float)}}), UsageError);  // larger than its slot
+  synchronizeDevice();
+}
+
+// --- Host-side launch arithmetic (grid.h, gemm_args.h): checked on the CPU, no GPU needed ---
+
+TEST_CASE("grids are bounded and never empty; the kernels loop over what a bounded grid does not cover") {
+  CHECK(gridFor(0, 256) == 1);
+  CHECK(gridFor(1, 256) == 1);
+  CHECK(gridFor(256, 256) == 1);
+  CHECK(gridFor(257, 256) == 2);
+  CHECK(gridFor(size_t{1} << 40, 256) == kMaxBlocks);  // 4 G blocks would not fit CUDA's grid
+  CHECK(rowGrid(0) == 1);
+  CHECK(rowGrid(98304) == 98304);  // GPT-2-small attention at batch 8: 8 x 12 x 1024 rows, one block each
+  // batch 64 x 16 heads x 8192 positions = 2^23 rows: more than kMaxBlocks, so the blocks stride over rows.
+  CHECK(rowGrid(int64_t{64} * 16 * 8192) == kMaxBlocks);
+  CHECK(rowGrid(int64_t{1} << 33) == kMaxBlocks);  // beyond int32: no wrap-around to a small or negative grid
+  static_assert(kMaxBlocks < (size_t{1} << 31), "CUDA's limit on gridDim.x");
+}
+
+namespace {
+
+// BLAS's column-major GEMM, as cuBLAS defines it: C[i + j ldc] = alpha sum_l op(A)[i, l] op(B)[l, j] + beta C,
+// op(A)[i, l] = A[i + l lda] (N) or A[l + i lda] (T).
+void referenceColumnMajor(const ColumnMajorGemm& g, float alpha, const float* first, const float* second, float beta,
+                          float* c) {
+  for (int64_t b = 0; b < g.batch; ++b) {
+    const float* x = first + b * g.strideFirst;
+    const float* y = second + b * g.strideSecond;
+    float* z = c + b * g.strideC;
+    for (int64_t i = 0; i < g.m; ++i)
+      for (int64_t j = 0; j < g.n; ++j) {
+        double acc = 0;
+        for (int64_t l = 0; l < g.k; ++l) {
+          const float xa = g.transFirst ? x[l + i * g.ldFirst] : x[i + l * g.ldFirst];
+          const float yb = g.transSecond ? y[j + l * g.ldSecond] : y[l + j * g.ldSecond];
+          acc += static_cast<double>(xa) * yb;
+        }
+        z[i + j * g.ldc] = static_cast<float>(alpha * acc + beta * z[i + j * g.ldc]);
+      }
+  }
+}
+
+// The row-major product the layers mean: C[r, c] of batch b with A and B read through their strides.
+void referenceRowMajor(const RowMajorGemm& g, float alpha, const float* a, const float* b, float beta, float* c) {
+  for (int64_t s = 0; s < g.batch; ++s)
+    for (int64_t i = 0; i < g.m; ++i)
+      for (int64_t j = 0; j < g.n; ++j) {
+        double acc = 0;
+        for (int64_t l = 0; l < g.k; ++l) {
+          const float av = g.transA ? a[s * g.strideA + l * g.lda + i] : a[s * g.strideA + i * g.lda + l];
+          const float bv = g.transB ? b[s * g.strideB + j * g.ldb + l] : b[s * g.strideB + l * g.ldb + j];
+          acc += static_cast<double>(av) * bv;
+        }
+        float& out = c[s * g.strideC + i * g.ldc + j];
+        out = static_cast<float>(alpha * acc + beta * out);
+      }
+}
+
+std::vector<float> ramp(size_t n, float step) {
+  std::vector<float> v(n);
+  for (size_t i = 0; i < n; ++i) v[i] = static_cast<float>(static_cast<int>(i % 17) - 8) * step;
+  return v;
+}
+
+// Runs `g` both ways on buffers `a`, `b` (of at least the operands' spans) and compares every element of C,
+// including the gaps a strided C leaves (which both must leave untouched).
+void checkMapping(const RowMajorGemm& g, const std::vector<float>& a, const std::vector<float>& b, size_t cSize) {
+  REQUIRE(badLeadingDimension(g) == nullptr);
+  REQUIRE(spanA(g) <= a.size());
+  REQUIRE(spanB(g) <= b.size());
+  std::vector<float> expected = ramp(cSize, 0.5f), got = expected;
+  referenceRowMajor(g, 1.5f, a.data(), b.data(), 0.25f, expected.data());
+  referenceColumnMajor(toColumnMajor(g), 1.5f, b.data(), a.data(), 0.25f, got.data());
+  CHECK(got == expected);
+}
+
+}  // namespace
+
+TEST_CASE("gemm's row-major -> cuBLAS column-major mapping computes op(A) op(B) for every transpose pair") {
+  for (bool ta : {false, true})
+    for (bool tb : {false, true}) {
+      CAPTURE(ta);
+      CAPTURE(tb);
+      const int64_t m = 5, n = 3, k = 4;
+      // Leading dimensions larger than the rows, as views into wider buffers.
+      RowMajorGemm g{.transA = ta, .transB = tb, .m = m, .n = n, .k = k, .lda = (ta ? m : k) + 2,
+                     .ldb = (tb ? k : n) + 1, .ldc = n + 3};
+      checkMapping(g, ramp(spanA(g), 0.25f), ramp(spanB(g), 0.125f), static_cast<size_t>(m * g.ldc));
+    }
+  // What the layers call (lib/nn/cuda/layers.cpp Linear, rows 6, in 4, out 3): forward, weight and input gradients.
+  const int64_t rows = 6, in = 4, out = 3;
+  const auto x = ramp(rows * in, 0.5f), w = ramp(out * in, 0.25f), dy = ramp(rows * out, 0.75f);
+  checkMapping({.transB = true, .m = rows, .n = out, .k = in, .lda = in, .ldb = in, .ldc = out}, x, w,
+               static_cast<size_t>(rows * out));
+  checkMapping({.transA = true, .m = out, .n = in, .k = rows, .lda = out, .ldb = in, .ldc = in}, dy, x,
+               static_cast<size_t>(out * in));
+  checkMapping({.m = rows, .n = in, .k = out, .lda = out, .ldb = in, .ldc = in}, dy, w, static_cast<size_t>(rows * in));
+}
+
+TEST_CASE("attention's strided batched GEMMs over the qkv buffer: heads as batches, hs columns apart") {
+  // lib/nn/cuda/layers_gpt.cpp: one sample's qkv is [T, 3C] (q, k, v side by side), head h at column h*hs.
+  const int64_t t = 5, h = 3, hs = 2, c = h * hs, c3 = 3 * c, tt = t * t;
+  const auto qkv = ramp(static_cast<size_t>(t * c3), 0.25f);
+  const auto probs = ramp(static_cast<size_t>(h * tt), 0.125f);
+  const auto dout = ramp(static_cast<size_t>(t * c), 0.5f);
+  // S_h = q_h k_h^T into [H, T, T].
+  checkMapping({.transB = true, .m = t, .n = t, .k = hs, .lda = c3, .ldb = c3, .ldc = t, .strideA = hs,
+                .strideB = hs, .strideC = tt, .batch = h},
+               qkv, std::vector<float>(qkv.begin() + c, qkv.end()), static_cast<size_t>(h * tt));
+  // y_h = P_h v_h into the concatenated heads [T, C].
+  checkMapping({.m = t, .n = hs, .k = t, .lda = t, .ldb = c3, .ldc = c, .strideA = tt, .strideB = hs, .strideC = hs,
+                .batch = h},
+               probs, std::vector<float>(qkv.begin() + 2 * c, qkv.end()), static_cast<size_t>(t * c));
+  // Backward: dv_h = P_h^T dOut_h (into qkv's v columns, ldc 3C), dP_h = dOut_h v_h^T, dk_h = dS_h^T q_h.
+  checkMapping({.transA = true, .m = t, .n = hs, .k = t, .lda = t, .ldb = c, .ldc = c3, .strideA = tt, .strideB = hs,
+                .strideC = hs, .batch = h},
+               probs, dout, static_cast<size_t>(t * c3));
+  checkMapping({.transB = true, .m = t, .n = t, .k = hs, .lda = c, .ldb = c3, .ldc = t, .strideA = hs, .strideB = hs,
+                .strideC = tt, .batch = h},
+               dout, std::vector<float>(qkv.begin() + 2 * c, qkv.end()), static_cast<size_t>(h * tt));
+  checkMapping({.transA = true, .m = t, .n = hs, .k = t, .lda = t, .ldb = c3, .ldc = c3, .strideA = tt,
+                .strideB = hs, .strideC = hs, .batch = h},
+               probs, qkv, static_cast<size_t>(t * c3));
+}
+
+TEST_CASE("gemm's bf16 copies span exactly the operands' elements; too-small leading dimensions are named") {
+  // A [m, k] row-major with ld 10: the last element read is (m-1)*10 + k-1.
+  CHECK(spanA({.m = 3, .n = 2, .k = 4, .lda = 10, .ldb = 2, .ldc = 2}) == 2 * 10 + 4);
+  CHECK(spanA({.transA = true, .m = 3, .n = 2, .k = 4, .lda = 3, .ldb = 2, .ldc = 2}) == 4 * 3);
+  CHECK(spanB({.transB = true, .m = 3, .n = 2, .k = 4, .lda = 4, .ldb = 4, .ldc = 2}) == 2 * 4);
+  // Attention's q over all heads of one sample: up to the last head's last column of the last row.
+  const int64_t t = 5, h = 3, hs = 2, c3 = 18;
+  CHECK(spanA({.transB = true, .m = t, .n = t, .k = hs, .lda = c3, .ldb = c3, .ldc = t, .strideA = hs, .strideB = hs,
+               .strideC = t * t, .batch = h}) == static_cast<size_t>((h - 1) * hs + (t - 1) * c3 + hs));
+  CHECK(operandSpan(0, 4, 4, 0, 1) == 0);
+  CHECK(std::string(badLeadingDimension({.m = 3, .n = 2, .k = 4, .lda = 3, .ldb = 2, .ldc = 2})) == "lda");
+  CHECK(std::string(badLeadingDimension({.transB = true, .m = 3, .n = 2, .k = 4, .lda = 4, .ldb = 2, .ldc = 2})) ==
+        "ldb");
+  CHECK(std::string(badLeadingDimension({.m = 3, .n = 2, .k = 4, .lda = 4, .ldb = 2, .ldc = 1})) == "ldc");
+  CHECK(badLeadingDimension({.m = 1, .n = 1, .k = 1, .lda = 1, .ldb = 1, .ldc = 1}) == nullptr);
 }

@@ -325,6 +325,13 @@ TEST_CASE("\"device\": \"cuda\" is validated before any worker: build, backend, 
     "vocab_size": 16, "tied": false}]})";
   CHECK(configErrorOf({gpt, {attnDropout, R"(device="cuda")"}})
             .find("/model/layers/1/dropout: attention dropout (0.1) has no CUDA implementation yet") != std::string::npos);
+  // Losses and optimizers without a CUDA kernel are refused by name (they once ran as mse / adam on the GPU).
+  CHECK(configErrorOf({gpt, {R"(loss={"type": "bce_with_logits"})", R"(device="cuda")"}})
+            .find("/loss/type: 'bce_with_logits' has no CUDA implementation yet") != std::string::npos);
+  CHECK(configErrorOf({gpt, {R"(optimizer={"type": "adagrad", "lr": 0.1})", R"(device="cuda")"}})
+            .find("/optimizer/type: 'adagrad' has no CUDA implementation yet") != std::string::npos);
+  CHECK(loadJob({gpt, {R"(loss={"type": "mse"})", R"(optimizer={"type": "adam"})", R"(device="cuda")"}}).device ==
+        Device::cuda(0));
 }
 
 TEST_CASE("checkGpusForWorkers names both counts when a node has fewer GPUs than local workers") {

@@ -183,7 +183,9 @@ class Mse final : public Loss {
 
 std::unique_ptr<Loss> makeLoss(const LossSpec& spec, const Shape& outputShape, int maxBatch, Device device) {
   if (spec.type == LossType::kCrossEntropy) return std::make_unique<CrossEntropy>(outputShape, maxBatch, device);
-  return std::make_unique<Mse>(outputShape, maxBatch, device);
+  if (spec.type == LossType::kMse) return std::make_unique<Mse>(outputShape, maxBatch, device);
+  // Never a silent stand-in (bce_with_logits once ran as mse here): the job check refuses it first (job.cpp).
+  DTRAIN_THROW(NotBuiltError, "device {}: loss '{}' has no CUDA implementation", device.str(), lossTypeName(spec.type));
 }
 
 }  // namespace dtrain::nn::cuda

@@ -131,7 +131,11 @@ class Adam final : public Optimizer {
 
 std::unique_ptr<Optimizer> makeOptimizer(const OptimizerSpec& spec, size_t numParams, Device device) {
   if (spec.type == OptimizerType::kSgd) return std::make_unique<Sgd>(spec, numParams, device);
-  return std::make_unique<Adam>(spec, numParams, device);
+  if (spec.type == OptimizerType::kAdam || spec.type == OptimizerType::kAdamW)
+    return std::make_unique<Adam>(spec, numParams, device);
+  // Never a silent stand-in (adagrad once ran as adam here): the job check refuses it first (job.cpp).
+  DTRAIN_THROW(NotBuiltError, "device {}: optimizer '{}' has no CUDA implementation", device.str(),
+               optimizerTypeName(spec.type));
 }
 
 }  // namespace dtrain::nn::cuda

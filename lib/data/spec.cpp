@@ -41,6 +41,16 @@ double anyNumber(const JsonFields& f, std::string_view key, double fallback) {
   return f.number(key, fallback, "a number", [](double) { return true; });
 }
 
+// Why `p` is not a regular file a dataset can be read from: missing, a directory, or a fifo/device/socket (which
+// a reader could block on or read without end).
+std::string notAFile(const std::filesystem::path& p) {
+  std::error_code ec;
+  const auto st = std::filesystem::status(p, ec);
+  if (!std::filesystem::exists(st)) return "no such file";
+  if (std::filesystem::is_directory(st)) return "is a directory, not a file";
+  return "not a regular file (a fifo, device or socket)";
+}
+
 // Resolves a file path against baseDir and checks the file exists.
 std::string existingFile(const JsonFields& f, std::string_view key, const std::filesystem::path& baseDir,
                          const std::string& expected) {
@@ -48,7 +58,7 @@ std::string existingFile(const JsonFields& f, std::string_view key, const std::f
   if (p.is_relative()) p = baseDir / p;
   std::error_code ec;
   if (!std::filesystem::is_regular_file(p, ec))
-    f.failAt(key, fmt::format("{}: no such file (expected {})", p.lexically_normal().string(), expected));
+    f.failAt(key, fmt::format("{}: {} (expected {})", p.lexically_normal().string(), notAFile(p), expected));
   return p.lexically_normal().string();
 }
 
@@ -112,7 +122,7 @@ void parseSequence(const JsonFields& f, DataSpec& spec, const std::filesystem::p
     if (file.is_relative()) file = baseDir / file;
     std::error_code ec;
     if (!std::filesystem::is_regular_file(file, ec))
-      f.failAt(key, fmt::format("{}: no such file (expected {})", file.lexically_normal().string(), expected));
+      f.failAt(key, fmt::format("{}: {} (expected {})", file.lexically_normal().string(), notAFile(file), expected));
     if (::access(file.c_str(), R_OK) != 0)
       f.failAt(key, fmt::format("{}: not readable ({})", file.lexically_normal().string(), std::strerror(errno)));
     s.paths.push_back(file.lexically_normal().string());

@@ -87,6 +87,10 @@ TEST_CASE("spec errors name the job file, the JSON path and what was expected") 
   CHECK(messageOf([] { load({{"format", "idx"}, {"images", "nope.gz"}, {"labels", "lab"}}); }) ==
         "job.json: /data/train/images: " + absent +
             ": no such file (expected an IDX images file, e.g. train-images-idx3-ubyte.gz)");
+  // A directory (or a fifo) is not called missing.
+  CHECK(messageOf([] { load({{"format", "idx"}, {"images", dir()}, {"labels", "lab"}}); }) ==
+        "job.json: /data/train/images: " + std::filesystem::path(dir()).lexically_normal().string() +
+            ": is a directory, not a file (expected an IDX images file, e.g. train-images-idx3-ubyte.gz)");
   CHECK(messageOf([] { load({{"format", "idx"}, {"images", "img.gz"}, {"labels", "img.gz"}}); }) ==
         "job.json: /data/train/labels: " + dir() + "/img.gz: bad IDX magic 0x00000803 (expected 0x00000801 for labels)");
   CHECK(messageOf([] { load({{"format", "idx"}, {"images", "img.gz"}, {"labels", "lab3"}}); }) ==

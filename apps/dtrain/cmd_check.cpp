@@ -5,6 +5,8 @@
 
 #include "apps/dtrain/commands.h"
 #include "apps/dtrain/job_hooks.h"
+#include "lib/common/error.h"
+#include "lib/launch/launch_options.h"
 #include "lib/train/check.h"
 #include "lib/train/ps_strategy.h"
 #include "lib/train/layout.h"
@@ -23,6 +25,15 @@ void addCheckCommand(CLI::App& root, Action& action) {
     action = [args, world] {
       const train::Job job = train::loadJob(*args);
       for (const auto& w : job.parallel.warnings) fmt::print(stderr, "warning: {}\n", w);
+      // A GPU job is often checked on a machine without one (a login node): say what `dtrain run` here would do
+      // instead of a silent OK, without refusing a job that is fine for the machine it is meant for.
+      if (job.device.isCuda()) {
+        try {
+          train::checkGpusForWorkers(job, 1, launch::visibleGpuCount());
+        } catch (const ConfigError& e) {
+          fmt::print(stderr, "warning: not on this machine: {} (dtrain run here would refuse it, exit 2)\n", e.what());
+        }
+      }
       // The layout is worked out before anything is printed: a world the layout rejects must not print "OK".
       std::string layout;
       if (*world > 0 && job.parallel.strategy == "parameter_server") layout = train::describePsPlacement(job, *world);

@@ -44,6 +44,12 @@ TEST_CASE("device cuda without enough GPUs: a clear error naming both counts, be
     INFO(alone.err);
     CHECK(alone.exitCode == 2);
     CHECK(alone.err.find("1 local worker(s) but 0 GPU(s) visible") != std::string::npos);
+    // `dtrain check` validates the job for the machine it is meant for, and says what this one lacks.
+    auto checked = run({dtrainBinary(), "check", dir + "/job.json", "--output-dir", dir + "/out"}, noGpu);
+    INFO(checked.err);
+    CHECK(checked.exitCode == 0);
+    CHECK(checked.err.find("warning: not on this machine: ") != std::string::npos);
+    CHECK(checked.err.find("0 GPU(s) visible") != std::string::npos);
   } else {
     CHECK(launched.err.find("needs a dtrain built with CUDA") != std::string::npos);
   }

@@ -13,11 +13,13 @@ or zlib headers) and perhaps no cmake or ninja. So the kit carries, beside prebu
                   tree), $KIT, $CUDA_HOME and the directories holding NCCL and cuBLAS there.
 
   gpu_kit.py pack BUILD_DIR KIT TARGET...   on the build machine, after building TARGETs in BUILD_DIR
-  gpu_kit.py build KIT SRC OUT [--preprocess-only]
+  gpu_kit.py build KIT SRC OUT [--preprocess-only | --link-from BUILD_DIR]
                                             on the GPU machine: runs the commands (compiles in parallel), leaving
                                             the binaries in OUT (OUT/apps/dtrain/dtrain, OUT/tests/gpu/test_gpu*);
                                             --preprocess-only runs each compile as -E and links nothing: it proves
-                                            every header is found, in a fraction of the time (scripts/gpu-kit-sim)
+                                            every header is found, in a fraction of the time (scripts/gpu-kit-sim);
+                                            --link-from takes the objects the kit's own build compiled and runs only
+                                            the archive and link steps: it proves the link commands and libraries
 
 Exit: 0 done; 1 a command failed (its output is printed); 2 bad usage or nothing to build with.
 """
@@ -148,7 +150,7 @@ def preprocess_only(cmd):
     return re.sub(r" -o \S+", " -o /dev/null", cmd, count=1)
 
 
-def build(kit, src, out, preprocess=False):
+def build(kit, src, out, preprocess=False, link_from=None):
     kit, src, out = (os.path.realpath(p) for p in (kit, src, out))
     spec = json.load(open(os.path.join(kit, "commands.json")))
     cuda = os.environ.get("CUDA_HOME") or next((d for d in ("/usr/local/cuda",) if os.path.isdir(d)), None)
@@ -191,6 +193,13 @@ def build(kit, src, out, preprocess=False):
     rest = [c for c in spec["commands"] if c not in compiles]
     if preprocess:
         compiles, rest = [preprocess_only(c) for c in compiles], []
+    if link_from:
+        for c in compiles:
+            obj = re.search(r" -o (\S+)", c).group(1)
+            os.makedirs(os.path.join(out, os.path.dirname(obj)), exist_ok=True)
+            shutil.copy2(os.path.join(link_from, obj), os.path.join(out, obj))
+        print(f"gpu_kit build: {len(compiles)} objects taken from {link_from}")
+        compiles = []
     jobs = os.cpu_count() or 4
     print(f"gpu_kit build: {len(compiles)} compiles on {jobs} cores, then {len(rest)} archive/link steps, in {out}")
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
@@ -213,6 +222,8 @@ def main(argv):
         return 0
     if len(argv) in (4, 5) and argv[0] == "build" and argv[4:] in ([], ["--preprocess-only"]):
         return build(argv[1], argv[2], argv[3], preprocess=len(argv) == 5)
+    if len(argv) == 6 and argv[0] == "build" and argv[4] == "--link-from":
+        return build(argv[1], argv[2], argv[3], link_from=argv[5])
     print(__doc__, file=sys.stderr)
     return 2
 

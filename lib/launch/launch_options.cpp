@@ -8,6 +8,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
 
 #include "lib/common/error.h"
@@ -70,18 +71,33 @@ int usableCpuCount() {
   return n > 0 ? static_cast<int>(n) : 1;
 }
 
-int visibleGpuCount() {
-  if (const char* v = std::getenv("CUDA_VISIBLE_DEVICES")) {
-    std::string s(v);
-    if (s.empty() || s == "-1" || s == "NoDevFiles") return 0;
-    return static_cast<int>(parse::split(s, ',').size());
-  }
-  std::error_code ec;
+int countVisibleDevices(std::string_view value, int driverGpus) {
   int n = 0;
+  std::vector<int64_t> seen;
+  for (const auto& raw : parse::split(value, ',')) {
+    const std::string item(parse::trim(raw));
+    if (item.rfind("GPU-", 0) == 0 || item.rfind("MIG-", 0) == 0) {
+      ++n;
+      continue;
+    }
+    const auto index = parse::toInt(item);
+    if (!index || *index < 0 || (driverGpus > 0 && *index >= driverGpus) ||
+        std::find(seen.begin(), seen.end(), *index) != seen.end())
+      break;  // CUDA stops at the first invalid entry
+    seen.push_back(*index);
+    ++n;
+  }
+  return n;
+}
+
+int visibleGpuCount() {
+  std::error_code ec;
+  int driverGpus = 0;
   for (auto it = std::filesystem::directory_iterator("/proc/driver/nvidia/gpus", ec);
        !ec && it != std::filesystem::directory_iterator(); it.increment(ec))
-    ++n;
-  return n;
+    ++driverGpus;
+  if (const char* v = std::getenv("CUDA_VISIBLE_DEVICES")) return countVisibleDevices(v, driverGpus);
+  return driverGpus;
 }
 
 int resolveNproc(const std::string& value) {

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <map>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace dtrain::launch {
@@ -95,8 +96,14 @@ int resolveNproc(const std::string& value);
 std::vector<int> parseIntList(const std::string& flag, const std::string& value);
 // PATH lookup as execvp would do; throws Error(kNotFound / kNotExecutable) with a clear message.
 std::string resolveProgram(const std::string& program);
-// GPUs visible to this process (CUDA_VISIBLE_DEVICES, else /proc/driver/nvidia/gpus); 0 when none.
+// GPUs visible to this process (CUDA_VISIBLE_DEVICES, else /proc/driver/nvidia/gpus); 0 when none. Counted
+// without starting CUDA (the agent forks workers), by countVisibleDevices' reading of the variable.
 int visibleGpuCount();
+// The GPUs a CUDA_VISIBLE_DEVICES value leaves visible, read as the CUDA runtime reads it: entries (indices, or
+// GPU-/MIG- UUIDs) are taken in order up to the first invalid one, which ends the list: an empty entry, anything
+// else that is not an index, a negative index, an index repeated, or (when driverGpus > 0: the GPUs the driver
+// lists) an index beyond the driver's GPUs. So "0,1,-1,2" is 2 GPUs, "" and "-1" none, "0,7" on 2 GPUs one.
+int countVisibleDevices(std::string_view value, int driverGpus);
 int usableCpuCount();
 
 }  // namespace dtrain::launch

@@ -22,3 +22,19 @@ TEST_CASE("launch plan: defaults, then every field resolved") {
         "nnodes=2:4 nproc_per_node=8 node_rank=1 rdzv_backend=store rdzv_endpoint=node0:29400 rdzv_id=job42 "
         "max_restarts=3 max_reforms=100\nprogram=python train.py --lr 0.1");
 }
+
+TEST_CASE("CUDA_VISIBLE_DEVICES is counted as the CUDA runtime reads it: up to the first invalid entry") {
+  CHECK(countVisibleDevices("", 8) == 0);
+  CHECK(countVisibleDevices("-1", 8) == 0);
+  CHECK(countVisibleDevices("NoDevFiles", 8) == 0);
+  CHECK(countVisibleDevices("0", 8) == 1);
+  CHECK(countVisibleDevices("0,1", 8) == 2);
+  CHECK(countVisibleDevices(" 2, 3 ", 8) == 2);
+  CHECK(countVisibleDevices("0,1,-1,2", 8) == 2);  // -1 ends the list
+  CHECK(countVisibleDevices("0,1,", 8) == 2);      // so does an empty entry
+  CHECK(countVisibleDevices("0,0", 8) == 1);       // and a repeated index
+  CHECK(countVisibleDevices("0,7", 2) == 1);       // an index beyond the driver's GPUs
+  CHECK(countVisibleDevices("0,7", 0) == 2);       // driver count unknown: indices are taken as given
+  CHECK(countVisibleDevices("GPU-8f1a,MIG-2b3c/1/0", 1) == 2);  // UUIDs count one each
+  CHECK(countVisibleDevices("1,gpu0", 8) == 1);
+}

@@ -53,7 +53,7 @@ inline constexpr int kFormatVersion = 1;
 struct CheckpointMeta {
   int formatVersion = kFormatVersion;
   int64_t step = 0;
-  int64_t epoch = 0;
+  int64_t epoch = 0;            // counted from 0 (the text of `dtrain ckpt list|inspect` counts from 1)
   int64_t samplesConsumed = 0;  // entries of this epoch's order consumed by the group (the sampler position)
   int worldSize = 1;
   std::string specHash;         // specHash() of the job's model spec

@@ -81,7 +81,7 @@ std::string formatList(const fs::path& root, const std::vector<CheckpointInfo>& 
   for (const auto& c : list) {
     auto num = [&](auto get) { return c.meta ? fmt::format("{}", get(*c.meta)) : std::string("-"); };
     out += fmt::format("{:>10}  {:>6}  {:>10}  {:>5}  {:>10}  {:<20}  {}\n", c.step,
-                       num([](const CheckpointMeta& m) { return m.epoch; }),
+                       num([](const CheckpointMeta& m) { return m.epoch + 1; }),
                        num([](const CheckpointMeta& m) { return m.samplesConsumed; }),
                        num([](const CheckpointMeta& m) { return m.worldSize; }), parse::formatBytes(c.bytes),
                        c.meta && !c.meta->createdAt.empty() ? c.meta->createdAt : "-", statusText(c));
@@ -108,7 +108,7 @@ std::string formatInspect(const fs::path& target, bool verify) {
     const auto& m = *c.meta;
     out += fmt::format("step         {}\nepoch        {}\nsamples      {} of epoch {} consumed\nworld size   {}\n"
                        "spec hash    {}\ncreated      {}\nformat       {}\n",
-                       m.step, m.epoch, m.samplesConsumed, m.epoch, m.worldSize, m.specHash, m.createdAt,
+                       m.step, m.epoch + 1, m.samplesConsumed, m.epoch + 1, m.worldSize, m.specHash, m.createdAt,
                        m.formatVersion);
     if (!m.user.empty()) out += fmt::format("user         {}\n", m.user.dump());
   }

@@ -12,7 +12,9 @@
 
 namespace dtrain::ckpt {
 
-// Table: STEP EPOCH SAMPLES WORLD SIZE CREATED STATUS (with the reason when not complete).
+// Table: STEP EPOCH SAMPLES WORLD SIZE CREATED STATUS (with the reason when not complete). The text forms show
+// the epoch counted from 1, as the trainer's progress lines and its "resumed from" line do (meta.json and the
+// JSON forms keep CheckpointMeta::epoch, counted from 0).
 std::string formatList(const std::filesystem::path& root, const std::vector<CheckpointInfo>& checkpoints);
 nlohmann::json listToJson(const std::vector<CheckpointInfo>& checkpoints);
 

@@ -89,3 +89,17 @@ TEST_CASE("dtrain ckpt: missing and empty directories") {
   CHECK(inspect.exitCode == 8);
   CHECK(inspect.err.find("no checkpoints here") != std::string::npos);
 }
+
+TEST_CASE("dtrain ckpt list and inspect count epochs from 1, as the trainer's progress does; JSON keeps meta.json's") {
+  const auto root = freshRoot("cli-epoch");
+  writeCheckpoint(root, 100);  // meta.json: "epoch": 1 (counted from 0: the trainer's "epoch 2/N")
+  auto inspect = dtrainCkpt({"inspect", root.string()});
+  INFO(inspect.out);
+  CHECK(inspect.exitCode == 0);
+  CHECK(inspect.out.find("epoch        2\n") != std::string::npos);
+  CHECK(inspect.out.find("of epoch 2 consumed") != std::string::npos);
+  auto list = dtrainCkpt({"list", root.string()});
+  CHECK(list.out.find("       100       2 ") != std::string::npos);
+  auto asJson = dtrainCkpt({"list", root.string(), "--json"});
+  CHECK(json::parse(asJson.out).at(0).at("meta").at("epoch") == 1);
+}

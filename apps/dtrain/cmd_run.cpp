@@ -160,8 +160,10 @@ void addRunCommand(CLI::App& root, Action& action) {
       ->envname("DTRAIN_RDZV_TOKEN");
   sub->add_option("--rdzv-bind", o.rdzvBind,
                   "Address the store hosted by this agent listens on (default: the endpoint's host; "
-                  "0.0.0.0 for every interface)");
-  sub->add_option("--rdzv-token-file", a->rdzvTokenFile, "Read the store's shared secret from this file's first line");
+                  "0.0.0.0 for every interface)")
+      ->envname("DTRAIN_RDZV_BIND");
+  sub->add_option("--rdzv-token-file", a->rdzvTokenFile, "Read the store's shared secret from this file's first line")
+      ->envname("DTRAIN_RDZV_TOKEN_FILE");
   sub->add_option("--rdzv-timeout,--rdzv_timeout", a->rdzvTimeout, "How long to wait for all nodes (default 900s)")
       ->envname("DTRAIN_RDZV_TIMEOUT");
   sub->add_option("--rdzv-last-call", a->lastCall, "With --nnodes MIN:MAX, extra wait for nodes beyond MIN (30s)")
@@ -200,12 +202,13 @@ void addRunCommand(CLI::App& root, Action& action) {
       ->check(CLI::Range(0, 65535))
       ->envname("DTRAIN_METRICS_PORT");
   sub->add_option("--metrics-bind", o.metricsBind, "Address the metrics endpoint (and the dashboard) listens on")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->envname("DTRAIN_METRICS_BIND");
   sub->add_option("--dashboard", o.dashboardPort,
                   "Serve a live page of the run (curves per rank, node state, restarts) at http://HOST:PORT/dashboard "
                   "(0: a free port, logged)")
       ->check(CLI::Range(0, 65535))
-      ->envname("DTRAIN_DASHBOARD_PORT");
+      ->envname("DTRAIN_DASHBOARD");
   sub->add_option("--timeline", o.timelineFile,
                   "Write a Chrome trace (chrome://tracing, Perfetto) of every rank's step phases and collectives to "
                   "this file when the job ends (give it to one agent; the others ship their part)")

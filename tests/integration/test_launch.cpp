@@ -156,4 +156,17 @@ TEST_CASE("options can come from DTRAIN_* environment variables") {
                {.timeout = 30s, .env = {{"DTRAIN_NPROC_PER_NODE", "3"}}});
   REQUIRE(r.exitCode == 0);
   CHECK(linesWith(r.out, "ws=3").size() == 3);
+  // Every option, by the README's rule DTRAIN_<NAME> (these three had no variable).
+  auto plan = run(runArgs({"--nnodes", "2", "--node-rank", "0", "--rdzv-endpoint", "127.0.0.1:29999", "--dry-run",
+                           "--", "true"}),
+                  {.timeout = 30s, .env = {{"DTRAIN_RDZV_BIND", "0.0.0.0"}}});
+  INFO(plan.out, plan.err);
+  CHECK(plan.exitCode == 0);
+  CHECK(plan.out.find("listening on 0.0.0.0 (--rdzv-bind)") != std::string::npos);
+  std::string dir = tempDir("envtoken");
+  writeFile(dir + "/token", "s3cret\n");
+  auto token = run(runArgs({"--standalone", "--", "sh", "-c", "echo tok=$DTRAIN_RDZV_TOKEN"}),
+                   {.timeout = 30s, .env = {{"DTRAIN_RDZV_TOKEN_FILE", dir + "/token"}}});
+  CHECK(token.exitCode == 0);
+  CHECK(token.out.find("tok=s3cret") != std::string::npos);
 }

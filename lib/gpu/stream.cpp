@@ -60,7 +60,7 @@ bool Event::query() const {
   if (st == cudaSuccess) return true;
   if (st == cudaErrorNotReady) return false;
   cudaGetLastError();
-  DTRAIN_THROW(GpuError, "{}", cudaGetErrorString(st));
+  DTRAIN_THROW(GpuError, "cudaEventQuery failed: {}", cudaGetErrorString(st));
 }
 
 void Event::synchronize() const { DTRAIN_CUDA_CHECK(cudaEventSynchronize(static_cast<cudaEvent_t>(event_))); }

@@ -44,8 +44,8 @@ class Event {
   // legacy default stream). Throws GpuError.
   void record(void* stream);
   void record(const Stream& stream) { record(stream.handle()); }
-  // Non-blocking: true once the recorded work finished, false while it runs. Throws GpuError, whose message is
-  // CUDA's text alone, when the GPU reported a failure of that work.
+  // Non-blocking: true once the recorded work finished, false while it runs. Throws GpuError ("cudaEventQuery
+  // failed: <CUDA's text>", file:line of the check) when the GPU reported a failure of that work.
   bool query() const;
   // Blocks until the recorded work finished. Throws GpuError.
   void synchronize() const;

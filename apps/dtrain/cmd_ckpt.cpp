@@ -80,8 +80,8 @@ void addCkptCommand(CLI::App& root, Action& action) {
 
   auto* inspect = sub->add_subcommand(
       "inspect", "Show a checkpoint's meta, files and tensors (DIR: its newest valid checkpoint; or a step-<N> "
-                 "directory; or a .safetensors file)");
-  inspect->add_option("PATH", args->path, "Checkpoint directory, step-<N> directory or .safetensors file")->required();
+                 "directory; a .safetensors file; or a sharded model's model.safetensors.index.json)");
+  inspect->add_option("PATH", args->path, "Checkpoint directory, step-<N> directory, .safetensors file or model index")->required();
   inspect->add_flag("--no-verify", args->noVerify, "Do not verify crc32 checksums");
   inspect->add_flag("--json", args->json, "Print JSON");
   inspect->callback([&action, args] { action = [args] { return runInspect(*args); }; });

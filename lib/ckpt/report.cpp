@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+
 #include "lib/ckpt/checkpoint_names.h"
 #include "lib/common/error.h"
 #include "lib/common/parse.h"
@@ -72,6 +74,80 @@ json tensorsToJson(const SafetensorsFile& f) {
   return {{"tensors", tensors}, {"metadata", f.metadata()}};
 }
 
+// A sharded model's index (model.safetensors.index.json, Hugging Face's name): "weight_map" (tensor -> file) and
+// dtrain's "row_shards" (a table split by rows: its full shape and each file's first row and row count).
+bool isIndex(const fs::path& p) {
+  const std::string name = p.filename().string();
+  return fs::is_regular_file(p) && name.size() > 11 && name.compare(name.size() - 11, 11, ".index.json") == 0;
+}
+
+json readIndex(const fs::path& p) {
+  try {
+    json j = json::parse(readWholeFile(p));
+    DTRAIN_CHECK_AS(CheckpointError, j.is_object() && j.contains("weight_map") && j["weight_map"].is_object(),
+                    "{}: not a model index (expected an object with \"weight_map\")", p.string());
+    return j;
+  } catch (const json::exception& e) {
+    DTRAIN_THROW(CheckpointError, "{}: not JSON ({})", p.string(), e.what());
+  }
+}
+
+// The index's files in order of first mention, and what is wrong with its row shards ("" when they cover every
+// table once, in row order, and every file exists).
+std::vector<std::string> indexFiles(const json& index) {
+  std::vector<std::string> files;
+  auto add = [&](const std::string& f) {
+    if (std::find(files.begin(), files.end(), f) == files.end()) files.push_back(f);
+  };
+  for (const auto& [name, f] : index["weight_map"].items())
+    if (f.is_string()) add(f.get<std::string>());
+  const json rows = index.value("row_shards", json::object());  // a named copy: items() must not outlive it
+  for (const auto& [name, t] : rows.items())
+    for (const auto& f : t.value("files", json::array())) add(f.value("file", ""));
+  return files;
+}
+
+std::string indexProblem(const fs::path& dir, const json& index) {
+  for (const auto& f : indexFiles(index))
+    if (!fs::exists(dir / f)) return fmt::format("{} missing", f);
+  const json rows = index.value("row_shards", json::object());
+  for (const auto& [name, t] : rows.items()) {
+    int64_t next = 0;
+    for (const auto& f : t.value("files", json::array())) {
+      if (f.value("start", int64_t{-1}) != next) return fmt::format("{}: the row shards are not contiguous", name);
+      next += f.value("rows", int64_t{0});
+    }
+    if (!t.contains("shape") || !t["shape"].is_array() || t["shape"].empty() || t["shape"][0] != next)
+      return fmt::format("{}: the row shards cover {} rows, not the table's", name, next);
+  }
+  return "";
+}
+
+std::string formatIndex(const fs::path& path) {
+  const json index = readIndex(path);
+  const std::string problem = indexProblem(path.parent_path(), index);
+  std::string out = fmt::format("model index  {}\nstatus       {}\n", path.string(),
+                                problem.empty() ? "complete" : "incomplete: " + problem);
+  const json rows = index.value("row_shards", json::object());
+  out += fmt::format("tensors      {} whole (weight_map), {} split by rows (row_shards)\n", index["weight_map"].size(),
+                     rows.size());
+  for (const auto& [name, t] : rows.items()) {
+    out += fmt::format("\n{} {} in {} row shard(s):\n", name, t.value("shape", json::array()).dump(),
+                       t.value("files", json::array()).size());
+    for (const auto& f : t.value("files", json::array()))
+      out += fmt::format("  {:<36}  rows [{}, {})\n", f.value("file", ""), f.value("start", int64_t{0}),
+                         f.value("start", int64_t{0}) + f.value("rows", int64_t{0}));
+  }
+  for (const auto& f : indexFiles(index)) {
+    try {
+      appendTensors(out, SafetensorsFile::open(path.parent_path() / f), f);
+    } catch (const CheckpointError& e) {
+      out += fmt::format("\n{}: unreadable: {}\n", f, e.what());
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 std::string formatList(const fs::path& root, const std::vector<CheckpointInfo>& list) {
@@ -96,9 +172,13 @@ json listToJson(const std::vector<CheckpointInfo>& list) {
 }
 
 std::string formatInspect(const fs::path& target, bool verify) {
+  if (isIndex(target)) return formatIndex(target);
   if (isSafetensors(target)) {
     std::string out;
     appendTensors(out, SafetensorsFile::open(target), target.string());
+    if (fs::exists(target.parent_path() / (target.filename().string() + ".index.json")))
+      out += fmt::format("\n{}.index.json beside it lists the model's other shards (inspect the index)\n",
+                         target.filename().string());
     return out.substr(1);
   }
   const fs::path dir = resolve(target);
@@ -127,6 +207,20 @@ std::string formatInspect(const fs::path& target, bool verify) {
 }
 
 json inspectToJson(const fs::path& target, bool verify) {
+  if (isIndex(target)) {
+    json j = readIndex(target);
+    const std::string problem = indexProblem(target.parent_path(), j);
+    json out = {{"path", target.string()}, {"status", problem.empty() ? "complete" : "incomplete"},
+                {"reason", problem}, {"index", j}};
+    for (const auto& f : indexFiles(j)) {
+      try {
+        out["safetensors"][f] = tensorsToJson(SafetensorsFile::open(target.parent_path() / f));
+      } catch (const CheckpointError& e) {
+        out["safetensors"][f] = {{"error", e.what()}};
+      }
+    }
+    return out;
+  }
   if (isSafetensors(target)) return tensorsToJson(SafetensorsFile::open(target));
   const fs::path dir = resolve(target);
   const CheckpointInfo c = inspectCheckpoint(dir, verify);

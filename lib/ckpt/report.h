@@ -18,8 +18,11 @@ namespace dtrain::ckpt {
 std::string formatList(const std::filesystem::path& root, const std::vector<CheckpointInfo>& checkpoints);
 nlohmann::json listToJson(const std::vector<CheckpointInfo>& checkpoints);
 
-// `target` may be a checkpoint root (its newest valid checkpoint, else its newest entry), a step-<N> dir, or a
-// .safetensors file. Throws CheckpointError when there is nothing to inspect.
+// `target` may be a checkpoint root (its newest valid checkpoint, else its newest entry), a step-<N> dir, a
+// .safetensors file, or a sharded model's index (model.safetensors.index.json: Hugging Face's "weight_map" and
+// dtrain's "row_shards" for tables split by rows, docs/checkpoints.md): its status (every file present, every
+// table's row shards contiguous and covering it) and every file's tensors. Throws CheckpointError when there is
+// nothing to inspect.
 std::string formatInspect(const std::filesystem::path& target, bool verifyChecksums);
 nlohmann::json inspectToJson(const std::filesystem::path& target, bool verifyChecksums);
 

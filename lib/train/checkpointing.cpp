@@ -5,6 +5,7 @@
 #include "lib/common/error.h"
 #include "lib/common/hash.h"
 #include "lib/common/log.h"
+#include "lib/train/sparse_shards.h"
 #include "lib/train/weights.h"
 
 namespace dtrain::train {
@@ -13,7 +14,6 @@ namespace {
 
 constexpr const char* kModelFile = "model.safetensors";
 constexpr const char* kOptimizerFile = "optimizer.safetensors";
-constexpr const char* kSparseFile = "sparse.safetensors";
 
 std::string rankFile(int rank) { return fmt::format("rank-{}.json", rank); }
 
@@ -211,24 +211,10 @@ std::filesystem::path Checkpointer::save(const nn::Model& model, nn::Optimizer& 
       state.push_back({buf.name, TensorView::of(buf.data.data(), Shape{n})});
     writer.writeTensors(kOptimizerFile, state, {{"optimizer", nn::optimizerTypeName(optimizer.spec().type)}});
   }
-  if (sparse_ != nullptr && shard.saveModel) {
-    // The tables are not in the arenas: read each whole from its holder (window by window from every server).
-    std::vector<SparseTableState> tables;
-    tables.reserve(sparseInfo_.size());
-    std::vector<ckpt::NamedTensor> tensors;
-    ckpt::Metadata meta{{"format", "pt"}};
-    for (const nn::SparseTableInfo& t : sparseInfo_) {
-      tables.push_back(sparse_->readTable(t.table));
-      SparseTableState& st = tables.back();
-      const Shape shape{t.rows, t.dim};
-      tensors.push_back({t.name, TensorView::of(st.values.data(), shape)});
-      const auto names = sparseStateNames(sparse_->tables().at(static_cast<size_t>(t.table)).optimizer.type);
-      for (size_t b = 0; b < names.size(); ++b)
-        tensors.push_back({stateName(names[b], t.name), TensorView::of(st.state[b].data(), shape)});
-      meta["steps/" + t.name] = std::to_string(st.steps);
-    }
-    writer.writeTensors(kSparseFile, tensors, meta);
-  }
+  // The sparse tables are not in the arenas: their holders (the parameter servers) write their own rows into the
+  // staging dir (sparse_shards.h), so no process holds a whole table; the commit requires every holder's file.
+  std::vector<std::string> sparseFiles;
+  if (sparse_ != nullptr && shard.saveModel) sparseFiles = sparse_->saveShards(job_.checkpoint.dir, step, token);
   if (hook_) {
     std::vector<ckpt::NamedTensor> state;
     for (auto& s : hook_->stateBuffers()) state.push_back({s.name, s.view});
@@ -251,6 +237,8 @@ std::filesystem::path Checkpointer::save(const nn::Model& model, nn::Optimizer& 
     meta.user["layout"] = {{"data", l.data}, {"pipeline", l.stages}, {"tensor", l.tensor}};
     ckpt::CommitOptions options;
     for (int r = 0; r < (shard.everyRankFile ? worldSize_ : 1); ++r) options.requiredFiles.push_back(rankFile(r));
+    options.requiredFiles.insert(options.requiredFiles.end(), sparseFiles.begin(), sparseFiles.end());
+    if (!sparseFiles.empty()) meta.user["sparse_shards"] = sparseFiles;
     committed = writer.commit(meta, options);
     ckpt::applyRetention(job_.checkpoint.dir, job_.checkpoint.keep);
   }
@@ -262,25 +250,25 @@ std::filesystem::path Checkpointer::save(const nn::Model& model, nn::Optimizer& 
 void Checkpointer::loadSparseTables(const ResumePoint& from) {
   if (sparse_ == nullptr) return;
   auto cp = ckpt::Checkpoint::open(from.path);
-  DTRAIN_CHECK_AS(CheckpointError, cp.hasFile(kSparseFile),
-                  "{}: no {} (the checkpoint was written without the model's sparse embedding tables)",
-                  from.path.string(), kSparseFile);
-  const auto& meta = cp.tensors(kSparseFile).metadata();
-  for (const nn::SparseTableInfo& t : sparseInfo_) {
-    SparseTableState st;
-    const Shape shape{t.rows, t.dim};
-    st.values.resize(static_cast<size_t>(t.rows) * static_cast<size_t>(t.dim));
-    cp.loadTensor(kSparseFile, t.name, TensorView::of(st.values.data(), shape));
-    for (const auto& name : sparseStateNames(sparse_->tables().at(static_cast<size_t>(t.table)).optimizer.type)) {
-      st.state.emplace_back(st.values.size());
-      cp.loadTensor(kSparseFile, stateName(name, t.name), TensorView::of(st.state.back().data(), shape));
+  // The holders' files this checkpoint's meta names (every one is in the manifest: the commit required them), or
+  // any sparse file of an older checkpoint (sparse.safetensors, every table whole).
+  std::vector<std::filesystem::path> files;
+  const auto& user = cp.meta().user;
+  if (user.contains("sparse_shards") && user["sparse_shards"].is_array()) {
+    for (const auto& f : user["sparse_shards"]) {
+      const std::string name = f.is_string() ? f.get<std::string>() : std::string();
+      DTRAIN_CHECK_AS(CheckpointError, cp.hasFile(name), "{}: meta.json names the sparse shard '{}', which the "
+                      "manifest does not list", from.path.string(), name);
+      files.push_back(from.path / name);
     }
-    auto steps = meta.find("steps/" + t.name);
-    DTRAIN_CHECK_AS(CheckpointError, steps != meta.end(), "{}/{}: no step count for table {}", from.path.string(),
-                    kSparseFile, t.name);
-    st.steps = std::stoll(steps->second);
-    sparse_->writeTable(t.table, from.step, st);
+  } else {
+    for (const auto& f : cp.files())
+      if (isSparseCheckpointFile(f.name)) files.push_back(from.path / f.name);
   }
+  DTRAIN_CHECK_AS(CheckpointError, !files.empty(),
+                  "{}: no sparse table files (the checkpoint was written without the model's sparse embedding tables)",
+                  from.path.string());
+  sparse_->loadShards(files, /*withState=*/true, from.step);
 }
 
 }  // namespace dtrain::train

@@ -76,14 +76,17 @@ class Checkpointer {
   // compression, or with another type). CheckpointError when it holds state of another size.
   bool loadCommHookState(const ResumePoint& from);
   // The model's sparse embedding tables (null: none). save() then has the writer (the rank that writes
-  // model.safetensors) read every table whole from its holder (the parameter servers) and write sparse.safetensors:
-  // each table under its parameter name ("0.wte.weight" [rows, dim]), its optimizer state as "<buffer>/<name>"
-  // and its step count in the metadata ("steps/<name>").
+  // model.safetensors) ask their holders (the parameter servers) to write their own rows into the staging dir,
+  // sparse-<k>-of-<S>.safetensors (sparse_shards.h: each table's rows under its parameter name "0.wte.weight" as a
+  // row slice, its optimizer state as "<buffer>/<name>", its step count in the metadata "steps/<name>"); the
+  // commit requires every holder's file and meta.json lists them (user.sparse_shards), so a checkpoint missing a
+  // shard is never committed and one whose shard was lost or damaged later is skipped as corrupt.
   void setSparseTables(SparseTables* tables, std::vector<nn::SparseTableInfo> info) {
     sparse_ = tables, sparseInfo_ = std::move(info);
   }
-  // Writes the tables of checkpoint `from` back into the holder (one rank does it: worker 0 for the servers).
-  // CheckpointError when the checkpoint has no sparse.safetensors or a table of another shape.
+  // Has the holders read the rows they hold from checkpoint `from` (one rank asks: worker 0 for the servers), from
+  // its shards or an older checkpoint's sparse.safetensors. CheckpointError when the checkpoint has no sparse
+  // files; CheckpointError/CommError when they lack a table or rows.
   void loadSparseTables(const ResumePoint& from);
 
  private:

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <fstream>
+#include <memory>
 #include <random>
 #include <sstream>
 #include <vector>
@@ -12,6 +13,7 @@
 #include "lib/common/error.h"
 #include "lib/data/sequence.h"
 #include "lib/nn/model.h"
+#include "lib/train/sparse_tables.h"
 #include "lib/train/weights.h"
 
 namespace dtrain::train {
@@ -54,6 +56,17 @@ std::string generateText(const GenerateOptions& o, const std::function<void(cons
                   weights.string(),
                   std::filesystem::exists(o.runDir / "checkpoints") ? ", and its checkpoints are in checkpoints/" : "");
   loadWeights(weights, model);
+  // Sparse embedding tables are not in model.safetensors: their rows are in the shards its index lists (or, from an
+  // older run, in the file itself). Generation is one process, so it holds them (sparse_shards.h).
+  std::unique_ptr<LocalSparseTables> tables;
+  if (!model.sparseTables().empty()) {
+    std::vector<ps::SparseTableOptions> options;
+    for (const nn::SparseTableInfo& info : model.sparseTables())
+      options.push_back({.rows = info.rows, .dim = info.dim, .initStd = info.initStd, .name = info.name});
+    tables = std::make_unique<LocalSparseTables>(std::move(options));
+    tables->loadShards(sparseWeightFiles(weights), /*withState=*/false, 0);
+    model.bindSparseRows(tables.get());
+  }
   data::Vocabulary vocab;
   if (std::filesystem::exists(o.runDir / "vocab.json"))
     vocab = data::Vocabulary::fromJson(readText(o.runDir / "vocab.json"), (o.runDir / "vocab.json").string());

@@ -135,10 +135,6 @@ void checkSparseLayers(const Job& job) {
                     "\"parallel\": {{\"strategy\": \"parameter_server\"}} (the strategy is \"{}\"); remove "
                     "\"sparse\" for a dense table",
                     job.sourceFile, l.path, job.parallel.strategy);
-    DTRAIN_CHECK_AS(ConfigError, job.loop.gradAccum == 1,
-                    "{}: /train/grad_accum: {} with the sparse embedding at {} (expected 1: its row gradients are "
-                    "pushed once per micro-batch)",
-                    job.sourceFile, job.loop.gradAccum, l.path);
   }
   sparseTableOptions(job);  // the optimizer must have a sparse variant (ConfigError naming /optimizer)
 }

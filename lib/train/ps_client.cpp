@@ -290,6 +290,43 @@ void Client::sparseInit(uint32_t table, int server, int64_t step, int64_t firstR
   wait();
 }
 
+namespace {
+
+void appendString(std::vector<uint8_t>& out, const std::string& s) {
+  const auto n = static_cast<uint32_t>(s.size());
+  appendRaw(out, &n, 1);
+  appendRaw(out, s.data(), s.size());
+}
+
+}  // namespace
+
+void Client::sparseSave(bool exported, const std::string& dir, int64_t step, const std::string& token) {
+  std::vector<uint8_t> payload;
+  const uint8_t kind = exported ? 1 : 0;
+  appendRaw(payload, &kind, 1);
+  appendString(payload, dir);
+  appendString(payload, token);
+  for (auto& l : lanes_)
+    enqueue(l->server, [this, step, payload](Lane& lane) {
+      exchange(lane, RequestHeader{.op = Op::kSparseSave, .step = step, .bytes = payload.size()}, payload);
+    });
+  wait();
+}
+
+void Client::sparseLoad(const std::vector<std::string>& files, bool withState, int64_t step) {
+  std::vector<uint8_t> payload;
+  const uint8_t state = withState ? 1 : 0;
+  appendRaw(payload, &state, 1);
+  const auto count = static_cast<uint32_t>(files.size());
+  appendRaw(payload, &count, 1);
+  for (const auto& f : files) appendString(payload, f);
+  for (auto& l : lanes_)
+    enqueue(l->server, [this, step, payload](Lane& lane) {
+      exchange(lane, RequestHeader{.op = Op::kSparseLoad, .step = step, .bytes = payload.size()}, payload);
+    });
+  wait();
+}
+
 void Client::wait() {
   std::unique_lock lock(mu_);
   cv_.wait(lock, [&] { return pending_ == 0; });

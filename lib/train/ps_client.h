@@ -69,6 +69,12 @@ class Client {
   // Blocking: restores a window (`floats`: values then each state buffer, rows x dim each) and the step count.
   void sparseInit(uint32_t table, int server, int64_t step, int64_t firstRow, int64_t rows, int64_t steps,
                   std::span<const float> floats);
+  // Blocking, every server in parallel: each writes its rows of every table (ps_protocol.h's kSparseSave):
+  // `exported` false into the checkpoint staging dir of (dir, step, token) with their optimizer state, true into
+  // dir/model-<k>-of-<S>.safetensors. CommError naming the server that failed.
+  void sparseSave(bool exported, const std::string& dir, int64_t step, const std::string& token);
+  // Blocking, every server in parallel: each reads the rows it holds from `files` (kSparseLoad).
+  void sparseLoad(const std::vector<std::string>& files, bool withState, int64_t step);
   // Blocking: the workers' barrier number `count` (1, 2, ...) on server 0, which answers once every live worker
   // reached it (ps_protocol.h's kBarrier): a worker that died does not hold the others. CommError on timeout.
   void barrier(int64_t count);

@@ -51,11 +51,13 @@ const char* opName(Op op) {
     case Op::kSparseFetch: return "sparse-fetch";
     case Op::kSparseInit: return "sparse-init";
     case Op::kBarrier: return "barrier";
+    case Op::kSparseSave: return "sparse-save";
+    case Op::kSparseLoad: return "sparse-load";
   }
   return "?";
 }
 
-bool validOp(uint8_t op) { return op >= 1 && op <= 11; }
+bool validOp(uint8_t op) { return op >= 1 && op <= 13; }
 
 void encode(const RequestHeader& h, uint8_t* out) {
   uint8_t* p = out;

@@ -39,6 +39,17 @@
 //   kBarrier     - (`step`: the worker's barrier count, 1, 2, ...)       -   once every live worker reached
 //                                                                          barrier `step` (a worker that left
 //                                                                          counts as arrived; server 0 only)
+//   kSparseSave  u8 kind (0: checkpoint, 1: exported model), u32 n,     -   once the server's file is durable
+//                n bytes of a directory (the checkpoint root, or the
+//                model's output dir), u32 m, m bytes of the checkpoint's
+//                staging token (kind 0); `step`: the checkpoint's step.
+//                The server writes its rows of every table (sparse_shards.h): kind 0 with their optimizer state into
+//                the staging dir as sparse-<k>-of-<S>.safetensors (lib/ckpt's protocol: the commit checks it),
+//                kind 1 as <dir>/model-<k>-of-<S>.safetensors.
+//   kSparseLoad  u8 with_state, u32 files, files x (u32 n, n bytes of    -   (worker 0: a resume or init.from)
+//                a path): the server reads the rows it holds of every
+//                table from those files (any server count wrote them);
+//                `step`: the training step the tables are at.
 // kBarrier is how async/ssp workers meet (checkpoints, the end) without a collective among themselves, so a
 // worker that died does not stop the others (docs/parameter_server.md "Failures").
 // Fetch and init go in windows of at most kMaxPartitionFloats floats per buffer, so payloads stay bounded.
@@ -78,6 +89,8 @@ enum class Op : uint8_t {
   kSparseFetch = 9,
   kSparseInit = 10,
   kBarrier = 11,
+  kSparseSave = 12,
+  kSparseLoad = 13,
 };
 const char* opName(Op op);
 bool validOp(uint8_t op);

@@ -15,6 +15,8 @@
 
 #include "lib/common/error.h"
 #include "lib/common/log.h"
+#include "lib/ckpt/checkpoint.h"
+#include "lib/train/sparse_shards.h"
 
 namespace dtrain::train::ps {
 
@@ -66,6 +68,14 @@ struct Reader {
     if (pos + sizeof(T) > b.size()) return false;
     std::memcpy(&v, b.data() + pos, sizeof(T));
     pos += sizeof(T);
+    return true;
+  }
+  // A u32 length and that many bytes.
+  bool takeString(std::string& s) {
+    uint32_t n = 0;
+    if (!take(n) || pos + n > b.size()) return false;
+    s.assign(reinterpret_cast<const char*>(b.data() + pos), n);  // NOLINT: bytes of text
+    pos += n;
     return true;
   }
 };
@@ -308,6 +318,11 @@ void Server::dispatch(Conn& conn, const RequestHeader& h) {
                                                                   h.step));
     return reply(conn, ReplyHeader{.version = h.step}, nullptr, 0);
   }
+  if (h.op == Op::kSparseSave || h.op == Op::kSparseLoad) {
+    std::string err = saveOrLoadTables(conn, h);
+    if (!err.empty()) return replyError(conn, h.partition, err);
+    return reply(conn, ReplyHeader{.version = h.step}, nullptr, 0);
+  }
   if (h.op == Op::kSparsePull || h.op == Op::kSparsePush || h.op == Op::kSparseFetch || h.op == Op::kSparseInit) {
     std::string err = dispatchSparse(conn, h);
     if (!err.empty()) replyError(conn, h.partition, err);
@@ -415,6 +430,50 @@ void Server::dispatch(Conn& conn, const RequestHeader& h) {
   lock.unlock();
   r.bytes = conn.out.size() * sizeof(float);
   reply(conn, r, conn.out.data(), r.bytes);
+}
+
+std::string Server::saveOrLoadTables(const Conn& conn, const RequestHeader& h) {
+  Reader r{conn.in};
+  uint8_t flag = 0;
+  if (!r.take(flag) || flag > 1) return fmt::format("{}: no kind/state flag", opName(h.op));
+  // Under the lock, straight from (or into) the shards, no copy: the workers are meeting for a checkpoint (or
+  // starting), so no push waits for it.
+  std::lock_guard lock(mu_);
+  std::vector<HeldTable> held;
+  for (size_t i = 0; i < tables_.size(); ++i) {
+    const SparseTableOptions& t = options_.tables[i];
+    held.push_back({t.name.empty() ? fmt::format("sparse{}", i) : t.name, t.rows, tables_[i]->shard.get()});
+  }
+  try {
+    if (h.op == Op::kSparseSave) {
+      std::string dir, token;
+      if (!r.takeString(dir) || !r.takeString(token) || r.pos != conn.in.size() || dir.empty())
+        return "sparse-save: malformed payload (expected u8 kind, u32-prefixed directory and token)";
+      const ckpt::PieceFile file = heldPieces(held, options_.serverRank, options_.servers, /*withState=*/flag == 0);
+      if (flag == 0) {
+        ckpt::CheckpointWriter writer(dir, h.step, token);
+        writer.writeTensors(sparseShardName(options_.serverRank, options_.servers), file.tensors, file.metadata);
+      } else {
+        ckpt::writeSafetensorsFile(std::filesystem::path(dir) / modelShardName(options_.serverRank, options_.servers),
+                                   file.tensors, file.metadata);
+      }
+      return "";
+    }
+    uint32_t count = 0;
+    std::vector<std::filesystem::path> files;
+    if (!r.take(count) || count > 4096) return "sparse-load: malformed payload (no file count)";
+    for (uint32_t i = 0; i < count; ++i) {
+      std::string path;
+      if (!r.takeString(path)) return "sparse-load: malformed payload (truncated path)";
+      files.emplace_back(path);
+    }
+    loadHeldRows(files, held, /*withState=*/flag == 1);
+    for (auto& t : tables_) t->version = h.step;
+    cv_.notify_all();
+  } catch (const std::exception& e) {  // dtrain::Error, and the file system's
+    return fmt::format("{}: {}", opName(h.op), e.what());
+  }
+  return "";
 }
 
 std::string Server::dispatchSparse(Conn& conn, const RequestHeader& h) {

@@ -47,6 +47,7 @@ struct SparseTableOptions {
   SparseOptimizerSpec optimizer;
   double initStd = 1.0;  // torch.nn.Embedding's N(0, 1)
   uint64_t seed = 0;
+  std::string name;      // its parameter name ("0.wte.weight"), in the files the servers write (sparse_shards.h)
 };
 
 struct ServerOptions {
@@ -102,6 +103,8 @@ class Server {
   void workerGone(int worker, bool bye);
   // The kSparse* ops (ps_protocol.h); returns an error message for the worker, "" when it replied.
   std::string dispatchSparse(Conn& conn, const RequestHeader& h);
+  // kSparseSave / kSparseLoad: this server's rows of every table to or from files (sparse_shards.h).
+  std::string saveOrLoadTables(const Conn& conn, const RequestHeader& h);
 
   ServerOptions options_;
   net::Listener listener_;

@@ -76,6 +76,32 @@ std::vector<float> coalesceRowGrads(const UniqueIds& unique, std::span<const flo
   return out;
 }
 
+void accumulateRowGrads(std::vector<int64_t>& ids, std::vector<float>& grads, std::span<const int64_t> moreIds,
+                        std::span<const float> moreGrads, int dim) {
+  const size_t d = static_cast<size_t>(dim);
+  DTRAIN_CHECK(grads.size() == ids.size() * d && moreGrads.size() == moreIds.size() * d,
+               "sparse gradient sum: {} + {} floats for {} + {} rows of dim {}", grads.size(), moreGrads.size(),
+               ids.size(), moreIds.size(), dim);
+  std::vector<int64_t> outIds;
+  std::vector<float> out;
+  outIds.reserve(ids.size() + moreIds.size());
+  out.reserve(grads.size() + moreGrads.size());
+  size_t a = 0, b = 0;
+  while (a < ids.size() || b < moreIds.size()) {
+    const bool takeA = b == moreIds.size() || (a < ids.size() && ids[a] <= moreIds[b]);
+    const bool both = takeA && b < moreIds.size() && ids[a] == moreIds[b];
+    const float* row = takeA ? grads.data() + a * d : moreGrads.data() + b * d;
+    outIds.push_back(takeA ? ids[a] : moreIds[b]);
+    out.insert(out.end(), row, row + d);
+    if (both)
+      for (size_t c = 0; c < d; ++c) out[out.size() - d + c] += moreGrads[b * d + c];
+    a += takeA ? 1 : 0;
+    b += !takeA || both ? 1 : 0;
+  }
+  ids = std::move(outIds);
+  grads = std::move(out);
+}
+
 const char* sparseOptimizerName(SparseOptimizerType type) {
   switch (type) {
     case SparseOptimizerType::kSgd: return "sgd";

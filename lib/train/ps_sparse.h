@@ -53,6 +53,12 @@ UniqueIds dedupIds(std::span<const int64_t> ids, int64_t rows);
 // Sums the per-occurrence gradient rows (occurrences x dim) into one row per unique id (ids.size() x dim).
 std::vector<float> coalesceRowGrads(const UniqueIds& unique, std::span<const float> occurrenceGrads, int dim);
 
+// Adds one coalesced row gradient (`moreIds` distinct and ascending, moreGrads moreIds.size() x dim) into a running
+// sum (`ids` distinct and ascending, grads ids.size() x dim), keeping it sorted: the rows of both, a row in both
+// summed. The micro-batches of a step with grad_accum > 1 are summed so (torch's sparse gradient accumulation).
+void accumulateRowGrads(std::vector<int64_t>& ids, std::vector<float>& grads, std::span<const int64_t> moreIds,
+                        std::span<const float> moreGrads, int dim);
+
 enum class SparseOptimizerType { kSgd, kAdagrad, kAdam };
 const char* sparseOptimizerName(SparseOptimizerType type);
 

@@ -1,5 +1,7 @@
 #include "lib/train/ps_strategy.h"
 
+#include <sys/resource.h>
+
 #include <cstring>
 
 #include <fmt/format.h>
@@ -259,9 +261,11 @@ void runPsServer(const Job& job, int serverRank, int workers, rendezvous::Store&
             s.mode, workers);
   server.serve();
   const ps::ServerStats st = server.stats();
-  log::info("parameter server {} done: {} pushes, {} updates, {} refused, {:.1f} MB in, {:.1f} MB out", serverRank,
-            st.pushes, st.updates, st.errors, static_cast<double>(st.bytesIn) / 1e6,
-            static_cast<double>(st.bytesOut) / 1e6);
+  struct rusage ru {};
+  ::getrusage(RUSAGE_SELF, &ru);
+  log::info("parameter server {} done: {} pushes, {} updates, {} refused, {:.1f} MB in, {:.1f} MB out, peak RSS {:.1f} "
+            "MiB", serverRank, st.pushes, st.updates, st.errors, static_cast<double>(st.bytesIn) / 1e6,
+            static_cast<double>(st.bytesOut) / 1e6, static_cast<double>(ru.ru_maxrss) / 1024.0);
 }
 
 }  // namespace dtrain::train

@@ -2,9 +2,11 @@
 
 #include <algorithm>
 #include <cstring>
+#include <regex>
 
 #include <fmt/format.h>
 
+#include "lib/ckpt/checkpoint.h"
 #include "lib/common/error.h"
 
 namespace dtrain::train {
@@ -17,6 +19,7 @@ std::vector<ps::SparseTableOptions> sparseTableOptions(const Job& job) {
     t.rows = l.vocab;
     t.dim = static_cast<int>(l.output.back());
     t.initStd = l.initStd > 0 ? l.initStd : 1.0;
+    t.name = fmt::format("{}.wte.weight", l.paramPrefix());  // as nn::Model::sparseTables() names it
     // One stream per table, fixed by the job's seed (splitmix64's increment keeps neighbouring layers apart).
     t.seed = job.loop.seed + 0x9E3779B97F4A7C15ULL * static_cast<uint64_t>(l.index + 1);
     t.optimizer = ps::sparseOptimizerFor(
@@ -35,6 +38,43 @@ std::vector<std::string> sparseStateNames(ps::SparseOptimizerType type) {
   return {};
 }
 
+// --- SparseTables ---
+
+void SparseTables::beginStep(int64_t step, double lr) {
+  for (Pending& p : pending_) p = Pending{};
+  lastMicro_ = true;
+  startStep(step, lr);
+}
+
+void SparseTables::push(int table, std::vector<int64_t> ids, std::vector<float> grads) {
+  Pending& p = pending_.at(static_cast<size_t>(table));
+  if (!p.ids.empty()) {  // earlier micro-batches of this step: add them in
+    ps::accumulateRowGrads(p.ids, p.grads, ids, grads, tables_[static_cast<size_t>(table)].dim);
+    ids = std::move(p.ids);
+    grads = std::move(p.grads);
+    p.ids.clear();
+    p.grads.clear();
+  }
+  if (!lastMicro_) {
+    p.ids = std::move(ids);
+    p.grads = std::move(grads);
+    return;
+  }
+  p.pushed = true;
+  pushRows(table, std::move(ids), std::move(grads));
+}
+
+void SparseTables::flushStep() {
+  for (size_t t = 0; t < pending_.size(); ++t) {
+    Pending& p = pending_[t];
+    if (p.pushed) continue;
+    p.pushed = true;
+    pushRows(static_cast<int>(t), std::move(p.ids), std::move(p.grads));
+    p.ids.clear();
+    p.grads.clear();
+  }
+}
+
 // --- LocalSparseTables ---
 
 LocalSparseTables::LocalSparseTables(std::vector<ps::SparseTableOptions> tables) : SparseTables(std::move(tables)) {
@@ -47,7 +87,7 @@ void LocalSparseTables::pull(int table, std::span<const int64_t> ids, std::span<
   shards_.at(static_cast<size_t>(table))->pull(ids, out);
 }
 
-void LocalSparseTables::push(int table, std::vector<int64_t> ids, std::vector<float> grads) {
+void LocalSparseTables::pushRows(int table, std::vector<int64_t> ids, std::vector<float> grads) {
   shards_.at(static_cast<size_t>(table))->apply(ids, grads, lr_);
 }
 
@@ -75,11 +115,40 @@ void LocalSparseTables::writeTable(int table, int64_t, const SparseTableState& s
   s.setSteps(state.steps);
 }
 
+std::vector<HeldTable> LocalSparseTables::held() const {
+  std::vector<HeldTable> out;
+  for (size_t i = 0; i < shards_.size(); ++i)
+    out.push_back({tables_[i].name.empty() ? fmt::format("sparse{}", i) : tables_[i].name, tables_[i].rows,
+                   shards_[i].get()});
+  return out;
+}
+
+std::vector<std::string> LocalSparseTables::saveShards(const std::filesystem::path& root, int64_t step,
+                                                       const std::string& token) {
+  const auto tables = held();
+  const ckpt::PieceFile file = heldPieces(tables, 0, 1, /*withState=*/true);
+  ckpt::CheckpointWriter writer(root, step, token);
+  writer.writeTensors(sparseShardName(0, 1), file.tensors, file.metadata);
+  return {sparseShardName(0, 1)};
+}
+
+int LocalSparseTables::exportShards(const std::filesystem::path& dir) {
+  const auto tables = held();
+  const ckpt::PieceFile file = heldPieces(tables, 0, 1, /*withState=*/false);
+  ckpt::writeSafetensorsFile(dir / modelShardName(0, 1), file.tensors, file.metadata);
+  return 1;
+}
+
+void LocalSparseTables::loadShards(const std::vector<std::filesystem::path>& files, bool withState, int64_t) {
+  const auto tables = held();
+  loadHeldRows(files, tables, withState);
+}
+
 // --- PsSparseTables ---
 
 PsSparseTables::PsSparseTables(std::vector<ps::SparseTableOptions> tables, ps::Client& client, int servers,
                                int64_t startStep)
-    : SparseTables(std::move(tables)), client_(client), step_(startStep) {
+    : SparseTables(std::move(tables)), client_(client), servers_(servers), step_(startStep) {
   for (const auto& t : tables_) plans_.push_back(ps::planRowRanges(t.rows, servers));
 }
 
@@ -104,7 +173,7 @@ void PsSparseTables::pull(int table, std::span<const int64_t> ids, std::span<flo
   client_.wait();
 }
 
-void PsSparseTables::push(int table, std::vector<int64_t> ids, std::vector<float> grads) {
+void PsSparseTables::pushRows(int table, std::vector<int64_t> ids, std::vector<float> grads) {
   const auto dim = static_cast<size_t>(tables_.at(static_cast<size_t>(table)).dim);
   const std::vector<size_t> at = runs(table, ids);
   for (size_t s = 0; s + 1 < at.size(); ++s)
@@ -165,6 +234,58 @@ void PsSparseTables::writeTable(int table, int64_t step, const SparseTableState&
       client_.sparseInit(static_cast<uint32_t>(table), r.server, step, first, rows, state.steps, floats);
     }
   }
+}
+
+}  // namespace dtrain::train
+
+namespace dtrain::train {
+
+std::vector<std::string> PsSparseTables::saveShards(const std::filesystem::path& root, int64_t step,
+                                                    const std::string& token) {
+  // The servers may run elsewhere (a shared file system, as for every rank's files): an absolute path.
+  client_.sparseSave(false, std::filesystem::absolute(root).string(), step, token);
+  std::vector<std::string> names;
+  for (int s = 0; s < servers_; ++s) names.push_back(sparseShardName(s, servers_));
+  return names;
+}
+
+int PsSparseTables::exportShards(const std::filesystem::path& dir) {
+  client_.sparseSave(true, std::filesystem::absolute(dir).string(), 0, "");
+  return servers_;
+}
+
+void exportSparseModel(SparseTables& tables, const nn::Model& model, const std::filesystem::path& dir) {
+  namespace fs = std::filesystem;
+  const int holders = tables.exportShards(dir);
+  std::vector<std::string> dense;
+  for (const auto& p : model.paramTable()) dense.push_back(p.name);
+  std::vector<IndexedTable> indexed;
+  for (const nn::SparseTableInfo& t : model.sparseTables()) indexed.push_back({t.name, t.rows, t.dim});
+  uint64_t total = fs::file_size(dir / "model.safetensors");
+  std::vector<std::string> shards;
+  for (int k = 0; k < holders; ++k) {
+    shards.push_back(modelShardName(k, holders));
+    total += fs::file_size(dir / shards.back());
+  }
+  const nlohmann::json index = modelIndex(dense, indexed, holders, total);
+  const fs::path tmp = dir / (std::string(kModelIndexFile) + ".tmp");
+  ckpt::writeFileDurably(tmp, index.dump(2) + "\n");
+  fs::rename(tmp, dir / kModelIndexFile);
+  // Shards of an earlier export with another server count would read as part of this model: remove them.
+  static const std::regex shard(R"(model-\d{5,}-of-\d{5,}\.safetensors)");
+  for (const auto& e : fs::directory_iterator(dir)) {
+    const std::string name = e.path().filename().string();
+    if (std::regex_match(name, shard) && std::find(shards.begin(), shards.end(), name) == shards.end()) {
+      std::error_code ec;
+      fs::remove(e.path(), ec);
+    }
+  }
+}
+
+void PsSparseTables::loadShards(const std::vector<std::filesystem::path>& files, bool withState, int64_t step) {
+  std::vector<std::string> paths;
+  for (const auto& f : files) paths.push_back(std::filesystem::absolute(f).string());
+  client_.sparseLoad(paths, withState, step);
 }
 
 }  // namespace dtrain::train

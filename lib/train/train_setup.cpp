@@ -127,8 +127,10 @@ void TrainLoop::setUp() {
                                 static_cast<size_t>(batch * labels) * sizeof(float), device_);
   }
   if (!job_.initFrom.empty()) {
-    if (pipeline_ != nullptr || tensorParallel_) loadWeightsByName(job_.initFrom, *model_);  // its own parts
-    else loadWeights(job_.initFrom, *model_);
+    // An exported model with sparse tables: the dense parameters are in model.safetensors beside its index.
+    const auto weights = denseWeightsFile(job_.initFrom);
+    if (pipeline_ != nullptr || tensorParallel_) loadWeightsByName(weights, *model_);  // its own parts
+    else loadWeights(weights, *model_);
   }
   // DGC's momentum correction: the compression hook applies the momentum, the optimizer only the step.
   nn::OptimizerSpec optimizerSpec = job_.optimizer;
@@ -224,9 +226,13 @@ void TrainLoop::setUpSparseTables() {
   }
   model_->bindSparseRows(sparse_);
   checkpointer_->setSparseTables(sparse_, tables);
-  if (!resumed_) return;
-  // Worker 0 restores the servers' rows (as it initialises the dense partitions); nobody pulls a row before.
-  if (worker_.rank == 0) checkpointer_->loadSparseTables(*resumed_);
+  if (!resumed_ && job_.initFrom.empty()) return;
+  // Worker 0 has the servers read their rows (as it initialises the dense partitions) from the checkpoint, or from
+  // init.from's model shards (values only, fresh optimizer state); nobody pulls a row before.
+  if (worker_.rank == 0) {
+    if (resumed_) checkpointer_->loadSparseTables(*resumed_);
+    else sparse_->loadShards(sparseWeightFiles(job_.initFrom), /*withState=*/false, 0);
+  }
   strategy_->barrier();
 }
 

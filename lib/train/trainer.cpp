@@ -206,6 +206,7 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
       // micro-batches accumulated) still take part in the step's all-reduce, layer by layer as backward would hand
       // them over. Every stage of a pipeline replica reads the same (empty) batch, so they all skip together.
       if (micro == 0) nn::zeroFloats(grads.data(), grads.size(), device_);
+      if (lastMicro && sparse_ != nullptr) sparse_->flushStep();  // the earlier micro-batches' rows, or none
       if (lastMicro)
         if (const nn::LayerGradReady hook = strategy_->gradReadyHook())
           for (int k = model_->numLayers() - 1; k >= 0; --k)
@@ -235,6 +236,8 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
     result_.samples += b.size * strategy_->groups().dataSize;  // every micro-batch of the step (grad_accum > 1 has several)
     callbacks_.batch(b);
     const nn::LayerGradReady hook = lastMicro ? strategy_->gradReadyHook() : nn::LayerGradReady{};
+    // Sparse tables sum the row gradients of a step's micro-batches and push once, with the last.
+    if (sparse_ != nullptr) sparse_->setLastMicroBatch(lastMicro);
     // A non-finite loss on this rank puts a NaN into every layer's gradient slice before that slice is handed to
     // the all-reduce, so the reduced gradients are non-finite on every rank: all ranks see the same thing below
     // and stop (or skip) at the same step without another collective per step.
@@ -360,15 +363,10 @@ void TrainLoop::finish() {
     if (g.coords.data == 0) exportTensorParallel(*model_, *g.tensor, leader, job_.outputDir / "model.safetensors");
   } else if (leader && !result_.stoppedBySignal) {
     std::filesystem::create_directories(job_.outputDir);
-    // Sparse tables go in too, fetched from their holder, as torch's state_dict() holds an nn.Embedding(sparse=True).
-    std::vector<SparseTableState> tables;
-    std::vector<ckpt::NamedTensor> extra;
-    if (sparse_ != nullptr)
-      for (const nn::SparseTableInfo& t : model_->sparseTables()) {
-        tables.push_back(sparse_->readTable(t.table));
-        extra.push_back({t.name, TensorView::of(tables.back().values.data(), Shape{t.rows, t.dim})});
-      }
-    saveWeights(job_.outputDir / "model.safetensors", *model_, extra);
+    saveWeights(job_.outputDir / "model.safetensors", *model_);
+    // Sparse tables: their holders (the servers) write their rows as model-<k>-of-<S>.safetensors beside it, listed
+    // in model.safetensors.index.json (sparse_shards.h); no process holds a whole table.
+    if (sparse_ != nullptr) exportSparseModel(*sparse_, *model_, job_.outputDir);
   }
   strategy_->finishRun();
   result_.wallSec = secondsSince(start_);

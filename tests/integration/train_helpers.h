@@ -5,6 +5,8 @@
 #include <nlohmann/json.hpp>
 
 #include <cstring>
+#include <filesystem>
+#include <stdexcept>
 #include <map>
 #include <sstream>
 #include <string>
@@ -59,6 +61,32 @@ inline std::map<std::string, std::vector<float>> readTensorsF32(const std::strin
     std::vector<float> v(bytes.size() / sizeof(float));
     std::memcpy(v.data(), bytes.data(), v.size() * sizeof(float));
     out[name] = std::move(v);
+  }
+  return out;
+}
+
+// An exported model (docs/checkpoints.md "Sparse tables"): model.safetensors, and each sparse table assembled from
+// the row shards model.safetensors.index.json lists (the pieces in row order, each checked to start where the last
+// ended and to cover the table).
+inline std::map<std::string, std::vector<float>> readExportedModel(const std::string& dir) {
+  auto out = readTensorsF32(dir + "/model.safetensors");
+  if (!std::filesystem::exists(dir + "/model.safetensors.index.json")) return out;
+  const auto index = nlohmann::json::parse(readFile(dir + "/model.safetensors.index.json"));
+  for (const auto& [name, file] : index.at("weight_map").items())
+    if (!out.count(name)) throw std::runtime_error("index names " + name + " in " + file.dump() + ", not found");
+  for (const auto& [name, t] : index.at("row_shards").items()) {
+    const int64_t rows = t.at("shape")[0].get<int64_t>(), dim = t.at("shape")[1].get<int64_t>();
+    std::vector<float> table;
+    for (const auto& f : t.at("files")) {
+      if (f.at("start").get<int64_t>() * dim != static_cast<int64_t>(table.size()))
+        throw std::runtime_error("row shards of " + name + " out of order");
+      auto piece = readTensorsF32(dir + "/" + f.at("file").get<std::string>()).at(name);
+      if (static_cast<int64_t>(piece.size()) != f.at("rows").get<int64_t>() * dim)
+        throw std::runtime_error("row shard of " + name + " has the wrong size");
+      table.insert(table.end(), piece.begin(), piece.end());
+    }
+    if (static_cast<int64_t>(table.size()) != rows * dim) throw std::runtime_error("row shards do not cover " + name);
+    out[name] = std::move(table);
   }
   return out;
 }

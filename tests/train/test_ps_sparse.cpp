@@ -456,3 +456,37 @@ TEST_CASE("the job's adagrad maps to sparse Adagrad with its lr, eps, lr_decay a
   job.weightDecay = 0.1;
   CHECK_THROWS_AS(sparseOptimizerFor(job, false, "job.json"), ConfigError);
 }
+
+TEST_CASE("grad_accum: micro-batches' row gradients are summed by row and pushed once, with the step's last") {
+  std::vector<int64_t> ids{2, 7};
+  std::vector<float> g{1, 1, 1, 2, 2, 2};
+  const std::vector<int64_t> more{0, 7, 9};
+  const std::vector<float> mg{5, 5, 5, 10, 10, 10, 3, 3, 3};
+  accumulateRowGrads(ids, g, more, mg, 3);
+  CHECK(ids == std::vector<int64_t>{0, 2, 7, 9});
+  CHECK(g == std::vector<float>{5, 5, 5, 1, 1, 1, 12, 12, 12, 3, 3, 3});
+  // Through the tables: two micro-batches equal one push of their sum (SGD: p -= lr * g).
+  nn::OptimizerSpec sgd;
+  sgd.lr = 0.5;
+  const SparseTableOptions t{.rows = kRows, .dim = kDim, .optimizer = sparseOptimizerFor(sgd, false, "j"), .seed = 7};
+  train::LocalSparseTables accumulated({t}), once({t});
+  accumulated.beginStep(0, 0.5);
+  accumulated.setLastMicroBatch(false);
+  accumulated.push(0, {2, 7}, {1, 1, 1, 2, 2, 2});
+  CHECK(accumulated.readTable(0).steps == 0);  // nothing applied before the step's last micro-batch
+  accumulated.setLastMicroBatch(true);
+  accumulated.push(0, {0, 7, 9}, {5, 5, 5, 10, 10, 10, 3, 3, 3});
+  once.beginStep(0, 0.5);
+  once.push(0, ids, g);
+  CHECK(accumulated.readTable(0).steps == 1);
+  CHECK(accumulated.readTable(0).values == once.readTable(0).values);
+  // An empty last micro-batch: flushStep() pushes what the earlier ones summed.
+  accumulated.beginStep(1, 0.5);
+  once.beginStep(1, 0.5);
+  accumulated.setLastMicroBatch(false);
+  accumulated.push(0, {4}, {1, 2, 3});
+  accumulated.flushStep();
+  once.push(0, {4}, {1, 2, 3});
+  CHECK(accumulated.readTable(0).values == once.readTable(0).values);
+  CHECK(accumulated.readTable(0).steps == 2);
+}

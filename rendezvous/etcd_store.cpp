@@ -9,6 +9,7 @@
 
 #include <fcntl.h>
 
+#include <algorithm>
 #include <thread>
 
 #include "lib/common/clock.h"
@@ -242,7 +243,9 @@ std::string EtcdStore::call(const std::string& path, const std::string& body, co
     try {
       auto t = std::max(Millis(1), std::min(options_.requestTimeout, deadline.remaining()));
       if (!http_) http_ = std::make_unique<Http>(ep, t);
-      return http_->exchange(path, body, t);
+      auto answer = http_->exchange(path, body, t);
+      requests_.fetch_add(1, std::memory_order_relaxed);
+      return answer;
     } catch (const EndpointFailure& e) {
       last = e.what();
       http_.reset();
@@ -272,14 +275,22 @@ std::optional<EtcdStore::Kv> EtcdStore::range(const std::string& fullKey, const 
 int64_t EtcdStore::leaseFor(const std::string& fullKey, const Deadline& deadline) {
   if (fullKey.find("/hb/") == std::string::npos || options_.leaseTtlSeconds <= 0) return 0;
   std::lock_guard<std::mutex> lock(leaseMu_);
+  // A lease renewed less than a third of its TTL ago cannot have expired: no keepalive (a request) for it, so a
+  // heartbeat is one request, not two.
+  const auto now = Clock::now();
+  if (lease_ != 0 && now - leaseRenewed_ < std::chrono::seconds(options_.leaseTtlSeconds) / 3) return lease_;
   if (lease_ != 0) {
     auto res = json::parse(call("/v3/lease/keepalive", json{{"ID", std::to_string(lease_)}}.dump(), deadline));
     // keepalive answers {"result": {"TTL": ...}}; a TTL of 0 (or none) means the lease expired: grant another.
     auto result = res.value("result", json::object());
-    if (int64Field(result, "TTL") > 0) return lease_;
+    if (int64Field(result, "TTL") > 0) {
+      leaseRenewed_ = now;
+      return lease_;
+    }
   }
   auto res = json::parse(call("/v3/lease/grant", json{{"TTL", std::to_string(options_.leaseTtlSeconds)}}.dump(), deadline));
   lease_ = int64Field(res, "ID");
+  leaseRenewed_ = now;
   return lease_;
 }
 
@@ -453,6 +464,105 @@ void EtcdStore::append(std::string_view key, std::string_view value) {
     if (json::parse(call("/v3/kv/txn", txn.dump(), deadline)).value("succeeded", false)) return;
     if (deadline.expired()) DTRAIN_THROW(TimeoutError, "etcd store at {}: append('{}') kept conflicting", address(), key);
   }
+}
+
+// Runs of set/tryGet/remove go out as one txn without compares (its success branch holds the operations, in
+// order, and always runs), cut at kEtcdTxnOps operations, at ~1 MiB (etcd refuses requests over 1.5 MiB by
+// default) and before a key the txn already names (etcd refuses a txn that writes one key twice). A get is the
+// txn's last operation and, when its key is missing, then blocks like get() before anything after it runs; add,
+// compareSet and append are their own requests (they read, then write under a compare). The first failure is
+// thrown, and the ops after it are not run.
+std::vector<StoreResult> EtcdStore::batch(const std::vector<StoreOp>& ops) {
+  using Kind = StoreOp::Kind;
+  for (const auto& op : ops) {
+    checkKey(op.key);
+    checkValue(op.value);
+  }
+  std::vector<StoreResult> results(ops.size());
+  Deadline deadline(timeout_);
+  json txn = json::array();
+  std::vector<size_t> inTxn;       // op index of each txn operation
+  std::vector<std::string> named;  // full keys the txn names
+  size_t txnBytes = 0;
+  auto flush = [&] {
+    if (inTxn.empty()) return;
+    auto res = json::parse(call("/v3/kv/txn", json{{"success", txn}}.dump(), deadline));
+    auto responses = res.value("responses", json::array());
+    for (size_t j = 0; j < inTxn.size(); ++j) {
+      const auto& op = ops[inTxn[j]];
+      auto& r = results[inTxn[j]];
+      const json one = j < responses.size() ? responses[j] : json::object();
+      if (op.kind == Kind::kTryGet || op.kind == Kind::kGet) {
+        auto kvs = one.value("response_range", json::object()).value("kvs", json::array());
+        if (!kvs.empty()) r.value = unb64(kvs.front().value("value", ""));
+      } else if (op.kind == Kind::kRemove) {
+        r.number = int64Field(one.value("response_delete_range", json::object()), "deleted") > 0 ? 1 : 0;
+      }
+    }
+    txn = json::array();
+    inTxn.clear();
+    named.clear();
+    txnBytes = 0;
+  };
+  for (size_t i = 0; i < ops.size(); ++i) {
+    const auto& op = ops[i];
+    auto& r = results[i];
+    const auto fk = full(op.key);
+    if (op.kind == Kind::kAdd || op.kind == Kind::kCompareSet || op.kind == Kind::kAppend) {
+      flush();
+      if (op.kind == Kind::kAdd) r.number = add(op.key, op.delta);
+      else if (op.kind == Kind::kCompareSet) r.value = compareSet(op.key, op.expected, op.value);
+      else append(op.key, op.value);
+      continue;
+    }
+    const size_t bytes = fk.size() + op.value.size() * 4 / 3 + 64;
+    if (inTxn.size() >= kEtcdTxnOps || (txnBytes + bytes > (1u << 20) && !inTxn.empty()) ||
+        std::find(named.begin(), named.end(), fk) != named.end())
+      flush();
+    const auto k = b64(fk);
+    if (op.kind == Kind::kSet) {
+      json put{{"key", k}, {"value", b64(op.value)}};
+      if (auto lease = leaseFor(fk, deadline)) put["lease"] = std::to_string(lease);
+      txn.push_back({{"request_put", put}});
+    } else if (op.kind == Kind::kRemove) {
+      txn.push_back({{"request_delete_range", {{"key", k}}}});
+    } else {
+      txn.push_back({{"request_range", {{"key", k}}}});
+    }
+    inTxn.push_back(i);
+    named.push_back(fk);
+    txnBytes += bytes;
+    if (op.kind == Kind::kGet) {
+      flush();
+      if (!r.value) {
+        try {
+          r.value = get(op.key, op.timeout);  // blocks (a watch) until the key exists
+        } catch (const TimeoutError&) {
+          r.value.reset();  // a timed-out get is a result in a batch
+        }
+      }
+    }
+  }
+  flush();
+  return results;
+}
+
+void EtcdStore::multiSet(const std::vector<std::pair<std::string, std::string>>& entries) {
+  std::vector<StoreOp> ops;
+  ops.reserve(entries.size());
+  for (const auto& [key, value] : entries) ops.push_back(StoreOp::set(key, value));
+  batch(ops);
+}
+
+std::vector<std::optional<std::string>> EtcdStore::multiGet(const std::vector<std::string>& keys) {
+  std::vector<StoreOp> ops;
+  ops.reserve(keys.size());
+  for (const auto& key : keys) ops.push_back(StoreOp::tryGet(key));
+  auto results = batch(ops);
+  std::vector<std::optional<std::string>> values;
+  values.reserve(results.size());
+  for (auto& r : results) values.push_back(std::move(r.value));
+  return values;
 }
 
 std::shared_ptr<Store> EtcdStore::clone() {

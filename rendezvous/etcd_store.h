@@ -15,7 +15,7 @@
 // /dtrain/<run>/ itself).
 //
 // Heartbeats (leases): a key whose name contains "/hb/" (Rendezvous's heartbeat counters) is written with
-// this client's lease (granted on first use with leaseTtl, kept alive by every such write), so a dead agent's
+// this client's lease (granted on first use with leaseTtl, kept alive by such writes, at most every TTL/3), so a dead agent's
 // heartbeat key disappears from etcd by itself; liveness is still judged by the counter, as with any store.
 //
 // Failover: `endpoints` are tried in order; a connection error, an I/O timeout or an HTTP 5xx/408/409/429 answer
@@ -29,6 +29,7 @@
 // their own connection each; clone() gives an independent client.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <memory>
@@ -72,12 +73,20 @@ class EtcdStore : public Store {
   bool remove(std::string_view key) override;
   int64_t numKeys() override;
   void append(std::string_view key, std::string_view value) override;
+  // One txn per kEtcdTxnOps keys (see batch).
+  void multiSet(const std::vector<std::pair<std::string, std::string>>& entries) override;
+  std::vector<std::optional<std::string>> multiGet(const std::vector<std::string>& keys) override;
+  // Runs of set/tryGet/remove (and a get, as a txn's last operation) are one /v3/kv/txn each, of at most
+  // kEtcdTxnOps operations; add/compareSet/append are their own requests. Stops at the first failure.
+  std::vector<StoreResult> batch(const std::vector<StoreOp>& ops) override;
   std::shared_ptr<Store> clone() override;
 
   // "etcd://h1:2379,h2:2379" (what DTRAIN_STORE carries to workers).
   std::string address() const;
   // The endpoint the last successful request went to (for tests and messages).
   std::string currentEndpoint() const;
+  // HTTP requests answered so far (watches excluded): what a batch saves is visible here.
+  uint64_t requests() const { return requests_.load(std::memory_order_relaxed); }
 
   class Http;
 
@@ -96,8 +105,10 @@ class EtcdStore : public Store {
   mutable std::mutex mu_;
   std::unique_ptr<Http> http_;  // the keep-alive connection (guarded by mu_)
   size_t current_ = 0;          // index of the endpoint in use (guarded by mu_)
+  std::atomic<uint64_t> requests_{0};
   std::mutex leaseMu_;
   int64_t lease_ = 0;           // heartbeat lease id; 0 before the first heartbeat key (guarded by leaseMu_)
+  Clock::time_point leaseRenewed_{};  // when lease_ was granted or last kept alive (guarded by leaseMu_)
 };
 
 }  // namespace dtrain::rendezvous

@@ -34,6 +34,11 @@ void PrefixStore::multiSet(const std::vector<std::pair<std::string, std::string>
 std::vector<std::optional<std::string>> PrefixStore::multiGet(const std::vector<std::string>& keys) {
   return base_->multiGet(ks(keys));
 }
+std::vector<StoreResult> PrefixStore::batch(const std::vector<StoreOp>& ops) {
+  std::vector<StoreOp> prefixed = ops;
+  for (auto& op : prefixed) op.key = k(op.key);
+  return base_->batch(prefixed);
+}
 std::shared_ptr<Store> PrefixStore::clone() {
   auto copy = std::make_shared<PrefixStore>(prefix_, base_->clone());
   copy->setTimeout(timeout_);

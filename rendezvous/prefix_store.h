@@ -24,6 +24,7 @@ class PrefixStore : public Store {
   void append(std::string_view key, std::string_view value) override;
   void multiSet(const std::vector<std::pair<std::string, std::string>>& entries) override;
   std::vector<std::optional<std::string>> multiGet(const std::vector<std::string>& keys) override;
+  std::vector<StoreResult> batch(const std::vector<StoreOp>& ops) override;
   std::shared_ptr<Store> clone() override;
 
   const std::string& prefix() const { return prefix_; }

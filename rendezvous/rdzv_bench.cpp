@@ -27,10 +27,11 @@ namespace dtrain::rendezvous {
 namespace {
 
 struct AgentResult {
-  std::vector<uint64_t> beatNs, readNs;
+  std::vector<uint64_t> beatNs;
   double joinMs = 0;
   Clock::time_point joined;
   int worldSize = 0;
+  uint64_t joinRoundTrips = 0, beatRoundTrips = 0;
   std::exception_ptr error;
 };
 
@@ -131,8 +132,11 @@ RdzvBenchResult runRdzvBenchmark(const RdzvBenchOptions& options) {
     threads.emplace_back([&, i] {
       auto& r = results[i];
       StorePtr store;
+      TcpStoreClient* client = nullptr;  // counts the round trips
+      auto trips = [&] { return client ? client->roundTrips() : 0; };
       try {
         store = connectStore(result.address, options.connectTimeout);
+        client = dynamic_cast<TcpStoreClient*>(store.get());
         store->setTimeout(options.joinTimeout);
       } catch (...) {
         r.error = std::current_exception();
@@ -156,8 +160,10 @@ RdzvBenchResult runRdzvBenchmark(const RdzvBenchOptions& options) {
           self.masterPort = static_cast<uint16_t>(30000 + i % 1000);
           rdzv.emplace(std::make_shared<PrefixStore>(runPrefix(runId), store), ro, self);
           auto t0 = Clock::now();
+          const auto tripsBefore = trips();
           info = rdzv->join();
           r.joined = Clock::now();
+          r.joinRoundTrips = trips() - tripsBefore;
           r.joinMs = std::chrono::duration<double, std::milli>(r.joined - t0).count();
           r.worldSize = info->worldSize;
         } catch (...) {
@@ -171,17 +177,15 @@ RdzvBenchResult runRdzvBenchmark(const RdzvBenchOptions& options) {
         // Spread this agent's beats over the interval, as independent agents' timers are.
         auto next = beatStart + options.interval * static_cast<int64_t>(i) / static_cast<int64_t>(n);
         r.beatNs.reserve(static_cast<size_t>(options.beats));
-        r.readNs.reserve(static_cast<size_t>(options.beats));
+        const auto tripsBefore = trips();
         for (int b = 0; b < options.beats && !failed; ++b) {
           std::this_thread::sleep_until(next);
           next += options.interval;
           auto t0 = Clock::now();
-          rdzv->heartbeat(*info);
+          rdzv->beat(*info, std::chrono::hours(1));  // our counter and the watched ones: what an agent does
           r.beatNs.push_back(nanosSince(t0));
-          auto t1 = Clock::now();
-          rdzv->silentMembers(*info, std::chrono::hours(1));
-          r.readNs.push_back(nanosSince(t1));
         }
+        r.beatRoundTrips = trips() - tripsBefore;
       } catch (...) {
         r.error = std::current_exception();
         failed = true;
@@ -199,12 +203,19 @@ RdzvBenchResult runRdzvBenchmark(const RdzvBenchOptions& options) {
 
   Clock::time_point lastJoin = joinStart;
   std::vector<double> joins;
-  std::vector<uint64_t> beats, reads;
+  std::vector<uint64_t> beats;
+  uint64_t joinTrips = 0, beatTrips = 0;
   for (auto& r : results) {
     lastJoin = std::max(lastJoin, r.joined);
     joins.push_back(r.joinMs);
     beats.insert(beats.end(), r.beatNs.begin(), r.beatNs.end());
-    reads.insert(reads.end(), r.readNs.begin(), r.readNs.end());
+    joinTrips += r.joinRoundTrips;
+    beatTrips += r.beatRoundTrips;
+  }
+  if (joinTrips > 0) {
+    result.joinRoundTripsPerAgent = static_cast<double>(joinTrips) / static_cast<double>(n);
+    if (options.beats > 0)
+      result.beatRoundTripsPerAgent = static_cast<double>(beatTrips) / static_cast<double>(n) / options.beats;
   }
   result.formSeconds = std::chrono::duration<double>(lastJoin - joinStart).count();
   result.formCpuSeconds = cpuAtFormed - cpuAtJoin;
@@ -216,9 +227,9 @@ RdzvBenchResult runRdzvBenchmark(const RdzvBenchOptions& options) {
   result.joinMaxMs = joins.empty() ? 0 : joins.back();
   result.beatSeconds = std::chrono::duration<double>(options.interval).count() * options.beats;
   result.heartbeat = summarizeLatencies(beats, std::max(result.beatSeconds, 1e-9));
-  result.membership = summarizeLatencies(reads, std::max(result.beatSeconds, 1e-9));
   if (server) {
     result.storeRequests = server->stats().requests;
+    result.storeReplyWrites = server->stats().replyWrites;
     double after = threadCpuSeconds("dtrain-store");
     // The io thread may not have named itself yet when the run started: it had used ~no CPU then.
     if (after >= 0) result.storeCpuSeconds = after - std::max(cpuBefore, 0.0);

@@ -3,16 +3,12 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
-#include <charconv>
-#include <cstdio>
-#include <climits>
-#include <iterator>
-#include <numeric>
 
 #include "lib/common/clock.h"
 #include "lib/common/error.h"
 #include "lib/common/log.h"
 #include "lib/common/parse.h"
+#include "rendezvous/round_layout.h"
 
 namespace dtrain::rendezvous {
 
@@ -32,19 +28,7 @@ constexpr Millis kEndedPoll{1000};
 // How long members wait for the last joiner to publish the round's layout before computing it themselves.
 constexpr Millis kLayoutWait{10000};
 
-// Large rounds: the kRingWatch node ranks after `nodeRank`, modulo numNodes.
-std::vector<int> ringWatched(int nodeRank, int numNodes) {
-  std::vector<int> watched;
-  for (int k = 1; k <= kRingWatch && k < numNodes; ++k) watched.push_back((nodeRank + k) % numNodes);
-  return watched;
-}
-
-// One node of a parsed layout, by node rank.
-struct Placed {
-  int joinIndex = 0;
-  int rankOffset = 0;
-  int nproc = 0;
-};
+using layout::ringWatched;
 
 }  // namespace
 
@@ -116,33 +100,36 @@ RoundEvent RoundEvent::fromJson(const std::string& text) {
 Rendezvous::Rendezvous(StorePtr store, RendezvousOptions options, NodeInfo self)
     : store_(std::move(store)), options_(std::move(options)), self_(std::move(self)) {}
 
-int Rendezvous::currentRound() {
-  auto v = store_->compareSet("round", "", "0");
-  auto r = parse::toInt(v);
-  DTRAIN_CHECK_AS(ProtocolError, r.has_value(), "rendezvous: malformed round counter '{}'", v);
+int Rendezvous::currentRound() { return parseRound(store_->compareSet("round", "", "0")); }
+
+int Rendezvous::parseRound(const std::string& value) {
+  auto r = parse::toInt(value);
+  DTRAIN_CHECK_AS(ProtocolError, r.has_value(), "rendezvous: malformed round counter '{}'", value);
   return static_cast<int>(*r);
 }
 
 RoundInfo Rendezvous::join() {
   Deadline deadline(options_.joinTimeout);
-  if (!options_.jobFingerprint.empty()) {
-    auto first = store_->compareSet("job", "", options_.jobFingerprint);
+  // One round trip: the job's fingerprint, whether the run id already ended, and the current round.
+  std::vector<StoreOp> ops;
+  const bool fingerprinted = !options_.jobFingerprint.empty();
+  if (fingerprinted) ops.push_back(StoreOp::compareSet("job", "", options_.jobFingerprint));
+  ops.push_back(StoreOp::tryGet("ended"));
+  ops.push_back(StoreOp::compareSet("round", "", "0"));
+  auto first = store_->batch(ops);
+  if (fingerprinted) {
+    const std::string& job = first[0].value.value_or("");
     auto idOf = [](std::string_view fp) { return fp.substr(0, fp.find(' ')); };
-    if (idOf(first) != idOf(options_.jobFingerprint))
+    if (idOf(job) != idOf(options_.jobFingerprint))
       DTRAIN_THROW(RendezvousError,
                    "rendezvous at {}: another job already uses this run id on this store (job {}); this is job {}. "
                    "Give each job its own --rdzv-id",
-                   options_.endpoint, first, options_.jobFingerprint);
+                   options_.endpoint, job, options_.jobFingerprint);
   }
   // After the fingerprint: another job is told that the id is another job's; the same job that its run ended.
-  throwIfEnded();
+  throwIfEnded(first[fingerprinted ? 1 : 0].value);
+  int round = parseRound(first.back().value.value_or(""));
   for (;;) {
-    int round = currentRound();
-    auto roundEvent = store_->tryGet(key(round, "event"));
-    if (roundEvent && RoundEvent::fromJson(*roundEvent).type == RoundEventType::kDone)
-      DTRAIN_THROW(RendezvousError,
-                   "rendezvous at {}: this run id already completed a job on this store; use a new --rdzv-id",
-                   options_.endpoint);
     if (auto info = tryJoinRound(round, deadline)) return *info;
     // We missed round `round` (it closed without us). If it has room, ask its members to re-form so we can
     // join; either way wait for the next round to open.
@@ -157,7 +144,7 @@ RoundInfo Rendezvous::join() {
     bool opened = false;
     while (!opened && !deadline.expired()) {
       opened = store_->wait({key(round + 1, "open")}, std::min(kEndedPoll, deadline.remaining()));
-      if (!opened) throwIfEnded();
+      if (!opened) throwIfEnded(store_->tryGet("ended"));
     }
     if (!opened) {
       auto event = store_->tryGet(key(round, "event"));
@@ -174,11 +161,11 @@ RoundInfo Rendezvous::join() {
                    "round opened for this node",
                    options_.endpoint, options_.joinTimeout.count() / 1000, round, members);
     }
+    round = currentRound();
   }
 }
 
-void Rendezvous::throwIfEnded() {
-  auto ended = store_->tryGet("ended");
+void Rendezvous::throwIfEnded(const std::optional<std::string>& ended) {
   if (!ended) return;
   auto outcome = RoundEvent::fromJson(*ended);
   if (outcome.type == RoundEventType::kDone)
@@ -193,228 +180,201 @@ void Rendezvous::throwIfEnded() {
 
 void Rendezvous::recordEnd(const RoundEvent& outcome) { store_->compareSet("ended", "", outcome.toJson()); }
 
-std::optional<RoundInfo> Rendezvous::tryJoinRound(int round, const Deadline& deadline) {
-  if (store_->check({key(round, "closed")})) return std::nullopt;
-  int index = static_cast<int>(store_->add(key(round, "count"), 1)) - 1;
-  store_->set(key(round, fmt::format("node/{}", index)), self_.toJson());
-  // The compact copy the layout is computed from in one read (see computeLayout).
-  store_->append(key(round, "records"), fmt::format("{} {} {}\n", index, self_.nproc, self_.requestedNodeRank));
-  const bool elastic = options_.minNodes < options_.maxNodes;
-  if (elastic && index + 1 == options_.minNodes) store_->set(key(round, "quorum"), std::to_string(index + 1));
-  if (index + 1 == options_.maxNodes) store_->compareSet(key(round, "closed"), "", std::to_string(index + 1));
-
-  // Wait for the round to close. With min < max, the first agent to see quorum for `lastCall` closes it.
-  std::optional<Clock::time_point> quorumSince;
-  std::optional<std::string> closed;
-  while (!(closed = store_->tryGet(key(round, "closed")))) {
-    if (deadline.expired()) {
-      int joined = static_cast<int>(store_->add(key(round, "count"), 0));
-      DTRAIN_THROW(RendezvousError,
-                   "rendezvous at {} timed out after {} s: {} of {} node(s) joined (need {}); start the "
-                   "missing agents with the same --rdzv-endpoint and --rdzv-id, or lower --nnodes",
-                   options_.endpoint, options_.joinTimeout.count() / 1000, joined,
-                   options_.maxNodes, options_.minNodes);
-    }
-    if (!elastic) {
-      // Only `closed` can end this wait: block on it and read it in one round trip (no polling).
-      try {
-        closed = store_->get(key(round, "closed"), deadline.remaining());
-      } catch (const TimeoutError&) {
-        // the deadline check above reports it
-      }
-      continue;
-    }
-    int joined = static_cast<int>(store_->add(key(round, "count"), 0));
-    if (joined < options_.minNodes) {
-      // Woken by the minNodes-th joiner's `quorum` key (or, should it have died, by the fallback slice).
-      store_->wait({key(round, "quorum")}, std::min(kQuorumPoll, deadline.remaining()));
-      continue;
-    }
-    if (!quorumSince) quorumSince = Clock::now();
-    auto waited = std::chrono::duration_cast<Millis>(Clock::now() - *quorumSince);
-    if (waited >= options_.lastCall) {
-      store_->compareSet(key(round, "closed"), "", std::to_string(joined));
-      continue;
-    }
-    store_->wait({key(round, "closed")}, std::min(options_.lastCall - waited, deadline.remaining()));
-  }
-  int members = static_cast<int>(parse::toInt(*closed).value_or(0));
-  if (index >= members) return std::nullopt;
-  return assemble(round, members, index, deadline);
+void Rendezvous::throwJoinTimeout(int round) {
+  int joined = static_cast<int>(store_->add(key(round, "count"), 0));
+  DTRAIN_THROW(RendezvousError,
+               "rendezvous at {} timed out after {} s: {} of {} node(s) joined (need {}); start the "
+               "missing agents with the same --rdzv-endpoint and --rdzv-id, or lower --nnodes",
+               options_.endpoint, options_.joinTimeout.count() / 1000, joined, options_.maxNodes, options_.minNodes);
 }
 
-// The layout: "layout <numNodes> <worldSize>\n" then one "<join index> <nproc>\n" per node rank, in node-rank
-// order; or "error <message>" when the members cannot form a group (two claim one node rank).
-std::string Rendezvous::computeLayout(int round, int members) {
-  struct Joined {
-    int requestedNodeRank;
-    int nproc;
-    int index;
-  };
-  // One read of every joiner's compact record; a joiner whose append is still in flight is read from its
-  // node record (set before the append, so the get returns at once or very soon).
-  std::vector<std::optional<Joined>> byIndex(static_cast<size_t>(members));
-  const std::string records = store_->tryGet(key(round, "records")).value_or("");
-  size_t pos = 0;
-  while (pos < records.size()) {
-    auto eol = records.find('\n', pos);
-    if (eol == std::string::npos) break;
-    int index = -1, nproc = 0, requested = -1;
-    if (std::sscanf(records.c_str() + pos, "%d %d %d", &index, &nproc, &requested) == 3 && index >= 0 &&
-        index < members)
-      byIndex[static_cast<size_t>(index)] = Joined{requested, nproc, index};
-    pos = eol + 1;
+// Round trips per joiner (scripts/bench/rdzv_scale counts them): join()'s first batch, then here one batch for
+// the round's event and our join index, and one that publishes our record, closes the round if we are the last
+// joiner, and (min == max) waits for `closed` and then reads our layout/assignment in the same pipelined write.
+// The last joiner instead reads the records (one batch) and writes the layout and every assignment (one batch,
+// one round trip per few hundred assignments).
+std::optional<RoundInfo> Rendezvous::tryJoinRound(int round, const Deadline& deadline) {
+  auto joined = store_->batch({StoreOp::tryGet(key(round, "event")), StoreOp::add(key(round, "count"), 1)});
+  if (joined[0].value && RoundEvent::fromJson(*joined[0].value).type == RoundEventType::kDone)
+    DTRAIN_THROW(RendezvousError,
+                 "rendezvous at {}: this run id already completed a job on this store; use a new --rdzv-id",
+                 options_.endpoint);
+  // Joining a round that already closed only raises its counter: our index is then >= its member count.
+  const int index = static_cast<int>(joined[1].number) - 1;
+  const bool elastic = options_.minNodes < options_.maxNodes;
+  const bool last = index + 1 == options_.maxNodes;
+  const bool large = options_.maxNodes > kFullMembershipNodes;
+  std::vector<StoreOp> ops{StoreOp::set(key(round, fmt::format("node/{}", index)), self_.toJson()),
+                           StoreOp::append(key(round, "records"), layout::recordLine(index, self_))};
+  if (!elastic && last) {
+    // The last joiner of a min == max round reads every joiner's record in the same write as its own, then
+    // writes the layout, every assignment and `closed` in one batch, `closed` last: the others, parked on
+    // `closed` and then on their place, are woken once with both answers ready.
+    for (const char* what : {"records", "restarts", "reforms"}) ops.push_back(StoreOp::tryGet(key(round, what)));
+    auto inputs = store_->batch(ops);
+    inputs.erase(inputs.begin(), inputs.begin() + 2);
+    const int members = options_.maxNodes;
+    auto text = publishLayout(round, members, index, computeLayout(round, members, &inputs), /*close=*/true);
+    if (text.rfind("error ", 0) == 0) DTRAIN_THROW(RendezvousError, "rendezvous: {}", text.substr(6));
+    return large ? assembleLarge(round, members, index, text) : assemble(round, members, index, text);
   }
-  std::vector<Joined> joined;
-  joined.reserve(static_cast<size_t>(members));
-  for (int i = 0; i < members; ++i) {
-    if (!byIndex[static_cast<size_t>(i)]) {
-      auto n = NodeInfo::fromJson(store_->get(key(round, fmt::format("node/{}", i)), 30s));
-      byIndex[static_cast<size_t>(i)] = Joined{n.requestedNodeRank, n.nproc, i};
+  if (elastic && index + 1 == options_.minNodes) ops.push_back(StoreOp::set(key(round, "quorum"), std::to_string(index + 1)));
+  if (last) ops.push_back(StoreOp::compareSet(key(round, "closed"), "", std::to_string(index + 1)));
+  // min == max: only `closed` ends the wait, and then the round has max members, so a joiner with a lower index
+  // knows which key holds its place before the round closes: it blocks on both in this one write (the store
+  // answers the second get once the first is answered).
+  const bool prefetch = !elastic && !last && index < options_.maxNodes;
+  if (!elastic && !last) ops.push_back(StoreOp::get(key(round, "closed"), deadline.remaining()));
+  if (prefetch) ops.push_back(StoreOp::get(placementKey(round, index, large), std::min(kLayoutWait, deadline.remaining())));
+  auto res = store_->batch(ops);
+
+  std::optional<std::string> closed;
+  std::optional<std::string> placement;  // prefetched layout / assignment; nullopt: not read, or not published in time
+  if (last) {
+    closed = res[ops.size() - 1].value;
+  } else if (!elastic) {
+    closed = res[ops.size() - (prefetch ? 2 : 1)].value;
+    if (!closed) throwJoinTimeout(round);
+    if (prefetch) placement = res.back().value;
+  } else {
+    // Elastic: with min < max, the first agent to see quorum for `lastCall` closes the round.
+    std::optional<Clock::time_point> quorumSince;
+    while (!(closed = store_->tryGet(key(round, "closed")))) {
+      if (deadline.expired()) throwJoinTimeout(round);
+      int count = static_cast<int>(store_->add(key(round, "count"), 0));
+      if (count < options_.minNodes) {
+        // Woken by the minNodes-th joiner's `quorum` key (or, should it have died, by the fallback slice).
+        store_->wait({key(round, "quorum")}, std::min(kQuorumPoll, deadline.remaining()));
+        continue;
+      }
+      if (!quorumSince) quorumSince = Clock::now();
+      auto waited = std::chrono::duration_cast<Millis>(Clock::now() - *quorumSince);
+      if (waited >= options_.lastCall) {
+        store_->compareSet(key(round, "closed"), "", std::to_string(count));
+        continue;
+      }
+      store_->wait({key(round, "closed")}, std::min(options_.lastCall - waited, deadline.remaining()));
     }
-    joined.push_back(*byIndex[static_cast<size_t>(i)]);
   }
-  std::stable_sort(joined.begin(), joined.end(), [](const Joined& a, const Joined& b) {
-    int ra = a.requestedNodeRank < 0 ? INT_MAX : a.requestedNodeRank;
-    int rb = b.requestedNodeRank < 0 ? INT_MAX : b.requestedNodeRank;
-    return ra != rb ? ra < rb : a.index < b.index;
-  });
-  for (size_t i = 1; i < joined.size(); ++i) {
-    if (joined[i - 1].requestedNodeRank < 0 || joined[i - 1].requestedNodeRank != joined[i].requestedNodeRank) continue;
-    auto a = NodeInfo::fromJson(store_->get(key(round, fmt::format("node/{}", joined[i - 1].index)), 30s));
-    auto b = NodeInfo::fromJson(store_->get(key(round, fmt::format("node/{}", joined[i].index)), 30s));
-    return fmt::format("error node rank {} is claimed by two agents ({} pid {} and {} pid {}); give each node "
-                       "its own --node-rank",
-                       a.requestedNodeRank, a.hostname, a.pid, b.hostname, b.pid);
+  int members = static_cast<int>(parse::toInt(closed.value_or("0")).value_or(0));
+  if (index >= members) return std::nullopt;
+  const bool isLarge = members > kFullMembershipNodes;  // == large with min == max
+  std::string text;
+  if (index == members - 1) {
+    text = publishLayout(round, members, index, computeLayout(round, members), /*close=*/false);
+  } else {
+    if (!prefetch || isLarge != large) {
+      try {
+        placement = store_->get(placementKey(round, index, isLarge), std::min(kLayoutWait, deadline.remaining()));
+      } catch (const TimeoutError&) {
+        placement.reset();
+      }
+    }
+    if (placement) {
+      text = std::move(*placement);
+    } else {
+      // The last joiner did not publish within kLayoutWait (it died?): compute the deterministic layout here.
+      auto layoutText = store_->compareSet(key(round, "layout"), "", computeLayout(round, members));
+      text = isLarge ? layout::assignments(layoutText, members, round)[static_cast<size_t>(index)] : layoutText;
+    }
   }
-  int world = 0;
-  std::string body;
-  body.reserve(static_cast<size_t>(members) * 12);
-  for (const auto& j : joined) {
-    world += j.nproc;
-    body += fmt::format("{} {}\n", j.index, j.nproc);
+  if (text.rfind("error ", 0) == 0) DTRAIN_THROW(RendezvousError, "rendezvous: {}", text.substr(6));
+  return isLarge ? assembleLarge(round, members, index, text) : assemble(round, members, index, text);
+}
+
+std::string Rendezvous::placementKey(int round, int index, bool large) {
+  return large ? key(round, fmt::format("assign/{}", index)) : key(round, "layout");
+}
+
+std::string Rendezvous::computeLayout(int round, int members, const std::vector<StoreResult>* inputs) {
+  // One round trip (none when the caller read them): every joiner's records line and the round's restart counts.
+  // A joiner whose line is not there yet (its append still in flight) or carries no record is read from its node
+  // record (set before the append).
+  auto got = inputs ? *inputs
+                    : store_->batch({StoreOp::tryGet(key(round, "records")), StoreOp::tryGet(key(round, "restarts")),
+                                     StoreOp::tryGet(key(round, "reforms"))});
+  auto byIndex = layout::parseRecords(got[0].value.value_or(""), members);
+  std::vector<StoreOp> missing;  // one pipelined batch of (blocking) gets for all of them
+  for (int i = 0; i < members; ++i) {
+    const auto& j = byIndex[static_cast<size_t>(i)];
+    if (!j || j->record.empty()) missing.push_back(StoreOp::get(key(round, fmt::format("node/{}", i)), 30s));
   }
-  return fmt::format("layout {} {}\n", members, world) + body;
+  auto records = missing.empty() ? std::vector<StoreResult>() : store_->batch(missing);
+  std::vector<layout::Joined> joined(static_cast<size_t>(members));
+  for (int i = 0, m = 0; i < members; ++i) {
+    auto& j = byIndex[static_cast<size_t>(i)];
+    if (!j || j->record.empty()) {
+      auto& record = records[static_cast<size_t>(m++)].value;
+      DTRAIN_CHECK_AS(RendezvousError, record.has_value(),
+                      "rendezvous at {}: joiner {} of round {} published no record within 30 s", options_.endpoint, i,
+                      round);
+      auto n = NodeInfo::fromJson(*record);
+      j = layout::Joined{i, n.nproc, n.requestedNodeRank, *record};
+    }
+    joined[static_cast<size_t>(i)] = std::move(*j);
+  }
+  auto count = [](const std::optional<std::string>& v) { return static_cast<int>(parse::toInt(v.value_or("0")).value_or(0)); };
+  return layout::build(joined, count(got[1].value), count(got[2].value));
+}
+
+std::string Rendezvous::publishLayout(int round, int members, int myIndex, const std::string& mine, bool close) {
+  // Deterministic, so a second writer (a member that gave up waiting) writes the same thing. One pipelined batch
+  // for the layout, in a large round every joiner's assignment, and `closed` when asked (last).
+  const bool large = members > kFullMembershipNodes;
+  auto assignOps = [&](const std::string& layoutText, std::vector<StoreOp>& ops) {
+    if (!large) return layoutText;
+    auto texts = layout::assignments(layoutText, members, round);
+    for (size_t i = 0; i < texts.size(); ++i) ops.push_back(StoreOp::set(key(round, fmt::format("assign/{}", i)), texts[i]));
+    return texts[static_cast<size_t>(myIndex)];
+  };
+  std::vector<StoreOp> ops{StoreOp::compareSet(key(round, "layout"), "", mine)};
+  ops.reserve(large ? static_cast<size_t>(members) + 2 : 2);
+  std::string own = assignOps(mine, ops);
+  if (close) ops.push_back(StoreOp::compareSet(key(round, "closed"), "", std::to_string(members)));
+  auto res = store_->batch(ops);
+  const std::string& won = res.front().value.value_or(mine);
+  if (won == mine) return own;
+  // Another member published first (it gave up waiting for us): its layout and assignments win.
+  std::vector<StoreOp> again;
+  own = assignOps(won, again);
+  if (!again.empty()) store_->batch(again);
+  return own;
 }
 
 namespace {
 
-// Parses a layout (see computeLayout) of `members` nodes into one entry per node rank; throws ProtocolError.
-std::vector<Placed> parseLayout(const std::string& layout, int members, int round, int& world) {
-  auto bad = [&] {
-    DTRAIN_THROW(ProtocolError, "rendezvous: malformed layout of round {}: '{}'", round, layout.substr(0, 200));
-  };
-  const char* p = layout.data();
-  const char* end = p + layout.size();
-  auto nextInt = [&](int& out) {
-    while (p < end && (*p == ' ' || *p == '\n')) ++p;
-    auto [q, ec] = std::from_chars(p, end, out);
-    if (ec != std::errc()) bad();
-    p = q;
-  };
-  if (layout.rfind("layout ", 0) != 0) bad();
-  p += 7;
-  int n = 0;
-  nextInt(n);
-  nextInt(world);
-  if (n != members) bad();
-  std::vector<Placed> placed(static_cast<size_t>(n));
-  int offset = 0;
-  for (auto& node : placed) {
-    nextInt(node.joinIndex);
-    nextInt(node.nproc);
-    if (node.joinIndex < 0 || node.joinIndex >= n || node.nproc < 1) bad();
-    node.rankOffset = offset;
-    offset += node.nproc;
-  }
-  if (offset != world) bad();
-  return placed;
-}
-
-// Every joiner's assignment in a large round, indexed by join index (format in rendezvous.h: r<R>/assign/<i>);
-// an error layout gives every joiner that error.
-std::vector<std::string> assignments(const std::string& layout, int members, int round) {
-  if (layout.rfind("error ", 0) == 0) return std::vector<std::string>(static_cast<size_t>(members), layout);
-  int world = 0;
-  auto placed = parseLayout(layout, members, round, world);
-  std::vector<std::string> out(static_cast<size_t>(members));
-  auto line = [&](std::string& text, int r) {
-    const auto& p = placed[static_cast<size_t>(r)];
-    text += fmt::format("{} {} {} {}\n", r, p.joinIndex, p.rankOffset, p.nproc);
-  };
-  for (int r = 0; r < members; ++r) {
-    std::string text = fmt::format("assign {} {}\n", members, world);
-    line(text, r);
-    if (r != 0) line(text, 0);
-    for (int w : ringWatched(r, members))
-      if (w != 0) line(text, w);
-    out[static_cast<size_t>(placed[static_cast<size_t>(r)].joinIndex)] = std::move(text);
-  }
-  return out;
+Member memberOf(const layout::Placed& p) {
+  Member m;
+  m.nodeRank = p.nodeRank;
+  m.rankOffset = p.rankOffset;
+  m.info = NodeInfo::fromJson(p.record);
+  m.info.nproc = p.nproc;
+  return m;
 }
 
 }  // namespace
 
-std::string Rendezvous::publishLayout(int round, int members) {
-  // Deterministic, so a second writer (a member that gave up waiting) writes the same thing.
-  std::string layout = store_->compareSet(key(round, "layout"), "", computeLayout(round, members));
-  if (members > kFullMembershipNodes) {
-    auto texts = assignments(layout, members, round);
-    std::vector<std::pair<std::string, std::string>> entries;
-    entries.reserve(texts.size());
-    for (size_t i = 0; i < texts.size(); ++i)
-      entries.emplace_back(key(round, fmt::format("assign/{}", i)), std::move(texts[i]));
-    store_->multiSet(entries);  // pipelined: one round trip per few hundred assignments
-  }
-  return layout;
-}
-
-RoundInfo Rendezvous::assemble(int round, int members, int myIndex, const Deadline& deadline) {
-  if (members > kFullMembershipNodes) return assembleLarge(round, members, myIndex, deadline);
-  // The round's last joiner computes the layout once (O(N) reads) and everyone reads that one small key, so a
-  // round of N agents costs O(N) store operations instead of N reads by each of N agents. Should the last
-  // joiner die before it publishes, anyone computes it after kLayoutWait (the result is deterministic, so the
-  // compareSet keeps whichever copy came first).
-  const std::string layoutKey = key(round, "layout");
-  std::string layout;
-  if (myIndex == members - 1) {
-    layout = publishLayout(round, members);
-  } else {
-    try {
-      layout = store_->get(layoutKey, std::min(kLayoutWait, deadline.remaining()));  // waits and reads
-    } catch (const TimeoutError&) {
-      layout = publishLayout(round, members);
-    }
-  }
-  if (layout.rfind("error ", 0) == 0) DTRAIN_THROW(RendezvousError, "rendezvous: {}", layout.substr(6));
-
+RoundInfo Rendezvous::assemble(int round, int members, int myIndex, const std::string& text) {
+  auto parsed = layout::parseLayout(text, members, round);
   RoundInfo info;
   info.round = round;
   info.numNodes = members;
   info.nodeRank = -1;
-  auto placed = parseLayout(layout, members, round, info.worldSize);
-  // Every member's full record, the restart counts with them: one pipelined batch.
-  std::vector<std::string> keys{key(round, "restarts"), key(round, "reforms")};
-  for (const auto& p : placed) keys.push_back(key(round, fmt::format("node/{}", p.joinIndex)));
-  auto values = store_->multiGet(keys);
-  auto count = [&](size_t i) { return static_cast<int>(parse::toInt(values[i].value_or("0")).value_or(0)); };
-  info.restartCount = count(0);
-  info.reformCount = count(1);
-  info.members.resize(placed.size());
-  for (int r = 0; r < members; ++r) {
-    const auto& p = placed[static_cast<size_t>(r)];
-    auto& m = info.members[static_cast<size_t>(r)];
-    m.nodeRank = r;
-    m.rankOffset = p.rankOffset;
+  info.worldSize = parsed.worldSize;
+  info.restartCount = parsed.restarts;
+  info.reformCount = parsed.reforms;
+  for (const auto& p : parsed.nodes) {
     if (p.joinIndex == myIndex) {
-      info.nodeRank = r;
-      info.rankOffset = p.rankOffset;
+      Member m;
+      m.nodeRank = p.nodeRank;
+      m.rankOffset = p.rankOffset;
       m.info = self_;
-      continue;
+      info.nodeRank = p.nodeRank;
+      info.rankOffset = p.rankOffset;
+      info.members.push_back(std::move(m));
+    } else {
+      info.members.push_back(memberOf(p));
     }
-    // A record whose set is still in flight (it precedes the joiner's append, so it is there or very soon).
-    auto& record = values[2 + static_cast<size_t>(r)];
-    m.info = NodeInfo::fromJson(record ? *record : store_->get(key(round, fmt::format("node/{}", p.joinIndex)), 30s));
   }
   DTRAIN_CHECK_AS(ProtocolError, info.nodeRank >= 0, "rendezvous: round {}'s layout has no entry for join index {}",
                   round, myIndex);
@@ -424,73 +384,34 @@ RoundInfo Rendezvous::assemble(int round, int members, int myIndex, const Deadli
   return info;
 }
 
-RoundInfo Rendezvous::assembleLarge(int round, int members, int myIndex, const Deadline& deadline) {
-  // Each member reads only its own assignment (written by the last joiner with the layout): O(1) per agent.
-  // Should the last joiner die before it publishes, a member computes the layout itself after kLayoutWait and
-  // takes its own assignment from it.
-  const std::string assignKey = key(round, fmt::format("assign/{}", myIndex));
-  if (myIndex == members - 1) publishLayout(round, members);
-  std::optional<std::string> mine;
-  try {
-    mine = store_->get(assignKey, std::min(kLayoutWait, deadline.remaining()));  // waits and reads: one round trip
-  } catch (const TimeoutError&) {
-    auto layout = store_->compareSet(key(round, "layout"), "", computeLayout(round, members));
-    mine = assignments(layout, members, round)[static_cast<size_t>(myIndex)];
-  }
-  const std::string text = std::move(*mine);
-  if (text.rfind("error ", 0) == 0) DTRAIN_THROW(RendezvousError, "rendezvous: {}", text.substr(6));
-
+RoundInfo Rendezvous::assembleLarge(int round, int members, int myIndex, const std::string& text) {
+  auto parsed = layout::parseAssignment(text, members, round);
+  DTRAIN_CHECK_AS(ProtocolError, parsed.nodes.front().joinIndex == myIndex,
+                  "rendezvous: the assignment of join index {} in round {} is another joiner's: '{}'", myIndex, round,
+                  text.substr(0, 200));
   RoundInfo info;
   info.round = round;
   info.numNodes = members;
-  auto bad = [&] {
-    DTRAIN_THROW(ProtocolError, "rendezvous: malformed assignment of join index {} in round {}: '{}'", myIndex,
-                 round, text.substr(0, 200));
-  };
-  int n = 0;
-  int used = 0;
-  if (std::sscanf(text.c_str(), "assign %d %d\n%n", &n, &info.worldSize, &used) != 2 || n != members || used <= 0)
-    bad();
-  struct Known {
-    int nodeRank, joinIndex, rankOffset, nproc;
-  };
-  std::vector<Known> known;  // this node first, then node 0 and the watched nodes
-  for (size_t pos = static_cast<size_t>(used); pos < text.size();) {
-    Known k{};
-    if (std::sscanf(text.c_str() + pos, "%d %d %d %d", &k.nodeRank, &k.joinIndex, &k.rankOffset, &k.nproc) != 4 ||
-        k.nodeRank < 0 || k.nodeRank >= members || k.joinIndex < 0 || k.joinIndex >= members || k.nproc < 1)
-      bad();
-    known.push_back(k);
-    auto eol = text.find('\n', pos);
-    pos = eol == std::string::npos ? text.size() : eol + 1;
-  }
-  if (known.empty() || known.front().joinIndex != myIndex) bad();
-  info.nodeRank = known.front().nodeRank;
-  info.rankOffset = known.front().rankOffset;
-  std::sort(known.begin(), known.end(), [](const Known& a, const Known& b) { return a.nodeRank < b.nodeRank; });
-  if (known.front().nodeRank != 0) bad();
-
-  // The other known members' records and the restart counts: one pipelined batch.
-  std::vector<std::string> keys{key(round, "restarts"), key(round, "reforms")};
-  for (const auto& k : known)
-    if (k.nodeRank != info.nodeRank) keys.push_back(key(round, fmt::format("node/{}", k.joinIndex)));
-  auto values = store_->multiGet(keys);
-  info.restartCount = static_cast<int>(parse::toInt(values[0].value_or("0")).value_or(0));
-  info.reformCount = static_cast<int>(parse::toInt(values[1].value_or("0")).value_or(0));
-  size_t next = 2;
-  for (const auto& k : known) {
-    Member m;
-    m.nodeRank = k.nodeRank;
-    m.rankOffset = k.rankOffset;
-    if (k.nodeRank == info.nodeRank) {
+  info.worldSize = parsed.worldSize;
+  info.restartCount = parsed.restarts;
+  info.reformCount = parsed.reforms;
+  info.nodeRank = parsed.nodes.front().nodeRank;
+  info.rankOffset = parsed.nodes.front().rankOffset;
+  for (const auto& p : parsed.nodes) {
+    if (p.nodeRank == info.nodeRank) {
+      Member m;
+      m.nodeRank = p.nodeRank;
+      m.rankOffset = p.rankOffset;
       m.info = self_;
+      info.members.push_back(std::move(m));
     } else {
-      auto& record = values[next++];
-      m.info = NodeInfo::fromJson(record ? *record : store_->get(key(round, fmt::format("node/{}", k.joinIndex)), 30s));
+      info.members.push_back(memberOf(p));
     }
-    m.info.nproc = k.nproc;
-    info.members.push_back(std::move(m));
   }
+  std::sort(info.members.begin(), info.members.end(),
+            [](const Member& a, const Member& b) { return a.nodeRank < b.nodeRank; });
+  DTRAIN_CHECK_AS(ProtocolError, info.members.front().nodeRank == 0,
+                  "rendezvous: the assignment of join index {} in round {} does not name node 0", myIndex, round);
   info.masterAddr = info.members.front().info.host;
   info.masterPort = info.members.front().info.masterPort;
   resetSeen(info);
@@ -526,16 +447,15 @@ void Rendezvous::markFinished(const RoundInfo& info) {
 }
 
 void Rendezvous::advance(int round, bool restart) {
-  auto count = [&](std::string_view what) {
-    return static_cast<int>(parse::toInt(store_->tryGet(key(round, what)).value_or("0")).value_or(0));
-  };
-  int restarts = count("restarts") + (restart ? 1 : 0);
-  int reforms = count("reforms") + (restart ? 0 : 1);
+  auto counts = store_->batch({StoreOp::tryGet(key(round, "restarts")), StoreOp::tryGet(key(round, "reforms"))});
+  auto count = [&](size_t i) { return static_cast<int>(parse::toInt(counts[i].value.value_or("0")).value_or(0)); };
+  int restarts = count(0) + (restart ? 1 : 0);
+  int reforms = count(1) + (restart ? 0 : 1);
   // Every agent computes the same values, so the compareSets are idempotent and the order of agents is irrelevant.
-  store_->compareSet(key(round + 1, "restarts"), "", std::to_string(restarts));
-  store_->compareSet(key(round + 1, "reforms"), "", std::to_string(reforms));
-  store_->compareSet("round", std::to_string(round), std::to_string(round + 1));
-  store_->set(key(round + 1, "open"), "1");
+  store_->batch({StoreOp::compareSet(key(round + 1, "restarts"), "", std::to_string(restarts)),
+                 StoreOp::compareSet(key(round + 1, "reforms"), "", std::to_string(reforms)),
+                 StoreOp::compareSet("round", std::to_string(round), std::to_string(round + 1)),
+                 StoreOp::set(key(round + 1, "open"), "1")});
 }
 
 void Rendezvous::acknowledgeEnd(const RoundInfo& info) {
@@ -574,7 +494,24 @@ std::vector<int> Rendezvous::silentMembers(const RoundInfo& info, Millis timeout
   std::vector<std::string> keys;
   keys.reserve(seen_.size());
   for (const auto& s : seen_) keys.push_back(key(info.round, fmt::format("hb/{}", s.nodeRank)));
-  auto values = store_->multiGet(keys);
+  return judge(store_->multiGet(keys), timeout);
+}
+
+std::vector<int> Rendezvous::beat(const RoundInfo& info, Millis timeout) {
+  if (seenRound_ != info.round) resetSeen(info);
+  // Our counter first, then every watched one: one batch, one round trip.
+  std::vector<StoreOp> ops;
+  ops.reserve(seen_.size() + 1);
+  ops.push_back(StoreOp::set(key(info.round, fmt::format("hb/{}", info.nodeRank)), std::to_string(++beats_)));
+  for (const auto& s : seen_) ops.push_back(StoreOp::tryGet(key(info.round, fmt::format("hb/{}", s.nodeRank))));
+  auto results = store_->batch(ops);
+  std::vector<std::optional<std::string>> values;
+  values.reserve(seen_.size());
+  for (size_t i = 1; i < results.size(); ++i) values.push_back(std::move(results[i].value));
+  return judge(values, timeout);
+}
+
+std::vector<int> Rendezvous::judge(const std::vector<std::optional<std::string>>& values, Millis timeout) {
   std::vector<int> silent;
   auto now = Clock::now();
   for (size_t i = 0; i < seen_.size(); ++i) {

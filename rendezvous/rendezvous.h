@@ -12,17 +12,19 @@
 //   ended                 the job's terminal outcome (JSON RoundEvent of the round that ended it), written by every
 //                         agent that exits after a round (first one wins): a later join() with this run id fails
 //                         at once, naming the outcome, instead of waiting for a round that never opens
-//   r<R>/count            join counter; a joiner's index is the counter value it got minus one
+//   r<R>/count            join counter; a joiner's index is the counter value it got minus one (a joiner of a
+//                         round that already closed gets an index >= its member count: it missed the round)
 //   r<R>/node/<i>         the i-th joiner's NodeInfo (JSON)
-//   r<R>/records          "<join index> <nproc> <node rank or -1>\n" appended by each joiner: the layout's input
-//   r<R>/layout           the round's membership in node-rank order, "layout <N> <world>" then "<join index> <nproc>"
-//                         per node rank; written once by the last joiner (any member after a wait if it died).
-//                         Rounds up to kFullMembershipNodes: read once by each member.
+//   r<R>/records          "<join index> <nproc> <node rank or -1> <NodeInfo JSON>\n" appended by each joiner:
+//                         the layout's input, read in one get (formats in round_layout.h)
+//   r<R>/layout           the round's membership in node-rank order, with the restart counts and every member's
+//                         record; written once by the last joiner (any member after a wait if it died).
+//                         Rounds up to kFullMembershipNodes: read once by each member, which then knows everything.
 //   r<R>/assign/<i>       rounds of more than kFullMembershipNodes nodes: joiner i's assignment, written by the
-//                         last joiner with the layout (one pipelined multiSet): "assign <N> <world>" then
-//                         "<node rank> <join index> <rank offset> <nproc>" for joiner i itself, node 0 and the
-//                         nodes it watches. A member reads only its own: O(1) bytes and operations per agent,
-//                         where reading the layout is O(N) per agent and O(N^2) for the store to send
+//                         last joiner with the layout (one pipelined batch): world size, restart counts, and the
+//                         place and record of joiner i itself, node 0 and the nodes it watches. A member reads only
+//                         its own: O(1) bytes and operations per agent, where reading the layout is O(N) per agent
+//                         and O(N^2) for the store to send
 //   r<R>/quorum           set by the minNodes-th joiner of an elastic round (min < max): waiting joiners block on
 //                         it instead of polling the join counter
 //   r<R>/closed           N, the number of members; set once (compareSet) when `maxNodes` joined, or after
@@ -176,6 +178,8 @@ class Rendezvous {
   // Heartbeats: bump ours, and report watched members whose counter has not moved for `timeout` (by our clock).
   void heartbeat(const RoundInfo& info);
   std::vector<int> silentMembers(const RoundInfo& info, Millis timeout);
+  // Both in one batch: one round trip per heartbeat interval (what the agent does).
+  std::vector<int> beat(const RoundInfo& info, Millis timeout);
   // Seconds since each member's heartbeat counter last changed as silentMembers saw it (index: node rank; this
   // node's own entry is 0; -1 for members not watched, and before silentMembers first ran in this round).
   std::vector<double> heartbeatAges(const RoundInfo& info) const;
@@ -184,14 +188,25 @@ class Rendezvous {
 
  private:
   int currentRound();
-  void throwIfEnded();
+  static int parseRound(const std::string& value);
+  void throwIfEnded(const std::optional<std::string>& ended);
+  [[noreturn]] void throwJoinTimeout(int round);
   std::optional<RoundInfo> tryJoinRound(int round, const Deadline& deadline);
-  RoundInfo assemble(int round, int members, int myIndex, const Deadline& deadline);
-  RoundInfo assembleLarge(int round, int members, int myIndex, const Deadline& deadline);
-  std::string computeLayout(int round, int members);
-  // Writes the layout (compareSet) and, for a large round, every joiner's assignment; returns the layout that won.
-  std::string publishLayout(int round, int members);
+  // The key holding joiner `index`'s place: the layout (small rounds) or its assignment (large).
+  static std::string placementKey(int round, int index, bool large);
+  // RoundInfo from the layout text (small rounds) / this joiner's assignment text (large).
+  RoundInfo assemble(int round, int members, int myIndex, const std::string& layoutText);
+  RoundInfo assembleLarge(int round, int members, int myIndex, const std::string& assignment);
+  // The layout text of the round's first `members` joiners; `inputs`: the records, restarts and reforms keys
+  // already read (else read here).
+  std::string computeLayout(int round, int members, const std::vector<StoreResult>* inputs = nullptr);
+  // Writes the layout `mine` (compareSet), for a large round every joiner's assignment, and with `close` the
+  // round's `closed` key last, in one batch; returns what joiner `myIndex` needs: the layout that won (small
+  // rounds) or its own assignment (large).
+  std::string publishLayout(int round, int members, int myIndex, const std::string& mine, bool close);
   void resetSeen(const RoundInfo& info);
+  // The watched counters just read (in seen_'s order) against what was seen before: the silent node ranks.
+  std::vector<int> judge(const std::vector<std::optional<std::string>>& values, Millis timeout);
 
   StorePtr store_;
   RendezvousOptions options_;

@@ -39,6 +39,38 @@ inline std::string runPrefix(std::string_view runId) { return "/dtrain/" + std::
 inline constexpr size_t kMaxKeyBytes = 4096;
 inline constexpr size_t kMaxValueBytes = 64u << 20;
 
+// One operation of Store::batch; build it with the named constructors.
+struct StoreOp {
+  enum class Kind : uint8_t { kSet, kTryGet, kGet, kAdd, kCompareSet, kAppend, kRemove };
+  Kind kind = Kind::kTryGet;
+  std::string key;
+  std::string value;     // set, append: the value; compareSet: desired
+  std::string expected;  // compareSet
+  int64_t delta = 0;     // add
+  Millis timeout{0};     // get: how long it may block in the store
+
+  static StoreOp set(std::string key, std::string value) { return {Kind::kSet, std::move(key), std::move(value), {}, 0, {}}; }
+  static StoreOp tryGet(std::string key) { return {Kind::kTryGet, std::move(key), {}, {}, 0, {}}; }
+  static StoreOp get(std::string key, Millis timeout) { return {Kind::kGet, std::move(key), {}, {}, 0, timeout}; }
+  static StoreOp add(std::string key, int64_t delta) { return {Kind::kAdd, std::move(key), {}, {}, delta, {}}; }
+  static StoreOp compareSet(std::string key, std::string expected, std::string desired) {
+    return {Kind::kCompareSet, std::move(key), std::move(desired), std::move(expected), 0, {}};
+  }
+  static StoreOp append(std::string key, std::string value) { return {Kind::kAppend, std::move(key), std::move(value), {}, 0, {}}; }
+  static StoreOp remove(std::string key) { return {Kind::kRemove, std::move(key), {}, {}, 0, {}}; }
+};
+
+// The result of one StoreOp: `value` for tryGet (nullopt: missing), get (nullopt: timed out) and compareSet (the
+// value after);
+// `number` for add (the new value) and remove (1: the key existed).
+struct StoreResult {
+  std::optional<std::string> value;
+  int64_t number = 0;
+};
+
+// etcd's default --max-txn-ops: an etcd batch is cut into txns of at most this many operations.
+inline constexpr size_t kEtcdTxnOps = 128;
+
 class Store {
  public:
   virtual ~Store() = default;
@@ -65,6 +97,14 @@ class Store {
   // the others. multiGet's results are in the order of `keys` (nullopt: missing). The defaults loop.
   virtual void multiSet(const std::vector<std::pair<std::string, std::string>>& entries);
   virtual std::vector<std::optional<std::string>> multiGet(const std::vector<std::string>& keys);
+  // Mixed batch: `ops` (set, tryGet, get, add, compareSet, append, remove) with the results of calling each in
+  // order, in as few round trips as the implementation allows: the TCP client pipelines them (one write, the
+  // replies read in order: one round trip per few hundred ops, a blocking get parked in the server in between),
+  // etcd sends runs of set/tryGet/remove as one txn (at most kEtcdTxnOps operations each) and the others one by
+  // one. Not atomic. A get that times out is not an error here: its result's value is nullopt. Any other failure
+  // is thrown (the first; the TCP client reads every reply first, so its connection stays in step; whether ops
+  // after a failed one ran depends on the implementation). The default loops.
+  virtual std::vector<StoreResult> batch(const std::vector<StoreOp>& ops);
 
   // A new handle on the same store with its own connection (the same object for in-process stores).
   virtual std::shared_ptr<Store> clone() = 0;

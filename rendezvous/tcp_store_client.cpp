@@ -227,50 +227,73 @@ void TcpStoreClient::sendAll(const Deadline& deadline) {
   }
 }
 
-void TcpStoreClient::recvFrame(Millis readTimeout, const Deadline& deadline) {
-  if (in_.size() > kKeepBuffer) std::string(kRecvBuffer, '\0').swap(in_);
-  size_t have = 0, total = 0;
-  bool first = true;
-  for (;;) {
-    // The first receive uses the call's whole timeout (usually already set: no syscall); a frame split over
-    // several receives shrinks it to what is left.
-    setRecvTimeout(first ? readTimeout : deadline.remaining());
-    first = false;
+// One receive into in_[have, in_.size()): returns the bytes read (> 0). The receive timeout is `recvTimeout`
+// (a call's usual timeout is already set: no syscall), then what is left of `deadline` for retries. The one place
+// a receive fails: the store closed the connection or the receive failed (NetworkError), or the deadline passed
+// (TimeoutError naming `waited`); each leaves the connection unusable, since it is out of step with the server.
+size_t TcpStoreClient::recvSome(size_t have, Millis recvTimeout, Millis waited, const Deadline& deadline) {
+  for (bool first = true;; first = false) {
+    setRecvTimeout(first ? recvTimeout : deadline.remaining());
     ssize_t n = ::recv(fd_, in_.data() + have, in_.size() - have, 0);
-    if (n > 0) {
-      have += static_cast<size_t>(n);
-      if (total == 0 && have >= proto::kFrameHeaderBytes) {
-        uint32_t len = 0;
-        std::memcpy(&len, in_.data(), sizeof(len));
-        if (len == 0 || len > proto::kMaxFrameBytes) fail(fmt::format("reply frame of {} bytes is invalid", len), 0);
-        total = proto::kFrameHeaderBytes + len;
-        if (in_.size() < total) in_.resize(total);
-      }
-      if (total != 0 && have >= total) break;
-      continue;
-    }
+    if (n > 0) return static_cast<size_t>(n);
     if (n == 0) fail("the store closed the connection", 0);
     int err = errno;
     if (err == EINTR) continue;
     if (err != EAGAIN && err != EWOULDBLOCK) fail("receive failed", err);
     if (deadline.expired()) {
-      broken_ = fmt::format("no reply within {} ms", readTimeout.count());
+      broken_ = fmt::format("no reply within {} ms", waited.count());
       ::close(fd_);
       fd_ = -1;
-      DTRAIN_THROW(TimeoutError, "the store at {} did not answer within {} ms", address_, readTimeout.count());
+      DTRAIN_THROW(TimeoutError, "the store at {} did not answer within {} ms", address_, waited.count());
     }
   }
+}
+
+// Reads `count` reply frames, in order, into in_ and hands each to onReply(i, status, fields). Replies arrive as
+// one byte stream: several frames may come in one receive, a frame may span several. The first receive waits up
+// to `readTimeout`, the whole read up to `deadline`.
+void TcpStoreClient::readReplies(size_t count, Millis readTimeout, const Deadline& deadline, const OnReply& onReply) {
+  if (in_.size() > kKeepBuffer) std::string(kRecvBuffer, '\0').swap(in_);
+  size_t have = 0, pos = 0;
+  bool first = true;
+  for (size_t i = 0; i < count;) {
+    while (i < count && have - pos >= proto::kFrameHeaderBytes) {
+      uint32_t len = 0;
+      std::memcpy(&len, in_.data() + pos, sizeof(len));
+      if (len == 0 || len > proto::kMaxFrameBytes) fail(fmt::format("reply frame of {} bytes is invalid", len), 0);
+      if (have - pos < proto::kFrameHeaderBytes + len) {
+        if (in_.size() < pos + proto::kFrameHeaderBytes + len) in_.resize(pos + proto::kFrameHeaderBytes + len);
+        break;
+      }
+      auto status = static_cast<Status>(in_[pos + proto::kFrameHeaderBytes]);
+      onReply(i, status, std::string_view(in_.data() + pos + proto::kFrameHeaderBytes + 1, len - 1));
+      pos += proto::kFrameHeaderBytes + len;
+      ++i;
+    }
+    if (i == count) break;
+    if (pos > 0) {  // keep the partial frame at the front
+      std::memmove(in_.data(), in_.data() + pos, have - pos);
+      have -= pos;
+      pos = 0;
+    }
+    if (have == in_.size()) in_.resize(in_.size() * 2);
+    have += recvSome(have, first ? readTimeout : deadline.remaining(), readTimeout, deadline);
+    first = false;
+  }
   // The server answers each request with exactly one frame, so anything more is a broken peer.
-  if (have != total) fail("the store sent more than one reply", 0);
-  reply_ = std::string_view(in_.data() + proto::kFrameHeaderBytes + 1, total - proto::kFrameHeaderBytes - 1);
+  if (pos != have) fail("the store sent more replies than requests", 0);
 }
 
 Status TcpStoreClient::exchange(Op op, Millis readTimeout, std::string_view key) {
   proto::finishFrame(out_, frameStart_);
   Deadline deadline(readTimeout);
+  Status status = Status::kOk;
   try {
     sendAll(deadline);
-    recvFrame(readTimeout, deadline);
+    readReplies(1, readTimeout, deadline, [&](size_t, Status s, std::string_view fields) {
+      status = s;
+      reply_ = fields;  // a view into in_, valid until the next call
+    });
   } catch (Error& e) {
     // Name the call that failed: "... (during get('k'))".
     auto message = key.empty() ? fmt::format("{} (during {})", e.what(), proto::opName(op))
@@ -278,7 +301,7 @@ Status TcpStoreClient::exchange(Op op, Millis readTimeout, std::string_view key)
     if (dynamic_cast<TimeoutError*>(&e)) DTRAIN_THROW(TimeoutError, "{}", message);
     DTRAIN_THROW(NetworkError, "{}", message);
   }
-  auto status = static_cast<Status>(in_[proto::kFrameHeaderBytes]);
+  roundTrips_.fetch_add(1, std::memory_order_relaxed);
   if (status == Status::kError) throwReplyError(op, key);
   return status;
 }
@@ -427,86 +450,48 @@ void TcpStoreClient::append(std::string_view key, std::string_view value) {
   if (status != Status::kOk) unexpected(address_, Op::kAppend, status);
 }
 
-void TcpStoreClient::pipeline(Op op, size_t count, const Encode& encode, const Decode& decode,
+void TcpStoreClient::pipeline(size_t count, const Encode& encode, const Decode& decode, Millis readTimeout,
                               std::string_view what) {
   std::lock_guard<std::mutex> lock(mu_);
   size_t next = 0;
+  std::string error;  // the first kError reply's message; the other replies are still read
   while (next < count) {
     checkUsable();
     out_.clear();
     const size_t first = next;
     while (next < count && next - first < kPipelineRequests && out_.size() < kPipelineBytes) {
       size_t start = proto::beginFrame(out_);
-      out_.push_back(static_cast<char>(op));
       ByteWriter w(out_);
-      encode(w, next);
+      encode(w, next);  // writes the op byte and the fields
       proto::finishFrame(out_, start);
       ++next;
     }
-    std::string error;  // the first kError reply's message; the chunk's other replies are still read
-    Deadline deadline(timeout_);
+    Op firstOp = static_cast<Op>(out_[proto::kFrameHeaderBytes]);
+    Deadline deadline(readTimeout);
     try {
       sendAll(deadline);
-      // Replies arrive as one byte stream: several frames may come in one receive, a frame may span two.
-      std::string& buf = in_;  // the connection's receive buffer, reused (reply_ is not used by a batch)
-      if (buf.size() < kRecvBuffer) buf.resize(kRecvBuffer);
-      size_t have = 0, pos = 0;
-      for (size_t i = first; i < next;) {
-        while (i < next && have - pos >= proto::kFrameHeaderBytes) {
-          uint32_t len = 0;
-          std::memcpy(&len, buf.data() + pos, sizeof(len));
-          if (len == 0 || len > proto::kMaxFrameBytes) fail(fmt::format("reply frame of {} bytes is invalid", len), 0);
-          if (have - pos < proto::kFrameHeaderBytes + len) {
-            if (buf.size() < proto::kFrameHeaderBytes + len) buf.resize(proto::kFrameHeaderBytes + len + pos);
-            break;
-          }
-          auto status = static_cast<Status>(buf[pos + proto::kFrameHeaderBytes]);
-          std::string_view fields(buf.data() + pos + proto::kFrameHeaderBytes + 1, len - 1);
-          if (status == Status::kError) {
-            if (error.empty()) error = std::string(ByteReader(fields).getBytes());
-          } else {
-            decode(i, status, fields);
-          }
-          pos += proto::kFrameHeaderBytes + len;
-          ++i;
+      readReplies(next - first, readTimeout, deadline, [&](size_t i, Status status, std::string_view fields) {
+        if (status == Status::kError) {
+          if (error.empty()) error = std::string(ByteReader(fields).getBytes());
+        } else {
+          decode(first + i, status, fields);
         }
-        if (i == next) break;
-        if (pos > 0) {  // keep the partial frame at the front
-          std::memmove(buf.data(), buf.data() + pos, have - pos);
-          have -= pos;
-          pos = 0;
-        }
-        if (have == buf.size()) buf.resize(buf.size() * 2);
-        setRecvTimeout(deadline.remaining());
-        ssize_t n = ::recv(fd_, buf.data() + have, buf.size() - have, 0);
-        if (n > 0) {
-          have += static_cast<size_t>(n);
-          continue;
-        }
-        if (n == 0) fail("the store closed the connection", 0);
-        int err = errno;
-        if (err == EINTR) continue;
-        if (err != EAGAIN && err != EWOULDBLOCK) fail("receive failed", err);
-        if (deadline.expired()) {
-          broken_ = fmt::format("no reply within {} ms", timeout_.count());
-          ::close(fd_);
-          fd_ = -1;
-          DTRAIN_THROW(TimeoutError, "the store at {} did not answer within {} ms", address_, timeout_.count());
-        }
-      }
-      if (pos != have) fail("the store sent more replies than requests", 0);
+      });
     } catch (Error& e) {
       if (broken_.empty()) {  // e.g. a reply of the wrong shape: the rest of the stream cannot be trusted
         broken_ = e.what();
         ::close(fd_);
         fd_ = -1;
       }
-      auto message = fmt::format("{} (during a batch of {} {} requests, {})", e.what(), count, proto::opName(op), what);
+      auto message = fmt::format("{} (during a batch of {} requests starting with {}, {})", e.what(), count,
+                                 proto::opName(firstOp), what);
       if (dynamic_cast<TimeoutError*>(&e)) DTRAIN_THROW(TimeoutError, "{}", message);
       DTRAIN_THROW(NetworkError, "{}", message);
     }
-    if (!error.empty()) DTRAIN_THROW(Error, "{}", error);
+    roundTrips_.fetch_add(1, std::memory_order_relaxed);
+    if (!error.empty()) break;  // later chunks are not sent
   }
+  if (!error.empty()) DTRAIN_THROW(Error, "{}", error);
 }
 
 void TcpStoreClient::multiSet(const std::vector<std::pair<std::string, std::string>>& entries) {
@@ -515,29 +500,100 @@ void TcpStoreClient::multiSet(const std::vector<std::pair<std::string, std::stri
     checkValue(value);
   }
   pipeline(
-      Op::kSet, entries.size(),
+      entries.size(),
       [&](ByteWriter& w, size_t i) {
+        w.put<uint8_t>(static_cast<uint8_t>(Op::kSet));
         w.putBytes(entries[i].first);
         w.putBytes(entries[i].second);
       },
       [&](size_t, Status status, std::string_view) {
         if (status != Status::kOk) unexpected(address_, Op::kSet, status);
       },
-      entries.empty() ? std::string_view() : std::string_view(entries.front().first));
+      timeout_, entries.empty() ? std::string_view() : std::string_view(entries.front().first));
 }
 
 std::vector<std::optional<std::string>> TcpStoreClient::multiGet(const std::vector<std::string>& keys) {
   for (const auto& key : keys) checkKey(key);
   std::vector<std::optional<std::string>> values(keys.size());
   pipeline(
-      Op::kTryGet, keys.size(), [&](ByteWriter& w, size_t i) { w.putBytes(keys[i]); },
+      keys.size(),
+      [&](ByteWriter& w, size_t i) {
+        w.put<uint8_t>(static_cast<uint8_t>(Op::kTryGet));
+        w.putBytes(keys[i]);
+      },
       [&](size_t i, Status status, std::string_view fields) {
         if (status == Status::kNotFound) return;
         if (status != Status::kOk) unexpected(address_, Op::kTryGet, status);
         values[i] = std::string(ByteReader(fields).getBytes());
       },
-      keys.empty() ? std::string_view() : std::string_view(keys.front()));
+      timeout_, keys.empty() ? std::string_view() : std::string_view(keys.front()));
   return values;
+}
+
+namespace {
+Op wireOp(StoreOp::Kind kind) {
+  switch (kind) {
+    case StoreOp::Kind::kSet: return Op::kSet;
+    case StoreOp::Kind::kTryGet: return Op::kTryGet;
+    case StoreOp::Kind::kGet: return Op::kGet;
+    case StoreOp::Kind::kAdd: return Op::kAdd;
+    case StoreOp::Kind::kCompareSet: return Op::kCompareSet;
+    case StoreOp::Kind::kAppend: return Op::kAppend;
+    case StoreOp::Kind::kRemove: return Op::kDelete;
+  }
+  return Op::kPing;
+}
+}  // namespace
+
+std::vector<StoreResult> TcpStoreClient::batch(const std::vector<StoreOp>& ops) {
+  // The server answers the ops in order, parking at a get whose key is missing: the batch may take the sum of
+  // its gets' timeouts, plus the usual timeout for the rest.
+  Millis readTimeout = timeout_;
+  for (const auto& op : ops) {
+    checkKey(op.key);
+    checkValue(op.value);
+    checkValue(op.expected);
+    if (op.kind == StoreOp::Kind::kGet) readTimeout += capWait(op.timeout) + kServerGrace;
+  }
+  std::vector<StoreResult> results(ops.size());
+  pipeline(
+      ops.size(),
+      [&](ByteWriter& w, size_t i) {
+        const auto& op = ops[i];
+        w.put<uint8_t>(static_cast<uint8_t>(wireOp(op.kind)));
+        w.putBytes(op.key);
+        switch (op.kind) {
+          case StoreOp::Kind::kSet:
+          case StoreOp::Kind::kAppend: w.putBytes(op.value); break;
+          case StoreOp::Kind::kGet: w.put<uint64_t>(static_cast<uint64_t>(capWait(op.timeout).count())); break;
+          case StoreOp::Kind::kAdd: w.put<int64_t>(op.delta); break;
+          case StoreOp::Kind::kCompareSet:
+            w.putBytes(op.expected);
+            w.putBytes(op.value);
+            break;
+          case StoreOp::Kind::kTryGet:
+          case StoreOp::Kind::kRemove: break;
+        }
+      },
+      [&](size_t i, Status status, std::string_view fields) {
+        const auto kind = ops[i].kind;
+        auto& r = results[i];
+        if (kind == StoreOp::Kind::kGet && status == Status::kTimeout) return;  // value stays nullopt
+        if (kind == StoreOp::Kind::kTryGet && status == Status::kNotFound) return;
+        if (status != Status::kOk) unexpected(address_, wireOp(kind), status);
+        ByteReader reader(fields);
+        switch (kind) {
+          case StoreOp::Kind::kTryGet:
+          case StoreOp::Kind::kGet:
+          case StoreOp::Kind::kCompareSet: r.value = std::string(reader.getBytes()); break;
+          case StoreOp::Kind::kAdd: r.number = reader.get<int64_t>(); break;
+          case StoreOp::Kind::kRemove: r.number = reader.get<uint8_t>(); break;
+          case StoreOp::Kind::kSet:
+          case StoreOp::Kind::kAppend: break;
+        }
+      },
+      readTimeout, ops.empty() ? std::string_view() : std::string_view(ops.front().key));
+  return results;
 }
 
 void TcpStoreClient::ping() {

@@ -16,6 +16,7 @@
 // watcher thread its own connection with clone().
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <functional>
 #include <memory>
@@ -71,11 +72,18 @@ class TcpStoreClient : public Store {
   // after the chunk's other replies were read (the connection stays usable); later chunks are not sent.
   void multiSet(const std::vector<std::pair<std::string, std::string>>& entries) override;
   std::vector<std::optional<std::string>> multiGet(const std::vector<std::string>& keys) override;
+  // Pipelined the same way, each op its own request; a get parks in the server, which answers the ops after it
+  // once it is answered (a get that timed out: value nullopt). A kError reply throws once every reply of its chunk
+  // was read (the connection stays usable); later chunks are not sent.
+  std::vector<StoreResult> batch(const std::vector<StoreOp>& ops) override;
   // A new connection to the same server (same options, current default timeout).
   std::shared_ptr<Store> clone() override;
 
   // One round trip; throws like any call when the server is gone.
   void ping();
+  // Round trips this client made (one per call, one per chunk of a pipelined batch): what the rendezvous
+  // benchmark counts per agent.
+  uint64_t roundTrips() const { return roundTrips_.load(std::memory_order_relaxed); }
   // "host:port" of the store, as used in every error message.
   const std::string& address() const { return address_; }
 
@@ -90,12 +98,17 @@ class TcpStoreClient : public Store {
   void begin(proto::Op op);
   proto::Status exchange(proto::Op op, Millis readTimeout, std::string_view key);
   void sendAll(const Deadline& deadline);
-  // The batch behind multiSet/multiGet: encode(i) writes request i's fields after its op byte; decode(i,
-  // status, fields) reads reply i (never called for kError replies).
+  // Reads `count` reply frames in order into in_, calling onReply(i, status, fields) for each (fields: a view into
+  // in_). recvSome is its one receive, and the one place a receive error or timeout is handled.
+  using OnReply = std::function<void(size_t, proto::Status, std::string_view)>;
+  void readReplies(size_t count, Millis readTimeout, const Deadline& deadline, const OnReply& onReply);
+  size_t recvSome(size_t have, Millis recvTimeout, Millis waited, const Deadline& deadline);
+  // The batch behind multiSet/multiGet/batch: encode(w, i) writes request i (its op byte, then its fields);
+  // decode(i, status, fields) reads reply i (never called for kError replies). Each chunk's replies are read
+  // within `readTimeout`.
   using Encode = std::function<void(ByteWriter&, size_t)>;
   using Decode = std::function<void(size_t, proto::Status, std::string_view)>;
-  void pipeline(proto::Op op, size_t count, const Encode& encode, const Decode& decode, std::string_view what);
-  void recvFrame(Millis readTimeout, const Deadline& deadline);
+  void pipeline(size_t count, const Encode& encode, const Decode& decode, Millis readTimeout, std::string_view what);
   void setRecvTimeout(Millis t);
   [[noreturn]] void fail(const std::string& what, int err);
   [[noreturn]] void throwReplyError(proto::Op op, std::string_view key);
@@ -111,6 +124,7 @@ class TcpStoreClient : public Store {
   std::string in_;          // the last reply frame's body (status + fields)
   std::string_view reply_;  // fields of the last reply, a view into in_
   size_t frameStart_ = 0;
+  std::atomic<uint64_t> roundTrips_{0};
 };
 
 // Parses "host:port" (port defaults to 29400, torchrun's rendezvous port) and connects within `timeout`; an

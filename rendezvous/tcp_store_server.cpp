@@ -269,6 +269,7 @@ TcpStoreServerStats TcpStoreServer::stats() const {
   s.connectionsAccepted = impl_->accepted_.load(std::memory_order_relaxed);
   s.connectionsOpen = impl_->open_.load(std::memory_order_relaxed);
   s.requests = impl_->requests_.load(std::memory_order_relaxed);
+  s.replyWrites = impl_->replyWrites_.load(std::memory_order_relaxed);
   s.protocolErrors = impl_->protocolErrors_.load(std::memory_order_relaxed);
   s.waiters = impl_->waiters_.load(std::memory_order_relaxed);
   s.bufferedBytes = impl_->bufferedStat_.load(std::memory_order_relaxed);

@@ -64,6 +64,9 @@ struct TcpStoreServerStats {
   uint64_t connectionsAccepted = 0;
   uint64_t connectionsOpen = 0;
   uint64_t requests = 0;
+  // Writes of replies: one per burst of pipelined requests answered together (and one per parked get/wait
+  // answered), so about the clients' round trips; requests / replyWrites is how much pipelining saved.
+  uint64_t replyWrites = 0;
   uint64_t protocolErrors = 0;  // connections closed for a malformed frame or a bad handshake
   uint64_t authFailures = 0;    // connections closed for a wrong or missing token
   uint64_t waiters = 0;         // GET/WAIT requests parked right now

@@ -253,6 +253,7 @@ void Session::flush() {
   sending_.swap(out_);
   account();
   writing_ = true;
+  core_.replyWrites_.fetch_add(1, std::memory_order_relaxed);
   asio::async_write(socket_, asio::buffer(sending_),
                     [self = shared_from_this()](const boost::system::error_code& ec, size_t) {
                       self->writing_ = false;

@@ -48,7 +48,7 @@ class TcpStoreServer::Impl {
   TcpStoreLimits limits_;
   std::string token_;
   StoreState state_;
-  std::atomic<uint64_t> accepted_{0}, open_{0}, requests_{0}, protocolErrors_{0}, waiters_{0};
+  std::atomic<uint64_t> accepted_{0}, open_{0}, requests_{0}, replyWrites_{0}, protocolErrors_{0}, waiters_{0};
   std::atomic<uint64_t> bufferedStat_{0}, refused_{0}, timedOut_{0}, authFailures_{0}, keysStat_{0}, storedStat_{0};
 
   std::string host_;

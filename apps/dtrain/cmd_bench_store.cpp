@@ -97,10 +97,14 @@ int runBenchRdzv(const BenchRdzvArgs& a) {
                 f.p999Us, f.maxUs);
   };
   row("heartbeat", r.heartbeat);
-  row("members", r.membership);
+  std::printf("(heartbeat: bump this agent's counter and read the watched members' counters, one batch)\n");
+  if (r.joinRoundTripsPerAgent >= 0)
+    std::printf("round trips per agent: %.2f to join, %.2f per heartbeat\n", r.joinRoundTripsPerAgent,
+                r.beatRoundTripsPerAgent);
   if (r.inProcess)
-    std::printf("store: %llu requests, io thread CPU %.2f s over the whole run\n",
-                static_cast<unsigned long long>(r.storeRequests), r.storeCpuSeconds);
+    std::printf("store: %llu requests in %llu reply writes, io thread CPU %.2f s over the whole run\n",
+                static_cast<unsigned long long>(r.storeRequests), static_cast<unsigned long long>(r.storeReplyWrites),
+                r.storeCpuSeconds);
   std::fflush(stdout);
   return 0;
 }

@@ -435,8 +435,7 @@ void RoundRunner::onHeartbeat() {
   if (roundEnded(state_.phase)) return;
   storeCalls_.post([this] {
     try {
-      ctx_.rdzv->heartbeat(*ctx_.round);
-      auto silent = ctx_.rdzv->silentMembers(*ctx_.round, ctx_.options->heartbeatTimeout);
+      auto silent = ctx_.rdzv->beat(*ctx_.round, ctx_.options->heartbeatTimeout);  // one round trip
       if (ctx_.metrics) ctx_.metrics->setHeartbeatAges(ctx_.rdzv->heartbeatAges(*ctx_.round));
       std::optional<int> first;
       if (!silent.empty()) first = silent.front();

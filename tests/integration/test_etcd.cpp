@@ -16,6 +16,7 @@
 #include "rendezvous/rendezvous.h"
 #include "tests/integration/launch_helpers.h"
 #include "tests/integration/train_helpers.h"
+#include "tests/rendezvous/store_batch_contract.h"
 #include "tests/support/etcd_cluster.h"
 
 using namespace dtrain;
@@ -102,6 +103,32 @@ TEST_CASE("the Store contract over etcd: set/get/add/compareSet/append/check/wai
   // Keys of another prefix are not counted.
   connect(etcd.endpoint(0), "/other/")->set("k", "v");
   CHECK(s->numKeys() == 5);
+}
+
+TEST_CASE("batches over etcd: runs of set/get/remove are one txn of at most 128 operations") {
+  SKIP_WITHOUT_ETCD();
+  EtcdCluster etcd(1);
+  auto s = connect(etcd.endpoint(0));
+  auto other = connect(etcd.endpoint(0));
+  checkBatchContract(*s, *other);
+
+  std::vector<std::pair<std::string, std::string>> entries;
+  for (int i = 0; i < 300; ++i) entries.emplace_back(fmt::format("m/{}", i), std::to_string(i));
+  auto before = s->requests();
+  s->multiSet(entries);
+  CHECK(s->requests() - before == 3);  // 128 + 128 + 44
+  std::vector<std::string> keys;
+  for (int i = 0; i < 300; ++i) keys.push_back(fmt::format("m/{}", i));
+  before = s->requests();
+  auto values = s->multiGet(keys);
+  CHECK(s->requests() - before == 3);
+  CHECK(values[299] == "299");
+  // A heartbeat-shaped batch: one request.
+  before = s->requests();
+  auto r = s->batch({rendezvous::StoreOp::set("m/0", "x"), rendezvous::StoreOp::tryGet("m/1"),
+                     rendezvous::StoreOp::tryGet("m/2")});
+  CHECK(s->requests() - before == 1);
+  CHECK(r[2].value == "2");
 }
 
 TEST_CASE("endpoint failover: a dead endpoint first in the list is skipped") {

@@ -5,6 +5,7 @@
 #include "lib/common/error.h"
 #include "rendezvous/memory_store.h"
 #include "rendezvous/prefix_store.h"
+#include "tests/rendezvous/store_batch_contract.h"
 
 using namespace dtrain;
 using namespace dtrain::rendezvous;
@@ -57,4 +58,14 @@ TEST_CASE("prefix store namespaces keys") {
 TEST_CASE("size limits are enforced") {
   auto s = MemoryStore::create();
   CHECK_THROWS_AS(s->set(std::string(kMaxKeyBytes + 1, 'k'), "v"), Error);
+}
+
+TEST_CASE("memory store: batch (the default loop) and through a prefix store") {
+  auto s = MemoryStore::create();
+  testing::checkBatchContract(*s, *s);
+  PrefixStore p("/run/", s);
+  auto r = p.batch({StoreOp::set("x", "1"), StoreOp::tryGet("x"), StoreOp::add("n", 4)});
+  CHECK(r[1].value == "1");
+  CHECK(s->tryGet("/run/x") == "1");
+  CHECK(s->tryGet("/run/n") == "4");
 }

@@ -11,6 +11,7 @@
 #include "rendezvous/prefix_store.h"
 #include "rendezvous/tcp_store_client.h"
 #include "rendezvous/tcp_store_server.h"
+#include "tests/rendezvous/store_batch_contract.h"
 #include "tests/rendezvous/store_test_util.h"
 
 using namespace dtrain;
@@ -322,4 +323,32 @@ TEST_CASE("tcp store: a refused entry of a batch is an error and the connection 
   CHECK(s->multiGet({"k0", "k650"}) == std::vector<std::optional<std::string>>{std::string("v"), std::nullopt});
   s->set("k0", "again");
   CHECK(s->get("k0", 1s) == "again");
+}
+
+TEST_CASE("tcp store: batch pipelines mixed operations in one round trip, a parked get included") {
+  auto server = startServer();
+  auto s = client(*server);
+  auto other = client(*server);
+  testing::checkBatchContract(*s, *other);
+
+  // One round trip (one reply write by the server) for a heartbeat-shaped batch: a set and three reads.
+  s->set("hb/1", "0");
+  const auto trips = s->roundTrips();
+  const auto writes = server->stats().replyWrites;
+  const auto requests = server->stats().requests;
+  auto r = s->batch({StoreOp::set("hb/0", "1"), StoreOp::tryGet("hb/1"), StoreOp::tryGet("hb/2"),
+                     StoreOp::tryGet("hb/0")});
+  CHECK(s->roundTrips() - trips == 1);
+  CHECK(server->stats().requests - requests == 4);
+  CHECK(server->stats().replyWrites - writes == 1);
+  CHECK(r[1].value == "0");
+  CHECK_FALSE(r[2].value.has_value());
+  CHECK(r[3].value == "1");
+
+  // A refused op is an error after every reply was read: the ops around it ran, the connection is in step.
+  CHECK_THROWS_WITH_AS(s->batch({StoreOp::set("e/1", "a"), StoreOp::add("e/1", 1), StoreOp::set("e/2", "b")}),
+                       doctest::Contains("not an integer"), Error);
+  CHECK(s->tryGet("e/2") == "b");
+  CHECK_THROWS_AS(s->batch({StoreOp::set(std::string(kMaxKeyBytes + 1, 'k'), "v")}), Error);  // refused locally
+  s->ping();
 }

@@ -260,8 +260,10 @@ std::string checkJob(const Job& job) {
   out += fmt::format("output: {}\n", job.outputDir.string());
   // A run would resume from this checkpoint: another model's is refused here (CheckpointError, exit 8).
   if (!job.checkpoint.enabled) out += "resume: off (checkpoints are off)\n";
-  else if (!job.checkpoint.resume) out += "resume: off (checkpoint.resume is false): starts at step 0\n";
-  else if (auto from = checkResumeCheckpoint(job))
+  else if (!job.checkpoint.resume) {
+    out += "resume: off (checkpoint.resume is false): starts at step 0\n";
+    if (auto warning = resumeOffWarning(job)) out += "warning: " + *warning + "\n";
+  } else if (auto from = checkResumeCheckpoint(job))
     out += fmt::format("resume: from {} (step {}, epoch {}, {} samples of it done, saved by {} rank(s))\n",
                        from->path.string(), from->step, from->epoch + 1, from->samplesConsumed, from->savedWorldSize);
   else out += fmt::format("resume: no valid checkpoint in {}: starts at step 0\n", job.checkpoint.dir.string());

@@ -80,7 +80,7 @@ void checkWrittenForModel(const ckpt::Checkpoint& cp, const ckpt::TensorAssemble
   DTRAIN_THROW(CheckpointError,
                "{}: checkpoint was written for another model: {} (spec hash {}, this job's model hashes to {}); "
                "refusing to load it: resume with the original model spec, or start a fresh run in another output "
-               "directory (--output-dir), or set checkpoint.resume=false",
+               "directory (--output-dir)",
                cp.path().string(), difference, cp.meta().specHash, job.modelHash);
 }
 
@@ -107,6 +107,8 @@ Checkpointer::Checkpointer(const Job& job, Strategy& strategy, std::string runTa
       runTag_(std::move(runTag)) {}
 
 std::optional<ResumePoint> Checkpointer::resume(nn::Model& model, nn::Optimizer& optimizer) {
+  if (job_.checkpoint.enabled && !job_.checkpoint.resume && rank_ == 0)
+    if (auto warning = resumeOffWarning(job_)) log::warn("{}", *warning);
   if (!job_.checkpoint.enabled || !job_.checkpoint.resume) return std::nullopt;
   auto latest = ckpt::findLatestValid(job_.checkpoint.dir);
   if (rank_ == 0)
@@ -150,6 +152,18 @@ std::optional<ResumePoint> checkResumeCheckpoint(const Job& job) {
   const auto& meta = cp.meta();
   return ResumePoint{meta.step, meta.epoch, meta.samplesConsumed, meta.worldSize,
                      meta.user.value("epoch_world", meta.worldSize), cp.path()};
+}
+
+std::optional<std::string> resumeOffWarning(const Job& job) {
+  if (!job.checkpoint.enabled || job.checkpoint.resume || !std::filesystem::is_directory(job.checkpoint.dir))
+    return std::nullopt;
+  for (const auto& c : ckpt::listCheckpoints(job.checkpoint.dir, /*verifyChecksums=*/false))
+    if (c.status == ckpt::Status::kComplete)
+      return fmt::format("{}: checkpoint.resume is false, but {} already holds checkpoints up to step {}: they stay "
+                         "beside this run's, and a later run that resumes takes the newest step there, which may be "
+                         "one of theirs; give this run its own --output-dir to start clean",
+                         job.sourceFile, job.checkpoint.dir.string(), c.step);
+  return std::nullopt;
 }
 
 bool Checkpointer::loadCommHookState(const ResumePoint& from) {

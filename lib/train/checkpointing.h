@@ -56,6 +56,11 @@ struct ResumePoint {
 // spec hashes. Blocks on file I/O (reads the candidate's files once for their crc32).
 std::optional<ResumePoint> checkResumeCheckpoint(const Job& job);
 
+// With checkpoints on and checkpoint.resume false: when job.checkpoint.dir already holds complete checkpoints, a
+// warning that they stay beside this run's and that a later resume takes the newest step there, which may be an
+// older run's (nullopt otherwise). Lists the folder without reading checksums.
+std::optional<std::string> resumeOffWarning(const Job& job);
+
 class Checkpointer {
  public:
   // `strategy` (its groups, barrier and shard) must outlive the checkpointer.

@@ -154,12 +154,20 @@ TEST_CASE("dtrain run and dtrain check refuse another model's checkpoint before 
     CHECK(checked.exitCode == 8);
     CHECK(checked.err.find(c.says) != std::string::npos);
   }
-  // A fresh output folder, or resume off, is no conflict.
+  // Resume off is no conflict, but the old checkpoints stay where a later resume would take them: said so.
   auto fresh = run({dtrainBinary(), "check", dir + "/job.json", "--set", "model.layers.0.out=32", "--set",
                     "checkpoint.resume=false", "--output-dir", dir + "/out"},
                    {.timeout = 60s});
   CHECK(fresh.exitCode == 0);
   CHECK(fresh.out.find("resume: off") != std::string::npos);
+  const std::string stale = "checkpoint.resume is false, but " + dir + "/out/checkpoints already holds checkpoints up "
+                            "to step 3";
+  CHECK(fresh.out.find(stale) != std::string::npos);
+  auto trained = run({dtrainBinary(), "train", dir + "/job.json", "--set", "checkpoint.resume=false", "--output-dir",
+                      dir + "/out"},
+                     {.timeout = 60s});
+  CHECK(trained.exitCode == 0);
+  CHECK(trained.err.find(stale) != std::string::npos);
 }
 
 TEST_CASE("Ctrl-C once the model is written: the job completed and dtrain run exits 0") {

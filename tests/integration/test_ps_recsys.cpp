@@ -254,6 +254,37 @@ TEST_CASE("recsys on parameter servers: grad_accum 2 x batch 32 equals one batch
   CHECK(two.out.find("done: 6 steps") != std::string::npos);
 }
 
+TEST_CASE("a language model with a sparse token table: dtrain generate reads the servers' row shards") {
+  // A bigram model (token table on 2 servers + a linear head) learns "abcabc..."; generation needs the table from
+  // the shards beside model.safetensors (a table it did not read would not continue the pattern).
+  std::string dir = tempDir("pssparselm");
+  std::string text;
+  for (int i = 0; i < 3000; ++i) text += "abc";
+  writeFile(dir + "/abc.txt", text);
+  const json job = {
+      {"model",
+       {{"input", {8}},
+        {"layers",
+         {{{"type", "embedding"}, {"vocab_size", 256}, {"n_embd", 8}, {"position", false}, {"sparse", true},
+           {"init_std", 0.1}},
+          {{"type", "linear"}, {"out", 256}}}}}},
+      {"loss", {{"type", "cross_entropy"}}},
+      {"data", {{"train", {{"format", "text"}, {"path", dir + "/abc.txt"}, {"vocab", "byte"}}}, {"batch_size", 8}}},
+      {"optimizer", {{"type", "adam"}, {"lr", 0.05}}},
+      {"train", {{"epochs", 1}, {"max_steps", 40}}},
+      {"parallel", {{"strategy", "parameter_server"}, {"servers", 2}}}};
+  writeFile(dir + "/lm.json", job.dump());
+  auto r = run(ranks(3, dir + "/lm.json", dir + "/run"), {.timeout = 120s});
+  INFO(r.out, r.err);
+  REQUIRE(r.exitCode == 0);
+  REQUIRE(std::filesystem::exists(dir + "/run/model-00002-of-00002.safetensors"));
+  auto g = run({dtrainBinary(), "generate", dir + "/run", "--prompt", "ab", "--tokens", "12", "--temperature", "0.1",
+                "--seed", "1"});
+  INFO(g.out, g.err);
+  CHECK(g.exitCode == 0);
+  CHECK(g.out.find("abcabcabc") != std::string::npos);
+}
+
 TEST_CASE("sparse embedding without the parameter-server strategy: exit 2 naming the layer, before any rank") {
   std::string dir = tempDir("psrecsysbad");
   json job = recsysJob("sync", 1);

@@ -1,13 +1,8 @@
 #include "rendezvous/etcd_store.h"
 
-#include <boost/asio/connect.hpp>
-#include <boost/asio/io_context.hpp>
-#include <boost/asio/ip/tcp.hpp>
-#include <boost/beast/core.hpp>
-#include <boost/beast/http.hpp>
 #include <nlohmann/json.hpp>
 
-#include <fcntl.h>
+#include <cstdlib>
 
 #include <algorithm>
 #include <thread>
@@ -16,12 +11,10 @@
 #include "lib/common/error.h"
 #include "lib/common/log.h"
 #include "lib/common/parse.h"
+#include "rendezvous/etcd_http.h"
 
 namespace dtrain::rendezvous {
 
-namespace asio = boost::asio;
-namespace beast = boost::beast;
-namespace http = beast::http;
 using json = nlohmann::json;
 using namespace std::chrono_literals;
 
@@ -89,26 +82,27 @@ int64_t int64Field(const json& j, const char* name) {
   return 0;
 }
 
-// A retryable failure of one endpoint (connection, timeout, 5xx): the caller moves to the next endpoint.
-struct EndpointFailure : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
-// grpc-gateway's HTTP status for a gRPC code that says "this member, now" rather than "this request": 5xx
-// (UNAVAILABLE 503: no leader; DEADLINE_EXCEEDED 504; UNKNOWN/INTERNAL 500), CANCELED 408 (a member shutting
-// down answers "the client connection is closing"), ABORTED 409, RESOURCE_EXHAUSTED 429.
-bool retryableStatus(unsigned status) { return status >= 500 || status == 408 || status == 409 || status == 429; }
+using etcd::EndpointFailure;
+using etcd::HttpError;
 
 }  // namespace
 
-std::optional<std::vector<net::HostPort>> parseEtcdEndpoints(std::string_view text) {
+std::optional<std::vector<net::HostPort>> parseEtcdEndpoints(std::string_view text, bool* tls) {
   if (text.substr(0, kScheme.size()) == kScheme) text.remove_prefix(kScheme.size());
   while (!text.empty() && text.back() == '/') text.remove_suffix(1);
   std::vector<net::HostPort> out;
+  std::optional<bool> https;  // the scheme of the first entry that names one; the others must agree
   while (!text.empty()) {
     auto comma = text.find(',');
     auto one = text.substr(0, comma);
-    if (one.substr(0, 7) == "http://") one.remove_prefix(7);
+    while (!one.empty() && one.back() == '/') one.remove_suffix(1);
+    for (bool secure : {false, true}) {
+      std::string_view scheme = secure ? "https://" : "http://";
+      if (one.substr(0, scheme.size()) != scheme) continue;
+      if (https && *https != secure) return std::nullopt;
+      https = secure;
+      one.remove_prefix(scheme.size());
+    }
     auto hp = net::parseHostPort(one, kEtcdPort);
     if (!hp || hp->host.empty()) return std::nullopt;
     out.push_back(*hp);
@@ -116,93 +110,22 @@ std::optional<std::vector<net::HostPort>> parseEtcdEndpoints(std::string_view te
     text.remove_prefix(comma + 1);
   }
   if (out.empty()) return std::nullopt;
+  if (tls) *tls = https.value_or(false);
   return out;
 }
 
+void etcdOptionsFromEnvironment(EtcdStoreOptions& o) {
+  auto env = [](const char* name, std::string& out) {
+    if (const char* v = std::getenv(name); v != nullptr && *v != '\0') out = v;
+  };
+  env(kEtcdCaCertEnv, o.caCert);
+  env(kEtcdCertEnv, o.cert);
+  env(kEtcdKeyEnv, o.key);
+  env(kEtcdUserEnv, o.user);
+  env(kEtcdPasswordEnv, o.password);
+}
+
 bool isEtcdAddress(std::string_view address) { return address.substr(0, kScheme.size()) == kScheme; }
-
-// One HTTP/1.1 connection to one endpoint, with a deadline on every exchange. Beast's stream timeouts apply to
-// asynchronous operations only, so each step is started asynchronously and the private io_context is run until
-// it completes (or its timer closes the socket): a blocking call with a deadline.
-class EtcdStore::Http {
- public:
-  Http(const net::HostPort& endpoint, Millis timeout) : endpoint_(endpoint), stream_(io_) {
-    asio::ip::tcp::resolver resolver(io_);
-    boost::system::error_code ec;
-    auto results = resolver.resolve(endpoint.host, std::to_string(endpoint.port), ec);
-    if (ec) throw EndpointFailure(fmt::format("cannot resolve {}: {}", endpoint.str(), ec.message()));
-    stream_.expires_after(timeout);
-    stream_.async_connect(results, [&](const boost::system::error_code& e, const auto&) { ec = e; });
-    runIo();
-    if (ec) throw EndpointFailure(fmt::format("cannot connect to {}: {}", endpoint.str(), ec.message()));
-    ::fcntl(stream_.socket().native_handle(), F_SETFD, FD_CLOEXEC);
-  }
-
-  void send(const std::string& path, const std::string& body, Millis timeout, bool keepAlive) {
-    http::request<http::string_body> req{http::verb::post, path, 11};
-    req.set(http::field::host, endpoint_.str());
-    req.set(http::field::content_type, "application/json");
-    req.keep_alive(keepAlive);
-    req.body() = body;
-    req.prepare_payload();
-    boost::system::error_code ec;
-    stream_.expires_after(timeout);
-    http::async_write(stream_, req, [&](const boost::system::error_code& e, size_t) { ec = e; });
-    runIo();
-    if (ec) throw EndpointFailure(fmt::format("{}: sending {}: {}", endpoint_.str(), path, ec.message()));
-  }
-
-  // One request, one whole answer. 5xx => EndpointFailure (etcd unavailable there); 4xx => Error.
-  std::string exchange(const std::string& path, const std::string& body, Millis timeout) {
-    send(path, body, timeout, true);
-    http::response<http::string_body> res;
-    boost::system::error_code ec;
-    stream_.expires_after(timeout);
-    http::async_read(stream_, buffer_, res, [&](const boost::system::error_code& e, size_t) { ec = e; });
-    runIo();
-    if (ec) throw EndpointFailure(fmt::format("{}: reading the answer to {}: {}", endpoint_.str(), path, ec.message()));
-    auto status = res.result_int();
-    if (retryableStatus(status))
-      throw EndpointFailure(fmt::format("{} answered {} to {}: {}", endpoint_.str(), status, path, res.body()));
-    if (status != 200)
-      DTRAIN_THROW(Error, "etcd at {} answered {} to {}: {}", endpoint_.str(), status, path, res.body());
-    return std::move(res.body());
-  }
-
-  // Streams a watch: returns true once a message carries events, false when `deadline` passes first.
-  bool watch(const std::string& body, const Deadline& deadline, Millis requestTimeout) {
-    send("/v3/watch", body, std::min(requestTimeout, std::max(Millis(1), deadline.remaining())), false);
-    http::response_parser<http::string_body> parser;
-    parser.body_limit(boost::none);
-    for (;;) {
-      if (deadline.expired()) return false;
-      boost::system::error_code ec;
-      stream_.expires_after(deadline.remaining());
-      http::async_read_some(stream_, buffer_, parser, [&](const boost::system::error_code& e, size_t) { ec = e; });
-      runIo();
-      if (ec == beast::error::timeout) return false;
-      if (ec) throw EndpointFailure(fmt::format("{}: watch stream: {}", endpoint_.str(), ec.message()));
-      if (parser.is_header_done() && parser.get().result_int() != 200)
-        throw EndpointFailure(fmt::format("{} answered {} to a watch", endpoint_.str(), parser.get().result_int()));
-      auto& text = parser.get().body();
-      if (text.find("\"events\"") != std::string::npos) return true;
-      if (text.find("\"canceled\":true") != std::string::npos || text.find("\"error\"") != std::string::npos)
-        throw EndpointFailure(fmt::format("{}: watch ended: {}", endpoint_.str(), text.substr(0, 300)));
-      if (parser.is_done()) throw EndpointFailure(fmt::format("{}: watch stream closed", endpoint_.str()));
-    }
-  }
-
- private:
-  void runIo() {
-    io_.restart();
-    io_.run();
-  }
-
-  net::HostPort endpoint_;
-  asio::io_context io_;
-  beast::tcp_stream stream_;
-  beast::flat_buffer buffer_;
-};
 
 struct EtcdStore::Kv {
   std::string value;
@@ -211,6 +134,7 @@ struct EtcdStore::Kv {
 
 EtcdStore::EtcdStore(EtcdStoreOptions options) : options_(std::move(options)) {
   DTRAIN_CHECK(!options_.endpoints.empty(), "etcd store: no endpoint given");
+  tls_ = etcd::makeTlsContext(options_);
 }
 
 EtcdStore::~EtcdStore() = default;
@@ -224,7 +148,8 @@ std::shared_ptr<EtcdStore> EtcdStore::connect(const EtcdStoreOptions& options) {
 
 std::string EtcdStore::address() const {
   std::string out(kScheme);
-  for (size_t i = 0; i < options_.endpoints.size(); ++i) out += (i ? "," : "") + options_.endpoints[i].str();
+  for (size_t i = 0; i < options_.endpoints.size(); ++i)
+    out += (i ? "," : "") + std::string(options_.tls ? "https://" : "") + options_.endpoints[i].str();
   return out;
 }
 
@@ -242,13 +167,26 @@ std::string EtcdStore::call(const std::string& path, const std::string& body, co
     const auto& ep = options_.endpoints[current_];
     try {
       auto t = std::max(Millis(1), std::min(options_.requestTimeout, deadline.remaining()));
-      if (!http_) http_ = std::make_unique<Http>(ep, t);
-      auto answer = http_->exchange(path, body, t);
-      requests_.fetch_add(1, std::memory_order_relaxed);
-      return answer;
+      if (!http_) http_ = std::make_unique<etcd::Http>(ep, t, tls_.get());
+      for (int attempt = 0;; ++attempt) {
+        try {
+          auto answer = http_->exchange(path, body, t, tokenLocked(deadline));
+          requests_.fetch_add(1, std::memory_order_relaxed);
+          return answer;
+        } catch (const HttpError& e) {
+          // A token etcd no longer accepts (expired, or issued before a restart): authenticate again, once.
+          if (!options_.user.empty() && attempt == 0 && (e.status == 401 || e.body.find("invalid auth token") != std::string::npos)) {
+            token_.clear();
+            continue;
+          }
+          refuseIfAuthError(ep.str(), e.status, e.body);
+          DTRAIN_THROW(Error, "{}", e.what());
+        }
+      }
     } catch (const EndpointFailure& e) {
       last = e.what();
       http_.reset();
+      token_.clear();  // etcd's simple tokens are the issuing member's: authenticate again at the next one
       if (failures++ == 0 || failures % options_.endpoints.size() == 0)
         log::debug("etcd store: {}; trying the next endpoint", last);
       current_ = (current_ + 1) % options_.endpoints.size();
@@ -261,6 +199,42 @@ std::string EtcdStore::call(const std::string& path, const std::string& body, co
       backoff = std::min(backoff * 2, Millis(500));
     }
   }
+}
+
+const std::string& EtcdStore::tokenLocked(const Deadline& deadline) {
+  if (options_.user.empty() || !token_.empty()) return token_;
+  auto t = std::max(Millis(1), std::min(options_.requestTimeout, deadline.remaining()));
+  const auto& ep = options_.endpoints[current_];
+  try {
+    auto res = json::parse(http_->exchange("/v3/auth/authenticate",
+                                           json{{"name", options_.user}, {"password", options_.password}}.dump(), t, ""));
+    token_ = res.value("token", "");
+  } catch (const HttpError& e) {
+    refuseIfAuthError(ep.str(), e.status, e.body);
+    DTRAIN_THROW(Error, "{}", e.what());
+  }
+  DTRAIN_CHECK_AS(EtcdRefusedError, !token_.empty(),
+                  "etcd at {} gave no token for user '{}': is authentication enabled there (etcdctl auth enable)?",
+                  ep.str(), options_.user);
+  return token_;
+}
+
+void EtcdStore::refuseIfAuthError(const std::string& endpoint, unsigned status, const std::string& body) const {
+  auto has = [&](const char* text) { return body.find(text) != std::string::npos; };
+  if (has("authentication failed") || has("invalid user ID or password"))
+    DTRAIN_THROW(EtcdRefusedError,
+                 "etcd at {} refused user '{}': wrong user name or password (--rdzv-conf user=...,password=..., or "
+                 "the environment variable {})",
+                 endpoint, options_.user, kEtcdPasswordEnv);
+  if (has("user name is empty") || has("user name not found") || (status == 401 && options_.user.empty()))
+    DTRAIN_THROW(EtcdRefusedError,
+                 "etcd at {} requires authentication (it answered {}: {}): give --rdzv-conf user=...,password=...",
+                 endpoint, status, body.substr(0, 200));
+  if (has("permission denied"))
+    DTRAIN_THROW(EtcdRefusedError,
+                 "etcd at {} denied user '{}' access to dtrain's keys (it answered {}: {}): grant the user a role "
+                 "with read/write on the /dtrain/ prefix",
+                 endpoint, options_.user, status, body.substr(0, 200));
 }
 
 std::optional<EtcdStore::Kv> EtcdStore::range(const std::string& fullKey, const Deadline& deadline, int64_t* revision) {
@@ -332,12 +306,18 @@ bool EtcdStore::waitOne(const std::string& fullKey, const Deadline& deadline) {
   }
   for (;;) {
     int64_t revision = 0;
-    if (range(fullKey, Deadline(std::max(timeout_, Millis(1000))), &revision)) return true;
+    if (range(fullKey, Deadline(std::max(timeout_, Millis(1000))), &revision)) return true;  // authenticates
     if (deadline.expired()) return false;
+    std::string token;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      token = token_;
+    }
     try {
-      Http watcher(options_.endpoints[endpoint], std::min(options_.requestTimeout, deadline.remaining()));
+      etcd::Http watcher(options_.endpoints[endpoint], std::min(options_.requestTimeout, deadline.remaining()),
+                         tls_.get());
       json req{{"create_request", {{"key", b64(fullKey)}, {"start_revision", std::to_string(revision + 1)}}}};
-      if (watcher.watch(req.dump(), deadline, options_.requestTimeout)) continue;  // an event: re-check
+      if (watcher.watch(req.dump(), deadline, options_.requestTimeout, token)) continue;  // an event: re-check
       return false;
     } catch (const EndpointFailure& e) {
       last = e.what();

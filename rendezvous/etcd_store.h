@@ -24,7 +24,7 @@
 // may be applied twice (etcd's own clients share this limit); another 4xx answer is an Error naming the endpoint.
 //
 // Errors: no endpoint answered in time => RendezvousError naming every endpoint and the last failure; a get
-// that times out => TimeoutError naming the key. Plain HTTP only (no TLS, no etcd auth).
+// that times out => TimeoutError naming the key; TLS or auth refused => EtcdRefusedError at once.
 // Thread-safety: calls are serialized on the one connection (a mutex), except wait/get's watches, which use
 // their own connection each; clone() gives an independent client.
 #pragma once
@@ -38,10 +38,27 @@
 #include <vector>
 
 #include "lib/common/clock.h"
+#include "lib/common/error.h"
 #include "lib/common/net.h"
 #include "rendezvous/store.h"
 
+namespace boost::asio::ssl {
+class context;
+}
+
 namespace dtrain::rendezvous {
+
+namespace etcd {
+class Http;
+}
+
+// etcd refused this client for good: a server certificate that does not verify against the CA, a client
+// certificate the server refuses, a wrong user or password, or credentials missing for an etcd with auth on.
+// Retrying does not help, so it is raised at once (exit code 4, before any worker starts).
+class EtcdRefusedError : public RendezvousError {
+ public:
+  using RendezvousError::RendezvousError;
+};
 
 struct EtcdStoreOptions {
   std::vector<net::HostPort> endpoints;  // at least one; port 2379 when a name gives none
@@ -49,10 +66,28 @@ struct EtcdStoreOptions {
   Millis connectTimeout{std::chrono::seconds(30)};  // connect(): until one endpoint answered
   Millis requestTimeout{std::chrono::seconds(5)};   // one HTTP exchange (a watch's own wait excluded)
   int64_t leaseTtlSeconds = 10;                     // TTL of the heartbeat keys' lease
+  // TLS (https:// endpoints; torchrun's etcd rdzv_conf protocol=https, cacert, cert, key): every endpoint's
+  // certificate is verified against `caCert` (PEM; empty: the system's CAs) and must name the host dialled (DNS
+  // name or IP address in its subjectAltName); `cert`/`key` (PEM) are presented when given, for an etcd started
+  // with --client-cert-auth.
+  bool tls = false;
+  std::string caCert, cert, key;
+  // etcd authentication (`etcdctl auth enable`): exchanged for a token (/v3/auth/authenticate) that every request
+  // carries; a token etcd no longer accepts is renewed once per request. Empty user: no authentication.
+  std::string user, password;
 };
 
-// "etcd://h1:2379,h2:2379" or "h1:2379,h2" -> endpoints (port 2379 by default); nullopt when malformed.
-std::optional<std::vector<net::HostPort>> parseEtcdEndpoints(std::string_view text);
+// Reads the TLS and auth settings a worker inherits from its agent (the environment variables below) into `o`.
+void etcdOptionsFromEnvironment(EtcdStoreOptions& o);
+inline constexpr const char* kEtcdCaCertEnv = "DTRAIN_ETCD_CACERT";
+inline constexpr const char* kEtcdCertEnv = "DTRAIN_ETCD_CERT";
+inline constexpr const char* kEtcdKeyEnv = "DTRAIN_ETCD_KEY";
+inline constexpr const char* kEtcdUserEnv = "DTRAIN_ETCD_USER";
+inline constexpr const char* kEtcdPasswordEnv = "DTRAIN_ETCD_PASSWORD";
+
+// "etcd://h1:2379,h2:2379" or "h1:2379,h2" -> endpoints (port 2379 by default); each may carry http:// or
+// https:// (all the same); `tls` (when given) is set for https://. nullopt when malformed or schemes are mixed.
+std::optional<std::vector<net::HostPort>> parseEtcdEndpoints(std::string_view text, bool* tls = nullptr);
 // True for a store address that names etcd ("etcd://...").
 bool isEtcdAddress(std::string_view address);
 
@@ -81,20 +116,22 @@ class EtcdStore : public Store {
   std::vector<StoreResult> batch(const std::vector<StoreOp>& ops) override;
   std::shared_ptr<Store> clone() override;
 
-  // "etcd://h1:2379,h2:2379" (what DTRAIN_STORE carries to workers).
+  // "etcd://h1:2379,h2:2379" (what DTRAIN_STORE carries to workers; "etcd://https://h1:2379,..." with TLS).
   std::string address() const;
   // The endpoint the last successful request went to (for tests and messages).
   std::string currentEndpoint() const;
   // HTTP requests answered so far (watches excluded): what a batch saves is visible here.
   uint64_t requests() const { return requests_.load(std::memory_order_relaxed); }
 
-  class Http;
-
  private:
   explicit EtcdStore(EtcdStoreOptions options);
   struct Kv;
   // POSTs `body` (JSON) to `path`, failing over between endpoints until `deadline`; returns the JSON answer.
   std::string call(const std::string& path, const std::string& body, const Deadline& deadline);
+  // The auth token for requests ("" without a user); authenticates (a request) when there is none yet. mu_ held.
+  const std::string& tokenLocked(const Deadline& deadline);
+  // Maps an answer that says the credentials are wrong or missing to EtcdRefusedError; returns otherwise.
+  void refuseIfAuthError(const std::string& endpoint, unsigned status, const std::string& body) const;
   std::optional<Kv> range(const std::string& fullKey, const Deadline& deadline, int64_t* revision = nullptr);
   // Blocks until `fullKey` exists (true) or the deadline passes (false), through watches.
   bool waitOne(const std::string& fullKey, const Deadline& deadline);
@@ -103,7 +140,9 @@ class EtcdStore : public Store {
 
   EtcdStoreOptions options_;
   mutable std::mutex mu_;
-  std::unique_ptr<Http> http_;  // the keep-alive connection (guarded by mu_)
+  std::shared_ptr<boost::asio::ssl::context> tls_;  // with options_.tls: the client context, shared by clones
+  std::unique_ptr<etcd::Http> http_;  // the keep-alive connection (guarded by mu_)
+  std::string token_;                 // etcd auth token (guarded by mu_)
   size_t current_ = 0;          // index of the endpoint in use (guarded by mu_)
   std::atomic<uint64_t> requests_{0};
   std::mutex leaseMu_;

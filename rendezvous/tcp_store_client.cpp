@@ -605,10 +605,11 @@ void TcpStoreClient::ping() {
 
 StorePtr connectStore(const std::string& hostPort, Millis timeout) {
   if (isEtcdAddress(hostPort)) {
-    auto endpoints = parseEtcdEndpoints(hostPort);
-    if (!endpoints) DTRAIN_THROW(UsageError, "invalid etcd address '{}': expected etcd://HOST[:PORT][,HOST[:PORT]...]", hostPort);
     EtcdStoreOptions options;
+    auto endpoints = parseEtcdEndpoints(hostPort, &options.tls);
+    if (!endpoints) DTRAIN_THROW(UsageError, "invalid etcd address '{}': expected etcd://HOST[:PORT][,HOST[:PORT]...]", hostPort);
     options.endpoints = *endpoints;
+    etcdOptionsFromEnvironment(options);  // TLS files and credentials, from the agent
     options.connectTimeout = timeout;
     return EtcdStore::connect(options);
   }

@@ -164,6 +164,10 @@ void addRunCommand(CLI::App& root, Action& action) {
       ->envname("DTRAIN_RDZV_BIND");
   sub->add_option("--rdzv-token-file", a->rdzvTokenFile, "Read the store's shared secret from this file's first line")
       ->envname("DTRAIN_RDZV_TOKEN_FILE");
+  sub->add_option("--rdzv-conf,--rdzv_conf", o.rdzvConf,
+                  "With --rdzv-backend etcd: KEY=VALUE,... of protocol=https, cacert=, cert=, key= (PEM files), "
+                  "user=, password= (or DTRAIN_ETCD_PASSWORD)")
+      ->envname("DTRAIN_RDZV_CONF");
   sub->add_option("--rdzv-timeout,--rdzv_timeout", a->rdzvTimeout, "How long to wait for all nodes (default 900s)")
       ->envname("DTRAIN_RDZV_TIMEOUT");
   sub->add_option("--rdzv-last-call", a->lastCall, "With --nnodes MIN:MAX, extra wait for nodes beyond MIN (30s)")

@@ -174,20 +174,31 @@ void Agent::setUpStore() {
 void Agent::setUpEtcdStore() {
   runId_ = options_.rdzvId;
   hosting_ = false;
-  rendezvous::EtcdStoreOptions eo;
-  eo.endpoints = *rendezvous::parseEtcdEndpoints(options_.rdzvEndpoint);
+  rendezvous::EtcdStoreOptions eo = options_.etcdOptions();
   eo.connectTimeout = options_.rdzvTimeout;
   // A lease outlives a few missed heartbeats, like --heartbeat-timeout (at least 2 s: etcd's minimum is 1).
   eo.leaseTtlSeconds = std::max<int64_t>(2, std::chrono::ceil<std::chrono::seconds>(options_.heartbeatTimeout).count());
   std::shared_ptr<rendezvous::EtcdStore> client;
   try {
     client = rendezvous::EtcdStore::connect(eo);
+  } catch (const rendezvous::EtcdRefusedError&) {
+    throw;  // TLS or credentials: it names what to fix
   } catch (const Error& e) {
     throw RendezvousError(fmt::format("no etcd endpoint of {} answered within {} s (--rdzv-backend etcd needs a "
                                       "running etcd v3 cluster at --rdzv-endpoint): {}",
                                       options_.rdzvEndpoint, options_.rdzvTimeout.count() / 1000, e.what()));
   }
   endpoint_ = client->address();
+  // Workers reach etcd through DTRAIN_STORE=etcd://... and the TLS files and credentials below (connectStore
+  // reads them; workers inherit the agent's environment).
+  auto exportEnv = [](const char* name, const std::string& value) {
+    if (!value.empty()) ::setenv(name, value.c_str(), 1);
+  };
+  exportEnv(rendezvous::kEtcdCaCertEnv, eo.caCert);
+  exportEnv(rendezvous::kEtcdCertEnv, eo.cert);
+  exportEnv(rendezvous::kEtcdKeyEnv, eo.key);
+  exportEnv(rendezvous::kEtcdUserEnv, eo.user);
+  exportEnv(rendezvous::kEtcdPasswordEnv, eo.password);
   client->setTimeout(storeCallTimeout(options_.heartbeatTimeout, options_.rdzvTimeout));
   store_ = std::make_shared<rendezvous::PrefixStore>(rendezvous::runPrefix(runId_), client);
   watchStore_ = store_->clone();

@@ -150,6 +150,50 @@ std::string resolveProgram(const std::string& program) {
   throw Error(fmt::format("program '{}' was not found in PATH", program), ExitCode::kNotFound);
 }
 
+rendezvous::EtcdStoreOptions LaunchOptions::etcdOptions() const {
+  rendezvous::EtcdStoreOptions o;
+  o.endpoints = rendezvous::parseEtcdEndpoints(rdzvEndpoint, &o.tls).value_or(std::vector<net::HostPort>{});
+  rendezvous::etcdOptionsFromEnvironment(o);  // DTRAIN_ETCD_PASSWORD (and the others) unless given below
+  std::string_view rest = rdzvConf;
+  while (!rest.empty()) {
+    auto comma = rest.find(',');
+    auto item = rest.substr(0, comma);
+    rest = comma == std::string_view::npos ? std::string_view() : rest.substr(comma + 1);
+    if (item.empty()) continue;
+    auto eq = item.find('=');
+    DTRAIN_CHECK_AS(UsageError, eq != std::string_view::npos, "--rdzv-conf: '{}' is not KEY=VALUE", item);
+    std::string k(item.substr(0, eq)), v(item.substr(eq + 1));
+    auto file = [&](std::string& out) {
+      DTRAIN_CHECK_AS(UsageError, std::filesystem::is_regular_file(v), "--rdzv-conf {}={}: no such file", k, v);
+      out = std::filesystem::absolute(v).string();  // workers inherit it whatever their directory
+    };
+    if (k == "protocol") {
+      DTRAIN_CHECK_AS(UsageError, v == "http" || v == "https", "--rdzv-conf protocol={}: expected http or https", v);
+      o.tls = v == "https";
+    } else if (k == "cacert") {
+      file(o.caCert);
+    } else if (k == "cert") {
+      file(o.cert);
+    } else if (k == "key") {
+      file(o.key);
+    } else if (k == "user") {
+      o.user = v;
+    } else if (k == "password") {
+      o.password = v;
+    } else {
+      DTRAIN_THROW(UsageError, "--rdzv-conf: unknown key '{}' (etcd takes protocol, cacert, cert, key, user, password)", k);
+    }
+  }
+  DTRAIN_CHECK_AS(UsageError, o.cert.empty() == o.key.empty(),
+                  "--rdzv-conf: cert= and key= go together (the client certificate and its private key)");
+  DTRAIN_CHECK_AS(UsageError, o.tls || (o.caCert.empty() && o.cert.empty()),
+                  "--rdzv-conf: cacert/cert/key need TLS: give https:// endpoints or protocol=https");
+  DTRAIN_CHECK_AS(UsageError, !o.password.empty() || o.user.empty(),
+                  "--rdzv-conf user={} needs password=... (or the environment variable {})", o.user,
+                  rendezvous::kEtcdPasswordEnv);
+  return o;
+}
+
 void LaunchOptions::validate() {
   std::tie(minNodes, maxNodes) = parseNnodes(nnodesText);
   nproc = resolveNproc(nprocText);
@@ -194,10 +238,15 @@ void LaunchOptions::validate() {
     DTRAIN_CHECK_AS(UsageError, rendezvous::parseEtcdEndpoints(rdzvEndpoint).has_value(),
                     "--rdzv-endpoint {}: expected HOST[:PORT][,HOST[:PORT]...] (etcd's client port, 2379 by default)",
                     rdzvEndpoint);
+    etcdOptions();  // --rdzv-conf's keys and files
   } else if (!rdzvEndpoint.empty()) {
     DTRAIN_CHECK_AS(UsageError, net::parseHostPort(rdzvEndpoint, rendezvous::kDefaultPort).has_value(),
                     "--rdzv-endpoint {}: expected HOST or HOST:PORT", rdzvEndpoint);
   }
+  DTRAIN_CHECK_AS(UsageError, rdzvConf.empty() || rdzvBackend == "etcd",
+                  "--rdzv-conf {}: only --rdzv-backend etcd takes settings (protocol, cacert, cert, key, user, "
+                  "password); this job uses --rdzv-backend {}",
+                  rdzvConf, rdzvBackend);
   DTRAIN_CHECK_AS(UsageError, shutdownTimeout.count() >= 0, "--shutdown-timeout must not be negative");
   DTRAIN_CHECK_AS(UsageError, heartbeatInterval.count() > 0 && heartbeatTimeout > heartbeatInterval,
                   "--heartbeat-timeout ({} ms) must be longer than --heartbeat-interval ({} ms)",

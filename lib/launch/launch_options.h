@@ -8,6 +8,8 @@
 #include <string_view>
 #include <vector>
 
+#include "rendezvous/etcd_store.h"
+
 namespace dtrain::launch {
 
 using Millis = std::chrono::milliseconds;
@@ -37,6 +39,9 @@ struct LaunchOptions {
   // Shared secret of the store (--rdzv-token, --rdzv-token-file, DTRAIN_RDZV_TOKEN); generated under --standalone.
   std::string rdzvToken;
   std::string rdzvBind;  // --rdzv-bind: address the hosted store listens on; empty: derived (storeBindHost)
+  // --rdzv-conf KEY=VALUE,... (torchrun's): with --rdzv-backend etcd, protocol (http|https), cacert, cert, key
+  // (PEM files), user, password (or DTRAIN_ETCD_PASSWORD). Checked by validate().
+  std::string rdzvConf;
   int maxRestarts = 0;
   int maxReforms = 100;  // --max-reforms: re-formations (membership changes) allowed per job
   Millis shutdownTimeout{std::chrono::seconds(30)};
@@ -73,6 +78,9 @@ struct LaunchOptions {
 
   // Throws UsageError (bad flag values, contradictions) or Error with kNotFound/kNotExecutable (program).
   void validate();
+  // The etcd client settings of --rdzv-backend etcd: the endpoints, TLS (https:// endpoints or protocol=https)
+  // and files (absolute paths), and credentials from --rdzv-conf. Call after validate().
+  rendezvous::EtcdStoreOptions etcdOptions() const;
   // Whether this agent hosts the store: --standalone, or the static backend's node rank 0 (or a single node).
   bool hostsStore() const;
   // The address a store hosted by this agent listens on: --rdzv-bind if given; 127.0.0.1 under --standalone;

@@ -13,6 +13,7 @@
 #include <chrono>
 #include <filesystem>
 #include <memory>
+#include <optional>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -25,6 +26,12 @@
 
 namespace dtrain::testing {
 
+// TLS for the members' client port (PEM files): the server's certificate and key, the CA clients' certificates
+// must chain to (etcd's --client-cert-auth), and a client certificate etcdctl uses.
+struct EtcdTls {
+  std::string ca, serverCert, serverKey, clientCert, clientKey;
+};
+
 class EtcdCluster {
  public:
   static std::string binary() {
@@ -34,7 +41,7 @@ class EtcdCluster {
   }
   static bool available() { return !binary().empty(); }
 
-  explicit EtcdCluster(int members) {
+  explicit EtcdCluster(int members, std::optional<EtcdTls> tls = std::nullopt) : tls_(std::move(tls)) {
     std::random_device rd;
     dir_ = std::filesystem::temp_directory_path() / fmt::format("dtrain-etcd-{:x}", rd());
     std::filesystem::create_directories(dir_);
@@ -50,7 +57,20 @@ class EtcdCluster {
   }
 
   int size() const { return static_cast<int>(members_.size()); }
-  std::string endpoint(int i) const { return fmt::format("127.0.0.1:{}", members_[static_cast<size_t>(i)].client); }
+  std::string endpoint(int i) const {
+    return fmt::format("{}127.0.0.1:{}", tls_ ? "https://" : "", members_[static_cast<size_t>(i)].client);
+  }
+  // etcdctl with this cluster's TLS client files (when TLS is on) and `args`.
+  std::vector<std::string> etcdctl(std::vector<std::string> args) const {
+    std::vector<std::string> out{"etcdctl"};
+    if (tls_) {
+      out.push_back("--cacert=" + tls_->ca);
+      out.push_back("--cert=" + tls_->clientCert);
+      out.push_back("--key=" + tls_->clientKey);
+    }
+    out.insert(out.end(), args.begin(), args.end());
+    return out;
+  }
   // Every member's client endpoint, comma-separated, starting with member `first`.
   std::string endpoints(int first = 0) const {
     std::string out;
@@ -63,18 +83,21 @@ class EtcdCluster {
     std::string cluster;
     for (int k = 0; k < size(); ++k)
       cluster += fmt::format("{}m{}=http://127.0.0.1:{}", k ? "," : "", k, members_[static_cast<size_t>(k)].peer);
-    auto client = fmt::format("http://127.0.0.1:{}", m.client);
+    auto client = fmt::format("{}://127.0.0.1:{}", tls_ ? "https" : "http", m.client);
     auto peer = fmt::format("http://127.0.0.1:{}", m.peer);
     RunOptions o;
     o.timeout = std::chrono::hours(1);
-    m.process = std::make_unique<Background>(
-        std::vector<std::string>{binary(), "--name", fmt::format("m{}", i), "--data-dir", (dir_ / fmt::format("m{}", i)).string(),
-                                 "--listen-client-urls", client, "--advertise-client-urls", client,
-                                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                                 "--initial-cluster", cluster, "--initial-cluster-state", m.started ? "existing" : "new",
-                                 "--initial-cluster-token", dir_.filename().string(), "--heartbeat-interval", "100",
-                                 "--election-timeout", "1000", "--log-level", "error"},
-        o);
+    std::vector<std::string> args{binary(), "--name", fmt::format("m{}", i), "--data-dir", (dir_ / fmt::format("m{}", i)).string(),
+                                  "--listen-client-urls", client, "--advertise-client-urls", client,
+                                  "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                                  "--initial-cluster", cluster, "--initial-cluster-state", m.started ? "existing" : "new",
+                                  "--initial-cluster-token", dir_.filename().string(), "--heartbeat-interval", "100",
+                                  "--election-timeout", "1000", "--log-level", "error"};
+    if (tls_)
+      for (const auto& a : {"--cert-file=" + tls_->serverCert, "--key-file=" + tls_->serverKey,
+                            "--trusted-ca-file=" + tls_->ca, std::string("--client-cert-auth")})
+        args.push_back(a);
+    m.process = std::make_unique<Background>(args, o);
     m.started = true;
   }
   // SIGKILL (a crash) or SIGTERM, then wait for the exit.
@@ -90,7 +113,7 @@ class EtcdCluster {
   int leader() const {
     for (int i = 0; i < size(); ++i) {
       if (!members_[static_cast<size_t>(i)].process) continue;
-      auto r = run({"etcdctl", "--endpoints=" + endpoint(i), "endpoint", "status", "-w", "json"},
+      auto r = run(etcdctl({"--endpoints=" + endpoint(i), "endpoint", "status", "-w", "json"}),
                    RunOptions{std::chrono::seconds(10)});
       if (r.exitCode != 0) continue;
       auto j = nlohmann::json::parse(r.out, nullptr, false);
@@ -108,7 +131,7 @@ class EtcdCluster {
     for (int i = 0; i < size(); ++i)
       if (members_[static_cast<size_t>(i)].process) eps += (eps.empty() ? "" : ",") + endpoint(i);
     for (;;) {
-      auto r = run({"etcdctl", "--endpoints=" + eps, "--command-timeout=2s", "endpoint", "health"},
+      auto r = run(etcdctl({"--endpoints=" + eps, "--command-timeout=2s", "endpoint", "health"}),
                    RunOptions{std::chrono::seconds(10)});
       if (r.exitCode == 0) return;
       if (deadline.expired()) throw std::runtime_error("etcd cluster not healthy: " + r.out + r.err);
@@ -122,6 +145,7 @@ class EtcdCluster {
     std::unique_ptr<Background> process;
     bool started;
   };
+  std::optional<EtcdTls> tls_;
   std::filesystem::path dir_;
   std::vector<Member> members_;
 };

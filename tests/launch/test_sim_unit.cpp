@@ -110,6 +110,9 @@ TEST_CASE("the report: redone steps are left out; repeats, skips, throughput, de
   CHECK(report.throughput[1].nodes == 2);
   CHECK(report.throughput[1].samplesPerSec == doctest::Approx(6.0 / 3.0));  // steps 2-4: 6 samples over 3 s
   CHECK(formatSimReport(report).find("repeated 0, skipped 0") != std::string::npos);
+  // Epoch 1 (the last) is checked for repeats only: the verdict says so instead of claiming every sample.
+  CHECK(formatSimReport(report).find("OK: every sample seen once (the last epoch, which max_steps may cut short, is "
+                                     "checked for repeats only)") != std::string::npos);
 
   // A sample trained twice in one epoch, and one never trained in a finished epoch.
   steps.push_back({1, 0, 1, 0, 6, 10.5, {3}});

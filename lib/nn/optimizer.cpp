@@ -76,6 +76,10 @@ class Adam final : public Optimizer {
 
   void step(std::span<float> params, std::span<const float> grads) override {
     checkSizes(params, grads);
+    if (updateGiven()) {
+      givenStep(params, grads);
+      return;
+    }
     ++steps_;
     const double step = static_cast<double>(steps_);
     const double bc1 = 1.0 - std::pow(spec_.beta1, step);
@@ -130,6 +134,32 @@ class Adam final : public Optimizer {
   }
 
  private:
+  // Efficient-Adam's server step (OptimizerSpec::updateGivenFrom): the gradient is the averaged update
+  // direction; param = param * (1 - lr x weight_decay) (AdamW), then param -= lr x direction. A separate loop, so
+  // the plain one is unchanged.
+  void givenStep(std::span<float> params, std::span<const float> grads) {
+    ++steps_;
+    const bool decoupled = spec_.type == OptimizerType::kAdamW;
+    const float decay = static_cast<float>(1.0 - lr_ * spec_.weightDecay);
+    const float negLr = static_cast<float>(-lr_);
+    float* p = params.data();
+    const float* g = grads.data();
+    auto run = [&](size_t begin, size_t end, bool decayOn) {
+      const bool applyDecay = decoupled && decayOn && spec_.weightDecay != 0.0;
+      for (size_t i = begin; i < end; ++i) {
+        if (applyDecay) p[i] = p[i] * decay;
+        p[i] = p[i] + negLr * g[i];
+      }
+    };
+    size_t at = 0;
+    for (const auto& [offset, count] : noDecay_) {
+      run(at, std::min(offset, numParams_), true);
+      run(std::min(offset, numParams_), std::min(offset + count, numParams_), false);
+      at = std::min(offset + count, numParams_);
+    }
+    run(at, numParams_, true);
+  }
+
   AlignedBuffer<float> expAvg_, expAvgSq_, maxExpAvgSq_;
 };
 

@@ -27,7 +27,7 @@ CompressionSettings parseCompression(const nlohmann::json& value, const std::str
                                      const std::string& pointer) {
   JsonFields f(value, source, pointer, "the compression section");
   f.allowOnly({"type", "rank", "ratio", "start_step", "error_feedback", "momentum_correction", "momentum_masking",
-               "warmup_steps"});
+               "warmup_steps", "local_adam"});
   CompressionSettings c;
   const std::string type = f.choice("type", {kTypes[0], kTypes[1], kTypes[2], kTypes[3]}, "compression type");
   for (size_t i = 0; i < std::size(kTypes); ++i)
@@ -44,6 +44,7 @@ CompressionSettings parseCompression(const nlohmann::json& value, const std::str
   onlyFor("momentum_correction", topk, "\"topk\"");
   onlyFor("momentum_masking", topk, "\"topk\"");
   onlyFor("warmup_steps", topk, "\"topk\"");
+  onlyFor("local_adam", topk, "\"topk\"");
   c.rank = static_cast<int>(f.integer("rank", 1, "an integer >= 1 (the rank of PowerSGD's approximation)",
                                       [](int64_t v) { return v >= 1 && v <= (1 << 20); }));
   c.ratio = f.number("ratio", 0.01, "a number in (0, 1] (the fraction of each bucket sent)",
@@ -57,6 +58,9 @@ CompressionSettings parseCompression(const nlohmann::json& value, const std::str
     f.failAt("momentum_masking", "applies with \"momentum_correction\": true only");
   c.warmupSteps = f.integer("warmup_steps", 0, "an integer >= 0 (steps of DGC's sparsity warm-up)",
                             [](int64_t v) { return v >= 0; });
+  c.localAdam = f.boolean("local_adam", false);
+  if (c.localAdam && c.momentumCorrection)
+    f.failAt("local_adam", "cannot be combined with \"momentum_correction\" (each rank's Adam keeps its momentum)");
   if (c.momentumCorrection && !c.errorFeedback)
     f.failAt("momentum_correction", "needs \"error_feedback\": true (the velocity not sent stays in the residual)");
   return c;
@@ -94,13 +98,28 @@ void checkCompressionFitsModel(const CompressionSettings& c, const nn::ModelSpec
 void checkCompressionFitsOptimizer(CompressionSettings& c, const nn::OptimizerSpec& optimizer, const std::string& source,
                                    const std::string& pointer) {
   if (c.type == CompressionSettings::Type::kTopK) c.localClipNorm = optimizer.clipGradNorm;
+  const bool adam = optimizer.type == nn::OptimizerType::kAdam || optimizer.type == nn::OptimizerType::kAdamW;
+  if (c.localAdam) {
+    const std::string field = fmt::format("{}: {}/local_adam: ", source, pointer);
+    DTRAIN_CHECK_AS(ConfigError, adam, "{}needs an \"adam\" or \"adamw\" optimizer (each rank runs it), not \"{}\"",
+                    field, nn::optimizerTypeName(optimizer.type));
+    DTRAIN_CHECK_AS(ConfigError, !optimizer.amsgrad, "{}not with \"amsgrad\": true", field);
+    // Adam's L2 decay adds weight_decay x param to the gradient, which the hook does not see; AdamW's decoupled
+    // decay is applied by the optimizer and stays exact.
+    DTRAIN_CHECK_AS(ConfigError, optimizer.type == nn::OptimizerType::kAdamW || optimizer.weightDecay == 0,
+                    "{}not with \"adam\" and \"weight_decay\" {} (L2 decay in the gradient); use \"adamw\"", field,
+                    optimizer.weightDecay);
+    c.beta1 = optimizer.beta1, c.beta2 = optimizer.beta2, c.eps = optimizer.eps;
+    return;
+  }
   if (!c.momentumCorrection) return;
   DTRAIN_CHECK_AS(ConfigError,
                   optimizer.type == nn::OptimizerType::kSgd && optimizer.momentum > 0 && !optimizer.nesterov &&
                       optimizer.dampening == 0,
                   "{}: {}/momentum_correction: needs an \"sgd\" optimizer with \"momentum\" > 0 (no nesterov, no "
-                  "dampening): the hook takes the momentum over from it",
-                  source, pointer);
+                  "dampening): the hook takes the momentum over from it{}",
+                  source, pointer,
+                  adam ? " (with \"adam\" or \"adamw\" use \"local_adam\": true instead)" : "");
   c.momentum = optimizer.momentum;
 }
 
@@ -142,7 +161,8 @@ uint64_t compressionBufferBytes(const CompressionSettings& c, const std::vector<
       const double density = topKDensity(c, 0);  // the warm-up's first stage is the largest
       const auto k = static_cast<uint64_t>(std::ceil(density * static_cast<double>(total))) + params.size();
       const uint64_t pairs = k * kTopKPairBytes * (1 + static_cast<uint64_t>(std::max(worldSize, 1)));
-      return (c.errorFeedback ? arena : 0) + (c.momentumCorrection ? arena : 0) + total * sizeof(int32_t) + pairs;
+      return (c.errorFeedback ? arena : 0) + (c.momentumCorrection ? arena : 0) + (c.localAdam ? 2 * arena : 0) +
+             total * sizeof(int32_t) + pairs;
     }
     case CompressionSettings::Type::kPowerSgd: {
       const PowerSgdPlan plan = planPowerSgd(params, c.rank);

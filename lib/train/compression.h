@@ -14,6 +14,14 @@
 //                DGC's sparsity warm-up (warmup_steps: the ratio falls from 25% to `ratio` in stages that divide it
 //                by 4) and, when the optimizer clips, its local gradient clipping (each rank clips its bucket to
 //                clip_grad_norm x sqrt(bucket / arena) / sqrt(ranks) before accumulating it).
+//                local_adam (with adam/adamw): Efficient-Adam (Chen et al., "Efficient-Adam: Communication-Efficient
+//                Distributed Adam", IEEE TSP 2023, arXiv:2205.14473; also Chen et al., "Quantized Adam with Error
+//                Feedback", ACM TIST 2021): from start_step each rank runs Adam on its own gradient (its own exp_avg
+//                and exp_avg_sq in the hook, bias-corrected from start_step) and top-k with error feedback sends
+//                that update direction m_hat / (sqrt(v_hat) + eps) instead of the gradient; the optimizer applies
+//                lr x the average (nn::OptimizerSpec::updateGivenFrom; AdamW's decoupled decay still applies, the
+//                trainer no longer clips it). A residual sent after k steps is then k Adam steps, where Adam on
+//                the sparse averaged gradient turns it into about one.
 //  powersgd      PowerSGD (Vogels et al., NeurIPS 2019), as PyTorch's powerSGD_hook: per matrix-shaped
 //                parameter M (a tensor of rank >= 2 viewed as [shape[0], rest]), one power-iteration step with
 //                the previous step's Q (warm start): P = M Q, all-reduce P, orthogonalise P (Gram-Schmidt),

@@ -172,16 +172,54 @@ size_t selectCandidates(const float* acc, size_t n, size_t k, std::vector<int32_
 void TopKHook::allocate() {
   residual_.assign(settings_.errorFeedback ? layout_.arenaSize : 0, 0.0f);
   velocity_.assign(settings_.momentumCorrection ? layout_.arenaSize : 0, 0.0f);
+  adamM_.assign(settings_.localAdam ? layout_.arenaSize : 0, 0.0f);
+  adamV_.assign(settings_.localAdam ? layout_.arenaSize : 0, 0.0f);
+}
+
+void TopKHook::localAdamMoments(const float* g, size_t offset, size_t n) {
+  const auto beta1 = static_cast<float>(settings_.beta1), keep1 = static_cast<float>(1.0 - settings_.beta1);
+  const auto beta2 = static_cast<float>(settings_.beta2), keep2 = static_cast<float>(1.0 - settings_.beta2);
+  float* m = adamM_.data() + offset;
+  float* v = adamV_.data() + offset;
+  for (size_t i = 0; i < n; ++i) {
+    m[i] = m[i] * beta1 + keep1 * g[i];
+    v[i] = v[i] * beta2 + keep2 * g[i] * g[i];
+  }
+}
+
+void TopKHook::localAdamUpdate(float* g, size_t offset, size_t n) {
+  // torch.optim.Adam's update without lr, on this rank's gradient: m and v per rank (updated since the first step,
+  // localAdamMoments in plain()), bias-corrected by the hook's step count.
+  const auto t = static_cast<double>(stepsStarted() + 1);
+  const double bc1 = 1.0 - std::pow(settings_.beta1, t);
+  const double bc2 = 1.0 - std::pow(settings_.beta2, t);
+  const auto beta1 = static_cast<float>(settings_.beta1), keep1 = static_cast<float>(1.0 - settings_.beta1);
+  const auto beta2 = static_cast<float>(settings_.beta2), keep2 = static_cast<float>(1.0 - settings_.beta2);
+  const auto invBc1 = static_cast<float>(1.0 / bc1);
+  const auto bc2Sqrt = static_cast<float>(std::sqrt(bc2));
+  const auto eps = static_cast<float>(settings_.eps);
+  float* m = adamM_.data() + offset;
+  float* v = adamV_.data() + offset;
+  for (size_t i = 0; i < n; ++i) {
+    m[i] = m[i] * beta1 + keep1 * g[i];
+    v[i] = v[i] * beta2 + keep2 * g[i] * g[i];
+    g[i] = invBc1 * m[i] / (std::sqrt(v[i]) / bc2Sqrt + eps);
+  }
 }
 
 void TopKHook::addState(std::vector<HookState>& out) {
   if (settings_.errorFeedback) out.push_back({"topk.residual", TensorView::flat(residual_.data(), residual_.size())});
   if (settings_.momentumCorrection)
     out.push_back({"topk.velocity", TensorView::flat(velocity_.data(), velocity_.size())});
+  if (settings_.localAdam) {
+    out.push_back({"topk.adam_exp_avg", TensorView::flat(adamM_.data(), adamM_.size())});
+    out.push_back({"topk.adam_exp_avg_sq", TensorView::flat(adamV_.data(), adamV_.size())});
+  }
 }
 
 void TopKHook::stateLoaded(bool sameWorld) {
-  // Another world: the residuals were other ranks' (and another data split's); start from none.
+  // Another world: the residuals were other ranks' (and another data split's); start from none. Local Adam's
+  // moments (rank 0's) are kept: any rank's estimate of the gradient's statistics is as good as its own.
   if (!sameWorld) {
     std::fill(residual_.begin(), residual_.end(), 0.0f);
     std::fill(velocity_.begin(), velocity_.end(), 0.0f);
@@ -189,6 +227,11 @@ void TopKHook::stateLoaded(bool sameWorld) {
 }
 
 comm::WorkPtr TopKHook::plain(const GradBucket& bucket, comm::Backend& group) {
+  // local_adam: this rank's moments follow its gradients from the first step, so that they are warm (and their
+  // bias correction small) when the hook starts sending its Adam update: started cold at start_step, every
+  // coordinate's first update would be a full step of sign(g) at the learning rate of that step.
+  if (settings_.localAdam && nn::allFinite({bucket.grads.as<float>(), static_cast<size_t>(bucket.grads.numel())}))
+    localAdamMoments(bucket.grads.as<float>(), bucket.offset, static_cast<size_t>(bucket.grads.numel()));
   auto work = group.allreduceAsync(bucket.grads, comm::ReduceOp::kAvg);
   if (!settings_.momentumCorrection) return work;
   const size_t n = static_cast<size_t>(bucket.grads.numel());
@@ -222,6 +265,7 @@ comm::WorkPtr TopKHook::compress(const GradBucket& bucket, comm::Backend& group)
                          std::sqrt(static_cast<double>(group.size()));
     nn::clipGradNorm({g, n}, limit);
   }
+  if (finite && settings_.localAdam) localAdamUpdate(g, bucket.offset, n);
   float* acc = g;
   float* velocity = settings_.momentumCorrection ? velocity_.data() + bucket.offset : nullptr;
   if (finite && settings_.errorFeedback) {

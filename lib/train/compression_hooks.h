@@ -108,6 +108,11 @@ class TopKHook final : public CompressionHook {
   void addState(std::vector<HookState>& out) override;
 
  private:
+  // local_adam: this rank's Adam moments advance by g (before start_step), or g becomes Adam's update direction
+  // for it (from start_step).
+  void localAdamMoments(const float* g, size_t offset, size_t n);
+  void localAdamUpdate(float* g, size_t offset, size_t n);
+
   struct Buffers {
     std::vector<int32_t> order;  // candidate indices for the selection
     std::vector<int32_t> send;   // k pairs
@@ -116,6 +121,7 @@ class TopKHook final : public CompressionHook {
   };
   std::vector<float> residual_;  // arena-sized, this rank's unsent gradient (error feedback)
   std::vector<float> velocity_;  // arena-sized, momentum_correction's u
+  std::vector<float> adamM_, adamV_;  // arena-sized, local_adam's exp_avg and exp_avg_sq (per rank)
   std::map<std::pair<size_t, size_t>, Buffers> buffers_;  // per bucket (offset, count)
 };
 

@@ -78,6 +78,11 @@ struct CompressionSettings {
   // without momentum. `momentum` is the optimizer's, filled in by loadJob.
   bool momentumCorrection = false;
   double momentum = 0;
+  // topk with an adam/adamw optimizer: each rank runs Adam on its own gradient from startStep on and top-k sends
+  // its update direction (Efficient-Adam, lib/train/compression.h); the optimizer only applies the average.
+  // beta1, beta2 and eps are the optimizer's, filled in by loadJob.
+  bool localAdam = false;
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
   // topk with momentumCorrection: DGC's momentum factor masking (the velocity zeroed where sent, as the residual).
   // Off, every sent coordinate keeps its velocity, and ratio 1 is exactly momentum SGD on the average.
   bool momentumMasking = true;

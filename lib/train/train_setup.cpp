@@ -133,9 +133,16 @@ void TrainLoop::setUp() {
     else loadWeights(weights, *model_);
   }
   // DGC's momentum correction: the compression hook applies the momentum, the optimizer only the step.
+  // Top-k's local_adam: from start_step each rank's hook runs Adam and sends its update; the optimizer applies it.
   nn::OptimizerSpec optimizerSpec = job_.optimizer;
-  if (commHook_ && job_.parallel.compression && job_.parallel.compression->momentumCorrection)
-    optimizerSpec.momentum = 0;
+  if (commHook_ && job_.parallel.compression) {
+    const CompressionSettings& c = *job_.parallel.compression;
+    if (c.localAdam) {
+      optimizerSpec.updateGivenFrom = c.startStep;
+    } else if (c.momentumCorrection) {
+      optimizerSpec.momentum = 0;
+    }
+  }
   optimizer_ = nn::Optimizer::create(optimizerSpec, model_->numParams(), device);
   if (job_.optimizer.decayMatricesOnly) {
     // nanoGPT's groups: only parameters with >= 2 dimensions decay.
@@ -208,9 +215,10 @@ void TrainLoop::setUp() {
                                 resumed_->samplesConsumed, resumed_->savedWorldSize));
   if (job_.parallel.compression && commHook_) {
     const auto& c = *job_.parallel.compression;
-    progress_->info(fmt::format("gradient compression: {}{}{}{}", compressionTypeName(c.type),
+    progress_->info(fmt::format("gradient compression: {}{}{}{}{}", compressionTypeName(c.type),
                                 c.type == CompressionSettings::Type::kPowerSgd ? fmt::format(" rank {}", c.rank) : "",
                                 c.type == CompressionSettings::Type::kTopK ? fmt::format(" ratio {}", c.ratio) : "",
+                                c.localAdam ? fmt::format(", local Adam from step {}", c.startStep) : "",
                                 resumed_ ? (hookStateLoaded ? ", state resumed" : ", fresh state (none in the checkpoint)")
                                          : ""));
   }

@@ -272,7 +272,8 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
         diverged(epoch, stepLossFinite_ ? std::string("gradient") : fmt::format("loss on rank {}", worker_.rank));
       optimizer_->setLr(schedule_.lr(step_));
       if (!strategy_->updatesParameters()) {  // the parameter server updated params() already
-        if (job_.optimizer.clipGradNorm > 0) {
+        // (Not an update direction that a compression hook's local Adam computed: that was clipped as gradients.)
+        if (job_.optimizer.clipGradNorm > 0 && !optimizer_->updateGiven()) {
           if (pipeline_ == nullptr && !tensorParallel_) {
             nn::clipGradNorm(grads, job_.optimizer.clipGradNorm, device_);
           } else {

@@ -67,8 +67,11 @@ TEST_CASE("dtrain run -n 2 with each compression type: exit 0, accuracy near unc
 }
 
 TEST_CASE("SIGKILL of a worker with powersgd or topk (with and without momentum correction): the resumed job's weights are bit-identical") {
+  // smallJob's optimizer is Adam; local_adam hands it to the hook from step 2, before the checkpoint at step 6 that
+  // the killed run resumes from (so each rank's Adam moments come back from a checkpoint).
   for (const char* type : {R"({"type": "powersgd", "rank": 1})", R"({"type": "topk", "ratio": 0.1})",
-                           R"({"type": "topk", "ratio": 0.1, "momentum_correction": true})"}) {
+                           R"({"type": "topk", "ratio": 0.1, "momentum_correction": true})",
+                           R"({"type": "topk", "ratio": 0.1, "start_step": 2, "local_adam": true})"}) {
     CAPTURE(type);
     std::string dir = tempDir("compresskill");
     json job = smallJob();
@@ -98,7 +101,9 @@ TEST_CASE("bad compression settings are rejected by run with exit 2 before any w
   for (const Case& c : {Case{R"({"type": "gzip"})", "/parallel/compression/type: unknown compression type 'gzip'"},
                         Case{R"({"type": "powersgd", "rank": 0})", "/parallel/compression/rank: expected an integer >= 1"},
                         Case{R"({"type": "powersgd", "rank": 7})", "/parallel/compression/rank: 7 is larger than the matrix"},
-                        Case{R"({"type": "topk", "ratio": 2})", "/parallel/compression/ratio: expected a number in (0, 1]"}}) {
+                        Case{R"({"type": "topk", "ratio": 2})", "/parallel/compression/ratio: expected a number in (0, 1]"},
+                        Case{R"({"type": "topk", "local_adam": true, "momentum_correction": true})",
+                             "/parallel/compression/local_adam: cannot be combined"}}) {
     CAPTURE(c.compression);
     json job = smallJob();
     job["parallel"]["compression"] = json::parse(c.compression);

@@ -513,3 +513,93 @@ TEST_CASE("nothing left out is uncompressed: powersgd at the gradient's rank, to
           std::string::npos);
   }
 }
+
+TEST_CASE("topk local_adam (Efficient-Adam): topk only, with adam or adamw, not with momentum_correction") {
+  CHECK(parseError(R"({"type": "powersgd", "local_adam": true})")
+            .find("/c/local_adam: applies to \"type\": \"topk\" only") != std::string::npos);
+  CHECK(parseError(R"({"type": "topk", "local_adam": true, "momentum_correction": true})")
+            .find("/c/local_adam: cannot be combined with \"momentum_correction\"") != std::string::npos);
+  auto c = parsed(R"({"type": "topk", "start_step": 5, "local_adam": true})");
+  CHECK(c.localAdam);
+  CHECK(!parsed(R"({"type": "topk"})").localAdam);
+  nn::OptimizerSpec sgd{.type = nn::OptimizerType::kSgd, .momentum = 0.9};
+  CHECK_THROWS_WITH_AS(checkCompressionFitsOptimizer(c, sgd, "j.json", "/c"),
+                       doctest::Contains("/c/local_adam: needs an \"adam\" or \"adamw\" optimizer"), ConfigError);
+  nn::OptimizerSpec l2{.type = nn::OptimizerType::kAdam, .weightDecay = 0.01};
+  CHECK_THROWS_WITH_AS(checkCompressionFitsOptimizer(c, l2, "j.json", "/c"),
+                       doctest::Contains("/c/local_adam: not with \"adam\" and \"weight_decay\" 0.01"), ConfigError);
+  nn::OptimizerSpec ams{.type = nn::OptimizerType::kAdamW, .amsgrad = true};
+  CHECK_THROWS_WITH_AS(checkCompressionFitsOptimizer(c, ams, "j.json", "/c"), doctest::Contains("amsgrad"), ConfigError);
+  nn::OptimizerSpec adamw{.type = nn::OptimizerType::kAdamW, .weightDecay = 0.1, .beta1 = 0.8, .beta2 = 0.99, .eps = 1e-6};
+  checkCompressionFitsOptimizer(c, adamw, "j.json", "/c");
+  CHECK(c.beta1 == 0.8);
+  CHECK(c.beta2 == 0.99);
+  CHECK(c.eps == 1e-6);
+  // Adam with momentum_correction: the error points to local_adam.
+  auto mc = parsed(R"({"type": "topk", "momentum_correction": true})");
+  CHECK_THROWS_WITH_AS(checkCompressionFitsOptimizer(mc, adamw, "j.json", "/c"),
+                       doctest::Contains("use \"local_adam\": true instead"), ConfigError);
+  // Two more arenas of state per rank (exp_avg, exp_avg_sq).
+  HookLayout layout{.arenaSize = 100, .params = {{"0.bias", Shape{100}, 0, 100}}, .groupSize = 2};
+  auto plain = parsed(R"({"type": "topk"})");
+  CHECK(compressionBufferBytes(c, layout.params, 2) == compressionBufferBytes(plain, layout.params, 2) + 2 * 400);
+}
+
+TEST_CASE("topk local_adam: plain average before start_step, then each rank's Adam update, with error feedback") {
+  constexpr int kRanks = 2;
+  constexpr size_t kN = 64;
+  constexpr int kSteps = 6;
+  HookLayout layout{.arenaSize = kN, .params = {{"0.bias", Shape{kN}, 0, kN}}, .groupSize = kRanks};
+  CompressionSettings c{.type = CompressionSettings::Type::kTopK, .ratio = 1, .startStep = 1, .localAdam = true,
+                        .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-8};
+  auto grad = [](int rank, int step) { return wave(kN, rank, step); };
+  // Each rank's Adam direction m_hat / (sqrt(v_hat) + eps) from its own gradients, its moments from the first step
+  // (warm when start_step comes).
+  std::vector<std::vector<std::vector<double>>> dir(kRanks);  // [rank][step][i], steps from start_step
+  for (int r = 0; r < kRanks; ++r) {
+    std::vector<double> m(kN, 0), v(kN, 0);
+    for (int step = 0; step < kSteps; ++step) {
+      const std::vector<float> g = grad(r, step);
+      const int t = step + 1;
+      std::vector<double> d(kN);
+      for (size_t i = 0; i < kN; ++i) {
+        m[i] = 0.9 * m[i] + 0.1 * g[i];
+        v[i] = 0.999 * v[i] + 0.001 * g[i] * g[i];
+        d[i] = m[i] / (1 - std::pow(0.9, t)) / (std::sqrt(v[i] / (1 - std::pow(0.999, t))) + 1e-8);
+      }
+      if (step >= 1) dir[static_cast<size_t>(r)].push_back(d);
+    }
+  }
+  SUBCASE("ratio 1: the average of the ranks' directions every step (step 0: the plain average)") {
+    auto runs = runHook(kRanks, layout, c, kSteps, grad);
+    for (size_t i = 0; i < kN; ++i)
+      CHECK(runs[0].results[0][i] == doctest::Approx((grad(0, 0)[i] + grad(1, 0)[i]) / 2).epsilon(1e-6));
+    for (int step = 1; step < kSteps; ++step)
+      for (size_t i = 0; i < kN; ++i) {
+        const auto s = static_cast<size_t>(step - 1);
+        CHECK(runs[0].results[static_cast<size_t>(step)][i] ==
+              doctest::Approx((dir[0][s][i] + dir[1][s][i]) / 2).epsilon(1e-4));
+      }
+    CHECK(runs[1].results == runs[0].results);
+    REQUIRE(runs[0].state.size() == 3);  // residual, exp_avg, exp_avg_sq: each rank's own moments
+    CHECK(runs[0].state[1] != runs[1].state[1]);
+  }
+  SUBCASE("ratio 1/16: nothing is lost, what was not sent is in the residuals") {
+    c.ratio = 1.0 / 16;
+    auto runs = runHook(kRanks, layout, c, kSteps, grad);
+    CHECK(runs[1].results == runs[0].results);
+    for (size_t i = 0; i < kN; ++i) {
+      double sent = 0, total = 0;
+      for (int step = 1; step < kSteps; ++step) {
+        sent += kRanks * runs[0].results[static_cast<size_t>(step)][i];
+        for (int r = 0; r < kRanks; ++r) total += dir[static_cast<size_t>(r)][static_cast<size_t>(step - 1)][i];
+      }
+      const double kept = runs[0].state[0][i] + runs[1].state[0][i];
+      CHECK(sent + kept == doctest::Approx(total).epsilon(1e-4));
+    }
+    // 4 of 64 per rank per step: at most 8 coordinates move in a step.
+    for (int step = 1; step < kSteps; ++step)
+      CHECK(std::count_if(runs[0].results[static_cast<size_t>(step)].begin(),
+                          runs[0].results[static_cast<size_t>(step)].end(), [](float x) { return x != 0; }) <= 8);
+  }
+}

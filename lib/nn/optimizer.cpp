@@ -76,7 +76,7 @@ class Adam final : public Optimizer {
 
   void step(std::span<float> params, std::span<const float> grads) override {
     checkSizes(params, grads);
-    if (updateGiven()) {
+    if (updateGiven_) {
       givenStep(params, grads);
       return;
     }
@@ -134,7 +134,9 @@ class Adam final : public Optimizer {
   }
 
  private:
-  // Efficient-Adam's server step (OptimizerSpec::updateGivenFrom): the gradient is the averaged update
+  void setUpdateGiven(bool given) override { updateGiven_ = given; }
+
+  // Efficient-Adam's server step (Optimizer::setUpdateGiven): the gradient is the averaged update
   // direction; param = param * (1 - lr x weight_decay) (AdamW), then param -= lr x direction. A separate loop, so
   // the plain one is unchanged.
   void givenStep(std::span<float> params, std::span<const float> grads) {
@@ -211,6 +213,11 @@ const char* optimizerTypeName(OptimizerType type) {
     case OptimizerType::kAdagrad: return "adagrad";
   }
   return "?";
+}
+
+void Optimizer::setUpdateGiven(bool given) {
+  DTRAIN_CHECK(!given, "optimizer '{}' cannot take an update direction (local_adam): only Adam/AdamW on the CPU do",
+               optimizerTypeName(spec_.type));
 }
 
 void Optimizer::checkSizes(std::span<float> params, std::span<const float> grads) const {

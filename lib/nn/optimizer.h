@@ -51,13 +51,6 @@ struct OptimizerSpec {
   // "weight_decay_on": "all" (torch.optim's default: every parameter) or "matrices" (nanoGPT's configure_optimizers:
   // parameters with >= 2 dimensions decay, biases, LayerNorm weights and other vectors do not). Adam/AdamW only.
   bool decayMatricesOnly = false;
-  // Adam/AdamW only, set by the trainer (not a job-file field) for top-k's "local_adam" (lib/train/compression.h):
-  // from update number updateGivenFrom + 1 on (steps() >= updateGivenFrom before it), the gradient given to step()
-  // is already Adam's update direction m_hat / (sqrt(v_hat) + eps), computed by every rank from its own gradients
-  // and averaged by the compression hook (Efficient-Adam). step() then does param -= lr x grad (AdamW's decoupled
-  // weight decay still applies first) and leaves exp_avg and exp_avg_sq as they were. -1: never (torch's Adam).
-  // Nothing new is saved: whether the mode is on follows from steps(), which checkpoints restore.
-  int64_t updateGivenFrom = -1;
 };
 
 // {"type": "sgd", "lr": 0.05, "momentum": 0.9, ...}; every error is a ConfigError naming file, JSON path and
@@ -89,9 +82,13 @@ class Optimizer {
   // Updates done so far (torch's state['step']); restore it together with the state buffers.
   int64_t steps() const noexcept { return steps_; }
   void setSteps(int64_t steps) noexcept { steps_ = steps; }
-  // True when the next step() takes an update direction rather than a gradient (OptimizerSpec::updateGivenFrom):
-  // the trainer must not clip it as a gradient.
-  bool updateGiven() const noexcept { return spec_.updateGivenFrom >= 0 && steps_ >= spec_.updateGivenFrom; }
+  // For top-k's "local_adam" (lib/train/compression.h), set by the trainer before each step from the compression
+  // hook (whose step count checkpoints restore): `given` means the next step()'s gradient is already Adam's update
+  // direction m_hat / (sqrt(v_hat) + eps), computed by every rank from its own gradients and averaged by the hook
+  // (Efficient-Adam). Adam/AdamW then do param -= lr x grad (AdamW's decoupled weight decay still applies first),
+  // leave exp_avg and exp_avg_sq as they are, and count the step. Other optimizers (and CUDA's): Error for `given`.
+  virtual void setUpdateGiven(bool given);
+  bool updateGiven() const noexcept { return updateGiven_; }
   // The state arenas on the optimizer's device (device memory for cuda): write into the spans to restore. Empty
   // for plain SGD.
   virtual std::vector<StateBuffer> stateBuffers() = 0;
@@ -111,6 +108,7 @@ class Optimizer {
   double lr_;
   size_t numParams_;
   int64_t steps_ = 0;
+  bool updateGiven_ = false;
   std::vector<std::pair<size_t, size_t>> noDecay_;  // (offset, count), sorted
 };
 

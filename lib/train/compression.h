@@ -19,8 +19,8 @@
 //                Feedback", ACM TIST 2021): from start_step each rank runs Adam on its own gradient (its own exp_avg
 //                and exp_avg_sq in the hook, bias-corrected from start_step) and top-k with error feedback sends
 //                that update direction m_hat / (sqrt(v_hat) + eps) instead of the gradient; the optimizer applies
-//                lr x the average (nn::OptimizerSpec::updateGivenFrom; AdamW's decoupled decay still applies, the
-//                trainer no longer clips it). A residual sent after k steps is then k Adam steps, where Adam on
+//                lr x the average (nn::Optimizer::setUpdateGiven, set by the trainer from the hook's step count;
+//                AdamW's decoupled decay still applies, the trainer no longer clips it). A residual sent after k steps is then k Adam steps, where Adam on
 //                the sparse averaged gradient turns it into about one.
 //  powersgd      PowerSGD (Vogels et al., NeurIPS 2019), as PyTorch's powerSGD_hook: per matrix-shaped
 //                parameter M (a tensor of rank >= 2 viewed as [shape[0], rest]), one power-iteration step with

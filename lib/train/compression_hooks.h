@@ -60,6 +60,8 @@ class CompressionHook : public CommHook {
   std::vector<HookState> stateBuffers() final;
   std::optional<HookTraffic> traffic() const final { return traffic_; }
   int64_t stepsStarted() const { return step_[0]; }
+  // Whether the last step's buckets were compressed (its step was at or after start_step).
+  bool lastStepCompressed() const { return step_[0] > settings_.startStep; }
 
  protected:
   // Starts compressing and communicating a bucket once step >= start_step.

@@ -28,6 +28,7 @@
 #include "lib/train/check.h"
 #include "lib/train/checkpointing.h"
 #include "lib/train/compression.h"
+#include "lib/train/compression_hooks.h"
 #include "lib/train/fault.h"
 #include "lib/train/generate.h"
 #include "lib/train/metrics_reporter.h"
@@ -101,6 +102,8 @@ class TrainLoop {
   Clock::time_point intervalStart_;
   std::unique_ptr<nn::Optimizer> optimizer_;
   CommHookPtr commHook_;                // DDP's (null alone); its traffic goes to metrics.jsonl
+  std::shared_ptr<CompressionHook> localAdamHook_;  // commHook_ with top-k's local_adam: it says when the optimizer
+                                                    // takes an update rather than a gradient
   HookTraffic loggedTraffic_;           // commHook_'s counts at the last progress interval
   std::unique_ptr<Strategy> strategy_;
   // The model's sparse embedding tables: the strategy's (the parameter servers) or localSparse_ (one process).

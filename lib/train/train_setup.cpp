@@ -137,11 +137,8 @@ void TrainLoop::setUp() {
   nn::OptimizerSpec optimizerSpec = job_.optimizer;
   if (commHook_ && job_.parallel.compression) {
     const CompressionSettings& c = *job_.parallel.compression;
-    if (c.localAdam) {
-      optimizerSpec.updateGivenFrom = c.startStep;
-    } else if (c.momentumCorrection) {
-      optimizerSpec.momentum = 0;
-    }
+    if (c.momentumCorrection) optimizerSpec.momentum = 0;
+    if (c.localAdam) localAdamHook_ = std::dynamic_pointer_cast<CompressionHook>(commHook_);
   }
   optimizer_ = nn::Optimizer::create(optimizerSpec, model_->numParams(), device);
   if (job_.optimizer.decayMatricesOnly) {

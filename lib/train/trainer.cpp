@@ -271,6 +271,8 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
       if (!gradsFinite)
         diverged(epoch, stepLossFinite_ ? std::string("gradient") : fmt::format("loss on rank {}", worker_.rank));
       optimizer_->setLr(schedule_.lr(step_));
+      // local_adam: from the hook's start_step on, what it averaged is Adam's update, not a gradient.
+      if (localAdamHook_) optimizer_->setUpdateGiven(localAdamHook_->lastStepCompressed());
       if (!strategy_->updatesParameters()) {  // the parameter server updated params() already
         // (Not an update direction that a compression hook's local Adam computed: that was clipped as gradients.)
         if (job_.optimizer.clipGradNorm > 0 && !optimizer_->updateGiven()) {

@@ -130,9 +130,6 @@ class Adam final : public Optimizer {
 }  // namespace
 
 std::unique_ptr<Optimizer> makeOptimizer(const OptimizerSpec& spec, size_t numParams, Device device) {
-  // Set only with gradient compression, which runs on the CPU (lib/train/job.cpp rejects it on cuda).
-  DTRAIN_CHECK(spec.updateGivenFrom < 0, "optimizer on {}: a given Adam update (local_adam) is implemented on the CPU only",
-               device.str());
   if (spec.type == OptimizerType::kSgd) return std::make_unique<Sgd>(spec, numParams, device);
   if (spec.type == OptimizerType::kAdam || spec.type == OptimizerType::kAdamW)
     return std::make_unique<Adam>(spec, numParams, device);

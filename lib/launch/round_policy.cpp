@@ -67,9 +67,12 @@ void onWorkerExit(const RoundState& s, const RoundInput& in, RoundActions& a) {
       a.next.interruptedBy = s.preemptedBy;
       a.publish = Publish::kPreemptedShutdown;
     } else if (!succeeded(in.status)) {
-      bool secondary = s.multiNode && WIFEXITED(in.status) &&
-                       WEXITSTATUS(in.status) == static_cast<int>(ExitCode::kComm);
-      bool replacesHeld = s.phase == RoundPhase::kFailurePending && s.rootCauseGrace && !secondary;
+      // Exit 7 (its collective failed: a peer was lost) is a symptom when the cause can still show up: on another
+      // node, or on this one while another local worker runs (the worker whose exit broke the collective may be
+      // reaped after the one that saw it break, so the reaping order does not decide the root cause).
+      bool lostPeer = WIFEXITED(in.status) && WEXITSTATUS(in.status) == static_cast<int>(ExitCode::kComm);
+      bool secondary = lostPeer && (s.multiNode || !in.workers.allExited);
+      bool replacesHeld = s.phase == RoundPhase::kFailurePending && s.rootCauseGrace && !lostPeer;
       if (s.phase == RoundPhase::kRunning && secondary) {
         a.next.phase = RoundPhase::kFailurePending;
         a.next.rootCauseGrace = true;
@@ -85,6 +88,12 @@ void onWorkerExit(const RoundState& s, const RoundInput& in, RoundActions& a) {
     } else if (s.phase == RoundPhase::kRunning && in.workers.allSucceeded) {
       a.next.phase = RoundPhase::kFinished;
       a.markFinished = true;
+    }
+    // One node and every local worker gone: no root cause can come any more, the held secondary one is the failure.
+    if (!s.multiNode && a.next.phase == RoundPhase::kFailurePending && a.next.rootCauseGrace && in.workers.allExited) {
+      a.next.rootCauseGrace = false;
+      a.armRootCauseTimer = false;
+      a.publish = Publish::kFailure;
     }
   }
   drainBookkeeping(a, in.workers);

@@ -49,9 +49,11 @@ struct RoundState {
   // usually a symptom of something on another node, see rootCauseGrace.
   bool multiNode = false;
   // kFailurePending with a secondary failure: the local worker exited 7 (its collective failed: a peer was
-  // lost) in a multi-node round. Its report is held for the root-cause grace (heartbeat timeout + 2 heartbeat
-  // intervals), so that the real cause wins the round's event: another node's failed worker, or node_lost when
-  // a node died (which an elastic job survives by re-forming, where a "failed" would be a failure).
+  // lost) in a multi-node round, or on one node while another local worker still runs. Its report is held for the
+  // root-cause grace (heartbeat timeout + 2 heartbeat intervals), so that the real cause wins the round's event:
+  // another node's failed worker, node_lost when a node died (which an elastic job survives by re-forming, where a
+  // "failed" would be a failure), or the local worker whose exit broke the collective but was reaped later. On one
+  // node the hold ends as soon as every local worker has exited.
   bool rootCauseGrace = false;
 };
 
@@ -129,7 +131,9 @@ struct RoundActions {
 //                           that handles it and finishes with 0 succeeded; a failure keeps its report and the
 //                           restart policy). Else a non-zero exit (or a
 //                           signal) while kRunning: kFailurePending; a secondary failure (exit 7 in a multi-node
-//                           round) holds its report for the root-cause grace (rootCauseGrace, armRootCauseTimer);
+//                           round, or on one node with another local worker running) holds its report for the
+//                           root-cause grace (rootCauseGrace, armRootCauseTimer; on one node it is published once
+//                           every local worker has exited);
 //                           any other publishes kFailure now if its stderr is already closed, otherwise waits for
 //                           it. A non-secondary failure during the root-cause grace becomes the failure instead
 //                           (newRootCause). Else exit 0 making every local worker successful while kRunning:

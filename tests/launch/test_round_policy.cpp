@@ -166,8 +166,38 @@ TEST_CASE("round policy: during the root-cause grace a real local failure become
   checkQuiet(decideRound(held, RoundInput::workerExited(exitStatus(7), false, kSomeRunning)));
 }
 
-TEST_CASE("round policy: on a single node, exit 7 is published at once like any failure") {
+TEST_CASE("round policy: on a single node, exit 7 waits for the local worker that broke the collective") {
+  // Rank 1 exits 5, rank 0's all-reduce loses it and exits 7; the agent may reap rank 0 first.
   auto a = decideRound(at(RoundPhase::kRunning), RoundInput::workerExited(exitStatus(7), false, kSomeRunning));
+  CHECK(a.next.phase == RoundPhase::kFailurePending);
+  CHECK(a.next.rootCauseGrace);
+  CHECK(a.armRootCauseTimer);
+  CHECK(a.publish == Publish::kNone);
+  SUBCASE("the real cause, reaped next, becomes the failure") {
+    auto cause = decideRound(a.next, RoundInput::workerExited(exitStatus(5), false, kReapedOpen));
+    CHECK(cause.newRootCause);
+    CHECK(cause.publish == Publish::kFailure);
+    CHECK_FALSE(cause.next.rootCauseGrace);
+  }
+  SUBCASE("every other worker exits without failing: the held one is published at once") {
+    auto rest = decideRound(a.next, RoundInput::workerExited(exitStatus(0), false, kReapedOpen));
+    CHECK_FALSE(rest.newRootCause);
+    CHECK(rest.publish == Publish::kFailure);
+    CHECK_FALSE(rest.next.rootCauseGrace);
+    CHECK_FALSE(rest.armRootCauseTimer);
+  }
+  SUBCASE("another lost peer, the last to exit, publishes the held one") {
+    auto rest = decideRound(a.next, RoundInput::workerExited(exitStatus(7), false, kReapedOpen));
+    CHECK_FALSE(rest.newRootCause);
+    CHECK(rest.publish == Publish::kFailure);
+  }
+  SUBCASE("the other worker hangs: the grace running out publishes it") {
+    CHECK(decideRound(a.next, RoundInput::failureReport(kSomeRunning, /*graceOver=*/true)).publish == Publish::kFailure);
+  }
+}
+
+TEST_CASE("round policy: on a single node, exit 7 from the last local worker is published at once") {
+  auto a = decideRound(at(RoundPhase::kRunning), RoundInput::workerExited(exitStatus(7), false, kReapedOpen));
   CHECK(a.publish == Publish::kFailure);
   CHECK_FALSE(a.armRootCauseTimer);
 }
@@ -254,7 +284,9 @@ TEST_CASE("round policy: after SIGUSR1, only a stop the signal caused is a preem
   SUBCASE("a worker that fails keeps its report and the restart policy") {
     for (int status : {exitStatus(1), exitStatus(7), killedBy(SIGSEGV), killedBy(SIGTERM)}) {
       CAPTURE(status);
-      auto exit = decideRound(warned, RoundInput::workerExited(status, false, kSomeRunning));
+      // (an exit 7 as the last local worker: with one still running it would wait for the root cause, above)
+      auto exit = decideRound(warned, RoundInput::workerExited(status, false, status == exitStatus(7) ? kReapedOpen
+                                                                                                      : kSomeRunning));
       CHECK(exit.publish == Publish::kFailure);
       CHECK(exit.next.phase == RoundPhase::kFailurePending);
       CHECK_FALSE(exit.next.interruptedBy.has_value());

@@ -134,14 +134,15 @@ struct CheckpointInfo {
 // Status of one checkpoint dir (or staging dir). With verifyChecksums every file is read and its crc32 checked.
 CheckpointInfo inspectCheckpoint(const std::filesystem::path& path, bool verifyChecksums);
 // Every checkpoint and staging dir under root, newest step first (for one step: the final dir first). A missing
-// root is an empty list.
+// root is an empty list. A dir removed while it is inspected (a running job's retention) is left out.
 std::vector<CheckpointInfo> listCheckpoints(const std::filesystem::path& root, bool verifyChecksums);
 
 struct LatestValid {
   std::optional<CheckpointInfo> checkpoint;  // nullopt: nothing to resume from (not an error)
   std::vector<CheckpointInfo> skipped;       // newer ones that were partial or corrupt, newest first, with reasons
 };
-// The newest complete checkpoint with verified checksums. Staging dirs are neither returned nor reported.
+// The newest complete checkpoint with verified checksums. Staging dirs are neither returned nor reported, nor are
+// checkpoints removed while they are inspected (a running job's retention).
 LatestValid findLatestValid(const std::filesystem::path& root);
 
 struct RetentionResult {

@@ -2,6 +2,7 @@
 #include <fmt/ranges.h>
 
 #include <algorithm>
+#include <optional>
 
 #include "lib/ckpt/checkpoint.h"
 #include "lib/ckpt/checkpoint_names.h"
@@ -142,7 +143,14 @@ std::vector<CheckpointInfo> listCheckpoints(const fs::path& root, bool verifyChe
   if (!fs::is_directory(root, ec)) return out;
   for (const auto& e : fs::directory_iterator(root, ec)) {
     if (!e.is_directory(ec) || !parseDirName(e.path().filename().string())) continue;
-    out.push_back(inspectCheckpoint(e.path(), verifyChecksums));
+    // The folder may be a running job's: its retention can remove a checkpoint while it is looked at here. One that
+    // is gone afterwards was never there (whatever inspecting it half-way said); any other error is real.
+    try {
+      CheckpointInfo info = inspectCheckpoint(e.path(), verifyChecksums);
+      if (fs::exists(e.path(), ec)) out.push_back(std::move(info));
+    } catch (const std::exception&) {
+      if (fs::exists(e.path(), ec)) throw;
+    }
   }
   std::sort(out.begin(), out.end(), [](const CheckpointInfo& a, const CheckpointInfo& b) {
     if (a.step != b.step) return a.step > b.step;
@@ -158,7 +166,15 @@ LatestValid findLatestValid(const fs::path& root) {
   for (auto& info : listCheckpoints(root, /*verifyChecksums=*/false)) {
     if (info.status == Status::kStaging) continue;
     if (info.status == Status::kComplete) {
-      CheckpointInfo verified = inspectCheckpoint(info.path, /*verifyChecksums=*/true);
+      std::error_code ec;
+      std::optional<CheckpointInfo> found;
+      try {  // removed by a running job's retention since it was listed: skipped like in listCheckpoints
+        found = inspectCheckpoint(info.path, /*verifyChecksums=*/true);
+      } catch (const std::exception&) {
+        if (fs::exists(info.path, ec)) throw;
+      }
+      if (!found || !fs::exists(info.path, ec)) continue;
+      CheckpointInfo verified = std::move(*found);
       if (verified.status == Status::kComplete) {
         result.checkpoint = std::move(verified);
         return result;

@@ -145,13 +145,28 @@ std::optional<ResumePoint> Checkpointer::resume(nn::Model& model, nn::Optimizer&
 
 std::optional<ResumePoint> checkResumeCheckpoint(const Job& job) {
   if (!job.checkpoint.enabled || !job.checkpoint.resume) return std::nullopt;
-  auto latest = ckpt::findLatestValid(job.checkpoint.dir);
-  if (!latest.checkpoint) return std::nullopt;
-  auto cp = ckpt::Checkpoint::open(latest.checkpoint->path);
-  checkWrittenForModel(cp, indexModelFiles(cp), job);
-  const auto& meta = cp.meta();
-  return ResumePoint{meta.step, meta.epoch, meta.samplesConsumed, meta.worldSize,
-                     meta.user.value("epoch_world", meta.worldSize), cp.path()};
+  // The folder may belong to a job that is running (an agent joining it elastically): its retention can delete the
+  // checkpoint picked here before it is read. One that vanished is looked for again; if the folder keeps changing,
+  // the check is left to the workers, which resume once the group has re-formed and nothing is being written.
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    auto latest = ckpt::findLatestValid(job.checkpoint.dir);
+    if (!latest.checkpoint) return std::nullopt;
+    std::optional<ckpt::Checkpoint> cp;
+    std::optional<ckpt::TensorAssembler> files;
+    try {
+      cp.emplace(ckpt::Checkpoint::open(latest.checkpoint->path));
+      files.emplace(indexModelFiles(*cp));
+    } catch (const std::exception& e) {
+      if (std::filesystem::exists(latest.checkpoint->path)) throw;
+      log::debug("{}: removed while it was read ({}); looking again", latest.checkpoint->path.string(), e.what());
+      continue;
+    }
+    checkWrittenForModel(*cp, *files, job);
+    const auto& meta = cp->meta();
+    return ResumePoint{meta.step, meta.epoch, meta.samplesConsumed, meta.worldSize,
+                       meta.user.value("epoch_world", meta.worldSize), cp->path()};
+  }
+  return std::nullopt;
 }
 
 std::optional<std::string> resumeOffWarning(const Job& job) {

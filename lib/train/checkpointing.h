@@ -51,7 +51,9 @@ struct ResumePoint {
 // ckpt::findLatestValid picks it, checksums verified; skipped ones are not logged here), its model-spec hash, and
 // every dense parameter of the model (nn::paramTableOf, whole-model names; sparse embedding tables live on the
 // parameter servers and are not among them) present in its model files, whole or in slices of any layout, with
-// the model's full shape. nullopt when the job does not resume (checkpoints or resume off, no valid checkpoint).
+// the model's full shape. nullopt when the job does not resume (checkpoints or resume off, no valid checkpoint),
+// or when the folder is a running job's whose retention removed the picked checkpoint three times in a row while it
+// was read (the workers check it again when they resume).
 // CheckpointError (exit 8) naming the checkpoint, the first tensor that differs (missing, or both shapes) and both
 // spec hashes. Blocks on file I/O (reads the candidate's files once for their crc32).
 std::optional<ResumePoint> checkResumeCheckpoint(const Job& job);

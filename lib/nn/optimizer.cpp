@@ -118,13 +118,7 @@ class Adam final : public Optimizer {
         p[i] = p[i] + negStepSize * m[i] / denom;
       }
     };
-    size_t at = 0;
-    for (const auto& [offset, count] : noDecay_) {
-      run(at, std::min(offset, numParams_), true);
-      run(std::min(offset, numParams_), std::min(offset + count, numParams_), false);
-      at = std::min(offset + count, numParams_);
-    }
-    run(at, numParams_, true);
+    forEachDecaySegment(run);
   }
 
   std::vector<StateBuffer> stateBuffers() override {
@@ -153,13 +147,7 @@ class Adam final : public Optimizer {
         p[i] = p[i] + negLr * g[i];
       }
     };
-    size_t at = 0;
-    for (const auto& [offset, count] : noDecay_) {
-      run(at, std::min(offset, numParams_), true);
-      run(std::min(offset, numParams_), std::min(offset + count, numParams_), false);
-      at = std::min(offset + count, numParams_);
-    }
-    run(at, numParams_, true);
+    forEachDecaySegment(run);
   }
 
   AlignedBuffer<float> expAvg_, expAvgSq_, maxExpAvgSq_;

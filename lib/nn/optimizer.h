@@ -16,6 +16,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -103,6 +104,18 @@ class Optimizer {
  protected:
   Optimizer(const OptimizerSpec& spec, size_t numParams) : spec_(spec), lr_(spec.lr), numParams_(numParams) {}
   void checkSizes(std::span<float> params, std::span<const float> grads) const;
+  // Calls run(begin, end, decayOn) over [0, numParams_) in order, cut at the no-decay ranges (setNoDecayRanges):
+  // decayOn is false inside them. Empty pieces are passed too (run skips them or loops zero times).
+  template <typename Run>
+  void forEachDecaySegment(Run&& run) const {
+    size_t at = 0;
+    for (const auto& [offset, count] : noDecay_) {
+      run(at, std::min(offset, numParams_), true);
+      run(std::min(offset, numParams_), std::min(offset + count, numParams_), false);
+      at = std::min(offset + count, numParams_);
+    }
+    run(at, numParams_, true);
+  }
 
   OptimizerSpec spec_;
   double lr_;

@@ -110,13 +110,7 @@ class Adam final : public Optimizer {
       k::adamStep(params.data() + begin, grads.data() + begin, state_.data(0) + begin, state_.data(1) + begin,
                   vmax != nullptr ? vmax + begin : nullptr, end - begin, s);
     };
-    size_t at = 0;
-    for (const auto& [offset, count] : noDecay_) {
-      run(at, std::min(offset, numParams_), true);
-      run(std::min(offset, numParams_), std::min(offset + count, numParams_), false);
-      at = std::min(offset + count, numParams_);
-    }
-    run(at, numParams_, true);
+    forEachDecaySegment(run);
   }
 
   std::vector<StateBuffer> stateBuffers() override { return state_.deviceBuffers(); }

@@ -307,7 +307,8 @@ std::string LaunchOptions::jobFingerprint() const {
 std::string LaunchOptions::plan() const {
   return fmt::format("nnodes={} nproc_per_node={} node_rank={} rdzv_backend={} rdzv_endpoint={} rdzv_id={} "
                      "max_restarts={} max_reforms={}\nprogram={}",
-                     nnodesText, nproc, nodeRank, rdzvBackend, rdzvEndpoint.empty() ? "-" : rdzvEndpoint, rdzvId,
+                     nnodesText, nproc, nodeRank, rdzvBackend, rdzvEndpoint.empty() ? "-" : rdzvEndpoint,
+                     standalone && rdzvId == "none" ? "random" : rdzvId,  // the agent draws one per run (agent.cpp)
                      maxRestarts, maxReforms, fmt::join(program, " "));
 }
 

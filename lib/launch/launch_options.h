@@ -92,7 +92,8 @@ struct LaunchOptions {
   // different jobs started with the same --rdzv-id on one store are told apart (the path of the program is
   // left out: nodes may install it in different places).
   std::string jobFingerprint() const;
-  // The resolved launch plan as `dtrain run --dry-run` prints it: "nnodes=... max_restarts=N\nprogram=...".
+  // The resolved launch plan as `dtrain run --dry-run` prints it: "nnodes=... max_restarts=N\nprogram=..."
+  // (rdzv_id=random under --standalone without --rdzv-id: the agent draws one per run).
   std::string plan() const;
 };
 

@@ -11,6 +11,9 @@ TEST_CASE("launch plan: defaults, then every field resolved") {
   CHECK(o.plan() ==
         "nnodes=1 nproc_per_node=1 node_rank=-1 rdzv_backend=static rdzv_endpoint=- rdzv_id=none max_restarts=0 max_reforms=100\n"
         "program=python train.py --lr 0.1");
+  o.standalone = true;  // --standalone without --rdzv-id: the agent draws a random id, and the plan says so
+  CHECK(o.plan().find(" rdzv_id=random ") != std::string::npos);
+  o.standalone = false;
   o.nnodesText = "2:4";
   o.nproc = 8;
   o.nodeRank = 1;

@@ -108,4 +108,14 @@ std::array<void*, BatchStaging::kParts> BatchStaging::use(int slot) {
   return out;
 }
 
+void BatchStaging::unstage(int slot) {
+  DTRAIN_CHECK_AS(UsageError, slot >= 0 && slot < kSlots && slots_[static_cast<size_t>(slot)].staged,
+                  "BatchStaging: unstage({}) of a slot with no staged batch", slot);
+  // The dropped copy may still run: the next stage() into this slot waits for it (copied) before reusing the
+  // pinned memory, and the copy stream runs the copies in order. The slot's `finished` event still marks the end
+  // of the batch it held before, so the device memory is refilled in the same order as without the drop.
+  slots_[static_cast<size_t>(slot)].staged = false;
+  next_ = slot;
+}
+
 }  // namespace dtrain::gpu

@@ -18,6 +18,8 @@
 //   it; or stage and use at once (no overlap, still correct).
 // - At most one batch is staged ahead: staging into the slot of the batch in use (before the batch staged ahead
 //   is used) or into a slot staged but not yet used is a UsageError.
+// - unstage(slot) drops a batch staged ahead that will not be used (the trainer stopped before it): the slot is
+//   the one the next stage() takes (host bookkeeping only; that stage() orders its copy after the dropped one).
 // The compute stream is the legacy default stream (where every CUDA layer computes); the copy stream is
 // non-blocking (a blocking stream would wait for the legacy stream's work and overlap nothing).
 // Ownership: move-only; pinned memory (cudaHostAlloc) and device slots are freed at destruction (cudaFreeHost
@@ -58,6 +60,8 @@ class BatchStaging {
   // The slot's device pointers (part i at [i]), ordered after its copy on the compute stream. Each staged slot
   // is used once.
   std::array<void*, kParts> use(int slot);
+  // Drops the staged, unused batch of `slot`; the next stage() refills that slot. UsageError if it holds none.
+  void unstage(int slot);
 
  private:
   void release() noexcept;

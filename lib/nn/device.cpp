@@ -146,6 +146,15 @@ std::pair<void*, void*> BatchStaging::use(int slot) {
 #endif
 }
 
+void BatchStaging::unstage(int slot) {
+  DTRAIN_CHECK_AS(UsageError, gpu_ != nullptr, "BatchStaging: unstage() on an empty staging");
+#if DTRAIN_WITH_CUDA
+  static_cast<gpu::BatchStaging*>(gpu_.get())->unstage(slot);
+#else
+  (void)slot;
+#endif
+}
+
 void copyBytes(void* dst, Device dstDevice, const void* src, Device srcDevice, size_t bytes) {
   if (bytes == 0) return;
   if (dstDevice.isCpu() && srcDevice.isCpu()) {

@@ -69,7 +69,8 @@ class DeviceFloats {
 // Batches copied host -> device for the layers (lib/gpu/staging.h): pinned host memory, a separate copy stream and
 // two device slots ordered by events, so batch n+1 may be staged while batch n computes. stage() starts the copy of
 // a batch's features and labels and returns its slot; use(slot) gives their device pointers, ordered after the
-// copy on the layers' stream (the host does not wait). At most one batch is staged ahead of the one in use. GPU
+// copy on the layers' stream (the host does not wait). At most one batch is staged ahead of the one in use; one
+// that will not be used is dropped by unstage(slot) (lib/train/batch_lookahead.h sequences these calls). GPU
 // only (a CPU or CPU-only build throws NotBuiltError): on the CPU the loader's buffers are used as they are.
 // Move-only; not thread-safe. Errors: gpu::GpuError, UsageError (a batch larger than the maximum, or misuse).
 class BatchStaging {
@@ -79,6 +80,7 @@ class BatchStaging {
   bool empty() const noexcept { return gpu_ == nullptr; }
   int stage(const void* features, size_t featureBytes, const void* labels, size_t labelBytes);
   std::pair<void*, void*> use(int slot);  // features, labels
+  void unstage(int slot);                 // drops a staged batch never used; the next stage() takes its slot
 
  private:
   std::shared_ptr<void> gpu_;  // a gpu::BatchStaging (CUDA builds)

@@ -4,7 +4,8 @@
 // (Keras' and PyTorch Lightning's Callback, cut down to the events dtrain has).
 //
 // Events, in the order the loop raises them:
-//   onBatch           a micro-batch was drawn and its loss computed (every micro-batch; before its backward)
+//   onBatch           a micro-batch was drawn and its loss computed (every micro-batch; before its backward; on a
+//                     GPU its features/labels point to device memory, batch_lookahead.h)
 //   onOptimizerStep   right after an optimizer step, before the trainer logs, agrees on a stop or checkpoints
 //                     (so what a callback records of the step is durable before a checkpoint can cover it)
 //   onLog             a progress interval, reduced over the ranks (all ranks; values are the group's)

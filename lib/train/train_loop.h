@@ -25,6 +25,7 @@
 #include "lib/nn/loss.h"
 #include "lib/nn/model.h"
 #include "lib/train/baselines.h"
+#include "lib/train/batch_lookahead.h"
 #include "lib/train/check.h"
 #include "lib/train/checkpointing.h"
 #include "lib/train/compression.h"
@@ -72,14 +73,9 @@ class TrainLoop {
   // agree), so it is the world rank with the tensor coordinate taken out.
   int dropoutRank() const { return worker_.rank - strategy_->groups().coords.tensor; }
   Device workerDevice() const;  // cpu, or cuda:LOCAL_RANK after checking there are enough GPUs
-  // A batch as the model's device sees it: the loader's buffers on the CPU; on a GPU, copies through pinned host
-  // memory on a separate copy stream into one of two device slots (nn::BatchStaging), ordered before the forward
-  // on the layers' stream by an event: the host does not wait for them.
-  struct Staged {
-    const float* features;
-    TensorView targets;
-  };
-  Staged stage(const data::Batch& b, const data::Dataset& ds);
+  // GPU: what copies `ds`'s batches to the device (over staging_) for a BatchLookahead; null on the CPU, whose
+  // layers read the loader's buffers.
+  std::unique_ptr<BatchStager> stagerFor(const data::Dataset& ds);
   // Whether every value of an arena is finite, agreed over the ranks that hold other parts of the model. On a GPU
   // (DDP only, lib/train/job.cpp) every rank holds the whole, all-reduced arena: a device reduction suffices.
   bool agreeFinite(std::span<const float> values) {

@@ -38,25 +38,20 @@ TensorView targetsOf(const data::Batch& b, const data::Dataset& ds) {
   if (b.classLabels) return TensorView::i32(b.classLabels, ds.labelShape().withBatch(b.size));
   return TensorView::f32(b.targets, ds.labelShape().withBatch(b.size));
 }
+// The same on the batch's device: a GPU batch from BatchLookahead holds device pointers.
+TensorView targetsOn(const data::Batch& b, const data::Dataset& ds, Device device) {
+  if (device.isCpu()) return targetsOf(b, ds);
+  const Shape shape = ds.labelShape().withBatch(b.size);
+  return b.classLabels ? TensorView::of(b.classLabels, shape, device) : TensorView::of(b.targets, shape, device);
+}
 
 }  // namespace
 
 namespace detail {
 
-TrainLoop::Staged TrainLoop::stage(const data::Batch& b, const data::Dataset& ds) {
-  if (device_.isCpu()) return {b.features, targetsOf(b, ds)};
-  DTRAIN_CHECK(b.size <= job_.data.batchSize, "batch of {} samples does not fit the GPU staging of {}", b.size,
-               job_.data.batchSize);
-  const size_t features = static_cast<size_t>(b.size * ds.featureShape().numel()) * sizeof(float);
-  const size_t labels = static_cast<size_t>(b.size * ds.labelShape().numel()) * sizeof(float);  // int32 or float
-  const bool classes = b.classLabels != nullptr;
-  const int slot = staging_.stage(b.features, features, classes ? static_cast<const void*>(b.classLabels) : b.targets,
-                                  labels);
-  const auto [x, y] = staging_.use(slot);
-  const Shape shape = ds.labelShape().withBatch(b.size);
-  const TensorView targets = classes ? TensorView::of(static_cast<int32_t*>(y), shape, device_)
-                                     : TensorView::of(static_cast<float*>(y), shape, device_);
-  return {static_cast<const float*>(x), targets};
+std::unique_ptr<BatchStager> TrainLoop::stagerFor(const data::Dataset& ds) {
+  if (device_.isCpu()) return nullptr;  // the CPU reads the loader's buffers: no look-ahead
+  return std::make_unique<DeviceBatchStager>(staging_, ds, job_.data.batchSize);
 }
 
 void TrainLoop::logInterval(StepStats& stats, bool force) {
@@ -93,14 +88,18 @@ void TrainLoop::evaluate(const StepStats& stats) {
       {.datasetSize = eval_->size(), .rank = g.dataRank, .worldSize = g.dataSize, .shuffle = false, .pad = false});
   data::BatchLoader loader(*eval_, sampler, {.batchSize = job_.data.batchSize, .prefetch = prefetch_});
   nn::EvalSums sums;
-  for (const data::Batch& b : loader) {
+  // On a GPU, batch n+1's copy runs while batch n's forward computes (evaluate() reads its sums back).
+  const std::unique_ptr<BatchStager> stager = stagerFor(*eval_);
+  BatchLookahead ahead([&loader] { return loader.next(); }, stager.get());
+  while (const data::Batch* batch = ahead.next()) {
+    const data::Batch& b = *batch;
     if (pipeline_ != nullptr) {
       sums += pipeline_->evalBatch(b.features, targetsOf(b, *eval_), static_cast<int>(b.size));
       continue;
     }
-    const Staged in = stage(b, *eval_);
-    TensorView out = model_->forward(in.features, static_cast<int>(b.size), false);
-    sums += loss_->evaluate(out, in.targets);
+    TensorView out = model_->forward(b.features, static_cast<int>(b.size), false);
+    ahead.prefetch();
+    sums += loss_->evaluate(out, targetsOn(b, *eval_, device_));
   }
   std::vector<double> v = {sums.lossSum, static_cast<double>(sums.lossCount), static_cast<double>(sums.correct),
                            static_cast<double>(sums.samples)};
@@ -180,14 +179,12 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
     if (timeline::enabled()) timeline::record(phase, "phase", mark, now);
     mark = now;
   };
-  data::Batch none;  // the empty batch of a rank whose uneven share ran out before the group's last step
-  auto nextBatch = [&]() -> const data::Batch* {
-    if (const data::Batch* b = loader.next()) return b;
-    if (batchIndex >= numBatches) return nullptr;
-    none.position = sampler_->position(sampler_->numSamplesThisRank());
-    return &none;
-  };
-  while (const data::Batch* batch = nextBatch()) {
+  // The loader's batches, then empty ones for a rank whose uneven share ran out before the group's last step. On a
+  // GPU the look-ahead stages batch n+1 once batch n's forward and backward are enqueued (batch_lookahead.h).
+  EpochBatches epochBatches(loader, numBatches, sampler_->position(sampler_->numSamplesThisRank()));
+  const std::unique_ptr<BatchStager> stager = pipeline_ == nullptr ? stagerFor(*train_) : nullptr;
+  BatchLookahead ahead([&epochBatches] { return epochBatches.next(); }, stager.get());
+  while (const data::Batch* batch = ahead.next()) {
     const data::Batch& b = *batch;
     ++batchIndex;
     if (micro == 0) {
@@ -221,9 +218,8 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
                                    dropoutSeed(job_.loop.seed, dropoutRank(), step_, micro));
     } else {
       if (hasDropout_) model_->reseedDropout(dropoutSeed(job_.loop.seed, dropoutRank(), step_, micro));
-      const Staged in = stage(b, *train_);
-      TensorView out = model_->forward(in.features, static_cast<int>(b.size), true);
-      loss = loss_->forward(out, in.targets);
+      TensorView out = model_->forward(b.features, static_cast<int>(b.size), true);
+      loss = loss_->forward(out, targetsOn(b, *train_, device_));
     }
     lap(event.times.forward, "forward");
     stepLoss += loss;
@@ -256,6 +252,11 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
       if (!lossFinite && !grads.empty()) nn::setFloat(grads.data(), std::numeric_limits<float>::quiet_NaN(), device_);
     }
     lap(event.times.backward, "backward");
+    }
+    // GPU: the micro-batch's device work is enqueued; the next batch's copy overlaps it (and the step's all-reduce).
+    if (stager) {
+      ahead.prefetch();
+      lap(event.times.data, "data");
     }
     if (!lastMicro) {
       ++micro;
@@ -311,7 +312,10 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
     stats_.stepInEpoch = stepsBefore + (batchIndex + accum - 1) / accum;
     afterStep(epoch, b.position, batchIndex == numBatches);
     mark = Clock::now();  // logging and checkpoints are not the next step's data wait
-    if (stop_ && batchIndex != numBatches) break;
+    if (stop_ && batchIndex != numBatches) {
+      ahead.cancel();  // a batch staged ahead frees its slot
+      break;
+    }
   }
   logInterval(stats_, false);
   result_.trainSec += secondsSince(epochStart);

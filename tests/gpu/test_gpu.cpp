@@ -157,6 +157,18 @@ TEST_CASE("with a GPU: batches staged on the copy stream arrive in order, one ba
   CHECK(readBack(d1[0], d1[1], 1).first[0] == 101 * 10000.0f);
   CHECK_THROWS_AS(staging.use(ahead), UsageError);  // used once
   CHECK_THROWS_AS(staging.stage({{f0.data(), (n + 1) * sizeof(float)}}), UsageError);  // larger than its slot
+  // A batch staged ahead and dropped (the trainer stopped): its slot is the next one staged, and holds the new batch.
+  auto [f2, l2] = batch(102);
+  const int dropped = staging.stage({{f2.data(), n * sizeof(float)}, {l2.data(), n * sizeof(int32_t)}});
+  CHECK(dropped != ahead);
+  staging.unstage(dropped);
+  CHECK_THROWS_AS(staging.use(dropped), UsageError);
+  CHECK_THROWS_AS(staging.unstage(dropped), UsageError);
+  auto [f3, l3] = batch(103);
+  const int again = staging.stage({{f3.data(), n * sizeof(float)}, {l3.data(), n * sizeof(int32_t)}});
+  CHECK(again == dropped);
+  const auto d3 = staging.use(again);
+  CHECK(readBack(d3[0], d3[1], n) == std::pair{f3, l3});
   synchronizeDevice();
 }
 

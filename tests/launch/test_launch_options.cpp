@@ -1,6 +1,10 @@
 // LaunchOptions' plan, as `dtrain run --dry-run` prints it (scripts and the Slurm tier read these lines).
 #include <doctest/doctest.h>
 
+#include <cstdlib>
+#include <string>
+
+#include "lib/common/error.h"
 #include "lib/launch/launch_options.h"
 
 using namespace dtrain::launch;
@@ -40,4 +44,24 @@ TEST_CASE("CUDA_VISIBLE_DEVICES is counted as the CUDA runtime reads it: up to t
   CHECK(countVisibleDevices("0,7", 0) == 2);       // driver count unknown: indices are taken as given
   CHECK(countVisibleDevices("GPU-8f1a,MIG-2b3c/1/0", 1) == 2);  // UUIDs count one each
   CHECK(countVisibleDevices("1,gpu0", 8) == 1);
+}
+
+TEST_CASE("--nproc-per-node gpu: one worker per GPU CUDA_VISIBLE_DEVICES shows; none visible is a clear error") {
+  // The agent counts without starting CUDA (it forks the workers): the variable as CUDA reads it, capped by the
+  // driver's GPUs when /proc/driver/nvidia/gpus lists them (this machine may have none: then taken as given).
+  const char* saved = std::getenv("CUDA_VISIBLE_DEVICES");
+  const std::string before = saved != nullptr ? saved : "";
+  ::setenv("CUDA_VISIBLE_DEVICES", "", 1);
+  CHECK_THROWS_WITH_AS(resolveNproc("gpu"), "--nproc-per-node gpu: no GPU is visible to this process",
+                       dtrain::UsageError);
+  CHECK(resolveNproc("auto") == usableCpuCount());  // auto falls back to the CPUs
+  ::setenv("CUDA_VISIBLE_DEVICES", "0,1", 1);
+  const int gpus = visibleGpuCount();  // 2 without a driver; 1 where the driver lists a single GPU
+  CHECK((gpus == 1 || gpus == 2));
+  CHECK(resolveNproc("gpu") == gpus);
+  CHECK(resolveNproc("auto") == gpus);
+  CHECK_THROWS_WITH_AS(resolveNproc("gpus"), doctest::Contains("expected a positive number of workers, or auto, cpu or gpu"),
+                       dtrain::UsageError);
+  if (saved != nullptr) ::setenv("CUDA_VISIBLE_DEVICES", before.c_str(), 1);
+  else ::unsetenv("CUDA_VISIBLE_DEVICES");
 }

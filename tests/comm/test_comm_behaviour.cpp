@@ -9,6 +9,9 @@
 #include "lib/comm/hier/hier_backend.h"
 #include "lib/common/config.h"
 #include "lib/common/error.h"
+#if DTRAIN_WITH_CUDA
+#include "lib/gpu/device.h"
+#endif
 #include "rendezvous/prefix_store.h"
 #include "tests/comm/comm_test_util.h"
 
@@ -98,6 +101,16 @@ TEST_CASE("registry: names, auto and the nccl backend") {
   // CUDA is built here but this machine may have no GPU: nccl must refuse cleanly, and auto never picks it
   // for CPU buffers.
   if (createBackend("auto", rankOptions(0, 1, nullptr))->name() == "nccl") FAIL("auto picked nccl for cpu");
+  // "backend": "auto" with device cuda picks nccl (a GPU job's gradients); without a visible GPU it says so
+  // instead of falling back to a CPU backend. (The nccl group itself is run by test_gpu_train's comm case.)
+  if (gpu::visibleGpuCount() > 0) {
+    CHECK(resolveAutoBackend(gpu) == "nccl");
+  } else {
+    CHECK_THROWS_WITH_AS(resolveAutoBackend(gpu), "device 'cuda' asked for, but no GPU is visible to this process",
+                         UsageError);
+    CHECK_THROWS_AS(createBackend("auto", gpu), UsageError);
+    CHECK_THROWS_WITH_AS(createBackend("nccl", gpu), doctest::Contains("needs a GPU, but none is visible"), UsageError);
+  }
 #else
   CHECK_THROWS_WITH_AS(createBackend("nccl", gpu), doctest::Contains("backend 'nccl' was not built"), NotBuiltError);
   CHECK_THROWS_AS(createBackend("auto", gpu), NotBuiltError);

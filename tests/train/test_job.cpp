@@ -296,6 +296,11 @@ TEST_CASE("\"device\": \"cuda\" is validated before any worker: build, backend, 
   CHECK(job.device == Device::cuda(0));
   CHECK_FALSE(job.tf32);
   CHECK(loadJob(withDevice(R"("device": "cpu")")).device == Device::cpu());
+  // A checkpoint holds the CPU's files whatever the device (parameters and optimizer state are staged device ->
+  // host), and resuming compares the model spec only: device, tf32 and precision stay out of it, so a GPU run's
+  // checkpoint resumes on the CPU and vice versa (run with a GPU by test_gpu_train's cross-device resumes).
+  CHECK(job.modelHash == loadJob(withDevice(R"("device": "cpu")")).modelHash);
+  CHECK(job.modelHash == loadJob(withDevice(R"("device": "cuda", "precision": "bf16")")).modelHash);
   CHECK(loadJob(withDevice(R"("precision": "fp32")")).tf32);
   CHECK(configErrorOf(withDevice(R"("device": "cuda", "parallel": {"backend": "tcp"})"))
             .find("/parallel/backend: 'tcp' cannot carry GPU gradients") != std::string::npos);

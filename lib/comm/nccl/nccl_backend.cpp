@@ -8,6 +8,7 @@
 #include <thread>
 #include <utility>
 
+#include "lib/comm/nccl/nccl_wait.h"
 #include "lib/common/error.h"
 #include "lib/common/parse.h"
 #include "lib/common/worker_metrics.h"
@@ -134,24 +135,16 @@ class NcclBackend : public Backend {
   // failure or timeout, so every rank fails with `call` named instead of hanging.
   void waitEvent(const gpu::Event& event, const Deadline& deadline, const char* call) {
     try {
-      for (int spins = 0;; ++spins) {
-        bool finished = false;
-        try {
-          finished = event.query();
-        } catch (const gpu::GpuError& e) {
-          DTRAIN_THROW(CommError, "{} failed on the GPU: {}", call, e.what());
-        }
-        if (finished) return;
-        ncclResult_t async = ncclSuccess;
-        ncclCommGetAsyncError(comm_, &async);
-        if (async != ncclSuccess && async != ncclInProgress)
-          DTRAIN_THROW(CommError, "{} failed: NCCL reported {} ({})", call, ncclGetErrorString(async),
-                       ncclGetLastError(comm_));
-        if (deadline.expired())
-          DTRAIN_THROW(CommError, "{} timed out after {} ms (stalled or dead peer)", call, options_.timeout.count());
-        // Short operations finish within microseconds; long ones should not burn a core while polling.
-        if (spins > 1000) std::this_thread::sleep_for(std::chrono::microseconds(50));
-      }
+      waitForCollective(call, options_.timeout,
+                        {.finished = [&] { return event.query(); },
+                         .asyncError = [&]() -> std::string {
+                           ncclResult_t async = ncclSuccess;
+                           ncclCommGetAsyncError(comm_, &async);
+                           if (async == ncclSuccess || async == ncclInProgress) return {};
+                           return fmt::format("{} ({})", ncclGetErrorString(async), ncclGetLastError(comm_));
+                         },
+                         .expired = [&] { return deadline.expired(); },
+                         .pause = [] { std::this_thread::sleep_for(std::chrono::microseconds(50)); }});
     } catch (const Error& e) {
       abortComm(e.what());
       throw;

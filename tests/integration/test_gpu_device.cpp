@@ -5,6 +5,7 @@
 
 #include <filesystem>
 #include <string>
+#include <vector>
 
 #include "tests/support/process.h"
 
@@ -52,5 +53,21 @@ TEST_CASE("device cuda without enough GPUs: a clear error naming both counts, be
     CHECK(checked.err.find("0 GPU(s) visible") != std::string::npos);
   } else {
     CHECK(launched.err.find("needs a dtrain built with CUDA") != std::string::npos);
+  }
+}
+
+TEST_CASE("--nproc-per-node gpu: one worker per GPU that CUDA_VISIBLE_DEVICES shows; none is a usage error (exit 3)") {
+  const std::vector<std::string> argv = {dtrainBinary(), "run", "--standalone", "--nproc-per-node", "gpu",
+                                         "--dry-run", "--", "/bin/true"};
+  auto none = run(argv, {.env = {{"CUDA_VISIBLE_DEVICES", ""}}});
+  INFO(none.err);
+  CHECK(none.exitCode == 3);
+  CHECK(none.err.find("--nproc-per-node gpu: no GPU is visible to this process") != std::string::npos);
+  // The agent counts without starting CUDA; with no driver here the variable's entries are taken as given.
+  if (!std::filesystem::exists("/proc/driver/nvidia/gpus")) {
+    auto two = run(argv, {.env = {{"CUDA_VISIBLE_DEVICES", "0,1"}}});
+    INFO(two.err);
+    CHECK(two.exitCode == 0);
+    CHECK(two.out.find("nproc_per_node=2 ") != std::string::npos);
   }
 }

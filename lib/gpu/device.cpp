@@ -37,8 +37,9 @@ namespace detail {
 
 void cudaFailed(const char* what, int error, const char* file, int line) {
   cudaGetLastError();
-  ::dtrain::detail::throwAt<GpuError>(file, line, fmt::format("{} failed: {}", what,
-                                                              cudaGetErrorString(static_cast<cudaError_t>(error))));
+  ::dtrain::detail::throwAt<GpuError>(file, line, fmt::format("{} failed: {} ({})", what,
+                                                              cudaGetErrorString(static_cast<cudaError_t>(error)),
+                                                              checkSite(file, line)));
 }
 
 }  // namespace detail

@@ -8,7 +8,8 @@
 #pragma once
 
 namespace dtrain::gpu::detail {
-// Clears CUDA's last-error slot and throws GpuError "<what> failed: <cudaGetErrorString(error)>" at file:line.
+// Clears CUDA's last-error slot and throws GpuError "<what> failed: <cudaGetErrorString(error)> (<file>:<line>)"
+// (check.h's checkSite) with where() file:line.
 [[noreturn]] void cudaFailed(const char* what, int error, const char* file, int line);
 }  // namespace dtrain::gpu::detail
 

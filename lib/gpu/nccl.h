@@ -1,7 +1,8 @@
 // NCCL's edge of the common vocabulary, for sources that call NCCL (they include <nccl.h> and link NCCL):
 // the check macro and the one mapping from dtrain::DType to ncclDataType_t.
 //
-//   DTRAIN_NCCL_CHECK(ncclGetUniqueId(&id));   // throws dtrain::CommError "<expression> failed: <NCCL's text>"
+//   DTRAIN_NCCL_CHECK(ncclGetUniqueId(&id));   // throws dtrain::CommError "<expression> failed: <NCCL's text>
+//                                              //   (<file>:<line>)", the file from the repository root (check.h)
 //
 // For blocking calls only: on a non-blocking communicator ncclInProgress is not a failure, and the caller
 // polls ncclCommGetAsyncError instead (see lib/comm/nccl).
@@ -14,13 +15,15 @@
 
 #include "lib/common/error.h"
 #include "lib/common/tensor.h"
+#include "lib/gpu/check.h"
 
 #define DTRAIN_NCCL_CHECK_AS(ErrorType, expr)                                                              \
   do {                                                                                                     \
     const ncclResult_t dtrain_nccl_r_ = (expr);                                                            \
     if (dtrain_nccl_r_ != ncclSuccess) [[unlikely]]                                                        \
-      ::dtrain::detail::throwAt<ErrorType>(__FILE__, __LINE__, ::fmt::format("{} failed: {}", #expr,      \
-                                                                             ncclGetErrorString(dtrain_nccl_r_))); \
+      ::dtrain::detail::throwAt<ErrorType>(__FILE__, __LINE__, ::fmt::format("{} failed: {} ({})", #expr, \
+                                                                             ncclGetErrorString(dtrain_nccl_r_), \
+                                                                             ::dtrain::gpu::detail::checkSite(__FILE__, __LINE__))); \
   } while (0)
 #define DTRAIN_NCCL_CHECK(expr) DTRAIN_NCCL_CHECK_AS(::dtrain::CommError, expr)
 

@@ -12,6 +12,7 @@
 #include "lib/gpu/device.h"
 #include "lib/gpu/gemm_args.h"
 #include "lib/gpu/grid.h"
+#include "lib/gpu/launch.h"
 #include "lib/gpu/memory.h"
 #include "lib/gpu/nccl.h"
 #include "lib/gpu/staging.h"
@@ -27,6 +28,9 @@ TEST_CASE("DTRAIN_CUDA_CHECK throws GpuError naming the call, CUDA's text and th
   } catch (const GpuError& e) {
     CHECK(std::string(e.what()).find("cudaSetDevice(-1) failed: ") == 0);
     CHECK(e.where().find("test_gpu.cpp:") != std::string::npos);
+    // The message itself ends with the call site from the repository root: a worker's one-line error names it.
+    CHECK(std::string(e.what()).find(" (tests/gpu/test_gpu.cpp:") != std::string::npos);
+    CHECK(std::string(e.what()).back() == ')');
     CHECK(e.exitCode() == static_cast<int>(ExitCode::kInternal));
   }
   // Cleared, so the next check starts clean (without a driver every call, this one too, reports the missing
@@ -34,6 +38,23 @@ TEST_CASE("DTRAIN_CUDA_CHECK throws GpuError naming the call, CUDA's text and th
   if (visibleGpuCount() > 0) CHECK(cudaGetLastError() == cudaSuccess);
   CHECK_THROWS_AS(DTRAIN_CUDA_CHECK_AS(CommError, cudaSetDevice(-1)), CommError);
   DTRAIN_CUDA_CHECK(cudaSuccess);  // no throw
+}
+
+TEST_CASE("a check's call site is named from the repository root, whatever directory the build ran in") {
+  CHECK(gpu::detail::checkSite("/work/wt/x/lib/gpu/memory.cpp", 31) == "lib/gpu/memory.cpp:31");
+  CHECK(gpu::detail::checkSite("../lib/comm/nccl/nccl_backend.cpp", 7) == "lib/comm/nccl/nccl_backend.cpp:7");
+  CHECK(gpu::detail::checkSite("/src/dtrain/tests/gpu/test_gpu.cpp", 2) == "tests/gpu/test_gpu.cpp:2");
+  CHECK(gpu::detail::checkSite("/home/u/lib/dtrain/lib/nn/cuda/loss.cpp", 5) == "lib/nn/cuda/loss.cpp:5");  // the last
+  CHECK(gpu::detail::checkSite("memory.cpp", 1) == "memory.cpp:1");
+  // Kernel launches (launch.h's DTRAIN_CU_CHECK / launch checks) fail the same way.
+  try {
+    gpu::detail::cudaFailed("launch of softmax", 2, "/b/lib/gpu/kernels_nn.cu", 40);
+  } catch (const GpuError& e) {
+    const std::string what = e.what();
+    CHECK(what.find("launch of softmax failed: ") == 0);
+    CHECK(what.find(" (lib/gpu/kernels_nn.cu:40)") != std::string::npos);
+    CHECK(e.where() == "/b/lib/gpu/kernels_nn.cu:40");
+  }
 }
 
 TEST_CASE("DTRAIN_NCCL_CHECK throws CommError with NCCL's text; DType maps to NCCL's types in one place") {
@@ -44,6 +65,7 @@ TEST_CASE("DTRAIN_NCCL_CHECK throws CommError with NCCL's text; DType maps to NC
   } catch (const CommError& e) {
     CHECK(std::string(e.what()).find("ncclCommCount(nullptr, &n) failed: ") == 0);
     CHECK(e.where().find("test_gpu.cpp:") != std::string::npos);
+    CHECK(std::string(e.what()).find(" (tests/gpu/test_gpu.cpp:") != std::string::npos);
   }
   CHECK(ncclType(DType::kFloat32) == ncclFloat32);
   CHECK(ncclType(DType::kFloat64) == ncclFloat64);

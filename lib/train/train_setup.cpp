@@ -86,9 +86,19 @@ void TrainLoop::setUp() {
   std::future<std::shared_ptr<const data::Dataset>> evalLoad;
   if (job_.data.eval) evalLoad = std::async(std::launch::async, [&] { return data::loadDataset(*job_.data.eval); });
   train_ = data::loadDataset(job_.data.train);
-  if (job_.parallel.compression && worker_.worldSize == 1) {
-    if (worker_.rank == 0)
-      log::warn("{}: /parallel/compression: ignored with a world of 1 rank (nothing is communicated)", job_.sourceFile);
+  // Compression applies to the data-parallel all-reduce: with one replica (one rank, or every rank a pipeline stage
+  // or tensor shard) there is none, and the hook must not exist either: momentum_correction would take the
+  // optimizer's momentum for a hook that never runs.
+  const int replicas = worker_.worldSize == 1 ? 1 : resolveLayout(job_.parallel, worker_.worldSize, job_.sourceFile).data;
+  if (job_.parallel.compression && replicas == 1) {
+    if (worker_.rank == 0) {
+      if (worker_.worldSize == 1)
+        log::warn("{}: /parallel/compression: ignored with a world of 1 rank (nothing is communicated)", job_.sourceFile);
+      else
+        log::warn("{}: /parallel/compression: ignored with a data-parallel size of 1 (the {} ranks are pipeline "
+                  "stages or tensor shards of one replica: no gradient is all-reduced)",
+                  job_.sourceFile, worker_.worldSize);
+    }
   } else if (worker_.worldSize > 1 && psServers_ == 0) {
     commHook_ = job_.parallel.compression ? makeCompressionHook(*job_.parallel.compression, job_.loop.seed)
                                           : std::make_shared<AllreduceAvgHook>();

@@ -180,11 +180,33 @@ int64_t datasetBytes(const data::Dataset& ds, const data::DataSpec& spec) {
 
 }  // namespace
 
+void checkScheduleFitsRun(const Job& job, int64_t totalSteps, const std::string& how) {
+  const auto& s = job.schedule;
+  if (s.type != nn::ScheduleType::kCosine || s.tMax > 0) return;
+  DTRAIN_CHECK_AS(ConfigError, totalSteps > s.warmupSteps,
+                  "{}: {}/warmup_steps: {} warm-up step(s), but the run has only {} step(s) ({}); a cosine schedule "
+                  "without T_max decays over the steps after the warm-up (expected warmup_steps below the run's "
+                  "steps: lower it, give T_max, or train longer)",
+                  job.sourceFile, job.doc.contains("lr_schedule") ? "/lr_schedule" : "/schedule", s.warmupSteps,
+                  totalSteps, how);
+}
+
 DataCheck checkJobData(const Job& job) {
   DataCheck c;
   auto loss = nn::Loss::create(job.loss, job.model.output(), static_cast<int>(job.data.batchSize), Device::cpu());
   c.train = data::loadDataset(job.data.train, data::ReadMode::kHeader);
   checkDataFitsModel(job, *c.train, *loss, "/data/train");
+  {
+    // One rank runs the most steps (a larger world shares the epoch): a warm-up too long there is too long anywhere.
+    const int64_t perEpoch = stepsForSamples(job, c.train->size());
+    int64_t total = perEpoch * job.loop.epochs;
+    std::string how = fmt::format("{} epoch(s) of {} step(s) on 1 rank", job.loop.epochs, perEpoch);
+    if (job.loop.maxSteps > 0 && job.loop.maxSteps < total) {
+      total = job.loop.maxSteps;
+      how = fmt::format("/train/max_steps {}", job.loop.maxSteps);
+    }
+    checkScheduleFitsRun(job, total, how);
+  }
   c.bytes = datasetBytes(*c.train, job.data.train);
   if (job.data.eval) {
     c.eval = data::loadDataset(*job.data.eval, data::ReadMode::kHeader);

@@ -33,6 +33,13 @@ struct DataCheck {
 };
 DataCheck checkJobData(const Job& job);
 
+// A cosine schedule without T_max decays over the run's steps after its warm-up, so the run must be longer than
+// the warm-up: ConfigError (exit 2) naming the job file, /schedule/warmup_steps (or /lr_schedule/...), the
+// warm-up and `totalSteps` (described by `how`, e.g. "2 epoch(s) of 12 steps on 1 rank"). No check for other
+// schedules. checkJobData runs it for one rank (the most steps any world has, so a failure there fails every
+// world); the trainer for its own world.
+void checkScheduleFitsRun(const Job& job, int64_t totalSteps, const std::string& how);
+
 // What one worker of `job` needs in memory, in bytes, estimated from the spec alone (nothing is allocated). Every
 // product and sum saturates at INT64_MAX instead of wrapping, so a huge job is never estimated as a small one.
 //   parameters: weights + gradients + the DDP communication copy (3 x 4 bytes per parameter);

@@ -290,6 +290,11 @@ void TrainLoop::planRun() {
   double baseLr = job_.optimizer.lr;
   if (job_.parallel.lrScaling == "linear")
     baseLr *= static_cast<double>(worker_.worldSize) / job_.parallel.referenceWorldSize;
+  checkScheduleFitsRun(job_, totalSteps,
+                       job_.loop.maxSteps > 0 && totalSteps == job_.loop.maxSteps
+                           ? fmt::format("/train/max_steps {}", job_.loop.maxSteps)
+                           : fmt::format("{} epoch(s) of {} step(s) on {} rank(s)", job_.loop.epochs, stepsPerEpoch,
+                                         worker_.worldSize));
   schedule_ = nn::Schedule(job_.schedule, baseLr, totalSteps);
   logEvery_ = job_.loop.logEverySteps > 0 ? job_.loop.logEverySteps : std::max<int64_t>(1, stepsPerEpoch / 20);
   stats_ = StepStats{.totalSteps = totalSteps, .epochs = job_.loop.epochs, .stepsPerEpoch = stepsPerEpoch};

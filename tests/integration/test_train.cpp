@@ -71,6 +71,36 @@ TEST_CASE("a bad job is rejected with exit 2 by check, train and run (before any
   CHECK(s.err.find("expected PATH=VALUE") != std::string::npos);
 }
 
+TEST_CASE("a cosine warm-up as long as the run is exit 2 naming /schedule/warmup_steps, before any worker starts") {
+  std::string dir = tempDir("warmup");
+  json doc = json::parse(kJob);  // 96 samples, batch 8: 12 steps per epoch on 1 rank, 2 epochs
+  doc["schedule"] = {{"type", "cosine"}, {"warmup_steps", 30}};
+  writeFile(dir + "/job.json", doc.dump());
+  auto c = run({dtrainBinary(), "check", dir + "/job.json"});
+  CHECK(c.exitCode == 2);
+  CHECK_MESSAGE(c.err.find("/schedule/warmup_steps: 30 warm-up step(s), but the run has only 24 step(s) (2 epoch(s) "
+                           "of 12 step(s) on 1 rank)") != std::string::npos,
+                c.err);
+  auto r = run({dtrainBinary(), "run", "--standalone", "--nproc-per-node", "2", dir + "/job.json", "--set",
+                "schedule.warmup_steps=10", "--set", "train.max_steps=5", "--output-dir", dir + "/out"});
+  CHECK(r.exitCode == 2);
+  CHECK_MESSAGE(r.err.find("/schedule/warmup_steps: 10 warm-up step(s), but the run has only 5 step(s) "
+                           "(/train/max_steps 5)") != std::string::npos,
+                r.err);
+  CHECK(r.out.find("[n0 r") == std::string::npos);  // no worker was started
+  // A world large enough to leave fewer steps than the warm-up: the trainer names the field and its world.
+  auto t = run({dtrainBinary(), "run", "--standalone", "--nproc-per-node", "2", dir + "/job.json", "--set",
+                "schedule.warmup_steps=20", "--output-dir", dir + "/out2"});
+  CHECK(t.exitCode == 2);
+  CHECK_MESSAGE(t.err.find("/schedule/warmup_steps: 20 warm-up step(s), but the run has only 12 step(s) (2 epoch(s) "
+                           "of 6 step(s) on 2 rank(s))") != std::string::npos,
+                t.err);
+  writeFile(dir + "/ok.json", doc.dump());
+  auto ok = run({dtrainBinary(), "train", dir + "/ok.json", "--set", "schedule.warmup_steps=4", "--output-dir",
+                 dir + "/out3"});
+  CHECK_MESSAGE(ok.exitCode == 0, ok.err);
+}
+
 TEST_CASE("data parallel: 2 ranks x batch b give the same weights as 1 rank x batch 2b") {
   std::string dir = tempDir("ddp");
   writeFile(dir + "/job.json", kJob);

@@ -90,8 +90,8 @@ void addCkptCommand(CLI::App& root, Action& action) {
                                              "scripts/bench/ckpt_write)");
   bench->add_option("DIR", args->path, "Scratch directory on the disk to measure")->required();
   bench->add_option("--size", args->size, "Checkpoint size (default 1G)");
-  bench->add_option("--tensors", args->tensors, "Number of tensors (default 8)")->check(CLI::PositiveNumber);
-  bench->add_option("--repeats", args->repeats, "Runs (default 3; the median is reported)")->check(CLI::PositiveNumber);
+  bench->add_option("--tensors", args->tensors, "Number of tensors (default 8)")->check(atLeastOne());
+  bench->add_option("--repeats", args->repeats, "Runs (default 3; the median is reported)")->check(atLeastOne());
   bench->add_flag("--buffered", args->buffered, "Use buffered writes + fdatasync instead of O_DIRECT");
   bench->callback([&action, args] { action = [args] { return runBench(*args); }; });
 }

@@ -1,8 +1,11 @@
 // `dtrain plot RUN_DIR... [--out FILE.svg|FILE.html|FILE.png]`: training curves of one or several runs (lib/launch/plot.h).
+#include <cerrno>
+#include <cstring>
 #include <fstream>
 
 #include "apps/dtrain/commands.h"
 #include "lib/common/error.h"
+#include "lib/launch/launch_options.h"
 #include "lib/launch/plot.h"
 
 namespace dtrain::app {
@@ -23,6 +26,8 @@ int runPlot(const PlotArgs& a) {
   const bool png = endsWith(a.out, ".png");
   DTRAIN_CHECK_AS(UsageError, html || png || endsWith(a.out, ".svg"),
                   "--out {}: expected a file ending in .svg, .html or .png", a.out);
+  // Where the chart goes, before any run is read: a typo in --out is a usage error naming the folder.
+  launch::checkWritableFile("--out", a.out);
   std::vector<launch::RunCurves> runs;
   for (const auto& r : a.runs) runs.push_back(launch::readRunCurves(r));
   if (png) {
@@ -31,7 +36,7 @@ int runPlot(const PlotArgs& a) {
     return 0;
   }
   std::ofstream out(a.out);
-  DTRAIN_CHECK(out.good(), "--out {}: cannot write it", a.out);
+  DTRAIN_CHECK_AS(UsageError, out.good(), "--out {}: cannot write it ({})", a.out, std::strerror(errno));
   out << (html ? launch::renderHtml(runs) : launch::renderSvg(runs));
   out.close();
   DTRAIN_CHECK(out.good(), "--out {}: writing failed", a.out);

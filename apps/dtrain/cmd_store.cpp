@@ -163,7 +163,7 @@ void addStoreCommand(CLI::App& root, Action& action) {
       ->envname("DTRAIN_RDZV_TOKEN");
   sub->add_option("--rdzv-token-file", args->tokenFile, "Read the shared secret from the first line of this file");
   sub->add_option("--max-connections", args->maxConnections, "Connections over this are closed at once")
-      ->check(CLI::PositiveNumber)
+      ->check(atLeastOne())
       ->capture_default_str();
   sub->add_option("--max-buffered", args->maxBuffered,
                    "Memory for all connections' partial requests and queued replies (at least 129MiB)")
@@ -178,12 +178,12 @@ void addStoreCommand(CLI::App& root, Action& action) {
                   "Close connections without a request (or a parked wait) for this long; 0 = never")
       ->capture_default_str();
   sub->add_option("--max-keys", args->maxKeys, "Quota: number of keys")
-      ->check(CLI::PositiveNumber)
+      ->check(atLeastOne())
       ->capture_default_str();
   sub->add_option("--max-stored-bytes", args->maxStoredBytes, "Quota: bytes of keys and values (+64 per key)")
       ->capture_default_str();
   sub->add_option("--max-keys-per-request", args->maxKeysPerRequest, "Keys in one check or wait")
-      ->check(CLI::PositiveNumber)
+      ->check(atLeastOne())
       ->capture_default_str();
   sub->add_option("--metrics-port", args->metricsPort,
                   "Serve Prometheus metrics of the store at http://HOST:PORT/metrics (0: a free port, logged)")

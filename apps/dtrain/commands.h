@@ -13,6 +13,24 @@ namespace dtrain::app {
 
 using Action = std::function<int()>;
 
+// A count flag's check: an integer >= 1, and a message that says so ("--repeats: expected an integer >= 1, got 0";
+// CLI11's PositiveNumber says "Value 0 not in range 0.000000 to 1797...").
+inline CLI::Validator atLeastOne() {
+  return CLI::Validator(
+      [](std::string& value) -> std::string {
+        long long n = 0;
+        size_t used = 0;
+        try {
+          n = std::stoll(value, &used);
+        } catch (const std::exception&) {
+          used = 0;
+        }
+        if (used == 0 || used != value.size() || n < 1) return "expected an integer >= 1, got " + value;
+        return {};
+      },
+      "INT>=1");
+}
+
 void addRunCommand(CLI::App& root, Action& action);
 // Before CLI11 parses `dtrain run ...`: removes the worker's command line (JOB.json... or PROGRAM...) from
 // `args` (argv as strings, argv[0] included) and hands it to the run command.

@@ -9,6 +9,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
 
 #include "lib/common/error.h"
@@ -194,6 +196,34 @@ rendezvous::EtcdStoreOptions LaunchOptions::etcdOptions() const {
   return o;
 }
 
+void checkCreatableDir(std::string_view flag, const std::string& dir) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  fs::path at = fs::absolute(dir, ec);
+  if (ec) at = dir;
+  for (;; at = at.parent_path()) {
+    const auto status = fs::status(at, ec);
+    if (fs::exists(status)) {
+      DTRAIN_CHECK_AS(UsageError, fs::is_directory(status), "{} {}: {} exists and is not a folder", flag, dir,
+                      at.string());
+      DTRAIN_CHECK_AS(UsageError, ::access(at.c_str(), W_OK | X_OK) == 0, "{} {}: the folder {} is not writable ({})",
+                      flag, dir, at.string(), std::strerror(errno));
+      return;
+    }
+    if (at == at.parent_path()) return;
+  }
+}
+
+void checkWritableFile(std::string_view flag, const std::string& file) {
+  namespace fs = std::filesystem;
+  const auto parent = fs::absolute(file).parent_path();
+  DTRAIN_CHECK_AS(UsageError, fs::is_directory(parent), "{} {}: the folder {} does not exist", flag, file,
+                  parent.string());
+  DTRAIN_CHECK_AS(UsageError, !fs::is_directory(file), "{} {}: is a folder (expected a file name)", flag, file);
+  DTRAIN_CHECK_AS(UsageError, ::access(parent.c_str(), W_OK | X_OK) == 0, "{} {}: the folder {} is not writable ({})",
+                  flag, file, parent.string(), std::strerror(errno));
+}
+
 void LaunchOptions::validate() {
   std::tie(minNodes, maxNodes) = parseNnodes(nnodesText);
   nproc = resolveNproc(nprocText);
@@ -208,11 +238,10 @@ void LaunchOptions::validate() {
   if (rdzvBackend == "etcd-v3") rdzvBackend = "etcd";
   if (rdzvBackend == "c10d") rdzvBackend = "store";
   if (!timelineFile.empty()) {
-    const auto parent = std::filesystem::absolute(timelineFile).parent_path();
-    DTRAIN_CHECK_AS(UsageError, std::filesystem::is_directory(parent),
-                    "--timeline {}: the folder {} does not exist", timelineFile, parent.string());
+    checkWritableFile("--timeline", timelineFile);
     timelineFile = std::filesystem::absolute(timelineFile).string();
   }
+  if (!logDir.empty()) checkCreatableDir("--log-dir", logDir);
   if (standalone) {
     DTRAIN_CHECK_AS(UsageError, maxNodes == 1, "--standalone runs a single node, but --nnodes is {}", nnodesText);
     DTRAIN_CHECK_AS(UsageError, rdzvEndpoint.empty(), "--standalone picks its own endpoint; drop --rdzv-endpoint {}",
@@ -248,7 +277,9 @@ void LaunchOptions::validate() {
                   "password); this job uses --rdzv-backend {}",
                   rdzvConf, rdzvBackend);
   DTRAIN_CHECK_AS(UsageError, shutdownTimeout.count() >= 0, "--shutdown-timeout must not be negative");
-  DTRAIN_CHECK_AS(UsageError, heartbeatInterval.count() > 0 && heartbeatTimeout > heartbeatInterval,
+  DTRAIN_CHECK_AS(UsageError, heartbeatInterval.count() > 0, "--heartbeat-interval {} ms: expected a positive duration",
+                  heartbeatInterval.count());
+  DTRAIN_CHECK_AS(UsageError, heartbeatTimeout > heartbeatInterval,
                   "--heartbeat-timeout ({} ms) must be longer than --heartbeat-interval ({} ms)",
                   heartbeatTimeout.count(), heartbeatInterval.count());
   for (int r : localRanksFilter)

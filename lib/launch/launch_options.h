@@ -114,5 +114,11 @@ int visibleGpuCount();
 // lists) an index beyond the driver's GPUs. So "0,1,-1,2" is 2 GPUs, "" and "-1" none, "0,7" on 2 GPUs one.
 int countVisibleDevices(std::string_view value, int driverGpus);
 int usableCpuCount();
+// Output paths named by flags, checked before anything starts so a typo is a usage error (UsageError, exit 3)
+// naming the flag and the path, not a failure once the job ran. checkCreatableDir: `dir` is a folder, or its
+// nearest existing ancestor is a writable folder (it is created later). checkWritableFile: `file` is not a
+// folder and its folder exists and is writable. Only stat and access(2) calls.
+void checkCreatableDir(std::string_view flag, const std::string& dir);
+void checkWritableFile(std::string_view flag, const std::string& file);
 
 }  // namespace dtrain::launch

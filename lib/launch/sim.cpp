@@ -22,6 +22,7 @@
 #include "lib/common/error.h"
 #include "lib/common/log.h"
 #include "lib/common/parse.h"
+#include "lib/launch/launch_options.h"
 #include "lib/launch/process_tree.h"
 #include "lib/launch/sim_net.h"
 #include "lib/launch/sim_report.h"
@@ -572,7 +573,9 @@ int runSim(const SimOptions& options) {
     const bool ok = (r.size() > 4 && r.compare(r.size() - 4, 4, ".svg") == 0) ||
                     (r.size() > 5 && r.compare(r.size() - 5, 5, ".html") == 0);
     DTRAIN_CHECK_AS(UsageError, ok, "--report {}: expected a FILE.svg or FILE.html", r);
+    checkWritableFile("--report", r);
   }
+  checkCreatableDir("--output-dir", options.outputDir);
   Sim sim(options);
   return sim.run();
 }

@@ -90,6 +90,14 @@ TEST_CASE("dtrain ckpt: missing and empty directories") {
   CHECK(inspect.err.find("no checkpoints here") != std::string::npos);
 }
 
+TEST_CASE("dtrain ckpt bench: counts of 0 are usage errors that say what is expected") {
+  for (const char* flag : {"--repeats", "--tensors"}) {
+    auto r = dtrainCkpt({"bench", tempDir("cli-bench"), "--size", "64K", flag, "0"});
+    CHECK(r.exitCode == 3);
+    CHECK_MESSAGE(r.err.find(std::string(flag) + ": expected an integer >= 1, got 0") != std::string::npos, r.err);
+  }
+}
+
 TEST_CASE("dtrain ckpt list and inspect count epochs from 1, as the trainer's progress does; JSON keeps meta.json's") {
   const auto root = freshRoot("cli-epoch");
   writeCheckpoint(root, 100);  // meta.json: "epoch": 1 (counted from 0: the trainer's "epoch 2/N")

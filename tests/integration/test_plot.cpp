@@ -5,6 +5,8 @@
 
 #include <unistd.h>
 
+#include <filesystem>
+
 #include "tests/integration/launch_helpers.h"
 
 using namespace dtrain::testing;
@@ -98,6 +100,17 @@ TEST_CASE("dtrain plot draws every run's curves, overlaid, as SVG and HTML") {
   CHECK(noConverter.exitCode == 3);
   CHECK(noConverter.err.find("librsvg2-bin") != std::string::npos);
   CHECK(run({dtrainBinary(), "plot", dir + "/fast", "--out", dir + "/curves.jpg"}).exitCode == 3);
+  // An --out that cannot be written is a usage error naming the folder, before anything is drawn.
+  for (const std::string ext : {".svg", ".png"}) {
+    auto noFolder = run({dtrainBinary(), "plot", dir + "/fast", "--out", dir + "/no-such-folder/curves" + ext});
+    CHECK(noFolder.exitCode == 3);
+    CHECK(noFolder.err.find("--out " + dir + "/no-such-folder/curves" + ext + ": the folder " + dir +
+                            "/no-such-folder does not exist") != std::string::npos);
+  }
+  std::filesystem::create_directories(dir + "/folder.svg");
+  auto isFolder = run({dtrainBinary(), "plot", dir + "/fast", "--out", dir + "/folder.svg"});
+  CHECK(isFolder.exitCode == 3);
+  CHECK(isFolder.err.find("--out " + dir + "/folder.svg: is a folder") != std::string::npos);
   auto missing = run({dtrainBinary(), "plot", dir + "/nothing"});
   CHECK(missing.exitCode == 3);
   CHECK(missing.err.find(dir + "/nothing: no such file") != std::string::npos);

@@ -190,6 +190,16 @@ TEST_CASE("dtrain sim: a bad fault schedule is a usage error (exit 3) naming the
   r = run(simArgs({"--nodes", "2", "--link", "fast", dir + "/job.json"}));
   CHECK(r.exitCode == 3);
   CHECK(r.err.find("--link 'fast': expected a rate") != std::string::npos);
+  // Where the report and the logs go is checked before anything starts too (was: exit 1 after the whole run,
+  // or an internal error).
+  r = run(simArgs({"--nodes", "2", "--report", dir + "/no-such-folder/sim.svg", dir + "/job.json"}));
+  CHECK(r.exitCode == 3);
+  CHECK(r.err.find("--report " + dir + "/no-such-folder/sim.svg: the folder " + dir + "/no-such-folder does not exist") !=
+        std::string::npos);
+  r = run(simArgs({"--nodes", "2", "--output-dir", dir + "/job.json", dir + "/job.json"}));
+  CHECK(r.exitCode == 3);
+  CHECK(r.err.find("--output-dir " + dir + "/job.json: " + dir + "/job.json exists and is not a folder") !=
+        std::string::npos);
 }
 
 TEST_CASE("dtrain sim: SIGINT stops every node (exit 130); after a SIGKILL of the sim its watchdog leaves nothing") {

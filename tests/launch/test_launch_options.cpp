@@ -1,7 +1,10 @@
 // LaunchOptions' plan, as `dtrain run --dry-run` prints it (scripts and the Slurm tier read these lines).
 #include <doctest/doctest.h>
+#include <unistd.h>
 
 #include <cstdlib>
+#include <filesystem>
+#include <fstream>
 #include <string>
 
 #include "lib/common/error.h"
@@ -64,4 +67,56 @@ TEST_CASE("--nproc-per-node gpu: one worker per GPU CUDA_VISIBLE_DEVICES shows; 
                        dtrain::UsageError);
   if (saved != nullptr) ::setenv("CUDA_VISIBLE_DEVICES", before.c_str(), 1);
   else ::unsetenv("CUDA_VISIBLE_DEVICES");
+}
+
+namespace {
+// The message validate() throws for these options (UsageError: exit 3), or "" when it accepts them.
+std::string validateError(LaunchOptions o) {
+  o.program = {"true"};
+  try {
+    o.validate();
+  } catch (const dtrain::UsageError& e) {
+    return e.what();
+  }
+  return "";
+}
+}  // namespace
+
+TEST_CASE("heartbeat flags: a zero interval is named as such, not as a timeout shorter than it") {
+  LaunchOptions o;
+  o.heartbeatInterval = Millis(0);
+  auto message = validateError(o);
+  CHECK(message.find("--heartbeat-interval 0 ms: expected a positive duration") != std::string::npos);
+  o.heartbeatInterval = Millis(10000);
+  CHECK(validateError(o).find("--heartbeat-timeout (5000 ms) must be longer than --heartbeat-interval (10000 ms)") !=
+        std::string::npos);
+  o.heartbeatInterval = Millis(1000);
+  CHECK(validateError(o) == "");
+}
+
+TEST_CASE("--timeline and --log-dir that cannot be written are usage errors before any worker starts") {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / fmt::format("dtrain-launch-options-{}", ::getpid());
+  fs::create_directories(dir);
+  const fs::path file = dir / "a-file";
+  { std::ofstream(file) << "x"; }
+  LaunchOptions o;
+  o.timelineFile = dir.string();  // a folder, not a file: the merged trace could never be renamed into place
+  auto message = validateError(o);
+  CHECK(message.find(fmt::format("--timeline {}: is a folder", dir.string())) != std::string::npos);
+  o.timelineFile = (file / "trace.json").string();  // the "folder" is a file
+  CHECK(validateError(o).find("--timeline") != std::string::npos);
+  o.timelineFile = (dir / "trace.json").string();
+  CHECK(validateError(o) == "");
+
+  LaunchOptions l;
+  l.logDir = file.string();  // exists and is not a folder
+  message = validateError(l);
+  CHECK(message.find(fmt::format("--log-dir {}: {} exists and is not a folder", file.string(), file.string())) !=
+        std::string::npos);
+  l.logDir = (file / "logs").string();  // under a file
+  CHECK(validateError(l).find("is not a folder") != std::string::npos);
+  l.logDir = (dir / "new" / "logs").string();  // created when the first round starts
+  CHECK(validateError(l) == "");
+  fs::remove_all(dir);
 }

@@ -100,6 +100,12 @@ TEST_CASE("dtrain store: limit flags are checked before it starts") {
   r = run({dtrainBinary(), "store", "--port", "0", "--handshake-timeout", "soon"}, RunOptions{.timeout = 20s});
   CHECK(r.exitCode == static_cast<int>(ExitCode::kUsage));
   CHECK(r.err.find("--handshake-timeout soon") != std::string::npos);
+  // A count of 0 says what is expected (CLI11's PositiveNumber said "not in range 0.000000 to 1797...").
+  for (const char* flag : {"--max-connections", "--max-keys", "--max-keys-per-request"}) {
+    r = run({dtrainBinary(), "store", "--port", "0", "--host", "127.0.0.1", flag, "0"}, RunOptions{.timeout = 20s});
+    CHECK(r.exitCode == static_cast<int>(ExitCode::kUsage));
+    CHECK_MESSAGE(r.err.find(std::string(flag) + ": expected an integer >= 1, got 0") != std::string::npos, r.err);
+  }
 }
 
 TEST_CASE("dtrain store: quota flags reach the server") {

@@ -5,6 +5,7 @@
 
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <memory>
 
@@ -44,6 +45,8 @@ std::string resolveRdzvToken(const std::string& token, const std::string& tokenF
   DTRAIN_CHECK_AS(UsageError, token.empty(),
                   "--rdzv-token and --rdzv-token-file both give the store's token (DTRAIN_RDZV_TOKEN counts as "
                   "--rdzv-token): give one");
+  DTRAIN_CHECK_AS(UsageError, !std::filesystem::is_directory(tokenFile),
+                  "--rdzv-token-file {}: is a folder (expected a file whose first line is the token)", tokenFile);
   std::ifstream in(tokenFile);
   DTRAIN_CHECK_AS(UsageError, in.good(), "--rdzv-token-file {}: cannot read it", tokenFile);
   std::string line;

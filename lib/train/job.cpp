@@ -262,7 +262,12 @@ CheckpointSettings parseCheckpoint(const json& doc, const std::string& source, c
   }
   JsonFields f(v, source, "/checkpoint", "the checkpoint section");
   f.allowOnly({"dir", "every_steps", "keep", "enabled", "resume"});
-  if (f.has("dir")) c.dir = outputDir / f.string("dir");  // relative to the output folder (absolute stays)
+  if (f.has("dir")) {
+    const std::string dir = f.string("dir");
+    DTRAIN_CHECK_AS(ConfigError, !dir.empty(), "{}: /checkpoint/dir: expected a folder path, got an empty string",
+                    source);
+    c.dir = outputDir / dir;  // relative to the output folder (absolute stays)
+  }
   c.everySteps = f.integer("every_steps", 0, "an integer >= 0 (0: at epoch ends only)", nonNegative);
   c.keep = static_cast<int>(atMost(f, "keep", f.integer("keep", 3, "an integer >= 1", positive), 1 << 20));
   c.enabled = f.boolean("enabled", true);
@@ -452,9 +457,17 @@ Job loadJob(const JobArgs& args) {
     job.initFrom = job.baseDir / init.string("from");
     DTRAIN_CHECK_AS(ConfigError, fs::exists(job.initFrom), "{}: /init/from: weights file {} does not exist", src,
                     job.initFrom.string());
+    DTRAIN_CHECK_AS(ConfigError, !fs::is_directory(job.initFrom),
+                    "{}: /init/from: {} is a folder, not a weights file (expected a .safetensors file, or a sharded "
+                    "model's model.safetensors.index.json)",
+                    src, job.initFrom.string());
   }
   if (!args.outputDir.empty()) job.outputDir = args.outputDir;
-  else if (job.doc.contains("output_dir")) job.outputDir = top.string("output_dir");
+  else if (job.doc.contains("output_dir")) {
+    job.outputDir = top.string("output_dir");
+    DTRAIN_CHECK_AS(ConfigError, !job.outputDir.empty(), "{}: /output_dir: expected a folder path, got an empty string",
+                    src);
+  }
   else job.outputDir = fs::path("runs") / job.name;
   job.checkpoint = parseCheckpoint(job.doc, src, job.outputDir);
   if (job.doc.contains("logging")) {

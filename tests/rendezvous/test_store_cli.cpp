@@ -187,6 +187,13 @@ TEST_CASE("dtrain store --rdzv-token: dtrain run needs the same token, else exit
   CHECK(right.exitCode == 0);
   auto both = withArgs({"--rdzv-token", "t0k", "--rdzv-token-file", "/nonexistent"});
   CHECK(both.exitCode == static_cast<int>(ExitCode::kUsage));
+  // A folder given as the token file is named as one (was: "the first line is empty").
+  auto folder = run({dtrainBinary(), "run", "--standalone", "--rdzv-token-file", "/tmp", "--", "true"},
+                    RunOptions{.timeout = 20s});
+  CHECK(folder.exitCode == static_cast<int>(ExitCode::kUsage));
+  CHECK_MESSAGE(folder.err.find("--rdzv-token-file /tmp: is a folder (expected a file whose first line is the token)") !=
+                    std::string::npos,
+                folder.err);
 }
 
 TEST_CASE("dtrain run --standalone: the store gets a generated token that only the workers learn") {

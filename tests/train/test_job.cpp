@@ -140,6 +140,25 @@ TEST_CASE("job errors name the file, the JSON path and what was expected") {
       CHECK(msg.find("expected ddp") != std::string::npos);
     }
   }
+  SUBCASE("an empty output or checkpoint folder, and an init.from that is a folder") {
+    json doc = json::parse(kJob);
+    doc["output_dir"] = "";  // was: the run wrote into the working directory
+    auto msg = configErrorOf({writeJob(dir, doc.dump())});
+    CHECK_MESSAGE(msg.find("job.json: /output_dir: expected a folder path, got an empty string") != std::string::npos, msg);
+    doc = json::parse(kJob);
+    doc["checkpoint"] = {{"dir", ""}};  // was: checkpoints beside model.safetensors in the output folder itself
+    msg = configErrorOf({writeJob(dir, doc.dump())});
+    CHECK_MESSAGE(msg.find("job.json: /checkpoint/dir: expected a folder path, got an empty string") != std::string::npos,
+                  msg);
+    for (const char* from : {"", "."}) {  // the job's folder: was accepted, then every worker failed (mmap, exit 8)
+      doc = json::parse(kJob);
+      doc["init"] = {{"from", from}};
+      msg = configErrorOf({writeJob(dir, doc.dump())});
+      CHECK_MESSAGE(msg.find("job.json: /init/from: " + (std::filesystem::path(dir) / from).string() +
+                             " is a folder, not a weights file") != std::string::npos,
+                    msg);
+    }
+  }
   SUBCASE("missing model file") {
     json doc = json::parse(kJob);
     doc["model"] = "models/none.json";

@@ -44,6 +44,11 @@ std::vector<std::string> monitoredAgents(const std::string& runId, const std::st
   std::istringstream lines(listing);
   for (std::string line; std::getline(lines, line);)
     if (!line.empty()) agents.insert(line);
+  // No "job" key: no agent ever joined this run id on this store (a typo in RUN_ID, or another store).
+  DTRAIN_CHECK_AS(RendezvousError, !agents.empty() || store.check({"job"}),
+                  "run {} at {}: no such run on this store (no agent has joined run id '{}'; check RUN_ID: it is "
+                  "--rdzv-id, or the Slurm job id and step)",
+                  runId, hp->str(), runId);
   DTRAIN_CHECK_AS(RendezvousError, !agents.empty(),
                   "run {} at {}: no agent published a monitoring endpoint (start `dtrain run` with --metrics-port)",
                   runId, hp->str());

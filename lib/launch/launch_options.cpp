@@ -135,7 +135,9 @@ std::string resolveProgram(const std::string& program) {
     struct stat st{};
     if (::stat(path.c_str(), &st) != 0) return false;
     if (S_ISDIR(st.st_mode) || ::access(path.c_str(), X_OK) != 0)
-      throw Error(fmt::format("program '{}' ({}) is not executable", program, path), ExitCode::kNotExecutable);
+      throw Error(fmt::format("program '{}' ({}) is not executable{}", program, path,
+                              S_ISDIR(st.st_mode) ? ": it is a folder" : ""),
+                  ExitCode::kNotExecutable);
     return true;
   };
   if (program.find('/') != std::string::npos) {

@@ -73,6 +73,12 @@ TEST_CASE("a rank frozen mid-step is named by dtrain debug dump and by the agent
   CHECK(top.out.find("round 0, restarts 0, 2 worker(s) running") != std::string::npos);
   CHECK(linesWith(top.out, "     0     0 ").size() == 1);  // rank 0 on node 0
   CHECK(linesWith(top.out, "     1     0 ").size() == 1);
+  // A run id that no agent joined on this store is named as such (was: "start `dtrain run` with --metrics-port").
+  auto typo = run({dtrainBinary(), "top", id + "x", "--rdzv-endpoint", endpoint, "--once"}, {.timeout = 30s});
+  CHECK(typo.exitCode == 4);
+  CHECK_MESSAGE(typo.err.find(fmt::format("run {}x at {}: no such run on this store", id, endpoint)) !=
+                    std::string::npos,
+                typo.err);
   REQUIRE(::kill(rank1, SIGSTOP) == 0);
 
   // Rank 0 soon waits in a collective rank 1 never begins: dump names rank 1 as behind.

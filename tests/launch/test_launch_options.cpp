@@ -120,3 +120,13 @@ TEST_CASE("--timeline and --log-dir that cannot be written are usage errors befo
   CHECK(validateError(l) == "");
   fs::remove_all(dir);
 }
+
+TEST_CASE("a folder given as the program is named as a folder (exit 126, as the shell's 'Is a directory')") {
+  try {
+    resolveProgram("/tmp");
+    FAIL("resolveProgram accepted a folder");
+  } catch (const dtrain::Error& e) {
+    CHECK(e.code() == dtrain::ExitCode::kNotExecutable);
+    CHECK(std::string(e.what()) == "program '/tmp' (/tmp) is not executable: it is a folder");
+  }
+}

@@ -4,6 +4,9 @@
 #include <fmt/ranges.h>
 
 #include <cerrno>
+#include <set>
+#include <string>
+#include <vector>
 
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -92,9 +95,66 @@ std::string readConfigText(const std::filesystem::path& path, std::string_view w
   return text;
 }
 
+namespace {
+
+// Watches nlohmann's parse events for a key given twice in one object (JSON keeps one of them silently: a job
+// with "lr" twice would train with whichever the parser kept). Keeps, per open object or array, the keys seen or
+// the index of the element being parsed, which is also the JSON pointer of an offending key.
+class DuplicateKeys {
+ public:
+  explicit DuplicateKeys(std::string_view source) : source_(source) {}
+
+  bool operator()(int, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
+    using Event = nlohmann::json::parse_event_t;
+    switch (event) {
+      case Event::object_start: frames_.push_back({false, {}, {}, 0}); break;
+      case Event::array_start: frames_.push_back({true, {}, {}, 0}); break;
+      case Event::key: {
+        auto& top = frames_.back();
+        top.key = parsed.get<std::string>();
+        if (!top.keys.insert(top.key).second)
+          throw ConfigError(fmt::format("{}: {}: the key \"{}\" is given twice in the same object (JSON keeps only "
+                                        "one; which is meant?)",
+                                        source_, pointer(), top.key));
+        break;
+      }
+      case Event::object_end:
+      case Event::array_end:
+        frames_.pop_back();
+        elementDone();
+        break;
+      case Event::value: elementDone(); break;
+    }
+    return true;
+  }
+
+ private:
+  struct Frame {
+    bool array;
+    std::set<std::string> keys;
+    std::string key;  // objects: the key being parsed
+    size_t index;     // arrays: the element being parsed
+  };
+
+  void elementDone() {
+    if (!frames_.empty() && frames_.back().array) ++frames_.back().index;
+  }
+
+  std::string pointer() const {
+    std::string path;
+    for (const auto& f : frames_) path = f.array ? fmt::format("{}/{}", path, f.index) : jsonPointer(path, f.key);
+    return path;
+  }
+
+  std::string source_;
+  std::vector<Frame> frames_;
+};
+
+}  // namespace
+
 nlohmann::json parseConfigJson(const std::string& text, std::string_view source, std::string_view wording) {
   try {
-    return nlohmann::json::parse(text);
+    return nlohmann::json::parse(text, DuplicateKeys(source));
   } catch (const nlohmann::json::parse_error& e) {
     // Kept as it was (users and tests know this text, tag included).
     throw ConfigError(fmt::format("{}: {}: {}", source, wording, e.what()));

@@ -31,6 +31,18 @@ TEST_CASE("JSON pointers are escaped per RFC 6901") {
   CHECK(errorOf([&] { f.allowOnly({"c"}); }) == "job.json: /data/a~1b: unknown field 'a/b' (expected c)");
 }
 
+TEST_CASE("a key given twice in one object is a config error naming its JSON pointer (not the last one silently)") {
+  CHECK(errorOf([] { parseConfigJson(R"({"optimizer": {"lr": 0.1, "lr": 0.5}})", "job.json", "not valid JSON"); }) ==
+        "job.json: /optimizer/lr: the key \"lr\" is given twice in the same object (JSON keeps only one; which is "
+        "meant?)");
+  CHECK(errorOf([] {
+          parseConfigJson(R"({"m": {"layers": [{"type": "relu"}, {"out": 2, "a/b": 1, "a/b": 2}]}})", "m.json", "x");
+        }).find("m.json: /m/layers/1/a~1b: the key") == 0);
+  CHECK(errorOf([] { parseConfigJson(R"({"a": 1, "b": {"a": 2}, "c": [{"a": 3}, {"a": 4}], "a2": [[1], {"a": 5}]})",
+                                     "ok.json", "x"); }) == "(no ConfigError)");
+  CHECK(parseConfigJson(R"({"a": [1, {"b": [2, 3]}], "c": {}})", "ok.json", "x")["a"][1]["b"][1] == 3);
+}
+
 TEST_CASE("null counts as absent: defaults apply, required fields are missing") {
   json j = {{"n", nullptr}, {"k", 3}};
   JsonFields f(j, "job.json", "/train");

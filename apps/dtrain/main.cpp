@@ -1,8 +1,12 @@
 // dtrain: launcher and runtime for distributed training. main() is thin: parse, run, map errors to exit codes.
 #include <CLI/CLI.hpp>
 
+#include <cctype>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <string>
+#include <vector>
 
 #include "apps/dtrain/commands.h"
 #include "apps/dtrain/job_hooks.h"
@@ -18,6 +22,30 @@ int report(const dtrain::Error& e) {
   if (dtrain::log::enabled(dtrain::log::Level::kDebug) && !e.where().empty())
     std::fprintf(stderr, "dtrain: (raised at %s)\n", e.where().c_str());
   return e.exitCode();
+}
+
+// When a parse error names an option that is not on the command line but whose DTRAIN_* variable is set, the
+// bad value came from the environment: " (the value came from the environment variable X)", else "".
+std::string fromEnvironment(const CLI::App& root, const std::vector<std::string>& args, const std::string& message) {
+  for (const CLI::App* sub : root.get_subcommands()) {
+    for (const CLI::Option* opt : sub->get_options()) {
+      const std::string env = opt->get_envname();
+      if (env.empty() || std::getenv(env.c_str()) == nullptr) continue;
+      bool named = false, given = false;
+      for (const auto& name : opt->get_lnames()) {
+        const std::string flag = "--" + name;
+        for (auto at = message.find(flag); at != std::string::npos && !named; at = message.find(flag, at + 1)) {
+          const char next = at + flag.size() < message.size() ? message[at + flag.size()] : ' ';
+          named = !(std::isalnum(static_cast<unsigned char>(next)) || next == '-' || next == '_');
+        }
+        for (const auto& a : args) given = given || a == flag || a.rfind(flag + "=", 0) == 0;
+      }
+      for (const auto& name : opt->get_snames())
+        for (const auto& a : args) given = given || a == "-" + name;
+      if (named && !given) return fmt::format(" (the value came from the environment variable {})", env);
+    }
+  }
+  return "";
 }
 
 }  // namespace
@@ -51,7 +79,8 @@ int main(int argc, char** argv) {
   } catch (const CLI::Success& e) {
     return root.exit(e);
   } catch (const CLI::ParseError& e) {
-    std::fprintf(stderr, "dtrain: error: %s (see dtrain --help)\n", dtrain::app::parseErrorText(e).c_str());
+    std::fprintf(stderr, "dtrain: error: %s%s (see dtrain --help)\n", dtrain::app::parseErrorText(e).c_str(),
+                 fromEnvironment(root, args, e.what()).c_str());
     return static_cast<int>(dtrain::ExitCode::kUsage);
   } catch (const dtrain::Error& e) {
     return report(e);

@@ -132,6 +132,17 @@ TEST_CASE("bad input: one clear line, a distinct exit code, nothing started") {
     CHECK(r.exitCode == 3);
     CHECK(r.err.find("--nproc-per-node 0: expected a positive number") != std::string::npos);
   }
+  SUBCASE("a bad value from a DTRAIN_* variable names the variable") {
+    auto r = run(runArgs({"--standalone", "--", "true"}), {.env = {{"DTRAIN_MAX_RESTARTS", "x"}}});
+    CHECK(r.exitCode == 3);
+    CHECK_MESSAGE(r.err.find("--max-restarts = x (the value came from the environment variable DTRAIN_MAX_RESTARTS)") !=
+                      std::string::npos,
+                  r.err);
+    // Given on the command line it is the flag's value: no variable is named.
+    auto flag = run(runArgs({"--standalone", "--max-restarts", "y", "--", "true"}), {.env = {{"DTRAIN_MAX_RESTARTS", "x"}}});
+    CHECK(flag.exitCode == 3);
+    CHECK(flag.err.find("environment variable") == std::string::npos);
+  }
   SUBCASE("program that does not exist") {
     auto r = run(runArgs({"--standalone", "--", "no-such-program-xyz"}));
     CHECK(r.exitCode == 127);

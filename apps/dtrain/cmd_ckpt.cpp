@@ -39,10 +39,13 @@ int runList(const CkptArgs& a) {
 
 int runInspect(const CkptArgs& a) {
   requireExists(a.path);
-  const std::string out =
-      a.json ? ckpt::inspectToJson(a.path, !a.noVerify).dump(2) + "\n" : ckpt::formatInspect(a.path, !a.noVerify);
+  bool complete = true;
+  const std::string out = a.json ? ckpt::inspectToJson(a.path, !a.noVerify, &complete).dump(2) + "\n"
+                                 : ckpt::formatInspect(a.path, !a.noVerify, &complete);
   std::fputs(out.c_str(), stdout);
-  return 0;
+  // A script can use inspect as a verifier: a partial or corrupt checkpoint (or an incomplete index) is the
+  // README's checkpoint error, after the report that says why.
+  return complete ? 0 : static_cast<int>(ExitCode::kCheckpoint);
 }
 
 int runBench(const CkptArgs& a) {

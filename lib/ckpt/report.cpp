@@ -123,9 +123,10 @@ std::string indexProblem(const fs::path& dir, const json& index) {
   return "";
 }
 
-std::string formatIndex(const fs::path& path) {
+std::string formatIndex(const fs::path& path, bool* complete) {
   const json index = readIndex(path);
   const std::string problem = indexProblem(path.parent_path(), index);
+  if (complete) *complete = problem.empty();
   std::string out = fmt::format("model index  {}\nstatus       {}\n", path.string(),
                                 problem.empty() ? "complete" : "incomplete: " + problem);
   const json rows = index.value("row_shards", json::object());
@@ -171,8 +172,9 @@ json listToJson(const std::vector<CheckpointInfo>& list) {
   return out;
 }
 
-std::string formatInspect(const fs::path& target, bool verify) {
-  if (isIndex(target)) return formatIndex(target);
+std::string formatInspect(const fs::path& target, bool verify, bool* complete) {
+  if (isIndex(target)) return formatIndex(target, complete);
+  if (complete) *complete = true;  // a .safetensors file that opens; a checkpoint's status decides below
   if (isSafetensors(target)) {
     std::string out;
     appendTensors(out, SafetensorsFile::open(target), target.string());
@@ -183,6 +185,7 @@ std::string formatInspect(const fs::path& target, bool verify) {
   }
   const fs::path dir = resolve(target);
   const CheckpointInfo c = inspectCheckpoint(dir, verify);
+  if (complete) *complete = c.status == Status::kComplete;
   std::string out = fmt::format("checkpoint   {}\nstatus       {}\n", c.path.string(), statusText(c));
   if (c.meta) {
     const auto& m = *c.meta;
@@ -206,10 +209,12 @@ std::string formatInspect(const fs::path& target, bool verify) {
   return out;
 }
 
-json inspectToJson(const fs::path& target, bool verify) {
+json inspectToJson(const fs::path& target, bool verify, bool* complete) {
+  if (complete) *complete = true;
   if (isIndex(target)) {
     json j = readIndex(target);
     const std::string problem = indexProblem(target.parent_path(), j);
+    if (complete) *complete = problem.empty();
     json out = {{"path", target.string()}, {"status", problem.empty() ? "complete" : "incomplete"},
                 {"reason", problem}, {"index", j}};
     for (const auto& f : indexFiles(j)) {
@@ -224,6 +229,7 @@ json inspectToJson(const fs::path& target, bool verify) {
   if (isSafetensors(target)) return tensorsToJson(SafetensorsFile::open(target));
   const fs::path dir = resolve(target);
   const CheckpointInfo c = inspectCheckpoint(dir, verify);
+  if (complete) *complete = c.status == Status::kComplete;
   json j = infoToJson(c);
   json tensors = json::object();
   for (const auto& f : c.files) {

@@ -22,8 +22,10 @@ nlohmann::json listToJson(const std::vector<CheckpointInfo>& checkpoints);
 // .safetensors file, or a sharded model's index (model.safetensors.index.json: Hugging Face's "weight_map" and
 // dtrain's "row_shards" for tables split by rows, docs/checkpoints.md): its status (every file present, every
 // table's row shards contiguous and covering it) and every file's tensors. Throws CheckpointError when there is
-// nothing to inspect.
-std::string formatInspect(const std::filesystem::path& target, bool verifyChecksums);
-nlohmann::json inspectToJson(const std::filesystem::path& target, bool verifyChecksums);
+// nothing to inspect. `complete` (optional) is set to whether what was inspected is usable as it is: a checkpoint
+// whose status is complete, an index whose files are all there and whose row shards cover their tables, or a
+// .safetensors file that opens (a partial, corrupt or staging checkpoint, or an incomplete index: false).
+std::string formatInspect(const std::filesystem::path& target, bool verifyChecksums, bool* complete = nullptr);
+nlohmann::json inspectToJson(const std::filesystem::path& target, bool verifyChecksums, bool* complete = nullptr);
 
 }  // namespace dtrain::ckpt

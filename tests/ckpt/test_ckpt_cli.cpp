@@ -3,6 +3,7 @@
 
 #include <filesystem>
 
+#include "lib/ckpt/checkpoint_names.h"
 #include "tests/ckpt/ckpt_fixtures.h"
 
 using namespace dtrain;
@@ -110,4 +111,28 @@ TEST_CASE("dtrain ckpt list and inspect count epochs from 1, as the trainer's pr
   CHECK(list.out.find("       100       2 ") != std::string::npos);
   auto asJson = dtrainCkpt({"list", root.string(), "--json"});
   CHECK(json::parse(asJson.out).at(0).at("meta").at("epoch") == 1);
+}
+
+TEST_CASE("dtrain ckpt inspect of a corrupt or uncommitted checkpoint reports why and exits 8, so scripts can verify with it") {
+  const auto root = freshRoot("cli-inspect-corrupt");
+  writeCheckpoint(root, 100);
+  const auto bad = writeCheckpoint(root, 200);
+  fs::resize_file(bad / "rank-1.json", 3);
+  ckpt::CheckpointWriter(root, 300, "abc").writeJson("rank-0.json", {});
+  const auto staging = root / ckpt::stagingDirName(300, "abc");
+  REQUIRE(fs::is_directory(staging));
+
+  auto corrupt = dtrainCkpt({"inspect", bad.string()});
+  INFO(corrupt.out, corrupt.err);
+  CHECK(corrupt.exitCode == 8);
+  CHECK(corrupt.out.find("corrupt: rank-1.json has 3 bytes, the manifest says") != std::string::npos);
+  auto corruptJson = dtrainCkpt({"inspect", bad.string(), "--json"});
+  CHECK(corruptJson.exitCode == 8);
+  CHECK(json::parse(corruptJson.out)["status"] == "corrupt");
+  CHECK(dtrainCkpt({"inspect", staging.string()}).exitCode == 8);
+  // The root picks the newest valid checkpoint: step 100, complete.
+  auto newest = dtrainCkpt({"inspect", root.string()});
+  CHECK(newest.exitCode == 0);
+  CHECK(newest.out.find("step-000000100") != std::string::npos);
+  CHECK(dtrainCkpt({"inspect", (root / "step-000000100").string()}).exitCode == 0);
 }

@@ -13,6 +13,7 @@
 #include <cstring>
 #include <filesystem>
 
+#include "lib/common/dir_check.h"
 #include "lib/common/error.h"
 #include "lib/common/net.h"
 #include "lib/common/sha256.h"
@@ -199,21 +200,12 @@ rendezvous::EtcdStoreOptions LaunchOptions::etcdOptions() const {
 }
 
 void checkCreatableDir(std::string_view flag, const std::string& dir) {
-  namespace fs = std::filesystem;
-  std::error_code ec;
-  fs::path at = fs::absolute(dir, ec);
-  if (ec) at = dir;
-  for (;; at = at.parent_path()) {
-    const auto status = fs::status(at, ec);
-    if (fs::exists(status)) {
-      DTRAIN_CHECK_AS(UsageError, fs::is_directory(status), "{} {}: {} exists and is not a folder", flag, dir,
-                      at.string());
-      DTRAIN_CHECK_AS(UsageError, ::access(at.c_str(), W_OK | X_OK) == 0, "{} {}: the folder {} is not writable ({})",
-                      flag, dir, at.string(), std::strerror(errno));
-      return;
-    }
-    if (at == at.parent_path()) return;
-  }
+  const auto problem = findDirProblem(dir);
+  if (!problem) return;
+  DTRAIN_CHECK_AS(UsageError, !problem->notDirectory, "{} {}: {} exists and is not a folder", flag, dir,
+                  problem->at.string());
+  DTRAIN_THROW(UsageError, "{} {}: the folder {} is not writable ({})", flag, dir, problem->at.string(),
+               problem->error);
 }
 
 void checkWritableFile(std::string_view flag, const std::string& file) {

@@ -2,14 +2,11 @@
 
 #include <fmt/format.h>
 
-#include <unistd.h>
-
-#include <cerrno>
-#include <cstring>
 #include <fstream>
 #include <limits>
 #include <sstream>
 
+#include "lib/common/dir_check.h"
 #include "lib/common/error.h"
 #include "lib/data/sequence.h"
 #include "lib/nn/model.h"
@@ -220,22 +217,12 @@ namespace {
 
 // `dir` is a writable directory, or does not exist and its nearest existing ancestor is one.
 void checkWritableDir(const Job& job, const std::filesystem::path& dir, std::string_view what) {
-  namespace fs = std::filesystem;
-  std::error_code ec;
-  fs::path at = fs::absolute(dir, ec);
-  if (ec) at = dir;
-  while (!at.empty()) {
-    const auto status = fs::status(at, ec);
-    if (fs::exists(status)) {
-      DTRAIN_CHECK_AS(ConfigError, fs::is_directory(status), "{}: {} {}: {} exists and is not a directory",
-                      job.sourceFile, what, dir.string(), at.string());
-      DTRAIN_CHECK_AS(ConfigError, ::access(at.c_str(), W_OK | X_OK) == 0, "{}: {} {}: {} is not writable ({})",
-                      job.sourceFile, what, dir.string(), at.string(), std::strerror(errno));
-      return;
-    }
-    if (at == at.parent_path()) return;
-    at = at.parent_path();
-  }
+  const auto problem = findDirProblem(dir);
+  if (!problem) return;
+  DTRAIN_CHECK_AS(ConfigError, !problem->notDirectory, "{}: {} {}: {} exists and is not a directory", job.sourceFile,
+                  what, dir.string(), problem->at.string());
+  DTRAIN_THROW(ConfigError, "{}: {} {}: {} is not writable ({})", job.sourceFile, what, dir.string(),
+               problem->at.string(), problem->error);
 }
 
 }  // namespace

@@ -17,14 +17,25 @@ RunResult dtrainCkpt(const std::vector<std::string>& args) {
   argv.insert(argv.end(), args.begin(), args.end());
   return run(argv, {.timeout = std::chrono::seconds(30)});
 }
+
+// A checkpoint root with one checkpoint of each status: step 100 complete, step 200 corrupt (rank-1.json cut to 3
+// bytes), step 300 staging (never committed).
+struct MixedRoot {
+  fs::path root, corrupt, staging;
+};
+MixedRoot writeMixedRoot(const std::string& tag) {
+  MixedRoot m{.root = freshRoot(tag)};
+  writeCheckpoint(m.root, 100);
+  m.corrupt = writeCheckpoint(m.root, 200);
+  fs::resize_file(m.corrupt / "rank-1.json", 3);
+  ckpt::CheckpointWriter(m.root, 300, "abc").writeJson("rank-0.json", {});
+  m.staging = m.root / ckpt::stagingDirName(300, "abc");
+  return m;
+}
 }  // namespace
 
 TEST_CASE("dtrain ckpt list shows every checkpoint newest first with its status") {
-  const auto root = freshRoot("cli-list");
-  writeCheckpoint(root, 100);
-  const auto bad = writeCheckpoint(root, 200);
-  fs::resize_file(bad / "rank-1.json", 3);
-  ckpt::CheckpointWriter(root, 300, "abc").writeJson("rank-0.json", {});
+  const auto root = writeMixedRoot("cli-list").root;
 
   auto r = dtrainCkpt({"list", root.string()});
   CHECK(r.exitCode == 0);
@@ -114,12 +125,7 @@ TEST_CASE("dtrain ckpt list and inspect count epochs from 1, as the trainer's pr
 }
 
 TEST_CASE("dtrain ckpt inspect of a corrupt or uncommitted checkpoint reports why and exits 8, so scripts can verify with it") {
-  const auto root = freshRoot("cli-inspect-corrupt");
-  writeCheckpoint(root, 100);
-  const auto bad = writeCheckpoint(root, 200);
-  fs::resize_file(bad / "rank-1.json", 3);
-  ckpt::CheckpointWriter(root, 300, "abc").writeJson("rank-0.json", {});
-  const auto staging = root / ckpt::stagingDirName(300, "abc");
+  const auto [root, bad, staging] = writeMixedRoot("cli-inspect-corrupt");
   REQUIRE(fs::is_directory(staging));
 
   auto corrupt = dtrainCkpt({"inspect", bad.string()});

@@ -64,6 +64,31 @@ void causalSoftmaxForward(float* s, int64_t count, int64_t t, float scale);
 // In place on dp: dS = P * (dP - sum_j(dP * P)) * scale over the unmasked prefix, 0 beyond it.
 void causalSoftmaxBackward(const float* p, float* dp, int64_t count, int64_t t, float scale);
 
+// --- conv2d and maxpool2d (layers_spatial.cpp), NCHW; kernels_spatial.cu ---
+// One window geometry (layers_spatial.cpp's Window): input [c, h, w] per sample, kernel kh x kw, stride sh x sw,
+// zero (conv) or -inf (pool) padding ph x pw, output oh x ow positions.
+struct Window2d {
+  int64_t c = 0, h = 0, w = 0, kh = 0, kw = 0, sh = 1, sw = 1, ph = 0, pw = 0, oh = 0, ow = 0;
+};
+// cols[n, r, q] for r = (ci * kh + i) * kw + j (rows c * kh * kw) and q = oy * ow + ox (columns oh * ow): the input
+// value x[n, ci, oy * sh - ph + i, ox * sw - pw + j], 0 in the padding. cols holds batch * c*kh*kw * oh*ow floats.
+void im2col(const float* x, float* cols, int64_t batch, const Window2d& g);
+// The adjoint: dx[n, ci, iy, ix] = the sum of dcols[n, r, q] over every (r, q) that im2col read it into, added in
+// increasing r (the CPU's col2im order, so the sums round alike). Overwrites dx (batch * c * h * w floats).
+void col2im(const float* dcols, float* dx, int64_t batch, const Window2d& g);
+// y[n, ch, q] += bias[ch] over y [batch, channels, positions].
+void addChannelBias(float* y, const float* bias, int64_t batch, int64_t channels, int64_t positions);
+// db[ch] = (accumulate ? db[ch] : 0) + sum over n, q of dy[n, ch, q] (a fixed tree per channel).
+void channelBiasGrad(const float* dy, float* db, int64_t batch, int64_t channels, int64_t positions, bool accumulate);
+// Max pooling per plane (batch * c planes): y = the window's maximum, argmax[out] = its index h * w-flat within the
+// plane; the first maximum wins and a NaN propagates (PyTorch's rule, layers_spatial.cpp's MaxPool2d).
+void maxPoolForward(const float* x, float* y, int32_t* argmax, int64_t batch, const Window2d& g);
+// dx[plane, s] = the sum of dy[plane, o] over outputs o (increasing) with argmax[plane, o] == s; overwrites dx. A
+// gather (one thread per input element), so no atomics: deterministic and the CPU's order.
+void maxPoolBackward(const float* dy, const int32_t* argmax, float* dx, int64_t batch, const Window2d& g);
+// out[i] = a[i] * b[i] (aliasing allowed): dropout's mask (layers_dense.cpp Dropout, attention's dropout).
+void multiply(const float* a, const float* b, float* out, size_t n);
+
 // --- Losses (loss.cpp) ---
 // Cross-entropy over rows of `classes` logits with int32 or int64 labels. Writes diff = softmax - onehot (when
 // diff != nullptr), rowLoss[r] = logsumexp - logit[label] (double) and rowCorrect[r] = (argmax == label, the
@@ -73,6 +98,15 @@ void crossEntropyRows(const float* logits, const void* labels, bool labels64, in
                       float* diff, double* rowLoss, int32_t* rowCorrect, int32_t* badRow);
 // diff = y - t; sq[i] = (double)diff^2.
 void mseRows(const float* y, const float* t, float* diff, double* sq, size_t n);
+// bce_with_logits over n logits x (one per sample) and targets of `targetKind` (float32 in [0, 1], or int32/int64
+// 0/1 labels), in double as loss.cpp's BceWithLogits: rowLoss[i] = max(x, 0) - x t + log1p(exp(-|x|)); diff[i] =
+// float(sigmoid(x) - t) (when diff != nullptr); rowCorrect[i] = ((x > 0) == (t >= 0.5)) and hist[bin] += 1, bin =
+// min(bins - 1, int(sigmoid(x) * bins)), offset by `bins` for a negative sample (when rowCorrect / hist are not
+// nullptr: integer atomics, so the counts are exact whatever the order). A target outside its domain sets *badRow
+// to the smallest such i (initialise it to INT32_MAX) and contributes zeros.
+enum class TargetKind { kFloat32, kInt32, kInt64 };
+void bceWithLogitsRows(const float* x, const void* targets, TargetKind targetKind, size_t n, float* diff,
+                       double* rowLoss, int32_t* rowCorrect, int32_t* hist, int bins, int32_t* badRow);
 
 // --- Deterministic reductions (blocking: they return the value to the host). `partials` is device memory of at
 // least kReduceBlocks doubles, owned by the caller. ---
@@ -99,5 +133,11 @@ struct AdamStep {
 };
 // vmax may be nullptr (no amsgrad).
 void adamStep(float* p, const float* g, float* m, float* v, float* vmax, size_t n, const AdamStep& s);
+
+struct AdagradStep {
+  float weightDecay = 0, negClr = 0 /* -lr / (1 + (step - 1) * lr_decay) */, eps = 0;
+};
+// sum += g'^2; p += negClr * (g' / (sqrt(sum) + eps)), g' = g + weightDecay * p (optimizer.cpp's Adagrad).
+void adagradStep(float* p, const float* g, float* sum, size_t n, const AdagradStep& s);
 
 }  // namespace dtrain::gpu::kernels

@@ -294,6 +294,44 @@ __global__ void mseKernel(const float* y, const float* t, float* diff, double* s
   }
 }
 
+// loss.cpp's BceWithLogits, element by element in double (its sigmoid and stable loss form).
+__global__ void bceKernel(const float* x, const void* targets, TargetKind kind, size_t n, float* diff,
+                          double* rowLoss, int32_t* rowCorrect, int32_t* hist, int bins, int32_t* badRow) {
+  DTRAIN_GRID_STRIDE(i, n) {
+    double t = 0.0;
+    bool ok = false;
+    if (kind == TargetKind::kFloat32) {
+      const float tf = static_cast<const float*>(targets)[i];
+      ok = tf >= 0.0f && tf <= 1.0f;  // false for NaN, as the CPU's check
+      t = tf;
+    } else {
+      const int64_t label = kind == TargetKind::kInt64 ? static_cast<const int64_t*>(targets)[i]
+                                                       : static_cast<const int32_t*>(targets)[i];
+      ok = label == 0 || label == 1;
+      t = static_cast<double>(label);
+    }
+    if (!ok) {
+      atomicMin(badRow, static_cast<int32_t>(i));
+      rowLoss[i] = 0.0;
+      if (diff != nullptr) diff[i] = 0.0f;
+      if (rowCorrect != nullptr) rowCorrect[i] = 0;
+      continue;
+    }
+    const double v = x[i];
+    // std::max(v, 0.0) keeps a NaN v (fmax would not): the loss of a NaN logit is NaN, as on the CPU.
+    rowLoss[i] = (v < 0.0 ? 0.0 : v) - v * t + log1p(exp(-fabs(v)));
+    const double sigmoid = 1.0 / (1.0 + exp(-v));
+    if (diff != nullptr) diff[i] = static_cast<float>(sigmoid - t);
+    const bool positive = t >= 0.5;
+    if (rowCorrect != nullptr) rowCorrect[i] = (x[i] > 0.0f) == positive ? 1 : 0;
+    if (hist != nullptr) {
+      const int64_t raw = static_cast<int64_t>(sigmoid * bins);
+      const int64_t bin = raw < 0 ? 0 : raw < bins - 1 ? raw : bins - 1;  // a NaN logit stays inside the histogram
+      atomicAdd(&hist[(positive ? 0 : bins) + bin], 1);
+    }
+  }
+}
+
 }  // namespace
 
 void fill(float* p, size_t n, float value) {
@@ -408,6 +446,13 @@ void mseRows(const float* y, const float* t, float* diff, double* sq, size_t n) 
   if (n == 0) return;
   mseKernel<<<blocksFor(n), kThreads>>>(y, t, diff, sq, n);
   DTRAIN_CU_CHECK_LAUNCH("mseKernel");
+}
+
+void bceWithLogitsRows(const float* x, const void* targets, TargetKind targetKind, size_t n, float* diff,
+                       double* rowLoss, int32_t* rowCorrect, int32_t* hist, int bins, int32_t* badRow) {
+  if (n == 0) return;
+  bceKernel<<<blocksFor(n), kThreads>>>(x, targets, targetKind, n, diff, rowLoss, rowCorrect, hist, bins, badRow);
+  DTRAIN_CU_CHECK_LAUNCH("bceKernel");
 }
 
 }  // namespace dtrain::gpu::kernels

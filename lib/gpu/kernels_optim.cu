@@ -53,6 +53,16 @@ __global__ void adamKernel(float* p, const float* g, float* m, float* v, float* 
   }
 }
 
+// torch.optim.Adagrad's _single_tensor_adagrad, as optimizer.cpp: the same operations in the same order.
+__global__ void adagradKernel(float* p, const float* g, float* sum, size_t n, AdagradStep s) {
+  DTRAIN_GRID_STRIDE(i, n) {
+    float grad = g[i];
+    if (s.weightDecay != 0.0f) grad = grad + s.weightDecay * p[i];
+    sum[i] = sum[i] + grad * grad;
+    p[i] = p[i] + s.negClr * (grad / (sqrtf(sum[i]) + s.eps));
+  }
+}
+
 // Reductions: each of kReduceBlocks blocks sums a fixed strided subset into partials[block] (tree order in shared
 // memory), then one block sums the partials the same way. Fixed orders: the result is the same on every run.
 struct Identity {
@@ -141,6 +151,12 @@ void adamStep(float* p, const float* g, float* m, float* v, float* vmax, size_t 
   if (n == 0) return;
   adamKernel<<<blocksFor(n), kThreads>>>(p, g, m, v, vmax, n, s);
   DTRAIN_CU_CHECK_LAUNCH("adamKernel");
+}
+
+void adagradStep(float* p, const float* g, float* sum, size_t n, const AdagradStep& s) {
+  if (n == 0) return;
+  adagradKernel<<<blocksFor(n), kThreads>>>(p, g, sum, n, s);
+  DTRAIN_CU_CHECK_LAUNCH("adagradKernel");
 }
 
 }  // namespace dtrain::gpu::kernels

@@ -389,7 +389,7 @@ const LayerKind& sigmoidKind() {
 
 const LayerKind& dropoutKind() {
   static constexpr LayerKind kind{.name = "dropout", .parse = parseDropout, .detail = dropoutDetail,
-                                  .cpu = makeDropout, .random = true,
+                                  .cpu = makeDropout, .cuda = DTRAIN_NN_CUDA(makeDropout), .random = true,
                                   .exampleLayer = R"({"type": "dropout", "p": 0.25})", .exampleInput = "[6]"};
   return kind;
 }

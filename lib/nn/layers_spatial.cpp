@@ -360,6 +360,7 @@ namespace dtrain::nn {
 const LayerKind& conv2dKind() {
   static constexpr LayerKind kind{.name = "conv2d", .parse = detail::parseConv2d, .paramShapes = detail::conv2dParams,
                                   .detail = detail::conv2dDetail, .cpu = detail::makeConv2d,
+                                  .cuda = DTRAIN_NN_CUDA(makeConv2d),
                                   .exampleLayer = R"({"type": "conv2d", "out": 2, "kernel": [3, 2], "padding": 1})",
                                   .exampleInput = "[2, 5, 4]"};
   return kind;
@@ -367,7 +368,7 @@ const LayerKind& conv2dKind() {
 
 const LayerKind& maxPool2dKind() {
   static constexpr LayerKind kind{.name = "maxpool2d", .parse = detail::parseMaxPool2d, .detail = detail::windowDetail,
-                                  .cpu = detail::makeMaxPool2d,
+                                  .cpu = detail::makeMaxPool2d, .cuda = DTRAIN_NN_CUDA(makeMaxPool2d),
                                   .exampleLayer = R"({"type": "maxpool2d", "kernel": 2})", .exampleInput = "[2, 4, 6]"};
   return kind;
 }

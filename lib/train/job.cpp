@@ -341,27 +341,14 @@ void checkCudaJob(const Job& job, const std::string& src) {
                   "{}: /parallel/compression: gradient compression runs on the CPU only in this build; remove it or "
                   "use \"device\": \"cpu\"",
                   src);
-  // The CUDA losses and optimizers (lib/nn/cuda) cover cross_entropy/mse and sgd/adam/adamw: anything else is
-  // refused here rather than reaching a device factory that has no kernel for it.
-  DTRAIN_CHECK_AS(ConfigError,
-                  job.loss.type == nn::LossType::kCrossEntropy || job.loss.type == nn::LossType::kMse,
-                  "{}: /loss/type: '{}' has no CUDA implementation yet (\"device\": \"cuda\" supports cross_entropy "
-                  "and mse); use \"device\": \"cpu\"",
-                  src, nn::lossTypeName(job.loss.type));
-  DTRAIN_CHECK_AS(ConfigError, job.optimizer.type != nn::OptimizerType::kAdagrad,
-                  "{}: /optimizer/type: '{}' has no CUDA implementation yet (\"device\": \"cuda\" supports sgd, adam "
-                  "and adamw); use \"device\": \"cpu\"",
-                  src, nn::optimizerTypeName(job.optimizer.type));
+  // Every loss (cross_entropy, mse, bce_with_logits) and optimizer (sgd, adam, adamw, adagrad) has a CUDA
+  // implementation (lib/nn/cuda); a type added later without one fails in its device factory (NotBuiltError).
   // Every layer needs a CUDA implementation: name the first that has none, before any worker starts.
   std::function<void(const nn::LayerSpec&)> check = [&](const nn::LayerSpec& l) {
     DTRAIN_CHECK_AS(ConfigError, l.kind != nullptr && l.kind->cuda != nullptr,
                     "{}: {}: layer '{}' has no CUDA implementation yet (\"device\": \"cuda\"); see docs/gpu.md for "
                     "the layers that have one",
                     src, l.path, l.type());
-    DTRAIN_CHECK_AS(ConfigError, l.type() != "causal_self_attention" || l.p == 0.0,
-                    "{}: {}/dropout: attention dropout ({}) has no CUDA implementation yet (\"device\": \"cuda\"); "
-                    "set it to 0 (for the gpt preset: \"dropout\": 0) or use \"device\": \"cpu\"",
-                    src, l.path, l.p);
     for (const auto& c : l.children) check(c);
   };
   for (const auto& l : job.model.layers) check(l);

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "lib/common/error.h"
@@ -17,105 +18,14 @@
 #include "lib/nn/loss.h"
 #include "lib/nn/model.h"
 #include "lib/nn/optimizer.h"
+#include "lib/nn/registry.h"
 #include "lib/nn/spec.h"
+#include "tests/gpu/gpu_parity.h"
 
 using namespace dtrain;
 using namespace dtrain::nn;
+using namespace dtrain::nn::parity;
 using nlohmann::json;
-
-namespace {
-
-const Device kGpu = Device::cuda(0);
-
-template <class T>
-std::vector<T> toHost(const T* p, size_t n) {
-  std::vector<T> out(n);
-  copyBytes(out.data(), Device::cpu(), p, kGpu, n * sizeof(T));
-  return out;
-}
-
-template <class T>
-DeviceFloats toDevice(const std::vector<T>& v) {
-  static_assert(sizeof(T) == sizeof(float));
-  DeviceFloats d(v.size(), kGpu);
-  copyBytes(d.data(), kGpu, v.data(), Device::cpu(), v.size() * sizeof(T));
-  return d;
-}
-
-// max |a - b| / max(1, |a|): relative for large values, absolute near zero.
-double maxDiff(const std::vector<float>& a, const std::vector<float>& b) {
-  REQUIRE(a.size() == b.size());
-  double worst = 0;
-  for (size_t i = 0; i < a.size(); ++i)
-    worst = std::max(worst, std::fabs(double(a[i]) - double(b[i])) / std::max(1.0, std::fabs(double(a[i]))));
-  return worst;
-}
-
-std::vector<float> randomVector(size_t n, uint32_t seed, float lo = -1, float hi = 1) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> u(lo, hi);
-  std::vector<float> v(n);
-  for (float& x : v) x = u(rng);
-  return v;
-}
-
-struct Case {
-  std::string layer;
-  std::vector<int64_t> input;
-  bool tokens = false;  // integer inputs in [0, 11) (embedding)
-};
-
-// Tolerances of checkLayer: float32 rounding by default; bf16 GEMM inputs round to 8 significant bits.
-struct Tolerance {
-  double out = 1e-5, dx = 1e-5, grads = 1e-4;
-};
-
-// bf16 GEMMs for the scope of one test (reset on the way out, also when a REQUIRE fails).
-struct Bf16Scope {
-  Bf16Scope() { setBf16(true); }
-  ~Bf16Scope() { setBf16(false); }
-};
-
-void checkLayer(const Case& c, const Tolerance& tol = {}) {
-  CAPTURE(c.layer);
-  const int batch = 3;
-  LayerSpec spec =
-      parseModelSpec(json{{"input", c.input}, {"layers", json::array({json::parse(c.layer)})}}, "", "/model").layers[0];
-  auto cpu = makeLayer(spec, {.device = Device::cpu(), .maxBatch = batch, .seed = 7});
-  auto gpu = makeLayer(spec, {.device = kGpu, .maxBatch = batch, .seed = 7});
-  size_t count = 0;
-  for (const auto& p : cpu->paramShapes()) count += static_cast<size_t>(p.shape.numel());
-  std::vector<float> params(count), grads(count, 0.0f);
-  cpu->bind(params.data(), grads.data());
-  InitRng init(11);
-  cpu->initParams(init);
-  auto noise = randomVector(count, 5, -0.3f, 0.3f);
-  for (size_t i = 0; i < count; ++i) params[i] += noise[i];
-  DeviceFloats dParams = toDevice(params), dGrads(count, kGpu);
-  gpu->bind(dParams.data(), dGrads.data());
-
-  const size_t nx = static_cast<size_t>(batch * spec.input.numel());
-  const size_t ny = static_cast<size_t>(batch * spec.output.numel());
-  std::vector<float> x = randomVector(nx, 9, -2, 2);
-  if (c.tokens)
-    for (float& v : x) v = std::floor((v + 2.0f) * 2.7f);  // 0..10
-  std::vector<float> y(ny), dy = randomVector(ny, 13), dx(nx, 0.0f);
-  DeviceFloats dX = toDevice(x), dY(ny, kGpu), dDy = toDevice(dy), dDx(nx, kGpu);
-
-  for (bool accumulate : {false, true}) {
-    CAPTURE(accumulate);
-    cpu->forward(x.data(), y.data(), batch, true);
-    gpu->forward(dX.data(), dY.data(), batch, true);
-    CHECK(maxDiff(y, toHost(dY.data(), ny)) < tol.out);
-    const bool wantDx = !c.tokens;
-    cpu->backward(x.data(), y.data(), dy.data(), wantDx ? dx.data() : nullptr, batch, accumulate);
-    gpu->backward(dX.data(), dY.data(), dDy.data(), wantDx ? dDx.data() : nullptr, batch, accumulate);
-    if (wantDx) CHECK(maxDiff(dx, toHost(dDx.data(), nx)) < tol.dx);
-    if (count > 0) CHECK(maxDiff(grads, toHost(dGrads.data(), count)) < tol.grads);
-  }
-}
-
-}  // namespace
 
 TEST_CASE("every layer with a CUDA implementation matches its CPU twin: forward, input and parameter gradients") {
   const std::vector<Case> cases = {
@@ -136,13 +46,11 @@ TEST_CASE("every layer with a CUDA implementation matches its CPU twin: forward,
        {5, 8}},
   };
   for (const auto& c : cases) checkLayer(c);
-  // Layers without a CUDA implementation say so when built for a GPU.
-  LayerSpec conv =
-      parseModelSpec(json::parse(R"({"input": [1, 4, 4], "layers": [{"type": "conv2d", "out": 2, "kernel": 3}]})"), "",
-                     "/model")
-          .layers[0];
-  CHECK_THROWS_WITH_AS(makeLayer(conv, {.device = kGpu, .maxBatch = 1}), doctest::Contains("no CUDA implementation"),
-                       NotBuiltError);
+  // Every registered layer type has a CUDA implementation (conv2d, maxpool2d, dropout: test_gpu_spatial.cpp).
+  for (const LayerKind* kind : layerKinds()) {
+    CAPTURE(kind->name);
+    CHECK(static_cast<bool>(kind->cuda));
+  }
 }
 
 TEST_CASE("bf16 GEMMs (\"precision\": \"bf16\"): GEMM layers stay within bf16 rounding of the float32 CPU twin") {
@@ -237,7 +145,60 @@ TEST_CASE("losses match the CPU: cross_entropy per sample and per position (int3
   CHECK(maxDiff(std::vector<float>(gc.f32(), gc.f32() + 12), toHost(gg.f32(), 12)) < 1e-6);
 }
 
-TEST_CASE("optimizers match the CPU update for update (sgd variants, adam, adamw with amsgrad and no-decay groups)") {
+TEST_CASE("bce_with_logits matches the CPU: loss, gradient, evaluation sums and AUC histograms, bad targets") {
+  const int batch = 600;  // more than one block of 256 threads
+  const Shape out{1};
+  auto logits = randomVector(batch, 21, -6, 6);
+  logits[5] = 0.0f;  // sigmoid 0.5: a bin edge
+  std::vector<int32_t> l32(batch);
+  std::vector<int64_t> l64(batch);
+  std::vector<float> soft = randomVector(batch, 22, 0, 1);
+  for (int i = 0; i < batch; ++i) l32[i] = static_cast<int32_t>(l64[i] = (i * 7) % 3 == 0 ? 1 : 0);
+  auto cpu = Loss::create({LossType::kBceWithLogits}, out, batch, Device::cpu());
+  auto gpu = Loss::create({LossType::kBceWithLogits}, out, batch, kGpu);
+  DeviceFloats dLogits = toDevice(logits), d32 = toDevice(l32), dSoft = toDevice(soft), d64(2 * batch, kGpu);
+  copyBytes(d64.data(), kGpu, l64.data(), Device::cpu(), l64.size() * sizeof(int64_t));
+  const Shape ls{batch};
+  const TensorView cpuOut = TensorView::of(logits.data(), Shape{batch, 1});
+  const TensorView gpuOut = TensorView::of(dLogits.data(), Shape{batch, 1}, kGpu);
+  const std::vector<std::pair<TensorView, TensorView>> targets = {
+      {TensorView::of(l32.data(), ls), TensorView::of(reinterpret_cast<int32_t*>(d32.data()), ls, kGpu)},
+      {TensorView::of(l64.data(), ls), TensorView::of(reinterpret_cast<int64_t*>(d64.data()), ls, kGpu)},
+      {TensorView::of(soft.data(), ls), TensorView::of(dSoft.data(), ls, kGpu)}};
+  for (size_t ti = 0; ti < targets.size(); ++ti) {
+    CAPTURE(ti);
+    const auto& [tc, tg] = targets[ti];
+    CHECK(std::fabs(cpu->forward(cpuOut, tc) - gpu->forward(gpuOut, tg)) < 1e-6);
+    TensorView gc = cpu->backward(0.5f), gg = gpu->backward(0.5f);
+    CHECK(gg.shape == gc.shape);
+    CHECK(maxDiff(std::vector<float>(gc.f32(), gc.f32() + batch), toHost(gg.f32(), batch)) < 1e-7);
+    const EvalSums ec = cpu->evaluate(cpuOut, tc), eg = gpu->evaluate(gpuOut, tg);
+    CHECK(std::fabs(ec.lossSum - eg.lossSum) < 1e-9 * batch);
+    CHECK(ec.correct == eg.correct);
+    CHECK(ec.lossCount == eg.lossCount);
+    CHECK(ec.samples == eg.samples);
+    REQUIRE(eg.aucHist.size() == ec.aucHist.size());
+    // Bins come from double sigmoids on both sides; CUDA's exp may differ from glibc's in the last bit, which
+    // could move a value sitting exactly on a bin edge: the AUCs agree to far better than a bin.
+    CHECK(std::fabs(*aucFromHistogram(ec.aucHist) - *aucFromHistogram(eg.aucHist)) < 1e-3);
+    double moved = 0;
+    for (size_t b = 0; b < ec.aucHist.size(); ++b) moved += std::fabs(ec.aucHist[b] - eg.aucHist[b]);
+    CHECK(moved <= 2);
+  }
+  // Bad targets are the CPU's ConfigErrors, naming the first bad value.
+  l32[3] = 2, l32[9] = -1;
+  DeviceFloats bad32 = toDevice(l32);
+  CHECK_THROWS_WITH_AS(gpu->forward(gpuOut, TensorView::of(reinterpret_cast<int32_t*>(bad32.data()), ls, kGpu)),
+                       doctest::Contains("bce_with_logits label 2 (expected 0 or 1)"), ConfigError);
+  soft[4] = 1.5f;
+  DeviceFloats badSoft = toDevice(soft);
+  CHECK_THROWS_WITH_AS(gpu->evaluate(gpuOut, TensorView::of(badSoft.data(), ls, kGpu)),
+                       doctest::Contains("bce_with_logits target 1.5 outside [0, 1]"), ConfigError);
+  CHECK_THROWS_WITH_AS(Loss::create({LossType::kBceWithLogits}, Shape{2}, 4, kGpu),
+                       doctest::Contains("bce_with_logits expects one logit per sample"), ConfigError);
+}
+
+TEST_CASE("optimizers match the CPU update for update (sgd variants, adam, adamw: amsgrad, no-decay groups; adagrad)") {
   const size_t n = 1000;
   std::vector<OptimizerSpec> specs;
   specs.push_back({.type = OptimizerType::kSgd, .lr = 0.1});
@@ -245,6 +206,9 @@ TEST_CASE("optimizers match the CPU update for update (sgd variants, adam, adamw
   specs.push_back({.type = OptimizerType::kSgd, .lr = 0.1, .momentum = 0.9, .nesterov = true});
   specs.push_back({.type = OptimizerType::kAdam, .lr = 0.01, .weightDecay = 0.01});
   specs.push_back({.type = OptimizerType::kAdamW, .lr = 0.01, .weightDecay = 0.1, .amsgrad = true});
+  specs.push_back({.type = OptimizerType::kAdagrad, .lr = 0.1});
+  specs.push_back({.type = OptimizerType::kAdagrad, .lr = 0.1, .weightDecay = 0.01, .eps = 1e-6, .lrDecay = 0.05,
+                   .initialAccumulator = 0.1});
   for (size_t si = 0; si < specs.size(); ++si) {
     CAPTURE(si);
     auto cpu = Optimizer::create(specs[si], n, Device::cpu());

@@ -1,5 +1,6 @@
-// Whole runs of `dtrain train` on the GPU against the CPU (TF32 off): an MLP and a small GPT end within 1e-3 of the
-// CPU run's weights; a GPU run stopped and resumed ends bit-identical to an uninterrupted one; checkpoints move
+// Whole runs of `dtrain train` on the GPU against the CPU (TF32 off): an MLP, a small GPT and a small CNN (conv2d,
+// maxpool2d, dropout, bce_with_logits, adagrad) end within 1e-3 of the CPU run's weights; a GPU run stopped and
+// resumed ends bit-identical to an uninterrupted one (also with dropout); checkpoints move
 // between devices (GPU -> CPU and CPU -> GPU); a bf16 run's losses follow the float32 run's.
 #include <doctest/doctest.h>
 
@@ -30,6 +31,24 @@ json mlpJob() {
                        "num_classes": 4},
              "batch_size": 32, "shuffle": true},
     "optimizer": {"type": "sgd", "lr": 0.05, "momentum": 0.9, "clip_grad_norm": 5.0},
+    "train": {"epochs": 1, "seed": 5, "max_steps": 12},
+    "tf32": false,
+    "checkpoint": {"every_steps": 6, "keep": 5}
+  })");
+}
+
+// conv2d, maxpool2d and dropout with bce_with_logits and adagrad (the initial accumulator keeps updates linear in
+// near-zero gradients, so rounding-level differences stay rounding-level).
+json cnnJob() {
+  return json::parse(R"({
+    "model": {"input": [1, 8, 8], "layers": [{"type": "conv2d", "out": 4, "kernel": 3, "padding": 1}, {"type": "relu"},
+                                             {"type": "maxpool2d", "kernel": 2}, {"type": "dropout", "p": 0.25},
+                                             {"type": "flatten"}, {"type": "linear", "out": 1}]},
+    "loss": {"type": "bce_with_logits"},
+    "data": {"train": {"format": "synthetic", "task": "classification", "samples": 512, "features": 64,
+                       "num_classes": 2},
+             "batch_size": 32, "shuffle": true},
+    "optimizer": {"type": "adagrad", "lr": 0.05, "initial_accumulator_value": 0.1},
     "train": {"epochs": 1, "seed": 5, "max_steps": 12},
     "tf32": false,
     "checkpoint": {"every_steps": 6, "keep": 5}
@@ -100,7 +119,8 @@ TEST_CASE("an MLP and a GPT trained on the GPU end within 1e-3 of the CPU run (T
   // update for update in test_gpu_nn, and the resume test below runs the GPT with AdamW).
   json gptSgd = gptJob(dir + "/text.txt");
   gptSgd["optimizer"] = {{"type", "sgd"}, {"lr", 0.1}, {"momentum", 0.9}, {"clip_grad_norm", 1.0}};
-  for (const auto& [name, job] : {std::pair{"mlp", mlpJob()}, std::pair{"gpt", gptSgd}}) {
+  // The CNN's dropout masks are the CPU's (the GPU layer draws them with the CPU's generator).
+  for (const auto& [name, job] : {std::pair{"mlp", mlpJob()}, std::pair{"gpt", gptSgd}, std::pair{"cnn", cnnJob()}}) {
     CAPTURE(name);
     train(dir, job, "cpu", 12, dir + "/" + name + "_cpu");
     train(dir, job, "cuda", 12, dir + "/" + name + "_gpu");
@@ -116,7 +136,11 @@ TEST_CASE("a GPU run stopped at step 6 and resumed ends bit-identical to an unin
   std::string text;
   for (int i = 0; i < 200; ++i) text += "pack my box with five dozen liquor jugs. ";
   writeFile(dir + "/text.txt", text);
-  for (const auto& [name, job] : {std::pair{"mlp", mlpJob()}, std::pair{"gpt", gptJob(dir + "/text.txt")}}) {
+  // With dropout (the CNN's layer, the GPT's attention and residual dropout) the resumed run draws the same masks.
+  json gptDropout = gptJob(dir + "/text.txt");
+  gptDropout["model"]["dropout"] = 0.1;
+  for (const auto& [name, job] : {std::pair{"mlp", mlpJob()}, std::pair{"gpt", gptJob(dir + "/text.txt")},
+                                  std::pair{"cnn", cnnJob()}, std::pair{"gpt_dropout", gptDropout}}) {
     CAPTURE(name);
     train(dir, job, "cuda", 12, dir + "/" + name + "_whole");
     train(dir, job, "cuda", 6, dir + "/" + name + "_split");

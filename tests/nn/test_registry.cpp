@@ -49,9 +49,8 @@ TEST_CASE("every registered type round-trips parse -> paramShapes -> make -> for
     CHECK(findLayerKind(kind->name) == kind);
     REQUIRE(bool(kind->parse));
     REQUIRE(bool(kind->cpu));
-    // A CUDA build has a CUDA implementation of every layer but these three; a CPU build has none.
-    const bool cpuOnly = kind->name == "conv2d" || kind->name == "maxpool2d" || kind->name == "dropout";
-    CHECK(bool(kind->cuda) == (cudaBuilt() && !cpuOnly));
+    // A CUDA build has a CUDA implementation of every layer; a CPU build has none.
+    CHECK(bool(kind->cuda) == cudaBuilt());
 
     ModelSpec spec = exampleModel(*kind);
     const LayerSpec& ls = spec.layers.at(0);
@@ -106,11 +105,15 @@ TEST_CASE("the unknown-type message lists the registered types in registry order
 TEST_CASE("a device without an implementation is refused with NotBuiltError, not a crash") {
   const Device gpu = Device::cuda(0);
   if (cudaBuilt()) {
-    // CUDA build: the layers without a CUDA implementation are refused the same way, whatever GPUs are visible.
+    // CUDA build: every registered layer has a CUDA implementation; a type without one (here a copy of conv2d's
+    // entry with its CUDA factory removed) is refused the same way, whatever GPUs are visible.
     ModelSpec conv = exampleModel(*findLayerKind("conv2d"));
+    LayerKind cpuOnly = *findLayerKind("conv2d");
+    cpuOnly.cuda = nullptr;
+    conv.layers[0].kind = &cpuOnly;
     CHECK(messageOf([&] { makeLayer(conv.layers[0], {.device = gpu, .maxBatch = 2}); }) ==
           "device cuda:0: layer 'conv2d' has no CUDA implementation in this build");
-    CHECK_THROWS_AS(Model::build(conv, 2, 1, gpu), NotBuiltError);
+    CHECK_THROWS_AS(makeLayer(conv.layers[0], {.device = gpu, .maxBatch = 2}), NotBuiltError);
     CHECK_NOTHROW(requireCpu(Device::cpu(), "the arenas"));
     return;
   }

@@ -330,8 +330,12 @@ TEST_CASE("\"device\": \"cuda\" is validated before any worker: build, backend, 
     {"type": "flatten"}, {"type": "linear", "out": 3}]}, "loss": {"type": "cross_entropy"},
     "data": {"train": {"format": "synthetic", "task": "classification", "samples": 8, "features": 36,
     "num_classes": 3}}, "optimizer": {"type": "sgd", "lr": 0.1}, "device": "cuda"})";
-  CHECK(configErrorOf({.path = writeJob(dir, conv, "conv.json")})
-            .find("/model/layers/0: layer 'conv2d' has no CUDA implementation yet") != std::string::npos);
+  // Every layer type has a CUDA implementation now (conv2d, maxpool2d and dropout were refused before).
+  CHECK(loadJob({.path = writeJob(dir, conv, "conv.json")}).device == Device::cuda(0));
+  std::string pooled = conv;
+  pooled.replace(pooled.find(R"({"type": "flatten"})"), 19,
+                 R"({"type": "maxpool2d", "kernel": 2}, {"type": "dropout", "p": 0.5}, {"type": "flatten"})");
+  CHECK(loadJob({.path = writeJob(dir, pooled, "pooled.json")}).model.layers.size() == 5);
   // The model-parallel and parameter-server strategies stay on the CPU: refused with the field that asks for them.
   CHECK(configErrorOf(withDevice(R"("device": "cuda", "parallel": {"pipeline": {"stages": 2, "micro_batches": 8}})"))
             .find("/parallel/pipeline/stages: 2 pipeline stages run on the CPU only") != std::string::npos);
@@ -340,20 +344,19 @@ TEST_CASE("\"device\": \"cuda\" is validated before any worker: build, backend, 
   CHECK(configErrorOf(withDevice(R"("device": "cuda", "parallel": {"strategy": "parameter_server", "servers": 1})"))
             .find("/parallel/strategy: 'parameter_server' runs on the CPU only") != std::string::npos);
   CHECK(loadJob(withDevice(R"("parallel": {"tensor": 2})")).parallel.tensor == 2);  // fine on the CPU
-  // Attention dropout (the gpt preset's "dropout") has no CUDA kernel yet.
+  // Attention dropout (the gpt preset's "dropout") runs on the GPU too.
   const std::string gpt = writeJob(dir, kJob, "gpt.json");
   const std::string preset = R"(model={"preset": "gpt", "vocab_size": 16, "block_size": 8, "n_layer": 1, "n_head": 2, "n_embd": 4)";
   CHECK(loadJob({gpt, {preset + "}", R"(device="cuda")"}}).device == Device::cuda(0));
   const std::string attnDropout = R"(model={"input": [8], "layers": [{"type": "embedding", "vocab_size": 16,
     "n_embd": 4}, {"type": "causal_self_attention", "n_head": 2, "dropout": 0.1}, {"type": "lm_head",
     "vocab_size": 16, "tied": false}]})";
-  CHECK(configErrorOf({gpt, {attnDropout, R"(device="cuda")"}})
-            .find("/model/layers/1/dropout: attention dropout (0.1) has no CUDA implementation yet") != std::string::npos);
-  // Losses and optimizers without a CUDA kernel are refused by name (they once ran as mse / adam on the GPU).
-  CHECK(configErrorOf({gpt, {R"(loss={"type": "bce_with_logits"})", R"(device="cuda")"}})
-            .find("/loss/type: 'bce_with_logits' has no CUDA implementation yet") != std::string::npos);
-  CHECK(configErrorOf({gpt, {R"(optimizer={"type": "adagrad", "lr": 0.1})", R"(device="cuda")"}})
-            .find("/optimizer/type: 'adagrad' has no CUDA implementation yet") != std::string::npos);
+  CHECK(loadJob({gpt, {attnDropout, R"(device="cuda")"}}).model.layers[1].p == 0.1);
+  // Every loss and optimizer has a CUDA implementation (bce_with_logits and adagrad were refused by name before).
+  CHECK(loadJob({gpt, {R"(loss={"type": "bce_with_logits"})", R"(device="cuda")"}}).loss.type ==
+        nn::LossType::kBceWithLogits);
+  CHECK(loadJob({gpt, {R"(optimizer={"type": "adagrad", "lr": 0.1})", R"(device="cuda")"}}).optimizer.type ==
+        nn::OptimizerType::kAdagrad);
   CHECK(loadJob({gpt, {R"(loss={"type": "mse"})", R"(optimizer={"type": "adam"})", R"(device="cuda")"}}).device ==
         Device::cuda(0));
 }

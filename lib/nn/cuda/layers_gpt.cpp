@@ -5,17 +5,21 @@
 // memory-efficient (flash) kernel is the next step (docs/gpu.md).
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <random>
 #include <vector>
 
+#include "lib/common/aligned_buffer.h"
 #include "lib/common/error.h"
 #include "lib/gpu/blas.h"
 #include "lib/gpu/kernels.h"
 #include "lib/nn/cuda_impl.h"
 #include "lib/nn/device.h"
 #include "lib/nn/layer.h"
+#include "lib/nn/layers_impl.h"
 
 namespace dtrain::nn::cuda {
 namespace {
@@ -72,7 +76,14 @@ class CausalSelfAttention final : public Layer {
       : Layer(spec, build.device), t_(spec.input[0]), c_(spec.input[1]), h_(spec.nHead), hs_(c_ / h_),
         rows_(sz(build.maxBatch) * sz(t_)), qkv_(rows_ * sz(3 * c_), build.device), att_(rows_ * sz(c_), build.device),
         probs_(sz(build.maxBatch) * sz(h_ * t_ * t_), build.device), dprobs_(sz(h_ * t_ * t_), build.device),
-        dqkv_(rows_ * sz(3 * c_), build.device), datt_(rows_ * sz(c_), build.device) {}
+        dqkv_(rows_ * sz(3 * c_), build.device), datt_(rows_ * sz(c_), build.device),
+        hostMask_(spec.p > 0 ? probs_.size() : 0), mask_(hostMask_.size(), build.device),
+        dropped_(hostMask_.size(), build.device) {
+    reseed(build.seed);
+  }
+
+  // The CPU layer's stream (layers_attention.cpp): restarted by every reseed.
+  void reseed(uint64_t seed) override { engine_.seed(detail::mixSeed(seed, static_cast<uint64_t>(spec().index))); }
 
   void bind(float* params, float* grads) override {
     wAttn_ = params, gwAttn_ = grads;
@@ -82,8 +93,10 @@ class CausalSelfAttention final : public Layer {
     if (spec().bias) bProj_ = params + at, gbProj_ = grads + at;
   }
 
-  void forward(const float* x, float* y, int batch, bool) override {
+  void forward(const float* x, float* y, int batch, bool train) override {
     const int64_t rows = batch * t_, c3 = 3 * c_, tt = t_ * t_;
+    dropping_ = train && spec().p > 0;
+    if (dropping_) drawMasks(batch);
     float* qkv = qkv_.data();
     gpu::gemm(false, true, rows, c3, c_, 1.0f, x, c_, wAttn_, c_, 0.0f, qkv, c3);
     if (bAttn_ != nullptr) k::addBias(qkv, bAttn_, rows, c3);
@@ -94,8 +107,14 @@ class CausalSelfAttention final : public Layer {
       // S_h = q_h k_h^T for every head h (heads hs columns apart).
       gpu::gemmBatched(false, true, t_, t_, hs_, 1.0f, base, c3, hs_, base + c_, c3, hs_, 0.0f, p, t_, tt, h_);
       k::causalSoftmaxForward(p, h_, t_, scale);
+      // Attention dropout: the dropped P (P x mask, the mask holding 1/(1-p) or 0) multiplies v and is kept.
+      const float* pv = p;
+      if (dropping_) {
+        k::multiply(p, mask(b), dropped(b), sz(h_ * tt));
+        pv = dropped(b);
+      }
       // y_h = P_h v_h into the concatenated heads.
-      gpu::gemmBatched(false, false, t_, hs_, t_, 1.0f, p, t_, tt, base + 2 * c_, c3, hs_, 0.0f,
+      gpu::gemmBatched(false, false, t_, hs_, t_, 1.0f, pv, t_, tt, base + 2 * c_, c3, hs_, 0.0f,
                        att_.data() + b * t_ * c_, c_, hs_, h_);
     }
     gpu::gemm(false, true, rows, c_, c_, 1.0f, att_.data(), c_, wProj_, c_, 0.0f, y, c_);
@@ -116,9 +135,13 @@ class CausalSelfAttention final : public Layer {
       float* dbase = dqkv_.data() + b * t_ * c3;
       const float* dout = datt + b * t_ * c_;
       const float* p = probs(b);
+      const float* pv = dropping_ ? dropped(b) : p;  // what multiplied v in forward
       // dv_h = P_h^T dOut_h;  dP_h = dOut_h v_h^T.
-      gpu::gemmBatched(true, false, t_, hs_, t_, 1.0f, p, t_, tt, dout, c_, hs_, 0.0f, dbase + 2 * c_, c3, hs_, h_);
+      gpu::gemmBatched(true, false, t_, hs_, t_, 1.0f, pv, t_, tt, dout, c_, hs_, 0.0f, dbase + 2 * c_, c3, hs_, h_);
       gpu::gemmBatched(false, true, t_, t_, hs_, 1.0f, dout, c_, hs_, base + 2 * c_, c3, hs_, 0.0f, dp, t_, tt, h_);
+      // Through the dropout: dP x 1/(1-p) where kept, 0 where dropped (the CPU's select; a kept P that is 0 gets
+      // 0 from the softmax backward either way).
+      if (dropping_) k::multiply(dp, mask(b), dp, sz(h_ * tt));
       k::causalSoftmaxBackward(p, dp, h_, t_, scale);  // dp becomes dS (scaled, masked)
       // dq_h = dS_h k_h;  dk_h = dS_h^T q_h.
       gpu::gemmBatched(false, false, t_, hs_, t_, 1.0f, dp, t_, tt, base + c_, c3, hs_, 0.0f, dbase, c3, hs_, h_);
@@ -132,10 +155,38 @@ class CausalSelfAttention final : public Layer {
 
  private:
   float* probs(int b) { return probs_.data() + sz(b) * sz(h_ * t_ * t_); }
+  const float* mask(int b) const { return mask_.data() + sz(b) * sz(h_ * t_ * t_); }
+  float* dropped(int b) { return dropped_.data() + sz(b) * sz(h_ * t_ * t_); }
+
+  // The CPU's draws (layers_attention.cpp dropRow), in its order (sample, head, row i, column j <= i), as a mask
+  // of 1/(1-p) (kept) and 0 (dropped or masked), copied to the device (blocking): the GPU drops what the CPU does.
+  // A host loop over batch x H x T(T+1)/2 draws per training forward: correct first, slow for long contexts.
+  void drawMasks(int batch) {
+    const double drop = spec().p;
+    const float keep = 1.0f / static_cast<float>(1.0 - drop);
+    float* m = hostMask_.data();
+    const size_t count = sz(batch) * sz(h_ * t_ * t_);
+    std::fill(m, m + count, 0.0f);
+    for (int64_t bh = 0; bh < batch * h_; ++bh) {
+      for (int64_t i = 0; i < t_; ++i) {
+        float* row = m + (bh * t_ + i) * t_;
+        for (int64_t j = 0; j <= i; ++j) {
+          const double u = static_cast<double>(engine_() >> 40) * 0x1.0p-24;
+          row[j] = u >= drop ? keep : 0.0f;
+        }
+      }
+    }
+    copyBytes(mask_.data(), device(), m, Device::cpu(), count * sizeof(float));
+  }
 
   int64_t t_, c_, h_, hs_;
   size_t rows_;
   DeviceFloats qkv_, att_, probs_, dprobs_, dqkv_, datt_;
+  // Attention dropout ("dropout" > 0): the host-drawn mask, its device copy and the dropped P (maxBatch x H x T x T).
+  AlignedBuffer<float> hostMask_;
+  DeviceFloats mask_, dropped_;
+  std::mt19937_64 engine_;
+  bool dropping_ = false;  // the last forward applied dropout
   float* wAttn_ = nullptr;
   float* bAttn_ = nullptr;
   float* wProj_ = nullptr;
@@ -194,6 +245,11 @@ class Block final : public Layer {
       if (counts_[i] > 0) children_[i]->bind(params, grads);
       params += counts_[i], grads += counts_[i];
     }
+  }
+
+  // The CPU block's rule (layers_gpt.cpp): children reseeded from the block's index.
+  void reseed(uint64_t seed) override {
+    for (auto& c : children_) c->reseed(detail::mixSeed(seed, static_cast<uint64_t>(spec().index) + 1000));
   }
 
   void forward(const float* x, float* y, int batch, bool train) override {

@@ -1,10 +1,11 @@
-// CUDA losses (CPU twins in loss.cpp): cross_entropy over [N, C] or [N, T, C] logits, mse. Per-row values are
-// computed on the device and summed there in a fixed order (kernels.h), so the returned loss is deterministic;
-// forward and evaluate block to return it, as the CPU's do (PyTorch's loss.item()).
+// CUDA losses (CPU twins in loss.cpp): cross_entropy over [N, C] or [N, T, C] logits, mse, bce_with_logits.
+// Per-row values are computed on the device and summed there in a fixed order (kernels.h), so the returned loss is
+// deterministic; forward and evaluate block to return it, as the CPU's do (PyTorch's loss.item()).
 #include <fmt/format.h>
 
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 #include "lib/common/error.h"
 #include "lib/gpu/kernels.h"
@@ -179,12 +180,106 @@ class Mse final : public Loss {
   mutable Scratch scratch_;
 };
 
+// nn.BCEWithLogitsLoss (mean), loss.cpp's BceWithLogits: one logit per sample; 0/1 int32/int64 labels or float32
+// targets in [0, 1]. Per-sample values in double on the device, summed in a fixed order; evaluate() also fills the
+// AUC histograms (integer counts: exact). A target outside its domain is the CPU's ConfigError, naming it.
+class BceWithLogits final : public Loss {
+ public:
+  BceWithLogits(const Shape& outputShape, int maxBatch, Device device)
+      : Loss(LossType::kBceWithLogits, outputShape, maxBatch, device), diffDev_(static_cast<size_t>(maxBatch), device),
+        gradDev_(diffDev_.size(), device), scratch_(diffDev_.size(), device), hist_(2 * kAucBins, device) {
+    if (outputShape.numel() != 1)
+      throw ConfigError(fmt::format("bce_with_logits expects one logit per sample (model output [N, 1]) but the model "
+                                    "gives {}",
+                                    outputShape.batchStr()));
+  }
+
+  void checkTargets(const Shape& perSample, DType dtype) const override {
+    const bool ok = (dtype == DType::kInt32 || dtype == DType::kInt64 || dtype == DType::kFloat32) &&
+                    perSample.numel() == 1 && perSample.rank() <= 1;
+    if (!ok)
+      throw ConfigError(fmt::format("bce_with_logits needs one 0/1 label (or float target) per sample, but the labels "
+                                    "are {} {}",
+                                    dtypeName(dtype), perSample.batchStr()));
+  }
+
+  float forward(const TensorView& output, const TensorView& targets) override {
+    const size_t n = run(output, targets, diffDev_.data(), nullptr);
+    lastBatch_ = static_cast<int>(n);
+    return static_cast<float>(k::sumDoubles(scratch_.rowValue, n, scratch_.partials) / static_cast<double>(n));
+  }
+
+  TensorView backward(float scale) override {
+    DTRAIN_CHECK(lastBatch_ > 0, "loss backward called before forward");
+    k::scale(diffDev_.data(), gradDev_.data(), static_cast<size_t>(lastBatch_), scale / static_cast<float>(lastBatch_));
+    return TensorView::of(gradDev_.data(), outputShape_.withBatch(lastBatch_), device_);
+  }
+
+  EvalSums evaluate(const TensorView& output, const TensorView& targets) const override {
+    int32_t* hist = reinterpret_cast<int32_t*>(hist_.data());
+    k::fill(hist_.data(), hist_.size(), 0.0f);  // all-zero bits: int32 0
+    const size_t n = run(output, targets, nullptr, hist);
+    EvalSums s;
+    s.lossSum = k::sumDoubles(scratch_.rowValue, n, scratch_.partials);
+    s.correct = k::sumInts(scratch_.rowCorrect, n, scratch_.partials);
+    s.lossCount = s.samples = static_cast<int64_t>(n);
+    std::vector<int32_t> counts(2 * kAucBins);
+    copyBytes(counts.data(), Device::cpu(), hist, device_, counts.size() * sizeof(int32_t));
+    s.aucHist.assign(counts.begin(), counts.end());
+    return s;
+  }
+
+ private:
+  // Per-sample losses (and diff, or the correct flags and histograms when hist != nullptr); returns the batch.
+  size_t run(const TensorView& output, const TensorView& targets, float* diff, int32_t* hist) const {
+    checkOutput(output, outputShape_, maxBatch_);
+    checkOnDevice(output, device_, "input");
+    checkOnDevice(targets, device_, "targets");
+    const int64_t n = output.shape[0];
+    DTRAIN_CHECK(targets.numel() == n, "bce_with_logits got {} targets for a batch of {}", targets.numel(), n);
+    DTRAIN_CHECK(targets.dtype == DType::kFloat32 || targets.dtype == DType::kInt32 || targets.dtype == DType::kInt64,
+                 "bce_with_logits targets are {}, expected float32, int32 or int64", dtypeName(targets.dtype));
+    const k::TargetKind kind = targets.dtype == DType::kFloat32 ? k::TargetKind::kFloat32
+                               : targets.dtype == DType::kInt64 ? k::TargetKind::kInt64
+                                                                : k::TargetKind::kInt32;
+    copyBytes(scratch_.badRow, device_, &kNoRow, Device::cpu(), sizeof(kNoRow));
+    k::bceWithLogitsRows(static_cast<const float*>(output.data), targets.data, kind, static_cast<size_t>(n), diff,
+                         scratch_.rowValue, hist != nullptr ? scratch_.rowCorrect : nullptr, hist, kAucBins,
+                         scratch_.badRow);
+    const int32_t bad = k::readInt(scratch_.badRow);
+    if (bad != kNoRow) throwBadTarget(targets, bad);
+    return static_cast<size_t>(n);
+  }
+
+  // The CPU's messages for the first bad target (loss.cpp BceWithLogits::target).
+  [[noreturn]] void throwBadTarget(const TensorView& targets, int32_t row) const {
+    if (targets.dtype == DType::kFloat32) {
+      float t = 0;
+      copyBytes(&t, Device::cpu(), static_cast<const float*>(targets.data) + row, device_, sizeof(t));
+      DTRAIN_THROW(ConfigError, "bce_with_logits target {} outside [0, 1]", t);
+    }
+    int64_t label = 0;
+    if (targets.dtype == DType::kInt64) {
+      copyBytes(&label, Device::cpu(), static_cast<const int64_t*>(targets.data) + row, device_, sizeof(label));
+    } else {
+      int32_t l32 = 0;
+      copyBytes(&l32, Device::cpu(), static_cast<const int32_t*>(targets.data) + row, device_, sizeof(l32));
+      label = l32;
+    }
+    DTRAIN_THROW(ConfigError, "bce_with_logits label {} (expected 0 or 1)", label);
+  }
+
+  DeviceFloats diffDev_, gradDev_;
+  mutable Scratch scratch_;
+  mutable DeviceFloats hist_;  // 2 x kAucBins int32 counts: positives' bins, then negatives'
+};
+
 }  // namespace
 
 std::unique_ptr<Loss> makeLoss(const LossSpec& spec, const Shape& outputShape, int maxBatch, Device device) {
   if (spec.type == LossType::kCrossEntropy) return std::make_unique<CrossEntropy>(outputShape, maxBatch, device);
   if (spec.type == LossType::kMse) return std::make_unique<Mse>(outputShape, maxBatch, device);
-  // Never a silent stand-in (bce_with_logits once ran as mse here): the job check refuses it first (job.cpp).
+  if (spec.type == LossType::kBceWithLogits) return std::make_unique<BceWithLogits>(outputShape, maxBatch, device);
   DTRAIN_THROW(NotBuiltError, "device {}: loss '{}' has no CUDA implementation", device.str(), lossTypeName(spec.type));
 }
 

@@ -1,7 +1,7 @@
-// CUDA optimizers (CPU twins in optimizer.cpp): the same torch.optim update rules, one fused elementwise kernel
-// per parameter group over the device arena (lib/gpu/kernels_optim.cu, compiled without FMA contraction so the
-// updates round like the CPU's). State lives on the device; checkpoints read and write it through host copies
-// (hostStateBuffers / commitHostState).
+// CUDA optimizers (CPU twins in optimizer.cpp): sgd, adam, adamw and adagrad with the same torch.optim update rules,
+// one fused elementwise kernel per parameter group over the device arena (lib/gpu/kernels_optim.cu, compiled
+// without FMA contraction so the updates round like the CPU's). State lives on the device; checkpoints read and
+// write it through host copies (hostStateBuffers / commitHostState).
 #include <algorithm>
 #include <cmath>
 
@@ -121,13 +121,40 @@ class Adam final : public Optimizer {
   DeviceState state_;
 };
 
+// torch.optim.Adagrad (optimizer.cpp's Adagrad): one state buffer "sum", filled with initial_accumulator_value;
+// weight decay applies to every parameter (Adagrad has no parameter groups here, as on the CPU).
+class Adagrad final : public Optimizer {
+ public:
+  Adagrad(const OptimizerSpec& spec, size_t numParams, Device device) : Optimizer(spec, numParams) {
+    state_.add("sum", numParams, device);
+    if (spec.initialAccumulator != 0) k::fill(state_.data(0), numParams, static_cast<float>(spec.initialAccumulator));
+  }
+
+  void step(std::span<float> params, std::span<const float> grads) override {
+    checkSizes(params, grads);
+    ++steps_;
+    k::AdagradStep s;
+    s.negClr = static_cast<float>(-(lr_ / (1.0 + static_cast<double>(steps_ - 1) * spec_.lrDecay)));
+    s.weightDecay = static_cast<float>(spec_.weightDecay);
+    s.eps = static_cast<float>(spec_.eps);
+    k::adagradStep(params.data(), grads.data(), state_.data(0), numParams_, s);
+  }
+
+  std::vector<StateBuffer> stateBuffers() override { return state_.deviceBuffers(); }
+  std::vector<StateBuffer> hostStateBuffers() override { return state_.hostBuffers(); }
+  void commitHostState() override { state_.commitHost(); }
+
+ private:
+  DeviceState state_;
+};
+
 }  // namespace
 
 std::unique_ptr<Optimizer> makeOptimizer(const OptimizerSpec& spec, size_t numParams, Device device) {
   if (spec.type == OptimizerType::kSgd) return std::make_unique<Sgd>(spec, numParams, device);
   if (spec.type == OptimizerType::kAdam || spec.type == OptimizerType::kAdamW)
     return std::make_unique<Adam>(spec, numParams, device);
-  // Never a silent stand-in (adagrad once ran as adam here): the job check refuses it first (job.cpp).
+  if (spec.type == OptimizerType::kAdagrad) return std::make_unique<Adagrad>(spec, numParams, device);
   DTRAIN_THROW(NotBuiltError, "device {}: optimizer '{}' has no CUDA implementation", device.str(),
                optimizerTypeName(spec.type));
 }

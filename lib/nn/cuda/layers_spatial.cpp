@@ -1,0 +1,168 @@
+// CUDA conv2d, maxpool2d and dropout (CPU twins: layers_spatial.cpp, layers_dense.cpp): same layouts (NCHW), same
+// parameter layout in the arena (conv weight [out, in, kh, kw] then bias), same padding/stride semantics, so
+// checkpoints move between devices. Everything on the legacy default stream, as the other CUDA layers.
+//
+// conv2d is im2col + cuBLAS, the simple correct form (a cuDNN-style implicit GEMM or Winograd would be faster):
+// forward im2cols the whole batch into one scratch [batch, c*kh*kw, oh*ow] and multiplies W by every sample's
+// columns in one strided batched GEMM; backward im2cols again (as the CPU), adds dW += dY_n cols_n^T sample by
+// sample (fixed order: deterministic), then reuses the scratch for dcols = W^T dY (one batched GEMM) and gathers
+// it back into dx (col2im). Scratch: maxBatch * c*kh*kw * oh*ow floats per conv layer.
+//
+// dropout draws its mask on the host with the CPU layer's generator (std::mt19937_64 seeded by mixSeed(seed,
+// index), one draw per element in order, the same reseed rules) and copies it to the device: the GPU's masks are
+// the CPU's bit for bit, so CPU <-> GPU parity and a bitwise-identical resume both hold. The price is a host loop
+// and a blocking copy of batch * numel floats per training forward (a device-side counter-based generator would
+// avoid both, but could not reproduce the CPU's stream).
+#include <cstdint>
+#include <cstring>
+#include <random>
+
+#include "lib/common/aligned_buffer.h"
+#include "lib/common/error.h"
+#include "lib/gpu/blas.h"
+#include "lib/gpu/kernels.h"
+#include "lib/nn/cuda_impl.h"
+#include "lib/nn/device.h"
+#include "lib/nn/layer.h"
+#include "lib/nn/layers_impl.h"
+
+namespace dtrain::nn::cuda {
+namespace {
+
+namespace k = gpu::kernels;
+
+size_t sz(int64_t n) { return static_cast<size_t>(n); }
+
+k::Window2d windowOf(const LayerSpec& s) {
+  return {.c = s.input[0], .h = s.input[1], .w = s.input[2], .kh = s.kernelH, .kw = s.kernelW, .sh = s.strideH,
+          .sw = s.strideW, .ph = s.padH, .pw = s.padW, .oh = s.output[1], .ow = s.output[2]};
+}
+
+class Conv2d final : public Layer {
+ public:
+  Conv2d(const LayerSpec& spec, const LayerBuild& build)
+      : Layer(spec, build.device), g_(windowOf(spec)), out_(spec.out), k_(g_.c * g_.kh * g_.kw), p_(g_.oh * g_.ow),
+        cols_(sz(build.maxBatch) * sz(k_) * sz(p_), build.device) {}
+
+  void bind(float* params, float* grads) override {
+    w_ = params, gw_ = grads;
+    if (spec().bias) b_ = params + out_ * k_, gb_ = grads + out_ * k_;
+  }
+
+  // Y_n [out, p] = W [out, k] cols_n [k, p] for every sample n.
+  void forward(const float* x, float* y, int batch, bool) override {
+    float* cols = cols_.data();
+    k::im2col(x, cols, batch, g_);
+    gpu::gemmBatched(false, false, out_, p_, k_, 1.0f, w_, k_, 0, cols, p_, k_ * p_, 0.0f, y, p_, out_ * p_, batch);
+    if (b_ != nullptr) k::addChannelBias(y, b_, batch, out_, p_);
+  }
+
+  void backward(const float* x, const float*, const float* dy, float* dx, int batch, bool accumulate) override {
+    float* cols = cols_.data();
+    k::im2col(x, cols, batch, g_);
+    // dW (+)= sum_n dY_n [out, p] cols_n^T [p, k], in sample order.
+    for (int n = 0; n < batch; ++n) {
+      const float beta = accumulate || n > 0 ? 1.0f : 0.0f;
+      gpu::gemm(false, true, out_, k_, p_, 1.0f, dy + sz(n) * sz(out_ * p_), p_, cols + sz(n) * sz(k_ * p_), p_, beta,
+                gw_, k_);
+    }
+    if (gb_ != nullptr) k::channelBiasGrad(dy, gb_, batch, out_, p_, accumulate);
+    if (dx == nullptr) return;
+    // dcols_n [k, p] = W^T [k, out] dY_n [out, p] into the same scratch (the dW GEMMs before it on the stream are
+    // done with cols), then gathered back into the input's layout.
+    gpu::gemmBatched(true, false, k_, p_, out_, 1.0f, w_, k_, 0, dy, p_, out_ * p_, 0.0f, cols, p_, k_ * p_, batch);
+    k::col2im(cols, dx, batch, g_);
+  }
+
+ private:
+  k::Window2d g_;
+  int64_t out_, k_, p_;
+  DeviceFloats cols_;  // im2col columns, then (backward) their gradient
+  float* w_ = nullptr;
+  float* b_ = nullptr;
+  float* gw_ = nullptr;
+  float* gb_ = nullptr;
+};
+
+class MaxPool2d final : public Layer {
+ public:
+  MaxPool2d(const LayerSpec& spec, const LayerBuild& build)
+      : Layer(spec, build.device), g_(windowOf(spec)),
+        argmax_(sz(build.maxBatch) * sz(spec.output.numel()), build.device) {}
+
+  void forward(const float* x, float* y, int batch, bool) override {
+    k::maxPoolForward(x, y, argmax(), batch, g_);
+  }
+
+  void backward(const float*, const float*, const float* dy, float* dx, int batch, bool) override {
+    if (dx != nullptr) k::maxPoolBackward(dy, argmax(), dx, batch, g_);
+  }
+
+ private:
+  int32_t* argmax() { return reinterpret_cast<int32_t*>(argmax_.data()); }
+
+  k::Window2d g_;
+  DeviceFloats argmax_;  // int32 per output: the argmax's index within its input plane
+};
+
+class Dropout final : public Layer {
+ public:
+  Dropout(const LayerSpec& spec, const LayerBuild& build)
+      : Layer(spec, build.device), numel_(sz(spec.input.numel())), hostMask_(sz(build.maxBatch) * numel_),
+        mask_(hostMask_.size(), build.device) {
+    reseed(build.seed);
+  }
+
+  // The CPU layer's rule: a seed fixed in the spec seeds the stream once; otherwise every reseed restarts it.
+  void reseed(uint64_t seed) override {
+    if (seeded_ && spec().seed) return;
+    engine_.seed(detail::mixSeed(spec().seed.value_or(seed), static_cast<uint64_t>(spec().index)));
+    seeded_ = true;
+  }
+
+  void forward(const float* x, float* y, int batch, bool train) override {
+    const size_t n = sz(batch) * numel_;
+    masked_ = train && spec().p > 0.0;
+    if (!masked_) {
+      if (y != x) k::scale(x, y, n, 1.0f);
+      return;
+    }
+    // The CPU's draws and scale exactly (layers_dense.cpp Dropout::forward); p == 1 gives zeros, as PyTorch.
+    const float scale = spec().p >= 1.0 ? 0.0f : static_cast<float>(1.0 / (1.0 - spec().p));
+    float* m = hostMask_.data();
+    for (size_t i = 0; i < n; ++i) {
+      const double u = static_cast<double>(engine_() >> 40) * 0x1.0p-24;
+      m[i] = u >= spec().p ? scale : 0.0f;
+    }
+    copyBytes(mask_.data(), device(), m, Device::cpu(), n * sizeof(float));
+    k::multiply(x, mask_.data(), y, n);
+  }
+
+  void backward(const float*, const float*, const float* dy, float* dx, int batch, bool) override {
+    if (dx == nullptr) return;
+    const size_t n = sz(batch) * numel_;
+    if (masked_) {
+      k::multiply(dy, mask_.data(), dx, n);
+    } else if (dx != dy) {
+      k::scale(dy, dx, n, 1.0f);
+    }
+  }
+
+ private:
+  size_t numel_;
+  AlignedBuffer<float> hostMask_;
+  DeviceFloats mask_;
+  std::mt19937_64 engine_;
+  bool seeded_ = false;
+  bool masked_ = false;
+};
+
+}  // namespace
+
+std::unique_ptr<Layer> makeConv2d(const LayerSpec& s, const LayerBuild& b) { return std::make_unique<Conv2d>(s, b); }
+std::unique_ptr<Layer> makeMaxPool2d(const LayerSpec& s, const LayerBuild& b) {
+  return std::make_unique<MaxPool2d>(s, b);
+}
+std::unique_ptr<Layer> makeDropout(const LayerSpec& s, const LayerBuild& b) { return std::make_unique<Dropout>(s, b); }
+
+}  // namespace dtrain::nn::cuda

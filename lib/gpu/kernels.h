@@ -15,6 +15,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "lib/gpu/window_index.h"
+
 namespace dtrain::gpu::kernels {
 
 // --- Elementwise and bias (layers_dense.cpp) ---
@@ -64,12 +66,8 @@ void causalSoftmaxForward(float* s, int64_t count, int64_t t, float scale);
 // In place on dp: dS = P * (dP - sum_j(dP * P)) * scale over the unmasked prefix, 0 beyond it.
 void causalSoftmaxBackward(const float* p, float* dp, int64_t count, int64_t t, float scale);
 
-// --- conv2d and maxpool2d (layers_spatial.cpp), NCHW; kernels_spatial.cu ---
-// One window geometry (layers_spatial.cpp's Window): input [c, h, w] per sample, kernel kh x kw, stride sh x sw,
-// zero (conv) or -inf (pool) padding ph x pw, output oh x ow positions.
-struct Window2d {
-  int64_t c = 0, h = 0, w = 0, kh = 0, kw = 0, sh = 1, sw = 1, ph = 0, pw = 0, oh = 0, ow = 0;
-};
+// --- conv2d and maxpool2d (layers_spatial.cpp), NCHW; kernels_spatial.cu, index maps in window_index.h ---
+using Window2d = gpu::Window2d;
 // cols[n, r, q] for r = (ci * kh + i) * kw + j (rows c * kh * kw) and q = oy * ow + ox (columns oh * ow): the input
 // value x[n, ci, oy * sh - ph + i, ox * sw - pw + j], 0 in the padding. cols holds batch * c*kh*kw * oh*ow floats.
 void im2col(const float* x, float* cols, int64_t batch, const Window2d& g);

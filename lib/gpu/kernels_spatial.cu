@@ -10,6 +10,7 @@
 #include "lib/gpu/grid.h"
 #include "lib/gpu/kernels.h"
 #include "lib/gpu/launch.h"
+#include "lib/gpu/window_index.h"
 
 namespace dtrain::gpu::kernels {
 namespace {
@@ -21,41 +22,18 @@ unsigned blocksFor(size_t n) { return gridFor(n, kThreads); }
 #define DTRAIN_GRID_STRIDE(i, n) \
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < (n); i += static_cast<size_t>(blockDim.x) * gridDim.x)
 
-// The smallest o >= 0 with o * stride >= lo (lo may be negative): the first output whose window reaches lo.
-__device__ int64_t firstOutput(int64_t lo, int64_t stride) { return lo <= 0 ? 0 : (lo + stride - 1) / stride; }
-
 __global__ void im2colKernel(const float* x, float* cols, size_t total, Window2d g) {
-  const int64_t positions = g.oh * g.ow, rowsPerSample = g.c * g.kh * g.kw;
   DTRAIN_GRID_STRIDE(idx, total) {
-    const int64_t e = static_cast<int64_t>(idx);
-    const int64_t q = e % positions, r = (e / positions) % rowsPerSample, n = e / (positions * rowsPerSample);
-    const int64_t j = r % g.kw, i = (r / g.kw) % g.kh, ci = r / (g.kw * g.kh);
-    const int64_t ox = q % g.ow, oy = q / g.ow;
-    const int64_t iy = oy * g.sh - g.ph + i, ix = ox * g.sw - g.pw + j;
-    cols[idx] = iy >= 0 && iy < g.h && ix >= 0 && ix < g.w ? x[((n * g.c + ci) * g.h + iy) * g.w + ix] : 0.0f;
+    const int64_t from = im2colSource(g, static_cast<int64_t>(idx));
+    cols[idx] = from >= 0 ? x[from] : 0.0f;
   }
 }
 
-// Tap (i, j) of output (oy, ox) reads input (oy * sh - ph + i, ox * sw - pw + j): for input (iy, ix) and tap (i, j),
-// oy = (iy + ph - i) / sh when that divides evenly and lands in [0, oh).
+// A gather: each dx element sums the dcols elements im2col read it into, in the CPU's order.
 __global__ void col2imKernel(const float* dcols, float* dx, size_t total, Window2d g) {
-  const int64_t positions = g.oh * g.ow, rowsPerSample = g.c * g.kh * g.kw;
   DTRAIN_GRID_STRIDE(idx, total) {
-    const int64_t e = static_cast<int64_t>(idx);
-    const int64_t ix = e % g.w, iy = (e / g.w) % g.h, ci = (e / (g.w * g.h)) % g.c, n = e / (g.w * g.h * g.c);
-    const float* d = dcols + n * rowsPerSample * positions;
     float sum = 0.0f;
-    for (int64_t i = 0; i < g.kh; ++i) {
-      const int64_t ty = iy + g.ph - i;
-      if (ty < 0 || ty % g.sh != 0 || ty / g.sh >= g.oh) continue;
-      const int64_t oy = ty / g.sh;
-      for (int64_t j = 0; j < g.kw; ++j) {
-        const int64_t tx = ix + g.pw - j;
-        if (tx < 0 || tx % g.sw != 0 || tx / g.sw >= g.ow) continue;
-        const int64_t ox = tx / g.sw;
-        sum += d[((ci * g.kh + i) * g.kw + j) * positions + oy * g.ow + ox];
-      }
-    }
+    col2imSources(g, static_cast<int64_t>(idx), [&](int64_t k) { sum += dcols[k]; });
     dx[idx] = sum;
   }
 }
@@ -86,45 +64,26 @@ __global__ void channelBiasGradKernel(const float* dy, float* db, int64_t batch,
 }
 
 __global__ void maxPoolForwardKernel(const float* x, float* y, int32_t* argmax, size_t total, Window2d g) {
-  const int64_t positions = g.oh * g.ow;
   DTRAIN_GRID_STRIDE(idx, total) {
-    const int64_t e = static_cast<int64_t>(idx);
-    const int64_t plane = e / positions, ox = e % g.ow, oy = (e / g.ow) % g.oh;
-    const float* in = x + plane * g.h * g.w;
-    const int64_t y0 = max(oy * g.sh - g.ph, int64_t{0}), y1 = min(oy * g.sh - g.ph + g.kh, g.h);
-    const int64_t x0 = max(ox * g.sw - g.pw, int64_t{0}), x1 = min(ox * g.sw - g.pw + g.kw, g.w);
-    int64_t best = y0 * g.w + x0;
-    float bestVal = -INFINITY;
-    for (int64_t iy = y0; iy < y1; ++iy) {
-      for (int64_t ix = x0; ix < x1; ++ix) {
-        const float v = in[iy * g.w + ix];
-        if (v > bestVal || isnan(v)) {
-          bestVal = v;
-          best = iy * g.w + ix;
-        }
-      }
-    }
-    y[idx] = bestVal;
-    argmax[idx] = static_cast<int32_t>(best);
+    const PoolWindow win = poolWindow(g, static_cast<int64_t>(idx));
+    float value = 0.0f;
+    argmax[idx] = static_cast<int32_t>(poolArgmax(g, x + win.plane * g.h * g.w, win, &value));
+    y[idx] = value;
   }
 }
 
-// Input (iy, ix) lies in the window of output oy exactly when oy * sh - ph <= iy < oy * sh - ph + kh.
+// A gather: each input element sums the output gradients whose argmax it is, in increasing output order.
 __global__ void maxPoolBackwardKernel(const float* dy, const int32_t* argmax, float* dx, size_t total, Window2d g) {
   const int64_t planeSize = g.h * g.w, positions = g.oh * g.ow;
   DTRAIN_GRID_STRIDE(idx, total) {
     const int64_t e = static_cast<int64_t>(idx);
-    const int64_t plane = e / planeSize, s = e % planeSize, iy = s / g.w, ix = s % g.w;
+    const int64_t plane = e / planeSize, s = e % planeSize;
     const float* d = dy + plane * positions;
     const int32_t* arg = argmax + plane * positions;
-    const int64_t oyEnd = min((iy + g.ph) / g.sh + 1, g.oh), oxEnd = min((ix + g.pw) / g.sw + 1, g.ow);
     float sum = 0.0f;
-    for (int64_t oy = firstOutput(iy + g.ph - g.kh + 1, g.sh); oy < oyEnd; ++oy) {
-      for (int64_t ox = firstOutput(ix + g.pw - g.kw + 1, g.sw); ox < oxEnd; ++ox) {
-        const int64_t o = oy * g.ow + ox;
-        if (arg[o] == s) sum += d[o];
-      }
-    }
+    poolOutputsOver(g, e, [&](int64_t o) {
+      if (arg[o] == s) sum += d[o];
+    });
     dx[idx] = sum;
   }
 }

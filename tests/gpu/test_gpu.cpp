@@ -17,6 +17,7 @@
 #include "lib/gpu/nccl.h"
 #include "lib/gpu/staging.h"
 #include "lib/gpu/stream.h"
+#include "tests/gpu/gemm_reference.h"
 
 using namespace dtrain;
 using namespace dtrain::gpu;
@@ -211,27 +212,6 @@ TEST_CASE("grids are bounded and never empty; the kernels loop over what a bound
 }
 
 namespace {
-
-// BLAS's column-major GEMM, as cuBLAS defines it: C[i + j ldc] = alpha sum_l op(A)[i, l] op(B)[l, j] + beta C,
-// op(A)[i, l] = A[i + l lda] (N) or A[l + i lda] (T).
-void referenceColumnMajor(const ColumnMajorGemm& g, float alpha, const float* first, const float* second, float beta,
-                          float* c) {
-  for (int64_t b = 0; b < g.batch; ++b) {
-    const float* x = first + b * g.strideFirst;
-    const float* y = second + b * g.strideSecond;
-    float* z = c + b * g.strideC;
-    for (int64_t i = 0; i < g.m; ++i)
-      for (int64_t j = 0; j < g.n; ++j) {
-        double acc = 0;
-        for (int64_t l = 0; l < g.k; ++l) {
-          const float xa = g.transFirst ? x[l + i * g.ldFirst] : x[i + l * g.ldFirst];
-          const float yb = g.transSecond ? y[j + l * g.ldSecond] : y[l + j * g.ldSecond];
-          acc += static_cast<double>(xa) * yb;
-        }
-        z[i + j * g.ldc] = static_cast<float>(alpha * acc + beta * z[i + j * g.ldc]);
-      }
-  }
-}
 
 // The row-major product the layers mean: C[r, c] of batch b with A and B read through their strides.
 void referenceRowMajor(const RowMajorGemm& g, float alpha, const float* a, const float* b, float beta, float* c) {

@@ -1,10 +1,14 @@
 #include "lib/launch/agent.h"
 
+#include <fcntl.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <boost/asio/io_context.hpp>
 
+#include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 
@@ -34,7 +38,11 @@ using namespace std::chrono_literals;
 
 class StoreHost {
  public:
+  ~StoreHost() {
+    if (!tokenFile.empty()) ::unlink(tokenFile.c_str());
+  }
   std::unique_ptr<rendezvous::TcpStoreServer> server;
+  std::string tokenFile;  // --standalone's random token, readable by this user only; removed with the store
 };
 
 namespace {
@@ -45,6 +53,33 @@ constexpr auto kLingerForPeers = 5s;
 std::string randomRunId() {
   std::random_device rd;
   return fmt::format("{:08x}{:08x}", rd(), rd());
+}
+
+// --standalone draws its store's port and token at random, and `dtrain top` / `debug dump` need both: the token
+// goes into a file only this user can read ($XDG_RUNTIME_DIR, else /tmp; never printed), and the log says how to
+// reach the job. Returns the file's path, or "" (with a warning) when it cannot be written.
+std::string writeTokenFile(const std::string& runId, const std::string& token) {
+  const char* runtime = std::getenv("XDG_RUNTIME_DIR");
+  struct stat st {};
+  const std::string dir = runtime != nullptr && *runtime != '\0' && ::stat(runtime, &st) == 0 && S_ISDIR(st.st_mode)
+                              ? runtime
+                              : "/tmp";
+  const std::string path = fmt::format("{}/dtrain-{}.token", dir, runId);
+  // (A file left by an earlier run with the same --rdzv-id that was killed is rewritten.)
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
+  if (fd < 0 || ::fchmod(fd, 0600) != 0) {
+    if (fd >= 0) ::close(fd);
+    log::warn("cannot write the standalone store's token to {}: {} (dtrain top cannot reach this job)", path,
+              std::strerror(errno));
+    return "";
+  }
+  const bool ok = ::write(fd, token.data(), token.size()) == static_cast<ssize_t>(token.size());
+  ::close(fd);
+  if (!ok) {
+    ::unlink(path.c_str());
+    return "";
+  }
+  return path;
 }
 
 void printBlock(log::Level level, const std::string& text) {
@@ -114,11 +149,13 @@ void Agent::setUpStore() {
     return;
   }
   net::HostPort hp;
+  bool randomToken = false;
   if (options_.standalone) {
     hp = {"127.0.0.1", 0};
     runId_ = options_.rdzvId == "none" ? randomRunId() : options_.rdzvId;
     // The loopback store is reachable by every local user: it gets a secret that only the workers learn.
-    if (options_.rdzvToken.empty()) options_.rdzvToken = randomRunId() + randomRunId();
+    randomToken = options_.rdzvToken.empty();
+    if (randomToken) options_.rdzvToken = randomRunId() + randomRunId();
     hosting_ = true;
   } else {
     hp = *net::parseHostPort(options_.rdzvEndpoint.empty() ? "127.0.0.1" : options_.rdzvEndpoint, rendezvous::kDefaultPort);
@@ -140,6 +177,15 @@ void Agent::setUpStore() {
                   ExitCode::kAddressInUse);
     }
     hp.port = host_->server->port();
+    if (options_.standalone) {
+      const std::string how =
+          randomToken ? ((host_->tokenFile = writeTokenFile(runId_, options_.rdzvToken)).empty()
+                             ? std::string()
+                             : " --rdzv-token-file " + host_->tokenFile)
+                      : " --rdzv-token ...";
+      log::info("standalone store on {}, run id {}; watch the job with: dtrain top {} --rdzv-endpoint {}{}", hp.str(),
+                runId_, runId_, hp.str(), how);
+    }
   }
   endpoint_ = hp.str();
   rendezvous::StorePtr client;

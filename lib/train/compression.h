@@ -13,7 +13,8 @@
 //                that ratio 1 is exactly momentum SGD); the optimizer runs without momentum.
 //                DGC's sparsity warm-up (warmup_steps: the ratio falls from 25% to `ratio` in stages that divide it
 //                by 4) and, when the optimizer clips, its local gradient clipping (each rank clips its bucket to
-//                clip_grad_norm x sqrt(bucket / arena) / sqrt(ranks) before accumulating it).
+//                clip_grad_norm x sqrt(bucket / arena) x sqrt(ranks) before accumulating it: DGC's threshold / sqrt(ranks)
+//                for gradients scaled by 1/ranks, as each rank's unscaled mean here).
 //                local_adam (with adam/adamw): Efficient-Adam (Chen et al., "Efficient-Adam: Communication-Efficient
 //                Distributed Adam", IEEE TSP 2023, arXiv:2205.14473; also Chen et al., "Quantized Adam with Error
 //                Feedback", ACM TIST 2021): from start_step each rank runs Adam on its own gradient (its own exp_avg

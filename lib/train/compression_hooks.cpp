@@ -259,9 +259,12 @@ comm::WorkPtr TopKHook::compress(const GradBucket& bucket, comm::Backend& group)
   // together) and leaves the residual as it was.
   bool finite = nn::allFinite({g, n});
   if (finite && settings_.localClipNorm > 0) {
-    // DGC's local gradient clipping: the global threshold over sqrt(ranks) (the sum of n independent local
-    // gradients has sqrt(n) times their norm), and this bucket's share of it by its size.
-    const double limit = settings_.localClipNorm * std::sqrt(static_cast<double>(n) / static_cast<double>(layout_.arenaSize)) /
+    // DGC's local gradient clipping, and this bucket's share of it by its size. DGC sums the ranks' gradients,
+    // each scaled by 1/ranks, and clips each to the global threshold over sqrt(ranks) (the sum of n independent
+    // gradients has sqrt(n) times their norm). Here each rank holds its unscaled mean, ranks times DGC's, so the
+    // threshold is the global one times sqrt(ranks).
+    const double limit = settings_.localClipNorm *
+                         std::sqrt(static_cast<double>(n) / static_cast<double>(layout_.arenaSize)) *
                          std::sqrt(static_cast<double>(group.size()));
     nn::clipGradNorm({g, n}, limit);
   }

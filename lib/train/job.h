@@ -90,7 +90,7 @@ struct CompressionSettings {
   // falls exponentially from 25% to `ratio` (DGC's 75%, 93.75%, 98.4%... sparsity stages, equal in length).
   int64_t warmupSteps = 0;
   // topk: DGC's local gradient clipping, on when the optimizer clips (its clip_grad_norm, filled in by loadJob):
-  // each rank clips its own gradient before accumulating it into the residual, to clipNorm / sqrt(ranks).
+  // each rank clips its own mean gradient before accumulating it into the residual, to clipNorm x sqrt(ranks).
   double localClipNorm = 0;
 };
 

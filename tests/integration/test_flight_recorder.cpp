@@ -4,6 +4,7 @@
 #include <doctest/doctest.h>
 
 #include <signal.h>
+#include <sys/stat.h>
 
 #include <nlohmann/json.hpp>
 
@@ -106,4 +107,61 @@ TEST_CASE("a rank frozen mid-step is named by dtrain debug dump and by the agent
   // Without --metrics-port there is nothing to gather: a clear error, exit 4.
   auto none = run({dtrainBinary(), "debug", "dump", "no-such-run", "--rdzv-endpoint", "127.0.0.1:1", "--timeout", "1s"});
   CHECK(none.exitCode != 0);
+}
+
+TEST_CASE("--standalone names its store and writes its random token to a file that dtrain top reads") {
+  // --standalone draws the store's port and token at random: without them `dtrain top` could not reach the job.
+  std::string dir = tempDir("standalone");
+  writeFile(dir + "/job.json", R"({
+    "name": "standalone",
+    "output_dir": ")" + dir + R"(/out",
+    "model": {"input": [10], "layers": [{"type": "linear", "out": 1}]},
+    "loss": {"type": "mse"},
+    "data": {"train": {"format": "synthetic", "task": "regression", "samples": 1024, "features": 10, "outputs": 1,
+                       "seed": 7}, "batch_size": 32},
+    "optimizer": {"type": "sgd", "lr": 0.01},
+    "train": {"epochs": 100000, "seed": 0},
+    "checkpoint": false
+  })");
+  Background agent(runArgs({"--standalone", "-n", "1", "--metrics-port", "0", "--shutdown-timeout", "2s",
+                            dir + "/job.json"}),
+                   {.env = {{"XDG_RUNTIME_DIR", dir}}});
+  const std::string line = agent.waitForLine("standalone store on", 60s, /*fromStderr=*/true);
+  std::smatch m;
+  REQUIRE_MESSAGE(std::regex_search(line, m,
+                                    std::regex(R"(standalone store on (127\.0\.0\.1:\d+), run id ([0-9a-f]+); watch the )"
+                                               R"(job with: dtrain top \2 --rdzv-endpoint \1 --rdzv-token-file (\S+))")),
+                  line);
+  const std::string endpoint = m[1], id = m[2], tokenFile = m[3];
+  KillRun cleanup{id};
+  CHECK(tokenFile == fmt::format("{}/dtrain-{}.token", dir, id));
+  struct stat st {};
+  REQUIRE(::stat(tokenFile.c_str(), &st) == 0);
+  CHECK((st.st_mode & 0777) == 0600);
+  CHECK(readFile(tokenFile).size() == 32);
+  CHECK(line.find(readFile(tokenFile)) == std::string::npos);  // the secret itself is never logged
+
+  // The command the line gives works (once the worker has registered), and without the token the store refuses.
+  RunResult top;
+  const auto until = std::chrono::steady_clock::now() + 60s;
+  do {
+    top = run({dtrainBinary(), "top", id, "--rdzv-endpoint", endpoint, "--rdzv-token-file", tokenFile, "--once"},
+              {.timeout = 30s});
+    if (top.out.find("1 worker(s) running") != std::string::npos) break;
+    std::this_thread::sleep_for(100ms);
+  } while (std::chrono::steady_clock::now() < until);
+  CHECK_MESSAGE(top.exitCode == 0, top.err);
+  CHECK_MESSAGE(top.out.find(fmt::format("dtrain top: run {} (1 agent(s), 1 rank(s))", id)) != std::string::npos,
+                top.out);
+  auto refused = run({dtrainBinary(), "top", id, "--rdzv-endpoint", endpoint, "--once"},
+                     {.timeout = 30s, .unsetEnv = {"DTRAIN_RDZV_TOKEN"}});
+  CHECK(refused.exitCode != 0);
+  CHECK_MESSAGE(refused.err.find("token") != std::string::npos, refused.err);
+
+  // The token file goes with the job.
+  agent.signal(SIGTERM);
+  auto result = agent.wait(60s);
+  CHECK_FALSE(result.timedOut);
+  CHECK(::stat(tokenFile.c_str(), &st) != 0);
+  CHECK(processesWithRunId(id).empty());
 }

@@ -405,7 +405,10 @@ TEST_CASE("topk DGC sparsity warm-up: 25%, then a quarter each stage, down to ra
   CHECK(runs[1].results == runs[0].results);
 }
 
-TEST_CASE("topk local gradient clipping (DGC): each rank clips to clip_grad_norm / sqrt(ranks) before sending") {
+TEST_CASE("topk local gradient clipping (DGC): each rank clips its mean gradient to clip_grad_norm x sqrt(ranks)") {
+  // DGC clips each rank's gradient, scaled by 1/ranks for the sum, to the threshold / sqrt(ranks); each rank here
+  // holds its unscaled mean, so the same rule is threshold x sqrt(ranks) (the old / sqrt(ranks) clipped every
+  // rank ranks times too hard: a 2-rank GPT ran with half its step wherever clipping bit).
   auto c = parsed(R"({"type": "topk", "ratio": 1})");
   nn::OptimizerSpec sgd{.type = nn::OptimizerType::kSgd, .clipGradNorm = 0.5};
   checkCompressionFitsOptimizer(c, sgd, "j.json", "/c");
@@ -415,9 +418,9 @@ TEST_CASE("topk local gradient clipping (DGC): each rank clips to clip_grad_norm
   CHECK(p.localClipNorm == 0.0);
 
   constexpr int kRanks = 2;
-  auto layout = layoutOf(4, 5, kRanks);  // one bucket: the whole threshold, 0.5 / sqrt(2)
+  auto layout = layoutOf(4, 5, kRanks);  // one bucket: the whole threshold, 0.5 x sqrt(2)
   auto runs = runHook(kRanks, layout, c, 1, [&](int rank, int step) { return wave(layout.arenaSize, rank, step); });
-  const double limit = 0.5 / std::sqrt(2.0);
+  const double limit = 0.5 * std::sqrt(2.0);
   for (size_t i = 0; i < layout.arenaSize; ++i) {
     double want = 0;
     for (int r = 0; r < kRanks; ++r) {
@@ -425,6 +428,7 @@ TEST_CASE("topk local gradient clipping (DGC): each rank clips to clip_grad_norm
       double norm = 0;
       for (float v : g) norm += static_cast<double>(v) * v;
       norm = std::sqrt(norm);
+      REQUIRE(norm > 2 * limit);  // the case clips
       want += g[i] * std::min(1.0, limit / (norm + 1e-6)) / kRanks;
     }
     CHECK(runs[0].results[0][i] == doctest::Approx(want).epsilon(1e-5));

@@ -14,6 +14,7 @@
 #include "lib/common/error.h"
 #include "lib/common/json_fields.h"
 #include "lib/nn/cuda_impl.h"
+#include "lib/nn/dropout_mask.h"
 #include "lib/nn/layers_impl.h"
 #include "lib/nn/tensor_parallel.h"
 
@@ -197,10 +198,7 @@ class CausalSelfAttention final : public Layer {
   void dropRow(const float* p, float* out, int64_t n, int64_t end) {
     const double drop = spec().p;
     const float keep = 1.0f / static_cast<float>(1.0 - drop);
-    for (int64_t j = 0; j < n; ++j) {
-      const double u = static_cast<double>(engine_() >> 40) * 0x1.0p-24;
-      out[j] = u >= drop ? p[j] * keep : 0.0f;
-    }
+    for (int64_t j = 0; j < n; ++j) out[j] = detail::dropoutUniform(engine_) >= drop ? p[j] * keep : 0.0f;
     std::fill(out + n, out + end, 0.0f);
   }
 

@@ -9,6 +9,7 @@
 #include "lib/common/error.h"
 #include "lib/common/json_fields.h"
 #include "lib/nn/cuda_impl.h"
+#include "lib/nn/dropout_mask.h"
 #include "lib/nn/layers_impl.h"
 #include "lib/nn/tensor_parallel.h"
 
@@ -244,10 +245,7 @@ class Dropout final : public Elementwise {
     // PyTorch returns zeros for p == 1 rather than dividing by zero.
     const float scale = spec().p >= 1.0 ? 0.0f : static_cast<float>(1.0 / (1.0 - spec().p));
     float* m = mask_.data();
-    for (Eigen::Index i = 0; i < n; ++i) {
-      double u = static_cast<double>(engine_() >> 40) * 0x1.0p-24;
-      m[i] = u >= spec().p ? scale : 0.0f;
-    }
+    detail::drawDropoutMask(engine_, spec().p, scale, static_cast<size_t>(n), m);  // dropout_mask.h: the GPU's too
     ArrMap(y, n) = ConstArrMap(x, n) * ConstArrMap(m, n);
   }
 

@@ -3,7 +3,8 @@
 // (lib/nn/cuda/layers_spatial.cpp) runs through the column-major reference on the arguments blas.cpp would give
 // cuBLAS. The results must equal the CPU layers' (layers_spatial.cpp): forward, input gradient, weight and bias
 // gradients (within float rounding: the GEMMs sum in another order), and maxpool2d bit for bit (ties, NaN, -inf).
-// What this cannot show is the device itself: launches, memory, cuBLAS's handling of the arguments.
+// Also the dropout masks the CUDA dropout layers draw on the host (lib/nn/dropout_mask.h) against the CPU layers'
+// outputs. What this cannot show is the device itself: launches, memory, cuBLAS's handling of the arguments.
 #include <doctest/doctest.h>
 
 #include <nlohmann/json.hpp>
@@ -18,6 +19,7 @@
 
 #include "lib/gpu/gemm_args.h"
 #include "lib/gpu/window_index.h"
+#include "lib/nn/dropout_mask.h"
 #include "lib/nn/layer.h"
 #include "lib/nn/spec.h"
 #include "tests/gpu/gemm_reference.h"
@@ -102,7 +104,8 @@ void checkConv(const std::string& layer, const std::vector<int64_t>& input) {
   CHECK(maxDiff(std::vector<float>(grads.begin(), grads.begin() + static_cast<int64_t>(nw)), gw) < 1e-5);
   if (spec.bias) {
     for (int64_t ch = 0; ch < out; ++ch)
-      for (int64_t e = 0; e < batch * p; ++e) gb[static_cast<size_t>(ch)] += dy[static_cast<size_t>(((e / p) * out + ch) * p + e % p)];
+      for (int64_t e = 0; e < batch * p; ++e)
+        gb[static_cast<size_t>(ch)] += dy[static_cast<size_t>(((e / p) * out + ch) * p + e % p)];
     CHECK(maxDiff(std::vector<float>(grads.begin() + static_cast<int64_t>(nw), grads.end()), gb) < 1e-5);
   }
   std::vector<float> dcols(cols.size(), 0.0f);
@@ -162,7 +165,8 @@ void checkPool(const std::string& layer, const std::vector<int64_t>& input, std:
     poolOutputsOver(g, static_cast<int64_t>(e), [&](int64_t o) {
       CHECK(o > last);  // increasing: the CPU's order
       last = o;
-      if (argmax[static_cast<size_t>(plane * positions + o)] == s) sum += dy[static_cast<size_t>(plane * positions + o)];
+      const auto at = static_cast<size_t>(plane * positions + o);
+      if (argmax[at] == s) sum += dy[at];
     });
     gdx[e] = sum;
   }
@@ -205,4 +209,90 @@ TEST_CASE("emulated CUDA maxpool2d (argmax forward, gather backward) equals the 
   checkPool(R"({"type": "maxpool2d", "kernel": 2, "stride": 1, "padding": 1})", {1, 4, 4}, x);
   std::vector<float> allInf(2 * 9, -std::numeric_limits<float>::infinity());
   checkPool(R"({"type": "maxpool2d", "kernel": 2, "stride": 1})", {1, 3, 3}, allInf);
+}
+
+namespace {
+
+// The CPU attention layer's forward with dropout, written out naively with a given mask (what the CUDA layer does
+// with the mask it copies to the device): qkv = x Wattn^T + b, P = softmax(q k^T / sqrt(hs)) over j <= i,
+// y_h = (P x mask) v, out = concat_h(y_h) Wproj^T + b. Parameters in the layer's arena order.
+std::vector<float> attentionWithMask(const std::vector<float>& params, const std::vector<float>& x,
+                                     const std::vector<float>& mask, int64_t batch, int64_t t, int64_t c,
+                                     int64_t heads) {
+  const int64_t hs = c / heads, rows = batch * t;
+  const float* wAttn = params.data();
+  const float* bAttn = wAttn + 3 * c * c;
+  const float* wProj = bAttn + 3 * c;
+  const float* bProj = wProj + c * c;
+  std::vector<double> qkv(static_cast<size_t>(rows * 3 * c)), att(static_cast<size_t>(rows * c), 0.0);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t o = 0; o < 3 * c; ++o) {
+      double acc = bAttn[o];
+      for (int64_t i = 0; i < c; ++i) acc += double(x[static_cast<size_t>(r * c + i)]) * wAttn[o * c + i];
+      qkv[static_cast<size_t>(r * 3 * c + o)] = acc;
+    }
+  const double scale = 1.0 / std::sqrt(static_cast<double>(hs));
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t i = 0; i < t; ++i) {
+        auto at = [&](int64_t row, int64_t part, int64_t d) {
+          return qkv[static_cast<size_t>((b * t + row) * 3 * c + part * c + h * hs + d)];
+        };
+        std::vector<double> p(static_cast<size_t>(i + 1));
+        double m = -1e300, total = 0;
+        for (int64_t j = 0; j <= i; ++j) {
+          double s = 0;
+          for (int64_t d = 0; d < hs; ++d) s += at(i, 0, d) * at(j, 1, d);
+          p[static_cast<size_t>(j)] = s;
+          m = std::max(m, s);
+        }
+        for (double& v : p) total += v = std::exp((v - m) * scale);
+        for (int64_t j = 0; j <= i; ++j) {
+          const double keep = mask[static_cast<size_t>(((b * heads + h) * t + i) * t + j)];
+          const double dropped = p[static_cast<size_t>(j)] / total * keep;
+          for (int64_t d = 0; d < hs; ++d)
+            att[static_cast<size_t>((b * t + i) * c + h * hs + d)] += dropped * at(j, 2, d);
+        }
+      }
+  std::vector<float> y(static_cast<size_t>(rows * c));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t o = 0; o < c; ++o) {
+      double acc = bProj[o];
+      for (int64_t i = 0; i < c; ++i) acc += att[static_cast<size_t>(r * c + i)] * wProj[o * c + i];
+      y[static_cast<size_t>(r * c + o)] = static_cast<float>(acc);
+    }
+  return y;
+}
+
+}  // namespace
+
+TEST_CASE("the dropout masks the CUDA layers draw on the host are the CPU layers' (dropout, attention dropout)") {
+  // The dropout layer: y = x * mask exactly.
+  const nn::LayerSpec drop = parseLayer(R"({"type": "dropout", "p": 0.3})", {50});
+  auto cpuDrop = nn::makeLayer(drop, {.device = Device::cpu(), .maxBatch = 3, .seed = 17});
+  std::vector<float> x = randomVector(150, 5), y(150), mask(150);
+  cpuDrop->forward(x.data(), y.data(), 3, true);
+  std::mt19937_64 engine(nn::detail::mixSeed(17, static_cast<uint64_t>(drop.index)));
+  nn::detail::drawDropoutMask(engine, 0.3, static_cast<float>(1.0 / (1.0 - 0.3)), mask.size(), mask.data());
+  for (size_t i = 0; i < x.size(); ++i) CHECK(y[i] == x[i] * mask[i]);
+  CHECK(std::count(mask.begin(), mask.end(), 0.0f) > 20);
+
+  // Attention dropout: the CPU layer's output equals attention computed with the causal mask drawn in order.
+  const int64_t batch = 2, t = 5, c = 8, heads = 2;
+  const nn::LayerSpec attn = parseLayer(R"({"type": "causal_self_attention", "n_head": 2, "dropout": 0.3})", {t, c});
+  auto cpuAttn = nn::makeLayer(attn, {.device = Device::cpu(), .maxBatch = 2, .seed = 23});
+  std::vector<float> params(static_cast<size_t>(attn.paramCount())), grads(params.size());
+  cpuAttn->bind(params.data(), grads.data());
+  nn::InitRng init(3);
+  cpuAttn->initParams(init);
+  std::vector<float> ax = randomVector(static_cast<size_t>(batch * t * c), 6), ay(ax.size());
+  cpuAttn->forward(ax.data(), ay.data(), static_cast<int>(batch), true);
+  std::vector<float> causal(static_cast<size_t>(batch * heads * t * t));
+  std::mt19937_64 attnEngine(nn::detail::mixSeed(23, static_cast<uint64_t>(attn.index)));
+  nn::detail::drawCausalDropoutMask(attnEngine, 0.3, batch * heads, t, causal.data());
+  CHECK(maxDiff(ay, attentionWithMask(params, ax, causal, batch, t, c, heads)) < 1e-5);
+  // The check can tell: another stream's mask gives another output.
+  std::mt19937_64 other(nn::detail::mixSeed(24, static_cast<uint64_t>(attn.index)));
+  nn::detail::drawCausalDropoutMask(other, 0.3, batch * heads, t, causal.data());
+  CHECK(maxDiff(ay, attentionWithMask(params, ax, causal, batch, t, c, heads)) > 1e-3);
 }

@@ -19,7 +19,7 @@
 #include "lib/nn/cuda_impl.h"
 #include "lib/nn/device.h"
 #include "lib/nn/layer.h"
-#include "lib/nn/layers_impl.h"
+#include "lib/nn/dropout_mask.h"
 
 namespace dtrain::nn::cuda {
 namespace {
@@ -162,21 +162,8 @@ class CausalSelfAttention final : public Layer {
   // of 1/(1-p) (kept) and 0 (dropped or masked), copied to the device (blocking): the GPU drops what the CPU does.
   // A host loop over batch x H x T(T+1)/2 draws per training forward: correct first, slow for long contexts.
   void drawMasks(int batch) {
-    const double drop = spec().p;
-    const float keep = 1.0f / static_cast<float>(1.0 - drop);
-    float* m = hostMask_.data();
-    const size_t count = sz(batch) * sz(h_ * t_ * t_);
-    std::fill(m, m + count, 0.0f);
-    for (int64_t bh = 0; bh < batch * h_; ++bh) {
-      for (int64_t i = 0; i < t_; ++i) {
-        float* row = m + (bh * t_ + i) * t_;
-        for (int64_t j = 0; j <= i; ++j) {
-          const double u = static_cast<double>(engine_() >> 40) * 0x1.0p-24;
-          row[j] = u >= drop ? keep : 0.0f;
-        }
-      }
-    }
-    copyBytes(mask_.data(), device(), m, Device::cpu(), count * sizeof(float));
+    detail::drawCausalDropoutMask(engine_, spec().p, batch * h_, t_, hostMask_.data());
+    copyBytes(mask_.data(), device(), hostMask_.data(), Device::cpu(), sz(batch) * sz(h_ * t_ * t_) * sizeof(float));
   }
 
   int64_t t_, c_, h_, hs_;

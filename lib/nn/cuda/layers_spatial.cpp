@@ -24,7 +24,7 @@
 #include "lib/nn/cuda_impl.h"
 #include "lib/nn/device.h"
 #include "lib/nn/layer.h"
-#include "lib/nn/layers_impl.h"
+#include "lib/nn/dropout_mask.h"
 
 namespace dtrain::nn::cuda {
 namespace {
@@ -129,12 +129,8 @@ class Dropout final : public Layer {
     }
     // The CPU's draws and scale exactly (layers_dense.cpp Dropout::forward); p == 1 gives zeros, as PyTorch.
     const float scale = spec().p >= 1.0 ? 0.0f : static_cast<float>(1.0 / (1.0 - spec().p));
-    float* m = hostMask_.data();
-    for (size_t i = 0; i < n; ++i) {
-      const double u = static_cast<double>(engine_() >> 40) * 0x1.0p-24;
-      m[i] = u >= spec().p ? scale : 0.0f;
-    }
-    copyBytes(mask_.data(), device(), m, Device::cpu(), n * sizeof(float));
+    detail::drawDropoutMask(engine_, spec().p, scale, n, hostMask_.data());
+    copyBytes(mask_.data(), device(), hostMask_.data(), Device::cpu(), n * sizeof(float));
     k::multiply(x, mask_.data(), y, n);
   }
 

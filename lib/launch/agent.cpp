@@ -82,6 +82,28 @@ std::string writeTokenFile(const std::string& runId, const std::string& token) {
   return path;
 }
 
+// A stop signal outside a round (while the store is set up, during the rendezvous, between rounds) keeps its
+// default action, ending the agent, except that it first removes the standalone token file, which the
+// destructors would have. Inside a round the round runner handles the signals (round_runner.h). Set before the
+// handler is installed, read only by it.
+char gTokenFileToRemove[4096] = "";
+
+extern "C" void stopOutsideRound(int sig) {
+  if (gTokenFileToRemove[0] != '\0') ::unlink(gTokenFileToRemove);  // async-signal-safe
+  ::signal(sig, SIG_DFL);
+  ::raise(sig);
+}
+
+// SIGINT and SIGTERM always (an ignored SIGINT inherited from a script's `dtrain run ... &` would otherwise be
+// honoured during rounds only, by the round's handler, and ignored during the rendezvous); SIGHUP only when it is
+// not ignored (nohup).
+void handleStopSignalsOutsideRounds() {
+  ::signal(SIGINT, stopOutsideRound);
+  ::signal(SIGTERM, stopOutsideRound);
+  struct sigaction hup {};
+  if (::sigaction(SIGHUP, nullptr, &hup) == 0 && hup.sa_handler != SIG_IGN) ::signal(SIGHUP, stopOutsideRound);
+}
+
 void printBlock(log::Level level, const std::string& text) {
   size_t start = 0;
   while (start <= text.size()) {
@@ -183,6 +205,8 @@ void Agent::setUpStore() {
                              ? std::string()
                              : " --rdzv-token-file " + host_->tokenFile)
                       : " --rdzv-token ...";
+      if (host_->tokenFile.size() < sizeof(gTokenFileToRemove))
+        std::memcpy(gTokenFileToRemove, host_->tokenFile.c_str(), host_->tokenFile.size() + 1);
       log::info("standalone store on {}, run id {}; watch the job with: dtrain top {} --rdzv-endpoint {}{}", hp.str(),
                 runId_, runId_, hp.str(), how);
     }
@@ -297,6 +321,7 @@ int Agent::run() {
   // a round it is forwarded to the workers.
   ::signal(SIGUSR1, SIG_IGN);
   ::signal(SIGUSR2, SIG_IGN);
+  handleStopSignalsOutsideRounds();
   // Before the store and any worker: no descendant of a worker outlives this agent (process_tree.h).
   ProcessTree processes(options_.shutdownTimeout, "/proc/self/exe");
   setUpStore();
@@ -341,6 +366,9 @@ int Agent::run() {
       throw RendezvousError(fmt::format("lost the rendezvous store at {} while {}: {}", endpoint_, what, e.what()));
     }
   };
+  if (options_.minNodes > 1)
+    log::info("run {} at {}: waiting for {} node(s) to join (--nnodes {}, --rdzv-timeout {} s)", runId_, endpoint_,
+              options_.minNodes, options_.nnodesText, options_.rdzvTimeout.count() / 1000);
   for (;;) {
     RoundInfo round = storeCall([&] { return rdzv.join(); }, "joining the group");
     log::debug("round {}: node {} of {}, ranks {}..{} of {}", round.round, round.nodeRank, round.numNodes,
@@ -373,6 +401,7 @@ int Agent::run() {
     if (timeline_ && !lostStore) timeline_->afterRound(round.round, round.nodeRank, round.numNodes);
     ::signal(SIGUSR1, SIG_IGN);  // the round's signal_set restored the default action
     ::signal(SIGUSR2, SIG_IGN);
+    handleStopSignalsOutsideRounds();
     RestartBudget budget{round.restartCount, options_.maxRestarts, round.reformCount, options_.maxReforms,
                          options_.minNodes < options_.maxNodes};
     auto after = decideAfterRound(event, interrupted, budget, lostStore, workersCompleted);

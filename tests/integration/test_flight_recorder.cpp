@@ -147,7 +147,7 @@ TEST_CASE("--standalone names its store and writes its random token to a file th
   do {
     top = run({dtrainBinary(), "top", id, "--rdzv-endpoint", endpoint, "--rdzv-token-file", tokenFile, "--once"},
               {.timeout = 30s});
-    if (top.out.find("1 worker(s) running") != std::string::npos) break;
+    if (top.out.find("(1 agent(s), 1 rank(s))") != std::string::npos) break;  // the worker has reported
     std::this_thread::sleep_for(100ms);
   } while (std::chrono::steady_clock::now() < until);
   CHECK_MESSAGE(top.exitCode == 0, top.err);

@@ -81,6 +81,28 @@ TEST_CASE("SIGTERM to the agent is forwarded to the workers and the agent exits 
   CHECK(r.out.find("got-term-1") != std::string::npos);
 }
 
+TEST_CASE("SIGINT ends an agent waiting in the rendezvous, also when the shell started it with SIGINT ignored") {
+  // A script's `dtrain run ... &` inherits SIGINT ignored; the round honours SIGINT anyway, so the rendezvous must
+  // too (it used to wait out --rdzv-timeout). With --standalone the random token's file goes as well.
+  const std::string dir = tempDir("rdzvint");
+  for (bool ignored : {false, true}) {
+    CAPTURE(ignored);
+    const int port = freePort();
+    const std::string id = uniqueRunId("rdzvint");
+    std::vector<std::string> argv = runArgs({"--nnodes", "2", "--node-rank", "0", "--nproc-per-node", "1", "--rdzv-endpoint",
+                                             fmt::format("127.0.0.1:{}", port), "--rdzv-id", id, "--rdzv-timeout",
+                                             "300s", "--", "true"});
+    if (ignored) argv.insert(argv.begin(), {"sh", "-c", "trap '' INT; exec \"$0\" \"$@\""});
+    Background agent(argv);
+    agent.waitForLine(fmt::format("run {} at 127.0.0.1:{}: waiting for 2 node(s) to join", id, port), 60s,
+                      /*fromStderr=*/true);
+    agent.signal(SIGINT);
+    auto r = agent.wait(30s);
+    CHECK_FALSE(r.timedOut);
+    CHECK(r.exitCode == 128 + SIGINT);
+  }
+}
+
 TEST_CASE("workers that ignore SIGTERM are killed after --shutdown-timeout") {
   std::string script = "trap '' TERM; echo ready-$RANK; while :; do sleep 1; done";
   Background agent(runArgs({"--standalone", "--nproc-per-node", "1", "--shutdown-timeout", "1s", "--", "sh", "-c", script}));

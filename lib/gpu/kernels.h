@@ -99,7 +99,7 @@ void mseRows(const float* y, const float* t, float* diff, double* sq, size_t n);
 // bce_with_logits over n logits x (one per sample) and targets of `targetKind` (float32 in [0, 1], or int32/int64
 // 0/1 labels), in double as loss.cpp's BceWithLogits: rowLoss[i] = max(x, 0) - x t + log1p(exp(-|x|)); diff[i] =
 // float(sigmoid(x) - t) (when diff != nullptr); rowCorrect[i] = ((x > 0) == (t >= 0.5)) and hist[bin] += 1, bin =
-// min(bins - 1, int(sigmoid(x) * bins)), offset by `bins` for a negative sample (when rowCorrect / hist are not
+// min(bins - 1, floor(sigmoid(x) * bins)) (0 for a NaN logit), offset by `bins` for a negative sample (when rowCorrect / hist are not
 // nullptr: integer atomics, so the counts are exact whatever the order). A target outside its domain sets *badRow
 // to the smallest such i (initialise it to INT32_MAX) and contributes zeros.
 enum class TargetKind { kFloat32, kInt32, kInt64 };

@@ -325,8 +325,10 @@ __global__ void bceKernel(const float* x, const void* targets, TargetKind kind, 
     const bool positive = t >= 0.5;
     if (rowCorrect != nullptr) rowCorrect[i] = (x[i] > 0.0f) == positive ? 1 : 0;
     if (hist != nullptr) {
-      const int64_t raw = static_cast<int64_t>(sigmoid * bins);
-      const int64_t bin = raw < 0 ? 0 : raw < bins - 1 ? raw : bins - 1;  // a NaN logit stays inside the histogram
+      // loss.cpp's aucBin: floor(sigmoid * bins), the last bin closed; a NaN logit goes to bin 0 (compared before
+      // any conversion: NaN to an integer is undefined).
+      const double scaled = sigmoid * bins;
+      const int64_t bin = !(scaled >= 1.0) ? 0 : scaled < bins - 1 ? static_cast<int64_t>(scaled) : bins - 1;
       atomicAdd(&hist[(positive ? 0 : bins) + bin], 1);
     }
   }

@@ -276,8 +276,7 @@ class BceWithLogits final : public Loss {
       s.lossSum += lossOf(x[i], t);
       const bool positive = t >= 0.5;
       s.correct += (x[i] > 0) == positive ? 1 : 0;
-      const auto bin = std::min<int64_t>(kAucBins - 1, static_cast<int64_t>(sigmoid(x[i]) * kAucBins));
-      s.aucHist[static_cast<size_t>((positive ? 0 : kAucBins) + bin)] += 1;
+      s.aucHist[static_cast<size_t>((positive ? 0 : kAucBins) + aucBin(sigmoid(x[i])))] += 1;
     }
     s.lossCount = s.samples = n;
     return s;
@@ -285,6 +284,14 @@ class BceWithLogits final : public Loss {
 
  private:
   static double sigmoid(float x) { return 1.0 / (1.0 + std::exp(-static_cast<double>(x))); }
+  // The AUC bin of a sigmoid in [0, 1]: floor(s * kAucBins), the last bin closed. A NaN logit (a diverged model)
+  // goes to bin 0: converting NaN to an integer is undefined (x86 gives INT64_MIN, which indexed the histogram far
+  // out of bounds). The CUDA loss (lib/gpu/kernels_nn.cu bceKernel) bins the same way.
+  static int64_t aucBin(double s) {
+    const double scaled = s * kAucBins;
+    if (!(scaled >= 1.0)) return 0;  // also NaN
+    return scaled < kAucBins - 1 ? static_cast<int64_t>(scaled) : kAucBins - 1;
+  }
   static double lossOf(float x, double t) {
     const double v = x;
     return std::max(v, 0.0) - v * t + std::log1p(std::exp(-std::abs(v)));

@@ -2,6 +2,7 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <numeric>
 #include <random>
 #include <vector>
 
@@ -169,6 +170,19 @@ TEST_CASE("bce_with_logits: torch's BCEWithLogitsLoss values, gradient, accuracy
   labels[0] = 2;
   CHECK_THROWS_AS(loss->forward(TensorView::f32(out.data(), Shape{4, 1}), y), ConfigError);
   CHECK_THROWS_AS(Loss::create({LossType::kBceWithLogits}, Shape{2}, 4), ConfigError);
+}
+
+TEST_CASE("bce_with_logits: a NaN logit (a diverged model) is evaluated into AUC bin 0, never outside the histogram") {
+  auto loss = Loss::create({LossType::kBceWithLogits}, Shape{1}, 3);
+  std::vector<float> out{std::nanf(""), 40.0f, -40.0f};
+  std::vector<int32_t> labels{1, 1, 0};
+  const EvalSums s = loss->evaluate(TensorView::f32(out.data(), Shape{3, 1}), TensorView::i32(labels.data(), Shape{3}));
+  REQUIRE(s.aucHist.size() == 2 * kAucBins);
+  CHECK(s.aucHist[0] == 1);             // the NaN positive
+  CHECK(s.aucHist[kAucBins - 1] == 1);  // sigmoid(40) rounds to 1: the last bin, closed
+  CHECK(s.aucHist[kAucBins] == 1);      // sigmoid(-40): the negatives' bin 0
+  CHECK(std::accumulate(s.aucHist.begin(), s.aucHist.end(), 0.0) == 3);
+  CHECK(std::isnan(s.lossSum));
 }
 
 TEST_CASE("AUC: the histogram's agrees with the exact rank statistic; ties count one half; one class is none") {

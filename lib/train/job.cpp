@@ -41,20 +41,35 @@ int64_t atMost(const JsonFields& f, std::string_view key, int64_t value, int64_t
 }
 
 // "model": {...} inline, or "model": "path/to/model.json" (a model object, or a job file with a "model").
-json resolveModel(json& doc, const std::string& source, const fs::path& baseDir) {
+struct ResolvedModel {
+  json model;
+  std::string source;   // where its fields are, for messages: the job file, or the model file it names
+  std::string pointer;  // the model object's JSON pointer in `source` ("/model", or "" for a bare model file)
+};
+ResolvedModel resolveModel(json& doc, const std::string& source, const fs::path& baseDir) {
   DTRAIN_CHECK_AS(ConfigError, doc.contains("model"), "{}: missing required field 'model' (an object or a model file)",
                   source);
   json& model = doc["model"];
+  ResolvedModel out{json(), source, "/model"};
   if (model.is_string()) {
     fs::path file = baseDir / model.get<std::string>();
     DTRAIN_CHECK_AS(ConfigError, fs::exists(file), "{}: /model: model file {} does not exist", source, file.string());
     json loaded = readJsonFile(file, "model file");
-    if (loaded.is_object() && loaded.contains("model") && !loaded.contains("layers")) loaded = loaded["model"];
+    // A bad value inside is reported in that file, at its own pointer (was: the job file's /model).
+    out.source = fmt::format("{} (the model file of {})", file.string(), source);
+    out.pointer = "";
+    if (loaded.is_object() && loaded.contains("model") && !loaded.contains("layers")) {
+      loaded = loaded["model"];
+      out.pointer = "/model";
+    }
     model = loaded;
+    DTRAIN_CHECK_AS(ConfigError, model.is_object(), "{}: {}: expected a model object, got {}", out.source,
+                    out.pointer.empty() ? "/" : out.pointer, jsonSnippet(model));
   }
   DTRAIN_CHECK_AS(ConfigError, model.is_object(), "{}: /model: expected an object or a model file path, got {}", source,
                   jsonSnippet(model));
-  return model;
+  out.model = model;
+  return out;
 }
 
 DataSettings parseData(const json& doc, const std::string& source, const fs::path& baseDir) {
@@ -134,7 +149,7 @@ void checkSparseLayers(const Job& job) {
                     "{}: {}/sparse: a sparse embedding keeps its table on parameter servers, so it needs "
                     "\"parallel\": {{\"strategy\": \"parameter_server\"}} (the strategy is \"{}\"); remove "
                     "\"sparse\" for a dense table",
-                    job.sourceFile, l.path, job.parallel.strategy);
+                    job.modelSource, l.path, job.parallel.strategy);
   }
   sparseTableOptions(job);  // the optimizer must have a sparse variant (ConfigError naming /optimizer)
 }
@@ -318,7 +333,7 @@ void applySet(json& doc, const std::string& assignment, const std::string& sourc
 namespace {
 
 // What the CUDA path supports today (docs/gpu.md "What runs on a GPU"): DDP over nccl (data parallelism only), no
-// compression hooks, no dropout. The model-parallel and parameter-server strategies move host buffers (pipeline
+// compression hooks. The model-parallel and parameter-server strategies move host buffers (pipeline
 // activations, tensor-group all-reduces inside the layers, push/pull frames), so they stay on the CPU for now.
 void checkCudaJob(const Job& job, const std::string& src) {
   DTRAIN_CHECK_AS(ConfigError, job.parallel.backend == "auto" || job.parallel.backend == "nccl",
@@ -348,7 +363,7 @@ void checkCudaJob(const Job& job, const std::string& src) {
     DTRAIN_CHECK_AS(ConfigError, l.kind != nullptr && l.kind->cuda != nullptr,
                     "{}: {}: layer '{}' has no CUDA implementation yet (\"device\": \"cuda\"); see docs/gpu.md for "
                     "the layers that have one",
-                    src, l.path, l.type());
+                    job.modelSource, l.path, l.type());
     for (const auto& c : l.children) check(c);
   };
   for (const auto& l : job.model.layers) check(l);
@@ -388,9 +403,10 @@ Job loadJob(const JobArgs& args) {
   job.name = top.string("name", file.stem().string());
   DTRAIN_CHECK_AS(ConfigError, !job.name.empty() && job.name.find('/') == std::string::npos,
                   "{}: /name: expected a non-empty name without '/', got '{}'", src, job.name);
-  json model = resolveModel(job.doc, src, job.baseDir);
-  job.model = nn::parseModelSpec(model, src, "/model");
-  job.modelHash = ckpt::specHash(model);
+  ResolvedModel resolved = resolveModel(job.doc, src, job.baseDir);
+  job.modelSource = resolved.source;
+  job.model = nn::parseModelSpec(resolved.model, resolved.source, resolved.pointer);
+  job.modelHash = ckpt::specHash(resolved.model);
   DTRAIN_CHECK_AS(ConfigError, job.doc.contains("loss"), "{}: missing required field 'loss' (e.g. {{\"type\": \"cross_entropy\"}})", src);
   job.loss = nn::parseLossSpec(job.doc["loss"], src, "/loss");
   DTRAIN_CHECK_AS(ConfigError, job.doc.contains("optimizer"),

@@ -144,6 +144,8 @@ struct LoggingSettings {
 
 struct Job {
   std::string sourceFile;           // as given, for messages
+  std::string modelSource;          // where the model's fields are, for messages: sourceFile, or the model file it
+                                    // names ("net.json (the model file of job.json)"); LayerSpec::path is in it
   std::filesystem::path baseDir;    // the job file's folder
   std::string name;                 // "name" or the file's stem
   nlohmann::json doc;               // the job after --set overrides (model inlined)

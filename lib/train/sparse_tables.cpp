@@ -23,7 +23,8 @@ std::vector<ps::SparseTableOptions> sparseTableOptions(const Job& job) {
     // One stream per table, fixed by the job's seed (splitmix64's increment keeps neighbouring layers apart).
     t.seed = job.loop.seed + 0x9E3779B97F4A7C15ULL * static_cast<uint64_t>(l.index + 1);
     t.optimizer = ps::sparseOptimizerFor(
-        job.optimizer, false, fmt::format("{}: /optimizer (for the sparse table of {})", job.sourceFile, l.path));
+        job.optimizer, false, fmt::format("{}: /optimizer (for the sparse table of {}{})", job.sourceFile,
+                                                 job.modelSource == job.sourceFile ? "" : job.modelSource + ": ", l.path));
     out.push_back(t);
   }
   return out;

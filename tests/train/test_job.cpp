@@ -178,6 +178,27 @@ TEST_CASE("the model may live in its own file, resolved against the job's folder
   CHECK(job.model.layers.size() == 3);
   auto inline_ = loadJob({writeJob(dir, kJob, "inline.json")});
   CHECK(job.modelHash == inline_.modelHash);
+
+  // A bad value inside is named in the model file, at its own pointer (was: the job file's /model/layers/0/out).
+  json bad = json::parse(kJob)["model"];
+  bad["layers"][0]["out"] = -3;
+  testing::writeFile(dir + "/models/bad.json", bad.dump());
+  doc["model"] = "models/bad.json";
+  const auto jobPath = writeJob(dir, doc.dump(), "bad_job.json");
+  auto msg = configErrorOf({jobPath});
+  CHECK_MESSAGE(msg.rfind(dir + "/models/bad.json (the model file of " + jobPath + "): /layers/0/out: ", 0) == 0, msg);
+  // A job file given as the model file: its "model" object's pointer.
+  testing::writeFile(dir + "/models/job_as_model.json", json({{"name", "x"}, {"model", bad}}).dump());
+  doc["model"] = "models/job_as_model.json";
+  msg = configErrorOf({writeJob(dir, doc.dump(), "bad_job2.json")});
+  CHECK_MESSAGE(msg.find("/models/job_as_model.json (the model file of ") != std::string::npos, msg);
+  CHECK_MESSAGE(msg.find("): /model/layers/0/out: ") != std::string::npos, msg);
+  // A model file that holds no object.
+  testing::writeFile(dir + "/models/list.json", "[1, 2]");
+  doc["model"] = "models/list.json";
+  msg = configErrorOf({writeJob(dir, doc.dump(), "bad_job3.json")});
+  CHECK_MESSAGE(msg.find("/models/list.json (the model file of ") != std::string::npos, msg);
+  CHECK_MESSAGE(msg.find("): /: expected a model object, got [1,2]") != std::string::npos, msg);
 }
 
 // Issue 10 §5: numbers that lie. Each used to be truncated, hang, read without limit or end in an internal error.

@@ -49,6 +49,22 @@ void checkMseTargets(const Shape& outputShape, const Shape& perSample, DType dty
   }
 }
 
+void checkBceOutput(const Shape& outputShape) {
+  if (outputShape.numel() != 1)
+    throw ConfigError(fmt::format("bce_with_logits expects one logit per sample (model output [N, 1]) but the model "
+                                  "gives {}",
+                                  outputShape.batchStr()));
+}
+
+void checkBceTargets(const Shape& perSample, DType dtype) {
+  const bool ok = (dtype == DType::kInt32 || dtype == DType::kInt64 || dtype == DType::kFloat32) &&
+                  perSample.numel() == 1 && perSample.rank() <= 1;
+  if (!ok)
+    throw ConfigError(fmt::format("bce_with_logits needs one 0/1 label (or float target) per sample, but the labels "
+                                  "are {} {}",
+                                  dtypeName(dtype), perSample.batchStr()));
+}
+
 }  // namespace detail
 
 namespace {
@@ -229,20 +245,10 @@ class Mse final : public Loss {
 class BceWithLogits final : public Loss {
  public:
   BceWithLogits(const Shape& outputShape, int maxBatch) : Loss(LossType::kBceWithLogits, outputShape, maxBatch) {
-    if (outputShape.numel() != 1)
-      throw ConfigError(fmt::format("bce_with_logits expects one logit per sample (model output [N, 1]) but the model "
-                                    "gives {}",
-                                    outputShape.batchStr()));
+    detail::checkBceOutput(outputShape);
   }
 
-  void checkTargets(const Shape& perSample, DType dtype) const override {
-    const bool ok = (dtype == DType::kInt32 || dtype == DType::kInt64 || dtype == DType::kFloat32) &&
-                    perSample.numel() == 1 && perSample.rank() <= 1;
-    if (!ok)
-      throw ConfigError(fmt::format("bce_with_logits needs one 0/1 label (or float target) per sample, but the labels "
-                                    "are {} {}",
-                                    dtypeName(dtype), perSample.batchStr()));
-  }
+  void checkTargets(const Shape& perSample, DType dtype) const override { detail::checkBceTargets(perSample, dtype); }
 
   float forward(const TensorView& output, const TensorView& targets) override {
     checkOutput(output, outputShape_, maxBatch_);

@@ -12,5 +12,9 @@ void checkCrossEntropyOutput(const Shape& outputShape);
 void checkCrossEntropyTargets(const Shape& outputShape, const Shape& perSample, DType dtype);
 // float32 targets with as many values per sample as the output.
 void checkMseTargets(const Shape& outputShape, const Shape& perSample, DType dtype);
+// bce_with_logits needs one logit per sample ([N, 1] output).
+void checkBceOutput(const Shape& outputShape);
+// One 0/1 label (int32/int64) or float32 target per sample.
+void checkBceTargets(const Shape& perSample, DType dtype);
 
 }  // namespace dtrain::nn::detail

@@ -30,24 +30,28 @@ struct KillRun {
   }
 };
 
-}  // namespace
-
-TEST_CASE("a rank frozen mid-step is named by dtrain debug dump and by the agent when the collective times out") {
-  std::string dir = tempDir("flight");
-  std::string id = uniqueRunId("flight");
-  KillRun cleanup{id};
+// dir/job.json: a tiny regression that trains until it is stopped, its output in dir/out.
+void writeEndlessJob(const std::string& dir, const std::string& name, const std::string& extra = "") {
   writeFile(dir + "/job.json", R"({
-    "name": "frozen",
+    "name": ")" + name + R"(",
     "output_dir": ")" + dir + R"(/out",
     "model": {"input": [10], "layers": [{"type": "linear", "out": 1}]},
     "loss": {"type": "mse"},
     "data": {"train": {"format": "synthetic", "task": "regression", "samples": 1024, "features": 10, "outputs": 1,
                        "seed": 7}, "batch_size": 32},
     "optimizer": {"type": "sgd", "lr": 0.01},
-    "train": {"epochs": 100000, "seed": 0},
-    "parallel": {"timeout": "15s"},
+    "train": {"epochs": 100000, "seed": 0},)" + extra + R"(
     "checkpoint": false
   })");
+}
+
+}  // namespace
+
+TEST_CASE("a rank frozen mid-step is named by dtrain debug dump and by the agent when the collective times out") {
+  std::string dir = tempDir("flight");
+  std::string id = uniqueRunId("flight");
+  KillRun cleanup{id};
+  writeEndlessJob(dir, "frozen", R"("parallel": {"timeout": "15s"},)");
   const int storePort = freePort();
   const std::string endpoint = fmt::format("127.0.0.1:{}", storePort);
   Background agent(runArgs({"--rdzv-endpoint", endpoint, "--rdzv-id", id, "-n", "2", "--metrics-port", "0",
@@ -112,17 +116,7 @@ TEST_CASE("a rank frozen mid-step is named by dtrain debug dump and by the agent
 TEST_CASE("--standalone names its store and writes its random token to a file that dtrain top reads") {
   // --standalone draws the store's port and token at random: without them `dtrain top` could not reach the job.
   std::string dir = tempDir("standalone");
-  writeFile(dir + "/job.json", R"({
-    "name": "standalone",
-    "output_dir": ")" + dir + R"(/out",
-    "model": {"input": [10], "layers": [{"type": "linear", "out": 1}]},
-    "loss": {"type": "mse"},
-    "data": {"train": {"format": "synthetic", "task": "regression", "samples": 1024, "features": 10, "outputs": 1,
-                       "seed": 7}, "batch_size": 32},
-    "optimizer": {"type": "sgd", "lr": 0.01},
-    "train": {"epochs": 100000, "seed": 0},
-    "checkpoint": false
-  })");
+  writeEndlessJob(dir, "standalone");
   Background agent(runArgs({"--standalone", "-n", "1", "--metrics-port", "0", "--shutdown-timeout", "2s",
                             dir + "/job.json"}),
                    {.env = {{"XDG_RUNTIME_DIR", dir}}});

@@ -188,20 +188,10 @@ class BceWithLogits final : public Loss {
   BceWithLogits(const Shape& outputShape, int maxBatch, Device device)
       : Loss(LossType::kBceWithLogits, outputShape, maxBatch, device), diffDev_(static_cast<size_t>(maxBatch), device),
         gradDev_(diffDev_.size(), device), scratch_(diffDev_.size(), device), hist_(2 * kAucBins, device) {
-    if (outputShape.numel() != 1)
-      throw ConfigError(fmt::format("bce_with_logits expects one logit per sample (model output [N, 1]) but the model "
-                                    "gives {}",
-                                    outputShape.batchStr()));
+    detail::checkBceOutput(outputShape);
   }
 
-  void checkTargets(const Shape& perSample, DType dtype) const override {
-    const bool ok = (dtype == DType::kInt32 || dtype == DType::kInt64 || dtype == DType::kFloat32) &&
-                    perSample.numel() == 1 && perSample.rank() <= 1;
-    if (!ok)
-      throw ConfigError(fmt::format("bce_with_logits needs one 0/1 label (or float target) per sample, but the labels "
-                                    "are {} {}",
-                                    dtypeName(dtype), perSample.batchStr()));
-  }
+  void checkTargets(const Shape& perSample, DType dtype) const override { detail::checkBceTargets(perSample, dtype); }
 
   float forward(const TensorView& output, const TensorView& targets) override {
     const size_t n = run(output, targets, diffDev_.data(), nullptr);

@@ -166,6 +166,21 @@ TEST_CASE("etcd with authentication: the user and password are served; a wrong p
   CHECK(s->wait({"later"}, 30s));  // a watch carries the token too
   writer.join();
 
+  // A token etcd stops accepting is replaced, not fatal: disabling and enabling authentication drops every simple
+  // token etcd issued (as a restart or the token TTL does), and the store's next calls authenticate again.
+  for (const char* step : {"disable", "enable"}) {
+    std::vector<std::string> cmd{ep, "auth", step};
+    if (std::string(step) == "disable") cmd.insert(cmd.begin() + 1, {"--user", "root:s3cret"});
+    auto r = run(etcd.etcdctl(cmd), RunOptions{30s});
+    REQUIRE_MESSAGE(r.exitCode == 0, std::string(r.out + r.err));
+  }
+  s->set("after_reauth", "v2");
+  CHECK(s->get("after_reauth", 10s) == "v2");
+  CHECK(s->get("k", 10s) == "v");
+  std::thread writer2([&] { rendezvous::EtcdStore::connect(o)->set("later2", "1"); });
+  CHECK(s->wait({"later2"}, 30s));
+  writer2.join();
+
   auto wrong = o;
   wrong.password = "guess";
   CHECK_THROWS_WITH_AS(rendezvous::EtcdStore::connect(wrong), doctest::Contains("wrong user name or password"),

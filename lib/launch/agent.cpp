@@ -199,7 +199,13 @@ void Agent::setUpStore() {
                   ExitCode::kAddressInUse);
     }
     hp.port = host_->server->port();
-    if (options_.standalone) {
+    // dtrain top and debug dump find the agents through the endpoint --metrics-port (or --dashboard) publishes:
+    // without one there is no command to give, and the token file would be a secret on disk for nothing.
+    const bool monitored = options_.metricsPort >= 0 || options_.dashboardPort >= 0;
+    if (options_.standalone && !monitored) {
+      log::info("standalone store on {}, run id {}; start the run with --metrics-port 0 to watch it with dtrain top",
+                hp.str(), runId_);
+    } else if (options_.standalone) {
       const std::string how =
           randomToken ? ((host_->tokenFile = writeTokenFile(runId_, options_.rdzvToken)).empty()
                              ? std::string()

@@ -159,3 +159,22 @@ TEST_CASE("--standalone names its store and writes its random token to a file th
   CHECK(::stat(tokenFile.c_str(), &st) != 0);
   CHECK(processesWithRunId(id).empty());
 }
+
+TEST_CASE("--standalone without --metrics-port gives no dtrain top command that cannot work, and writes no token file") {
+  // dtrain top and debug dump find the agents through the endpoint --metrics-port publishes: without it the
+  // command the line used to give failed ("no agent published a monitoring endpoint"), and the token file it
+  // pointed to was a secret on disk for nothing.
+  std::string dir = tempDir("standalone-nometrics");
+  auto r = run(runArgs({"--standalone", "-n", "1", "--", "true"}), {.timeout = 60s, .env = {{"XDG_RUNTIME_DIR", dir}}});
+  CHECK_FALSE(r.timedOut);
+  CHECK(r.exitCode == 0);
+  std::smatch m;
+  REQUIRE_MESSAGE(std::regex_search(r.err, m, std::regex(R"(standalone store on 127\.0\.0\.1:\d+, run id ([0-9a-f]+))")),
+                  r.err);
+  const std::string id = m[1];
+  CHECK_MESSAGE(r.err.find("watch the job with: dtrain top") == std::string::npos, r.err);
+  CHECK_MESSAGE(r.err.find("start the run with --metrics-port 0 to watch it with dtrain top") != std::string::npos,
+                r.err);
+  struct stat st {};
+  CHECK(::stat(fmt::format("{}/dtrain-{}.token", dir, id).c_str(), &st) != 0);
+}

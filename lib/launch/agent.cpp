@@ -57,16 +57,23 @@ std::string randomRunId() {
 
 // --standalone draws its store's port and token at random, and `dtrain top` / `debug dump` need both: the token
 // goes into a file only this user can read ($XDG_RUNTIME_DIR, else /tmp; never printed), and the log says how to
-// reach the job. Returns the file's path, or "" (with a warning) when it cannot be written.
-std::string writeTokenFile(const std::string& runId, const std::string& token) {
+// reach the job. Returns the file's path, or "" (with a warning) when it cannot be written. The file is created,
+// never reused: another standalone run given the same --rdzv-id (or one killed with SIGKILL) may own
+// dtrain-RUN_ID.token, and rewriting it broke that run's dtrain top while this run's exit removed its file; then
+// the name also carries this store's port, which no live store shares.
+std::string writeTokenFile(const std::string& runId, int port, const std::string& token) {
   const char* runtime = std::getenv("XDG_RUNTIME_DIR");
   struct stat st {};
   const std::string dir = runtime != nullptr && *runtime != '\0' && ::stat(runtime, &st) == 0 && S_ISDIR(st.st_mode)
                               ? runtime
                               : "/tmp";
-  const std::string path = fmt::format("{}/dtrain-{}.token", dir, runId);
-  // (A file left by an earlier run with the same --rdzv-id that was killed is rewritten.)
-  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
+  std::string path = fmt::format("{}/dtrain-{}.token", dir, runId);
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+  if (fd < 0 && errno == EEXIST) {
+    path = fmt::format("{}/dtrain-{}-{}.token", dir, runId, port);
+    // (Left only by a run on this port killed with SIGKILL: rewritten.)
+    fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
+  }
   if (fd < 0 || ::fchmod(fd, 0600) != 0) {
     if (fd >= 0) ::close(fd);
     log::warn("cannot write the standalone store's token to {}: {} (dtrain top cannot reach this job)", path,
@@ -207,7 +214,7 @@ void Agent::setUpStore() {
                 hp.str(), runId_);
     } else if (options_.standalone) {
       const std::string how =
-          randomToken ? ((host_->tokenFile = writeTokenFile(runId_, options_.rdzvToken)).empty()
+          randomToken ? ((host_->tokenFile = writeTokenFile(runId_, hp.port, options_.rdzvToken)).empty()
                              ? std::string()
                              : " --rdzv-token-file " + host_->tokenFile)
                       : " --rdzv-token ...";

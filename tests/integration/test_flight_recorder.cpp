@@ -178,3 +178,39 @@ TEST_CASE("--standalone without --metrics-port gives no dtrain top command that 
   struct stat st {};
   CHECK(::stat(fmt::format("{}/dtrain-{}.token", dir, id).c_str(), &st) != 0);
 }
+
+TEST_CASE("two --standalone runs given the same --rdzv-id keep their own token files") {
+  // The file is named after the run id: the second run used to overwrite the first's token (whose dtrain top
+  // command was then refused) and the first, when it ended, removed the second's file.
+  std::string dir = tempDir("standalone-twice");
+  const std::string id = uniqueRunId("twice");
+  KillRun cleanup{id};
+  auto start = [&] {
+    return std::make_unique<Background>(runArgs({"--standalone", "-n", "1", "--metrics-port", "0", "--rdzv-id", id,
+                                                 "--shutdown-timeout", "2s", "--", "sleep", "300"}),
+                                        RunOptions{.env = {{"XDG_RUNTIME_DIR", dir}}});
+  };
+  auto tokenFileOf = [](Background& agent) {
+    const std::string line = agent.waitForLine("standalone store on", 60s, /*fromStderr=*/true);
+    std::smatch m;
+    REQUIRE_MESSAGE(std::regex_search(line, m, std::regex(R"(--rdzv-token-file (\S+))")), line);
+    return std::string(m[1]);
+  };
+  auto first = start();
+  const std::string firstFile = tokenFileOf(*first);
+  auto second = start();
+  const std::string secondFile = tokenFileOf(*second);
+  CHECK(firstFile != secondFile);
+  CHECK(readFile(firstFile) != readFile(secondFile));
+  const std::string secondToken = readFile(secondFile);
+
+  first->signal(SIGTERM);
+  CHECK_FALSE(first->wait(60s).timedOut);
+  struct stat st {};
+  CHECK(::stat(firstFile.c_str(), &st) != 0);
+  REQUIRE(::stat(secondFile.c_str(), &st) == 0);
+  CHECK(readFile(secondFile) == secondToken);
+  second->signal(SIGTERM);
+  CHECK_FALSE(second->wait(60s).timedOut);
+  CHECK(::stat(secondFile.c_str(), &st) != 0);
+}

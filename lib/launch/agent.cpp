@@ -11,6 +11,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <random>
+#include <vector>
+
+#include <fmt/ranges.h>
 
 #include "lib/common/error.h"
 #include "lib/common/log.h"
@@ -61,12 +64,8 @@ std::string randomRunId() {
 // never reused: another standalone run given the same --rdzv-id (or one killed with SIGKILL) may own
 // dtrain-RUN_ID.token, and rewriting it broke that run's dtrain top while this run's exit removed its file; then
 // the name also carries this store's port, which no live store shares.
-std::string writeTokenFile(const std::string& runId, int port, const std::string& token) {
-  const char* runtime = std::getenv("XDG_RUNTIME_DIR");
-  struct stat st {};
-  const std::string dir = runtime != nullptr && *runtime != '\0' && ::stat(runtime, &st) == 0 && S_ISDIR(st.st_mode)
-                              ? runtime
-                              : "/tmp";
+std::string writeTokenFileIn(const std::string& dir, const std::string& runId, int port, const std::string& token,
+                             std::string& error) {
   std::string path = fmt::format("{}/dtrain-{}.token", dir, runId);
   int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
   if (fd < 0 && errno == EEXIST) {
@@ -74,19 +73,33 @@ std::string writeTokenFile(const std::string& runId, int port, const std::string
     // (Left only by a run on this port killed with SIGKILL: rewritten.)
     fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
   }
-  if (fd < 0 || ::fchmod(fd, 0600) != 0) {
-    if (fd >= 0) ::close(fd);
-    log::warn("cannot write the standalone store's token to {}: {} (dtrain top cannot reach this job)", path,
-              std::strerror(errno));
-    return "";
+  bool ok = fd >= 0 && ::fchmod(fd, 0600) == 0 &&
+            ::write(fd, token.data(), token.size()) == static_cast<ssize_t>(token.size());
+  if (!ok) error = fmt::format("{}: {}", path, std::strerror(errno));
+  if (fd >= 0) {
+    ::close(fd);
+    if (!ok) ::unlink(path.c_str());
   }
-  const bool ok = ::write(fd, token.data(), token.size()) == static_cast<ssize_t>(token.size());
-  ::close(fd);
-  if (!ok) {
-    ::unlink(path.c_str());
-    return "";
+  return ok ? path : "";
+}
+
+// $XDG_RUNTIME_DIR when it is a folder, else (or when nothing can be created there) /tmp.
+std::string writeTokenFile(const std::string& runId, int port, const std::string& token) {
+  std::vector<std::string> dirs;
+  const char* runtime = std::getenv("XDG_RUNTIME_DIR");
+  struct stat st {};
+  if (runtime != nullptr && *runtime != '\0' && ::stat(runtime, &st) == 0 && S_ISDIR(st.st_mode))
+    dirs.emplace_back(runtime);
+  dirs.emplace_back("/tmp");
+  std::vector<std::string> errors;
+  for (const auto& dir : dirs) {
+    std::string error;
+    if (std::string path = writeTokenFileIn(dir, runId, port, token, error); !path.empty()) return path;
+    errors.push_back(std::move(error));
   }
-  return path;
+  log::warn("cannot write the standalone store's token ({}): dtrain top cannot reach this job",
+            fmt::join(errors, "; "));
+  return "";
 }
 
 // A stop signal outside a round (while the store is set up, during the rendezvous, between rounds) keeps its
@@ -215,7 +228,7 @@ void Agent::setUpStore() {
     } else if (options_.standalone) {
       const std::string how =
           randomToken ? ((host_->tokenFile = writeTokenFile(runId_, hp.port, options_.rdzvToken)).empty()
-                             ? std::string()
+                             ? std::string(" (with the token, which could not be written)")
                              : " --rdzv-token-file " + host_->tokenFile)
                       : " --rdzv-token ...";
       if (host_->tokenFile.size() < sizeof(gTokenFileToRemove))

@@ -214,3 +214,18 @@ TEST_CASE("two --standalone runs given the same --rdzv-id keep their own token f
   CHECK_FALSE(second->wait(60s).timedOut);
   CHECK(::stat(secondFile.c_str(), &st) != 0);
 }
+
+TEST_CASE("--standalone falls back to /tmp for its token file when $XDG_RUNTIME_DIR cannot take it") {
+  // A folder that exists but where nothing can be created (/proc, also for root): the token went nowhere and the
+  // logged dtrain top command lacked it, so the store refused it.
+  auto r = run(runArgs({"--standalone", "-n", "1", "--metrics-port", "0", "--", "true"}),
+               {.timeout = 60s, .env = {{"XDG_RUNTIME_DIR", "/proc"}}});
+  CHECK_FALSE(r.timedOut);
+  CHECK(r.exitCode == 0);
+  std::smatch m;
+  REQUIRE_MESSAGE(std::regex_search(r.err, m, std::regex(R"(run id ([0-9a-f]+); watch the job with: dtrain top \1 )"
+                                                         R"(--rdzv-endpoint \S+ --rdzv-token-file (\S+))")),
+                  r.err);
+  CHECK(m[2] == fmt::format("/tmp/dtrain-{}.token", std::string(m[1])));
+  CHECK_MESSAGE(r.err.find("cannot write") == std::string::npos, r.err);
+}

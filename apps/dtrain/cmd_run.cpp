@@ -50,6 +50,7 @@ int runCommand(RunArgs& a, bool programAfterDashes) {
   }
   o.rdzvTimeout = parse::durationFlag("--rdzv-timeout", a.rdzvTimeout);
   o.rdzvToken = resolveRdzvToken(a.rdzvToken, a.rdzvTokenFile);
+  if (!a.rdzvTokenFile.empty()) o.rdzvTokenFile = std::filesystem::absolute(a.rdzvTokenFile).lexically_normal().string();
   o.lastCall = parse::durationFlag("--rdzv-last-call", a.lastCall);
   o.shutdownTimeout = parse::durationFlag("--shutdown-timeout", a.shutdownTimeout);
   o.heartbeatInterval = parse::durationFlag("--heartbeat-interval", a.heartbeatInterval);

@@ -230,7 +230,8 @@ void Agent::setUpStore() {
           randomToken ? ((host_->tokenFile = writeTokenFile(runId_, hp.port, options_.rdzvToken)).empty()
                              ? std::string(" (with the token, which could not be written)")
                              : " --rdzv-token-file " + host_->tokenFile)
-                      : " --rdzv-token ...";
+                      : !options_.rdzvTokenFile.empty() ? " --rdzv-token-file " + options_.rdzvTokenFile
+                                                        : std::string(" --rdzv-token ...");
       if (host_->tokenFile.size() < sizeof(gTokenFileToRemove))
         std::memcpy(gTokenFileToRemove, host_->tokenFile.c_str(), host_->tokenFile.size() + 1);
       log::info("standalone store on {}, run id {}; watch the job with: dtrain top {} --rdzv-endpoint {}{}", hp.str(),

@@ -38,6 +38,7 @@ struct LaunchOptions {
   bool standalone = false;
   // Shared secret of the store (--rdzv-token, --rdzv-token-file, DTRAIN_RDZV_TOKEN); generated under --standalone.
   std::string rdzvToken;
+  std::string rdzvTokenFile;  // the file rdzvToken was read from, if any (absolute): --standalone's log names it
   std::string rdzvBind;  // --rdzv-bind: address the hosted store listens on; empty: derived (storeBindHost)
   // --rdzv-conf KEY=VALUE,... (torchrun's): with --rdzv-backend etcd, protocol (http|https), cacert, cert, key
   // (PEM files), user, password (or DTRAIN_ETCD_PASSWORD). Checked by validate().

@@ -229,3 +229,16 @@ TEST_CASE("--standalone falls back to /tmp for its token file when $XDG_RUNTIME_
   CHECK(m[2] == fmt::format("/tmp/dtrain-{}.token", std::string(m[1])));
   CHECK_MESSAGE(r.err.find("cannot write") == std::string::npos, r.err);
 }
+
+TEST_CASE("--standalone with a --rdzv-token-file logs a dtrain top command with that file") {
+  // The line said `--rdzv-token ...`, a placeholder a pasted command sent as the token (refused).
+  std::string dir = tempDir("standalone-tokenfile");
+  writeFile(dir + "/token", "s3cret\n");
+  auto r = run(runArgs({"--standalone", "-n", "1", "--metrics-port", "0", "--rdzv-token-file", dir + "/token", "--",
+                        "true"}),
+               {.timeout = 60s});
+  CHECK_FALSE(r.timedOut);
+  CHECK(r.exitCode == 0);
+  CHECK_MESSAGE(r.err.find(" --rdzv-token-file " + dir + "/token") != std::string::npos, r.err);
+  CHECK_MESSAGE(r.err.find("--rdzv-token ...") == std::string::npos, r.err);
+}

@@ -54,7 +54,12 @@ ResolvedModel resolveModel(json& doc, const std::string& source, const fs::path&
   if (model.is_string()) {
     fs::path file = baseDir / model.get<std::string>();
     DTRAIN_CHECK_AS(ConfigError, fs::exists(file), "{}: /model: model file {} does not exist", source, file.string());
-    json loaded = readJsonFile(file, "model file");
+    json loaded;
+    try {
+      loaded = readJsonFile(file, "model file");
+    } catch (const ConfigError& e) {
+      throw ConfigError(fmt::format("{}: /model: {}", source, e.what()));  // which job and field named the file
+    }
     // A bad value inside is reported in that file, at its own pointer (was: the job file's /model).
     out.source = fmt::format("{} (the model file of {})", file.string(), source);
     out.pointer = "";

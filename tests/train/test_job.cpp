@@ -199,6 +199,18 @@ TEST_CASE("the model may live in its own file, resolved against the job's folder
   msg = configErrorOf({writeJob(dir, doc.dump(), "bad_job3.json")});
   CHECK_MESSAGE(msg.find("/models/list.json (the model file of ") != std::string::npos, msg);
   CHECK_MESSAGE(msg.find("): /: expected a model object, got [1,2]") != std::string::npos, msg);
+  // A model file that cannot be read as JSON (a folder, a syntax error): the job file and its /model are named
+  // too (the message named only the model file's path).
+  std::filesystem::create_directories(dir + "/models/folder.json");
+  testing::writeFile(dir + "/models/broken.json", R"({"input": [4], "layers": [)");
+  for (std::string file : {"models/folder.json", "models/broken.json"}) {
+    CAPTURE(file);
+    doc["model"] = file;
+    const auto path = writeJob(dir, doc.dump(), "bad_job4.json");
+    msg = configErrorOf({path});
+    CHECK_MESSAGE(msg.rfind(path + ": /model: ", 0) == 0, msg);
+    CHECK_MESSAGE(msg.find(file) != std::string::npos, msg);
+  }
 }
 
 // Issue 10 §5: numbers that lie. Each used to be truncated, hang, read without limit or end in an internal error.
@@ -228,7 +240,8 @@ TEST_CASE("a number that overflows a double is a config error naming the file") 
   auto start = withFile.find("\"model\":");
   withFile.replace(start, withFile.find("\"loss\"") - start, "\"model\": \"model.json\",\n  ");
   auto path2 = writeJob(dir, withFile, "job2.json");
-  CHECK(configErrorOf({path2}) == dir + "/model.json: not valid JSON: number overflow parsing '-1e400'");
+  CHECK(configErrorOf({path2}) ==
+        path2 + ": /model: " + dir + "/model.json: not valid JSON: number overflow parsing '-1e400'");
   // --set takes a value that is not valid JSON as a string, which the field then refuses.
   auto clean = writeJob(dir, kJob, "clean.json");
   CHECK(configErrorOf({clean, {"optimizer.lr=1e999"}}) ==
@@ -245,7 +258,8 @@ TEST_CASE("job files must be regular files of a config file's size, checked befo
   auto start = withFifo.find("\"model\":");
   withFifo.replace(start, withFifo.find("\"loss\"") - start, "\"model\": \"fifo.json\",\n  ");
   auto path = writeJob(dir, withFifo);
-  CHECK(configErrorOf({path}) == dir + "/fifo.json: model file is not a regular file (a fifo)");
+  CHECK(configErrorOf({path}) ==
+        path + ": /model: " + dir + "/fifo.json: model file is not a regular file (a fifo)");
   // Bigger than 64 MiB: refused from its size, before reading it.
   {
     std::ofstream big(dir + "/big.json");

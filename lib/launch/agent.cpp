@@ -422,6 +422,7 @@ int Agent::run() {
       RoundRunner runner(io, ctx);
       event = runner.run();
       interrupted = runner.interruptedBy();
+      if (!interrupted) interrupted = runner.lateStopSignal();  // came as the round ended: it still stops the job
       lostStore = runner.lostStore();
       workersCompleted = round.numNodes == 1 && runner.workersCompletedDespiteSignal();
     }

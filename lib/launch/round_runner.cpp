@@ -69,7 +69,8 @@ RoundRunner::RoundRunner(asio::io_context& io, RoundContext ctx)
     : io_(io),
       ctx_(std::move(ctx)),
       // Installed before any worker exists, so no SIGCHLD can be lost.
-      signals_(io_, SIGCHLD, SIGINT, SIGTERM),
+      signals_(io_, SIGCHLD),
+      stopSignals_(stopIo_, SIGINT, SIGTERM),
       heartbeatTimer_(io_),
       killTimer_(io_),
       drainTimer_(io_),
@@ -80,6 +81,8 @@ RoundRunner::RoundRunner(asio::io_context& io, RoundContext ctx)
 }
 
 RoundRunner::~RoundRunner() {
+  stopIo_.stop();
+  if (stopThread_.joinable()) stopThread_.join();
   watcherStop_ = true;
   if (watcher_.joinable()) watcher_.join();
   // Defensive: run() reaps everything; this only matters if it threw half-way.
@@ -94,6 +97,8 @@ RoundRunner::~RoundRunner() {
 
 RoundEvent RoundRunner::run() {
   signals_.async_wait([this](const boost::system::error_code& ec, int sig) { onSignal(ec, sig); });
+  armStopSignals();
+  stopThread_ = std::thread([this] { stopIo_.run(); });
   startWatcher();
   startWorkers();
   if (ctx_.round->numNodes > 1) onHeartbeat();
@@ -108,6 +113,7 @@ RoundEvent RoundRunner::run() {
   for (auto& w : workers_) signalGroup(w.pid, SIGKILL);
   // ...and so does every other descendant (setsid grandchildren, orphans re-parented to the agent).
   if (ctx_.processes) ctx_.processes->stopLeftovers(ctx_.options->shutdownTimeout);
+  collectStopSignals();
   return *ended_;
 }
 
@@ -313,9 +319,43 @@ void RoundRunner::apply(const RoundActions& a, std::string_view why, const Worke
   if (enteringDone) finish();
 }
 
+void RoundRunner::armStopSignals() {
+  stopSignals_.async_wait([this](const boost::system::error_code& ec, int sig) {
+    if (ec) return;
+    int none = 0;
+    stopSeen_.compare_exchange_strong(none, sig);
+    asio::post(io_, [this, sig] { handleSignal(sig); });
+    armStopSignals();
+  });
+}
+
+void RoundRunner::collectStopSignals() {
+  stopIo_.stop();
+  if (stopThread_.joinable()) stopThread_.join();
+  // One that came with no wait pending is queued in the set: a fresh wait takes it at once. stopIo_ holds only
+  // these waits, so running it here runs nothing else.
+  stopIo_.restart();
+  stopSignals_.async_wait([this](const boost::system::error_code& ec, int sig) {
+    int none = 0;
+    if (!ec) stopSeen_.compare_exchange_strong(none, sig);
+  });
+  stopIo_.poll();
+  stopSignals_.cancel();
+  stopIo_.poll();
+  // From here to the agent's own handler (agent.cpp), SIGINT/SIGTERM take their default action: they end the
+  // agent, whose workers are gone by now, rather than wait unseen in a set about to be destroyed.
+  boost::system::error_code ignored;
+  stopSignals_.clear(ignored);
+  if (const int sig = stopSeen_.load(); sig != 0 && !state_.interruptedBy) lateStopSignal_ = sig;
+}
+
 void RoundRunner::onSignal(const boost::system::error_code& ec, int sig) {
   if (ec) return;
   signals_.async_wait([this](const boost::system::error_code& e, int s) { onSignal(e, s); });
+  handleSignal(sig);
+}
+
+void RoundRunner::handleSignal(int sig) {
   if (sig == SIGCHLD) {
     reapChildren();
     return;

@@ -87,6 +87,10 @@ class RoundRunner {
   // Set when SIGINT/SIGTERM reached the agent during the round (or SIGUSR1, when a worker stopped after a
   // preemption warning): the agent exits with 128+signal.
   std::optional<int> interruptedBy() const { return state_.interruptedBy; }
+  // After run(): a SIGINT/SIGTERM that reached the agent as the round was ending, too late for the round to act
+  // on it (the round had stopped its event loop). The agent treats it as interruptedBy(), so that a crash-looping
+  // job still stops on it instead of restarting (it used to be dropped with the round).
+  std::optional<int> lateStopSignal() const { return lateStopSignal_; }
   // True when the round ended because this agent lost the rendezvous store (nothing to restart through).
   bool lostStore() const { return lostStore_; }
   // After run(): this node's workers completed their work although a SIGINT/SIGTERM reached the agent. Every one
@@ -112,6 +116,9 @@ class RoundRunner {
   void startWorkers();
   void readPipe(Worker& w, int stream);
   void onSignal(const boost::system::error_code& ec, int sig);
+  void handleSignal(int sig);  // on io_'s thread
+  void armStopSignals();       // on stopThread_'s thread
+  void collectStopSignals();   // after io_.run(): stops stopThread_ and takes what it saw
   void reapChildren();
   void onWorkerExit(Worker& w);
   void onEvent(const rendezvous::RoundEvent& event, bool storeLost = false);
@@ -136,7 +143,16 @@ class RoundRunner {
 
   boost::asio::io_context& io_;
   RoundContext ctx_;
-  boost::asio::signal_set signals_;
+  boost::asio::signal_set signals_;  // SIGCHLD, SIGUSR1, SIGUSR2
+  // SIGINT and SIGTERM on their own io_context and thread: the thread records each one (stopSeen_) before posting
+  // it to io_, and after the round its io_context, which holds nothing else, can be drained safely. A signal then
+  // cannot vanish with a round that ends as it arrives (queued in a set that is destroyed, or posted to a stopped
+  // io_context), which happened in crash loops.
+  boost::asio::io_context stopIo_;
+  boost::asio::signal_set stopSignals_;
+  std::thread stopThread_;
+  std::atomic<int> stopSeen_{0};
+  std::optional<int> lateStopSignal_;
   boost::asio::steady_timer heartbeatTimer_;
   boost::asio::steady_timer killTimer_;
   boost::asio::steady_timer drainTimer_;

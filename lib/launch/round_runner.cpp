@@ -322,11 +322,15 @@ void RoundRunner::apply(const RoundActions& a, std::string_view why, const Worke
 void RoundRunner::armStopSignals() {
   stopSignals_.async_wait([this](const boost::system::error_code& ec, int sig) {
     if (ec) return;
-    int none = 0;
-    stopSeen_.compare_exchange_strong(none, sig);
+    recordStopSignal(sig);
     asio::post(io_, [this, sig] { handleSignal(sig); });
     armStopSignals();
   });
+}
+
+void RoundRunner::recordStopSignal(int sig) {
+  int none = 0;
+  stopSeen_.compare_exchange_strong(none, sig);
 }
 
 void RoundRunner::collectStopSignals() {
@@ -336,8 +340,7 @@ void RoundRunner::collectStopSignals() {
   // these waits, so running it here runs nothing else.
   stopIo_.restart();
   stopSignals_.async_wait([this](const boost::system::error_code& ec, int sig) {
-    int none = 0;
-    if (!ec) stopSeen_.compare_exchange_strong(none, sig);
+    if (!ec) recordStopSignal(sig);
   });
   stopIo_.poll();
   stopSignals_.cancel();

@@ -118,7 +118,8 @@ class RoundRunner {
   void onSignal(const boost::system::error_code& ec, int sig);
   void handleSignal(int sig);  // on io_'s thread
   void armStopSignals();       // on stopThread_'s thread
-  void collectStopSignals();   // after io_.run(): stops stopThread_ and takes what it saw
+  void recordStopSignal(int sig);  // the first SIGINT/SIGTERM into stopSeen_ (any thread)
+  void collectStopSignals();   // at the end of run(): stops stopThread_ and takes what it saw
   void reapChildren();
   void onWorkerExit(Worker& w);
   void onEvent(const rendezvous::RoundEvent& event, bool storeLost = false);

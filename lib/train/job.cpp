@@ -70,9 +70,10 @@ ResolvedModel resolveModel(json& doc, const std::string& source, const fs::path&
     model = loaded;
     DTRAIN_CHECK_AS(ConfigError, model.is_object(), "{}: {}: expected a model object, got {}", out.source,
                     out.pointer.empty() ? "/" : out.pointer, jsonSnippet(model));
+  } else {
+    DTRAIN_CHECK_AS(ConfigError, model.is_object(), "{}: /model: expected an object or a model file path, got {}",
+                    source, jsonSnippet(model));
   }
-  DTRAIN_CHECK_AS(ConfigError, model.is_object(), "{}: /model: expected an object or a model file path, got {}", source,
-                  jsonSnippet(model));
   out.model = model;
   return out;
 }

@@ -114,14 +114,11 @@ extern "C" void stopOutsideRound(int sig) {
   ::raise(sig);
 }
 
-// SIGINT and SIGTERM always (an ignored SIGINT inherited from a script's `dtrain run ... &` would otherwise be
-// honoured during rounds only, by the round's handler, and ignored during the rendezvous); SIGHUP only when it is
-// not ignored (nohup).
-void handleStopSignalsOutsideRounds() {
-  ::signal(SIGINT, stopOutsideRound);
-  ::signal(SIGTERM, stopOutsideRound);
-  struct sigaction hup {};
-  if (::sigaction(SIGHUP, nullptr, &hup) == 0 && hup.sa_handler != SIG_IGN) ::signal(SIGHUP, stopOutsideRound);
+// Every honoured stop signal (honouredStopSignals: SIGINT and SIGTERM always, since an ignored SIGINT inherited
+// from a script's `dtrain run ... &` would otherwise be honoured during rounds only, by the round's handler, and
+// ignored during the rendezvous; SIGHUP and SIGQUIT unless inherited ignored, as under nohup).
+void handleStopSignalsOutsideRounds(const std::vector<int>& stopSignals) {
+  for (int sig : stopSignals) ::signal(sig, stopOutsideRound);
 }
 
 void printBlock(log::Level level, const std::string& text) {
@@ -348,7 +345,8 @@ int Agent::run() {
   // a round it is forwarded to the workers.
   ::signal(SIGUSR1, SIG_IGN);
   ::signal(SIGUSR2, SIG_IGN);
-  handleStopSignalsOutsideRounds();
+  const std::vector<int> stopSignals = honouredStopSignals();  // before any handler of ours
+  handleStopSignalsOutsideRounds(stopSignals);
   // Before the store and any worker: no descendant of a worker outlives this agent (process_tree.h).
   ProcessTree processes(options_.shutdownTimeout, "/proc/self/exe");
   setUpStore();
@@ -403,6 +401,7 @@ int Agent::run() {
     RoundContext ctx{&options_, &rdzv, watchStore_, &round, endpoint_, runId_, ""};
     ctx.processes = &processes;
     ctx.metrics = metrics_.get();
+    ctx.stopSignals = stopSignals;
     if (!timeline_) {
       try {
         if (store_->check({kTimelineOnKey})) timeline_ = std::make_unique<TimelineCollector>("", store_);
@@ -429,7 +428,7 @@ int Agent::run() {
     if (timeline_ && !lostStore) timeline_->afterRound(round.round, round.nodeRank, round.numNodes);
     ::signal(SIGUSR1, SIG_IGN);  // the round's signal_set restored the default action
     ::signal(SIGUSR2, SIG_IGN);
-    handleStopSignalsOutsideRounds();
+    handleStopSignalsOutsideRounds(stopSignals);
     RestartBudget budget{round.restartCount, options_.maxRestarts, round.reformCount, options_.maxReforms,
                          options_.minNodes < options_.maxNodes};
     auto after = decideAfterRound(event, interrupted, budget, lostStore, workersCompleted);

@@ -104,8 +104,11 @@ void onRoundEvent(const RoundState& s, const RoundInput& in, RoundActions& a) {
   a.endsRound = true;
   a.next.phase = RoundPhase::kStopping;
   if (in.eventType != RoundEventType::kDone) {
-    // Ctrl-C/SIGTERM are passed on as they came; everything else (a preemption's end included) stops with SIGTERM.
-    int stop = s.interruptedBy && *s.interruptedBy != SIGUSR1 ? *s.interruptedBy : SIGTERM;
+    // Ctrl-C/SIGTERM are passed on as they came; everything else (SIGHUP, SIGQUIT, a preemption's end) stops
+    // with SIGTERM, the signal every worker is expected to handle (a worker's SIGHUP/SIGQUIT would kill it without
+    // its cleanup, or dump core).
+    const bool asCame = s.interruptedBy && (*s.interruptedBy == SIGINT || *s.interruptedBy == SIGTERM);
+    int stop = asCame ? *s.interruptedBy : SIGTERM;
     // A preemption on another node ended the round: our workers may not have seen Slurm's SIGUSR1 yet, so they
     // get it now (to checkpoint), and SIGKILL after the grace like any stop. If this agent already forwarded
     // one, the workers are stopping: no second signal, only SIGKILL after the grace.

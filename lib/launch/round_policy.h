@@ -39,8 +39,8 @@ bool roundEnded(RoundPhase phase);
 
 struct RoundState {
   RoundPhase phase = RoundPhase::kRunning;
-  // SIGINT/SIGTERM reached the agent (or SIGUSR1, once a worker exited after a preemption warning): the agent
-  // exits with 128+signal whatever the round's outcome.
+  // A stop signal (SIGINT, SIGTERM, SIGHUP, SIGQUIT) reached the agent (or SIGUSR1, once a worker exited after a
+  // preemption warning): the agent exits with 128+signal whatever the round's outcome.
   std::optional<int> interruptedBy;
   // SIGUSR1 was forwarded to the workers: from then on a worker that the signal stops (killed by it, or exit
   // code 128+SIGUSR1) ends the job as a "shutdown" (no restart consumed) instead of counting as a failure.
@@ -122,7 +122,8 @@ struct RoundActions {
 
 // The single source of RoundRunner's behaviour. Rules, in the order they are checked:
 //  signal SIGUSR1/SIGUSR2   forward it to the workers (SIGUSR1 also sets preemptedBy); nothing else changes.
-//  signal SIGINT/SIGTERM    first one: interruptedBy = sig and publish kShutdown; a second one (or one after a
+//  signal SIGINT/SIGTERM    (and SIGHUP/SIGQUIT, torchrun's other stop signals, when the agent honours them)
+//                           first one: interruptedBy = sig and publish kShutdown; a second one (or one after a
 //                           preemption ended the round): SIGKILL every worker, no grace.
 //  worker exit              once the round ended: only the drain bookkeeping. Else after SIGUSR1, when the
 //                           signal stopped the worker (killed by SIGUSR1, or exit code 128+SIGUSR1 = 138 as
@@ -142,7 +143,7 @@ struct RoundActions {
 //                           workers: with SIGKILL after node_lost (they are stuck in collectives with the lost
 //                           node and can commit no checkpoint); with SIGUSR1 after a preemption shutdown from
 //                           another node (so they checkpoint), or no new signal when this agent already
-//                           forwarded SIGUSR1; else with the agent's own SIGINT/SIGTERM, or SIGTERM. Each stop
+//                           forwarded SIGUSR1; else with the agent's own SIGINT/SIGTERM, or SIGTERM (also after SIGHUP/SIGQUIT). Each stop
 //                           but SIGKILL starts the --shutdown-timeout grace. "done" stops nothing.
 //  failure report ready     while kFailurePending: publish kFailure (in the root-cause grace only once it ran out).
 //  output closed            the drain bookkeeping.

@@ -8,6 +8,7 @@
 
 #include <boost/asio/post.hpp>
 
+#include <algorithm>
 #include <filesystem>
 
 #include "lib/common/error.h"
@@ -42,6 +43,15 @@ StoreCalls::~StoreCalls() {
   thread_.join();
 }
 
+std::vector<int> honouredStopSignals() {
+  std::vector<int> sigs{SIGINT, SIGTERM};
+  for (int sig : {SIGHUP, SIGQUIT}) {
+    struct sigaction now {};
+    if (::sigaction(sig, nullptr, &now) == 0 && now.sa_handler != SIG_IGN) sigs.push_back(sig);
+  }
+  return sigs;
+}
+
 void StoreCalls::post(std::function<void()> job) {
   {
     std::lock_guard lock(mu_);
@@ -70,13 +80,15 @@ RoundRunner::RoundRunner(asio::io_context& io, RoundContext ctx)
       ctx_(std::move(ctx)),
       // Installed before any worker exists, so no SIGCHLD can be lost.
       signals_(io_, SIGCHLD),
-      stopSignals_(stopIo_, SIGINT, SIGTERM),
+      stopSignals_(stopIo_),
       heartbeatTimer_(io_),
       killTimer_(io_),
       drainTimer_(io_),
       failTimer_(io_) {
   signals_.add(SIGUSR1);
   signals_.add(SIGUSR2);
+  if (ctx_.stopSignals.empty()) ctx_.stopSignals = {SIGINT, SIGTERM};
+  for (int sig : ctx_.stopSignals) stopSignals_.add(sig);
   state_.multiNode = ctx_.round->numNodes > 1;
 }
 
@@ -345,7 +357,7 @@ void RoundRunner::collectStopSignals() {
   stopIo_.poll();
   stopSignals_.cancel();
   stopIo_.poll();
-  // From here to the agent's own handler (agent.cpp), SIGINT/SIGTERM take their default action: they end the
+  // From here to the agent's own handler (agent.cpp), the stop signals take their default action: they end the
   // agent, whose workers are gone by now, rather than wait unseen in a set about to be destroyed.
   boost::system::error_code ignored;
   stopSignals_.clear(ignored);
@@ -358,12 +370,16 @@ void RoundRunner::onSignal(const boost::system::error_code& ec, int sig) {
   handleSignal(sig);
 }
 
+bool RoundRunner::isStopSignal(int sig) const {
+  return std::find(ctx_.stopSignals.begin(), ctx_.stopSignals.end(), sig) != ctx_.stopSignals.end();
+}
+
 void RoundRunner::handleSignal(int sig) {
   if (sig == SIGCHLD) {
     reapChildren();
     return;
   }
-  if ((sig == SIGINT || sig == SIGTERM) && !state_.interruptedBy) signalAfterWorkersExited_ = localWorkers().allExited;
+  if (isStopSignal(sig) && !state_.interruptedBy) signalAfterWorkersExited_ = localWorkers().allExited;
   auto a = decideRound(state_, RoundInput::signalled(sig, localWorkers()));
   if (a.forwardSignal) log::warn("received SIG{}: forwarding it to the workers", sigabbrev_np(sig));
   if (a.publish == Publish::kShutdown)

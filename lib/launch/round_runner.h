@@ -57,7 +57,15 @@ struct RoundContext {
   ProcessTree* processes = nullptr;  // marks the workers and stops what they leave behind (process_tree.h)
   MetricsHub* metrics = nullptr;     // --metrics-port: the workers' blocks and the agent's counters
   TimelineCollector* timeline = nullptr;  // --timeline (here or on another agent of the run): the workers' files
+  // The signals that stop the job (honouredStopSignals(): SIGINT, SIGTERM, and SIGHUP/SIGQUIT unless the agent
+  // inherited them ignored); empty means SIGINT and SIGTERM.
+  std::vector<int> stopSignals;
 };
+
+// The stop signals an agent honours, as torchrun's agent does (SIGINT, SIGTERM, SIGHUP, SIGQUIT), except that
+// SIGHUP and SIGQUIT keep an ignore the agent inherited (`nohup dtrain run ...`). Reads the signal dispositions:
+// call it once, before installing any handler.
+std::vector<int> honouredStopSignals();
 
 // Runs store calls in order on a thread of its own. post() never blocks; the destructor finishes the job in
 // progress (bounded by the store client's deadline) and drops the ones not started.
@@ -84,16 +92,16 @@ class RoundRunner {
   ~RoundRunner();
 
   rendezvous::RoundEvent run();
-  // Set when SIGINT/SIGTERM reached the agent during the round (or SIGUSR1, when a worker stopped after a
+  // Set when a stop signal (RoundContext::stopSignals) reached the agent during the round (or SIGUSR1, when a worker stopped after a
   // preemption warning): the agent exits with 128+signal.
   std::optional<int> interruptedBy() const { return state_.interruptedBy; }
-  // After run(): a SIGINT/SIGTERM that reached the agent as the round was ending, too late for the round to act
+  // After run(): a stop signal that reached the agent as the round was ending, too late for the round to act
   // on it (the round had stopped its event loop). The agent treats it as interruptedBy(), so that a crash-looping
   // job still stops on it instead of restarting (it used to be dropped with the round).
   std::optional<int> lateStopSignal() const { return lateStopSignal_; }
   // True when the round ended because this agent lost the rendezvous store (nothing to restart through).
   bool lostStore() const { return lostStore_; }
-  // After run(): this node's workers completed their work although a SIGINT/SIGTERM reached the agent. Every one
+  // After run(): this node's workers completed their work although a stop signal reached the agent. Every one
   // exited 0, and either all had exited before the signal came (torchrun's rule: a SUCCEEDED group it has seen
   // stays succeeded) or they are dtrain's own trainer, whose exit 0 means its training completed
   // (LaunchOptions::trainerWorkers; a worker of another program that exits 0 on the forwarded signal was stopped).
@@ -118,7 +126,8 @@ class RoundRunner {
   void onSignal(const boost::system::error_code& ec, int sig);
   void handleSignal(int sig);  // on io_'s thread
   void armStopSignals();       // on stopThread_'s thread
-  void recordStopSignal(int sig);  // the first SIGINT/SIGTERM into stopSeen_ (any thread)
+  bool isStopSignal(int sig) const;
+  void recordStopSignal(int sig);  // the first stop signal into stopSeen_ (any thread)
   void collectStopSignals();   // at the end of run(): stops stopThread_ and takes what it saw
   void reapChildren();
   void onWorkerExit(Worker& w);
@@ -145,7 +154,7 @@ class RoundRunner {
   boost::asio::io_context& io_;
   RoundContext ctx_;
   boost::asio::signal_set signals_;  // SIGCHLD, SIGUSR1, SIGUSR2
-  // SIGINT and SIGTERM on their own io_context and thread: the thread records each one (stopSeen_) before posting
+  // The stop signals (SIGINT, SIGTERM, and SIGHUP/SIGQUIT when honoured) on their own io_context and thread: the thread records each one (stopSeen_) before posting
   // it to io_, and after the round its io_context, which holds nothing else, can be drained safely. A signal then
   // cannot vanish with a round that ends as it arrives (queued in a set that is destroyed, or posted to a stopped
   // io_context), which happened in crash loops.
@@ -165,7 +174,7 @@ class RoundRunner {
   std::thread watcher_;
   std::atomic<bool> watcherStop_{false};
   bool lostStore_ = false;
-  // The first SIGINT/SIGTERM found every local worker already exited (workersCompletedDespiteSignal).
+  // The first stop signal found every local worker already exited (workersCompletedDespiteSignal).
   bool signalAfterWorkersExited_ = false;
   // Declared last: destroyed (joined) first, while everything its jobs touch is still alive.
   StoreCalls storeCalls_;

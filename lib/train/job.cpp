@@ -389,6 +389,38 @@ void checkGpusForWorkers(const Job& job, int localWorkers, int visibleGpus) {
                                                                  : "CUDA_VISIBLE_DEVICES is not set"));
 }
 
+namespace {
+
+// The JSON pointer of an error message "FILE: /a/b: ..." about the job file `src` ("" when it names none).
+std::string pointerOfMessage(const std::string& message, const std::string& src) {
+  const std::string prefix = src + ": /";
+  if (message.compare(0, prefix.size(), prefix) != 0) return "";
+  const size_t start = src.size() + 2;
+  const size_t end = message.find(": ", start);
+  return end == std::string::npos ? "" : message.substr(start, end - start);
+}
+
+// The --set assignments that wrote at or inside the JSON pointer `pointer`, or into an object above it (the
+// value of `--set optimizer={...}`): "the value given by --set optimizer.lr=-1".
+std::string setsBehind(const std::string& pointer, const std::vector<std::string>& sets) {
+  auto within = [](const std::string& inner, const std::string& outer) {
+    return inner == outer || (inner.size() > outer.size() && inner.compare(0, outer.size(), outer) == 0 &&
+                              inner[outer.size()] == '/');
+  };
+  std::vector<std::string> hits;
+  for (const auto& s : sets) {
+    const size_t eq = s.find('=');
+    std::string setPointer = "/" + s.substr(0, eq);
+    std::replace(setPointer.begin(), setPointer.end(), '.', '/');
+    if (within(setPointer, pointer) || within(pointer, setPointer)) hits.push_back("--set " + s);
+  }
+  return fmt::format("{}", fmt::join(hits, ", "));
+}
+
+void parseJobDocument(Job& job, const JobArgs& args, const fs::path& file);
+
+}  // namespace
+
 Job loadJob(const JobArgs& args) {
   Job job;
   job.sourceFile = args.path;
@@ -401,6 +433,23 @@ Job loadJob(const JobArgs& args) {
   // A field set to null counts as not given (docs/job-file.md), top-level sections included: `--set parallel=null`
   // drops the section, so its defaults apply (and a required one is reported missing).
   for (auto it = job.doc.begin(); it != job.doc.end();) it = it->is_null() ? job.doc.erase(it) : std::next(it);
+  try {
+    parseJobDocument(job, args, file);
+  } catch (const ConfigError& e) {
+    // A value the command line put there is reported as the user typed it, not only as a field of the file.
+    const std::string pointer = pointerOfMessage(e.what(), job.sourceFile);
+    const std::string sets = pointer.empty() ? "" : setsBehind(pointer, args.sets);
+    if (sets.empty()) throw;
+    ConfigError named(fmt::format("{} (from {})", e.what(), sets), e.code());
+    named.setWhere(e.where());
+    throw named;
+  }
+  return job;
+}
+
+namespace {
+
+void parseJobDocument(Job& job, const JobArgs& args, const fs::path& file) {
   const std::string& src = job.sourceFile;
 
   JsonFields top(job.doc, src, "", "the job");
@@ -484,7 +533,8 @@ Job loadJob(const JobArgs& args) {
     logging.allowOnly({"tensorboard"});
     job.logging.tensorboard = logging.boolean("tensorboard", false);
   }
-  return job;
 }
+
+}  // namespace
 
 }  // namespace dtrain::train

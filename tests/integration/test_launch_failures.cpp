@@ -82,6 +82,36 @@ TEST_CASE("SIGTERM to the agent is forwarded to the workers and the agent exits 
   CHECK(r.out.find("got-term-1") != std::string::npos);
 }
 
+TEST_CASE("SIGHUP and SIGQUIT stop the job like SIGTERM (workers get SIGTERM); nohup's ignored SIGHUP stays ignored") {
+  // torchrun's agent stops its workers on SIGHUP and SIGQUIT too; a closed terminal or Ctrl-\ used to kill the
+  // agent outright (its default action), leaving the workers to the process-tree watchdog without their SIGTERM.
+  std::string script = "trap 'echo got-term-$RANK; exit 0' TERM; echo ready-$RANK; sleep 1000 & wait";
+  for (int sig : {SIGHUP, SIGQUIT}) {
+    CAPTURE(sig);
+    Background agent(runArgs({"--standalone", "--nproc-per-node", "2", "--", "sh", "-c", script}));
+    agent.waitForLine("ready-0", 30s);
+    agent.waitForLine("ready-1", 30s);
+    agent.signal(sig);
+    auto r = agent.wait(30s);
+    CHECK_FALSE(r.timedOut);
+    CHECK(r.exitCode == 128 + sig);
+    CHECK(r.out.find("got-term-0") != std::string::npos);
+    CHECK(r.out.find("got-term-1") != std::string::npos);
+  }
+  // Started under nohup (SIGHUP ignored): SIGHUP changes nothing, the SIGTERM sent after it stops the job. Had the
+  // SIGHUP been taken, it would have come first (the agent reads its stop signals in order) and the exit be 129.
+  auto argv = runArgs({"--standalone", "--nproc-per-node", "1", "--", "sh", "-c", script});
+  argv.insert(argv.begin(), {"sh", "-c", "trap '' HUP; exec \"$0\" \"$@\""});
+  Background agent(argv);
+  agent.waitForLine("ready-0", 30s);
+  agent.signal(SIGHUP);
+  agent.signal(SIGTERM);
+  auto r = agent.wait(30s);
+  CHECK_FALSE(r.timedOut);
+  CHECK(r.exitCode == 128 + SIGTERM);
+  CHECK(r.out.find("got-term-0") != std::string::npos);
+}
+
 TEST_CASE("SIGINT ends an agent waiting in the rendezvous, also when the shell started it with SIGINT ignored") {
   // A script's `dtrain run ... &` inherits SIGINT ignored; the round honours SIGINT anyway, so the rendezvous must
   // too (it used to wait out --rdzv-timeout). With --standalone the random token's file goes as well.

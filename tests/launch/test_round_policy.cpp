@@ -229,6 +229,22 @@ TEST_CASE("round policy: SIGTERM publishes a shutdown and the workers get SIGTER
   }
 }
 
+TEST_CASE("round policy: SIGHUP and SIGQUIT stop the job, and the workers get SIGTERM; the exit is 128+signal") {
+  for (int sig : {SIGHUP, SIGQUIT}) {
+    CAPTURE(sig);
+    auto a = decideRound(at(RoundPhase::kRunning), RoundInput::signalled(sig));
+    CHECK(a.next.interruptedBy == sig);
+    CHECK(a.publish == Publish::kShutdown);
+    auto won = event(a.next, RoundEventType::kShutdown, 128 + sig);
+    CHECK(won.stopSignal == SIGTERM);
+    CHECK(won.armKillTimer);
+    rendezvous::RoundEvent shutdown;
+    shutdown.type = RoundEventType::kShutdown;
+    shutdown.exitCode = 128 + sig;
+    CHECK(decideAfterRound(shutdown, sig, {0, 3}).exitCode == 128 + sig);
+  }
+}
+
 TEST_CASE("round policy: SIGINT is passed on as SIGINT; a second SIGINT kills at once") {
   auto first = decideRound(at(RoundPhase::kRunning), RoundInput::signalled(SIGINT));
   CHECK(first.publish == Publish::kShutdown);

@@ -99,6 +99,28 @@ TEST_CASE("--set changes what loadJob validates") {
   CHECK(configErrorOf({path, {"train.epochs=0"}}).find("/train/epochs") != std::string::npos);
 }
 
+TEST_CASE("an error in a value that --set gave names the --set as typed, and only that one") {
+  auto dir = testing::tempDir("job");
+  auto path = writeJob(dir, kJob);
+  std::string msg = configErrorOf({path, {"train.epochs=2", "optimizer.lr=-1"}});
+  CHECK(msg.find(path + ": /optimizer/lr: ") == 0);
+  CHECK(msg.find("(from --set optimizer.lr=-1)") != std::string::npos);
+  CHECK(msg.find("train.epochs") == std::string::npos);
+  // A field the file does not know, created by the --set: reported at its top, still naming the --set.
+  msg = configErrorOf({path, {"training.lr=0.1"}});
+  CHECK(msg.find("unknown field 'training'") != std::string::npos);
+  CHECK(msg.find("(from --set training.lr=0.1)") != std::string::npos);
+  // A whole object given by --set: an error inside it names that --set.
+  msg = configErrorOf({path, {R"(optimizer={"type": "sgd", "lr": "fast"})"}});
+  CHECK(msg.find("/optimizer/lr") != std::string::npos);
+  CHECK(msg.find(R"((from --set optimizer={"type": "sgd", "lr": "fast"}))") != std::string::npos);
+  // An error the --set did not cause is reported as before.
+  auto bad = writeJob(dir, std::string(kJob).replace(std::string(kJob).find("\"epochs\""), 8, "\"epochz\""), "bad.json");
+  msg = configErrorOf({bad, {"optimizer.lr=0.1"}});
+  CHECK(msg.find("epochz") != std::string::npos);
+  CHECK(msg.find("--set") == std::string::npos);
+}
+
 TEST_CASE("job errors name the file, the JSON path and what was expected") {
   auto dir = testing::tempDir("job");
   SUBCASE("missing file") {

@@ -15,6 +15,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "lib/gpu/reduce_index.h"
 #include "lib/gpu/window_index.h"
 
 namespace dtrain::gpu::kernels {
@@ -27,10 +28,12 @@ void scale(const float* in, float* out, size_t n, float s);
 void add(const float* a, const float* b, float* out, size_t n);
 // y[r, c] += bias[c] for r < rows, c < cols.
 void addBias(float* y, const float* bias, int64_t rows, int64_t cols);
-// db[c] = (accumulate ? db[c] : 0) + sum_r dy[r, c], summed in row order.
+// db[c] = (accumulate ? db[c] : 0) + sum_r dy[r, c]: a deterministic two-pass column sum over fixed row chunks
+// (reduce_index.h: in row order, the CPU's, for rows <= 64; chunk partials added in chunk order beyond), parallel
+// over columns x chunks; partials in reduceScratch (scratch.h). Also the embedding's position-table gradient.
 void biasGrad(const float* dy, float* db, int64_t rows, int64_t cols, bool accumulate);
 
-enum class Activation { kRelu, kGelu, kTanh, kSigmoid };
+using Activation = gpu::Activation;  // reduce_index.h: relu, gelu, tanh, sigmoid
 // y = f(x). Gelu is the exact (erf) form, PyTorch's approximate='none'.
 void activationForward(Activation f, const float* x, float* y, size_t n);
 // dx = dy * f'(x): relu and tanh/sigmoid use y (as PyTorch's backward formulas do), gelu uses x.
@@ -46,17 +49,23 @@ void toBf16(const float* x, void* y, size_t n);
 void layerNormForward(const float* x, const float* w, const float* b, float* y, float* mean, float* rstd,
                       int64_t rows, int64_t d, float eps);
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w (dx may be nullptr); with w, the weight and bias
-// gradients dw (+)= sum_r dy * xhat, db (+)= sum_r dy (summed in row order; db may be nullptr).
+// gradients dw (+)= sum_r dy * xhat, db (+)= sum_r dy (layerNormParamGrad; db may be nullptr).
 void layerNormBackward(const float* x, const float* w, const float* mean, const float* rstd, const float* dy,
                        float* dx, float* dw, float* db, int64_t rows, int64_t d, bool accumulate);
+// The weight and bias gradients alone (layerNormBackward's, kernels_reduce.cu): dw (+)= sum_r dy * xhat, db (+)=
+// sum_r dy (db may be nullptr), biasGrad's two-pass plan over the rows.
+void layerNormParamGrad(const float* x, const float* mean, const float* rstd, const float* dy, float* dw, float* db,
+                        int64_t rows, int64_t d, bool accumulate);
 
 // --- Embedding (layers_gpt.cpp Embedding): token ids carried as floats ---
-// y[r] = wte[token[r]] + (wpe ? wpe[r % t] : 0) for r < rows; a token outside [0, vocab) sets *badRow to the
-// smallest such r (initialise it to INT32_MAX) and writes zeros there.
+// y[r] = wte[token[r]] + (wpe ? wpe[r % t] : 0) for r < rows; a token outside [0, vocab) (reduce_index.h's
+// tokenIndex) writes zeros there and, when badRow != nullptr, sets *badRow to the smallest such r (initialise it
+// to INT32_MAX).
 void embeddingForward(const float* tokens, const float* wte, const float* wpe, float* y, int64_t rows, int64_t t,
                       int64_t c, int64_t vocab, int32_t* badRow);
 // gwte[token[r]] += dy[r] for every r, in row order per column (deterministic: one thread per column);
-// gwpe[p] += sum over r with r % t == p (gwpe may be nullptr). The caller zeroes them first when not accumulating.
+// gwpe[p] += sum over r with r % t == p (biasGrad's plan over the batch; gwpe may be nullptr). The caller zeroes
+// them first when not accumulating.
 void embeddingBackward(const float* tokens, const float* dy, float* gwte, float* gwpe, int64_t rows, int64_t t,
                        int64_t c, int64_t vocab);
 

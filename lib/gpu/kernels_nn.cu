@@ -70,43 +70,14 @@ __global__ void addKernel(const float* a, const float* b, float* out, size_t n) 
 __global__ void addBiasKernel(float* y, const float* bias, size_t n, int64_t cols) {
   DTRAIN_GRID_STRIDE(i, n) y[i] += bias[static_cast<int64_t>(i) % cols];
 }
-// One thread per column, rows summed in order (coalesced: neighbouring threads read neighbouring columns).
-__global__ void biasGradKernel(const float* dy, float* db, int64_t rows, int64_t cols, bool accumulate) {
-  DTRAIN_COL_STRIDE(c, cols) {
-    float acc = accumulate ? db[c] : 0.0f;
-    for (int64_t r = 0; r < rows; ++r) acc += dy[r * cols + c];
-    db[c] = acc;
-  }
-}
-
-__device__ float geluForward(float x) { return x * 0.5f * (1.0f + erff(x * static_cast<float>(M_SQRT1_2))); }
-__device__ float geluGrad(float x) {
-  const float kBeta = static_cast<float>(M_2_SQRTPI * M_SQRT1_2 * 0.5);
-  return 0.5f * (1.0f + erff(x * static_cast<float>(M_SQRT1_2))) + x * (expf(-0.5f * x * x) * kBeta);
-}
-
+// The formulas are reduce_index.h's (shared with the fused bias + activation kernels, so fused and unfused agree).
 __global__ void activationForwardKernel(Activation f, const float* x, float* y, size_t n) {
-  DTRAIN_GRID_STRIDE(i, n) {
-    const float v = x[i];
-    switch (f) {
-      case Activation::kRelu: y[i] = v > 0.0f ? v : 0.0f; break;
-      case Activation::kGelu: y[i] = geluForward(v); break;
-      case Activation::kTanh: y[i] = tanhf(v); break;
-      case Activation::kSigmoid: y[i] = 1.0f / (1.0f + expf(-v)); break;
-    }
-  }
+  DTRAIN_GRID_STRIDE(i, n) y[i] = activationValue(f, x[i]);
 }
 
 __global__ void activationBackwardKernel(Activation f, const float* x, const float* y, const float* dy, float* dx,
                                          size_t n) {
-  DTRAIN_GRID_STRIDE(i, n) {
-    switch (f) {
-      case Activation::kRelu: dx[i] = y[i] > 0.0f ? dy[i] : 0.0f; break;
-      case Activation::kGelu: dx[i] = dy[i] * geluGrad(x[i]); break;
-      case Activation::kTanh: dx[i] = dy[i] * (1.0f - y[i] * y[i]); break;
-      case Activation::kSigmoid: dx[i] = dy[i] * (1.0f - y[i]) * y[i]; break;
-    }
-  }
+  DTRAIN_GRID_STRIDE(i, n) dx[i] = activationGrad(f, x[i], y[i], dy[i]);
 }
 
 __global__ void layerNormForwardKernel(const float* x, const float* w, const float* b, float* y, float* mean,
@@ -151,21 +122,6 @@ __global__ void layerNormDxKernel(const float* x, const float* w, const float* m
   }
 }
 
-// One thread per column of the weight and bias gradients, rows in order.
-__global__ void layerNormDwKernel(const float* x, const float* mean, const float* rstd, const float* dy, float* dw,
-                                  float* db, int64_t rows, int64_t d, bool accumulate) {
-  DTRAIN_COL_STRIDE(j, d) {
-  float gw = accumulate ? dw[j] : 0.0f, gb = accumulate && db != nullptr ? db[j] : 0.0f;
-  for (int64_t r = 0; r < rows; ++r) {
-    const float g = dy[r * d + j];
-    gw += g * ((x[r * d + j] - mean[r]) * rstd[r]);
-    gb += g;
-  }
-  dw[j] = gw;
-  if (db != nullptr) db[j] = gb;
-  }
-}
-
 __device__ int64_t tokenOf(float v) { return static_cast<int64_t>(rintf(v)); }
 
 __global__ void embeddingForwardKernel(const float* tokens, const float* wte, const float* wpe, float* y, size_t n,
@@ -193,16 +149,6 @@ __global__ void embeddingTokenGradKernel(const float* tokens, const float* dy, f
       const int64_t tok = tokenOf(tokens[r]);
       if (tok >= 0 && tok < vocab) gwte[tok * c + j] += dy[r * c + j];
     }
-  }
-}
-
-__global__ void embeddingPositionGradKernel(const float* dy, float* gwpe, int64_t rows, int64_t t, int64_t c) {
-  const size_t n = static_cast<size_t>(t * c);
-  DTRAIN_GRID_STRIDE(i, n) {
-    const int64_t p = static_cast<int64_t>(i) / c, j = static_cast<int64_t>(i) % c;
-    float acc = gwpe[i];
-    for (int64_t r = p; r < rows; r += t) acc += dy[r * c + j];
-    gwpe[i] = acc;
   }
 }
 
@@ -367,12 +313,6 @@ void addBias(float* y, const float* bias, int64_t rows, int64_t cols) {
   DTRAIN_CU_CHECK_LAUNCH("addBiasKernel");
 }
 
-void biasGrad(const float* dy, float* db, int64_t rows, int64_t cols, bool accumulate) {
-  if (cols == 0) return;
-  biasGradKernel<<<blocksFor(static_cast<size_t>(cols)), kThreads>>>(dy, db, rows, cols, accumulate);
-  DTRAIN_CU_CHECK_LAUNCH("biasGradKernel");
-}
-
 void activationForward(Activation f, const float* x, float* y, size_t n) {
   if (n == 0) return;
   activationForwardKernel<<<blocksFor(n), kThreads>>>(f, x, y, n);
@@ -395,10 +335,7 @@ void layerNormForward(const float* x, const float* w, const float* b, float* y, 
 void layerNormBackward(const float* x, const float* w, const float* mean, const float* rstd, const float* dy,
                        float* dx, float* dw, float* db, int64_t rows, int64_t d, bool accumulate) {
   if (rows == 0) return;
-  if (w != nullptr) {
-    layerNormDwKernel<<<blocksFor(static_cast<size_t>(d)), kThreads>>>(x, mean, rstd, dy, dw, db, rows, d, accumulate);
-    DTRAIN_CU_CHECK_LAUNCH("layerNormDwKernel");
-  }
+  if (w != nullptr) layerNormParamGrad(x, mean, rstd, dy, dw, db, rows, d, accumulate);
   if (dx != nullptr) {
     layerNormDxKernel<<<rowBlocks(rows), kThreads>>>(x, w, mean, rstd, dy, dx, rows, d);
     DTRAIN_CU_CHECK_LAUNCH("layerNormDxKernel");
@@ -418,10 +355,8 @@ void embeddingBackward(const float* tokens, const float* dy, float* gwte, float*
   if (rows == 0 || c == 0) return;
   embeddingTokenGradKernel<<<blocksFor(static_cast<size_t>(c)), kThreads>>>(tokens, dy, gwte, rows, c, vocab);
   DTRAIN_CU_CHECK_LAUNCH("embeddingTokenGradKernel");
-  if (gwpe != nullptr) {
-    embeddingPositionGradKernel<<<blocksFor(static_cast<size_t>(t * c)), kThreads>>>(dy, gwpe, rows, t, c);
-    DTRAIN_CU_CHECK_LAUNCH("embeddingPositionGradKernel");
-  }
+  // gwpe[p, j] += dy[n, p, j] over the samples n: a column sum of dy as [rows / t, t * c].
+  if (gwpe != nullptr) biasGrad(dy, gwpe, rows / t, t * c, true);
 }
 
 void causalSoftmaxForward(float* s, int64_t count, int64_t t, float scale) {

@@ -1,0 +1,85 @@
+// The column reductions of kernels_reduce.cu on a GPU (label gpu; skipped without one): parity of the layers
+// that use them with their CPU twins at sizes with several row chunks, and the device's own results against the
+// CPU emulation of the same plan (reduce_index.h): bit for bit where the kernel only adds (biasGrad), and bit for
+// bit from one run to the next everywhere (no float atomics).
+#include <doctest/doctest.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "lib/gpu/kernels.h"
+#include "lib/gpu/reduce_index.h"
+#include "lib/nn/device.h"
+#include "tests/gpu/gpu_parity.h"
+
+using namespace dtrain;
+using namespace dtrain::nn;
+using namespace dtrain::nn::parity;
+namespace k = dtrain::gpu::kernels;
+
+namespace {
+
+bool bitEqual(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+// biasGrad's plan on the host (reduce_index.h): the cells in any order give the same result, each being independent.
+std::vector<float> hostBiasGrad(const std::vector<float>& dy, std::vector<float> db, int64_t rows, int64_t cols,
+                                bool accumulate) {
+  const gpu::ColumnChunks p = gpu::columnChunks(rows);
+  std::vector<float> partials(static_cast<size_t>(gpu::partialCount(p, cols)));
+  for (int64_t kk = 0; kk < p.chunks; ++kk)
+    for (int64_t c = 0; c < cols; ++c) gpu::columnSumChunk(p, kk, c, cols, dy.data(), db.data(), partials.data(), accumulate);
+  if (p.chunks > 1)
+    for (int64_t c = 0; c < cols; ++c) gpu::columnSumCombine(p, c, cols, partials.data(), db.data(), accumulate);
+  return db;
+}
+
+}  // namespace
+
+TEST_CASE("layers over many rows (several reduction chunks) match their CPU twins") {
+  const std::vector<Case> cases = {
+      {R"({"type": "linear", "out": 130})", {300, 7}},    // 900 rows: 15 chunks; 130 columns: two tiles
+      {R"({"type": "layernorm"})", {100, 300}},           // 300 rows: 5 chunks of dw and db
+      {R"({"type": "layernorm", "bias": false})", {70, 8}},
+      {R"({"type": "embedding", "vocab_size": 11, "n_embd": 130})", {100}, true},
+  };
+  for (const auto& c : cases) checkLayer(c, {.out = 1e-5, .dx = 1e-5, .grads = 2e-4});
+}
+
+TEST_CASE("biasGrad on the GPU equals its CPU emulation bit for bit and repeats bit for bit") {
+  for (int64_t rows : {1, 64, 65, 8193}) {
+    for (int64_t cols : {5, 300}) {
+      for (bool accumulate : {false, true}) {
+        CAPTURE(rows);
+        CAPTURE(cols);
+        CAPTURE(accumulate);
+        const auto dy = randomVector(static_cast<size_t>(rows * cols), 31);
+        const auto init = randomVector(static_cast<size_t>(cols), 32);
+        const std::vector<float> want = hostBiasGrad(dy, init, rows, cols, accumulate);
+        DeviceFloats dDy = toDevice(dy);
+        for (int run = 0; run < 2; ++run) {
+          DeviceFloats dDb = toDevice(init);
+          k::biasGrad(dDy.data(), dDb.data(), rows, cols, accumulate);
+          CHECK(bitEqual(toHost(dDb.data(), static_cast<size_t>(cols)), want));
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("LayerNorm's weight and bias gradients repeat bit for bit on the GPU") {
+  const int64_t rows = 8193, d = 300;
+  const auto x = randomVector(static_cast<size_t>(rows * d), 41), dy = randomVector(static_cast<size_t>(rows * d), 42);
+  const auto mean = randomVector(static_cast<size_t>(rows), 43), rstd = randomVector(static_cast<size_t>(rows), 44, 0.5f, 2);
+  DeviceFloats dX = toDevice(x), dDy = toDevice(dy), dMean = toDevice(mean), dRstd = toDevice(rstd);
+  std::vector<float> first;
+  for (int run = 0; run < 3; ++run) {
+    DeviceFloats g(static_cast<size_t>(2 * d), kGpu);
+    k::layerNormParamGrad(dX.data(), dMean.data(), dRstd.data(), dDy.data(), g.data(), g.data() + d, rows, d, false);
+    const auto got = toHost(g.data(), static_cast<size_t>(2 * d));
+    if (run == 0) first = got;
+    CHECK(bitEqual(got, first));
+  }
+}

@@ -85,7 +85,8 @@ void im2col(const float* x, float* cols, int64_t batch, const Window2d& g);
 void col2im(const float* dcols, float* dx, int64_t batch, const Window2d& g);
 // y[n, ch, q] += bias[ch] over y [batch, channels, positions].
 void addChannelBias(float* y, const float* bias, int64_t batch, int64_t channels, int64_t positions);
-// db[ch] = (accumulate ? db[ch] : 0) + sum over n, q of dy[n, ch, q] (a fixed tree per channel).
+// db[ch] = (accumulate ? db[ch] : 0) + sum over n, q of dy[n, ch, q]: blocks per (channel, chunk of the batch x
+// positions values), fixed trees, chunk partials added in order (reduce_index.h's channelChunks; deterministic).
 void channelBiasGrad(const float* dy, float* db, int64_t batch, int64_t channels, int64_t positions, bool accumulate);
 // Max pooling per plane (batch * c planes): y = the window's maximum, argmax[out] = its index h * w-flat within the
 // plane; the first maximum wins and a NaN propagates (PyTorch's rule, layers_spatial.cpp's MaxPool2d).

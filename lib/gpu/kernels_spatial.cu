@@ -10,12 +10,14 @@
 #include "lib/gpu/grid.h"
 #include "lib/gpu/kernels.h"
 #include "lib/gpu/launch.h"
+#include "lib/gpu/reduce_index.h"
+#include "lib/gpu/scratch.h"
 #include "lib/gpu/window_index.h"
 
 namespace dtrain::gpu::kernels {
 namespace {
 
-constexpr int kThreads = 256;  // a power of two: the tree reduction halves it
+constexpr int kThreads = 256;
 
 unsigned blocksFor(size_t n) { return gridFor(n, kThreads); }
 
@@ -42,24 +44,34 @@ __global__ void addChannelBiasKernel(float* y, const float* bias, size_t total, 
   DTRAIN_GRID_STRIDE(idx, total) y[idx] += bias[(static_cast<int64_t>(idx) / positions) % channels];
 }
 
-// One block per channel (block-stride over channels); its threads stride over the batch x positions values.
-__global__ void channelBiasGradKernel(const float* dy, float* db, int64_t batch, int64_t channels, int64_t positions,
-                                      bool accumulate) {
-  __shared__ float sh[kThreads];
+// Pass 1 of a per-channel sum (reduce_index.h's channelChunks): one block per (channel, chunk), block-strided over
+// both; its threads' sums (channelThreadSum) halved by a fixed tree in shared memory (channelBlockSum's pairs).
+__global__ void channelBiasGradKernel(ColumnChunks p, const float* dy, float* db, float* partials, int64_t channels,
+                                      int64_t positions, bool accumulate) {
+  __shared__ float sh[kChannelThreads];
   for (int64_t ch = blockIdx.x; ch < channels; ch += gridDim.x) {
-    float acc = 0.0f;
-    for (int64_t e = threadIdx.x; e < batch * positions; e += kThreads) {
-      const int64_t n = e / positions, q = e % positions;
-      acc += dy[(n * channels + ch) * positions + q];
-    }
-    sh[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = kThreads / 2; s > 0; s >>= 1) {
-      if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+    for (int64_t k = blockIdx.y; k < p.chunks; k += gridDim.y) {
+      sh[threadIdx.x] = channelThreadSum(p, k, ch, threadIdx.x, dy, channels, positions);
       __syncthreads();
+      for (unsigned s = kChannelThreads / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+        __syncthreads();
+      }
+      if (threadIdx.x == 0) {
+        if (p.chunks == 1) {
+          db[ch] = (accumulate ? db[ch] : 0.0f) + sh[0];
+        } else {
+          partials[k * channels + ch] = sh[0];
+        }
+      }
+      __syncthreads();  // sh is rewritten by the next cell
     }
-    if (threadIdx.x == 0) db[ch] = (accumulate ? db[ch] : 0.0f) + sh[0];
-    __syncthreads();  // sh is rewritten by the next channel
+  }
+}
+
+__global__ void channelCombineKernel(ColumnChunks p, const float* partials, float* db, int64_t channels, bool accumulate) {
+  DTRAIN_GRID_STRIDE(ch, static_cast<size_t>(channels)) {
+    columnSumCombine(p, static_cast<int64_t>(ch), channels, partials, db, accumulate);
   }
 }
 
@@ -119,8 +131,15 @@ void addChannelBias(float* y, const float* bias, int64_t batch, int64_t channels
 
 void channelBiasGrad(const float* dy, float* db, int64_t batch, int64_t channels, int64_t positions, bool accumulate) {
   if (channels == 0) return;
-  channelBiasGradKernel<<<rowGrid(channels), kThreads>>>(dy, db, batch, channels, positions, accumulate);
+  const ColumnChunks p = channelChunks(batch, positions);
+  float* partials = p.chunks > 1 ? reduceScratch(static_cast<size_t>(p.chunks * channels)) : nullptr;
+  const dim3 grid(rowGrid(channels), static_cast<unsigned>(p.chunks));  // chunks <= 128: within gridDim.y
+  channelBiasGradKernel<<<grid, kChannelThreads>>>(p, dy, db, partials, channels, positions, accumulate);
   DTRAIN_CU_CHECK_LAUNCH("channelBiasGradKernel");
+  if (p.chunks > 1) {
+    channelCombineKernel<<<blocksFor(static_cast<size_t>(channels)), kThreads>>>(p, partials, db, channels, accumulate);
+    DTRAIN_CU_CHECK_LAUNCH("channelCombineKernel");
+  }
 }
 
 void maxPoolForward(const float* x, float* y, int32_t* argmax, int64_t batch, const Window2d& g) {

@@ -129,6 +129,40 @@ DTRAIN_HOST_DEVICE inline void layerNormParamChunk(const ColumnChunks& p, int64_
   }
 }
 
+// --- Per-channel sums of [batch, channels, positions] (conv2d's bias gradient) ---
+// Channel ch sums batch x positions values, strided in memory, so the chunks are of that flattened range (e = n *
+// positions + q): at least kChannelChunkElems values, at most kReduceMaxChunks chunks. One block of kChannelThreads
+// threads per (channel, chunk): thread t sums e = begin + t, begin + t + kChannelThreads, ... in order
+// (channelThreadSum), then a fixed tree halves the block (channelBlockSum on the host; shared memory on the
+// device, same pairs in the same order); pass 2 is columnSumCombine over `channels` columns. With one chunk the
+// block writes db[ch] = (accumulate ? db[ch] : 0) + its sum, as the former one-block-per-channel kernel did.
+
+inline constexpr int64_t kChannelChunkElems = 4096;
+inline constexpr unsigned kChannelThreads = 256;  // a power of two: the tree halves it
+
+constexpr ColumnChunks channelChunks(int64_t batch, int64_t positions) {
+  const int64_t elems = batch * positions;
+  const int64_t spread = (elems + kReduceMaxChunks - 1) / kReduceMaxChunks;
+  const int64_t chunkElems = spread > kChannelChunkElems ? spread : kChannelChunkElems;
+  return {elems < 0 ? 0 : elems, chunkElems, elems <= 0 ? 1 : (elems + chunkElems - 1) / chunkElems};
+}
+
+DTRAIN_HOST_DEVICE inline float channelThreadSum(const ColumnChunks& p, int64_t k, int64_t ch, unsigned t,
+                                                 const float* dy, int64_t channels, int64_t positions) {
+  float acc = 0.0f;
+  for (int64_t e = p.begin(k) + t; e < p.end(k); e += kChannelThreads)
+    acc += dy[((e / positions) * channels + ch) * positions + e % positions];
+  return acc;
+}
+
+// The block's tree over its threads' sums (sh: kChannelThreads values, summed in place into sh[0]): the host
+// twin of the device kernel's shared-memory loop.
+inline float channelBlockSum(float* sh) {
+  for (unsigned s = kChannelThreads / 2; s > 0; s >>= 1)
+    for (unsigned t = 0; t < s; ++t) sh[t] += sh[t + s];
+  return sh[0];
+}
+
 // --- Activations (layers_dense.cpp's formulas, PyTorch's) ---
 
 enum class Activation { kRelu, kGelu, kTanh, kSigmoid };

@@ -114,6 +114,26 @@ void emulateLayerNormParams(const float* x, const float* mean, const float* rstd
   if (db != nullptr) runCombine(p, d, partials.data() + p.chunks * d, db, accumulate);
 }
 
+// kernels::channelBiasGrad as the device runs it: every (channel, chunk) block's threads, then its tree, then pass 2.
+void emulateChannelBiasGrad(const float* dy, float* db, int64_t batch, int64_t channels, int64_t positions,
+                            bool accumulate) {
+  const ColumnChunks p = channelChunks(batch, positions);
+  std::vector<float> partials(static_cast<size_t>(partialCount(p, channels)), std::numeric_limits<float>::quiet_NaN());
+  for (int64_t ch = 0; ch < channels; ++ch) {
+    for (int64_t k = 0; k < p.chunks; ++k) {
+      float sh[kChannelThreads];
+      for (unsigned t = 0; t < kChannelThreads; ++t) sh[t] = channelThreadSum(p, k, ch, t, dy, channels, positions);
+      const float sum = channelBlockSum(sh);
+      if (p.chunks == 1) {
+        db[ch] = (accumulate ? db[ch] : 0.0f) + sum;
+      } else {
+        partials[static_cast<size_t>(k * channels + ch)] = sum;
+      }
+    }
+  }
+  runCombine(p, channels, partials.data(), db, accumulate);
+}
+
 }  // namespace
 
 TEST_CASE("column reductions: the row chunks depend on the row count only, cover every row once, within limits") {
@@ -260,6 +280,48 @@ TEST_CASE("column reductions emulated: the embedding's position-table gradient e
       CHECK(bitEqual(got, want));
     } else {
       CHECK(withinRounding(want, got, columnAbsSums(dy, batch, t * c, std::vector<float>(got.size(), 0.0f)), batch));
+    }
+  }
+}
+
+TEST_CASE("per-channel sums emulated: conv2d's bias gradient equals the CPU layer's") {
+  CHECK(channelChunks(3, 5).chunks == 1);
+  CHECK(channelChunks(3, 3000).chunks == 3);  // 9000 values: chunks of 4096, 4096 and 808
+  CHECK(channelChunks(int64_t{1} << 20, 4096).chunks == kReduceMaxChunks);
+  for (const auto& [layer, input] : std::vector<std::pair<std::string, std::vector<int64_t>>>{
+           {R"({"type": "conv2d", "out": 2, "kernel": 3, "padding": 1})", {1, 4, 5}},
+           {R"({"type": "conv2d", "out": 3, "kernel": 1})", {1, 60, 50}},
+           {R"({"type": "conv2d", "out": 300, "kernel": 1})", {2, 3, 3}}}) {
+    CAPTURE(layer);
+    const int batch = 3;
+    const nn::LayerSpec spec = parseLayer(layer, input);
+    auto cpu = nn::makeLayer(spec, {.device = Device::cpu(), .maxBatch = batch});
+    const int64_t out = spec.out, positions = spec.output[1] * spec.output[2];
+    const size_t nw = static_cast<size_t>(out * input[0]) * static_cast<size_t>(spec.kernelH * spec.kernelW);
+    const size_t count = nw + static_cast<size_t>(out);
+    std::vector<float> params = randomVector(count, 11), grads(count);
+    cpu->bind(params.data(), grads.data());
+    const std::vector<float> x = randomVector(static_cast<size_t>(batch * spec.input.numel()), 12);
+    const std::vector<float> dy = randomVector(static_cast<size_t>(batch * out * positions), 13);
+    std::vector<float> y(dy.size());
+    for (bool accumulate : {false, true}) {
+      CAPTURE(accumulate);
+      const std::vector<float> before = randomVector(static_cast<size_t>(out), 14);
+      std::copy(before.begin(), before.end(), grads.begin() + static_cast<std::ptrdiff_t>(nw));
+      cpu->forward(x.data(), y.data(), batch, true);
+      cpu->backward(x.data(), y.data(), dy.data(), nullptr, batch, accumulate);
+      const std::vector<float> want(grads.begin() + static_cast<std::ptrdiff_t>(nw), grads.end());
+      std::vector<float> got = before;
+      emulateChannelBiasGrad(dy.data(), got.data(), batch, out, positions, accumulate);
+      // The sums per channel: |initial| + sum |dy[n, ch, q]|.
+      std::vector<double> absSum(static_cast<size_t>(out));
+      for (int64_t ch = 0; ch < out; ++ch) {
+        absSum[static_cast<size_t>(ch)] = accumulate ? std::fabs(double(before[static_cast<size_t>(ch)])) : 0.0;
+        for (int64_t n = 0; n < batch; ++n)
+          for (int64_t q = 0; q < positions; ++q)
+            absSum[static_cast<size_t>(ch)] += std::fabs(double(dy[static_cast<size_t>((n * out + ch) * positions + q)]));
+      }
+      CHECK(withinRounding(want, got, absSum, batch * positions));
     }
   }
 }

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 #include "lib/gpu/kernels.h"
@@ -36,6 +37,29 @@ std::vector<float> hostBiasGrad(const std::vector<float>& dy, std::vector<float>
   return db;
 }
 
+// channelBiasGrad's plan on the host: each (channel, chunk) block's thread sums and tree, then pass 2.
+std::vector<float> hostChannelBiasGrad(const std::vector<float>& dy, std::vector<float> db, int64_t batch,
+                                       int64_t channels, int64_t positions, bool accumulate) {
+  const gpu::ColumnChunks p = gpu::channelChunks(batch, positions);
+  std::vector<float> partials(static_cast<size_t>(gpu::partialCount(p, channels)));
+  for (int64_t ch = 0; ch < channels; ++ch) {
+    for (int64_t kk = 0; kk < p.chunks; ++kk) {
+      float sh[gpu::kChannelThreads];
+      for (unsigned t = 0; t < gpu::kChannelThreads; ++t)
+        sh[t] = gpu::channelThreadSum(p, kk, ch, t, dy.data(), channels, positions);
+      const float sum = gpu::channelBlockSum(sh);
+      if (p.chunks == 1) {
+        db[static_cast<size_t>(ch)] = (accumulate ? db[static_cast<size_t>(ch)] : 0.0f) + sum;
+      } else {
+        partials[static_cast<size_t>(kk * channels + ch)] = sum;
+      }
+    }
+  }
+  if (p.chunks > 1)
+    for (int64_t c = 0; c < channels; ++c) gpu::columnSumCombine(p, c, channels, partials.data(), db.data(), accumulate);
+  return db;
+}
+
 }  // namespace
 
 TEST_CASE("layers over many rows (several reduction chunks) match their CPU twins") {
@@ -44,6 +68,7 @@ TEST_CASE("layers over many rows (several reduction chunks) match their CPU twin
       {R"({"type": "layernorm"})", {100, 300}},           // 300 rows: 5 chunks of dw and db
       {R"({"type": "layernorm", "bias": false})", {70, 8}},
       {R"({"type": "embedding", "vocab_size": 11, "n_embd": 130})", {100}, true},
+      {R"({"type": "conv2d", "out": 3, "kernel": 1})", {1, 60, 50}},  // 9000 values per channel: 3 chunks
   };
   for (const auto& c : cases) checkLayer(c, {.out = 1e-5, .dx = 1e-5, .grads = 2e-4});
 }
@@ -65,6 +90,22 @@ TEST_CASE("biasGrad on the GPU equals its CPU emulation bit for bit and repeats 
           CHECK(bitEqual(toHost(dDb.data(), static_cast<size_t>(cols)), want));
         }
       }
+    }
+  }
+}
+
+TEST_CASE("channelBiasGrad on the GPU equals its CPU emulation bit for bit") {
+  for (auto [batch, channels, positions] : {std::tuple<int64_t, int64_t, int64_t>{3, 2, 20}, {3, 3, 3000}, {64, 5, 784}}) {
+    for (bool accumulate : {false, true}) {
+      CAPTURE(batch);
+      CAPTURE(positions);
+      CAPTURE(accumulate);
+      const auto dy = randomVector(static_cast<size_t>(batch * channels * positions), 33);
+      const auto init = randomVector(static_cast<size_t>(channels), 34);
+      DeviceFloats dDy = toDevice(dy), dDb = toDevice(init);
+      k::channelBiasGrad(dDy.data(), dDb.data(), batch, channels, positions, accumulate);
+      CHECK(bitEqual(toHost(dDb.data(), static_cast<size_t>(channels)),
+                     hostChannelBiasGrad(dy, init, batch, channels, positions, accumulate)));
     }
   }
 }

@@ -63,11 +63,13 @@ void layerNormParamGrad(const float* x, const float* mean, const float* rstd, co
 // to INT32_MAX).
 void embeddingForward(const float* tokens, const float* wte, const float* wpe, float* y, int64_t rows, int64_t t,
                       int64_t c, int64_t vocab, int32_t* badRow);
-// gwte[token[r]] += dy[r] for every r, in row order per column (deterministic: one thread per column);
-// gwpe[p] += sum over r with r % t == p (biasGrad's plan over the batch; gwpe may be nullptr). The caller zeroes
-// them first when not accumulating.
-void embeddingBackward(const float* tokens, const float* dy, float* gwte, float* gwpe, int64_t rows, int64_t t,
-                       int64_t c, int64_t vocab);
+// The token table's gradient over the rows ordered by token (token_order.h, copied to the device: order, start
+// (segments + 1 entries), tok): gwte[tok[s]] += dy[row] for each row of segment s, in row order; one thread per
+// (segment, column), 128 columns per block, so distinct tokens run in parallel and each adds its rows in the CPU's
+// order (bit-identical to it). The position table's gradient is biasGrad(dy as [batch, t * c], gwpe, batch, t * c,
+// true).
+void embeddingTokenGrad(const int32_t* order, const int32_t* start, const int32_t* tok, int64_t segments,
+                        const float* dy, float* gwte, int64_t c);
 
 // --- Causal attention's softmax (layers_gpt.cpp CausalSelfAttention); one block per row of [count, t, t] ---
 // Row i of each [t, t] matrix: softmax of s[0..i] * scale (shifted by its maximum), zero beyond i (the mask).

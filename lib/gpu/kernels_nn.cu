@@ -18,7 +18,7 @@ constexpr int kThreads = 256;  // a power of two: the tree reductions below halv
 
 // Grids are bounded (CUDA allows 2^31 - 1 blocks in x; a GPT's attention has batch * heads * T rows, which a
 // long context or a large batch could push past that): every kernel loops, elementwise ones over elements
-// (grid-stride), row ones over rows (block-stride), column ones over columns. The sizes are in launch.h.
+// (grid-stride), row ones over rows (block-stride); column sums are in kernels_reduce.cu. Sizes: grid.h.
 unsigned blocksFor(size_t n) { return gridFor(n, kThreads); }
 unsigned rowBlocks(int64_t rows) { return rowGrid(rows); }
 
@@ -26,9 +26,6 @@ unsigned rowBlocks(int64_t rows) { return rowGrid(rows); }
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < (n); i += static_cast<size_t>(blockDim.x) * gridDim.x)
 // One block per row, for rows beyond the grid too (r is the same in every thread of a block: __syncthreads is safe).
 #define DTRAIN_ROW_STRIDE(r, rows) for (int64_t r = blockIdx.x; r < (rows); r += gridDim.x)
-// One thread per column, for columns beyond the grid too.
-#define DTRAIN_COL_STRIDE(c, cols) \
-  for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < (cols); c += static_cast<int64_t>(blockDim.x) * gridDim.x)
 
 // Sum of v over the block (every thread gets it); sh holds kThreads floats. Fixed order: deterministic.
 __device__ float blockSum(float v, float* sh) {
@@ -122,33 +119,19 @@ __global__ void layerNormDxKernel(const float* x, const float* w, const float* m
   }
 }
 
-__device__ int64_t tokenOf(float v) { return static_cast<int64_t>(rintf(v)); }
-
 __global__ void embeddingForwardKernel(const float* tokens, const float* wte, const float* wpe, float* y, size_t n,
                                        int64_t t, int64_t c, int64_t vocab, int32_t* badRow) {
   DTRAIN_GRID_STRIDE(i, n) {
     const int64_t r = static_cast<int64_t>(i) / c, j = static_cast<int64_t>(i) % c;
-    const int64_t tok = tokenOf(tokens[r]);
-    if (tok < 0 || tok >= vocab) {
-      if (j == 0) atomicMin(badRow, static_cast<int32_t>(r));
+    const int64_t tok = tokenIndex(tokens[r], vocab);
+    if (tok < 0) {
+      if (j == 0 && badRow != nullptr) atomicMin(badRow, static_cast<int32_t>(r));
       y[i] = 0.0f;
       continue;
     }
     float v = wte[tok * c + j];
     if (wpe != nullptr) v += wpe[(r % t) * c + j];
     y[i] = v;
-  }
-}
-
-// One thread per column: the scatter-add over rows is sequential per column, so repeated tokens add in row order
-// without atomics (deterministic; slow for long batches: docs/gpu.md).
-__global__ void embeddingTokenGradKernel(const float* tokens, const float* dy, float* gwte, int64_t rows, int64_t c,
-                                         int64_t vocab) {
-  DTRAIN_COL_STRIDE(j, c) {
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t tok = tokenOf(tokens[r]);
-      if (tok >= 0 && tok < vocab) gwte[tok * c + j] += dy[r * c + j];
-    }
   }
 }
 
@@ -348,15 +331,6 @@ void embeddingForward(const float* tokens, const float* wte, const float* wpe, f
   if (n == 0) return;
   embeddingForwardKernel<<<blocksFor(n), kThreads>>>(tokens, wte, wpe, y, n, t, c, vocab, badRow);
   DTRAIN_CU_CHECK_LAUNCH("embeddingForwardKernel");
-}
-
-void embeddingBackward(const float* tokens, const float* dy, float* gwte, float* gwpe, int64_t rows, int64_t t,
-                       int64_t c, int64_t vocab) {
-  if (rows == 0 || c == 0) return;
-  embeddingTokenGradKernel<<<blocksFor(static_cast<size_t>(c)), kThreads>>>(tokens, dy, gwte, rows, c, vocab);
-  DTRAIN_CU_CHECK_LAUNCH("embeddingTokenGradKernel");
-  // gwpe[p, j] += dy[n, p, j] over the samples n: a column sum of dy as [rows / t, t * c].
-  if (gwpe != nullptr) biasGrad(dy, gwpe, rows / t, t * c, true);
 }
 
 void causalSoftmaxForward(float* s, int64_t count, int64_t t, float scale) {

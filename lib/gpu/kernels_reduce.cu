@@ -1,4 +1,5 @@
-// Column reductions: bias, LayerNorm weight/bias and position-table gradients (kernels.h). The per-thread work is
+// Column reductions: bias, LayerNorm weight/bias and position-table gradients, and the embedding's token-table
+// gradient over rows ordered by token (kernels.h). The per-thread work is
 // reduce_index.h's, shared with the CPU
 // emulation in tests/gpu/test_gpu_reduce.cpp; this file only maps threads onto it and launches. Deterministic: fixed
 // row chunks (a function of the shape only), partials combined in a fixed order, no float atomics.
@@ -43,6 +44,12 @@ __global__ void layerNormParamChunkKernel(ColumnChunks p, CellGrid g, int64_t d,
   });
 }
 
+__global__ void embeddingTokenGradKernel(CellGrid g, int64_t segments, int64_t c, const int32_t* order,
+                                         const int32_t* start, const int32_t* tok, const float* dy, float* gwte) {
+  forEachCell(g, blockIdx.x, blockIdx.y, threadIdx.x, segments, c,
+              [&](int64_t s, int64_t j) { embeddingTokenSegment(s, j, c, order, start, tok, dy, gwte); });
+}
+
 dim3 cells(const CellGrid& g) { return dim3(g.x, g.y); }
 
 // Pass 2 of a plan with several chunks (nothing to do with one: pass 1 wrote out).
@@ -80,6 +87,14 @@ void layerNormParamGrad(const float* x, const float* mean, const float* rstd, co
   DTRAIN_CU_CHECK_LAUNCH("layerNormParamChunkKernel");
   combine(p, d, partials, dw, accumulate);
   if (db != nullptr && partials != nullptr) combine(p, d, partials + p.chunks * d, db, accumulate);
+}
+
+void embeddingTokenGrad(const int32_t* order, const int32_t* start, const int32_t* tok, int64_t segments,
+                        const float* dy, float* gwte, int64_t c) {
+  if (segments == 0 || c == 0) return;
+  const CellGrid g = cellGrid(c, segments);
+  embeddingTokenGradKernel<<<cells(g), kColumnTile>>>(g, segments, c, order, start, tok, dy, gwte);
+  DTRAIN_CU_CHECK_LAUNCH("embeddingTokenGradKernel");
 }
 
 }  // namespace dtrain::gpu::kernels

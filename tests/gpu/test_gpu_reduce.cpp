@@ -1,4 +1,4 @@
-// The column reductions of kernels_reduce.cu emulated on the CPU (no GPU needed): every thread of every block of the
+// The column reductions of kernels_reduce.cu (and the embedding's token gradient) emulated on the CPU (no GPU needed): every thread of every block of the
 // launch grid runs its cells through reduce_index.h (the code the kernels run), pass 1 then pass 2, and the results
 // are compared with lib/nn's CPU layers: bit for bit where the summation order is the CPU's (a single row chunk:
 // rows <= 64), within float rounding otherwise (several chunks: (db + chunk 0) + chunk 1 ..., each chunk in row
@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "lib/gpu/reduce_index.h"
+#include "lib/gpu/token_order.h"
 #include "lib/nn/layer.h"
 #include "lib/nn/spec.h"
 
@@ -322,6 +323,66 @@ TEST_CASE("per-channel sums emulated: conv2d's bias gradient equals the CPU laye
             absSum[static_cast<size_t>(ch)] += std::fabs(double(dy[static_cast<size_t>((n * out + ch) * positions + q)]));
       }
       CHECK(withinRounding(want, got, absSum, batch * positions));
+    }
+  }
+}
+
+TEST_CASE("token order: rows grouped by token, ascending within a token, each row once") {
+  const std::vector<float> tokens = {3, 1, 3, 0, 9, 1, 3, 2.4f, 0.6f};  // 2.4 is token 2, 0.6 token 1
+  gpu::TokenOrder o;
+  o.build(tokens.data(), static_cast<int64_t>(tokens.size()), 10);
+  CHECK(o.tok == std::vector<int32_t>{0, 1, 2, 3, 9});
+  CHECK(o.start == std::vector<int32_t>{0, 1, 4, 5, 8, 9});
+  CHECK(o.order == std::vector<int32_t>{3, 1, 5, 8, 7, 0, 2, 6, 4});
+  o.build(tokens.data(), 0, 10);  // reused, empty
+  CHECK(o.segments() == 0);
+  CHECK(o.start == std::vector<int32_t>{0});
+  CHECK(tokenIndex(10.0f, 10) == -1);
+  CHECK(tokenIndex(-0.4f, 10) == 0);
+  CHECK(tokenIndex(-0.6f, 10) == -1);
+  CHECK(tokenIndex(std::numeric_limits<float>::quiet_NaN(), 10) == -1);
+  CHECK(tokenIndex(2.5f, 10) == 2);  // to nearest even, as nearbyint
+  CHECK(tokenIndex(1e30f, 10) == -1);
+}
+
+TEST_CASE("embedding token gradient emulated: equal to the CPU layer's bit for bit (rows ordered by token)") {
+  struct Shape3 {
+    int batch;
+    int64_t t, c;
+    int pattern;  // 0: mixed repeats, 1: every row the same token, 2: all distinct where the vocabulary allows
+  };
+  const int64_t vocab = 11;
+  for (const Shape3 sh : {Shape3{1, 1, 7, 0}, Shape3{3, 5, 7, 0}, Shape3{70, 5, 130, 0}, Shape3{4, 9, 300, 1},
+                          Shape3{1, 11, 129, 2}}) {
+    for (bool accumulate : {false, true}) {
+      CAPTURE(sh.batch);
+      CAPTURE(sh.t);
+      CAPTURE(sh.c);
+      CAPTURE(accumulate);
+      const nn::LayerSpec spec = parseLayer(R"({"type": "embedding", "vocab_size": 11, "n_embd": )" +
+                                                std::to_string(sh.c) + R"(, "position": false})",
+                                            {sh.t});
+      auto cpu = nn::makeLayer(spec, {.device = Device::cpu(), .maxBatch = sh.batch});
+      const size_t count = static_cast<size_t>(vocab * sh.c);
+      std::vector<float> params = randomVector(count, 15), grads = randomVector(count, 16);
+      const std::vector<float> before = grads;
+      cpu->bind(params.data(), grads.data());
+      const int64_t rows = sh.batch * sh.t;
+      std::vector<float> tokens(static_cast<size_t>(rows));
+      for (int64_t r = 0; r < rows; ++r)
+        tokens[static_cast<size_t>(r)] = static_cast<float>(sh.pattern == 1 ? 4 : sh.pattern == 2 ? r % vocab : (r * r + 3) % 7);
+      const std::vector<float> dy = randomVector(static_cast<size_t>(rows * sh.c), 17);
+      std::vector<float> y(dy.size());
+      cpu->forward(tokens.data(), y.data(), sh.batch, true);
+      cpu->backward(tokens.data(), y.data(), dy.data(), nullptr, sh.batch, accumulate);
+      // The CUDA layer: zero the table unless accumulating, order the rows, one "thread" per (segment, column).
+      std::vector<float> got = accumulate ? before : std::vector<float>(count, 0.0f);
+      gpu::TokenOrder o;
+      o.build(tokens.data(), rows, vocab);
+      runCells(o.segments(), sh.c, [&](int64_t s, int64_t j) {
+        embeddingTokenSegment(s, j, sh.c, o.order.data(), o.start.data(), o.tok.data(), dy.data(), got.data());
+      });
+      CHECK(bitEqual(got, grads));
     }
   }
 }

@@ -124,3 +124,42 @@ TEST_CASE("LayerNorm's weight and bias gradients repeat bit for bit on the GPU")
     CHECK(bitEqual(got, first));
   }
 }
+
+TEST_CASE("the GPU embedding's table gradients equal the CPU's bit for bit; a bad token id is the CPU's error") {
+  // 8 samples x 64 positions, 40 distinct tokens: repeated tokens, one chunk over the samples (bit for bit too).
+  const int batch = 8;
+  const int64_t t = 64, c = 130, vocab = 40;
+  const LayerSpec spec = parseModelSpec(json{{"input", {t}},
+                                             {"layers", json::array({{{"type", "embedding"}, {"vocab_size", vocab},
+                                                                      {"n_embd", c}}})}},
+                                        "", "/model")
+                             .layers[0];
+  auto cpu = makeLayer(spec, {.device = Device::cpu(), .maxBatch = batch, .seed = 7});
+  auto gpu = makeLayer(spec, {.device = kGpu, .maxBatch = batch, .seed = 7});
+  const size_t count = static_cast<size_t>((vocab + t) * c);
+  std::vector<float> params = randomVector(count, 51), grads(count, 0.0f);
+  cpu->bind(params.data(), grads.data());
+  DeviceFloats dParams = toDevice(params), dGrads(count, kGpu);
+  gpu->bind(dParams.data(), dGrads.data());
+  std::vector<float> tokens(static_cast<size_t>(batch * t));
+  for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<float>((i * i + 7 * i) % vocab);
+  const auto dy = randomVector(static_cast<size_t>(batch * t * c), 52);
+  DeviceFloats dTokens = toDevice(tokens), dDy = toDevice(dy), dY(dy.size(), kGpu);
+  std::vector<float> y(dy.size());
+  for (bool train : {true, false}) {  // false: the backward orders the rows itself
+    for (bool accumulate : {false, true}) {
+      CAPTURE(train);
+      CAPTURE(accumulate);
+      cpu->forward(tokens.data(), y.data(), batch, train);
+      gpu->forward(dTokens.data(), dY.data(), batch, train);
+      CHECK(bitEqual(toHost(dY.data(), y.size()), y));
+      cpu->backward(tokens.data(), y.data(), dy.data(), nullptr, batch, accumulate);
+      gpu->backward(dTokens.data(), dY.data(), dDy.data(), nullptr, batch, accumulate);
+      CHECK(bitEqual(toHost(dGrads.data(), count), grads));
+    }
+  }
+  tokens[77] = static_cast<float>(vocab);
+  DeviceFloats bad = toDevice(tokens);
+  CHECK_THROWS_WITH(gpu->forward(bad.data(), dY.data(), batch, true),
+                    doctest::Contains("token id 40 at position 13 is outside [0, 40) (vocab_size)"));
+}

@@ -16,6 +16,7 @@
 #include "lib/common/error.h"
 #include "lib/gpu/blas.h"
 #include "lib/gpu/kernels.h"
+#include "lib/gpu/token_order.h"
 #include "lib/nn/cuda_impl.h"
 #include "lib/nn/device.h"
 #include "lib/nn/layer.h"
@@ -28,42 +29,66 @@ namespace k = gpu::kernels;
 
 size_t sz(int64_t n) { return static_cast<size_t>(n); }
 
+// The token ids come back to the host in every forward (one small blocking copy, as the former one-int read): the
+// host checks them (a bad id is the CPU's error) and, for training, orders the rows by token (gpu::TokenOrder), so
+// the backward adds each token's rows in row order with distinct tokens in parallel (kernels::embeddingTokenGrad).
 class Embedding final : public Layer {
  public:
   Embedding(const LayerSpec& spec, const LayerBuild& build)
       : Layer(spec, build.device), t_(spec.input[0]), c_(spec.output.back()), v_(spec.vocab),
-        badRow_(1, build.device) {}
+        hostTokens_(sz(build.maxBatch) * sz(t_)), order_(hostTokens_.size(), build.device),
+        start_(hostTokens_.size() + 1, build.device), tok_(hostTokens_.size(), build.device) {}
 
   void bind(float* params, float* grads) override {
     wte_ = params, gwte_ = grads;
     if (spec().position) wpe_ = params + v_ * c_, gwpe_ = grads + v_ * c_;
   }
 
-  void forward(const float* x, float* y, int batch, bool) override {
-    int32_t* bad = reinterpret_cast<int32_t*>(badRow_.data());
-    const int32_t none = std::numeric_limits<int32_t>::max();
-    copyBytes(bad, device(), &none, Device::cpu(), sizeof(none));
-    k::embeddingForward(x, wte_, wpe_, y, batch * t_, t_, c_, v_, bad);
-    // One small blocking read per forward: a bad token id is an error naming it, as on the CPU.
-    const int32_t row = k::readInt(bad);
-    if (row != none) {
-      float token = 0;
-      copyBytes(&token, Device::cpu(), x + row, device(), sizeof(token));
-      DTRAIN_THROW(Error, "{}: token id {} at position {} is outside [0, {}) (vocab_size)", spec().path, token,
-                   row % t_, v_);
+  void forward(const float* x, float* y, int batch, bool train) override {
+    const int64_t rows = batch * t_;
+    copyBytes(hostTokens_.data(), Device::cpu(), x, device(), sz(rows) * sizeof(float));
+    orderedRows_ = -1;
+    for (int64_t r = 0; r < rows; ++r) {
+      if (gpu::tokenIndex(hostTokens_[sz(r)], v_) < 0)
+        DTRAIN_THROW(Error, "{}: token id {} at position {} is outside [0, {}) (vocab_size)", spec().path,
+                     hostTokens_[sz(r)], r % t_, v_);
+    }
+    k::embeddingForward(x, wte_, wpe_, y, rows, t_, c_, v_, nullptr);
+    if (train) uploadOrder(rows);  // here, while the GPU waits anyway (the copy above drained the stream)
+  }
+
+  void backward(const float*, const float*, const float* dy, float*, int batch, bool accumulate) override {
+    const int64_t rows = batch * t_;
+    if (orderedRows_ != rows) uploadOrder(rows);  // a backward after an evaluation forward
+    // A tied lm_head has already written (or added to) the token table's gradient in this backward.
+    if (!accumulate && !spec().tied) k::fill(gwte_, sz(v_ * c_), 0.0f);
+    k::embeddingTokenGrad(asInts(order_), asInts(start_), asInts(tok_), tokenOrder_.segments(), dy, gwte_, c_);
+    if (gwpe_ != nullptr) {
+      if (!accumulate) k::fill(gwpe_, sz(t_ * c_), 0.0f);
+      k::biasGrad(dy, gwpe_, batch, t_ * c_, true);  // gwpe[p] += dy[n, p] over the samples, in order
     }
   }
 
-  void backward(const float* x, const float*, const float* dy, float*, int batch, bool accumulate) override {
-    // A tied lm_head has already written (or added to) the token table's gradient in this backward.
-    if (!accumulate && !spec().tied) k::fill(gwte_, sz(v_ * c_), 0.0f);
-    if (!accumulate && gwpe_ != nullptr) k::fill(gwpe_, sz(t_ * c_), 0.0f);
-    k::embeddingBackward(x, dy, gwte_, gwpe_, batch * t_, t_, c_, v_);
+ private:
+  static int32_t* asInts(DeviceFloats& b) { return reinterpret_cast<int32_t*>(b.data()); }
+
+  // The rows of the last forward ordered by token, copied to the device (blocking; three small arrays).
+  void uploadOrder(int64_t rows) {
+    tokenOrder_.build(hostTokens_.data(), rows, v_);
+    auto upload = [&](DeviceFloats& to, const std::vector<int32_t>& from) {
+      copyBytes(to.data(), device(), from.data(), Device::cpu(), from.size() * sizeof(int32_t));
+    };
+    upload(order_, tokenOrder_.order);
+    upload(start_, tokenOrder_.start);
+    upload(tok_, tokenOrder_.tok);
+    orderedRows_ = rows;
   }
 
- private:
   int64_t t_, c_, v_;
-  DeviceFloats badRow_;  // one int32: the first row with a token outside the vocabulary
+  AlignedBuffer<float> hostTokens_;   // the last forward's token ids (maxBatch x t)
+  gpu::TokenOrder tokenOrder_;
+  DeviceFloats order_, start_, tok_;  // int32 each: TokenOrder's arrays on the device
+  int64_t orderedRows_ = -1;          // rows of the order on the device, -1 when it is not the last forward's
   float* wte_ = nullptr;
   float* wpe_ = nullptr;
   float* gwte_ = nullptr;

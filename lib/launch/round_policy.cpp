@@ -40,14 +40,16 @@ void drainBookkeeping(RoundActions& a, const LocalWorkers& workers) {
   }
 }
 
-void onSignal(const RoundState& s, int sig, RoundActions& a) {
+void onSignal(const RoundState& s, const RoundInput& in, RoundActions& a) {
+  const int sig = in.signal;
   if (sig == SIGUSR1 || sig == SIGUSR2) {
     // Slurm's --signal warning (time limit / preemption ahead): the workers checkpoint; the round goes on.
     // dtrain's own workers answer SIGUSR1 by checkpointing and exiting.
     if (sig == SIGUSR1) a.next.preemptedBy = sig;
     a.forwardSignal = sig;
   } else if (s.interruptedBy) {
-    a.stopSignal = SIGKILL;  // a second Ctrl-C: no more grace
+    // A second Ctrl-C: no more grace. The same signal delivered twice at once is not one (kRepeatedStopWindow).
+    if (!in.sinceFirstStop || *in.sinceFirstStop >= kRepeatedStopWindow) a.stopSignal = SIGKILL;
   } else {
     a.next.interruptedBy = sig;
     a.publish = Publish::kShutdown;
@@ -129,7 +131,7 @@ RoundActions decideRound(const RoundState& state, const RoundInput& input) {
   RoundActions a;
   a.next = state;
   switch (input.kind) {
-    case RoundInput::Kind::kSignal: onSignal(state, input.signal, a); break;
+    case RoundInput::Kind::kSignal: onSignal(state, input, a); break;
     case RoundInput::Kind::kWorkerExit: onWorkerExit(state, input, a); break;
     case RoundInput::Kind::kRoundEvent: onRoundEvent(state, input, a); break;
     case RoundInput::Kind::kFailureReport:

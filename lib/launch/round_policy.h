@@ -17,6 +17,7 @@
 // (kStopping, kDraining and kDone are skipped through at once when nothing is left to wait for.)
 #pragma once
 
+#include <chrono>
 #include <optional>
 #include <string_view>
 
@@ -81,19 +82,33 @@ struct RoundInput {
   int eventExitCode = 0;                                                       // kRoundEvent
   LocalWorkers workers;
   bool graceOver = false;          // kFailureReport: the root-cause grace ran out (not only the stderr)
+  // kSignal: the time since the agent read its first stop signal of the round (not set for the first one).
+  // A repeat within kRepeatedStopWindow is the same request delivered twice, not a second Ctrl-C.
+  std::optional<std::chrono::milliseconds> sinceFirstStop;
 
-  static RoundInput signalled(int sig, LocalWorkers w = {}) { return {Kind::kSignal, sig, 0, false, {}, 0, w, false}; }
+  static RoundInput signalled(int sig, LocalWorkers w = {},
+                              std::optional<std::chrono::milliseconds> sinceFirstStop = std::nullopt) {
+    return {Kind::kSignal, sig, 0, false, {}, 0, w, false, sinceFirstStop};
+  }
   static RoundInput workerExited(int status, bool stderrOpen, LocalWorkers w) {
-    return {Kind::kWorkerExit, 0, status, stderrOpen, {}, 0, w, false};
+    return {Kind::kWorkerExit, 0, status, stderrOpen, {}, 0, w, false, std::nullopt};
   }
   static RoundInput roundEvent(rendezvous::RoundEventType type, int exitCode, LocalWorkers w) {
-    return {Kind::kRoundEvent, 0, 0, false, type, exitCode, w, false};
+    return {Kind::kRoundEvent, 0, 0, false, type, exitCode, w, false, std::nullopt};
   }
   static RoundInput failureReport(LocalWorkers w, bool graceOver = false) {
-    return {Kind::kFailureReport, 0, 0, false, {}, 0, w, graceOver};
+    return {Kind::kFailureReport, 0, 0, false, {}, 0, w, graceOver, std::nullopt};
   }
-  static RoundInput outputClosed(LocalWorkers w) { return {Kind::kOutputClosed, 0, 0, false, {}, 0, w, false}; }
+  static RoundInput outputClosed(LocalWorkers w) {
+    return {Kind::kOutputClosed, 0, 0, false, {}, 0, w, false, std::nullopt};
+  }
 };
+
+// A stop signal that comes again within this time of the first is one request delivered twice, not the user's
+// second Ctrl-C: timeout(1) signals its child and then its whole process group (two SIGTERMs within
+// microseconds when its time runs out), and `kill -- -PGID` after a kill of the agent does the same. Escalating on
+// those to SIGKILL cost the workers their stop checkpoint. A person pressing Ctrl-C again takes longer than this.
+inline constexpr std::chrono::milliseconds kRepeatedStopWindow{1000};
 
 // The event this node asks the group to end the round with (the first one published wins, see rendezvous.h).
 enum class Publish {
@@ -124,7 +139,8 @@ struct RoundActions {
 //  signal SIGUSR1/SIGUSR2   forward it to the workers (SIGUSR1 also sets preemptedBy); nothing else changes.
 //  signal SIGINT/SIGTERM    (and SIGHUP/SIGQUIT, torchrun's other stop signals, when the agent honours them)
 //                           first one: interruptedBy = sig and publish kShutdown; a second one (or one after a
-//                           preemption ended the round): SIGKILL every worker, no grace.
+//                           preemption ended the round): SIGKILL every worker, no grace, unless it came within
+//                           kRepeatedStopWindow of the first (sinceFirstStop): then it changes nothing.
 //  worker exit              once the round ended: only the drain bookkeeping. Else after SIGUSR1, when the
 //                           signal stopped the worker (killed by SIGUSR1, or exit code 128+SIGUSR1 = 138 as
 //                           dtrain's trainer exits after its checkpoint): publish kPreemptedShutdown (and

@@ -335,7 +335,7 @@ void RoundRunner::armStopSignals() {
   stopSignals_.async_wait([this](const boost::system::error_code& ec, int sig) {
     if (ec) return;
     recordStopSignal(sig);
-    asio::post(io_, [this, sig] { handleSignal(sig); });
+    asio::post(io_, [this, sig, at = std::chrono::steady_clock::now()] { handleSignal(sig, at); });
     armStopSignals();
   });
 }
@@ -374,13 +374,22 @@ bool RoundRunner::isStopSignal(int sig) const {
   return std::find(ctx_.stopSignals.begin(), ctx_.stopSignals.end(), sig) != ctx_.stopSignals.end();
 }
 
-void RoundRunner::handleSignal(int sig) {
+void RoundRunner::handleSignal(int sig, std::optional<std::chrono::steady_clock::time_point> readAt) {
   if (sig == SIGCHLD) {
     reapChildren();
     return;
   }
   if (isStopSignal(sig) && !state_.interruptedBy) signalAfterWorkersExited_ = localWorkers().allExited;
-  auto a = decideRound(state_, RoundInput::signalled(sig, localWorkers()));
+  std::optional<std::chrono::milliseconds> sinceFirstStop;
+  if (readAt && firstStopReadAt_)
+    sinceFirstStop = std::chrono::duration_cast<std::chrono::milliseconds>(*readAt - *firstStopReadAt_);
+  else if (readAt)
+    firstStopReadAt_ = readAt;
+  auto a = decideRound(state_, RoundInput::signalled(sig, localWorkers(), sinceFirstStop));
+  if (sinceFirstStop && !a.stopSignal && a.publish == Publish::kNone && state_.interruptedBy)
+    log::info("received SIG{} again {} ms after the first: the same stop request (a second one after {} ms "
+              "kills the workers at once)",
+              sigabbrev_np(sig), sinceFirstStop->count(), kRepeatedStopWindow.count());
   if (a.forwardSignal) log::warn("received SIG{}: forwarding it to the workers", sigabbrev_np(sig));
   if (a.publish == Publish::kShutdown)
     log::warn("received SIG{}: {}", sigabbrev_np(sig),

@@ -124,7 +124,9 @@ class RoundRunner {
   void startWorkers();
   void readPipe(Worker& w, int stream);
   void onSignal(const boost::system::error_code& ec, int sig);
-  void handleSignal(int sig);  // on io_'s thread
+  // On io_'s thread. `readAt`: when the stop thread read a stop signal (a repeat close to the first is not a
+  // second Ctrl-C, see kRepeatedStopWindow).
+  void handleSignal(int sig, std::optional<std::chrono::steady_clock::time_point> readAt = std::nullopt);
   void armStopSignals();       // on stopThread_'s thread
   bool isStopSignal(int sig) const;
   void recordStopSignal(int sig);  // the first stop signal into stopSeen_ (any thread)
@@ -163,6 +165,7 @@ class RoundRunner {
   std::thread stopThread_;
   std::atomic<int> stopSeen_{0};
   std::optional<int> lateStopSignal_;
+  std::optional<std::chrono::steady_clock::time_point> firstStopReadAt_;  // io_'s thread
   boost::asio::steady_timer heartbeatTimer_;
   boost::asio::steady_timer killTimer_;
   boost::asio::steady_timer drainTimer_;

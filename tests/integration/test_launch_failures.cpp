@@ -82,6 +82,26 @@ TEST_CASE("SIGTERM to the agent is forwarded to the workers and the agent exits 
   CHECK(r.out.find("got-term-1") != std::string::npos);
 }
 
+TEST_CASE("a SIGTERM delivered twice at once is one stop: the workers keep their grace (timeout(1) sends two)") {
+  // timeout(1) signals its child and then its process group, so the agent gets SIGTERM twice within microseconds;
+  // `kill PID; kill -- -PGID` does the same. The second used to count as a second Ctrl-C and SIGKILL the workers
+  // in the middle of their stop checkpoint. Here the second one comes right after the agent began stopping.
+  std::string script =
+      "trap 'echo got-term-$RANK; sleep 1; echo stopped-cleanly-$RANK; exit 0' TERM; echo ready-$RANK; "
+      "sleep 1000 & wait";
+  Background agent(runArgs({"--standalone", "--nproc-per-node", "1", "--", "sh", "-c", script}));
+  agent.waitForLine("ready-0", 30s);
+  agent.signal(SIGTERM);
+  agent.waitForLine("received SIGTERM: stopping the workers", 30s, /*fromStderr=*/true);
+  agent.signal(SIGTERM);
+  auto r = agent.wait(30s);
+  CHECK_FALSE(r.timedOut);
+  CHECK(r.exitCode == 128 + SIGTERM);
+  CHECK(r.out.find("got-term-0") != std::string::npos);
+  CHECK(r.out.find("stopped-cleanly-0") != std::string::npos);
+  CHECK(r.err.find("the same stop request") != std::string::npos);
+}
+
 TEST_CASE("SIGHUP and SIGQUIT stop the job like SIGTERM (workers get SIGTERM); nohup's ignored SIGHUP stays ignored") {
   // torchrun's agent stops its workers on SIGHUP and SIGQUIT too; a closed terminal or Ctrl-\ used to kill the
   // agent outright (its default action), leaving the workers to the process-tree watchdog without their SIGTERM.

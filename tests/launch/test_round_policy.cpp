@@ -260,6 +260,27 @@ TEST_CASE("round policy: SIGINT is passed on as SIGINT; a second SIGINT kills at
   CHECK(second.next.phase == RoundPhase::kStopping);
 }
 
+TEST_CASE("round policy: a stop signal repeated within kRepeatedStopWindow is the same request, not a second Ctrl-C") {
+  // timeout(1) sends SIGTERM to its child and then to its process group: two at once, which must not cost the
+  // workers their grace (and their stop checkpoint).
+  auto first = decideRound(at(RoundPhase::kRunning), RoundInput::signalled(SIGTERM));
+  auto stopping = event(first.next, RoundEventType::kShutdown, 128 + SIGTERM);
+  for (int sig : {SIGTERM, SIGINT}) {
+    CAPTURE(sig);
+    auto repeat = decideRound(stopping.next, RoundInput::signalled(sig, {}, std::chrono::milliseconds(3)));
+    CHECK_FALSE(repeat.stopSignal.has_value());
+    CHECK(repeat.publish == Publish::kNone);
+    CHECK(repeat.next.interruptedBy == SIGTERM);
+    // Before the round's event too (the shutdown is published, not yet seen).
+    auto early = decideRound(first.next, RoundInput::signalled(sig, {}, kRepeatedStopWindow - std::chrono::milliseconds(1)));
+    CHECK_FALSE(early.stopSignal.has_value());
+    CHECK(early.publish == Publish::kNone);
+    // A person's second Ctrl-C, later: no more grace.
+    auto later = decideRound(stopping.next, RoundInput::signalled(sig, {}, kRepeatedStopWindow));
+    CHECK(later.stopSignal == SIGKILL);
+  }
+}
+
 TEST_CASE("round policy: a signal after the round ended still asks for a shutdown (the store keeps the first)") {
   auto a = decideRound(at(RoundPhase::kDraining), RoundInput::signalled(SIGTERM));
   CHECK(a.publish == Publish::kShutdown);

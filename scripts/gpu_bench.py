@@ -87,6 +87,7 @@ class GPT(nn.Module):
 def torch_gpt(batch, steps, bf16):
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(0)
+    torch.cuda.empty_cache()  # the smi column: no cached blocks of an earlier row
     model = GPT().cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=6e-4, fused=True)
     x = torch.randint(0, V, (batch, T), device="cuda")
@@ -100,19 +101,20 @@ def torch_gpt(batch, steps, bf16):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / steps
+    with GpuMemory() as mem:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        dt = (time.perf_counter() - t0) / steps
     params = sum(p.numel() for p in model.parameters())
     peak = torch.cuda.max_memory_allocated() / 2**30
     del model, opt
     torch.cuda.empty_cache()
-    return dt, params, peak
+    return dt, params, peak, mem.peak
 
 
 class GpuMemory:
@@ -173,7 +175,10 @@ def dtrain_gpt(dtrain, batch, steps, tmp, precision, reserve):
     t = {row["step"]: row["time_s"] for row in rows if "time_s" in row and "step" in row}
     dt = (t[warm + steps] - t[warm]) / steps
     params = 12 * (12 * C * C + 13 * C) + V * C + T * C + 2 * C  # the gpt preset with bias and a tied head
-    return dt, params, mem.peak
+    final = next((row for row in reversed(rows) if row.get("final")), {})
+    if "peak_gpu_mb" not in final:
+        raise SystemExit("dtrain's final metrics line has no peak_gpu_mb")
+    return dt, params, final["peak_gpu_mb"] / 1024, mem.peak
 
 
 def allreduce_torch(rank, world, sizes, port, out):
@@ -212,10 +217,11 @@ def main():
     tf32 = gemm_tflops(torch.float32)
     print(f"bf16 GEMM 8192^3: {bf16:.1f} TFLOP/s    fp32 (TF32) GEMM: {tf32:.1f} TFLOP/s")
 
+    torch.cuda.empty_cache()  # the GEMM ceilings' blocks would count in the dtrain rows' smi column
     tokens = a.batch * T
     print(f"\n== GPT-2-small shape (L{L} H{H} C{C} T{T} V{V}), batch {a.batch} = {tokens} tokens/step, "
           f"{a.steps} timed steps after 3 warm-up ==")
-    print(f"{'side':<34}{'step ms':>9}{'tokens/s':>11}{'MFU bf16':>10}{'MFU tf32':>10}{'peak GiB':>10}")
+    print(f"{'side':<34}{'step ms':>9}{'tokens/s':>11}{'MFU bf16':>10}{'MFU tf32':>10}{'peak GiB':>10}{'smi GiB':>9}")
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         # Reserves: the second dtrain row, the PyTorch rows and the all-reduce table come after the first row.
@@ -234,11 +240,14 @@ def main():
             print(f"{name} row failed: {e}")
             FAILURES.append(key)
             torch.cuda.empty_cache()
-    for name, dt, params, peak in rows.values():
+    for name, dt, params, peak, smi in rows.values():
         fpt = flops_per_token(params) * tokens / dt / 1e12
-        print(f"{name:<34}{dt * 1e3:>9.1f}{tokens / dt:>11.0f}{fpt / bf16:>10.1%}{fpt / tf32:>10.1%}{peak:>10.1f}")
-    print("(peak GiB: dtrain's is nvidia-smi's memory.used of GPU 0, CUDA context included; PyTorch's is "
-          "max_memory_allocated, its context and cache excluded)")
+        print(f"{name:<34}{dt * 1e3:>9.1f}{tokens / dt:>11.0f}{fpt / bf16:>10.1%}{fpt / tf32:>10.1%}{peak:>10.1f}"
+              f"{smi:>9.1f}")
+    print("(peak GiB: the most memory the program's buffers held at once, the same measure on both sides: PyTorch's\n"
+          " torch.cuda.max_memory_allocated, dtrain's peak_gpu_mb (every cudaMalloc'd buffer); the issue's target.\n"
+          " smi GiB: the peak of nvidia-smi's memory.used of GPU 0 during the row's run, device-wide: CUDA contexts,\n"
+          " cuBLAS/NCCL workspaces, PyTorch's cached blocks, and this script's own context in every row)")
     for mine, theirs in (("dtrain bf16", "torch bf16"), ("dtrain fp32", "torch fp32")):
         if mine in rows and theirs in rows:  # tokens/s ratio = inverse step-time ratio
             print(f"{rows[mine][0]} / {rows[theirs][0]} tokens/s: {rows[theirs][1] / rows[mine][1]:.2f}x")

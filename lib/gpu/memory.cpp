@@ -1,17 +1,34 @@
 #include "lib/gpu/memory.h"
 
+#include <atomic>
 #include <cstring>
 #include <utility>
 
 #include "lib/gpu/check.h"
 
 namespace dtrain::gpu {
+namespace {
+
+std::atomic<size_t> gAllocated{0};
+std::atomic<size_t> gPeak{0};
+
+void noteAllocated(size_t bytes) noexcept {
+  const size_t now = gAllocated.fetch_add(bytes) + bytes;
+  size_t peak = gPeak.load();
+  while (now > peak && !gPeak.compare_exchange_weak(peak, now)) {
+  }
+}
+
+}  // namespace
+
+AllocatedBytes allocatedBytes() noexcept { return {gAllocated.load(), gPeak.load()}; }
 
 DeviceBuffer::DeviceBuffer(size_t bytes, int device) : device_(device) {
   setDevice(device);
   if (bytes == 0) return;
   DTRAIN_CUDA_CHECK(cudaMalloc(&data_, bytes));
   bytes_ = bytes;
+  noteAllocated(bytes);
 }
 
 DeviceBuffer::~DeviceBuffer() { release(); }
@@ -31,7 +48,10 @@ DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& other) noexcept {
 
 void DeviceBuffer::release() noexcept {
   // cudaFree synchronises with the device and frees on the memory's own GPU, whichever is current.
-  if (data_ != nullptr) cudaFree(data_);
+  if (data_ != nullptr) {
+    cudaFree(data_);
+    gAllocated.fetch_sub(bytes_);
+  }
   data_ = nullptr;
   bytes_ = 0;
 }

@@ -48,6 +48,16 @@ class DeviceBuffer {
 // stream passed the copy); without, it returns when the copy is done.
 void copy(const TensorView& dst, const TensorView& src, void* stream = nullptr);
 
+// Device memory this process holds in DeviceBuffers, all GPUs together, in bytes: now and the most at any moment
+// since the process started. The semantics of PyTorch's torch.cuda.memory_allocated() / max_memory_allocated():
+// what the program's buffers occupy, not the CUDA context, cuBLAS's or NCCL's own buffers, or fragmentation
+// (nvidia-smi shows those too). Thread-safe (atomics); never throws.
+struct AllocatedBytes {
+  size_t current = 0;
+  size_t peak = 0;
+};
+AllocatedBytes allocatedBytes() noexcept;
+
 // True when `p` is device or managed memory that CUDA knows; false for host memory (pageable or pinned) and
 // unknown pointers. Never throws.
 bool isDeviceMemory(const void* p) noexcept;

@@ -48,6 +48,14 @@ int visibleGpus() noexcept {
 #endif
 }
 
+size_t peakDeviceBytes() noexcept {
+#if DTRAIN_WITH_CUDA
+  return gpu::allocatedBytes().peak;
+#else
+  return 0;
+#endif
+}
+
 void useDevice(Device device) {
   if (device.isCpu()) return;
 #if DTRAIN_WITH_CUDA

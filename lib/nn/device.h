@@ -39,6 +39,11 @@ void setTf32(bool on);
 // setTf32; no effect on the CPU (whose layers compute in float32 only).
 void setBf16(bool on);
 
+// The most device memory this process's buffers held at once since it started, in bytes, all GPUs together
+// (gpu::allocatedBytes: torch.cuda.max_memory_allocated's meaning); 0 on the CPU or without a CUDA build.
+// Thread-safe; never throws.
+size_t peakDeviceBytes() noexcept;
+
 class DeviceFloats {
  public:
   DeviceFloats() = default;

@@ -66,6 +66,8 @@ struct TrainResult {
   double wallSec = 0;
   double trainSec = 0;  // time in the training loop (evaluation excluded)
   double peakRssMb = 0; // largest peak resident set size over the ranks
+  // "device": "cuda": the largest rank's peak of device memory held by its buffers (nn::peakDeviceBytes, MiB)
+  std::optional<double> peakGpuMb;
   double samplesPerSec = 0;  // training samples per second over the group
   std::optional<double> evalLoss;
   std::optional<double> evalAccuracy;

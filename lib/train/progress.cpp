@@ -99,12 +99,13 @@ void Progress::eval(const StepStats& s, double evalLoss, std::optional<double> e
 }
 
 void Progress::final(const StepStats& s, double trainSamplesPerSec, double trainSec, double wallSec,
-                     double peakRssMb) {
+                     double peakRssMb, std::optional<double> peakGpuMb) {
   if (!enabled_ || !metrics_) return;
   nlohmann::json j{{"step", s.step},          {"epoch", s.epoch},       {"loss", s.loss},
                    {"lr", s.lr},              {"samples_per_s", trainSamplesPerSec},
                    {"final", true},           {"train_time_s", trainSec}, {"time_s", wallSec},
                    {"peak_rss_mb", peakRssMb}, {"wall_time", wallTime()}};
+  if (peakGpuMb) j["peak_gpu_mb"] = *peakGpuMb;
   fmt::print(metrics_, "{}\n", j.dump());
   std::fflush(metrics_);
 }
@@ -129,9 +130,10 @@ void Progress::onFinish(const StepStats& s, const TrainResult& r) {
   else if (r.evalAccuracy) eval = fmt::format(", eval accuracy {:.2f}%", *r.evalAccuracy * 100);
   else if (r.evalLoss) eval = fmt::format(", eval loss {:.6f}", *r.evalLoss);
   std::string wrote = r.stoppedBySignal ? std::string() : "; wrote " + weightsPath_.string();
-  summary(fmt::format("done: {} steps, {} samples in {} (training {:.0f} samples/s, peak RSS {:.0f} MB per rank){}{}",
-                      r.steps, r.samples, formatDuration(r.wallSec), r.samplesPerSec, r.peakRssMb, eval, wrote));
-  final(s, r.samplesPerSec, r.trainSec, r.wallSec, r.peakRssMb);
+  const std::string gpu = r.peakGpuMb ? fmt::format(", peak GPU memory {:.0f} MB", *r.peakGpuMb) : "";
+  summary(fmt::format("done: {} steps, {} samples in {} (training {:.0f} samples/s, peak RSS {:.0f} MB{} per rank){}{}",
+                      r.steps, r.samples, formatDuration(r.wallSec), r.samplesPerSec, r.peakRssMb, gpu, eval, wrote));
+  final(s, r.samplesPerSec, r.trainSec, r.wallSec, r.peakRssMb, r.peakGpuMb);
 }
 
 }  // namespace dtrain::train

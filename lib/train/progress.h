@@ -34,8 +34,10 @@ class Progress final : public TrainerCallback {
             std::optional<double> auc = {}, std::optional<double> baselineAuc = {});
   void info(const std::string& line);  // a plain line (ends an updating line first)
   void summary(const std::string& line);
-  // The last metrics line ("final": true): training throughput, times and the peak RSS over the ranks.
-  void final(const StepStats& s, double trainSamplesPerSec, double trainSec, double wallSec, double peakRssMb);
+  // The last metrics line ("final": true): training throughput, times, the peak RSS over the ranks, and on GPUs
+  // (peakGpuMb set) the peak device memory the ranks' buffers held (MiB, the largest rank's).
+  void final(const StepStats& s, double trainSamplesPerSec, double trainSec, double wallSec, double peakRssMb,
+             std::optional<double> peakGpuMb = {});
 
  private:
   void endLine();

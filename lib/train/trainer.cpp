@@ -379,9 +379,10 @@ void TrainLoop::finish() {
   result_.wallSec = secondsSince(start_);
   result_.samplesPerSec = result_.trainSec > 0 ? static_cast<double>(result_.samples) / result_.trainSec : 0;
   // Peak memory of every rank (the largest is what a user sizes a machine by).
-  double rss[1] = {peakRssMb()};
-  strategy_->reduceMetrics(rss, comm::ReduceOp::kMax);
-  result_.peakRssMb = rss[0];
+  double peaks[2] = {peakRssMb(), static_cast<double>(nn::peakDeviceBytes()) / (1024.0 * 1024.0)};
+  strategy_->reduceMetrics(peaks, comm::ReduceOp::kMax);
+  result_.peakRssMb = peaks[0];
+  if (job_.device.isCuda()) result_.peakGpuMb = peaks[1];
   callbacks_.finish(stats_, result_);
   timeline::flush();
 }

@@ -107,6 +107,16 @@ std::vector<double> trainLosses(const std::string& file) {
   return out;
 }
 
+// The last line of metrics.jsonl ("final": true).
+json finalLine(const std::string& file) {
+  std::ifstream in(file);
+  json last;
+  for (std::string line; std::getline(in, line);)
+    if (json j = json::parse(line); j.contains("final")) last = j;
+  REQUIRE(last.is_object());
+  return last;
+}
+
 }  // namespace
 
 TEST_CASE("an MLP and a GPT trained on the GPU end within 1e-3 of the CPU run (TF32 off)") {
@@ -128,6 +138,14 @@ TEST_CASE("an MLP and a GPT trained on the GPU end within 1e-3 of the CPU run (T
                                    weights(dir + "/" + name + "_gpu/model.safetensors"));
     MESSAGE(name << ": max |w_cpu - w_gpu| after 12 steps = " << diff);
     CHECK(diff < 1e-3);
+    // The final metrics line reports the GPU's peak buffer memory (at least the parameters, gradients and Adam or
+    // momentum state), and only for the GPU run.
+    const json cpuFinal = finalLine(dir + "/" + name + "_cpu/metrics.jsonl");
+    const json gpuFinal = finalLine(dir + "/" + name + "_gpu/metrics.jsonl");
+    CHECK_FALSE(cpuFinal.contains("peak_gpu_mb"));
+    REQUIRE(gpuFinal.contains("peak_gpu_mb"));
+    const double paramMb = static_cast<double>(weights(dir + "/" + name + "_gpu/model.safetensors").size()) * 4 / 1048576;
+    CHECK(gpuFinal["peak_gpu_mb"].get<double>() >= 2 * paramMb);
   }
 }
 

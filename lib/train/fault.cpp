@@ -112,11 +112,13 @@ StepPause::StepPause() {
 
 void StepPause::onStepEnd(const StepEvent&) { std::this_thread::sleep_for(pause_); }
 
-void addTestAids(CallbackList& callbacks, int rank, int worldSize, int attempt, int round) {
+void addTestAids(CallbackList& callbacks, int rank, int worldSize, int attempt, int round, bool logsSamples) {
   auto faults = std::make_shared<FaultInjector>(rank, attempt);  // a malformed DTRAIN_FAULT fails before any file
   auto pause = std::make_shared<StepPause>();
-  auto sampleLog = std::make_shared<SampleLog>(rank, worldSize, attempt, round);
-  if (sampleLog->enabled()) callbacks.add(sampleLog);
+  if (logsSamples) {
+    auto sampleLog = std::make_shared<SampleLog>(rank, worldSize, attempt, round);
+    if (sampleLog->enabled()) callbacks.add(sampleLog);
+  }
   if (pause->enabled()) callbacks.add(pause);
   if (faults->enabled()) callbacks.add(faults);
 }

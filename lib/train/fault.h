@@ -10,7 +10,8 @@
 //   separate with ';'. `role=server` aims at parameter server `rank` instead, which SIGKILLs itself (action=kill)
 //   after serving its `step`-th push.
 // DTRAIN_SAMPLE_LOG=DIR
-//   every rank appends, per optimizer step, the sample indices it trained on to
+//   every rank appends (under model parallelism one rank per data replica, see addTestAids), per optimizer step,
+//   the sample indices it trained on to
 //   DIR/samples-a<attempt>-r<rank>.jsonl ({"attempt","round","rank","world","epoch","step","t","idx"}; t: Unix
 //   seconds), flushed per line: proof that an elastic resize neither skips nor repeats samples.
 // DTRAIN_STEP_PAUSE=DURATION ("20ms")
@@ -90,6 +91,9 @@ class StepPause final : public TrainerCallback {
 };
 
 // Registers the SampleLog, the StepPause and the FaultInjector when DTRAIN_SAMPLE_LOG / DTRAIN_FAULT ask for them.
-void addTestAids(CallbackList& callbacks, int rank, int worldSize, int attempt, int round);
+// `logsSamples`: this rank writes the sample log. Under model parallelism only one rank of each data replica does
+// (stage 0, tensor rank 0): its other stages and tensor ranks train on the same batches, and logging them too made
+// every sample look repeated (dtrain sim failed every pipeline job).
+void addTestAids(CallbackList& callbacks, int rank, int worldSize, int attempt, int round, bool logsSamples = true);
 
 }  // namespace dtrain::train

@@ -177,7 +177,9 @@ void TrainLoop::setUp() {
     checkDataFitsModel(job_, *eval_, *loss_, "/data/eval");
   }
   hasDropout_ = model_->hasRandomLayers();
-  addTestAids(callbacks_, worker_.rank, worker_.worldSize, worker_.restartCount, worker_.round);
+  // One sample log per data replica: its stages and tensor ranks all read the same batches.
+  addTestAids(callbacks_, worker_.rank, worker_.worldSize, worker_.restartCount, worker_.round,
+              /*logsSamples=*/g.coords.stage == 0 && g.coords.tensor == 0);
   if (auto reporter = makeMetricsReporter(worker_.rank)) callbacks_.add(std::move(reporter));
   if (job_.logging.tensorboard)
     callbacks_.add(std::make_shared<TensorBoardLogger>(worker_.rank == 0, job_.outputDir));

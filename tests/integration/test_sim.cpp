@@ -96,6 +96,36 @@ TEST_CASE("dtrain sim: 4 nodes, one killed and one joining: the job finishes and
   CHECK(processesWithEnv("DTRAIN_SAMPLE_LOG", dir + "/sim/samples").empty());
 }
 
+TEST_CASE("dtrain sim: a pipeline job (2 stages per replica) resized by a kill: every sample seen once") {
+  // Each replica's stages read the same batches; all of them used to write the sample log, so the sim counted
+  // every sample of a pipeline job twice ("repeated 160 -> FAIL", exit 1) even without a fault.
+  std::string dir = tempDir("sim-pipeline");
+  json job = smallJob(240, 5, 1000);
+  job["train"]["max_steps"] = 24;
+  job["checkpoint"] = {{"every_steps", 4}, {"keep", 2}};
+  job["parallel"] = {{"timeout", 20}, {"pipeline", {{"stages", 2}, {"micro_batches", 2}}}};
+  writeFile(dir + "/job.json", job.dump());
+  RunOptions opts{.timeout = 180s, .env = {{"DTRAIN_STEP_PAUSE", "25ms"}}};
+  auto r = run(simArgs({"--nodes", "3", "--nproc-per-node", "2", "--faults", "kill:node2@step6", "--output-dir",
+                        dir + "/sim", dir + "/job.json"}),
+               opts);
+  INFO(r.out, r.err);
+  CHECK(r.out.find("repeated 0, skipped 0") != std::string::npos);
+  CHECK(r.out.find("done: 24 steps") != std::string::npos);
+  REQUIRE(r.exitCode == 0);
+  int rounds = 0;
+  auto seen = finalHistory(dir + "/sim/samples", rounds);
+  CHECK(rounds >= 2);  // 3 replicas, then 2 after the kill
+  int64_t trained = 0;
+  for (auto& [epoch, counts] : seen)
+    for (auto& [sample, times] : counts) {
+      CHECK_MESSAGE(times == 1, "epoch ", epoch, " sample ", sample, " seen ", times);
+      trained += times;
+    }
+  CHECK(trained > 0);
+  CHECK(processesWithEnv("DTRAIN_SAMPLE_LOG", dir + "/sim/samples").empty());
+}
+
 TEST_CASE("dtrain sim: a node cut off by a partition; the others re-form and the job finishes") {
   if (::geteuid() != 0) {
     MESSAGE("skipped: partitions need network namespaces (root)");

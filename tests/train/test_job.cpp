@@ -240,13 +240,16 @@ TEST_CASE("batch sizes past the bound are errors, not truncated") {
   auto dir = testing::tempDir("job_bounds");
   auto path = writeJob(dir, kJob);
   CHECK(configErrorOf({path, {"data.batch_size=2147483648"}}) ==
-        path + ": /data/batch_size: 2147483648 is more than the supported 16777216 samples per rank");
+        path + ": /data/batch_size: 2147483648 is more than the supported 16777216 samples per rank (from --set "
+               "data.batch_size=2147483648)");
   CHECK(configErrorOf({path, {"data.batch_size=4294967297"}}) ==
-        path + ": /data/batch_size: 4294967297 is more than the supported 16777216 samples per rank");
+        path + ": /data/batch_size: 4294967297 is more than the supported 16777216 samples per rank (from --set "
+               "data.batch_size=4294967297)");
   CHECK(configErrorOf({path, {"checkpoint.keep=4294967297"}}) ==
-        path + ": /checkpoint/keep: 4294967297 is more than the supported 1048576");
+        path + ": /checkpoint/keep: 4294967297 is more than the supported 1048576 (from --set checkpoint.keep=4294967297)");
   CHECK(configErrorOf({path, {"parallel.reference_world_size=4294967297"}}) ==
-        path + ": /parallel/reference_world_size: 4294967297 is more than the supported 1048576");
+        path + ": /parallel/reference_world_size: 4294967297 is more than the supported 1048576 (from --set "
+               "parallel.reference_world_size=4294967297)");
   CHECK(loadJob({path, {"data.batch_size=16777216"}}).data.batchSize == 16777216);
 }
 
@@ -267,7 +270,7 @@ TEST_CASE("a number that overflows a double is a config error naming the file") 
   // --set takes a value that is not valid JSON as a string, which the field then refuses.
   auto clean = writeJob(dir, kJob, "clean.json");
   CHECK(configErrorOf({clean, {"optimizer.lr=1e999"}}) ==
-        clean + ": /optimizer/lr: expected a number > 0, got \"1e999\"");
+        clean + ": /optimizer/lr: expected a number > 0, got \"1e999\" (from --set optimizer.lr=1e999)");
 }
 
 TEST_CASE("job files must be regular files of a config file's size, checked before reading") {

@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <map>
+#include <optional>
 #include <regex>
 #include <sstream>
 #include <thread>
@@ -55,7 +56,8 @@ std::vector<Sample> parseExposition(const std::string& text) {
 std::string view(const TopArgs& a, const std::vector<std::string>& agents, std::chrono::milliseconds timeout) {
   struct Rank {
     std::string node;
-    double step = 0, epoch = 0, loss = 0, sps = 0, updated = 0;
+    double step = 0, epoch = 0, sps = 0, updated = 0;
+    std::optional<double> loss;  // none: the rank computes no loss (a pipeline stage before the last)
   };
   std::map<int, Rank> ranks;
   std::string nodes;
@@ -102,8 +104,9 @@ std::string view(const TopArgs& a, const std::vector<std::string>& agents, std::
   double total = 0;
   for (const auto& [rank, r] : ranks) {
     total += r.sps;
-    out += fmt::format("{:>6} {:>5} {:>10.0f} {:>6.0f} {:>12.6g} {:>12.0f} {:>10.1f} s\n", rank, r.node, r.step,
-                       r.epoch + 1, r.loss, r.sps, r.updated > 0 ? now - r.updated : 0.0);
+    out += fmt::format("{:>6} {:>5} {:>10.0f} {:>6.0f} {:>12} {:>12.0f} {:>10.1f} s\n", rank, r.node, r.step,
+                       r.epoch + 1, r.loss ? fmt::format("{:.6g}", *r.loss) : "-", r.sps,
+                       r.updated > 0 ? now - r.updated : 0.0);
   }
   out += fmt::format("{:>6} {:>5} {:>10} {:>6} {:>12} {:>12.0f}\n", "all", "", "", "", "", total);
   return out;

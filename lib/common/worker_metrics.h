@@ -41,7 +41,7 @@ struct FlightEntry {
 
 struct WorkerMetricsBlock {
   static constexpr uint32_t kMagic = 0x6d747264;  // "drtm"
-  static constexpr uint32_t kVersion = 2;
+  static constexpr uint32_t kVersion = 3;  // 3: noLoss
   static constexpr int kFlightEntries = 32;
   static constexpr int kCollectiveKinds = 8;  // comm::Operation::Kind's values
 
@@ -52,6 +52,8 @@ struct WorkerMetricsBlock {
   std::atomic<int64_t> step;        // optimizer steps done
   std::atomic<int64_t> epoch;       // 0-based
   std::atomic<double> loss;         // mean loss of the last step's micro-batches, this rank
+  std::atomic<uint32_t> noLoss;     // 1: this rank computes no loss (a pipeline stage before the last): `loss`
+                                    // means nothing and is not shown (it used to read 0 on those ranks)
   std::atomic<double> learningRate;
   std::atomic<double> samplesPerSecond;  // this rank, over the last ~second of steps
   std::atomic<uint64_t> samplesTotal;    // training samples this rank consumed

@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <fstream>
+#include <limits>
 #include <sstream>
 
 #include <fmt/format.h>
@@ -86,7 +87,7 @@ function render(d) {
                     '<th>last report (s ago)</th></tr>';
   for (const r of d.ranks) {
     const tr = ranks.insertRow();
-    [r.rank, r.step, r.epoch + 1, r.loss.toPrecision(4), r.learning_rate.toPrecision(3),
+    [r.rank, r.step, r.epoch + 1, r.loss === null ? '-' : r.loss.toPrecision(4), r.learning_rate.toPrecision(3),
      r.samples_per_second.toFixed(0)].forEach(v => cell(tr, v));
     cell(tr, r.age_seconds.toFixed(1), r.age_seconds > 10 ? 'stale' : '');
   }
@@ -168,7 +169,7 @@ void Dashboard::sample() {
     if (!h.step.empty() && h.step.back() == static_cast<double>(r.step)) continue;
     h.time.push_back(now);
     h.step.push_back(static_cast<double>(r.step));
-    h.loss.push_back(r.loss);
+    h.loss.push_back(r.hasLoss ? r.loss : std::numeric_limits<double>::quiet_NaN());  // NaN: null in the JSON
     h.samplesPerSecond.push_back(r.samplesPerSecond);
     if (h.time.size() >= kMaxPoints) {
       for (auto* v : {&h.time, &h.step, &h.loss, &h.samplesPerSecond}) {
@@ -210,7 +211,8 @@ std::string Dashboard::dataJson() const {
     list.push_back({{"rank", r.rank},
                     {"step", r.step},
                     {"epoch", r.epoch},
-                    {"loss", std::isfinite(r.loss) ? r.loss : 0.0},
+                    // null (shown as '-', no point) on a rank that computes no loss, as for a non-finite one.
+                    {"loss", r.hasLoss && std::isfinite(r.loss) ? nlohmann::json(r.loss) : nlohmann::json()},
                     {"learning_rate", r.learningRate},
                     {"samples_per_second", r.samplesPerSecond},
                     {"age_seconds", r.updatedUnixSeconds > 0 ? now - r.updatedUnixSeconds : -1.0},

@@ -138,6 +138,7 @@ std::vector<MetricsHub::RankState> MetricsHub::rankStates() const {
     r.step = b->step.load(kRelaxed);
     r.epoch = b->epoch.load(kRelaxed);
     r.loss = b->loss.load(kRelaxed);
+    r.hasLoss = b->noLoss.load(kRelaxed) == 0;
     r.learningRate = b->learningRate.load(kRelaxed);
     r.samplesPerSecond = b->samplesPerSecond.load(kRelaxed);
     r.updatedUnixSeconds = b->updatedUnixSeconds.load(kRelaxed);
@@ -208,8 +209,10 @@ void MetricsHub::renderWorkers(PromText& out, const std::vector<const WorkerMetr
   each("dtrain_step", "gauge", "Optimizer steps done (a resumed run counts from its checkpoint).",
        [](const auto& b) { return b.step.load(kRelaxed); });
   each("dtrain_epoch", "gauge", "Current epoch, 0-based.", [](const auto& b) { return b.epoch.load(kRelaxed); });
-  each("dtrain_loss", "gauge", "Training loss of this rank's last step (mean over its micro-batches).",
-       [](const auto& b) { return b.loss.load(kRelaxed); });
+  // A pipeline stage before the last computes no loss: no sample for it (a 0 read as a perfect loss).
+  out.family("dtrain_loss", "gauge", "Training loss of this rank's last step (mean over its micro-batches).");
+  for (size_t i = 0; i < blocks.size(); ++i)
+    if (blocks[i]->noLoss.load(kRelaxed) == 0) out.sample("dtrain_loss", labels[i], blocks[i]->loss.load(kRelaxed));
   each("dtrain_learning_rate", "gauge", "Learning rate of the last update.",
        [](const auto& b) { return b.learningRate.load(kRelaxed); });
   each("dtrain_samples_per_second", "gauge", "Training samples per second of this rank over the last second.",

@@ -87,6 +87,7 @@ class MetricsHub {
     int64_t step = 0;
     int64_t epoch = 0;
     double loss = 0;
+    bool hasLoss = true;  // false: the rank computes no loss (a pipeline stage before the last)
     double learningRate = 0;
     double samplesPerSecond = 0;
     double updatedUnixSeconds = 0;  // 0: never reported

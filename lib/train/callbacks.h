@@ -93,6 +93,7 @@ struct StepEvent {
   int64_t step = 0;   // optimizer steps done, this one included
   // This rank's view of the step (monitoring): its own loss and samples, not the group's.
   double loss = 0;      // mean over the step's micro-batches
+  bool hasLoss = true;  // false on a pipeline stage before the last: it computes no loss (`loss` is 0)
   double lr = 0;        // the learning rate the update used
   int64_t samples = 0;  // training samples of the step
   StepTimes times;

@@ -50,6 +50,7 @@ void MetricsReporter::onOptimizerStep(const StepEvent& e) {
   b.step.store(e.step, kRelaxed);
   b.epoch.store(e.epoch, kRelaxed);
   b.loss.store(e.loss, kRelaxed);
+  b.noLoss.store(e.hasLoss ? 0 : 1, kRelaxed);
   b.learningRate.store(e.lr, kRelaxed);
   b.samplesTotal.store(samples_, kRelaxed);
   b.stepsTotal.store(steps_, kRelaxed);

@@ -263,6 +263,7 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
       continue;
     }
     event.loss = event.samples > 0 ? stepLoss / (micro + 1) : 0;
+    event.hasLoss = pipeline_ == nullptr || pipeline_->lastStage();
     micro = 0;
     strategy_->finishStep();
     lap(event.times.commWait, "comm_wait");

@@ -178,6 +178,50 @@ scrape_configs:
   CHECK(processesWithRunId(id).empty());
 }
 
+TEST_CASE("a pipeline stage before the last has no loss in /metrics or the dashboard (it used to read 0)") {
+  std::string dir = tempDir("monitoring-pipeline");
+  std::string id = uniqueRunId("metrics-pipe");
+  KillByRunId cleanup{id};
+  auto job = nlohmann::json::parse(readFile(longJob(dir)));
+  job["model"]["layers"] = nlohmann::json::parse(R"([{"type": "linear", "out": 8}, {"type": "tanh"},
+                                                     {"type": "linear", "out": 1}])");
+  job["parallel"] = {{"pipeline", {{"stages", 2}, {"micro_batches", 2}}}};
+  writeFile(dir + "/job.json", job.dump());
+  Background agent(runArgs({"--standalone", "--rdzv-id", id, "-n", "2", "--metrics-port", "0", "--dashboard", "0",
+                            dir + "/job.json"}));
+  const int port = portFromLine(agent.waitForLine("serving Prometheus metrics on", 60s, /*fromStderr=*/true));
+  std::smatch m;
+  const std::string dashLine = agent.waitForLine("serving the dashboard on", 60s, /*fromStderr=*/true);
+  REQUIRE(std::regex_search(dashLine, m, std::regex(R"(:(\d+)/dashboard)")));
+  const int dashPort = std::stoi(m[1]);
+  const std::string labels = fmt::format("job=\"monitored\",run_id=\"{}\",node=\"0\"", id);
+  std::string scrape;
+  REQUIRE(pollUntil(60s, [&] {
+    auto r = httpGet(port, "/metrics");
+    scrape = r.body;
+    return r.status == 200 && sampleValue(scrape, "dtrain_step{" + labels + ",rank=\"0\"}") > 2 &&
+           sampleValue(scrape, "dtrain_step{" + labels + ",rank=\"1\"}") > 2;
+  }));
+  INFO(scrape);
+  // Stage 0 (rank 0) computes no loss: no sample. Stage 1 (rank 1) computes it.
+  CHECK(linesWith(scrape, "dtrain_loss{" + labels + ",rank=\"0\"}").empty());
+  CHECK(linesWith(scrape, "dtrain_loss{" + labels + ",rank=\"1\"}").size() == 1);
+  CHECK(sampleValue(scrape, "dtrain_step{" + labels + ",rank=\"0\"}") > 0);
+  if (installed("/usr/bin/promtool")) CHECK(promtoolProblems(scrape) == "");
+  auto data = nlohmann::json::parse(httpGet(dashPort, "/dashboard/data.json").body);
+  INFO(data.dump());
+  REQUIRE(data["ranks"].size() == 2);
+  for (const auto& r : data["ranks"]) {
+    if (r["rank"] == 0) CHECK(r["loss"].is_null());
+    else CHECK(r["loss"].is_number());
+  }
+  agent.signal(SIGTERM);
+  auto result = agent.wait(60s);
+  CHECK_FALSE(result.timedOut);
+  CHECK(result.exitCode == 128 + SIGTERM);
+  CHECK(processesWithRunId(id).empty());
+}
+
 TEST_CASE("dtrain store --metrics-port serves the store's counters") {
   Background store({dtrainBinary(), "store", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"});
   const int port = portFromLine(store.waitForLine("serving Prometheus metrics on", 30s, /*fromStderr=*/true));

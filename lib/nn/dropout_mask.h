@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <random>
 
+#include "lib/gpu/dropout_bits.h"
+
 namespace dtrain::nn::detail {
 
 // splitmix64 of a seed and a small integer (layers_dense.cpp): a layer's stream is seeded mixSeed(seed, index).
@@ -32,6 +34,21 @@ inline void drawCausalDropoutMask(std::mt19937_64& engine, double p, int64_t mat
       float* row = mask + (m * t + i) * t;
       for (int64_t j = 0; j <= i; ++j) row[j] = dropoutUniform(engine) >= p ? keep : 0.0f;
       std::fill(row + i + 1, row + t, 0.0f);
+    }
+  }
+}
+
+// The same draws, in the same order, packed as lib/gpu/dropout_bits.h's bits (set: kept) instead of floats: what the
+// CUDA attention copies to the device (1/32 of the float mask's bytes). bits holds gpu::maskWords(matrices * t * t)
+// words, overwritten (the bits above the diagonal are 0).
+inline void drawCausalDropoutBits(std::mt19937_64& engine, double p, int64_t matrices, int64_t t, uint32_t* bits) {
+  const size_t n = static_cast<size_t>(matrices * t * t);
+  std::fill(bits, bits + gpu::maskWords(n), 0u);
+  for (int64_t m = 0; m < matrices; ++m) {
+    for (int64_t i = 0; i < t; ++i) {
+      const size_t row = static_cast<size_t>((m * t + i) * t);
+      for (int64_t j = 0; j <= i; ++j)  // branch-free: the draws are random, a branch would mispredict
+        gpu::maskSet(bits, row + static_cast<size_t>(j), dropoutUniform(engine) >= p);
     }
   }
 }

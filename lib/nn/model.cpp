@@ -101,7 +101,7 @@ std::vector<ParamEntry> paramTableOf(const ModelSpec& spec) {
 
 void Model::makeLayers(uint64_t seed) {
   seed_ = seed;
-  scratch_ = std::make_unique<SharedScratch>();
+  scratch_ = std::make_unique<SharedScratch>(device_);  // on the model's device: its layers' scratch
   layers_.clear();
   hasRandomLayers_ = false;
   for (const auto& ls : parts_.layers) {

@@ -231,7 +231,7 @@ class Model {
   DeviceFloats activations_;  // every non-aliasing layer's output, maxBatch samples each
   std::vector<float*> ownOutput_;     // per layer: its slice of activations_ (null when aliasing)
   DeviceFloats gradA_, gradB_;  // ping-pong buffers for gradients between layers
-  std::unique_ptr<SharedScratch> scratch_;  // backward scratch the blocks and attention layers share
+  std::unique_ptr<SharedScratch> scratch_;  // scratch the blocks and attention layers share, on the model's device
   std::shared_ptr<TensorGroup> tensor_;     // the layers' tensor group (null: not tensor-parallel)
   std::vector<const float*> in_;      // per layer: its input in the last forward
   std::vector<float*> out_;           // per layer: its output in the last forward

@@ -96,7 +96,7 @@ void SharedScratch::allocate() {
   size_t total = 0;
   for (size_t n : size_) total += (n + 15) / 16 * 16;  // each slot on a 64-byte boundary
   if (total == 0) return;
-  memory_ = AlignedBuffer<float>(total);
+  memory_ = DeviceFloats(total, device_);
   size_t at = 0;
   for (int i = 0; i < kSlots; ++i) {
     slot_[i] = memory_.data() + at;

@@ -34,6 +34,7 @@
 
 #include "lib/common/aligned_buffer.h"
 #include "lib/common/tensor.h"
+#include "lib/nn/device.h"
 #include "lib/nn/spec.h"
 
 namespace dtrain {
@@ -57,20 +58,32 @@ struct ParamShape {
   int64_t start = 0;
 };
 
-// Backward scratch that layers of one model share because only one layer runs at a time (one model per thread):
-// a slot is sized by the largest request made while the model is built and allocated once, by allocate(), at
-// the end of Model::build. data(slot) is valid after that; never during building. Not thread-safe.
+// Scratch that layers of one model share because only one layer runs at a time (one model per thread; on a GPU,
+// every layer's work is also enqueued on one stream, so a layer's kernels that read a slot have run before the
+// next layer's kernels overwrite it): a slot is sized by the largest request made while the model is built and
+// allocated once, on the model's device, by allocate(), at the end of Model::build. data(slot) is valid after that
+// (device memory for a GPU model); never during building. A slot holds nothing from one layer call to the next:
+// whatever a layer must keep from forward to backward stays in its own buffers. Not thread-safe.
 class SharedScratch {
  public:
-  enum Slot { kGradA, kGradB, kAttention, kSlots };  // a block's ping-pong gradients; attention's dqkv + datt
+  enum Slot {
+    kGradA, kGradB,     // a block's ping-pong gradients (CPU)
+    kAttention,         // attention's dqkv + datt, inside one backward (CPU and CUDA)
+    kAttentionScores,   // the CUDA attention's one-sample scores/probabilities and their gradient [2, H, T, T]
+    kSlots
+  };
+  explicit SharedScratch(Device device = Device::cpu()) : device_(device) {}
   void reserve(Slot slot, size_t floats) { size_[slot] = std::max(size_[slot], floats); }
   void allocate();
   float* data(Slot slot) { return slot_[slot]; }
+  size_t size(Slot slot) const { return size_[slot]; }  // floats reserved
+  Device device() const noexcept { return device_; }
 
  private:
+  Device device_;
   size_t size_[kSlots] = {};
   float* slot_[kSlots] = {};
-  AlignedBuffer<float> memory_;
+  DeviceFloats memory_;
 };
 
 // What a layer implementation is built with besides its spec.

@@ -1,8 +1,9 @@
 // CUDA transformer layers: embedding, causal_self_attention, lm_head and the residual block (CPU twins in
 // layers_gpt.cpp, same math and parameter layouts). Attention is the simple, correct form: per sample, cuBLAS
 // batched GEMMs over the heads on strided views of the stacked qkv buffer, the full [T, T] score square, and a
-// masked softmax kernel; probabilities are kept for backward (maxBatch * H * T * T floats per layer). A fused,
-// memory-efficient (flash) kernel is the next step (docs/gpu.md).
+// masked softmax kernel; the probabilities are recomputed in backward instead of kept (one sample's [H, T, T] of
+// scratch, shared by the model's attention layers; see CausalSelfAttention). A fused, memory-efficient (flash)
+// kernel is the next step (docs/gpu.md).
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -15,12 +16,15 @@
 #include "lib/common/aligned_buffer.h"
 #include "lib/common/error.h"
 #include "lib/gpu/blas.h"
+#include "lib/gpu/dropout_bits.h"
+#include "lib/gpu/kernels_attention.h"
 #include "lib/gpu/kernels.h"
 #include "lib/gpu/token_order.h"
 #include "lib/nn/cuda_impl.h"
 #include "lib/nn/device.h"
-#include "lib/nn/layer.h"
 #include "lib/nn/dropout_mask.h"
+#include "lib/nn/layer.h"
+#include "lib/nn/registry.h"
 
 namespace dtrain::nn::cuda {
 namespace {
@@ -95,15 +99,42 @@ class Embedding final : public Layer {
   float* gwpe_ = nullptr;
 };
 
+// Causal self-attention (CPU twin: layers_attention.cpp). Per sample, cuBLAS batched GEMMs over the heads on
+// strided views of the stacked qkv buffer, the full [T, T] score square per head and a masked softmax kernel.
+//
+// Memory: the probabilities are not kept for backward. Forward computes one sample's [H, T, T] at a time into a
+// scratch; backward recomputes them per sample. The correctness argument: the recomputation is the very same
+// cuBLAS call (same operands, same pointers, leading dimensions and strides, same handle, math mode and output
+// buffer) followed by the very same softmax kernel launch, and both are deterministic (cuBLAS GEMMs give identical
+// bits for identical calls on one GPU; the softmax reduces in a fixed tree), so backward's P is bit-identical to
+// the P forward multiplied v by, and every gradient is bit-identical to keeping P. The cost is one [T, T] x hs
+// GEMM and one softmax per sample and head again in backward (at GPT-2-small shape about 2.5% of the step's FLOPs).
+// The scratch (P and dP: 2 x H x T x T floats) is the model's SharedScratch::kAttentionScores slot, shared by every
+// attention layer (layers run one at a time on one stream), or the layer's own when built without one (tests).
+// dqkv and datt, which live only inside one backward, share the kAttention slot the same way (as on the CPU).
+// Kept per layer from forward to backward: qkv and the concatenated heads (maxBatch x 4C x T floats).
+//
+// Attention dropout ("dropout" > 0, training): the mask is drawn on the host by the CPU layer's generator in its
+// order (lib/nn/dropout_mask.h), packed one bit per element (lib/gpu/dropout_bits.h) and copied to the device,
+// where it is the only thing dropout keeps (maxBatch x H x T x T bits). Forward multiplies v by the dropped P
+// (P x 1/(1-p) where kept, 0 where dropped, the CPU's select); backward recomputes P as above and the dropped P
+// from it and the same bits with the same kernel, so they too are the forward's bit for bit.
 class CausalSelfAttention final : public Layer {
  public:
   CausalSelfAttention(const LayerSpec& spec, const LayerBuild& build)
       : Layer(spec, build.device), t_(spec.input[0]), c_(spec.input[1]), h_(spec.nHead), hs_(c_ / h_),
         rows_(sz(build.maxBatch) * sz(t_)), qkv_(rows_ * sz(3 * c_), build.device), att_(rows_ * sz(c_), build.device),
-        probs_(sz(build.maxBatch) * sz(h_ * t_ * t_), build.device), dprobs_(sz(h_ * t_ * t_), build.device),
-        dqkv_(rows_ * sz(3 * c_), build.device), datt_(rows_ * sz(c_), build.device),
-        hostMask_(spec.p > 0 ? probs_.size() : 0), mask_(hostMask_.size(), build.device),
-        dropped_(hostMask_.size(), build.device) {
+        scratch_(build.scratch), maskWords_(spec.p > 0 ? gpu::maskWords(sz(build.maxBatch) * sz(h_ * t_ * t_)) : 0),
+        hostMask_(maskWords_), mask_(maskWords_, build.device) {
+    DTRAIN_CHECK(scratch_ == nullptr || scratch_->device() == build.device,
+                 "{}: the shared scratch is on {}, the layer on {}", spec.path, scratch_->device().str(),
+                 build.device.str());
+    if (scratch_ != nullptr) {
+      scratch_->reserve(SharedScratch::kAttentionScores, 2 * square());
+      scratch_->reserve(SharedScratch::kAttention, rows_ * sz(4 * c_));
+    } else {
+      own_ = DeviceFloats(2 * square() + rows_ * sz(4 * c_), build.device);
+    }
     reseed(build.seed);
   }
 
@@ -119,27 +150,20 @@ class CausalSelfAttention final : public Layer {
   }
 
   void forward(const float* x, float* y, int batch, bool train) override {
-    const int64_t rows = batch * t_, c3 = 3 * c_, tt = t_ * t_;
+    const int64_t rows = batch * t_, c3 = 3 * c_;
     dropping_ = train && spec().p > 0;
     if (dropping_) drawMasks(batch);
     float* qkv = qkv_.data();
     gpu::gemm(false, true, rows, c3, c_, 1.0f, x, c_, wAttn_, c_, 0.0f, qkv, c3);
     if (bAttn_ != nullptr) k::addBias(qkv, bAttn_, rows, c3);
-    const float scale = 1.0f / std::sqrt(static_cast<float>(hs_));
+    float* p = scores();
     for (int b = 0; b < batch; ++b) {
       const float* base = qkv + b * t_ * c3;  // q at column h*hs, k at C + h*hs, v at 2C + h*hs
-      float* p = probs(b);
-      // S_h = q_h k_h^T for every head h (heads hs columns apart).
-      gpu::gemmBatched(false, true, t_, t_, hs_, 1.0f, base, c3, hs_, base + c_, c3, hs_, 0.0f, p, t_, tt, h_);
-      k::causalSoftmaxForward(p, h_, t_, scale);
-      // Attention dropout: the dropped P (P x mask, the mask holding 1/(1-p) or 0) multiplies v and is kept.
-      const float* pv = p;
-      if (dropping_) {
-        k::multiply(p, mask(b), dropped(b), sz(h_ * tt));
-        pv = dropped(b);
-      }
+      probabilities(base, p);
+      // Attention dropout: v is multiplied by the dropped P, computed in place (P itself is not needed again).
+      if (dropping_) k::dropoutBits(p, maskBits(), firstBit(b), keep(), p, square());
       // y_h = P_h v_h into the concatenated heads.
-      gpu::gemmBatched(false, false, t_, hs_, t_, 1.0f, pv, t_, tt, base + 2 * c_, c3, hs_, 0.0f,
+      gpu::gemmBatched(false, false, t_, hs_, t_, 1.0f, p, t_, t_ * t_, base + 2 * c_, c3, hs_, 0.0f,
                        att_.data() + b * t_ * c_, c_, hs_, h_);
     }
     gpu::gemm(false, true, rows, c_, c_, 1.0f, att_.data(), c_, wProj_, c_, 0.0f, y, c_);
@@ -149,54 +173,71 @@ class CausalSelfAttention final : public Layer {
   void backward(const float* x, const float*, const float* dy, float* dx, int batch, bool accumulate) override {
     const int64_t rows = batch * t_, c3 = 3 * c_, tt = t_ * t_;
     const float beta = accumulate ? 1.0f : 0.0f;
+    float* dqkvData = scratch_ != nullptr ? scratch_->data(SharedScratch::kAttention) : own_.data() + 2 * square();
+    float* datt = dqkvData + rows_ * sz(c3);
     gpu::gemm(true, false, c_, c_, rows, 1.0f, dy, c_, att_.data(), c_, beta, gwProj_, c_);
     if (gbProj_ != nullptr) k::biasGrad(dy, gbProj_, rows, c_, accumulate);
-    float* datt = datt_.data();
     gpu::gemm(false, false, rows, c_, c_, 1.0f, dy, c_, wProj_, c_, 0.0f, datt, c_);
-    const float scale = 1.0f / std::sqrt(static_cast<float>(hs_));
-    float* dp = dprobs_.data();
+    float* p = scores();
+    float* dp = p + square();
     for (int b = 0; b < batch; ++b) {
       const float* base = qkv_.data() + b * t_ * c3;
-      float* dbase = dqkv_.data() + b * t_ * c3;
+      float* dbase = dqkvData + b * t_ * c3;
       const float* dout = datt + b * t_ * c_;
-      const float* p = probs(b);
-      const float* pv = dropping_ ? dropped(b) : p;  // what multiplied v in forward
-      // dv_h = P_h^T dOut_h;  dP_h = dOut_h v_h^T.
-      gpu::gemmBatched(true, false, t_, hs_, t_, 1.0f, pv, t_, tt, dout, c_, hs_, 0.0f, dbase + 2 * c_, c3, hs_, h_);
+      probabilities(base, p);  // forward's P, bit for bit (see the class comment)
+      // dP_h = dOut_h v_h^T, then through the dropout: dP x 1/(1-p) where kept, 0 where dropped.
       gpu::gemmBatched(false, true, t_, t_, hs_, 1.0f, dout, c_, hs_, base + 2 * c_, c3, hs_, 0.0f, dp, t_, tt, h_);
-      // Through the dropout: dP x 1/(1-p) where kept, 0 where dropped (the CPU's select; a kept P that is 0 gets
-      // 0 from the softmax backward either way).
-      if (dropping_) k::multiply(dp, mask(b), dp, sz(h_ * tt));
-      k::causalSoftmaxBackward(p, dp, h_, t_, scale);  // dp becomes dS (scaled, masked)
-      // dq_h = dS_h k_h;  dk_h = dS_h^T q_h.
+      if (dropping_) k::dropoutBits(dp, maskBits(), firstBit(b), keep(), dp, square());
+      k::causalSoftmaxBackward(p, dp, h_, t_, scaleOf());  // dp becomes dS (scaled, masked)
+      // P is no longer needed: the dropped P (forward's, bit for bit) takes its place for dv.
+      if (dropping_) k::dropoutBits(p, maskBits(), firstBit(b), keep(), p, square());
+      // dv_h = P_h^T dOut_h (P: what multiplied v in forward);  dq_h = dS_h k_h;  dk_h = dS_h^T q_h.
+      gpu::gemmBatched(true, false, t_, hs_, t_, 1.0f, p, t_, tt, dout, c_, hs_, 0.0f, dbase + 2 * c_, c3, hs_, h_);
       gpu::gemmBatched(false, false, t_, hs_, t_, 1.0f, dp, t_, tt, base + c_, c3, hs_, 0.0f, dbase, c3, hs_, h_);
       gpu::gemmBatched(true, false, t_, hs_, t_, 1.0f, dp, t_, tt, base, c3, hs_, 0.0f, dbase + c_, c3, hs_, h_);
     }
-    const float* dqkv = dqkv_.data();
+    const float* dqkv = dqkvData;
     gpu::gemm(true, false, c3, c_, rows, 1.0f, dqkv, c3, x, c_, beta, gwAttn_, c_);
     if (gbAttn_ != nullptr) k::biasGrad(dqkv, gbAttn_, rows, c3, accumulate);
     if (dx != nullptr) gpu::gemm(false, false, rows, c_, c3, 1.0f, dqkv, c3, wAttn_, c_, 0.0f, dx, c_);
   }
 
  private:
-  float* probs(int b) { return probs_.data() + sz(b) * sz(h_ * t_ * t_); }
-  const float* mask(int b) const { return mask_.data() + sz(b) * sz(h_ * t_ * t_); }
-  float* dropped(int b) { return dropped_.data() + sz(b) * sz(h_ * t_ * t_); }
+  size_t square() const { return sz(h_ * t_ * t_); }  // one sample's [H, T, T]
+  float scaleOf() const { return 1.0f / std::sqrt(static_cast<float>(hs_)); }
+  float keep() const { return 1.0f / static_cast<float>(1.0 - spec().p); }  // the CPU's float rounding
+  // P and dP of one sample: [2, H, T, T].
+  float* scores() { return scratch_ != nullptr ? scratch_->data(SharedScratch::kAttentionScores) : own_.data(); }
+  const uint32_t* maskBits() const { return reinterpret_cast<const uint32_t*>(mask_.data()); }
+  size_t firstBit(int b) const { return sz(b) * square(); }  // sample b's first element in the mask
 
-  // The CPU's draws (layers_attention.cpp dropRow), in its order (sample, head, row i, column j <= i), as a mask
-  // of 1/(1-p) (kept) and 0 (dropped or masked), copied to the device (blocking): the GPU drops what the CPU does.
-  // A host loop over batch x H x T(T+1)/2 draws per training forward: correct first, slow for long contexts.
+  // P = causal softmax(q k^T * scale) of one sample, every head, into p [H, T, T]: the one place forward and
+  // backward compute it, so both make the identical calls.
+  void probabilities(const float* base, float* p) {
+    const int64_t c3 = 3 * c_;
+    gpu::gemmBatched(false, true, t_, t_, hs_, 1.0f, base, c3, hs_, base + c_, c3, hs_, 0.0f, p, t_, t_ * t_, h_);
+    k::causalSoftmaxForward(p, h_, t_, scaleOf());
+  }
+
+  // The CPU's draws (layers_attention.cpp dropRow), in its order (sample, head, row i, column j <= i), packed as
+  // bits (set: kept) and copied to the device (blocking, so the host buffer may be refilled next time): the GPU
+  // drops what the CPU does. A host loop over batch x H x T(T+1)/2 draws per training forward.
   void drawMasks(int batch) {
-    detail::drawCausalDropoutMask(engine_, spec().p, batch * h_, t_, hostMask_.data());
-    copyBytes(mask_.data(), device(), hostMask_.data(), Device::cpu(), sz(batch) * sz(h_ * t_ * t_) * sizeof(float));
+    const size_t n = sz(batch) * square();
+    detail::drawCausalDropoutBits(engine_, spec().p, batch * h_, t_, hostMask_.data());
+    copyBytes(mask_.data(), device(), hostMask_.data(), Device::cpu(), gpu::maskWords(n) * sizeof(uint32_t));
   }
 
   int64_t t_, c_, h_, hs_;
   size_t rows_;
-  DeviceFloats qkv_, att_, probs_, dprobs_, dqkv_, datt_;
-  // Attention dropout ("dropout" > 0): the host-drawn mask, its device copy and the dropped P (maxBatch x H x T x T).
-  AlignedBuffer<float> hostMask_;
-  DeviceFloats mask_, dropped_;
+  DeviceFloats qkv_, att_;  // kept from forward to backward
+  SharedScratch* scratch_;  // the model's (kAttentionScores, kAttention), or null: own_
+  DeviceFloats own_;        // [2, H, T, T] scores then dqkv + datt, when built without a shared scratch
+  // Attention dropout ("dropout" > 0): the host-drawn bits and their device copy (maxBatch x H x T x T bits, in
+  // 32-bit words; DeviceFloats only as storage).
+  size_t maskWords_;
+  AlignedBuffer<uint32_t> hostMask_;
+  DeviceFloats mask_;
   std::mt19937_64 engine_;
   bool dropping_ = false;  // the last forward applied dropout
   float* wAttn_ = nullptr;

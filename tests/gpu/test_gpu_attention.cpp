@@ -1,0 +1,235 @@
+// The CUDA causal_self_attention's compact dropout mask and its backward order, emulated on the CPU (no GPU
+// needed, as test_gpu_window.cpp does for conv2d/maxpool2d): the bits the layer draws on the host
+// (lib/nn/dropout_mask.h drawCausalDropoutBits) are the CPU layer's draws, and attention computed the way the CUDA
+// layer computes it, sample by sample through lib/gpu/dropout_bits.h's per-element rule (the kernels' own
+// function) with P recomputed in backward, gives the CPU layer's output and every gradient. What this cannot show:
+// the device itself (launches, cuBLAS, the copy of the bits); test_gpu_nn does that with a GPU.
+#include <doctest/doctest.h>
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "lib/gpu/dropout_bits.h"
+#include "lib/nn/dropout_mask.h"
+#include "lib/nn/layer.h"
+#include "lib/nn/spec.h"
+
+using namespace dtrain;
+using nlohmann::json;
+
+namespace {
+
+std::vector<float> randomValues(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> u(-1, 1);
+  std::vector<float> v(n);
+  for (float& x : v) x = u(rng);
+  return v;
+}
+
+double worstDiff(const std::vector<float>& a, const std::vector<double>& b) {
+  REQUIRE(a.size() == b.size());
+  double worst = 0;
+  for (size_t i = 0; i < a.size(); ++i)
+    worst = std::max(worst, std::fabs(double(a[i]) - b[i]) / std::max(1.0, std::fabs(b[i])));
+  return worst;
+}
+
+struct Emulated {
+  std::vector<double> y, dx, grads;
+};
+
+// The CUDA layer's forward and backward (lib/nn/cuda/layers_gpt.cpp CausalSelfAttention) in double, in its order,
+// with its mask: per sample, P = causal softmax(q k^T * scale) for every head (into one sample's scratch; backward
+// computes it again), the dropped P = maskApply(bits, sample's first bit + e, P, keep); backward: dP = dOut v^T,
+// dP = maskApply(bits, ..., dP, keep), dS = P (dP - sum(P dP)) scale, then dv = (dropped P)^T dOut, dq = dS k,
+// dk = dS^T q. Without dropout (bits == nullptr) the dropped P is P. Parameters in the arena's order.
+Emulated emulate(const std::vector<float>& params, const std::vector<float>& x, const std::vector<float>& dy,
+                 const uint32_t* bits, float keep, int64_t batch, int64_t t, int64_t c, int64_t heads) {
+  const int64_t hs = c / heads, rows = batch * t, c3 = 3 * c;
+  const float* wAttn = params.data();
+  const float* bAttn = wAttn + 3 * c * c;
+  const float* wProj = bAttn + 3 * c;
+  const float* bProj = wProj + c * c;
+  auto at = [](int64_t i) { return static_cast<size_t>(i); };
+  std::vector<double> qkv(at(rows * c3)), att(at(rows * c), 0.0);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t o = 0; o < c3; ++o) {
+      double acc = bAttn[o];
+      for (int64_t i = 0; i < c; ++i) acc += double(x[at(r * c + i)]) * wAttn[o * c + i];
+      qkv[at(r * c3 + o)] = acc;
+    }
+  const double scale = 1.0 / std::sqrt(static_cast<double>(hs));
+  const size_t square = at(heads * t * t);
+  // One sample's probabilities [H, T, T]: what the CUDA layer's probabilities() writes into its scratch.
+  auto probabilities = [&](int64_t b, std::vector<double>& p) {
+    std::fill(p.begin(), p.end(), 0.0);
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t i = 0; i < t; ++i) {
+        double* row = p.data() + at((h * t + i) * t);
+        double m = -1e300, total = 0;
+        for (int64_t j = 0; j <= i; ++j) {
+          double s = 0;
+          for (int64_t d = 0; d < hs; ++d)
+            s += qkv[at((b * t + i) * c3 + h * hs + d)] * qkv[at((b * t + j) * c3 + c + h * hs + d)];
+          row[j] = s;
+          m = std::max(m, s);
+        }
+        for (int64_t j = 0; j <= i; ++j) total += row[j] = std::exp((row[j] - m) * scale);
+        for (int64_t j = 0; j <= i; ++j) row[j] /= total;
+      }
+  };
+  // The kernel's rule through dropout_bits.h (the factor it applies to element e of sample b).
+  auto factor = [&](int64_t b, size_t e) {
+    return bits == nullptr ? 1.0 : double(gpu::maskApply(bits, at(b) * square + e, 1.0f, keep));
+  };
+  std::vector<double> p(square), dp(square);
+  for (int64_t b = 0; b < batch; ++b) {
+    probabilities(b, p);
+    for (size_t e = 0; e < square; ++e) p[e] *= factor(b, e);
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t i = 0; i < t; ++i)
+        for (int64_t j = 0; j < t; ++j)
+          for (int64_t d = 0; d < hs; ++d)
+            att[at((b * t + i) * c + h * hs + d)] += p[at((h * t + i) * t + j)] * qkv[at((b * t + j) * c3 + 2 * c + h * hs + d)];
+  }
+  Emulated out;
+  out.y.assign(at(rows * c), 0.0);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t o = 0; o < c; ++o) {
+      double acc = bProj[o];
+      for (int64_t i = 0; i < c; ++i) acc += att[at(r * c + i)] * wProj[o * c + i];
+      out.y[at(r * c + o)] = acc;
+    }
+  // Backward. Gradients in the arena's order: c_attn.weight, c_attn.bias, c_proj.weight, c_proj.bias.
+  out.grads.assign(params.size(), 0.0);
+  double* gwAttn = out.grads.data();
+  double* gbAttn = gwAttn + 3 * c * c;
+  double* gwProj = gbAttn + 3 * c;
+  double* gbProj = gwProj + c * c;
+  std::vector<double> datt(at(rows * c), 0.0), dqkv(at(rows * c3), 0.0);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t o = 0; o < c; ++o) {
+      const double g = dy[at(r * c + o)];
+      gbProj[o] += g;
+      for (int64_t i = 0; i < c; ++i) {
+        gwProj[o * c + i] += g * att[at(r * c + i)];
+        datt[at(r * c + i)] += g * wProj[o * c + i];
+      }
+    }
+  for (int64_t b = 0; b < batch; ++b) {
+    probabilities(b, p);  // recomputed, as the CUDA layer does
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t i = 0; i < t; ++i) {
+        double* dr = dp.data() + at((h * t + i) * t);
+        const double* pr = p.data() + at((h * t + i) * t);
+        for (int64_t j = 0; j < t; ++j) {
+          double s = 0;
+          for (int64_t d = 0; d < hs; ++d)
+            s += datt[at((b * t + i) * c + h * hs + d)] * qkv[at((b * t + j) * c3 + 2 * c + h * hs + d)];
+          dr[j] = s * factor(b, at((h * t + i) * t + j));
+        }
+        double dot = 0;
+        for (int64_t j = 0; j <= i; ++j) dot += pr[j] * dr[j];
+        for (int64_t j = 0; j < t; ++j) dr[j] = j <= i ? pr[j] * (dr[j] - dot) * scale : 0.0;
+      }
+    for (size_t e = 0; e < square; ++e) p[e] *= factor(b, e);  // the dropped P, for dv
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t i = 0; i < t; ++i)
+        for (int64_t j = 0; j < t; ++j) {
+          const double pd = p[at((h * t + i) * t + j)], ds = dp[at((h * t + i) * t + j)];
+          for (int64_t d = 0; d < hs; ++d) {
+            const int64_t qi = (b * t + i) * c3 + h * hs + d, kj = (b * t + j) * c3 + c + h * hs + d;
+            dqkv[at((b * t + j) * c3 + 2 * c + h * hs + d)] += pd * datt[at((b * t + i) * c + h * hs + d)];
+            dqkv[at(qi)] += ds * qkv[at(kj)];
+            dqkv[at(kj)] += ds * qkv[at(qi)];
+          }
+        }
+  }
+  out.dx.assign(at(rows * c), 0.0);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t o = 0; o < c3; ++o) {
+      const double g = dqkv[at(r * c3 + o)];
+      gbAttn[o] += g;
+      for (int64_t i = 0; i < c; ++i) {
+        gwAttn[o * c + i] += g * x[at(r * c + i)];
+        out.dx[at(r * c + i)] += g * wAttn[o * c + i];
+      }
+    }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("attention dropout's bits hold the CPU layer's draws, in its order, for any shape") {
+  for (const auto& [matrices, t] : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {3, 5}, {10, 7}, {4, 33}}) {
+    CAPTURE(matrices);
+    CAPTURE(t);
+    const size_t n = static_cast<size_t>(matrices * t * t);
+    std::mt19937_64 a(99), b(99);
+    std::vector<float> mask(n);
+    std::vector<uint32_t> bits(gpu::maskWords(n), 0xffffffffu);  // overwritten, including the tail word
+    nn::detail::drawCausalDropoutMask(a, 0.4, matrices, t, mask.data());
+    nn::detail::drawCausalDropoutBits(b, 0.4, matrices, t, bits.data());
+    CHECK(a() == b());  // as many draws
+    for (size_t e = 0; e < n; ++e) {
+      CAPTURE(e);
+      REQUIRE(gpu::maskKept(bits.data(), e) == (mask[e] != 0.0f));
+      // The kernel's value is the float mask's product (for finite values), and 1/(1-p) rounds as the CPU's.
+      CHECK(gpu::maskApply(bits.data(), e, 0.75f, 1.0f / static_cast<float>(1.0 - 0.4)) == 0.75f * mask[e]);
+    }
+    if (n % gpu::kMaskWordBits != 0) CHECK((bits.back() >> (n % gpu::kMaskWordBits)) == 0u);
+  }
+  CHECK(gpu::maskWords(0) == 0);
+  CHECK(gpu::maskWords(32) == 1);
+  CHECK(gpu::maskWords(33) == 2);
+}
+
+TEST_CASE("the CUDA attention's order (P recomputed in backward, bits per sample) gives the CPU layer's results") {
+  // Samples whose bits start inside a word (H T T = 2 * 5 * 5 = 50), several samples, maxBatch > batch.
+  const int64_t t = 5, c = 8, heads = 2;
+  for (const double p : {0.0, 0.3}) {
+    CAPTURE(p);
+    const nn::LayerSpec spec = nn::parseModelSpec(
+        json{{"input", {t, c}},
+             {"layers", json::array({json{{"type", "causal_self_attention"}, {"n_head", heads}, {"dropout", p}}})}},
+        "", "/model").layers[0];
+    auto cpu = nn::makeLayer(spec, {.device = Device::cpu(), .maxBatch = 4, .seed = 31});
+    std::vector<float> params(static_cast<size_t>(spec.paramCount())), grads(params.size());
+    cpu->bind(params.data(), grads.data());
+    nn::InitRng init(5);
+    cpu->initParams(init);
+    for (const int batch : {3, 1}) {
+      CAPTURE(batch);
+      const size_t n = static_cast<size_t>(batch * t * c);
+      const std::vector<float> x = randomValues(n, 7 + static_cast<uint32_t>(batch)), dy = randomValues(n, 8);
+      std::vector<float> y(n), dx(n);
+      cpu->reseed(40 + static_cast<uint64_t>(batch));
+      cpu->forward(x.data(), y.data(), batch, true);
+      cpu->backward(x.data(), y.data(), dy.data(), dx.data(), batch, false);
+      // The CUDA layer's draw: the same stream (reseeded alike), packed as bits for the whole batch.
+      std::mt19937_64 engine(nn::detail::mixSeed(40 + static_cast<uint64_t>(batch), static_cast<uint64_t>(spec.index)));
+      std::vector<uint32_t> bits(gpu::maskWords(static_cast<size_t>(batch * heads * t * t)));
+      if (p > 0) nn::detail::drawCausalDropoutBits(engine, p, batch * heads, t, bits.data());
+      const Emulated e = emulate(params, x, dy, p > 0 ? bits.data() : nullptr, 1.0f / static_cast<float>(1.0 - p),
+                                 batch, t, c, heads);
+      CHECK(worstDiff(y, e.y) < 1e-5);
+      CHECK(worstDiff(dx, e.dx) < 1e-5);
+      CHECK(worstDiff(grads, e.grads) < 1e-4);
+      if (p > 0) {
+        // The check can tell: another stream's bits give another output.
+        std::mt19937_64 other(12345);
+        nn::detail::drawCausalDropoutBits(other, p, batch * heads, t, bits.data());
+        const Emulated wrong = emulate(params, x, dy, bits.data(), 1.0f / static_cast<float>(1.0 - p), batch, t, c,
+                                       heads);
+        CHECK(worstDiff(y, wrong.y) > 1e-3);
+      }
+    }
+  }
+}

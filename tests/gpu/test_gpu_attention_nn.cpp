@@ -1,0 +1,134 @@
+// The CUDA attention's memory plan on a GPU (lib/nn/cuda/layers_gpt.cpp CausalSelfAttention): the probabilities
+// are recomputed in backward into a scratch that every attention layer of a model shares, and attention dropout
+// keeps only a bit mask. Checked here: parity with the CPU layer over several batch sizes below maxBatch, with and
+// without dropout, with another layer using the shared scratch between forward and backward; and that backward
+// depends on nothing forward left in the scratch (filled with NaN in between: the same bits come out), so the
+// recomputation is bit-identical to forward's P. The host-side logic (bits, order) is CPU-tested in
+// test_gpu_attention.cpp.
+#include <doctest/doctest.h>
+
+#include <nlohmann/json.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "lib/nn/device.h"
+#include "lib/nn/layer.h"
+#include "lib/nn/loss.h"
+#include "lib/nn/model.h"
+#include "lib/nn/registry.h"
+#include "lib/nn/spec.h"
+#include "tests/gpu/gpu_parity.h"
+
+using namespace dtrain;
+using namespace dtrain::nn;
+using namespace dtrain::nn::parity;
+using nlohmann::json;
+
+namespace {
+
+void fillNan(SharedScratch& s, SharedScratch::Slot slot) {
+  const std::vector<float> nan(s.size(slot), std::numeric_limits<float>::quiet_NaN());
+  copyBytes(s.data(slot), kGpu, nan.data(), Device::cpu(), nan.size() * sizeof(float));
+}
+
+}  // namespace
+
+TEST_CASE("attention recomputes P in backward: shared scratch, batch < maxBatch, clobbered scratch, same bits") {
+  // H T T = 4 x 37 x 37 is not a multiple of 32: the samples' dropout bits start inside a word.
+  const int64_t t = 37, c = 16, heads = 4;
+  const int maxBatch = 5;
+  for (const double p : {0.0, 0.3}) {
+    CAPTURE(p);
+    const LayerSpec spec = parseModelSpec(
+        json{{"input", {t, c}},
+             {"layers", json::array({json{{"type", "causal_self_attention"}, {"n_head", heads}, {"dropout", p}}})}},
+        "", "/model").layers[0];
+    auto cpu = makeLayer(spec, {.device = Device::cpu(), .maxBatch = maxBatch, .seed = 7});
+    SharedScratch shared(kGpu);
+    auto gpu = makeLayer(spec, {.device = kGpu, .maxBatch = maxBatch, .seed = 7, .scratch = &shared});
+    auto other = makeLayer(spec, {.device = kGpu, .maxBatch = maxBatch, .seed = 8, .scratch = &shared});
+    shared.allocate();
+    REQUIRE(shared.size(SharedScratch::kAttentionScores) == static_cast<size_t>(2 * heads * t * t));
+    const size_t count = static_cast<size_t>(spec.paramCount());
+    std::vector<float> params(count), grads(count);
+    cpu->bind(params.data(), grads.data());
+    InitRng init(11);
+    cpu->initParams(init);
+    DeviceFloats dParams = toDevice(params), dGrads(count, kGpu), dOtherGrads(count, kGpu);
+    gpu->bind(dParams.data(), dGrads.data());
+    other->bind(dParams.data(), dOtherGrads.data());
+    for (const int batch : {3, 5, 1}) {
+      CAPTURE(batch);
+      const size_t n = static_cast<size_t>(batch * t * c);
+      std::vector<float> x = randomVector(n, 9 + static_cast<uint32_t>(batch), -2, 2), dy = randomVector(n, 13);
+      std::vector<float> y(n), dx(n);
+      cpu->reseed(100 + static_cast<uint64_t>(batch));
+      cpu->forward(x.data(), y.data(), batch, true);
+      cpu->backward(x.data(), y.data(), dy.data(), dx.data(), batch, false);
+      DeviceFloats dX = toDevice(x), dY(n, kGpu), dDy = toDevice(dy), dDx(n, kGpu);
+      DeviceFloats oX = toDevice(randomVector(n, 21, -2, 2)), oY(n, kGpu), oDy = toDevice(randomVector(n, 22)),
+                   oDx(n, kGpu);
+      // Another attention layer runs forward and backward between this one's forward and backward, through the
+      // same scratch (what a model's next layer does).
+      gpu->reseed(100 + static_cast<uint64_t>(batch));
+      gpu->forward(dX.data(), dY.data(), batch, true);
+      other->forward(oX.data(), oY.data(), batch, true);
+      other->backward(oX.data(), oY.data(), oDy.data(), oDx.data(), batch, false);
+      gpu->backward(dX.data(), dY.data(), dDy.data(), dDx.data(), batch, false);
+      const auto y1 = toHost(dY.data(), n), dx1 = toHost(dDx.data(), n), g1 = toHost(dGrads.data(), count);
+      CHECK(maxDiff(y, y1) < 1e-5);
+      CHECK(maxDiff(dx, dx1) < 1e-5);
+      CHECK(maxDiff(grads, g1) < 1e-4);
+      // Again alone, the scratch filled with NaN between forward and backward: backward recomputes everything it
+      // reads, so the very same bits come out (also the dropped P: the same bits, reseeded alike).
+      gpu->reseed(100 + static_cast<uint64_t>(batch));
+      gpu->forward(dX.data(), dY.data(), batch, true);
+      fillNan(shared, SharedScratch::kAttentionScores);
+      fillNan(shared, SharedScratch::kAttention);
+      gpu->backward(dX.data(), dY.data(), dDy.data(), dDx.data(), batch, false);
+      CHECK(toHost(dY.data(), n) == y1);
+      CHECK(toHost(dDx.data(), n) == dx1);
+      CHECK(toHost(dGrads.data(), count) == g1);
+    }
+  }
+}
+
+TEST_CASE("a GPT model's attention layers share one scratch: CPU parity at batch < maxBatch, repeatable bits") {
+  const json spec = json::parse(R"({"preset": "gpt", "vocab_size": 13, "block_size": 6, "n_layer": 3, "n_head": 2,
+                                    "n_embd": 8, "dropout": 0.2})");
+  const ModelSpec ms = parseModelSpec(spec, "", "/model");
+  const int maxBatch = 3;
+  Model cpu = Model::build(ms, maxBatch, 42, Device::cpu());
+  Model gpu = Model::build(ms, maxBatch, 42, kGpu);
+  auto cpuLoss = Loss::create({LossType::kCrossEntropy}, ms.output(), maxBatch, Device::cpu());
+  auto gpuLoss = Loss::create({LossType::kCrossEntropy}, ms.output(), maxBatch, kGpu);
+  for (const int batch : {2, 3, 1}) {
+    CAPTURE(batch);
+    std::vector<float> tokens(static_cast<size_t>(batch * 6));
+    for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<float>((i * 5 + 3) % 13);
+    std::vector<int32_t> labels(tokens.size());
+    for (size_t i = 0; i < labels.size(); ++i) labels[i] = static_cast<int32_t>((i * 7 + 1) % 13);
+    DeviceFloats dTokens = toDevice(tokens), dLabels = toDevice(labels);
+    const TensorView gpuLabels =
+        TensorView::of(reinterpret_cast<int32_t*>(dLabels.data()), Shape{batch, 6}, kGpu);
+    std::vector<float> first;
+    for (int round = 0; round < 2; ++round) {
+      CAPTURE(round);
+      cpu.reseedDropout(500 + static_cast<uint64_t>(batch)), gpu.reseedDropout(500 + static_cast<uint64_t>(batch));
+      const float lc =
+          cpuLoss->forward(cpu.forward(tokens.data(), batch, true), TensorView::i32(labels.data(), Shape{batch, 6}));
+      const float lg = gpuLoss->forward(gpu.forward(dTokens.data(), batch, true), gpuLabels);
+      CHECK(std::fabs(lc - lg) < 1e-5);
+      cpu.backward(cpuLoss->backward(), {}, GradMode::kOverwrite);
+      gpu.backward(gpuLoss->backward(), {}, GradMode::kOverwrite);
+      CHECK(std::fabs(gradNorm(cpu.grads(), Device::cpu()) - gradNorm(gpu.grads(), kGpu)) < 1e-4);
+      const auto g = toHost(gpu.grads().data(), gpu.grads().size());
+      if (round == 0) first = g;
+      else CHECK(g == first);  // the same step again: bit-identical gradients
+    }
+  }
+}

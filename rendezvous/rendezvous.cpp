@@ -516,6 +516,14 @@ std::vector<int> Rendezvous::judge(const std::vector<std::optional<std::string>>
   auto now = Clock::now();
   for (size_t i = 0; i < seen_.size(); ++i) {
     auto& s = seen_[i];
+    // A counter that vanished is no beat: over etcd a dead agent's heartbeat key goes with its lease (one
+    // --heartbeat-timeout after its last keep-alive). Counted as a change, it restarted the silence clock, so the
+    // loss showed only after about twice the timeout: after the root-cause hold had already published the
+    // survivors' broken collectives as a failure, and an elastic job failed instead of re-forming.
+    if (!values[i] && !s.value.empty()) {
+      if (now - s.changed > timeout) silent.push_back(s.nodeRank);
+      continue;
+    }
     auto v = values[i].value_or("");
     if (v != s.value) {
       s.value = std::move(v);

@@ -214,6 +214,44 @@ TEST_CASE("a 2-node training job rendezvouses and bootstraps its workers through
   std::filesystem::remove_all(dir);
 }
 
+TEST_CASE("elastic over etcd: a node SIGKILLed mid-training is lost, and the survivor re-forms and finishes") {
+  // The dead agent's heartbeat key goes with its etcd lease; that used to count as a beat, so the loss showed a
+  // second heartbeat timeout later, after the survivor's broken all-reduce (exit 7) had been published as the
+  // failure: exit 7 instead of a re-formation.
+  SKIP_WITHOUT_ETCD();
+  EtcdCluster etcd(1);
+  auto dir = etcdTempDir("etcd-elastic");
+  auto job = smallJob(4000, 8, 1);
+  job["train"]["max_steps"] = 200;
+  job["checkpoint"] = {{"every_steps", 2}, {"keep", 2}};
+  job["parallel"] = {{"timeout", 30}};
+  std::ofstream(dir + "/job.json") << job.dump();
+  auto id = uniqueRunId("etcdel");
+  RunOptions ro;
+  ro.timeout = 180s;
+  ro.cwd = dir;
+  ro.env = {{"DTRAIN_STEP_PAUSE", "25ms"}};
+  auto args = [&](int nodeRank) {
+    return runArgs({"--nnodes", "1:2", "--nproc-per-node", "1", "--node-rank", std::to_string(nodeRank),
+                    "--rdzv-backend", "etcd", "--rdzv-endpoint", etcd.endpoint(0), "--rdzv-id", id, "--local-addr",
+                    "127.0.0.1", "--heartbeat-timeout", "3s", "--rdzv-last-call", "2s", "--rdzv-timeout", "120s",
+                    dir + "/job.json"});
+  };
+  Background a(args(0), ro);
+  Background b(args(1), ro);
+  a.waitForLine("step 3/", 120s);  // both nodes train (rank 0 is node 0's)
+  b.signal(SIGKILL);
+  auto ra = a.wait(120s);
+  INFO("node a: " << ra.out << ra.err);
+  CHECK_FALSE(ra.timedOut);
+  CHECK(ra.exitCode == 0);
+  CHECK(ra.err.find("re-forming the group: node 1") != std::string::npos);
+  CHECK(ra.out.find("done: 200 steps") != std::string::npos);
+  b.wait(30s);
+  CHECK(processesWithRunId(id).empty());
+  std::filesystem::remove_all(dir);
+}
+
 namespace {
 
 // Two agents on a 3-member etcd cluster; `fault` runs once both workers started; then the gate opens and both

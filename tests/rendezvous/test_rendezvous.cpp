@@ -384,6 +384,27 @@ TEST_CASE("heartbeats: a member whose counter stops moving is reported silent; b
   CHECK(a->silentMembers(ra, 1h).empty());
 }
 
+TEST_CASE("heartbeats: a counter that vanishes (etcd's lease of a dead agent expired) is no beat") {
+  // Over etcd a dead agent's heartbeat key disappears with its lease, about one heartbeat timeout after its last
+  // beat. That used to count as a change of the counter and restart the silence clock: the loss was reported a
+  // second timeout later, after the survivors' root-cause hold had already turned it into a failure.
+  Job job;
+  auto a = job.agent("a", nodes(2, 2));
+  auto b = job.agent("b", nodes(2, 2));
+  auto rounds = joinAll({a.get(), b.get()});
+  const RoundInfo& ra = rounds[0];
+  const RoundInfo& rb = rounds[1];
+  b->heartbeat(rb);
+  CHECK(a->silentMembers(ra, 1h).empty());  // a has seen b's counter
+  job.store()->wait({"never-set"}, 300ms);  // b beats no more
+  job.store()->remove(fmt::format("r{}/hb/{}", rb.round, rb.nodeRank));  // its lease expired
+  CHECK(a->silentMembers(ra, 200ms) == std::vector<int>{rb.nodeRank});
+  CHECK(a->beat(ra, 200ms) == std::vector<int>{rb.nodeRank});
+  // A new beat (the agent was alive after all and wrote its key again) is a change.
+  b->heartbeat(rb);
+  CHECK(a->silentMembers(ra, 200ms).empty());
+}
+
 TEST_CASE("scale-up: a node joining a running round asks it to re-form, and the next round includes it") {
   Job job;
   // Round 0 closes with two nodes after a short last call; the third node comes later.

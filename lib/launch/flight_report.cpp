@@ -112,6 +112,21 @@ std::string analyzeFlight(std::vector<RankFlight> ranks, int64_t nowNs) {
     if (r.calls.empty() || r.calls.back().seq < maxSeq) behind.push_back(&r);
     else if (r.calls.back().endNs == 0) waiting.push_back(r.rank);
   }
+  // Nobody inside a collective: every rank is computing between calls. Call numbers then differ only because the
+  // ranks were read at slightly different moments of a moving job; naming one "behind" accused a healthy rank
+  // (`dtrain debug dump` on a running job always named one).
+  bool anyInside = false;
+  for (const auto& r : ranks)
+    if (!r.calls.empty() && r.calls.back().endNs == 0) anyInside = true;
+  if (!behind.empty() && !anyInside) {
+    uint64_t minSeq = maxSeq;
+    for (const auto& r : ranks)
+      if (!r.calls.empty()) minSeq = std::min(minSeq, r.calls.back().seq);
+    return out + fmt::format("verdict: no rank waits in a collective: every rank is computing between calls (the "
+                             "last ones begun: #{} to #{}); a hang shows ranks waiting inside a call that another "
+                             "rank has not begun\n",
+                             minSeq, maxSeq);
+  }
   if (!behind.empty()) {
     for (const auto* r : behind) {
       if (r->calls.empty()) {

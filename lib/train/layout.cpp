@@ -204,12 +204,16 @@ std::string describeLayout(const Job& job, int worldSize) {
       "layout: {} rank(s) = data {} x pipeline {} x tensor {} (tensor fastest: rank = (data x {} + stage) x {} + "
       "tensor)\n",
       worldSize, d.data, d.stages, d.tensor, d.stages, d.tensor);
+  // A batch of B samples is cut into min(M, B) micro-batches (docs/parallelism.md): describe those, and their bubble,
+  // not the M asked for (64 micro-batches of a 16-sample batch printed "64 micro-batches", a 1.5% bubble, beside the
+  // warning that said 16).
+  const int64_t micro = std::min<int64_t>(pl.microBatches, std::max<int64_t>(1, job.data.batchSize));
   if (d.stages > 1)
     out += fmt::format("pipeline: {} stages, {} micro-batches of about {} samples, {} schedule, bubble (K-1)/(M+K-1) = "
                        "{:.1f}%{}\n",
-                       d.stages, pl.microBatches, (job.data.batchSize + pl.microBatches - 1) / pl.microBatches,
+                       d.stages, micro, (job.data.batchSize + micro - 1) / micro,
                        pl.schedule == PipelineSettings::Schedule::kGpipe ? "gpipe" : "1f1b",
-                       100.0 * (d.stages - 1) / (pl.microBatches + d.stages - 1),
+                       100.0 * (d.stages - 1) / (static_cast<double>(micro) + d.stages - 1),
                        pl.balance.empty() ? ", balanced by parameters and compute" : ", balance as given");
   // Parameters, their gradients and the optimizer's per-element state (momentum; Adam's two moments), float32.
   const auto& o = job.optimizer;

@@ -131,6 +131,12 @@ TEST_CASE("describeLayout: each rank's coordinates, layers and parameter count")
   CHECK(summary.find("batch 8 per data replica (pipeline 2 x tensor 1 = 2 ranks): 8 steps per epoch on 1 replica, "
                      "4 on 2, 2 on 4") != std::string::npos);
   CHECK(checkJob(load(mlpJob())).find("batch 8 per rank: 8 steps per epoch on 1 rank") != std::string::npos);
+  // More micro-batches than samples: a batch of 8 becomes 8 micro-batches of 1, and the bubble is theirs.
+  doc["parallel"] = {{"pipeline", {{"stages", 2}, {"micro_batches", 64}}}};
+  const std::string capped = describeLayout(load(doc), 2);
+  CHECK_MESSAGE(capped.find("pipeline: 2 stages, 8 micro-batches of about 1 samples, 1f1b schedule, bubble "
+                            "(K-1)/(M+K-1) = 11.1%") != std::string::npos,
+                capped);
 }
 
 TEST_CASE("describeLayout with tensor parallelism: each rank's slices plus the replicated parameters") {

@@ -39,6 +39,16 @@ void activationForward(Activation f, const float* x, float* y, size_t n);
 // dx = dy * f'(x): relu and tanh/sigmoid use y (as PyTorch's backward formulas do), gelu uses x.
 void activationBackward(Activation f, const float* x, const float* y, const float* dy, float* dx, size_t n);
 
+// --- A linear's bias fused into the activation after it (kernels_reduce.cu; lib/nn/cuda/layers.cpp pairs them) ---
+// xw [rows, cols] is the linear's output without its bias. y = f(xw + bias) in one pass (xw left as it is): the
+// unfused addBias + activationForward, bit for bit.
+void biasActivationForward(Activation f, const float* xw, const float* bias, float* y, int64_t rows, int64_t cols);
+// dx = dy * f'(xw + bias) (f' from y for relu/tanh/sigmoid, from xw + bias for gelu) and the bias gradient
+// db (+)= sum_r dx[r] in biasGrad's chunks and order, in one pass over the elements plus biasGrad's pass 2: the
+// unfused activationBackward + biasGrad, bit for bit. dx is the linear's dy (it must not alias dy unless equal).
+void biasActivationBackward(Activation f, const float* xw, const float* bias, const float* y, const float* dy,
+                            float* dx, float* db, int64_t rows, int64_t cols, bool accumulate);
+
 // --- bf16 (the GEMM inputs of "precision": "bf16", lib/gpu/blas.cpp) ---
 // y[i] = x[i] rounded to bfloat16, to nearest even (__float2bfloat16_rn, as PyTorch's .to(torch.bfloat16)); y
 // holds n 2-byte values (device memory, at least 2 * n bytes).

@@ -1,8 +1,8 @@
-// Column reductions: bias, LayerNorm weight/bias and position-table gradients, and the embedding's token-table
-// gradient over rows ordered by token (kernels.h). The per-thread work is
-// reduce_index.h's, shared with the CPU
-// emulation in tests/gpu/test_gpu_reduce.cpp; this file only maps threads onto it and launches. Deterministic: fixed
-// row chunks (a function of the shape only), partials combined in a fixed order, no float atomics.
+// Column reductions: bias, LayerNorm weight/bias and position-table gradients; the embedding's token-table
+// gradient over rows ordered by token; a linear's bias fused into the activation after it (kernels.h). The
+// per-thread work is reduce_index.h's, shared with the CPU emulation in tests/gpu/test_gpu_reduce.cpp; this file
+// only maps threads onto it and launches. Deterministic: fixed row chunks (a function of the shape only), partials
+// combined in a fixed order, no float atomics.
 //
 // Launch limits (checked by reading, and cellGrid/gridFor are unit-tested): blocks of kColumnTile = 128 threads;
 // grid x <= 2^20 column tiles, grid y <= 65535 lanes (chunks are <= 128; embedding segments may be more, the
@@ -41,6 +41,19 @@ __global__ void layerNormParamChunkKernel(ColumnChunks p, CellGrid g, int64_t d,
                                           bool accumulate) {
   forEachCell(g, blockIdx.x, blockIdx.y, threadIdx.x, p.chunks, d, [&](int64_t k, int64_t j) {
     layerNormParamChunk(p, k, j, d, x, mean, rstd, dy, dw, db, partials, accumulate);
+  });
+}
+
+__global__ void biasActivationForwardKernel(Activation f, const float* xw, const float* bias, float* y, size_t n,
+                                            int64_t cols) {
+  DTRAIN_GRID_STRIDE(i, n) y[i] = biasActivationValue(f, xw, bias, static_cast<int64_t>(i), cols);
+}
+
+__global__ void biasActivationBackwardChunkKernel(Activation f, ColumnChunks p, CellGrid g, int64_t cols,
+                                                  const float* xw, const float* bias, const float* y, const float* dy,
+                                                  float* dx, float* db, float* partials, bool accumulate) {
+  forEachCell(g, blockIdx.x, blockIdx.y, threadIdx.x, p.chunks, cols, [&](int64_t k, int64_t c) {
+    biasActivationBackwardChunk(f, p, k, c, cols, xw, bias, y, dy, dx, db, partials, accumulate);
   });
 }
 
@@ -87,6 +100,25 @@ void layerNormParamGrad(const float* x, const float* mean, const float* rstd, co
   DTRAIN_CU_CHECK_LAUNCH("layerNormParamChunkKernel");
   combine(p, d, partials, dw, accumulate);
   if (db != nullptr && partials != nullptr) combine(p, d, partials + p.chunks * d, db, accumulate);
+}
+
+void biasActivationForward(Activation f, const float* xw, const float* bias, float* y, int64_t rows, int64_t cols) {
+  const size_t n = static_cast<size_t>(rows * cols);
+  if (n == 0) return;
+  biasActivationForwardKernel<<<gridFor(n, 256), 256>>>(f, xw, bias, y, n, cols);
+  DTRAIN_CU_CHECK_LAUNCH("biasActivationForwardKernel");
+}
+
+void biasActivationBackward(Activation f, const float* xw, const float* bias, const float* y, const float* dy,
+                            float* dx, float* db, int64_t rows, int64_t cols, bool accumulate) {
+  if (cols == 0) return;
+  const ColumnChunks p = columnChunks(rows);
+  const CellGrid g = cellGrid(cols, p.chunks);
+  float* partials = partialsFor(p, cols, 1);
+  biasActivationBackwardChunkKernel<<<cells(g), kColumnTile>>>(f, p, g, cols, xw, bias, y, dy, dx, db, partials,
+                                                               accumulate);
+  DTRAIN_CU_CHECK_LAUNCH("biasActivationBackwardChunkKernel");
+  combine(p, cols, partials, db, accumulate);
 }
 
 void embeddingTokenGrad(const int32_t* order, const int32_t* start, const int32_t* tok, int64_t segments,

@@ -75,6 +75,13 @@ class Layer {
   virtual bool aliasesInput() const { return false; }
   // Reseeds a random layer (dropout); others ignore it.
   virtual void reseed(uint64_t /*seed*/) {}
+  // Called once at build for each pair of consecutive layers of a sequence (Model, a block's children), this one
+  // then `next`, where next's input is this layer's output and nothing else reads it. A layer may hand part of its
+  // work to next and return true (the CUDA linear hands its bias to a following activation, which applies it in
+  // the same pass: docs/gpu.md "Fused bias + activation"); the pair must then run as the sequence runs them
+  // (forward: this, then next, with the same batch; backward: next, then this, with the same accumulate flag,
+  // next given a dx), and this layer's output alone no longer holds the full result. Default: no fusion.
+  virtual bool fuseWithNext(Layer& /*next*/) { return false; }
 
   // y[n, out...] = f(x[n, in...]). `train` switches dropout on.
   virtual void forward(const float* x, float* y, int batch, bool train) = 0;

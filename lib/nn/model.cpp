@@ -109,6 +109,11 @@ void Model::makeLayers(uint64_t seed) {
         ls, {.device = device_, .maxBatch = maxBatch_, .seed = seed, .scratch = scratch_.get(), .tensor = tensor_.get()}));
     hasRandomLayers_ = hasRandomLayers_ || drawsRandom(ls);
   }
+  // Consecutive pairs may fuse (Layer::fuseWithNext; only CUDA layers do): forward and backward below run them in
+  // order, an aliasing layer (flatten) between them prevents it.
+  for (size_t i = 0; i + 1 < layers_.size(); ++i) {
+    if (!layers_[i]->aliasesInput() && !layers_[i + 1]->aliasesInput()) layers_[i]->fuseWithNext(*layers_[i + 1]);
+  }
   scratch_->allocate();
 }
 

@@ -386,3 +386,75 @@ TEST_CASE("embedding token gradient emulated: equal to the CPU layer's bit for b
     }
   }
 }
+
+TEST_CASE("fused bias + activation emulated: equals the unfused kernels bit for bit and the CPU linear + activation") {
+  const std::vector<std::pair<std::string, Activation>> acts = {
+      {"relu", Activation::kRelu}, {"gelu", Activation::kGelu}, {"tanh", Activation::kTanh}, {"sigmoid", Activation::kSigmoid}};
+  for (const auto& [name, f] : acts) {
+    for (int64_t rowsPerSample : {1, 21, 65}) {  // x batch 3: 3, 63 and 195 rows (4 chunks)
+      for (int64_t out : {1, 130}) {
+        CAPTURE(name);
+        CAPTURE(rowsPerSample);
+        CAPTURE(out);
+        const int batch = 3;
+        const int64_t in = 3, rows = batch * rowsPerSample;
+        const std::vector<int64_t> input = rowsPerSample == 1 ? std::vector<int64_t>{in} : std::vector<int64_t>{rowsPerSample, in};
+        const std::string lin = R"({"type": "linear", "out": )" + std::to_string(out);
+        const nn::LayerSpec linSpec = parseLayer(lin + "}", input), noBias = parseLayer(lin + R"(, "bias": false})", input);
+        const nn::LayerSpec actSpec = parseLayer(R"({"type": ")" + name + R"("})", {rows / batch, out});
+        auto cpuLin = nn::makeLayer(linSpec, {.device = Device::cpu(), .maxBatch = batch});
+        auto cpuXw = nn::makeLayer(noBias, {.device = Device::cpu(), .maxBatch = batch});
+        auto cpuAct = nn::makeLayer(actSpec, {.device = Device::cpu(), .maxBatch = batch});
+        const size_t nw = static_cast<size_t>(out * in), count = nw + static_cast<size_t>(out);
+        std::vector<float> params = randomVector(count, 21, -2, 2), grads(count), gradsXw(nw);
+        cpuLin->bind(params.data(), grads.data());
+        cpuXw->bind(params.data(), gradsXw.data());  // the same W: x W^T without the bias, as the fused linear leaves it
+        const float* bias = params.data() + nw;
+        const size_t n = static_cast<size_t>(rows * out);
+        const std::vector<float> x = randomVector(static_cast<size_t>(rows * in), 22), dy = randomVector(n, 23);
+        std::vector<float> pre(n), y(n), xw(n), dpre(n);
+        cpuLin->forward(x.data(), pre.data(), batch, true);
+        cpuAct->forward(pre.data(), y.data(), batch, true);
+        cpuXw->forward(x.data(), xw.data(), batch, true);
+        // Forward: the fused pass against the unfused kernels (addBias, then activationValue) and the CPU.
+        std::vector<float> fused(n), unfusedPre(n), unfused(n);
+        for (size_t i = 0; i < n; ++i) {
+          fused[i] = biasActivationValue(f, xw.data(), bias, static_cast<int64_t>(i), out);
+          unfusedPre[i] = xw[i] + bias[static_cast<int64_t>(i) % out];
+          unfused[i] = activationValue(f, unfusedPre[i]);
+        }
+        CHECK(bitEqual(unfusedPre, pre));  // the bias added as the CPU adds it
+        CHECK(bitEqual(fused, unfused));
+        if (f == Activation::kRelu) CHECK(bitEqual(fused, y));
+        CHECK(maxDiff(y, fused) < 1e-6);  // libm's erff/expf against Eigen's vectorised ones
+        for (bool accumulate : {false, true}) {
+          CAPTURE(accumulate);
+          const std::vector<float> before = randomVector(static_cast<size_t>(out), 24);
+          std::copy(before.begin(), before.end(), grads.begin() + static_cast<std::ptrdiff_t>(nw));
+          cpuAct->backward(pre.data(), y.data(), dy.data(), dpre.data(), batch, accumulate);
+          cpuLin->backward(x.data(), pre.data(), dpre.data(), nullptr, batch, accumulate);
+          const std::vector<float> wantDb(grads.begin() + static_cast<std::ptrdiff_t>(nw), grads.end());
+          // Fused: every thread of biasActivationBackwardChunkKernel's grid, then pass 2.
+          const ColumnChunks p = columnChunks(rows);
+          std::vector<float> dx(n, std::numeric_limits<float>::quiet_NaN()), db = before;
+          std::vector<float> partials(static_cast<size_t>(partialCount(p, out)), std::numeric_limits<float>::quiet_NaN());
+          runCells(p.chunks, out, [&](int64_t k, int64_t c) {
+            biasActivationBackwardChunk(f, p, k, c, out, xw.data(), bias, fused.data(), dy.data(), dx.data(), db.data(),
+                                        partials.data(), accumulate);
+          });
+          runCombine(p, out, partials.data(), db.data(), accumulate);
+          // Unfused: activationGrad per element, then biasGrad's plan.
+          std::vector<float> udx(n), udb = before;
+          for (size_t i = 0; i < n; ++i) udx[i] = activationGrad(f, unfusedPre[i], unfused[i], dy[i]);
+          emulateBiasGrad(udx.data(), udb.data(), rows, out, accumulate);
+          CHECK(bitEqual(dx, udx));
+          CHECK(bitEqual(db, udb));
+          if (f == Activation::kRelu) CHECK(bitEqual(dx, dpre));
+          CHECK(maxDiff(dpre, dx) < 1e-6);
+          if (f == Activation::kRelu && rows <= kReduceChunkRows) CHECK(bitEqual(db, wantDb));
+          CHECK(maxDiff(wantDb, db) < 1e-5);
+        }
+      }
+    }
+  }
+}

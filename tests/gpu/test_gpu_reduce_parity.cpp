@@ -6,12 +6,15 @@
 
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "lib/gpu/kernels.h"
 #include "lib/gpu/reduce_index.h"
 #include "lib/nn/device.h"
+#include "lib/nn/model.h"
 #include "tests/gpu/gpu_parity.h"
 
 using namespace dtrain;
@@ -162,4 +165,77 @@ TEST_CASE("the GPU embedding's table gradients equal the CPU's bit for bit; a ba
   DeviceFloats bad = toDevice(tokens);
   CHECK_THROWS_WITH(gpu->forward(bad.data(), dY.data(), batch, true),
                     doctest::Contains("token id 40 at position 13 is outside [0, 40) (vocab_size)"));
+}
+
+namespace {
+
+// Runs `layers` (built on the GPU one by one: no pairing, so unfused) forward and backward over the model's
+// parameters, as Model would; returns the output and the gradient arena.
+std::pair<std::vector<float>, std::vector<float>> runUnfused(const ModelSpec& ms, const std::vector<float>& params,
+                                                             const DeviceFloats& x, const DeviceFloats& dy, int batch,
+                                                             bool accumulateTwice) {
+  std::vector<std::unique_ptr<Layer>> layers;
+  DeviceFloats p = toDevice(params), g(params.size(), kGpu);
+  std::vector<DeviceFloats> outs;
+  size_t at = 0;
+  for (const auto& ls : ms.layers) {
+    layers.push_back(makeLayer(ls, {.device = kGpu, .maxBatch = batch, .seed = 1}));
+    size_t count = 0;
+    for (const auto& ps : layers.back()->paramShapes()) count += static_cast<size_t>(ps.shape.numel());
+    if (count > 0) layers.back()->bind(p.data() + at, g.data() + at);
+    at += count;
+    outs.emplace_back(static_cast<size_t>(batch * ls.output.numel()), kGpu);
+  }
+  for (int pass = 0; pass < (accumulateTwice ? 2 : 1); ++pass) {
+    const float* in = x.data();
+    for (size_t i = 0; i < layers.size(); ++i) {
+      layers[i]->forward(in, outs[i].data(), batch, true);
+      in = outs[i].data();
+    }
+    const float* d = dy.data();
+    std::vector<DeviceFloats> dxs;
+    for (size_t i = layers.size(); i-- > 0;) {
+      dxs.emplace_back(static_cast<size_t>(batch * ms.layers[i].input.numel()), kGpu);
+      layers[i]->backward(i == 0 ? x.data() : outs[i - 1].data(), outs[i].data(), d, i == 0 ? nullptr : dxs.back().data(),
+                          batch, pass > 0);
+      d = dxs.back().data();
+    }
+  }
+  return {toHost(outs.back().data(), outs.back().size()), toHost(g.data(), params.size())};
+}
+
+}  // namespace
+
+TEST_CASE("fused bias + activation: a GPU model equals its layers run unfused bit for bit, and the CPU model") {
+  const json spec = json::parse(R"({"input": [100, 7], "layers": [
+      {"type": "linear", "out": 130}, {"type": "gelu"}, {"type": "linear", "out": 9}, {"type": "relu"},
+      {"type": "linear", "out": 5, "bias": false}, {"type": "tanh"}, {"type": "linear", "out": 4}, {"type": "sigmoid"}]})");
+  const ModelSpec ms = parseModelSpec(spec, "", "/model");
+  const int batch = 3;  // 300 rows: 5 chunks
+  for (bool accumulate : {false, true}) {
+    CAPTURE(accumulate);
+    Model cpu = Model::build(ms, batch, 42, Device::cpu());
+    Model gpu = Model::build(ms, batch, 42, kGpu);
+    const auto x = randomVector(static_cast<size_t>(batch * 700), 61);
+    const auto dy = randomVector(static_cast<size_t>(batch * 100 * 4), 62);
+    DeviceFloats dX = toDevice(x), dDy = toDevice(dy);
+    const Shape outShape = ms.output().withBatch(batch);
+    std::vector<float> yc, yg;
+    for (int pass = 0; pass < (accumulate ? 2 : 1); ++pass) {
+      const GradMode mode = pass > 0 ? GradMode::kAccumulate : GradMode::kOverwrite;
+      TensorView oc = cpu.forward(x.data(), batch, true), og = gpu.forward(dX.data(), batch, true);
+      yc.assign(oc.f32(), oc.f32() + dy.size());
+      yg = toHost(og.f32(), dy.size());
+      cpu.backward(TensorView::of(const_cast<float*>(dy.data()), outShape), {}, mode);
+      gpu.backward(TensorView::of(dDy.data(), outShape, kGpu), {}, mode);
+    }
+    const std::vector<float> gc(cpu.grads().begin(), cpu.grads().end());
+    const std::vector<float> gg = toHost(gpu.grads().data(), gpu.grads().size());
+    CHECK(maxDiff(yc, yg) < 1e-5);
+    CHECK(maxDiff(gc, gg) < 2e-4);
+    const auto host = gpu.hostParams();
+    const auto [yu, gu] = runUnfused(ms, std::vector<float>(host.begin(), host.end()), dX, dDy, batch, accumulate);
+    CHECK(bitEqual(yu, yg));
+    CHECK(bitEqual(gu, gg));
+  }
 }

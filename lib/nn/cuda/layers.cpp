@@ -1,5 +1,5 @@
 // CUDA layers: linear, the elementwise activations, flatten and layernorm (the CPU twins: layers_dense.cpp,
-// layers_spatial.cpp). GEMMs through cuBLAS (lib/gpu/blas.h), the rest through lib/gpu/kernels.h; everything on the
+// layers_spatial.cpp). A linear with a bias followed by an activation fuses the bias into it (fuseWithNext). GEMMs through cuBLAS (lib/gpu/blas.h), the rest through lib/gpu/kernels.h; everything on the
 // legacy default stream of the layer's GPU, asynchronous. Parameters are initialised on the host by the CPU
 // layers (Model::build), so these classes have no initParams.
 #include "lib/common/error.h"
@@ -14,6 +14,24 @@ namespace {
 
 namespace k = gpu::kernels;
 
+class Linear;
+
+// y = f(x) elementwise. Fused after a linear (Linear::fuseWithNext): x is then the linear's x W^T without its bias,
+// and forward/backward apply the bias and produce its gradient in the same pass (kernels::biasActivation*).
+class Activation final : public Layer {
+ public:
+  Activation(const LayerSpec& spec, const LayerBuild& build, k::Activation f)
+      : Layer(spec, build.device), f_(f), numel_(static_cast<size_t>(spec.input.numel())) {}
+  void forward(const float* x, float* y, int batch, bool) override;
+  void backward(const float* x, const float* y, const float* dy, float* dx, int batch, bool accumulate) override;
+  void fuseAfter(const Linear* producer) { producer_ = producer; }
+
+ private:
+  k::Activation f_;
+  size_t numel_;
+  const Linear* producer_ = nullptr;  // the linear whose bias this activation applies, when fused
+};
+
 // y = x W^T + b over the last dimension, W [out, in] (nn.Linear).
 class Linear final : public Layer {
  public:
@@ -25,42 +43,61 @@ class Linear final : public Layer {
     if (spec().bias) b_ = params + out_ * in_, gb_ = grads + out_ * in_;
   }
 
+  // A following activation takes over the bias: forward leaves x W^T, the activation adds b as it applies f, and
+  // its backward writes the bias gradient while it computes this layer's dy (one elementwise pass each way).
+  bool fuseWithNext(Layer& next) override {
+    auto* act = dynamic_cast<Activation*>(&next);
+    if (act == nullptr || !spec().bias) return false;
+    act->fuseAfter(this);
+    fused_ = true;
+    return true;
+  }
+
   void forward(const float* x, float* y, int batch, bool) override {
     const int64_t rows = batch * rows_;
     gpu::gemm(false, true, rows, out_, in_, 1.0f, x, in_, w_, in_, 0.0f, y, out_);
-    if (b_ != nullptr) k::addBias(y, b_, rows, out_);
+    if (b_ != nullptr && !fused_) k::addBias(y, b_, rows, out_);
   }
 
   void backward(const float* x, const float*, const float* dy, float* dx, int batch, bool accumulate) override {
     const int64_t rows = batch * rows_;
     gpu::gemm(true, false, out_, in_, rows, 1.0f, dy, out_, x, in_, accumulate ? 1.0f : 0.0f, gw_, in_);
-    if (gb_ != nullptr) k::biasGrad(dy, gb_, rows, out_, accumulate);
+    if (gb_ != nullptr && !fused_) k::biasGrad(dy, gb_, rows, out_, accumulate);
     if (dx != nullptr) gpu::gemm(false, false, rows, in_, out_, 1.0f, dy, out_, w_, in_, 0.0f, dx, in_);
   }
 
+  const float* bias() const { return b_; }
+  float* biasGrad() const { return gb_; }
+  int64_t width() const { return out_; }
+
  private:
   int64_t in_, out_, rows_;
+  bool fused_ = false;
   float* w_ = nullptr;
   float* b_ = nullptr;
   float* gw_ = nullptr;
   float* gb_ = nullptr;
 };
 
-class Activation final : public Layer {
- public:
-  Activation(const LayerSpec& spec, const LayerBuild& build, k::Activation f)
-      : Layer(spec, build.device), f_(f), numel_(static_cast<size_t>(spec.input.numel())) {}
-  void forward(const float* x, float* y, int batch, bool) override {
-    k::activationForward(f_, x, y, static_cast<size_t>(batch) * numel_);
-  }
-  void backward(const float* x, const float* y, const float* dy, float* dx, int batch, bool) override {
-    if (dx != nullptr) k::activationBackward(f_, x, y, dy, dx, static_cast<size_t>(batch) * numel_);
-  }
+void Activation::forward(const float* x, float* y, int batch, bool) {
+  const size_t n = static_cast<size_t>(batch) * numel_;
+  if (producer_ == nullptr) return k::activationForward(f_, x, y, n);
+  const int64_t cols = producer_->width();
+  k::biasActivationForward(f_, x, producer_->bias(), y, static_cast<int64_t>(n) / cols, cols);
+}
 
- private:
-  k::Activation f_;
-  size_t numel_;
-};
+void Activation::backward(const float* x, const float* y, const float* dy, float* dx, int batch, bool accumulate) {
+  const size_t n = static_cast<size_t>(batch) * numel_;
+  if (producer_ == nullptr) {
+    if (dx != nullptr) k::activationBackward(f_, x, y, dy, dx, n);
+    return;
+  }
+  // The linear below has parameters, so the sequence always asks for dx (its dy).
+  DTRAIN_CHECK(dx != nullptr, "{}: a fused activation's backward needs dx", spec().path);
+  const int64_t cols = producer_->width();
+  k::biasActivationBackward(f_, x, producer_->bias(), y, dy, dx, producer_->biasGrad(),
+                            static_cast<int64_t>(n) / cols, cols, accumulate);
+}
 
 // The output is the input (the model skips it); forward/backward copy only if ever asked to with other buffers.
 class Flatten final : public Layer {

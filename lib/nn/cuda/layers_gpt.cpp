@@ -287,6 +287,12 @@ class Block final : public Layer {
       maxIn = std::max(maxIn, sz(build.maxBatch) * sz(c.input.numel()));
       counts_.push_back(sz(paramCountOf(c)));
     }
+    // Consecutive children may fuse (Layer::fuseWithNext: a linear's bias into the activation after it), as in
+    // Model: forward and backward below run them in order and always give a fused activation its dx.
+    for (size_t i = 0; i + 1 < children_.size(); ++i) {
+      Layer& next = *children_[i + 1];
+      if (!children_[i]->aliasesInput() && !next.aliasesInput()) children_[i]->fuseWithNext(next);
+    }
     gradA_ = DeviceFloats(maxIn, build.device);
     gradB_ = DeviceFloats(maxIn, build.device);
     in_.assign(children_.size(), nullptr);

@@ -57,8 +57,10 @@ class Embedding final : public Layer {
         DTRAIN_THROW(Error, "{}: token id {} at position {} is outside [0, {}) (vocab_size)", spec().path,
                      hostTokens_[sz(r)], r % t_, v_);
     }
+    // Before the forward kernel, while the stream is empty (the copy above drained it): a copy from pageable
+    // memory waits for the stream's earlier work first.
+    if (train) uploadOrder(rows);
     k::embeddingForward(x, wte_, wpe_, y, rows, t_, c_, v_, nullptr);
-    if (train) uploadOrder(rows);  // here, while the GPU waits anyway (the copy above drained the stream)
   }
 
   void backward(const float*, const float*, const float* dy, float*, int batch, bool accumulate) override {

@@ -179,11 +179,13 @@ TEST_CASE("column reductions: the launch grid stays within CUDA's limits and cov
 }
 
 TEST_CASE("column reductions emulated: bias gradients equal the CPU linear's (bit for bit with one chunk)") {
-  for (int64_t rowsPerSample : {1, 21, 64, 65, 2731}) {  // x batch 3: 3, 63, 192, 195 and 8193 rows
+  // 1, 3, 63, 192, 195 and 8193 rows (one chunk up to 64 rows; 4 chunks of 64 and 3; 127 of 65 and one of 38).
+  for (const auto& [batch, rowsPerSample] :
+       std::vector<std::pair<int, int64_t>>{{1, 1}, {3, 1}, {3, 21}, {3, 64}, {3, 65}, {3, 2731}}) {
     for (int64_t out : {1, 5, 130, 300}) {
+      CAPTURE(batch);
       CAPTURE(rowsPerSample);
       CAPTURE(out);
-      const int batch = 3;
       const int64_t in = 3, rows = batch * rowsPerSample;
       const nn::LayerSpec spec = parseLayer(R"({"type": "linear", "out": )" + std::to_string(out) + "}",
                                             rowsPerSample == 1 ? std::vector<int64_t>{in} : std::vector<int64_t>{rowsPerSample, in});
@@ -391,12 +393,13 @@ TEST_CASE("fused bias + activation emulated: equals the unfused kernels bit for 
   const std::vector<std::pair<std::string, Activation>> acts = {
       {"relu", Activation::kRelu}, {"gelu", Activation::kGelu}, {"tanh", Activation::kTanh}, {"sigmoid", Activation::kSigmoid}};
   for (const auto& [name, f] : acts) {
-    for (int64_t rowsPerSample : {1, 21, 65}) {  // x batch 3: 3, 63 and 195 rows (4 chunks)
+    // 1, 3, 63 and 195 rows (4 chunks).
+    for (const auto& [batch, rowsPerSample] : std::vector<std::pair<int, int64_t>>{{1, 1}, {3, 1}, {3, 21}, {3, 65}}) {
       for (int64_t out : {1, 130}) {
         CAPTURE(name);
+        CAPTURE(batch);
         CAPTURE(rowsPerSample);
         CAPTURE(out);
-        const int batch = 3;
         const int64_t in = 3, rows = batch * rowsPerSample;
         const std::vector<int64_t> input = rowsPerSample == 1 ? std::vector<int64_t>{in} : std::vector<int64_t>{rowsPerSample, in};
         const std::string lin = R"({"type": "linear", "out": )" + std::to_string(out);

@@ -278,12 +278,26 @@ void Backend::runOp(const Operation& op) {
                       std::memory_order_relaxed);
     if (timeline::enabled()) recordOnTimeline(op, t0, t1);
   } catch (const CommError& e) {
-    markBroken(e.what());
-    throw;
+    if (options_.worldRanks.empty()) {
+      markBroken(e.what());
+      throw;
+    }
+    const std::string why = withWorldRanks(e.what());
+    markBroken(why);
+    throw CommError(why);
   } catch (const std::exception& e) {
-    markBroken(e.what());
-    throw CommError(fmt::format("{} collective failed: {}", name(), e.what()));
+    const std::string why = withWorldRanks(fmt::format("{} collective failed: {}", name(), e.what()));
+    markBroken(why);
+    throw CommError(why);
   }
+}
+
+std::string Backend::withWorldRanks(const std::string& message) const {
+  if (options_.worldRanks.empty()) return message;
+  std::string map;
+  for (size_t i = 0; i < options_.worldRanks.size(); ++i)
+    map += fmt::format("{}{}={}", i == 0 ? "" : ", ", i, options_.worldRanks[i]);
+  return fmt::format("{} (in communicator '{}', whose ranks are world ranks: {})", message, options_.groupName, map);
 }
 
 WorkPtr Backend::start(const Operation& op, const CallOptions& call) {
@@ -358,6 +372,9 @@ std::shared_ptr<Backend> Backend::newGroup(const std::vector<int>& ranks) {
   if (mine == ranks.end()) return nullptr;
   BackendOptions sub = options_;
   sub.groupName = fmt::format("{}/sub[{}]#{}", options_.groupName, list, serial);
+  sub.worldRanks.clear();
+  for (int r : ranks)
+    sub.worldRanks.push_back(options_.worldRanks.empty() ? r : options_.worldRanks[static_cast<size_t>(r)]);
   sub.rank = static_cast<int>(mine - ranks.begin());
   sub.size = static_cast<int>(ranks.size());
   sub.localRank = 0;

@@ -64,6 +64,10 @@ struct BackendOptions {
   std::chrono::milliseconds timeout{std::chrono::minutes(5)};  // per operation, and for the bootstrap
   std::string device = "cpu";     // "cpu", "cuda" or "cuda:N" (nccl; default device = localRank)
   std::string groupName = "comm";  // key namespace inside `store`
+  // Set by newGroup: the world rank of each rank of this communicator (empty for the world itself). Errors name
+  // this communicator's ranks ("rank 1 died"); they end with this map so that a user of a pipeline or tensor group
+  // can tell which process that is (group rank 1 of [1,3] is world rank 3, not the world's rank 1).
+  std::vector<int> worldRanks;
   // The job's shared secret (WorkerContract::storeToken, DTRAIN_RDZV_TOKEN): the tcp mesh (also hier's tcp
   // groups) admits only connections that prove they know it (lib/comm/tcp/mesh_auth.h). "": unauthenticated.
   std::string token;
@@ -238,6 +242,8 @@ class Backend : public std::enable_shared_from_this<Backend> {
   void shutdown();
   // Fails the backend for good (later calls throw CommError naming `why`); backends call it when they abort.
   void markBroken(const std::string& why);
+  // `message` followed, in a communicator made by newGroup, by the world rank of each of its ranks.
+  std::string withWorldRanks(const std::string& message) const;
   // The store key for this group's `suffix`.
   std::string key(const std::string& suffix) const { return options_.groupName + "/" + suffix; }
   // True when every rank of this group has the same nodeRank.

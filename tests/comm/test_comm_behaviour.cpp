@@ -268,6 +268,36 @@ TEST_CASE("a buffer on a device the backend cannot serve, or of a dtype the coll
   }
 }
 
+TEST_CASE("an error in a sub-group maps its ranks to world ranks (group rank 1 of [1,3] is world rank 3)") {
+  // A pipeline's data group of stage 1 is world ranks {1, 3}: its errors name rank 1 for world rank 3, which read
+  // as "rank 1 died" on world rank 1 itself.
+  for (const char* backend : {"tcp", "shm"}) {
+    const int n = 4;
+    auto store = rendezvous::MemoryStore::create();
+    std::vector<BackendPtr> keep(static_cast<size_t>(n));
+    std::string message;
+    auto errors = onRanks(n, [&](int r) {
+      BackendOptions o = rankOptions(r, n, store, nodesFor(backend));
+      o.timeout = 500ms;
+      auto world = createBackend(backend, o);
+      keep[static_cast<size_t>(r)] = world;
+      auto odd = world->newGroup({1, 3});
+      if (r != 1) return;  // world rank 3 stays in the group but never calls: a stalled peer
+      float x = 1;
+      try {
+        odd->allreduce(TensorView::flat(&x, 1), ReduceOp::kSum);
+      } catch (const CommError& e) {
+        message = e.what();
+        return;
+      }
+      throw std::runtime_error("allreduce succeeded without world rank 3");
+    });
+    CHECK_MESSAGE(firstError(errors).empty(), (std::string(backend) + ": " + firstError(errors)));
+    CHECK_MESSAGE(message.find("/sub[1,3]#0', whose ranks are world ranks: 0=1, 1=3)") != std::string::npos,
+                  std::string(backend), ": ", message);
+  }
+}
+
 TEST_CASE("per-backend knobs: set options win over the environment, which is still read, and sub-groups inherit them") {
   const BackendOptions one = rankOptions(0, 1, nullptr);
   ::setenv("DTRAIN_TCP_CHUNK_BYTES", "lots", 1);

@@ -22,6 +22,7 @@ HierBackend::HierBackend(BackendOptions options, HierOptions hier)
   local.size = localSize;
   local.localRank = local.rank;
   local.localSize = localSize;
+  local.worldRanks.clear();  // its ranks are this node's, not this communicator's
   local_ = std::make_shared<shm::ShmBackend>(local, hier_.shm);
   if (leaders_.size() == 1) return;
   auto leader = std::find(leaders_.begin(), leaders_.end(), rank());
@@ -32,6 +33,7 @@ HierBackend::HierBackend(BackendOptions options, HierOptions hier)
     across.size = static_cast<int>(leaders_.size());
     across.localRank = 0;
     across.localSize = 1;
+    across.worldRanks.clear();  // its ranks are the leaders', not this communicator's
     leaderGroup_ = std::make_shared<tcp::TcpBackend>(across, hier_.tcp);
   }
   BackendOptions all = options_;

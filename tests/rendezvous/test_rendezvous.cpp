@@ -204,6 +204,16 @@ TEST_CASE("join: an agent of another job (another fingerprint) on the same run i
   auto fc = joinAsync(*c);
   CHECK(fa.get().numNodes == 2);
   CHECK(fc.get().numNodes == 2);
+  // Once that job ended, another one is still refused, and told that the job under the id is over (the message
+  // read as if a job were still running under it).
+  a->recordEnd(event(RoundEventType::kDone, "", 0));
+  auto d = job.agent("d", withFp("dddd `later.py`", 30s));
+  auto fd = joinAsync(*d);
+  const std::string ended = errorOf(fd);
+  CHECK(ended.find("another job already uses this run id") != std::string::npos);
+  CHECK_MESSAGE(ended.find("(job aaaa `train.py --lr 1`, which has ended: it completed); this is job dddd") !=
+                    std::string::npos,
+                ended);
 }
 
 TEST_CASE("join: a round short of nodes times out naming what is missing") {

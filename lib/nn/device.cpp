@@ -11,6 +11,7 @@
 #include "lib/gpu/blas.h"
 #include "lib/gpu/device.h"
 #include "lib/gpu/kernels.h"
+#include "lib/gpu/kernels_cast.h"
 #include "lib/gpu/memory.h"
 #include "lib/gpu/staging.h"
 #endif
@@ -205,6 +206,26 @@ float clipGradNorm(std::span<float> grads, double maxNorm, Device device) {
   if (coef < 1.0f) gpu::kernels::scale(grads.data(), grads.data(), grads.size(), coef);
 #endif
   return norm;
+}
+
+void castToHalf(const float* g, uint16_t* h, size_t n, float divisor, bool fp16, Device device) {
+  DTRAIN_CHECK(!device.isCpu(), "castToHalf runs on a GPU; the CPU hook casts its own buffers");
+#if DTRAIN_WITH_CUDA
+  gpu::kernels::toHalf(g, h, n, divisor, fp16);
+#else
+  (void)g, (void)h, (void)n, (void)divisor, (void)fp16;
+  notBuilt(device, "a 16-bit gradient cast");
+#endif
+}
+
+void castFromHalf(const uint16_t* h, float* g, size_t n, bool fp16, Device device) {
+  DTRAIN_CHECK(!device.isCpu(), "castFromHalf runs on a GPU; the CPU hook casts its own buffers");
+#if DTRAIN_WITH_CUDA
+  gpu::kernels::fromHalf(h, g, n, fp16);
+#else
+  (void)h, (void)g, (void)n, (void)fp16;
+  notBuilt(device, "a 16-bit gradient cast");
+#endif
 }
 
 }  // namespace dtrain::nn

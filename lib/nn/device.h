@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <span>
 #include <string>
@@ -103,5 +104,11 @@ float gradNorm(std::span<const float> values, Device device);
 bool allFinite(std::span<const float> values, Device device);
 // torch.nn.utils.clip_grad_norm_ (optimizer.h's clipGradNorm) on the gradients' device.
 float clipGradNorm(std::span<float> grads, double maxNorm, Device device);
+// The fp16/bf16 gradient compression's casts on a GPU (lib/train's CastHook; PyTorch's fp16_compress_hook /
+// bf16_compress_hook): h[i] = fp16 (fp16) or bf16 of g[i] / divisor, rounded to nearest even, as the CPU hook's
+// loops round; and back, g[i] = float(h[i]). g and h (n 2-byte values) are device memory of `device`; enqueued on
+// the legacy default stream (asynchronous). A CPU device is a dtrain::Error (the CPU hook has its own loops).
+void castToHalf(const float* g, uint16_t* h, size_t n, float divisor, bool fp16, Device device);
+void castFromHalf(const uint16_t* h, float* g, size_t n, bool fp16, Device device);
 
 }  // namespace dtrain::nn

@@ -108,16 +108,28 @@ std::vector<HookState> CompressionHook::stateBuffers() {
 
 // --- fp16 / bf16 ---
 
-void CastHook::allocate() { half_.assign(layout_.arenaSize, 0); }
-
 comm::WorkPtr CastHook::compress(const GradBucket& bucket, comm::Backend& group) {
   const size_t n = static_cast<size_t>(bucket.grads.numel());
   float* g = bucket.grads.as<float>();
-  uint16_t* h = half_.data() + bucket.offset;
   const bool fp16 = settings_.type == CompressionSettings::Type::kFp16;
   // Divided before the cast (PyTorch's fp16 hook divides by the world size): the sum of n values is then as
   // large as the largest of them, so the 16-bit sum overflows only where one rank's gradient alone would.
   const auto size = static_cast<float>(group.size());
+  const Device device = bucket.grads.device;
+  if (!device.isCpu()) {
+    // On the GPU: cast kernel, NCCL all-reduce in 16 bits on its stream (ordered after the cast by the backend's
+    // event on the compute stream), cast back enqueued on the compute stream when the all-reduce has completed
+    // (before the optimizer, which is enqueued after the step's buckets are waited for).
+    if (deviceHalf_.size() == 0) deviceHalf_ = nn::DeviceFloats(layout_.arenaSize / 2 + 1, device);
+    uint16_t* h = reinterpret_cast<uint16_t*>(deviceHalf_.data()) + bucket.offset;
+    nn::castToHalf(g, h, n, size, fp16, device);
+    sent(allreduceWireBytes(n * 2, group.size()));
+    auto work = group.allreduceAsync(TensorView::flat(h, n, fp16 ? DType::kFloat16 : DType::kBFloat16, device),
+                                     comm::ReduceOp::kSum);
+    return thenWork(std::move(work), [g, h, n, fp16, device] { nn::castFromHalf(h, g, n, fp16, device); });
+  }
+  if (half_.size() != layout_.arenaSize) half_.assign(layout_.arenaSize, 0);
+  uint16_t* h = half_.data() + bucket.offset;
   if (fp16)
     toFp16(g, h, n, size);
   else

@@ -12,6 +12,7 @@
 #include <optional>
 #include <vector>
 
+#include "lib/nn/device.h"
 #include "lib/train/compression.h"
 
 namespace dtrain::train {
@@ -81,17 +82,21 @@ class CompressionHook : public CommHook {
   HookTraffic traffic_;
 };
 
-// fp16 / bf16: g / n cast to 16 bits, summed in 16 bits, cast back.
+// fp16 / bf16: g / n cast to 16 bits, summed in 16 bits, cast back. Where the bucket lives: a CPU bucket is cast by
+// host loops into a host buffer; a GPU bucket (device: cuda, nccl) by kernels into a device buffer, all-reduced by
+// NCCL in fp16/bf16 and cast back on the device once the all-reduce completed (PyTorch's fp16_compress_hook /
+// bf16_compress_hook on CUDA tensors), so nothing crosses to the host. The same rounding on both (CPU <-> GPU
+// parity of the casts; NCCL's 16-bit sums are its own).
 class CastHook final : public CompressionHook {
  public:
   using CompressionHook::CompressionHook;
 
  protected:
   comm::WorkPtr compress(const GradBucket& bucket, comm::Backend& group) override;
-  void allocate() override;
 
  private:
-  std::vector<uint16_t> half_;  // arena-sized
+  std::vector<uint16_t> half_;  // arena-sized, allocated at the first CPU bucket
+  nn::DeviceFloats deviceHalf_;  // arena-sized 16-bit values (as floats' storage), at the first GPU bucket
 };
 
 // top-k with error feedback, exchanged by all-gather of (index, value) pairs.

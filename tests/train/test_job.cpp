@@ -383,8 +383,16 @@ TEST_CASE("\"device\": \"cuda\" is validated before any worker: build, backend, 
   CHECK(loadJob(withDevice(R"("precision": "fp32")")).tf32);
   CHECK(configErrorOf(withDevice(R"("device": "cuda", "parallel": {"backend": "tcp"})"))
             .find("/parallel/backend: 'tcp' cannot carry GPU gradients") != std::string::npos);
-  CHECK(configErrorOf(withDevice(R"("device": "cuda", "parallel": {"compression": {"type": "fp16"}})"))
-            .find("/parallel/compression: gradient compression runs on the CPU only") != std::string::npos);
+  // fp16/bf16 compression runs on the device (CastHook's GPU path); top-k and PowerSGD keep host state.
+  CHECK(loadJob(withDevice(R"("device": "cuda", "parallel": {"compression": {"type": "fp16"}})"))
+            .parallel.compression->type == CompressionSettings::Type::kFp16);
+  CHECK(loadJob(withDevice(R"("device": "cuda", "parallel": {"compression": {"type": "bf16"}})"))
+            .parallel.compression->type == CompressionSettings::Type::kBf16);
+  CHECK(configErrorOf(withDevice(R"("device": "cuda", "parallel": {"compression": {"type": "topk", "ratio": 0.01}})"))
+            .find("/parallel/compression/type: 'topk' runs on the CPU only in this build; \"device\": \"cuda\" "
+                  "supports \"fp16\" and \"bf16\"") != std::string::npos);
+  CHECK(configErrorOf(withDevice(R"("device": "cuda", "parallel": {"compression": {"type": "powersgd", "rank": 2}})"))
+            .find("/parallel/compression/type: 'powersgd' runs on the CPU only") != std::string::npos);
   CHECK(loadJob(withDevice(R"("device": "cuda", "precision": "bf16")")).precision == Job::Precision::kBf16);
   std::string conv = R"({"model": {"input": [1, 6, 6], "layers": [{"type": "conv2d", "out": 2, "kernel": 3},
     {"type": "flatten"}, {"type": "linear", "out": 3}]}, "loss": {"type": "cross_entropy"},

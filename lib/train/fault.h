@@ -13,7 +13,8 @@
 //   every rank appends (under model parallelism one rank per data replica, see addTestAids), per optimizer step,
 //   the sample indices it trained on to
 //   DIR/samples-a<attempt>-r<rank>.jsonl ({"attempt","round","rank","world","epoch","step","t","idx"}; t: Unix
-//   seconds), flushed per line: proof that an elastic resize neither skips nor repeats samples.
+//   seconds; world: every rank of the launch, parameter servers included), flushed per line: proof that an
+//   elastic resize neither skips nor repeats samples.
 // DTRAIN_STEP_PAUSE=DURATION ("20ms")
 //   every rank sleeps this long after each optimizer step: a slower step, so that a rehearsal (`dtrain sim`, the
 //   tests) gives faults and joins time to land whatever the machine's speed.

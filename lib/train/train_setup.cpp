@@ -178,7 +178,9 @@ void TrainLoop::setUp() {
   }
   hasDropout_ = model_->hasRandomLayers();
   // One sample log per data replica: its stages and tensor ranks all read the same batches.
-  addTestAids(callbacks_, worker_.rank, worker_.worldSize, worker_.restartCount, worker_.round,
+  // Its "world" is the launch's, servers included (a parameter-server worker's worker_ counts the workers only):
+  // `dtrain sim` derives the node count from it.
+  addTestAids(callbacks_, worker_.rank, worker_.worldSize + psServers_, worker_.restartCount, worker_.round,
               /*logsSamples=*/g.coords.stage == 0 && g.coords.tensor == 0);
   if (auto reporter = makeMetricsReporter(worker_.rank)) callbacks_.add(std::move(reporter));
   if (job_.logging.tensorboard)

@@ -126,6 +126,23 @@ TEST_CASE("dtrain sim: a pipeline job (2 stages per replica) resized by a kill: 
   CHECK(processesWithEnv("DTRAIN_SAMPLE_LOG", dir + "/sim/samples").empty());
 }
 
+TEST_CASE("dtrain sim: a parameter-server job's throughput rows count its nodes, servers included") {
+  // The sample log's world was the workers' (3 of 4 ranks here), so 2 nodes x 2 ranks read as "1 node, 2 ranks".
+  std::string dir = tempDir("sim-ps");
+  json job = smallJob(240, 5, 1000);
+  job["train"]["max_steps"] = 12;
+  job["checkpoint"] = false;
+  job["parallel"] = {{"timeout", 20}, {"strategy", "parameter_server"}, {"servers", 1}};
+  writeFile(dir + "/job.json", job.dump());
+  RunOptions opts{.timeout = 180s, .env = {{"DTRAIN_STEP_PAUSE", "25ms"}}};
+  auto r = run(simArgs({"--nodes", "2", "--nproc-per-node", "2", "--output-dir", dir + "/sim", dir + "/job.json"}),
+               opts);
+  INFO(r.out, r.err);
+  REQUIRE(r.exitCode == 0);
+  CHECK(r.out.find("repeated 0, skipped 0") != std::string::npos);
+  CHECK(linesWith(r.out, "      2     4 ").size() == 1);  // nodes, ranks
+}
+
 TEST_CASE("dtrain sim: a node cut off by a partition; the others re-form and the job finishes") {
   if (::geteuid() != 0) {
     MESSAGE("skipped: partitions need network namespaces (root)");

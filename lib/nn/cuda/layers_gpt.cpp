@@ -280,7 +280,7 @@ class LmHead final : public Layer {
 // gradients between them live in the block's own device buffers.
 class Block final : public Layer {
  public:
-  Block(const LayerSpec& spec, const LayerBuild& build) : Layer(spec, build.device) {
+  Block(const LayerSpec& spec, const LayerBuild& build) : Layer(spec, build.device), scratch_(build.scratch) {
     size_t maxIn = 0;
     for (const auto& c : spec.children) {
       children_.push_back(makeLayer(c, build));
@@ -295,8 +295,15 @@ class Block final : public Layer {
       Layer& next = *children_[i + 1];
       if (!children_[i]->aliasesInput() && !next.aliasesInput()) children_[i]->fuseWithNext(next);
     }
-    gradA_ = DeviceFloats(maxIn, build.device);
-    gradB_ = DeviceFloats(maxIn, build.device);
+    // The ping-pong gradients live only inside one backward: the model's blocks share them (SharedScratch kGradA,
+    // kGradB, as the CPU's blocks do; the spec parser refuses a block inside a block, which would overwrite them).
+    if (scratch_ != nullptr) {
+      scratch_->reserve(SharedScratch::kGradA, maxIn);
+      scratch_->reserve(SharedScratch::kGradB, maxIn);
+    } else {
+      gradA_ = DeviceFloats(maxIn, build.device);
+      gradB_ = DeviceFloats(maxIn, build.device);
+    }
     in_.assign(children_.size(), nullptr);
     out_.assign(children_.size(), nullptr);
   }
@@ -325,8 +332,8 @@ class Block final : public Layer {
   }
 
   void backward(const float*, const float*, const float* dy, float* dx, int batch, bool accumulate) override {
-    float* gradA = gradA_.data();
-    float* gradB = gradB_.data();
+    float* gradA = scratch_ != nullptr ? scratch_->data(SharedScratch::kGradA) : gradA_.data();
+    float* gradB = scratch_ != nullptr ? scratch_->data(SharedScratch::kGradB) : gradB_.data();
     const float* g = dy;
     for (size_t i = children_.size(); i-- > 0;) {
       const bool aliasing = outs_[i].size() == 0;
@@ -342,6 +349,7 @@ class Block final : public Layer {
   std::vector<std::unique_ptr<Layer>> children_;
   std::vector<DeviceFloats> outs_;
   std::vector<size_t> counts_;
+  SharedScratch* scratch_;      // the model's (kGradA, kGradB), or null: gradA_, gradB_
   DeviceFloats gradA_, gradB_;
   std::vector<const float*> in_;
   std::vector<float*> out_;

@@ -56,8 +56,9 @@ std::vector<Sample> parseExposition(const std::string& text) {
 std::string view(const TopArgs& a, const std::vector<std::string>& agents, std::chrono::milliseconds timeout) {
   struct Rank {
     std::string node;
-    double step = 0, epoch = 0, sps = 0, updated = 0;
+    double step = 0, epoch = 0, updated = 0;
     std::optional<double> loss;  // none: the rank computes no loss (a pipeline stage before the last)
+    std::optional<double> sps;   // none: another rank of its data replica counts its samples (model parallelism)
   };
   std::map<int, Rank> ranks;
   std::string nodes;
@@ -103,10 +104,10 @@ std::string view(const TopArgs& a, const std::vector<std::string>& agents, std::
                      "samples/s", "last report");
   double total = 0;
   for (const auto& [rank, r] : ranks) {
-    total += r.sps;
-    out += fmt::format("{:>6} {:>5} {:>10.0f} {:>6.0f} {:>12} {:>12.0f} {:>10.1f} s\n", rank, r.node, r.step,
-                       r.epoch + 1, r.loss ? fmt::format("{:.6g}", *r.loss) : "-", r.sps,
-                       r.updated > 0 ? now - r.updated : 0.0);
+    total += r.sps.value_or(0.0);
+    out += fmt::format("{:>6} {:>5} {:>10.0f} {:>6.0f} {:>12} {:>12} {:>10.1f} s\n", rank, r.node, r.step,
+                       r.epoch + 1, r.loss ? fmt::format("{:.6g}", *r.loss) : "-",
+                       r.sps ? fmt::format("{:.0f}", *r.sps) : "-", r.updated > 0 ? now - r.updated : 0.0);
   }
   out += fmt::format("{:>6} {:>5} {:>10} {:>6} {:>12} {:>12.0f}\n", "all", "", "", "", "", total);
   return out;

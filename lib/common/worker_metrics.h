@@ -41,7 +41,7 @@ struct FlightEntry {
 
 struct WorkerMetricsBlock {
   static constexpr uint32_t kMagic = 0x6d747264;  // "drtm"
-  static constexpr uint32_t kVersion = 3;  // 3: noLoss
+  static constexpr uint32_t kVersion = 4;  // 3: noLoss; 4: noSamples
   static constexpr int kFlightEntries = 32;
   static constexpr int kCollectiveKinds = 8;  // comm::Operation::Kind's values
 
@@ -57,6 +57,10 @@ struct WorkerMetricsBlock {
   std::atomic<double> learningRate;
   std::atomic<double> samplesPerSecond;  // this rank, over the last ~second of steps
   std::atomic<uint64_t> samplesTotal;    // training samples this rank consumed
+  std::atomic<uint32_t> noSamples;       // 1: another rank counts this rank's samples (model parallelism: the data
+                                         // replica's stage 0, tensor rank 0); its samples are not shown, so that a
+                                         // sum over ranks is the job's throughput (it counted each sample once per
+                                         // stage and tensor rank)
   std::atomic<uint64_t> stepsTotal;      // optimizer steps this process ran (not the resumed ones)
   std::atomic<double> phaseSecondsTotal[static_cast<int>(StepPhase::kCount)];
   std::atomic<uint64_t> collectiveCallsTotal[kCollectiveKinds];

@@ -88,7 +88,7 @@ function render(d) {
   for (const r of d.ranks) {
     const tr = ranks.insertRow();
     [r.rank, r.step, r.epoch + 1, r.loss === null ? '-' : r.loss.toPrecision(4), r.learning_rate.toPrecision(3),
-     r.samples_per_second.toFixed(0)].forEach(v => cell(tr, v));
+     r.samples_per_second === null ? '-' : r.samples_per_second.toFixed(0)].forEach(v => cell(tr, v));
     cell(tr, r.age_seconds.toFixed(1), r.age_seconds > 10 ? 'stale' : '');
   }
   const events = document.getElementById('events');
@@ -170,7 +170,7 @@ void Dashboard::sample() {
     h.time.push_back(now);
     h.step.push_back(static_cast<double>(r.step));
     h.loss.push_back(r.hasLoss ? r.loss : std::numeric_limits<double>::quiet_NaN());  // NaN: null in the JSON
-    h.samplesPerSecond.push_back(r.samplesPerSecond);
+    h.samplesPerSecond.push_back(r.hasSamples ? r.samplesPerSecond : std::numeric_limits<double>::quiet_NaN());
     if (h.time.size() >= kMaxPoints) {
       for (auto* v : {&h.time, &h.step, &h.loss, &h.samplesPerSecond}) {
         size_t keep = 0;
@@ -214,7 +214,8 @@ std::string Dashboard::dataJson() const {
                     // null (shown as '-', no point) on a rank that computes no loss, as for a non-finite one.
                     {"loss", r.hasLoss && std::isfinite(r.loss) ? nlohmann::json(r.loss) : nlohmann::json()},
                     {"learning_rate", r.learningRate},
-                    {"samples_per_second", r.samplesPerSecond},
+                    // null ('-') on a rank whose data replica's samples another rank counts (model parallelism)
+                    {"samples_per_second", r.hasSamples ? nlohmann::json(r.samplesPerSecond) : nlohmann::json()},
                     {"age_seconds", r.updatedUnixSeconds > 0 ? now - r.updatedUnixSeconds : -1.0},
                     {"history", history}});
   }

@@ -141,6 +141,7 @@ std::vector<MetricsHub::RankState> MetricsHub::rankStates() const {
     r.hasLoss = b->noLoss.load(kRelaxed) == 0;
     r.learningRate = b->learningRate.load(kRelaxed);
     r.samplesPerSecond = b->samplesPerSecond.load(kRelaxed);
+    r.hasSamples = b->noSamples.load(kRelaxed) == 0;
     r.updatedUnixSeconds = b->updatedUnixSeconds.load(kRelaxed);
     out.push_back(r);
   }
@@ -215,10 +216,19 @@ void MetricsHub::renderWorkers(PromText& out, const std::vector<const WorkerMetr
     if (blocks[i]->noLoss.load(kRelaxed) == 0) out.sample("dtrain_loss", labels[i], blocks[i]->loss.load(kRelaxed));
   each("dtrain_learning_rate", "gauge", "Learning rate of the last update.",
        [](const auto& b) { return b.learningRate.load(kRelaxed); });
-  each("dtrain_samples_per_second", "gauge", "Training samples per second of this rank over the last second.",
-       [](const auto& b) { return b.samplesPerSecond.load(kRelaxed); });
-  each("dtrain_samples_total", "counter", "Training samples this rank's process consumed.",
-       [](const auto& b) { return b.samplesTotal.load(kRelaxed); });
+  // Under model parallelism one rank per data replica counts its samples (noSamples): a sum over ranks is then the
+  // job's throughput, as under data parallelism.
+  auto counted = [&](const std::string& name, const char* type, const std::string& help, auto value) {
+    out.family(name, type, help);
+    for (size_t i = 0; i < blocks.size(); ++i)
+      if (blocks[i]->noSamples.load(kRelaxed) == 0) out.sample(name, labels[i], static_cast<double>(value(*blocks[i])));
+  };
+  counted("dtrain_samples_per_second", "gauge",
+          "Training samples per second of this rank's data replica over the last second (on one rank per replica).",
+          [](const auto& b) { return b.samplesPerSecond.load(kRelaxed); });
+  counted("dtrain_samples_total", "counter",
+          "Training samples this rank's process consumed (on one rank per data replica: stage 0, tensor rank 0).",
+          [](const auto& b) { return b.samplesTotal.load(kRelaxed); });
   each("dtrain_steps_total", "counter", "Optimizer steps this rank's process ran.",
        [](const auto& b) { return b.stepsTotal.load(kRelaxed); });
   out.family("dtrain_step_phase_seconds_total", "counter",

@@ -90,6 +90,7 @@ class MetricsHub {
     bool hasLoss = true;  // false: the rank computes no loss (a pipeline stage before the last)
     double learningRate = 0;
     double samplesPerSecond = 0;
+    bool hasSamples = true;  // false: another rank of its data replica counts its samples (model parallelism)
     double updatedUnixSeconds = 0;  // 0: never reported
   };
   // The local workers that attached, by local rank.

@@ -18,9 +18,10 @@ double unixSeconds() {
 }
 }  // namespace
 
-MetricsReporter::MetricsReporter(const std::string& path, int rank)
+MetricsReporter::MetricsReporter(const std::string& path, int rank, bool countsSamples)
     : mapping_(new WorkerMetricsMapping(WorkerMetricsMapping::open(path))), windowStart_(Clock::now()), lastRss_(Clock::now()) {
   auto& b = mapping_->block();
+  b.noSamples.store(countsSamples ? 0 : 1, kRelaxed);
   b.rank.store(rank, kRelaxed);
   b.pid.store(static_cast<int32_t>(::getpid()), kRelaxed);
   b.residentBytes.store(residentBytes(), kRelaxed);
@@ -76,11 +77,11 @@ void MetricsReporter::onCheckpoint(const CheckpointEvent& e) {
   b.checkpointSizeBytes.store(e.bytes, kRelaxed);
 }
 
-TrainerCallbackPtr makeMetricsReporter(int rank) {
+TrainerCallbackPtr makeMetricsReporter(int rank, bool countsSamples) {
   const char* path = std::getenv(kMetricsShmEnv);
   if (!path || !*path) return nullptr;
   try {
-    return std::make_shared<MetricsReporter>(path, rank);
+    return std::make_shared<MetricsReporter>(path, rank, countsSamples);
   } catch (const std::exception& e) {
     log::warn("monitoring is off for rank {}: {}", rank, e.what());
     return nullptr;

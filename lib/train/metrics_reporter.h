@@ -19,7 +19,7 @@ class MetricsReporter : public TrainerCallback {
  public:
   // Maps the block at `path` (throws dtrain::Error naming it when that fails).
   // Also attaches the process's flight recorder to the block (detached again by the destructor).
-  MetricsReporter(const std::string& path, int rank);
+  MetricsReporter(const std::string& path, int rank, bool countsSamples = true);
   ~MetricsReporter() override;
   void onOptimizerStep(const StepEvent& event) override;
   void onCheckpoint(const CheckpointEvent& event) override;
@@ -38,7 +38,9 @@ class MetricsReporter : public TrainerCallback {
 };
 
 // The reporter when DTRAIN_METRICS_SHM is set (the agent runs with --metrics-port), else nullptr. A block that
-// cannot be mapped is logged as a warning and monitoring is off: it never stops training.
-TrainerCallbackPtr makeMetricsReporter(int rank);
+// cannot be mapped is logged as a warning and monitoring is off: it never stops training. `countsSamples`: this
+// rank reports its data replica's training samples (false on the replica's other pipeline stages and tensor
+// ranks, which train on the same batches: WorkerMetricsBlock::noSamples).
+TrainerCallbackPtr makeMetricsReporter(int rank, bool countsSamples = true);
 
 }  // namespace dtrain::train

@@ -182,7 +182,8 @@ void TrainLoop::setUp() {
   // `dtrain sim` derives the node count from it.
   addTestAids(callbacks_, worker_.rank, worker_.worldSize + psServers_, worker_.restartCount, worker_.round,
               /*logsSamples=*/g.coords.stage == 0 && g.coords.tensor == 0);
-  if (auto reporter = makeMetricsReporter(worker_.rank)) callbacks_.add(std::move(reporter));
+  if (auto reporter = makeMetricsReporter(worker_.rank, /*countsSamples=*/g.coords.stage == 0 && g.coords.tensor == 0))
+    callbacks_.add(std::move(reporter));
   if (job_.logging.tensorboard)
     callbacks_.add(std::make_shared<TensorBoardLogger>(worker_.rank == 0, job_.outputDir));
   // Ranks agree on a stop (SIGTERM/SIGINT/SIGUSR1 on any of them) every few steps, so that they all checkpoint

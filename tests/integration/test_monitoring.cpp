@@ -178,7 +178,8 @@ scrape_configs:
   CHECK(processesWithRunId(id).empty());
 }
 
-TEST_CASE("a pipeline stage before the last has no loss in /metrics or the dashboard (it used to read 0)") {
+TEST_CASE("a pipeline stage before the last has no loss in /metrics or the dashboard (it used to read 0); one "
+          "stage counts the replica's samples") {
   std::string dir = tempDir("monitoring-pipeline");
   std::string id = uniqueRunId("metrics-pipe");
   KillByRunId cleanup{id};
@@ -207,6 +208,11 @@ TEST_CASE("a pipeline stage before the last has no loss in /metrics or the dashb
   CHECK(linesWith(scrape, "dtrain_loss{" + labels + ",rank=\"0\"}").empty());
   CHECK(linesWith(scrape, "dtrain_loss{" + labels + ",rank=\"1\"}").size() == 1);
   CHECK(sampleValue(scrape, "dtrain_step{" + labels + ",rank=\"0\"}") > 0);
+  // Both stages train the same batches: stage 0 counts them, so a sum over ranks is the job's throughput (it was
+  // twice that).
+  CHECK(sampleValue(scrape, "dtrain_samples_total{" + labels + ",rank=\"0\"}") > 0);
+  CHECK(linesWith(scrape, "dtrain_samples_total{" + labels + ",rank=\"1\"}").empty());
+  CHECK(linesWith(scrape, "dtrain_samples_per_second{" + labels + ",rank=\"1\"}").empty());
   if (installed("/usr/bin/promtool")) CHECK(promtoolProblems(scrape) == "");
   auto data = nlohmann::json::parse(httpGet(dashPort, "/dashboard/data.json").body);
   INFO(data.dump());
@@ -214,6 +220,8 @@ TEST_CASE("a pipeline stage before the last has no loss in /metrics or the dashb
   for (const auto& r : data["ranks"]) {
     if (r["rank"] == 0) CHECK(r["loss"].is_null());
     else CHECK(r["loss"].is_number());
+    if (r["rank"] == 0) CHECK(r["samples_per_second"].is_number());
+    else CHECK(r["samples_per_second"].is_null());
   }
   agent.signal(SIGTERM);
   auto result = agent.wait(60s);

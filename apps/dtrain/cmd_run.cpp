@@ -1,5 +1,8 @@
 // `dtrain run`: CLI parsing for the launcher. torchrun's flag names (with - or _) and semantics; every option
 // can also come from DTRAIN_<NAME> in the environment. The work is lib/launch's Agent.
+#include <fmt/ranges.h>
+
+#include <algorithm>
 #include <filesystem>
 #include <optional>
 
@@ -109,6 +112,29 @@ int runCommand(RunArgs& a, bool programAfterDashes) {
     for (const auto& w : job->parallel.warnings) fmt::print(stderr, "dtrain run: warning: {}\n", w);
     // The rank grid must divide the world (known here when the node count is fixed and nodes are alike).
     if (o.minNodes == o.maxNodes) train::resolveLayout(job->parallel, o.minNodes * o.nproc, job->sourceFile);
+    // Elastic: a round of a node count whose world the grid (or the servers) cannot use ends as a config error
+    // after the rendezvous, with no restart. None usable: refused now; some: said now, before any node waits.
+    if (o.minNodes < o.maxNodes) {
+      const auto unusable = train::unusableNodeCounts(job->parallel, o.minNodes, o.maxNodes, o.nproc,
+                                                      o.psServers, job->sourceFile);
+      const int checked = std::min(o.maxNodes, o.minNodes + 4096) - o.minNodes + 1;
+      if (!unusable.empty()) {
+        std::vector<int> counts;
+        for (const auto& u : unusable)
+          if (counts.size() < 10) counts.push_back(u.first);
+        const std::string more =
+            unusable.size() > counts.size() ? fmt::format(", ... ({} of the {} counts)", unusable.size(), checked) : "";
+        DTRAIN_CHECK_AS(ConfigError, static_cast<int>(unusable.size()) < checked,
+                        "--nnodes {}: no node count in {}..{} gives a world this job can use (x --nproc-per-node "
+                        "{}); e.g. {} node(s): {}",
+                        o.nnodesText, o.minNodes, o.maxNodes, o.nproc, unusable.front().first, unusable.front().second);
+        fmt::print(stderr,
+                   "dtrain run: warning: --nnodes {}: the world of {} node(s) cannot run this job: a round that forms "
+                   "with that many ends it as a configuration error (exit 2, no restart); e.g. {} node(s): {}\n",
+                   o.nnodesText, fmt::format("{}{}", fmt::join(counts, ", "), more), unusable.front().first,
+                   unusable.front().second);
+      }
+    }
     auto machine = train::readMachineMemory();
     train::checkJobFitsMemory(*job, o.nproc, machine);
     train::checkJobFitsMemory(*job, o.nproc, machine, train::checkJobData(*job).bytes);

@@ -30,6 +30,29 @@ LayoutDims resolveLayout(const ParallelSettings& parallel, int worldSize, const 
   return d;
 }
 
+std::vector<std::pair<int, std::string>> unusableNodeCounts(const ParallelSettings& parallel, int minNodes,
+                                                            int maxNodes, int nprocPerNode, int psServers,
+                                                            const std::string& source) {
+  std::vector<std::pair<int, std::string>> out;
+  const int last = static_cast<int>(std::min<int64_t>(maxNodes, int64_t{minNodes} + 4096));
+  for (int nodes = minNodes; nodes <= last; ++nodes) {
+    const int64_t world = int64_t{nodes} * nprocPerNode;
+    if (world > std::numeric_limits<int>::max()) break;
+    if (psServers > 0 && psServers >= world) {
+      out.emplace_back(nodes, fmt::format("{}: /parallel/servers: {} server(s) leave no rank of a world of {} to "
+                                          "train",
+                                          source, psServers, world));
+      continue;
+    }
+    try {
+      resolveLayout(parallel, static_cast<int>(world), source);
+    } catch (const ConfigError& e) {
+      out.emplace_back(nodes, e.what());
+    }
+  }
+  return out;
+}
+
 RankCoords coordsOf(const LayoutDims& dims, int rank) {
   DTRAIN_CHECK(rank >= 0 && rank < dims.world(), "rank {} outside a world of {}", rank, dims.world());
   return {.data = rank / (dims.stages * dims.tensor),

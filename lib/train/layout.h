@@ -48,6 +48,14 @@ struct RankCoords {
 //   job.json: /parallel: a world of 6 ranks is not divisible by pipeline stages 4 x tensor 1 = 4 ...
 LayoutDims resolveLayout(const ParallelSettings& parallel, int worldSize, const std::string& source);
 
+// An elastic launch (--nnodes MIN:MAX, `nprocPerNode` ranks per node, `psServers` of the world serving): for each
+// node count the rendezvous may form, in order, the reason its world cannot run the job ("" when it can):
+// resolveLayout's ConfigError message, or too few ranks left to train beside the parameter servers. Pure; throws
+// nothing. Counts past MIN + 4096 are not checked (bounded work whatever MAX says).
+std::vector<std::pair<int, std::string>> unusableNodeCounts(const ParallelSettings& parallel, int minNodes,
+                                                            int maxNodes, int nprocPerNode, int psServers,
+                                                            const std::string& source);
+
 RankCoords coordsOf(const LayoutDims& dims, int rank);
 int rankOf(const LayoutDims& dims, const RankCoords& coords);
 

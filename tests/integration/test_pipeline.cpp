@@ -203,4 +203,27 @@ TEST_CASE("pipeline: bad layouts are refused before any worker starts; few micro
   CHECK(kept.exitCode == 0);
   CHECK(kept.err.find("warning:") == std::string::npos);
   CHECK(kept.out.find("0..2 (3 layers: 0 linear .. 2 linear)") != std::string::npos);
+  // Elastic: the node counts whose world the grid cannot use are said before any node waits (a round of that many
+  // used to end the job as a config error after the rendezvous, unannounced); none usable is refused (exit 2).
+  const std::vector<std::string> elastic{"run", "--dry-run", "--rdzv-backend", "store", "--rdzv-endpoint",
+                                         "127.0.0.1:29999", "-n", "1"};
+  auto some = elastic;
+  some.insert(some.end(), {"--nnodes", "1:4", job, "--set", parallelSet(2, "1f1b", 4)});
+  auto someBad = check(some);
+  INFO(someBad.err);
+  CHECK(someBad.exitCode == 0);
+  CHECK(someBad.err.find("warning: --nnodes 1:4: the world of 1, 3 node(s) cannot run this job") != std::string::npos);
+  CHECK(someBad.err.find("a world of 1 rank(s) is not divisible by pipeline stages 2") != std::string::npos);
+  auto none = elastic;
+  none.insert(none.end(), {"--nnodes", "1:3", job, "--set", parallelSet(4, "1f1b", 4)});
+  auto noneFit = check(none);
+  INFO(noneFit.err);
+  CHECK(noneFit.exitCode == 2);
+  CHECK(noneFit.err.find("--nnodes 1:3: no node count in 1..3 gives a world this job can use") != std::string::npos);
+  auto all = elastic;
+  all[7] = "2";  // 2 ranks per node: every world divides by 2 stages
+  all.insert(all.end(), {"--nnodes", "1:4", job, "--set", parallelSet(2, "1f1b", 4)});
+  auto allFit = check(all);
+  CHECK(allFit.exitCode == 0);
+  CHECK(allFit.err.find("--nnodes") == std::string::npos);
 }

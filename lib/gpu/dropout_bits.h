@@ -12,13 +12,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#if !defined(DTRAIN_HOST_DEVICE)
-#if defined(__CUDACC__)
-#define DTRAIN_HOST_DEVICE __host__ __device__
-#else
-#define DTRAIN_HOST_DEVICE
-#endif
-#endif
+#include "lib/gpu/host_device.h"
 
 namespace dtrain::gpu {
 

@@ -25,13 +25,7 @@
 #include <cmath>
 #include <cstdint>
 
-#ifndef DTRAIN_HOST_DEVICE
-#if defined(__CUDACC__)
-#define DTRAIN_HOST_DEVICE __host__ __device__
-#else
-#define DTRAIN_HOST_DEVICE
-#endif
-#endif
+#include "lib/gpu/host_device.h"
 
 namespace dtrain::gpu {
 

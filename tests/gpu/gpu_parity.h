@@ -18,6 +18,7 @@
 #include "lib/nn/device.h"
 #include "lib/nn/layer.h"
 #include "lib/nn/spec.h"
+#include "tests/gpu/host_values.h"
 
 namespace dtrain::nn::parity {
 
@@ -40,22 +41,8 @@ DeviceFloats toDevice(const std::vector<T>& v) {
   return d;
 }
 
-// max |a - b| / max(1, |a|): relative for large values, absolute near zero.
-inline double maxDiff(const std::vector<float>& a, const std::vector<float>& b) {
-  REQUIRE(a.size() == b.size());
-  double worst = 0;
-  for (size_t i = 0; i < a.size(); ++i)
-    worst = std::max(worst, std::fabs(double(a[i]) - double(b[i])) / std::max(1.0, std::fabs(double(a[i]))));
-  return worst;
-}
-
-inline std::vector<float> randomVector(size_t n, uint32_t seed, float lo = -1, float hi = 1) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> u(lo, hi);
-  std::vector<float> v(n);
-  for (float& x : v) x = u(rng);
-  return v;
-}
+using gputest::maxDiff;
+using gputest::randomVector;
 
 struct Case {
   std::string layer;

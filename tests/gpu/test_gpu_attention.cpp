@@ -19,19 +19,13 @@
 #include "lib/nn/dropout_mask.h"
 #include "lib/nn/layer.h"
 #include "lib/nn/spec.h"
+#include "tests/gpu/host_values.h"
 
 using namespace dtrain;
 using nlohmann::json;
+using dtrain::gputest::randomVector;
 
 namespace {
-
-std::vector<float> randomValues(size_t n, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> u(-1, 1);
-  std::vector<float> v(n);
-  for (float& x : v) x = u(rng);
-  return v;
-}
 
 double worstDiff(const std::vector<float>& a, const std::vector<double>& b) {
   REQUIRE(a.size() == b.size());
@@ -208,7 +202,7 @@ TEST_CASE("the CUDA attention's order (P recomputed in backward, bits per sample
     for (const int batch : {3, 1}) {
       CAPTURE(batch);
       const size_t n = static_cast<size_t>(batch * t * c);
-      const std::vector<float> x = randomValues(n, 7 + static_cast<uint32_t>(batch)), dy = randomValues(n, 8);
+      const std::vector<float> x = randomVector(n, 7 + static_cast<uint32_t>(batch)), dy = randomVector(n, 8);
       std::vector<float> y(n), dx(n);
       cpu->reseed(40 + static_cast<uint64_t>(batch));
       cpu->forward(x.data(), y.data(), batch, true);

@@ -22,33 +22,14 @@
 #include "lib/gpu/token_order.h"
 #include "lib/nn/layer.h"
 #include "lib/nn/spec.h"
+#include "tests/gpu/host_values.h"
 
 using namespace dtrain;
 using namespace dtrain::gpu;
+using namespace dtrain::gputest;
 using nlohmann::json;
 
 namespace {
-
-nn::LayerSpec parseLayer(const std::string& layer, const std::vector<int64_t>& input) {
-  return nn::parseModelSpec(json{{"input", input}, {"layers", json::array({json::parse(layer)})}}, "", "/model")
-      .layers[0];
-}
-
-std::vector<float> randomVector(size_t n, uint32_t seed, float lo = -1, float hi = 1) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> u(lo, hi);
-  std::vector<float> v(n);
-  for (float& x : v) x = u(rng);
-  return v;
-}
-
-double maxDiff(const std::vector<float>& a, const std::vector<float>& b) {
-  REQUIRE(a.size() == b.size());
-  double worst = 0;
-  for (size_t i = 0; i < a.size(); ++i)
-    worst = std::max(worst, std::fabs(double(a[i]) - double(b[i])) / std::max(1.0, std::fabs(double(a[i]))));
-  return worst;
-}
 
 // Two float sums of the same n terms in different orders each lie within (n - 1) u sum|x_i| of the exact sum
 // (u = 2^-24, recursive summation's bound), so they differ by at most 2 n u sum|x_i|: the tolerance where the

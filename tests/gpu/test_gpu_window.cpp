@@ -23,17 +23,14 @@
 #include "lib/nn/layer.h"
 #include "lib/nn/spec.h"
 #include "tests/gpu/gemm_reference.h"
+#include "tests/gpu/host_values.h"
 
 using namespace dtrain;
 using namespace dtrain::gpu;
+using namespace dtrain::gputest;
 using nlohmann::json;
 
 namespace {
-
-nn::LayerSpec parseLayer(const std::string& layer, const std::vector<int64_t>& input) {
-  return nn::parseModelSpec(json{{"input", input}, {"layers", json::array({json::parse(layer)})}}, "", "/model")
-      .layers[0];
-}
 
 // What lib/nn/cuda/layers_spatial.cpp's windowOf gives the kernels.
 Window2d windowOf(const nn::LayerSpec& s) {
@@ -41,27 +38,11 @@ Window2d windowOf(const nn::LayerSpec& s) {
           .sw = s.strideW, .ph = s.padH, .pw = s.padW, .oh = s.output[1], .ow = s.output[2]};
 }
 
-std::vector<float> randomVector(size_t n, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> u(-1, 1);
-  std::vector<float> v(n);
-  for (float& x : v) x = u(rng);
-  return v;
-}
-
 // gpu::gemm / gemmBatched as cuBLAS computes them from blas.cpp's arguments (the leading dimensions checked first,
 // as blas.cpp does).
 void gemm(const RowMajorGemm& g, float alpha, const float* a, const float* b, float beta, float* c) {
   REQUIRE(badLeadingDimension(g) == nullptr);
   referenceColumnMajor(toColumnMajor(g), alpha, b, a, beta, c);
-}
-
-double maxDiff(const std::vector<float>& a, const std::vector<float>& b) {
-  REQUIRE(a.size() == b.size());
-  double worst = 0;
-  for (size_t i = 0; i < a.size(); ++i)
-    worst = std::max(worst, std::fabs(double(a[i]) - double(b[i])) / std::max(1.0, std::fabs(double(a[i]))));
-  return worst;
 }
 
 void checkConv(const std::string& layer, const std::vector<int64_t>& input) {

@@ -115,9 +115,8 @@ int runCommand(RunArgs& a, bool programAfterDashes) {
     // Elastic: a round of a node count whose world the grid (or the servers) cannot use ends as a config error
     // after the rendezvous, with no restart. None usable: refused now; some: said now, before any node waits.
     if (o.minNodes < o.maxNodes) {
-      const auto unusable = train::unusableNodeCounts(job->parallel, o.minNodes, o.maxNodes, o.nproc,
-                                                      o.psServers, job->sourceFile);
-      const int checked = std::min(o.maxNodes, o.minNodes + 4096) - o.minNodes + 1;
+      const auto [checked, unusable] = train::unusableNodeCounts(job->parallel, o.minNodes, o.maxNodes, o.nproc,
+                                                                 o.psServers, job->sourceFile);
       if (!unusable.empty()) {
         std::vector<int> counts;
         for (const auto& u : unusable)

@@ -210,25 +210,26 @@ void MetricsHub::renderWorkers(PromText& out, const std::vector<const WorkerMetr
   each("dtrain_step", "gauge", "Optimizer steps done (a resumed run counts from its checkpoint).",
        [](const auto& b) { return b.step.load(kRelaxed); });
   each("dtrain_epoch", "gauge", "Current epoch, 0-based.", [](const auto& b) { return b.epoch.load(kRelaxed); });
-  // A pipeline stage before the last computes no loss: no sample for it (a 0 read as a perfect loss).
-  out.family("dtrain_loss", "gauge", "Training loss of this rank's last step (mean over its micro-batches).");
-  for (size_t i = 0; i < blocks.size(); ++i)
-    if (blocks[i]->noLoss.load(kRelaxed) == 0) out.sample("dtrain_loss", labels[i], blocks[i]->loss.load(kRelaxed));
+  // The ranks a value means nothing on get no sample (rather than a 0 that reads as a value).
+  auto shown = [&](const std::string& name, const char* type, const std::string& help, auto hidden, auto value) {
+    out.family(name, type, help);
+    for (size_t i = 0; i < blocks.size(); ++i)
+      if (hidden(*blocks[i]) == 0) out.sample(name, labels[i], static_cast<double>(value(*blocks[i])));
+  };
+  // A pipeline stage before the last computes no loss (a 0 read as a perfect loss).
+  shown("dtrain_loss", "gauge", "Training loss of this rank's last step (mean over its micro-batches).",
+        [](const auto& b) { return b.noLoss.load(kRelaxed); }, [](const auto& b) { return b.loss.load(kRelaxed); });
   each("dtrain_learning_rate", "gauge", "Learning rate of the last update.",
        [](const auto& b) { return b.learningRate.load(kRelaxed); });
   // Under model parallelism one rank per data replica counts its samples (noSamples): a sum over ranks is then the
   // job's throughput, as under data parallelism.
-  auto counted = [&](const std::string& name, const char* type, const std::string& help, auto value) {
-    out.family(name, type, help);
-    for (size_t i = 0; i < blocks.size(); ++i)
-      if (blocks[i]->noSamples.load(kRelaxed) == 0) out.sample(name, labels[i], static_cast<double>(value(*blocks[i])));
-  };
-  counted("dtrain_samples_per_second", "gauge",
-          "Training samples per second of this rank's data replica over the last second (on one rank per replica).",
-          [](const auto& b) { return b.samplesPerSecond.load(kRelaxed); });
-  counted("dtrain_samples_total", "counter",
-          "Training samples this rank's process consumed (on one rank per data replica: stage 0, tensor rank 0).",
-          [](const auto& b) { return b.samplesTotal.load(kRelaxed); });
+  auto noSamples = [](const auto& b) { return b.noSamples.load(kRelaxed); };
+  shown("dtrain_samples_per_second", "gauge",
+        "Training samples per second of this rank's data replica over the last second (on one rank per replica).",
+        noSamples, [](const auto& b) { return b.samplesPerSecond.load(kRelaxed); });
+  shown("dtrain_samples_total", "counter",
+        "Training samples this rank's process consumed (on one rank per data replica: stage 0, tensor rank 0).",
+        noSamples, [](const auto& b) { return b.samplesTotal.load(kRelaxed); });
   each("dtrain_steps_total", "counter", "Optimizer steps this rank's process ran.",
        [](const auto& b) { return b.stepsTotal.load(kRelaxed); });
   out.family("dtrain_step_phase_seconds_total", "counter",

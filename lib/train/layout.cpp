@@ -30,24 +30,24 @@ LayoutDims resolveLayout(const ParallelSettings& parallel, int worldSize, const 
   return d;
 }
 
-std::vector<std::pair<int, std::string>> unusableNodeCounts(const ParallelSettings& parallel, int minNodes,
-                                                            int maxNodes, int nprocPerNode, int psServers,
-                                                            const std::string& source) {
-  std::vector<std::pair<int, std::string>> out;
+NodeCountCheck unusableNodeCounts(const ParallelSettings& parallel, int minNodes, int maxNodes, int nprocPerNode,
+                                  int psServers, const std::string& source) {
+  NodeCountCheck out;
   const int last = static_cast<int>(std::min<int64_t>(maxNodes, int64_t{minNodes} + 4096));
   for (int nodes = minNodes; nodes <= last; ++nodes) {
     const int64_t world = int64_t{nodes} * nprocPerNode;
     if (world > std::numeric_limits<int>::max()) break;
+    ++out.checked;
     if (psServers > 0 && psServers >= world) {
-      out.emplace_back(nodes, fmt::format("{}: /parallel/servers: {} server(s) leave no rank of a world of {} to "
-                                          "train",
-                                          source, psServers, world));
+      out.unusable.emplace_back(nodes, fmt::format("{}: /parallel/servers: {} server(s) leave no rank of a world of "
+                                                   "{} to train",
+                                                   source, psServers, world));
       continue;
     }
     try {
       resolveLayout(parallel, static_cast<int>(world), source);
     } catch (const ConfigError& e) {
-      out.emplace_back(nodes, e.what());
+      out.unusable.emplace_back(nodes, e.what());
     }
   }
   return out;

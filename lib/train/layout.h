@@ -48,13 +48,17 @@ struct RankCoords {
 //   job.json: /parallel: a world of 6 ranks is not divisible by pipeline stages 4 x tensor 1 = 4 ...
 LayoutDims resolveLayout(const ParallelSettings& parallel, int worldSize, const std::string& source);
 
-// An elastic launch (--nnodes MIN:MAX, `nprocPerNode` ranks per node, `psServers` of the world serving): for each
-// node count the rendezvous may form, in order, the reason its world cannot run the job ("" when it can):
-// resolveLayout's ConfigError message, or too few ranks left to train beside the parameter servers. Pure; throws
-// nothing. Counts past MIN + 4096 are not checked (bounded work whatever MAX says).
-std::vector<std::pair<int, std::string>> unusableNodeCounts(const ParallelSettings& parallel, int minNodes,
-                                                            int maxNodes, int nprocPerNode, int psServers,
-                                                            const std::string& source);
+// An elastic launch (--nnodes MIN:MAX, `nprocPerNode` ranks per node, `psServers` of the world serving): of the
+// node counts the rendezvous may form, how many were checked (MIN to at most MIN + 4096, and none whose world
+// passes INT_MAX, so the work is bounded whatever MAX says) and, in order, each unusable one with the reason its
+// world cannot run the job: resolveLayout's ConfigError message, or no rank left to train beside the parameter
+// servers. Pure; throws nothing.
+struct NodeCountCheck {
+  int checked = 0;
+  std::vector<std::pair<int, std::string>> unusable;
+};
+NodeCountCheck unusableNodeCounts(const ParallelSettings& parallel, int minNodes, int maxNodes, int nprocPerNode,
+                                  int psServers, const std::string& source);
 
 RankCoords coordsOf(const LayoutDims& dims, int rank);
 int rankOf(const LayoutDims& dims, const RankCoords& coords);

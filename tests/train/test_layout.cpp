@@ -75,25 +75,27 @@ TEST_CASE("elastic --nnodes MIN:MAX: the node counts whose world the grid or the
   ParallelSettings p;
   p.pipeline.stages = 2;
   // 1 rank per node: odd node counts make odd worlds.
-  auto bad = unusableNodeCounts(p, 1, 4, 1, 0, "job.json");
+  auto bad = unusableNodeCounts(p, 1, 4, 1, 0, "job.json").unusable;
   REQUIRE(bad.size() == 2);
   CHECK(bad[0].first == 1);
   CHECK(bad[1].first == 3);
   CHECK(bad[0].second.find("job.json: /parallel: a world of 1 rank(s) is not divisible") == 0);
-  CHECK(unusableNodeCounts(p, 1, 4, 2, 0, "job.json").empty());  // 2 ranks per node: every world is even
+  CHECK(unusableNodeCounts(p, 1, 4, 2, 0, "job.json").unusable.empty());  // 2 ranks per node: every world is even
   // Parameter servers must leave a rank to train.
   ParallelSettings ps;
-  bad = unusableNodeCounts(ps, 1, 3, 2, 2, "job.json");
+  bad = unusableNodeCounts(ps, 1, 3, 2, 2, "job.json").unusable;
   REQUIRE(bad.size() == 1);
   CHECK(bad[0].first == 1);
   CHECK(bad[0].second.find("2 server(s) leave no rank of a world of 2 to train") != std::string::npos);
   // An explicit data degree fits one world only.
   p.data = 2;
-  bad = unusableNodeCounts(p, 1, 6, 1, 0, "job.json");
+  bad = unusableNodeCounts(p, 1, 6, 1, 0, "job.json").unusable;
   CHECK(bad.size() == 5);
   for (const auto& b : bad) CHECK(b.first != 4);
   // The work is bounded whatever MAX says.
-  CHECK(unusableNodeCounts(ParallelSettings{}, 1, 1 << 30, 1, 0, "job.json").empty());
+  const NodeCountCheck huge = unusableNodeCounts(ParallelSettings{}, 1, 1 << 30, 1, 0, "job.json");
+  CHECK(huge.unusable.empty());
+  CHECK(huge.checked == 4097);
 }
 
 TEST_CASE("stages: balanced by parameters, parameterless layers stay with the layer before; balance as given") {

@@ -108,6 +108,12 @@ int Rendezvous::parseRound(const std::string& value) {
   return static_cast<int>(*r);
 }
 
+int RendezvousOptions::usableMembers(int joined) const {
+  for (int n = std::min(joined, maxNodes); n >= minNodes && n > 0; --n)
+    if (std::find(unusableNodes.begin(), unusableNodes.end(), n) == unusableNodes.end()) return n;
+  return 0;
+}
+
 RoundInfo Rendezvous::join() {
   Deadline deadline(options_.joinTimeout);
   // One round trip: the job's fingerprint, whether the run id already ended, and the current round.
@@ -140,20 +146,38 @@ RoundInfo Rendezvous::join() {
   int round = parseRound(first.back().value.value_or(""));
   for (;;) {
     if (auto info = tryJoinRound(round, deadline)) return *info;
-    // We missed round `round` (it closed without us). If it has room, ask its members to re-form so we can
-    // join; either way wait for the next round to open.
-    auto closed = store_->tryGet(key(round, "closed"));
-    int members = closed ? static_cast<int>(parse::toInt(*closed).value_or(0)) : 0;
-    if (members < options_.maxNodes) {
+    // We missed round `round` (it closed without us). If a re-formed round could hold more nodes than it runs
+    // (room below max nodes, and a usable count above its own among those that joined: us and any other
+    // spare), ask its members to re-form so we can join; otherwise we are a spare. Either way wait for the next
+    // round to open.
+    auto state = store_->batch({StoreOp::tryGet(key(round, "closed")), StoreOp::add(key(round, "count"), 0)});
+    int members = state[0].value ? static_cast<int>(parse::toInt(*state[0].value).value_or(0)) : 0;
+    const int joined = static_cast<int>(state[1].number);
+    if (options_.usableMembers(joined) > members) {
       RoundEvent e{RoundEventType::kMembership,
                    fmt::format("node {} ({}) asks to join", self_.hostname, self_.host), 0, ""};
       store_->compareSet(key(round, "event"), "", e.toJson());
+    } else if (members < options_.maxNodes) {
+      log::info("rendezvous: round {} runs {} node(s); {} node(s) cannot run this job, so this node waits as a "
+                "spare for a later round (one that re-forms after a failure, a lost node or another join)",
+                round, members, std::min(joined, options_.maxNodes));
     }
-    // A job that ends while we wait is reported within a slice, not after the whole timeout.
+    // Counted, so that the agent hosting the store outlives our last read when the job ends (waitSparesAcknowledged).
+    store_->add(key(round, "waiting"), 1);
+    // A job that ends while we wait is reported within a slice, not after the whole timeout. While the round
+    // runs (its node 0 heartbeats), a spare waits on: the timeout counts from the last beat it saw, so only a
+    // round whose agents all vanished without an outcome makes it give up.
     bool opened = false;
+    std::optional<std::string> lastBeat;
     while (!opened && !deadline.expired()) {
       opened = store_->wait({key(round + 1, "open")}, std::min(kEndedPoll, deadline.remaining()));
-      if (!opened) throwIfEnded(store_->tryGet("ended"));
+      if (opened) break;
+      auto seen = store_->batch({StoreOp::tryGet("ended"), StoreOp::tryGet(key(round, "hb/0"))});
+      throwIfEndedWhileWaiting(seen[0].value, round, members);
+      if (seen[1].value && seen[1].value != lastBeat) {
+        deadline = Deadline(options_.joinTimeout);
+        lastBeat = seen[1].value;
+      }
     }
     if (!opened) {
       auto event = store_->tryGet(key(round, "event"));
@@ -185,6 +209,24 @@ void Rendezvous::throwIfEnded(const std::optional<std::string>& ended) {
                "rendezvous at {}: the job that used this run id on this store already ended ({}, exit code {}: {}); "
                "use a new --rdzv-id",
                options_.endpoint, roundEventName(outcome.type), outcome.exitCode, outcome.message);
+}
+
+void Rendezvous::throwIfEndedWhileWaiting(const std::optional<std::string>& ended, int round, int members) {
+  if (!ended) return;
+  auto outcome = RoundEvent::fromJson(*ended);
+  // Our last read of the store: the last waiting agent to see the end tells the store's host it may go.
+  auto counts = store_->batch({StoreOp::add(key(round, "waiting_acks"), 1), StoreOp::add(key(round, "waiting"), 0)});
+  if (counts[0].number >= counts[1].number) store_->set(key(round, "waiting_acked"), "1");
+  if (outcome.type == RoundEventType::kDone)
+    throw JobEndedWhileWaiting(fmt::format("rendezvous at {}: the job completed while this node waited for a round "
+                                           "that would include it",
+                                           options_.endpoint),
+                               outcome, round, members);
+  throw JobEndedWhileWaiting(fmt::format("rendezvous at {}: the job that used this run id on this store already "
+                                         "ended ({}, exit code {}: {}) while this node waited for a round",
+                                         options_.endpoint, roundEventName(outcome.type), outcome.exitCode,
+                                         outcome.message),
+                             outcome, round, members);
 }
 
 void Rendezvous::recordEnd(const RoundEvent& outcome) { store_->compareSet("ended", "", outcome.toJson()); }
@@ -228,7 +270,10 @@ std::optional<RoundInfo> Rendezvous::tryJoinRound(int round, const Deadline& dea
     return large ? assembleLarge(round, members, index, text) : assemble(round, members, index, text);
   }
   if (elastic && index + 1 == options_.minNodes) ops.push_back(StoreOp::set(key(round, "quorum"), std::to_string(index + 1)));
-  if (last) ops.push_back(StoreOp::compareSet(key(round, "closed"), "", std::to_string(index + 1)));
+  // The max-th joiner closes the round; an elastic one with the largest usable count (max itself, unless the
+  // job cannot run on max nodes: the joiners beyond that count are then spares).
+  const int closeWith = elastic ? options_.usableMembers(index + 1) : index + 1;
+  if (last && closeWith > 0) ops.push_back(StoreOp::compareSet(key(round, "closed"), "", std::to_string(closeWith)));
   // min == max: only `closed` ends the wait, and then the round has max members, so a joiner with a lower index
   // knows which key holds its place before the round closes: it blocks on both in this one write (the store
   // answers the second get once the first is answered).
@@ -239,15 +284,17 @@ std::optional<RoundInfo> Rendezvous::tryJoinRound(int round, const Deadline& dea
 
   std::optional<std::string> closed;
   std::optional<std::string> placement;  // prefetched layout / assignment; nullopt: not read, or not published in time
-  if (last) {
+  if (last && closeWith > 0) {
     closed = res[ops.size() - 1].value;
   } else if (!elastic) {
     closed = res[ops.size() - (prefetch ? 2 : 1)].value;
     if (!closed) throwJoinTimeout(round);
     if (prefetch) placement = res.back().value;
   } else {
-    // Elastic: with min < max, the first agent to see quorum for `lastCall` closes the round.
+    // Elastic: with min < max, the first agent to see quorum for `lastCall` closes the round, with the largest
+    // usable count of the joiners (the rest are spares); while they give none, it keeps waiting for more.
     std::optional<Clock::time_point> quorumSince;
+    bool waitingLogged = false;
     while (!(closed = store_->tryGet(key(round, "closed")))) {
       if (deadline.expired()) throwJoinTimeout(round);
       int count = static_cast<int>(store_->add(key(round, "count"), 0));
@@ -259,7 +306,18 @@ std::optional<RoundInfo> Rendezvous::tryJoinRound(int round, const Deadline& dea
       if (!quorumSince) quorumSince = Clock::now();
       auto waited = std::chrono::duration_cast<Millis>(Clock::now() - *quorumSince);
       if (waited >= options_.lastCall) {
-        store_->compareSet(key(round, "closed"), "", std::to_string(count));
+        if (const int usable = options_.usableMembers(count); usable > 0) {
+          store_->compareSet(key(round, "closed"), "", std::to_string(usable));
+          continue;
+        }
+        // No usable count among the joiners yet: poll the join counter for another node (a slice at a time).
+        if (!waitingLogged) {
+          log::info("rendezvous: {} node(s) joined round {}, but this job cannot run on {} node(s); waiting for "
+                    "more (--nnodes {}..{})",
+                    count, round, count, options_.minNodes, options_.maxNodes);
+          waitingLogged = true;
+        }
+        store_->wait({key(round, "closed")}, std::min(kQuorumPoll, deadline.remaining()));
         continue;
       }
       store_->wait({key(round, "closed")}, std::min(options_.lastCall - waited, deadline.remaining()));
@@ -473,6 +531,11 @@ void Rendezvous::acknowledgeEnd(const RoundInfo& info) {
 
 bool Rendezvous::waitAcknowledged(const RoundInfo& info, Millis timeout) {
   return store_->wait({key(info.round, "all_acked")}, timeout);
+}
+
+bool Rendezvous::waitSparesAcknowledged(int round, Millis timeout) {
+  if (store_->add(key(round, "waiting"), 0) == 0) return true;
+  return store_->wait({key(round, "waiting_acked")}, timeout);
 }
 
 void Rendezvous::heartbeat(const RoundInfo& info) {

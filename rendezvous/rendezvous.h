@@ -36,6 +36,8 @@
 //   r<R>/finished         count of nodes whose workers all succeeded; the one that makes it N sets "done"
 //   r<R>/hb/<node rank>   heartbeat counter of each member, bumped every heartbeat interval
 //   r<R>/acks, all_acked  after a terminal outcome: agents that saw it; the last one sets all_acked
+//   r<R>/waiting          agents that missed round R (spares, late joiners) and wait for round R+1; with
+//                         waiting_acks and waiting_acked, the same acknowledgement of a terminal outcome
 //
 // Scale (docs/rendezvous.md, scripts/bench/rdzv_scale): in rounds of more than kFullMembershipNodes nodes each
 // agent learns its own assignment (node rank, rank offset, world size) and the records of node 0 and the
@@ -58,6 +60,7 @@
 #include <vector>
 
 #include "lib/common/clock.h"
+#include "lib/common/error.h"
 #include "rendezvous/store.h"
 
 namespace dtrain::rendezvous {
@@ -82,6 +85,15 @@ struct RendezvousOptions {
   // "<hex> <summary>": identifies the job (launch::LaunchOptions::jobFingerprint). join() refuses, with a
   // RendezvousError naming both jobs, to join a run id whose first agent ran another job. Empty: no check.
   std::string jobFingerprint;
+  // Elastic jobs (min < max): node counts in [minNodes, maxNodes] whose world the job cannot run (its rank grid
+  // does not divide it, or it leaves no trainer beside the parameter servers: train::unusableNodeCounts), in any
+  // order. A round then closes with the largest usable count of the nodes that joined (never an unusable one):
+  // the nodes beyond it wait for a later round as spares, and a round whose joiners give no usable count keeps
+  // waiting for more. Every agent of a job must pass the same list (they compute it from the same job file).
+  std::vector<int> unusableNodes;
+
+  // The largest node count <= min(joined, maxNodes) and >= minNodes that is not in unusableNodes; 0 if none.
+  int usableMembers(int joined) const;
 };
 
 // Rounds up to this many nodes: every agent reads every member's record and watches every heartbeat.
@@ -143,13 +155,26 @@ struct RoundEvent {
   bool isFailure() const { return type == RoundEventType::kFailed || type == RoundEventType::kNodeLost; }
 };
 
+// Thrown by join() when the job ended while this agent, having joined, waited for a round that would include it
+// (it was a spare: the round ran without it). `outcome` is the job's recorded outcome ("done" when it completed):
+// the agent exits with the job's result rather than as a rendezvous failure.
+class JobEndedWhileWaiting : public RendezvousError {
+ public:
+  JobEndedWhileWaiting(const std::string& what, RoundEvent outcome, int round, int members)
+      : RendezvousError(what), outcome(std::move(outcome)), round(round), members(members) {}
+  RoundEvent outcome;
+  int round = 0;    // the last round that ran without this agent
+  int members = 0;  // its node count (its agents acknowledge the end: Rendezvous::acknowledgeEnd)
+};
+
 class Rendezvous {
  public:
   Rendezvous(StorePtr store, RendezvousOptions options, NodeInfo self);
 
   // Joins the current (or next) round and blocks until it closes with this agent in it. Throws
   // RendezvousError naming what was missing after joinTimeout, and at once when the run id already ended (see
-  // `ended`) or belongs to another job.
+  // `ended`) or belongs to another job; JobEndedWhileWaiting when the job ends while this agent waits for a
+  // round after missing one (a spare, or a node that asked to join).
   RoundInfo join();
 
   // Ends `round` with `event` unless something else ended it first; returns the event that won.
@@ -171,6 +196,9 @@ class Rendezvous {
   // (bounded) for all acknowledgements before it exits and takes the store with it.
   void acknowledgeEnd(const RoundInfo& info);
   bool waitAcknowledged(const RoundInfo& info, Millis timeout);
+  // The same for the agents that joined `round` too late or as spares and wait for a next round (`waiting`,
+  // `waiting_acks`): they see the end within a second (JobEndedWhileWaiting). True at once when none waits.
+  bool waitSparesAcknowledged(int round, Millis timeout);
 
   // The node ranks whose heartbeats this agent watches: every other member in rounds of up to
   // kFullMembershipNodes, else the kRingWatch members after this one (modulo numNodes).
@@ -190,6 +218,8 @@ class Rendezvous {
   int currentRound();
   static int parseRound(const std::string& value);
   void throwIfEnded(const std::optional<std::string>& ended);
+  // The same for an agent that joined and waits for a next round: JobEndedWhileWaiting with the outcome.
+  void throwIfEndedWhileWaiting(const std::optional<std::string>& ended, int round, int members);
   [[noreturn]] void throwJoinTimeout(int round);
   std::optional<RoundInfo> tryJoinRound(int round, const Deadline& deadline);
   // The key holding joiner `index`'s place: the layout (small rounds) or its assignment (large).

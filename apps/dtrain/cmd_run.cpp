@@ -112,11 +112,13 @@ int runCommand(RunArgs& a, bool programAfterDashes) {
     for (const auto& w : job->parallel.warnings) fmt::print(stderr, "dtrain run: warning: {}\n", w);
     // The rank grid must divide the world (known here when the node count is fixed and nodes are alike).
     if (o.minNodes == o.maxNodes) train::resolveLayout(job->parallel, o.minNodes * o.nproc, job->sourceFile);
-    // Elastic: a round of a node count whose world the grid (or the servers) cannot use ends as a config error
-    // after the rendezvous, with no restart. None usable: refused now; some: said now, before any node waits.
+    // Elastic: node counts whose world the grid (or the servers) cannot use. None usable: refused now. Some: the
+    // rendezvous never forms a round of such a count (it takes the largest usable one; the other nodes wait as
+    // spares), and the launch says so before any node waits.
     if (o.minNodes < o.maxNodes) {
       const auto [checked, unusable] = train::unusableNodeCounts(job->parallel, o.minNodes, o.maxNodes, o.nproc,
                                                                  o.psServers, job->sourceFile);
+      for (const auto& u : unusable) o.unusableNodes.push_back(u.first);
       if (!unusable.empty()) {
         std::vector<int> counts;
         for (const auto& u : unusable)
@@ -128,8 +130,9 @@ int runCommand(RunArgs& a, bool programAfterDashes) {
                         "{}); e.g. {} node(s): {}",
                         o.nnodesText, o.minNodes, o.maxNodes, o.nproc, unusable.front().first, unusable.front().second);
         fmt::print(stderr,
-                   "dtrain run: warning: --nnodes {}: the world of {} node(s) cannot run this job: a round that forms "
-                   "with that many ends it as a configuration error (exit 2, no restart); e.g. {} node(s): {}\n",
+                   "dtrain run: warning: --nnodes {}: the world of {} node(s) cannot run this job, so no round forms "
+                   "with that many: a round takes the largest usable count of the nodes that joined and the others "
+                   "wait as spares; e.g. {} node(s): {}\n",
                    o.nnodesText, fmt::format("{}{}", fmt::join(counts, ", "), more), unusable.front().first,
                    unusable.front().second);
       }

@@ -371,6 +371,7 @@ int Agent::run() {
   ropts.lastCall = options_.lastCall;
   ropts.endpoint = endpoint_;
   ropts.jobFingerprint = options_.jobFingerprint();
+  ropts.unusableNodes = options_.unusableNodes;
   rendezvous::Rendezvous rdzv(store_, ropts, self);
   // `dtrain debug dump RUN_ID` finds the agents' endpoints here (one line per agent start; readers dedupe).
   if (HttpServer* server = metricsServer_ ? metricsServer_.get() : dashboardServer_.get()) {
@@ -395,7 +396,30 @@ int Agent::run() {
     log::info("run {} at {}: waiting for {} node(s) to join (--nnodes {}, --rdzv-timeout {} s)", runId_, endpoint_,
               options_.minNodes, options_.nnodesText, options_.rdzvTimeout.count() / 1000);
   for (;;) {
-    RoundInfo round = storeCall([&] { return rdzv.join(); }, "joining the group");
+    RoundInfo round;
+    try {
+      round = storeCall([&] { return rdzv.join(); }, "joining the group");
+    } catch (const rendezvous::JobEndedWhileWaiting& e) {
+      // A spare (or a node that asked to join) whose job ended without it: it exits with the job's result. Hosting
+      // the store, it first lets the round's agents finish their last reads (as a member host does).
+      if (hosting_) {
+        RoundInfo ended;
+        ended.round = e.round;
+        ended.numNodes = e.members;
+        try {
+          if (e.members > 1) rdzv.waitAcknowledged(ended, kLingerForPeers);
+          rdzv.waitSparesAcknowledged(e.round, kLingerForPeers);
+        } catch (const std::exception& linger) {
+          log::debug("could not wait for the end of round {} to be acknowledged: {}", e.round, linger.what());
+        }
+      }
+      if (e.outcome.type == RoundEventType::kDone) {
+        log::info("{}: the job completed without this node (exit 0)", e.what());
+        return 0;
+      }
+      log::error("{}", e.what());
+      return e.outcome.exitCode != 0 ? e.outcome.exitCode : static_cast<int>(ExitCode::kRendezvous);
+    }
     log::debug("round {}: node {} of {}, ranks {}..{} of {}", round.round, round.nodeRank, round.numNodes,
                round.rankOffset, round.rankOffset + options_.nproc - 1, round.worldSize);
     RoundContext ctx{&options_, &rdzv, watchStore_, &round, endpoint_, runId_, ""};
@@ -471,6 +495,14 @@ int Agent::run() {
           if (hosting_) rdzv.waitAcknowledged(round, kLingerForPeers);
         } catch (const std::exception& e) {
           log::debug("could not acknowledge the end of round {}: {}", round.round, e.what());
+        }
+      }
+      // And the spares' (rendezvous.h, `waiting`): they learn the outcome from the store within a second.
+      if (hosting_ && !lostStore) {
+        try {
+          rdzv.waitSparesAcknowledged(round.round, kLingerForPeers);
+        } catch (const std::exception& e) {
+          log::debug("could not wait for the spares of round {} to see its end: {}", round.round, e.what());
         }
       }
       // The other agents shipped their parts before acknowledging the end: they are in the store by now.

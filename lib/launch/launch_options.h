@@ -72,6 +72,10 @@ struct LaunchOptions {
   // writes checkpoints and the model) does not end the round; the servers and the other workers go on without it
   // (TensorFlow's ParameterServerStrategy; docs/parameter_server.md "Failures").
   bool psWorkersExpendable = false;
+  // Elastic launches: the node counts in --nnodes MIN..MAX whose world the job cannot run (dtrain run computes
+  // them from the job file: train::unusableNodeCounts). Rounds close with the largest usable count; the nodes
+  // beyond it wait as spares (rendezvous::RendezvousOptions::unusableNodes).
+  std::vector<int> unusableNodes;
   // --timeline FILE.json: this agent writes every node's timeline there at the end (lib/launch/timeline.h).
   std::string timelineFile;
   // --dashboard PORT: a live page of the run's curves (lib/launch/dashboard.h); -1: off, 0: a free port.

@@ -212,3 +212,47 @@ TEST_CASE("--max-reforms bounds re-formations: past it the survivor exits 4 and 
   CHECK(r0.err.find("not re-forming: the group already re-formed 0 time(s) (--max-reforms 0)") != std::string::npos);
   CHECK(processesWithRunId(id).empty());
 }
+
+TEST_CASE("--nnodes 1:3 with 2 pipeline stages: a third node waits as a spare, replaces a lost node, and a spare "
+          "exits 0 when the job completes") {
+  // One rank per node and 2 stages: only 2 nodes can run the job (1 and 3 cannot). Rounds form with 2; any other
+  // node is a spare: it neither joins a round of 3 (which would end the job as a config error) nor disturbs the
+  // running one, and takes a lost node's place.
+  std::string dir = tempDir("elastic-spare");
+  json job = smallJob(240, 4, 100);
+  job["train"]["max_steps"] = 3000;  // seconds: a late node joins well before the end
+  job["checkpoint"] = {{"every_steps", 20}, {"keep", 3}};
+  job["parallel"] = {{"timeout", 20}, {"pipeline", {{"stages", 2}, {"micro_batches", 2}}}};
+  writeFile(dir + "/job.json", job.dump());
+  int port = freePort();
+  std::string id = uniqueRunId("elastic-spare");
+  auto agent = [&](int nodeRank) {
+    return runArgs({"--nnodes", "1:3", "--nproc-per-node", "1", "--node-rank", std::to_string(nodeRank),
+                    "--rdzv-endpoint", fmt::format("127.0.0.1:{}", port), "--rdzv-id", id, "--rdzv-last-call", "1s",
+                    "--heartbeat-timeout", "2s", "--shutdown-timeout", "2s", dir + "/job.json", "--output-dir",
+                    dir + "/out"});
+  };
+  Background node0(agent(0));
+  Background node1(agent(1));
+  node0.waitForLine("1 data replica(s) of 2 ranks", 60s);  // nodes 0 and 1 formed the first group
+  Background node2(agent(2));
+  node2.waitForLine("this node waits as a spare", 60s, /*fromStderr=*/true);
+  node0.waitForLine("epoch 1/100 step 25/", 60s);  // past the checkpoint at 20
+  node1.signal(SIGKILL);
+  node0.waitForLine("resumed from", 60s);  // node 0 and the spare formed the next group
+  Background node3(agent(1));  // node 1 comes back: a spare now (3 nodes cannot run the job)
+  node3.waitForLine("this node waits as a spare", 60s, /*fromStderr=*/true);
+  auto r0 = node0.wait(120s);
+  auto r2 = node2.wait(30s);
+  auto r3 = node3.wait(30s);
+  node1.wait(10s);
+  INFO(r0.out, r0.err, r2.err, r3.err);
+  CHECK(r0.exitCode == 0);
+  CHECK(r2.exitCode == 0);
+  CHECK(r0.err.find("re-forming the group: node 1") != std::string::npos);
+  CHECK(r0.out.find("done: 3000 steps") != std::string::npos);
+  CHECK(r0.err.find("configuration error") == std::string::npos);
+  CHECK(r3.exitCode == 0);
+  CHECK(r3.err.find("the job completed without this node (exit 0)") != std::string::npos);
+  CHECK(processesWithRunId(id).empty());
+}

@@ -457,6 +457,129 @@ TEST_CASE("scale-up: a node finding the round full waits for a next round, and s
   CHECK_FALSE(Rendezvous::waitEvent(*job.store(), 0, 0ms).has_value());  // a full round is not disturbed
 }
 
+// Elastic jobs whose rank grid cannot use every node count (say 2 pipeline stages on one process per node:
+// only even counts work). RendezvousOptions::unusableNodes.
+RendezvousOptions gridNodes(int minNodes, int maxNodes, std::vector<int> unusable, Millis lastCall = 30s,
+                            Millis joinTimeout = 30s) {
+  RendezvousOptions o = nodes(minNodes, maxNodes, lastCall, joinTimeout);
+  o.unusableNodes = std::move(unusable);
+  return o;
+}
+
+TEST_CASE("unusable node counts: usableMembers takes the largest usable count within MIN..MAX") {
+  RendezvousOptions o = gridNodes(1, 5, {1, 3, 5});
+  CHECK(o.usableMembers(1) == 0);
+  CHECK(o.usableMembers(2) == 2);
+  CHECK(o.usableMembers(3) == 2);
+  CHECK(o.usableMembers(4) == 4);
+  CHECK(o.usableMembers(9) == 4);  // more joined than MAX: MAX first
+  CHECK(gridNodes(3, 5, {4}).usableMembers(2) == 0);  // below MIN
+  CHECK(nodes(1, 3).usableMembers(3) == 3);           // every count usable
+}
+
+TEST_CASE("unusable node counts: MAX joined but unusable closes with the largest usable count; the rest are spares") {
+  Job job;
+  // 1..3 nodes, 1 and 3 unusable. The last call outlasts the test: only the third joiner can close the round.
+  auto a = job.agent("a", gridNodes(1, 3, {1, 3}, 1h));
+  auto b = job.agent("b", gridNodes(1, 3, {1, 3}, 1h));
+  auto fa = joinAsync(*a);
+  auto fb = joinAsync(*b);
+  REQUIRE(job.store()->wait({"r0/node/0", "r0/node/1"}, 10s));  // a and b joined first
+  auto c = job.agent("c", gridNodes(1, 3, {1, 3}, 1h, /*joinTimeout=*/60s));
+  auto fc = joinAsync(*c);
+  std::vector<RoundInfo> r0{fa.get(), fb.get()};
+  checkConsistent(r0);
+  CHECK(r0[0].numNodes == 2);  // not 3
+  // c is a spare: it does not ask the round to re-form (a round of 3 could not run either).
+  CHECK(fc.wait_for(300ms) == std::future_status::timeout);
+  CHECK_FALSE(Rendezvous::waitEvent(*job.store(), 0, 0ms).has_value());
+  // A member is lost: the survivor and the spare form the next round.
+  a->endRound(0, event(RoundEventType::kNodeLost, "node b missed heartbeats"));
+  a->advance(0, false);
+  auto a1 = job.agent("a", gridNodes(1, 3, {1, 3}, 50ms));
+  auto fa1 = joinAsync(*a1);
+  std::vector<RoundInfo> r1{fa1.get(), fc.get()};
+  checkConsistent(r1);
+  CHECK(r1[0].round == 1);
+  CHECK(r1[0].numNodes == 2);
+}
+
+TEST_CASE("unusable node counts: after the last call a round of an unusable count keeps waiting for another node") {
+  Job job;
+  auto a = job.agent("a", gridNodes(1, 3, {1, 3}, 1ms));
+  auto fa = joinAsync(*a);
+  // One node joined, the last call long over: a round of 1 cannot run this job, so none closes.
+  CHECK_FALSE(job.store()->wait({"r0/closed"}, 400ms));
+  auto b = job.agent("b", gridNodes(1, 3, {1, 3}, 1ms));
+  auto fb = joinAsync(*b);
+  std::vector<RoundInfo> r0{fa.get(), fb.get()};
+  checkConsistent(r0);
+  CHECK(r0[0].numNodes == 2);
+}
+
+TEST_CASE("unusable node counts: a spare asks to re-form only once the joiners make a larger usable count") {
+  Job job;
+  auto a = job.agent("a", gridNodes(1, 4, {1, 3}, 50ms));
+  auto b = job.agent("b", gridNodes(1, 4, {1, 3}, 50ms));
+  auto r0 = joinAll({a.get(), b.get()});
+  REQUIRE(r0[0].numNodes == 2);
+  auto c = job.agent("c", gridNodes(1, 4, {1, 3}));
+  auto fc = joinAsync(*c);
+  // 3 nodes cannot run the job: c waits without disturbing the round.
+  CHECK_FALSE(Rendezvous::waitEvent(*job.store(), 0, 400ms).has_value());
+  auto d = job.agent("d", gridNodes(1, 4, {1, 3}));
+  auto fd = joinAsync(*d);
+  auto ev = Rendezvous::waitEvent(*job.store(), 0, 10s);  // 4 can: the round re-forms
+  REQUIRE(ev.has_value());
+  CHECK(ev->type == RoundEventType::kMembership);
+  a->advance(0, false);
+  b->advance(0, false);
+  auto a1 = job.agent("a", gridNodes(1, 4, {1, 3}, 1h));
+  auto b1 = job.agent("b", gridNodes(1, 4, {1, 3}, 1h));
+  auto fa = joinAsync(*a1);
+  auto fb = joinAsync(*b1);
+  std::vector<RoundInfo> r1{fa.get(), fb.get(), fc.get(), fd.get()};
+  checkConsistent(r1);
+  CHECK(r1[0].round == 1);
+  CHECK(r1[0].numNodes == 4);
+}
+
+TEST_CASE("a spare waits past its join timeout while the round's node 0 beats; it learns when the job completed") {
+  Job job;
+  auto a = job.agent("a", gridNodes(1, 2, {1}, 1h));
+  auto b = job.agent("b", gridNodes(1, 2, {1}, 1h));
+  auto r0 = joinAll({a.get(), b.get()});
+  auto c = job.agent("c", gridNodes(1, 2, {1}, 1h, /*joinTimeout=*/1s));
+  auto fc = joinAsync(*c);
+  // Node 0 beats for well over c's join timeout: c keeps waiting.
+  Rendezvous& zero = r0[0].nodeRank == 0 ? *a : *b;
+  const RoundInfo& zeroInfo = r0[0].nodeRank == 0 ? r0[0] : r0[1];
+  for (int beat = 0; beat < 12; ++beat) {
+    zero.heartbeat(zeroInfo);
+    REQUIRE(fc.wait_for(150ms) == std::future_status::timeout);
+  }
+  a->recordEnd(event(RoundEventType::kDone, "every node's workers succeeded"));
+  try {
+    fc.get();
+    FAIL("the spare's join returned");
+  } catch (const JobEndedWhileWaiting& e) {
+    CHECK(e.outcome.type == RoundEventType::kDone);
+    CHECK(e.round == 0);
+    CHECK(e.members == 2);
+    CHECK(std::string(e.what()).find("the job completed while this node waited") != std::string::npos);
+  }
+}
+
+TEST_CASE("a spare whose round's agents vanished gives up one join timeout after the last beat") {
+  Job job;
+  auto a = job.agent("a", gridNodes(1, 2, {1}, 1h));
+  auto b = job.agent("b", gridNodes(1, 2, {1}, 1h));
+  joinAll({a.get(), b.get()});
+  auto c = job.agent("c", gridNodes(1, 2, {1}, 1h, /*joinTimeout=*/300ms));
+  auto fc = joinAsync(*c);
+  CHECK(errorOf(fc).find("round 0 is running with 2 node(s) and no new round opened") != std::string::npos);
+}
+
 TEST_CASE("large rounds: each agent reads only its assignment, consistent ranks, and a heartbeat ring that sees every loss") {
   Job job;
   const int n = kFullMembershipNodes + 36;  // 100: past the full-membership size

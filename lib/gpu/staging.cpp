@@ -119,3 +119,62 @@ void BatchStaging::unstage(int slot) {
 }
 
 }  // namespace dtrain::gpu
+
+namespace dtrain::gpu {
+
+ArenaStaging::ArenaStaging(size_t count, int device) : count_(count), device_(device) {
+  setDevice(device);
+  copyStream_ = std::make_unique<Stream>(device, /*nonBlocking=*/true);
+  if (count > 0) {
+    void* p = nullptr;
+    DTRAIN_CUDA_CHECK(cudaHostAlloc(&p, count * sizeof(float), cudaHostAllocDefault));
+    host_ = static_cast<float*>(p);
+  }
+}
+
+ArenaStaging::~ArenaStaging() {
+  // cudaFreeHost waits for the device: an upload still reading the memory finishes first.
+  if (host_ != nullptr) cudaFreeHost(host_);
+}
+
+void ArenaStaging::checkSlice(size_t offset, size_t n, const char* what) const {
+  DTRAIN_CHECK_AS(UsageError, offset <= count_ && n <= count_ - offset,
+                  "ArenaStaging: {} of [{}, +{}) outside the staged arena of {} floats", what, offset, n, count_);
+}
+
+int ArenaStaging::download(const float* src, size_t offset, size_t n) {
+  checkSlice(offset, n, "download");
+  setDevice(device_);
+  size_t t = 0;
+  while (t < tickets_.size() && tickets_[t].busy) ++t;
+  if (t == tickets_.size()) {
+    tickets_.push_back({std::make_unique<Event>(device_), std::make_unique<Event>(device_), false});
+  }
+  Ticket& ticket = tickets_[t];
+  const auto copy = static_cast<cudaStream_t>(copyStream_->handle());
+  ticket.ready->record(nullptr);  // after the kernels that wrote the slice (the legacy default stream)
+  DTRAIN_CUDA_CHECK(cudaStreamWaitEvent(copy, static_cast<cudaEvent_t>(ticket.ready->handle()), 0));
+  if (n > 0)
+    DTRAIN_CUDA_CHECK(cudaMemcpyAsync(host_ + offset, src, n * sizeof(float), cudaMemcpyDeviceToHost, copy));
+  ticket.copied->record(copy);
+  ticket.busy = true;
+  return static_cast<int>(t);
+}
+
+void ArenaStaging::wait(int ticket) {
+  DTRAIN_CHECK_AS(UsageError, ticket >= 0 && static_cast<size_t>(ticket) < tickets_.size() &&
+                                  tickets_[static_cast<size_t>(ticket)].busy,
+                  "ArenaStaging: wait({}) on a ticket with no download in flight", ticket);
+  Ticket& t = tickets_[static_cast<size_t>(ticket)];
+  t.copied->synchronize();
+  t.busy = false;
+}
+
+void ArenaStaging::upload(float* dst, size_t offset, size_t n) {
+  checkSlice(offset, n, "upload");
+  if (n == 0) return;
+  setDevice(device_);
+  DTRAIN_CUDA_CHECK(cudaMemcpyAsync(dst, host_ + offset, n * sizeof(float), cudaMemcpyHostToDevice, cudaStreamLegacy));
+}
+
+}  // namespace dtrain::gpu

@@ -31,6 +31,7 @@
 #include <cstddef>
 #include <initializer_list>
 #include <memory>
+#include <vector>
 
 #include "lib/gpu/memory.h"
 #include "lib/gpu/stream.h"
@@ -79,6 +80,54 @@ class BatchStaging {
   int next_ = 0;       // the slot stage() takes next
   int lastUsed_ = -1;  // the slot of the batch used last
   int device_ = 0;
+};
+
+}  // namespace dtrain::gpu
+
+namespace dtrain::gpu {
+
+// A host copy of a device float arena for code that computes on the host (the top-k and PowerSGD compression hooks
+// on a GPU, lib/train/compression_hooks.h): `count` floats of pinned host memory, filled slice by slice from the
+// device and copied back, the host never blocking except in wait().
+//
+// - download(src, offset, n): an event recorded on the compute stream (the legacy default stream) after the work
+//   enqueued so far; a non-blocking copy stream waits for it on the GPU (cudaStreamWaitEvent) and copies the n
+//   device floats at src into host()[offset, offset + n); an event marks the copy done. Returns at once with a
+//   ticket for wait(). So a bucket's download overlaps the backward kernels enqueued after it.
+// - wait(ticket): blocks until that copy landed in host memory; each ticket is waited once (then reused).
+// - upload(dst, offset, n): host()[offset, offset + n) -> dst, enqueued on the compute stream (returns at once):
+//   kernels enqueued later (the optimizer) see it. The host must not write that slice until the compute stream
+//   passed the copy: the next download() of the slice is ordered after it on the GPU, and its wait() is where
+//   the host may write again.
+// Ownership: move-only; the pinned memory (cudaHostAlloc) is freed at destruction (cudaFreeHost synchronises).
+// Thread-safety: none (the trainer's thread). Errors: GpuError for CUDA failures, UsageError for a slice outside
+// the arena or an unknown ticket.
+class ArenaStaging {
+ public:
+  ArenaStaging(size_t count, int device);
+  ~ArenaStaging();
+  ArenaStaging(const ArenaStaging&) = delete;
+  ArenaStaging& operator=(const ArenaStaging&) = delete;
+
+  float* host() const noexcept { return host_; }
+  size_t size() const noexcept { return count_; }
+  int download(const float* src, size_t offset, size_t n);
+  void wait(int ticket);
+  void upload(float* dst, size_t offset, size_t n);
+
+ private:
+  void checkSlice(size_t offset, size_t n, const char* what) const;
+
+  struct Ticket {
+    std::unique_ptr<Event> ready;   // on the compute stream: the slice's gradients are final
+    std::unique_ptr<Event> copied;  // on the copy stream: the slice is in host memory
+    bool busy = false;
+  };
+  float* host_ = nullptr;
+  size_t count_ = 0;
+  int device_ = 0;
+  std::unique_ptr<Stream> copyStream_;
+  std::vector<Ticket> tickets_;  // one per bucket in flight; grows to the number of buckets of a step
 };
 
 }  // namespace dtrain::gpu

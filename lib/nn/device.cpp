@@ -1,4 +1,5 @@
 #include "lib/nn/device.h"
+#include "lib/nn/host_staging.h"
 
 #include <cmath>
 #include <cstring>
@@ -161,6 +162,33 @@ void BatchStaging::unstage(int slot) {
   static_cast<gpu::BatchStaging*>(gpu_.get())->unstage(slot);
 #else
   (void)slot;
+#endif
+}
+
+#if DTRAIN_WITH_CUDA
+namespace {
+class GpuHostStaging final : public HostStaging {
+ public:
+  GpuHostStaging(size_t count, int device) : staging_(count, device) {}
+  float* host() override { return staging_.host(); }
+  size_t size() const override { return staging_.size(); }
+  int download(const float* src, size_t offset, size_t n) override { return staging_.download(src, offset, n); }
+  void wait(int ticket) override { staging_.wait(ticket); }
+  void upload(float* dst, size_t offset, size_t n) override { staging_.upload(dst, offset, n); }
+
+ private:
+  gpu::ArenaStaging staging_;
+};
+}  // namespace
+#endif
+
+std::unique_ptr<HostStaging> makeHostStaging(size_t count, Device device) {
+  DTRAIN_CHECK(!device.isCpu(), "makeHostStaging: a CPU arena needs no host staging");
+#if DTRAIN_WITH_CUDA
+  return std::make_unique<GpuHostStaging>(count, device.index);
+#else
+  (void)count;
+  notBuilt(device, "host staging of GPU gradients");
 #endif
 }
 

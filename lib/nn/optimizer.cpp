@@ -204,7 +204,7 @@ const char* optimizerTypeName(OptimizerType type) {
 }
 
 void Optimizer::setUpdateGiven(bool given) {
-  DTRAIN_CHECK(!given, "optimizer '{}' cannot take an update direction (local_adam): only Adam/AdamW on the CPU do",
+  DTRAIN_CHECK(!given, "optimizer '{}' cannot take an update direction (local_adam): only Adam/AdamW do",
                optimizerTypeName(spec_.type));
 }
 

@@ -87,7 +87,7 @@ class Optimizer {
   // hook (whose step count checkpoints restore): `given` means the next step()'s gradient is already Adam's update
   // direction m_hat / (sqrt(v_hat) + eps), computed by every rank from its own gradients and averaged by the hook
   // (Efficient-Adam). Adam/AdamW then do param -= lr x grad (AdamW's decoupled weight decay still applies first),
-  // leave exp_avg and exp_avg_sq as they are, and count the step. Other optimizers (and CUDA's): Error for `given`.
+  // leave exp_avg and exp_avg_sq as they are, and count the step. Other optimizers: Error for `given`. The CUDA Adam/AdamW do the same (lib/nn/cuda/optimizer.cpp).
   virtual void setUpdateGiven(bool given);
   bool updateGiven() const noexcept { return updateGiven_; }
   // The state arenas on the optimizer's device (device memory for cuda): write into the spans to restore. Empty

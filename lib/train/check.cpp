@@ -77,6 +77,11 @@ int64_t syntheticBytes(const data::DataSpec& d) {
   return satMul(satMul(samples, perSample), 4);
 }
 
+// top-k and PowerSGD compute on the host: with "device": "cuda" their buckets are staged through host memory.
+bool hostStaged(const CompressionSettings& c) {
+  return c.type == CompressionSettings::Type::kTopK || c.type == CompressionSettings::Type::kPowerSgd;
+}
+
 // "compression: powersgd rank 2: 35.2 KiB per step per rank instead of 1.3 MiB at 2 ranks (expected ratio 37.9x)"
 std::string compressionLine(const Job& job) {
   const CompressionSettings& c = *job.parallel.compression;
@@ -92,6 +97,13 @@ std::string compressionLine(const Job& job) {
                         humanBytes(static_cast<int64_t>(e.bytesUncompressed)), world, e.ratio());
   }
   if (c.startStep > 0) line += fmt::format(", from step {}", c.startStep);
+  if (job.device.isCuda() && hostStaged(c)) {
+    // CompressionHook's host staging: each compressed step copies the gradient arena down and back.
+    int64_t floats = 0;
+    for (const auto& p : params) floats = satAdd(floats, static_cast<int64_t>(p.count));
+    line += fmt::format("; on the GPU staged through host memory: {} down and {} up over PCIe per step",
+                        humanBytes(satMul(floats, 4)), humanBytes(satMul(floats, 4)));
+  }
   return line + "; none with 1 rank\n";
 }
 
@@ -126,6 +138,8 @@ MemoryEstimate estimateMemory(const Job& job, int worldSize) {
   if (job.parallel.compression && params < kInt64Max) {
     const uint64_t bytes = compressionBufferBytes(*job.parallel.compression, paramsOfSpec(job.model), worldSize);
     e.compression = bytes > static_cast<uint64_t>(kInt64Max) ? kInt64Max : static_cast<int64_t>(bytes);
+    // On a GPU top-k and PowerSGD keep their state in host memory, plus a pinned host copy of the gradient arena.
+    if (job.device.isCuda() && hostStaged(*job.parallel.compression)) e.compression = satAdd(e.compression, satMul(params, 4));
   }
   return e;
 }

@@ -47,7 +47,9 @@ void checkScheduleFitsRun(const Job& job, int64_t totalSteps, const std::string&
 //   activations: per layer output + its gradient for batch_size samples, plus the input batch and what layers keep
 //     for backward (nn::keptFloatsOf: a block's inner outputs, attention's qkv and probabilities [H, T, T]) (float32);
 //   data: the training and eval sets as floats when their size is known from the spec (synthetic), else 0;
-//   compression: the gradient compression hook's buffers (compressionBufferBytes) at `worldSize` ranks.
+//   compression: the gradient compression hook's buffers (compressionBufferBytes) at `worldSize` ranks; with
+//     "device": "cuda", top-k and PowerSGD add the pinned host copy of the gradient arena they compute on (4 bytes
+//     per parameter; their state is host memory too).
 struct MemoryEstimate {
   int64_t parameters = 0;
   int64_t optimizer = 0;

@@ -56,11 +56,19 @@ struct GradBucket {
   std::span<const GradParam> params;
 };
 
-// What bind() tells a hook: the whole gradient arena, every parameter in arena order, the group's size.
+// What bind() tells a hook: the whole gradient arena, every parameter in arena order, the group's size, and where
+// the arena lives.
 struct HookLayout {
   size_t arenaSize = 0;  // elements
   std::vector<GradParam> params;
   int groupSize = 1;
+  Device device = Device::cpu();  // the gradient arena's (the buckets' views carry it too)
+  // With a GPU arena: a CPU group (tcp/shm/hier) over the same ranks in the same order as the data group, for hooks
+  // that compute on host copies of the buckets (top-k, PowerSGD: lib/train/compression_hooks.h). Null on the CPU,
+  // where the data group is itself a CPU group. DdpStrategy passes the world's CPU group (a GPU job is data-parallel
+  // only, so the data group is the world); the trainer issues nothing on it between a step's first bucket and the
+  // end of its finishStep(), so the hook's collectives there keep the same order on every rank.
+  comm::BackendPtr hostGroup;
 };
 
 // A piece of a hook's state as the checkpoint sees it: a stable name and a CPU view the hook owns (valid from

@@ -69,10 +69,37 @@ std::optional<MatrixDims> matrixDims(const Shape& shape) {
 
 // --- CompressionHook ---
 
+namespace {
+
+// A Work that is already complete: thenWork over it runs its function when waited for.
+class CompleteWork final : public comm::Work {
+ public:
+  void wait() override {}
+  bool done() override { return true; }
+};
+
+}  // namespace
+
 void CompressionHook::bind(const HookLayout& layout) {
   layout_ = layout;
   bound_ = true;
   allocate();
+  if (!layout.device.isCpu() && keepsHostState()) {
+    DTRAIN_CHECK(layout.hostGroup != nullptr,
+                 "compression hook '{}': a {} arena needs a CPU group beside the device group (HookLayout::hostGroup)",
+                 name(), layout.device.str());
+    stageOnHost(nn::makeHostStaging(layout.arenaSize, layout.device), layout.hostGroup);
+  }
+}
+
+void CompressionHook::stageOnHost(std::unique_ptr<nn::HostStaging> staging, comm::BackendPtr hostGroup) {
+  DTRAIN_CHECK(bound_, "compression hook '{}': stageOnHost() before bind()", name());
+  DTRAIN_CHECK(staging != nullptr && staging->size() >= layout_.arenaSize && hostGroup != nullptr &&
+                   hostGroup->device().isCpu(),
+               "compression hook '{}': host staging needs an arena of {} floats and a CPU group", name(),
+               layout_.arenaSize);
+  staging_ = std::move(staging);
+  hostGroup_ = std::move(hostGroup);
 }
 
 comm::WorkPtr CompressionHook::start(const GradBucket& bucket, comm::Backend& group) {
@@ -80,6 +107,36 @@ comm::WorkPtr CompressionHook::start(const GradBucket& bucket, comm::Backend& gr
   DTRAIN_CHECK(bucket.offset + static_cast<size_t>(bucket.grads.numel()) <= layout_.arenaSize,
                "compression hook '{}': bucket [{}, +{}) outside the arena of {}", name(), bucket.offset,
                bucket.grads.numel(), layout_.arenaSize);
+  // step_ changes only when a step's last bucket begins, after every bucket of the step was started (the strategy
+  // starts them all before waiting for any): every bucket of a step takes the same branch.
+  if (!staging_ || (step_[0] < settings_.startStep && !plainOnHost())) return begin(bucket, group);
+  const size_t n = static_cast<size_t>(bucket.grads.numel());
+  auto s = std::make_shared<Staged>();
+  s->host = bucket;
+  s->host.grads = TensorView::flat(staging_->host() + bucket.offset, n);
+  s->device = bucket.grads.as<float>();
+  s->ticket = staging_->download(s->device, bucket.offset, n);
+  notBegun_.push_back(s);
+  return thenWork(std::make_shared<CompleteWork>(), [this, s, n] {
+    beginStaged();
+    DTRAIN_CHECK(s->work != nullptr, "compression hook: bucket {} was not begun (an earlier bucket of the step failed)",
+                 s->host.index);
+    s->work->wait();
+    staging_->upload(s->device, s->host.offset, n);
+  });
+}
+
+void CompressionHook::beginStaged() {
+  // Oldest first; a bucket leaves the queue before it begins, so a failure does not begin it twice.
+  std::vector<std::shared_ptr<Staged>> queue;
+  queue.swap(notBegun_);
+  for (auto& s : queue) {
+    staging_->wait(s->ticket);
+    s->work = begin(s->host, *hostGroup_);
+  }
+}
+
+comm::WorkPtr CompressionHook::begin(const GradBucket& bucket, comm::Backend& group) {
   const uint64_t dense = allreduceWireBytes(bucket.grads.bytes(), group.size());
   traffic_.bytesUncompressed += dense;
   comm::WorkPtr work;

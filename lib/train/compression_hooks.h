@@ -9,10 +9,12 @@
 
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <optional>
 #include <vector>
 
 #include "lib/nn/device.h"
+#include "lib/nn/host_staging.h"
 #include "lib/train/compression.h"
 
 namespace dtrain::train {
@@ -51,20 +53,50 @@ PowerSgdPlan planPowerSgd(const std::vector<GradParam>& params, int rank);
 double topKDensity(const CompressionSettings& c, int64_t compressedStep);
 
 // What every compression hook shares: bind(), the start_step switch (plain averaging all-reduce before it),
-// the step count (checkpointed) and the traffic counters.
+// the step count (checkpointed), the traffic counters, and host staging for GPU buckets.
+//
+// Host staging (top-k and PowerSGD with "device": "cuda"; docs/gpu.md, docs/compression.md): those hooks compute on
+// host buffers (their state, the selection, the factor products are the CPU code), so for a GPU arena bind() makes a
+// host copy of the arena (nn::HostStaging: pinned memory, a copy stream) and the hook runs unchanged on it, over the
+// layout's hostGroup (the CPU group beside nccl) instead of the nccl data group:
+//   start(bucket)   enqueues the bucket's download (device -> pinned host, on the copy stream after the compute
+//                   stream's kernels that wrote it) and returns; the host does not wait, so backward's kernels keep
+//                   being enqueued
+//   wait()          of any staged bucket first begins, in start order, every staged bucket not begun yet: waits for
+//                   its download, then the CPU hook's own start() on the host slice over hostGroup (the selection or
+//                   P = M Q, then the asynchronous collective). Then it waits for its own bucket's collective (and
+//                   finishing: PowerSGD's Q round) and enqueues the upload of the result into the device slice on
+//                   the compute stream, before the optimizer's kernels.
+// The host collectives are therefore issued in the same order on every rank whatever the GPU's timing (all
+// starts in bucket order, then the finishing rounds in wait order, as on the CPU), and the values, the state and
+// the checkpointed state are the CPU hook's bit for bit. Steps before start_step that keep no host state (the
+// plain average without momentum_correction or local_adam) all-reduce on the device group (nccl) unstaged.
+// Cost: each compressed step copies the arena down and up once (2 x 4 bytes per parameter over PCIe) and runs the
+// hook on the host; the compression's communication starts after backward, not during it.
 class CompressionHook : public CommHook {
  public:
   explicit CompressionHook(CompressionSettings settings) : settings_(settings) {}
   std::string name() const override { return compressionTypeName(settings_.type); }
   comm::WorkPtr start(const GradBucket& bucket, comm::Backend& group) final;
+  // With layout.device a GPU and a hook that computes on the host (keepsHostState()): also makes the host staging
+  // (nn::makeHostStaging) and takes layout.hostGroup (a dtrain::Error when it is null).
   void bind(const HookLayout& layout) final;
   std::vector<HookState> stateBuffers() final;
   std::optional<HookTraffic> traffic() const final { return traffic_; }
   int64_t stepsStarted() const { return step_[0]; }
   // Whether the last step's buckets were compressed (its step was at or after start_step).
   bool lastStepCompressed() const { return step_[0] > settings_.startStep; }
+  // Stages every bucket through `staging` and runs the hook over `hostGroup` (as bind() does for a GPU arena);
+  // after bind(). Tests pass a CPU stand-in for the device copies. `staging` holds the arena (size() >= arenaSize).
+  void stageOnHost(std::unique_ptr<nn::HostStaging> staging, comm::BackendPtr hostGroup);
+  bool staged() const { return staging_ != nullptr; }
 
  protected:
+  // Whether the hook computes on host buffers (top-k, PowerSGD: staged on a GPU); false: it runs where the bucket
+  // lives (fp16/bf16 casts have device kernels).
+  virtual bool keepsHostState() const { return true; }
+  // Whether plain() (before start_step) touches host state: then it is staged too on a GPU.
+  virtual bool plainOnHost() const { return false; }
   // Starts compressing and communicating a bucket once step >= start_step.
   virtual comm::WorkPtr compress(const GradBucket& bucket, comm::Backend& group) = 0;
   // Before start_step: the plain averaging all-reduce (a hook that took over part of the optimizer adds it here).
@@ -78,8 +110,22 @@ class CompressionHook : public CommHook {
   bool bound_ = false;
 
  private:
+  // The CPU path: traffic, the start_step switch, plain() or compress(), the step count.
+  comm::WorkPtr begin(const GradBucket& bucket, comm::Backend& group);
+  // Begins every staged bucket not begun yet, in start order (waiting for each one's download).
+  void beginStaged();
+
+  struct Staged {
+    GradBucket host;        // the bucket over the staging's host memory
+    float* device = nullptr;  // the device slice the result goes back to
+    int ticket = -1;        // its download
+    comm::WorkPtr work;     // the CPU hook's, once begun
+  };
   int64_t step_[1] = {0};  // optimizer steps whose buckets were started
   HookTraffic traffic_;
+  std::unique_ptr<nn::HostStaging> staging_;
+  comm::BackendPtr hostGroup_;
+  std::vector<std::shared_ptr<Staged>> notBegun_;  // staged buckets in start order, not begun yet
 };
 
 // fp16 / bf16: g / n cast to 16 bits, summed in 16 bits, cast back. Where the bucket lives: a CPU bucket is cast by
@@ -93,6 +139,7 @@ class CastHook final : public CompressionHook {
 
  protected:
   comm::WorkPtr compress(const GradBucket& bucket, comm::Backend& group) override;
+  bool keepsHostState() const override { return false; }
 
  private:
   std::vector<uint16_t> half_;  // arena-sized, allocated at the first CPU bucket
@@ -111,6 +158,7 @@ class TopKHook final : public CompressionHook {
   // With momentum_correction the optimizer runs without momentum from the first step, so before start_step
   // the averaged gradient goes through the velocity here (u = m u + g, sent as u): plain momentum SGD.
   comm::WorkPtr plain(const GradBucket& bucket, comm::Backend& group) override;
+  bool plainOnHost() const override { return settings_.momentumCorrection || settings_.localAdam; }
   void allocate() override;
   void addState(std::vector<HookState>& out) override;
 

@@ -88,7 +88,19 @@ void DdpStrategy::prepare(nn::Model& model) {
                       .layers = allLayers_,
                       .last = true,
                       .params = params_};
-  options_.hook->bind(HookLayout{.arenaSize = grads.size(), .params = params_, .groupSize = groups_.data->size()});
+  HookLayout layout{.arenaSize = grads.size(), .params = params_, .groupSize = groups_.data->size(),
+                    .device = model.device()};
+  if (!model.device().isCpu()) {
+    // A GPU job: the data group is nccl, the world a CPU group beside it over the same ranks (train_setup.cpp).
+    DTRAIN_CHECK(groups_.world->device().isCpu() && groups_.world->size() == groups_.data->size() &&
+                     groups_.world->rank() == groups_.data->rank(),
+                 "ddp strategy: a GPU data group needs a CPU world group of the same ranks beside it (world {} of {} "
+                 "on {}, data {} of {})",
+                 groups_.world->rank(), groups_.world->size(), groups_.world->device().str(), groups_.data->rank(),
+                 groups_.data->size());
+    layout.hostGroup = groups_.world;
+  }
+  options_.hook->bind(layout);
 }
 
 nn::LayerGradReady DdpStrategy::gradReadyHook() {

@@ -338,8 +338,8 @@ void applySet(json& doc, const std::string& assignment, const std::string& sourc
 
 namespace {
 
-// What the CUDA path supports today (docs/gpu.md "What runs on a GPU"): DDP over nccl (data parallelism only), the
-// fp16/bf16 compression hooks only. The model-parallel and parameter-server strategies move host buffers (pipeline
+// What the CUDA path supports today (docs/gpu.md "What runs on a GPU"): DDP over nccl (data parallelism only), with
+// every gradient compression. The model-parallel and parameter-server strategies move host buffers (pipeline
 // activations, tensor-group all-reduces inside the layers, push/pull frames), so they stay on the CPU for now.
 void checkCudaJob(const Job& job, const std::string& src) {
   DTRAIN_CHECK_AS(ConfigError, job.parallel.backend == "auto" || job.parallel.backend == "nccl",
@@ -358,13 +358,8 @@ void checkCudaJob(const Job& job, const std::string& src) {
                   "{}: /parallel/tensor: tensor parallelism ({} ranks) runs on the CPU only in this build; \"device\": "
                   "\"cuda\" supports \"tensor\": 1, or use \"device\": \"cpu\"",
                   src, job.parallel.tensor);
-  // fp16/bf16 compression casts and all-reduces on the device (CastHook); top-k and PowerSGD keep host state.
-  DTRAIN_CHECK_AS(ConfigError,
-                  !job.parallel.compression || job.parallel.compression->type == CompressionSettings::Type::kFp16 ||
-                      job.parallel.compression->type == CompressionSettings::Type::kBf16,
-                  "{}: /parallel/compression/type: '{}' runs on the CPU only in this build; \"device\": \"cuda\" "
-                  "supports \"fp16\" and \"bf16\", or use \"device\": \"cpu\"",
-                  src, job.parallel.compression ? compressionTypeName(job.parallel.compression->type) : "");
+  // Every compression runs with cuda: fp16/bf16 cast and all-reduce on the device (CastHook); top-k and PowerSGD
+  // run the CPU hook on host copies of the buckets over the CPU group beside nccl (CompressionHook's host staging).
   // Every loss (cross_entropy, mse, bce_with_logits) and optimizer (sgd, adam, adamw, adagrad) has a CUDA
   // implementation (lib/nn/cuda); a type added later without one fails in its device factory (NotBuiltError).
   // Every layer needs a CUDA implementation: name the first that has none, before any worker starts.

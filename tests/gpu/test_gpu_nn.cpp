@@ -236,6 +236,43 @@ TEST_CASE("optimizers match the CPU update for update (sgd variants, adam, adamw
   }
 }
 
+TEST_CASE("Adam/AdamW given the update (top-k's local_adam) match the CPU's: decoupled decay, then -lr x update") {
+  const size_t n = 1000;
+  for (const OptimizerSpec& spec : {OptimizerSpec{.type = OptimizerType::kAdamW, .lr = 0.01, .weightDecay = 0.1},
+                                   OptimizerSpec{.type = OptimizerType::kAdam, .lr = 0.01}}) {
+    CAPTURE(optimizerTypeName(spec.type));
+    auto cpu = Optimizer::create(spec, n, Device::cpu());
+    auto gpu = Optimizer::create(spec, n, kGpu);
+    cpu->setNoDecayRanges({{100, 50}});
+    gpu->setNoDecayRanges({{100, 50}});
+    std::vector<float> p = randomVector(n, 3);
+    DeviceFloats dp = toDevice(p);
+    for (int step = 0; step < 4; ++step) {
+      const bool given = step >= 2;  // two plain Adam steps, then the hook's update directions
+      cpu->setUpdateGiven(given);
+      gpu->setUpdateGiven(given);
+      std::vector<float> g = randomVector(n, 200 + static_cast<uint32_t>(step));
+      DeviceFloats dg = toDevice(g);
+      cpu->step(p, g);
+      gpu->step(dp.span(), dg.span());
+    }
+    CHECK(cpu->steps() == 4);
+    CHECK(gpu->steps() == 4);
+    // The same two roundings per element (scale kernel, SGD kernel without FMA): expected bit-identical.
+    const auto back = toHost(dp.data(), n);
+    MESSAGE("bit-identical: " << (back == p));
+    CHECK(maxDiff(p, back) < 1e-6);
+    auto cs = cpu->stateBuffers();
+    auto gs = gpu->hostStateBuffers();
+    REQUIRE(cs.size() == gs.size());
+    for (size_t b = 0; b < cs.size(); ++b)  // given steps leave the moments as the plain steps left them
+      CHECK(maxDiff(std::vector<float>(cs[b].data.begin(), cs[b].data.end()),
+                    std::vector<float>(gs[b].data.begin(), gs[b].data.end())) < 1e-6);
+  }
+  CHECK_THROWS_WITH_AS(Optimizer::create({.type = OptimizerType::kSgd, .lr = 0.1}, n, kGpu)->setUpdateGiven(true),
+                       doctest::Contains("cannot take an update direction (local_adam)"), Error);
+}
+
 TEST_CASE("arena operations on the GPU: norm, finiteness, clipping, a written NaN") {
   std::vector<float> g = randomVector(100000, 8);
   DeviceFloats dg = toDevice(g);

@@ -71,3 +71,35 @@ TEST_CASE("--nproc-per-node gpu: one worker per GPU that CUDA_VISIBLE_DEVICES sh
     CHECK(two.out.find("nproc_per_node=2 ") != std::string::npos);
   }
 }
+
+TEST_CASE("device cuda with top-k or PowerSGD: `dtrain check` and `dtrain run --dry-run` accept the job") {
+  if (!builtWithCuda()) return;  // the CPU-only build refuses device cuda itself (above)
+  const std::string dir = tempDir("gpu_compression");
+  std::string job = kCudaJob;
+  const std::string sgd = R"("optimizer": {"type": "sgd", "lr": 0.1})";
+  job.replace(job.find(sgd), sgd.size(), R"("optimizer": {"type": "sgd", "lr": 0.1, "momentum": 0.9})");
+  for (const std::string compression :
+       {R"({"type": "topk", "ratio": 0.1, "momentum_correction": true, "warmup_steps": 4, "start_step": 2})",
+        R"({"type": "powersgd", "rank": 2, "start_step": 2})"}) {
+    CAPTURE(compression);
+    std::string text = job;
+    text.insert(text.rfind('}'), R"(, "parallel": {"compression": )" + compression + "}");
+    writeFile(dir + "/job.json", text);
+    auto checked = run({dtrainBinary(), "check", dir + "/job.json", "--output-dir", dir + "/out"},
+                       {.env = {{"CUDA_VISIBLE_DEVICES", ""}}});
+    INFO(checked.out);
+    INFO(checked.err);
+    CHECK(checked.exitCode == 0);
+    CHECK((checked.out + checked.err).find("on the GPU staged through host memory: 268 B down and 268 B up over PCIe "
+                                           "per step") != std::string::npos);
+    // The agent counts CUDA_VISIBLE_DEVICES' entries as given where no driver is there to ask.
+    if (!std::filesystem::exists("/proc/driver/nvidia/gpus")) {
+      auto plan = run({dtrainBinary(), "run", "--standalone", "--nproc-per-node", "2", "--dry-run", dir + "/job.json",
+                       "--output-dir", dir + "/out"},
+                      {.env = {{"CUDA_VISIBLE_DEVICES", "0,1"}}});
+      INFO(plan.err);
+      CHECK(plan.exitCode == 0);
+      CHECK(plan.out.find("nproc_per_node=2 ") != std::string::npos);
+    }
+  }
+}

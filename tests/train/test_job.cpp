@@ -383,16 +383,38 @@ TEST_CASE("\"device\": \"cuda\" is validated before any worker: build, backend, 
   CHECK(loadJob(withDevice(R"("precision": "fp32")")).tf32);
   CHECK(configErrorOf(withDevice(R"("device": "cuda", "parallel": {"backend": "tcp"})"))
             .find("/parallel/backend: 'tcp' cannot carry GPU gradients") != std::string::npos);
-  // fp16/bf16 compression runs on the device (CastHook's GPU path); top-k and PowerSGD keep host state.
+  // Every compression runs with cuda: fp16/bf16 on the device (CastHook's GPU path), top-k and PowerSGD on host
+  // copies of the buckets (CompressionHook's host staging), every option; errors as on the CPU.
   CHECK(loadJob(withDevice(R"("device": "cuda", "parallel": {"compression": {"type": "fp16"}})"))
             .parallel.compression->type == CompressionSettings::Type::kFp16);
   CHECK(loadJob(withDevice(R"("device": "cuda", "parallel": {"compression": {"type": "bf16"}})"))
             .parallel.compression->type == CompressionSettings::Type::kBf16);
-  CHECK(configErrorOf(withDevice(R"("device": "cuda", "parallel": {"compression": {"type": "topk", "ratio": 0.01}})"))
-            .find("/parallel/compression/type: 'topk' runs on the CPU only in this build; \"device\": \"cuda\" "
-                  "supports \"fp16\" and \"bf16\"") != std::string::npos);
-  CHECK(configErrorOf(withDevice(R"("device": "cuda", "parallel": {"compression": {"type": "powersgd", "rank": 2}})"))
-            .find("/parallel/compression/type: 'powersgd' runs on the CPU only") != std::string::npos);
+  const Job topkJob = loadJob(withDevice(R"("device": "cuda", "parallel": {"compression": {"type": "topk",
+      "ratio": 0.01, "warmup_steps": 10, "start_step": 5, "error_feedback": true}})"));
+  CHECK(topkJob.parallel.compression->type == CompressionSettings::Type::kTopK);
+  CHECK(topkJob.parallel.compression->warmupSteps == 10);
+  const Job psgdJob = loadJob(withDevice(R"("device": "cuda", "parallel": {"compression": {"type": "powersgd",
+      "rank": 2, "start_step": 3, "error_feedback": false}})"));
+  CHECK(psgdJob.parallel.compression->rank == 2);
+  CHECK_FALSE(psgdJob.parallel.compression->errorFeedback);
+  auto withOptimizer = [&](const std::string& optimizer, const std::string& compression) {
+    std::string text = kJob;
+    const std::string sgd = R"("optimizer": {"type": "sgd", "lr": 0.1})";
+    text.replace(text.find(sgd), sgd.size(), optimizer);
+    text.insert(text.rfind('}'), R"(, "device": "cuda", "parallel": {"compression": )" + compression + "}");
+    return JobArgs{.path = writeJob(dir, text)};
+  };
+  const Job dgc = loadJob(withOptimizer(R"("optimizer": {"type": "sgd", "lr": 0.1, "momentum": 0.9, "clip_grad_norm": 1})",
+                                        R"({"type": "topk", "momentum_correction": true, "momentum_masking": false})"));
+  CHECK(dgc.parallel.compression->momentumCorrection);
+  CHECK(dgc.parallel.compression->momentum == 0.9);
+  CHECK(dgc.parallel.compression->localClipNorm == 1);
+  CHECK(loadJob(withOptimizer(R"("optimizer": {"type": "adamw", "lr": 0.01})", R"({"type": "topk", "local_adam": true})"))
+            .parallel.compression->localAdam);
+  CHECK(configErrorOf(withDevice(R"("device": "cuda", "parallel": {"compression": {"type": "topk", "rank": 2}})"))
+            .find("/parallel/compression/rank: applies to \"type\": \"powersgd\" only") != std::string::npos);
+  CHECK(configErrorOf(withDevice(R"("device": "cuda", "parallel": {"compression": {"type": "topk", "momentum_correction": true}})"))
+            .find("/parallel/compression/momentum_correction") != std::string::npos);
   CHECK(loadJob(withDevice(R"("device": "cuda", "precision": "bf16")")).precision == Job::Precision::kBf16);
   std::string conv = R"({"model": {"input": [1, 6, 6], "layers": [{"type": "conv2d", "out": 2, "kernel": 3},
     {"type": "flatten"}, {"type": "linear", "out": 3}]}, "loss": {"type": "cross_entropy"},

@@ -89,6 +89,10 @@ class Adam final : public Optimizer {
 
   void step(std::span<float> params, std::span<const float> grads) override {
     checkSizes(params, grads);
+    if (updateGiven_) {
+      givenStep(params, grads);
+      return;
+    }
     ++steps_;
     const double step = static_cast<double>(steps_);
     const double bc1 = 1.0 - std::pow(spec_.beta1, step);
@@ -118,6 +122,26 @@ class Adam final : public Optimizer {
   void commitHostState() override { state_.commitHost(); }
 
  private:
+  void setUpdateGiven(bool given) override { updateGiven_ = given; }
+
+  // top-k's local_adam (Efficient-Adam's server step, optimizer.cpp's givenStep): the gradient is the averaged
+  // update direction; param = param * (1 - lr x weight_decay) (AdamW, per decay segment), then param -= lr x
+  // direction; the moments stay as they are. The same two roundings as the CPU loop: the decay by the scale
+  // kernel (one multiply), the step by the SGD kernel without momentum or weight decay (p + negLr x g, no FMA).
+  void givenStep(std::span<float> params, std::span<const float> grads) {
+    ++steps_;
+    const bool decoupled = spec_.type == OptimizerType::kAdamW;
+    const auto decay = static_cast<float>(1.0 - lr_ * spec_.weightDecay);
+    k::SgdStep s;
+    s.negLr = static_cast<float>(-lr_);
+    auto run = [&](size_t begin, size_t end, bool decayOn) {
+      if (end <= begin) return;
+      if (decoupled && decayOn && spec_.weightDecay != 0.0) k::scale(params.data() + begin, params.data() + begin, end - begin, decay);
+      k::sgdStep(params.data() + begin, grads.data() + begin, nullptr, end - begin, s);
+    };
+    forEachDecaySegment(run);
+  }
+
   DeviceState state_;
 };
 

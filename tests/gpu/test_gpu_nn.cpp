@@ -143,6 +143,11 @@ TEST_CASE("losses match the CPU: cross_entropy per sample and per position (int3
   CHECK(std::fabs(lc - lg) < 1e-6);
   TensorView gc = cpu->backward(), gg = gpu->backward();
   CHECK(maxDiff(std::vector<float>(gc.f32(), gc.f32() + 12), toHost(gg.f32(), 12)) < 1e-6);
+  // The gradient is the diff scaled in place (no second output-sized buffer): one backward per forward.
+  CHECK_THROWS_WITH(gpu->backward(), doctest::Contains("loss backward called twice for one forward"));
+  gpu->forward(TensorView::of(dy.data(), Shape{4, 3}, kGpu), TensorView::of(dt.data(), Shape{4, 3}, kGpu));
+  gg = gpu->backward();
+  CHECK(maxDiff(std::vector<float>(gc.f32(), gc.f32() + 12), toHost(gg.f32(), 12)) < 1e-6);
 }
 
 TEST_CASE("bce_with_logits matches the CPU: loss, gradient, evaluation sums and AUC histograms, bad targets") {

@@ -33,6 +33,15 @@ void checkOutput(const TensorView& output, const Shape& perSample, int maxBatch)
                maxBatch);
 }
 
+// Memory: the gradient backward() returns is the forward's diff (softmax - onehot, output - target, ...) scaled in
+// place, not a second buffer of the output's size: at GPT-2-small shape (batch 8, T 1024, vocabulary 50257) that is
+// 1.65 GB less. So each forward allows one backward (the trainer's and the pipeline's use); a second one throws.
+void takeDiff(int lastBatch, bool& taken) {
+  DTRAIN_CHECK(lastBatch > 0, "loss backward called before forward");
+  DTRAIN_CHECK(!taken, "loss backward called twice for one forward (a CUDA loss scales its diff in place)");
+  taken = true;
+}
+
 // Device scratch: per-row doubles and ints, the bad-row flag and the reduction partials, carved from one buffer.
 struct Scratch {
   Scratch(size_t rows, Device device)
@@ -55,7 +64,7 @@ class CrossEntropy final : public Loss {
       : Loss(LossType::kCrossEntropy, outputShape, maxBatch, device),
         positions_(outputShape.rank() == 2 ? outputShape[0] : 1), classes_(outputShape.back()),
         diffDev_(static_cast<size_t>(maxBatch) * static_cast<size_t>(outputShape.numel()), device),
-        gradDev_(diffDev_.size(), device), scratch_(static_cast<size_t>(maxBatch * positions_), device) {
+        scratch_(static_cast<size_t>(maxBatch * positions_), device) {
     detail::checkCrossEntropyOutput(outputShape);
   }
 
@@ -67,16 +76,17 @@ class CrossEntropy final : public Loss {
     const int64_t n = rowsOf(output, targets);
     run(output, targets, n, diffDev_.data());
     lastBatch_ = static_cast<int>(output.shape[0]);
+    diffTaken_ = false;
     return static_cast<float>(k::sumDoubles(scratch_.rowValue, static_cast<size_t>(n), scratch_.partials) /
                               static_cast<double>(n));
   }
 
   TensorView backward(float scale) override {
-    DTRAIN_CHECK(lastBatch_ > 0, "loss backward called before forward");
+    takeDiff(lastBatch_, diffTaken_);
     const int64_t count = lastBatch_ * outputShape_.numel();
     const float factor = scale / static_cast<float>(static_cast<int64_t>(lastBatch_) * positions_);
-    k::scale(diffDev_.data(), gradDev_.data(), static_cast<size_t>(count), factor);
-    return TensorView::of(gradDev_.data(), outputShape_.withBatch(lastBatch_), device_);
+    k::scale(diffDev_.data(), diffDev_.data(), static_cast<size_t>(count), factor);
+    return TensorView::of(diffDev_.data(), outputShape_.withBatch(lastBatch_), device_);
   }
 
   EvalSums evaluate(const TensorView& output, const TensorView& targets) const override {
@@ -124,7 +134,8 @@ class CrossEntropy final : public Loss {
   }
 
   int64_t positions_, classes_;
-  DeviceFloats diffDev_, gradDev_;
+  DeviceFloats diffDev_;  // the last forward's diff, scaled in place into the gradient by backward
+  bool diffTaken_ = false;
   mutable Scratch scratch_;
 };
 
@@ -133,7 +144,7 @@ class Mse final : public Loss {
   Mse(const Shape& outputShape, int maxBatch, Device device)
       : Loss(LossType::kMse, outputShape, maxBatch, device),
         diffDev_(static_cast<size_t>(maxBatch) * static_cast<size_t>(outputShape.numel()), device),
-        gradDev_(diffDev_.size(), device), scratch_(diffDev_.size(), device) {}
+        scratch_(diffDev_.size(), device) {}
 
   void checkTargets(const Shape& perSample, DType dtype) const override {
     detail::checkMseTargets(outputShape_, perSample, dtype);
@@ -144,14 +155,15 @@ class Mse final : public Loss {
     k::mseRows(static_cast<const float*>(output.data), static_cast<const float*>(targets.data), diffDev_.data(),
                scratch_.rowValue, count);
     lastBatch_ = static_cast<int>(output.shape[0]);
+    diffTaken_ = false;
     return static_cast<float>(k::sumDoubles(scratch_.rowValue, count, scratch_.partials) / static_cast<double>(count));
   }
 
   TensorView backward(float scale) override {
-    DTRAIN_CHECK(lastBatch_ > 0, "loss backward called before forward");
+    takeDiff(lastBatch_, diffTaken_);
     const int64_t count = lastBatch_ * outputShape_.numel();
-    k::scale(diffDev_.data(), gradDev_.data(), static_cast<size_t>(count), 2.0f * scale / static_cast<float>(count));
-    return TensorView::of(gradDev_.data(), outputShape_.withBatch(lastBatch_), device_);
+    k::scale(diffDev_.data(), diffDev_.data(), static_cast<size_t>(count), 2.0f * scale / static_cast<float>(count));
+    return TensorView::of(diffDev_.data(), outputShape_.withBatch(lastBatch_), device_);
   }
 
   EvalSums evaluate(const TensorView& output, const TensorView& targets) const override {
@@ -176,7 +188,8 @@ class Mse final : public Loss {
     return static_cast<size_t>(output.numel());
   }
 
-  DeviceFloats diffDev_, gradDev_;
+  DeviceFloats diffDev_;  // the last forward's diff, scaled in place into the gradient by backward
+  bool diffTaken_ = false;
   mutable Scratch scratch_;
 };
 
@@ -187,7 +200,7 @@ class BceWithLogits final : public Loss {
  public:
   BceWithLogits(const Shape& outputShape, int maxBatch, Device device)
       : Loss(LossType::kBceWithLogits, outputShape, maxBatch, device), diffDev_(static_cast<size_t>(maxBatch), device),
-        gradDev_(diffDev_.size(), device), scratch_(diffDev_.size(), device), hist_(2 * kAucBins, device) {
+        scratch_(diffDev_.size(), device), hist_(2 * kAucBins, device) {
     detail::checkBceOutput(outputShape);
   }
 
@@ -196,13 +209,14 @@ class BceWithLogits final : public Loss {
   float forward(const TensorView& output, const TensorView& targets) override {
     const size_t n = run(output, targets, diffDev_.data(), nullptr);
     lastBatch_ = static_cast<int>(n);
+    diffTaken_ = false;
     return static_cast<float>(k::sumDoubles(scratch_.rowValue, n, scratch_.partials) / static_cast<double>(n));
   }
 
   TensorView backward(float scale) override {
-    DTRAIN_CHECK(lastBatch_ > 0, "loss backward called before forward");
-    k::scale(diffDev_.data(), gradDev_.data(), static_cast<size_t>(lastBatch_), scale / static_cast<float>(lastBatch_));
-    return TensorView::of(gradDev_.data(), outputShape_.withBatch(lastBatch_), device_);
+    takeDiff(lastBatch_, diffTaken_);
+    k::scale(diffDev_.data(), diffDev_.data(), static_cast<size_t>(lastBatch_), scale / static_cast<float>(lastBatch_));
+    return TensorView::of(diffDev_.data(), outputShape_.withBatch(lastBatch_), device_);
   }
 
   EvalSums evaluate(const TensorView& output, const TensorView& targets) const override {
@@ -259,7 +273,8 @@ class BceWithLogits final : public Loss {
     DTRAIN_THROW(ConfigError, "bce_with_logits label {} (expected 0 or 1)", label);
   }
 
-  DeviceFloats diffDev_, gradDev_;
+  DeviceFloats diffDev_;  // the last forward's diff, scaled in place into the gradient by backward
+  bool diffTaken_ = false;
   mutable Scratch scratch_;
   mutable DeviceFloats hist_;  // 2 x kAucBins int32 counts: positives' bins, then negatives'
 };

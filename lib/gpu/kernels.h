@@ -15,6 +15,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "lib/gpu/philox.h"
 #include "lib/gpu/reduce_index.h"
 #include "lib/gpu/window_index.h"
 
@@ -106,8 +107,11 @@ void maxPoolForward(const float* x, float* y, int32_t* argmax, int64_t batch, co
 // dx[plane, s] = the sum of dy[plane, o] over outputs o (increasing) with argmax[plane, o] == s; overwrites dx. A
 // gather (one thread per input element), so no atomics: deterministic and the CPU's order.
 void maxPoolBackward(const float* dy, const int32_t* argmax, float* dx, int64_t batch, const Window2d& g);
-// out[i] = a[i] * b[i] (aliasing allowed): dropout's mask (layers_dense.cpp Dropout, attention's dropout).
-void multiply(const float* a, const float* b, float* out, size_t n);
+// The dropout layer (layers_dense.cpp Dropout) on elements [0, n) of `draw`: out[i] = in[i] * (draw.scale where
+// element i is kept, 0 where dropped), philox.h's kMultiply form (in == out allowed). The mask is computed from the
+// counter (philox.h dropoutQuad, one Philox block per thread): nothing is read but `in`, backward calls it again
+// with the forward's draw on dy.
+void dropout(const float* in, const DropoutDraw& draw, float* out, size_t n);
 
 // --- Losses (loss.cpp) ---
 // Cross-entropy over rows of `classes` logits with int32 or int64 labels. Writes diff = softmax - onehot (when

@@ -1,33 +1,34 @@
-// The compact attention-dropout kernel (kernels_attention.h): one thread per element, grid-stride, bounded grid
-// (grid.h); the per-element rule is dropout_bits.h's, the function the CPU tests emulate.
+// The attention-dropout kernel (kernels_attention.h): one Philox block (4 elements) per thread, grid-stride,
+// bounded grid (grid.h); the per-thread work is philox.h's dropoutQuad, the function the CPU tests emulate.
 #include <cuda_runtime.h>
 
 #include <cstddef>
 #include <cstdint>
 
-#include "lib/gpu/dropout_bits.h"
 #include "lib/gpu/grid.h"
 #include "lib/gpu/kernels_attention.h"
 #include "lib/gpu/launch.h"
+#include "lib/gpu/philox.h"
 
 namespace dtrain::gpu::kernels {
 namespace {
 
 constexpr int kThreads = 256;
 
-__global__ void dropoutBitsKernel(const float* in, const uint32_t* bits, size_t first, float keep, float* out,
-                                  size_t n) {
-  for (size_t e = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; e < n;
-       e += static_cast<size_t>(blockDim.x) * gridDim.x)
-    out[e] = maskApply(bits, first + e, in[e], keep);
+__global__ void dropoutSelectKernel(const float* in, DropoutDraw draw, uint64_t first, float* out, size_t n,
+                                    size_t quads) {
+  for (size_t q = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; q < quads;
+       q += static_cast<size_t>(blockDim.x) * gridDim.x)
+    dropoutQuad(draw, DropoutForm::kSelect, first, q, in, out, n);
 }
 
 }  // namespace
 
-void dropoutBits(const float* in, const uint32_t* bits, size_t first, float keep, float* out, size_t n) {
+void dropoutSelect(const float* in, const DropoutDraw& draw, uint64_t first, float* out, size_t n) {
   if (n == 0) return;
-  dropoutBitsKernel<<<gridFor(n, kThreads), kThreads>>>(in, bits, first, keep, out, n);
-  DTRAIN_CU_CHECK_LAUNCH("dropoutBitsKernel");
+  const size_t quads = dropoutQuads(first, n);
+  dropoutSelectKernel<<<gridFor(quads, kThreads), kThreads>>>(in, draw, first, out, n, quads);
+  DTRAIN_CU_CHECK_LAUNCH("dropoutSelectKernel");
 }
 
 }  // namespace dtrain::gpu::kernels

@@ -1,4 +1,4 @@
-// conv2d/maxpool2d kernels and the elementwise product of dropout (kernels.h). Like kernels_nn.cu: one thread per
+// conv2d/maxpool2d kernels and the dropout layer's (kernels.h). Like kernels_nn.cu: one thread per
 // element (grid-stride) or one block per row (block-stride), bounded grids (grid.h), no float atomics. The
 // backward passes gather (one thread per input element, summing what reached it) instead of scattering, which
 // needs no atomics and adds in the CPU's order (layers_spatial.cpp), so they round alike.
@@ -10,6 +10,7 @@
 #include "lib/gpu/grid.h"
 #include "lib/gpu/kernels.h"
 #include "lib/gpu/launch.h"
+#include "lib/gpu/philox.h"
 #include "lib/gpu/reduce_index.h"
 #include "lib/gpu/scratch.h"
 #include "lib/gpu/window_index.h"
@@ -100,8 +101,9 @@ __global__ void maxPoolBackwardKernel(const float* dy, const int32_t* argmax, fl
   }
 }
 
-__global__ void multiplyKernel(const float* a, const float* b, float* out, size_t n) {
-  DTRAIN_GRID_STRIDE(i, n) out[i] = a[i] * b[i];
+// One Philox block (4 elements) per thread: philox.h's per-thread work, the function tests/gpu emulates.
+__global__ void dropoutKernel(const float* in, DropoutDraw draw, float* out, size_t n, size_t quads) {
+  DTRAIN_GRID_STRIDE(q, quads) dropoutQuad(draw, DropoutForm::kMultiply, 0, q, in, out, n);
 }
 
 size_t count(int64_t batch, int64_t perSample) { return static_cast<size_t>(batch) * static_cast<size_t>(perSample); }
@@ -156,10 +158,11 @@ void maxPoolBackward(const float* dy, const int32_t* argmax, float* dx, int64_t 
   DTRAIN_CU_CHECK_LAUNCH("maxPoolBackwardKernel");
 }
 
-void multiply(const float* a, const float* b, float* out, size_t n) {
+void dropout(const float* in, const DropoutDraw& draw, float* out, size_t n) {
   if (n == 0) return;
-  multiplyKernel<<<blocksFor(n), kThreads>>>(a, b, out, n);
-  DTRAIN_CU_CHECK_LAUNCH("multiplyKernel");
+  const size_t quads = dropoutQuads(0, n);
+  dropoutKernel<<<blocksFor(quads), kThreads>>>(in, draw, out, n, quads);
+  DTRAIN_CU_CHECK_LAUNCH("dropoutKernel");
 }
 
 }  // namespace dtrain::gpu::kernels

@@ -8,7 +8,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <random>
+#include <optional>
 
 #include "lib/common/aligned_buffer.h"
 #include "lib/common/error.h"
@@ -40,9 +40,11 @@ size_t sz(int64_t n) { return static_cast<size_t>(n); }
 //   q, k, v = split(x c_attn^T + b, C);  per head h (hs = C / H columns):
 //   P = softmax(mask(q_h k_h^T / sqrt(hs)));  y_h = dropout(P) v_h;  out = concat_h(y_h) c_proj^T + b.
 // Dropout on P (nanoGPT's attn_dropout, "dropout" > 0, training only) keeps element (i, j <= i) with probability
-// 1 - p and scales it by 1 / (1 - p); its masks come from the layer's own stream, reseeded every step by the
-// trainer (Model::reseedDropout), so a run is deterministic per seed and resumes bit for bit. The dropped
-// probabilities are kept beside P for backward (another maxBatch * H * T * T floats).
+// 1 - p and scales it by 1 / (1 - p); its masks come from the layer's own Philox stream (lib/gpu/philox.h: element
+// ((sample * H + head) * T + i) * T + j of the full square, global head numbers under tensor parallelism, so the
+// CUDA layer's kernels and a tensor-parallel run drop the same elements), reseeded every micro-batch by the trainer
+// (Model::reseedDropout), so a run is deterministic per seed and resumes bit for bit. The dropped probabilities
+// are kept beside P for backward (another maxBatch * H * T * T floats).
 // Per sample and head the scores are GEMMs over strided views of the stacked qkv buffer (no copies), one per
 // block of 32 query rows against the keys it may see: the masked upper triangle is skipped block-wise (62.5% of
 // the full square's work at T = 128) while every product stays large enough for Eigen's fast kernel. qkv, the
@@ -57,7 +59,7 @@ class CausalSelfAttention final : public Layer {
         h_(spec.nHead / parts_), hs_(c_ / spec.nHead), w_(h_ * hs_), rows_(sz(maxBatch) * sz(t_)),
         qkv_(rows_ * sz(3 * w_)), att_(rows_ * sz(w_)), probs_(sz(maxBatch) * sz(h_ * t_ * t_)),
         dprobs_(sz(t_ * t_)), dropped_(spec.p > 0 ? sz(maxBatch) * sz(h_ * t_ * t_) : 0), scratch_(scratch),
-        group_(spec.shard.kind == TensorShard::kHeads ? group : nullptr) {
+        stream_(std::nullopt, spec.index), group_(spec.shard.kind == TensorShard::kHeads ? group : nullptr) {
     DTRAIN_CHECK(spec.shard.kind != TensorShard::kHeads || group_ != nullptr,
                  "{}: a tensor-parallel attention layer needs its tensor group", spec.path);
     reseed(seed);
@@ -74,7 +76,7 @@ class CausalSelfAttention final : public Layer {
     if (spec().bias) bProj_ = params + at, gbProj_ = grads + at;
   }
 
-  void reseed(uint64_t seed) override { engine_.seed(detail::mixSeed(seed, static_cast<uint64_t>(spec().index))); }
+  void reseed(uint64_t seed) override { stream_.reseed(seed); }
 
   void initParams(InitRng& rng) override {
     if (group_ != nullptr) return initShard(rng);
@@ -85,6 +87,8 @@ class CausalSelfAttention final : public Layer {
   void forward(const float* x, float* y, int batch, bool train) override {
     const Eigen::Index rows = batch * t_;
     dropping_ = train && spec().p > 0;
+    // The draw numbers the whole model's heads: every tensor rank takes the same span.
+    if (dropping_) draw_ = stream_.next(sz(batch) * sz(spec().nHead * t_ * t_), spec().p, keepScale());
     MatMap qkv(qkv_.data(), rows, 3 * w_);
     qkv.noalias() = ConstMatMap(x, rows, c_) * ConstMatMap(wAttn_, 3 * w_, c_).transpose();
     if (bAttn_ != nullptr) qkv.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(bAttn_, 3 * w_);
@@ -104,7 +108,7 @@ class CausalSelfAttention final : public Layer {
           for (int64_t i = i0; i < i1; ++i) softmaxRow(p.row(i).data(), i + 1, i1, scale);
           if (dropping_) {
             MatMap pd(dropped(b, h), t_, t_);
-            for (int64_t i = i0; i < i1; ++i) dropRow(p.row(i).data(), pd.row(i).data(), i + 1, i1);
+            for (int64_t i = i0; i < i1; ++i) dropRow(p.row(i).data(), pd.row(i).data(), i + 1, i1, element(b, h, i));
             out.middleRows(i0, rb).noalias() = pd.block(i0, 0, rb, i1) * v.topRows(i1);
           } else {
             out.middleRows(i0, rb).noalias() = p.block(i0, 0, rb, i1) * v.topRows(i1);
@@ -142,7 +146,7 @@ class CausalSelfAttention final : public Layer {
         ConstStridedMap dOut(dattData + b * t_ * w_ + h * hs_, t_, hs_, Eigen::OuterStride<>(w_));
         MatMap p(probs(b, h), t_, t_);
         MatMap pd(dropping_ ? dropped(b, h) : probs(b, h), t_, t_);  // what multiplied v in forward
-        const float keep = dropping_ ? 1.0f / static_cast<float>(1.0 - spec().p) : 1.0f;
+        const float keep = dropping_ ? keepScale() : 1.0f;
         // Row blocks as in forward, the last first: it covers every column, so it assigns dv and dk, and the
         // earlier blocks add to their first i1 rows.
         for (int64_t i0 = (t_ - 1) / kRowBlock * kRowBlock; i0 >= 0; i0 -= kRowBlock) {
@@ -194,11 +198,19 @@ class CausalSelfAttention final : public Layer {
   // fast kernel.
   static constexpr int64_t kRowBlock = 32;
 
-  // out[0, end) = dropout(p[0, n)) then zeros: one draw per element j < n in order (the row's causal prefix).
-  void dropRow(const float* p, float* out, int64_t n, int64_t end) {
-    const double drop = spec().p;
-    const float keep = 1.0f / static_cast<float>(1.0 - drop);
-    for (int64_t j = 0; j < n; ++j) out[j] = detail::dropoutUniform(engine_) >= drop ? p[j] * keep : 0.0f;
+  // What a kept probability is multiplied by: 1 / (1 - p) rounded to float (the CUDA layer's too).
+  float keepScale() const { return 1.0f / static_cast<float>(1.0 - spec().p); }
+
+  // Element (i, 0) of sample b's local head h in the draw (lib/gpu/philox.h's numbering: the global head).
+  uint64_t element(int b, int64_t h, int64_t i) const {
+    const int64_t head = spec().shard.rank * h_ + h;
+    return static_cast<uint64_t>(((b * spec().nHead + head) * t_ + i) * t_);
+  }
+
+  // out[0, end) = dropout(p[0, n)) then zeros, for the row whose element (i, 0) is `first` (its causal prefix:
+  // elements first .. first + n - 1 of the forward's draw).
+  void dropRow(const float* p, float* out, int64_t n, int64_t end, uint64_t first) const {
+    detail::dropoutSelect(draw_, first, p, out, sz(n));
     std::fill(out + n, out + end, 0.0f);
   }
 
@@ -268,7 +280,8 @@ class CausalSelfAttention final : public Layer {
   AlignedBuffer<float> qkv_, att_, probs_, dprobs_;
   AlignedBuffer<float> dropped_;  // dropout(P), when "dropout" > 0
   SharedScratch* scratch_;
-  std::mt19937_64 engine_;
+  detail::DropoutStream stream_;
+  gpu::DropoutDraw draw_;  // the last training forward's draw
   bool dropping_ = false;  // the last forward applied dropout (training with p > 0)
   AlignedBuffer<float> own_;  // dqkv + datt when built without a shared scratch
   TensorGroup* group_;        // the tensor group when split by heads; else null

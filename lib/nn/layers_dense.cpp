@@ -223,17 +223,14 @@ class Sigmoid final : public Elementwise {
 class Dropout final : public Elementwise {
  public:
   Dropout(const LayerSpec& spec, int maxBatch, uint64_t seed)
-      : Elementwise(spec), mask_(static_cast<size_t>(maxBatch) * static_cast<size_t>(spec.input.numel())) {
+      : Elementwise(spec), mask_(static_cast<size_t>(maxBatch) * static_cast<size_t>(spec.input.numel())),
+        stream_(spec.seed, spec.index) {
     reseed(seed);
   }
 
-  void reseed(uint64_t seed) override {
-    // A seed fixed in the spec wins, so a user who pins it gets the same masks whatever the run does: such a
-    // layer is seeded once, at construction, and later reseeds leave its stream alone.
-    if (seeded_ && spec().seed) return;
-    engine_.seed(detail::mixSeed(spec().seed.value_or(seed), static_cast<uint64_t>(spec().index)));
-    seeded_ = true;
-  }
+  // A seed fixed in the spec wins, so a user who pins it gets the same masks whatever the run does: such a layer
+  // is keyed once, at construction, and later reseeds leave its stream alone (dropout_mask.h DropoutStream).
+  void reseed(uint64_t seed) override { stream_.reseed(seed); }
 
   void forward(const float* x, float* y, int batch, bool train) override {
     auto n = count(batch);
@@ -245,7 +242,8 @@ class Dropout final : public Elementwise {
     // PyTorch returns zeros for p == 1 rather than dividing by zero.
     const float scale = spec().p >= 1.0 ? 0.0f : static_cast<float>(1.0 / (1.0 - spec().p));
     float* m = mask_.data();
-    detail::drawDropoutMask(engine_, spec().p, scale, static_cast<size_t>(n), m);  // dropout_mask.h: the GPU's too
+    // Philox masks (lib/gpu/philox.h): the CUDA layer's kernel computes the same ones from the same draw.
+    detail::drawDropoutMask(stream_.next(static_cast<uint64_t>(n), spec().p, scale), static_cast<size_t>(n), m);
     ArrMap(y, n) = ConstArrMap(x, n) * ConstArrMap(m, n);
   }
 
@@ -261,8 +259,7 @@ class Dropout final : public Elementwise {
 
  private:
   AlignedBuffer<float> mask_;
-  std::mt19937_64 engine_;
-  bool seeded_ = false;
+  detail::DropoutStream stream_;
   bool masked_ = false;
 };
 

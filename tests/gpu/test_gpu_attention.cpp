@@ -1,9 +1,9 @@
-// The CUDA causal_self_attention's compact dropout mask and its backward order, emulated on the CPU (no GPU
-// needed, as test_gpu_window.cpp does for conv2d/maxpool2d): the bits the layer draws on the host
-// (lib/nn/dropout_mask.h drawCausalDropoutBits) are the CPU layer's draws, and attention computed the way the CUDA
-// layer computes it, sample by sample through lib/gpu/dropout_bits.h's per-element rule (the kernels' own
-// function) with P recomputed in backward, gives the CPU layer's output and every gradient. What this cannot show:
-// the device itself (launches, cuBLAS, the copy of the bits); test_gpu_nn does that with a GPU.
+// The CUDA causal_self_attention's dropout and its backward order, emulated on the CPU (no GPU needed, as
+// test_gpu_window.cpp does for conv2d/maxpool2d): attention computed the way the CUDA layer computes it, sample by
+// sample, the mask applied by every thread of the dropout kernel's grid (lib/gpu/philox.h dropoutQuad, the kernel's
+// own function) with the draw the layer takes from its DropoutStream, P recomputed in backward, gives the CPU
+// layer's output and every gradient, also for a second forward between reseeds. What this cannot show: the device
+// itself (launches, cuBLAS); test_gpu_nn does that with a GPU.
 #include <doctest/doctest.h>
 
 #include <nlohmann/json.hpp>
@@ -11,11 +11,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <random>
+#include <optional>
 #include <string>
 #include <vector>
 
-#include "lib/gpu/dropout_bits.h"
+#include "lib/gpu/philox.h"
 #include "lib/nn/dropout_mask.h"
 #include "lib/nn/layer.h"
 #include "lib/nn/spec.h"
@@ -41,11 +41,11 @@ struct Emulated {
 
 // The CUDA layer's forward and backward (lib/nn/cuda/layers_gpt.cpp CausalSelfAttention) in double, in its order,
 // with its mask: per sample, P = causal softmax(q k^T * scale) for every head (into one sample's scratch; backward
-// computes it again), the dropped P = maskApply(bits, sample's first bit + e, P, keep); backward: dP = dOut v^T,
-// dP = maskApply(bits, ..., dP, keep), dS = P (dP - sum(P dP)) scale, then dv = (dropped P)^T dOut, dq = dS k,
-// dk = dS^T q. Without dropout (bits == nullptr) the dropped P is P. Parameters in the arena's order.
+// computes it again), the dropped P = the dropout kernel on P (elements b H T T + e of the draw); backward:
+// dP = dOut v^T, dP = the kernel on dP, dS = P (dP - sum(P dP)) scale, then dv = (dropped P)^T dOut, dq = dS k,
+// dk = dS^T q. Without dropout (draw == nullptr) the dropped P is P. Parameters in the arena's order.
 Emulated emulate(const std::vector<float>& params, const std::vector<float>& x, const std::vector<float>& dy,
-                 const uint32_t* bits, float keep, int64_t batch, int64_t t, int64_t c, int64_t heads) {
+                 const gpu::DropoutDraw* draw, int64_t batch, int64_t t, int64_t c, int64_t heads) {
   const int64_t hs = c / heads, rows = batch * t, c3 = 3 * c;
   const float* wAttn = params.data();
   const float* bAttn = wAttn + 3 * c * c;
@@ -79,10 +79,18 @@ Emulated emulate(const std::vector<float>& params, const std::vector<float>& x, 
         for (int64_t j = 0; j <= i; ++j) row[j] /= total;
       }
   };
-  // The kernel's rule through dropout_bits.h (the factor it applies to element e of sample b).
-  auto factor = [&](int64_t b, size_t e) {
-    return bits == nullptr ? 1.0 : double(gpu::maskApply(bits, at(b) * square + e, 1.0f, keep));
-  };
+  // The factor the kernel applies to element e of sample b: every thread of the layer's launch for sample b
+  // (first element b H T T, usually not on a Philox block) run over ones.
+  std::vector<float> factors(at(batch) * square, 1.0f);
+  if (draw != nullptr) {
+    for (int64_t b = 0; b < batch; ++b) {
+      float* f = factors.data() + at(b) * square;
+      const uint64_t first = at(b) * square;
+      for (uint64_t q = 0; q < gpu::dropoutQuads(first, square); ++q)
+        gpu::dropoutQuad(*draw, gpu::DropoutForm::kSelect, first, q, f, f, square);
+    }
+  }
+  auto factor = [&](int64_t b, size_t e) { return double(factors[at(b) * square + e]); };
   std::vector<double> p(square), dp(square);
   for (int64_t b = 0; b < batch; ++b) {
     probabilities(b, p);
@@ -161,32 +169,36 @@ Emulated emulate(const std::vector<float>& params, const std::vector<float>& x, 
 
 }  // namespace
 
-TEST_CASE("attention dropout's bits hold the CPU layer's draws, in its order, for any shape") {
+TEST_CASE("the attention dropout kernel launched per sample drops the draw's elements, for any shape") {
+  // A sample's square (H T T elements) rarely fills whole Philox blocks: the launch for sample b starts inside the
+  // block that the launch for sample b - 1 ended in. Per-sample launches must give the draw's mask all the same.
   for (const auto& [matrices, t] : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {3, 5}, {10, 7}, {4, 33}}) {
     CAPTURE(matrices);
     CAPTURE(t);
-    const size_t n = static_cast<size_t>(matrices * t * t);
-    std::mt19937_64 a(99), b(99);
-    std::vector<float> mask(n);
-    std::vector<uint32_t> bits(gpu::maskWords(n), 0xffffffffu);  // overwritten, including the tail word
-    nn::detail::drawCausalDropoutMask(a, 0.4, matrices, t, mask.data());
-    nn::detail::drawCausalDropoutBits(b, 0.4, matrices, t, bits.data());
-    CHECK(a() == b());  // as many draws
-    for (size_t e = 0; e < n; ++e) {
-      CAPTURE(e);
-      REQUIRE(gpu::maskKept(bits.data(), e) == (mask[e] != 0.0f));
-      // The kernel's value is the float mask's product (for finite values), and 1/(1-p) rounds as the CPU's.
-      CHECK(gpu::maskApply(bits.data(), e, 0.75f, 1.0f / static_cast<float>(1.0 - 0.4)) == 0.75f * mask[e]);
+    const gpu::DropoutDraw draw{.key = 99, .offset = 1000, .threshold = gpu::dropoutThreshold(0.4),
+                                .scale = 1.0f / static_cast<float>(1.0 - 0.4)};
+    const size_t square = static_cast<size_t>(matrices * t * t), batch = 3;
+    std::vector<float> p(batch * square);
+    for (size_t e = 0; e < p.size(); ++e) p[e] = 0.25f + static_cast<float>(e % 7) / 16.0f;
+    std::vector<float> out(p.size(), -1.0f);
+    for (size_t b = 0; b < batch; ++b) {
+      for (uint64_t q = 0; q < gpu::dropoutQuads(b * square, square); ++q)
+        gpu::dropoutQuad(draw, gpu::DropoutForm::kSelect, b * square, q, p.data() + b * square,
+                         out.data() + b * square, square);
     }
-    if (n % gpu::kMaskWordBits != 0) CHECK((bits.back() >> (n % gpu::kMaskWordBits)) == 0u);
+    size_t dropped = 0;
+    for (size_t e = 0; e < p.size(); ++e) {
+      CAPTURE(e);
+      const bool kept = gpu::dropoutKept(draw.key, draw.offset + e, draw.threshold);
+      REQUIRE(out[e] == (kept ? p[e] * draw.scale : 0.0f));
+      dropped += !kept;
+    }
+    if (p.size() >= 100) CHECK(dropped > p.size() / 5);
   }
-  CHECK(gpu::maskWords(0) == 0);
-  CHECK(gpu::maskWords(32) == 1);
-  CHECK(gpu::maskWords(33) == 2);
 }
 
-TEST_CASE("the CUDA attention's order (P recomputed in backward, bits per sample) gives the CPU layer's results") {
-  // Samples whose bits start inside a word (H T T = 2 * 5 * 5 = 50), several samples, maxBatch > batch.
+TEST_CASE("the CUDA attention's order (P recomputed in backward, dropout per sample) gives the CPU layer's results") {
+  // Samples whose squares start inside a Philox block (H T T = 2 * 5 * 5 = 50), several samples, maxBatch > batch.
   const int64_t t = 5, c = 8, heads = 2;
   for (const double p : {0.0, 0.3}) {
     CAPTURE(p);
@@ -202,27 +214,33 @@ TEST_CASE("the CUDA attention's order (P recomputed in backward, bits per sample
     for (const int batch : {3, 1}) {
       CAPTURE(batch);
       const size_t n = static_cast<size_t>(batch * t * c);
-      const std::vector<float> x = randomVector(n, 7 + static_cast<uint32_t>(batch)), dy = randomVector(n, 8);
-      std::vector<float> y(n), dx(n);
+      // The CUDA layer's stream, reseeded alike: one draw of batch H T T elements per training forward.
+      nn::detail::DropoutStream stream(std::nullopt, spec.index);
       cpu->reseed(40 + static_cast<uint64_t>(batch));
-      cpu->forward(x.data(), y.data(), batch, true);
-      cpu->backward(x.data(), y.data(), dy.data(), dx.data(), batch, false);
-      // The CUDA layer's draw: the same stream (reseeded alike), packed as bits for the whole batch.
-      std::mt19937_64 engine(nn::detail::mixSeed(40 + static_cast<uint64_t>(batch), static_cast<uint64_t>(spec.index)));
-      std::vector<uint32_t> bits(gpu::maskWords(static_cast<size_t>(batch * heads * t * t)));
-      if (p > 0) nn::detail::drawCausalDropoutBits(engine, p, batch * heads, t, bits.data());
-      const Emulated e = emulate(params, x, dy, p > 0 ? bits.data() : nullptr, 1.0f / static_cast<float>(1.0 - p),
-                                 batch, t, c, heads);
-      CHECK(worstDiff(y, e.y) < 1e-5);
-      CHECK(worstDiff(dx, e.dx) < 1e-5);
-      CHECK(worstDiff(grads, e.grads) < 1e-4);
-      if (p > 0) {
-        // The check can tell: another stream's bits give another output.
-        std::mt19937_64 other(12345);
-        nn::detail::drawCausalDropoutBits(other, p, batch * heads, t, bits.data());
-        const Emulated wrong = emulate(params, x, dy, bits.data(), 1.0f / static_cast<float>(1.0 - p), batch, t, c,
-                                       heads);
-        CHECK(worstDiff(y, wrong.y) > 1e-3);
+      stream.reseed(40 + static_cast<uint64_t>(batch));
+      // Two forwards between reseeds: the second draws the next elements of the stream.
+      for (int forward = 0; forward < 2; ++forward) {
+        CAPTURE(forward);
+        const std::vector<float> x = randomVector(n, 7 + static_cast<uint32_t>(batch + 10 * forward));
+        const std::vector<float> dy = randomVector(n, 8);
+        std::vector<float> y(n), dx(n);
+        cpu->forward(x.data(), y.data(), batch, true);
+        cpu->backward(x.data(), y.data(), dy.data(), dx.data(), batch, false);
+        const gpu::DropoutDraw draw = stream.next(static_cast<uint64_t>(batch * heads * t * t), p,
+                                                  1.0f / static_cast<float>(1.0 - p));
+        const Emulated e = emulate(params, x, dy, p > 0 ? &draw : nullptr, batch, t, c, heads);
+        CHECK(worstDiff(y, e.y) < 1e-5);
+        CHECK(worstDiff(dx, e.dx) < 1e-5);
+        CHECK(worstDiff(grads, e.grads) < 1e-4);
+        if (p > 0) {
+          // The check can tell: another key's mask, or the other forward's, gives another output.
+          gpu::DropoutDraw other = draw;
+          other.key ^= 1;
+          CHECK(worstDiff(y, emulate(params, x, dy, &other, batch, t, c, heads).y) > 1e-3);
+          other = draw;
+          other.offset = forward == 0 ? gpu::dropoutSpan(static_cast<uint64_t>(batch * heads * t * t)) : 0;
+          CHECK(worstDiff(y, emulate(params, x, dy, &other, batch, t, c, heads).y) > 1e-3);
+        }
       }
     }
   }

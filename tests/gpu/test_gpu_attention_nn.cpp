@@ -1,10 +1,10 @@
 // The CUDA attention's memory plan on a GPU (lib/nn/cuda/layers_gpt.cpp CausalSelfAttention): the probabilities
 // are recomputed in backward into a scratch that every attention layer of a model shares, and attention dropout
-// keeps only a bit mask. Checked here: parity with the CPU layer over several batch sizes below maxBatch, with and
+// keeps no mask (the kernels compute it from the counter, lib/gpu/philox.h). Checked here: parity with the CPU layer over several batch sizes below maxBatch, with and
 // without dropout, with another layer using the shared scratch between forward and backward; and that backward
 // depends on nothing forward left in the scratch (filled with NaN in between: the same bits come out), so the
-// recomputation is bit-identical to forward's P. The host-side logic (bits, order) is CPU-tested in
-// test_gpu_attention.cpp.
+// recomputation is bit-identical to forward's P. The kernels' per-thread work and the layer's order are CPU-tested
+// in test_gpu_attention.cpp.
 #include <doctest/doctest.h>
 
 #include <nlohmann/json.hpp>
@@ -38,7 +38,7 @@ void fillNan(SharedScratch& s, SharedScratch::Slot slot) {
 }  // namespace
 
 TEST_CASE("attention recomputes P in backward: shared scratch, batch < maxBatch, clobbered scratch, same bits") {
-  // H T T = 4 x 37 x 37 is not a multiple of 32: the samples' dropout bits start inside a word.
+  // H T T = 4 x 37 x 37 is odd: the samples' dropout elements start inside a Philox block (4 elements).
   const int64_t t = 37, c = 16, heads = 4;
   const int maxBatch = 5;
   for (const double p : {0.0, 0.3}) {
@@ -93,6 +93,16 @@ TEST_CASE("attention recomputes P in backward: shared scratch, batch < maxBatch,
       CHECK(toHost(dY.data(), n) == y1);
       CHECK(toHost(dDx.data(), n) == dx1);
       CHECK(toHost(dGrads.data(), count) == g1);
+      // A second forward before the next reseed: both layers draw the stream's next elements (another mask with
+      // dropout), and backward drops what that forward dropped.
+      cpu->forward(x.data(), y.data(), batch, true);
+      cpu->backward(x.data(), y.data(), dy.data(), dx.data(), batch, false);
+      gpu->forward(dX.data(), dY.data(), batch, true);
+      gpu->backward(dX.data(), dY.data(), dDy.data(), dDx.data(), batch, false);
+      CHECK(maxDiff(y, toHost(dY.data(), n)) < 1e-5);
+      CHECK(maxDiff(dx, toHost(dDx.data(), n)) < 1e-5);
+      CHECK(maxDiff(grads, toHost(dGrads.data(), count)) < 1e-4);
+      if (p > 0) CHECK(maxDiff(y, y1) > 1e-3);
     }
   }
 }

@@ -1,6 +1,6 @@
 // CPU <-> GPU parity of conv2d, maxpool2d, dropout and attention dropout (TF32 off): forward, input and parameter
-// gradients within float32 rounding; dropout's masks are the CPU's bit for bit (the GPU layer draws them with the
-// CPU's generator), so its outputs match exactly.
+// gradients within float32 rounding; dropout's masks are the CPU's bit for bit (the GPU kernels compute them from
+// the CPU's counter-based generator, lib/gpu/philox.h), so its outputs match exactly.
 #include <doctest/doctest.h>
 
 #include <nlohmann/json.hpp>
@@ -65,7 +65,7 @@ TEST_CASE("maxpool2d on the GPU keeps PyTorch's rules: first maximum on ties, Na
   CHECK(toHost(dDx.data(), 32) == dx);  // the same argmaxes, summed in the same order: bit-identical
 }
 
-TEST_CASE("dropout on the GPU draws the CPU's masks: same outputs and gradients, reseeds, p = 1, evaluation") {
+TEST_CASE("dropout on the GPU computes the CPU's masks: same outputs and gradients, reseeds, p = 1, evaluation") {
   for (const char* layer : {R"({"type": "dropout", "p": 0.25})", R"({"type": "dropout", "p": 0.5, "seed": 3})",
                             R"({"type": "dropout", "p": 1})", R"({"type": "dropout", "p": 0})"})
     checkLayer({layer, {300}}, {.out = 1e-12, .dx = 1e-12, .grads = 1e-12});  // bit-identical
@@ -82,6 +82,18 @@ TEST_CASE("dropout on the GPU draws the CPU's masks: same outputs and gradients,
   gpu->forward(dX.data(), dY.data(), 4, true);
   const auto gy = toHost(dY.data(), 4000);
   CHECK(gy == y);
+  // A second forward before the next reseed draws the stream's next elements on both, and backward drops what
+  // that forward dropped.
+  std::vector<float> y2(4000), dx(4000);
+  const std::vector<float> dy = randomVector(4000, 6);
+  DeviceFloats dDy = toDevice(dy), dDx(4000, kGpu);
+  cpu->forward(x.data(), y2.data(), 4, true);
+  gpu->forward(dX.data(), dY.data(), 4, true);
+  CHECK(toHost(dY.data(), 4000) == y2);
+  CHECK(y2 != y);
+  cpu->backward(x.data(), y2.data(), dy.data(), dx.data(), 4, false);
+  gpu->backward(dX.data(), dY.data(), dDy.data(), dDx.data(), 4, false);
+  CHECK(toHost(dDx.data(), 4000) == dx);
   // Statistics of the mask: about 30% zeros, the rest scaled by 1 / 0.7.
   int zeros = 0;
   for (size_t i = 0; i < gy.size(); ++i) {

@@ -129,7 +129,7 @@ TEST_CASE("an MLP and a GPT trained on the GPU end within 1e-3 of the CPU run (T
   // update for update in test_gpu_nn, and the resume test below runs the GPT with AdamW).
   json gptSgd = gptJob(dir + "/text.txt");
   gptSgd["optimizer"] = {{"type", "sgd"}, {"lr", 0.1}, {"momentum", 0.9}, {"clip_grad_norm", 1.0}};
-  // The CNN's dropout masks are the CPU's (the GPU layer draws them with the CPU's generator).
+  // The CNN's dropout masks are the CPU's (the GPU kernel computes them from the CPU's generator, philox.h).
   for (const auto& [name, job] : {std::pair{"mlp", mlpJob()}, std::pair{"gpt", gptSgd}, std::pair{"cnn", cnnJob()}}) {
     CAPTURE(name);
     train(dir, job, "cpu", 12, dir + "/" + name + "_cpu");

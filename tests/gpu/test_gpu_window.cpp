@@ -3,8 +3,9 @@
 // (lib/nn/cuda/layers_spatial.cpp) runs through the column-major reference on the arguments blas.cpp would give
 // cuBLAS. The results must equal the CPU layers' (layers_spatial.cpp): forward, input gradient, weight and bias
 // gradients (within float rounding: the GEMMs sum in another order), and maxpool2d bit for bit (ties, NaN, -inf).
-// Also the dropout masks the CUDA dropout layers draw on the host (lib/nn/dropout_mask.h) against the CPU layers'
-// outputs. What this cannot show is the device itself: launches, memory, cuBLAS's handling of the arguments.
+// Also the dropout layers' masks as the CUDA kernels compute them (every thread of the grid through
+// lib/gpu/philox.h's dropoutQuad, with the draws the layers take from their DropoutStream) against the CPU layers'
+// outputs and gradients. What this cannot show is the device itself: launches, memory, cuBLAS's handling of the arguments.
 #include <doctest/doctest.h>
 
 #include <nlohmann/json.hpp>
@@ -12,12 +13,15 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <bit>
 #include <limits>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "lib/gpu/gemm_args.h"
+#include "lib/gpu/philox.h"
 #include "lib/gpu/window_index.h"
 #include "lib/nn/dropout_mask.h"
 #include "lib/nn/layer.h"
@@ -247,18 +251,68 @@ std::vector<float> attentionWithMask(const std::vector<float>& params, const std
 
 }  // namespace
 
-TEST_CASE("the dropout masks the CUDA layers draw on the host are the CPU layers' (dropout, attention dropout)") {
-  // The dropout layer: y = x * mask exactly.
-  const nn::LayerSpec drop = parseLayer(R"({"type": "dropout", "p": 0.3})", {50});
-  auto cpuDrop = nn::makeLayer(drop, {.device = Device::cpu(), .maxBatch = 3, .seed = 17});
-  std::vector<float> x = randomVector(150, 5), y(150), mask(150);
-  cpuDrop->forward(x.data(), y.data(), 3, true);
-  std::mt19937_64 engine(nn::detail::mixSeed(17, static_cast<uint64_t>(drop.index)));
-  nn::detail::drawDropoutMask(engine, 0.3, static_cast<float>(1.0 / (1.0 - 0.3)), mask.size(), mask.data());
-  for (size_t i = 0; i < x.size(); ++i) CHECK(y[i] == x[i] * mask[i]);
-  CHECK(std::count(mask.begin(), mask.end(), 0.0f) > 20);
+namespace {
 
-  // Attention dropout: the CPU layer's output equals attention computed with the causal mask drawn in order.
+// Every thread of a dropout kernel's grid over elements [first, first + n) of `draw` (kernels_spatial.cu dropout,
+// kernels_attention.cu dropoutSelect).
+std::vector<float> dropoutKernel(const gpu::DropoutDraw& draw, gpu::DropoutForm form, uint64_t first,
+                                 const std::vector<float>& in) {
+  std::vector<float> out(in.size(), -7.0f);
+  for (uint64_t q = 0; q < gpu::dropoutQuads(first, in.size()); ++q)
+    gpu::dropoutQuad(draw, form, first, q, in.data(), out.data(), in.size());
+  return out;
+}
+
+bool sameBits(const std::vector<float>& a, const std::vector<float>& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i)
+    if (std::bit_cast<uint32_t>(a[i]) != std::bit_cast<uint32_t>(b[i])) return false;
+  return true;
+}
+
+}  // namespace
+
+TEST_CASE("the CUDA dropout kernels compute the CPU layers' masks (dropout, attention dropout)") {
+  // The dropout layer: y = x * mask and dx = dy * mask bit for bit, over reseeds, a pinned seed, several forwards
+  // between reseeds, p = 1. The CUDA layer's calls: stream.next(batch * numel, p, scale) per training forward, the
+  // kernel on x, then on dy with the same draw.
+  for (const char* layer : {R"({"type": "dropout", "p": 0.3})", R"({"type": "dropout", "p": 0.5, "seed": 3})",
+                            R"({"type": "dropout", "p": 1})"}) {
+    CAPTURE(layer);
+    const nn::LayerSpec drop = parseLayer(layer, {50});
+    auto cpu = nn::makeLayer(drop, {.device = Device::cpu(), .maxBatch = 3, .seed = 17});
+    nn::detail::DropoutStream stream(drop.seed, drop.index);
+    stream.reseed(17);
+    const float scale = drop.p >= 1.0 ? 0.0f : static_cast<float>(1.0 / (1.0 - drop.p));
+    for (int step = 0; step < 4; ++step) {
+      CAPTURE(step);
+      if (step == 2) {  // a pinned stream ignores it
+        cpu->reseed(5);
+        stream.reseed(5);
+      }
+      const int batch = step == 1 ? 2 : 3;  // 2 x 50 = 100 elements, 3 x 50 = 150 (not a whole block)
+      std::vector<float> x = randomVector(static_cast<size_t>(batch) * 50, 5 + static_cast<uint32_t>(step));
+      x[0] = -1.0f;  // a dropped negative value is -0 in both
+      const std::vector<float> dy = randomVector(x.size(), 6);
+      std::vector<float> y(x.size()), dx(x.size());
+      cpu->forward(x.data(), y.data(), batch, true);
+      cpu->backward(x.data(), y.data(), dy.data(), dx.data(), batch, false);
+      const gpu::DropoutDraw draw = stream.next(x.size(), drop.p, scale);
+      CHECK(sameBits(y, dropoutKernel(draw, gpu::DropoutForm::kMultiply, 0, x)));
+      CHECK(sameBits(dx, dropoutKernel(draw, gpu::DropoutForm::kMultiply, 0, dy)));
+      if (drop.p < 1.0) {
+        CHECK(std::count(y.begin(), y.end(), 0.0f) > static_cast<std::ptrdiff_t>(x.size() / 5));
+        // The check can tell: the stream's next draw (on a copy) is another mask.
+        nn::detail::DropoutStream ahead = stream;
+        CHECK_FALSE(sameBits(y, dropoutKernel(ahead.next(x.size(), drop.p, scale), gpu::DropoutForm::kMultiply, 0, x)));
+      } else {
+        CHECK(y == std::vector<float>(x.size(), 0.0f));  // x * 0 (finite x)
+      }
+    }
+  }
+
+  // Attention dropout: the CPU layer's output equals attention computed with the mask the kernel gives each
+  // sample's square (launched per sample, first element b H T T).
   const int64_t batch = 2, t = 5, c = 8, heads = 2;
   const nn::LayerSpec attn = parseLayer(R"({"type": "causal_self_attention", "n_head": 2, "dropout": 0.3})", {t, c});
   auto cpuAttn = nn::makeLayer(attn, {.device = Device::cpu(), .maxBatch = 2, .seed = 23});
@@ -268,12 +322,23 @@ TEST_CASE("the dropout masks the CUDA layers draw on the host are the CPU layers
   cpuAttn->initParams(init);
   std::vector<float> ax = randomVector(static_cast<size_t>(batch * t * c), 6), ay(ax.size());
   cpuAttn->forward(ax.data(), ay.data(), static_cast<int>(batch), true);
-  std::vector<float> causal(static_cast<size_t>(batch * heads * t * t));
-  std::mt19937_64 attnEngine(nn::detail::mixSeed(23, static_cast<uint64_t>(attn.index)));
-  nn::detail::drawCausalDropoutMask(attnEngine, 0.3, batch * heads, t, causal.data());
-  CHECK(maxDiff(ay, attentionWithMask(params, ax, causal, batch, t, c, heads)) < 1e-5);
-  // The check can tell: another stream's mask gives another output.
-  std::mt19937_64 other(nn::detail::mixSeed(24, static_cast<uint64_t>(attn.index)));
-  nn::detail::drawCausalDropoutMask(other, 0.3, batch * heads, t, causal.data());
-  CHECK(maxDiff(ay, attentionWithMask(params, ax, causal, batch, t, c, heads)) > 1e-3);
+  nn::detail::DropoutStream stream(std::nullopt, attn.index);
+  stream.reseed(23);
+  const size_t square = static_cast<size_t>(heads * t * t);
+  auto maskOf = [&](const gpu::DropoutDraw& draw) {
+    std::vector<float> mask;
+    for (size_t b = 0; b < static_cast<size_t>(batch); ++b) {
+      const std::vector<float> one = dropoutKernel(draw, gpu::DropoutForm::kSelect, b * square,
+                                                   std::vector<float>(square, 1.0f));
+      mask.insert(mask.end(), one.begin(), one.end());
+    }
+    return mask;
+  };
+  const gpu::DropoutDraw draw = stream.next(static_cast<uint64_t>(batch) * square, 0.3,
+                                            1.0f / static_cast<float>(1.0 - 0.3));
+  CHECK(maxDiff(ay, attentionWithMask(params, ax, maskOf(draw), batch, t, c, heads)) < 1e-5);
+  // The check can tell: another key's mask gives another output.
+  gpu::DropoutDraw other = draw;
+  other.key = nn::detail::mixSeed(24, static_cast<uint64_t>(attn.index));
+  CHECK(maxDiff(ay, attentionWithMask(params, ax, maskOf(other), batch, t, c, heads)) > 1e-3);
 }

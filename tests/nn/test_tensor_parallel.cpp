@@ -78,15 +78,16 @@ struct Run {
   double ownedSquares = 0;  // ownedSquaredNorm(replicated counted on rank 0)
 };
 
-// Forward + backward of `spec` on `x` with output gradient `dy`, built whole (size 1) or on `size` threads.
+// Forward + backward of `spec` on `x` with output gradient `dy`, built whole (size 1) or on `size` threads; `train`
+// switches dropout on (every rank's streams seeded alike, as the trainer does for a tensor group).
 std::vector<Run> runModel(const ModelSpec& spec, int size, const std::vector<float>& x, const std::vector<float>& dy,
-                          int batch) {
+                          int batch, bool train = false) {
   std::vector<Run> runs(static_cast<size_t>(size));
   SharedReduce shared(size);
   auto work = [&](int rank) {
     auto group = size > 1 ? std::make_shared<ThreadGroup>(shared, rank) : nullptr;
     Model m = Model::build(spec, batch, /*seed=*/7, Device::cpu(), group);
-    TensorView out = m.forward(x.data(), batch, false);
+    TensorView out = m.forward(x.data(), batch, train);
     Run& r = runs[static_cast<size_t>(rank)];
     const auto* o = static_cast<const float*>(out.data);
     r.output.assign(o, o + out.shape.numel());
@@ -113,11 +114,12 @@ std::vector<float> randomFloats(size_t n, uint64_t seed, float lo, float hi) {
 
 // Split runs reproduce the whole run: same output on every rank; each slice's weights and gradients equal the
 // whole model's slice; every full parameter is covered exactly once by the slices (replicated ones per rank).
-void checkSplitMatches(const ModelSpec& spec, int size, std::vector<float> x, int batch, int expectedCalls) {
+void checkSplitMatches(const ModelSpec& spec, int size, std::vector<float> x, int batch, int expectedCalls,
+                       bool train = false) {
   const int64_t outN = spec.output().numel() * batch;
   const auto dy = randomFloats(static_cast<size_t>(outN), 3, -1, 1);
-  const auto whole = runModel(spec, 1, x, dy, batch);
-  const auto split = runModel(spec, size, x, dy, batch);
+  const auto whole = runModel(spec, 1, x, dy, batch, train);
+  const auto split = runModel(spec, size, x, dy, batch, train);
   Model ref = Model::build(spec, batch, 7);
   const auto fullParams = byName(ref, whole[0].params);
   const auto fullGrads = byName(ref, whole[0].grads);
@@ -208,6 +210,26 @@ TEST_CASE("tensor parallel gpt: attention by heads, MLP column/row, one all-redu
     // Per block (attention, MLP): one forward all-reduce and one backward: 2 layers x 2 blocks x 2.
     checkSplitMatches(spec, size, tokens, batch, 8);
   }
+}
+
+TEST_CASE("tensor parallel gpt with dropout in training: the ranks drop the whole model's elements") {
+  // Attention dropout numbers the elements by global head (lib/gpu/philox.h), so a rank's heads draw what the
+  // whole layer draws for them; the replicated dropout layers draw alike on every rank.
+  const json preset = {{"preset", "gpt"}, {"vocab_size", 11}, {"block_size", 5}, {"n_layer", 2},
+                       {"n_head", 4},      {"n_embd", 8},      {"dropout", 0.3}};
+  const ModelSpec spec = parseModelSpec(preset, "gpt.json");
+  const int batch = 3;
+  std::vector<float> tokens;
+  std::mt19937 g(9);
+  for (int i = 0; i < 5 * batch; ++i) tokens.push_back(static_cast<float>(g() % 11));
+  for (int size : {2, 4}) {
+    CAPTURE(size);
+    checkSplitMatches(spec, size, tokens, batch, 8, /*train=*/true);
+  }
+  // The check can tell: training drops something (the output differs from evaluation's).
+  const auto dy = randomFloats(static_cast<size_t>(spec.output().numel() * batch), 3, -1, 1);
+  const auto trained = runModel(spec, 1, tokens, dy, batch, true), evaluated = runModel(spec, 1, tokens, dy, batch);
+  CHECK(trained[0].output != evaluated[0].output);
 }
 
 TEST_CASE("tensor parallel: degrees that do not divide heads or widths are named errors") {

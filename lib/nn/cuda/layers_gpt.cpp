@@ -10,13 +10,12 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <random>
+#include <optional>
 #include <vector>
 
 #include "lib/common/aligned_buffer.h"
 #include "lib/common/error.h"
 #include "lib/gpu/blas.h"
-#include "lib/gpu/dropout_bits.h"
 #include "lib/gpu/kernels_attention.h"
 #include "lib/gpu/kernels.h"
 #include "lib/gpu/token_order.h"
@@ -116,18 +115,18 @@ class Embedding final : public Layer {
 // dqkv and datt, which live only inside one backward, share the kAttention slot the same way (as on the CPU).
 // Kept per layer from forward to backward: qkv and the concatenated heads (maxBatch x 4C x T floats).
 //
-// Attention dropout ("dropout" > 0, training): the mask is drawn on the host by the CPU layer's generator in its
-// order (lib/nn/dropout_mask.h), packed one bit per element (lib/gpu/dropout_bits.h) and copied to the device,
-// where it is the only thing dropout keeps (maxBatch x H x T x T bits). Forward multiplies v by the dropped P
-// (P x 1/(1-p) where kept, 0 where dropped, the CPU's select); backward recomputes P as above and the dropped P
-// from it and the same bits with the same kernel, so they too are the forward's bit for bit.
+// Attention dropout ("dropout" > 0, training): the mask is the CPU layer's, computed on the device from the
+// counter (lib/gpu/philox.h: Philox4x32-10 keyed by mixSeed(seed, index), element ((b H + h) T + i) T + j of the
+// forward's draw, the same DropoutStream as the CPU layer), by the kernel that applies it: nothing is drawn on the
+// host, copied or kept. Forward multiplies v by the dropped P (P x 1/(1-p) where kept, 0 where dropped, the CPU's
+// select); backward recomputes P as above and, with the forward's draw (same key and offset), drops dP and the
+// recomputed P with the same kernel, so they too are the forward's bit for bit.
 class CausalSelfAttention final : public Layer {
  public:
   CausalSelfAttention(const LayerSpec& spec, const LayerBuild& build)
       : Layer(spec, build.device), t_(spec.input[0]), c_(spec.input[1]), h_(spec.nHead), hs_(c_ / h_),
         rows_(sz(build.maxBatch) * sz(t_)), qkv_(rows_ * sz(3 * c_), build.device), att_(rows_ * sz(c_), build.device),
-        scratch_(build.scratch), maskWords_(spec.p > 0 ? gpu::maskWords(sz(build.maxBatch) * sz(h_ * t_ * t_)) : 0),
-        hostMask_(maskWords_), mask_(maskWords_, build.device) {
+        scratch_(build.scratch), stream_(std::nullopt, spec.index) {
     DTRAIN_CHECK(scratch_ == nullptr || scratch_->device() == build.device,
                  "{}: the shared scratch is on {}, the layer on {}", spec.path, scratch_->device().str(),
                  build.device.str());
@@ -141,7 +140,7 @@ class CausalSelfAttention final : public Layer {
   }
 
   // The CPU layer's stream (layers_attention.cpp): restarted by every reseed.
-  void reseed(uint64_t seed) override { engine_.seed(detail::mixSeed(seed, static_cast<uint64_t>(spec().index))); }
+  void reseed(uint64_t seed) override { stream_.reseed(seed); }
 
   void bind(float* params, float* grads) override {
     wAttn_ = params, gwAttn_ = grads;
@@ -154,7 +153,7 @@ class CausalSelfAttention final : public Layer {
   void forward(const float* x, float* y, int batch, bool train) override {
     const int64_t rows = batch * t_, c3 = 3 * c_;
     dropping_ = train && spec().p > 0;
-    if (dropping_) drawMasks(batch);
+    if (dropping_) draw_ = stream_.next(sz(batch) * square(), spec().p, keep());
     float* qkv = qkv_.data();
     gpu::gemm(false, true, rows, c3, c_, 1.0f, x, c_, wAttn_, c_, 0.0f, qkv, c3);
     if (bAttn_ != nullptr) k::addBias(qkv, bAttn_, rows, c3);
@@ -163,7 +162,7 @@ class CausalSelfAttention final : public Layer {
       const float* base = qkv + b * t_ * c3;  // q at column h*hs, k at C + h*hs, v at 2C + h*hs
       probabilities(base, p);
       // Attention dropout: v is multiplied by the dropped P, computed in place (P itself is not needed again).
-      if (dropping_) k::dropoutBits(p, maskBits(), firstBit(b), keep(), p, square());
+      if (dropping_) k::dropoutSelect(p, draw_, firstElement(b), p, square());
       // y_h = P_h v_h into the concatenated heads.
       gpu::gemmBatched(false, false, t_, hs_, t_, 1.0f, p, t_, t_ * t_, base + 2 * c_, c3, hs_, 0.0f,
                        att_.data() + b * t_ * c_, c_, hs_, h_);
@@ -189,10 +188,10 @@ class CausalSelfAttention final : public Layer {
       probabilities(base, p);  // forward's P, bit for bit (see the class comment)
       // dP_h = dOut_h v_h^T, then through the dropout: dP x 1/(1-p) where kept, 0 where dropped.
       gpu::gemmBatched(false, true, t_, t_, hs_, 1.0f, dout, c_, hs_, base + 2 * c_, c3, hs_, 0.0f, dp, t_, tt, h_);
-      if (dropping_) k::dropoutBits(dp, maskBits(), firstBit(b), keep(), dp, square());
+      if (dropping_) k::dropoutSelect(dp, draw_, firstElement(b), dp, square());
       k::causalSoftmaxBackward(p, dp, h_, t_, scaleOf());  // dp becomes dS (scaled, masked)
       // P is no longer needed: the dropped P (forward's, bit for bit) takes its place for dv.
-      if (dropping_) k::dropoutBits(p, maskBits(), firstBit(b), keep(), p, square());
+      if (dropping_) k::dropoutSelect(p, draw_, firstElement(b), p, square());
       // dv_h = P_h^T dOut_h (P: what multiplied v in forward);  dq_h = dS_h k_h;  dk_h = dS_h^T q_h.
       gpu::gemmBatched(true, false, t_, hs_, t_, 1.0f, p, t_, tt, dout, c_, hs_, 0.0f, dbase + 2 * c_, c3, hs_, h_);
       gpu::gemmBatched(false, false, t_, hs_, t_, 1.0f, dp, t_, tt, base + c_, c3, hs_, 0.0f, dbase, c3, hs_, h_);
@@ -210,8 +209,7 @@ class CausalSelfAttention final : public Layer {
   float keep() const { return 1.0f / static_cast<float>(1.0 - spec().p); }  // the CPU's float rounding
   // P and dP of one sample: [2, H, T, T].
   float* scores() { return scratch_ != nullptr ? scratch_->data(SharedScratch::kAttentionScores) : own_.data(); }
-  const uint32_t* maskBits() const { return reinterpret_cast<const uint32_t*>(mask_.data()); }
-  size_t firstBit(int b) const { return sz(b) * square(); }  // sample b's first element in the mask
+  uint64_t firstElement(int b) const { return sz(b) * square(); }  // sample b's element (0, 0, 0) in the draw
 
   // P = causal softmax(q k^T * scale) of one sample, every head, into p [H, T, T]: the one place forward and
   // backward compute it, so both make the identical calls.
@@ -221,27 +219,14 @@ class CausalSelfAttention final : public Layer {
     k::causalSoftmaxForward(p, h_, t_, scaleOf());
   }
 
-  // The CPU's draws (layers_attention.cpp dropRow), in its order (sample, head, row i, column j <= i), packed as
-  // bits (set: kept) and copied to the device (blocking, so the host buffer may be refilled next time): the GPU
-  // drops what the CPU does. A host loop over batch x H x T(T+1)/2 draws per training forward.
-  void drawMasks(int batch) {
-    const size_t n = sz(batch) * square();
-    detail::drawCausalDropoutBits(engine_, spec().p, batch * h_, t_, hostMask_.data());
-    copyBytes(mask_.data(), device(), hostMask_.data(), Device::cpu(), gpu::maskWords(n) * sizeof(uint32_t));
-  }
-
   int64_t t_, c_, h_, hs_;
   size_t rows_;
   DeviceFloats qkv_, att_;  // kept from forward to backward
   SharedScratch* scratch_;  // the model's (kAttentionScores, kAttention), or null: own_
   DeviceFloats own_;        // [2, H, T, T] scores then dqkv + datt, when built without a shared scratch
-  // Attention dropout ("dropout" > 0): the host-drawn bits and their device copy (maxBatch x H x T x T bits, in
-  // 32-bit words; DeviceFloats only as storage).
-  size_t maskWords_;
-  AlignedBuffer<uint32_t> hostMask_;
-  DeviceFloats mask_;
-  std::mt19937_64 engine_;
-  bool dropping_ = false;  // the last forward applied dropout
+  detail::DropoutStream stream_;  // attention dropout's generator (the CPU layer's)
+  gpu::DropoutDraw draw_;         // the last training forward's draw, for backward
+  bool dropping_ = false;         // the last forward applied dropout
   float* wAttn_ = nullptr;
   float* bAttn_ = nullptr;
   float* wProj_ = nullptr;

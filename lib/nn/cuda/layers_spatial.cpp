@@ -8,16 +8,14 @@
 // sample (fixed order: deterministic), then reuses the scratch for dcols = W^T dY (one batched GEMM) and gathers
 // it back into dx (col2im). Scratch: maxBatch * c*kh*kw * oh*ow floats per conv layer.
 //
-// dropout draws its mask on the host with the CPU layer's generator (std::mt19937_64 seeded by mixSeed(seed,
-// index), one draw per element in order, the same reseed rules) and copies it to the device: the GPU's masks are
-// the CPU's bit for bit, so CPU <-> GPU parity and a bitwise-identical resume both hold. The price is a host loop
-// and a blocking copy of batch * numel floats per training forward (a device-side counter-based generator would
-// avoid both, but could not reproduce the CPU's stream).
+// dropout computes its mask on the device from the CPU layer's counter-based generator (lib/gpu/philox.h:
+// Philox4x32-10 keyed by mixSeed(seed, index), element e of a forward's draw at counter offset + e, the same reseed
+// and pinned-seed rules through the same DropoutStream): the GPU's masks are the CPU's bit for bit, so CPU <-> GPU
+// parity and a bitwise-identical resume both hold, with no host loop, no copy and no mask in memory (backward
+// computes it again from the forward's draw).
 #include <cstdint>
 #include <cstring>
-#include <random>
 
-#include "lib/common/aligned_buffer.h"
 #include "lib/common/error.h"
 #include "lib/gpu/blas.h"
 #include "lib/gpu/kernels.h"
@@ -108,17 +106,12 @@ class MaxPool2d final : public Layer {
 class Dropout final : public Layer {
  public:
   Dropout(const LayerSpec& spec, const LayerBuild& build)
-      : Layer(spec, build.device), numel_(sz(spec.input.numel())), hostMask_(sz(build.maxBatch) * numel_),
-        mask_(hostMask_.size(), build.device) {
+      : Layer(spec, build.device), numel_(sz(spec.input.numel())), stream_(spec.seed, spec.index) {
     reseed(build.seed);
   }
 
-  // The CPU layer's rule: a seed fixed in the spec seeds the stream once; otherwise every reseed restarts it.
-  void reseed(uint64_t seed) override {
-    if (seeded_ && spec().seed) return;
-    engine_.seed(detail::mixSeed(spec().seed.value_or(seed), static_cast<uint64_t>(spec().index)));
-    seeded_ = true;
-  }
+  // The CPU layer's rule: a seed fixed in the spec keys the stream once; otherwise every reseed restarts it.
+  void reseed(uint64_t seed) override { stream_.reseed(seed); }
 
   void forward(const float* x, float* y, int batch, bool train) override {
     const size_t n = sz(batch) * numel_;
@@ -127,18 +120,17 @@ class Dropout final : public Layer {
       if (y != x) k::scale(x, y, n, 1.0f);
       return;
     }
-    // The CPU's draws and scale exactly (layers_dense.cpp Dropout::forward); p == 1 gives zeros, as PyTorch.
+    // The CPU's draw and scale exactly (layers_dense.cpp Dropout::forward); p == 1 gives zeros, as PyTorch.
     const float scale = spec().p >= 1.0 ? 0.0f : static_cast<float>(1.0 / (1.0 - spec().p));
-    detail::drawDropoutMask(engine_, spec().p, scale, n, hostMask_.data());
-    copyBytes(mask_.data(), device(), hostMask_.data(), Device::cpu(), n * sizeof(float));
-    k::multiply(x, mask_.data(), y, n);
+    draw_ = stream_.next(n, spec().p, scale);
+    k::dropout(x, draw_, y, n);
   }
 
   void backward(const float*, const float*, const float* dy, float* dx, int batch, bool) override {
     if (dx == nullptr) return;
     const size_t n = sz(batch) * numel_;
     if (masked_) {
-      k::multiply(dy, mask_.data(), dx, n);
+      k::dropout(dy, draw_, dx, n);  // the forward's draw: the same elements dropped
     } else if (dx != dy) {
       k::scale(dy, dx, n, 1.0f);
     }
@@ -146,10 +138,8 @@ class Dropout final : public Layer {
 
  private:
   size_t numel_;
-  AlignedBuffer<float> hostMask_;
-  DeviceFloats mask_;
-  std::mt19937_64 engine_;
-  bool seeded_ = false;
+  detail::DropoutStream stream_;
+  gpu::DropoutDraw draw_;  // the last training forward's
   bool masked_ = false;
 };
 

@@ -58,8 +58,12 @@ void Event::record(void* stream) {
 bool Event::query() const {
   const cudaError_t st = cudaEventQuery(static_cast<cudaEvent_t>(event_));
   if (st == cudaSuccess) return true;
-  if (st == cudaErrorNotReady) return false;
+  // "Not ready" is not a failure, but the runtime also records it as the thread's last error: left there, the next
+  // kernel launch check (DTRAIN_CU_CHECK_LAUNCH reads cudaGetLastError) would fail with "device not ready" after
+  // any wait that polled a running event (an NCCL all-reduce, a staged copy). Cleared here, as PyTorch's
+  // CUDAEvent::query and CUDAStream::query do.
   cudaGetLastError();
+  if (st == cudaErrorNotReady) return false;
   DTRAIN_THROW(GpuError, "cudaEventQuery failed: {}", cudaGetErrorString(st));
 }
 

@@ -46,6 +46,8 @@ class Event {
   void record(const Stream& stream) { record(stream.handle()); }
   // Non-blocking: true once the recorded work finished, false while it runs. Throws GpuError ("cudaEventQuery
   // failed: <CUDA's text>", file:line of the check) when the GPU reported a failure of that work.
+  // "Not ready" leaves CUDA's last-error slot clear (the runtime records it there too), so a kernel launch check
+  // after a polling wait does not report it.
   bool query() const;
   // Blocks until the recorded work finished. Throws GpuError.
   void synchronize() const;

@@ -12,6 +12,7 @@
 #include "lib/gpu/device.h"
 #include "lib/gpu/gemm_args.h"
 #include "lib/gpu/grid.h"
+#include "lib/gpu/kernels.h"
 #include "lib/gpu/launch.h"
 #include "lib/gpu/memory.h"
 #include "lib/gpu/nccl.h"
@@ -139,6 +140,28 @@ TEST_CASE("with a GPU: host -> device -> device -> host round trips, on a stream
   DeviceBuffer c = std::move(a);  // memory stays where it is
   CHECK(a.empty());
   CHECK(isDeviceMemory(c.data()));
+  synchronizeDevice();
+}
+
+TEST_CASE("with a GPU: polling a running event leaves no stale error for the next kernel launch check") {
+  if (visibleGpuCount() == 0) return;
+  const int dev = visibleGpuCount() - 1;
+  setDevice(dev);
+  // About 8 GB of writes (a few ms on any GPU) queued before the event: the first query finds it running.
+  const size_t n = size_t{1} << 28;
+  DeviceBuffer big(n * sizeof(float), dev);
+  for (int i = 0; i < 8; ++i) kernels::fill(static_cast<float*>(big.data()), n, static_cast<float>(i));
+  Event done(dev);
+  done.record(nullptr);
+  bool sawRunning = false;
+  while (!done.query()) {
+    sawRunning = true;
+    // cudaEventQuery's "not ready" is also recorded as the thread's last error; query() must clear it, or the
+    // launch check below (cudaGetLastError) fails with "device not ready".
+    CHECK(cudaPeekAtLastError() == cudaSuccess);
+  }
+  WARN_MESSAGE(sawRunning, "the event finished before the first query: the not-ready path was not exercised");
+  CHECK_NOTHROW(kernels::fill(static_cast<float*>(big.data()), 16, 0.0f));
   synchronizeDevice();
 }
 

@@ -3,6 +3,11 @@
 // the same function over a CUDA event and ncclCommGetAsyncError (checked with a GPU by scripts/gpu-check).
 #include <doctest/doctest.h>
 
+#include <algorithm>
+#include <memory>
+#include <string>
+#include <vector>
+
 #include "lib/comm/nccl/nccl_wait.h"
 #include "lib/common/clock.h"
 
@@ -56,4 +61,35 @@ TEST_CASE("nccl wait: a completed operation wins over an error reported in the s
                                     {.finished = [] { return false; }, .asyncError = [] { return std::string(); },
                                      .expired = [&] { return deadline.expired(); }, .pause = [] {}}),
                   CommError);
+}
+
+TEST_CASE("nccl teardown: finalize, poll until it settles, then destroy; a failed or stalled finalize aborts instead") {
+  std::string calls;
+  auto probes = [&](std::vector<int> states, int expireAfter, bool accepted) {
+    auto next = std::make_shared<size_t>(0);
+    auto polls = std::make_shared<int>(0);
+    return TeardownProbes{.finalize = [&calls, accepted] { calls += "F"; return accepted; },
+                          .state =
+                              [&calls, states, next] {
+                                calls += "s";
+                                const int v = states[std::min(*next, states.size() - 1)];
+                                ++*next;
+                                return v;
+                              },
+                          .expired = [polls, expireAfter] { return ++*polls > expireAfter; },
+                          .pause = [&calls] { calls += "."; },
+                          .destroy = [&calls] { calls += "D"; },
+                          .abort = [&calls] { calls += "A"; }};
+  };
+  CHECK(releaseCommunicator(probes({0, 0, 1}, 100, true)));
+  CHECK(calls == "Fs.s.sD");  // in progress twice, then settled: destroyed, never aborted
+  calls.clear();
+  CHECK_FALSE(releaseCommunicator(probes({0, 0, 0, 0}, 2, true)));
+  CHECK(calls == "Fs.s.sA");  // never settles: given up at the deadline, aborted (never a hang)
+  calls.clear();
+  CHECK_FALSE(releaseCommunicator(probes({0, -1}, 100, true)));
+  CHECK(calls == "Fs.sA");  // the finalize failed (a dead peer): aborted
+  calls.clear();
+  CHECK_FALSE(releaseCommunicator(probes({1}, 100, false)));
+  CHECK(calls == "FA");  // finalize refused: aborted, the state never polled
 }

@@ -123,8 +123,24 @@ class NcclBackend : public Backend {
 
   ~NcclBackend() override {
     shutdown();
-    // ncclCommAbort already released an aborted communicator. The barrier buffer, then the stream, go after.
-    if (comm_ != nullptr && !aborted_) ncclCommDestroy(comm_);
+    // ncclCommAbort already released an aborted communicator. A live one is finalized, then destroyed, bounded by
+    // parallel.timeout (nccl_wait.h releaseCommunicator). The barrier buffer, then the stream, go after.
+    if (comm_ == nullptr || aborted_) return;
+    const Deadline deadline = newDeadline();
+    releaseCommunicator({.finalize = [&] {
+                           const ncclResult_t r = ncclCommFinalize(comm_);
+                           return r == ncclSuccess || r == ncclInProgress;
+                         },
+                         .state = [&] {
+                           ncclResult_t r = ncclInProgress;
+                           if (ncclCommGetAsyncError(comm_, &r) != ncclSuccess) return -1;
+                           return r == ncclSuccess ? 1 : r == ncclInProgress ? 0 : -1;
+                         },
+                         .expired = [&] { return deadline.expired(); },
+                         .pause = [] { std::this_thread::sleep_for(std::chrono::microseconds(50)); },
+                         .destroy = [&] { ncclCommDestroy(comm_); },
+                         .abort = [&] { ncclCommAbort(comm_); }});
+    comm_ = nullptr;
   }
 
   std::string name() const override { return "nccl"; }

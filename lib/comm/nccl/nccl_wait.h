@@ -9,6 +9,13 @@
 // launcher's restart logic applies (exit 7); the caller then aborts the communicator (ncclCommAbort) so the other
 // ranks' collectives fail too. Short operations are polled in a tight loop; after `spinRounds` rounds each round
 // pauses (50 us in the backend) so a long all-reduce does not burn a core.
+//
+// Teardown (releaseCommunicator): the communicator is non-blocking (config.blocking = 0), and NCCL's documented
+// teardown for one is ncclCommFinalize (flushes its work, answers ncclInProgress), polled with
+// ncclCommGetAsyncError until it settles, then ncclCommDestroy, which is then local and never blocks (NCCL 2.14's
+// notes). A bare ncclCommDestroy finalises inside itself and may wait on the peers for ever when one is gone. A
+// finalize that fails or outlasts the deadline is given up: the communicator is aborted instead, so a destructor
+// never hangs.
 // Header-only; thread-safety: the probes'. Errors: CommError as above; the probes' other exceptions pass through.
 #pragma once
 
@@ -47,6 +54,40 @@ inline void waitForCollective(const char* call, std::chrono::milliseconds timeou
       DTRAIN_THROW(CommError, "{} timed out after {} ms (stalled or dead peer)", call, timeout.count());
     if (rounds > probe.spinRounds && probe.pause) probe.pause();
   }
+}
+
+// The calls releaseCommunicator makes, NCCL's results as booleans (the backend maps ncclResult_t onto them).
+struct TeardownProbes {
+  // ncclCommFinalize: whether it was accepted (ncclSuccess or ncclInProgress).
+  std::function<bool()> finalize;
+  // ncclCommGetAsyncError after it: 1 settled (ncclSuccess), 0 still in progress, -1 failed.
+  std::function<int()> state;
+  std::function<bool()> expired;
+  std::function<void()> pause;  // between polls
+  std::function<void()> destroy;  // ncclCommDestroy
+  std::function<void()> abort;    // ncclCommAbort
+};
+
+// Finalize, wait for it to settle (bounded by `expired`), then destroy; abort instead when finalize is refused,
+// fails or does not settle in time. Returns true when the communicator was destroyed cleanly. Never throws
+// (a destructor calls it) unless a probe does.
+inline bool releaseCommunicator(const TeardownProbes& probe) {
+  int state = probe.finalize() ? 0 : -1;
+  while (state == 0) {
+    state = probe.state();
+    if (state != 0) break;
+    if (probe.expired()) {
+      state = -1;
+      break;
+    }
+    probe.pause();
+  }
+  if (state == 1) {
+    probe.destroy();
+    return true;
+  }
+  probe.abort();
+  return false;
 }
 
 }  // namespace dtrain::comm::nccl

@@ -50,8 +50,10 @@ def gemm_tflops(dtype, n=8192, iters=20):
 
 
 def flops_per_token(params):
-    # nanoGPT's estimate_mfu (PaLM appendix B): 6 N + 12 L H Q T per token, Q = C / H.
-    return 6 * params + 12 * L * H * (C // H) * T
+    # nanoGPT's estimate_mfu (PaLM appendix B): 6 N + 12 L H Q T per token, Q = C / H, where N is nanoGPT's
+    # get_num_params(): every parameter but the position table (a lookup, no matmul; the tied wte counts once, as
+    # the lm_head's matmul). `params` is the whole count, wpe included, on both sides.
+    return 6 * (params - T * C) + 12 * L * H * (C // H) * T
 
 
 class Block(nn.Module):

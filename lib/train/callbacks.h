@@ -30,6 +30,7 @@ namespace dtrain::train {
 struct StepStats {
   int64_t step = 0;         // optimizer steps done
   int64_t totalSteps = 0;
+  int64_t startStep = 0;    // the step this process began at: the checkpoint it resumed from (0 on a fresh run)
   int64_t epoch = 0;        // 0-based
   int64_t epochs = 0;
   int64_t stepInEpoch = 0;
@@ -37,7 +38,8 @@ struct StepStats {
   double loss = 0;          // mean training loss over the interval, all ranks
   double lr = 0;
   double samplesPerSec = 0; // all ranks, over the interval
-  double elapsedSec = 0;    // since training started
+  double elapsedSec = 0;    // since the trainer started (set-up included: data loading, connecting, resuming)
+  double trainSec = 0;      // since this process's first step began (set-up excluded; evaluations included)
   // Data-parallel gradient traffic over the interval (CommHook::traffic; unset alone): bytes this rank sent
   // per optimizer step, and the float32 all-reduce's bytes over those (1 without compression).
   std::optional<double> commBytesPerStep;

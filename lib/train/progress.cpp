@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cmath>
 
 #include "lib/common/error.h"
@@ -45,11 +46,19 @@ void Progress::endLine() {
   }
 }
 
+double etaSeconds(const StepStats& s) {
+  // The steps this process took, over the time since its first step began: neither the set-up (data loading, the
+  // rendezvous) nor the steps a resumed run inherited from its checkpoint count. Both did: the first line of a 4 s
+  // run said "ETA 7:49" (one step over the start-up's 1 s), and a run resumed at step 469 of 938 said "ETA 0:00"
+  // for its 469 steps left.
+  const int64_t done = s.step - s.startStep;
+  if (done <= 0 || s.trainSec <= 0) return -1;
+  return s.trainSec / static_cast<double>(done) * static_cast<double>(std::max<int64_t>(0, s.totalSteps - s.step));
+}
+
 void Progress::step(const StepStats& s) {
   if (!enabled_) return;
-  double remaining = s.samplesPerSec > 0 && s.step > 0
-                         ? s.elapsedSec / static_cast<double>(s.step) * static_cast<double>(s.totalSteps - s.step)
-                         : -1;
+  const double remaining = etaSeconds(s);
   std::string line = fmt::format("epoch {}/{} step {}/{} loss {:.4f} lr {:.4g} {:.0f} samples/s ETA {}", s.epoch + 1,
                                  s.epochs, s.stepInEpoch, s.stepsPerEpoch, s.loss, s.lr, s.samplesPerSec,
                                  formatDuration(remaining));

@@ -49,6 +49,9 @@ class Progress final : public TrainerCallback {
 };
 
 std::string formatDuration(double seconds);  // "1:02:03" / "2:03"
+// The progress line's ETA in seconds: the time per step this process has taken since its first step (set-up
+// excluded) times the steps left to `totalSteps`; -1 (printed "?") before this process finished a step.
+double etaSeconds(const StepStats& s);
 double wallTime();                           // Unix time in seconds (metrics' wall_time)
 
 }  // namespace dtrain::train

@@ -85,6 +85,7 @@ class TrainLoop {
   const Job& job_;
   const WorkerInfo& worker_;
   Clock::time_point start_;
+  Clock::time_point trainStart_;  // the first step of this process began (the ETA's clock)
   std::shared_ptr<const data::Dataset> train_, eval_;
   std::optional<nn::Model> model_;
   std::unique_ptr<nn::Loss> loss_;

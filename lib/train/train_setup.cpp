@@ -302,7 +302,8 @@ void TrainLoop::planRun() {
                                          worker_.worldSize));
   schedule_ = nn::Schedule(job_.schedule, baseLr, totalSteps);
   logEvery_ = job_.loop.logEverySteps > 0 ? job_.loop.logEverySteps : std::max<int64_t>(1, stepsPerEpoch / 20);
-  stats_ = StepStats{.totalSteps = totalSteps, .epochs = job_.loop.epochs, .stepsPerEpoch = stepsPerEpoch};
+  stats_ = StepStats{
+      .totalSteps = totalSteps, .startStep = step_, .epochs = job_.loop.epochs, .stepsPerEpoch = stepsPerEpoch};
 }
 
 }  // namespace dtrain::train::detail

@@ -64,6 +64,7 @@ void TrainLoop::logInterval(StepStats& stats, bool force) {
   stats.loss = sums[1] > 0 ? sums[0] / sums[1] : 0;
   stats.samplesPerSec = sums[2] / secs;
   stats.elapsedSec = secondsSince(start_);
+  stats.trainSec = secondsSince(trainStart_);
   if (job_.logging.tensorboard) stats.gradNorm = static_cast<float>(strategy_->gradNorm(*model_));
   strategy_->fillStats(stats);
   if (auto t = commHook_ ? commHook_->traffic() : std::nullopt; t && t->steps > loggedTraffic_.steps) {
@@ -391,7 +392,7 @@ void TrainLoop::finish() {
 TrainResult TrainLoop::run() {
   installStopHandlers();
   setUp();
-  intervalStart_ = Clock::now();
+  intervalStart_ = trainStart_ = Clock::now();
   const int64_t startEpoch = resumed_ ? resumed_->epoch : 0;
   stop_ = job_.loop.maxSteps > 0 && step_ >= job_.loop.maxSteps;
   for (int64_t epoch = startEpoch; epoch < job_.loop.epochs && !stop_; ++epoch)

@@ -1,8 +1,11 @@
 // Trainer callbacks: a one-process run in this process, observed through a recording callback.
 #include <doctest/doctest.h>
 
+#include <nlohmann/json.hpp>
+
 #include <fstream>
 
+#include "lib/train/progress.h"
 #include "lib/train/trainer.h"
 #include "tests/support/process.h"
 
@@ -31,6 +34,7 @@ struct Recorder : TrainerCallback {
   std::vector<StepEvent> ends;   // onStepEnd
   std::vector<int64_t> batchSizes;
   std::vector<int64_t> loggedSteps;
+  std::vector<StepStats> logged;  // onLog
   int64_t evalSamples = 0;
   TrainResult result;
 
@@ -45,6 +49,7 @@ struct Recorder : TrainerCallback {
   void onLog(const StepStats& s) override {
     events += 'l';
     loggedSteps.push_back(s.step);
+    logged.push_back(s);
   }
   void onStepEnd(const StepEvent& e) override {
     events += 'e';
@@ -97,4 +102,39 @@ TEST_CASE("callbacks see every micro-batch, step boundary, log, evaluation and t
   CHECK(recorder->result.samples == 2 * 64);
   // The built-in progress callback wrote metrics.jsonl: a line per log, per evaluation, and the final line.
   CHECK(countLines(dir + "/out/metrics.jsonl") == 8 + 2 + 1);
+}
+
+TEST_CASE("the ETA counts only this process's steps and time: not the set-up, not the steps a resume inherited") {
+  // A run resumed at step 469 of 938, 0.5 s into its training (after 3 s of set-up), has taken 1 step: 469 steps
+  // left at 0.5 s each. The old estimate (elapsed since start / steps done) said 3 s: "ETA 0:03".
+  StepStats s{.step = 470, .totalSteps = 938, .startStep = 469, .elapsedSec = 3.5, .trainSec = 0.5};
+  CHECK(etaSeconds(s) == doctest::Approx(0.5 * 468));
+  // The first step of a fresh run: its own time, not the start-up's ("ETA 7:49" for a 4 s run).
+  s = StepStats{.step = 1, .totalSteps = 469, .startStep = 0, .elapsedSec = 1.0, .trainSec = 0.01};
+  CHECK(etaSeconds(s) == doctest::Approx(0.01 * 468));
+  CHECK(formatDuration(etaSeconds(s)) == "0:05");
+  // Nothing taken yet in this process: unknown, not 0.
+  s = StepStats{.step = 469, .totalSteps = 938, .startStep = 469, .elapsedSec = 1.0, .trainSec = 0};
+  CHECK(etaSeconds(s) < 0);
+  CHECK(formatDuration(etaSeconds(s)) == "?");
+
+  // What the trainer hands the progress line of a resumed run.
+  auto dir = testing::tempDir("callbacks-eta");
+  auto job = nlohmann::json::parse(kJob);
+  job["checkpoint"] = {{"every_steps", 2}};
+  job["train"]["max_steps"] = 4;
+  testing::writeFile(dir + "/job.json", job.dump());
+  runTraining(loadJob({dir + "/job.json", {}, dir + "/out"}), WorkerInfo{});
+  job["train"]["max_steps"] = 0;
+  testing::writeFile(dir + "/job.json", job.dump());
+  auto recorder = std::make_shared<Recorder>();
+  runTraining(loadJob({dir + "/job.json", {}, dir + "/out"}), WorkerInfo{}, {recorder});
+  REQUIRE(!recorder->logged.empty());
+  const StepStats& first = recorder->logged.front();
+  CHECK(first.step == 5);
+  CHECK(first.startStep == 4);
+  CHECK(first.totalSteps == 8);
+  CHECK(first.trainSec > 0);
+  CHECK(first.trainSec <= first.elapsedSec);  // the set-up is not in it
+  CHECK(etaSeconds(first) == doctest::Approx(first.trainSec * 3));
 }

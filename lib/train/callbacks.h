@@ -19,6 +19,7 @@
 #pragma once
 
 #include <cstdint>
+#include <filesystem>
 #include <memory>
 #include <optional>
 #include <vector>
@@ -77,6 +78,7 @@ struct TrainResult {
   std::optional<double> evalAuc;       // bce_with_logits
   std::optional<double> baselineAuc;   // recsys data: the popularity baseline's AUC on the eval set
   int stoppedBySignal = 0;  // SIGTERM/SIGINT/SIGUSR1 stopped the run early (after a checkpoint)
+  std::filesystem::path checkpoint;  // rank 0: the last checkpoint this process committed (empty: none)
 };
 
 // Where this rank's time went during one optimizer step (all its micro-batches), in seconds: waiting for the

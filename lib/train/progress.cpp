@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "lib/common/error.h"
 
@@ -130,6 +131,14 @@ void Progress::summary(const std::string& line) { info(line); }
 
 void Progress::onFinish(const StepStats& s, const TrainResult& r) {
   if (!enabled_) return;
+  const int64_t trained = s.step - s.startStep;  // the steps this process took
+  if (trained == 0 && s.startStep > 0 && !r.stoppedBySignal) {
+    // Resumed at the run's end: nothing was trained, so there is no throughput to report and no final metrics line
+    // (it used to append one of step 0, loss 0, 0 samples/s after the real one).
+    summary(fmt::format("done: {} steps, all before this run (nothing left to train); wrote {}", s.step,
+                        weightsPath_.string()));
+    return;
+  }
   std::string eval;
   if (r.evalAuc)
     eval = fmt::format(", eval AUC {:.4f}{}", *r.evalAuc,
@@ -138,10 +147,23 @@ void Progress::onFinish(const StepStats& s, const TrainResult& r) {
     eval = fmt::format(", eval loss {:.4f} vs bigram baseline {:.4f}", *r.evalLoss, *r.baselineLoss);
   else if (r.evalAccuracy) eval = fmt::format(", eval accuracy {:.2f}%", *r.evalAccuracy * 100);
   else if (r.evalLoss) eval = fmt::format(", eval loss {:.6f}", *r.evalLoss);
-  std::string wrote = r.stoppedBySignal ? std::string() : "; wrote " + weightsPath_.string();
+  // After a resume the step count is the run's and the samples are this process's: say which steps those are.
+  const std::string steps = s.startStep > 0 ? fmt::format("{} steps ({} in this run, resumed at step {})", s.step,
+                                                          trained, s.startStep)
+                                            : fmt::format("{} steps", s.step);
   const std::string gpu = r.peakGpuMb ? fmt::format(", peak GPU memory {:.0f} MB", *r.peakGpuMb) : "";
-  summary(fmt::format("done: {} steps, {} samples in {} (training {:.0f} samples/s, peak RSS {:.0f} MB{} per rank){}{}",
-                      r.steps, r.samples, formatDuration(r.wallSec), r.samplesPerSec, r.peakRssMb, gpu, eval, wrote));
+  const std::string figures =
+      fmt::format("{} samples in {} (training {:.0f} samples/s, peak RSS {:.0f} MB{} per rank)", r.samples,
+                  formatDuration(r.wallSec), r.samplesPerSec, r.peakRssMb, gpu);
+  if (r.stoppedBySignal) {
+    // Not "done": the run stopped early, and what matters next is whether (and from where) it can resume.
+    const std::string saved = r.checkpoint.empty()
+                                  ? std::string("; checkpoints are off, so nothing was saved to resume from")
+                                  : fmt::format("; saved {}: the same command resumes from it", r.checkpoint.string());
+    summary(fmt::format("stopped by SIG{} after {}, {}{}", sigabbrev_np(r.stoppedBySignal), steps, figures, saved));
+  } else {
+    summary(fmt::format("done: {}, {}{}; wrote {}", steps, figures, eval, weightsPath_.string()));
+  }
   final(s, r.samplesPerSec, r.trainSec, r.wallSec, r.peakRssMb, r.peakGpuMb);
 }
 

@@ -302,8 +302,13 @@ void TrainLoop::planRun() {
                                          worker_.worldSize));
   schedule_ = nn::Schedule(job_.schedule, baseLr, totalSteps);
   logEvery_ = job_.loop.logEverySteps > 0 ? job_.loop.logEverySteps : std::max<int64_t>(1, stepsPerEpoch / 20);
-  stats_ = StepStats{
-      .totalSteps = totalSteps, .startStep = step_, .epochs = job_.loop.epochs, .stepsPerEpoch = stepsPerEpoch};
+  // Where the run stands before its first step (what the summary reports when no step is left to take).
+  stats_ = StepStats{.step = step_,
+                     .totalSteps = totalSteps,
+                     .startStep = step_,
+                     .epoch = std::min<int64_t>(startEpoch, job_.loop.epochs - 1),
+                     .epochs = job_.loop.epochs,
+                     .stepsPerEpoch = stepsPerEpoch};
 }
 
 }  // namespace dtrain::train::detail

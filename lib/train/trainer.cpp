@@ -129,6 +129,7 @@ void TrainLoop::saveCheckpoint(int64_t epoch, int64_t position) {
   // At an epoch's start (position 0) the next epoch follows this world's padding; mid-epoch, the current one's.
   const int epochWorld = position == 0 ? strategy_->groups().dataSize : epochWorld_;
   auto dir = checkpointer_->save(*model_, *optimizer_, step_, epoch, position, epochWorld);
+  if (!dir.empty()) result_.checkpoint = dir;  // rank 0 commits, and names it in the summary of a stopped run
   CheckpointEvent saved{.step = step_, .seconds = secondsSince(t0)};
   std::error_code ec;
   for (auto it = std::filesystem::recursive_directory_iterator(dir, ec);
@@ -395,6 +396,13 @@ TrainResult TrainLoop::run() {
   intervalStart_ = trainStart_ = Clock::now();
   const int64_t startEpoch = resumed_ ? resumed_->epoch : 0;
   stop_ = job_.loop.maxSteps > 0 && step_ >= job_.loop.maxSteps;
+  // A finished run started again resumes at its end: say so, instead of a summary of 0 samples at 0 samples/s.
+  if (resumed_ && (stop_ || startEpoch >= job_.loop.epochs))
+    progress_->info(fmt::format("nothing left to train: {} is at step {}, the end of this run ({}); raise it to "
+                                "train on, or give a new run its own --output-dir",
+                                resumed_->path.string(), step_,
+                                stop_ ? fmt::format("train.max_steps {}", job_.loop.maxSteps)
+                                      : fmt::format("train.epochs {}", job_.loop.epochs)));
   for (int64_t epoch = startEpoch; epoch < job_.loop.epochs && !stop_; ++epoch)
     trainEpoch(epoch, epoch == startEpoch && resumed_ ? resumed_->samplesConsumed : 0);
   finish();

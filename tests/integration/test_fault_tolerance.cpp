@@ -250,11 +250,37 @@ TEST_CASE("SIGTERM to the agent: the workers write a checkpoint before they exit
   REQUIRE(steps.size() == 1);
   // every_steps is 0 and no epoch ended: only the stop could have written it, at a step past 20
   CHECK(steps[0] > "step-000000020");
-  auto resumed = run({dtrainBinary(), "train", dir + "/job.json", "--set", "train.max_steps=" + std::to_string(std::stoi(steps[0].substr(5)) + 2),
-                      "--output-dir", dir + "/out"},
-                     {.timeout = 60s});
+  const int stopStep = std::stoi(steps[0].substr(5));
+  // The summary says the run stopped (not "done"), at which step, and which checkpoint the next run resumes from.
+  CHECK(r.out.find("done:") == std::string::npos);
+  CHECK(r.out.find(fmt::format("stopped by SIGTERM after {} steps, ", stopStep)) != std::string::npos);
+  CHECK(r.out.find(fmt::format("; saved {}/out/checkpoints/{}: the same command resumes from it", dir, steps[0])) !=
+        std::string::npos);
+  const std::vector<std::string> resume = {dtrainBinary(), "train", dir + "/job.json", "--set",
+                                           "train.max_steps=" + std::to_string(stopStep + 2), "--output-dir",
+                                           dir + "/out"};
+  auto resumed = run(resume, {.timeout = 60s});
   CHECK(resumed.exitCode == 0);
   CHECK(resumed.out.find("resumed from") != std::string::npos);
+  // The step count is the run's, the samples this process's: the line says which steps it took.
+  CHECK(resumed.out.find(fmt::format("done: {} steps (2 in this run, resumed at step {}), 8 samples in ", stopStep + 2,
+                                     stopStep)) != std::string::npos);
+  // The same command once more: the run is at its end. It says so, and metrics.jsonl keeps the real final line
+  // (a second one of step 0, loss 0 and 0 samples/s used to be appended).
+  const auto metricsBefore = readJsonLines(dir + "/out/metrics.jsonl");
+  auto again = run(resume, {.timeout = 60s});
+  INFO(again.out, again.err);
+  CHECK(again.exitCode == 0);
+  CHECK(again.out.find(fmt::format("nothing left to train: {}/out/checkpoints/step-{:09} is at step {}, the end of "
+                                   "this run (train.max_steps {})",
+                                   dir, stopStep + 2, stopStep + 2, stopStep + 2)) != std::string::npos);
+  CHECK(again.out.find(fmt::format("done: {} steps, all before this run (nothing left to train); wrote {}/out/model."
+                                   "safetensors", stopStep + 2, dir)) != std::string::npos);
+  const auto metricsAfter = readJsonLines(dir + "/out/metrics.jsonl");
+  CHECK(metricsAfter == metricsBefore);
+  REQUIRE(!metricsAfter.empty());
+  CHECK(metricsAfter.back()["final"] == true);
+  CHECK(metricsAfter.back()["step"] == stopStep + 2);
 }
 
 TEST_CASE("a hung worker is detected by the collective timeout and the group recovers") {

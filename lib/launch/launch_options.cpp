@@ -271,6 +271,11 @@ void LaunchOptions::validate() {
                   "password); this job uses --rdzv-backend {}",
                   rdzvConf, rdzvBackend);
   DTRAIN_CHECK_AS(UsageError, shutdownTimeout.count() >= 0, "--shutdown-timeout must not be negative");
+  // 0 s left no time for the store's handshake: the agent reported its own store as "not a dtrain store" (exit 6).
+  DTRAIN_CHECK_AS(UsageError, rdzvTimeout.count() > 0,
+                  "--rdzv-timeout {} ms: expected a positive duration (how long agents wait for the store and for "
+                  "every node to join; default 900s)",
+                  rdzvTimeout.count());
   DTRAIN_CHECK_AS(UsageError, heartbeatInterval.count() > 0, "--heartbeat-interval {} ms: expected a positive duration",
                   heartbeatInterval.count());
   DTRAIN_CHECK_AS(UsageError, heartbeatTimeout > heartbeatInterval,

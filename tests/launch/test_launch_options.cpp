@@ -94,6 +94,17 @@ TEST_CASE("heartbeat flags: a zero interval is named as such, not as a timeout s
   CHECK(validateError(o) == "");
 }
 
+TEST_CASE("--rdzv-timeout 0 is a usage error, not a store that fails its handshake") {
+  LaunchOptions o;
+  o.standalone = true;
+  o.rdzvTimeout = Millis(0);
+  // It used to start the store and then give up on its handshake at once: "127.0.0.1:PORT accepted the connection
+  // but did not answer the dtrain store handshake within 0 ms: not a dtrain store" (exit 6).
+  CHECK(validateError(o).find("--rdzv-timeout 0 ms: expected a positive duration") != std::string::npos);
+  o.rdzvTimeout = Millis(500);
+  CHECK(validateError(o) == "");
+}
+
 TEST_CASE("--timeline and --log-dir that cannot be written are usage errors before any worker starts") {
   namespace fs = std::filesystem;
   const fs::path dir = fs::temp_directory_path() / fmt::format("dtrain-launch-options-{}", ::getpid());

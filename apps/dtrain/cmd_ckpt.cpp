@@ -6,6 +6,7 @@
 
 #include "apps/dtrain/commands.h"
 #include "lib/ckpt/bench.h"
+#include "lib/ckpt/checkpoint_names.h"
 #include "lib/ckpt/report.h"
 #include "lib/common/error.h"
 #include "lib/common/parse.h"
@@ -29,10 +30,35 @@ void requireExists(const std::string& path) {
   if (!std::filesystem::exists(path, ec)) DTRAIN_THROW(UsageError, "{}: no such file or directory", path);
 }
 
+bool holdsCheckpoints(const std::filesystem::path& dir) {
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(dir, ec))
+    if (ckpt::parseDirName(e.path().filename().string())) return true;
+  return false;
+}
+
+// The folder a user names: a checkpoint folder, or a run's output folder (`runs/NAME`, what `--output-dir` names),
+// whose checkpoints are in its `checkpoints/` (the default checkpoint.dir). `dtrain ckpt list runs/NAME` used to
+// print "no checkpoints in runs/NAME" (exit 0) beside a checkpoints/ folder full of them.
+std::string checkpointFolder(const std::string& path) {
+  namespace fs = std::filesystem;
+  const fs::path run = fs::path(path) / "checkpoints";
+  std::error_code ec;
+  if (fs::is_directory(path, ec) && !ckpt::parseDirName(fs::path(path).lexically_normal().filename().string()) &&
+      !holdsCheckpoints(path) && fs::is_directory(run, ec) && holdsCheckpoints(run))
+    return run.string();
+  return path;
+}
+
 int runList(const CkptArgs& a) {
   requireExists(a.path);
-  const auto list = ckpt::listCheckpoints(a.path, !a.noVerify);
-  const std::string out = a.json ? ckpt::listToJson(list).dump(2) + "\n" : ckpt::formatList(a.path, list);
+  DTRAIN_CHECK_AS(UsageError, std::filesystem::is_directory(a.path),
+                  "{}: not a folder (expected a checkpoint folder holding step-<N> folders, e.g. "
+                  "runs/NAME/checkpoints; dtrain ckpt inspect reads a single file)",
+                  a.path);
+  const std::string dir = checkpointFolder(a.path);
+  const auto list = ckpt::listCheckpoints(dir, !a.noVerify);
+  const std::string out = a.json ? ckpt::listToJson(list).dump(2) + "\n" : ckpt::formatList(dir, list);
   std::fputs(out.c_str(), stdout);
   return 0;
 }
@@ -40,8 +66,9 @@ int runList(const CkptArgs& a) {
 int runInspect(const CkptArgs& a) {
   requireExists(a.path);
   bool complete = true;
-  const std::string out = a.json ? ckpt::inspectToJson(a.path, !a.noVerify, &complete).dump(2) + "\n"
-                                 : ckpt::formatInspect(a.path, !a.noVerify, &complete);
+  const std::string path = checkpointFolder(a.path);
+  const std::string out = a.json ? ckpt::inspectToJson(path, !a.noVerify, &complete).dump(2) + "\n"
+                                 : ckpt::formatInspect(path, !a.noVerify, &complete);
   std::fputs(out.c_str(), stdout);
   // A script can use inspect as a verifier: a partial or corrupt checkpoint (or an incomplete index) is the
   // README's checkpoint error, after the report that says why.
@@ -76,7 +103,9 @@ void addCkptCommand(CLI::App& root, Action& action) {
   sub->require_subcommand(1);
 
   auto* list = sub->add_subcommand("list", "List the checkpoints in DIR, newest first, with their status");
-  list->add_option("DIR", args->path, "Checkpoint directory (holding step-<N> directories)")->required();
+  list->add_option("DIR", args->path,
+                   "Checkpoint directory (holding step-<N> directories), or a run's output folder (its checkpoints/)")
+      ->required();
   list->add_flag("--no-verify", args->noVerify, "Check markers and sizes only, not crc32 checksums (faster)");
   list->add_flag("--json", args->json, "Print JSON");
   list->callback([&action, args] { action = [args] { return runList(*args); }; });

@@ -102,6 +102,24 @@ TEST_CASE("dtrain ckpt: missing and empty directories") {
   CHECK(inspect.err.find("no checkpoints here") != std::string::npos);
 }
 
+TEST_CASE("dtrain ckpt list and inspect of a run's output folder read its checkpoints/; a file is not a folder") {
+  const auto run = fs::path(tempDir("cli-run"));
+  writeCheckpoint(run / "checkpoints", 100);
+  // What --output-dir names (runs/NAME) holds the checkpoints in checkpoints/: "no checkpoints in runs/NAME" (exit 0)
+  // used to answer as if the run had saved none.
+  auto list = dtrainCkpt({"list", run.string()});
+  INFO(list.out, list.err);
+  CHECK(list.exitCode == 0);
+  CHECK(list.out.find("       100       2 ") != std::string::npos);
+  auto inspect = dtrainCkpt({"inspect", run.string()});
+  CHECK(inspect.exitCode == 0);
+  CHECK(inspect.out.find("checkpoint   " + (run / "checkpoints" / "step-000000100").string()) != std::string::npos);
+  // A file is a usage error naming it (it was "no checkpoints in FILE", exit 0).
+  auto file = dtrainCkpt({"list", (run / "checkpoints" / "step-000000100" / "meta.json").string()});
+  CHECK(file.exitCode == 3);
+  CHECK(file.err.find("meta.json: not a folder (expected a checkpoint folder") != std::string::npos);
+}
+
 TEST_CASE("dtrain ckpt bench: counts of 0 are usage errors that say what is expected") {
   for (const char* flag : {"--repeats", "--tensors"}) {
     auto r = dtrainCkpt({"bench", tempDir("cli-bench"), "--size", "64K", flag, "0"});

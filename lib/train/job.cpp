@@ -170,8 +170,8 @@ ParallelSettings parseParallel(const json& doc, const std::string& source) {
   p.strategy = f.choice("strategy", kStrategyNames, "strategy", "ddp");
   p.backend = f.choice("backend", {"auto", "tcp", "shm", "hier", "nccl"}, "backend", "auto");
   auto positiveMb = [](double v) { return v > 0 && v <= 4096; };
-  p.bucketMb = f.number("bucket_mb", 25.0, "a number of MiB > 0", positiveMb);
-  p.firstBucketMb = f.number("first_bucket_mb", 1.0, "a number of MiB > 0", positiveMb);
+  p.bucketMb = f.number("bucket_mb", 25.0, "a number of MiB > 0 and <= 4096", positiveMb);
+  p.firstBucketMb = f.number("first_bucket_mb", 1.0, "a number of MiB > 0 and <= 4096", positiveMb);
   p.timeout = f.duration("timeout", p.timeout);
   p.lrScaling = f.choice("lr_scaling", {"none", "linear"}, "lr scaling", "none");
   p.referenceWorldSize = static_cast<int>(

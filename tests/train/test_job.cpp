@@ -181,6 +181,16 @@ TEST_CASE("job errors name the file, the JSON path and what was expected") {
                     msg);
     }
   }
+  SUBCASE("a bucket size past the limit names the limit (it said \"> 0\" of 5000)") {
+    for (const char* key : {"bucket_mb", "first_bucket_mb"}) {
+      json doc = json::parse(kJob);
+      doc["parallel"] = {{key, 5000}};
+      auto msg = configErrorOf({writeJob(dir, doc.dump())});
+      CHECK_MESSAGE(msg.find(fmt::format("/parallel/{}: expected a number of MiB > 0 and <= 4096, got 5000", key)) !=
+                        std::string::npos,
+                    msg);
+    }
+  }
   SUBCASE("missing model file") {
     json doc = json::parse(kJob);
     doc["model"] = "models/none.json";

@@ -1,8 +1,10 @@
 // `dtrain debug dump RUN_ID --rdzv-endpoint HOST:PORT`: which rank hangs, and where. Reads the agents' monitoring
 // endpoints from the run's store (agents started with --metrics-port publish them), gathers every rank's flight
 // recorder from them (/debug/flight.json) and prints lib/launch/flight_report.h's analysis.
+#include <map>
 #include <set>
 #include <sstream>
+#include <thread>
 
 #include "apps/dtrain/commands.h"
 #include "lib/common/error.h"
@@ -24,6 +26,7 @@ struct DebugArgs {
   std::string endpoint = "127.0.0.1";
   std::string token, tokenFile;
   std::string timeout = "10s";
+  std::string interval = "1s";
 };
 
 }  // namespace
@@ -57,9 +60,9 @@ std::vector<std::string> monitoredAgents(const std::string& runId, const std::st
 
 namespace {
 
-int runDump(const DebugArgs& a) {
-  const auto timeout = parse::durationFlag("--timeout", a.timeout);
-  const auto agents = monitoredAgents(a.runId, a.endpoint, resolveRdzvToken(a.token, a.tokenFile), timeout);
+// Every rank's record, from every agent that answers (the ones that do not are named on stderr).
+std::vector<launch::RankFlight> gatherFlights(const std::vector<std::string>& agents, std::chrono::milliseconds timeout,
+                                              bool reportSilent) {
   std::vector<launch::RankFlight> ranks;
   std::map<int, size_t> byRank;  // an agent listed twice (restarted) reports the same ranks: keep the newest
   for (const auto& agent : agents) {
@@ -77,10 +80,27 @@ int runDump(const DebugArgs& a) {
         }
       }
     } catch (const std::exception& e) {
-      fmt::print(stderr, "dtrain debug dump: agent at {} did not answer: {}\n", agent, e.what());
+      if (reportSilent) fmt::print(stderr, "dtrain debug dump: agent at {} did not answer: {}\n", agent, e.what());
     }
   }
-  fmt::print("{}", launch::analyzeFlight(std::move(ranks), launch::unixNowNs()));
+  return ranks;
+}
+
+int runDump(const DebugArgs& a) {
+  const auto timeout = parse::durationFlag("--timeout", a.timeout);
+  const auto interval = parse::durationFlag("--interval", a.interval);
+  const auto agents = monitoredAgents(a.runId, a.endpoint, resolveRdzvToken(a.token, a.tokenFile), timeout);
+  if (interval.count() == 0) {
+    fmt::print("{}", launch::analyzeFlight(gatherFlights(agents, timeout, true), launch::unixNowNs()));
+    return 0;
+  }
+  // Two reads, `interval` apart: a rank that moved in between is not hung (analyzeFlight).
+  const auto first = gatherFlights(agents, timeout, false);
+  const auto firstAt = std::chrono::steady_clock::now();
+  std::this_thread::sleep_for(interval);
+  auto second = gatherFlights(agents, timeout, true);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - firstAt).count();
+  fmt::print("{}", launch::analyzeFlight(std::move(second), launch::unixNowNs(), &first, seconds));
   return 0;
 }
 
@@ -97,6 +117,9 @@ void addDebugCommand(CLI::App& root, Action& action) {
   dump->add_option("--rdzv-token", a->token, "The store's shared secret")->envname("DTRAIN_RDZV_TOKEN");
   dump->add_option("--rdzv-token-file", a->tokenFile, "Read the store's shared secret from this file");
   dump->add_option("--timeout", a->timeout, "Budget for the store and each agent")->capture_default_str();
+  dump->add_option("--interval", a->interval,
+                   "Read the ranks twice, this long apart, to tell a running job from a hung one (0: read once)")
+      ->capture_default_str();
   dump->callback([&action, a] { action = [a] { return runDump(*a); }; });
 }
 

@@ -84,8 +84,28 @@ RankFlight rankFlightFromJson(const nlohmann::json& j) {
   return r;
 }
 
-std::string analyzeFlight(std::vector<RankFlight> ranks, int64_t nowNs) {
+namespace {
+
+// A rank moved between two reads when its newest call, or that call's end, or its step count changed.
+bool movedSince(const RankFlight& now, const RankFlight& before) {
+  if (now.stepsDone != before.stepsDone || now.calls.size() != before.calls.size()) return true;
+  if (now.calls.empty()) return false;
+  return now.calls.back().seq != before.calls.back().seq || now.calls.back().endNs != before.calls.back().endNs;
+}
+
+}  // namespace
+
+std::string analyzeFlight(std::vector<RankFlight> ranks, int64_t nowNs, const std::vector<RankFlight>* earlier,
+                          double earlierSeconds) {
   std::sort(ranks.begin(), ranks.end(), [](const auto& a, const auto& b) { return a.rank < b.rank; });
+  // Which ranks moved since the earlier read (a rank absent from it counts as not seen moving).
+  std::vector<int> moved, still;
+  if (earlier != nullptr) {
+    for (const auto& r : ranks) {
+      const auto before = std::find_if(earlier->begin(), earlier->end(), [&](const auto& e) { return e.rank == r.rank; });
+      (before != earlier->end() && movedSince(r, *before) ? moved : still).push_back(r.rank);
+    }
+  }
   std::string out = fmt::format("flight recorder: the last collective calls of {} rank(s)\n", ranks.size());
   uint64_t maxSeq = 0;
   for (const auto& r : ranks)
@@ -106,6 +126,21 @@ std::string analyzeFlight(std::vector<RankFlight> ranks, int64_t nowNs) {
                          secondsBetween(last.endNs, nowNs));
   }
   if (ranks.empty() || maxSeq == 0) return out + "verdict: nothing recorded yet\n";
+  if (earlier != nullptr && still.empty()) {
+    int64_t fewest = ranks.front().stepsDone, most = fewest;
+    for (const auto& r : ranks) {
+      fewest = std::min(fewest, r.stepsDone);
+      most = std::max(most, r.stepsDone);
+    }
+    return out + fmt::format("verdict: no hang: every rank moved on in the last {:.1f} s (began or finished a "
+                             "collective; now at {} step(s) done): the job is running. A hung rank stays where it "
+                             "is: dump again if the job seems stuck\n",
+                             earlierSeconds, fewest == most ? fmt::format("{}", most) : fmt::format("{} to {}", fewest, most));
+  }
+  if (earlier != nullptr)
+    out += moved.empty() ? fmt::format("no rank moved in the last {:.1f} s\n", earlierSeconds)
+                         : fmt::format("in the last {:.1f} s rank(s) {} moved on, rank(s) {} did not\n", earlierSeconds,
+                                       fmt::join(moved, ", "), fmt::join(still, ", "));
   std::vector<const RankFlight*> behind;
   std::vector<int> waiting;
   for (const auto& r : ranks) {

@@ -43,7 +43,14 @@ RankFlight rankFlightFromJson(const nlohmann::json& j);  // throws nlohmann::jso
 
 // The report: one line per rank (where it is), then the verdict (who is behind, at which call and step).
 // `nowNs`: Unix time, ns, for the waiting times.
-std::string analyzeFlight(std::vector<RankFlight> ranks, int64_t nowNs);
+//
+// `earlier`: the same ranks read `earlierSeconds` before `ranks` (`dtrain debug dump` reads twice). One read cannot
+// tell a running job from a hung one: a moving job's ranks are caught inside collectives, or one a call ahead of
+// another, and the verdict called the transport suspect, or a rank behind. With two, a rank that began or finished
+// a call or a step in between is moving; when every rank moved the verdict says the job is running (no rank named),
+// otherwise the usual verdict follows, with which ranks moved and which did not.
+std::string analyzeFlight(std::vector<RankFlight> ranks, int64_t nowNs, const std::vector<RankFlight>* earlier = nullptr,
+                          double earlierSeconds = 0);
 int64_t unixNowNs();
 
 }  // namespace dtrain::launch

@@ -219,6 +219,18 @@ TEST_CASE("the flight recorder: a rank that has not reached the others' collecti
   const std::string moving = analyzeFlight({done0, done1}, unixNowNs());
   CHECK_MESSAGE(moving.find("verdict: no rank waits in a collective") != std::string::npos, moving);
   CHECK(moving.find("is behind") == std::string::npos);
+  // Two reads a second apart (`dtrain debug dump`): ranks caught inside one call, one of them a call ahead, are
+  // not accused when both moved on in between; a rank that stood still is named as such before the usual verdict.
+  RankFlight was0{0, 0, 100, 4, {{7, "allreduce", 24, 5, 1, 0, "comm"}}};  // a second earlier: inside #7
+  RankFlight was1{1, 0, 101, 4, {{6, "allreduce", 24, 5, 1, 2, "comm"}}};  // finished #6
+  RankFlight in0{0, 0, 100, 5, {{9, "allreduce", 24, 6, 1, 0, "comm"}}};   // now inside #9, a call ahead of
+  const std::vector<RankFlight> earlier{was1, was0};
+  const std::string running = analyzeFlight({in0, done1}, unixNowNs(), &earlier, 1.0);  // rank 1, done with #8
+  CHECK_MESSAGE(running.find("verdict: no hang: every rank moved on in the last 1.0 s") != std::string::npos, running);
+  CHECK(running.find("is behind") == std::string::npos);
+  const std::vector<RankFlight> before{in0, done1};  // rank 1 finished #8 and has begun nothing since
+  const std::string stuck = analyzeFlight({in0, done1}, unixNowNs(), &before, 1.0);
+  CHECK_MESSAGE(stuck.find("no rank moved in the last 1.0 s\nverdict: rank 1 is behind") != std::string::npos, stuck);
   // More calls than the ring holds: the newest kFlightEntries are kept.
   attachFlightRecorder(&workers[1].block());
   for (int i = 0; i < 40; ++i) flightEnd(flightBegin(7, 0, "comm"));

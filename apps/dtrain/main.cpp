@@ -17,8 +17,8 @@
 
 namespace {
 
-int report(const dtrain::Error& e) {
-  std::fprintf(stderr, "dtrain: error: %s\n", e.what());
+int report(const dtrain::Error& e, const std::string& suffix = "") {
+  std::fprintf(stderr, "dtrain: error: %s%s\n", e.what(), suffix.c_str());
   if (dtrain::log::enabled(dtrain::log::Level::kDebug) && !e.where().empty())
     std::fprintf(stderr, "dtrain: (raised at %s)\n", e.where().c_str());
   return e.exitCode();
@@ -87,6 +87,10 @@ int main(int argc, char** argv) {
   }
   try {
     return action ? action() : 0;
+  } catch (const dtrain::UsageError& e) {
+    // A value checked after parsing (--nproc-per-node abc, --nnodes 0, --rdzv-timeout 0) may have come from its
+    // DTRAIN_* variable too: say so, as for the values CLI11 refuses while parsing.
+    return report(e, fromEnvironment(root, args, e.what()));
   } catch (const dtrain::Error& e) {
     return report(e);
   } catch (const std::exception& e) {

@@ -4,6 +4,7 @@
 #include <signal.h>
 #include <sys/stat.h>
 
+#include <array>
 #include <filesystem>
 #include <thread>
 
@@ -233,6 +234,22 @@ TEST_CASE("bad input: one clear line, a distinct exit code, nothing started") {
     auto flag = run(runArgs({"--standalone", "--max-restarts", "y", "--", "true"}), {.env = {{"DTRAIN_MAX_RESTARTS", "x"}}});
     CHECK(flag.exitCode == 3);
     CHECK(flag.err.find("environment variable") == std::string::npos);
+    // Values checked after parsing too: `--nproc-per-node abc` named a flag the user never typed.
+    for (const auto& [var, value, message] :
+         std::vector<std::array<std::string, 3>>{{"DTRAIN_NPROC_PER_NODE", "abc", "--nproc-per-node abc: expected"},
+                                                 {"DTRAIN_NNODES", "0", "--nnodes 0: expected"},
+                                                 {"DTRAIN_RDZV_TIMEOUT", "5x", "--rdzv-timeout 5x: expected"}}) {
+      CAPTURE(var);
+      auto env = run(runArgs({"--standalone", "--", "true"}), {.env = {{var, value}}});
+      CHECK(env.exitCode == 3);
+      CHECK_MESSAGE(env.err.find(message) != std::string::npos, env.err);
+      CHECK_MESSAGE(env.err.find("(the value came from the environment variable " + var + ")") != std::string::npos,
+                    env.err);
+    }
+    auto typed = run(runArgs({"--standalone", "--nproc-per-node", "abc", "--", "true"}),
+                     {.env = {{"DTRAIN_NPROC_PER_NODE", "abc"}}});
+    CHECK(typed.exitCode == 3);
+    CHECK(typed.err.find("environment variable") == std::string::npos);
   }
   SUBCASE("program that does not exist") {
     auto r = run(runArgs({"--standalone", "--", "no-such-program-xyz"}));

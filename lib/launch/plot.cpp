@@ -65,8 +65,16 @@ std::string panel(int x0, int y0, const std::string& title, const std::vector<co
   out += fmt::format("<rect x=\"{}\" y=\"{}\" width=\"{}\" height=\"{}\" fill=\"none\" stroke=\"#999\"/>\n", left, top,
                      w, h);
   if (!std::isfinite(xmin)) return out + fmt::format("<text x=\"{}\" y=\"{}\">no data</text></g>\n", left + 10, top + 20);
-  if (xmax == xmin) xmax = xmin + 1;
-  if (ymax == ymin) ymax = ymin + (ymin == 0 ? 1 : std::fabs(ymin) * 0.1);
+  // One value (a run evaluated once, a constant learning rate): a range centred on it. [x, x + 1] put the point on
+  // the panel's edge, under ticks that read "469 469 470 470".
+  if (xmax == xmin) {
+    const double pad = std::max(1.0, std::fabs(xmin) * 0.05);
+    xmin -= pad, xmax += pad;
+  }
+  if (ymax == ymin) {
+    const double pad = ymin == 0 ? 1.0 : std::fabs(ymin) * 0.05;
+    ymin -= pad, ymax += pad;
+  }
   auto px = [&](double x) { return left + (x - xmin) / (xmax - xmin) * w; };
   auto py = [&](double y) { return top + h - (y - ymin) / (ymax - ymin) * h; };
   for (int i = 0; i <= 4; ++i) {
@@ -88,16 +96,18 @@ std::string panel(int x0, int y0, const std::string& title, const std::vector<co
   }
   for (size_t r = 0; r < series.size(); ++r) {
     std::string points;
+    int count = 0;
     for (auto [x, y] : *series[r])
-      if (std::isfinite(y)) points += fmt::format("{:.1f},{:.1f} ", px(x), py(y));
+      if (std::isfinite(y)) points += fmt::format("{:.1f},{:.1f} ", px(x), py(y)), ++count;
     if (points.empty()) continue;
     out += fmt::format("<polyline class=\"run{}\" fill=\"none\" stroke=\"{}\" stroke-width=\"1.5\" points=\"{}\"/>\n",
                        r, kColours[r % std::size(kColours)], points);
-    if (r < dots.size() && dots[r])
+    // A line through one point draws nothing (a one-epoch run's evaluation was an empty panel): mark it.
+    if ((r < dots.size() && dots[r]) || count == 1)
       for (auto [x, y] : *series[r])
         if (std::isfinite(y))
-          out += fmt::format("<circle cx=\"{:.1f}\" cy=\"{:.1f}\" r=\"3\" fill=\"{}\"/>\n", px(x), py(y),
-                             kColours[r % std::size(kColours)]);
+          out += fmt::format("<circle class=\"run{}\" cx=\"{:.1f}\" cy=\"{:.1f}\" r=\"3\" fill=\"{}\"/>\n", r, px(x),
+                             py(y), kColours[r % std::size(kColours)]);
   }
   return out + "</g>\n";
 }

@@ -14,7 +14,7 @@ using namespace std::chrono_literals;
 
 namespace {
 
-void trainRun(const std::string& dir, const std::string& name, double lr) {
+void trainRun(const std::string& dir, const std::string& name, double lr, int epochs = 3) {
   writeFile(dir + "/" + name + ".json", fmt::format(R"({{
     "name": "{}",
     "model": {{"input": [4], "layers": [{{"type": "linear", "out": 8}}, {{"type": "relu"}}, {{"type": "linear", "out": 3}}]}},
@@ -24,11 +24,11 @@ void trainRun(const std::string& dir, const std::string& name, double lr) {
                       "sample_seed": 1}},
              "batch_size": 16}},
     "optimizer": {{"type": "sgd", "lr": {}}},
-    "train": {{"epochs": 3, "seed": 1, "log_every": 2}},
+    "train": {{"epochs": {}, "seed": 1, "log_every": 2}},
     "checkpoint": false,
     "output_dir": "{}/{}"
   }})",
-                                                    name, lr, dir, name));
+                                                    name, lr, epochs, dir, name));
   auto r = run({dtrainBinary(), "train", dir + "/" + name + ".json"}, {.timeout = 60s});
   REQUIRE_MESSAGE(r.exitCode == 0, r.err);
 }
@@ -44,6 +44,8 @@ root = ET.fromstring(text)
 ns = '{http://www.w3.org/2000/svg}'
 for p in root.iter(ns + 'polyline'):
     print(p.get('class'), len(p.get('points').split()))
+for c in root.iter(ns + 'circle'):
+    print('marker-' + c.get('class'))
 for t in root.iter(ns + 'text'):
     if t.get('class') == 'legend':
         print('legend', t.text)
@@ -52,6 +54,20 @@ for t in root.iter(ns + 'text'):
 }
 
 }  // namespace
+
+TEST_CASE("dtrain plot marks a curve of one point: a one-epoch run's evaluation is not an empty panel") {
+  std::string dir = tempDir("plot-once");
+  trainRun(dir, "once", 0.1, 1);
+  auto r = run({dtrainBinary(), "plot", dir + "/once", "--out", dir + "/curves.svg"});
+  REQUIRE_MESSAGE(r.exitCode == 0, r.err);
+  auto svg = inspect(dir + "/curves.svg");
+  REQUIRE_MESSAGE(svg.exitCode == 0, svg.err);
+  INFO(svg.out);
+  // The evaluation panel's line has one point (a polyline of one point draws nothing): it gets a marker, and the
+  // other curves, with many points, none.
+  CHECK(linesWith(svg.out, "run0 1").size() == 1);
+  CHECK(linesWith(svg.out, "marker-run0").size() == 1);
+}
 
 TEST_CASE("dtrain plot draws every run's curves, overlaid, as SVG and HTML") {
   std::string dir = tempDir("plot");

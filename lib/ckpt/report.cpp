@@ -151,6 +151,13 @@ std::string formatIndex(const fs::path& path, bool* complete) {
 
 }  // namespace
 
+bool atEpochEnd(int64_t epoch, int64_t samplesConsumed) { return epoch > 0 && samplesConsumed == 0; }
+
+std::string positionText(int64_t epoch, int64_t samplesConsumed) {
+  if (atEpochEnd(epoch, samplesConsumed)) return fmt::format("end of epoch {}", epoch);
+  return fmt::format("epoch {}, {} samples of it done", epoch + 1, samplesConsumed);
+}
+
 std::string formatList(const fs::path& root, const std::vector<CheckpointInfo>& list) {
   if (list.empty()) return fmt::format("no checkpoints in {}\n", root.string());
   std::string out = fmt::format("{:>10}  {:>6}  {:>10}  {:>5}  {:>10}  {:<20}  {}\n", "STEP", "EPOCH", "SAMPLES",
@@ -158,8 +165,10 @@ std::string formatList(const fs::path& root, const std::vector<CheckpointInfo>& 
   for (const auto& c : list) {
     auto num = [&](auto get) { return c.meta ? fmt::format("{}", get(*c.meta)) : std::string("-"); };
     out += fmt::format("{:>10}  {:>6}  {:>10}  {:>5}  {:>10}  {:<20}  {}\n", c.step,
-                       num([](const CheckpointMeta& m) { return m.epoch + 1; }),
-                       num([](const CheckpointMeta& m) { return m.samplesConsumed; }),
+                       num([](const CheckpointMeta& m) { return atEpochEnd(m.epoch, m.samplesConsumed) ? m.epoch : m.epoch + 1; }),
+                       c.meta && atEpochEnd(c.meta->epoch, c.meta->samplesConsumed)
+                           ? std::string("all")
+                           : num([](const CheckpointMeta& m) { return m.samplesConsumed; }),
                        num([](const CheckpointMeta& m) { return m.worldSize; }), parse::formatBytes(c.bytes),
                        c.meta && !c.meta->createdAt.empty() ? c.meta->createdAt : "-", statusText(c));
   }
@@ -189,10 +198,13 @@ std::string formatInspect(const fs::path& target, bool verify, bool* complete) {
   std::string out = fmt::format("checkpoint   {}\nstatus       {}\n", c.path.string(), statusText(c));
   if (c.meta) {
     const auto& m = *c.meta;
-    out += fmt::format("step         {}\nepoch        {}\nsamples      {} of epoch {} consumed\nworld size   {}\n"
+    const bool end = atEpochEnd(m.epoch, m.samplesConsumed);
+    out += fmt::format("step         {}\nepoch        {}\nsamples      {}\nworld size   {}\n"
                        "spec hash    {}\ncreated      {}\nformat       {}\n",
-                       m.step, m.epoch + 1, m.samplesConsumed, m.epoch + 1, m.worldSize, m.specHash, m.createdAt,
-                       m.formatVersion);
+                       m.step, end ? m.epoch : m.epoch + 1,
+                       end ? fmt::format("all of epoch {} (saved at its end)", m.epoch)
+                           : fmt::format("{} of epoch {} consumed", m.samplesConsumed, m.epoch + 1),
+                       m.worldSize, m.specHash, m.createdAt, m.formatVersion);
     if (!m.user.empty()) out += fmt::format("user         {}\n", m.user.dump());
   }
   out += fmt::format("\nfiles ({})\n", parse::formatBytes(c.bytes));

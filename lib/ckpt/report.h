@@ -15,6 +15,10 @@ namespace dtrain::ckpt {
 // Table: STEP EPOCH SAMPLES WORLD SIZE CREATED STATUS (with the reason when not complete). The text forms show
 // the epoch counted from 1, as the trainer's progress lines and its "resumed from" line do (meta.json and the
 // JSON forms keep CheckpointMeta::epoch, counted from 0).
+//
+// A checkpoint an epoch's end wrote is stored as the next epoch's start (epoch e + 1, 0 samples consumed: where a
+// resume begins). The text forms say what it is, "end of epoch E" (EPOCH E, SAMPLES "all"), so that the last
+// checkpoint of a 2-epoch run does not read as "epoch 3".
 std::string formatList(const std::filesystem::path& root, const std::vector<CheckpointInfo>& checkpoints);
 nlohmann::json listToJson(const std::vector<CheckpointInfo>& checkpoints);
 
@@ -27,5 +31,11 @@ nlohmann::json listToJson(const std::vector<CheckpointInfo>& checkpoints);
 // .safetensors file that opens (a partial, corrupt or staging checkpoint, or an incomplete index: false).
 std::string formatInspect(const std::filesystem::path& target, bool verifyChecksums, bool* complete = nullptr);
 nlohmann::json inspectToJson(const std::filesystem::path& target, bool verifyChecksums, bool* complete = nullptr);
+
+// Where a checkpoint stands in the run, for people: "epoch 2, 400 samples of it done", or "end of epoch 1" for an
+// epoch's end (stored as epoch 1 counted from 0 with 0 samples: the next epoch's start). `epoch` counted from 0, as
+// in CheckpointMeta.
+std::string positionText(int64_t epoch, int64_t samplesConsumed);
+bool atEpochEnd(int64_t epoch, int64_t samplesConsumed);
 
 }  // namespace dtrain::ckpt

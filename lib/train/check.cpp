@@ -6,6 +6,7 @@
 #include <limits>
 #include <sstream>
 
+#include "lib/ckpt/report.h"
 #include "lib/common/dir_check.h"
 #include "lib/common/error.h"
 #include "lib/data/sequence.h"
@@ -287,8 +288,8 @@ std::string checkJob(const Job& job) {
     out += "resume: off (checkpoint.resume is false): starts at step 0\n";
     if (auto warning = resumeOffWarning(job)) out += "warning: " + *warning + "\n";
   } else if (auto from = checkResumeCheckpoint(job))
-    out += fmt::format("resume: from {} (step {}, epoch {}, {} samples of it done, saved by {} rank(s))\n",
-                       from->path.string(), from->step, from->epoch + 1, from->samplesConsumed, from->savedWorldSize);
+    out += fmt::format("resume: from {} (step {}, {}, saved by {} rank(s))\n", from->path.string(), from->step,
+                       ckpt::positionText(from->epoch, from->samplesConsumed), from->savedWorldSize);
   else out += fmt::format("resume: no valid checkpoint in {}: starts at step 0\n", job.checkpoint.dir.string());
   return out;
 }

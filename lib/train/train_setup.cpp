@@ -2,6 +2,7 @@
 // data, model, optimizer, checkpoint resume, sparse tables, the vocabulary file and the run's plan.
 #include "lib/train/train_loop.h"
 
+#include "lib/ckpt/report.h"
 #include "lib/train/check.h"
 
 namespace dtrain::train::detail {
@@ -222,9 +223,9 @@ void TrainLoop::setUp() {
                                   *result_.baselineAuc));
   }
   if (resumed_)
-    progress_->info(fmt::format("resumed from {} (step {}, epoch {}, {} samples of it done, saved by {} rank(s))",
-                                resumed_->path.string(), resumed_->step, resumed_->epoch + 1,
-                                resumed_->samplesConsumed, resumed_->savedWorldSize));
+    progress_->info(fmt::format("resumed from {} (step {}, {}, saved by {} rank(s))", resumed_->path.string(),
+                                resumed_->step, ckpt::positionText(resumed_->epoch, resumed_->samplesConsumed),
+                                resumed_->savedWorldSize));
   if (job_.parallel.compression && commHook_) {
     const auto& c = *job_.parallel.compression;
     progress_->info(fmt::format("gradient compression: {}{}{}{}{}", compressionTypeName(c.type),

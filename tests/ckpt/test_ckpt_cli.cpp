@@ -140,6 +140,18 @@ TEST_CASE("dtrain ckpt list and inspect count epochs from 1, as the trainer's pr
   CHECK(list.out.find("       100       2 ") != std::string::npos);
   auto asJson = dtrainCkpt({"list", root.string(), "--json"});
   CHECK(json::parse(asJson.out).at(0).at("meta").at("epoch") == 1);
+
+  // An epoch's end is stored as the next epoch's start (epoch 1 counted from 0, 0 samples): the last checkpoint of
+  // a 1-epoch run read "epoch 2, 0 samples" (a 2-epoch run's, "epoch 3"). It is the end of epoch 1.
+  writeCheckpoint(root, 125);  // meta.json: "epoch": 1, "samples_consumed": 0
+  auto end = dtrainCkpt({"inspect", root.string()});
+  INFO(end.out);
+  CHECK(end.out.find("step         125\nepoch        1\nsamples      all of epoch 1 (saved at its end)\n") !=
+        std::string::npos);
+  auto endList = dtrainCkpt({"list", root.string()});
+  INFO(endList.out);
+  CHECK(endList.out.find("       125       1         all ") != std::string::npos);
+  CHECK(endList.out.find("       100       2         400 ") != std::string::npos);
 }
 
 TEST_CASE("dtrain ckpt inspect of a corrupt or uncommitted checkpoint reports why and exits 8, so scripts can verify with it") {

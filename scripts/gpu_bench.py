@@ -145,6 +145,17 @@ class GpuMemory:
         self.thread.join()
 
 
+def step_seconds(rows, warm, steps):
+    """Mean seconds per step from step `warm` to step `warm + steps` of dtrain's metrics.jsonl rows (log_every 1).
+
+    Only the progress rows count: their time_s is the training time at that step. The final row repeats the last
+    step with time_s = the whole run's wall time (the model's export included) and an evaluation row repeats its
+    step too; either would stand in for the last step's time."""
+    t = {row["step"]: row["time_s"] for row in rows
+         if "time_s" in row and "step" in row and not row.get("final") and "eval_loss" not in row}
+    return (t[warm + steps] - t[warm]) / steps
+
+
 def dtrain_gpt(dtrain, batch, steps, tmp, precision, reserve):
     tokens = batch * T * (steps + 6) + T + 1
     path = os.path.join(tmp, "tokens.bin")
@@ -174,8 +185,7 @@ def dtrain_gpt(dtrain, batch, steps, tmp, precision, reserve):
         print(r.stderr[-3000:], file=sys.stderr)
         raise SystemExit(f"dtrain train failed (exit {r.returncode})")
     rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if l.strip()]
-    t = {row["step"]: row["time_s"] for row in rows if "time_s" in row and "step" in row}
-    dt = (t[warm + steps] - t[warm]) / steps
+    dt = step_seconds(rows, warm, steps)
     params = 12 * (12 * C * C + 13 * C) + V * C + T * C + 2 * C  # the gpt preset with bias and a tied head
     final = next((row for row in reversed(rows) if row.get("final")), {})
     if "peak_gpu_mb" not in final:

@@ -93,6 +93,10 @@ int runCommand(RunArgs& a, bool programAfterDashes) {
     for (const auto& note : cluster.notes) fmt::print(stderr, "dtrain run: {}\n", note);
     slurmLines.insert(slurmLines.end(), clusterLines.begin(), clusterLines.end());
   }
+  // --master-port alone: torchrun's --master-addr defaults to 127.0.0.1. It used to be ignored (the store took port
+  // 29400, the one the user was avoiding). A cluster's derived endpoint, or --standalone's own, comes first.
+  if (o.rdzvEndpoint.empty() && a.masterPort > 0 && !o.standalone)
+    o.rdzvEndpoint = fmt::format("127.0.0.1:{}", a.masterPort);
   o.validate();
   // Every local worker builds the whole model and its batch: refuse a job that cannot fit before any starts.
   // ... and whose data is broken or does not fit the model: headers, sizes and labels are checked here, in
@@ -218,7 +222,9 @@ void addRunCommand(CLI::App& root, Action& action) {
       ->envname("DTRAIN_LOCAL_ADDR");
   sub->add_option("--master-addr,--master_addr", a->masterAddr, "torchrun alias: rendezvous host when no endpoint")
       ->envname("DTRAIN_MASTER_ADDR");
-  sub->add_option("--master-port,--master_port", a->masterPort, "torchrun alias: rendezvous port when no endpoint")
+  sub->add_option("--master-port,--master_port", a->masterPort,
+                  "torchrun alias: rendezvous port when no endpoint (with --master-addr, else on 127.0.0.1)")
+      ->check(CLI::Range(1, 65535))
       ->envname("DTRAIN_MASTER_PORT");
   sub->add_option("--log-dir,--log_dir", o.logDir, "Keep per-attempt, per-rank stdout/stderr files here")
       ->envname("DTRAIN_LOG_DIR");

@@ -151,6 +151,36 @@ TEST_CASE("--log-dir keeps per-attempt, per-rank files; --redirects keeps them o
   }
 }
 
+TEST_CASE("torchrun's --master-addr / --master-port make the endpoint; --master-port alone is 127.0.0.1:PORT") {
+  auto plan = [](std::vector<std::string> flags) {
+    flags.insert(flags.end(), {"--dry-run", "--", "true"});
+    return run(runArgs(flags), {.timeout = 30s, .unsetEnv = {"DTRAIN_MASTER_PORT", "DTRAIN_MASTER_ADDR"}});
+  };
+  auto both = plan({"--master-addr", "127.0.0.1", "--master-port", "29511"});
+  CHECK(both.exitCode == 0);
+  CHECK(both.out.find("rdzv_endpoint=127.0.0.1:29511 ") != std::string::npos);
+  // torchrun's --master_addr defaults to 127.0.0.1: the port alone was ignored (the store took 29400), and a 2-node
+  // launch said it needed --rdzv-endpoint.
+  auto port = plan({"--master-port", "29511"});
+  INFO(port.out, port.err);
+  CHECK(port.exitCode == 0);
+  CHECK(port.out.find("rdzv_endpoint=127.0.0.1:29511 ") != std::string::npos);
+  auto twoNodes = plan({"--nnodes", "2", "--node-rank", "0", "--master-port", "29511"});
+  CHECK(twoNodes.exitCode == 0);
+  CHECK(twoNodes.out.find("rdzv_endpoint=127.0.0.1:29511 ") != std::string::npos);
+  // An explicit endpoint wins, as in torchrun.
+  auto endpoint = plan({"--rdzv-endpoint", "127.0.0.1:29600", "--master-port", "29511"});
+  CHECK(endpoint.out.find("rdzv_endpoint=127.0.0.1:29600 ") != std::string::npos);
+  // A port out of range names --master-port (it was ignored, or reported as --rdzv-endpoint 127.0.0.1:99999).
+  for (const char* bad : {"99999", "-3", "0"}) {
+    CAPTURE(bad);
+    auto r = plan({"--master-addr", "127.0.0.1", "--master-port", bad});
+    CHECK(r.exitCode == 3);
+    CHECK_MESSAGE(r.err.find("--master-port") != std::string::npos, r.err);
+    CHECK(r.err.find("--rdzv-endpoint") == std::string::npos);
+  }
+}
+
 TEST_CASE("options can come from DTRAIN_* environment variables") {
   auto r = run(runArgs({"--standalone", "--", "sh", "-c", "echo ws=$WORLD_SIZE"}),
                {.timeout = 30s, .env = {{"DTRAIN_NPROC_PER_NODE", "3"}}});

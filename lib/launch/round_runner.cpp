@@ -436,6 +436,11 @@ std::string RoundRunner::failureReport(const Worker& w) const {
   std::string report = fmt::format("worker failed: node {} ({}), rank {} (local rank {}), pid {}: {}",
                                    ctx_.round->nodeRank, me.hostname, w.rank, w.localRank, w.pid,
                                    describeStatus(w.status));
+  // A worker cannot catch SIGKILL, so it says nothing about it: name who usually sends it unasked. (The agent's own
+  // SIGKILL comes after --shutdown-timeout, when a round is already ending, not as a round's first failure.)
+  if (WIFSIGNALED(w.status) && WTERMSIG(w.status) == SIGKILL)
+    report += fmt::format("\n(SIGKILL from outside dtrain: the kernel's out-of-memory killer sends it when memory "
+                          "runs out, see `dmesg`; or a kill -9)");
   const auto& tail = w.sinks[1]->tail();
   if (!tail.empty()) {
     report += fmt::format("\nlast {} line(s) of rank {}'s stderr:", tail.size(), w.rank);

@@ -49,6 +49,9 @@ TEST_CASE("SIGKILL of a worker mid-epoch: the job succeeds with weights bit-iden
   INFO(killed.out, killed.err);
   REQUIRE(killed.exitCode == 0);
   CHECK(killed.err.find("signal 9 (SIGKILL)") != std::string::npos);
+  // A SIGKILLed worker says nothing (it cannot catch it): the report names the usual sender, the OOM killer.
+  CHECK(killed.err.find("(SIGKILL from outside dtrain: the kernel's out-of-memory killer sends it when memory runs "
+                        "out, see `dmesg`; or a kill -9)") != std::string::npos);
   CHECK(killed.out.find("resumed from") != std::string::npos);
   CHECK(readTensorsRaw(dir + "/clean/model.safetensors") == readTensorsRaw(dir + "/killed/model.safetensors"));
 }

@@ -70,6 +70,8 @@ TEST_CASE("pipeline: an MLP at 1x2x1, 1x4x1 (gpipe and 1f1b) and 2x2x1 ends with
   auto d2p2 = trainJob(job, dir + "/d2p2", 4, {parallelSet(2, "1f1b", 2), "data.batch_size=8"});
   checkSameWeights(dir + "/d2p2/model.safetensors", dir + "/one/model.safetensors");
   CHECK(d2p2.out.find("2 data replica(s) of 2 ranks x batch 8, 6 steps") != std::string::npos);
+  // The model's parameter count, and rank 0's part of it (it printed its stage's 112 as the model's).
+  CHECK_MESSAGE(d2p2.out.find(": 355 parameters (rank 0 holds 112), 96 training samples") != std::string::npos, d2p2.out);
   // The loss and evaluation are reported once per sample, as alone.
   auto one = readJsonLines(dir + "/one/metrics.jsonl");
   auto pipe = readJsonLines(dir + "/d2p2/metrics.jsonl");

@@ -5,7 +5,9 @@ Prints one table from one run, both sides of every comparison:
   - bf16 and TF32 GEMM rates measured with torch.matmul (8192^3): the ceilings MFU is computed against;
   - GPT-2-small shape (12 layers, 12 heads, 768 wide, block 1024, vocab 50257), batch B: step time, tokens/s, MFU
     and peak GPU memory for dtrain ("precision": "bf16": bf16 GEMM inputs, fp32 master weights and activations; and
-    fp32 with TF32 GEMMs) and for PyTorch eager on the same model and batch (bf16 autocast, and fp32 with TF32);
+    fp32 with TF32 GEMMs; both with the fused attention kernels, the default) and for PyTorch eager on the same model
+    and batch (bf16 autocast, and fp32 with TF32); then, when the budget leaves time, dtrain fp32 with
+    "attention": "matmul" (the cuBLAS score-square path) for the fused/matmul comparison;
   - all-reduce over the GPUs present: dtrain bench allreduce --backend nccl, and PyTorch's NCCL all_reduce on the
     same sizes (algbw and busbw as nccl-tests define them: busbw = algbw * 2 (n - 1) / n).
 Time: --budget S bounds the whole run (scripts/gpu-check passes what its own budget leaves); each part's timeout
@@ -156,7 +158,7 @@ def step_seconds(rows, warm, steps):
     return (t[warm + steps] - t[warm]) / steps
 
 
-def dtrain_gpt(dtrain, batch, steps, tmp, precision, reserve):
+def dtrain_gpt(dtrain, batch, steps, tmp, precision, reserve, attention="auto"):
     tokens = batch * T * (steps + 6) + T + 1
     path = os.path.join(tmp, "tokens.bin")
     if not os.path.exists(path):
@@ -165,7 +167,7 @@ def dtrain_gpt(dtrain, batch, steps, tmp, precision, reserve):
         with open(path, "wb") as f:
             f.write(header.numpy().tobytes())
             f.write(torch.randint(0, V, (tokens,), dtype=torch.int32).to(torch.int16).numpy().tobytes())
-    out = os.path.join(tmp, "out-" + precision)
+    out = os.path.join(tmp, f"out-{precision}-{attention}")
     warm = 3
     job = {
         "model": {"preset": "gpt", "vocab_size": V, "block_size": T, "n_layer": L, "n_head": H, "n_embd": C,
@@ -174,12 +176,13 @@ def dtrain_gpt(dtrain, batch, steps, tmp, precision, reserve):
         "data": {"train": {"format": "tokens", "path": path}, "batch_size": batch, "shuffle": False},
         "optimizer": {"type": "adamw", "lr": 6e-4, "weight_decay_on": "matrices"},
         "train": {"epochs": 1, "seed": 1, "max_steps": warm + steps, "log_every": 1},
-        "checkpoint": False, "device": "cuda", "tf32": True, "precision": precision,
+        "checkpoint": False, "device": "cuda", "tf32": True, "precision": precision, "attention": attention,
     }
-    with open(os.path.join(tmp, "job.json"), "w") as f:
+    job_path = os.path.join(tmp, f"job-{precision}-{attention}.json")
+    with open(job_path, "w") as f:
         json.dump(job, f)
     with GpuMemory() as mem:
-        r = subprocess.run([dtrain, "train", os.path.join(tmp, "job.json"), "--output-dir", out],
+        r = subprocess.run([dtrain, "train", job_path, "--output-dir", out],
                            capture_output=True, text=True, timeout=min(300.0, left(reserve)))
     if r.returncode != 0:
         print(r.stderr[-3000:], file=sys.stderr)
@@ -244,14 +247,26 @@ def main():
             except Exception as e:  # keep the other rows: they say what the machine does
                 print(f"{name} row failed: {e}")
                 FAILURES.append(key)
-    for key, name, use_bf16 in (("torch bf16", "PyTorch eager (bf16 autocast)", True),
-                                ("torch fp32", "PyTorch eager (fp32, TF32)", False)):
-        try:
-            rows[key] = (name,) + torch_gpt(a.batch, a.steps, use_bf16)
-        except Exception as e:
-            print(f"{name} row failed: {e}")
-            FAILURES.append(key)
-            torch.cuda.empty_cache()
+        for key, name, use_bf16 in (("torch bf16", "PyTorch eager (bf16 autocast)", True),
+                                    ("torch fp32", "PyTorch eager (fp32, TF32)", False)):
+            try:
+                rows[key] = (name,) + torch_gpt(a.batch, a.steps, use_bf16)
+            except Exception as e:
+                print(f"{name} row failed: {e}")
+                FAILURES.append(key)
+                torch.cuda.empty_cache()
+        # The comparison row (the matmul attention path), after the PyTorch rows so it never starves them: only
+        # when the budget leaves it a minute beside the all-reduce table's reserve.
+        if left(40) > 60:
+            name = "dtrain (fp32, matmul attention)"
+            try:
+                rows["dtrain fp32 matmul"] = (name,) + dtrain_gpt(a.dtrain, a.batch, a.steps, tmp, "fp32", 40,
+                                                                  attention="matmul")
+            except Exception as e:
+                print(f"{name} row failed: {e}")
+                FAILURES.append("dtrain fp32 matmul")
+        else:
+            print("dtrain (fp32, matmul attention): NOT RUN (time budget)")
     for name, dt, params, peak, smi in rows.values():
         fpt = flops_per_token(params) * tokens / dt / 1e12
         print(f"{name:<34}{dt * 1e3:>9.1f}{tokens / dt:>11.0f}{fpt / bf16:>10.1%}{fpt / tf32:>10.1%}{peak:>10.1f}"
@@ -260,7 +275,8 @@ def main():
           " torch.cuda.max_memory_allocated, dtrain's peak_gpu_mb (every cudaMalloc'd buffer); the issue's target.\n"
           " smi GiB: the peak of nvidia-smi's memory.used of GPU 0 during the row's run, device-wide: CUDA contexts,\n"
           " cuBLAS/NCCL workspaces, PyTorch's cached blocks, and this script's own context in every row)")
-    for mine, theirs in (("dtrain bf16", "torch bf16"), ("dtrain fp32", "torch fp32")):
+    for mine, theirs in (("dtrain bf16", "torch bf16"), ("dtrain fp32", "torch fp32"),
+                         ("dtrain fp32", "dtrain fp32 matmul")):
         if mine in rows and theirs in rows:  # tokens/s ratio = inverse step-time ratio
             print(f"{rows[mine][0]} / {rows[theirs][0]} tokens/s: {rows[theirs][1] / rows[mine][1]:.2f}x")
 

@@ -1,10 +1,15 @@
-// The attention-dropout kernel (kernels_attention.h): one Philox block (4 elements) per thread, grid-stride,
-// bounded grid (grid.h); the per-thread work is philox.h's dropoutQuad, the function the CPU tests emulate.
+// The attention kernels (kernels_attention.h). The dropout: one Philox block (4 elements) per thread, grid-stride,
+// bounded grid (grid.h); the per-thread work is philox.h's dropoutQuad, the function the CPU tests emulate. The
+// fused (flash) attention: four kernels of kFlashThreads threads, one (sample, head, row tile) item per block at a
+// time over a bounded 1-D grid, running flash_attention.h's tile loops (the very functions test_gpu_flash.cpp
+// emulates) with the tiles in static shared memory and each thread's row state in registers.
 #include <cuda_runtime.h>
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
+#include "lib/gpu/flash_attention.h"
 #include "lib/gpu/grid.h"
 #include "lib/gpu/kernels_attention.h"
 #include "lib/gpu/launch.h"
@@ -22,7 +27,115 @@ __global__ void dropoutSelectKernel(const float* in, DropoutDraw draw, uint64_t 
     dropoutQuad(draw, DropoutForm::kSelect, first, q, in, out, n);
 }
 
+// The block's threads for flash_attention.h's item functions: each() is the calling thread's own work on its
+// registers, sync() the block barrier.
+template <class Row>
+struct DeviceThreads {
+  Row& row;
+  template <class F>
+  __host__ __device__ void each(F&& f) {
+#if defined(__CUDA_ARCH__)
+    f(static_cast<int>(threadIdx.x), row);
+#endif
+  }
+  __host__ __device__ void sync(FlashSync) {
+#if defined(__CUDA_ARCH__)
+    __syncthreads();
+#endif
+  }
+};
+
+template <int HS>
+__global__ void __launch_bounds__(kFlashThreads) flashForwardKernel(FlashGeometry g, const float* qkv, float* att,
+                                                                     float* lse) {
+  constexpr int R = kFlashTileRows<HS>;
+  __shared__ __align__(16) float kTile[R * HS];
+  __shared__ __align__(16) float vTile[R * HS];
+  FlashForwardRow<HS> row;
+  DeviceThreads<FlashForwardRow<HS>> th{row};
+  for (int64_t item = blockIdx.x; item < g.items(); item += gridDim.x)
+    flashForwardItem<HS>(th, g, item, qkv, att, lse, kTile, vTile, FlashNoDropout{});
+}
+
+template <int HS>
+__global__ void __launch_bounds__(kFlashThreads) flashGradQKernel(FlashGeometry g, const float* qkv, const float* att,
+                                                                   const float* lse, const float* datt, float* dsum,
+                                                                   float* dqkv) {
+  constexpr int R = kFlashTileRows<HS>;
+  __shared__ __align__(16) float kTile[R * HS];
+  __shared__ __align__(16) float vTile[R * HS];
+  FlashGradQRow<HS> row;
+  DeviceThreads<FlashGradQRow<HS>> th{row};
+  for (int64_t item = blockIdx.x; item < g.items(); item += gridDim.x)
+    flashGradQItem<HS>(th, g, item, qkv, att, lse, datt, dsum, dqkv, kTile, vTile, FlashNoDropout{});
+}
+
+template <int HS, bool kGradK>
+__global__ void __launch_bounds__(kFlashThreads) flashGradKVKernel(FlashGeometry g, const float* qkv, const float* lse,
+                                                                    const float* datt, const float* dsum, float* dqkv) {
+  constexpr int R = kFlashTileRows<HS>;
+  using Row = typename std::conditional<kGradK, FlashGradKRow<HS>, FlashGradVRow<HS>>::type;
+  __shared__ __align__(16) float qTile[R * HS];
+  __shared__ __align__(16) float doTile[R * HS];
+  __shared__ float lseTile[R];
+  __shared__ float dsumTile[R];
+  Row row;
+  DeviceThreads<Row> th{row};
+  for (int64_t item = blockIdx.x; item < g.items(); item += gridDim.x)
+    flashGradKVItem<HS, kGradK>(th, g, item, qkv, lse, datt, dsum, dqkv, qTile, doTile, lseTile, dsumTile,
+                                FlashNoDropout{});
+}
+
+template <int HS>
+void flashForwardLaunch(const FlashGeometry& g, const float* qkv, float* att, float* lse) {
+  flashForwardKernel<HS><<<rowGrid(g.items()), kFlashThreads>>>(g, qkv, att, lse);
+  DTRAIN_CU_CHECK_LAUNCH("flashForwardKernel");
+}
+
+template <int HS>
+void flashBackwardLaunch(const FlashGeometry& g, const float* qkv, const float* att, const float* lse,
+                         const float* datt, float* dsum, float* dqkv) {
+  const unsigned grid = rowGrid(g.items());
+  flashGradQKernel<HS><<<grid, kFlashThreads>>>(g, qkv, att, lse, datt, dsum, dqkv);
+  DTRAIN_CU_CHECK_LAUNCH("flashGradQKernel");
+  flashGradKVKernel<HS, true><<<grid, kFlashThreads>>>(g, qkv, lse, datt, dsum, dqkv);
+  DTRAIN_CU_CHECK_LAUNCH("flashGradKVKernel<dK>");
+  flashGradKVKernel<HS, false><<<grid, kFlashThreads>>>(g, qkv, lse, datt, dsum, dqkv);
+  DTRAIN_CU_CHECK_LAUNCH("flashGradKVKernel<dV>");
+}
+
+[[noreturn]] void unsupportedHeadSize() {
+  detail::cudaFailed("flash attention: head size outside 1 .. 128", static_cast<int>(cudaErrorInvalidValue), __FILE__,
+                     __LINE__);
+}
+
 }  // namespace
+
+void flashAttentionForward(const float* qkv, float* att, float* lse, int64_t batch, int64_t t, int64_t heads,
+                           int64_t hs) {
+  const FlashGeometry g = flashGeometry(batch, t, heads, hs);
+  if (g.items() == 0) return;
+  switch (flashHeadTemplate(hs)) {
+    case 16: return flashForwardLaunch<16>(g, qkv, att, lse);
+    case 32: return flashForwardLaunch<32>(g, qkv, att, lse);
+    case 64: return flashForwardLaunch<64>(g, qkv, att, lse);
+    case 128: return flashForwardLaunch<128>(g, qkv, att, lse);
+    default: unsupportedHeadSize();
+  }
+}
+
+void flashAttentionBackward(const float* qkv, const float* att, const float* lse, const float* datt, float* dsum,
+                            float* dqkv, int64_t batch, int64_t t, int64_t heads, int64_t hs) {
+  const FlashGeometry g = flashGeometry(batch, t, heads, hs);
+  if (g.items() == 0) return;
+  switch (flashHeadTemplate(hs)) {
+    case 16: return flashBackwardLaunch<16>(g, qkv, att, lse, datt, dsum, dqkv);
+    case 32: return flashBackwardLaunch<32>(g, qkv, att, lse, datt, dsum, dqkv);
+    case 64: return flashBackwardLaunch<64>(g, qkv, att, lse, datt, dsum, dqkv);
+    case 128: return flashBackwardLaunch<128>(g, qkv, att, lse, datt, dsum, dqkv);
+    default: unsupportedHeadSize();
+  }
+}
 
 void dropoutSelect(const float* in, const DropoutDraw& draw, uint64_t first, float* out, size_t n) {
   if (n == 0) return;

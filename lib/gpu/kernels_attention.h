@@ -1,7 +1,10 @@
-// Kernels of the CUDA causal_self_attention's dropout (lib/nn/cuda/layers_gpt.cpp), beside kernels.h and under its
-// conventions: device pointers of the current GPU, enqueued on the legacy default stream, launch failures thrown
-// as GpuError, deterministic. The mask is computed from the counter by lib/gpu/philox.h's per-thread function
-// (plain C++, CPU-tested by emulation in tests/gpu/test_gpu_attention.cpp). No CUDA header is needed to include
+// Kernels of the CUDA causal_self_attention (lib/nn/cuda/layers_gpt.cpp): its dropout and the fused (flash)
+// attention, beside kernels.h and under its conventions: device pointers of the current GPU, enqueued on the
+// legacy default stream, launch failures thrown as GpuError, deterministic (no atomics: the same bits every run).
+// The dropout mask is computed from the counter by lib/gpu/philox.h's per-thread function (plain C++, CPU-tested by
+// emulation in tests/gpu/test_gpu_attention.cpp); the fused attention's tile loops and per-thread work are
+// lib/gpu/flash_attention.h's (CPU-tested by emulation of every thread in tests/gpu/test_gpu_flash.cpp). No CUDA
+// header is needed to include
 // this.
 #pragma once
 
@@ -17,5 +20,20 @@ namespace dtrain::gpu::kernels {
 // draw's numbering (a sample's [H, T, T] square starts at sample * H * T * T, not necessarily on a Philox block).
 // One Philox block per thread (philox.h dropoutQuad); no mask is read or kept.
 void dropoutSelect(const float* in, const DropoutDraw& draw, uint64_t first, float* out, size_t n);
+
+// Fused causal self-attention (FlashAttention-2's algorithm, fp32; lib/gpu/flash_attention.h) for head sizes 1 ..
+// kFlashMaxHeadSize (128); any other head size throws GpuError (the layer checks first). Shapes (row-major floats):
+//   qkv [batch * t, 3 heads hs] (q of head h at columns h hs, k at C + h hs, v at 2C + h hs, C = heads hs),
+//   att and datt [batch * t, C] (the concatenated heads and their gradient), lse and dsum [batch, heads, t],
+//   dqkv [batch * t, 3C].
+// Forward: att = softmax(mask(q k^T / sqrt(hs))) v per (sample, head), and lse = the rows' log-sum-exp of the
+// scaled scores in base 2 (what backward needs to recompute P; nothing of size t x t exists).
+void flashAttentionForward(const float* qkv, float* att, float* lse, int64_t batch, int64_t t, int64_t heads,
+                           int64_t hs);
+// Backward from forward's att and lse: dsum = rowwise datt . att (FlashAttention's D), then every element of dqkv
+// (dq, dk, dv of every head; overwritten, not added to) by three kernels (dQ, dK, dV), each element one thread's
+// fixed-order sum.
+void flashAttentionBackward(const float* qkv, const float* att, const float* lse, const float* datt, float* dsum,
+                            float* dqkv, int64_t batch, int64_t t, int64_t heads, int64_t hs);
 
 }  // namespace dtrain::gpu::kernels

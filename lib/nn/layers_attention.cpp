@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -13,6 +14,7 @@
 #include "lib/common/aligned_buffer.h"
 #include "lib/common/error.h"
 #include "lib/common/json_fields.h"
+#include "lib/nn/attention_kernel.h"
 #include "lib/nn/cuda_impl.h"
 #include "lib/nn/dropout_mask.h"
 #include "lib/nn/layers_impl.h"
@@ -310,10 +312,16 @@ void parseAttention(const JsonFields& f, LayerSpec& l) {
   l.output = l.input;
 }
 
-// q, k, v and the concatenated heads [T, 4C], the probabilities [H, T, T] and, with dropout, their dropped copy.
-int64_t attentionKept(const LayerSpec& l) {
+// Per sample: q, k, v and the concatenated heads [T, 4C] everywhere; besides, on the CPU the probabilities
+// [H, T, T] and, with dropout, their dropped copy; on a GPU with the fused kernels the log-sum-exp rows [H, T]; on
+// a GPU with the matmul path nothing (its one-sample score scratch is the model's, not per sample; its dropout
+// mask is computed from a counter, not kept).
+int64_t attentionKept(const LayerSpec& l, const MemoryTarget& target) {
   const double t = static_cast<double>(l.input[0]), c = static_cast<double>(l.input[1]);
-  const double n = 4 * c * t + static_cast<double>(l.nHead) * t * t * (l.p > 0 ? 2 : 1);
+  const double h = static_cast<double>(l.nHead);
+  double n = 4 * c * t;
+  if (!target.cuda) n += h * t * t * (l.p > 0 ? 2 : 1);
+  else if (usesFusedAttention(l, target.attention)) n += h * t;
   return n >= 9.2e18 ? std::numeric_limits<int64_t>::max() : static_cast<int64_t>(n);
 }
 
@@ -347,7 +355,40 @@ std::string attentionDetail(const LayerSpec& l) {
 std::unique_ptr<Layer> makeAttention(const LayerSpec& s, const LayerBuild& b) {
   return std::make_unique<CausalSelfAttention>(s, b.maxBatch, b.scratch, b.tensor, b.seed);
 }
+std::atomic<AttentionKernel> gAttentionKernel{AttentionKernel::kAuto};
+
 }  // namespace
+
+std::string_view attentionKernelName(AttentionKernel k) noexcept {
+  switch (k) {
+    case AttentionKernel::kFused: return "fused";
+    case AttentionKernel::kMatmul: return "matmul";
+    case AttentionKernel::kAuto: break;
+  }
+  return "auto";
+}
+
+std::optional<AttentionKernel> parseAttentionKernel(std::string_view name) noexcept {
+  for (const AttentionKernel k : {AttentionKernel::kAuto, AttentionKernel::kFused, AttentionKernel::kMatmul})
+    if (name == attentionKernelName(k)) return k;
+  return std::nullopt;
+}
+
+void setAttentionKernel(AttentionKernel k) noexcept { gAttentionKernel.store(k); }
+AttentionKernel attentionKernel() noexcept { return gAttentionKernel.load(); }
+
+std::string fusedAttentionGap(const LayerSpec& spec) {
+  const int64_t hs = spec.input[1] / spec.nHead;
+  if (hs > kFusedAttentionMaxHeadSize)
+    return fmt::format("head size {} (n_embd {} / n_head {}) is above the fused kernels' {}", hs, spec.input[1],
+                       spec.nHead, kFusedAttentionMaxHeadSize);
+  if (spec.p > 0) return fmt::format("attention dropout ({}) is not in the fused kernels yet", spec.p);
+  return {};
+}
+
+bool usesFusedAttention(const LayerSpec& spec, AttentionKernel k) {
+  return k != AttentionKernel::kMatmul && fusedAttentionGap(spec).empty();
+}
 
 const LayerKind& attentionKind() {
   static constexpr LayerKind kind{.name = "causal_self_attention", .parse = parseAttention,

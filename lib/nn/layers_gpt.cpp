@@ -290,10 +290,10 @@ std::string embeddingDetail(const LayerSpec& l) {
 }
 
 // Each child's output (in the block's own buffers) and what the child keeps itself.
-int64_t blockKept(const LayerSpec& l) {
+int64_t blockKept(const LayerSpec& l, const MemoryTarget& target) {
   double n = 0;
   for (const auto& c : l.children)
-    n += static_cast<double>(c.output.numel()) + static_cast<double>(keptFloatsOf(c));
+    n += static_cast<double>(c.output.numel()) + static_cast<double>(keptFloatsOf(c, target));
   return n >= 9.2e18 ? std::numeric_limits<int64_t>::max() : static_cast<int64_t>(n);
 }
 

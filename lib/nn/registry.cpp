@@ -67,8 +67,8 @@ int64_t paramCountOf(const LayerSpec& spec) {
   return n;
 }
 
-int64_t keptFloatsOf(const LayerSpec& spec) {
-  return spec.kind != nullptr && spec.kind->keptFloats != nullptr ? spec.kind->keptFloats(spec) : 0;
+int64_t keptFloatsOf(const LayerSpec& spec, const MemoryTarget& target) {
+  return spec.kind != nullptr && spec.kind->keptFloats != nullptr ? spec.kind->keptFloats(spec, target) : 0;
 }
 
 std::optional<int64_t> checkedParamCountOf(const LayerSpec& spec) {

@@ -34,6 +34,7 @@
 
 #include "lib/common/aligned_buffer.h"
 #include "lib/common/tensor.h"
+#include "lib/nn/attention_kernel.h"
 #include "lib/nn/device.h"
 #include "lib/nn/spec.h"
 
@@ -45,6 +46,13 @@ namespace dtrain::nn {
 
 class Layer;
 class TensorGroup;  // lib/nn/tensor_parallel.h
+
+// Which layers a memory estimate is for: the CPU's, or the CUDA ones (whose attention keeps what its kernel choice
+// needs: attention_kernel.h).
+struct MemoryTarget {
+  bool cuda = false;
+  AttentionKernel attention = AttentionKernel::kAuto;
+};
 
 // A named parameter of a layer: "weight" or "bias" (PyTorch's attribute name) and its shape. In a tensor-parallel
 // (sharded) spec a parameter may be a slice of the full model's tensor: rows or columns [start, start +
@@ -117,9 +125,10 @@ struct LayerKind {
   // A valid layer object and per-sample input shape (JSON text), so tests cover every registered type.
   std::string_view exampleLayer;
   std::string_view exampleInput;
-  // Floats per sample the layer keeps from forward to backward besides its output (attention: q, k, v, the
-  // heads and the probabilities [H, T, T]); nullptr: none. Memory estimates only (dtrain check, the agent).
-  int64_t (*keptFloats)(const LayerSpec& spec) = nullptr;
+  // Floats per sample the layer keeps from forward to backward besides its output, on `target`'s layers
+  // (attention: q, k, v, the heads and, on the CPU, the probabilities [H, T, T]); nullptr: none. Memory estimates
+  // only (dtrain check, the agent).
+  int64_t (*keptFloats)(const LayerSpec& spec, const MemoryTarget& target) = nullptr;
 };
 
 // Every registered type, in the order error messages list them.
@@ -135,8 +144,8 @@ int64_t paramCountOf(const LayerSpec& spec);
 // The same count with overflow checks (nullopt past INT64_MAX): the parser's guard for untrusted specs.
 std::optional<int64_t> checkedParamCountOf(const LayerSpec& spec);
 
-// keptFloats of spec's layer, saturating at INT64_MAX; 0 when its type keeps nothing beyond its output.
-int64_t keptFloatsOf(const LayerSpec& spec);
+// keptFloats of spec's layer on `target`, saturating at INT64_MAX; 0 when its type keeps nothing beyond its output.
+int64_t keptFloatsOf(const LayerSpec& spec, const MemoryTarget& target = {});
 
 // Whether spec's layer, or a layer inside it (a block's children), draws random numbers in training (dropout).
 bool drawsRandom(const LayerSpec& spec);

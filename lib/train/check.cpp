@@ -132,8 +132,9 @@ MemoryEstimate estimateMemory(const Job& job, int worldSize) {
   else slots = job.optimizer.amsgrad ? 3 : 2;
   e.optimizer = satMul(params, slots * 4);
   int64_t values = satNumel(job.model.input);
+  const nn::MemoryTarget target{.cuda = job.device.isCuda(), .attention = job.attention};
   for (const auto& l : job.model.layers)
-    values = satAdd(values, satAdd(satMul(satNumel(l.output), 2), nn::keptFloatsOf(l)));
+    values = satAdd(values, satAdd(satMul(satNumel(l.output), 2), nn::keptFloatsOf(l, target)));
   e.activations = satMul(satMul(values, job.data.batchSize), 4);
   e.data = satAdd(syntheticBytes(job.data.train), job.data.eval ? syntheticBytes(*job.data.eval) : 0);
   if (job.parallel.compression && params < kInt64Max) {

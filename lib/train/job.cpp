@@ -373,6 +373,22 @@ void checkCudaJob(const Job& job, const std::string& src) {
   for (const auto& l : job.model.layers) check(l);
 }
 
+// "attention": "fused" on a GPU: every causal_self_attention layer must be one the fused kernels cover ("auto"
+// would quietly run the matmul path for the others; asking for "fused" means asking to know).
+void checkFusedAttention(const Job& job, const std::string& src) {
+  std::function<void(const nn::LayerSpec&)> check = [&](const nn::LayerSpec& l) {
+    if (l.type() == "causal_self_attention") {
+      const std::string gap = nn::fusedAttentionGap(l);
+      DTRAIN_CHECK_AS(ConfigError, gap.empty(),
+                      "{}: /attention: \"fused\" cannot run {} ({}: {}); use \"auto\" (the fused kernels where they "
+                      "cover a layer, the matmul path elsewhere) or \"matmul\"",
+                      src, l.path, l.type(), gap);
+    }
+    for (const auto& c : l.children) check(c);
+  };
+  for (const auto& l : job.model.layers) check(l);
+}
+
 }  // namespace
 
 void checkGpusForWorkers(const Job& job, int localWorkers, int visibleGpus) {
@@ -452,7 +468,7 @@ void parseJobDocument(Job& job, const JobArgs& args, const fs::path& file) {
 
   JsonFields top(job.doc, src, "", "the job");
   top.allowOnly({"name", "description", "model", "loss", "optimizer", "schedule", "lr_schedule", "data", "train",
-                 "parallel", "checkpoint", "init", "output_dir", "device", "logging", "tf32", "precision"});
+                 "parallel", "checkpoint", "init", "output_dir", "device", "logging", "tf32", "precision", "attention"});
   job.name = top.string("name", file.stem().string());
   DTRAIN_CHECK_AS(ConfigError, !job.name.empty() && job.name.find('/') == std::string::npos,
                   "{}: /name: expected a non-empty name without '/', got '{}'", src, job.name);
@@ -499,6 +515,10 @@ void parseJobDocument(Job& job, const JobArgs& args, const fs::path& file) {
     checkCudaJob(job, src);
   }
   job.tf32 = top.boolean("tf32", true);
+  if (job.doc.contains("attention")) {
+    job.attention = *nn::parseAttentionKernel(top.choice("attention", {"auto", "fused", "matmul"}, "attention kernel"));
+    if (job.device.isCuda() && job.attention == nn::AttentionKernel::kFused) checkFusedAttention(job, src);
+  }
   if (job.doc.contains("precision") && top.choice("precision", {"fp32", "bf16"}, "precision") == "bf16") {
     // The CPU layers compute in float32 (Eigen); emulating bf16 rounding there would be slow and prove little.
     DTRAIN_CHECK_AS(ConfigError, job.device.isCuda(),

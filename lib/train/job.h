@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "lib/data/spec.h"
+#include "lib/nn/attention_kernel.h"
 #include "lib/nn/loss.h"
 #include "lib/nn/optimizer.h"
 #include "lib/nn/schedule.h"
@@ -165,9 +166,11 @@ struct Job {
   // ones (the index is set by the worker; the job holds cuda:0). "tf32": cuBLAS may use TF32 tensor cores for
   // float32 GEMMs (default true; false for exact comparisons with the CPU). "precision": "fp32" (default) or
   // "bf16" (GPU only: bf16 GEMM inputs, float32 master weights, accumulation, statistics and gradient
-  // all-reduces; nn::setBf16, docs/gpu.md).
+  // all-reduces; nn::setBf16, docs/gpu.md). "attention": the CUDA causal_self_attention's kernels, "auto"
+  // (default: fused where they cover the layer), "fused" or "matmul" (nn::setAttentionKernel); CPU jobs ignore it.
   Device device;
   bool tf32 = true;
+  nn::AttentionKernel attention = nn::AttentionKernel::kAuto;
   enum class Precision { kFp32, kBf16 };
   Precision precision = Precision::kFp32;
 };

@@ -82,6 +82,7 @@ void TrainLoop::setUp() {
   device_ = workerDevice();
   nn::useDevice(device_);
   nn::setTf32(job_.tf32);
+  nn::setAttentionKernel(job_.attention);  // before the model is built: each attention layer reads it then
   nn::setBf16(job_.precision == Job::Precision::kBf16);
   // The eval set loads in the background while the group forms and the training set loads.
   std::future<std::shared_ptr<const data::Dataset>> evalLoad;

@@ -1,10 +1,15 @@
-// The CUDA attention's memory plan on a GPU (lib/nn/cuda/layers_gpt.cpp CausalSelfAttention): the probabilities
-// are recomputed in backward into a scratch that every attention layer of a model shares, and attention dropout
-// keeps no mask (the kernels compute it from the counter, lib/gpu/philox.h). Checked here: parity with the CPU layer over several batch sizes below maxBatch, with and
+// The CUDA attention on a GPU (lib/nn/cuda/layers_gpt.cpp CausalSelfAttention), both implementations.
+// Matmul ("attention": "matmul"): the probabilities are recomputed in backward into a scratch that every attention
+// layer of a model shares, and attention dropout keeps no mask (the kernels compute it from the counter,
+// lib/gpu/philox.h). Checked here: parity with the CPU layer over several batch sizes below maxBatch, with and
 // without dropout, with another layer using the shared scratch between forward and backward; and that backward
 // depends on nothing forward left in the scratch (filled with NaN in between: the same bits come out), so the
 // recomputation is bit-identical to forward's P. The kernels' per-thread work and the layer's order are CPU-tested
 // in test_gpu_attention.cpp.
+// Fused (the default, lib/gpu/flash_attention.h, CPU-tested thread by thread in test_gpu_flash.cpp): parity with
+// the CPU layer and with the matmul path at head sizes 4, 64 and 128, T not a multiple of the tiles and T = 1; no
+// score scratch reserved; the same bits twice (also with the backward scratch filled with NaN in between); a GPT
+// model on the default choice against the CPU model.
 #include <doctest/doctest.h>
 
 #include <nlohmann/json.hpp>
@@ -12,9 +17,12 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "lib/common/error.h"
+#include "lib/nn/attention_kernel.h"
 #include "lib/nn/device.h"
 #include "lib/nn/layer.h"
 #include "lib/nn/loss.h"
@@ -35,9 +43,16 @@ void fillNan(SharedScratch& s, SharedScratch::Slot slot) {
   copyBytes(s.data(slot), kGpu, nan.data(), Device::cpu(), nan.size() * sizeof(float));
 }
 
+// The attention kernel choice for the layers built inside one scope (reset to "auto" on the way out).
+struct AttentionScope {
+  explicit AttentionScope(AttentionKernel k) { setAttentionKernel(k); }
+  ~AttentionScope() { setAttentionKernel(AttentionKernel::kAuto); }
+};
+
 }  // namespace
 
-TEST_CASE("attention recomputes P in backward: shared scratch, batch < maxBatch, clobbered scratch, same bits") {
+TEST_CASE("matmul attention recomputes P in backward: shared scratch, batch < maxBatch, clobbered scratch, same bits") {
+  const AttentionScope matmul(AttentionKernel::kMatmul);
   // H T T = 4 x 37 x 37 is odd: the samples' dropout elements start inside a Philox block (4 elements).
   const int64_t t = 37, c = 16, heads = 4;
   const int maxBatch = 5;
@@ -108,37 +123,138 @@ TEST_CASE("attention recomputes P in backward: shared scratch, batch < maxBatch,
 }
 
 TEST_CASE("a GPT model's attention layers share one scratch: CPU parity at batch < maxBatch, repeatable bits") {
-  const json spec = json::parse(R"({"preset": "gpt", "vocab_size": 13, "block_size": 6, "n_layer": 3, "n_head": 2,
-                                    "n_embd": 8, "dropout": 0.2})");
-  const ModelSpec ms = parseModelSpec(spec, "", "/model");
-  const int maxBatch = 3;
-  Model cpu = Model::build(ms, maxBatch, 42, Device::cpu());
-  Model gpu = Model::build(ms, maxBatch, 42, kGpu);
-  auto cpuLoss = Loss::create({LossType::kCrossEntropy}, ms.output(), maxBatch, Device::cpu());
-  auto gpuLoss = Loss::create({LossType::kCrossEntropy}, ms.output(), maxBatch, kGpu);
-  for (const int batch : {2, 3, 1}) {
-    CAPTURE(batch);
-    std::vector<float> tokens(static_cast<size_t>(batch * 6));
-    for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<float>((i * 5 + 3) % 13);
-    std::vector<int32_t> labels(tokens.size());
-    for (size_t i = 0; i < labels.size(); ++i) labels[i] = static_cast<int32_t>((i * 7 + 1) % 13);
-    DeviceFloats dTokens = toDevice(tokens), dLabels = toDevice(labels);
-    const TensorView gpuLabels =
-        TensorView::of(reinterpret_cast<int32_t*>(dLabels.data()), Shape{batch, 6}, kGpu);
-    std::vector<float> first;
-    for (int round = 0; round < 2; ++round) {
-      CAPTURE(round);
-      cpu.reseedDropout(500 + static_cast<uint64_t>(batch)), gpu.reseedDropout(500 + static_cast<uint64_t>(batch));
-      const float lc =
-          cpuLoss->forward(cpu.forward(tokens.data(), batch, true), TensorView::i32(labels.data(), Shape{batch, 6}));
-      const float lg = gpuLoss->forward(gpu.forward(dTokens.data(), batch, true), gpuLabels);
-      CHECK(std::fabs(lc - lg) < 1e-5);
-      cpu.backward(cpuLoss->backward(), {}, GradMode::kOverwrite);
-      gpu.backward(gpuLoss->backward(), {}, GradMode::kOverwrite);
-      CHECK(std::fabs(gradNorm(cpu.grads(), Device::cpu()) - gradNorm(gpu.grads(), kGpu)) < 1e-4);
-      const auto g = toHost(gpu.grads().data(), gpu.grads().size());
-      if (round == 0) first = g;
-      else CHECK(g == first);  // the same step again: bit-identical gradients
+  // Dropout 0.2 runs the matmul path (the fused kernels have no dropout yet), 0 the fused one (the default).
+  for (const double dropout : {0.2, 0.0}) {
+    CAPTURE(dropout);
+    json spec = json::parse(R"({"preset": "gpt", "vocab_size": 13, "block_size": 6, "n_layer": 3, "n_head": 2,
+                                "n_embd": 8})");
+    spec["dropout"] = dropout;
+    const ModelSpec ms = parseModelSpec(spec, "", "/model");
+    const int maxBatch = 3;
+    Model cpu = Model::build(ms, maxBatch, 42, Device::cpu());
+    Model gpu = Model::build(ms, maxBatch, 42, kGpu);
+    auto cpuLoss = Loss::create({LossType::kCrossEntropy}, ms.output(), maxBatch, Device::cpu());
+    auto gpuLoss = Loss::create({LossType::kCrossEntropy}, ms.output(), maxBatch, kGpu);
+    for (const int batch : {2, 3, 1}) {
+      CAPTURE(batch);
+      std::vector<float> tokens(static_cast<size_t>(batch * 6));
+      for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<float>((i * 5 + 3) % 13);
+      std::vector<int32_t> labels(tokens.size());
+      for (size_t i = 0; i < labels.size(); ++i) labels[i] = static_cast<int32_t>((i * 7 + 1) % 13);
+      DeviceFloats dTokens = toDevice(tokens), dLabels = toDevice(labels);
+      const TensorView gpuLabels =
+          TensorView::of(reinterpret_cast<int32_t*>(dLabels.data()), Shape{batch, 6}, kGpu);
+      std::vector<float> first;
+      for (int round = 0; round < 2; ++round) {
+        CAPTURE(round);
+        cpu.reseedDropout(500 + static_cast<uint64_t>(batch)), gpu.reseedDropout(500 + static_cast<uint64_t>(batch));
+        const float lc =
+            cpuLoss->forward(cpu.forward(tokens.data(), batch, true), TensorView::i32(labels.data(), Shape{batch, 6}));
+        const float lg = gpuLoss->forward(gpu.forward(dTokens.data(), batch, true), gpuLabels);
+        CHECK(std::fabs(lc - lg) < 1e-5);
+        cpu.backward(cpuLoss->backward(), {}, GradMode::kOverwrite);
+        gpu.backward(gpuLoss->backward(), {}, GradMode::kOverwrite);
+        CHECK(std::fabs(gradNorm(cpu.grads(), Device::cpu()) - gradNorm(gpu.grads(), kGpu)) < 1e-4);
+        const auto g = toHost(gpu.grads().data(), gpu.grads().size());
+        if (round == 0) first = g;
+        else CHECK(g == first);  // the same step again: bit-identical gradients
+      }
     }
   }
+}
+
+TEST_CASE("fused attention: CPU and matmul parity, no score scratch, the same bits twice") {
+  struct Shape {
+    int64_t t, c, heads;
+  };
+  // hs 4 (T 37: one partial tile), hs 64 (T 130: three tiles, the last partial), hs 128 (T 70: key tiles of 32
+  // rows), and T = 1.
+  for (const Shape s : {Shape{37, 16, 4}, Shape{130, 128, 2}, Shape{70, 256, 2}, Shape{1, 64, 1}}) {
+    CAPTURE(s.t);
+    CAPTURE(s.c);
+    CAPTURE(s.heads);
+    const int maxBatch = 3;
+    const LayerSpec spec = parseModelSpec(
+        json{{"input", {s.t, s.c}},
+             {"layers", json::array({json{{"type", "causal_self_attention"}, {"n_head", s.heads}}})}},
+        "", "/model").layers[0];
+    auto cpu = makeLayer(spec, {.device = Device::cpu(), .maxBatch = maxBatch, .seed = 7});
+    SharedScratch fusedScratch(kGpu), matmulScratch(kGpu);
+    std::unique_ptr<Layer> fused, matmul;
+    {
+      const AttentionScope scope(AttentionKernel::kFused);
+      fused = makeLayer(spec, {.device = kGpu, .maxBatch = maxBatch, .seed = 7, .scratch = &fusedScratch});
+    }
+    {
+      const AttentionScope scope(AttentionKernel::kMatmul);
+      matmul = makeLayer(spec, {.device = kGpu, .maxBatch = maxBatch, .seed = 7, .scratch = &matmulScratch});
+    }
+    fusedScratch.allocate();
+    matmulScratch.allocate();
+    // The fused layer never asks for the [2, H, T, T] score scratch; its backward scratch is dqkv + datt + D.
+    CHECK(fusedScratch.size(SharedScratch::kAttentionScores) == 0);
+    CHECK(fusedScratch.size(SharedScratch::kAttention) ==
+          static_cast<size_t>(maxBatch * s.t * 4 * s.c + maxBatch * s.heads * s.t));
+    CHECK(matmulScratch.size(SharedScratch::kAttentionScores) == static_cast<size_t>(2 * s.heads * s.t * s.t));
+    const size_t count = static_cast<size_t>(spec.paramCount());
+    std::vector<float> params(count), grads(count);
+    cpu->bind(params.data(), grads.data());
+    InitRng init(11);
+    cpu->initParams(init);
+    for (float& p : params) p *= 3.0f;  // a peaked softmax: the online rescaling matters
+    DeviceFloats dParams = toDevice(params), dGrads(count, kGpu), mGrads(count, kGpu);
+    fused->bind(dParams.data(), dGrads.data());
+    matmul->bind(dParams.data(), mGrads.data());
+    for (const int batch : {3, 1}) {
+      CAPTURE(batch);
+      const size_t n = static_cast<size_t>(batch * s.t * s.c);
+      const std::vector<float> x = randomVector(n, 9 + static_cast<uint32_t>(batch), -2, 2), dy = randomVector(n, 13);
+      std::vector<float> y(n), dx(n);
+      cpu->forward(x.data(), y.data(), batch, true);
+      cpu->backward(x.data(), y.data(), dy.data(), dx.data(), batch, false);
+      DeviceFloats dX = toDevice(x), dY(n, kGpu), dDy = toDevice(dy), dDx(n, kGpu), mY(n, kGpu), mDx(n, kGpu);
+      fused->forward(dX.data(), dY.data(), batch, true);
+      fused->backward(dX.data(), dY.data(), dDy.data(), dDx.data(), batch, false);
+      matmul->forward(dX.data(), mY.data(), batch, true);
+      matmul->backward(dX.data(), mY.data(), dDy.data(), mDx.data(), batch, false);
+      const auto y1 = toHost(dY.data(), n), dx1 = toHost(dDx.data(), n), g1 = toHost(dGrads.data(), count);
+      // The tolerances of test_gpu_flash.cpp's emulation (online softmax and exp2 round otherwise than the CPU).
+      MESSAGE("fused vs CPU: y " << maxDiff(y, y1) << ", dx " << maxDiff(dx, dx1) << ", grads " << maxDiff(grads, g1));
+      CHECK(maxDiff(y, y1) < 5e-5);
+      CHECK(maxDiff(dx, dx1) < 1e-4);
+      CHECK(maxDiff(grads, g1) < 5e-4);
+      CHECK(maxDiff(toHost(mY.data(), n), y1) < 5e-5);
+      CHECK(maxDiff(toHost(mDx.data(), n), dx1) < 1e-4);
+      CHECK(maxDiff(toHost(mGrads.data(), count), g1) < 5e-4);
+      // Again, the backward scratch filled with NaN between forward and backward: the same bits (deterministic
+      // kernels; backward reads nothing forward left in the scratch, and writes every element of dqkv).
+      fused->forward(dX.data(), dY.data(), batch, true);
+      fillNan(fusedScratch, SharedScratch::kAttention);
+      fused->backward(dX.data(), dY.data(), dDy.data(), dDx.data(), batch, false);
+      CHECK(toHost(dY.data(), n) == y1);
+      CHECK(toHost(dDx.data(), n) == dx1);
+      CHECK(toHost(dGrads.data(), count) == g1);
+    }
+  }
+}
+
+TEST_CASE("\"fused\" where the fused kernels cannot run the layer is an error naming it; \"auto\" takes matmul") {
+  const json dropout{{"input", {8, 16}},
+                     {"layers", json::array({json{{"type", "causal_self_attention"}, {"n_head", 2}, {"dropout", 0.1}}})}};
+  const LayerSpec spec = parseModelSpec(dropout, "", "/model").layers[0];
+  {
+    const AttentionScope scope(AttentionKernel::kFused);
+    CHECK_THROWS_WITH_AS(makeLayer(spec, {.device = kGpu, .maxBatch = 2, .seed = 1}),
+                         doctest::Contains("the fused attention kernels cannot run this layer: attention dropout"),
+                         UsageError);
+  }
+  SharedScratch shared(kGpu);
+  auto layer = makeLayer(spec, {.device = kGpu, .maxBatch = 2, .seed = 1, .scratch = &shared});
+  CHECK(shared.size(SharedScratch::kAttentionScores) == static_cast<size_t>(2 * 2 * 8 * 8));  // the matmul path
+}
+
+TEST_CASE("the matmul path still passes the layer parity check (the default runs the fused kernels there)") {
+  const AttentionScope matmul(AttentionKernel::kMatmul);
+  checkLayer({R"({"type": "causal_self_attention", "n_head": 2})", {5, 8}});
+  checkLayer({R"({"type": "causal_self_attention", "n_head": 4, "bias": false})", {300, 16}});  // rows > a block
 }

@@ -1,5 +1,6 @@
-// Whole runs of `dtrain train` on the GPU against the CPU (TF32 off): an MLP, a small GPT and a small CNN (conv2d,
-// maxpool2d, dropout, bce_with_logits, adagrad) end within 1e-3 of the CPU run's weights; a GPU run stopped and
+// Whole runs of `dtrain train` on the GPU against the CPU (TF32 off): an MLP, a small GPT (fused attention, and
+// the matmul path) and a small CNN (conv2d, maxpool2d, dropout, bce_with_logits, adagrad) end within 1e-3 of the
+// CPU run's weights; a GPU run stopped and
 // resumed ends bit-identical to an uninterrupted one (also with dropout); checkpoints move
 // between devices (GPU -> CPU and CPU -> GPU); a bf16 run's losses follow the float32 run's.
 #include <doctest/doctest.h>
@@ -129,8 +130,14 @@ TEST_CASE("an MLP and a GPT trained on the GPU end within 1e-3 of the CPU run (T
   // update for update in test_gpu_nn, and the resume test below runs the GPT with AdamW).
   json gptSgd = gptJob(dir + "/text.txt");
   gptSgd["optimizer"] = {{"type", "sgd"}, {"lr", 0.1}, {"momentum", 0.9}, {"clip_grad_norm", 1.0}};
+  // The GPT on the fused attention kernels (asked for: the job would be refused if they could not run it) and on
+  // the matmul path ("attention" is ignored by the CPU run).
+  gptSgd["attention"] = "fused";
+  json gptMatmul = gptSgd;
+  gptMatmul["attention"] = "matmul";
   // The CNN's dropout masks are the CPU's (the GPU kernel computes them from the CPU's generator, philox.h).
-  for (const auto& [name, job] : {std::pair{"mlp", mlpJob()}, std::pair{"gpt", gptSgd}, std::pair{"cnn", cnnJob()}}) {
+  for (const auto& [name, job] : {std::pair{"mlp", mlpJob()}, std::pair{"gpt", gptSgd},
+                                  std::pair{"gpt_matmul", gptMatmul}, std::pair{"cnn", cnnJob()}}) {
     CAPTURE(name);
     train(dir, job, "cpu", 12, dir + "/" + name + "_cpu");
     train(dir, job, "cuda", 12, dir + "/" + name + "_gpu");

@@ -330,6 +330,13 @@ TEST_CASE("memory is estimated from the spec, saturating, and a job that cannot 
   CHECK(estimateMemory(gpt).activations >= (8 + 2 * (8 * 4 * 4 + 8 * 16) + probs) * 8 * 4);
   CHECK(estimateMemory(gpt).activations == (8 + 2 * (8 * 4 * 4 + 8 * 16) + nn::keptFloatsOf(gpt.model.layers[1]) +
                                             nn::keptFloatsOf(gpt.model.layers[2])) * 8 * 4);
+  // A CUDA job counts what the CUDA attention keeps: with the fused kernels (the default) the log-sum-exp rows
+  // [H, T] instead of the probabilities; on the matmul path neither (its score square is one sample's, shared).
+  Job gpuGpt = gpt;
+  gpuGpt.device = Device::cuda(0);
+  CHECK(estimateMemory(gpt).activations - estimateMemory(gpuGpt).activations == (probs - 2 * 8) * 8 * 4);
+  gpuGpt.attention = nn::AttentionKernel::kMatmul;
+  CHECK(estimateMemory(gpt).activations - estimateMemory(gpuGpt).activations == probs * 8 * 4);
 
   const MachineMemory small{.available = 1 << 20, .total = 2 << 20};
   CHECK_NOTHROW(checkJobFitsMemory(job, 4, small));
@@ -459,6 +466,35 @@ TEST_CASE("\"device\": \"cuda\" is validated before any worker: build, backend, 
         nn::OptimizerType::kAdagrad);
   CHECK(loadJob({gpt, {R"(loss={"type": "mse"})", R"(optimizer={"type": "adam"})", R"(device="cuda")"}}).device ==
         Device::cuda(0));
+}
+
+TEST_CASE("\"attention\" picks the CUDA attention's kernels: auto, fused or matmul; fused where it cannot run is refused") {
+  const std::string dir = testing::tempDir("job_attention");
+  const std::string gpt = writeJob(dir, kJob, "gpt.json");
+  const std::string preset = R"(model={"preset": "gpt", "vocab_size": 16, "block_size": 8, "n_layer": 1, "n_head": 2, "n_embd": 4)";
+  CHECK(loadJob({gpt, {preset + "}"}}).attention == nn::AttentionKernel::kAuto);  // the default
+  CHECK(loadJob({gpt, {preset + "}", "attention=fused"}}).attention == nn::AttentionKernel::kFused);
+  CHECK(loadJob({gpt, {preset + "}", "attention=matmul"}}).attention == nn::AttentionKernel::kMatmul);
+  CHECK(loadJob({gpt, {preset + "}", "attention=auto"}}).attention == nn::AttentionKernel::kAuto);
+  CHECK(configErrorOf({gpt, {preset + "}", "attention=flash"}})
+            .find("/attention: unknown attention kernel 'flash' (expected auto, fused, matmul)") != std::string::npos);
+  CHECK(configErrorOf({gpt, {preset + "}", "attention=1"}}).find("/attention") != std::string::npos);
+  // The CPU layers have one implementation: the field is accepted and ignored there, whatever the model.
+  CHECK(loadJob({gpt, {preset + R"(, "dropout": 0.1})", "attention=fused"}}).attention == nn::AttentionKernel::kFused);
+  if (!nn::cudaBuilt()) return;
+  CHECK(loadJob({gpt, {preset + "}", "attention=fused", R"(device="cuda")"}}).device == Device::cuda(0));
+  // "fused" on a GPU names the first layer the fused kernels cannot run, and why: attention dropout, a head size
+  // above 128 (n_embd 258 / 2 heads = 129); "auto" runs those on the matmul path.
+  CHECK(configErrorOf({gpt, {preset + R"(, "dropout": 0.1})", "attention=fused", R"(device="cuda")"}})
+            .find("/attention: \"fused\" cannot run /model/layers/2/layers/1 (causal_self_attention: attention "
+                  "dropout (0.1) is not in the fused kernels yet); use \"auto\"") != std::string::npos);
+  const std::string wide =
+      R"(model={"preset": "gpt", "vocab_size": 16, "block_size": 8, "n_layer": 1, "n_head": 2, "n_embd": 258})";
+  CHECK(configErrorOf({gpt, {wide, "attention=fused", R"(device="cuda")"}})
+            .find("(causal_self_attention: head size 129 (n_embd 258 / n_head 2) is above the fused kernels' 128)") !=
+        std::string::npos);
+  CHECK(loadJob({gpt, {wide, R"(device="cuda")"}}).attention == nn::AttentionKernel::kAuto);
+  CHECK(loadJob({gpt, {preset + R"(, "dropout": 0.1})", R"(device="cuda")"}}).attention == nn::AttentionKernel::kAuto);
 }
 
 TEST_CASE("checkGpusForWorkers names both counts when a node has fewer GPUs than local workers") {

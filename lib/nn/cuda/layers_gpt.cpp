@@ -1,9 +1,10 @@
 // CUDA transformer layers: embedding, causal_self_attention, lm_head and the residual block (CPU twins in
-// layers_gpt.cpp, same math and parameter layouts). Attention is the simple, correct form: per sample, cuBLAS
-// batched GEMMs over the heads on strided views of the stacked qkv buffer, the full [T, T] score square, and a
-// masked softmax kernel; the probabilities are recomputed in backward instead of kept (one sample's [H, T, T] of
-// scratch, shared by the model's attention layers; see CausalSelfAttention). A fused, memory-efficient (flash)
-// kernel is the next step (docs/gpu.md).
+// layers_gpt.cpp, same math and parameter layouts). Attention runs the fused, memory-efficient (flash) kernels
+// where they cover the layer (lib/gpu/flash_attention.h: no [T, T] in memory), else the matmul form: per sample,
+// cuBLAS batched GEMMs over the heads on strided views of the stacked qkv buffer, the full [T, T] score square, and
+// a masked softmax kernel, the probabilities recomputed in backward (one sample's [H, T, T] of scratch, shared by
+// the model's attention layers). The job's "attention" chooses (lib/nn/attention_kernel.h; see
+// CausalSelfAttention).
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -19,6 +20,7 @@
 #include "lib/gpu/kernels_attention.h"
 #include "lib/gpu/kernels.h"
 #include "lib/gpu/token_order.h"
+#include "lib/nn/attention_kernel.h"
 #include "lib/nn/cuda_impl.h"
 #include "lib/nn/device.h"
 #include "lib/nn/dropout_mask.h"
@@ -100,11 +102,21 @@ class Embedding final : public Layer {
   float* gwpe_ = nullptr;
 };
 
-// Causal self-attention (CPU twin: layers_attention.cpp). Per sample, cuBLAS batched GEMMs over the heads on
-// strided views of the stacked qkv buffer, the full [T, T] score square per head and a masked softmax kernel.
+// Causal self-attention (CPU twin: layers_attention.cpp). Two implementations, chosen when the layer is built
+// (nn::attentionKernel(), the job's "attention"; usesFusedAttention):
 //
-// Memory: the probabilities are not kept for backward. Forward computes one sample's [H, T, T] at a time into a
-// scratch; backward recomputes them per sample. The correctness argument: the recomputation is the very same
+// Fused (the default where it covers the layer: head size <= 128, no attention dropout): the qkv projection, then
+// kernels::flashAttentionForward writes the concatenated heads and the rows' log-sum-exp lse_ (maxBatch x H x T
+// floats, kept per layer to backward) without ever forming [T, T]; backward: the c_proj GEMMs, then
+// kernels::flashAttentionBackward writes every element of dqkv (D = rowwise datt . att into a scratch, then one
+// kernel each for dq, dk and dv, each element one thread's fixed-order sum: deterministic), then the qkv GEMMs.
+// Scratch: dqkv + datt + D in the model's kAttention slot (kAttentionScores is not reserved at all).
+//
+// Matmul: per sample, cuBLAS batched GEMMs over the heads on strided views of the stacked qkv buffer, the full
+// [T, T] score square per head and a masked softmax kernel.
+//
+// Memory (matmul): the probabilities are not kept for backward. Forward computes one sample's [H, T, T] at a time
+// into a scratch; backward recomputes them per sample. The correctness argument: the recomputation is the very same
 // cuBLAS call (same operands, same pointers, leading dimensions and strides, same handle, math mode and output
 // buffer) followed by the very same softmax kernel launch, and both are deterministic (cuBLAS GEMMs give identical
 // bits for identical calls on one GPU; the softmax reduces in a fixed tree), so backward's P is bit-identical to
@@ -115,26 +127,29 @@ class Embedding final : public Layer {
 // dqkv and datt, which live only inside one backward, share the kAttention slot the same way (as on the CPU).
 // Kept per layer from forward to backward: qkv and the concatenated heads (maxBatch x 4C x T floats).
 //
-// Attention dropout ("dropout" > 0, training): the mask is the CPU layer's, computed on the device from the
-// counter (lib/gpu/philox.h: Philox4x32-10 keyed by mixSeed(seed, index), element ((b H + h) T + i) T + j of the
-// forward's draw, the same DropoutStream as the CPU layer), by the kernel that applies it: nothing is drawn on the
-// host, copied or kept. Forward multiplies v by the dropped P (P x 1/(1-p) where kept, 0 where dropped, the CPU's
-// select); backward recomputes P as above and, with the forward's draw (same key and offset), drops dP and the
-// recomputed P with the same kernel, so they too are the forward's bit for bit.
+// Attention dropout ("dropout" > 0, training; matmul only): the mask is the CPU layer's, computed on the device
+// from the counter (lib/gpu/philox.h: Philox4x32-10 keyed by mixSeed(seed, index), element ((b H + h) T + i) T + j
+// of the forward's draw, the same DropoutStream as the CPU layer), by the kernel that applies it: nothing is drawn
+// on the host, copied or kept. Forward multiplies v by the dropped P (P x 1/(1-p) where kept, 0 where dropped, the
+// CPU's select); backward recomputes P as above and, with the forward's draw (same key and offset), drops dP and
+// the recomputed P with the same kernel, so they too are the forward's bit for bit.
 class CausalSelfAttention final : public Layer {
  public:
   CausalSelfAttention(const LayerSpec& spec, const LayerBuild& build)
       : Layer(spec, build.device), t_(spec.input[0]), c_(spec.input[1]), h_(spec.nHead), hs_(c_ / h_),
-        rows_(sz(build.maxBatch) * sz(t_)), qkv_(rows_ * sz(3 * c_), build.device), att_(rows_ * sz(c_), build.device),
+        rows_(sz(build.maxBatch) * sz(t_)), fused_(fusedFor(spec)), qkv_(rows_ * sz(3 * c_), build.device),
+        att_(rows_ * sz(c_), build.device), lse_(fused_ ? sz(build.maxBatch) * sz(h_ * t_) : 0, build.device),
         scratch_(build.scratch), stream_(std::nullopt, spec.index) {
     DTRAIN_CHECK(scratch_ == nullptr || scratch_->device() == build.device,
                  "{}: the shared scratch is on {}, the layer on {}", spec.path, scratch_->device().str(),
                  build.device.str());
+    // Fused: dqkv + datt, then D (the dsum rows); matmul: the one-sample square [2, H, T, T] too.
+    const size_t backwardOnly = rows_ * sz(4 * c_) + lse_.size();
     if (scratch_ != nullptr) {
-      scratch_->reserve(SharedScratch::kAttentionScores, 2 * square());
-      scratch_->reserve(SharedScratch::kAttention, rows_ * sz(4 * c_));
+      if (!fused_) scratch_->reserve(SharedScratch::kAttentionScores, 2 * square());
+      scratch_->reserve(SharedScratch::kAttention, backwardOnly);
     } else {
-      own_ = DeviceFloats(2 * square() + rows_ * sz(4 * c_), build.device);
+      own_ = DeviceFloats((fused_ ? 0 : 2 * square()) + backwardOnly, build.device);
     }
     reseed(build.seed);
   }
@@ -157,6 +172,52 @@ class CausalSelfAttention final : public Layer {
     float* qkv = qkv_.data();
     gpu::gemm(false, true, rows, c3, c_, 1.0f, x, c_, wAttn_, c_, 0.0f, qkv, c3);
     if (bAttn_ != nullptr) k::addBias(qkv, bAttn_, rows, c3);
+    if (fused_) {
+      k::flashAttentionForward(qkv, att_.data(), lse_.data(), batch, t_, h_, hs_);
+    } else {
+      matmulForward(qkv, batch);
+    }
+    gpu::gemm(false, true, rows, c_, c_, 1.0f, att_.data(), c_, wProj_, c_, 0.0f, y, c_);
+    if (bProj_ != nullptr) k::addBias(y, bProj_, rows, c_);
+  }
+
+  void backward(const float* x, const float*, const float* dy, float* dx, int batch, bool accumulate) override {
+    const int64_t rows = batch * t_, c3 = 3 * c_;
+    const float beta = accumulate ? 1.0f : 0.0f;
+    float* dqkvData = scratch_ != nullptr ? scratch_->data(SharedScratch::kAttention)
+                                          : own_.data() + (fused_ ? 0 : 2 * square());
+    float* datt = dqkvData + rows_ * sz(c3);
+    gpu::gemm(true, false, c_, c_, rows, 1.0f, dy, c_, att_.data(), c_, beta, gwProj_, c_);
+    if (gbProj_ != nullptr) k::biasGrad(dy, gbProj_, rows, c_, accumulate);
+    gpu::gemm(false, false, rows, c_, c_, 1.0f, dy, c_, wProj_, c_, 0.0f, datt, c_);
+    if (fused_) {
+      float* dsum = datt + rows_ * sz(c_);
+      k::flashAttentionBackward(qkv_.data(), att_.data(), lse_.data(), datt, dsum, dqkvData, batch, t_, h_, hs_);
+    } else {
+      matmulBackward(dqkvData, datt, batch);
+    }
+    const float* dqkv = dqkvData;
+    gpu::gemm(true, false, c3, c_, rows, 1.0f, dqkv, c3, x, c_, beta, gwAttn_, c_);
+    if (gbAttn_ != nullptr) k::biasGrad(dqkv, gbAttn_, rows, c3, accumulate);
+    if (dx != nullptr) gpu::gemm(false, false, rows, c_, c3, 1.0f, dqkv, c3, wAttn_, c_, 0.0f, dx, c_);
+  }
+
+ private:
+  // The kernel choice for `spec` under the process-wide setting; "fused" where the kernels do not cover the layer
+  // is an error (the job refuses it when loaded, naming the field).
+  static bool fusedFor(const LayerSpec& spec) {
+    const AttentionKernel k = attentionKernel();
+    if (k == AttentionKernel::kFused) {
+      const std::string gap = fusedAttentionGap(spec);
+      if (!gap.empty())
+        DTRAIN_THROW(UsageError, "{}: the fused attention kernels cannot run this layer: {}", spec.path, gap);
+    }
+    return usesFusedAttention(spec, k);
+  }
+
+  // The matmul path's attention core: att from qkv, sample by sample through the score square.
+  void matmulForward(const float* qkv, int batch) {
+    const int64_t c3 = 3 * c_;
     float* p = scores();
     for (int b = 0; b < batch; ++b) {
       const float* base = qkv + b * t_ * c3;  // q at column h*hs, k at C + h*hs, v at 2C + h*hs
@@ -167,18 +228,11 @@ class CausalSelfAttention final : public Layer {
       gpu::gemmBatched(false, false, t_, hs_, t_, 1.0f, p, t_, t_ * t_, base + 2 * c_, c3, hs_, 0.0f,
                        att_.data() + b * t_ * c_, c_, hs_, h_);
     }
-    gpu::gemm(false, true, rows, c_, c_, 1.0f, att_.data(), c_, wProj_, c_, 0.0f, y, c_);
-    if (bProj_ != nullptr) k::addBias(y, bProj_, rows, c_);
   }
 
-  void backward(const float* x, const float*, const float* dy, float* dx, int batch, bool accumulate) override {
-    const int64_t rows = batch * t_, c3 = 3 * c_, tt = t_ * t_;
-    const float beta = accumulate ? 1.0f : 0.0f;
-    float* dqkvData = scratch_ != nullptr ? scratch_->data(SharedScratch::kAttention) : own_.data() + 2 * square();
-    float* datt = dqkvData + rows_ * sz(c3);
-    gpu::gemm(true, false, c_, c_, rows, 1.0f, dy, c_, att_.data(), c_, beta, gwProj_, c_);
-    if (gbProj_ != nullptr) k::biasGrad(dy, gbProj_, rows, c_, accumulate);
-    gpu::gemm(false, false, rows, c_, c_, 1.0f, dy, c_, wProj_, c_, 0.0f, datt, c_);
+  // The matmul path's backward core: dqkv from datt, P recomputed sample by sample.
+  void matmulBackward(float* dqkvData, const float* datt, int batch) {
+    const int64_t c3 = 3 * c_, tt = t_ * t_;
     float* p = scores();
     float* dp = p + square();
     for (int b = 0; b < batch; ++b) {
@@ -197,13 +251,8 @@ class CausalSelfAttention final : public Layer {
       gpu::gemmBatched(false, false, t_, hs_, t_, 1.0f, dp, t_, tt, base + c_, c3, hs_, 0.0f, dbase, c3, hs_, h_);
       gpu::gemmBatched(true, false, t_, hs_, t_, 1.0f, dp, t_, tt, base, c3, hs_, 0.0f, dbase + c_, c3, hs_, h_);
     }
-    const float* dqkv = dqkvData;
-    gpu::gemm(true, false, c3, c_, rows, 1.0f, dqkv, c3, x, c_, beta, gwAttn_, c_);
-    if (gbAttn_ != nullptr) k::biasGrad(dqkv, gbAttn_, rows, c3, accumulate);
-    if (dx != nullptr) gpu::gemm(false, false, rows, c_, c3, 1.0f, dqkv, c3, wAttn_, c_, 0.0f, dx, c_);
   }
 
- private:
   size_t square() const { return sz(h_ * t_ * t_); }  // one sample's [H, T, T]
   float scaleOf() const { return 1.0f / std::sqrt(static_cast<float>(hs_)); }
   float keep() const { return 1.0f / static_cast<float>(1.0 - spec().p); }  // the CPU's float rounding
@@ -221,9 +270,10 @@ class CausalSelfAttention final : public Layer {
 
   int64_t t_, c_, h_, hs_;
   size_t rows_;
-  DeviceFloats qkv_, att_;  // kept from forward to backward
-  SharedScratch* scratch_;  // the model's (kAttentionScores, kAttention), or null: own_
-  DeviceFloats own_;        // [2, H, T, T] scores then dqkv + datt, when built without a shared scratch
+  bool fused_;                    // the fused kernels (else the matmul path)
+  DeviceFloats qkv_, att_, lse_;  // kept from forward to backward (lse_: fused only, [maxBatch, H, T])
+  SharedScratch* scratch_;        // the model's (kAttention; kAttentionScores for matmul), or null: own_
+  DeviceFloats own_;  // matmul's [2, H, T, T] scores, then dqkv + datt + D, when built without a shared scratch
   detail::DropoutStream stream_;  // attention dropout's generator (the CPU layer's)
   gpu::DropoutDraw draw_;         // the last training forward's draw, for backward
   bool dropping_ = false;         // the last forward applied dropout

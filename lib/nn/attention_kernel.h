@@ -1,0 +1,42 @@
+// Which kernels the CUDA causal_self_attention runs (the job's "attention" field; docs/gpu.md "Attention kernels"):
+//   kFused:  the fused, memory-efficient kernels (lib/gpu/flash_attention.h: FlashAttention-2's online softmax over
+//            key tiles, nothing of size T x T in memory, the probabilities recomputed in backward from the
+//            log-sum-exp kept per row); head sizes up to kFusedAttentionMaxHeadSize, without attention dropout.
+//   kMatmul: cuBLAS batched GEMMs over the full [H, T, T] score square per sample and a masked softmax kernel (the
+//            first, simple form; one sample's square of scratch per model), kept for comparison and for what the
+//            fused kernels do not cover.
+//   kAuto:   kFused where it covers the layer, else kMatmul (the default).
+// CPU layers have one implementation and ignore the choice. No CUDA header or build is needed for any of this.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+
+namespace dtrain::nn {
+
+struct LayerSpec;
+
+enum class AttentionKernel { kAuto, kFused, kMatmul };
+
+// "auto", "fused", "matmul"; the parse returns nullopt for anything else.
+std::string_view attentionKernelName(AttentionKernel k) noexcept;
+std::optional<AttentionKernel> parseAttentionKernel(std::string_view name) noexcept;
+
+// The process-wide choice (as setTf32): read by each CUDA attention layer when it is built, which keeps it for its
+// life. Default kAuto. Thread-safe (an atomic); the trainer sets it from the job before building the model.
+void setAttentionKernel(AttentionKernel k) noexcept;
+AttentionKernel attentionKernel() noexcept;
+
+inline constexpr int64_t kFusedAttentionMaxHeadSize = 128;
+
+// Why the fused kernels cannot run the causal_self_attention `spec`, or empty when they can: a head size (n_embd /
+// n_head) above kFusedAttentionMaxHeadSize, or attention dropout ("dropout" > 0; the fused kernels have none yet).
+std::string fusedAttentionGap(const LayerSpec& spec);
+
+// Whether the CUDA layer built for `spec` under `k` runs the fused kernels: kAuto and kFused where
+// fusedAttentionGap is empty (a job asking for kFused where it is not is refused when loaded), kMatmul never.
+bool usesFusedAttention(const LayerSpec& spec, AttentionKernel k);
+
+}  // namespace dtrain::nn

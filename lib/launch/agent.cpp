@@ -210,6 +210,14 @@ void Agent::setUpStore() {
     try {
       host_->server = rendezvous::TcpStoreServer::start(so);
     } catch (const Error& e) {
+      // No endpoint given: the user never chose port 29400, and a second `dtrain run job.json` on the machine finds it
+      // taken by the first. Say where it came from and what avoids it.
+      if (options_.rdzvEndpoint.empty() && !options_.standalone)
+        throw Error(fmt::format("cannot host the rendezvous store on the default port {} (no --rdzv-endpoint was "
+                                "given): {}; another job on this machine may hold it: --standalone takes a free port, "
+                                "or give --rdzv-endpoint 127.0.0.1:PORT",
+                                hp.port, e.what()),
+                    ExitCode::kAddressInUse);
       throw Error(fmt::format("cannot host the rendezvous store on port {} (--rdzv-endpoint {}; it listens on "
                               "{}, set another address with --rdzv-bind): {}",
                               hp.port, hp.str(), so.host, e.what()),

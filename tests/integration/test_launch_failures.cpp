@@ -270,6 +270,25 @@ TEST_CASE("bad input: one clear line, a distinct exit code, nothing started") {
     auto r = run(runArgs({"--rdzv-endpoint", fmt::format("127.0.0.1:{}", port), "--rdzv-id", "x", "--", "true"}));
     CHECK(r.exitCode == 5);
     CHECK(r.err.find(fmt::format("cannot host the rendezvous store on port {}", port)) != std::string::npos);
+    // Without --rdzv-endpoint the port is the default one, which a second job on the machine finds taken: the message
+    // said "(--rdzv-endpoint 127.0.0.1:29400; ...)", a flag nobody gave. (Held here, or by anyone else: either way.)
+    Background defaultHolder({dtrainBinary(), "store", "--host", "127.0.0.1", "--port", "29400"});
+    try {
+      defaultHolder.waitForLine("listening on", 30s);
+    } catch (const std::exception&) {
+      // It exited at once: another process holds the port, which is what this check needs.
+    }
+    auto d = run(runArgs({"--", "true"}), {.unsetEnv = {"DTRAIN_RDZV_ENDPOINT", "DTRAIN_MASTER_ADDR",
+                                                        "DTRAIN_MASTER_PORT", "DTRAIN_STANDALONE"}});
+    if (d.exitCode == 0) {
+      MESSAGE("port 29400 was released while the test ran: the default-port message is not checked");
+    } else {
+      CHECK(d.exitCode == 5);
+      CHECK_MESSAGE(d.err.find("cannot host the rendezvous store on the default port 29400 (no --rdzv-endpoint was "
+                               "given)") != std::string::npos,
+                    d.err);
+      CHECK(d.err.find("--standalone takes a free port") != std::string::npos);
+    }
   }
   SUBCASE("unreachable endpoint") {
     int port = freePort();

@@ -38,7 +38,7 @@ struct StepStats {
   int64_t stepsPerEpoch = 0;
   double loss = 0;          // mean training loss over the interval, all ranks
   double lr = 0;
-  double samplesPerSec = 0; // all ranks, over the interval
+  double samplesPerSec = 0; // all ranks, over the interval (checkpoint saves and evaluations excluded)
   double elapsedSec = 0;    // since the trainer started (set-up included: data loading, connecting, resuming)
   double trainSec = 0;      // since this process's first step began (set-up excluded; evaluations included)
   // Data-parallel gradient traffic over the interval (CommHook::traffic; unset alone): bytes this rank sent
@@ -67,7 +67,7 @@ struct TrainResult {
   int64_t steps = 0;
   int64_t samples = 0;  // all ranks
   double wallSec = 0;
-  double trainSec = 0;  // time in the training loop (evaluation excluded)
+  double trainSec = 0;  // time in the training loop (evaluation and checkpoint saves excluded)
   double peakRssMb = 0; // largest peak resident set size over the ranks
   // "device": "cuda": the largest rank's peak of device memory held by its buffers (nn::peakDeviceBytes, MiB)
   std::optional<double> peakGpuMb;

@@ -97,6 +97,7 @@ class TrainLoop {
   int64_t intervalBatches_ = 0;
   int64_t intervalSamples_ = 0;
   Clock::time_point intervalStart_;
+  double checkpointSecInEpoch_ = 0;  // saves during the current epoch: not training time
   std::unique_ptr<nn::Optimizer> optimizer_;
   CommHookPtr commHook_;                // DDP's (null alone); its traffic goes to metrics.jsonl
   std::shared_ptr<CompressionHook> localAdamHook_;  // commHook_ with top-k's local_adam: it says when the optimizer

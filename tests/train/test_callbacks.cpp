@@ -4,6 +4,7 @@
 #include <nlohmann/json.hpp>
 
 #include <fstream>
+#include <thread>
 
 #include "lib/train/progress.h"
 #include "lib/train/trainer.h"
@@ -137,4 +138,29 @@ TEST_CASE("the ETA counts only this process's steps and time: not the set-up, no
   CHECK(first.trainSec > 0);
   CHECK(first.trainSec <= first.elapsedSec);  // the set-up is not in it
   CHECK(etaSeconds(first) == doctest::Approx(first.trainSec * 3));
+}
+
+TEST_CASE("checkpoint saves are not training time: the interval's samples/s and the run's throughput leave them out") {
+  // A save that takes 300 ms (a callback on it stands in for a slow disk) after each step of 8 samples: counted as
+  // training, each interval read at most 8 / 0.3 = 27 samples/s; the steps themselves take microseconds.
+  struct SlowSave : TrainerCallback {
+    std::vector<StepStats> logged;
+    void onCheckpoint(const CheckpointEvent&) override { std::this_thread::sleep_for(std::chrono::milliseconds(300)); }
+    void onLog(const StepStats& s) override { logged.push_back(s); }
+  };
+  auto dir = testing::tempDir("callbacks-save");
+  auto job = nlohmann::json::parse(kJob);
+  job["checkpoint"] = {{"every_steps", 1}};
+  job["train"]["max_steps"] = 3;
+  job["train"].erase("grad_accum");
+  testing::writeFile(dir + "/job.json", job.dump());
+  auto slow = std::make_shared<SlowSave>();
+  const TrainResult r = runTraining(loadJob({dir + "/job.json", {}, dir + "/out"}), WorkerInfo{}, {slow});
+  REQUIRE(slow->logged.size() == 3);
+  for (const StepStats& s : slow->logged) {
+    CAPTURE(s.step);
+    CHECK(s.samplesPerSec > 100);
+  }
+  CHECK(r.samples == 3 * 8);
+  CHECK(r.samplesPerSec > 100);
 }

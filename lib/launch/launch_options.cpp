@@ -152,7 +152,15 @@ std::string resolveProgram(const std::string& program) {
     if (::stat(candidate.c_str(), &st) == 0 && !S_ISDIR(st.st_mode) && ::access(candidate.c_str(), X_OK) == 0)
       return candidate;
   }
-  throw Error(fmt::format("program '{}' was not found in PATH", program), ExitCode::kNotFound);
+  // A file of that name here is not searched for (PATH lookup, as the shell's): say what would run it.
+  struct stat here{};
+  const std::string hint =
+      ::stat(program.c_str(), &here) == 0 && S_ISREG(here.st_mode)
+          ? fmt::format("; the file {0} here is not looked for: run it as ./{0}, or, if it is a job file, name it "
+                        "{0}.json (dtrain run JOB.json)",
+                        program)
+          : "";
+  throw Error(fmt::format("program '{}' was not found in PATH{}", program, hint), ExitCode::kNotFound);
 }
 
 rendezvous::EtcdStoreOptions LaunchOptions::etcdOptions() const {

@@ -255,6 +255,23 @@ TEST_CASE("bad input: one clear line, a distinct exit code, nothing started") {
     auto r = run(runArgs({"--standalone", "--", "no-such-program-xyz"}));
     CHECK(r.exitCode == 127);
     CHECK(r.err.find("'no-such-program-xyz' was not found in PATH") != std::string::npos);
+    CHECK(r.err.find("here is not looked for") == std::string::npos);
+  }
+  SUBCASE("a job file without .json, and JOB.JSON") {
+    // `dtrain run --standalone myjob` with myjob in the working directory: "not found in PATH" beside the file said
+    // nothing of why; JOB.JSON (upper case) was looked for as a program.
+    std::string dir = tempDir("jobname");
+    writeFile(dir + "/myjob", readFile(sourceDir() + "/configs/linear_regression.json"));
+    writeFile(dir + "/LR.JSON", readFile(sourceDir() + "/configs/linear_regression.json"));
+    auto bare = run(runArgs({"--standalone", "--dry-run", "myjob"}), {.cwd = dir});
+    CHECK(bare.exitCode == 127);
+    CHECK_MESSAGE(bare.err.find("program 'myjob' was not found in PATH; the file myjob here is not looked for: run it "
+                                "as ./myjob, or, if it is a job file, name it myjob.json") != std::string::npos,
+                  bare.err);
+    auto upper = run(runArgs({"--standalone", "--dry-run", "LR.JSON"}), {.cwd = dir});
+    INFO(upper.out, upper.err);
+    CHECK(upper.exitCode == 0);
+    CHECK(upper.out.find(" train LR.JSON") != std::string::npos);
   }
   SUBCASE("program that is not executable") {
     std::string dir = tempDir("noexec");

@@ -101,7 +101,9 @@ void analyseSim(SimReport& report, const std::vector<SampleStep>& steps, const s
   for (const auto& [epoch, counts] : seen) {
     ++a.epochsChecked;
     for (const auto& [sample, times] : counts) a.repeated += times - 1;
-    if (epoch < lastEpoch) {
+    // The last epoch may be cut short (max_steps, or the job's end mid-epoch): complete only when it holds every
+    // sample (a 5-epoch run that finished read "5 epoch(s) checked, 4 complete" and "checked for repeats only").
+    if (epoch < lastEpoch || (a.datasetSize > 0 && static_cast<int64_t>(counts.size()) == a.datasetSize)) {
       ++a.epochsComplete;
       if (a.datasetSize > 0) a.skipped += a.datasetSize - static_cast<int64_t>(counts.size());
     }

@@ -114,6 +114,21 @@ TEST_CASE("the report: redone steps are left out; repeats, skips, throughput, de
   CHECK(formatSimReport(report).find("OK: every sample seen once (the last epoch, which max_steps may cut short, is "
                                      "checked for repeats only)") != std::string::npos);
 
+  // A last epoch that holds every sample is complete: "every sample seen once" without the qualification.
+  std::vector<SampleStep> whole;
+  for (int e = 0; e < 2; ++e)
+    for (int s = 1; s <= 4; ++s)
+      for (int r = 0; r < 2; ++r)
+        whole.push_back({0, r, 2, e, e * 4 + s, double(e * 4 + s), {int64_t((s - 1) * 2 + r)}});
+  SimReport finished;
+  finished.audit.datasetSize = 8;
+  analyseSim(finished, whole, {}, {}, 1);
+  CHECK(finished.audit.epochsChecked == 2);
+  CHECK(finished.audit.epochsComplete == 2);
+  CHECK_MESSAGE(formatSimReport(finished).find("(2 epoch(s) checked, 2 complete, 8 samples each) -> OK: every sample "
+                                               "seen once\n") != std::string::npos,
+                formatSimReport(finished));
+
   // A sample trained twice in one epoch, and one never trained in a finished epoch.
   steps.push_back({1, 0, 1, 0, 6, 10.5, {3}});
   SimReport bad;

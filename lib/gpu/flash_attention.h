@@ -22,6 +22,10 @@
 //   dK and dV are separate kernels to keep each thread's registers at three head-size arrays (k, v, dk) and two
 //   (k, dv); the price is computing s_ij twice. D_i = sum_j P_ij dP_ij = dO_i . O_i (FlashAttention's identity),
 //   so nothing of size T x T is needed in backward either.
+// Attention dropout (FlashDropout): forward O_i = sum_j drop(P_ij) v_j / l_i with the normaliser l_i over the
+// undropped P; backward dP_ij = drop(dO_i . v_j) (the gradient through the select), dV_j = sum_i drop(P_ij) dO_i,
+// and D_i = dO_i . O_i still equals sum_j P_ij dP_ij. drop(x) at element e = ((b H + h) T + i) T + j is x / (1 - p)
+// where the draw keeps e, 0 where it drops it: the CPU layer's mask, recomputed from the counter by each kernel.
 // Head sizes: the kernels are compiled for 16, 32, 64 and 128 (flashHeadTemplate); a head size in between runs the
 // next larger one with its tiles and registers zero-padded (zeros add nothing to a dot product). Above 128 the
 // layer keeps the cuBLAS path (kFlashMaxHeadSize).
@@ -38,6 +42,7 @@
 #include <type_traits>
 
 #include "lib/gpu/host_device.h"
+#include "lib/gpu/philox.h"
 
 // Full unrolling of the head-size loops in the device pass (the per-thread arrays must stay in registers: every
 // index a compile-time constant); nothing for the host compiler (nvcc's host pass included).
@@ -167,6 +172,17 @@ DTRAIN_FLASH_UNROLL
 struct FlashNoDropout {
   static constexpr bool kOn = false;
   DTRAIN_HOST_DEVICE float apply(uint64_t, float v) const { return v; }
+};
+
+// Attention dropout ("dropout" > 0, training): element e's fate is the draw's (philox.h: Philox4x32-10 at counter
+// offset + e, the CPU layer's own rule and numbering), applied as the CPU layer's select (kSelect: v * scale where
+// kept, 0 where dropped). Computed where it is needed (one Philox block per element visited), never stored.
+struct FlashDropout {
+  static constexpr bool kOn = true;
+  DropoutDraw draw;
+  DTRAIN_HOST_DEVICE float apply(uint64_t e, float v) const {
+    return dropoutValue(DropoutForm::kSelect, draw.kept(e), v, draw.scale);
+  }
 };
 
 // --- Per-thread state and work ---

@@ -27,6 +27,11 @@ __global__ void dropoutSelectKernel(const float* in, DropoutDraw draw, uint64_t 
     dropoutQuad(draw, DropoutForm::kSelect, first, q, in, out, n);
 }
 
+[[noreturn]] void unsupportedHeadSize() {
+  detail::cudaFailed("flash attention: head size outside 1 .. 128", static_cast<int>(cudaErrorInvalidValue), __FILE__,
+                     __LINE__);
+}
+
 // The block's threads for flash_attention.h's item functions: each() is the calling thread's own work on its
 // registers, sync() the block barrier.
 template <class Row>
@@ -45,34 +50,35 @@ struct DeviceThreads {
   }
 };
 
-template <int HS>
+template <int HS, class Drop>
 __global__ void __launch_bounds__(kFlashThreads) flashForwardKernel(FlashGeometry g, const float* qkv, float* att,
-                                                                     float* lse) {
+                                                                     float* lse, Drop drop) {
   constexpr int R = kFlashTileRows<HS>;
   __shared__ __align__(16) float kTile[R * HS];
   __shared__ __align__(16) float vTile[R * HS];
   FlashForwardRow<HS> row;
   DeviceThreads<FlashForwardRow<HS>> th{row};
   for (int64_t item = blockIdx.x; item < g.items(); item += gridDim.x)
-    flashForwardItem<HS>(th, g, item, qkv, att, lse, kTile, vTile, FlashNoDropout{});
+    flashForwardItem<HS>(th, g, item, qkv, att, lse, kTile, vTile, drop);
 }
 
-template <int HS>
+template <int HS, class Drop>
 __global__ void __launch_bounds__(kFlashThreads) flashGradQKernel(FlashGeometry g, const float* qkv, const float* att,
                                                                    const float* lse, const float* datt, float* dsum,
-                                                                   float* dqkv) {
+                                                                   float* dqkv, Drop drop) {
   constexpr int R = kFlashTileRows<HS>;
   __shared__ __align__(16) float kTile[R * HS];
   __shared__ __align__(16) float vTile[R * HS];
   FlashGradQRow<HS> row;
   DeviceThreads<FlashGradQRow<HS>> th{row};
   for (int64_t item = blockIdx.x; item < g.items(); item += gridDim.x)
-    flashGradQItem<HS>(th, g, item, qkv, att, lse, datt, dsum, dqkv, kTile, vTile, FlashNoDropout{});
+    flashGradQItem<HS>(th, g, item, qkv, att, lse, datt, dsum, dqkv, kTile, vTile, drop);
 }
 
-template <int HS, bool kGradK>
+template <int HS, bool kGradK, class Drop>
 __global__ void __launch_bounds__(kFlashThreads) flashGradKVKernel(FlashGeometry g, const float* qkv, const float* lse,
-                                                                    const float* datt, const float* dsum, float* dqkv) {
+                                                                    const float* datt, const float* dsum, float* dqkv,
+                                                                    Drop drop) {
   constexpr int R = kFlashTileRows<HS>;
   using Row = typename std::conditional<kGradK, FlashGradKRow<HS>, FlashGradVRow<HS>>::type;
   __shared__ __align__(16) float qTile[R * HS];
@@ -82,59 +88,62 @@ __global__ void __launch_bounds__(kFlashThreads) flashGradKVKernel(FlashGeometry
   Row row;
   DeviceThreads<Row> th{row};
   for (int64_t item = blockIdx.x; item < g.items(); item += gridDim.x)
-    flashGradKVItem<HS, kGradK>(th, g, item, qkv, lse, datt, dsum, dqkv, qTile, doTile, lseTile, dsumTile,
-                                FlashNoDropout{});
+    flashGradKVItem<HS, kGradK>(th, g, item, qkv, lse, datt, dsum, dqkv, qTile, doTile, lseTile, dsumTile, drop);
 }
 
-template <int HS>
-void flashForwardLaunch(const FlashGeometry& g, const float* qkv, float* att, float* lse) {
-  flashForwardKernel<HS><<<rowGrid(g.items()), kFlashThreads>>>(g, qkv, att, lse);
+template <int HS, class Drop>
+void flashForwardLaunch(const FlashGeometry& g, const float* qkv, float* att, float* lse, const Drop& drop) {
+  flashForwardKernel<HS, Drop><<<rowGrid(g.items()), kFlashThreads>>>(g, qkv, att, lse, drop);
   DTRAIN_CU_CHECK_LAUNCH("flashForwardKernel");
 }
 
-template <int HS>
+template <int HS, class Drop>
 void flashBackwardLaunch(const FlashGeometry& g, const float* qkv, const float* att, const float* lse,
-                         const float* datt, float* dsum, float* dqkv) {
+                         const float* datt, float* dsum, float* dqkv, const Drop& drop) {
   const unsigned grid = rowGrid(g.items());
-  flashGradQKernel<HS><<<grid, kFlashThreads>>>(g, qkv, att, lse, datt, dsum, dqkv);
+  flashGradQKernel<HS, Drop><<<grid, kFlashThreads>>>(g, qkv, att, lse, datt, dsum, dqkv, drop);
   DTRAIN_CU_CHECK_LAUNCH("flashGradQKernel");
-  flashGradKVKernel<HS, true><<<grid, kFlashThreads>>>(g, qkv, lse, datt, dsum, dqkv);
+  flashGradKVKernel<HS, true, Drop><<<grid, kFlashThreads>>>(g, qkv, lse, datt, dsum, dqkv, drop);
   DTRAIN_CU_CHECK_LAUNCH("flashGradKVKernel<dK>");
-  flashGradKVKernel<HS, false><<<grid, kFlashThreads>>>(g, qkv, lse, datt, dsum, dqkv);
+  flashGradKVKernel<HS, false, Drop><<<grid, kFlashThreads>>>(g, qkv, lse, datt, dsum, dqkv, drop);
   DTRAIN_CU_CHECK_LAUNCH("flashGradKVKernel<dV>");
 }
 
-[[noreturn]] void unsupportedHeadSize() {
-  detail::cudaFailed("flash attention: head size outside 1 .. 128", static_cast<int>(cudaErrorInvalidValue), __FILE__,
-                     __LINE__);
+// The compiled head size for `hs`, then the dropout policy: run(std::integral_constant<int, HS>, policy).
+template <class Run>
+void flashDispatch(int64_t hs, const DropoutDraw* dropout, Run&& run) {
+  auto withDrop = [&](auto size) {
+    if (dropout != nullptr) return run(size, FlashDropout{*dropout});
+    run(size, FlashNoDropout{});
+  };
+  switch (flashHeadTemplate(hs)) {
+    case 16: return withDrop(std::integral_constant<int, 16>{});
+    case 32: return withDrop(std::integral_constant<int, 32>{});
+    case 64: return withDrop(std::integral_constant<int, 64>{});
+    case 128: return withDrop(std::integral_constant<int, 128>{});
+    default: unsupportedHeadSize();
+  }
 }
 
 }  // namespace
 
 void flashAttentionForward(const float* qkv, float* att, float* lse, int64_t batch, int64_t t, int64_t heads,
-                           int64_t hs) {
+                           int64_t hs, const DropoutDraw* dropout) {
   const FlashGeometry g = flashGeometry(batch, t, heads, hs);
   if (g.items() == 0) return;
-  switch (flashHeadTemplate(hs)) {
-    case 16: return flashForwardLaunch<16>(g, qkv, att, lse);
-    case 32: return flashForwardLaunch<32>(g, qkv, att, lse);
-    case 64: return flashForwardLaunch<64>(g, qkv, att, lse);
-    case 128: return flashForwardLaunch<128>(g, qkv, att, lse);
-    default: unsupportedHeadSize();
-  }
+  flashDispatch(hs, dropout, [&](auto size, const auto& drop) {
+    flashForwardLaunch<decltype(size)::value>(g, qkv, att, lse, drop);
+  });
 }
 
 void flashAttentionBackward(const float* qkv, const float* att, const float* lse, const float* datt, float* dsum,
-                            float* dqkv, int64_t batch, int64_t t, int64_t heads, int64_t hs) {
+                            float* dqkv, int64_t batch, int64_t t, int64_t heads, int64_t hs,
+                            const DropoutDraw* dropout) {
   const FlashGeometry g = flashGeometry(batch, t, heads, hs);
   if (g.items() == 0) return;
-  switch (flashHeadTemplate(hs)) {
-    case 16: return flashBackwardLaunch<16>(g, qkv, att, lse, datt, dsum, dqkv);
-    case 32: return flashBackwardLaunch<32>(g, qkv, att, lse, datt, dsum, dqkv);
-    case 64: return flashBackwardLaunch<64>(g, qkv, att, lse, datt, dsum, dqkv);
-    case 128: return flashBackwardLaunch<128>(g, qkv, att, lse, datt, dsum, dqkv);
-    default: unsupportedHeadSize();
-  }
+  flashDispatch(hs, dropout, [&](auto size, const auto& drop) {
+    flashBackwardLaunch<decltype(size)::value>(g, qkv, att, lse, datt, dsum, dqkv, drop);
+  });
 }
 
 void dropoutSelect(const float* in, const DropoutDraw& draw, uint64_t first, float* out, size_t n) {

@@ -26,14 +26,17 @@ void dropoutSelect(const float* in, const DropoutDraw& draw, uint64_t first, flo
 //   qkv [batch * t, 3 heads hs] (q of head h at columns h hs, k at C + h hs, v at 2C + h hs, C = heads hs),
 //   att and datt [batch * t, C] (the concatenated heads and their gradient), lse and dsum [batch, heads, t],
 //   dqkv [batch * t, 3C].
-// Forward: att = softmax(mask(q k^T / sqrt(hs))) v per (sample, head), and lse = the rows' log-sum-exp of the
-// scaled scores in base 2 (what backward needs to recompute P; nothing of size t x t exists).
+// Forward: att = dropout(softmax(mask(q k^T / sqrt(hs)))) v per (sample, head), and lse = the rows' log-sum-exp of
+// the scaled scores in base 2 (what backward needs to recompute P; nothing of size t x t exists). `dropout`: the
+// training forward's draw (element ((b H + h) t + i) t + j of it, the CPU layer's numbering; philox.h), or null for
+// none.
 void flashAttentionForward(const float* qkv, float* att, float* lse, int64_t batch, int64_t t, int64_t heads,
-                           int64_t hs);
-// Backward from forward's att and lse: dsum = rowwise datt . att (FlashAttention's D), then every element of dqkv
-// (dq, dk, dv of every head; overwritten, not added to) by three kernels (dQ, dK, dV), each element one thread's
-// fixed-order sum.
+                           int64_t hs, const DropoutDraw* dropout);
+// Backward from forward's att and lse (and its draw: the same `dropout`, or null): dsum = rowwise datt . att
+// (FlashAttention's D), then every element of dqkv (dq, dk, dv of every head; overwritten, not added to) by three
+// kernels (dQ, dK, dV), each element one thread's fixed-order sum.
 void flashAttentionBackward(const float* qkv, const float* att, const float* lse, const float* datt, float* dsum,
-                            float* dqkv, int64_t batch, int64_t t, int64_t heads, int64_t hs);
+                            float* dqkv, int64_t batch, int64_t t, int64_t heads, int64_t hs,
+                            const DropoutDraw* dropout);
 
 }  // namespace dtrain::gpu::kernels

@@ -1,7 +1,8 @@
 // Which kernels the CUDA causal_self_attention runs (the job's "attention" field; docs/gpu.md "Attention kernels"):
 //   kFused:  the fused, memory-efficient kernels (lib/gpu/flash_attention.h: FlashAttention-2's online softmax over
 //            key tiles, nothing of size T x T in memory, the probabilities recomputed in backward from the
-//            log-sum-exp kept per row); head sizes up to kFusedAttentionMaxHeadSize, without attention dropout.
+//            log-sum-exp kept per row, attention dropout from the counter-based mask); head sizes up to
+//            kFusedAttentionMaxHeadSize.
 //   kMatmul: cuBLAS batched GEMMs over the full [H, T, T] score square per sample and a masked softmax kernel (the
 //            first, simple form; one sample's square of scratch per model), kept for comparison and for what the
 //            fused kernels do not cover.
@@ -32,7 +33,7 @@ AttentionKernel attentionKernel() noexcept;
 inline constexpr int64_t kFusedAttentionMaxHeadSize = 128;
 
 // Why the fused kernels cannot run the causal_self_attention `spec`, or empty when they can: a head size (n_embd /
-// n_head) above kFusedAttentionMaxHeadSize, or attention dropout ("dropout" > 0; the fused kernels have none yet).
+// n_head) above kFusedAttentionMaxHeadSize.
 std::string fusedAttentionGap(const LayerSpec& spec);
 
 // Whether the CUDA layer built for `spec` under `k` runs the fused kernels: kAuto and kFused where

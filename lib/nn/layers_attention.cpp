@@ -382,7 +382,6 @@ std::string fusedAttentionGap(const LayerSpec& spec) {
   if (hs > kFusedAttentionMaxHeadSize)
     return fmt::format("head size {} (n_embd {} / n_head {}) is above the fused kernels' {}", hs, spec.input[1],
                        spec.nHead, kFusedAttentionMaxHeadSize);
-  if (spec.p > 0) return fmt::format("attention dropout ({}) is not in the fused kernels yet", spec.p);
   return {};
 }
 

@@ -7,9 +7,10 @@
 // recomputation is bit-identical to forward's P. The kernels' per-thread work and the layer's order are CPU-tested
 // in test_gpu_attention.cpp.
 // Fused (the default, lib/gpu/flash_attention.h, CPU-tested thread by thread in test_gpu_flash.cpp): parity with
-// the CPU layer and with the matmul path at head sizes 4, 64 and 128, T not a multiple of the tiles and T = 1; no
-// score scratch reserved; the same bits twice (also with the backward scratch filled with NaN in between); a GPT
-// model on the default choice against the CPU model.
+// the CPU layer and with the matmul path at head sizes 4, 64 and 128, T not a multiple of the tiles and T = 1,
+// without and with attention dropout; no score scratch reserved; the same bits twice (also with the backward
+// scratch filled with NaN in between); a GPT model (with dropout and without) on the default choice against the
+// CPU model.
 #include <doctest/doctest.h>
 
 #include <nlohmann/json.hpp>
@@ -123,7 +124,7 @@ TEST_CASE("matmul attention recomputes P in backward: shared scratch, batch < ma
 }
 
 TEST_CASE("a GPT model's attention layers share one scratch: CPU parity at batch < maxBatch, repeatable bits") {
-  // Dropout 0.2 runs the matmul path (the fused kernels have no dropout yet), 0 the fused one (the default).
+  // The default choice: the fused kernels, with attention dropout (0.2) and without.
   for (const double dropout : {0.2, 0.0}) {
     CAPTURE(dropout);
     json spec = json::parse(R"({"preset": "gpt", "vocab_size": 13, "block_size": 6, "n_layer": 3, "n_head": 2,
@@ -163,94 +164,106 @@ TEST_CASE("a GPT model's attention layers share one scratch: CPU parity at batch
   }
 }
 
-TEST_CASE("fused attention: CPU and matmul parity, no score scratch, the same bits twice") {
+TEST_CASE("fused attention: CPU and matmul parity, no score scratch, the same bits twice, with and without dropout") {
   struct Shape {
     int64_t t, c, heads;
   };
   // hs 4 (T 37: one partial tile), hs 64 (T 130: three tiles, the last partial), hs 128 (T 70: key tiles of 32
-  // rows), and T = 1.
-  for (const Shape s : {Shape{37, 16, 4}, Shape{130, 128, 2}, Shape{70, 256, 2}, Shape{1, 64, 1}}) {
-    CAPTURE(s.t);
-    CAPTURE(s.c);
-    CAPTURE(s.heads);
-    const int maxBatch = 3;
-    const LayerSpec spec = parseModelSpec(
-        json{{"input", {s.t, s.c}},
-             {"layers", json::array({json{{"type", "causal_self_attention"}, {"n_head", s.heads}}})}},
-        "", "/model").layers[0];
-    auto cpu = makeLayer(spec, {.device = Device::cpu(), .maxBatch = maxBatch, .seed = 7});
-    SharedScratch fusedScratch(kGpu), matmulScratch(kGpu);
-    std::unique_ptr<Layer> fused, matmul;
-    {
-      const AttentionScope scope(AttentionKernel::kFused);
-      fused = makeLayer(spec, {.device = kGpu, .maxBatch = maxBatch, .seed = 7, .scratch = &fusedScratch});
-    }
-    {
-      const AttentionScope scope(AttentionKernel::kMatmul);
-      matmul = makeLayer(spec, {.device = kGpu, .maxBatch = maxBatch, .seed = 7, .scratch = &matmulScratch});
-    }
-    fusedScratch.allocate();
-    matmulScratch.allocate();
-    // The fused layer never asks for the [2, H, T, T] score scratch; its backward scratch is dqkv + datt + D.
-    CHECK(fusedScratch.size(SharedScratch::kAttentionScores) == 0);
-    CHECK(fusedScratch.size(SharedScratch::kAttention) ==
-          static_cast<size_t>(maxBatch * s.t * 4 * s.c + maxBatch * s.heads * s.t));
-    CHECK(matmulScratch.size(SharedScratch::kAttentionScores) == static_cast<size_t>(2 * s.heads * s.t * s.t));
-    const size_t count = static_cast<size_t>(spec.paramCount());
-    std::vector<float> params(count), grads(count);
-    cpu->bind(params.data(), grads.data());
-    InitRng init(11);
-    cpu->initParams(init);
-    for (float& p : params) p *= 3.0f;  // a peaked softmax: the online rescaling matters
-    DeviceFloats dParams = toDevice(params), dGrads(count, kGpu), mGrads(count, kGpu);
-    fused->bind(dParams.data(), dGrads.data());
-    matmul->bind(dParams.data(), mGrads.data());
-    for (const int batch : {3, 1}) {
-      CAPTURE(batch);
-      const size_t n = static_cast<size_t>(batch * s.t * s.c);
-      const std::vector<float> x = randomVector(n, 9 + static_cast<uint32_t>(batch), -2, 2), dy = randomVector(n, 13);
-      std::vector<float> y(n), dx(n);
-      cpu->forward(x.data(), y.data(), batch, true);
-      cpu->backward(x.data(), y.data(), dy.data(), dx.data(), batch, false);
-      DeviceFloats dX = toDevice(x), dY(n, kGpu), dDy = toDevice(dy), dDx(n, kGpu), mY(n, kGpu), mDx(n, kGpu);
-      fused->forward(dX.data(), dY.data(), batch, true);
-      fused->backward(dX.data(), dY.data(), dDy.data(), dDx.data(), batch, false);
-      matmul->forward(dX.data(), mY.data(), batch, true);
-      matmul->backward(dX.data(), mY.data(), dDy.data(), mDx.data(), batch, false);
-      const auto y1 = toHost(dY.data(), n), dx1 = toHost(dDx.data(), n), g1 = toHost(dGrads.data(), count);
-      // The tolerances of test_gpu_flash.cpp's emulation (online softmax and exp2 round otherwise than the CPU).
-      MESSAGE("fused vs CPU: y " << maxDiff(y, y1) << ", dx " << maxDiff(dx, dx1) << ", grads " << maxDiff(grads, g1));
-      CHECK(maxDiff(y, y1) < 5e-5);
-      CHECK(maxDiff(dx, dx1) < 1e-4);
-      CHECK(maxDiff(grads, g1) < 5e-4);
-      CHECK(maxDiff(toHost(mY.data(), n), y1) < 5e-5);
-      CHECK(maxDiff(toHost(mDx.data(), n), dx1) < 1e-4);
-      CHECK(maxDiff(toHost(mGrads.data(), count), g1) < 5e-4);
-      // Again, the backward scratch filled with NaN between forward and backward: the same bits (deterministic
-      // kernels; backward reads nothing forward left in the scratch, and writes every element of dqkv).
-      fused->forward(dX.data(), dY.data(), batch, true);
-      fillNan(fusedScratch, SharedScratch::kAttention);
-      fused->backward(dX.data(), dY.data(), dDy.data(), dDx.data(), batch, false);
-      CHECK(toHost(dY.data(), n) == y1);
-      CHECK(toHost(dDx.data(), n) == dx1);
-      CHECK(toHost(dGrads.data(), count) == g1);
+  // rows), and T = 1; without and with attention dropout (the kernels compute the CPU layer's mask).
+  for (const double dropout : {0.0, 0.3}) {
+    for (const Shape s : {Shape{37, 16, 4}, Shape{130, 128, 2}, Shape{70, 256, 2}, Shape{1, 64, 1}}) {
+      CAPTURE(dropout);
+      CAPTURE(s.t);
+      CAPTURE(s.c);
+      CAPTURE(s.heads);
+      const int maxBatch = 3;
+      const LayerSpec spec = parseModelSpec(
+          json{{"input", {s.t, s.c}},
+               {"layers", json::array({json{{"type", "causal_self_attention"}, {"n_head", s.heads},
+                                            {"dropout", dropout}}})}},
+          "", "/model").layers[0];
+      auto cpu = makeLayer(spec, {.device = Device::cpu(), .maxBatch = maxBatch, .seed = 7});
+      SharedScratch fusedScratch(kGpu), matmulScratch(kGpu);
+      std::unique_ptr<Layer> fused, matmul;
+      {
+        const AttentionScope scope(AttentionKernel::kFused);
+        fused = makeLayer(spec, {.device = kGpu, .maxBatch = maxBatch, .seed = 7, .scratch = &fusedScratch});
+      }
+      {
+        const AttentionScope scope(AttentionKernel::kMatmul);
+        matmul = makeLayer(spec, {.device = kGpu, .maxBatch = maxBatch, .seed = 7, .scratch = &matmulScratch});
+      }
+      fusedScratch.allocate();
+      matmulScratch.allocate();
+      // The fused layer never asks for the [2, H, T, T] score scratch; its backward scratch is dqkv + datt + D.
+      CHECK(fusedScratch.size(SharedScratch::kAttentionScores) == 0);
+      CHECK(fusedScratch.size(SharedScratch::kAttention) ==
+            static_cast<size_t>(maxBatch * s.t * 4 * s.c + maxBatch * s.heads * s.t));
+      CHECK(matmulScratch.size(SharedScratch::kAttentionScores) == static_cast<size_t>(2 * s.heads * s.t * s.t));
+      const size_t count = static_cast<size_t>(spec.paramCount());
+      std::vector<float> params(count), grads(count);
+      cpu->bind(params.data(), grads.data());
+      InitRng init(11);
+      cpu->initParams(init);
+      for (float& p : params) p *= 3.0f;  // a peaked softmax: the online rescaling matters
+      DeviceFloats dParams = toDevice(params), dGrads(count, kGpu), mGrads(count, kGpu);
+      fused->bind(dParams.data(), dGrads.data());
+      matmul->bind(dParams.data(), mGrads.data());
+      for (const int batch : {3, 1}) {
+        CAPTURE(batch);
+        const uint64_t seed = 100 + static_cast<uint64_t>(batch);
+        const size_t n = static_cast<size_t>(batch * s.t * s.c);
+        const std::vector<float> x = randomVector(n, 9 + static_cast<uint32_t>(batch), -2, 2),
+                                 dy = randomVector(n, 13);
+        std::vector<float> y(n), dx(n);
+        cpu->reseed(seed), fused->reseed(seed), matmul->reseed(seed);
+        cpu->forward(x.data(), y.data(), batch, true);
+        cpu->backward(x.data(), y.data(), dy.data(), dx.data(), batch, false);
+        DeviceFloats dX = toDevice(x), dY(n, kGpu), dDy = toDevice(dy), dDx(n, kGpu), mY(n, kGpu), mDx(n, kGpu);
+        fused->forward(dX.data(), dY.data(), batch, true);
+        fused->backward(dX.data(), dY.data(), dDy.data(), dDx.data(), batch, false);
+        matmul->forward(dX.data(), mY.data(), batch, true);
+        matmul->backward(dX.data(), mY.data(), dDy.data(), mDx.data(), batch, false);
+        const auto y1 = toHost(dY.data(), n), dx1 = toHost(dDx.data(), n), g1 = toHost(dGrads.data(), count);
+        // The tolerances of test_gpu_flash.cpp's emulation (online softmax and exp2 round otherwise than the CPU;
+        // with dropout the kept probabilities, and their rounding, are scaled by 1 / (1 - p)).
+        MESSAGE("fused vs CPU: y " << maxDiff(y, y1) << ", dx " << maxDiff(dx, dx1) << ", grads "
+                                   << maxDiff(grads, g1));
+        const double keep = 1.0 / (1.0 - dropout);
+        CHECK(maxDiff(y, y1) < 5e-5 * keep);
+        CHECK(maxDiff(dx, dx1) < 1e-4 * keep);
+        CHECK(maxDiff(grads, g1) < 5e-4 * keep);
+        CHECK(maxDiff(toHost(mY.data(), n), y1) < 5e-5 * keep);
+        CHECK(maxDiff(toHost(mDx.data(), n), dx1) < 1e-4 * keep);
+        CHECK(maxDiff(toHost(mGrads.data(), count), g1) < 5e-4 * keep);
+        // Again (reseeded alike: the same mask), the backward scratch filled with NaN between forward and
+        // backward: the same bits (deterministic kernels; backward reads nothing forward left in the scratch, and
+        // writes every element of dqkv).
+        fused->reseed(seed);
+        fused->forward(dX.data(), dY.data(), batch, true);
+        fillNan(fusedScratch, SharedScratch::kAttention);
+        fused->backward(dX.data(), dY.data(), dDy.data(), dDx.data(), batch, false);
+        CHECK(toHost(dY.data(), n) == y1);
+        CHECK(toHost(dDx.data(), n) == dx1);
+        CHECK(toHost(dGrads.data(), count) == g1);
+      }
     }
   }
 }
 
 TEST_CASE("\"fused\" where the fused kernels cannot run the layer is an error naming it; \"auto\" takes matmul") {
-  const json dropout{{"input", {8, 16}},
-                     {"layers", json::array({json{{"type", "causal_self_attention"}, {"n_head", 2}, {"dropout", 0.1}}})}};
-  const LayerSpec spec = parseModelSpec(dropout, "", "/model").layers[0];
+  // Head size 129 (n_embd 258 / 2 heads): above the fused kernels' 128.
+  const json wide{{"input", {4, 258}}, {"layers", json::array({json{{"type", "causal_self_attention"}, {"n_head", 2}}})}};
+  const LayerSpec spec = parseModelSpec(wide, "", "/model").layers[0];
   {
     const AttentionScope scope(AttentionKernel::kFused);
     CHECK_THROWS_WITH_AS(makeLayer(spec, {.device = kGpu, .maxBatch = 2, .seed = 1}),
-                         doctest::Contains("the fused attention kernels cannot run this layer: attention dropout"),
+                         doctest::Contains("the fused attention kernels cannot run this layer: head size 129"),
                          UsageError);
   }
   SharedScratch shared(kGpu);
   auto layer = makeLayer(spec, {.device = kGpu, .maxBatch = 2, .seed = 1, .scratch = &shared});
-  CHECK(shared.size(SharedScratch::kAttentionScores) == static_cast<size_t>(2 * 2 * 8 * 8));  // the matmul path
+  CHECK(shared.size(SharedScratch::kAttentionScores) == static_cast<size_t>(2 * 2 * 4 * 4));  // the matmul path
 }
 
 TEST_CASE("the matmul path still passes the layer parity check (the default runs the fused kernels there)") {

@@ -4,7 +4,8 @@
 // arrays (poisoned with NaN whenever the block frees them, so a read of a row no thread loaded shows), and the
 // layer around it (the projections, here in double) gives the CPU layer's output and all gradients
 // (lib/nn/layers_attention.cpp) within float tolerance: the online softmax and exp2 round differently from the
-// CPU's softmax. What this cannot show: the device itself (launches, shared memory, registers);
+// CPU's softmax. With attention dropout the kernels take the draw the layer takes from its DropoutStream and drop
+// what the CPU layer drops (the same philox.h rule and element numbering). What this cannot show: the device itself (launches, shared memory, registers);
 // test_gpu_attention_nn.cpp does that with a GPU.
 #include <doctest/doctest.h>
 
@@ -12,12 +13,15 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "lib/gpu/flash_attention.h"
 #include "lib/gpu/grid.h"
+#include "lib/gpu/philox.h"
+#include "lib/nn/dropout_mask.h"
 #include "lib/nn/layer.h"
 #include "lib/nn/spec.h"
 #include "tests/gpu/host_values.h"
@@ -70,23 +74,23 @@ struct Core {
   std::vector<float> dsum, dqkv;                // backward
 };
 
-template <int HS>
-void emulateForward(const FlashGeometry& g, const Launch& launch, const std::vector<float>& qkv, Core& out) {
+template <int HS, class Drop>
+void emulateForward(const FlashGeometry& g, const Launch& launch, const std::vector<float>& qkv, Core& out,
+                    const Drop& drop) {
   constexpr int R = kFlashTileRows<HS>;
   eachBlock(g, launch, [&](auto&& items) {
     HostThreads<FlashForwardRow<HS>> th;
     std::vector<float> kTile(R * HS, kNan), vTile(R * HS, kNan);
     th.tiles = {&kTile, &vTile};
     items([&](int64_t item) {
-      flashForwardItem<HS>(th, g, item, qkv.data(), out.att.data(), out.lse.data(), kTile.data(), vTile.data(),
-                           FlashNoDropout{});
+      flashForwardItem<HS>(th, g, item, qkv.data(), out.att.data(), out.lse.data(), kTile.data(), vTile.data(), drop);
     });
   });
 }
 
-template <int HS>
+template <int HS, class Drop>
 void emulateBackward(const FlashGeometry& g, const Launch& launch, const std::vector<float>& qkv,
-                     const std::vector<float>& datt, Core& out) {
+                     const std::vector<float>& datt, Core& out, const Drop& drop) {
   constexpr int R = kFlashTileRows<HS>;
   // Three kernels, one after the other (the default stream's order): dQ (and D), dK, dV.
   eachBlock(g, launch, [&](auto&& items) {
@@ -95,7 +99,7 @@ void emulateBackward(const FlashGeometry& g, const Launch& launch, const std::ve
     th.tiles = {&kTile, &vTile};
     items([&](int64_t item) {
       flashGradQItem<HS>(th, g, item, qkv.data(), out.att.data(), out.lse.data(), datt.data(), out.dsum.data(),
-                         out.dqkv.data(), kTile.data(), vTile.data(), FlashNoDropout{});
+                         out.dqkv.data(), kTile.data(), vTile.data(), drop);
     });
   });
   auto keyOwners = [&](auto gradK) {
@@ -108,7 +112,7 @@ void emulateBackward(const FlashGeometry& g, const Launch& launch, const std::ve
       items([&](int64_t item) {
         flashGradKVItem<HS, kGradK>(th, g, item, qkv.data(), out.lse.data(), datt.data(), out.dsum.data(),
                                     out.dqkv.data(), qTile.data(), doTile.data(), lseTile.data(), dsumTile.data(),
-                                    FlashNoDropout{});
+                                    drop);
       });
     });
   };
@@ -117,19 +121,24 @@ void emulateBackward(const FlashGeometry& g, const Launch& launch, const std::ve
 }
 
 // The attention core as the kernels compute it: forward fills att and lse, backward (datt given) dsum and dqkv
-// (poisoned first: every element the kernels own must be written).
+// (poisoned first: every element the kernels own must be written). `draw`: attention dropout's, or null (the
+// launcher's choice of policy).
 void emulateCore(const FlashGeometry& g, const Launch& launch, const std::vector<float>& qkv,
-                 const std::vector<float>* datt, Core& out) {
+                 const std::vector<float>* datt, Core& out, const DropoutDraw* draw) {
   const size_t rows = static_cast<size_t>(g.batch * g.t), lse = static_cast<size_t>(g.batch * g.heads * g.t);
   out.att.assign(rows * static_cast<size_t>(g.c()), kNan);
   out.lse.assign(lse, kNan);
-  auto run = [&](auto hs) {
+  auto withDrop = [&](auto hs, const auto& drop) {
     constexpr int HS = decltype(hs)::value;
-    emulateForward<HS>(g, launch, qkv, out);
+    emulateForward<HS>(g, launch, qkv, out, drop);
     if (datt == nullptr) return;
     out.dsum.assign(lse, kNan);
     out.dqkv.assign(rows * static_cast<size_t>(3 * g.c()), kNan);
-    emulateBackward<HS>(g, launch, qkv, *datt, out);
+    emulateBackward<HS>(g, launch, qkv, *datt, out, drop);
+  };
+  auto run = [&](auto hs) {
+    if (draw != nullptr) return withDrop(hs, FlashDropout{*draw});
+    withDrop(hs, FlashNoDropout{});
   };
   switch (flashHeadTemplate(g.hs)) {
     case 16: return run(std::integral_constant<int, 16>{});
@@ -163,7 +172,8 @@ struct LayerResult {
 // qkv projection's gradients. The projections in double (cuBLAS's rounding is not what this checks), rounded to
 // float where the layer holds floats (qkv, datt). Parameters in the arena's order.
 LayerResult emulateLayer(const Shape4& s, const std::vector<float>& params, const std::vector<float>& x,
-                         const std::vector<float>& dy, const Launch& launch = {}) {
+                         const std::vector<float>& dy, const Launch& launch = {},
+                         const DropoutDraw* draw = nullptr) {
   const int64_t c = s.c, c3 = 3 * c, rows = s.batch * s.t;
   auto at = [](int64_t i) { return static_cast<size_t>(i); };
   const float* wAttn = params.data();
@@ -185,7 +195,7 @@ LayerResult emulateLayer(const Shape4& s, const std::vector<float>& params, cons
     }
   const FlashGeometry g = flashGeometry(s.batch, s.t, s.heads, c / s.heads);
   LayerResult out;
-  emulateCore(g, launch, qkv, &datt, out.core);
+  emulateCore(g, launch, qkv, &datt, out.core, draw);
   out.y.assign(at(rows * c), 0.0);
   out.grads.assign(params.size(), 0.0);
   double* gwAttn = out.grads.data();
@@ -323,13 +333,23 @@ TEST_CASE("flash attention emulated thread by thread gives the CPU layer's outpu
   }
 }
 
-TEST_CASE("flash attention at test_gpu_nn's layer parity shapes stays within that test's tolerances") {
-  // checkLayer (gpu_parity.h): the default init plus noise in [-0.3, 0.3], x in [-2, 2], batch 3; out and dx within
-  // 1e-5, parameter gradients within 1e-4 (relative above 1). The `gpu` test runs the fused kernels there.
-  for (const Shape4 s : {Shape4{3, 5, 8, 2}, Shape4{3, 300, 16, 4}}) {
+TEST_CASE("flash attention at the gpu tests' layer parity shapes stays within their tolerances") {
+  // checkLayer (gpu_parity.h): the default init plus noise in [-0.3, 0.3], x in [-2, 2], batch 3, layers built with
+  // seed 7 (attention dropout's first draw); out and dx within 1e-5, parameter gradients within 1e-4 (relative
+  // above 1). The `gpu` tests run the fused kernels there: test_gpu_nn's two attention entries and
+  // test_gpu_spatial.cpp's two attention-dropout entries.
+  struct Case {
+    Shape4 s;
+    double p;
+  };
+  for (const Case k : {Case{{3, 5, 8, 2}, 0.0}, Case{{3, 300, 16, 4}, 0.0}, Case{{3, 5, 8, 2}, 0.2},
+                       Case{{3, 40, 16, 4}, 0.5}}) {
+    const Shape4 s = k.s;
     CAPTURE(s.t);
-    const nn::LayerSpec spec = parseLayer(
-        "{\"type\": \"causal_self_attention\", \"n_head\": " + std::to_string(s.heads) + "}", {s.t, s.c});
+    CAPTURE(k.p);
+    const nn::LayerSpec spec = parseLayer("{\"type\": \"causal_self_attention\", \"n_head\": " +
+                                              std::to_string(s.heads) + ", \"dropout\": " + std::to_string(k.p) + "}",
+                                          {s.t, s.c});
     auto cpu = nn::makeLayer(spec, {.device = Device::cpu(), .maxBatch = 3, .seed = 7});
     std::vector<float> params(static_cast<size_t>(spec.paramCount())), grads(params.size());
     cpu->bind(params.data(), grads.data());
@@ -342,12 +362,68 @@ TEST_CASE("flash attention at test_gpu_nn's layer parity shapes stays within tha
     std::vector<float> y(n), dx(n);
     cpu->forward(x.data(), y.data(), 3, true);
     cpu->backward(x.data(), y.data(), dy.data(), dx.data(), 3, false);
-    const LayerResult e = emulateLayer(s, params, x, dy);
+    nn::detail::DropoutStream stream(std::nullopt, spec.index);
+    stream.reseed(7);
+    const DropoutDraw draw = stream.next(static_cast<uint64_t>(s.batch * s.heads * s.t * s.t), k.p,
+                                         1.0f / static_cast<float>(1.0 - k.p));
+    const LayerResult e = emulateLayer(s, params, x, dy, {}, k.p > 0 ? &draw : nullptr);
     MESSAGE("worst relative difference: y " << worst(y, e.y) << ", dx " << worst(dx, e.dx) << ", grads "
                                             << worst(grads, e.grads));
     CHECK(worst(y, e.y) < 1e-5);
     CHECK(worst(dx, e.dx) < 1e-5);
     CHECK(worst(grads, e.grads) < 1e-4);
+  }
+}
+
+TEST_CASE("flash attention with attention dropout drops what the CPU layer drops: output and all gradients") {
+  // The CUDA layer takes one draw per training forward from its DropoutStream (the CPU layer's), here reseeded
+  // alike; a second forward between reseeds draws the next elements. Shapes: hs 8 (T 70, two tiles), hs 64
+  // (T 130), hs 128 (T 45, 32-row tiles), T = 1; H T T odd or not, so samples start anywhere in a Philox block.
+  for (const Shape4 s : {Shape4{2, 70, 16, 2}, Shape4{2, 130, 128, 2}, Shape4{2, 45, 256, 2}, Shape4{3, 1, 8, 2},
+                         Shape4{3, 37, 12, 3}}) {
+    for (const double p : {0.3, 0.9}) {
+      CAPTURE(s.t);
+      CAPTURE(s.c);
+      CAPTURE(p);
+      const nn::LayerSpec spec = parseLayer("{\"type\": \"causal_self_attention\", \"n_head\": " +
+                                                std::to_string(s.heads) + ", \"dropout\": " + std::to_string(p) + "}",
+                                            {s.t, s.c});
+      auto cpu = nn::makeLayer(spec, {.device = Device::cpu(), .maxBatch = static_cast<int>(s.batch), .seed = 3});
+      std::vector<float> params(static_cast<size_t>(spec.paramCount())), grads(params.size());
+      cpu->bind(params.data(), grads.data());
+      nn::InitRng init(17);
+      cpu->initParams(init);
+      for (float& w : params) w *= 3.0f;
+      const size_t n = static_cast<size_t>(s.batch * s.t * s.c);
+      const std::vector<float> x = randomVector(n, 51, -2, 2), dy = randomVector(n, 52);
+      cpu->reseed(40);
+      nn::detail::DropoutStream stream(std::nullopt, spec.index);
+      stream.reseed(40);
+      const float keep = 1.0f / static_cast<float>(1.0 - p);  // the layers' rounding
+      for (int forward = 0; forward < 2; ++forward) {
+        CAPTURE(forward);
+        std::vector<float> y(n), dx(n);
+        cpu->forward(x.data(), y.data(), static_cast<int>(s.batch), true);
+        cpu->backward(x.data(), y.data(), dy.data(), dx.data(), static_cast<int>(s.batch), false);
+        const DropoutDraw draw = stream.next(static_cast<uint64_t>(s.batch * s.heads * s.t * s.t), p, keep);
+        const LayerResult e = emulateLayer(s, params, x, dy, {}, &draw);
+        MESSAGE("worst relative difference: y " << worst(y, e.y) << ", dx " << worst(dx, e.dx) << ", grads "
+                                                << worst(grads, e.grads));
+        // The bounds without dropout, times 1 / (1 - p): the kept probabilities (and their rounding) are scaled.
+        CHECK(worst(y, e.y) < 5e-5 * keep);
+        CHECK(worst(dx, e.dx) < 1e-4 * keep);
+        CHECK(worst(grads, e.grads) < 5e-4 * keep);
+        for (const auto* v : {&e.core.att, &e.core.lse, &e.core.dsum, &e.core.dqkv})
+          CHECK(std::none_of(v->begin(), v->end(), [](float f) { return std::isnan(f); }));
+        // The check can tell: another draw (the stream's next one) gives another output (T > 1: row 0 alone
+        // attends only to itself, and a sample of T = 1 may keep the same elements).
+        if (s.t > 1) {
+          const DropoutDraw other{.key = draw.key, .offset = draw.offset + 4096, .threshold = draw.threshold,
+                                  .scale = draw.scale};
+          CHECK(worst(y, emulateLayer(s, params, x, dy, {}, &other).y) > 1e-3);
+        }
+      }
+    }
   }
 }
 
@@ -371,5 +447,14 @@ TEST_CASE("flash attention's backward is deterministic: the same bits twice, wha
     CHECK(other.core.lse == first.core.lse);
     CHECK(other.core.dsum == first.core.dsum);
     CHECK(other.core.dqkv == first.core.dqkv);
+  }
+  // With attention dropout too (each element's fate is a function of its counter, not of who computes it).
+  const DropoutDraw draw{.key = 99, .offset = 8, .threshold = dropoutThreshold(0.25), .scale = 1.0f / 0.75f};
+  const LayerResult dropped = emulateLayer(s, params, x, dy, {}, &draw);
+  CHECK(dropped.core.att != first.core.att);
+  for (const Launch launch : {Launch{3, true}, Launch{1, false}}) {
+    const LayerResult other = emulateLayer(s, params, x, dy, launch, &draw);
+    CHECK(other.core.att == dropped.core.att);
+    CHECK(other.core.dqkv == dropped.core.dqkv);
   }
 }

@@ -1,5 +1,5 @@
-// Whole runs of `dtrain train` on the GPU against the CPU (TF32 off): an MLP, a small GPT (fused attention, and
-// the matmul path) and a small CNN (conv2d, maxpool2d, dropout, bce_with_logits, adagrad) end within 1e-3 of the
+// Whole runs of `dtrain train` on the GPU against the CPU (TF32 off): an MLP, a small GPT (fused attention,
+// without and with dropout, and the matmul path) and a small CNN (conv2d, maxpool2d, dropout, bce_with_logits, adagrad) end within 1e-3 of the
 // CPU run's weights; a GPU run stopped and
 // resumed ends bit-identical to an uninterrupted one (also with dropout); checkpoints move
 // between devices (GPU -> CPU and CPU -> GPU); a bf16 run's losses follow the float32 run's.
@@ -135,9 +135,13 @@ TEST_CASE("an MLP and a GPT trained on the GPU end within 1e-3 of the CPU run (T
   gptSgd["attention"] = "fused";
   json gptMatmul = gptSgd;
   gptMatmul["attention"] = "matmul";
+  // Attention (and residual) dropout in the fused kernels: the masks are the CPU's (philox.h).
+  json gptDropout = gptSgd;
+  gptDropout["model"]["dropout"] = 0.1;
   // The CNN's dropout masks are the CPU's (the GPU kernel computes them from the CPU's generator, philox.h).
   for (const auto& [name, job] : {std::pair{"mlp", mlpJob()}, std::pair{"gpt", gptSgd},
-                                  std::pair{"gpt_matmul", gptMatmul}, std::pair{"cnn", cnnJob()}}) {
+                                  std::pair{"gpt_matmul", gptMatmul}, std::pair{"gpt_dropout", gptDropout},
+                                  std::pair{"cnn", cnnJob()}}) {
     CAPTURE(name);
     train(dir, job, "cpu", 12, dir + "/" + name + "_cpu");
     train(dir, job, "cuda", 12, dir + "/" + name + "_gpu");

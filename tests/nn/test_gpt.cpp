@@ -225,15 +225,16 @@ TEST_CASE("causal_self_attention dropout: on the probabilities in training only,
   // What it keeps for backward: qkv and heads [T, 4C], probabilities [H, T, T] and their dropped copy.
   CHECK(keptFloatsOf(plain.spec) == 6 * 16 + 2 * 36);
   CHECK(keptFloatsOf(drop.spec) == 6 * 16 + 2 * 2 * 36);
-  // On a GPU: with the fused kernels the log-sum-exp rows [H, T]; on the matmul path nothing per sample beyond
-  // qkv and heads (its dropout mask is computed from a counter).
+  // On a GPU: with the fused kernels the log-sum-exp rows [H, T] (with dropout too: its mask is computed from a
+  // counter); on the matmul path nothing per sample beyond qkv and heads.
   CHECK(keptFloatsOf(plain.spec, {.cuda = true}) == 6 * 16 + 2 * 6);
   CHECK(keptFloatsOf(plain.spec, {.cuda = true, .attention = AttentionKernel::kMatmul}) == 6 * 16);
-  CHECK(keptFloatsOf(drop.spec, {.cuda = true}) == 6 * 16);
+  CHECK(keptFloatsOf(drop.spec, {.cuda = true}) == 6 * 16 + 2 * 6);
+  CHECK(keptFloatsOf(drop.spec, {.cuda = true, .attention = AttentionKernel::kMatmul}) == 6 * 16);
   CHECK(usesFusedAttention(plain.spec, AttentionKernel::kAuto));
   CHECK(usesFusedAttention(plain.spec, AttentionKernel::kFused));
   CHECK_FALSE(usesFusedAttention(plain.spec, AttentionKernel::kMatmul));
-  CHECK_FALSE(usesFusedAttention(drop.spec, AttentionKernel::kAuto));
+  CHECK(usesFusedAttention(drop.spec, AttentionKernel::kAuto));
 }
 
 TEST_CASE("block: x + f(x) with its children's parameters named under it; gradients") {

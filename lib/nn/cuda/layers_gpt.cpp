@@ -105,12 +105,14 @@ class Embedding final : public Layer {
 // Causal self-attention (CPU twin: layers_attention.cpp). Two implementations, chosen when the layer is built
 // (nn::attentionKernel(), the job's "attention"; usesFusedAttention):
 //
-// Fused (the default where it covers the layer: head size <= 128, no attention dropout): the qkv projection, then
+// Fused (the default where it covers the layer: head size <= 128): the qkv projection, then
 // kernels::flashAttentionForward writes the concatenated heads and the rows' log-sum-exp lse_ (maxBatch x H x T
 // floats, kept per layer to backward) without ever forming [T, T]; backward: the c_proj GEMMs, then
 // kernels::flashAttentionBackward writes every element of dqkv (D = rowwise datt . att into a scratch, then one
 // kernel each for dq, dk and dv, each element one thread's fixed-order sum: deterministic), then the qkv GEMMs.
-// Scratch: dqkv + datt + D in the model's kAttention slot (kAttentionScores is not reserved at all).
+// Scratch: dqkv + datt + D in the model's kAttention slot (kAttentionScores is not reserved at all). Attention
+// dropout: the kernels take the forward's draw and compute each element's fate from its counter where they need
+// it (forward, and again in backward with the same draw): the CPU layer's mask, nothing kept.
 //
 // Matmul: per sample, cuBLAS batched GEMMs over the heads on strided views of the stacked qkv buffer, the full
 // [T, T] score square per head and a masked softmax kernel.
@@ -127,7 +129,7 @@ class Embedding final : public Layer {
 // dqkv and datt, which live only inside one backward, share the kAttention slot the same way (as on the CPU).
 // Kept per layer from forward to backward: qkv and the concatenated heads (maxBatch x 4C x T floats).
 //
-// Attention dropout ("dropout" > 0, training; matmul only): the mask is the CPU layer's, computed on the device
+// Attention dropout on the matmul path ("dropout" > 0, training): the mask is the CPU layer's, computed on the device
 // from the counter (lib/gpu/philox.h: Philox4x32-10 keyed by mixSeed(seed, index), element ((b H + h) T + i) T + j
 // of the forward's draw, the same DropoutStream as the CPU layer), by the kernel that applies it: nothing is drawn
 // on the host, copied or kept. Forward multiplies v by the dropped P (P x 1/(1-p) where kept, 0 where dropped, the
@@ -173,7 +175,7 @@ class CausalSelfAttention final : public Layer {
     gpu::gemm(false, true, rows, c3, c_, 1.0f, x, c_, wAttn_, c_, 0.0f, qkv, c3);
     if (bAttn_ != nullptr) k::addBias(qkv, bAttn_, rows, c3);
     if (fused_) {
-      k::flashAttentionForward(qkv, att_.data(), lse_.data(), batch, t_, h_, hs_);
+      k::flashAttentionForward(qkv, att_.data(), lse_.data(), batch, t_, h_, hs_, dropping_ ? &draw_ : nullptr);
     } else {
       matmulForward(qkv, batch);
     }
@@ -192,7 +194,8 @@ class CausalSelfAttention final : public Layer {
     gpu::gemm(false, false, rows, c_, c_, 1.0f, dy, c_, wProj_, c_, 0.0f, datt, c_);
     if (fused_) {
       float* dsum = datt + rows_ * sz(c_);
-      k::flashAttentionBackward(qkv_.data(), att_.data(), lse_.data(), datt, dsum, dqkvData, batch, t_, h_, hs_);
+      k::flashAttentionBackward(qkv_.data(), att_.data(), lse_.data(), datt, dsum, dqkvData, batch, t_, h_, hs_,
+                                dropping_ ? &draw_ : nullptr);
     } else {
       matmulBackward(dqkvData, datt, batch);
     }

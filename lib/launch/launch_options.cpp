@@ -131,13 +131,27 @@ std::vector<int> parseIntList(const std::string& flag, const std::string& value)
   return out;
 }
 
+namespace {
+
+// torchrun runs a script through the interpreter (`torchrun train.py` is `python -u train.py`); dtrain runs the
+// program it is given, so `dtrain run train.py` found no program. Say how to launch a Python script.
+std::string pythonHint(const std::string& program) {
+  const std::string_view p = program;
+  if (p.size() < 3 || p.substr(p.size() - 3) != ".py") return "";
+  return fmt::format("; dtrain runs the program it is given (torchrun adds python itself): launch a Python script "
+                     "as dtrain run [options] -- python3 {}",
+                     program);
+}
+
+}  // namespace
+
 std::string resolveProgram(const std::string& program) {
   auto check = [&](const std::string& path) -> bool {
     struct stat st{};
     if (::stat(path.c_str(), &st) != 0) return false;
     if (S_ISDIR(st.st_mode) || ::access(path.c_str(), X_OK) != 0)
       throw Error(fmt::format("program '{}' ({}) is not executable{}", program, path,
-                              S_ISDIR(st.st_mode) ? ": it is a folder" : ""),
+                              S_ISDIR(st.st_mode) ? ": it is a folder" : pythonHint(program)),
                   ExitCode::kNotExecutable);
     return true;
   };
@@ -154,12 +168,11 @@ std::string resolveProgram(const std::string& program) {
   }
   // A file of that name here is not searched for (PATH lookup, as the shell's): say what would run it.
   struct stat here{};
-  const std::string hint =
-      ::stat(program.c_str(), &here) == 0 && S_ISREG(here.st_mode)
-          ? fmt::format("; the file {0} here is not looked for: run it as ./{0}, or, if it is a job file, name it "
-                        "{0}.json (dtrain run JOB.json)",
-                        program)
-          : "";
+  std::string hint = pythonHint(program);
+  if (hint.empty() && ::stat(program.c_str(), &here) == 0 && S_ISREG(here.st_mode))
+    hint = fmt::format("; the file {0} here is not looked for: run it as ./{0}, or, if it is a job file, name it "
+                       "{0}.json (dtrain run JOB.json)",
+                       program);
   throw Error(fmt::format("program '{}' was not found in PATH{}", program, hint), ExitCode::kNotFound);
 }
 

@@ -268,6 +268,16 @@ TEST_CASE("bad input: one clear line, a distinct exit code, nothing started") {
     CHECK_MESSAGE(bare.err.find("program 'myjob' was not found in PATH; the file myjob here is not looked for: run it "
                                 "as ./myjob, or, if it is a job file, name it myjob.json") != std::string::npos,
                   bare.err);
+    // torchrun's habit: `torchrun train.py` runs python on it; dtrain says how to launch a script.
+    writeFile(dir + "/train.py", "print('hi')\n");
+    for (const char* script : {"train.py", "./train.py"}) {
+      CAPTURE(script);
+      auto py = run(runArgs({"--standalone", "--dry-run", script}), {.cwd = dir});
+      CHECK((py.exitCode == 127 || py.exitCode == 126));
+      CHECK_MESSAGE(py.err.find(std::string("(torchrun adds python itself): launch a Python script as dtrain run "
+                                            "[options] -- python3 ") + script) != std::string::npos,
+                    py.err);
+    }
     auto upper = run(runArgs({"--standalone", "--dry-run", "LR.JSON"}), {.cwd = dir});
     INFO(upper.out, upper.err);
     CHECK(upper.exitCode == 0);

@@ -35,6 +35,9 @@ struct RunArgs {
   int masterPort = 0;
   bool dryRun = false;
   bool afterDashes = false;
+  bool noPython = false;        // torchrun's --no-python: accepted, no effect
+  double monitorInterval = 0;   // torchrun's --monitor-interval: accepted, no effect
+  std::string startMethod;      // torchrun's --start-method: accepted, no effect
   launch::GivenOptions given;  // which launch options the user set (the others may come from Slurm)
   std::vector<std::string> positional;
 };
@@ -235,6 +238,19 @@ void addRunCommand(CLI::App& root, Action& action) {
       ->envname("DTRAIN_REDIRECTS");
   sub->add_option("--tee,-t", a->tee, "Streams also written to log files: 0-3 or per local rank")
       ->envname("DTRAIN_TEE");
+  // torchrun options with nothing to do here, accepted so that a torchrun command line runs unchanged (they were
+  // "not expected", exit 3).
+  sub->add_flag("--no-python,--no_python", a->noPython,
+                "torchrun compatibility, no effect: dtrain never adds python (launch a script as -- python3 train.py)")
+      ->envname("DTRAIN_NO_PYTHON");
+  sub->add_option("--monitor-interval,--monitor_interval", a->monitorInterval,
+                  "torchrun compatibility, no effect: worker exits are events (SIGCHLD), not polled")
+      ->check(CLI::PositiveNumber)
+      ->envname("DTRAIN_MONITOR_INTERVAL");
+  sub->add_option("--start-method,--start_method", a->startMethod,
+                  "torchrun compatibility, no effect: workers are always fork+exec'd (spawn, fork or forkserver)")
+      ->check(CLI::IsMember({"spawn", "fork", "forkserver"}))
+      ->envname("DTRAIN_START_METHOD");
   sub->add_option("--local-ranks-filter,--local_ranks_filter", a->localRanksFilter,
                   "Show only these local ranks' output on the console, e.g. 0 or 0,1")
       ->envname("DTRAIN_LOCAL_RANKS_FILTER");

@@ -151,6 +151,23 @@ TEST_CASE("--log-dir keeps per-attempt, per-rank files; --redirects keeps them o
   }
 }
 
+TEST_CASE("torchrun's --no-python, --monitor-interval and --start-method are accepted (no effect)") {
+  // A torchrun command line with them failed with "The following argument was not expected" (exit 3).
+  auto r = run(runArgs({"--standalone", "--nproc_per_node=2", "--monitor_interval=0.1", "--start_method=spawn",
+                        "--no_python", "--", "sh", "-c", "echo rank=$RANK"}),
+               {.timeout = 30s});
+  INFO(r.out, r.err);
+  CHECK(r.exitCode == 0);
+  CHECK(linesWith(r.out, "rank=").size() == 2);
+  auto dashes = run(runArgs({"--standalone", "--no-python", "--monitor-interval", "5", "--start-method", "fork",
+                             "--dry-run", "--", "true"}),
+                    {.timeout = 30s});
+  CHECK(dashes.exitCode == 0);
+  auto bad = run(runArgs({"--standalone", "--start-method", "thread", "--", "true"}), {.timeout = 30s});
+  CHECK(bad.exitCode == 3);
+  CHECK(bad.err.find("--start-method") != std::string::npos);
+}
+
 TEST_CASE("torchrun's --master-addr / --master-port make the endpoint; --master-port alone is 127.0.0.1:PORT") {
   auto plan = [](std::vector<std::string> flags) {
     flags.insert(flags.end(), {"--dry-run", "--", "true"});

@@ -3,7 +3,6 @@
 #include <fmt/ranges.h>
 
 #include <algorithm>
-#include <cctype>
 #include <filesystem>
 #include <optional>
 
@@ -71,10 +70,7 @@ int runCommand(RunArgs& a, bool programAfterDashes) {
                   "dtrain run: nothing to launch; give a job file (dtrain run job.json) or a program after -- "
                   "(dtrain run -- python train.py)");
   std::optional<train::Job> job;
-  // JOB.json, whatever the extension's case (job.JSON was looked for as a program in PATH).
-  std::string extension = std::filesystem::path(a.positional.front()).extension().string();
-  std::transform(extension.begin(), extension.end(), extension.begin(), [](unsigned char c) { return std::tolower(c); });
-  bool isJob = !programAfterDashes && a.positional.front().size() > 5 && extension == ".json";
+  bool isJob = !programAfterDashes && launch::isJobFileName(a.positional.front());
   if (isJob) {
     // The built-in trainer: workers are this binary's `train` subcommand. The job is validated here, before
     // any store or worker exists.

@@ -4,6 +4,7 @@
 #include "apps/dtrain/job_hooks.h"
 #include "lib/common/error.h"
 #include "lib/common/parse.h"
+#include "lib/launch/launch_options.h"
 #include "lib/launch/sim.h"
 
 namespace dtrain::app {
@@ -37,7 +38,7 @@ int simCommand(SimArgs& a) {
   DTRAIN_CHECK_AS(UsageError, launch::simTotalNodes(o.faults, o.nodes) <= 250,
                   "--faults: {} nodes with the joins (expected at most 250)", launch::simTotalNodes(o.faults, o.nodes));
   const std::string& first = a.positional.front();
-  o.isJob = !a.afterDashes && first.size() > 5 && first.compare(first.size() - 5, 5, ".json") == 0;
+  o.isJob = !a.afterDashes && launch::isJobFileName(first);
   o.program = a.positional;
   if (o.isJob) {
     // The job is validated here, before any namespace or agent exists (exit 2 for a bad job file).

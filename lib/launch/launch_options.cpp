@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -174,6 +175,13 @@ std::string resolveProgram(const std::string& program) {
                        "{0}.json (dtrain run JOB.json)",
                        program);
   throw Error(fmt::format("program '{}' was not found in PATH{}", program, hint), ExitCode::kNotFound);
+}
+
+bool isJobFileName(const std::string& word) {
+  if (word.size() <= 5) return false;
+  std::string tail = word.substr(word.size() - 5);
+  std::transform(tail.begin(), tail.end(), tail.begin(), [](unsigned char c) { return std::tolower(c); });
+  return tail == ".json";
 }
 
 rendezvous::EtcdStoreOptions LaunchOptions::etcdOptions() const {

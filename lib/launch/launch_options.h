@@ -110,6 +110,9 @@ int resolveNproc(const std::string& value);
 std::vector<int> parseIntList(const std::string& flag, const std::string& value);
 // PATH lookup as execvp would do; throws Error(kNotFound / kNotExecutable) with a clear message.
 std::string resolveProgram(const std::string& program);
+// Whether the first word after `dtrain run` / `dtrain sim`'s options names a job file: it ends in ".json", in any
+// case (JOB.JSON was looked for as a program), with a name before it.
+bool isJobFileName(const std::string& word);
 // GPUs visible to this process (CUDA_VISIBLE_DEVICES, else /proc/driver/nvidia/gpus); 0 when none. Counted
 // without starting CUDA (the agent forks workers), by countVisibleDevices' reading of the variable.
 int visibleGpuCount();

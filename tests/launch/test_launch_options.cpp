@@ -94,6 +94,15 @@ TEST_CASE("heartbeat flags: a zero interval is named as such, not as a timeout s
   CHECK(validateError(o) == "");
 }
 
+TEST_CASE("a job file is a name ending in .json in any case") {
+  CHECK(isJobFileName("job.json"));
+  CHECK(isJobFileName("configs/LR.JSON"));
+  CHECK(isJobFileName("a.Json"));
+  CHECK_FALSE(isJobFileName(".json"));
+  CHECK_FALSE(isJobFileName("train.py"));
+  CHECK_FALSE(isJobFileName("json"));
+}
+
 TEST_CASE("--rdzv-timeout 0 is a usage error, not a store that fails its handshake") {
   LaunchOptions o;
   o.standalone = true;

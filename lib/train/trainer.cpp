@@ -404,12 +404,17 @@ TrainResult TrainLoop::run() {
   const int64_t startEpoch = resumed_ ? resumed_->epoch : 0;
   stop_ = job_.loop.maxSteps > 0 && step_ >= job_.loop.maxSteps;
   // A finished run started again resumes at its end: say so, instead of a summary of 0 samples at 0 samples/s.
-  if (resumed_ && (stop_ || startEpoch >= job_.loop.epochs))
-    progress_->info(fmt::format("nothing left to train: {} is at step {}, the end of this run ({}); raise it to "
+  // (Past it when the limit was lowered since: "at step 938, the end of this run (train.max_steps 500)" contradicted
+  // itself.)
+  if (resumed_ && (stop_ || startEpoch >= job_.loop.epochs)) {
+    const bool past = stop_ ? step_ > job_.loop.maxSteps
+                            : startEpoch > job_.loop.epochs || resumed_->samplesConsumed > 0;
+    progress_->info(fmt::format("nothing left to train: {} is at step {}, {} of this run ({}); raise it to "
                                 "train on, or give a new run its own --output-dir",
-                                resumed_->path.string(), step_,
+                                resumed_->path.string(), step_, past ? "past the end" : "the end",
                                 stop_ ? fmt::format("train.max_steps {}", job_.loop.maxSteps)
                                       : fmt::format("train.epochs {}", job_.loop.epochs)));
+  }
   for (int64_t epoch = startEpoch; epoch < job_.loop.epochs && !stop_; ++epoch)
     trainEpoch(epoch, epoch == startEpoch && resumed_ ? resumed_->samplesConsumed : 0);
   finish();

@@ -279,6 +279,13 @@ TEST_CASE("SIGTERM to the agent: the workers write a checkpoint before they exit
                                    dir, stopStep + 2, stopStep + 2, stopStep + 2)) != std::string::npos);
   CHECK(again.out.find(fmt::format("done: {} steps, all before this run (nothing left to train); wrote {}/out/model."
                                    "safetensors", stopStep + 2, dir)) != std::string::npos);
+  // With the limit lowered since, the checkpoint is past the end, not at it.
+  auto lowered = run({dtrainBinary(), "train", dir + "/job.json", "--set", "train.max_steps=2", "--output-dir",
+                      dir + "/out"},
+                     {.timeout = 60s});
+  CHECK(lowered.exitCode == 0);
+  CHECK(lowered.out.find(fmt::format("is at step {}, past the end of this run (train.max_steps 2)", stopStep + 2)) !=
+        std::string::npos);
   const auto metricsAfter = readJsonLines(dir + "/out/metrics.jsonl");
   CHECK(metricsAfter == metricsBefore);
   REQUIRE(!metricsAfter.empty());

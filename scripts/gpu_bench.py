@@ -5,9 +5,10 @@ Prints one table from one run, both sides of every comparison:
   - bf16 and TF32 GEMM rates measured with torch.matmul (8192^3): the ceilings MFU is computed against;
   - GPT-2-small shape (12 layers, 12 heads, 768 wide, block 1024, vocab 50257), batch B: step time, tokens/s, MFU
     and peak GPU memory for dtrain ("precision": "bf16": bf16 GEMM inputs, fp32 master weights and activations; and
-    fp32 with TF32 GEMMs; both with the fused attention kernels, the default) and for PyTorch eager on the same model
-    and batch (bf16 autocast, and fp32 with TF32); then, when the budget leaves time, dtrain fp32 with
-    "attention": "matmul" (the cuBLAS score-square path) for the fused/matmul comparison;
+    fp32 with TF32 GEMMs; both with "attention": "auto", which at this shape is the matmul path: cuBLAS GEMMs over
+    one sample's score square) and for PyTorch eager on the same model and batch (bf16 autocast, and fp32 with
+    TF32); then, when the budget leaves time, dtrain fp32 with "attention": "fused" (the flash-style kernels) for the
+    fused/matmul comparison that decides "auto"'s threshold;
   - all-reduce over the GPUs present: dtrain bench allreduce --backend nccl, and PyTorch's NCCL all_reduce on the
     same sizes (algbw and busbw as nccl-tests define them: busbw = algbw * 2 (n - 1) / n).
 Time: --budget S bounds the whole run (scripts/gpu-check passes what its own budget leaves); each part's timeout
@@ -255,18 +256,18 @@ def main():
                 print(f"{name} row failed: {e}")
                 FAILURES.append(key)
                 torch.cuda.empty_cache()
-        # The comparison row (the matmul attention path), after the PyTorch rows so it never starves them: only
+        # The comparison row (the fused attention kernels), after the PyTorch rows so it never starves them: only
         # when the budget leaves it a minute beside the all-reduce table's reserve.
         if left(40) > 60:
-            name = "dtrain (fp32, matmul attention)"
+            name = "dtrain (fp32, fused attention)"
             try:
-                rows["dtrain fp32 matmul"] = (name,) + dtrain_gpt(a.dtrain, a.batch, a.steps, tmp, "fp32", 40,
-                                                                  attention="matmul")
+                rows["dtrain fp32 fused"] = (name,) + dtrain_gpt(a.dtrain, a.batch, a.steps, tmp, "fp32", 40,
+                                                                 attention="fused")
             except Exception as e:
                 print(f"{name} row failed: {e}")
-                FAILURES.append("dtrain fp32 matmul")
+                FAILURES.append("dtrain fp32 fused")
         else:
-            print("dtrain (fp32, matmul attention): NOT RUN (time budget)")
+            print("dtrain (fp32, fused attention): NOT RUN (time budget)")
     for name, dt, params, peak, smi in rows.values():
         fpt = flops_per_token(params) * tokens / dt / 1e12
         print(f"{name:<34}{dt * 1e3:>9.1f}{tokens / dt:>11.0f}{fpt / bf16:>10.1%}{fpt / tf32:>10.1%}{peak:>10.1f}"
@@ -276,7 +277,7 @@ def main():
           " smi GiB: the peak of nvidia-smi's memory.used of GPU 0 during the row's run, device-wide: CUDA contexts,\n"
           " cuBLAS/NCCL workspaces, PyTorch's cached blocks, and this script's own context in every row)")
     for mine, theirs in (("dtrain bf16", "torch bf16"), ("dtrain fp32", "torch fp32"),
-                         ("dtrain fp32", "dtrain fp32 matmul")):
+                         ("dtrain fp32 fused", "dtrain fp32")):
         if mine in rows and theirs in rows:  # tokens/s ratio = inverse step-time ratio
             print(f"{rows[mine][0]} / {rows[theirs][0]} tokens/s: {rows[theirs][1] / rows[mine][1]:.2f}x")
 

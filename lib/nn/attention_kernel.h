@@ -6,7 +6,11 @@
 //   kMatmul: cuBLAS batched GEMMs over the full [H, T, T] score square per sample and a masked softmax kernel (the
 //            first, simple form; one sample's square of scratch per model), kept for comparison and for what the
 //            fused kernels do not cover.
-//   kAuto:   kFused where it covers the layer, else kMatmul (the default).
+//   kAuto:   kFused where it covers the layer and the matmul path's score scratch would exceed
+//            kAutoFusedAttentionScratchBytes (long sequences, many heads), else kMatmul (the default). Below that the
+//            fused kernels save little memory (the matmul path keeps one sample's square, shared by every layer),
+//            and the matmul path's GEMMs run on tensor cores (TF32 or bf16) where the fused kernels compute in fp32
+//            on the CUDA cores; neither has been timed on a GPU yet (docs/gpu.md "Attention kernels").
 // CPU layers have one implementation and ignore the choice. No CUDA header or build is needed for any of this.
 #pragma once
 
@@ -31,13 +35,20 @@ void setAttentionKernel(AttentionKernel k) noexcept;
 AttentionKernel attentionKernel() noexcept;
 
 inline constexpr int64_t kFusedAttentionMaxHeadSize = 128;
+// kAuto's switch to the fused kernels: the matmul path's score scratch above this many bytes (256 MiB: GPT-2's 12
+// heads from T 2048 on; at T 1024 it is 100.7 MB).
+inline constexpr int64_t kAutoFusedAttentionScratchBytes = int64_t{256} << 20;
+
+// The matmul path's per-sample score scratch for `spec`: P and dP, 2 x n_head x T x T floats, in bytes.
+int64_t matmulAttentionScratchBytes(const LayerSpec& spec);
 
 // Why the fused kernels cannot run the causal_self_attention `spec`, or empty when they can: a head size (n_embd /
 // n_head) above kFusedAttentionMaxHeadSize.
 std::string fusedAttentionGap(const LayerSpec& spec);
 
-// Whether the CUDA layer built for `spec` under `k` runs the fused kernels: kAuto and kFused where
-// fusedAttentionGap is empty (a job asking for kFused where it is not is refused when loaded), kMatmul never.
+// Whether the CUDA layer built for `spec` under `k` runs the fused kernels: kFused where fusedAttentionGap is
+// empty (a job asking for kFused where it is not is refused when loaded), kAuto where moreover the matmul path's
+// scratch would exceed kAutoFusedAttentionScratchBytes, kMatmul never.
 bool usesFusedAttention(const LayerSpec& spec, AttentionKernel k);
 
 }  // namespace dtrain::nn

@@ -385,8 +385,14 @@ std::string fusedAttentionGap(const LayerSpec& spec) {
   return {};
 }
 
+int64_t matmulAttentionScratchBytes(const LayerSpec& spec) {
+  const int64_t t = spec.input[0];
+  return 2 * spec.nHead * t * t * static_cast<int64_t>(sizeof(float));
+}
+
 bool usesFusedAttention(const LayerSpec& spec, AttentionKernel k) {
-  return k != AttentionKernel::kMatmul && fusedAttentionGap(spec).empty();
+  if (k == AttentionKernel::kMatmul || !fusedAttentionGap(spec).empty()) return false;
+  return k == AttentionKernel::kFused || matmulAttentionScratchBytes(spec) > kAutoFusedAttentionScratchBytes;
 }
 
 const LayerKind& attentionKind() {

@@ -227,14 +227,28 @@ TEST_CASE("causal_self_attention dropout: on the probabilities in training only,
   CHECK(keptFloatsOf(drop.spec) == 6 * 16 + 2 * 2 * 36);
   // On a GPU: with the fused kernels the log-sum-exp rows [H, T] (with dropout too: its mask is computed from a
   // counter); on the matmul path nothing per sample beyond qkv and heads.
-  CHECK(keptFloatsOf(plain.spec, {.cuda = true}) == 6 * 16 + 2 * 6);
+  CHECK(keptFloatsOf(plain.spec, {.cuda = true, .attention = AttentionKernel::kFused}) == 6 * 16 + 2 * 6);
+  CHECK(keptFloatsOf(plain.spec, {.cuda = true}) == 6 * 16);  // "auto" at this size: the matmul path
   CHECK(keptFloatsOf(plain.spec, {.cuda = true, .attention = AttentionKernel::kMatmul}) == 6 * 16);
-  CHECK(keptFloatsOf(drop.spec, {.cuda = true}) == 6 * 16 + 2 * 6);
+  CHECK(keptFloatsOf(drop.spec, {.cuda = true, .attention = AttentionKernel::kFused}) == 6 * 16 + 2 * 6);
   CHECK(keptFloatsOf(drop.spec, {.cuda = true, .attention = AttentionKernel::kMatmul}) == 6 * 16);
-  CHECK(usesFusedAttention(plain.spec, AttentionKernel::kAuto));
   CHECK(usesFusedAttention(plain.spec, AttentionKernel::kFused));
   CHECK_FALSE(usesFusedAttention(plain.spec, AttentionKernel::kMatmul));
-  CHECK(usesFusedAttention(drop.spec, AttentionKernel::kAuto));
+  // "auto": the matmul path while its score scratch (P and dP of one sample: 2 x H x T x T floats) is at most
+  // 256 MiB, the fused kernels beyond: GPT-2's 12 heads at T 1024 (100.7 MB) stay on the matmul path, at T 2048
+  // (403 MB) they fuse.
+  CHECK_FALSE(usesFusedAttention(plain.spec, AttentionKernel::kAuto));
+  CHECK_FALSE(usesFusedAttention(drop.spec, AttentionKernel::kAuto));
+  LayerSpec gpt2 = plain.spec;
+  gpt2.nHead = 12;
+  gpt2.input = Shape{1024, 768};
+  CHECK(matmulAttentionScratchBytes(gpt2) == 2 * 12 * 1024 * 1024 * 4);
+  CHECK_FALSE(usesFusedAttention(gpt2, AttentionKernel::kAuto));
+  gpt2.input = Shape{2048, 768};
+  CHECK(usesFusedAttention(gpt2, AttentionKernel::kAuto));
+  CHECK(keptFloatsOf(gpt2, {.cuda = true}) == 4 * 2048 * 768 + 12 * 2048);  // qkv, heads and the log-sum-exp rows
+  gpt2.input = Shape{2048, 12 * 256};  // head size 256: beyond the fused kernels, "auto" keeps the matmul path
+  CHECK_FALSE(usesFusedAttention(gpt2, AttentionKernel::kAuto));
 }
 
 TEST_CASE("block: x + f(x) with its children's parameters named under it; gradients") {

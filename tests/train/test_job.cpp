@@ -330,10 +330,12 @@ TEST_CASE("memory is estimated from the spec, saturating, and a job that cannot 
   CHECK(estimateMemory(gpt).activations >= (8 + 2 * (8 * 4 * 4 + 8 * 16) + probs) * 8 * 4);
   CHECK(estimateMemory(gpt).activations == (8 + 2 * (8 * 4 * 4 + 8 * 16) + nn::keptFloatsOf(gpt.model.layers[1]) +
                                             nn::keptFloatsOf(gpt.model.layers[2])) * 8 * 4);
-  // A CUDA job counts what the CUDA attention keeps: with the fused kernels (the default) the log-sum-exp rows
-  // [H, T] instead of the probabilities; on the matmul path neither (its score square is one sample's, shared).
+  // A CUDA job counts what the CUDA attention keeps: with the fused kernels the log-sum-exp rows [H, T] instead of
+  // the probabilities; on the matmul path ("auto" at this size) neither (its score square is one sample's, shared).
   Job gpuGpt = gpt;
   gpuGpt.device = Device::cuda(0);
+  CHECK(estimateMemory(gpt).activations - estimateMemory(gpuGpt).activations == probs * 8 * 4);
+  gpuGpt.attention = nn::AttentionKernel::kFused;
   CHECK(estimateMemory(gpt).activations - estimateMemory(gpuGpt).activations == (probs - 2 * 8) * 8 * 4);
   gpuGpt.attention = nn::AttentionKernel::kMatmul;
   CHECK(estimateMemory(gpt).activations - estimateMemory(gpuGpt).activations == probs * 8 * 4);

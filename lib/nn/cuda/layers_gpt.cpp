@@ -105,7 +105,8 @@ class Embedding final : public Layer {
 // Causal self-attention (CPU twin: layers_attention.cpp). Two implementations, chosen when the layer is built
 // (nn::attentionKernel(), the job's "attention"; usesFusedAttention):
 //
-// Fused (the default where it covers the layer: head size <= 128): the qkv projection, then
+// Fused ("fused", and "auto" where it covers the layer (head size <= 128) and the matmul path's score scratch would
+// exceed 256 MiB: attention_kernel.h): the qkv projection, then
 // kernels::flashAttentionForward writes the concatenated heads and the rows' log-sum-exp lse_ (maxBatch x H x T
 // floats, kept per layer to backward) without ever forming [T, T]; backward: the c_proj GEMMs, then
 // kernels::flashAttentionBackward writes every element of dqkv (D = rowwise datt . att into a scratch, then one

@@ -114,6 +114,12 @@ int RendezvousOptions::usableMembers(int joined) const {
   return 0;
 }
 
+int RendezvousOptions::usableFrom(int atLeast) const {
+  for (int n = std::max({atLeast, minNodes, 1}); n <= maxNodes; ++n)
+    if (std::find(unusableNodes.begin(), unusableNodes.end(), n) == unusableNodes.end()) return n;
+  return 0;
+}
+
 RoundInfo Rendezvous::join() {
   Deadline deadline(options_.joinTimeout);
   // One round trip: the job's fingerprint, whether the run id already ended, and the current round.
@@ -218,12 +224,11 @@ void Rendezvous::throwIfEndedWhileWaiting(const std::optional<std::string>& ende
   auto counts = store_->batch({StoreOp::add(key(round, "waiting_acks"), 1), StoreOp::add(key(round, "waiting"), 0)});
   if (counts[0].number >= counts[1].number) store_->set(key(round, "waiting_acked"), "1");
   if (outcome.type == RoundEventType::kDone)
-    throw JobEndedWhileWaiting(fmt::format("rendezvous at {}: the job completed while this node waited for a round "
-                                           "that would include it",
+    throw JobEndedWhileWaiting(fmt::format("rendezvous at {}: this node waited for a round that would include it",
                                            options_.endpoint),
                                outcome, round, members);
-  throw JobEndedWhileWaiting(fmt::format("rendezvous at {}: the job that used this run id on this store already "
-                                         "ended ({}, exit code {}: {}) while this node waited for a round",
+  throw JobEndedWhileWaiting(fmt::format("rendezvous at {}: the job ended while this node waited for a round that "
+                                         "would include it ({}, exit code {}: {})",
                                          options_.endpoint, roundEventName(outcome.type), outcome.exitCode,
                                          outcome.message),
                              outcome, round, members);
@@ -233,6 +238,16 @@ void Rendezvous::recordEnd(const RoundEvent& outcome) { store_->compareSet("ende
 
 void Rendezvous::throwJoinTimeout(int round) {
   int joined = static_cast<int>(store_->add(key(round, "count"), 0));
+  // Elastic with node counts the job cannot run: the joiners may be MIN or more and still form no round (2
+  // pipeline stages, one node left). Name the count that would, not MIN, and do not suggest lowering --nnodes.
+  const int need = joined >= options_.minNodes ? options_.usableFrom(joined + 1) : options_.usableFrom(options_.minNodes);
+  if (need > options_.minNodes || (need == 0 && joined >= options_.minNodes))
+    DTRAIN_THROW(RendezvousError,
+                 "rendezvous at {} timed out after {} s: {} of {} node(s) joined (need {}: this job cannot run on {} "
+                 "node(s), see the launch's warning); start the missing agents with the same --rdzv-endpoint and "
+                 "--rdzv-id",
+                 options_.endpoint, options_.joinTimeout.count() / 1000, joined, options_.maxNodes,
+                 need > 0 ? std::to_string(need) : std::string("a usable count"), joined);
   DTRAIN_THROW(RendezvousError,
                "rendezvous at {} timed out after {} s: {} of {} node(s) joined (need {}); start the "
                "missing agents with the same --rdzv-endpoint and --rdzv-id, or lower --nnodes",
@@ -312,9 +327,12 @@ std::optional<RoundInfo> Rendezvous::tryJoinRound(int round, const Deadline& dea
         }
         // No usable count among the joiners yet: poll the join counter for another node (a slice at a time).
         if (!waitingLogged) {
-          log::info("rendezvous: {} node(s) joined round {}, but this job cannot run on {} node(s); waiting for "
-                    "more (--nnodes {}..{})",
-                    count, round, count, options_.minNodes, options_.maxNodes);
+          log::info("rendezvous: {} node(s) joined round {}, but this job cannot run on {} node(s); waiting for {} "
+                    "(--nnodes {}:{}), up to --rdzv-timeout ({} s)",
+                    count, round, count,
+                    options_.usableFrom(count + 1) > 0 ? fmt::format("{} node(s)", options_.usableFrom(count + 1))
+                                                       : std::string("more nodes"),
+                    options_.minNodes, options_.maxNodes, options_.joinTimeout.count() / 1000);
           waitingLogged = true;
         }
         store_->wait({key(round, "closed")}, std::min(kQuorumPoll, deadline.remaining()));

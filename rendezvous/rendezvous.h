@@ -94,6 +94,9 @@ struct RendezvousOptions {
 
   // The largest node count <= min(joined, maxNodes) and >= minNodes that is not in unusableNodes; 0 if none.
   int usableMembers(int joined) const;
+  // The smallest node count >= max(atLeast, minNodes) and <= maxNodes that is not in unusableNodes; 0 if none:
+  // how many nodes a round that has `atLeast - 1` joiners still needs to form.
+  int usableFrom(int atLeast) const;
 };
 
 // Rounds up to this many nodes: every agent reads every member's record and watches every heartbeat.

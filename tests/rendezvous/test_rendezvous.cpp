@@ -360,7 +360,8 @@ TEST_CASE("a node waiting for the next round learns within a second that the job
   // The job ends instead of re-forming (say, its agent was out of re-formations).
   a->recordEnd(event(RoundEventType::kFailed, "worker failed: exit code 3", 3));
   auto error = errorOf(f);
-  CHECK(error.find("already ended (failed, exit code 3: worker failed: exit code 3)") != std::string::npos);
+  CHECK(error.find("the job ended while this node waited for a round that would include it (failed, exit code 3: "
+                   "worker failed: exit code 3)") != std::string::npos);
   CHECK(Clock::now() - start < 10s);
 }
 
@@ -517,6 +518,22 @@ TEST_CASE("unusable node counts: after the last call a round of an unusable coun
   CHECK(r0[0].numNodes == 2);
 }
 
+TEST_CASE("unusable node counts: a round that never reaches a usable count times out naming the count it needs") {
+  // 2 pipeline stages at one rank per node, --nnodes 1:4, one node left: MIN is met, but 1 node cannot run the
+  // job. The message said "1 of 4 node(s) joined (need 1) ... or lower --nnodes".
+  Job job;
+  auto a = job.agent("a", gridNodes(1, 4, {1, 3}, 1ms, /*joinTimeout=*/300ms));
+  auto f = joinAsync(*a);
+  const std::string message = errorOf(f);
+  CHECK_MESSAGE(message.find("1 of 4 node(s) joined (need 2: this job cannot run on 1 node(s)") != std::string::npos,
+                message);
+  CHECK(message.find("lower --nnodes") == std::string::npos);
+  // The first usable count at or above MIN (or above the joiners).
+  CHECK(gridNodes(3, 6, {3, 5}).usableFrom(3) == 4);
+  CHECK(gridNodes(1, 4, {1, 3}).usableFrom(2) == 2);
+  CHECK(gridNodes(1, 4, {1, 3}).usableFrom(5) == 0);
+}
+
 TEST_CASE("unusable node counts: a spare asks to re-form only once the joiners make a larger usable count") {
   Job job;
   auto a = job.agent("a", gridNodes(1, 4, {1, 3}, 50ms));
@@ -566,7 +583,7 @@ TEST_CASE("a spare waits past its join timeout while the round's node 0 beats; i
     CHECK(e.outcome.type == RoundEventType::kDone);
     CHECK(e.round == 0);
     CHECK(e.members == 2);
-    CHECK(std::string(e.what()).find("the job completed while this node waited") != std::string::npos);
+    CHECK(std::string(e.what()).find("this node waited for a round that would include it") != std::string::npos);
   }
 }
 

@@ -287,7 +287,12 @@ void Sim::onLine(int node, const std::string& line) {
   std::smatch m;
   if (datasetSize_ == 0 && std::regex_search(line, m, kSamples)) datasetSize_ = std::stoll(m[1].str());
   const bool notable = !what.empty() || line.find("error") != std::string::npos || line.find("done:") != std::string::npos ||
-                       line.find("resumed from") != std::string::npos;
+                       line.find("resumed from") != std::string::npos ||
+                       // Elastic jobs with node counts they cannot run: a node waiting as a spare, a round waiting
+                       // for a usable count, a spare's exit with the job's result (rendezvous.h unusableNodes).
+                       line.find("waits as a spare") != std::string::npos ||
+                       line.find("this job cannot run on") != std::string::npos ||
+                       line.find("the job completed without this node") != std::string::npos;
   if (o_.verbose || notable) fmt::print("[node{}] {}\n", node, line);
 }
 

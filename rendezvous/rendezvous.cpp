@@ -165,8 +165,9 @@ RoundInfo Rendezvous::join() {
       store_->compareSet(key(round, "event"), "", e.toJson());
     } else if (members < options_.maxNodes) {
       log::info("rendezvous: round {} runs {} node(s); {} node(s) cannot run this job, so this node waits as a "
-                "spare for a later round (one that re-forms after a failure, a lost node or another join)",
-                round, members, std::min(joined, options_.maxNodes));
+                "spare for a later round (one that re-forms after a failure, a lost node or another join){}",
+                round, members, std::min(joined, options_.maxNodes),
+                options_.hostsStore ? "; it hosts the rendezvous store, so stopping it ends the job" : "");
     }
     // Counted, so that the agent hosting the store outlives our last read when the job ends (waitSparesAcknowledged).
     store_->add(key(round, "waiting"), 1);

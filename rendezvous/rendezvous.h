@@ -91,6 +91,9 @@ struct RendezvousOptions {
   // the nodes beyond it wait for a later round as spares, and a round whose joiners give no usable count keeps
   // waiting for more. Every agent of a job must pass the same list (they compute it from the same job file).
   std::vector<int> unusableNodes;
+  // This agent hosts the store (--rdzv-backend static, node 0): when it waits as a spare it says that stopping
+  // it ends the job (the round's agents lose the store), since "spare" alone reads as "safe to stop".
+  bool hostsStore = false;
 
   // The largest node count <= min(joined, maxNodes) and >= minNodes that is not in unusableNodes; 0 if none.
   int usableMembers(int joined) const;

@@ -380,6 +380,7 @@ int Agent::run() {
   ropts.endpoint = endpoint_;
   ropts.jobFingerprint = options_.jobFingerprint();
   ropts.unusableNodes = options_.unusableNodes;
+  ropts.hostsStore = hosting_ && !options_.standalone;
   rendezvous::Rendezvous rdzv(store_, ropts, self);
   // `dtrain debug dump RUN_ID` finds the agents' endpoints here (one line per agent start; readers dedupe).
   if (HttpServer* server = metricsServer_ ? metricsServer_.get() : dashboardServer_.get()) {

@@ -2,8 +2,12 @@
 // semantics are the TCP server's (MemoryStore runs the same StoreState), so what holds here holds between
 // processes. Every wait is the store's own (condition variable, with a timeout); nothing sleeps to synchronise.
 #include <doctest/doctest.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <sstream>
 #include <future>
 #include <memory>
 #include <string>
@@ -559,6 +563,49 @@ TEST_CASE("unusable node counts: a spare asks to re-form only once the joiners m
   checkConsistent(r1);
   CHECK(r1[0].round == 1);
   CHECK(r1[0].numNodes == 4);
+}
+
+TEST_CASE("a spare that hosts the store says that stopping it ends the job; one that does not, does not") {
+  // With --rdzv-backend static, node 0 hosts the store and can end up a spare (after a restart its agent may
+  // rejoin third): "waits as a spare" alone reads as "safe to stop", but its exit takes the store away.
+  Job job;
+  auto a = job.agent("a", gridNodes(1, 3, {1, 3}, 50ms));
+  auto b = job.agent("b", gridNodes(1, 3, {1, 3}, 50ms));
+  joinAll({a.get(), b.get()});
+  std::FILE* captured = std::tmpfile();
+  REQUIRE(captured != nullptr);
+  std::fflush(stderr);
+  const int saved = ::dup(2);
+  ::dup2(::fileno(captured), 2);
+  RendezvousOptions hostOptions = gridNodes(1, 3, {1, 3});
+  hostOptions.hostsStore = true;
+  auto c = job.agent("c", hostOptions);
+  auto fc = joinAsync(*c);
+  auto d = job.agent("d", gridNodes(1, 3, {1, 3}));
+  auto fd = joinAsync(*d);
+  // Both said their line before counting themselves in `waiting` (join()).
+  const auto until = Clock::now() + 10s;
+  while (job.store()->add("r0/waiting", 0) < 2 && Clock::now() < until) job.store()->wait({"r1/open"}, 20ms);
+  REQUIRE(job.store()->add("r0/waiting", 0) == 2);
+  a->recordEnd(event(RoundEventType::kDone, "every node's workers succeeded"));
+  CHECK_THROWS_AS(fc.get(), JobEndedWhileWaiting);
+  CHECK_THROWS_AS(fd.get(), JobEndedWhileWaiting);
+  std::fflush(stderr);
+  ::dup2(saved, 2);
+  ::close(saved);
+  std::rewind(captured);
+  std::string text;
+  for (int ch; (ch = std::fgetc(captured)) != EOF;) text += static_cast<char>(ch);
+  std::fclose(captured);
+  INFO(text);
+  size_t spareLines = 0, hostLines = 0;
+  for (size_t at = 0; (at = text.find("waits as a spare", at)) != std::string::npos; ++at) ++spareLines;
+  for (size_t at = 0; (at = text.find("it hosts the rendezvous store, so stopping it ends the job", at)) !=
+                      std::string::npos;
+       ++at)
+    ++hostLines;
+  CHECK(spareLines == 2);
+  CHECK(hostLines == 1);
 }
 
 TEST_CASE("a spare waits past its join timeout while the round's node 0 beats; it learns when the job completed") {

@@ -151,6 +151,7 @@ int runCommand(RunArgs& a, bool programAfterDashes) {
     // an epoch later), where each restart would fail the same way.
     train::checkOutputDirs(*job);
     train::checkResumeCheckpoint(*job);
+    train::checkInitWeights(*job);
     // "device": "cuda": one visible GPU per local worker, checked here so the error comes before any worker. The
     // agent counts without starting CUDA (it forks workers later): CUDA_VISIBLE_DEVICES, else the driver's /proc.
     if (job->device.isCuda()) train::checkGpusForWorkers(*job, o.nproc, launch::visibleGpuCount());

@@ -252,6 +252,7 @@ std::string checkJob(const Job& job) {
   // Before anything is loaded or built: a job that cannot fit fails here, not in an allocation.
   checkJobFitsMemory(job, 1, readMachineMemory());
   checkOutputDirs(job);
+  checkInitWeights(job);
   auto data = checkJobData(job);
   checkJobFitsMemory(job, 1, readMachineMemory(), data.bytes);
   auto train = data.train;

@@ -1,6 +1,9 @@
 #include "lib/train/checkpointing.h"
 
+#include <algorithm>
+
 #include "lib/ckpt/checkpoint.h"
+#include "lib/ckpt/safetensors.h"
 #include "lib/ckpt/sharded.h"
 #include "lib/common/error.h"
 #include "lib/common/hash.h"
@@ -167,6 +170,33 @@ std::optional<ResumePoint> checkResumeCheckpoint(const Job& job) {
                        meta.user.value("epoch_world", meta.worldSize), cp->path()};
   }
   return std::nullopt;
+}
+
+void checkInitWeights(const Job& job) {
+  if (job.initFrom.empty()) return;
+  try {
+    const auto path = denseWeightsFile(job.initFrom);
+    const auto file = ckpt::SafetensorsFile::open(path);  // a truncated or damaged file throws here
+    const auto table = nn::paramTableOf(job.model);
+    // Hugging Face GPT-2 names lack nanoGPT's "transformer." and store Conv1D weights transposed (weights.cpp).
+    const bool huggingFace = std::any_of(table.begin(), table.end(), [&](const nn::ParamEntry& p) {
+      return p.name == "transformer.h.0.attn.c_attn.weight" && file.find(p.name) == nullptr;
+    });
+    if (huggingFace) return;
+    for (const auto& p : table) {
+      const auto* t = file.find(p.name);
+      const Shape want = p.fullShape.empty() ? p.shape : p.fullShape;
+      DTRAIN_CHECK_AS(CheckpointError, t != nullptr,
+                      "{}: no tensor named '{}' ({} in this job's model): weights of another model?", path.string(),
+                      p.name, want.spaced());
+      DTRAIN_CHECK_AS(CheckpointError, t->shape == want, "{}: tensor '{}' has shape {}, expected {}", path.string(),
+                      p.name, t->shape.spaced(), want.spaced());
+      DTRAIN_CHECK_AS(CheckpointError, t->dtype == DType::kFloat32, "{}: tensor '{}' is {}, expected F32",
+                      path.string(), p.name, dtypeName(t->dtype));
+    }
+  } catch (const CheckpointError& e) {
+    throw CheckpointError(fmt::format("{}: /init/from: {}", job.sourceFile, e.what()));
+  }
 }
 
 std::optional<std::string> resumeOffWarning(const Job& job) {

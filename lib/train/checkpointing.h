@@ -58,6 +58,13 @@ struct ResumePoint {
 // spec hashes. Blocks on file I/O (reads the candidate's files once for their crc32).
 std::optional<ResumePoint> checkResumeCheckpoint(const Job& job);
 
+// CheckpointError (exit 8) naming the job's /init/from unless its weights file (the dense file of an index) opens
+// as safetensors (header, dtypes and sizes checked, no data read) and holds every dense parameter of the job's
+// model under its name with its full shape (a Hugging Face GPT-2 file, converted by name and layout when loaded,
+// only has its header checked). For `dtrain check` and the agent of `dtrain run`, before any worker: each worker
+// used to fail the same way, after the rendezvous, and restarts retried it. No-op without init.from.
+void checkInitWeights(const Job& job);
+
 // With checkpoints on and checkpoint.resume false: when job.checkpoint.dir already holds complete checkpoints, a
 // warning that they stay beside this run's and that a later resume takes the newest step there, which may be an
 // older run's (nullopt otherwise). Lists the folder without reading checksums.

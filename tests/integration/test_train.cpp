@@ -3,6 +3,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -194,4 +195,29 @@ TEST_CASE("init.from starts from a weights file; one for another model is an err
                  {.timeout = 60s});
   CHECK(bad.exitCode == 8);
   CHECK(bad.err.find("0.weight") != std::string::npos);
+  // Checked before any worker starts, by dtrain check and dtrain run: a truncated file, and another model's weights.
+  // Every worker used to fail the same way after the rendezvous (and --max-restarts retried it); check said OK.
+  const std::string cut = dir + "/cut.safetensors";
+  writeFile(cut, readFile(dir + "/a/model.safetensors").substr(0, 60));
+  for (const auto& [from, sets, message] : std::vector<std::array<std::string, 3>>{
+           {cut, "", "/cut.safetensors: header length "},
+           {dir + "/a/model.safetensors", "model.layers.0.out=8", "/a/model.safetensors: tensor '0.weight' has shape "}}) {
+    CAPTURE(from);
+    std::vector<std::string> setArgs = {"--set", R"(init={"from": ")" + from + R"("})"};
+    if (!sets.empty()) setArgs.insert(setArgs.end(), {"--set", sets});
+    std::vector<std::string> check = {dtrainBinary(), "check", dir + "/job.json"};
+    check.insert(check.end(), setArgs.begin(), setArgs.end());
+    auto checked = run(check, {.timeout = 60s});
+    CHECK(checked.exitCode == 8);
+    CHECK_MESSAGE(checked.err.find(dir + "/job.json: /init/from: " + dir + message) != std::string::npos, checked.err);
+    std::vector<std::string> launch = {dtrainBinary(), "run", "--standalone", "-n", "2", "--max-restarts", "3",
+                                       dir + "/job.json", "--output-dir", dir + "/d"};
+    launch.insert(launch.end(), setArgs.begin(), setArgs.end());
+    auto launched = run(launch, {.timeout = 60s});
+    INFO(launched.out, launched.err);
+    CHECK(launched.exitCode == 8);
+    CHECK(launched.err.find(dir + "/job.json: /init/from: " + dir + message) != std::string::npos);
+    CHECK(launched.out.find("[n0 r") == std::string::npos);  // no worker started
+    CHECK(launched.err.find("restarting") == std::string::npos);
+  }
 }

@@ -358,10 +358,30 @@ DTRAIN_FLASH_UNROLL
 
 enum class FlashSync { kTileFree, kTileReady };
 
+// The key-tile loop of the query-row kernels (forward, dQ): K and V of the (sample, head) at `base` (its q row 0;
+// k at + c, v at + 2c), tile by tile up to the block's last query row, staged by the block's threads, then every
+// row's step(kTile, vTile, first key, keys, scaleLog2, drop) over the tile (keys above a row are its step's to skip).
+template <int HS, class Threads, class Drop>
+DTRAIN_HOST_DEVICE inline void flashKeyTiles(Threads& th, const FlashGeometry& g, const FlashItem& it,
+                                             const float* base, float* kTile, float* vTile, const Drop& drop) {
+  constexpr int R = kFlashTileRows<HS>;
+  const int64_t c3 = 3 * g.c(), t = g.t;
+  const int64_t end = flashMin(t, it.row0 + kFlashThreads);  // keys up to the block's last row
+  for (int64_t j0 = 0; j0 < end; j0 += R) {
+    const int64_t n = flashMin(R, t - j0);
+    th.sync(FlashSync::kTileFree);
+    th.each([&](int tid, auto&) {
+      flashLoadTile<HS, R>(kTile, base + g.c() + j0 * c3, c3, g.hs, n, tid, kFlashThreads);
+      flashLoadTile<HS, R>(vTile, base + 2 * g.c() + j0 * c3, c3, g.hs, n, tid, kFlashThreads);
+    });
+    th.sync(FlashSync::kTileReady);
+    th.each([&](int, auto& row) { row.step(kTile, vTile, j0, n, g.scaleLog2, drop); });
+  }
+}
+
 template <int HS, class Threads, class Drop>
 DTRAIN_HOST_DEVICE inline void flashForwardItem(Threads& th, const FlashGeometry& g, int64_t item, const float* qkv,
                                                 float* att, float* lse, float* kTile, float* vTile, const Drop& drop) {
-  constexpr int R = kFlashTileRows<HS>;
   const FlashItem it = flashItem(g, item, true);
   const int64_t c = g.c(), c3 = 3 * c, t = g.t;
   const float* base = qkv + it.b * t * c3 + it.h * g.hs;  // q of (sample, head) row 0; k at + c, v at + 2c
@@ -371,17 +391,7 @@ DTRAIN_HOST_DEVICE inline void flashForwardItem(Threads& th, const FlashGeometry
     if (i >= t) return row.begin(nullptr, g.hs, -1, 0);
     row.begin(base + i * c3, g.hs, i, static_cast<uint64_t>((bh * t + i) * t));
   });
-  const int64_t end = flashMin(t, it.row0 + kFlashThreads);  // keys up to the block's last row
-  for (int64_t j0 = 0; j0 < end; j0 += R) {
-    const int64_t n = flashMin(R, t - j0);
-    th.sync(FlashSync::kTileFree);
-    th.each([&](int tid, FlashForwardRow<HS>&) {
-      flashLoadTile<HS, R>(kTile, base + c + j0 * c3, c3, g.hs, n, tid, kFlashThreads);
-      flashLoadTile<HS, R>(vTile, base + 2 * c + j0 * c3, c3, g.hs, n, tid, kFlashThreads);
-    });
-    th.sync(FlashSync::kTileReady);
-    th.each([&](int, FlashForwardRow<HS>& row) { row.step(kTile, vTile, j0, n, g.scaleLog2, drop); });
-  }
+  flashKeyTiles<HS>(th, g, it, base, kTile, vTile, drop);
   th.each([&](int, FlashForwardRow<HS>& row) {
     if (row.i >= 0) row.finish(att + (it.b * t + row.i) * c + it.h * g.hs, lse + bh * t + row.i, g.hs);
   });
@@ -391,7 +401,6 @@ template <int HS, class Threads, class Drop>
 DTRAIN_HOST_DEVICE inline void flashGradQItem(Threads& th, const FlashGeometry& g, int64_t item, const float* qkv,
                                               const float* att, const float* lse, const float* datt, float* dsum,
                                               float* dqkv, float* kTile, float* vTile, const Drop& drop) {
-  constexpr int R = kFlashTileRows<HS>;
   const FlashItem it = flashItem(g, item, true);
   const int64_t c = g.c(), c3 = 3 * c, t = g.t;
   const float* base = qkv + it.b * t * c3 + it.h * g.hs;
@@ -403,17 +412,7 @@ DTRAIN_HOST_DEVICE inline void flashGradQItem(Threads& th, const FlashGeometry& 
     row.begin(base + i * c3, att + r, datt + r, lse[bh * t + i], g.hs, i, static_cast<uint64_t>((bh * t + i) * t),
               dsum + bh * t + i);
   });
-  const int64_t end = flashMin(t, it.row0 + kFlashThreads);
-  for (int64_t j0 = 0; j0 < end; j0 += R) {
-    const int64_t n = flashMin(R, t - j0);
-    th.sync(FlashSync::kTileFree);
-    th.each([&](int tid, FlashGradQRow<HS>&) {
-      flashLoadTile<HS, R>(kTile, base + c + j0 * c3, c3, g.hs, n, tid, kFlashThreads);
-      flashLoadTile<HS, R>(vTile, base + 2 * c + j0 * c3, c3, g.hs, n, tid, kFlashThreads);
-    });
-    th.sync(FlashSync::kTileReady);
-    th.each([&](int, FlashGradQRow<HS>& row) { row.step(kTile, vTile, j0, n, g.scaleLog2, drop); });
-  }
+  flashKeyTiles<HS>(th, g, it, base, kTile, vTile, drop);
   th.each([&](int, FlashGradQRow<HS>& row) {
     if (row.i >= 0) row.finish(dqkv + (it.b * t + row.i) * c3 + it.h * g.hs, g.hs, g.scale);
   });

@@ -289,10 +289,15 @@ std::string checkJob(const Job& job) {
   else if (!job.checkpoint.resume) {
     out += "resume: off (checkpoint.resume is false): starts at step 0\n";
     if (auto warning = resumeOffWarning(job)) out += "warning: " + *warning + "\n";
-  } else if (auto from = checkResumeCheckpoint(job))
-    out += fmt::format("resume: from {} (step {}, {}, saved by {} rank(s))\n", from->path.string(), from->step,
-                       ckpt::positionText(from->epoch, from->samplesConsumed), from->savedWorldSize);
-  else out += fmt::format("resume: no valid checkpoint in {}: starts at step 0\n", job.checkpoint.dir.string());
+  } else {
+    // Newer checkpoints passed over (partial, corrupt): the trainer warns of them when it resumes; so does check.
+    std::vector<std::string> skipped;
+    if (auto from = checkResumeCheckpoint(job, &skipped))
+      out += fmt::format("resume: from {} (step {}, {}, saved by {} rank(s))\n", from->path.string(), from->step,
+                         ckpt::positionText(from->epoch, from->samplesConsumed), from->savedWorldSize);
+    else out += fmt::format("resume: no valid checkpoint in {}: starts at step 0\n", job.checkpoint.dir.string());
+    for (const auto& s : skipped) out += fmt::format("warning: a run would skip checkpoint {}\n", s);
+  }
   return out;
 }
 

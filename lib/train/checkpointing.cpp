@@ -146,13 +146,18 @@ std::optional<ResumePoint> Checkpointer::resume(nn::Model& model, nn::Optimizer&
   return r;
 }
 
-std::optional<ResumePoint> checkResumeCheckpoint(const Job& job) {
+std::optional<ResumePoint> checkResumeCheckpoint(const Job& job, std::vector<std::string>* skipped) {
   if (!job.checkpoint.enabled || !job.checkpoint.resume) return std::nullopt;
   // The folder may belong to a job that is running (an agent joining it elastically): its retention can delete the
   // checkpoint picked here before it is read. One that vanished is looked for again; if the folder keeps changing,
   // the check is left to the workers, which resume once the group has re-formed and nothing is being written.
   for (int attempt = 0; attempt < 3; ++attempt) {
     auto latest = ckpt::findLatestValid(job.checkpoint.dir);
+    if (skipped != nullptr) {
+      skipped->clear();
+      for (const auto& c : latest.skipped)
+        skipped->push_back(fmt::format("{}: {} ({})", c.path.string(), ckpt::statusName(c.status), c.reason));
+    }
     if (!latest.checkpoint) return std::nullopt;
     std::optional<ckpt::Checkpoint> cp;
     std::optional<ckpt::TensorAssembler> files;

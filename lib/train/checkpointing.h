@@ -55,8 +55,10 @@ struct ResumePoint {
 // or when the folder is a running job's whose retention removed the picked checkpoint three times in a row while it
 // was read (the workers check it again when they resume).
 // CheckpointError (exit 8) naming the checkpoint, the first tensor that differs (missing, or both shapes) and both
-// spec hashes. Blocks on file I/O (reads the candidate's files once for their crc32).
-std::optional<ResumePoint> checkResumeCheckpoint(const Job& job);
+// spec hashes. Blocks on file I/O (reads the candidate's files once for their crc32). `skipped` (optional) gets a
+// line per newer checkpoint passed over ("runs/x/checkpoints/step-000000120: corrupt (model.safetensors has 10
+// bytes, ...)"), for `dtrain check` to show where a run would not resume from and why.
+std::optional<ResumePoint> checkResumeCheckpoint(const Job& job, std::vector<std::string>* skipped = nullptr);
 
 // CheckpointError (exit 8) naming the job's /init/from unless its weights file (the dense file of an index) opens
 // as safetensors (header, dtypes and sizes checked, no data read) and holds every dense parameter of the job's

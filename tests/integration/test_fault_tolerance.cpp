@@ -128,6 +128,14 @@ TEST_CASE("a corrupt or truncated newest checkpoint is reported and skipped for 
   }
   job["train"]["max_steps"] = 12;
   writeFile(dir + "/job.json", job.dump());
+  // dtrain check says where a run would resume, and which newer checkpoint it would skip and why (it named only the
+  // older one it picked).
+  auto checked = run({dtrainBinary(), "check", dir + "/job.json", "--output-dir", dir + "/out"}, {.timeout = 60s});
+  INFO(checked.out);
+  CHECK(checked.exitCode == 0);
+  CHECK(checked.out.find("resume: from " + dir + "/out/checkpoints/step-000000006 (step 6") != std::string::npos);
+  CHECK(checked.out.find("warning: a run would skip checkpoint " + dir + "/out/checkpoints/step-000000009: corrupt (") !=
+        std::string::npos);
   auto second = run({dtrainBinary(), "train", dir + "/job.json", "--output-dir", dir + "/out"}, {.timeout = 60s});
   INFO(second.out, second.err);
   REQUIRE(second.exitCode == 0);

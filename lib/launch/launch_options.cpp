@@ -292,8 +292,14 @@ void LaunchOptions::validate() {
                     rdzvEndpoint);
     etcdOptions();  // --rdzv-conf's keys and files
   } else if (!rdzvEndpoint.empty()) {
-    DTRAIN_CHECK_AS(UsageError, net::parseHostPort(rdzvEndpoint, rendezvous::kDefaultPort).has_value(),
-                    "--rdzv-endpoint {}: expected HOST or HOST:PORT", rdzvEndpoint);
+    const auto hp = net::parseHostPort(rdzvEndpoint, rendezvous::kDefaultPort);
+    DTRAIN_CHECK_AS(UsageError, hp.has_value(), "--rdzv-endpoint {}: expected HOST or HOST:PORT", rdzvEndpoint);
+    // Port 0 lets node 0's store take any free port, which no other node can know: they retried port 0 until
+    // --rdzv-timeout (15 minutes by default).
+    DTRAIN_CHECK_AS(UsageError, hp->port != 0 || maxNodes == 1,
+                    "--rdzv-endpoint {}: port 0 (a free port picked by the store) cannot be found by the other nodes of "
+                    "--nnodes {}; give a fixed port (default {})",
+                    rdzvEndpoint, nnodesText, rendezvous::kDefaultPort);
   }
   DTRAIN_CHECK_AS(UsageError, rdzvConf.empty() || rdzvBackend == "etcd",
                   "--rdzv-conf {}: only --rdzv-backend etcd takes settings (protocol, cacert, cert, key, user, "

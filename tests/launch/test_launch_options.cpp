@@ -103,6 +103,22 @@ TEST_CASE("a job file is a name ending in .json in any case") {
   CHECK_FALSE(isJobFileName("json"));
 }
 
+TEST_CASE("--rdzv-endpoint HOST:0 on several nodes is a usage error: the other nodes cannot find a free port") {
+  LaunchOptions o;
+  o.nnodesText = "2";
+  o.nodeRank = 1;
+  o.rdzvEndpoint = "127.0.0.1:0";
+  // Node 1 retried port 0 until --rdzv-timeout (900 s) while node 0's store listened on a port it picked.
+  CHECK(validateError(o).find("--rdzv-endpoint 127.0.0.1:0: port 0 (a free port picked by the store) cannot be "
+                              "found by the other nodes of --nnodes 2") != std::string::npos);
+  o.rdzvBackend = "store";
+  o.nodeRank = -1;
+  CHECK(validateError(o).find("port 0") != std::string::npos);
+  o = LaunchOptions{};
+  o.rdzvEndpoint = "127.0.0.1:0";  // one node: it hosts the store itself, any free port does
+  CHECK(validateError(o) == "");
+}
+
 TEST_CASE("--rdzv-timeout 0 is a usage error, not a store that fails its handshake") {
   LaunchOptions o;
   o.standalone = true;

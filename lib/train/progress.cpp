@@ -151,9 +151,9 @@ void Progress::onFinish(const StepStats& s, const TrainResult& r) {
   const std::string steps = s.startStep > 0 ? fmt::format("{} steps ({} in this run, resumed at step {})", s.step,
                                                           trained, s.startStep)
                                             : fmt::format("{} steps", s.step);
-  const std::string gpu = r.peakGpuMb ? fmt::format(", peak GPU memory {:.0f} MB", *r.peakGpuMb) : "";
+  const std::string gpu = r.peakGpuMb ? fmt::format(", peak GPU memory {:.0f} MiB", *r.peakGpuMb) : "";
   const std::string figures =
-      fmt::format("{} samples in {} (training {:.0f} samples/s, peak RSS {:.0f} MB{} per rank)", r.samples,
+      fmt::format("{} samples in {} (training {:.0f} samples/s, peak RSS {:.0f} MiB{} per rank)", r.samples,
                   formatDuration(r.wallSec), r.samplesPerSec, r.peakRssMb, gpu);
   if (r.stoppedBySignal) {
     // Not "done": the run stopped early, and what matters next is whether (and from where) it can resume.

@@ -159,6 +159,18 @@ RoundInfo Rendezvous::join() {
     auto state = store_->batch({StoreOp::tryGet(key(round, "closed")), StoreOp::add(key(round, "count"), 0)});
     int members = state[0].value ? static_cast<int>(parse::toInt(*state[0].value).value_or(0)) : 0;
     const int joined = static_cast<int>(state[1].number);
+    struct ArmedStop {  // RendezvousOptions::armStop from before our line (a stop after it is deferred)
+      const RendezvousOptions& o;
+      explicit ArmedStop(const RendezvousOptions& o) : o(o) {
+        if (o.armStop) o.armStop(true);
+      }
+      ~ArmedStop() {
+        if (o.armStop) o.armStop(false);
+      }
+    } armed(options_);
+    // Counted, so that the agent hosting the store outlives our last read when the job ends (waitSparesAcknowledged),
+    // before our line is logged: a stop seen after it finds us counted, so leaveAsSpare's -1 balances it.
+    store_->add(key(round, "waiting"), 1);
     if (options_.usableMembers(joined) > members) {
       RoundEvent e{RoundEventType::kMembership,
                    fmt::format("node {} ({}) asks to join", self_.hostname, self_.host), 0, ""};
@@ -169,14 +181,13 @@ RoundInfo Rendezvous::join() {
                 round, members, std::min(joined, options_.maxNodes),
                 options_.hostsStore ? "; it hosts the rendezvous store, so stopping it ends the job" : "");
     }
-    // Counted, so that the agent hosting the store outlives our last read when the job ends (waitSparesAcknowledged).
-    store_->add(key(round, "waiting"), 1);
     // A job that ends while we wait is reported within a slice, not after the whole timeout. While the round
     // runs (its node 0 heartbeats), a spare waits on: the timeout counts from the last beat it saw, so only a
     // round whose agents all vanished without an outcome makes it give up.
     bool opened = false;
     std::optional<std::string> lastBeat;
     while (!opened && !deadline.expired()) {
+      if (const int sig = options_.stopPending ? options_.stopPending() : 0) leaveAsSpare(round, sig);
       opened = store_->wait({key(round + 1, "open")}, std::min(kEndedPoll, deadline.remaining()));
       if (opened) break;
       auto seen = store_->batch({StoreOp::tryGet("ended"), StoreOp::tryGet(key(round, "hb/0"))});
@@ -201,6 +212,8 @@ RoundInfo Rendezvous::join() {
                    "round opened for this node",
                    options_.endpoint, options_.joinTimeout.count() / 1000, round, members);
     }
+    // A stop during the last slice: leave now rather than join the next round and die in it.
+    if (const int sig = options_.stopPending ? options_.stopPending() : 0) leaveAsSpare(round, sig);
     round = currentRound();
   }
 }
@@ -233,6 +246,19 @@ void Rendezvous::throwIfEndedWhileWaiting(const std::optional<std::string>& ende
                                          options_.endpoint, roundEventName(outcome.type), outcome.exitCode,
                                          outcome.message),
                              outcome, round, members);
+}
+
+void Rendezvous::leaveAsSpare(int round, int signal) {
+  // The round closed before we joined it (closed <= our index), so `count` no longer places anyone: it only
+  // tells later joiners how many nodes wait. Our `waiting` share goes too; if the job already ended and the other
+  // waiting agents all acknowledged it, we were the one the store's host still waited for.
+  auto counts = store_->batch({StoreOp::add(key(round, "count"), -1), StoreOp::add(key(round, "waiting"), -1),
+                               StoreOp::add(key(round, "waiting_acks"), 0)});
+  if (counts[2].number > 0 && counts[2].number >= counts[1].number) store_->set(key(round, "waiting_acked"), "1");
+  throw SpareStopped(fmt::format("rendezvous at {}: stopped by signal {} while waiting as a spare for a round after "
+                                 "round {}; this node left the group's counts",
+                                 options_.endpoint, signal, round),
+                     signal);
 }
 
 void Rendezvous::recordEnd(const RoundEvent& outcome) { store_->compareSet("ended", "", outcome.toJson()); }

@@ -54,6 +54,7 @@
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -94,6 +95,14 @@ struct RendezvousOptions {
   // This agent hosts the store (--rdzv-backend static, node 0): when it waits as a spare it says that stopping
   // it ends the job (the round's agents lose the store), since "spare" alone reads as "safe to stop".
   bool hostsStore = false;
+  // Optional, for an agent stopped while it waits as a spare (join(), after it missed a round): armStop(true) when
+  // that wait starts and armStop(false) when it ends (the agent then only records a stop signal instead of dying
+  // at once); stopPending() is polled at least once a second during it and returns the recorded signal or 0. A
+  // nonzero one makes join() take this agent out of the round's counts (`count`: a later joiner is not counted
+  // with a node that left and does not re-form the round for nothing; `waiting`: the store's host does not wait
+  // for it at the job's end) and throw SpareStopped. Both are called on join()'s thread.
+  std::function<void(bool)> armStop;
+  std::function<int()> stopPending;
 
   // The largest node count <= min(joined, maxNodes) and >= minNodes that is not in unusableNodes; 0 if none.
   int usableMembers(int joined) const;
@@ -173,6 +182,14 @@ class JobEndedWhileWaiting : public RendezvousError {
   int members = 0;  // its node count (its agents acknowledge the end: Rendezvous::acknowledgeEnd)
 };
 
+// Thrown by join() when RendezvousOptions::stopPending reported a stop signal while this agent waited as a spare;
+// the agent was taken out of the round's counts first. The agent ends as that signal would have ended it.
+class SpareStopped : public RendezvousError {
+ public:
+  SpareStopped(const std::string& what, int signal) : RendezvousError(what), signal(signal) {}
+  int signal = 0;
+};
+
 class Rendezvous {
  public:
   Rendezvous(StorePtr store, RendezvousOptions options, NodeInfo self);
@@ -226,6 +243,8 @@ class Rendezvous {
   void throwIfEnded(const std::optional<std::string>& ended);
   // The same for an agent that joined and waits for a next round: JobEndedWhileWaiting with the outcome.
   void throwIfEndedWhileWaiting(const std::optional<std::string>& ended, int round, int members);
+  // A spare of `round` stopped by `signal` (RendezvousOptions::stopPending): out of the counts, then SpareStopped.
+  [[noreturn]] void leaveAsSpare(int round, int signal);
   [[noreturn]] void throwJoinTimeout(int round);
   std::optional<RoundInfo> tryJoinRound(int round, const Deadline& deadline);
   // The key holding joiner `index`'s place: the layout (small rounds) or its assignment (large).

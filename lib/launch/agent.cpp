@@ -107,8 +107,18 @@ std::string writeTokenFile(const std::string& runId, int port, const std::string
 // destructors would have. Inside a round the round runner handles the signals (round_runner.h). Set before the
 // handler is installed, read only by it.
 char gTokenFileToRemove[4096] = "";
+// While the agent waits as a spare (rendezvous::RendezvousOptions::armStop), a stop signal is only recorded:
+// join() sees it within a second, takes this node out of the round's counts, and the agent then ends as the
+// signal would have ended it (a spare that just died stayed counted: the next node to join re-formed the
+// running round for nothing, and the store's host waited 5 s for it at the job's end).
+volatile sig_atomic_t gDeferStop = 0;
+volatile sig_atomic_t gDeferredStop = 0;
 
 extern "C" void stopOutsideRound(int sig) {
+  if (gDeferStop && !gDeferredStop) {  // a second signal (say, a store that stopped answering) ends it at once
+    gDeferredStop = sig;
+    return;
+  }
   if (gTokenFileToRemove[0] != '\0') ::unlink(gTokenFileToRemove);  // async-signal-safe
   ::signal(sig, SIG_DFL);
   ::raise(sig);
@@ -381,6 +391,8 @@ int Agent::run() {
   ropts.jobFingerprint = options_.jobFingerprint();
   ropts.unusableNodes = options_.unusableNodes;
   ropts.hostsStore = hosting_ && !options_.standalone;
+  ropts.armStop = [](bool on) { gDeferStop = on ? 1 : 0; };
+  ropts.stopPending = [] { return static_cast<int>(gDeferredStop); };
   rendezvous::Rendezvous rdzv(store_, ropts, self);
   // `dtrain debug dump RUN_ID` finds the agents' endpoints here (one line per agent start; readers dedupe).
   if (HttpServer* server = metricsServer_ ? metricsServer_.get() : dashboardServer_.get()) {
@@ -408,6 +420,9 @@ int Agent::run() {
     RoundInfo round;
     try {
       round = storeCall([&] { return rdzv.join(); }, "joining the group");
+    } catch (const rendezvous::SpareStopped& e) {
+      log::info("{}", e.what());
+      stopOutsideRound(e.signal);  // not armed any more: ends the agent by the signal
     } catch (const rendezvous::JobEndedWhileWaiting& e) {
       // A spare (or a node that asked to join) whose job ended without it: it exits with the job's result. Hosting
       // the store, it first lets the round's agents finish their last reads (as a member host does).
@@ -429,6 +444,8 @@ int Agent::run() {
       log::error("{}", e.what());
       return e.outcome.exitCode != 0 ? e.outcome.exitCode : static_cast<int>(ExitCode::kRendezvous);
     }
+    // A stop recorded after join()'s last look (it disarmed on its way out with a round): as the signal would.
+    if (gDeferredStop) stopOutsideRound(gDeferredStop);
     log::debug("round {}: node {} of {}, ranks {}..{} of {}", round.round, round.nodeRank, round.numNodes,
                round.rankOffset, round.rankOffset + options_.nproc - 1, round.worldSize);
     RoundContext ctx{&options_, &rdzv, watchStore_, &round, endpoint_, runId_, ""};

@@ -256,3 +256,44 @@ TEST_CASE("--nnodes 1:3 with 2 pipeline stages: a third node waits as a spare, r
   CHECK(r3.err.find("the job completed without this node (exit 0)") != std::string::npos);
   CHECK(processesWithRunId(id).empty());
 }
+
+TEST_CASE("--nnodes 1:4 with 2 pipeline stages: a spare stopped by SIGTERM leaves the counts, so the next node to "
+          "join waits as a spare instead of re-forming the running round") {
+  // The stopped spare used to stay counted: a 4th joiner saw "4 joined", re-formed the round (steps redone) into a
+  // round of 2 again, and node 0 lingered 5 s at the end for the dead spare.
+  std::string dir = tempDir("elastic-spare-term");
+  json job = smallJob(240, 4, 100);
+  job["train"]["max_steps"] = 6000;  // seconds: nodes 2 and 3 come and go well before the end
+  job["checkpoint"] = {{"every_steps", 20}, {"keep", 3}};
+  job["parallel"] = {{"timeout", 20}, {"pipeline", {{"stages", 2}, {"micro_batches", 2}}}};
+  writeFile(dir + "/job.json", job.dump());
+  int port = freePort();
+  std::string id = uniqueRunId("elastic-spare-term");
+  auto agent = [&](int nodeRank) {
+    return runArgs({"--nnodes", "1:4", "--nproc-per-node", "1", "--node-rank", std::to_string(nodeRank),
+                    "--rdzv-endpoint", fmt::format("127.0.0.1:{}", port), "--rdzv-id", id, "--rdzv-last-call", "1s",
+                    "--heartbeat-timeout", "2s", "--shutdown-timeout", "2s", dir + "/job.json", "--output-dir",
+                    dir + "/out"});
+  };
+  Background node0(agent(0));
+  Background node1(agent(1));
+  node0.waitForLine("1 data replica(s) of 2 ranks", 60s);
+  Background node2(agent(2));
+  node2.waitForLine("this node waits as a spare", 60s, /*fromStderr=*/true);
+  node2.signal(SIGTERM);
+  auto r2 = node2.wait(30s);
+  Background node3(agent(3));
+  node3.waitForLine("this node waits as a spare", 60s, /*fromStderr=*/true);
+  auto r0 = node0.wait(120s);
+  auto r1 = node1.wait(30s);
+  auto r3 = node3.wait(30s);
+  INFO(r0.out, r0.err, r2.err, r3.err);
+  CHECK(r2.exitCode == 128 + SIGTERM);
+  CHECK(r2.err.find("stopped by signal 15 while waiting as a spare") != std::string::npos);
+  CHECK(r0.exitCode == 0);
+  CHECK(r1.exitCode == 0);
+  CHECK(r3.exitCode == 0);
+  CHECK(r0.err.find("re-forming the group") == std::string::npos);
+  CHECK(r0.out.find("done: 6000 steps") != std::string::npos);
+  CHECK(processesWithRunId(id).empty());
+}

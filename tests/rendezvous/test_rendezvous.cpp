@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <fstream>
 #include <sstream>
@@ -606,6 +607,45 @@ TEST_CASE("a spare that hosts the store says that stopping it ends the job; one 
     ++hostLines;
   CHECK(spareLines == 2);
   CHECK(hostLines == 1);
+}
+
+TEST_CASE("a spare stopped by a signal leaves the counts: the next joiner does not re-form the round, the host does "
+          "not wait for it") {
+  // A SIGTERMed spare stayed counted: with --nnodes 1:4 and 2 pipeline stages, the next node to join made "4
+  // joined" and re-formed the running round (steps redone) into a round of 2 again, and the store's host waited
+  // its 5 s linger at the job's end for the dead spare's acknowledgement.
+  Job job;
+  auto a = job.agent("a", gridNodes(1, 4, {1, 3}, 50ms));
+  auto b = job.agent("b", gridNodes(1, 4, {1, 3}, 50ms));
+  REQUIRE(joinAll({a.get(), b.get()})[0].numNodes == 2);
+  std::atomic<int> armed{0}, pending{0};
+  RendezvousOptions co = gridNodes(1, 4, {1, 3});
+  co.armStop = [&](bool on) { armed = on ? 1 : 0; };
+  co.stopPending = [&] { return pending.load(); };
+  auto c = job.agent("c", co);
+  auto fc = joinAsync(*c);
+  const auto until = Clock::now() + 10s;
+  while (armed.load() == 0 && Clock::now() < until) job.store()->wait({"r1/open"}, 20ms);
+  REQUIRE(armed.load() == 1);
+  pending = 15;  // SIGTERM, recorded by the agent's handler
+  REQUIRE(fc.wait_for(10s) == std::future_status::ready);
+  try {
+    fc.get();
+    FAIL("the stopped spare joined a round");
+  } catch (const SpareStopped& e) {
+    CHECK(e.signal == 15);
+    CHECK(std::string(e.what()).find("stopped by signal 15 while waiting as a spare") != std::string::npos);
+  }
+  CHECK(armed.load() == 0);
+  CHECK(job.store()->add("r0/count", 0) == 2);
+  CHECK(job.store()->add("r0/waiting", 0) == 0);
+  // d makes 3 joiners, not 4: it waits as a spare and leaves the round alone.
+  auto d = job.agent("d", gridNodes(1, 4, {1, 3}));
+  auto fd = joinAsync(*d);
+  CHECK_FALSE(Rendezvous::waitEvent(*job.store(), 0, 400ms).has_value());
+  a->recordEnd(event(RoundEventType::kDone, "every node's workers succeeded"));
+  CHECK_THROWS_AS(fd.get(), JobEndedWhileWaiting);
+  CHECK(a->waitSparesAcknowledged(0, 0ms));  // d acknowledged; c is not waited for
 }
 
 TEST_CASE("a spare waits past its join timeout while the round's node 0 beats; it learns when the job completed") {

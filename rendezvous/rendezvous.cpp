@@ -207,6 +207,13 @@ RoundInfo Rendezvous::join() {
                      options_.endpoint, options_.joinTimeout.count() / 1000, round,
                      roundEventName(RoundEvent::fromJson(*event).type), RoundEvent::fromJson(*event).message,
                      members);
+      if (lastBeat)  // it beat while we waited, then stopped: its agents are gone, not running
+        DTRAIN_THROW(RendezvousError,
+                     "rendezvous at {} timed out after {} s: round {} ran with {} node(s), but its node 0 sent no "
+                     "heartbeat for the last {} s and no new round opened for this node (were the round's agents "
+                     "killed? a job whose agents all died records no outcome); use a new --rdzv-id",
+                     options_.endpoint, options_.joinTimeout.count() / 1000, round, members,
+                     options_.joinTimeout.count() / 1000);
       DTRAIN_THROW(RendezvousError,
                    "rendezvous at {} timed out after {} s: round {} is running with {} node(s) and no new "
                    "round opened for this node",

@@ -684,6 +684,23 @@ TEST_CASE("a spare whose round's agents vanished gives up one join timeout after
   CHECK(errorOf(fc).find("round 0 is running with 2 node(s) and no new round opened") != std::string::npos);
 }
 
+TEST_CASE("a spare whose round's node 0 beat and then stopped says the round's agents are gone, not running") {
+  // It said "round 0 is running with 2 node(s)" when every agent of the round had been SIGKILLed.
+  Job job;
+  auto a = job.agent("a", gridNodes(1, 2, {1}, 1h));
+  auto b = job.agent("b", gridNodes(1, 2, {1}, 1h));
+  auto r0 = joinAll({a.get(), b.get()});
+  Rendezvous& zero = r0[0].nodeRank == 0 ? *a : *b;
+  zero.heartbeat(r0[0].nodeRank == 0 ? r0[0] : r0[1]);  // one beat, then the agents "die"
+  auto c = job.agent("c", gridNodes(1, 2, {1}, 1h, /*joinTimeout=*/1s));
+  auto fc = joinAsync(*c);
+  const std::string message = errorOf(fc);
+  CHECK_MESSAGE(message.find("round 0 ran with 2 node(s), but its node 0 sent no heartbeat for the last 1 s") !=
+                    std::string::npos,
+                message);
+  CHECK(message.find("is running") == std::string::npos);
+}
+
 TEST_CASE("large rounds: each agent reads only its assignment, consistent ranks, and a heartbeat ring that sees every loss") {
   Job job;
   const int n = kFullMembershipNodes + 36;  // 100: past the full-membership size

@@ -104,11 +104,15 @@ struct RendezvousOptions {
   std::function<void(bool)> armStop;
   std::function<int()> stopPending;
 
-  // The largest node count <= min(joined, maxNodes) and >= minNodes that is not in unusableNodes; 0 if none.
+  // Whether a round of `nodes` nodes can form: within [max(minNodes, 1), maxNodes] and not in unusableNodes.
+  bool usable(int nodes) const;
+  // The largest usable node count <= min(joined, maxNodes); 0 if none.
   int usableMembers(int joined) const;
   // The smallest node count >= max(atLeast, minNodes) and <= maxNodes that is not in unusableNodes; 0 if none:
   // how many nodes a round that has `atLeast - 1` joiners still needs to form.
   int usableFrom(int atLeast) const;
+  // stopPending's recorded signal, or 0 (also without a stopPending).
+  int pendingStop() const;
 };
 
 // Rounds up to this many nodes: every agent reads every member's record and watches every heartbeat.
@@ -246,6 +250,10 @@ class Rendezvous {
   // A spare of `round` stopped by `signal` (RendezvousOptions::stopPending): out of the counts, then SpareStopped.
   [[noreturn]] void leaveAsSpare(int round, int signal);
   [[noreturn]] void throwJoinTimeout(int round);
+  // After missing `round` (it closed without this agent): asks it to re-form when this agent would make a larger
+  // usable count, else waits as a spare; returns the round that opened next. Extends `deadline` while the round's
+  // node 0 beats. Throws JobEndedWhileWaiting, SpareStopped, or RendezvousError on timeout (rendezvous_spares.cpp).
+  int waitForNextRound(int round, Deadline& deadline);
   std::optional<RoundInfo> tryJoinRound(int round, const Deadline& deadline);
   // The key holding joiner `index`'s place: the layout (small rounds) or its assignment (large).
   static std::string placementKey(int round, int index, bool large);

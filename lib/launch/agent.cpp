@@ -114,6 +114,24 @@ char gTokenFileToRemove[4096] = "";
 volatile sig_atomic_t gDeferStop = 0;
 volatile sig_atomic_t gDeferredStop = 0;
 
+// The agent hosting the store outlives the other agents' last reads at the job's end (each bounded by
+// kLingerForPeers): the `members` agents of `round` (0: do not wait for them) acknowledging it
+// (Rendezvous::acknowledgeEnd), and the agents waiting for a round after it (spares; waitSparesAcknowledged), who
+// learn the outcome from the store within a second.
+void lingerForPeers(rendezvous::Rendezvous& rdzv, int round, int members) {
+  try {
+    if (members > 1) {
+      RoundInfo ended;
+      ended.round = round;
+      ended.numNodes = members;
+      rdzv.waitAcknowledged(ended, kLingerForPeers);
+    }
+    rdzv.waitSparesAcknowledged(round, kLingerForPeers);
+  } catch (const std::exception& e) {
+    log::debug("could not wait for the other agents to see the end of round {}: {}", round, e.what());
+  }
+}
+
 extern "C" void stopOutsideRound(int sig) {
   if (gDeferStop && !gDeferredStop) {  // a second signal (say, a store that stopped answering) ends it at once
     gDeferredStop = sig;
@@ -426,17 +444,7 @@ int Agent::run() {
     } catch (const rendezvous::JobEndedWhileWaiting& e) {
       // A spare (or a node that asked to join) whose job ended without it: it exits with the job's result. Hosting
       // the store, it first lets the round's agents finish their last reads (as a member host does).
-      if (hosting_) {
-        RoundInfo ended;
-        ended.round = e.round;
-        ended.numNodes = e.members;
-        try {
-          if (e.members > 1) rdzv.waitAcknowledged(ended, kLingerForPeers);
-          rdzv.waitSparesAcknowledged(e.round, kLingerForPeers);
-        } catch (const std::exception& linger) {
-          log::debug("could not wait for the end of round {} to be acknowledged: {}", e.round, linger.what());
-        }
-      }
+      if (hosting_) lingerForPeers(rdzv, e.round, e.members);
       if (e.outcome.type == RoundEventType::kDone) {
         log::info("{}: the job completed without this node (exit 0)", e.what());
         return 0;
@@ -514,23 +522,16 @@ int Agent::run() {
           log::debug("could not record the end of the job: {}", e.what());
         }
       }
+      bool acknowledged = false;
       if (round.numNodes > 1 && !lostStore) {
         try {
           rdzv.acknowledgeEnd(round);
-          // The store's host must outlive the other agents' last reads of this round.
-          if (hosting_) rdzv.waitAcknowledged(round, kLingerForPeers);
+          acknowledged = true;
         } catch (const std::exception& e) {
           log::debug("could not acknowledge the end of round {}: {}", round.round, e.what());
         }
       }
-      // And the spares' (rendezvous.h, `waiting`): they learn the outcome from the store within a second.
-      if (hosting_ && !lostStore) {
-        try {
-          rdzv.waitSparesAcknowledged(round.round, kLingerForPeers);
-        } catch (const std::exception& e) {
-          log::debug("could not wait for the spares of round {} to see its end: {}", round.round, e.what());
-        }
-      }
+      if (hosting_ && !lostStore) lingerForPeers(rdzv, round.round, acknowledged ? round.numNodes : 0);
       // The other agents shipped their parts before acknowledging the end: they are in the store by now.
       if (timeline_ && timeline_->collects()) timeline_->write(options_.jobName, runId_, lostStore ? 0s : 30s);
       return after.exitCode;

@@ -47,6 +47,28 @@ std::map<int64_t, std::map<int64_t, int>> samplesSeen(const std::string& logDir,
   return seen;
 }
 
+// The spare tests' job: smallJob on 2 pipeline stages at one rank per node (so only even node counts can run it),
+// `maxSteps` long, a checkpoint every 20 steps, and the agents' common flags: elastic `nnodes`, a 1 s last call,
+// a 2 s heartbeat timeout, on a fresh port and run id.
+struct SparePipelineJob {
+  SparePipelineJob(const std::string& tag, std::string nnodes, int maxSteps)
+      : dir(tempDir(tag)), id(uniqueRunId(tag)), nnodes(std::move(nnodes)), port(freePort()) {
+    json job = smallJob(240, 4, 100);
+    job["train"]["max_steps"] = maxSteps;
+    job["checkpoint"] = {{"every_steps", 20}, {"keep", 3}};
+    job["parallel"] = {{"timeout", 20}, {"pipeline", {{"stages", 2}, {"micro_batches", 2}}}};
+    writeFile(dir + "/job.json", job.dump());
+  }
+  std::vector<std::string> agent(int nodeRank) const {
+    return runArgs({"--nnodes", nnodes, "--nproc-per-node", "1", "--node-rank", std::to_string(nodeRank),
+                    "--rdzv-endpoint", fmt::format("127.0.0.1:{}", port), "--rdzv-id", id, "--rdzv-last-call", "1s",
+                    "--heartbeat-timeout", "2s", "--shutdown-timeout", "2s", dir + "/job.json", "--output-dir",
+                    dir + "/out"});
+  }
+  std::string dir, id, nnodes;
+  int port;
+};
+
 }  // namespace
 
 TEST_CASE("--nnodes 2:3: SIGKILL of one agent; the survivors re-form with 2 nodes, finish, and see each sample once") {
@@ -218,29 +240,16 @@ TEST_CASE("--nnodes 1:3 with 2 pipeline stages: a third node waits as a spare, r
   // One rank per node and 2 stages: only 2 nodes can run the job (1 and 3 cannot). Rounds form with 2; any other
   // node is a spare: it neither joins a round of 3 (which would end the job as a config error) nor disturbs the
   // running one, and takes a lost node's place.
-  std::string dir = tempDir("elastic-spare");
-  json job = smallJob(240, 4, 100);
-  job["train"]["max_steps"] = 3000;  // seconds: a late node joins well before the end
-  job["checkpoint"] = {{"every_steps", 20}, {"keep", 3}};
-  job["parallel"] = {{"timeout", 20}, {"pipeline", {{"stages", 2}, {"micro_batches", 2}}}};
-  writeFile(dir + "/job.json", job.dump());
-  int port = freePort();
-  std::string id = uniqueRunId("elastic-spare");
-  auto agent = [&](int nodeRank) {
-    return runArgs({"--nnodes", "1:3", "--nproc-per-node", "1", "--node-rank", std::to_string(nodeRank),
-                    "--rdzv-endpoint", fmt::format("127.0.0.1:{}", port), "--rdzv-id", id, "--rdzv-last-call", "1s",
-                    "--heartbeat-timeout", "2s", "--shutdown-timeout", "2s", dir + "/job.json", "--output-dir",
-                    dir + "/out"});
-  };
-  Background node0(agent(0));
-  Background node1(agent(1));
+  const SparePipelineJob spare("elastic-spare", "1:3", 3000);  // seconds: a late node joins well before the end
+  Background node0(spare.agent(0));
+  Background node1(spare.agent(1));
   node0.waitForLine("1 data replica(s) of 2 ranks", 60s);  // nodes 0 and 1 formed the first group
-  Background node2(agent(2));
+  Background node2(spare.agent(2));
   node2.waitForLine("this node waits as a spare", 60s, /*fromStderr=*/true);
   node0.waitForLine("epoch 1/100 step 25/", 60s);  // past the checkpoint at 20
   node1.signal(SIGKILL);
   node0.waitForLine("resumed from", 60s);  // node 0 and the spare formed the next group
-  Background node3(agent(1));  // node 1 comes back: a spare now (3 nodes cannot run the job)
+  Background node3(spare.agent(1));  // node 1 comes back: a spare now (3 nodes cannot run the job)
   node3.waitForLine("this node waits as a spare", 60s, /*fromStderr=*/true);
   auto r0 = node0.wait(120s);
   auto r2 = node2.wait(30s);
@@ -254,35 +263,22 @@ TEST_CASE("--nnodes 1:3 with 2 pipeline stages: a third node waits as a spare, r
   CHECK(r0.err.find("configuration error") == std::string::npos);
   CHECK(r3.exitCode == 0);
   CHECK(r3.err.find("the job completed without this node (exit 0)") != std::string::npos);
-  CHECK(processesWithRunId(id).empty());
+  CHECK(processesWithRunId(spare.id).empty());
 }
 
 TEST_CASE("--nnodes 1:4 with 2 pipeline stages: a spare stopped by SIGTERM leaves the counts, so the next node to "
           "join waits as a spare instead of re-forming the running round") {
   // The stopped spare used to stay counted: a 4th joiner saw "4 joined", re-formed the round (steps redone) into a
   // round of 2 again, and node 0 lingered 5 s at the end for the dead spare.
-  std::string dir = tempDir("elastic-spare-term");
-  json job = smallJob(240, 4, 100);
-  job["train"]["max_steps"] = 6000;  // seconds: nodes 2 and 3 come and go well before the end
-  job["checkpoint"] = {{"every_steps", 20}, {"keep", 3}};
-  job["parallel"] = {{"timeout", 20}, {"pipeline", {{"stages", 2}, {"micro_batches", 2}}}};
-  writeFile(dir + "/job.json", job.dump());
-  int port = freePort();
-  std::string id = uniqueRunId("elastic-spare-term");
-  auto agent = [&](int nodeRank) {
-    return runArgs({"--nnodes", "1:4", "--nproc-per-node", "1", "--node-rank", std::to_string(nodeRank),
-                    "--rdzv-endpoint", fmt::format("127.0.0.1:{}", port), "--rdzv-id", id, "--rdzv-last-call", "1s",
-                    "--heartbeat-timeout", "2s", "--shutdown-timeout", "2s", dir + "/job.json", "--output-dir",
-                    dir + "/out"});
-  };
-  Background node0(agent(0));
-  Background node1(agent(1));
+  const SparePipelineJob spare("elastic-spare-term", "1:4", 6000);  // seconds: nodes 2 and 3 come and go before the end
+  Background node0(spare.agent(0));
+  Background node1(spare.agent(1));
   node0.waitForLine("1 data replica(s) of 2 ranks", 60s);
-  Background node2(agent(2));
+  Background node2(spare.agent(2));
   node2.waitForLine("this node waits as a spare", 60s, /*fromStderr=*/true);
   node2.signal(SIGTERM);
   auto r2 = node2.wait(30s);
-  Background node3(agent(3));
+  Background node3(spare.agent(3));
   node3.waitForLine("this node waits as a spare", 60s, /*fromStderr=*/true);
   auto r0 = node0.wait(120s);
   auto r1 = node1.wait(30s);
@@ -295,5 +291,5 @@ TEST_CASE("--nnodes 1:4 with 2 pipeline stages: a spare stopped by SIGTERM leave
   CHECK(r3.exitCode == 0);
   CHECK(r0.err.find("re-forming the group") == std::string::npos);
   CHECK(r0.out.find("done: 6000 steps") != std::string::npos);
-  CHECK(processesWithRunId(id).empty());
+  CHECK(processesWithRunId(spare.id).empty());
 }

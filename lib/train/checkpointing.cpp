@@ -216,17 +216,33 @@ std::optional<std::string> resumeOffWarning(const Job& job) {
   return std::nullopt;
 }
 
-bool Checkpointer::loadCommHookState(const ResumePoint& from) {
+bool Checkpointer::loadCommHookState(const ResumePoint& from, std::string* whyFresh) {
+  const auto fresh = [whyFresh](std::string why) {
+    if (whyFresh) *whyFresh = std::move(why);
+    return false;
+  };
   if (!hook_) return false;
   auto state = hook_->stateBuffers();
   if (state.empty()) return false;
   const bool sameWorld = from.savedWorldSize == worldSize_;
   const std::string file = hookFile(sameWorld ? rank_ : 0);
   auto cp = ckpt::Checkpoint::open(from.path);
-  if (!cp.hasFile(file)) return false;
+  if (!cp.hasFile(file)) return fresh("none in the checkpoint");
   const auto& tensors = cp.tensors(file);
-  for (const auto& s : state)
-    if (tensors.find(s.name) == nullptr) return false;
+  const auto hook = tensors.metadata().find("hook");
+  if (hook != tensors.metadata().end() && hook->second != hook_->name())
+    return fresh(fmt::format("the checkpoint holds {}'s", hook->second));
+  // The same type with settings that shape its state otherwise (PowerSGD's Q has rank columns per matrix; top-k
+  // with momentum correction keeps a velocity): the state does not carry over, as with another type. It used to
+  // fail the resume with exit 8 ("tensor 'powersgd.q' has shape [2592], expected [5184]") for a changed rank.
+  for (const auto& s : state) {
+    const ckpt::TensorInfo* t = tensors.find(s.name);
+    if (t == nullptr)
+      return fresh(fmt::format("the checkpoint's state has no {}: written with other settings", s.name));
+    if (t->shape != s.view.shape)
+      return fresh(fmt::format("the checkpoint's {} has shape {}, this job's {}: written with other settings",
+                               s.name, t->shape.str(), s.view.shape.str()));
+  }
   for (const auto& s : state) cp.loadTensor(file, s.name, s.view);
   hook_->stateLoaded(sameWorld);
   return true;

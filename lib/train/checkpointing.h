@@ -88,9 +88,11 @@ class Checkpointer {
   // The communication hook whose state save() writes (null: none). Its stateBuffers() must be valid (bound).
   void setCommHook(CommHookPtr hook) { hook_ = std::move(hook); }
   // Loads the hook's state from the checkpoint `from` resumed (after the strategy's prepare() bound the hook).
-  // Returns false, leaving the hook's fresh state, when the checkpoint holds none for it (written without
-  // compression, or with another type). CheckpointError when it holds state of another size.
-  bool loadCommHookState(const ResumePoint& from);
+  // Returns false, leaving the hook's fresh state, when the checkpoint holds none that fits it: written without
+  // compression, with another type, or with settings that shape the state otherwise (another PowerSGD rank, top-k
+  // without momentum correction); `whyFresh` (when given) then says which, for the log. A state of the right
+  // shape is loaded whole (CheckpointError when its file cannot be read).
+  bool loadCommHookState(const ResumePoint& from, std::string* whyFresh = nullptr);
   // The model's sparse embedding tables (null: none). save() then has the writer (the rank that writes
   // model.safetensors) ask their holders (the parameter servers) to write their own rows into the staging dir,
   // sparse-<k>-of-<S>.safetensors (sparse_shards.h: each table's rows under its parameter name "0.wte.weight" as a

@@ -168,7 +168,8 @@ void TrainLoop::setUp() {
   strategy_->prepare(*model_);  // binds commHook_: its state exists from here
   setUpSparseTables();
   checkpointer_->setCommHook(commHook_);
-  bool hookStateLoaded = resumed_ && checkpointer_->loadCommHookState(*resumed_);
+  std::string hookFresh;
+  bool hookStateLoaded = resumed_ && checkpointer_->loadCommHookState(*resumed_, &hookFresh);
   const ProcessGroups& g = strategy_->groups();
   sampler_ = std::make_unique<data::DistributedSampler>(data::SamplerOptions{
       .datasetSize = train_->size(), .rank = g.dataRank, .worldSize = g.dataSize,
@@ -239,7 +240,9 @@ void TrainLoop::setUp() {
                                 c.type == CompressionSettings::Type::kPowerSgd ? fmt::format(" rank {}", c.rank) : "",
                                 c.type == CompressionSettings::Type::kTopK ? fmt::format(" ratio {}", c.ratio) : "",
                                 c.localAdam ? fmt::format(", local Adam from step {}", c.startStep) : "",
-                                resumed_ ? (hookStateLoaded ? ", state resumed" : ", fresh state (none in the checkpoint)")
+                                resumed_ ? (hookStateLoaded ? std::string(", state resumed")
+                                                            : hookFresh.empty() ? std::string(", fresh state")
+                                                                                : fmt::format(", fresh state ({})", hookFresh))
                                          : ""));
   }
 }

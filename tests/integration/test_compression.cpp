@@ -92,6 +92,42 @@ TEST_CASE("SIGKILL of a worker with powersgd or topk (with and without momentum 
   }
 }
 
+TEST_CASE("a resume with other compression settings starts the hook fresh and says why") {
+  // PowerSGD rank 1 -> rank 2 changes Q's shape (rank columns per matrix): that used to fail the resume with exit 8
+  // ("tensor 'powersgd.q' has shape [22], expected [12]"). Another type starts fresh too, naming the saved one.
+  std::string dir = tempDir("compressresume");
+  json job = smallJob();
+  job["train"]["max_steps"] = 6;
+  job["parallel"]["compression"] = json::parse(R"({"type": "powersgd", "rank": 1})");
+  writeFile(dir + "/job.json", job.dump());
+  auto first = run(twoRanks(dir + "/job.json", dir + "/out"), {.timeout = 60s});
+  REQUIRE_MESSAGE(first.exitCode == 0, first.err);
+  REQUIRE(std::filesystem::exists(dir + "/out/checkpoints/step-000000006/comm_hook-rank-0.safetensors"));
+  struct Case {
+    const char* compression;
+    int maxSteps;
+    const char* message;
+  };
+  for (const Case& c :
+       {Case{R"({"type": "powersgd", "rank": 2})", 9,
+             "gradient compression: powersgd rank 2, fresh state (the checkpoint's powersgd.q has shape [22], this "
+             "job's [12]: written with other settings)"},
+        Case{R"({"type": "topk", "ratio": 0.5})", 12, "gradient compression: topk ratio 0.5, fresh state (the "
+                                                      "checkpoint holds powersgd's)"},
+        Case{R"({"type": "topk", "ratio": 0.25})", 15, "gradient compression: topk ratio 0.25, state resumed"}}) {
+    CAPTURE(c.compression);
+    job["train"]["max_steps"] = c.maxSteps;
+    job["parallel"]["compression"] = json::parse(c.compression);
+    writeFile(dir + "/job.json", job.dump());
+    auto r = run(twoRanks(dir + "/job.json", dir + "/out"), {.timeout = 60s});
+    INFO(r.out, r.err);
+    CHECK(r.exitCode == 0);
+    CHECK(r.out.find("resumed from") != std::string::npos);
+    CHECK(r.out.find(c.message) != std::string::npos);
+    CHECK(r.out.find("restarting") == std::string::npos);
+  }
+}
+
 TEST_CASE("bad compression settings are rejected by run with exit 2 before any worker starts") {
   std::string dir = tempDir("compressbad");
   struct Case {

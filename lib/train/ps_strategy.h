@@ -17,8 +17,8 @@
 //
 // The workers still form a collective group among themselves (groups.world: the workers only). In sync mode it
 // reduces metrics and agrees on stops as DDP's does. In async and ssp mode the workers must not wait for each other
-// at log lines, so metrics and stop signals stay local (the progress line and evaluation are worker 0's own, each
-// worker stops on the launcher's signal itself) and the group only meets at checkpoints and at the end (barrier
+// at log lines, so metrics and stop signals stay local (the progress line is worker 0's own, worker 0 evaluates the
+// whole evaluation set alone while the others train on, each worker stops on the launcher's signal itself) and the group only meets at checkpoints and at the end (barrier
 // before worker 0 fetches the servers' state, so every worker's pushes up to that step are in).
 // Threading and errors: as Strategy; a server that fails or refuses a request is a CommError from finishStep().
 #pragma once
@@ -64,6 +64,7 @@ class PsStrategy final : public Strategy {
   void fillStats(StepStats& stats) override;
   void finishRun() override;
   SparseTables* sparseTables() override;
+  bool evaluatesAlone() const override { return decoupled(); }
 
   // Layer `layer`'s gradients are final: pushes every partition that is now complete.
   void operator()(int layer);

@@ -143,6 +143,10 @@ class Strategy {
   // The holder of the model's sparse embedding tables when the strategy keeps them elsewhere (the parameter
   // servers), valid after prepare(); null: the trainer keeps them in this process (LocalSparseTables).
   virtual SparseTables* sparseTables() { return nullptr; }
+  // True when reduceMetrics() does not reduce (async/ssp parameter servers: the workers do not wait for each other
+  // at log lines): then data rank 0 evaluates the whole evaluation set alone and the other ranks skip evaluation,
+  // so the figures cover the set rather than one rank's shard of it. False: every rank evaluates its shard.
+  virtual bool evaluatesAlone() const { return false; }
 
  protected:
   explicit Strategy(ProcessGroups groups) : groups_(std::move(groups)) {}

@@ -83,10 +83,14 @@ void TrainLoop::logInterval(StepStats& stats, bool force) {
 void TrainLoop::evaluate(const StepStats& stats) {
   if (!eval_) return;
   const auto evalStart = Clock::now();
-  // Every sample exactly once: no padding, uneven shards; sums are reduced over the group.
+  // Every sample exactly once: no padding, uneven shards; sums are reduced over the group. A strategy whose ranks
+  // do not reduce metrics (async/ssp parameter servers) has data rank 0 evaluate the whole set alone: it reported
+  // its own shard, "(1000 samples)" of a 2000-sample set, and a dead worker's shard was never evaluated.
   const ProcessGroups& g = strategy_->groups();
-  data::DistributedSampler sampler(
-      {.datasetSize = eval_->size(), .rank = g.dataRank, .worldSize = g.dataSize, .shuffle = false, .pad = false});
+  const bool alone = strategy_->evaluatesAlone();
+  if (alone && g.dataRank != 0) return;
+  data::DistributedSampler sampler({.datasetSize = eval_->size(), .rank = alone ? 0 : g.dataRank,
+                                    .worldSize = alone ? 1 : g.dataSize, .shuffle = false, .pad = false});
   data::BatchLoader loader(*eval_, sampler, {.batchSize = job_.data.batchSize, .prefetch = prefetch_});
   nn::EvalSums sums;
   // On a GPU, batch n+1's copy runs while batch n's forward computes (evaluate() reads its sums back).

@@ -35,6 +35,15 @@ double lastEvalAccuracy(const std::string& metrics) {
   return acc;
 }
 
+// eval_samples of every evaluation line: the whole evaluation set (smallJob's has 50) in every mode. In async and
+// ssp the workers do not reduce metrics, and worker 0 used to evaluate its own shard only: 25 samples.
+std::vector<int64_t> evalSampleCounts(const std::string& metrics) {
+  std::vector<int64_t> counts;
+  for (const auto& line : readJsonLines(metrics))
+    if (line.contains("eval_samples")) counts.push_back(line["eval_samples"].get<int64_t>());
+  return counts;
+}
+
 }  // namespace
 
 TEST_CASE("dtrain run -n 3 with one parameter server: every mode trains; traffic and staleness in metrics") {
@@ -51,6 +60,8 @@ TEST_CASE("dtrain run -n 3 with one parameter server: every mode trains; traffic
     CHECK(r.out.find("2 rank(s) x batch 8") != std::string::npos);
     CHECK(r.out.find("parameter server: 1 server(s), 2 worker(s), " + mode) != std::string::npos);
     CHECK(lastEvalAccuracy(dir + "/" + mode + "/metrics.jsonl") > 0.5);
+    CHECK(evalSampleCounts(dir + "/" + mode + "/metrics.jsonl") == std::vector<int64_t>{50, 50, 50});
+    CHECK(r.out.find("(50 samples)") != std::string::npos);
     CHECK(std::filesystem::exists(dir + "/" + mode + "/model.safetensors"));
     int lines = 0;
     for (const auto& line : readJsonLines(dir + "/" + mode + "/metrics.jsonl")) {
@@ -126,6 +137,8 @@ TEST_CASE("parameter server, async: a killed worker leaves; the others finish th
   // Worker 0 ran every one of its 36 steps and checkpointed after the kill (server 0 counts the live workers).
   CHECK(std::filesystem::exists(dir + "/out/checkpoints/step-000000036/COMMITTED"));
   CHECK(lastEvalAccuracy(dir + "/out/metrics.jsonl") > 0.5);
+  // The dead worker's shard of the evaluation set is evaluated too: worker 0 evaluates the whole set.
+  CHECK(evalSampleCounts(dir + "/out/metrics.jsonl") == std::vector<int64_t>{50, 50, 50});
 }
 
 TEST_CASE("parameter server killed: the job restarts from the last checkpoint (with another server count too)") {

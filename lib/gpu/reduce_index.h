@@ -195,8 +195,20 @@ DTRAIN_HOST_DEVICE inline float biasActivationValue(Activation f, const float* x
   return activationValue(f, xw[i] + bias[i % cols]);
 }
 
+// a + b rounded on its own. On the device __fadd_rn, which nvcc and ptxas never contract with the multiplication
+// that produced b: a plain `acc += d` after `d = dy * g` may become fma(dy, g, acc) there (nvcc's default
+// --fmad=true), a sum of the unrounded products, while the unfused kernels (and the CPU) add the stored, rounded d.
+DTRAIN_HOST_DEVICE inline float addRounded(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
 // Pass 1 of the backward for chunk k, column c: dx[r, c] = dy f'(xw + b) for the chunk's rows, summed into the bias
-// gradient as columnSumChunk does (db itself with one chunk, partials otherwise; pass 2 is columnSumCombine).
+// gradient as columnSumChunk does (db itself with one chunk, partials otherwise; pass 2 is columnSumCombine): the
+// stored dx values are added (addRounded), so the bias gradient is the unfused pair's bit for bit on the device too.
 DTRAIN_HOST_DEVICE inline void biasActivationBackwardChunk(Activation f, const ColumnChunks& p, int64_t k, int64_t c,
                                                            int64_t cols, const float* xw, const float* bias,
                                                            const float* y, const float* dy, float* dx, float* db,
@@ -208,7 +220,7 @@ DTRAIN_HOST_DEVICE inline void biasActivationBackwardChunk(Activation f, const C
     const int64_t i = r * cols + c;
     const float d = activationGrad(f, xw[i] + b, y[i], dy[i]);
     dx[i] = d;
-    acc += d;
+    acc = addRounded(acc, d);
   }
   if (direct) {
     db[c] = acc;

@@ -6,11 +6,12 @@
 // depends on nothing forward left in the scratch (filled with NaN in between: the same bits come out), so the
 // recomputation is bit-identical to forward's P. The kernels' per-thread work and the layer's order are CPU-tested
 // in test_gpu_attention.cpp.
-// Fused (the default, lib/gpu/flash_attention.h, CPU-tested thread by thread in test_gpu_flash.cpp): parity with
+// Fused (lib/gpu/flash_attention.h, CPU-tested thread by thread in test_gpu_flash.cpp; "auto" picks it only where the
+// matmul path's score scratch would pass 256 MiB, so the tests ask for it by name): parity with
 // the CPU layer and with the matmul path at head sizes 4, 64 and 128, T not a multiple of the tiles and T = 1,
 // without and with attention dropout; no score scratch reserved; the same bits twice (also with the backward
-// scratch filled with NaN in between); a GPT model (with dropout and without) on the default choice against the
-// CPU model.
+// scratch filled with NaN in between); the layer parity check on both paths; a GPT model (with dropout and
+// without) on the default choice ("auto": the matmul path at its size) against the CPU model.
 #include <doctest/doctest.h>
 
 #include <nlohmann/json.hpp>
@@ -124,7 +125,7 @@ TEST_CASE("matmul attention recomputes P in backward: shared scratch, batch < ma
 }
 
 TEST_CASE("a GPT model's attention layers share one scratch: CPU parity at batch < maxBatch, repeatable bits") {
-  // The default choice: the fused kernels, with attention dropout (0.2) and without.
+  // The default choice ("auto": the matmul path at T 6), with attention dropout (0.2) and without.
   for (const double dropout : {0.2, 0.0}) {
     CAPTURE(dropout);
     json spec = json::parse(R"({"preset": "gpt", "vocab_size": 13, "block_size": 6, "n_layer": 3, "n_head": 2,
@@ -266,8 +267,13 @@ TEST_CASE("\"fused\" where the fused kernels cannot run the layer is an error na
   CHECK(shared.size(SharedScratch::kAttentionScores) == static_cast<size_t>(2 * 2 * 4 * 4));  // the matmul path
 }
 
-TEST_CASE("the matmul path still passes the layer parity check (the default runs the fused kernels there)") {
-  const AttentionScope matmul(AttentionKernel::kMatmul);
-  checkLayer({R"({"type": "causal_self_attention", "n_head": 2})", {5, 8}});
-  checkLayer({R"({"type": "causal_self_attention", "n_head": 4, "bias": false})", {300, 16}});  // rows > a block
+// test_gpu_nn's layer list runs "auto", which at these sizes is the matmul path: the fused kernels get the same
+// shapes and tolerances here (their CPU emulation at these shapes passes them: test_gpu_flash.cpp).
+TEST_CASE("both attention paths pass the layer parity check: matmul and fused") {
+  for (const AttentionKernel k : {AttentionKernel::kMatmul, AttentionKernel::kFused}) {
+    CAPTURE(attentionKernelName(k));
+    const AttentionScope scope(k);
+    checkLayer({R"({"type": "causal_self_attention", "n_head": 2})", {5, 8}});
+    checkLayer({R"({"type": "causal_self_attention", "n_head": 4, "bias": false})", {300, 16}});  // rows > a block
+  }
 }

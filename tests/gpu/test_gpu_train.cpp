@@ -1,7 +1,7 @@
 // Whole runs of `dtrain train` on the GPU against the CPU (TF32 off): an MLP, a small GPT (fused attention,
 // without and with dropout, and the matmul path) and a small CNN (conv2d, maxpool2d, dropout, bce_with_logits, adagrad) end within 1e-3 of the
 // CPU run's weights; a GPU run stopped and
-// resumed ends bit-identical to an uninterrupted one (also with dropout); checkpoints move
+// resumed ends bit-identical to an uninterrupted one (also with dropout, on the matmul path and the fused kernels); checkpoints move
 // between devices (GPU -> CPU and CPU -> GPU); a bf16 run's losses follow the float32 run's.
 #include <doctest/doctest.h>
 
@@ -166,10 +166,15 @@ TEST_CASE("a GPU run stopped at step 6 and resumed ends bit-identical to an unin
   for (int i = 0; i < 200; ++i) text += "pack my box with five dozen liquor jugs. ";
   writeFile(dir + "/text.txt", text);
   // With dropout (the CNN's layer, the GPT's attention and residual dropout) the resumed run draws the same masks.
+  // "attention" is "auto" in gptJob, which at T 32 is the matmul path; the fused kernels (with their in-kernel
+  // attention dropout) are asked for explicitly.
   json gptDropout = gptJob(dir + "/text.txt");
   gptDropout["model"]["dropout"] = 0.1;
+  json gptFusedDropout = gptDropout;
+  gptFusedDropout["attention"] = "fused";
   for (const auto& [name, job] : {std::pair{"mlp", mlpJob()}, std::pair{"gpt", gptJob(dir + "/text.txt")},
-                                  std::pair{"cnn", cnnJob()}, std::pair{"gpt_dropout", gptDropout}}) {
+                                  std::pair{"cnn", cnnJob()}, std::pair{"gpt_dropout", gptDropout},
+                                  std::pair{"gpt_fused_dropout", gptFusedDropout}}) {
     CAPTURE(name);
     train(dir, job, "cuda", 12, dir + "/" + name + "_whole");
     train(dir, job, "cuda", 6, dir + "/" + name + "_split");

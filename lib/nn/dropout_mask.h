@@ -19,20 +19,22 @@ namespace dtrain::nn::detail {
 // splitmix64 of a seed and a small integer (layers_dense.cpp): a layer's stream is seeded mixSeed(seed, index).
 uint64_t mixSeed(uint64_t seed, uint64_t salt);
 
-// One dropout layer's generator: the Philox key (mixSeed(seed, layer index)) and the counter offset of its next
-// draw (lib/gpu/philox.h). Not thread-safe (one layer, one thread).
+// One dropout layer's generator: the Philox key and the counter offset of its next draw (lib/gpu/philox.h). Not
+// thread-safe (one layer, one thread).
 class DropoutStream {
  public:
-  // `pinned`: the layer spec's "seed", which wins over every reseed: such a stream is keyed once, by the first
-  // reseed (the layer's construction), and later reseeds leave its key and offset alone, so its masks continue.
+  // `pinned`: the layer spec's "seed", which wins over the reseeds' seeds (the same masks on every rank, whatever
+  // the job's seed).
   DropoutStream(std::optional<uint64_t> pinned, int64_t index) : pinned_(pinned), index_(static_cast<uint64_t>(index)) {}
 
-  // Keys the stream from `seed` (or the pinned seed) and restarts its counters at 0.
-  void reseed(uint64_t seed) {
-    if (seeded_ && pinned_) return;
-    key_ = mixSeed(pinned_.value_or(seed), index_);
+  // Keys the stream and restarts its counters at 0. Without a pinned seed the key is mixSeed(seed, index) (the
+  // trainer's seed already mixes the job seed, rank, step and micro-batch); with one it is
+  // mixSeed(mixSeed(pinned, position), index): a pinned layer's masks follow `position` (the trainer's step and
+  // micro-batch, the same on every rank; 0 at the layer's construction), so a resumed run, which reseeds at the
+  // step it resumes from, draws the masks of the run it continues.
+  void reseed(uint64_t seed, uint64_t position) {
+    key_ = pinned_ ? mixSeed(mixSeed(*pinned_, position), index_) : mixSeed(seed, index_);
     offset_ = 0;
-    seeded_ = true;
   }
 
   // The draw of one training forward over n elements with drop probability p and kept-value scale `scale`; the
@@ -48,7 +50,6 @@ class DropoutStream {
   uint64_t index_;
   uint64_t key_ = 0;
   uint64_t offset_ = 0;
-  bool seeded_ = false;
 };
 
 // Most Philox blocks philoxLanes computes at once (4 KiB of lanes on the stack).

@@ -73,8 +73,9 @@ class Layer {
   virtual void initParams(InitRng& /*rng*/) {}
   // True when the output is the input buffer itself (flatten): the model then skips the copy.
   virtual bool aliasesInput() const { return false; }
-  // Reseeds a random layer (dropout); others ignore it.
-  virtual void reseed(uint64_t /*seed*/) {}
+  // Reseeds a random layer (dropout); others ignore it. `seed` keys the layers without a "seed" of their own;
+  // `position` (the trainer's step and micro-batch, the same on every rank) those with one (dropout_mask.h).
+  virtual void reseed(uint64_t /*seed*/, uint64_t /*position*/) {}
   // Called once at build for each pair of consecutive layers of a sequence (Model, a block's children), this one
   // then `next`, where next's input is this layer's output and nothing else reads it. A layer may hand part of its
   // work to next and return true (the CUDA linear hands its bias to a following activation, which applies it in

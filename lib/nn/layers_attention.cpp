@@ -64,7 +64,7 @@ class CausalSelfAttention final : public Layer {
         stream_(std::nullopt, spec.index), group_(spec.shard.kind == TensorShard::kHeads ? group : nullptr) {
     DTRAIN_CHECK(spec.shard.kind != TensorShard::kHeads || group_ != nullptr,
                  "{}: a tensor-parallel attention layer needs its tensor group", spec.path);
-    reseed(seed);
+    reseed(seed, 0);
     // dqkv and datt live only inside one backward: the model's attention layers share them.
     if (scratch_ != nullptr) scratch_->reserve(SharedScratch::kAttention, rows_ * sz(4 * w_));
     else own_ = AlignedBuffer<float>(rows_ * sz(4 * w_));
@@ -78,7 +78,7 @@ class CausalSelfAttention final : public Layer {
     if (spec().bias) bProj_ = params + at, gbProj_ = grads + at;
   }
 
-  void reseed(uint64_t seed) override { stream_.reseed(seed); }
+  void reseed(uint64_t seed, uint64_t position) override { stream_.reseed(seed, position); }
 
   void initParams(InitRng& rng) override {
     if (group_ != nullptr) return initShard(rng);

@@ -225,12 +225,12 @@ class Dropout final : public Elementwise {
   Dropout(const LayerSpec& spec, int maxBatch, uint64_t seed)
       : Elementwise(spec), mask_(static_cast<size_t>(maxBatch) * static_cast<size_t>(spec.input.numel())),
         stream_(spec.seed, spec.index) {
-    reseed(seed);
+    reseed(seed, 0);
   }
 
-  // A seed fixed in the spec wins, so a user who pins it gets the same masks whatever the run does: such a layer
-  // is keyed once, at construction, and later reseeds leave its stream alone (dropout_mask.h DropoutStream).
-  void reseed(uint64_t seed) override { stream_.reseed(seed); }
+  // A seed fixed in the spec wins over `seed`, so a user who pins it gets the same masks on every rank whatever the
+  // job's seed: such a layer is keyed by its seed and `position` (dropout_mask.h DropoutStream).
+  void reseed(uint64_t seed, uint64_t position) override { stream_.reseed(seed, position); }
 
   void forward(const float* x, float* y, int batch, bool train) override {
     auto n = count(batch);

@@ -219,8 +219,8 @@ class Block final : public Layer {
       if (counts_[i] > 0) children_[i]->initParams(rng);
   }
 
-  void reseed(uint64_t seed) override {
-    for (auto& c : children_) c->reseed(detail::mixSeed(seed, static_cast<uint64_t>(spec().index) + 1000));
+  void reseed(uint64_t seed, uint64_t position) override {
+    for (auto& c : children_) c->reseed(detail::mixSeed(seed, static_cast<uint64_t>(spec().index) + 1000), position);
   }
 
   void forward(const float* x, float* y, int batch, bool train) override {

@@ -316,8 +316,8 @@ std::vector<int> Model::paramLayers() const {
   return out;
 }
 
-void Model::reseedDropout(uint64_t seed) {
-  for (auto& layer : layers_) layer->reseed(seed);
+void Model::reseedDropout(uint64_t seed, uint64_t position) {
+  for (auto& layer : layers_) layer->reseed(seed, position);
 }
 
 std::vector<SparseTableInfo> Model::sparseTables() const {

@@ -201,9 +201,11 @@ class Model {
   // model's forward/backward calls (a forward without one throws).
   std::vector<SparseTableInfo> sparseTables() const;
   void bindSparseRows(SparseRows* rows);
-  // Reseeds the dropout layers (e.g. with seed + rank, so ranks draw different masks). Layers whose spec
-  // fixes a "seed" keep it.
-  void reseedDropout(uint64_t seed);
+  // Reseeds the dropout layers and restarts their streams: those without a "seed" in their spec are keyed from
+  // `seed` (e.g. a mix of the job seed, rank, step and micro-batch, so ranks draw different masks); those whose
+  // spec fixes a "seed" from it and `position` (e.g. a mix of step and micro-batch: the same masks on every rank,
+  // whatever `seed`). The same (seed, position) repeats the same masks, so a resumed run continues bit for bit.
+  void reseedDropout(uint64_t seed, uint64_t position);
   // Whether any layer draws random numbers in training (a registry entry marked `random`, e.g. dropout).
   bool hasRandomLayers() const noexcept { return hasRandomLayers_; }
 

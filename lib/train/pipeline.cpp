@@ -189,7 +189,10 @@ void PipelineStrategy::forwardCompute(int j) {
     x = s.input.data();
   }
   markCompute();
-  if (s.model->hasRandomLayers()) s.model->reseedDropout(dropoutSeed_ + 0x9E3779B97F4A7C15ull * static_cast<uint64_t>(j + 1));
+  if (s.model->hasRandomLayers()) {
+    const uint64_t salt = 0x9E3779B97F4A7C15ull * static_cast<uint64_t>(j + 1);
+    s.model->reseedDropout(dropoutSeed_ + salt, dropoutPosition_ + salt);
+  }
   TensorView out = s.model->forward(x, m.size, true);
   if (!lastStage()) {
     s.actSend = groups_.actNext->sendAsync(out, 1);
@@ -224,7 +227,7 @@ void PipelineStrategy::waitSends() {
 }
 
 float PipelineStrategy::trainBatch(const float* features, const TensorView& targets, int batch, float gradScale,
-                                   nn::GradMode mode, uint64_t dropoutSeed) {
+                                   nn::GradMode mode, uint64_t dropoutSeed, uint64_t dropoutPosition) {
   DTRAIN_CHECK(model_ != nullptr, "pipeline: trainBatch() before prepare()");
   DTRAIN_CHECK(batch >= 1 && batch <= job_.data.batchSize, "pipeline: a batch of {} samples (at most {})", batch,
                job_.data.batchSize);
@@ -243,6 +246,7 @@ float PipelineStrategy::trainBatch(const float* features, const TensorView& targ
   mode_ = mode;
   firstBackward_ = true;
   dropoutSeed_ = dropoutSeed;
+  dropoutPosition_ = dropoutPosition;
   lossSum_ = 0;
   events_.clear();
   batchStart_ = std::chrono::steady_clock::now();

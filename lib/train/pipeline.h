@@ -87,10 +87,11 @@ class PipelineStrategy final : public Strategy {
   // One batch of `batch` samples through the pipeline with the schedule (see above); every stage of the replica
   // calls it with the same batch. `features`: [batch, input...] (read by the first stage); `targets`: the batch's
   // targets (read by the last stage). Gradients are written (mode kOverwrite) or added (kAccumulate) scaled by
-  // gradScale. `dropoutSeed` reseeds the stage's random layers per micro-batch. Returns the batch's mean loss on
-  // the last stage, 0 elsewhere. Blocks until this stage's part is done; CommError when a neighbour fails.
+  // gradScale. `dropoutSeed` and `dropoutPosition`, mixed with the micro-batch's number, reseed the stage's random
+  // layers per micro-batch (nn::Model::reseedDropout). Returns the batch's mean loss on the last stage, 0 elsewhere.
+  // Blocks until this stage's part is done; CommError when a neighbour fails.
   float trainBatch(const float* features, const TensorView& targets, int batch, float gradScale, nn::GradMode mode,
-                   uint64_t dropoutSeed);
+                   uint64_t dropoutSeed, uint64_t dropoutPosition);
   // Forward only, in micro-batches, for evaluation: the batch's sums on the last stage, zeros elsewhere.
   nn::EvalSums evalBatch(const float* features, const TensorView& targets, int batch);
   // Collective over the world: writes the whole model as safetensors at `path` (rank 0 writes; each stage's
@@ -132,7 +133,7 @@ class PipelineStrategy final : public Strategy {
   float gradScale_ = 1;
   nn::GradMode mode_ = nn::GradMode::kOverwrite;
   bool firstBackward_ = true;
-  uint64_t dropoutSeed_ = 0;
+  uint64_t dropoutSeed_ = 0, dropoutPosition_ = 0;
   double lossSum_ = 0;
   // DTRAIN_PIPELINE_TRACE: the timeline of the current batch (empty path: off).
   std::string tracePath_;

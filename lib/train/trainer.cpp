@@ -33,6 +33,10 @@ uint64_t dropoutSeed(uint64_t seed, int rank, int64_t step, int micro) {
   return h;
 }
 
+// A dropout layer with a pinned "seed" is keyed from it and (step, micro-batch) alone, so every rank draws the
+// same masks and a resumed run the masks of the run it continues (lib/nn/dropout_mask.h DropoutStream).
+uint64_t dropoutPosition(int64_t step, int micro) { return dropoutSeed(0, 0, step, micro); }
+
 // Views of a batch's labels in the form the loss expects.
 TensorView targetsOf(const data::Batch& b, const data::Dataset& ds) {
   if (b.classLabels) return TensorView::i32(b.classLabels, ds.labelShape().withBatch(b.size));
@@ -228,9 +232,11 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
     if (pipeline_ != nullptr) {
       // The schedule interleaves forwards and backwards: its whole time is booked as forward.
       loss = pipeline_->trainBatch(b.features, targetsOf(b, *train_), static_cast<int>(b.size), gradScale, mode,
-                                   dropoutSeed(job_.loop.seed, dropoutRank(), step_, micro));
+                                   dropoutSeed(job_.loop.seed, dropoutRank(), step_, micro),
+                                   dropoutPosition(step_, micro));
     } else {
-      if (hasDropout_) model_->reseedDropout(dropoutSeed(job_.loop.seed, dropoutRank(), step_, micro));
+      if (hasDropout_)
+        model_->reseedDropout(dropoutSeed(job_.loop.seed, dropoutRank(), step_, micro), dropoutPosition(step_, micro));
       TensorView out = model_->forward(b.features, static_cast<int>(b.size), true);
       loss = loss_->forward(out, targetsOn(b, *train_, device_));
     }

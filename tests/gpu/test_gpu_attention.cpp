@@ -216,8 +216,8 @@ TEST_CASE("the CUDA attention's order (P recomputed in backward, dropout per sam
       const size_t n = static_cast<size_t>(batch * t * c);
       // The CUDA layer's stream, reseeded alike: one draw of batch H T T elements per training forward.
       nn::detail::DropoutStream stream(std::nullopt, spec.index);
-      cpu->reseed(40 + static_cast<uint64_t>(batch));
-      stream.reseed(40 + static_cast<uint64_t>(batch));
+      cpu->reseed(40 + static_cast<uint64_t>(batch), 0);
+      stream.reseed(40 + static_cast<uint64_t>(batch), 0);
       // Two forwards between reseeds: the second draws the next elements of the stream.
       for (int forward = 0; forward < 2; ++forward) {
         CAPTURE(forward);

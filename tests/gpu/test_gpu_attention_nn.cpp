@@ -83,7 +83,7 @@ TEST_CASE("matmul attention recomputes P in backward: shared scratch, batch < ma
       const size_t n = static_cast<size_t>(batch * t * c);
       std::vector<float> x = randomVector(n, 9 + static_cast<uint32_t>(batch), -2, 2), dy = randomVector(n, 13);
       std::vector<float> y(n), dx(n);
-      cpu->reseed(100 + static_cast<uint64_t>(batch));
+      cpu->reseed(100 + static_cast<uint64_t>(batch), 0);
       cpu->forward(x.data(), y.data(), batch, true);
       cpu->backward(x.data(), y.data(), dy.data(), dx.data(), batch, false);
       DeviceFloats dX = toDevice(x), dY(n, kGpu), dDy = toDevice(dy), dDx(n, kGpu);
@@ -91,7 +91,7 @@ TEST_CASE("matmul attention recomputes P in backward: shared scratch, batch < ma
                    oDx(n, kGpu);
       // Another attention layer runs forward and backward between this one's forward and backward, through the
       // same scratch (what a model's next layer does).
-      gpu->reseed(100 + static_cast<uint64_t>(batch));
+      gpu->reseed(100 + static_cast<uint64_t>(batch), 0);
       gpu->forward(dX.data(), dY.data(), batch, true);
       other->forward(oX.data(), oY.data(), batch, true);
       other->backward(oX.data(), oY.data(), oDy.data(), oDx.data(), batch, false);
@@ -102,7 +102,7 @@ TEST_CASE("matmul attention recomputes P in backward: shared scratch, batch < ma
       CHECK(maxDiff(grads, g1) < 1e-4);
       // Again alone, the scratch filled with NaN between forward and backward: backward recomputes everything it
       // reads, so the very same bits come out (also the dropped P: the same bits, reseeded alike).
-      gpu->reseed(100 + static_cast<uint64_t>(batch));
+      gpu->reseed(100 + static_cast<uint64_t>(batch), 0);
       gpu->forward(dX.data(), dY.data(), batch, true);
       fillNan(shared, SharedScratch::kAttentionScores);
       fillNan(shared, SharedScratch::kAttention);
@@ -149,7 +149,7 @@ TEST_CASE("a GPT model's attention layers share one scratch: CPU parity at batch
       std::vector<float> first;
       for (int round = 0; round < 2; ++round) {
         CAPTURE(round);
-        cpu.reseedDropout(500 + static_cast<uint64_t>(batch)), gpu.reseedDropout(500 + static_cast<uint64_t>(batch));
+        cpu.reseedDropout(500 + static_cast<uint64_t>(batch), 0), gpu.reseedDropout(500 + static_cast<uint64_t>(batch), 0);
         const float lc =
             cpuLoss->forward(cpu.forward(tokens.data(), batch, true), TensorView::i32(labels.data(), Shape{batch, 6}));
         const float lg = gpuLoss->forward(gpu.forward(dTokens.data(), batch, true), gpuLabels);
@@ -217,7 +217,7 @@ TEST_CASE("fused attention: CPU and matmul parity, no score scratch, the same bi
         const std::vector<float> x = randomVector(n, 9 + static_cast<uint32_t>(batch), -2, 2),
                                  dy = randomVector(n, 13);
         std::vector<float> y(n), dx(n);
-        cpu->reseed(seed), fused->reseed(seed), matmul->reseed(seed);
+        cpu->reseed(seed, 0), fused->reseed(seed, 0), matmul->reseed(seed, 0);
         cpu->forward(x.data(), y.data(), batch, true);
         cpu->backward(x.data(), y.data(), dy.data(), dx.data(), batch, false);
         DeviceFloats dX = toDevice(x), dY(n, kGpu), dDy = toDevice(dy), dDx(n, kGpu), mY(n, kGpu), mDx(n, kGpu);
@@ -240,7 +240,7 @@ TEST_CASE("fused attention: CPU and matmul parity, no score scratch, the same bi
         // Again (reseeded alike: the same mask), the backward scratch filled with NaN between forward and
         // backward: the same bits (deterministic kernels; backward reads nothing forward left in the scratch, and
         // writes every element of dqkv).
-        fused->reseed(seed);
+        fused->reseed(seed, 0);
         fused->forward(dX.data(), dY.data(), batch, true);
         fillNan(fusedScratch, SharedScratch::kAttention);
         fused->backward(dX.data(), dY.data(), dDy.data(), dDx.data(), batch, false);

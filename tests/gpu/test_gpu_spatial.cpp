@@ -75,7 +75,7 @@ TEST_CASE("dropout on the GPU computes the CPU's masks: same outputs and gradien
           .layers[0];
   auto cpu = makeLayer(spec, {.device = Device::cpu(), .maxBatch = 4, .seed = 1});
   auto gpu = makeLayer(spec, {.device = kGpu, .maxBatch = 4, .seed = 2});
-  cpu->reseed(99), gpu->reseed(99);
+  cpu->reseed(99, 0), gpu->reseed(99, 0);
   std::vector<float> x = randomVector(4000, 5), y(4000);
   DeviceFloats dX = toDevice(x), dY(4000, kGpu);
   cpu->forward(x.data(), y.data(), 4, true);
@@ -104,6 +104,20 @@ TEST_CASE("dropout on the GPU computes the CPU's masks: same outputs and gradien
   CHECK(zeros < 1400);
   gpu->forward(dX.data(), dY.data(), 4, false);
   CHECK(toHost(dY.data(), 4000) == x);
+  // A pinned "seed": both follow the reseed's position (the trainer's step and micro-batch), not its seed.
+  LayerSpec pinnedSpec =
+      parseModelSpec(json::parse(R"({"input": [1000], "layers": [{"type": "dropout", "p": 0.3, "seed": 3}]})"), "",
+                     "/model")
+          .layers[0];
+  auto cpuPinned = makeLayer(pinnedSpec, {.device = Device::cpu(), .maxBatch = 4, .seed = 1});
+  auto gpuPinned = makeLayer(pinnedSpec, {.device = kGpu, .maxBatch = 4, .seed = 2});
+  cpuPinned->reseed(11, 7), gpuPinned->reseed(12, 7);
+  cpuPinned->forward(x.data(), y.data(), 4, true);
+  gpuPinned->forward(dX.data(), dY.data(), 4, true);
+  CHECK(toHost(dY.data(), 4000) == y);
+  gpuPinned->reseed(12, 8);
+  gpuPinned->forward(dX.data(), dY.data(), 4, true);
+  CHECK(toHost(dY.data(), 4000) != y);
 }
 
 TEST_CASE("attention dropout on the GPU drops what the CPU drops: forward and every gradient match") {
@@ -123,7 +137,7 @@ TEST_CASE("attention dropout on the GPU drops what the CPU drops: forward and ev
   auto cpuLoss = Loss::create({LossType::kCrossEntropy}, ms.output(), 2, Device::cpu());
   auto gpuLoss = Loss::create({LossType::kCrossEntropy}, ms.output(), 2, kGpu);
   for (uint64_t step = 0; step < 3; ++step) {
-    cpu.reseedDropout(1000 + step), gpu.reseedDropout(1000 + step);
+    cpu.reseedDropout(1000 + step, 0), gpu.reseedDropout(1000 + step, 0);
     const float lc = cpuLoss->forward(cpu.forward(tokens.data(), 2, true), TensorView::i32(labels.data(), Shape{2, 6}));
     const float lg = gpuLoss->forward(gpu.forward(dTokens.data(), 2, true),
                                       TensorView::of(reinterpret_cast<int32_t*>(dLabels.data()), Shape{2, 6}, kGpu));
@@ -153,7 +167,7 @@ TEST_CASE("a small CNN (conv, maxpool, dropout, linear) trains alike on both dev
   auto cpuOpt = Optimizer::create(os, cpu.numParams(), Device::cpu());
   auto gpuOpt = Optimizer::create(os, gpu.numParams(), kGpu);
   for (uint64_t step = 0; step < 4; ++step) {
-    cpu.reseedDropout(step), gpu.reseedDropout(step);
+    cpu.reseedDropout(step, 0), gpu.reseedDropout(step, 0);
     const float lc = cpuLoss->forward(cpu.forward(x.data(), 4, true), TensorView::i64(labels.data(), Shape{4}));
     const float lg = gpuLoss->forward(gpu.forward(dX.data(), 4, true),
                                       TensorView::of(reinterpret_cast<int64_t*>(dLabels.data()), Shape{4}, kGpu));

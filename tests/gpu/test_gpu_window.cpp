@@ -282,13 +282,13 @@ TEST_CASE("the CUDA dropout kernels compute the CPU layers' masks (dropout, atte
     const nn::LayerSpec drop = parseLayer(layer, {50});
     auto cpu = nn::makeLayer(drop, {.device = Device::cpu(), .maxBatch = 3, .seed = 17});
     nn::detail::DropoutStream stream(drop.seed, drop.index);
-    stream.reseed(17);
+    stream.reseed(17, 0);
     const float scale = drop.p >= 1.0 ? 0.0f : static_cast<float>(1.0 / (1.0 - drop.p));
     for (int step = 0; step < 4; ++step) {
       CAPTURE(step);
       if (step == 2) {  // a pinned stream ignores it
-        cpu->reseed(5);
-        stream.reseed(5);
+        cpu->reseed(5, 0);
+        stream.reseed(5, 0);
       }
       const int batch = step == 1 ? 2 : 3;  // 2 x 50 = 100 elements, 3 x 50 = 150 (not a whole block)
       std::vector<float> x = randomVector(static_cast<size_t>(batch) * 50, 5 + static_cast<uint32_t>(step));
@@ -323,7 +323,7 @@ TEST_CASE("the CUDA dropout kernels compute the CPU layers' masks (dropout, atte
   std::vector<float> ax = randomVector(static_cast<size_t>(batch * t * c), 6), ay(ax.size());
   cpuAttn->forward(ax.data(), ay.data(), static_cast<int>(batch), true);
   nn::detail::DropoutStream stream(std::nullopt, attn.index);
-  stream.reseed(23);
+  stream.reseed(23, 0);
   const size_t square = static_cast<size_t>(heads * t * t);
   auto maskOf = [&](const gpu::DropoutDraw& draw) {
     std::vector<float> mask;

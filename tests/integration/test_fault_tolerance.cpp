@@ -56,6 +56,23 @@ TEST_CASE("SIGKILL of a worker mid-epoch: the job succeeds with weights bit-iden
   CHECK(readTensorsRaw(dir + "/clean/model.safetensors") == readTensorsRaw(dir + "/killed/model.safetensors"));
 }
 
+TEST_CASE("SIGKILL of a worker with a pinned-seed dropout layer: weights bit-identical to an uninterrupted run") {
+  // A dropout layer with its own "seed" draws from (that seed, step, micro-batch), the same on every rank: the
+  // resumed run drops what the uninterrupted one dropped (its masks used to run on from the model's build).
+  std::string dir = tempDir("killresume_pinned");
+  json job = smallJob();
+  job["model"]["layers"][2]["seed"] = 4;
+  writeFile(dir + "/job.json", job.dump());
+  auto clean = run(trainRun(dir + "/job.json", dir + "/clean"), {.timeout = 60s});
+  REQUIRE_MESSAGE(clean.exitCode == 0, clean.err);
+  auto killed = run(trainRun(dir + "/job.json", dir + "/killed"),
+                    {.timeout = 60s, .env = {{"DTRAIN_FAULT", "rank=1,step=7,action=kill"}}});
+  INFO(killed.out, killed.err);
+  REQUIRE(killed.exitCode == 0);
+  CHECK(killed.out.find("resumed from") != std::string::npos);
+  CHECK(readTensorsRaw(dir + "/clean/model.safetensors") == readTensorsRaw(dir + "/killed/model.safetensors"));
+}
+
 TEST_CASE("SIGKILL of a worker in a GPT run with attention and residual dropout: weights bit-identical") {
   // Attention dropout's masks (Philox counters, lib/gpu/philox.h) are keyed from (seed, rank, step, micro-batch)
   // like the dropout layers': the resumed run drops what the uninterrupted one dropped.

@@ -60,7 +60,7 @@ struct Harness {
   }
 
   double objective(bool train) {
-    if (reseed) impl->reseed(5);
+    if (reseed) impl->reseed(5, 0);
     impl->forward(x.data(), y.data(), batch, train);
     double s = 0;
     for (size_t i = 0; i < y.size(); ++i) s += static_cast<double>(y[i]) * r[i];

@@ -204,13 +204,13 @@ TEST_CASE("causal_self_attention dropout: on the probabilities in training only,
   drop.impl->forward(drop.x.data(), drop.y.data(), 2, false);
   CHECK(drop.y == plain.y);
   // Training: different outputs, a new mask each forward, the same mask after the same reseed.
-  drop.impl->reseed(42);
+  drop.impl->reseed(42, 0);
   drop.impl->forward(drop.x.data(), drop.y.data(), 2, true);
   const std::vector<float> first = drop.y;
   CHECK(first != plain.y);
   drop.impl->forward(drop.x.data(), drop.y.data(), 2, true);
   CHECK(drop.y != first);
-  drop.impl->reseed(42);
+  drop.impl->reseed(42, 0);
   drop.impl->forward(drop.x.data(), drop.y.data(), 2, true);
   CHECK(drop.y == first);
   // The first position attends to itself only: its output is the plain one, or the bias alone when dropped.

@@ -209,12 +209,14 @@ TEST_CASE("dropout in a model: active only in training, reseedable") {
   const auto eval1 = run(false);
   CHECK(run(false) == eval1);
   CHECK(run(true) != eval1);
-  m.reseedDropout(7);
+  m.reseedDropout(7, 0);
   const auto a = run(true);
-  m.reseedDropout(7);
+  m.reseedDropout(7, 0);
   CHECK(run(true) == a);
 
-  // A layer with its own "seed" ignores reseedDropout: its masks continue their own stream.
+  // A layer with its own "seed" ignores the seeds (build and reseed: every rank, any job seed draws the same
+  // masks) and follows the reseed's position (the trainer's step and micro-batch): the same position repeats its
+  // masks, which is how a resumed run continues bit for bit.
   Model pinned = Model::build(spec({50}, R"([{"type": "dropout", "p": 0.5, "seed": 3}])"), 1, 1);
   Model twin = Model::build(pinned.spec(), 1, 99);  // another build seed: same masks
   auto mask = [&](Model& model) {
@@ -223,8 +225,18 @@ TEST_CASE("dropout in a model: active only in training, reseedable") {
   };
   const auto first = mask(pinned);
   CHECK(mask(twin) == first);
-  pinned.reseedDropout(5);
-  CHECK(mask(pinned) == mask(twin));  // both on their second mask
+  const auto second = mask(pinned);
+  CHECK(second != first);  // a second forward draws the stream's next elements
+  CHECK(mask(twin) == second);
+  pinned.reseedDropout(5, 8), twin.reseedDropout(6, 8);
+  const auto at8 = mask(pinned);
+  CHECK(mask(twin) == at8);
+  CHECK(at8 != first);
+  pinned.reseedDropout(5, 9);
+  CHECK(mask(pinned) != at8);
+  Model resumed = Model::build(pinned.spec(), 1, 7);  // a fresh build reseeded at position 8: position 8's masks
+  resumed.reseedDropout(1, 8);
+  CHECK(mask(resumed) == at8);
 }
 
 TEST_CASE("gradient modes and zeroGrad") {

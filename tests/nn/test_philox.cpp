@@ -159,7 +159,7 @@ TEST_CASE("the CPU's bulk form and the kernels' per-thread form are the rule at 
 
 TEST_CASE("DropoutStream: a reseed restarts the counters, draws advance by whole blocks, a pinned seed wins") {
   nn::detail::DropoutStream s(std::nullopt, 5);
-  s.reseed(9);
+  s.reseed(9, 0);
   const gpu::DropoutDraw a = s.next(10, 0.25, 2.0f), b = s.next(3, 0.25, 2.0f), c = s.next(1, 0.25, 2.0f);
   CHECK(a.key == nn::detail::mixSeed(9, 5));
   CHECK(a.offset == 0);
@@ -168,18 +168,26 @@ TEST_CASE("DropoutStream: a reseed restarts the counters, draws advance by whole
   CHECK(b.key == a.key);
   CHECK(a.threshold == gpu::dropoutThreshold(0.25));
   CHECK(a.scale == 2.0f);
-  s.reseed(9);
+  s.reseed(9, 0);
   CHECK(s.next(10, 0.25, 2.0f).offset == 0);
-  s.reseed(10);
+  s.reseed(10, 0);
   CHECK(s.next(1, 0.25, 2.0f).key == nn::detail::mixSeed(10, 5));
 
+  // A pinned seed: keyed by it, the position and the index, whatever the reseed's seed (every rank alike); the
+  // same position repeats the masks (a resumed run reseeds at the step it resumes from), another moves them.
   nn::detail::DropoutStream pinned(uint64_t{3}, 5);
-  pinned.reseed(100);  // the construction: keyed by the pinned seed
-  CHECK(pinned.next(8, 0.5, 2.0f).key == nn::detail::mixSeed(3, 5));
-  pinned.reseed(200);  // ignored: the masks continue
-  const gpu::DropoutDraw later = pinned.next(8, 0.5, 2.0f);
-  CHECK(later.key == nn::detail::mixSeed(3, 5));
-  CHECK(later.offset == 8);
+  pinned.reseed(100, 0);  // the construction
+  CHECK(pinned.next(8, 0.5, 2.0f).key == nn::detail::mixSeed(nn::detail::mixSeed(3, 0), 5));
+  CHECK(pinned.next(8, 0.5, 2.0f).offset == 8);  // the masks continue between reseeds
+  pinned.reseed(200, 41);
+  const gpu::DropoutDraw at41 = pinned.next(8, 0.5, 2.0f);
+  CHECK(at41.key == nn::detail::mixSeed(nn::detail::mixSeed(3, 41), 5));
+  CHECK(at41.offset == 0);
+  nn::detail::DropoutStream otherRank(uint64_t{3}, 5);
+  otherRank.reseed(999, 41);
+  CHECK(otherRank.next(8, 0.5, 2.0f).key == at41.key);
+  otherRank.reseed(999, 42);
+  CHECK(otherRank.next(8, 0.5, 2.0f).key != at41.key);
 }
 
 TEST_CASE("the CPU dropout layers' masks are the rule's for the documented element numbering") {
@@ -211,7 +219,7 @@ TEST_CASE("the CPU dropout layers' masks are the rule's for the documented eleme
   std::vector<float> ax(static_cast<size_t>(batch * t * c), 0.0f), ay(ax.size());
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t j = 0; j < t; ++j) ax[static_cast<size_t>((b * t + j) * c + j % c)] = 1.0f;
-  a->reseed(77);
+  a->reseed(77, 0);
   a->forward(ax.data(), ay.data(), static_cast<int>(batch), true);
   const uint64_t akey = nn::detail::mixSeed(77, static_cast<uint64_t>(attn.index));
   const uint32_t threshold = gpu::dropoutThreshold(0.5);

@@ -154,11 +154,11 @@ class CausalSelfAttention final : public Layer {
     } else {
       own_ = DeviceFloats((fused_ ? 0 : 2 * square()) + backwardOnly, build.device);
     }
-    reseed(build.seed);
+    reseed(build.seed, 0);
   }
 
   // The CPU layer's stream (layers_attention.cpp): restarted by every reseed.
-  void reseed(uint64_t seed) override { stream_.reseed(seed); }
+  void reseed(uint64_t seed, uint64_t position) override { stream_.reseed(seed, position); }
 
   void bind(float* params, float* grads) override {
     wAttn_ = params, gwAttn_ = grads;
@@ -355,8 +355,8 @@ class Block final : public Layer {
   }
 
   // The CPU block's rule (layers_gpt.cpp): children reseeded from the block's index.
-  void reseed(uint64_t seed) override {
-    for (auto& c : children_) c->reseed(detail::mixSeed(seed, static_cast<uint64_t>(spec().index) + 1000));
+  void reseed(uint64_t seed, uint64_t position) override {
+    for (auto& c : children_) c->reseed(detail::mixSeed(seed, static_cast<uint64_t>(spec().index) + 1000), position);
   }
 
   void forward(const float* x, float* y, int batch, bool train) override {

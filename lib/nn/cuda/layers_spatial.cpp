@@ -107,11 +107,11 @@ class Dropout final : public Layer {
  public:
   Dropout(const LayerSpec& spec, const LayerBuild& build)
       : Layer(spec, build.device), numel_(sz(spec.input.numel())), stream_(spec.seed, spec.index) {
-    reseed(build.seed);
+    reseed(build.seed, 0);
   }
 
-  // The CPU layer's rule: a seed fixed in the spec keys the stream once; otherwise every reseed restarts it.
-  void reseed(uint64_t seed) override { stream_.reseed(seed); }
+  // The CPU layer's rule (dropout_mask.h DropoutStream): a seed fixed in the spec wins over `seed`.
+  void reseed(uint64_t seed, uint64_t position) override { stream_.reseed(seed, position); }
 
   void forward(const float* x, float* y, int batch, bool train) override {
     const size_t n = sz(batch) * numel_;

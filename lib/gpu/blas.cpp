@@ -145,18 +145,32 @@ bool bf16() noexcept { return gBf16.load(); }
 
 cublasOperation_t opOf(bool trans) { return trans ? CUBLAS_OP_T : CUBLAS_OP_N; }
 
-void gemm(bool transA, bool transB, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+namespace {
+
+void gemmWith(bool transA, bool transB, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+              const float* b, int64_t ldb, float beta, float* c, int64_t ldc, bool allowBf16) {
   if (m == 0 || n == 0) return;
   const RowMajorGemm g{.transA = transA, .transB = transB, .m = m, .n = n, .k = k, .lda = lda, .ldb = ldb, .ldc = ldc};
   const ColumnMajorGemm cm = checkedArgs(g);
   cublasHandle_t h = handleFor(currentDevice());
-  const Operands op = operands(g, a, b);
+  const Operands op = allowBf16 ? operands(g, a, b) : Operands{a, b, CUDA_R_32F, computeType()};
   // Row-major C = op(A) op(B)  <=>  column-major C^T = op(B)^T op(A)^T: B first, dimensions n x m (gemm_args.h).
   DTRAIN_CUBLAS_CHECK(cublas().gemmEx(h, opOf(cm.transFirst), opOf(cm.transSecond), static_cast<int>(cm.m),
                                       static_cast<int>(cm.n), static_cast<int>(cm.k), &alpha, op.b, op.type,
                                       static_cast<int>(cm.ldFirst), op.a, op.type, static_cast<int>(cm.ldSecond), &beta,
                                       c, CUDA_R_32F, static_cast<int>(cm.ldc), op.compute, CUBLAS_GEMM_DEFAULT));
+}
+
+}  // namespace
+
+void gemm(bool transA, bool transB, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  gemmWith(transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, /*allowBf16=*/true);
+}
+
+void gemmFloat32(bool transA, bool transB, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                 const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  gemmWith(transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, /*allowBf16=*/false);
 }
 
 void gemmBatched(bool transA, bool transB, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,

@@ -35,6 +35,12 @@ bool bf16() noexcept;
 void gemm(bool transA, bool transB, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
           const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
 
+// gemm with float32 operands whatever bf16() says (TF32 as tf32()): for products outside the layers that
+// "precision": "bf16" does not cover (PowerSGD's factors, lib/nn/powersgd_ops.h, as PyTorch's comm hooks run
+// outside autocast).
+void gemmFloat32(bool transA, bool transB, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                 const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
+
 void gemmBatched(bool transA, bool transB, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
                  int64_t strideA, const float* b, int64_t ldb, int64_t strideB, float beta, float* c, int64_t ldc,
                  int64_t strideC, int64_t batch);

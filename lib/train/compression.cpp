@@ -172,6 +172,13 @@ uint64_t compressionBufferBytes(const CompressionSettings& c, const std::vector<
   return 0;
 }
 
+bool stagedThroughHost(CompressionSettings::Type type) { return type == CompressionSettings::Type::kTopK; }
+
+std::string gpuCompressionPath(CompressionSettings::Type type) {
+  return stagedThroughHost(type) ? "on the GPU's buckets staged through host memory (the CPU hook over the CPU group)"
+                                 : "on the GPU (kernels, cuBLAS, NCCL; no host copies)";
+}
+
 CommHookPtr makeCompressionHook(const CompressionSettings& c, uint64_t seed) {
   switch (c.type) {
     case CompressionSettings::Type::kFp16:

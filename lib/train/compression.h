@@ -85,6 +85,14 @@ uint64_t compressionBufferBytes(const CompressionSettings& c, const std::vector<
 // The parameters of a model spec in arena order (names, shapes, offsets), without building the model.
 std::vector<GradParam> paramsOfSpec(const nn::ModelSpec& model);
 
+// Where a hook of this type computes with "device": "cuda" (docs/gpu.md, docs/compression.md "On a GPU"): fp16/bf16
+// and PowerSGD on the device (kernels, cuBLAS, NCCL on device buffers); top-k on host copies of the buckets
+// (CompressionHook's host staging: the CPU hook over the CPU group). The rule the hooks follow (keepsHostState),
+// stated once for the log line and `dtrain check`.
+bool stagedThroughHost(CompressionSettings::Type type);
+// "on the GPU" or "on the GPU's buckets staged through host memory", for the log line of a cuda job.
+std::string gpuCompressionPath(CompressionSettings::Type type);
+
 // The hook for `c` (seed: PowerSGD's initial Q, equal on every rank).
 CommHookPtr makeCompressionHook(const CompressionSettings& c, uint64_t seed = 0);
 

@@ -15,6 +15,7 @@
 
 #include "lib/nn/device.h"
 #include "lib/nn/host_staging.h"
+#include "lib/nn/powersgd_ops.h"
 #include "lib/train/compression.h"
 
 namespace dtrain::train {
@@ -55,18 +56,20 @@ double topKDensity(const CompressionSettings& c, int64_t compressedStep);
 // What every compression hook shares: bind(), the start_step switch (plain averaging all-reduce before it),
 // the step count (checkpointed), the traffic counters, and host staging for GPU buckets.
 //
-// Host staging (top-k and PowerSGD with "device": "cuda"; docs/gpu.md, docs/compression.md): those hooks compute on
-// host buffers (their state, the selection, the factor products are the CPU code), so for a GPU arena bind() makes a
-// host copy of the arena (nn::HostStaging: pinned memory, a copy stream) and the hook runs unchanged on it, over the
-// layout's hostGroup (the CPU group beside nccl) instead of the nccl data group:
+// Host staging (top-k with "device": "cuda"; docs/gpu.md, docs/compression.md; which hooks: compression.h's
+// stagedThroughHost, the one rule): a hook that computes on host buffers (top-k: its state and selection are the
+// CPU code) gets, for a GPU arena, a host copy of the arena from bind() (nn::HostStaging: pinned memory, a copy
+// stream) and runs unchanged on it, over the layout's hostGroup (the CPU group beside nccl) instead of the nccl data
+// group. fp16/bf16 and PowerSGD run on the device instead (CastHook, PowerSgdHook); stageOnHost() still stages any
+// hook bound to a CPU arena (tests):
 //   start(bucket)   enqueues the bucket's download (device -> pinned host, on the copy stream after the compute
 //                   stream's kernels that wrote it) and returns; the host does not wait, so backward's kernels keep
 //                   being enqueued
 //   wait()          of any staged bucket first begins, in start order, every staged bucket not begun yet: waits for
 //                   its download, then the CPU hook's own start() on the host slice over hostGroup (the selection or
 //                   P = M Q, then the asynchronous collective). Then it waits for its own bucket's collective (and
-//                   finishing: PowerSGD's Q round) and enqueues the upload of the result into the device slice on
-//                   the compute stream, before the optimizer's kernels.
+//                   finishing: PowerSGD's Q round, when staged) and enqueues the upload of the result into the device
+//                   slice on the compute stream, before the optimizer's kernels.
 // The host collectives are therefore issued in the same order on every rank whatever the GPU's timing (all
 // starts in bucket order, then the finishing rounds in wait order, as on the CPU), and the values, the state and
 // the checkpointed state are the CPU hook's bit for bit. Steps before start_step that keep no host state (the
@@ -92,9 +95,9 @@ class CompressionHook : public CommHook {
   bool staged() const { return staging_ != nullptr; }
 
  protected:
-  // Whether the hook computes on host buffers (top-k, PowerSGD: staged on a GPU); false: it runs where the bucket
-  // lives (fp16/bf16 casts have device kernels).
-  virtual bool keepsHostState() const { return true; }
+  // Whether the hook computes on host buffers (top-k: staged on a GPU); false: it runs where the bucket lives
+  // (fp16/bf16 casts and PowerSGD have device kernels). compression.h's stagedThroughHost.
+  bool keepsHostState() const { return stagedThroughHost(settings_.type); }
   // Whether plain() (before start_step) touches host state: then it is staged too on a GPU.
   virtual bool plainOnHost() const { return false; }
   // Starts compressing and communicating a bucket once step >= start_step.
@@ -139,7 +142,6 @@ class CastHook final : public CompressionHook {
 
  protected:
   comm::WorkPtr compress(const GradBucket& bucket, comm::Backend& group) override;
-  bool keepsHostState() const override { return false; }
 
  private:
   std::vector<uint16_t> half_;  // arena-sized, allocated at the first CPU bucket
@@ -180,14 +182,23 @@ class TopKHook final : public CompressionHook {
   std::map<std::pair<size_t, size_t>, Buffers> buffers_;  // per bucket (offset, count)
 };
 
-// PowerSGD with warm start and error feedback.
+// PowerSGD with warm start and error feedback, where the arena lives: its buffers (P, Q, the vectors, the residual
+// and the copy of g + e) and every operation on them are nn::PowerSgdOps on the arena's device (loops on the CPU;
+// cuBLAS, kernels and NCCL on the device buffers on a GPU: nothing staged through host memory), so a GPU job runs the
+// CPU hook's algorithm with its state, options and checkpoint files (lib/nn/powersgd_ops.h says what is bit for bit).
 class PowerSgdHook final : public CompressionHook {
  public:
   PowerSgdHook(CompressionSettings settings, uint64_t seed) : CompressionHook(settings), seed_(seed) {}
   const PowerSgdPlan& plan() const { return plan_; }
-  std::span<const float> q() const { return q_; }
-  std::span<const float> residual() const { return residual_; }
+  // Q and the residual as the checkpoint sees them: the buffers themselves on the CPU; on a GPU host copies, taken
+  // by stateBuffers().
+  std::span<const float> q() const;
+  std::span<const float> residual() const;
   void stateLoaded(bool sameWorld) override;
+  // Runs on `ops` instead of the arena device's (after bind(); state and buffers start afresh): tests pass a CPU
+  // stand-in that keeps its buffers away from the host (hostMemory() false), as a GPU does.
+  void useOps(std::unique_ptr<nn::PowerSgdOps> ops);
+  const nn::PowerSgdOps& ops() const { return *ops_; }
 
  protected:
   comm::WorkPtr compress(const GradBucket& bucket, comm::Backend& group) override;
@@ -196,13 +207,17 @@ class PowerSgdHook final : public CompressionHook {
 
  private:
   void initQ(size_t entry);  // Q of one entry from N(0, 1), the same on every rank
+  nn::LowRankFactors factors(size_t entry, float* bucket, size_t bucketOffset);
   void finish(const GradBucket& bucket, comm::Backend& group, size_t first, size_t last);
 
   uint64_t seed_;
   PowerSgdPlan plan_;
-  std::vector<float> p_, q_, vectors_;
-  std::vector<float> residual_;  // arena-sized (error feedback)
-  std::vector<float> input_;     // arena-sized copy of g + e before decompression (error feedback)
+  std::unique_ptr<nn::PowerSgdOps> ops_;
+  nn::DeviceFloats p_, q_, vectors_;
+  nn::DeviceFloats residual_;  // arena-sized (error feedback)
+  nn::DeviceFloats input_;     // arena-sized copy of g + e before decompression (error feedback)
+  std::vector<float> qHost_, residualHost_;  // the checkpoint's copies when the buffers are not host memory
+  std::vector<float> initial_;               // one entry's initial Q, drawn on the host
 };
 
 }  // namespace dtrain::train

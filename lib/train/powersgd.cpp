@@ -10,53 +10,19 @@
 //   e = (g + e) - M~    (what this rank's gradient lost; the whole bucket, vectors included, as PyTorch)
 // The first step runs when the bucket starts (start()), the rest when the strategy waits for it (wait()).
 // Factors are stored transposed (r x rows, r x cols) so that every product below walks contiguous rows.
+//
+// Every operation on the buffers goes through nn::PowerSgdOps (lib/nn/powersgd_ops.h) on the arena's device: loops
+// on the CPU, kernels and cuBLAS on a GPU, where the collectives are NCCL's on the device buffers (ordered after the
+// kernels that wrote them by the communicator's events; the kernels after them are enqueued once the host waited
+// for them). The host touches the buffers only through the ops (finiteness checks, Q's initial values, checkpoints).
 #include <algorithm>
 #include <cmath>
 #include <random>
 
 #include "lib/common/error.h"
-#include "lib/nn/optimizer.h"
 #include "lib/train/compression_hooks.h"
 
 namespace dtrain::train {
-
-namespace {
-
-// PyTorch's orthogonalization_epsilon: keeps a zero column (a layer without gradient) zero instead of NaN.
-constexpr double kOrthoEpsilon = 1e-8;
-
-// Gram-Schmidt over the r rows (length `len`) of `pt`: each row normalised, then removed from the later ones.
-void orthogonalise(float* pt, int r, int64_t len) {
-  const auto n = static_cast<size_t>(len);
-  for (int c = 0; c < r; ++c) {
-    float* col = pt + static_cast<size_t>(c) * n;
-    double norm = 0;
-    for (size_t i = 0; i < n; ++i) norm += static_cast<double>(col[i]) * col[i];
-    const auto inv = static_cast<float>(1.0 / (std::sqrt(norm) + kOrthoEpsilon));
-    for (size_t i = 0; i < n; ++i) col[i] *= inv;
-    for (int d = c + 1; d < r; ++d) {
-      float* rest = pt + static_cast<size_t>(d) * n;
-      double dot = 0;
-      for (size_t i = 0; i < n; ++i) dot += static_cast<double>(col[i]) * rest[i];
-      const auto f = static_cast<float>(dot);
-      for (size_t i = 0; i < n; ++i) rest[i] -= f * col[i];
-    }
-  }
-}
-
-// A dot product in 8 independent partial sums (then added in a fixed order): the compiler vectorises it
-// without reassociating anything, and every rank computes it the same way.
-float dot(const float* a, const float* b, size_t n) {
-  float part[8] = {};
-  size_t j = 0;
-  for (; j + 8 <= n; j += 8)
-    for (size_t l = 0; l < 8; ++l) part[l] += a[j + l] * b[j + l];
-  float sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-  for (; j < n; ++j) sum += a[j] * b[j];
-  return sum;
-}
-
-}  // namespace
 
 PowerSgdPlan planPowerSgd(const std::vector<GradParam>& params, int rank) {
   PowerSgdPlan plan;
@@ -84,18 +50,30 @@ PowerSgdPlan planPowerSgd(const std::vector<GradParam>& params, int rank) {
   return plan;
 }
 
-void PowerSgdHook::allocate() {
+void PowerSgdHook::allocate() { useOps(nn::makePowerSgdOps(layout_.device)); }
+
+void PowerSgdHook::useOps(std::unique_ptr<nn::PowerSgdOps> ops) {
+  DTRAIN_CHECK(bound_ && ops != nullptr, "powersgd: useOps() before bind() or without operations");
+  ops_ = std::move(ops);
   std::vector<GradParam> params = layout_.params;
   // A strategy that names no parameters: the arena is one vector (sent uncompressed).
   if (params.empty() && layout_.arenaSize > 0)
     params.push_back({"arena", Shape{static_cast<int64_t>(layout_.arenaSize)}, 0, layout_.arenaSize});
   plan_ = planPowerSgd(params, settings_.rank);
-  p_.assign(plan_.pSize, 0.0f);
-  q_.assign(plan_.qSize, 0.0f);
-  vectors_.assign(plan_.vectorSize, 0.0f);
+  p_ = ops_->allocate(plan_.pSize);
+  q_ = ops_->allocate(plan_.qSize);
+  vectors_ = ops_->allocate(plan_.vectorSize);
+  const size_t feedback = settings_.errorFeedback ? layout_.arenaSize : 0;
+  residual_ = ops_->allocate(feedback);
+  input_ = ops_->allocate(feedback);
+  if (!ops_->hostMemory()) {
+    qHost_.assign(plan_.qSize, 0.0f);
+    residualHost_.assign(feedback, 0.0f);
+  } else {
+    qHost_.clear();
+    residualHost_.clear();
+  }
   for (size_t e = 0; e < plan_.entries.size(); ++e) initQ(e);
-  residual_.assign(settings_.errorFeedback ? layout_.arenaSize : 0, 0.0f);
-  input_.assign(settings_.errorFeedback ? layout_.arenaSize : 0, 0.0f);
 }
 
 void PowerSgdHook::initQ(size_t entry) {
@@ -103,23 +81,50 @@ void PowerSgdHook::initQ(size_t entry) {
   if (!e.compressed) return;
   std::mt19937_64 gen(seed_ * 0x9E3779B97F4A7C15ull + entry);
   std::normal_distribution<float> normal(0.0f, 1.0f);
-  float* q = q_.data() + e.qOff;
-  for (size_t i = 0; i < static_cast<size_t>(e.rank * e.cols); ++i) q[i] = normal(gen);
+  const auto count = static_cast<size_t>(e.rank * e.cols);
+  initial_.resize(count);
+  for (size_t i = 0; i < count; ++i) initial_[i] = normal(gen);
+  ops_->toDevice(q_.data() + e.qOff, initial_.data(), count);
+}
+
+std::span<const float> PowerSgdHook::q() const {
+  return ops_->hostMemory() ? q_.span() : std::span<const float>(qHost_);
+}
+
+std::span<const float> PowerSgdHook::residual() const {
+  return ops_->hostMemory() ? residual_.span() : std::span<const float>(residualHost_);
 }
 
 void PowerSgdHook::addState(std::vector<HookState>& out) {
-  out.push_back({"powersgd.q", TensorView::flat(q_.data(), q_.size())});
-  if (settings_.errorFeedback)
-    out.push_back({"powersgd.residual", TensorView::flat(residual_.data(), residual_.size())});
+  if (!ops_->hostMemory()) {  // the checkpoint reads host copies, taken now
+    ops_->toHost(qHost_.data(), q_.data(), qHost_.size());
+    ops_->toHost(residualHost_.data(), residual_.data(), residualHost_.size());
+  }
+  auto view = [](std::span<const float> s) { return TensorView::flat(const_cast<float*>(s.data()), s.size()); };
+  out.push_back({"powersgd.q", view(q())});
+  if (settings_.errorFeedback) out.push_back({"powersgd.residual", view(residual())});
 }
 
 void PowerSgdHook::stateLoaded(bool sameWorld) {
+  if (!ops_->hostMemory()) {  // the checkpoint wrote the host copies
+    ops_->toDevice(q_.data(), qHost_.data(), qHost_.size());
+    ops_->toDevice(residual_.data(), residualHost_.data(), residualHost_.size());
+  }
   // Q is the same on every rank and carries over; residuals were other ranks' in another world.
-  if (!sameWorld) std::fill(residual_.begin(), residual_.end(), 0.0f);
+  if (!sameWorld) residual_.zero();
+}
+
+nn::LowRankFactors PowerSgdHook::factors(size_t entry, float* bucket, size_t bucketOffset) {
+  const auto& e = plan_.entries[entry];
+  return {.m = bucket + (e.offset - bucketOffset), .pt = p_.data() + e.pOff, .qt = q_.data() + e.qOff,
+          .rows = e.rows, .cols = e.cols, .rank = e.rank};
 }
 
 comm::WorkPtr PowerSgdHook::compress(const GradBucket& bucket, comm::Backend& group) {
   const size_t n = static_cast<size_t>(bucket.grads.numel());
+  DTRAIN_CHECK(bucket.grads.device == ops_->device(),
+               "powersgd: bucket {} lives on {}, but the hook's buffers on {} (bind() saw another device)",
+               bucket.index, bucket.grads.device.str(), ops_->device().str());
   float* g = bucket.grads.as<float>();
   const auto& entries = plan_.entries;
   auto at = [&](size_t offset) {
@@ -130,35 +135,26 @@ comm::WorkPtr PowerSgdHook::compress(const GradBucket& bucket, comm::Backend& gr
   const size_t first = at(bucket.offset), last = at(bucket.offset + n);
   DTRAIN_CHECK(first < entries.size() && entries[first].offset == bucket.offset && first < last,
                "powersgd: bucket {} at arena offset {} does not start at a parameter", bucket.index, bucket.offset);
-  if (settings_.errorFeedback) {
-    const float* e = residual_.data() + bucket.offset;
-    for (size_t i = 0; i < n; ++i) g[i] += e[i];
-    std::copy(g, g + n, input_.data() + bucket.offset);
-  }
+  if (settings_.errorFeedback)
+    ops_->accumulate(g, residual_.data() + bucket.offset, input_.data() + bucket.offset, n);
   // P = M Q per matrix; vectors packed for the uncompressed all-reduce.
   for (size_t k = first; k < last; ++k) {
     const auto& e = entries[k];
-    const float* m = g + (e.offset - bucket.offset);
-    if (!e.compressed) {
-      std::copy(m, m + e.count, vectors_.data() + e.vOff);
-      continue;
-    }
-    const auto rows = static_cast<size_t>(e.rows), cols = static_cast<size_t>(e.cols);
-    float* pt = p_.data() + e.pOff;
-    const float* qt = q_.data() + e.qOff;
-    for (size_t i = 0; i < rows; ++i) {
-      const float* row = m + i * cols;
-      for (int c = 0; c < e.rank; ++c) pt[static_cast<size_t>(c) * rows + i] = dot(row, qt + static_cast<size_t>(c) * cols, cols);
-    }
+    if (e.compressed)
+      ops_->project(factors(k, g, bucket.offset));
+    else
+      ops_->copy(vectors_.data() + e.vOff, g + (e.offset - bucket.offset), e.count);
   }
   auto end = [&](size_t PowerSgdPlan::Entry::*off, size_t total) { return last < entries.size() ? entries[last].*off : total; };
   const size_t v0 = entries[first].vOff, v1 = end(&PowerSgdPlan::Entry::vOff, plan_.vectorSize);
   const size_t p0 = entries[first].pOff, p1 = end(&PowerSgdPlan::Entry::pOff, plan_.pSize);
   const size_t q0 = entries[first].qOff, q1 = end(&PowerSgdPlan::Entry::qOff, plan_.qSize);
   const int ranks = group.size();
+  const Device device = ops_->device();
+  auto view = [device](float* p, size_t n) { return TensorView::flat(p, n, DType::kFloat32, device); };
   sent(allreduceWireBytes((v1 - v0 + p1 - p0 + q1 - q0) * sizeof(float), ranks));
-  auto vectors = group.allreduceAsync(TensorView::flat(vectors_.data() + v0, v1 - v0), comm::ReduceOp::kAvg);
-  auto ps = group.allreduceAsync(TensorView::flat(p_.data() + p0, p1 - p0), comm::ReduceOp::kSum);
+  auto vectors = group.allreduceAsync(view(vectors_.data() + v0, v1 - v0), comm::ReduceOp::kAvg);
+  auto ps = group.allreduceAsync(view(p_.data() + p0, p1 - p0), comm::ReduceOp::kSum);
   return thenWork(std::move(ps), [this, vectors, bucket, &group, first, last] {
     vectors->wait();
     finish(bucket, group, first, last);
@@ -169,59 +165,31 @@ void PowerSgdHook::finish(const GradBucket& bucket, comm::Backend& group, size_t
   const size_t n = static_cast<size_t>(bucket.grads.numel());
   float* g = bucket.grads.as<float>();
   const auto& entries = plan_.entries;
+  const Device device = ops_->device();
   // Q = M^T P after orthogonalising P.
   for (size_t k = first; k < last; ++k) {
-    const auto& e = entries[k];
-    if (!e.compressed) continue;
-    const auto rows = static_cast<size_t>(e.rows), cols = static_cast<size_t>(e.cols);
-    const float* m = g + (e.offset - bucket.offset);
-    float* pt = p_.data() + e.pOff;
-    float* qt = q_.data() + e.qOff;
-    orthogonalise(pt, e.rank, e.rows);
-    std::fill(qt, qt + static_cast<size_t>(e.rank) * cols, 0.0f);
-    for (size_t i = 0; i < rows; ++i) {
-      const float* row = m + i * cols;
-      for (int c = 0; c < e.rank; ++c) {
-        const float a = pt[static_cast<size_t>(c) * rows + i];
-        float* qc = qt + static_cast<size_t>(c) * cols;
-        for (size_t j = 0; j < cols; ++j) qc[j] += a * row[j];
-      }
-    }
+    if (!entries[k].compressed) continue;
+    const nn::LowRankFactors f = factors(k, g, bucket.offset);
+    ops_->orthogonalise(f.pt, f.rank, f.rows);
+    ops_->backProject(f);
   }
   const size_t q0 = entries[first].qOff, q1 = last < entries.size() ? entries[last].qOff : plan_.qSize;
-  group.allreduce(TensorView::flat(q_.data() + q0, q1 - q0), comm::ReduceOp::kSum);
-  const auto size = static_cast<float>(group.size());
-  for (size_t i = q0; i < q1; ++i) q_[i] /= size;
+  group.allreduce(TensorView::flat(q_.data() + q0, q1 - q0, DType::kFloat32, device), comm::ReduceOp::kSum);
+  ops_->divide(q_.data() + q0, q1 - q0, static_cast<float>(group.size()));
   // M ~ P Q^T; vectors back in place.
   for (size_t k = first; k < last; ++k) {
     const auto& e = entries[k];
-    float* m = g + (e.offset - bucket.offset);
-    if (!e.compressed) {
-      std::copy(vectors_.data() + e.vOff, vectors_.data() + e.vOff + e.count, m);
-      continue;
-    }
-    const auto rows = static_cast<size_t>(e.rows), cols = static_cast<size_t>(e.cols);
-    const float* pt = p_.data() + e.pOff;
-    const float* qt = q_.data() + e.qOff;
-    for (size_t i = 0; i < rows; ++i) {
-      float* row = m + i * cols;
-      std::fill(row, row + cols, 0.0f);
-      for (int c = 0; c < e.rank; ++c) {
-        const float a = pt[static_cast<size_t>(c) * rows + i];
-        const float* qc = qt + static_cast<size_t>(c) * cols;
-        for (size_t j = 0; j < cols; ++j) row[j] += a * qc[j];
-      }
-    }
+    if (e.compressed)
+      ops_->decompress(factors(k, g, bucket.offset));
+    else
+      ops_->copy(g + (e.offset - bucket.offset), vectors_.data() + e.vOff, e.count);
   }
   // The result is the same on every rank, so every rank takes the same branch. A non-finite step (some rank's
   // gradient was) keeps the residual of the step before and restarts Q, so later steps are not poisoned.
-  if (!nn::allFinite({q_.data() + q0, q1 - q0}))
+  if (!ops_->allFinite(q_.data() + q0, q1 - q0))
     for (size_t k = first; k < last; ++k) initQ(k);
-  if (settings_.errorFeedback && nn::allFinite({g, n})) {
-    float* e = residual_.data() + bucket.offset;
-    const float* in = input_.data() + bucket.offset;
-    for (size_t i = 0; i < n; ++i) e[i] = in[i] - g[i];
-  }
+  if (settings_.errorFeedback && ops_->allFinite(g, n))
+    ops_->residual(residual_.data() + bucket.offset, input_.data() + bucket.offset, g, n);
 }
 
 }  // namespace dtrain::train

@@ -236,10 +236,11 @@ void TrainLoop::setUp() {
                                 resumed_->savedWorldSize));
   if (job_.parallel.compression && commHook_) {
     const auto& c = *job_.parallel.compression;
-    progress_->info(fmt::format("gradient compression: {}{}{}{}{}", compressionTypeName(c.type),
+    progress_->info(fmt::format("gradient compression: {}{}{}{}{}{}", compressionTypeName(c.type),
                                 c.type == CompressionSettings::Type::kPowerSgd ? fmt::format(" rank {}", c.rank) : "",
                                 c.type == CompressionSettings::Type::kTopK ? fmt::format(" ratio {}", c.ratio) : "",
                                 c.localAdam ? fmt::format(", local Adam from step {}", c.startStep) : "",
+                                job_.device.isCuda() ? ", " + gpuCompressionPath(c.type) : "",
                                 resumed_ ? (hookStateLoaded ? std::string(", state resumed")
                                                             : hookFresh.empty() ? std::string(", fresh state")
                                                                                 : fmt::format(", fresh state ({})", hookFresh))

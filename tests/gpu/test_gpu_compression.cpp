@@ -2,8 +2,11 @@
 // - fp16/bf16: CastHook's device path over a one-rank nccl communicator casts a device bucket to 16 bits, all-reduces
 //   it in fp16/bf16 and casts it back on the device, giving exactly the CPU hook's rounding (one rank: the sum is the
 //   value; divided by 1).
-// - top-k and PowerSGD: device buckets go through the host staging (pinned copies down, the CPU hook over a CPU
-//   group, copies up): the results and the state equal the CPU hook's bit for bit (one rank, every option).
+// - top-k: device buckets go through the host staging (pinned copies down, the CPU hook over a CPU group, copies up):
+//   the results and the state equal the CPU hook's bit for bit (one rank, every option).
+// - PowerSGD on the device (cuBLAS, its kernels, NCCL on the device buffers; nothing staged): the Gram-Schmidt kernel
+//   equals the CPU's bit for bit, and the hook over 5 steps equals the CPU hook within float rounding (TF32 off);
+//   its state moves both ways between a GPU hook and a CPU hook (the checkpoint's views).
 // - With two or more GPUs: 2-rank `dtrain run` jobs with top-k and PowerSGD against the same jobs on the CPU, a
 //   bit-identical resume of the hook's state, and a GPU checkpoint (hook state included) resumed on the CPU.
 #include <doctest/doctest.h>
@@ -88,7 +91,7 @@ std::vector<float> gradient(size_t n, int step) {
 
 }  // namespace
 
-TEST_CASE("with a GPU: top-k and PowerSGD on device buckets (host staging) equal the CPU hook bit for bit") {
+TEST_CASE("with a GPU: top-k on device buckets (host staging) equals the CPU hook bit for bit") {
   auto store = rendezvous::MemoryStore::create();
   comm::BackendOptions o;
   o.store = store;
@@ -106,8 +109,6 @@ TEST_CASE("with a GPU: top-k and PowerSGD on device buckets (host staging) equal
                    .warmupSteps = 2, .localClipNorm = 0.5});
   cases.push_back({.type = Type::kTopK, .ratio = 0.1, .startStep = 2, .localAdam = true});
   cases.push_back({.type = Type::kTopK, .ratio = 0.1, .startStep = 1});  // its plain step: nccl
-  cases.push_back({.type = Type::kPowerSgd, .rank = 2, .startStep = 1});
-  cases.push_back({.type = Type::kPowerSgd, .rank = 1, .errorFeedback = false});
   const train::HookLayout layout = twoLayers();
   const size_t n = layout.arenaSize;
   for (size_t ci = 0; ci < cases.size(); ++ci) {
@@ -153,6 +154,114 @@ TEST_CASE("with a GPU: top-k and PowerSGD on device buckets (host staging) equal
       CHECK(std::memcmp(cs[b].view.data, gs[b].view.data, cs[b].view.bytes()) == 0);
     }
     CHECK(cpuHook->traffic()->bytesSent == gpuHook->traffic()->bytesSent);
+  }
+}
+
+TEST_CASE("with a GPU: PowerSGD's Gram-Schmidt kernel equals the CPU's bit for bit") {
+  auto gpu = nn::makePowerSgdOps(Device::cuda(0));
+  for (const auto& [rows, rank] : {std::pair<size_t, int>{7, 3}, {256, 4}, {3000, 8}, {50257, 2}}) {
+    CAPTURE(rows);
+    std::vector<float> p(rows * static_cast<size_t>(rank));
+    for (size_t i = 0; i < p.size(); ++i) p[i] = std::sin(0.11f * static_cast<float>(i)) * (1.0f + static_cast<float>(i % 7));
+    nn::DeviceFloats dev(p.size(), Device::cuda(0));
+    gpu->toDevice(dev.data(), p.data(), p.size());
+    gpu->orthogonalise(dev.data(), rank, static_cast<int64_t>(rows));
+    std::vector<float> back(p.size());
+    gpu->toHost(back.data(), dev.data(), back.size());
+    nn::gramSchmidt(p.data(), rank, rows);
+    CHECK(std::memcmp(back.data(), p.data(), p.size() * sizeof(float)) == 0);
+  }
+}
+
+TEST_CASE("with a GPU: PowerSGD on device buckets (cuBLAS, kernels, NCCL) equals the CPU hook within float rounding") {
+  auto store = rendezvous::MemoryStore::create();
+  comm::BackendOptions o;
+  o.store = store;
+  o.timeout = std::chrono::seconds(60);
+  o.groupName = "gpu-powersgd-cpu";
+  auto cpuGroup = comm::createBackend("tcp", o);
+  o.device = "cuda:0";
+  o.groupName = "gpu-powersgd-nccl";
+  auto nccl = comm::createBackend("nccl", o);
+  using Type = train::CompressionSettings::Type;
+  const train::CompressionSettings cases[] = {{.type = Type::kPowerSgd, .rank = 2, .startStep = 1},
+                                              {.type = Type::kPowerSgd, .rank = 1, .errorFeedback = false},
+                                              {.type = Type::kPowerSgd, .rank = 4}};
+  const train::HookLayout layout = twoLayers();
+  const size_t n = layout.arenaSize;
+  for (const auto& c : cases) {
+    CAPTURE(c.rank);
+    auto cpuHook = train::makeCompressionHook(c, 9);
+    cpuHook->bind(layout);
+    auto gpuHook = train::makeCompressionHook(c, 9);
+    train::HookLayout onGpu = layout;
+    onGpu.device = Device::cuda(0);
+    gpuHook->bind(onGpu);
+    REQUIRE(!dynamic_cast<train::CompressionHook&>(*gpuHook).staged());
+    REQUIRE(!dynamic_cast<train::PowerSgdHook&>(*gpuHook).ops().hostMemory());
+    nn::DeviceFloats dev(n, Device::cuda(0));
+    // Each step starts both hooks from the same gradient; the factors (Q, warm-started) and residuals drift apart by
+    // rounding only, which the tolerance bounds (values of order 1).
+    auto step = [&](train::CommHook& ch, train::CommHook& gh, int s, double& worst) {
+      std::vector<float> host = gradient(n, s);
+      nn::copyBytes(dev.data(), dev.device(), host.data(), Device::cpu(), n * sizeof(float));
+      const std::pair<size_t, size_t> buckets[] = {{1230, 620}, {0, 1230}};
+      std::vector<comm::WorkPtr> cpuWork, gpuWork;
+      for (size_t b = 0; b < 2; ++b) {
+        const auto [offset, count] = buckets[b];
+        const auto params = std::span<const train::GradParam>(layout.params).subspan(b == 0 ? 2 : 0, 2);
+        train::GradBucket hb{.index = b, .grads = TensorView::flat(host.data() + offset, count), .offset = offset,
+                             .layers = {}, .last = b == 1, .params = params};
+        train::GradBucket db = hb;
+        db.grads = TensorView::flat(dev.data() + offset, count, Device::cuda(0));
+        cpuWork.push_back(ch.start(hb, *cpuGroup));
+        gpuWork.push_back(gh.start(db, *nccl));
+      }
+      for (auto& w : cpuWork) w->wait();
+      for (auto& w : gpuWork) w->wait();
+      std::vector<float> back(n);
+      nn::copyBytes(back.data(), Device::cpu(), dev.data(), dev.device(), n * sizeof(float));
+      for (size_t i = 0; i < n; ++i) worst = std::max(worst, std::fabs(double(back[i]) - double(host[i])));
+    };
+    double worst = 0;
+    for (int s = 0; s < 5; ++s) step(*cpuHook, *gpuHook, s, worst);
+    MESSAGE("powersgd rank " << c.rank << ": max |g_cpu - g_gpu| over 5 steps " << worst);
+    CHECK(worst < 1e-4);
+    auto cs = cpuHook->stateBuffers();
+    auto gs = gpuHook->stateBuffers();
+    REQUIRE(cs.size() == gs.size());
+    for (size_t b = 0; b < cs.size(); ++b) {
+      CAPTURE(cs[b].name);
+      CHECK(cs[b].name == gs[b].name);
+      CHECK(gs[b].view.device.isCpu());  // checkpointed as the CPU's
+      REQUIRE(cs[b].view.bytes() == gs[b].view.bytes());
+      if (cs[b].view.dtype != DType::kFloat32) {
+        CHECK(std::memcmp(cs[b].view.data, gs[b].view.data, cs[b].view.bytes()) == 0);  // the step count
+        continue;
+      }
+      for (int64_t i = 0; i < cs[b].view.numel(); ++i)
+        CHECK(std::fabs(cs[b].view.as<float>()[i] - gs[b].view.as<float>()[i]) < 1e-3f);
+    }
+    CHECK(cpuHook->traffic()->bytesSent == gpuHook->traffic()->bytesSent);
+    // The checkpoint's move: the GPU hook's state into a fresh CPU hook and the CPU's into a fresh GPU hook; both pairs
+    // then continue within rounding.
+    auto load = [](train::CommHook& from, train::CommHook& into) {
+      auto src = from.stateBuffers();
+      auto dst = into.stateBuffers();
+      for (size_t i = 0; i < src.size(); ++i) std::memcpy(dst[i].view.data, src[i].view.data, src[i].view.bytes());
+      into.stateLoaded(true);
+    };
+    auto cpuFromGpu = train::makeCompressionHook(c, 1);
+    cpuFromGpu->bind(layout);
+    auto gpuFromCpu = train::makeCompressionHook(c, 1);
+    gpuFromCpu->bind(onGpu);
+    load(*gpuHook, *cpuFromGpu);
+    load(*cpuHook, *gpuFromCpu);
+    double moved = 0;
+    step(*cpuFromGpu, *gpuHook, 5, moved);
+    step(*cpuHook, *gpuFromCpu, 5, moved);
+    MESSAGE("powersgd rank " << c.rank << ": after moving the state, max difference " << moved);
+    CHECK(moved < 1e-4);
   }
 }
 

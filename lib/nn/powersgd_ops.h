@@ -1,0 +1,75 @@
+// The operations of PowerSGD gradient compression (lib/train's PowerSgdHook, lib/train/powersgd.cpp) on the
+// gradient arena's device, so that one hook runs on the CPU and on a GPU without host copies of the buckets:
+// loops on the CPU; cuBLAS GEMMs and kernels on a GPU (lib/gpu/kernels_powersgd.h), enqueued on the legacy default
+// stream where the layers compute, so NCCL's collectives on the hook's buffers are ordered after them by the
+// communicator's events (lib/comm/nccl) and the optimizer's kernels after them. lib/gpu/powersgd_math.h states
+// the arithmetic both sides share.
+//
+// Equality between the two: Gram-Schmidt (orthogonalise), error feedback (accumulate, residual), divide and copy
+// are the same operations in the same order on both (bit for bit on the same inputs); the three products (project,
+// backProject, decompress) are float32 GEMMs, cuBLAS's summation order on a GPU (TF32 when gpu::tf32() is on, never
+// bf16), so equal within float rounding (1e-5 relative for the sizes of tests/gpu with TF32 off).
+//
+// Pointers are the ops' device memory (allocate()); every call but allFinite, toDevice and toHost is asynchronous on
+// a GPU. Thread-safety: none (the trainer's thread). Errors: gpu::GpuError (CUDA/cuBLAS failures), NotBuiltError
+// (a GPU in a build without CUDA).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+#include "lib/common/tensor.h"
+#include "lib/nn/device.h"
+
+namespace dtrain::nn {
+
+// One compressed matrix: M [rows, cols] row-major (a parameter's gradient in its bucket), P^T [rank, rows] and
+// Q^T [rank, cols] row-major (the factors stored transposed: each factor column contiguous).
+struct LowRankFactors {
+  float* m = nullptr;
+  float* pt = nullptr;
+  float* qt = nullptr;
+  int64_t rows = 0, cols = 0;
+  int rank = 0;
+};
+
+class PowerSgdOps {
+ public:
+  virtual ~PowerSgdOps() = default;
+  // Where the buffers live and the operations run.
+  virtual Device device() const = 0;
+  // Whether the host may read and write the buffers directly (the CPU): the hook's checkpointed state then aliases
+  // them; otherwise it keeps host copies (toHost before a save, toDevice after a load).
+  virtual bool hostMemory() const = 0;
+  // n zeroed floats on device().
+  virtual DeviceFloats allocate(size_t n) = 0;
+  // Error feedback: g = g + e, in = g; and after decompressing, e = in - g.
+  virtual void accumulate(float* g, const float* e, float* in, size_t n) = 0;
+  virtual void residual(float* e, const float* in, const float* g, size_t n) = 0;
+  // dst = src (n floats, both on device()).
+  virtual void copy(float* dst, const float* src, size_t n) = 0;
+  // P = M Q; Q = M^T P; M = P Q^T (the whole M overwritten).
+  virtual void project(const LowRankFactors& f) = 0;
+  virtual void backProject(const LowRankFactors& f) = 0;
+  virtual void decompress(const LowRankFactors& f) = 0;
+  // Modified Gram-Schmidt over P's columns (the rank rows of pt, `rows` long): gramSchmidt below.
+  virtual void orthogonalise(float* pt, int rank, int64_t rows) = 0;
+  // x = x / divisor.
+  virtual void divide(float* x, size_t n, float divisor) = 0;
+  // Whether all n floats are finite (blocks on a GPU until the work enqueued before is done).
+  virtual bool allFinite(const float* x, size_t n) = 0;
+  // Host memory <-> the ops' memory, n floats; block until copied.
+  virtual void toDevice(float* dst, const float* host, size_t n) = 0;
+  virtual void toHost(float* host, const float* src, size_t n) = 0;
+};
+
+// The operations for an arena on `device`: loops on the CPU, kernels and cuBLAS on cuda:N (NotBuiltError without a
+// CUDA build).
+std::unique_ptr<PowerSgdOps> makePowerSgdOps(Device device);
+
+// Modified Gram-Schmidt over the r rows of pt (each `len` long), in place, in lib/gpu/powersgd_math.h's summation
+// order (the GPU kernel's, bit for bit): each row normalised (epsilon 1e-8), then removed from the later rows.
+void gramSchmidt(float* pt, int r, size_t len);
+
+}  // namespace dtrain::nn

@@ -1,0 +1,236 @@
+// PowerSGD's GPU path run on the CPU: the hook's operations (lib/nn/powersgd_ops.h) are a stand-in that computes
+// like the CPU's but keeps its buffers away from the host as a GPU does (hostMemory() false: the checkpointed state
+// goes through toHost/toDevice copies, every write of a buffer through an operation). Driven by DDP as a GPU job
+// drives it (its buckets, their order, overlap on and off) on 2 ranks, it must give the CPU hook's results, state
+// and traffic bit for bit; its state saved into a CPU hook (a GPU checkpoint resumed on the CPU) and the other way
+// round must continue bit for bit.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "lib/comm/registry.h"
+#include "lib/nn/model.h"
+#include "lib/nn/powersgd_ops.h"
+#include "lib/train/compression.h"
+#include "lib/train/compression_hooks.h"
+#include "lib/train/ddp.h"
+#include "rendezvous/memory_store.h"
+#include "tests/comm/comm_test_util.h"
+
+using namespace dtrain;
+using namespace dtrain::train;
+using nlohmann::json;
+
+namespace {
+
+// The CPU's operations behind a device's interface: buffers the host must not use directly, counted copies.
+class OffHostOps final : public nn::PowerSgdOps {
+ public:
+  Device device() const override { return Device::cpu(); }
+  bool hostMemory() const override { return false; }
+  nn::DeviceFloats allocate(size_t n) override { return cpu_->allocate(n); }
+  void accumulate(float* g, const float* e, float* in, size_t n) override { cpu_->accumulate(g, e, in, n); }
+  void residual(float* e, const float* in, const float* g, size_t n) override { cpu_->residual(e, in, g, n); }
+  void copy(float* dst, const float* src, size_t n) override { cpu_->copy(dst, src, n); }
+  void project(const nn::LowRankFactors& f) override { cpu_->project(f); }
+  void backProject(const nn::LowRankFactors& f) override { cpu_->backProject(f); }
+  void decompress(const nn::LowRankFactors& f) override { cpu_->decompress(f); }
+  void orthogonalise(float* pt, int rank, int64_t rows) override { cpu_->orthogonalise(pt, rank, rows); }
+  void divide(float* x, size_t n, float divisor) override { cpu_->divide(x, n, divisor); }
+  bool allFinite(const float* x, size_t n) override { return cpu_->allFinite(x, n); }
+  void toDevice(float* dst, const float* host, size_t n) override {
+    ++toDeviceCalls;
+    cpu_->toDevice(dst, host, n);
+  }
+  void toHost(float* host, const float* src, size_t n) override {
+    ++toHostCalls;
+    cpu_->toHost(host, src, n);
+  }
+  int toDeviceCalls = 0, toHostCalls = 0;
+
+ private:
+  std::unique_ptr<nn::PowerSgdOps> cpu_ = nn::makePowerSgdOps(Device::cpu());
+};
+
+bool sameBits(std::span<const float> a, std::span<const float> b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+std::vector<std::vector<float>> floatState(CommHook& hook) {
+  std::vector<std::vector<float>> out;
+  for (auto& s : hook.stateBuffers())
+    if (s.view.dtype == DType::kFloat32) out.emplace_back(s.view.as<float>(), s.view.as<float>() + s.view.numel());
+  return out;
+}
+
+struct RankResult {
+  std::vector<std::vector<float>> grads;  // per step, after the hook
+  std::vector<std::vector<float>> state;
+  HookTraffic traffic;
+  int toHost = 0;
+};
+
+constexpr int kRanks = 2, kBatch = 4, kSteps = 5;
+
+// kSteps DDP steps of a 3-layer MLP on 2 ranks (one bucket per layer with overlap, the whole arena without).
+std::vector<RankResult> runDdp(const CompressionSettings& c, bool overlap, bool offHost) {
+  auto spec = nn::parseModelSpec(json::parse(R"({"input": [100], "layers": [
+      {"type": "linear", "out": 50}, {"type": "relu"}, {"type": "linear", "out": 40}, {"type": "relu"},
+      {"type": "linear", "out": 10}]})"), "t.json");
+  auto store = rendezvous::MemoryStore::create();
+  std::vector<RankResult> out(kRanks);
+  auto errors = comm::testing::onRanks(kRanks, [&](int rank) {
+    RankResult& r = out[static_cast<size_t>(rank)];
+    auto data = comm::createBackend("tcp", comm::testing::rankOptions(rank, kRanks, store));
+    auto hook = makeCompressionHook(c, 3);
+    DdpStrategy ddp(ProcessGroups{.rank = rank, .worldSize = kRanks, .dataRank = rank, .dataSize = kRanks,
+                                  .world = data, .data = data},
+                    {.firstBucketMb = 0.002, .bucketMb = 0.023, .overlap = overlap, .hook = hook});
+    nn::Model model = nn::Model::build(spec, kBatch, 1);
+    ddp.prepare(model);
+    auto& psgd = dynamic_cast<PowerSgdHook&>(*hook);
+    OffHostOps* ops = nullptr;
+    if (offHost) {
+      auto owned = std::make_unique<OffHostOps>();
+      ops = owned.get();
+      psgd.useOps(std::move(owned));
+    }
+    for (int step = 0; step < kSteps; ++step) {
+      std::vector<float> x(kBatch * 100), dy(kBatch * 10);
+      for (size_t i = 0; i < x.size(); ++i) x[i] = std::sin(0.1f * static_cast<float>(i) + static_cast<float>(rank + step));
+      for (size_t i = 0; i < dy.size(); ++i)
+        dy[i] = 0.01f * static_cast<float>((i * 7 + rank * 3 + step) % 11) - 0.05f;
+      model.forward(x.data(), kBatch, true);
+      model.backward(TensorView::f32(dy.data(), Shape{kBatch, 10}), ddp.gradReadyHook(), nn::GradMode::kOverwrite);
+      ddp.finishStep();
+      auto g = model.grads();
+      r.grads.emplace_back(g.begin(), g.end());
+    }
+    r.state = floatState(*hook);
+    r.traffic = *hook->traffic();
+    if (ops) r.toHost = ops->toHostCalls;
+  });
+  REQUIRE(comm::testing::firstError(errors) == "");
+  return out;
+}
+
+CompressionSettings powersgd(int rank) {
+  CompressionSettings c;
+  c.type = CompressionSettings::Type::kPowerSgd;
+  c.rank = rank;
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("PowerSGD with its buffers off the host (a GPU's path): the CPU hook's results, state and traffic bit for bit") {
+  std::vector<std::pair<std::string, CompressionSettings>> cases;
+  cases.emplace_back("rank 1", powersgd(1));
+  cases.emplace_back("rank 2", powersgd(2));
+  {
+    CompressionSettings c = powersgd(2);
+    c.startStep = 2;
+    cases.emplace_back("rank 2, start_step 2", c);
+  }
+  {
+    CompressionSettings c = powersgd(4);
+    c.errorFeedback = false;
+    cases.emplace_back("rank 4, no error feedback", c);
+  }
+  for (const auto& [name, c] : cases)
+    for (bool overlap : {true, false}) {
+      CAPTURE(name);
+      CAPTURE(overlap);
+      const auto cpu = runDdp(c, overlap, false);
+      const auto dev = runDdp(c, overlap, true);
+      for (int rank = 0; rank < kRanks; ++rank) {
+        CAPTURE(rank);
+        const auto& a = cpu[static_cast<size_t>(rank)];
+        const auto& b = dev[static_cast<size_t>(rank)];
+        for (int step = 0; step < kSteps; ++step) {
+          CAPTURE(step);
+          CHECK(sameBits(a.grads[static_cast<size_t>(step)], b.grads[static_cast<size_t>(step)]));
+        }
+        REQUIRE(a.state.size() == b.state.size());
+        for (size_t s = 0; s < a.state.size(); ++s) CHECK(sameBits(a.state[s], b.state[s]));
+        CHECK(a.traffic.bytesSent == b.traffic.bytesSent);
+        CHECK(a.traffic.bytesUncompressed == b.traffic.bytesUncompressed);
+        CHECK(b.toHost > 0);  // the state was copied down for stateBuffers()
+      }
+      // Replicas agree.
+      CHECK(sameBits(dev[0].grads.back(), dev[1].grads.back()));
+    }
+}
+
+TEST_CASE("PowerSGD's state moves between the GPU's path and the CPU's (a checkpoint resumed on the other device)") {
+  // Two parameters' buckets in DDP's order (the last layer first), 2 ranks, rank 2 with error feedback.
+  HookLayout layout;
+  layout.params = {{"0.weight", Shape{30, 40}, 0, 1200},
+                   {"0.bias", Shape{30}, 1200, 30},
+                   {"2.weight", Shape{20, 30}, 1230, 600},
+                   {"2.bias", Shape{20}, 1830, 20}};
+  layout.arenaSize = 1850;
+  layout.groupSize = kRanks;
+  const CompressionSettings c = powersgd(2);
+  auto gradient = [](int rank, int step) {
+    std::vector<float> g(1850);
+    for (size_t i = 0; i < g.size(); ++i)
+      g[i] = std::sin(0.37f * static_cast<float>(i) + 1.3f * static_cast<float>(rank) + 0.7f * static_cast<float>(step));
+    return g;
+  };
+  auto store = rendezvous::MemoryStore::create();
+  std::vector<std::string> problems(kRanks);
+  auto errors = comm::testing::onRanks(kRanks, [&](int rank) {
+    auto group = comm::createBackend("tcp", comm::testing::rankOptions(rank, kRanks, store));
+    auto step = [&](CommHook& hook, int s) {
+      std::vector<float> g = gradient(rank, s);
+      std::vector<comm::WorkPtr> work;
+      const std::pair<size_t, size_t> buckets[] = {{1230, 620}, {0, 1230}};
+      for (size_t b = 0; b < 2; ++b) {
+        const auto params = std::span<const GradParam>(layout.params).subspan(b == 0 ? 2 : 0, 2);
+        work.push_back(hook.start({.index = b, .grads = TensorView::flat(g.data() + buckets[b].first, buckets[b].second),
+                                   .offset = buckets[b].first, .layers = {}, .last = b == 1, .params = params},
+                                  *group));
+      }
+      for (auto& w : work) w->wait();
+      return g;
+    };
+    auto make = [&](bool offHost) {
+      auto hook = makeCompressionHook(c, 5);
+      hook->bind(layout);
+      if (offHost) dynamic_cast<PowerSgdHook&>(*hook).useOps(std::make_unique<OffHostOps>());
+      return hook;
+    };
+    // A run of 3 steps on each path; then each one's state loaded into a fresh hook of the other path (the
+    // checkpoint's load: into stateBuffers()' views, then stateLoaded) and 2 more steps on both.
+    auto cpu = make(false), dev = make(true);
+    for (int s = 0; s < 3; ++s)
+      if (!sameBits(step(*cpu, s), step(*dev, s))) problems[static_cast<size_t>(rank)] = "the paths differ before the move";
+    auto load = [](CommHook& from, CommHook& into) {
+      auto src = from.stateBuffers();
+      auto dst = into.stateBuffers();
+      REQUIRE(src.size() == dst.size());
+      for (size_t i = 0; i < src.size(); ++i) {
+        REQUIRE(src[i].name == dst[i].name);
+        REQUIRE(src[i].view.bytes() == dst[i].view.bytes());
+        std::memcpy(dst[i].view.data, src[i].view.data, src[i].view.bytes());
+      }
+      into.stateLoaded(true);
+    };
+    auto cpuFromDev = make(false), devFromCpu = make(true);
+    load(*dev, *cpuFromDev);
+    load(*cpu, *devFromCpu);
+    for (int s = 3; s < 5; ++s) {
+      const auto want = step(*cpu, s);
+      if (!sameBits(want, step(*dev, s))) problems[static_cast<size_t>(rank)] = "the paths differ after the move";
+      if (!sameBits(want, step(*cpuFromDev, s))) problems[static_cast<size_t>(rank)] = "GPU -> CPU state did not carry";
+      if (!sameBits(want, step(*devFromCpu, s))) problems[static_cast<size_t>(rank)] = "CPU -> GPU state did not carry";
+    }
+    const auto a = floatState(*cpu), b = floatState(*devFromCpu);
+    for (size_t i = 0; i < a.size(); ++i)
+      if (!sameBits(a[i], b[i])) problems[static_cast<size_t>(rank)] = "the state differs at the end";
+  });
+  REQUIRE(comm::testing::firstError(errors) == "");
+  for (const auto& p : problems) CHECK(p == "");
+}

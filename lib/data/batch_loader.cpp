@@ -45,6 +45,7 @@ void BatchLoader::fill(Slot& slot, int64_t b) const {
   void* labels = classes ? static_cast<void*>(slot.classes.data()) : static_cast<void*>(slot.targets.data());
   dataset_.fetch(batch.indices, slot.features.data(), labels);
   batch.position = sampler_.position(begin + size);
+  batch.padding = sampler_.paddingIn(begin, size);
 }
 
 void BatchLoader::producer() {

@@ -47,6 +47,7 @@ struct Batch {
   const int32_t* classLabels = nullptr;   // size * labelSize labels when labelKind is kClass, else nullptr
   const float* targets = nullptr;         // size * labelSize floats when labelKind is kTarget, else nullptr
   int64_t position = 0;  // epoch position once every rank has finished this batch (store it in a checkpoint)
+  int64_t padding = 0;   // the last `padding` of `indices` are the sampler's padding (repeats; sampler.h)
 };
 
 class BatchLoader {

@@ -54,6 +54,13 @@ void DistributedSampler::setEpoch(int64_t epoch, int64_t startSample) {
   }
 }
 
+int64_t DistributedSampler::paddingIn(int64_t localBegin, int64_t count) const {
+  // Local index k is entry q = rank + k x world of the padded rest; entries at or past the rest are padding.
+  const int64_t rest = remaining(), world = options_.worldSize, rank = options_.rank;
+  const int64_t firstPadding = rest <= rank ? 0 : (rest - rank + world - 1) / world;
+  return std::max<int64_t>(0, localBegin + count - std::max(localBegin, firstPadding));
+}
+
 int64_t DistributedSampler::position(int64_t localTaken) const {
   return startSample_ + std::min(localTaken * options_.worldSize, remaining());
 }

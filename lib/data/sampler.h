@@ -70,6 +70,9 @@ class DistributedSampler {
   bool pad() const { return options_.pad; }
   // This rank's sample indices for the epoch, in order.
   std::span<const int64_t> indices() const { return indices_; }
+  // How many of indices()[localBegin, localBegin + count) are padding: repeats of the epoch's first samples that
+  // fill the last round of the world (PyTorch's rule), always the rank's last indices. 0 without padding.
+  int64_t paddingIn(int64_t localBegin, int64_t count) const;
 
   // Epoch position (entries of the epoch's order consumed by the group) once every rank has taken its first
   // `localTaken` samples: startSample + min(localTaken * world, remaining). Store this in a checkpoint.

@@ -55,6 +55,7 @@ std::vector<SampleStep> readSampleLogs(const std::string& dir, double t0) {
       s.step = j.value("step", int64_t{0});
       s.t = j.value("t", t0) - t0;
       s.idx = j.value("idx", std::vector<int64_t>{});
+      s.pad = j.value("pad", std::vector<int64_t>{});
       steps.push_back(std::move(s));
     }
   }
@@ -76,7 +77,7 @@ void analyseSim(SimReport& report, const std::vector<SampleStep>& steps, const s
   for (const auto& s : steps) {
     auto& r = rounds[s.round];
     if (s.step == r.firstStep) r.firstStepT = std::min(r.firstStepT, s.t);
-    else r.samplesAfterFirst += static_cast<int64_t>(s.idx.size());
+    else r.samplesAfterFirst += static_cast<int64_t>(s.idx.size() + s.pad.size());
   }
   auto nextRound = [&](int round) { return rounds.upper_bound(round); };
 
@@ -93,7 +94,8 @@ void analyseSim(SimReport& report, const std::vector<SampleStep>& steps, const s
     }
     kept.insert({s.round, s.step});
     for (auto i : s.idx) seen[s.epoch][i]++;
-    a.samplesTrained += static_cast<int64_t>(s.idx.size());
+    a.samplesTrained += static_cast<int64_t>(s.idx.size() + s.pad.size());
+    a.padding += static_cast<int64_t>(s.pad.size());
   }
   a.stepsKept = static_cast<int64_t>(kept.size());
   a.stepsRedone = static_cast<int64_t>(redone.size());
@@ -163,7 +165,7 @@ void analyseSim(SimReport& report, const std::vector<SampleStep>& steps, const s
   }
 
   std::map<int64_t, double> perSecond;
-  for (const auto& s : steps) perSecond[static_cast<int64_t>(std::floor(s.t))] += static_cast<double>(s.idx.size());
+  for (const auto& s : steps) perSecond[static_cast<int64_t>(std::floor(s.t))] += static_cast<double>(s.idx.size() + s.pad.size());
   report.samplesPerSecOverTime.clear();
   if (!perSecond.empty())
     for (int64_t sec = perSecond.begin()->first; sec <= perSecond.rbegin()->first; ++sec)
@@ -175,7 +177,7 @@ std::string simReportJson(const SimReport& r) {
                       {"seconds", r.seconds}, {"exit_code", r.exitCode}};
   const auto& a = r.audit;
   j["samples"] = {{"dataset_size", a.datasetSize}, {"trained", a.samplesTrained}, {"steps_kept", a.stepsKept},
-                  {"steps_redone", a.stepsRedone}, {"repeated", a.repeated}, {"skipped", a.skipped},
+                  {"steps_redone", a.stepsRedone}, {"repeated", a.repeated}, {"padding", a.padding}, {"skipped", a.skipped},
                   {"epochs_checked", a.epochsChecked}, {"epochs_complete", a.epochsComplete}, {"rounds", a.rounds},
                   {"logged", r.haveSamples}};
   j["throughput"] = nlohmann::json::array();
@@ -200,8 +202,12 @@ std::string formatSimReport(const SimReport& r) {
   if (r.haveSamples) {
     const auto& a = r.audit;
     out += fmt::format("samples: {} trained in {} steps that make the final model ({} round(s); {} step(s) redone "
-                       "after restarts, not counted); repeated {}, skipped {}{} -> {}\n",
+                       "after restarts, not counted); repeated {}{}, skipped {}{} -> {}\n",
                        a.samplesTrained, a.stepsKept, a.rounds, a.stepsRedone, a.repeated,
+                       a.padding > 0 ? fmt::format(" (and {} padding: the sampler repeats an epoch's first samples to "
+                                                   "fill the world's last round, as PyTorch's DistributedSampler)",
+                                                   a.padding)
+                                     : std::string(),
                        a.datasetSize > 0 ? std::to_string(a.skipped) : "n/a (dataset size unknown)",
                        fmt::format(" ({} epoch(s) checked, {} complete, {} samples each)", a.epochsChecked,
                                    a.epochsComplete, a.datasetSize),

@@ -8,7 +8,9 @@
 // re-formations alike) that is followed by another one resumed from a checkpoint and redid the steps after it;
 // the steps of a round at or after the next round's first step are discarded ("steps redone", reported apart).
 // What is left is the training history of the final model. In it, per epoch, a sample trained twice is
-// "repeated"; in every epoch that the run went past (a later epoch has steps), a sample of the dataset that was
+// "repeated", except the sampler's padding (a fixed world of W ranks pads an epoch of N samples with the epoch's
+// first (W - N mod W) mod W samples, PyTorch's DistributedSampler rule; the workers log those apart as "pad");
+// in every epoch that the run went past (a later epoch has steps), a sample of the dataset that was
 // never trained is "skipped". The last epoch is checked for repeats only (max_steps may end it early).
 //
 // Times are seconds since the sim started the initial agents. Detection: from the fault to the first agent
@@ -35,6 +37,7 @@ struct SampleStep {
   int64_t step = 0;
   double t = 0;  // seconds since the sim started
   std::vector<int64_t> idx;
+  std::vector<int64_t> pad;  // the sampler's padding in this step: repeats by design, not counted as repeated
 };
 
 // Reads every samples-*.jsonl under `dir` (a missing folder is no steps); `t0` is the sim's start (unix seconds).
@@ -67,6 +70,7 @@ struct SimThroughput {
 struct SimAudit {
   int64_t datasetSize = 0;  // 0: unknown (no skipped count)
   int64_t stepsKept = 0, stepsRedone = 0, samplesTrained = 0, repeated = 0, skipped = 0;
+  int64_t padding = 0;  // padding entries of the kept steps (PyTorch's DistributedSampler rule), in samplesTrained
   int epochsChecked = 0, epochsComplete = 0;
   int rounds = 0;
 };

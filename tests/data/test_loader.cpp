@@ -60,6 +60,8 @@ TEST_CASE("batches cover the rank's shard in order, last one partial, positions 
       CHECK(b.targets == nullptr);
       seen += b.size;
       CHECK(b.position == std::min<int64_t>(seen * 3, 100));
+      // 100 samples over 3 ranks pad to 102: rank 1's last entry (entry 100 of the padded epoch) repeats sample 0's.
+      CHECK(b.padding == (count < 4 ? 0 : 1));
       ++count;
     }
     CHECK(count == 5);

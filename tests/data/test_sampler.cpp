@@ -245,3 +245,43 @@ TEST_CASE("setPad switches padding for the next setEpoch; maxSamplesPerRank is t
   CHECK(s.numSamplesThisRank() == 1);
   CHECK(s.maxSamplesPerRank() == 2);
 }
+
+TEST_CASE("paddingIn marks exactly the padded entries: the rest once, plus total - rest repeats at each rank's end") {
+  // dtrain sim counts a sample trained twice in an epoch as repeated, except these (PyTorch's padding).
+  for (int64_t n : {1, 2, 5, 7, 12, 13}) {
+    for (int world : {1, 2, 3, 4, 5}) {
+      for (int64_t start : {int64_t{0}, n / 2}) {
+        CAPTURE(n);
+        CAPTURE(world);
+        CAPTURE(start);
+        std::map<int64_t, int> real;
+        int64_t padded = 0, total = 0;
+        for (int r = 0; r < world; ++r) {
+          DistributedSampler s({.datasetSize = n, .rank = r, .worldSize = world, .shuffle = true, .seed = 3,
+                                .epoch = 1, .startSample = start});
+          const auto idx = s.indices();
+          const int64_t count = static_cast<int64_t>(idx.size());
+          const int64_t pad = s.paddingIn(0, count);
+          CHECK(pad >= 0);
+          // Padding is the rank's tail; any split into batches adds up to the same count.
+          int64_t split = 0;
+          for (int64_t b = 0; b < count; b += 2) split += s.paddingIn(b, std::min<int64_t>(2, count - b));
+          CHECK(split == pad);
+          for (int64_t k = 0; k < count - pad; ++k) ++real[idx[static_cast<size_t>(k)]];
+          padded += pad;
+          total = s.totalSize();
+        }
+        CHECK(static_cast<int64_t>(real.size()) == n - start);  // every sample of the rest once, outside padding
+        for (const auto& [sample, times] : real) CHECK(times == 1);
+        CHECK(padded == total - (n - start));
+        // Without padding (uneven shards, or dropLast) nothing is marked.
+        for (int r = 0; r < world; ++r) {
+          DistributedSampler uneven({.datasetSize = n, .rank = r, .worldSize = world, .pad = false, .startSample = start});
+          CHECK(uneven.paddingIn(0, uneven.numSamplesThisRank()) == 0);
+          DistributedSampler dropped({.datasetSize = n, .rank = r, .worldSize = world, .dropLast = true, .startSample = start});
+          CHECK(dropped.paddingIn(0, dropped.numSamplesThisRank()) == 0);
+        }
+      }
+    }
+  }
+}

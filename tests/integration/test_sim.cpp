@@ -165,6 +165,37 @@ TEST_CASE("dtrain sim: a parameter-server job's throughput rows count its nodes,
   CHECK(linesWith(r.out, "      2     4 ").size() == 1);  // nodes, ranks
 }
 
+TEST_CASE("dtrain sim: 3 nodes over 100 samples: the sampler's padding is not counted as repeated (exit 0)") {
+  // A fixed world of 3 pads each 100-sample epoch to 102 with its first 2 samples (PyTorch's DistributedSampler):
+  // the sim counted those as repeated and failed a run without any fault (exit 1, "repeated 4").
+  std::string dir = tempDir("sim-padding");
+  json job = smallJob(100, 5, 2);
+  job["checkpoint"] = false;
+  job["parallel"] = {{"timeout", 20}};
+  writeFile(dir + "/job.json", job.dump());
+  auto r = run(simArgs({"--nodes", "3", "--output-dir", dir + "/sim", dir + "/job.json"}), {.timeout = 180s});
+  INFO(r.out, r.err);
+  CHECK(r.exitCode == 0);
+  CHECK(r.out.find("repeated 0 (and 4 padding: ") != std::string::npos);
+  CHECK(r.out.find(", skipped 0 (2 epoch(s) checked, 2 complete, 100 samples each) -> OK") != std::string::npos);
+  // The workers' logs mark exactly those: 2 per epoch, each a sample also trained in that epoch.
+  std::map<int64_t, std::vector<int64_t>> pads;
+  std::map<int64_t, std::map<int64_t, int>> real;
+  for (auto& f : std::filesystem::directory_iterator(dir + "/sim/samples"))
+    for (auto& j : readJsonLines(f.path().string())) {
+      for (auto i : j["idx"].get<std::vector<int64_t>>()) real[j["epoch"].get<int64_t>()][i]++;
+      if (j.contains("pad"))
+        for (auto i : j["pad"].get<std::vector<int64_t>>()) pads[j["epoch"].get<int64_t>()].push_back(i);
+    }
+  REQUIRE(pads.size() == 2);
+  for (const auto& [epoch, p] : pads) {
+    CAPTURE(epoch);
+    CHECK(p.size() == 2);
+    CHECK(real[epoch].size() == 100);
+    for (auto i : p) CHECK(real[epoch].count(i) == 1);
+  }
+}
+
 TEST_CASE("dtrain sim: a node cut off by a partition; the others re-form and the job finishes") {
   if (::geteuid() != 0) {
     MESSAGE("skipped: partitions need network namespaces (root)");

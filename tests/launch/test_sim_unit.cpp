@@ -6,6 +6,11 @@
 #include "lib/launch/sim_net.h"
 #include "lib/launch/sim_report.h"
 
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+
 using namespace dtrain;
 using namespace dtrain::launch;
 using namespace std::chrono_literals;
@@ -138,3 +143,52 @@ TEST_CASE("the report: redone steps are left out; repeats, skips, throughput, de
   CHECK(bad.audit.skipped == 1);
   CHECK(formatSimReport(bad).find("FAIL") != std::string::npos);
 }
+
+TEST_CASE("the report: the sampler's padding (logged as pad) is not a repeat; an unmarked duplicate still is") {
+  // 3 ranks over 4 samples: PyTorch's DistributedSampler pads the epoch to 6 by repeating its first 2 samples. The
+  // sim counted them as repeated and failed (exit 1) every fault-free run whose dataset the world does not divide.
+  std::vector<SampleStep> steps;
+  steps.push_back({0, 0, 3, 0, 1, 1.0, {2}});
+  steps.push_back({0, 1, 3, 0, 1, 1.0, {0}});
+  steps.push_back({0, 2, 3, 0, 1, 1.0, {3}});
+  steps.push_back({0, 0, 3, 0, 2, 2.0, {1}});
+  steps.push_back({0, 1, 3, 0, 2, 2.0, {}, {2}});
+  steps.push_back({0, 2, 3, 0, 2, 2.0, {}, {0}});
+  SimReport report;
+  report.audit.datasetSize = 4;
+  analyseSim(report, steps, {}, {}, 1);
+  CHECK(report.audit.repeated == 0);
+  CHECK(report.audit.padding == 2);
+  CHECK(report.audit.skipped == 0);
+  CHECK(report.audit.samplesTrained == 6);
+  const std::string text = formatSimReport(report);
+  CHECK_MESSAGE(text.find("repeated 0 (and 2 padding: the sampler repeats an epoch's first samples to fill the world's "
+                          "last round, as PyTorch's DistributedSampler), skipped 0") != std::string::npos, text);
+  CHECK(text.find("FAIL") == std::string::npos);
+  CHECK(simReportJson(report).find("\"padding\": 2") != std::string::npos);
+  // The same duplicates unmarked (a real repeat) still fail.
+  steps[4] = {0, 1, 3, 0, 2, 2.0, {2}};
+  SimReport bad;
+  bad.audit.datasetSize = 4;
+  analyseSim(bad, steps, {}, {}, 1);
+  CHECK(bad.audit.repeated == 1);
+  CHECK(formatSimReport(bad).find("FAIL") != std::string::npos);
+}
+
+TEST_CASE("the sample logs: a worker's pad entries are read apart from idx") {
+  const std::string dir = "/tmp/dtrain-test-simlog-" + std::to_string(::getpid());
+  std::filesystem::create_directories(dir);
+  {
+    std::ofstream f(dir + "/samples-a0-r1.jsonl");
+    f << R"({"attempt":0,"round":0,"rank":1,"world":3,"epoch":0,"step":2,"t":101.5,"idx":[7],"pad":[0,4]})" << "\n";
+    f << R"({"attempt":0,"round":0,"rank":1,"world":3,"epoch":0,"step":1,"t":101.0,"idx":[5,6]})" << "\n";
+  }
+  auto steps = readSampleLogs(dir, 100.0);
+  std::filesystem::remove_all(dir);
+  REQUIRE(steps.size() == 2);
+  CHECK(steps[0].idx == std::vector<int64_t>{7});
+  CHECK(steps[0].pad == std::vector<int64_t>{0, 4});
+  CHECK(steps[0].t == doctest::Approx(1.5));
+  CHECK(steps[1].pad.empty());
+}
+

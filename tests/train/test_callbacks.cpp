@@ -3,9 +3,11 @@
 
 #include <nlohmann/json.hpp>
 
+#include <filesystem>
 #include <fstream>
 #include <thread>
 
+#include "lib/train/fault.h"
 #include "lib/train/progress.h"
 #include "lib/train/trainer.h"
 #include "tests/support/process.h"
@@ -164,3 +166,35 @@ TEST_CASE("checkpoint saves are not training time: the interval's samples/s and 
   CHECK(r.samples == 3 * 8);
   CHECK(r.samplesPerSec > 100);
 }
+
+TEST_CASE("the sample log (DTRAIN_SAMPLE_LOG) writes a batch's padding apart, as pad") {
+  const std::string dir = "/tmp/dtrain-test-samplelog-" + std::to_string(::getpid());
+  ::setenv("DTRAIN_SAMPLE_LOG", dir.c_str(), 1);
+  {
+    SampleLog log(1, 3, 0, 2);
+    REQUIRE(log.enabled());
+    const std::vector<int64_t> first = {5, 6}, second = {7, 0, 4};
+    data::Batch a, b;
+    a.indices = first;
+    b.indices = second;
+    b.padding = 2;  // 0 and 4 repeat the epoch's first samples
+    log.onBatch(a);
+    log.onBatch(b);
+    log.commitStep(0, 9);
+    log.onBatch(a);
+    log.commitStep(0, 10);
+  }
+  ::unsetenv("DTRAIN_SAMPLE_LOG");
+  std::ifstream in(dir + "/samples-a0-r1.jsonl");
+  std::string line;
+  std::vector<nlohmann::json> lines;
+  while (std::getline(in, line)) lines.push_back(nlohmann::json::parse(line));
+  std::filesystem::remove_all(dir);
+  REQUIRE(lines.size() == 2);
+  CHECK(lines[0]["idx"] == nlohmann::json::array({5, 6, 7}));
+  CHECK(lines[0]["pad"] == nlohmann::json::array({0, 4}));
+  CHECK(lines[0]["round"] == 2);
+  CHECK(lines[1]["idx"] == nlohmann::json::array({5, 6}));
+  CHECK(!lines[1].contains("pad"));
+}
+

@@ -87,6 +87,31 @@ void checkWrittenForModel(const ckpt::Checkpoint& cp, const ckpt::TensorAssemble
                cp.path().string(), difference, cp.meta().specHash, job.modelHash);
 }
 
+// The optimizer that wrote checkpoint `cp` (the "optimizer" metadata of its optimizer files), or "" when none says.
+std::string savedOptimizer(const ckpt::Checkpoint& cp) {
+  for (const auto& f : cp.files()) {
+    if (!(f.name == kOptimizerFile || (startsWith(f.name, "optimizer-") && endsWith(f.name, ".safetensors")))) continue;
+    const auto file = ckpt::SafetensorsFile::open(cp.path() / f.name);
+    if (const auto it = file.metadata().find("optimizer"); it != file.metadata().end()) return it->second;
+  }
+  return "";
+}
+
+const char* kResumeAdvice = "resume with the optimizer settings that wrote it, or start a fresh run in another output directory "
+                            "(--output-dir; \"init\": {\"from\": ...} takes the weights without the optimizer state)";
+
+// CheckpointError unless checkpoint `cp` was written by `job`'s optimizer type: Adam's moments do not resume SGD
+// (nor the other way round). A resume with another type failed every worker after the rendezvous with "the
+// checkpoint has no tensor 'exp_avg/0.weight'", naming neither the checkpoint nor the optimizers.
+void checkWrittenForOptimizer(const ckpt::Checkpoint& cp, const Job& job) {
+  const std::string saved = savedOptimizer(cp), wanted = nn::optimizerTypeName(job.optimizer.type);
+  if (saved.empty() || saved == wanted) return;
+  DTRAIN_THROW(CheckpointError,
+               "{}: checkpoint was written with the {} optimizer, but this job's /optimizer/type is {}; refusing to "
+               "load its optimizer state into another optimizer: {}",
+               cp.path().string(), saved, wanted, kResumeAdvice);
+}
+
 ckpt::TensorAssembler indexModelFiles(const ckpt::Checkpoint& cp) {
   ckpt::TensorAssembler model;
   for (const auto& f : cp.files())
@@ -120,6 +145,7 @@ std::optional<ResumePoint> Checkpointer::resume(nn::Model& model, nn::Optimizer&
   if (!latest.checkpoint) return std::nullopt;
   auto cp = ckpt::Checkpoint::open(latest.checkpoint->path);
   checkWrittenForModel(cp, indexModelFiles(cp), job_);  // before anything is indexed by this model's offsets
+  checkWrittenForOptimizer(cp, job_);
   const CheckpointShard shard = strategy_.checkpointShard(model);
   // Names are the whole model's in every layout, so any layout resumes any other (docs/checkpoints.md). Through
   // host memory: a GPU model's arenas are staged down, overwritten by the file and copied back, so any checkpoint
@@ -132,6 +158,17 @@ std::optional<ResumePoint> Checkpointer::resume(nn::Model& model, nn::Optimizer&
   }
   model.uploadHostParams();
   if (shard.loadOptimizer) {
+    // The same type with settings that keep other state (SGD's momentum turned on, Adam's amsgrad): say which.
+    for (auto& buf : optimizer.hostStateBuffers())
+      for (size_t i : shard.loadParams) {
+        const std::string name = stateName(buf.name, model.paramTable().at(i).name);
+        DTRAIN_CHECK_AS(CheckpointError, tensors.optimizer.has(name),
+                        "{}: the checkpoint holds no '{}' state for this job's {} optimizer ({}: written with other "
+                        "optimizer settings, e.g. without momentum or amsgrad); refusing to resume from it: {}",
+                        cp.path().string(), buf.name, nn::optimizerTypeName(job_.optimizer.type), name,
+                        kResumeAdvice);
+        break;
+      }
     for (auto& buf : optimizer.hostStateBuffers())
       for (size_t i : shard.loadParams) {
         const auto& p = model.paramTable().at(i);
@@ -170,6 +207,7 @@ std::optional<ResumePoint> checkResumeCheckpoint(const Job& job, std::vector<std
       continue;
     }
     checkWrittenForModel(*cp, *files, job);
+    checkWrittenForOptimizer(*cp, job);
     const auto& meta = cp->meta();
     return ResumePoint{meta.step, meta.epoch, meta.samplesConsumed, meta.worldSize,
                        meta.user.value("epoch_world", meta.worldSize), cp->path()};

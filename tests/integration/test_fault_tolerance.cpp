@@ -224,6 +224,43 @@ TEST_CASE("dtrain run and dtrain check refuse another model's checkpoint before 
   CHECK(trained.err.find(stale) != std::string::npos);
 }
 
+TEST_CASE("a checkpoint of another optimizer is refused with both named: run and check before any worker starts") {
+  // It failed every worker after the rendezvous with "the checkpoint has no tensor 'exp_avg/0.weight'".
+  std::string dir = tempDir("optagent");
+  json job = smallJob();  // adam
+  job["train"]["max_steps"] = 3;
+  writeFile(dir + "/job.json", job.dump());
+  REQUIRE(run({dtrainBinary(), "train", dir + "/job.json", "--output-dir", dir + "/out"}, {.timeout = 60s}).exitCode == 0);
+  const std::string says = dir + "/out/checkpoints/step-000000003: checkpoint was written with the adam optimizer, but "
+                                 "this job's /optimizer/type is sgd; refusing to load its optimizer state";
+  auto r = run(runArgs({"--standalone", "--nproc-per-node", "2", "--max-restarts", "2", dir + "/job.json", "--set",
+                        "optimizer.type=sgd", "--output-dir", dir + "/out"}),
+               {.timeout = 60s});
+  INFO(r.out, r.err);
+  CHECK(r.exitCode == 8);
+  CHECK(r.err.find(says) != std::string::npos);
+  CHECK(r.out.find("[n0 r") == std::string::npos);  // no worker started
+  CHECK(r.err.find("[n0 r") == std::string::npos);
+  auto checked = run({dtrainBinary(), "check", dir + "/job.json", "--set", "optimizer.type=sgd", "--output-dir",
+                      dir + "/out"},
+                     {.timeout = 60s});
+  CHECK(checked.exitCode == 8);
+  CHECK(checked.err.find(says) != std::string::npos);
+  // The same type with other state (Adam's amsgrad keeps max_exp_avg_sq): the trainer names the missing state.
+  auto amsgrad = run({dtrainBinary(), "train", dir + "/job.json", "--set", "optimizer.amsgrad=true", "--set",
+                      "train.max_steps=6", "--output-dir", dir + "/out"},
+                     {.timeout = 60s});
+  CHECK(amsgrad.exitCode == 8);
+  CHECK(amsgrad.err.find("step-000000003: the checkpoint holds no 'max_exp_avg_sq' state for this job's adam "
+                         "optimizer") != std::string::npos);
+  // The original optimizer still resumes.
+  auto same = run({dtrainBinary(), "train", dir + "/job.json", "--set", "train.max_steps=6", "--output-dir",
+                   dir + "/out"},
+                  {.timeout = 60s});
+  CHECK(same.exitCode == 0);
+  CHECK(same.out.find("resumed from") != std::string::npos);
+}
+
 TEST_CASE("Ctrl-C once the model is written: the job completed and dtrain run exits 0") {
   std::string dir = tempDir("lateint");
   json job = smallJob(96, 8, 1);

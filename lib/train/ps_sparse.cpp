@@ -112,10 +112,16 @@ const char* sparseOptimizerName(SparseOptimizerType type) {
 }
 
 SparseOptimizerSpec sparseOptimizerFor(const nn::OptimizerSpec& job, bool adagrad, const std::string& where) {
+  // AdamW decays by default (torch's 0.01): a job that only wrote "type": "adamw" was told about a weight_decay
+  // it never set, with nothing saying where the 0.01 came from.
   DTRAIN_CHECK_AS(ConfigError, job.weightDecay == 0,
                   "{}: weight_decay {} with sparse embeddings (expected 0: torch.optim does not decay sparse "
-                  "gradients)",
-                  where, job.weightDecay);
+                  "gradients){}",
+                  where, job.weightDecay,
+                  job.type == nn::OptimizerType::kAdamW
+                      ? "; adamw's default weight_decay is 0.01: set \"weight_decay\": 0 (or use \"adam\": both map to "
+                        "SparseAdam for the table)"
+                      : "");
   SparseOptimizerSpec s;
   s.lr = job.lr;
   if (adagrad || job.type == nn::OptimizerType::kAdagrad) {

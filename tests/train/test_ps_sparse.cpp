@@ -216,6 +216,19 @@ TEST_CASE("sparse optimizers reject what torch rejects, shards reject foreign or
   job.momentum = 0;
   job.weightDecay = 0.01;
   CHECK_THROWS_AS(sparseOptimizerFor(job, false, "job.json"), ConfigError);
+  // AdamW's default decay (0.01) is what a bare "type": "adamw" brings: the message says where it came from.
+  job.type = nn::OptimizerType::kAdamW;
+  std::string message;
+  try {
+    sparseOptimizerFor(job, false, "job.json: /optimizer");
+  } catch (const ConfigError& e) {
+    message = e.what();
+  }
+  CHECK(message == "job.json: /optimizer: weight_decay 0.01 with sparse embeddings (expected 0: torch.optim does not "
+                   "decay sparse gradients); adamw's default weight_decay is 0.01: set \"weight_decay\": 0 (or use "
+                   "\"adam\": both map to SparseAdam for the table)");
+  job.weightDecay = 0;
+  CHECK(sparseOptimizerFor(job, false, "job.json").type == SparseOptimizerType::kAdam);
   Table table(2, {});
   std::vector<float> g(2 * kDim, 1.0f);
   CHECK_THROWS_AS(table.shards[0].apply(std::vector<int64_t>{1, 1}, g, 0.1), Error);

@@ -144,8 +144,8 @@ int runCommand(RunArgs& a, bool programAfterDashes) {
       }
     }
     auto machine = train::readMachineMemory();
-    train::checkJobFitsMemory(*job, o.nproc, machine);
-    train::checkJobFitsMemory(*job, o.nproc, machine, train::checkJobData(*job).bytes);
+    train::checkJobFitsMemory(*job, o.nproc, machine, std::nullopt, o.minNodes);
+    train::checkJobFitsMemory(*job, o.nproc, machine, train::checkJobData(*job).bytes, o.minNodes);
     // The output and checkpoint folders must be usable (exit 2), and the checkpoint the workers would resume from
     // must be this model's (exit 8): here, not in every worker after the rendezvous (or at the first checkpoint,
     // an epoch later), where each restart would fail the same way.

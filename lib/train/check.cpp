@@ -15,6 +15,7 @@
 #include "lib/train/checkpointing.h"
 #include "lib/train/compression.h"
 #include "lib/train/layout.h"
+#include "lib/train/sparse_tables.h"
 
 namespace dtrain::train {
 
@@ -165,17 +166,42 @@ std::optional<MachineMemory> readMachineMemory(const std::string& meminfoPath) {
   return m;
 }
 
+int64_t psServerBytes(const Job& job, int servers) {
+  if (!job.parallel.ps || servers < 1) return 0;
+  int64_t bytes = 0;
+  for (const auto& t : sparseTableOptions(job)) {
+    const int64_t rows = (t.rows + servers - 1) / servers;
+    const auto copies = static_cast<int64_t>(1 + sparseStateNames(t.optimizer.type).size());
+    bytes = satAdd(bytes, satMul(satMul(satMul(rows, t.dim), 4), copies));
+  }
+  return bytes;
+}
+
 void checkJobFitsMemory(const Job& job, int localWorkers, const std::optional<MachineMemory>& machine,
-                        std::optional<int64_t> dataBytes) {
+                        std::optional<int64_t> dataBytes, int nodes) {
   if (!machine) return;
   MemoryEstimate e = estimateMemory(job, std::max(localWorkers, 2));
   if (dataBytes) e.data = *dataBytes;
-  const int64_t workers = std::max(localWorkers, 1);
-  const int64_t need = satMul(e.total(), workers);
+  const int64_t ranks = std::max(localWorkers, 1);
+  // A launch of a parameter-server job: the node's servers hold their rows of the sparse tables (a 500M x 16 table
+  // on one server, 91 GiB with SparseAdam, used to pass here as "2.9 MiB per worker" and die in the server).
+  int64_t servers = 0, serverBytes = 0;
+  if (nodes > 0 && job.parallel.ps && ranks > 1) {
+    const int s = job.parallel.ps->servers;
+    servers = std::min<int64_t>(ranks - 1, (s + nodes - 1) / nodes);
+    serverBytes = psServerBytes(job, s);
+  }
+  const int64_t workers = ranks - (serverBytes > 0 ? servers : 0);
+  const int64_t need = satAdd(satMul(e.total(), workers), serverBytes > 0 ? satMul(serverBytes, servers) : 0);
+  const std::string serverPart =
+      serverBytes > 0 ? fmt::format(" + {} per parameter server x {} (its rows of the sparse tables with the "
+                                    "optimizer's state; more servers or nodes share them)",
+                                    humanBytes(serverBytes), servers)
+                      : "";
   DTRAIN_CHECK_AS(ConfigError, need <= machine->available,
-                  "{}: this job needs about {} per worker x {} local worker(s) = {}, but this machine has {} "
+                  "{}: this job needs about {} per worker x {} local worker(s){} = {}, but this machine has {} "
                   "available ({} total); reduce the model, the batch size or --nproc-per-node",
-                  job.sourceFile, e.str(), workers, humanBytes(need), humanBytes(machine->available),
+                  job.sourceFile, e.str(), workers, serverPart, humanBytes(need), humanBytes(machine->available),
                   humanBytes(machine->total));
 }
 

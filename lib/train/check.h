@@ -76,8 +76,14 @@ std::optional<MachineMemory> readMachineMemory(const std::string& meminfoPath = 
 // workers = 128 TiB, but this machine has 12.3 GiB available (15.5 GiB total); reduce the model, the batch size
 // or --nproc-per-node". No check when the machine's memory is unknown.
 // `dataBytes`: the datasets' size when known (DataCheck::bytes), else the estimate's own (synthetic data only).
+// `nodes` > 0 (dtrain run's agent: the launch's node count, the smallest of an elastic range): with the
+// parameter-server strategy, up to ceil(servers / nodes) of the local ranks are servers, each holding its rows of
+// the sparse tables with their optimizer state (psServerBytes) instead of a worker's estimate; they are counted.
 void checkJobFitsMemory(const Job& job, int localWorkers, const std::optional<MachineMemory>& machine,
-                        std::optional<int64_t> dataBytes = std::nullopt);
+                        std::optional<int64_t> dataBytes = std::nullopt, int nodes = 0);
+// Bytes one of `servers` parameter servers keeps of the job's sparse tables: its ceil(rows / servers) rows of
+// each, float32, with the sparse optimizer's state (SparseAdam: 2 more, Adagrad: 1, SGD: none). 0 without tables.
+int64_t psServerBytes(const Job& job, int servers);
 
 // The folders a run writes to must be usable before any worker starts (a checkpoint folder that cannot be created
 // used to fail the first checkpoint, after an epoch of training): job.outputDir and, with checkpoints on,

@@ -362,6 +362,47 @@ TEST_CASE("memory is estimated from the spec, saturating, and a job that cannot 
   CHECK_THROWS_AS(checkJobFitsMemory(job, 8, tight), ConfigError);
 }
 
+TEST_CASE("dtrain run's memory check counts the parameter servers' rows of the sparse tables on the node") {
+  // A 500M x 16 table on one server (89.4 GiB with SparseAdam's moments) passed the check as "2.9 MiB per worker"
+  // and was left to fail in the server after the rendezvous.
+  auto dir = testing::tempDir("ps_memory");
+  const std::string job = R"({
+  "model": {"input": [2], "layers": [
+    {"type": "embedding", "vocab_size": 500000000, "n_embd": 16, "position": false, "sparse": true},
+    {"type": "flatten"}, {"type": "linear", "out": 1}]},
+  "loss": {"type": "bce_with_logits"},
+  "data": {"train": {"format": "synthetic", "task": "recsys", "users": 600, "items": 400, "samples": 100}, "batch_size": 8},
+  "optimizer": {"type": "adam", "lr": 0.01},
+  "parallel": {"strategy": "parameter_server", "servers": 2, "mode": "async"}
+})";
+  const auto path = writeJob(dir, job, "ps.json");
+  const Job ps = loadJob({path});
+  const int64_t perServer = (int64_t{500000000} / 2) * 16 * 4 * 3;  // rows, dim, float32, the table + 2 moments
+  CHECK(psServerBytes(ps, 2) == perServer);
+  CHECK(psServerBytes(ps, 1) == 2 * perServer);
+  CHECK(psServerBytes(loadJob({path, {"optimizer.type=sgd"}}), 2) == perServer / 3);
+  const MachineMemory machine{.available = int64_t{20} << 30, .total = int64_t{24} << 30};
+  // dtrain check / train (no launch): a worker's estimate only, as before.
+  CHECK_NOTHROW(checkJobFitsMemory(ps, 1, machine));
+  CHECK_NOTHROW(checkJobFitsMemory(ps, 3, machine));
+  // dtrain run -n 3 on 1 node: both servers are local (2 x 44.7 GiB); on 2 nodes one per node, still too much.
+  std::string msg;
+  try {
+    checkJobFitsMemory(ps, 3, machine, std::nullopt, 1);
+  } catch (const ConfigError& err) {
+    CHECK(err.exitCode() == 2);
+    msg = err.what();
+  }
+  CHECK_MESSAGE(msg.find("per worker x 1 local worker(s) + 44.7 GiB per parameter server x 2 (its rows of the sparse "
+                         "tables with the optimizer's state; more servers or nodes share them) = ") != std::string::npos,
+                msg);
+  CHECK_THROWS_AS(checkJobFitsMemory(ps, 2, machine, std::nullopt, 2), ConfigError);
+  // 8 servers over 8 nodes: one per node, 11.2 GiB: fits; over 4 nodes two per node do not.
+  const Job eight = loadJob({path, {"parallel.servers=8"}});
+  CHECK_NOTHROW(checkJobFitsMemory(eight, 3, machine, std::nullopt, 8));
+  CHECK_THROWS_AS(checkJobFitsMemory(eight, 3, machine, std::nullopt, 4), ConfigError);
+}
+
 TEST_CASE("machine memory is read from /proc/meminfo") {
   auto dir = testing::tempDir("meminfo");
   testing::writeFile(dir + "/meminfo", "MemTotal:       16384 kB\nMemFree:  100 kB\nMemAvailable:    8192 kB\n");

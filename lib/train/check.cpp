@@ -79,7 +79,7 @@ int64_t syntheticBytes(const data::DataSpec& d) {
   return satMul(satMul(samples, perSample), 4);
 }
 
-// top-k computes on the host: with "device": "cuda" its buckets are staged through host memory (stagedThroughHost).
+// With "device": "cuda" and DTRAIN_COMPRESSION_HOST_STAGING=1, top-k and PowerSGD are staged through host memory.
 bool hostStaged(const CompressionSettings& c) { return stagedThroughHost(c.type); }
 
 // "compression: powersgd rank 2: 35.2 KiB per step per rank instead of 1.3 MiB at 2 ranks (expected ratio 37.9x)"
@@ -103,8 +103,11 @@ std::string compressionLine(const Job& job) {
     for (const auto& p : params) floats = satAdd(floats, static_cast<int64_t>(p.count));
     line += fmt::format("; on the GPU staged through host memory: {} down and {} up over PCIe per step",
                         humanBytes(satMul(floats, 4)), humanBytes(satMul(floats, 4)));
-  } else if (job.device.isCuda() && c.type == CompressionSettings::Type::kPowerSgd) {
-    line += "; on the GPU: cuBLAS, kernels and NCCL on device buffers (no host copies)";
+  } else if (job.device.isCuda() && (c.type == CompressionSettings::Type::kPowerSgd ||
+                                     c.type == CompressionSettings::Type::kTopK)) {
+    line += fmt::format("; on the GPU: kernels and NCCL on device buffers (no host copies; {}=1 stages them "
+                        "through host memory instead)",
+                        kHostStagingVariable);
   }
   return line + "; none with 1 rank\n";
 }

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 
 #include "lib/common/error.h"
@@ -172,11 +173,18 @@ uint64_t compressionBufferBytes(const CompressionSettings& c, const std::vector<
   return 0;
 }
 
-bool stagedThroughHost(CompressionSettings::Type type) { return type == CompressionSettings::Type::kTopK; }
+bool stagedThroughHost(CompressionSettings::Type type) {
+  if (type != CompressionSettings::Type::kTopK && type != CompressionSettings::Type::kPowerSgd) return false;
+  const char* v = std::getenv(kHostStagingVariable);
+  return v != nullptr && std::string_view(v) == "1";
+}
 
 std::string gpuCompressionPath(CompressionSettings::Type type) {
-  return stagedThroughHost(type) ? "on the GPU's buckets staged through host memory (the CPU hook over the CPU group)"
-                                 : "on the GPU (kernels, cuBLAS, NCCL; no host copies)";
+  if (stagedThroughHost(type))
+    return fmt::format("on the GPU's buckets staged through host memory ({}=1: the CPU hook over the CPU group)",
+                       kHostStagingVariable);
+  return type == CompressionSettings::Type::kPowerSgd ? "on the GPU (cuBLAS, kernels, NCCL; no host copies)"
+                                                      : "on the GPU (kernels, NCCL; no host copies)";
 }
 
 CommHookPtr makeCompressionHook(const CompressionSettings& c, uint64_t seed) {

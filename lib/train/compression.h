@@ -85,12 +85,15 @@ uint64_t compressionBufferBytes(const CompressionSettings& c, const std::vector<
 // The parameters of a model spec in arena order (names, shapes, offsets), without building the model.
 std::vector<GradParam> paramsOfSpec(const nn::ModelSpec& model);
 
-// Where a hook of this type computes with "device": "cuda" (docs/gpu.md, docs/compression.md "On a GPU"): fp16/bf16
-// and PowerSGD on the device (kernels, cuBLAS, NCCL on device buffers); top-k on host copies of the buckets
-// (CompressionHook's host staging: the CPU hook over the CPU group). The rule the hooks follow (keepsHostState),
-// stated once for the log line and `dtrain check`.
+// Where a hook of this type computes with "device": "cuda" (docs/gpu.md, docs/compression.md "On a GPU"): every type
+// on the device (kernels, cuBLAS, NCCL on device buffers), unless the environment sets
+// DTRAIN_COMPRESSION_HOST_STAGING=1: then top-k and PowerSGD run the CPU hook on host copies of the buckets
+// (CompressionHook's host staging over the CPU group beside nccl: the path before their device kernels, kept as the
+// fallback while those have not run on a GPU); fp16/bf16 are never staged. The rule the hooks follow (bind()), stated
+// once for the worker's log line and `dtrain check`. Reads the environment on each call.
+inline constexpr const char* kHostStagingVariable = "DTRAIN_COMPRESSION_HOST_STAGING";
 bool stagedThroughHost(CompressionSettings::Type type);
-// "on the GPU" or "on the GPU's buckets staged through host memory", for the log line of a cuda job.
+// "on the GPU (...)" or "on the GPU's buckets staged through host memory (...)", for the log line of a cuda job.
 std::string gpuCompressionPath(CompressionSettings::Type type);
 
 // The hook for `c` (seed: PowerSGD's initial Q, equal on every rank).

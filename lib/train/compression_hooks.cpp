@@ -213,102 +213,94 @@ double topKDensity(const CompressionSettings& c, int64_t compressedStep) {
   return std::max(c.ratio, kFirst / std::pow(4.0, stage));
 }
 
-namespace {
+void TopKHook::allocate() { useOps(nn::makeTopKOps(keepsHostState() ? Device::cpu() : layout_.device)); }
 
-// The indices of every element with |x| >= t, for a threshold t read off a strided sample so that about 2k
-// elements pass (Deep Gradient Compression's sampled threshold, made exact): when at least k pass, the top k
-// are among them (everything left out is smaller than every candidate) and the selection runs on those
-// only; otherwise the caller selects from all n. Returns the candidate count (n: use all), written to `out`.
-size_t selectCandidates(const float* acc, size_t n, size_t k, std::vector<int32_t>& out, std::vector<float>& sample) {
-  constexpr size_t kSample = 4096;
-  if (n < 4 * kSample) return n;
-  const size_t stride = n / kSample;
-  sample.resize(kSample);
-  for (size_t j = 0; j < kSample; ++j) sample[j] = std::fabs(acc[j * stride]);
-  const auto rank = std::min(kSample - 1, static_cast<size_t>(2.0 * static_cast<double>(k) / n * kSample) + 8);
-  std::nth_element(sample.begin(), sample.begin() + static_cast<ptrdiff_t>(rank), sample.end(), std::greater<>());
-  const float t = sample[rank];
-  size_t c = 0;
-  for (size_t i = 0; i < n; ++i) {
-    out[c] = static_cast<int32_t>(i);
-    c += std::fabs(acc[i]) >= t ? 1 : 0;  // branch-free: the store happens either way, the count decides
-  }
-  return c >= k ? c : n;
+void TopKHook::useOps(std::unique_ptr<nn::TopKOps> ops) {
+  DTRAIN_CHECK(bound_ && ops != nullptr, "topk: useOps() before bind() or without operations");
+  ops_ = std::move(ops);
+  const size_t n = layout_.arenaSize;
+  residual_ = ops_->allocate(settings_.errorFeedback ? n : 0);
+  velocity_ = ops_->allocate(settings_.momentumCorrection ? n : 0);
+  adamM_ = ops_->allocate(settings_.localAdam ? n : 0);
+  adamV_ = ops_->allocate(settings_.localAdam ? n : 0);
+  buffers_.clear();
+  auto mirror = [&](std::vector<float>& host, const nn::DeviceFloats& dev) {
+    host.assign(ops_->hostMemory() ? 0 : dev.size(), 0.0f);
+  };
+  mirror(residualHost_, residual_);
+  mirror(velocityHost_, velocity_);
+  mirror(adamMHost_, adamM_);
+  mirror(adamVHost_, adamV_);
 }
 
-}  // namespace
-
-void TopKHook::allocate() {
-  residual_.assign(settings_.errorFeedback ? layout_.arenaSize : 0, 0.0f);
-  velocity_.assign(settings_.momentumCorrection ? layout_.arenaSize : 0, 0.0f);
-  adamM_.assign(settings_.localAdam ? layout_.arenaSize : 0, 0.0f);
-  adamV_.assign(settings_.localAdam ? layout_.arenaSize : 0, 0.0f);
+std::span<const float> TopKHook::residual() const {
+  return ops_->hostMemory() ? residual_.span() : std::span<const float>(residualHost_);
 }
 
-void TopKHook::localAdamMoments(const float* g, size_t offset, size_t n) {
-  const auto beta1 = static_cast<float>(settings_.beta1), keep1 = static_cast<float>(1.0 - settings_.beta1);
-  const auto beta2 = static_cast<float>(settings_.beta2), keep2 = static_cast<float>(1.0 - settings_.beta2);
-  float* m = adamM_.data() + offset;
-  float* v = adamV_.data() + offset;
-  for (size_t i = 0; i < n; ++i) {
-    m[i] = m[i] * beta1 + keep1 * g[i];
-    v[i] = v[i] * beta2 + keep2 * g[i] * g[i];
-  }
-}
-
-void TopKHook::localAdamUpdate(float* g, size_t offset, size_t n) {
+gpu::TopkAdam TopKHook::adamCoefficients() const {
   // torch.optim.Adam's update without lr, on this rank's gradient: m and v per rank (updated since the first step,
-  // localAdamMoments in plain()), bias-corrected by the hook's step count.
+  // before start_step too), bias-corrected by the hook's step count.
   const auto t = static_cast<double>(stepsStarted() + 1);
   const double bc1 = 1.0 - std::pow(settings_.beta1, t);
   const double bc2 = 1.0 - std::pow(settings_.beta2, t);
-  const auto beta1 = static_cast<float>(settings_.beta1), keep1 = static_cast<float>(1.0 - settings_.beta1);
-  const auto beta2 = static_cast<float>(settings_.beta2), keep2 = static_cast<float>(1.0 - settings_.beta2);
-  const auto invBc1 = static_cast<float>(1.0 / bc1);
-  const auto bc2Sqrt = static_cast<float>(std::sqrt(bc2));
-  const auto eps = static_cast<float>(settings_.eps);
-  float* m = adamM_.data() + offset;
-  float* v = adamV_.data() + offset;
-  for (size_t i = 0; i < n; ++i) {
-    m[i] = m[i] * beta1 + keep1 * g[i];
-    v[i] = v[i] * beta2 + keep2 * g[i] * g[i];
-    g[i] = invBc1 * m[i] / (std::sqrt(v[i]) / bc2Sqrt + eps);
-  }
+  return {.beta1 = static_cast<float>(settings_.beta1), .keep1 = static_cast<float>(1.0 - settings_.beta1),
+          .beta2 = static_cast<float>(settings_.beta2), .keep2 = static_cast<float>(1.0 - settings_.beta2),
+          .invBc1 = static_cast<float>(1.0 / bc1), .bc2Sqrt = static_cast<float>(std::sqrt(bc2)),
+          .eps = static_cast<float>(settings_.eps)};
 }
 
 void TopKHook::addState(std::vector<HookState>& out) {
-  if (settings_.errorFeedback) out.push_back({"topk.residual", TensorView::flat(residual_.data(), residual_.size())});
-  if (settings_.momentumCorrection)
-    out.push_back({"topk.velocity", TensorView::flat(velocity_.data(), velocity_.size())});
-  if (settings_.localAdam) {
-    out.push_back({"topk.adam_exp_avg", TensorView::flat(adamM_.data(), adamM_.size())});
-    out.push_back({"topk.adam_exp_avg_sq", TensorView::flat(adamV_.data(), adamV_.size())});
+  struct Piece {
+    const char* name;
+    bool on;
+    nn::DeviceFloats& dev;
+    std::vector<float>& host;
+  };
+  const Piece pieces[] = {{"topk.residual", settings_.errorFeedback, residual_, residualHost_},
+                          {"topk.velocity", settings_.momentumCorrection, velocity_, velocityHost_},
+                          {"topk.adam_exp_avg", settings_.localAdam, adamM_, adamMHost_},
+                          {"topk.adam_exp_avg_sq", settings_.localAdam, adamV_, adamVHost_}};
+  for (const Piece& p : pieces) {
+    if (!p.on) continue;
+    if (ops_->hostMemory()) {
+      out.push_back({p.name, TensorView::flat(p.dev.data(), p.dev.size())});
+    } else {  // the checkpoint reads host copies, taken now
+      ops_->toHost(p.host.data(), p.dev.data(), p.host.size());
+      out.push_back({p.name, TensorView::flat(p.host.data(), p.host.size())});
+    }
   }
 }
 
 void TopKHook::stateLoaded(bool sameWorld) {
+  if (!ops_->hostMemory()) {  // the checkpoint wrote the host copies
+    ops_->toDevice(residual_.data(), residualHost_.data(), residualHost_.size());
+    ops_->toDevice(velocity_.data(), velocityHost_.data(), velocityHost_.size());
+    ops_->toDevice(adamM_.data(), adamMHost_.data(), adamMHost_.size());
+    ops_->toDevice(adamV_.data(), adamVHost_.data(), adamVHost_.size());
+  }
   // Another world: the residuals were other ranks' (and another data split's); start from none. Local Adam's
   // moments (rank 0's) are kept: any rank's estimate of the gradient's statistics is as good as its own.
   if (!sameWorld) {
-    std::fill(residual_.begin(), residual_.end(), 0.0f);
-    std::fill(velocity_.begin(), velocity_.end(), 0.0f);
+    ops_->zero(residual_.data(), residual_.size());
+    ops_->zero(velocity_.data(), velocity_.size());
   }
 }
 
 comm::WorkPtr TopKHook::plain(const GradBucket& bucket, comm::Backend& group) {
+  const size_t n = static_cast<size_t>(bucket.grads.numel());
+  float* g = bucket.grads.as<float>();
   // local_adam: this rank's moments follow its gradients from the first step, so that they are warm (and their
   // bias correction small) when the hook starts sending its Adam update: started cold at start_step, every
   // coordinate's first update would be a full step of sign(g) at the learning rate of that step.
-  if (settings_.localAdam && nn::allFinite({bucket.grads.as<float>(), static_cast<size_t>(bucket.grads.numel())}))
-    localAdamMoments(bucket.grads.as<float>(), bucket.offset, static_cast<size_t>(bucket.grads.numel()));
+  if (settings_.localAdam && ops_->allFinite(g, n))
+    ops_->adamMoments(adamM_.data() + bucket.offset, adamV_.data() + bucket.offset, g, n, adamCoefficients());
   auto work = group.allreduceAsync(bucket.grads, comm::ReduceOp::kAvg);
   if (!settings_.momentumCorrection) return work;
-  const size_t n = static_cast<size_t>(bucket.grads.numel());
-  return thenWork(std::move(work), [g = bucket.grads.as<float>(), u = velocity_.data() + bucket.offset, n,
+  return thenWork(std::move(work), [this, g, u = velocity_.data() + bucket.offset, n,
                                     m = static_cast<float>(settings_.momentum)] {
     // The same average on every rank: the velocities stay equal. A non-finite average leaves u as it was.
-    if (!nn::allFinite({g, n})) return;
-    for (size_t i = 0; i < n; ++i) g[i] = u[i] = m * u[i] + g[i];
+    if (!ops_->allFinite(g, n)) return;
+    ops_->plainMomentum(u, g, n, m);
   });
 }
 
@@ -317,16 +309,27 @@ comm::WorkPtr TopKHook::compress(const GradBucket& bucket, comm::Backend& group)
   DTRAIN_CHECK(n <= static_cast<size_t>(std::numeric_limits<int32_t>::max()),
                "topk: bucket {} has {} elements, more than int32 indices address; lower parallel.bucket_mb",
                bucket.index, n);
-  const double density = topKDensity(settings_, stepsStarted() - settings_.startStep);
-  const size_t k = std::clamp<size_t>(static_cast<size_t>(std::ceil(density * static_cast<double>(n))), 1, n);
+  DTRAIN_CHECK(bucket.grads.device == ops_->device(),
+               "topk: bucket {} lives on {}, but the hook's buffers on {} (bind() saw another device)", bucket.index,
+               bucket.grads.device.str(), ops_->device().str());
+  auto kOf = [n](double density) {
+    return std::clamp<size_t>(static_cast<size_t>(std::ceil(density * static_cast<double>(n))), 1, n);
+  };
+  const size_t k = kOf(topKDensity(settings_, stepsStarted() - settings_.startStep));
+  const int ranks = group.size();
   float* g = bucket.grads.as<float>();
   Buffers& b = buffers_[{bucket.offset, n}];
-  b.order.resize(n);  // k changes during the warm-up only: after it nothing reallocates
-  b.send.resize(2 * k);
-  b.recv.resize(2 * k * static_cast<size_t>(group.size()));
+  if (b.capacity < k) {
+    // The largest k this bucket sees: the sparsity warm-up's first stage (its k only falls after): no reallocation.
+    b.capacity = std::max(k, kOf(topKDensity(settings_, 0)));
+    b.send = ops_->allocate(2 * b.capacity);
+    b.recv = ops_->allocate(2 * b.capacity * static_cast<size_t>(ranks));
+  }
+  auto* send = reinterpret_cast<int32_t*>(b.send.data());
+  auto* recv = reinterpret_cast<int32_t*>(b.recv.data());
   // A non-finite gradient is sent as NaN values (every rank's result is then non-finite, so all stop or skip
   // together) and leaves the residual as it was.
-  bool finite = nn::allFinite({g, n});
+  bool finite = ops_->allFinite(g, n);
   if (finite && settings_.localClipNorm > 0) {
     // DGC's local gradient clipping, and this bucket's share of it by its size. DGC sums the ranks' gradients,
     // each scaled by 1/ranks, and clips each to the global threshold over sqrt(ranks) (the sum of n independent
@@ -334,71 +337,35 @@ comm::WorkPtr TopKHook::compress(const GradBucket& bucket, comm::Backend& group)
     // threshold is the global one times sqrt(ranks).
     const double limit = settings_.localClipNorm *
                          std::sqrt(static_cast<double>(n) / static_cast<double>(layout_.arenaSize)) *
-                         std::sqrt(static_cast<double>(group.size()));
-    nn::clipGradNorm({g, n}, limit);
+                         std::sqrt(static_cast<double>(ranks));
+    ops_->clip(g, n, limit);
   }
-  if (finite && settings_.localAdam) localAdamUpdate(g, bucket.offset, n);
+  if (finite && settings_.localAdam)
+    ops_->adamUpdate(adamM_.data() + bucket.offset, adamV_.data() + bucket.offset, g, n, adamCoefficients());
   float* acc = g;
   float* velocity = settings_.momentumCorrection ? velocity_.data() + bucket.offset : nullptr;
   if (finite && settings_.errorFeedback) {
     acc = residual_.data() + bucket.offset;
-    if (velocity) {
-      const auto m = static_cast<float>(settings_.momentum);
-      for (size_t i = 0; i < n; ++i) {
-        velocity[i] = m * velocity[i] + g[i];
-        acc[i] += velocity[i];
-      }
-    } else {
-      for (size_t i = 0; i < n; ++i) acc[i] += g[i];
-    }
-    if (!nn::allFinite({acc, n})) {  // the sum overflowed: drop the residual rather than keep an infinity
-      std::fill(acc, acc + n, 0.0f);
-      if (velocity) std::fill(velocity, velocity + n, 0.0f);
+    if (velocity)
+      ops_->momentum(velocity, acc, g, n, static_cast<float>(settings_.momentum));
+    else
+      ops_->accumulate(acc, g, n);
+    if (!ops_->allFinite(acc, n)) {  // the sum overflowed: drop the residual rather than keep an infinity
+      ops_->zero(acc, n);
+      if (velocity) ops_->zero(velocity, n);
       finite = false;
     }
   }
   const bool masking = velocity != nullptr && settings_.momentumMasking;
-  if (finite) {
-    const size_t candidates = k < n ? selectCandidates(acc, n, k, b.order, b.sample) : n;
-    if (candidates == n) std::iota(b.order.begin(), b.order.end(), 0);
-    if (k < n) {
-      // Largest magnitude first; ties by index, so the choice does not depend on the algorithm's internals.
-      auto larger = [acc](int32_t x, int32_t y) {
-        const float ax = std::fabs(acc[x]), ay = std::fabs(acc[y]);
-        return ax > ay || (ax == ay && x < y);
-      };
-      auto end = b.order.begin() + static_cast<ptrdiff_t>(candidates);
-      std::nth_element(b.order.begin(), b.order.begin() + static_cast<ptrdiff_t>(k), end, larger);
-      std::sort(b.order.begin(), b.order.begin() + static_cast<ptrdiff_t>(k));  // ascending: a cache-friendly scatter
-    }
-    for (size_t j = 0; j < k; ++j) {
-      const int32_t i = b.order[j];
-      b.send[2 * j] = i;
-      b.send[2 * j + 1] = std::bit_cast<int32_t>(acc[i]);
-      if (settings_.errorFeedback) acc[i] = 0.0f;  // sent: what stays in the residual is the rest
-      if (masking) velocity[i] = 0.0f;              // DGC's momentum factor masking
-    }
-  } else {
-    for (size_t j = 0; j < k; ++j) {
-      b.send[2 * j] = static_cast<int32_t>(j);
-      b.send[2 * j + 1] = std::bit_cast<int32_t>(std::numeric_limits<float>::quiet_NaN());
-    }
-  }
-  sent(allgatherWireBytes(k * kTopKPairBytes, group.size()));
-  auto work = group.allgatherAsync(TensorView::flat(b.send.data(), b.send.size()),
-                                   TensorView::flat(b.recv.data(), b.recv.size()));
-  const int ranks = group.size();
-  return thenWork(std::move(work), [g, n, k, ranks, recv = b.recv.data()] {
-    // The same additions in the same order (rank 0's pairs first) on every rank: identical results.
-    std::fill(g, g + n, 0.0f);
-    for (size_t p = 0; p < k * static_cast<size_t>(ranks); ++p) {
-      const auto i = static_cast<size_t>(static_cast<uint32_t>(recv[2 * p]));
-      DTRAIN_CHECK(i < n, "topk: a peer sent index {} for a bucket of {} elements", i, n);
-      g[i] += std::bit_cast<float>(recv[2 * p + 1]);
-    }
-    const auto size = static_cast<float>(ranks);
-    for (size_t i = 0; i < n; ++i) g[i] /= size;
-  });
+  if (finite)
+    ops_->select(acc, n, k, send, settings_.errorFeedback, masking ? velocity : nullptr);
+  else
+    ops_->nanPairs(send, k);
+  sent(allgatherWireBytes(k * kTopKPairBytes, ranks));
+  const Device device = ops_->device();
+  auto work = group.allgatherAsync(TensorView::flat(send, 2 * k, DType::kInt32, device),
+                                   TensorView::flat(recv, 2 * k * static_cast<size_t>(ranks), DType::kInt32, device));
+  return thenWork(std::move(work), [this, g, n, k, ranks, recv] { ops_->decompress(g, n, recv, k, ranks); });
 }
 
 }  // namespace dtrain::train

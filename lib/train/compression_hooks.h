@@ -16,6 +16,7 @@
 #include "lib/nn/device.h"
 #include "lib/nn/host_staging.h"
 #include "lib/nn/powersgd_ops.h"
+#include "lib/nn/topk_ops.h"
 #include "lib/train/compression.h"
 
 namespace dtrain::train {
@@ -56,12 +57,11 @@ double topKDensity(const CompressionSettings& c, int64_t compressedStep);
 // What every compression hook shares: bind(), the start_step switch (plain averaging all-reduce before it),
 // the step count (checkpointed), the traffic counters, and host staging for GPU buckets.
 //
-// Host staging (top-k with "device": "cuda"; docs/gpu.md, docs/compression.md; which hooks: compression.h's
-// stagedThroughHost, the one rule): a hook that computes on host buffers (top-k: its state and selection are the
-// CPU code) gets, for a GPU arena, a host copy of the arena from bind() (nn::HostStaging: pinned memory, a copy
-// stream) and runs unchanged on it, over the layout's hostGroup (the CPU group beside nccl) instead of the nccl data
-// group. fp16/bf16 and PowerSGD run on the device instead (CastHook, PowerSgdHook); stageOnHost() still stages any
-// hook bound to a CPU arena (tests):
+// Host staging (the fallback: top-k and PowerSGD with "device": "cuda" and DTRAIN_COMPRESSION_HOST_STAGING=1; by
+// default every hook runs on the device; docs/gpu.md, docs/compression.md; the rule: compression.h's
+// stagedThroughHost): the hook gets, for a GPU arena, a host copy of the arena from bind() (nn::HostStaging: pinned
+// memory, a copy stream), its operations on the CPU, and runs unchanged on that copy, over the layout's hostGroup (the
+// CPU group beside nccl) instead of the nccl data group; stageOnHost() stages any hook bound to a CPU arena (tests):
 //   start(bucket)   enqueues the bucket's download (device -> pinned host, on the copy stream after the compute
 //                   stream's kernels that wrote it) and returns; the host does not wait, so backward's kernels keep
 //                   being enqueued
@@ -95,8 +95,8 @@ class CompressionHook : public CommHook {
   bool staged() const { return staging_ != nullptr; }
 
  protected:
-  // Whether the hook computes on host buffers (top-k: staged on a GPU); false: it runs where the bucket lives
-  // (fp16/bf16 casts and PowerSGD have device kernels). compression.h's stagedThroughHost.
+  // Whether the hook computes on host buffers (staged on a GPU); false: it runs where the bucket lives (every type
+  // has device kernels). compression.h's stagedThroughHost: only with DTRAIN_COMPRESSION_HOST_STAGING=1.
   bool keepsHostState() const { return stagedThroughHost(settings_.type); }
   // Whether plain() (before start_step) touches host state: then it is staged too on a GPU.
   virtual bool plainOnHost() const { return false; }
@@ -148,12 +148,21 @@ class CastHook final : public CompressionHook {
   nn::DeviceFloats deviceHalf_;  // arena-sized 16-bit values (as floats' storage), at the first GPU bucket
 };
 
-// top-k with error feedback, exchanged by all-gather of (index, value) pairs.
+// top-k with error feedback, exchanged by all-gather of (index, value) pairs, where the arena lives: its state
+// (residual, velocity, local Adam's moments), the pair buffers and every operation on them are nn::TopKOps on the
+// arena's device (the CPU hook's loops and selection on the CPU; kernels and NCCL's all-gather on device buffers on a
+// GPU: nothing staged through host memory; lib/nn/topk_ops.h says what is bit for bit).
 class TopKHook final : public CompressionHook {
  public:
   using CompressionHook::CompressionHook;
-  std::span<const float> residual() const { return residual_; }
+  // The residual as the checkpoint sees it: the buffer itself on the CPU; on a GPU a host copy taken by
+  // stateBuffers().
+  std::span<const float> residual() const;
   void stateLoaded(bool sameWorld) override;
+  // Runs on `ops` instead of the arena device's (after bind(); state and buffers start afresh): tests pass a CPU
+  // stand-in that keeps its buffers away from the host (hostMemory() false), as a GPU does.
+  void useOps(std::unique_ptr<nn::TopKOps> ops);
+  const nn::TopKOps& ops() const { return *ops_; }
 
  protected:
   comm::WorkPtr compress(const GradBucket& bucket, comm::Backend& group) override;
@@ -165,20 +174,18 @@ class TopKHook final : public CompressionHook {
   void addState(std::vector<HookState>& out) override;
 
  private:
-  // local_adam: this rank's Adam moments advance by g (before start_step), or g becomes Adam's update direction
-  // for it (from start_step).
-  void localAdamMoments(const float* g, size_t offset, size_t n);
-  void localAdamUpdate(float* g, size_t offset, size_t n);
+  // local_adam's coefficients at this step (bias corrections by the hook's step count).
+  gpu::TopkAdam adamCoefficients() const;
 
   struct Buffers {
-    std::vector<int32_t> order;  // candidate indices for the selection
-    std::vector<int32_t> send;   // k pairs
-    std::vector<int32_t> recv;   // n x k pairs
-    std::vector<float> sample;   // magnitudes sampled for the candidate threshold
+    nn::DeviceFloats send, recv;  // k pairs, ranks x k pairs (int32 index and float bits), at `capacity` pairs
+    size_t capacity = 0;
   };
-  std::vector<float> residual_;  // arena-sized, this rank's unsent gradient (error feedback)
-  std::vector<float> velocity_;  // arena-sized, momentum_correction's u
-  std::vector<float> adamM_, adamV_;  // arena-sized, local_adam's exp_avg and exp_avg_sq (per rank)
+  std::unique_ptr<nn::TopKOps> ops_;
+  nn::DeviceFloats residual_;  // arena-sized, this rank's unsent gradient (error feedback)
+  nn::DeviceFloats velocity_;  // arena-sized, momentum_correction's u
+  nn::DeviceFloats adamM_, adamV_;  // arena-sized, local_adam's exp_avg and exp_avg_sq (per rank)
+  std::vector<float> residualHost_, velocityHost_, adamMHost_, adamVHost_;  // the checkpoint's copies off the host
   std::map<std::pair<size_t, size_t>, Buffers> buffers_;  // per bucket (offset, count)
 };
 

@@ -358,9 +358,9 @@ void checkCudaJob(const Job& job, const std::string& src) {
                   "{}: /parallel/tensor: tensor parallelism ({} ranks) runs on the CPU only in this build; \"device\": "
                   "\"cuda\" supports \"tensor\": 1, or use \"device\": \"cpu\"",
                   src, job.parallel.tensor);
-  // Every compression runs with cuda: fp16/bf16 (CastHook) and PowerSGD (PowerSgdHook over nn::PowerSgdOps) on the
-  // device; top-k runs the CPU hook on host copies of the buckets over the CPU group beside nccl (CompressionHook's
-  // host staging; stagedThroughHost in compression.h).
+  // Every compression runs with cuda, on the device: fp16/bf16 (CastHook), PowerSGD (nn::PowerSgdOps), top-k
+  // (nn::TopKOps); DTRAIN_COMPRESSION_HOST_STAGING=1 stages top-k and PowerSGD through host memory instead
+  // (CompressionHook's host staging; stagedThroughHost in compression.h).
   // Every loss (cross_entropy, mse, bce_with_logits) and optimizer (sgd, adam, adamw, adagrad) has a CUDA
   // implementation (lib/nn/cuda); a type added later without one fails in its device factory (NotBuiltError).
   // Every layer needs a CUDA implementation: name the first that has none, before any worker starts.

@@ -85,17 +85,21 @@ TEST_CASE("device cuda with top-k or PowerSGD: `dtrain check` and `dtrain run --
     std::string text = job;
     text.insert(text.rfind('}'), R"(, "parallel": {"compression": )" + compression + "}");
     writeFile(dir + "/job.json", text);
-    auto checked = run({dtrainBinary(), "check", dir + "/job.json", "--output-dir", dir + "/out"},
-                       {.env = {{"CUDA_VISIBLE_DEVICES", ""}}});
-    INFO(checked.out);
-    INFO(checked.err);
-    CHECK(checked.exitCode == 0);
-    // top-k is staged through host memory on a GPU; PowerSGD runs on the device (compression.h stagedThroughHost).
-    const bool topk = compression.find("topk") != std::string::npos;
-    CHECK(((checked.out + checked.err).find("on the GPU staged through host memory: 268 B down and 268 B up over PCIe "
-                                            "per step") != std::string::npos) == topk);
-    CHECK(((checked.out + checked.err).find("on the GPU: cuBLAS, kernels and NCCL on device buffers (no host copies)") !=
-           std::string::npos) == !topk);
+    // On the device by default; staged through host memory with DTRAIN_COMPRESSION_HOST_STAGING=1 (the fallback).
+    for (const bool staged : {false, true}) {
+      CAPTURE(staged);
+      auto checked = run({dtrainBinary(), "check", dir + "/job.json", "--output-dir", dir + "/out"},
+                         {.env = {{"CUDA_VISIBLE_DEVICES", ""}, {"DTRAIN_COMPRESSION_HOST_STAGING", staged ? "1" : "0"}}});
+      INFO(checked.out);
+      INFO(checked.err);
+      CHECK(checked.exitCode == 0);
+      const std::string said = checked.out + checked.err;
+      CHECK((said.find("on the GPU staged through host memory: 268 B down and 268 B up over PCIe per step") !=
+             std::string::npos) == staged);
+      CHECK((said.find("on the GPU: kernels and NCCL on device buffers (no host copies; "
+                       "DTRAIN_COMPRESSION_HOST_STAGING=1 stages them through host memory instead)") !=
+             std::string::npos) == !staged);
+    }
     // The agent counts CUDA_VISIBLE_DEVICES' entries as given where no driver is there to ask.
     if (!std::filesystem::exists("/proc/driver/nvidia/gpus")) {
       auto plan = run({dtrainBinary(), "run", "--standalone", "--nproc-per-node", "2", "--dry-run", dir + "/job.json",

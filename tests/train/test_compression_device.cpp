@@ -1,5 +1,5 @@
-// PowerSGD's GPU path run on the CPU: the hook's operations (lib/nn/powersgd_ops.h) are a stand-in that computes
-// like the CPU's but keeps its buffers away from the host as a GPU does (hostMemory() false: the checkpointed state
+// PowerSGD's and top-k's GPU paths run on the CPU: the hooks' operations (lib/nn/powersgd_ops.h, topk_ops.h) are a
+// stand-in that computes like the CPU's but keeps its buffers away from the host as a GPU does (hostMemory() false: the checkpointed state
 // goes through toHost/toDevice copies, every write of a buffer through an operation). Driven by DDP as a GPU job
 // drives it (its buckets, their order, overlap on and off) on 2 ranks, it must give the CPU hook's results, state
 // and traffic bit for bit; its state saved into a CPU hook (a GPU checkpoint resumed on the CPU) and the other way
@@ -12,6 +12,7 @@
 #include "lib/comm/registry.h"
 #include "lib/nn/model.h"
 #include "lib/nn/powersgd_ops.h"
+#include "lib/nn/topk_ops.h"
 #include "lib/train/compression.h"
 #include "lib/train/compression_hooks.h"
 #include "lib/train/ddp.h"
@@ -53,6 +54,59 @@ class OffHostOps final : public nn::PowerSgdOps {
   std::unique_ptr<nn::PowerSgdOps> cpu_ = nn::makePowerSgdOps(Device::cpu());
 };
 
+// The same for top-k.
+class OffHostTopKOps final : public nn::TopKOps {
+ public:
+  Device device() const override { return Device::cpu(); }
+  bool hostMemory() const override { return false; }
+  nn::DeviceFloats allocate(size_t n) override { return cpu_->allocate(n); }
+  bool allFinite(const float* x, size_t n) override { return cpu_->allFinite(x, n); }
+  void clip(float* g, size_t n, double limit) override { cpu_->clip(g, n, limit); }
+  void zero(float* x, size_t n) override { cpu_->zero(x, n); }
+  void adamMoments(float* m, float* v, const float* g, size_t n, const gpu::TopkAdam& a) override {
+    cpu_->adamMoments(m, v, g, n, a);
+  }
+  void adamUpdate(float* m, float* v, float* g, size_t n, const gpu::TopkAdam& a) override {
+    cpu_->adamUpdate(m, v, g, n, a);
+  }
+  void accumulate(float* acc, const float* g, size_t n) override { cpu_->accumulate(acc, g, n); }
+  void momentum(float* u, float* acc, const float* g, size_t n, float m) override { cpu_->momentum(u, acc, g, n, m); }
+  void plainMomentum(float* u, float* g, size_t n, float m) override { cpu_->plainMomentum(u, g, n, m); }
+  void select(float* acc, size_t n, size_t k, int32_t* pairs, bool zeroTaken, float* velocity) override {
+    cpu_->select(acc, n, k, pairs, zeroTaken, velocity);
+  }
+  void nanPairs(int32_t* pairs, size_t k) override { cpu_->nanPairs(pairs, k); }
+  void decompress(float* g, size_t n, const int32_t* pairs, size_t k, int ranks) override {
+    cpu_->decompress(g, n, pairs, k, ranks);
+  }
+  void toDevice(float* dst, const float* host, size_t n) override {
+    ++toDeviceCalls;
+    cpu_->toDevice(dst, host, n);
+  }
+  void toHost(float* host, const float* src, size_t n) override {
+    ++toHostCalls;
+    cpu_->toHost(host, src, n);
+  }
+  int toDeviceCalls = 0, toHostCalls = 0;
+
+ private:
+  std::unique_ptr<nn::TopKOps> cpu_ = nn::makeTopKOps(Device::cpu());
+};
+
+// Puts a bound PowerSGD or top-k hook on the stand-in; returns the stand-in's toHost count reader.
+std::function<int()> offHost(CommHook& hook) {
+  if (auto* p = dynamic_cast<PowerSgdHook*>(&hook)) {
+    auto owned = std::make_unique<OffHostOps>();
+    OffHostOps* ops = owned.get();
+    p->useOps(std::move(owned));
+    return [ops] { return ops->toHostCalls; };
+  }
+  auto owned = std::make_unique<OffHostTopKOps>();
+  OffHostTopKOps* ops = owned.get();
+  dynamic_cast<TopKHook&>(hook).useOps(std::move(owned));
+  return [ops] { return ops->toHostCalls; };
+}
+
 bool sameBits(std::span<const float> a, std::span<const float> b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
 }
@@ -74,7 +128,7 @@ struct RankResult {
 constexpr int kRanks = 2, kBatch = 4, kSteps = 5;
 
 // kSteps DDP steps of a 3-layer MLP on 2 ranks (one bucket per layer with overlap, the whole arena without).
-std::vector<RankResult> runDdp(const CompressionSettings& c, bool overlap, bool offHost) {
+std::vector<RankResult> runDdp(const CompressionSettings& c, bool overlap, bool offHostOps) {
   auto spec = nn::parseModelSpec(json::parse(R"({"input": [100], "layers": [
       {"type": "linear", "out": 50}, {"type": "relu"}, {"type": "linear", "out": 40}, {"type": "relu"},
       {"type": "linear", "out": 10}]})"), "t.json");
@@ -89,13 +143,8 @@ std::vector<RankResult> runDdp(const CompressionSettings& c, bool overlap, bool 
                     {.firstBucketMb = 0.002, .bucketMb = 0.023, .overlap = overlap, .hook = hook});
     nn::Model model = nn::Model::build(spec, kBatch, 1);
     ddp.prepare(model);
-    auto& psgd = dynamic_cast<PowerSgdHook&>(*hook);
-    OffHostOps* ops = nullptr;
-    if (offHost) {
-      auto owned = std::make_unique<OffHostOps>();
-      ops = owned.get();
-      psgd.useOps(std::move(owned));
-    }
+    std::function<int()> toHost;
+    if (offHostOps) toHost = offHost(*hook);
     for (int step = 0; step < kSteps; ++step) {
       std::vector<float> x(kBatch * 100), dy(kBatch * 10);
       for (size_t i = 0; i < x.size(); ++i) x[i] = std::sin(0.1f * static_cast<float>(i) + static_cast<float>(rank + step));
@@ -109,10 +158,44 @@ std::vector<RankResult> runDdp(const CompressionSettings& c, bool overlap, bool 
     }
     r.state = floatState(*hook);
     r.traffic = *hook->traffic();
-    if (ops) r.toHost = ops->toHostCalls;
+    if (toHost) r.toHost = toHost();
   });
   REQUIRE(comm::testing::firstError(errors) == "");
   return out;
+}
+
+CompressionSettings topk(double ratio) {
+  CompressionSettings c;
+  c.type = CompressionSettings::Type::kTopK;
+  c.ratio = ratio;
+  return c;
+}
+
+// Runs every case through DDP on both paths and compares rank by rank, step by step, bit for bit.
+void compareDdp(const std::vector<std::pair<std::string, CompressionSettings>>& cases) {
+  for (const auto& [name, c] : cases)
+    for (bool overlap : {true, false}) {
+      CAPTURE(name);
+      CAPTURE(overlap);
+      const auto cpu = runDdp(c, overlap, false);
+      const auto dev = runDdp(c, overlap, true);
+      for (int rank = 0; rank < kRanks; ++rank) {
+        CAPTURE(rank);
+        const auto& a = cpu[static_cast<size_t>(rank)];
+        const auto& b = dev[static_cast<size_t>(rank)];
+        for (int step = 0; step < kSteps; ++step) {
+          CAPTURE(step);
+          CHECK(sameBits(a.grads[static_cast<size_t>(step)], b.grads[static_cast<size_t>(step)]));
+        }
+        REQUIRE(a.state.size() == b.state.size());
+        for (size_t s = 0; s < a.state.size(); ++s) CHECK(sameBits(a.state[s], b.state[s]));
+        CHECK(a.traffic.bytesSent == b.traffic.bytesSent);
+        CHECK(a.traffic.bytesUncompressed == b.traffic.bytesUncompressed);
+        if (!a.state.empty()) CHECK(b.toHost > 0);  // the state was copied down for stateBuffers()
+      }
+      // Replicas agree.
+      CHECK(sameBits(dev[0].grads.back(), dev[1].grads.back()));
+    }
 }
 
 CompressionSettings powersgd(int rank) {
@@ -138,32 +221,48 @@ TEST_CASE("PowerSGD with its buffers off the host (a GPU's path): the CPU hook's
     c.errorFeedback = false;
     cases.emplace_back("rank 4, no error feedback", c);
   }
-  for (const auto& [name, c] : cases)
-    for (bool overlap : {true, false}) {
-      CAPTURE(name);
-      CAPTURE(overlap);
-      const auto cpu = runDdp(c, overlap, false);
-      const auto dev = runDdp(c, overlap, true);
-      for (int rank = 0; rank < kRanks; ++rank) {
-        CAPTURE(rank);
-        const auto& a = cpu[static_cast<size_t>(rank)];
-        const auto& b = dev[static_cast<size_t>(rank)];
-        for (int step = 0; step < kSteps; ++step) {
-          CAPTURE(step);
-          CHECK(sameBits(a.grads[static_cast<size_t>(step)], b.grads[static_cast<size_t>(step)]));
-        }
-        REQUIRE(a.state.size() == b.state.size());
-        for (size_t s = 0; s < a.state.size(); ++s) CHECK(sameBits(a.state[s], b.state[s]));
-        CHECK(a.traffic.bytesSent == b.traffic.bytesSent);
-        CHECK(a.traffic.bytesUncompressed == b.traffic.bytesUncompressed);
-        CHECK(b.toHost > 0);  // the state was copied down for stateBuffers()
-      }
-      // Replicas agree.
-      CHECK(sameBits(dev[0].grads.back(), dev[1].grads.back()));
-    }
+  compareDdp(cases);
 }
 
-TEST_CASE("PowerSGD's state moves between the GPU's path and the CPU's (a checkpoint resumed on the other device)") {
+TEST_CASE("top-k with its buffers off the host (a GPU's path): the CPU hook's results, state and traffic bit for bit") {
+  std::vector<std::pair<std::string, CompressionSettings>> cases;
+  {
+    CompressionSettings c = topk(0.2);
+    c.startStep = 1;
+    cases.emplace_back("topk 0.2, start_step 1", c);
+  }
+  {
+    CompressionSettings c = topk(0.01);
+    c.momentumCorrection = true;
+    c.momentum = 0.9;
+    c.warmupSteps = 3;
+    c.startStep = 1;
+    c.localClipNorm = 0.05;
+    cases.emplace_back("topk momentum_correction, DGC warm-up, local clipping", c);
+  }
+  {
+    CompressionSettings c = topk(0.1);
+    c.momentumCorrection = true;
+    c.momentum = 0.9;
+    c.momentumMasking = false;
+    cases.emplace_back("topk momentum_correction without masking", c);
+  }
+  {
+    CompressionSettings c = topk(0.1);
+    c.localAdam = true;
+    c.startStep = 2;
+    cases.emplace_back("topk local_adam from step 2", c);
+  }
+  {
+    CompressionSettings c = topk(0.05);
+    c.errorFeedback = false;
+    cases.emplace_back("topk without error feedback", c);
+  }
+  cases.emplace_back("topk ratio 1", topk(1.0));
+  compareDdp(cases);
+}
+
+TEST_CASE("PowerSGD's and top-k's state moves between the GPU's path and the CPU's (a checkpoint resumed on the other device)") {
   // Two parameters' buckets in DDP's order (the last layer first), 2 ranks, rank 2 with error feedback.
   HookLayout layout;
   layout.params = {{"0.weight", Shape{30, 40}, 0, 1200},
@@ -172,65 +271,72 @@ TEST_CASE("PowerSGD's state moves between the GPU's path and the CPU's (a checkp
                    {"2.bias", Shape{20}, 1830, 20}};
   layout.arenaSize = 1850;
   layout.groupSize = kRanks;
-  const CompressionSettings c = powersgd(2);
-  auto gradient = [](int rank, int step) {
-    std::vector<float> g(1850);
-    for (size_t i = 0; i < g.size(); ++i)
-      g[i] = std::sin(0.37f * static_cast<float>(i) + 1.3f * static_cast<float>(rank) + 0.7f * static_cast<float>(step));
-    return g;
-  };
-  auto store = rendezvous::MemoryStore::create();
-  std::vector<std::string> problems(kRanks);
-  auto errors = comm::testing::onRanks(kRanks, [&](int rank) {
-    auto group = comm::createBackend("tcp", comm::testing::rankOptions(rank, kRanks, store));
-    auto step = [&](CommHook& hook, int s) {
-      std::vector<float> g = gradient(rank, s);
-      std::vector<comm::WorkPtr> work;
-      const std::pair<size_t, size_t> buckets[] = {{1230, 620}, {0, 1230}};
-      for (size_t b = 0; b < 2; ++b) {
-        const auto params = std::span<const GradParam>(layout.params).subspan(b == 0 ? 2 : 0, 2);
-        work.push_back(hook.start({.index = b, .grads = TensorView::flat(g.data() + buckets[b].first, buckets[b].second),
-                                   .offset = buckets[b].first, .layers = {}, .last = b == 1, .params = params},
-                                  *group));
-      }
-      for (auto& w : work) w->wait();
+  CompressionSettings mc = topk(0.1), la = topk(0.1);
+  mc.momentumCorrection = true;
+  mc.momentum = 0.9;
+  la.localAdam = true;
+  la.startStep = 1;
+  for (const CompressionSettings& c : {powersgd(2), mc, la}) {
+    CAPTURE(compressionTypeName(c.type));
+    auto gradient = [](int rank, int step) {
+      std::vector<float> g(1850);
+      for (size_t i = 0; i < g.size(); ++i)
+        g[i] = std::sin(0.37f * static_cast<float>(i) + 1.3f * static_cast<float>(rank) + 0.7f * static_cast<float>(step));
       return g;
     };
-    auto make = [&](bool offHost) {
-      auto hook = makeCompressionHook(c, 5);
-      hook->bind(layout);
-      if (offHost) dynamic_cast<PowerSgdHook&>(*hook).useOps(std::make_unique<OffHostOps>());
-      return hook;
-    };
-    // A run of 3 steps on each path; then each one's state loaded into a fresh hook of the other path (the
-    // checkpoint's load: into stateBuffers()' views, then stateLoaded) and 2 more steps on both.
-    auto cpu = make(false), dev = make(true);
-    for (int s = 0; s < 3; ++s)
-      if (!sameBits(step(*cpu, s), step(*dev, s))) problems[static_cast<size_t>(rank)] = "the paths differ before the move";
-    auto load = [](CommHook& from, CommHook& into) {
-      auto src = from.stateBuffers();
-      auto dst = into.stateBuffers();
-      REQUIRE(src.size() == dst.size());
-      for (size_t i = 0; i < src.size(); ++i) {
-        REQUIRE(src[i].name == dst[i].name);
-        REQUIRE(src[i].view.bytes() == dst[i].view.bytes());
-        std::memcpy(dst[i].view.data, src[i].view.data, src[i].view.bytes());
+    auto store = rendezvous::MemoryStore::create();
+    std::vector<std::string> problems(kRanks);
+    auto errors = comm::testing::onRanks(kRanks, [&](int rank) {
+      auto group = comm::createBackend("tcp", comm::testing::rankOptions(rank, kRanks, store));
+      auto step = [&](CommHook& hook, int s) {
+        std::vector<float> g = gradient(rank, s);
+        std::vector<comm::WorkPtr> work;
+        const std::pair<size_t, size_t> buckets[] = {{1230, 620}, {0, 1230}};
+        for (size_t b = 0; b < 2; ++b) {
+          const auto params = std::span<const GradParam>(layout.params).subspan(b == 0 ? 2 : 0, 2);
+          work.push_back(hook.start({.index = b, .grads = TensorView::flat(g.data() + buckets[b].first, buckets[b].second),
+                                     .offset = buckets[b].first, .layers = {}, .last = b == 1, .params = params},
+                                    *group));
+        }
+        for (auto& w : work) w->wait();
+        return g;
+      };
+      auto make = [&](bool offHostOps) {
+        auto hook = makeCompressionHook(c, 5);
+        hook->bind(layout);
+        if (offHostOps) offHost(*hook);
+        return hook;
+      };
+      // A run of 3 steps on each path; then each one's state loaded into a fresh hook of the other path (the
+      // checkpoint's load: into stateBuffers()' views, then stateLoaded) and 2 more steps on both.
+      auto cpu = make(false), dev = make(true);
+      for (int s = 0; s < 3; ++s)
+        if (!sameBits(step(*cpu, s), step(*dev, s))) problems[static_cast<size_t>(rank)] = "the paths differ before the move";
+      auto load = [](CommHook& from, CommHook& into) {
+        auto src = from.stateBuffers();
+        auto dst = into.stateBuffers();
+        REQUIRE(src.size() == dst.size());
+        for (size_t i = 0; i < src.size(); ++i) {
+          REQUIRE(src[i].name == dst[i].name);
+          REQUIRE(src[i].view.bytes() == dst[i].view.bytes());
+          std::memcpy(dst[i].view.data, src[i].view.data, src[i].view.bytes());
+        }
+        into.stateLoaded(true);
+      };
+      auto cpuFromDev = make(false), devFromCpu = make(true);
+      load(*dev, *cpuFromDev);
+      load(*cpu, *devFromCpu);
+      for (int s = 3; s < 5; ++s) {
+        const auto want = step(*cpu, s);
+        if (!sameBits(want, step(*dev, s))) problems[static_cast<size_t>(rank)] = "the paths differ after the move";
+        if (!sameBits(want, step(*cpuFromDev, s))) problems[static_cast<size_t>(rank)] = "GPU -> CPU state did not carry";
+        if (!sameBits(want, step(*devFromCpu, s))) problems[static_cast<size_t>(rank)] = "CPU -> GPU state did not carry";
       }
-      into.stateLoaded(true);
-    };
-    auto cpuFromDev = make(false), devFromCpu = make(true);
-    load(*dev, *cpuFromDev);
-    load(*cpu, *devFromCpu);
-    for (int s = 3; s < 5; ++s) {
-      const auto want = step(*cpu, s);
-      if (!sameBits(want, step(*dev, s))) problems[static_cast<size_t>(rank)] = "the paths differ after the move";
-      if (!sameBits(want, step(*cpuFromDev, s))) problems[static_cast<size_t>(rank)] = "GPU -> CPU state did not carry";
-      if (!sameBits(want, step(*devFromCpu, s))) problems[static_cast<size_t>(rank)] = "CPU -> GPU state did not carry";
-    }
-    const auto a = floatState(*cpu), b = floatState(*devFromCpu);
-    for (size_t i = 0; i < a.size(); ++i)
-      if (!sameBits(a[i], b[i])) problems[static_cast<size_t>(rank)] = "the state differs at the end";
-  });
-  REQUIRE(comm::testing::firstError(errors) == "");
-  for (const auto& p : problems) CHECK(p == "");
+      const auto a = floatState(*cpu), b = floatState(*devFromCpu);
+      for (size_t i = 0; i < a.size(); ++i)
+        if (!sameBits(a[i], b[i])) problems[static_cast<size_t>(rank)] = "the state differs at the end";
+    });
+    REQUIRE(comm::testing::firstError(errors) == "");
+    for (const auto& p : problems) CHECK(p == "");
+  }
 }

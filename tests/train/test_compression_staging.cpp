@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <bit>
 #include <cstdint>
+#include <cstdlib>
 #include <cmath>
 #include <limits>
 #include <stdexcept>
@@ -265,16 +266,26 @@ TEST_CASE("host staging needs a CPU group beside the device group; fp16/bf16 are
   }
   hook.stageOnHost(std::make_unique<LateStaging>(8), cpu);
   CHECK(hook.staged());
-  // A GPU arena without the CPU group: a clear error (DdpStrategy always passes one; a CPU-only build would fail
-  // later, making the staging, with NotBuiltError).
+  // Staged on a GPU only with DTRAIN_COMPRESSION_HOST_STAGING=1 (the fallback; by default top-k and PowerSGD run on
+  // the device). A GPU arena without the CPU group then: a clear error (DdpStrategy always passes one; a CPU-only
+  // build would fail later, making the staging, with NotBuiltError).
+  CHECK(!stagedThroughHost(CompressionSettings::Type::kTopK));
+  CHECK(!stagedThroughHost(CompressionSettings::Type::kPowerSgd));
+  ::setenv(kHostStagingVariable, "1", 1);
+  CHECK(stagedThroughHost(CompressionSettings::Type::kTopK));
+  CHECK(stagedThroughHost(CompressionSettings::Type::kPowerSgd));
+  CHECK(!stagedThroughHost(CompressionSettings::Type::kFp16));
   layout.device = Device::cuda(0);
-  auto topkHook = makeCompressionHook(topk(0.1));
-  try {
-    topkHook->bind(layout);
-    FAIL("expected an error");
-  } catch (const Error& e) {
-    CHECK(std::string(e.what()).find("a cuda:0 arena needs a CPU group beside the device group") != std::string::npos);
+  for (const CompressionSettings& c : {topk(0.1), powersgd(1)}) {
+    auto staged = makeCompressionHook(c);
+    try {
+      staged->bind(layout);
+      FAIL("expected an error");
+    } catch (const Error& e) {
+      CHECK(std::string(e.what()).find("a cuda:0 arena needs a CPU group beside the device group") != std::string::npos);
+    }
   }
+  ::unsetenv(kHostStagingVariable);
   // fp16 runs its casts on the device (kernels): bind() makes no staging, even for a GPU arena.
   CompressionSettings half;
   half.type = CompressionSettings::Type::kFp16;

@@ -234,6 +234,7 @@ void TopKHook::useOps(std::unique_ptr<nn::TopKOps> ops) {
 }
 
 std::span<const float> TopKHook::residual() const {
+  if (!ops_) return {};  // before bind()
   return ops_->hostMemory() ? residual_.span() : std::span<const float>(residualHost_);
 }
 

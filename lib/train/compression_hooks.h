@@ -162,7 +162,7 @@ class TopKHook final : public CompressionHook {
   // Runs on `ops` instead of the arena device's (after bind(); state and buffers start afresh): tests pass a CPU
   // stand-in that keeps its buffers away from the host (hostMemory() false), as a GPU does.
   void useOps(std::unique_ptr<nn::TopKOps> ops);
-  const nn::TopKOps& ops() const { return *ops_; }
+  const nn::TopKOps& ops() const { return *ops_; }  // after bind()
 
  protected:
   comm::WorkPtr compress(const GradBucket& bucket, comm::Backend& group) override;
@@ -198,14 +198,14 @@ class PowerSgdHook final : public CompressionHook {
   PowerSgdHook(CompressionSettings settings, uint64_t seed) : CompressionHook(settings), seed_(seed) {}
   const PowerSgdPlan& plan() const { return plan_; }
   // Q and the residual as the checkpoint sees them: the buffers themselves on the CPU; on a GPU host copies, taken
-  // by stateBuffers().
+  // by stateBuffers(). Empty before bind().
   std::span<const float> q() const;
   std::span<const float> residual() const;
   void stateLoaded(bool sameWorld) override;
   // Runs on `ops` instead of the arena device's (after bind(); state and buffers start afresh): tests pass a CPU
   // stand-in that keeps its buffers away from the host (hostMemory() false), as a GPU does.
   void useOps(std::unique_ptr<nn::PowerSgdOps> ops);
-  const nn::PowerSgdOps& ops() const { return *ops_; }
+  const nn::PowerSgdOps& ops() const { return *ops_; }  // after bind()
 
  protected:
   comm::WorkPtr compress(const GradBucket& bucket, comm::Backend& group) override;

@@ -88,10 +88,12 @@ void PowerSgdHook::initQ(size_t entry) {
 }
 
 std::span<const float> PowerSgdHook::q() const {
+  if (!ops_) return {};  // before bind()
   return ops_->hostMemory() ? q_.span() : std::span<const float>(qHost_);
 }
 
 std::span<const float> PowerSgdHook::residual() const {
+  if (!ops_) return {};
   return ops_->hostMemory() ? residual_.span() : std::span<const float>(residualHost_);
 }
 

@@ -1,5 +1,7 @@
 #include "lib/data/batch_loader.h"
 
+#include <algorithm>
+
 #include "lib/common/error.h"
 
 namespace dtrain::data {
@@ -11,7 +13,8 @@ BatchLoader::BatchLoader(const Dataset& dataset, const DistributedSampler& sampl
                   "sampler was built for {} samples, the dataset has {}", sampler.datasetSize(), dataset.size());
   const int64_t n = sampler.numSamplesThisRank();
   numBatches_ = options.dropLast ? n / options.batchSize : (n + options.batchSize - 1) / options.batchSize;
-  const auto b = static_cast<size_t>(options.batchSize);
+  // A batch never holds more than the rank's samples (PyTorch's last, short batch): no buffer for a batch_size above.
+  const auto b = static_cast<size_t>(std::clamp<int64_t>(n, 1, options.batchSize));
   for (auto& slot : slots_) {
     slot.features.resize(b * static_cast<size_t>(dataset.featureSize()));
     // One class label per sample, or one per position for sequences (labelShape [T]).

@@ -12,7 +12,8 @@
 // batches of the same sizes: batchSize each, the last one partial unless dropLast. Batch::position is the epoch
 // position (sampler.position()) once every rank has finished that batch: batchSize * world per step, less at the
 // end of the epoch. When the loop ends the epoch is over (with dropLast the few samples not taken are dropped,
-// as in PyTorch): continue with the next epoch at position 0.
+// as in PyTorch): continue with the next epoch at position 0. The batch buffers hold min(batchSize, this rank's
+// samples): a batchSize above the rank's share allocates for the share.
 //
 // Lifetime and threads: the loader reads the dataset and sampler it was given; both must outlive it and the
 // sampler must not be changed (setEpoch) while it exists. A Batch (and its buffers) is valid until the next call

@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <fstream>
 #include <limits>
 #include <sstream>
@@ -124,7 +125,24 @@ std::string MemoryEstimate::str() const {
                      compression > 0 ? fmt::format(", compression {}", humanBytes(compression)) : "");
 }
 
-MemoryEstimate estimateMemory(const Job& job, int worldSize) {
+std::optional<int64_t> specSamples(const Job& job) {
+  // Synthetic sets say their size in the spec; a file's is known once it is probed (checkJobData).
+  const auto known = [](const data::DataSpec& d) -> std::optional<int64_t> {
+    if (d.format != data::Format::kSynthetic) return std::nullopt;
+    return d.limit ? std::min(*d.limit, d.synthetic.samples) : d.synthetic.samples;
+  };
+  const auto train = known(job.data.train);
+  const auto eval = job.data.eval ? known(*job.data.eval) : std::optional<int64_t>(0);
+  if (train && eval) return std::max(*train, *eval);
+  return std::nullopt;
+}
+
+int64_t largestBatchOf(const Job& job, std::optional<int64_t> samples) {
+  if (!samples) samples = specSamples(job);
+  return samples ? std::clamp<int64_t>(*samples, 1, job.data.batchSize) : job.data.batchSize;
+}
+
+MemoryEstimate estimateMemory(const Job& job, int worldSize, std::optional<int64_t> samples) {
   MemoryEstimate e;
   int64_t params = 0;
   for (const auto& l : job.model.layers) params = satAdd(params, nn::checkedParamCountOf(l).value_or(kInt64Max));
@@ -139,7 +157,7 @@ MemoryEstimate estimateMemory(const Job& job, int worldSize) {
   const nn::MemoryTarget target{.cuda = job.device.isCuda(), .attention = job.attention};
   for (const auto& l : job.model.layers)
     values = satAdd(values, satAdd(satMul(satNumel(l.output), 2), nn::keptFloatsOf(l, target)));
-  e.activations = satMul(satMul(values, job.data.batchSize), 4);
+  e.activations = satMul(satMul(values, largestBatchOf(job, samples)), 4);
   e.data = satAdd(syntheticBytes(job.data.train), job.data.eval ? syntheticBytes(*job.data.eval) : 0);
   if (job.parallel.compression && params < kInt64Max) {
     const uint64_t bytes = compressionBufferBytes(*job.parallel.compression, paramsOfSpec(job.model), worldSize);
@@ -181,9 +199,9 @@ int64_t psServerBytes(const Job& job, int servers) {
 }
 
 void checkJobFitsMemory(const Job& job, int localWorkers, const std::optional<MachineMemory>& machine,
-                        std::optional<int64_t> dataBytes, int nodes) {
+                        std::optional<int64_t> dataBytes, int nodes, std::optional<int64_t> samples) {
   if (!machine) return;
-  MemoryEstimate e = estimateMemory(job, std::max(localWorkers, 2));
+  MemoryEstimate e = estimateMemory(job, std::max(localWorkers, 2), samples);
   if (dataBytes) e.data = *dataBytes;
   const int64_t ranks = std::max(localWorkers, 1);
   // A launch of a parameter-server job: the node's servers hold their rows of the sparse tables (a 500M x 16 table
@@ -235,8 +253,11 @@ void checkScheduleFitsRun(const Job& job, int64_t totalSteps, const std::string&
 
 DataCheck checkJobData(const Job& job) {
   DataCheck c;
-  auto loss = nn::Loss::create(job.loss, job.model.output(), static_cast<int>(job.data.batchSize), Device::cpu());
+  // Only its targets' rules are checked: a loss for one sample, not for an absurd batch_size (the memory check
+  // follows the probe, with the sets' sizes).
+  auto loss = nn::Loss::create(job.loss, job.model.output(), 1, Device::cpu());
   c.train = data::loadDataset(job.data.train, data::ReadMode::kHeader);
+  c.samples = c.train->size();
   checkDataFitsModel(job, *c.train, *loss, "/data/train");
   {
     // One rank runs the most steps (a larger world shares the epoch): a warm-up too long there is too long anywhere.
@@ -254,6 +275,7 @@ DataCheck checkJobData(const Job& job) {
     c.eval = data::loadDataset(*job.data.eval, data::ReadMode::kHeader);
     checkDataFitsModel(job, *c.eval, *loss, "/data/eval");
     c.bytes = satAdd(c.bytes, datasetBytes(*c.eval, *job.data.eval));
+    c.samples = std::max(c.samples, c.eval->size());
   }
   return c;
 }
@@ -278,15 +300,17 @@ void checkOutputDirs(const Job& job) {
 }
 
 std::string checkJob(const Job& job) {
-  // Before anything is loaded or built: a job that cannot fit fails here, not in an allocation.
-  checkJobFitsMemory(job, 1, readMachineMemory());
+  // Before anything is loaded or built: a job that cannot fit fails here, not in an allocation. The batch is
+  // bounded by the data's size, known from a synthetic spec, else counted as 1 sample until the probe tells.
+  checkJobFitsMemory(job, 1, readMachineMemory(), std::nullopt, 0, specSamples(job).value_or(1));
   checkOutputDirs(job);
   checkInitWeights(job);
   auto data = checkJobData(job);
-  checkJobFitsMemory(job, 1, readMachineMemory(), data.bytes);
+  checkJobFitsMemory(job, 1, readMachineMemory(), data.bytes, 0, data.samples);
   auto train = data.train;
   std::string evalLine = data.eval ? fmt::format("eval:  {}", data.eval->describe()) : "eval:  (none)";
-  auto model = nn::Model::build(job.model, static_cast<int>(job.data.batchSize), job.loop.seed, Device::cpu());
+  auto model = nn::Model::build(job.model, static_cast<int>(largestBatchOf(job, data.samples)), job.loop.seed,
+                                Device::cpu());
   std::string out = fmt::format("{}: OK\n\n{}\n", job.sourceFile, model.summaryTable());
   out += fmt::format("loss:  {}\noptimizer: {} lr {}\n", nn::lossTypeName(job.loss.type),
                      nn::optimizerTypeName(job.optimizer.type), job.optimizer.lr);
@@ -309,7 +333,7 @@ std::string checkJob(const Job& job) {
                        job.loop.epochs, job.data.batchSize, stepsPerEpoch(1), stepsPerEpoch(2), stepsPerEpoch(4),
                        maxSteps);
   if (job.parallel.compression) out += compressionLine(job);
-  MemoryEstimate memory = estimateMemory(job);
+  MemoryEstimate memory = estimateMemory(job, 2, data.samples);
   memory.data = data.bytes;
   out += fmt::format("memory: about {} per worker\n", memory.str());
   out += fmt::format("output: {}\n", job.outputDir.string());

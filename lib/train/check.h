@@ -30,6 +30,7 @@ std::string checkJob(const Job& job);
 struct DataCheck {
   std::shared_ptr<const data::Dataset> train, eval;  // probed: no fetch()
   int64_t bytes = 0;  // what the datasets take in one worker's memory once read (features + labels)
+  int64_t samples = 0;  // the larger set's samples: one rank's share at most, so the largest batch of any world
 };
 DataCheck checkJobData(const Job& job);
 
@@ -62,7 +63,13 @@ struct MemoryEstimate {
   // ", compression 12 MiB" inside the parentheses when the job compresses gradients.
   std::string str() const;
 };
-MemoryEstimate estimateMemory(const Job& job, int worldSize = 2);
+// Activations count the largest batch a rank can get: data.batch_size, or `samples` (the larger data set's size,
+// one rank's share in a world of one) when smaller; without `samples`, the synthetic sets' sizes from the spec.
+MemoryEstimate estimateMemory(const Job& job, int worldSize = 2, std::optional<int64_t> samples = std::nullopt);
+// min(data.batch_size, samples) as estimateMemory takes it (at least 1).
+int64_t largestBatchOf(const Job& job, std::optional<int64_t> samples = std::nullopt);
+// The larger data set's samples when the spec says it (synthetic train and eval sets), else nullopt.
+std::optional<int64_t> specSamples(const Job& job);
 
 // MemAvailable and MemTotal of /proc/meminfo (bytes); nullopt when the file cannot be read or parsed.
 struct MachineMemory {
@@ -79,8 +86,10 @@ std::optional<MachineMemory> readMachineMemory(const std::string& meminfoPath = 
 // `nodes` > 0 (dtrain run's agent: the launch's node count, the smallest of an elastic range): with the
 // parameter-server strategy, up to ceil(servers / nodes) of the local ranks are servers, each holding its rows of
 // the sparse tables with their optimizer state (psServerBytes) instead of a worker's estimate; they are counted.
+// `samples`: DataCheck::samples (estimateMemory).
 void checkJobFitsMemory(const Job& job, int localWorkers, const std::optional<MachineMemory>& machine,
-                        std::optional<int64_t> dataBytes = std::nullopt, int nodes = 0);
+                        std::optional<int64_t> dataBytes = std::nullopt, int nodes = 0,
+                        std::optional<int64_t> samples = std::nullopt);
 // Bytes one of `servers` parameter servers keeps of the job's sparse tables: its ceil(rows / servers) rows of
 // each, float32, with the sparse optimizer's state (SparseAdam: 2 more, Adagrad: 1, SGD: none). 0 without tables.
 int64_t psServerBytes(const Job& job, int servers);

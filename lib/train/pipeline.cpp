@@ -106,6 +106,12 @@ std::string PipelineStrategy::summary() const {
                      ddp_ ? fmt::format(", {} data replicas", groups_.dataSize) : "");
 }
 
+void PipelineStrategy::limitBatch(int batch) {
+  DTRAIN_CHECK(batch >= 1 && batch <= job_.data.batchSize, "pipeline: a batch limit of {} (expected 1 to {})", batch,
+               job_.data.batchSize);
+  microMax_ = (batch + microBatches_ - 1) / microBatches_;
+}
+
 nn::Model PipelineStrategy::buildModel(uint64_t seed) const {
   const StageRange& s = stage();
   return nn::Model::build(job_.model, microMax_, seed, Device::cpu(),

@@ -69,6 +69,9 @@ class PipelineStrategy final : public Strategy {
   // its model with it instead of nn::Model::build.
   nn::Model buildModel(uint64_t seed) const;
   int microBatchSize() const { return microMax_; }
+  // Sizes the stage's buffers for batches of at most `batch` samples (at most data.batch_size: a rank's share of
+  // the data may be smaller). Call before buildModel() and prepare().
+  void limitBatch(int batch);
   const StageRange& stage() const { return stages_[static_cast<size_t>(groups_.coords.stage)]; }
   bool firstStage() const { return groups_.coords.stage == 0; }
   bool lastStage() const { return groups_.coords.stage + 1 == groups_.layout.stages; }

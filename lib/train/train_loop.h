@@ -58,6 +58,7 @@ class TrainLoop {
  private:
   void setUp();    // data, group, model, optimizer, resume, sampler, plan
   void planRun();  // steps, schedule, log interval for this world
+  int64_t largestBatch() const;  // the most samples one batch of this process holds (train_setup.cpp)
   ProcessGroups connect();
   void shardEpoch(int64_t epoch, int64_t startSample);  // padding or uneven shards, then sampler_->setEpoch
   void trainEpoch(int64_t epoch, int64_t startSample);
@@ -131,6 +132,7 @@ class TrainLoop {
   rendezvous::StorePtr roundStore_;  // this round's keys (parameter-server addresses); null alone
   Device device_;                       // where the model, loss and optimizer compute
   nn::BatchStaging staging_;             // GPU: batches to the device (int32 labels or float targets)
+  int64_t maxBatch_ = 1;                 // largestBatch(): what the model, loss and staging are sized for
 };
 
 }  // namespace dtrain::train::detail

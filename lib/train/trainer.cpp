@@ -55,7 +55,7 @@ namespace detail {
 
 std::unique_ptr<BatchStager> TrainLoop::stagerFor(const data::Dataset& ds) {
   if (device_.isCpu()) return nullptr;  // the CPU reads the loader's buffers: no look-ahead
-  return std::make_unique<DeviceBatchStager>(staging_, ds, job_.data.batchSize);
+  return std::make_unique<DeviceBatchStager>(staging_, ds, maxBatch_);
 }
 
 void TrainLoop::logInterval(StepStats& stats, bool force) {

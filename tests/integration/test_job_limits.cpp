@@ -99,6 +99,7 @@ TEST_CASE("a job that cannot fit in this machine's memory is refused by check an
   doc["data"]["train"].erase("shape");
   doc["data"]["train"]["features"] = 1048576;
   doc["data"]["batch_size"] = 16777216;
+  doc["data"]["train"]["samples"] = 16777216;  // a batch holds at most the data: as many samples as the batch
   writeFile(job, doc.dump());
   for (const char* cmd : {"check", "run"}) {
     INFO(cmd);

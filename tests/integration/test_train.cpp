@@ -132,6 +132,30 @@ TEST_CASE("data parallel: 2 ranks x batch b give the same weights as 1 rank x ba
   CHECK(lastEval(ma)["eval_accuracy"] == lastEval(mb)["eval_accuracy"]);
 }
 
+TEST_CASE("a batch_size above a rank's share of the data trains on the share, sized for it (PyTorch's DataLoader)") {
+  // 96 samples over 2 ranks: 48 each. batch_size 2,000,000 is one batch of 48 per rank and epoch, as batch_size 48
+  // is; the workers used to size their activations for 2,000,000 samples (919 MiB of RSS per rank for this MLP).
+  std::string dir = tempDir("batch_over_share");
+  writeFile(dir + "/job.json", kJob);
+  auto runWith = [&](const std::string& batch, const std::string& out) {
+    auto r = run({dtrainBinary(), "run", "--standalone", "--nproc-per-node", "2", dir + "/job.json", "--set",
+                  "data.batch_size=" + batch, "--output-dir", dir + "/" + out},
+                 {.timeout = 60s});
+    INFO(r.out, r.err);
+    REQUIRE(r.exitCode == 0);
+    return r;
+  };
+  const auto share = runWith("48", "share");
+  const auto absurd = runWith("2000000", "absurd");
+  CHECK(absurd.out.find("2 rank(s) x batch 48 (batch_size 2000000 is more than a rank's 48 samples), 2 steps") !=
+        std::string::npos);
+  CHECK(readTensorsRaw(dir + "/share/model.safetensors") == readTensorsRaw(dir + "/absurd/model.safetensors"));
+  const auto lines = readJsonLines(dir + "/absurd/metrics.jsonl");
+  REQUIRE(!lines.empty());
+  REQUIRE(lines.back().contains("peak_rss_mb"));
+  CHECK(lines.back()["peak_rss_mb"].get<double>() < 200);
+}
+
 TEST_CASE("metrics.jsonl has a line per log step and evaluation lines; max_steps stops early") {
   std::string dir = tempDir("metrics");
   writeFile(dir + "/job.json", kJob);

@@ -344,7 +344,8 @@ TEST_CASE("memory is estimated from the spec, saturating, and a job that cannot 
   CHECK_NOTHROW(checkJobFitsMemory(job, 4, small));
   CHECK_NOTHROW(checkJobFitsMemory(job, 4, std::nullopt));  // unknown machine: no check
   // 2^20 features x 2^24 samples per batch: far beyond any machine, whatever the worker count.
-  auto huge = loadJob({path, {"model.input=[1048576]", "data.batch_size=16777216", "data.train.features=1048576"}});
+  auto huge = loadJob({path, {"model.input=[1048576]", "data.batch_size=16777216", "data.train.features=1048576",
+                              "data.train.samples=16777216"}});
   CHECK(estimateMemory(huge).activations > (int64_t{1} << 46));
   std::string msg;
   try {
@@ -356,6 +357,14 @@ TEST_CASE("memory is estimated from the spec, saturating, and a job that cannot 
   CHECK(msg.find(path + ": this job needs about ") == 0);
   CHECK(msg.find("per worker x 2 local worker(s) = ") != std::string::npos);
   CHECK(msg.find("but this machine has 12.0 GiB available (16.0 GiB total)") != std::string::npos);
+  // A batch holds at most what a rank gets of the data (PyTorch's DataLoader): batch_size 2^24 over the 64
+  // synthetic samples counts 64 samples' activations, and so does a probed set's size.
+  auto absurd = loadJob({path, {"data.batch_size=16777216"}});
+  const auto at64 = loadJob({path, {"data.batch_size=64"}});
+  CHECK(largestBatchOf(absurd) == 64);
+  CHECK(estimateMemory(absurd).activations == estimateMemory(at64).activations);
+  CHECK(estimateMemory(absurd, 2, 10).activations * 64 == estimateMemory(at64).activations * 10);
+  CHECK_NOTHROW(checkJobFitsMemory(absurd, 2, MachineMemory{.available = int64_t{1} << 30, .total = int64_t{2} << 30}));
   // The local worker count multiplies: fits once, not eight times.
   const MachineMemory tight{.available = e.total() * 4, .total = e.total() * 8};
   CHECK_NOTHROW(checkJobFitsMemory(job, 4, tight));

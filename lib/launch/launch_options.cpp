@@ -94,12 +94,29 @@ int countVisibleDevices(std::string_view value, int driverGpus) {
   return n;
 }
 
-int visibleGpuCount() {
+int driverGpuCount(const std::filesystem::path& procGpus, const std::filesystem::path& dev) {
   std::error_code ec;
-  int driverGpus = 0;
-  for (auto it = std::filesystem::directory_iterator("/proc/driver/nvidia/gpus", ec);
-       !ec && it != std::filesystem::directory_iterator(); it.increment(ec))
-    ++driverGpus;
+  int n = 0;
+  if (std::filesystem::is_directory(procGpus, ec)) {
+    for (auto it = std::filesystem::directory_iterator(procGpus, ec);
+         !ec && it != std::filesystem::directory_iterator(); it.increment(ec))
+      ++n;
+    return n;
+  }
+  // No /proc/driver/nvidia (gVisor's nvproxy, some containers): the GPUs' device nodes, /dev/nvidia<N> (not
+  // nvidiactl, nvidia-uvm, nvidia-modeset, nvidia-caps).
+  for (auto it = std::filesystem::directory_iterator(dev, ec); !ec && it != std::filesystem::directory_iterator();
+       it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (name.size() > 6 && name.rfind("nvidia", 0) == 0 &&
+        name.find_first_not_of("0123456789", 6) == std::string::npos)
+      ++n;
+  }
+  return n;
+}
+
+int visibleGpuCount() {
+  const int driverGpus = driverGpuCount("/proc/driver/nvidia/gpus", "/dev");
   if (const char* v = std::getenv("CUDA_VISIBLE_DEVICES")) return countVisibleDevices(v, driverGpus);
   return driverGpus;
 }

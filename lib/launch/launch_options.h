@@ -3,6 +3,7 @@
 #pragma once
 
 #include <chrono>
+#include <filesystem>
 #include <map>
 #include <string>
 #include <string_view>
@@ -113,9 +114,13 @@ std::string resolveProgram(const std::string& program);
 // Whether the first word after `dtrain run` / `dtrain sim`'s options names a job file: it ends in ".json", in any
 // case (JOB.JSON was looked for as a program), with a name before it.
 bool isJobFileName(const std::string& word);
-// GPUs visible to this process (CUDA_VISIBLE_DEVICES, else /proc/driver/nvidia/gpus); 0 when none. Counted
+// GPUs visible to this process (CUDA_VISIBLE_DEVICES, else the driver's: driverGpuCount); 0 when none. Counted
 // without starting CUDA (the agent forks workers), by countVisibleDevices' reading of the variable.
 int visibleGpuCount();
+// The GPUs the NVIDIA driver has: the entries of `procGpus` (/proc/driver/nvidia/gpus) where that folder exists, else
+// the device nodes nvidia<N> in `dev` (/dev; where /proc/driver/nvidia is absent, as under gVisor's nvproxy, the
+// CUDA runtime still sees the GPUs through them); 0 when neither lists any. Never throws.
+int driverGpuCount(const std::filesystem::path& procGpus, const std::filesystem::path& dev);
 // The GPUs a CUDA_VISIBLE_DEVICES value leaves visible, read as the CUDA runtime reads it: entries (indices, or
 // GPU-/MIG- UUIDs) are taken in order up to the first invalid one, which ends the list: an empty entry, anything
 // else that is not an index, a negative index, an index repeated, or (when driverGpus > 0: the GPUs the driver

@@ -9,6 +9,7 @@
 
 #include "lib/common/error.h"
 #include "lib/launch/launch_options.h"
+#include "tests/support/process.h"
 
 using namespace dtrain::launch;
 
@@ -47,6 +48,26 @@ TEST_CASE("CUDA_VISIBLE_DEVICES is counted as the CUDA runtime reads it: up to t
   CHECK(countVisibleDevices("0,7", 0) == 2);       // driver count unknown: indices are taken as given
   CHECK(countVisibleDevices("GPU-8f1a,MIG-2b3c/1/0", 1) == 2);  // UUIDs count one each
   CHECK(countVisibleDevices("1,gpu0", 8) == 1);
+}
+
+TEST_CASE("the driver's GPUs: /proc/driver/nvidia/gpus where it exists, else the /dev/nvidia<N> device nodes") {
+  const std::string dir = dtrain::testing::tempDir("driver_gpus");
+  const std::filesystem::path proc = dir + "/proc-gpus", dev = dir + "/dev";
+  std::filesystem::create_directories(dev);
+  for (const char* node : {"nvidia0", "nvidia1", "nvidia12", "nvidiactl", "nvidia-uvm", "nvidia-uvm-tools",
+                           "nvidia-modeset", "nvidia", "null"})
+    std::ofstream(dev / node).put('\n');
+  std::filesystem::create_directories(dev / "nvidia-caps");
+  // No /proc/driver/nvidia (gVisor's nvproxy): the GPU nodes count, not the control, UVM or modeset nodes.
+  CHECK(driverGpuCount(proc, dev) == 3);
+  // The driver's own list wins where it exists (one GPU of the three nodes given to this container).
+  std::filesystem::create_directories(proc / "0000:19:00.0");
+  CHECK(driverGpuCount(proc, dev) == 1);
+  std::filesystem::remove(proc / "0000:19:00.0");
+  CHECK(driverGpuCount(proc, dev) == 0);  // an empty list: no GPU, whatever /dev holds
+  std::filesystem::remove(proc);
+  std::filesystem::remove_all(dev);
+  CHECK(driverGpuCount(proc, dev) == 0);  // no driver at all
 }
 
 TEST_CASE("--nproc-per-node gpu: one worker per GPU CUDA_VISIBLE_DEVICES shows; none visible is a clear error") {

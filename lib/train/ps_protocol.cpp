@@ -139,9 +139,11 @@ void recvBytes(int fd, void* into, size_t bytes, const Deadline& deadline, const
   }
   if (net::recvAll(fd, into, bytes, deadline)) return;
   const int err = errno;
-  DTRAIN_THROW(CommError, "parameter server: {} {}", peer,
-               err == 0 ? std::string("closed the connection")
-                        : err == ETIMEDOUT ? std::string("did not answer in time") : std::strerror(err));
+  // `peer` names the server ("parameter server 0 (host:port)"): the message read "parameter server: parameter
+  // server 0 (...) closed the connection", and "... (host:port) Connection reset by peer" without a colon.
+  DTRAIN_THROW(CommError, "{}{}", peer,
+               err == 0 ? std::string(" closed the connection")
+                        : err == ETIMEDOUT ? std::string(" did not answer in time") : fmt::format(": {}", std::strerror(err)));
 }
 
 std::vector<Partition> planPartitions(size_t numParams, int servers, size_t maxFloats) {

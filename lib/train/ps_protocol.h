@@ -121,7 +121,8 @@ RequestHeader decodeRequest(const uint8_t* in);
 ReplyHeader decodeReply(const uint8_t* in);
 
 // Blocking I/O of a whole header or payload on a socket. send* throw CommError on a failed write; recv* throw
-// CommError naming `peer` when the connection closes or the deadline passes. recvPayload discards `bytes` when
+// CommError naming `peer` when the connection closes or the deadline passes ("<peer> closed the connection",
+// "<peer> did not answer in time", "<peer>: <strerror>"; peer: "parameter server 0 (host:port)"). recvPayload discards `bytes` when
 // `into` is null.
 void sendFrame(int fd, const uint8_t* header, const void* payload, size_t payloadBytes, const std::string& peer);
 void recvBytes(int fd, void* into, size_t bytes, const Deadline& deadline, const std::string& peer);

@@ -3,6 +3,9 @@
 // 127.0.0.1:0, workers as threads with a tcp group over the in-memory store.
 #include <doctest/doctest.h>
 
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -177,6 +180,18 @@ TEST_CASE("protocol: headers round-trip; a bad magic, op, reserved byte or overs
   CHECK(!r.ok);
   CHECK(r.version == 9);
   CHECK(r.minClock == 8);
+}
+
+TEST_CASE("protocol: a server that closes the connection is named once, as the worker's error says it") {
+  // It read "parameter server: parameter server 0 (127.0.0.1:55623) closed the connection".
+  int fds[2];
+  REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM, 0, fds) == 0);
+  ::close(fds[1]);
+  uint8_t header[ps::kHeaderBytes];
+  CHECK_THROWS_WITH_AS(ps::recvBytes(fds[0], header, sizeof(header), Deadline(std::chrono::seconds(5)),
+                                     "parameter server 0 (127.0.0.1:55623)"),
+                       "parameter server 0 (127.0.0.1:55623) closed the connection", CommError);
+  ::close(fds[0]);
 }
 
 TEST_CASE("sync mode equals DDP's averaged step (Adam, 2 workers, 2 servers, several partitions)") {

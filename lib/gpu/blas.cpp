@@ -16,13 +16,16 @@
 #include "lib/gpu/kernels.h"
 #include "lib/gpu/memory.h"
 
-// cuBLAS calls return cublasStatus_t: the same shape of check as DTRAIN_CUDA_CHECK.
-#define DTRAIN_CUBLAS_CHECK(expr)                                                                          \
-  do {                                                                                                     \
-    const cublasStatus_t dtrain_blas_s_ = (expr);                                                          \
-    if (dtrain_blas_s_ != CUBLAS_STATUS_SUCCESS) [[unlikely]]                                              \
-      ::dtrain::detail::throwAt<::dtrain::gpu::GpuError>(                                                  \
-          __FILE__, __LINE__, ::fmt::format("{} failed: {}", #expr, cublas().statusName(dtrain_blas_s_))); \
+// cuBLAS calls return cublasStatus_t: the same shape of check as DTRAIN_CUDA_CHECK, the call site in the message
+// ("<call> failed: CUBLAS_STATUS_... (lib/gpu/blas.cpp:N)").
+#define DTRAIN_CUBLAS_CHECK(expr)                                                                           \
+  do {                                                                                                      \
+    const cublasStatus_t dtrain_blas_s_ = (expr);                                                           \
+    if (dtrain_blas_s_ != CUBLAS_STATUS_SUCCESS) [[unlikely]]                                               \
+      ::dtrain::detail::throwAt<::dtrain::gpu::GpuError>(                                                   \
+          __FILE__, __LINE__,                                                                               \
+          ::fmt::format("{} failed: {} ({})", #expr, cublas().statusName(dtrain_blas_s_),                   \
+                        ::dtrain::gpu::detail::checkSite(__FILE__, __LINE__)));                             \
   } while (0)
 
 namespace dtrain::gpu {

@@ -64,7 +64,7 @@ bool Event::query() const {
   // CUDAEvent::query and CUDAStream::query do.
   cudaGetLastError();
   if (st == cudaErrorNotReady) return false;
-  DTRAIN_THROW(GpuError, "cudaEventQuery failed: {}", cudaGetErrorString(st));
+  DTRAIN_THROW(GpuError, "cudaEventQuery failed: {} ({})", cudaGetErrorString(st), detail::checkSite(__FILE__, __LINE__));
 }
 
 void Event::synchronize() const { DTRAIN_CUDA_CHECK(cudaEventSynchronize(static_cast<cudaEvent_t>(event_))); }

@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <limits>
 
+#include "lib/common/env.h"
 #include "lib/common/error.h"
 #include "lib/common/json_fields.h"
 #include "lib/nn/registry.h"
@@ -175,8 +176,9 @@ uint64_t compressionBufferBytes(const CompressionSettings& c, const std::vector<
 
 bool stagedThroughHost(CompressionSettings::Type type) {
   if (type != CompressionSettings::Type::kTopK && type != CompressionSettings::Type::kPowerSgd) return false;
-  const char* v = std::getenv(kHostStagingVariable);
-  return v != nullptr && std::string_view(v) == "1";
+  // 1/true/yes/on stage, 0/false/no/off or unset do not; anything else is a UsageError (exit 3) naming the variable
+  // and its value: "true" used to leave the job on the device path without a word.
+  return env::getBool(kHostStagingVariable, false);
 }
 
 std::string gpuCompressionPath(CompressionSettings::Type type) {

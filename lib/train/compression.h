@@ -90,7 +90,9 @@ std::vector<GradParam> paramsOfSpec(const nn::ModelSpec& model);
 // DTRAIN_COMPRESSION_HOST_STAGING=1: then top-k and PowerSGD run the CPU hook on host copies of the buckets
 // (CompressionHook's host staging over the CPU group beside nccl: the path before their device kernels, kept as the
 // fallback while those have not run on a GPU); fp16/bf16 are never staged. The rule the hooks follow (bind()), stated
-// once for the worker's log line and `dtrain check`. Reads the environment on each call.
+// once for the worker's log line and `dtrain check`. Reads the environment on each call: 1/true/yes/on stage, unset,
+// empty or 0/false/no/off do not, any other value throws UsageError naming the variable and the value (checkCudaJob
+// calls it, so a bad value fails `dtrain check`, `dtrain train` and dtrain run's agent before any worker starts).
 inline constexpr const char* kHostStagingVariable = "DTRAIN_COMPRESSION_HOST_STAGING";
 bool stagedThroughHost(CompressionSettings::Type type);
 // "on the GPU (...)" or "on the GPU's buckets staged through host memory (...)", for the log line of a cuda job.

@@ -213,7 +213,10 @@ double topKDensity(const CompressionSettings& c, int64_t compressedStep) {
   return std::max(c.ratio, kFirst / std::pow(4.0, stage));
 }
 
-void TopKHook::allocate() { useOps(nn::makeTopKOps(keepsHostState() ? Device::cpu() : layout_.device)); }
+void TopKHook::allocate() {
+  // A CPU arena never consults the environment (its hook computes on the CPU either way).
+  useOps(nn::makeTopKOps(layout_.device.isCpu() || keepsHostState() ? Device::cpu() : layout_.device));
+}
 
 void TopKHook::useOps(std::unique_ptr<nn::TopKOps> ops) {
   DTRAIN_CHECK(bound_ && ops != nullptr, "topk: useOps() before bind() or without operations");

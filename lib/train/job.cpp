@@ -361,6 +361,8 @@ void checkCudaJob(const Job& job, const std::string& src) {
   // Every compression runs with cuda, on the device: fp16/bf16 (CastHook), PowerSGD (nn::PowerSgdOps), top-k
   // (nn::TopKOps); DTRAIN_COMPRESSION_HOST_STAGING=1 stages top-k and PowerSGD through host memory instead
   // (CompressionHook's host staging; stagedThroughHost in compression.h).
+  // A value of that variable other than 0/1/true/false/yes/no/on/off: exit 3 here, before any worker starts.
+  if (job.parallel.compression) (void)stagedThroughHost(job.parallel.compression->type);
   // Every loss (cross_entropy, mse, bce_with_logits) and optimizer (sgd, adam, adamw, adagrad) has a CUDA
   // implementation (lib/nn/cuda); a type added later without one fails in its device factory (NotBuiltError).
   // Every layer needs a CUDA implementation: name the first that has none, before any worker starts.

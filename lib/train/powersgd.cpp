@@ -50,7 +50,10 @@ PowerSgdPlan planPowerSgd(const std::vector<GradParam>& params, int rank) {
   return plan;
 }
 
-void PowerSgdHook::allocate() { useOps(nn::makePowerSgdOps(keepsHostState() ? Device::cpu() : layout_.device)); }
+void PowerSgdHook::allocate() {
+  // A CPU arena never consults the environment (its hook computes on the CPU either way).
+  useOps(nn::makePowerSgdOps(layout_.device.isCpu() || keepsHostState() ? Device::cpu() : layout_.device));
+}
 
 void PowerSgdHook::useOps(std::unique_ptr<nn::PowerSgdOps> ops) {
   DTRAIN_CHECK(bound_ && ops != nullptr, "powersgd: useOps() before bind() or without operations");

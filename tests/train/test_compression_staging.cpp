@@ -293,3 +293,33 @@ TEST_CASE("host staging needs a CPU group beside the device group; fp16/bf16 are
   fp16->bind(layout);
   CHECK(!dynamic_cast<CompressionHook&>(*fp16).staged());
 }
+
+TEST_CASE("DTRAIN_COMPRESSION_HOST_STAGING reads as a boolean: true/yes/on stage, 0/false/empty do not, others throw") {
+  // "true" was read as off (only "1" counted), so a job asking for the fallback silently ran the device path.
+  using Type = CompressionSettings::Type;
+  for (const char* on : {"1", "true", "yes", "on"}) {
+    ::setenv(kHostStagingVariable, on, 1);
+    CHECK_MESSAGE(stagedThroughHost(Type::kTopK), on);
+    CHECK_MESSAGE(stagedThroughHost(Type::kPowerSgd), on);
+    CHECK_FALSE(stagedThroughHost(Type::kBf16));
+  }
+  for (const char* off : {"0", "false", "no", "off", ""}) {
+    ::setenv(kHostStagingVariable, off, 1);
+    CHECK_FALSE_MESSAGE(stagedThroughHost(Type::kTopK), off);
+  }
+  ::setenv(kHostStagingVariable, "2", 1);
+  CHECK_THROWS_WITH_AS(stagedThroughHost(Type::kTopK),
+                       "environment variable DTRAIN_COMPRESSION_HOST_STAGING=2: expected 0/1/true/false", UsageError);
+  CHECK_FALSE(stagedThroughHost(Type::kFp16));  // never staged: the variable is not read
+  // A hook bound to a CPU arena computes on the CPU whatever the variable says, and does not read it.
+  CompressionSettings topk;
+  topk.type = Type::kTopK;
+  topk.ratio = 0.5;
+  auto hook = makeCompressionHook(topk);
+  HookLayout cpu;
+  cpu.arenaSize = 8;
+  cpu.groupSize = 2;
+  CHECK_NOTHROW(hook->bind(cpu));
+  ::unsetenv(kHostStagingVariable);
+  CHECK_FALSE(stagedThroughHost(Type::kTopK));
+}

@@ -2,6 +2,7 @@
 
 #include <sys/stat.h>
 
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 
@@ -9,6 +10,7 @@
 #include "lib/nn/device.h"
 #include "lib/nn/registry.h"
 #include "lib/train/check.h"
+#include "lib/train/compression.h"
 #include "lib/train/job.h"
 #include "tests/support/process.h"
 
@@ -518,6 +520,34 @@ TEST_CASE("\"device\": \"cuda\" is validated before any worker: build, backend, 
         nn::OptimizerType::kAdagrad);
   CHECK(loadJob({gpt, {R"(loss={"type": "mse"})", R"(optimizer={"type": "adam"})", R"(device="cuda")"}}).device ==
         Device::cuda(0));
+}
+
+TEST_CASE("DTRAIN_COMPRESSION_HOST_STAGING with a value that is no boolean fails a cuda job's loading, naming it") {
+  // "true" used to mean "off" (only "1" counted): the job ran the device path the user had asked to avoid.
+  if (!nn::cudaBuilt()) return;
+  const std::string dir = testing::tempDir("job_staging");
+  std::string text = kJob;
+  text.insert(text.rfind('}'), R"(, "device": "cuda", "parallel": {"compression": {"type": "topk", "ratio": 0.1}})");
+  const std::string path = writeJob(dir, text);
+  ::setenv(kHostStagingVariable, "maybe", 1);
+  std::string error;
+  try {
+    loadJob({path});
+  } catch (const UsageError& e) {
+    error = e.what();
+  }
+  CHECK(error.find("environment variable DTRAIN_COMPRESSION_HOST_STAGING=maybe: expected 0/1/true/false") !=
+        std::string::npos);
+  // A CPU job does not read it; fp16 never stages.
+  std::string cpu = kJob;
+  cpu.insert(cpu.rfind('}'), R"(, "parallel": {"compression": {"type": "topk", "ratio": 0.1}})");
+  CHECK(loadJob({writeJob(dir, cpu, "cpu.json")}).device == Device::cpu());
+  std::string half = kJob;
+  half.insert(half.rfind('}'), R"(, "device": "cuda", "parallel": {"compression": {"type": "fp16"}})");
+  CHECK(loadJob({writeJob(dir, half, "half.json")}).device == Device::cuda(0));
+  ::setenv(kHostStagingVariable, "true", 1);
+  CHECK(loadJob({path}).device == Device::cuda(0));
+  ::unsetenv(kHostStagingVariable);
 }
 
 TEST_CASE("\"attention\" picks the CUDA attention's kernels: auto, fused or matmul; fused where it cannot run is refused") {

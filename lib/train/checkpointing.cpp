@@ -158,22 +158,33 @@ std::optional<ResumePoint> Checkpointer::resume(nn::Model& model, nn::Optimizer&
   }
   model.uploadHostParams();
   if (shard.loadOptimizer) {
-    // The same type with settings that keep other state (SGD's momentum turned on, Adam's amsgrad): say which.
-    for (auto& buf : optimizer.hostStateBuffers())
-      for (size_t i : shard.loadParams) {
-        const std::string name = stateName(buf.name, model.paramTable().at(i).name);
-        DTRAIN_CHECK_AS(CheckpointError, tensors.optimizer.has(name),
-                        "{}: the checkpoint holds no '{}' state for this job's {} optimizer ({}: written with other "
-                        "optimizer settings, e.g. without momentum or amsgrad); refusing to resume from it: {}",
-                        cp.path().string(), buf.name, nn::optimizerTypeName(job_.optimizer.type), name,
-                        kResumeAdvice);
-        break;
+    // The same type with settings that keep other state: SGD's momentum turned on (or top-k's momentum_correction,
+    // which keeps the velocity in the hook, turned off) starts the momentum from zero, as torch.optim.SGD starts a
+    // missing momentum_buffer; other missing state (Adam's amsgrad turned on) is refused, naming it.
+    auto buffers = optimizer.hostStateBuffers();
+    for (auto& buf : buffers) {
+      if (shard.loadParams.empty()) break;
+      const std::string first = stateName(buf.name, model.paramTable().at(shard.loadParams.front()).name);
+      if (!tensors.optimizer.has(first) && buf.name == "momentum_buffer") {
+        if (rank_ == 0)
+          log::warn("{}: the checkpoint holds no SGD momentum (written without momentum, or with top-k's "
+                    "momentum_correction, which keeps it in the compression hook): the momentum starts from zero",
+                    cp.path().string());
+        for (size_t i : shard.loadParams) {
+          const auto& p = model.paramTable().at(i);
+          std::fill_n(buf.data.data() + p.offset, p.count, 0.0f);
+        }
+        continue;
       }
-    for (auto& buf : optimizer.hostStateBuffers())
+      DTRAIN_CHECK_AS(CheckpointError, tensors.optimizer.has(first),
+                      "{}: the checkpoint holds no '{}' state for this job's {} optimizer ({}: written with other "
+                      "optimizer settings, e.g. without amsgrad); refusing to resume from it: {}",
+                      cp.path().string(), buf.name, nn::optimizerTypeName(job_.optimizer.type), first, kResumeAdvice);
       for (size_t i : shard.loadParams) {
         const auto& p = model.paramTable().at(i);
         loadPiece(tensors.optimizer, stateName(buf.name, p.name), p, buf.data.data() + p.offset);
       }
+    }
     optimizer.commitHostState();
   }
   const auto& meta = cp.meta();

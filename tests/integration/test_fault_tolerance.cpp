@@ -259,6 +259,20 @@ TEST_CASE("a checkpoint of another optimizer is refused with both named: run and
                   {.timeout = 60s});
   CHECK(same.exitCode == 0);
   CHECK(same.out.find("resumed from") != std::string::npos);
+  // SGD's momentum turned on (or top-k's momentum_correction, which keeps it in the hook, turned off) starts the
+  // momentum from zero, as torch.optim.SGD starts a missing momentum_buffer, and says so.
+  job["optimizer"] = {{"type", "sgd"}, {"lr", 0.05}};
+  writeFile(dir + "/sgd.json", job.dump());
+  REQUIRE(run({dtrainBinary(), "train", dir + "/sgd.json", "--output-dir", dir + "/sgd"}, {.timeout = 60s}).exitCode == 0);
+  auto momentum = run(runArgs({"--standalone", "--nproc-per-node", "2", dir + "/sgd.json", "--set",
+                               "optimizer.momentum=0.9", "--set", "train.max_steps=6", "--output-dir", dir + "/sgd"}),
+                      {.timeout = 60s});
+  INFO(momentum.out, momentum.err);
+  CHECK(momentum.exitCode == 0);
+  CHECK(momentum.out.find("resumed from") != std::string::npos);
+  CHECK(momentum.err.find("step-000000003: the checkpoint holds no SGD momentum (written without momentum, or with "
+                          "top-k's momentum_correction, which keeps it in the compression hook): the momentum starts "
+                          "from zero") != std::string::npos);
 }
 
 TEST_CASE("Ctrl-C once the model is written: the job completed and dtrain run exits 0") {

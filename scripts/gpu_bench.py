@@ -4,11 +4,11 @@
 Prints one table from one run, both sides of every comparison:
   - bf16 and TF32 GEMM rates measured with torch.matmul (8192^3): the ceilings MFU is computed against;
   - GPT-2-small shape (12 layers, 12 heads, 768 wide, block 1024, vocab 50257), batch B: step time, tokens/s, MFU
-    and peak GPU memory for dtrain ("precision": "bf16": bf16 GEMM inputs, fp32 master weights and activations; and
-    fp32 with TF32 GEMMs; both with "attention": "auto", which at this shape is the matmul path: cuBLAS GEMMs over
-    one sample's score square) and for PyTorch eager on the same model and batch (bf16 autocast, and fp32 with
-    TF32); then, when the budget leaves time, dtrain fp32 with "attention": "fused" (the flash-style kernels) for the
-    fused/matmul comparison that decides "auto"'s threshold;
+    and peak GPU memory for dtrain ("precision": "bf16": bf16 GEMM inputs, fp32 master weights, the activations
+    only bf16 GEMMs read stored as bf16; and fp32 with TF32 GEMMs; both with "attention": "auto", which at this
+    shape is the matmul path: cuBLAS GEMMs over one sample's score square) and for PyTorch eager on the same model
+    and batch (bf16 autocast, and fp32 with TF32); then, when the budget leaves time, dtrain fp32 with "attention":
+    "fused" (the flash-style kernels) for the fused/matmul comparison that decides "auto"'s threshold;
   - all-reduce over the GPUs present: dtrain bench allreduce --backend nccl, and PyTorch's NCCL all_reduce on the
     same sizes (algbw and busbw as nccl-tests define them: busbw = algbw * 2 (n - 1) / n).
 Time: --budget S bounds the whole run (scripts/gpu-check passes what its own budget leaves); each part's timeout

@@ -113,17 +113,21 @@ void* bf16Copy(const float* x, size_t count, bool first) {
   return buf.data();
 }
 
-// The operands as cuBLAS gets them: float32 as they are, or bf16 copies.
+// The operands as cuBLAS gets them: float32 as they are, or both bf16 (stored bf16 operands as they are, float32
+// ones rounded into the scratch) when bf16() is on or either operand is stored bf16 (gemm_args.h's gemmInBf16).
 struct Operands {
   const void* a;
   const void* b;
   cudaDataType_t type;
   cublasComputeType_t compute;
 };
-Operands operands(const RowMajorGemm& g, const float* a, const float* b) {
-  if (!gBf16.load(std::memory_order_relaxed) || g.k == 0) return {a, b, CUDA_R_32F, computeType()};
+Operands operands(const RowMajorGemm& g, GemmOperand a, GemmOperand b) {
+  if (!gemmInBf16(gBf16.load(std::memory_order_relaxed), a.isBf16, b.isBf16) || g.k == 0)
+    return {a.data, b.data, CUDA_R_32F, computeType()};
   // The copies keep every element's offset, so lda/ldb and the strides apply to them unchanged.
-  return {bf16Copy(a, spanA(g), true), bf16Copy(b, spanB(g), false), CUDA_R_16BF, CUBLAS_COMPUTE_32F};
+  const void* ha = a.isBf16 ? a.data : bf16Copy(static_cast<const float*>(a.data), spanA(g), true);
+  const void* hb = b.isBf16 ? b.data : bf16Copy(static_cast<const float*>(b.data), spanB(g), false);
+  return {ha, hb, CUDA_R_16BF, CUBLAS_COMPUTE_32F};
 }
 
 // The checked column-major arguments of a row-major call (gemm_args.h): every size fits cuBLAS's int and every
@@ -150,13 +154,13 @@ cublasOperation_t opOf(bool trans) { return trans ? CUBLAS_OP_T : CUBLAS_OP_N; }
 
 namespace {
 
-void gemmWith(bool transA, bool transB, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-              const float* b, int64_t ldb, float beta, float* c, int64_t ldc, bool allowBf16) {
+void gemmWith(bool transA, bool transB, int64_t m, int64_t n, int64_t k, float alpha, GemmOperand a, int64_t lda,
+              GemmOperand b, int64_t ldb, float beta, float* c, int64_t ldc, bool allowBf16) {
   if (m == 0 || n == 0) return;
   const RowMajorGemm g{.transA = transA, .transB = transB, .m = m, .n = n, .k = k, .lda = lda, .ldb = ldb, .ldc = ldc};
   const ColumnMajorGemm cm = checkedArgs(g);
   cublasHandle_t h = handleFor(currentDevice());
-  const Operands op = allowBf16 ? operands(g, a, b) : Operands{a, b, CUDA_R_32F, computeType()};
+  const Operands op = allowBf16 ? operands(g, a, b) : Operands{a.data, b.data, CUDA_R_32F, computeType()};
   // Row-major C = op(A) op(B)  <=>  column-major C^T = op(B)^T op(A)^T: B first, dimensions n x m (gemm_args.h).
   DTRAIN_CUBLAS_CHECK(cublas().gemmEx(h, opOf(cm.transFirst), opOf(cm.transSecond), static_cast<int>(cm.m),
                                       static_cast<int>(cm.n), static_cast<int>(cm.k), &alpha, op.b, op.type,
@@ -166,8 +170,8 @@ void gemmWith(bool transA, bool transB, int64_t m, int64_t n, int64_t k, float a
 
 }  // namespace
 
-void gemm(bool transA, bool transB, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+void gemm(bool transA, bool transB, int64_t m, int64_t n, int64_t k, float alpha, GemmOperand a, int64_t lda,
+          GemmOperand b, int64_t ldb, float beta, float* c, int64_t ldc) {
   gemmWith(transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, /*allowBf16=*/true);
 }
 
@@ -176,8 +180,8 @@ void gemmFloat32(bool transA, bool transB, int64_t m, int64_t n, int64_t k, floa
   gemmWith(transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, /*allowBf16=*/false);
 }
 
-void gemmBatched(bool transA, bool transB, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-                 int64_t strideA, const float* b, int64_t ldb, int64_t strideB, float beta, float* c, int64_t ldc,
+void gemmBatched(bool transA, bool transB, int64_t m, int64_t n, int64_t k, float alpha, GemmOperand a, int64_t lda,
+                 int64_t strideA, GemmOperand b, int64_t ldb, int64_t strideB, float beta, float* c, int64_t ldc,
                  int64_t strideC, int64_t batch) {
   if (m == 0 || n == 0 || batch == 0) return;
   const RowMajorGemm g{.transA = transA, .transB = transB, .m = m, .n = n, .k = k, .lda = lda, .ldb = ldb, .ldc = ldc,

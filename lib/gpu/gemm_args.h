@@ -63,4 +63,11 @@ constexpr size_t spanB(const RowMajorGemm& g) {
   return g.transB ? operandSpan(g.n, g.k, g.ldb, g.strideB, g.batch) : operandSpan(g.k, g.n, g.ldb, g.strideB, g.batch);
 }
 
+// Whether a GEMM multiplies in bf16 (blas.cpp): "precision": "bf16" is on (bf16() in blas.h), or an operand is
+// stored as bf16 already (GemmOperand::bf16), in which case the other one is rounded to bf16 too (cuBLAS takes one
+// type for A and B); otherwise float32 (TF32 or IEEE).
+constexpr bool gemmInBf16(bool bf16On, bool aStoredBf16, bool bStoredBf16) {
+  return bf16On || aStoredBf16 || bStoredBf16;
+}
+
 }  // namespace dtrain::gpu

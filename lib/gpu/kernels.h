@@ -55,6 +55,17 @@ void biasActivationBackward(Activation f, const float* xw, const float* bias, co
 // holds n 2-byte values (device memory, at least 2 * n bytes).
 void toBf16(const float* x, void* y, size_t n);
 
+// --- bf16 activation storage ("precision": "bf16": a layer output read only by bf16 GEMMs is stored as bf16) ---
+// Each is its float32 twin with the store rounded (bf16_store.h: the same value, then toBf16's rounding), so y
+// holds exactly toBf16 of what the twin writes; y is device memory of 2-byte values, as many as the twin's floats.
+void layerNormForwardBf16(const float* x, const float* w, const float* b, uint16_t* y, float* mean, float* rstd,
+                          int64_t rows, int64_t d, float eps);
+void activationForwardBf16(Activation f, const float* x, uint16_t* y, size_t n);
+void biasActivationForwardBf16(Activation f, const float* xw, const float* bias, uint16_t* y, int64_t rows,
+                               int64_t cols);
+// y[r, c] = bf16 of x[r, c] + bias[c] (bias == nullptr: of x): addBias then toBf16 in one pass (x is unchanged).
+void addBiasToBf16(const float* x, const float* bias, uint16_t* y, int64_t rows, int64_t cols);
+
 // --- LayerNorm over the last dimension d (layers_spatial.cpp LayerNorm); one block per row ---
 // y = (x - mean) * rstd (* w when w != nullptr, + b when b != nullptr too: b may be nullptr, "bias": false); mean and rstd of each row are kept for backward.
 void layerNormForward(const float* x, const float* w, const float* b, float* y, float* mean, float* rstd,

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "lib/gpu/bf16_store.h"
 #include "lib/gpu/grid.h"
 #include "lib/gpu/kernels.h"
 #include "lib/gpu/launch.h"
@@ -67,9 +68,15 @@ __global__ void addKernel(const float* a, const float* b, float* out, size_t n) 
 __global__ void addBiasKernel(float* y, const float* bias, size_t n, int64_t cols) {
   DTRAIN_GRID_STRIDE(i, n) y[i] += bias[static_cast<int64_t>(i) % cols];
 }
+// addBias then toBf16 (bf16_store.h's biasedValue: the same float sum as addBiasKernel's).
+__global__ void addBiasToBf16Kernel(const float* x, const float* bias, uint16_t* y, size_t n, int64_t cols) {
+  DTRAIN_GRID_STRIDE(i, n) y[i] = bf16Bits(biasedValue(x, bias, static_cast<int64_t>(i), cols));
+}
 // The formulas are reduce_index.h's (shared with the fused bias + activation kernels, so fused and unfused agree).
-__global__ void activationForwardKernel(Activation f, const float* x, float* y, size_t n) {
-  DTRAIN_GRID_STRIDE(i, n) y[i] = activationValue(f, x[i]);
+// Out: float, or uint16_t for bf16 storage (bf16_store.h's storeActivation: only the store differs).
+template <class Out>
+__global__ void activationForwardKernel(Activation f, const float* x, Out* y, size_t n) {
+  DTRAIN_GRID_STRIDE(i, n) storeActivation(y, static_cast<int64_t>(i), activationValue(f, x[i]));
 }
 
 __global__ void activationBackwardKernel(Activation f, const float* x, const float* y, const float* dy, float* dx,
@@ -77,12 +84,13 @@ __global__ void activationBackwardKernel(Activation f, const float* x, const flo
   DTRAIN_GRID_STRIDE(i, n) dx[i] = activationGrad(f, x[i], y[i], dy[i]);
 }
 
-__global__ void layerNormForwardKernel(const float* x, const float* w, const float* b, float* y, float* mean,
+// Out: float, or uint16_t for bf16 storage (only the store differs: bf16_store.h).
+template <class Out>
+__global__ void layerNormForwardKernel(const float* x, const float* w, const float* b, Out* y, float* mean,
                                        float* rstd, int64_t rows, int64_t d, float eps) {
   __shared__ float sh[kThreads];
   DTRAIN_ROW_STRIDE(r, rows) {
   const float* xr = x + r * d;
-  float* yr = y + r * d;
   float s = 0.0f;
   for (int64_t j = threadIdx.x; j < d; j += kThreads) s += xr[j];
   const float mu = blockSum(s, sh) / static_cast<float>(d);
@@ -91,10 +99,8 @@ __global__ void layerNormForwardKernel(const float* x, const float* w, const flo
   const float var = blockSum(v, sh) / static_cast<float>(d);
   const float rs = 1.0f / sqrtf(var + eps);
   if (threadIdx.x == 0) mean[r] = mu, rstd[r] = rs;
-  for (int64_t j = threadIdx.x; j < d; j += kThreads) {
-    const float xhat = (xr[j] - mu) * rs;
-    yr[j] = w != nullptr ? xhat * w[j] + (b != nullptr ? b[j] : 0.0f) : xhat;
-  }
+  for (int64_t j = threadIdx.x; j < d; j += kThreads)
+    storeActivation(y, r * d + j, layerNormValue(xr[j], mu, rs, w, b, j));
   }
 }
 
@@ -296,10 +302,23 @@ void addBias(float* y, const float* bias, int64_t rows, int64_t cols) {
   DTRAIN_CU_CHECK_LAUNCH("addBiasKernel");
 }
 
+void addBiasToBf16(const float* x, const float* bias, uint16_t* y, int64_t rows, int64_t cols) {
+  const size_t n = static_cast<size_t>(rows * cols);
+  if (n == 0) return;
+  addBiasToBf16Kernel<<<blocksFor(n), kThreads>>>(x, bias, y, n, cols);
+  DTRAIN_CU_CHECK_LAUNCH("addBiasToBf16Kernel");
+}
+
 void activationForward(Activation f, const float* x, float* y, size_t n) {
   if (n == 0) return;
   activationForwardKernel<<<blocksFor(n), kThreads>>>(f, x, y, n);
   DTRAIN_CU_CHECK_LAUNCH("activationForwardKernel");
+}
+
+void activationForwardBf16(Activation f, const float* x, uint16_t* y, size_t n) {
+  if (n == 0) return;
+  activationForwardKernel<<<blocksFor(n), kThreads>>>(f, x, y, n);
+  DTRAIN_CU_CHECK_LAUNCH("activationForwardKernel<bf16>");
 }
 
 void activationBackward(Activation f, const float* x, const float* y, const float* dy, float* dx, size_t n) {
@@ -313,6 +332,13 @@ void layerNormForward(const float* x, const float* w, const float* b, float* y, 
   if (rows == 0) return;
   layerNormForwardKernel<<<rowBlocks(rows), kThreads>>>(x, w, b, y, mean, rstd, rows, d, eps);
   DTRAIN_CU_CHECK_LAUNCH("layerNormForwardKernel");
+}
+
+void layerNormForwardBf16(const float* x, const float* w, const float* b, uint16_t* y, float* mean, float* rstd,
+                          int64_t rows, int64_t d, float eps) {
+  if (rows == 0) return;
+  layerNormForwardKernel<<<rowBlocks(rows), kThreads>>>(x, w, b, y, mean, rstd, rows, d, eps);
+  DTRAIN_CU_CHECK_LAUNCH("layerNormForwardKernel<bf16>");
 }
 
 void layerNormBackward(const float* x, const float* w, const float* mean, const float* rstd, const float* dy,

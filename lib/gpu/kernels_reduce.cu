@@ -11,6 +11,7 @@
 
 #include <cstdint>
 
+#include "lib/gpu/bf16_store.h"
 #include "lib/gpu/grid.h"
 #include "lib/gpu/kernels.h"
 #include "lib/gpu/launch.h"
@@ -44,9 +45,14 @@ __global__ void layerNormParamChunkKernel(ColumnChunks p, CellGrid g, int64_t d,
   });
 }
 
-__global__ void biasActivationForwardKernel(Activation f, const float* xw, const float* bias, float* y, size_t n,
+// Out: float, or uint16_t for bf16 storage (only the store differs: bf16_store.h).
+template <class Out>
+__global__ void biasActivationForwardKernel(Activation f, const float* xw, const float* bias, Out* y, size_t n,
                                             int64_t cols) {
-  DTRAIN_GRID_STRIDE(i, n) y[i] = biasActivationValue(f, xw, bias, static_cast<int64_t>(i), cols);
+  DTRAIN_GRID_STRIDE(i, n) {
+    const auto e = static_cast<int64_t>(i);
+    storeActivation(y, e, biasActivationValue(f, xw, bias, e, cols));
+  }
 }
 
 __global__ void biasActivationBackwardChunkKernel(Activation f, ColumnChunks p, CellGrid g, int64_t cols,
@@ -107,6 +113,14 @@ void biasActivationForward(Activation f, const float* xw, const float* bias, flo
   if (n == 0) return;
   biasActivationForwardKernel<<<gridFor(n, 256), 256>>>(f, xw, bias, y, n, cols);
   DTRAIN_CU_CHECK_LAUNCH("biasActivationForwardKernel");
+}
+
+void biasActivationForwardBf16(Activation f, const float* xw, const float* bias, uint16_t* y, int64_t rows,
+                               int64_t cols) {
+  const size_t n = static_cast<size_t>(rows * cols);
+  if (n == 0) return;
+  biasActivationForwardKernel<<<gridFor(n, 256), 256>>>(f, xw, bias, y, n, cols);
+  DTRAIN_CU_CHECK_LAUNCH("biasActivationForwardKernel<bf16>");
 }
 
 void biasActivationBackward(Activation f, const float* xw, const float* bias, const float* y, const float* dy,

@@ -1,6 +1,7 @@
 #include "lib/nn/device.h"
 #include "lib/nn/host_staging.h"
 
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <unordered_map>
@@ -80,6 +81,20 @@ void setBf16(bool on) {
   gpu::setBf16(on);
 #else
   (void)on;
+#endif
+}
+
+namespace {
+std::atomic<bool> gBf16Activations{true};
+}  // namespace
+
+void setBf16Activations(bool on) { gBf16Activations.store(on); }
+
+bool bf16ActivationsOn() noexcept {
+#if DTRAIN_WITH_CUDA
+  return gpu::bf16() && gBf16Activations.load();
+#else
+  return false;
 #endif
 }
 

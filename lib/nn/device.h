@@ -35,10 +35,19 @@ void useDevice(Device device);
 // off gives IEEE float32 products, for exact comparisons with the CPU). Process-wide; no effect on the CPU.
 void setTf32(bool on);
 // "precision": "bf16": GPU GEMMs round their float32 inputs to bfloat16 and multiply on bf16 tensor cores with
-// float32 accumulation and output (lib/gpu/blas.h); everything else (parameters, gradients, activations in
-// memory, LayerNorm and softmax statistics, losses, optimizer) stays float32. Process-wide; takes precedence over
-// setTf32; no effect on the CPU (whose layers compute in float32 only).
+// float32 accumulation and output (lib/gpu/blas.h); parameters, gradients, LayerNorm and softmax statistics, losses
+// and the optimizer stay float32, and so do the activations except those stored as bf16 (setBf16Activations).
+// Process-wide; takes precedence over setTf32; no effect on the CPU (whose layers compute in float32 only).
 void setBf16(bool on);
+// bf16 activation storage (default on; docs/gpu.md "bf16"): a GPU model built while bf16 is on stores as bf16 the
+// activations that only bf16 GEMMs read (a LayerNorm or GELU output feeding a linear, attention or lm_head:
+// registry.h storesBf16Between; the matmul attention's q, k, v and heads), rounded by the producing kernel as the
+// GEMM would have rounded them, so the step computes the same values in half the memory for those buffers. Off:
+// every activation float32, converted before each GEMM (the former behaviour; for comparisons). Process-wide; read
+// when a model is built (Model::build, replica), so switching it later does not change a built model.
+void setBf16Activations(bool on);
+// Whether a GPU model built now stores bf16 activations: a CUDA build, setBf16(true) and setBf16Activations(true).
+bool bf16ActivationsOn() noexcept;
 
 // The most device memory this process's buffers held at once since it started, in bytes, all GPUs together
 // (gpu::allocatedBytes: torch.cuda.max_memory_allocated's meaning); 0 on the CPU or without a CUDA build.

@@ -83,6 +83,13 @@ class Layer {
   // (forward: this, then next, with the same batch; backward: next, then this, with the same accumulate flag,
   // next given a dx), and this layer's output alone no longer holds the full result. Default: no fusion.
   virtual bool fuseWithNext(Layer& /*next*/) { return false; }
+  // bf16 activation storage (a CUDA model with "precision": "bf16"; registry.h storesBf16Between): called once at
+  // build, after fuseWithNext and before any forward, on a layer whose kind has bf16Input / bf16Output, when its
+  // input (`input`) or its output (`output`) is stored as bf16. From then on that x (or y) pointer of forward and
+  // backward points to 2-byte bfloat16 values (the floats' bit patterns rounded to nearest even), one per element,
+  // typed float* only because the interface is: the layer reads x only as a bf16 GEMM operand and writes y rounded
+  // (never reading it back). Default: throws dtrain::Error (the kind's flags promise an implementation).
+  virtual void setBf16Storage(bool input, bool output);
 
   // y[n, out...] = f(x[n, in...]). `train` switches dropout on.
   virtual void forward(const float* x, float* y, int batch, bool train) = 0;

@@ -289,11 +289,17 @@ std::string embeddingDetail(const LayerSpec& l) {
                      l.sparse ? ", sparse" : "");
 }
 
-// Each child's output (in the block's own buffers) and what the child keeps itself.
+// Each child's output (in the block's own buffers; half the floats where it is stored as bf16) and what the child
+// keeps itself.
 int64_t blockKept(const LayerSpec& l, const MemoryTarget& target) {
+  const bool bf16 = target.cuda && target.bf16;
+  const std::vector<char> stored = bf16 ? bf16StoredOutputs(l.children) : std::vector<char>(l.children.size(), 0);
   double n = 0;
-  for (const auto& c : l.children)
-    n += static_cast<double>(c.output.numel()) + static_cast<double>(keptFloatsOf(c, target));
+  for (size_t i = 0; i < l.children.size(); ++i) {
+    const LayerSpec& c = l.children[i];
+    const double out = static_cast<double>(c.output.numel());
+    n += (stored[i] != 0 ? std::ceil(out / 2) : out) + static_cast<double>(keptFloatsOf(c, target));
+  }
   return n >= 9.2e18 ? std::numeric_limits<int64_t>::max() : static_cast<int64_t>(n);
 }
 
@@ -376,7 +382,7 @@ const LayerKind& embeddingKind() {
 const LayerKind& lmHeadKind() {
   static constexpr LayerKind kind{.name = "lm_head", .parse = parseLmHead, .paramShapes = lmHeadParams,
                                   .detail = lmHeadDetail, .cpu = makeLmHead, .cuda = DTRAIN_NN_CUDA(makeLmHead),
-                                  .exampleLayer = R"({"type": "lm_head", "vocab_size": 5, "tied": false})",
+                                  .bf16Input = true, .exampleLayer = R"({"type": "lm_head", "vocab_size": 5, "tied": false})",
                                   .exampleInput = "[3, 4]"};
   return kind;
 }

@@ -377,7 +377,7 @@ const LayerKind& layerNormKind() {
   static constexpr LayerKind kind{.name = "layernorm", .parse = detail::parseLayerNorm,
                                   .paramShapes = detail::layerNormParams, .detail = detail::layerNormDetail,
                                   .cpu = detail::makeLayerNorm, .cuda = DTRAIN_NN_CUDA(makeLayerNorm),
-                                  .exampleLayer = R"({"type": "layernorm"})", .exampleInput = "[3, 4]"};
+                                  .bf16Output = true, .exampleLayer = R"({"type": "layernorm"})", .exampleInput = "[3, 4]"};
   return kind;
 }
 

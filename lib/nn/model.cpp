@@ -104,9 +104,10 @@ void Model::makeLayers(uint64_t seed) {
   scratch_ = std::make_unique<SharedScratch>(device_);  // on the model's device: its layers' scratch
   layers_.clear();
   hasRandomLayers_ = false;
+  const bool bf16 = !device_.isCpu() && bf16ActivationsOn();
   for (const auto& ls : parts_.layers) {
-    layers_.push_back(makeLayer(
-        ls, {.device = device_, .maxBatch = maxBatch_, .seed = seed, .scratch = scratch_.get(), .tensor = tensor_.get()}));
+    layers_.push_back(makeLayer(ls, {.device = device_, .maxBatch = maxBatch_, .seed = seed, .scratch = scratch_.get(),
+                                     .tensor = tensor_.get(), .bf16 = bf16}));
     hasRandomLayers_ = hasRandomLayers_ || drawsRandom(ls);
   }
   // Consecutive pairs may fuse (Layer::fuseWithNext; only CUDA layers do): forward and backward below run them in
@@ -114,6 +115,9 @@ void Model::makeLayers(uint64_t seed) {
   for (size_t i = 0; i + 1 < layers_.size(); ++i) {
     if (!layers_[i]->aliasesInput() && !layers_[i + 1]->aliasesInput()) layers_[i]->fuseWithNext(*layers_[i + 1]);
   }
+  // bf16 activation storage: the outputs only bf16 GEMMs read are 2-byte values (allocateActivations sizes them).
+  bf16Outputs_ = bf16 ? bf16StoredOutputs(parts_.layers) : std::vector<char>(layers_.size(), 0);
+  if (bf16) applyBf16Storage(layers_, bf16Outputs_);
   scratch_->allocate();
 }
 
@@ -233,14 +237,18 @@ Model Model::replica() const {
   return r;
 }
 
-// One arena for all outputs; gradients between layers ping-pong between two buffers as large as the largest
-// layer input.
+// One arena for all outputs (a bf16-stored output takes half the floats); gradients between layers ping-pong
+// between two buffers as large as the largest layer input.
 void Model::allocateActivations() {
   const auto batch = static_cast<size_t>(maxBatch_);
+  auto outputFloats = [&](size_t i) {
+    const size_t n = batch * static_cast<size_t>(parts_.layers[i].output.numel());
+    return roundUp(bf16Outputs_[i] != 0 ? (n + 1) / 2 : n);
+  };
   size_t actTotal = 0;
   size_t maxInput = 0;
   for (size_t i = 0; i < layers_.size(); ++i) {
-    if (!layers_[i]->aliasesInput()) actTotal += roundUp(batch * static_cast<size_t>(parts_.layers[i].output.numel()));
+    if (!layers_[i]->aliasesInput()) actTotal += outputFloats(i);
     if (needsInputGrad_[i]) maxInput = std::max(maxInput, batch * static_cast<size_t>(parts_.layers[i].input.numel()));
   }
   activations_ = DeviceFloats(actTotal, device_);
@@ -252,7 +260,7 @@ void Model::allocateActivations() {
       continue;
     }
     ownOutput_.push_back(activations_.data() + at);
-    at += roundUp(batch * static_cast<size_t>(parts_.layers[i].output.numel()));
+    at += outputFloats(i);
   }
   gradA_ = DeviceFloats(maxInput, device_);
   gradB_ = DeviceFloats(maxInput, device_);

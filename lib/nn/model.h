@@ -23,7 +23,8 @@
 // forward's x, the returned view, backward's gradOutput and the params()/grads() spans are device memory, which
 // host code must never dereference (lib/nn/device.h has the arena operations; hostParams() gives a host copy).
 // Initial weights are drawn on the host by the CPU layers and copied over, so a CPU and a GPU model built with
-// the same seed start bit-identical.
+// the same seed start bit-identical. A GPU model built while nn::bf16ActivationsOn() stores as bf16 the outputs
+// that only the next layer's bf16 GEMMs read (registry.h storesBf16Between; the model's output never is).
 //
 // Memory: activations, gradients between layers and each layer's scratch are allocated once at build for
 // maxBatch samples, and forward/backward never allocate: a smaller batch (the last one of an epoch) uses the
@@ -232,6 +233,7 @@ class Model {
   std::vector<bool> needsInputGrad_;  // some earlier layer has parameters
   DeviceFloats activations_;  // every non-aliasing layer's output, maxBatch samples each
   std::vector<float*> ownOutput_;     // per layer: its slice of activations_ (null when aliasing)
+  std::vector<char> bf16Outputs_;     // per layer: 1 when its output is stored as bf16 (registry.h storesBf16Between)
   DeviceFloats gradA_, gradB_;  // ping-pong buffers for gradients between layers
   std::unique_ptr<SharedScratch> scratch_;  // scratch the blocks and attention layers share, on the model's device
   std::shared_ptr<TensorGroup> tensor_;     // the layers' tensor group (null: not tensor-parallel)

@@ -67,6 +67,31 @@ int64_t paramCountOf(const LayerSpec& spec) {
   return n;
 }
 
+void Layer::setBf16Storage(bool input, bool output) {
+  DTRAIN_THROW(Error, "{}: layer '{}' on {} has no bf16 activation storage (asked for its {})", spec().path,
+               spec().type(), device().str(), input && output ? "input and output" : input ? "input" : "output");
+}
+
+bool storesBf16Between(const LayerSpec& producer, const LayerSpec& consumer) {
+  return producer.kind != nullptr && consumer.kind != nullptr && producer.kind->bf16Output && consumer.kind->bf16Input;
+}
+
+std::vector<char> bf16StoredOutputs(std::span<const LayerSpec> sequence) {
+  std::vector<char> out(sequence.size(), 0);
+  for (size_t i = 0; i + 1 < sequence.size(); ++i) out[i] = storesBf16Between(sequence[i], sequence[i + 1]) ? 1 : 0;
+  return out;
+}
+
+void applyBf16Storage(std::span<const std::unique_ptr<Layer>> layers, const std::vector<char>& storedOutputs) {
+  DTRAIN_CHECK(layers.size() == storedOutputs.size(), "applyBf16Storage: {} layers but {} flags", layers.size(),
+               storedOutputs.size());
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const bool input = i > 0 && storedOutputs[i - 1] != 0;
+    const bool output = storedOutputs[i] != 0;
+    if (input || output) layers[i]->setBf16Storage(input, output);
+  }
+}
+
 int64_t keptFloatsOf(const LayerSpec& spec, const MemoryTarget& target) {
   return spec.kind != nullptr && spec.kind->keptFloats != nullptr ? spec.kind->keptFloats(spec, target) : 0;
 }

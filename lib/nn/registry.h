@@ -52,6 +52,9 @@ class TensorGroup;  // lib/nn/tensor_parallel.h
 struct MemoryTarget {
   bool cuda = false;
   AttentionKernel attention = AttentionKernel::kAuto;
+  // "precision": "bf16" on a GPU, with bf16 activation storage (storesBf16Between; setBf16Activations in device.h):
+  // the outputs that only bf16 GEMMs read are 2-byte values, and so are the matmul attention's q, k, v and heads.
+  bool bf16 = false;
 };
 
 // A named parameter of a layer: "weight" or "bias" (PyTorch's attribute name) and its shape. In a tensor-parallel
@@ -103,6 +106,10 @@ struct LayerBuild {
   SharedScratch* scratch = nullptr;
   // The tensor group a sharded spec's layers all-reduce in (tensor_parallel.h); null: the spec is not sharded.
   TensorGroup* tensor = nullptr;
+  // bf16 activation storage is on (a CUDA model built while bf16ActivationsOn(), device.h): a sequence (Model, a
+  // block) pairs its layers by storesBf16Between, and a layer may keep its own activations in bf16 (the matmul
+  // attention's q, k, v and heads).
+  bool bf16 = false;
 };
 
 using LayerFactory = std::unique_ptr<Layer> (*)(const LayerSpec& spec, const LayerBuild& build);
@@ -122,6 +129,13 @@ struct LayerKind {
   LayerFactory cuda = nullptr;
   // Draws random numbers in training (dropout): Model::reseedDropout reaches it.
   bool random = false;
+  // bf16 activation storage on a GPU ("precision": "bf16", docs/gpu.md "bf16"; storesBf16Between). bf16Input: the
+  // CUDA layer reads its input only as a GEMM operand, in forward and in backward's weight gradient (linear,
+  // causal_self_attention's qkv projection, lm_head), so the input may be stored as bf16: the GEMM multiplies bf16
+  // anyway. bf16Output: the CUDA layer can write its output rounded to bf16 and never reads it back in backward
+  // (layernorm, gelu: its derivative is taken from its input). Such a CUDA layer implements Layer::setBf16Storage.
+  bool bf16Input = false;
+  bool bf16Output = false;
   // A valid layer object and per-sample input shape (JSON text), so tests cover every registered type.
   std::string_view exampleLayer;
   std::string_view exampleInput;
@@ -146,6 +160,17 @@ std::optional<int64_t> checkedParamCountOf(const LayerSpec& spec);
 
 // keptFloats of spec's layer on `target`, saturating at INT64_MAX; 0 when its type keeps nothing beyond its output.
 int64_t keptFloatsOf(const LayerSpec& spec, const MemoryTarget& target = {});
+
+// bf16 activation storage (docs/gpu.md "bf16"): whether a GPU model with it on stores `producer`'s output as bf16,
+// `consumer` being the next layer of the same sequence (Model's layers, a block's children), which alone reads that
+// output: producer's kind has bf16Output and consumer's bf16Input. The rule of the CUDA models' pairing and of the
+// memory estimate (MemoryTarget::bf16), so both count the same buffers.
+bool storesBf16Between(const LayerSpec& producer, const LayerSpec& consumer);
+// For each layer of a sequence: 1 when its output is stored as bf16 (storesBf16Between with the next one), else 0.
+std::vector<char> bf16StoredOutputs(std::span<const LayerSpec> sequence);
+// Tells each layer of a built sequence what bf16StoredOutputs(specs) decided (Layer::setBf16Storage: its input
+// when the previous output is bf16, its output when its own is), for the layers concerned only.
+void applyBf16Storage(std::span<const std::unique_ptr<Layer>> layers, const std::vector<char>& storedOutputs);
 
 // Whether spec's layer, or a layer inside it (a block's children), draws random numbers in training (dropout).
 bool drawsRandom(const LayerSpec& spec);

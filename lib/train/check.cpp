@@ -6,6 +6,7 @@
 #include <fstream>
 #include <limits>
 #include <sstream>
+#include <vector>
 
 #include "lib/ckpt/report.h"
 #include "lib/common/dir_check.h"
@@ -153,11 +154,19 @@ MemoryEstimate estimateMemory(const Job& job, int worldSize, std::optional<int64
   if (job.optimizer.type == nn::OptimizerType::kSgd) slots = job.optimizer.momentum != 0 ? 1 : 0;
   else slots = job.optimizer.amsgrad ? 3 : 2;
   e.optimizer = satMul(params, slots * 4);
-  int64_t values = satNumel(job.model.input);
-  const nn::MemoryTarget target{.cuda = job.device.isCuda(), .attention = job.attention};
-  for (const auto& l : job.model.layers)
-    values = satAdd(values, satAdd(satMul(satNumel(l.output), 2), nn::keptFloatsOf(l, target)));
-  e.activations = satMul(satMul(values, largestBatchOf(job, samples)), 4);
+  // In 2-byte units: a float32 value is 2, a bf16-stored one 1 (bf16 activation storage on a GPU: the outputs only
+  // bf16 GEMMs read, nn::storesBf16Between; their gradients stay float32).
+  const bool bf16 = job.device.isCuda() && job.precision == Job::Precision::kBf16;
+  const nn::MemoryTarget target{.cuda = job.device.isCuda(), .attention = job.attention, .bf16 = bf16};
+  const std::vector<char> bf16Outputs =
+      bf16 ? nn::bf16StoredOutputs(job.model.layers) : std::vector<char>(job.model.layers.size(), 0);
+  int64_t halves = satMul(satNumel(job.model.input), 2);
+  for (size_t i = 0; i < job.model.layers.size(); ++i) {
+    const auto& l = job.model.layers[i];
+    const int64_t outputHalves = satMul(satNumel(l.output), bf16Outputs[i] != 0 ? 3 : 4);  // output + its gradient
+    halves = satAdd(halves, satAdd(outputHalves, satMul(nn::keptFloatsOf(l, target), 2)));
+  }
+  e.activations = satMul(satMul(halves, largestBatchOf(job, samples)), 2);
   e.data = satAdd(syntheticBytes(job.data.train), job.data.eval ? syntheticBytes(*job.data.eval) : 0);
   if (job.parallel.compression && params < kInt64Max) {
     const uint64_t bytes = compressionBufferBytes(*job.parallel.compression, paramsOfSpec(job.model), worldSize);

@@ -232,6 +232,12 @@ TEST_CASE("causal_self_attention dropout: on the probabilities in training only,
   CHECK(keptFloatsOf(plain.spec, {.cuda = true, .attention = AttentionKernel::kMatmul}) == 6 * 16);
   CHECK(keptFloatsOf(drop.spec, {.cuda = true, .attention = AttentionKernel::kFused}) == 6 * 16 + 2 * 6);
   CHECK(keptFloatsOf(drop.spec, {.cuda = true, .attention = AttentionKernel::kMatmul}) == 6 * 16);
+  // bf16 activation storage ("precision": "bf16" on a GPU): the matmul path keeps qkv and heads in bf16 ([T, 4C]
+  // values in 2 bytes: [T, 2C] floats' worth); the fused kernels read them in float32; the CPU has no bf16.
+  CHECK(keptFloatsOf(plain.spec, {.cuda = true, .attention = AttentionKernel::kMatmul, .bf16 = true}) == 3 * 16);
+  CHECK(keptFloatsOf(drop.spec, {.cuda = true, .attention = AttentionKernel::kMatmul, .bf16 = true}) == 3 * 16);
+  CHECK(keptFloatsOf(plain.spec, {.cuda = true, .attention = AttentionKernel::kFused, .bf16 = true}) == 6 * 16 + 2 * 6);
+  CHECK(keptFloatsOf(plain.spec, {.cuda = false, .bf16 = true}) == 6 * 16 + 2 * 36);
   CHECK(usesFusedAttention(plain.spec, AttentionKernel::kFused));
   CHECK_FALSE(usesFusedAttention(plain.spec, AttentionKernel::kMatmul));
   // "auto": the matmul path while its score scratch (P and dP of one sample: 2 x H x T x T floats) is at most
@@ -431,4 +437,27 @@ TEST_CASE("adamw weight_decay_on matrices: the no-decay ranges step as weight_de
   CHECK(messageOf([] {
           parseOptimizerSpec(json{{"type", "adamw"}, {"weight_decay_on", "vectors"}}, "job.json");
         }).find("/optimizer/weight_decay_on") != std::string::npos);
+}
+
+TEST_CASE("bf16 activation storage pairs the outputs only bf16 GEMMs read: a layernorm or gelu before a GEMM layer") {
+  // embedding, block (ln_1, attn), block (ln_2, c_fc, gelu, c_proj), ln_f, lm_head
+  const ModelSpec gpt = parseModelSpec(json::parse(R"({"preset": "gpt", "vocab_size": 16, "block_size": 8,
+                                                      "n_layer": 1, "n_head": 2, "n_embd": 4, "dropout": 0.1})"),
+                                       "", "/model");
+  // With dropout the model's layers are embedding, dropout, 2 blocks, ln_f, lm_head: only ln_f -> lm_head pairs.
+  REQUIRE(gpt.layers.size() == 6);
+  CHECK(bf16StoredOutputs(gpt.layers) == std::vector<char>{0, 0, 0, 0, 1, 0});
+  CHECK(bf16StoredOutputs(gpt.layers[2].children) == std::vector<char>{1, 0, 0});        // ln_1 -> attn (, dropout)
+  CHECK(bf16StoredOutputs(gpt.layers[3].children) == std::vector<char>{1, 0, 1, 0, 0});  // ln_2 -> c_fc, gelu -> c_proj
+  // Not stored as bf16: relu/tanh/sigmoid outputs (their backward reads y), a linear's output (the next gelu
+  // needs it in float32), anything before a layer that is no GEMM (flatten, dropout, layernorm).
+  const ModelSpec mlp = parseModelSpec(json::parse(R"({"input": [2, 3], "layers": [{"type": "layernorm"},
+      {"type": "flatten"}, {"type": "linear", "out": 4}, {"type": "relu"}, {"type": "linear", "out": 4},
+      {"type": "tanh"}, {"type": "linear", "out": 4}, {"type": "gelu"}, {"type": "dropout", "p": 0.1},
+      {"type": "linear", "out": 4}, {"type": "layernorm"}, {"type": "linear", "out": 2}]})"), "", "/model");
+  CHECK(bf16StoredOutputs(mlp.layers) == std::vector<char>{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0});
+  // A layer asked for storage it does not have (a CPU layer: the CPU has no bf16) says so.
+  auto cpu = makeLayer(mlp.layers[2], {.device = Device::cpu()});
+  CHECK(messageOf([&] { cpu->setBf16Storage(true, false); }) ==
+        "/model/layers/2: layer 'linear' on cpu has no bf16 activation storage (asked for its input)");
 }

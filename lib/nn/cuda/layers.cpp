@@ -1,7 +1,11 @@
 // CUDA layers: linear, the elementwise activations, flatten and layernorm (the CPU twins: layers_dense.cpp,
-// layers_spatial.cpp). A linear with a bias followed by an activation fuses the bias into it (fuseWithNext). GEMMs through cuBLAS (lib/gpu/blas.h), the rest through lib/gpu/kernels.h; everything on the
-// legacy default stream of the layer's GPU, asynchronous. Parameters are initialised on the host by the CPU
-// layers (Model::build), so these classes have no initParams.
+// layers_spatial.cpp). A linear with a bias followed by an activation fuses the bias into it (fuseWithNext). GEMMs
+// through cuBLAS (lib/gpu/blas.h), the rest through lib/gpu/kernels.h; everything on the legacy default stream of
+// the layer's GPU, asynchronous. Parameters are initialised on the host by the CPU layers (Model::build), so these
+// classes have no initParams. bf16 activation storage (Layer::setBf16Storage, "precision": "bf16"): a linear may
+// read its input as stored bf16, a layernorm or gelu may write its output as bf16.
+#include <cstdint>
+
 #include "lib/common/error.h"
 #include "lib/gpu/blas.h"
 #include "lib/gpu/kernels.h"
@@ -14,6 +18,13 @@ namespace {
 
 namespace k = gpu::kernels;
 
+// The x of a layer whose input is stored as bf16 (setBf16Storage) or float32, as a GEMM operand.
+gpu::GemmOperand inputOperand(const float* x, bool bf16) {
+  return bf16 ? gpu::GemmOperand::bf16(x) : gpu::GemmOperand(x);
+}
+// The y of a layer whose output is stored as bf16: its 2-byte values.
+uint16_t* bf16Out(float* y) { return reinterpret_cast<uint16_t*>(y); }
+
 class Linear;
 
 // y = f(x) elementwise. Fused after a linear (Linear::fuseWithNext): x is then the linear's x W^T without its bias,
@@ -25,11 +36,17 @@ class Activation final : public Layer {
   void forward(const float* x, float* y, int batch, bool) override;
   void backward(const float* x, const float* y, const float* dy, float* dx, int batch, bool accumulate) override;
   void fuseAfter(const Linear* producer) { producer_ = producer; }
+  // Only gelu's kind offers bf16 output (its derivative needs x, not y; relu, tanh and sigmoid read y).
+  void setBf16Storage(bool input, bool output) override {
+    DTRAIN_CHECK(!input && f_ == k::Activation::kGelu, "{}: bf16 storage is for a gelu's output only", spec().path);
+    bf16Output_ = output;
+  }
 
  private:
   k::Activation f_;
   size_t numel_;
   const Linear* producer_ = nullptr;  // the linear whose bias this activation applies, when fused
+  bool bf16Output_ = false;           // y is stored as bf16
 };
 
 // y = x W^T + b over the last dimension, W [out, in] (nn.Linear).
@@ -53,15 +70,23 @@ class Linear final : public Layer {
     return true;
   }
 
+  // x is read only by the two GEMMs below, so it may be stored as bf16 (the output never is: the kind has no
+  // bf16Output).
+  void setBf16Storage(bool input, bool output) override {
+    DTRAIN_CHECK(!output, "{}: a linear's output is not stored as bf16", spec().path);
+    bf16Input_ = input;
+  }
+
   void forward(const float* x, float* y, int batch, bool) override {
     const int64_t rows = batch * rows_;
-    gpu::gemm(false, true, rows, out_, in_, 1.0f, x, in_, w_, in_, 0.0f, y, out_);
+    gpu::gemm(false, true, rows, out_, in_, 1.0f, inputOperand(x, bf16Input_), in_, w_, in_, 0.0f, y, out_);
     if (b_ != nullptr && !fused_) k::addBias(y, b_, rows, out_);
   }
 
   void backward(const float* x, const float*, const float* dy, float* dx, int batch, bool accumulate) override {
     const int64_t rows = batch * rows_;
-    gpu::gemm(true, false, out_, in_, rows, 1.0f, dy, out_, x, in_, accumulate ? 1.0f : 0.0f, gw_, in_);
+    gpu::gemm(true, false, out_, in_, rows, 1.0f, dy, out_, inputOperand(x, bf16Input_), in_,
+              accumulate ? 1.0f : 0.0f, gw_, in_);
     if (gb_ != nullptr && !fused_) k::biasGrad(dy, gb_, rows, out_, accumulate);
     if (dx != nullptr) gpu::gemm(false, false, rows, in_, out_, 1.0f, dy, out_, w_, in_, 0.0f, dx, in_);
   }
@@ -73,6 +98,7 @@ class Linear final : public Layer {
  private:
   int64_t in_, out_, rows_;
   bool fused_ = false;
+  bool bf16Input_ = false;  // x is stored as bf16
   float* w_ = nullptr;
   float* b_ = nullptr;
   float* gw_ = nullptr;
@@ -81,13 +107,22 @@ class Linear final : public Layer {
 
 void Activation::forward(const float* x, float* y, int batch, bool) {
   const size_t n = static_cast<size_t>(batch) * numel_;
-  if (producer_ == nullptr) return k::activationForward(f_, x, y, n);
+  if (producer_ == nullptr) {
+    if (bf16Output_) return k::activationForwardBf16(f_, x, bf16Out(y), n);
+    return k::activationForward(f_, x, y, n);
+  }
   const int64_t cols = producer_->width();
-  k::biasActivationForward(f_, x, producer_->bias(), y, static_cast<int64_t>(n) / cols, cols);
+  const int64_t rows = static_cast<int64_t>(n) / cols;
+  if (bf16Output_) return k::biasActivationForwardBf16(f_, x, producer_->bias(), bf16Out(y), rows, cols);
+  k::biasActivationForward(f_, x, producer_->bias(), y, rows, cols);
 }
 
-void Activation::backward(const float* x, const float* y, const float* dy, float* dx, int batch, bool accumulate) {
+void Activation::backward(const float* x, const float* yStored, const float* dy, float* dx, int batch,
+                          bool accumulate) {
   const size_t n = static_cast<size_t>(batch) * numel_;
+  // gelu's derivative reads x only (reduce_index.h activationGrad); a bf16-stored y must not be read as floats, so
+  // the kernels get x (same size, float32) in its place: the value is unused, the result the same.
+  const float* y = bf16Output_ ? x : yStored;
   if (producer_ == nullptr) {
     if (dx != nullptr) k::activationBackward(f_, x, y, dy, dx, n);
     return;
@@ -129,9 +164,19 @@ class LayerNorm final : public Layer {
     if (spec().bias) b_ = params + d_, gb_ = grads + d_;  // "bias": false: weight only
   }
 
+  // The output may be stored as bf16 (backward reads x, mean and rstd, never y).
+  void setBf16Storage(bool input, bool output) override {
+    DTRAIN_CHECK(!input, "{}: a layernorm's input is not stored as bf16", spec().path);
+    bf16Output_ = output;
+  }
+
   void forward(const float* x, float* y, int batch, bool) override {
-    k::layerNormForward(x, w_, b_, y, mean_.data(), rstd_.data(), batch * rowsPerSample_, d_,
-                        static_cast<float>(spec().eps));
+    const float eps = static_cast<float>(spec().eps);
+    if (bf16Output_) {
+      k::layerNormForwardBf16(x, w_, b_, bf16Out(y), mean_.data(), rstd_.data(), batch * rowsPerSample_, d_, eps);
+    } else {
+      k::layerNormForward(x, w_, b_, y, mean_.data(), rstd_.data(), batch * rowsPerSample_, d_, eps);
+    }
   }
 
   void backward(const float* x, const float*, const float* dy, float* dx, int batch, bool accumulate) override {
@@ -141,6 +186,7 @@ class LayerNorm final : public Layer {
  private:
   int64_t d_, rowsPerSample_;
   DeviceFloats mean_, rstd_;
+  bool bf16Output_ = false;  // y is stored as bf16
   float* w_ = nullptr;
   float* b_ = nullptr;
   float* gw_ = nullptr;

@@ -4,7 +4,9 @@
 // cuBLAS batched GEMMs over the heads on strided views of the stacked qkv buffer, the full [T, T] score square, and
 // a masked softmax kernel, the probabilities recomputed in backward (one sample's [H, T, T] of scratch, shared by
 // the model's attention layers). The job's "attention" chooses (lib/nn/attention_kernel.h; see
-// CausalSelfAttention).
+// CausalSelfAttention). bf16 activation storage ("precision": "bf16", Layer::setBf16Storage): attention and
+// lm_head may read their input as stored bf16, a block pairs its children's buffers, and the matmul attention keeps
+// q, k, v and the heads in bf16 (see CausalSelfAttention).
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -33,6 +35,12 @@ namespace {
 namespace k = gpu::kernels;
 
 size_t sz(int64_t n) { return static_cast<size_t>(n); }
+// Floats that hold n values: n float32, or n bf16 (2 bytes each) rounded up to whole floats.
+size_t floatsFor(size_t n, bool bf16) { return bf16 ? (n + 1) / 2 : n; }
+// A buffer of float32 or (bf16) stored bf16 values as a GEMM operand.
+gpu::GemmOperand operandOf(const float* p, bool bf16) {
+  return bf16 ? gpu::GemmOperand::bf16(p) : gpu::GemmOperand(p);
+}
 
 // The token ids come back to the host in every forward (one small blocking copy, as the former one-int read): the
 // host checks them (a bad id is the CPU's error) and, for training, orders the rows by token (gpu::TokenOrder), so
@@ -136,12 +144,23 @@ class Embedding final : public Layer {
 // on the host, copied or kept. Forward multiplies v by the dropped P (P x 1/(1-p) where kept, 0 where dropped, the
 // CPU's select); backward recomputes P as above and, with the forward's draw (same key and offset), drops dP and
 // the recomputed P with the same kernel, so they too are the forward's bit for bit.
+//
+// bf16 activation storage (built with LayerBuild::bf16, "precision": "bf16"): the input x may be stored as bf16
+// (setBf16Storage: a layernorm before it), read by the qkv GEMMs as it is. On the matmul path every reader of q, k,
+// v and the heads is a bf16 GEMM, so qkv_ and att_ hold bf16 (half the memory kept per layer): the qkv projection
+// is computed in float32 into the backward scratch (kAttention, unused during forward), then its bias is added and
+// the sum rounded into qkv_ by one kernel (kernels::addBiasToBf16: addBias's sum, toBf16's rounding); the heads are
+// computed into the same scratch and rounded into att_ (toBf16). The GEMMs then read those bf16 values instead of
+// converting the float32 ones first: the same values, so the same products. The fused kernels read q, k, v and
+// the heads in float32 (their D = rowsum(dO . O) too), so on the fused path qkv_ and att_ stay float32.
 class CausalSelfAttention final : public Layer {
  public:
   CausalSelfAttention(const LayerSpec& spec, const LayerBuild& build)
       : Layer(spec, build.device), t_(spec.input[0]), c_(spec.input[1]), h_(spec.nHead), hs_(c_ / h_),
-        rows_(sz(build.maxBatch) * sz(t_)), fused_(fusedFor(spec)), qkv_(rows_ * sz(3 * c_), build.device),
-        att_(rows_ * sz(c_), build.device), lse_(fused_ ? sz(build.maxBatch) * sz(h_ * t_) : 0, build.device),
+        rows_(sz(build.maxBatch) * sz(t_)), fused_(fusedFor(spec)), bf16Core_(build.bf16 && !fused_),
+        qkv_(floatsFor(rows_ * sz(3 * c_), bf16Core_), build.device),
+        att_(floatsFor(rows_ * sz(c_), bf16Core_), build.device),
+        lse_(fused_ ? sz(build.maxBatch) * sz(h_ * t_) : 0, build.device),
         scratch_(build.scratch), stream_(std::nullopt, spec.index) {
     DTRAIN_CHECK(scratch_ == nullptr || scratch_->device() == build.device,
                  "{}: the shared scratch is on {}, the layer on {}", spec.path, scratch_->device().str(),
@@ -160,6 +179,12 @@ class CausalSelfAttention final : public Layer {
   // The CPU layer's stream (layers_attention.cpp): restarted by every reseed.
   void reseed(uint64_t seed, uint64_t position) override { stream_.reseed(seed, position); }
 
+  // x is read only by the qkv GEMMs (forward, and backward's weight gradient).
+  void setBf16Storage(bool input, bool output) override {
+    DTRAIN_CHECK(!output, "{}: attention's output is not stored as bf16", spec().path);
+    bf16Input_ = input;
+  }
+
   void bind(float* params, float* grads) override {
     wAttn_ = params, gwAttn_ = grads;
     size_t at = sz(3 * c_ * c_);
@@ -172,25 +197,34 @@ class CausalSelfAttention final : public Layer {
     const int64_t rows = batch * t_, c3 = 3 * c_;
     dropping_ = train && spec().p > 0;
     if (dropping_) draw_ = stream_.next(sz(batch) * square(), spec().p, keep());
-    float* qkv = qkv_.data();
-    gpu::gemm(false, true, rows, c3, c_, 1.0f, x, c_, wAttn_, c_, 0.0f, qkv, c3);
-    if (bAttn_ != nullptr) k::addBias(qkv, bAttn_, rows, c3);
-    if (fused_) {
-      k::flashAttentionForward(qkv, att_.data(), lse_.data(), batch, t_, h_, hs_, dropping_ ? &draw_ : nullptr);
+    const gpu::GemmOperand in = operandOf(x, bf16Input_);
+    if (bf16Core_) {
+      // q, k, v in float32 into the backward scratch (dead during forward), then + bias and rounded into qkv_.
+      float* staged = backwardScratch();
+      gpu::gemm(false, true, rows, c3, c_, 1.0f, in, c_, wAttn_, c_, 0.0f, staged, c3);
+      k::addBiasToBf16(staged, bAttn_, reinterpret_cast<uint16_t*>(qkv_.data()), rows, c3);
+      matmulForward(staged, batch);  // the heads in float32 into the scratch again
+      k::toBf16(staged, att_.data(), sz(rows) * sz(c_));
     } else {
-      matmulForward(qkv, batch);
+      float* qkv = qkv_.data();
+      gpu::gemm(false, true, rows, c3, c_, 1.0f, in, c_, wAttn_, c_, 0.0f, qkv, c3);
+      if (bAttn_ != nullptr) k::addBias(qkv, bAttn_, rows, c3);
+      if (fused_) {
+        k::flashAttentionForward(qkv, att_.data(), lse_.data(), batch, t_, h_, hs_, dropping_ ? &draw_ : nullptr);
+      } else {
+        matmulForward(att_.data(), batch);
+      }
     }
-    gpu::gemm(false, true, rows, c_, c_, 1.0f, att_.data(), c_, wProj_, c_, 0.0f, y, c_);
+    gpu::gemm(false, true, rows, c_, c_, 1.0f, operandOf(att_.data(), bf16Core_), c_, wProj_, c_, 0.0f, y, c_);
     if (bProj_ != nullptr) k::addBias(y, bProj_, rows, c_);
   }
 
   void backward(const float* x, const float*, const float* dy, float* dx, int batch, bool accumulate) override {
     const int64_t rows = batch * t_, c3 = 3 * c_;
     const float beta = accumulate ? 1.0f : 0.0f;
-    float* dqkvData = scratch_ != nullptr ? scratch_->data(SharedScratch::kAttention)
-                                          : own_.data() + (fused_ ? 0 : 2 * square());
+    float* dqkvData = backwardScratch();
     float* datt = dqkvData + rows_ * sz(c3);
-    gpu::gemm(true, false, c_, c_, rows, 1.0f, dy, c_, att_.data(), c_, beta, gwProj_, c_);
+    gpu::gemm(true, false, c_, c_, rows, 1.0f, dy, c_, operandOf(att_.data(), bf16Core_), c_, beta, gwProj_, c_);
     if (gbProj_ != nullptr) k::biasGrad(dy, gbProj_, rows, c_, accumulate);
     gpu::gemm(false, false, rows, c_, c_, 1.0f, dy, c_, wProj_, c_, 0.0f, datt, c_);
     if (fused_) {
@@ -201,7 +235,7 @@ class CausalSelfAttention final : public Layer {
       matmulBackward(dqkvData, datt, batch);
     }
     const float* dqkv = dqkvData;
-    gpu::gemm(true, false, c3, c_, rows, 1.0f, dqkv, c3, x, c_, beta, gwAttn_, c_);
+    gpu::gemm(true, false, c3, c_, rows, 1.0f, dqkv, c3, operandOf(x, bf16Input_), c_, beta, gwAttn_, c_);
     if (gbAttn_ != nullptr) k::biasGrad(dqkv, gbAttn_, rows, c3, accumulate);
     if (dx != nullptr) gpu::gemm(false, false, rows, c_, c3, 1.0f, dqkv, c3, wAttn_, c_, 0.0f, dx, c_);
   }
@@ -219,18 +253,32 @@ class CausalSelfAttention final : public Layer {
     return usesFusedAttention(spec, k);
   }
 
-  // The matmul path's attention core: att from qkv, sample by sample through the score square.
-  void matmulForward(const float* qkv, int batch) {
+  // The backward scratch: dqkv, then datt (and D), inside one backward; during a bf16 forward, the float32 q, k, v
+  // and then the float32 heads before they are rounded.
+  float* backwardScratch() {
+    if (scratch_ != nullptr) return scratch_->data(SharedScratch::kAttention);
+    return own_.data() + (fused_ ? 0 : 2 * square());
+  }
+
+  // Element `offset` of qkv_ (float32, or bf16 on the bf16 matmul path) as a GEMM operand.
+  gpu::GemmOperand qkvAt(int64_t offset) const {
+    if (bf16Core_) return gpu::GemmOperand::bf16(reinterpret_cast<const uint16_t*>(qkv_.data()) + offset);
+    return qkv_.data() + offset;
+  }
+
+  // The matmul path's attention core: the concatenated heads [rows, C] in float32 into `heads`, from qkv_, sample
+  // by sample through the score square.
+  void matmulForward(float* heads, int batch) {
     const int64_t c3 = 3 * c_;
     float* p = scores();
     for (int b = 0; b < batch; ++b) {
-      const float* base = qkv + b * t_ * c3;  // q at column h*hs, k at C + h*hs, v at 2C + h*hs
+      const int64_t base = b * t_ * c3;  // q at column h*hs, k at C + h*hs, v at 2C + h*hs
       probabilities(base, p);
       // Attention dropout: v is multiplied by the dropped P, computed in place (P itself is not needed again).
       if (dropping_) k::dropoutSelect(p, draw_, firstElement(b), p, square());
       // y_h = P_h v_h into the concatenated heads.
-      gpu::gemmBatched(false, false, t_, hs_, t_, 1.0f, p, t_, t_ * t_, base + 2 * c_, c3, hs_, 0.0f,
-                       att_.data() + b * t_ * c_, c_, hs_, h_);
+      gpu::gemmBatched(false, false, t_, hs_, t_, 1.0f, p, t_, t_ * t_, qkvAt(base + 2 * c_), c3, hs_, 0.0f,
+                       heads + b * t_ * c_, c_, hs_, h_);
     }
   }
 
@@ -240,20 +288,22 @@ class CausalSelfAttention final : public Layer {
     float* p = scores();
     float* dp = p + square();
     for (int b = 0; b < batch; ++b) {
-      const float* base = qkv_.data() + b * t_ * c3;
-      float* dbase = dqkvData + b * t_ * c3;
+      const int64_t base = b * t_ * c3;
+      float* dbase = dqkvData + base;
       const float* dout = datt + b * t_ * c_;
       probabilities(base, p);  // forward's P, bit for bit (see the class comment)
       // dP_h = dOut_h v_h^T, then through the dropout: dP x 1/(1-p) where kept, 0 where dropped.
-      gpu::gemmBatched(false, true, t_, t_, hs_, 1.0f, dout, c_, hs_, base + 2 * c_, c3, hs_, 0.0f, dp, t_, tt, h_);
+      gpu::gemmBatched(false, true, t_, t_, hs_, 1.0f, dout, c_, hs_, qkvAt(base + 2 * c_), c3, hs_, 0.0f, dp, t_, tt,
+                       h_);
       if (dropping_) k::dropoutSelect(dp, draw_, firstElement(b), dp, square());
       k::causalSoftmaxBackward(p, dp, h_, t_, scaleOf());  // dp becomes dS (scaled, masked)
       // P is no longer needed: the dropped P (forward's, bit for bit) takes its place for dv.
       if (dropping_) k::dropoutSelect(p, draw_, firstElement(b), p, square());
       // dv_h = P_h^T dOut_h (P: what multiplied v in forward);  dq_h = dS_h k_h;  dk_h = dS_h^T q_h.
       gpu::gemmBatched(true, false, t_, hs_, t_, 1.0f, p, t_, tt, dout, c_, hs_, 0.0f, dbase + 2 * c_, c3, hs_, h_);
-      gpu::gemmBatched(false, false, t_, hs_, t_, 1.0f, dp, t_, tt, base + c_, c3, hs_, 0.0f, dbase, c3, hs_, h_);
-      gpu::gemmBatched(true, false, t_, hs_, t_, 1.0f, dp, t_, tt, base, c3, hs_, 0.0f, dbase + c_, c3, hs_, h_);
+      gpu::gemmBatched(false, false, t_, hs_, t_, 1.0f, dp, t_, tt, qkvAt(base + c_), c3, hs_, 0.0f, dbase, c3, hs_,
+                       h_);
+      gpu::gemmBatched(true, false, t_, hs_, t_, 1.0f, dp, t_, tt, qkvAt(base), c3, hs_, 0.0f, dbase + c_, c3, hs_, h_);
     }
   }
 
@@ -264,17 +314,20 @@ class CausalSelfAttention final : public Layer {
   float* scores() { return scratch_ != nullptr ? scratch_->data(SharedScratch::kAttentionScores) : own_.data(); }
   uint64_t firstElement(int b) const { return sz(b) * square(); }  // sample b's element (0, 0, 0) in the draw
 
-  // P = causal softmax(q k^T * scale) of one sample, every head, into p [H, T, T]: the one place forward and
-  // backward compute it, so both make the identical calls.
-  void probabilities(const float* base, float* p) {
+  // P = causal softmax(q k^T * scale) of one sample (its q at element `base` of qkv_), every head, into p
+  // [H, T, T]: the one place forward and backward compute it, so both make the identical calls.
+  void probabilities(int64_t base, float* p) {
     const int64_t c3 = 3 * c_;
-    gpu::gemmBatched(false, true, t_, t_, hs_, 1.0f, base, c3, hs_, base + c_, c3, hs_, 0.0f, p, t_, t_ * t_, h_);
+    gpu::gemmBatched(false, true, t_, t_, hs_, 1.0f, qkvAt(base), c3, hs_, qkvAt(base + c_), c3, hs_, 0.0f, p, t_,
+                     t_ * t_, h_);
     k::causalSoftmaxForward(p, h_, t_, scaleOf());
   }
 
   int64_t t_, c_, h_, hs_;
   size_t rows_;
   bool fused_;                    // the fused kernels (else the matmul path)
+  bool bf16Core_;                 // matmul path with bf16 storage: qkv_ and att_ hold bf16 values
+  bool bf16Input_ = false;        // x is stored as bf16 (setBf16Storage)
   DeviceFloats qkv_, att_, lse_;  // kept from forward to backward (lse_: fused only, [maxBatch, H, T])
   SharedScratch* scratch_;        // the model's (kAttention; kAttentionScores for matmul), or null: own_
   DeviceFloats own_;  // matmul's [2, H, T, T] scores, then dqkv + datt + D, when built without a shared scratch
@@ -298,33 +351,40 @@ class LmHead final : public Layer {
 
   void bind(float* params, float* grads) override { w_ = params, gw_ = grads; }
   void bindTied(const float* weight, float* grad) override { w_ = weight, gw_ = grad; }
+  // x (the final layernorm's output) is read only by the two GEMMs with it.
+  void setBf16Storage(bool input, bool output) override {
+    DTRAIN_CHECK(!output, "{}: lm_head's output (the logits) is not stored as bf16", spec().path);
+    bf16Input_ = input;
+  }
 
   void forward(const float* x, float* y, int batch, bool) override {
-    gpu::gemm(false, true, batch * t_, v_, c_, 1.0f, x, c_, w_, c_, 0.0f, y, v_);
+    gpu::gemm(false, true, batch * t_, v_, c_, 1.0f, operandOf(x, bf16Input_), c_, w_, c_, 0.0f, y, v_);
   }
 
   void backward(const float* x, const float*, const float* dy, float* dx, int batch, bool accumulate) override {
     const int64_t rows = batch * t_;
-    gpu::gemm(true, false, v_, c_, rows, 1.0f, dy, v_, x, c_, accumulate ? 1.0f : 0.0f, gw_, c_);
+    gpu::gemm(true, false, v_, c_, rows, 1.0f, dy, v_, operandOf(x, bf16Input_), c_, accumulate ? 1.0f : 0.0f, gw_,
+              c_);
     if (dx != nullptr) gpu::gemm(false, false, rows, c_, v_, 1.0f, dy, v_, w_, c_, 0.0f, dx, c_);
   }
 
  private:
   int64_t t_, c_, v_;
+  bool bf16Input_ = false;
   const float* w_ = nullptr;
   float* gw_ = nullptr;
 };
 
 // y = x + f(x), f the children in sequence (CPU twin: Block in layers_gpt.cpp). Children's outputs and the
-// gradients between them live in the block's own device buffers.
+// gradients between them live in the block's own device buffers; with bf16 storage (LayerBuild::bf16) a child's
+// output that only the next child's bf16 GEMMs read is a bf16 buffer of half the size (registry.h
+// storesBf16Between: ln_1 -> attention, ln_2 -> c_fc, gelu -> c_proj in a GPT block).
 class Block final : public Layer {
  public:
   Block(const LayerSpec& spec, const LayerBuild& build) : Layer(spec, build.device), scratch_(build.scratch) {
     size_t maxIn = 0;
     for (const auto& c : spec.children) {
       children_.push_back(makeLayer(c, build));
-      const size_t n = sz(build.maxBatch) * sz(c.output.numel());
-      outs_.emplace_back(children_.back()->aliasesInput() ? 0 : n, build.device);
       maxIn = std::max(maxIn, sz(build.maxBatch) * sz(c.input.numel()));
       counts_.push_back(sz(paramCountOf(c)));
     }
@@ -333,6 +393,14 @@ class Block final : public Layer {
     for (size_t i = 0; i + 1 < children_.size(); ++i) {
       Layer& next = *children_[i + 1];
       if (!children_[i]->aliasesInput() && !next.aliasesInput()) children_[i]->fuseWithNext(next);
+    }
+    // bf16 activation storage, as in Model: the pairs' outputs are bf16 buffers.
+    const std::vector<char> bf16 =
+        build.bf16 ? bf16StoredOutputs(spec.children) : std::vector<char>(children_.size(), 0);
+    if (build.bf16) applyBf16Storage(children_, bf16);
+    for (size_t i = 0; i < children_.size(); ++i) {
+      const size_t n = floatsFor(sz(build.maxBatch) * sz(spec.children[i].output.numel()), bf16[i] != 0);
+      outs_.emplace_back(children_[i]->aliasesInput() ? 0 : n, build.device);
     }
     // The ping-pong gradients live only inside one backward: the model's blocks share them (SharedScratch kGradA,
     // kGradB, as the CPU's blocks do; the spec parser refuses a block inside a block, which would overwrite them).

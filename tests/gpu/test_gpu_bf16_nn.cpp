@@ -1,0 +1,119 @@
+// bf16 activation storage on a GPU ("precision": "bf16", docs/gpu.md "bf16"; needs a visible GPU, label `gpu`):
+// the same model built with and without it (nn::setBf16Activations) runs the same training steps and must give the
+// same losses, gradients and weights bit for bit, in less activation memory. The stored bf16 values are the ones
+// each GEMM converted its float32 operand to before; what could differ is only the device itself (nvcc computing
+// a float32 value differently in the bf16 instantiation of a kernel, or cuBLAS choosing another algorithm for an
+// operand read in place instead of from the aligned conversion scratch): a failure here names that. The kernels'
+// per-thread work is CPU-tested in test_gpu_bf16.cpp.
+#include <doctest/doctest.h>
+
+#include <nlohmann/json.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "lib/nn/attention_kernel.h"
+#include "lib/nn/device.h"
+#include "lib/nn/loss.h"
+#include "lib/nn/model.h"
+#include "lib/nn/optimizer.h"
+#include "lib/nn/spec.h"
+#include "tests/gpu/gpu_parity.h"
+
+using namespace dtrain;
+using namespace dtrain::nn;
+using namespace dtrain::nn::parity;
+using nlohmann::json;
+
+namespace {
+
+struct Run {
+  std::vector<float> losses, grads, params;
+  size_t activationBytes = 0;
+};
+
+// Three AdamW steps of `spec` (batch 3 of `tokens`-style inputs and class labels) on a GPU model built with bf16
+// activation storage on or off; "precision": "bf16" (bf16 GEMMs) in both.
+Run train(const json& spec, bool storage, bool tokens, int64_t classes) {
+  setBf16Activations(storage);
+  const ModelSpec ms = parseModelSpec(spec, "", "/model");
+  Model model = Model::build(ms, 3, 42, kGpu);
+  setBf16Activations(true);
+  const int batch = 3;
+  const auto inputs = static_cast<size_t>(batch * ms.input.numel());
+  std::vector<float> x = randomVector(inputs, 17, -2, 2);
+  if (tokens)
+    for (float& v : x) v = std::floor((v + 2.0f) * 0.25f * static_cast<float>(classes - 1));
+  const Shape out = ms.output();
+  const auto labelCount = static_cast<size_t>(batch * (out.rank() > 1 ? out[0] : 1));
+  std::vector<int32_t> labels(labelCount);
+  for (size_t i = 0; i < labels.size(); ++i)
+    labels[i] = static_cast<int32_t>((i * 7 + 1) % static_cast<size_t>(classes));
+  DeviceFloats dX = toDevice(x), dLabels = toDevice(labels);
+  const Shape labelShape = out.rank() > 1 ? Shape{batch, out[0]} : Shape{batch};
+  auto loss = Loss::create({LossType::kCrossEntropy}, out, batch, kGpu);
+  auto opt = Optimizer::create({.type = OptimizerType::kAdamW, .lr = 0.01}, model.numParams(), kGpu);
+  Run r;
+  for (int step = 0; step < 3; ++step) {
+    r.losses.push_back(loss->forward(model.forward(dX.data(), batch, true),
+                                     TensorView::of(reinterpret_cast<int32_t*>(dLabels.data()), labelShape, kGpu)));
+    model.backward(loss->backward(), {}, GradMode::kOverwrite);
+    opt->step(model.params(), model.grads());
+  }
+  r.grads = toHost(model.grads().data(), model.grads().size());
+  auto host = model.hostParams();
+  r.params.assign(host.begin(), host.end());
+  r.activationBytes = model.activationBytes();
+  return r;
+}
+
+bool sameBits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+struct AttentionScope {
+  explicit AttentionScope(AttentionKernel k) { setAttentionKernel(k); }
+  ~AttentionScope() { setAttentionKernel(AttentionKernel::kAuto); }
+};
+
+}  // namespace
+
+TEST_CASE("with a GPU: bf16 activation storage leaves a bf16 GPT's steps bit-identical, in less memory") {
+  const Bf16Scope bf16;
+  for (AttentionKernel kernel : {AttentionKernel::kMatmul, AttentionKernel::kFused}) {
+    for (double dropout : {0.0, 0.1}) {
+      CAPTURE(static_cast<int>(kernel));
+      CAPTURE(dropout);
+      const AttentionScope scope(kernel);
+      const json spec{{"preset", "gpt"}, {"vocab_size", 50}, {"block_size", 16}, {"n_layer", 2},
+                      {"n_head", 4},     {"n_embd", 64},     {"dropout", dropout}};
+      const Run off = train(spec, false, true, 50);
+      const Run on = train(spec, true, true, 50);
+      CHECK(sameBits(off.losses, on.losses));
+      CHECK(sameBits(off.grads, on.grads));
+      CHECK(sameBits(off.params, on.params));
+      CHECK(on.activationBytes < off.activationBytes);  // ln_f's output in the model's arena
+      MESSAGE("losses " << on.losses[0] << " " << on.losses[2] << "; model activations " << off.activationBytes
+                        << " -> " << on.activationBytes << " bytes");
+    }
+  }
+}
+
+TEST_CASE("with a GPU: bf16 activation storage leaves an MLP's steps bit-identical (layernorm, gelu fused or not)") {
+  const Bf16Scope bf16;
+  // layernorm -> linear, gelu (unfused: the linear has no bias) -> linear, gelu (fused with the linear's bias) ->
+  // linear.
+  const json spec = json::parse(R"({"input": [24], "layers": [
+      {"type": "layernorm"}, {"type": "linear", "out": 40, "bias": false}, {"type": "gelu"},
+      {"type": "linear", "out": 40}, {"type": "gelu"}, {"type": "linear", "out": 5}]})");
+  const Run off = train(spec, false, false, 5);
+  const Run on = train(spec, true, false, 5);
+  CHECK(sameBits(off.losses, on.losses));
+  CHECK(sameBits(off.grads, on.grads));
+  CHECK(sameBits(off.params, on.params));
+  // Three outputs of 24, 40 and 40 floats per sample stored in half: 3 x 52 floats less (rounded to 16-float slots).
+  CHECK(on.activationBytes < off.activationBytes);
+}

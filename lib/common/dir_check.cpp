@@ -1,7 +1,10 @@
 #include "lib/common/dir_check.h"
 
+#include <fmt/format.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 
@@ -17,6 +20,13 @@ std::optional<DirProblem> findDirProblem(const std::filesystem::path& dir) {
     if (fs::exists(status)) {
       if (!fs::is_directory(status)) return DirProblem{at, true, {}};
       if (::access(at.c_str(), W_OK | X_OK) != 0) return DirProblem{at, false, std::strerror(errno)};
+      // access(2) grants root everything, also where nothing can be made (/proc, /sys, a read-only bind mount
+      // that reports the permission bits): try to make a folder there, and remove it at once.
+      static std::atomic<unsigned> probes{0};
+      const fs::path probe = at / fmt::format(".dtrain-write-check-{}-{}", ::getpid(), probes.fetch_add(1));
+      if (::mkdir(probe.c_str(), 0700) != 0)
+        return DirProblem{at, false, fmt::format("cannot create a folder there: {}", std::strerror(errno))};
+      ::rmdir(probe.c_str());
       return std::nullopt;
     }
     if (at == at.parent_path()) return std::nullopt;

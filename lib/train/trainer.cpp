@@ -357,8 +357,9 @@ void TrainLoop::diverged(int64_t epoch, std::string_view what) {
 void TrainLoop::afterStep(int64_t epoch, int64_t position, bool epochEnd) {
   stats_.step = step_;
   stats_.lr = optimizer_->lr();
-  // Step 1 is always logged: its wall_time tells how long the start took.
-  if (step_ == 1 || step_ % logEvery_ == 0 || epochEnd) logInterval(stats_, false);
+  // This process's first step is always logged (step 1, or the first after a resume): its wall_time tells how long
+  // the start took, and a resumed run with a sparse log_every shows at once that it trains, not log_every steps on.
+  if (step_ == stats_.startStep + 1 || step_ % logEvery_ == 0 || epochEnd) logInterval(stats_, false);
   // A run that reaches max_steps is checkpointed there, so raising max_steps continues it.
   if (job_.loop.maxSteps > 0 && step_ >= job_.loop.maxSteps) stop_ = true;
   if (step_ % stopCheckEvery_ == 0 || stop_) {

@@ -273,7 +273,12 @@ TEST_CASE("an output or checkpoint folder that cannot be a directory is refused 
                         Case{{"--output-dir", dir + "/afile/sub"}, "output folder (--output-dir"},
                         Case{{"--output-dir", dir + "/out", "--set", "checkpoint.dir=" + dir + "/afile"},
                              "checkpoint folder (/checkpoint/dir) " + dir + "/afile: " + dir +
-                                 "/afile exists and is not a directory"}}) {
+                                 "/afile exists and is not a directory"},
+                        // No folder can be made in /proc, although access(2) lets root write there: it passed and
+                        // every worker failed writing metrics.jsonl (exit 1).
+                        Case{{"--output-dir", "/proc/x"},
+                             "output folder (--output-dir, /output_dir or runs/<name>) /proc/x: /proc is not writable "
+                             "(cannot create a folder there: No such file or directory)"}}) {
     for (const char* cmd : {"check", "train", "run"}) {
       CAPTURE(cmd);
       CAPTURE(c.args.at(1));

@@ -3,6 +3,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstring>
@@ -154,6 +155,30 @@ TEST_CASE("a batch_size above a rank's share of the data trains on the share, si
   REQUIRE(!lines.empty());
   REQUIRE(lines.back().contains("peak_rss_mb"));
   CHECK(lines.back()["peak_rss_mb"].get<double>() < 200);
+}
+
+TEST_CASE("a resumed run logs its first step, as a fresh run logs step 1, whatever log_every") {
+  std::string dir = tempDir("resume_first_line");
+  writeFile(dir + "/job.json", kJob);
+  auto train = [&](const std::string& maxSteps) {
+    auto r = run({dtrainBinary(), "train", dir + "/job.json", "--set", "train.log_every=100", "--set",
+                  "train.max_steps=" + maxSteps, "--set", "checkpoint={}", "--output-dir", dir + "/out"},
+                 {.timeout = 60s});
+    INFO(r.out, r.err);
+    REQUIRE(r.exitCode == 0);
+    return r;
+  };
+  const auto fresh = train("3");
+  CHECK(fresh.out.find("epoch 1/2 step 1/12 loss ") != std::string::npos);
+  const auto resumed = train("20");
+  REQUIRE(resumed.out.find("resumed from") != std::string::npos);
+  // Step 4 is the resumed run's first: logged at once (it used to wait for step 12, the epoch's end, here).
+  CHECK(resumed.out.find("epoch 1/2 step 4/12 loss ") != std::string::npos);
+  CHECK(resumed.out.find("step 5/12") == std::string::npos);  // then log_every as before
+  std::vector<int64_t> steps;
+  for (const auto& line : readJsonLines(dir + "/out/metrics.jsonl"))
+    if (line.contains("loss") && !line.contains("final") && !line.contains("eval_loss")) steps.push_back(line["step"]);
+  CHECK(std::find(steps.begin(), steps.end(), 4) != steps.end());
 }
 
 TEST_CASE("metrics.jsonl has a line per log step and evaluation lines; max_steps stops early") {

@@ -175,6 +175,13 @@ TEST_CASE("--timeline and --log-dir that cannot be written are usage errors befo
   CHECK(validateError(l).find("is not a folder") != std::string::npos);
   l.logDir = (dir / "new" / "logs").string();  // created when the first round starts
   CHECK(validateError(l) == "");
+  // Where no folder can be made although access(2) allows it (always for root): /proc. It passed here and the
+  // agent failed after the store started (exit 1).
+  l.logDir = "/proc/x";
+  CHECK(validateError(l) ==
+        "--log-dir /proc/x: the folder /proc is not writable (cannot create a folder there: No such file or directory)");
+  // The probe folder of the check that passed is gone: only the test's file is left.
+  CHECK(std::distance(fs::directory_iterator(dir), fs::directory_iterator()) == 1);
   fs::remove_all(dir);
 }
 

@@ -65,7 +65,8 @@ struct EvalResult {
 
 struct TrainResult {
   int64_t steps = 0;
-  int64_t samples = 0;  // all ranks
+  int64_t samples = 0;  // all ranks (ownSamples: data rank 0's)
+  bool ownSamples = false;  // samples and samplesPerSec are data rank 0's alone (Strategy::evaluatesAlone())
   double wallSec = 0;
   double trainSec = 0;  // time in the training loop (evaluation and checkpoint saves excluded)
   double peakRssMb = 0; // largest peak resident set size over the ranks

@@ -152,9 +152,11 @@ void Progress::onFinish(const StepStats& s, const TrainResult& r) {
                                                           trained, s.startStep)
                                             : fmt::format("{} steps", s.step);
   const std::string gpu = r.peakGpuMb ? fmt::format(", peak GPU memory {:.0f} MiB", *r.peakGpuMb) : "";
+  // async/ssp parameter servers: worker 0 knows its own samples only (another may have died or be behind).
+  const std::string whose = r.ownSamples ? " on worker 0" : "";
   const std::string figures =
-      fmt::format("{} samples in {} (training {:.0f} samples/s, peak RSS {:.0f} MiB{} per rank)", r.samples,
-                  formatDuration(r.wallSec), r.samplesPerSec, r.peakRssMb, gpu);
+      fmt::format("{} samples{} in {} (training {:.0f} samples/s{}, peak RSS {:.0f} MiB{} per rank)", r.samples, whose,
+                  formatDuration(r.wallSec), r.samplesPerSec, whose, r.peakRssMb, gpu);
   if (r.stoppedBySignal) {
     // Not "done": the run stopped early, and what matters next is whether (and from where) it can resume.
     const std::string saved = r.checkpoint.empty()

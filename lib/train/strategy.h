@@ -145,7 +145,8 @@ class Strategy {
   virtual SparseTables* sparseTables() { return nullptr; }
   // True when reduceMetrics() does not reduce (async/ssp parameter servers: the workers do not wait for each other
   // at log lines): then data rank 0 evaluates the whole evaluation set alone and the other ranks skip evaluation,
-  // so the figures cover the set rather than one rank's shard of it. False: every rank evaluates its shard.
+  // so the figures cover the set rather than one rank's shard of it, and the final line counts data rank 0's own
+  // samples (TrainResult::ownSamples). False: every rank evaluates its shard.
   virtual bool evaluatesAlone() const { return false; }
 
  protected:

@@ -110,6 +110,7 @@ void TrainLoop::setUp() {
   ProcessGroups groups = connect();
   strategy_ = makeStrategy(job_, std::move(groups),
                            {.overlapDefault = spareCores, .commHook = commHook_, .roundStore = roundStore_});
+  result_.ownSamples = strategy_->evaluatesAlone();
   if (evalLoad.valid()) eval_ = evalLoad.get();  // its size bounds the evaluation batches
   maxBatch_ = largestBatch();
   const int64_t batch = maxBatch_;

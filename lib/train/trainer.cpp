@@ -248,7 +248,10 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
     stepLossFinite_ = (micro == 0 || stepLossFinite_) && lossFinite;
     ++intervalBatches_;
     intervalSamples_ += b.size;
-    result_.samples += b.size * strategy_->groups().dataSize;  // every micro-batch of the step (grad_accum > 1 has several)
+    // Every micro-batch of the step (grad_accum > 1 has several), of every data rank: they all take this step. Not
+    // where the ranks run decoupled (async/ssp parameter servers: a worker may have died or be steps behind): then
+    // this rank's own, as its progress lines are.
+    result_.samples += b.size * (result_.ownSamples ? 1 : strategy_->groups().dataSize);
     callbacks_.batch(b);
     const nn::LayerGradReady hook = lastMicro ? strategy_->gradReadyHook() : nn::LayerGradReady{};
     // Sparse tables sum the row gradients of a step's micro-batches and push once, with the last.

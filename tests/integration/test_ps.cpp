@@ -139,6 +139,10 @@ TEST_CASE("parameter server, async: a killed worker leaves; the others finish th
   CHECK(lastEvalAccuracy(dir + "/out/metrics.jsonl") > 0.5);
   // The dead worker's shard of the evaluation set is evaluated too: worker 0 evaluates the whole set.
   CHECK(evalSampleCounts(dir + "/out/metrics.jsonl") == std::vector<int64_t>{50, 50, 50});
+  // The final line counts what worker 0 trained (36 steps x 8), as its progress lines do: it counted 2 workers' worth
+  // (576 samples), the dead one's 29 steps it never took included.
+  CHECK(r.out.find("done: 36 steps, 288 samples on worker 0 in ") != std::string::npos);
+  CHECK(r.out.find(" samples/s on worker 0, peak RSS ") != std::string::npos);
 }
 
 TEST_CASE("parameter server killed: the job restarts from the last checkpoint (with another server count too)") {

@@ -4,7 +4,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <atomic>
+#include <cstdlib>
 #include <cerrno>
 #include <cstring>
 
@@ -22,9 +22,11 @@ std::optional<DirProblem> findDirProblem(const std::filesystem::path& dir) {
       if (::access(at.c_str(), W_OK | X_OK) != 0) return DirProblem{at, false, std::strerror(errno)};
       // access(2) grants root everything, also where nothing can be made (/proc, /sys, a read-only bind mount
       // that reports the permission bits): try to make a folder there, and remove it at once.
-      static std::atomic<unsigned> probes{0};
-      const fs::path probe = at / fmt::format(".dtrain-write-check-{}-{}", ::getpid(), probes.fetch_add(1));
-      if (::mkdir(probe.c_str(), 0700) != 0)
+      // mkdtemp picks a random name and makes it atomically, trying others while a name exists: a name made of the
+      // pid alone collided across the nodes of a shared output folder (containers often give every node's agent the
+      // same pid), and a probe left by a killed process made every later run with that pid fail ("File exists").
+      std::string probe = (at / ".dtrain-write-check-XXXXXX").string();
+      if (::mkdtemp(probe.data()) == nullptr)
         return DirProblem{at, false, fmt::format("cannot create a folder there: {}", std::strerror(errno))};
       ::rmdir(probe.c_str());
       return std::nullopt;

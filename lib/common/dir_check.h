@@ -17,8 +17,9 @@ struct DirProblem {
 
 // `dir` must be a directory with write and search permission, or not exist yet with its nearest existing ancestor
 // such a directory (it is created later). Besides stat and access(2) (which grant root everything), a probe
-// folder `.dtrain-write-check-PID-N` is made in that directory and removed at once, so /proc, /sys and read-only
-// mounts are caught also for root; nothing is left behind. Never throws for a missing path; thread-safe (reads
+// folder `.dtrain-write-check-XXXXXX` (mkdtemp(3): a random name, made atomically, another tried while one exists, so
+// processes of several nodes on a shared folder never collide) is made in that directory and removed at once, so
+// /proc, /sys and read-only mounts are caught also for root; nothing is left behind. Never throws for a missing path; thread-safe (reads
 // errno of this thread only).
 std::optional<DirProblem> findDirProblem(const std::filesystem::path& dir);
 

@@ -100,12 +100,19 @@ std::string savedOptimizer(const ckpt::Checkpoint& cp) {
 const char* kResumeAdvice = "resume with the optimizer settings that wrote it, or start a fresh run in another output directory "
                             "(--output-dir; \"init\": {\"from\": ...} takes the weights without the optimizer state)";
 
-// CheckpointError unless checkpoint `cp` was written by `job`'s optimizer type: Adam's moments do not resume SGD
-// (nor the other way round). A resume with another type failed every worker after the rendezvous with "the
-// checkpoint has no tensor 'exp_avg/0.weight'", naming neither the checkpoint nor the optimizers.
+// Adam and AdamW keep the same state (step, exp_avg, exp_avg_sq, max_exp_avg_sq with amsgrad) and differ only in how
+// weight decay enters the update, so either resumes the other, as torch.optim's load_state_dict allows.
+bool sameOptimizerState(const std::string& a, const std::string& b) {
+  const auto family = [](const std::string& t) { return t == "adamw" ? std::string("adam") : t; };
+  return family(a) == family(b);
+}
+
+// CheckpointError unless checkpoint `cp` was written by an optimizer keeping `job`'s optimizer's state: Adam's
+// moments do not resume SGD (nor the other way round). A resume with another type failed every worker after the
+// rendezvous with "the checkpoint has no tensor 'exp_avg/0.weight'", naming neither the checkpoint nor the optimizers.
 void checkWrittenForOptimizer(const ckpt::Checkpoint& cp, const Job& job) {
   const std::string saved = savedOptimizer(cp), wanted = nn::optimizerTypeName(job.optimizer.type);
-  if (saved.empty() || saved == wanted) return;
+  if (saved.empty() || sameOptimizerState(saved, wanted)) return;
   DTRAIN_THROW(CheckpointError,
                "{}: checkpoint was written with the {} optimizer, but this job's /optimizer/type is {}; refusing to "
                "load its optimizer state into another optimizer: {}",

@@ -259,6 +259,13 @@ TEST_CASE("a checkpoint of another optimizer is refused with both named: run and
                   {.timeout = 60s});
   CHECK(same.exitCode == 0);
   CHECK(same.out.find("resumed from") != std::string::npos);
+  // AdamW keeps Adam's state (only the weight decay differs), so it resumes Adam's checkpoint, as torch.optim allows.
+  auto adamw = run({dtrainBinary(), "train", dir + "/job.json", "--set", "optimizer.type=adamw", "--set",
+                    "train.max_steps=9", "--output-dir", dir + "/out"},
+                   {.timeout = 60s});
+  INFO(adamw.out, adamw.err);
+  CHECK(adamw.exitCode == 0);
+  CHECK(adamw.out.find("resumed from") != std::string::npos);
   // SGD's momentum turned on (or top-k's momentum_correction, which keeps it in the hook, turned off) starts the
   // momentum from zero, as torch.optim.SGD starts a missing momentum_buffer, and says so.
   job["optimizer"] = {{"type", "sgd"}, {"lr", 0.05}};

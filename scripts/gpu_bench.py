@@ -8,7 +8,8 @@ Prints one table from one run, both sides of every comparison:
     only bf16 GEMMs read stored as bf16; and fp32 with TF32 GEMMs; both with "attention": "auto", which at this
     shape is the matmul path: cuBLAS GEMMs over one sample's score square) and for PyTorch eager on the same model
     and batch (bf16 autocast, and fp32 with TF32); then, when the budget leaves time, dtrain fp32 with "attention":
-    "fused" (the flash-style kernels) for the fused/matmul comparison that decides "auto"'s threshold;
+    "fused" (the flash-style kernels: with the job's "tf32": true their TF32 tensor-core form) for the
+    fused/matmul comparison that decides "auto"'s threshold;
   - all-reduce over the GPUs present: dtrain bench allreduce --backend nccl, and PyTorch's NCCL all_reduce on the
     same sizes (algbw and busbw as nccl-tests define them: busbw = algbw * 2 (n - 1) / n).
 Time: --budget S bounds the whole run (scripts/gpu-check passes what its own budget leaves); each part's timeout
@@ -256,7 +257,7 @@ def main():
                 print(f"{name} row failed: {e}")
                 FAILURES.append(key)
                 torch.cuda.empty_cache()
-        # The comparison row (the fused attention kernels), after the PyTorch rows so it never starves them: only
+        # The comparison row (the fused attention kernels, TF32 tensor cores as "tf32" is on), after the PyTorch rows so it never starves them: only
         # when the budget leaves it a minute beside the all-reduce table's reserve.
         if left(40) > 60:
             name = "dtrain (fp32, fused attention)"

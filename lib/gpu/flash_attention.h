@@ -3,6 +3,9 @@
 // host and the device (no CUDA header), so tests/gpu/test_gpu_flash.cpp runs every thread of the real launch grid
 // on the CPU, shared-memory tiles as plain arrays, against the CPU layer (lib/nn/layers_attention.cpp).
 //
+// These are the kernels of float32 jobs with TF32 off (exact float32 products); bf16 and TF32 jobs run the
+// tensor-core kernels of flash_attention_tc.h, which share this file's geometry, items, log-sum-exp and dropout
+// policies.
 // Algorithm: FlashAttention (Dao et al. 2022) in the form of FlashAttention-2 (Dao 2023), fp32 throughout.
 //   Forward, one thread per query row i (kFlashThreads rows per block), looping over key tiles j0 = 0, R, 2R, ...
 //   up to the block's last row (tiles above the diagonal are never visited): the block stages K and V rows
@@ -172,6 +175,9 @@ DTRAIN_FLASH_UNROLL
 struct FlashNoDropout {
   static constexpr bool kOn = false;
   DTRAIN_HOST_DEVICE float apply(uint64_t, float v) const { return v; }
+  // The same in two steps (the tensor-core kernels drop two values of one element with one draw):
+  DTRAIN_HOST_DEVICE bool keeps(uint64_t) const { return true; }
+  DTRAIN_HOST_DEVICE float applyKept(bool, float v) const { return v; }
 };
 
 // Attention dropout ("dropout" > 0, training): element e's fate is the draw's (philox.h: Philox4x32-10 at counter
@@ -182,6 +188,10 @@ struct FlashDropout {
   DropoutDraw draw;
   DTRAIN_HOST_DEVICE float apply(uint64_t e, float v) const {
     return dropoutValue(DropoutForm::kSelect, draw.kept(e), v, draw.scale);
+  }
+  DTRAIN_HOST_DEVICE bool keeps(uint64_t e) const { return draw.kept(e); }
+  DTRAIN_HOST_DEVICE float applyKept(bool kept, float v) const {
+    return dropoutValue(DropoutForm::kSelect, kept, v, draw.scale);
   }
 };
 

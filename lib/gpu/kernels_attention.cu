@@ -2,7 +2,11 @@
 // bounded grid (grid.h); the per-thread work is philox.h's dropoutQuad, the function the CPU tests emulate. The
 // fused (flash) attention: four kernels of kFlashThreads threads, one (sample, head, row tile) item per block at a
 // time over a bounded 1-D grid, running flash_attention.h's tile loops (the very functions test_gpu_flash.cpp
-// emulates) with the tiles in static shared memory and each thread's row state in registers.
+// emulates) with the tiles in static shared memory and each thread's row state in registers. The tensor-core fused
+// attention (bf16, TF32): three kernels of kFlashTcThreads threads (4 warps), the same items and grid, running
+// flash_attention_tc.h's per-warp item functions (which test_gpu_flash_tc.cpp emulates warp by warp) with the
+// tiles in dynamic shared memory (the kernels' limit raised above 48 KiB where they need it) and each warp's
+// accumulator fragments in registers.
 #include <cuda_runtime.h>
 
 #include <cstddef>
@@ -10,6 +14,7 @@
 #include <type_traits>
 
 #include "lib/gpu/flash_attention.h"
+#include "lib/gpu/flash_attention_tc.h"
 #include "lib/gpu/grid.h"
 #include "lib/gpu/kernels_attention.h"
 #include "lib/gpu/launch.h"
@@ -91,6 +96,106 @@ __global__ void __launch_bounds__(kFlashThreads) flashGradKVKernel(FlashGeometry
     flashGradKVItem<HS, kGradK>(th, g, item, qkv, lse, datt, dsum, dqkv, qTile, doTile, lseTile, dsumTile, drop);
 }
 
+// The block's warps for flash_attention_tc.h's item functions: threads() and lanes() are the calling thread's own
+// work, warps() the calling warp's collective fragment work on its (per-thread slice of the) state, sync() and
+// syncWarp() the block and warp barriers.
+template <class Warp>
+struct DeviceWarps {
+  Warp& state;
+  template <class F>
+  __host__ __device__ void threads(F&& f) {
+#if defined(__CUDA_ARCH__)
+    f(static_cast<int>(threadIdx.x));
+#endif
+  }
+  template <class F>
+  __host__ __device__ void warps(F&& f) {
+#if defined(__CUDA_ARCH__)
+    f(static_cast<int>(threadIdx.x >> 5), state);
+#endif
+  }
+  template <class F>
+  __host__ __device__ void lanes(F&& f) {
+#if defined(__CUDA_ARCH__)
+    f(static_cast<int>(threadIdx.x >> 5), static_cast<int>(threadIdx.x & 31));
+#endif
+  }
+  __host__ __device__ void sync(FlashSync) {
+#if defined(__CUDA_ARCH__)
+    __syncthreads();
+#endif
+  }
+  __host__ __device__ void syncWarp() {
+#if defined(__CUDA_ARCH__)
+    __syncwarp();
+#endif
+  }
+};
+
+extern __shared__ __align__(128) unsigned char flashTcSmem[];
+
+template <class M, int HS, class Drop>
+__global__ void __launch_bounds__(kFlashTcThreads) flashTcForwardKernel(FlashGeometry g, const float* qkv, float* att,
+                                                                         float* lse, Drop drop) {
+  const FlashTcForwardSmem<M, HS> sm(reinterpret_cast<uintptr_t>(flashTcSmem));
+  FlashTcForwardWarp<M, HS> state;
+  DeviceWarps<FlashTcForwardWarp<M, HS>> th{state};
+  for (int64_t item = blockIdx.x; item < g.items(); item += gridDim.x)
+    flashTcForwardItem<M, HS>(th, g, item, qkv, att, lse, sm, drop);
+}
+
+template <class M, int HS, class Drop>
+__global__ void __launch_bounds__(kFlashTcThreads) flashTcGradQKernel(FlashGeometry g, const float* qkv,
+                                                                       const float* att, const float* lse,
+                                                                       const float* datt, float* dsum, float* dqkv,
+                                                                       Drop drop) {
+  const FlashTcGradQSmem<M, HS> sm(reinterpret_cast<uintptr_t>(flashTcSmem));
+  FlashTcGradQWarp<M, HS> state;
+  DeviceWarps<FlashTcGradQWarp<M, HS>> th{state};
+  for (int64_t item = blockIdx.x; item < g.items(); item += gridDim.x)
+    flashTcGradQItem<M, HS>(th, g, item, qkv, att, lse, datt, dsum, dqkv, sm, drop);
+}
+
+template <class M, int HS, class Drop>
+__global__ void __launch_bounds__(kFlashTcThreads) flashTcGradKVKernel(FlashGeometry g, const float* qkv,
+                                                                        const float* lse, const float* datt,
+                                                                        const float* dsum, float* dqkv, Drop drop) {
+  const FlashTcGradKVSmem<M, HS> sm(reinterpret_cast<uintptr_t>(flashTcSmem));
+  FlashTcGradKVWarp<M, HS> state;
+  DeviceWarps<FlashTcGradKVWarp<M, HS>> th{state};
+  for (int64_t item = blockIdx.x; item < g.items(); item += gridDim.x)
+    flashTcGradKVItem<M, HS>(th, g, item, qkv, lse, datt, dsum, dqkv, sm, drop);
+}
+
+// A kernel's dynamic shared memory: above the default 48 KiB the kernel's limit is raised first (per launch: a
+// host-side attribute, cheap, and right for whichever GPU is current).
+template <class Kernel>
+void flashTcSmemLimit(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024)
+    DTRAIN_CU_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+}
+
+template <class M, int HS, class Drop>
+void flashTcForwardLaunch(const FlashGeometry& g, const float* qkv, float* att, float* lse, const Drop& drop) {
+  const size_t bytes = FlashTcForwardSmem<M, HS>(0).bytes;
+  flashTcSmemLimit(flashTcForwardKernel<M, HS, Drop>, bytes);
+  flashTcForwardKernel<M, HS, Drop><<<rowGrid(g.items()), kFlashTcThreads, bytes>>>(g, qkv, att, lse, drop);
+  DTRAIN_CU_CHECK_LAUNCH("flashTcForwardKernel");
+}
+
+template <class M, int HS, class Drop>
+void flashTcBackwardLaunch(const FlashGeometry& g, const float* qkv, const float* att, const float* lse,
+                           const float* datt, float* dsum, float* dqkv, const Drop& drop) {
+  const unsigned grid = rowGrid(g.items());
+  const size_t qBytes = FlashTcGradQSmem<M, HS>(0).bytes, kvBytes = FlashTcGradKVSmem<M, HS>(0).bytes;
+  flashTcSmemLimit(flashTcGradQKernel<M, HS, Drop>, qBytes);
+  flashTcGradQKernel<M, HS, Drop><<<grid, kFlashTcThreads, qBytes>>>(g, qkv, att, lse, datt, dsum, dqkv, drop);
+  DTRAIN_CU_CHECK_LAUNCH("flashTcGradQKernel");
+  flashTcSmemLimit(flashTcGradKVKernel<M, HS, Drop>, kvBytes);
+  flashTcGradKVKernel<M, HS, Drop><<<grid, kFlashTcThreads, kvBytes>>>(g, qkv, lse, datt, dsum, dqkv, drop);
+  DTRAIN_CU_CHECK_LAUNCH("flashTcGradKVKernel");
+}
+
 template <int HS, class Drop>
 void flashForwardLaunch(const FlashGeometry& g, const float* qkv, float* att, float* lse, const Drop& drop) {
   flashForwardKernel<HS, Drop><<<rowGrid(g.items()), kFlashThreads>>>(g, qkv, att, lse, drop);
@@ -128,21 +233,31 @@ void flashDispatch(int64_t hs, const DropoutDraw* dropout, Run&& run) {
 }  // namespace
 
 void flashAttentionForward(const float* qkv, float* att, float* lse, int64_t batch, int64_t t, int64_t heads,
-                           int64_t hs, const DropoutDraw* dropout) {
+                           int64_t hs, const DropoutDraw* dropout, FlashMath math) {
   const FlashGeometry g = flashGeometry(batch, t, heads, hs);
   if (g.items() == 0) return;
   flashDispatch(hs, dropout, [&](auto size, const auto& drop) {
-    flashForwardLaunch<decltype(size)::value>(g, qkv, att, lse, drop);
+    constexpr int HS = decltype(size)::value;
+    switch (math) {
+      case FlashMath::kBf16: return flashTcForwardLaunch<FlashBf16, HS>(g, qkv, att, lse, drop);
+      case FlashMath::kTf32: return flashTcForwardLaunch<FlashTf32, HS>(g, qkv, att, lse, drop);
+      case FlashMath::kFloat32: return flashForwardLaunch<HS>(g, qkv, att, lse, drop);
+    }
   });
 }
 
 void flashAttentionBackward(const float* qkv, const float* att, const float* lse, const float* datt, float* dsum,
                             float* dqkv, int64_t batch, int64_t t, int64_t heads, int64_t hs,
-                            const DropoutDraw* dropout) {
+                            const DropoutDraw* dropout, FlashMath math) {
   const FlashGeometry g = flashGeometry(batch, t, heads, hs);
   if (g.items() == 0) return;
   flashDispatch(hs, dropout, [&](auto size, const auto& drop) {
-    flashBackwardLaunch<decltype(size)::value>(g, qkv, att, lse, datt, dsum, dqkv, drop);
+    constexpr int HS = decltype(size)::value;
+    switch (math) {
+      case FlashMath::kBf16: return flashTcBackwardLaunch<FlashBf16, HS>(g, qkv, att, lse, datt, dsum, dqkv, drop);
+      case FlashMath::kTf32: return flashTcBackwardLaunch<FlashTf32, HS>(g, qkv, att, lse, datt, dsum, dqkv, drop);
+      case FlashMath::kFloat32: return flashBackwardLaunch<HS>(g, qkv, att, lse, datt, dsum, dqkv, drop);
+    }
   });
 }
 

@@ -21,7 +21,12 @@ namespace dtrain::gpu::kernels {
 // One Philox block per thread (philox.h dropoutQuad); no mask is read or kept.
 void dropoutSelect(const float* in, const DropoutDraw& draw, uint64_t first, float* out, size_t n);
 
-// Fused causal self-attention (FlashAttention-2's algorithm, fp32; lib/gpu/flash_attention.h) for head sizes 1 ..
+// The arithmetic of the fused attention: kFloat32, float32 on CUDA cores (lib/gpu/flash_attention.h: exact
+// float32 products, for "tf32": false); kTf32 and kBf16, tensor-core MMAs with TF32 or bfloat16 operands and
+// float32 accumulation (lib/gpu/flash_attention_tc.h; "tf32" on, the default, and "precision": "bf16").
+enum class FlashMath { kFloat32, kTf32, kBf16 };
+
+// Fused causal self-attention (FlashAttention-2's algorithm; `math` above) for head sizes 1 ..
 // kFlashMaxHeadSize (128); any other head size throws GpuError (the layer checks first). Shapes (row-major floats):
 //   qkv [batch * t, 3 heads hs] (q of head h at columns h hs, k at C + h hs, v at 2C + h hs, C = heads hs),
 //   att and datt [batch * t, C] (the concatenated heads and their gradient), lse and dsum [batch, heads, t],
@@ -31,12 +36,14 @@ void dropoutSelect(const float* in, const DropoutDraw& draw, uint64_t first, flo
 // training forward's draw (element ((b H + h) t + i) t + j of it, the CPU layer's numbering; philox.h), or null for
 // none.
 void flashAttentionForward(const float* qkv, float* att, float* lse, int64_t batch, int64_t t, int64_t heads,
-                           int64_t hs, const DropoutDraw* dropout);
+                           int64_t hs, const DropoutDraw* dropout, FlashMath math);
 // Backward from forward's att and lse (and its draw: the same `dropout`, or null): dsum = rowwise datt . att
 // (FlashAttention's D), then every element of dqkv (dq, dk, dv of every head; overwritten, not added to) by three
-// kernels (dQ, dK, dV), each element one thread's fixed-order sum.
+// kernels (dQ, dK, dV; kFloat32), each element one thread's fixed-order sum, or by two (dQ, then dK and dV; kTf32,
+// kBf16), each element one warp's fixed-order MMAs. Forward and backward of one step may use different `math`
+// (backward needs only forward's att and lse), though the layer uses one.
 void flashAttentionBackward(const float* qkv, const float* att, const float* lse, const float* datt, float* dsum,
                             float* dqkv, int64_t batch, int64_t t, int64_t heads, int64_t hs,
-                            const DropoutDraw* dropout);
+                            const DropoutDraw* dropout, FlashMath math);
 
 }  // namespace dtrain::gpu::kernels

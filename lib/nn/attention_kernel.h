@@ -7,10 +7,11 @@
 //            first, simple form; one sample's square of scratch per model), kept for comparison and for what the
 //            fused kernels do not cover.
 //   kAuto:   kFused where it covers the layer and the matmul path's score scratch would exceed
-//            kAutoFusedAttentionScratchBytes (long sequences, many heads), else kMatmul (the default). Below that the
-//            fused kernels save little memory (the matmul path keeps one sample's square, shared by every layer),
-//            and the matmul path's GEMMs run on tensor cores (TF32 or bf16) where the fused kernels compute in fp32
-//            on the CUDA cores; neither has been timed on a GPU yet (docs/gpu.md "Attention kernels").
+//            kAutoFusedAttentionScratchBytes (long sequences, many heads), else kMatmul (the default). Both paths
+//            run on tensor cores under bf16 or TF32 (the fused kernels: lib/gpu/flash_attention_tc.h; exact
+//            float32 on CUDA cores with TF32 off), but neither has been timed, or run, on a GPU, so the switch stays
+//            where memory alone decides; the benchmark's fused row decides whether to lower it to 0 (docs/gpu.md
+//            "Using it" and "What a first GPU run must check").
 // CPU layers have one implementation and ignore the choice. No CUDA header or build is needed for any of this.
 #pragma once
 

@@ -277,3 +277,73 @@ TEST_CASE("both attention paths pass the layer parity check: matmul and fused") 
     checkLayer({R"({"type": "causal_self_attention", "n_head": 4, "bias": false})", {300, 16}});  // rows > a block
   }
 }
+
+TEST_CASE("tensor-core fused attention (TF32, bf16): CPU parity within their rounding, the same bits twice, dropout") {
+  // The kernels of lib/gpu/flash_attention_tc.h, which the layer runs while "tf32" is on (the jobs' default; this
+  // binary's main turns it off) or under "precision": "bf16". test_gpu's emulation (test_gpu_flash_tc.cpp) bounds
+  // them at the layer's default init by 6e-3 / 6e-3 / 5e-2 (y, dx, gradients; bf16) and 1e-3 / 1e-3 / 1e-2 (TF32),
+  // times 1 / (1 - p) with dropout, two to three times its measured worst: the device's own MMA sums should land
+  // there too. Shapes: hs 4 (T 37), hs 64 (T 130 and 200: several key tiles), hs 128 (T 70: 32-wide tiles), T 1.
+  struct Shape {
+    int64_t t, c, heads;
+  };
+  for (const bool bf16 : {false, true}) {
+    struct MathScope {
+      bool bf;
+      explicit MathScope(bool b) : bf(b) { bf ? setBf16(true) : setTf32(true); }
+      ~MathScope() { setBf16(false), setTf32(false); }
+    } math(bf16);
+    const double yTol = bf16 ? 6e-3 : 1e-3, dxTol = bf16 ? 6e-3 : 1e-3, gTol = bf16 ? 5e-2 : 1e-2;
+    for (const double dropout : {0.0, 0.3}) {
+      for (const Shape s : {Shape{37, 16, 4}, Shape{130, 128, 2}, Shape{200, 128, 2}, Shape{70, 256, 2},
+                            Shape{1, 64, 1}}) {
+        CAPTURE(bf16);
+        CAPTURE(dropout);
+        CAPTURE(s.t);
+        CAPTURE(s.c);
+        const int batch = 3;
+        const LayerSpec spec = parseModelSpec(
+            json{{"input", {s.t, s.c}},
+                 {"layers", json::array({json{{"type", "causal_self_attention"}, {"n_head", s.heads},
+                                              {"dropout", dropout}}})}},
+            "", "/model").layers[0];
+        auto cpu = makeLayer(spec, {.device = Device::cpu(), .maxBatch = batch, .seed = 7});
+        std::unique_ptr<Layer> fused;
+        {
+          const AttentionScope scope(AttentionKernel::kFused);
+          fused = makeLayer(spec, {.device = kGpu, .maxBatch = batch, .seed = 7});
+        }
+        const size_t count = static_cast<size_t>(spec.paramCount());
+        std::vector<float> params(count), grads(count);
+        cpu->bind(params.data(), grads.data());
+        InitRng init(17);
+        cpu->initParams(init);
+        DeviceFloats dParams = toDevice(params), dGrads(count, kGpu);
+        fused->bind(dParams.data(), dGrads.data());
+        const size_t n = static_cast<size_t>(batch * s.t * s.c);
+        const std::vector<float> x = randomVector(n, 41, -2, 2), dy = randomVector(n, 42);
+        std::vector<float> y(n), dx(n);
+        cpu->reseed(100, 0), fused->reseed(100, 0);
+        cpu->forward(x.data(), y.data(), batch, true);
+        cpu->backward(x.data(), y.data(), dy.data(), dx.data(), batch, false);
+        DeviceFloats dX = toDevice(x), dY(n, kGpu), dDy = toDevice(dy), dDx(n, kGpu);
+        fused->forward(dX.data(), dY.data(), batch, true);
+        fused->backward(dX.data(), dY.data(), dDy.data(), dDx.data(), batch, false);
+        const auto y1 = toHost(dY.data(), n), dx1 = toHost(dDx.data(), n), g1 = toHost(dGrads.data(), count);
+        MESSAGE((bf16 ? "bf16" : "tf32") << " tensor-core fused vs CPU: y " << maxDiff(y, y1) << ", dx "
+                                         << maxDiff(dx, dx1) << ", grads " << maxDiff(grads, g1));
+        const double keep = 1.0 / (1.0 - dropout);
+        CHECK(maxDiff(y, y1) < yTol * keep);
+        CHECK(maxDiff(dx, dx1) < dxTol * keep);
+        CHECK(maxDiff(grads, g1) < gTol * keep);
+        // Deterministic: the same step again gives the same bits (no atomics; each element one warp's MMAs).
+        fused->reseed(100, 0);
+        fused->forward(dX.data(), dY.data(), batch, true);
+        fused->backward(dX.data(), dY.data(), dDy.data(), dDx.data(), batch, false);
+        CHECK(toHost(dY.data(), n) == y1);
+        CHECK(toHost(dDx.data(), n) == dx1);
+        CHECK(toHost(dGrads.data(), count) == g1);
+      }
+    }
+  }
+}

@@ -119,6 +119,9 @@ class Embedding final : public Layer {
 // floats, kept per layer to backward) without ever forming [T, T]; backward: the c_proj GEMMs, then
 // kernels::flashAttentionBackward writes every element of dqkv (D = rowwise datt . att into a scratch, then one
 // kernel each for dq, dk and dv, each element one thread's fixed-order sum: deterministic), then the qkv GEMMs.
+// The kernels' arithmetic follows the GEMMs' (flashMath): bf16 tensor-core tiles under "precision": "bf16", TF32
+// ones while "tf32" is on (lib/gpu/flash_attention_tc.h: two backward kernels, dq, then dk and dv, each element
+// one warp's fixed-order MMAs), exact float32 on CUDA cores with "tf32": false (lib/gpu/flash_attention.h).
 // Scratch: dqkv + datt + D in the model's kAttention slot (kAttentionScores is not reserved at all). Attention
 // dropout: the kernels take the forward's draw and compute each element's fate from its counter where they need
 // it (forward, and again in backward with the same draw): the CPU layer's mask, nothing kept.
@@ -210,7 +213,8 @@ class CausalSelfAttention final : public Layer {
       gpu::gemm(false, true, rows, c3, c_, 1.0f, in, c_, wAttn_, c_, 0.0f, qkv, c3);
       if (bAttn_ != nullptr) k::addBias(qkv, bAttn_, rows, c3);
       if (fused_) {
-        k::flashAttentionForward(qkv, att_.data(), lse_.data(), batch, t_, h_, hs_, dropping_ ? &draw_ : nullptr);
+        k::flashAttentionForward(qkv, att_.data(), lse_.data(), batch, t_, h_, hs_, dropping_ ? &draw_ : nullptr,
+                                 flashMath());
       } else {
         matmulForward(att_.data(), batch);
       }
@@ -230,7 +234,7 @@ class CausalSelfAttention final : public Layer {
     if (fused_) {
       float* dsum = datt + rows_ * sz(c_);
       k::flashAttentionBackward(qkv_.data(), att_.data(), lse_.data(), datt, dsum, dqkvData, batch, t_, h_, hs_,
-                                dropping_ ? &draw_ : nullptr);
+                                dropping_ ? &draw_ : nullptr, flashMath());
     } else {
       matmulBackward(dqkvData, datt, batch);
     }
@@ -251,6 +255,12 @@ class CausalSelfAttention final : public Layer {
         DTRAIN_THROW(UsageError, "{}: the fused attention kernels cannot run this layer: {}", spec.path, gap);
     }
     return usesFusedAttention(spec, k);
+  }
+
+  // The fused kernels' arithmetic, as the GEMMs': bf16 tensor cores under "precision": "bf16", TF32 ones while
+  // "tf32" is on (the default), else exact float32 (read per call, as gpu::gemm reads it).
+  static k::FlashMath flashMath() {
+    return gpu::bf16() ? k::FlashMath::kBf16 : gpu::tf32() ? k::FlashMath::kTf32 : k::FlashMath::kFloat32;
   }
 
   // The backward scratch: dqkv, then datt (and D), inside one backward; during a bf16 forward, the float32 q, k, v

@@ -13,6 +13,10 @@ BatchLoader::BatchLoader(const Dataset& dataset, const DistributedSampler& sampl
                   "sampler was built for {} samples, the dataset has {}", sampler.datasetSize(), dataset.size());
   const int64_t n = sampler.numSamplesThisRank();
   numBatches_ = options.dropLast ? n / options.batchSize : (n + options.batchSize - 1) / options.batchSize;
+  const auto samplerDropped = sampler.dropped();
+  const auto leftOver = sampler.indices().subspan(static_cast<size_t>(std::min(n, numBatches_ * options.batchSize)));
+  dropped_.assign(samplerDropped.begin(), samplerDropped.end());
+  dropped_.insert(dropped_.end(), leftOver.begin(), leftOver.end());
   // A batch never holds more than the rank's samples (PyTorch's last, short batch): no buffer for a batch_size above.
   const auto b = static_cast<size_t>(std::clamp<int64_t>(n, 1, options.batchSize));
   for (auto& slot : slots_) {
@@ -49,6 +53,7 @@ void BatchLoader::fill(Slot& slot, int64_t b) const {
   dataset_.fetch(batch.indices, slot.features.data(), labels);
   batch.position = sampler_.position(begin + size);
   batch.padding = sampler_.paddingIn(begin, size);
+  batch.dropped = b + 1 == numBatches_ ? std::span<const int64_t>(dropped_) : std::span<const int64_t>();
 }
 
 void BatchLoader::producer() {

@@ -12,7 +12,7 @@
 // batches of the same sizes: batchSize each, the last one partial unless dropLast. Batch::position is the epoch
 // position (sampler.position()) once every rank has finished that batch: batchSize * world per step, less at the
 // end of the epoch. When the loop ends the epoch is over (with dropLast the few samples not taken are dropped,
-// as in PyTorch): continue with the next epoch at position 0. The batch buffers hold min(batchSize, this rank's
+// as in PyTorch, and listed on the last batch, Batch::dropped): continue with the next epoch at position 0. The batch buffers hold min(batchSize, this rank's
 // samples): a batchSize above the rank's share allocates for the share.
 //
 // Lifetime and threads: the loader reads the dataset and sampler it was given; both must outlive it and the
@@ -49,6 +49,10 @@ struct Batch {
   const float* targets = nullptr;         // size * labelSize floats when labelKind is kTarget, else nullptr
   int64_t position = 0;  // epoch position once every rank has finished this batch (store it in a checkpoint)
   int64_t padding = 0;   // the last `padding` of `indices` are the sampler's padding (repeats; sampler.h)
+  // On the epoch's last batch only: this rank's samples that drop_last leaves out of the epoch, the sampler's share
+  // of the world's incomplete round (DistributedSampler::dropped) then the loader's last partial batch (PyTorch's
+  // DataLoader drop_last). Empty on the other batches and without drop_last. Valid as long as the loader.
+  std::span<const int64_t> dropped;
 };
 
 class BatchLoader {
@@ -100,6 +104,7 @@ class BatchLoader {
   const DistributedSampler& sampler_;
   LoaderOptions options_;
   int64_t numBatches_ = 0;
+  std::vector<int64_t> dropped_;  // Batch::dropped of the last batch
   Slot slots_[2];
   int64_t nextBatch_ = 0;  // consumer: the batch next() returns
   std::mutex mutex_;

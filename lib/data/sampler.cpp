@@ -52,6 +52,11 @@ void DistributedSampler::setEpoch(int64_t epoch, int64_t startSample) {
     const int64_t at = q < rest ? startSample + q : (q - rest) % n;
     indices_.push_back(order_[static_cast<size_t>(at)]);
   }
+  // drop_last's tail (total_ < rest only then), dealt out as the taken entries are: dtrain sim's audit counts it
+  // apart from skipped samples.
+  dropped_.clear();
+  for (int64_t q = total_ + rank; q < rest; q += world)
+    dropped_.push_back(order_[static_cast<size_t>(startSample + q)]);
 }
 
 int64_t DistributedSampler::paddingIn(int64_t localBegin, int64_t count) const {

@@ -73,6 +73,11 @@ class DistributedSampler {
   // How many of indices()[localBegin, localBegin + count) are padding: repeats of the epoch's first samples that
   // fill the last round of the world (PyTorch's rule), always the rank's last indices. 0 without padding.
   int64_t paddingIn(int64_t localBegin, int64_t count) const;
+  // With dropLast: this rank's share of the samples the epoch leaves out, the tail of the rest that does not fill
+  // a whole round of the world (PyTorch's drop_last), rest[q] for totalSize() <= q < remaining() and
+  // q = rank (mod world): the samples this rank would have taken next. Fewer than one per rank; every dropped
+  // sample is some rank's. Empty without dropLast. Valid until the next setEpoch().
+  std::span<const int64_t> dropped() const { return dropped_; }
 
   // Epoch position (entries of the epoch's order consumed by the group) once every rank has taken its first
   // `localTaken` samples: startSample + min(localTaken * world, remaining). Store this in a checkpoint.
@@ -88,6 +93,7 @@ class DistributedSampler {
   int64_t total_ = 0;
   std::vector<int64_t> order_;  // scratch, reused across epochs
   std::vector<int64_t> indices_;
+  std::vector<int64_t> dropped_;
 };
 
 }  // namespace dtrain::data

@@ -56,6 +56,7 @@ std::vector<SampleStep> readSampleLogs(const std::string& dir, double t0) {
       s.t = j.value("t", t0) - t0;
       s.idx = j.value("idx", std::vector<int64_t>{});
       s.pad = j.value("pad", std::vector<int64_t>{});
+      s.drop = j.value("drop", std::vector<int64_t>{});
       steps.push_back(std::move(s));
     }
   }
@@ -86,6 +87,7 @@ void analyseSim(SimReport& report, const std::vector<SampleStep>& steps, const s
   a.rounds = static_cast<int>(rounds.size());
   std::set<std::pair<int, int64_t>> kept, redone;
   std::map<int64_t, std::map<int64_t, int>> seen;
+  std::map<int64_t, std::set<int64_t>> dropped;  // per epoch: what drop_last left out
   for (const auto& s : steps) {
     auto next = nextRound(s.round);
     if (next != rounds.end() && s.step >= next->second.firstStep) {
@@ -93,7 +95,9 @@ void analyseSim(SimReport& report, const std::vector<SampleStep>& steps, const s
       continue;
     }
     kept.insert({s.round, s.step});
-    for (auto i : s.idx) seen[s.epoch][i]++;
+    auto& counts = seen[s.epoch];
+    for (auto i : s.idx) counts[i]++;
+    dropped[s.epoch].insert(s.drop.begin(), s.drop.end());
     a.samplesTrained += static_cast<int64_t>(s.idx.size() + s.pad.size());
     a.padding += static_cast<int64_t>(s.pad.size());
   }
@@ -103,11 +107,17 @@ void analyseSim(SimReport& report, const std::vector<SampleStep>& steps, const s
   for (const auto& [epoch, counts] : seen) {
     ++a.epochsChecked;
     for (const auto& [sample, times] : counts) a.repeated += times - 1;
+    // What drop_last left out is accounted for, not skipped (a sample both trained and dropped counts once).
+    int64_t covered = static_cast<int64_t>(counts.size()), droppedHere = 0;
+    for (auto i : dropped[epoch])
+      if (!counts.contains(i)) ++droppedHere;
+    covered += droppedHere;
+    a.dropped += droppedHere;
     // The last epoch may be cut short (max_steps, or the job's end mid-epoch): complete only when it holds every
     // sample (a 5-epoch run that finished read "5 epoch(s) checked, 4 complete" and "checked for repeats only").
-    if (epoch < lastEpoch || (a.datasetSize > 0 && static_cast<int64_t>(counts.size()) == a.datasetSize)) {
+    if (epoch < lastEpoch || (a.datasetSize > 0 && covered == a.datasetSize)) {
       ++a.epochsComplete;
-      if (a.datasetSize > 0) a.skipped += a.datasetSize - static_cast<int64_t>(counts.size());
+      if (a.datasetSize > 0) a.skipped += std::max<int64_t>(0, a.datasetSize - covered);
     }
   }
 
@@ -178,6 +188,7 @@ std::string simReportJson(const SimReport& r) {
   const auto& a = r.audit;
   j["samples"] = {{"dataset_size", a.datasetSize}, {"trained", a.samplesTrained}, {"steps_kept", a.stepsKept},
                   {"steps_redone", a.stepsRedone}, {"repeated", a.repeated}, {"padding", a.padding}, {"skipped", a.skipped},
+                  {"dropped", a.dropped},
                   {"epochs_checked", a.epochsChecked}, {"epochs_complete", a.epochsComplete}, {"rounds", a.rounds},
                   {"logged", r.haveSamples}};
   j["throughput"] = nlohmann::json::array();
@@ -209,15 +220,21 @@ std::string formatSimReport(const SimReport& r) {
                                                    a.padding)
                                      : std::string(),
                        a.datasetSize > 0 ? std::to_string(a.skipped) : "n/a (dataset size unknown)",
-                       fmt::format(" ({} epoch(s) checked, {} complete, {} samples each)", a.epochsChecked,
-                                   a.epochsComplete, a.datasetSize),
+                       fmt::format(" ({}{} epoch(s) checked, {} complete, {} samples each)",
+                                   a.dropped > 0 ? fmt::format("and {} dropped by data.drop_last: what fills no whole "
+                                                               "round of the world or whole batch, as PyTorch's "
+                                                               "DistributedSampler and DataLoader drop it; ",
+                                                               a.dropped)
+                                                 : std::string(),
+                                   a.epochsChecked, a.epochsComplete, a.datasetSize),
                        a.repeated == 0 && a.skipped == 0
                            // The last epoch may be cut short (max_steps): only its repeats are counted, so "every
                            // sample seen once" must not overclaim for it (a one-epoch job has no complete epoch).
-                           ? (a.epochsComplete < a.epochsChecked ? "OK: every sample seen once (the last epoch, "
-                                                                   "which max_steps may cut short, is checked for "
-                                                                   "repeats only)"
-                                                                 : "OK: every sample seen once")
+                           ? fmt::format("OK: every sample seen once{}{}",
+                                         a.dropped > 0 ? ", except those drop_last dropped" : "",
+                                         a.epochsComplete < a.epochsChecked ? " (the last epoch, which max_steps may "
+                                                                              "cut short, is checked for repeats only)"
+                                                                            : "")
                            : "FAIL");
   } else {
     out += "samples: no sample logs (not a job file, or no step ran)\n";

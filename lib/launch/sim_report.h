@@ -11,7 +11,10 @@
 // "repeated", except the sampler's padding (a fixed world of W ranks pads an epoch of N samples with the epoch's
 // first (W - N mod W) mod W samples, PyTorch's DistributedSampler rule; the workers log those apart as "pad");
 // in every epoch that the run went past (a later epoch has steps), a sample of the dataset that was
-// never trained is "skipped". The last epoch is checked for repeats only (max_steps may end it early).
+// never trained is "skipped", except those data.drop_last leaves out (the tail of the epoch that does not fill a
+// whole round of the world, then each rank's last partial batch: PyTorch's DistributedSampler and DataLoader
+// drop_last; the workers log those on the epoch's last step as "drop", and they are counted as "dropped"). The last
+// epoch is checked for repeats only (max_steps may end it early), unless it holds every sample.
 //
 // Times are seconds since the sim started the initial agents. Detection: from the fault to the first agent
 // (other than the faulted node) reporting a re-formation or a restart. Recovery: from the fault to the first
@@ -38,6 +41,7 @@ struct SampleStep {
   double t = 0;  // seconds since the sim started
   std::vector<int64_t> idx;
   std::vector<int64_t> pad;  // the sampler's padding in this step: repeats by design, not counted as repeated
+  std::vector<int64_t> drop;  // samples drop_last left out of the epoch (on its last step): not counted as skipped
 };
 
 // Reads every samples-*.jsonl under `dir` (a missing folder is no steps); `t0` is the sim's start (unix seconds).
@@ -71,6 +75,7 @@ struct SimAudit {
   int64_t datasetSize = 0;  // 0: unknown (no skipped count)
   int64_t stepsKept = 0, stepsRedone = 0, samplesTrained = 0, repeated = 0, skipped = 0;
   int64_t padding = 0;  // padding entries of the kept steps (PyTorch's DistributedSampler rule), in samplesTrained
+  int64_t dropped = 0;  // samples drop_last left out of the epochs checked, per the kept steps (not in samplesTrained)
   int epochsChecked = 0, epochsComplete = 0;
   int rounds = 0;
 };

@@ -91,11 +91,12 @@ SampleLog::~SampleLog() {
   if (file_) std::fclose(file_);
 }
 
-void SampleLog::add(std::span<const int64_t> indices, int64_t padding) {
+void SampleLog::add(std::span<const int64_t> indices, int64_t padding, std::span<const int64_t> dropped) {
   if (!file_) return;
   const auto cut = indices.end() - std::clamp<int64_t>(padding, 0, static_cast<int64_t>(indices.size()));
   pending_.insert(pending_.end(), indices.begin(), cut);
   pendingPadding_.insert(pendingPadding_.end(), cut, indices.end());
+  pendingDropped_.insert(pendingDropped_.end(), dropped.begin(), dropped.end());
 }
 
 void SampleLog::commitStep(int64_t epoch, int64_t step) {
@@ -103,12 +104,14 @@ void SampleLog::commitStep(int64_t epoch, int64_t step) {
   // t: wall-clock seconds (Unix time), so that `dtrain sim` can time steps across processes and namespaces.
   const double t = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
   fmt::print(file_,
-             "{{\"attempt\":{},\"round\":{},\"rank\":{},\"world\":{},\"epoch\":{},\"step\":{},\"t\":{:.6f},\"idx\":[{}]{}}}\n",
+             "{{\"attempt\":{},\"round\":{},\"rank\":{},\"world\":{},\"epoch\":{},\"step\":{},\"t\":{:.6f},\"idx\":[{}]{}{}}}\n",
              attempt_, round_, rank_, world_, epoch, step, t, fmt::join(pending_, ","),
-             pendingPadding_.empty() ? std::string() : fmt::format(",\"pad\":[{}]", fmt::join(pendingPadding_, ",")));
+             pendingPadding_.empty() ? std::string() : fmt::format(",\"pad\":[{}]", fmt::join(pendingPadding_, ",")),
+             pendingDropped_.empty() ? std::string() : fmt::format(",\"drop\":[{}]", fmt::join(pendingDropped_, ",")));
   std::fflush(file_);
   pending_.clear();
   pendingPadding_.clear();
+  pendingDropped_.clear();
 }
 
 StepPause::StepPause() {

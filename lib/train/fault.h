@@ -69,18 +69,20 @@ class SampleLog final : public TrainerCallback {
   ~SampleLog() override;
   bool enabled() const { return file_ != nullptr; }
   // The last `padding` of `indices` are the sampler's padding (repeats of the epoch's first samples): logged apart,
-  // as "pad", so that `dtrain sim` does not count PyTorch's padding as repeated samples.
-  void add(std::span<const int64_t> indices, int64_t padding = 0);
+  // as "pad", so that `dtrain sim` does not count PyTorch's padding as repeated samples. `dropped`: the samples
+  // drop_last leaves out of the epoch (Batch::dropped, on its last batch), logged as "drop", so that `dtrain sim`
+  // does not count them as skipped.
+  void add(std::span<const int64_t> indices, int64_t padding = 0, std::span<const int64_t> dropped = {});
   void commitStep(int64_t epoch, int64_t step);  // writes the indices added since the last step
 
-  void onBatch(const data::Batch& b) override { add(b.indices, b.padding); }
+  void onBatch(const data::Batch& b) override { add(b.indices, b.padding, b.dropped); }
   // Before the step can be checkpointed: a checkpoint never covers a step missing from the log.
   void onOptimizerStep(const StepEvent& e) override { commitStep(e.epoch, e.step); }
 
  private:
   std::FILE* file_ = nullptr;
   int rank_, world_, attempt_, round_;
-  std::vector<int64_t> pending_, pendingPadding_;
+  std::vector<int64_t> pending_, pendingPadding_, pendingDropped_;
 };
 
 class StepPause final : public TrainerCallback {

@@ -1,7 +1,9 @@
 #include <doctest/doctest.h>
 
 #include <atomic>
+#include <map>
 #include <stdexcept>
+#include <vector>
 
 #include "lib/data/batch_loader.h"
 #include "lib/data/synthetic.h"
@@ -68,6 +70,40 @@ TEST_CASE("batches cover the rank's shard in order, last one partial, positions 
     CHECK(seen == 34);
     CHECK(loader.next() == nullptr);
   }
+}
+
+TEST_CASE("dropLast: the epoch's last batch lists what the sampler and the loader dropped, the others nothing") {
+  // 100 samples over 3 ranks: the sampler drops 1 (99 taken, 33 a rank), the loader each rank's last 33 - 4 x 8 = 1.
+  for (bool prefetch : {true, false}) {
+    CAPTURE(prefetch);
+    CountingDataset ds(100);
+    std::map<int64_t, int> times;
+    for (int rank = 0; rank < 3; ++rank) {
+      DistributedSampler sampler({.datasetSize = 100, .rank = rank, .worldSize = 3, .seed = 4, .dropLast = true});
+      BatchLoader loader(ds, sampler, {.batchSize = 8, .dropLast = true, .prefetch = prefetch});
+      REQUIRE(loader.numBatches() == 4);
+      for (const Batch& b : loader) {
+        for (auto i : b.indices) ++times[i];
+        for (auto i : b.dropped) ++times[i];
+        if (b.index < 3) {
+          CHECK(b.dropped.empty());
+          continue;
+        }
+        // The sampler's share of the tail (rank 0's only: 100 = 33 x 3 + 1), then the rank's last partial batch.
+        std::vector<int64_t> expected(sampler.dropped().begin(), sampler.dropped().end());
+        expected.push_back(sampler.indices()[32]);
+        CHECK(std::vector<int64_t>(b.dropped.begin(), b.dropped.end()) == expected);
+        CHECK(b.dropped.size() == (rank == 0 ? 2u : 1u));
+      }
+    }
+    CHECK(times.size() == 100);  // every sample trained or dropped, once
+    for (const auto& [sample, k] : times) CHECK(k == 1);
+  }
+  // Without dropLast nothing is dropped.
+  CountingDataset ds(100);
+  DistributedSampler sampler({.datasetSize = 100, .rank = 0, .worldSize = 3, .seed = 4});
+  BatchLoader loader(ds, sampler, {.batchSize = 8});
+  for (const Batch& b : loader) CHECK(b.dropped.empty());
 }
 
 TEST_CASE("dropLast drops the partial batch; a resumed sampler yields only the rest") {

@@ -285,3 +285,36 @@ TEST_CASE("paddingIn marks exactly the padded entries: the rest once, plus total
     }
   }
 }
+
+TEST_CASE("dropped lists exactly what dropLast leaves out: each sample of the rest taken or dropped, once") {
+  // dtrain sim counts a sample never trained in an epoch as skipped, except these (PyTorch's drop_last).
+  for (int64_t n : {1, 2, 5, 7, 12, 13, 100}) {
+    for (int world : {1, 2, 3, 4, 5}) {
+      for (int64_t start : {int64_t{0}, n / 2, n / 3}) {
+        CAPTURE(n);
+        CAPTURE(world);
+        CAPTURE(start);
+        std::map<int64_t, int> times;
+        int64_t dropped = 0, total = 0;
+        for (int r = 0; r < world; ++r) {
+          DistributedSampler s({.datasetSize = n, .rank = r, .worldSize = world, .shuffle = true, .seed = 3,
+                                .dropLast = true, .epoch = 1, .startSample = start});
+          for (auto i : s.indices()) ++times[i];
+          for (auto i : s.dropped()) ++times[i];
+          CHECK(static_cast<int64_t>(s.dropped().size()) <= 1);  // fewer than one round of the world in all
+          dropped += static_cast<int64_t>(s.dropped().size());
+          total = s.totalSize();
+          // Without dropLast nothing is dropped (padded or uneven).
+          DistributedSampler padded({.datasetSize = n, .rank = r, .worldSize = world, .startSample = start});
+          CHECK(padded.dropped().empty());
+          DistributedSampler uneven({.datasetSize = n, .rank = r, .worldSize = world, .pad = false, .startSample = start});
+          CHECK(uneven.dropped().empty());
+        }
+        CHECK(static_cast<int64_t>(times.size()) == n - start);
+        for (const auto& [sample, k] : times) CHECK(k == 1);
+        CHECK(dropped == (n - start) % world);
+        CHECK(total + dropped == n - start);
+      }
+    }
+  }
+}

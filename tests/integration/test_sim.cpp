@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <filesystem>
 #include <map>
+#include <set>
 
 #include "tests/integration/launch_helpers.h"
 #include "tests/integration/train_helpers.h"
@@ -193,6 +194,41 @@ TEST_CASE("dtrain sim: 3 nodes over 100 samples: the sampler's padding is not co
     CHECK(p.size() == 2);
     CHECK(real[epoch].size() == 100);
     for (auto i : p) CHECK(real[epoch].count(i) == 1);
+  }
+}
+
+TEST_CASE("dtrain sim: 3 nodes over 100 samples with drop_last: what it drops is not counted as skipped (exit 0)") {
+  // drop_last leaves out 1 sample an epoch (99 fill 33 rounds of 3) and each rank's last 33 - 6 x 5 = 3: the sim
+  // counted those as skipped and failed a run without any fault (exit 1, "skipped 10").
+  std::string dir = tempDir("sim-droplast");
+  json job = smallJob(100, 5, 2);
+  job["data"]["drop_last"] = true;
+  job["checkpoint"] = false;
+  job["parallel"] = {{"timeout", 20}};
+  writeFile(dir + "/job.json", job.dump());
+  auto r = run(simArgs({"--nodes", "3", "--output-dir", dir + "/sim", dir + "/job.json"}), {.timeout = 180s});
+  INFO(r.out, r.err);
+  CHECK(r.exitCode == 0);
+  CHECK(r.out.find("samples: 180 trained in 12 steps") != std::string::npos);
+  CHECK(r.out.find("repeated 0, skipped 0 (and 20 dropped by data.drop_last: ") != std::string::npos);
+  CHECK(r.out.find("2 epoch(s) checked, 2 complete, 100 samples each) -> OK: every sample seen once, except those "
+                   "drop_last dropped\n") != std::string::npos);
+  // The workers' logs list them on each epoch's last step: 10 per epoch, none trained in that epoch.
+  std::map<int64_t, std::set<int64_t>> drops, real;
+  for (auto& f : std::filesystem::directory_iterator(dir + "/sim/samples"))
+    for (auto& j : readJsonLines(f.path().string())) {
+      for (auto i : j["idx"].get<std::vector<int64_t>>()) real[j["epoch"].get<int64_t>()].insert(i);
+      if (j.contains("drop")) {
+        CHECK(j["step"].get<int64_t>() % 6 == 0);
+        for (auto i : j["drop"].get<std::vector<int64_t>>()) drops[j["epoch"].get<int64_t>()].insert(i);
+      }
+    }
+  REQUIRE(drops.size() == 2);
+  for (const auto& [epoch, d] : drops) {
+    CAPTURE(epoch);
+    CHECK(d.size() == 10);
+    CHECK(real[epoch].size() == 90);
+    for (auto i : d) CHECK(real[epoch].count(i) == 0);
   }
 }
 

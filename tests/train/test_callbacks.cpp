@@ -198,3 +198,35 @@ TEST_CASE("the sample log (DTRAIN_SAMPLE_LOG) writes a batch's padding apart, as
   CHECK(!lines[1].contains("pad"));
 }
 
+
+TEST_CASE("the sample log (DTRAIN_SAMPLE_LOG) writes what drop_last left out of the epoch, as drop") {
+  const std::string dir = "/tmp/dtrain-test-samplelog-drop-" + std::to_string(::getpid());
+  ::setenv("DTRAIN_SAMPLE_LOG", dir.c_str(), 1);
+  {
+    SampleLog log(0, 3, 1, 0);
+    REQUIRE(log.enabled());
+    const std::vector<int64_t> first = {5, 6}, last = {7, 8}, dropped = {9, 3};
+    data::Batch a, b;
+    a.indices = first;
+    b.indices = last;
+    b.dropped = dropped;  // the epoch's last batch: the sampler's tail share, then the partial batch
+    log.onBatch(a);
+    log.commitStep(0, 1);
+    log.onBatch(b);
+    log.commitStep(0, 2);
+    log.onBatch(a);
+    log.commitStep(1, 3);
+  }
+  ::unsetenv("DTRAIN_SAMPLE_LOG");
+  std::ifstream in(dir + "/samples-a1-r0.jsonl");
+  std::string line;
+  std::vector<nlohmann::json> lines;
+  while (std::getline(in, line)) lines.push_back(nlohmann::json::parse(line));
+  std::filesystem::remove_all(dir);
+  REQUIRE(lines.size() == 3);
+  CHECK(!lines[0].contains("drop"));
+  CHECK(lines[1]["idx"] == nlohmann::json::array({7, 8}));
+  CHECK(lines[1]["drop"] == nlohmann::json::array({9, 3}));
+  CHECK(!lines[1].contains("pad"));
+  CHECK(!lines[2].contains("drop"));
+}

@@ -337,6 +337,13 @@ std::string checkJob(const Job& job) {
                        "per epoch on 1 replica, {} on 2, {} on 4{}\n",
                        job.loop.epochs, job.data.batchSize, job.parallel.pipeline.stages, job.parallel.tensor, group,
                        stepsPerEpoch(1), stepsPerEpoch(2), stepsPerEpoch(4), maxSteps);
+  else if (job.parallel.ps)
+    // The servers' ranks take no batches: the data is shared out over the workers alone (a world of 2 ranks with 1
+    // server is 1 worker; "on 2 ranks" read as half the steps it runs).
+    out += fmt::format("run:   {} epoch(s), batch {} per worker: {} steps per epoch on 1 worker, {} on 2, {} on 4{} "
+                       "(workers: the ranks besides the {} parameter server(s), which take no batches)\n",
+                       job.loop.epochs, job.data.batchSize, stepsPerEpoch(1), stepsPerEpoch(2), stepsPerEpoch(4),
+                       maxSteps, job.parallel.ps->servers);
   else
     out += fmt::format("run:   {} epoch(s), batch {} per rank: {} steps per epoch on 1 rank, {} on 2, {} on 4{}\n",
                        job.loop.epochs, job.data.batchSize, stepsPerEpoch(1), stepsPerEpoch(2), stepsPerEpoch(4),

@@ -158,6 +158,16 @@ TEST_CASE("describeLayout: each rank's coordinates, layers and parameter count")
   CHECK(summary.find("batch 8 per data replica (pipeline 2 x tensor 1 = 2 ranks): 8 steps per epoch on 1 replica, "
                      "4 on 2, 2 on 4") != std::string::npos);
   CHECK(checkJob(load(mlpJob())).find("batch 8 per rank: 8 steps per epoch on 1 rank") != std::string::npos);
+  // A parameter-server job shares the data over its workers: its servers' ranks take no batches, so the steps are
+  // counted per worker ("on 2 ranks" read as 2 workers, half the steps of 1 server + 1 worker).
+  json ps = mlpJob();
+  ps["parallel"] = {{"strategy", "parameter_server"}, {"servers", 2}};
+  const std::string psSummary = checkJob(load(ps));
+  CHECK_MESSAGE(psSummary.find("run:   1 epoch(s), batch 8 per worker: 8 steps per epoch on 1 worker, 4 on 2, 2 on 4 "
+                               "(workers: the ranks besides the 2 parameter server(s), which take no batches)\n") !=
+                    std::string::npos,
+                psSummary);
+  CHECK(psSummary.find(" rank: ") == std::string::npos);
   // More micro-batches than samples: a batch of 8 becomes 8 micro-batches of 1, and the bubble is theirs.
   doc["parallel"] = {{"pipeline", {{"stages", 2}, {"micro_batches", 64}}}};
   const std::string capped = describeLayout(load(doc), 2);

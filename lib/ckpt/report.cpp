@@ -47,6 +47,27 @@ fs::path resolve(const fs::path& given) {
   return all.front().path;
 }
 
+// One unit per table, the one parse::formatBytes (and so `ckpt list`'s SIZE) gives the table's total: rows in
+// KiB beside rows in MiB read at a glance as the smaller ones being larger. Below 0.1 of the unit: "<0.1 MiB".
+struct ByteUnit {
+  uint64_t size = 1;
+  const char* name = "B";
+};
+
+ByteUnit unitOf(uint64_t total) {
+  if (total >= (1ull << 30)) return {1ull << 30, "GiB"};
+  if (total >= (1ull << 20)) return {1ull << 20, "MiB"};
+  if (total >= (1ull << 10)) return {1ull << 10, "KiB"};
+  return {};
+}
+
+std::string bytesIn(uint64_t bytes, ByteUnit unit) {
+  if (unit.size == 1) return fmt::format("{} B", bytes);
+  const double value = static_cast<double>(bytes) / static_cast<double>(unit.size);
+  if (bytes > 0 && value < 0.05) return fmt::format("<0.1 {}", unit.name);
+  return fmt::format("{:.1f} {}", value, unit.name);
+}
+
 bool isSafetensors(const fs::path& p) { return fs::is_regular_file(p) && p.extension() == ".safetensors"; }
 
 void appendTensors(std::string& out, const SafetensorsFile& f, const std::string& title) {
@@ -60,9 +81,10 @@ void appendTensors(std::string& out, const SafetensorsFile& f, const std::string
   }
   out += fmt::format("\n{}: {} tensors, {} elements, {}\n", title, f.tensors().size(), params,
                      parse::formatBytes(f.fileSize()));
+  const ByteUnit unit = unitOf(f.fileSize());
   for (const auto& t : f.tensors())
-    out += fmt::format("  {:<{}}  {:<4}  {:<18}  {}\n", t.name, width, safetensorsName(t.dtype), t.shape.spaced(),
-                       parse::formatBytes(t.bytes()));
+    out += fmt::format("  {:<{}}  {:<4}  {:<18}  {:>10}\n", t.name, width, safetensorsName(t.dtype), t.shape.spaced(),
+                       bytesIn(t.bytes(), unit));
   for (const auto& [k, v] : f.metadata()) out += fmt::format("  metadata {} = {}\n", k, v);
 }
 
@@ -208,8 +230,9 @@ std::string formatInspect(const fs::path& target, bool verify, bool* complete) {
     if (!m.user.empty()) out += fmt::format("user         {}\n", m.user.dump());
   }
   out += fmt::format("\nfiles ({})\n", parse::formatBytes(c.bytes));
+  const ByteUnit unit = unitOf(c.bytes);
   for (const auto& f : c.files)
-    out += fmt::format("  {:<28}  {:>10}  crc32 {}\n", f.name, parse::formatBytes(f.size), crcHex(f.crc32));
+    out += fmt::format("  {:<28}  {:>10}  crc32 {}\n", f.name, bytesIn(f.size, unit), crcHex(f.crc32));
   for (const auto& f : c.files) {
     if (fs::path(f.name).extension() != ".safetensors") continue;
     try {

@@ -28,7 +28,9 @@ nlohmann::json listToJson(const std::vector<CheckpointInfo>& checkpoints);
 // table's row shards contiguous and covering it) and every file's tensors. Throws CheckpointError when there is
 // nothing to inspect. `complete` (optional) is set to whether what was inspected is usable as it is: a checkpoint
 // whose status is complete, an index whose files are all there and whose row shards cover their tables, or a
-// .safetensors file that opens (a partial, corrupt or staging checkpoint, or an incomplete index: false).
+// .safetensors file that opens (a partial, corrupt or staging checkpoint, or an incomplete index: false). Sizes:
+// each total as `ckpt list` writes it (parse::formatBytes), the rows under it (files, tensors) in that total's unit
+// with one decimal ("<0.1 MiB" below), so that a column is in one unit.
 std::string formatInspect(const std::filesystem::path& target, bool verifyChecksums, bool* complete = nullptr);
 nlohmann::json inspectToJson(const std::filesystem::path& target, bool verifyChecksums, bool* complete = nullptr);
 

@@ -172,3 +172,38 @@ TEST_CASE("dtrain ckpt inspect of a corrupt or uncommitted checkpoint reports wh
   CHECK(newest.out.find("step-000000100") != std::string::npos);
   CHECK(dtrainCkpt({"inspect", (root / "step-000000100").string()}).exitCode == 0);
 }
+
+TEST_CASE("dtrain ckpt inspect writes each table's sizes in one unit, its total's (as ckpt list), labelled") {
+  // A 1.1 MiB tensor beside a 12-byte one: the rows mixed "1.1 MiB", "11.7 KiB" and "12 B" under a total in MiB.
+  const auto root = freshRoot("cli-units");
+  const std::vector<float> big(300000, 1.0f), small(3, 2.0f);
+  ckpt::CheckpointWriter writer(root, 7, ckpt::CheckpointWriter::newToken());
+  std::vector<ckpt::NamedTensor> tensors = {{"0.weight", TensorView::of(big.data(), {1000, 300})},
+                                            {"0.bias", TensorView::of(small.data(), {3})}};
+  writer.writeTensors("model.safetensors", tensors);
+  writer.writeJson("rank-0.json", {{"rng", 7}});
+  ckpt::CheckpointMeta meta;
+  meta.worldSize = 1;
+  meta.specHash = "spec";
+  const fs::path dir = writer.commit(meta, {.requiredFiles = {"model.safetensors", "rank-0.json"}});
+
+  auto r = dtrainCkpt({"inspect", dir.string()});
+  INFO(r.out, r.err);
+  CHECK(r.exitCode == 0);
+  auto list = dtrainCkpt({"list", root.string()});
+  CHECK(list.out.find("    1.1 MiB  ") != std::string::npos);  // ckpt list's size of the checkpoint
+  CHECK(r.out.find("\nfiles (1.1 MiB)\n") != std::string::npos);
+  CHECK(r.out.find("  model.safetensors                1.1 MiB  crc32 ") != std::string::npos);
+  CHECK(r.out.find("  rank-0.json                     <0.1 MiB  crc32 ") != std::string::npos);
+  CHECK(r.out.find("  meta.json                       <0.1 MiB  crc32 ") != std::string::npos);
+  CHECK(r.out.find("model.safetensors: 2 tensors, 300003 elements, 1.1 MiB\n") != std::string::npos);
+  CHECK(r.out.find("  0.weight  F32   [1000, 300]            1.1 MiB\n") != std::string::npos);
+  CHECK(r.out.find("  0.bias    F32   [3]                   <0.1 MiB\n") != std::string::npos);
+  CHECK(r.out.find(" KiB") == std::string::npos);
+  CHECK(r.out.find(" B  ") == std::string::npos);
+  // A small checkpoint's table stays in its own total's unit.
+  writeCheckpoint(root, 100);
+  auto kib = dtrainCkpt({"inspect", (root / "step-000000100").string()});
+  CHECK(kib.out.find("  0.weight  F32   [3, 1000]             11.7 KiB\n") != std::string::npos);
+  CHECK(kib.out.find(" MiB") == std::string::npos);
+}

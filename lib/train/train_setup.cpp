@@ -205,7 +205,7 @@ void TrainLoop::setUp() {
   const std::string readers =
       dims.modelParallel()
           ? fmt::format("{} data replica(s) of {} ranks", dims.data, dims.stages * dims.tensor)
-          : fmt::format("{} rank(s)", worker_.worldSize);
+          : fmt::format("{} {}", worker_.worldSize, psServers_ > 0 ? "worker(s)" : "rank(s)");  // servers take no batch
   // The model's size, and under model parallelism what this rank (rank 0, which prints) holds of it: its stage's or
   // tensor shard's parameters alone read as the model's ("200960 parameters" for the 269322 of a 2-stage MLP).
   const std::string params =
@@ -331,8 +331,8 @@ void TrainLoop::planRun() {
   checkScheduleFitsRun(job_, totalSteps,
                        job_.loop.maxSteps > 0 && totalSteps == job_.loop.maxSteps
                            ? fmt::format("/train/max_steps {}", job_.loop.maxSteps)
-                           : fmt::format("{} epoch(s) of {} step(s) on {} rank(s)", job_.loop.epochs, stepsPerEpoch,
-                                         worker_.worldSize));
+                           : fmt::format("{} epoch(s) of {} step(s) on {} {}", job_.loop.epochs, stepsPerEpoch,
+                                         worker_.worldSize, psServers_ > 0 ? "worker(s)" : "rank(s)"));
   schedule_ = nn::Schedule(job_.schedule, baseLr, totalSteps);
   logEvery_ = job_.loop.logEverySteps > 0 ? job_.loop.logEverySteps : std::max<int64_t>(1, stepsPerEpoch / 20);
   // Where the run stands before its first step (what the summary reports when no step is left to take).

@@ -57,7 +57,7 @@ TEST_CASE("dtrain run -n 3 with one parameter server: every mode trains; traffic
     // Rank 2 (the node's last) serves; the two workers report as a world of 2.
     CHECK(!linesWith(r.out + r.err, "[n0 r2] ").empty());
     CHECK((r.out + r.err).find("parameter server 0 of 1 listening") != std::string::npos);
-    CHECK(r.out.find("2 rank(s) x batch 8") != std::string::npos);
+    CHECK(r.out.find("2 worker(s) x batch 8") != std::string::npos);  // the server's rank takes no batch
     CHECK(r.out.find("parameter server: 1 server(s), 2 worker(s), " + mode) != std::string::npos);
     CHECK(lastEvalAccuracy(dir + "/" + mode + "/metrics.jsonl") > 0.5);
     CHECK(evalSampleCounts(dir + "/" + mode + "/metrics.jsonl") == std::vector<int64_t>{50, 50, 50});

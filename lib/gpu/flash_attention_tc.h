@@ -241,6 +241,13 @@ DTRAIN_HOST_DEVICE inline void flashTcLoadTile(typename FlashMma<M>::Operand* ti
 
 DTRAIN_HOST_DEVICE constexpr int flashTcRound16(int64_t n) { return static_cast<int>((n + 15) / 16 * 16); }
 
+// The key columns of the tile [j0, j0 + n) that the warp whose 16 query rows start at r0 needs (causal: up to its
+// last row), rounded up to a multiple of 16; 0 when the warp has no rows (r0 >= t) or the tile is above its rows.
+DTRAIN_HOST_DEVICE inline int flashTcWarpKeyCols(int64_t r0, int64_t t, int64_t j0, int64_t n) {
+  if (r0 >= t || j0 > r0 + 15) return 0;
+  return flashTcRound16(flashMin(n, r0 + 16 - j0));
+}
+
 template <class M, int HS>
 struct FlashTcForwardWarp {
   typename FlashMma<M>::Acc o[HS / 16];
@@ -283,12 +290,7 @@ DTRAIN_FLASH_UNROLL
   const int64_t end = flashMin(t, it.row0 + kFlashThreads);  // keys up to the block's last row
   for (int64_t j0 = 0; j0 < end; j0 += C) {
     const int64_t n = flashMin(C, t - j0);
-    // The key columns warp w needs: up to its last row (a multiple of 16), none when the tile is above its rows.
-    auto cols = [&](int w) -> int {
-      const int64_t r0 = it.row0 + 16 * w;
-      if (r0 >= t || j0 > r0 + 15) return 0;
-      return flashTcRound16(flashMin(n, r0 + 16 - j0));
-    };
+    auto cols = [&](int w) -> int { return flashTcWarpKeyCols(it.row0 + 16 * w, t, j0, n); };
     th.sync(FlashSync::kTileFree);
     th.threads([&](int tid) {
       flashTcLoadTile<M, HS, C>(sm.k, base + c + j0 * c3, c3, g.hs, n, tid);
@@ -443,11 +445,7 @@ DTRAIN_FLASH_UNROLL
   const int64_t end = flashMin(t, it.row0 + kFlashThreads);
   for (int64_t j0 = 0; j0 < end; j0 += C) {
     const int64_t n = flashMin(C, t - j0);
-    auto cols = [&](int w) -> int {
-      const int64_t r0 = it.row0 + 16 * w;
-      if (r0 >= t || j0 > r0 + 15) return 0;
-      return flashTcRound16(flashMin(n, r0 + 16 - j0));
-    };
+    auto cols = [&](int w) -> int { return flashTcWarpKeyCols(it.row0 + 16 * w, t, j0, n); };
     th.sync(FlashSync::kTileFree);
     th.threads([&](int tid) {
       flashTcLoadTile<M, HS, C>(sm.k, base + c + j0 * c3, c3, g.hs, n, tid);

@@ -67,9 +67,11 @@ class CpuTopKOps final : public TopKOps {
     for (size_t i = 0; i < n; ++i) gpu::topkPlainMomentum(u, g, m, i);
   }
   void select(float* acc, size_t n, size_t k, int32_t* pairs, bool zeroTaken, float* velocity) override {
-    order_.resize(n);
+    // Only grown: buckets of different sizes share it, and a resize up from a smaller bucket's size would zero the
+    // difference on every step (a memset of up to the largest bucket's indices per bucket).
+    if (order_.size() < n) order_.resize(n);
     const size_t candidates = k < n ? selectCandidates(acc, n, k, order_, sample_) : n;
-    if (candidates == n) std::iota(order_.begin(), order_.end(), 0);
+    if (candidates == n) std::iota(order_.begin(), order_.begin() + static_cast<ptrdiff_t>(n), 0);
     if (k < n) {
       // Largest magnitude first; ties by index, so the choice does not depend on the algorithm's internals.
       auto larger = [acc](int32_t x, int32_t y) {

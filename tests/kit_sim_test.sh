@@ -12,6 +12,8 @@ command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ] || { echo "skipped
 unshare -m true 2>/dev/null || { echo "skipped: unshare -m is not available here"; exit 77; }
 [ -f "$build/build.ninja" ] || { echo "skipped: the kit is packed from a Ninja build"; exit 77; }
 kit=$(mktemp -d /tmp/dtrain-kit-test-XXXXXX)
-trap 'rm -rf "$kit" "$kit.tar.gz"' EXIT  # --prepare writes the archive beside the folder
+# gpu-check's logs go beside the kit, not to /tmp/gpu-check-*.log, so the test leaves nothing behind.
+export DTRAIN_GPU_CHECK_LOGDIR=$kit.logs
+trap 'rm -rf "$kit" "$kit.tar.gz" "$kit.logs"' EXIT  # --prepare writes the archive beside the folder
 DTRAIN_KIT_NO_BUILD=1 DTRAIN_KIT_BUILD_DIR=$build "$src/scripts/gpu-check" --prepare "$kit" || exit 1
 "$src/scripts/gpu-kit-sim" "$kit" --preprocess-only

@@ -14,7 +14,7 @@
 #include <type_traits>
 
 #include "lib/gpu/flash_attention.h"
-#include "lib/gpu/flash_attention_tc.h"
+#include "lib/gpu/flash_attention_tc_backward.h"
 #include "lib/gpu/grid.h"
 #include "lib/gpu/kernels_attention.h"
 #include "lib/gpu/launch.h"

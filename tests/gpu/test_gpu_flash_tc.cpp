@@ -21,7 +21,7 @@
 #include <vector>
 
 #include "lib/gpu/flash_attention.h"
-#include "lib/gpu/flash_attention_tc.h"
+#include "lib/gpu/flash_attention_tc_backward.h"
 #include "lib/gpu/flash_mma.h"
 #include "lib/gpu/grid.h"
 #include "lib/gpu/philox.h"

@@ -205,6 +205,7 @@ class Block final : public Layer {
     }
     in_.assign(children_.size(), nullptr);
     out_.assign(children_.size(), nullptr);
+    reseed(build.seed, 0);  // the children's streams as Model::reseedDropout(build.seed, 0) keys them
   }
 
   void bind(float* params, float* grads) override {
@@ -219,8 +220,14 @@ class Block final : public Layer {
       if (counts_[i] > 0) children_[i]->initParams(rng);
   }
 
+  // The children draw from the block's own seed and position, both mixed with the block's index: a child's index is
+  // its index inside the block, so two blocks' children at the same index (a pinned-seed dropout included, which
+  // ignores the seed and is keyed by its seed, the position and that index) would otherwise draw the same masks.
+  // The position stays a function of the trainer's step and micro-batch only: every rank, any job seed, a resume
+  // and the CUDA block (lib/nn/cuda/layers_gpt.cpp, the same rule) draw the same masks.
   void reseed(uint64_t seed, uint64_t position) override {
-    for (auto& c : children_) c->reseed(detail::mixSeed(seed, static_cast<uint64_t>(spec().index) + 1000), position);
+    const uint64_t salt = static_cast<uint64_t>(spec().index) + 1000;
+    for (auto& c : children_) c->reseed(detail::mixSeed(seed, salt), detail::mixSeed(position, salt));
   }
 
   void forward(const float* x, float* y, int batch, bool train) override {

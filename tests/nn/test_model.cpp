@@ -9,6 +9,7 @@
 #include "lib/common/error.h"
 #include "lib/nn/loss.h"
 #include "lib/nn/model.h"
+#include "lib/nn/registry.h"
 
 using namespace dtrain;
 using namespace dtrain::nn;
@@ -237,6 +238,34 @@ TEST_CASE("dropout in a model: active only in training, reseedable") {
   Model resumed = Model::build(pinned.spec(), 1, 7);  // a fresh build reseeded at position 8: position 8's masks
   resumed.reseedDropout(1, 8);
   CHECK(mask(resumed) == at8);
+}
+
+TEST_CASE("pinned-seed dropout at the same place in two blocks draws distinct masks, alike for any job seed") {
+  // A block's children are numbered inside it, so the dropout of block 0 and of block 1 are both child 0: the
+  // block mixes its own index into their key, or two blocks would drop exactly the same elements.
+  const ModelSpec ms = spec({4, 25}, R"([{"type": "block", "layers": [{"type": "dropout", "p": 0.5, "seed": 3}]},
+                                        {"type": "block", "layers": [{"type": "dropout", "p": 0.5, "seed": 3}]}])");
+  const std::vector<float> x(100, 1.0f);
+  auto masks = [&](const LayerSpec& layer, uint64_t buildSeed, uint64_t seed, uint64_t position) {
+    auto impl = makeLayer(layer, {.device = Device::cpu(), .maxBatch = 1, .seed = buildSeed});
+    std::vector<float> y(100);
+    if (position != ~uint64_t{0}) impl->reseed(seed, position);
+    impl->forward(x.data(), y.data(), 1, true);  // y = x + dropout(x): 1 where dropped, 3 where kept
+    return y;
+  };
+  const uint64_t kBuild = ~uint64_t{0};
+  for (uint64_t position : {kBuild, uint64_t{0}, uint64_t{8}}) {
+    CAPTURE(position);
+    const auto first = masks(ms.layers[0], 1, 5, position), second = masks(ms.layers[1], 1, 5, position);
+    CHECK(first != second);
+    // Still pinned: another job seed (build and reseed: every rank alike) repeats each block's masks, and a fresh
+    // build reseeded at the same position (a resume) draws them again.
+    CHECK(masks(ms.layers[0], 77, 6, position) == first);
+    CHECK(masks(ms.layers[1], 78, 9, position) == second);
+  }
+  CHECK(masks(ms.layers[0], 1, 5, 8) != masks(ms.layers[0], 1, 5, 9));  // the position moves them
+  // Reseeding at position 0 is the build's state (Model::reseedDropout(build seed, 0)).
+  CHECK(masks(ms.layers[1], 1, 5, 0) == masks(ms.layers[1], 1, 5, kBuild));
 }
 
 TEST_CASE("gradient modes and zeroGrad") {

@@ -423,6 +423,7 @@ class Block final : public Layer {
     }
     in_.assign(children_.size(), nullptr);
     out_.assign(children_.size(), nullptr);
+    reseed(build.seed, 0);  // the children's streams as Model::reseedDropout(build.seed, 0) keys them
   }
 
   void bind(float* params, float* grads) override {
@@ -432,9 +433,10 @@ class Block final : public Layer {
     }
   }
 
-  // The CPU block's rule (layers_gpt.cpp): children reseeded from the block's index.
+  // The CPU block's rule (layers_gpt.cpp): children reseeded from the seed and position mixed with the block's index.
   void reseed(uint64_t seed, uint64_t position) override {
-    for (auto& c : children_) c->reseed(detail::mixSeed(seed, static_cast<uint64_t>(spec().index) + 1000), position);
+    const uint64_t salt = static_cast<uint64_t>(spec().index) + 1000;
+    for (auto& c : children_) c->reseed(detail::mixSeed(seed, salt), detail::mixSeed(position, salt));
   }
 
   void forward(const float* x, float* y, int batch, bool train) override {

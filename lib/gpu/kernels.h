@@ -150,6 +150,8 @@ double sumDoubles(const double* v, size_t n, double* partials);
 int64_t sumInts(const int32_t* v, size_t n, double* partials);
 double sumSquares(const float* v, size_t n, double* partials);  // sum v^2 in double
 bool allFinite(const float* v, size_t n, double* partials);
+// sumSquares without the read: the sum is left in partials[0] on the device (asynchronous; the same order and bits).
+void sumSquaresOnDevice(const float* v, size_t n, double* partials);
 // Reads one int32 / one float from device memory (blocks).
 int32_t readInt(const int32_t* p);
 float readFloat(const float* p);

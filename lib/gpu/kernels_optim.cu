@@ -108,13 +108,19 @@ __global__ void finalSum(double* partials, int count) {
   if (threadIdx.x == 0) partials[0] = total;
 }
 
+// The sum into partials[0], on the device (n > 0).
 template <class T, class F>
-double reduce(const T* v, size_t n, double* partials, F f) {
-  if (n == 0) return 0.0;
+void reduceOnDevice(const T* v, size_t n, double* partials, F f) {
   partialSums<<<kReduceBlocks, kThreads>>>(v, n, partials, f);
   DTRAIN_CU_CHECK_LAUNCH("partialSums");
   finalSum<<<1, kThreads>>>(partials, kReduceBlocks);
   DTRAIN_CU_CHECK_LAUNCH("finalSum");
+}
+
+template <class T, class F>
+double reduce(const T* v, size_t n, double* partials, F f) {
+  if (n == 0) return 0.0;
+  reduceOnDevice(v, n, partials, f);
   double out = 0.0;
   DTRAIN_CU_CHECK(cudaMemcpy(&out, partials, sizeof(double), cudaMemcpyDeviceToHost));
   return out;
@@ -128,6 +134,13 @@ int64_t sumInts(const int32_t* v, size_t n, double* partials) {
 }
 double sumSquares(const float* v, size_t n, double* partials) { return reduce(v, n, partials, Square{}); }
 bool allFinite(const float* v, size_t n, double* partials) { return reduce(v, n, partials, NonFinite{}) == 0.0; }
+void sumSquaresOnDevice(const float* v, size_t n, double* partials) {
+  if (n == 0) {
+    DTRAIN_CU_CHECK(cudaMemsetAsync(partials, 0, sizeof(double), cudaStreamLegacy));
+    return;
+  }
+  reduceOnDevice(v, n, partials, Square{});
+}
 
 int32_t readInt(const int32_t* p) {
   int32_t out = 0;

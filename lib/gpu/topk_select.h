@@ -199,4 +199,32 @@ DTRAIN_HOST_DEVICE inline void topkPlainMomentum(float* u, float* g, float momen
   g[i] = u[i];
 }
 
+// A bucket's gate (nn::TopKOps): the CPU hook's decisions about a bucket, kept on the device. Word 0 is set when
+// the bucket's gradient holds a non-finite value (openGate: every thread that finds one stores 1, a benign race of
+// equal stores), word 1 when the error-feedback sum does (dropNonFinite, only while word 0 is clear). Open: both 0.
+// Every gated kernel's threads return at once while it is closed; the NaN pairs' kernel only runs then.
+DTRAIN_HOST_DEVICE inline bool topkGateOpen(const uint32_t* gate) { return (gate[0] | gate[1]) == 0u; }
+// NaN or +-inf: the exponent bits all ones (optimizer.cpp's allFinite test, element by element).
+DTRAIN_HOST_DEVICE inline bool topkNonFinite(float x) { return topkKey(x) >= 0x7f800000u; }
+// One element of the finiteness check into a gate word: thread i's work of openGate / dropNonFinite's first kernel.
+DTRAIN_HOST_DEVICE inline void topkFlagNonFinite(const float* x, uint32_t* word, size_t i) {
+  if (topkNonFinite(x[i])) *word = 1u;
+}
+// One element of dropNonFinite's second kernel: the residual (and velocity) zeroed when word 1 was set.
+DTRAIN_HOST_DEVICE inline void topkDropAt(float* acc, float* velocity, const uint32_t* gate, size_t i) {
+  if (gate[1] == 0u) return;
+  acc[i] = 0.0f;
+  if (velocity != nullptr) velocity[i] = 0.0f;
+}
+// The local clipping's factor from the sum of squares (in double): torch.nn.utils.clip_grad_norm_'s
+// max_norm / (total_norm + 1e-6) with total_norm rounded to float, as optimizer.cpp's clipGradNorm; applied
+// (g = g * coef) only when below 1.
+DTRAIN_HOST_DEVICE inline float topkClipCoefficient(double sumSquares, double limit) {
+  const float norm = static_cast<float>(sqrt(sumSquares));
+  return static_cast<float>(limit / (static_cast<double>(norm) + 1e-6));
+}
+DTRAIN_HOST_DEVICE inline void topkClipAt(float* g, float coef, size_t i) {
+  if (coef < 1.0f) g[i] = g[i] * coef;
+}
+
 }  // namespace dtrain::gpu

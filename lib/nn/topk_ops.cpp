@@ -15,6 +15,7 @@
 #include "lib/nn/optimizer.h"
 
 #if DTRAIN_WITH_CUDA
+#include "lib/gpu/kernels.h"
 #include "lib/gpu/kernels_topk.h"
 #endif
 
@@ -48,25 +49,48 @@ class CpuTopKOps final : public TopKOps {
   Device device() const override { return Device::cpu(); }
   bool hostMemory() const override { return true; }
   DeviceFloats allocate(size_t n) override { return DeviceFloats(n, Device::cpu()); }
-  bool allFinite(const float* x, size_t n) override { return nn::allFinite({x, n}); }
-  void clip(float* g, size_t n, double limit) override { nn::clipGradNorm({g, n}, limit); }
+  // The gate is host memory here: each operation reads it as the CPU hook's `if`s did.
+  void openGate(uint32_t* gate, const float* x, size_t n) override {
+    gate[0] = nn::allFinite({x, n}) ? 0u : 1u;
+    gate[1] = 0u;
+  }
+  void clip(float* g, size_t n, double limit, const uint32_t* gate) override {
+    if (gpu::topkGateOpen(gate)) nn::clipGradNorm({g, n}, limit);
+  }
   void zero(float* x, size_t n) override { std::fill(x, x + n, 0.0f); }
-  void adamMoments(float* m, float* v, const float* g, size_t n, const gpu::TopkAdam& a) override {
+  void adamMoments(float* m, float* v, const float* g, size_t n, const gpu::TopkAdam& a,
+                   const uint32_t* gate) override {
+    if (!gpu::topkGateOpen(gate)) return;
     for (size_t i = 0; i < n; ++i) gpu::topkAdamMoments(m, v, g, a, i);
   }
-  void adamUpdate(float* m, float* v, float* g, size_t n, const gpu::TopkAdam& a) override {
+  void adamUpdate(float* m, float* v, float* g, size_t n, const gpu::TopkAdam& a, const uint32_t* gate) override {
+    if (!gpu::topkGateOpen(gate)) return;
     for (size_t i = 0; i < n; ++i) gpu::topkAdamUpdate(m, v, g, a, i);
   }
-  void accumulate(float* acc, const float* g, size_t n) override {
+  void accumulate(float* acc, const float* g, size_t n, const uint32_t* gate) override {
+    if (!gpu::topkGateOpen(gate)) return;
     for (size_t i = 0; i < n; ++i) acc[i] = acc[i] + g[i];
   }
-  void momentum(float* u, float* acc, const float* g, size_t n, float m) override {
+  void momentum(float* u, float* acc, const float* g, size_t n, float m, const uint32_t* gate) override {
+    if (!gpu::topkGateOpen(gate)) return;
     for (size_t i = 0; i < n; ++i) gpu::topkMomentum(u, acc, g, m, i);
   }
-  void plainMomentum(float* u, float* g, size_t n, float m) override {
+  void plainMomentum(float* u, float* g, size_t n, float m, const uint32_t* gate) override {
+    if (!gpu::topkGateOpen(gate)) return;
     for (size_t i = 0; i < n; ++i) gpu::topkPlainMomentum(u, g, m, i);
   }
-  void select(float* acc, size_t n, size_t k, int32_t* pairs, bool zeroTaken, float* velocity) override {
+  void dropNonFinite(float* acc, float* velocity, size_t n, uint32_t* gate) override {
+    if (!gpu::topkGateOpen(gate) || nn::allFinite({acc, n})) return;
+    gate[1] = 1u;
+    std::fill(acc, acc + n, 0.0f);
+    if (velocity != nullptr) std::fill(velocity, velocity + n, 0.0f);
+  }
+  void select(float* acc, size_t n, size_t k, int32_t* pairs, bool zeroTaken, float* velocity,
+              const uint32_t* gate) override {
+    if (!gpu::topkGateOpen(gate)) {
+      nanPairs(pairs, k);
+      return;
+    }
     // Only grown: buckets of different sizes share it, and a resize up from a smaller bucket's size would zero the
     // difference on every step (a memset of up to the largest bucket's indices per bucket).
     if (order_.size() < n) order_.resize(n);
@@ -90,12 +114,6 @@ class CpuTopKOps final : public TopKOps {
       if (velocity) velocity[i] = 0.0f;  // DGC's momentum factor masking
     }
   }
-  void nanPairs(int32_t* pairs, size_t k) override {
-    for (size_t j = 0; j < k; ++j) {
-      pairs[2 * j] = static_cast<int32_t>(j);
-      pairs[2 * j + 1] = std::bit_cast<int32_t>(std::numeric_limits<float>::quiet_NaN());
-    }
-  }
   void decompress(float* g, size_t n, const int32_t* pairs, size_t k, int ranks) override {
     // The same additions in the same order (rank 0's pairs first) on every rank: identical results.
     std::fill(g, g + n, 0.0f);
@@ -111,6 +129,13 @@ class CpuTopKOps final : public TopKOps {
   void toHost(float* host, const float* src, size_t n) override { std::copy(src, src + n, host); }
 
  private:
+  static void nanPairs(int32_t* pairs, size_t k) {
+    for (size_t j = 0; j < k; ++j) {
+      pairs[2 * j] = static_cast<int32_t>(j);
+      pairs[2 * j + 1] = std::bit_cast<int32_t>(std::numeric_limits<float>::quiet_NaN());
+    }
+  }
+
   std::vector<int32_t> order_;  // candidate indices for the selection
   std::vector<float> sample_;   // magnitudes sampled for the candidate threshold
 };
@@ -122,27 +147,41 @@ class GpuTopKOps final : public TopKOps {
   Device device() const override { return device_; }
   bool hostMemory() const override { return false; }
   DeviceFloats allocate(size_t n) override { return DeviceFloats(n, device_); }
-  bool allFinite(const float* x, size_t n) override { return nn::allFinite({x, n}, device_); }
-  void clip(float* g, size_t n, double limit) override { nn::clipGradNorm({g, n}, limit, device_); }
+  void openGate(uint32_t* gate, const float* x, size_t n) override { gpu::kernels::topkOpenGate(gate, x, n); }
+  void clip(float* g, size_t n, double limit, const uint32_t* gate) override {
+    // The norm's double reduction stays on the device (nn::gradNorm's on a GPU, without its read).
+    if (partials_.size() == 0) partials_ = DeviceFloats(2 * gpu::kernels::kReduceBlocks, device_);
+    auto* partials = reinterpret_cast<double*>(partials_.data());
+    gpu::kernels::sumSquaresOnDevice(g, n, partials);
+    gpu::kernels::topkClip(g, n, partials, limit, gate);
+  }
   void zero(float* x, size_t n) override { zeroFloats(x, n, device_); }
-  void adamMoments(float* m, float* v, const float* g, size_t n, const gpu::TopkAdam& a) override {
-    gpu::kernels::topkAdamMoments(m, v, g, n, a);
+  void adamMoments(float* m, float* v, const float* g, size_t n, const gpu::TopkAdam& a,
+                   const uint32_t* gate) override {
+    gpu::kernels::topkAdamMoments(m, v, g, n, a, gate);
   }
-  void adamUpdate(float* m, float* v, float* g, size_t n, const gpu::TopkAdam& a) override {
-    gpu::kernels::topkAdamUpdate(m, v, g, n, a);
+  void adamUpdate(float* m, float* v, float* g, size_t n, const gpu::TopkAdam& a, const uint32_t* gate) override {
+    gpu::kernels::topkAdamUpdate(m, v, g, n, a, gate);
   }
-  void accumulate(float* acc, const float* g, size_t n) override { gpu::kernels::topkAccumulate(acc, g, n); }
-  void momentum(float* u, float* acc, const float* g, size_t n, float m) override {
-    gpu::kernels::topkMomentum(u, acc, g, n, m);
+  void accumulate(float* acc, const float* g, size_t n, const uint32_t* gate) override {
+    gpu::kernels::topkAccumulate(acc, g, n, gate);
   }
-  void plainMomentum(float* u, float* g, size_t n, float m) override { gpu::kernels::topkPlainMomentum(u, g, n, m); }
-  void select(float* acc, size_t n, size_t k, int32_t* pairs, bool zeroTaken, float* velocity) override {
+  void momentum(float* u, float* acc, const float* g, size_t n, float m, const uint32_t* gate) override {
+    gpu::kernels::topkMomentum(u, acc, g, n, m, gate);
+  }
+  void plainMomentum(float* u, float* g, size_t n, float m, const uint32_t* gate) override {
+    gpu::kernels::topkPlainMomentum(u, g, n, m, gate);
+  }
+  void dropNonFinite(float* acc, float* velocity, size_t n, uint32_t* gate) override {
+    gpu::kernels::topkDropNonFinite(acc, velocity, n, gate);
+  }
+  void select(float* acc, size_t n, size_t k, int32_t* pairs, bool zeroTaken, float* velocity,
+              const uint32_t* gate) override {
     const size_t words = gpu::kernels::topkScratchWords(n);
     if (scratch_.size() < words) scratch_ = DeviceFloats(words, device_);  // the largest bucket's, then kept
-    gpu::kernels::topkSelect(acc, n, k, pairs, zeroTaken, reinterpret_cast<uint32_t*>(scratch_.data()));
-    if (velocity) gpu::kernels::topkZeroAt(velocity, pairs, k);
+    gpu::kernels::topkSelect(acc, n, k, pairs, zeroTaken, reinterpret_cast<uint32_t*>(scratch_.data()), gate);
+    if (velocity) gpu::kernels::topkZeroAt(velocity, pairs, k, gate);
   }
-  void nanPairs(int32_t* pairs, size_t k) override { gpu::kernels::topkNanPairs(pairs, k); }
   void decompress(float* g, size_t n, const int32_t* pairs, size_t k, int ranks) override {
     gpu::kernels::topkDecompress(g, n, pairs, k, ranks);
   }
@@ -156,6 +195,7 @@ class GpuTopKOps final : public TopKOps {
  private:
   Device device_;
   DeviceFloats scratch_;
+  DeviceFloats partials_;  // the clipping norm's kReduceBlocks doubles
 };
 #endif
 

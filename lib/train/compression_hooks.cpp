@@ -290,21 +290,31 @@ void TopKHook::stateLoaded(bool sameWorld) {
   }
 }
 
+TopKHook::Buffers& TopKHook::buffersOf(const GradBucket& bucket) {
+  Buffers& b = buffers_[{bucket.offset, static_cast<size_t>(bucket.grads.numel())}];
+  if (b.gates.size() == 0) b.gates = ops_->allocate(4);
+  return b;
+}
+
 comm::WorkPtr TopKHook::plain(const GradBucket& bucket, comm::Backend& group) {
   const size_t n = static_cast<size_t>(bucket.grads.numel());
   float* g = bucket.grads.as<float>();
+  auto* gates = reinterpret_cast<uint32_t*>(buffersOf(bucket).gates.data());
   // local_adam: this rank's moments follow its gradients from the first step, so that they are warm (and their
   // bias correction small) when the hook starts sending its Adam update: started cold at start_step, every
-  // coordinate's first update would be a full step of sign(g) at the learning rate of that step.
-  if (settings_.localAdam && ops_->allFinite(g, n))
-    ops_->adamMoments(adamM_.data() + bucket.offset, adamV_.data() + bucket.offset, g, n, adamCoefficients());
+  // coordinate's first update would be a full step of sign(g) at the learning rate of that step. A non-finite
+  // gradient leaves them as they were (the gate).
+  if (settings_.localAdam) {
+    ops_->openGate(gates, g, n);
+    ops_->adamMoments(adamM_.data() + bucket.offset, adamV_.data() + bucket.offset, g, n, adamCoefficients(), gates);
+  }
   auto work = group.allreduceAsync(bucket.grads, comm::ReduceOp::kAvg);
   if (!settings_.momentumCorrection) return work;
-  return thenWork(std::move(work), [this, g, u = velocity_.data() + bucket.offset, n,
+  return thenWork(std::move(work), [this, g, u = velocity_.data() + bucket.offset, n, gate = gates + 2,
                                     m = static_cast<float>(settings_.momentum)] {
     // The same average on every rank: the velocities stay equal. A non-finite average leaves u as it was.
-    if (!ops_->allFinite(g, n)) return;
-    ops_->plainMomentum(u, g, n, m);
+    ops_->openGate(gate, g, n);
+    ops_->plainMomentum(u, g, n, m, gate);
   });
 }
 
@@ -322,7 +332,7 @@ comm::WorkPtr TopKHook::compress(const GradBucket& bucket, comm::Backend& group)
   const size_t k = kOf(topKDensity(settings_, stepsStarted() - settings_.startStep));
   const int ranks = group.size();
   float* g = bucket.grads.as<float>();
-  Buffers& b = buffers_[{bucket.offset, n}];
+  Buffers& b = buffersOf(bucket);
   if (b.capacity < k) {
     // The largest k this bucket sees: the sparsity warm-up's first stage (its k only falls after): no reallocation.
     b.capacity = std::max(k, kOf(topKDensity(settings_, 0)));
@@ -332,9 +342,11 @@ comm::WorkPtr TopKHook::compress(const GradBucket& bucket, comm::Backend& group)
   auto* send = reinterpret_cast<int32_t*>(b.send.data());
   auto* recv = reinterpret_cast<int32_t*>(b.recv.data());
   // A non-finite gradient is sent as NaN values (every rank's result is then non-finite, so all stop or skip
-  // together) and leaves the residual as it was.
-  bool finite = ops_->allFinite(g, n);
-  if (finite && settings_.localClipNorm > 0) {
+  // together) and leaves the residual as it was. The decisions are the gate's, on the ops' device: a GPU's host
+  // enqueues every step below without waiting for the bucket's values (nn::TopKOps).
+  auto* gate = reinterpret_cast<uint32_t*>(b.gates.data());
+  ops_->openGate(gate, g, n);
+  if (settings_.localClipNorm > 0) {
     // DGC's local gradient clipping, and this bucket's share of it by its size. DGC sums the ranks' gradients,
     // each scaled by 1/ranks, and clips each to the global threshold over sqrt(ranks) (the sum of n independent
     // gradients has sqrt(n) times their norm). Here each rank holds its unscaled mean, ranks times DGC's, so the
@@ -342,29 +354,23 @@ comm::WorkPtr TopKHook::compress(const GradBucket& bucket, comm::Backend& group)
     const double limit = settings_.localClipNorm *
                          std::sqrt(static_cast<double>(n) / static_cast<double>(layout_.arenaSize)) *
                          std::sqrt(static_cast<double>(ranks));
-    ops_->clip(g, n, limit);
+    ops_->clip(g, n, limit, gate);
   }
-  if (finite && settings_.localAdam)
-    ops_->adamUpdate(adamM_.data() + bucket.offset, adamV_.data() + bucket.offset, g, n, adamCoefficients());
+  if (settings_.localAdam)
+    ops_->adamUpdate(adamM_.data() + bucket.offset, adamV_.data() + bucket.offset, g, n, adamCoefficients(), gate);
   float* acc = g;
   float* velocity = settings_.momentumCorrection ? velocity_.data() + bucket.offset : nullptr;
-  if (finite && settings_.errorFeedback) {
+  if (settings_.errorFeedback) {
     acc = residual_.data() + bucket.offset;
     if (velocity)
-      ops_->momentum(velocity, acc, g, n, static_cast<float>(settings_.momentum));
+      ops_->momentum(velocity, acc, g, n, static_cast<float>(settings_.momentum), gate);
     else
-      ops_->accumulate(acc, g, n);
-    if (!ops_->allFinite(acc, n)) {  // the sum overflowed: drop the residual rather than keep an infinity
-      ops_->zero(acc, n);
-      if (velocity) ops_->zero(velocity, n);
-      finite = false;
-    }
+      ops_->accumulate(acc, g, n, gate);
+    // The sum overflowed: drop the residual (and the velocity) rather than keep an infinity, and send NaN.
+    ops_->dropNonFinite(acc, velocity, n, gate);
   }
   const bool masking = velocity != nullptr && settings_.momentumMasking;
-  if (finite)
-    ops_->select(acc, n, k, send, settings_.errorFeedback, masking ? velocity : nullptr);
-  else
-    ops_->nanPairs(send, k);
+  ops_->select(acc, n, k, send, settings_.errorFeedback, masking ? velocity : nullptr, gate);
   sent(allgatherWireBytes(k * kTopKPairBytes, ranks));
   const Device device = ops_->device();
   auto work = group.allgatherAsync(TensorView::flat(send, 2 * k, DType::kInt32, device),

@@ -180,7 +180,10 @@ class TopKHook final : public CompressionHook {
   struct Buffers {
     nn::DeviceFloats send, recv;  // k pairs, ranks x k pairs (int32 index and float bits), at `capacity` pairs
     size_t capacity = 0;
+    // nn::TopKOps gates: [0, 2) compress() and plain()'s local Adam, [2, 4) plain()'s momentum after the average.
+    nn::DeviceFloats gates;
   };
+  Buffers& buffersOf(const GradBucket& bucket);  // the bucket's, its gates allocated at first use
   std::unique_ptr<nn::TopKOps> ops_;
   nn::DeviceFloats residual_;  // arena-sized, this rank's unsent gradient (error feedback)
   nn::DeviceFloats velocity_;  // arena-sized, momentum_correction's u

@@ -20,6 +20,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
+#include <limits>
 #include <span>
 #include <string>
 #include <vector>
@@ -101,8 +103,11 @@ namespace {
 // over 5 steps (two buckets in DDP's order): results and state bit for bit, or within `tolerance` for the cases it
 // names (the local clipping's norm is summed in another order on a GPU). `staged`: the GPU hook must be staged through
 // host memory (DTRAIN_COMPRESSION_HOST_STAGING=1), else run on the device.
+// `perturb` changes a step's gradient before both hooks see it (a non-finite value); NaN results compare equal
+// whatever their payload (the device's arithmetic makes the canonical NaN, the CPU's keeps the operand's).
 void compareWithCpu(const std::vector<train::CompressionSettings>& cases, bool staged,
-                    const std::vector<double>& tolerance) {
+                    const std::vector<double>& tolerance,
+                    const std::function<void(int step, std::vector<float>&)>& perturb = {}) {
   auto store = rendezvous::MemoryStore::create();
   comm::BackendOptions o;
   o.store = store;
@@ -132,6 +137,7 @@ void compareWithCpu(const std::vector<train::CompressionSettings>& cases, bool s
     for (int step = 0; step < 5; ++step) {
       CAPTURE(step);
       std::vector<float> host = gradient(n, step);
+      if (perturb) perturb(step, host);
       nn::copyBytes(dev.data(), dev.device(), host.data(), Device::cpu(), n * sizeof(float));
       const std::pair<size_t, size_t> buckets[] = {{1230, 620}, {0, 1230}};  // DDP's order: the last layer first
       std::vector<comm::WorkPtr> cpuWork, gpuWork;
@@ -149,6 +155,14 @@ void compareWithCpu(const std::vector<train::CompressionSettings>& cases, bool s
       for (auto& w : gpuWork) w->wait();
       std::vector<float> back(n);
       nn::copyBytes(back.data(), Device::cpu(), dev.data(), dev.device(), n * sizeof(float));  // after the uploads
+      size_t nanMismatch = 0;
+      for (size_t i = 0; i < n; ++i) {
+        if (std::isnan(back[i]) || std::isnan(host[i])) {
+          nanMismatch += std::isnan(back[i]) != std::isnan(host[i]) ? 1 : 0;
+          back[i] = host[i] = 0.0f;  // compared
+        }
+      }
+      CHECK(nanMismatch == 0);
       if (tol == 0) CHECK(std::memcmp(back.data(), host.data(), n * sizeof(float)) == 0);
       for (size_t i = 0; i < n; ++i) worst = std::max(worst, std::fabs(double(back[i]) - double(host[i])));
     }
@@ -189,6 +203,24 @@ TEST_CASE("with a GPU: top-k on device buckets (kernels, NCCL) equals the CPU ho
   cases.push_back({.type = Type::kTopK, .ratio = 0.05, .startStep = 1, .momentumCorrection = true, .momentum = 0.9,
                    .warmupSteps = 2, .localClipNorm = 0.5});
   compareWithCpu(cases, /*staged=*/false, {0, 0, 0, 0, 0, 1e-4});
+}
+
+TEST_CASE("with a GPU: top-k's gates (a non-finite or overflowing bucket, local clipping) decide as the CPU hook's ifs") {
+  // The decisions are taken on the device without a host read (nn::TopKOps gates): an infinity at step 1 (before
+  // start_step for some cases) and a huge gradient at steps 2 and 3 whose error-feedback sum overflows.
+  using Type = train::CompressionSettings::Type;
+  std::vector<train::CompressionSettings> cases;
+  cases.push_back({.type = Type::kTopK, .ratio = 0.05, .startStep = 2, .momentumCorrection = true, .momentum = 0.9,
+                   .warmupSteps = 2});
+  cases.push_back({.type = Type::kTopK, .ratio = 0.1, .startStep = 2, .localAdam = true});
+  cases.push_back({.type = Type::kTopK, .ratio = 0.1});
+  cases.push_back({.type = Type::kTopK, .ratio = 0.05, .startStep = 1, .momentumCorrection = true, .momentum = 0.9,
+                   .localClipNorm = 0.5});
+  compareWithCpu(cases, /*staged=*/false, {0, 0, 0, 1e-4}, [](int step, std::vector<float>& g) {
+    if (step == 1) g[7] = std::numeric_limits<float>::infinity();
+    if (step == 2 || step == 3)
+      for (size_t i = 1230; i < 1300; ++i) g[i] = 2e38f;  // the first bucket's sum with its residual overflows
+  });
 }
 
 TEST_CASE("with a GPU: top-k and PowerSGD staged through host memory (DTRAIN_COMPRESSION_HOST_STAGING=1) equal the "

@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -21,6 +22,8 @@ using namespace dtrain;
 using namespace dtrain::gpu;
 
 namespace {
+
+const uint32_t kOpen[2] = {0, 0};  // an open gate (nn::TopKOps)
 
 // topkSelect's launches, thread by thread, in launch order.
 void emulateSelect(float* acc, size_t n, size_t k, int32_t* pairs, bool zeroTaken) {
@@ -102,7 +105,7 @@ TEST_CASE("top-k's selection kernels, thread by thread, choose the CPU hook's pa
           CAPTURE(zeroTaken);
           std::vector<float> cpuAcc = values, gpuAcc = values, velocity(n, 1.0f);
           std::vector<int32_t> cpuPairs(2 * k, -1), gpuPairs(2 * k, -1);
-          cpu->select(cpuAcc.data(), n, k, cpuPairs.data(), zeroTaken, velocity.data());
+          cpu->select(cpuAcc.data(), n, k, cpuPairs.data(), zeroTaken, velocity.data(), kOpen);
           emulateSelect(gpuAcc.data(), n, k, gpuPairs.data(), zeroTaken);
           REQUIRE(cpuPairs == gpuPairs);
           REQUIRE(std::memcmp(cpuAcc.data(), gpuAcc.data(), n * sizeof(float)) == 0);
@@ -124,7 +127,7 @@ TEST_CASE("top-k's decompression kernels add the ranks' pairs in rank order: the
   for (int r = 0; r < ranks; ++r) {
     std::vector<float> acc = spreadValues(n, 40 + static_cast<uint64_t>(r));
     std::vector<int32_t> p(2 * k);
-    cpu->select(acc.data(), n, k, p.data(), true, nullptr);
+    cpu->select(acc.data(), n, k, p.data(), true, nullptr, kOpen);
     pairs.insert(pairs.end(), p.begin(), p.end());
   }
   std::vector<float> want(n, 7.0f), got(n, 7.0f);
@@ -141,7 +144,7 @@ TEST_CASE("top-k's element-wise kernels (momentum correction, local Adam) are th
   const size_t n = 3000;
   const std::vector<float> g = spreadValues(n, 1), u0 = spreadValues(n, 2), e0 = spreadValues(n, 3);
   std::vector<float> u = u0, acc = e0, ku = u0, kacc = e0;
-  cpu->momentum(u.data(), acc.data(), g.data(), n, 0.9f);
+  cpu->momentum(u.data(), acc.data(), g.data(), n, 0.9f, kOpen);
   for (size_t i = 0; i < n; ++i) topkMomentum(ku.data(), kacc.data(), g.data(), 0.9f, i);
   CHECK(u == ku);
   CHECK(acc == kacc);
@@ -153,9 +156,79 @@ TEST_CASE("top-k's element-wise kernels (momentum correction, local Adam) are th
   const TopkAdam a{.beta1 = 0.9f, .keep1 = 0.1f, .beta2 = 0.999f, .keep2 = 0.001f, .invBc1 = 5.26f, .bc2Sqrt = 0.0447f,
                    .eps = 1e-8f};
   std::vector<float> m(n, 0.01f), v(n, 0.02f), g1 = g, km(n, 0.01f), kv(n, 0.02f), kg = g;
-  cpu->adamUpdate(m.data(), v.data(), g1.data(), n, a);
+  cpu->adamUpdate(m.data(), v.data(), g1.data(), n, a, kOpen);
   for (size_t i = 0; i < n; ++i) topkAdamUpdate(km.data(), kv.data(), kg.data(), a, i);
   CHECK(m == km);
   CHECK(v == kv);
   CHECK(g1 == kg);
+}
+
+namespace {
+
+// A grid-stride launch of gridFor(n, kTopkThreads) blocks, thread by thread (the order does not matter to these
+// kernels: each element is its own thread's, and the gate words only ever receive equal stores).
+template <class F>
+void emulateStride(size_t n, F work) {
+  const unsigned blocks = gridFor(n, kTopkThreads);
+  const size_t stride = static_cast<size_t>(kTopkThreads) * blocks;
+  for (unsigned b = 0; b < blocks; ++b)
+    for (int t = 0; t < kTopkThreads; ++t)
+      for (size_t i = b * static_cast<size_t>(kTopkThreads) + static_cast<size_t>(t); i < n; i += stride) work(i);
+}
+
+}  // namespace
+
+TEST_CASE("top-k's gate kernels (finiteness, an overflowing residual dropped, local clipping) decide as the CPU hook's ifs") {
+  // kernels_topk.cu's topkOpenGate, topkDropNonFinite and topkClip, thread by thread, against the CPU operations
+  // (whose gate is the CPU hook's finite / allFinite(acc) / clipGradNorm decisions).
+  auto cpu = nn::makeTopKOps(Device::cpu());
+  const size_t n = 70000;  // more than one grid's stride: gridFor caps the blocks
+  const std::vector<float> base = spreadValues(n, 7);
+  for (int bad : {-1, 0, 12345, 69999}) {  // where one non-finite value sits (-1: none)
+    for (float badValue : {std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
+                           std::numeric_limits<float>::quiet_NaN()}) {
+      CAPTURE(bad);
+      std::vector<float> x = base;
+      if (bad >= 0) x[static_cast<size_t>(bad)] = badValue;
+      uint32_t want[2] = {7, 7}, got[2] = {0, 0};  // topkOpenGate's memset clears both words first
+      cpu->openGate(want, x.data(), n);
+      emulateStride(n, [&](size_t i) { topkFlagNonFinite(x.data(), &got[0], i); });
+      CHECK(want[0] == got[0]);
+      CHECK(want[1] == got[1]);
+      CHECK(topkGateOpen(got) == (bad < 0));
+      // dropNonFinite on an open gate: the first kernel flags word 1 (gated by the gate), the second zeroes.
+      std::vector<float> acc = x, vel = base, kacc = x, kvel = base;
+      uint32_t cpuGate[2] = {0, 0}, kGate[2] = {0, 0};
+      cpu->dropNonFinite(acc.data(), vel.data(), n, cpuGate);
+      if (topkGateOpen(kGate)) emulateStride(n, [&](size_t i) { topkFlagNonFinite(kacc.data(), &kGate[1], i); });
+      emulateStride(n, [&](size_t i) { topkDropAt(kacc.data(), kvel.data(), kGate, i); });
+      CHECK(cpuGate[1] == kGate[1]);
+      CHECK(std::memcmp(acc.data(), kacc.data(), n * sizeof(float)) == 0);
+      CHECK(vel == kvel);
+      CHECK((bad >= 0) == (acc[0] == 0.0f && vel[0] == 0.0f));
+      // A closed gate leaves the residual alone on both.
+      const uint32_t closed[2] = {1, 0};
+      std::vector<float> untouched = x;
+      cpu->dropNonFinite(untouched.data(), nullptr, n, const_cast<uint32_t*>(closed));
+      CHECK(std::memcmp(untouched.data(), x.data(), n * sizeof(float)) == 0);
+      if (bad < 0) break;
+    }
+  }
+  // Clipping: the CPU's clipGradNorm against topkClipCoefficient of the same double sum (the device's sum is
+  // another order: kernels_optim.cu's fixed tree) and the kernel's per-element scale.
+  for (double limit : {1.0, 50.0, 1e9}) {
+    CAPTURE(limit);
+    std::vector<float> g = base, kg = base;
+    cpu->clip(g.data(), n, limit, kOpen);
+    double sum = 0.0;
+    for (float v : base) sum += static_cast<double>(v) * static_cast<double>(v);
+    const float coef = topkClipCoefficient(sum, limit);
+    emulateStride(n, [&](size_t i) { topkClipAt(kg.data(), coef, i); });
+    CHECK(g == kg);
+    CHECK((limit < 1e9) == (g != base));  // the small limits clip, the huge one does not
+    const uint32_t closed[2] = {0, 1};
+    std::vector<float> same = base;
+    cpu->clip(same.data(), n, limit, closed);
+    CHECK(same == base);
+  }
 }

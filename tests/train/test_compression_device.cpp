@@ -6,8 +6,10 @@
 // round must continue bit for bit.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "lib/comm/registry.h"
 #include "lib/nn/model.h"
@@ -60,22 +62,33 @@ class OffHostTopKOps final : public nn::TopKOps {
   Device device() const override { return Device::cpu(); }
   bool hostMemory() const override { return false; }
   nn::DeviceFloats allocate(size_t n) override { return cpu_->allocate(n); }
-  bool allFinite(const float* x, size_t n) override { return cpu_->allFinite(x, n); }
-  void clip(float* g, size_t n, double limit) override { cpu_->clip(g, n, limit); }
+  // The gates live in the stand-in's memory like every buffer: reading one is the CPU ops' business, not the hook's.
+  void openGate(uint32_t* gate, const float* x, size_t n) override { cpu_->openGate(gate, x, n); }
+  void clip(float* g, size_t n, double limit, const uint32_t* gate) override { cpu_->clip(g, n, limit, gate); }
   void zero(float* x, size_t n) override { cpu_->zero(x, n); }
-  void adamMoments(float* m, float* v, const float* g, size_t n, const gpu::TopkAdam& a) override {
-    cpu_->adamMoments(m, v, g, n, a);
+  void adamMoments(float* m, float* v, const float* g, size_t n, const gpu::TopkAdam& a,
+                   const uint32_t* gate) override {
+    cpu_->adamMoments(m, v, g, n, a, gate);
   }
-  void adamUpdate(float* m, float* v, float* g, size_t n, const gpu::TopkAdam& a) override {
-    cpu_->adamUpdate(m, v, g, n, a);
+  void adamUpdate(float* m, float* v, float* g, size_t n, const gpu::TopkAdam& a, const uint32_t* gate) override {
+    cpu_->adamUpdate(m, v, g, n, a, gate);
   }
-  void accumulate(float* acc, const float* g, size_t n) override { cpu_->accumulate(acc, g, n); }
-  void momentum(float* u, float* acc, const float* g, size_t n, float m) override { cpu_->momentum(u, acc, g, n, m); }
-  void plainMomentum(float* u, float* g, size_t n, float m) override { cpu_->plainMomentum(u, g, n, m); }
-  void select(float* acc, size_t n, size_t k, int32_t* pairs, bool zeroTaken, float* velocity) override {
-    cpu_->select(acc, n, k, pairs, zeroTaken, velocity);
+  void accumulate(float* acc, const float* g, size_t n, const uint32_t* gate) override {
+    cpu_->accumulate(acc, g, n, gate);
   }
-  void nanPairs(int32_t* pairs, size_t k) override { cpu_->nanPairs(pairs, k); }
+  void momentum(float* u, float* acc, const float* g, size_t n, float m, const uint32_t* gate) override {
+    cpu_->momentum(u, acc, g, n, m, gate);
+  }
+  void plainMomentum(float* u, float* g, size_t n, float m, const uint32_t* gate) override {
+    cpu_->plainMomentum(u, g, n, m, gate);
+  }
+  void dropNonFinite(float* acc, float* velocity, size_t n, uint32_t* gate) override {
+    cpu_->dropNonFinite(acc, velocity, n, gate);
+  }
+  void select(float* acc, size_t n, size_t k, int32_t* pairs, bool zeroTaken, float* velocity,
+              const uint32_t* gate) override {
+    cpu_->select(acc, n, k, pairs, zeroTaken, velocity, gate);
+  }
   void decompress(float* g, size_t n, const int32_t* pairs, size_t k, int ranks) override {
     cpu_->decompress(g, n, pairs, k, ranks);
   }
@@ -85,26 +98,34 @@ class OffHostTopKOps final : public nn::TopKOps {
   }
   void toHost(float* host, const float* src, size_t n) override {
     ++toHostCalls;
+    ++hostReads;
     cpu_->toHost(host, src, n);
   }
   int toDeviceCalls = 0, toHostCalls = 0;
+  int hostReads = 0;  // calls that make the host wait for the device (a GPU's would): none may happen in a step
 
  private:
   std::unique_ptr<nn::TopKOps> cpu_ = nn::makeTopKOps(Device::cpu());
 };
 
-// Puts a bound PowerSGD or top-k hook on the stand-in; returns the stand-in's toHost count reader.
-std::function<int()> offHost(CommHook& hook) {
+// The stand-in's counters: its toHost copies, and (top-k) its calls that would make the host wait for a GPU.
+struct OffHostCounts {
+  std::function<int()> toHost;
+  std::function<int()> hostReads;  // null for PowerSGD (its Q all-reduce blocks at wait(); not counted)
+};
+
+// Puts a bound PowerSGD or top-k hook on the stand-in.
+OffHostCounts offHost(CommHook& hook) {
   if (auto* p = dynamic_cast<PowerSgdHook*>(&hook)) {
     auto owned = std::make_unique<OffHostOps>();
     OffHostOps* ops = owned.get();
     p->useOps(std::move(owned));
-    return [ops] { return ops->toHostCalls; };
+    return {[ops] { return ops->toHostCalls; }, nullptr};
   }
   auto owned = std::make_unique<OffHostTopKOps>();
   OffHostTopKOps* ops = owned.get();
   dynamic_cast<TopKHook&>(hook).useOps(std::move(owned));
-  return [ops] { return ops->toHostCalls; };
+  return {[ops] { return ops->toHostCalls; }, [ops] { return ops->hostReads; }};
 }
 
 bool sameBits(std::span<const float> a, std::span<const float> b) {
@@ -123,12 +144,16 @@ struct RankResult {
   std::vector<std::vector<float>> state;
   HookTraffic traffic;
   int toHost = 0;
+  std::vector<int> hostReads;  // per step, the stand-in's blocking reads (top-k)
 };
+
+// Changes a rank's output gradient dy at a step (a non-finite or huge gradient on one rank).
+using Perturb = std::function<void(int rank, int step, std::vector<float>& dy)>;
 
 constexpr int kRanks = 2, kBatch = 4, kSteps = 5;
 
 // kSteps DDP steps of a 3-layer MLP on 2 ranks (one bucket per layer with overlap, the whole arena without).
-std::vector<RankResult> runDdp(const CompressionSettings& c, bool overlap, bool offHostOps) {
+std::vector<RankResult> runDdp(const CompressionSettings& c, bool overlap, bool offHostOps, const Perturb& perturb) {
   auto spec = nn::parseModelSpec(json::parse(R"({"input": [100], "layers": [
       {"type": "linear", "out": 50}, {"type": "relu"}, {"type": "linear", "out": 40}, {"type": "relu"},
       {"type": "linear", "out": 10}]})"), "t.json");
@@ -143,22 +168,25 @@ std::vector<RankResult> runDdp(const CompressionSettings& c, bool overlap, bool 
                     {.firstBucketMb = 0.002, .bucketMb = 0.023, .overlap = overlap, .hook = hook});
     nn::Model model = nn::Model::build(spec, kBatch, 1);
     ddp.prepare(model);
-    std::function<int()> toHost;
-    if (offHostOps) toHost = offHost(*hook);
+    OffHostCounts counts;
+    if (offHostOps) counts = offHost(*hook);
     for (int step = 0; step < kSteps; ++step) {
       std::vector<float> x(kBatch * 100), dy(kBatch * 10);
       for (size_t i = 0; i < x.size(); ++i) x[i] = std::sin(0.1f * static_cast<float>(i) + static_cast<float>(rank + step));
       for (size_t i = 0; i < dy.size(); ++i)
         dy[i] = 0.01f * static_cast<float>((i * 7 + rank * 3 + step) % 11) - 0.05f;
+      if (perturb) perturb(rank, step, dy);
+      const int readsBefore = counts.hostReads ? counts.hostReads() : 0;
       model.forward(x.data(), kBatch, true);
       model.backward(TensorView::f32(dy.data(), Shape{kBatch, 10}), ddp.gradReadyHook(), nn::GradMode::kOverwrite);
       ddp.finishStep();
+      if (counts.hostReads) r.hostReads.push_back(counts.hostReads() - readsBefore);
       auto g = model.grads();
       r.grads.emplace_back(g.begin(), g.end());
     }
     r.state = floatState(*hook);
     r.traffic = *hook->traffic();
-    if (toHost) r.toHost = toHost();
+    if (counts.toHost) r.toHost = counts.toHost();
   });
   REQUIRE(comm::testing::firstError(errors) == "");
   return out;
@@ -172,13 +200,15 @@ CompressionSettings topk(double ratio) {
 }
 
 // Runs every case through DDP on both paths and compares rank by rank, step by step, bit for bit.
-void compareDdp(const std::vector<std::pair<std::string, CompressionSettings>>& cases) {
+// For top-k: no step makes the host wait for the device (the stand-in's blocking reads), as a GPU's backward must
+// keep enqueueing while earlier buckets are exchanged.
+void compareDdp(const std::vector<std::pair<std::string, CompressionSettings>>& cases, const Perturb& perturb = {}) {
   for (const auto& [name, c] : cases)
     for (bool overlap : {true, false}) {
       CAPTURE(name);
       CAPTURE(overlap);
-      const auto cpu = runDdp(c, overlap, false);
-      const auto dev = runDdp(c, overlap, true);
+      const auto cpu = runDdp(c, overlap, false, perturb);
+      const auto dev = runDdp(c, overlap, true, perturb);
       for (int rank = 0; rank < kRanks; ++rank) {
         CAPTURE(rank);
         const auto& a = cpu[static_cast<size_t>(rank)];
@@ -192,6 +222,13 @@ void compareDdp(const std::vector<std::pair<std::string, CompressionSettings>>& 
         CHECK(a.traffic.bytesSent == b.traffic.bytesSent);
         CHECK(a.traffic.bytesUncompressed == b.traffic.bytesUncompressed);
         if (!a.state.empty()) CHECK(b.toHost > 0);  // the state was copied down for stateBuffers()
+        if (c.type == CompressionSettings::Type::kTopK) {
+          REQUIRE(b.hostReads.size() == static_cast<size_t>(kSteps));
+          for (int step = 0; step < kSteps; ++step) {
+            CAPTURE(step);
+            CHECK(b.hostReads[static_cast<size_t>(step)] == 0);
+          }
+        }
       }
       // Replicas agree.
       CHECK(sameBits(dev[0].grads.back(), dev[1].grads.back()));
@@ -260,6 +297,67 @@ TEST_CASE("top-k with its buffers off the host (a GPU's path): the CPU hook's re
   }
   cases.emplace_back("topk ratio 1", topk(1.0));
   compareDdp(cases);
+}
+
+TEST_CASE("top-k off the host: a non-finite or overflowing bucket, clipping and warm-up as the CPU hook, no host waits") {
+  // What the CPU hook does with them: a non-finite gradient is sent as NaN pairs (every rank's result is NaN) and
+  // leaves the residual, velocity and local Adam's moments as they were; a residual that overflows is dropped (and
+  // the velocity with it). Before start_step a non-finite gradient skips local Adam's moments and a non-finite
+  // average the velocity. The device path decides all of it on the device: the same bits, and not one wait.
+  std::vector<std::pair<std::string, CompressionSettings>> cases;
+  cases.reserve(4);  // (GCC 12's -Warray-bounds misreads the growth of an empty vector here)
+  cases.emplace_back("topk 0.1", topk(0.1));
+  {
+    CompressionSettings c = topk(0.01);
+    c.momentumCorrection = true;
+    c.momentum = 0.9;
+    c.warmupSteps = 4;
+    c.startStep = 1;
+    c.localClipNorm = 0.05;
+    cases.emplace_back("topk momentum_correction, DGC warm-up, local clipping", c);
+  }
+  {
+    CompressionSettings c = topk(0.1);
+    c.localAdam = true;
+    c.localClipNorm = 1.0;
+    c.startStep = 2;
+    cases.emplace_back("topk local_adam and local clipping from step 2", c);
+  }
+  {
+    CompressionSettings c = topk(0.1);
+    c.momentumCorrection = true;
+    c.momentum = 0.9;
+    c.startStep = 3;
+    cases.emplace_back("topk momentum_correction from step 3", c);
+  }
+  // What the CPU hook's rules give, on the device path: the perturbed step's result is NaN on both ranks (so both
+  // skip or stop together), and the step after is finite again (no state was poisoned).
+  auto nanThenFinite = [&](const Perturb& perturb, int badStep) {
+    for (const auto& [name, c] : cases) {
+      CAPTURE(name);
+      const auto dev = runDdp(c, true, true, perturb);
+      for (const RankResult& r : dev) {
+        const auto& bad = r.grads[static_cast<size_t>(badStep)];
+        const auto& next = r.grads[static_cast<size_t>(badStep + 1)];
+        CHECK(std::any_of(bad.begin(), bad.end(), [](float v) { return std::isnan(v); }));
+        CHECK(std::all_of(next.begin(), next.end(), [](float v) { return std::isfinite(v); }));
+      }
+    }
+  };
+  SUBCASE("an infinity in one rank's gradient (before and after start_step)") {
+    const Perturb inf = [](int rank, int step, std::vector<float>& dy) {
+      if (rank == 1 && (step == 1 || step == 3)) dy[0] = std::numeric_limits<float>::infinity();
+    };
+    compareDdp(cases, inf);
+    nanThenFinite(inf, 3);
+  }
+  SUBCASE("a finite gradient whose sum with the residual overflows") {
+    const Perturb huge = [](int rank, int step, std::vector<float>& dy) {
+      if (rank == 1 && (step == 2 || step == 3)) std::fill(dy.begin(), dy.end(), 1e38f);
+    };
+    compareDdp(cases, huge);
+    nanThenFinite(huge, 3);
+  }
 }
 
 TEST_CASE("PowerSGD's and top-k's state moves between the GPU's path and the CPU's (a checkpoint resumed on the other device)") {

@@ -17,6 +17,7 @@
 #include "lib/train/checkpointing.h"
 #include "lib/train/compression.h"
 #include "lib/train/layout.h"
+#include "lib/train/ps_sparse.h"
 #include "lib/train/sparse_tables.h"
 
 namespace dtrain::train {
@@ -117,13 +118,14 @@ std::string compressionLine(const Job& job) {
 }  // namespace
 
 int64_t MemoryEstimate::total() const noexcept {
-  return satAdd(satAdd(satAdd(parameters, optimizer), satAdd(activations, data)), compression);
+  return satAdd(satAdd(satAdd(parameters, optimizer), satAdd(activations, data)), satAdd(compression, sparse));
 }
 
 std::string MemoryEstimate::str() const {
-  return fmt::format("{} (parameters {}, optimizer {}, activations {}, data {}{})", humanBytes(total()),
+  return fmt::format("{} (parameters {}, optimizer {}, activations {}, data {}{}{})", humanBytes(total()),
                      humanBytes(parameters), humanBytes(optimizer), humanBytes(activations), humanBytes(data),
-                     compression > 0 ? fmt::format(", compression {}", humanBytes(compression)) : "");
+                     compression > 0 ? fmt::format(", compression {}", humanBytes(compression)) : "",
+                     sparse > 0 ? fmt::format(", sparse tables {}", humanBytes(sparse)) : "");
 }
 
 std::optional<int64_t> specSamples(const Job& job) {
@@ -233,6 +235,49 @@ void checkJobFitsMemory(const Job& job, int localWorkers, const std::optional<Ma
                   "available ({} total); reduce the model, the batch size or --nproc-per-node",
                   job.sourceFile, e.str(), workers, serverPart, humanBytes(need), humanBytes(machine->available),
                   humanBytes(machine->total));
+}
+
+void checkOneProcessFitsMemory(const Job& job, const std::optional<MachineMemory>& machine) {
+  if (!machine || !job.parallel.ps) return;
+  const int64_t tables = psServerBytes(job, 1);
+  if (tables == 0) return;
+  MemoryEstimate e = estimateMemory(job, 1, specSamples(job));
+  e.sparse = tables;
+  DTRAIN_CHECK_AS(ConfigError, e.total() <= machine->available,
+                  "{}: this one-process run holds the sparse tables itself (a parameter-server job in a world of 1 "
+                  "rank): it needs about {}, but this machine has {} available ({} total); launch it with dtrain run "
+                  "and parameter servers (parallel.servers), which share the tables' rows, or shrink the tables",
+                  job.sourceFile, e.str(), humanBytes(machine->available), humanBytes(machine->total));
+}
+
+std::string describeSparseMemory(const Job& job, int64_t workerBytes) {
+  const auto tables = sparseTableOptions(job);
+  if (tables.empty()) return "";
+  const int servers = job.parallel.ps ? std::max(job.parallel.ps->servers, 1) : 1;
+  std::string out;
+  std::vector<int64_t> held(static_cast<size_t>(servers), 0);
+  std::vector<std::string> ranges(static_cast<size_t>(servers));
+  for (const auto& t : tables) {
+    const auto state = sparseStateNames(t.optimizer.type);
+    const int64_t copies = 1 + static_cast<int64_t>(state.size()), rowBytes = satMul(satMul(t.dim, 4), copies);
+    out += fmt::format("sparse table {}: {} x {} float32 ({}), with {}'s state {} per element: {} in all\n", t.name,
+                       t.rows, t.dim, humanBytes(satMul(satMul(t.rows, t.dim), 4)),
+                       ps::sparseOptimizerName(t.optimizer.type),
+                       state.empty() ? std::string("(none): 1 float") : fmt::format("({}): {} floats", fmt::join(state, ", "), copies),
+                       humanBytes(satMul(t.rows, rowBytes)));
+    for (const ps::RowRange& r : ps::planRowRanges(t.rows, servers)) {
+      auto& i = held[static_cast<size_t>(r.server)];
+      i = satAdd(i, satMul(r.rows(), rowBytes));
+      auto& text = ranges[static_cast<size_t>(r.server)];
+      text += fmt::format("{}rows [{}, {}) of {}", text.empty() ? "" : ", ", r.begin, r.end, t.name);
+    }
+  }
+  for (int k = 0; k < servers; ++k)
+    out += fmt::format("  parameter server {} of {}: {} ({} with the optimizer's state)\n", k, servers,
+                       humanBytes(held[static_cast<size_t>(k)]), ranges[static_cast<size_t>(k)]);
+  out += fmt::format("  one process (dtrain train alone, a world of 1): all of it, about {} with the worker's {}\n",
+                     humanBytes(satAdd(psServerBytes(job, 1), workerBytes)), humanBytes(workerBytes));
+  return out;
 }
 
 namespace {
@@ -351,7 +396,9 @@ std::string checkJob(const Job& job) {
   if (job.parallel.compression) out += compressionLine(job);
   MemoryEstimate memory = estimateMemory(job, 2, data.samples);
   memory.data = data.bytes;
-  out += fmt::format("memory: about {} per worker\n", memory.str());
+  out += fmt::format("memory: about {} per worker{}\n", memory.str(),
+                     psServerBytes(job, 1) > 0 ? " (its sparse tables are on the parameter servers: below)" : "");
+  out += describeSparseMemory(job, memory.total());
   out += fmt::format("output: {}\n", job.outputDir.string());
   // A run would resume from this checkpoint: another model's is refused here (CheckpointError, exit 8).
   if (!job.checkpoint.enabled) out += "resume: off (checkpoints are off)\n";

@@ -60,9 +60,13 @@ struct MemoryEstimate {
   int64_t activations = 0;
   int64_t data = 0;
   int64_t compression = 0;
+  // The sparse tables this process holds itself, with their optimizer state: a one-process run of a
+  // parameter-server job keeps every table (psServerBytes(job, 1)); 0 for a worker, whose tables are on the servers.
+  int64_t sparse = 0;
   int64_t total() const noexcept;
   // "9.1 GiB (parameters 1.2 GiB, optimizer 0.8 GiB, activations 7.1 GiB, data 0 B)", then
-  // ", compression 12 MiB" inside the parentheses when the job compresses gradients.
+  // ", compression 12 MiB" inside the parentheses when the job compresses gradients, ", sparse tables 183 MiB"
+  // when the process holds sparse tables.
   std::string str() const;
 };
 // Activations count the largest batch a rank can get: data.batch_size, or `samples` (the larger data set's size,
@@ -95,6 +99,15 @@ void checkJobFitsMemory(const Job& job, int localWorkers, const std::optional<Ma
 // Bytes one of `servers` parameter servers keeps of the job's sparse tables: its ceil(rows / servers) rows of
 // each, float32, with the sparse optimizer's state (SparseAdam: 2 more, Adagrad: 1, SGD: none). 0 without tables.
 int64_t psServerBytes(const Job& job, int servers);
+// A one-process `dtrain train` of a parameter-server job (a world of 1) holds every sparse table itself: ConfigError
+// (exit 2) when the worker's estimate plus psServerBytes(job, 1) exceeds the machine's available memory, naming the
+// tables' share and how to split them ("launch it with dtrain run and parameter servers"). No check without
+// sparse tables or when the machine's memory is unknown.
+void checkOneProcessFitsMemory(const Job& job, const std::optional<MachineMemory>& machine);
+// `dtrain check`'s lines on the sparse tables' memory ("" without tables): each table's rows x dim float32 and the
+// sparse optimizer's state, what each of the job's parallel.servers servers holds (its row range of every table,
+// ps::planRowRanges), and what a one-process run holds (all of it, beside a worker's `workerBytes`).
+std::string describeSparseMemory(const Job& job, int64_t workerBytes);
 
 // The folders a run writes to must be usable before any worker starts (a checkpoint folder that cannot be created
 // used to fail the first checkpoint, after an epoch of training): job.outputDir and, with checkpoints on,

@@ -462,8 +462,15 @@ TrainResult runTraining(const Job& job, const WorkerInfo& worker, std::vector<Tr
     detail::TrainLoop loop(job, view, std::move(callbacks), servers);
     return loop.run();
   }
-  if (job.parallel.ps && worker.rank == 0)
-    log::info("{}: parameter-server job in a world of 1 rank: training alone, without servers", job.sourceFile);
+  if (job.parallel.ps && worker.rank == 0) {
+    // This process holds the sparse tables the servers would have held: refused before they are allocated.
+    checkOneProcessFitsMemory(job, readMachineMemory());
+    const int64_t tables = psServerBytes(job, 1);
+    log::info("{}: parameter-server job in a world of 1 rank: training alone, without servers{}", job.sourceFile,
+              tables > 0 ? fmt::format(" (this process holds the sparse tables: {} with the optimizer's state)",
+                                       humanBytes(tables))
+                         : "");
+  }
   detail::TrainLoop loop(job, worker, std::move(callbacks));
   return loop.run();
 }

@@ -118,6 +118,36 @@ TEST_CASE("a job that cannot fit in this machine's memory is refused by check an
   }
 }
 
+// A parameter-server job run as one process keeps its sparse tables itself: a table no machine holds is refused
+// naming the tables' share (it used to reach the table's allocation, which failed or took the machine's memory).
+TEST_CASE("a one-process dtrain train of a parameter-server job counts its sparse tables in the memory check") {
+  std::string dir = tempDir("ps_one_process_memory");
+  const std::string job = dir + "/ps.json";
+  writeFile(job, R"({
+  "model": {"input": [2], "layers": [
+    {"type": "embedding", "vocab_size": 1073741824, "n_embd": 65536, "position": false, "sparse": true},
+    {"type": "flatten"}, {"type": "linear", "out": 1}]},
+  "loss": {"type": "bce_with_logits"},
+  "data": {"train": {"format": "synthetic", "task": "recsys", "users": 600, "items": 400, "samples": 100}, "batch_size": 8},
+  "optimizer": {"type": "adam", "lr": 0.01},
+  "parallel": {"strategy": "parameter_server", "servers": 2, "mode": "async"},
+  "checkpoint": false
+})");
+  auto r = run({dtrainBinary(), "train", job, "--output-dir", dir + "/out"}, {.timeout = 30s});
+  INFO(r.err);
+  CHECK(r.exitCode == 2);
+  // 2^30 rows x 2^16 float32 (the largest table a spec may have) with SparseAdam's two moments: 768 TiB.
+  CHECK(r.err.find("this one-process run holds the sparse tables itself") != std::string::npos);
+  CHECK(r.err.find(", sparse tables 768.0 TiB)") != std::string::npos);
+  CHECK(r.err.find("internal error") == std::string::npos);
+  // dtrain check says what each server would hold (2^29 rows each) instead of refusing a job meant for servers.
+  auto c = run({dtrainBinary(), "check", job, "--output-dir", dir + "/out"}, {.timeout = 30s});
+  INFO(c.err);
+  CHECK(c.exitCode == 0);
+  CHECK(c.out.find("parameter server 1 of 2: 384.0 TiB (rows [536870912, 1073741824) of 0.wte.weight") !=
+        std::string::npos);
+}
+
 // "lr": 1e38 used to train on NaN, exit 0 and write a NaN model.
 TEST_CASE("a diverging run stops with exit 9 naming the step and never saves non-finite weights") {
   std::string dir = tempDir("job_diverge");

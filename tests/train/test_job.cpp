@@ -402,9 +402,20 @@ TEST_CASE("dtrain run's memory check counts the parameter servers' rows of the s
   CHECK(psServerBytes(ps, 1) == 2 * perServer);
   CHECK(psServerBytes(loadJob({path, {"optimizer.type=sgd"}}), 2) == perServer / 3);
   const MachineMemory machine{.available = int64_t{20} << 30, .total = int64_t{24} << 30};
-  // dtrain check / train (no launch): a worker's estimate only, as before.
+  // dtrain check (no launch): a worker's estimate only, as before.
   CHECK_NOTHROW(checkJobFitsMemory(ps, 1, machine));
   CHECK_NOTHROW(checkJobFitsMemory(ps, 3, machine));
+  // A one-process dtrain train holds the whole table (89.4 GiB): refused, naming the tables' share.
+  std::string one;
+  try {
+    checkOneProcessFitsMemory(ps, machine);
+  } catch (const ConfigError& err) {
+    CHECK(err.exitCode() == 2);
+    one = err.what();
+  }
+  CHECK_MESSAGE(one.find("this one-process run holds the sparse tables itself") != std::string::npos, one);
+  CHECK_MESSAGE(one.find(", sparse tables 89.4 GiB)") != std::string::npos, one);
+  CHECK_NOTHROW(checkOneProcessFitsMemory(ps, MachineMemory{.available = int64_t{100} << 30, .total = int64_t{128} << 30}));
   // dtrain run -n 3 on 1 node: both servers are local (2 x 44.7 GiB); on 2 nodes one per node, still too much.
   std::string msg;
   try {
@@ -421,6 +432,42 @@ TEST_CASE("dtrain run's memory check counts the parameter servers' rows of the s
   const Job eight = loadJob({path, {"parallel.servers=8"}});
   CHECK_NOTHROW(checkJobFitsMemory(eight, 3, machine, std::nullopt, 8));
   CHECK_THROWS_AS(checkJobFitsMemory(eight, 3, machine, std::nullopt, 4), ConfigError);
+}
+
+TEST_CASE("dtrain check counts the sparse tables: per parameter server its rows, and all of them in one process") {
+  auto dir = testing::tempDir("ps_check_memory");
+  const std::string job = R"({
+  "model": {"input": [2], "layers": [
+    {"type": "embedding", "vocab_size": 1000, "n_embd": 16, "position": false, "sparse": true},
+    {"type": "flatten"}, {"type": "linear", "out": 1}]},
+  "loss": {"type": "bce_with_logits"},
+  "data": {"train": {"format": "synthetic", "task": "recsys", "users": 600, "items": 400, "samples": 100}, "batch_size": 8},
+  "optimizer": {"type": "adam", "lr": 0.01},
+  "parallel": {"strategy": "parameter_server", "servers": 3, "mode": "async"},
+  "checkpoint": {"dir": "ckpt"}
+})";
+  const Job ps = loadJob({writeJob(dir, job, "ps.json")});
+  const std::string summary = checkJob(ps);
+  // 1000 rows over 3 servers: 334, 333, 333 rows of 16 float32 values, each with SparseAdam's two moments.
+  const int64_t rowBytes = 16 * 4 * 3;
+  CHECK(psServerBytes(ps, 1) == 1000 * rowBytes);
+  CHECK_MESSAGE(summary.find("sparse table 0.wte.weight: 1000 x 16 float32 (62.5 KiB), with sparse_adam's state "
+                             "(exp_avg, exp_avg_sq): 3 floats per element: " + humanBytes(1000 * rowBytes) + " in all") !=
+                    std::string::npos,
+                summary);
+  CHECK_MESSAGE(summary.find("parameter server 0 of 3: " + humanBytes(334 * rowBytes) +
+                             " (rows [0, 334) of 0.wte.weight with the optimizer's state)") != std::string::npos,
+                summary);
+  CHECK(summary.find("parameter server 2 of 3: " + humanBytes(333 * rowBytes) +
+                     " (rows [667, 1000) of 0.wte.weight with the optimizer's state)") != std::string::npos);
+  MemoryEstimate worker = estimateMemory(ps, 2, 100);
+  CHECK(worker.sparse == 0);  // a worker's tables are on the servers
+  worker.data = checkJobData(ps).bytes;
+  CHECK_MESSAGE(summary.find("one process (dtrain train alone, a world of 1): all of it, about " +
+                             humanBytes(1000 * rowBytes + worker.total())) != std::string::npos,
+                summary);
+  // Without sparse tables nothing is added.
+  CHECK(describeSparseMemory(loadJob({writeJob(dir, kJob)}), 0).empty());
 }
 
 TEST_CASE("machine memory is read from /proc/meminfo") {

@@ -1,6 +1,8 @@
 // dtrain: launcher and runtime for distributed training. main() is thin: parse, run, map errors to exit codes.
 #include <CLI/CLI.hpp>
 
+#include <signal.h>
+
 #include <cctype>
 #include <cstdio>
 #include <cstdlib>
@@ -54,6 +56,16 @@ int main(int argc, char** argv) {
   // The process watchdog of `dtrain run` (lib/launch/process_tree.h): hidden, and kept out of CLI11.
   if (argc > 1 && std::strcmp(argv[1], dtrain::launch::kWatchdogCommand) == 0)
     return dtrain::launch::watchdogMain(argc, argv);
+  // `dtrain run` and `dtrain train` honour SIGINT and SIGTERM in every phase (the agent's rendezvous and rounds, the
+  // trainer's checkpoint-and-stop), also when inherited ignored (a script's `dtrain run ... &` ignores SIGINT).
+  // Their handlers come after the job was validated and its data read (seconds for a large text set), and a
+  // signal that arrived meanwhile was dropped: the job then started and trained to its end. Until the handlers
+  // exist, the default action ends the process (128+signal; nothing has started yet).
+  if (argc > 1 && (std::strcmp(argv[1], "run") == 0 || std::strcmp(argv[1], "train") == 0))
+    for (int sig : {SIGINT, SIGTERM}) {
+      struct sigaction now {};
+      if (::sigaction(sig, nullptr, &now) == 0 && now.sa_handler == SIG_IGN) ::signal(sig, SIG_DFL);
+    }
   CLI::App root{"dtrain: launch and run distributed training (torchrun-compatible), one native binary", "dtrain"};
   root.set_version_flag("--version", std::string("dtrain ") + DTRAIN_VERSION +
                                          (DTRAIN_WITH_CUDA ? " (cuda)" : " (cpu)"));

@@ -155,6 +155,44 @@ TEST_CASE("SIGINT ends an agent waiting in the rendezvous, also when the shell s
   }
 }
 
+TEST_CASE("SIGINT ends `dtrain run JOB.json` while the agent validates the job, also with SIGINT inherited ignored") {
+  // The agent validates the job and reads its data before the rendezvous (seconds for a large text set). Its
+  // handlers come after that, so a SIGINT inherited ignored (a script's `dtrain run ... &`) was dropped there: the
+  // job went on to start its workers and train to the end (exit 0).
+  const std::string dir = tempDir("validateint");
+  const std::string text = dir + "/big.txt";
+  std::string bytes(24u << 20, 'a');
+  for (size_t i = 0; i < bytes.size(); i += 7) bytes[i] = static_cast<char>('a' + i % 26);
+  writeFile(text, bytes);
+  bytes.clear();
+  bytes.shrink_to_fit();
+  writeFile(dir + "/job.json", R"({"model": {"preset": "gpt", "vocab_size": 256, "block_size": 8, "n_layer": 1,
+                                             "n_head": 1, "n_embd": 8},
+    "loss": {"type": "cross_entropy"}, "data": {"train": {"format": "text", "path": "big.txt"}, "batch_size": 4},
+    "optimizer": {"type": "adamw", "lr": 0.001}, "train": {"max_steps": 1}, "checkpoint": false})");
+  auto argv = runArgs({"--standalone", "--nproc-per-node", "1", dir + "/job.json", "--output-dir", dir + "/out"});
+  argv.insert(argv.begin(), {"sh", "-c", "trap '' INT; exec \"$0\" \"$@\""});
+  Background agent(argv);
+  // The moment: the agent has the data file open (it is validating the job). A condition, polled, not a sleep.
+  auto readsData = [&] {
+    std::error_code ec;
+    for (std::filesystem::directory_iterator it(fmt::format("/proc/{}/fd", agent.pid()), ec), end; !ec && it != end;
+         it.increment(ec))
+      if (std::filesystem::read_symlink(it->path(), ec) == text) return true;
+    return false;
+  };
+  const auto deadline = std::chrono::steady_clock::now() + 60s;
+  bool seen = false;
+  while (!seen && agent.running() && std::chrono::steady_clock::now() < deadline) seen = readsData();
+  REQUIRE_MESSAGE(seen, "never saw the agent read the job's data");
+  agent.signal(SIGINT);
+  auto r = agent.wait(60s);
+  INFO(r.out, r.err);
+  CHECK_FALSE(r.timedOut);
+  CHECK(r.exitCode == 128 + SIGINT);
+  CHECK(r.out.find("[n0 r0]") == std::string::npos);  // no worker started
+}
+
 TEST_CASE("SIGTERM stops a job whose workers crash-loop, wherever in the restart loop it lands") {
   // Each round lasts a moment, so the signal often arrives as a round ends. It used to be dropped with the round
   // (queued in the round's signal set, or posted to its stopped event loop) about 1 time in 4 here, and the agent

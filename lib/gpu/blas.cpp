@@ -180,20 +180,38 @@ void gemmFloat32(bool transA, bool transB, int64_t m, int64_t n, int64_t k, floa
   gemmWith(transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, /*allowBf16=*/false);
 }
 
-void gemmBatched(bool transA, bool transB, int64_t m, int64_t n, int64_t k, float alpha, GemmOperand a, int64_t lda,
-                 int64_t strideA, GemmOperand b, int64_t ldb, int64_t strideB, float beta, float* c, int64_t ldc,
-                 int64_t strideC, int64_t batch) {
+namespace {
+
+void gemmBatchedWith(bool transA, bool transB, int64_t m, int64_t n, int64_t k, float alpha, GemmOperand a,
+                     int64_t lda, int64_t strideA, GemmOperand b, int64_t ldb, int64_t strideB, float beta, float* c,
+                     int64_t ldc, int64_t strideC, int64_t batch, bool allowBf16) {
   if (m == 0 || n == 0 || batch == 0) return;
   const RowMajorGemm g{.transA = transA, .transB = transB, .m = m, .n = n, .k = k, .lda = lda, .ldb = ldb, .ldc = ldc,
                        .strideA = strideA, .strideB = strideB, .strideC = strideC, .batch = batch};
   const ColumnMajorGemm cm = checkedArgs(g);
   cublasHandle_t h = handleFor(currentDevice());
-  const Operands op = operands(g, a, b);
+  const Operands op = allowBf16 ? operands(g, a, b) : Operands{a.data, b.data, CUDA_R_32F, computeType()};
   DTRAIN_CUBLAS_CHECK(cublas().gemmStridedBatchedEx(
       h, opOf(cm.transFirst), opOf(cm.transSecond), static_cast<int>(cm.m), static_cast<int>(cm.n),
       static_cast<int>(cm.k), &alpha, op.b, op.type, static_cast<int>(cm.ldFirst), cm.strideFirst, op.a, op.type,
       static_cast<int>(cm.ldSecond), cm.strideSecond, &beta, c, CUDA_R_32F, static_cast<int>(cm.ldc), cm.strideC,
       static_cast<int>(cm.batch), op.compute, CUBLAS_GEMM_DEFAULT));
+}
+
+}  // namespace
+
+void gemmBatched(bool transA, bool transB, int64_t m, int64_t n, int64_t k, float alpha, GemmOperand a, int64_t lda,
+                 int64_t strideA, GemmOperand b, int64_t ldb, int64_t strideB, float beta, float* c, int64_t ldc,
+                 int64_t strideC, int64_t batch) {
+  gemmBatchedWith(transA, transB, m, n, k, alpha, a, lda, strideA, b, ldb, strideB, beta, c, ldc, strideC, batch,
+                  /*allowBf16=*/true);
+}
+
+void gemmFloat32Batched(bool transA, bool transB, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+                        int64_t lda, int64_t strideA, const float* b, int64_t ldb, int64_t strideB, float beta, float* c,
+                        int64_t ldc, int64_t strideC, int64_t batch) {
+  gemmBatchedWith(transA, transB, m, n, k, alpha, a, lda, strideA, b, ldb, strideB, beta, c, ldc, strideC, batch,
+                  /*allowBf16=*/false);
 }
 
 }  // namespace dtrain::gpu

@@ -64,4 +64,11 @@ void gemmBatched(bool transA, bool transB, int64_t m, int64_t n, int64_t k, floa
                  int64_t strideA, GemmOperand b, int64_t ldb, int64_t strideB, float beta, float* c, int64_t ldc,
                  int64_t strideC, int64_t batch);
 
+// gemmBatched with float32 operands whatever bf16() says (TF32 as tf32()), as gemmFloat32: PowerSGD's batches of
+// same-shape matrices. cuBLAS may pick another kernel than gemmFloat32's for the same matrices, so a batched product
+// equals the unbatched one within float rounding, not necessarily bit for bit.
+void gemmFloat32Batched(bool transA, bool transB, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+                        int64_t lda, int64_t strideA, const float* b, int64_t ldb, int64_t strideB, float beta, float* c,
+                        int64_t ldc, int64_t strideC, int64_t batch);
+
 }  // namespace dtrain::gpu

@@ -70,7 +70,26 @@ class CpuPowerSgdOps final : public PowerSgdOps {
     for (size_t i = 0; i < n; ++i) gpu::efResidual(e, in, g, i);
   }
   void copy(float* dst, const float* src, size_t n) override { std::copy(src, src + n, dst); }
-  void project(const LowRankFactors& f) override {
+  // Matrix by matrix, as before batches existed: the same bits.
+  void project(const LowRankBatch& b) override {
+    for (int64_t i = 0; i < b.count; ++i) project1(b.at(i));
+  }
+  void backProject(const LowRankBatch& b) override {
+    for (int64_t i = 0; i < b.count; ++i) backProject1(b.at(i));
+  }
+  void decompress(const LowRankBatch& b) override {
+    for (int64_t i = 0; i < b.count; ++i) decompress1(b.at(i));
+  }
+  void orthogonalise(float* pt, int rank, int64_t rows) override { gramSchmidt(pt, rank, static_cast<size_t>(rows)); }
+  void divide(float* x, size_t n, float divisor) override {
+    for (size_t i = 0; i < n; ++i) x[i] = x[i] / divisor;
+  }
+  bool allFinite(const float* x, size_t n) override { return nn::allFinite({x, n}); }
+  void toDevice(float* dst, const float* host, size_t n) override { std::copy(host, host + n, dst); }
+  void toHost(float* host, const float* src, size_t n) override { std::copy(src, src + n, host); }
+
+ private:
+  static void project1(const LowRankFactors& f) {
     const auto rows = static_cast<size_t>(f.rows), cols = static_cast<size_t>(f.cols);
     for (size_t i = 0; i < rows; ++i) {
       const float* row = f.m + i * cols;
@@ -78,7 +97,7 @@ class CpuPowerSgdOps final : public PowerSgdOps {
         f.pt[static_cast<size_t>(c) * rows + i] = dot(row, f.qt + static_cast<size_t>(c) * cols, cols);
     }
   }
-  void backProject(const LowRankFactors& f) override {
+  static void backProject1(const LowRankFactors& f) {
     const auto rows = static_cast<size_t>(f.rows), cols = static_cast<size_t>(f.cols);
     std::fill(f.qt, f.qt + static_cast<size_t>(f.rank) * cols, 0.0f);
     for (size_t i = 0; i < rows; ++i) {
@@ -90,7 +109,7 @@ class CpuPowerSgdOps final : public PowerSgdOps {
       }
     }
   }
-  void decompress(const LowRankFactors& f) override {
+  static void decompress1(const LowRankFactors& f) {
     const auto rows = static_cast<size_t>(f.rows), cols = static_cast<size_t>(f.cols);
     for (size_t i = 0; i < rows; ++i) {
       float* row = f.m + i * cols;
@@ -102,13 +121,6 @@ class CpuPowerSgdOps final : public PowerSgdOps {
       }
     }
   }
-  void orthogonalise(float* pt, int rank, int64_t rows) override { gramSchmidt(pt, rank, static_cast<size_t>(rows)); }
-  void divide(float* x, size_t n, float divisor) override {
-    for (size_t i = 0; i < n; ++i) x[i] = x[i] / divisor;
-  }
-  bool allFinite(const float* x, size_t n) override { return nn::allFinite({x, n}); }
-  void toDevice(float* dst, const float* host, size_t n) override { std::copy(host, host + n, dst); }
-  void toHost(float* host, const float* src, size_t n) override { std::copy(src, src + n, host); }
 };
 
 #if DTRAIN_WITH_CUDA
@@ -125,12 +137,18 @@ class GpuPowerSgdOps final : public PowerSgdOps {
     gpu::kernels::powerSgdResidual(e, in, g, n);
   }
   void copy(float* dst, const float* src, size_t n) override { gpu::kernels::copyFloatsAsync(dst, src, n); }
-  void project(const LowRankFactors& f) override { run(gpu::projectGemm(f.rows, f.cols, f.rank), f.qt, f.m, f.pt); }
-  void backProject(const LowRankFactors& f) override {
-    run(gpu::backProjectGemm(f.rows, f.cols, f.rank), f.pt, f.m, f.qt);
+  // One GEMM per product for the whole batch (A, B, C strides per powersgd_math.h's operand roles).
+  void project(const LowRankBatch& b) override {
+    const LowRankFactors& f = b.first;
+    run(gpu::projectGemm(f.rows, f.cols, f.rank), f.qt, b.strideQ, f.m, b.strideM, f.pt, b.strideP, b.count);
   }
-  void decompress(const LowRankFactors& f) override {
-    run(gpu::decompressGemm(f.rows, f.cols, f.rank), f.pt, f.qt, f.m);
+  void backProject(const LowRankBatch& b) override {
+    const LowRankFactors& f = b.first;
+    run(gpu::backProjectGemm(f.rows, f.cols, f.rank), f.pt, b.strideP, f.m, b.strideM, f.qt, b.strideQ, b.count);
+  }
+  void decompress(const LowRankBatch& b) override {
+    const LowRankFactors& f = b.first;
+    run(gpu::decompressGemm(f.rows, f.cols, f.rank), f.pt, b.strideP, f.qt, b.strideQ, f.m, b.strideM, b.count);
   }
   void orthogonalise(float* pt, int rank, int64_t rows) override { gpu::kernels::powerSgdGramSchmidt(pt, rank, rows); }
   void divide(float* x, size_t n, float divisor) override { gpu::kernels::powerSgdDivide(x, n, divisor); }
@@ -143,8 +161,14 @@ class GpuPowerSgdOps final : public PowerSgdOps {
   }
 
  private:
-  static void run(const gpu::RowMajorGemm& g, const float* a, const float* b, float* c) {
-    gpu::gemmFloat32(g.transA, g.transB, g.m, g.n, g.k, 1.0f, a, g.lda, b, g.ldb, 0.0f, c, g.ldc);
+  // A batch of one: the plain GEMM (today's call, today's bits); more: the strided-batched one, float32 as well.
+  static void run(const gpu::RowMajorGemm& g, const float* a, int64_t strideA, const float* b, int64_t strideB,
+                  float* c, int64_t strideC, int64_t count) {
+    if (count == 1)
+      gpu::gemmFloat32(g.transA, g.transB, g.m, g.n, g.k, 1.0f, a, g.lda, b, g.ldb, 0.0f, c, g.ldc);
+    else
+      gpu::gemmFloat32Batched(g.transA, g.transB, g.m, g.n, g.k, 1.0f, a, g.lda, strideA, b, g.ldb, strideB, 0.0f, c,
+                              g.ldc, strideC, count);
   }
   Device device_;
 };

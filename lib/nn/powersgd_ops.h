@@ -8,7 +8,11 @@
 // Equality between the two: Gram-Schmidt (orthogonalise), error feedback (accumulate, residual), divide and copy
 // are the same operations in the same order on both (bit for bit on the same inputs); the three products (project,
 // backProject, decompress) are float32 GEMMs, cuBLAS's summation order on a GPU (TF32 when gpu::tf32() is on, never
-// bf16), so equal within float rounding (1e-5 relative for the sizes of tests/gpu with TF32 off).
+// bf16), so equal within float rounding (1e-5 relative for the sizes of tests/gpu with TF32 off). A batch of
+// same-shape matrices is one strided-batched GEMM per product on a GPU (cublasGemmStridedBatchedEx), a batch of one
+// the plain GEMM; cuBLAS does not promise the batched kernel sums in the unbatched one's order, so a batched matrix
+// equals its unbatched product within the same float rounding, not bit for bit (the CPU loops matrix by matrix:
+// batching changes nothing there).
 //
 // Pointers are the ops' device memory (allocate()); every call but allFinite, toDevice and toHost is asynchronous on
 // a GPU. Thread-safety: none (the trainer's thread). Errors: gpu::GpuError (CUDA/cuBLAS failures), NotBuiltError
@@ -34,6 +38,24 @@ struct LowRankFactors {
   int rank = 0;
 };
 
+// `count` matrices of first's shape and rank whose m, pt and qt sit at constant strides (in floats, > 0 when
+// count > 1) from first's: matrix i is at(i). A single matrix converts implicitly (count 1).
+struct LowRankBatch {
+  LowRankFactors first;
+  int64_t count = 1;
+  int64_t strideM = 0, strideP = 0, strideQ = 0;
+  LowRankBatch(const LowRankFactors& f) : first(f) {}  // NOLINT(google-explicit-constructor): one matrix
+  LowRankBatch(const LowRankFactors& f, int64_t n, int64_t sm, int64_t sp, int64_t sq)
+      : first(f), count(n), strideM(sm), strideP(sp), strideQ(sq) {}
+  LowRankFactors at(int64_t i) const {
+    LowRankFactors f = first;
+    f.m += i * strideM;
+    f.pt += i * strideP;
+    f.qt += i * strideQ;
+    return f;
+  }
+};
+
 class PowerSgdOps {
  public:
   virtual ~PowerSgdOps() = default;
@@ -49,10 +71,10 @@ class PowerSgdOps {
   virtual void residual(float* e, const float* in, const float* g, size_t n) = 0;
   // dst = src (n floats, both on device()).
   virtual void copy(float* dst, const float* src, size_t n) = 0;
-  // P = M Q; Q = M^T P; M = P Q^T (the whole M overwritten).
-  virtual void project(const LowRankFactors& f) = 0;
-  virtual void backProject(const LowRankFactors& f) = 0;
-  virtual void decompress(const LowRankFactors& f) = 0;
+  // P = M Q; Q = M^T P; M = P Q^T (the whole M overwritten), for each matrix of the batch.
+  virtual void project(const LowRankBatch& b) = 0;
+  virtual void backProject(const LowRankBatch& b) = 0;
+  virtual void decompress(const LowRankBatch& b) = 0;
   // Modified Gram-Schmidt over P's columns (the rank rows of pt, `rows` long): gramSchmidt below.
   virtual void orthogonalise(float* pt, int rank, int64_t rows) = 0;
   // x = x / divisor.

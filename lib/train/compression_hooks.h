@@ -218,6 +218,14 @@ class PowerSgdHook final : public CompressionHook {
  private:
   void initQ(size_t entry);  // Q of one entry from N(0, 1), the same on every rank
   nn::LowRankFactors factors(size_t entry, float* bucket, size_t bucketOffset);
+  // Same-shape compressed matrices of entries [first, last) whose M, P and Q sit at constant strides: one batched
+  // product each on a GPU (a GPT's blocks: one run per weight shape). Every compressed entry is in exactly one run.
+  struct Run {
+    size_t entry = 0;  // the first matrix's
+    int64_t count = 1, strideM = 0, strideP = 0, strideQ = 0;
+  };
+  const std::vector<Run>& runs(size_t first, size_t last);  // cached per bucket
+  nn::LowRankBatch batch(const Run& r, float* bucket, size_t bucketOffset);
   void finish(const GradBucket& bucket, comm::Backend& group, size_t first, size_t last);
 
   uint64_t seed_;
@@ -228,6 +236,7 @@ class PowerSgdHook final : public CompressionHook {
   nn::DeviceFloats input_;     // arena-sized copy of g + e before decompression (error feedback)
   std::vector<float> qHost_, residualHost_;  // the checkpoint's copies when the buffers are not host memory
   std::vector<float> initial_;               // one entry's initial Q, drawn on the host
+  std::map<std::pair<size_t, size_t>, std::vector<Run>> runs_;  // per bucket's entries [first, last)
 };
 
 }  // namespace dtrain::train

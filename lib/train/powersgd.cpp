@@ -63,6 +63,7 @@ void PowerSgdHook::useOps(std::unique_ptr<nn::PowerSgdOps> ops) {
   if (params.empty() && layout_.arenaSize > 0)
     params.push_back({"arena", Shape{static_cast<int64_t>(layout_.arenaSize)}, 0, layout_.arenaSize});
   plan_ = planPowerSgd(params, settings_.rank);
+  runs_.clear();
   p_ = ops_->allocate(plan_.pSize);
   q_ = ops_->allocate(plan_.qSize);
   vectors_ = ops_->allocate(plan_.vectorSize);
@@ -125,6 +126,37 @@ nn::LowRankFactors PowerSgdHook::factors(size_t entry, float* bucket, size_t buc
           .rows = e.rows, .cols = e.cols, .rank = e.rank};
 }
 
+const std::vector<PowerSgdHook::Run>& PowerSgdHook::runs(size_t first, size_t last) {
+  auto [it, fresh] = runs_.try_emplace({first, last});
+  if (!fresh) return it->second;
+  const auto& entries = plan_.entries;
+  std::vector<bool> taken(last - first, false);
+  auto diff = [](size_t a, size_t b) { return static_cast<int64_t>(b) - static_cast<int64_t>(a); };
+  for (size_t i = first; i < last; ++i) {
+    if (!entries[i].compressed || taken[i - first]) continue;
+    Run r{.entry = i};
+    taken[i - first] = true;
+    size_t prev = i;
+    // Greedy, in arena order: a later matrix of the same shape and rank joins when it keeps the run's strides.
+    for (size_t j = i + 1; j < last; ++j) {
+      const auto &a = entries[prev], &b = entries[j];
+      if (!b.compressed || taken[j - first] || b.rows != a.rows || b.cols != a.cols || b.rank != a.rank) continue;
+      const int64_t sm = diff(a.offset, b.offset), sp = diff(a.pOff, b.pOff), sq = diff(a.qOff, b.qOff);
+      if (r.count > 1 && (sm != r.strideM || sp != r.strideP || sq != r.strideQ)) continue;
+      r.strideM = sm, r.strideP = sp, r.strideQ = sq;
+      ++r.count;
+      taken[j - first] = true;
+      prev = j;
+    }
+    it->second.push_back(r);
+  }
+  return it->second;
+}
+
+nn::LowRankBatch PowerSgdHook::batch(const Run& r, float* bucket, size_t bucketOffset) {
+  return {factors(r.entry, bucket, bucketOffset), r.count, r.strideM, r.strideP, r.strideQ};
+}
+
 comm::WorkPtr PowerSgdHook::compress(const GradBucket& bucket, comm::Backend& group) {
   const size_t n = static_cast<size_t>(bucket.grads.numel());
   DTRAIN_CHECK(bucket.grads.device == ops_->device(),
@@ -142,13 +174,11 @@ comm::WorkPtr PowerSgdHook::compress(const GradBucket& bucket, comm::Backend& gr
                "powersgd: bucket {} at arena offset {} does not start at a parameter", bucket.index, bucket.offset);
   if (settings_.errorFeedback)
     ops_->accumulate(g, residual_.data() + bucket.offset, input_.data() + bucket.offset, n);
-  // P = M Q per matrix; vectors packed for the uncompressed all-reduce.
+  // P = M Q, one product per run of same-shape matrices; vectors packed for the uncompressed all-reduce.
+  for (const Run& r : runs(first, last)) ops_->project(batch(r, g, bucket.offset));
   for (size_t k = first; k < last; ++k) {
     const auto& e = entries[k];
-    if (e.compressed)
-      ops_->project(factors(k, g, bucket.offset));
-    else
-      ops_->copy(vectors_.data() + e.vOff, g + (e.offset - bucket.offset), e.count);
+    if (!e.compressed) ops_->copy(vectors_.data() + e.vOff, g + (e.offset - bucket.offset), e.count);
   }
   auto end = [&](size_t PowerSgdPlan::Entry::*off, size_t total) { return last < entries.size() ? entries[last].*off : total; };
   const size_t v0 = entries[first].vOff, v1 = end(&PowerSgdPlan::Entry::vOff, plan_.vectorSize);
@@ -176,18 +206,16 @@ void PowerSgdHook::finish(const GradBucket& bucket, comm::Backend& group, size_t
     if (!entries[k].compressed) continue;
     const nn::LowRankFactors f = factors(k, g, bucket.offset);
     ops_->orthogonalise(f.pt, f.rank, f.rows);
-    ops_->backProject(f);
   }
+  for (const Run& r : runs(first, last)) ops_->backProject(batch(r, g, bucket.offset));
   const size_t q0 = entries[first].qOff, q1 = last < entries.size() ? entries[last].qOff : plan_.qSize;
   group.allreduce(TensorView::flat(q_.data() + q0, q1 - q0, DType::kFloat32, device), comm::ReduceOp::kSum);
   ops_->divide(q_.data() + q0, q1 - q0, static_cast<float>(group.size()));
   // M ~ P Q^T; vectors back in place.
+  for (const Run& r : runs(first, last)) ops_->decompress(batch(r, g, bucket.offset));
   for (size_t k = first; k < last; ++k) {
     const auto& e = entries[k];
-    if (e.compressed)
-      ops_->decompress(factors(k, g, bucket.offset));
-    else
-      ops_->copy(g + (e.offset - bucket.offset), vectors_.data() + e.vOff, e.count);
+    if (!e.compressed) ops_->copy(g + (e.offset - bucket.offset), vectors_.data() + e.vOff, e.count);
   }
   // The result is the same on every rank, so every rank takes the same branch. A non-finite step (some rank's
   // gradient was) keeps the residual of the step before and restarts Q, so later steps are not poisoned.

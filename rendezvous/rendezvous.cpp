@@ -18,6 +18,9 @@ using namespace std::chrono_literals;
 
 namespace {
 
+using detail::kClosingRetry;
+using detail::kClosingSteal;
+using detail::kEndedPoll;
 using detail::key;
 using detail::kQuorumPoll;
 
@@ -216,6 +219,7 @@ std::optional<RoundInfo> Rendezvous::tryJoinRound(int round, const Deadline& dea
   if (prefetch) ops.push_back(StoreOp::get(placementKey(round, index, large), std::min(kLayoutWait, deadline.remaining())));
   auto res = store_->batch(ops);
 
+  std::optional<detail::ArmedStop> armed;  // elastic: a stop while the round forms is deferred (see below)
   std::optional<std::string> closed;
   std::optional<std::string> placement;  // prefetched layout / assignment; nullopt: not read, or not published in time
   if (last && closeWith > 0) {
@@ -226,22 +230,43 @@ std::optional<RoundInfo> Rendezvous::tryJoinRound(int round, const Deadline& dea
     if (prefetch) placement = res.back().value;
   } else {
     // Elastic: with min < max, the first agent to see quorum for `lastCall` closes the round, with the largest
-    // usable count of the joiners (the rest are spares); while they give none, it keeps waiting for more.
-    std::optional<Clock::time_point> quorumSince;
+    // usable count of the joiners (the rest are spares); while they give none, it keeps waiting for more. A stop
+    // signal meanwhile is deferred (armStop) and seen within kEndedPoll: the latest joiner withdraws from the
+    // round (withdrawBeforeClose); any other stays until the round closes, then leaves it at once (below).
+    armed.emplace(options_);
+    log::info("rendezvous: joined round {} as its joiner {} (--nnodes {}:{})", round, index + 1, options_.minNodes,
+              options_.maxNodes);
+    const Millis slice = options_.stopPending ? kEndedPoll : Millis::max();
+    Clock::time_point quorumSince{};  // when this agent first saw minNodes joined (valid while `quorum`)
+    bool quorum = false;
     bool waitingLogged = false;
     while (!(closed = store_->tryGet(key(round, "closed")))) {
+      if (const int sig = options_.pendingStop(); sig && withdrawBeforeClose(round, index)) {
+        throw SpareStopped(fmt::format("rendezvous at {}: stopped by signal {} while joining round {}, before it "
+                                       "closed; this node withdrew from it",
+                                       options_.endpoint, sig, round),
+                           sig);
+      }
       if (deadline.expired()) throwJoinTimeout(round);
       int count = static_cast<int>(store_->add(key(round, "count"), 0));
       if (count < options_.minNodes) {
         // Woken by the minNodes-th joiner's `quorum` key (or, should it have died, by the fallback slice).
+        quorum = false;  // a joiner withdrew below quorum: the last call starts again at quorum
         store_->wait({key(round, "quorum")}, std::min(kQuorumPoll, deadline.remaining()));
         continue;
       }
-      if (!quorumSince) quorumSince = Clock::now();
-      auto waited = std::chrono::duration_cast<Millis>(Clock::now() - *quorumSince);
+      if (!quorum) {
+        quorum = true;
+        quorumSince = Clock::now();
+        log::info("rendezvous: {} node(s) joined round {} (--nnodes {}:{}); it closes when {} have joined or {} s "
+                  "after quorum (--rdzv-last-call)",
+                  count, round, options_.minNodes, options_.maxNodes, options_.maxNodes,
+                  options_.lastCall.count() / 1000);
+      }
+      auto waited = std::chrono::duration_cast<Millis>(Clock::now() - quorumSince);
       if (waited >= options_.lastCall) {
-        if (const int usable = options_.usableMembers(count); usable > 0) {
-          store_->compareSet(key(round, "closed"), "", std::to_string(usable));
+        if (options_.usableMembers(count) > 0) {
+          closeAfterLastCall(round);
           continue;
         }
         // No usable count among the joiners yet: poll the join counter for another node (a slice at a time).
@@ -257,11 +282,16 @@ std::optional<RoundInfo> Rendezvous::tryJoinRound(int round, const Deadline& dea
         store_->wait({key(round, "closed")}, std::min(kQuorumPoll, deadline.remaining()));
         continue;
       }
-      store_->wait({key(round, "closed")}, std::min(options_.lastCall - waited, deadline.remaining()));
+      store_->wait({key(round, "closed")}, std::min({options_.lastCall - waited, deadline.remaining(), slice}));
     }
   }
   int members = static_cast<int>(parse::toInt(closed.value_or("0")).value_or(0));
-  if (index >= members) return std::nullopt;
+  // Stopped while it formed and could not withdraw: a spare just leaves the counts; a member tells the others
+  // (below, once it has published the layout if that is its part).
+  if (index >= members) {
+    if (const int sig = elastic ? options_.pendingStop() : 0) leaveAsSpare(round, sig, /*waiting=*/false);
+    return std::nullopt;
+  }
   const bool isLarge = members > kFullMembershipNodes;  // == large with min == max
   std::string text;
   if (index == members - 1) {
@@ -283,7 +313,87 @@ std::optional<RoundInfo> Rendezvous::tryJoinRound(int round, const Deadline& dea
     }
   }
   if (text.rfind("error ", 0) == 0) DTRAIN_THROW(RendezvousError, "rendezvous: {}", text.substr(6));
+  if (const int sig = elastic ? options_.pendingStop() : 0) leaveClosedRound(round, members, sig);
   return isLarge ? assembleLarge(round, members, index, text) : assemble(round, members, index, text);
+}
+
+// The `closing` key serialises the two ways an elastic round's join counter is read to decide something: closing
+// it after the last call (the count read under the key is final: no withdrawal can lower it) and a withdrawal
+// (the count is lowered only by the latest joiner, only while no closer holds the key). The max-th joiner closes
+// without the key: its own add made the count max, so no withdrawal can succeed below it (count == index + 1 fails).
+void Rendezvous::closeAfterLastCall(int round) {
+  const std::string closing = key(round, "closing");
+  const std::string mine = fmt::format("close {} {}", self_.hostname, self_.pid);
+  std::string held = store_->compareSet(closing, "", mine);
+  if (held.rfind("close ", 0) != 0) {
+    // A withdrawal holds it for two round trips: look again shortly. One that holds it for kClosingSteal was
+    // killed inside them (a second signal): its store calls would have failed long before, so take the key over.
+    if (held != stuckHolder_) {
+      stuckHolder_ = held;
+      stuckSince_ = Clock::now();
+    }
+    if (Clock::now() - stuckSince_ < kClosingSteal) {
+      store_->wait({key(round, "closed")}, kClosingRetry);
+      return;
+    }
+    held = store_->compareSet(closing, held, mine);
+    if (held != mine) return;
+    log::warn("rendezvous: joiner {} of round {} began to withdraw {} s ago and never finished; closing without "
+              "waiting for it",
+              stuckHolder_.substr(stuckHolder_.find(" ") + 1), round, kClosingSteal.count() / 1000);
+  }
+  // Ours or another closer's: the count read now is final, and both closers compute the same value.
+  const int usable = options_.usableMembers(static_cast<int>(store_->add(key(round, "count"), 0)));
+  if (usable > 0) {
+    store_->compareSet(key(round, "closed"), "", std::to_string(usable));
+  } else if (held == mine) {
+    store_->remove(closing);  // a withdrawal left no usable count: let later withdrawals run
+  }
+}
+
+bool Rendezvous::withdrawBeforeClose(int round, int index) {
+  const std::string closing = key(round, "closing");
+  const std::string mine = fmt::format("withdraw {}", index);
+  const std::string held = store_->compareSet(closing, "", mine);
+  if (held != mine) return false;  // a closer (the round closes; we leave it then) or another withdrawal: later
+  bool withdrawn = false;
+  auto state = store_->batch({StoreOp::tryGet(key(round, "closed")), StoreOp::add(key(round, "count"), 0)});
+  if (!state[0].value && state[1].number == index + 1) {
+    // Our record goes first, so that whoever takes our index next never finds ours; then the counter, which only
+    // moves if nobody joined since we read it.
+    auto res = store_->batch({StoreOp::remove(key(round, fmt::format("node/{}", index))),
+                              StoreOp::append(key(round, "records"), layout::withdrawnLine(index)),
+                              StoreOp::compareSet(key(round, "count"), std::to_string(index + 1),
+                                                  std::to_string(index))});
+    withdrawn = res[2].value == std::to_string(index);
+    std::vector<StoreOp> after;
+    if (!withdrawn) {  // someone joined meanwhile: we stay in the round; put our record back
+      after.push_back(StoreOp::set(key(round, fmt::format("node/{}", index)), self_.toJson()));
+      after.push_back(StoreOp::append(key(round, "records"), layout::recordLine(index, self_)));
+    } else if (index + 1 == options_.minNodes) {
+      after.push_back(StoreOp::remove(key(round, "quorum")));  // the next minNodes-th joiner sets it again
+    }
+    after.push_back(StoreOp::remove(closing));
+    store_->batch(after);
+  } else {
+    store_->remove(closing);
+  }
+  return withdrawn;
+}
+
+void Rendezvous::leaveClosedRound(int round, int members, int signal) {
+  // The round closed with us in it: its other members would start their workers and wait --heartbeat-timeout for
+  // our heartbeats. Ending it now makes them re-form without us at once (node_lost: a membership change in an
+  // elastic job).
+  RoundEvent e{RoundEventType::kNodeLost,
+               fmt::format("node {} ({}) was stopped by signal {} while round {} formed", self_.hostname, self_.host,
+                           signal, round),
+               0, ""};
+  store_->compareSet(key(round, "event"), "", e.toJson());
+  throw SpareStopped(fmt::format("rendezvous at {}: stopped by signal {} while joining round {}, which closed "
+                                 "with this node among its {}; ended the round so that the others re-form without it",
+                                 options_.endpoint, signal, round, members),
+                     signal);
 }
 
 std::string Rendezvous::placementKey(int round, int index, bool large) {

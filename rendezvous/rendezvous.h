@@ -29,6 +29,10 @@
 //                         it instead of polling the join counter
 //   r<R>/closed           N, the number of members; set once (compareSet) when `maxNodes` joined, or after
 //                         `lastCall` once `minNodes` joined. Joiners with index >= N missed the round.
+//   r<R>/closing          elastic rounds: the lock between closing after the last call ("close <host> <pid>", kept)
+//                         and a stopped latest joiner withdrawing ("withdraw <i>", removed after it): the latter
+//                         lowers `count` by one, so a closer reads the count only under the lock
+//                         (docs/rendezvous.md, "Leaving a round that forms")
 //   r<R>/event            the first thing that ends the round (JSON RoundEvent), set once by compareSet:
 //                         "failed" (a worker failed, with its report), "node_lost" (missed heartbeats),
 //                         "membership" (a node wants to join), "shutdown" (an agent was signalled),
@@ -95,12 +99,14 @@ struct RendezvousOptions {
   // This agent hosts the store (--rdzv-backend static, node 0): when it waits as a spare it says that stopping
   // it ends the job (the round's agents lose the store), since "spare" alone reads as "safe to stop".
   bool hostsStore = false;
-  // Optional, for an agent stopped while it waits as a spare (join(), after it missed a round): armStop(true) when
-  // that wait starts and armStop(false) when it ends (the agent then only records a stop signal instead of dying
-  // at once); stopPending() is polled at least once a second during it and returns the recorded signal or 0. A
-  // nonzero one makes join() take this agent out of the round's counts (`count`: a later joiner is not counted
-  // with a node that left and does not re-form the round for nothing; `waiting`: the store's host does not wait
-  // for it at the job's end) and throw SpareStopped. Both are called on join()'s thread.
+  // Optional, for an agent stopped while it waits as a spare (join(), after it missed a round) or while an elastic
+  // round it joined has not closed yet: armStop(true) when such a wait starts and armStop(false) when it ends (the
+  // agent then only records a stop signal instead of dying at once); stopPending() is polled at least once a second
+  // during it and returns the recorded signal or 0. A nonzero one makes join() take this agent out of the round's
+  // counts (`count`: a later joiner is not counted with a node that left and does not re-form the round for
+  // nothing; `waiting`: the store's host does not wait for it at the job's end), or, when an elastic round closed
+  // with it before it could withdraw, end that round (node_lost), and throw SpareStopped. Both are called on
+  // join()'s thread.
   std::function<void(bool)> armStop;
   std::function<int()> stopPending;
 
@@ -186,7 +192,8 @@ class JobEndedWhileWaiting : public RendezvousError {
   int members = 0;  // its node count (its agents acknowledge the end: Rendezvous::acknowledgeEnd)
 };
 
-// Thrown by join() when RendezvousOptions::stopPending reported a stop signal while this agent waited as a spare;
+// Thrown by join() when RendezvousOptions::stopPending reported a stop signal while this agent waited as a spare
+// or in an elastic round that had not closed (it withdrew, or ended the round it was closed into: node_lost);
 // the agent was taken out of the round's counts first. The agent ends as that signal would have ended it.
 class SpareStopped : public RendezvousError {
  public:
@@ -247,8 +254,19 @@ class Rendezvous {
   void throwIfEnded(const std::optional<std::string>& ended);
   // The same for an agent that joined and waits for a next round: JobEndedWhileWaiting with the outcome.
   void throwIfEndedWhileWaiting(const std::optional<std::string>& ended, int round, int members);
-  // A spare of `round` stopped by `signal` (RendezvousOptions::stopPending): out of the counts, then SpareStopped.
-  [[noreturn]] void leaveAsSpare(int round, int signal);
+  // A spare of `round` stopped by `signal` (RendezvousOptions::stopPending): out of the counts (`count`, and
+  // `waiting` when it counted itself there), then SpareStopped.
+  [[noreturn]] void leaveAsSpare(int round, int signal, bool waiting);
+  // Elastic rounds, before they close (the `closing` key, docs/rendezvous.md "Leaving a round that forms"):
+  // closes `round` after its last call with the count read under the key (or looks again shortly while a
+  // withdrawal holds it).
+  void closeAfterLastCall(int round);
+  // Takes joiner `index` out of `round` if it is the latest joiner and the round has not closed: its record and
+  // its place in `count` go, so the next joiner takes the index. False (nothing changed) otherwise.
+  bool withdrawBeforeClose(int round, int index);
+  // A member of `round` (closed with `members`) stopped by `signal` while it formed: ends the round (node_lost) so
+  // that the others re-form at once, then SpareStopped.
+  [[noreturn]] void leaveClosedRound(int round, int members, int signal);
   [[noreturn]] void throwJoinTimeout(int round);
   // After missing `round` (it closed without this agent): asks it to re-form when this agent would make a larger
   // usable count, else waits as a spare; returns the round that opened next. Extends `deadline` while the round's
@@ -284,6 +302,9 @@ class Rendezvous {
   std::vector<Seen> seen_;
   int seenRound_ = -1;
   int64_t beats_ = 0;
+  // closeAfterLastCall: the withdrawal seen holding the round's `closing` key, and since when
+  std::string stuckHolder_;
+  std::chrono::steady_clock::time_point stuckSince_;
 };
 
 }  // namespace dtrain::rendezvous

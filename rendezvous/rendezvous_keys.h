@@ -8,6 +8,7 @@
 #include <string_view>
 
 #include "lib/common/clock.h"
+#include "rendezvous/rendezvous.h"
 
 namespace dtrain::rendezvous::detail {
 
@@ -21,5 +22,24 @@ inline std::string key(int round, std::string_view what) { return fmt::format("r
 inline constexpr Millis kQuorumPoll{1000};
 // While waiting for a round to open, we look whether the job ended (and for a stop signal) this often.
 inline constexpr Millis kEndedPoll{1000};
+// A joiner of an elastic round that wants to withdraw, or to close the round, while another joiner holds the
+// round's `closing` key (a withdrawal under way: two round trips) retries after this long.
+inline constexpr Millis kClosingRetry{20};
+// ... and takes the key over from a withdrawal that held it this long (its agent died inside it).
+inline constexpr Millis kClosingSteal{30000};
+
+// RendezvousOptions::armStop(true) for the lifetime of the object, armStop(false) after it: a stop signal meanwhile
+// is only recorded (RendezvousOptions::pendingStop) and handled by the rendezvous.
+struct ArmedStop {
+  const RendezvousOptions& o;
+  explicit ArmedStop(const RendezvousOptions& o) : o(o) {
+    if (o.armStop) o.armStop(true);
+  }
+  ~ArmedStop() {
+    if (o.armStop) o.armStop(false);
+  }
+  ArmedStop(const ArmedStop&) = delete;
+  ArmedStop& operator=(const ArmedStop&) = delete;
+};
 
 }  // namespace dtrain::rendezvous::detail

@@ -42,15 +42,7 @@ int Rendezvous::waitForNextRound(int round, Deadline& deadline) {
   auto state = store_->batch({StoreOp::tryGet(key(round, "closed")), StoreOp::add(key(round, "count"), 0)});
   int members = state[0].value ? static_cast<int>(parse::toInt(*state[0].value).value_or(0)) : 0;
   const int joined = static_cast<int>(state[1].number);
-  struct ArmedStop {  // RendezvousOptions::armStop from before our line (a stop after it is deferred)
-    const RendezvousOptions& o;
-    explicit ArmedStop(const RendezvousOptions& o) : o(o) {
-      if (o.armStop) o.armStop(true);
-    }
-    ~ArmedStop() {
-      if (o.armStop) o.armStop(false);
-    }
-  } armed(options_);
+  detail::ArmedStop armed(options_);  // from before our line: a stop after it is deferred
   // Counted, so that the agent hosting the store outlives our last read when the job ends (waitSparesAcknowledged),
   // before our line is logged: a stop seen after it finds us counted, so leaveAsSpare's -1 balances it.
   store_->add(key(round, "waiting"), 1);
@@ -70,7 +62,7 @@ int Rendezvous::waitForNextRound(int round, Deadline& deadline) {
   bool opened = false;
   std::optional<std::string> lastBeat;
   while (!opened && !deadline.expired()) {
-    if (const int sig = options_.pendingStop()) leaveAsSpare(round, sig);
+    if (const int sig = options_.pendingStop()) leaveAsSpare(round, sig, /*waiting=*/true);
     opened = store_->wait({key(round + 1, "open")}, std::min(kEndedPoll, deadline.remaining()));
     if (opened) break;
     auto seen = store_->batch({StoreOp::tryGet("ended"), StoreOp::tryGet(key(round, "hb/0"))});
@@ -103,7 +95,7 @@ int Rendezvous::waitForNextRound(int round, Deadline& deadline) {
                  options_.endpoint, options_.joinTimeout.count() / 1000, round, members);
   }
   // A stop during the last slice: leave now rather than join the next round and die in it.
-  if (const int sig = options_.pendingStop()) leaveAsSpare(round, sig);
+  if (const int sig = options_.pendingStop()) leaveAsSpare(round, sig, /*waiting=*/true);
   return currentRound();
 }
 
@@ -124,11 +116,11 @@ void Rendezvous::throwIfEndedWhileWaiting(const std::optional<std::string>& ende
                              outcome, round, members);
 }
 
-void Rendezvous::leaveAsSpare(int round, int signal) {
+void Rendezvous::leaveAsSpare(int round, int signal, bool waiting) {
   // The round closed before we joined it (closed <= our index), so `count` no longer places anyone: it only
   // tells later joiners how many nodes wait. Our `waiting` share goes too; if the job already ended and the other
   // waiting agents all acknowledged it, we were the one the store's host still waited for.
-  auto counts = store_->batch({StoreOp::add(key(round, "count"), -1), StoreOp::add(key(round, "waiting"), -1),
+  auto counts = store_->batch({StoreOp::add(key(round, "count"), -1), StoreOp::add(key(round, "waiting"), waiting ? -1 : 0),
                                StoreOp::add(key(round, "waiting_acks"), 0)});
   if (counts[2].number > 0 && counts[2].number >= counts[1].number) store_->set(key(round, "waiting_acked"), "1");
   throw SpareStopped(fmt::format("rendezvous at {}: stopped by signal {} while waiting as a spare for a round after "

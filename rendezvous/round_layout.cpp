@@ -52,6 +52,8 @@ std::string recordLine(int index, const NodeInfo& self) {
   return fmt::format("{} {} {} {}\n", index, self.nproc, self.requestedNodeRank, self.toJson());
 }
 
+std::string withdrawnLine(int index) { return fmt::format("{} 0 -1 withdrawn\n", index); }
+
 std::vector<std::optional<Joined>> parseRecords(const std::string& records, int members) {
   std::vector<std::optional<Joined>> byIndex(static_cast<size_t>(std::max(members, 0)));
   auto all = lines(records);
@@ -60,7 +62,12 @@ std::vector<std::optional<Joined>> parseRecords(const std::string& records, int 
   for (auto line : all) {
     Joined j;
     if (!nextInt(line, j.index) || !nextInt(line, j.nproc) || !nextInt(line, j.requestedNodeRank)) continue;
-    if (j.index < 0 || j.index >= members || j.nproc < 1) continue;
+    if (j.index < 0 || j.index >= members) continue;
+    if (j.nproc == 0) {  // withdrawnLine: the joiner left before the round closed; a later joiner may take the index
+      byIndex[static_cast<size_t>(j.index)].reset();
+      continue;
+    }
+    if (j.nproc < 1) continue;
     j.record = rest(line);
     byIndex[static_cast<size_t>(j.index)] = std::move(j);
   }

@@ -32,7 +32,11 @@ struct Joined {
 
 // This joiner's records line.
 std::string recordLine(int index, const NodeInfo& self);
-// The joiners with index < members, by join index; nullopt where no (well-formed) line exists yet.
+// The line that cancels joiner `index`'s earlier lines (it withdrew before the round closed: Rendezvous::join);
+// a later joiner that takes the same index appends its own line after it.
+std::string withdrawnLine(int index);
+// The joiners with index < members, by join index (the last line of an index wins); nullopt where no (well-formed)
+// line exists yet or the last one is a withdrawnLine.
 std::vector<std::optional<Joined>> parseRecords(const std::string& records, int members);
 
 // The layout text of `joined` (one entry per join index, each with its record), or "error ...".

@@ -293,3 +293,90 @@ TEST_CASE("--nnodes 1:4 with 2 pipeline stages: a spare stopped by SIGTERM leave
   CHECK(r0.out.find("done: 6000 steps") != std::string::npos);
   CHECK(processesWithRunId(spare.id).empty());
 }
+
+namespace {
+
+// Agents of a short command job (each worker prints its rank and the world size) for the tests of a node stopped
+// while the round forms: elastic `nnodes`, a last call far longer than the test (rounds close at MAX nodes), a 3 s
+// heartbeat timeout.
+struct FormingJob {
+  explicit FormingJob(const std::string& tag, std::string nnodes)
+      : id(uniqueRunId(tag)), nnodes(std::move(nnodes)), port(freePort()) {}
+  std::vector<std::string> agent(int nodeRank) const {
+    return runArgs({"--nnodes", nnodes, "--nproc-per-node", "1", "--node-rank", std::to_string(nodeRank),
+                    "--rdzv-endpoint", fmt::format("127.0.0.1:{}", port), "--rdzv-id", id, "--rdzv-last-call", "600s",
+                    "--heartbeat-timeout", "3s", "--rdzv-timeout", "120s", "--shutdown-timeout", "2s", "--", "sh",
+                    "-c", "echo ran-$RANK-of-$WORLD_SIZE"});
+  }
+  std::string id, nnodes;
+  int port;
+};
+
+size_t occurrences(const std::string& text, const std::string& needle) {
+  size_t n = 0;
+  for (size_t at = text.find(needle); at != std::string::npos; at = text.find(needle, at + 1)) ++n;
+  return n;
+}
+
+}  // namespace
+
+TEST_CASE("--nnodes 2:3: the latest joiner stopped by SIGTERM while the round forms withdraws from it, and the round "
+          "closes without it") {
+  // It used to stay counted: the round closed with it, its members ran and then waited --heartbeat-timeout for its
+  // heartbeats (node_lost), and re-formed (the workers ran twice).
+  const FormingJob job("withdraw-latest", "2:3");
+  Background node0(job.agent(0));
+  node0.waitForLine("joined round 0 as its joiner 1", 60s, /*fromStderr=*/true);
+  Background node1(job.agent(1));
+  node1.waitForLine("2 node(s) joined round 0", 60s, /*fromStderr=*/true);  // inside the join, waiting for a 3rd
+  node1.signal(SIGTERM);
+  auto r1 = node1.wait(30s);
+  Background node2(job.agent(1));  // takes node 1's place
+  Background node3(job.agent(2));  // the 2nd and 3rd joiners: the 3rd closes the round
+  auto r0 = node0.wait(60s);
+  auto r2 = node2.wait(30s);
+  auto r3 = node3.wait(30s);
+  INFO(r0.out, r0.err, r1.err, r2.err, r3.err);
+  CHECK(r1.exitCode == 128 + SIGTERM);
+  CHECK(r1.err.find("stopped by signal 15 while joining round 0, before it closed; this node withdrew") !=
+        std::string::npos);
+  CHECK(r0.exitCode == 0);
+  CHECK(r2.exitCode == 0);
+  CHECK(r3.exitCode == 0);
+  CHECK(occurrences(r0.out, "ran-0-of-3") == 1);  // one round of 3 nodes, run once
+  CHECK(r0.err.find("re-forming the group") == std::string::npos);
+  CHECK(processesWithRunId(job.id).empty());
+}
+
+TEST_CASE("--nnodes 2:4: an earlier joiner stopped by SIGTERM while the round forms ends the round as soon as it "
+          "closes, and the others re-form at once without waiting for its heartbeats") {
+  // It cannot withdraw (a later joiner holds the last index), so it stays until the round closes, then ends it
+  // (node_lost). It used to die at the signal while counted: the round's members waited --heartbeat-timeout.
+  const FormingJob job("withdraw-earlier", "2:4");
+  Background node0(job.agent(0));
+  node0.waitForLine("joined round 0 as its joiner 1", 60s, /*fromStderr=*/true);
+  Background node1(job.agent(1));
+  node1.waitForLine("joined round 0 as its joiner 2", 60s, /*fromStderr=*/true);
+  Background node2(job.agent(2));
+  node2.waitForLine("joined round 0 as its joiner 3", 60s, /*fromStderr=*/true);
+  node1.signal(SIGTERM);        // joiner 2 of 3: not the latest, it stays counted until the round closes
+  Background node3(job.agent(3));  // the 4th joiner closes round 0 (with node 1 in it)
+  node3.waitForLine("joined round 1", 60s, /*fromStderr=*/true);
+  Background node4(job.agent(1));  // takes node 1's place: round 1 closes at 4 nodes
+  auto r0 = node0.wait(60s);
+  auto r1 = node1.wait(30s);
+  auto r2 = node2.wait(30s);
+  auto r3 = node3.wait(30s);
+  auto r4 = node4.wait(30s);
+  INFO(r0.out, r0.err, r1.err, r3.err, r4.err);
+  CHECK(r1.exitCode == 128 + SIGTERM);
+  CHECK(r1.err.find("which closed with this node among its 4; ended the round") != std::string::npos);
+  CHECK(r0.exitCode == 0);
+  CHECK(r2.exitCode == 0);
+  CHECK(r3.exitCode == 0);
+  CHECK(r4.exitCode == 0);
+  CHECK(r0.err.find("was stopped by signal 15 while round 0 formed") != std::string::npos);
+  CHECK(r0.err.find("sent no heartbeat") == std::string::npos);
+  CHECK(r0.out.find("ran-0-of-4") != std::string::npos);
+  CHECK(processesWithRunId(job.id).empty());
+}

@@ -399,7 +399,7 @@ bool usesFusedAttention(const LayerSpec& spec, AttentionKernel k) {
 const LayerKind& attentionKind() {
   static constexpr LayerKind kind{.name = "causal_self_attention", .parse = parseAttention,
                                   .paramShapes = attentionParams, .detail = attentionDetail, .cpu = makeAttention, .cuda = DTRAIN_NN_CUDA(makeAttention),
-                                  .bf16Input = true, .exampleLayer = R"({"type": "causal_self_attention", "n_head": 2})",
+                                  .bf16Input = true, .backwardIgnoresOutput = true, .exampleLayer = R"({"type": "causal_self_attention", "n_head": 2})",
                                   .exampleInput = "[3, 4]", .keptFloats = attentionKept};
   return kind;
 }

@@ -354,7 +354,7 @@ std::unique_ptr<Layer> makeDropout(const LayerSpec& spec, const LayerBuild& buil
 const LayerKind& linearKind() {
   static constexpr LayerKind kind{.name = "linear", .parse = parseLinear, .paramShapes = linearParams,
                                   .detail = linearDetail, .cpu = makeLinear, .cuda = DTRAIN_NN_CUDA(makeLinear),
-                                  .bf16Input = true, .exampleLayer = R"({"type": "linear", "out": 3})", .exampleInput = "[4]"};
+                                  .bf16Input = true, .backwardIgnoresOutput = true, .exampleLayer = R"({"type": "linear", "out": 3})", .exampleInput = "[4]"};
   return kind;
 }
 
@@ -366,7 +366,7 @@ const LayerKind& reluKind() {
 
 const LayerKind& geluKind() {
   static constexpr LayerKind kind{.name = "gelu", .parse = parseElementwise, .cpu = make<Gelu>, .cuda = DTRAIN_NN_CUDA(makeGelu),
-                                  .bf16Output = true, .exampleLayer = R"({"type": "gelu"})", .exampleInput = "[5]"};
+                                  .bf16Output = true, .backwardIgnoresOutput = true, .exampleLayer = R"({"type": "gelu"})", .exampleInput = "[5]"};
   return kind;
 }
 
@@ -384,7 +384,7 @@ const LayerKind& sigmoidKind() {
 
 const LayerKind& dropoutKind() {
   static constexpr LayerKind kind{.name = "dropout", .parse = parseDropout, .detail = dropoutDetail,
-                                  .cpu = makeDropout, .cuda = DTRAIN_NN_CUDA(makeDropout), .random = true,
+                                  .cpu = makeDropout, .cuda = DTRAIN_NN_CUDA(makeDropout), .random = true, .backwardIgnoresOutput = true,
                                   .exampleLayer = R"({"type": "dropout", "p": 0.25})", .exampleInput = "[6]"};
   return kind;
 }

@@ -182,15 +182,17 @@ class LmHead final : public Layer {
 
 // y = x + f(x), f the block's layers in sequence (a pre-LayerNorm transformer's residual branch). The children's
 // parameters are the block's, consecutive, named "<child name or index>.<suffix>"; their outputs live in the
-// block's own buffers for maxBatch samples.
+// block's own buffers for maxBatch samples, except the last child's when its backward never reads it
+// (blockAddsInPlace: attention, a linear): that child writes into y and the residual is added there in place.
 class Block final : public Layer {
  public:
-  Block(const LayerSpec& spec, const LayerBuild& build) : Layer(spec, Device::cpu()) {
+  Block(const LayerSpec& spec, const LayerBuild& build) : Layer(spec, Device::cpu()), inPlace_(blockAddsInPlace(spec)) {
     size_t maxIn = 0;
     for (const auto& c : spec.children) {
       children_.push_back(makeLayer(c, build));
       const size_t n = sz(build.maxBatch) * sz(c.output.numel());
-      outs_.emplace_back(children_.back()->aliasesInput() ? 0 : n);
+      const bool last = outs_.size() + 1 == spec.children.size();
+      outs_.emplace_back(children_.back()->aliasesInput() || (last && inPlace_) ? 0 : n);
       maxIn = std::max(maxIn, sz(build.maxBatch) * sz(c.input.numel()));
       counts_.push_back(sz(paramCountOf(c)));
     }
@@ -233,13 +235,14 @@ class Block final : public Layer {
   void forward(const float* x, float* y, int batch, bool train) override {
     const float* in = x;
     for (size_t i = 0; i < children_.size(); ++i) {
-      float* out = outs_[i].size() > 0 ? outs_[i].data() : const_cast<float*>(in);
-      if (outs_[i].size() > 0) children_[i]->forward(in, out, batch, train);
-      in_[i] = in, out_[i] = out;
+      const bool intoY = inPlace_ && i + 1 == children_.size();
+      float* out = intoY ? y : outs_[i].size() > 0 ? outs_[i].data() : const_cast<float*>(in);
+      if (out != in) children_[i]->forward(in, out, batch, train);
+      in_[i] = in, out_[i] = out;  // in place: out_ is y, overwritten below; that child's backward never reads it
       in = out;
     }
     const Eigen::Index n = batch * spec().output.numel();
-    ArrMap(y, n) = ConstArrMap(x, n) + ConstArrMap(in, n);
+    ArrMap(y, n) = ConstArrMap(x, n) + ConstArrMap(in, n);  // in == y when in place: elementwise, so no aliasing
   }
 
   void backward(const float*, const float*, const float* dy, float* dx, int batch, bool accumulate) override {
@@ -247,7 +250,7 @@ class Block final : public Layer {
     float* gradB = scratch_ != nullptr ? scratch_->data(SharedScratch::kGradB) : gradB_.data();
     const float* g = dy;  // d(branch output) = dy
     for (size_t k = children_.size(); k-- > 0;) {
-      const bool aliasing = outs_[k].size() == 0;
+      const bool aliasing = out_[k] == in_[k];
       float* d = nullptr;
       if (k > 0 || dx != nullptr) d = g == gradA ? gradB : gradA;
       if (!aliasing) children_[k]->backward(in_[k], out_[k], g, d, batch, accumulate);
@@ -259,6 +262,7 @@ class Block final : public Layer {
   }
 
  private:
+  bool inPlace_;  // blockAddsInPlace: the last child writes into y (its outs_ entry is empty)
   std::vector<std::unique_ptr<Layer>> children_;
   std::vector<AlignedBuffer<float>> outs_;
   std::vector<size_t> counts_;
@@ -296,15 +300,17 @@ std::string embeddingDetail(const LayerSpec& l) {
                      l.sparse ? ", sparse" : "");
 }
 
-// Each child's output (in the block's own buffers; half the floats where it is stored as bf16) and what the child
-// keeps itself.
+// Each child's output (in the block's own buffers; half the floats where it is stored as bf16; none for the last
+// child when blockAddsInPlace: it writes into the block's output) and what the child keeps itself.
 int64_t blockKept(const LayerSpec& l, const MemoryTarget& target) {
   const bool bf16 = target.cuda && target.bf16;
   const std::vector<char> stored = bf16 ? bf16StoredOutputs(l.children) : std::vector<char>(l.children.size(), 0);
+  const bool inPlace = blockAddsInPlace(l);
   double n = 0;
   for (size_t i = 0; i < l.children.size(); ++i) {
     const LayerSpec& c = l.children[i];
-    const double out = static_cast<double>(c.output.numel());
+    const bool intoY = inPlace && i + 1 == l.children.size();
+    const double out = intoY ? 0.0 : static_cast<double>(c.output.numel());
     n += (stored[i] != 0 ? std::ceil(out / 2) : out) + static_cast<double>(keptFloatsOf(c, target));
   }
   return n >= 9.2e18 ? std::numeric_limits<int64_t>::max() : static_cast<int64_t>(n);
@@ -381,7 +387,7 @@ std::unique_ptr<Layer> makeBlock(const LayerSpec& s, const LayerBuild& b) { retu
 const LayerKind& embeddingKind() {
   static constexpr LayerKind kind{.name = "embedding", .parse = parseEmbedding, .paramShapes = embeddingParams,
                                   .detail = embeddingDetail, .cpu = makeEmbedding, .cuda = DTRAIN_NN_CUDA(makeEmbedding),
-                                  .exampleLayer = R"({"type": "embedding", "vocab_size": 5, "n_embd": 4})",
+                                  .backwardIgnoresOutput = true, .exampleLayer = R"({"type": "embedding", "vocab_size": 5, "n_embd": 4})",
                                   .exampleInput = "[3]"};
   return kind;
 }
@@ -389,7 +395,7 @@ const LayerKind& embeddingKind() {
 const LayerKind& lmHeadKind() {
   static constexpr LayerKind kind{.name = "lm_head", .parse = parseLmHead, .paramShapes = lmHeadParams,
                                   .detail = lmHeadDetail, .cpu = makeLmHead, .cuda = DTRAIN_NN_CUDA(makeLmHead),
-                                  .bf16Input = true, .exampleLayer = R"({"type": "lm_head", "vocab_size": 5, "tied": false})",
+                                  .bf16Input = true, .backwardIgnoresOutput = true, .exampleLayer = R"({"type": "lm_head", "vocab_size": 5, "tied": false})",
                                   .exampleInput = "[3, 4]"};
   return kind;
 }
@@ -397,7 +403,7 @@ const LayerKind& lmHeadKind() {
 const LayerKind& blockKind() {
   static constexpr LayerKind kind{
       .name = "block", .parse = parseBlock, .paramShapes = blockParams, .detail = blockDetail, .cpu = makeBlock, .cuda = DTRAIN_NN_CUDA(makeBlock),
-      .exampleLayer = R"({"type": "block", "layers": [{"type": "layernorm"}, {"type": "linear", "out": 4}]})",
+      .backwardIgnoresOutput = true, .exampleLayer = R"({"type": "block", "layers": [{"type": "layernorm"}, {"type": "linear", "out": 4}]})",
       .exampleInput = "[3, 4]", .keptFloats = blockKept};
   return kind;
 }

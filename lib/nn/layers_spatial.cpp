@@ -361,7 +361,7 @@ const LayerKind& conv2dKind() {
   static constexpr LayerKind kind{.name = "conv2d", .parse = detail::parseConv2d, .paramShapes = detail::conv2dParams,
                                   .detail = detail::conv2dDetail, .cpu = detail::makeConv2d,
                                   .cuda = DTRAIN_NN_CUDA(makeConv2d),
-                                  .exampleLayer = R"({"type": "conv2d", "out": 2, "kernel": [3, 2], "padding": 1})",
+                                  .backwardIgnoresOutput = true, .exampleLayer = R"({"type": "conv2d", "out": 2, "kernel": [3, 2], "padding": 1})",
                                   .exampleInput = "[2, 5, 4]"};
   return kind;
 }
@@ -369,7 +369,7 @@ const LayerKind& conv2dKind() {
 const LayerKind& maxPool2dKind() {
   static constexpr LayerKind kind{.name = "maxpool2d", .parse = detail::parseMaxPool2d, .detail = detail::windowDetail,
                                   .cpu = detail::makeMaxPool2d, .cuda = DTRAIN_NN_CUDA(makeMaxPool2d),
-                                  .exampleLayer = R"({"type": "maxpool2d", "kernel": 2})", .exampleInput = "[2, 4, 6]"};
+                                  .backwardIgnoresOutput = true, .exampleLayer = R"({"type": "maxpool2d", "kernel": 2})", .exampleInput = "[2, 4, 6]"};
   return kind;
 }
 
@@ -377,7 +377,7 @@ const LayerKind& layerNormKind() {
   static constexpr LayerKind kind{.name = "layernorm", .parse = detail::parseLayerNorm,
                                   .paramShapes = detail::layerNormParams, .detail = detail::layerNormDetail,
                                   .cpu = detail::makeLayerNorm, .cuda = DTRAIN_NN_CUDA(makeLayerNorm),
-                                  .bf16Output = true, .exampleLayer = R"({"type": "layernorm"})", .exampleInput = "[3, 4]"};
+                                  .bf16Output = true, .backwardIgnoresOutput = true, .exampleLayer = R"({"type": "layernorm"})", .exampleInput = "[3, 4]"};
   return kind;
 }
 

@@ -92,6 +92,11 @@ void applyBf16Storage(std::span<const std::unique_ptr<Layer>> layers, const std:
   }
 }
 
+bool blockAddsInPlace(const LayerSpec& block) {
+  return !block.children.empty() && block.children.back().kind != nullptr &&
+         block.children.back().kind->backwardIgnoresOutput;
+}
+
 int64_t keptFloatsOf(const LayerSpec& spec, const MemoryTarget& target) {
   return spec.kind != nullptr && spec.kind->keptFloats != nullptr ? spec.kind->keptFloats(spec, target) : 0;
 }

@@ -136,6 +136,10 @@ struct LayerKind {
   // (layernorm, gelu: its derivative is taken from its input). Such a CUDA layer implements Layer::setBf16Storage.
   bool bf16Input = false;
   bool bf16Output = false;
+  // The layer's backward never reads its output y, on any device (linear, gelu, layernorm, attention, dropout...;
+  // not relu, tanh or sigmoid, whose derivatives are taken from y): a sequence may overwrite y once the next layer
+  // has read it (a block adds its residual into its last child's output: blockAddsInPlace).
+  bool backwardIgnoresOutput = false;
   // A valid layer object and per-sample input shape (JSON text), so tests cover every registered type.
   std::string_view exampleLayer;
   std::string_view exampleInput;
@@ -171,6 +175,14 @@ std::vector<char> bf16StoredOutputs(std::span<const LayerSpec> sequence);
 // Tells each layer of a built sequence what bf16StoredOutputs(specs) decided (Layer::setBf16Storage: its input
 // when the previous output is bf16, its output when its own is), for the layers concerned only.
 void applyBf16Storage(std::span<const std::unique_ptr<Layer>> layers, const std::vector<char>& storedOutputs);
+
+// Whether a block (`block`'s kind is "block") has its last child write straight into the block's output y and
+// adds the residual x there in place (y = x + y: the same float addition as x + f(x) into a separate y, so the same
+// bits), instead of keeping the child's output in a buffer of its own: true when that child's backward never reads
+// its output (LayerKind::backwardIgnoresOutput; never for a child that aliases its input). The rule of the CPU and
+// CUDA blocks and of the memory estimate (the block's keptFloats), so both count the same buffers. At GPT-2's shape
+// this drops attention's and c_proj's outputs: 2 x [rows, C] floats per layer.
+bool blockAddsInPlace(const LayerSpec& block);
 
 // Whether spec's layer, or a layer inside it (a block's children), draws random numbers in training (dropout).
 bool drawsRandom(const LayerSpec& spec);

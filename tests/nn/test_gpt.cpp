@@ -280,6 +280,72 @@ TEST_CASE("block: x + f(x) with its children's parameters named under it; gradie
         "[N,4,3] but give [N,4,5]");
 }
 
+// A block whose last child's backward never reads its output (attention, a linear) has that child write into the
+// block's output and adds the residual there in place (blockAddsInPlace): no buffer for that output, and the same
+// bits as the children run as a model of their own plus x (y = x + f, dx = dy + df).
+TEST_CASE("block in place: the last child writes into y; outputs and gradients bit for bit, its output not kept") {
+  const char* blocks[] = {
+      R"({"type": "block", "layers": [{"type": "layernorm"}, {"type": "causal_self_attention", "n_head": 2}]})",
+      R"({"type": "block", "layers": [{"type": "layernorm"}, {"type": "linear", "out": 16}, {"type": "gelu"},
+          {"type": "linear", "out": 4}]})",
+      R"({"type": "block", "layers": [{"type": "layernorm"}, {"type": "linear", "out": 4}, {"type": "gelu"}]})",
+      R"({"type": "block", "layers": [{"type": "layernorm"}, {"type": "linear", "out": 4}, {"type": "relu"}]})",
+      R"({"type": "block", "layers": [{"type": "linear", "out": 4}, {"type": "dropout", "p": 0.5}]})"};
+  const bool inPlace[] = {true, true, true, false, true};
+  for (size_t b = 0; b < std::size(blocks); ++b) {
+    CAPTURE(blocks[b]);
+    const int batch = 2;
+    Harness h(json::parse(blocks[b]), {3, 4}, batch);
+    CHECK(blockAddsInPlace(h.spec) == inPlace[b]);
+    // The reference: the children as a model of their own (same parameters), then x + f and dy + df (evaluation:
+    // the dropout's masks are keyed by the block's index inside a block).
+    const json children = json::parse(blocks[b])["layers"];
+    Model seq = Model::build(parseModelSpec(json{{"input", {3, 4}}, {"layers", children}}, "", "/model"), batch, 7,
+                             Device::cpu(), {}, {.inputGrad = true});
+    REQUIRE(seq.params().size() == h.params.size());
+    std::copy(h.params.begin(), h.params.end(), seq.params().begin());
+    h.impl->forward(h.x.data(), h.y.data(), batch, false);
+    h.impl->backward(h.x.data(), h.y.data(), h.r.data(), h.dx.data(), batch, false);
+    const TensorView f = seq.forward(h.x.data(), batch, false);
+    seq.backward(TensorView::of(h.r.data(), h.spec.output.withBatch(batch)), {}, GradMode::kOverwrite);
+    const auto* fv = static_cast<const float*>(f.data);
+    const auto* dfv = static_cast<const float*>(seq.inputGrad().data);
+    int bad = 0;
+    for (size_t i = 0; i < h.y.size(); ++i) bad += h.y[i] != h.x[i] + fv[i] ? 1 : 0;
+    for (size_t i = 0; i < h.dx.size(); ++i) bad += h.dx[i] != h.r[i] + dfv[i] ? 1 : 0;
+    for (size_t i = 0; i < h.grads.size(); ++i) bad += h.grads[i] != seq.grads()[i] ? 1 : 0;
+    CHECK(bad == 0);
+    // Kept per sample: every child's output but an in-place last one's, plus what each child keeps.
+    int64_t kept = 0;
+    for (size_t i = 0; i < h.spec.children.size(); ++i) {
+      const LayerSpec& c = h.spec.children[i];
+      kept += keptFloatsOf(c) + (inPlace[b] && i + 1 == h.spec.children.size() ? 0 : c.output.numel());
+    }
+    CHECK(keptFloatsOf(h.spec) == kept);
+  }
+}
+
+// LayerKind::backwardIgnoresOutput is a promise: such a layer's backward gives the same bits with y overwritten
+// (as an in-place block overwrites it). relu, whose derivative is read from y, is the control.
+TEST_CASE("backwardIgnoresOutput: the flagged kinds' backward does not read y") {
+  int flagged = 0;
+  for (const LayerKind* kind : layerKinds()) {
+    CAPTURE(kind->name);
+    if (!kind->backwardIgnoresOutput && kind->name != "relu") continue;
+    if (kind->name == "embedding" || kind->name == "block") continue;  // token ids as input; a block: above
+    flagged += kind->backwardIgnoresOutput ? 1 : 0;
+    Harness h(json::parse(kind->exampleLayer), json::parse(kind->exampleInput).get<std::vector<int64_t>>(), 2);
+    h.reseed = true;
+    h.analytic(/*train=*/true);
+    const std::vector<float> dx = h.dx, grads = h.grads;
+    h.objective(true);
+    for (float& v : h.y) v = -1.0f;  // any value: relu then passes no gradient at all
+    h.impl->backward(h.x.data(), h.y.data(), h.r.data(), h.dx.data(), 2, false);
+    CHECK((h.dx == dx && h.grads == grads) == kind->backwardIgnoresOutput);
+  }
+  CHECK(flagged >= 7);  // linear, gelu, dropout, layernorm, causal_self_attention, conv2d, maxpool2d, lm_head
+}
+
 TEST_CASE("linear over a sequence and an untied lm_head: every position, gradients") {
   Harness lin(json{{"type", "linear"}, {"out", 2}}, {3, 4}, 2);
   CHECK(lin.spec.output == Shape{3, 2});

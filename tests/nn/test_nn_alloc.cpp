@@ -5,8 +5,10 @@
 #include <doctest/doctest.h>
 
 #include <cstdlib>
+#include <string>
 #include <vector>
 
+#include "lib/nn/layer.h"
 #include "lib/nn/loss.h"
 #include "lib/nn/model.h"
 #include "lib/nn/optimizer.h"
@@ -31,6 +33,16 @@ extern "C" void* __libc_malloc(size_t size);
 extern "C" void* malloc(size_t size) {
   if (gCounting) ++gMallocs;
   return __libc_malloc(size);
+}
+// AlignedBuffer's allocations (lib/common/aligned_buffer.h: std::aligned_alloc), counted in bytes.
+namespace {
+bool gCountingBytes = false;
+size_t gAlignedBytes = 0;
+}  // namespace
+extern "C" void* __libc_memalign(size_t alignment, size_t size);
+extern "C" void* aligned_alloc(size_t alignment, size_t size) {
+  if (gCountingBytes) gAlignedBytes += size;
+  return __libc_memalign(alignment, size);
 }
 #endif
 
@@ -71,5 +83,45 @@ TEST_CASE("training steps do not allocate") {
     }
     CHECK(b > 0);
   }
+#endif
+}
+
+// A block whose last child's backward never reads its output (blockAddsInPlace) keeps no buffer for that output:
+// the child writes into the block's output. Built with a shared scratch (as in a model), the block allocates
+// exactly its children's own buffers plus the outputs it keeps: ln's only for [layernorm, attention] (the attention
+// output, one [T, C] per sample, was a second buffer before), both for [layernorm, relu] (relu reads its output).
+TEST_CASE("an in-place block does not allocate its last child's output") {
+#if !DTRAIN_NN_COUNT_MALLOC
+  MESSAGE("allocation counting is off under sanitizers");
+#else
+  const int maxBatch = 8;
+  const auto parse = [](const char* layer) {
+    return parseModelSpec(nlohmann::json::parse(std::string(R"({"input": [16, 32], "layers": [)") + layer + "]}"),
+                          "", "/model")
+        .layers[0];
+  };
+  const auto bytesToBuild = [&](const LayerSpec& spec) {
+    SharedScratch scratch;
+    gAlignedBytes = 0;
+    gCountingBytes = true;
+    auto layer = makeLayer(spec, {.device = Device::cpu(), .maxBatch = maxBatch, .seed = 1, .scratch = &scratch});
+    gCountingBytes = false;
+    return gAlignedBytes;
+  };
+  const size_t rowBytes = size_t{maxBatch} * 16 * 32 * sizeof(float);  // one [N, T, C] float32 output
+  const char* ln = R"({"type": "layernorm"})";
+  const char* attn = R"({"type": "causal_self_attention", "n_head": 2})";
+  const char* relu = R"({"type": "relu"})";
+  const size_t lnBytes = bytesToBuild(parse(ln)), attnBytes = bytesToBuild(parse(attn)),
+               reluBytes = bytesToBuild(parse(relu));
+  const LayerSpec inPlace = parse((std::string(R"({"type": "block", "layers": [)") + ln + ", " + attn + "]}").c_str());
+  const LayerSpec kept = parse((std::string(R"({"type": "block", "layers": [)") + ln + ", " + relu + "]}").c_str());
+  CHECK(blockAddsInPlace(inPlace));
+  CHECK_FALSE(blockAddsInPlace(kept));
+  CHECK(bytesToBuild(inPlace) == lnBytes + attnBytes + rowBytes);
+  CHECK(bytesToBuild(kept) == lnBytes + reluBytes + 2 * rowBytes);
+  // The estimate (dtrain check) counts the same buffers.
+  CHECK(keptFloatsOf(inPlace) == keptFloatsOf(inPlace.children[0]) + keptFloatsOf(inPlace.children[1]) + 16 * 32);
+  CHECK(keptFloatsOf(kept) == keptFloatsOf(kept.children[0]) + 2 * 16 * 32);
 #endif
 }

@@ -391,7 +391,8 @@ class LmHead final : public Layer {
 // storesBf16Between: ln_1 -> attention, ln_2 -> c_fc, gelu -> c_proj in a GPT block).
 class Block final : public Layer {
  public:
-  Block(const LayerSpec& spec, const LayerBuild& build) : Layer(spec, build.device), scratch_(build.scratch) {
+  Block(const LayerSpec& spec, const LayerBuild& build)
+      : Layer(spec, build.device), inPlace_(blockAddsInPlace(spec)), scratch_(build.scratch) {
     size_t maxIn = 0;
     for (const auto& c : spec.children) {
       children_.push_back(makeLayer(c, build));
@@ -408,9 +409,13 @@ class Block final : public Layer {
     const std::vector<char> bf16 =
         build.bf16 ? bf16StoredOutputs(spec.children) : std::vector<char>(children_.size(), 0);
     if (build.bf16) applyBf16Storage(children_, bf16);
+    // The last child writes into y when its backward never reads its output (blockAddsInPlace, the CPU block's
+    // rule): no buffer for it. Its output is never bf16 (no next child reads it), and a fused pair's second half
+    // (a gelu after its linear) writes its full result there.
     for (size_t i = 0; i < children_.size(); ++i) {
       const size_t n = floatsFor(sz(build.maxBatch) * sz(spec.children[i].output.numel()), bf16[i] != 0);
-      outs_.emplace_back(children_[i]->aliasesInput() ? 0 : n, build.device);
+      const bool intoY = inPlace_ && i + 1 == children_.size();
+      outs_.emplace_back(children_[i]->aliasesInput() || intoY ? 0 : n, build.device);
     }
     // The ping-pong gradients live only inside one backward: the model's blocks share them (SharedScratch kGradA,
     // kGradB, as the CPU's blocks do; the spec parser refuses a block inside a block, which would overwrite them).
@@ -439,11 +444,15 @@ class Block final : public Layer {
     for (auto& c : children_) c->reseed(detail::mixSeed(seed, salt), detail::mixSeed(position, salt));
   }
 
+  // In place (blockAddsInPlace), the last child writes f into y and k::add(x, y, y) makes it x + f: the same float
+  // addition as before into a separate y, so the same bits; out_ then points at y, which that child's backward never
+  // reads.
   void forward(const float* x, float* y, int batch, bool train) override {
     const float* in = x;
     for (size_t i = 0; i < children_.size(); ++i) {
-      float* out = outs_[i].size() > 0 ? outs_[i].data() : const_cast<float*>(in);
-      if (outs_[i].size() > 0) children_[i]->forward(in, out, batch, train);
+      const bool intoY = inPlace_ && i + 1 == children_.size();
+      float* out = intoY ? y : outs_[i].size() > 0 ? outs_[i].data() : const_cast<float*>(in);
+      if (out != in) children_[i]->forward(in, out, batch, train);
       in_[i] = in, out_[i] = out;
       in = out;
     }
@@ -455,7 +464,7 @@ class Block final : public Layer {
     float* gradB = scratch_ != nullptr ? scratch_->data(SharedScratch::kGradB) : gradB_.data();
     const float* g = dy;
     for (size_t i = children_.size(); i-- > 0;) {
-      const bool aliasing = outs_[i].size() == 0;
+      const bool aliasing = out_[i] == in_[i];
       float* d = nullptr;
       if (i > 0 || dx != nullptr) d = g == gradA ? gradB : gradA;
       if (!aliasing) children_[i]->backward(in_[i], out_[i], g, d, batch, accumulate);
@@ -465,6 +474,7 @@ class Block final : public Layer {
   }
 
  private:
+  bool inPlace_;  // blockAddsInPlace: the last child writes into y (its outs_ entry is empty)
   std::vector<std::unique_ptr<Layer>> children_;
   std::vector<DeviceFloats> outs_;
   std::vector<size_t> counts_;

@@ -114,6 +114,8 @@ RoundInfo Rendezvous::join() {
   const bool fingerprinted = !options_.jobFingerprint.empty();
   if (fingerprinted) ops.push_back(StoreOp::compareSet("job", "", options_.jobFingerprint));
   ops.push_back(StoreOp::tryGet("ended"));
+  const bool agreeing = !options_.agreedEnv.empty();
+  if (agreeing) ops.push_back(StoreOp::compareSet("agreed_env", "", options_.agreedEnv));
   ops.push_back(StoreOp::compareSet("round", "", "0"));
   auto first = store_->batch(ops);
   if (fingerprinted) {
@@ -136,6 +138,7 @@ RoundInfo Rendezvous::join() {
   }
   // After the fingerprint: another job is told that the id is another job's; the same job that its run ended.
   throwIfEnded(first[fingerprinted ? 1 : 0].value);
+  if (agreeing) throwIfEnvDisagrees(first[first.size() - 2].value.value_or(""));
   int round = parseRound(first.back().value.value_or(""));
   for (;;) {
     if (auto info = tryJoinRound(round, deadline)) return *info;
@@ -154,6 +157,42 @@ void Rendezvous::throwIfEnded(const std::optional<std::string>& ended) {
                "rendezvous at {}: the job that used this run id on this store already ended ({}, exit code {}: {}); "
                "use a new --rdzv-id",
                options_.endpoint, roundEventName(outcome.type), outcome.exitCode, outcome.message);
+}
+
+namespace {
+
+// "NAME=value" lines -> (name, value), in order.
+std::vector<std::pair<std::string, std::string>> envLines(const std::string& text) {
+  std::vector<std::pair<std::string, std::string>> out;
+  size_t start = 0;
+  while (start < text.size()) {
+    size_t nl = text.find('\n', start);
+    std::string line = text.substr(start, nl == std::string::npos ? std::string::npos : nl - start);
+    start = nl == std::string::npos ? text.size() : nl + 1;
+    size_t eq = line.find('=');
+    if (eq != std::string::npos) out.emplace_back(line.substr(0, eq), line.substr(eq + 1));
+  }
+  return out;
+}
+
+}  // namespace
+
+void Rendezvous::throwIfEnvDisagrees(const std::string& recorded) {
+  if (recorded == options_.agreedEnv) return;
+  auto theirs = envLines(recorded), ours = envLines(options_.agreedEnv);
+  for (const auto& [name, value] : ours) {
+    auto it = std::find_if(theirs.begin(), theirs.end(), [&](const auto& kv) { return kv.first == name; });
+    const std::string other = it == theirs.end() ? std::string("(not compared by that agent)") : it->second;
+    if (other == value) continue;
+    DTRAIN_THROW(RendezvousError,
+                 "rendezvous at {}: {} is {} on this node but {} on the job's first agent; every node "
+                 "must give it the same value: it decides which collectives the ranks run, so the ranks would wait "
+                 "for each other until parallel.timeout. Set it alike in every node's environment",
+                 options_.endpoint, name, value, other);
+  }
+  DTRAIN_THROW(RendezvousError,
+               "rendezvous at {}: this node's environment differs from the job's first agent's: here '{}', there '{}'",
+               options_.endpoint, options_.agreedEnv, recorded);
 }
 
 void Rendezvous::recordEnd(const RoundEvent& outcome) { store_->compareSet("ended", "", outcome.toJson()); }

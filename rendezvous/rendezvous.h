@@ -12,6 +12,7 @@
 //   ended                 the job's terminal outcome (JSON RoundEvent of the round that ended it), written by every
 //                         agent that exits after a round (first one wins): a later join() with this run id fails
 //                         at once, naming the outcome, instead of waiting for a round that never opens
+//   agreed_env            the first agent's RendezvousOptions::agreedEnv: later agents must have the same text
 //   r<R>/count            join counter; a joiner's index is the counter value it got minus one (a joiner of a
 //                         round that already closed gets an index >= its member count: it missed the round)
 //   r<R>/node/<i>         the i-th joiner's NodeInfo (JSON)
@@ -90,6 +91,11 @@ struct RendezvousOptions {
   // "<hex> <summary>": identifies the job (launch::LaunchOptions::jobFingerprint). join() refuses, with a
   // RendezvousError naming both jobs, to join a run id whose first agent ran another job. Empty: no check.
   std::string jobFingerprint;
+  // "NAME=value\n" lines (value "(unset)" when not set, in one order on every node): environment variables every
+  // node must agree on (launch::agreedEnvironment). join() records the first agent's text under `agreed_env` and
+  // refuses, with a RendezvousError naming the first variable that differs and both values, to join with another
+  // text. Empty: no check.
+  std::string agreedEnv;
   // Elastic jobs (min < max): node counts in [minNodes, maxNodes] whose world the job cannot run (its rank grid
   // does not divide it, or it leaves no trainer beside the parameter servers: train::unusableNodeCounts), in any
   // order. A round then closes with the largest usable count of the nodes that joined (never an unusable one):
@@ -252,6 +258,8 @@ class Rendezvous {
   int currentRound();
   static int parseRound(const std::string& value);
   void throwIfEnded(const std::optional<std::string>& ended);
+  // RendezvousError naming the first variable whose value differs between `recorded` (agreed_env) and ours.
+  void throwIfEnvDisagrees(const std::string& recorded);
   // The same for an agent that joined and waits for a next round: JobEndedWhileWaiting with the outcome.
   void throwIfEndedWhileWaiting(const std::optional<std::string>& ended, int round, int members);
   // A spare of `round` stopped by `signal` (RendezvousOptions::stopPending): out of the counts (`count`, and

@@ -26,6 +26,7 @@
 #include "lib/launch/round_policy.h"
 #include "lib/launch/round_runner.h"
 #include "lib/launch/timeline.h"
+#include "lib/launch/worker_env.h"
 #include "rendezvous/etcd_store.h"
 #include "rendezvous/prefix_store.h"
 #include "rendezvous/rendezvous.h"
@@ -407,6 +408,7 @@ int Agent::run() {
   ropts.lastCall = options_.lastCall;
   ropts.endpoint = endpoint_;
   ropts.jobFingerprint = options_.jobFingerprint();
+  ropts.agreedEnv = agreedEnvironment();
   ropts.unusableNodes = options_.unusableNodes;
   ropts.hostsStore = hosting_ && !options_.standalone;
   ropts.armStop = [](bool on) { gDeferStop = on ? 1 : 0; };

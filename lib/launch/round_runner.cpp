@@ -158,7 +158,8 @@ void RoundRunner::startWorkers() {
   const auto& opts = *ctx_.options;
   int nproc = round.self().info.nproc;
   workers_.resize(nproc);
-  WorkerContext wctx{&round, 0, ctx_.storeAddr, ctx_.runId, opts.maxRestarts, opts.rdzvToken, opts.psServers};
+  WorkerContext wctx{&round, 0, ctx_.storeAddr, ctx_.runId, opts.maxRestarts, opts.rdzvToken, opts.psServers,
+                     opts.localAddr};
   for (int lr = 0; lr < nproc; ++lr) {
     Worker& w = workers_[lr];
     w.localRank = lr;

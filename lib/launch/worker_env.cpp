@@ -2,6 +2,7 @@
 
 #include <map>
 
+#include "lib/common/env.h"
 #include "lib/common/error.h"
 #include "lib/common/ps_placement.h"
 
@@ -51,10 +52,29 @@ std::vector<std::string> workerEnvironment(const WorkerContext& ctx) {
   for (auto& [k, v] : contract.toEnv()) env[k] = v;
   if (contract.wantsOneOmpThread() && env.find(WorkerContract::kOmpNumThreads) == env.end())
     env[WorkerContract::kOmpNumThreads] = "1";
+  if (auto host = env.find("DTRAIN_COMM_HOST"); !ctx.localAddr.empty() && (host == env.end() || host->second.empty()))
+    env["DTRAIN_COMM_HOST"] = ctx.localAddr;
   std::vector<std::string> out;
   out.reserve(env.size());
   for (auto& [k, v] : env) out.push_back(k + "=" + v);
   return out;
+}
+
+std::string agreedEnvironment() {
+  std::string text;
+  for (const char* name : kAgreedVariables) {
+    std::string value = env::getOr(name, "");
+    if (value.empty()) {
+      value = "(unset)";
+    } else if (std::string_view(name) == "DTRAIN_COMPRESSION_HOST_STAGING") {
+      try {
+        value = env::getBool(name, false) ? "true" : "false";
+      } catch (const std::exception&) {  // not a boolean: compared as written (the trainer refuses it anyway)
+      }
+    }
+    text += fmt::format("{}={}\n", name, value);
+  }
+  return text;
 }
 
 }  // namespace dtrain::launch

@@ -380,3 +380,23 @@ TEST_CASE("--nnodes 2:4: an earlier joiner stopped by SIGTERM while the round fo
   CHECK(r0.out.find("ran-0-of-4") != std::string::npos);
   CHECK(processesWithRunId(job.id).empty());
 }
+
+TEST_CASE("nodes whose environments disagree on DTRAIN_COMPRESSION_HOST_STAGING: the second to join fails at once, "
+          "naming the variable and both values") {
+  // They used to run: the ranks of one node staged top-k through host memory, the others ran it on the device (other
+  // collectives), and the job failed only at parallel.timeout.
+  const FormingJob job("agreed-env", "1:2");
+  Background node0(job.agent(0), {.env = {{"DTRAIN_COMPRESSION_HOST_STAGING", "1"}}});
+  node0.waitForLine("joined round 0 as its joiner 1", 60s, /*fromStderr=*/true);
+  Background node1(job.agent(1), {.unsetEnv = {"DTRAIN_COMPRESSION_HOST_STAGING"}});
+  auto r1 = node1.wait(30s);
+  node0.signal(SIGTERM);  // alone in a round that has not closed: it withdraws and exits
+  auto r0 = node0.wait(30s);
+  INFO(r1.err, r0.err);
+  CHECK(r1.exitCode == 4);
+  CHECK(r1.err.find("DTRAIN_COMPRESSION_HOST_STAGING is (unset) on this node but true on the job's first agent") !=
+        std::string::npos);
+  CHECK(r1.err.find("ran-") == std::string::npos);
+  CHECK(r0.exitCode == 128 + SIGTERM);
+  CHECK(processesWithRunId(job.id).empty());
+}

@@ -217,3 +217,36 @@ TEST_CASE("options can come from DTRAIN_* environment variables") {
   CHECK(token.exitCode == 0);
   CHECK(token.out.find("tok=s3cret") != std::string::npos);
 }
+
+TEST_CASE("--local-addr is the workers' collective and parameter-server address (DTRAIN_COMM_HOST) unless the "
+          "environment sets DTRAIN_COMM_HOST") {
+  // A multi-homed node's --local-addr used to reach only the agent's record: the workers' tcp collectives and
+  // parameter servers listened on and advertised the first non-loopback address instead.
+  int port = freePort();
+  std::string id = uniqueRunId("localaddr");
+  auto agent = [&](int nodeRank, const std::string& addr) {
+    return runArgs({"--nnodes", "2", "--nproc-per-node", "1", "--node-rank", std::to_string(nodeRank),
+                    "--rdzv-endpoint", fmt::format("127.0.0.1:{}", port), "--rdzv-id", id, "--local-addr", addr,
+                    "--rdzv-timeout", "60s", "--", "env"});
+  };
+  Background node1(agent(1, "127.0.0.2"), {.unsetEnv = {"DTRAIN_COMM_HOST"}});
+  auto r0 = run(agent(0, "127.0.0.1"), {.timeout = 60s, .unsetEnv = {"DTRAIN_COMM_HOST"}});
+  auto r1 = node1.wait(60s);
+  INFO(r0.err, r1.err);
+  REQUIRE(r0.exitCode == 0);
+  REQUIRE(r1.exitCode == 0);
+  auto e0 = envByRank(r0.out), e1 = envByRank(r1.out);
+  CHECK(e0[0]["DTRAIN_COMM_HOST"] == "127.0.0.1");
+  CHECK(e1[1]["DTRAIN_COMM_HOST"] == "127.0.0.2");
+  CHECK(e1[1]["MASTER_ADDR"] == "127.0.0.1");
+
+  // DTRAIN_COMM_HOST in the agent's environment wins.
+  port = freePort();
+  id = uniqueRunId("localaddr-env");
+  Background again1(agent(1, "127.0.0.2"), {.env = {{"DTRAIN_COMM_HOST", "127.0.0.3"}}});
+  auto s0 = run(agent(0, "127.0.0.1"), {.timeout = 60s, .unsetEnv = {"DTRAIN_COMM_HOST"}});
+  auto s1 = again1.wait(60s);
+  INFO(s0.err, s1.err);
+  REQUIRE(s1.exitCode == 0);
+  CHECK(envByRank(s1.out)[1]["DTRAIN_COMM_HOST"] == "127.0.0.3");
+}

@@ -36,6 +36,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -152,6 +153,14 @@ struct RetentionResult {
 // older than the newest complete one, every staging dir and leftovers of replaced checkpoints. Call it on rank 0
 // right after commit(), when no staging dir is in use. Only names dtrain writes are ever touched.
 RetentionResult applyRetention(const std::filesystem::path& root, int keep);
+
+// Removes the staging dirs under `root` named step-<N>.tmp-<tokenFor(N)>: the ones a writer with these tokens
+// would join. Writers derive their token from the run id, round, restart count and step, so the same command run
+// again joins the staging dir a killed writer left at that step, and its commit failed on the dead writer's
+// half-written file (exit 8 at that step on every rerun) or took in a stale file. Call it on rank 0 before any
+// rank of the run can have started a checkpoint (at start-up, before the first step). Blocking (filesystem only).
+RetentionResult removeStagingDirs(const std::filesystem::path& root,
+                                  const std::function<std::string(int64_t step)>& tokenFor);
 
 // A checkpoint opened for loading. Safetensors files are memory-mapped on first use and cached.
 // Not thread-safe (the cache); one per loading thread.

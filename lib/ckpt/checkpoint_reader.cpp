@@ -210,6 +210,21 @@ RetentionResult applyRetention(const fs::path& root, int keep) {
   return result;
 }
 
+RetentionResult removeStagingDirs(const fs::path& root, const std::function<std::string(int64_t step)>& tokenFor) {
+  RetentionResult result;
+  std::error_code ec;
+  for (fs::directory_iterator it(root, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    const auto parsed = parseDirName(name);
+    if (!parsed || parsed->kind != DirKind::kStaging || name != stagingDirName(parsed->step, tokenFor(parsed->step)))
+      continue;
+    std::error_code removeError;
+    fs::remove_all(it->path(), removeError);
+    if (!removeError) result.removed.push_back(it->path());
+  }
+  return result;
+}
+
 Checkpoint Checkpoint::open(const fs::path& given) {
   const CheckpointInfo info = inspectCheckpoint(given, /*verifyChecksums=*/false);
   const fs::path& path = info.path;

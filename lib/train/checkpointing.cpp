@@ -144,7 +144,11 @@ Checkpointer::Checkpointer(const Job& job, Strategy& strategy, std::string runTa
 std::optional<ResumePoint> Checkpointer::resume(nn::Model& model, nn::Optimizer& optimizer) {
   if (job_.checkpoint.enabled && !job_.checkpoint.resume && rank_ == 0)
     if (auto warning = resumeOffWarning(job_)) log::warn("{}", *warning);
-  if (!job_.checkpoint.enabled || !job_.checkpoint.resume) return std::nullopt;
+  if (!job_.checkpoint.enabled) return std::nullopt;
+  if (rank_ == 0)  // a killed writer's staging dirs that this run's writers would join (the same tokens)
+    for (const auto& gone : ckpt::removeStagingDirs(job_.checkpoint.dir, [&](int64_t step) { return token(step); }).removed)
+      log::warn("removed {}: a checkpoint whose writer died before committing it", gone.string());
+  if (!job_.checkpoint.resume) return std::nullopt;
   auto latest = ckpt::findLatestValid(job_.checkpoint.dir);
   if (rank_ == 0)
     for (const auto& s : latest.skipped)
@@ -307,7 +311,7 @@ bool Checkpointer::loadCommHookState(const ResumePoint& from, std::string* whyFr
 std::filesystem::path Checkpointer::save(const nn::Model& model, nn::Optimizer& optimizer, int64_t step,
                                          int64_t epoch, int64_t samplesConsumed, int epochWorld) {
   // Every rank derives the same token: no message needed to agree on the staging dir.
-  std::string token = fnv1aHex(fmt::format("{}/{}", runTag_, step));
+  const std::string token = this->token(step);
   ckpt::CheckpointWriter writer(job_.checkpoint.dir, step, token);
   const CheckpointShard shard = strategy_.checkpointShard(model);
   if (!shard.shardTag.empty()) {

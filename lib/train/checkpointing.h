@@ -26,6 +26,7 @@
 #include <optional>
 #include <string>
 
+#include "lib/common/hash.h"
 #include "lib/nn/model.h"
 #include "lib/nn/optimizer.h"
 #include "lib/train/job.h"
@@ -108,6 +109,9 @@ class Checkpointer {
   void loadSparseTables(const ResumePoint& from);
 
  private:
+  // The staging-dir token of `step`'s checkpoint: the same on every rank, no message needed.
+  std::string token(int64_t step) const { return fnv1aHex(fmt::format("{}/{}", runTag_, step)); }
+
   const Job& job_;
   Strategy& strategy_;
   int rank_;

@@ -9,6 +9,7 @@
 #include <regex>
 #include <set>
 
+#include "lib/common/hash.h"
 #include "tests/integration/launch_helpers.h"
 #include "tests/integration/train_helpers.h"
 
@@ -160,6 +161,39 @@ TEST_CASE("a corrupt or truncated newest checkpoint is reported and skipped for 
   CHECK(second.err.find("step-000000009") != std::string::npos);
   CHECK(second.out.find("resumed from " + dir + "/out/checkpoints/step-000000006 (step 6") != std::string::npos);
   CHECK(second.out.find("done: 12 steps") != std::string::npos);
+}
+
+TEST_CASE("the same command after a writer was killed mid-checkpoint: its staging dir is removed, not joined") {
+  // Staging-dir tokens come from the run id, round, restart count and step, so a rerun with the same --rdzv-id (a
+  // requeued Slurm job, or the default id `none`) joins the staging dir a killed writer left at that step. Its
+  // commit then failed on the dead writer's half-written file, exit 8 at that step on every rerun.
+  std::string dir = tempDir("stalestaging");
+  json job = smallJob();
+  job["train"]["max_steps"] = 9;
+  writeFile(dir + "/job.json", job.dump());
+  const std::string out = dir + "/out", ckpts = out + "/checkpoints";
+  auto args = [&] {
+    return runArgs({"--nproc-per-node", "2", "--rdzv-endpoint", fmt::format("127.0.0.1:{}", freePort()), "--rdzv-id",
+                    "job7", dir + "/job.json", "--output-dir", out});
+  };
+  auto first = run(args(), {.timeout = 60s});
+  REQUIRE(first.exitCode == 0);
+  REQUIRE(listSteps(ckpts) == std::vector<std::string>{"step-000000006", "step-000000009"});
+  // What a writer killed during step 9's checkpoint leaves: its staging dir with a file half-written, and a rank's
+  // file this run's world does not write (a stale file a joined commit would have listed as its own).
+  const std::string staging = ckpts + "/step-000000009.tmp-" + dtrain::fnv1aHex("job7/0/0/9");
+  fs::rename(ckpts + "/step-000000009", staging);
+  for (const char* f : {"COMMITTED", "manifest.json", "meta.json"}) fs::remove(staging + "/" + f);
+  fs::rename(staging + "/optimizer.safetensors", staging + "/.optimizer.safetensors.tmp-999999");
+  fs::copy_file(staging + "/rank-1.json", staging + "/rank-5.json");
+  auto second = run(args(), {.timeout = 60s});
+  INFO(second.out, second.err);
+  REQUIRE(second.exitCode == 0);
+  CHECK(second.out.find("resumed from " + ckpts + "/step-000000006 (step 6") != std::string::npos);
+  CHECK(second.err.find("removed " + staging + ": a checkpoint whose writer died") != std::string::npos);
+  CHECK(listSteps(ckpts) == std::vector<std::string>{"step-000000006", "step-000000009"});
+  CHECK(run({dtrainBinary(), "ckpt", "inspect", ckpts + "/step-000000009"}).exitCode == 0);
+  CHECK_FALSE(fs::exists(ckpts + "/step-000000009/rank-5.json"));
 }
 
 TEST_CASE("a checkpoint from a different model is an error, not a silent load") {

@@ -70,6 +70,14 @@ void addBiasToBf16(const float* x, const float* bias, uint16_t* y, int64_t rows,
 // y = (x - mean) * rstd (* w when w != nullptr, + b when b != nullptr too: b may be nullptr, "bias": false); mean and rstd of each row are kept for backward.
 void layerNormForward(const float* x, const float* w, const float* b, float* y, float* mean, float* rstd,
                       int64_t rows, int64_t d, float eps);
+// A block's residual add fused with the LayerNorm after it (llm.c's fused_residual_forward; docs/gpu.md "Fused
+// residual + LayerNorm"): f[i] = a[i] + f[i] in place (add(a, f, f)'s sums: the block's output), then
+// layerNormForward(f, ...) over those sums, in one pass: the same bits as the two calls (layernorm_rows.h).
+// a and f are [rows, d] float32, distinct; y as layerNormForward's (the Bf16 twin: 2-byte values).
+void residualLayerNormForward(const float* a, float* f, const float* w, const float* b, float* y, float* mean,
+                              float* rstd, int64_t rows, int64_t d, float eps);
+void residualLayerNormForwardBf16(const float* a, float* f, const float* w, const float* b, uint16_t* y,
+                                  float* mean, float* rstd, int64_t rows, int64_t d, float eps);
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w (dx may be nullptr); with w, the weight and bias
 // gradients dw (+)= sum_r dy * xhat, db (+)= sum_r dy (layerNormParamGrad; db may be nullptr).
 void layerNormBackward(const float* x, const float* w, const float* mean, const float* rstd, const float* dy,

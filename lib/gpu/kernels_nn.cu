@@ -10,6 +10,7 @@
 #include "lib/gpu/bf16_store.h"
 #include "lib/gpu/grid.h"
 #include "lib/gpu/kernels.h"
+#include "lib/gpu/layernorm_rows.h"
 #include "lib/gpu/launch.h"
 
 namespace dtrain::gpu::kernels {
@@ -85,22 +86,40 @@ __global__ void activationBackwardKernel(Activation f, const float* x, const flo
 }
 
 // Out: float, or uint16_t for bf16 storage (only the store differs: bf16_store.h).
+// A row's statistics and outputs from its threads' partial sums s (layernorm_rows.h): the part both LayerNorm
+// forward kernels share.
 template <class Out>
-__global__ void layerNormForwardKernel(const float* x, const float* w, const float* b, Out* y, float* mean,
-                                       float* rstd, int64_t rows, int64_t d, float eps) {
-  __shared__ float sh[kThreads];
-  DTRAIN_ROW_STRIDE(r, rows) {
-  const float* xr = x + r * d;
-  float s = 0.0f;
-  for (int64_t j = threadIdx.x; j < d; j += kThreads) s += xr[j];
+__device__ void layerNormFinishRow(const float* xr, float s, const float* w, const float* b, Out* y, float* mean,
+                                   float* rstd, int64_t r, int64_t d, float eps, float* sh) {
   const float mu = blockSum(s, sh) / static_cast<float>(d);
-  float v = 0.0f;
-  for (int64_t j = threadIdx.x; j < d; j += kThreads) v += (xr[j] - mu) * (xr[j] - mu);
+  const float v = layerNormRowSquares(xr, mu, d, threadIdx.x, kThreads);
   const float var = blockSum(v, sh) / static_cast<float>(d);
   const float rs = 1.0f / sqrtf(var + eps);
   if (threadIdx.x == 0) mean[r] = mu, rstd[r] = rs;
   for (int64_t j = threadIdx.x; j < d; j += kThreads)
     storeActivation(y, r * d + j, layerNormValue(xr[j], mu, rs, w, b, j));
+}
+
+template <class Out>
+__global__ void layerNormForwardKernel(const float* x, const float* w, const float* b, Out* y, float* mean,
+                                       float* rstd, int64_t rows, int64_t d, float eps) {
+  __shared__ float sh[kThreads];
+  DTRAIN_ROW_STRIDE(r, rows) {
+    const float* xr = x + r * d;
+    layerNormFinishRow(xr, layerNormRowSum(xr, d, threadIdx.x, kThreads), w, b, y, mean, rstd, r, d, eps, sh);
+  }
+}
+
+// addKernel(a, f, f) then layerNormForwardKernel(f, ...) in one pass over the row: each thread stores its columns'
+// sums a + f in place of f and reads back only those (its own writes: no barrier needed beyond blockSum's).
+template <class Out>
+__global__ void residualLayerNormForwardKernel(const float* a, float* f, const float* w, const float* b, Out* y,
+                                               float* mean, float* rstd, int64_t rows, int64_t d, float eps) {
+  __shared__ float sh[kThreads];
+  DTRAIN_ROW_STRIDE(r, rows) {
+    float* fr = f + r * d;
+    const float s = residualRowSum(a + r * d, fr, d, threadIdx.x, kThreads);
+    layerNormFinishRow(fr, s, w, b, y, mean, rstd, r, d, eps, sh);
   }
 }
 
@@ -339,6 +358,20 @@ void layerNormForwardBf16(const float* x, const float* w, const float* b, uint16
   if (rows == 0) return;
   layerNormForwardKernel<<<rowBlocks(rows), kThreads>>>(x, w, b, y, mean, rstd, rows, d, eps);
   DTRAIN_CU_CHECK_LAUNCH("layerNormForwardKernel<bf16>");
+}
+
+void residualLayerNormForward(const float* a, float* f, const float* w, const float* b, float* y, float* mean,
+                              float* rstd, int64_t rows, int64_t d, float eps) {
+  if (rows == 0) return;
+  residualLayerNormForwardKernel<<<rowBlocks(rows), kThreads>>>(a, f, w, b, y, mean, rstd, rows, d, eps);
+  DTRAIN_CU_CHECK_LAUNCH("residualLayerNormForwardKernel");
+}
+
+void residualLayerNormForwardBf16(const float* a, float* f, const float* w, const float* b, uint16_t* y,
+                                  float* mean, float* rstd, int64_t rows, int64_t d, float eps) {
+  if (rows == 0) return;
+  residualLayerNormForwardKernel<<<rowBlocks(rows), kThreads>>>(a, f, w, b, y, mean, rstd, rows, d, eps);
+  DTRAIN_CU_CHECK_LAUNCH("residualLayerNormForwardKernel<bf16>");
 }
 
 void layerNormBackward(const float* x, const float* w, const float* mean, const float* rstd, const float* dy,

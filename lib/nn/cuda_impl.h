@@ -25,6 +25,19 @@ struct OptimizerSpec;
 
 namespace cuda {
 
+// A CUDA layer that takes over the residual add of the in-place block before it (the block's fuseWithNext; docs/
+// gpu.md "Fused residual + LayerNorm"): the layernorm. *residual is the block's x of its last forward; the block
+// then leaves f (its last child's output) in its output y, and this layer's forward, given that y as its x, first
+// makes it x + f in place (the block's full output, which later layers and the block's backward see) and then
+// normalises it. Called once at build.
+class ResidualAddTaker {
+ public:
+  virtual void takeResidualAdd(const float* const* residual) = 0;
+
+ protected:
+  ~ResidualAddTaker() = default;
+};
+
 // Layers: same spec, parameters (bound to device arenas) and math as the CPU ones; activations on the device.
 std::unique_ptr<Layer> makeLinear(const LayerSpec& spec, const LayerBuild& build);
 std::unique_ptr<Layer> makeRelu(const LayerSpec& spec, const LayerBuild& build);

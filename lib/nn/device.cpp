@@ -90,6 +90,13 @@ std::atomic<bool> gBf16Activations{true};
 
 void setBf16Activations(bool on) { gBf16Activations.store(on); }
 
+namespace {
+std::atomic<bool> gResidualLayerNormFusion{true};
+}  // namespace
+
+void setResidualLayerNormFusion(bool on) { gResidualLayerNormFusion.store(on); }
+bool residualLayerNormFusionOn() noexcept { return gResidualLayerNormFusion.load(); }
+
 bool bf16ActivationsOn() noexcept {
 #if DTRAIN_WITH_CUDA
   return gpu::bf16() && gBf16Activations.load();

@@ -48,6 +48,12 @@ void setBf16(bool on);
 void setBf16Activations(bool on);
 // Whether a GPU model built now stores bf16 activations: a CUDA build, setBf16(true) and setBf16Activations(true).
 bool bf16ActivationsOn() noexcept;
+// The residual add fused into the LayerNorm after a block (default on; docs/gpu.md "Fused residual + LayerNorm"):
+// a GPU model pairs an in-place block (registry.h blockAddsInPlace) with a following layernorm, whose kernel writes
+// the block's output x + f and its own output in one pass, the same bits as the add then the LayerNorm. Off: the
+// block adds and the LayerNorm reads (for comparisons). Process-wide; read when a model is built.
+void setResidualLayerNormFusion(bool on);
+bool residualLayerNormFusionOn() noexcept;
 
 // The most device memory this process's buffers held at once since it started, in bytes, all GPUs together
 // (gpu::allocatedBytes: torch.cuda.max_memory_allocated's meaning); 0 on the CPU or without a CUDA build.

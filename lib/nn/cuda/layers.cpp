@@ -151,7 +151,9 @@ class Flatten final : public Layer {
   size_t numel_;
 };
 
-class LayerNorm final : public Layer {
+// Fused after an in-place block (ResidualAddTaker, cuda_impl.h): forward first adds the block's x into its own x
+// (the block's output, holding f) in place, in the same kernel (kernels::residualLayerNormForward).
+class LayerNorm final : public Layer, public ResidualAddTaker {
  public:
   LayerNorm(const LayerSpec& spec, const LayerBuild& build)
       : Layer(spec, build.device), d_(spec.input.back()), rowsPerSample_(spec.input.numel() / d_),
@@ -170,8 +172,22 @@ class LayerNorm final : public Layer {
     bf16Output_ = output;
   }
 
+  void takeResidualAdd(const float* const* residual) override { residual_ = residual; }
+
   void forward(const float* x, float* y, int batch, bool) override {
     const float eps = static_cast<float>(spec().eps);
+    if (residual_ != nullptr) {
+      // x is the block's output, f; the kernel makes it x_block + f (the block's result) as it normalises.
+      auto* f = const_cast<float*>(x);
+      if (bf16Output_) {
+        k::residualLayerNormForwardBf16(*residual_, f, w_, b_, bf16Out(y), mean_.data(), rstd_.data(),
+                                        batch * rowsPerSample_, d_, eps);
+      } else {
+        k::residualLayerNormForward(*residual_, f, w_, b_, y, mean_.data(), rstd_.data(), batch * rowsPerSample_,
+                                    d_, eps);
+      }
+      return;
+    }
     if (bf16Output_) {
       k::layerNormForwardBf16(x, w_, b_, bf16Out(y), mean_.data(), rstd_.data(), batch * rowsPerSample_, d_, eps);
     } else {
@@ -187,6 +203,7 @@ class LayerNorm final : public Layer {
   int64_t d_, rowsPerSample_;
   DeviceFloats mean_, rstd_;
   bool bf16Output_ = false;  // y is stored as bf16
+  const float* const* residual_ = nullptr;  // the fused block's x (takeResidualAdd), or null
   float* w_ = nullptr;
   float* b_ = nullptr;
   float* gw_ = nullptr;

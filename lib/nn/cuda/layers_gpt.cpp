@@ -444,10 +444,23 @@ class Block final : public Layer {
     for (auto& c : children_) c->reseed(detail::mixSeed(seed, salt), detail::mixSeed(position, salt));
   }
 
+  // An in-place block followed by a layernorm hands it the add (docs/gpu.md "Fused residual + LayerNorm"): forward
+  // then leaves f in y and the layernorm's kernel makes y = x + f as it normalises it, the same bits as k::add then
+  // the LayerNorm. Model runs the pair in order (Layer::fuseWithNext); this block's backward reads neither y nor f.
+  bool fuseWithNext(Layer& next) override {
+    if (!inPlace_ || !residualLayerNormFusionOn()) return false;
+    auto* taker = dynamic_cast<ResidualAddTaker*>(&next);
+    if (taker == nullptr) return false;
+    taker->takeResidualAdd(&x_);
+    addFused_ = true;
+    return true;
+  }
+
   // In place (blockAddsInPlace), the last child writes f into y and k::add(x, y, y) makes it x + f: the same float
   // addition as before into a separate y, so the same bits; out_ then points at y, which that child's backward never
   // reads.
   void forward(const float* x, float* y, int batch, bool train) override {
+    x_ = x;
     const float* in = x;
     for (size_t i = 0; i < children_.size(); ++i) {
       const bool intoY = inPlace_ && i + 1 == children_.size();
@@ -456,7 +469,7 @@ class Block final : public Layer {
       in_[i] = in, out_[i] = out;
       in = out;
     }
-    k::add(x, in, y, sz(batch) * sz(spec().output.numel()));
+    if (!addFused_) k::add(x, in, y, sz(batch) * sz(spec().output.numel()));
   }
 
   void backward(const float*, const float*, const float* dy, float* dx, int batch, bool accumulate) override {
@@ -475,6 +488,8 @@ class Block final : public Layer {
 
  private:
   bool inPlace_;  // blockAddsInPlace: the last child writes into y (its outs_ entry is empty)
+  bool addFused_ = false;      // the next layer (a layernorm) adds x into y (fuseWithNext)
+  const float* x_ = nullptr;   // x of the last forward, for that layer
   std::vector<std::unique_ptr<Layer>> children_;
   std::vector<DeviceFloats> outs_;
   std::vector<size_t> counts_;

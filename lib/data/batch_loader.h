@@ -63,6 +63,9 @@ class BatchLoader {
   BatchLoader& operator=(const BatchLoader&) = delete;
 
   int64_t numBatches() const { return numBatches_; }
+  // What drop_last leaves out of this rank's epoch (Batch::dropped of the last batch); with no batch at all (a share
+  // smaller than one batch) every sample of the share and the sampler's dropped tail. Valid as long as the loader.
+  std::span<const int64_t> dropped() const { return dropped_; }
   // The next batch, or nullptr at the end of the epoch. Blocks until the prefetch thread has filled it.
   const Batch* next();
 

@@ -57,6 +57,7 @@ std::vector<SampleStep> readSampleLogs(const std::string& dir, double t0) {
       s.idx = j.value("idx", std::vector<int64_t>{});
       s.pad = j.value("pad", std::vector<int64_t>{});
       s.drop = j.value("drop", std::vector<int64_t>{});
+      s.emptyEpoch = j.value("steps", int64_t{1}) == 0;
       steps.push_back(std::move(s));
     }
   }
@@ -68,6 +69,7 @@ void analyseSim(SimReport& report, const std::vector<SampleStep>& steps, const s
   report.haveSamples = !steps.empty();
   std::map<int, RoundSpan> rounds;
   for (const auto& s : steps) {
+    if (s.emptyEpoch) continue;  // not a step: no round's span or timing
     auto& r = rounds[s.round];
     r.firstStep = std::min(r.firstStep, s.step);
     r.lastStep = std::max(r.lastStep, s.step);
@@ -76,6 +78,7 @@ void analyseSim(SimReport& report, const std::vector<SampleStep>& steps, const s
     r.world = s.world;
   }
   for (const auto& s : steps) {
+    if (s.emptyEpoch) continue;
     auto& r = rounds[s.round];
     if (s.step == r.firstStep) r.firstStepT = std::min(r.firstStepT, s.t);
     else r.samplesAfterFirst += static_cast<int64_t>(s.idx.size() + s.pad.size());
@@ -91,7 +94,14 @@ void analyseSim(SimReport& report, const std::vector<SampleStep>& steps, const s
   for (const auto& s : steps) {
     auto next = nextRound(s.round);
     if (next != rounds.end() && s.step >= next->second.firstStep) {
-      redone.insert({s.round, s.step});
+      if (!s.emptyEpoch) redone.insert({s.round, s.step});
+      continue;
+    }
+    if (s.emptyEpoch) {
+      // The epoch is checked like any other: its samples were trained before the resize or dropped.
+      seen[s.epoch];
+      dropped[s.epoch].insert(s.drop.begin(), s.drop.end());
+      a.emptyEpochs.insert(s.epoch);
       continue;
     }
     kept.insert({s.round, s.step});
@@ -161,6 +171,7 @@ void analyseSim(SimReport& report, const std::vector<SampleStep>& steps, const s
       // partition or freeze still lasts). No new round: the first step after the fault's end, counted from there.
       double newRound = std::numeric_limits<double>::infinity(), anyAfter = newRound;
       for (const auto& s : steps) {
+        if (s.emptyEpoch) continue;
         if (s.round > before && s.t >= tf) newRound = std::min(newRound, s.t);
         if (s.t >= tend) anyAfter = std::min(anyAfter, s.t);
       }
@@ -175,7 +186,8 @@ void analyseSim(SimReport& report, const std::vector<SampleStep>& steps, const s
   }
 
   std::map<int64_t, double> perSecond;
-  for (const auto& s : steps) perSecond[static_cast<int64_t>(std::floor(s.t))] += static_cast<double>(s.idx.size() + s.pad.size());
+  for (const auto& s : steps)
+    if (!s.emptyEpoch) perSecond[static_cast<int64_t>(std::floor(s.t))] += static_cast<double>(s.idx.size() + s.pad.size());
   report.samplesPerSecOverTime.clear();
   if (!perSecond.empty())
     for (int64_t sec = perSecond.begin()->first; sec <= perSecond.rbegin()->first; ++sec)
@@ -188,7 +200,7 @@ std::string simReportJson(const SimReport& r) {
   const auto& a = r.audit;
   j["samples"] = {{"dataset_size", a.datasetSize}, {"trained", a.samplesTrained}, {"steps_kept", a.stepsKept},
                   {"steps_redone", a.stepsRedone}, {"repeated", a.repeated}, {"padding", a.padding}, {"skipped", a.skipped},
-                  {"dropped", a.dropped},
+                  {"dropped", a.dropped}, {"empty_epochs", a.emptyEpochs},
                   {"epochs_checked", a.epochsChecked}, {"epochs_complete", a.epochsComplete}, {"rounds", a.rounds},
                   {"logged", r.haveSamples}};
   j["throughput"] = nlohmann::json::array();
@@ -236,6 +248,14 @@ std::string formatSimReport(const SimReport& r) {
                                                                               "cut short, is checked for repeats only)"
                                                                             : "")
                            : "FAIL");
+    if (!a.emptyEpochs.empty()) {
+      std::vector<int64_t> oneBased;
+      for (int64_t e : a.emptyEpochs) oneBased.push_back(e + 1);
+      out += fmt::format("         epoch(s) {} took 0 steps: with data.drop_last every rank's share of what was left "
+                         "of them made no whole batch (PyTorch's DataLoader(drop_last=True) yields none); their "
+                         "samples count as dropped\n",
+                         fmt::join(oneBased, ", "));
+    }
   } else {
     out += "samples: no sample logs (not a job file, or no step ran)\n";
   }

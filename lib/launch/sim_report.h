@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <map>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -42,6 +43,9 @@ struct SampleStep {
   std::vector<int64_t> idx;
   std::vector<int64_t> pad;  // the sampler's padding in this step: repeats by design, not counted as repeated
   std::vector<int64_t> drop;  // samples drop_last left out of the epoch (on its last step): not counted as skipped
+  // A line of an epoch that took no step ("steps": 0: with drop_last every rank's share of it was smaller than one
+  // batch): `step` is the steps done before it, `idx` is empty; only its `drop` counts.
+  bool emptyEpoch = false;
 };
 
 // Reads every samples-*.jsonl under `dir` (a missing folder is no steps); `t0` is the sim's start (unix seconds).
@@ -78,6 +82,9 @@ struct SimAudit {
   int64_t dropped = 0;  // samples drop_last left out of the epochs checked, per the kept steps (not in samplesTrained)
   int epochsChecked = 0, epochsComplete = 0;
   int rounds = 0;
+  // Epochs (0-based) of the final history that took no step: with data.drop_last every rank's share of them was
+  // smaller than one batch (SampleStep::emptyEpoch); their samples are in `dropped`.
+  std::set<int64_t> emptyEpochs;
 };
 
 struct SimReport {

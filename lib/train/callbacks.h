@@ -6,6 +6,8 @@
 // Events, in the order the loop raises them:
 //   onBatch           a micro-batch was drawn and its loss computed (every micro-batch; before its backward; on a
 //                     GPU its features/labels point to device memory, batch_lookahead.h)
+//   onEmptyEpoch      an epoch that takes no step on any rank: with data.drop_last every rank's share of it is smaller
+//                     than one batch (the rest of an epoch resumed at a larger world); raised instead of its batches
 //   onOptimizerStep   right after an optimizer step, before the trainer logs, agrees on a stop or checkpoints
 //                     (so what a callback records of the step is durable before a checkpoint can cover it)
 //   onLog             a progress interval, reduced over the ranks (all ranks; values are the group's)
@@ -115,6 +117,9 @@ class TrainerCallback {
  public:
   virtual ~TrainerCallback() = default;
   virtual void onBatch(const data::Batch& /*batch*/) {}
+  // `epoch` 0-based; `step`: optimizer steps done (none in this epoch); `dropped`: this rank's samples of the epoch
+  // that drop_last left out (BatchLoader::dropped).
+  virtual void onEmptyEpoch(int64_t /*epoch*/, int64_t /*step*/, std::span<const int64_t> /*dropped*/) {}
   virtual void onOptimizerStep(const StepEvent& /*event*/) {}
   virtual void onLog(const StepStats& /*stats*/) {}
   virtual void onCheckpoint(const CheckpointEvent& /*event*/) {}
@@ -132,6 +137,9 @@ class CallbackList {
 
   void batch(const data::Batch& b) const {
     for (const auto& c : list_) c->onBatch(b);
+  }
+  void emptyEpoch(int64_t epoch, int64_t step, std::span<const int64_t> dropped) const {
+    for (const auto& c : list_) c->onEmptyEpoch(epoch, step, dropped);
   }
   void optimizerStep(const StepEvent& e) const {
     for (const auto& c : list_) c->onOptimizerStep(e);

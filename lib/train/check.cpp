@@ -237,6 +237,27 @@ void checkJobFitsMemory(const Job& job, int localWorkers, const std::optional<Ma
                   humanBytes(machine->total));
 }
 
+std::optional<std::string> emptyEpochWarning(const Job& job, int64_t samples) {
+  if (!job.data.dropLast) return std::nullopt;
+  // DistributedSampler(drop_last) gives each of W ranks floor(N / W) samples, DataLoader(drop_last) floor(share / B)
+  // batches: from W > N / B ranks on, every rank's share is below one batch and every epoch would take no step.
+  const int64_t batch = job.data.batchSize, fullWorlds = samples / batch;  // worlds 1..fullWorlds take a step
+  const char* unit = job.parallel.ps ? "worker" : job.parallel.pipeline.stages * job.parallel.tensor > 1
+                                                      ? "data replica"
+                                                      : "rank";
+  if (fullWorlds == 0)
+    return fmt::format("data.drop_last: the {} training samples make no batch of {} even on 1 {}: every epoch would "
+                       "take 0 steps, and dtrain train refuses the job (exit 2); lower data.batch_size or turn "
+                       "drop_last off",
+                       samples, batch, unit);
+  if (fullWorlds < 4)
+    return fmt::format("data.drop_last: from {} {}s on, each one's share of the {} training samples ({} or fewer) is "
+                       "smaller than one batch of {}: every epoch would take 0 steps, and dtrain train refuses such a "
+                       "world (exit 2)",
+                       fullWorlds + 1, unit, samples, samples / (fullWorlds + 1), batch);
+  return std::nullopt;
+}
+
 void checkOneProcessFitsMemory(const Job& job, const std::optional<MachineMemory>& machine) {
   if (!machine || !job.parallel.ps) return;
   const int64_t tables = psServerBytes(job, 1);
@@ -394,6 +415,7 @@ std::string checkJob(const Job& job) {
                        job.loop.epochs, job.data.batchSize, stepsPerEpoch(1), stepsPerEpoch(2), stepsPerEpoch(4),
                        maxSteps);
   if (job.parallel.compression) out += compressionLine(job);
+  if (auto warning = emptyEpochWarning(job, train->size())) out += "warning: " + *warning + "\n";
   MemoryEstimate memory = estimateMemory(job, 2, data.samples);
   memory.data = data.bytes;
   out += fmt::format("memory: about {} per worker{}\n", memory.str(),

@@ -104,6 +104,11 @@ int64_t psServerBytes(const Job& job, int servers);
 // tables' share and how to split them ("launch it with dtrain run and parameter servers"). No check without
 // sparse tables or when the machine's memory is unknown.
 void checkOneProcessFitsMemory(const Job& job, const std::optional<MachineMemory>& machine);
+// `dtrain check`'s warning when data.drop_last leaves every epoch without a step for some of the worlds the summary
+// lists (1, 2 and 4 ranks, data replicas or workers): each one's share of the `samples` training samples is smaller
+// than one batch (PyTorch's DistributedSampler and DataLoader with drop_last), which dtrain train refuses at start;
+// nullopt otherwise. Says from which world size on, or that even one cannot take a step.
+std::optional<std::string> emptyEpochWarning(const Job& job, int64_t samples);
 // `dtrain check`'s lines on the sparse tables' memory ("" without tables): each table's rows x dim float32 and the
 // sparse optimizer's state, what each of the job's parallel.servers servers holds (its row range of every table,
 // ps::planRowRanges), and what a one-process run holds (all of it, beside a worker's `workerBytes`).

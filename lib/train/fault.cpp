@@ -99,6 +99,16 @@ void SampleLog::add(std::span<const int64_t> indices, int64_t padding, std::span
   pendingDropped_.insert(pendingDropped_.end(), dropped.begin(), dropped.end());
 }
 
+void SampleLog::onEmptyEpoch(int64_t epoch, int64_t step, std::span<const int64_t> dropped) {
+  if (!file_) return;
+  const double t = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+  fmt::print(file_,
+             "{{\"attempt\":{},\"round\":{},\"rank\":{},\"world\":{},\"epoch\":{},\"step\":{},\"t\":{:.6f},\"steps\":0,"
+             "\"idx\":[],\"drop\":[{}]}}\n",
+             attempt_, round_, rank_, world_, epoch, step, t, fmt::join(dropped, ","));
+  std::fflush(file_);
+}
+
 void SampleLog::commitStep(int64_t epoch, int64_t step) {
   if (!file_) return;
   // t: wall-clock seconds (Unix time), so that `dtrain sim` can time steps across processes and namespaces.

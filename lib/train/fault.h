@@ -12,7 +12,8 @@
 // DTRAIN_SAMPLE_LOG=DIR
 //   every rank appends (under model parallelism one rank per data replica, see addTestAids), per optimizer step,
 //   the sample indices it trained on to
-//   DIR/samples-a<attempt>-r<rank>.jsonl ({"attempt","round","rank","world","epoch","step","t","idx"}; t: Unix
+//   DIR/samples-a<attempt>-r<rank>.jsonl ({"attempt","round","rank","world","epoch","step","t","idx"}, and "steps": 0
+//   on the line of an epoch that took no step (SampleLog::onEmptyEpoch); t: Unix
 //   seconds; world: every rank of the launch, parameter servers included), flushed per line: proof that an
 //   elastic resize neither skips nor repeats samples.
 // DTRAIN_STEP_PAUSE=DURATION ("20ms")
@@ -76,6 +77,9 @@ class SampleLog final : public TrainerCallback {
   void commitStep(int64_t epoch, int64_t step);  // writes the indices added since the last step
 
   void onBatch(const data::Batch& b) override { add(b.indices, b.padding, b.dropped); }
+  // An epoch without a step: one line with no indices, its dropped samples and "steps": 0, so that `dtrain sim`
+  // counts them as dropped (not skipped) and does not take the line for a step.
+  void onEmptyEpoch(int64_t epoch, int64_t step, std::span<const int64_t> dropped) override;
   // Before the step can be checkpointed: a checkpoint never covers a step missing from the log.
   void onOptimizerStep(const StepEvent& e) override { commitStep(e.epoch, e.step); }
 

@@ -63,6 +63,10 @@ class TrainLoop {
   void shardEpoch(int64_t epoch, int64_t startSample);  // padding or uneven shards, then sampler_->setEpoch
   void trainEpoch(int64_t epoch, int64_t startSample);
   [[noreturn]] void diverged(int64_t epoch, std::string_view what);
+  // An epoch that takes no step (with data.drop_last, every rank's share is smaller than one batch: the rest of an
+  // epoch resumed at a larger world): says so on rank 0, raises onEmptyEpoch with this rank's dropped samples, and
+  // ends the epoch as its last step would (evaluation, the next epoch's checkpoint).
+  void reportEmptyEpoch(int64_t epoch, std::span<const int64_t> dropped);
   void afterStep(int64_t epoch, int64_t position, bool epochEnd);  // log, stop, checkpoint, callbacks
   void saveCheckpoint(int64_t epoch, int64_t position);
   void evaluate(const StepStats& stats);

@@ -175,6 +175,10 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
   const int64_t numBatches =
       std::max(loader.numBatches(), job_.data.dropLast ? most / batchSize : (most + batchSize - 1) / batchSize);
   const int accum = job_.loop.gradAccum;
+  if (numBatches == 0) {
+    reportEmptyEpoch(epoch, loader.dropped());
+    return;
+  }
   // An epoch resumed mid-way counts its steps from where the full epoch (in this world) would be, not from 1.
   const int64_t stepsBefore = std::max<int64_t>(0, stats_.stepsPerEpoch - (numBatches + accum - 1) / accum);
   const float gradScale = 1.0f / static_cast<float>(accum);
@@ -347,6 +351,24 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
     saveCheckpoint(epoch + 1, 0);
   }
   intervalStart_ = Clock::now();  // evaluation time is not training throughput
+}
+
+void TrainLoop::reportEmptyEpoch(int64_t epoch, std::span<const int64_t> dropped) {
+  // Every rank sees the same numbers (the sampler's shares are a function of the epoch, its start and the world), so
+  // every rank gets here and none waits in a collective for the others. PyTorch's DataLoader(drop_last=True) over
+  // a share smaller than a batch yields nothing: the epoch takes no step, and this says so instead of moving on.
+  const int64_t rest = sampler_->remaining(), most = sampler_->maxSamplesPerRank();
+  stats_.epoch = epoch;
+  if (worker_.rank == 0)
+    log::warn("{}: epoch {}/{}: 0 steps: the rest of the epoch, {} sample(s) over {} rank(s) (at most {} per rank), "
+              "makes no batch of {} (data.drop_last drops them, as PyTorch's DataLoader does)",
+              job_.sourceFile, epoch + 1, job_.loop.epochs, rest, strategy_->groups().dataSize, most,
+              job_.data.batchSize);
+  callbacks_.emptyEpoch(epoch, step_, dropped);
+  // The epoch ended: as after its last step, the next epoch starts from a checkpoint at its beginning.
+  if (job_.loop.evalEachEpoch && !result_.stoppedBySignal) evaluate(stats_);
+  saveCheckpoint(epoch + 1, 0);
+  intervalStart_ = Clock::now();
 }
 
 void TrainLoop::diverged(int64_t epoch, std::string_view what) {

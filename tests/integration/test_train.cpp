@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <set>
 
 #include "tests/integration/launch_helpers.h"
 #include "tests/integration/train_helpers.h"
@@ -155,6 +156,53 @@ TEST_CASE("a batch_size above a rank's share of the data trains on the share, si
   REQUIRE(!lines.empty());
   REQUIRE(lines.back().contains("peak_rss_mb"));
   CHECK(lines.back()["peak_rss_mb"].get<double>() < 200);
+}
+
+TEST_CASE("drop_last: an epoch whose rest makes no batch on any rank says it took 0 steps and logs its samples") {
+  // 20 samples, batch 2, drop_last. 2 ranks train 4 of their 5 steps (16 samples of epoch 1) and checkpoint; the job
+  // resumes with 4 ranks: the 4 samples left are 1 per rank, no batch on any rank, so the rest of epoch 1 takes no
+  // step.
+  // The run said nothing of it, and the sample log had no line for those samples (dtrain sim counted them skipped).
+  std::string dir = tempDir("empty_epoch");
+  nlohmann::json job = smallJob(20, 2, 2);
+  job["data"]["drop_last"] = true;
+  job["checkpoint"] = {{"every_steps", 1}, {"keep", 2}};
+  writeFile(dir + "/job.json", job.dump());
+  const RunOptions opts{.timeout = 60s, .env = {{"DTRAIN_SAMPLE_LOG", dir + "/samples"}}};
+  auto first = run({dtrainBinary(), "run", "--standalone", "--nproc-per-node", "2", dir + "/job.json", "--set",
+                    "train.max_steps=4", "--output-dir", dir + "/out"},
+                   opts);
+  INFO(first.out, first.err);
+  REQUIRE(first.exitCode == 0);
+  auto second = run({dtrainBinary(), "run", "--standalone", "--nproc-per-node", "4", dir + "/job.json", "--output-dir",
+                     dir + "/out"},
+                    opts);
+  INFO(second.out, second.err);
+  REQUIRE(second.exitCode == 0);
+  CHECK((second.out + second.err).find("epoch 1/2: 0 steps: the rest of the epoch, 4 sample(s) over 4 rank(s) (at "
+                                       "most 1 per rank), makes no batch of 2 (data.drop_last drops them") !=
+        std::string::npos);
+  // Epoch 0's samples: 16 trained by the 2 ranks, the other 4 logged as dropped on the 4 ranks' "steps": 0 lines.
+  std::set<int64_t> trained, dropped;
+  int emptyLines = 0;
+  for (const auto& f : std::filesystem::directory_iterator(dir + "/samples"))
+    for (const auto& line : readJsonLines(f.path().string())) {
+      if (line["epoch"] != 0) continue;
+      if (line.value("steps", 1) == 0) {
+        ++emptyLines;
+        CHECK(line["idx"].empty());
+        CHECK(line["step"] == 4);
+        CHECK(line["world"] == 4);
+      }
+      for (int64_t i : line["idx"]) CHECK(trained.insert(i).second);
+      if (line.contains("drop")) for (int64_t i : line["drop"]) dropped.insert(i);
+    }
+  CHECK(emptyLines == 4);
+  CHECK(trained.size() == 16);
+  CHECK(dropped.size() == 4);
+  for (int64_t i : dropped) CHECK_FALSE(trained.contains(i));
+  // Epoch 2 trains as usual: 2 steps of 4 x 2 samples.
+  CHECK((second.out + second.err).find("epoch 2/2 step 2/2") != std::string::npos);
 }
 
 TEST_CASE("a resumed run logs its first step, as a fresh run logs step 1, whatever log_every") {

@@ -1,5 +1,6 @@
 // dtrain sim's pure pieces: the fault schedule grammar and the report's arithmetic (sim_faults.h, sim_report.h).
 #include <doctest/doctest.h>
+#include <nlohmann/json.hpp>
 
 #include "lib/common/error.h"
 #include "lib/launch/sim_faults.h"
@@ -9,6 +10,7 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <set>
 #include <fstream>
 
 using namespace dtrain;
@@ -192,6 +194,50 @@ TEST_CASE("the sample logs: a worker's pad entries are read apart from idx") {
   CHECK(steps[1].pad.empty());
 }
 
+
+TEST_CASE("the report: an epoch that took no step under drop_last counts its samples as dropped, not as a step") {
+  // 10 samples, batch 2, drop_last. Round 0 (2 ranks) trains 8 samples of epoch 0 in 2 steps and is re-formed with 4
+  // ranks from step 2's checkpoint: the 2 samples left are half a sample per rank, no batch, so epoch 0 ends with 0
+  // steps (the workers log one "steps": 0 line each). Epoch 1 runs 1 step of 4 x 2 and drops its tail of 2.
+  const std::string dir = "/tmp/dtrain_test_sim_empty_epoch_" + std::to_string(::getpid());
+  std::filesystem::create_directories(dir);
+  {
+    std::ofstream a(dir + "/samples-a0-r0.jsonl"), b(dir + "/samples-a0-r1.jsonl");
+    a << R"({"attempt":0,"round":0,"rank":0,"world":2,"epoch":0,"step":1,"t":101.0,"idx":[0,1]})" "\n"
+      << R"({"attempt":0,"round":0,"rank":0,"world":2,"epoch":0,"step":2,"t":102.0,"idx":[4,5]})" "\n";
+    b << R"({"attempt":0,"round":0,"rank":1,"world":2,"epoch":0,"step":1,"t":101.0,"idx":[2,3]})" "\n"
+      << R"({"attempt":0,"round":0,"rank":1,"world":2,"epoch":0,"step":2,"t":102.0,"idx":[6,7]})" "\n";
+    for (int r = 0; r < 4; ++r) {
+      std::ofstream f(dir + "/samples-a1-r" + std::to_string(r) + ".jsonl");
+      const std::string drop = r < 2 ? std::to_string(8 + r) : "";
+      f << R"({"attempt":1,"round":1,"rank":)" << r << R"(,"world":4,"epoch":0,"step":2,"t":105.0,"steps":0,"idx":[],"drop":[)"
+        << drop << "]}\n";
+      f << R"({"attempt":1,"round":1,"rank":)" << r << R"(,"world":4,"epoch":1,"step":3,"t":106.0,"idx":[)" << 2 * r
+        << "," << 2 * r + 1 << "]" << (r < 2 ? ",\"drop\":[" + std::to_string(8 + r) + "]" : std::string()) << "}\n";
+    }
+  }
+  const auto steps = readSampleLogs(dir, 100.0);
+  std::filesystem::remove_all(dir);
+  REQUIRE(steps.size() == 12);
+  SimReport report;
+  report.audit.datasetSize = 10;
+  analyseSim(report, steps, {}, {}, 1);
+  CHECK(report.audit.skipped == 0);
+  CHECK(report.audit.repeated == 0);
+  CHECK(report.audit.dropped == 4);
+  CHECK(report.audit.stepsKept == 3);  // the empty epoch's lines are no step: round 0's step 2 is not redone
+  CHECK(report.audit.stepsRedone == 0);
+  CHECK(report.audit.samplesTrained == 16);
+  CHECK(report.audit.epochsChecked == 2);
+  CHECK(report.audit.epochsComplete == 2);
+  CHECK(report.audit.emptyEpochs == std::set<int64_t>{0});
+  const std::string text = formatSimReport(report);
+  CHECK_MESSAGE(text.find("epoch(s) 1 took 0 steps: with data.drop_last every rank's share of what was left of them "
+                          "made no whole batch") != std::string::npos,
+                text);
+  CHECK(text.find("-> OK") != std::string::npos);
+  CHECK(nlohmann::json::parse(simReportJson(report))["samples"]["empty_epochs"] == nlohmann::json::array({0}));
+}
 
 TEST_CASE("the report: what drop_last left out (logged as drop) is not skipped; a sample missing besides still is") {
   // 2 ranks over 5 samples, batch 1, drop_last: the sampler drops 1 sample an epoch. The sim counted it as skipped

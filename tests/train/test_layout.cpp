@@ -168,6 +168,24 @@ TEST_CASE("describeLayout: each rank's coordinates, layers and parameter count")
                     std::string::npos,
                 psSummary);
   CHECK(psSummary.find(" rank: ") == std::string::npos);
+  // drop_last over 20 samples with batch 8: 1 or 2 ranks take a step, 3 and more none (6 or fewer samples each).
+  json dropLast = mlpJob();
+  dropLast["data"]["train"]["samples"] = 20;
+  dropLast["data"]["drop_last"] = true;
+  const std::string dropSummary = checkJob(load(dropLast));
+  CHECK_MESSAGE(dropSummary.find("2 steps per epoch on 1 rank, 1 on 2, 0 on 4\nwarning: data.drop_last: from 3 ranks "
+                                 "on, each one's share of the 20 training samples (6 or fewer) is smaller than one batch "
+                                 "of 8: every epoch would take 0 steps, and dtrain train refuses such a world (exit 2)\n") !=
+                    std::string::npos,
+                dropSummary);
+  dropLast["data"]["drop_last"] = false;
+  CHECK(checkJob(load(dropLast)).find("warning: data.drop_last") == std::string::npos);  // the last batch is partial
+  dropLast["data"]["drop_last"] = true;
+  dropLast["data"]["train"]["samples"] = 5;
+  CHECK(checkJob(load(dropLast)).find("warning: data.drop_last: the 5 training samples make no batch of 8 even on 1 "
+                                      "rank: every epoch would take 0 steps") != std::string::npos);
+  dropLast["data"]["train"]["samples"] = 64;  // 8 ranks of 8: every listed world takes steps
+  CHECK(checkJob(load(dropLast)).find("warning: data.drop_last") == std::string::npos);
   // More micro-batches than samples: a batch of 8 becomes 8 micro-batches of 1, and the bubble is theirs.
   doc["parallel"] = {{"pipeline", {{"stages", 2}, {"micro_batches", 64}}}};
   const std::string capped = describeLayout(load(doc), 2);

@@ -32,11 +32,14 @@
 //       dO and dK += dS^T Q by MMAs; finally dK x scale and dV.
 //   Everything the lanes do runs on tiles stored to shared memory; fragments are touched only through flash_mma.h
 //   (fill, loadAcc, storeAcc, mma), so the host emulation is faithful whatever WMMA's register layout is.
-// Precision: q, k, v, dO, P and dS are rounded to the operand type once each where they enter an MMA; S, dP, O,
-// dQ, dK, dV accumulate in float32; the softmax statistics (m, l, L), D and the element-wise work are float32.
+// Precision: q, k, v, dO, P and dS are rounded to the operand type once each where they enter an MMA (q, k, v
+// stored as bf16, "precision": "bf16" with bf16 storage, are taken as they are: flashTcOperand); S, dP, O, dQ, dK,
+// dV accumulate in float32; the softmax statistics (m, l, L), D and the element-wise work are float32. Nothing but
+// the operand staging reads q, k or v, so bf16-stored q, k, v give the bits of their float32 values' rounding.
 // Head sizes: compiled for 16, 32, 64 and 128 (flashHeadTemplate), a head size in between zero-padded.
-// Layouts of the inputs and outputs: flash_attention.h's (qkv [batch * T, 3C], att/datt [batch * T, C], lse/dsum
-// [batch, H, T], dqkv [batch * T, 3C]).
+// Layouts of the inputs and outputs: flash_attention.h's (qkv [batch * T, 3C] of float, or of uint16_t bf16 bits
+// (the item functions' In), att/datt [batch * T, C], lse/dsum [batch, H, T], dqkv [batch * T, 3C]; all but qkv
+// float32).
 // Shared memory: FlashTcForwardSmem, and FlashTcGradQSmem / FlashTcGradKVSmem in flash_attention_tc_backward.h
 // (bytes(): up to about 160 KiB at head size 128 with TF32 operands; the launcher raises the kernels' dynamic
 // shared-memory limit above 48 KiB).
@@ -64,6 +67,7 @@ enum class FlashTcFault {
   kNone,
   kMaskDiagonal,  // the causal mask is off by one at the diagonal (lets key j = i + 1 in) in every kernel
   kNoRescale,     // forward: O is not rescaled by exp2(m_old - m_new) when a row's maximum grows
+  kBf16WrongHalf,  // q, k, v stored as bf16: every kernel's loader reads the neighbour column's half (d ^ 1)
 };
 
 // Leading dimensions (elements) of the shared-memory tiles; the padding keeps rows off one bank and keeps WMMA's
@@ -158,15 +162,30 @@ struct FlashTcForwardSmem : FlashTcSmemBase<M, HS> {
 // code needs a barrier wherever one phase reads what another wrote: th.syncWarp within a warp's own shared memory,
 // th.sync for the block's tiles.
 
-// Copies rows [0, n) of a column block (src: its first row, rows ld floats apart, hs columns) into the operand tile
-// [ROWS, ld = FlashTcLd<HS>::kOp] rounded to the operand type; rows n .. ROWS-1 and columns hs .. HS-1 are zeros
-// (an MMA reads whole 16-row tiles: a stale or NaN row would leak into the products).
-template <class M, int HS, int ROWS>
-DTRAIN_HOST_DEVICE inline void flashTcLoadTile(typename FlashMma<M>::Operand* tile, const float* src, int64_t ld,
+// The operand of an input element: a float32 value rounded (toOperand), or a value stored as bf16 (its bits,
+// uint16_t) as it is (fromBf16): the same operand when the bf16 is the float32 value rounded to nearest even.
+template <class M>
+DTRAIN_HOST_DEVICE inline typename FlashMma<M>::Operand flashTcOperand(float x) {
+  return FlashMma<M>::toOperand(x);
+}
+template <class M>
+DTRAIN_HOST_DEVICE inline typename FlashMma<M>::Operand flashTcOperand(uint16_t bf16) {
+  return FlashMma<M>::fromBf16(bf16);
+}
+
+// Copies rows [0, n) of a column block (src: its first row, rows ld elements apart, hs columns; In float, or
+// uint16_t for bf16 bits) into the operand tile [ROWS, ld = FlashTcLd<HS>::kOp] as operands (flashTcOperand);
+// rows n .. ROWS-1 and columns hs .. HS-1 are zeros (an MMA reads whole 16-row tiles: a stale or NaN row would leak
+// into the products).
+template <class M, int HS, int ROWS, FlashTcFault kFault = FlashTcFault::kNone, class In>
+DTRAIN_HOST_DEVICE inline void flashTcLoadTile(typename FlashMma<M>::Operand* tile, const In* src, int64_t ld,
                                                int64_t hs, int64_t n, int tid) {
   for (int e = tid; e < ROWS * HS; e += kFlashTcThreads) {
     const int r = e / HS, d = e % HS;
-    tile[r * FlashTcLd<HS>::kOp + d] = FlashMma<M>::toOperand(r < n && d < hs ? src[r * ld + d] : 0.0f);
+    // The broken loader reads the other bf16 of the element's 4-byte pair (its neighbour column).
+    const int64_t col = kFault == FlashTcFault::kBf16WrongHalf && sizeof(In) == 2 ? (d ^ 1) : d;
+    tile[r * FlashTcLd<HS>::kOp + d] =
+        r < n && d < hs ? flashTcOperand<M>(src[r * ld + col]) : FlashMma<M>::toOperand(0.0f);
   }
 }
 
@@ -185,8 +204,8 @@ struct FlashTcForwardWarp {
 };
 
 // --- Forward: one item (sample, head, 64 query rows) ---
-template <class M, int HS, FlashTcFault kFault = FlashTcFault::kNone, class Threads, class Drop>
-DTRAIN_HOST_DEVICE inline void flashTcForwardItem(Threads& th, const FlashGeometry& g, int64_t item, const float* qkv,
+template <class M, int HS, FlashTcFault kFault = FlashTcFault::kNone, class Threads, class In, class Drop>
+DTRAIN_HOST_DEVICE inline void flashTcForwardItem(Threads& th, const FlashGeometry& g, int64_t item, const In* qkv,
                                                   float* att, float* lse, const FlashTcForwardSmem<M, HS>& sm,
                                                   const Drop& drop) {
   using Mma = FlashMma<M>;
@@ -195,13 +214,13 @@ DTRAIN_HOST_DEVICE inline void flashTcForwardItem(Threads& th, const FlashGeomet
   constexpr int C = Ld::kCols;
   const FlashItem it = flashItem(g, item, true);
   const int64_t c = g.c(), c3 = 3 * c, t = g.t;
-  const float* base = qkv + it.b * t * c3 + it.h * g.hs;  // q of (sample, head) row 0; k at + c, v at + 2c
+  const In* base = qkv + it.b * t * c3 + it.h * g.hs;  // q of (sample, head) row 0; k at + c, v at + 2c
   const int64_t bh = it.b * g.heads + it.h;
   const float scaleLog2 = g.scaleLog2;
   th.sync(FlashSync::kTileFree);  // the previous item's readers of the block's tiles are done
   th.threads([&](int tid) {
-    flashTcLoadTile<M, HS, kFlashThreads>(sm.q, base + it.row0 * c3, c3, g.hs, flashMin(kFlashThreads, t - it.row0),
-                                          tid);
+    flashTcLoadTile<M, HS, kFlashThreads, kFault>(sm.q, base + it.row0 * c3, c3, g.hs,
+                                                  flashMin(kFlashThreads, t - it.row0), tid);
   });
   th.lanes([&](int w, int lane) {
     if (lane < 16) sm.m(w)[lane] = -INFINITY, sm.l(w)[lane] = 0.0f;
@@ -216,8 +235,8 @@ DTRAIN_FLASH_UNROLL
     auto cols = [&](int w) -> int { return flashTcWarpKeyCols(it.row0 + 16 * w, t, j0, n); };
     th.sync(FlashSync::kTileFree);
     th.threads([&](int tid) {
-      flashTcLoadTile<M, HS, C>(sm.k, base + c + j0 * c3, c3, g.hs, n, tid);
-      flashTcLoadTile<M, HS, C>(sm.v, base + 2 * c + j0 * c3, c3, g.hs, n, tid);
+      flashTcLoadTile<M, HS, C, kFault>(sm.k, base + c + j0 * c3, c3, g.hs, n, tid);
+      flashTcLoadTile<M, HS, C, kFault>(sm.v, base + 2 * c + j0 * c3, c3, g.hs, n, tid);
     });
     th.sync(FlashSync::kTileReady);
     // S = Q K^T, 16 key columns at a time, into the warp's float scratch.

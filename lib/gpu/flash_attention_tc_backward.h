@@ -93,8 +93,8 @@ struct FlashTcGradKVWarp {
 };
 
 // --- Backward, dQ: one item (sample, head, 64 query rows); also D = rowwise dO . O into dsum ---
-template <class M, int HS, FlashTcFault kFault = FlashTcFault::kNone, class Threads, class Drop>
-DTRAIN_HOST_DEVICE inline void flashTcGradQItem(Threads& th, const FlashGeometry& g, int64_t item, const float* qkv,
+template <class M, int HS, FlashTcFault kFault = FlashTcFault::kNone, class Threads, class In, class Drop>
+DTRAIN_HOST_DEVICE inline void flashTcGradQItem(Threads& th, const FlashGeometry& g, int64_t item, const In* qkv,
                                                 const float* att, const float* lse, const float* datt, float* dsum,
                                                 float* dqkv, const FlashTcGradQSmem<M, HS>& sm, const Drop& drop) {
   using Mma = FlashMma<M>;
@@ -103,13 +103,13 @@ DTRAIN_HOST_DEVICE inline void flashTcGradQItem(Threads& th, const FlashGeometry
   constexpr int C = Ld::kCols;
   const FlashItem it = flashItem(g, item, true);
   const int64_t c = g.c(), c3 = 3 * c, t = g.t;
-  const float* base = qkv + it.b * t * c3 + it.h * g.hs;
+  const In* base = qkv + it.b * t * c3 + it.h * g.hs;
   const int64_t bh = it.b * g.heads + it.h;
   const float scaleLog2 = g.scaleLog2;
   const int64_t rows = flashMin(kFlashThreads, t - it.row0);
   th.sync(FlashSync::kTileFree);
   th.threads([&](int tid) {
-    flashTcLoadTile<M, HS, kFlashThreads>(sm.q, base + it.row0 * c3, c3, g.hs, rows, tid);
+    flashTcLoadTile<M, HS, kFlashThreads, kFault>(sm.q, base + it.row0 * c3, c3, g.hs, rows, tid);
     flashTcLoadTile<M, HS, kFlashThreads>(sm.dout, datt + (it.b * t + it.row0) * c + it.h * g.hs, c, g.hs, rows,
                                           tid);
   });
@@ -136,8 +136,8 @@ DTRAIN_FLASH_UNROLL
     auto cols = [&](int w) -> int { return flashTcWarpKeyCols(it.row0 + 16 * w, t, j0, n); };
     th.sync(FlashSync::kTileFree);
     th.threads([&](int tid) {
-      flashTcLoadTile<M, HS, C>(sm.k, base + c + j0 * c3, c3, g.hs, n, tid);
-      flashTcLoadTile<M, HS, C>(sm.v, base + 2 * c + j0 * c3, c3, g.hs, n, tid);
+      flashTcLoadTile<M, HS, C, kFault>(sm.k, base + c + j0 * c3, c3, g.hs, n, tid);
+      flashTcLoadTile<M, HS, C, kFault>(sm.v, base + 2 * c + j0 * c3, c3, g.hs, n, tid);
     });
     th.sync(FlashSync::kTileReady);
     // S = Q K^T and dP = dO V^T.
@@ -206,8 +206,8 @@ DTRAIN_FLASH_UNROLL
 }
 
 // --- Backward, dK and dV: one item (sample, head, 64 key rows) ---
-template <class M, int HS, FlashTcFault kFault = FlashTcFault::kNone, class Threads, class Drop>
-DTRAIN_HOST_DEVICE inline void flashTcGradKVItem(Threads& th, const FlashGeometry& g, int64_t item, const float* qkv,
+template <class M, int HS, FlashTcFault kFault = FlashTcFault::kNone, class Threads, class In, class Drop>
+DTRAIN_HOST_DEVICE inline void flashTcGradKVItem(Threads& th, const FlashGeometry& g, int64_t item, const In* qkv,
                                                  const float* lse, const float* datt, const float* dsum, float* dqkv,
                                                  const FlashTcGradKVSmem<M, HS>& sm, const Drop& drop) {
   using Mma = FlashMma<M>;
@@ -216,7 +216,7 @@ DTRAIN_HOST_DEVICE inline void flashTcGradKVItem(Threads& th, const FlashGeometr
   constexpr int C = Ld::kCols;
   const FlashItem it = flashItem(g, item, false);
   const int64_t c = g.c(), c3 = 3 * c, t = g.t;
-  const float* base = qkv + it.b * t * c3 + it.h * g.hs;
+  const In* base = qkv + it.b * t * c3 + it.h * g.hs;
   const float* doBase = datt + it.b * t * c + it.h * g.hs;
   const int64_t bh = it.b * g.heads + it.h;
   const uint64_t e00 = static_cast<uint64_t>(bh * t * t);
@@ -224,8 +224,8 @@ DTRAIN_HOST_DEVICE inline void flashTcGradKVItem(Threads& th, const FlashGeometr
   const int64_t keys = flashMin(kFlashThreads, t - it.row0);
   th.sync(FlashSync::kTileFree);
   th.threads([&](int tid) {
-    flashTcLoadTile<M, HS, kFlashThreads>(sm.k, base + c + it.row0 * c3, c3, g.hs, keys, tid);
-    flashTcLoadTile<M, HS, kFlashThreads>(sm.v, base + 2 * c + it.row0 * c3, c3, g.hs, keys, tid);
+    flashTcLoadTile<M, HS, kFlashThreads, kFault>(sm.k, base + c + it.row0 * c3, c3, g.hs, keys, tid);
+    flashTcLoadTile<M, HS, kFlashThreads, kFault>(sm.v, base + 2 * c + it.row0 * c3, c3, g.hs, keys, tid);
   });
   th.warps([&](int, Warp& st) {
 DTRAIN_FLASH_UNROLL
@@ -241,7 +241,7 @@ DTRAIN_FLASH_UNROLL
     const int last = flashTcRound16(n);
     th.sync(FlashSync::kTileFree);
     th.threads([&](int tid) {
-      flashTcLoadTile<M, HS, C>(sm.q, base + i0 * c3, c3, g.hs, n, tid);
+      flashTcLoadTile<M, HS, C, kFault>(sm.q, base + i0 * c3, c3, g.hs, n, tid);
       flashTcLoadTile<M, HS, C>(sm.dout, doBase + i0 * c, c, g.hs, n, tid);
       for (int u = tid; u < C; u += kFlashTcThreads) {
         sm.rowL[u] = u < n ? lse[bh * t + i0 + u] : 0.0f;

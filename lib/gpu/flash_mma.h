@@ -15,6 +15,9 @@
 //   FlashTf32: operands TF32 (float32 storage, rounded to a 10-bit mantissa, round to nearest with ties away from
 //              zero as cvt.rna.tf32.f32 / wmma::__float_to_tf32 do), wmma m16n16k8 with precision::tf32 (two k
 //              steps per 16 x 16 x 16 product), float accumulators (float32 jobs with "tf32" on, the default).
+// fromBf16(bits): the operand of a value stored as bfloat16 (its bits; q, k, v kept as bf16 under "precision": "bf16"),
+// exactly that value (bf16 has 8 significant bits, TF32 11): the same operand toOperand gives the float32 value the
+// bf16 was rounded from (nearest even, as toOperand<FlashBf16>), NaN aside (the payload may differ).
 // Products of two rounded operands are exact in float32 (8 x 8 or 11 x 11 significant bits), so the only rounding
 // inside an mma is that of the float32 sums: the emulation adds the 16 products of each element in k order onto the
 // accumulator; the tensor cores add them in an unspecified order (and may keep extra bits), which is within the
@@ -82,6 +85,7 @@ struct FlashMmaDevice<FlashBf16> {
   using Element = __nv_bfloat16;
   static constexpr int kK = 16;
   static __device__ Operand toOperand(float x) { return __float2bfloat16_rn(x); }
+  static __device__ Operand fromBf16(uint16_t b) { return __ushort_as_bfloat16(b); }  // the stored value as it is
 };
 
 template <>
@@ -90,6 +94,7 @@ struct FlashMmaDevice<FlashTf32> {
   using Element = flash_wmma::precision::tf32;
   static constexpr int kK = 8;
   static __device__ Operand toOperand(float x) { return flash_wmma::__float_to_tf32(x); }
+  static __device__ Operand fromBf16(uint16_t b) { return __uint_as_float(static_cast<uint32_t>(b) << 16); }  // exact
 };
 
 template <class M>
@@ -132,12 +137,14 @@ template <>
 struct FlashMmaHostOperand<FlashBf16> {
   using Operand = uint16_t;  // bfloat16 bits
   static Operand toOperand(float x) { return flashBf16BitsHost(x); }
+  static Operand fromBf16(uint16_t b) { return b; }
   static float value(Operand o) { return flashBf16ValueHost(o); }
 };
 template <>
 struct FlashMmaHostOperand<FlashTf32> {
   using Operand = float;
   static Operand toOperand(float x) { return flashRoundTf32Host(x); }
+  static Operand fromBf16(uint16_t b) { return flashBf16ValueHost(b); }
   static float value(Operand o) { return o; }
 };
 

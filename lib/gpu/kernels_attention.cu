@@ -3,7 +3,8 @@
 // fused (flash) attention: four kernels of kFlashThreads threads, one (sample, head, row tile) item per block at a
 // time over a bounded 1-D grid, running flash_attention.h's tile loops (the very functions test_gpu_flash.cpp
 // emulates) with the tiles in static shared memory and each thread's row state in registers. The tensor-core fused
-// attention (bf16, TF32): three kernels of kFlashTcThreads threads (4 warps), the same items and grid, running
+// attention (bf16, TF32; q, k, v read as float32, or for bf16 also as stored bf16 bits, the In of the kernels):
+// three kernels of kFlashTcThreads threads (4 warps), the same items and grid, running
 // flash_attention_tc.h's per-warp item functions (which test_gpu_flash_tc.cpp emulates warp by warp) with the
 // tiles in dynamic shared memory (the kernels' limit raised above 48 KiB where they need it) and each warp's
 // accumulator fragments in registers.
@@ -134,8 +135,8 @@ struct DeviceWarps {
 
 extern __shared__ __align__(128) unsigned char flashTcSmem[];
 
-template <class M, int HS, class Drop>
-__global__ void __launch_bounds__(kFlashTcThreads) flashTcForwardKernel(FlashGeometry g, const float* qkv, float* att,
+template <class M, int HS, class Drop, class In>
+__global__ void __launch_bounds__(kFlashTcThreads) flashTcForwardKernel(FlashGeometry g, const In* qkv, float* att,
                                                                          float* lse, Drop drop) {
   const FlashTcForwardSmem<M, HS> sm(reinterpret_cast<uintptr_t>(flashTcSmem));
   FlashTcForwardWarp<M, HS> state;
@@ -144,8 +145,8 @@ __global__ void __launch_bounds__(kFlashTcThreads) flashTcForwardKernel(FlashGeo
     flashTcForwardItem<M, HS>(th, g, item, qkv, att, lse, sm, drop);
 }
 
-template <class M, int HS, class Drop>
-__global__ void __launch_bounds__(kFlashTcThreads) flashTcGradQKernel(FlashGeometry g, const float* qkv,
+template <class M, int HS, class Drop, class In>
+__global__ void __launch_bounds__(kFlashTcThreads) flashTcGradQKernel(FlashGeometry g, const In* qkv,
                                                                        const float* att, const float* lse,
                                                                        const float* datt, float* dsum, float* dqkv,
                                                                        Drop drop) {
@@ -156,8 +157,8 @@ __global__ void __launch_bounds__(kFlashTcThreads) flashTcGradQKernel(FlashGeome
     flashTcGradQItem<M, HS>(th, g, item, qkv, att, lse, datt, dsum, dqkv, sm, drop);
 }
 
-template <class M, int HS, class Drop>
-__global__ void __launch_bounds__(kFlashTcThreads) flashTcGradKVKernel(FlashGeometry g, const float* qkv,
+template <class M, int HS, class Drop, class In>
+__global__ void __launch_bounds__(kFlashTcThreads) flashTcGradKVKernel(FlashGeometry g, const In* qkv,
                                                                         const float* lse, const float* datt,
                                                                         const float* dsum, float* dqkv, Drop drop) {
   const FlashTcGradKVSmem<M, HS> sm(reinterpret_cast<uintptr_t>(flashTcSmem));
@@ -175,24 +176,24 @@ void flashTcSmemLimit(Kernel kernel, size_t bytes) {
     DTRAIN_CU_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
-template <class M, int HS, class Drop>
-void flashTcForwardLaunch(const FlashGeometry& g, const float* qkv, float* att, float* lse, const Drop& drop) {
+template <class M, int HS, class Drop, class In>
+void flashTcForwardLaunch(const FlashGeometry& g, const In* qkv, float* att, float* lse, const Drop& drop) {
   const size_t bytes = FlashTcForwardSmem<M, HS>(0).bytes;
-  flashTcSmemLimit(flashTcForwardKernel<M, HS, Drop>, bytes);
-  flashTcForwardKernel<M, HS, Drop><<<rowGrid(g.items()), kFlashTcThreads, bytes>>>(g, qkv, att, lse, drop);
+  flashTcSmemLimit(flashTcForwardKernel<M, HS, Drop, In>, bytes);
+  flashTcForwardKernel<M, HS, Drop, In><<<rowGrid(g.items()), kFlashTcThreads, bytes>>>(g, qkv, att, lse, drop);
   DTRAIN_CU_CHECK_LAUNCH("flashTcForwardKernel");
 }
 
-template <class M, int HS, class Drop>
-void flashTcBackwardLaunch(const FlashGeometry& g, const float* qkv, const float* att, const float* lse,
+template <class M, int HS, class Drop, class In>
+void flashTcBackwardLaunch(const FlashGeometry& g, const In* qkv, const float* att, const float* lse,
                            const float* datt, float* dsum, float* dqkv, const Drop& drop) {
   const unsigned grid = rowGrid(g.items());
   const size_t qBytes = FlashTcGradQSmem<M, HS>(0).bytes, kvBytes = FlashTcGradKVSmem<M, HS>(0).bytes;
-  flashTcSmemLimit(flashTcGradQKernel<M, HS, Drop>, qBytes);
-  flashTcGradQKernel<M, HS, Drop><<<grid, kFlashTcThreads, qBytes>>>(g, qkv, att, lse, datt, dsum, dqkv, drop);
+  flashTcSmemLimit(flashTcGradQKernel<M, HS, Drop, In>, qBytes);
+  flashTcGradQKernel<M, HS, Drop, In><<<grid, kFlashTcThreads, qBytes>>>(g, qkv, att, lse, datt, dsum, dqkv, drop);
   DTRAIN_CU_CHECK_LAUNCH("flashTcGradQKernel");
-  flashTcSmemLimit(flashTcGradKVKernel<M, HS, Drop>, kvBytes);
-  flashTcGradKVKernel<M, HS, Drop><<<grid, kFlashTcThreads, kvBytes>>>(g, qkv, lse, datt, dsum, dqkv, drop);
+  flashTcSmemLimit(flashTcGradKVKernel<M, HS, Drop, In>, kvBytes);
+  flashTcGradKVKernel<M, HS, Drop, In><<<grid, kFlashTcThreads, kvBytes>>>(g, qkv, lse, datt, dsum, dqkv, drop);
   DTRAIN_CU_CHECK_LAUNCH("flashTcGradKVKernel");
 }
 
@@ -258,6 +259,25 @@ void flashAttentionBackward(const float* qkv, const float* att, const float* lse
       case FlashMath::kTf32: return flashTcBackwardLaunch<FlashTf32, HS>(g, qkv, att, lse, datt, dsum, dqkv, drop);
       case FlashMath::kFloat32: return flashBackwardLaunch<HS>(g, qkv, att, lse, datt, dsum, dqkv, drop);
     }
+  });
+}
+
+void flashAttentionForwardBf16(const uint16_t* qkv, float* att, float* lse, int64_t batch, int64_t t, int64_t heads,
+                               int64_t hs, const DropoutDraw* dropout) {
+  const FlashGeometry g = flashGeometry(batch, t, heads, hs);
+  if (g.items() == 0) return;
+  flashDispatch(hs, dropout, [&](auto size, const auto& drop) {
+    flashTcForwardLaunch<FlashBf16, decltype(size)::value>(g, qkv, att, lse, drop);
+  });
+}
+
+void flashAttentionBackwardBf16(const uint16_t* qkv, const float* att, const float* lse, const float* datt,
+                                float* dsum, float* dqkv, int64_t batch, int64_t t, int64_t heads, int64_t hs,
+                                const DropoutDraw* dropout) {
+  const FlashGeometry g = flashGeometry(batch, t, heads, hs);
+  if (g.items() == 0) return;
+  flashDispatch(hs, dropout, [&](auto size, const auto& drop) {
+    flashTcBackwardLaunch<FlashBf16, decltype(size)::value>(g, qkv, att, lse, datt, dsum, dqkv, drop);
   });
 }
 

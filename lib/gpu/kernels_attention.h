@@ -46,4 +46,16 @@ void flashAttentionBackward(const float* qkv, const float* att, const float* lse
                             float* dqkv, int64_t batch, int64_t t, int64_t heads, int64_t hs,
                             const DropoutDraw* dropout, FlashMath math);
 
+// The bf16 tensor-core kernels (FlashMath::kBf16) with q, k, v stored as bf16 (qkv: bf16 bits, uint16_t, in the
+// float32 qkv's layout [batch * t, 3C]; under "precision": "bf16" the layer's kernels::addBiasToBf16 writes them):
+// the kernels stage the stored values as operands as they are instead of rounding float32 ones. Everything else as
+// flashAttentionForward / flashAttentionBackward with kBf16 (att, lse, datt, dsum, dqkv float32); for qkv the
+// nearest-even bf16 of a float32 qkv, att, lse, dsum and dqkv are bit-identical to those calls' (the MMAs see the
+// same operands; nothing else reads q, k or v).
+void flashAttentionForwardBf16(const uint16_t* qkv, float* att, float* lse, int64_t batch, int64_t t, int64_t heads,
+                               int64_t hs, const DropoutDraw* dropout);
+void flashAttentionBackwardBf16(const uint16_t* qkv, const float* att, const float* lse, const float* datt,
+                                float* dsum, float* dqkv, int64_t batch, int64_t t, int64_t heads, int64_t hs,
+                                const DropoutDraw* dropout);
+
 }  // namespace dtrain::gpu::kernels

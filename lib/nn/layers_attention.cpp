@@ -312,15 +312,16 @@ void parseAttention(const JsonFields& f, LayerSpec& l) {
   l.output = l.input;
 }
 
-// Per sample: q, k, v and the concatenated heads [T, 4C] everywhere (on a GPU's matmul path with bf16 storage in
-// bf16: 2C T floats' worth); besides, on the CPU the probabilities [H, T, T] and, with dropout, their dropped copy;
-// on a GPU with the fused kernels the log-sum-exp rows [H, T]; on a GPU with the matmul path nothing (its
-// one-sample score scratch is the model's, not per sample; its dropout mask is computed from a counter, not kept).
+// Per sample: q, k, v and the concatenated heads [T, 4C] everywhere (with bf16 storage on a GPU q, k, v in bf16,
+// and on the matmul path the heads too: 2.5C T floats' worth fused, 2C T matmul); besides, on the CPU the
+// probabilities [H, T, T] and, with dropout, their dropped copy; on a GPU with the fused kernels the log-sum-exp rows
+// [H, T]; on a GPU with the matmul path nothing (its one-sample score scratch is the model's, not per sample; its
+// dropout mask is computed from a counter, not kept).
 int64_t attentionKept(const LayerSpec& l, const MemoryTarget& target) {
   const double t = static_cast<double>(l.input[0]), c = static_cast<double>(l.input[1]);
   const double h = static_cast<double>(l.nHead);
   const bool fused = target.cuda && usesFusedAttention(l, target.attention);
-  double n = target.cuda && target.bf16 && !fused ? 2 * c * t : 4 * c * t;
+  double n = !(target.cuda && target.bf16) ? 4 * c * t : fused ? 2.5 * c * t : 2 * c * t;
   if (!target.cuda) n += h * t * t * (l.p > 0 ? 2 : 1);
   else if (fused) n += h * t;
   return n >= 9.2e18 ? std::numeric_limits<int64_t>::max() : static_cast<int64_t>(n);

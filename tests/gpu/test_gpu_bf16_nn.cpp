@@ -4,7 +4,10 @@
 // each GEMM converted its float32 operand to before; what could differ is only the device itself (nvcc computing
 // a float32 value differently in the bf16 instantiation of a kernel, or cuBLAS choosing another algorithm for an
 // operand read in place instead of from the aligned conversion scratch): a failure here names that. The kernels'
-// per-thread work is CPU-tested in test_gpu_bf16.cpp.
+// per-thread work is CPU-tested in test_gpu_bf16.cpp. On the fused attention path q, k, v are kept in bf16 too
+// (the bf16 kernels read them as stored; emulated bit for bit in test_gpu_flash_tc_bf16.cpp): the GPT case below
+// compares a fused step reading float32 q, k, v (storage off) with one reading bf16 (on), and the kernels are
+// compared directly at GPT-2's head size.
 #include <doctest/doctest.h>
 
 #include <nlohmann/json.hpp>
@@ -12,10 +15,14 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "lib/gpu/bf16_store.h"
+#include "lib/gpu/kernels_attention.h"
 #include "lib/nn/attention_kernel.h"
+#include "lib/nn/dropout_mask.h"
 #include "lib/nn/device.h"
 #include "lib/nn/loss.h"
 #include "lib/nn/model.h"
@@ -141,4 +148,53 @@ TEST_CASE("with a GPU: bf16 activation storage leaves an MLP's steps bit-identic
   CHECK(sameBits(off.params, on.params));
   // Three outputs of 24, 40 and 40 floats per sample stored in half: 3 x 52 floats less (rounded to 16-float slots).
   CHECK(on.activationBytes < off.activationBytes);
+}
+
+TEST_CASE("with a GPU: the bf16 fused kernels reading bf16-stored q, k, v give the float32-input kernels' bits") {
+  namespace k = gpu::kernels;
+  // GPT-2's head size (64, 12 heads) at T 300 (not a multiple of the tiles), and head size 48 (padded to 64).
+  struct Shape {
+    int64_t batch, t, heads, hs;
+  };
+  for (const Shape s : {Shape{2, 300, 12, 64}, Shape{2, 70, 2, 48}}) {
+    for (const double p : {0.0, 0.1}) {
+      CAPTURE(s.t);
+      CAPTURE(s.hs);
+      CAPTURE(p);
+      const int64_t c = s.heads * s.hs, rows = s.batch * s.t;
+      const auto nQkv = static_cast<size_t>(rows * 3 * c), nAtt = static_cast<size_t>(rows * c),
+                 nLse = static_cast<size_t>(s.batch * s.heads * s.t);
+      const std::vector<float> qkv = randomVector(nQkv, 5, -3, 3), datt = randomVector(nAtt, 6);
+      std::vector<uint16_t> bits(nQkv + 1, 0);  // addBiasToBf16's rounding (bf16_store.h)
+      for (size_t i = 0; i < nQkv; ++i) bits[i] = gpu::bf16Bits(qkv[i]);
+      std::vector<float> packed((nQkv + 1) / 2);
+      std::memcpy(packed.data(), bits.data(), packed.size() * sizeof(float));
+      nn::detail::DropoutStream stream(std::nullopt, 0);
+      stream.reseed(9, 0);
+      const gpu::DropoutDraw draw =
+          stream.next(static_cast<uint64_t>(s.batch * s.heads * s.t * s.t), p, 1.0f / static_cast<float>(1.0 - p));
+      const gpu::DropoutDraw* d = p > 0 ? &draw : nullptr;
+      DeviceFloats dQkv = toDevice(qkv), dBits = toDevice(packed), dDatt = toDevice(datt);
+      struct Out {
+        DeviceFloats att, lse, dsum, dqkv;
+      };
+      auto outs = [&] {
+        return Out{DeviceFloats(nAtt, kGpu), DeviceFloats(nLse, kGpu), DeviceFloats(nLse, kGpu),
+                   DeviceFloats(nQkv, kGpu)};
+      };
+      Out a = outs(), b = outs();
+      k::flashAttentionForward(dQkv.data(), a.att.data(), a.lse.data(), s.batch, s.t, s.heads, s.hs, d,
+                               k::FlashMath::kBf16);
+      k::flashAttentionBackward(dQkv.data(), a.att.data(), a.lse.data(), dDatt.data(), a.dsum.data(), a.dqkv.data(),
+                                s.batch, s.t, s.heads, s.hs, d, k::FlashMath::kBf16);
+      const auto* q16 = reinterpret_cast<const uint16_t*>(dBits.data());
+      k::flashAttentionForwardBf16(q16, b.att.data(), b.lse.data(), s.batch, s.t, s.heads, s.hs, d);
+      k::flashAttentionBackwardBf16(q16, b.att.data(), b.lse.data(), dDatt.data(), b.dsum.data(), b.dqkv.data(),
+                                    s.batch, s.t, s.heads, s.hs, d);
+      CHECK(sameBits(toHost(a.att.data(), nAtt), toHost(b.att.data(), nAtt)));
+      CHECK(sameBits(toHost(a.lse.data(), nLse), toHost(b.lse.data(), nLse)));
+      CHECK(sameBits(toHost(a.dsum.data(), nLse), toHost(b.dsum.data(), nLse)));
+      CHECK(sameBits(toHost(a.dqkv.data(), nQkv), toHost(b.dqkv.data(), nQkv)));
+    }
+  }
 }

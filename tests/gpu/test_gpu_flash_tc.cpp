@@ -28,163 +28,16 @@
 #include "lib/nn/dropout_mask.h"
 #include "lib/nn/layer.h"
 #include "lib/nn/spec.h"
+#include "tests/gpu/flash_tc_emulation.h"
 #include "tests/gpu/host_values.h"
 
 using namespace dtrain;
 using namespace dtrain::gpu;
+using namespace dtrain::gputest;
 using dtrain::gputest::parseLayer;
 using dtrain::gputest::randomVector;
 
 namespace {
-
-constexpr float kNan = std::numeric_limits<float>::quiet_NaN();
-
-// One block's warps on the CPU (flash_attention_tc.h's executor): each call runs every thread / warp / lane in
-// turn, so a phase ends for all before the next begins (the barriers' meaning). sync(kTileFree) fills the staged
-// tiles with 0xff bytes: NaN as float, bf16 and TF32 alike.
-template <class Warp>
-struct HostWarps {
-  std::vector<Warp> states = std::vector<Warp>(kFlashTcWarps);
-  std::vector<std::pair<void*, size_t>> staged;  // what the block reloads after each kTileFree
-  template <class F>
-  void threads(F&& f) {
-    for (int tid = 0; tid < kFlashTcThreads; ++tid) f(tid);
-  }
-  template <class F>
-  void warps(F&& f) {
-    for (int w = 0; w < kFlashTcWarps; ++w) f(w, states[static_cast<size_t>(w)]);
-  }
-  template <class F>
-  void lanes(F&& f) {
-    for (int w = 0; w < kFlashTcWarps; ++w)
-      for (int lane = 0; lane < 32; ++lane) f(w, lane);
-  }
-  void sync(FlashSync s) {
-    if (s == FlashSync::kTileFree)
-      for (auto [p, n] : staged) std::memset(p, 0xff, n);
-  }
-  void syncWarp() {}
-};
-
-struct Launch {
-  int64_t grid = 0;  // 0: the launcher's (rowGrid(items))
-  bool reversed = false;
-};
-
-template <class Body>
-void eachBlock(const FlashGeometry& g, const Launch& launch, Body&& body) {
-  const int64_t grid = launch.grid > 0 ? launch.grid : static_cast<int64_t>(rowGrid(g.items()));
-  for (int64_t k = 0; k < grid; ++k) {
-    const int64_t bx = launch.reversed ? grid - 1 - k : k;
-    for (int64_t item = bx; item < g.items(); item += grid) body(item);
-  }
-}
-
-// A block's shared memory: `bytes` of NaN (0xff), 128-byte aligned.
-struct SharedBuffer {
-  std::vector<unsigned char> raw;
-  uintptr_t base = 0;
-  size_t bytes = 0;
-  explicit SharedBuffer(size_t n) : raw(n + 128), bytes(n) {
-    base = (reinterpret_cast<uintptr_t>(raw.data()) + 127) / 128 * 128;
-  }
-  void poison() { std::memset(reinterpret_cast<void*>(base), 0xff, bytes); }
-};
-
-template <class Op>
-std::pair<void*, size_t> region(Op* p, size_t n) {
-  return {static_cast<void*>(p), n * sizeof(Op)};
-}
-
-struct Core {
-  std::vector<float> att, lse, dsum, dqkv;
-};
-
-enum class Math { kBf16, kTf32 };
-const std::string& name(Math math) {
-  static const std::string names[] = {"bf16", "tf32"};
-  return names[math == Math::kBf16 ? 0 : 1];
-}
-
-template <class M, int HS, FlashTcFault kFault, class Drop>
-void emulateTc(const FlashGeometry& g, const Launch& launch, const std::vector<float>& qkv,
-               const std::vector<float>* datt, Core& out, const Drop& drop) {
-  using Ld = FlashTcLd<HS>;
-  {
-    const FlashTcForwardSmem<M, HS> layout(0);
-    SharedBuffer buf(layout.bytes);
-    const FlashTcForwardSmem<M, HS> sm(buf.base);
-    HostWarps<FlashTcForwardWarp<M, HS>> th;
-    th.staged = {region(sm.k, Ld::kCols * Ld::kOp), region(sm.v, Ld::kCols * Ld::kOp)};
-    eachBlock(g, launch, [&](int64_t item) {
-      buf.poison();
-      flashTcForwardItem<M, HS, kFault>(th, g, item, qkv.data(), out.att.data(), out.lse.data(), sm, drop);
-    });
-  }
-  if (datt == nullptr) return;
-  {
-    SharedBuffer buf(FlashTcGradQSmem<M, HS>(0).bytes);
-    const FlashTcGradQSmem<M, HS> sm(buf.base);
-    HostWarps<FlashTcGradQWarp<M, HS>> th;
-    th.staged = {region(sm.k, Ld::kCols * Ld::kOp), region(sm.v, Ld::kCols * Ld::kOp)};
-    eachBlock(g, launch, [&](int64_t item) {
-      buf.poison();
-      flashTcGradQItem<M, HS, kFault>(th, g, item, qkv.data(), out.att.data(), out.lse.data(), datt->data(),
-                                      out.dsum.data(), out.dqkv.data(), sm, drop);
-    });
-  }
-  {
-    SharedBuffer buf(FlashTcGradKVSmem<M, HS>(0).bytes);
-    const FlashTcGradKVSmem<M, HS> sm(buf.base);
-    HostWarps<FlashTcGradKVWarp<M, HS>> th;
-    th.staged = {region(sm.q, Ld::kCols * Ld::kOp), region(sm.dout, Ld::kCols * Ld::kOp),
-                 region(sm.rowL, 2 * Ld::kCols)};
-    eachBlock(g, launch, [&](int64_t item) {
-      buf.poison();
-      flashTcGradKVItem<M, HS, kFault>(th, g, item, qkv.data(), out.lse.data(), datt->data(), out.dsum.data(),
-                                       out.dqkv.data(), sm, drop);
-    });
-  }
-}
-
-// The attention core as the kernels compute it (the launcher's dispatch: compiled head size, dropout policy, the
-// math); everything poisoned first: every element the kernels own must be written.
-void emulateCore(const FlashGeometry& g, const Launch& launch, const std::vector<float>& qkv,
-                 const std::vector<float>* datt, Core& out, const DropoutDraw* draw, Math math,
-                 FlashTcFault fault = FlashTcFault::kNone) {
-  const size_t rows = static_cast<size_t>(g.batch * g.t), lse = static_cast<size_t>(g.batch * g.heads * g.t);
-  out.att.assign(rows * static_cast<size_t>(g.c()), kNan);
-  out.lse.assign(lse, kNan);
-  out.dsum.assign(datt != nullptr ? lse : 0, kNan);
-  out.dqkv.assign(datt != nullptr ? rows * static_cast<size_t>(3 * g.c()) : 0, kNan);
-  auto withFault = [&](auto m, auto hs, const auto& drop) {
-    using M = decltype(m);
-    constexpr int HS = decltype(hs)::value;
-    if (fault == FlashTcFault::kNone) return emulateTc<M, HS, FlashTcFault::kNone>(g, launch, qkv, datt, out, drop);
-    // The broken kernels: compiled for the head sizes the fault test runs only (build time).
-    if constexpr (HS >= 64 && !std::decay_t<decltype(drop)>::kOn) {
-      if (fault == FlashTcFault::kMaskDiagonal)
-        return emulateTc<M, HS, FlashTcFault::kMaskDiagonal>(g, launch, qkv, datt, out, drop);
-      return emulateTc<M, HS, FlashTcFault::kNoRescale>(g, launch, qkv, datt, out, drop);
-    }
-    FAIL("no broken kernel compiled for hs " << HS);
-  };
-  auto withDrop = [&](auto m, auto hs) {
-    if (draw != nullptr) return withFault(m, hs, FlashDropout{*draw});
-    withFault(m, hs, FlashNoDropout{});
-  };
-  auto withMath = [&](auto hs) {
-    if (math == Math::kBf16) return withDrop(FlashBf16{}, hs);
-    withDrop(FlashTf32{}, hs);
-  };
-  switch (flashHeadTemplate(g.hs)) {
-    case 16: return withMath(std::integral_constant<int, 16>{});
-    case 32: return withMath(std::integral_constant<int, 32>{});
-    case 64: return withMath(std::integral_constant<int, 64>{});
-    case 128: return withMath(std::integral_constant<int, 128>{});
-    default: FAIL("no compiled head size for hs " << g.hs);
-  }
-}
 
 // max |a - b| / max(1, |b|) over double references (NaN: infinite).
 double worst(const std::vector<float>& a, const std::vector<double>& b) {
@@ -196,10 +49,6 @@ double worst(const std::vector<float>& a, const std::vector<double>& b) {
   }
   return w;
 }
-
-struct Shape4 {
-  int64_t batch, t, c, heads;
-};
 
 struct LayerResult {
   std::vector<double> y, dx, grads;
@@ -480,11 +329,6 @@ TEST_CASE("tensor-core flash attention: shared memory per block fits an H100/H20
   CHECK(kFlashTcThreads == 128);
   CHECK(16 * kFlashTcWarps == kFlashThreads);
 }
-
-// Shapes: T not a multiple of the 64-row tiles, T = 1, exactly one tile, hs 16, 32, 64 and 128 exactly and padded
-// (4 -> 16, 48 -> 64, 20 -> 32, 6 -> 16), several heads, batch > 1.
-const Shape4 kShapes[] = {{2, 70, 16, 2}, {1, 1, 8, 2},   {3, 130, 128, 2}, {1, 64, 64, 1}, {2, 45, 256, 2},
-                          {2, 65, 96, 2}, {2, 33, 80, 4}, {2, 40, 32, 2},   {1, 97, 64, 2}, {3, 37, 18, 3}};
 
 // The kernels against attention computed in double from the operands rounded as the kernels round them
 // (referenceCore): what is left is the rounding of P and dS to operands (u relative each), of dO in dP and dV, and

@@ -233,10 +233,14 @@ TEST_CASE("causal_self_attention dropout: on the probabilities in training only,
   CHECK(keptFloatsOf(drop.spec, {.cuda = true, .attention = AttentionKernel::kFused}) == 6 * 16 + 2 * 6);
   CHECK(keptFloatsOf(drop.spec, {.cuda = true, .attention = AttentionKernel::kMatmul}) == 6 * 16);
   // bf16 activation storage ("precision": "bf16" on a GPU): the matmul path keeps qkv and heads in bf16 ([T, 4C]
-  // values in 2 bytes: [T, 2C] floats' worth); the fused kernels read them in float32; the CPU has no bf16.
+  // values in 2 bytes: [T, 2C] floats' worth); the fused kernels read q, k, v in bf16 (qkv: [T, 1.5C] floats'
+  // worth, 36) but the heads in float32 (D = dO . O; 24), so [T, 2.5C] and the log-sum-exp; the CPU has no bf16.
   CHECK(keptFloatsOf(plain.spec, {.cuda = true, .attention = AttentionKernel::kMatmul, .bf16 = true}) == 3 * 16);
   CHECK(keptFloatsOf(drop.spec, {.cuda = true, .attention = AttentionKernel::kMatmul, .bf16 = true}) == 3 * 16);
-  CHECK(keptFloatsOf(plain.spec, {.cuda = true, .attention = AttentionKernel::kFused, .bf16 = true}) == 6 * 16 + 2 * 6);
+  CHECK(keptFloatsOf(plain.spec, {.cuda = true, .attention = AttentionKernel::kFused, .bf16 = true}) ==
+        36 + 24 + 2 * 6);
+  CHECK(keptFloatsOf(drop.spec, {.cuda = true, .attention = AttentionKernel::kFused, .bf16 = true}) ==
+        36 + 24 + 2 * 6);
   CHECK(keptFloatsOf(plain.spec, {.cuda = false, .bf16 = true}) == 6 * 16 + 2 * 36);
   CHECK(usesFusedAttention(plain.spec, AttentionKernel::kFused));
   CHECK_FALSE(usesFusedAttention(plain.spec, AttentionKernel::kMatmul));

@@ -5,8 +5,8 @@
 // a masked softmax kernel, the probabilities recomputed in backward (one sample's [H, T, T] of scratch, shared by
 // the model's attention layers). The job's "attention" chooses (lib/nn/attention_kernel.h; see
 // CausalSelfAttention). bf16 activation storage ("precision": "bf16", Layer::setBf16Storage): attention and
-// lm_head may read their input as stored bf16, a block pairs its children's buffers, and the matmul attention keeps
-// q, k, v and the heads in bf16 (see CausalSelfAttention).
+// lm_head may read their input as stored bf16, a block pairs its children's buffers, and attention keeps q, k, v
+// (and on the matmul path the heads) in bf16 (see CausalSelfAttention).
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -139,7 +139,8 @@ class Embedding final : public Layer {
 // The scratch (P and dP: 2 x H x T x T floats) is the model's SharedScratch::kAttentionScores slot, shared by every
 // attention layer (layers run one at a time on one stream), or the layer's own when built without one (tests).
 // dqkv and datt, which live only inside one backward, share the kAttention slot the same way (as on the CPU).
-// Kept per layer from forward to backward: qkv and the concatenated heads (maxBatch x 4C x T floats).
+// Kept per layer from forward to backward: qkv and the concatenated heads (maxBatch x 4C x T floats; with bf16
+// storage 2C T floats' worth on the matmul path, 2.5C T on the fused one), and on the fused path lse.
 //
 // Attention dropout on the matmul path ("dropout" > 0, training): the mask is the CPU layer's, computed on the device
 // from the counter (lib/gpu/philox.h: Philox4x32-10 keyed by mixSeed(seed, index), element ((b H + h) T + i) T + j
@@ -154,15 +155,18 @@ class Embedding final : public Layer {
 // is computed in float32 into the backward scratch (kAttention, unused during forward), then its bias is added and
 // the sum rounded into qkv_ by one kernel (kernels::addBiasToBf16: addBias's sum, toBf16's rounding); the heads are
 // computed into the same scratch and rounded into att_ (toBf16). The GEMMs then read those bf16 values instead of
-// converting the float32 ones first: the same values, so the same products. The fused kernels read q, k, v and
-// the heads in float32 (their D = rowsum(dO . O) too), so on the fused path qkv_ and att_ stay float32.
+// converting the float32 ones first: the same values, so the same products. On the fused path qkv_ holds bf16 too
+// (written the same way) and the bf16 kernels stage those values as they are (kernels::flashAttentionForwardBf16):
+// the operands they rounded the float32 q, k, v to, so the same bits; nothing else in them reads q, k or v. att_
+// stays float32 there: the dQ kernel's D = rowsum(dO . O) reads it in float32 (a bf16 O would change D's bits).
 class CausalSelfAttention final : public Layer {
  public:
   CausalSelfAttention(const LayerSpec& spec, const LayerBuild& build)
       : Layer(spec, build.device), t_(spec.input[0]), c_(spec.input[1]), h_(spec.nHead), hs_(c_ / h_),
-        rows_(sz(build.maxBatch) * sz(t_)), fused_(fusedFor(spec)), bf16Core_(build.bf16 && !fused_),
-        qkv_(floatsFor(rows_ * sz(3 * c_), bf16Core_), build.device),
-        att_(floatsFor(rows_ * sz(c_), bf16Core_), build.device),
+        rows_(sz(build.maxBatch) * sz(t_)), fused_(fusedFor(spec)), bf16Qkv_(build.bf16),
+        bf16Heads_(build.bf16 && !fused_),
+        qkv_(floatsFor(rows_ * sz(3 * c_), bf16Qkv_), build.device),
+        att_(floatsFor(rows_ * sz(c_), bf16Heads_), build.device),
         lse_(fused_ ? sz(build.maxBatch) * sz(h_ * t_) : 0, build.device),
         scratch_(build.scratch), stream_(std::nullopt, spec.index) {
     DTRAIN_CHECK(scratch_ == nullptr || scratch_->device() == build.device,
@@ -201,13 +205,18 @@ class CausalSelfAttention final : public Layer {
     dropping_ = train && spec().p > 0;
     if (dropping_) draw_ = stream_.next(sz(batch) * square(), spec().p, keep());
     const gpu::GemmOperand in = operandOf(x, bf16Input_);
-    if (bf16Core_) {
+    if (bf16Qkv_) {
       // q, k, v in float32 into the backward scratch (dead during forward), then + bias and rounded into qkv_.
       float* staged = backwardScratch();
       gpu::gemm(false, true, rows, c3, c_, 1.0f, in, c_, wAttn_, c_, 0.0f, staged, c3);
-      k::addBiasToBf16(staged, bAttn_, reinterpret_cast<uint16_t*>(qkv_.data()), rows, c3);
-      matmulForward(staged, batch);  // the heads in float32 into the scratch again
-      k::toBf16(staged, att_.data(), sz(rows) * sz(c_));
+      k::addBiasToBf16(staged, bAttn_, qkvBf16(), rows, c3);
+      if (fused_) {
+        k::flashAttentionForwardBf16(qkvBf16(), att_.data(), lse_.data(), batch, t_, h_, hs_,
+                                     dropping_ ? &draw_ : nullptr);
+      } else {
+        matmulForward(staged, batch);  // the heads in float32 into the scratch again
+        k::toBf16(staged, att_.data(), sz(rows) * sz(c_));
+      }
     } else {
       float* qkv = qkv_.data();
       gpu::gemm(false, true, rows, c3, c_, 1.0f, in, c_, wAttn_, c_, 0.0f, qkv, c3);
@@ -219,7 +228,7 @@ class CausalSelfAttention final : public Layer {
         matmulForward(att_.data(), batch);
       }
     }
-    gpu::gemm(false, true, rows, c_, c_, 1.0f, operandOf(att_.data(), bf16Core_), c_, wProj_, c_, 0.0f, y, c_);
+    gpu::gemm(false, true, rows, c_, c_, 1.0f, operandOf(att_.data(), bf16Heads_), c_, wProj_, c_, 0.0f, y, c_);
     if (bProj_ != nullptr) k::addBias(y, bProj_, rows, c_);
   }
 
@@ -228,13 +237,17 @@ class CausalSelfAttention final : public Layer {
     const float beta = accumulate ? 1.0f : 0.0f;
     float* dqkvData = backwardScratch();
     float* datt = dqkvData + rows_ * sz(c3);
-    gpu::gemm(true, false, c_, c_, rows, 1.0f, dy, c_, operandOf(att_.data(), bf16Core_), c_, beta, gwProj_, c_);
+    gpu::gemm(true, false, c_, c_, rows, 1.0f, dy, c_, operandOf(att_.data(), bf16Heads_), c_, beta, gwProj_, c_);
     if (gbProj_ != nullptr) k::biasGrad(dy, gbProj_, rows, c_, accumulate);
     gpu::gemm(false, false, rows, c_, c_, 1.0f, dy, c_, wProj_, c_, 0.0f, datt, c_);
     if (fused_) {
       float* dsum = datt + rows_ * sz(c_);
-      k::flashAttentionBackward(qkv_.data(), att_.data(), lse_.data(), datt, dsum, dqkvData, batch, t_, h_, hs_,
-                                dropping_ ? &draw_ : nullptr, flashMath());
+      if (bf16Qkv_)
+        k::flashAttentionBackwardBf16(qkvBf16(), att_.data(), lse_.data(), datt, dsum, dqkvData, batch, t_, h_, hs_,
+                                      dropping_ ? &draw_ : nullptr);
+      else
+        k::flashAttentionBackward(qkv_.data(), att_.data(), lse_.data(), datt, dsum, dqkvData, batch, t_, h_, hs_,
+                                  dropping_ ? &draw_ : nullptr, flashMath());
     } else {
       matmulBackward(dqkvData, datt, batch);
     }
@@ -270,11 +283,12 @@ class CausalSelfAttention final : public Layer {
     return own_.data() + (fused_ ? 0 : 2 * square());
   }
 
-  // Element `offset` of qkv_ (float32, or bf16 on the bf16 matmul path) as a GEMM operand.
+  // Element `offset` of qkv_ (float32, or bf16 with bf16 storage) as a GEMM operand.
   gpu::GemmOperand qkvAt(int64_t offset) const {
-    if (bf16Core_) return gpu::GemmOperand::bf16(reinterpret_cast<const uint16_t*>(qkv_.data()) + offset);
+    if (bf16Qkv_) return gpu::GemmOperand::bf16(reinterpret_cast<const uint16_t*>(qkv_.data()) + offset);
     return qkv_.data() + offset;
   }
+  uint16_t* qkvBf16() { return reinterpret_cast<uint16_t*>(qkv_.data()); }
 
   // The matmul path's attention core: the concatenated heads [rows, C] in float32 into `heads`, from qkv_, sample
   // by sample through the score square.
@@ -336,7 +350,8 @@ class CausalSelfAttention final : public Layer {
   int64_t t_, c_, h_, hs_;
   size_t rows_;
   bool fused_;                    // the fused kernels (else the matmul path)
-  bool bf16Core_;                 // matmul path with bf16 storage: qkv_ and att_ hold bf16 values
+  bool bf16Qkv_;                  // bf16 storage (either path): qkv_ holds bf16 values
+  bool bf16Heads_;                 // matmul path with bf16 storage: att_ holds bf16 values too
   bool bf16Input_ = false;        // x is stored as bf16 (setBf16Storage)
   DeviceFloats qkv_, att_, lse_;  // kept from forward to backward (lse_: fused only, [maxBatch, H, T])
   SharedScratch* scratch_;        // the model's (kAttention; kAttentionScores for matmul), or null: own_

@@ -136,9 +136,15 @@ void dropout(const float* in, const DropoutDraw& draw, float* out, size_t n);
 // Cross-entropy over rows of `classes` logits with int32 or int64 labels. Writes diff = softmax - onehot (when
 // diff != nullptr), rowLoss[r] = logsumexp - logit[label] (double) and rowCorrect[r] = (argmax == label, the
 // first maximum as torch.argmax); a label outside [0, classes) sets *badRow to the smallest such row (initialise
-// it to INT32_MAX) and contributes nothing.
+// it to INT32_MAX) and contributes nothing. rowStats (when not nullptr): the row's maximum and sum of exp(x - max),
+// two floats per row (loss_grad.h), for crossEntropyGradBf16.
 void crossEntropyRows(const float* logits, const void* labels, bool labels64, int64_t rows, int64_t classes,
-                      float* diff, double* rowLoss, int32_t* rowCorrect, int32_t* badRow);
+                      float* diff, double* rowLoss, int32_t* rowCorrect, int32_t* badRow, float* rowStats = nullptr);
+// The bf16 gradient of "precision": "bf16" (loss_grad.h): grad[r, c] = bf16 of (softmax - onehot)[r, c] * factor,
+// recomputed from the same logits and labels and the rowStats a crossEntropyRows call wrote; bit for bit toBf16 of
+// scale(diff, factor) of that call's diff. grad: rows x classes 2-byte values.
+void crossEntropyGradBf16(const float* logits, const void* labels, bool labels64, int64_t rows, int64_t classes,
+                          const float* rowStats, float factor, void* grad);
 // diff = y - t; sq[i] = (double)diff^2.
 void mseRows(const float* y, const float* t, float* diff, double* sq, size_t n);
 // bce_with_logits over n logits x (one per sample) and targets of `targetKind` (float32 in [0, 1], or int32/int64

@@ -12,6 +12,7 @@
 #include "lib/gpu/kernels.h"
 #include "lib/gpu/layernorm_rows.h"
 #include "lib/gpu/launch.h"
+#include "lib/gpu/loss_grad.h"
 
 namespace dtrain::gpu::kernels {
 namespace {
@@ -193,7 +194,8 @@ __global__ void causalSoftmaxBackwardKernel(const float* p, float* dp, int64_t r
 }
 
 __global__ void crossEntropyKernel(const float* logits, const void* labels, bool labels64, int64_t rows,
-                                   int64_t classes, float* diff, double* rowLoss, int32_t* rowCorrect, int32_t* badRow) {
+                                   int64_t classes, float* diff, double* rowLoss, int32_t* rowCorrect, int32_t* badRow,
+                                   float* rowStats) {
   __shared__ float sh[kThreads];
   __shared__ float shv[kThreads];
   __shared__ int64_t shi[kThreads];
@@ -229,14 +231,22 @@ __global__ void crossEntropyKernel(const float* logits, const void* labels, bool
   if (diff != nullptr) {
     const float inv = 1.0f / total;
     for (int64_t j = threadIdx.x; j < classes; j += kThreads)
-      diff[r * classes + j] = expf(x[j] - m) * inv - (valid && j == label ? 1.0f : 0.0f);
+      diff[r * classes + j] = crossEntropyDiff(x[j], m, inv, valid && j == label);
   }
   if (threadIdx.x == 0) {
+    if (rowStats != nullptr) rowStats[kCrossEntropyStats * r] = m, rowStats[kCrossEntropyStats * r + 1] = total;
     if (!valid) atomicMin(badRow, static_cast<int32_t>(r));
     rowLoss[r] = valid ? static_cast<double>(m + logf(total) - x[label]) : 0.0;
     rowCorrect[r] = valid && argmax == label ? 1 : 0;
   }
   __syncthreads();  // shv/shi are rewritten by the next row
+  }
+}
+
+__global__ void crossEntropyGradBf16Kernel(const float* logits, const void* labels, bool labels64, int64_t classes,
+                                           const float* rowStats, float factor, uint16_t* grad, size_t n) {
+  DTRAIN_GRID_STRIDE(i, n) {
+    grad[i] = crossEntropyGradBf16Element(logits, labels, labels64, classes, rowStats, factor, static_cast<int64_t>(i));
   }
 }
 
@@ -405,11 +415,20 @@ void causalSoftmaxBackward(const float* p, float* dp, int64_t count, int64_t t, 
 }
 
 void crossEntropyRows(const float* logits, const void* labels, bool labels64, int64_t rows, int64_t classes,
-                      float* diff, double* rowLoss, int32_t* rowCorrect, int32_t* badRow) {
+                      float* diff, double* rowLoss, int32_t* rowCorrect, int32_t* badRow, float* rowStats) {
   if (rows == 0) return;
   crossEntropyKernel<<<rowBlocks(rows), kThreads>>>(logits, labels, labels64, rows, classes, diff, rowLoss,
-                                                    rowCorrect, badRow);
+                                                    rowCorrect, badRow, rowStats);
   DTRAIN_CU_CHECK_LAUNCH("crossEntropyKernel");
+}
+
+void crossEntropyGradBf16(const float* logits, const void* labels, bool labels64, int64_t rows, int64_t classes,
+                          const float* rowStats, float factor, void* grad) {
+  const auto n = static_cast<size_t>(rows) * static_cast<size_t>(classes);
+  if (n == 0) return;
+  crossEntropyGradBf16Kernel<<<blocksFor(n), kThreads>>>(logits, labels, labels64, classes, rowStats, factor,
+                                                         static_cast<uint16_t*>(grad), n);
+  DTRAIN_CU_CHECK_LAUNCH("crossEntropyGradBf16Kernel");
 }
 
 void mseRows(const float* y, const float* t, float* diff, double* sq, size_t n) {

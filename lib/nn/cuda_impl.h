@@ -54,7 +54,8 @@ std::unique_ptr<Layer> makeConv2d(const LayerSpec& spec, const LayerBuild& build
 std::unique_ptr<Layer> makeMaxPool2d(const LayerSpec& spec, const LayerBuild& build);
 std::unique_ptr<Layer> makeDropout(const LayerSpec& spec, const LayerBuild& build);
 
-std::unique_ptr<Loss> makeLoss(const LossSpec& spec, const Shape& outputShape, int maxBatch, Device device);
+std::unique_ptr<Loss> makeLoss(const LossSpec& spec, const Shape& outputShape, int maxBatch, Device device,
+                               DType gradType);
 std::unique_ptr<Optimizer> makeOptimizer(const OptimizerSpec& spec, size_t numParams, Device device);
 
 }  // namespace cuda

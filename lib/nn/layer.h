@@ -90,6 +90,12 @@ class Layer {
   // typed float* only because the interface is: the layer reads x only as a bf16 GEMM operand and writes y rounded
   // (never reading it back). Default: throws dtrain::Error (the kind's flags promise an implementation).
   virtual void setBf16Storage(bool input, bool output);
+  // bf16 gradient of the model's output (registry.h takesBf16OutputGrad; a kind with bf16OutputGrad): Model::backward
+  // calls it on its last layer before each backward whose gradOutput is bf16 (on) or float32 (off), when the model's
+  // outputGradType() is bf16. While on, backward's dy points to 2-byte bfloat16 values, one per element, typed
+  // float* only because the interface is; the layer reads it only as a bf16 GEMM operand. Default: throws
+  // dtrain::Error (the kind's flag promises an implementation).
+  virtual void setBf16OutputGrad(bool on);
 
   // y[n, out...] = f(x[n, in...]). `train` switches dropout on.
   virtual void forward(const float* x, float* y, int batch, bool train) = 0;

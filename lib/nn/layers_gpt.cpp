@@ -395,7 +395,8 @@ const LayerKind& embeddingKind() {
 const LayerKind& lmHeadKind() {
   static constexpr LayerKind kind{.name = "lm_head", .parse = parseLmHead, .paramShapes = lmHeadParams,
                                   .detail = lmHeadDetail, .cpu = makeLmHead, .cuda = DTRAIN_NN_CUDA(makeLmHead),
-                                  .bf16Input = true, .backwardIgnoresOutput = true, .exampleLayer = R"({"type": "lm_head", "vocab_size": 5, "tied": false})",
+                                  .bf16Input = true, .backwardIgnoresOutput = true, .bf16OutputGrad = true,
+                                  .exampleLayer = R"({"type": "lm_head", "vocab_size": 5, "tied": false})",
                                   .exampleInput = "[3, 4]"};
   return kind;
 }

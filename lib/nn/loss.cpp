@@ -327,11 +327,18 @@ Loss::Loss(LossType type, const Shape& outputShape, int maxBatch, Device device)
   }
 }
 
-std::unique_ptr<Loss> Loss::create(const LossSpec& spec, const Shape& outputShape, int maxBatch, Device device) {
+bool givesBf16Gradient(LossType type, Device device) noexcept {
+  return device.isCuda() && type == LossType::kCrossEntropy;
+}
+
+std::unique_ptr<Loss> Loss::create(const LossSpec& spec, const Shape& outputShape, int maxBatch, Device device,
+                                   DType gradType) {
+  DTRAIN_CHECK(gradType == DType::kFloat32 || gradType == DType::kBFloat16,
+               "loss gradient dtype {} (expected float32 or bfloat16)", dtypeName(gradType));
   if (device.isCuda()) {
-    std::unique_ptr<Loss> (*factory)(const LossSpec&, const Shape&, int, Device) = DTRAIN_NN_CUDA(makeLoss);
+    std::unique_ptr<Loss> (*factory)(const LossSpec&, const Shape&, int, Device, DType) = DTRAIN_NN_CUDA(makeLoss);
     if (factory == nullptr) requireCpu(device, fmt::format("loss '{}'", lossTypeName(spec.type)));
-    return factory(spec, outputShape, maxBatch, device);
+    return factory(spec, outputShape, maxBatch, device, gradType);
   }
   if (spec.type == LossType::kCrossEntropy) return std::make_unique<CrossEntropy>(outputShape, maxBatch);
   if (spec.type == LossType::kBceWithLogits) return std::make_unique<BceWithLogits>(outputShape, maxBatch);

@@ -7,6 +7,10 @@
 //   float l = loss->forward(out, labels);      // labels: TensorView::i64(ptr, Shape{batch}) (or i32)
 //   model.backward(loss->backward());          // d(mean loss)/d(output)
 //
+// A GPU model whose last layer reads the gradient of its output only as a bf16 GEMM operand (lm_head under
+// "precision": "bf16") asks for it in bf16: create the loss with model.outputGradType(), and backward() then returns
+// a bfloat16 view where the loss can give one (givesBf16Gradient; gradType() says what it returns).
+//
 // For evaluation across ranks, evaluate() returns sums (loss sum, element count, correct predictions) that
 // add up over ranks and batches: eval_loss = sum(lossSum) / sum(lossCount), accuracy = sum(correct) /
 // sum(samples). A Loss keeps the gradient buffer of the last forward (sized once for maxBatch).
@@ -37,6 +41,10 @@ struct LossSpec {
 LossSpec parseLossSpec(const nlohmann::json& loss, const std::string& sourceFile,
                        const std::string& jsonPathPrefix = "/loss");
 const char* lossTypeName(LossType type);
+// Whether a loss of `type` on `device` returns its gradient as bf16 when created with gradType kBFloat16:
+// cross_entropy on a GPU (it writes the rounded gradient directly, lib/gpu/loss_grad.h). Others return float32.
+// Loss::create and dtrain check's memory estimate both follow it.
+bool givesBf16Gradient(LossType type, Device device) noexcept;
 
 // bce_with_logits: the ROC AUC from histograms of sigmoid(logit) over kAucBins equal bins of [0, 1], one for the
 // positive and one for the negative samples. Histograms add up over batches and ranks (a sum all-reduce), which
@@ -67,12 +75,18 @@ class Loss {
   // (cross_entropy needs logits of shape [C]).
   // Its buffers live on `device`, and forward/evaluate then take device views (output and targets) and backward
   // returns one: NotBuiltError for cuda in a build without CUDA. forward and evaluate block (they return sums).
+  // gradType: the dtype the caller would like backward() to return (a model's outputGradType()): kFloat32, or
+  // kBFloat16, which the loss honours where givesBf16Gradient(spec.type, device) (else float32; gradType() says).
+  // A bf16 gradient is d(scale * loss)/d(output) computed in float32 and rounded to nearest even (kernels::toBf16's
+  // rounding): the values a bf16 GEMM would convert the float32 gradient to. The loss value stays float32.
   static std::unique_ptr<Loss> create(const LossSpec& spec, const Shape& outputShape, int maxBatch,
-                                      Device device = Device::cpu());
+                                      Device device = Device::cpu(), DType gradType = DType::kFloat32);
   virtual ~Loss() = default;
 
   LossType type() const noexcept { return type_; }
   Device device() const noexcept { return device_; }
+  // The dtype of backward()'s view: kFloat32, or kBFloat16 (2-byte values) when created so (see create).
+  DType gradType() const noexcept { return gradType_; }
   // Whether evaluate() counts correct predictions (classification).
   bool hasAccuracy() const noexcept { return type_ != LossType::kMse; }
   // Whether evaluate() fills EvalSums::aucHist (bce_with_logits).
@@ -85,8 +99,9 @@ class Loss {
   // The mean loss over the batch (output is [batch, ...]); keeps d(loss)/d(output) for backward().
   // A label outside [0, C) throws ConfigError.
   virtual float forward(const TensorView& output, const TensorView& targets) = 0;
-  // d(scale * loss)/d(output) of the last forward; scale = 1/k when accumulating k micro-batches.
-  // The view stays valid until the next forward.
+  // d(scale * loss)/d(output) of the last forward; scale = 1/k when accumulating k micro-batches; of gradType().
+  // The view stays valid until the next forward. A bf16 gradient is recomputed from the forward's output and
+  // targets, which must be unchanged until then.
   virtual TensorView backward(float scale = 1.0f) = 0;
   // Sums for evaluation; needs no backward and keeps no state.
   virtual EvalSums evaluate(const TensorView& output, const TensorView& targets) const = 0;
@@ -97,6 +112,7 @@ class Loss {
 
   LossType type_;
   Device device_;  // where the buffers (and the views forward/backward take and return) live
+  DType gradType_ = DType::kFloat32;  // what backward() returns (a device loss sets kBFloat16 when it gives that)
   Shape outputShape_;
   int maxBatch_;
   AlignedBuffer<float> diff_;  // maxBatch * outputShape.numel(): softmax - onehot, or output - target

@@ -118,6 +118,9 @@ void Model::makeLayers(uint64_t seed) {
   // bf16 activation storage: the outputs only bf16 GEMMs read are 2-byte values (allocateActivations sizes them).
   bf16Outputs_ = bf16 ? bf16StoredOutputs(parts_.layers) : std::vector<char>(layers_.size(), 0);
   if (bf16) applyBf16Storage(layers_, bf16Outputs_);
+  // The loss may hand the last layer its dy in bf16 (Model::backward tells the layer which it got).
+  bf16OutputGrad_ =
+      bf16 && !layers_.empty() && !layers_.back()->aliasesInput() && takesBf16OutputGrad(parts_.layers.back());
   scratch_->allocate();
 }
 
@@ -287,10 +290,15 @@ TensorView Model::forward(const float* x, int batch, bool train) {
 void Model::backward(const TensorView& gradOutput, LayerGradReady onLayerGradReady, GradMode mode) {
   DTRAIN_CHECK(lastBatch_ > 0, "backward called before forward");
   const Shape expected = spec_.output().withBatch(lastBatch_);
-  DTRAIN_CHECK(gradOutput.dtype == DType::kFloat32 && gradOutput.shape == expected,
-               "output gradient is {} {} but the last forward produced float32 {}", dtypeName(gradOutput.dtype),
-               gradOutput.shape.str(), expected.str());
+  const bool bf16Grad = gradOutput.dtype == DType::kBFloat16;
+  DTRAIN_CHECK(gradOutput.dtype == DType::kFloat32 || (bf16Grad && bf16OutputGrad_),
+               "output gradient is {} {} but the model takes its output's gradient as {}", dtypeName(gradOutput.dtype),
+               gradOutput.shape.str(), bf16OutputGrad_ ? "float32 or bfloat16" : "float32");
+  DTRAIN_CHECK(gradOutput.shape == expected, "output gradient is {} {} but the last forward produced float32 {}",
+               dtypeName(gradOutput.dtype), gradOutput.shape.str(), expected.str());
+  if (bf16OutputGrad_) layers_.back()->setBf16OutputGrad(bf16Grad);
   const bool accumulate = mode == GradMode::kAccumulate;
+  // A bf16 gradOutput is 2-byte values, read as such by the last layer only (setBf16OutputGrad).
   const float* dy = static_cast<const float*>(gradOutput.data);
   for (int i = static_cast<int>(layers_.size()) - 1; i >= 0; --i) {
     const auto k = static_cast<size_t>(i);

@@ -24,7 +24,9 @@
 // host code must never dereference (lib/nn/device.h has the arena operations; hostParams() gives a host copy).
 // Initial weights are drawn on the host by the CPU layers and copied over, so a CPU and a GPU model built with
 // the same seed start bit-identical. A GPU model built while nn::bf16ActivationsOn() stores as bf16 the outputs
-// that only the next layer's bf16 GEMMs read (registry.h storesBf16Between; the model's output never is).
+// that only the next layer's bf16 GEMMs read (registry.h storesBf16Between; the model's output never is), and, when
+// its last layer reads its output's gradient only as a bf16 GEMM operand (lm_head; registry.h takesBf16OutputGrad),
+// takes that gradient as bf16 (outputGradType(); create the loss with it: Loss::create's gradType).
 //
 // Memory: activations, gradients between layers and each layer's scratch are allocated once at build for
 // maxBatch samples, and forward/backward never allocate: a smaller batch (the last one of an epoch) uses the
@@ -145,10 +147,17 @@ class Model {
   // Runs the layers on `batch` samples (1..maxBatch). `train` enables dropout. The returned view points into
   // the model's buffers (or at x when the model is only flatten layers) and has shape [batch, output...].
   TensorView forward(const float* x, int batch, bool train);
-  // Back-propagates gradOutput (shape [batch, output...] of the last forward, float32) into grads().
-  // Throws dtrain::Error when called without a forward or with a mismatching shape.
+  // Back-propagates gradOutput (shape [batch, output...] of the last forward; float32, or bfloat16 when
+  // outputGradType() is) into grads().
+  // Throws dtrain::Error when called without a forward or with a mismatching shape or dtype.
   void backward(const TensorView& gradOutput, LayerGradReady onLayerGradReady = {},
                 GradMode mode = GradMode::kAccumulate);
+
+  // The dtype in which backward() would like gradOutput: kBFloat16 for a GPU model built with bf16 activation
+  // storage on (device.h bf16ActivationsOn) whose last layer reads that gradient only as a bf16 GEMM operand
+  // (registry.h takesBf16OutputGrad: lm_head), so the loss writes it rounded (Loss::create's gradType) and no float32
+  // copy or conversion of the [batch, output...] gradient exists; else kFloat32. backward() accepts float32 always.
+  DType outputGradType() const noexcept { return bf16OutputGrad_ ? DType::kBFloat16 : DType::kFloat32; }
 
   // The gradient of the input of the last backward, shape [batch, input...]; only for a model built with
   // StageOptions::inputGrad (an empty view otherwise). Valid until the next forward/backward.
@@ -234,6 +243,7 @@ class Model {
   DeviceFloats activations_;  // every non-aliasing layer's output, maxBatch samples each
   std::vector<float*> ownOutput_;     // per layer: its slice of activations_ (null when aliasing)
   std::vector<char> bf16Outputs_;     // per layer: 1 when its output is stored as bf16 (registry.h storesBf16Between)
+  bool bf16OutputGrad_ = false;       // the last layer takes its dy as bf16 (registry.h takesBf16OutputGrad)
   DeviceFloats gradA_, gradB_;  // ping-pong buffers for gradients between layers
   std::unique_ptr<SharedScratch> scratch_;  // scratch the blocks and attention layers share, on the model's device
   std::shared_ptr<TensorGroup> tensor_;     // the layers' tensor group (null: not tensor-parallel)

@@ -76,6 +76,13 @@ bool storesBf16Between(const LayerSpec& producer, const LayerSpec& consumer) {
   return producer.kind != nullptr && consumer.kind != nullptr && producer.kind->bf16Output && consumer.kind->bf16Input;
 }
 
+bool takesBf16OutputGrad(const LayerSpec& last) { return last.kind != nullptr && last.kind->bf16OutputGrad; }
+
+void Layer::setBf16OutputGrad(bool /*on*/) {
+  DTRAIN_THROW(Error, "{}: layer '{}' on {} cannot take its output's gradient as bf16", spec().path, spec().type(),
+               device().str());
+}
+
 std::vector<char> bf16StoredOutputs(std::span<const LayerSpec> sequence) {
   std::vector<char> out(sequence.size(), 0);
   for (size_t i = 0; i + 1 < sequence.size(); ++i) out[i] = storesBf16Between(sequence[i], sequence[i + 1]) ? 1 : 0;

@@ -12,6 +12,7 @@
 #include "lib/common/dir_check.h"
 #include "lib/common/error.h"
 #include "lib/data/sequence.h"
+#include "lib/nn/loss.h"
 #include "lib/nn/model.h"
 #include "lib/nn/registry.h"
 #include "lib/train/checkpointing.h"
@@ -162,10 +163,16 @@ MemoryEstimate estimateMemory(const Job& job, int worldSize, std::optional<int64
   const nn::MemoryTarget target{.cuda = job.device.isCuda(), .attention = job.attention, .bf16 = bf16};
   const std::vector<char> bf16Outputs =
       bf16 ? nn::bf16StoredOutputs(job.model.layers) : std::vector<char>(job.model.layers.size(), 0);
+  // The model's output gradient is the loss's: bf16 when the last layer takes it so and the loss gives it
+  // (nn::takesBf16OutputGrad, nn::givesBf16Gradient; a bf16 GPT's logits' gradient).
+  const bool bf16OutputGrad = bf16 && !job.model.layers.empty() && nn::takesBf16OutputGrad(job.model.layers.back()) &&
+                              nn::givesBf16Gradient(job.loss.type, job.device);
   int64_t halves = satMul(satNumel(job.model.input), 2);
   for (size_t i = 0; i < job.model.layers.size(); ++i) {
     const auto& l = job.model.layers[i];
-    const int64_t outputHalves = satMul(satNumel(l.output), bf16Outputs[i] != 0 ? 3 : 4);  // output + its gradient
+    const bool last = i + 1 == job.model.layers.size();
+    const int64_t gradHalves = last && bf16OutputGrad ? 1 : 2;
+    const int64_t outputHalves = satMul(satNumel(l.output), (bf16Outputs[i] != 0 ? 1 : 2) + gradHalves);
     halves = satAdd(halves, satAdd(outputHalves, satMul(nn::keptFloatsOf(l, target), 2)));
   }
   e.activations = satMul(satMul(halves, largestBatchOf(job, samples)), 2);

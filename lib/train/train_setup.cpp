@@ -130,7 +130,8 @@ void TrainLoop::setUp() {
   }
   // The ranks of a tensor group compute the same losses: one of them counts.
   countsMetrics_ = countsMetrics_ && built.coords.tensor == 0;
-  loss_ = nn::Loss::create(job_.loss, job_.model.output(), static_cast<int>(batch), device);
+  // A bf16 GPT's loss writes the logits' gradient in bf16 for lm_head's GEMMs (Model::outputGradType).
+  loss_ = nn::Loss::create(job_.loss, job_.model.output(), static_cast<int>(batch), device, model_->outputGradType());
   checkDataFitsModel(job_, *train_, *loss_, "/data/train");
   if (device_.isCuda()) {
     // One staging for the training and the evaluation batches: sized for the larger of each part.

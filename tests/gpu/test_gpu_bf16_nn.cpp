@@ -21,6 +21,7 @@
 
 #include "lib/gpu/bf16_store.h"
 #include "lib/gpu/kernels_attention.h"
+#include "lib/gpu/memory.h"
 #include "lib/nn/attention_kernel.h"
 #include "lib/nn/dropout_mask.h"
 #include "lib/nn/device.h"
@@ -40,11 +41,14 @@ namespace {
 struct Run {
   std::vector<float> losses, grads, params;
   size_t activationBytes = 0;
+  size_t lossBytes = 0;  // device memory the loss allocated
+  DType gradType = DType::kFloat32;
 };
 
 // Three AdamW steps of `spec` (batch 3 of `tokens`-style inputs and class labels) on a GPU model built with bf16
-// activation storage on or off; "precision": "bf16" (bf16 GEMMs) in both.
-Run train(const json& spec, bool storage, bool tokens, int64_t classes) {
+// activation storage on or off; "precision": "bf16" (bf16 GEMMs) in both. The loss gives its gradient as `gradType`
+// (the model's outputGradType() when bf16Grad, else float32).
+Run train(const json& spec, bool storage, bool tokens, int64_t classes, bool bf16Grad = false) {
   setBf16Activations(storage);
   const ModelSpec ms = parseModelSpec(spec, "", "/model");
   Model model = Model::build(ms, 3, 42, kGpu);
@@ -61,9 +65,13 @@ Run train(const json& spec, bool storage, bool tokens, int64_t classes) {
     labels[i] = static_cast<int32_t>((i * 7 + 1) % static_cast<size_t>(classes));
   DeviceFloats dX = toDevice(x), dLabels = toDevice(labels);
   const Shape labelShape = out.rank() > 1 ? Shape{batch, out[0]} : Shape{batch};
-  auto loss = Loss::create({LossType::kCrossEntropy}, out, batch, kGpu);
-  auto opt = Optimizer::create({.type = OptimizerType::kAdamW, .lr = 0.01}, model.numParams(), kGpu);
+  const size_t before = gpu::allocatedBytes().current;
+  auto loss = Loss::create({LossType::kCrossEntropy}, out, batch, kGpu,
+                           bf16Grad ? model.outputGradType() : DType::kFloat32);
   Run r;
+  r.lossBytes = gpu::allocatedBytes().current - before;
+  r.gradType = loss->gradType();
+  auto opt = Optimizer::create({.type = OptimizerType::kAdamW, .lr = 0.01}, model.numParams(), kGpu);
   for (int step = 0; step < 3; ++step) {
     r.losses.push_back(loss->forward(model.forward(dX.data(), batch, true),
                                      TensorView::of(reinterpret_cast<int32_t*>(dLabels.data()), labelShape, kGpu)));
@@ -197,4 +205,39 @@ TEST_CASE("with a GPU: the bf16 fused kernels reading bf16-stored q, k, v give t
       CHECK(sameBits(toHost(a.dqkv.data(), nQkv), toHost(b.dqkv.data(), nQkv)));
     }
   }
+}
+
+// The logits' gradient in bf16 (docs/gpu.md "bf16"): cross-entropy writes it rounded (lib/gpu/loss_grad.h) and
+// lm_head's GEMMs read it as it is, instead of the loss writing it in float32 and the GEMMs rounding it into the
+// conversion scratch. Same bits: a failure means the device computed softmax - onehot differently in
+// crossEntropyGradBf16Kernel than in crossEntropyKernel (nvcc contracting the expression otherwise), or cuBLAS
+// chose another algorithm for the operand read in place.
+TEST_CASE("with a GPU: the bf16 logits' gradient leaves a bf16 GPT's steps bit-identical, in less memory") {
+  const Bf16Scope bf16;
+  for (AttentionKernel kernel : {AttentionKernel::kMatmul, AttentionKernel::kFused}) {
+    for (double dropout : {0.0, 0.1}) {
+      CAPTURE(static_cast<int>(kernel));
+      CAPTURE(dropout);
+      const AttentionScope scope(kernel);
+      const json spec{{"preset", "gpt"}, {"vocab_size", 300}, {"block_size", 16}, {"n_layer", 2},
+                      {"n_head", 4},     {"n_embd", 64},      {"dropout", dropout}};
+      const Run f32 = train(spec, true, true, 300, false);
+      const Run b16 = train(spec, true, true, 300, true);
+      CHECK(f32.gradType == DType::kFloat32);
+      CHECK(b16.gradType == DType::kBFloat16);
+      CHECK(sameBits(f32.losses, b16.losses));
+      CHECK(sameBits(f32.grads, b16.grads));
+      CHECK(sameBits(f32.params, b16.params));
+      // The loss's [3, 16, 300] gradient: 2 bytes a value instead of 4 (plus 2 floats of statistics a row).
+      CHECK(b16.lossBytes < f32.lossBytes);
+      MESSAGE("loss buffers " << f32.lossBytes << " -> " << b16.lossBytes << " bytes");
+    }
+  }
+  // With the storage off the model takes float32 only, and the loss is not asked for bf16.
+  const json spec{{"preset", "gpt"}, {"vocab_size", 50}, {"block_size", 8}, {"n_layer", 1}, {"n_head", 2},
+                  {"n_embd", 16}};
+  setBf16Activations(false);
+  Model plain = Model::build(parseModelSpec(spec, "", "/model"), 2, 42, kGpu);
+  setBf16Activations(true);
+  CHECK(plain.outputGradType() == DType::kFloat32);
 }

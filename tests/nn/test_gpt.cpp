@@ -531,3 +531,47 @@ TEST_CASE("bf16 activation storage pairs the outputs only bf16 GEMMs read: a lay
   CHECK(messageOf([&] { cpu->setBf16Storage(true, false); }) ==
         "/model/layers/2: layer 'linear' on cpu has no bf16 activation storage (asked for its input)");
 }
+
+TEST_CASE("the bf16 logits' gradient: lm_head takes its dy as bf16 on a GPU, the CPU keeps float32 throughout") {
+  const ModelSpec gpt = parseModelSpec(json::parse(R"({"preset": "gpt", "vocab_size": 16, "block_size": 8,
+                                                      "n_layer": 1, "n_head": 2, "n_embd": 4})"),
+                                       "", "/model");
+  // One rule (registry.h): the last layer's kind reads its dy only as a bf16 GEMM operand. lm_head does; a linear's
+  // bias gradient reads dy in float32, and a layernorm is no GEMM.
+  CHECK(takesBf16OutputGrad(gpt.layers.back()));
+  CHECK_FALSE(takesBf16OutputGrad(gpt.layers.front()));
+  const ModelSpec mlp = parseModelSpec(json::parse(R"({"input": [3], "layers": [{"type": "layernorm"},
+      {"type": "linear", "out": 4}]})"), "", "/model");
+  CHECK_FALSE(takesBf16OutputGrad(mlp.layers[0]));
+  CHECK_FALSE(takesBf16OutputGrad(mlp.layers[1]));
+  // The loss's side: cross_entropy on a GPU gives it; mse and bce_with_logits, and any CPU loss, give float32.
+  CHECK(givesBf16Gradient(LossType::kCrossEntropy, Device::cuda(0)));
+  CHECK_FALSE(givesBf16Gradient(LossType::kMse, Device::cuda(0)));
+  CHECK_FALSE(givesBf16Gradient(LossType::kBceWithLogits, Device::cuda(0)));
+  CHECK_FALSE(givesBf16Gradient(LossType::kCrossEntropy, Device::cpu()));
+
+  // A CPU model takes float32 only, and a CPU loss asked for bf16 (what a model would ask) gives float32: a CPU job
+  // is untouched, whatever the trainer passes.
+  Model m = Model::build(gpt, 2, 42);
+  CHECK(m.outputGradType() == DType::kFloat32);
+  auto loss = Loss::create({LossType::kCrossEntropy}, m.outputShape(), 2, Device::cpu(), DType::kBFloat16);
+  CHECK(loss->gradType() == DType::kFloat32);
+  CHECK(messageOf([&] {
+          (void)Loss::create({LossType::kCrossEntropy}, m.outputShape(), 2, Device::cpu(), DType::kInt32);
+        }).find("loss gradient dtype int32 (expected float32 or bfloat16)") != std::string::npos);
+  std::vector<float> tokens(16, 1.0f);
+  std::vector<int32_t> labels(16, 3);
+  loss->forward(m.forward(tokens.data(), 2, true), TensorView::of(labels.data(), Shape{2, 8}));
+  const TensorView g = loss->backward();
+  CHECK(g.dtype == DType::kFloat32);
+  // A bf16 gradient handed to a model that takes float32 is refused, naming both.
+  std::vector<uint16_t> half(static_cast<size_t>(g.numel()));
+  const TensorView bad{half.data(), g.shape, DType::kBFloat16, Device::cpu()};
+  CHECK(messageOf([&] { m.backward(bad); }) ==
+        "output gradient is bfloat16 [2,8,16] but the model takes its output's gradient as float32");
+  CHECK_NOTHROW(m.backward(g));
+  // A layer without the flag asked for a bf16 dy says so.
+  auto cpuHead = makeLayer(gpt.layers.back(), {.device = Device::cpu()});
+  CHECK(messageOf([&] { cpuHead->setBf16OutputGrad(true); }) ==
+        "/model/layers/4: layer 'lm_head' on cpu cannot take its output's gradient as bf16");
+}

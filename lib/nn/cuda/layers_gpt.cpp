@@ -381,6 +381,10 @@ class LmHead final : public Layer {
     DTRAIN_CHECK(!output, "{}: lm_head's output (the logits) is not stored as bf16", spec().path);
     bf16Input_ = input;
   }
+  // dy (the logits' gradient) is read only by the two backward GEMMs: as the model's last layer it may come from the
+  // loss already in bf16 (Model::outputGradType), and the GEMMs read it as it is instead of rounding an
+  // [rows, vocabulary] copy of it into the conversion scratch, twice.
+  void setBf16OutputGrad(bool on) override { bf16Dy_ = on; }
 
   void forward(const float* x, float* y, int batch, bool) override {
     gpu::gemm(false, true, batch * t_, v_, c_, 1.0f, operandOf(x, bf16Input_), c_, w_, c_, 0.0f, y, v_);
@@ -388,14 +392,15 @@ class LmHead final : public Layer {
 
   void backward(const float* x, const float*, const float* dy, float* dx, int batch, bool accumulate) override {
     const int64_t rows = batch * t_;
-    gpu::gemm(true, false, v_, c_, rows, 1.0f, dy, v_, operandOf(x, bf16Input_), c_, accumulate ? 1.0f : 0.0f, gw_,
-              c_);
-    if (dx != nullptr) gpu::gemm(false, false, rows, c_, v_, 1.0f, dy, v_, w_, c_, 0.0f, dx, c_);
+    const gpu::GemmOperand g = operandOf(dy, bf16Dy_);
+    gpu::gemm(true, false, v_, c_, rows, 1.0f, g, v_, operandOf(x, bf16Input_), c_, accumulate ? 1.0f : 0.0f, gw_, c_);
+    if (dx != nullptr) gpu::gemm(false, false, rows, c_, v_, 1.0f, g, v_, w_, c_, 0.0f, dx, c_);
   }
 
  private:
   int64_t t_, c_, v_;
   bool bf16Input_ = false;
+  bool bf16Dy_ = false;  // backward's dy is bf16 (setBf16OutputGrad)
   const float* w_ = nullptr;
   float* gw_ = nullptr;
 };

@@ -9,6 +9,7 @@
 
 #include "lib/common/error.h"
 #include "lib/gpu/kernels.h"
+#include "lib/gpu/loss_grad.h"
 #include "lib/nn/cuda_impl.h"
 #include "lib/nn/device.h"
 #include "lib/nn/loss.h"
@@ -58,14 +59,26 @@ struct Scratch {
   double* partials;
 };
 
+// With a bf16 gradient (Loss::create's gradType, "precision": "bf16": the model's last layer reads it only as a bf16
+// GEMM operand) forward keeps no diff, only each row's maximum and sum (2 floats per row) and where the logits and
+// labels are; backward recomputes softmax - onehot from them, scales it and writes it rounded to bf16 in one pass
+// (kernels::crossEntropyGradBf16, lib/gpu/loss_grad.h): the bits the float32 path's GEMM converted its operand to.
+// At GPT-2-small shape that is a 0.82 GB bf16 buffer instead of the 1.65 GB float32 diff, and lm_head's GEMMs no
+// longer round an 0.82 GB copy (the conversion scratch, +25% headroom). The logits and labels must be unchanged
+// between forward and backward (the model's output stays valid until its next forward; the batch's labels until
+// the next batch).
 class CrossEntropy final : public Loss {
  public:
-  CrossEntropy(const Shape& outputShape, int maxBatch, Device device)
+  CrossEntropy(const Shape& outputShape, int maxBatch, Device device, bool bf16Grad)
       : Loss(LossType::kCrossEntropy, outputShape, maxBatch, device),
         positions_(outputShape.rank() == 2 ? outputShape[0] : 1), classes_(outputShape.back()),
-        diffDev_(static_cast<size_t>(maxBatch) * static_cast<size_t>(outputShape.numel()), device),
+        diffDev_(bf16Grad ? 0 : static_cast<size_t>(maxBatch) * static_cast<size_t>(outputShape.numel()), device),
+        gradBf16_(bf16Grad ? (static_cast<size_t>(maxBatch) * static_cast<size_t>(outputShape.numel()) + 1) / 2 : 0,
+                  device),
+        rowStats_(bf16Grad ? static_cast<size_t>(gpu::kCrossEntropyStats * maxBatch * positions_) : 0, device),
         scratch_(static_cast<size_t>(maxBatch * positions_), device) {
     detail::checkCrossEntropyOutput(outputShape);
+    if (bf16Grad) gradType_ = DType::kBFloat16;
   }
 
   void checkTargets(const Shape& perSample, DType dtype) const override {
@@ -74,9 +87,13 @@ class CrossEntropy final : public Loss {
 
   float forward(const TensorView& output, const TensorView& targets) override {
     const int64_t n = rowsOf(output, targets);
-    run(output, targets, n, diffDev_.data());
+    const bool bf16 = gradType_ == DType::kBFloat16;
+    run(output, targets, n, bf16 ? nullptr : diffDev_.data(), bf16 ? rowStats_.data() : nullptr);
     lastBatch_ = static_cast<int>(output.shape[0]);
     diffTaken_ = false;
+    logits_ = static_cast<const float*>(output.data);
+    labels_ = targets.data;
+    labels64_ = targets.dtype == DType::kInt64;
     return static_cast<float>(k::sumDoubles(scratch_.rowValue, static_cast<size_t>(n), scratch_.partials) /
                               static_cast<double>(n));
   }
@@ -85,13 +102,18 @@ class CrossEntropy final : public Loss {
     takeDiff(lastBatch_, diffTaken_);
     const int64_t count = lastBatch_ * outputShape_.numel();
     const float factor = scale / static_cast<float>(static_cast<int64_t>(lastBatch_) * positions_);
+    if (gradType_ == DType::kBFloat16) {
+      k::crossEntropyGradBf16(logits_, labels_, labels64_, lastBatch_ * positions_, classes_, rowStats_.data(), factor,
+                              gradBf16_.data());
+      return {gradBf16_.data(), outputShape_.withBatch(lastBatch_), DType::kBFloat16, device_};
+    }
     k::scale(diffDev_.data(), diffDev_.data(), static_cast<size_t>(count), factor);
     return TensorView::of(diffDev_.data(), outputShape_.withBatch(lastBatch_), device_);
   }
 
   EvalSums evaluate(const TensorView& output, const TensorView& targets) const override {
     const int64_t n = rowsOf(output, targets);
-    run(output, targets, n, nullptr);
+    run(output, targets, n, nullptr, nullptr);
     EvalSums s;
     s.lossSum = k::sumDoubles(scratch_.rowValue, static_cast<size_t>(n), scratch_.partials);
     s.lossCount = n;
@@ -112,13 +134,13 @@ class CrossEntropy final : public Loss {
     return n;
   }
 
-  // Per-row losses, correct flags and (diff != nullptr) softmax - onehot; a label outside [0, C) is the CPU's
-  // ConfigError, naming it.
-  void run(const TensorView& output, const TensorView& targets, int64_t n, float* diff) const {
+  // Per-row losses, correct flags, (diff != nullptr) softmax - onehot and (stats != nullptr) the rows' maximum and
+  // sum; a label outside [0, C) is the CPU's ConfigError, naming it.
+  void run(const TensorView& output, const TensorView& targets, int64_t n, float* diff, float* stats) const {
     const bool labels64 = targets.dtype == DType::kInt64;
     copyBytes(scratch_.badRow, device_, &kNoRow, Device::cpu(), sizeof(kNoRow));
     k::crossEntropyRows(static_cast<const float*>(output.data), targets.data, labels64, n, classes_, diff,
-                        scratch_.rowValue, scratch_.rowCorrect, scratch_.badRow);
+                        scratch_.rowValue, scratch_.rowCorrect, scratch_.badRow, stats);
     const int32_t bad = k::readInt(scratch_.badRow);
     if (bad == kNoRow) return;
     int64_t label = 0;
@@ -134,7 +156,12 @@ class CrossEntropy final : public Loss {
   }
 
   int64_t positions_, classes_;
-  DeviceFloats diffDev_;  // the last forward's diff, scaled in place into the gradient by backward
+  DeviceFloats diffDev_;  // float32 gradient: the last forward's diff, scaled in place into the gradient by backward
+  DeviceFloats gradBf16_;  // bf16 gradient: what backward writes, 2-byte values (empty for a float32 gradient)
+  DeviceFloats rowStats_;  // bf16 gradient: the last forward's row maxima and sums (loss_grad.h)
+  const float* logits_ = nullptr;  // bf16 gradient: the last forward's logits and labels, read again by backward
+  const void* labels_ = nullptr;
+  bool labels64_ = false;
   bool diffTaken_ = false;
   mutable Scratch scratch_;
 };
@@ -281,8 +308,11 @@ class BceWithLogits final : public Loss {
 
 }  // namespace
 
-std::unique_ptr<Loss> makeLoss(const LossSpec& spec, const Shape& outputShape, int maxBatch, Device device) {
-  if (spec.type == LossType::kCrossEntropy) return std::make_unique<CrossEntropy>(outputShape, maxBatch, device);
+std::unique_ptr<Loss> makeLoss(const LossSpec& spec, const Shape& outputShape, int maxBatch, Device device,
+                               DType gradType) {
+  if (spec.type == LossType::kCrossEntropy)
+    return std::make_unique<CrossEntropy>(outputShape, maxBatch, device,
+                                          gradType == DType::kBFloat16 && givesBf16Gradient(spec.type, device));
   if (spec.type == LossType::kMse) return std::make_unique<Mse>(outputShape, maxBatch, device);
   if (spec.type == LossType::kBceWithLogits) return std::make_unique<BceWithLogits>(outputShape, maxBatch, device);
   DTRAIN_THROW(NotBuiltError, "device {}: loss '{}' has no CUDA implementation", device.str(), lossTypeName(spec.type));

@@ -1,0 +1,157 @@
+// The bf16 gradient of cross-entropy ("precision": "bf16", docs/gpu.md "bf16") emulated on the CPU (no GPU needed):
+// kernels_nn.cu's crossEntropyGradBf16Kernel runs every thread of its launch grid through loss_grad.h (the code the
+// kernel runs), from the row statistics crossEntropyKernel keeps, and is compared bit for bit with the three steps it
+// replaces: crossEntropyKernel's float32 diff (emulated block by block: the per-thread maxima and sums, the halving
+// trees), kernels::scale of it by the same factor, and toBf16's rounding. The float32 diff is compared with lib/nn's
+// CPU cross-entropy. What this cannot show is the device itself (that nvcc computes the diff alike in both kernels,
+// and the device's expf): the `gpu` case in test_gpu_bf16_nn.cpp compares whole steps with and without the bf16
+// gradient.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "lib/gpu/bf16_store.h"
+#include "lib/gpu/grid.h"
+#include "lib/gpu/loss_grad.h"
+#include "lib/nn/loss.h"
+#include "tests/gpu/host_values.h"
+
+using namespace dtrain;
+using namespace dtrain::gpu;
+using namespace dtrain::gputest;
+
+namespace {
+
+constexpr int kThreads = 256;
+
+// Every element of a one-thread-per-element kernel of n elements: the grid-stride loop (DTRAIN_GRID_STRIDE) over
+// the launch grid (gridFor(n, 256) blocks of 256), f(i) per element visited.
+template <class F>
+void gridStride(size_t n, F&& f) {
+  const unsigned blocks = gridFor(n, kThreads);
+  for (unsigned b = 0; b < blocks; ++b)
+    for (unsigned t = 0; t < kThreads; ++t)
+      for (size_t i = b * size_t{kThreads} + t; i < n; i += size_t{kThreads} * blocks) f(i);
+}
+
+int64_t labelOf(const void* labels, bool labels64, int64_t r) {
+  return labels64 ? static_cast<const int64_t*>(labels)[r] : static_cast<const int32_t*>(labels)[r];
+}
+
+// crossEntropyKernel, block by block (one block of 256 threads per row): each thread's maximum over its columns
+// j = t, t + 256, ..., the tree taking the larger (argmax ties aside: only the value matters here), the per-thread
+// sums of exp(x - m), the halving tree (blockSum), then diff (crossEntropyDiff, the kernel's store) and the row's
+// statistics.
+void emulateForward(const float* x, const void* labels, bool labels64, int64_t rows, int64_t classes, float* diff,
+                    float* stats) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * classes;
+    const int64_t label = labelOf(labels, labels64, r);
+    const bool valid = label >= 0 && label < classes;
+    std::vector<float> best(kThreads, -INFINITY);
+    std::vector<int64_t> at(kThreads, classes);
+    for (int t = 0; t < kThreads; ++t)
+      for (int64_t j = t; j < classes; j += kThreads)
+        if (xr[j] > best[static_cast<size_t>(t)] || at[static_cast<size_t>(t)] == classes)
+          best[static_cast<size_t>(t)] = xr[j], at[static_cast<size_t>(t)] = j;
+    for (int s = kThreads / 2; s > 0; s >>= 1)
+      for (int t = 0; t < s; ++t) {
+        const auto a = static_cast<size_t>(t), o = static_cast<size_t>(t + s);
+        if (at[o] < classes && (at[a] == classes || best[o] > best[a] || (best[o] == best[a] && at[o] < at[a])))
+          best[a] = best[o], at[a] = at[o];
+      }
+    const float m = best[0];
+    std::vector<float> sh(kThreads, 0.0f);
+    for (int t = 0; t < kThreads; ++t)
+      for (int64_t j = t; j < classes; j += kThreads) sh[static_cast<size_t>(t)] += expf(xr[j] - m);
+    for (int s = kThreads / 2; s > 0; s >>= 1)
+      for (int t = 0; t < s; ++t) sh[static_cast<size_t>(t)] += sh[static_cast<size_t>(t + s)];
+    const float total = sh[0];
+    const float inv = 1.0f / total;
+    for (int64_t j = 0; j < classes; ++j) diff[r * classes + j] = crossEntropyDiff(xr[j], m, inv, valid && j == label);
+    stats[kCrossEntropyStats * r] = m;
+    stats[kCrossEntropyStats * r + 1] = total;
+  }
+}
+
+struct Case {
+  int64_t batch, positions, classes;
+  bool labels64;
+  float scale;  // Loss::backward's scale (1 / micro-batches)
+};
+
+}  // namespace
+
+TEST_CASE("the bf16 cross-entropy gradient equals the float32 diff scaled and rounded, thread by thread") {
+  const Case cases[] = {{3, 1, 5, false, 1.0f},      {2, 7, 300, true, 1.0f},    {1, 1, 1, false, 1.0f},
+                        {2, 5, 256, false, 0.25f},   {1, 3, 50257, true, 0.5f},  {4, 9, 257, true, 1.0f / 3.0f}};
+  for (const Case& c : cases) {
+    CAPTURE(c.batch);
+    CAPTURE(c.positions);
+    CAPTURE(c.classes);
+    CAPTURE(c.labels64);
+    const int64_t rows = c.batch * c.positions;
+    const auto n = static_cast<size_t>(rows * c.classes);
+    // Logits of a trained model's spread, one row peaked (a large gap: underflowing exponentials) and one with ties.
+    std::vector<float> x = randomVector(n, static_cast<uint32_t>(n + 7), -6, 6);
+    if (rows > 1) x[static_cast<size_t>(c.classes)] = 40.0f;
+    if (c.classes > 3)
+      for (int64_t j = 0; j < 3; ++j) x[static_cast<size_t>(j)] = 2.5f;
+    std::vector<int32_t> l32(static_cast<size_t>(rows));
+    std::vector<int64_t> l64(static_cast<size_t>(rows));
+    for (int64_t r = 0; r < rows; ++r) {
+      l32[static_cast<size_t>(r)] = static_cast<int32_t>((r * 37 + 1) % c.classes);
+      l64[static_cast<size_t>(r)] = l32[static_cast<size_t>(r)];
+    }
+    const void* labels = c.labels64 ? static_cast<const void*>(l64.data()) : static_cast<const void*>(l32.data());
+
+    std::vector<float> diff(n), stats(static_cast<size_t>(kCrossEntropyStats * rows));
+    emulateForward(x.data(), labels, c.labels64, rows, c.classes, diff.data(), stats.data());
+    // The float32 path: lib/nn/cuda/loss.cpp's factor, kernels::scale in place, then toBf16 (before each GEMM).
+    const float factor = c.scale / static_cast<float>(rows);
+    std::vector<uint16_t> expected(n);
+    gridStride(n, [&](size_t i) { diff[i] = diff[i] * factor; });
+    gridStride(n, [&](size_t i) { expected[i] = bf16Bits(diff[i]); });
+    // The bf16 path: every thread of crossEntropyGradBf16Kernel's grid; elements nobody writes stay poisoned.
+    std::vector<uint16_t> got(n, 0x7fc1);
+    gridStride(n, [&](size_t i) {
+      got[i] = crossEntropyGradBf16Element(x.data(), labels, c.labels64, c.classes, stats.data(), factor,
+                                           static_cast<int64_t>(i));
+    });
+    CHECK(std::memcmp(got.data(), expected.data(), n * sizeof(uint16_t)) == 0);
+
+    // The emulated float32 gradient is cross-entropy's: lib/nn's CPU loss on the same logits and labels.
+    const Shape perSample = c.positions > 1 ? Shape{c.positions, c.classes} : Shape{c.classes};
+    auto cpu = nn::Loss::create({nn::LossType::kCrossEntropy}, perSample, static_cast<int>(c.batch));
+    const Shape labelShape = c.positions > 1 ? Shape{c.batch, c.positions} : Shape{c.batch};
+    cpu->forward(TensorView::of(x.data(), perSample.withBatch(c.batch)),
+                 c.labels64 ? TensorView::of(l64.data(), labelShape) : TensorView::of(l32.data(), labelShape));
+    const TensorView g = cpu->backward(c.scale);
+    const std::vector<float> cpuGrad(g.f32(), g.f32() + n);
+    CHECK(maxDiff(cpuGrad, diff) < 1e-6);
+  }
+}
+
+TEST_CASE("the bf16 cross-entropy gradient rounds to nearest even and keeps a row's statistics per row") {
+  // One row of two classes whose diff lands between two bf16 values: the statistics of another row must not leak
+  // in (row r reads stats[2r], stats[2r + 1]), and the product with the factor is rounded once.
+  const float x[4] = {0.0f, 0.0f, 1.0f, -1.0f};
+  const int32_t labels[2] = {0, 1};
+  float stats[4];
+  float diff[4];
+  emulateForward(x, labels, false, 2, 2, diff, stats);
+  CHECK(stats[0] == 0.0f);
+  CHECK(stats[1] == 2.0f);
+  CHECK(stats[2] == 1.0f);
+  const float factor = 1.0f / 3.0f;
+  for (int64_t i = 0; i < 4; ++i) {
+    const uint16_t got = crossEntropyGradBf16Element(x, labels, false, 2, stats, factor, i);
+    CHECK(got == bf16Bits(diff[i] * factor));
+    CHECK(std::fabs(bf16Value(got) - diff[i] * factor) <= std::fabs(diff[i] * factor) * 0x1p-8f);
+  }
+  CHECK(bf16Value(crossEntropyGradBf16Element(x, labels, false, 2, stats, factor, 0)) ==
+        bf16Value(bf16Bits(-0.5f / 3.0f)));
+}

@@ -9,7 +9,14 @@
 
 namespace dtrain {
 
-inline uint64_t fnv1a64(std::string_view data, uint64_t h = 1469598103934665603ull) {
+// The 64-bit function's offset basis is 1469598103934665603, one digit short of FNV-1a's published
+// 14695981039346656037 (an early slip). It is kept: checkpoints store `spec_hash` (ckpt::specHash) and a resume
+// refuses a different one, and the data cache names its files by these fingerprints, so the standard basis would
+// refuse every checkpoint written so far and orphan every cache file. The multiply and xor steps are FNV-1a's; the
+// values are not the published test vectors' (tests/common/test_hash.cpp pins them). The 32-bit variant is standard.
+inline constexpr uint64_t kFnv64Basis = 1469598103934665603ull;
+
+inline uint64_t fnv1a64(std::string_view data, uint64_t h = kFnv64Basis) {
   for (unsigned char c : data) {
     h ^= c;
     h *= 1099511628211ull;

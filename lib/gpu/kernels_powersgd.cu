@@ -32,9 +32,9 @@ __device__ double blockSum(double* shared, double mine) {
   return sum;
 }
 
-// One block of kGramSchmidtLanes threads: column c normalised, then removed from columns c + 1, ..., r - 1.
-__global__ void gramSchmidtKernel(float* pt, int r, size_t n) {
-  __shared__ double shared[kGramSchmidtLanes];
+// One block of kGramSchmidtLanes threads over one matrix: column c normalised, then removed from columns
+// c + 1, ..., r - 1.
+__device__ void gramSchmidtBlock(double* shared, float* pt, int r, size_t n) {
   const int l = static_cast<int>(threadIdx.x);
   for (int c = 0; c < r; ++c) {
     float* col = pt + static_cast<size_t>(c) * n;
@@ -50,12 +50,28 @@ __global__ void gramSchmidtKernel(float* pt, int r, size_t n) {
   }
 }
 
+// Block b: matrix b of the batch (powersgd_math.h's GsBatch, in the kernel's parameters).
+__global__ void gramSchmidtKernel(const GsBatch batch) {
+  __shared__ double shared[kGramSchmidtLanes];
+  const GsMatrix& m = batch.matrices[blockIdx.x];
+  gramSchmidtBlock(shared, m.pt, m.rank, static_cast<size_t>(m.rows));
+}
+
+// Over q [0, nq) then g [0, ng).
+__global__ void flagNonFiniteKernel(uint32_t* gate, const float* q, size_t nq, const float* g, size_t n) {
+  DTRAIN_PSGD_STRIDE(i, n) psgdFlagNonFinite(q, nq, g, gate, i);
+}
+
+__global__ void restartKernel(float* q, const float* initial, size_t n, const uint32_t* gate) {
+  DTRAIN_PSGD_STRIDE(i, n) psgdRestart(q, initial, gate, i);
+}
+
 __global__ void accumulateKernel(float* g, const float* e, float* in, size_t n) {
   DTRAIN_PSGD_STRIDE(i, n) efAccumulate(g, e, in, i);
 }
 
-__global__ void residualKernel(float* e, const float* in, const float* g, size_t n) {
-  DTRAIN_PSGD_STRIDE(i, n) efResidual(e, in, g, i);
+__global__ void residualKernel(float* e, const float* in, const float* g, size_t n, const uint32_t* gate) {
+  DTRAIN_PSGD_STRIDE(i, n) psgdGatedResidual(e, in, g, gate, i);
 }
 
 __global__ void divideKernel(float* x, size_t n, float divisor) {
@@ -64,10 +80,28 @@ __global__ void divideKernel(float* x, size_t n, float divisor) {
 
 }  // namespace
 
-void powerSgdGramSchmidt(float* pt, int r, int64_t rows) {
-  if (r <= 0 || rows <= 0) return;
-  gramSchmidtKernel<<<1, kGramSchmidtLanes>>>(pt, r, static_cast<size_t>(rows));
-  DTRAIN_CU_CHECK_LAUNCH("gramSchmidtKernel");
+void powerSgdGramSchmidt(const GsMatrix* matrices, size_t count) {
+  GsBatch batch;
+  for (size_t next = 0; next < count;) {
+    next = gsNextBatch(matrices, count, next, batch);
+    if (batch.count == 0) break;
+    gramSchmidtKernel<<<batch.count, kGramSchmidtLanes>>>(batch);
+    DTRAIN_CU_CHECK_LAUNCH("gramSchmidtKernel");
+  }
+}
+
+void powerSgdCheckFinite(uint32_t* gate, const float* q, size_t nq, const float* g, size_t ng) {
+  DTRAIN_CU_CHECK(cudaMemsetAsync(gate, 0, 2 * sizeof(uint32_t), cudaStreamLegacy));
+  const size_t n = nq + ng;
+  if (n == 0) return;
+  flagNonFiniteKernel<<<gridFor(n, kThreads), kThreads>>>(gate, q, nq, g, n);
+  DTRAIN_CU_CHECK_LAUNCH("flagNonFiniteKernel");
+}
+
+void powerSgdRestart(float* q, const float* initial, size_t n, const uint32_t* gate) {
+  if (n == 0) return;
+  restartKernel<<<gridFor(n, kThreads), kThreads>>>(q, initial, n, gate);
+  DTRAIN_CU_CHECK_LAUNCH("restartKernel");
 }
 
 void powerSgdAccumulate(float* g, const float* e, float* in, size_t n) {
@@ -76,9 +110,9 @@ void powerSgdAccumulate(float* g, const float* e, float* in, size_t n) {
   DTRAIN_CU_CHECK_LAUNCH("accumulateKernel");
 }
 
-void powerSgdResidual(float* e, const float* in, const float* g, size_t n) {
+void powerSgdResidual(float* e, const float* in, const float* g, size_t n, const uint32_t* gate) {
   if (n == 0) return;
-  residualKernel<<<gridFor(n, kThreads), kThreads>>>(e, in, g, n);
+  residualKernel<<<gridFor(n, kThreads), kThreads>>>(e, in, g, n, gate);
   DTRAIN_CU_CHECK_LAUNCH("residualKernel");
 }
 

@@ -23,7 +23,15 @@
 //     rounded after the product and after the difference (no fused multiply-add: gsSubtract).
 // On a GPU one block of kGramSchmidtLanes threads does one matrix: thread l is lane l, the tree runs in shared
 // memory between barriers. On the CPU (nn::gramSchmidt) one pass accumulates partial[i mod L], which is each lane's
-// sum in the same order.
+// sum in the same order. A bucket's matrices share one launch (GsBatch: block b does matrix b of the list, the
+// single matrix's work above; their P factors are disjoint, so no block reads another's and the result is each
+// matrix's alone, whatever order the blocks run in). The list travels in the kernel's parameters, as PyTorch's
+// multi_tensor_apply passes its tensor lists: nothing is copied to the device first and the host waits for nothing.
+//
+// Finiteness (the CPU hook's `if`s, decided on the device): a gate of two words, cleared, then word 0 set by every
+// thread that finds a non-finite value in Q and word 1 by every one that finds one in the bucket's result g (a benign
+// race of equal stores). Word 0 set: Q restarts from its initial values (psgdRestart); word 1 set: the residual keeps
+// the step before's (psgdGatedResidual). nn::allFinite's test: the exponent bits all ones.
 //
 // Error feedback (PyTorch's, the whole bucket): before compressing, g = g + e and in = g; after decompressing,
 // e = in - g. Averaging Q: q = q / n (a true division). One thread per element.
@@ -32,6 +40,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 #include "lib/gpu/gemm_args.h"
 #include "lib/gpu/host_device.h"
@@ -74,6 +83,54 @@ DTRAIN_HOST_DEVICE inline float gsSubtract(float rest, float f, float col) {
   return rest - product;
 }
 
+// One matrix of a batched Gram-Schmidt launch: P^T [rank, rows] at pt (device memory).
+struct GsMatrix {
+  float* pt = nullptr;
+  int64_t rows = 0;
+  int rank = 0;
+};
+// Matrices per launch: the list is a kernel parameter, and kernel parameters are limited to 4 KiB (every CUDA
+// version and architecture); a longer list takes ceil(n / kGramSchmidtBatch) launches.
+inline constexpr int kGramSchmidtBatch = 128;
+struct GsBatch {
+  GsMatrix matrices[kGramSchmidtBatch];
+  int count = 0;  // blocks of the launch: block b does matrices[b]
+};
+static_assert(sizeof(GsBatch) <= 4096, "a GsBatch is passed as a kernel parameter (at most 4 KiB)");
+
+// Fills `batch` with the next matrices of list[from, n) that have work (rank > 0 and rows > 0: the single matrix's
+// launch skipped the others), at most kGramSchmidtBatch of them, in list order; returns the index to continue from
+// (n when the list is done). batch.count == 0: nothing left to launch.
+inline size_t gsNextBatch(const GsMatrix* list, size_t n, size_t from, GsBatch& batch) {
+  batch.count = 0;
+  for (; from < n && batch.count < kGramSchmidtBatch; ++from)
+    if (list[from].rank > 0 && list[from].rows > 0) batch.matrices[batch.count++] = list[from];
+  return from;
+}
+
+// NaN or +-inf: the exponent bits all ones (nn::allFinite's test).
+DTRAIN_HOST_DEVICE inline bool psgdNonFinite(float x) {
+  uint32_t u;
+  memcpy(&u, &x, sizeof u);
+  return (u & 0x7f800000u) == 0x7f800000u;
+}
+
+// Thread i of the finiteness check over Q [0, nq) then g [0, ng): sets gate[0] (Q) or gate[1] (g) where element i
+// is non-finite; the gate was cleared before. i < nq + ng.
+DTRAIN_HOST_DEVICE inline void psgdFlagNonFinite(const float* q, size_t nq, const float* g, uint32_t* gate, size_t i) {
+  if (i < nq) {
+    if (psgdNonFinite(q[i])) gate[0] = 1u;
+  } else if (psgdNonFinite(g[i - nq])) {
+    gate[1] = 1u;
+  }
+}
+
+// Q held a non-finite value (gate word 0): q = its initial values (element i), as every rank does (Q is the same on
+// every rank, so is the gate).
+DTRAIN_HOST_DEVICE inline void psgdRestart(float* q, const float* initial, const uint32_t* gate, size_t i) {
+  if (gate[0] != 0u) q[i] = initial[i];
+}
+
 // Error feedback before compressing: g = g + e, in = g (element i).
 DTRAIN_HOST_DEVICE inline void efAccumulate(float* g, const float* e, float* in, size_t i) {
   g[i] = g[i] + e[i];
@@ -82,6 +139,12 @@ DTRAIN_HOST_DEVICE inline void efAccumulate(float* g, const float* e, float* in,
 
 // Error feedback after decompressing: e = in - g (element i).
 DTRAIN_HOST_DEVICE inline void efResidual(float* e, const float* in, const float* g, size_t i) { e[i] = in[i] - g[i]; }
+
+// The same, only while the result g was finite (gate word 1 clear; gate nullptr: always); otherwise e stays as it was.
+DTRAIN_HOST_DEVICE inline void psgdGatedResidual(float* e, const float* in, const float* g, const uint32_t* gate,
+                                                 size_t i) {
+  if (gate == nullptr || gate[1] == 0u) efResidual(e, in, g, i);
+}
 
 // The three products of one matrix as row-major GEMMs (blas.h's gemm; alpha 1, beta 0), on pt (P^T [r, rows]),
 // qt (Q^T [r, cols]) and m (M [rows, cols]), all dense.

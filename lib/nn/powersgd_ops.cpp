@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <vector>
 
 #include "lib/common/config.h"
 #include "lib/common/error.h"
@@ -66,7 +67,9 @@ class CpuPowerSgdOps final : public PowerSgdOps {
   void accumulate(float* g, const float* e, float* in, size_t n) override {
     for (size_t i = 0; i < n; ++i) gpu::efAccumulate(g, e, in, i);
   }
-  void residual(float* e, const float* in, const float* g, size_t n) override {
+  // The gate is host memory here: each operation reads it as the CPU hook's `if`s did.
+  void residual(float* e, const float* in, const float* g, size_t n, const uint32_t* gate) override {
+    if (gate != nullptr && gate[1] != 0u) return;
     for (size_t i = 0; i < n; ++i) gpu::efResidual(e, in, g, i);
   }
   void copy(float* dst, const float* src, size_t n) override { std::copy(src, src + n, dst); }
@@ -80,11 +83,20 @@ class CpuPowerSgdOps final : public PowerSgdOps {
   void decompress(const LowRankBatch& b) override {
     for (int64_t i = 0; i < b.count; ++i) decompress1(b.at(i));
   }
-  void orthogonalise(float* pt, int rank, int64_t rows) override { gramSchmidt(pt, rank, static_cast<size_t>(rows)); }
+  void orthogonalise(std::span<const LowRankFactors> matrices) override {
+    for (const LowRankFactors& f : matrices)
+      if (f.rank > 0 && f.rows > 0) gramSchmidt(f.pt, f.rank, static_cast<size_t>(f.rows));
+  }
   void divide(float* x, size_t n, float divisor) override {
     for (size_t i = 0; i < n; ++i) x[i] = x[i] / divisor;
   }
-  bool allFinite(const float* x, size_t n) override { return nn::allFinite({x, n}); }
+  void checkFinite(uint32_t* gate, const float* q, size_t nq, const float* g, size_t ng) override {
+    gate[0] = nn::allFinite({q, nq}) ? 0u : 1u;
+    gate[1] = nn::allFinite({g, ng}) ? 0u : 1u;
+  }
+  void restart(float* q, const float* initial, size_t n, const uint32_t* gate) override {
+    if (gate[0] != 0u) std::copy(initial, initial + n, q);
+  }
   void toDevice(float* dst, const float* host, size_t n) override { std::copy(host, host + n, dst); }
   void toHost(float* host, const float* src, size_t n) override { std::copy(src, src + n, host); }
 
@@ -133,8 +145,8 @@ class GpuPowerSgdOps final : public PowerSgdOps {
   void accumulate(float* g, const float* e, float* in, size_t n) override {
     gpu::kernels::powerSgdAccumulate(g, e, in, n);
   }
-  void residual(float* e, const float* in, const float* g, size_t n) override {
-    gpu::kernels::powerSgdResidual(e, in, g, n);
+  void residual(float* e, const float* in, const float* g, size_t n, const uint32_t* gate) override {
+    gpu::kernels::powerSgdResidual(e, in, g, n, gate);
   }
   void copy(float* dst, const float* src, size_t n) override { gpu::kernels::copyFloatsAsync(dst, src, n); }
   // One GEMM per product for the whole batch (A, B, C strides per powersgd_math.h's operand roles).
@@ -150,9 +162,19 @@ class GpuPowerSgdOps final : public PowerSgdOps {
     const LowRankFactors& f = b.first;
     run(gpu::decompressGemm(f.rows, f.cols, f.rank), f.pt, b.strideP, f.qt, b.strideQ, f.m, b.strideM, b.count);
   }
-  void orthogonalise(float* pt, int rank, int64_t rows) override { gpu::kernels::powerSgdGramSchmidt(pt, rank, rows); }
+  // The list as the kernels' descriptors (host memory, reused: no allocation once the largest bucket was seen).
+  void orthogonalise(std::span<const LowRankFactors> matrices) override {
+    list_.clear();
+    for (const LowRankFactors& f : matrices) list_.push_back({.pt = f.pt, .rows = f.rows, .rank = f.rank});
+    gpu::kernels::powerSgdGramSchmidt(list_.data(), list_.size());
+  }
   void divide(float* x, size_t n, float divisor) override { gpu::kernels::powerSgdDivide(x, n, divisor); }
-  bool allFinite(const float* x, size_t n) override { return nn::allFinite({x, n}, device_); }
+  void checkFinite(uint32_t* gate, const float* q, size_t nq, const float* g, size_t ng) override {
+    gpu::kernels::powerSgdCheckFinite(gate, q, nq, g, ng);
+  }
+  void restart(float* q, const float* initial, size_t n, const uint32_t* gate) override {
+    gpu::kernels::powerSgdRestart(q, initial, n, gate);
+  }
   void toDevice(float* dst, const float* host, size_t n) override {
     copyBytes(dst, device_, host, Device::cpu(), n * sizeof(float));
   }
@@ -171,6 +193,7 @@ class GpuPowerSgdOps final : public PowerSgdOps {
                               g.ldc, strideC, count);
   }
   Device device_;
+  std::vector<gpu::GsMatrix> list_;
 };
 #endif
 

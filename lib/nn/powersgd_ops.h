@@ -14,14 +14,22 @@
 // equals its unbatched product within the same float rounding, not bit for bit (the CPU loops matrix by matrix:
 // batching changes nothing there).
 //
-// Pointers are the ops' device memory (allocate()); every call but allFinite, toDevice and toHost is asynchronous on
-// a GPU. Thread-safety: none (the trainer's thread). Errors: gpu::GpuError (CUDA/cuBLAS failures), NotBuiltError
-// (a GPU in a build without CUDA).
+// Gram-Schmidt takes a bucket's whole list of matrices: on a GPU one launch (a block per matrix; up to
+// gpu::kGramSchmidtBatch per launch), each matrix's bits those of its own, so the list changes nothing on either side.
+//
+// The hook's decisions about non-finite values (restart Q, keep the residual) are a gate in the ops' memory, set and
+// read on the device like top-k's (lib/nn/topk_ops.h): nothing in a step reads a value back to the host, so a GPU's
+// host keeps enqueueing.
+//
+// Pointers are the ops' device memory (allocate()); every call but toDevice and toHost is asynchronous on a GPU and
+// none reads a value back. Thread-safety: none (the trainer's thread). Errors: gpu::GpuError (CUDA/cuBLAS
+// failures), NotBuiltError (a GPU in a build without CUDA).
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <span>
 
 #include "lib/common/tensor.h"
 #include "lib/nn/device.h"
@@ -64,23 +72,29 @@ class PowerSgdOps {
   // Whether the host may read and write the buffers directly (the CPU): the hook's checkpointed state then aliases
   // them; otherwise it keeps host copies (toHost before a save, toDevice after a load).
   virtual bool hostMemory() const = 0;
-  // n zeroed floats on device().
+  // n zeroed floats on device() (a gate: allocate(2), its storage read as 2 uint32 words).
   virtual DeviceFloats allocate(size_t n) = 0;
-  // Error feedback: g = g + e, in = g; and after decompressing, e = in - g.
+  // Error feedback: g = g + e, in = g; and after decompressing, e = in - g, only while gate word 1 is clear (the
+  // result was finite; gate nullptr: always), else e stays as it was.
   virtual void accumulate(float* g, const float* e, float* in, size_t n) = 0;
-  virtual void residual(float* e, const float* in, const float* g, size_t n) = 0;
+  virtual void residual(float* e, const float* in, const float* g, size_t n, const uint32_t* gate) = 0;
   // dst = src (n floats, both on device()).
   virtual void copy(float* dst, const float* src, size_t n) = 0;
   // P = M Q; Q = M^T P; M = P Q^T (the whole M overwritten), for each matrix of the batch.
   virtual void project(const LowRankBatch& b) = 0;
   virtual void backProject(const LowRankBatch& b) = 0;
   virtual void decompress(const LowRankBatch& b) = 0;
-  // Modified Gram-Schmidt over P's columns (the rank rows of pt, `rows` long): gramSchmidt below.
-  virtual void orthogonalise(float* pt, int rank, int64_t rows) = 0;
+  // Modified Gram-Schmidt over each matrix's P (the rank rows of pt, `rows` long; m and qt unused): gramSchmidt below
+  // on each, in list order on the CPU; one launch for the list on a GPU. The matrices' P factors must not overlap.
+  // `matrices` is host memory, read before this returns.
+  virtual void orthogonalise(std::span<const LowRankFactors> matrices) = 0;
   // x = x / divisor.
   virtual void divide(float* x, size_t n, float divisor) = 0;
-  // Whether all n floats are finite (blocks on a GPU until the work enqueued before is done).
-  virtual bool allFinite(const float* x, size_t n) = 0;
+  // The finiteness gate (2 words, allocate(2)): word 0 = q[0, nq) holds a NaN or an infinity, word 1 = g[0, ng) does
+  // (ng 0: clear). Decided where the buffers live; the host does not wait for it.
+  virtual void checkFinite(uint32_t* gate, const float* q, size_t nq, const float* g, size_t ng) = 0;
+  // q = initial (n floats) when gate word 0 is set; otherwise q stays as it was.
+  virtual void restart(float* q, const float* initial, size_t n, const uint32_t* gate) = 0;
   // Host memory <-> the ops' memory, n floats; block until copied.
   virtual void toDevice(float* dst, const float* host, size_t n) = 0;
   virtual void toHost(float* host, const float* src, size_t n) = 0;

@@ -168,7 +168,8 @@ uint64_t compressionBufferBytes(const CompressionSettings& c, const std::vector<
     }
     case CompressionSettings::Type::kPowerSgd: {
       const PowerSgdPlan plan = planPowerSgd(params, c.rank);
-      return (plan.pSize + plan.qSize + plan.vectorSize) * sizeof(float) + (c.errorFeedback ? 2 * arena : 0);
+      // P, Q and Q's initial values (its restart after a non-finite step), the vectors; the residual and g + e.
+      return (plan.pSize + 2 * plan.qSize + plan.vectorSize) * sizeof(float) + (c.errorFeedback ? 2 * arena : 0);
     }
   }
   return 0;

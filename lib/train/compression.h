@@ -78,8 +78,8 @@ struct CompressionEstimate {
 };
 CompressionEstimate estimateCompression(const CompressionSettings& c, const std::vector<GradParam>& params,
                                         int worldSize);
-// Bytes the hook for `c` allocates per rank beyond the gradients (residuals, velocity, PowerSGD's P, Q, vectors and
-// error-feedback copy, 16-bit copies, top-k's index and pair buffers at their largest, during the sparsity
+// Bytes the hook for `c` allocates per rank beyond the gradients (residuals, velocity, PowerSGD's P, Q, Q's initial
+// values, vectors and error-feedback copy, 16-bit copies, top-k's index and pair buffers at their largest, during the sparsity
 // warm-up), for a group of `worldSize` ranks (top-k's all-gather buffer grows with it). From the parameters alone.
 uint64_t compressionBufferBytes(const CompressionSettings& c, const std::vector<GradParam>& params, int worldSize);
 // The parameters of a model spec in arena order (names, shapes, offsets), without building the model.

@@ -216,7 +216,7 @@ class PowerSgdHook final : public CompressionHook {
   void addState(std::vector<HookState>& out) override;
 
  private:
-  void initQ(size_t entry);  // Q of one entry from N(0, 1), the same on every rank
+  void drawInitialQ(size_t entry);  // Q's initial values of one entry from N(0, 1), the same on every rank
   nn::LowRankFactors factors(size_t entry, float* bucket, size_t bucketOffset);
   // Same-shape compressed matrices of entries [first, last) whose M, P and Q sit at constant strides: one batched
   // product each on a GPU (a GPT's blocks: one run per weight shape). Every compressed entry is in exactly one run.
@@ -232,10 +232,13 @@ class PowerSgdHook final : public CompressionHook {
   PowerSgdPlan plan_;
   std::unique_ptr<nn::PowerSgdOps> ops_;
   nn::DeviceFloats p_, q_, vectors_;
+  nn::DeviceFloats qInitial_;  // Q's initial values: Q's start, and its restart after a non-finite step
+  nn::DeviceFloats gate_;      // the finiteness gate (2 words; nn::PowerSgdOps::checkFinite), reused by every bucket
   nn::DeviceFloats residual_;  // arena-sized (error feedback)
   nn::DeviceFloats input_;     // arena-sized copy of g + e before decompression (error feedback)
   std::vector<float> qHost_, residualHost_;  // the checkpoint's copies when the buffers are not host memory
   std::vector<float> initial_;               // one entry's initial Q, drawn on the host
+  std::vector<nn::LowRankFactors> orthogonal_;  // a bucket's matrices for orthogonalise(), reused
   std::map<std::pair<size_t, size_t>, std::vector<Run>> runs_;  // per bucket's entries [first, last)
 };
 

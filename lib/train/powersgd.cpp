@@ -14,7 +14,8 @@
 // Every operation on the buffers goes through nn::PowerSgdOps (lib/nn/powersgd_ops.h) on the arena's device: loops
 // on the CPU, kernels and cuBLAS on a GPU, where the collectives are NCCL's on the device buffers (ordered after the
 // kernels that wrote them by the communicator's events; the kernels after them are enqueued once the host waited
-// for them). The host touches the buffers only through the ops (finiteness checks, Q's initial values, checkpoints).
+// for them). The host touches the buffers only through the ops (Q's initial values, checkpoints); what a step decides
+// about non-finite values is a gate the ops set and read where the buffers live, so no step reads a value back.
 #include <algorithm>
 #include <cmath>
 #include <random>
@@ -66,6 +67,8 @@ void PowerSgdHook::useOps(std::unique_ptr<nn::PowerSgdOps> ops) {
   runs_.clear();
   p_ = ops_->allocate(plan_.pSize);
   q_ = ops_->allocate(plan_.qSize);
+  qInitial_ = ops_->allocate(plan_.qSize);
+  gate_ = ops_->allocate(2);
   vectors_ = ops_->allocate(plan_.vectorSize);
   const size_t feedback = settings_.errorFeedback ? layout_.arenaSize : 0;
   residual_ = ops_->allocate(feedback);
@@ -77,10 +80,11 @@ void PowerSgdHook::useOps(std::unique_ptr<nn::PowerSgdOps> ops) {
     qHost_.clear();
     residualHost_.clear();
   }
-  for (size_t e = 0; e < plan_.entries.size(); ++e) initQ(e);
+  for (size_t e = 0; e < plan_.entries.size(); ++e) drawInitialQ(e);
+  ops_->copy(q_.data(), qInitial_.data(), plan_.qSize);
 }
 
-void PowerSgdHook::initQ(size_t entry) {
+void PowerSgdHook::drawInitialQ(size_t entry) {
   const auto& e = plan_.entries[entry];
   if (!e.compressed) return;
   std::mt19937_64 gen(seed_ * 0x9E3779B97F4A7C15ull + entry);
@@ -88,7 +92,7 @@ void PowerSgdHook::initQ(size_t entry) {
   const auto count = static_cast<size_t>(e.rank * e.cols);
   initial_.resize(count);
   for (size_t i = 0; i < count; ++i) initial_[i] = normal(gen);
-  ops_->toDevice(q_.data() + e.qOff, initial_.data(), count);
+  ops_->toDevice(qInitial_.data() + e.qOff, initial_.data(), count);
 }
 
 std::span<const float> PowerSgdHook::q() const {
@@ -201,12 +205,11 @@ void PowerSgdHook::finish(const GradBucket& bucket, comm::Backend& group, size_t
   float* g = bucket.grads.as<float>();
   const auto& entries = plan_.entries;
   const Device device = ops_->device();
-  // Q = M^T P after orthogonalising P.
-  for (size_t k = first; k < last; ++k) {
-    if (!entries[k].compressed) continue;
-    const nn::LowRankFactors f = factors(k, g, bucket.offset);
-    ops_->orthogonalise(f.pt, f.rank, f.rows);
-  }
+  // Q = M^T P after orthogonalising P: every matrix of the bucket in one call (one launch on a GPU).
+  orthogonal_.clear();
+  for (size_t k = first; k < last; ++k)
+    if (entries[k].compressed) orthogonal_.push_back(factors(k, g, bucket.offset));
+  ops_->orthogonalise(orthogonal_);
   for (const Run& r : runs(first, last)) ops_->backProject(batch(r, g, bucket.offset));
   const size_t q0 = entries[first].qOff, q1 = last < entries.size() ? entries[last].qOff : plan_.qSize;
   group.allreduce(TensorView::flat(q_.data() + q0, q1 - q0, DType::kFloat32, device), comm::ReduceOp::kSum);
@@ -218,11 +221,13 @@ void PowerSgdHook::finish(const GradBucket& bucket, comm::Backend& group, size_t
     if (!e.compressed) ops_->copy(g + (e.offset - bucket.offset), vectors_.data() + e.vOff, e.count);
   }
   // The result is the same on every rank, so every rank takes the same branch. A non-finite step (some rank's
-  // gradient was) keeps the residual of the step before and restarts Q, so later steps are not poisoned.
-  if (!ops_->allFinite(q_.data() + q0, q1 - q0))
-    for (size_t k = first; k < last; ++k) initQ(k);
-  if (settings_.errorFeedback && ops_->allFinite(g, n))
-    ops_->residual(residual_.data() + bucket.offset, input_.data() + bucket.offset, g, n);
+  // gradient was) keeps the residual of the step before and restarts Q from its initial values, so later steps are
+  // not poisoned; the result stays non-finite for the trainer to report. Decided by the gate where the buffers live.
+  auto* gate = reinterpret_cast<uint32_t*>(gate_.data());
+  const bool feedback = settings_.errorFeedback;
+  ops_->checkFinite(gate, q_.data() + q0, q1 - q0, feedback ? g : nullptr, feedback ? n : 0);
+  ops_->restart(q_.data() + q0, qInitial_.data() + q0, q1 - q0, gate);
+  if (feedback) ops_->residual(residual_.data() + bucket.offset, input_.data() + bucket.offset, g, n, gate);
 }
 
 }  // namespace dtrain::train

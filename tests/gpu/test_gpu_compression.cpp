@@ -238,20 +238,29 @@ TEST_CASE("with a GPU: top-k and PowerSGD staged through host memory (DTRAIN_COM
   ::unsetenv(train::kHostStagingVariable);
 }
 
-TEST_CASE("with a GPU: PowerSGD's Gram-Schmidt kernel equals the CPU's bit for bit") {
+TEST_CASE("with a GPU: PowerSGD's batched Gram-Schmidt launch equals the CPU's matrix by matrix, bit for bit") {
+  // One buffer of P factors as a bucket's: four shapes below, at and above the block's lanes, then 200 small ones
+  // (more than one launch's 128 matrices), orthogonalised by one call; against nn::gramSchmidt on each.
   auto gpu = nn::makePowerSgdOps(Device::cuda(0));
-  for (const auto& [rows, rank] : {std::pair<size_t, int>{7, 3}, {256, 4}, {3000, 8}, {50257, 2}}) {
-    CAPTURE(rows);
-    std::vector<float> p(rows * static_cast<size_t>(rank));
-    for (size_t i = 0; i < p.size(); ++i) p[i] = std::sin(0.11f * static_cast<float>(i)) * (1.0f + static_cast<float>(i % 7));
-    nn::DeviceFloats dev(p.size(), Device::cuda(0));
-    gpu->toDevice(dev.data(), p.data(), p.size());
-    gpu->orthogonalise(dev.data(), rank, static_cast<int64_t>(rows));
-    std::vector<float> back(p.size());
-    gpu->toHost(back.data(), dev.data(), back.size());
-    nn::gramSchmidt(p.data(), rank, rows);
-    CHECK(std::memcmp(back.data(), p.data(), p.size() * sizeof(float)) == 0);
+  std::vector<std::pair<size_t, int>> shapes = {{7, 3}, {256, 4}, {3000, 8}, {50257, 2}};
+  for (int i = 0; i < 200; ++i) shapes.emplace_back(static_cast<size_t>(5 + i % 40), 1 + i % 4);
+  size_t total = 0;
+  for (const auto& [rows, rank] : shapes) total += rows * static_cast<size_t>(rank);
+  std::vector<float> p(total);
+  for (size_t i = 0; i < p.size(); ++i) p[i] = std::sin(0.11f * static_cast<float>(i)) * (1.0f + static_cast<float>(i % 7));
+  nn::DeviceFloats dev(p.size(), Device::cuda(0));
+  gpu->toDevice(dev.data(), p.data(), p.size());
+  std::vector<nn::LowRankFactors> list;
+  size_t at = 0;
+  for (const auto& [rows, rank] : shapes) {
+    list.push_back({.pt = dev.data() + at, .rows = static_cast<int64_t>(rows), .rank = rank});
+    nn::gramSchmidt(p.data() + at, rank, rows);
+    at += rows * static_cast<size_t>(rank);
   }
+  gpu->orthogonalise(list);
+  std::vector<float> back(p.size());
+  gpu->toHost(back.data(), dev.data(), back.size());
+  CHECK(std::memcmp(back.data(), p.data(), p.size() * sizeof(float)) == 0);
 }
 
 TEST_CASE("with a GPU: PowerSGD's batched products (strided-batched cuBLAS) equal the per-matrix ones within rounding") {

@@ -440,11 +440,11 @@ TEST_CASE("compression buffers for the memory estimate: residuals, copies, facto
                                    {"0.bias", Shape{1000}, 1000000, 1000}};
   const uint64_t arena = 1001000 * 4;
   CHECK(compressionBufferBytes({.type = CompressionSettings::Type::kFp16}, params, 2) == 1001000 * 2);
-  // P and Q (2 x 1000 each) and the bias, plus the residual and the copy of g + e.
+  // P and Q (2 x 1000 each), Q's initial values (its restart) and the bias, plus the residual and the copy of g + e.
   CHECK(compressionBufferBytes({.type = CompressionSettings::Type::kPowerSgd, .rank = 2}, params, 2) ==
-        (2000 + 2000 + 1000) * 4 + 2 * arena);
+        (2000 + 2000 + 2000 + 1000) * 4 + 2 * arena);
   CHECK(compressionBufferBytes({.type = CompressionSettings::Type::kPowerSgd, .rank = 2, .errorFeedback = false},
-                               params, 2) == (2000 + 2000 + 1000) * 4);
+                               params, 2) == (2000 + 2000 + 2000 + 1000) * 4);
   // top-k: residual, candidate indices, and k pairs sent plus n x k received (k = 10010 + 1 per parameter).
   const uint64_t k = 10010 + 2;
   CHECK(compressionBufferBytes({.type = CompressionSettings::Type::kTopK, .ratio = 0.01}, params, 4) ==

@@ -34,7 +34,9 @@ class OffHostOps final : public nn::PowerSgdOps {
   bool hostMemory() const override { return false; }
   nn::DeviceFloats allocate(size_t n) override { return cpu_->allocate(n); }
   void accumulate(float* g, const float* e, float* in, size_t n) override { cpu_->accumulate(g, e, in, n); }
-  void residual(float* e, const float* in, const float* g, size_t n) override { cpu_->residual(e, in, g, n); }
+  void residual(float* e, const float* in, const float* g, size_t n, const uint32_t* gate) override {
+    cpu_->residual(e, in, g, n, gate);
+  }
   void copy(float* dst, const float* src, size_t n) override { cpu_->copy(dst, src, n); }
   // Each call is one product (a GPU's one GEMM launch, batched or not); `seen` records every matrix it covered.
   void project(const nn::LowRankBatch& b) override {
@@ -55,19 +57,40 @@ class OffHostOps final : public nn::PowerSgdOps {
     int64_t rows, cols;
   };
   std::vector<Seen> seen;
-  void orthogonalise(float* pt, int rank, int64_t rows) override { cpu_->orthogonalise(pt, rank, rows); }
+  // Each call is one Gram-Schmidt launch (a GPU's, for up to 128 matrices); `orthogonalised` records every P it
+  // covered (P^T, rank, rows).
+  void orthogonalise(std::span<const nn::LowRankFactors> matrices) override {
+    ++orthoCalls;
+    for (const nn::LowRankFactors& f : matrices) orthogonalised.push_back({f.pt, f.rank, f.rows});
+    cpu_->orthogonalise(matrices);
+  }
+  struct Orthogonalised {
+    const float* pt;
+    int rank;
+    int64_t rows;
+  };
+  std::vector<Orthogonalised> orthogonalised;
+  int orthoCalls = 0;
   void divide(float* x, size_t n, float divisor) override { cpu_->divide(x, n, divisor); }
-  bool allFinite(const float* x, size_t n) override { return cpu_->allFinite(x, n); }
+  // The gate lives in the stand-in's memory like every buffer: reading it is the CPU ops' business, not the hook's.
+  void checkFinite(uint32_t* gate, const float* q, size_t nq, const float* g, size_t ng) override {
+    cpu_->checkFinite(gate, q, nq, g, ng);
+  }
+  void restart(float* q, const float* initial, size_t n, const uint32_t* gate) override {
+    cpu_->restart(q, initial, n, gate);
+  }
   void toDevice(float* dst, const float* host, size_t n) override {
     ++toDeviceCalls;
     cpu_->toDevice(dst, host, n);
   }
   void toHost(float* host, const float* src, size_t n) override {
     ++toHostCalls;
+    ++hostReads;
     cpu_->toHost(host, src, n);
   }
   int toDeviceCalls = 0, toHostCalls = 0;
   int gemmCalls = 0;
+  int hostReads = 0;  // calls that make the host wait for the device (a GPU's would): none may happen in a step
 
  private:
   void record(const nn::LowRankBatch& b, int product) {
@@ -135,7 +158,8 @@ class OffHostTopKOps final : public nn::TopKOps {
 // The stand-in's counters: its toHost copies, and (top-k) its calls that would make the host wait for a GPU.
 struct OffHostCounts {
   std::function<int()> toHost;
-  std::function<int()> hostReads;  // null for PowerSGD (its Q all-reduce blocks at wait(); not counted)
+  // PowerSGD's Q all-reduce blocks at wait() (a collective, not a read of the device's values): not counted.
+  std::function<int()> hostReads;
 };
 
 // Puts a bound PowerSGD or top-k hook on the stand-in.
@@ -144,7 +168,7 @@ OffHostCounts offHost(CommHook& hook) {
     auto owned = std::make_unique<OffHostOps>();
     OffHostOps* ops = owned.get();
     p->useOps(std::move(owned));
-    return {[ops] { return ops->toHostCalls; }, nullptr};
+    return {[ops] { return ops->toHostCalls; }, [ops] { return ops->hostReads; }};
   }
   auto owned = std::make_unique<OffHostTopKOps>();
   OffHostTopKOps* ops = owned.get();
@@ -168,7 +192,7 @@ struct RankResult {
   std::vector<std::vector<float>> state;
   HookTraffic traffic;
   int toHost = 0;
-  std::vector<int> hostReads;  // per step, the stand-in's blocking reads (top-k)
+  std::vector<int> hostReads;  // per step, the stand-in's blocking reads
 };
 
 // Changes a rank's output gradient dy at a step (a non-finite or huge gradient on one rank).
@@ -231,8 +255,8 @@ CompressionSettings topk(double ratio) {
 }
 
 // Runs every case through DDP on both paths and compares rank by rank, step by step, bit for bit.
-// For top-k: no step makes the host wait for the device (the stand-in's blocking reads), as a GPU's backward must
-// keep enqueueing while earlier buckets are exchanged.
+// No step makes the host wait for the device (the stand-in's blocking reads), as a GPU's backward must keep
+// enqueueing while earlier buckets are exchanged.
 void compareDdp(const std::vector<std::pair<std::string, CompressionSettings>>& cases, const Perturb& perturb = {}) {
   for (const auto& [name, c] : cases)
     for (bool overlap : {true, false}) {
@@ -253,17 +277,44 @@ void compareDdp(const std::vector<std::pair<std::string, CompressionSettings>>& 
         CHECK(a.traffic.bytesSent == b.traffic.bytesSent);
         CHECK(a.traffic.bytesUncompressed == b.traffic.bytesUncompressed);
         if (!a.state.empty()) CHECK(b.toHost > 0);  // the state was copied down for stateBuffers()
-        if (c.type == CompressionSettings::Type::kTopK) {
-          REQUIRE(b.hostReads.size() == static_cast<size_t>(kSteps));
-          for (int step = 0; step < kSteps; ++step) {
-            CAPTURE(step);
-            CHECK(b.hostReads[static_cast<size_t>(step)] == 0);
-          }
+        REQUIRE(b.hostReads.size() == static_cast<size_t>(kSteps));
+        for (int step = 0; step < kSteps; ++step) {
+          CAPTURE(step);
+          CHECK(b.hostReads[static_cast<size_t>(step)] == 0);
         }
       }
       // Replicas agree.
       CHECK(sameBits(dev[0].grads.back(), dev[1].grads.back()));
     }
+}
+
+// What the CPU hook's rules give, on the device path: the perturbed step's result is NaN on both ranks (so both
+// skip or stop together), and the step after is finite again (no state was poisoned).
+void nanThenFinite(const Cases& cases, const Perturb& perturb, int badStep) {
+  for (const auto& [name, c] : cases) {
+    CAPTURE(name);
+    const auto dev = runDdp(c, true, true, perturb);
+    for (const RankResult& r : dev) {
+      const auto& bad = r.grads[static_cast<size_t>(badStep)];
+      const auto& next = r.grads[static_cast<size_t>(badStep + 1)];
+      CHECK(std::any_of(bad.begin(), bad.end(), [](float v) { return std::isnan(v); }));
+      CHECK(std::all_of(next.begin(), next.end(), [](float v) { return std::isfinite(v); }));
+    }
+  }
+}
+
+// An infinity in rank 1's gradient at steps 1 and 3.
+Perturb infinityAt1And3() {
+  return [](int rank, int step, std::vector<float>& dy) {
+    if (rank == 1 && (step == 1 || step == 3)) dy[0] = std::numeric_limits<float>::infinity();
+  };
+}
+
+// A finite gradient on rank 1 at steps 2 and 3 whose sum with the residual (or whose products) overflow.
+Perturb hugeAt2And3() {
+  return [](int rank, int step, std::vector<float>& dy) {
+    if (rank == 1 && (step == 2 || step == 3)) std::fill(dy.begin(), dy.end(), 1e38f);
+  };
 }
 
 CompressionSettings powersgd(int rank) {
@@ -360,41 +411,49 @@ TEST_CASE("top-k off the host: a non-finite or overflowing bucket, clipping and 
     c.startStep = 3;
     addCase(cases, "topk momentum_correction from step 3", c);
   }
-  // What the CPU hook's rules give, on the device path: the perturbed step's result is NaN on both ranks (so both
-  // skip or stop together), and the step after is finite again (no state was poisoned).
-  auto nanThenFinite = [&](const Perturb& perturb, int badStep) {
-    for (const auto& [name, c] : cases) {
-      CAPTURE(name);
-      const auto dev = runDdp(c, true, true, perturb);
-      for (const RankResult& r : dev) {
-        const auto& bad = r.grads[static_cast<size_t>(badStep)];
-        const auto& next = r.grads[static_cast<size_t>(badStep + 1)];
-        CHECK(std::any_of(bad.begin(), bad.end(), [](float v) { return std::isnan(v); }));
-        CHECK(std::all_of(next.begin(), next.end(), [](float v) { return std::isfinite(v); }));
-      }
-    }
-  };
   SUBCASE("an infinity in one rank's gradient (before and after start_step)") {
-    const Perturb inf = [](int rank, int step, std::vector<float>& dy) {
-      if (rank == 1 && (step == 1 || step == 3)) dy[0] = std::numeric_limits<float>::infinity();
-    };
-    compareDdp(cases, inf);
-    nanThenFinite(inf, 3);
+    compareDdp(cases, infinityAt1And3());
+    nanThenFinite(cases, infinityAt1And3(), 3);
   }
   SUBCASE("a finite gradient whose sum with the residual overflows") {
-    const Perturb huge = [](int rank, int step, std::vector<float>& dy) {
-      if (rank == 1 && (step == 2 || step == 3)) std::fill(dy.begin(), dy.end(), 1e38f);
-    };
-    compareDdp(cases, huge);
-    nanThenFinite(huge, 3);
+    compareDdp(cases, hugeAt2And3());
+    nanThenFinite(cases, hugeAt2And3(), 3);
   }
 }
 
-TEST_CASE("PowerSGD batches a bucket's same-shape matrices: one product per run instead of one per matrix") {
+TEST_CASE("PowerSGD off the host: a non-finite or overflowing bucket as the CPU hook, no host waits") {
+  // What the CPU hook does with them: the non-finite step's result is non-finite on every rank (the trainer reports
+  // it), Q restarts from its initial values and the residual stays the step before's. The device path decides it
+  // on the device (a gate): the same bits, and not one read of the device's values.
+  Cases cases;
+  addCase(cases, "rank 2", powersgd(2));
+  {
+    CompressionSettings c = powersgd(1);
+    c.startStep = 2;
+    addCase(cases, "rank 1, start_step 2", c);
+  }
+  {
+    CompressionSettings c = powersgd(4);
+    c.errorFeedback = false;
+    addCase(cases, "rank 4, no error feedback", c);
+  }
+  SUBCASE("an infinity in one rank's gradient (before and after start_step)") {
+    compareDdp(cases, infinityAt1And3());
+    nanThenFinite(cases, infinityAt1And3(), 3);
+  }
+  SUBCASE("a finite gradient whose sum with the residual overflows") {
+    compareDdp(cases, hugeAt2And3());
+    nanThenFinite(cases, hugeAt2And3(), 3);
+  }
+}
+
+TEST_CASE("PowerSGD batches a bucket: one product per run of same-shape matrices, one Gram-Schmidt launch for the "
+          "bucket, no host reads") {
   // Four transformer-like blocks (w1 [24, 16], its bias, w2 [16, 24], its bias) and a head [10, 16]; block 3 has an
   // extra vector first, so its matrices do not keep the stride of blocks 0-2 and start runs of their own. Runs: w1 of
   // blocks 0-2, w2 of blocks 0-2, w1 of block 3, w2 of block 3, the head: 5 products of each kind per step, where
-  // one per matrix made 9.
+  // one per matrix made 9. Gram-Schmidt: one launch over the bucket's 9 P factors (of 3 shapes), where one per
+  // matrix made 9; and the host never waits for the device's values (a finiteness check read back made 2).
   HookLayout layout;
   size_t at = 0;
   auto add = [&](std::string name, Shape s) {
@@ -425,7 +484,7 @@ TEST_CASE("PowerSGD batches a bucket's same-shape matrices: one product per run 
     OffHostOps* ops = owned.get();
     dynamic_cast<PowerSgdHook&>(*dev).useOps(std::move(owned));
     const PowerSgdPlan& plan = dynamic_cast<PowerSgdHook&>(*dev).plan();
-    auto problem = [&](const std::string& p) { problems[static_cast<size_t>(rank)] = p; };
+    auto problem = [&](const std::string& p) { problems[static_cast<size_t>(rank)] += p + "; "; };
     for (int s = 0; s < kStepsHere; ++s) {
       std::vector<float> g(layout.arenaSize);
       for (size_t i = 0; i < g.size(); ++i)
@@ -435,8 +494,9 @@ TEST_CASE("PowerSGD batches a bucket's same-shape matrices: one product per run 
         return GradBucket{.index = 0, .grads = TensorView::flat(v.data(), v.size()), .offset = 0, .layers = {},
                           .last = true, .params = layout.params};
       };
-      const int before = ops->gemmCalls;
+      const int before = ops->gemmCalls, orthoBefore = ops->orthoCalls, readsBefore = ops->hostReads;
       ops->seen.clear();
+      ops->orthogonalised.clear();
       auto a = cpu->start(bucket(h), *group);
       auto b = dev->start(bucket(g), *group);
       a->wait();
@@ -465,6 +525,23 @@ TEST_CASE("PowerSGD batches a bucket's same-shape matrices: one product per run 
         if (matched != kMatrices) problem("product " + std::to_string(product) + " covered " + std::to_string(matched) +
                                           " of the " + std::to_string(kMatrices) + " matrices exactly once");
       }
+      if (ops->orthoCalls - orthoBefore != 1)
+        problem("step " + std::to_string(s) + ": " + std::to_string(ops->orthoCalls - orthoBefore) +
+                " Gram-Schmidt launches, not 1");
+      int orthogonalised = 0;
+      for (const auto& e : plan.entries) {
+        if (!e.compressed) continue;
+        int found = 0;
+        for (const auto& o : ops->orthogonalised)
+          if (p0 != nullptr && o.pt == p0 + e.pOff && o.rank == e.rank && o.rows == e.rows) ++found;
+        orthogonalised += found == 1 ? 1 : 0;
+      }
+      if (orthogonalised != kMatrices || ops->orthogonalised.size() != static_cast<size_t>(kMatrices))
+        problem("Gram-Schmidt covered " + std::to_string(orthogonalised) + " of the " + std::to_string(kMatrices) +
+                " P factors exactly once (" + std::to_string(ops->orthogonalised.size()) + " in all)");
+      if (ops->hostReads - readsBefore != 0)
+        problem("step " + std::to_string(s) + ": " + std::to_string(ops->hostReads - readsBefore) +
+                " reads of the device's values");
     }
     if (!plan.entries[0].compressed || plan.entries[0].pOff != 0) problem("the layout's first matrix is not entry 0");
   });

@@ -223,6 +223,22 @@ TEST_CASE("with a GPU: top-k's gates (a non-finite or overflowing bucket, local 
   });
 }
 
+TEST_CASE("with a GPU: PowerSGD's gate (a non-finite bucket) decides on the device as the CPU hook's ifs") {
+  // An infinity in the first layer's matrix at step 1 and a NaN in the second layer's at step 3: those steps' results
+  // are non-finite where the CPU hook's are, Q restarts from its initial values and the residual stays the step
+  // before's, decided by the gate on the device (no host read), so the steps after continue within the GEMMs'
+  // rounding (the state too). Before start_step (the second case's step 1) the plain average carries the infinity.
+  using Type = train::CompressionSettings::Type;
+  std::vector<train::CompressionSettings> cases;
+  cases.push_back({.type = Type::kPowerSgd, .rank = 2});
+  cases.push_back({.type = Type::kPowerSgd, .rank = 2, .startStep = 2});
+  cases.push_back({.type = Type::kPowerSgd, .rank = 4, .errorFeedback = false});
+  compareWithCpu(cases, /*staged=*/false, {1e-4, 1e-4, 1e-4}, [](int step, std::vector<float>& g) {
+    if (step == 1) g[7] = std::numeric_limits<float>::infinity();
+    if (step == 3) g[1240] = std::numeric_limits<float>::quiet_NaN();
+  });
+}
+
 TEST_CASE("with a GPU: top-k and PowerSGD staged through host memory (DTRAIN_COMPRESSION_HOST_STAGING=1) equal the "
           "CPU hook bit for bit") {
   using Type = train::CompressionSettings::Type;

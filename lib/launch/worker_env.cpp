@@ -4,6 +4,7 @@
 
 #include "lib/common/env.h"
 #include "lib/common/error.h"
+#include "lib/common/parse.h"
 #include "lib/common/ps_placement.h"
 
 extern char** environ;
@@ -71,6 +72,10 @@ std::string agreedEnvironment() {
         value = env::getBool(name, false) ? "true" : "false";
       } catch (const std::exception&) {  // not a boolean: compared as written (the trainer refuses it anyway)
       }
+    } else if (auto bytes = parse::toBytes(value)) {
+      // The tcp sizes as the backend reads them (env::getBytes): 64K and 65536 pick the same collectives, and a
+      // node that spelled the other one was refused (exit 4). Not a size: compared as written (the workers refuse it).
+      value = std::to_string(*bytes);
     }
     text += fmt::format("{}={}\n", name, value);
   }

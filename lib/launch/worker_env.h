@@ -34,7 +34,8 @@ std::vector<std::string> workerEnvironment(const WorkerContext& ctx);
 // Workers inherit the agent's environment, and a few variables decide which collectives the ranks run, so ranks
 // of nodes that disagree on them wait for each other until parallel.timeout. These (kAgreedVariables), as
 // "NAME=value\n" lines in that order, value "(unset)" when unset or empty, DTRAIN_COMPRESSION_HOST_STAGING
-// normalised to true/false when it reads as a boolean: rendezvous::RendezvousOptions::agreedEnv, which the
+// normalised to true/false when it reads as a boolean and the tcp sizes to their byte count when they read as a
+// size (64K and 65536 both "65536", as the backend reads them): rendezvous::RendezvousOptions::agreedEnv, which the
 // rendezvous compares between nodes. Reads the process environment.
 inline constexpr const char* kAgreedVariables[] = {
     "DTRAIN_COMPRESSION_HOST_STAGING",  // top-k / PowerSGD on the device or staged through host memory

@@ -5,10 +5,13 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <optional>
 #include <string>
 
 #include "lib/common/error.h"
 #include "lib/launch/launch_options.h"
+#include "lib/launch/worker_env.h"
 #include "tests/support/process.h"
 
 using namespace dtrain::launch;
@@ -192,5 +195,36 @@ TEST_CASE("a folder given as the program is named as a folder (exit 126, as the 
   } catch (const dtrain::Error& e) {
     CHECK(e.code() == dtrain::ExitCode::kNotExecutable);
     CHECK(std::string(e.what()) == "program '/tmp' (/tmp) is not executable: it is a folder");
+  }
+}
+
+TEST_CASE("agreed environment: the tcp sizes compare as the backend reads them, so 64K and 65536 agree") {
+  // Nodes compare this text at the rendezvous (exit 4 when it differs). It used to hold the sizes as written, so a
+  // node with DTRAIN_TCP_SMALL_BYTES=65536 was refused by a first agent with 64K: the same size, the same collectives.
+  const char* names[] = {"DTRAIN_TCP_SMALL_BYTES", "DTRAIN_TCP_CHUNK_BYTES", "DTRAIN_TCP_BLOCK_BYTES",
+                         "DTRAIN_COMPRESSION_HOST_STAGING"};
+  std::map<std::string, std::optional<std::string>> saved;
+  for (const char* n : names) {
+    const char* v = std::getenv(n);
+    saved[n] = v ? std::optional<std::string>(v) : std::nullopt;
+  }
+  auto with = [](const char* small, const char* chunk, const char* block) {
+    ::setenv("DTRAIN_TCP_SMALL_BYTES", small, 1);
+    ::setenv("DTRAIN_TCP_CHUNK_BYTES", chunk, 1);
+    ::setenv("DTRAIN_TCP_BLOCK_BYTES", block, 1);
+    return agreedEnvironment();
+  };
+  ::unsetenv("DTRAIN_COMPRESSION_HOST_STAGING");
+  const std::string spelled = with("64K", "256KiB", "1M");
+  CHECK(spelled == with("65536", "262144", "1048576"));
+  CHECK(spelled.find("DTRAIN_TCP_SMALL_BYTES=65536\n") != std::string::npos);
+  CHECK(spelled.find("DTRAIN_COMPRESSION_HOST_STAGING=(unset)\n") != std::string::npos);
+  CHECK(spelled != with("128K", "256K", "1M"));  // another size still differs
+  // Not a size: kept as written (the workers refuse it, naming the variable); empty is unset.
+  CHECK(with("lots", "", "1M").find("DTRAIN_TCP_SMALL_BYTES=lots\nDTRAIN_TCP_CHUNK_BYTES=(unset)\n") !=
+        std::string::npos);
+  for (const auto& [n, v] : saved) {
+    if (v) ::setenv(n.c_str(), v->c_str(), 1);
+    else ::unsetenv(n.c_str());
   }
 }

@@ -13,6 +13,7 @@
 
 #include <fmt/format.h>
 
+#include "lib/comm/tcp/mesh.h"
 #include "lib/common/error.h"
 #include "lib/common/log.h"
 #include "lib/ckpt/checkpoint.h"
@@ -57,8 +58,10 @@ std::string Server::listen() {
   try {
     listener_ = net::listen(options_.host, 0, {.backlog = 1024, .reuseAddress = false});
   } catch (const net::ListenError& e) {
-    DTRAIN_THROW(ConfigError, "parameter server {}: cannot listen on {}: {}", options_.serverRank, options_.host,
-                 e.reason());
+    // Port 0 is never in use: the address is not this machine's. The README's code for that is 5.
+    throw Error(fmt::format("parameter server {}: cannot listen on {}{}: {}; expected an address of this machine",
+                            options_.serverRank, options_.host, comm::tcp::hostOrigin(options_.host), e.reason()),
+                ExitCode::kAddressInUse);
   }
   address_ = net::HostPort{options_.host, listener_.port}.str();
   return address_;

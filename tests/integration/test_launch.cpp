@@ -250,3 +250,17 @@ TEST_CASE("--local-addr is the workers' collective and parameter-server address 
   REQUIRE(s1.exitCode == 0);
   CHECK(envByRank(s1.out)[1]["DTRAIN_COMM_HOST"] == "127.0.0.3");
 }
+
+TEST_CASE("--local-addr that is not this machine's address: the workers' collectives exit 5 naming --local-addr") {
+  // The workers used to say only "cannot listen on 192.0.2.1 for collectives" and exit 2 (a bad job file, by the
+  // README), with nothing pointing at the flag that chose the address; the README's code for an address that is not
+  // local is 5. 192.0.2.1 is TEST-NET-1 (RFC 5737): never assigned to a machine.
+  auto r = run(runArgs({"--standalone", "--nproc-per-node", "2", "--local-addr", "192.0.2.1", "--", dtrainBinary(),
+                        "bench", "allreduce", "--backend", "tcp", "--max-bytes", "1K", "--iters", "1"}),
+               {.timeout = 60s, .unsetEnv = {"DTRAIN_COMM_HOST"}});
+  INFO(r.out, r.err);
+  CHECK(r.exitCode == 5);
+  CHECK(r.err.find("cannot listen on 192.0.2.1 (DTRAIN_COMM_HOST, which dtrain run sets to its --local-addr") !=
+        std::string::npos);
+  CHECK(r.err.find("expected an address of this machine") != std::string::npos);
+}

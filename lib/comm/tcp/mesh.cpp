@@ -87,7 +87,10 @@ Mesh::Mesh(rendezvous::Store& store, const std::string& prefix, int rank, int si
   try {
     listener = net::listen(host, 0, {.backlog = size, .reuseAddress = false});
   } catch (const net::ListenError& e) {
-    DTRAIN_THROW(ConfigError, "cannot listen on {} for collectives: {}", host, e.reason());
+    // Port 0 is never in use: the address is not this machine's. The README's code for that is 5.
+    throw Error(fmt::format("cannot listen on {}{} for collectives: {}; expected an address of this machine", host,
+                            hostOrigin(host), e.reason()),
+                ExitCode::kAddressInUse);
   }
   tcp::acceptor acceptor(io);
   acceptor.assign(listener.family == AF_INET6 ? tcp::v6() : tcp::v4(), listener.socket.fd(), ec);
@@ -275,6 +278,13 @@ std::string chooseHost(const std::string& configured, bool singleNode) {
     return "127.0.0.1";
   }
   return found;
+}
+
+std::string hostOrigin(const std::string& host) {
+  auto fromEnv = env::get("DTRAIN_COMM_HOST");
+  if (!fromEnv || fromEnv->empty() || *fromEnv != host) return "";
+  return " (DTRAIN_COMM_HOST, which dtrain run sets to its --local-addr for the workers unless the agent's "
+         "environment sets it)";
 }
 
 }  // namespace dtrain::comm::tcp

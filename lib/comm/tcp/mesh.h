@@ -48,4 +48,9 @@ class Mesh {
 // when every rank is on this node, else this host's first non-loopback IPv4 address.
 std::string chooseHost(const std::string& configured, bool singleNode);
 
+// Where a listening address came from, for an error that cannot listen on it: " (DTRAIN_COMM_HOST, which dtrain run
+// sets to its --local-addr for the workers unless the agent's environment sets it)" when `host` is the value of
+// DTRAIN_COMM_HOST, else "" (the caller's own field or the default). Reads the process environment.
+std::string hostOrigin(const std::string& host);
+
 }  // namespace dtrain::comm::tcp

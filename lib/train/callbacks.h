@@ -65,10 +65,22 @@ struct EvalResult {
   std::optional<double> baselineAuc;  // the popularity baseline's AUC on the same set, when the data has one
 };
 
+// One worker of an async/ssp parameter-server job as the servers saw it (server 0's tally of the pushes it
+// applied, ps_protocol.h's WorkerTally): its training samples and steps in this run, and whether it is still there.
+struct WorkerSamples {
+  enum class State { kLive, kFinished, kLost, kAbsent };  // kLost: left without saying bye; kAbsent: never came
+  int64_t samples = 0;
+  int64_t steps = 0;
+  State state = State::kLive;
+};
+
 struct TrainResult {
   int64_t steps = 0;
   int64_t samples = 0;  // all ranks (ownSamples: data rank 0's)
   bool ownSamples = false;  // samples and samplesPerSec are data rank 0's alone (Strategy::evaluatesAlone())
+  // Async/ssp parameter servers: every worker's applied samples by worker rank (Strategy::workerSamples()), as of
+  // the last barrier (the end, or the checkpoint of a stop); empty for every other strategy.
+  std::vector<WorkerSamples> workerSamples;
   double wallSec = 0;
   double trainSec = 0;  // time in the training loop (evaluation and checkpoint saves excluded)
   double peakRssMb = 0; // largest peak resident set size over the ranks

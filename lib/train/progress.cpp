@@ -108,14 +108,25 @@ void Progress::eval(const StepStats& s, double evalLoss, std::optional<double> e
   }
 }
 
-void Progress::final(const StepStats& s, double trainSamplesPerSec, double trainSec, double wallSec,
-                     double peakRssMb, std::optional<double> peakGpuMb) {
+void Progress::final(const StepStats& s, const TrainResult& r) {
   if (!enabled_ || !metrics_) return;
   nlohmann::json j{{"step", s.step},          {"epoch", s.epoch},       {"loss", s.loss},
-                   {"lr", s.lr},              {"samples_per_s", trainSamplesPerSec},
-                   {"final", true},           {"train_time_s", trainSec}, {"time_s", wallSec},
-                   {"peak_rss_mb", peakRssMb}, {"wall_time", wallTime()}};
-  if (peakGpuMb) j["peak_gpu_mb"] = *peakGpuMb;
+                   {"lr", s.lr},              {"samples_per_s", r.samplesPerSec},
+                   {"final", true},           {"train_time_s", r.trainSec}, {"time_s", r.wallSec},
+                   {"peak_rss_mb", r.peakRssMb}, {"wall_time", wallTime()}};
+  if (r.peakGpuMb) j["peak_gpu_mb"] = *r.peakGpuMb;
+  if (!r.workerSamples.empty()) {
+    // Async/ssp parameter servers: what server 0 applied of each worker's pushes, and the workers it lost.
+    nlohmann::json samples = nlohmann::json::array(), steps = nlohmann::json::array(), lost = nlohmann::json::array();
+    for (size_t w = 0; w < r.workerSamples.size(); ++w) {
+      samples.push_back(r.workerSamples[w].samples);
+      steps.push_back(r.workerSamples[w].steps);
+      if (r.workerSamples[w].state == WorkerSamples::State::kLost) lost.push_back(w);
+    }
+    j["samples_by_worker"] = samples;
+    j["steps_by_worker"] = steps;
+    j["lost_workers"] = lost;
+  }
   fmt::print(metrics_, "{}\n", j.dump());
   std::fflush(metrics_);
 }
@@ -152,21 +163,41 @@ void Progress::onFinish(const StepStats& s, const TrainResult& r) {
                                                           trained, s.startStep)
                                             : fmt::format("{} steps", s.step);
   const std::string gpu = r.peakGpuMb ? fmt::format(", peak GPU memory {:.0f} MiB", *r.peakGpuMb) : "";
-  // async/ssp parameter servers: worker 0 knows its own samples only (another may have died or be behind).
+  // async/ssp parameter servers: worker 0's throughput is its own (another may have died or be behind); the
+  // samples are what server 0 applied of each worker's pushes (workerSamples), or worker 0's own without them.
   const std::string whose = r.ownSamples ? " on worker 0" : "";
+  std::string samples = fmt::format("{} samples{}", r.samples, whose);
+  std::string lost;
+  if (!r.workerSamples.empty()) {
+    int64_t total = 0;
+    std::string each;
+    for (size_t w = 0; w < r.workerSamples.size(); ++w) {
+      const WorkerSamples& ws = r.workerSamples[w];
+      total += ws.samples;
+      each += fmt::format("{}{} on worker {}", w ? ", " : "", ws.samples, w);
+      const std::string steps = fmt::format("{} step{}{}", ws.steps, ws.steps == 1 ? "" : "s",
+                                            s.startStep > 0 ? " of this run" : "");
+      if (ws.state == WorkerSamples::State::kLost)
+        lost += fmt::format("; lost worker {} after {} ({} of those samples)", w, steps, ws.samples);
+      else if (ws.state == WorkerSamples::State::kAbsent)
+        lost += fmt::format("; worker {} never reached the parameter servers", w);
+    }
+    samples = fmt::format("{} samples from {} workers ({})", total, r.workerSamples.size(), each);
+  }
   const std::string figures =
-      fmt::format("{} samples{} in {} (training {:.0f} samples/s{}, peak RSS {:.0f} MiB{} per rank)", r.samples, whose,
+      fmt::format("{} in {} (training {:.0f} samples/s{}, peak RSS {:.0f} MiB{} per rank)", samples,
                   formatDuration(r.wallSec), r.samplesPerSec, whose, r.peakRssMb, gpu);
   if (r.stoppedBySignal) {
     // Not "done": the run stopped early, and what matters next is whether (and from where) it can resume.
     const std::string saved = r.checkpoint.empty()
                                   ? std::string("; checkpoints are off, so nothing was saved to resume from")
                                   : fmt::format("; saved {}: the same command resumes from it", r.checkpoint.string());
-    summary(fmt::format("stopped by SIG{} after {}, {}{}", sigabbrev_np(r.stoppedBySignal), steps, figures, saved));
+    summary(fmt::format("stopped by SIG{} after {}, {}{}{}", sigabbrev_np(r.stoppedBySignal), steps, figures, lost,
+                        saved));
   } else {
-    summary(fmt::format("done: {}, {}{}; wrote {}", steps, figures, eval, weightsPath_.string()));
+    summary(fmt::format("done: {}, {}{}{}; wrote {}", steps, figures, eval, lost, weightsPath_.string()));
   }
-  final(s, r.samplesPerSec, r.trainSec, r.wallSec, r.peakRssMb, r.peakGpuMb);
+  final(s, r);
 }
 
 }  // namespace dtrain::train

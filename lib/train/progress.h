@@ -35,9 +35,9 @@ class Progress final : public TrainerCallback {
   void info(const std::string& line);  // a plain line (ends an updating line first)
   void summary(const std::string& line);
   // The last metrics line ("final": true): training throughput, times, the peak RSS over the ranks, and on GPUs
-  // (peakGpuMb set) the peak device memory the ranks' buffers held (MiB, the largest rank's).
-  void final(const StepStats& s, double trainSamplesPerSec, double trainSec, double wallSec, double peakRssMb,
-             std::optional<double> peakGpuMb = {});
+  // (peakGpuMb set) the peak device memory the ranks' buffers held (MiB, the largest rank's); async/ssp parameter
+  // servers add samples_by_worker, steps_by_worker and lost_workers (TrainResult::workerSamples).
+  void final(const StepStats& s, const TrainResult& r);
 
  private:
   void endLine();

@@ -79,10 +79,11 @@ Client::~Client() {
     if (l->thread.joinable()) l->thread.join();
 }
 
-ReplyHeader Client::roundTrip(Lane& lane, const RequestHeader& h, const void* payload, void* into, size_t intoBytes) {
+ReplyHeader Client::roundTrip(Lane& lane, const RequestHeader& h, const void* payload, void* into, size_t intoBytes,
+                              const void* trailer, size_t trailerBytes) {
   uint8_t header[kHeaderBytes];
   encode(h, header);
-  sendFrame(lane.socket.fd(), header, payload, h.bytes, lane.peer);
+  sendFrame(lane.socket.fd(), header, payload, h.bytes - trailerBytes, lane.peer, trailer, trailerBytes);
   // A sync push waits for the slowest worker's gradient: the server's own timeout bounds it; ours is a little longer.
   const Deadline deadline(options_.timeout + options_.timeout / 2);
   recvBytes(lane.socket.fd(), header, kHeaderBytes, deadline, lane.peer);
@@ -137,13 +138,18 @@ void Client::enqueue(int server, std::function<void(Lane&)> task) {
   lane.cv.notify_one();
 }
 
-void Client::pushPullAsync(uint32_t partition, int64_t step, double lr, const float* grad, float* params) {
+void Client::pushPullAsync(uint32_t partition, int64_t step, double lr, const float* grad, float* params,
+                           int64_t samples) {
   const Partition& p = plan_.at(partition);
   const size_t bytes = p.count * sizeof(float);
-  enqueue(p.server, [this, partition, step, lr, grad, params, bytes](Lane& lane) {
-    ReplyHeader r = roundTrip(lane, RequestHeader{.op = Op::kPushPull, .partition = partition, .step = step, .lr = lr,
-                                                  .bytes = bytes},
-                              grad, params, bytes);
+  enqueue(p.server, [this, partition, step, lr, grad, params, bytes, samples](Lane& lane) {
+    const bool counted = samples >= 0;
+    const auto trailer = static_cast<uint64_t>(counted ? samples : 0);
+    const size_t trailerBytes = counted ? sizeof(trailer) : 0;
+    ReplyHeader r = roundTrip(lane, RequestHeader{.op = counted ? Op::kPushPullCounted : Op::kPushPull,
+                                                  .partition = partition, .step = step, .lr = lr,
+                                                  .bytes = bytes + trailerBytes},
+                              grad, params, bytes, &trailer, trailerBytes);
     std::lock_guard lock(mu_);
     const int64_t s = std::max<int64_t>(0, step + 1 - r.minClock);
     if (staleness_.count == 0) staleness_.min = staleness_.max = s;
@@ -333,11 +339,14 @@ void Client::wait() {
   if (!failure_.empty()) DTRAIN_THROW(CommError, "{}", failure_);
 }
 
-void Client::barrier(int64_t count) {
-  enqueue(0, [this, count](Lane& lane) {
-    exchange(lane, RequestHeader{.op = Op::kBarrier, .step = count}, {});
+std::vector<WorkerTally> Client::barrier(int64_t count) {
+  std::vector<WorkerTally> tallies;
+  enqueue(0, [this, count, &tallies](Lane& lane) {
+    const std::vector<float> reply = exchange(lane, RequestHeader{.op = Op::kBarrier, .step = count}, {});
+    tallies = decodeTallies(reply.data(), reply.size() * sizeof(float));
   });
   wait();
+  return tallies;
 }
 
 void Client::bye() {

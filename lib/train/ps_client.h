@@ -51,7 +51,10 @@ class Client {
   const std::vector<Partition>& partitions() const { return plan_; }
 
   // Queues a push of `grad` (the partition's count floats) for `step` at `lr`; the answer lands in `params`.
-  void pushPullAsync(uint32_t partition, int64_t step, double lr, const float* grad, float* params);
+  // `samples` >= 0 sends it as kPushPullCounted: the server adds `samples` (the step's training samples on this
+  // worker) to this worker's tally once it applied the gradient (ps_protocol.h).
+  void pushPullAsync(uint32_t partition, int64_t step, double lr, const float* grad, float* params,
+                     int64_t samples = -1);
   // Queues a pull (after init; sync mode waits until the partition reached `step`) into `params`.
   void pullAsync(uint32_t partition, int64_t step, float* params);
   // Sends one partition's initial state (worker 0): `payload` as ps_protocol.h's kInit describes. Blocking.
@@ -77,7 +80,8 @@ class Client {
   void sparseLoad(const std::vector<std::string>& files, bool withState, int64_t step);
   // Blocking: the workers' barrier number `count` (1, 2, ...) on server 0, which answers once every live worker
   // reached it (ps_protocol.h's kBarrier): a worker that died does not hold the others. CommError on timeout.
-  void barrier(int64_t count);
+  // Returns server 0's tally of every worker's applied counted pushes (WorkerTally, by worker rank).
+  std::vector<WorkerTally> barrier(int64_t count);
   // Blocks until every queued request finished; rethrows the first failure.
   void wait();
   // Tells every server this worker is done (blocking, errors ignored: the job is over).
@@ -95,7 +99,9 @@ class Client {
  private:
   struct Lane;
   // Runs one request on `lane`'s connection; returns the reply header, the payload read into `into` (bytes).
-  ReplyHeader roundTrip(Lane& lane, const RequestHeader& h, const void* payload, void* into, size_t intoBytes);
+  // `trailer` (trailerBytes, counted in h.bytes) is sent after `payload`.
+  ReplyHeader roundTrip(Lane& lane, const RequestHeader& h, const void* payload, void* into, size_t intoBytes,
+                        const void* trailer = nullptr, size_t trailerBytes = 0);
   // Runs one request whose reply may have any size; returns the reply payload.
   std::vector<float> exchange(Lane& lane, const RequestHeader& h, const std::vector<uint8_t>& payload);
   void enqueue(int server, std::function<void(Lane&)> task);

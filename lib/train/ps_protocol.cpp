@@ -53,11 +53,12 @@ const char* opName(Op op) {
     case Op::kBarrier: return "barrier";
     case Op::kSparseSave: return "sparse-save";
     case Op::kSparseLoad: return "sparse-load";
+    case Op::kPushPullCounted: return "push-pull-counted";
   }
   return "?";
 }
 
-bool validOp(uint8_t op) { return op >= 1 && op <= 13; }
+bool validOp(uint8_t op) { return op >= 1 && op <= 14; }
 
 void encode(const RequestHeader& h, uint8_t* out) {
   uint8_t* p = out;
@@ -119,11 +120,15 @@ ReplyHeader decodeReply(const uint8_t* in) {
   return h;
 }
 
-void sendFrame(int fd, const uint8_t* header, const void* payload, size_t payloadBytes, const std::string& peer) {
+void sendFrame(int fd, const uint8_t* header, const void* payload, size_t payloadBytes, const std::string& peer,
+               const void* trailer, size_t trailerBytes) {
   DTRAIN_CHECK_AS(CommError, net::sendAll(fd, header, kHeaderBytes), "parameter server: cannot send to {}: {}", peer,
                   std::strerror(errno));
   if (payloadBytes > 0)
     DTRAIN_CHECK_AS(CommError, net::sendAll(fd, payload, payloadBytes), "parameter server: cannot send to {}: {}",
+                    peer, std::strerror(errno));
+  if (trailerBytes > 0)
+    DTRAIN_CHECK_AS(CommError, net::sendAll(fd, trailer, trailerBytes), "parameter server: cannot send to {}: {}",
                     peer, std::strerror(errno));
 }
 
@@ -144,6 +149,34 @@ void recvBytes(int fd, void* into, size_t bytes, const Deadline& deadline, const
   DTRAIN_THROW(CommError, "{}{}", peer,
                err == 0 ? std::string(" closed the connection")
                         : err == ETIMEDOUT ? std::string(" did not answer in time") : fmt::format(": {}", std::strerror(err)));
+}
+
+std::vector<uint8_t> encodeTallies(const std::vector<WorkerTally>& tallies) {
+  std::vector<uint8_t> out(tallies.size() * kWorkerTallyBytes);
+  uint8_t* p = out.data();
+  for (const WorkerTally& t : tallies) {
+    put(p, t.samples);
+    put(p, t.steps);
+    put(p, static_cast<int64_t>(t.state));
+  }
+  return out;
+}
+
+std::vector<WorkerTally> decodeTallies(const void* data, size_t bytes) {
+  DTRAIN_CHECK_AS(ProtocolError, bytes % kWorkerTallyBytes == 0,
+                  "parameter server: barrier reply of {} bytes (expected a multiple of {}: per worker samples, steps, "
+                  "state)", bytes, kWorkerTallyBytes);
+  std::vector<WorkerTally> out(bytes / kWorkerTallyBytes);
+  const auto* p = static_cast<const uint8_t*>(data);
+  for (size_t w = 0; w < out.size(); ++w) {
+    out[w].samples = take<int64_t>(p);
+    out[w].steps = take<int64_t>(p);
+    const auto state = take<int64_t>(p);
+    DTRAIN_CHECK_AS(ProtocolError, state >= 0 && state <= 3,
+                    "parameter server: barrier reply: worker {} in unknown state {} (expected 0..3)", w, state);
+    out[w].state = static_cast<WorkerTally::State>(state);
+  }
+  return out;
 }
 
 std::vector<Partition> planPartitions(size_t numParams, int servers, size_t maxFloats) {

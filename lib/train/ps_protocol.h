@@ -22,6 +22,12 @@
 //             u64 count) without weight decay (relative to the               parameters, optimizer state and
 //             partition), params, then each optimizer state buffer           step count, e.g. from a checkpoint)
 //   kPushPull the partition's gradient for `step` (count floats) at `lr`  the partition's parameters afterwards
+//   kPushPullCounted  as kPushPull, then u64 samples: the training     as kPushPull
+//             samples of the worker's step (its micro-batches), which the server adds to that worker's tally once
+//             the gradient is applied (async/ssp: on arrival; sync: when the step's average is applied). A refused
+//             push (wrong size, wrong step, a broken sync step) or one whose payload never fully arrived counts
+//             nothing. Async/ssp workers send their partition 0 (server 0's, pushed last in a step) this way, so
+//             server 0's tally is each worker's applied steps and samples (kBarrier's reply).
 //   kPull     - (waits until initialised and, in sync mode, version >=    the partition's parameters
 //             step)
 //   kFetch    -                                                       u64 steps, params, each state buffer
@@ -36,9 +42,11 @@
 //                                                                          state buffer's rows x dim floats
 //   kSparseInit  i64 first row, i64 rows, i64 steps, the values and        -   (worker 0, from a checkpoint)
 //                state buffers as kSparseFetch answers them
-//   kBarrier     - (`step`: the worker's barrier count, 1, 2, ...)       -   once every live worker reached
-//                                                                          barrier `step` (a worker that left
-//                                                                          counts as arrived; server 0 only)
+//   kBarrier     - (`step`: the worker's barrier count, 1, 2, ...)       once every live worker reached barrier
+//                                                                          `step` (a worker that left counts as
+//                                                                          arrived; server 0 only): per worker
+//                                                                          (i64 samples, i64 steps, i64 state) of
+//                                                                          its kPushPullCounted tally (WorkerTally)
 //   kSparseSave  u8 kind (0: checkpoint, 1: exported model), u32 n,     -   once the server's file is durable
 //                n bytes of a directory (the checkpoint root, or the
 //                model's output dir), u32 m, m bytes of the checkpoint's
@@ -91,6 +99,7 @@ enum class Op : uint8_t {
   kBarrier = 11,
   kSparseSave = 12,
   kSparseLoad = 13,
+  kPushPullCounted = 14,
 };
 const char* opName(Op op);
 bool validOp(uint8_t op);
@@ -124,8 +133,29 @@ ReplyHeader decodeReply(const uint8_t* in);
 // CommError naming `peer` when the connection closes or the deadline passes ("<peer> closed the connection",
 // "<peer> did not answer in time", "<peer>: <strerror>"; peer: "parameter server 0 (host:port)"). recvPayload discards `bytes` when
 // `into` is null.
-void sendFrame(int fd, const uint8_t* header, const void* payload, size_t payloadBytes, const std::string& peer);
+// `trailer` (trailerBytes) follows the payload on the wire (kPushPullCounted's sample count after the gradient);
+// the header's byte count covers both.
+void sendFrame(int fd, const uint8_t* header, const void* payload, size_t payloadBytes, const std::string& peer,
+               const void* trailer = nullptr, size_t trailerBytes = 0);
 void recvBytes(int fd, void* into, size_t bytes, const Deadline& deadline, const std::string& peer);
+
+// One worker in server 0's barrier reply: what its kPushPullCounted pushes that the server applied add up to, and
+// whether it is still there. Encoded as three little-endian i64 (samples, steps, state).
+struct WorkerTally {
+  enum class State : int64_t {
+    kLive = 0,      // connected and not done
+    kFinished = 1,  // said bye
+    kLost = 2,      // its connection closed without bye (killed, crashed, a network failure)
+    kAbsent = 3,    // never said hello to this server
+  };
+  int64_t samples = 0;  // training samples of the applied counted pushes
+  int64_t steps = 0;    // applied counted pushes (steps of this run: a resumed run counts from 0)
+  State state = State::kAbsent;
+};
+inline constexpr size_t kWorkerTallyBytes = 24;
+std::vector<uint8_t> encodeTallies(const std::vector<WorkerTally>& tallies);
+// ProtocolError when `bytes` is not a whole number of entries or a state is unknown.
+std::vector<WorkerTally> decodeTallies(const void* data, size_t bytes);
 
 struct Partition {
   size_t offset = 0;  // in the parameter arena, floats

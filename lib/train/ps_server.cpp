@@ -39,6 +39,8 @@ Server::Server(ServerOptions options) : options_(std::move(options)) {
   barrier_.assign(static_cast<size_t>(options_.workers), 0);
   live_.assign(static_cast<size_t>(options_.workers), 0);
   seen_.assign(static_cast<size_t>(options_.workers), 0);
+  lost_.assign(static_cast<size_t>(options_.workers), 0);
+  tally_.assign(static_cast<size_t>(options_.workers), WorkerTally{});
   for (const SparseTableOptions& t : options_.tables) {
     auto state = std::make_unique<TableState>();
     const RowRange range = planRowRanges(t.rows, options_.servers)[static_cast<size_t>(options_.serverRank)];
@@ -130,6 +132,7 @@ void Server::workerGone(int worker, bool bye) {
   auto w = static_cast<size_t>(worker);
   if (!live_[w]) return;
   live_[w] = 0;
+  lost_[w] = bye ? 0 : 1;
   ++done_;
   if (!bye && options_.mode == Mode::kSync && syncBroken_.empty())
     syncBroken_ = fmt::format("worker {} left (sync mode needs every worker's gradient; the group re-forms)", worker);
@@ -137,6 +140,22 @@ void Server::workerGone(int worker, bool bye) {
     log::warn("parameter server {}: worker {} left; training goes on with the others ({} mode)", options_.serverRank,
               worker, modeName(options_.mode));
   cv_.notify_all();
+}
+
+void Server::countApplied(size_t worker, int64_t samples) {
+  tally_[worker].samples += samples;
+  ++tally_[worker].steps;
+}
+
+std::vector<WorkerTally> Server::tallies() const {
+  std::lock_guard lock(mu_);
+  std::vector<WorkerTally> out = tally_;
+  for (size_t w = 0; w < out.size(); ++w)
+    out[w].state = live_[w] ? WorkerTally::State::kLive
+                   : lost_[w] ? WorkerTally::State::kLost
+                   : seen_[w] ? WorkerTally::State::kFinished
+                              : WorkerTally::State::kAbsent;
+  return out;
 }
 
 int64_t Server::minClockLocked() const {
@@ -188,6 +207,7 @@ std::string Server::hello(Conn& conn, const std::vector<uint8_t>& payload) {
       auto p = std::make_unique<PartitionState>();
       p->where = plan_[i];
       p->pushed.assign(static_cast<size_t>(options_.workers), 0);
+      p->pendingSamples.assign(static_cast<size_t>(options_.workers), -1);
       parts_[i] = std::move(p);
     }
   } else if (params != numParams_ || plan_.front().count != std::min<uint64_t>(partFloats, plan_.front().count)) {
@@ -229,6 +249,7 @@ std::string Server::init(PartitionState& p, const std::vector<uint8_t>& payload,
   p.sum.assign(count, 0.0f);
   p.pushes = 0;
   std::fill(p.pushed.begin(), p.pushed.end(), 0);
+  std::fill(p.pendingSamples.begin(), p.pendingSamples.end(), -1);
   p.version = step;
   p.initialised = true;
   cv_.notify_all();
@@ -268,7 +289,10 @@ void Server::dispatch(Conn& conn, const RequestHeader& h) {
     lock.unlock();
     if (!met || stopping_) return replyError(conn, 0, fmt::format("barrier {}: the other workers did not arrive in time",
                                                                   h.step));
-    return reply(conn, ReplyHeader{.version = h.step}, nullptr, 0);
+    // Every live worker's pushes before this barrier were answered, so were applied: the tally is complete for
+    // them (and final for the workers that left).
+    const std::vector<uint8_t> tally = encodeTallies(tallies());
+    return reply(conn, ReplyHeader{.version = h.step, .bytes = tally.size()}, tally.data(), tally.size());
   }
   if (h.op == Op::kSparseSave || h.op == Op::kSparseLoad) {
     std::string err = saveOrLoadTables(conn, h);
@@ -301,12 +325,28 @@ void Server::dispatch(Conn& conn, const RequestHeader& h) {
     lock.unlock();
     return replyError(conn, h.partition, "partition not initialised in time (worker 0 sends it first)");
   }
-  if (h.op == Op::kPushPull) {
-    if (h.bytes != count * sizeof(float)) {
+  if (h.op == Op::kPushPull || h.op == Op::kPushPullCounted) {
+    // kPushPullCounted: the step's training samples (u64) follow the gradient; counted once the push is applied.
+    const bool counted = h.op == Op::kPushPullCounted;
+    const size_t expected = count * sizeof(float) + (counted ? sizeof(uint64_t) : 0);
+    if (h.bytes != expected) {
       lock.unlock();
       return replyError(conn, h.partition,
-                        fmt::format("push to partition {}: a gradient of {} bytes, expected {} ({} floats)",
-                                    h.partition, h.bytes, count * sizeof(float), count));
+                        fmt::format("{} to partition {}: a payload of {} bytes, expected {} ({} floats of gradient{})",
+                                    opName(h.op), h.partition, h.bytes, expected, count,
+                                    counted ? " and a u64 sample count" : ""));
+    }
+    int64_t samples = 0;
+    if (counted) {
+      uint64_t n = 0;
+      std::memcpy(&n, conn.in.data() + count * sizeof(float), sizeof(n));
+      if (n > static_cast<uint64_t>(std::numeric_limits<int32_t>::max())) {
+        lock.unlock();
+        return replyError(conn, h.partition, fmt::format("{} to partition {}: a sample count of {} (expected at most "
+                                                         "{})", opName(h.op), h.partition, n,
+                                                         std::numeric_limits<int32_t>::max()));
+      }
+      samples = static_cast<int64_t>(n);
     }
     if (++stats_.pushes == options_.killAfterPushes) {
       log::warn("DTRAIN_FAULT: parameter server {} kills itself after {} pushes", options_.serverRank,
@@ -324,12 +364,17 @@ void Server::dispatch(Conn& conn, const RequestHeader& h) {
       if (err.empty()) {
         for (size_t i = 0; i < count; ++i) p.sum[i] += g[i];
         p.pushed[w] = 1;
+        p.pendingSamples[w] = counted ? samples : -1;
         if (++p.pushes == options_.workers) {
           const float scale = 1.0f / static_cast<float>(options_.workers);
           for (float& v : p.sum) v *= scale;
           p.optimizer->setLr(h.lr);
           p.optimizer->step(p.params, p.sum);
           ++stats_.updates;
+          // Every worker's gradient of the step is applied now: their counted samples with it.
+          for (size_t v = 0; v < p.pendingSamples.size(); ++v)
+            if (p.pendingSamples[v] >= 0) countApplied(v, p.pendingSamples[v]);
+          std::fill(p.pendingSamples.begin(), p.pendingSamples.end(), -1);
           std::fill(p.sum.begin(), p.sum.end(), 0.0f);
           std::fill(p.pushed.begin(), p.pushed.end(), 0);
           p.pushes = 0;
@@ -345,6 +390,7 @@ void Server::dispatch(Conn& conn, const RequestHeader& h) {
       p.optimizer->setLr(h.lr);
       p.optimizer->step(p.params, std::span<const float>(g, count));
       ++stats_.updates;
+      if (counted) countApplied(w, samples);  // applied: whatever happens to the reply (ssp's wait, the worker dying)
       ++p.version;
       clock_[w] = std::max(clock_[w], h.step + 1);
       cv_.notify_all();

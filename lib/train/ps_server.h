@@ -86,6 +86,9 @@ class Server {
   void serve();
   void stop();
   ServerStats stats() const;
+  // Per worker: the samples and steps of its kPushPullCounted pushes this server applied, and whether it is live,
+  // finished, lost or never came (ps_protocol.h's WorkerTally; server 0's is kBarrier's reply). Any thread.
+  std::vector<WorkerTally> tallies() const;
 
  private:
   struct PartitionState;
@@ -101,6 +104,8 @@ class Server {
   // Under mu_: the slowest live worker's clock (INT64_MAX when none is live).
   int64_t minClockLocked() const;
   void workerGone(int worker, bool bye);
+  // Under mu_: a counted push of `worker` with `samples` was applied.
+  void countApplied(size_t worker, int64_t samples);
   // The kSparse* ops (ps_protocol.h); returns an error message for the worker, "" when it replied.
   std::string dispatchSparse(Conn& conn, const RequestHeader& h);
   // kSparseSave / kSparseLoad: this server's rows of every table to or from files (sparse_shards.h).
@@ -119,6 +124,8 @@ class Server {
   std::vector<int64_t> barrier_;                        // per worker: barriers reached (kBarrier)
   std::vector<uint8_t> live_;                           // per worker: connected and not done
   std::vector<uint8_t> seen_;                           // per worker: said hello once
+  std::vector<uint8_t> lost_;                           // per worker: left without bye
+  std::vector<WorkerTally> tally_;                      // per worker: applied counted pushes (state unset)
   int done_ = 0;                                        // workers that said bye or left
   std::string syncBroken_;                              // kSync: why no step can complete any more
   ServerStats stats_;

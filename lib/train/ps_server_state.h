@@ -20,6 +20,7 @@ struct Server::PartitionState {
   std::unique_ptr<nn::Optimizer> optimizer;
   std::vector<float> sum;         // kSync: the step's gradients so far
   std::vector<uint8_t> pushed;    // kSync: per worker, pushed this step
+  std::vector<int64_t> pendingSamples;  // kSync: per worker, the counted samples of its push this step (-1: none)
   int pushes = 0;
   int64_t version = 0;            // the step the parameters are at
 };

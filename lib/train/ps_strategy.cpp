@@ -119,6 +119,7 @@ void PsStrategy::beginStep(int64_t step, double lr) {
   step_ = step;
   lr_ = lr;
   nextPush_ = plan_.size();
+  stepSamples_ = 0;
 }
 
 void PsStrategy::operator()(int layer) { pushReady(model_->layerParamRange(layer).offset); }
@@ -128,8 +129,11 @@ void PsStrategy::pushReady(size_t readyFrom) {
   auto params = model_->params();
   while (nextPush_ > 0 && plan_[nextPush_ - 1].offset >= readyFrom) {
     const ps::Partition& p = plan_[--nextPush_];
+    // async/ssp: partition 0 (server 0's, the step's last push) carries the step's samples, which server 0 counts
+    // once it applied the gradient: its tally is what each worker trained, also one that died (workerSamples()).
+    const int64_t samples = decoupled() && nextPush_ == 0 ? stepSamples_ : -1;
     client_->pushPullAsync(static_cast<uint32_t>(nextPush_), step_, lr_, grads.data() + p.offset,
-                           params.data() + p.offset);
+                           params.data() + p.offset, samples);
   }
 }
 
@@ -198,8 +202,26 @@ int PsStrategy::agreeOnStop(int localSignal) {
 void PsStrategy::barrier() {
   // async/ssp: the workers meet through server 0, which counts only the live ones (a dead worker must not stop
   // the others); sync (and before the client exists): the workers' own group.
-  if (decoupled() && client_) return client_->barrier(++barriers_);
+  if (decoupled() && client_) {
+    tallies_ = client_->barrier(++barriers_);
+    return;
+  }
   if (groups_.world) groups_.world->barrier();
+}
+
+std::vector<WorkerSamples> PsStrategy::workerSamples() const {
+  std::vector<WorkerSamples> out;
+  for (const ps::WorkerTally& t : tallies_) {
+    WorkerSamples w{.samples = t.samples, .steps = t.steps};
+    switch (t.state) {
+      case ps::WorkerTally::State::kLive: w.state = WorkerSamples::State::kLive; break;
+      case ps::WorkerTally::State::kFinished: w.state = WorkerSamples::State::kFinished; break;
+      case ps::WorkerTally::State::kLost: w.state = WorkerSamples::State::kLost; break;
+      case ps::WorkerTally::State::kAbsent: w.state = WorkerSamples::State::kAbsent; break;
+    }
+    out.push_back(w);
+  }
+  return out;
 }
 
 CheckpointShard PsStrategy::checkpointShard(const nn::Model& model) const {

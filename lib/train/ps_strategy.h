@@ -65,6 +65,8 @@ class PsStrategy final : public Strategy {
   void finishRun() override;
   SparseTables* sparseTables() override;
   bool evaluatesAlone() const override { return decoupled(); }
+  void countSamples(int64_t samples) override { stepSamples_ += samples; }
+  std::vector<WorkerSamples> workerSamples() const override;
 
   // Layer `layer`'s gradients are final: pushes every partition that is now complete.
   void operator()(int layer);
@@ -85,6 +87,8 @@ class PsStrategy final : public Strategy {
   double lr_ = 0;
   int64_t stepsInInterval_ = 0;
   int64_t barriers_ = 0;  // async/ssp: barriers met through server 0
+  int64_t stepSamples_ = 0;  // this step's training samples so far (countSamples)
+  std::vector<ps::WorkerTally> tallies_;  // async/ssp: server 0's answer to the last barrier
   ps::ClientTraffic loggedTraffic_;
 };
 

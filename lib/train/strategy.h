@@ -133,6 +133,12 @@ class Strategy {
   virtual void bindOptimizer(nn::Optimizer& /*optimizer*/, int64_t /*startStep*/) {}
   // Called before the first micro-batch of optimizer step `step` (0-based) with that step's learning rate.
   virtual void beginStep(int64_t /*step*/, double /*lr*/) {}
+  // Called with each micro-batch's training samples after its forward and before its backward (the
+  // parameter server sends a step's count with its last push).
+  virtual void countSamples(int64_t /*samples*/) {}
+  // Async/ssp parameter servers: the samples and steps each worker trained as the servers applied them, by
+  // worker rank, as of the last barrier (TrainResult::workerSamples); empty for every other strategy.
+  virtual std::vector<WorkerSamples> workerSamples() const { return {}; }
   // Called before a checkpoint or the final weights are written: brings the current parameters and optimizer
   // state into the trainer's arenas on the ranks that write them (checkpointShard).
   virtual void syncForSave() {}

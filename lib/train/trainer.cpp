@@ -247,6 +247,7 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
     lap(event.times.forward, "forward");
     stepLoss += loss;
     event.samples += b.size;
+    strategy_->countSamples(b.size);
     intervalLoss_ += loss;
     const bool lossFinite = std::isfinite(loss);
     stepLossFinite_ = (micro == 0 || stepLossFinite_) && lossFinite;
@@ -403,6 +404,7 @@ void TrainLoop::finish() {
   const bool leader = worker_.rank == 0;
   result_.steps = step_;
   if (!result_.stoppedBySignal) strategy_->syncForSave();
+  result_.workerSamples = strategy_->workerSamples();
   if (pipeline_ != nullptr && !result_.stoppedBySignal) {
     if (leader) std::filesystem::create_directories(job_.outputDir);
     // Training and checkpoints are done: the optimizer's state (Adam: twice the parameters) goes before rank 0

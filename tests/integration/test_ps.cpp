@@ -1,6 +1,7 @@
 // The parameter-server strategy as a user sees it: `dtrain run -n 3` with one server and two workers trains in
 // every mode, the placement shows in --dry-run, a killed worker re-forms the group from the last checkpoint (sync)
-// or leaves while the others finish (async), and bad settings exit 2 before any rank starts.
+// or leaves while the others finish (async and ssp; the final line counts what the servers applied of each worker's
+// samples), and bad settings exit 2 before any rank starts.
 #include <doctest/doctest.h>
 
 #include <csignal>
@@ -63,6 +64,11 @@ TEST_CASE("dtrain run -n 3 with one parameter server: every mode trains; traffic
     CHECK(evalSampleCounts(dir + "/" + mode + "/metrics.jsonl") == std::vector<int64_t>{50, 50, 50});
     CHECK(r.out.find("(50 samples)") != std::string::npos);
     CHECK(std::filesystem::exists(dir + "/" + mode + "/model.safetensors"));
+    // Both workers' samples: server 0's tally in async/ssp, the group's count in sync.
+    if (mode == "sync") CHECK(r.out.find("done: 36 steps, 576 samples in ") != std::string::npos);
+    else CHECK(r.out.find("done: 36 steps, 576 samples from 2 workers (288 on worker 0, 288 on worker 1) in ") !=
+               std::string::npos);
+    CHECK(r.out.find("lost worker") == std::string::npos);
     int lines = 0;
     for (const auto& line : readJsonLines(dir + "/" + mode + "/metrics.jsonl")) {
       if (!line.contains("loss") || line.contains("eval_loss") || line.contains("final")) continue;
@@ -120,29 +126,46 @@ TEST_CASE("parameter server, sync: a killed worker re-forms the group, which res
   CHECK(lastEvalAccuracy(dir + "/out/metrics.jsonl") > 0.5);
 }
 
-TEST_CASE("parameter server, async: a killed worker leaves; the others finish the job without a restart, exit 0") {
-  std::string dir = tempDir("psasynckill");
-  json job = psJob("async");
-  job["checkpoint"] = {{"every_steps", 3}, {"keep", 2}};
-  writeFile(dir + "/job.json", job.dump());
-  // No restart allowed: only going on without worker 1 can finish the job.
-  auto r = run(threeRanks(dir + "/job.json", dir + "/out", 0),
-               {.timeout = 180s, .env = {{"DTRAIN_FAULT", "rank=1,step=7,action=kill"}}});
-  INFO(r.out, r.err);
-  REQUIRE(r.exitCode == 0);
-  CHECK((r.out + r.err).find("async training goes on with the other workers") != std::string::npos);
-  CHECK((r.out + r.err).find("worker 1 left; training goes on with the others") != std::string::npos);
-  CHECK(r.out.find("resumed from") == std::string::npos);
-  CHECK(std::filesystem::exists(dir + "/out/model.safetensors"));
-  // Worker 0 ran every one of its 36 steps and checkpointed after the kill (server 0 counts the live workers).
-  CHECK(std::filesystem::exists(dir + "/out/checkpoints/step-000000036/COMMITTED"));
-  CHECK(lastEvalAccuracy(dir + "/out/metrics.jsonl") > 0.5);
-  // The dead worker's shard of the evaluation set is evaluated too: worker 0 evaluates the whole set.
-  CHECK(evalSampleCounts(dir + "/out/metrics.jsonl") == std::vector<int64_t>{50, 50, 50});
-  // The final line counts what worker 0 trained (36 steps x 8), as its progress lines do: it counted 2 workers' worth
-  // (576 samples), the dead one's 29 steps it never took included.
-  CHECK(r.out.find("done: 36 steps, 288 samples on worker 0 in ") != std::string::npos);
-  CHECK(r.out.find(" samples/s on worker 0, peak RSS ") != std::string::npos);
+TEST_CASE("parameter server, async/ssp: a killed worker leaves; the others finish the job without a restart, exit 0; "
+          "the final line says what each worker trained") {
+  for (const std::string mode : {"async", "ssp"}) {
+    CAPTURE(mode);
+    std::string dir = tempDir("ps" + mode + "kill");
+    json job = psJob(mode);
+    job["checkpoint"] = {{"every_steps", 3}, {"keep", 2}};
+    writeFile(dir + "/job.json", job.dump());
+    // No restart allowed: only going on without worker 1 can finish the job.
+    auto r = run(threeRanks(dir + "/job.json", dir + "/out", 0),
+                 {.timeout = 180s, .env = {{"DTRAIN_FAULT", "rank=1,step=7,action=kill"}}});
+    INFO(r.out, r.err);
+    REQUIRE(r.exitCode == 0);
+    CHECK((r.out + r.err).find("async training goes on with the other workers") != std::string::npos);
+    CHECK((r.out + r.err).find("worker 1 left; training goes on with the others") != std::string::npos);
+    CHECK(r.out.find("resumed from") == std::string::npos);
+    CHECK(std::filesystem::exists(dir + "/out/model.safetensors"));
+    // Worker 0 ran every one of its 36 steps and checkpointed after the kill (server 0 counts the live workers).
+    CHECK(std::filesystem::exists(dir + "/out/checkpoints/step-000000036/COMMITTED"));
+    CHECK(lastEvalAccuracy(dir + "/out/metrics.jsonl") > 0.5);
+    // The dead worker's shard of the evaluation set is evaluated too: worker 0 evaluates the whole set.
+    CHECK(evalSampleCounts(dir + "/out/metrics.jsonl") == std::vector<int64_t>{50, 50, 50});
+    // The final line counts what the servers applied of each worker's pushes: worker 0's 36 steps x 8 and the killed
+    // worker 1's 7 steps x 8, and names the lost worker (it said "288 samples on worker 0" and nothing of worker 1;
+    // before that it counted 2 workers' worth, 576, the dead one's 29 steps it never took included). The throughput
+    // is worker 0's own.
+    CHECK(r.out.find("done: 36 steps, 344 samples from 2 workers (288 on worker 0, 56 on worker 1) in ") !=
+          std::string::npos);
+    CHECK(r.out.find(" samples/s on worker 0, peak RSS ") != std::string::npos);
+    CHECK(r.out.find("; lost worker 1 after 7 steps (56 of those samples); wrote ") != std::string::npos);
+    bool final = false;
+    for (const auto& line : readJsonLines(dir + "/out/metrics.jsonl")) {
+      if (!line.contains("final")) continue;
+      final = true;
+      CHECK(line["samples_by_worker"] == json::array({288, 56}));
+      CHECK(line["steps_by_worker"] == json::array({36, 7}));
+      CHECK(line["lost_workers"] == json::array({1}));
+    }
+    CHECK(final);
+  }
 }
 
 TEST_CASE("parameter server killed: the job restarts from the last checkpoint (with another server count too)") {

@@ -411,3 +411,133 @@ TEST_CASE("DTRAIN_FAULT action=slow: a straggler switch with its delay") {
                        UsageError);
   CHECK_THROWS_AS(parseFaults("rank=1,step=2,action=kill,ms=5"), UsageError);
 }
+
+TEST_CASE("counted pushes: server 0 tallies each worker's applied samples; a refused or cut-off push counts nothing") {
+  nn::OptimizerSpec sgd{.type = nn::OptimizerType::kSgd, .lr = 0.1};
+  Servers servers(1, 3, ps::Mode::kAsync, 0, sgd);
+  std::vector<float> params(64, 1.0f), grad(64, 1.0f), out(64, 0.0f);
+  ps::Client w0({.workerRank = 0, .workers = 3, .numParams = 64, .partitionFloats = 64, .servers = servers.addrs});
+  w0.init(0, 0, initPayload(params));
+  // Two counted steps of 8 samples and one plain push (not counted) by worker 0.
+  w0.pushPullAsync(0, 0, 0.1, grad.data(), out.data(), 8);
+  w0.pushPullAsync(0, 1, 0.1, grad.data(), out.data(), 8);
+  w0.pushPullAsync(0, 2, 0.1, grad.data(), out.data());
+  w0.wait();
+  CHECK(out[0] == doctest::Approx(0.7));
+  // Worker 1 on a raw connection: a counted push of the wrong size (refused), a good one of 5 samples, then one
+  // whose payload is cut off by the connection closing (a worker killed mid-send): never applied, never counted.
+  auto hp = net::parseHostPort(servers.addrs[0], 0);
+  {
+    net::Socket raw = net::connect(*hp, Deadline(std::chrono::seconds(30)));
+    std::vector<uint8_t> hello(24, 0);
+    const int32_t rank = 1, workers = 3;
+    const uint64_t n = 64;
+    std::memcpy(hello.data(), &rank, 4);
+    std::memcpy(hello.data() + 4, &workers, 4);
+    std::memcpy(hello.data() + 8, &n, 8);
+    std::memcpy(hello.data() + 16, &n, 8);
+    REQUIRE(rawRequest(raw.fd(), {.op = ps::Op::kHello, .bytes = 24}, hello.data()).first.ok);
+    std::vector<uint8_t> counted(64 * 4 + 8, 0);
+    std::memcpy(counted.data(), grad.data(), 64 * 4);
+    const uint64_t five = 5;
+    std::memcpy(counted.data() + 64 * 4, &five, 8);
+    auto [bad, why] = rawRequest(raw.fd(), {.op = ps::Op::kPushPullCounted, .partition = 0, .lr = 0.1,
+                                            .bytes = 64 * 4}, counted.data());
+    CHECK(!bad.ok);
+    CHECK(why.find("a payload of 256 bytes, expected 264 (64 floats of gradient and a u64 sample count)") !=
+          std::string::npos);
+    auto [good, body] = rawRequest(raw.fd(), {.op = ps::Op::kPushPullCounted, .partition = 0, .step = 3, .lr = 0.1,
+                                              .bytes = counted.size()}, counted.data());
+    REQUIRE(good.ok);
+    CHECK(body.size() == 64 * 4);  // the parameters, as for a plain push
+    uint8_t h[ps::kHeaderBytes];
+    ps::encode(ps::RequestHeader{.op = ps::Op::kPushPullCounted, .partition = 0, .step = 4, .lr = 0.1,
+                                 .bytes = counted.size()}, h);
+    REQUIRE(net::sendAll(raw.fd(), h, sizeof(h)));
+    REQUIRE(net::sendAll(raw.fd(), counted.data(), 100));
+  }  // closed without bye: worker 1 is lost
+  // Worker 2 never comes. The barrier waits for the live workers only (worker 0) and answers the tally.
+  const std::vector<ps::WorkerTally> t = w0.barrier(1);
+  REQUIRE(t.size() == 3);
+  CHECK(t[0].samples == 16);
+  CHECK(t[0].steps == 2);
+  CHECK(t[0].state == ps::WorkerTally::State::kLive);
+  CHECK(t[1].samples == 5);
+  CHECK(t[1].steps == 1);
+  CHECK(t[1].state == ps::WorkerTally::State::kLost);
+  CHECK(t[2].samples == 0);
+  CHECK(t[2].state == ps::WorkerTally::State::kAbsent);
+  CHECK(servers.servers[0]->stats().updates == 4);  // w0's three and w1's good one: the cut-off push was not applied
+  w0.bye();
+  CHECK(servers.servers[0]->tallies()[0].state == ps::WorkerTally::State::kFinished);
+  // The tally's wire form round-trips, and a reply that is not whole entries is refused.
+  const auto bytes = ps::encodeTallies(t);
+  CHECK(bytes.size() == 3 * ps::kWorkerTallyBytes);
+  CHECK(ps::decodeTallies(bytes.data(), bytes.size())[1].samples == 5);
+  CHECK_THROWS_WITH_AS(ps::decodeTallies(bytes.data(), 20), doctest::Contains("multiple of 24"), ProtocolError);
+}
+
+TEST_CASE("counted pushes in sync mode count when the step's average is applied, not when they arrive") {
+  nn::OptimizerSpec sgd{.type = nn::OptimizerType::kSgd, .lr = 0.1};
+  Servers servers(1, 2, ps::Mode::kSync, 0, sgd);
+  std::vector<float> params(32, 0.0f), g(32, 1.0f), p0(32), p1(32);
+  ps::Client w0({.workerRank = 0, .workers = 2, .numParams = 32, .partitionFloats = 32, .servers = servers.addrs});
+  ps::Client w1({.workerRank = 1, .workers = 2, .numParams = 32, .partitionFloats = 32, .servers = servers.addrs});
+  w0.init(0, 0, initPayload(params));
+  w0.pushPullAsync(0, 0, 0.1, g.data(), p0.data(), 6);
+  // Wait (bounded) until the server holds worker 0's push: the step is not complete, so nothing is counted yet.
+  const Deadline deadline(std::chrono::seconds(30));
+  while (servers.servers[0]->stats().pushes < 1 && !deadline.expired()) std::this_thread::yield();
+  REQUIRE(servers.servers[0]->stats().pushes == 1);
+  CHECK(servers.servers[0]->tallies()[0].samples == 0);
+  w1.pushPullAsync(0, 0, 0.1, g.data(), p1.data(), 4);
+  w0.wait();
+  w1.wait();
+  const auto t = servers.servers[0]->tallies();
+  CHECK(t[0].samples == 6);
+  CHECK(t[1].samples == 4);
+  CHECK(t[0].steps == 1);
+  w0.bye();
+  w1.bye();
+}
+
+TEST_CASE("async strategy: each worker's samples as the servers applied them reach every worker at the barrier, a "
+          "worker that left included") {
+  constexpr int kWorkers = 2;
+  nn::OptimizerSpec opt{.type = nn::OptimizerType::kSgd, .lr = 0.01};
+  Servers servers(2, kWorkers, ps::Mode::kAsync, 0, opt);
+  auto spec = specOf();
+  auto store = rendezvous::MemoryStore::create();
+  std::vector<std::vector<WorkerSamples>> seen(kWorkers);
+  auto errors = comm::testing::onRanks(kWorkers, [&](int rank) {
+    auto backend = comm::createBackend("tcp", comm::testing::rankOptions(rank, kWorkers, store));
+    PsSettings settings{.servers = 2, .mode = "async"};
+    PsStrategy strategy(groupsOf(rank, kWorkers, backend),
+                        {.settings = settings, .serverAddresses = servers.addrs, .partitionFloats = 1024});
+    nn::Model model = nn::Model::build(spec, kBatch, 1);
+    auto optimizer = nn::Optimizer::create(opt, model.numParams());
+    strategy.bindOptimizer(*optimizer, 0);
+    strategy.prepare(model);
+    // Worker 0: 5 steps of 2 micro-batches (4 + 3 samples); worker 1: 2 steps of 4, then it leaves without bye.
+    const int steps = rank == 0 ? 5 : 2;
+    for (int step = 0; step < steps; ++step) {
+      strategy.beginStep(step, 0.01);
+      if (rank == 0) strategy.countSamples(4);
+      strategy.countSamples(rank == 0 ? 3 : 4);
+      forwardBackward(model, dataOf(rank, step), strategy.gradReadyHook());
+      strategy.finishStep();
+    }
+    if (rank == 1) return;  // the connections close without bye: a lost worker
+    strategy.syncForSave();  // the final barrier
+    seen[0] = strategy.workerSamples();
+    strategy.finishRun();
+  });
+  REQUIRE(comm::testing::firstError(errors) == "");
+  REQUIRE(seen[0].size() == 2);
+  CHECK(seen[0][0].samples == 35);
+  CHECK(seen[0][0].steps == 5);
+  CHECK(seen[0][0].state == WorkerSamples::State::kLive);
+  CHECK(seen[0][1].samples == 8);
+  CHECK(seen[0][1].steps == 2);
+  CHECK(seen[0][1].state == WorkerSamples::State::kLost);
+}

@@ -1,6 +1,7 @@
 // `dtrain top RUN_ID --rdzv-endpoint HOST:PORT`: a terminal view of a running job (nvidia-smi's one glance): per
-// rank its node, step, epoch, loss, samples/s and the age of its last report; per node the round, restarts and
-// heartbeat ages. Reads the agents' /metrics (agents started with --metrics-port publish their endpoints in the
+// rank its node, step, epoch, loss, samples/s and the age of its last report; per parameter server its requests/s,
+// bytes in and out, live (and lost) workers and the largest staleness it answered; per node the round, restarts
+// and heartbeat ages. Reads the agents' /metrics (agents started with --metrics-port publish their endpoints in the
 // run's store) and redraws in place every --interval; --once prints one view and exits.
 #include <unistd.h>
 
@@ -61,6 +62,12 @@ std::string view(const TopArgs& a, const std::vector<std::string>& agents, std::
     std::optional<double> sps;   // none: another rank of its data replica counts its samples (model parallelism)
   };
   std::map<int, Rank> ranks;
+  // Parameter-server ranks (role="server" in /metrics): their traffic and workers instead of training figures.
+  struct Server {
+    std::string node, server;
+    double rps = 0, in = 0, out = 0, live = 0, lost = 0, staleness = 0;
+  };
+  std::map<int, Server> servers;
   std::string nodes;
   for (const auto& agent : agents) {
     auto hp = net::parseHostPort(agent, 0);
@@ -77,7 +84,17 @@ std::string view(const TopArgs& a, const std::vector<std::string>& agents, std::
     std::map<std::string, double> agentValues;
     std::string hb;
     for (const auto& s : samples) {
-      if (s.labels.count("rank")) {
+      if (s.labels.count("rank") && s.labels.count("role") && s.labels.at("role") == "server") {
+        Server& v = servers[std::stoi(s.labels.at("rank"))];
+        v.node = s.labels.count("node") ? s.labels.at("node") : "?";
+        v.server = s.labels.count("server") ? s.labels.at("server") : "?";
+        if (s.name == "dtrain_ps_server_requests_per_second") v.rps = s.value;
+        else if (s.name == "dtrain_ps_server_received_bytes_total") v.in = s.value;
+        else if (s.name == "dtrain_ps_server_sent_bytes_total") v.out = s.value;
+        else if (s.name == "dtrain_ps_workers_live") v.live = s.value;
+        else if (s.name == "dtrain_ps_workers_lost") v.lost = s.value;
+        else if (s.name == "dtrain_ps_staleness_max") v.staleness = s.value;
+      } else if (s.labels.count("rank")) {
         Rank& r = ranks[std::stoi(s.labels.at("rank"))];
         r.node = s.labels.count("node") ? s.labels.at("node") : "?";
         if (s.name == "dtrain_step") r.step = s.value;
@@ -98,8 +115,9 @@ std::string view(const TopArgs& a, const std::vector<std::string>& agents, std::
   }
   const double now =
       std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
-  std::string out = fmt::format("dtrain top: run {} ({} agent(s), {} rank(s))\n{}\n", a.runId, agents.size(),
-                                ranks.size(), nodes);
+  std::string out = fmt::format("dtrain top: run {} ({} agent(s), {} rank(s){})\n{}\n", a.runId, agents.size(),
+                                ranks.size(),
+                                servers.empty() ? "" : fmt::format(", {} parameter server(s)", servers.size()), nodes);
   out += fmt::format("{:>6} {:>5} {:>10} {:>6} {:>12} {:>12} {:>12}\n", "rank", "node", "step", "epoch", "loss",
                      "samples/s", "last report");
   double total = 0;
@@ -110,6 +128,15 @@ std::string view(const TopArgs& a, const std::vector<std::string>& agents, std::
                        r.sps ? fmt::format("{:.0f}", *r.sps) : "-", r.updated > 0 ? now - r.updated : 0.0);
   }
   out += fmt::format("{:>6} {:>5} {:>10} {:>6} {:>12} {:>12.0f}\n", "all", "", "", "", "", total);
+  if (!servers.empty()) {
+    out += fmt::format("\n{:>6} {:>5} {:>6} {:>10} {:>10} {:>10} {:>12} {:>13}\n", "server", "rank", "node",
+                       "requests/s", "MB in", "MB out", "workers live", "max staleness");
+    for (const auto& [rank, v] : servers)
+      out += fmt::format("{:>6} {:>5} {:>6} {:>10.0f} {:>10.1f} {:>10.1f} {:>12} {:>13.0f}\n", v.server, rank, v.node,
+                         v.rps, v.in / 1e6, v.out / 1e6,
+                         fmt::format("{:.0f}{}", v.live, v.lost > 0 ? fmt::format(" ({:.0f} lost)", v.lost) : ""),
+                         v.staleness);
+  }
   return out;
 }
 

@@ -91,6 +91,9 @@ void WorkerMetricsMapping::reset() const {
   constexpr auto r = std::memory_order_relaxed;
   b.rank.store(-1, r);
   b.pid.store(0, r);
+  b.role.store(WorkerMetricsBlock::kWorker, r);
+  b.noLoss.store(0, r);
+  b.noSamples.store(0, r);
   b.step.store(0, r);
   b.epoch.store(0, r);
   b.loss.store(0, r);
@@ -120,6 +123,21 @@ void WorkerMetricsMapping::reset() const {
     e.group[0].store(0, r);
     e.group[1].store(0, r);
   }
+  PsServerMetrics& sv = b.server;
+  sv.serverRank.store(0, r);
+  sv.workers.store(0, r);
+  for (auto& v : sv.requestsTotal) v.store(0, r);
+  sv.errorsTotal.store(0, r);
+  sv.updatesTotal.store(0, r);
+  sv.receivedBytesTotal.store(0, r);
+  sv.sentBytesTotal.store(0, r);
+  sv.requestsPerSecond.store(0, r);
+  sv.workersLive.store(0, r);
+  sv.workersLost.store(0, r);
+  sv.stalenessMax.store(0, r);
+  for (auto& v : sv.stalenessBucket) v.store(0, r);
+  sv.stalenessCount.store(0, r);
+  sv.stalenessSum.store(0, r);
   b.version.store(WorkerMetricsBlock::kVersion, r);
   b.magic.store(WorkerMetricsBlock::kMagic, std::memory_order_release);
 }
@@ -161,6 +179,35 @@ void flightEnd(uint64_t token) {
   if (!b || token == 0) return;
   FlightEntry& e = b->flight[(token - 1) % WorkerMetricsBlock::kFlightEntries];
   if (e.seq.load(std::memory_order_relaxed) == token) e.endNs.store(unixNanos(), std::memory_order_release);
+}
+
+const char* psOpLabel(int op) {
+  switch (op) {
+    case 1: return "hello";
+    case 2: return "init";
+    case 3: return "push";
+    case 4: return "pull";
+    case 5: return "fetch";
+    case 6: return "bye";
+    case 7: return "sparse_pull";
+    case 8: return "sparse_push";
+    case 9: return "sparse_fetch";
+    case 10: return "sparse_init";
+    case 11: return "barrier";
+    case 12: return "sparse_save";
+    case 13: return "sparse_load";
+    case 14: return "push";  // push-pull-counted: a push that carries the step's sample count
+    default: return "other";
+  }
+}
+
+int stalenessBucket(int64_t staleness) {
+  int k = 0;
+  for (int64_t bound : PsServerMetrics::kStalenessBounds) {
+    if (staleness <= bound) return k;
+    ++k;
+  }
+  return PsServerMetrics::kStalenessBuckets - 1;
 }
 
 uint64_t residentBytes() {

@@ -14,6 +14,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <iterator>
 #include <string>
 #include <string_view>
 
@@ -39,16 +40,45 @@ struct FlightEntry {
   std::atomic<uint64_t> group[2];  // the communicator's group name, first 16 bytes, zero-padded
 };
 
+// What a parameter-server rank (role kServer) reports instead of training figures, written by the server
+// (lib/train/ps_server.h) at every request it answers. Counters are cumulative since the server started.
+struct PsServerMetrics {
+  static constexpr int kOps = 16;  // ps::Op's values (lib/train/ps_protocol.h; lib/common does not link train)
+  // Upper bounds of the staleness histogram's buckets (steps); the last bucket is +Inf.
+  static constexpr int64_t kStalenessBounds[] = {0, 1, 2, 4, 8, 16, 32, 64};
+  static constexpr int kStalenessBuckets = 9;  // the bounds above and +Inf
+
+  std::atomic<int32_t> serverRank;           // ROLE_RANK: the server's index, 0..servers-1
+  std::atomic<int32_t> workers;              // the job's worker count
+  std::atomic<uint64_t> requestsTotal[kOps];  // requests answered, by op (error replies included)
+  std::atomic<uint64_t> errorsTotal;         // requests answered with an error
+  std::atomic<uint64_t> updatesTotal;        // optimizer steps applied (dense partitions and sparse tables)
+  std::atomic<uint64_t> receivedBytesTotal;  // headers and payloads received
+  std::atomic<uint64_t> sentBytesTotal;      // headers and payloads sent
+  std::atomic<double> requestsPerSecond;     // over the last ~second of requests
+  std::atomic<int32_t> workersLive;          // connected and not done
+  std::atomic<int32_t> workersLost;          // left without saying bye (async/ssp go on without them)
+  std::atomic<int64_t> stalenessMax;         // async/ssp: the largest staleness of a push it answered (steps)
+  std::atomic<uint64_t> stalenessBucket[kStalenessBuckets];  // pushes by staleness, not cumulative (per bucket)
+  std::atomic<uint64_t> stalenessCount;
+  std::atomic<double> stalenessSum;
+};
+static_assert(std::size(PsServerMetrics::kStalenessBounds) + 1 == PsServerMetrics::kStalenessBuckets);
+
 struct WorkerMetricsBlock {
   static constexpr uint32_t kMagic = 0x6d747264;  // "drtm"
-  static constexpr uint32_t kVersion = 4;  // 3: noLoss; 4: noSamples
+  static constexpr uint32_t kVersion = 5;  // 3: noLoss; 4: noSamples; 5: role and the server's figures
   static constexpr int kFlightEntries = 32;
   static constexpr int kCollectiveKinds = 8;  // comm::Operation::Kind's values
+  enum Role : uint32_t { kWorker = 0, kServer = 1 };
 
   std::atomic<uint32_t> magic;
   std::atomic<uint32_t> version;
   std::atomic<int32_t> rank;        // global rank, -1 until the worker attached
   std::atomic<int32_t> pid;
+  std::atomic<uint32_t> role;       // kWorker (the training figures below) or kServer (`server`, a parameter
+                                    // server rank: the training and collective fields stay 0)
+  std::atomic<uint32_t> reserved;
   std::atomic<int64_t> step;        // optimizer steps done
   std::atomic<int64_t> epoch;       // 0-based
   std::atomic<double> loss;         // mean loss of the last step's micro-batches, this rank
@@ -73,6 +103,7 @@ struct WorkerMetricsBlock {
   std::atomic<double> updatedUnixSeconds;     // wall clock of the last update
   std::atomic<uint64_t> flightSeq;            // number of collective calls begun
   FlightEntry flight[kFlightEntries];         // the last calls: call n is in flight[(n - 1) % kFlightEntries]
+  PsServerMetrics server;                     // role kServer only
 };
 static_assert(std::atomic<double>::is_always_lock_free && std::atomic<uint64_t>::is_always_lock_free &&
                   std::atomic<int64_t>::is_always_lock_free && std::atomic<uint32_t>::is_always_lock_free,
@@ -107,6 +138,14 @@ class WorkerMetricsMapping {
 void attachFlightRecorder(WorkerMetricsBlock* block);
 uint64_t flightBegin(int kind, uint64_t bytes, std::string_view group);
 void flightEnd(uint64_t token);
+
+// The `op` label of a parameter-server request of op value `op` (ps::Op, lib/train/ps_protocol.h): "push" for
+// push-pull and push-pull-counted, "pull", "sparse_push", ..., the protocol's names with '_' for '-'; "other" for a
+// value outside the protocol.
+const char* psOpLabel(int op);
+
+// The staleness histogram's bucket of `staleness` steps (PsServerMetrics::kStalenessBounds; the last is +Inf).
+int stalenessBucket(int64_t staleness);
 
 // Resident set size of this process in bytes (/proc/self/statm), 0 when unreadable.
 uint64_t residentBytes();

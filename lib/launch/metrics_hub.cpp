@@ -134,7 +134,7 @@ std::vector<MetricsHub::RankState> MetricsHub::rankStates() const {
     if (b->magic.load(std::memory_order_acquire) != WorkerMetricsBlock::kMagic) continue;
     RankState r;
     r.rank = b->rank.load(kRelaxed);
-    if (r.rank < 0) continue;
+    if (r.rank < 0 || b->role.load(kRelaxed) == WorkerMetricsBlock::kServer) continue;  // servers: serverStates()
     r.step = b->step.load(kRelaxed);
     r.epoch = b->epoch.load(kRelaxed);
     r.loss = b->loss.load(kRelaxed);
@@ -191,7 +191,78 @@ std::string MetricsHub::render() const {
     out.sample("dtrain_heartbeat_age_seconds", l, s.heartbeatAges[n]);
   }
   renderWorkers(out, blocks, s.nodeRank);
+  renderServers(out, blocks, s.nodeRank);
   return out.take();
+}
+
+void MetricsHub::renderServers(PromText& out, const std::vector<const WorkerMetricsBlock*>& all, int nodeRank) const {
+  std::vector<const WorkerMetricsBlock*> blocks;
+  std::vector<PromText::Labels> labels;
+  for (const auto* b : all) {
+    const int rank = b->rank.load(kRelaxed);
+    if (rank < 0 || b->role.load(kRelaxed) != WorkerMetricsBlock::kServer) continue;
+    blocks.push_back(b);
+    labels.push_back({{"job", job_}, {"run_id", runId_}, {"node", std::to_string(nodeRank)},
+                      {"rank", std::to_string(rank)}, {"role", "server"},
+                      {"server", std::to_string(b->server.serverRank.load(kRelaxed))}});
+  }
+  if (blocks.empty()) return;  // no parameter server on this node: no empty families
+  auto each = [&](const std::string& name, const char* type, const std::string& help, auto value) {
+    out.family(name, type, help);
+    for (size_t i = 0; i < blocks.size(); ++i)
+      out.sample(name, labels[i], static_cast<double>(value(blocks[i]->server)));
+  };
+  out.family("dtrain_ps_server_requests_total", "counter",
+             "Requests a parameter server received, by op (push: push-pull with or without a sample count).");
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    std::map<std::string, uint64_t> byLabel;  // ops that share a label (push) are summed
+    for (int op = 1; op < PsServerMetrics::kOps; ++op)
+      if (const uint64_t n = blocks[i]->server.requestsTotal[op].load(kRelaxed); n > 0) byLabel[psOpLabel(op)] += n;
+    for (const auto& [op, n] : byLabel) {
+      auto l = labels[i];
+      l.emplace_back("op", op);
+      out.sample("dtrain_ps_server_requests_total", l, static_cast<double>(n));
+    }
+  }
+  each("dtrain_ps_server_errors_total", "counter", "Requests a parameter server answered with an error.",
+       [](const PsServerMetrics& m) { return m.errorsTotal.load(kRelaxed); });
+  each("dtrain_ps_server_updates_total", "counter",
+       "Optimizer steps a parameter server applied (over its partitions and sparse tables).",
+       [](const PsServerMetrics& m) { return m.updatesTotal.load(kRelaxed); });
+  each("dtrain_ps_server_received_bytes_total", "counter",
+       "Bytes a parameter server received from the workers (request headers and payloads).",
+       [](const PsServerMetrics& m) { return m.receivedBytesTotal.load(kRelaxed); });
+  each("dtrain_ps_server_sent_bytes_total", "counter",
+       "Bytes a parameter server sent to the workers (reply headers and payloads).",
+       [](const PsServerMetrics& m) { return m.sentBytesTotal.load(kRelaxed); });
+  each("dtrain_ps_server_requests_per_second", "gauge", "Requests a parameter server received per second, over "
+       "about the last second of requests.", [](const PsServerMetrics& m) { return m.requestsPerSecond.load(kRelaxed); });
+  each("dtrain_ps_workers_live", "gauge", "Workers connected to this parameter server and not done.",
+       [](const PsServerMetrics& m) { return m.workersLive.load(kRelaxed); });
+  each("dtrain_ps_workers_lost", "gauge",
+       "Workers that left this parameter server without saying bye (async/ssp training goes on without them).",
+       [](const PsServerMetrics& m) { return m.workersLost.load(kRelaxed); });
+  each("dtrain_ps_staleness_max", "gauge",
+       "Largest staleness of a push a parameter server answered: steps the worker was ahead of the slowest live "
+       "worker (async/ssp; 0 in sync).", [](const PsServerMetrics& m) { return m.stalenessMax.load(kRelaxed); });
+  out.family("dtrain_ps_staleness", "histogram",
+             "Staleness of the pushes a parameter server answered (async/ssp): steps the worker was ahead of the "
+             "slowest live worker.");
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    const PsServerMetrics& m = blocks[i]->server;
+    uint64_t cumulative = 0;
+    for (int k = 0; k < PsServerMetrics::kStalenessBuckets; ++k) {
+      cumulative += m.stalenessBucket[k].load(kRelaxed);
+      auto l = labels[i];
+      l.emplace_back("le", k + 1 < PsServerMetrics::kStalenessBuckets
+                               ? std::to_string(PsServerMetrics::kStalenessBounds[k])
+                               : std::string("+Inf"));
+      out.sample("dtrain_ps_staleness_bucket", l, static_cast<double>(cumulative));
+    }
+    // The count is the buckets' total (read once), so the exposition stays consistent while the server writes.
+    out.sample("dtrain_ps_staleness_sum", labels[i], m.stalenessSum.load(kRelaxed));
+    out.sample("dtrain_ps_staleness_count", labels[i], static_cast<double>(cumulative));
+  }
 }
 
 void MetricsHub::renderWorkers(PromText& out, const std::vector<const WorkerMetricsBlock*>& all, int nodeRank) const {
@@ -200,6 +271,7 @@ void MetricsHub::renderWorkers(PromText& out, const std::vector<const WorkerMetr
   for (const auto* b : all) {
     int rank = b->rank.load(kRelaxed);
     if (rank < 0) continue;  // no worker attached yet
+    if (b->role.load(kRelaxed) == WorkerMetricsBlock::kServer) continue;  // renderServers
     blocks.push_back(b);
     labels.push_back({{"job", job_}, {"run_id", runId_}, {"node", std::to_string(nodeRank)}, {"rank", std::to_string(rank)}});
   }
@@ -280,8 +352,10 @@ std::vector<RankFlight> MetricsHub::flightRecords() const {
     for (const auto& m : slots_) blocks.push_back(&m.block());
   }
   std::vector<RankFlight> out;
+  // Parameter servers run no collectives: a record of 0 calls would read as a rank that is behind.
   for (const auto* b : blocks)
-    if (b->rank.load(kRelaxed) >= 0) out.push_back(readFlight(*b, node));
+    if (b->rank.load(kRelaxed) >= 0 && b->role.load(kRelaxed) != WorkerMetricsBlock::kServer)
+      out.push_back(readFlight(*b, node));
   return out;
 }
 

@@ -4,7 +4,8 @@
 //
 // Names and labels follow Prometheus' conventions: the dtrain_ prefix, base units (seconds, bytes), counters end
 // in _total; every sample carries job (the job's name), run_id and node (this agent's node rank), and per-rank
-// samples add rank. The catalogue is in docs/monitoring.md.
+// samples add rank; parameter-server ranks (role server in their block) get the dtrain_ps_* families instead of the
+// training ones, with role="server" and server (its index). The catalogue is in docs/monitoring.md.
 //
 // Thread-safety: the agent's threads (its loop, its store thread) update the agent state under a mutex held only
 // for the update; render() (the HTTP thread) copies that state under the same mutex and reads the workers'
@@ -93,11 +94,14 @@ class MetricsHub {
     bool hasSamples = true;  // false: another rank of its data replica counts its samples (model parallelism)
     double updatedUnixSeconds = 0;  // 0: never reported
   };
-  // The local workers that attached, by local rank.
+  // The local workers that attached, by local rank (parameter-server ranks are not workers: not listed).
   std::vector<RankState> rankStates() const;
 
  private:
   void renderWorkers(PromText& out, const std::vector<const WorkerMetricsBlock*>& blocks, int nodeRank) const;
+  // The parameter-server ranks' families (dtrain_ps_*), labelled role="server" and server (its index); nothing
+  // when no local rank is a server.
+  void renderServers(PromText& out, const std::vector<const WorkerMetricsBlock*>& blocks, int nodeRank) const;
 
   std::string job_;
   std::string runId_;

@@ -35,6 +35,10 @@ using detail::Reader;
 Server::Server(ServerOptions options) : options_(std::move(options)) {
   DTRAIN_CHECK(options_.workers >= 1 && options_.servers >= 1 && options_.serverRank < options_.servers,
                "ps server: workers {} servers {} rank {}", options_.workers, options_.servers, options_.serverRank);
+  if (WorkerMetricsBlock* m = options_.metrics) {
+    m->server.serverRank.store(options_.serverRank, std::memory_order_relaxed);
+    m->server.workers.store(options_.workers, std::memory_order_relaxed);
+  }
   clock_.assign(static_cast<size_t>(options_.workers), 0);
   barrier_.assign(static_cast<size_t>(options_.workers), 0);
   live_.assign(static_cast<size_t>(options_.workers), 0);
@@ -118,7 +122,15 @@ void Server::handle(Conn& conn) {
       // Between requests a worker may be evaluating or checkpointing for a long time: no deadline but the
       // connection itself (a dead worker's socket closes; serve() shuts the rest down at the end).
       recvBytes(conn.socket.fd(), header, kHeaderBytes, Deadline(std::chrono::hours(24 * 365)), conn.peer);
-      dispatch(conn, decodeRequest(header));
+      const RequestHeader h = decodeRequest(header);
+      if (WorkerMetricsBlock* m = options_.metrics) {
+        constexpr auto r = std::memory_order_relaxed;
+        m->server.requestsTotal[static_cast<size_t>(h.op) % PsServerMetrics::kOps].fetch_add(1, r);
+        m->server.receivedBytesTotal.fetch_add(kHeaderBytes + h.bytes, r);
+      }
+      dispatch(conn, h);
+      std::lock_guard lock(mu_);
+      publishLocked(true);
     }
   } catch (const Error& e) {
     if (!conn.bye && !stopping_) log::debug("parameter server {}: closing the connection of {}: {}",
@@ -139,7 +151,49 @@ void Server::workerGone(int worker, bool bye) {
   if (!bye && options_.mode != Mode::kSync)
     log::warn("parameter server {}: worker {} left; training goes on with the others ({} mode)", options_.serverRank,
               worker, modeName(options_.mode));
+  publishLocked(false);
   cv_.notify_all();
+}
+
+void Server::publishLocked(bool request) {
+  WorkerMetricsBlock* m = options_.metrics;
+  if (m == nullptr) return;
+  constexpr auto r = std::memory_order_relaxed;
+  PsServerMetrics& sv = m->server;
+  int live = 0, lost = 0;
+  for (size_t w = 0; w < live_.size(); ++w) {
+    live += live_[w] ? 1 : 0;
+    lost += lost_[w] ? 1 : 0;
+  }
+  sv.workersLive.store(live, r);
+  sv.workersLost.store(lost, r);
+  sv.updatesTotal.store(static_cast<uint64_t>(stats_.updates), r);
+  sv.errorsTotal.store(static_cast<uint64_t>(stats_.errors), r);
+  const auto now = std::chrono::steady_clock::now();
+  if (request) ++rateRequests_;
+  const double window = std::chrono::duration<double>(now - rateStart_).count();
+  if (window >= 1.0) {
+    sv.requestsPerSecond.store(static_cast<double>(rateRequests_) / window, r);
+    rateRequests_ = 0;
+    rateStart_ = now;
+  }
+  if (now - rssAt_ >= std::chrono::seconds(1)) {
+    m->residentBytes.store(residentBytes(), r);
+    rssAt_ = now;
+  }
+  m->updatedUnixSeconds.store(
+      std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count(), r);
+}
+
+void Server::noteStalenessLocked(int64_t staleness) {
+  WorkerMetricsBlock* m = options_.metrics;
+  if (m == nullptr) return;
+  constexpr auto r = std::memory_order_relaxed;
+  PsServerMetrics& sv = m->server;
+  sv.stalenessBucket[stalenessBucket(staleness)].fetch_add(1, r);
+  sv.stalenessCount.fetch_add(1, r);
+  sv.stalenessSum.store(sv.stalenessSum.load(r) + static_cast<double>(staleness), r);  // one writer: under mu_
+  if (staleness > sv.stalenessMax.load(r)) sv.stalenessMax.store(staleness, r);
 }
 
 void Server::countApplied(size_t worker, int64_t samples) {
@@ -168,6 +222,8 @@ int64_t Server::minClockLocked() const {
 void Server::reply(Conn& conn, const ReplyHeader& h, const void* payload, size_t bytes) {
   uint8_t header[kHeaderBytes];
   encode(h, header);
+  // Counted as it goes out, so that a worker that got the reply reads it in the block.
+  if (options_.metrics) options_.metrics->server.sentBytesTotal.fetch_add(kHeaderBytes + bytes, std::memory_order_relaxed);
   sendFrame(conn.socket.fd(), header, payload, bytes, conn.peer);
   std::lock_guard lock(mu_);
   stats_.bytesOut += static_cast<int64_t>(bytes);
@@ -416,6 +472,9 @@ void Server::dispatch(Conn& conn, const RequestHeader& h) {
   ReplyHeader r{.partition = h.partition, .version = p.version};
   const int64_t minClock = minClockLocked();
   r.minClock = minClock == std::numeric_limits<int64_t>::max() ? clock_[w] : minClock;
+  // The staleness the worker will see in this answer (ps_client.h's takeStaleness), for the server's metrics.
+  if ((h.op == Op::kPushPull || h.op == Op::kPushPullCounted) && options_.mode != Mode::kSync)
+    noteStalenessLocked(std::max<int64_t>(0, h.step + 1 - r.minClock));
   conn.out.clear();
   if (h.op == Op::kFetch) {
     const int64_t steps = p.optimizer->steps();

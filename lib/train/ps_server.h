@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "lib/common/socket.h"
+#include "lib/common/worker_metrics.h"
 #include "lib/nn/optimizer.h"
 #include "lib/train/ps_protocol.h"
 #include "lib/train/ps_sparse.h"
@@ -61,6 +62,9 @@ struct ServerOptions {
   std::string host = "127.0.0.1";                              // the address to listen on and publish
   std::vector<SparseTableOptions> tables;  // every server gets the same list (from the job file)
   int64_t killAfterPushes = 0;  // testing aid (DTRAIN_FAULT role=server): SIGKILL itself after this many pushes
+  // The agent's monitoring block of this rank (lib/common/worker_metrics.h), or null: the server writes its
+  // figures there (role kServer, PsServerMetrics) as it answers requests. Must outlive the Server.
+  WorkerMetricsBlock* metrics = nullptr;
 };
 
 // What a server counted (for tests and its exit line).
@@ -106,6 +110,10 @@ class Server {
   void workerGone(int worker, bool bye);
   // Under mu_: a counted push of `worker` with `samples` was applied.
   void countApplied(size_t worker, int64_t samples);
+  // Under mu_: the figures of options_.metrics that follow a request or a worker's leaving (no-op without a block).
+  void publishLocked(bool request);
+  // Under mu_: an async/ssp push answered `staleness` steps ahead of the slowest live worker.
+  void noteStalenessLocked(int64_t staleness);
   // The kSparse* ops (ps_protocol.h); returns an error message for the worker, "" when it replied.
   std::string dispatchSparse(Conn& conn, const RequestHeader& h);
   // kSparseSave / kSparseLoad: this server's rows of every table to or from files (sparse_shards.h).
@@ -129,6 +137,9 @@ class Server {
   int done_ = 0;                                        // workers that said bye or left
   std::string syncBroken_;                              // kSync: why no step can complete any more
   ServerStats stats_;
+  std::chrono::steady_clock::time_point rateStart_ = std::chrono::steady_clock::now();  // requestsPerSecond's window
+  int64_t rateRequests_ = 0;
+  std::chrono::steady_clock::time_point rssAt_{};  // residentBytes is read at most once a second
   std::atomic<bool> stopping_{false};
   std::vector<std::thread> threads_;
 };

@@ -1,6 +1,7 @@
 #include "lib/train/ps_strategy.h"
 
 #include <sys/resource.h>
+#include <unistd.h>
 
 #include <cstring>
 
@@ -11,6 +12,7 @@
 #include "lib/common/env.h"
 #include "lib/common/log.h"
 #include "lib/common/ps_placement.h"
+#include "lib/common/worker_metrics.h"
 #include "lib/train/fault.h"
 #include "lib/train/sparse_tables.h"
 
@@ -262,8 +264,18 @@ std::vector<std::string> psServerAddresses(rendezvous::Store& roundStore, int se
 }
 
 void runPsServer(const Job& job, int serverRank, int workers, rendezvous::Store& roundStore, bool singleNode,
-                 int attempt) {
+                 int attempt, int globalRank) {
   const PsSettings& s = *job.parallel.ps;
+  // The agent's monitoring block (--metrics-port): the server reports its requests, bytes, workers and staleness
+  // there (role server). One that cannot be mapped turns monitoring off, as on a worker.
+  std::unique_ptr<WorkerMetricsMapping> metrics;
+  if (const auto path = env::get(kMetricsShmEnv); path && !path->empty()) {
+    try {
+      metrics = std::make_unique<WorkerMetricsMapping>(WorkerMetricsMapping::open(*path));
+    } catch (const std::exception& e) {
+      log::warn("monitoring is off for parameter server {} (rank {}): {}", serverRank, globalRank, e.what());
+    }
+  }
   int64_t killAfter = 0;
   for (const Fault& f : parseFaults(env::getOr("DTRAIN_FAULT", "")))
     if (f.role == "server" && f.rank == serverRank && f.attempt == attempt) killAfter = f.step;
@@ -276,7 +288,20 @@ void runPsServer(const Job& job, int serverRank, int workers, rendezvous::Store&
                                       .timeout = job.parallel.timeout,
                                       .host = comm::tcp::chooseHost("", singleNode),
                                       .tables = sparseTableOptions(job),
-                                      .killAfterPushes = killAfter});
+                                      .killAfterPushes = killAfter,
+                                      .metrics = metrics ? &metrics->block() : nullptr});
+  if (metrics) {
+    WorkerMetricsBlock& b = metrics->block();
+    constexpr auto r = std::memory_order_relaxed;
+    b.role.store(WorkerMetricsBlock::kServer, r);
+    b.noLoss.store(1, r);
+    b.noSamples.store(1, r);
+    b.pid.store(static_cast<int32_t>(::getpid()), r);
+    b.residentBytes.store(residentBytes(), r);
+    b.updatedUnixSeconds.store(
+        std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count(), r);
+    b.rank.store(globalRank, std::memory_order_release);  // attached: the agent shows it from now on
+  }
   const std::string address = server.listen();
   roundStore.set(ps::serverKey(serverRank), address);
   log::info("parameter server {} of {} listening on {} ({} mode, {} worker(s))", serverRank, s.servers, address,

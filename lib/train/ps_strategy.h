@@ -94,9 +94,11 @@ class PsStrategy final : public Strategy {
 
 // The server side of a rank whose role is "server": listens, publishes its address under the round's store as
 // ps_protocol.h says, serves until every worker is done. Blocks; throws CommError when no worker comes.
-// `attempt` (DTRAIN_RESTART_COUNT) selects the DTRAIN_FAULT items with role=server that apply.
+// `attempt` (DTRAIN_RESTART_COUNT) selects the DTRAIN_FAULT items with role=server that apply. With the agent's
+// DTRAIN_METRICS_SHM the server writes its figures into that block as rank `globalRank`, role server
+// (lib/common/worker_metrics.h's PsServerMetrics).
 void runPsServer(const Job& job, int serverRank, int workers, rendezvous::Store& roundStore, bool singleNode,
-                 int attempt);
+                 int attempt, int globalRank);
 
 // What `dtrain check --world N` prints for a job on one node of N ranks: the parameter servers' placement
 // ("parameter servers: ..." and one line per node), or "" when the job has none. ConfigError naming

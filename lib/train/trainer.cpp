@@ -479,7 +479,7 @@ TrainResult runTraining(const Job& job, const WorkerInfo& worker, std::vector<Tr
       rendezvous::PrefixStore roundStore(fmt::format("{}r{}/", rendezvous::runPrefix(worker.runId), worker.round),
                                          store);
       runPsServer(job, role.roleRank, worker.worldSize - servers, roundStore, worker.numNodes == 1,
-                  worker.restartCount);
+                  worker.restartCount, worker.rank);
       return TrainResult{};
     }
     const WorkerInfo view = workerView(worker, servers);

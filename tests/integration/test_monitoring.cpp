@@ -230,6 +230,62 @@ TEST_CASE("a pipeline stage before the last has no loss in /metrics or the dashb
   CHECK(processesWithRunId(id).empty());
 }
 
+TEST_CASE("a parameter-server job: /metrics has the servers' families (rank and role labels) and dtrain top shows "
+          "the server's row") {
+  std::string dir = tempDir("monitoring-ps");
+  std::string id = uniqueRunId("metrics-ps");
+  KillByRunId cleanup{id};
+  auto job = nlohmann::json::parse(readFile(longJob(dir)));
+  job["parallel"] = {{"strategy", "parameter_server"}, {"servers", 1}, {"mode", "async"}};
+  job["checkpoint"] = false;
+  writeFile(dir + "/job.json", job.dump());
+  const std::string endpoint = fmt::format("127.0.0.1:{}", freePort());
+  // 3 ranks: workers 0-1, rank 2 serves.
+  Background agent(runArgs({"--rdzv-endpoint", endpoint, "--rdzv-id", id, "-n", "3", "--metrics-port", "0",
+                            "--shutdown-timeout", "2s", dir + "/job.json"}));
+  const int port = portFromLine(agent.waitForLine("serving Prometheus metrics on", 60s, /*fromStderr=*/true));
+  const std::string server = fmt::format("job=\"monitored\",run_id=\"{}\",node=\"0\",rank=\"2\",role=\"server\","
+                                         "server=\"0\"", id);
+  std::string scrape;
+  REQUIRE(pollUntil(60s, [&] {
+    auto r = httpGet(port, "/metrics");
+    scrape = r.body;
+    return r.status == 200 && sampleValue(scrape, "dtrain_ps_server_requests_total{" + server + ",op=\"push\"}") > 10 &&
+           sampleValue(scrape, "dtrain_ps_server_requests_per_second{" + server + "}") > 0;
+  }));
+  INFO(scrape);
+  CHECK(sampleValue(scrape, "dtrain_ps_server_requests_total{" + server + ",op=\"pull\"}") > 0);
+  CHECK(sampleValue(scrape, "dtrain_ps_server_requests_total{" + server + ",op=\"hello\"}") == 2);
+  CHECK(sampleValue(scrape, "dtrain_ps_server_received_bytes_total{" + server + "}") > 0);
+  CHECK(sampleValue(scrape, "dtrain_ps_server_sent_bytes_total{" + server + "}") > 0);
+  CHECK(sampleValue(scrape, "dtrain_ps_server_updates_total{" + server + "}") > 0);
+  CHECK(sampleValue(scrape, "dtrain_ps_workers_live{" + server + "}") == 2);
+  CHECK(sampleValue(scrape, "dtrain_ps_workers_lost{" + server + "}") == 0);
+  CHECK(sampleValue(scrape, "dtrain_ps_staleness_count{" + server + "}") > 0);
+  CHECK(sampleValue(scrape, "dtrain_ps_staleness_max{" + server + "}") >= 0);
+  // The workers keep their families; the server has none of them (it trains nothing).
+  const std::string labels = fmt::format("job=\"monitored\",run_id=\"{}\",node=\"0\"", id);
+  CHECK(sampleValue(scrape, "dtrain_step{" + labels + ",rank=\"1\"}") > 0);
+  CHECK(linesWith(scrape, "rank=\"2\"}").empty());
+  if (installed("/usr/bin/promtool")) CHECK(promtoolProblems(scrape) == "");
+  // dtrain top: the two workers as ranks, the server as a row of its own.
+  auto top = run({dtrainBinary(), "top", id, "--rdzv-endpoint", endpoint, "--once"}, {.timeout = 30s});
+  INFO(top.out, top.err);
+  CHECK(top.exitCode == 0);
+  CHECK(top.out.find(fmt::format("dtrain top: run {} (1 agent(s), 2 rank(s), 1 parameter server(s))", id)) !=
+        std::string::npos);
+  CHECK(top.out.find("server  rank   node requests/s      MB in     MB out workers live max staleness") !=
+        std::string::npos);
+  std::smatch m;
+  CHECK(std::regex_search(top.out, m, std::regex(R"(\n     0     2      0 +(\d+) +\d+\.\d +\d+\.\d +2 +\d+\n)")));
+  if (!m.empty()) CHECK(std::stoi(m[1]) > 0);
+  agent.signal(SIGTERM);
+  auto result = agent.wait(60s);
+  CHECK_FALSE(result.timedOut);
+  CHECK(result.exitCode == 128 + SIGTERM);
+  CHECK(processesWithRunId(id).empty());
+}
+
 TEST_CASE("dtrain store --metrics-port serves the store's counters") {
   Background store({dtrainBinary(), "store", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"});
   const int port = portFromLine(store.waitForLine("serving Prometheus metrics on", 30s, /*fromStderr=*/true));

@@ -93,6 +93,62 @@ TEST_CASE("the hub renders what a worker writes into its block, with the agent's
   else MESSAGE("promtool not installed (Debian package prometheus): lint skipped");
 }
 
+TEST_CASE("a parameter-server rank's block renders the dtrain_ps_* families, not the training ones, and is no rank "
+          "of the flight records or the dashboard") {
+  MetricsHub hub("ps", "run-2");
+  auto worker = WorkerMetricsMapping::open(hub.prepareSlot(0));
+  auto server = WorkerMetricsMapping::open(hub.prepareSlot(1));
+  worker.block().rank.store(0);
+  worker.block().step.store(9);
+  auto& b = server.block();
+  b.role.store(WorkerMetricsBlock::kServer);
+  b.rank.store(2);
+  PsServerMetrics& m = b.server;
+  m.serverRank.store(0);
+  m.requestsTotal[3].store(40);  // push-pull
+  m.requestsTotal[14].store(20);  // push-pull-counted: also "push"
+  m.requestsTotal[4].store(2);   // pull
+  m.receivedBytesTotal.store(123456);
+  m.sentBytesTotal.store(65432);
+  m.workersLive.store(1);
+  m.workersLost.store(1);
+  m.stalenessMax.store(3);
+  for (int64_t s : {0, 0, 1, 3, 3, 70}) {  // six pushes: two at 0, one at 1, two at 3 (bucket le=4), one past 64
+    m.stalenessBucket[stalenessBucket(s)].fetch_add(1);
+    m.stalenessSum.store(m.stalenessSum.load() + static_cast<double>(s));
+  }
+  const std::string text = hub.render();
+  INFO(text);
+  const std::string l = "job=\"ps\",run_id=\"run-2\",node=\"0\",rank=\"2\",role=\"server\",server=\"0\"";
+  CHECK(text.find("dtrain_ps_server_requests_total{" + l + ",op=\"push\"} 60\n") != std::string::npos);
+  CHECK(text.find("dtrain_ps_server_requests_total{" + l + ",op=\"pull\"} 2\n") != std::string::npos);
+  CHECK(text.find("op=\"hello\"") == std::string::npos);  // ops never received are left out
+  CHECK(text.find("dtrain_ps_server_received_bytes_total{" + l + "} 123456\n") != std::string::npos);
+  CHECK(text.find("dtrain_ps_server_sent_bytes_total{" + l + "} 65432\n") != std::string::npos);
+  CHECK(text.find("dtrain_ps_workers_live{" + l + "} 1\n") != std::string::npos);
+  CHECK(text.find("dtrain_ps_workers_lost{" + l + "} 1\n") != std::string::npos);
+  CHECK(text.find("dtrain_ps_staleness_max{" + l + "} 3\n") != std::string::npos);
+  CHECK(text.find("# TYPE dtrain_ps_staleness histogram\n") != std::string::npos);
+  CHECK(text.find("dtrain_ps_staleness_bucket{" + l + ",le=\"0\"} 2\n") != std::string::npos);
+  CHECK(text.find("dtrain_ps_staleness_bucket{" + l + ",le=\"2\"} 3\n") != std::string::npos);
+  CHECK(text.find("dtrain_ps_staleness_bucket{" + l + ",le=\"4\"} 5\n") != std::string::npos);
+  CHECK(text.find("dtrain_ps_staleness_bucket{" + l + ",le=\"64\"} 5\n") != std::string::npos);
+  CHECK(text.find("dtrain_ps_staleness_bucket{" + l + ",le=\"+Inf\"} 6\n") != std::string::npos);
+  CHECK(text.find("dtrain_ps_staleness_sum{" + l + "} 77\n") != std::string::npos);
+  CHECK(text.find("dtrain_ps_staleness_count{" + l + "} 6\n") != std::string::npos);
+  // The server is no training rank: no dtrain_step (a 0 that reads as a stuck rank), no flight record (0 calls
+  // would read as a rank that is behind), no dashboard row.
+  CHECK(text.find("dtrain_step{job=\"ps\",run_id=\"run-2\",node=\"0\",rank=\"0\"} 9\n") != std::string::npos);
+  CHECK(text.find("rank=\"2\"}") == std::string::npos);
+  CHECK(hub.flightRecords().size() == 1);
+  REQUIRE(hub.rankStates().size() == 1);
+  CHECK(hub.rankStates()[0].rank == 0);
+  if (havePromtool()) CHECK(promtoolProblems(text).empty());
+  // Without a server on the node the families are not there at all.
+  server.block().rank.store(-1);
+  CHECK(hub.render().find("dtrain_ps_") == std::string::npos);
+}
+
 TEST_CASE("a block that is not a metrics block is refused by name") {
   std::string dir = testing::tempDir("metrics");
   testing::writeFile(dir + "/junk", std::string(4096, 'x'));

@@ -6,6 +6,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -540,4 +541,66 @@ TEST_CASE("async strategy: each worker's samples as the servers applied them rea
   CHECK(seen[0][1].samples == 8);
   CHECK(seen[0][1].steps == 2);
   CHECK(seen[0][1].state == WorkerSamples::State::kLost);
+}
+
+TEST_CASE("monitoring: every protocol op has its /metrics label (the agent cannot link the protocol's names)") {
+  for (int op = 1; op <= 14; ++op) {
+    CAPTURE(op);
+    REQUIRE(ps::validOp(static_cast<uint8_t>(op)));
+    std::string name = ps::opName(static_cast<ps::Op>(op));
+    std::replace(name.begin(), name.end(), '-', '_');
+    if (name == "push_pull" || name == "push_pull_counted") name = "push";
+    CHECK(std::string(psOpLabel(op)) == name);
+  }
+  CHECK(!ps::validOp(15));
+  CHECK(std::string(psOpLabel(15)) == "other");
+  CHECK(static_cast<int>(ps::Op::kPushPullCounted) < PsServerMetrics::kOps);
+}
+
+TEST_CASE("monitoring: a server writes its requests, bytes, workers and staleness into the agent's block") {
+  const std::string dir = testing::tempDir("psmetrics");
+  auto mapping = WorkerMetricsMapping::create(dir + "/block");
+  WorkerMetricsBlock& b = mapping.block();
+  nn::OptimizerSpec sgd{.type = nn::OptimizerType::kSgd, .lr = 0.1};
+  ps::Server server(ps::ServerOptions{.serverRank = 0, .servers = 1, .workers = 2, .mode = ps::Mode::kAsync,
+                                      .optimizer = sgd, .timeout = std::chrono::seconds(60), .metrics = &b});
+  std::vector<std::string> addrs{server.listen()};
+  auto serving = std::async(std::launch::async, [&] { server.serve(); });
+  std::vector<float> params(32, 0.0f), g(32, 1.0f), p(32);
+  {
+    ps::Client w0({.workerRank = 0, .workers = 2, .numParams = 32, .partitionFloats = 32, .servers = addrs});
+    {
+      ps::Client w1({.workerRank = 1, .workers = 2, .numParams = 32, .partitionFloats = 32, .servers = addrs});
+      w0.init(0, 0, initPayload(params));
+      // Worker 0 runs 3 steps while worker 1 is at 0: staleness 1, 2, 3.
+      for (int64_t s = 0; s < 3; ++s) {
+        w0.pushPullAsync(0, s, 0.1, g.data(), p.data(), 4);
+        w0.wait();
+      }
+      CHECK(b.server.workersLive.load() == 2);
+    }  // worker 1 leaves without bye
+    // The barrier is answered once worker 1 is gone (it counts live workers only).
+    REQUIRE(w0.barrier(1).size() == 2);
+    const PsServerMetrics& m = b.server;
+    CHECK(m.workersLost.load() == 1);
+    CHECK(m.workersLive.load() == 1);
+    CHECK(m.workers.load() == 2);
+    CHECK(m.requestsTotal[static_cast<int>(ps::Op::kHello)].load() == 2);
+    CHECK(m.requestsTotal[static_cast<int>(ps::Op::kPushPullCounted)].load() == 3);
+    CHECK(m.requestsTotal[static_cast<int>(ps::Op::kBarrier)].load() == 1);
+    CHECK(m.updatesTotal.load() == 3);
+    // In: 2 hellos (24 bytes), an init (12 + 128), 3 counted pushes (128 + 8) and a barrier; out: 3 x the
+    // parameters and the barrier's tally (2 x 24); each with its 40-byte header.
+    CHECK(m.receivedBytesTotal.load() == 7 * ps::kHeaderBytes + 2 * 24 + 140 + 3 * 136);
+    CHECK(m.sentBytesTotal.load() == 7 * ps::kHeaderBytes + 3 * 128 + 48);
+    CHECK(m.stalenessCount.load() == 3);
+    CHECK(m.stalenessMax.load() == 3);
+    CHECK(m.stalenessSum.load() == 6);
+    CHECK(m.stalenessBucket[1].load() == 1);  // le 1
+    CHECK(m.stalenessBucket[2].load() == 1);  // le 2
+    CHECK(m.stalenessBucket[3].load() == 1);  // le 4
+    CHECK(b.updatedUnixSeconds.load() > 0);
+    w0.bye();
+  }
+  serving.get();
 }

@@ -44,7 +44,7 @@ class Client {
  public:
   // Connects to every server and says hello (blocking; CommError when a server cannot be reached or refuses).
   explicit Client(ClientOptions options);
-  ~Client();  // says bye (best effort) and joins the threads
+  ~Client();  // lets each lane finish its queued requests, then joins its thread; says no bye (call bye() first)
   Client(const Client&) = delete;
   Client& operator=(const Client&) = delete;
 

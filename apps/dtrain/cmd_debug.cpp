@@ -31,8 +31,8 @@ struct DebugArgs {
 
 }  // namespace
 
-std::vector<std::string> monitoredAgents(const std::string& runId, const std::string& endpoint,
-                                         const std::string& token, std::chrono::milliseconds timeout) {
+MonitoredRun readMonitoredRun(const std::string& runId, const std::string& endpoint, const std::string& token,
+                              std::chrono::milliseconds timeout) {
   auto hp = net::parseHostPort(endpoint, rendezvous::kDefaultPort);
   DTRAIN_CHECK_AS(UsageError, hp.has_value(), "--rdzv-endpoint {}: expected HOST[:PORT]", endpoint);
   rendezvous::TcpStoreClientOptions co;
@@ -41,21 +41,46 @@ std::vector<std::string> monitoredAgents(const std::string& runId, const std::st
   co.connectTimeout = timeout;
   co.timeout = timeout;
   if (!token.empty()) co.token = token;
-  rendezvous::PrefixStore store(rendezvous::runPrefix(runId), rendezvous::TcpStoreClient::connect(co));
-  std::string listing = store.tryGet(launch::kMonitorAgentsKey).value_or("");
+  std::shared_ptr<rendezvous::TcpStoreClient> client;
+  try {
+    client = rendezvous::TcpStoreClient::connect(co);
+  } catch (const rendezvous::StoreAuthError&) {
+    throw;  // it answered: the token is wrong or missing
+  } catch (const RendezvousError& e) {  // nothing listens there, or it did not answer the handshake in time
+    throw StoreNotAnswering(e.what());
+  }
+  rendezvous::PrefixStore store(rendezvous::runPrefix(runId), client);
+  std::vector<rendezvous::StoreResult> got;
+  try {
+    got = store.batch({rendezvous::StoreOp::tryGet(launch::kMonitorAgentsKey), rendezvous::StoreOp::tryGet("ended"),
+                       rendezvous::StoreOp::tryGet("job")});
+  } catch (const NetworkError& e) {  // it closed (its job ending) between the handshake and the reply
+    throw StoreNotAnswering(e.what());
+  } catch (const TimeoutError& e) {
+    throw StoreNotAnswering(e.what());
+  }
+  MonitoredRun run;
+  run.ended = got[1].value;
   std::set<std::string> agents;
-  std::istringstream lines(listing);
+  std::istringstream lines(got[0].value.value_or(""));
   for (std::string line; std::getline(lines, line);)
     if (!line.empty()) agents.insert(line);
+  run.agents.assign(agents.begin(), agents.end());
   // No "job" key: no agent ever joined this run id on this store (a typo in RUN_ID, or another store).
-  DTRAIN_CHECK_AS(RendezvousError, !agents.empty() || store.check({"job"}),
+  DTRAIN_CHECK_AS(RendezvousError, !run.agents.empty() || run.ended || got[2].value,
                   "run {} at {}: no such run on this store (no agent has joined run id '{}'; check RUN_ID: it is "
                   "--rdzv-id, or the Slurm job id and step)",
                   runId, hp->str(), runId);
-  DTRAIN_CHECK_AS(RendezvousError, !agents.empty(),
+  return run;
+}
+
+std::vector<std::string> monitoredAgents(const std::string& runId, const std::string& endpoint,
+                                         const std::string& token, std::chrono::milliseconds timeout) {
+  auto run = readMonitoredRun(runId, endpoint, token, timeout);
+  DTRAIN_CHECK_AS(RendezvousError, !run.agents.empty(),
                   "run {} at {}: no agent published a monitoring endpoint (start `dtrain run` with --metrics-port)",
-                  runId, hp->str());
-  return {agents.begin(), agents.end()};
+                  runId, endpoint);
+  return run.agents;
 }
 
 namespace {

@@ -2,21 +2,27 @@
 // rank its node, step, epoch, loss, samples/s and the age of its last report; per parameter server its requests/s,
 // bytes in and out, live (and lost) workers and the largest staleness it answered; per node the round, restarts
 // and heartbeat ages. Reads the agents' /metrics (agents started with --metrics-port publish their endpoints in the
-// run's store) and redraws in place every --interval; --once prints one view and exits.
+// run's store; read again every frame, so that agents joining later show up) and redraws in place every --interval;
+// --once prints one view and exits. A job that is not running (ended, or its store or agents do not answer) is
+// said so, and exits kExitJobNotRunning (10).
 #include <unistd.h>
 
 #include <chrono>
+#include <filesystem>
 #include <map>
 #include <optional>
 #include <regex>
 #include <sstream>
 #include <thread>
 
+#include <fmt/ranges.h>
+
 #include "apps/dtrain/commands.h"
 #include "lib/common/error.h"
 #include "lib/common/net.h"
 #include "lib/common/parse.h"
 #include "lib/launch/http_server.h"
+#include "rendezvous/rendezvous.h"
 
 namespace dtrain::app {
 
@@ -54,7 +60,9 @@ std::vector<Sample> parseExposition(const std::string& text) {
   return out;
 }
 
-std::string view(const TopArgs& a, const std::vector<std::string>& agents, std::chrono::milliseconds timeout) {
+// The frame for `agents`; each agent that does not answer gets a line in it and its "host:port: reason" in `silent`.
+std::string view(const TopArgs& a, const std::vector<std::string>& agents, std::chrono::milliseconds timeout,
+                 std::vector<std::string>& silent) {
   struct Rank {
     std::string node;
     double step = 0, epoch = 0, updated = 0;
@@ -79,6 +87,7 @@ std::string view(const TopArgs& a, const std::vector<std::string>& agents, std::
       samples = parseExposition(r.body);
     } catch (const std::exception& e) {
       nodes += fmt::format("  agent {}: no answer ({})\n", agent, e.what());
+      silent.push_back(fmt::format("{}: {}", agent, e.what()));
       continue;
     }
     std::map<std::string, double> agentValues;
@@ -140,18 +149,94 @@ std::string view(const TopArgs& a, const std::vector<std::string>& agents, std::
   return out;
 }
 
+// One look at the job: a frame to show, or (notRunning) the line saying why there is none.
+struct Look {
+  std::string text;
+  bool notRunning = false;
+};
+
+Look storeSilent(const TopArgs& a, const StoreNotAnswering& e) {
+  return {fmt::format("dtrain top: run {} is not running: its store at {} does not answer ({}): the run has ended or "
+                      "has not started\n",
+                      a.runId, a.endpoint, e.what()),
+          true};
+}
+
+// The line for a run whose agents recorded its end in the store (rendezvous::Rendezvous::recordEnd).
+Look ended(const TopArgs& a, const std::string& record) {
+  std::string how;
+  try {
+    auto e = rendezvous::RoundEvent::fromJson(record);
+    how = e.type == rendezvous::RoundEventType::kDone
+              ? fmt::format(": it completed (exit code {})", e.exitCode)
+              : fmt::format(": {} (exit code {}){}", rendezvous::roundEventName(e.type), e.exitCode,
+                            e.message.empty() ? "" : ": " + e.message);
+  } catch (const std::exception&) {  // a record this dtrain cannot read: still an end
+  }
+  return {fmt::format("dtrain top: run {} has ended{}\n", a.runId, how), true};
+}
+
+// Reads the run's agents and end record from its store every time (an elastic job's agents join later), then
+// the agents' /metrics.
+Look look(const TopArgs& a, const std::string& token, std::chrono::milliseconds timeout) {
+  MonitoredRun run;
+  try {
+    run = readMonitoredRun(a.runId, a.endpoint, token, timeout);
+  } catch (const StoreNotAnswering& e) {
+    return storeSilent(a, e);
+  }
+  if (run.ended) return ended(a, *run.ended);
+  DTRAIN_CHECK_AS(RendezvousError, !run.agents.empty(),
+                  "run {} at {}: no agent published a monitoring endpoint (start `dtrain run` with --metrics-port)",
+                  a.runId, a.endpoint);
+  std::vector<std::string> silent;
+  std::string frame = view(a, run.agents, timeout, silent);
+  if (silent.size() < run.agents.size()) return {std::move(frame), false};
+  // No agent answers: the job ended since the store was read (its agents record the end before they exit), or
+  // its agents stopped without recording one.
+  try {
+    run = readMonitoredRun(a.runId, a.endpoint, token, timeout);
+  } catch (const StoreNotAnswering& e) {
+    return storeSilent(a, e);
+  }
+  if (run.ended) return ended(a, *run.ended);
+  return {fmt::format("dtrain top: run {} is not running: none of its agents answers ({}), and its store at {} "
+                      "records no end of the job: the agents were killed or lost the store\n",
+                      a.runId, fmt::join(silent, "; "), a.endpoint),
+          true};
+}
+
 int runTop(const TopArgs& a) {
   const auto interval = parse::durationFlag("--interval", a.interval);
   const auto timeout = std::chrono::milliseconds(5000);
-  const auto agents = monitoredAgents(a.runId, a.endpoint, resolveRdzvToken(a.token, a.tokenFile), timeout);
-  if (a.once || !::isatty(STDOUT_FILENO)) {
-    fmt::print("{}", view(a, agents, timeout));
-    return 0;
+  std::string token;
+  try {
+    token = resolveRdzvToken(a.token, a.tokenFile);
+  } catch (const UsageError&) {
+    // `dtrain run --standalone` removes the token file it logged when its store stops: a missing file and a
+    // store that does not answer mean the run is over, not a wrong flag.
+    std::error_code ec;
+    if (a.tokenFile.empty() || std::filesystem::exists(a.tokenFile, ec)) throw;
+    try {
+      readMonitoredRun(a.runId, a.endpoint, "", timeout);
+    } catch (const StoreNotAnswering& e) {
+      fmt::print("{}", storeSilent(a, e).text);
+      return kExitJobNotRunning;
+    } catch (const std::exception&) {
+    }
+    throw;
   }
-  for (;;) {  // until Ctrl-C: redraw in place
-    std::string frame = view(a, agents, timeout);
-    fmt::print("\033[H\033[2J{}", frame);
+  if (a.once || !::isatty(STDOUT_FILENO)) {
+    Look l = look(a, token, timeout);
+    fmt::print("{}", l.text);
+    return l.notRunning ? kExitJobNotRunning : 0;
+  }
+  for (;;) {  // until Ctrl-C or the job's end: redraw in place
+    Look l = look(a, token, timeout);
+    // The job's end goes under its last frame (kept on the screen).
+    fmt::print("{}{}", l.notRunning ? "" : "\033[H\033[2J", l.text);
     std::fflush(stdout);
+    if (l.notRunning) return kExitJobNotRunning;
     std::this_thread::sleep_for(interval);
   }
 }

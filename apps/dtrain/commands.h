@@ -6,8 +6,11 @@
 
 #include <chrono>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
+
+#include "lib/common/error.h"
 
 namespace dtrain::app {
 
@@ -51,8 +54,27 @@ void addTopCommand(CLI::App& root, Action& action);   // cmd_top.cpp: `dtrain to
 void addSimCommand(CLI::App& root, Action& action);   // cmd_sim.cpp: `dtrain sim --nodes N JOB.json`
 // Before CLI11 parses `dtrain sim ...`: removes what the agents run (JOB.json... or -- PROGRAM...) from `args`.
 void splitSimArgs(std::vector<std::string>& args);
-// The "host:port" monitoring endpoints the agents of `runId` published in its store (cmd_debug.cpp). Throws
-// RendezvousError when none did (agents without --metrics-port), UsageError for a bad endpoint.
+// What the store at `endpoint` holds about run `runId` (cmd_debug.cpp), read in one round trip: the "host:port"
+// monitoring endpoints its agents published (agents with --metrics-port or --dashboard; one per agent start,
+// deduplicated and sorted; an agent that restarted leaves its old endpoint listed) and, once the job ended, the
+// `ended` record its agents wrote (rendezvous::RoundEvent JSON; absent when they were killed or lost the store).
+// Throws StoreNotAnswering when nothing answers at the endpoint within `timeout` (connection refused or timed
+// out: the store is gone with its job, or not started), StoreAuthError (exit 4) for a wrong or missing token,
+// RendezvousError (exit 4) when no agent ever joined `runId` on that store, UsageError for a bad endpoint.
+struct MonitoredRun {
+  std::vector<std::string> agents;
+  std::optional<std::string> ended;
+};
+// `dtrain top`'s exit code when the job is not running: it ended (its end record in the store), or its store or
+// every agent does not answer (docs/monitoring.md). Not a `dtrain run` code: README's table leaves 10 free for it.
+inline constexpr int kExitJobNotRunning = 10;
+class StoreNotAnswering : public RendezvousError {
+ public:
+  using RendezvousError::RendezvousError;
+};
+MonitoredRun readMonitoredRun(const std::string& runId, const std::string& endpoint, const std::string& token,
+                              std::chrono::milliseconds timeout);
+// readMonitoredRun's endpoints; throws RendezvousError when none was published (agents without --metrics-port).
 std::vector<std::string> monitoredAgents(const std::string& runId, const std::string& endpoint,
                                          const std::string& token, std::chrono::milliseconds timeout);
 

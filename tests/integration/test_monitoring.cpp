@@ -299,3 +299,137 @@ TEST_CASE("dtrain store --metrics-port serves the store's counters") {
   CHECK_FALSE(result.timedOut);
   CHECK(result.exitCode == 0);
 }
+
+namespace {
+
+// `dtrain top` under script(1) (util-linux), which gives it a terminal: the live view, not one frame. script -e
+// returns top's exit status. DTRAIN_TOP_TEST=<tag> marks top's process, which is not in script's process group.
+std::vector<std::string> liveTop(const std::string& runId, int storePort) {
+  return {"/usr/bin/script", "-qefc",
+          fmt::format("{} top {} --rdzv-endpoint 127.0.0.1:{} --interval 200ms", dtrainBinary(), runId, storePort),
+          "/dev/null"};
+}
+
+}  // namespace
+
+TEST_CASE("live dtrain top shows a node that joins an elastic job after top started, and exits 10 when the job "
+          "ends") {
+  // top read the list of agents once, at start: a node that joined later never appeared.
+  if (!installed("/usr/bin/script")) {
+    MESSAGE("script not installed (Debian package util-linux): the live view was not tested");
+    return;
+  }
+  const std::string id = uniqueRunId("top-grow");
+  KillByRunId cleanup{id};
+  const int storePort = freePort();
+  auto agent = [&](int nodeRank) {
+    return runArgs({"--nnodes", "1:2", "--nproc-per-node", "1", "--node-rank", std::to_string(nodeRank),
+                    "--rdzv-endpoint", fmt::format("127.0.0.1:{}", storePort), "--rdzv-id", id, "--rdzv-last-call",
+                    "1s", "--heartbeat-timeout", "10s", "--shutdown-timeout", "2s", "--metrics-port", "0", "--", "sh",
+                    "-c", "exec sleep 600"});
+  };
+  Background node0(agent(0));
+  const int port0 = portFromLine(node0.waitForLine("serving Prometheus metrics on", 60s, /*fromStderr=*/true));
+  Background top(liveTop(id, storePort), {.env = {{"DTRAIN_TOP_TEST", id}}});
+  top.waitForLine(fmt::format("node 0 at 127.0.0.1:{}: round 0, restarts 0, 1 worker(s) running", port0), 60s);
+
+  Background node1(agent(1));
+  const int port1 = portFromLine(node1.waitForLine("serving Prometheus metrics on", 60s, /*fromStderr=*/true));
+  // The job re-forms with both nodes (round 1); top's frames list the new agent and its node row.
+  // (An agent that does not host the store publishes its host name.)
+  const std::string row = top.waitForLine(fmt::format(":{}: round 1, restarts 0, 1 worker(s) running", port1), 60s);
+  CHECK_MESSAGE(row.find("  node 1 at ") != std::string::npos, row);
+  top.waitForLine("(2 agent(s)", 10s);
+
+  // The job ends: the live view says so under its last frame and exits 10 (not "no answer" forever).
+  node1.signal(SIGTERM);
+  node0.signal(SIGTERM);
+  auto r1 = node1.wait(60s);
+  auto r0 = node0.wait(60s);
+  CHECK(r0.exitCode == 128 + SIGTERM);
+  auto t = top.wait(60s);
+  INFO(t.out);
+  CHECK_FALSE(t.timedOut);
+  CHECK(t.exitCode == 10);
+  const bool endSeen = t.out.find(fmt::format("dtrain top: run {} has ended: shutdown", id)) != std::string::npos ||
+                       t.out.find(fmt::format("dtrain top: run {} is not running: its store at 127.0.0.1:{} does not "
+                                              "answer",
+                                              id, storePort)) != std::string::npos;
+  CHECK(endSeen);
+  for (pid_t pid : processesWithEnv("DTRAIN_TOP_TEST", id)) CHECK(waitForExit(pid, 10s));
+  CHECK(processesWithRunId(id).empty());
+}
+
+TEST_CASE("dtrain top on a finished --standalone run says that the job is not running and exits 10") {
+  // It failed on the token file the run had logged (removed with the store: exit 3), or said "no answer".
+  const std::string id = uniqueRunId("top-over");
+  KillByRunId cleanup{id};
+  auto r = run(runArgs({"--standalone", "--rdzv-id", id, "--metrics-port", "0", "--", "true"}), {.timeout = 60s});
+  REQUIRE(r.exitCode == 0);
+  std::smatch m;
+  REQUIRE_MESSAGE(std::regex_search(r.err, m,
+                                    std::regex(R"(watch the job with: dtrain top \S+ --rdzv-endpoint (\S+) )"
+                                               R"(--rdzv-token-file (\S+))")),
+                  r.err);
+  const std::string endpoint = m[1], tokenFile = m[2];
+  for (const auto& extra : {std::vector<std::string>{"--rdzv-token-file", tokenFile}, std::vector<std::string>{}}) {
+    std::vector<std::string> args{dtrainBinary(), "top", id, "--rdzv-endpoint", endpoint, "--once"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    auto top = run(args, {.timeout = 30s});
+    INFO(top.out, top.err);
+    CHECK(top.exitCode == 10);
+    CHECK(top.out.find(fmt::format("dtrain top: run {} is not running: its store at {} does not answer (", id,
+                                   endpoint)) != std::string::npos);
+    CHECK(top.out.find("the run has ended or has not started") != std::string::npos);
+  }
+}
+
+TEST_CASE("dtrain top on a finished run whose store lives on reads the job's outcome from it and exits 10") {
+  const int storePort = freePort();
+  Background store({dtrainBinary(), "store", "--host", "127.0.0.1", "--port", std::to_string(storePort)});
+  store.waitForLine("listening on", 30s);
+  const std::string endpoint = fmt::format("127.0.0.1:{}", storePort);
+  auto job = [&](const std::string& id, const std::string& script) {
+    return runArgs({"--rdzv-backend", "store", "--rdzv-endpoint", endpoint, "--rdzv-id", id, "--metrics-port", "0",
+                    "--shutdown-timeout", "2s", "--", "sh", "-c", script});
+  };
+  auto top = [&](const std::string& id) {
+    return run({dtrainBinary(), "top", id, "--rdzv-endpoint", endpoint, "--once"}, {.timeout = 30s});
+  };
+  SUBCASE("completed") {
+    const std::string id = uniqueRunId("top-done");
+    REQUIRE(run(job(id, "true"), {.timeout = 60s}).exitCode == 0);
+    auto t = top(id);
+    INFO(t.out, t.err);
+    CHECK(t.exitCode == 10);  // it used to print "agent ...: no answer (connection refused)" and exit 0
+    CHECK(t.out == fmt::format("dtrain top: run {} has ended: it completed (exit code 0)\n", id));
+  }
+  SUBCASE("failed") {
+    const std::string id = uniqueRunId("top-failed");
+    REQUIRE(run(job(id, "exit 3"), {.timeout = 60s}).exitCode == 3);
+    auto t = top(id);
+    INFO(t.out, t.err);
+    CHECK(t.exitCode == 10);
+    CHECK(t.out.find(fmt::format("dtrain top: run {} has ended: failed (exit code 3)", id)) != std::string::npos);
+  }
+  SUBCASE("its agent was killed: no end recorded") {
+    const std::string id = uniqueRunId("top-killed");
+    KillByRunId cleanup{id};
+    Background agent(job(id, "exec sleep 600"));
+    const int port = portFromLine(agent.waitForLine("serving Prometheus metrics on", 60s, /*fromStderr=*/true));
+    auto live = top(id);
+    CHECK(live.exitCode == 0);
+    CHECK(live.out.find(fmt::format(":{}: round 0", port)) != std::string::npos);
+    agent.signal(SIGKILL);
+    CHECK(agent.wait(30s).exitCode == 128 + SIGKILL);
+    auto t = top(id);
+    INFO(t.out, t.err);
+    CHECK(t.exitCode == 10);
+    CHECK(t.out.find(fmt::format("dtrain top: run {} is not running: none of its agents answers (", id)) !=
+          std::string::npos);
+    CHECK(t.out.find(fmt::format(":{}: cannot connect", port)) != std::string::npos);
+    CHECK(t.out.find(fmt::format("and its store at {} records no end of the job", endpoint)) != std::string::npos);
+  }
+  store.signal(SIGTERM);
+  CHECK_FALSE(store.wait(30s).timedOut);
+}

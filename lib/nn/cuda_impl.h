@@ -25,14 +25,16 @@ struct OptimizerSpec;
 
 namespace cuda {
 
-// A CUDA layer that takes over the residual add of the in-place block before it (the block's fuseWithNext; docs/
-// gpu.md "Fused residual + LayerNorm"): the layernorm. *residual is the block's x of its last forward; the block
-// then leaves f (its last child's output) in its output y, and this layer's forward, given that y as its x, first
-// makes it x + f in place (the block's full output, which later layers and the block's backward see) and then
-// normalises it. Called once at build.
+// A CUDA layer that takes over the residual add of the in-place block before it (the block's fuseWithNext, by
+// nn::residualAddFusesInto; docs/gpu.md "Fused residual + LayerNorm"): the layernorm, or a block whose first child is
+// a layernorm (it hands the add to that child). *residual is the previous block's x of its last forward; that block
+// then leaves f (its last child's output) in its output y, and this layer's forward, given that y as its x (the
+// block: its first child, given that x first, before anything else reads it), makes it x + f in place (the previous
+// block's full output, which later readers of that buffer and every backward see) and then normalises it. Returns
+// false, taking nothing, when this layer cannot take it. Called once at build; the pair runs in order.
 class ResidualAddTaker {
  public:
-  virtual void takeResidualAdd(const float* const* residual) = 0;
+  virtual bool takeResidualAdd(const float* const* residual) = 0;
 
  protected:
   ~ResidualAddTaker() = default;

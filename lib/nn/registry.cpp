@@ -104,6 +104,18 @@ bool blockAddsInPlace(const LayerSpec& block) {
          block.children.back().kind->backwardIgnoresOutput;
 }
 
+bool residualAddFusesInto(const LayerSpec& producer, const LayerSpec& consumer) {
+  if (producer.type() != "block" || !blockAddsInPlace(producer)) return false;
+  if (consumer.type() == "layernorm") return true;
+  return consumer.type() == "block" && !consumer.children.empty() && consumer.children.front().type() == "layernorm";
+}
+
+int residualLayerNormPairs(std::span<const LayerSpec> sequence) {
+  int pairs = 0;
+  for (size_t i = 0; i + 1 < sequence.size(); ++i) pairs += residualAddFusesInto(sequence[i], sequence[i + 1]) ? 1 : 0;
+  return pairs;
+}
+
 int64_t keptFloatsOf(const LayerSpec& spec, const MemoryTarget& target) {
   return spec.kind != nullptr && spec.kind->keptFloats != nullptr ? spec.kind->keptFloats(spec, target) : 0;
 }

@@ -193,6 +193,18 @@ void applyBf16Storage(std::span<const std::unique_ptr<Layer>> layers, const std:
 // this drops attention's and c_proj's outputs: 2 x [rows, C] floats per layer.
 bool blockAddsInPlace(const LayerSpec& block);
 
+// The fused residual + LayerNorm of GPU models (docs/gpu.md "Fused residual + LayerNorm"): whether `producer`'s
+// residual add is handed to `consumer`, the next layer of the same sequence (a model's layers): producer is a block
+// that adds in place (blockAddsInPlace: its forward can leave f in its output) and consumer either a layernorm or a
+// block whose first child is a layernorm (that child reads the consumer block's input, producer's output, before
+// anything else does, and takes the add: cuda::ResidualAddTaker). The rule of the CUDA blocks' pairing
+// (Layer::fuseWithNext, with nn::residualLayerNormFusionOn); pure, no device needed. A GPT (gpt_preset.cpp) pairs
+// every one of its 2 n_layer blocks: with the next block's ln_1 / ln_2, the last with ln_f.
+bool residualAddFusesInto(const LayerSpec& producer, const LayerSpec& consumer);
+// How many consecutive pairs of `sequence` (a model's layers) residualAddFusesInto fuses: the residual adds a GPU
+// model with the fusion on does inside a LayerNorm's kernel per forward.
+int residualLayerNormPairs(std::span<const LayerSpec> sequence);
+
 // Whether spec's layer, or a layer inside it (a block's children), draws random numbers in training (dropout).
 bool drawsRandom(const LayerSpec& spec);
 

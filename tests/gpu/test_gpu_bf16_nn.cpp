@@ -28,6 +28,7 @@
 #include "lib/nn/loss.h"
 #include "lib/nn/model.h"
 #include "lib/nn/optimizer.h"
+#include "lib/nn/registry.h"
 #include "lib/nn/spec.h"
 #include "tests/gpu/gpu_parity.h"
 
@@ -118,8 +119,9 @@ TEST_CASE("with a GPU: bf16 activation storage leaves a bf16 GPT's steps bit-ide
 }
 
 // The residual add fused into the LayerNorm after each block (docs/gpu.md "Fused residual + LayerNorm"): a GPT's
-// three AdamW steps with the fusion (every block but the last, and the last with ln_f) and without it, bit for bit,
-// in bf16 (with its activation storage: the LayerNorm's bf16 output) and float32, on both attention paths.
+// three AdamW steps with the fusion and without it, bit for bit, in bf16 (with its activation storage: the
+// LayerNorm's bf16 output) and float32, on both attention paths. Fused: all four blocks' adds (residualAddFusesInto),
+// three by the next block's first child (ln_2, the next ln_1, ln_2: the block delegates to it) and the last by ln_f.
 TEST_CASE("with a GPU: the residual add fused into the next LayerNorm leaves a GPT's steps bit-identical") {
   for (bool bf16 : {true, false}) {
     for (AttentionKernel kernel : {AttentionKernel::kMatmul, AttentionKernel::kFused}) {
@@ -129,6 +131,7 @@ TEST_CASE("with a GPU: the residual add fused into the next LayerNorm leaves a G
       const AttentionScope scope(kernel);
       const json spec{{"preset", "gpt"}, {"vocab_size", 50}, {"block_size", 16}, {"n_layer", 2},
                       {"n_head", 4},     {"n_embd", 64},     {"dropout", 0.1}};
+      REQUIRE(residualLayerNormPairs(parseModelSpec(spec, "", "/model").layers) == 4);
       setResidualLayerNormFusion(false);
       const Run off = train(spec, true, true, 50);
       setResidualLayerNormFusion(true);

@@ -329,6 +329,45 @@ TEST_CASE("block in place: the last child writes into y; outputs and gradients b
   }
 }
 
+// The fused residual + LayerNorm's pairing (residualAddFusesInto, the CUDA blocks' rule; docs/gpu.md "Fused
+// residual + LayerNorm"): in a GPT every block hands its residual add to the layernorm after it, ln_2 inside the MLP
+// block, the next layer's ln_1 inside the next attention block, ln_f after the last: 2 n_layer adds per forward
+// (24 at GPT-2 small), not only the last block's with ln_f.
+TEST_CASE("fused residual + LayerNorm pairing: every GPT block hands its add on, also to a block's first child") {
+  for (int layers : {1, 2, 3, 12}) {
+    CAPTURE(layers);
+    for (double dropout : {0.0, 0.1}) {  // dropout ends each block (in place too) and follows the embedding
+      CAPTURE(dropout);
+      json preset = gptPreset(layers, 2, 8, 5, 11);
+      preset["dropout"] = dropout;
+      const ModelSpec spec = parseModelSpec(preset, "job.json", "/model");
+      CHECK(residualLayerNormPairs(spec.layers) == 2 * layers);
+      // Which pairs: each block with the layer after it, nothing before the first block or after ln_f.
+      for (size_t i = 0; i + 1 < spec.layers.size(); ++i) {
+        CAPTURE(i);
+        CHECK(residualAddFusesInto(spec.layers[i], spec.layers[i + 1]) == (spec.layers[i].type() == "block"));
+      }
+    }
+  }
+  const auto layersOf = [](const char* text) {
+    return parseModelSpec(json::parse(text), "job.json", "/model").layers;
+  };
+  // Not in place (relu's derivative reads its output: the block keeps it and adds separately): nothing to hand on.
+  CHECK(residualLayerNormPairs(layersOf(R"({"input": [3, 4], "layers": [
+      {"type": "block", "layers": [{"type": "linear", "out": 4}, {"type": "relu"}]},
+      {"type": "layernorm"}]})")) == 0);
+  // A block whose first child is not a layernorm cannot take it; a flatten between them breaks the pair.
+  CHECK(residualLayerNormPairs(layersOf(R"({"input": [3, 4], "layers": [
+      {"type": "block", "layers": [{"type": "layernorm"}, {"type": "linear", "out": 4}]},
+      {"type": "block", "layers": [{"type": "linear", "out": 4}, {"type": "layernorm"}]},
+      {"type": "flatten"}, {"type": "layernorm"}]})")) == 0);
+  // A lone layernorm is no producer; an in-place block straight after another pairs.
+  CHECK(residualLayerNormPairs(layersOf(R"({"input": [3, 4], "layers": [
+      {"type": "layernorm"},
+      {"type": "block", "layers": [{"type": "layernorm"}, {"type": "linear", "out": 4}]},
+      {"type": "block", "layers": [{"type": "layernorm"}, {"type": "linear", "out": 4}]}]})")) == 1);
+}
+
 // LayerKind::backwardIgnoresOutput is a promise: such a layer's backward gives the same bits with y overwritten
 // (as an in-place block overwrites it). relu, whose derivative is read from y, is the control.
 TEST_CASE("backwardIgnoresOutput: the flagged kinds' backward does not read y") {

@@ -151,8 +151,9 @@ class Flatten final : public Layer {
   size_t numel_;
 };
 
-// Fused after an in-place block (ResidualAddTaker, cuda_impl.h): forward first adds the block's x into its own x
-// (the block's output, holding f) in place, in the same kernel (kernels::residualLayerNormForward).
+// Fused after an in-place block (ResidualAddTaker, cuda_impl.h; directly, or as the first child of the block after
+// it): forward first adds that block's x into its own x (the block's output, holding f) in place, in the same kernel
+// (kernels::residualLayerNormForward).
 class LayerNorm final : public Layer, public ResidualAddTaker {
  public:
   LayerNorm(const LayerSpec& spec, const LayerBuild& build)
@@ -172,7 +173,10 @@ class LayerNorm final : public Layer, public ResidualAddTaker {
     bf16Output_ = output;
   }
 
-  void takeResidualAdd(const float* const* residual) override { residual_ = residual; }
+  bool takeResidualAdd(const float* const* residual) override {
+    residual_ = residual;
+    return true;
+  }
 
   void forward(const float* x, float* y, int batch, bool) override {
     const float eps = static_cast<float>(spec().eps);

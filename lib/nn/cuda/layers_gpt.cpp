@@ -409,7 +409,7 @@ class LmHead final : public Layer {
 // gradients between them live in the block's own device buffers; with bf16 storage (LayerBuild::bf16) a child's
 // output that only the next child's bf16 GEMMs read is a bf16 buffer of half the size (registry.h
 // storesBf16Between: ln_1 -> attention, ln_2 -> c_fc, gelu -> c_proj in a GPT block).
-class Block final : public Layer {
+class Block final : public Layer, public ResidualAddTaker {
  public:
   Block(const LayerSpec& spec, const LayerBuild& build)
       : Layer(spec, build.device), inPlace_(blockAddsInPlace(spec)), scratch_(build.scratch) {
@@ -464,16 +464,29 @@ class Block final : public Layer {
     for (auto& c : children_) c->reseed(detail::mixSeed(seed, salt), detail::mixSeed(position, salt));
   }
 
-  // An in-place block followed by a layernorm hands it the add (docs/gpu.md "Fused residual + LayerNorm"): forward
-  // then leaves f in y and the layernorm's kernel makes y = x + f as it normalises it, the same bits as k::add then
-  // the LayerNorm. Model runs the pair in order (Layer::fuseWithNext); this block's backward reads neither y nor f.
+  // An in-place block followed by a layernorm, or by a block whose first child is one (residualAddFusesInto), hands
+  // it the add (docs/gpu.md "Fused residual + LayerNorm"): forward then leaves f in y and the layernorm's kernel
+  // makes y = x + f as it normalises it, the same bits as k::add then the LayerNorm. Model runs the pair in order
+  // (Layer::fuseWithNext); this block's backward reads neither y nor f.
   bool fuseWithNext(Layer& next) override {
-    if (!inPlace_ || !residualLayerNormFusionOn()) return false;
+    if (!residualLayerNormFusionOn() || !residualAddFusesInto(spec(), next.spec())) return false;
+    // The rule is the spec's, so that a model's count of fused adds is residualLayerNormPairs of its layers.
     auto* taker = dynamic_cast<ResidualAddTaker*>(&next);
-    if (taker == nullptr) return false;
-    taker->takeResidualAdd(&x_);
+    const bool taken = taker != nullptr && taker->takeResidualAdd(&x_);
+    DTRAIN_CHECK(taken, "{}: the '{}' after it did not take its residual add (residualAddFusesInto)", spec().path,
+                 next.spec().type());
     addFused_ = true;
     return true;
+  }
+
+  // The previous block's add, for this block's first child (residualAddFusesInto: a layernorm). That child runs
+  // first in forward, on this block's x (the previous block's y): it stores x_prev + f there before this block's own
+  // residual add (or the next layer's fused one) reads x, and its backward, this block's residual gradient and the
+  // previous block's backward (which reads neither its y nor f) see only the stored sums.
+  bool takeResidualAdd(const float* const* residual) override {
+    if (children_.empty() || spec().children.front().type() != "layernorm") return false;
+    auto* taker = dynamic_cast<ResidualAddTaker*>(children_.front().get());
+    return taker != nullptr && !children_.front()->aliasesInput() && taker->takeResidualAdd(residual);
   }
 
   // In place (blockAddsInPlace), the last child writes f into y and k::add(x, y, y) makes it x + f: the same float

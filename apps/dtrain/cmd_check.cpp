@@ -13,6 +13,30 @@
 
 namespace dtrain::app {
 
+namespace {
+
+// Everything `dtrain check` checks and prints once the job loaded.
+int checkLoaded(const train::Job& job, int world) {
+  for (const auto& w : job.parallel.warnings) fmt::print(stderr, "warning: {}\n", w);
+  // A GPU job is often checked on a machine without one (a login node): say what `dtrain run` here would do
+  // instead of a silent OK, without refusing a job that is fine for the machine it is meant for.
+  if (job.device.isCuda()) {
+    try {
+      train::checkGpusForWorkers(job, 1, launch::visibleGpuCount());
+    } catch (const ConfigError& e) {
+      fmt::print(stderr, "warning: not on this machine: {} (dtrain run here would refuse it, exit 2)\n", e.what());
+    }
+  }
+  // The layout is worked out before anything is printed: a world the layout rejects must not print "OK".
+  std::string layout;
+  if (world > 0 && job.parallel.strategy == "parameter_server") layout = train::describePsPlacement(job, world);
+  else if (world > 0) layout = train::describeLayout(job, world);
+  fmt::print("{}{}", train::checkJob(job), layout);
+  return 0;
+}
+
+}  // namespace
+
 void addCheckCommand(CLI::App& root, Action& action) {
   auto args = std::make_shared<train::JobArgs>();
   auto* sub = root.add_subcommand("check", "Validate a job file and print the model summary");
@@ -24,22 +48,11 @@ void addCheckCommand(CLI::App& root, Action& action) {
   sub->callback([&action, args, world] {
     action = [args, world] {
       const train::Job job = train::loadJob(*args);
-      for (const auto& w : job.parallel.warnings) fmt::print(stderr, "warning: {}\n", w);
-      // A GPU job is often checked on a machine without one (a login node): say what `dtrain run` here would do
-      // instead of a silent OK, without refusing a job that is fine for the machine it is meant for.
-      if (job.device.isCuda()) {
-        try {
-          train::checkGpusForWorkers(job, 1, launch::visibleGpuCount());
-        } catch (const ConfigError& e) {
-          fmt::print(stderr, "warning: not on this machine: {} (dtrain run here would refuse it, exit 2)\n", e.what());
-        }
+      try {
+        return checkLoaded(job, *world);
+      } catch (const ConfigError& e) {
+        throw train::withSetsNamed(e, job.sourceFile, job.sets);  // a --set behind a layout or memory error
       }
-      // The layout is worked out before anything is printed: a world the layout rejects must not print "OK".
-      std::string layout;
-      if (*world > 0 && job.parallel.strategy == "parameter_server") layout = train::describePsPlacement(job, *world);
-      else if (*world > 0) layout = train::describeLayout(job, *world);
-      fmt::print("{}{}", train::checkJob(job), layout);
-      return 0;
     };
   });
 }

@@ -46,6 +46,66 @@ std::shared_ptr<RunArgs>& runArgs() {
   return args;
 }
 
+// The checks of a job against this launch (world, layout, memory, data, folders, checkpoint, GPUs), before any
+// store or worker exists.
+void checkJobForLaunch(const std::optional<train::Job>& job, launch::LaunchOptions& o) {
+  if (job && job->parallel.ps) {
+    // Parameter servers are ranks of the world: they must leave at least one rank to train (known here when the
+    // node count is fixed and the nodes are alike; the trainer checks the world it gets in any case).
+    o.psServers = job->parallel.ps->servers;
+    o.psWorkersExpendable = job->parallel.ps->mode != "sync";
+    const int world = o.minNodes * o.nproc;
+    DTRAIN_CHECK_AS(ConfigError, o.minNodes != o.maxNodes || o.psServers < world,
+                    "{}: /parallel/servers: {} server(s) but this launch makes {} rank(s) (--nnodes {} x "
+                    "--nproc-per-node {}); expected servers < world size, so that at least one rank trains",
+                    job->sourceFile, o.psServers, world, o.minNodes, o.nproc);
+  }
+  if (job) {
+    for (const auto& w : job->parallel.warnings) fmt::print(stderr, "dtrain run: warning: {}\n", w);
+    // The rank grid must divide the world (known here when the node count is fixed and nodes are alike).
+    if (o.minNodes == o.maxNodes) train::resolveLayout(job->parallel, o.minNodes * o.nproc, job->sourceFile);
+    // Elastic: node counts whose world the grid (or the servers) cannot use. None usable: refused now. Some: the
+    // rendezvous never forms a round of such a count (it takes the largest usable one; the other nodes wait as
+    // spares), and the launch says so before any node waits.
+    if (o.minNodes < o.maxNodes) {
+      const auto [checked, unusable] = train::unusableNodeCounts(job->parallel, o.minNodes, o.maxNodes, o.nproc,
+                                                                 o.psServers, job->sourceFile);
+      for (const auto& u : unusable) o.unusableNodes.push_back(u.first);
+      if (!unusable.empty()) {
+        std::vector<int> counts;
+        for (const auto& u : unusable)
+          if (counts.size() < 10) counts.push_back(u.first);
+        const std::string more =
+            unusable.size() > counts.size() ? fmt::format(", ... ({} of the {} counts)", unusable.size(), checked) : "";
+        DTRAIN_CHECK_AS(ConfigError, static_cast<int>(unusable.size()) < checked,
+                        "--nnodes {}: no node count in {}..{} gives a world this job can use (x --nproc-per-node "
+                        "{}); e.g. {} node(s): {}",
+                        o.nnodesText, o.minNodes, o.maxNodes, o.nproc, unusable.front().first, unusable.front().second);
+        fmt::print(stderr,
+                   "dtrain run: warning: --nnodes {}: the world of {} node(s) cannot run this job, so no round forms "
+                   "with that many: a round takes the largest usable count of the nodes that joined and the others "
+                   "wait as spares; e.g. {} node(s): {}\n",
+                   o.nnodesText, fmt::format("{}{}", fmt::join(counts, ", "), more), unusable.front().first,
+                   unusable.front().second);
+      }
+    }
+    auto machine = train::readMachineMemory();
+    // A batch holds at most a data set: its size, unknown for files until the probe, bounds the activations.
+    train::checkJobFitsMemory(*job, o.nproc, machine, std::nullopt, o.minNodes, train::specSamples(*job).value_or(1));
+    const train::DataCheck data = train::checkJobData(*job);
+    train::checkJobFitsMemory(*job, o.nproc, machine, data.bytes, o.minNodes, data.samples);
+    // The output and checkpoint folders must be usable (exit 2), and the checkpoint the workers would resume from
+    // must be this model's (exit 8): here, not in every worker after the rendezvous (or at the first checkpoint,
+    // an epoch later), where each restart would fail the same way.
+    train::checkOutputDirs(*job);
+    train::checkResumeCheckpoint(*job);
+    train::checkInitWeights(*job);
+    // "device": "cuda": one visible GPU per local worker, checked here so the error comes before any worker. The
+    // agent counts without starting CUDA (it forks workers later): CUDA_VISIBLE_DEVICES, else the driver's /proc.
+    if (job->device.isCuda()) train::checkGpusForWorkers(*job, o.nproc, launch::visibleGpuCount());
+  }
+}
+
 int runCommand(RunArgs& a, bool programAfterDashes) {
   auto& o = a.opts;
   // Inside a Slurm allocation, what the user did not give comes from Slurm (lib/launch/slurm.h).
@@ -103,60 +163,11 @@ int runCommand(RunArgs& a, bool programAfterDashes) {
   // Every local worker builds the whole model and its batch: refuse a job that cannot fit before any starts.
   // ... and whose data is broken or does not fit the model: headers, sizes and labels are checked here, in
   // milliseconds, instead of in every worker after the rendezvous.
-  if (job && job->parallel.ps) {
-    // Parameter servers are ranks of the world: they must leave at least one rank to train (known here when the
-    // node count is fixed and the nodes are alike; the trainer checks the world it gets in any case).
-    o.psServers = job->parallel.ps->servers;
-    o.psWorkersExpendable = job->parallel.ps->mode != "sync";
-    const int world = o.minNodes * o.nproc;
-    DTRAIN_CHECK_AS(ConfigError, o.minNodes != o.maxNodes || o.psServers < world,
-                    "{}: /parallel/servers: {} server(s) but this launch makes {} rank(s) (--nnodes {} x "
-                    "--nproc-per-node {}); expected servers < world size, so that at least one rank trains",
-                    job->sourceFile, o.psServers, world, o.minNodes, o.nproc);
-  }
-  if (job) {
-    for (const auto& w : job->parallel.warnings) fmt::print(stderr, "dtrain run: warning: {}\n", w);
-    // The rank grid must divide the world (known here when the node count is fixed and nodes are alike).
-    if (o.minNodes == o.maxNodes) train::resolveLayout(job->parallel, o.minNodes * o.nproc, job->sourceFile);
-    // Elastic: node counts whose world the grid (or the servers) cannot use. None usable: refused now. Some: the
-    // rendezvous never forms a round of such a count (it takes the largest usable one; the other nodes wait as
-    // spares), and the launch says so before any node waits.
-    if (o.minNodes < o.maxNodes) {
-      const auto [checked, unusable] = train::unusableNodeCounts(job->parallel, o.minNodes, o.maxNodes, o.nproc,
-                                                                 o.psServers, job->sourceFile);
-      for (const auto& u : unusable) o.unusableNodes.push_back(u.first);
-      if (!unusable.empty()) {
-        std::vector<int> counts;
-        for (const auto& u : unusable)
-          if (counts.size() < 10) counts.push_back(u.first);
-        const std::string more =
-            unusable.size() > counts.size() ? fmt::format(", ... ({} of the {} counts)", unusable.size(), checked) : "";
-        DTRAIN_CHECK_AS(ConfigError, static_cast<int>(unusable.size()) < checked,
-                        "--nnodes {}: no node count in {}..{} gives a world this job can use (x --nproc-per-node "
-                        "{}); e.g. {} node(s): {}",
-                        o.nnodesText, o.minNodes, o.maxNodes, o.nproc, unusable.front().first, unusable.front().second);
-        fmt::print(stderr,
-                   "dtrain run: warning: --nnodes {}: the world of {} node(s) cannot run this job, so no round forms "
-                   "with that many: a round takes the largest usable count of the nodes that joined and the others "
-                   "wait as spares; e.g. {} node(s): {}\n",
-                   o.nnodesText, fmt::format("{}{}", fmt::join(counts, ", "), more), unusable.front().first,
-                   unusable.front().second);
-      }
-    }
-    auto machine = train::readMachineMemory();
-    // A batch holds at most a data set: its size, unknown for files until the probe, bounds the activations.
-    train::checkJobFitsMemory(*job, o.nproc, machine, std::nullopt, o.minNodes, train::specSamples(*job).value_or(1));
-    const train::DataCheck data = train::checkJobData(*job);
-    train::checkJobFitsMemory(*job, o.nproc, machine, data.bytes, o.minNodes, data.samples);
-    // The output and checkpoint folders must be usable (exit 2), and the checkpoint the workers would resume from
-    // must be this model's (exit 8): here, not in every worker after the rendezvous (or at the first checkpoint,
-    // an epoch later), where each restart would fail the same way.
-    train::checkOutputDirs(*job);
-    train::checkResumeCheckpoint(*job);
-    train::checkInitWeights(*job);
-    // "device": "cuda": one visible GPU per local worker, checked here so the error comes before any worker. The
-    // agent counts without starting CUDA (it forks workers later): CUDA_VISIBLE_DEVICES, else the driver's /proc.
-    if (job->device.isCuda()) train::checkGpusForWorkers(*job, o.nproc, launch::visibleGpuCount());
+  try {
+    checkJobForLaunch(job, o);
+  } catch (const ConfigError& e) {
+    if (!job) throw;
+    throw train::withSetsNamed(e, job->sourceFile, job->sets);  // a --set behind a world, memory or data error
   }
   if (a.dryRun) {
     for (const auto& line : slurmLines) fmt::print("{}\n", line);

@@ -22,6 +22,12 @@
 
 namespace dtrain::nn {
 
+namespace {
+// n_layer's limit (docs/model-spec.md): GPT-3 175B has 96 layers; 100000 used to expand and build for minutes
+// before a memory check could refuse it.
+constexpr int64_t kMaxGptLayers = 1024;
+}  // namespace
+
 nlohmann::json expandGptPreset(const nlohmann::json& model, const std::string& sourceFile,
                                const std::string& jsonPathPrefix) {
   using nlohmann::json;
@@ -41,9 +47,43 @@ nlohmann::json expandGptPreset(const nlohmann::json& model, const std::string& s
   const int64_t embd = positiveInt("n_embd", 768);
   const double dropout = f.number("dropout", 0.0, "a probability in [0, 1)", [](double v) { return v >= 0 && v < 1; });
   const bool bias = f.boolean("bias", true);
+  if (layers > kMaxGptLayers)
+    f.failAt("n_layer", fmt::format("{} is more than the supported {} layers", layers, kMaxGptLayers));
   if (embd % heads != 0)
     f.failAt("n_head", fmt::format("n_embd {} is not divisible by n_head {} (each head takes n_embd / n_head columns)",
                                    embd, heads));
+  if (f.has("name")) (void)f.string("name");
+  // The limits every model obeys (docs/model-spec.md "Limits"), checked here against the fields the user wrote:
+  // checked on the expanded layers, they named a layer the user never wrote (/model/layers/1/layers/2). Every
+  // value is at most kMaxSampleNumel (2^30), so each product below fits in an int64.
+  const int64_t mlpParams = 4 * embd * embd + (bias ? 4 * embd : 0);
+  if (vocab * embd + block * embd > kMaxParams)
+    f.failAt(vocab >= block ? "vocab_size" : "block_size",
+             fmt::format("the embedding (vocab_size {} + block_size {}) x n_embd {} has {} parameters, more than the "
+                         "supported {} per layer ({} GiB as float32)",
+                         vocab, block, embd, (vocab + block) * embd, kMaxParams, (kMaxParams * 4) >> 30));
+  if (mlpParams > kMaxParams)
+    f.failAt("n_embd", fmt::format("{}: each block's MLP (mlp.c_fc, 4 x n_embd x n_embd) has {} parameters, more "
+                                   "than the supported {} per layer ({} GiB as float32)",
+                                   embd, mlpParams, kMaxParams, (kMaxParams * 4) >> 30));
+  if (block * vocab > kMaxSampleNumel)
+    f.failAt(vocab >= block ? "vocab_size" : "block_size",
+             fmt::format("the logits of a sample (block_size {} x vocab_size {}) have {} values, more than the "
+                         "supported {} per sample",
+                         block, vocab, block * vocab, kMaxSampleNumel));
+  if (block * 4 * embd > kMaxSampleNumel)
+    f.failAt(embd * 4 >= block ? "n_embd" : "block_size",
+             fmt::format("the MLP activations of a sample (block_size {} x 4 x n_embd {}) have {} values, more than "
+                         "the supported {} per sample",
+                         block, embd, block * 4 * embd, kMaxSampleNumel));
+  // V·C + T·C + L·(12C² + 13C) + 2C with biases (docs/model-spec.md); in double, as L·12C² can pass 2^63.
+  const double c = static_cast<double>(embd);
+  const double total = static_cast<double>(vocab + block) * c +
+                       static_cast<double>(layers) * (12 * c * c + (bias ? 13 : 2) * c) + (bias ? 2 : 1) * c;
+  if (total > static_cast<double>(kMaxParams))
+    f.fail(fmt::format("the gpt preset (vocab_size {}, block_size {}, n_layer {}, n_embd {}) has {:.0f} parameters, "
+                       "more than the supported {} ({} GiB as float32)",
+                       vocab, block, layers, embd, total, kMaxParams, (kMaxParams * 4) >> 30));
 
   constexpr double kStd = 0.02;
   const double projStd = kStd / std::sqrt(2.0 * static_cast<double>(layers));

@@ -97,11 +97,25 @@ int64_t ModelSpec::paramCount() const {
 ModelSpec parseModelSpec(const nlohmann::json& model, const std::string& sourceFile,
                          const std::string& jsonPathPrefix) {
   if (model.is_object() && model.contains("preset")) {
-    ModelSpec spec = parseModelSpec(expandGptPreset(model, sourceFile, jsonPathPrefix), sourceFile, jsonPathPrefix);
-    return spec;
+    nlohmann::json expanded = expandGptPreset(model, sourceFile, jsonPathPrefix);
+    try {
+      return parseModelSpec(expanded, sourceFile, jsonPathPrefix);
+    } catch (const ConfigError& e) {
+      // expandGptPreset checks what the expansion's layers would refuse, naming the preset's fields; a check it
+      // does not know of fails on a layer the user never wrote: say so, and name the object the user wrote.
+      const std::string inner = e.what();
+      const std::string prefix = sourceFile + ": ";
+      throw ConfigError(configMessage(sourceFile, jsonPathPrefix.empty() ? "/" : jsonPathPrefix,
+                                      fmt::format("the gpt preset expands to layers that fail a check ({})",
+                                                  inner.compare(0, prefix.size(), prefix) == 0
+                                                      ? inner.substr(prefix.size())
+                                                      : inner)),
+                        e.code());
+    }
   }
   JsonFields m(model, sourceFile, jsonPathPrefix, "the model");
   m.allowOnly({"input", "layers", "name"});
+  if (m.has("name")) (void)m.string("name");  // a label nothing reads, but a label: "name": 5 is a mistake
   ModelSpec spec;
   spec.source = sourceFile;
   spec.path = jsonPathPrefix;

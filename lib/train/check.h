@@ -82,13 +82,16 @@ std::optional<int64_t> specSamples(const Job& job);
 struct MachineMemory {
   int64_t available = 0;
   int64_t total = 0;
+  int64_t addressSpaceLimit = 0;  // this process's RLIMIT_AS (`ulimit -v`) in bytes, inherited by workers; 0: none
 };
+// MemAvailable and MemTotal from `meminfoPath`, and the process's RLIMIT_AS; nullopt when the file has no MemTotal.
 std::optional<MachineMemory> readMachineMemory(const std::string& meminfoPath = "/proc/meminfo");
 
 // ConfigError (exit 2) when localWorkers x estimateMemory(job) exceeds the machine's available memory, naming
 // the estimate and the machine's memory, e.g. "job.json: this job needs about 64 TiB per worker x 2 local
 // workers = 128 TiB, but this machine has 12.3 GiB available (15.5 GiB total); reduce the model, the batch size
-// or --nproc-per-node". No check when the machine's memory is unknown.
+// or --nproc-per-node". No check when the machine's memory is unknown. Also ConfigError when one worker's estimate
+// (or a parameter server's rows) exceeds MachineMemory::addressSpaceLimit (`ulimit -v`), which each worker inherits.
 // `dataBytes`: the datasets' size when known (DataCheck::bytes), else the estimate's own (synthetic data only).
 // `nodes` > 0 (dtrain run's agent: the launch's node count, the smallest of an elastic range): with the
 // parameter-server strategy, up to ceil(servers / nodes) of the local ranks are servers, each holding its rows of

@@ -3,6 +3,7 @@
 #include <fmt/ranges.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstdlib>
 #include <functional>
 
@@ -137,14 +138,14 @@ std::optional<PsSettings> parsePsSettings(const JsonFields& f, const std::string
 void checkPsFitsJob(const Job& job) {
   const std::string& src = job.sourceFile;
   DTRAIN_CHECK_AS(ConfigError, !job.parallel.compression,
-                  "{}: /parallel/compression: not with the parameter-server strategy (workers push float32 "
-                  "partitions; compression applies to ddp)", src);
+                  "{}: /parallel/compression: not with the parameter-server strategy (/parallel/strategy; workers "
+                  "push float32 partitions; compression applies to ddp)", src);
   DTRAIN_CHECK_AS(ConfigError, job.optimizer.clipGradNorm == 0,
-                  "{}: /optimizer/clip_grad_norm: not with the parameter-server strategy (the servers update "
-                  "partitions independently, so no rank sees the global gradient norm); remove it", src);
+                  "{}: /optimizer/clip_grad_norm: not with the parameter-server strategy (/parallel/strategy; the "
+                  "servers update partitions independently, so no rank sees the global gradient norm); remove it", src);
   DTRAIN_CHECK_AS(ConfigError, job.loop.onNonFinite == LoopSettings::OnNonFinite::kStop,
-                  "{}: /train/on_nonfinite: \"skip\" is not available with the parameter-server strategy (the "
-                  "servers apply a gradient as it arrives); use \"stop\"", src);
+                  "{}: /train/on_nonfinite: \"skip\" is not available with the parameter-server strategy "
+                  "(/parallel/strategy; the servers apply a gradient as it arrives); use \"stop\"", src);
 }
 
 // Sparse embeddings keep their table on the parameter servers (docs/parameter_server.md "Sparse embeddings").
@@ -153,7 +154,7 @@ void checkSparseLayers(const Job& job) {
     if (!l.sparse) continue;
     DTRAIN_CHECK_AS(ConfigError, job.parallel.ps.has_value(),
                     "{}: {}/sparse: a sparse embedding keeps its table on parameter servers, so it needs "
-                    "\"parallel\": {{\"strategy\": \"parameter_server\"}} (the strategy is \"{}\"); remove "
+                    "\"parallel\": {{\"strategy\": \"parameter_server\"}} (/parallel/strategy is \"{}\"); remove "
                     "\"sparse\" for a dense table",
                     job.modelSource, l.path, job.parallel.strategy);
   }
@@ -417,22 +418,62 @@ std::string pointerOfMessage(const std::string& message, const std::string& src)
   return end == std::string::npos ? "" : message.substr(start, end - start);
 }
 
-// The --set assignments that wrote at or inside the JSON pointer `pointer`, or into an object above it (the
-// value of `--set optimizer={...}`): "the value given by --set optimizer.lr=-1".
-std::string setsBehind(const std::string& pointer, const std::vector<std::string>& sets) {
+bool isIdentChar(char c) { return std::isalnum(static_cast<unsigned char>(c)) != 0 || c == '_'; }
+
+// `word` occurs in `text` as a whole word (not inside a longer identifier).
+bool mentionsWord(std::string_view text, std::string_view word) {
+  for (size_t at = text.find(word); at != std::string_view::npos; at = text.find(word, at + 1)) {
+    const size_t end = at + word.size();
+    if ((at == 0 || !isIdentChar(text[at - 1])) && (end == text.size() || !isIdentChar(text[end]))) return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+std::string setsBehindError(const std::string& message, const std::string& source,
+                            const std::vector<std::string>& sets) {
   auto within = [](const std::string& inner, const std::string& outer) {
     return inner == outer || (inner.size() > outer.size() && inner.compare(0, outer.size(), outer) == 0 &&
                               inner[outer.size()] == '/');
   };
-  std::vector<std::string> hits;
+  const std::string pointer = pointerOfMessage(message, source);
+  auto section = [](const std::string& p) { return p.substr(0, p.find('/', 1)); };  // "/parallel"
+  auto mentionsPointer = [](const std::string& text, const std::string& p) {
+    for (size_t at = text.find(p); at != std::string::npos; at = text.find(p, at + 1))
+      if (at + p.size() == text.size() || !isIdentChar(text[at + p.size()])) return true;
+    return false;
+  };
+  // The text after "FILE: /pointer: ": what the message says about other fields ("(strategy is \"ddp\")").
+  const std::string text = message.substr(std::min(message.size(), source.size() + pointer.size()));
+  std::vector<std::string> from, with;
   for (const auto& s : sets) {
     const size_t eq = s.find('=');
+    if (eq == std::string::npos || eq == 0) continue;
     std::string setPointer = "/" + s.substr(0, eq);
     std::replace(setPointer.begin(), setPointer.end(), '.', '/');
-    if (within(setPointer, pointer) || within(pointer, setPointer)) hits.push_back("--set " + s);
+    const std::string leaf = setPointer.substr(setPointer.rfind('/') + 1);
+    if (!pointer.empty() && (within(setPointer, pointer) || within(pointer, setPointer)))
+      from.push_back("--set " + s);
+    else if (mentionsPointer(text, setPointer) || text.find("'" + leaf + "'") != std::string::npos ||
+             (section(setPointer) == section(pointer) && !parse::toInt(leaf) && mentionsWord(text, leaf)))
+      with.push_back("--set " + s);
   }
-  return fmt::format("{}", fmt::join(hits, ", "));
+  std::string out;
+  if (!from.empty()) out = fmt::format("from {}", fmt::join(from, ", "));
+  if (!with.empty()) out += fmt::format("{}with {}", out.empty() ? "" : "; ", fmt::join(with, ", "));
+  return out;
 }
+
+ConfigError withSetsNamed(const ConfigError& e, const std::string& source, const std::vector<std::string>& sets) {
+  const std::string named = setsBehindError(e.what(), source, sets);
+  if (named.empty()) return e;
+  ConfigError out(fmt::format("{} ({})", e.what(), named), e.code());
+  out.setWhere(e.where());
+  return out;
+}
+
+namespace {
 
 void parseJobDocument(Job& job, const JobArgs& args, const fs::path& file);
 
@@ -454,13 +495,9 @@ Job loadJob(const JobArgs& args) {
     parseJobDocument(job, args, file);
   } catch (const ConfigError& e) {
     // A value the command line put there is reported as the user typed it, not only as a field of the file.
-    const std::string pointer = pointerOfMessage(e.what(), job.sourceFile);
-    const std::string sets = pointer.empty() ? "" : setsBehind(pointer, args.sets);
-    if (sets.empty()) throw;
-    ConfigError named(fmt::format("{} (from {})", e.what(), sets), e.code());
-    named.setWhere(e.where());
-    throw named;
+    throw withSetsNamed(e, job.sourceFile, args.sets);
   }
+  job.sets = args.sets;
   return job;
 }
 
@@ -473,6 +510,7 @@ void parseJobDocument(Job& job, const JobArgs& args, const fs::path& file) {
   top.allowOnly({"name", "description", "model", "loss", "optimizer", "schedule", "lr_schedule", "data", "train",
                  "parallel", "checkpoint", "init", "output_dir", "device", "logging", "tf32", "precision", "attention"});
   job.name = top.string("name", file.stem().string());
+  if (top.has("description")) (void)top.string("description");  // free text: a number or an object is a mistake
   DTRAIN_CHECK_AS(ConfigError, !job.name.empty() && job.name.find('/') == std::string::npos,
                   "{}: /name: expected a non-empty name without '/', got '{}'", src, job.name);
   ResolvedModel resolved = resolveModel(job.doc, src, job.baseDir);

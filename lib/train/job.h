@@ -14,6 +14,7 @@
 #include <string_view>
 #include <vector>
 
+#include "lib/common/error.h"
 #include "lib/data/spec.h"
 #include "lib/nn/attention_kernel.h"
 #include "lib/nn/loss.h"
@@ -150,6 +151,7 @@ struct Job {
   std::filesystem::path baseDir;    // the job file's folder
   std::string name;                 // "name" or the file's stem
   nlohmann::json doc;               // the job after --set overrides (model inlined)
+  std::vector<std::string> sets;    // the --set assignments applied ("train.epochs=1"), for messages
   nn::ModelSpec model;
   nn::LossSpec loss;
   nn::OptimizerSpec optimizer;
@@ -185,7 +187,20 @@ struct JobArgs {
   std::string outputDir;          // --output-dir; empty: "output_dir" field, else runs/<name>
 };
 
+// Reads and validates the job. A ConfigError about a value a --set put there (or a field a --set replaced the
+// object of) ends with "(from --set optimizer.lr=-1)"; one whose message names a field a --set changed (a
+// cross-field check: "(strategy is \"ddp\")", "/parallel/strategy", "missing required field 'loss'") ends with
+// "(with --set parallel.strategy=ddp)" (withSetsNamed).
 Job loadJob(const JobArgs& args);
+
+// The --set assignments behind a ConfigError message "SOURCE: /pointer: ...": "from --set a=1" for those that
+// wrote at, inside or above the pointer; "with --set b=2" for those whose field the message names (its JSON
+// pointer; its key quoted, 'loss'; or, within the same top-level section, its key as a word); "" for none.
+std::string setsBehindError(const std::string& message, const std::string& source,
+                            const std::vector<std::string>& sets);
+// `e` with " (from --set ...; with --set ...)" appended when setsBehindError names any; else `e` unchanged. For
+// errors found after loadJob too (dtrain check's memory and layout checks), with Job::sets.
+ConfigError withSetsNamed(const ConfigError& e, const std::string& source, const std::vector<std::string>& sets);
 
 // Optimizer steps one epoch takes when a rank holds `samplesPerRank` samples (batch size, drop_last, grad_accum).
 int64_t stepsForSamples(const Job& job, int64_t samplesPerRank);

@@ -111,17 +111,12 @@ const char* sparseOptimizerName(SparseOptimizerType type) {
   return "?";
 }
 
-SparseOptimizerSpec sparseOptimizerFor(const nn::OptimizerSpec& job, bool adagrad, const std::string& where) {
-  // AdamW decays by default (torch's 0.01): a job that only wrote "type": "adamw" was told about a weight_decay
-  // it never set, with nothing saying where the 0.01 came from.
+SparseOptimizerSpec sparseOptimizerFor(const nn::OptimizerSpec& job, bool adagrad, const std::string& where,
+                                       const std::string& context) {
   DTRAIN_CHECK_AS(ConfigError, job.weightDecay == 0,
-                  "{}: weight_decay {} with sparse embeddings (expected 0: torch.optim does not decay sparse "
-                  "gradients){}",
-                  where, job.weightDecay,
-                  job.type == nn::OptimizerType::kAdamW
-                      ? "; adamw's default weight_decay is 0.01: set \"weight_decay\": 0 (or use \"adam\": both map to "
-                        "SparseAdam for the table)"
-                      : "");
+                  "{}/weight_decay: {} with sparse embeddings{} (expected 0: torch.optim does not decay sparse "
+                  "gradients)",
+                  where, job.weightDecay, context);
   SparseOptimizerSpec s;
   s.lr = job.lr;
   if (adagrad || job.type == nn::OptimizerType::kAdagrad) {
@@ -133,12 +128,14 @@ SparseOptimizerSpec sparseOptimizerFor(const nn::OptimizerSpec& job, bool adagra
   }
   if (job.type == nn::OptimizerType::kSgd) {
     DTRAIN_CHECK_AS(ConfigError, job.momentum == 0,
-                    "{}: sgd momentum {} with sparse embeddings (expected 0: torch.optim.SGD has no sparse momentum)",
-                    where, job.momentum);
+                    "{}/momentum: {} with sparse embeddings{} (expected 0: torch.optim.SGD has no sparse momentum)",
+                    where, job.momentum, context);
     s.type = SparseOptimizerType::kSgd;
     return s;
   }
-  DTRAIN_CHECK_AS(ConfigError, !job.amsgrad, "{}: amsgrad with sparse embeddings (SparseAdam has none)", where);
+  DTRAIN_CHECK_AS(ConfigError, !job.amsgrad,
+                  "{}/amsgrad: true with sparse embeddings{} (expected false: SparseAdam has no amsgrad)", where,
+                  context);
   s.type = SparseOptimizerType::kAdam;
   s.beta1 = job.beta1;
   s.beta2 = job.beta2;

@@ -74,9 +74,12 @@ struct SparseOptimizerSpec {
 
 // The sparse counterpart of the job's optimizer: sgd -> kSgd, adam/adamw -> kAdam (SparseAdam), adagrad -> kAdagrad
 // (its lr, eps, lr_decay, initial_accumulator_value); `adagrad` true forces kAdagrad with the job's lr and
-// Adagrad's eps 1e-10. ConfigError naming `where` for momentum or weight decay, which torch does not support with
-// sparse gradients.
-SparseOptimizerSpec sparseOptimizerFor(const nn::OptimizerSpec& job, bool adagrad, const std::string& where);
+// Adagrad's eps 1e-10. ConfigError for momentum, weight decay (adamw's default 0.01 included) or amsgrad, which
+// torch does not support with sparse gradients, naming the field under `where` (the optimizer object, "job.json:
+// /optimizer": "job.json: /optimizer/momentum: 0.9 with sparse embeddings<context> (expected 0: ...)");
+// `context` says which table (" (for the sparse table of /model/layers/0)").
+SparseOptimizerSpec sparseOptimizerFor(const nn::OptimizerSpec& job, bool adagrad, const std::string& where,
+                                       const std::string& context = "");
 
 // One server's rows of one table with their optimizer state.
 class SparseShard {

@@ -22,9 +22,22 @@ std::vector<ps::SparseTableOptions> sparseTableOptions(const Job& job) {
     t.name = fmt::format("{}.wte.weight", l.paramPrefix());  // as nn::Model::sparseTables() names it
     // One stream per table, fixed by the job's seed (splitmix64's increment keeps neighbouring layers apart).
     t.seed = job.loop.seed + 0x9E3779B97F4A7C15ULL * static_cast<uint64_t>(l.index + 1);
-    t.optimizer = ps::sparseOptimizerFor(
-        job.optimizer, false, fmt::format("{}: /optimizer (for the sparse table of {}{})", job.sourceFile,
-                                                 job.modelSource == job.sourceFile ? "" : job.modelSource + ": ", l.path));
+    const std::string context = fmt::format(" (for the sparse table of {}{})",
+                                            job.modelSource == job.sourceFile ? "" : job.modelSource + ": ", l.path);
+    // AdamW decays by default (torch's 0.01): a job that only wrote (or --set) "type": "adamw" is told so at the
+    // field that brought the 0.01.
+    bool decayGiven = false;
+    if (auto it = job.doc.find("optimizer"); it != job.doc.end() && it->is_object()) {
+      auto decay = it->find("weight_decay");
+      decayGiven = decay != it->end() && !decay->is_null();
+    }
+    DTRAIN_CHECK_AS(ConfigError,
+                    job.optimizer.type != nn::OptimizerType::kAdamW || decayGiven || job.optimizer.weightDecay == 0,
+                    "{}: /optimizer/type: \"adamw\" decays by default (weight_decay {}), and sparse embeddings take "
+                    "no weight decay{} (torch.optim does not decay sparse gradients): set \"weight_decay\": 0, or "
+                    "use \"adam\" (both map to SparseAdam for the table)",
+                    job.sourceFile, job.optimizer.weightDecay, context);
+    t.optimizer = ps::sparseOptimizerFor(job.optimizer, false, fmt::format("{}: /optimizer", job.sourceFile), context);
     out.push_back(t);
   }
   return out;

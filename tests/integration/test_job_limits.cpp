@@ -118,6 +118,45 @@ TEST_CASE("a job that cannot fit in this machine's memory is refused by check an
   }
 }
 
+// A GPT far larger than the process may hold: `dtrain check` built the model to print its summary, which took 53 s
+// and under `ulimit -v 4000000` died of std::bad_alloc (exit 1, "internal error"). n_layer 100000 expanded and
+// built for minutes.
+TEST_CASE("dtrain check of a big GPT under ulimit -v: exit 2 with the estimate and the limit, no allocation") {
+  std::string dir = tempDir("gpt_limit");
+  std::string text;
+  for (int i = 0; i < 200; ++i) text += "the quick brown fox jumps over the lazy dog. ";
+  writeFile(dir + "/text.txt", text);
+  const json doc = json::parse(R"({
+    "model": {"preset": "gpt", "vocab_size": 256, "block_size": 16, "n_layer": 1, "n_head": 8, "n_embd": 8000},
+    "loss": {"type": "cross_entropy"},
+    "optimizer": {"type": "adamw", "lr": 0.001},
+    "data": {"train": {"format": "text", "path": "text.txt"}, "batch_size": 2},
+    "checkpoint": false
+  })");
+  const std::string job = dir + "/gpt.json";
+  writeFile(job, doc.dump());
+  // 770M parameters: about 14 GiB with AdamW's state, in a process limited to 3.8 GiB of address space.
+  auto r = run({"sh", "-c", "ulimit -v 4000000 && exec \"$0\" check \"$1\" --output-dir \"$2\"", dtrainBinary(), job,
+                dir + "/out"},
+               {.timeout = 30s});
+  INFO(r.out, r.err);
+  CHECK_FALSE(r.timedOut);
+  CHECK(r.exitCode == 2);
+  CHECK(r.err.find(job + ": this job needs about ") != std::string::npos);
+  CHECK(r.err.find(" per worker, but a process here may use at most 3.8 GiB of memory (ulimit -v: RLIMIT_AS, which "
+                   "the workers inherit)") != std::string::npos);
+  CHECK(r.err.find("bad_alloc") == std::string::npos);
+  CHECK(r.err.find("internal error") == std::string::npos);
+  // n_layer is capped at load, before anything is expanded or built; the error names the field as written.
+  auto deep = run({dtrainBinary(), "check", job, "--set", "model.n_layer=100000", "--output-dir", dir + "/out"},
+                  {.timeout = 30s});
+  INFO(deep.err);
+  CHECK_FALSE(deep.timedOut);
+  CHECK(deep.exitCode == 2);
+  CHECK(deep.err.find(job + ": /model/n_layer: 100000 is more than the supported 1024 layers (from --set "
+                            "model.n_layer=100000)") != std::string::npos);
+}
+
 // A parameter-server job run as one process keeps its sparse tables itself: a table no machine holds is refused
 // naming the tables' share (it used to reach the table's allocation, which failed or took the machine's memory).
 TEST_CASE("a one-process dtrain train of a parameter-server job counts its sparse tables in the memory check") {

@@ -3,6 +3,8 @@
 // gradient reaches the token table, and the sequence cross-entropy.
 #include <doctest/doctest.h>
 
+#include <chrono>
+
 #include <fmt/format.h>
 
 #include <cmath>
@@ -492,6 +494,40 @@ TEST_CASE("gpt preset: bad fields name the field and value") {
   json bad = gptPreset();
   bad["preset"] = "bert";
   CHECK(messageOf([&] { parseModelSpec(bad, "job.json", "/model"); }).find("/model/preset") != std::string::npos);
+}
+
+TEST_CASE("gpt preset: sizes past the limits name the preset's own fields, not an expanded layer") {
+  auto parse = [](json preset) { return messageOf([&] { parseModelSpec(preset, "job.json", "/model"); }); };
+  auto timed = [&](json preset) {
+    const auto start = std::chrono::steady_clock::now();
+    std::string m = parse(std::move(preset));
+    CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(2));  // refused before expanding
+    return m;
+  };
+  // 100000 layers used to expand into 200000 blocks and build for minutes.
+  CHECK(timed(gptPreset(100000)) == "job.json: /model/n_layer: 100000 is more than the supported 1024 layers");
+  CHECK(parse(gptPreset(1024)).find("n_layer") == std::string::npos);
+  // Each used to name /model/layers/0 or /model/layers/N (an expanded layer the job file does not have).
+  CHECK(parse(gptPreset(1, 1, 65536, 8, 65536)) ==
+        "job.json: /model/vocab_size: the embedding (vocab_size 65536 + block_size 8) x n_embd 65536 has 4295491584 "
+        "parameters, more than the supported 2147483648 per layer (8 GiB as float32)");
+  CHECK(parse(gptPreset(1, 1, 32768, 8, 11)) ==
+        "job.json: /model/n_embd: 32768: each block's MLP (mlp.c_fc, 4 x n_embd x n_embd) has 4295098368 "
+        "parameters, more than the supported 2147483648 per layer (8 GiB as float32)");
+  CHECK(parse(gptPreset(1, 1, 8, 65536, 65536)) ==
+        "job.json: /model/vocab_size: the logits of a sample (block_size 65536 x vocab_size 65536) have 4294967296 "
+        "values, more than the supported 1073741824 per sample");
+  CHECK(parse(gptPreset(1, 1, 8192, 65536, 11)) ==
+        "job.json: /model/block_size: the MLP activations of a sample (block_size 65536 x 4 x n_embd 8192) have "
+        "2147483648 values, more than the supported 1073741824 per sample");
+  // Within every layer's limit, too many in all: named at the preset's object, with its fields.
+  CHECK(parse(gptPreset(12, 8, 8000, 8, 11)) ==
+        "job.json: /model: the gpt preset (vocab_size 11, block_size 8, n_layer 12, n_embd 8000) has 9217416000 "
+        "parameters, more than the supported 2147483648 (8 GiB as float32)");
+  // A name that is not a string.
+  json named = gptPreset();
+  named["name"] = 5;
+  CHECK(parse(named) == "job.json: /model/name: expected a string, got 5");
 }
 
 TEST_CASE("gpt: the sequence cross-entropy's gradient through the whole model, tied head included") {

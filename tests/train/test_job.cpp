@@ -455,3 +455,84 @@ TEST_CASE("checkGpusForWorkers names both counts when a node has fewer GPUs than
   CHECK_THROWS_WITH_AS(checkGpusForWorkers(gpu, 1, 0), doctest::Contains("1 local worker(s) but 0 GPU(s) visible"),
                        ConfigError);
 }
+
+// A parameter-server job with a sparse table: the sparse optimizer's fields, set on the command line.
+static const char* kSparsePsJob = R"({
+  "model": {"input": [2], "layers": [
+    {"type": "embedding", "vocab_size": 1000, "n_embd": 16, "position": false, "sparse": true},
+    {"type": "flatten"}, {"type": "linear", "out": 1}]},
+  "loss": {"type": "bce_with_logits"},
+  "data": {"train": {"format": "synthetic", "task": "recsys", "users": 600, "items": 400, "samples": 100}, "batch_size": 8},
+  "optimizer": {"type": "sgd", "lr": 0.01},
+  "parallel": {"strategy": "parameter_server", "servers": 1, "mode": "async"}
+})";
+
+TEST_CASE("the sparse optimizer's fields given with --set: the error names the field and the --set") {
+  auto dir = testing::tempDir("job_sparse_set");
+  auto path = writeJob(dir, kSparsePsJob);
+  REQUIRE(configErrorOf({path}).empty());
+  const std::string table = " (for the sparse table of /model/layers/0)";
+  // Each used to be "job.json: /optimizer (for the sparse table of /model/layers/0): sgd momentum 0.9 ...": at
+  // the optimizer, not the field, and without the --set that gave the value.
+  CHECK(configErrorOf({path, {"optimizer.momentum=0.9"}}) ==
+        path + ": /optimizer/momentum: 0.9 with sparse embeddings" + table +
+            " (expected 0: torch.optim.SGD has no sparse momentum) (from --set optimizer.momentum=0.9)");
+  CHECK(configErrorOf({path, {"optimizer.weight_decay=0.1"}}) ==
+        path + ": /optimizer/weight_decay: 0.1 with sparse embeddings" + table +
+            " (expected 0: torch.optim does not decay sparse gradients) (from --set optimizer.weight_decay=0.1)");
+  CHECK(configErrorOf({path, {R"(optimizer={"type": "adam", "amsgrad": true})"}}) ==
+        path + ": /optimizer/amsgrad: true with sparse embeddings" + table +
+            R"( (expected false: SparseAdam has no amsgrad) (from --set optimizer={"type": "adam", "amsgrad": true}))");
+  // AdamW's default decay: named at the type that brought it, and the --set that chose it.
+  CHECK(configErrorOf({path, {"optimizer.type=adamw"}}) ==
+        path + ": /optimizer/type: \"adamw\" decays by default (weight_decay 0.01), and sparse embeddings take no "
+               "weight decay" + table + " (torch.optim does not decay sparse gradients): set \"weight_decay\": 0, or "
+               "use \"adam\" (both map to SparseAdam for the table) (from --set optimizer.type=adamw)");
+  CHECK(configErrorOf({path, {"optimizer.type=adamw", "optimizer.weight_decay=0"}}).empty());
+  // The same values in the file: no --set named.
+  auto inFile = writeJob(dir, std::string(kSparsePsJob).replace(std::string(kSparsePsJob).find("\"lr\": 0.01"), 10,
+                                                                 "\"lr\": 0.01, \"momentum\": 0.9"),
+                         "momentum.json");
+  CHECK(configErrorOf({inFile}) == inFile + ": /optimizer/momentum: 0.9 with sparse embeddings" + table +
+                                        " (expected 0: torch.optim.SGD has no sparse momentum)");
+}
+
+TEST_CASE("a --set that changed another field of a cross-field check is named too (with --set)") {
+  auto dir = testing::tempDir("job_sparse_set");
+  auto path = writeJob(dir, kSparsePsJob);
+  // The strategy set to ddp: the sparse layer (in the model) is what fails, because of the --set.
+  std::string msg = configErrorOf({path, {"parallel.strategy=ddp", "train.epochs=1"}});
+  CHECK(msg.find(path + ": /parallel/servers: only for the parameter-server strategy") == 0);
+  CHECK(msg.find("(with --set parallel.strategy=ddp)") != std::string::npos);
+  CHECK(msg.find("train.epochs") == std::string::npos);
+  msg = configErrorOf({path, {R"(parallel={"strategy": "ddp"})"}});
+  CHECK(msg.find(path + ": /model/layers/0/sparse: a sparse embedding keeps its table on parameter servers") == 0);
+  CHECK(msg.find(R"((with --set parallel={"strategy": "ddp"}))") != std::string::npos);
+  // The mode changed by --set, the staleness in the file.
+  auto ssp = writeJob(dir, std::string(kSparsePsJob).replace(std::string(kSparsePsJob).find("\"mode\": \"async\""),
+                                                              15, "\"mode\": \"ssp\", \"staleness\": 2"),
+                      "ssp.json");
+  REQUIRE(configErrorOf({ssp}).empty());
+  msg = configErrorOf({ssp, {"parallel.mode=async"}});
+  CHECK(msg.find(ssp + ": /parallel/staleness: only with \"mode\": \"ssp\"") == 0);
+  CHECK(msg.find("(with --set parallel.mode=async)") != std::string::npos);
+  // A required section removed by --set.
+  msg = configErrorOf({ssp, {"loss=null"}});
+  CHECK(msg.find("missing required field 'loss'") != std::string::npos);
+  CHECK(msg.find("(with --set loss=null)") != std::string::npos);
+  // A --set of an unrelated field with a word that happens to be in the message is not named.
+  msg = configErrorOf({path, {"optimizer.type=sgd", "loss.type=mse2"}});
+  CHECK(msg.find("(from --set loss.type=mse2)") != std::string::npos);
+  CHECK(msg.find("optimizer.type") == std::string::npos);
+}
+
+TEST_CASE("a model's name and a job's description are strings: a number is refused naming the field") {
+  auto dir = testing::tempDir("job_name_type");
+  auto path = writeJob(dir, kJob);
+  CHECK(configErrorOf({path, {"model.name=5"}}) ==
+        path + ": /model/name: expected a string, got 5 (from --set model.name=5)");
+  CHECK(configErrorOf({path, {"model.name=mlp"}}).empty());
+  CHECK(configErrorOf({path, {R"(description={"a": 1})"}}) ==
+        path + ": /description: expected a string, got {\"a\":1} (from --set description={\"a\": 1})");
+  CHECK(configErrorOf({path, {"description=a small MLP"}}).empty());
+}

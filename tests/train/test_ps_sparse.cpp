@@ -216,17 +216,17 @@ TEST_CASE("sparse optimizers reject what torch rejects, shards reject foreign or
   job.momentum = 0;
   job.weightDecay = 0.01;
   CHECK_THROWS_AS(sparseOptimizerFor(job, false, "job.json"), ConfigError);
-  // AdamW's default decay (0.01) is what a bare "type": "adamw" brings: the message says where it came from.
+  // The message names the field under `where` and the table (`context`); adamw's default decay is named at
+  // /optimizer/type by sparseTableOptions (tests/train/test_job.cpp).
   job.type = nn::OptimizerType::kAdamW;
   std::string message;
   try {
-    sparseOptimizerFor(job, false, "job.json: /optimizer");
+    sparseOptimizerFor(job, false, "job.json: /optimizer", " (for the sparse table of /model/layers/0)");
   } catch (const ConfigError& e) {
     message = e.what();
   }
-  CHECK(message == "job.json: /optimizer: weight_decay 0.01 with sparse embeddings (expected 0: torch.optim does not "
-                   "decay sparse gradients); adamw's default weight_decay is 0.01: set \"weight_decay\": 0 (or use "
-                   "\"adam\": both map to SparseAdam for the table)");
+  CHECK(message == "job.json: /optimizer/weight_decay: 0.01 with sparse embeddings (for the sparse table of "
+                   "/model/layers/0) (expected 0: torch.optim does not decay sparse gradients)");
   job.weightDecay = 0;
   CHECK(sparseOptimizerFor(job, false, "job.json").type == SparseOptimizerType::kAdam);
   Table table(2, {});

@@ -115,7 +115,10 @@ RoundInfo Rendezvous::join() {
   if (fingerprinted) ops.push_back(StoreOp::compareSet("job", "", options_.jobFingerprint));
   ops.push_back(StoreOp::tryGet("ended"));
   const bool agreeing = !options_.agreedEnv.empty();
-  if (agreeing) ops.push_back(StoreOp::compareSet("agreed_env", "", options_.agreedEnv));
+  if (agreeing) {
+    ops.push_back(StoreOp::tryGet("agreed_env"));  // absent: this agent is the job's first
+    ops.push_back(StoreOp::compareSet("agreed_env", "", options_.agreedEnv));
+  }
   ops.push_back(StoreOp::compareSet("round", "", "0"));
   auto first = store_->batch(ops);
   if (fingerprinted) {
@@ -138,7 +141,11 @@ RoundInfo Rendezvous::join() {
   }
   // After the fingerprint: another job is told that the id is another job's; the same job that its run ended.
   throwIfEnded(first[fingerprinted ? 1 : 0].value);
-  if (agreeing) throwIfEnvDisagrees(first[first.size() - 2].value.value_or(""));
+  if (agreeing) {
+    if (!first[first.size() - 3].value && first[first.size() - 2].value == options_.agreedEnv && options_.onFirstAgent)
+      options_.onFirstAgent();
+    throwIfEnvDisagrees(first[first.size() - 2].value.value_or(""));
+  }
   int round = parseRound(first.back().value.value_or(""));
   for (;;) {
     if (auto info = tryJoinRound(round, deadline)) return *info;
@@ -184,35 +191,70 @@ void Rendezvous::throwIfEnvDisagrees(const std::string& recorded) {
     auto it = std::find_if(theirs.begin(), theirs.end(), [&](const auto& kv) { return kv.first == name; });
     const std::string other = it == theirs.end() ? std::string("(not compared by that agent)") : it->second;
     if (other == value) continue;
+    recordRefusal(fmt::format("its {} is {}, the job's first agent's is {}; every node must give it the same value "
+                              "(it decides which collectives the ranks run)",
+                              name, value, other));
     DTRAIN_THROW(RendezvousError,
                  "rendezvous at {}: {} is {} on this node but {} on the job's first agent; every node "
                  "must give it the same value: it decides which collectives the ranks run, so the ranks would wait "
                  "for each other until parallel.timeout. Set it alike in every node's environment",
                  options_.endpoint, name, value, other);
   }
+  recordRefusal(fmt::format("its environment '{}' differs from the job's first agent's '{}'", options_.agreedEnv,
+                            recorded));
   DTRAIN_THROW(RendezvousError,
                "rendezvous at {}: this node's environment differs from the job's first agent's: here '{}', there '{}'",
                options_.endpoint, options_.agreedEnv, recorded);
 }
 
+void Rendezvous::recordRefusal(const std::string& reason) {
+  try {
+    const int64_t n = store_->add("refused/count", 1);
+    store_->set(fmt::format("refused/{}", n), json{{"node", json::parse(self_.toJson())}, {"reason", reason}}.dump());
+  } catch (const std::exception& e) {
+    log::debug("rendezvous: could not record this node's refusal in the store: {}", e.what());
+  }
+}
+
+std::optional<std::string> Rendezvous::waitRefusal(Store& store, int index, Millis timeout) {
+  auto got = store.batch({StoreOp::get(fmt::format("refused/{}", index), timeout)});
+  if (!got[0].value) return std::nullopt;
+  auto j = json::parse(*got[0].value, nullptr, false);
+  if (!j.is_object() || !j.contains("node")) return fmt::format("a node was refused: {}", *got[0].value);
+  NodeInfo n = NodeInfo::fromJson(j["node"].dump());
+  return fmt::format("node {} ({}pid {}{}) was refused and exits with code 4: {}", n.hostname,
+                     n.host.empty() || n.host == n.hostname ? std::string() : n.host + ", ", n.pid,
+                     n.requestedNodeRank >= 0 ? fmt::format(", --node-rank {}", n.requestedNodeRank) : "",
+                     j.value("reason", "no reason recorded"));
+}
+
 void Rendezvous::recordEnd(const RoundEvent& outcome) { store_->compareSet("ended", "", outcome.toJson()); }
 
 void Rendezvous::throwJoinTimeout(int round) {
-  int joined = static_cast<int>(store_->add(key(round, "count"), 0));
+  auto got = store_->batch({StoreOp::add(key(round, "count"), 0), StoreOp::tryGet("refused/count")});
+  int joined = static_cast<int>(got[0].number);
+  // Nodes that came but were refused (their own message says why; the first agent logged each).
+  const auto refused = parse::toInt(got[1].value.value_or("0")).value_or(0);
+  const std::string refusedNote =
+      refused > 0 ? fmt::format("; {} node(s) came and were refused (another environment: see the job's first agent's "
+                                "log or theirs)",
+                                refused)
+                  : "";
   // Elastic with node counts the job cannot run: the joiners may be MIN or more and still form no round (2
   // pipeline stages, one node left). Name the count that would, not MIN, and do not suggest lowering --nnodes.
   const int need = joined >= options_.minNodes ? options_.usableFrom(joined + 1) : options_.usableFrom(options_.minNodes);
   if (need > options_.minNodes || (need == 0 && joined >= options_.minNodes))
     DTRAIN_THROW(RendezvousError,
                  "rendezvous at {} timed out after {} s: {} of {} node(s) joined (need {}: this job cannot run on {} "
-                 "node(s), see the launch's warning); start the missing agents with the same --rdzv-endpoint and "
+                 "node(s), see the launch's warning){}; start the missing agents with the same --rdzv-endpoint and "
                  "--rdzv-id",
                  options_.endpoint, options_.joinTimeout.count() / 1000, joined, options_.maxNodes,
-                 need > 0 ? std::to_string(need) : std::string("a usable count"), joined);
+                 need > 0 ? std::to_string(need) : std::string("a usable count"), joined, refusedNote);
   DTRAIN_THROW(RendezvousError,
-               "rendezvous at {} timed out after {} s: {} of {} node(s) joined (need {}); start the "
+               "rendezvous at {} timed out after {} s: {} of {} node(s) joined (need {}){}; start the "
                "missing agents with the same --rdzv-endpoint and --rdzv-id, or lower --nnodes",
-               options_.endpoint, options_.joinTimeout.count() / 1000, joined, options_.maxNodes, options_.minNodes);
+               options_.endpoint, options_.joinTimeout.count() / 1000, joined, options_.maxNodes, options_.minNodes,
+               refusedNote);
 }
 
 // Round trips per joiner (scripts/bench/rdzv_scale counts them): join()'s first batch, then here one batch for

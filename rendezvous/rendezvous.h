@@ -13,6 +13,9 @@
 //                         agent that exits after a round (first one wins): a later join() with this run id fails
 //                         at once, naming the outcome, instead of waiting for a round that never opens
 //   agreed_env            the first agent's RendezvousOptions::agreedEnv: later agents must have the same text
+//   refused/count, refused/<n>  agents join() refused for another agreedEnv: each adds 1 to the count and writes its NodeInfo and the reason (JSON) under the number it got, so
+//                         that the job's first agent, blocked waiting for nodes, says at once who was refused and
+//                         why (waitRefusal) instead of only timing out
 //   r<R>/count            join counter; a joiner's index is the counter value it got minus one (a joiner of a
 //                         round that already closed gets an index >= its member count: it missed the round)
 //   r<R>/node/<i>         the i-th joiner's NodeInfo (JSON)
@@ -115,6 +118,10 @@ struct RendezvousOptions {
   // join()'s thread.
   std::function<void(bool)> armStop;
   std::function<int()> stopPending;
+  // Optional: called once, on join()'s thread right after its first batch, when this agent recorded `agreed_env`
+  // (it is the job's first agent: later agents are compared with it). The agent then watches for the agents
+  // join() refuses (waitRefusal) and logs them.
+  std::function<void()> onFirstAgent;
 
   // Whether a round of `nodes` nodes can form: within [max(minNodes, 1), maxNodes] and not in unusableNodes.
   bool usable(int nodes) const;
@@ -231,6 +238,11 @@ class Rendezvous {
   void advance(int round, bool restart);
   // Records the job's terminal outcome (`ended`) unless one is recorded already.
   void recordEnd(const RoundEvent& outcome);
+  // Blocks up to `timeout` for the `index`-th (from 1) refused agent's record (`refused/<n>`); returns the line
+  // that names it and the reason ("node HOSTNAME (ADDRESS, pid P, --node-rank R) was refused and exits with code 4:
+  // REASON"; ADDRESS, its --local-addr or host, only when it is not HOSTNAME), or nullopt when none came. Uses
+  // `store` (give a watcher its own connection); throws what the store throws.
+  static std::optional<std::string> waitRefusal(Store& store, int index, Millis timeout);
 
   // Terminal outcomes: every agent acknowledges it saw the round's end; the agent hosting the store waits
   // (bounded) for all acknowledgements before it exits and takes the store with it.
@@ -258,6 +270,8 @@ class Rendezvous {
   int currentRound();
   static int parseRound(const std::string& value);
   void throwIfEnded(const std::optional<std::string>& ended);
+  // Leaves this agent's record and `reason` under refused/<n> (best effort: a failure is logged at debug).
+  void recordRefusal(const std::string& reason);
   // RendezvousError naming the first variable whose value differs between `recorded` (agreed_env) and ours.
   void throwIfEnvDisagrees(const std::string& recorded);
   // The same for an agent that joined and waits for a next round: JobEndedWhileWaiting with the outcome.

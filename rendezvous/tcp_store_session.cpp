@@ -134,6 +134,12 @@ void Session::readMore() {
 void Session::onRead(const boost::system::error_code& ec, size_t n) {
   if (closed_) return;
   if (ec) {  // EOF or reset: close() also cancels a parked waiter
+    // A dtrain client without a token reads the challenge and gives up (StoreAuthError on its side): say so here
+    // too, where the job's first agent (hosting the store) or `dtrain store` logs it.
+    if (!nonce_.empty())
+      log::warn("store: connection from {} closed without answering the authentication challenge: a client without "
+                "the store's token (--rdzv-token)",
+                peer());
     close();
     return;
   }

@@ -18,6 +18,7 @@ class MetricsHub;
 class HttpServer;
 class Dashboard;
 class TimelineCollector;
+class RefusalWatcher;  // logs the nodes the rendezvous refuses (agent.cpp)
 
 // The store key (under /dtrain/<run_id>/) where agents with --metrics-port append "host:port\n".
 inline constexpr const char* kMonitorAgentsKey = "monitor/agents";
@@ -50,6 +51,7 @@ class Agent {
   std::unique_ptr<HttpServer> metricsServer_;   // declared after both: stopped before they go
   std::unique_ptr<HttpServer> dashboardServer_;  // --dashboard on a port of its own
   std::unique_ptr<TimelineCollector> timeline_;  // --timeline here, or `timeline/on` published by another agent
+  std::unique_ptr<RefusalWatcher> refusals_;     // the job's first agent: logs refused nodes; last, stopped first
 };
 
 }  // namespace dtrain::launch

@@ -3,6 +3,7 @@
 #include <doctest/doctest.h>
 
 #include <signal.h>
+#include <unistd.h>
 
 #include <filesystem>
 #include <map>
@@ -399,4 +400,70 @@ TEST_CASE("nodes whose environments disagree on DTRAIN_COMPRESSION_HOST_STAGING:
   CHECK(r1.err.find("ran-") == std::string::npos);
   CHECK(r0.exitCode == 128 + SIGTERM);
   CHECK(processesWithRunId(job.id).empty());
+}
+
+TEST_CASE("--nnodes 2: the first node logs a node refused for its environment at once, naming it and why, and "
+          "keeps waiting: a corrected restart of that node joins and the job runs") {
+  // The first node used to say nothing and wait up to --rdzv-timeout, while the refused node had exited 4.
+  const int port = freePort();
+  const std::string id = uniqueRunId("refused-env");
+  auto agent = [&](int nodeRank) {
+    return runArgs({"--nnodes", "2", "--nproc-per-node", "1", "--node-rank", std::to_string(nodeRank),
+                    "--rdzv-endpoint", fmt::format("127.0.0.1:{}", port), "--rdzv-id", id, "--rdzv-timeout", "60s",
+                    "--shutdown-timeout", "2s", "--", "sh", "-c", "echo ran-$RANK-of-$WORLD_SIZE"});
+  };
+  Background node0(agent(0), {.env = {{"DTRAIN_TCP_CHUNK_BYTES", "1M"}, {"DTRAIN_LOG_LEVEL", "debug"}}});
+  // It recorded the job's environment: a node started now is compared with it.
+  node0.waitForLine("this is the job's first agent", 60s, /*fromStderr=*/true);
+  Background refusedNode(agent(1), {.env = {{"DTRAIN_TCP_CHUNK_BYTES", "2M"}}});
+  const pid_t refusedPid = refusedNode.pid();
+  auto refused = refusedNode.wait(30s);
+  INFO(refused.err);
+  CHECK(refused.exitCode == 4);
+  CHECK(refused.err.find("DTRAIN_TCP_CHUNK_BYTES is 2097152 on this node but 1048576 on the job's first agent") !=
+        std::string::npos);
+  // Well before node 0's --rdzv-timeout (60 s): the line names the refused node (its address, pid, node rank) and
+  // the variable with both values.
+  const std::string line = node0.waitForLine("was refused", 20s, /*fromStderr=*/true);
+  CHECK(node0.running());
+  char host[256] = {};
+  ::gethostname(host, sizeof(host) - 1);
+  CHECK_MESSAGE(line.find(fmt::format("rendezvous: node {} (", host)) != std::string::npos, line);
+  CHECK_MESSAGE(line.find(fmt::format("pid {}, --node-rank 1) was refused", refusedPid)) != std::string::npos, line);
+  CHECK_MESSAGE(line.find(", --node-rank 1) was refused and exits with code 4: its DTRAIN_TCP_CHUNK_BYTES is 2097152, "
+                          "the job's first agent's is 1048576") != std::string::npos,
+                line);
+  // The refused node took no place in the round: started again with the first node's value, it joins.
+  auto fixed = run(agent(1), {.timeout = 60s, .env = {{"DTRAIN_TCP_CHUNK_BYTES", "1M"}}});
+  auto r0 = node0.wait(60s);
+  INFO(fixed.err, r0.err);
+  CHECK(fixed.exitCode == 0);
+  CHECK(r0.exitCode == 0);
+  CHECK(fixed.out.find("ran-1-of-2") != std::string::npos);
+  CHECK(r0.out.find("ran-0-of-2") != std::string::npos);
+  CHECK(occurrences(r0.err, "was refused") == 1);
+  CHECK(processesWithRunId(id).empty());
+}
+
+TEST_CASE("--nnodes 2: a node that never completes the rendezvous because it was refused is counted in the first "
+          "node's timeout message") {
+  const int port = freePort();
+  const std::string id = uniqueRunId("refused-timeout");
+  auto agent = [&](int nodeRank, const std::string& timeout) {
+    return runArgs({"--nnodes", "2", "--nproc-per-node", "1", "--node-rank", std::to_string(nodeRank),
+                    "--rdzv-endpoint", fmt::format("127.0.0.1:{}", port), "--rdzv-id", id, "--rdzv-timeout", timeout,
+                    "--", "true"});
+  };
+  Background node0(agent(0, "10s"), {.env = {{"DTRAIN_COMPRESSION_HOST_STAGING", "1"}, {"DTRAIN_LOG_LEVEL", "debug"}}});
+  node0.waitForLine("this is the job's first agent", 60s, /*fromStderr=*/true);
+  auto refused = run(agent(1, "30s"), {.timeout = 30s, .unsetEnv = {"DTRAIN_COMPRESSION_HOST_STAGING"}});
+  CHECK(refused.exitCode == 4);
+  auto r0 = node0.wait(60s);
+  INFO(r0.err);
+  CHECK(r0.exitCode == 4);
+  CHECK(r0.err.find("its DTRAIN_COMPRESSION_HOST_STAGING is (unset), the job's first agent's is true") !=
+        std::string::npos);
+  CHECK(r0.err.find("timed out after 10 s: 1 of 2 node(s) joined (need 2); 1 node(s) came and were refused") !=
+        std::string::npos);
+  CHECK(processesWithRunId(id).empty());
 }

@@ -448,3 +448,35 @@ TEST_CASE("after a forwarded SIGUSR1, a failing worker keeps its report and rest
     CHECK(r.exitCode == 0);
   }
 }
+
+TEST_CASE("a node refused by the store for its token is logged at once by the first node, which hosts the store") {
+  // A node without the token used to leave no trace on the first node, which waited silently until --rdzv-timeout.
+  const int port = freePort();
+  const std::string id = uniqueRunId("refused-token");
+  auto agent = [&](int nodeRank, std::vector<std::string> token) {
+    std::vector<std::string> args{"--nnodes", "2", "--nproc-per-node", "1", "--node-rank", std::to_string(nodeRank),
+                                  "--rdzv-endpoint", fmt::format("127.0.0.1:{}", port), "--rdzv-id", id,
+                                  "--rdzv-timeout", "60s", "--shutdown-timeout", "2s"};
+    args.insert(args.end(), token.begin(), token.end());
+    args.insert(args.end(), {"--", "true"});
+    return runArgs(args);
+  };
+  Background node0(agent(0, {"--rdzv-token", "right"}), {.unsetEnv = {"DTRAIN_RDZV_TOKEN"}});
+  node0.waitForLine("waiting for 2 node(s) to join", 60s, /*fromStderr=*/true);  // after its store listens
+  auto missing = run(agent(1, {}), {.timeout = 30s, .unsetEnv = {"DTRAIN_RDZV_TOKEN"}});
+  CHECK(missing.exitCode == 4);
+  std::string line = node0.waitForLine("closed without answering the authentication challenge", 20s, true);
+  CHECK_MESSAGE(line.find("store: connection from 127.0.0.1:") != std::string::npos, line);
+  CHECK_MESSAGE(line.find("a client without the store's token (--rdzv-token)") != std::string::npos, line);
+  auto wrong = run(agent(1, {"--rdzv-token", "wrong"}), {.timeout = 30s, .unsetEnv = {"DTRAIN_RDZV_TOKEN"}});
+  CHECK(wrong.exitCode == 4);
+  line = node0.waitForLine("wrong rendezvous token (--rdzv-token)", 20s, true);
+  CHECK_MESSAGE(line.find("store: closing connection from 127.0.0.1:") != std::string::npos, line);
+  CHECK(node0.running());  // both before its --rdzv-timeout; it keeps waiting for a node with the token
+  auto right = run(agent(1, {"--rdzv-token", "right"}), {.timeout = 60s, .unsetEnv = {"DTRAIN_RDZV_TOKEN"}});
+  auto r0 = node0.wait(60s);
+  INFO(right.err, r0.err);
+  CHECK(right.exitCode == 0);
+  CHECK(r0.exitCode == 0);
+  CHECK(processesWithRunId(id).empty());
+}

@@ -82,6 +82,14 @@ void residualLayerNormForwardBf16(const float* a, float* f, const float* w, cons
 // gradients dw (+)= sum_r dy * xhat, db (+)= sum_r dy (layerNormParamGrad; db may be nullptr).
 void layerNormBackward(const float* x, const float* w, const float* mean, const float* rstd, const float* dy,
                        float* dx, float* dw, float* db, int64_t rows, int64_t d, bool accumulate);
+// layerNormBackward with a residual's gradient added into dx as it is stored (llm.c's layernorm_backward, which
+// accumulates into dinp; docs/gpu.md "Fused residual gradient + LayerNorm backward"): dx = layerNormBackward's dx +
+// residualGrad, one pass instead of the dx kernel and then add(residualGrad, dx, dx), the same bits (the add is
+// __fadd_rn, never contracted into an FMA; layernorm_rows.h). residualGrad and dx are [rows, d] float32, distinct
+// from each other and from dy, neither null; dw, db as layerNormBackward's.
+void residualLayerNormBackward(const float* x, const float* w, const float* mean, const float* rstd, const float* dy,
+                               const float* residualGrad, float* dx, float* dw, float* db, int64_t rows, int64_t d,
+                               bool accumulate);
 // The weight and bias gradients alone (layerNormBackward's, kernels_reduce.cu): dw (+)= sum_r dy * xhat, db (+)=
 // sum_r dy (db may be nullptr), biasGrad's two-pass plan over the rows.
 void layerNormParamGrad(const float* x, const float* mean, const float* rstd, const float* dy, float* dw, float* db,

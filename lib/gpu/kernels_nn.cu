@@ -124,24 +124,20 @@ __global__ void residualLayerNormForwardKernel(const float* a, float* f, const f
   }
 }
 
+// LayerNorm's dx (layernorm_rows.h's two passes around the block's sums); with residual (not null) each stored value
+// takes on residual's element (residualLayerNormBackward: the same kernel, only the store adds, __fadd_rn).
 __global__ void layerNormDxKernel(const float* x, const float* w, const float* mean, const float* rstd,
-                                  const float* dy, float* dx, int64_t rows, int64_t d) {
+                                  const float* dy, const float* residual, float* dx, int64_t rows, int64_t d) {
   __shared__ float sh[kThreads];
   DTRAIN_ROW_STRIDE(r, rows) {
-  const float mu = mean[r], rs = rstd[r];
-  float sg = 0.0f, sgx = 0.0f;
-  for (int64_t j = threadIdx.x; j < d; j += kThreads) {
-    const float g = w != nullptr ? dy[r * d + j] * w[j] : dy[r * d + j];
-    sg += g;
-    sgx += g * ((x[r * d + j] - mu) * rs);
-  }
-  const float meanG = blockSum(sg, sh) / static_cast<float>(d);
-  const float meanGx = blockSum(sgx, sh) / static_cast<float>(d);
-  for (int64_t j = threadIdx.x; j < d; j += kThreads) {
-    const float g = w != nullptr ? dy[r * d + j] * w[j] : dy[r * d + j];
-    const float xhat = (x[r * d + j] - mu) * rs;
-    dx[r * d + j] = rs * (g - meanG - xhat * meanGx);
-  }
+    const float mu = mean[r], rs = rstd[r];
+    const int64_t o = r * d;
+    float sg = 0.0f, sgx = 0.0f;
+    layerNormDxRowSums(x + o, w, dy + o, mu, rs, d, threadIdx.x, kThreads, &sg, &sgx);
+    const float meanG = blockSum(sg, sh) / static_cast<float>(d);
+    const float meanGx = blockSum(sgx, sh) / static_cast<float>(d);
+    layerNormDxRowStore(x + o, w, dy + o, residual != nullptr ? residual + o : nullptr, dx + o, mu, rs, meanG, meanGx,
+                        d, threadIdx.x, kThreads);
   }
 }
 
@@ -389,9 +385,18 @@ void layerNormBackward(const float* x, const float* w, const float* mean, const 
   if (rows == 0) return;
   if (w != nullptr) layerNormParamGrad(x, mean, rstd, dy, dw, db, rows, d, accumulate);
   if (dx != nullptr) {
-    layerNormDxKernel<<<rowBlocks(rows), kThreads>>>(x, w, mean, rstd, dy, dx, rows, d);
+    layerNormDxKernel<<<rowBlocks(rows), kThreads>>>(x, w, mean, rstd, dy, nullptr, dx, rows, d);
     DTRAIN_CU_CHECK_LAUNCH("layerNormDxKernel");
   }
+}
+
+void residualLayerNormBackward(const float* x, const float* w, const float* mean, const float* rstd, const float* dy,
+                               const float* residualGrad, float* dx, float* dw, float* db, int64_t rows, int64_t d,
+                               bool accumulate) {
+  if (rows == 0) return;
+  if (w != nullptr) layerNormParamGrad(x, mean, rstd, dy, dw, db, rows, d, accumulate);
+  layerNormDxKernel<<<rowBlocks(rows), kThreads>>>(x, w, mean, rstd, dy, residualGrad, dx, rows, d);
+  DTRAIN_CU_CHECK_LAUNCH("layerNormDxKernel<residual>");
 }
 
 void embeddingForward(const float* tokens, const float* wte, const float* wpe, float* y, int64_t rows, int64_t t,

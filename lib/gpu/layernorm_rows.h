@@ -8,11 +8,16 @@
 // makes, stores it in place of f (the block's output: the residual stream) and sums it; everything after that
 // reads the stored sums exactly as the unfused kernel reads its input, so the row's mean, rstd and outputs are the
 // unfused add-then-LayerNorm's, bit for bit (same values, same order, same expressions).
+//
+// LayerNorm backward's dx (layerNormDxKernel) likewise: two passes per thread around the block's two sums; its fused
+// form (llm.c's layernorm_backward, which accumulates into dinp) adds a residual's gradient to each value as it
+// stores it, with addRounded (reduce_index.h), so its bits are the plain dx's and then kernels::add's.
 #pragma once
 
 #include <cstdint>
 
 #include "lib/gpu/host_device.h"
+#include "lib/gpu/reduce_index.h"
 
 namespace dtrain::gpu {
 
@@ -41,6 +46,38 @@ DTRAIN_HOST_DEVICE inline float layerNormRowSquares(const float* xr, float mu, i
   float v = 0.0f;
   for (int64_t j = t; j < d; j += threads) v += (xr[j] - mu) * (xr[j] - mu);
   return v;
+}
+
+// --- Backward (layerNormDxKernel, kernels::layerNormBackward and residualLayerNormBackward): one block per row ---
+// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w (dy itself without w), xhat = (x - mean) * rstd.
+
+// Thread t's partial sums of g and of g * xhat over row r (xr, dyr: the row's x and dy): the kernel's first pass.
+DTRAIN_HOST_DEVICE inline void layerNormDxRowSums(const float* xr, const float* w, const float* dyr, float mu,
+                                                  float rs, int64_t d, int64_t t, int64_t threads, float* sg,
+                                                  float* sgx) {
+  float a = 0.0f, b = 0.0f;
+  for (int64_t j = t; j < d; j += threads) {
+    const float g = w != nullptr ? dyr[j] * w[j] : dyr[j];
+    a += g;
+    b += g * ((xr[j] - mu) * rs);
+  }
+  *sg = a, *sgx = b;
+}
+
+// Thread t's stores of dx over row r, given the row's means of g and g * xhat (the block's sums / d). With rr (the
+// row of a residual's gradient; null: none) each stored value is that dx plus rr[j] (llm.c's layernorm_backward,
+// which accumulates into dinp): the block's dx = dy + g of its first child, a layernorm. The add is addRounded
+// (__fadd_rn on the device: never contracted with the product before it), so the stored bits are the plain dx's
+// and then kernels::add's, whatever the operands' order (a float addition is commutative).
+DTRAIN_HOST_DEVICE inline void layerNormDxRowStore(const float* xr, const float* w, const float* dyr,
+                                                   const float* rr, float* dxr, float mu, float rs, float meanG,
+                                                   float meanGx, int64_t d, int64_t t, int64_t threads) {
+  for (int64_t j = t; j < d; j += threads) {
+    const float g = w != nullptr ? dyr[j] * w[j] : dyr[j];
+    const float xhat = (xr[j] - mu) * rs;
+    const float v = rs * (g - meanG - xhat * meanGx);
+    dxr[j] = rr != nullptr ? addRounded(v, rr[j]) : v;
+  }
 }
 
 }  // namespace dtrain::gpu

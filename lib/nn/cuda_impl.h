@@ -40,6 +40,20 @@ class ResidualAddTaker {
   ~ResidualAddTaker() = default;
 };
 
+// A CUDA layer whose backward can add a residual's gradient into its dx as it stores it (llm.c's layernorm_backward,
+// which accumulates into dinp; docs/gpu.md "Fused residual gradient + LayerNorm backward"): the layernorm, as a
+// block's first child (the block's dx = dy + that child's dx). backwardAddingGrad is Layer::backward (x, y, dy, dx,
+// batch, accumulate as there) with dx = the child's input gradient + residualGrad, the same bits as backward and then
+// kernels::add(residualGrad, dx, dx); residualGrad has dx's shape and is neither dx nor dy; dx is not null.
+class ResidualGradTaker {
+ public:
+  virtual void backwardAddingGrad(const float* x, const float* y, const float* dy, const float* residualGrad,
+                                  float* dx, int batch, bool accumulate) = 0;
+
+ protected:
+  ~ResidualGradTaker() = default;
+};
+
 // Layers: same spec, parameters (bound to device arenas) and math as the CPU ones; activations on the device.
 std::unique_ptr<Layer> makeLinear(const LayerSpec& spec, const LayerBuild& build);
 std::unique_ptr<Layer> makeRelu(const LayerSpec& spec, const LayerBuild& build);

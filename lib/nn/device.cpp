@@ -97,6 +97,13 @@ std::atomic<bool> gResidualLayerNormFusion{true};
 void setResidualLayerNormFusion(bool on) { gResidualLayerNormFusion.store(on); }
 bool residualLayerNormFusionOn() noexcept { return gResidualLayerNormFusion.load(); }
 
+namespace {
+std::atomic<bool> gResidualLayerNormBackwardFusion{true};
+}  // namespace
+
+void setResidualLayerNormBackwardFusion(bool on) { gResidualLayerNormBackwardFusion.store(on); }
+bool residualLayerNormBackwardFusionOn() noexcept { return gResidualLayerNormBackwardFusion.load(); }
+
 bool bf16ActivationsOn() noexcept {
 #if DTRAIN_WITH_CUDA
   return gpu::bf16() && gBf16Activations.load();

@@ -54,6 +54,12 @@ bool bf16ActivationsOn() noexcept;
 // block adds and the LayerNorm reads (for comparisons). Process-wide; read when a model is built.
 void setResidualLayerNormFusion(bool on);
 bool residualLayerNormFusionOn() noexcept;
+// The residual's gradient add fused into the LayerNorm backward (default on; docs/gpu.md "Fused residual gradient +
+// LayerNorm backward"): a GPU block whose first child is a layernorm has that child's dx kernel store dx = dy + its
+// input gradient, the same bits as the kernel then the block's add (dx = dy + g). Off: the add is a pass of its own
+// (for comparisons). Process-wide; read when a model is built.
+void setResidualLayerNormBackwardFusion(bool on);
+bool residualLayerNormBackwardFusionOn() noexcept;
 
 // The most device memory this process's buffers held at once since it started, in bytes, all GPUs together
 // (gpu::allocatedBytes: torch.cuda.max_memory_allocated's meaning); 0 on the CPU or without a CUDA build.

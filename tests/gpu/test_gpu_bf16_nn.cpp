@@ -145,6 +145,31 @@ TEST_CASE("with a GPU: the residual add fused into the next LayerNorm leaves a G
   }
 }
 
+// The residual's gradient added in the LayerNorm backward (docs/gpu.md "Fused residual gradient + LayerNorm
+// backward"): every block's first child (ln_1, ln_2) stores dx = dy + its dx in its kernel; a GPT's three AdamW steps
+// with and without it (nn::setResidualLayerNormBackwardFusion), bit for bit, bf16 and float32, both attention paths.
+TEST_CASE("with a GPU: the residual gradient added in the LayerNorm backward leaves a GPT's steps bit-identical") {
+  for (bool bf16 : {true, false}) {
+    for (AttentionKernel kernel : {AttentionKernel::kMatmul, AttentionKernel::kFused}) {
+      CAPTURE(bf16);
+      CAPTURE(static_cast<int>(kernel));
+      setBf16(bf16);
+      const AttentionScope scope(kernel);
+      const json spec{{"preset", "gpt"}, {"vocab_size", 50}, {"block_size", 16}, {"n_layer", 2},
+                      {"n_head", 4},     {"n_embd", 64},     {"dropout", 0.1}};
+      setResidualLayerNormBackwardFusion(false);
+      const Run off = train(spec, true, true, 50);
+      setResidualLayerNormBackwardFusion(true);
+      const Run on = train(spec, true, true, 50);
+      setBf16(false);
+      CHECK(sameBits(off.losses, on.losses));
+      CHECK(sameBits(off.grads, on.grads));
+      CHECK(sameBits(off.params, on.params));
+      CHECK(on.activationBytes == off.activationBytes);
+    }
+  }
+}
+
 TEST_CASE("with a GPU: bf16 activation storage leaves an MLP's steps bit-identical (layernorm, gelu fused or not)") {
   const Bf16Scope bf16;
   // layernorm -> linear, gelu (unfused: the linear has no bias) -> linear, gelu (fused with the linear's bias) ->

@@ -6,6 +6,9 @@
 // through the header as well and checked against the same independent loops. What this cannot show is the device:
 // that nvcc compiles the shared expressions alike in both kernels (the `gpu` case in test_gpu_bf16_nn.cpp compares
 // a GPT's steps with and without the fusion).
+// The backward twin (kernels::residualLayerNormBackward: LayerNorm's dx with the residual's gradient added as it is
+// stored) is emulated the same way and compared with the dx kernel's loops written out and then the block's add. This
+// file is compiled with -ffp-contract=off, so the host rounds every product and sum on its own, as the header says.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -144,5 +147,99 @@ TEST_CASE("fused residual + LayerNorm emulated over its grid: the add then Layer
     checkShape<uint16_t>(rows, d, true, true);
     checkShape<float>(rows, d, true, false);
     checkShape<float>(rows, d, false, false);
+  }
+}
+
+namespace {
+
+// layerNormDxKernel's launch (kernels::layerNormBackward's dx; with residual, kernels::residualLayerNormBackward):
+// rowGrid(rows) blocks, block-stride over rows, each row's threads through the header's two passes, the tree
+// between them. residual: null, or the gradient each stored dx takes on (the fused store).
+void emulateDx(const float* x, const float* w, const float* mean, const float* rstd, const float* dy,
+               const float* residual, float* dx, int64_t rows, int64_t d) {
+  const unsigned blocks = rowGrid(rows);
+  for (unsigned blk = 0; blk < blocks; ++blk) {
+    for (int64_t r = blk; r < rows; r += blocks) {
+      const int64_t o = r * d;
+      std::vector<float> sg(kThreads), sgx(kThreads);
+      for (int t = 0; t < kThreads; ++t) {
+        const auto k = static_cast<size_t>(t);
+        layerNormDxRowSums(x + o, w, dy + o, mean[r], rstd[r], d, t, kThreads, &sg[k], &sgx[k]);
+      }
+      const float meanG = treeSum(sg) / static_cast<float>(d);
+      const float meanGx = treeSum(sgx) / static_cast<float>(d);
+      for (int t = 0; t < kThreads; ++t)
+        layerNormDxRowStore(x + o, w, dy + o, residual != nullptr ? residual + o : nullptr, dx + o, mean[r], rstd[r],
+                            meanG, meanGx, d, t, kThreads);
+    }
+  }
+}
+
+// What the fused kernel replaces, written out without the header: layerNormDxKernel's loops as they were before it
+// (thread t's columns in order, the tree, the stores) into lnDx, then the CUDA block's k::add(dy, lnDx, dx)
+// (addKernel: dy[i] + lnDx[i], dy being the block's output gradient, here `residual`).
+void referenceDxThenAdd(const float* x, const float* w, const float* mean, const float* rstd, const float* dy,
+                        const float* residual, float* lnDx, float* dx, int64_t rows, int64_t d) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float mu = mean[r], rs = rstd[r];
+    std::vector<float> sg(kThreads, 0.0f), sgx(kThreads, 0.0f);
+    for (int t = 0; t < kThreads; ++t)
+      for (int64_t j = t; j < d; j += kThreads) {
+        const float g = w != nullptr ? dy[r * d + j] * w[j] : dy[r * d + j];
+        sg[static_cast<size_t>(t)] += g;
+        sgx[static_cast<size_t>(t)] += g * ((x[r * d + j] - mu) * rs);
+      }
+    const float meanG = treeSum(sg) / static_cast<float>(d);
+    const float meanGx = treeSum(sgx) / static_cast<float>(d);
+    for (int t = 0; t < kThreads; ++t)
+      for (int64_t j = t; j < d; j += kThreads) {
+        const float g = w != nullptr ? dy[r * d + j] * w[j] : dy[r * d + j];
+        const float xhat = (x[r * d + j] - mu) * rs;
+        lnDx[r * d + j] = rs * (g - meanG - xhat * meanGx);
+      }
+  }
+  for (int64_t i = 0; i < rows * d; ++i) dx[i] = residual[i] + lnDx[i];
+}
+
+void checkBackwardShape(int64_t rows, int64_t d, bool affine) {
+  CAPTURE(rows);
+  CAPTURE(d);
+  CAPTURE(affine);
+  const auto n = static_cast<size_t>(rows * d);
+  const auto rs = static_cast<size_t>(rows);
+  // The LayerNorm's statistics from its forward (the unfused kernel's emulation) over x.
+  std::vector<float> x = randomVector(n, 21, -3.0f, 3.0f);
+  const std::vector<float> w = randomVector(static_cast<size_t>(d), 22, 0.5f, 1.5f);
+  const float* wp = affine ? w.data() : nullptr;
+  std::vector<float> mean(rs), rstd(rs), y(n);
+  emulateKernel(false, nullptr, x.data(), wp, nullptr, y.data(), mean.data(), rstd.data(), rows, d, 1e-5f);
+  // The LayerNorm's output gradient and the block's output gradient (the residual's), of dx's magnitude: the
+  // sums round, and an add fused into the product before it (an FMA) would round them otherwise.
+  const std::vector<float> dy = randomVector(n, 23, -0.5f, 0.5f);
+  const std::vector<float> res = randomVector(n, 24, -1.0f, 1.0f);
+  std::vector<float> lnDxRef(n), dxRef(n);
+  referenceDxThenAdd(x.data(), wp, mean.data(), rstd.data(), dy.data(), res.data(), lnDxRef.data(), dxRef.data(), rows,
+                     d);
+  // Fused: one kernel stores the sum.
+  std::vector<float> dx(n);
+  emulateDx(x.data(), wp, mean.data(), rstd.data(), dy.data(), res.data(), dx.data(), rows, d);
+  CHECK(sameBits(dx, dxRef));
+  // Unfused, through the header: the plain dx as the independent loops compute it.
+  std::vector<float> lnDx(n);
+  emulateDx(x.data(), wp, mean.data(), rstd.data(), dy.data(), nullptr, lnDx.data(), rows, d);
+  CHECK(sameBits(lnDx, lnDxRef));
+  // The sums did round, so a store that skipped or moved the add would show.
+  int64_t inexact = 0;
+  for (size_t i = 0; i < n; ++i)
+    inexact += static_cast<double>(dxRef[i]) != static_cast<double>(res[i]) + static_cast<double>(lnDxRef[i]) ? 1 : 0;
+  if (n >= 100) CHECK(inexact > 0);
+}
+
+}  // namespace
+
+TEST_CASE("fused residual gradient + LayerNorm backward emulated over its grid: the dx then the add's bits") {
+  for (const auto& [rows, d] : std::vector<std::pair<int64_t, int64_t>>{{6, 768}, {5, 37}, {3, 256}, {4, 257}, {2, 1}}) {
+    checkBackwardShape(rows, d, true);
+    checkBackwardShape(rows, d, false);
   }
 }

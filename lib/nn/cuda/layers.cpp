@@ -153,8 +153,9 @@ class Flatten final : public Layer {
 
 // Fused after an in-place block (ResidualAddTaker, cuda_impl.h; directly, or as the first child of the block after
 // it): forward first adds that block's x into its own x (the block's output, holding f) in place, in the same kernel
-// (kernels::residualLayerNormForward).
-class LayerNorm final : public Layer, public ResidualAddTaker {
+// (kernels::residualLayerNormForward). As a block's first child its backward may add the block's residual gradient
+// into dx as it stores it (ResidualGradTaker; kernels::residualLayerNormBackward).
+class LayerNorm final : public Layer, public ResidualAddTaker, public ResidualGradTaker {
  public:
   LayerNorm(const LayerSpec& spec, const LayerBuild& build)
       : Layer(spec, build.device), d_(spec.input.back()), rowsPerSample_(spec.input.numel() / d_),
@@ -201,6 +202,14 @@ class LayerNorm final : public Layer, public ResidualAddTaker {
 
   void backward(const float* x, const float*, const float* dy, float* dx, int batch, bool accumulate) override {
     k::layerNormBackward(x, w_, mean_.data(), rstd_.data(), dy, dx, gw_, gb_, batch * rowsPerSample_, d_, accumulate);
+  }
+
+  void backwardAddingGrad(const float* x, const float*, const float* dy, const float* residualGrad, float* dx,
+                          int batch, bool accumulate) override {
+    DTRAIN_CHECK(dx != nullptr && residualGrad != nullptr && residualGrad != dx && residualGrad != dy,
+                 "{}: the residual gradient must be a buffer of its own, added into a dx", spec().path);
+    k::residualLayerNormBackward(x, w_, mean_.data(), rstd_.data(), dy, residualGrad, dx, gw_, gb_,
+                                 batch * rowsPerSample_, d_, accumulate);
   }
 
  private:

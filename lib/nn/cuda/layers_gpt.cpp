@@ -448,6 +448,11 @@ class Block final : public Layer, public ResidualAddTaker {
     }
     in_.assign(children_.size(), nullptr);
     out_.assign(children_.size(), nullptr);
+    // A first child that is a layernorm adds the residual's gradient as it stores dx (docs/gpu.md "Fused residual
+    // gradient + LayerNorm backward"): backward then skips its k::add(dy, g, dx).
+    const bool lnFirst = !spec.children.empty() && spec.children.front().type() == "layernorm";
+    if (lnFirst && residualLayerNormBackwardFusionOn())
+      gradTaker_ = dynamic_cast<ResidualGradTaker*>(children_.front().get());
     reseed(build.seed, 0);  // the children's streams as Model::reseedDropout(build.seed, 0) keys them
   }
 
@@ -510,6 +515,12 @@ class Block final : public Layer, public ResidualAddTaker {
     float* gradB = scratch_ != nullptr ? scratch_->data(SharedScratch::kGradB) : gradB_.data();
     const float* g = dy;
     for (size_t i = children_.size(); i-- > 0;) {
+      if (i == 0 && gradTaker_ != nullptr && dx != nullptr) {
+        // The layernorm stores dx = dy + its input gradient: the add below, in its dx kernel, the same bits. dy is
+        // the model's buffer, g this block's scratch, dx the model's other buffer: three distinct buffers.
+        gradTaker_->backwardAddingGrad(in_[0], out_[0], g, dy, dx, batch, accumulate);
+        return;
+      }
       const bool aliasing = out_[i] == in_[i];
       float* d = nullptr;
       if (i > 0 || dx != nullptr) d = g == gradA ? gradB : gradA;
@@ -523,6 +534,7 @@ class Block final : public Layer, public ResidualAddTaker {
   bool inPlace_;  // blockAddsInPlace: the last child writes into y (its outs_ entry is empty)
   bool addFused_ = false;      // the next layer (a layernorm) adds x into y (fuseWithNext)
   const float* x_ = nullptr;   // x of the last forward, for that layer
+  ResidualGradTaker* gradTaker_ = nullptr;  // the first child, when it adds dy into dx (a layernorm), or null
   std::vector<std::unique_ptr<Layer>> children_;
   std::vector<DeviceFloats> outs_;
   std::vector<size_t> counts_;

@@ -55,6 +55,13 @@ int Rendezvous::waitForNextRound(int round, Deadline& deadline) {
               "spare for a later round (one that re-forms after a failure, a lost node or another join){}",
               round, members, std::min(joined, options_.maxNodes),
               options_.hostsStore ? "; it hosts the rendezvous store, so stopping it ends the job" : "");
+  } else {
+    // A full fixed-size round: the node used to wait without a word.
+    log::info("rendezvous: round {} already runs {} node(s), the most this job takes (--nnodes {}); this node "
+              "waits for a later round (one that re-forms after a failure or a lost node), or the job's end",
+              round, members, options_.maxNodes == options_.minNodes
+                                  ? std::to_string(options_.maxNodes)
+                                  : fmt::format("{}:{}", options_.minNodes, options_.maxNodes));
   }
   // A job that ends while we wait is reported within a slice, not after the whole timeout. While the round
   // runs (its node 0 heartbeats), a spare waits on: the timeout counts from the last beat it saw, so only a
@@ -130,7 +137,10 @@ void Rendezvous::leaveAsSpare(int round, int signal, bool waiting) {
 }
 
 bool Rendezvous::waitSparesAcknowledged(int round, Millis timeout) {
-  if (store_->add(key(round, "waiting"), 0) == 0) return true;
+  const int64_t waiting = store_->add(key(round, "waiting"), 0);
+  if (waiting == 0) return true;
+  log::debug("waiting up to {} ms for {} agent(s) waiting for a round after round {} to see the job's end",
+             timeout.count(), waiting, round);
   return store_->wait({key(round, "waiting_acked")}, timeout);
 }
 

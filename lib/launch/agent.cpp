@@ -149,6 +149,13 @@ char gTokenFileToRemove[4096] = "";
 // running round for nothing, and the store's host waited 5 s for it at the job's end).
 volatile sig_atomic_t gDeferStop = 0;
 volatile sig_atomic_t gDeferredStop = 0;
+// From the end of a round until the agent knows what comes next, and from then to its exit once the job's
+// outcome is decided (every worker finished, or the job failed for good), a stop signal is only recorded here:
+// ending the agent there turned a job that had completed into 128+signal while the store's host waited for the
+// other agents to read the outcome, or while --timeline was written. Before the decision the agent folds it into
+// the round's outcome (as RoundRunner::lateStopSignal); after it the decided exit code stands.
+volatile sig_atomic_t gRecordStopOnly = 0;
+volatile sig_atomic_t gRecordedStop = 0;
 
 // The agent hosting the store outlives the other agents' last reads at the job's end (each bounded by
 // kLingerForPeers): the `members` agents of `round` (0: do not wait for them) acknowledging it
@@ -169,6 +176,10 @@ void lingerForPeers(rendezvous::Rendezvous& rdzv, int round, int members) {
 }
 
 extern "C" void stopOutsideRound(int sig) {
+  if (gRecordStopOnly) {
+    if (!gRecordedStop) gRecordedStop = sig;
+    return;
+  }
   if (gDeferStop && !gDeferredStop) {  // a second signal (say, a store that stopped answering) ends it at once
     gDeferredStop = sig;
     return;
@@ -183,6 +194,13 @@ extern "C" void stopOutsideRound(int sig) {
 // ignored during the rendezvous; SIGHUP and SIGQUIT unless inherited ignored, as under nohup).
 void handleStopSignalsOutsideRounds(const std::vector<int>& stopSignals) {
   for (int sig : stopSignals) ::signal(sig, stopOutsideRound);
+}
+
+// A stop signal recorded after the job's outcome was decided (gRecordStopOnly): say that it changed nothing.
+void reportStopAfterOutcome(int exitCode) {
+  if (const int sig = gRecordedStop)
+    log::info("SIG{} came after the job's outcome was decided ({}): exit {} as decided",
+              sigabbrev_np(sig), exitCode == 0 ? "it completed" : "it had ended", exitCode);
 }
 
 void printBlock(log::Level level, const std::string& text) {
@@ -489,14 +507,17 @@ int Agent::run() {
       stopOutsideRound(e.signal);  // not armed any more: ends the agent by the signal
     } catch (const rendezvous::JobEndedWhileWaiting& e) {
       // A spare (or a node that asked to join) whose job ended without it: it exits with the job's result. Hosting
-      // the store, it first lets the round's agents finish their last reads (as a member host does).
+      // the store, it first lets the round's agents finish their last reads (as a member host does); a stop signal
+      // meanwhile changes nothing (gRecordStopOnly).
+      gRecordStopOnly = 1;
       if (hosting_) lingerForPeers(rdzv, e.round, e.members);
-      if (e.outcome.type == RoundEventType::kDone) {
-        log::info("{}: the job completed without this node (exit 0)", e.what());
-        return 0;
-      }
-      log::error("{}", e.what());
-      return e.outcome.exitCode != 0 ? e.outcome.exitCode : static_cast<int>(ExitCode::kRendezvous);
+      const int code = e.outcome.type == RoundEventType::kDone ? 0
+                       : e.outcome.exitCode != 0               ? e.outcome.exitCode
+                                                               : static_cast<int>(ExitCode::kRendezvous);
+      if (code == 0) log::info("{}: the job completed without this node (exit 0)", e.what());
+      else log::error("{}", e.what());
+      reportStopAfterOutcome(code);
+      return code;
     }
     // A stop recorded after join()'s last look (it disarmed on its way out with a round): as the signal would.
     if (gDeferredStop) stopOutsideRound(gDeferredStop);
@@ -520,6 +541,7 @@ int Agent::run() {
     std::optional<int> interrupted;
     bool lostStore = false;
     bool workersCompleted = false;
+    bool signalBeforeWorkersFinished = false;
     {
       boost::asio::io_context io;
       RoundRunner runner(io, ctx);
@@ -528,17 +550,34 @@ int Agent::run() {
       if (!interrupted) interrupted = runner.lateStopSignal();  // came as the round ended: it still stops the job
       lostStore = runner.lostStore();
       workersCompleted = round.numNodes == 1 && runner.workersCompletedDespiteSignal();
+      signalBeforeWorkersFinished = runner.interruptedBy() && !runner.signalAfterWorkersExited();
     }
+    // Until the agent knows what comes next, a stop signal is recorded, not acted on (gRecordStopOnly).
+    gRecordedStop = 0;
+    gRecordStopOnly = 1;
+    handleStopSignalsOutsideRounds(stopSignals);
     if (timeline_ && !lostStore) timeline_->afterRound(round.round, round.nodeRank, round.numNodes);
     ::signal(SIGUSR1, SIG_IGN);  // the round's signal_set restored the default action
     ::signal(SIGUSR2, SIG_IGN);
-    handleStopSignalsOutsideRounds(stopSignals);
+    if (!interrupted && gRecordedStop) interrupted = static_cast<int>(gRecordedStop);  // as a late stop signal
+    gRecordedStop = 0;
     RestartBudget budget{round.restartCount, options_.maxRestarts, round.reformCount, options_.maxReforms,
                          options_.minNodes < options_.maxNodes};
     auto after = decideAfterRound(event, interrupted, budget, lostStore, workersCompleted);
+    if (!after.exits()) {
+      gRecordStopOnly = 0;  // the job goes on: a stop signal from here on ends the agent, as between rounds
+      if (const int sig = gRecordedStop) stopOutsideRound(sig);  // came between the decision and this line
+    }
     reportAfterRound(after, event, budget);
-    if (interrupted && after.verdict == RoundVerdict::kSucceeded)
-      log::info("SIG{} came after every worker had finished: the job completed (exit 0)", sigabbrev_np(*interrupted));
+    if (interrupted && after.verdict == RoundVerdict::kSucceeded) {
+      if (signalBeforeWorkersFinished)
+        log::info("SIG{} reached the workers, but every worker exited 0: dtrain's trainer exits 0 only when its "
+                  "training is complete (the model written, or a checkpoint already at the end of the run): the job "
+                  "completed (exit 0)",
+                  sigabbrev_np(*interrupted));
+      else
+        log::info("SIG{} came after every worker had finished: the job completed (exit 0)", sigabbrev_np(*interrupted));
+    }
     if (metrics_ && after.verdict != RoundVerdict::kSucceeded)
       metrics_->noteEvent(fmt::format("round {}: {}{}", round.round, event.message.empty() ? "ended" : event.message,
                                       after.verdict == RoundVerdict::kRestart ? "; restarting the workers"
@@ -580,6 +619,7 @@ int Agent::run() {
       if (hosting_ && !lostStore) lingerForPeers(rdzv, round.round, acknowledged ? round.numNodes : 0);
       // The other agents shipped their parts before acknowledging the end: they are in the store by now.
       if (timeline_ && timeline_->collects()) timeline_->write(options_.jobName, runId_, lostStore ? 0s : 30s);
+      reportStopAfterOutcome(after.exitCode);
       return after.exitCode;
     }
     storeCall([&] { rdzv.advance(round.round, after.verdict == RoundVerdict::kRestart); }, "moving to the next round");

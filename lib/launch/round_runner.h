@@ -106,6 +106,8 @@ class RoundRunner {
   // stays succeeded) or they are dtrain's own trainer, whose exit 0 means its training completed
   // (LaunchOptions::trainerWorkers; a worker of another program that exits 0 on the forwarded signal was stopped).
   bool workersCompletedDespiteSignal() const;
+  // After run(): the first stop signal of the round found every local worker already exited.
+  bool signalAfterWorkersExited() const { return signalAfterWorkersExited_; }
 
  private:
   struct Worker {

@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "tests/integration/launch_helpers.h"
+#include "tests/integration/train_helpers.h"
 
 using namespace dtrain::testing;
 using namespace std::chrono_literals;
@@ -191,6 +192,61 @@ TEST_CASE("SIGINT ends `dtrain run JOB.json` while the agent validates the job, 
   CHECK_FALSE(r.timedOut);
   CHECK(r.exitCode == 128 + SIGINT);
   CHECK(r.out.find("[n0 r0]") == std::string::npos);  // no worker started
+}
+
+TEST_CASE("SIGINT while the store's host waits for the other agents after the job completed: exit 0 as decided") {
+  // Every worker exited 0, so the job completed; the store's host then waits (up to 5 s) for every agent to read
+  // the outcome. A SIGINT there ended it with 130 (and the agent still waiting lost the store: exit 4). A third
+  // agent, stopped with SIGSTOP while it waits for a later round, holds node 0 in that wait: no timing involved.
+  const std::string dir = tempDir("late_int");
+  const int port = freePort();
+  const std::string id = uniqueRunId("lateint");
+  const std::string script = fmt::format("echo started; while [ ! -e {0}/go ]; do sleep 0.05; done; echo bye", dir);
+  auto agent = [&](int nodeRank) {
+    return runArgs({"--nnodes", "2", "--nproc-per-node", "1", "--node-rank", std::to_string(nodeRank),
+                    "--rdzv-endpoint", fmt::format("127.0.0.1:{}", port), "--rdzv-id", id, "--", "sh", "-c", script});
+  };
+  Background node0(agent(0), {.env = {{"DTRAIN_LOG_LEVEL", "debug"}}});
+  Background node1(agent(1));
+  node0.waitForLine("[n0 r0] started", 60s);
+  node1.waitForLine("[n1 r1] started", 60s);
+  Background spare(agent(1));
+  spare.waitForLine("this node waits for a later round", 60s, /*fromStderr=*/true);
+  spare.signal(SIGSTOP);
+  writeFile(dir + "/go", "");
+  node0.waitForLine("to see the job's end", 60s, /*fromStderr=*/true);
+  node0.signal(SIGINT);
+  auto r0 = node0.wait(60s);  // after the 5 s wait: the stopped agent never acknowledges
+  auto r1 = node1.wait(60s);
+  spare.signal(SIGCONT);
+  spare.wait(60s);
+  INFO(r0.err, r1.err);
+  CHECK(r0.exitCode == 0);
+  CHECK(r1.exitCode == 0);
+  CHECK(r0.err.find("SIGINT came after the job's outcome was decided (it completed): exit 0 as decided") !=
+        std::string::npos);
+  CHECK(processesWithRunId(id).empty());
+}
+
+TEST_CASE("SIGINT to a run whose checkpoint is already at its end: exit 0, and the log says what happened") {
+  // The workers resume at the end, write the model and exit 0 whether or not the forwarded SIGINT reached them. The
+  // log said "SIGINT came after every worker had finished" also when the agent had forwarded it to running workers.
+  const std::string dir = tempDir("early_int");
+  writeFile(dir + "/job.json", smallJob(48, 8, 1).dump());
+  const auto args = runArgs({"--standalone", "--nproc-per-node", "2", dir + "/job.json", "--output-dir", dir + "/out"});
+  REQUIRE(run(args, {.timeout = 60s}).exitCode == 0);
+  for (int i = 0; i < 3; ++i) {
+    CAPTURE(i);
+    Background agent(args);
+    agent.waitForLine("nothing left to train", 60s);
+    agent.signal(SIGINT);
+    auto r = agent.wait(60s);
+    INFO(r.out, r.err);
+    CHECK(r.exitCode == 0);
+    const bool forwarded = r.err.find("received SIGINT: stopping the workers") != std::string::npos;
+    CHECK((r.err.find("SIGINT came after every worker had finished") != std::string::npos) == !forwarded);
+    CHECK((r.err.find("SIGINT reached the workers, but every worker exited 0") != std::string::npos) == forwarded);
+  }
 }
 
 TEST_CASE("SIGTERM stops a job whose workers crash-loop, wherever in the restart loop it lands") {

@@ -7,9 +7,12 @@
 // - Shape: dimensions in row-major (C / PyTorch contiguous) order, at most kMaxRank of them, stored inline (no
 //   heap), so shapes can be copied freely in the training loop.
 // - Device: cpu, or cuda:N (N = index among the visible GPUs, i.e. after CUDA_VISIBLE_DEVICES).
-// - TensorView: {pointer, shape, dtype, device}. Never owns or allocates; whoever created the buffer keeps it
+// - TensorView: {pointer, shape, dtype, device, ld}. Never owns or allocates; whoever created the buffer keeps it
 //   alive for as long as a view of it is used. A flat buffer (collectives, gradient buckets) is a view of
-//   rank 1: TensorView::flat(ptr, count, dtype, device).
+//   rank 1: TensorView::flat(ptr, count, dtype, device). Packed (row-major contiguous) unless ld says otherwise:
+//   ld is the leading dimension, elements between the starts of consecutive rows (a row: the last dimension), for
+//   a view of rows laid out further apart (the bf16 gradient a GPU cross_entropy writes over its float32 logits:
+//   ld 2 x classes). Only code that says so accepts such a view; numel()/bytes() count the values, not the span.
 // Thread-safety: plain values; no shared state. Errors: dtrain::Error (a programming error: a rank above
 // kMaxRank, a typed access of the wrong dtype).
 #pragma once
@@ -142,8 +145,12 @@ struct TensorView {
   Shape shape;
   DType dtype = DType::kFloat32;
   Device device;
+  int64_t ld = 0;  // elements between row starts; 0: packed (the last dimension's size)
 
   int64_t numel() const noexcept { return shape.numel(); }
+  // The row stride in elements: ld, or the last dimension's size for a packed view (1 for a scalar).
+  int64_t rowStride() const noexcept { return ld != 0 ? ld : (shape.rank() > 0 ? shape.back() : 1); }
+  bool packed() const noexcept { return ld == 0 || ld == (shape.rank() > 0 ? shape.back() : 1); }
   size_t bytes() const noexcept { return static_cast<size_t>(numel()) * dtypeSize(dtype); }
   // Typed access; throws dtrain::Error when the dtype does not match (a programming error).
   template <class T>

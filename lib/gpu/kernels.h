@@ -145,14 +145,17 @@ void dropout(const float* in, const DropoutDraw& draw, float* out, size_t n);
 // diff != nullptr), rowLoss[r] = logsumexp - logit[label] (double) and rowCorrect[r] = (argmax == label, the
 // first maximum as torch.argmax); a label outside [0, classes) sets *badRow to the smallest such row (initialise
 // it to INT32_MAX) and contributes nothing. rowStats (when not nullptr): the row's maximum and sum of exp(x - max),
-// two floats per row (loss_grad.h), for crossEntropyGradBf16.
+// two floats per row (loss_grad.h), for crossEntropyGradBf16InPlace.
 void crossEntropyRows(const float* logits, const void* labels, bool labels64, int64_t rows, int64_t classes,
                       float* diff, double* rowLoss, int32_t* rowCorrect, int32_t* badRow, float* rowStats = nullptr);
-// The bf16 gradient of "precision": "bf16" (loss_grad.h): grad[r, c] = bf16 of (softmax - onehot)[r, c] * factor,
-// recomputed from the same logits and labels and the rowStats a crossEntropyRows call wrote; bit for bit toBf16 of
-// scale(diff, factor) of that call's diff. grad: rows x classes 2-byte values.
-void crossEntropyGradBf16(const float* logits, const void* labels, bool labels64, int64_t rows, int64_t classes,
-                          const float* rowStats, float factor, void* grad);
+// The bf16 gradient of "precision": "bf16" (loss_grad.h), written in place over the logits: row r's
+// grad[r, c] = bf16 of (softmax - onehot)[r, c] * factor goes to bf16 element r * 2 * classes + c of the same memory
+// (a [rows, classes] bf16 matrix with leading dimension crossEntropyGradLd(classes) = 2 x classes), recomputed from
+// the float32 logits, the labels and the rowStats a crossEntropyRows call wrote; bit for bit toBf16 of
+// scale(diff, factor) of that call's diff (and 4071a74's out-of-place kernel). The logits are no longer valid
+// afterwards. One block per row, 256 columns a pass, each pass read before it is written (loss_grad.h's proof).
+void crossEntropyGradBf16InPlace(float* logits, const void* labels, bool labels64, int64_t rows, int64_t classes,
+                                 const float* rowStats, float factor);
 // diff = y - t; sq[i] = (double)diff^2.
 void mseRows(const float* y, const float* t, float* diff, double* sq, size_t n);
 // bce_with_logits over n logits x (one per sample) and targets of `targetKind` (float32 in [0, 1], or int32/int64

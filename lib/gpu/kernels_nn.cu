@@ -239,10 +239,25 @@ __global__ void crossEntropyKernel(const float* logits, const void* labels, bool
   }
 }
 
-__global__ void crossEntropyGradBf16Kernel(const float* logits, const void* labels, bool labels64, int64_t classes,
-                                           const float* rowStats, float factor, uint16_t* grad, size_t n) {
-  DTRAIN_GRID_STRIDE(i, n) {
-    grad[i] = crossEntropyGradBf16Element(logits, labels, labels64, classes, rowStats, factor, static_cast<int64_t>(i));
+// loss_grad.h's Block on the device: each thread runs f for itself, held in a register; sync is __syncthreads.
+struct DeviceBlock {
+  uint16_t held = 0;
+  template <class F>
+  __device__ void each(F&& f) {
+    f(static_cast<int64_t>(threadIdx.x), held);
+  }
+  __device__ void sync() { __syncthreads(); }
+};
+
+// One block of kCrossEntropyChunk threads per row (grid-stride over rows): loss_grad.h's
+// crossEntropyGradBf16InPlaceRow writes the row's bf16 gradient over the first half of its float32 logits.
+__global__ void crossEntropyGradBf16InPlaceKernel(float* logits, const void* labels, bool labels64, int64_t rows,
+                                                  int64_t classes, const float* rowStats, float factor) {
+  DeviceBlock block;
+  DTRAIN_ROW_STRIDE(r, rows) {
+    crossEntropyGradBf16InPlaceRow(block, logits + r * classes, classes, rowStats[kCrossEntropyStats * r],
+                                   rowStats[kCrossEntropyStats * r + 1],
+                                   crossEntropyLabelColumn(labels, labels64, classes, r), factor);
   }
 }
 
@@ -427,13 +442,13 @@ void crossEntropyRows(const float* logits, const void* labels, bool labels64, in
   DTRAIN_CU_CHECK_LAUNCH("crossEntropyKernel");
 }
 
-void crossEntropyGradBf16(const float* logits, const void* labels, bool labels64, int64_t rows, int64_t classes,
-                          const float* rowStats, float factor, void* grad) {
-  const auto n = static_cast<size_t>(rows) * static_cast<size_t>(classes);
-  if (n == 0) return;
-  crossEntropyGradBf16Kernel<<<blocksFor(n), kThreads>>>(logits, labels, labels64, classes, rowStats, factor,
-                                                         static_cast<uint16_t*>(grad), n);
-  DTRAIN_CU_CHECK_LAUNCH("crossEntropyGradBf16Kernel");
+void crossEntropyGradBf16InPlace(float* logits, const void* labels, bool labels64, int64_t rows, int64_t classes,
+                                 const float* rowStats, float factor) {
+  if (rows == 0 || classes == 0) return;
+  static_assert(kThreads == kCrossEntropyChunk, "one thread per column of a chunk (loss_grad.h)");
+  crossEntropyGradBf16InPlaceKernel<<<rowBlocks(rows), kThreads>>>(logits, labels, labels64, rows, classes, rowStats,
+                                                                   factor);
+  DTRAIN_CU_CHECK_LAUNCH("crossEntropyGradBf16InPlaceKernel");
 }
 
 void mseRows(const float* y, const float* t, float* diff, double* sq, size_t n) {

@@ -90,12 +90,15 @@ class Layer {
   // typed float* only because the interface is: the layer reads x only as a bf16 GEMM operand and writes y rounded
   // (never reading it back). Default: throws dtrain::Error (the kind's flags promise an implementation).
   virtual void setBf16Storage(bool input, bool output);
-  // bf16 gradient of the model's output (registry.h takesBf16OutputGrad; a kind with bf16OutputGrad): Model::backward
-  // calls it on its last layer before each backward whose gradOutput is bf16 (on) or float32 (off), when the model's
-  // outputGradType() is bf16. While on, backward's dy points to 2-byte bfloat16 values, one per element, typed
-  // float* only because the interface is; the layer reads it only as a bf16 GEMM operand. Default: throws
+  // bf16 gradient of the model's output (registry.h takesBf16OutputGrad; a kind with bf16OutputGrad and
+  // backwardIgnoresOutput): Model::backward calls it on its last layer before each backward whose gradOutput is bf16
+  // (on) or float32 (off), when the model's outputGradType() is bf16. While on, backward's dy points to 2-byte
+  // bfloat16 values, typed float* only because the interface is, in rows `ld` elements apart (a row: the output's
+  // last dimension; ld >= that size: the loss writes the gradient over the layer's own output, TensorView::ld), and
+  // y (the layer's output) no longer holds the output: the layer reads dy only as a bf16 GEMM operand with that
+  // leading dimension and never reads y. ld is ignored while off (float32 dy, packed). Default: throws
   // dtrain::Error (the kind's flag promises an implementation).
-  virtual void setBf16OutputGrad(bool on);
+  virtual void setBf16OutputGrad(bool on, int64_t ld);
 
   // y[n, out...] = f(x[n, in...]). `train` switches dropout on.
   virtual void forward(const float* x, float* y, int batch, bool train) = 0;

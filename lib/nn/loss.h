@@ -42,7 +42,8 @@ LossSpec parseLossSpec(const nlohmann::json& loss, const std::string& sourceFile
                        const std::string& jsonPathPrefix = "/loss");
 const char* lossTypeName(LossType type);
 // Whether a loss of `type` on `device` returns its gradient as bf16 when created with gradType kBFloat16:
-// cross_entropy on a GPU (it writes the rounded gradient directly, lib/gpu/loss_grad.h). Others return float32.
+// cross_entropy on a GPU (it writes the rounded gradient directly, over its input logits, lib/gpu/loss_grad.h).
+// Others return float32.
 // Loss::create and dtrain check's memory estimate both follow it.
 bool givesBf16Gradient(LossType type, Device device) noexcept;
 
@@ -101,7 +102,12 @@ class Loss {
   virtual float forward(const TensorView& output, const TensorView& targets) = 0;
   // d(scale * loss)/d(output) of the last forward; scale = 1/k when accumulating k micro-batches; of gradType().
   // The view stays valid until the next forward. A bf16 gradient is recomputed from the forward's output and
-  // targets, which must be unchanged until then.
+  // targets, which must be unchanged until then, and is written over that output (GPU cross_entropy,
+  // kernels::crossEntropyGradBf16InPlace): the view points at the output's memory, row r's gradient in the first
+  // half of row r's float32 bytes, so its ld (TensorView::ld) is 2 x classes, and the output no longer holds the
+  // logits afterwards. A caller asking for bf16 (a model's outputGradType(): its last layer's backward ignores its
+  // output) passes the model's own output to forward and reads the gradient with that stride. A float32 gradient
+  // is packed (ld 0).
   virtual TensorView backward(float scale = 1.0f) = 0;
   // Sums for evaluation; needs no backward and keeps no state.
   virtual EvalSums evaluate(const TensorView& output, const TensorView& targets) const = 0;

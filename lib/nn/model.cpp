@@ -296,7 +296,14 @@ void Model::backward(const TensorView& gradOutput, LayerGradReady onLayerGradRea
                gradOutput.shape.str(), bf16OutputGrad_ ? "float32 or bfloat16" : "float32");
   DTRAIN_CHECK(gradOutput.shape == expected, "output gradient is {} {} but the last forward produced float32 {}",
                dtypeName(gradOutput.dtype), gradOutput.shape.str(), expected.str());
-  if (bf16OutputGrad_) layers_.back()->setBf16OutputGrad(bf16Grad);
+  // A float32 gradient is packed; a bf16 one may have rows further apart (the loss wrote it over the logits: ld
+  // 2 x classes, Loss::backward), which only the last layer reads (it ignores its output: takesBf16OutputGrad).
+  DTRAIN_CHECK(gradOutput.packed() || (bf16Grad && gradOutput.ld > expected.back()),
+               "output gradient is {} {} with rows {} elements apart, but the model takes it packed (rows of {}){}",
+               dtypeName(gradOutput.dtype), gradOutput.shape.str(), gradOutput.ld, expected.back(),
+               bf16OutputGrad_ ? fmt::format(", or as bfloat16 with rows at least {} elements apart", expected.back())
+                               : std::string());
+  if (bf16OutputGrad_) layers_.back()->setBf16OutputGrad(bf16Grad, gradOutput.rowStride());
   const bool accumulate = mode == GradMode::kAccumulate;
   // A bf16 gradOutput is 2-byte values, read as such by the last layer only (setBf16OutputGrad).
   const float* dy = static_cast<const float*>(gradOutput.data);

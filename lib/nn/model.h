@@ -26,7 +26,8 @@
 // the same seed start bit-identical. A GPU model built while nn::bf16ActivationsOn() stores as bf16 the outputs
 // that only the next layer's bf16 GEMMs read (registry.h storesBf16Between; the model's output never is), and, when
 // its last layer reads its output's gradient only as a bf16 GEMM operand (lm_head; registry.h takesBf16OutputGrad),
-// takes that gradient as bf16 (outputGradType(); create the loss with it: Loss::create's gradType).
+// takes that gradient as bf16 (outputGradType(); create the loss with it: Loss::create's gradType), which a GPU
+// cross_entropy writes over the model's output (the logits) rather than into a buffer of its own.
 //
 // Memory: activations, gradients between layers and each layer's scratch are allocated once at build for
 // maxBatch samples, and forward/backward never allocate: a smaller batch (the last one of an epoch) uses the
@@ -145,18 +146,21 @@ class Model {
   ~Model();
 
   // Runs the layers on `batch` samples (1..maxBatch). `train` enables dropout. The returned view points into
-  // the model's buffers (or at x when the model is only flatten layers) and has shape [batch, output...].
+  // the model's buffers (or at x when the model is only flatten layers) and has shape [batch, output...]. It holds
+  // the output until the next forward, or until a loss writes a bf16 gradient over it (outputGradType()).
   TensorView forward(const float* x, int batch, bool train);
-  // Back-propagates gradOutput (shape [batch, output...] of the last forward; float32, or bfloat16 when
-  // outputGradType() is) into grads().
-  // Throws dtrain::Error when called without a forward or with a mismatching shape or dtype.
+  // Back-propagates gradOutput (shape [batch, output...] of the last forward; float32, packed; or bfloat16 when
+  // outputGradType() is, packed or with rows further apart: TensorView::ld, the loss's gradient written over this
+  // model's output, which the last layer's backward does not read) into grads().
+  // Throws dtrain::Error when called without a forward or with a mismatching shape, dtype or stride.
   void backward(const TensorView& gradOutput, LayerGradReady onLayerGradReady = {},
                 GradMode mode = GradMode::kAccumulate);
 
   // The dtype in which backward() would like gradOutput: kBFloat16 for a GPU model built with bf16 activation
   // storage on (device.h bf16ActivationsOn) whose last layer reads that gradient only as a bf16 GEMM operand
-  // (registry.h takesBf16OutputGrad: lm_head), so the loss writes it rounded (Loss::create's gradType) and no float32
-  // copy or conversion of the [batch, output...] gradient exists; else kFloat32. backward() accepts float32 always.
+  // and whose backward ignores its output (registry.h takesBf16OutputGrad: lm_head), so the loss writes it rounded
+  // (Loss::create's gradType), over the output itself (GPU cross_entropy), and no float32 copy, conversion or buffer
+  // of its own of the [batch, output...] gradient exists; else kFloat32. backward() accepts float32 always.
   DType outputGradType() const noexcept { return bf16OutputGrad_ ? DType::kBFloat16 : DType::kFloat32; }
 
   // The gradient of the input of the last backward, shape [batch, input...]; only for a model built with

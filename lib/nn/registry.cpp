@@ -76,9 +76,11 @@ bool storesBf16Between(const LayerSpec& producer, const LayerSpec& consumer) {
   return producer.kind != nullptr && consumer.kind != nullptr && producer.kind->bf16Output && consumer.kind->bf16Input;
 }
 
-bool takesBf16OutputGrad(const LayerSpec& last) { return last.kind != nullptr && last.kind->bf16OutputGrad; }
+bool takesBf16OutputGrad(const LayerSpec& last) {
+  return last.kind != nullptr && last.kind->bf16OutputGrad && last.kind->backwardIgnoresOutput;
+}
 
-void Layer::setBf16OutputGrad(bool /*on*/) {
+void Layer::setBf16OutputGrad(bool /*on*/, int64_t /*ld*/) {
   DTRAIN_THROW(Error, "{}: layer '{}' on {} cannot take its output's gradient as bf16", spec().path, spec().type(),
                device().str());
 }

@@ -140,9 +140,10 @@ struct LayerKind {
   // not relu, tanh or sigmoid, whose derivatives are taken from y): a sequence may overwrite y once the next layer
   // has read it (a block adds its residual into its last child's output: blockAddsInPlace).
   bool backwardIgnoresOutput = false;
-  // bf16OutputGrad: the CUDA layer reads the gradient of its output (backward's dy) only as a bf16 GEMM operand
-  // (lm_head: dW = dy^T x and dx = dy W), so as the model's last layer it may take that gradient in bf16 straight from
-  // the loss (takesBf16OutputGrad; Model::outputGradType). Such a CUDA layer implements Layer::setBf16OutputGrad.
+  // bf16OutputGrad: the CUDA layer reads the gradient of its output (backward's dy) only as a bf16 GEMM operand, at
+  // any leading dimension (lm_head: dW = dy^T x and dx = dy W), so as the model's last layer it may take that gradient
+  // in bf16 straight from the loss, written over its output when backwardIgnoresOutput is set too
+  // (takesBf16OutputGrad; Model::outputGradType). Such a CUDA layer implements Layer::setBf16OutputGrad.
   bool bf16OutputGrad = false;
   // A valid layer object and per-sample input shape (JSON text), so tests cover every registered type.
   std::string_view exampleLayer;
@@ -178,8 +179,9 @@ bool storesBf16Between(const LayerSpec& producer, const LayerSpec& consumer);
 std::vector<char> bf16StoredOutputs(std::span<const LayerSpec> sequence);
 // bf16 gradient of a model's output (docs/gpu.md "bf16"): whether a GPU model with bf16 activation storage on, whose
 // last layer is `last`, takes the gradient of its output from the loss as bf16 (Model::outputGradType): last's kind
-// has bf16OutputGrad. The rule of the CUDA model and of the memory estimate (with nn::givesBf16Gradient for the
-// loss's side), so both count the same buffer.
+// has bf16OutputGrad and backwardIgnoresOutput (the loss writes the gradient over the output, which the layer's
+// backward then must not read). The rule of the CUDA model and of the memory estimate (with nn::givesBf16Gradient
+// for the loss's side), so both count the same buffers (none for the gradient: it lives in the output's).
 bool takesBf16OutputGrad(const LayerSpec& last);
 // Tells each layer of a built sequence what bf16StoredOutputs(specs) decided (Layer::setBf16Storage: its input
 // when the previous output is bf16, its output when its own is), for the layers concerned only.

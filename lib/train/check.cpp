@@ -165,14 +165,15 @@ MemoryEstimate estimateMemory(const Job& job, int worldSize, std::optional<int64
   const std::vector<char> bf16Outputs =
       bf16 ? nn::bf16StoredOutputs(job.model.layers) : std::vector<char>(job.model.layers.size(), 0);
   // The model's output gradient is the loss's: bf16 when the last layer takes it so and the loss gives it
-  // (nn::takesBf16OutputGrad, nn::givesBf16Gradient; a bf16 GPT's logits' gradient).
+  // (nn::takesBf16OutputGrad, nn::givesBf16Gradient; a bf16 GPT's logits' gradient), and then written over the output
+  // itself (kernels::crossEntropyGradBf16InPlace): no bytes of its own.
   const bool bf16OutputGrad = bf16 && !job.model.layers.empty() && nn::takesBf16OutputGrad(job.model.layers.back()) &&
                               nn::givesBf16Gradient(job.loss.type, job.device);
   int64_t halves = satMul(satNumel(job.model.input), 2);
   for (size_t i = 0; i < job.model.layers.size(); ++i) {
     const auto& l = job.model.layers[i];
     const bool last = i + 1 == job.model.layers.size();
-    const int64_t gradHalves = last && bf16OutputGrad ? 1 : 2;
+    const int64_t gradHalves = last && bf16OutputGrad ? 0 : 2;
     const int64_t outputHalves = satMul(satNumel(l.output), (bf16Outputs[i] != 0 ? 1 : 2) + gradHalves);
     halves = satAdd(halves, satAdd(outputHalves, satMul(nn::keptFloatsOf(l, target), 2)));
   }

@@ -49,8 +49,9 @@ void checkScheduleFitsRun(const Job& job, int64_t totalSteps, const std::string&
 //     for backward (nn::keptFloatsOf on the job's device: a block's inner outputs, attention's qkv and heads, and
 //     on the CPU its probabilities [H, T, T], on a GPU with the fused kernels its log-sum-exp rows [H, T]) (float32;
 //     with "precision": "bf16" on a GPU, 2 bytes for the values stored as bf16: nn::storesBf16Between's outputs,
-//     the matmul attention's qkv and heads, and the model output's gradient where the last layer takes it as bf16
-//     and the loss gives it so, nn::takesBf16OutputGrad and nn::givesBf16Gradient: a GPT's logits' gradient);
+//     the matmul attention's qkv and heads; and nothing for the model output's gradient where the last layer takes
+//     it as bf16 and the loss gives it so, nn::takesBf16OutputGrad and nn::givesBf16Gradient: a GPT's logits'
+//     gradient, written over the logits);
 //   data: the training and eval sets as floats when their size is known from the spec (synthetic), else 0;
 //   compression: the gradient compression hook's buffers (compressionBufferBytes) at `worldSize` ranks; with
 //     "device": "cuda", top-k and PowerSGD add the pinned host copy of the gradient arena they compute on (4 bytes

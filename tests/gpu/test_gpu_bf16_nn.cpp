@@ -44,6 +44,8 @@ struct Run {
   size_t activationBytes = 0;
   size_t lossBytes = 0;  // device memory the loss allocated
   DType gradType = DType::kFloat32;
+  bool gradOverOutput = false;  // every step's gradient view pointed at the model's output (the logits)
+  int64_t gradLd = -1;          // the gradient view's TensorView::ld (the last step's)
 };
 
 // Three AdamW steps of `spec` (batch 3 of `tokens`-style inputs and class labels) on a GPU model built with bf16
@@ -73,10 +75,14 @@ Run train(const json& spec, bool storage, bool tokens, int64_t classes, bool bf1
   r.lossBytes = gpu::allocatedBytes().current - before;
   r.gradType = loss->gradType();
   auto opt = Optimizer::create({.type = OptimizerType::kAdamW, .lr = 0.01}, model.numParams(), kGpu);
+  r.gradOverOutput = true;
   for (int step = 0; step < 3; ++step) {
-    r.losses.push_back(loss->forward(model.forward(dX.data(), batch, true),
-                                     TensorView::of(reinterpret_cast<int32_t*>(dLabels.data()), labelShape, kGpu)));
-    model.backward(loss->backward(), {}, GradMode::kOverwrite);
+    const TensorView y = model.forward(dX.data(), batch, true);
+    r.losses.push_back(loss->forward(y, TensorView::of(reinterpret_cast<int32_t*>(dLabels.data()), labelShape, kGpu)));
+    const TensorView g = loss->backward();
+    r.gradOverOutput = r.gradOverOutput && g.data == y.data;
+    r.gradLd = g.ld;
+    model.backward(g, {}, GradMode::kOverwrite);
     opt->step(model.params(), model.grads());
   }
   r.grads = toHost(model.grads().data(), model.grads().size());
@@ -235,11 +241,12 @@ TEST_CASE("with a GPU: the bf16 fused kernels reading bf16-stored q, k, v give t
   }
 }
 
-// The logits' gradient in bf16 (docs/gpu.md "bf16"): cross-entropy writes it rounded (lib/gpu/loss_grad.h) and
-// lm_head's GEMMs read it as it is, instead of the loss writing it in float32 and the GEMMs rounding it into the
-// conversion scratch. Same bits: a failure means the device computed softmax - onehot differently in
-// crossEntropyGradBf16Kernel than in crossEntropyKernel (nvcc contracting the expression otherwise), or cuBLAS
-// chose another algorithm for the operand read in place.
+// The logits' gradient in bf16 (docs/gpu.md "bf16"): cross-entropy writes it rounded over the logits themselves
+// (lib/gpu/loss_grad.h, leading dimension 2 x vocabulary) and lm_head's GEMMs read it there as it is, instead of
+// the loss writing it in float32 and the GEMMs rounding it into the conversion scratch. Same bits: a failure means
+// the device computed softmax - onehot differently in crossEntropyGradBf16InPlaceKernel than in crossEntropyKernel
+// (nvcc contracting the expression otherwise), or cuBLAS chose another algorithm for the operand read in place, at
+// its leading dimension of 2 x vocabulary, than for the packed scratch.
 TEST_CASE("with a GPU: the bf16 logits' gradient leaves a bf16 GPT's steps bit-identical, in less memory") {
   const Bf16Scope bf16;
   for (AttentionKernel kernel : {AttentionKernel::kMatmul, AttentionKernel::kFused}) {
@@ -253,11 +260,16 @@ TEST_CASE("with a GPU: the bf16 logits' gradient leaves a bf16 GPT's steps bit-i
       const Run b16 = train(spec, true, true, 300, true);
       CHECK(f32.gradType == DType::kFloat32);
       CHECK(b16.gradType == DType::kBFloat16);
+      // In place: the gradient is the logits' memory, rows 2 x 300 bf16 values apart; the float32 one is packed.
+      CHECK(b16.gradOverOutput);
+      CHECK(b16.gradLd == 600);
+      CHECK_FALSE(f32.gradOverOutput);
+      CHECK(f32.gradLd == 0);
       CHECK(sameBits(f32.losses, b16.losses));
       CHECK(sameBits(f32.grads, b16.grads));
       CHECK(sameBits(f32.params, b16.params));
-      // The loss's [3, 16, 300] gradient: 2 bytes a value instead of 4 (plus 2 floats of statistics a row).
-      CHECK(b16.lossBytes < f32.lossBytes);
+      // The loss's [3, 16, 300] gradient: no buffer instead of 4 bytes a value (2 floats of statistics a row).
+      CHECK(f32.lossBytes - b16.lossBytes >= size_t{3 * 16 * 300 * 4 - 3 * 16 * 2 * 4});
       MESSAGE("loss buffers " << f32.lossBytes << " -> " << b16.lossBytes << " bytes");
     }
   }

@@ -1,16 +1,20 @@
 // The bf16 gradient of cross-entropy ("precision": "bf16", docs/gpu.md "bf16") emulated on the CPU (no GPU needed):
-// kernels_nn.cu's crossEntropyGradBf16Kernel runs every thread of its launch grid through loss_grad.h (the code the
-// kernel runs), from the row statistics crossEntropyKernel keeps, and is compared bit for bit with the three steps it
-// replaces: crossEntropyKernel's float32 diff (emulated block by block: the per-thread maxima and sums, the halving
-// trees), kernels::scale of it by the same factor, and toBf16's rounding. The float32 diff is compared with lib/nn's
-// CPU cross-entropy. What this cannot show is the device itself (that nvcc computes the diff alike in both kernels,
-// and the device's expf): the `gpu` case in test_gpu_bf16_nn.cpp compares whole steps with and without the bf16
-// gradient.
+// 4071a74's out-of-place kernel (crossEntropyGradBf16Element, every thread of its launch grid) from the row
+// statistics crossEntropyKernel keeps is compared bit for bit with the three steps it replaced: crossEntropyKernel's
+// float32 diff (emulated block by block: the per-thread maxima and sums, the halving trees), kernels::scale of it by
+// the same factor, and toBf16's rounding. The float32 diff is compared with lib/nn's CPU cross-entropy. The kernel the
+// loss runs, crossEntropyGradBf16InPlaceKernel, writes that gradient over the logits: its rows
+// (crossEntropyGradBf16InPlaceRow, the code the kernel runs) are emulated on one buffer, the block's threads between
+// barriers in adversarial orders, and compared bit for bit with the out-of-place kernel. What this cannot show is
+// the device itself (that nvcc computes the diff alike in both kernels, and the device's expf): the `gpu` case in
+// test_gpu_bf16_nn.cpp compares whole steps with and without the bf16 gradient.
 #include <doctest/doctest.h>
 
 #include <cmath>
 #include <cstdint>
+#include <array>
 #include <cstring>
+#include <functional>
 #include <vector>
 
 #include "lib/gpu/bf16_store.h"
@@ -154,4 +158,113 @@ TEST_CASE("the bf16 cross-entropy gradient rounds to nearest even and keeps a ro
   }
   CHECK(bf16Value(crossEntropyGradBf16Element(x, labels, false, 2, stats, factor, 0)) ==
         bf16Value(bf16Bits(-0.5f / 3.0f)));
+}
+
+namespace {
+
+// loss_grad.h's Block on one CPU thread: each() queues the work every thread does until the next barrier; sync()
+// (and the kernel's end, flush()) runs it for the block's kCrossEntropyChunk threads in `order`: thread by thread
+// (descending or ascending: one thread runs all its work up to the barrier before the next starts, the legal
+// interleaving that lets a store overtake another thread's read), or phase by phase (every thread's first step, then
+// every thread's second). honourBarriers false makes sync() a no-op: the block without its barrier, which the
+// emulation must catch.
+enum class Order { kThreadsDescending, kThreadsAscending, kPhases };
+
+struct HostBlock {
+  Order order = Order::kThreadsDescending;
+  bool honourBarriers = true;
+  std::vector<std::function<void(int64_t, uint16_t&)>> pending;
+  std::array<uint16_t, kCrossEntropyChunk> held{};
+
+  template <class F>
+  void each(F&& f) {
+    pending.emplace_back(std::forward<F>(f));
+  }
+  void sync() {
+    if (honourBarriers) flush();
+  }
+  void flush() {
+    const auto threads = static_cast<int64_t>(held.size());
+    if (order == Order::kPhases) {
+      for (auto& f : pending)
+        for (int64_t t = 0; t < threads; ++t) f(t, held[static_cast<size_t>(t)]);
+    } else {
+      for (int64_t i = 0; i < threads; ++i) {
+        const int64_t t = order == Order::kThreadsDescending ? threads - 1 - i : i;
+        for (auto& f : pending) f(t, held[static_cast<size_t>(t)]);
+      }
+    }
+    pending.clear();
+  }
+};
+
+// crossEntropyGradBf16InPlaceKernel over `logits` ([rows, classes] float32, overwritten): one block per row (rows
+// share no bytes, so the blocks' order does not matter; last row first here), each row through
+// crossEntropyGradBf16InPlaceRow as the kernel calls it.
+void emulateInPlace(float* logits, const void* labels, bool labels64, int64_t rows, int64_t classes,
+                    const float* stats, float factor, Order order, bool honourBarriers) {
+  for (int64_t r = rows - 1; r >= 0; --r) {
+    HostBlock block{.order = order, .honourBarriers = honourBarriers};
+    crossEntropyGradBf16InPlaceRow(block, logits + r * classes, classes, stats[kCrossEntropyStats * r],
+                                   stats[kCrossEntropyStats * r + 1],
+                                   crossEntropyLabelColumn(labels, labels64, classes, r), factor);
+    block.flush();  // the kernel's end: every thread's last stores
+  }
+}
+
+// The in-place gradient as a [rows, classes] bf16 matrix with leading dimension crossEntropyGradLd(classes) over the
+// logits' bytes.
+std::vector<uint16_t> readInPlace(const std::vector<float>& buf, int64_t rows, int64_t classes) {
+  std::vector<uint16_t> out(static_cast<size_t>(rows * classes));
+  const auto* bytes = reinterpret_cast<const unsigned char*>(buf.data());
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < classes; ++j)
+      std::memcpy(&out[static_cast<size_t>(r * classes + j)], bytes + 2 * (r * crossEntropyGradLd(classes) + j), 2);
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("the bf16 cross-entropy gradient written over the logits equals the out-of-place kernel, bit for bit") {
+  // Widths around the 256-column chunk and GPT-2's vocabulary; a label outside [0, C) (the forward throws for it,
+  // the kernels give no onehot) in one case.
+  const Case cases[] = {{1, 3, 50257, true, 0.5f}, {2, 2, 257, false, 1.0f},  {3, 1, 256, true, 0.25f},
+                        {1, 4, 255, false, 1.0f},  {2, 3, 1, false, 1.0f},    {1, 2, 513, true, 1.0f / 3.0f}};
+  CHECK(crossEntropyGradLd(50257) == 100514);
+  for (const Case& c : cases) {
+    CAPTURE(c.classes);
+    CAPTURE(c.labels64);
+    const int64_t rows = c.batch * c.positions;
+    const auto n = static_cast<size_t>(rows * c.classes);
+    std::vector<float> x = randomVector(n, static_cast<uint32_t>(n + 11), -6, 6);
+    if (rows > 1) x[static_cast<size_t>(c.classes)] = 40.0f;
+    std::vector<int32_t> l32(static_cast<size_t>(rows));
+    std::vector<int64_t> l64(static_cast<size_t>(rows));
+    for (int64_t r = 0; r < rows; ++r) {
+      l32[static_cast<size_t>(r)] = static_cast<int32_t>((r * 37 + 2) % c.classes);
+      l64[static_cast<size_t>(r)] = l32[static_cast<size_t>(r)];
+    }
+    if (c.classes == 257) l32[1] = 257;  // outside [0, 257)
+    const void* labels = c.labels64 ? static_cast<const void*>(l64.data()) : static_cast<const void*>(l32.data());
+    std::vector<float> diff(n), stats(static_cast<size_t>(kCrossEntropyStats * rows));
+    emulateForward(x.data(), labels, c.labels64, rows, c.classes, diff.data(), stats.data());
+    const float factor = c.scale / static_cast<float>(rows);
+    std::vector<uint16_t> expected(n);
+    gridStride(n, [&](size_t i) {
+      expected[i] = crossEntropyGradBf16Element(x.data(), labels, c.labels64, c.classes, stats.data(), factor,
+                                                static_cast<int64_t>(i));
+    });
+    for (Order order : {Order::kThreadsDescending, Order::kThreadsAscending, Order::kPhases}) {
+      CAPTURE(static_cast<int>(order));
+      std::vector<float> buf = x;
+      emulateInPlace(buf.data(), labels, c.labels64, rows, c.classes, stats.data(), factor, order, true);
+      CHECK(readInPlace(buf, rows, c.classes) == expected);
+    }
+    // Without the barrier a thread's store overtakes another thread's read (thread 255 of chunk 0 writes into
+    // float32 element 127 before thread 127 reads it): the emulation sees it wherever a row has two columns or more.
+    std::vector<float> buf = x;
+    emulateInPlace(buf.data(), labels, c.labels64, rows, c.classes, stats.data(), factor, Order::kThreadsDescending,
+                   false);
+    CHECK((readInPlace(buf, rows, c.classes) == expected) == (c.classes < 2));
+  }
 }

@@ -615,6 +615,12 @@ TEST_CASE("the bf16 logits' gradient: lm_head takes its dy as bf16 on a GPU, the
   // bias gradient reads dy in float32, and a layernorm is no GEMM.
   CHECK(takesBf16OutputGrad(gpt.layers.back()));
   CHECK_FALSE(takesBf16OutputGrad(gpt.layers.front()));
+  // The loss writes that gradient over the layer's output: a kind whose backward read its output could not take it.
+  LayerKind readsOutput = *gpt.layers.back().kind;
+  readsOutput.backwardIgnoresOutput = false;
+  LayerSpec head = gpt.layers.back();
+  head.kind = &readsOutput;
+  CHECK_FALSE(takesBf16OutputGrad(head));
   const ModelSpec mlp = parseModelSpec(json::parse(R"({"input": [3], "layers": [{"type": "layernorm"},
       {"type": "linear", "out": 4}]})"), "", "/model");
   CHECK_FALSE(takesBf16OutputGrad(mlp.layers[0]));
@@ -644,9 +650,15 @@ TEST_CASE("the bf16 logits' gradient: lm_head takes its dy as bf16 on a GPU, the
   const TensorView bad{half.data(), g.shape, DType::kBFloat16, Device::cpu()};
   CHECK(messageOf([&] { m.backward(bad); }) ==
         "output gradient is bfloat16 [2,8,16] but the model takes its output's gradient as float32");
+  // Only a bf16 gradient may have its rows further apart than the output's (the loss's, written over the logits).
+  std::vector<float> wide(static_cast<size_t>(2 * g.numel()));
+  TensorView strided = TensorView::of(wide.data(), g.shape);
+  strided.ld = 32;
+  CHECK(messageOf([&] { m.backward(strided); }) ==
+        "output gradient is float32 [2,8,16] with rows 32 elements apart, but the model takes it packed (rows of 16)");
   CHECK_NOTHROW(m.backward(g));
   // A layer without the flag asked for a bf16 dy says so.
   auto cpuHead = makeLayer(gpt.layers.back(), {.device = Device::cpu()});
-  CHECK(messageOf([&] { cpuHead->setBf16OutputGrad(true); }) ==
+  CHECK(messageOf([&] { cpuHead->setBf16OutputGrad(true, 32); }) ==
         "/model/layers/4: layer 'lm_head' on cpu cannot take its output's gradient as bf16");
 }

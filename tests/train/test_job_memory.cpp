@@ -61,12 +61,13 @@ TEST_CASE("memory is estimated from the spec, saturating, and a job that cannot 
   // "precision": "bf16" on a GPU stores in 2 bytes what only bf16 GEMMs read (their gradients stay float32):
   // ln_1, ln_2 and ln_f outputs [8, 4] each, gelu's [8, 16], and on the matmul path attention's qkv and heads
   // [8, 16]: 2 bytes less per value, batch 8. The logits'
-  // gradient [8, 16] is bf16 too (cross_entropy writes it so for lm_head), but not with mse, which gives float32.
+  // gradient [8, 16] is bf16 too (cross_entropy writes it so for lm_head) and lives in the logits' own bytes (written
+  // over them): 4 bytes less per value; not with mse, which gives a float32 gradient of its own.
   Job bf16Gpt = gpuGpt;
   bf16Gpt.precision = Job::Precision::kBf16;
   REQUIRE(bf16Gpt.loss.type == nn::LossType::kCrossEntropy);
   CHECK(estimateMemory(gpuGpt).activations - estimateMemory(bf16Gpt).activations ==
-        (3 * 8 * 4 + 8 * 16 + 8 * 16 + 8 * 16) * 2 * 8);
+        (3 * 8 * 4 + 8 * 16 + 8 * 16 + 2 * 8 * 16) * 2 * 8);
   Job mseGpt = bf16Gpt;
   mseGpt.loss.type = nn::LossType::kMse;
   CHECK(estimateMemory(gpuGpt).activations - estimateMemory(mseGpt).activations ==
@@ -74,7 +75,7 @@ TEST_CASE("memory is estimated from the spec, saturating, and a job that cannot 
   // With the fused kernels qkv [8, 12] is bf16 as well, the heads stay float32; the logits' gradient as above.
   gpuGpt.attention = bf16Gpt.attention = nn::AttentionKernel::kFused;
   CHECK(estimateMemory(gpuGpt).activations - estimateMemory(bf16Gpt).activations ==
-        (3 * 8 * 4 + 8 * 16 + 8 * 12 + 8 * 16) * 2 * 8);
+        (3 * 8 * 4 + 8 * 16 + 8 * 12 + 2 * 8 * 16) * 2 * 8);
 
   const MachineMemory small{.available = 1 << 20, .total = 2 << 20};
   CHECK_NOTHROW(checkJobFitsMemory(job, 4, small));

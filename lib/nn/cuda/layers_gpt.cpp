@@ -372,7 +372,7 @@ class CausalSelfAttention final : public Layer {
 class LmHead final : public Layer {
  public:
   LmHead(const LayerSpec& spec, const LayerBuild& build)
-      : Layer(spec, build.device), t_(spec.input[0]), c_(spec.input[1]), v_(spec.vocab) {}
+      : Layer(spec, build.device), t_(spec.input[0]), c_(spec.input[1]), v_(spec.vocab), dyLd_(v_) {}
 
   void bind(float* params, float* grads) override { w_ = params, gw_ = grads; }
   void bindTied(const float* weight, float* grad) override { w_ = weight, gw_ = grad; }
@@ -383,8 +383,14 @@ class LmHead final : public Layer {
   }
   // dy (the logits' gradient) is read only by the two backward GEMMs: as the model's last layer it may come from the
   // loss already in bf16 (Model::outputGradType), and the GEMMs read it as it is instead of rounding an
-  // [rows, vocabulary] copy of it into the conversion scratch, twice.
-  void setBf16OutputGrad(bool on) override { bf16Dy_ = on; }
+  // [rows, vocabulary] copy of it into the conversion scratch, twice. The loss writes it over the logits (y, which
+  // backward never reads), row r in the first half of row r's bytes: lda = ld = 2 x vocabulary.
+  void setBf16OutputGrad(bool on, int64_t ld) override {
+    DTRAIN_CHECK(!on || ld >= v_, "{}: the logits' bf16 gradient has rows {} elements apart, fewer than the {} logits",
+                 spec().path, ld, v_);
+    bf16Dy_ = on;
+    dyLd_ = on ? ld : v_;
+  }
 
   void forward(const float* x, float* y, int batch, bool) override {
     gpu::gemm(false, true, batch * t_, v_, c_, 1.0f, operandOf(x, bf16Input_), c_, w_, c_, 0.0f, y, v_);
@@ -393,14 +399,16 @@ class LmHead final : public Layer {
   void backward(const float* x, const float*, const float* dy, float* dx, int batch, bool accumulate) override {
     const int64_t rows = batch * t_;
     const gpu::GemmOperand g = operandOf(dy, bf16Dy_);
-    gpu::gemm(true, false, v_, c_, rows, 1.0f, g, v_, operandOf(x, bf16Input_), c_, accumulate ? 1.0f : 0.0f, gw_, c_);
-    if (dx != nullptr) gpu::gemm(false, false, rows, c_, v_, 1.0f, g, v_, w_, c_, 0.0f, dx, c_);
+    gpu::gemm(true, false, v_, c_, rows, 1.0f, g, dyLd_, operandOf(x, bf16Input_), c_, accumulate ? 1.0f : 0.0f, gw_,
+              c_);
+    if (dx != nullptr) gpu::gemm(false, false, rows, c_, v_, 1.0f, g, dyLd_, w_, c_, 0.0f, dx, c_);
   }
 
  private:
   int64_t t_, c_, v_;
   bool bf16Input_ = false;
   bool bf16Dy_ = false;  // backward's dy is bf16 (setBf16OutputGrad)
+  int64_t dyLd_ = 0;     // dy's leading dimension: v_ for float32, the loss's (2 v_ in place) for bf16
   const float* w_ = nullptr;
   float* gw_ = nullptr;
 };

@@ -60,21 +60,20 @@ struct Scratch {
 };
 
 // With a bf16 gradient (Loss::create's gradType, "precision": "bf16": the model's last layer reads it only as a bf16
-// GEMM operand) forward keeps no diff, only each row's maximum and sum (2 floats per row) and where the logits and
-// labels are; backward recomputes softmax - onehot from them, scales it and writes it rounded to bf16 in one pass
-// (kernels::crossEntropyGradBf16, lib/gpu/loss_grad.h): the bits the float32 path's GEMM converted its operand to.
-// At GPT-2-small shape that is a 0.82 GB bf16 buffer instead of the 1.65 GB float32 diff, and lm_head's GEMMs no
-// longer round an 0.82 GB copy (the conversion scratch, +25% headroom). The logits and labels must be unchanged
-// between forward and backward (the model's output stays valid until its next forward; the batch's labels until
-// the next batch).
+// GEMM operand and its backward ignores its output) forward keeps no diff, only each row's maximum and sum (2 floats
+// per row) and where the logits and labels are; backward recomputes softmax - onehot from them, scales it and writes
+// it rounded to bf16 in one pass over the logits themselves (kernels::crossEntropyGradBf16InPlace, loss_grad.h: row
+// r's gradient in the first half of row r's bytes, leading dimension 2 x classes): the bits the float32 path's GEMM
+// converted its operand to. At GPT-2-small shape that is no buffer at all instead of the 1.65 GB float32 diff (and
+// the 0.82 GB bf16 buffer 4071a74 wrote it to), and lm_head's GEMMs no longer round an 0.82 GB copy. The logits and
+// labels must be unchanged between forward and backward (the model's output stays valid until its next forward;
+// the batch's labels until the next batch), and backward consumes the logits: they are the gradient afterwards.
 class CrossEntropy final : public Loss {
  public:
   CrossEntropy(const Shape& outputShape, int maxBatch, Device device, bool bf16Grad)
       : Loss(LossType::kCrossEntropy, outputShape, maxBatch, device),
         positions_(outputShape.rank() == 2 ? outputShape[0] : 1), classes_(outputShape.back()),
         diffDev_(bf16Grad ? 0 : static_cast<size_t>(maxBatch) * static_cast<size_t>(outputShape.numel()), device),
-        gradBf16_(bf16Grad ? (static_cast<size_t>(maxBatch) * static_cast<size_t>(outputShape.numel()) + 1) / 2 : 0,
-                  device),
         rowStats_(bf16Grad ? static_cast<size_t>(gpu::kCrossEntropyStats * maxBatch * positions_) : 0, device),
         scratch_(static_cast<size_t>(maxBatch * positions_), device) {
     detail::checkCrossEntropyOutput(outputShape);
@@ -91,7 +90,7 @@ class CrossEntropy final : public Loss {
     run(output, targets, n, bf16 ? nullptr : diffDev_.data(), bf16 ? rowStats_.data() : nullptr);
     lastBatch_ = static_cast<int>(output.shape[0]);
     diffTaken_ = false;
-    logits_ = static_cast<const float*>(output.data);
+    logits_ = static_cast<float*>(output.data);
     labels_ = targets.data;
     labels64_ = targets.dtype == DType::kInt64;
     return static_cast<float>(k::sumDoubles(scratch_.rowValue, static_cast<size_t>(n), scratch_.partials) /
@@ -103,9 +102,9 @@ class CrossEntropy final : public Loss {
     const int64_t count = lastBatch_ * outputShape_.numel();
     const float factor = scale / static_cast<float>(static_cast<int64_t>(lastBatch_) * positions_);
     if (gradType_ == DType::kBFloat16) {
-      k::crossEntropyGradBf16(logits_, labels_, labels64_, lastBatch_ * positions_, classes_, rowStats_.data(), factor,
-                              gradBf16_.data());
-      return {gradBf16_.data(), outputShape_.withBatch(lastBatch_), DType::kBFloat16, device_};
+      k::crossEntropyGradBf16InPlace(logits_, labels_, labels64_, lastBatch_ * positions_, classes_, rowStats_.data(),
+                                     factor);
+      return {logits_, outputShape_.withBatch(lastBatch_), DType::kBFloat16, device_, gpu::crossEntropyGradLd(classes_)};
     }
     k::scale(diffDev_.data(), diffDev_.data(), static_cast<size_t>(count), factor);
     return TensorView::of(diffDev_.data(), outputShape_.withBatch(lastBatch_), device_);
@@ -157,9 +156,8 @@ class CrossEntropy final : public Loss {
 
   int64_t positions_, classes_;
   DeviceFloats diffDev_;  // float32 gradient: the last forward's diff, scaled in place into the gradient by backward
-  DeviceFloats gradBf16_;  // bf16 gradient: what backward writes, 2-byte values (empty for a float32 gradient)
   DeviceFloats rowStats_;  // bf16 gradient: the last forward's row maxima and sums (loss_grad.h)
-  const float* logits_ = nullptr;  // bf16 gradient: the last forward's logits and labels, read again by backward
+  float* logits_ = nullptr;  // bf16 gradient: the last forward's logits (overwritten by backward) and labels
   const void* labels_ = nullptr;
   bool labels64_ = false;
   bool diffTaken_ = false;

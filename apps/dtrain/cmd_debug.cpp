@@ -1,6 +1,7 @@
 // `dtrain debug dump RUN_ID --rdzv-endpoint HOST:PORT`: which rank hangs, and where. Reads the agents' monitoring
 // endpoints from the run's store (agents started with --metrics-port publish them), gathers every rank's flight
 // recorder from them (/debug/flight.json) and prints lib/launch/flight_report.h's analysis.
+#include <filesystem>
 #include <map>
 #include <set>
 #include <sstream>
@@ -74,6 +75,46 @@ MonitoredRun readMonitoredRun(const std::string& runId, const std::string& endpo
   return run;
 }
 
+std::string storeSilentLine(const std::string& command, const std::string& runId, const std::string& endpoint,
+                            const StoreNotAnswering& e) {
+  return fmt::format("{}: run {} is not running: its store at {} does not answer ({}): the run has ended or has not "
+                     "started\n",
+                     command, runId, endpoint, e.what());
+}
+
+std::string endedLine(const std::string& command, const std::string& runId, const std::string& record) {
+  std::string how;
+  try {
+    auto e = rendezvous::RoundEvent::fromJson(record);
+    how = e.type == rendezvous::RoundEventType::kDone
+              ? fmt::format(": it completed (exit code {})", e.exitCode)
+              : fmt::format(": {} (exit code {}){}", rendezvous::roundEventName(e.type), e.exitCode,
+                            e.message.empty() ? "" : ": " + e.message);
+  } catch (const std::exception&) {  // a record this dtrain cannot read: still an end
+  }
+  return fmt::format("{}: run {} has ended{}\n", command, runId, how);
+}
+
+std::optional<std::string> tokenOrNotRunning(const std::string& command, const std::string& runId,
+                                             const std::string& endpoint, const std::string& tokenFlag,
+                                             const std::string& tokenFile, std::chrono::milliseconds timeout,
+                                             std::string& token) {
+  try {
+    token = resolveRdzvToken(tokenFlag, tokenFile);
+    return std::nullopt;
+  } catch (const UsageError&) {
+    std::error_code ec;
+    if (tokenFile.empty() || std::filesystem::exists(tokenFile, ec)) throw;
+    try {
+      readMonitoredRun(runId, endpoint, "", timeout);
+    } catch (const StoreNotAnswering& e) {
+      return storeSilentLine(command, runId, endpoint, e);
+    } catch (const std::exception&) {
+    }
+    throw;
+  }
+}
+
 std::vector<std::string> monitoredAgents(const std::string& runId, const std::string& endpoint,
                                          const std::string& token, std::chrono::milliseconds timeout) {
   auto run = readMonitoredRun(runId, endpoint, token, timeout);
@@ -114,7 +155,28 @@ std::vector<launch::RankFlight> gatherFlights(const std::vector<std::string>& ag
 int runDump(const DebugArgs& a) {
   const auto timeout = parse::durationFlag("--timeout", a.timeout);
   const auto interval = parse::durationFlag("--interval", a.interval);
-  const auto agents = monitoredAgents(a.runId, a.endpoint, resolveRdzvToken(a.token, a.tokenFile), timeout);
+  std::string token;
+  if (auto over = tokenOrNotRunning("dtrain debug dump", a.runId, a.endpoint, a.token, a.tokenFile, timeout, token)) {
+    fmt::print("{}", *over);
+    return kExitJobNotRunning;
+  }
+  // A job that is not running has no ranks to dump: said so as `dtrain top` says it (exit 10), not as a failure to
+  // reach it (it said "cannot connect", exit 4).
+  MonitoredRun run;
+  try {
+    run = readMonitoredRun(a.runId, a.endpoint, token, timeout);
+  } catch (const StoreNotAnswering& e) {
+    fmt::print("{}", storeSilentLine("dtrain debug dump", a.runId, a.endpoint, e));
+    return kExitJobNotRunning;
+  }
+  if (run.ended) {
+    fmt::print("{}", endedLine("dtrain debug dump", a.runId, *run.ended));
+    return kExitJobNotRunning;
+  }
+  DTRAIN_CHECK_AS(RendezvousError, !run.agents.empty(),
+                  "run {} at {}: no agent published a monitoring endpoint (start `dtrain run` with --metrics-port)",
+                  a.runId, a.endpoint);
+  const auto& agents = run.agents;
   if (interval.count() == 0) {
     fmt::print("{}", launch::analyzeFlight(gatherFlights(agents, timeout, true), launch::unixNowNs()));
     return 0;

@@ -156,25 +156,10 @@ struct Look {
 };
 
 Look storeSilent(const TopArgs& a, const StoreNotAnswering& e) {
-  return {fmt::format("dtrain top: run {} is not running: its store at {} does not answer ({}): the run has ended or "
-                      "has not started\n",
-                      a.runId, a.endpoint, e.what()),
-          true};
+  return {storeSilentLine("dtrain top", a.runId, a.endpoint, e), true};
 }
 
-// The line for a run whose agents recorded its end in the store (rendezvous::Rendezvous::recordEnd).
-Look ended(const TopArgs& a, const std::string& record) {
-  std::string how;
-  try {
-    auto e = rendezvous::RoundEvent::fromJson(record);
-    how = e.type == rendezvous::RoundEventType::kDone
-              ? fmt::format(": it completed (exit code {})", e.exitCode)
-              : fmt::format(": {} (exit code {}){}", rendezvous::roundEventName(e.type), e.exitCode,
-                            e.message.empty() ? "" : ": " + e.message);
-  } catch (const std::exception&) {  // a record this dtrain cannot read: still an end
-  }
-  return {fmt::format("dtrain top: run {} has ended{}\n", a.runId, how), true};
-}
+Look ended(const TopArgs& a, const std::string& record) { return {endedLine("dtrain top", a.runId, record), true}; }
 
 // Reads the run's agents and end record from its store every time (an elastic job's agents join later), then
 // the agents' /metrics.
@@ -210,21 +195,9 @@ int runTop(const TopArgs& a) {
   const auto interval = parse::durationFlag("--interval", a.interval);
   const auto timeout = std::chrono::milliseconds(5000);
   std::string token;
-  try {
-    token = resolveRdzvToken(a.token, a.tokenFile);
-  } catch (const UsageError&) {
-    // `dtrain run --standalone` removes the token file it logged when its store stops: a missing file and a
-    // store that does not answer mean the run is over, not a wrong flag.
-    std::error_code ec;
-    if (a.tokenFile.empty() || std::filesystem::exists(a.tokenFile, ec)) throw;
-    try {
-      readMonitoredRun(a.runId, a.endpoint, "", timeout);
-    } catch (const StoreNotAnswering& e) {
-      fmt::print("{}", storeSilent(a, e).text);
-      return kExitJobNotRunning;
-    } catch (const std::exception&) {
-    }
-    throw;
+  if (auto over = tokenOrNotRunning("dtrain top", a.runId, a.endpoint, a.token, a.tokenFile, timeout, token)) {
+    fmt::print("{}", *over);
+    return kExitJobNotRunning;
   }
   if (a.once || !::isatty(STDOUT_FILENO)) {
     Look l = look(a, token, timeout);

@@ -74,6 +74,20 @@ class StoreNotAnswering : public RendezvousError {
 };
 MonitoredRun readMonitoredRun(const std::string& runId, const std::string& endpoint, const std::string& token,
                               std::chrono::milliseconds timeout);
+// The one line `dtrain top` and `dtrain debug dump` print (stdout) for a job that is not running, `command` first:
+// its store does not answer (storeSilentLine), or it ended with the end record `record` (endedLine; a record this
+// dtrain cannot read still says it ended). Pure formatting; thread-safe.
+std::string storeSilentLine(const std::string& command, const std::string& runId, const std::string& endpoint,
+                            const StoreNotAnswering& e);
+std::string endedLine(const std::string& command, const std::string& runId, const std::string& record);
+// Resolves --rdzv-token / --rdzv-token-file into `token` (resolveRdzvToken) and returns nothing; returns
+// storeSilentLine's line instead when the token file is missing and nothing answers at `endpoint` (`dtrain run
+// --standalone` removes the token file it logged when its store stops: the run is over, not a wrong flag).
+// Blocks up to `timeout` in that case only. Throws resolveRdzvToken's UsageError otherwise.
+std::optional<std::string> tokenOrNotRunning(const std::string& command, const std::string& runId,
+                                             const std::string& endpoint, const std::string& tokenFlag,
+                                             const std::string& tokenFile, std::chrono::milliseconds timeout,
+                                             std::string& token);
 // readMonitoredRun's endpoints; throws RendezvousError when none was published (agents without --metrics-port).
 std::vector<std::string> monitoredAgents(const std::string& runId, const std::string& endpoint,
                                          const std::string& token, std::chrono::milliseconds timeout);

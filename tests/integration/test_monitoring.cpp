@@ -382,6 +382,14 @@ TEST_CASE("dtrain top on a finished --standalone run says that the job is not ru
                                    endpoint)) != std::string::npos);
     CHECK(top.out.find("the run has ended or has not started") != std::string::npos);
   }
+  // dtrain debug dump says the same (it said "cannot connect" and exited 4).
+  auto dump = run({dtrainBinary(), "debug", "dump", id, "--rdzv-endpoint", endpoint, "--rdzv-token-file", tokenFile,
+                   "--interval", "0"},
+                  {.timeout = 30s});
+  INFO(dump.out, dump.err);
+  CHECK(dump.exitCode == 10);
+  CHECK(dump.out.find(fmt::format("dtrain debug dump: run {} is not running: its store at {} does not answer (", id,
+                                  endpoint)) != std::string::npos);
 }
 
 TEST_CASE("dtrain top on a finished run whose store lives on reads the job's outcome from it and exits 10") {
@@ -403,6 +411,13 @@ TEST_CASE("dtrain top on a finished run whose store lives on reads the job's out
     INFO(t.out, t.err);
     CHECK(t.exitCode == 10);  // it used to print "agent ...: no answer (connection refused)" and exit 0
     CHECK(t.out == fmt::format("dtrain top: run {} has ended: it completed (exit code 0)\n", id));
+    // dtrain debug dump reads the same record (it said "no agent published a monitoring endpoint" or could not
+    // reach the agents, exit 4).
+    auto d = run({dtrainBinary(), "debug", "dump", id, "--rdzv-endpoint", endpoint, "--interval", "0"},
+                 {.timeout = 30s});
+    INFO(d.out, d.err);
+    CHECK(d.exitCode == 10);
+    CHECK(d.out == fmt::format("dtrain debug dump: run {} has ended: it completed (exit code 0)\n", id));
   }
   SUBCASE("failed") {
     const std::string id = uniqueRunId("top-failed");

@@ -3,9 +3,11 @@
 #include "apps/dtrain/commands.h"
 #include "apps/dtrain/job_hooks.h"
 #include "lib/common/error.h"
+#include "lib/common/log.h"
 #include "lib/common/parse.h"
 #include "lib/launch/launch_options.h"
 #include "lib/launch/sim.h"
+#include "lib/train/layout.h"
 
 namespace dtrain::app {
 
@@ -21,6 +23,40 @@ struct SimArgs {
 std::shared_ptr<SimArgs>& simArgs() {
   static std::shared_ptr<SimArgs> args;
   return args;
+}
+
+// The agents' MIN (--nnodes MIN:TOTAL) for a job that cannot run on every node count (pipeline stages x tensor
+// must divide the world; parameter servers must leave a rank to train). Survivors of the faults at a count the job
+// cannot use would wait for a node that never comes, --rdzv-timeout (the sim's --timeout, 10 minutes), and fail
+// with exit 4; so MIN drops to the largest usable count below it, and the rendezvous forms the survivors' round with
+// that many and keeps the others as spares (docs/fault-tolerance.md, "Node counts the job cannot use"), as
+// `dtrain run --nnodes MIN:MAX` does. Says so in `note`. Returns 0 (the default rule) when nothing needs lowering.
+int usableMinNodes(const train::Job& job, const launch::SimOptions& o, std::string& note) {
+  const int survivors = launch::simSurvivingNodes(o.faults, o.nodes);
+  if (survivors >= o.nodes) return 0;  // no fault takes a node away: the first round is the initial nodes
+  const int servers = job.parallel.ps ? job.parallel.ps->servers : 0;
+  const auto [checked, unusable] =
+      train::unusableNodeCounts(job.parallel, 1, survivors, o.nprocPerNode, servers, job.sourceFile);
+  (void)checked;
+  auto reason = [&unusable](int nodes) -> const std::string* {
+    for (const auto& u : unusable)
+      if (u.first == nodes) return &u.second;
+    return nullptr;
+  };
+  const std::string* why = reason(survivors);
+  if (why == nullptr) return 0;
+  for (int n = survivors - 1; n >= 1; --n) {
+    if (reason(n) != nullptr) continue;
+    note = fmt::format(
+        "the faults may leave {} node(s), a world this job cannot run ({}); the agents take --nnodes {}:{}, so the "
+        "survivors form a round of {} node(s) and the others wait as spares",
+        survivors, *why, n, launch::simTotalNodes(o.faults, o.nodes), n);
+    return n;
+  }
+  log::warn("dtrain sim: the faults may leave {} node(s), and this job runs on none of 1..{} ({}); the survivors "
+            "will wait for a node to join, up to --timeout",
+            survivors, survivors, *why);
+  return 0;
 }
 
 int simCommand(SimArgs& a) {
@@ -43,7 +79,8 @@ int simCommand(SimArgs& a) {
   if (o.isJob) {
     // The job is validated here, before any namespace or agent exists (exit 2 for a bad job file).
     std::vector<std::string> trainArgs = a.positional;
-    validateJobForLaunch(trainArgs);
+    const train::Job job = validateJobForLaunch(trainArgs);
+    o.minNodes = usableMinNodes(job, o, o.minNodesNote);
   }
   if (o.outputDir.empty()) o.outputDir = fmt::format("dtrain-sim-{}", ::getpid());
   o.exe = selfExe();

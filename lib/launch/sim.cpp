@@ -106,14 +106,10 @@ class Sim {
   void reap();
   void event(int node, const std::string& what, const std::string& message);
   void shutdown();
-  // The fewest nodes a round may form with: the initial ones less those a fault may take away, so a sim without
-  // such faults forms its first group with every initial node, and survivors of a kill still form one.
-  int minNodes() const {
-    int lost = 0;
-    for (const auto& f : o_.faults)
-      if (f.kind == SimFaultKind::kKill || f.kind == SimFaultKind::kFreeze || f.kind == SimFaultKind::kPartition) ++lost;
-    return std::max(1, o_.nodes - lost);
-  }
+  // The fewest nodes a round may form with (--nnodes MIN:TOTAL): SimOptions::minNodes, else the initial ones less
+  // those a fault may take away, so a sim without such faults forms its first group with every initial node, and
+  // survivors of a kill still form one.
+  int minNodes() const { return o_.minNodes > 0 ? o_.minNodes : simSurvivingNodes(o_.faults, o_.nodes); }
   double now() const { return std::chrono::duration<double>(Clock::now() - start_).count(); }
 
   const SimOptions& o_;
@@ -473,6 +469,7 @@ int Sim::run() {
   startStore();
   fmt::print("[sim] {} node(s) x {} worker(s) on {}; store {}; output {}\n", o_.nodes, o_.nprocPerNode, network_,
              endpoint_, o_.outputDir);
+  if (!o_.minNodesNote.empty()) fmt::print("[sim] {}\n", o_.minNodesNote);
   // The schedule as actions, fired by time or by training progress; a freeze's thaw and a partition's heal are
   // added when their start fires.
   for (size_t i = 0; i < faults_.size(); ++i) {

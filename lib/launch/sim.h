@@ -40,6 +40,12 @@ struct SimOptions {
   std::chrono::milliseconds shutdownTimeout{std::chrono::seconds(3)};
   std::chrono::milliseconds timeout{std::chrono::minutes(10)};  // the whole sim
   int maxRestarts = 3;
+  // The agents' MIN in --nnodes MIN:TOTAL; 0: simSurvivingNodes (the initial nodes less those faults may take
+  // away). `dtrain sim JOB.json` lowers it to the largest node count at or below that which the job can run
+  // (pipeline stages x tensor must divide the world), so that the survivors of a kill form a round with a spare
+  // instead of waiting for a count that never comes.
+  int minNodes = 0;
+  std::string minNodesNote;  // printed after the sim's first line when minNodes was lowered: why
   bool loopback = false;  // --loopback: no namespaces even as root
   bool verbose = false;   // echo every agent line, prefixed with its node
 };

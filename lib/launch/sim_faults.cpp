@@ -179,4 +179,11 @@ int simTotalNodes(const std::vector<SimFault>& faults, int initialNodes) {
   return total;
 }
 
+int simSurvivingNodes(const std::vector<SimFault>& faults, int initialNodes) {
+  int lost = 0;
+  for (const auto& f : faults)
+    if (f.kind == SimFaultKind::kKill || f.kind == SimFaultKind::kFreeze || f.kind == SimFaultKind::kPartition) ++lost;
+  return std::max(1, initialNodes - lost);
+}
+
 }  // namespace dtrain::launch

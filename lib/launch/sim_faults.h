@@ -49,6 +49,10 @@ std::chrono::milliseconds simLinkDelay(const std::vector<SimFault>& faults, int 
 // The total number of nodes (initial plus joined).
 int simTotalNodes(const std::vector<SimFault>& faults, int initialNodes);
 
+// The initial nodes less those a kill, freeze or partition may take away (at least 1): the fewest nodes the
+// survivors of the schedule's faults may have to form a round with.
+int simSurvivingNodes(const std::vector<SimFault>& faults, int initialNodes);
+
 const char* simFaultName(SimFaultKind kind);
 
 // A tc rate ("10mbit", "1gbit", "500kbit", "100mbps"): digits then a unit tc knows. Throws UsageError naming `what`.

@@ -149,6 +149,30 @@ TEST_CASE("dtrain sim: a 2-stage pipeline on one rank per node: a joining third 
   CHECK(processesWithEnv("DTRAIN_SAMPLE_LOG", dir + "/sim/samples").empty());
 }
 
+TEST_CASE("dtrain sim: a 2-stage pipeline on 4 nodes, one killed: the 3 survivors run 2 nodes and a spare") {
+  // The agents took --nnodes 3:4 (4 nodes less the kill), and 3 nodes cannot run 2 stages of 1 rank: the survivors
+  // waited for a fourth node up to the sim's --timeout (10 minutes by default) and the sim failed, exit 4. MIN is
+  // now the largest count at or below the survivors' that the job can run.
+  std::string dir = tempDir("sim-pipeline-survivors");
+  json job = smallJob(240, 5, 1000);
+  job["train"]["max_steps"] = 24;
+  job["checkpoint"] = {{"every_steps", 4}, {"keep", 2}};
+  job["parallel"] = {{"timeout", 20}, {"pipeline", {{"stages", 2}, {"micro_batches", 2}}}};
+  writeFile(dir + "/job.json", job.dump());
+  RunOptions opts{.timeout = 180s, .env = {{"DTRAIN_STEP_PAUSE", "25ms"}}};
+  auto r = run(simArgs({"--nodes", "4", "--faults", "kill:node3@step6", "--timeout", "90s", "--output-dir",
+                        dir + "/sim", dir + "/job.json"}),
+               opts);
+  INFO(r.out, r.err);
+  CHECK(r.out.find("[sim] the faults may leave 3 node(s), a world this job cannot run (") != std::string::npos);
+  CHECK(r.out.find("the agents take --nnodes 2:4, so the survivors form a round of 2 node(s)") != std::string::npos);
+  CHECK(r.out.find("3 node(s) cannot run this job, so this node waits as a spare") != std::string::npos);
+  CHECK(r.out.find("repeated 0, skipped 0") != std::string::npos);
+  CHECK(r.out.find("done: 24 steps") != std::string::npos);
+  CHECK(r.exitCode == 0);
+  CHECK(processesWithEnv("DTRAIN_SAMPLE_LOG", dir + "/sim/samples").empty());
+}
+
 TEST_CASE("dtrain sim: a parameter-server job's throughput rows count its nodes, servers included") {
   // The sample log's world was the workers' (3 of 4 ranks here), so 2 nodes x 2 ranks read as "1 node, 2 ranks".
   std::string dir = tempDir("sim-ps");

@@ -35,6 +35,7 @@ td, th { border: 1px solid #ccc; padding: .2em .6em; text-align: right; }
 th { background: #f3f3f3; }
 .stale { color: #b00; }
 #events li { font-family: monospace; }
+td.op { text-align: left; }
 </style></head>
 <body>
 <h1 id="title">dtrain</h1>
@@ -45,6 +46,14 @@ th { background: #f3f3f3; }
   <div class="chart"><canvas id="throughput"></canvas></div>
 </div>
 <table id="ranks"></table>
+<div id="ps" hidden>
+<h2 style="font-size:1.05em">Parameter servers</h2>
+<div class="charts">
+  <div class="chart"><canvas id="psrate"></canvas></div>
+  <div class="chart"><canvas id="psstale"></canvas></div>
+</div>
+<table id="servers"></table>
+</div>
 <h2 style="font-size:1.05em">Events</h2>
 <ul id="events"><li>none</li></ul>
 <p id="rendered" data-points="0" data-polls="0" hidden></p>
@@ -63,14 +72,50 @@ function makeChart(id, xTitle, yTitle) {
                plugins: { title: { display: true, text: yTitle } } } });
 }
 const charts = haveChart ? { loss: makeChart('loss', 'step', 'training loss'),
-                             throughput: makeChart('throughput', 'seconds', 'samples/s') } : null;
+                             throughput: makeChart('throughput', 'seconds', 'samples/s'),
+                             psrate: makeChart('psrate', 'seconds', 'parameter-server requests/s'),
+                             psstale: makeChart('psstale', 'seconds', 'staleness of the pushes (p90, steps)') } : null;
 function setSeries(chart, ranks, xs, ys) {
   chart.data.datasets = ranks.map((r, i) => ({
     label: 'rank ' + r.rank, borderColor: colors[i % colors.length], borderWidth: 1.5,
     data: r.history[xs].map((x, k) => ({ x: xs === 'time' ? x - r.history.time[0] : x, y: r.history[ys][k] })) }));
   chart.update('none');
 }
-function cell(row, text, cls) { const td = row.insertCell(); td.textContent = text; if (cls) td.className = cls; }
+function setServerSeries(chart, servers, ys) {
+  chart.data.datasets = servers.map((s, i) => ({
+    label: 'server ' + s.server + ' (rank ' + s.rank + ')', borderColor: colors[i % colors.length], borderWidth: 1.5,
+    data: s.history.time.map((t, k) => ({ x: t - s.history.time[0], y: s.history[ys][k] })) }));
+  chart.update('none');
+}
+function cell(row, text, cls) { const td = row.insertCell(); td.textContent = text; if (cls) td.className = cls; return td; }
+function num(v, digits) { return v === null ? '-' : v.toFixed(digits); }
+function renderServers(servers) {
+  document.getElementById('ps').hidden = servers.length === 0;
+  const table = document.getElementById('servers');
+  table.innerHTML = '<tr><th>server</th><th>rank</th><th>requests/s</th><th>requests by op: total (per s)</th>' +
+                    '<th>updates applied</th><th>updates/s</th><th>MB in</th><th>MB out</th><th>errors</th>' +
+                    '<th>workers live</th><th>lost</th><th>staleness mean</th><th>p90</th><th>max</th></tr>';
+  for (const s of servers) {
+    const tr = table.insertRow();
+    tr.id = 'server-' + s.server;
+    const field = (name, text, cls) => { cell(tr, text, cls).dataset.field = name; };
+    field('server', s.server);
+    field('rank', s.rank);
+    field('requests_per_second', s.requests_per_second.toFixed(0));
+    field('ops', Object.entries(s.requests_by_op).map(([op, n]) =>
+        op + ': ' + n + ' (' + num(s.request_rate_by_op[op] ?? null, 0) + ')').join(', ') || '-', 'op');
+    field('updates', s.updates);
+    field('updates_per_second', num(s.updates_per_second, 0));
+    field('received_mb', (s.received_bytes / 1e6).toFixed(1));
+    field('sent_mb', (s.sent_bytes / 1e6).toFixed(1));
+    field('errors', s.errors, s.errors > 0 ? 'stale' : '');
+    field('workers_live', s.workers_live + ' of ' + s.workers);
+    field('workers_lost', s.workers_lost, s.workers_lost > 0 ? 'stale' : '');
+    field('staleness_mean', num(s.staleness.mean, 2));
+    field('staleness_p90', num(s.staleness.p90, 1));
+    field('staleness_max', s.staleness.count > 0 ? s.staleness.max : '-');
+  }
+}
 function render(d) {
   document.getElementById('title').textContent = 'dtrain: ' + d.job + ' (run ' + d.run_id + ', node ' + d.node + ')';
   document.getElementById('status').textContent = haveChart ? 'live, refreshed every second'
@@ -99,10 +144,13 @@ function render(d) {
     events.appendChild(li);
   }
   if (!d.events.length) events.innerHTML = '<li>none</li>';
+  renderServers(d.servers);
   let points = 0;
   if (charts) {
     setSeries(charts.loss, d.ranks, 'step', 'loss');
     setSeries(charts.throughput, d.ranks, 'time', 'samples_per_second');
+    setServerSeries(charts.psrate, d.servers, 'requests_per_second');
+    setServerSeries(charts.psstale, d.servers, 'staleness_p90');
     for (const c of Object.values(charts))
       c.data.datasets.forEach((_, i) => { points += c.getDatasetMeta(i).data.length; });
   }
@@ -124,6 +172,8 @@ poll();
 </body></html>
 )html";
 
+nlohmann::json numberOrNull(double v) { return std::isfinite(v) ? nlohmann::json(v) : nlohmann::json(); }
+
 std::string readFile(const char* path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) return {};
@@ -133,6 +183,30 @@ std::string readFile(const char* path) {
 }
 
 }  // namespace
+
+double histogramQuantile(double q, const std::vector<uint64_t>& buckets) {
+  constexpr int n = PsServerMetrics::kStalenessBuckets;
+  if (buckets.size() != static_cast<size_t>(n) || !(q >= 0 && q <= 1)) return std::numeric_limits<double>::quiet_NaN();
+  uint64_t total = 0;
+  for (uint64_t b : buckets) total += b;
+  if (total == 0) return std::numeric_limits<double>::quiet_NaN();
+  const double rank = q * static_cast<double>(total);
+  double below = 0;
+  for (int k = 0; k < n; ++k) {
+    const double count = static_cast<double>(buckets[k]);
+    if (below + count >= rank && count > 0) {
+      // The +Inf bucket: the highest finite bound, as Prometheus answers.
+      if (k == n - 1) return static_cast<double>(PsServerMetrics::kStalenessBounds[n - 2]);
+      const double upper = static_cast<double>(PsServerMetrics::kStalenessBounds[k]);
+      // The first bucket with a bound <= 0 has no width (Prometheus returns its bound).
+      if (k == 0 && upper <= 0) return upper;
+      const double lower = k == 0 ? 0.0 : static_cast<double>(PsServerMetrics::kStalenessBounds[k - 1]);
+      return lower + (upper - lower) * (rank - below) / count;
+    }
+    below += count;
+  }
+  return static_cast<double>(PsServerMetrics::kStalenessBounds[n - 2]);
+}
 
 Dashboard::Dashboard(const MetricsHub& hub, std::string job, std::string runId, std::chrono::milliseconds interval)
     : hub_(hub), job_(std::move(job)), runId_(std::move(runId)), interval_(interval) {
@@ -160,8 +234,36 @@ void Dashboard::loop() {
 
 void Dashboard::sample() {
   const auto ranks = hub_.rankStates();
+  const auto servers = hub_.serverStates();
   const double now = unixSeconds();
   std::lock_guard lock(mu_);
+  for (const auto& s : servers) {
+    ServerHistory& h = servers_[s.rank];
+    // Rates over the time since the previous sample (none at the first).
+    if (h.lastTime > 0 && now > h.lastTime) {
+      const double dt = now - h.lastTime;
+      h.rateByOp.clear();
+      for (const auto& [op, n] : s.requestsByOp) {
+        auto it = h.lastByOp.find(op);
+        const uint64_t before = it == h.lastByOp.end() ? 0 : it->second;
+        h.rateByOp[op] = n >= before ? static_cast<double>(n - before) / dt : 0.0;  // a restarted server: 0
+      }
+      h.updatesPerSecond = s.updates >= h.lastUpdates ? static_cast<double>(s.updates - h.lastUpdates) / dt : 0.0;
+    }
+    h.lastTime = now;
+    h.lastByOp = s.requestsByOp;
+    h.lastUpdates = s.updates;
+    h.time.push_back(now);
+    h.requestsPerSecond.push_back(s.requestsPerSecond);
+    h.stalenessP90.push_back(histogramQuantile(0.9, s.stalenessBuckets));
+    if (h.time.size() >= kMaxPoints) {
+      for (auto* v : {&h.time, &h.requestsPerSecond, &h.stalenessP90}) {
+        size_t keep = 0;
+        for (size_t i = 0; i < v->size(); i += 2) (*v)[keep++] = (*v)[i];
+        v->resize(keep);
+      }
+    }
+  }
   for (const auto& r : ranks) {
     if (r.updatedUnixSeconds <= 0 || r.step <= 0) continue;
     History& h = history_[r.rank];
@@ -220,6 +322,46 @@ std::string Dashboard::dataJson() const {
                     {"history", history}});
   }
   d["ranks"] = list;
+  nlohmann::json servers = nlohmann::json::array();
+  for (const auto& s : hub_.serverStates()) {
+    nlohmann::json byOp = nlohmann::json::object(), rateByOp = nlohmann::json::object();
+    for (const auto& [op, n] : s.requestsByOp) byOp[op] = n;
+    nlohmann::json history = {{"time", nlohmann::json::array()}, {"requests_per_second", nlohmann::json::array()},
+                              {"staleness_p90", nlohmann::json::array()}};
+    nlohmann::json updatesPerSecond;  // null until two samples were taken
+    if (auto it = servers_.find(s.rank); it != servers_.end()) {
+      for (const auto& [op, r] : it->second.rateByOp) rateByOp[op] = r;
+      if (!it->second.rateByOp.empty() || it->second.time.size() > 1) updatesPerSecond = it->second.updatesPerSecond;
+      nlohmann::json p90 = nlohmann::json::array();
+      for (double v : it->second.stalenessP90) p90.push_back(numberOrNull(v));
+      history = {{"time", it->second.time}, {"requests_per_second", it->second.requestsPerSecond},
+                 {"staleness_p90", p90}};
+    }
+    uint64_t count = 0;
+    for (uint64_t n : s.stalenessBuckets) count += n;
+    servers.push_back(
+        {{"rank", s.rank},
+         {"server", s.server},
+         {"requests_by_op", byOp},
+         {"request_rate_by_op", rateByOp},
+         {"requests_per_second", s.requestsPerSecond},
+         {"errors", s.errors},
+         {"updates", s.updates},
+         {"updates_per_second", updatesPerSecond},
+         {"received_bytes", s.receivedBytes},
+         {"sent_bytes", s.sentBytes},
+         {"workers", s.workers},
+         {"workers_live", s.workersLive},
+         {"workers_lost", s.workersLost},
+         // null mean and p90 until a push was answered in async/ssp (sync has no staleness)
+         {"staleness",
+          {{"count", count},
+           {"mean", count > 0 ? nlohmann::json(s.stalenessSum / static_cast<double>(count)) : nlohmann::json()},
+           {"p90", numberOrNull(histogramQuantile(0.9, s.stalenessBuckets))},
+           {"max", s.stalenessMax}}},
+         {"history", history}});
+  }
+  d["servers"] = servers;
   return d.dump();
 }
 

@@ -148,6 +148,39 @@ std::vector<MetricsHub::RankState> MetricsHub::rankStates() const {
   return out;
 }
 
+std::vector<MetricsHub::ServerState> MetricsHub::serverStates() const {
+  std::vector<const WorkerMetricsBlock*> blocks;
+  {
+    std::lock_guard lock(mu_);
+    for (const auto& m : slots_) blocks.push_back(&m.block());
+  }
+  std::vector<ServerState> out;
+  for (const WorkerMetricsBlock* b : blocks) {
+    if (b->magic.load(std::memory_order_acquire) != WorkerMetricsBlock::kMagic) continue;
+    ServerState s;
+    s.rank = b->rank.load(kRelaxed);
+    if (s.rank < 0 || b->role.load(kRelaxed) != WorkerMetricsBlock::kServer) continue;
+    const PsServerMetrics& m = b->server;
+    s.server = m.serverRank.load(kRelaxed);
+    for (int op = 1; op < PsServerMetrics::kOps; ++op)
+      if (const uint64_t n = m.requestsTotal[op].load(kRelaxed); n > 0) s.requestsByOp[psOpLabel(op)] += n;
+    s.errors = m.errorsTotal.load(kRelaxed);
+    s.updates = m.updatesTotal.load(kRelaxed);
+    s.receivedBytes = m.receivedBytesTotal.load(kRelaxed);
+    s.sentBytes = m.sentBytesTotal.load(kRelaxed);
+    s.requestsPerSecond = m.requestsPerSecond.load(kRelaxed);
+    s.workers = m.workers.load(kRelaxed);
+    s.workersLive = m.workersLive.load(kRelaxed);
+    s.workersLost = m.workersLost.load(kRelaxed);
+    s.stalenessMax = m.stalenessMax.load(kRelaxed);
+    s.stalenessSum = m.stalenessSum.load(kRelaxed);
+    for (int k = 0; k < PsServerMetrics::kStalenessBuckets; ++k)
+      s.stalenessBuckets.push_back(m.stalenessBucket[k].load(kRelaxed));
+    out.push_back(std::move(s));
+  }
+  return out;
+}
+
 void MetricsHub::setHeartbeatAges(std::vector<double> secondsByNode) {
   std::lock_guard lock(mu_);
   state_.heartbeatAges = std::move(secondsByNode);

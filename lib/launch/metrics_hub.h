@@ -96,6 +96,26 @@ class MetricsHub {
   };
   // The local workers that attached, by local rank (parameter-server ranks are not workers: not listed).
   std::vector<RankState> rankStates() const;
+  // A parameter-server rank's figures (PsServerMetrics, lib/common/worker_metrics.h): counters are cumulative since
+  // the server started; staleness counts the pushes it answered in async/ssp (0 in sync).
+  struct ServerState {
+    int rank = -1;    // global rank
+    int server = -1;  // its index among the servers
+    std::map<std::string, uint64_t> requestsByOp;  // by the `op` label of /metrics (push, pull, barrier, ...)
+    uint64_t errors = 0;
+    uint64_t updates = 0;  // optimizer steps applied (dense partitions and sparse tables)
+    uint64_t receivedBytes = 0;
+    uint64_t sentBytes = 0;
+    double requestsPerSecond = 0;
+    int workers = 0;  // the job's worker count
+    int workersLive = 0;
+    int workersLost = 0;
+    int64_t stalenessMax = 0;
+    double stalenessSum = 0;
+    std::vector<uint64_t> stalenessBuckets;  // per bucket (not cumulative), PsServerMetrics::kStalenessBounds, +Inf
+  };
+  // The local parameter-server ranks that attached, by local rank.
+  std::vector<ServerState> serverStates() const;
 
  private:
   void renderWorkers(PromText& out, const std::vector<const WorkerMetricsBlock*>& blocks, int nodeRank) const;

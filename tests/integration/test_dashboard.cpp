@@ -1,7 +1,8 @@
 // `dtrain run --dashboard PORT` end to end: a real 2-rank job serves the page, Chart.js (Debian's libjs-chart.js)
 // and the JSON it polls; a real headless browser (Debian's chromium) loads the page against the running job and
 // the charts lay out the points that arrived (the page counts them into #rendered), and a screenshot is taken.
-// The browser part skips with a message where chromium is not installed (scripts/setup installs it).
+// The browser part skips with a message where chromium is not installed (scripts/setup installs it). A
+// parameter-server job's page has a section per server, with the figures of the running servers.
 #include <doctest/doctest.h>
 
 #include <signal.h>
@@ -10,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include <regex>
+#include <set>
 #include <thread>
 
 #include "lib/launch/dashboard.h"
@@ -30,18 +32,20 @@ struct KillByRunId {
   }
 };
 
-std::string endlessJob(const std::string& dir) {
+// `parallel`: the job's "parallel" section (none when empty); `layers`: the model's layers.
+std::string endlessJob(const std::string& dir, const std::string& parallel = "",
+                       const std::string& layers = R"([{"type": "linear", "out": 1}])") {
   writeFile(dir + "/job.json", R"({
     "name": "watched",
     "output_dir": ")" + dir + R"(/out",
-    "model": {"input": [10], "layers": [{"type": "linear", "out": 1}]},
+    "model": {"input": [10], "layers": )" + layers + R"(},
     "loss": {"type": "mse"},
     "data": {"train": {"format": "synthetic", "task": "regression", "samples": 1024, "features": 10,
                        "outputs": 1, "noise": 0.01, "seed": 7},
              "batch_size": 32},
     "optimizer": {"type": "sgd", "lr": 0.01},
     "train": {"epochs": 100000, "seed": 0},
-    "checkpoint": false
+    "checkpoint": false)" + (parallel.empty() ? "" : ",\n    \"parallel\": " + parallel) + R"(
   })");
   return dir + "/job.json";
 }
@@ -124,6 +128,122 @@ TEST_CASE("dtrain run --dashboard: a live page whose charts a headless browser d
     const std::string png = readFile(dir + "/dashboard.png");
     CHECK(png.size() > 10000);
     CHECK(png.compare(0, 4, "\x89PNG") == 0);
+  }
+
+  agent.signal(SIGTERM);
+  auto result = agent.wait(60s);
+  CHECK_FALSE(result.timedOut);
+  CHECK(result.exitCode == 128 + SIGTERM);
+  CHECK(processesWithRunId(id).empty());
+}
+
+namespace {
+
+// The text of the cell data-field="field" in the dumped DOM's row id="server-N" (or "" when absent).
+std::string serverCell(const std::string& dom, int server, const std::string& field) {
+  std::smatch row;
+  if (!std::regex_search(dom, row, std::regex(fmt::format(R"re(<tr id="server-{}">(.*?)</tr>)re", server))))
+    return "";
+  const std::string cells = row[1];
+  std::smatch m;
+  if (!std::regex_search(cells, m, std::regex(fmt::format(R"re(<td[^>]*data-field="{}"[^>]*>([^<]*)</td>)re", field))))
+    return "";
+  return m[1];
+}
+
+}  // namespace
+
+TEST_CASE("dtrain run --dashboard on a parameter-server job: the page's server section shows the running servers' "
+          "requests, updates, bytes, workers and staleness") {
+  std::string dir = tempDir("dashboard-ps");
+  std::string id = uniqueRunId("dashboard-ps");
+  KillByRunId cleanup{id};
+  // 4 ranks: workers 0-1, ranks 2-3 serve (servers 0 and 1). 385 parameters: a partition on each server.
+  Background agent(runArgs({"--standalone", "--rdzv-id", id, "-n", "4", "--dashboard", "0", "--shutdown-timeout", "2s",
+                            endlessJob(dir, R"({"strategy": "parameter_server", "servers": 2, "mode": "async"})",
+                                       R"([{"type": "linear", "out": 32}, {"type": "tanh"},
+                                           {"type": "linear", "out": 1}])")}));
+  std::smatch m;
+  const std::string line = agent.waitForLine("serving the dashboard on", 60s, /*fromStderr=*/true);
+  REQUIRE(std::regex_search(line, m, std::regex(R"(http://[^:\s]+:(\d+)/dashboard)")));
+  const int port = std::stoi(m[1]);
+
+  // Both servers answered pushes (with staleness figures) over at least two samples.
+  nlohmann::json data;
+  auto ready = [&] {
+    try {
+      auto r = httpGet(port, "/dashboard/data.json", 5s);
+      if (r.status != 200) return false;
+      data = nlohmann::json::parse(r.body);
+      if (data["servers"].size() != 2 || data["ranks"].size() != 2) return false;
+      for (const auto& s : data["servers"])
+        if (s["updates"].get<uint64_t>() == 0 || s["staleness"]["count"].get<uint64_t>() == 0 ||
+            s["history"]["time"].size() < 2 || s["updates_per_second"].is_null())
+          return false;
+      return true;
+    } catch (const std::exception&) {
+      return false;
+    }
+  };
+  bool ok = false;
+  for (auto end = std::chrono::steady_clock::now() + 90s; !ok && std::chrono::steady_clock::now() < end;) {
+    ok = ready();
+    if (!ok) std::this_thread::sleep_for(200ms);
+  }
+  REQUIRE_MESSAGE(ok, data.dump());
+  INFO(data.dump());
+  std::set<int> serverIndices, serverRanks;
+  for (const auto& s : data["servers"]) {
+    serverIndices.insert(s["server"].get<int>());
+    serverRanks.insert(s["rank"].get<int>());
+    CHECK(s["requests_by_op"]["push"].get<uint64_t>() > 0);
+    CHECK(s["requests_by_op"]["hello"] == 2);  // one per worker
+    CHECK(s["received_bytes"].get<uint64_t>() > 0);
+    CHECK(s["sent_bytes"].get<uint64_t>() > 0);
+    CHECK(s["errors"] == 0);
+    CHECK(s["workers"] == 2);
+    CHECK(s["workers_live"] == 2);
+    CHECK(s["workers_lost"] == 0);
+    CHECK(s["staleness"]["mean"].get<double>() >= 0);
+    CHECK(s["staleness"]["p90"].get<double>() >= 0);
+    CHECK(s["staleness"]["max"].get<int64_t>() >= 0);
+    CHECK(s["history"]["requests_per_second"].size() == s["history"]["time"].size());
+  }
+  CHECK(serverIndices == std::set<int>{0, 1});
+  CHECK(serverRanks == std::set<int>{2, 3});
+  for (const auto& r : data["ranks"]) CHECK(r["rank"].get<int>() < 2);  // the servers are not training ranks
+
+  if (::access(dtrain::launch::kChartJsPath, R_OK) != 0 || ::access(kChromium, X_OK) != 0) {
+    MESSAGE("chromium or libjs-chart.js not installed (Debian packages chromium, libjs-chart.js): the browser check "
+            "was skipped");
+  } else {
+    const std::string url = fmt::format("http://127.0.0.1:{}/dashboard", port);
+    auto dom = run(chromium(dir + "/profile", {"--virtual-time-budget=5000", "--dump-dom", url}), {.timeout = 180s});
+    INFO(dom.err);
+    REQUIRE(dom.exitCode == 0);
+    INFO(dom.out);
+    CHECK(dom.out.find(R"(<div id="ps">)") != std::string::npos);  // shown (hidden without servers)
+    for (int server : {0, 1}) {
+      CAPTURE(server);
+      CHECK(serverCell(dom.out, server, "rank") == std::to_string(2 + server));
+      std::smatch push;
+      const std::string ops = serverCell(dom.out, server, "ops");
+      REQUIRE_MESSAGE(std::regex_search(ops, push, std::regex(R"(push: (\d+) \((\d+|-)\))")), ops);
+      CHECK(std::stoll(push[1]) > 0);
+      CHECK(ops.find("hello: 2") != std::string::npos);
+      CHECK(std::stoll(serverCell(dom.out, server, "updates")) > 0);
+      CHECK(std::stod(serverCell(dom.out, server, "received_mb")) >= 0);
+      CHECK(serverCell(dom.out, server, "errors") == "0");
+      CHECK(serverCell(dom.out, server, "workers_live") == "2 of 2");
+      CHECK(serverCell(dom.out, server, "workers_lost") == "0");
+      CHECK(std::regex_match(serverCell(dom.out, server, "staleness_mean"), std::regex(R"(\d+\.\d\d)")));
+      CHECK(std::regex_match(serverCell(dom.out, server, "staleness_p90"), std::regex(R"(\d+\.\d)")));
+      CHECK(std::regex_match(serverCell(dom.out, server, "staleness_max"), std::regex(R"(\d+)")));
+    }
+    std::smatch points;
+    REQUIRE(std::regex_search(dom.out, points, std::regex(R"re(id="rendered" data-points="(\d+)")re")));
+    // loss and samples/s of 2 ranks, requests/s and staleness of 2 servers: at least 2 points each
+    CHECK(std::stoi(points[1]) >= 16);
   }
 
   agent.signal(SIGTERM);

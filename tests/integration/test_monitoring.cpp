@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include <regex>
+#include <set>
 #include <thread>
 
 #include "tests/integration/launch_helpers.h"
@@ -81,6 +82,53 @@ std::string urlEncode(const std::string& s) {
   return out;
 }
 
+// The shipped Grafana dashboard (configs/monitoring/grafana-dashboard.json).
+nlohmann::json grafanaDashboard() {
+  return nlohmann::json::parse(readFile(sourceDir() + "/configs/monitoring/grafana-dashboard.json"));
+}
+
+// Every query of the Grafana dashboard (a row panel has none).
+std::vector<std::string> grafanaExpressions() {
+  std::vector<std::string> out;
+  const nlohmann::json dashboard = grafanaDashboard();
+  for (const auto& panel : dashboard["panels"])
+    for (const auto& target : panel.value("targets", nlohmann::json::array()))
+      out.push_back(target["expr"].get<std::string>());
+  return out;
+}
+
+// The dtrain_* metric names the dashboard's queries read.
+std::set<std::string> grafanaMetricNames() {
+  std::set<std::string> names;
+  const std::regex name(R"(\bdtrain_[a-z0-9_]+)");
+  for (const auto& expr : grafanaExpressions())
+    for (std::sregex_iterator it(expr.begin(), expr.end(), name), end; it != end; ++it) names.insert(it->str());
+  return names;
+}
+
+// The families of an exposition ("# TYPE name type"): name -> type.
+std::map<std::string, std::string> families(const std::string& scrape) {
+  std::map<std::string, std::string> out;
+  const std::regex type(R"(^# TYPE (\S+) (\S+)$)");
+  std::smatch m;
+  for (const auto& line : linesWith(scrape, "# TYPE "))
+    if (std::regex_match(line, m, type)) out[m[1]] = m[2];
+  return out;
+}
+
+// Whether `name` is a series name `scrape` exports: a family, or a histogram's _bucket/_sum/_count.
+bool exported(const std::map<std::string, std::string>& fams, const std::string& name) {
+  if (fams.count(name)) return true;
+  for (const char* suffix : {"_bucket", "_sum", "_count"}) {
+    const std::string s = suffix;
+    if (name.size() > s.size() && name.compare(name.size() - s.size(), s.size(), s) == 0) {
+      auto it = fams.find(name.substr(0, name.size() - s.size()));
+      if (it != fams.end() && it->second == "histogram") return true;
+    }
+  }
+  return false;
+}
+
 std::string promtoolProblems(const std::string& text) {
   RunOptions ro;
   ro.stdinData = text;
@@ -123,6 +171,13 @@ TEST_CASE("dtrain run --metrics-port: a live scrape of every rank passes promtoo
   CHECK(httpGet(port, "/elsewhere").status == 404);
   if (installed("/usr/bin/promtool")) CHECK(promtoolProblems(scrape) == "");
   else MESSAGE("promtool not installed (Debian package prometheus): lint skipped");
+  // Every metric the Grafana dashboard reads is one the agent exports (a misspelt name is valid PromQL that draws
+  // nothing); the parameter servers' (dtrain_ps_*) are checked against a parameter-server job below.
+  {
+    const auto fams = families(scrape);
+    for (const auto& name : grafanaMetricNames())
+      if (name.rfind("dtrain_ps_", 0) != 0) CHECK_MESSAGE(exported(fams, name), name, " is not in /metrics");
+  }
 
   if (installed("/usr/bin/prometheus")) {
     // A real Prometheus server scrapes the agent every second; its query API must then know the step counter.
@@ -158,13 +213,11 @@ scrape_configs:
       }
     }
     // Every query of the shipped dashboard is valid PromQL for this server (run_id set to this run's).
-    auto dashboard = nlohmann::json::parse(readFile(sourceDir() + "/configs/monitoring/grafana-dashboard.json"));
-    for (const auto& panel : dashboard["panels"])
-      for (const auto& target : panel["targets"]) {
-        std::string expr = std::regex_replace(target["expr"].get<std::string>(), std::regex(R"(\$run_id)"), id);
-        auto r = httpGet(promPort, "/api/v1/query?query=" + urlEncode(expr), 10s);
-        CHECK_MESSAGE(r.status == 200, expr, ": ", r.body);
-      }
+    for (const auto& query : grafanaExpressions()) {
+      std::string expr = std::regex_replace(query, std::regex(R"(\$run_id)"), id);
+      auto r = httpGet(promPort, "/api/v1/query?query=" + urlEncode(expr), 10s);
+      CHECK_MESSAGE(r.status == 200, expr, ": ", r.body);
+    }
     prometheus.signal(SIGTERM);
     CHECK_FALSE(prometheus.wait(30s).timedOut);
   } else {
@@ -268,6 +321,62 @@ TEST_CASE("a parameter-server job: /metrics has the servers' families (rank and 
   CHECK(sampleValue(scrape, "dtrain_step{" + labels + ",rank=\"1\"}") > 0);
   CHECK(linesWith(scrape, "rank=\"2\"}").empty());
   if (installed("/usr/bin/promtool")) CHECK(promtoolProblems(scrape) == "");
+  // The Grafana dashboard reads every parameter-server family the agent exports, and only those.
+  const auto fams = families(scrape);
+  const auto dashboardNames = grafanaMetricNames();
+  std::vector<std::string> psQueries;
+  for (const auto& expr : grafanaExpressions())
+    if (expr.find("dtrain_ps_") != std::string::npos) psQueries.push_back(expr);
+  for (const auto& name : dashboardNames)
+    if (name.rfind("dtrain_ps_", 0) == 0) CHECK_MESSAGE(exported(fams, name), name, " is not in /metrics");
+  for (const auto& [family, type] : fams) {
+    if (family.rfind("dtrain_ps_", 0) != 0) continue;
+    const bool shown = dashboardNames.count(family) > 0 ||
+                       (type == "histogram" && dashboardNames.count(family + "_bucket") > 0);
+    CHECK_MESSAGE(shown, family, " is exported but the Grafana dashboard shows it nowhere");
+  }
+  if (installed("/usr/bin/prometheus")) {
+    // A real Prometheus server scrapes the job: each parameter-server query of the dashboard answers a series
+    // (rates need two scrapes, so it polls).
+    const int promPort = freePort();
+    writeFile(dir + "/prometheus.yml", fmt::format(R"(global:
+  scrape_interval: 1s
+scrape_configs:
+  - job_name: dtrain
+    honor_labels: true
+    static_configs:
+      - targets: ["127.0.0.1:{}"]
+)",
+                                                   port));
+    Background prometheus({"/usr/bin/prometheus", "--config.file=" + dir + "/prometheus.yml",
+                           "--storage.tsdb.path=" + dir + "/tsdb", fmt::format("--web.listen-address=127.0.0.1:{}", promPort)});
+    for (const auto& query : psQueries) {
+      const std::string expr = std::regex_replace(query, std::regex(R"(\$run_id)"), id);
+      nlohmann::json answer;
+      const bool answered = pollUntil(60s, [&] {
+        try {
+          auto r = httpGet(promPort, "/api/v1/query?query=" + urlEncode(expr), 5s);
+          if (r.status != 200) return false;
+          answer = nlohmann::json::parse(r.body);
+          return answer["status"] == "success" && !answer["data"]["result"].empty();
+        } catch (const std::exception&) {
+          return false;  // not listening yet
+        }
+      });
+      CHECK_MESSAGE(answered, expr, ": ", answer.dump());
+      if (answered && expr.find("dtrain_ps_server_requests_total") != std::string::npos) {
+        bool push = false;  // the request rate by op has a push series above 0
+        for (const auto& series : answer["data"]["result"])
+          if (series["metric"].value("op", "") == "push" && std::stod(series["value"][1].get<std::string>()) > 0)
+            push = true;
+        CHECK_MESSAGE(push, answer.dump());
+      }
+    }
+    prometheus.signal(SIGTERM);
+    CHECK_FALSE(prometheus.wait(30s).timedOut);
+  } else {
+    MESSAGE("prometheus not installed (Debian package prometheus): the parameter-server queries were not run");
+  }
   // dtrain top: the two workers as ranks, the server as a row of its own.
   auto top = run({dtrainBinary(), "top", id, "--rdzv-endpoint", endpoint, "--once"}, {.timeout = 30s});
   INFO(top.out, top.err);

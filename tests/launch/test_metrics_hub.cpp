@@ -6,7 +6,9 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <cstdlib>
+#include <map>
 #include <string>
 #include <thread>
 #include <vector>
@@ -14,6 +16,7 @@
 #include "lib/common/error.h"
 #include "lib/common/socket.h"
 #include "lib/common/worker_metrics.h"
+#include "lib/launch/dashboard.h"
 #include "lib/launch/flight_report.h"
 #include "lib/launch/http_server.h"
 #include "lib/launch/metrics_hub.h"
@@ -144,8 +147,30 @@ TEST_CASE("a parameter-server rank's block renders the dtrain_ps_* families, not
   REQUIRE(hub.rankStates().size() == 1);
   CHECK(hub.rankStates()[0].rank == 0);
   if (havePromtool()) CHECK(promtoolProblems(text).empty());
+  // The dashboard's view of the same block (serverStates): the figures /metrics has.
+  const auto servers = hub.serverStates();
+  REQUIRE(servers.size() == 1);
+  CHECK(servers[0].rank == 2);
+  CHECK(servers[0].server == 0);
+  CHECK(servers[0].requestsByOp == std::map<std::string, uint64_t>{{"push", 60}, {"pull", 2}});
+  CHECK(servers[0].receivedBytes == 123456);
+  CHECK(servers[0].sentBytes == 65432);
+  CHECK(servers[0].workersLive == 1);
+  CHECK(servers[0].workersLost == 1);
+  CHECK(servers[0].stalenessMax == 3);
+  CHECK(servers[0].stalenessSum == 77);
+  CHECK(servers[0].stalenessBuckets == std::vector<uint64_t>{2, 1, 0, 2, 0, 0, 0, 0, 1});
+  // Its quantiles as Prometheus' histogram_quantile reads the exposition above: rank q x 6 in the cumulative
+  // counts 2, 3, 3, 5, 5, 5, 5, 5, 6 (bounds 0, 1, 2, 4, ..., 64, +Inf), linear inside the bucket.
+  CHECK(histogramQuantile(0.25, servers[0].stalenessBuckets) == 0);  // rank 1.5 in le=0: its bound
+  CHECK(histogramQuantile(0.5, servers[0].stalenessBuckets) == doctest::Approx(1.0));  // rank 3: le=1's top
+  CHECK(histogramQuantile(0.75, servers[0].stalenessBuckets) == doctest::Approx(3.5));  // rank 4.5 in (2, 4]: 2 + 2 x 1.5/2
+  CHECK(histogramQuantile(0.9, servers[0].stalenessBuckets) == 64);  // rank 5.4 in +Inf: the highest finite bound
+  CHECK(std::isnan(histogramQuantile(0.9, std::vector<uint64_t>(PsServerMetrics::kStalenessBuckets, 0))));
+  CHECK(std::isnan(histogramQuantile(0.9, {1, 2})));
   // Without a server on the node the families are not there at all.
   server.block().rank.store(-1);
+  CHECK(hub.serverStates().empty());
   CHECK(hub.render().find("dtrain_ps_") == std::string::npos);
 }
 

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "lib/ckpt/report.h"
+#include "lib/common/cgroup.h"
 #include "lib/common/dir_check.h"
 #include "lib/common/error.h"
 #include "lib/data/sequence.h"
@@ -188,7 +189,8 @@ MemoryEstimate estimateMemory(const Job& job, int worldSize, std::optional<int64
   return e;
 }
 
-std::optional<MachineMemory> readMachineMemory(const std::string& meminfoPath) {
+std::optional<MachineMemory> readMachineMemory(const std::string& meminfoPath, const std::string& procCgroupPath,
+                                               const std::string& mountinfoPath) {
   std::ifstream in(meminfoPath);
   if (!in) return std::nullopt;
   MachineMemory m;
@@ -207,7 +209,20 @@ std::optional<MachineMemory> readMachineMemory(const std::string& meminfoPath) {
   struct rlimit limit {};
   if (::getrlimit(RLIMIT_AS, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY)
     m.addressSpaceLimit = limit.rlim_cur > static_cast<rlim_t>(kInt64Max) ? 0 : static_cast<int64_t>(limit.rlim_cur);
+  if (auto cg = readCgroupMemoryLimit(procCgroupPath, mountinfoPath)) {
+    m.cgroupLimit = cg->bytes;
+    m.cgroupLimitFile = cg->file;
+  }
   return m;
+}
+
+std::string describeCgroupLimit(const MachineMemory& machine) {
+  const std::string& f = machine.cgroupLimitFile;
+  const size_t slash = f.rfind('/');
+  return slash == std::string::npos
+             ? fmt::format("cgroup {} = {}", f, humanBytes(machine.cgroupLimit))
+             : fmt::format("cgroup {} {} = {}", f.substr(0, slash), f.substr(slash + 1),
+                           humanBytes(machine.cgroupLimit));
 }
 
 int64_t psServerBytes(const Job& job, int servers) {
@@ -252,6 +267,16 @@ void checkJobFitsMemory(const Job& job, int localWorkers, const std::optional<Ma
                                                                                           : e.str(),
                   perProcess == serverBytes && serverBytes > e.total() ? "parameter server" : "worker",
                   humanBytes(machine->addressSpaceLimit));
+  // A cgroup's limit bounds this process and all its workers together, whatever the machine has free: past it
+  // the kernel's OOM killer ends one of them (a 4 GiB container on a 64 GiB machine passed here and was killed).
+  DTRAIN_CHECK_AS(ConfigError,
+                  machine->cgroupLimit <= 0 || machine->cgroupLimit >= machine->available ||
+                      need <= machine->cgroupLimit,
+                  "{}: this job needs about {} per worker x {} local worker(s){} = {}, but this process's cgroup may "
+                  "use at most {} ({}), which its workers share, and the kernel ends them past it; reduce the model, "
+                  "the batch size or --nproc-per-node, or run it with a larger memory limit",
+                  job.sourceFile, e.str(), workers, serverPart, humanBytes(need), humanBytes(machine->cgroupLimit),
+                  describeCgroupLimit(*machine));
   DTRAIN_CHECK_AS(ConfigError, need <= machine->available,
                   "{}: this job needs about {} per worker x {} local worker(s){} = {}, but this machine has {} "
                   "available ({} total); reduce the model, the batch size or --nproc-per-node",
@@ -286,6 +311,13 @@ void checkOneProcessFitsMemory(const Job& job, const std::optional<MachineMemory
   if (tables == 0) return;
   MemoryEstimate e = estimateMemory(job, 1, specSamples(job));
   e.sparse = tables;
+  DTRAIN_CHECK_AS(ConfigError,
+                  machine->cgroupLimit <= 0 || machine->cgroupLimit >= machine->available ||
+                      e.total() <= machine->cgroupLimit,
+                  "{}: this one-process run holds the sparse tables itself (a parameter-server job in a world of 1 "
+                  "rank): it needs about {}, but this process's cgroup may use at most {} ({}); launch it with dtrain "
+                  "run and parameter servers (parallel.servers), which share the tables' rows, or shrink the tables",
+                  job.sourceFile, e.str(), humanBytes(machine->cgroupLimit), describeCgroupLimit(*machine));
   DTRAIN_CHECK_AS(ConfigError, e.total() <= machine->available,
                   "{}: this one-process run holds the sparse tables itself (a parameter-server job in a world of 1 "
                   "rank): it needs about {}, but this machine has {} available ({} total); launch it with dtrain run "

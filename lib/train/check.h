@@ -84,15 +84,29 @@ struct MachineMemory {
   int64_t available = 0;
   int64_t total = 0;
   int64_t addressSpaceLimit = 0;  // this process's RLIMIT_AS (`ulimit -v`) in bytes, inherited by workers; 0: none
+  // The smallest memory limit of this process's cgroups (lib/common/cgroup.h: v2 memory.max, v1
+  // memory.limit_in_bytes, of its cgroup and their ancestors), in bytes, shared by this process and every worker
+  // it starts; 0: none. `cgroupLimitFile` is the file it was read from.
+  int64_t cgroupLimit = 0;
+  std::string cgroupLimitFile;
 };
-// MemAvailable and MemTotal from `meminfoPath`, and the process's RLIMIT_AS; nullopt when the file has no MemTotal.
-std::optional<MachineMemory> readMachineMemory(const std::string& meminfoPath = "/proc/meminfo");
+// MemAvailable and MemTotal from `meminfoPath`, the process's RLIMIT_AS, and its cgroup memory limit
+// (readCgroupMemoryLimit of the two files); nullopt when `meminfoPath` has no MemTotal.
+std::optional<MachineMemory> readMachineMemory(const std::string& meminfoPath = "/proc/meminfo",
+                                               const std::string& procCgroupPath = "/proc/self/cgroup",
+                                               const std::string& mountinfoPath = "/proc/self/mountinfo");
+// "cgroup /sys/fs/cgroup/x memory.max = 4.0 GiB": where MachineMemory::cgroupLimit comes from, for messages.
+std::string describeCgroupLimit(const MachineMemory& machine);
 
 // ConfigError (exit 2) when localWorkers x estimateMemory(job) exceeds the machine's available memory, naming
 // the estimate and the machine's memory, e.g. "job.json: this job needs about 64 TiB per worker x 2 local
 // workers = 128 TiB, but this machine has 12.3 GiB available (15.5 GiB total); reduce the model, the batch size
 // or --nproc-per-node". No check when the machine's memory is unknown. Also ConfigError when one worker's estimate
-// (or a parameter server's rows) exceeds MachineMemory::addressSpaceLimit (`ulimit -v`), which each worker inherits.
+// (or a parameter server's rows) exceeds MachineMemory::addressSpaceLimit (`ulimit -v`), which each worker inherits,
+// and when the local workers' total exceeds MachineMemory::cgroupLimit below the available memory (the kernel's OOM
+// killer ends the cgroup's processes past it), naming the file and the limit: "... = 6.0 GiB, but this process's
+// cgroup may use at most 4.0 GiB (cgroup /sys/fs/cgroup/x memory.max = 4.0 GiB) ...". The limit is compared as it
+// is: memory the cgroup already holds (this process, page cache) is not subtracted.
 // `dataBytes`: the datasets' size when known (DataCheck::bytes), else the estimate's own (synthetic data only).
 // `nodes` > 0 (dtrain run's agent: the launch's node count, the smallest of an elastic range): with the
 // parameter-server strategy, up to ceil(servers / nodes) of the local ranks are servers, each holding its rows of
@@ -105,9 +119,9 @@ void checkJobFitsMemory(const Job& job, int localWorkers, const std::optional<Ma
 // each, float32, with the sparse optimizer's state (SparseAdam: 2 more, Adagrad: 1, SGD: none). 0 without tables.
 int64_t psServerBytes(const Job& job, int servers);
 // A one-process `dtrain train` of a parameter-server job (a world of 1) holds every sparse table itself: ConfigError
-// (exit 2) when the worker's estimate plus psServerBytes(job, 1) exceeds the machine's available memory, naming the
-// tables' share and how to split them ("launch it with dtrain run and parameter servers"). No check without
-// sparse tables or when the machine's memory is unknown.
+// (exit 2) when the worker's estimate plus psServerBytes(job, 1) exceeds the machine's available memory (or the
+// cgroup limit, when smaller), naming the tables' share and how to split them ("launch it with dtrain run and
+// parameter servers"). No check without sparse tables or when the machine's memory is unknown.
 void checkOneProcessFitsMemory(const Job& job, const std::optional<MachineMemory>& machine);
 // `dtrain check`'s warning when data.drop_last leaves every epoch without a step for some of the worlds the summary
 // lists (1, 2 and 4 ranks, data replicas or workers): each one's share of the `samples` training samples is smaller

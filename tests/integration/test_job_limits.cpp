@@ -3,11 +3,17 @@
 // the field, never "internal error", a hang, an unbounded read or a wrapped-around size.
 #include <doctest/doctest.h>
 
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 #include <sys/stat.h>
+#include <unistd.h>
 
+#include <cerrno>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -155,6 +161,110 @@ TEST_CASE("dtrain check of a big GPT under ulimit -v: exit 2 with the estimate a
   CHECK(deep.exitCode == 2);
   CHECK(deep.err.find(job + ": /model/n_layer: 100000 is more than the supported 1024 layers (from --set "
                             "model.n_layer=100000)") != std::string::npos);
+}
+
+namespace {
+
+// A memory cgroup made for one test case and removed when the case ends, also when a check fails: a child of this
+// process's cgroup with memory.max (cgroup v2, when its hierarchy has the memory controller here), else with
+// memory.limit_in_bytes (v1's memory hierarchy at /sys/fs/cgroup/memory). Located from /proc/self/cgroup and the
+// usual mount points, independently of lib/common/cgroup.h. `dir` is empty, and `why` says why, when neither can
+// be made (not root, a read-only or absent cgroup file system, no memory controller).
+struct TestMemoryCgroup {
+  std::string dir, file, why;
+  explicit TestMemoryCgroup(int64_t limit) {
+    const std::string name = fmt::format("dtrain-test-{}", ::getpid());
+    std::string v2Path, v1Path;
+    std::istringstream lines(readFile("/proc/self/cgroup"));
+    for (std::string line; std::getline(lines, line);) {
+      if (line.rfind("0::", 0) == 0) v2Path = line.substr(3);
+      const size_t a = line.find(':'), b = line.find(':', a + 1);
+      if (a != std::string::npos && b != std::string::npos && line.substr(a + 1, b - a - 1) == "memory")
+        v1Path = line.substr(b + 1);
+    }
+    std::vector<std::pair<std::string, std::string>> tries;  // (parent folder, limit file)
+    if (!v2Path.empty()) {
+      for (const char* mount : {"/sys/fs/cgroup", "/sys/fs/cgroup/unified"})
+        if (std::filesystem::exists(std::string(mount) + "/cgroup.controllers"))
+          tries.emplace_back(mount + (v2Path == "/" ? "" : v2Path), "memory.max");
+    }
+    if (!v1Path.empty())
+      tries.emplace_back("/sys/fs/cgroup/memory" + (v1Path == "/" ? "" : v1Path), "memory.limit_in_bytes");
+    for (const auto& [parent, limitFile] : tries) {
+      const std::string d = parent + "/" + name;
+      if (::mkdir(d.c_str(), 0755) != 0) {
+        why += fmt::format("mkdir {}: {}; ", d, std::strerror(errno));
+        continue;
+      }
+      std::ofstream out(d + "/" + limitFile);
+      out << limit << "\n";
+      out.close();
+      if (out && readFile(d + "/" + limitFile) == fmt::format("{}\n", limit)) {
+        dir = d, file = limitFile;
+        return;
+      }
+      why += fmt::format("{}: no {} or it does not take {}; ", d, limitFile, limit);
+      ::rmdir(d.c_str());
+    }
+    if (tries.empty()) why = "no cgroup v2 or v1 memory hierarchy found from /proc/self/cgroup";
+  }
+  ~TestMemoryCgroup() {
+    if (!dir.empty() && ::rmdir(dir.c_str()) != 0)
+      MESSAGE("could not remove the test cgroup " << dir << ": " << std::strerror(errno));
+  }
+  TestMemoryCgroup(const TestMemoryCgroup&) = delete;
+  TestMemoryCgroup& operator=(const TestMemoryCgroup&) = delete;
+};
+
+}  // namespace
+
+// In a 4 GB container (a cgroup's memory limit) on a larger machine, the memory check passed a job the kernel's
+// OOM killer then ended: it compared with /proc/meminfo and `ulimit -v` only. Here the limit is real: a cgroup
+// of 256 MiB, with dtrain check and dtrain run started inside it.
+TEST_CASE("a job over this process's cgroup memory limit is refused by check and run (exit 2), naming the file") {
+  constexpr int64_t kLimit = int64_t{256} << 20;
+  TestMemoryCgroup cgroup(kLimit);
+  if (cgroup.dir.empty()) {
+    MESSAGE("skipped: cannot create a memory cgroup here (" << cgroup.why << ")");
+    return;
+  }
+  std::string dir = tempDir("cgroup_limit");
+  // 4096 x 32768 weights with their gradient and DDP copy: about 1.5 GiB per worker, far below this machine's
+  // available memory and far above the cgroup's 256 MiB.
+  json doc = json::parse(kCnnJob);
+  doc["model"] = json::parse(R"({"input": [4096], "layers": [{"type": "linear", "out": 32768}]})");
+  doc["data"]["train"] = json::parse(
+      R"({"format": "synthetic", "task": "classification", "samples": 16, "features": 4096, "num_classes": 4})");
+  const std::string big = dir + "/big.json", small = dir + "/small.json";
+  writeFile(big, doc.dump());
+  writeFile(small, kCnnJob);
+  // The command moves itself into the cgroup, then becomes dtrain: dtrain and its workers are in it from the start.
+  auto inCgroup = [&](std::vector<std::string> args) {
+    std::vector<std::string> argv{"sh", "-c", "echo $$ > \"$0/cgroup.procs\" && shift && exec \"$@\"", cgroup.dir, "_",
+                                  dtrainBinary()};
+    argv.insert(argv.end(), args.begin(), args.end());
+    return run(argv, {.timeout = 30s});
+  };
+  for (const char* cmd : {"check", "run"}) {
+    INFO(cmd);
+    std::vector<std::string> args{cmd};
+    if (std::string(cmd) == "run") args.insert(args.end(), {"--standalone", "--nproc-per-node", "2"});
+    args.insert(args.end(), {big, "--output-dir", dir + "/out"});
+    auto r = inCgroup(args);
+    INFO(r.out, r.err);
+    CHECK_FALSE(r.timedOut);
+    CHECK(r.exitCode == 2);
+    CHECK(r.err.find(big + ": this job needs about ") != std::string::npos);
+    CHECK(r.err.find(std::string(cmd) == "run" ? "x 2 local worker(s)" : "x 1 local worker(s)") != std::string::npos);
+    CHECK(r.err.find(fmt::format("but this process's cgroup may use at most 256.0 MiB (cgroup {} {} = 256.0 MiB)",
+                                 cgroup.dir, cgroup.file)) != std::string::npos);
+    CHECK(r.out.find("[n0 r") == std::string::npos);
+    CHECK_FALSE(std::filesystem::exists(dir + "/out"));
+  }
+  // The same cgroup takes a job that fits: the refusal is the estimate against the limit, not the cgroup.
+  auto ok = inCgroup({"check", small, "--output-dir", dir + "/out"});
+  INFO(ok.out, ok.err);
+  CHECK(ok.exitCode == 0);
 }
 
 // A parameter-server job run as one process keeps its sparse tables itself: a table no machine holds is refused

@@ -108,6 +108,40 @@ TEST_CASE("memory is estimated from the spec, saturating, and a job that cannot 
   CHECK_THROWS_AS(checkJobFitsMemory(job, 8, tight), ConfigError);
 }
 
+TEST_CASE("a cgroup memory limit below the available memory bounds all local workers together, named in the error") {
+  auto dir = testing::tempDir("job_cgroup");
+  auto path = writeJob(dir, kJob);
+  auto job = loadJob({path});
+  const int64_t one = estimateMemory(job, 4).total();
+  // 4 workers fit the machine, and 4 x the estimate is over the cgroup's limit of 3 workers' worth.
+  MachineMemory m{.available = one * 100, .total = one * 200, .cgroupLimit = one * 3,
+                  .cgroupLimitFile = "/sys/fs/cgroup/job/memory.max"};
+  CHECK_NOTHROW(checkJobFitsMemory(job, 3, m));
+  std::string msg;
+  try {
+    checkJobFitsMemory(job, 4, m);
+  } catch (const ConfigError& err) {
+    CHECK(err.exitCode() == 2);
+    msg = err.what();
+  }
+  CHECK_MESSAGE(msg.find(path + ": this job needs about ") == 0, msg);
+  CHECK(msg.find(" per worker x 4 local worker(s) = " + humanBytes(one * 4) +
+                 ", but this process's cgroup may use at most " + humanBytes(one * 3) +
+                 " (cgroup /sys/fs/cgroup/job memory.max = " + humanBytes(one * 3) + ")") != std::string::npos);
+  CHECK(describeCgroupLimit(m) == "cgroup /sys/fs/cgroup/job memory.max = " + humanBytes(one * 3));
+  // A cgroup limit above the available memory: the machine's memory is the bound and is what the error names.
+  m.cgroupLimit = one * 1000;
+  m.available = one * 3;
+  msg.clear();
+  try {
+    checkJobFitsMemory(job, 4, m);
+  } catch (const ConfigError& err) {
+    msg = err.what();
+  }
+  CHECK_MESSAGE(msg.find("available (") != std::string::npos, msg);
+  CHECK(msg.find("this process's cgroup") == std::string::npos);
+}
+
 TEST_CASE("dtrain run's memory check counts the parameter servers' rows of the sparse tables on the node") {
   // A 500M x 16 table on one server (89.4 GiB with SparseAdam's moments) passed the check as "2.9 MiB per worker"
   // and was left to fail in the server after the rendezvous.
@@ -142,6 +176,19 @@ TEST_CASE("dtrain run's memory check counts the parameter servers' rows of the s
   CHECK_MESSAGE(one.find("this one-process run holds the sparse tables itself") != std::string::npos, one);
   CHECK_MESSAGE(one.find(", sparse tables 89.4 GiB)") != std::string::npos, one);
   CHECK_NOTHROW(checkOneProcessFitsMemory(ps, MachineMemory{.available = int64_t{100} << 30, .total = int64_t{128} << 30}));
+  // The same machine in a 64 GiB cgroup: refused, naming the cgroup's file.
+  one.clear();
+  try {
+    checkOneProcessFitsMemory(ps, MachineMemory{.available = int64_t{100} << 30, .total = int64_t{128} << 30,
+                                                .cgroupLimit = int64_t{64} << 30,
+                                                .cgroupLimitFile = "/sys/fs/cgroup/job/memory.max"});
+  } catch (const ConfigError& err) {
+    CHECK(err.exitCode() == 2);
+    one = err.what();
+  }
+  CHECK_MESSAGE(one.find("but this process's cgroup may use at most 64.0 GiB (cgroup /sys/fs/cgroup/job memory.max = "
+                         "64.0 GiB)") != std::string::npos,
+                one);
   // dtrain run -n 3 on 1 node: both servers are local (2 x 44.7 GiB); on 2 nodes one per node, still too much.
   std::string msg;
   try {
@@ -205,4 +252,16 @@ TEST_CASE("machine memory is read from /proc/meminfo") {
   CHECK(m->available == 8192 * 1024);
   CHECK_FALSE(readMachineMemory(dir + "/missing"));
   CHECK(readMachineMemory()->total > 0);
+  // With the cgroup files of lib/common/cgroup.h: the limit and the file it came from.
+  std::filesystem::create_directories(dir + "/cg/job");
+  testing::writeFile(dir + "/cgroup", "0::/job\n");
+  testing::writeFile(dir + "/mountinfo", "35 24 0:30 / " + dir + "/cg rw - cgroup2 cgroup2 rw\n");
+  testing::writeFile(dir + "/cg/job/memory.max", "4294967296\n");
+  m = readMachineMemory(dir + "/meminfo", dir + "/cgroup", dir + "/mountinfo");
+  REQUIRE(m);
+  CHECK(m->cgroupLimit == int64_t{4} << 30);
+  CHECK(m->cgroupLimitFile == dir + "/cg/job/memory.max");
+  CHECK(describeCgroupLimit(*m) == "cgroup " + dir + "/cg/job memory.max = 4.0 GiB");
+  testing::writeFile(dir + "/cg/job/memory.max", "max\n");
+  CHECK(readMachineMemory(dir + "/meminfo", dir + "/cgroup", dir + "/mountinfo")->cgroupLimit == 0);
 }

@@ -166,80 +166,12 @@ void Rendezvous::throwIfEnded(const std::optional<std::string>& ended) {
                options_.endpoint, roundEventName(outcome.type), outcome.exitCode, outcome.message);
 }
 
-namespace {
-
-// "NAME=value" lines -> (name, value), in order.
-std::vector<std::pair<std::string, std::string>> envLines(const std::string& text) {
-  std::vector<std::pair<std::string, std::string>> out;
-  size_t start = 0;
-  while (start < text.size()) {
-    size_t nl = text.find('\n', start);
-    std::string line = text.substr(start, nl == std::string::npos ? std::string::npos : nl - start);
-    start = nl == std::string::npos ? text.size() : nl + 1;
-    size_t eq = line.find('=');
-    if (eq != std::string::npos) out.emplace_back(line.substr(0, eq), line.substr(eq + 1));
-  }
-  return out;
-}
-
-}  // namespace
-
-void Rendezvous::throwIfEnvDisagrees(const std::string& recorded) {
-  if (recorded == options_.agreedEnv) return;
-  auto theirs = envLines(recorded), ours = envLines(options_.agreedEnv);
-  for (const auto& [name, value] : ours) {
-    auto it = std::find_if(theirs.begin(), theirs.end(), [&](const auto& kv) { return kv.first == name; });
-    const std::string other = it == theirs.end() ? std::string("(not compared by that agent)") : it->second;
-    if (other == value) continue;
-    recordRefusal(fmt::format("its {} is {}, the job's first agent's is {}; every node must give it the same value "
-                              "(it decides which collectives the ranks run)",
-                              name, value, other));
-    DTRAIN_THROW(RendezvousError,
-                 "rendezvous at {}: {} is {} on this node but {} on the job's first agent; every node "
-                 "must give it the same value: it decides which collectives the ranks run, so the ranks would wait "
-                 "for each other until parallel.timeout. Set it alike in every node's environment",
-                 options_.endpoint, name, value, other);
-  }
-  recordRefusal(fmt::format("its environment '{}' differs from the job's first agent's '{}'", options_.agreedEnv,
-                            recorded));
-  DTRAIN_THROW(RendezvousError,
-               "rendezvous at {}: this node's environment differs from the job's first agent's: here '{}', there '{}'",
-               options_.endpoint, options_.agreedEnv, recorded);
-}
-
-void Rendezvous::recordRefusal(const std::string& reason) {
-  try {
-    const int64_t n = store_->add("refused/count", 1);
-    store_->set(fmt::format("refused/{}", n), json{{"node", json::parse(self_.toJson())}, {"reason", reason}}.dump());
-  } catch (const std::exception& e) {
-    log::debug("rendezvous: could not record this node's refusal in the store: {}", e.what());
-  }
-}
-
-std::optional<std::string> Rendezvous::waitRefusal(Store& store, int index, Millis timeout) {
-  auto got = store.batch({StoreOp::get(fmt::format("refused/{}", index), timeout)});
-  if (!got[0].value) return std::nullopt;
-  auto j = json::parse(*got[0].value, nullptr, false);
-  if (!j.is_object() || !j.contains("node")) return fmt::format("a node was refused: {}", *got[0].value);
-  NodeInfo n = NodeInfo::fromJson(j["node"].dump());
-  return fmt::format("node {} ({}pid {}{}) was refused and exits with code 4: {}", n.hostname,
-                     n.host.empty() || n.host == n.hostname ? std::string() : n.host + ", ", n.pid,
-                     n.requestedNodeRank >= 0 ? fmt::format(", --node-rank {}", n.requestedNodeRank) : "",
-                     j.value("reason", "no reason recorded"));
-}
-
 void Rendezvous::recordEnd(const RoundEvent& outcome) { store_->compareSet("ended", "", outcome.toJson()); }
 
 void Rendezvous::throwJoinTimeout(int round) {
   auto got = store_->batch({StoreOp::add(key(round, "count"), 0), StoreOp::tryGet("refused/count")});
   int joined = static_cast<int>(got[0].number);
-  // Nodes that came but were refused (their own message says why; the first agent logged each).
-  const auto refused = parse::toInt(got[1].value.value_or("0")).value_or(0);
-  const std::string refusedNote =
-      refused > 0 ? fmt::format("; {} node(s) came and were refused (another environment: see the job's first agent's "
-                                "log or theirs)",
-                                refused)
-                  : "";
+  const std::string refusedNote = refusedCountNote(got[1].value);
   // Elastic with node counts the job cannot run: the joiners may be MIN or more and still form no round (2
   // pipeline stages, one node left). Name the count that would, not MIN, and do not suggest lowering --nnodes.
   const int need = joined >= options_.minNodes ? options_.usableFrom(joined + 1) : options_.usableFrom(options_.minNodes);

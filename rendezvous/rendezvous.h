@@ -13,9 +13,10 @@
 //                         agent that exits after a round (first one wins): a later join() with this run id fails
 //                         at once, naming the outcome, instead of waiting for a round that never opens
 //   agreed_env            the first agent's RendezvousOptions::agreedEnv: later agents must have the same text
-//   refused/count, refused/<n>  agents join() refused for another agreedEnv: each adds 1 to the count and writes its NodeInfo and the reason (JSON) under the number it got, so
-//                         that the job's first agent, blocked waiting for nodes, says at once who was refused and
-//                         why (waitRefusal) instead of only timing out
+//   refused/count, refused/<n>  agents join() refused for another agreedEnv: each adds 1 to the count and writes
+//                         its NodeInfo and the reason (JSON) under the number it got, so that the job's first
+//                         agent, blocked waiting for nodes, says at once who was refused and why (waitRefusal,
+//                         RefusalWatcher: refusal_watcher.h, rendezvous_refusals.cpp) instead of only timing out
 //   r<R>/count            join counter; a joiner's index is the counter value it got minus one (a joiner of a
 //                         round that already closed gets an index >= its member count: it missed the round)
 //   r<R>/node/<i>         the i-th joiner's NodeInfo (JSON)
@@ -120,7 +121,7 @@ struct RendezvousOptions {
   std::function<int()> stopPending;
   // Optional: called once, on join()'s thread right after its first batch, when this agent recorded `agreed_env`
   // (it is the job's first agent: later agents are compared with it). The agent then watches for the agents
-  // join() refuses (waitRefusal) and logs them.
+  // join() refuses (waitRefusal; RefusalWatcher, refusal_watcher.h) and logs them.
   std::function<void()> onFirstAgent;
 
   // Whether a round of `nodes` nodes can form: within [max(minNodes, 1), maxNodes] and not in unusableNodes.
@@ -270,12 +271,14 @@ class Rendezvous {
   int currentRound();
   static int parseRound(const std::string& value);
   void throwIfEnded(const std::optional<std::string>& ended);
+  // The same for an agent that joined and waits for a next round: JobEndedWhileWaiting with the outcome.
+  void throwIfEndedWhileWaiting(const std::optional<std::string>& ended, int round, int members);
   // Leaves this agent's record and `reason` under refused/<n> (best effort: a failure is logged at debug).
   void recordRefusal(const std::string& reason);
   // RendezvousError naming the first variable whose value differs between `recorded` (agreed_env) and ours.
   void throwIfEnvDisagrees(const std::string& recorded);
-  // The same for an agent that joined and waits for a next round: JobEndedWhileWaiting with the outcome.
-  void throwIfEndedWhileWaiting(const std::optional<std::string>& ended, int round, int members);
+  // "; N node(s) came and were refused (...)" for a join timeout, given `refused/count`; "" when none was.
+  static std::string refusedCountNote(const std::optional<std::string>& count);
   // A spare of `round` stopped by `signal` (RendezvousOptions::stopPending): out of the counts (`count`, and
   // `waiting` when it counted itself there), then SpareStopped.
   [[noreturn]] void leaveAsSpare(int round, int signal, bool waiting);

@@ -10,9 +10,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
-#include <atomic>
 #include <random>
-#include <thread>
 #include <vector>
 
 #include <fmt/ranges.h>
@@ -31,6 +29,7 @@
 #include "lib/launch/worker_env.h"
 #include "rendezvous/etcd_store.h"
 #include "rendezvous/prefix_store.h"
+#include "rendezvous/refusal_watcher.h"
 #include "rendezvous/rendezvous.h"
 #include "rendezvous/tcp_store_client.h"
 #include "rendezvous/tcp_store_server.h"
@@ -49,39 +48,6 @@ class StoreHost {
   }
   std::unique_ptr<rendezvous::TcpStoreServer> server;
   std::string tokenFile;  // --standalone's random token, readable by this user only; removed with the store
-};
-
-// The job's first agent's watch for the agents the rendezvous refuses (RendezvousOptions::onFirstAgent): each
-// is logged as it comes (rendezvous::Rendezvous::waitRefusal), while this agent waits for nodes and while its rounds
-// run. Its own store connection; stops within kSlice of its destruction, or when the store goes.
-class RefusalWatcher {
- public:
-  explicit RefusalWatcher(rendezvous::StorePtr store)
-      : thread_([this, store = std::move(store)] { loop(*store); }) {}
-  ~RefusalWatcher() {
-    stop_ = true;
-    thread_.join();
-  }
-  RefusalWatcher(const RefusalWatcher&) = delete;
-  RefusalWatcher& operator=(const RefusalWatcher&) = delete;
-
- private:
-  static constexpr rendezvous::Millis kSlice{250};
-  void loop(rendezvous::Store& store) {
-    for (int next = 1; !stop_;) {
-      try {
-        if (auto line = rendezvous::Rendezvous::waitRefusal(store, next, kSlice)) {
-          log::warn("rendezvous: {}", *line);
-          ++next;
-        }
-      } catch (const std::exception& e) {
-        log::debug("stopped watching for refused nodes: {}", e.what());
-        return;
-      }
-    }
-  }
-  std::atomic<bool> stop_{false};  // before thread_: set before the thread starts
-  std::thread thread_;
 };
 
 namespace {
@@ -466,15 +432,7 @@ int Agent::run() {
   ropts.hostsStore = hosting_ && !options_.standalone;
   ropts.armStop = [](bool on) { gDeferStop = on ? 1 : 0; };
   ropts.stopPending = [] { return static_cast<int>(gDeferredStop); };
-  ropts.onFirstAgent = [this] {
-    log::debug("rendezvous: this is the job's first agent (it recorded agreed_env): nodes refused later are logged "
-               "here");
-    try {
-      refusals_ = std::make_unique<RefusalWatcher>(store_->clone());
-    } catch (const std::exception& e) {
-      log::debug("cannot watch for refused nodes: {}", e.what());
-    }
-  };
+  ropts.onFirstAgent = [this] { refusals_ = rendezvous::RefusalWatcher::start(*store_); };
   rendezvous::Rendezvous rdzv(store_, ropts, self);
   // `dtrain debug dump RUN_ID` finds the agents' endpoints here (one line per agent start; readers dedupe).
   if (HttpServer* server = metricsServer_ ? metricsServer_.get() : dashboardServer_.get()) {

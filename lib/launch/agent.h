@@ -11,6 +11,10 @@
 #include "lib/launch/launch_options.h"
 #include "rendezvous/store.h"
 
+namespace dtrain::rendezvous {
+class RefusalWatcher;  // logs the nodes the rendezvous refuses (refusal_watcher.h)
+}  // namespace dtrain::rendezvous
+
 namespace dtrain::launch {
 
 class StoreHost;  // the embedded TCP store server, when this agent hosts it
@@ -18,7 +22,6 @@ class MetricsHub;
 class HttpServer;
 class Dashboard;
 class TimelineCollector;
-class RefusalWatcher;  // logs the nodes the rendezvous refuses (agent.cpp)
 
 // The store key (under /dtrain/<run_id>/) where agents with --metrics-port append "host:port\n".
 inline constexpr const char* kMonitorAgentsKey = "monitor/agents";
@@ -51,7 +54,7 @@ class Agent {
   std::unique_ptr<HttpServer> metricsServer_;   // declared after both: stopped before they go
   std::unique_ptr<HttpServer> dashboardServer_;  // --dashboard on a port of its own
   std::unique_ptr<TimelineCollector> timeline_;  // --timeline here, or `timeline/on` published by another agent
-  std::unique_ptr<RefusalWatcher> refusals_;     // the job's first agent: logs refused nodes; last, stopped first
+  std::unique_ptr<rendezvous::RefusalWatcher> refusals_;  // the job's first agent: logs refused nodes; last, stopped first
 };
 
 }  // namespace dtrain::launch

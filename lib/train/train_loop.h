@@ -101,6 +101,9 @@ class TrainLoop {
   double intervalLoss_ = 0;
   int64_t intervalBatches_ = 0;
   int64_t intervalSamples_ = 0;
+  // Micro-batches since the last line, empty ones included (a rank whose uneven share ran out): every rank takes the
+  // same ones, so whether to reduce the interval's metrics (a collective) is decided alike everywhere.
+  int64_t intervalSteps_ = 0;
   Clock::time_point intervalStart_;
   double checkpointSecInEpoch_ = 0;  // saves during the current epoch: not training time
   std::unique_ptr<nn::Optimizer> optimizer_;

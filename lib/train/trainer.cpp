@@ -59,7 +59,10 @@ std::unique_ptr<BatchStager> TrainLoop::stagerFor(const data::Dataset& ds) {
 }
 
 void TrainLoop::logInterval(StepStats& stats, bool force) {
-  if (intervalBatches_ == 0 && !force) return;
+  // Not intervalBatches_: a rank whose interval held only empty batches (its share of an epoch resumed at a larger
+  // world ran out) skipped the reduction the others entered, and the ranks' collectives fell out of step (a hang
+  // until parallel.timeout, or mismatched calls).
+  if (intervalSteps_ == 0 && !force) return;
   // Under pipeline parallelism only the last stage sees the loss: the other stages add nothing.
   double sums[3] = {countsMetrics_ ? intervalLoss_ : 0.0, countsMetrics_ ? static_cast<double>(intervalBatches_) : 0.0,
                     countsMetrics_ ? static_cast<double>(intervalSamples_) : 0.0};
@@ -80,7 +83,7 @@ void TrainLoop::logInterval(StepStats& stats, bool force) {
   }
   callbacks_.log(stats);
   intervalLoss_ = 0;
-  intervalBatches_ = intervalSamples_ = 0;
+  intervalBatches_ = intervalSamples_ = intervalSteps_ = 0;
   intervalStart_ = Clock::now();
 }
 
@@ -208,6 +211,7 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
   while (const data::Batch* batch = ahead.next()) {
     const data::Batch& b = *batch;
     ++batchIndex;
+    ++intervalSteps_;
     if (micro == 0) {
       strategy_->beginStep(step_, schedule_.lr(step_));
       if (localSparse_) localSparse_->beginStep(step_, schedule_.lr(step_));

@@ -100,6 +100,53 @@ TEST_CASE("SIGKILL of a worker in a GPT run with attention and residual dropout:
   CHECK(readTensorsRaw(dir + "/clean/model.safetensors") == readTensorsRaw(dir + "/killed/model.safetensors"));
 }
 
+TEST_CASE("an epoch resumed at a larger world where a rank's share runs out a step early: DDP and a pipeline finish") {
+  // 97 samples, batch 16. One process saves after `steps` steps; two data replicas resume the rest of that epoch in
+  // uneven shares (rank r takes rest[r::2]), so replica 1's last batch is empty. With log_every 1 that step is a
+  // progress interval of its own: replica 1 skipped the metrics' reduction that replica 0 entered, and the ranks'
+  // collectives fell out of step: a hang until parallel.timeout (exit 7) or a rank that ran ahead and exited.
+  std::string dir = tempDir("resume-empty-share");
+  json job = smallJob(97, 16, 2);
+  job["model"]["layers"][2] = {{"type", "tanh"}};  // no dropout
+  job["checkpoint"] = {{"every_steps", 100}};
+  job["parallel"] = {{"timeout", "10s"}};
+  writeFile(dir + "/job.json", job.dump());
+  struct Case {
+    const char* name;
+    int steps;  // saved by the one process: the rest is 97 - 16 x steps samples
+    int nproc;
+    const char* parallel;
+  };
+  for (const Case& c : {Case{"ddp-rest1", 6, 2, R"(parallel={"timeout": "10s"})"},
+                        Case{"ddp-rest65", 2, 2, R"(parallel={"timeout": "10s"})"},
+                        Case{"pipeline-rest1", 6, 4, R"(parallel={"timeout": "10s", "pipeline": {"stages": 2, "micro_batches": 2}})"},
+                        Case{"pipeline-rest65", 2, 4, R"(parallel={"timeout": "10s", "pipeline": {"stages": 2, "micro_batches": 2}})"}}) {
+    const std::string name = c.name;
+    CAPTURE(name);
+    const std::string out = dir + "/" + name;
+    auto first = run({dtrainBinary(), "train", dir + "/job.json", "--output-dir", out, "--set",
+                      fmt::format("train.max_steps={}", c.steps)},
+                     {.timeout = 60s, .env = {{"DTRAIN_SAMPLE_LOG", out + "/samples-1"}}});
+    REQUIRE_MESSAGE(first.exitCode == 0, first.err);
+    auto resumed = run(runArgs({"--standalone", "--nproc-per-node", std::to_string(c.nproc), dir + "/job.json",
+                                "--output-dir", out, "--set", c.parallel}),
+                       {.timeout = 90s, .env = {{"DTRAIN_SAMPLE_LOG", out + "/samples-2"}}});
+    INFO(resumed.out, resumed.err);
+    CHECK(resumed.exitCode == 0);
+    CHECK(resumed.out.find(fmt::format("resumed from {}/checkpoints/step-{:09d}", out, c.steps)) != std::string::npos);
+    CHECK(resumed.err.find("timed out") == std::string::npos);
+    // The epoch of the resize: every sample once, over the two runs.
+    std::map<int64_t, int> seen;
+    for (const char* part : {"/samples-1", "/samples-2"})
+      for (auto& f : fs::directory_iterator(out + part))
+        for (auto& j : readJsonLines(f.path().string()))
+          if (j["epoch"] == 0)
+            for (auto i : j["idx"].get<std::vector<int64_t>>()) seen[i]++;
+    CHECK(seen.size() == 97);
+    for (auto& [sample, times] : seen) CHECK_MESSAGE(times == 1, "sample ", sample, " seen ", times);
+  }
+}
+
 TEST_CASE("a worker that exits with an error is restarted and resumes from the last checkpoint") {
   std::string dir = tempDir("exitresume");
   writeFile(dir + "/job.json", smallJob().dump());

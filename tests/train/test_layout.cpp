@@ -134,6 +134,19 @@ TEST_CASE("parallel section: parsed with defaults, bad values rejected naming th
   CHECK(configErrorOf(doc).find("/parallel/pipeline/schedule") != std::string::npos);
   doc["parallel"] = {{"data", 0}};
   CHECK(configErrorOf(doc).find("/parallel/data") != std::string::npos);
+  // A degree above the limit says the limit: "expected an integer >= 1, got 1000000" read as a contradiction.
+  doc["parallel"] = {{"tensor", 1000000}};
+  CHECK(configErrorOf(doc).ends_with("job.json: /parallel/tensor: expected an integer between 1 and 65536 (ranks per "
+                                     "tensor-parallel group), got 1000000"));
+  doc["parallel"] = {{"data", 70000}};
+  CHECK(configErrorOf(doc).find("/parallel/data: expected an integer between 1 and 65536 (data-parallel replicas), "
+                                "got 70000") != std::string::npos);
+  doc["parallel"] = {{"pipeline", {{"stages", 100000}}}};
+  CHECK(configErrorOf(doc).find("/parallel/pipeline/stages: expected an integer between 1 and 65536 (pipeline "
+                                "stages), got 100000") != std::string::npos);
+  doc["parallel"] = {{"pipeline", {{"stages", 2}, {"balance", {100000, 1}}}}};
+  CHECK(configErrorOf(doc).find("/parallel/pipeline/balance: expected a list of layer counts, each between 1 and "
+                                "65536, got [100000,1]") != std::string::npos);
 
   doc["parallel"] = {{"pipeline", {{"stages", 3}, {"micro_batches", 2}}}};
   const Job warned = load(doc);

@@ -104,6 +104,7 @@ class TrainLoop {
   // Micro-batches since the last line, empty ones included (a rank whose uneven share ran out): every rank takes the
   // same ones, so whether to reduce the interval's metrics (a collective) is decided alike everywhere.
   int64_t intervalSteps_ = 0;
+  int64_t epochShare_ = 0;  // a rank's samples in a whole epoch at this world (planRun), for the start-up line
   Clock::time_point intervalStart_;
   double checkpointSecInEpoch_ = 0;  // saves during the current epoch: not training time
   std::unique_ptr<nn::Optimizer> optimizer_;

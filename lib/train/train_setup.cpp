@@ -213,8 +213,10 @@ void TrainLoop::setUp() {
       dims.modelParallel()
           ? fmt::format("{} parameters (rank 0 holds {})", job_.model.paramCount(), model_->numParams())
           : fmt::format("{} parameters", model_->numParams());
-  // A batch_size above a rank's share of the data gives batches of the share (PyTorch's DataLoader): say so.
-  const int64_t share = sampler_->maxSamplesPerRank();
+  // A batch_size above a rank's share of the data gives batches of the share (PyTorch's DataLoader): say so. A whole
+  // epoch's share: after a resume the sampler holds the rest of the resumed epoch, and a rest of 1 sample per rank
+  // read as "batch 1 (batch_size 16 is more than a rank's 1 samples)" for a run whose batches are 16.
+  const int64_t share = epochShare_;
   const std::string batchText =
       job_.data.batchSize > share && share > 0
           ? fmt::format("{} (batch_size {} is more than a rank's {} samples)", share, job_.data.batchSize, share)
@@ -315,7 +317,8 @@ int64_t TrainLoop::largestBatch() const {
 void TrainLoop::planRun() {
   const int64_t batch = job_.data.batchSize;
   auto stepsOf = [&](int64_t samplesPerRank) { return stepsForSamples(job_, samplesPerRank); };
-  const int64_t stepsPerEpoch = stepsOf(sampler_->maxSamplesPerRank());
+  epochShare_ = sampler_->maxSamplesPerRank();  // a whole epoch's: the sampler is still at epoch 0's start
+  const int64_t stepsPerEpoch = stepsOf(epochShare_);
   DTRAIN_CHECK_AS(ConfigError, stepsPerEpoch > 0,
                   "{}: /data/batch_size: {} samples per rank ({} in all over {} rank(s)) make no batch of {}",
                   job_.sourceFile, sampler_->numSamplesThisRank(), train_->size(), worker_.worldSize, batch);

@@ -135,6 +135,10 @@ TEST_CASE("an epoch resumed at a larger world where a rank's share runs out a st
     CHECK(resumed.exitCode == 0);
     CHECK(resumed.out.find(fmt::format("resumed from {}/checkpoints/step-{:09d}", out, c.steps)) != std::string::npos);
     CHECK(resumed.err.find("timed out") == std::string::npos);
+    // The start-up line gives the job's batch, not the resumed epoch's rest per rank ("x batch 1 (batch_size 16 is
+    // more than a rank's 1 samples)").
+    CHECK(resumed.out.find(" x batch 16, ") != std::string::npos);
+    CHECK(resumed.out.find("is more than a rank's") == std::string::npos);
     // The epoch of the resize: every sample once, over the two runs.
     std::map<int64_t, int> seen;
     for (const char* part : {"/samples-1", "/samples-2"})

@@ -79,7 +79,12 @@ void residualLayerNormForward(const float* a, float* f, const float* w, const fl
 void residualLayerNormForwardBf16(const float* a, float* f, const float* w, const float* b, uint16_t* y,
                                   float* mean, float* rstd, int64_t rows, int64_t d, float eps);
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w (dx may be nullptr); with w, the weight and bias
-// gradients dw (+)= sum_r dy * xhat, db (+)= sum_r dy (layerNormParamGrad; db may be nullptr).
+// gradients dw (+)= sum_r dy * xhat, db (+)= sum_r dy (layerNormParamGrad's sums; db may be nullptr). With w and
+// dx, the gradients' first pass runs inside the dx kernel (one block per row chunk of layerNormParamGrad's plan,
+// each thread summing its columns in row order as that pass does: the same bits, layernorm_rows.h; then the
+// second pass when there are several chunks), for d <= 6144 (the block's 2 d floats of shared memory); else, or with
+// setLayerNormParamsFusion(false), layerNormParamGrad then the dx kernel. docs/gpu.md "LayerNorm backward with its
+// parameter gradients" (compiled and CPU-emulated, not yet run on a GPU).
 void layerNormBackward(const float* x, const float* w, const float* mean, const float* rstd, const float* dy,
                        float* dx, float* dw, float* db, int64_t rows, int64_t d, bool accumulate);
 // layerNormBackward with a residual's gradient added into dx as it is stored (llm.c's layernorm_backward, which
@@ -94,6 +99,16 @@ void residualLayerNormBackward(const float* x, const float* w, const float* mean
 // sum_r dy (db may be nullptr), biasGrad's two-pass plan over the rows.
 void layerNormParamGrad(const float* x, const float* mean, const float* rstd, const float* dy, float* dw, float* db,
                         int64_t rows, int64_t d, bool accumulate);
+// Its two passes apart, for the fused backward: the partials pass 1 writes (2 x chunks x d floats of reduceScratch,
+// nullptr with a single chunk; valid until the next larger request on this thread), and pass 2 over them (nothing
+// with a single chunk: pass 1 wrote dw and db).
+float* layerNormParamPartials(int64_t rows, int64_t d);
+void layerNormParamCombine(const float* partials, float* dw, float* db, int64_t rows, int64_t d, bool accumulate);
+// Whether layerNormBackward/residualLayerNormBackward fold the gradients' first pass into the dx kernel (default
+// on): a process-wide switch, so a GPU test can compare both launches' bits (thread-safe; takes effect at the next
+// call).
+void setLayerNormParamsFusion(bool on);
+bool layerNormParamsFusionOn() noexcept;
 
 // --- Embedding (layers_gpt.cpp Embedding): token ids carried as floats ---
 // y[r] = wte[token[r]] + (wpe ? wpe[r % t] : 0) for r < rows; a token outside [0, vocab) (reduce_index.h's

@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 
@@ -18,6 +19,8 @@ namespace dtrain::gpu::kernels {
 namespace {
 
 constexpr int kThreads = 256;  // a power of two: the tree reductions below halve it
+
+std::atomic<bool> gLayerNormParamsFusion{true};  // setLayerNormParamsFusion
 
 // Grids are bounded (CUDA allows 2^31 - 1 blocks in x; a GPT's attention has batch * heads * T rows, which a
 // long context or a large batch could push past that): every kernel loops, elementwise ones over elements
@@ -139,6 +142,89 @@ __global__ void layerNormDxKernel(const float* x, const float* w, const float* m
     layerNormDxRowStore(x + o, w, dy + o, residual != nullptr ? residual + o : nullptr, dx + o, mu, rs, meanG, meanGx,
                         d, threadIdx.x, kThreads);
   }
+}
+
+// blockSum for a group of kThreads threads inside a larger block (group g: threads g kThreads .. (g + 1) kThreads - 1,
+// sh its own kThreads floats): the same tree over the same partials, so the same sum. Every thread of the block
+// calls it the same number of times (its __syncthreads are the block's).
+__device__ float groupSum(float v, float* sh, int t) {
+  sh[t] = v;
+  __syncthreads();
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (t < s) sh[t] += sh[t + s];
+    __syncthreads();
+  }
+  const float r = sh[0];
+  __syncthreads();
+  return r;
+}
+
+// Rows in flight per block of the fused backward: its block is kParamsGroups x kThreads threads.
+constexpr int kParamsGroups = 4;
+
+// layerNormDxKernel with the weight and bias gradients' first pass folded in (layernorm_rows.h): one block per chunk
+// of the column-sum plan p (reduce_index.h columnChunks(rows)); each pass over the chunk gives its next kParamsGroups
+// rows to the groups (group g: row g's dx as layerNormDxKernel's block computes it); between the groups' sums and
+// their stores every thread adds those rows in order to its columns' sums in dynamic shared memory (acc: 2 d floats,
+// accW then accB; each element is its one thread's). Pass 2 (several chunks) is layerNormParamCombine's.
+__global__ void __launch_bounds__(kParamsGroups* kThreads)
+    layerNormBackwardParamsKernel(ColumnChunks p, const float* x, const float* w, const float* mean, const float* rstd,
+                                  const float* dy, const float* residual, float* dx, float* dw, float* db,
+                                  float* partials, int64_t d, bool accumulate) {
+  __shared__ float sh[kParamsGroups * kThreads];
+  extern __shared__ float acc[];
+  float* accW = acc;
+  float* accB = acc + d;
+  const int T = static_cast<int>(threadIdx.x), all = kParamsGroups * kThreads;
+  const int g = T / kThreads, t = T % kThreads;
+  float* gsh = sh + g * kThreads;
+  for (int64_t k = blockIdx.x; k < p.chunks; k += gridDim.x) {
+    layerNormParamChunkStart(p, dw, db, accumulate, accW, accB, d, T, all);
+    for (int64_t r0 = p.begin(k); r0 < p.end(k); r0 += kParamsGroups) {
+      // The group's row; past the chunk's end the group still meets the barriers (uniform across the block).
+      const int64_t r = r0 + g;
+      const bool mine = r < p.end(k);
+      const float mu = mine ? mean[r] : 0.0f, rs = mine ? rstd[r] : 0.0f;
+      float sg = 0.0f, sgx = 0.0f;
+      if (mine) layerNormDxRowSums(x + r * d, w, dy + r * d, mu, rs, d, t, kThreads, &sg, &sgx);
+      const float meanG = groupSum(sg, gsh, t) / static_cast<float>(d);
+      const float meanGx = groupSum(sgx, gsh, t) / static_cast<float>(d);
+      // The pass's rows in row order into this thread's columns' sums, read before any of their dx is stored (the
+      // barrier): dx may be dy's or x's memory, as the dx kernel allows (each thread reads an element, then stores it).
+      const int64_t last = r0 + kParamsGroups < p.end(k) ? r0 + kParamsGroups : p.end(k);
+      for (int64_t q = r0; q < last; ++q)
+        layerNormParamRowAdd(x + q * d, dy + q * d, mean[q], rstd[q], d, T, all, accW, accB);
+      __syncthreads();
+      if (mine)
+        layerNormDxRowStore(x + r * d, w, dy + r * d, residual != nullptr ? residual + r * d : nullptr, dx + r * d, mu,
+                            rs, meanG, meanGx, d, t, kThreads);
+    }
+    layerNormParamChunkStore(p, k, accW, accB, dw, db, partials, d, T, all);
+  }
+}
+
+// The fused kernel's shared memory (2 d floats) fits the 48 KiB a launch gets without opting in: d <= 6144.
+constexpr int64_t kParamsFusedMaxD = 48 * 1024 / (2 * static_cast<int64_t>(sizeof(float)));
+
+// dx (residual: null, or the gradient each stored value takes on) with dw, db: the fused kernel where its shared
+// memory fits, else layerNormParamGrad then the dx kernel (their bits are the same).
+void layerNormBackwardWithParams(const float* x, const float* w, const float* mean, const float* rstd,
+                                 const float* dy, const float* residual, float* dx, float* dw, float* db,
+                                 int64_t rows, int64_t d, bool accumulate) {
+  if (d == 0) return;
+  if (d > kParamsFusedMaxD || !layerNormParamsFusionOn()) {
+    layerNormParamGrad(x, mean, rstd, dy, dw, db, rows, d, accumulate);
+    layerNormDxKernel<<<rowBlocks(rows), kThreads>>>(x, w, mean, rstd, dy, residual, dx, rows, d);
+    DTRAIN_CU_CHECK_LAUNCH("layerNormDxKernel (after layerNormParamGrad)");
+    return;
+  }
+  const ColumnChunks p = columnChunks(rows);
+  float* partials = layerNormParamPartials(rows, d);
+  const size_t shared = static_cast<size_t>(2 * d) * sizeof(float);
+  layerNormBackwardParamsKernel<<<static_cast<unsigned>(p.chunks), kParamsGroups * kThreads, shared>>>(
+      p, x, w, mean, rstd, dy, residual, dx, dw, db, partials, d, accumulate);
+  DTRAIN_CU_CHECK_LAUNCH("layerNormBackwardParamsKernel");
+  layerNormParamCombine(partials, dw, db, rows, d, accumulate);
 }
 
 __global__ void embeddingForwardKernel(const float* tokens, const float* wte, const float* wpe, float* y, size_t n,
@@ -329,6 +415,9 @@ void scale(const float* in, float* out, size_t n, float s) {
   DTRAIN_CU_CHECK_LAUNCH("scaleKernel");
 }
 
+void setLayerNormParamsFusion(bool on) { gLayerNormParamsFusion.store(on); }
+bool layerNormParamsFusionOn() noexcept { return gLayerNormParamsFusion.load(); }
+
 void add(const float* a, const float* b, float* out, size_t n) {
   if (n == 0) return;
   addKernel<<<blocksFor(n), kThreads>>>(a, b, out, n);
@@ -398,6 +487,8 @@ void residualLayerNormForwardBf16(const float* a, float* f, const float* w, cons
 void layerNormBackward(const float* x, const float* w, const float* mean, const float* rstd, const float* dy,
                        float* dx, float* dw, float* db, int64_t rows, int64_t d, bool accumulate) {
   if (rows == 0) return;
+  if (w != nullptr && dx != nullptr) return layerNormBackwardWithParams(x, w, mean, rstd, dy, nullptr, dx, dw, db, rows,
+                                                                        d, accumulate);
   if (w != nullptr) layerNormParamGrad(x, mean, rstd, dy, dw, db, rows, d, accumulate);
   if (dx != nullptr) {
     layerNormDxKernel<<<rowBlocks(rows), kThreads>>>(x, w, mean, rstd, dy, nullptr, dx, rows, d);
@@ -409,7 +500,8 @@ void residualLayerNormBackward(const float* x, const float* w, const float* mean
                                const float* residualGrad, float* dx, float* dw, float* db, int64_t rows, int64_t d,
                                bool accumulate) {
   if (rows == 0) return;
-  if (w != nullptr) layerNormParamGrad(x, mean, rstd, dy, dw, db, rows, d, accumulate);
+  if (w != nullptr) return layerNormBackwardWithParams(x, w, mean, rstd, dy, residualGrad, dx, dw, db, rows, d,
+                                                       accumulate);
   layerNormDxKernel<<<rowBlocks(rows), kThreads>>>(x, w, mean, rstd, dy, residualGrad, dx, rows, d);
   DTRAIN_CU_CHECK_LAUNCH("layerNormDxKernel<residual>");
 }

@@ -104,8 +104,16 @@ void layerNormParamGrad(const float* x, const float* mean, const float* rstd, co
   float* partials = partialsFor(p, d, 2);
   layerNormParamChunkKernel<<<cells(g), kColumnTile>>>(p, g, d, x, mean, rstd, dy, dw, db, partials, accumulate);
   DTRAIN_CU_CHECK_LAUNCH("layerNormParamChunkKernel");
+  layerNormParamCombine(partials, dw, db, rows, d, accumulate);
+}
+
+float* layerNormParamPartials(int64_t rows, int64_t d) { return partialsFor(columnChunks(rows), d, 2); }
+
+void layerNormParamCombine(const float* partials, float* dw, float* db, int64_t rows, int64_t d, bool accumulate) {
+  const ColumnChunks p = columnChunks(rows);
+  if (p.chunks == 1 || d == 0) return;
   combine(p, d, partials, dw, accumulate);
-  if (db != nullptr && partials != nullptr) combine(p, d, partials + p.chunks * d, db, accumulate);
+  if (db != nullptr) combine(p, d, partials + p.chunks * d, db, accumulate);
 }
 
 void biasActivationForward(Activation f, const float* xw, const float* bias, float* y, int64_t rows, int64_t cols) {

@@ -100,6 +100,11 @@ DTRAIN_HOST_DEVICE inline void columnSumCombine(const ColumnChunks& p, int64_t c
   out[c] = acc;
 }
 
+// One term of LayerNorm's weight gradient: acc + dy * xhat. Shared by layerNormParamChunk and the fused LayerNorm
+// backward's stores (layernorm_rows.h), so nvcc sees one expression in both and contracts it alike (an FMA in
+// both, or in neither).
+DTRAIN_HOST_DEVICE inline float layerNormParamTerm(float acc, float dy, float xhat) { return acc + dy * xhat; }
+
 // LayerNorm's weight and bias gradients over [rows, d]: dw[j] (+)= sum_r dy[r, j] xhat[r, j], db[j] (+)= sum_r
 // dy[r, j] (db may be nullptr), xhat = (x - mean[r]) * rstd[r] as the forward. Partials: dw's chunks, then db's
 // (2 * chunks * d floats).
@@ -111,7 +116,7 @@ DTRAIN_HOST_DEVICE inline void layerNormParamChunk(const ColumnChunks& p, int64_
   float gb = direct && accumulate && db != nullptr ? db[j] : 0.0f;
   for (int64_t r = p.begin(k); r < p.end(k); ++r) {
     const float g = dy[r * d + j];
-    gw += g * ((x[r * d + j] - mean[r]) * rstd[r]);
+    gw = layerNormParamTerm(gw, g, (x[r * d + j] - mean[r]) * rstd[r]);
     gb += g;
   }
   if (direct) {

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "lib/gpu/bf16_store.h"
+#include "lib/gpu/kernels.h"
 #include "lib/gpu/kernels_attention.h"
 #include "lib/gpu/memory.h"
 #include "lib/nn/attention_kernel.h"
@@ -172,6 +173,50 @@ TEST_CASE("with a GPU: the residual gradient added in the LayerNorm backward lea
       CHECK(sameBits(off.grads, on.grads));
       CHECK(sameBits(off.params, on.params));
       CHECK(on.activationBytes == off.activationBytes);
+    }
+  }
+}
+
+// The weight/bias gradients' first pass folded into the LayerNorm backward's dx kernel (docs/gpu.md "LayerNorm
+// backward with its parameter gradients"): the kernels with and without it (gpu::kernels::setLayerNormParamsFusion),
+// bit for bit: dx, dw, db, with and without the residual's gradient, onto zero and onto earlier gradients, over one
+// chunk of rows, several, and the 128-chunk cap (8229 rows). test_gpu emulates both on the CPU; this is the device.
+TEST_CASE("with a GPU: the LayerNorm backward with its parameter gradients' first pass gives the two launches' bits") {
+  namespace k = gpu::kernels;
+  struct Shape {
+    int64_t rows, d;
+  };
+  for (const Shape s : {Shape{6, 768}, Shape{200, 257}, Shape{8229, 768}}) {
+    for (const bool residual : {false, true}) {
+      for (const bool accumulate : {false, true}) {
+        CAPTURE(s.rows);
+        CAPTURE(s.d);
+        CAPTURE(residual);
+        CAPTURE(accumulate);
+        const auto n = static_cast<size_t>(s.rows * s.d), ds = static_cast<size_t>(s.d);
+        const DeviceFloats x = toDevice(randomVector(n, 41, -3, 3)), dy = toDevice(randomVector(n, 42, -0.5f, 0.5f)),
+                           res = toDevice(randomVector(n, 43)), w = toDevice(randomVector(ds, 44, 0.5f, 1.5f));
+        DeviceFloats mean(static_cast<size_t>(s.rows), kGpu), rstd(static_cast<size_t>(s.rows), kGpu), y(n, kGpu);
+        k::layerNormForward(x.data(), w.data(), nullptr, y.data(), mean.data(), rstd.data(), s.rows, s.d, 1e-5f);
+        std::vector<float> out[2][3];
+        for (const bool fused : {false, true}) {
+          k::setLayerNormParamsFusion(fused);
+          DeviceFloats dx(n, kGpu), dw = toDevice(randomVector(ds, 45)), db = toDevice(randomVector(ds, 46));
+          if (residual)
+            k::residualLayerNormBackward(x.data(), w.data(), mean.data(), rstd.data(), dy.data(), res.data(), dx.data(),
+                                         dw.data(), db.data(), s.rows, s.d, accumulate);
+          else
+            k::layerNormBackward(x.data(), w.data(), mean.data(), rstd.data(), dy.data(), dx.data(), dw.data(),
+                                 db.data(), s.rows, s.d, accumulate);
+          out[fused][0] = toHost(dx.data(), n);
+          out[fused][1] = toHost(dw.data(), ds);
+          out[fused][2] = toHost(db.data(), ds);
+        }
+        k::setLayerNormParamsFusion(true);
+        CHECK(sameBits(out[0][0], out[1][0]));
+        CHECK(sameBits(out[0][1], out[1][1]));
+        CHECK(sameBits(out[0][2], out[1][2]));
+      }
     }
   }
 }

@@ -7,7 +7,9 @@
 // that nvcc compiles the shared expressions alike in both kernels (the `gpu` case in test_gpu_bf16_nn.cpp compares
 // a GPT's steps with and without the fusion).
 // The backward twin (kernels::residualLayerNormBackward: LayerNorm's dx with the residual's gradient added as it is
-// stored) is emulated the same way and compared with the dx kernel's loops written out and then the block's add. This
+// stored) is emulated the same way and compared with the dx kernel's loops written out and then the block's add; and
+// the backward with the weight/bias gradients' first pass folded in (layerNormBackwardParamsKernel) against
+// layerNormParamGrad's kernels and the dx kernel, bit for bit. This
 // file is compiled with -ffp-contract=off, so the host rounds every product and sum on its own, as the header says.
 #include <doctest/doctest.h>
 
@@ -15,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -242,4 +245,143 @@ TEST_CASE("fused residual gradient + LayerNorm backward emulated over its grid: 
     checkBackwardShape(rows, d, true);
     checkBackwardShape(rows, d, false);
   }
+}
+
+// --- LayerNorm backward with its weight/bias gradients' first pass folded in (layerNormBackwardParamsKernel) ---
+// Emulated block by block against what it replaces: kernels::layerNormParamGrad (every (chunk, column) thread of
+// layerNormParamChunkKernel, then pass 2) and the dx kernel (emulateDx above), through the same headers as those
+// kernels. dx, dw and db (and the partials pass 2 reads) must be theirs bit for bit.
+
+namespace {
+
+constexpr int kParamsGroups = 4;  // kernels_nn.cu's rows in flight per block of the fused backward
+
+// layerNormBackwardParamsKernel's launch: p.chunks blocks (grid-stride over chunks: one pass here) of kParamsGroups x
+// kThreads threads. Block k takes its chunk's rows kParamsGroups at a time: group g's 256 threads run row r0 + g's
+// first pass and meet in the tree; then every thread T of the block adds the pass's rows to its columns' sums, in
+// row order (order -1: in reverse, only to show the check sees the order); then the groups store dx. The shared sums
+// and the partials start as NaN, so one read before it is written shows. Then pass 2 (layerNormParamCombine:
+// columnSumCombine per column).
+void emulateFusedParams(const float* x, const float* w, const float* mean, const float* rstd, const float* dy,
+                        const float* residual, float* dx, float* dw, float* db, int64_t rows, int64_t d,
+                        bool accumulate, int order = 1) {
+  const ColumnChunks p = columnChunks(rows);
+  const int all = kParamsGroups * kThreads;
+  std::vector<float> partials(static_cast<size_t>(2 * partialCount(p, d)), std::numeric_limits<float>::quiet_NaN());
+  for (int64_t k = 0; k < p.chunks; ++k) {
+    std::vector<float> acc(static_cast<size_t>(2 * d), std::numeric_limits<float>::quiet_NaN());
+    float* accW = acc.data();
+    float* accB = acc.data() + d;
+    for (int T = 0; T < all; ++T) layerNormParamChunkStart(p, dw, db, accumulate, accW, accB, d, T, all);
+    for (int64_t r0 = p.begin(k); r0 < p.end(k); r0 += kParamsGroups) {
+      const int64_t last = std::min(r0 + kParamsGroups, p.end(k));
+      std::vector<float> meanG(kParamsGroups), meanGx(kParamsGroups);
+      for (int64_t r = r0; r < last; ++r) {
+        std::vector<float> sg(kThreads), sgx(kThreads);
+        for (int t = 0; t < kThreads; ++t) {
+          const auto u = static_cast<size_t>(t);
+          layerNormDxRowSums(x + r * d, w, dy + r * d, mean[r], rstd[r], d, t, kThreads, &sg[u], &sgx[u]);
+        }
+        meanG[static_cast<size_t>(r - r0)] = treeSum(sg) / static_cast<float>(d);
+        meanGx[static_cast<size_t>(r - r0)] = treeSum(sgx) / static_cast<float>(d);
+      }
+      for (int T = 0; T < all; ++T)
+        for (int64_t i = 0; i < last - r0; ++i) {
+          const int64_t q = order > 0 ? r0 + i : last - 1 - i;
+          layerNormParamRowAdd(x + q * d, dy + q * d, mean[q], rstd[q], d, T, all, accW, accB);
+        }
+      for (int64_t r = r0; r < last; ++r)
+        for (int t = 0; t < kThreads; ++t)
+          layerNormDxRowStore(x + r * d, w, dy + r * d, residual != nullptr ? residual + r * d : nullptr, dx + r * d,
+                              mean[r], rstd[r], meanG[static_cast<size_t>(r - r0)],
+                              meanGx[static_cast<size_t>(r - r0)], d, t, kThreads);
+    }
+    for (int T = 0; T < all; ++T) layerNormParamChunkStore(p, k, accW, accB, dw, db, partials.data(), d, T, all);
+  }
+  if (p.chunks == 1) return;
+  for (int64_t j = 0; j < d; ++j) columnSumCombine(p, j, d, partials.data(), dw, accumulate);
+  if (db != nullptr)
+    for (int64_t j = 0; j < d; ++j) columnSumCombine(p, j, d, partials.data() + p.chunks * d, db, accumulate);
+}
+
+// kernels::layerNormParamGrad as its kernels run it (layerNormParamChunkKernel covers every (chunk, column) once;
+// the order of threads does not matter: each writes its own cell), then pass 2.
+void emulateParamGrad(const float* x, const float* mean, const float* rstd, const float* dy, float* dw, float* db,
+                      int64_t rows, int64_t d, bool accumulate) {
+  const ColumnChunks p = columnChunks(rows);
+  std::vector<float> partials(static_cast<size_t>(2 * partialCount(p, d)), std::numeric_limits<float>::quiet_NaN());
+  for (int64_t k = 0; k < p.chunks; ++k)
+    for (int64_t j = 0; j < d; ++j) layerNormParamChunk(p, k, j, d, x, mean, rstd, dy, dw, db, partials.data(), accumulate);
+  if (p.chunks == 1) return;
+  for (int64_t j = 0; j < d; ++j) columnSumCombine(p, j, d, partials.data(), dw, accumulate);
+  if (db != nullptr)
+    for (int64_t j = 0; j < d; ++j) columnSumCombine(p, j, d, partials.data() + p.chunks * d, db, accumulate);
+}
+
+void checkParamsShape(int64_t rows, int64_t d, bool withBias, bool accumulate, bool residual) {
+  CAPTURE(rows);
+  CAPTURE(d);
+  CAPTURE(withBias);
+  CAPTURE(accumulate);
+  CAPTURE(residual);
+  const auto n = static_cast<size_t>(rows * d);
+  const auto rs = static_cast<size_t>(rows);
+  const auto ds = static_cast<size_t>(d);
+  std::vector<float> x = randomVector(n, 31, -3.0f, 3.0f);
+  const std::vector<float> w = randomVector(ds, 32, 0.5f, 1.5f);
+  std::vector<float> mean(rs), rstd(rs), y(n);
+  emulateKernel(false, nullptr, x.data(), w.data(), nullptr, y.data(), mean.data(), rstd.data(), rows, d, 1e-5f);
+  const std::vector<float> dy = randomVector(n, 33, -0.5f, 0.5f);
+  const std::vector<float> res = randomVector(n, 34, -1.0f, 1.0f);
+  const float* rp = residual ? res.data() : nullptr;
+  // What the gradients held before (a second micro-batch accumulates onto them).
+  const std::vector<float> dw0 = accumulate ? randomVector(ds, 35, -2.0f, 2.0f) : std::vector<float>(ds, 0.0f);
+  const std::vector<float> db0 = accumulate ? randomVector(ds, 36, -2.0f, 2.0f) : std::vector<float>(ds, 0.0f);
+  // The current launches: layerNormParamGrad, then the dx kernel.
+  std::vector<float> dxRef(n), dwRef = dw0, dbRef = db0;
+  emulateParamGrad(x.data(), mean.data(), rstd.data(), dy.data(), dwRef.data(), withBias ? dbRef.data() : nullptr,
+                   rows, d, accumulate);
+  emulateDx(x.data(), w.data(), mean.data(), rstd.data(), dy.data(), rp, dxRef.data(), rows, d);
+  // The fused kernel.
+  std::vector<float> dx(n), dwF = dw0, dbF = db0;
+  emulateFusedParams(x.data(), w.data(), mean.data(), rstd.data(), dy.data(), rp, dx.data(), dwF.data(),
+                     withBias ? dbF.data() : nullptr, rows, d, accumulate);
+  CHECK(sameBits(dx, dxRef));
+  CHECK(sameBits(dwF, dwRef));
+  CHECK(sameBits(dbF, dbRef));
+  // dx in dy's memory (the dx kernel allows it; CUDA LayerNorm::backward does not exclude it): each pass's sums read
+  // dy before the pass's stores overwrite it, so the same bits.
+  if (!residual) {
+    std::vector<float> inPlace = dy, dwI = dw0, dbI = db0;
+    emulateFusedParams(x.data(), w.data(), mean.data(), rstd.data(), inPlace.data(), nullptr, inPlace.data(),
+                       dwI.data(), withBias ? dbI.data() : nullptr, rows, d, accumulate);
+    CHECK(sameBits(inPlace, dxRef));
+    CHECK(sameBits(dwI, dwRef));
+    CHECK(sameBits(dbI, dbRef));
+  }
+  // The order is what keeps the bits: each pass's rows added in reverse give other sums (they round), so a kernel
+  // that added them otherwise would fail the checks above.
+  if (rows >= 8 && d >= 16) {
+    std::vector<float> dxR(n), dwR = dw0, dbR = db0;
+    emulateFusedParams(x.data(), w.data(), mean.data(), rstd.data(), dy.data(), rp, dxR.data(), dwR.data(),
+                       dbR.data(), rows, d, accumulate, -1);
+    CHECK(sameBits(dxR, dxRef));  // dx is per row: the order of rows does not touch it
+    CHECK_FALSE(sameBits(dwR, dwRef));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("LayerNorm backward with its weight/bias gradients' first pass in the dx kernel: the two launches' bits") {
+  // Rows: one chunk (<= 64: pass 1 writes dw, db itself, onto them when accumulating), a few chunks with a short
+  // last one (200: 64-row chunks, 4 of them), and past the 128-chunk cap (8229: 65-row chunks, 127 of them). Widths
+  // as the tests above (GPT-2's 768: three columns per thread; below, at and just above 256; odd; one column).
+  const std::vector<std::pair<int64_t, int64_t>> shapes{{6, 768}, {64, 37}, {200, 257}, {200, 256}, {130, 768},
+                                                        {8229, 5}, {3, 1}};
+  for (const auto& [rows, d] : shapes)
+    for (const bool accumulate : {false, true}) {
+      checkParamsShape(rows, d, true, accumulate, false);
+      checkParamsShape(rows, d, true, accumulate, true);
+      checkParamsShape(rows, d, false, accumulate, false);
+    }
 }

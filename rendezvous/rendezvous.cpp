@@ -121,24 +121,7 @@ RoundInfo Rendezvous::join() {
   }
   ops.push_back(StoreOp::compareSet("round", "", "0"));
   auto first = store_->batch(ops);
-  if (fingerprinted) {
-    const std::string& job = first[0].value.value_or("");
-    auto idOf = [](std::string_view fp) { return fp.substr(0, fp.find(' ')); };
-    if (idOf(job) != idOf(options_.jobFingerprint)) {
-      // Say when that job is over, so that nobody goes looking for a job still running under the id.
-      std::string state;
-      if (const auto& ended = first[1].value) {
-        auto outcome = RoundEvent::fromJson(*ended);
-        state = outcome.type == RoundEventType::kDone
-                    ? ", which has ended: it completed"
-                    : fmt::format(", which has ended: {}, exit code {}", roundEventName(outcome.type), outcome.exitCode);
-      }
-      DTRAIN_THROW(RendezvousError,
-                   "rendezvous at {}: another job already uses this run id on this store (job {}{}); this is job {}. "
-                   "Give each job its own --rdzv-id",
-                   options_.endpoint, job, state, options_.jobFingerprint);
-    }
-  }
+  if (fingerprinted) throwIfAnotherJob(first[0].value.value_or(""), first[1].value);
   // After the fingerprint: another job is told that the id is another job's; the same job that its run ended.
   throwIfEnded(first[fingerprinted ? 1 : 0].value);
   if (agreeing) {

@@ -13,7 +13,8 @@
 //                         agent that exits after a round (first one wins): a later join() with this run id fails
 //                         at once, naming the outcome, instead of waiting for a round that never opens
 //   agreed_env            the first agent's RendezvousOptions::agreedEnv: later agents must have the same text
-//   refused/count, refused/<n>  agents join() refused for another agreedEnv: each adds 1 to the count and writes
+//   refused/count, refused/<n>  agents join() refused for another agreedEnv, or for another job's fingerprint
+//                         while the run id's job has not ended: each adds 1 to the count and writes
 //                         its NodeInfo and the reason (JSON) under the number it got, so that the job's first
 //                         agent, blocked waiting for nodes, says at once who was refused and why (waitRefusal,
 //                         RefusalWatcher: refusal_watcher.h, rendezvous_refusals.cpp) instead of only timing out
@@ -275,6 +276,9 @@ class Rendezvous {
   void throwIfEndedWhileWaiting(const std::optional<std::string>& ended, int round, int members);
   // Leaves this agent's record and `reason` under refused/<n> (best effort: a failure is logged at debug).
   void recordRefusal(const std::string& reason);
+  // RendezvousError naming both jobs when `job` (the run id's recorded fingerprint) is another job's than ours;
+  // `ended`: that job's recorded end, named too. While that job has not ended the refusal is recorded first.
+  void throwIfAnotherJob(const std::string& job, const std::optional<std::string>& ended);
   // RendezvousError naming the first variable whose value differs between `recorded` (agreed_env) and ours.
   void throwIfEnvDisagrees(const std::string& recorded);
   // "; N node(s) came and were refused (...)" for a join timeout, given `refused/count`; "" when none was.

@@ -1,5 +1,5 @@
 // Refused nodes (rendezvous.h, `refused/count` and `refused/<n>`; docs/rendezvous.md "Refused nodes"): the
-// environment check that refuses an agent, the record a refused agent leaves in the store, the line the job's first
+// checks that refuse an agent (another job on the run id, another environment), the record a refused agent leaves in the store, the line the job's first
 // agent logs for it (waitRefusal, RefusalWatcher) and the count a join timeout names. Split from rendezvous.cpp,
 // which joins and closes rounds.
 #include <nlohmann/json.hpp>
@@ -33,6 +33,28 @@ std::vector<std::pair<std::string, std::string>> envLines(const std::string& tex
 }
 
 }  // namespace
+
+void Rendezvous::throwIfAnotherJob(const std::string& job, const std::optional<std::string>& ended) {
+  auto idOf = [](std::string_view fp) { return fp.substr(0, fp.find(' ')); };
+  if (idOf(job) == idOf(options_.jobFingerprint)) return;
+  // Say when that job is over, so that nobody goes looking for a job still running under the id.
+  std::string state;
+  if (ended) {
+    auto outcome = RoundEvent::fromJson(*ended);
+    state = outcome.type == RoundEventType::kDone
+                ? ", which has ended: it completed"
+                : fmt::format(", which has ended: {}, exit code {}", roundEventName(outcome.type), outcome.exitCode);
+  } else {
+    // That job runs (or waits for nodes): its first agent names this node too. (An ended job has nobody to tell.)
+    recordRefusal(fmt::format("it runs another job on this run id (job {}; this run id's job is {}): give each job "
+                              "its own --rdzv-id",
+                              options_.jobFingerprint, job));
+  }
+  DTRAIN_THROW(RendezvousError,
+               "rendezvous at {}: another job already uses this run id on this store (job {}{}); this is job {}. "
+               "Give each job its own --rdzv-id",
+               options_.endpoint, job, state, options_.jobFingerprint);
+}
 
 void Rendezvous::throwIfEnvDisagrees(const std::string& recorded) {
   if (recorded == options_.agreedEnv) return;
@@ -81,8 +103,8 @@ std::optional<std::string> Rendezvous::waitRefusal(Store& store, int index, Mill
 std::string Rendezvous::refusedCountNote(const std::optional<std::string>& count) {
   // Nodes that came but were refused (their own message says why; the first agent logged each).
   const auto refused = parse::toInt(count.value_or("0")).value_or(0);
-  return refused > 0 ? fmt::format("; {} node(s) came and were refused (another environment: see the job's first "
-                                   "agent's log or theirs)",
+  return refused > 0 ? fmt::format("; {} node(s) came and were refused (another environment, or another job on this "
+                                   "run id: see the job's first agent's log or theirs)",
                                    refused)
                      : "";
 }

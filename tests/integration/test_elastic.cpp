@@ -445,6 +445,51 @@ TEST_CASE("--nnodes 2: the first node logs a node refused for its environment at
   CHECK(processesWithRunId(id).empty());
 }
 
+TEST_CASE("--nnodes 2: the first node logs a node of another job refused on its run id, naming that node and both "
+          "jobs, and keeps waiting: a node of its own job then joins and the job runs") {
+  // A node refused because another job's fingerprint held the run id left no record: the first node said nothing
+  // (the refused node alone said why) and waited up to --rdzv-timeout.
+  const int port = freePort();
+  const std::string id = uniqueRunId("refused-job");
+  auto agent = [&](int nodeRank, const std::string& program) {
+    return runArgs({"--nnodes", "2", "--nproc-per-node", "1", "--node-rank", std::to_string(nodeRank),
+                    "--rdzv-endpoint", fmt::format("127.0.0.1:{}", port), "--rdzv-id", id, "--rdzv-timeout", "60s",
+                    "--shutdown-timeout", "2s", "--", "sh", "-c", program});
+  };
+  const std::string ours = "echo ran-$RANK-of-$WORLD_SIZE", theirs = "echo other-job";
+  Background node0(agent(0, ours), {.env = {{"DTRAIN_LOG_LEVEL", "debug"}}});
+  node0.waitForLine("this is the job's first agent", 60s, /*fromStderr=*/true);
+  // Another job (another program) given the same --rdzv-id and endpoint.
+  Background otherJob(agent(1, theirs));
+  const pid_t otherPid = otherJob.pid();
+  auto other = otherJob.wait(30s);
+  INFO(other.err);
+  CHECK(other.exitCode == 4);
+  CHECK(other.err.find("another job already uses this run id on this store") != std::string::npos);
+  CHECK(other.out.find("other-job") == std::string::npos);
+  // Node 0 names the refused node (pid, node rank), its job and its own, well before its --rdzv-timeout (60 s).
+  const std::string line = node0.waitForLine("was refused", 20s, /*fromStderr=*/true);
+  CHECK(node0.running());
+  CHECK_MESSAGE(line.find(fmt::format("pid {}, --node-rank 1) was refused and exits with code 4: it runs another job "
+                                      "on this run id (job ",
+                                      otherPid)) != std::string::npos,
+                line);
+  CHECK_MESSAGE(line.find("`sh -c echo other-job`; this run id's job is ") != std::string::npos, line);
+  CHECK_MESSAGE(line.find("`sh -c echo ran-$RANK-of-$WORLD_SIZE`): give each job its own --rdzv-id") !=
+                    std::string::npos,
+                line);
+  // The refused node took no place in the round: a node of this job joins it and the job runs.
+  auto joined = run(agent(1, ours), {.timeout = 60s});
+  auto r0 = node0.wait(60s);
+  INFO(joined.err, r0.err);
+  CHECK(joined.exitCode == 0);
+  CHECK(r0.exitCode == 0);
+  CHECK(joined.out.find("ran-1-of-2") != std::string::npos);
+  CHECK(r0.out.find("ran-0-of-2") != std::string::npos);
+  CHECK(occurrences(r0.err, "was refused") == 1);
+  CHECK(processesWithRunId(id).empty());
+}
+
 TEST_CASE("--nnodes 2: a node that never completes the rendezvous because it was refused is counted in the first "
           "node's timeout message") {
   const int port = freePort();

@@ -50,6 +50,44 @@ std::string fromEnvironment(const CLI::App& root, const std::vector<std::string>
   return "";
 }
 
+// The command a parse error belongs to, as typed: "dtrain", "dtrain run", "dtrain ckpt list" (the subcommands CLI11
+// parsed before it failed), so the error can point at that command's --help rather than the top level's.
+std::string commandPath(const CLI::App& root) {
+  std::string path = "dtrain";
+  for (const CLI::App* app = &root;;) {
+    const auto parsed = app->get_subcommands();
+    if (parsed.empty()) return path;
+    app = parsed.front();
+    path += " " + app->get_name();
+  }
+}
+
+// `dtrain tarin job.json`, `dtrain ckpt lst DIR`: CLI11 says "A subcommand is required", which hides the typo.
+// Walks the words that name subcommands; the first one that names none (where one was expected) is returned with
+// the command it followed and the names it could have been. Empty when every word named a subcommand.
+struct UnknownCommand {
+  std::string word, path, expected;
+};
+UnknownCommand unknownSubcommand(const CLI::App& root, const std::vector<std::string>& args) {
+  const CLI::App* app = &root;
+  std::string path = "dtrain";
+  for (size_t i = 1; i < args.size(); ++i) {
+    const auto subs = app->get_subcommands({});
+    if (subs.empty() || args[i].empty() || args[i][0] == '-') break;
+    const CLI::App* next = nullptr;
+    for (const CLI::App* sub : subs)
+      if (sub->check_name(args[i])) next = sub;
+    if (next == nullptr) {
+      std::string names;
+      for (const CLI::App* sub : subs) names += (names.empty() ? "" : ", ") + sub->get_name();
+      return {args[i], path, names};
+    }
+    app = next;
+    path += " " + app->get_name();
+  }
+  return {};
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -91,8 +129,13 @@ int main(int argc, char** argv) {
   } catch (const CLI::Success& e) {
     return root.exit(e);
   } catch (const CLI::ParseError& e) {
-    std::fprintf(stderr, "dtrain: error: %s%s (see dtrain --help)\n", dtrain::app::parseErrorText(e).c_str(),
-                 fromEnvironment(root, args, e.what()).c_str());
+    if (const auto unknown = unknownSubcommand(root, args); !unknown.word.empty()) {
+      std::fprintf(stderr, "dtrain: error: %s: unknown command '%s'; expected one of %s (see %s --help)\n",
+                   unknown.path.c_str(), unknown.word.c_str(), unknown.expected.c_str(), unknown.path.c_str());
+      return static_cast<int>(dtrain::ExitCode::kUsage);
+    }
+    std::fprintf(stderr, "dtrain: error: %s%s (see %s --help)\n", dtrain::app::parseErrorText(e).c_str(),
+                 fromEnvironment(root, args, e.what()).c_str(), commandPath(root).c_str());
     return static_cast<int>(dtrain::ExitCode::kUsage);
   } catch (const dtrain::Error& e) {
     return report(e);

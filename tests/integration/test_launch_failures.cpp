@@ -301,6 +301,26 @@ TEST_CASE("bad input: one clear line, a distinct exit code, nothing started") {
     CHECK(r.exitCode == 3);
     CHECK(r.err.find("--nprocs-per-node") != std::string::npos);
   }
+  SUBCASE("a mistyped command is named with the commands it could be; errors point at their command's --help") {
+    // `dtrain tarin job.json` said "A subcommand is required (see dtrain --help)", hiding the typo.
+    auto top = run({dtrainBinary(), "tarin", sourceDir() + "/configs/linear_regression.json"});
+    CHECK(top.exitCode == 3);
+    CHECK_MESSAGE(top.err.find("dtrain: unknown command 'tarin'; expected one of run, store, train, check") !=
+                      std::string::npos,
+                  top.err);
+    auto nested = run({dtrainBinary(), "ckpt", "lst", "somewhere"});
+    CHECK(nested.exitCode == 3);
+    CHECK_MESSAGE(nested.err.find("dtrain ckpt: unknown command 'lst'; expected one of list, inspect, bench (see "
+                                  "dtrain ckpt --help)") != std::string::npos,
+                  nested.err);
+    // A bad flag of `dtrain run` sends the user to `dtrain run --help` (the top level's has no run flags).
+    auto flag = run(runArgs({"--nprocs-per-node", "2", "--", "true"}));
+    CHECK(flag.exitCode == 3);
+    CHECK_MESSAGE(flag.err.find("--nprocs-per-node 2 (see dtrain run --help)") != std::string::npos, flag.err);
+    auto sub = run({dtrainBinary(), "ckpt", "list"});
+    CHECK(sub.exitCode == 3);
+    CHECK_MESSAGE(sub.err.find("(see dtrain ckpt list --help)") != std::string::npos, sub.err);
+  }
   SUBCASE("unexpected arguments are quoted in the order they were typed") {
     auto r = run({dtrainBinary(), "check", sourceDir() + "/configs/linear_regression.json", "--nproc", "2"});
     CHECK(r.exitCode == 3);

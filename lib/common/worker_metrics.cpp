@@ -197,6 +197,7 @@ const char* psOpLabel(int op) {
     case 12: return "sparse_save";
     case 13: return "sparse_load";
     case 14: return "push";  // push-pull-counted: a push that carries the step's sample count
+    case 15: return "tally";
     default: return "other";
   }
 }

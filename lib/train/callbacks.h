@@ -65,12 +65,16 @@ struct EvalResult {
   std::optional<double> baselineAuc;  // the popularity baseline's AUC on the same set, when the data has one
 };
 
-// One worker of an async/ssp parameter-server job as the servers saw it (server 0's tally of the pushes it
-// applied, ps_protocol.h's WorkerTally): its training samples and steps in this run, and whether it is still there.
+// One worker of an async/ssp parameter-server job as the servers saw it (on worker 0: every server's tally of the
+// pushes it applied, merged by ps_protocol.h's mergeTallies): its training samples and steps in this run that every
+// server applied whole, the next step if the servers applied it in part, and whether it is still there.
 struct WorkerSamples {
   enum class State { kLive, kFinished, kLost, kAbsent };  // kLost: left without saying bye; kAbsent: never came
-  int64_t samples = 0;
+  int64_t samples = 0;  // of the steps every server applied whole
   int64_t steps = 0;
+  int64_t partitions = 0;         // a step's dense partitions over every server
+  int64_t partialPartitions = 0;  // of step steps + 1: the partitions the servers applied, when not all (0: none)
+  int64_t partialSamples = 0;     // that step's samples, not in `samples`
   State state = State::kLive;
 };
 

@@ -29,7 +29,9 @@ std::vector<Fault> parseFaults(const std::string& text) {
       std::string k(parse::trim(kv.substr(0, eq)));
       std::string v(eq == std::string::npos ? "" : parse::trim(kv.substr(eq + 1)));
       auto num = parse::toInt(v);
-      if (k == "action" && (v == "kill" || v == "exit" || v == "hang" || v == "throw" || v == "slow")) f.action = v;
+      if (k == "action" && (v == "kill" || v == "exit" || v == "hang" || v == "throw" || v == "slow" ||
+                            v == "kill_mid_step"))
+        f.action = v;
       else if (k == "rank" && num && *num >= 0) f.rank = static_cast<int>(*num);
       else if (k == "step" && num && *num >= 1) f.step = *num, haveStep = true;
       else if (k == "attempt" && num && *num >= 0) f.attempt = static_cast<int>(*num);
@@ -38,7 +40,7 @@ std::vector<Fault> parseFaults(const std::string& text) {
       else if (k == "role" && (v == "worker" || v == "server")) f.role = v;
       else
         DTRAIN_THROW(UsageError,
-                     "DTRAIN_FAULT={}: bad item '{}' (expected rank=R,step=S,action=kill|exit|hang|throw|slow[,attempt=A]"
+                     "DTRAIN_FAULT={}: bad item '{}' (expected rank=R,step=S,action=kill|exit|hang|throw|slow|kill_mid_step[,attempt=A]"
                      "[,code=C][,ms=M])",
                      text, kv);
     }
@@ -59,6 +61,7 @@ FaultInjector::FaultInjector(int rank, int attempt)
 void FaultInjector::afterStep(int64_t step) const {
   for (const auto& f : faults_) {
     if (f.rank != rank_ || f.attempt != attempt_ || f.role != "worker") continue;
+    if (f.action == "kill_mid_step") continue;  // the parameter-server strategy fires it, inside a step
     if (f.action == "slow") {  // a straggler: every step from `step` on takes `ms` longer
       if (step >= f.step) std::this_thread::sleep_for(std::chrono::milliseconds(f.ms));
       continue;

@@ -8,7 +8,10 @@
 //   a dtrain::Error (a bug: "internal error", exit 1), `slow` (with ms=M) makes every step from `step` on M
 //   milliseconds longer (a straggler, for the parameter server's sync/ssp/async comparison). Several faults:
 //   separate with ';'. `role=server` aims at parameter server `rank` instead, which SIGKILLs itself (action=kill)
-//   after serving its `step`-th push.
+//   after serving its `step`-th push. `kill_mid_step` (parameter-server jobs, async/ssp) SIGKILLs worker `rank`
+//   inside its step `step` + 1: once the servers answered the step's first push (its last partition, on server
+//   (partitions - 1) % servers), before it sends the others, so that step is applied in part (one partition of
+//   several) for certain (lib/train/ps_strategy.cpp; with a single partition the whole step is applied).
 // DTRAIN_SAMPLE_LOG=DIR
 //   every rank appends (under model parallelism one rank per data replica, see addTestAids), per optimizer step,
 //   the sample indices it trained on to
@@ -37,7 +40,7 @@ namespace dtrain::train {
 struct Fault {
   int rank = 0;
   int64_t step = 0;
-  std::string action;  // kill | exit | hang
+  std::string action;  // kill | exit | hang | throw | slow | kill_mid_step
   int attempt = 0;
   int code = 1;
   int ms = 0;          // slow: added to every step from `step` on

@@ -116,16 +116,25 @@ void Progress::final(const StepStats& s, const TrainResult& r) {
                    {"peak_rss_mb", r.peakRssMb}, {"wall_time", wallTime()}};
   if (r.peakGpuMb) j["peak_gpu_mb"] = *r.peakGpuMb;
   if (!r.workerSamples.empty()) {
-    // Async/ssp parameter servers: what server 0 applied of each worker's pushes, and the workers it lost.
-    nlohmann::json samples = nlohmann::json::array(), steps = nlohmann::json::array(), lost = nlohmann::json::array();
+    // Async/ssp parameter servers: the steps of each worker that every server applied whole, a step some applied in
+    // part (null: none), and the workers they lost.
+    nlohmann::json samples = nlohmann::json::array(), steps = nlohmann::json::array(), lost = nlohmann::json::array(),
+                   partial = nlohmann::json::array();
     for (size_t w = 0; w < r.workerSamples.size(); ++w) {
-      samples.push_back(r.workerSamples[w].samples);
-      steps.push_back(r.workerSamples[w].steps);
-      if (r.workerSamples[w].state == WorkerSamples::State::kLost) lost.push_back(w);
+      const WorkerSamples& ws = r.workerSamples[w];
+      samples.push_back(ws.samples);
+      steps.push_back(ws.steps);
+      if (ws.state == WorkerSamples::State::kLost) lost.push_back(w);
+      partial.push_back(ws.partialPartitions > 0 ? nlohmann::json{{"step", ws.steps + 1},
+                                                                  {"partitions_applied", ws.partialPartitions},
+                                                                  {"partitions", ws.partitions},
+                                                                  {"samples", ws.partialSamples}}
+                                                 : nlohmann::json());
     }
     j["samples_by_worker"] = samples;
     j["steps_by_worker"] = steps;
     j["lost_workers"] = lost;
+    j["partial_steps_by_worker"] = partial;
   }
   fmt::print(metrics_, "{}\n", j.dump());
   std::fflush(metrics_);
@@ -177,10 +186,21 @@ void Progress::onFinish(const StepStats& s, const TrainResult& r) {
       each += fmt::format("{}{} on worker {}", w ? ", " : "", ws.samples, w);
       const std::string steps = fmt::format("{} step{}{}", ws.steps, ws.steps == 1 ? "" : "s",
                                             s.startStep > 0 ? " of this run" : "");
+      // A step the servers applied in part (a worker killed in the middle of it): neither counted nor dropped
+      // silently.
+      const std::string partial =
+          ws.partialPartitions > 0
+              ? fmt::format("its step {}{} applied in part ({} of {} partitions, {} samples not counted)",
+                            ws.steps + 1, s.startStep > 0 ? " of this run" : "", ws.partialPartitions, ws.partitions,
+                            ws.partialSamples)
+              : "";
       if (ws.state == WorkerSamples::State::kLost)
-        lost += fmt::format("; lost worker {} after {} ({} of those samples)", w, steps, ws.samples);
+        lost += fmt::format("; lost worker {} after {} ({} of those samples){}", w, steps, ws.samples,
+                            partial.empty() ? "" : ", " + partial);
       else if (ws.state == WorkerSamples::State::kAbsent)
         lost += fmt::format("; worker {} never reached the parameter servers", w);
+      else if (!partial.empty())
+        lost += fmt::format("; worker {}: {}", w, partial);
     }
     samples = fmt::format("{} samples from {} workers ({})", total, r.workerSamples.size(), each);
   }

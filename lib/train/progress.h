@@ -36,7 +36,8 @@ class Progress final : public TrainerCallback {
   void summary(const std::string& line);
   // The last metrics line ("final": true): training throughput, times, the peak RSS over the ranks, and on GPUs
   // (peakGpuMb set) the peak device memory the ranks' buffers held (MiB, the largest rank's); async/ssp parameter
-  // servers add samples_by_worker, steps_by_worker and lost_workers (TrainResult::workerSamples).
+  // servers add samples_by_worker, steps_by_worker, lost_workers and partial_steps_by_worker (per worker null or
+  // {"step","partitions_applied","partitions","samples"}: a step the servers applied in part) (TrainResult::workerSamples).
   void final(const StepStats& s, const TrainResult& r);
 
  private:

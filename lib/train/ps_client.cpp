@@ -349,6 +349,24 @@ std::vector<WorkerTally> Client::barrier(int64_t count) {
   return tallies;
 }
 
+std::vector<std::vector<WorkerTally>> Client::otherTallies(const std::vector<int32_t>& gone) {
+  std::vector<uint8_t> payload(sizeof(uint32_t) + gone.size() * sizeof(int32_t));
+  const auto n = static_cast<uint32_t>(gone.size());
+  std::memcpy(payload.data(), &n, sizeof(n));
+  if (!gone.empty()) std::memcpy(payload.data() + sizeof(n), gone.data(), gone.size() * sizeof(int32_t));
+  std::vector<std::vector<WorkerTally>> out(lanes_.size());
+  for (auto& l : lanes_) {
+    if (l->server == 0) continue;
+    enqueue(l->server, [this, &payload, &out](Lane& lane) {
+      const std::vector<float> reply =
+          exchange(lane, RequestHeader{.op = Op::kTally, .bytes = payload.size()}, payload);
+      out[static_cast<size_t>(lane.server)] = decodeTallies(reply.data(), reply.size() * sizeof(float));
+    });
+  }
+  wait();
+  return out;
+}
+
 void Client::bye() {
   for (auto& l : lanes_) {
     enqueue(l->server, [](Lane& lane) {

@@ -82,6 +82,10 @@ class Client {
   // reached it (ps_protocol.h's kBarrier): a worker that died does not hold the others. CommError on timeout.
   // Returns server 0's tally of every worker's applied counted pushes (WorkerTally, by worker rank).
   std::vector<WorkerTally> barrier(int64_t count);
+  // Blocking, every server but server 0 in parallel: each one's tally (kTally), once none of the workers in `gone`
+  // (those server 0's barrier found lost or finished) is connected to it. Entry k is server k's; entry 0 is left
+  // empty (server 0's comes with barrier()). CommError naming the server that failed or timed out.
+  std::vector<std::vector<WorkerTally>> otherTallies(const std::vector<int32_t>& gone);
   // Blocks until every queued request finished; rethrows the first failure.
   void wait();
   // Tells every server this worker is done (blocking, errors ignored: the job is over).

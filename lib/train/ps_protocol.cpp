@@ -2,6 +2,7 @@
 
 #include <bit>
 #include <cstring>
+#include <limits>
 
 #include <fmt/format.h>
 
@@ -54,11 +55,12 @@ const char* opName(Op op) {
     case Op::kSparseSave: return "sparse-save";
     case Op::kSparseLoad: return "sparse-load";
     case Op::kPushPullCounted: return "push-pull-counted";
+    case Op::kTally: return "tally";
   }
   return "?";
 }
 
-bool validOp(uint8_t op) { return op >= 1 && op <= 14; }
+bool validOp(uint8_t op) { return op >= 1 && op <= 15; }
 
 void encode(const RequestHeader& h, uint8_t* out) {
   uint8_t* p = out;
@@ -158,14 +160,17 @@ std::vector<uint8_t> encodeTallies(const std::vector<WorkerTally>& tallies) {
     put(p, t.samples);
     put(p, t.steps);
     put(p, static_cast<int64_t>(t.state));
+    put(p, t.partitions);
+    put(p, t.partialPartitions);
+    put(p, t.partialSamples);
   }
   return out;
 }
 
 std::vector<WorkerTally> decodeTallies(const void* data, size_t bytes) {
   DTRAIN_CHECK_AS(ProtocolError, bytes % kWorkerTallyBytes == 0,
-                  "parameter server: barrier reply of {} bytes (expected a multiple of {}: per worker samples, steps, "
-                  "state)", bytes, kWorkerTallyBytes);
+                  "parameter server: tally of {} bytes (expected a multiple of {}: per worker samples, steps, "
+                  "state, partitions, partial partitions, partial samples)", bytes, kWorkerTallyBytes);
   std::vector<WorkerTally> out(bytes / kWorkerTallyBytes);
   const auto* p = static_cast<const uint8_t*>(data);
   for (size_t w = 0; w < out.size(); ++w) {
@@ -175,6 +180,42 @@ std::vector<WorkerTally> decodeTallies(const void* data, size_t bytes) {
     DTRAIN_CHECK_AS(ProtocolError, state >= 0 && state <= 3,
                     "parameter server: barrier reply: worker {} in unknown state {} (expected 0..3)", w, state);
     out[w].state = static_cast<WorkerTally::State>(state);
+    out[w].partitions = take<int64_t>(p);
+    out[w].partialPartitions = take<int64_t>(p);
+    out[w].partialSamples = take<int64_t>(p);
+  }
+  return out;
+}
+
+std::vector<WorkerTally> mergeTallies(const std::vector<std::vector<WorkerTally>>& byServer) {
+  if (byServer.empty()) return {};
+  const size_t workers = byServer[0].size();
+  for (size_t k = 1; k < byServer.size(); ++k)
+    DTRAIN_CHECK_AS(ProtocolError, byServer[k].size() == workers,
+                    "parameter server {}: a tally of {} workers, server 0's has {}", k, byServer[k].size(), workers);
+  std::vector<WorkerTally> out(workers);
+  for (size_t w = 0; w < workers; ++w) {
+    WorkerTally& m = out[w];
+    m.state = byServer[0][w].state;
+    m.steps = std::numeric_limits<int64_t>::max();
+    for (const auto& server : byServer) {
+      const WorkerTally& t = server[w];
+      if (t.state == WorkerTally::State::kLost) m.state = WorkerTally::State::kLost;
+      if (t.steps < m.steps) m.steps = t.steps, m.samples = t.samples;
+      m.partitions += t.partitions;
+    }
+    // The step after the whole ones: a server that counted it whole applied all of its partitions, one that holds
+    // it as partial some of them.
+    for (const auto& server : byServer) {
+      const WorkerTally& t = server[w];
+      if (t.steps > m.steps) {
+        m.partialPartitions += t.partitions;
+        m.partialSamples = t.samples - m.samples;
+      } else if (t.partialPartitions > 0) {
+        m.partialPartitions += t.partialPartitions;
+        m.partialSamples = t.partialSamples;
+      }
+    }
   }
   return out;
 }

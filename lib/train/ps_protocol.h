@@ -23,11 +23,13 @@
 //             partition), params, then each optimizer state buffer           step count, e.g. from a checkpoint)
 //   kPushPull the partition's gradient for `step` (count floats) at `lr`  the partition's parameters afterwards
 //   kPushPullCounted  as kPushPull, then u64 samples: the training     as kPushPull
-//             samples of the worker's step (its micro-batches), which the server adds to that worker's tally once
-//             the gradient is applied (async/ssp: on arrival; sync: when the step's average is applied). A refused
+//             samples of the worker's step (its micro-batches), which the server counts for that worker once the
+//             gradient is applied (async/ssp: on arrival; sync: when the step's average is applied). A refused
 //             push (wrong size, wrong step, a broken sync step) or one whose payload never fully arrived counts
-//             nothing. Async/ssp workers send their partition 0 (server 0's, pushed last in a step) this way, so
-//             server 0's tally is each worker's applied steps and samples (kBarrier's reply).
+//             nothing. Async/ssp workers send every partition of a step this way: a server tallies a worker's step
+//             as whole once it applied all of its own partitions of that step, and keeps the step it applied only
+//             some of as partial (WorkerTally), so the servers' tallies together (mergeTallies) say exactly what
+//             was applied of each worker's steps, a step applied on some servers and not others included.
 //   kPull     - (waits until initialised and, in sync mode, version >=    the partition's parameters
 //             step)
 //   kFetch    -                                                       u64 steps, params, each state buffer
@@ -44,9 +46,12 @@
 //                state buffers as kSparseFetch answers them
 //   kBarrier     - (`step`: the worker's barrier count, 1, 2, ...)       once every live worker reached barrier
 //                                                                          `step` (a worker that left counts as
-//                                                                          arrived; server 0 only): per worker
-//                                                                          (i64 samples, i64 steps, i64 state) of
-//                                                                          its kPushPullCounted tally (WorkerTally)
+//                                                                          arrived; server 0 only): its tally
+//                                                                          (encodeTallies: per worker 6 x i64)
+//   kTally       u32 n, n x i32 worker ranks that left (server 0's     this server's tally (as kBarrier's)
+//                barrier reply: lost or finished); the server first
+//                waits until none of them is connected here (their
+//                pushes that arrived are applied), up to its timeout
 //   kSparseSave  u8 kind (0: checkpoint, 1: exported model), u32 n,     -   once the server's file is durable
 //                n bytes of a directory (the checkpoint root, or the
 //                model's output dir), u32 m, m bytes of the checkpoint's
@@ -100,6 +105,7 @@ enum class Op : uint8_t {
   kSparseSave = 12,
   kSparseLoad = 13,
   kPushPullCounted = 14,
+  kTally = 15,
 };
 const char* opName(Op op);
 bool validOp(uint8_t op);
@@ -139,8 +145,9 @@ void sendFrame(int fd, const uint8_t* header, const void* payload, size_t payloa
                const void* trailer = nullptr, size_t trailerBytes = 0);
 void recvBytes(int fd, void* into, size_t bytes, const Deadline& deadline, const std::string& peer);
 
-// One worker in server 0's barrier reply: what its kPushPullCounted pushes that the server applied add up to, and
-// whether it is still there. Encoded as three little-endian i64 (samples, steps, state).
+// One worker in a server's tally (kBarrier's and kTally's reply): what the server applied of the worker's
+// kPushPullCounted pushes, and whether the worker is still there. Encoded as six little-endian i64 (samples,
+// steps, state, partitions, partialPartitions, partialSamples).
 struct WorkerTally {
   enum class State : int64_t {
     kLive = 0,      // connected and not done
@@ -148,14 +155,25 @@ struct WorkerTally {
     kLost = 2,      // its connection closed without bye (killed, crashed, a network failure)
     kAbsent = 3,    // never said hello to this server
   };
-  int64_t samples = 0;  // training samples of the applied counted pushes
-  int64_t steps = 0;    // applied counted pushes (steps of this run: a resumed run counts from 0)
+  int64_t samples = 0;  // training samples of the whole steps
+  int64_t steps = 0;    // whole steps: all of the server's partitions of the step applied (steps of this run: a
+                        // resumed run counts from 0)
   State state = State::kAbsent;
+  int64_t partitions = 0;         // the server's partitions per step (merged: every server's)
+  int64_t partialPartitions = 0;  // of the step after `steps`: the partitions applied, when not all (0: none)
+  int64_t partialSamples = 0;     // that step's samples (not in `samples`)
 };
-inline constexpr size_t kWorkerTallyBytes = 24;
+inline constexpr size_t kWorkerTallyBytes = 48;
 std::vector<uint8_t> encodeTallies(const std::vector<WorkerTally>& tallies);
 // ProtocolError when `bytes` is not a whole number of entries or a state is unknown.
 std::vector<WorkerTally> decodeTallies(const void* data, size_t bytes);
+// Every server's tally (byServer[k][w]: server k's of worker w, every list of the same length) as one: per worker
+// the steps every server applied whole (the fewest over the servers; a worker sends a step's pushes only after the
+// previous step's were all answered, so the servers' counts differ by at most that one step) with their samples,
+// and that next step when some server applied part or all of its partitions of it: partialPartitions of
+// `partitions` (every server's) and its samples. State: lost when any server lost the worker, else server 0's.
+// ProtocolError when the lists differ in length.
+std::vector<WorkerTally> mergeTallies(const std::vector<std::vector<WorkerTally>>& byServer);
 
 struct Partition {
   size_t offset = 0;  // in the parameter arena, floats

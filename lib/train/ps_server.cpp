@@ -45,6 +45,7 @@ Server::Server(ServerOptions options) : options_(std::move(options)) {
   seen_.assign(static_cast<size_t>(options_.workers), 0);
   lost_.assign(static_cast<size_t>(options_.workers), 0);
   tally_.assign(static_cast<size_t>(options_.workers), WorkerTally{});
+  current_.assign(static_cast<size_t>(options_.workers), StepInProgress{});
   for (const SparseTableOptions& t : options_.tables) {
     auto state = std::make_unique<TableState>();
     const RowRange range = planRowRanges(t.rows, options_.servers)[static_cast<size_t>(options_.serverRank)];
@@ -196,19 +197,35 @@ void Server::noteStalenessLocked(int64_t staleness) {
   if (staleness > sv.stalenessMax.load(r)) sv.stalenessMax.store(staleness, r);
 }
 
-void Server::countApplied(size_t worker, int64_t samples) {
-  tally_[worker].samples += samples;
+int64_t Server::partitionsLocked() const {
+  int64_t n = 0;
+  for (const auto& p : parts_) n += p ? 1 : 0;
+  return n;
+}
+
+void Server::countApplied(size_t worker, int64_t step, int64_t samples) {
+  // A worker pushes a step's partitions only after its previous step's were all answered: one step at a time.
+  StepInProgress& c = current_[worker];
+  if (c.step != step) c = StepInProgress{.step = step, .parts = 0, .samples = samples};
+  if (++c.parts < partitionsLocked()) return;
+  tally_[worker].samples += c.samples;
   ++tally_[worker].steps;
+  c = StepInProgress{};
 }
 
 std::vector<WorkerTally> Server::tallies() const {
   std::lock_guard lock(mu_);
   std::vector<WorkerTally> out = tally_;
-  for (size_t w = 0; w < out.size(); ++w)
+  const int64_t partitions = partitionsLocked();
+  for (size_t w = 0; w < out.size(); ++w) {
     out[w].state = live_[w] ? WorkerTally::State::kLive
                    : lost_[w] ? WorkerTally::State::kLost
                    : seen_[w] ? WorkerTally::State::kFinished
                               : WorkerTally::State::kAbsent;
+    out[w].partitions = partitions;
+    out[w].partialPartitions = current_[w].parts;
+    out[w].partialSamples = current_[w].parts > 0 ? current_[w].samples : 0;
+  }
   return out;
 }
 
@@ -350,6 +367,34 @@ void Server::dispatch(Conn& conn, const RequestHeader& h) {
     const std::vector<uint8_t> tally = encodeTallies(tallies());
     return reply(conn, ReplyHeader{.version = h.step, .bytes = tally.size()}, tally.data(), tally.size());
   }
+  if (h.op == Op::kTally) {
+    // The workers server 0 found gone: once none is connected here, whatever they pushed that arrived is applied
+    // and this tally is final for them.
+    detail::Reader in{conn.in};
+    uint32_t n = 0;
+    std::vector<size_t> gone;
+    bool ok = in.take(n) && conn.in.size() == sizeof(uint32_t) + size_t{n} * sizeof(int32_t);
+    for (uint32_t i = 0; ok && i < n; ++i) {
+      int32_t v = -1;
+      ok = in.take(v) && v >= 0 && v < options_.workers;
+      gone.push_back(static_cast<size_t>(v));
+    }
+    if (!ok)
+      return replyError(conn, 0, fmt::format("tally: a payload of {} bytes (expected u32 n and n worker ranks below "
+                                             "{})", conn.in.size(), options_.workers));
+    std::unique_lock lock(mu_);
+    const bool met = cv_.wait_until(lock, Deadline(options_.timeout).at(), [&] {
+      if (stopping_) return true;
+      for (size_t v : gone)
+        if (live_[v]) return false;
+      return true;
+    });
+    lock.unlock();
+    if (!met || stopping_)
+      return replyError(conn, 0, "tally: a worker that left server 0 is still connected to this server");
+    const std::vector<uint8_t> tally = encodeTallies(tallies());
+    return reply(conn, ReplyHeader{.version = h.step, .bytes = tally.size()}, tally.data(), tally.size());
+  }
   if (h.op == Op::kSparseSave || h.op == Op::kSparseLoad) {
     std::string err = saveOrLoadTables(conn, h);
     if (!err.empty()) return replyError(conn, h.partition, err);
@@ -429,7 +474,7 @@ void Server::dispatch(Conn& conn, const RequestHeader& h) {
           ++stats_.updates;
           // Every worker's gradient of the step is applied now: their counted samples with it.
           for (size_t v = 0; v < p.pendingSamples.size(); ++v)
-            if (p.pendingSamples[v] >= 0) countApplied(v, p.pendingSamples[v]);
+            if (p.pendingSamples[v] >= 0) countApplied(v, h.step, p.pendingSamples[v]);
           std::fill(p.pendingSamples.begin(), p.pendingSamples.end(), -1);
           std::fill(p.sum.begin(), p.sum.end(), 0.0f);
           std::fill(p.pushed.begin(), p.pushed.end(), 0);
@@ -446,7 +491,8 @@ void Server::dispatch(Conn& conn, const RequestHeader& h) {
       p.optimizer->setLr(h.lr);
       p.optimizer->step(p.params, std::span<const float>(g, count));
       ++stats_.updates;
-      if (counted) countApplied(w, samples);  // applied: whatever happens to the reply (ssp's wait, the worker dying)
+      if (counted) countApplied(w, h.step, samples);  // applied: whatever happens to the reply (ssp's wait, the
+                                                       // worker dying)
       ++p.version;
       clock_[w] = std::max(clock_[w], h.step + 1);
       cv_.notify_all();

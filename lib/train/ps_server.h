@@ -90,8 +90,10 @@ class Server {
   void serve();
   void stop();
   ServerStats stats() const;
-  // Per worker: the samples and steps of its kPushPullCounted pushes this server applied, and whether it is live,
-  // finished, lost or never came (ps_protocol.h's WorkerTally; server 0's is kBarrier's reply). Any thread.
+  // Per worker: the steps of its kPushPullCounted pushes this server applied whole (all of this server's partitions
+  // of the step) with their samples, the step it applied only in part (partialPartitions of `partitions`), and
+  // whether the worker is live, finished, lost or never came (ps_protocol.h's WorkerTally; kBarrier's and kTally's
+  // reply). Any thread.
   std::vector<WorkerTally> tallies() const;
 
  private:
@@ -108,8 +110,10 @@ class Server {
   // Under mu_: the slowest live worker's clock (INT64_MAX when none is live).
   int64_t minClockLocked() const;
   void workerGone(int worker, bool bye);
-  // Under mu_: a counted push of `worker` with `samples` was applied.
-  void countApplied(size_t worker, int64_t samples);
+  // Under mu_: a counted push of `worker`'s step `step` (one partition) with `samples` was applied.
+  void countApplied(size_t worker, int64_t step, int64_t samples);
+  // Under mu_: this server's dense partitions (0 before the first hello).
+  int64_t partitionsLocked() const;
   // Under mu_: the figures of options_.metrics that follow a request or a worker's leaving (no-op without a block).
   void publishLocked(bool request);
   // Under mu_: an async/ssp push answered `staleness` steps ahead of the slowest live worker.
@@ -133,7 +137,13 @@ class Server {
   std::vector<uint8_t> live_;                           // per worker: connected and not done
   std::vector<uint8_t> seen_;                           // per worker: said hello once
   std::vector<uint8_t> lost_;                           // per worker: left without bye
-  std::vector<WorkerTally> tally_;                      // per worker: applied counted pushes (state unset)
+  std::vector<WorkerTally> tally_;                      // per worker: whole steps applied (samples, steps)
+  struct StepInProgress {
+    int64_t step = -1;  // the worker's step some (not all) of whose partitions here were applied; -1: none
+    int64_t parts = 0;
+    int64_t samples = 0;
+  };
+  std::vector<StepInProgress> current_;                 // per worker
   int done_ = 0;                                        // workers that said bye or left
   std::string syncBroken_;                              // kSync: why no step can complete any more
   ServerStats stats_;

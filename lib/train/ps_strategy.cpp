@@ -3,6 +3,7 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <csignal>
 #include <cstring>
 
 #include <fmt/format.h>
@@ -49,6 +50,10 @@ PsStrategy::PsStrategy(ProcessGroups groups, PsStrategyOptions options)
   DTRAIN_CHECK(static_cast<int>(options_.serverAddresses.size()) == options_.settings.servers,
                "parameter-server strategy: {} server addresses for {} servers", options_.serverAddresses.size(),
                options_.settings.servers);
+  for (const Fault& f : parseFaults(env::getOr("DTRAIN_FAULT", "")))
+    if (f.role == "worker" && f.action == "kill_mid_step" && f.rank == groups_.rank &&
+        f.attempt == env::getInt("DTRAIN_RESTART_COUNT", 0))
+      killMidStep_ = f.step;
 }
 
 PsStrategy::~PsStrategy() = default;
@@ -131,11 +136,20 @@ void PsStrategy::pushReady(size_t readyFrom) {
   auto params = model_->params();
   while (nextPush_ > 0 && plan_[nextPush_ - 1].offset >= readyFrom) {
     const ps::Partition& p = plan_[--nextPush_];
-    // async/ssp: partition 0 (server 0's, the step's last push) carries the step's samples, which server 0 counts
-    // once it applied the gradient: its tally is what each worker trained, also one that died (workerSamples()).
-    const int64_t samples = decoupled() && nextPush_ == 0 ? stepSamples_ : -1;
+    // async/ssp: every partition carries the step's samples; each server counts a step once it applied all of its
+    // partitions of it, and holds one it applied in part as partial: their tallies together are what each worker
+    // trained, also one that died in the middle of a step (workerSamples()).
+    const int64_t samples = decoupled() ? stepSamples_ : -1;
     client_->pushPullAsync(static_cast<uint32_t>(nextPush_), step_, lr_, grads.data() + p.offset,
                            params.data() + p.offset, samples);
+    if (killMidStep_ >= 0 && step_ == killMidStep_ && nextPush_ + 1 == plan_.size()) {
+      // DTRAIN_FAULT action=kill_mid_step (fault.h): the step's first push is answered (so applied), the others
+      // are never sent.
+      client_->wait();
+      log::warn("DTRAIN_FAULT: worker {} kill_mid_step in step {}: partition {} of {} pushed and applied",
+                groups_.rank, step_ + 1, nextPush_, plan_.size());
+      ::raise(SIGKILL);
+    }
   }
 }
 
@@ -206,6 +220,18 @@ void PsStrategy::barrier() {
   // the others); sync (and before the client exists): the workers' own group.
   if (decoupled() && client_) {
     tallies_ = client_->barrier(++barriers_);
+    if (groups_.rank == 0 && options_.settings.servers > 1) {
+      // Worker 0 reports what every worker trained: the other servers' tallies too, once the workers server 0 saw
+      // leave have left them (a worker killed in the middle of a step may have had its partitions applied on some
+      // servers only).
+      std::vector<int32_t> gone;
+      for (size_t w = 0; w < tallies_.size(); ++w)
+        if (tallies_[w].state == ps::WorkerTally::State::kLost || tallies_[w].state == ps::WorkerTally::State::kFinished)
+          gone.push_back(static_cast<int32_t>(w));
+      auto all = client_->otherTallies(gone);
+      all[0] = tallies_;
+      tallies_ = ps::mergeTallies(all);
+    }
     return;
   }
   if (groups_.world) groups_.world->barrier();
@@ -214,7 +240,11 @@ void PsStrategy::barrier() {
 std::vector<WorkerSamples> PsStrategy::workerSamples() const {
   std::vector<WorkerSamples> out;
   for (const ps::WorkerTally& t : tallies_) {
-    WorkerSamples w{.samples = t.samples, .steps = t.steps};
+    WorkerSamples w{.samples = t.samples,
+                    .steps = t.steps,
+                    .partitions = t.partitions,
+                    .partialPartitions = t.partialPartitions,
+                    .partialSamples = t.partialSamples};
     switch (t.state) {
       case ps::WorkerTally::State::kLive: w.state = WorkerSamples::State::kLive; break;
       case ps::WorkerTally::State::kFinished: w.state = WorkerSamples::State::kFinished; break;

@@ -88,7 +88,9 @@ class PsStrategy final : public Strategy {
   int64_t stepsInInterval_ = 0;
   int64_t barriers_ = 0;  // async/ssp: barriers met through server 0
   int64_t stepSamples_ = 0;  // this step's training samples so far (countSamples)
-  std::vector<ps::WorkerTally> tallies_;  // async/ssp: server 0's answer to the last barrier
+  int64_t killMidStep_ = -1;  // DTRAIN_FAULT action=kill_mid_step for this worker: the steps done before it fires
+  std::vector<ps::WorkerTally> tallies_;  // async/ssp: the servers' tallies at the last barrier (worker 0: every
+                                         // server's, merged; the others: server 0's)
   ps::ClientTraffic loggedTraffic_;
 };
 

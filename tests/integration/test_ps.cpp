@@ -168,6 +168,44 @@ TEST_CASE("parameter server, async/ssp: a killed worker leaves; the others finis
   }
 }
 
+TEST_CASE("parameter server, async with 2 servers: a worker killed in the middle of a step, one partition of that "
+          "step applied, is reported with the partial step, not counted and not dropped silently") {
+  std::string dir = tempDir("pspartial");
+  json job = psJob("async");
+  job["parallel"]["servers"] = 2;  // 163 parameters: partition 0 (96) on server 0, partition 1 (67) on server 1
+  writeFile(dir + "/job.json", job.dump());
+  // kill_mid_step (lib/train/fault.h): worker 1 trains 7 steps, then in its 8th pushes partition 1 (a step's first
+  // push, on server 1), waits for the answer (so server 1 applied it) and SIGKILLs itself before pushing partition 0.
+  auto r = run(runArgs({"--standalone", "--nproc-per-node", "4", "--max-restarts", "0", "--shutdown-timeout", "2s",
+                        dir + "/job.json", "--output-dir", dir + "/out"}),
+               {.timeout = 180s, .env = {{"DTRAIN_FAULT", "rank=1,step=7,action=kill_mid_step"}}});
+  INFO(r.out, r.err);
+  REQUIRE(r.exitCode == 0);
+  CHECK((r.out + r.err).find("DTRAIN_FAULT: worker 1 kill_mid_step in step 8: partition 1 of 2 pushed and applied") !=
+        std::string::npos);
+  // What the servers applied, by their own exit lines: worker 0's 36 steps and worker 1's 7 on both servers, and
+  // worker 1's 8th step on server 1 only.
+  CHECK((r.out + r.err).find("parameter server 0 done: 43 pushes, 43 updates") != std::string::npos);
+  CHECK((r.out + r.err).find("parameter server 1 done: 44 pushes, 44 updates") != std::string::npos);
+  // The final line: worker 1's 7 whole steps are counted, its 8th is named as applied in part (it used to be
+  // counted as nothing, as if server 1 had not applied it).
+  CHECK(r.out.find("done: 36 steps, 344 samples from 2 workers (288 on worker 0, 56 on worker 1) in ") !=
+        std::string::npos);
+  CHECK(r.out.find("; lost worker 1 after 7 steps (56 of those samples), its step 8 applied in part (1 of 2 "
+                   "partitions, 8 samples not counted); wrote ") != std::string::npos);
+  bool final = false;
+  for (const auto& line : readJsonLines(dir + "/out/metrics.jsonl")) {
+    if (!line.contains("final")) continue;
+    final = true;
+    CHECK(line["samples_by_worker"] == json::array({288, 56}));
+    CHECK(line["steps_by_worker"] == json::array({36, 7}));
+    CHECK(line["lost_workers"] == json::array({1}));
+    CHECK(line["partial_steps_by_worker"] ==
+          json::parse(R"([null, {"step": 8, "partitions_applied": 1, "partitions": 2, "samples": 8}])"));
+  }
+  CHECK(final);
+}
+
 TEST_CASE("parameter server killed: the job restarts from the last checkpoint (with another server count too)") {
   std::string dir = tempDir("pssrv");
   json job = psJob("sync");

@@ -475,7 +475,86 @@ TEST_CASE("counted pushes: server 0 tallies each worker's applied samples; a ref
   const auto bytes = ps::encodeTallies(t);
   CHECK(bytes.size() == 3 * ps::kWorkerTallyBytes);
   CHECK(ps::decodeTallies(bytes.data(), bytes.size())[1].samples == 5);
-  CHECK_THROWS_WITH_AS(ps::decodeTallies(bytes.data(), 20), doctest::Contains("multiple of 24"), ProtocolError);
+  CHECK_THROWS_WITH_AS(ps::decodeTallies(bytes.data(), 20), doctest::Contains("multiple of 48"), ProtocolError);
+}
+
+TEST_CASE("counted pushes with 2 servers: a step applied on one server only is partial in the merged tally, not "
+          "counted and not lost") {
+  nn::OptimizerSpec sgd{.type = nn::OptimizerType::kSgd, .lr = 0.1};
+  Servers servers(2, 2, ps::Mode::kAsync, 0, sgd);
+  std::vector<float> params(64, 1.0f), grad(128, 1.0f), out(128, 0.0f), out1(128, 0.0f);
+  // 128 parameters in partitions of 64: partition 0 on server 0, partition 1 on server 1.
+  ps::Client w0({.workerRank = 0, .workers = 2, .numParams = 128, .partitionFloats = 64, .servers = servers.addrs});
+  w0.init(0, 0, initPayload(params));
+  w0.init(1, 0, initPayload(params));
+  w0.wait();
+  {
+    ps::Client w1({.workerRank = 1, .workers = 2, .numParams = 128, .partitionFloats = 64, .servers = servers.addrs});
+    // Worker 1: step 0 whole (8 samples), then step 1's partition 1 only (6 samples): it dies before partition 0.
+    w1.pushPullAsync(1, 0, 0.1, grad.data() + 64, out1.data() + 64, 8);
+    w1.pushPullAsync(0, 0, 0.1, grad.data(), out1.data(), 8);
+    w1.wait();
+    w1.pushPullAsync(1, 1, 0.1, grad.data() + 64, out1.data() + 64, 6);
+    w1.wait();
+  }  // no bye: lost
+  // Worker 0: two whole steps of 8.
+  for (int64_t step : {0, 1}) {
+    w0.pushPullAsync(1, step, 0.1, grad.data() + 64, out.data() + 64, 8);
+    w0.pushPullAsync(0, step, 0.1, grad.data(), out.data(), 8);
+    w0.wait();
+  }
+  const std::vector<ps::WorkerTally> t0 = w0.barrier(1);
+  REQUIRE(t0.size() == 2);
+  CHECK(t0[1].state == ps::WorkerTally::State::kLost);
+  CHECK(t0[1].steps == 1);  // server 0 never saw worker 1's step 1
+  CHECK(t0[1].partialPartitions == 0);
+  CHECK(t0[1].partitions == 1);
+  // Server 1's tally, once worker 1 left it too: worker 1's step 1 is whole there (its one partition).
+  auto all = w0.otherTallies({1});
+  REQUIRE(all.size() == 2);
+  CHECK(all[0].empty());
+  REQUIRE(all[1].size() == 2);
+  CHECK(all[1][1].steps == 2);
+  CHECK(all[1][1].samples == 14);
+  CHECK(all[1][1].state == ps::WorkerTally::State::kLost);
+  all[0] = t0;
+  const auto merged = ps::mergeTallies(all);
+  REQUIRE(merged.size() == 2);
+  CHECK(merged[0].steps == 2);
+  CHECK(merged[0].samples == 16);
+  CHECK(merged[0].partitions == 2);
+  CHECK(merged[0].partialPartitions == 0);
+  CHECK(merged[0].state == ps::WorkerTally::State::kLive);
+  CHECK(merged[1].steps == 1);  // applied on every server
+  CHECK(merged[1].samples == 8);
+  CHECK(merged[1].partialPartitions == 1);  // step 2 (index 1): 1 of the 2 partitions applied
+  CHECK(merged[1].partitions == 2);
+  CHECK(merged[1].partialSamples == 6);
+  CHECK(merged[1].state == ps::WorkerTally::State::kLost);
+  // The new fields travel.
+  const auto back = ps::decodeTallies(ps::encodeTallies(merged).data(), 2 * ps::kWorkerTallyBytes);
+  CHECK(back[1].partialPartitions == 1);
+  CHECK(back[1].partialSamples == 6);
+  CHECK(back[1].partitions == 2);
+  // A server holding a step in part (2 partitions on one server, one applied) reports it as such.
+  ps::WorkerTally a{.samples = 8, .steps = 1, .state = ps::WorkerTally::State::kLost, .partitions = 2,
+                    .partialPartitions = 1, .partialSamples = 6};
+  ps::WorkerTally b{.samples = 8, .steps = 1, .state = ps::WorkerTally::State::kFinished, .partitions = 1};
+  const auto m = ps::mergeTallies({{a}, {b}});
+  CHECK(m[0].steps == 1);
+  CHECK(m[0].partialPartitions == 1);
+  CHECK(m[0].partitions == 3);
+  CHECK(m[0].state == ps::WorkerTally::State::kLost);
+  CHECK_THROWS_AS(ps::mergeTallies({{a}, {}}), ProtocolError);
+  w0.bye();
+}
+
+TEST_CASE("DTRAIN_FAULT action=kill_mid_step parses (for workers only)") {
+  auto faults = parseFaults("rank=1,step=7,action=kill_mid_step");
+  REQUIRE(faults.size() == 1);
+  CHECK(faults[0].action == "kill_mid_step");
+  CHECK(faults[0].step == 7);
+  CHECK_THROWS_AS(parseFaults("role=server,rank=1,step=7,action=kill_mid_step"), UsageError);
 }
 
 TEST_CASE("counted pushes in sync mode count when the step's average is applied, not when they arrive") {
@@ -544,7 +623,7 @@ TEST_CASE("async strategy: each worker's samples as the servers applied them rea
 }
 
 TEST_CASE("monitoring: every protocol op has its /metrics label (the agent cannot link the protocol's names)") {
-  for (int op = 1; op <= 14; ++op) {
+  for (int op = 1; op <= 15; ++op) {
     CAPTURE(op);
     REQUIRE(ps::validOp(static_cast<uint8_t>(op)));
     std::string name = ps::opName(static_cast<ps::Op>(op));
@@ -552,9 +631,9 @@ TEST_CASE("monitoring: every protocol op has its /metrics label (the agent canno
     if (name == "push_pull" || name == "push_pull_counted") name = "push";
     CHECK(std::string(psOpLabel(op)) == name);
   }
-  CHECK(!ps::validOp(15));
-  CHECK(std::string(psOpLabel(15)) == "other");
-  CHECK(static_cast<int>(ps::Op::kPushPullCounted) < PsServerMetrics::kOps);
+  CHECK(!ps::validOp(16));
+  CHECK(std::string(psOpLabel(16)) == "other");
+  CHECK(static_cast<int>(ps::Op::kTally) < PsServerMetrics::kOps);
 }
 
 TEST_CASE("monitoring: a server writes its requests, bytes, workers and staleness into the agent's block") {
@@ -590,9 +669,9 @@ TEST_CASE("monitoring: a server writes its requests, bytes, workers and stalenes
     CHECK(m.requestsTotal[static_cast<int>(ps::Op::kBarrier)].load() == 1);
     CHECK(m.updatesTotal.load() == 3);
     // In: 2 hellos (24 bytes), an init (12 + 128), 3 counted pushes (128 + 8) and a barrier; out: 3 x the
-    // parameters and the barrier's tally (2 x 24); each with its 40-byte header.
+    // parameters and the barrier's tally (2 x 48); each with its 40-byte header.
     CHECK(m.receivedBytesTotal.load() == 7 * ps::kHeaderBytes + 2 * 24 + 140 + 3 * 136);
-    CHECK(m.sentBytesTotal.load() == 7 * ps::kHeaderBytes + 3 * 128 + 48);
+    CHECK(m.sentBytesTotal.load() == 7 * ps::kHeaderBytes + 3 * 128 + 2 * ps::kWorkerTallyBytes);
     CHECK(m.stalenessCount.load() == 3);
     CHECK(m.stalenessMax.load() == 3);
     CHECK(m.stalenessSum.load() == 6);

@@ -1,5 +1,7 @@
 // `dtrain sim`: N virtual nodes on this machine, each a real agent in its own network namespace, with a fault
 // schedule and a report (docs/sim.md). CLI parsing only: the work is lib/launch/sim.h's runSim.
+#include <algorithm>
+
 #include "apps/dtrain/commands.h"
 #include "apps/dtrain/job_hooks.h"
 #include "lib/common/error.h"
@@ -81,6 +83,30 @@ int simCommand(SimArgs& a) {
     std::vector<std::string> trainArgs = a.positional;
     const train::Job job = validateJobForLaunch(trainArgs);
     o.minNodes = usableMinNodes(job, o, o.minNodesNote);
+    // No round the agents may form (MIN..TOTAL nodes) can run the job: every agent would fail with exit 2 (or wait
+    // out --timeout), after the namespaces and agents were set up. Refused here, as dtrain run refuses such --nnodes.
+    const int minNodes = o.minNodes > 0 ? o.minNodes : launch::simSurvivingNodes(o.faults, o.nodes);
+    const int total = launch::simTotalNodes(o.faults, o.nodes);
+    const auto [checked, unusable] = train::unusableNodeCounts(
+        job.parallel, minNodes, total, o.nprocPerNode, job.parallel.ps ? job.parallel.ps->servers : 0, job.sourceFile);
+    DTRAIN_CHECK_AS(ConfigError, static_cast<int>(unusable.size()) < checked,
+                    "dtrain sim --nodes {} --nproc-per-node {}{}: no round the sim may form ({} to {} node(s)) gives a "
+                    "world this job can use; e.g. {} node(s): {}",
+                    o.nodes, o.nprocPerNode, a.faults.empty() ? "" : fmt::format(" --faults {}", a.faults), minNodes,
+                    total, unusable.front().first, unusable.front().second);
+    // The first round forms from the initial nodes. When none of their counts can run the job only a join makes one,
+    // and a join at a step (join:node3@step5) waits for a step that no round takes: the sim waited out --timeout.
+    const auto first = train::unusableNodeCounts(job.parallel, std::min(minNodes, o.nodes), o.nodes, o.nprocPerNode,
+                                                 job.parallel.ps ? job.parallel.ps->servers : 0, job.sourceFile);
+    const bool timedJoin = std::any_of(o.faults.begin(), o.faults.end(), [](const launch::SimFault& f) {
+      return f.kind == launch::SimFaultKind::kJoin && f.atStep < 0;
+    });
+    DTRAIN_CHECK_AS(ConfigError, static_cast<int>(first.unusable.size()) < first.checked || timedJoin,
+                    "dtrain sim --nodes {} --nproc-per-node {} --faults {}: no count of the initial nodes can run "
+                    "this job (e.g. {} node(s): {}), so the first round waits for a join, and the joins wait for a "
+                    "training step that no round takes; give a join a time instead (join:node{}@5s)",
+                    o.nodes, o.nprocPerNode, a.faults, first.unusable.front().first, first.unusable.front().second,
+                    o.nodes);
   }
   if (o.outputDir.empty()) o.outputDir = fmt::format("dtrain-sim-{}", ::getpid());
   o.exe = selfExe();

@@ -329,6 +329,31 @@ TEST_CASE("dtrain sim: a lossy link (iptables statistic drops) is survived, ever
   CHECK(processesWithEnv("DTRAIN_SAMPLE_LOG", dir + "/sim/samples").empty());
 }
 
+TEST_CASE("dtrain sim: a job that no round of the sim can run is exit 2 before any agent starts") {
+  // 3 nodes of one rank and 2 pipeline stages, nothing joins: the agents started and each failed (exit 2).
+  std::string dir = tempDir("sim-no-round");
+  json job = smallJob(48, 4, 1);
+  job["model"]["layers"][2] = {{"type", "tanh"}};
+  job["parallel"] = {{"pipeline", {{"stages", 2}, {"micro_batches", 2}}}};
+  writeFile(dir + "/job.json", job.dump());
+  auto r = run(simArgs({"--nodes", "3", "--loopback", "--output-dir", dir + "/sim", dir + "/job.json"}), {.timeout = 60s});
+  INFO(r.out, r.err);
+  CHECK(r.exitCode == 2);
+  CHECK(r.err.find("dtrain sim --nodes 3 --nproc-per-node 1: no round the sim may form (3 to 3 node(s)) gives a world "
+                   "this job can use; e.g. 3 node(s): ") != std::string::npos);
+  CHECK(r.err.find("a world of 3 rank(s) is not divisible by pipeline stages 2") != std::string::npos);
+  CHECK(r.out.find("agent started") == std::string::npos);
+  // A join at a step would make 4 nodes, but no round of the initial 3 takes a step: the sim waited out --timeout.
+  r = run(simArgs({"--nodes", "3", "--loopback", "--faults", "join:node3@step5", "--timeout", "30s", "--output-dir",
+                   dir + "/sim2", dir + "/job.json"}),
+          {.timeout = 60s});
+  CHECK(r.exitCode == 2);
+  CHECK(r.err.find("dtrain sim --nodes 3 --nproc-per-node 1 --faults join:node3@step5: no count of the initial nodes "
+                   "can run this job (e.g. 3 node(s): ") != std::string::npos);
+  CHECK(r.err.find("give a join a time instead (join:node3@5s)") != std::string::npos);
+  CHECK(r.out.find("agent started") == std::string::npos);
+}
+
 TEST_CASE("dtrain sim: a bad fault schedule is a usage error (exit 3) naming the entry, before anything starts") {
   std::string dir = tempDir("sim-bad");
   writeFile(dir + "/job.json", smallJob(48, 4, 1).dump());

@@ -3,6 +3,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -48,7 +49,10 @@ std::string resolveRdzvToken(const std::string& token, const std::string& tokenF
   DTRAIN_CHECK_AS(UsageError, !std::filesystem::is_directory(tokenFile),
                   "--rdzv-token-file {}: is a folder (expected a file whose first line is the token)", tokenFile);
   std::ifstream in(tokenFile);
-  DTRAIN_CHECK_AS(UsageError, in.good(), "--rdzv-token-file {}: cannot read it", tokenFile);
+  const int err = errno;
+  DTRAIN_CHECK_AS(UsageError, in.good(),
+                  "--rdzv-token-file {}: cannot read it: {} (expected a readable file whose first line is the token)",
+                  tokenFile, std::strerror(err));
   std::string line;
   std::getline(in, line);
   while (!line.empty() && (line.back() == '\r' || line.back() == ' ' || line.back() == '\t')) line.pop_back();

@@ -194,6 +194,13 @@ TEST_CASE("dtrain store --rdzv-token: dtrain run needs the same token, else exit
   CHECK_MESSAGE(folder.err.find("--rdzv-token-file /tmp: is a folder (expected a file whose first line is the token)") !=
                     std::string::npos,
                 folder.err);
+  // A file that is not there says why (was: "cannot read it", no reason, nothing of what was expected).
+  auto missing = run({dtrainBinary(), "run", "--standalone", "--rdzv-token-file", "/nonexistent-token", "--", "true"},
+                     RunOptions{.timeout = 20s});
+  CHECK(missing.exitCode == static_cast<int>(ExitCode::kUsage));
+  CHECK_MESSAGE(missing.err.find("--rdzv-token-file /nonexistent-token: cannot read it: No such file or directory "
+                                 "(expected a readable file whose first line is the token)") != std::string::npos,
+                missing.err);
 }
 
 TEST_CASE("dtrain run --standalone: the store gets a generated token that only the workers learn") {

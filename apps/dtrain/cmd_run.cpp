@@ -246,7 +246,8 @@ void addRunCommand(CLI::App& root, Action& action) {
       ->envname("DTRAIN_LOG_DIR");
   sub->add_option("--redirects,-r", a->redirects, "Streams sent to log files only: 0-3 or 0:1,1:2 per local rank")
       ->envname("DTRAIN_REDIRECTS");
-  sub->add_option("--tee,-t", a->tee, "Streams also written to log files: 0-3 or per local rank")
+  sub->add_option("--tee,-t", a->tee, "torchrun compatibility, no effect: with --log-dir every stream is always written to its file "
+                  "(0-3 or per local rank as 0:1,1:2, checked)")
       ->envname("DTRAIN_TEE");
   // torchrun options with nothing to do here, accepted so that a torchrun command line runs unchanged (they were
   // "not expected", exit 3).

@@ -125,8 +125,9 @@ void addSimCommand(CLI::App& root, Action& action) {
   sub->add_option("--nproc-per-node,--nproc_per_node,-n", o.nprocPerNode, "Workers per node (1)");
   sub->add_option("--link", o.link, "Every link's bandwidth, shaped with tc tbf: 100mbit, 1gbit (default: unshaped)");
   sub->add_option("--faults", a->faults,
-                  "Fault schedule: kill:node3@5s, freeze:node2@10s+5s, partition:node1@8s+3s, slow:node4=10mbit, "
-                  "join:node5@12s (comma-separated)");
+                  "Fault schedule: kill:node3@5s, freeze:node2@10s+5s, partition:node1@8s+3s, slow:node4=10mbit[@T], "
+                  "join:node5@12s, delay:node1=20ms, loss:node2=1%[@T] (comma-separated; a time may be stepN: "
+                  "when the job completed step N)");
   sub->add_option("--report", o.report, "Also write the report as a chart: FILE.svg or FILE.html");
   sub->add_option("--output-dir", o.outputDir,
                   "Node logs, sample logs and the job's output (run/) go here (default: ./dtrain-sim-PID)");

@@ -153,7 +153,15 @@ std::optional<ResumePoint> Checkpointer::resume(nn::Model& model, nn::Optimizer&
   if (rank_ == 0)
     for (const auto& s : latest.skipped)
       log::warn("skipping checkpoint {}: {} ({})", s.path.string(), ckpt::statusName(s.status), s.reason);
-  if (!latest.checkpoint) return std::nullopt;
+  if (!latest.checkpoint) {
+    // Every checkpoint there was skipped: say what that means, since nothing else does (no "resumed from" line, and
+    // a run that meant to continue trains from scratch).
+    if (rank_ == 0 && !latest.skipped.empty())
+      log::warn("no usable checkpoint in {}: the {} checkpoint(s) there were skipped (above), so training starts at "
+                "step 0; new checkpoints replace them as the run reaches their steps",
+                job_.checkpoint.dir.string(), latest.skipped.size());
+    return std::nullopt;
+  }
   auto cp = ckpt::Checkpoint::open(latest.checkpoint->path);
   checkWrittenForModel(cp, indexModelFiles(cp), job_);  // before anything is indexed by this model's offsets
   checkWrittenForOptimizer(cp, job_);

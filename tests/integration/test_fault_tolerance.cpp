@@ -214,6 +214,32 @@ TEST_CASE("a corrupt or truncated newest checkpoint is reported and skipped for 
   CHECK(second.out.find("done: 12 steps") != std::string::npos);
 }
 
+TEST_CASE("every checkpoint corrupt (a pipeline stage's shard truncated in each): the run says it starts at step 0") {
+  // It warned about each skipped checkpoint and then trained from scratch without a word: no "resumed from" line,
+  // nothing that said the run's progress was gone.
+  std::string dir = tempDir("all-corrupt");
+  json job = smallJob();
+  job["model"]["layers"][2] = {{"type", "tanh"}};  // no dropout
+  job["train"]["max_steps"] = 7;
+  writeFile(dir + "/job.json", job.dump());
+  auto args = runArgs({"--standalone", "--nproc-per-node", "2", dir + "/job.json", "--output-dir", dir + "/out", "--set",
+                       R"(parallel={"pipeline": {"stages": 2, "micro_batches": 2}})"});
+  auto first = run(args, {.timeout = 60s});
+  REQUIRE_MESSAGE(first.exitCode == 0, first.err);
+  auto steps = listSteps(dir + "/out/checkpoints");
+  REQUIRE(steps.size() == 2);
+  for (const auto& s : steps) fs::resize_file(dir + "/out/checkpoints/" + s + "/model-p1-t0.safetensors", 10);
+  auto second = run(args, {.timeout = 60s});
+  INFO(second.out, second.err);
+  CHECK(second.exitCode == 0);
+  CHECK(second.err.find("skipping checkpoint " + dir + "/out/checkpoints/" + steps[1] + ": corrupt (") !=
+        std::string::npos);
+  CHECK(second.err.find("no usable checkpoint in " + dir + "/out/checkpoints: the 2 checkpoint(s) there were skipped "
+                        "(above), so training starts at step 0") != std::string::npos);
+  CHECK(second.out.find("resumed from") == std::string::npos);
+  CHECK(second.out.find("done: 7 steps,") != std::string::npos);
+}
+
 TEST_CASE("the same command after a writer was killed mid-checkpoint: its staging dir is removed, not joined") {
   // Staging-dir tokens come from the run id, round, restart count and step, so a rerun with the same --rdzv-id (a
   // requeued Slurm job, or the default id `none`) joins the staging dir a killed writer left at that step. Its

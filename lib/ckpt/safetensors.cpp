@@ -48,6 +48,7 @@ std::string safetensorsHeader(std::span<const NamedTensor> tensors, const Metada
     DTRAIN_CHECK_AS(CheckpointError, bytes.has_value(), "safetensors: tensor '{}' has invalid shape {}", t.name,
                     v.shape.spaced());
     DTRAIN_CHECK_AS(CheckpointError, v.data != nullptr || *bytes == 0, "safetensors: tensor '{}' has no data", t.name);
+    v.requirePacked(fmt::format("safetensors: tensor '{}'", t.name));  // written as numel values from data
     header[t.name] = {{"dtype", safetensorsName(v.dtype)},
                       {"shape", v.shape.toVector()},
                       {"data_offsets", {offset, offset + *bytes}}};
@@ -258,6 +259,7 @@ void SafetensorsFile::readInto(const std::string& name, DType dtype, const Shape
 void SafetensorsFile::readInto(const std::string& name, const TensorView& dst) const {
   DTRAIN_CHECK_AS(CheckpointError, dst.device.isCpu(), "{}: tensor '{}' cannot be read into {} memory", path_, name,
                   dst.device.str());
+  dst.requirePacked(fmt::format("{}: reading tensor '{}'", path_, name));
   readInto(name, dst.dtype, dst.shape, {static_cast<std::byte*>(dst.data), dst.bytes()});
 }
 

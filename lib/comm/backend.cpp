@@ -166,6 +166,8 @@ void Backend::checkView(const TensorView& view, Operation::Kind kind, const char
   }
   DTRAIN_CHECK_AS(UsageError, view.data != nullptr || view.numel() == 0, "{}: the {} has no memory",
                   operationName(kind), which);
+  // Every backend sends and receives bytes() contiguous bytes as numel values.
+  view.requirePacked(fmt::format("{}'s {}", operationName(kind), which));
 }
 
 std::string_view operationName(Operation::Kind kind) {

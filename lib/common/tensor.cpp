@@ -148,6 +148,13 @@ std::optional<Device> Device::parse(std::string_view s, int defaultIndex) {
   return cuda(n);
 }
 
+void TensorView::requirePacked(std::string_view what) const {
+  DTRAIN_CHECK(packed(),
+               "internal error: {} needs a packed tensor, but got a strided view: {} {} with rows {} elements apart "
+               "(ld), not {}",
+               what, dtypeName(dtype), shape.spaced(), ld, shape.rank() > 0 ? shape.back() : 1);
+}
+
 void TensorView::checkDType(DType wanted) const {
   DTRAIN_CHECK(dtype == wanted, "tensor is {}, not {}", dtypeName(dtype), dtypeName(wanted));
 }

@@ -151,7 +151,22 @@ struct TensorView {
   // The row stride in elements: ld, or the last dimension's size for a packed view (1 for a scalar).
   int64_t rowStride() const noexcept { return ld != 0 ? ld : (shape.rank() > 0 ? shape.back() : 1); }
   bool packed() const noexcept { return ld == 0 || ld == (shape.rank() > 0 ? shape.back() : 1); }
-  size_t bytes() const noexcept { return static_cast<size_t>(numel()) * dtypeSize(dtype); }
+  // The bytes of memory the view spans, from data to the end of its last value: numel x dtype size when packed; a
+  // strided view's gaps between rows included ((rows - 1) x ld + the last dimension's size values, e.g. the bf16
+  // logits' gradient read at ld 2 x vocabulary spans almost twice its values). 0 for an empty view.
+  size_t bytes() const noexcept {
+    const int64_t n = numel();
+    if (n <= 0) return 0;
+    if (packed()) return static_cast<size_t>(n) * dtypeSize(dtype);
+    const int64_t cols = shape.back();
+    return static_cast<size_t>((n / cols - 1) * ld + cols) * dtypeSize(dtype);
+  }
+  // The bytes of its values alone (numel x dtype size): what a packed copy of the view holds.
+  size_t valueBytes() const noexcept { return static_cast<size_t>(numel()) * dtypeSize(dtype); }
+  // Throws dtrain::Error (exit 1, an internal error: a caller handed a strided view to code that reads or writes
+  // bytes() contiguously as values: copies, checkpoints, collectives) naming `what`, the shape, dtype and ld, unless
+  // the view is packed.
+  void requirePacked(std::string_view what) const;
   // Typed access; throws dtrain::Error when the dtype does not match (a programming error).
   template <class T>
   T* as() const {

@@ -69,6 +69,9 @@ void DeviceBuffer::zero() {
 }
 
 void copy(const TensorView& dst, const TensorView& src, void* stream) {
+  // One contiguous copy of bytes(): a strided view (ld, e.g. the bf16 logits' gradient) would copy its gaps.
+  src.requirePacked("gpu::copy's source");
+  dst.requirePacked("gpu::copy's destination");
   const size_t bytes = src.bytes();
   DTRAIN_CHECK_AS(UsageError, dst.bytes() == bytes, "copy: the destination holds {} bytes, the source {}",
                   dst.bytes(), bytes);

@@ -209,6 +209,7 @@ void PipelineStrategy::forwardCompute(int j) {
   const float loss = loss_->forward(out, rows(targets_, m.offset, m.size));
   lossSum_ += weight * loss;
   TensorView g = loss_->backward(static_cast<float>(gradScale_ * weight));
+  g.requirePacked("the pipeline's loss gradient");  // CUDA's strided bf16 one never reaches a CPU pipeline stage
   std::memcpy(s.gradOut.data(), g.data, g.bytes());
 }
 

@@ -166,6 +166,34 @@ TEST_CASE("writer refuses duplicate names, bad shapes and missing data") {
   CHECK(messageOf([&] { safetensorsHeader(null); }) == "safetensors: tensor 'w' has no data");
 }
 
+// A strided view (TensorView::ld) would be written and read as numel contiguous values from its data, the wrong ones:
+// refused as an internal error (before: written silently, rows 1.. taken from the gaps).
+TEST_CASE("writer and readInto refuse a strided view") {
+  float x[2 * 4] = {1, 2, 3, 4, 5, 6, 7, 8};
+  TensorView strided = TensorView::of(x, Shape{2, 2});
+  strided.ld = 4;
+  const std::vector<NamedTensor> v = {{"w", strided}};
+  auto internal = [](const std::function<void()>& fn) -> std::string {
+    try {
+      fn();
+    } catch (const CheckpointError&) {
+      return "(CheckpointError)";
+    } catch (const Error& e) {
+      return e.code() == ExitCode::kInternal ? e.what() : "(another error)";
+    }
+    return "(no error)";
+  };
+  CHECK(internal([&] { safetensorsHeader(v); }) ==
+        "internal error: safetensors: tensor 'w' needs a packed tensor, but got a strided view: float32 [2, 2] with rows 4 "
+        "elements apart (ld), not 2");
+  const float packed[4] = {1, 2, 5, 6};
+  std::vector<NamedTensor> good = {named("w", DType::kFloat32, {2, 2}, packed)};
+  auto f = SafetensorsFile::fromBytes(safetensorsHeader(good) + std::string(reinterpret_cast<const char*>(packed), 16),
+                                      "m.safetensors");
+  CHECK(internal([&] { f.readInto("w", strided); }).starts_with(
+      "internal error: m.safetensors: reading tensor 'w' needs a packed tensor"));
+}
+
 TEST_CASE("corrupt headers and truncated data are errors naming the file, never crashes") {
   const float data[4] = {1, 2, 3, 4};
   std::vector<NamedTensor> v = {named("a", DType::kFloat32, {2}, data), named("b", DType::kFloat32, {2}, data + 2)};

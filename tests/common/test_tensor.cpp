@@ -78,6 +78,40 @@ TEST_CASE("a view checks its dtype on typed access") {
   CHECK(TensorView::flat(x, 6).dtype == DType::kFloat32);
 }
 
+// A strided view (ld: the bf16 logits' gradient, read at ld 2 x vocabulary over the float32 logits): bytes() is the
+// memory it spans, gaps included (before: numel x size, so a copy of bytes() from data took the wrong values), and
+// code that reads or writes bytes() contiguously refuses it with an internal error.
+TEST_CASE("a strided view's bytes are the memory it spans; code needing a packed view refuses it") {
+  float x[3 * 8] = {};
+  TensorView v = TensorView::of(x, Shape{3, 4});
+  CHECK(v.packed());
+  CHECK(v.bytes() == 48);
+  CHECK_NOTHROW(v.requirePacked("a copy"));
+  v.ld = 4;  // ld equal to the last dimension: packed
+  CHECK(v.packed());
+  CHECK(v.bytes() == 48);
+  v.ld = 8;
+  CHECK_FALSE(v.packed());
+  CHECK(v.bytes() == (2 * 8 + 4) * sizeof(float));  // rows 0 and 1 whole, row 2's 4 values
+  CHECK(v.valueBytes() == 48);
+  CHECK_THROWS_WITH_AS(v.requirePacked("gpu::copy's source"),
+                       "internal error: gpu::copy's source needs a packed tensor, but got a strided view: float32 [3, 4] "
+                       "with rows 8 elements apart (ld), not 4",
+                       Error);
+  try {
+    v.requirePacked("x");
+  } catch (const Error& e) {
+    CHECK(e.code() == ExitCode::kInternal);
+  }
+  // The bf16 gradient over [2, 5] float32 logits: 2-byte values, rows 10 apart.
+  const TensorView g{x, Shape{2, 5}, DType::kBFloat16, Device::cpu(), 10};
+  CHECK(g.bytes() == 15 * 2);
+  CHECK(g.valueBytes() == 10 * 2);
+  // Empty views span nothing, strided or not.
+  const TensorView empty{x, Shape{0, 4}, DType::kFloat32, Device::cpu(), 8};
+  CHECK(empty.bytes() == 0);
+}
+
 TEST_CASE("aligned buffers are zeroed, 64-byte aligned and keep their address when moved") {
   AlignedBuffer<float> b(100);
   CHECK(reinterpret_cast<uintptr_t>(b.data()) % 64 == 0);

@@ -44,9 +44,11 @@ struct FlightEntry {
 // (lib/train/ps_server.h) at every request it answers. Counters are cumulative since the server started.
 struct PsServerMetrics {
   static constexpr int kOps = 16;  // ps::Op's values (lib/train/ps_protocol.h; lib/common does not link train)
-  // Upper bounds of the staleness histogram's buckets (steps); the last bucket is +Inf.
-  static constexpr int64_t kStalenessBounds[] = {0, 1, 2, 4, 8, 16, 32, 64};
-  static constexpr int kStalenessBuckets = 9;  // the bounds above and +Inf
+  // Upper bounds of the staleness histogram's buckets (steps), 0 then powers of 2 to 4096; the last bucket is +Inf.
+  // In async mode a fast worker runs thousands of steps ahead of the slowest one: bounds that stopped at 64 put every
+  // such push in +Inf, and the p90 (histogram_quantile's, the dashboard's) read 64.
+  static constexpr int64_t kStalenessBounds[] = {0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096};
+  static constexpr int kStalenessBuckets = 15;  // the bounds above and +Inf
 
   std::atomic<int32_t> serverRank;           // ROLE_RANK: the server's index, 0..servers-1
   std::atomic<int32_t> workers;              // the job's worker count
@@ -67,7 +69,7 @@ static_assert(std::size(PsServerMetrics::kStalenessBounds) + 1 == PsServerMetric
 
 struct WorkerMetricsBlock {
   static constexpr uint32_t kMagic = 0x6d747264;  // "drtm"
-  static constexpr uint32_t kVersion = 5;  // 3: noLoss; 4: noSamples; 5: role and the server's figures
+  static constexpr uint32_t kVersion = 6;  // 3: noLoss; 4: noSamples; 5: role and the server's figures; 6: staleness to 4096
   static constexpr int kFlightEntries = 32;
   static constexpr int kCollectiveKinds = 8;  // comm::Operation::Kind's values
   enum Role : uint32_t { kWorker = 0, kServer = 1 };

@@ -116,7 +116,7 @@ TEST_CASE("a parameter-server rank's block renders the dtrain_ps_* families, not
   m.workersLive.store(1);
   m.workersLost.store(1);
   m.stalenessMax.store(3);
-  for (int64_t s : {0, 0, 1, 3, 3, 70}) {  // six pushes: two at 0, one at 1, two at 3 (bucket le=4), one past 64
+  for (int64_t s : {0, 0, 1, 3, 3, 3000}) {  // six pushes: two at 0, one at 1, two at 3 (bucket le=4), one at 3000
     m.stalenessBucket[stalenessBucket(s)].fetch_add(1);
     m.stalenessSum.store(m.stalenessSum.load() + static_cast<double>(s));
   }
@@ -136,8 +136,10 @@ TEST_CASE("a parameter-server rank's block renders the dtrain_ps_* families, not
   CHECK(text.find("dtrain_ps_staleness_bucket{" + l + ",le=\"2\"} 3\n") != std::string::npos);
   CHECK(text.find("dtrain_ps_staleness_bucket{" + l + ",le=\"4\"} 5\n") != std::string::npos);
   CHECK(text.find("dtrain_ps_staleness_bucket{" + l + ",le=\"64\"} 5\n") != std::string::npos);
+  CHECK(text.find("dtrain_ps_staleness_bucket{" + l + ",le=\"2048\"} 5\n") != std::string::npos);
+  CHECK(text.find("dtrain_ps_staleness_bucket{" + l + ",le=\"4096\"} 6\n") != std::string::npos);
   CHECK(text.find("dtrain_ps_staleness_bucket{" + l + ",le=\"+Inf\"} 6\n") != std::string::npos);
-  CHECK(text.find("dtrain_ps_staleness_sum{" + l + "} 77\n") != std::string::npos);
+  CHECK(text.find("dtrain_ps_staleness_sum{" + l + "} 3007\n") != std::string::npos);
   CHECK(text.find("dtrain_ps_staleness_count{" + l + "} 6\n") != std::string::npos);
   // The server is no training rank: no dtrain_step (a 0 that reads as a stuck rank), no flight record (0 calls
   // would read as a rank that is behind), no dashboard row.
@@ -158,14 +160,17 @@ TEST_CASE("a parameter-server rank's block renders the dtrain_ps_* families, not
   CHECK(servers[0].workersLive == 1);
   CHECK(servers[0].workersLost == 1);
   CHECK(servers[0].stalenessMax == 3);
-  CHECK(servers[0].stalenessSum == 77);
-  CHECK(servers[0].stalenessBuckets == std::vector<uint64_t>{2, 1, 0, 2, 0, 0, 0, 0, 1});
+  CHECK(servers[0].stalenessSum == 3007);
+  CHECK(servers[0].stalenessBuckets == std::vector<uint64_t>{2, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0});
   // Its quantiles as Prometheus' histogram_quantile reads the exposition above: rank q x 6 in the cumulative
-  // counts 2, 3, 3, 5, 5, 5, 5, 5, 6 (bounds 0, 1, 2, 4, ..., 64, +Inf), linear inside the bucket.
+  // counts 2, 3, 3, 5, ..., 5, 6, 6 (bounds 0, 1, 2, 4, ..., 2048, 4096, +Inf), linear inside the bucket.
   CHECK(histogramQuantile(0.25, servers[0].stalenessBuckets) == 0);  // rank 1.5 in le=0: its bound
   CHECK(histogramQuantile(0.5, servers[0].stalenessBuckets) == doctest::Approx(1.0));  // rank 3: le=1's top
   CHECK(histogramQuantile(0.75, servers[0].stalenessBuckets) == doctest::Approx(3.5));  // rank 4.5 in (2, 4]: 2 + 2 x 1.5/2
-  CHECK(histogramQuantile(0.9, servers[0].stalenessBuckets) == 64);  // rank 5.4 in +Inf: the highest finite bound
+  // rank 5.4 in (2048, 4096]: 2048 + 2048 x 0.4 (the old bounds stopped at 64, and an async run's p90 read 64)
+  CHECK(histogramQuantile(0.9, servers[0].stalenessBuckets) == doctest::Approx(2867.2));
+  CHECK(stalenessBucket(4096) == PsServerMetrics::kStalenessBuckets - 2);
+  CHECK(stalenessBucket(4097) == PsServerMetrics::kStalenessBuckets - 1);  // +Inf: the highest finite bound
   CHECK(std::isnan(histogramQuantile(0.9, std::vector<uint64_t>(PsServerMetrics::kStalenessBuckets, 0))));
   CHECK(std::isnan(histogramQuantile(0.9, {1, 2})));
   // Without a server on the node the families are not there at all.

@@ -82,9 +82,9 @@ void residualLayerNormForwardBf16(const float* a, float* f, const float* w, cons
 // gradients dw (+)= sum_r dy * xhat, db (+)= sum_r dy (layerNormParamGrad's sums; db may be nullptr). With w and
 // dx, the gradients' first pass runs inside the dx kernel (one block per row chunk of layerNormParamGrad's plan,
 // each thread summing its columns in row order as that pass does: the same bits, layernorm_rows.h; then the
-// second pass when there are several chunks), for d <= 6144 (the block's 2 d floats of shared memory); else, or with
-// setLayerNormParamsFusion(false), layerNormParamGrad then the dx kernel. docs/gpu.md "LayerNorm backward with its
-// parameter gradients" (compiled and CPU-emulated, not yet run on a GPU).
+// second pass when there are several chunks), for d <= 5632 (the block's 2 d floats of shared memory beside its
+// 4 KiB tree); else, or with setLayerNormParamsFusion(false), layerNormParamGrad then the dx kernel. docs/gpu.md
+// "LayerNorm backward with its parameter gradients" (compiled and CPU-emulated, not yet run on a GPU).
 void layerNormBackward(const float* x, const float* w, const float* mean, const float* rstd, const float* dy,
                        float* dx, float* dw, float* db, int64_t rows, int64_t d, bool accumulate);
 // layerNormBackward with a residual's gradient added into dx as it is stored (llm.c's layernorm_backward, which

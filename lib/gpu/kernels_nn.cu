@@ -203,8 +203,11 @@ __global__ void __launch_bounds__(kParamsGroups* kThreads)
   }
 }
 
-// The fused kernel's shared memory (2 d floats) fits the 48 KiB a launch gets without opting in: d <= 6144.
-constexpr int64_t kParamsFusedMaxD = 48 * 1024 / (2 * static_cast<int64_t>(sizeof(float)));
+// The fused kernel's shared memory (its static kParamsGroups x kThreads floats of tree, 4 KiB, and the dynamic 2 d
+// floats of sums) fits the 48 KiB a launch gets without opting in: d <= 5632 (static and dynamic count together).
+constexpr int64_t kFloatBytes = sizeof(float);
+constexpr int64_t kParamsFusedMaxD = (48 * 1024 - kParamsGroups * kThreads * kFloatBytes) / (2 * kFloatBytes);
+static_assert(kParamsFusedMaxD == 5632);
 
 // dx (residual: null, or the gradient each stored value takes on) with dw, db: the fused kernel where its shared
 // memory fits, else layerNormParamGrad then the dx kernel (their bits are the same).

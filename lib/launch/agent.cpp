@@ -292,6 +292,15 @@ void Agent::setUpStore() {
     }
   }
   endpoint_ = hp.str();
+  // torchrun's c10d has the agent at the endpoint host a store; dtrain's c10d is its `store` backend, which nobody
+  // hosts. Said before the wait (up to --rdzv-timeout, 900 s by default), not only when it ends.
+  const std::string c10d =
+      "--rdzv-backend c10d is dtrain's alias of store: every agent connects to a standalone `dtrain store` running at "
+      "the endpoint and none hosts it (unlike torchrun's c10d); to have an agent host it, use --rdzv-backend static "
+      "with --node-rank 0 on that node";
+  if (options_.rdzvBackendC10d)
+    log::info("run {}: connecting to the rendezvous store at {} (up to --rdzv-timeout {} s); {}", runId_, endpoint_,
+              options_.rdzvTimeout.count() / 1000, c10d);
   rendezvous::StorePtr client;
   try {
     rendezvous::TcpStoreClientOptions co;
@@ -308,7 +317,8 @@ void Agent::setUpStore() {
     std::string who = options_.rdzvBackend == "static"
                           ? "with --rdzv-backend static the agent with --node-rank 0 hosts it: is it running, and "
                             "is --rdzv-endpoint its address?"
-                          : "with --rdzv-backend store a standalone `dtrain store` must be running there";
+                      : options_.rdzvBackendC10d ? c10d
+                                                 : "with --rdzv-backend store a standalone `dtrain store` must be running there";
     throw RendezvousError(fmt::format("no rendezvous store answered at {} within {} s ({}): {}", endpoint_,
                                       options_.rdzvTimeout.count() / 1000, who, e.what()));
   }

@@ -276,7 +276,10 @@ void LaunchOptions::validate() {
                   "`dtrain store` at --rdzv-endpoint) or etcd (an etcd v3 cluster at --rdzv-endpoint)",
                   rdzvBackend);
   if (rdzvBackend == "etcd-v3") rdzvBackend = "etcd";
-  if (rdzvBackend == "c10d") rdzvBackend = "store";
+  if (rdzvBackend == "c10d") {
+    rdzvBackend = "store";
+    rdzvBackendC10d = true;
+  }
   if (!timelineFile.empty()) {
     checkWritableFile("--timeline", timelineFile);
     timelineFile = std::filesystem::absolute(timelineFile).string();

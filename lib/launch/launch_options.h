@@ -35,6 +35,9 @@ struct LaunchOptions {
   int nodeRank = -1;              // -1: not given
   std::string rdzvEndpoint;       // host[:port]; empty: 127.0.0.1:29400 for a single node
   std::string rdzvBackend = "static";  // static: node rank 0 hosts the store; store: a standalone store
+  // The backend was spelt c10d (torchrun's name, where the agent at the endpoint hosts the store); validate() turns it
+  // into "store" (a standalone `dtrain store`, hosted by no agent), and the agent says so in those words.
+  bool rdzvBackendC10d = false;
   std::string rdzvId = "none";
   bool standalone = false;
   // Shared secret of the store (--rdzv-token, --rdzv-token-file, DTRAIN_RDZV_TOKEN); generated under --standalone.

@@ -438,6 +438,28 @@ TEST_CASE("bad input: one clear line, a distinct exit code, nothing started") {
     CHECK(r.exitCode == 4);
     CHECK(r.err.find(fmt::format("no rendezvous store answered at 127.0.0.1:{}", port)) != std::string::npos);
   }
+  SUBCASE("--rdzv-backend c10d (torchrun's spelling) says at once that no agent hosts the store") {
+    // torchrun's c10d has the agent at the endpoint host a store; dtrain's is the standalone-store backend. The
+    // torchrun command line waited silently for --rdzv-timeout (900 s) and then spoke of `--rdzv-backend store`.
+    int port = freePort();
+    auto r = run(runArgs({"--nnodes=2", "--rdzv_backend=c10d", fmt::format("--rdzv_endpoint=127.0.0.1:{}", port),
+                          "--rdzv_id=100", "--rdzv-timeout", "1s", "--", "true"}));
+    CHECK(r.exitCode == 4);
+    const std::string why = "--rdzv-backend c10d is dtrain's alias of store: every agent connects to a standalone "
+                            "`dtrain store` running at the endpoint and none hosts it (unlike torchrun's c10d); to "
+                            "have an agent host it, use --rdzv-backend static with --node-rank 0 on that node";
+    CHECK_MESSAGE(r.err.find(fmt::format("run 100: connecting to the rendezvous store at 127.0.0.1:{} (up to "
+                                         "--rdzv-timeout 1 s); {}\n", port, why)) != std::string::npos,
+                  r.err);
+    CHECK_MESSAGE(r.err.find(fmt::format("no rendezvous store answered at 127.0.0.1:{} within 1 s ({})", port, why)) !=
+                      std::string::npos,
+                  r.err);
+    // Spelt `store`, the user chose a standalone store: no torchrun note.
+    auto plain = run(runArgs({"--rdzv-backend", "store", "--rdzv-endpoint", fmt::format("127.0.0.1:{}", port),
+                              "--rdzv-timeout", "1s", "--", "true"}));
+    CHECK(plain.exitCode == 4);
+    CHECK(plain.err.find("c10d") == std::string::npos);
+  }
   SUBCASE("missing nodes time out the rendezvous") {
     int port = freePort();
     auto r = run(runArgs({"--nnodes", "2", "--node-rank", "0", "--rdzv-endpoint", fmt::format("127.0.0.1:{}", port),

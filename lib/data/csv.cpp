@@ -123,8 +123,8 @@ CsvTable readCsv(const std::string& path, const CsvOptions& options) {
   CsvTable table;
   table.features.type = DType::kFloat32;
   table.features.shape = {static_cast<int64_t>(rows), static_cast<int64_t>(featureCount)};
-  table.features.bytes.resize(rows * featureCount * sizeof(float));
-  auto* feat = reinterpret_cast<float*>(table.features.bytes.data());
+  table.features.bytes = ByteBuffer::uninitialized(rows * featureCount * sizeof(float));
+  auto* feat = reinterpret_cast<float*>(table.features.bytes.mutableData());
   for (size_t c = 0; c < columns; ++c)
     if (!isLabel[c]) table.featureNames.push_back(names[c]);
 

@@ -135,8 +135,7 @@ void ArrayDataset::truncate(int64_t n) {
   size_ = n;
   raw_.shape[0] = n;
   if (!raw_.probed) {
-    raw_.bytes.resize(static_cast<size_t>(n * featureSize()) * dtypeSize(raw_.type));
-    raw_.bytes.shrink_to_fit();
+    raw_.bytes.truncate(static_cast<size_t>(n * featureSize()) * dtypeSize(raw_.type), /*release=*/true);
   }
   if (labels_.kind == LabelKind::kClass) labels_.classes.resize(static_cast<size_t>(n));
   else labels_.targets.resize(static_cast<size_t>(n * labelSize()));

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "lib/common/tensor.h"
+#include "lib/data/byte_buffer.h"
 
 namespace dtrain::data {
 
@@ -27,7 +28,7 @@ namespace dtrain::data {
 struct RawArray {
   DType type = DType::kUInt8;
   Shape shape;
-  std::vector<std::byte> bytes;  // shape.numel() * dtypeSize(type), native byte order; empty when probed
+  ByteBuffer bytes;  // shape.numel() * dtypeSize(type), native byte order; empty when probed
   // Only the header was read (ReadMode::kHeader): shape and type are the file's, `bytes` is empty. A dataset
   // built on it answers every question about shapes, counts and labels but cannot fetch samples.
   bool probed = false;

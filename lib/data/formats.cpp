@@ -35,10 +35,12 @@ struct FdGuard {
 
 // Reads to EOF, never more than `maxBytes` + 1 bytes (one past the bound proves there is more). `prefix`: read
 // at most `maxBytes` and stop there, more data being no error (readFilePrefix).
-std::vector<std::byte> readPlain(int fd, const std::string& path, size_t sizeHint,
-                                 std::optional<size_t> maxBytes = std::nullopt, bool prefix = false) {
+// The buffer is not zero-filled: read() writes every byte that is kept (out.truncate(used) drops the rest).
+ByteBuffer readPlain(int fd, const std::string& path, size_t sizeHint, std::optional<size_t> maxBytes = std::nullopt,
+                     bool prefix = false) {
   const size_t cap = maxBytes ? *maxBytes + (prefix ? 0 : 1) : SIZE_MAX;
-  std::vector<std::byte> out(std::min(sizeHint + 1, cap));  // +1 so the final read sees EOF without a resize
+  // +1 so the final read sees EOF without a resize
+  ByteBuffer out = ByteBuffer::uninitialized(std::min(sizeHint + 1, cap));
   size_t used = 0;
   for (;;) {
     // Grow only when full: growing earlier would double a buffer that the size hint already made exact.
@@ -46,7 +48,7 @@ std::vector<std::byte> readPlain(int fd, const std::string& path, size_t sizeHin
       if (used >= cap) break;
       out.resize(std::min(std::max(out.size() * 2, used + kReadChunk), cap));
     }
-    ssize_t n = ::read(fd, out.data() + used, out.size() - used);
+    ssize_t n = ::read(fd, out.mutableData() + used, out.size() - used);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) DTRAIN_THROW(ConfigError, "{}: read failed ({})", path, std::strerror(errno));
     if (n == 0) break;
@@ -54,19 +56,21 @@ std::vector<std::byte> readPlain(int fd, const std::string& path, size_t sizeHin
   }
   DTRAIN_CHECK_AS(ConfigError, prefix || !maxBytes || used <= *maxBytes,
                   "{}: the file has more data than its header declares ({} bytes)", path, *maxBytes);
-  out.resize(used);
+  out.truncate(used);
   return out;
 }
 
 // Inflates to EOF, never more than `maxBytes` + 1 bytes: a gzip bomb is stopped at what its header declared.
 // `prefix`: inflate at most `maxBytes` and stop there, with no verdict on the rest of the stream.
-std::vector<std::byte> readGzip(int fd, const std::string& path, size_t sizeHint,
-                                std::optional<size_t> maxBytes = std::nullopt, bool prefix = false) {
+// Not zero-filled either: gzread() writes every byte that is kept.
+ByteBuffer readGzip(int fd, const std::string& path, size_t sizeHint, std::optional<size_t> maxBytes = std::nullopt,
+                    bool prefix = false) {
   gzFile gz = ::gzdopen(fd, "rb");
   DTRAIN_CHECK_AS(ConfigError, gz != nullptr, "{}: cannot open gzip stream", path);
   ::gzbuffer(gz, 256 * 1024);
   const size_t cap = maxBytes ? *maxBytes + (prefix ? 0 : 1) : SIZE_MAX;
-  std::vector<std::byte> out(std::min(sizeHint + 1, cap));  // +1 so the final read sees EOF without a resize
+  // +1 so the final read sees EOF without a resize
+  ByteBuffer out = ByteBuffer::uninitialized(std::min(sizeHint + 1, cap));
   size_t used = 0;
   for (;;) {
     if (used == out.size()) {
@@ -74,7 +78,7 @@ std::vector<std::byte> readGzip(int fd, const std::string& path, size_t sizeHint
       out.resize(std::min(std::max(out.size() * 2, used + kReadChunk), cap));
     }
     auto want = static_cast<unsigned>(std::min<size_t>(out.size() - used, 1u << 30));
-    int n = ::gzread(gz, out.data() + used, want);
+    int n = ::gzread(gz, out.mutableData() + used, want);
     if (n < 0) {
       int code = 0;
       std::string why = ::gzerror(gz, &code);
@@ -86,7 +90,7 @@ std::vector<std::byte> readGzip(int fd, const std::string& path, size_t sizeHint
   }
   if (prefix) {
     ::gzclose(gz);
-    out.resize(used);
+    out.truncate(used);
     return out;
   }
   if (maxBytes && used > *maxBytes) {
@@ -102,7 +106,7 @@ std::vector<std::byte> readGzip(int fd, const std::string& path, size_t sizeHint
   // zlib reports a truncated stream as Z_BUF_ERROR at the end instead of failing the read.
   DTRAIN_CHECK_AS(ConfigError, code == Z_OK || code == Z_STREAM_END, "{}: corrupt or truncated gzip data ({})",
                   path, why);
-  out.resize(used);
+  out.truncate(used);
   return out;
 }
 
@@ -175,7 +179,7 @@ void readDeclaredData(const std::string& path, const char* format, const std::st
   }
   auto bytes = readFileBytes(path, total);
   if (bytes.size() != total) throw ConfigError(mismatch(bytes.size()));
-  bytes.erase(bytes.begin(), bytes.begin() + static_cast<std::ptrdiff_t>(headerBytes));
+  bytes.dropFront(headerBytes);  // no copy: the data stays where it was read
   out.bytes = std::move(bytes);
 }
 
@@ -184,9 +188,10 @@ uint32_t bigEndian32(const std::byte* p) {
          (std::to_integer<uint32_t>(p[2]) << 8) | std::to_integer<uint32_t>(p[3]);
 }
 
-void byteSwapInPlace(std::vector<std::byte>& bytes, size_t width) {
+void byteSwapInPlace(ByteBuffer& bytes, size_t width) {
   if (width == 1) return;
-  for (size_t i = 0; i + width <= bytes.size(); i += width) std::reverse(bytes.begin() + i, bytes.begin() + i + width);
+  std::byte* p = bytes.mutableData();
+  for (size_t i = 0; i + width <= bytes.size(); i += width) std::reverse(p + i, p + i + width);
 }
 
 // Inflating is the slowest part of starting a job (Fashion-MNIST's 47 MB take ~0.25 s, in every worker, at
@@ -215,7 +220,7 @@ std::string cachePath(const std::string& path, const struct stat& st) {
   return fmt::format("{}/{}-{}.raw", dir, base, fnv1aHex(key));
 }
 
-void writeCache(const std::string& cache, const std::vector<std::byte>& bytes) {
+void writeCache(const std::string& cache, const ByteBuffer& bytes) {
   std::string dir = cache.substr(0, cache.rfind('/'));
   std::string tmp = fmt::format("{}.tmp-{}", cache, ::getpid());
   std::error_code ec;
@@ -239,7 +244,7 @@ void writeCache(const std::string& cache, const std::vector<std::byte>& bytes) {
 
 }  // namespace
 
-std::vector<std::byte> readFileBytes(const std::string& path, std::optional<size_t> maxBytes) {
+ByteBuffer readFileBytes(const std::string& path, std::optional<size_t> maxBytes) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   DTRAIN_CHECK_AS(ConfigError, fd >= 0, "{}: cannot open ({})", path, std::strerror(errno));
   FdGuard guard{fd};
@@ -272,7 +277,7 @@ std::vector<std::byte> readFileBytes(const std::string& path, std::optional<size
   return bytes;
 }
 
-std::vector<std::byte> readFilePrefix(const std::string& path, size_t n) {
+ByteBuffer readFilePrefix(const std::string& path, size_t n) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   DTRAIN_CHECK_AS(ConfigError, fd >= 0, "{}: cannot open ({})", path, std::strerror(errno));
   FdGuard guard{fd};

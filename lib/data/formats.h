@@ -18,10 +18,10 @@ namespace dtrain::data {
 // `maxBytes`: the most the content may hold (what a format's header declares): a gzip stream that inflates to
 // more is an error as soon as it passes the bound ("has more data than its header declares"), so a gzip bomb
 // never costs more memory than the header admits to.
-std::vector<std::byte> readFileBytes(const std::string& path, std::optional<size_t> maxBytes = std::nullopt);
+ByteBuffer readFileBytes(const std::string& path, std::optional<size_t> maxBytes = std::nullopt);
 
 // The first `n` bytes of the (decompressed) content, or all of it when shorter. Reads only what it returns.
-std::vector<std::byte> readFilePrefix(const std::string& path, size_t n);
+ByteBuffer readFilePrefix(const std::string& path, size_t n);
 
 // How much of a file the IDX and NPY readers read.
 enum class ReadMode {

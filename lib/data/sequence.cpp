@@ -21,7 +21,7 @@ constexpr size_t kLlmcHeaderBytes = 256 * sizeof(int32_t);
 std::string baseName(const std::string& path) { return std::filesystem::path(path).filename().string(); }
 
 // Decodes UTF-8 into code points; ConfigError naming the file and byte offset of an invalid sequence.
-void decodeUtf8(const std::vector<std::byte>& bytes, const std::string& path, std::vector<uint32_t>& out) {
+void decodeUtf8(std::span<const std::byte> bytes, const std::string& path, std::vector<uint32_t>& out) {
   const auto* s = reinterpret_cast<const unsigned char*>(bytes.data());
   const size_t n = bytes.size();
   for (size_t i = 0; i < n;) {
@@ -40,7 +40,7 @@ void decodeUtf8(const std::vector<std::byte>& bytes, const std::string& path, st
   }
 }
 
-std::vector<std::byte> readNonEmpty(const std::string& path) {
+ByteBuffer readNonEmpty(const std::string& path) {
   auto bytes = readFileBytes(path);
   DTRAIN_CHECK_AS(ConfigError, !bytes.empty(), "{}: the file is empty (expected text to train on)", path);
   return bytes;
@@ -120,7 +120,7 @@ TokenStream readTokenStream(const SequenceOptions& o) {
     for (const auto& p : o.paths) {
       auto bytes = readNonEmpty(p);
       bytesRead += bytes.size();
-      decodeUtf8(bytes, p, cps);
+      decodeUtf8(bytes.span(), p, cps);
     }
     s.chars = cps;
     std::sort(s.chars.begin(), s.chars.end());

@@ -78,8 +78,8 @@ std::unique_ptr<ArrayDataset> makeSynthetic(const SyntheticOptions& o, const Tra
     RawArray raw;
     raw.type = DType::kFloat32;
     raw.shape = {o.samples, 2};
-    raw.bytes.resize(static_cast<size_t>(o.samples * 2) * sizeof(float));
-    auto* x = reinterpret_cast<float*>(raw.bytes.data());
+    raw.bytes = ByteBuffer::uninitialized(static_cast<size_t>(o.samples * 2) * sizeof(float));
+    auto* x = reinterpret_cast<float*>(raw.bytes.mutableData());
     Labels labels;
     labels.kind = LabelKind::kClass;
     labels.numClasses = 2;
@@ -105,8 +105,8 @@ std::unique_ptr<ArrayDataset> makeSynthetic(const SyntheticOptions& o, const Tra
   RawArray raw;
   raw.type = DType::kFloat32;
   raw.shape = {n, f};
-  raw.bytes.resize(static_cast<size_t>(n * f) * sizeof(float));
-  auto* x = reinterpret_cast<float*>(raw.bytes.data());
+  raw.bytes = ByteBuffer::uninitialized(static_cast<size_t>(n * f) * sizeof(float));
+  auto* x = reinterpret_cast<float*>(raw.bytes.mutableData());
   Labels labels;
   std::string what;
 

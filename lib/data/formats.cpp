@@ -143,9 +143,10 @@ FileFacts factsOf(const std::string& path) {
 // is read or allocated: a plain file's length; for gzip, what deflate could hold at most and - in
 // ReadMode::kHeader, which reads nothing else - the trailer's size (a full read lets zlib tell a truncated stream,
 // "corrupt or truncated gzip data", from short content, and stops at the declared size anyway). kHeader marks
-// `out` probed; kAll fills out.bytes with the data (header stripped, file byte order).
+// `out` probed; kAll fills out.bytes with the data (header stripped, file byte order). `mayMap`: the data is used
+// as it is in the file (no byte swap), so a data cache hit may be mapped rather than read.
 void readDeclaredData(const std::string& path, const char* format, const std::string& shapeText, size_t headerBytes,
-                      ReadMode mode, RawArray& out) {
+                      ReadMode mode, bool mayMap, RawArray& out) {
   std::optional<uint64_t> declared = dtypeSize(out.type);
   for (int d = 0; d < out.shape.rank() && declared; ++d) {
     uint64_t r = 0;
@@ -177,7 +178,7 @@ void readDeclaredData(const std::string& path, const char* format, const std::st
     out.probed = true;
     return;
   }
-  auto bytes = readFileBytes(path, total);
+  auto bytes = readFileBytes(path, total, mayMap);
   if (bytes.size() != total) throw ConfigError(mismatch(bytes.size()));
   bytes.dropFront(headerBytes);  // no copy: the data stays where it was read
   out.bytes = std::move(bytes);
@@ -196,7 +197,10 @@ void byteSwapInPlace(ByteBuffer& bytes, size_t width) {
 
 // Inflating is the slowest part of starting a job (Fashion-MNIST's 47 MB take ~0.25 s, in every worker, at
 // every start and restart), so gzip files of at least kCacheMinBytes are decompressed once into a cache file
-// keyed by the source's path, size and mtime; later loads read that plain file (~20 ms from the page cache).
+// keyed by the source's path, size and mtime; later loads of IDX uint8 and NPY data map that plain file
+// read-only (ByteBuffer::mapFile: the ranks on a node share its page-cache pages, nothing is copied; read() where
+// mmap fails), other loads read it. The cache is written to a temporary file and renamed over the old one,
+// never rewritten in place: a reader's mapping of the old file stays intact.
 // DTRAIN_DATA_CACHE=DIR moves the cache (default $XDG_CACHE_HOME/dtrain/data, else ~/.cache/dtrain/data);
 // DTRAIN_DATA_CACHE=0 turns it off. Cache problems never fail a load: they only cost the inflate.
 constexpr size_t kCacheMinBytes = 4u << 20;
@@ -244,7 +248,7 @@ void writeCache(const std::string& cache, const ByteBuffer& bytes) {
 
 }  // namespace
 
-ByteBuffer readFileBytes(const std::string& path, std::optional<size_t> maxBytes) {
+ByteBuffer readFileBytes(const std::string& path, std::optional<size_t> maxBytes, bool mapCache) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   DTRAIN_CHECK_AS(ConfigError, fd >= 0, "{}: cannot open ({})", path, std::strerror(errno));
   FdGuard guard{fd};
@@ -267,9 +271,18 @@ ByteBuffer readFileBytes(const std::string& path, std::optional<size_t> maxBytes
     struct stat cst {};
     if (cfd >= 0 && ::fstat(cfd, &cst) == 0 && static_cast<size_t>(cst.st_size) == hint) {
       FdGuard cguard{cfd};
+      // The cache is only ever replaced by rename (writeCache), never rewritten in place, so a mapping of it
+      // stays valid for as long as the dataset lives (byte_buffer.h says why that matters: SIGBUS).
+      if (mapCache) {
+        if (auto mapped = ByteBuffer::mapFile(cfd, hint)) return std::move(*mapped);
+        log::debug("data cache: cannot map {} ({}); reading it instead", cache, std::strerror(errno));
+      }
       return readPlain(cfd, cache, hint, maxBytes);
     }
-    if (cfd >= 0) ::close(cfd);
+    if (cfd >= 0) {
+      log::debug("data cache: {} has {} bytes, expected {}; inflating {} again", cache, cst.st_size, hint, path);
+      ::close(cfd);
+    }
   }
   guard.fd = -1;  // gzdopen owns it now
   auto bytes = readGzip(fd, path, hint, maxBytes);
@@ -319,7 +332,8 @@ RawArray readIdx(const std::string& path, int expectedDims, const std::string& w
   DTRAIN_CHECK_AS(ConfigError, dims <= kMaxRank, "{}: IDX header declares {} dimensions (at most {} supported)", path,
                   dims, kMaxRank);
   for (int d = 0; d < dims; ++d) out.shape.push_back(bigEndian32(bytes.data() + 4 + 4 * d));
-  readDeclaredData(path, "IDX", out.shape.spaced(), headerBytes, mode, out);
+  // Only single-byte IDX data can be mapped: wider types are byte-swapped in memory.
+  readDeclaredData(path, "IDX", out.shape.spaced(), headerBytes, mode, dtypeSize(out.type) == 1, out);
   byteSwapInPlace(out.bytes, dtypeSize(out.type));  // IDX is big-endian (nothing to swap when probed)
   return out;
 }
@@ -408,7 +422,7 @@ RawArray readNpy(const std::string& path, ReadMode mode) {
     pos = comma + 1;
   }
   DTRAIN_CHECK_AS(ConfigError, !out.shape.empty(), "{}: NPY array is a scalar (expected a sample dimension)", path);
-  readDeclaredData(path, "NPY", shapeText, offset + headerLen, mode, out);
+  readDeclaredData(path, "NPY", shapeText, offset + headerLen, mode, /*mayMap=*/true, out);
   return out;
 }
 

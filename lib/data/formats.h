@@ -17,8 +17,11 @@ namespace dtrain::data {
 // The whole (decompressed) content of a file. ConfigError "PATH: cannot open (No such file or directory)".
 // `maxBytes`: the most the content may hold (what a format's header declares): a gzip stream that inflates to
 // more is an error as soon as it passes the bound ("has more data than its header declares"), so a gzip bomb
-// never costs more memory than the header admits to.
-ByteBuffer readFileBytes(const std::string& path, std::optional<size_t> maxBytes = std::nullopt);
+// never costs more memory than the header admits to. `mapCache`: when a gzip file's content comes from the data
+// cache (formats.cpp), map the cache file read-only instead of reading it (ByteBuffer::mapFile; read() where mmap
+// fails): the result is then read-only (mutableData() throws) and shares the page cache's pages.
+ByteBuffer readFileBytes(const std::string& path, std::optional<size_t> maxBytes = std::nullopt,
+                         bool mapCache = false);
 
 // The first `n` bytes of the (decompressed) content, or all of it when shorter. Reads only what it returns.
 ByteBuffer readFilePrefix(const std::string& path, size_t n);

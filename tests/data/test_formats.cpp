@@ -1,10 +1,13 @@
 #include <doctest/doctest.h>
 
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <functional>
 
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -273,4 +276,78 @@ TEST_CASE("header-only reads give shape and type without the data, and check siz
   writeBytes(huge, idxBytes(0x08, {4000000, 1000, 1000}, std::string(16, '\0')), true);
   CHECK(messageOf([&] { readIdx(huge, 3, "images"); }).find("the header declares 4000000000016 bytes but a gzip file of") !=
         std::string::npos);
+}
+
+namespace {
+
+bool sameBytes(const RawArray& a, const std::string& expected) {
+  return a.bytes.size() == expected.size() && std::memcmp(a.bytes.data(), expected.data(), expected.size()) == 0;
+}
+
+}  // namespace
+
+TEST_CASE("the data cache is mapped read-only; rewriting it leaves a mapped reader's bytes intact") {
+  const std::string dir = tmp("cache");
+  REQUIRE(::setenv("DTRAIN_DATA_CACHE", dir.c_str(), 1) == 0);
+  // 5 MiB of uint8 pixels: over the 4 MiB from which .gz datasets are cached.
+  std::string pixels(5 * 1024 * 1024, '\0');
+  for (size_t i = 0; i < pixels.size(); ++i) pixels[i] = static_cast<char>((i * 131) % 251);
+  const std::string images = tmp("cached.gz");
+  writeBytes(images, idxBytes(0x08, {5 * 1024, 32, 32}, pixels), true);
+
+  auto inflated = readIdx(images, 3, "images");  // inflates, writes the cache
+  CHECK_FALSE(inflated.bytes.mapped());
+  CHECK(sameBytes(inflated, pixels));
+  std::vector<std::string> files;
+  for (const auto& e : std::filesystem::directory_iterator(dir)) files.push_back(e.path().string());
+  REQUIRE(files.size() == 1);
+  const std::string cache = files[0];
+  const auto cacheBytes = static_cast<off_t>(16 + pixels.size());
+
+  auto a = readIdx(images, 3, "images");  // a cache hit: mapped, not read
+  CHECK(a.bytes.mapped());
+  CHECK(sameBytes(a, pixels));
+  CHECK(a.shape == Shape{5 * 1024, 32, 32});
+  struct stat before {};
+  REQUIRE(::stat(cache.c_str(), &before) == 0);
+
+  // One byte appended (in place: the mapped range stays as it was): the size no longer matches, so the next
+  // load inflates again and rewrites the cache - as a new file renamed over the old one, never in place (a
+  // mapping of a file truncated underneath it would die of SIGBUS).
+  {
+    std::FILE* f = std::fopen(cache.c_str(), "ab");
+    REQUIRE(f != nullptr);
+    std::fputc('x', f);
+    std::fclose(f);
+  }
+  auto b = readIdx(images, 3, "images");
+  CHECK_FALSE(b.bytes.mapped());
+  CHECK(sameBytes(b, pixels));
+  struct stat after {};
+  REQUIRE(::stat(cache.c_str(), &after) == 0);
+  CHECK(after.st_ino != before.st_ino);
+  CHECK(after.st_size == cacheBytes);
+  CHECK(sameBytes(a, pixels));  // the mapping still reads the old file
+
+  // A truncated cache file is no error and no crash: the .gz is inflated again and the cache rewritten whole.
+  REQUIRE(::truncate(cache.c_str(), 100) == 0);
+  auto c = readIdx(images, 3, "images");
+  CHECK_FALSE(c.bytes.mapped());
+  CHECK(sameBytes(c, pixels));
+  REQUIRE(::stat(cache.c_str(), &after) == 0);
+  CHECK(after.st_size == cacheBytes);
+  auto d = readIdx(images, 3, "images");
+  CHECK(d.bytes.mapped());
+  CHECK(sameBytes(d, pixels));
+  CHECK(sameBytes(a, pixels));
+
+  // Wider IDX types are byte-swapped in memory, so their cache is read, not mapped.
+  std::string shorts(5 * 1024 * 1024, '\x01');
+  const std::string wide = tmp("cached16.gz");
+  writeBytes(wide, idxBytes(0x0B, {5 * 1024 * 512}, shorts), true);
+  readIdx(wide, 1, "labels");
+  auto w = readIdx(wide, 1, "labels");
+  CHECK_FALSE(w.bytes.mapped());
+  CHECK(w.bytes.size() == shorts.size());
+  ::unsetenv("DTRAIN_DATA_CACHE");
 }

@@ -1,17 +1,16 @@
 // `dtrain debug dump RUN_ID --rdzv-endpoint HOST:PORT`: which rank hangs, and where. Reads the agents' monitoring
 // endpoints from the run's store (agents started with --metrics-port publish them), gathers every rank's flight
-// recorder from them (/debug/flight.json) and prints lib/launch/flight_report.h's analysis.
+// recorder from them (/debug/flight.json, every agent at once) and prints lib/launch/flight_report.h's analysis.
+// Endpoints that an agent's restart left in the store are named on stderr and not asked.
+#include <atomic>
 #include <filesystem>
 #include <map>
-#include <set>
-#include <sstream>
 #include <thread>
 
 #include "apps/dtrain/commands.h"
 #include "lib/common/error.h"
 #include "lib/common/net.h"
 #include "lib/common/parse.h"
-#include "lib/launch/agent.h"
 #include "lib/launch/flight_report.h"
 #include "lib/launch/http_server.h"
 #include "rendezvous/prefix_store.h"
@@ -62,11 +61,9 @@ MonitoredRun readMonitoredRun(const std::string& runId, const std::string& endpo
   }
   MonitoredRun run;
   run.ended = got[1].value;
-  std::set<std::string> agents;
-  std::istringstream lines(got[0].value.value_or(""));
-  for (std::string line; std::getline(lines, line);)
-    if (!line.empty()) agents.insert(line);
-  run.agents.assign(agents.begin(), agents.end());
+  auto endpoints = launch::currentMonitorEndpoints(got[0].value.value_or(""));
+  for (auto& e : endpoints.current) run.agents.push_back(std::move(e.address));
+  run.superseded = std::move(endpoints.superseded);
   // No "job" key: no agent ever joined this run id on this store (a typo in RUN_ID, or another store).
   DTRAIN_CHECK_AS(RendezvousError, !run.agents.empty() || run.ended || got[2].value,
                   "run {} at {}: no such run on this store (no agent has joined run id '{}'; check RUN_ID: it is "
@@ -115,13 +112,41 @@ std::optional<std::string> tokenOrNotRunning(const std::string& command, const s
   }
 }
 
-std::vector<std::string> monitoredAgents(const std::string& runId, const std::string& endpoint,
-                                         const std::string& token, std::chrono::milliseconds timeout) {
-  auto run = readMonitoredRun(runId, endpoint, token, timeout);
-  DTRAIN_CHECK_AS(RendezvousError, !run.agents.empty(),
-                  "run {} at {}: no agent published a monitoring endpoint (start `dtrain run` with --metrics-port)",
-                  runId, endpoint);
-  return run.agents;
+std::vector<AgentReply> askAgents(const std::vector<std::string>& agents, const std::string& target,
+                                  std::chrono::milliseconds timeout) {
+  std::vector<AgentReply> replies(agents.size());
+  std::atomic<size_t> next{0};
+  auto work = [&] {
+    for (size_t i; (i = next++) < agents.size();) {
+      AgentReply& r = replies[i];
+      r.agent = agents[i];
+      try {
+        auto ap = net::parseHostPort(agents[i], 0);
+        if (!ap) throw Error(fmt::format("'{}' is not HOST:PORT", agents[i]));
+        auto reply = launch::httpGet(ap->host, ap->port, target, timeout);
+        if (reply.status != 200) throw Error(fmt::format("HTTP status {}", reply.status));
+        r.body = std::move(reply.body);
+      } catch (const std::exception& e) {
+        r.error = e.what();
+      }
+    }
+  };
+  // Concurrently: one agent that does not answer (a frozen agent, a host that is down) costs a frame one timeout,
+  // not one per agent after it.
+  std::vector<std::thread> threads;
+  try {
+    for (size_t t = 1; t < std::min(agents.size(), kMaxAgentProbes); ++t) threads.emplace_back(work);
+  } catch (const std::system_error&) {  // out of threads: the ones started (and this one) share the work
+  }
+  work();
+  for (auto& t : threads) t.join();
+  return replies;
+}
+
+std::string supersededLine(const launch::SupersededEndpoint& s) {
+  return fmt::format("agent {} (node rank {}{}): superseded by its restart at {}{}, not asked", s.old.address,
+                     s.old.nodeRank, s.old.pid > 0 ? fmt::format(", pid {}", s.old.pid) : "", s.by.address,
+                     s.by.pid > 0 ? fmt::format(" (pid {})", s.by.pid) : "");
 }
 
 namespace {
@@ -130,14 +155,11 @@ namespace {
 std::vector<launch::RankFlight> gatherFlights(const std::vector<std::string>& agents, std::chrono::milliseconds timeout,
                                               bool reportSilent) {
   std::vector<launch::RankFlight> ranks;
-  std::map<int, size_t> byRank;  // an agent listed twice (restarted) reports the same ranks: keep the newest
-  for (const auto& agent : agents) {
-    auto ap = net::parseHostPort(agent, 0);
-    if (!ap) continue;
+  std::map<int, size_t> byRank;  // two agents reporting one rank (should not happen): keep the later one's
+  for (const auto& reply : askAgents(agents, "/debug/flight.json", timeout)) {
     try {
-      auto reply = launch::httpGet(ap->host, ap->port, "/debug/flight.json", timeout);
-      if (reply.status != 200) throw Error(fmt::format("HTTP status {}", reply.status));
-      for (const auto& j : nlohmann::json::parse(reply.body)) {
+      if (!reply.body) throw Error(reply.error);
+      for (const auto& j : nlohmann::json::parse(*reply.body)) {
         auto r = launch::rankFlightFromJson(j);
         if (auto it = byRank.find(r.rank); it != byRank.end()) ranks[it->second] = std::move(r);
         else {
@@ -146,7 +168,7 @@ std::vector<launch::RankFlight> gatherFlights(const std::vector<std::string>& ag
         }
       }
     } catch (const std::exception& e) {
-      if (reportSilent) fmt::print(stderr, "dtrain debug dump: agent at {} did not answer: {}\n", agent, e.what());
+      if (reportSilent) fmt::print(stderr, "dtrain debug dump: agent at {} did not answer: {}\n", reply.agent, e.what());
     }
   }
   return ranks;
@@ -177,6 +199,7 @@ int runDump(const DebugArgs& a) {
                   "run {} at {}: no agent published a monitoring endpoint (start `dtrain run` with --metrics-port)",
                   a.runId, a.endpoint);
   const auto& agents = run.agents;
+  for (const auto& s : run.superseded) fmt::print(stderr, "dtrain debug dump: {}\n", supersededLine(s));
   if (interval.count() == 0) {
     fmt::print("{}", launch::analyzeFlight(gatherFlights(agents, timeout, true), launch::unixNowNs()));
     return 0;

@@ -2,7 +2,8 @@
 // rank its node, step, epoch, loss, samples/s and the age of its last report; per parameter server its requests/s,
 // bytes in and out, live (and lost) workers and the largest staleness it answered; per node the round, restarts
 // and heartbeat ages. Reads the agents' /metrics (agents started with --metrics-port publish their endpoints in the
-// run's store; read again every frame, so that agents joining later show up) and redraws in place every --interval;
+// run's store; read again every frame, so that agents joining later show up; all at once, without the endpoints
+// that an agent's restart left behind) and redraws in place every --interval;
 // --once prints one view and exits. A job that is not running (ended, or its store or agents do not answer) is
 // said so, and exits kExitJobNotRunning (10).
 #include <unistd.h>
@@ -19,9 +20,7 @@
 
 #include "apps/dtrain/commands.h"
 #include "lib/common/error.h"
-#include "lib/common/net.h"
 #include "lib/common/parse.h"
-#include "lib/launch/http_server.h"
 #include "rendezvous/rendezvous.h"
 
 namespace dtrain::app {
@@ -60,8 +59,9 @@ std::vector<Sample> parseExposition(const std::string& text) {
   return out;
 }
 
-// The frame for `agents`; each agent that does not answer gets a line in it and its "host:port: reason" in `silent`.
-std::string view(const TopArgs& a, const std::vector<std::string>& agents, std::chrono::milliseconds timeout,
+// The frame for `run`'s agents (asked at once, askAgents); each agent that does not answer gets a line in it and its
+// "host:port: reason" in `silent`; each endpoint an agent's restart left behind, a line saying it was not asked.
+std::string view(const TopArgs& a, const MonitoredRun& run, std::chrono::milliseconds timeout,
                  std::vector<std::string>& silent) {
   struct Rank {
     std::string node;
@@ -77,19 +77,14 @@ std::string view(const TopArgs& a, const std::vector<std::string>& agents, std::
   };
   std::map<int, Server> servers;
   std::string nodes;
-  for (const auto& agent : agents) {
-    auto hp = net::parseHostPort(agent, 0);
-    if (!hp) continue;
-    std::vector<Sample> samples;
-    try {
-      auto r = launch::httpGet(hp->host, hp->port, "/metrics", timeout);
-      if (r.status != 200) throw Error(fmt::format("HTTP status {}", r.status));
-      samples = parseExposition(r.body);
-    } catch (const std::exception& e) {
-      nodes += fmt::format("  agent {}: no answer ({})\n", agent, e.what());
-      silent.push_back(fmt::format("{}: {}", agent, e.what()));
+  for (const auto& reply : askAgents(run.agents, "/metrics", timeout)) {
+    const std::string& agent = reply.agent;
+    if (!reply.body) {
+      nodes += fmt::format("  agent {}: no answer ({})\n", agent, reply.error);
+      silent.push_back(fmt::format("{}: {}", agent, reply.error));
       continue;
     }
+    const std::vector<Sample> samples = parseExposition(*reply.body);
     std::map<std::string, double> agentValues;
     std::string hb;
     for (const auto& s : samples) {
@@ -122,9 +117,10 @@ std::string view(const TopArgs& a, const std::vector<std::string>& agents, std::
                          agentValues["dtrain_round"], agentValues["dtrain_restarts_total"],
                          agentValues["dtrain_workers_running"], hb.empty() ? "" : "; heartbeat ages:" + hb);
   }
+  for (const auto& s : run.superseded) nodes += fmt::format("  {}\n", supersededLine(s));
   const double now =
       std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
-  std::string out = fmt::format("dtrain top: run {} ({} agent(s), {} rank(s){})\n{}\n", a.runId, agents.size(),
+  std::string out = fmt::format("dtrain top: run {} ({} agent(s), {} rank(s){})\n{}\n", a.runId, run.agents.size(),
                                 ranks.size(),
                                 servers.empty() ? "" : fmt::format(", {} parameter server(s)", servers.size()), nodes);
   out += fmt::format("{:>6} {:>5} {:>10} {:>6} {:>12} {:>12} {:>12}\n", "rank", "node", "step", "epoch", "loss",
@@ -175,7 +171,7 @@ Look look(const TopArgs& a, const std::string& token, std::chrono::milliseconds 
                   "run {} at {}: no agent published a monitoring endpoint (start `dtrain run` with --metrics-port)",
                   a.runId, a.endpoint);
   std::vector<std::string> silent;
-  std::string frame = view(a, run.agents, timeout, silent);
+  std::string frame = view(a, run, timeout, silent);
   if (silent.size() < run.agents.size()) return {std::move(frame), false};
   // No agent answers: the job ended since the store was read (its agents record the end before they exit), or
   // its agents stopped without recording one.

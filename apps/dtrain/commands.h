@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "lib/common/error.h"
+#include "lib/launch/monitor_endpoints.h"
 
 namespace dtrain::app {
 
@@ -55,14 +56,16 @@ void addSimCommand(CLI::App& root, Action& action);   // cmd_sim.cpp: `dtrain si
 // Before CLI11 parses `dtrain sim ...`: removes what the agents run (JOB.json... or -- PROGRAM...) from `args`.
 void splitSimArgs(std::vector<std::string>& args);
 // What the store at `endpoint` holds about run `runId` (cmd_debug.cpp), read in one round trip: the "host:port"
-// monitoring endpoints its agents published (agents with --metrics-port or --dashboard; one per agent start,
-// deduplicated and sorted; an agent that restarted leaves its old endpoint listed) and, once the job ended, the
-// `ended` record its agents wrote (rendezvous::RoundEvent JSON; absent when they were killed or lost the store).
+// monitoring endpoints its agents published (agents with --metrics-port or --dashboard: one line per agent start,
+// read by launch::currentMonitorEndpoints: ordered by address, without the endpoints that an agent's restart left
+// behind, which go to `superseded`) and, once the job ended, the `ended` record its agents wrote
+// (rendezvous::RoundEvent JSON; absent when they were killed or lost the store).
 // Throws StoreNotAnswering when nothing answers at the endpoint within `timeout` (connection refused or timed
 // out: the store is gone with its job, or not started), StoreAuthError (exit 4) for a wrong or missing token,
 // RendezvousError (exit 4) when no agent ever joined `runId` on that store, UsageError for a bad endpoint.
 struct MonitoredRun {
   std::vector<std::string> agents;
+  std::vector<launch::SupersededEndpoint> superseded;
   std::optional<std::string> ended;
 };
 // `dtrain top`'s exit code when the job is not running: it ended (its end record in the store), or its store or
@@ -88,9 +91,24 @@ std::optional<std::string> tokenOrNotRunning(const std::string& command, const s
                                              const std::string& endpoint, const std::string& tokenFlag,
                                              const std::string& tokenFile, std::chrono::milliseconds timeout,
                                              std::string& token);
-// readMonitoredRun's endpoints; throws RendezvousError when none was published (agents without --metrics-port).
-std::vector<std::string> monitoredAgents(const std::string& runId, const std::string& endpoint,
-                                         const std::string& token, std::chrono::milliseconds timeout);
+// One agent's answer to askAgents: the body of a 200 reply, or what went wrong ("HTTP status 404", the
+// connection refused, no complete reply within the timeout).
+struct AgentReply {
+  std::string agent;  // "host:port"
+  std::optional<std::string> body;
+  std::string error;  // when !body
+};
+// GET `target` from every agent of `agents` ("host:port"), at most kMaxAgentProbes at a time, each bounded by
+// `timeout` (launch::httpGet: connect, request and reply; a refused connection fails at once). Blocks until all are
+// answered or timed out: about `timeout` at most for up to kMaxAgentProbes agents, whatever number does not answer.
+// Returns one reply per agent, in the order of `agents`. Never throws for an agent's failure (it is in `error`);
+// throws std::system_error only when not even one thread can be started. Thread-safe.
+inline constexpr size_t kMaxAgentProbes = 64;
+std::vector<AgentReply> askAgents(const std::vector<std::string>& agents, const std::string& target,
+                                  std::chrono::milliseconds timeout);
+// The line `dtrain top` and `dtrain debug dump` print for an endpoint an agent's restart left in the store:
+// "agent OLD (node rank R, pid P): superseded by its restart at NEW (pid Q), not asked". Pure formatting.
+std::string supersededLine(const launch::SupersededEndpoint& s);
 
 // `dtrain bench <what>`: cmd_bench.cpp creates the `bench` group; each benchmark adds itself to it.
 void addBenchStore(CLI::App& bench, Action& action);        // cmd_bench_store.cpp

@@ -145,7 +145,8 @@ Socket connect(const HostPort& to, const Deadline& deadline, const ConnectOption
       ::freeaddrinfo(res);
     }
     if (!transient) throw ConnectError(endpoint, attempts, lastErr, reason, false);
-    if (deadline.expired()) throw ConnectError(endpoint, attempts, lastErr, reason, true);
+    if (deadline.expired() || !options.retry)
+      throw ConnectError(endpoint, attempts, lastErr, reason, deadline.expired());
     std::this_thread::sleep_for(std::min(backoff, deadline.remaining()));
     backoff = std::min(backoff * 2, std::max(options.maxBackoff, Millis(1)));
   }

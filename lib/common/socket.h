@@ -18,6 +18,8 @@
 // store connection leaked into a worker would outlive the agent. TCP_NODELAY is set on connect() by default:
 // every caller here exchanges small request/response frames or latency-bound collective messages.
 //
+// ConnectOptions::retry = false makes one pass over the addresses instead (a refused connection fails at once).
+//
 // Errors: connect() throws ConnectError (a NetworkError) naming the endpoint, the attempts and the last error
 // text; listen() throws ListenError (ExitCode::kAddressInUse) "cannot listen on host:port: <reason>".
 // Callers that report in their own words catch these and keep the fields (see tcp_store_client.cpp).
@@ -67,6 +69,9 @@ struct ConnectOptions {
   Millis maxBackoff{1000};
   bool noDelay = true;        // TCP_NODELAY on the connected socket
   bool nonBlocking = false;   // leave the connected socket O_NONBLOCK
+  // false: one pass over the resolver's addresses, no retry of transient failures: for a probe of a server that
+  // already listened (an agent's published /metrics), where a refused connection means it is gone
+  bool retry = true;
 };
 
 // connect() gave up: at the deadline (timedOut) or on a failure that retrying cannot fix.

@@ -22,6 +22,7 @@
 #include "lib/launch/flight_report.h"
 #include "lib/launch/http_server.h"
 #include "lib/launch/metrics_hub.h"
+#include "lib/launch/monitor_endpoints.h"
 #include "lib/launch/process_tree.h"
 #include "lib/launch/round_policy.h"
 #include "lib/launch/round_runner.h"
@@ -444,10 +445,12 @@ int Agent::run() {
   ropts.stopPending = [] { return static_cast<int>(gDeferredStop); };
   ropts.onFirstAgent = [this] { refusals_ = rendezvous::RefusalWatcher::start(*store_); };
   rendezvous::Rendezvous rdzv(store_, ropts, self);
-  // `dtrain debug dump RUN_ID` finds the agents' endpoints here (one line per agent start; readers dedupe).
+  // `dtrain top` and `dtrain debug dump RUN_ID` find the agents' endpoints here (one line per agent start; readers
+  // keep the current ones: monitor_endpoints.h).
   if (HttpServer* server = metricsServer_ ? metricsServer_.get() : dashboardServer_.get()) {
     try {
-      store_->append(kMonitorAgentsKey, fmt::format("{}:{}\n", self.host, server->port()));
+      store_->append(kMonitorAgentsKey, monitorEndpointLine({fmt::format("{}:{}", self.host, server->port()),
+                                                              options_.nodeRank, self.pid, self.hostname}));
     } catch (const std::exception& e) {
       log::warn("could not publish the metrics endpoint for `dtrain debug dump`: {}", e.what());
     }

@@ -23,9 +23,6 @@ class HttpServer;
 class Dashboard;
 class TimelineCollector;
 
-// The store key (under /dtrain/<run_id>/) where agents with --metrics-port append "host:port\n".
-inline constexpr const char* kMonitorAgentsKey = "monitor/agents";
-
 class Agent {
  public:
   explicit Agent(LaunchOptions options);

@@ -109,7 +109,9 @@ struct HttpServer::Impl {
 HttpResponse httpGet(const std::string& host, int port, const std::string& target, std::chrono::milliseconds timeout) {
   const std::string where = fmt::format("{}:{}", host, port);
   Deadline deadline(timeout);
-  net::Socket sock = net::connect(net::HostPort{host, static_cast<uint16_t>(port)}, deadline);
+  // One attempt: the server listened before its address was published, so a refused connection means it is gone
+  // (retried, as connect() does for a peer still starting, it cost `dtrain top` the whole timeout per dead agent).
+  net::Socket sock = net::connect(net::HostPort{host, static_cast<uint16_t>(port)}, deadline, {.retry = false});
   const std::string request = fmt::format("GET {} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", target, where);
   if (!net::sendAll(sock.fd(), request.data(), request.size()))
     throw NetworkError(fmt::format("GET http://{}{}: send failed: {}", where, target, std::strerror(errno)));

@@ -24,8 +24,10 @@ struct HttpResponse {
 // Called with the request target (path and query, "/metrics?x=1").
 using HttpHandler = std::function<HttpResponse(std::string_view target)>;
 
-// A plain GET to host:port (the client side, for `dtrain debug dump`): connect, request, read until the server
-// closes, all within `timeout`. Throws dtrain::NetworkError (or TimeoutError) naming the address.
+// A plain GET to host:port (the client side, for `dtrain top` and `dtrain debug dump`): connect (one attempt: a
+// refused connection fails at once), request, read until the server closes, all within `timeout`. Throws
+// dtrain::NetworkError (net::ConnectError when it cannot connect; or TimeoutError) naming the address. Blocks the
+// calling thread; thread-safe (askAgents calls it from several threads).
 HttpResponse httpGet(const std::string& host, int port, const std::string& target, std::chrono::milliseconds timeout);
 
 class HttpServer {

@@ -99,6 +99,19 @@ TEST_CASE("connect gives up at the deadline naming the endpoint and the last err
   CHECK(secondsSince(start) < 5.0);    // and not much longer
 }
 
+TEST_CASE("connect with retry off makes one pass: a port nobody listens on is refused at once, not at the deadline") {
+  const uint16_t port = net::pickFreePort("127.0.0.1");
+  try {
+    net::connect({"127.0.0.1", port}, Deadline(30s), {.retry = false});
+    FAIL("connected to nothing");
+  } catch (const net::ConnectError& e) {
+    CHECK(std::string(e.what()) == "cannot connect to 127.0.0.1:" + std::to_string(port) + ": Connection refused");
+    CHECK(e.err() == ECONNREFUSED);
+    CHECK(e.attempts() == 1);
+    CHECK_FALSE(e.timedOut());
+  }
+}
+
 TEST_CASE("connect resolves host names: localhost") {
   // "localhost" may resolve to ::1 first; a listener on 127.0.0.1 is still found (every address is tried).
   auto l = net::listen("127.0.0.1", 0);

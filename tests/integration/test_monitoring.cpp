@@ -469,6 +469,80 @@ TEST_CASE("live dtrain top shows a node that joins an elastic job after top star
   CHECK(processesWithRunId(id).empty());
 }
 
+namespace {
+
+// A node row of `dtrain top` for the agent whose /metrics is on `port`, once its worker runs:
+// "  node 1 at HOST:PORT: round R, restarts 0, 1 worker(s) running".
+std::regex runningRow(int port) {
+  return std::regex(fmt::format(R"(  node 1 at \S+:{}: round \d+, restarts \d+, 1 worker\(s\) running)", port));
+}
+
+}  // namespace
+
+TEST_CASE("dtrain top and debug dump do not ask the endpoint that a restarted agent left in the store: they name it "
+          "and show the live agents") {
+  // A restarted agent's old endpoint stayed listed: every frame asked it ("agent ...: no answer") and counted it as
+  // an agent, and its refused connection was retried up to the 5 s timeout, one stale endpoint after another.
+  const std::string id = uniqueRunId("top-restart");
+  KillByRunId cleanup{id};
+  const int storePort = freePort();
+  auto agent = [&](int nodeRank) {
+    return runArgs({"--nnodes", "1:2", "--nproc-per-node", "1", "--node-rank", std::to_string(nodeRank),
+                    "--rdzv-endpoint", fmt::format("127.0.0.1:{}", storePort), "--rdzv-id", id, "--rdzv-last-call",
+                    "1s", "--heartbeat-timeout", "3s", "--shutdown-timeout", "2s", "--metrics-port", "0", "--", "sh",
+                    "-c", "exec sleep 600"});
+  };
+  auto top = [&] {
+    return run({dtrainBinary(), "top", id, "--rdzv-endpoint", fmt::format("127.0.0.1:{}", storePort), "--once"},
+               {.timeout = 60s});
+  };
+  Background node0(agent(0));
+  const int port0 = portFromLine(node0.waitForLine("serving Prometheus metrics on", 60s, /*fromStderr=*/true));
+  int oldPort = 0;
+  pid_t oldPid = 0;
+  {
+    Background node1(agent(1));
+    oldPid = node1.pid();
+    oldPort = portFromLine(node1.waitForLine("serving Prometheus metrics on", 60s, /*fromStderr=*/true));
+    // Both nodes run a round (node 1's row shows its worker), then node 1's agent dies without a word.
+    REQUIRE(pollUntil(90s, [&] { return std::regex_search(top().out, runningRow(oldPort)); }));
+    node1.signal(SIGKILL);
+    node1.wait(30s);
+  }
+  // Node 1 restarts (same --node-rank, another --metrics-port 0 port) and joins node 0 again.
+  Background node1(agent(1));
+  const int newPort = portFromLine(node1.waitForLine("serving Prometheus metrics on", 60s, /*fromStderr=*/true));
+  REQUIRE(newPort != oldPort);
+  RunResult t;
+  REQUIRE(pollUntil(90s, [&] {
+    t = top();
+    return std::regex_search(t.out, runningRow(newPort));
+  }));
+  INFO(t.out, t.err);
+  CHECK(t.exitCode == 0);
+  // Two agents, both rows there; the old endpoint is named as superseded and not asked.
+  CHECK(t.out.find(fmt::format("dtrain top: run {} (2 agent(s), ", id)) != std::string::npos);
+  CHECK(t.out.find(fmt::format("  node 0 at 127.0.0.1:{}: round ", port0)) != std::string::npos);
+  CHECK(t.out.find(fmt::format(":{} (node rank 1, pid {}): superseded by its restart at ", oldPort, oldPid)) !=
+        std::string::npos);
+  CHECK(t.out.find(fmt::format(":{} (pid {}), not asked", newPort, node1.pid())) != std::string::npos);
+  CHECK(t.out.find("no answer") == std::string::npos);
+  // dtrain debug dump reads the agents through the same code: the old endpoint is named, not asked.
+  auto d = run({dtrainBinary(), "debug", "dump", id, "--rdzv-endpoint", fmt::format("127.0.0.1:{}", storePort),
+                "--interval", "0"},
+               {.timeout = 60s});
+  INFO(d.out, d.err);
+  CHECK(d.exitCode == 0);
+  CHECK(d.err.find(fmt::format(":{} (node rank 1, pid {}): superseded by its restart at ", oldPort, oldPid)) !=
+        std::string::npos);
+  CHECK(d.err.find("did not answer") == std::string::npos);
+  node1.signal(SIGTERM);
+  node0.signal(SIGTERM);
+  node1.wait(60s);
+  node0.wait(60s);
+  CHECK(processesWithRunId(id).empty());
+}
+
 TEST_CASE("dtrain top on a finished --standalone run says that the job is not running and exits 10") {
   // It failed on the token file the run had logged (removed with the store: exit 3), or said "no answer".
   const std::string id = uniqueRunId("top-over");

@@ -211,6 +211,20 @@ TEST_CASE("the HTTP server answers GET with the handler's reply, on a port of it
   }
 }
 
+TEST_CASE("httpGet (dtrain top's probe) gives up at once on an endpoint nobody listens on, instead of retrying it") {
+  // The agent listened before it published the endpoint: refused means gone. It was retried like a store that is
+  // still starting, up to the whole timeout (5 s a frame in dtrain top for each endpoint a restart left behind).
+  const uint16_t port = net::pickFreePort("127.0.0.1");
+  try {
+    httpGet("127.0.0.1", port, "/metrics", std::chrono::milliseconds(30000));
+    FAIL("a reply from nobody");
+  } catch (const net::ConnectError& e) {
+    CHECK(std::string(e.what()) == fmt::format("cannot connect to 127.0.0.1:{}: Connection refused", port));
+    CHECK(e.attempts() == 1);
+    CHECK_FALSE(e.timedOut());
+  }
+}
+
 TEST_CASE("the HTTP server backs off while the process is out of descriptors, then answers the waiting client") {
   using namespace std::chrono_literals;
   HttpServer server("127.0.0.1", 0, [](std::string_view) { return HttpResponse{200, "text/plain", "ok\n"}; },

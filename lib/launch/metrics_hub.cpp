@@ -123,15 +123,17 @@ void MetricsHub::noteEvent(std::string text) {
   if (state_.events.size() > kMaxEvents) state_.events.erase(state_.events.begin());
 }
 
-std::vector<MetricsHub::RankState> MetricsHub::rankStates() const {
+std::vector<const WorkerMetricsBlock*> MetricsHub::stampedBlocks() const {
   std::vector<const WorkerMetricsBlock*> blocks;
-  {
-    std::lock_guard lock(mu_);
-    for (const auto& m : slots_) blocks.push_back(&m.block());
-  }
+  std::lock_guard lock(mu_);
+  for (const auto& m : slots_)
+    if (m.block().magic.load(std::memory_order_acquire) == WorkerMetricsBlock::kMagic) blocks.push_back(&m.block());
+  return blocks;
+}
+
+std::vector<MetricsHub::RankState> MetricsHub::rankStates() const {
   std::vector<RankState> out;
-  for (const WorkerMetricsBlock* b : blocks) {
-    if (b->magic.load(std::memory_order_acquire) != WorkerMetricsBlock::kMagic) continue;
+  for (const WorkerMetricsBlock* b : stampedBlocks()) {
     RankState r;
     r.rank = b->rank.load(kRelaxed);
     if (r.rank < 0 || b->role.load(kRelaxed) == WorkerMetricsBlock::kServer) continue;  // servers: serverStates()
@@ -149,14 +151,8 @@ std::vector<MetricsHub::RankState> MetricsHub::rankStates() const {
 }
 
 std::vector<MetricsHub::ServerState> MetricsHub::serverStates() const {
-  std::vector<const WorkerMetricsBlock*> blocks;
-  {
-    std::lock_guard lock(mu_);
-    for (const auto& m : slots_) blocks.push_back(&m.block());
-  }
   std::vector<ServerState> out;
-  for (const WorkerMetricsBlock* b : blocks) {
-    if (b->magic.load(std::memory_order_acquire) != WorkerMetricsBlock::kMagic) continue;
+  for (const WorkerMetricsBlock* b : stampedBlocks()) {
     ServerState s;
     s.rank = b->rank.load(kRelaxed);
     if (s.rank < 0 || b->role.load(kRelaxed) != WorkerMetricsBlock::kServer) continue;

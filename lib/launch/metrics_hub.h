@@ -118,6 +118,9 @@ class MetricsHub {
   std::vector<ServerState> serverStates() const;
 
  private:
+  // The slots' blocks (taken under mu_) whose magic a worker has stamped, in slot order; the blocks stay mapped
+  // as long as the hub (slots are never removed).
+  std::vector<const WorkerMetricsBlock*> stampedBlocks() const;
   void renderWorkers(PromText& out, const std::vector<const WorkerMetricsBlock*>& blocks, int nodeRank) const;
   // The parameter-server ranks' families (dtrain_ps_*), labelled role="server" and server (its index); nothing
   // when no local rank is a server.

@@ -181,17 +181,16 @@ ParallelSettings parseParallel(const json& doc, const std::string& source) {
   p.ps = parsePsSettings(f, p.strategy);
   constexpr int64_t kMaxDegree = 1 << 16;
   auto degree = [](int64_t v) { return v >= 1 && v <= kMaxDegree; };
-  if (f.has("data"))
-    p.data = static_cast<int>(f.integer("data", 1, "an integer between 1 and 65536 (data-parallel replicas)", degree));
-  p.tensor = static_cast<int>(
-      f.integer("tensor", 1, "an integer between 1 and 65536 (ranks per tensor-parallel group)", degree));
+  // What a degree field expects, its bound written from kMaxDegree.
+  auto expected = [](const char* what) { return fmt::format("an integer between 1 and {}{}", int64_t{kMaxDegree}, what); };
+  if (f.has("data")) p.data = static_cast<int>(f.integer("data", 1, expected(" (data-parallel replicas)"), degree));
+  p.tensor = static_cast<int>(f.integer("tensor", 1, expected(" (ranks per tensor-parallel group)"), degree));
   if (f.has("pipeline")) {
     JsonFields pf(f.at("pipeline"), source, f.pathOf("pipeline"), "the pipeline section");
     pf.allowOnly({"stages", "micro_batches", "schedule", "balance"});
-    p.pipeline.stages =
-        static_cast<int>(pf.integer("stages", 1, "an integer between 1 and 65536 (pipeline stages)", degree));
-    p.pipeline.microBatches = static_cast<int>(
-        pf.integer("micro_batches", 4 * int64_t{p.pipeline.stages}, "an integer between 1 and 65536", degree));
+    p.pipeline.stages = static_cast<int>(pf.integer("stages", 1, expected(" (pipeline stages)"), degree));
+    p.pipeline.microBatches =
+        static_cast<int>(pf.integer("micro_batches", 4 * int64_t{p.pipeline.stages}, expected(""), degree));
     p.pipeline.schedule = pf.choice("schedule", {"gpipe", "1f1b"}, "pipeline schedule", "1f1b") == "gpipe"
                               ? PipelineSettings::Schedule::kGpipe
                               : PipelineSettings::Schedule::k1F1B;
@@ -200,8 +199,8 @@ ParallelSettings parseParallel(const json& doc, const std::string& source) {
       if (!b.is_array()) pf.failAt("balance", fmt::format("expected a list of layer counts, got {}", jsonSnippet(b)));
       for (const auto& v : b) {
         if (!v.is_number_integer() || v.get<int64_t>() < 1 || v.get<int64_t>() > kMaxDegree)
-          pf.failAt("balance", fmt::format("expected a list of layer counts, each between 1 and 65536, got {}",
-                                           jsonSnippet(b)));
+          pf.failAt("balance", fmt::format("expected a list of layer counts, each between 1 and {}, got {}",
+                                           kMaxDegree, jsonSnippet(b)));
         p.pipeline.balance.push_back(static_cast<int>(v.get<int64_t>()));
       }
     }

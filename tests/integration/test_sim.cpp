@@ -50,6 +50,15 @@ std::vector<std::string> simArgs(std::vector<std::string> args) {
   return args;
 }
 
+// The job of the 2-stage pipeline cases: smallJob's MLP, `maxSteps` steps, a checkpoint every 4 steps, 2 stages
+// of 2 micro-batches and a 20 s collective timeout, written to DIR/job.json.
+void writePipelineSimJob(const std::string& dir, int maxSteps) {
+  json job = smallJob(240, 5, 1000);
+  job["train"]["max_steps"] = maxSteps;
+  job["checkpoint"] = {{"every_steps", 4}, {"keep", 2}};
+  job["parallel"] = {{"timeout", 20}, {"pipeline", {{"stages", 2}, {"micro_batches", 2}}}};
+  writeFile(dir + "/job.json", job.dump());
+}
 }  // namespace
 
 TEST_CASE("dtrain sim: 4 nodes, one killed and one joining: the job finishes and every sample is seen once") {
@@ -101,11 +110,7 @@ TEST_CASE("dtrain sim: a pipeline job (2 stages per replica) resized by a kill: 
   // Each replica's stages read the same batches; all of them used to write the sample log, so the sim counted
   // every sample of a pipeline job twice ("repeated 160 -> FAIL", exit 1) even without a fault.
   std::string dir = tempDir("sim-pipeline");
-  json job = smallJob(240, 5, 1000);
-  job["train"]["max_steps"] = 24;
-  job["checkpoint"] = {{"every_steps", 4}, {"keep", 2}};
-  job["parallel"] = {{"timeout", 20}, {"pipeline", {{"stages", 2}, {"micro_batches", 2}}}};
-  writeFile(dir + "/job.json", job.dump());
+  writePipelineSimJob(dir, 24);
   RunOptions opts{.timeout = 180s, .env = {{"DTRAIN_STEP_PAUSE", "25ms"}}};
   auto r = run(simArgs({"--nodes", "3", "--nproc-per-node", "2", "--faults", "kill:node2@step6", "--output-dir",
                         dir + "/sim", dir + "/job.json"}),
@@ -131,11 +136,7 @@ TEST_CASE("dtrain sim: a 2-stage pipeline on one rank per node: a joining third 
   // --nnodes 1:3 (2 nodes, a join, a kill): 1 and 3 nodes cannot run the job, so node2 waits as a spare until the
   // kill. The sim's output showed nothing of it: the join looked detected only at the kill's re-formation.
   std::string dir = tempDir("sim-spare");
-  json job = smallJob(240, 5, 1000);
-  job["train"]["max_steps"] = 40;
-  job["checkpoint"] = {{"every_steps", 4}, {"keep", 2}};
-  job["parallel"] = {{"timeout", 20}, {"pipeline", {{"stages", 2}, {"micro_batches", 2}}}};
-  writeFile(dir + "/job.json", job.dump());
+  writePipelineSimJob(dir, 40);
   RunOptions opts{.timeout = 180s, .env = {{"DTRAIN_STEP_PAUSE", "25ms"}}};
   auto r = run(simArgs({"--nodes", "2", "--faults", "join:node2@step4,kill:node1@step16", "--output-dir",
                         dir + "/sim", dir + "/job.json"}),
@@ -154,11 +155,7 @@ TEST_CASE("dtrain sim: a 2-stage pipeline on 4 nodes, one killed: the 3 survivor
   // waited for a fourth node up to the sim's --timeout (10 minutes by default) and the sim failed, exit 4. MIN is
   // now the largest count at or below the survivors' that the job can run.
   std::string dir = tempDir("sim-pipeline-survivors");
-  json job = smallJob(240, 5, 1000);
-  job["train"]["max_steps"] = 24;
-  job["checkpoint"] = {{"every_steps", 4}, {"keep", 2}};
-  job["parallel"] = {{"timeout", 20}, {"pipeline", {{"stages", 2}, {"micro_batches", 2}}}};
-  writeFile(dir + "/job.json", job.dump());
+  writePipelineSimJob(dir, 24);
   RunOptions opts{.timeout = 180s, .env = {{"DTRAIN_STEP_PAUSE", "25ms"}}};
   auto r = run(simArgs({"--nodes", "4", "--faults", "kill:node3@step6", "--timeout", "90s", "--output-dir",
                         dir + "/sim", dir + "/job.json"}),

@@ -136,6 +136,22 @@ std::string promtoolProblems(const std::string& text) {
   return r.exitCode == 0 ? "" : r.out + r.err;
 }
 
+// A real Prometheus server (the Debian package's) scraping the agent's /metrics at 127.0.0.1:scrapePort every
+// second and answering its query API at promPort: its configuration written to DIR/prometheus.yml, its data in
+// DIR/tsdb. Returns the command line for Background.
+std::vector<std::string> prometheusArgs(const std::string& dir, int scrapePort, int promPort) {
+  writeFile(dir + "/prometheus.yml", fmt::format(R"(global:
+  scrape_interval: 1s
+scrape_configs:
+  - job_name: dtrain
+    honor_labels: true
+    static_configs:
+      - targets: ["127.0.0.1:{}"]
+)",
+                                                 scrapePort));
+  return {"/usr/bin/prometheus", "--config.file=" + dir + "/prometheus.yml", "--storage.tsdb.path=" + dir + "/tsdb",
+          fmt::format("--web.listen-address=127.0.0.1:{}", promPort)};
+}
 }  // namespace
 
 TEST_CASE("dtrain run --metrics-port: a live scrape of every rank passes promtool, and Prometheus scrapes the job") {
@@ -182,17 +198,7 @@ TEST_CASE("dtrain run --metrics-port: a live scrape of every rank passes promtoo
   if (installed("/usr/bin/prometheus")) {
     // A real Prometheus server scrapes the agent every second; its query API must then know the step counter.
     const int promPort = freePort();
-    writeFile(dir + "/prometheus.yml", fmt::format(R"(global:
-  scrape_interval: 1s
-scrape_configs:
-  - job_name: dtrain
-    honor_labels: true
-    static_configs:
-      - targets: ["127.0.0.1:{}"]
-)",
-                                                   port));
-    Background prometheus({"/usr/bin/prometheus", "--config.file=" + dir + "/prometheus.yml",
-                           "--storage.tsdb.path=" + dir + "/tsdb", fmt::format("--web.listen-address=127.0.0.1:{}", promPort)});
+    Background prometheus(prometheusArgs(dir, port, promPort));
     const std::string query = "/api/v1/query?query=" + urlEncode(fmt::format("dtrain_step{{run_id=\"{}\"}}", id));
     nlohmann::json answer;
     bool known = pollUntil(90s, [&] {
@@ -339,17 +345,7 @@ TEST_CASE("a parameter-server job: /metrics has the servers' families (rank and 
     // A real Prometheus server scrapes the job: each parameter-server query of the dashboard answers a series
     // (rates need two scrapes, so it polls).
     const int promPort = freePort();
-    writeFile(dir + "/prometheus.yml", fmt::format(R"(global:
-  scrape_interval: 1s
-scrape_configs:
-  - job_name: dtrain
-    honor_labels: true
-    static_configs:
-      - targets: ["127.0.0.1:{}"]
-)",
-                                                   port));
-    Background prometheus({"/usr/bin/prometheus", "--config.file=" + dir + "/prometheus.yml",
-                           "--storage.tsdb.path=" + dir + "/tsdb", fmt::format("--web.listen-address=127.0.0.1:{}", promPort)});
+    Background prometheus(prometheusArgs(dir, port, promPort));
     for (const auto& query : psQueries) {
       const std::string expr = std::regex_replace(query, std::regex(R"(\$run_id)"), id);
       nlohmann::json answer;

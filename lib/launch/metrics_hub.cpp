@@ -1,5 +1,9 @@
 #include "lib/launch/metrics_hub.h"
 
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -27,6 +31,9 @@ std::string formatValue(double v) {
   if (v == std::floor(v) && std::fabs(v) < 1e15) return fmt::format("{}", static_cast<int64_t>(v));
   return fmt::format("{}", v);
 }
+
+constexpr const char* kMetricsDirPrefix = "dtrain-metrics-";
+constexpr const char* kOwnerLock = "owner.lock";
 
 std::string shmBase() {
   if (std::filesystem::is_directory("/dev/shm") && ::access("/dev/shm", W_OK) == 0) return "/dev/shm";
@@ -67,11 +74,49 @@ void PromText::sample(const std::string& name, const Labels& labels, double valu
   out_ += '\n';
 }
 
+size_t removeStaleMetricsDirs(const std::string& base) {
+  DIR* d = ::opendir(base.c_str());
+  if (d == nullptr) return 0;
+  const std::string prefix = kMetricsDirPrefix;
+  size_t removed = 0;
+  while (const dirent* e = ::readdir(d)) {
+    const std::string name = e->d_name;
+    if (name.rfind(prefix, 0) != 0) continue;
+    const std::string dir = base + "/" + name;
+    struct stat st {};
+    if (::lstat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode) || st.st_uid != ::geteuid()) continue;
+    const int fd = ::open((dir + "/" + kOwnerLock).c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    if (fd < 0) continue;  // no lock published (yet): see the header
+    // Held by a live hub: EWOULDBLOCK. Taken here: its owner is gone, and no hub ever locks it again.
+    if (::flock(fd, LOCK_EX | LOCK_NB) == 0) {
+      std::error_code ec;
+      if (std::filesystem::remove_all(dir, ec) > 0 && !ec) ++removed;
+    }
+    ::close(fd);
+  }
+  ::closedir(d);
+  return removed;
+}
+
 MetricsHub::MetricsHub(std::string job, std::string runId) : job_(std::move(job)), runId_(std::move(runId)) {
-  std::string templ = shmBase() + "/dtrain-metrics-XXXXXX";
+  const std::string base = shmBase();
+  removeStaleMetricsDirs(base);
+  std::string templ = base + "/" + kMetricsDirPrefix + "XXXXXX";
   DTRAIN_CHECK(::mkdtemp(templ.data()) != nullptr, "--metrics-port: cannot create a directory like {}: {}", templ,
                std::strerror(errno));
   dir_ = templ;
+  // Locked under a private name, then renamed: `owner.lock` is never seen unlocked while this hub lives.
+  const std::string pending = dir_ + "/owner.lock.pending";
+  lockFd_ = ::open(pending.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
+  const int err = errno;
+  if (lockFd_ < 0 || ::flock(lockFd_, LOCK_EX | LOCK_NB) != 0 ||
+      ::rename(pending.c_str(), (dir_ + "/" + kOwnerLock).c_str()) != 0) {
+    const int e = lockFd_ < 0 ? err : errno;
+    if (lockFd_ >= 0) ::close(lockFd_);
+    std::error_code ec;
+    std::filesystem::remove_all(dir_, ec);
+    DTRAIN_THROW(Error, "--metrics-port: cannot create and lock {}/{}: {}", dir_, kOwnerLock, std::strerror(e));
+  }
 }
 
 MetricsHub::~MetricsHub() {
@@ -79,6 +124,7 @@ MetricsHub::~MetricsHub() {
   slots_.clear();
   std::error_code ec;
   std::filesystem::remove_all(dir_, ec);
+  ::close(lockFd_);  // after the removal: a sweep that takes the lock finds nothing left to remove
 }
 
 std::string MetricsHub::prepareSlot(int localRank) {

@@ -45,16 +45,22 @@ std::string escapeLabelValue(const std::string& value);
 
 class MetricsHub {
  public:
-  // Creates a private directory for the workers' blocks (under /dev/shm when it exists, else $TMPDIR or /tmp).
-  // Throws dtrain::Error when it cannot.
+  // Creates a private directory for the workers' blocks, dtrain-metrics-XXXXXX under /dev/shm when it exists,
+  // else $TMPDIR or /tmp, and holds an exclusive flock(2) on its `owner.lock` for the hub's lifetime (the fd is
+  // close-on-exec: workers do not inherit it). First it removes the directories there that agents SIGKILLed
+  // before their destructor ran left behind (removeStaleMetricsDirs). Throws dtrain::Error when it cannot create
+  // its own.
   MetricsHub(std::string job, std::string runId);
-  ~MetricsHub();  // removes the blocks and their directory
+  ~MetricsHub();  // removes the blocks and their directory, then releases the lock
   MetricsHub(const MetricsHub&) = delete;
   MetricsHub& operator=(const MetricsHub&) = delete;
 
   // The agent's loop, before it starts local worker `localRank`: zeroes (creating when new) its block and
   // returns the path to hand to the worker in DTRAIN_METRICS_SHM.
   std::string prepareSlot(int localRank);
+
+  // The directory holding the blocks (for tests and diagnostics).
+  const std::string& dir() const { return dir_; }
 
   // Agent state; any thread.
   void setRound(int round, int restartCount, int nodeRank, int numNodes, int worldSize);
@@ -129,10 +135,21 @@ class MetricsHub {
   std::string job_;
   std::string runId_;
   std::string dir_;
+  int lockFd_ = -1;  // holds the flock on dir_/owner.lock while the hub lives
   mutable std::mutex mu_;
   AgentState state_;
   std::vector<WorkerMetricsMapping> slots_;  // grown by the agent's loop only, under mu_
 };
+
+// Removes the dtrain-metrics-* directories in `base` (a MetricsHub's parent: /dev/shm, $TMPDIR or /tmp) whose
+// owner is gone: those whose `owner.lock` this call can flock (LOCK_EX | LOCK_NB). The kernel drops a flock when
+// its holder dies however it dies, and the lock lives on the file, not on a pid, so the test holds across pid
+// namespaces that share /dev/shm and cannot be fooled by a reused pid (a pid check could be either way). A
+// directory without `owner.lock` is skipped: a hub between mkdtemp and publishing its lock (the lock file is
+// flocked before it is renamed to `owner.lock`, so a sweep never sees it unlocked while its owner lives), or one
+// left by a dtrain older than the lock. Only the caller's own directories are looked at. Returns how many were
+// removed; never throws (a directory it cannot remove is left as it was).
+size_t removeStaleMetricsDirs(const std::string& base);
 
 // The exposition of a standalone `dtrain store` (dtrain store --metrics-port).
 std::string renderStoreMetrics(const rendezvous::TcpStoreServerStats& stats);

@@ -1,10 +1,13 @@
 // No process outlives its job (issue 10, section 3): not only the workers, every descendant of a worker is gone
 // within --shutdown-timeout after the job ends or the agent dies, even when it left the worker's process group
-// (setsid) and ignores SIGTERM. See lib/launch/process_tree.h and docs/fault-tolerance.md.
+// (setsid) and ignores SIGTERM. See lib/launch/process_tree.h and docs/fault-tolerance.md. Nor does a killed
+// agent's metrics folder in /dev/shm outlive the next agent's start (lib/launch/metrics_hub.h).
 #include <doctest/doctest.h>
 
 #include <signal.h>
 #include <sys/stat.h>
+
+#include <filesystem>
 
 #include "tests/integration/launch_helpers.h"
 
@@ -37,7 +40,52 @@ pid_t watchdogOf(pid_t agent) {
   return -1;
 }
 
+// A --standalone agent with --metrics-port whose one worker prints its metrics block's path ("block=PATH") and
+// sleeps.
+std::vector<std::string> metricsAgent(const std::string& id) {
+  return runArgs({"--standalone", "--rdzv-id", id, "--metrics-port", "0", "--shutdown-timeout", "2s", "--", "sh",
+                  "-c", "echo block=$DTRAIN_METRICS_SHM; exec sleep 1000"});
+}
+
+// The folder of the block named in a "block=PATH" line.
+std::string blockFolder(const std::string& line) {
+  return std::filesystem::path(line.substr(line.find("block=") + 6)).parent_path().string();
+}
+
 }  // namespace
+
+TEST_CASE("the metrics folder of an agent killed with SIGKILL is removed when the next agent starts; a live job's "
+          "folder stays") {
+  // SIGKILL runs no destructor: /dev/shm/dtrain-metrics-* stayed until reboot, one per killed agent.
+  namespace fs = std::filesystem;
+  const std::string liveId = uniqueRunId("shm-live"), deadId = uniqueRunId("shm-dead");
+  const std::string nextId = uniqueRunId("shm-next");
+  KillByRunId liveGuard{liveId}, deadGuard{deadId}, nextGuard{nextId};
+  Background live(metricsAgent(liveId));
+  const std::string liveDir = blockFolder(live.waitForLine("block=", 30s));
+  std::string deadDir;
+  {
+    Background dead(metricsAgent(deadId));
+    deadDir = blockFolder(dead.waitForLine("block=", 30s));
+    dead.signalGroup(SIGKILL);  // the agent (its worker, in a group of its own, follows through PR_SET_PDEATHSIG)
+    CHECK(dead.wait(10s).exitCode == 128 + SIGKILL);
+  }
+  REQUIRE(deadDir != liveDir);
+  REQUIRE(fs::is_directory(deadDir));  // left behind: nothing of the killed agent ran
+  Background next(metricsAgent(nextId));
+  const std::string nextDir = blockFolder(next.waitForLine("block=", 30s));  // its hub (and its sweep) came first
+  CHECK_FALSE(fs::exists(deadDir));
+  CHECK(fs::exists(liveDir + "/local_rank_0"));
+  CHECK(fs::exists(nextDir + "/local_rank_0"));
+  next.signal(SIGTERM);
+  live.signal(SIGTERM);
+  CHECK_FALSE(next.wait(30s).timedOut);
+  CHECK_FALSE(live.wait(30s).timedOut);
+  CHECK_FALSE(fs::exists(liveDir));  // a clean exit removes its own
+  CHECK_FALSE(fs::exists(nextDir));
+  CHECK(processesWithRunId(liveId).empty());
+  CHECK(processesWithRunId(nextId).empty());
+}
 
 TEST_CASE("an agent killed with SIGKILL takes the children of a wrapper-script worker with it") {
   std::string id = uniqueRunId("wrapper");

@@ -3,11 +3,14 @@
 // package) lints every exposition when it is installed.
 #include <doctest/doctest.h>
 
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
 #include <cmath>
 #include <cstdlib>
+#include <filesystem>
 #include <map>
 #include <string>
 #include <thread>
@@ -177,6 +180,50 @@ TEST_CASE("a parameter-server rank's block renders the dtrain_ps_* families, not
   server.block().rank.store(-1);
   CHECK(hub.serverStates().empty());
   CHECK(hub.render().find("dtrain_ps_") == std::string::npos);
+}
+
+TEST_CASE("the stale-folder sweep removes the folders whose owner.lock nobody holds, and only those") {
+  namespace fs = std::filesystem;
+  const std::string base = testing::tempDir("metrics-sweep");
+  auto folder = [&](const std::string& name, bool withLock) {
+    fs::create_directory(base + "/" + name);
+    testing::writeFile(base + "/" + name + "/local_rank_0", "block");
+    if (withLock) testing::writeFile(base + "/" + name + "/owner.lock", "");
+    return base + "/" + name;
+  };
+  const std::string dead = folder("dtrain-metrics-dead01", true);     // its owner died: the lock is free
+  const std::string live = folder("dtrain-metrics-live01", true);     // locked below, as a live hub holds it
+  const std::string unlocked = folder("dtrain-metrics-new001", false);  // no lock published (yet): left alone
+  const std::string other = folder("not-dtrain-metrics", true);        // not ours by name
+  const int fd = ::open((live + "/owner.lock").c_str(), O_RDONLY | O_CLOEXEC);
+  REQUIRE(fd >= 0);
+  REQUIRE(::flock(fd, LOCK_EX) == 0);  // another open file description: conflicts even inside this process
+  CHECK(removeStaleMetricsDirs(base) == 1);
+  CHECK_FALSE(fs::exists(dead));
+  CHECK(fs::exists(live + "/local_rank_0"));
+  CHECK(fs::exists(unlocked + "/local_rank_0"));
+  CHECK(fs::exists(other));
+  ::close(fd);  // the "owner" dies
+  CHECK(removeStaleMetricsDirs(base) == 1);
+  CHECK_FALSE(fs::exists(live));
+  CHECK(removeStaleMetricsDirs("/nonexistent-dtrain-base") == 0);
+}
+
+TEST_CASE("a live hub's folder survives another hub's sweep; its destructor removes it") {
+  namespace fs = std::filesystem;
+  std::string dir;
+  {
+    MetricsHub first("job", "run-1");
+    dir = first.dir();
+    first.prepareSlot(0);
+    REQUIRE(fs::exists(dir + "/owner.lock"));
+    MetricsHub second("job", "run-2");  // sweeps the folder both live in
+    CHECK(second.dir() != dir);
+    CHECK(fs::exists(dir + "/local_rank_0"));
+    removeStaleMetricsDirs(fs::path(dir).parent_path().string());  // (other stale folders there may go)
+    CHECK(fs::exists(dir + "/local_rank_0"));
+  }
+  CHECK_FALSE(fs::exists(dir));
 }
 
 TEST_CASE("a block that is not a metrics block is refused by name") {

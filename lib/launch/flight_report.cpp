@@ -125,7 +125,15 @@ std::string analyzeFlight(std::vector<RankFlight> ranks, int64_t nowNs, const st
       out += fmt::format("not in a collective; the last one, {}, ended {:.1f} s ago\n", describe(last),
                          secondsBetween(last.endNs, nowNs));
   }
-  if (ranks.empty() || maxSeq == 0) return out + "verdict: nothing recorded yet\n";
+  if (ranks.empty()) return out + "verdict: nothing recorded yet\n";
+  if (maxSeq == 0 && earlier == nullptr) {
+    int64_t most = 0;
+    for (const auto& r : ranks) most = std::max(most, r.stepsDone);
+    return out + (most == 0 ? std::string("verdict: nothing recorded yet\n")
+                            : fmt::format("verdict: no collective call recorded, so none to compare (a parameter-server "
+                                          "job's workers talk to their servers, not in collectives); read twice "
+                                          "(--interval) to see which ranks still finish steps\n"));
+  }
   if (earlier != nullptr && still.empty()) {
     int64_t fewest = ranks.front().stepsDone, most = fewest;
     for (const auto& r : ranks) {
@@ -133,7 +141,7 @@ std::string analyzeFlight(std::vector<RankFlight> ranks, int64_t nowNs, const st
       most = std::max(most, r.stepsDone);
     }
     return out + fmt::format("verdict: no hang: every rank moved on in the last {:.1f} s (began or finished a "
-                             "collective; now at {} step(s) done): the job is running. A hung rank stays where it "
+                             "collective or a step; now at {} step(s) done): the job is running. A hung rank stays where it "
                              "is: dump again if the job seems stuck\n",
                              earlierSeconds, fewest == most ? fmt::format("{}", most) : fmt::format("{} to {}", fewest, most));
   }
@@ -141,6 +149,19 @@ std::string analyzeFlight(std::vector<RankFlight> ranks, int64_t nowNs, const st
     out += moved.empty() ? fmt::format("no rank moved in the last {:.1f} s\n", earlierSeconds)
                          : fmt::format("in the last {:.1f} s rank(s) {} moved on, rank(s) {} did not\n", earlierSeconds,
                                        fmt::join(moved, ", "), fmt::join(still, ", "));
+  if (maxSeq == 0) {
+    // No rank recorded a collective (a parameter-server job's workers push and pull through their servers): no
+    // call to compare, but the two reads still tell which ranks stopped finishing steps. This used to say "nothing
+    // recorded yet" whatever the ranks did, also with a worker frozen for minutes.
+    for (const int rank : still) {
+      const auto r = std::find_if(ranks.begin(), ranks.end(), [&](const auto& x) { return x.rank == rank; });
+      out += fmt::format("verdict: rank {} finished no step in the last {:.1f} s: it is stuck or frozen in step {} "
+                         "(no collective call recorded to say where: a parameter-server worker talks to its servers, "
+                         "not in collectives)\n",
+                         rank, earlierSeconds, r->stepsDone + 1);
+    }
+    return out;
+  }
   std::vector<const RankFlight*> behind;
   std::vector<int> waiting;
   for (const auto& r : ranks) {

@@ -387,3 +387,28 @@ TEST_CASE("the flight recorder: a rank that has not reached the others' collecti
   CHECK(ring.back().seq == 42);
   CHECK(ring.back().op == "barrier");
 }
+
+TEST_CASE("the flight recorder without collective calls (parameter-server workers): two reads still name a rank that "
+          "stopped finishing steps, and a running job is said to run") {
+  // Async parameter-server workers push and pull through their servers and record no collective call. `dtrain
+  // debug dump` said "nothing recorded yet" for them after hundreds of steps, also with a worker frozen.
+  RankFlight was0{0, 0, 100, 125, {}}, was1{1, 0, 101, 125, {}};
+  RankFlight now0{0, 0, 100, 125, {}}, now1{1, 0, 101, 150, {}};  // rank 0 frozen, rank 1 moved on
+  const std::vector<RankFlight> earlier{was0, was1};
+  const std::string frozen = analyzeFlight({now0, now1}, unixNowNs(), &earlier, 1.0);
+  CHECK_MESSAGE(frozen.find("nothing recorded yet") == std::string::npos, frozen);
+  CHECK_MESSAGE(frozen.find("in the last 1.0 s rank(s) 1 moved on, rank(s) 0 did not") != std::string::npos, frozen);
+  CHECK_MESSAGE(frozen.find("verdict: rank 0 finished no step in the last 1.0 s: it is stuck or frozen in step 126") !=
+                    std::string::npos,
+                frozen);
+  CHECK(frozen.find("rank 1 finished no step") == std::string::npos);
+  RankFlight moved0{0, 0, 100, 140, {}};
+  const std::string running = analyzeFlight({moved0, now1}, unixNowNs(), &earlier, 1.0);
+  CHECK_MESSAGE(running.find("verdict: no hang: every rank moved on in the last 1.0 s") != std::string::npos, running);
+  // One read cannot tell: it says so instead of "nothing recorded yet".
+  const std::string once = analyzeFlight({now0, now1}, unixNowNs());
+  CHECK_MESSAGE(once.find("verdict: no collective call recorded, so none to compare") != std::string::npos, once);
+  // A job that has done nothing yet still says so.
+  CHECK(analyzeFlight({RankFlight{0, 0, 100, 0, {}}}, unixNowNs()).find("verdict: nothing recorded yet") !=
+        std::string::npos);
+}

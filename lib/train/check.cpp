@@ -4,6 +4,7 @@
 #include <sys/resource.h>
 
 #include <algorithm>
+#include <cmath>
 #include <fstream>
 #include <limits>
 #include <sstream>
@@ -33,6 +34,45 @@ std::string humanBytes(int64_t bytes) {
   return u == 0 ? fmt::format("{} B", bytes) : fmt::format("{:.1f} {}", v, kUnits[u]);
 }
 
+namespace {
+
+// The model's first layer when it is an embedding fed by the data's features (its input ids), else null.
+const nn::LayerSpec* firstEmbedding(const nn::ModelSpec& model) {
+  if (model.layers.empty() || model.layers.front().kind == nullptr) return nullptr;
+  return model.layers.front().kind->name == "embedding" ? &model.layers.front() : nullptr;
+}
+
+}  // namespace
+
+void checkEmbeddingIds(const Job& job, const data::Dataset& ds, const std::string& which) {
+  const nn::LayerSpec* emb = firstEmbedding(job.model);
+  if (emb == nullptr || dynamic_cast<const data::SequenceDataset*>(&ds) != nullptr) return;
+  const int64_t n = ds.size(), features = ds.featureSize();
+  if (n == 0 || features == 0) return;
+  constexpr int64_t kChunk = 4096;
+  std::vector<int64_t> idx;
+  std::vector<float> x;
+  // Labels are int32 class ids or float targets: 4 bytes each.
+  std::vector<float> labels;
+  for (int64_t begin = 0; begin < n; begin += kChunk) {
+    const int64_t count = std::min(kChunk, n - begin);
+    idx.resize(static_cast<size_t>(count));
+    for (int64_t i = 0; i < count; ++i) idx[static_cast<size_t>(i)] = begin + i;
+    x.resize(static_cast<size_t>(count * features));
+    labels.resize(static_cast<size_t>(count * std::max<int64_t>(1, ds.labelShape().numel())));
+    ds.fetch(idx, x.data(), labels.data());
+    for (int64_t i = 0; i < count * features; ++i) {
+      const float v = x[static_cast<size_t>(i)];
+      if (std::isfinite(v) && v == std::nearbyint(v) && v >= 0 && v < static_cast<float>(emb->vocab)) continue;
+      DTRAIN_THROW(ConfigError,
+                   "{}: {}: sample {} (of {}), feature {}: {} is not a token id of {} (an embedding: expected an "
+                   "integer in [0, {}), its vocab_size)",
+                   job.sourceFile, which, begin + i / features, ds.describe(), i % features, v, emb->path,
+                   emb->vocab);
+    }
+  }
+}
+
 void checkDataFitsModel(const Job& job, const data::Dataset& ds, const nn::Loss& loss, const std::string& which) {
   int64_t features = ds.featureSize();
   int64_t input = job.model.input.numel();
@@ -53,6 +93,18 @@ void checkDataFitsModel(const Job& job, const data::Dataset& ds, const nn::Loss&
                     "at least {}",
                     job.sourceFile, which, maxId, at, seq->describe(), vocab, seq->stream().vocabSize);
     return;
+  }
+  if (const nn::LayerSpec* emb = firstEmbedding(job.model)) {
+    // A synthetic recommender's ids reach users + items - 1: known from the spec, so the agent and `dtrain check`
+    // refuse it before any rank starts (other data is scanned by the workers once read: checkEmbeddingIds).
+    const data::DataSpec* spec = which == "/data/eval" && job.data.eval ? &*job.data.eval : &job.data.train;
+    const auto& syn = spec->synthetic;
+    if (spec->format == data::Format::kSynthetic && syn.task == data::SyntheticOptions::Task::kRecsys)
+      DTRAIN_CHECK_AS(ConfigError, syn.users + syn.items <= emb->vocab,
+                      "{}: {}: the recsys ids reach {} (users {} + items {} - 1), but {}/vocab_size is {} (expected "
+                      "vocab_size >= users + items = {})",
+                      job.sourceFile, which, syn.users + syn.items - 1, syn.users, syn.items, emb->path, emb->vocab,
+                      syn.users + syn.items);
   }
   if (auto classes = ds.numClasses(); classes && loss.type() == nn::LossType::kCrossEntropy) {
     int64_t logits = job.model.output().numel();

@@ -15,6 +15,14 @@ namespace dtrain::train {
 // job file, the data section (`which`, e.g. "/data/train") and both shapes otherwise.
 void checkDataFitsModel(const Job& job, const data::Dataset& ds, const nn::Loss& loss, const std::string& which);
 
+// A model whose first layer is an embedding takes token ids as its input features (a recommender's user and item
+// ids): every feature of every sample of `ds` (read in full, not probed) must be an integer in [0, vocab_size).
+// ConfigError (exit 2) naming the job file, the data section (`which`), the sample, the feature, its value and the
+// layer's vocab_size otherwise; nothing for other models and for token datasets (checkDataFitsModel checks those).
+// Reads every sample once (a fetch of 4096 at a time). Without this the embedding failed mid-training with an
+// internal error (exit 1), after the steps before the first bad id.
+void checkEmbeddingIds(const Job& job, const data::Dataset& ds, const std::string& which);
+
 // A byte count in the unit that suits it, one decimal: "792 B", "236.8 KiB", "6.8 MiB" (binary units).
 std::string humanBytes(int64_t bytes);
 

@@ -133,6 +133,7 @@ void TrainLoop::setUp() {
   // A bf16 GPT's loss writes the logits' gradient in bf16 for lm_head's GEMMs (Model::outputGradType).
   loss_ = nn::Loss::create(job_.loss, job_.model.output(), static_cast<int>(batch), device, model_->outputGradType());
   checkDataFitsModel(job_, *train_, *loss_, "/data/train");
+  checkEmbeddingIds(job_, *train_, "/data/train");
   if (device_.isCuda()) {
     // One staging for the training and the evaluation batches: sized for the larger of each part.
     int64_t features = train_->featureShape().numel(), labels = train_->labelShape().numel();
@@ -182,7 +183,10 @@ void TrainLoop::setUp() {
       .datasetSize = train_->size(), .rank = g.dataRank, .worldSize = g.dataSize,
       .shuffle = job_.data.shuffle, .seed = job_.loop.seed, .dropLast = job_.data.dropLast});
   planRun();
-  if (eval_) checkDataFitsModel(job_, *eval_, *loss_, "/data/eval");
+  if (eval_) {
+    checkDataFitsModel(job_, *eval_, *loss_, "/data/eval");
+    checkEmbeddingIds(job_, *eval_, "/data/eval");
+  }
   hasDropout_ = model_->hasRandomLayers();
   // One sample log per data replica: its stages and tensor ranks all read the same batches.
   // Its "world" is the launch's, servers included (a parameter-server worker's worker_ counts the workers only):

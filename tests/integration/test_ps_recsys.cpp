@@ -311,3 +311,38 @@ TEST_CASE("sparse embedding without the parameter-server strategy: exit 2 naming
   CHECK(check.err.find("/optimizer") != std::string::npos);
   CHECK(check.err.find("momentum") != std::string::npos);
 }
+
+TEST_CASE("ids the embedding does not have: exit 2 naming the data and vocab_size, before training (it failed "
+          "mid-training with exit 1)") {
+  std::string dir = tempDir("psrecsysids");
+  // The recommender's ids reach users + items - 1 = 4999: a table of 4000 rows is refused before any rank starts.
+  json job = recsysJob("async", 2);
+  job["model"]["layers"][0]["vocab_size"] = 4000;
+  writeFile(dir + "/job.json", job.dump());
+  auto r = run(ranks(3, dir + "/job.json", dir + "/out"), {.timeout = 60s});
+  INFO(r.out, r.err);
+  CHECK(r.exitCode == 2);
+  CHECK(r.err.find("/data/train: the recsys ids reach 4999 (users 3000 + items 2000 - 1), but "
+                   "/model/layers/0/vocab_size is 4000 (expected vocab_size >= users + items = 5000)") !=
+        std::string::npos);
+  CHECK(r.out.find("[n0 r") == std::string::npos);  // no rank started
+  auto check = run({dtrainBinary(), "check", dir + "/job.json"});
+  CHECK(check.exitCode == 2);
+  CHECK(check.err.find("/model/layers/0/vocab_size is 4000") != std::string::npos);
+  // A click log read from a file, with a negative id at row 301 (after the first step's samples): the workers
+  // refuse it once they read it, exit 2, naming the sample and the feature.
+  std::string csv = "user,item,click\n";
+  for (int i = 0; i < 400; ++i) csv += fmt::format("{},{},{}\n", i == 300 ? -3 : i % 50, 50 + i % 40, i % 2);
+  writeFile(dir + "/clicks.csv", csv);
+  job = recsysJob("async", 2);
+  job["model"]["layers"][0]["vocab_size"] = 100;
+  job["data"] = {{"train", {{"format", "csv"}, {"path", "clicks.csv"}, {"label", "click"}}}, {"batch_size", 16}};
+  writeFile(dir + "/job.json", job.dump());
+  auto bad = run(ranks(3, dir + "/job.json", dir + "/out"), {.timeout = 60s});
+  INFO(bad.out, bad.err);
+  CHECK(bad.exitCode == 2);
+  CHECK(bad.err.find("/data/train: sample 300 (of ") != std::string::npos);
+  CHECK(bad.err.find("feature 0: -3 is not a token id of /model/layers/0 (an embedding: expected an integer in "
+                     "[0, 100), its vocab_size)") != std::string::npos);
+  CHECK(bad.out.find("epoch 1/2 step") == std::string::npos);  // no step was trained
+}

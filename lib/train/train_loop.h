@@ -61,6 +61,10 @@ class TrainLoop {
   int64_t largestBatch() const;  // the most samples one batch of this process holds (train_setup.cpp)
   ProcessGroups connect();
   void shardEpoch(int64_t epoch, int64_t startSample);  // padding or uneven shards, then sampler_->setEpoch
+  // The samples every data rank together trains in the epoch's batch `index` (0-based), this rank's being `own`:
+  // own x ranks, except in the uneven shards of an epoch resumed at another world, where a rank's last batch may
+  // hold one sample fewer (or be empty) than rank 0's.
+  int64_t groupSamplesOfBatch(int64_t index, int64_t own) const;
   void trainEpoch(int64_t epoch, int64_t startSample);
   [[noreturn]] void diverged(int64_t epoch, std::string_view what);
   // An epoch that takes no step (with data.drop_last, every rank's share is smaller than one batch: the rest of an

@@ -1,5 +1,7 @@
 #include "lib/train/trainer.h"
 
+#include <algorithm>
+
 #include "lib/train/train_loop.h"
 
 namespace dtrain::train {
@@ -168,6 +170,19 @@ void TrainLoop::shardEpoch(int64_t epoch, int64_t startSample) {
   sampler_->setEpoch(epoch, startSample);
 }
 
+int64_t TrainLoop::groupSamplesOfBatch(int64_t index, int64_t own) const {
+  const int64_t world = strategy_->groups().dataSize;
+  if (sampler_->pad() || job_.data.dropLast) return own * world;  // equal shares: every rank's batch is as large
+  // Uneven shards (sampler.h): rank r takes rest[r::world], so the first total % world ranks hold one more.
+  const int64_t total = sampler_->totalSize(), batch = job_.data.batchSize, at = index * batch;
+  int64_t sum = 0;
+  for (int64_t r = 0; r < world; ++r) {
+    const int64_t share = total / world + (r < total % world ? 1 : 0);
+    sum += std::clamp<int64_t>(share - at, 0, batch);
+  }
+  return sum;
+}
+
 void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
   shardEpoch(epoch, startSample);
   data::BatchLoader loader(*train_, *sampler_,
@@ -260,7 +275,7 @@ void TrainLoop::trainEpoch(int64_t epoch, int64_t startSample) {
     // Every micro-batch of the step (grad_accum > 1 has several), of every data rank: they all take this step. Not
     // where the ranks run decoupled (async/ssp parameter servers: a worker may have died or be steps behind): then
     // this rank's own, as its progress lines are.
-    result_.samples += b.size * (result_.ownSamples ? 1 : strategy_->groups().dataSize);
+    result_.samples += result_.ownSamples ? b.size : groupSamplesOfBatch(batchIndex - 1, b.size);
     callbacks_.batch(b);
     const nn::LayerGradReady hook = lastMicro ? strategy_->gradReadyHook() : nn::LayerGradReady{};
     // Sparse tables sum the row gradients of a step's micro-batches and push once, with the last.

@@ -148,6 +148,16 @@ TEST_CASE("an epoch resumed at a larger world where a rank's share runs out a st
             for (auto i : j["idx"].get<std::vector<int64_t>>()) seen[i]++;
     CHECK(seen.size() == 97);
     for (auto& [sample, times] : seen) CHECK_MESSAGE(times == 1, "sample ", sample, " seen ", times);
+    // The final line's samples are the ones the resumed run trained: what its replicas logged, padding included
+    // (it multiplied rank 0's by the replicas, so the uneven rest of 1 sample counted 2, of 65 samples 66).
+    int64_t logged = 0;
+    for (auto& f : fs::directory_iterator(out + "/samples-2"))
+      for (auto& j : readJsonLines(f.path().string()))
+        logged += static_cast<int64_t>(j["idx"].size() + (j.contains("pad") ? j["pad"].size() : 0));
+    std::smatch m;
+    REQUIRE(std::regex_search(resumed.out, m, std::regex(R"(done: \d+ steps \(\d+ in this run, resumed at step \d+\), (\d+) samples)")));
+    CHECK(std::stoll(m[1]) == logged);
+    CHECK(logged == 97 - 16 * c.steps + 98);  // the rest of epoch 0, then epoch 1 padded to 2 x 49
   }
 }
 

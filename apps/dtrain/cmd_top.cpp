@@ -113,6 +113,13 @@ std::string view(const TopArgs& a, const MonitoredRun& run, std::chrono::millise
         if (s.labels.count("node")) agentValues["node"] = std::stod(s.labels.at("node"));
       }
     }
+    if (agentValues["dtrain_round"] < 0) {
+      // Not in a round yet: it has no node rank (its `node` label reads 0 beside the real node 0), no workers.
+      nodes += fmt::format("  agent at {}: in no round yet (waiting in the rendezvous: for the round to close, or as "
+                           "a spare for a later round), 0 worker(s) running\n",
+                           agent);
+      continue;
+    }
     nodes += fmt::format("  node {} at {}: round {}, restarts {}, {} worker(s) running{}\n", agentValues["node"], agent,
                          agentValues["dtrain_round"], agentValues["dtrain_restarts_total"],
                          agentValues["dtrain_workers_running"], hb.empty() ? "" : "; heartbeat ages:" + hb);

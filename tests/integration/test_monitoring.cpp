@@ -627,3 +627,28 @@ TEST_CASE("dtrain top on a finished run whose store lives on reads the job's out
   store.signal(SIGTERM);
   CHECK_FALSE(store.wait(30s).timedOut);
 }
+
+TEST_CASE("dtrain top shows an agent that is in no round yet as waiting, not as a second node 0 of round -1") {
+  // An agent waiting in the rendezvous (for the round to close, or as an elastic job's spare) has no node rank: top
+  // printed "node 0 at HOST:PORT: round -1, ..." beside the real node 0.
+  const std::string id = uniqueRunId("top-waiting");
+  KillByRunId cleanup{id};
+  const int storePort = freePort();
+  Background node0(runArgs({"--nnodes", "2", "--node-rank", "0", "--rdzv-endpoint",
+                            fmt::format("127.0.0.1:{}", storePort), "--rdzv-id", id, "--metrics-port", "0", "--",
+                            "true"}));
+  const int port0 = portFromLine(node0.waitForLine("serving Prometheus metrics on", 60s, /*fromStderr=*/true));
+  node0.waitForLine("waiting for 2 node(s) to join", 60s, /*fromStderr=*/true);
+  auto t = run({dtrainBinary(), "top", id, "--rdzv-endpoint", fmt::format("127.0.0.1:{}", storePort), "--once"},
+               {.timeout = 30s});
+  INFO(t.out, t.err);
+  CHECK(t.exitCode == 0);
+  CHECK(t.out.find(fmt::format("  agent at 127.0.0.1:{}: in no round yet (waiting in the rendezvous: for the round "
+                               "to close, or as a spare for a later round), 0 worker(s) running",
+                               port0)) != std::string::npos);
+  CHECK(t.out.find("round -1") == std::string::npos);
+  node0.signal(SIGTERM);
+  auto r = node0.wait(30s);
+  CHECK(r.exitCode == 128 + SIGTERM);
+  CHECK(processesWithRunId(id).empty());
+}

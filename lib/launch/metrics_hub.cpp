@@ -151,10 +151,16 @@ void MetricsHub::workerStarted() {
   ++state_.running;
 }
 
-void MetricsHub::workerExited(int exitCode) {
+void MetricsHub::workerExited(int exitCode, int localRank) {
   std::lock_guard lock(mu_);
   --state_.running;
   ++state_.exitsByCode[exitCode];
+  if (localRank >= 0 && localRank < static_cast<int>(slots_.size())) {
+    // The worker is gone, so nothing else writes its block now.
+    WorkerMetricsBlock& b = slots_[static_cast<size_t>(localRank)].block();
+    b.samplesPerSecond.store(0, kRelaxed);
+    b.server.requestsPerSecond.store(0, kRelaxed);
+  }
 }
 
 MetricsHub::AgentState MetricsHub::agentState() const {

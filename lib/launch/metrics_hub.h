@@ -65,7 +65,11 @@ class MetricsHub {
   // Agent state; any thread.
   void setRound(int round, int restartCount, int nodeRank, int numNodes, int worldSize);
   void workerStarted();
-  void workerExited(int exitCode);  // exit code in the shell's convention (128+signal when killed)
+  // exit code in the shell's convention (128+signal when killed). The ended worker's block keeps its last values,
+  // but its rates (samples/s; a server's requests/s) read 0 from then on: it trains and serves nothing, and its
+  // last rate added into `dtrain top`'s and a sum()'s throughput for as long as the job ran on without it (an
+  // async parameter-server worker that died). `localRank` < 0: no block to touch.
+  void workerExited(int exitCode, int localRank = -1);
   void setHeartbeatAges(std::vector<double> secondsByNode);  // index: node rank; negative: not known
 
   // The exposition (text format 0.0.4). Any thread.

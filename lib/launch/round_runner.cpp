@@ -415,7 +415,7 @@ void RoundRunner::reapChildren() {
 
 void RoundRunner::onWorkerExit(Worker& w) {
   log::debug("rank {} (pid {}) ended: {}", w.rank, w.pid, describeStatus(w.status));
-  if (ctx_.metrics) ctx_.metrics->workerExited(exitCodeOf(w.status));
+  if (ctx_.metrics) ctx_.metrics->workerExited(exitCodeOf(w.status), w.localRank);
   const bool failed = !WIFEXITED(w.status) || WEXITSTATUS(w.status) != 0;
   if (w.expendable && failed && state_.phase == RoundPhase::kRunning) {
     // Async parameter server: the servers drop this worker and the others go on; to the round it finished.

@@ -652,3 +652,38 @@ TEST_CASE("dtrain top shows an agent that is in no round yet as waiting, not as 
   CHECK(r.exitCode == 128 + SIGTERM);
   CHECK(processesWithRunId(id).empty());
 }
+
+TEST_CASE("a worker that ended reads 0 samples/s: an async parameter-server job that goes on without it does not "
+          "count its last rate") {
+  // The block of a worker that died kept its last samples/s, so /metrics, `dtrain top`'s "all" row and the
+  // dashboard went on adding it to the job's throughput while the others trained without it.
+  std::string dir = tempDir("monitoring-ps-lost");
+  std::string id = uniqueRunId("metrics-ps-lost");
+  KillByRunId cleanup{id};
+  auto job = nlohmann::json::parse(readFile(longJob(dir)));
+  job["parallel"] = {{"strategy", "parameter_server"}, {"servers", 1}, {"mode", "async"}};
+  job["checkpoint"] = false;
+  writeFile(dir + "/job.json", job.dump());
+  const std::string endpoint = fmt::format("127.0.0.1:{}", freePort());
+  // 3 ranks: workers 0-1, rank 2 serves; worker 1 kills itself after step 5 and worker 0 trains on.
+  Background agent(runArgs({"--rdzv-endpoint", endpoint, "--rdzv-id", id, "-n", "3", "--metrics-port", "0",
+                            "--shutdown-timeout", "2s", dir + "/job.json"}),
+                   {.env = {{"DTRAIN_FAULT", "rank=1,step=5,action=kill"}}});
+  const int port = portFromLine(agent.waitForLine("serving Prometheus metrics on", 60s, /*fromStderr=*/true));
+  agent.waitForLine("rank 1 (a parameter-server worker) ended", 60s, /*fromStderr=*/true);
+  const std::string labels = fmt::format("job=\"monitored\",run_id=\"{}\",node=\"0\"", id);
+  std::string scrape;
+  double step0 = -1;
+  REQUIRE(pollUntil(60s, [&] {
+    scrape = httpGet(port, "/metrics").body;
+    if (step0 < 0) step0 = sampleValue(scrape, "dtrain_step{" + labels + ",rank=\"0\"}");
+    return sampleValue(scrape, "dtrain_step{" + labels + ",rank=\"0\"}") > step0 + 10;  // worker 0 trains on
+  }));
+  INFO(scrape);
+  CHECK(sampleValue(scrape, "dtrain_samples_per_second{" + labels + ",rank=\"0\"}") > 0);
+  CHECK(sampleValue(scrape, "dtrain_samples_per_second{" + labels + ",rank=\"1\"}") == 0);
+  CHECK(sampleValue(scrape, "dtrain_step{" + labels + ",rank=\"1\"}") >= 1);  // its other values stay readable
+  agent.signal(SIGTERM);
+  agent.wait(60s);
+  CHECK(processesWithRunId(id).empty());
+}

@@ -71,16 +71,19 @@ TEST_CASE("the hub renders what a worker writes into its block, with the agent's
     b.collectiveCallsTotal[1].store(84);
     b.collectiveBytesTotal[1].store(4096);
     b.checkpointSizeBytes.store(1 << 20);
+    b.samplesPerSecond.store(900);
   }
   hub.setRound(2, 1, 0, 1, 8);
   hub.workerStarted();
-  hub.workerExited(137);
+  hub.workerExited(137, 1);  // the worker of slot 1 ended: it trains nothing any more
   hub.setHeartbeatAges({0.0, 1.25});
   std::string text = hub.render();
   const std::string rank = "job=\"my job\",run_id=\"run-1\",node=\"0\",rank=\"5\"";
   CHECK(text.find("dtrain_step{" + rank + "} 42\n") != std::string::npos);
   CHECK(text.find("dtrain_loss{" + rank + "} 0.25\n") != std::string::npos);
   CHECK(text.find("dtrain_samples_total{" + rank + "} 1344\n") != std::string::npos);
+  CHECK(text.find("dtrain_samples_per_second{" + rank + "} 0\n") != std::string::npos);
+  CHECK(hub.rankStates().at(0).samplesPerSecond == 0);
   CHECK(text.find("dtrain_step_phase_seconds_total{" + rank + ",phase=\"comm_wait\"} 1.5\n") != std::string::npos);
   CHECK(text.find("dtrain_collective_calls_total{" + rank + ",op=\"allreduce\"} 84\n") != std::string::npos);
   CHECK(text.find("dtrain_collective_bytes_total{" + rank + ",op=\"allreduce\"} 4096\n") != std::string::npos);

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "lib/gpu/bce_math.h"
 #include "lib/gpu/bf16_store.h"
 #include "lib/gpu/grid.h"
 #include "lib/gpu/kernels.h"
@@ -358,42 +359,16 @@ __global__ void mseKernel(const float* y, const float* t, float* diff, double* s
   }
 }
 
-// loss.cpp's BceWithLogits, element by element in double (its sigmoid and stable loss form).
+// loss.cpp's BceWithLogits, element by element in double (bce_math.h's bceElement, the function tests/gpu
+// emulates); only the atomics are the kernel's own.
 __global__ void bceKernel(const float* x, const void* targets, TargetKind kind, size_t n, float* diff,
                           double* rowLoss, int32_t* rowCorrect, int32_t* hist, int bins, int32_t* badRow) {
   DTRAIN_GRID_STRIDE(i, n) {
-    double t = 0.0;
-    bool ok = false;
-    if (kind == TargetKind::kFloat32) {
-      const float tf = static_cast<const float*>(targets)[i];
-      ok = tf >= 0.0f && tf <= 1.0f;  // false for NaN, as the CPU's check
-      t = tf;
-    } else {
-      const int64_t label = kind == TargetKind::kInt64 ? static_cast<const int64_t*>(targets)[i]
-                                                       : static_cast<const int32_t*>(targets)[i];
-      ok = label == 0 || label == 1;
-      t = static_cast<double>(label);
-    }
-    if (!ok) {
+    const int64_t cell = bceElement(x, targets, kind, i, diff, rowLoss, rowCorrect, bins);
+    if (cell < 0) {
       atomicMin(badRow, static_cast<int32_t>(i));
-      rowLoss[i] = 0.0;
-      if (diff != nullptr) diff[i] = 0.0f;
-      if (rowCorrect != nullptr) rowCorrect[i] = 0;
-      continue;
-    }
-    const double v = x[i];
-    // std::max(v, 0.0) keeps a NaN v (fmax would not): the loss of a NaN logit is NaN, as on the CPU.
-    rowLoss[i] = (v < 0.0 ? 0.0 : v) - v * t + log1p(exp(-fabs(v)));
-    const double sigmoid = 1.0 / (1.0 + exp(-v));
-    if (diff != nullptr) diff[i] = static_cast<float>(sigmoid - t);
-    const bool positive = t >= 0.5;
-    if (rowCorrect != nullptr) rowCorrect[i] = (x[i] > 0.0f) == positive ? 1 : 0;
-    if (hist != nullptr) {
-      // loss.cpp's aucBin: floor(sigmoid * bins), the last bin closed; a NaN logit goes to bin 0 (compared before
-      // any conversion: NaN to an integer is undefined).
-      const double scaled = sigmoid * bins;
-      const int64_t bin = !(scaled >= 1.0) ? 0 : scaled < bins - 1 ? static_cast<int64_t>(scaled) : bins - 1;
-      atomicAdd(&hist[(positive ? 0 : bins) + bin], 1);
+    } else if (hist != nullptr) {
+      atomicAdd(&hist[cell], 1);
     }
   }
 }

@@ -10,6 +10,7 @@
 #include "lib/gpu/grid.h"
 #include "lib/gpu/kernels.h"
 #include "lib/gpu/launch.h"
+#include "lib/gpu/optim_math.h"
 
 namespace dtrain::gpu::kernels {
 namespace {
@@ -53,14 +54,10 @@ __global__ void adamKernel(float* p, const float* g, float* m, float* v, float* 
   }
 }
 
-// torch.optim.Adagrad's _single_tensor_adagrad, as optimizer.cpp: the same operations in the same order.
+// torch.optim.Adagrad's _single_tensor_adagrad, as optimizer.cpp: the same operations in the same order
+// (optim_math.h's adagradElement, the function tests/gpu emulates).
 __global__ void adagradKernel(float* p, const float* g, float* sum, size_t n, AdagradStep s) {
-  DTRAIN_GRID_STRIDE(i, n) {
-    float grad = g[i];
-    if (s.weightDecay != 0.0f) grad = grad + s.weightDecay * p[i];
-    sum[i] = sum[i] + grad * grad;
-    p[i] = p[i] + s.negClr * (grad / (sqrtf(sum[i]) + s.eps));
-  }
+  DTRAIN_GRID_STRIDE(i, n) adagradElement(p, g, sum, i, s);
 }
 
 // Reductions: each of kReduceBlocks blocks sums a fixed strided subset into partials[block] (tree order in shared

@@ -14,6 +14,7 @@
 #include "lib/gpu/reduce_index.h"
 #include "lib/gpu/scratch.h"
 #include "lib/gpu/window_index.h"
+#include "lib/gpu/window_kernels.h"
 
 namespace dtrain::gpu::kernels {
 namespace {
@@ -25,24 +26,18 @@ unsigned blocksFor(size_t n) { return gridFor(n, kThreads); }
 #define DTRAIN_GRID_STRIDE(i, n) \
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < (n); i += static_cast<size_t>(blockDim.x) * gridDim.x)
 
+// Each element-wise kernel's body is one call of window_kernels.h, the functions tests/gpu emulates.
 __global__ void im2colKernel(const float* x, float* cols, size_t total, Window2d g) {
-  DTRAIN_GRID_STRIDE(idx, total) {
-    const int64_t from = im2colSource(g, static_cast<int64_t>(idx));
-    cols[idx] = from >= 0 ? x[from] : 0.0f;
-  }
+  DTRAIN_GRID_STRIDE(idx, total) cols[idx] = im2colElement(g, x, static_cast<int64_t>(idx));
 }
 
 // A gather: each dx element sums the dcols elements im2col read it into, in the CPU's order.
 __global__ void col2imKernel(const float* dcols, float* dx, size_t total, Window2d g) {
-  DTRAIN_GRID_STRIDE(idx, total) {
-    float sum = 0.0f;
-    col2imSources(g, static_cast<int64_t>(idx), [&](int64_t k) { sum += dcols[k]; });
-    dx[idx] = sum;
-  }
+  DTRAIN_GRID_STRIDE(idx, total) dx[idx] = col2imElement(g, dcols, static_cast<int64_t>(idx));
 }
 
 __global__ void addChannelBiasKernel(float* y, const float* bias, size_t total, int64_t channels, int64_t positions) {
-  DTRAIN_GRID_STRIDE(idx, total) y[idx] += bias[(static_cast<int64_t>(idx) / positions) % channels];
+  DTRAIN_GRID_STRIDE(idx, total) y[idx] += bias[channelOf(static_cast<int64_t>(idx), channels, positions)];
 }
 
 // Pass 1 of a per-channel sum (reduce_index.h's channelChunks): one block per (channel, chunk), block-strided over
@@ -77,28 +72,12 @@ __global__ void channelCombineKernel(ColumnChunks p, const float* partials, floa
 }
 
 __global__ void maxPoolForwardKernel(const float* x, float* y, int32_t* argmax, size_t total, Window2d g) {
-  DTRAIN_GRID_STRIDE(idx, total) {
-    const PoolWindow win = poolWindow(g, static_cast<int64_t>(idx));
-    float value = 0.0f;
-    argmax[idx] = static_cast<int32_t>(poolArgmax(g, x + win.plane * g.h * g.w, win, &value));
-    y[idx] = value;
-  }
+  DTRAIN_GRID_STRIDE(idx, total) maxPoolForwardElement(g, x, static_cast<int64_t>(idx), y, argmax);
 }
 
 // A gather: each input element sums the output gradients whose argmax it is, in increasing output order.
 __global__ void maxPoolBackwardKernel(const float* dy, const int32_t* argmax, float* dx, size_t total, Window2d g) {
-  const int64_t planeSize = g.h * g.w, positions = g.oh * g.ow;
-  DTRAIN_GRID_STRIDE(idx, total) {
-    const int64_t e = static_cast<int64_t>(idx);
-    const int64_t plane = e / planeSize, s = e % planeSize;
-    const float* d = dy + plane * positions;
-    const int32_t* arg = argmax + plane * positions;
-    float sum = 0.0f;
-    poolOutputsOver(g, e, [&](int64_t o) {
-      if (arg[o] == s) sum += d[o];
-    });
-    dx[idx] = sum;
-  }
+  DTRAIN_GRID_STRIDE(idx, total) dx[idx] = maxPoolBackwardElement(g, dy, argmax, static_cast<int64_t>(idx));
 }
 
 // One Philox block (4 elements) per thread: philox.h's per-thread work, the function tests/gpu emulates.

@@ -1,6 +1,7 @@
-// Host-only helpers shared by the GPU tests: one layer's spec from its JSON, seeded random vectors and a relative
-// difference. Used by the CPU emulations of the kernels (test_gpu_window.cpp, test_gpu_reduce.cpp,
-// test_gpu_attention.cpp: no GPU needed) and by gpu_parity.h (the `gpu` parity tests).
+// Host-only helpers shared by the GPU tests: a grid-stride launch run thread by thread, one layer's spec from its
+// JSON, seeded random vectors and a relative difference. Used by the CPU emulations of the kernels
+// (test_gpu_window.cpp, test_gpu_reduce.cpp, test_gpu_attention.cpp, test_gpu_loss_optim.cpp, ...: no GPU needed)
+// and by gpu_parity.h (the `gpu` parity tests).
 #pragma once
 
 #include <doctest/doctest.h>
@@ -14,9 +15,21 @@
 #include <string>
 #include <vector>
 
+#include "lib/gpu/grid.h"
 #include "lib/nn/spec.h"
 
 namespace dtrain::gputest {
+
+// Every element of a one-thread-per-element kernel of n elements, as the device runs it: the grid-stride loop
+// (DTRAIN_GRID_STRIDE in the .cu sources) of every thread of the launch grid (gridFor(n, threads) blocks of
+// `threads`, the kernels' blocksFor), block by block, thread by thread; f(i) per element visited.
+template <class F>
+void gridStride(size_t n, F&& f, unsigned threads = 256) {
+  const unsigned blocks = gpu::gridFor(n, threads);
+  for (unsigned b = 0; b < blocks; ++b)
+    for (unsigned t = 0; t < threads; ++t)
+      for (size_t i = b * size_t{threads} + t; i < n; i += size_t{threads} * blocks) f(i);
+}
 
 // The spec of `layer` (a layer's JSON) as the only layer of a model whose per-sample input is `input`.
 inline nn::LayerSpec parseLayer(const std::string& layer, const std::vector<int64_t>& input) {

@@ -53,16 +53,6 @@ uint16_t referenceBf16(float v) {
   return (low & 1u) != 0 ? high : low;
 }
 
-// Every element of a one-thread-per-element kernel of n elements: the grid-stride loop of kernels_nn.cu
-// (DTRAIN_GRID_STRIDE) over the launch grid (gridFor(n, 256) blocks of 256), f(i) per element visited.
-template <class F>
-void gridStride(size_t n, F&& f) {
-  const unsigned threads = 256, blocks = gridFor(n, threads);
-  for (unsigned b = 0; b < blocks; ++b)
-    for (unsigned t = 0; t < threads; ++t)
-      for (size_t i = b * size_t{threads} + t; i < n; i += size_t{threads} * blocks) f(i);
-}
-
 // kernels_nn.cu's layerNormForwardKernel, thread by thread: one block of 256 threads per row, the row's sum and
 // squared deviations summed per thread in column order, then the block's halving tree (blockSum), then every
 // element stored through storeActivation (float or bf16): the kernel's code path for both instantiations.

@@ -31,16 +31,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// Every element of a one-thread-per-element kernel of n elements: the grid-stride loop (DTRAIN_GRID_STRIDE) over
-// the launch grid (gridFor(n, 256) blocks of 256), f(i) per element visited.
-template <class F>
-void gridStride(size_t n, F&& f) {
-  const unsigned blocks = gridFor(n, kThreads);
-  for (unsigned b = 0; b < blocks; ++b)
-    for (unsigned t = 0; t < kThreads; ++t)
-      for (size_t i = b * size_t{kThreads} + t; i < n; i += size_t{kThreads} * blocks) f(i);
-}
-
 int64_t labelOf(const void* labels, bool labels64, int64_t r) {
   return labels64 ? static_cast<const int64_t*>(labels)[r] : static_cast<const int32_t*>(labels)[r];
 }

@@ -1,7 +1,8 @@
 // conv2d and maxpool2d on the GPU, emulated on the CPU (no GPU needed): every thread of the kernels_spatial.cu
-// kernels runs in a loop through the same index maps (lib/gpu/window_index.h), and every GEMM of the CUDA conv2d
-// (lib/nn/cuda/layers_spatial.cpp) runs through the column-major reference on the arguments blas.cpp would give
-// cuBLAS. The results must equal the CPU layers' (layers_spatial.cpp): forward, input gradient, weight and bias
+// kernels' launch grids runs in a loop through the kernels' own bodies (lib/gpu/window_kernels.h, on
+// window_index.h's index maps), and every GEMM of the CUDA conv2d (lib/nn/cuda/layers_spatial.cpp) runs through the
+// column-major reference on the layer's own arguments (window_kernels.h's conv*Gemm), mapped as blas.cpp gives
+// them to cuBLAS. The results must equal the CPU layers' (layers_spatial.cpp): forward, input gradient, weight and bias
 // gradients (within float rounding: the GEMMs sum in another order), and maxpool2d bit for bit (ties, NaN, -inf).
 // Also the dropout layers' masks as the CUDA kernels compute them (every thread of the grid through
 // lib/gpu/philox.h's dropoutQuad, with the draws the layers take from their DropoutStream) against the CPU layers'
@@ -23,6 +24,7 @@
 #include "lib/gpu/gemm_args.h"
 #include "lib/gpu/philox.h"
 #include "lib/gpu/window_index.h"
+#include "lib/gpu/window_kernels.h"
 #include "lib/nn/dropout_mask.h"
 #include "lib/nn/layer.h"
 #include "lib/nn/spec.h"
@@ -65,27 +67,27 @@ void checkConv(const std::string& layer, const std::vector<int64_t>& input) {
   cpu->forward(x.data(), y.data(), batch, true);
   cpu->backward(x.data(), y.data(), dy.data(), dx.data(), batch, false);
 
-  // The CUDA layer's forward: im2col (one "thread" per cols element), one strided batched GEMM, the channel bias.
+  // The CUDA layer's forward: im2colKernel (every thread of its grid), one strided batched GEMM on the layer's
+  // arguments (window_kernels.h), addChannelBiasKernel.
   const float* w = params.data();
-  std::vector<float> cols(static_cast<size_t>(batch * k * p));
-  for (size_t e = 0; e < cols.size(); ++e) {
-    const int64_t from = im2colSource(g, static_cast<int64_t>(e));
-    REQUIRE(from < static_cast<int64_t>(nx));
-    cols[e] = from >= 0 ? x[static_cast<size_t>(from)] : 0.0f;
-  }
+  std::vector<float> cols(static_cast<size_t>(batch * k * p), std::numeric_limits<float>::quiet_NaN());
+  gridStride(cols.size(), [&](size_t e) {
+    REQUIRE(im2colSource(g, static_cast<int64_t>(e)) < static_cast<int64_t>(nx));
+    cols[e] = im2colElement(g, x.data(), static_cast<int64_t>(e));
+  });
   std::vector<float> gy(ny, 0.0f);
-  gemm({.m = out, .n = p, .k = k, .lda = k, .ldb = p, .ldc = p, .strideA = 0, .strideB = k * p, .strideC = out * p,
-        .batch = batch},
-       1.0f, w, cols.data(), 0.0f, gy.data());
+  gemm(convForwardGemm(g, out, batch), 1.0f, w, cols.data(), 0.0f, gy.data());
   if (spec.bias)
-    for (size_t e = 0; e < ny; ++e) gy[e] += params[nw + static_cast<size_t>((static_cast<int64_t>(e) / p) % out)];
+    gridStride(ny, [&](size_t e) {
+      gy[e] += params[nw + static_cast<size_t>(channelOf(static_cast<int64_t>(e), out, p))];
+    });
   CHECK(maxDiff(y, gy) < 1e-5);
 
   // Backward: dW sample by sample, the bias gradient, dcols = W^T dY (batched) and col2im as a gather.
   std::vector<float> gw(nw, 0.0f), gb(static_cast<size_t>(out), 0.0f);
   for (int n = 0; n < batch; ++n)
-    gemm({.transB = true, .m = out, .n = k, .k = p, .lda = p, .ldb = p, .ldc = k}, 1.0f, dy.data() + n * out * p,
-         cols.data() + n * k * p, n > 0 ? 1.0f : 0.0f, gw.data());
+    gemm(convWeightGradGemm(g, out), 1.0f, dy.data() + n * out * p, cols.data() + n * k * p, n > 0 ? 1.0f : 0.0f,
+         gw.data());
   CHECK(maxDiff(std::vector<float>(grads.begin(), grads.begin() + static_cast<int64_t>(nw)), gw) < 1e-5);
   if (spec.bias) {
     for (int64_t ch = 0; ch < out; ++ch)
@@ -94,20 +96,16 @@ void checkConv(const std::string& layer, const std::vector<int64_t>& input) {
     CHECK(maxDiff(std::vector<float>(grads.begin() + static_cast<int64_t>(nw), grads.end()), gb) < 1e-5);
   }
   std::vector<float> dcols(cols.size(), 0.0f);
-  gemm({.transA = true, .m = k, .n = p, .k = out, .lda = k, .ldb = p, .ldc = p, .strideA = 0, .strideB = out * p,
-        .strideC = k * p, .batch = batch},
-       1.0f, w, dy.data(), 0.0f, dcols.data());
-  std::vector<float> gdx(nx);
-  for (size_t e = 0; e < nx; ++e) {
-    float sum = 0.0f;
+  gemm(convColsGradGemm(g, out, batch), 1.0f, w, dy.data(), 0.0f, dcols.data());
+  std::vector<float> gdx(nx, std::numeric_limits<float>::quiet_NaN());
+  gridStride(nx, [&](size_t e) {  // col2imKernel
     col2imSources(g, static_cast<int64_t>(e), [&](int64_t c) {
       REQUIRE(c >= 0);
       REQUIRE(c < static_cast<int64_t>(dcols.size()));
       CHECK(im2colSource(g, c) == static_cast<int64_t>(e));  // the adjoint: exactly the entries im2col read from e
-      sum += dcols[static_cast<size_t>(c)];
     });
-    gdx[e] = sum;
-  }
+    gdx[e] = col2imElement(g, dcols.data(), static_cast<int64_t>(e));
+  });
   CHECK(maxDiff(dx, gdx) < 1e-5);
   // Every cols entry that reads an input is visited by exactly one col2im gather.
   int64_t reads = 0, visits = 0;
@@ -127,34 +125,30 @@ void checkPool(const std::string& layer, const std::vector<int64_t>& input, std:
   std::vector<float> dy = randomVector(ny, 4), y(ny), dx(nx);
   cpu->forward(x.data(), y.data(), batch, true);
   cpu->backward(x.data(), y.data(), dy.data(), dx.data(), batch, false);
-  // maxPoolForwardKernel, one "thread" per output.
-  std::vector<float> gy(ny);
-  std::vector<int32_t> argmax(ny);
-  for (size_t e = 0; e < ny; ++e) {
+  // maxPoolForwardKernel, every thread of its grid (one per output).
+  std::vector<float> gy(ny, -7.0f);
+  std::vector<int32_t> argmax(ny, -1);
+  gridStride(ny, [&](size_t e) {
     const PoolWindow win = poolWindow(g, static_cast<int64_t>(e));
     REQUIRE(win.y0 < win.y1);
     REQUIRE(win.x0 < win.x1);
-    argmax[e] = static_cast<int32_t>(poolArgmax(g, x.data() + win.plane * g.h * g.w, win, &gy[e]));
-  }
+    maxPoolForwardElement(g, x.data(), static_cast<int64_t>(e), gy.data(), argmax.data());
+  });
   for (size_t i = 0; i < ny; ++i) {
     CAPTURE(i);
     CHECK((std::isnan(y[i]) ? std::isnan(gy[i]) : y[i] == gy[i]));
   }
-  // maxPoolBackwardKernel, one "thread" per input element: the CPU's scatter, bit for bit.
+  // maxPoolBackwardKernel, every thread of its grid (one per input element): the CPU's scatter, bit for bit.
   const int64_t planeSize = g.h * g.w, positions = g.oh * g.ow;
-  std::vector<float> gdx(nx);
-  for (size_t e = 0; e < nx; ++e) {
-    const int64_t plane = static_cast<int64_t>(e) / planeSize, s = static_cast<int64_t>(e) % planeSize;
-    float sum = 0.0f;
+  std::vector<float> gdx(nx, std::numeric_limits<float>::quiet_NaN());
+  gridStride(nx, [&](size_t e) {
     int64_t last = -1;
     poolOutputsOver(g, static_cast<int64_t>(e), [&](int64_t o) {
       CHECK(o > last);  // increasing: the CPU's order
       last = o;
-      const auto at = static_cast<size_t>(plane * positions + o);
-      if (argmax[at] == s) sum += dy[at];
     });
-    gdx[e] = sum;
-  }
+    gdx[e] = maxPoolBackwardElement(g, dy.data(), argmax.data(), static_cast<int64_t>(e));
+  });
   CHECK(gdx == dx);
   // Each output's argmax is visited by exactly its input's gather: nothing lost, nothing twice.
   std::vector<int> hits(ny, 0);
@@ -258,8 +252,8 @@ namespace {
 std::vector<float> dropoutKernel(const gpu::DropoutDraw& draw, gpu::DropoutForm form, uint64_t first,
                                  const std::vector<float>& in) {
   std::vector<float> out(in.size(), -7.0f);
-  for (uint64_t q = 0; q < gpu::dropoutQuads(first, in.size()); ++q)
-    gpu::dropoutQuad(draw, form, first, q, in.data(), out.data(), in.size());
+  gridStride(gpu::dropoutQuads(first, in.size()),  // one thread per Philox block of 4 elements
+             [&](size_t q) { gpu::dropoutQuad(draw, form, first, q, in.data(), out.data(), in.size()); });
   return out;
 }
 

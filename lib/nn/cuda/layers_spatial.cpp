@@ -19,6 +19,7 @@
 #include "lib/common/error.h"
 #include "lib/gpu/blas.h"
 #include "lib/gpu/kernels.h"
+#include "lib/gpu/window_kernels.h"
 #include "lib/nn/cuda_impl.h"
 #include "lib/nn/device.h"
 #include "lib/nn/layer.h"
@@ -30,6 +31,16 @@ namespace {
 namespace k = gpu::kernels;
 
 size_t sz(int64_t n) { return static_cast<size_t>(n); }
+
+// conv2d's GEMMs (alpha 1) from their arguments in lib/gpu/window_kernels.h, which tests/gpu/test_gpu_window.cpp
+// runs through a reference GEMM against the CPU layer.
+void gemmOf(const gpu::RowMajorGemm& a, const float* lhs, const float* rhs, float beta, float* out) {
+  gpu::gemm(a.transA, a.transB, a.m, a.n, a.k, 1.0f, lhs, a.lda, rhs, a.ldb, beta, out, a.ldc);
+}
+void gemmBatchedOf(const gpu::RowMajorGemm& a, const float* lhs, const float* rhs, float beta, float* out) {
+  gpu::gemmBatched(a.transA, a.transB, a.m, a.n, a.k, 1.0f, lhs, a.lda, a.strideA, rhs, a.ldb, a.strideB, beta, out,
+                   a.ldc, a.strideC, a.batch);
+}
 
 k::Window2d windowOf(const LayerSpec& s) {
   return {.c = s.input[0], .h = s.input[1], .w = s.input[2], .kh = s.kernelH, .kw = s.kernelW, .sh = s.strideH,
@@ -51,7 +62,7 @@ class Conv2d final : public Layer {
   void forward(const float* x, float* y, int batch, bool) override {
     float* cols = cols_.data();
     k::im2col(x, cols, batch, g_);
-    gpu::gemmBatched(false, false, out_, p_, k_, 1.0f, w_, k_, 0, cols, p_, k_ * p_, 0.0f, y, p_, out_ * p_, batch);
+    gemmBatchedOf(gpu::convForwardGemm(g_, out_, batch), w_, cols, 0.0f, y);
     if (b_ != nullptr) k::addChannelBias(y, b_, batch, out_, p_);
   }
 
@@ -59,16 +70,16 @@ class Conv2d final : public Layer {
     float* cols = cols_.data();
     k::im2col(x, cols, batch, g_);
     // dW (+)= sum_n dY_n [out, p] cols_n^T [p, k], in sample order.
+    const gpu::RowMajorGemm weightGrad = gpu::convWeightGradGemm(g_, out_);
     for (int n = 0; n < batch; ++n) {
       const float beta = accumulate || n > 0 ? 1.0f : 0.0f;
-      gpu::gemm(false, true, out_, k_, p_, 1.0f, dy + sz(n) * sz(out_ * p_), p_, cols + sz(n) * sz(k_ * p_), p_, beta,
-                gw_, k_);
+      gemmOf(weightGrad, dy + sz(n) * sz(out_ * p_), cols + sz(n) * sz(k_ * p_), beta, gw_);
     }
     if (gb_ != nullptr) k::channelBiasGrad(dy, gb_, batch, out_, p_, accumulate);
     if (dx == nullptr) return;
     // dcols_n [k, p] = W^T [k, out] dY_n [out, p] into the same scratch (the dW GEMMs before it on the stream are
     // done with cols), then gathered back into the input's layout.
-    gpu::gemmBatched(true, false, k_, p_, out_, 1.0f, w_, k_, 0, dy, p_, out_ * p_, 0.0f, cols, p_, k_ * p_, batch);
+    gemmBatchedOf(gpu::convColsGradGemm(g_, out_, batch), w_, dy, 0.0f, cols);
     k::col2im(cols, dx, batch, g_);
   }
 

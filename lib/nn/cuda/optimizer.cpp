@@ -7,6 +7,7 @@
 
 #include "lib/common/error.h"
 #include "lib/gpu/kernels.h"
+#include "lib/gpu/optim_math.h"
 #include "lib/nn/cuda_impl.h"
 #include "lib/nn/device.h"
 #include "lib/nn/optimizer.h"
@@ -157,10 +158,7 @@ class Adagrad final : public Optimizer {
   void step(std::span<float> params, std::span<const float> grads) override {
     checkSizes(params, grads);
     ++steps_;
-    k::AdagradStep s;
-    s.negClr = static_cast<float>(-(lr_ / (1.0 + static_cast<double>(steps_ - 1) * spec_.lrDecay)));
-    s.weightDecay = static_cast<float>(spec_.weightDecay);
-    s.eps = static_cast<float>(spec_.eps);
+    const k::AdagradStep s = gpu::adagradStepFor(lr_, spec_.lrDecay, steps_, spec_.weightDecay, spec_.eps);
     k::adagradStep(params.data(), grads.data(), state_.data(0), numParams_, s);
   }
 

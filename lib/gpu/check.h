@@ -13,24 +13,16 @@
 #include <fmt/format.h>
 
 #include <string>
-#include <string_view>
 
 #include "lib/common/error.h"
+#include "lib/common/source_site.h"
 #include "lib/gpu/device.h"
 
 namespace dtrain::gpu::detail {
 
-// "lib/gpu/memory.cpp:31" from __FILE__ and __LINE__: the path from the last lib/, apps/ or tests/ folder, whatever
-// directory the build ran in (absolute or ../ paths); a path without one is kept as given.
-inline std::string checkSite(const char* file, int line) {
-  std::string_view f(file);
-  size_t from = std::string_view::npos;
-  for (std::string_view root : {"/lib/", "/apps/", "/tests/"})
-    if (const size_t at = f.rfind(root); at != std::string_view::npos && (from == std::string_view::npos || at > from))
-      from = at;
-  if (from != std::string_view::npos) f.remove_prefix(from + 1);
-  return ::fmt::format("{}:{}", f, line);
-}
+// "lib/gpu/memory.cpp:31" from __FILE__ and __LINE__: lib/common/source_site.h's sourceSite (the path from the
+// last lib/, apps/ or tests/ folder, whatever directory the build ran in; a path without one is kept as given).
+inline std::string checkSite(const char* file, int line) { return ::dtrain::detail::sourceSite(file, line); }
 
 }  // namespace dtrain::gpu::detail
 

@@ -8,6 +8,7 @@
 #include <utility>
 #include <vector>
 
+#include "lib/comm/nccl/nccl_wait.h"
 #include "lib/gpu/check.h"
 #include "lib/gpu/device.h"
 #include "lib/gpu/gemm_args.h"
@@ -78,6 +79,28 @@ TEST_CASE("DTRAIN_NCCL_CHECK throws CommError with NCCL's text; DType maps to NC
   CHECK(ncclType(DType::kUInt8) == ncclUint8);
   for (DType t : {DType::kBool, DType::kInt16, DType::kUInt16}) CHECK_FALSE(ncclType(t).has_value());
   static_assert(ncclType(DType::kInt8) == ncclInt8, "the mapping is constexpr");
+}
+
+TEST_CASE("a failed non-blocking NCCL call (the nccl backend's settle) names the call, NCCL's text and its file:line") {
+  // What lib/comm/nccl/nccl_backend.cpp does with each collective: DTRAIN_NCCL_ISSUE records the call's name and
+  // line, a failure goes through throwCallFailed. A real NCCL call failing without a GPU: no communicator.
+  comm::nccl::NcclCall call;
+  float one = 0;
+  const int line = __LINE__ + 1;
+  const ncclResult_t r = DTRAIN_NCCL_ISSUE(call, "ncclAllReduce",
+                                           ncclAllReduce(&one, &one, 1, ncclFloat32, ncclSum, nullptr, nullptr));
+  REQUIRE(r != ncclSuccess);
+  REQUIRE(r != ncclInProgress);
+  try {
+    comm::nccl::throwCallFailed(call, ncclGetErrorString(r), "");
+  } catch (const CommError& e) {
+    const std::string what = e.what(), site = " (tests/gpu/test_gpu.cpp:" + std::to_string(line) + ")";
+    CHECK(what.find(std::string("ncclAllReduce failed: ") + ncclGetErrorString(r)) == 0);
+    REQUIRE(what.size() > site.size());
+    CHECK(what.substr(what.size() - site.size()) == site);  // the message ends with the call's file:line
+    CHECK(e.where().find("test_gpu.cpp:" + std::to_string(line)) != std::string::npos);
+    CHECK(e.exitCode() == static_cast<int>(ExitCode::kComm));
+  }
 }
 
 TEST_CASE("buffers, streams and events are move-only owners; empty ones need no GPU") {

@@ -68,7 +68,7 @@ class NcclBackend;
 class NcclWork : public Work {
  public:
   // `flight`: the flight recorder's token of the call (worker_metrics.h), ended when completion is observed.
-  NcclWork(std::shared_ptr<NcclBackend> owner, gpu::Event event, Deadline deadline, uint64_t flight, const char* call)
+  NcclWork(std::shared_ptr<NcclBackend> owner, gpu::Event event, Deadline deadline, uint64_t flight, NcclCall call)
       : owner_(std::move(owner)), event_(std::move(event)), deadline_(deadline), flight_(flight), call_(call) {}
   void wait() override;
   bool done() override {
@@ -87,7 +87,7 @@ class NcclWork : public Work {
   gpu::Event event_;
   Deadline deadline_;
   uint64_t flight_ = 0;
-  const char* call_;  // "ncclAllReduce", ...: named by every failure of this operation
+  NcclCall call_;  // "ncclAllReduce", ... and its file:line: named by every failure of this operation
   bool finished_ = false;
 };
 
@@ -117,8 +117,10 @@ class NcclBackend : public Backend {
     // Non-blocking init, so a rank that never shows up is a timeout here instead of a hang inside NCCL.
     ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
     config.blocking = 0;
-    ncclResult_t r = ncclCommInitRankConfig(&comm_, size(), id, rank(), &config);
-    settle(r, "ncclCommInitRankConfig", deadline);
+    NcclCall init;
+    const ncclResult_t r = DTRAIN_NCCL_ISSUE(init, "ncclCommInitRankConfig",
+                                             ncclCommInitRankConfig(&comm_, size(), id, rank(), &config));
+    settle(r, init, deadline);
   }
 
   ~NcclBackend() override {
@@ -148,8 +150,8 @@ class NcclBackend : public Backend {
   Device device() const override { return Device::cuda(device_); }
 
   // Waits for `event` until the deadline, polling NCCL's asynchronous error meanwhile; aborts the communicator on
-  // failure or timeout, so every rank fails with `call` named instead of hanging.
-  void waitEvent(const gpu::Event& event, const Deadline& deadline, const char* call) {
+  // failure or timeout, so every rank fails with `call` (and its file:line) named instead of hanging.
+  void waitEvent(const gpu::Event& event, const Deadline& deadline, const NcclCall& call) {
     try {
       waitForCollective(call, options_.timeout,
                         {.finished = [&] { return event.query(); },
@@ -230,43 +232,45 @@ class NcclBackend : public Backend {
     // a rank stuck in NCCL shows the call it never finished (TORCH_NCCL's flight recorder semantics).
     const uint64_t flight = flightBegin(static_cast<int>(op.kind), hasBuf && op.kind != K::kBarrier ? op.buf.bytes() : 0,
                                         options_.groupName);
+    // Each call's name and file:line go with its failures (settle's, and the wait's through NcclWork); an empty
+    // operation (kNone) is named by this line.
     ncclResult_t r = ncclSuccess;
+    NcclCall call = DTRAIN_NCCL_CALL("NCCL operation");
     switch (op.kind) {
       case K::kNone: break;
-      case K::kAllreduce: r = ncclAllReduce(buf, buf, count, toNccl(op.buf.dtype), toNccl(op.op), comm_, stream); break;
-      case K::kBroadcast: r = ncclBroadcast(buf, buf, count, toNccl(op.buf.dtype), op.peer, comm_, stream); break;
-      case K::kAllgather: r = ncclAllGather(buf, out, count, toNccl(op.buf.dtype), comm_, stream); break;
-      case K::kReduceScatter:
-        r = ncclReduceScatter(buf, out, static_cast<size_t>(op.out.numel()), toNccl(op.buf.dtype), toNccl(op.op),
-                              comm_, stream);
+      case K::kAllreduce:
+        r = DTRAIN_NCCL_ISSUE(call, "ncclAllReduce",
+                              ncclAllReduce(buf, buf, count, toNccl(op.buf.dtype), toNccl(op.op), comm_, stream));
         break;
-      case K::kSend: r = ncclSend(buf, op.buf.bytes(), ncclInt8, op.peer, comm_, stream); break;
-      case K::kRecv: r = ncclRecv(buf, op.buf.bytes(), ncclInt8, op.peer, comm_, stream); break;
+      case K::kBroadcast:
+        r = DTRAIN_NCCL_ISSUE(call, "ncclBroadcast",
+                              ncclBroadcast(buf, buf, count, toNccl(op.buf.dtype), op.peer, comm_, stream));
+        break;
+      case K::kAllgather:
+        r = DTRAIN_NCCL_ISSUE(call, "ncclAllGather",
+                              ncclAllGather(buf, out, count, toNccl(op.buf.dtype), comm_, stream));
+        break;
+      case K::kReduceScatter:
+        r = DTRAIN_NCCL_ISSUE(call, "ncclReduceScatter",
+                              ncclReduceScatter(buf, out, static_cast<size_t>(op.out.numel()), toNccl(op.buf.dtype),
+                                                toNccl(op.op), comm_, stream));
+        break;
+      case K::kSend:
+        r = DTRAIN_NCCL_ISSUE(call, "ncclSend", ncclSend(buf, op.buf.bytes(), ncclInt8, op.peer, comm_, stream));
+        break;
+      case K::kRecv:
+        r = DTRAIN_NCCL_ISSUE(call, "ncclRecv", ncclRecv(buf, op.buf.bytes(), ncclInt8, op.peer, comm_, stream));
+        break;
       case K::kBarrier:
-        r = ncclAllReduce(barrier_.data(), barrier_.data(), 1, ncclFloat32, ncclSum, comm_, stream);
+        r = DTRAIN_NCCL_ISSUE(call, "ncclAllReduce (barrier)",
+                              ncclAllReduce(barrier_.data(), barrier_.data(), 1, ncclFloat32, ncclSum, comm_, stream));
         break;
     }
-    const char* call = callName(op.kind);
     settle(r, call, deadline);
     gpu::Event event(device_);
     event.record(streamHandle);
     return std::make_shared<NcclWork>(std::static_pointer_cast<NcclBackend>(shared_from_this()), std::move(event),
                                       deadline, flight, call);
-  }
-
-  static const char* callName(Operation::Kind kind) {
-    using K = Operation::Kind;
-    switch (kind) {
-      case K::kAllreduce: return "ncclAllReduce";
-      case K::kBroadcast: return "ncclBroadcast";
-      case K::kAllgather: return "ncclAllGather";
-      case K::kReduceScatter: return "ncclReduceScatter";
-      case K::kSend: return "ncclSend";
-      case K::kRecv: return "ncclRecv";
-      case K::kBarrier: return "ncclAllReduce (barrier)";
-      case K::kNone: break;
-    }
-    return "NCCL operation";
   }
 
   // The view says cuda; make sure the memory is (a host pointer would fail inside NCCL, less clearly).
@@ -275,21 +279,22 @@ class NcclBackend : public Backend {
                     "backend 'nccl' needs GPU buffers; got a host pointer (use tcp/shm/hier for CPU tensors)");
   }
 
-  // A non-blocking communicator may answer ncclInProgress: poll until it settles or the deadline passes.
-  void settle(ncclResult_t r, const char* what, const Deadline& deadline) {
+  // A non-blocking communicator may answer ncclInProgress: poll until it settles or the deadline passes. Failures
+  // name `call` and its file:line (nccl_wait.h).
+  void settle(ncclResult_t r, const NcclCall& call, const Deadline& deadline) {
     while (r == ncclInProgress) {
       if (deadline.expired()) {
         abortComm("timed out");
-        DTRAIN_THROW(CommError, "{} timed out after {} ms (a peer did not join or stalled)", what,
-                     options_.timeout.count());
+        throwCallError(call, fmt::format("timed out after {} ms (a peer did not join or stalled)",
+                                         options_.timeout.count()));
       }
       std::this_thread::yield();
       ncclCommGetAsyncError(comm_, &r);
     }
     if (r != ncclSuccess) {
-      std::string detail = comm_ != nullptr ? ncclGetLastError(comm_) : "";
+      const std::string detail = comm_ != nullptr ? ncclGetLastError(comm_) : "";
       abortComm(ncclGetErrorString(r));
-      DTRAIN_THROW(CommError, "{} failed: {} {}", what, ncclGetErrorString(r), detail);
+      throwCallFailed(call, ncclGetErrorString(r), detail);
     }
   }
 

@@ -10,6 +10,12 @@
 // ranks' collectives fail too. Short operations are polled in a tight loop; after `spinRounds` rounds each round
 // pauses (50 us in the backend) so a long all-reduce does not burn a core.
 //
+// Every such message, and the backend's own for a non-blocking call that fails or never settles (nccl_backend.cpp
+// settle: "<call> failed: <NCCL's text> <ncclGetLastError>", "<call> timed out after <ms> ms (a peer did not join
+// or stalled)"), ends with " (<file>:<line>)" of the NCCL call it is about (NcclCall: where the collective was
+// enqueued, the path from the repository root, lib/common/source_site.h), as the blocking calls' DTRAIN_NCCL_CHECK
+// does (lib/gpu/nccl.h); where() is the same file:line as the compiler spelled it.
+//
 // Teardown (releaseCommunicator): the communicator is non-blocking (config.blocking = 0), and NCCL's documented
 // teardown for one is ncclCommFinalize (flushes its work, answers ncclInProgress), polled with
 // ncclCommGetAsyncError until it settles, then ncclCommDestroy, which is then local and never blocks (NCCL 2.14's
@@ -19,13 +25,42 @@
 // Header-only; thread-safety: the probes'. Errors: CommError as above; the probes' other exceptions pass through.
 #pragma once
 
+#include <fmt/format.h>
+
 #include <chrono>
 #include <functional>
 #include <string>
 
 #include "lib/common/error.h"
+#include "lib/common/source_site.h"
 
 namespace dtrain::comm::nccl {
+
+// An NCCL call as its errors name it: the call ("ncclAllReduce") and where it was made (__FILE__, __LINE__ of the
+// call; DTRAIN_NCCL_CALL captures them at the macro).
+struct NcclCall {
+  const char* name = "NCCL operation";
+  const char* file = "";
+  int line = 0;
+};
+#define DTRAIN_NCCL_CALL(name) (::dtrain::comm::nccl::NcclCall{(name), __FILE__, __LINE__})
+// Makes the call `expr` (an NCCL function call), first setting `callVar` to DTRAIN_NCCL_CALL(name) on the line the
+// macro starts; evaluates to expr's result:   r = DTRAIN_NCCL_ISSUE(call, "ncclAllReduce", ncclAllReduce(...));
+#define DTRAIN_NCCL_ISSUE(callVar, name, expr) ((callVar) = DTRAIN_NCCL_CALL(name), (expr))
+
+// Throws CommError "<call> <what> (<file>:<line>)", where() the call's __FILE__:__LINE__.
+[[noreturn]] inline void throwCallError(const NcclCall& call, const std::string& what) {
+  ::dtrain::detail::throwAt<CommError>(
+      call.file, call.line,
+      ::fmt::format("{} {} ({})", call.name, what, ::dtrain::detail::sourceSite(call.file, call.line)));
+}
+
+// A non-blocking call that returned an error: "<call> failed: <NCCL's text>[ <NCCL's last error>] (<file>:<line>)".
+[[noreturn]] inline void throwCallFailed(const NcclCall& call, const std::string& ncclText,
+                                         const std::string& lastError) {
+  throwCallError(call, lastError.empty() ? ::fmt::format("failed: {}", ncclText)
+                                         : ::fmt::format("failed: {} {}", ncclText, lastError));
+}
 
 struct WaitProbes {
   // Whether the operation finished; throws dtrain::Error (gpu::GpuError) when the GPU reported a failure of it.
@@ -39,19 +74,19 @@ struct WaitProbes {
   int spinRounds = 1000;
 };
 
-inline void waitForCollective(const char* call, std::chrono::milliseconds timeout, const WaitProbes& probe) {
+inline void waitForCollective(const NcclCall& call, std::chrono::milliseconds timeout, const WaitProbes& probe) {
   for (int rounds = 0;; ++rounds) {
     bool finished = false;
     try {
       finished = probe.finished();
     } catch (const Error& e) {
-      DTRAIN_THROW(CommError, "{} failed on the GPU: {}", call, e.what());
+      throwCallError(call, ::fmt::format("failed on the GPU: {}", e.what()));
     }
     if (finished) return;
     if (const std::string async = probe.asyncError(); !async.empty())
-      DTRAIN_THROW(CommError, "{} failed: NCCL reported {}", call, async);
+      throwCallError(call, ::fmt::format("failed: NCCL reported {}", async));
     if (probe.expired())
-      DTRAIN_THROW(CommError, "{} timed out after {} ms (stalled or dead peer)", call, timeout.count());
+      throwCallError(call, ::fmt::format("timed out after {} ms (stalled or dead peer)", timeout.count()));
     if (rounds > probe.spinRounds && probe.pause) probe.pause();
   }
 }

@@ -22,36 +22,14 @@ unsigned blocksFor(size_t n) { return gridFor(n, kThreads); }  // grid-stride lo
 #define DTRAIN_GRID_STRIDE(i, n) \
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < (n); i += static_cast<size_t>(blockDim.x) * gridDim.x)
 
+// optim_math.h's sgdElement / adamElement: optimizer.cpp's loops element for element, the functions tests/gpu
+// emulates.
 __global__ void sgdKernel(float* p, const float* g, float* buf, size_t n, SgdStep s) {
-  DTRAIN_GRID_STRIDE(i, n) {
-    float d = g[i];
-    if (s.weightDecay != 0.0f) d = d + s.weightDecay * p[i];
-    if (s.momentum != 0.0f) {
-      buf[i] = s.first ? d : buf[i] * s.momentum + s.keep * d;
-      d = s.nesterov ? d + s.momentum * buf[i] : buf[i];
-    }
-    p[i] = p[i] + s.negLr * d;
-  }
+  DTRAIN_GRID_STRIDE(i, n) sgdElement(p, g, buf, i, s);
 }
 
 __global__ void adamKernel(float* p, const float* g, float* m, float* v, float* vmax, size_t n, AdamStep s) {
-  DTRAIN_GRID_STRIDE(i, n) {
-    float grad = g[i];
-    if (s.decoupled) {
-      if (s.applyDecay) p[i] = p[i] * s.decay;
-    } else if (s.applyDecay) {
-      grad = grad + s.wd * p[i];
-    }
-    m[i] = m[i] * s.beta1 + s.keep1 * grad;
-    v[i] = v[i] * s.beta2 + s.keep2 * grad * grad;
-    float second = v[i];
-    if (vmax != nullptr) {
-      vmax[i] = fmaxf(vmax[i], v[i]);
-      second = vmax[i];
-    }
-    const float denom = sqrtf(second) / s.bc2Sqrt + s.eps;
-    p[i] = p[i] + s.negStepSize * m[i] / denom;
-  }
+  DTRAIN_GRID_STRIDE(i, n) adamElement(p, g, m, v, vmax, i, s);
 }
 
 // torch.optim.Adagrad's _single_tensor_adagrad, as optimizer.cpp: the same operations in the same order

@@ -1,10 +1,10 @@
-// bce_with_logits and Adagrad on the GPU, emulated on the CPU (no GPU needed): every thread of kernels_nn.cu's
-// bceKernel and kernels_optim.cu's adagradKernel runs in a loop over the kernels' real launch grids (gridFor(n, 256)
-// blocks of 256, grid-stride), through the functions the kernels call (lib/gpu/bce_math.h bceElement,
-// lib/gpu/optim_math.h adagradElement and adagradStepFor), with the host work the CUDA loss and optimizer do around
-// them (lib/nn/cuda/loss.cpp, optimizer.cpp), against the CPU loss and optimizer (lib/nn/loss.cpp, optimizer.cpp):
-// per-sample losses, gradients, correct counts, AUC histograms and the first bad target bit for bit; Adagrad's
-// parameters and state bit for bit, step after step. What this cannot show is the device: its exp/log1p may differ
+// bce_with_logits and the optimizers on the GPU, emulated on the CPU (no GPU needed): every thread of kernels_nn.cu's
+// bceKernel and kernels_optim.cu's adagradKernel, sgdKernel and adamKernel runs in a loop over the kernels' real
+// launch grids (gridFor(n, 256) blocks of 256, grid-stride), through the functions the kernels call
+// (lib/gpu/bce_math.h bceElement, lib/gpu/optim_math.h's elements and step constants), with the host work the CUDA
+// loss and optimizers do around them (lib/nn/cuda/loss.cpp, optimizer.cpp), against the CPU loss and optimizers
+// (lib/nn/loss.cpp, optimizer.cpp): per-sample losses, gradients, correct counts, AUC histograms and the first bad
+// target bit for bit; the optimizers' parameters and state bit for bit, step after step. What this cannot show is the device: its exp/log1p may differ
 // from glibc's in the last bit, and it sums the losses in its own order (kernels_optim.cu sumDoubles).
 // Compiled with -ffp-contract=off (tests/gpu/CMakeLists.txt): kernels_optim.cu runs with --fmad=false and the CPU
 // optimizer with -ffp-contract=off, so neither fuses a multiply-add.
@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "lib/common/error.h"
@@ -300,4 +301,94 @@ TEST_CASE("emulated CUDA adagrad (every thread of adagradKernel) equals the CPU 
   CHECK(s.weightDecay == 0.01f);
   CHECK(s.eps == 1e-10f);
   CHECK(adagradStepFor(0.1, 0.5, 1, 0, 1e-10).negClr == -0.1f);  // the first step is undecayed
+}
+
+namespace {
+
+// The pieces of [0, n) the CUDA Adam launches one kernel each for (Optimizer::forEachDecaySegment over
+// setNoDecayRanges' [offset, offset + count) ranges): begin, end, weight decay on.
+struct Segment {
+  size_t begin, end;
+  bool decayOn;
+};
+std::vector<Segment> decaySegments(size_t n, const std::vector<std::pair<size_t, size_t>>& noDecay) {
+  std::vector<Segment> out;
+  size_t at = 0;
+  for (const auto& [offset, count] : noDecay) {
+    out.push_back({at, offset, true});
+    out.push_back({offset, offset + count, false});
+    at = offset + count;
+  }
+  out.push_back({at, n, true});
+  return out;
+}
+
+// SGD and Adam/AdamW against the CPU optimizers: `steps` updates, parameters and every state buffer compared bit for
+// bit after each, the CUDA optimizers' constants (sgdStepFor / adamStepFor) and every thread of sgdKernel /
+// adamKernel (one launch per decay segment for Adam) emulated.
+void checkSgdAdam(const json& optimizer, size_t n, const std::vector<std::pair<size_t, size_t>>& noDecay = {}) {
+  CAPTURE(optimizer.dump());
+  CAPTURE(n);
+  const nn::OptimizerSpec spec = nn::parseOptimizerSpec(optimizer, "job.json");
+  auto cpu = nn::Optimizer::create(spec, n);
+  if (!noDecay.empty()) cpu->setNoDecayRanges(noDecay);
+  const bool sgd = spec.type == nn::OptimizerType::kSgd;
+  std::vector<float> p = randomVector(n, 41), q = p;
+  std::vector<float> buf(n, 0.0f), m(n, 0.0f), v(n, 0.0f), vmax(n, 0.0f);
+  double lr = spec.lr;
+  for (int64_t step = 1; step <= 6; ++step) {
+    CAPTURE(step);
+    if (step == 4) {  // a schedule's new rate
+      lr = spec.lr * 0.25;
+      cpu->setLr(lr);
+    }
+    std::vector<float> g = randomVector(n, 50 + static_cast<uint32_t>(step), -3.0f, 3.0f);
+    if (n > 4) g[0] = 0.0f, g[1] = -0.0f, g[2] = 1e19f, g[3] = 1e-30f;
+    cpu->step(p, g);
+    if (sgd) {
+      const kernels::SgdStep s =
+          sgdStepFor(lr, spec.momentum, spec.dampening, spec.nesterov, spec.weightDecay, step == 1);
+      float* b = spec.momentum != 0 ? buf.data() : nullptr;
+      gridStride(n, [&](size_t i) { sgdElement(q.data(), g.data(), b, i, s); });
+    } else {
+      kernels::AdamStep s = adamStepFor(spec.type == nn::OptimizerType::kAdamW, lr, spec.beta1, spec.beta2, spec.eps,
+                                        spec.weightDecay, step);
+      for (const Segment& seg : decaySegments(n, noDecay)) {
+        if (seg.end <= seg.begin) continue;
+        s.applyDecay = seg.decayOn && spec.weightDecay != 0.0;
+        const size_t o = seg.begin;
+        gridStride(seg.end - seg.begin, [&](size_t i) {
+          adamElement(q.data() + o, g.data() + o, m.data() + o, v.data() + o, spec.amsgrad ? vmax.data() + o : nullptr,
+                      i, s);
+        });
+      }
+    }
+    CHECK(sameValues(p.data(), q.data(), n));
+    for (const nn::StateBuffer& b : cpu->stateBuffers()) {
+      CAPTURE(b.name);
+      const std::vector<float>& mine = b.name == "momentum_buffer" ? buf
+                                       : b.name == "exp_avg"        ? m
+                                       : b.name == "exp_avg_sq"     ? v
+                                                                    : vmax;
+      CHECK(sameValues(b.data.data(), mine.data(), n));
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("emulated CUDA sgd and adam/adamw (every thread of their kernels) equal the CPU optimizers bit for bit") {
+  for (size_t n : {size_t{1}, size_t{300}, size_t{1031}}) {
+    checkSgdAdam({{"type", "sgd"}, {"lr", 0.1}}, n);
+    checkSgdAdam({{"type", "sgd"}, {"lr", 0.05}, {"momentum", 0.9}, {"dampening", 0.1}, {"weight_decay", 0.01}}, n);
+    checkSgdAdam({{"type", "sgd"}, {"lr", 0.05}, {"momentum", 0.8}, {"nesterov", true}, {"weight_decay", 1e-3}}, n);
+    checkSgdAdam({{"type", "adam"}}, n);
+    checkSgdAdam({{"type", "adam"}, {"lr", 0.01}, {"betas", {0.8, 0.99}}, {"weight_decay", 0.1}, {"amsgrad", true}},
+                 n);
+    checkSgdAdam({{"type", "adamw"}, {"lr", 3e-3}, {"eps", 1e-6}}, n);
+    checkSgdAdam({{"type", "adamw"}, {"lr", 3e-3}, {"weight_decay", 0.1}, {"amsgrad", true}}, n);
+  }
+  // Parameter groups (weight_decay_on: matrices): no decay inside the ranges, one launch per segment.
+  checkSgdAdam({{"type", "adamw"}, {"lr", 1e-2}, {"weight_decay", 0.1}}, 1031, {{0, 10}, {300, 257}, {1000, 31}});
+  checkSgdAdam({{"type", "adam"}, {"lr", 1e-2}, {"weight_decay", 0.1}, {"amsgrad", true}}, 1031, {{5, 500}});
 }

@@ -61,13 +61,8 @@ class Sgd final : public Optimizer {
 
   void step(std::span<float> params, std::span<const float> grads) override {
     checkSizes(params, grads);
-    k::SgdStep s;
-    s.weightDecay = static_cast<float>(spec_.weightDecay);
-    s.momentum = static_cast<float>(spec_.momentum);
-    s.keep = static_cast<float>(1.0 - spec_.dampening);
-    s.negLr = static_cast<float>(-lr_);
-    s.first = steps_ == 0;
-    s.nesterov = spec_.nesterov;
+    const k::SgdStep s =
+        gpu::sgdStepFor(lr_, spec_.momentum, spec_.dampening, spec_.nesterov, spec_.weightDecay, steps_ == 0);
     k::sgdStep(params.data(), grads.data(), spec_.momentum != 0 ? state_.data(0) : nullptr, numParams_, s);
     ++steps_;
   }
@@ -95,18 +90,8 @@ class Adam final : public Optimizer {
       return;
     }
     ++steps_;
-    const double step = static_cast<double>(steps_);
-    const double bc1 = 1.0 - std::pow(spec_.beta1, step);
-    const double bc2 = 1.0 - std::pow(spec_.beta2, step);
-    k::AdamStep s;
-    s.decoupled = spec_.type == OptimizerType::kAdamW;
-    s.decay = static_cast<float>(1.0 - lr_ * spec_.weightDecay);
-    s.wd = static_cast<float>(spec_.weightDecay);
-    s.beta1 = static_cast<float>(spec_.beta1), s.keep1 = static_cast<float>(1.0 - spec_.beta1);
-    s.beta2 = static_cast<float>(spec_.beta2), s.keep2 = static_cast<float>(1.0 - spec_.beta2);
-    s.negStepSize = static_cast<float>(-(lr_ / bc1));
-    s.bc2Sqrt = static_cast<float>(std::sqrt(bc2));
-    s.eps = static_cast<float>(spec_.eps);
+    k::AdamStep s = gpu::adamStepFor(spec_.type == OptimizerType::kAdamW, lr_, spec_.beta1, spec_.beta2, spec_.eps,
+                                     spec_.weightDecay, steps_);
     float* vmax = spec_.amsgrad ? state_.data(2) : nullptr;
     // One launch per parameter group segment: segments in noDecay_ run with weight_decay 0 (as optimizer.cpp).
     auto run = [&](size_t begin, size_t end, bool decayOn) {

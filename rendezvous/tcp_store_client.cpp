@@ -79,6 +79,7 @@ void TcpStoreClient::openConnection() {
   net::ConnectOptions connectOptions;
   connectOptions.initialBackoff = options_.initialBackoff;
   connectOptions.maxBackoff = options_.maxBackoff;
+  connectOptions.retry = options_.retry;
   net::Socket socket;
   try {
     socket = net::connect(net::HostPort{options_.host, options_.port}, deadline, connectOptions);

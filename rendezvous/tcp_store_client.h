@@ -47,6 +47,11 @@ struct TcpStoreClientOptions {
   // so workers started by an agent authenticate without being told. A store that asks for a token when the
   // client has none, or refuses the one given, fails the connect with RendezvousError naming --rdzv-token.
   std::optional<std::string> token;
+  // false: one connection attempt, a refused connection fails at once (RendezvousError) instead of being retried
+  // until connectTimeout: for tools that read the store of a run that should be up (dtrain top, dtrain debug
+  // dump), where nothing listening means the run has ended. A connect that does not complete still waits up to
+  // connectTimeout.
+  bool retry = true;
 };
 
 class TcpStoreClient : public Store {

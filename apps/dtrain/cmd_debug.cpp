@@ -40,6 +40,8 @@ MonitoredRun readMonitoredRun(const std::string& runId, const std::string& endpo
   co.port = hp->port;
   co.connectTimeout = timeout;
   co.timeout = timeout;
+  // Nothing listening means the store went with its job (or is not up yet): say so now, not after `timeout`.
+  co.retry = false;
   if (!token.empty()) co.token = token;
   std::shared_ptr<rendezvous::TcpStoreClient> client;
   try {
@@ -90,6 +92,21 @@ std::string endedLine(const std::string& command, const std::string& runId, cons
   } catch (const std::exception&) {  // a record this dtrain cannot read: still an end
   }
   return fmt::format("{}: run {} has ended{}\n", command, runId, how);
+}
+
+std::string agentsSilentLine(const std::string& command, const std::string& runId, const std::string& endpoint,
+                             const std::string& token, std::chrono::milliseconds timeout,
+                             const std::vector<std::string>& silent) {
+  MonitoredRun run;
+  try {
+    run = readMonitoredRun(runId, endpoint, token, timeout);
+  } catch (const StoreNotAnswering& e) {
+    return storeSilentLine(command, runId, endpoint, e);
+  }
+  if (run.ended) return endedLine(command, runId, *run.ended);
+  return fmt::format("{}: run {} is not running: none of its agents answers ({}), and its store at {} records no end "
+                     "of the job: the agents were killed or lost the store\n",
+                     command, runId, fmt::join(silent, "; "), endpoint);
 }
 
 std::optional<std::string> tokenOrNotRunning(const std::string& command, const std::string& runId,
@@ -151,9 +168,10 @@ std::string supersededLine(const launch::SupersededEndpoint& s) {
 
 namespace {
 
-// Every rank's record, from every agent that answers (the ones that do not are named on stderr).
+// Every rank's record, from every agent that answers; the ones that do not are named on stderr (reportSilent) and
+// their "host:port: reason" added to `silent`.
 std::vector<launch::RankFlight> gatherFlights(const std::vector<std::string>& agents, std::chrono::milliseconds timeout,
-                                              bool reportSilent) {
+                                              bool reportSilent, std::vector<std::string>& silent) {
   std::vector<launch::RankFlight> ranks;
   std::map<int, size_t> byRank;  // two agents reporting one rank (should not happen): keep the later one's
   for (const auto& reply : askAgents(agents, "/debug/flight.json", timeout)) {
@@ -169,6 +187,7 @@ std::vector<launch::RankFlight> gatherFlights(const std::vector<std::string>& ag
       }
     } catch (const std::exception& e) {
       if (reportSilent) fmt::print(stderr, "dtrain debug dump: agent at {} did not answer: {}\n", reply.agent, e.what());
+      silent.push_back(fmt::format("{}: {}", reply.agent, e.what()));
     }
   }
   return ranks;
@@ -200,15 +219,27 @@ int runDump(const DebugArgs& a) {
                   a.runId, a.endpoint);
   const auto& agents = run.agents;
   for (const auto& s : run.superseded) fmt::print(stderr, "dtrain debug dump: {}\n", supersededLine(s));
+  // No agent answers: the job ended since the store was read, or its agents are gone without recording an end; said
+  // as `dtrain top` says it (exit 10), not as an empty report (exit 0), and without waiting out `interval`.
+  auto notRunning = [&](const std::vector<std::string>& silent) {
+    fmt::print("{}", agentsSilentLine("dtrain debug dump", a.runId, a.endpoint, token, timeout, silent));
+    return kExitJobNotRunning;
+  };
+  std::vector<std::string> silent;
   if (interval.count() == 0) {
-    fmt::print("{}", launch::analyzeFlight(gatherFlights(agents, timeout, true), launch::unixNowNs()));
+    auto ranks = gatherFlights(agents, timeout, true, silent);
+    if (silent.size() == agents.size()) return notRunning(silent);
+    fmt::print("{}", launch::analyzeFlight(std::move(ranks), launch::unixNowNs()));
     return 0;
   }
   // Two reads, `interval` apart: a rank that moved in between is not hung (analyzeFlight).
-  const auto first = gatherFlights(agents, timeout, false);
+  const auto first = gatherFlights(agents, timeout, false, silent);
+  if (silent.size() == agents.size()) return notRunning(silent);
   const auto firstAt = std::chrono::steady_clock::now();
   std::this_thread::sleep_for(interval);
-  auto second = gatherFlights(agents, timeout, true);
+  silent.clear();
+  auto second = gatherFlights(agents, timeout, true, silent);
+  if (silent.size() == agents.size()) return notRunning(silent);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - firstAt).count();
   fmt::print("{}", launch::analyzeFlight(std::move(second), launch::unixNowNs(), &first, seconds));
   return 0;

@@ -182,16 +182,7 @@ Look look(const TopArgs& a, const std::string& token, std::chrono::milliseconds 
   if (silent.size() < run.agents.size()) return {std::move(frame), false};
   // No agent answers: the job ended since the store was read (its agents record the end before they exit), or
   // its agents stopped without recording one.
-  try {
-    run = readMonitoredRun(a.runId, a.endpoint, token, timeout);
-  } catch (const StoreNotAnswering& e) {
-    return storeSilent(a, e);
-  }
-  if (run.ended) return ended(a, *run.ended);
-  return {fmt::format("dtrain top: run {} is not running: none of its agents answers ({}), and its store at {} "
-                      "records no end of the job: the agents were killed or lost the store\n",
-                      a.runId, fmt::join(silent, "; "), a.endpoint),
-          true};
+  return {agentsSilentLine("dtrain top", a.runId, a.endpoint, token, timeout, silent), true};
 }
 
 int runTop(const TopArgs& a) {

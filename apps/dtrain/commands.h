@@ -60,8 +60,8 @@ void splitSimArgs(std::vector<std::string>& args);
 // read by launch::currentMonitorEndpoints: ordered by address, without the endpoints that an agent's restart left
 // behind, which go to `superseded`) and, once the job ended, the `ended` record its agents wrote
 // (rendezvous::RoundEvent JSON; absent when they were killed or lost the store).
-// Throws StoreNotAnswering when nothing answers at the endpoint within `timeout` (connection refused or timed
-// out: the store is gone with its job, or not started), StoreAuthError (exit 4) for a wrong or missing token,
+// Throws StoreNotAnswering when nothing answers at the endpoint: at once when the connection is refused (not
+// retried), else within `timeout` (the store is gone with its job, or not started), StoreAuthError (exit 4) for a wrong or missing token,
 // RendezvousError (exit 4) when no agent ever joined `runId` on that store, UsageError for a bad endpoint.
 struct MonitoredRun {
   std::vector<std::string> agents;
@@ -83,6 +83,14 @@ MonitoredRun readMonitoredRun(const std::string& runId, const std::string& endpo
 std::string storeSilentLine(const std::string& command, const std::string& runId, const std::string& endpoint,
                             const StoreNotAnswering& e);
 std::string endedLine(const std::string& command, const std::string& runId, const std::string& record);
+// The line for a run none of whose agents answered (`silent`: each one's "host:port: reason"): reads the store once
+// more (readMonitoredRun, up to `timeout`) and returns endedLine's line when the job ended meanwhile (its agents
+// record the end before they exit), storeSilentLine's when the store is gone too, else "COMMAND: run ID is not
+// running: none of its agents answers (...), and its store at ADDR records no end of the job: ...". Throws what
+// readMonitoredRun throws other than StoreNotAnswering.
+std::string agentsSilentLine(const std::string& command, const std::string& runId, const std::string& endpoint,
+                             const std::string& token, std::chrono::milliseconds timeout,
+                             const std::vector<std::string>& silent);
 // Resolves --rdzv-token / --rdzv-token-file into `token` (resolveRdzvToken) and returns nothing; returns
 // storeSilentLine's line instead when the token file is missing and nothing answers at `endpoint` (`dtrain run
 // --standalone` removes the token file it logged when its store stops: the run is over, not a wrong flag).

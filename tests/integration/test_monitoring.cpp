@@ -561,9 +561,10 @@ TEST_CASE("dtrain top on a finished --standalone run says that the job is not ru
                                    endpoint)) != std::string::npos);
     CHECK(top.out.find("the run has ended or has not started") != std::string::npos);
   }
-  // dtrain debug dump says the same (it said "cannot connect" and exited 4).
+  // dtrain debug dump says the same (it said "cannot connect" and exited 4), at once: the refused connection is not
+  // retried until its --timeout (it took the whole 10 s default).
   auto dump = run({dtrainBinary(), "debug", "dump", id, "--rdzv-endpoint", endpoint, "--rdzv-token-file", tokenFile,
-                   "--interval", "0"},
+                   "--interval", "0", "--timeout", "600s"},
                   {.timeout = 30s});
   INFO(dump.out, dump.err);
   CHECK(dump.exitCode == 10);
@@ -623,6 +624,15 @@ TEST_CASE("dtrain top on a finished run whose store lives on reads the job's out
           std::string::npos);
     CHECK(t.out.find(fmt::format(":{}: cannot connect", port)) != std::string::npos);
     CHECK(t.out.find(fmt::format("and its store at {} records no end of the job", endpoint)) != std::string::npos);
+    // dtrain debug dump says the same, after its first read (it printed a report of 0 ranks and exited 0).
+    auto d = run({dtrainBinary(), "debug", "dump", id, "--rdzv-endpoint", endpoint, "--interval", "600s"},
+                 {.timeout = 30s});
+    INFO(d.out, d.err);
+    CHECK(d.exitCode == 10);
+    CHECK(d.out.find(fmt::format("dtrain debug dump: run {} is not running: none of its agents answers (", id)) !=
+          std::string::npos);
+    CHECK(d.out.find(fmt::format(":{}: cannot connect", port)) != std::string::npos);
+    CHECK(d.out.find(fmt::format("and its store at {} records no end of the job", endpoint)) != std::string::npos);
   }
   store.signal(SIGTERM);
   CHECK_FALSE(store.wait(30s).timedOut);

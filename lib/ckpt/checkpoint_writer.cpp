@@ -13,6 +13,7 @@
 #include "lib/ckpt/checkpoint.h"
 #include "lib/ckpt/checkpoint_names.h"
 #include "lib/common/error.h"
+#include "lib/common/hash.h"
 
 namespace dtrain::ckpt {
 
@@ -59,13 +60,8 @@ CheckpointMeta metaFromJson(const nlohmann::json& j, const std::string& source) 
 
 std::string specHash(const nlohmann::json& modelSpec) {
   // nlohmann::json keeps object keys sorted, so dump() is canonical for equal specs.
-  const std::string text = modelSpec.dump();
-  uint64_t h = 0xcbf29ce484222325ull;
-  for (unsigned char c : text) {
-    h ^= c;
-    h *= 0x100000001b3ull;
-  }
-  return fmt::format("{:016x}", h);
+  // FNV-1a 64 with the published basis: checkpoints store it, so its values never change (test_checkpoint pins one).
+  return fnv1aHex(modelSpec.dump());
 }
 
 std::string checkpointDirName(int64_t step) { return fmt::format("step-{:09d}", step); }

@@ -9,12 +9,12 @@
 
 namespace dtrain {
 
-// The 64-bit function's offset basis is 1469598103934665603, one digit short of FNV-1a's published
-// 14695981039346656037 (an early slip). It is kept: checkpoints store `spec_hash` (ckpt::specHash) and a resume
-// refuses a different one, and the data cache names its files by these fingerprints, so the standard basis would
-// refuse every checkpoint written so far and orphan every cache file. The multiply and xor steps are FNV-1a's; the
-// values are not the published test vectors' (tests/common/test_hash.cpp pins them). The 32-bit variant is standard.
-inline constexpr uint64_t kFnv64Basis = 1469598103934665603ull;
+// FNV-1a's published offset bases and primes. The 64-bit basis was once 1469598103934665603 (one digit short): the
+// only values it ever persisted are the data cache's file names (a cache miss: one inflate again) and the staging-dir
+// tokens of checkpoints being written (removed at the next commit); checkpoints' `spec_hash` (ckpt::specHash) was
+// always computed with the published basis, so no checkpoint changes. tests/common/test_hash.cpp checks the
+// published test vectors.
+inline constexpr uint64_t kFnv64Basis = 14695981039346656037ull;  // 0xcbf29ce484222325
 
 inline uint64_t fnv1a64(std::string_view data, uint64_t h = kFnv64Basis) {
   for (unsigned char c : data) {

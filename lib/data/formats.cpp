@@ -197,13 +197,32 @@ void byteSwapInPlace(ByteBuffer& bytes, size_t width) {
 
 // Inflating is the slowest part of starting a job (Fashion-MNIST's 47 MB take ~0.25 s, in every worker, at
 // every start and restart), so gzip files of at least kCacheMinBytes are decompressed once into a cache file
-// keyed by the source's path, size and mtime; later loads of IDX uint8 and NPY data map that plain file
-// read-only (ByteBuffer::mapFile: the ranks on a node share its page-cache pages, nothing is copied; read() where
-// mmap fails), other loads read it. The cache is written to a temporary file and renamed over the old one,
-// never rewritten in place: a reader's mapping of the old file stays intact.
+// named by the source's path; later loads of IDX uint8 and NPY data map that plain file read-only
+// (ByteBuffer::mapFile: the ranks on a node share its page-cache pages, nothing is copied; read() where mmap
+// fails), other loads read it. The cache is written to a temporary file and renamed over the old one, never
+// rewritten in place: a reader's mapping of the old file stays intact.
+// A cache file starts with a CacheHeader recording the source it was inflated from: its size, its modification
+// time (ns) and a sample of its content (FNV-1a 64 of its first and last 64 KiB: the last 8 bytes of a gzip file are
+// the CRC-32 and size of everything it inflates to, so any change of the data shows there). A source that differs
+// in any of them (replaced, rewritten, touched, restored with its old mtime) has its cache rebuilt, never used:
+// two preads per start instead of hashing the whole file.
 // DTRAIN_DATA_CACHE=DIR moves the cache (default $XDG_CACHE_HOME/dtrain/data, else ~/.cache/dtrain/data);
 // DTRAIN_DATA_CACHE=0 turns it off. Cache problems never fail a load: they only cost the inflate.
 constexpr size_t kCacheMinBytes = 4u << 20;
+constexpr size_t kSampleBytes = 64u << 10;
+constexpr char kCacheMagic[8] = {'D', 'T', 'R', 'N', 'C', 'A', 'C', '1'};
+
+// Host byte order: a cache file is only read on the machine (the filesystem) that wrote it.
+struct CacheHeader {
+  char magic[8];
+  uint64_t headerBytes;    // sizeof(CacheHeader): the data follows
+  uint64_t sourceBytes;    // the .gz file's size
+  int64_t sourceMtimeNs;   // its st_mtim in ns
+  uint64_t sourceSample;   // FNV-1a 64 of its first and last kSampleBytes
+  uint64_t dataBytes;      // the inflated bytes that follow the header
+  uint64_t reserved[2];
+};
+static_assert(sizeof(CacheHeader) == 64);
 
 std::string cacheDir() {
   auto v = env::getOr("DTRAIN_DATA_CACHE", "");
@@ -214,17 +233,62 @@ std::string cacheDir() {
   return "";
 }
 
-std::string cachePath(const std::string& path, const struct stat& st) {
+// One file per source path: a changed source replaces its cache rather than leave the old one behind.
+std::string cachePath(const std::string& path) {
   std::string dir = cacheDir();
   if (dir.empty()) return "";
   char resolved[PATH_MAX];
   std::string abs = ::realpath(path.c_str(), resolved) ? std::string(resolved) : path;
-  std::string key = fmt::format("{}|{}|{}.{}", abs, st.st_size, st.st_mtim.tv_sec, st.st_mtim.tv_nsec);
   std::string base = abs.substr(abs.rfind('/') + 1);
-  return fmt::format("{}/{}-{}.raw", dir, base, fnv1aHex(key));
+  return fmt::format("{}/{}-{}.raw", dir, base, fnv1aHex(abs));
 }
 
-void writeCache(const std::string& cache, const ByteBuffer& bytes) {
+// What the cache of `fd` (the source, `st` its stat) inflating to `dataBytes` must record.
+CacheHeader cacheHeaderOf(int fd, const struct stat& st, size_t dataBytes) {
+  CacheHeader h{};
+  std::memcpy(h.magic, kCacheMagic, sizeof h.magic);
+  h.headerBytes = sizeof(CacheHeader);
+  h.sourceBytes = static_cast<uint64_t>(st.st_size);
+  h.sourceMtimeNs = static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
+  h.dataBytes = dataBytes;
+  const size_t size = static_cast<size_t>(st.st_size), head = std::min(size, kSampleBytes);
+  const size_t tail = std::min(size - head, kSampleBytes);
+  std::string sample(head + tail, '\0');
+  if (::pread(fd, sample.data(), head, 0) != static_cast<ssize_t>(head) ||
+      ::pread(fd, sample.data() + head, tail, static_cast<off_t>(size - tail)) != static_cast<ssize_t>(tail))
+    sample.clear();  // an unreadable sample records nothing that a later one could match by chance
+  h.sourceSample = sample.empty() ? 0 : fnv1a64(sample);
+  return h;
+}
+
+// Why the open cache file `cfd` is not the inflated `want` describes ("" when it is). `sourceChanged`: the file is
+// a good cache of another version of the source.
+std::string cacheMismatch(int cfd, const CacheHeader& want, bool& sourceChanged) {
+  sourceChanged = false;
+  struct stat cst {};
+  if (::fstat(cfd, &cst) != 0) return fmt::format("cannot stat it ({})", std::strerror(errno));
+  CacheHeader have{};
+  if (::pread(cfd, &have, sizeof have, 0) != static_cast<ssize_t>(sizeof have) ||
+      std::memcmp(have.magic, kCacheMagic, sizeof have.magic) != 0 || have.headerBytes != sizeof have)
+    return "has no cache header of this version";
+  if (have.sourceBytes != want.sourceBytes || have.sourceMtimeNs != want.sourceMtimeNs ||
+      have.sourceSample != want.sourceSample || have.dataBytes != want.dataBytes) {
+    sourceChanged = true;
+    std::string what = have.sourceBytes != want.sourceBytes
+                           ? fmt::format("its size changed: {} -> {} bytes", have.sourceBytes, want.sourceBytes)
+                       : have.sourceMtimeNs != want.sourceMtimeNs ? std::string("its modification time changed")
+                       : have.sourceSample != want.sourceSample
+                           ? std::string("its content changed, same size and modification time")
+                           : std::string("its inflated size changed");
+    return fmt::format("was built from another version of the source ({})", what);
+  }
+  const uint64_t expected = sizeof have + want.dataBytes;
+  if (static_cast<uint64_t>(cst.st_size) != expected)
+    return fmt::format("has {} bytes, expected {}", cst.st_size, expected);
+  return "";
+}
+
+void writeCache(const std::string& cache, const CacheHeader& header, const ByteBuffer& bytes) {
   std::string dir = cache.substr(0, cache.rfind('/'));
   std::string tmp = fmt::format("{}.tmp-{}", cache, ::getpid());
   std::error_code ec;
@@ -234,8 +298,9 @@ void writeCache(const std::string& cache, const ByteBuffer& bytes) {
     log::debug("data cache: cannot write {}: {}", tmp, std::strerror(errno));
     return;
   }
+  bool ok = ::write(fd, &header, sizeof header) == static_cast<ssize_t>(sizeof header);
   size_t done = 0;
-  while (done < bytes.size()) {
+  while (ok && done < bytes.size()) {
     ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) break;
@@ -243,7 +308,7 @@ void writeCache(const std::string& cache, const ByteBuffer& bytes) {
   }
   ::close(fd);
   // Readers check the size, so a half-written file never passes for the cache; rename publishes it whole.
-  if (done != bytes.size() || ::rename(tmp.c_str(), cache.c_str()) != 0) ::unlink(tmp.c_str());
+  if (!ok || done != bytes.size() || ::rename(tmp.c_str(), cache.c_str()) != 0) ::unlink(tmp.c_str());
 }
 
 }  // namespace
@@ -265,28 +330,38 @@ ByteBuffer readFileBytes(const std::string& path, std::optional<size_t> maxBytes
   // A truncated file's last bytes are not a trailer: deflate never expands more than 1032:1, so cap there.
   hint = std::min(hint, static_cast<size_t>(st.st_size) * kMaxDeflateRatio);
   if (maxBytes) hint = std::min(hint, *maxBytes);
-  std::string cache = hint >= kCacheMinBytes ? cachePath(path, st) : "";
+  std::string cache = hint >= kCacheMinBytes ? cachePath(path) : "";
+  CacheHeader header{};
   if (!cache.empty()) {
-    int cfd = ::open(cache.c_str(), O_RDONLY | O_CLOEXEC);
-    struct stat cst {};
-    if (cfd >= 0 && ::fstat(cfd, &cst) == 0 && static_cast<size_t>(cst.st_size) == hint) {
+    header = cacheHeaderOf(fd, st, hint);
+    if (int cfd = ::open(cache.c_str(), O_RDONLY | O_CLOEXEC); cfd >= 0) {
       FdGuard cguard{cfd};
-      // The cache is only ever replaced by rename (writeCache), never rewritten in place, so a mapping of it
-      // stays valid for as long as the dataset lives (byte_buffer.h says why that matters: SIGBUS).
-      if (mapCache) {
-        if (auto mapped = ByteBuffer::mapFile(cfd, hint)) return std::move(*mapped);
-        log::debug("data cache: cannot map {} ({}); reading it instead", cache, std::strerror(errno));
+      bool sourceChanged = false;
+      const std::string mismatch = cacheMismatch(cfd, header, sourceChanged);
+      if (mismatch.empty()) {
+        // The cache is only ever replaced by rename (writeCache), never rewritten in place, so a mapping of it
+        // stays valid for as long as the dataset lives (byte_buffer.h says why that matters: SIGBUS).
+        if (mapCache) {
+          if (auto mapped = ByteBuffer::mapFile(cfd, sizeof header + hint)) {
+            mapped->dropFront(sizeof header);
+            return std::move(*mapped);
+          }
+          log::debug("data cache: cannot map {} ({}); reading it instead", cache, std::strerror(errno));
+        }
+        if (::lseek(cfd, sizeof header, SEEK_SET) == static_cast<off_t>(sizeof header))
+          return readPlain(cfd, cache, hint, maxBytes);
+        log::debug("data cache: cannot seek in {} ({}); inflating {} again", cache, std::strerror(errno), path);
+      } else if (sourceChanged) {
+        // A changed source is worth a line (its data is read anew); a broken cache file only costs the inflate.
+        log::info("data cache: {} {}; inflating {} again", cache, mismatch, path);
+      } else {
+        log::debug("data cache: {} {}; inflating {} again", cache, mismatch, path);
       }
-      return readPlain(cfd, cache, hint, maxBytes);
-    }
-    if (cfd >= 0) {
-      log::debug("data cache: {} has {} bytes, expected {}; inflating {} again", cache, cst.st_size, hint, path);
-      ::close(cfd);
     }
   }
   guard.fd = -1;  // gzdopen owns it now
   auto bytes = readGzip(fd, path, hint, maxBytes);
-  if (!cache.empty() && bytes.size() == hint) writeCache(cache, bytes);
+  if (!cache.empty() && bytes.size() == hint) writeCache(cache, header, bytes);
   return bytes;
 }
 

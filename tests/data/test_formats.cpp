@@ -6,10 +6,12 @@
 #include <filesystem>
 #include <functional>
 
+#include <fcntl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <zlib.h>
 
 #include "lib/common/error.h"
 #include "lib/data/formats.h"
@@ -302,7 +304,7 @@ TEST_CASE("the data cache is mapped read-only; rewriting it leaves a mapped read
   for (const auto& e : std::filesystem::directory_iterator(dir)) files.push_back(e.path().string());
   REQUIRE(files.size() == 1);
   const std::string cache = files[0];
-  const auto cacheBytes = static_cast<off_t>(16 + pixels.size());
+  const auto cacheBytes = static_cast<off_t>(64 + 16 + pixels.size());  // the cache's header, the IDX file
 
   auto a = readIdx(images, 3, "images");  // a cache hit: mapped, not read
   CHECK(a.bytes.mapped());
@@ -349,5 +351,72 @@ TEST_CASE("the data cache is mapped read-only; rewriting it leaves a mapped read
   auto w = readIdx(wide, 1, "labels");
   CHECK_FALSE(w.bytes.mapped());
   CHECK(w.bytes.size() == shorts.size());
+  ::unsetenv("DTRAIN_DATA_CACHE");
+}
+
+namespace {
+
+// A gzip file of stored blocks (level 0): its size depends on the content's length alone, so two versions of the
+// same length have the same size.
+void writeStoredGzip(const std::string& path, const std::string& content) {
+  gzFile gz = ::gzopen(path.c_str(), "wb0");
+  REQUIRE(gz != nullptr);
+  REQUIRE(::gzwrite(gz, content.data(), static_cast<unsigned>(content.size())) == static_cast<int>(content.size()));
+  REQUIRE(::gzclose(gz) == Z_OK);
+}
+
+std::string pixelsOf(size_t n, int seed) {
+  std::string p(n, '\0');
+  for (size_t i = 0; i < n; ++i) p[i] = static_cast<char>((i * 131 + static_cast<size_t>(seed)) % 251);
+  return p;
+}
+
+}  // namespace
+
+TEST_CASE("a data cache built from another version of its .gz is rebuilt, not used: content, mtime or size") {
+  const std::string dir = tmp("cache-versions");
+  REQUIRE(::setenv("DTRAIN_DATA_CACHE", dir.c_str(), 1) == 0);
+  const std::string images = tmp("versions.gz");
+  const size_t n = 5 * 1024 * 32 * 32;  // over the 4 MiB from which .gz datasets are cached
+  writeStoredGzip(images, idxBytes(0x08, {5 * 1024, 32, 32}, pixelsOf(n, 0)));
+  struct stat first {};
+  REQUIRE(::stat(images.c_str(), &first) == 0);
+  readIdx(images, 3, "images");  // inflates, writes the cache
+  auto a = readIdx(images, 3, "images");
+  CHECK(a.bytes.mapped());
+  CHECK(sameBytes(a, pixelsOf(n, 0)));
+
+  // Other pixels, same size, and the old mtime put back (cp -p, rsync -t, a restore): the cache held the old
+  // pixels and was used silently.
+  writeStoredGzip(images, idxBytes(0x08, {5 * 1024, 32, 32}, pixelsOf(n, 7)));
+  const struct timespec times[2] = {first.st_atim, first.st_mtim};
+  REQUIRE(::utimensat(AT_FDCWD, images.c_str(), times, 0) == 0);
+  struct stat second {};
+  REQUIRE(::stat(images.c_str(), &second) == 0);
+  REQUIRE(second.st_size == first.st_size);
+  REQUIRE(second.st_mtim.tv_nsec == first.st_mtim.tv_nsec);
+  auto b = readIdx(images, 3, "images");
+  CHECK_FALSE(b.bytes.mapped());  // inflated anew
+  CHECK(sameBytes(b, pixelsOf(n, 7)));
+  auto c = readIdx(images, 3, "images");
+  CHECK(c.bytes.mapped());  // the rebuilt cache
+  CHECK(sameBytes(c, pixelsOf(n, 7)));
+  CHECK(sameBytes(a, pixelsOf(n, 0)));  // a reader of the old cache keeps its bytes (replaced by rename)
+
+  // Only the mtime changes (touch): rebuilt too, as it always was.
+  const struct timespec later[2] = {{0, UTIME_OMIT}, {first.st_mtim.tv_sec + 10, first.st_mtim.tv_nsec}};
+  REQUIRE(::utimensat(AT_FDCWD, images.c_str(), later, 0) == 0);
+  CHECK_FALSE(readIdx(images, 3, "images").bytes.mapped());
+  CHECK(readIdx(images, 3, "images").bytes.mapped());
+
+  // Another size: rebuilt, and it replaces the source's cache file rather than adding one per version.
+  writeStoredGzip(images, idxBytes(0x08, {5 * 1024 + 1, 32, 32}, pixelsOf(n + 1024, 3)));
+  auto d = readIdx(images, 3, "images");
+  CHECK(sameBytes(d, pixelsOf(n + 1024, 3)));
+  CHECK(d.shape == Shape{5 * 1024 + 1, 32, 32});
+  CHECK(sameBytes(readIdx(images, 3, "images"), pixelsOf(n + 1024, 3)));
+  int files = 0;
+  for (const auto& e : std::filesystem::directory_iterator(dir)) files += e.path().extension() == ".raw" ? 1 : 0;
+  CHECK(files == 1);
   ::unsetenv("DTRAIN_DATA_CACHE");
 }

@@ -279,6 +279,13 @@ Labels labelsFromArray(const RawArray& a, std::optional<LabelKind> kind, const s
 
 std::string baseName(const std::string& path) { return std::filesystem::path(path).filename().string(); }
 
+// A file that declares 0 samples is valid IDX/NPY, but no job can use it: training would take no step (the trainer
+// refused it only after the rendezvous) and an evaluation would report a loss of 0 over nothing. Refused where the
+// files are read, so `dtrain check` and the launcher say so before any worker starts.
+void requireSamples(const std::string& key, const std::string& file, int64_t samples, std::string_view what) {
+  DTRAIN_CHECK_AS(ConfigError, samples > 0, "{}: {}: 0 {} (expected at least one sample)", key, file, what);
+}
+
 std::shared_ptr<const Dataset> load(const DataSpec& spec, const std::string& where, ReadMode features) {
   std::unique_ptr<ArrayDataset> ds;
   auto at = [&](const std::string& key) { return where + "/" + key; };
@@ -294,6 +301,7 @@ std::shared_ptr<const Dataset> load(const DataSpec& spec, const std::string& whe
     case Format::kIdx: {
       auto images = withKey("images", [&] { return readIdx(spec.images, 3, "images", features); });
       auto labelArray = withKey("labels", [&] { return readIdx(spec.labels, 1, "labels"); });
+      requireSamples(at("images"), spec.images, images.shape[0], "images");
       DTRAIN_CHECK_AS(ConfigError, labelArray.shape[0] == images.shape[0],
                       "{}: {} has {} labels but {} has {} images (expected one label per image)", at("labels"),
                       spec.labels, labelArray.shape[0], spec.images, images.shape[0]);
@@ -307,6 +315,7 @@ std::shared_ptr<const Dataset> load(const DataSpec& spec, const std::string& whe
     case Format::kNpy: {
       auto values = withKey("features", [&] { return readNpy(spec.features, features); });
       auto labelArray = withKey("labels", [&] { return readNpy(spec.labels); });
+      requireSamples(at("features"), spec.features, values.shape[0], "samples");
       DTRAIN_CHECK_AS(ConfigError, labelArray.shape[0] == values.shape[0],
                       "{}: {} has {} labels but {} has {} samples (expected one label per sample)", at("labels"),
                       spec.labels, labelArray.shape[0], spec.features, values.shape[0]);

@@ -168,6 +168,24 @@ TEST_CASE("CSV and NPY specs load, with errors prefixed by the JSON path") {
         "job.json: /data/train/labels: " + dir() + "/yf.npy: class labels of shape [3, 2] (expected one per sample: [N])");
 }
 
+TEST_CASE("an IDX or NPY file of 0 samples is refused where it is read, naming the key and the file") {
+  // Valid files that hold nothing: before, `dtrain check` said OK, training failed in every worker after the
+  // rendezvous, and as an eval set it reported "eval loss 0.000000 (0 samples)".
+  writeBytes(dir() + "/x0.npy", npyBytes("<f4", {0, 4}, ""));
+  writeBytes(dir() + "/y0.npy", npyBytes("<i8", {0}, ""));
+  CHECK(messageOf([] { load({{"format", "npy"}, {"features", "x0.npy"}, {"labels", "y0.npy"}}); }) ==
+        "job.json: /data/train/features: " + dir() + "/x0.npy: 0 samples (expected at least one sample)");
+  CHECK(messageOf([] {
+          loadDataset(parseDataSpec({{"format", "npy"}, {"features", "x0.npy"}, {"labels", "y0.npy"}}, "job.json",
+                                    "/data/train", dir()),
+                      ReadMode::kHeader);
+        }) == "job.json: /data/train/features: " + dir() + "/x0.npy: 0 samples (expected at least one sample)");
+  writeBytes(dir() + "/img0", idxBytes(0x08, {0, 2, 3}, ""));
+  writeBytes(dir() + "/lab0", idxBytes(0x08, {0}, ""));
+  CHECK(messageOf([] { load({{"format", "idx"}, {"images", "img0"}, {"labels", "lab0"}}); }) ==
+        "job.json: /data/train/images: " + dir() + "/img0: 0 images (expected at least one sample)");
+}
+
 TEST_CASE("Fashion-MNIST as installed loads with raw uint8 pixels") {
   const std::string base = "/usr/share/datasets/fashion-mnist";
   if (!std::filesystem::exists(base + "/train-images-idx3-ubyte.gz")) {

@@ -12,6 +12,7 @@
 #include <map>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include "lib/comm/tcp/mesh.h"
 #include "lib/common/error.h"
@@ -234,6 +235,29 @@ int64_t Server::minClockLocked() const {
   for (size_t w = 0; w < clock_.size(); ++w)
     if (live_[w]) m = std::min(m, clock_[w]);
   return m;
+}
+
+namespace {
+
+std::string workerList(const std::vector<size_t>& workers) {
+  return fmt::format("{} {}", workers.size() == 1 ? "worker" : "workers", fmt::join(workers, ", "));
+}
+
+}  // namespace
+
+std::string Server::notPushedLocked(const std::vector<uint8_t>& pushed) const {
+  std::vector<size_t> missing;
+  for (size_t w = 0; w < pushed.size(); ++w)
+    if (!pushed[w]) missing.push_back(w);
+  return workerList(missing);
+}
+
+std::string Server::slowestLocked() const {
+  const int64_t slowest = minClockLocked();
+  std::vector<size_t> at;
+  for (size_t w = 0; w < clock_.size(); ++w)
+    if (live_[w] && clock_[w] == slowest) at.push_back(w);
+  return fmt::format("{} (at {} step(s) pushed)", workerList(at), slowest);
 }
 
 void Server::reply(Conn& conn, const ReplyHeader& h, const void* payload, size_t bytes) {
@@ -482,7 +506,9 @@ void Server::dispatch(Conn& conn, const RequestHeader& h) {
           ++p.version;
           cv_.notify_all();
         } else if (!waitFor([&] { return p.version > h.step || !syncBroken_.empty(); })) {
-          err = fmt::format("timed out waiting for the other workers' gradients of step {}", h.step);
+          err = fmt::format("timed out after {} ms waiting for the other workers' gradients of step {}: {} pushed "
+                            "none (stuck, hung or far behind; parallel.timeout bounds the wait)",
+                            options_.timeout.count(), h.step, notPushedLocked(p.pushed));
         } else if (p.version <= h.step) {
           err = syncBroken_;
         }
@@ -498,7 +524,8 @@ void Server::dispatch(Conn& conn, const RequestHeader& h) {
       cv_.notify_all();
       if (options_.mode == Mode::kSsp &&
           !waitFor([&] { return h.step + 1 - minClockLocked() <= options_.staleness; }))
-        err = fmt::format("timed out waiting for the slowest worker (ssp, staleness {})", options_.staleness);
+        err = fmt::format("timed out after {} ms waiting for the slowest worker (ssp, staleness {}): {}",
+                          options_.timeout.count(), options_.staleness, slowestLocked());
     }
     if (!err.empty()) {
       lock.unlock();

@@ -109,6 +109,10 @@ class Server {
   std::string init(PartitionState& p, const std::vector<uint8_t>& payload, size_t count, int64_t step);
   // Under mu_: the slowest live worker's clock (INT64_MAX when none is live).
   int64_t minClockLocked() const;
+  // Who a timed-out wait waited for, for its error (under mu_): "worker 1" / "workers 0, 2", in sync the workers
+  // whose flag in `pushed` is 0, in ssp the live workers at the slowest clock.
+  std::string notPushedLocked(const std::vector<uint8_t>& pushed) const;
+  std::string slowestLocked() const;
   void workerGone(int worker, bool bye);
   // Under mu_: a counted push of `worker`'s step `step` (one partition) with `samples` was applied.
   void countApplied(size_t worker, int64_t step, int64_t samples);

@@ -146,7 +146,9 @@ std::string Server::dispatchSparse(Conn& conn, const RequestHeader& h) {
         ++t.version;
         cv_.notify_all();
       } else if (!waitFor([&] { return t.version > h.step || !syncBroken_.empty(); })) {
-        return fmt::format("timed out waiting for the other workers' sparse gradients of step {}", h.step);
+        return fmt::format("timed out after {} ms waiting for the other workers' sparse gradients of step {}: {} "
+                           "pushed none (stuck, hung or far behind; parallel.timeout bounds the wait)",
+                           options_.timeout.count(), h.step, notPushedLocked(t.pushed));
       } else if (t.version <= h.step) {
         return syncBroken_;
       }

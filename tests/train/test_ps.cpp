@@ -683,3 +683,36 @@ TEST_CASE("monitoring: a server writes its requests, bytes, workers and stalenes
   }
   serving.get();
 }
+
+TEST_CASE("a wait that times out names the worker it waited for (sync: the one that pushed none; ssp: the slowest)") {
+  // The error said "timed out waiting for the other workers' gradients of step 10" without naming the worker that
+  // hung, which is what the user has to find (the launcher's report quotes this line).
+  nn::OptimizerSpec sgd{.type = nn::OptimizerType::kSgd, .lr = 0.1};
+  for (auto mode : {ps::Mode::kSync, ps::Mode::kSsp}) {
+    CAPTURE(ps::modeName(mode));
+    ps::Server server({.serverRank = 0, .servers = 1, .workers = 2, .mode = mode, .staleness = 1, .optimizer = sgd,
+                       .timeout = std::chrono::milliseconds(300)});
+    const std::vector<std::string> addrs{server.listen()};
+    auto served = std::async(std::launch::async, [&] { server.serve(); });
+    std::vector<float> params(32, 0.0f), g(32, 1.0f), p(32);
+    ps::Client w0({.workerRank = 0, .workers = 2, .numParams = 32, .partitionFloats = 32, .servers = addrs});
+    ps::Client w1({.workerRank = 1, .workers = 2, .numParams = 32, .partitionFloats = 32, .servers = addrs});
+    w0.init(0, 0, initPayload(params));
+    if (mode == ps::Mode::kSsp) {  // step 0 is within the bound; step 1 waits for worker 1's step 0
+      w0.pushPullAsync(0, 0, 0.1, g.data(), p.data());
+      w0.wait();
+    }
+    w0.pushPullAsync(0, mode == ps::Mode::kSync ? 0 : 1, 0.1, g.data(), p.data());
+    if (mode == ps::Mode::kSync)
+      CHECK_THROWS_WITH_AS(w0.wait(), doctest::Contains("timed out after 300 ms waiting for the other workers' "
+                                                        "gradients of step 0: worker 1 pushed none"),
+                           CommError);
+    else
+      CHECK_THROWS_WITH_AS(w0.wait(), doctest::Contains("timed out after 300 ms waiting for the slowest worker (ssp, "
+                                                        "staleness 1): worker 1 (at 0 step(s) pushed)"),
+                           CommError);
+    w1.bye();
+    server.stop();
+    served.wait();
+  }
+}

@@ -134,7 +134,7 @@ class Model {
   // With `stage`, the model is that pipeline stage (see above; both combine: a stage's tensor-parallel part).
   // Tensor parallelism is CPU-only so far: a GPU model with a tensor group is refused (NotBuiltError). A GPU model
   // may be a stage (its inputGrad() is then device memory), but the pipeline strategy runs on the CPU only
-  // (lib/train/job.cpp refuses "device": "cuda" with pipeline stages before any worker starts).
+  // (lib/train/job_device.cpp refuses "device": "cuda" with pipeline stages before any worker starts).
   static Model build(const ModelSpec& spec, int maxBatch, uint64_t seed, Device device = Device::cpu(),
                      std::shared_ptr<TensorGroup> tensor = {}, const StageOptions& stage = {});
   // Another instance of this model's layers over the same parameter and gradient arenas, with its own

@@ -84,8 +84,8 @@ std::vector<int64_t> layerCosts(const nn::ModelSpec& model);
 // With `tensor` > 1 the automatic balance never cuts between the two linears of a column/row pair
 // (nn::topLevelPairs: a pair split over two stages would stay whole), unless no such cut into `stages` exists;
 // stagesSplittingPairs() names the pairs a given balance (or that fallback) splits, for the job's warning.
-// ConfigError (naming `source` and /parallel/pipeline) when stages > layers or the balance does not sum; job.cpp
-// checks both first, with the same messages.
+// ConfigError (naming `source` and /parallel/pipeline) when stages > layers or the balance does not sum;
+// job_parallel.cpp checks both first, with the same messages.
 std::vector<StageRange> partitionStages(const nn::ModelSpec& model, int stages, const std::vector<int>& balance,
                                         const std::string& source = "", int tensor = 1);
 

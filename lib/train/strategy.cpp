@@ -76,7 +76,7 @@ std::unique_ptr<Strategy> makeStrategy(const Job& job, ProcessGroups groups, con
   }
   if (groups.worldSize == 1) return std::make_unique<LocalStrategy>();
   if (groups.layout.stages > 1) return std::make_unique<PipelineStrategy>(std::move(groups), job, options);
-  // job.cpp accepts only the names below, so another one here is a programming error.
+  // job_parallel.cpp accepts only the names below, so another one here is a programming error.
   DTRAIN_CHECK(job.parallel.strategy == "ddp", "parallel strategy '{}' has no implementation",
                job.parallel.strategy);
   return std::make_unique<DdpStrategy>(std::move(groups),

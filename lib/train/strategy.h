@@ -13,7 +13,7 @@
 //
 // Strategies: LocalStrategy (one process: nothing to communicate) and DdpStrategy (lib/train/ddp.h: replicas,
 // bucketed gradient averaging through a communication hook). makeStrategy() picks one from the job's
-// `parallel.strategy` ("ddp"; job.cpp rejects names that have no strategy yet) and the world size.
+// `parallel.strategy` ("ddp"; job_parallel.cpp rejects names that have no strategy yet) and the world size.
 //
 // ProcessGroups: the communicators a strategy may talk in. The trainer creates them with makeProcessGroups (one
 // Backend per group, Backend::newGroup for sub-groups) from the rank grid of lib/train/layout.h: without model

@@ -58,7 +58,7 @@ ProcessGroups TrainLoop::connect() {
   if (device_.isCuda()) {
     // Gradients and parameters travel between GPUs (nccl) in the data group; the metrics, stop votes and barriers
     // are host values, so the world group stays a CPU backend (as PyTorch keeps a gloo group beside nccl). A GPU
-    // job is data-parallel only (lib/train/job.cpp), so the data group spans the world.
+    // job is data-parallel only (lib/train/job_device.cpp), so the data group spans the world.
     groups = makeProcessGroups(layout, worker_.rank, comm::createBackend("auto", opts));
     comm::BackendOptions gpu = opts;
     gpu.device = device_.str();
@@ -114,7 +114,7 @@ void TrainLoop::setUp() {
   if (evalLoad.valid()) eval_ = evalLoad.get();  // its size bounds the evaluation batches
   maxBatch_ = largestBatch();
   const int64_t batch = maxBatch_;
-  // A GPU job is DDP only (lib/train/job.cpp): no pipeline stage and no tensor group on cuda.
+  // A GPU job is DDP only (lib/train/job_device.cpp): no pipeline stage and no tensor group on cuda.
   const Device device = device_;
   pipeline_ = dynamic_cast<PipelineStrategy*>(strategy_.get());
   const ProcessGroups& built = strategy_->groups();

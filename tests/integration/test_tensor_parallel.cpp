@@ -55,16 +55,25 @@ std::string writeText(const std::string& dir) {
 
 }  // namespace
 
-TEST_CASE("tensor parallel MLP: 1x1x2 and 2x1x2 end with the one-process weights") {
+TEST_CASE("tensor parallel MLP: 1x1x2 and 2x1x2 end with the one-process weights and evaluate each sample once") {
   const std::string dir = tempDir("tp_mlp");
-  writeFile(dir + "/job.json", mlpJob().dump());
-  trainJob(dir + "/job.json", dir + "/one", 1);
+  // 40 training samples: the epoch (and with it an evaluation) ends at max_steps 5.
+  json job = mlpJob();
+  job["data"]["train"]["samples"] = 40;
+  job["data"]["eval"] = {{"format", "synthetic"}, {"task", "classification"}, {"samples", 24}, {"features", 6},
+                         {"num_classes", 3}, {"seed", 5}, {"sample_seed", 9}};
+  writeFile(dir + "/job.json", job.dump());
+  auto one = trainJob(dir + "/job.json", dir + "/one", 1);
   auto t2 = trainJob(dir + "/job.json", dir + "/t2", 2, {"parallel.tensor=2"});
   CHECK(t2.out.find("tensor 2 x data 1") != std::string::npos);
   checkSameWeights(dir + "/t2/model.safetensors", dir + "/one/model.safetensors");
   // Data 2 x tensor 2 with batch 4 per replica is the one-process run with batch 8.
-  trainJob(dir + "/job.json", dir + "/d2t2", 4, {"parallel.tensor=2", "data.batch_size=4"});
+  auto d2t2 = trainJob(dir + "/job.json", dir + "/d2t2", 4, {"parallel.tensor=2", "data.batch_size=4"});
   checkSameWeights(dir + "/d2t2/model.safetensors", dir + "/one/model.safetensors");
+  // The 24 eval samples are counted once, not once per tensor rank ("(48 samples)" before), with the same loss.
+  for (const auto* run : {&one, &t2, &d2t2}) CHECK_MESSAGE(run->out.find("(24 samples)") != std::string::npos, run->out);
+  CHECK(lastEvalLine(readJsonLines(dir + "/t2/metrics.jsonl"))["eval_loss"].get<double>() ==
+        doctest::Approx(lastEvalLine(readJsonLines(dir + "/one/metrics.jsonl"))["eval_loss"].get<double>()).epsilon(1e-4));
 }
 
 TEST_CASE("tensor parallel GPT: 1x1x2 ends with the one-process weights; the export is the full model") {

@@ -34,6 +34,7 @@ table { border-collapse: collapse; margin: .8em 0; }
 td, th { border: 1px solid #ccc; padding: .2em .6em; text-align: right; }
 th { background: #f3f3f3; }
 .stale { color: #b00; }
+.waiting { color: #555; text-align: left; }
 #events li { font-family: monospace; }
 td.op { text-align: left; }
 </style></head>
@@ -117,14 +118,23 @@ function renderServers(servers) {
   }
 }
 function render(d) {
-  document.getElementById('title').textContent = 'dtrain: ' + d.job + ' (run ' + d.run_id + ', node ' + d.node + ')';
+  // An agent in no round yet (waiting for the round to close, or an elastic job's spare) has no node rank, nodes or
+  // world size: round is -1 and the others their defaults, which read as a second node 0 of round -1.
+  const waiting = d.round < 0;
+  document.getElementById('title').textContent = 'dtrain: ' + d.job + ' (run ' + d.run_id +
+      (waiting ? ', agent in no round yet)' : ', node ' + d.node + ')');
   document.getElementById('status').textContent = haveChart ? 'live, refreshed every second'
       : 'Chart.js is not installed on the agent\'s machine (Debian package libjs-chart.js): curves are not drawn';
   const node = document.getElementById('node');
   node.innerHTML = '<tr><th>round</th><th>restarts</th><th>nodes</th><th>world size</th><th>workers running</th>' +
                    '<th>heartbeat age (s) by node</th><th>worker exits by code</th></tr>';
   const row = node.insertRow();
-  [d.round, d.restarts, d.nodes, d.world_size, d.workers_running].forEach(v => cell(row, v));
+  if (waiting) {
+    cell(row, 'none yet: waiting in the rendezvous (for the round to close, or as a spare for a later round)', 'waiting');
+    [d.restarts, '-', '-', d.workers_running].forEach(v => cell(row, v));
+  } else {
+    [d.round, d.restarts, d.nodes, d.world_size, d.workers_running].forEach(v => cell(row, v));
+  }
   cell(row, d.heartbeat_age_seconds.map((a, n) => n + ': ' + (a < 0 ? '-' : a.toFixed(1))).join(', ') || '-');
   cell(row, Object.entries(d.worker_exits).map(([c, n]) => c + ': ' + n).join(', ') || '-');
   const ranks = document.getElementById('ranks');

@@ -137,6 +137,46 @@ TEST_CASE("dtrain run --dashboard: a live page whose charts a headless browser d
   CHECK(processesWithRunId(id).empty());
 }
 
+TEST_CASE("dtrain run --dashboard of an agent in no round yet: the page says it is waiting, not node 0 of round -1") {
+  // An agent waiting in the rendezvous (for its round to close, or an elastic job's spare) has no node rank yet: the
+  // page's title said "node 0" and its node row "round -1" (`dtrain top` says "in no round yet" since a309d62).
+  std::string dir = tempDir("dashboard-waiting");
+  std::string id = uniqueRunId("dashboard-waiting");
+  KillByRunId cleanup{id};
+  Background agent(runArgs({"--nnodes", "2", "--node-rank", "0", "--rdzv-endpoint",
+                            fmt::format("127.0.0.1:{}", freePort()), "--rdzv-id", id, "--dashboard", "0",
+                            endlessJob(dir)}));
+  std::smatch m;
+  const std::string line = agent.waitForLine("serving the dashboard on", 60s, /*fromStderr=*/true);
+  REQUIRE(std::regex_search(line, m, std::regex(R"(http://[^:\s]+:(\d+)/dashboard)")));
+  const int port = std::stoi(m[1]);
+  agent.waitForLine("waiting for 2 node(s) to join", 60s, /*fromStderr=*/true);
+  auto data = nlohmann::json::parse(httpGet(port, "/dashboard/data.json").body);
+  CHECK(data["round"] == -1);  // the JSON keeps the raw value; the page reads it
+  CHECK(data["workers_running"] == 0);
+
+  if (::access(kChromium, X_OK) != 0) {
+    MESSAGE("chromium not installed (Debian package chromium): the browser check was skipped");
+  } else {
+    const std::string url = fmt::format("http://127.0.0.1:{}/dashboard", port);
+    auto dom = run(chromium(dir + "/profile", {"--virtual-time-budget=3000", "--dump-dom", url}), {.timeout = 180s});
+    INFO(dom.err);
+    REQUIRE(dom.exitCode == 0);
+    INFO(dom.out);
+    CHECK(dom.out.find("agent in no round yet)</h1>") != std::string::npos);
+    CHECK(dom.out.find("<td class=\"waiting\">none yet: waiting in the rendezvous (for the round to close, or as a "
+                       "spare for a later round)</td>") != std::string::npos);
+    CHECK(dom.out.find("<td>-1</td>") == std::string::npos);
+    CHECK(dom.out.find(", node 0)") == std::string::npos);
+  }
+
+  agent.signal(SIGTERM);
+  auto result = agent.wait(60s);
+  CHECK_FALSE(result.timedOut);
+  CHECK(result.exitCode == 128 + SIGTERM);
+  CHECK(processesWithRunId(id).empty());
+}
+
 namespace {
 
 // The text of the cell data-field="field" in the dumped DOM's row id="server-N" (or "" when absent).

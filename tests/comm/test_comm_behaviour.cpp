@@ -1,12 +1,18 @@
 // Behaviour around the collectives: asynchronous submission and ordering, sub-groups, the registry and
-// `auto`, timeouts (a rank that never joins or never calls), and the broken state after a failure.
+// `auto`, timeouts (a rank that never joins or never calls), and the broken state after a failure; and the shm
+// backend's sweep of segments whose creator died.
 #include <doctest/doctest.h>
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
 
 #include "lib/comm/hier/hier_backend.h"
+#include "lib/comm/shm/segment.h"
 #include "lib/common/config.h"
 #include "lib/common/error.h"
 #if DTRAIN_WITH_CUDA
@@ -322,4 +328,36 @@ TEST_CASE("per-backend knobs: set options win over the environment, which is sti
   CHECK(std::make_shared<hier::HierBackend>(one, h)->newGroup({0}) != nullptr);
   ::unsetenv("DTRAIN_COMM_SPIN_US");
   CHECK(ownShmSegments().empty());
+}
+
+TEST_CASE("the stale-segment sweep goes by the creator's lock, not by the pid in the name") {
+  // It went by the pid: a live creator in another pid namespace sharing /dev/shm (a pid this one cannot see) lost
+  // its segment inside the setup window, and a dead creator whose pid was reused kept its name.
+  const shm::Layout layout(2, 4096, 4096);
+  auto exists = [](const std::string& name) {
+    const int fd = ::shm_open(name.c_str(), O_RDONLY | O_CLOEXEC, 0);
+    if (fd >= 0) ::close(fd);
+    return fd >= 0;
+  };
+  const std::string fresh = shm::newSegmentName();
+  const std::string suffix = fresh.substr(fresh.rfind('-'));
+  // pid_max is at most 2^22: no process here has this pid.
+  const std::string liveName = fmt::format("/dtrain-shm-{}{}a", (1 << 22) + 7, suffix);
+  const std::string deadName = fmt::format("/dtrain-shm-{}{}b", ::getpid(), suffix);  // a pid that is alive here
+  const std::string newName = fmt::format("/dtrain-shm-{}{}c", ::getpid(), suffix);   // not sized yet
+  auto live = shm::Segment::create(liveName, layout);
+  for (const auto& [name, bytes] : {std::pair{deadName, 4096}, std::pair{newName, 0}}) {
+    const int fd = ::shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0600);
+    REQUIRE(fd >= 0);
+    REQUIRE(::ftruncate(fd, bytes) == 0);
+    ::close(fd);  // no lock held: its creator is gone
+  }
+  shm::removeStaleSegments();
+  CHECK(exists(liveName));
+  CHECK_FALSE(exists(deadName));
+  CHECK(exists(newName));
+  ::shm_unlink(newName.c_str());
+  ::shm_unlink(deadName.c_str());
+  live.reset();  // unlinks its name
+  CHECK_FALSE(exists(liveName));
 }

@@ -2,7 +2,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
-#include <signal.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -37,8 +37,8 @@ Layout::Layout(int nranks, size_t slot, size_t p2p) : n(nranks), slotBytes(align
   total = p2pOffset + un * un * p2pBytes;
 }
 
-Segment::Segment(std::string name, const Layout& layout, char* base, bool owner)
-    : name_(std::move(name)), layout_(layout), base_(base), linked_(owner) {}
+Segment::Segment(std::string name, const Layout& layout, char* base, bool owner, int lockFd)
+    : name_(std::move(name)), layout_(layout), base_(base), linked_(owner), lockFd_(lockFd) {}
 
 Segment::~Segment() {
   unlink();
@@ -49,11 +49,21 @@ void Segment::unlink() {
   if (!linked_) return;
   linked_ = false;
   ::shm_unlink(name_.c_str());
+  if (lockFd_ >= 0) ::close(lockFd_);  // after the unlink: a sweep never finds the name unlocked while it is ours
+  lockFd_ = -1;
 }
 
 std::unique_ptr<Segment> Segment::create(const std::string& name, const Layout& layout) {
   int fd = ::shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0600);
   DTRAIN_CHECK_AS(CommError, fd >= 0, "cannot create shared memory {}: {}", name, std::strerror(errno));
+  // Locked before it is sized: removeStaleSegments leaves a segment of 0 bytes alone and unlinks a sized one only
+  // when it can take this lock (its creator is gone). A new file: nobody else holds a lock on it yet.
+  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    int err = errno;
+    ::close(fd);
+    ::shm_unlink(name.c_str());
+    DTRAIN_THROW(CommError, "cannot lock shared memory {}: {}", name, std::strerror(err));
+  }
   if (::ftruncate(fd, static_cast<off_t>(layout.total)) != 0) {
     int err = errno;
     ::close(fd);
@@ -63,12 +73,12 @@ std::unique_ptr<Segment> Segment::create(const std::string& name, const Layout& 
   }
   void* p = ::mmap(nullptr, layout.total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   int err = errno;
-  ::close(fd);
   if (p == MAP_FAILED) {
+    ::close(fd);
     ::shm_unlink(name.c_str());
     DTRAIN_THROW(CommError, "cannot map shared memory {}: {}", name, std::strerror(err));
   }
-  std::unique_ptr<Segment> seg(new Segment(name, layout, static_cast<char*>(p), true));
+  std::unique_ptr<Segment> seg(new Segment(name, layout, static_cast<char*>(p), true, fd));
   // ftruncate zero-fills: every flag starts at 0. Construct the atomics in place, then publish the header.
   Header& h = *new (p) Header{};
   for (Flag* f : seg->allFlags()) new (f) Flag{};
@@ -96,7 +106,7 @@ std::unique_ptr<Segment> Segment::attach(const std::string& name, const Layout& 
   int err = errno;
   ::close(fd);
   DTRAIN_CHECK_AS(CommError, p != MAP_FAILED, "cannot map shared memory {}: {}", name, std::strerror(err));
-  std::unique_ptr<Segment> seg(new Segment(name, layout, static_cast<char*>(p), false));
+  std::unique_ptr<Segment> seg(new Segment(name, layout, static_cast<char*>(p), false, -1));
   const Header& h = seg->header();
   DTRAIN_CHECK_AS(CommError,
                   h.magic == kMagic && h.version == kVersion && h.nranks == static_cast<uint32_t>(layout.n) &&
@@ -124,18 +134,25 @@ std::string newSegmentName() {
   return fmt::format("/{}{}-{:08x}{:08x}", kPrefix, ::getpid(), rd(), rd());
 }
 
-void removeStaleSegments() {
+int removeStaleSegments() {
   DIR* dir = ::opendir("/dev/shm");
-  if (dir == nullptr) return;
+  if (dir == nullptr) return 0;
   const std::string prefix = kPrefix;
+  int removed = 0;
   while (dirent* e = ::readdir(dir)) {
-    std::string name = e->d_name;
-    if (name.rfind(prefix, 0) != 0) continue;
-    const long pid = std::strtol(name.c_str() + prefix.size(), nullptr, 10);
-    if (pid <= 0) continue;
-    if (::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) ::shm_unlink(("/" + name).c_str());
+    const std::string name = "/" + std::string(e->d_name);
+    if (name.compare(1, prefix.size(), prefix) != 0) continue;
+    const int fd = ::shm_open(name.c_str(), O_RDONLY | O_CLOEXEC, 0);
+    if (fd < 0) continue;  // gone meanwhile, or another user's
+    struct stat st {};
+    // Sized, so locked by its creator first; the lock taken here: that creator is gone.
+    if (::fstat(fd, &st) == 0 && st.st_size > 0 && ::flock(fd, LOCK_EX | LOCK_NB) == 0 &&
+        ::shm_unlink(name.c_str()) == 0)
+      ++removed;
+    ::close(fd);
   }
   ::closedir(dir);
+  return removed;
 }
 
 }  // namespace dtrain::comm::shm

@@ -4,7 +4,10 @@
 // publishes the name through the store, and unlinks it as soon as every rank has mapped it; from then on the
 // memory lives exactly as long as some rank maps it, and the kernel frees it when the last one exits, however
 // it exits. Only a crash of rank 0 inside that short setup window can leave a name behind; the next creator
-// on the machine removes names whose creator pid no longer exists.
+// on the machine removes the names whose creator is gone: rank 0 holds an flock(2) on the segment from before it
+// sizes it until it unlinks it, so a sized segment whose lock can be taken has no creator any more. A lock, not the
+// pid in the name: a creator in another pid namespace sharing /dev/shm (containers with --ipc=host) is never taken
+// for a dead one, and a reused pid never keeps a dead one's name.
 //
 // Layout, 4 KiB aligned: header | per-rank phase flags (128-byte stride: no false sharing, also not with the
 // adjacent-line prefetcher) | per-pair p2p head/tail flags | in[rank][2 slots] | res[2 slots] | p2p rings.
@@ -71,7 +74,7 @@ class Segment {
   const Layout& layout() const { return layout_; }
 
  private:
-  Segment(std::string name, const Layout& layout, char* base, bool owner);
+  Segment(std::string name, const Layout& layout, char* base, bool owner, int lockFd);
   Flag& pairFlag(int src, int dst, int which) {
     return *reinterpret_cast<Flag*>(base_ + layout_.pairOffset +
                                     ((static_cast<size_t>(src) * static_cast<size_t>(layout_.n) +
@@ -81,12 +84,15 @@ class Segment {
   std::string name_;
   Layout layout_;
   char* base_;
-  bool linked_;  // created here and not unlinked yet
+  bool linked_;     // created here and not unlinked yet
+  int lockFd_ = -1;  // created here: holds the creator's flock until unlink()
 };
 
 // "/dtrain-shm-<pid>-<random>".
 std::string newSegmentName();
-// Unlinks /dev/shm/dtrain-shm-<pid>-* whose creator pid no longer exists (a crash inside the setup window).
-void removeStaleSegments();
+// Unlinks the /dev/shm/dtrain-shm-* segments whose creator is gone (a crash inside the setup window): those sized
+// (a segment of 0 bytes may be one whose creator has not locked and sized it yet) whose flock this call can take.
+// Never throws; returns how many it unlinked.
+int removeStaleSegments();
 
 }  // namespace dtrain::comm::shm

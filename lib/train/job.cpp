@@ -69,6 +69,18 @@ DataSettings parseData(const json& doc, const std::string& source, const fs::pat
   f.allowOnly({"train", "eval", "batch_size", "shuffle", "drop_last", "prefetch"});
   d.train = data::parseDataSpec(f.at("train"), source, "/data/train", baseDir);
   if (f.has("eval")) d.eval = data::parseDataSpec(f.at("eval"), source, "/data/eval", baseDir);
+  // The train and val splits of the same text files cut them at 1 - val_fraction each: two different fractions
+  // make the eval set overlap the training tokens (an eval loss that flatters the model) or leave a gap.
+  if (d.eval && d.train.format == data::Format::kText && d.eval->format == data::Format::kText &&
+      !d.train.sequence.valSplit && d.eval->sequence.valSplit && d.train.sequence.paths == d.eval->sequence.paths &&
+      d.train.sequence.valFraction != d.eval->sequence.valFraction) {
+    const double t = d.train.sequence.valFraction, e = d.eval->sequence.valFraction;
+    throw ConfigError(fmt::format(
+        "{}: /data/eval/val_fraction: {} but /data/train/val_fraction is {} over the same files: the val split would "
+        "{} the train split (expected the same val_fraction in both; the default is 0.1)",
+        source, e, t, e > t ? fmt::format("overlap the last {:g}% of", (e - t) * 100)
+                            : fmt::format("leave {:g}% of the tokens out of both", (t - e) * 100)));
+  }
   d.batchSize = atMost(f, "batch_size", f.integer("batch_size", 64, "an integer >= 1 (samples per rank)", positive),
                        kMaxBatchSize, " samples per rank");
   d.shuffle = f.boolean("shuffle", true);

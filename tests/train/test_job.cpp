@@ -178,6 +178,34 @@ TEST_CASE("job errors name the file, the JSON path and what was expected") {
   }
 }
 
+TEST_CASE("train and val splits of the same text files with different val_fractions are refused, naming both") {
+  // Before, the eval set silently overlapped the training tokens (or left a gap): an eval loss that flattered the model.
+  auto dir = testing::tempDir("job_split");
+  std::ofstream(dir + "/t.txt") << "some text to train on, long enough for a few windows of tokens\n";
+  auto job = [&](const json& trainSplit, const json& evalSplit) {
+    json doc = {{"model", {{"preset", "gpt"}, {"vocab_size", 256}, {"block_size", 4}, {"n_layer", 1}, {"n_head", 1},
+                           {"n_embd", 8}}},
+                {"loss", {{"type", "cross_entropy"}}},
+                {"optimizer", {{"type", "sgd"}, {"lr", 0.1}}},
+                {"data", {{"train", {{"format", "text"}, {"path", "t.txt"}}}, {"eval", {{"format", "text"}, {"path", "t.txt"}}}}}};
+    doc["data"]["train"].update(trainSplit);
+    doc["data"]["eval"].update(evalSplit);
+    return JobArgs{.path = writeJob(dir, doc.dump())};
+  };
+  CHECK(configErrorOf(job({{"val_fraction", 0.0}}, {{"split", "val"}})) ==
+        dir + "/job.json: /data/eval/val_fraction: 0.1 but /data/train/val_fraction is 0 over the same files: the val "
+              "split would overlap the last 10% of the train split (expected the same val_fraction in both; the "
+              "default is 0.1)");
+  CHECK(configErrorOf(job({{"val_fraction", 0.3}}, {{"split", "val"}})).find(
+            "/data/eval/val_fraction: 0.1 but /data/train/val_fraction is 0.3 over the same files: the val split would "
+            "leave 20% of the tokens out of both") != std::string::npos);
+  // The same fraction (given or default), or other files, load.
+  CHECK_NOTHROW(loadJob(job({{"val_fraction", 0.2}}, {{"split", "val"}, {"val_fraction", 0.2}})));
+  CHECK_NOTHROW(loadJob(job(json::object(), {{"split", "val"}})));
+  std::ofstream(dir + "/v.txt") << "held-out text in a file of its own\n";
+  CHECK_NOTHROW(loadJob(job({{"val_fraction", 0.0}}, {{"path", "v.txt"}, {"split", "val"}})));
+}
+
 TEST_CASE("the model may live in its own file, resolved against the job's folder") {
   auto dir = testing::tempDir("job");
   std::filesystem::create_directories(dir + "/models");

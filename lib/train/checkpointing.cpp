@@ -251,9 +251,17 @@ void checkInitWeights(const Job& job) {
     const auto path = denseWeightsFile(job.initFrom);
     const auto file = ckpt::SafetensorsFile::open(path);  // a truncated or damaged file throws here
     const auto table = nn::paramTableOf(job.model);
-    // Hugging Face GPT-2 names lack nanoGPT's "transformer." and store Conv1D weights transposed (weights.cpp).
+    // Hugging Face GPT-2 names lack nanoGPT's "transformer." (GPT2Model) or keep it (GPT2LMHeadModel) and store
+    // Conv1D weights transposed: recognised as loadWeights does (weights.cpp's isHfGpt2), by the first block's
+    // c_attn weight [C, 3C] under either name. Any file without our c_attn weight used to pass as one, so another
+    // model's weights for a gpt job passed `dtrain check` and failed in every worker.
     const bool huggingFace = std::any_of(table.begin(), table.end(), [&](const nn::ParamEntry& p) {
-      return p.name == "transformer.h.0.attn.c_attn.weight" && file.find(p.name) == nullptr;
+      if (p.name != "transformer.h.0.attn.c_attn.weight") return false;
+      const Shape ours = p.fullShape.empty() ? p.shape : p.fullShape;
+      const auto* t = file.find(p.name.substr(std::string_view("transformer.").size()));
+      if (t == nullptr) t = file.find(p.name);
+      return t != nullptr && t->shape.rank() == 2 && ours.rank() == 2 && t->shape[0] == ours[1] &&
+             t->shape[1] == ours[0] && ours[0] != ours[1];
     });
     if (huggingFace) return;
     for (const auto& p : table) {

@@ -6,10 +6,12 @@
 #include <filesystem>
 #include <fstream>
 
+#include "lib/ckpt/safetensors.h"
 #include "lib/common/error.h"
 #include "lib/nn/device.h"
 #include "lib/nn/registry.h"
 #include "lib/train/check.h"
+#include "lib/train/checkpointing.h"
 #include "lib/train/compression.h"
 #include "lib/train/job.h"
 #include "tests/support/process.h"
@@ -204,6 +206,41 @@ TEST_CASE("train and val splits of the same text files with different val_fracti
   CHECK_NOTHROW(loadJob(job(json::object(), {{"split", "val"}})));
   std::ofstream(dir + "/v.txt") << "held-out text in a file of its own\n";
   CHECK_NOTHROW(loadJob(job({{"val_fraction", 0.0}}, {{"path", "v.txt"}, {"split", "val"}})));
+}
+
+TEST_CASE("checkInitWeights: another model's weights for a gpt job name the missing tensor; a GPT-2 file passes") {
+  // Before, any file without the gpt's first c_attn weight was taken for a Hugging Face GPT-2 file and only its
+  // header was checked: `dtrain check` said OK and every worker failed after the rendezvous.
+  auto dir = testing::tempDir("job_init");
+  std::ofstream(dir + "/t.txt") << "some text to train on, long enough for a few windows of tokens\n";
+  const std::vector<float> zeros(8 * 24, 0.0f);
+  auto writeWeights = [&](const std::string& name, const std::string& tensor, Shape shape) {
+    const std::vector<ckpt::NamedTensor> t = {{tensor, TensorView::f32(zeros.data(), shape)}};
+    ckpt::writeSafetensorsFile(dir + "/" + name, t);
+  };
+  writeWeights("mlp.safetensors", "0.weight", {2, 4});
+  writeWeights("hf.safetensors", "h.0.attn.c_attn.weight", {8, 24});             // GPT2Model: [C, 3C]
+  writeWeights("hf_lm.safetensors", "transformer.h.0.attn.c_attn.weight", {8, 24});  // GPT2LMHeadModel
+  auto job = [&](const std::string& from) {
+    json doc = {{"model", {{"preset", "gpt"}, {"vocab_size", 256}, {"block_size", 4}, {"n_layer", 1}, {"n_head", 1},
+                           {"n_embd", 8}}},
+                {"loss", {{"type", "cross_entropy"}}},
+                {"optimizer", {{"type", "sgd"}, {"lr", 0.1}}},
+                {"data", {{"train", {{"format", "text"}, {"path", "t.txt"}}}}},
+                {"init", {{"from", from}}}};
+    return loadJob(JobArgs{.path = writeJob(dir, doc.dump())});
+  };
+  std::string msg;
+  try {
+    checkInitWeights(job("mlp.safetensors"));
+  } catch (const CheckpointError& e) {
+    msg = e.what();
+  }
+  CHECK(msg == dir + "/job.json: /init/from: " + dir +
+                   "/mlp.safetensors: no tensor named 'transformer.wte.weight' ([256, 8] in this job's model): weights "
+                   "of another model?");
+  CHECK_NOTHROW(checkInitWeights(job("hf.safetensors")));
+  CHECK_NOTHROW(checkInitWeights(job("hf_lm.safetensors")));
 }
 
 TEST_CASE("the model may live in its own file, resolved against the job's folder") {

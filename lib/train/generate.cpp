@@ -70,10 +70,17 @@ std::string generateText(const GenerateOptions& o, const std::function<void(cons
   data::Vocabulary vocab;
   if (std::filesystem::exists(o.runDir / "vocab.json"))
     vocab = data::Vocabulary::fromJson(readText(o.runDir / "vocab.json"), (o.runDir / "vocab.json").string());
-  std::vector<int32_t> context = vocab.encode(o.prompt);
-  DTRAIN_CHECK_AS(ConfigError, !context.empty(), "--prompt: empty (expected at least one character)");
+  // A prompt the model cannot read is a bad flag value: the README's exit 3, as --temperature 0 (the vocabulary
+  // reports a character it lacks, or invalid UTF-8, as a ConfigError, exit 2, which is for job and model files).
+  std::vector<int32_t> context;
+  try {
+    context = vocab.encode(o.prompt);
+  } catch (const ConfigError& e) {
+    throw UsageError(e.what());
+  }
+  DTRAIN_CHECK_AS(UsageError, !context.empty(), "--prompt: empty (expected at least one character)");
   for (int32_t id : context)
-    DTRAIN_CHECK_AS(ConfigError, id < v, "--prompt: token {} is outside the model's vocabulary of {}", id, v);
+    DTRAIN_CHECK_AS(UsageError, id < v, "--prompt: token {} is outside the model's vocabulary of {}", id, v);
 
   std::mt19937_64 rng(o.seed);
   std::vector<float> window(static_cast<size_t>(t));

@@ -75,6 +75,11 @@ TEST_CASE("a GPT trains on text with dtrain run -n 2, and dtrain generate sample
   auto badTokens = run({dtrainBinary(), "generate", dir + "/run", "--tokens", "-5"});
   CHECK(badTokens.exitCode == 3);
   CHECK(badTokens.err.find("--tokens: -5 (expected >= 0)") != std::string::npos);
+  // So is a prompt the model cannot read (it was exit 2, the code of a bad job file).
+  auto emptyPrompt = run({dtrainBinary(), "generate", dir + "/run", "--prompt", ""});
+  CHECK(emptyPrompt.exitCode == 3);
+  CHECK(emptyPrompt.err.find("--prompt: empty (expected at least one character)") != std::string::npos);
+  CHECK(emptyPrompt.out.empty());
   // A run folder without model.safetensors (stopped before its end) says why, with the checkpoint exit code.
   std::filesystem::rename(dir + "/run/model.safetensors", dir + "/run/model.safetensors.bak");
   auto unfinished = run({dtrainBinary(), "generate", dir + "/run"});

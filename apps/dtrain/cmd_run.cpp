@@ -93,7 +93,7 @@ void checkJobForLaunch(const std::optional<train::Job>& job, launch::LaunchOptio
     // A batch holds at most a data set: its size, unknown for files until the probe, bounds the activations.
     train::checkJobFitsMemory(*job, o.nproc, machine, std::nullopt, o.minNodes, train::specSamples(*job).value_or(1));
     const train::DataCheck data = train::checkJobData(*job);
-    train::checkJobFitsMemory(*job, o.nproc, machine, data.bytes, o.minNodes, data.samples);
+    train::checkJobFitsMemory(*job, o.nproc, machine, data.bytes, o.minNodes, data.samples, data.sharedBytes);
     // The output and checkpoint folders must be usable (exit 2), and the checkpoint the workers would resume from
     // must be this model's (exit 8): here, not in every worker after the rendezvous (or at the first checkpoint,
     // an epoch later), where each restart would fail the same way.

@@ -32,6 +32,10 @@ struct RawArray {
   // Only the header was read (ReadMode::kHeader): shape and type are the file's, `bytes` is empty. A dataset
   // built on it answers every question about shapes, counts and labels but cannot fetch samples.
   bool probed = false;
+  // The bytes are a read-only mapping of the data cache (formats.cpp), or - probed - would be once read: the
+  // processes of a node that read the same file share its page-cache pages, so a memory estimate counts them once
+  // per node, not once per worker (lib/train/check.h).
+  bool shared = false;
 };
 
 enum class LabelKind : uint8_t {
@@ -111,6 +115,8 @@ class ArrayDataset final : public Dataset {
   DType rawType() const { return raw_.type; }
   // Bytes the features take in memory (for a probed dataset: what they would take once read).
   size_t rawBytes() const { return static_cast<size_t>(raw_.shape.numel()) * dtypeSize(raw_.type); }
+  // The features are (or would be) mapped from the data cache and shared by a node's processes (RawArray::shared).
+  bool rawShared() const { return raw_.shared; }
 
  private:
   void buildAffine(const std::string& origin);

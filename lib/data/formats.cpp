@@ -2,6 +2,7 @@
 #include "lib/data/formats.h"
 
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <zlib.h>
@@ -145,6 +146,8 @@ FileFacts factsOf(const std::string& path) {
 // "corrupt or truncated gzip data", from short content, and stops at the declared size anyway). kHeader marks
 // `out` probed; kAll fills out.bytes with the data (header stripped, file byte order). `mayMap`: the data is used
 // as it is in the file (no byte swap), so a data cache hit may be mapped rather than read.
+bool cacheMaps(uint64_t inflatedBytes);
+
 void readDeclaredData(const std::string& path, const char* format, const std::string& shapeText, size_t headerBytes,
                       ReadMode mode, bool mayMap, RawArray& out) {
   std::optional<uint64_t> declared = dtypeSize(out.type);
@@ -176,10 +179,12 @@ void readDeclaredData(const std::string& path, const char* format, const std::st
   }
   if (mode == ReadMode::kHeader) {
     out.probed = true;
+    out.shared = mayMap && f.gzip && cacheMaps(total);
     return;
   }
   auto bytes = readFileBytes(path, total, mayMap);
   if (bytes.size() != total) throw ConfigError(mismatch(bytes.size()));
+  out.shared = bytes.mapped();
   bytes.dropFront(headerBytes);  // no copy: the data stays where it was read
   out.bytes = std::move(bytes);
 }
@@ -232,6 +237,9 @@ std::string cacheDir() {
   if (auto home = env::get("HOME"); home && !home->empty()) return *home + "/.cache/dtrain/data";
   return "";
 }
+
+// A gzip file inflating to `inflatedBytes` is served from a mapping of its cache (when the format may map it).
+bool cacheMaps(uint64_t inflatedBytes) { return inflatedBytes >= kCacheMinBytes && !cacheDir().empty(); }
 
 // One file per source path: a changed source replaces its cache rather than leave the old one behind.
 std::string cachePath(const std::string& path) {
@@ -311,6 +319,38 @@ void writeCache(const std::string& cache, const CacheHeader& header, const ByteB
   if (!ok || done != bytes.size() || ::rename(tmp.c_str(), cache.c_str()) != 0) ::unlink(tmp.c_str());
 }
 
+// The cache's bytes when `cache` holds the data `want` describes (mapped when `mapCache`), else nullopt, having
+// said why when `say`.
+std::optional<ByteBuffer> readCache(const std::string& cache, const CacheHeader& want, const std::string& path,
+                                    std::optional<size_t> maxBytes, bool mapCache, bool say) {
+  int cfd = ::open(cache.c_str(), O_RDONLY | O_CLOEXEC);
+  if (cfd < 0) return std::nullopt;
+  FdGuard cguard{cfd};
+  bool sourceChanged = false;
+  const std::string mismatch = cacheMismatch(cfd, want, sourceChanged);
+  const size_t hint = want.dataBytes;
+  if (mismatch.empty()) {
+    // The cache is only ever replaced by rename (writeCache), never rewritten in place, so a mapping of it
+    // stays valid for as long as the dataset lives (byte_buffer.h says why that matters: SIGBUS).
+    if (mapCache) {
+      if (auto mapped = ByteBuffer::mapFile(cfd, sizeof want + hint)) {
+        mapped->dropFront(sizeof want);
+        return mapped;
+      }
+      log::debug("data cache: cannot map {} ({}); reading it instead", cache, std::strerror(errno));
+    }
+    if (::lseek(cfd, sizeof want, SEEK_SET) == static_cast<off_t>(sizeof want))
+      return readPlain(cfd, cache, hint, maxBytes);
+    log::debug("data cache: cannot seek in {} ({}); inflating {} again", cache, std::strerror(errno), path);
+  } else if (say && sourceChanged) {
+    // A changed source is worth a line (its data is read anew); a broken cache file only costs the inflate.
+    log::info("data cache: {} {}; inflating {} again", cache, mismatch, path);
+  } else if (say) {
+    log::debug("data cache: {} {}; inflating {} again", cache, mismatch, path);
+  }
+  return std::nullopt;
+}
+
 }  // namespace
 
 ByteBuffer readFileBytes(const std::string& path, std::optional<size_t> maxBytes, bool mapCache) {
@@ -332,36 +372,34 @@ ByteBuffer readFileBytes(const std::string& path, std::optional<size_t> maxBytes
   if (maxBytes) hint = std::min(hint, *maxBytes);
   std::string cache = hint >= kCacheMinBytes ? cachePath(path) : "";
   CacheHeader header{};
+  FdGuard lock{-1};
   if (!cache.empty()) {
     header = cacheHeaderOf(fd, st, hint);
-    if (int cfd = ::open(cache.c_str(), O_RDONLY | O_CLOEXEC); cfd >= 0) {
-      FdGuard cguard{cfd};
-      bool sourceChanged = false;
-      const std::string mismatch = cacheMismatch(cfd, header, sourceChanged);
-      if (mismatch.empty()) {
-        // The cache is only ever replaced by rename (writeCache), never rewritten in place, so a mapping of it
-        // stays valid for as long as the dataset lives (byte_buffer.h says why that matters: SIGBUS).
-        if (mapCache) {
-          if (auto mapped = ByteBuffer::mapFile(cfd, sizeof header + hint)) {
-            mapped->dropFront(sizeof header);
-            return std::move(*mapped);
-          }
-          log::debug("data cache: cannot map {} ({}); reading it instead", cache, std::strerror(errno));
-        }
-        if (::lseek(cfd, sizeof header, SEEK_SET) == static_cast<off_t>(sizeof header))
-          return readPlain(cfd, cache, hint, maxBytes);
-        log::debug("data cache: cannot seek in {} ({}); inflating {} again", cache, std::strerror(errno), path);
-      } else if (sourceChanged) {
-        // A changed source is worth a line (its data is read anew); a broken cache file only costs the inflate.
-        log::info("data cache: {} {}; inflating {} again", cache, mismatch, path);
-      } else {
-        log::debug("data cache: {} {}; inflating {} again", cache, mismatch, path);
-      }
+    if (auto hit = readCache(cache, header, path, maxBytes, mapCache, /*say=*/true)) return std::move(*hit);
+    // A miss: the node's workers inflate one at a time (an flock on a file beside the cache), and the ones that
+    // waited find the cache written and map it, so the node holds one copy of the data also at the first start
+    // (the memory check counts a mapped dataset once per node: lib/train/check.h). A lock that cannot be had
+    // costs only the wait's saving.
+    lock.fd = ::open((cache + ".lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (lock.fd < 0) {
+      std::error_code ec;
+      std::filesystem::create_directories(cache.substr(0, cache.rfind('/')), ec);
+      lock.fd = ::open((cache + ".lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
     }
+    int rc = -1;
+    while (lock.fd >= 0 && (rc = ::flock(lock.fd, LOCK_EX)) != 0 && errno == EINTR) {
+    }
+    if (rc == 0)
+      if (auto hit = readCache(cache, header, path, maxBytes, mapCache, /*say=*/false)) return std::move(*hit);
   }
   guard.fd = -1;  // gzdopen owns it now
   auto bytes = readGzip(fd, path, hint, maxBytes);
-  if (!cache.empty() && bytes.size() == hint) writeCache(cache, header, bytes);
+  if (!cache.empty() && bytes.size() == hint) {
+    writeCache(cache, header, bytes);
+    // This worker's copy gives way to the mapping the node's other workers share.
+    if (mapCache)
+      if (auto hit = readCache(cache, header, path, maxBytes, mapCache, /*say=*/false)) return std::move(*hit);
+  }
   return bytes;
 }
 

@@ -177,8 +177,10 @@ int64_t MemoryEstimate::total() const noexcept {
 }
 
 std::string MemoryEstimate::str() const {
-  return fmt::format("{} (parameters {}, optimizer {}, activations {}, data {}{}{})", humanBytes(total()),
+  return fmt::format("{} (parameters {}, optimizer {}, activations {}, data {}{}{}{})", humanBytes(total()),
                      humanBytes(parameters), humanBytes(optimizer), humanBytes(activations), humanBytes(data),
+                     sharedData > 0 ? fmt::format(" + {} mapped, shared by the node's workers", humanBytes(sharedData))
+                                    : "",
                      compression > 0 ? fmt::format(", compression {}", humanBytes(compression)) : "",
                      sparse > 0 ? fmt::format(", sparse tables {}", humanBytes(sparse)) : "");
 }
@@ -289,10 +291,12 @@ int64_t psServerBytes(const Job& job, int servers) {
 }
 
 void checkJobFitsMemory(const Job& job, int localWorkers, const std::optional<MachineMemory>& machine,
-                        std::optional<int64_t> dataBytes, int nodes, std::optional<int64_t> samples) {
+                        std::optional<int64_t> dataBytes, int nodes, std::optional<int64_t> samples,
+                        int64_t sharedDataBytes) {
   if (!machine) return;
   MemoryEstimate e = estimateMemory(job, std::max(localWorkers, 2), samples);
   if (dataBytes) e.data = *dataBytes;
+  e.sharedData = sharedDataBytes;
   const int64_t ranks = std::max(localWorkers, 1);
   // A launch of a parameter-server job: the node's servers hold their rows of the sparse tables (a 500M x 16 table
   // on one server, 91 GiB with SparseAdam, used to pass here as "2.9 MiB per worker" and die in the server).
@@ -303,21 +307,27 @@ void checkJobFitsMemory(const Job& job, int localWorkers, const std::optional<Ma
     serverBytes = psServerBytes(job, s);
   }
   const int64_t workers = ranks - (serverBytes > 0 ? servers : 0);
-  const int64_t need = satAdd(satMul(e.total(), workers), serverBytes > 0 ? satMul(serverBytes, servers) : 0);
+  // A dataset mapped from the data cache is one copy in the page cache, whatever the number of workers.
+  const int64_t shared = workers > 0 ? e.sharedData : 0;
+  const int64_t need =
+      satAdd(satAdd(satMul(e.total(), workers), shared), serverBytes > 0 ? satMul(serverBytes, servers) : 0);
   const std::string serverPart =
-      serverBytes > 0 ? fmt::format(" + {} per parameter server x {} (its rows of the sparse tables with the "
-                                    "optimizer's state; more servers or nodes share them)",
-                                    humanBytes(serverBytes), servers)
-                      : "";
+      fmt::format("{}{}", shared > 0 ? fmt::format(" + {} of mapped data, once", humanBytes(shared)) : "",
+                  serverBytes > 0 ? fmt::format(" + {} per parameter server x {} (its rows of the sparse tables with "
+                                                "the optimizer's state; more servers or nodes share them)",
+                                                humanBytes(serverBytes), servers)
+                                  : "");
   // `ulimit -v` (RLIMIT_AS) bounds each process, and the workers inherit it: one worker (or a server with its
   // rows) must fit in it, or it dies of std::bad_alloc in its first allocation past the limit.
-  const int64_t perProcess = std::max(workers > 0 ? e.total() : 0, serverBytes);
+  // (A mapping takes address space in each process.)
+  const int64_t perProcessWorker = satAdd(e.total(), e.sharedData);
+  const int64_t perProcess = std::max(workers > 0 ? perProcessWorker : 0, serverBytes);
   DTRAIN_CHECK_AS(ConfigError, machine->addressSpaceLimit <= 0 || perProcess <= machine->addressSpaceLimit,
                   "{}: this job needs about {} per {}, but a process here may use at most {} of memory (ulimit -v: "
                   "RLIMIT_AS, which the workers inherit); raise the limit, or reduce the model or the batch size",
-                  job.sourceFile, perProcess == serverBytes && serverBytes > e.total() ? humanBytes(serverBytes)
-                                                                                          : e.str(),
-                  perProcess == serverBytes && serverBytes > e.total() ? "parameter server" : "worker",
+                  job.sourceFile, perProcess == serverBytes && serverBytes > perProcessWorker ? humanBytes(serverBytes)
+                                                                                             : e.str(),
+                  perProcess == serverBytes && serverBytes > perProcessWorker ? "parameter server" : "worker",
                   humanBytes(machine->addressSpaceLimit));
   // A cgroup's limit bounds this process and all its workers together, whatever the machine has free: past it
   // the kernel's OOM killer ends one of them (a 4 GiB container on a 64 GiB machine passed here and was killed).
@@ -409,14 +419,22 @@ std::string describeSparseMemory(const Job& job, int64_t workerBytes) {
 
 namespace {
 
-int64_t datasetBytes(const data::Dataset& ds, const data::DataSpec& spec) {
+// Adds what `ds` takes once read to `c`: in each worker (bytes), or mapped from the data cache (sharedBytes).
+void addDatasetBytes(DataCheck& c, const data::Dataset& ds, const data::DataSpec& spec) {
   // Token sequences keep their uint16 stream (text and tokens formats read it whole, also for the check).
-  if (const auto* seq = dynamic_cast<const data::SequenceDataset*>(&ds))
-    return satMul(static_cast<int64_t>(seq->stream().tokens.size()), 2);
+  if (const auto* seq = dynamic_cast<const data::SequenceDataset*>(&ds)) {
+    c.bytes = satAdd(c.bytes, satMul(static_cast<int64_t>(seq->stream().tokens.size()), 2));
+    return;
+  }
   const auto* array = dynamic_cast<const data::ArrayDataset*>(&ds);
-  if (!array) return syntheticBytes(spec);
+  if (!array) {
+    c.bytes = satAdd(c.bytes, syntheticBytes(spec));
+    return;
+  }
   int64_t labels = satMul(ds.size(), satMul(ds.labelKind() == data::LabelKind::kClass ? 1 : ds.labelShape().numel(), 4));
-  return satAdd(static_cast<int64_t>(array->rawBytes()), labels);
+  c.bytes = satAdd(c.bytes, labels);
+  int64_t& features = array->rawShared() ? c.sharedBytes : c.bytes;
+  features = satAdd(features, static_cast<int64_t>(array->rawBytes()));
 }
 
 }  // namespace
@@ -451,11 +469,11 @@ DataCheck checkJobData(const Job& job) {
     }
     checkScheduleFitsRun(job, total, how);
   }
-  c.bytes = datasetBytes(*c.train, job.data.train);
+  addDatasetBytes(c, *c.train, job.data.train);
   if (job.data.eval) {
     c.eval = data::loadDataset(*job.data.eval, data::ReadMode::kHeader);
     checkDataFitsModel(job, *c.eval, *loss, "/data/eval");
-    c.bytes = satAdd(c.bytes, datasetBytes(*c.eval, *job.data.eval));
+    addDatasetBytes(c, *c.eval, *job.data.eval);
     c.samples = std::max(c.samples, c.eval->size());
   }
   return c;
@@ -487,7 +505,7 @@ std::string checkJob(const Job& job) {
   checkOutputDirs(job);
   checkInitWeights(job);
   auto data = checkJobData(job);
-  checkJobFitsMemory(job, 1, readMachineMemory(), data.bytes, 0, data.samples);
+  checkJobFitsMemory(job, 1, readMachineMemory(), data.bytes, 0, data.samples, data.sharedBytes);
   auto train = data.train;
   std::string evalLine = data.eval ? fmt::format("eval:  {}", data.eval->describe()) : "eval:  (none)";
   // The summary comes from the spec: building the model only to print it allocated and initialised every
@@ -524,6 +542,7 @@ std::string checkJob(const Job& job) {
   if (auto warning = emptyEpochWarning(job, train->size())) out += "warning: " + *warning + "\n";
   MemoryEstimate memory = estimateMemory(job, 2, data.samples);
   memory.data = data.bytes;
+  memory.sharedData = data.sharedBytes;
   out += fmt::format("memory: about {} per worker{}\n", memory.str(),
                      psServerBytes(job, 1) > 0 ? " (its sparse tables are on the parameter servers: below)" : "");
   out += describeSparseMemory(job, memory.total());

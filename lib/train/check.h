@@ -37,7 +37,9 @@ std::string checkJob(const Job& job);
 // data section and the file. Blocks on file I/O (milliseconds for headers; labels and CSV are read whole).
 struct DataCheck {
   std::shared_ptr<const data::Dataset> train, eval;  // probed: no fetch()
-  int64_t bytes = 0;  // what the datasets take in one worker's memory once read (features + labels)
+  int64_t bytes = 0;  // what the datasets take in one worker's own memory once read (features + labels)
+  // Features mapped read-only from the data cache (data::RawArray::shared): the node's workers share one copy.
+  int64_t sharedBytes = 0;
   int64_t samples = 0;  // the larger set's samples: one rank's share at most, so the largest batch of any world
 };
 DataCheck checkJobData(const Job& job);
@@ -73,10 +75,14 @@ struct MemoryEstimate {
   // The sparse tables this process holds itself, with their optimizer state: a one-process run of a
   // parameter-server job keeps every table (psServerBytes(job, 1)); 0 for a worker, whose tables are on the servers.
   int64_t sparse = 0;
+  // Datasets mapped read-only from the data cache (DataCheck::sharedBytes): in every worker's address space, but
+  // one copy in the node's memory, counted once per node; not in total().
+  int64_t sharedData = 0;
   int64_t total() const noexcept;
   // "9.1 GiB (parameters 1.2 GiB, optimizer 0.8 GiB, activations 7.1 GiB, data 0 B)", then
   // ", compression 12 MiB" inside the parentheses when the job compresses gradients, ", sparse tables 183 MiB"
-  // when the process holds sparse tables.
+  // when the process holds sparse tables; "data 240 KiB + 54.7 MiB mapped, shared by the node's workers" with
+  // sharedData.
   std::string str() const;
 };
 // Activations count the largest batch a rank can get: data.batch_size, or `samples` (the larger data set's size,
@@ -115,14 +121,16 @@ std::string describeCgroupLimit(const MachineMemory& machine);
 // killer ends the cgroup's processes past it), naming the file and the limit: "... = 6.0 GiB, but this process's
 // cgroup may use at most 4.0 GiB (cgroup /sys/fs/cgroup/x memory.max = 4.0 GiB) ...". The limit is compared as it
 // is: memory the cgroup already holds (this process, page cache) is not subtracted.
-// `dataBytes`: the datasets' size when known (DataCheck::bytes), else the estimate's own (synthetic data only).
+// `dataBytes`: the datasets' size when known (DataCheck::bytes), else the estimate's own (synthetic data only);
+// `sharedDataBytes` (DataCheck::sharedBytes): datasets mapped from the data cache, counted once for the node's
+// workers (they share the page cache's copy) and in each worker's address space for `ulimit -v`.
 // `nodes` > 0 (dtrain run's agent: the launch's node count, the smallest of an elastic range): with the
 // parameter-server strategy, up to ceil(servers / nodes) of the local ranks are servers, each holding its rows of
 // the sparse tables with their optimizer state (psServerBytes) instead of a worker's estimate; they are counted.
 // `samples`: DataCheck::samples (estimateMemory).
 void checkJobFitsMemory(const Job& job, int localWorkers, const std::optional<MachineMemory>& machine,
                         std::optional<int64_t> dataBytes = std::nullopt, int nodes = 0,
-                        std::optional<int64_t> samples = std::nullopt);
+                        std::optional<int64_t> samples = std::nullopt, int64_t sharedDataBytes = 0);
 // Bytes one of `servers` parameter servers keeps of the job's sparse tables: its ceil(rows / servers) rows of
 // each, float32, with the sparse optimizer's state (SparseAdam: 2 more, Adagrad: 1, SGD: none). 0 without tables.
 int64_t psServerBytes(const Job& job, int servers);

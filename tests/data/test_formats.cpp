@@ -297,11 +297,12 @@ TEST_CASE("the data cache is mapped read-only; rewriting it leaves a mapped read
   const std::string images = tmp("cached.gz");
   writeBytes(images, idxBytes(0x08, {5 * 1024, 32, 32}, pixels), true);
 
-  auto inflated = readIdx(images, 3, "images");  // inflates, writes the cache
-  CHECK_FALSE(inflated.bytes.mapped());
+  auto inflated = readIdx(images, 3, "images");  // inflates, writes the cache, and maps it rather than keep its copy
+  CHECK(inflated.bytes.mapped());
   CHECK(sameBytes(inflated, pixels));
   std::vector<std::string> files;
-  for (const auto& e : std::filesystem::directory_iterator(dir)) files.push_back(e.path().string());
+  for (const auto& e : std::filesystem::directory_iterator(dir))
+    if (e.path().extension() == ".raw") files.push_back(e.path().string());  // (beside it: its lock file)
   REQUIRE(files.size() == 1);
   const std::string cache = files[0];
   const auto cacheBytes = static_cast<off_t>(64 + 16 + pixels.size());  // the cache's header, the IDX file
@@ -323,7 +324,7 @@ TEST_CASE("the data cache is mapped read-only; rewriting it leaves a mapped read
     std::fclose(f);
   }
   auto b = readIdx(images, 3, "images");
-  CHECK_FALSE(b.bytes.mapped());
+  CHECK(b.bytes.mapped());  // the rewritten cache
   CHECK(sameBytes(b, pixels));
   struct stat after {};
   REQUIRE(::stat(cache.c_str(), &after) == 0);
@@ -334,7 +335,7 @@ TEST_CASE("the data cache is mapped read-only; rewriting it leaves a mapped read
   // A truncated cache file is no error and no crash: the .gz is inflated again and the cache rewritten whole.
   REQUIRE(::truncate(cache.c_str(), 100) == 0);
   auto c = readIdx(images, 3, "images");
-  CHECK_FALSE(c.bytes.mapped());
+  CHECK(c.bytes.mapped());
   CHECK(sameBytes(c, pixels));
   REQUIRE(::stat(cache.c_str(), &after) == 0);
   CHECK(after.st_size == cacheBytes);
@@ -395,8 +396,15 @@ TEST_CASE("a data cache built from another version of its .gz is rebuilt, not us
   REQUIRE(::stat(images.c_str(), &second) == 0);
   REQUIRE(second.st_size == first.st_size);
   REQUIRE(second.st_mtim.tv_nsec == first.st_mtim.tv_nsec);
+  const auto inode = [&] {
+    struct stat st {};
+    for (const auto& e : std::filesystem::directory_iterator(dir))
+      if (e.path().extension() == ".raw") REQUIRE(::stat(e.path().c_str(), &st) == 0);
+    return st.st_ino;
+  };
+  const auto builtFirst = inode();
   auto b = readIdx(images, 3, "images");
-  CHECK_FALSE(b.bytes.mapped());  // inflated anew
+  CHECK(inode() != builtFirst);  // inflated anew, the cache rewritten
   CHECK(sameBytes(b, pixelsOf(n, 7)));
   auto c = readIdx(images, 3, "images");
   CHECK(c.bytes.mapped());  // the rebuilt cache
@@ -406,8 +414,9 @@ TEST_CASE("a data cache built from another version of its .gz is rebuilt, not us
   // Only the mtime changes (touch): rebuilt too, as it always was.
   const struct timespec later[2] = {{0, UTIME_OMIT}, {first.st_mtim.tv_sec + 10, first.st_mtim.tv_nsec}};
   REQUIRE(::utimensat(AT_FDCWD, images.c_str(), later, 0) == 0);
-  CHECK_FALSE(readIdx(images, 3, "images").bytes.mapped());
+  const auto builtSecond = inode();
   CHECK(readIdx(images, 3, "images").bytes.mapped());
+  CHECK(inode() != builtSecond);
 
   // Another size: rebuilt, and it replaces the source's cache file rather than adding one per version.
   writeStoredGzip(images, idxBytes(0x08, {5 * 1024 + 1, 32, 32}, pixelsOf(n + 1024, 3)));
@@ -418,5 +427,45 @@ TEST_CASE("a data cache built from another version of its .gz is rebuilt, not us
   int files = 0;
   for (const auto& e : std::filesystem::directory_iterator(dir)) files += e.path().extension() == ".raw" ? 1 : 0;
   CHECK(files == 1);
+  ::unsetenv("DTRAIN_DATA_CACHE");
+}
+
+TEST_CASE("the first load of a .gz maps the cache it wrote; concurrent first loads all map the one cache") {
+  const std::string dir = tmp("cache-first");
+  REQUIRE(::setenv("DTRAIN_DATA_CACHE", dir.c_str(), 1) == 0);
+  const std::string images = tmp("first.gz");
+  const size_t n = 5 * 1024 * 32 * 32;
+  writeStoredGzip(images, idxBytes(0x08, {5 * 1024, 32, 32}, pixelsOf(n, 1)));
+  // Four processes load it at once (as a node's workers do at their first start): each ends up with the mapping, no
+  // private copy of the data stays (they inflated one at a time under the cache's lock; the later ones found it).
+  std::vector<pid_t> pids;
+  for (int i = 0; i < 4; ++i) {
+    const pid_t pid = ::fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+      int rc = 1;
+      try {
+        auto a = readIdx(images, 3, "images");
+        rc = a.bytes.mapped() && sameBytes(a, pixelsOf(n, 1)) ? 0 : 2;
+      } catch (...) {
+        rc = 3;
+      }
+      ::_exit(rc);
+    }
+    pids.push_back(pid);
+  }
+  for (pid_t pid : pids) {
+    int status = 0;
+    REQUIRE(::waitpid(pid, &status, 0) == pid);
+    CHECK(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 0);
+  }
+  int raw = 0, tmpFiles = 0;
+  for (const auto& e : std::filesystem::directory_iterator(dir)) {
+    raw += e.path().extension() == ".raw" ? 1 : 0;
+    tmpFiles += e.path().string().find(".tmp-") != std::string::npos ? 1 : 0;
+  }
+  CHECK(raw == 1);
+  CHECK(tmpFiles == 0);
   ::unsetenv("DTRAIN_DATA_CACHE");
 }

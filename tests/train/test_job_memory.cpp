@@ -4,6 +4,7 @@
 #include <doctest/doctest.h>
 
 #include <sys/stat.h>
+#include <zlib.h>
 
 #include <cstdlib>
 #include <filesystem>
@@ -264,4 +265,68 @@ TEST_CASE("machine memory is read from /proc/meminfo") {
   CHECK(describeCgroupLimit(*m) == "cgroup " + dir + "/cg/job memory.max = 4.0 GiB");
   testing::writeFile(dir + "/cg/job/memory.max", "max\n");
   CHECK(readMachineMemory(dir + "/meminfo", dir + "/cgroup", dir + "/mountinfo")->cgroupLimit == 0);
+}
+
+namespace {
+
+// An IDX file (big-endian header), gzipped: the data cache's kind of source.
+void writeIdxGz(const std::string& path, const std::vector<uint32_t>& dims, const std::string& data) {
+  std::string bytes = {0, 0, 0x08, static_cast<char>(dims.size())};
+  for (uint32_t d : dims)
+    for (int shift : {24, 16, 8, 0}) bytes.push_back(static_cast<char>((d >> shift) & 0xff));
+  bytes += data;
+  gzFile gz = ::gzopen(path.c_str(), "wb1");
+  REQUIRE(gz != nullptr);
+  REQUIRE(::gzwrite(gz, bytes.data(), static_cast<unsigned>(bytes.size())) == static_cast<int>(bytes.size()));
+  REQUIRE(::gzclose(gz) == Z_OK);
+}
+
+}  // namespace
+
+TEST_CASE("a dataset mapped from the data cache is counted once per node, not once per worker") {
+  const std::string dir = testing::tempDir("job_memory_shared");
+  REQUIRE(::setenv("DTRAIN_DATA_CACHE", (dir + "/cache").c_str(), 1) == 0);
+  // 5120 images of 32 x 32 uint8: 5 MiB, over the 4 MiB from which .gz datasets are cached (and then mapped).
+  const int64_t samples = 5120, pixels = samples * 1024;
+  writeIdxGz(dir + "/images.gz", {5120, 32, 32}, std::string(static_cast<size_t>(pixels), '\x07'));
+  writeIdxGz(dir + "/labels.gz", {5120}, std::string(5120, '\x01'));
+  testing::writeFile(dir + "/job.json", R"({
+    "model": {"input": [1024], "layers": [{"type": "linear", "out": 10}]},
+    "loss": {"type": "cross_entropy"},
+    "data": {"train": {"format": "idx", "images": "images.gz", "labels": "labels.gz"}, "batch_size": 8},
+    "optimizer": {"type": "sgd", "lr": 0.1}, "train": {"epochs": 1}})");
+  const Job job = loadJob({dir + "/job.json"});
+  const DataCheck data = checkJobData(job);
+  CHECK(data.sharedBytes == pixels);
+  CHECK(data.bytes == samples * 4);  // the labels, int32 in each worker
+
+  // 8 workers on a machine with room for one copy of the images and not for 8: it fits (it was refused as
+  // 8 x (estimate + 5 MiB)).
+  MemoryEstimate e = estimateMemory(job, 8, data.samples);
+  e.data = data.bytes;
+  const int64_t workers = 8 * e.total();
+  const MachineMemory roomy{.available = workers + pixels, .total = int64_t{1} << 40};
+  CHECK_NOTHROW(checkJobFitsMemory(job, 8, roomy, data.bytes, 0, data.samples, data.sharedBytes));
+  const MachineMemory tight{.available = workers + pixels - 1, .total = int64_t{1} << 40};
+  try {
+    checkJobFitsMemory(job, 8, tight, data.bytes, 0, data.samples, data.sharedBytes);
+    FAIL("expected ConfigError");
+  } catch (const ConfigError& err) {
+    const std::string m = err.what();
+    CHECK_MESSAGE(m.find("data 20.0 KiB + 5.0 MiB mapped, shared by the node's workers) per worker x 8 local "
+                         "worker(s) + 5.0 MiB of mapped data, once = ") != std::string::npos,
+                  m);
+  }
+  // `ulimit -v` bounds each process, and each maps the images: counted in every one.
+  MachineMemory limited = roomy;
+  limited.addressSpaceLimit = e.total() + pixels - 1;
+  CHECK_THROWS_AS(checkJobFitsMemory(job, 8, limited, data.bytes, 0, data.samples, data.sharedBytes), ConfigError);
+
+  // With the cache off every worker inflates its own copy: counted per worker.
+  REQUIRE(::setenv("DTRAIN_DATA_CACHE", "0", 1) == 0);
+  const DataCheck own = checkJobData(job);
+  CHECK(own.sharedBytes == 0);
+  CHECK(own.bytes == pixels + samples * 4);
+  CHECK_THROWS_AS(checkJobFitsMemory(job, 8, roomy, own.bytes, 0, own.samples, own.sharedBytes), ConfigError);
+  ::unsetenv("DTRAIN_DATA_CACHE");
 }

@@ -210,6 +210,9 @@ std::optional<ResumePoint> Checkpointer::resume(nn::Model& model, nn::Optimizer&
   optimizer.setSteps(meta.user.value("optimizer_steps", meta.step));
   ResumePoint r{meta.step, meta.epoch, meta.samplesConsumed, meta.worldSize,
                 meta.user.value("epoch_world", meta.worldSize), cp.path()};
+  if (const auto it = meta.user.find("log_interval"); it != meta.user.end() && it->is_object())
+    r.interval = IntervalLoss{.lossSum = it->value("loss_sum", 0.0), .batches = it->value("batches", int64_t{0}),
+                              .logEvery = it->value("log_every", int64_t{0})};
   return r;
 }
 
@@ -325,7 +328,8 @@ bool Checkpointer::loadCommHookState(const ResumePoint& from, std::string* whyFr
 }
 
 std::filesystem::path Checkpointer::save(const nn::Model& model, nn::Optimizer& optimizer, int64_t step,
-                                         int64_t epoch, int64_t samplesConsumed, int epochWorld) {
+                                         int64_t epoch, int64_t samplesConsumed, int epochWorld,
+                                         const IntervalLoss& interval) {
   // Every rank derives the same token: no message needed to agree on the staging dir.
   const std::string token = this->token(step);
   ckpt::CheckpointWriter writer(job_.checkpoint.dir, step, token);
@@ -391,6 +395,8 @@ std::filesystem::path Checkpointer::save(const nn::Model& model, nn::Optimizer& 
                  {"epoch_world", epochWorld}};
     const LayoutDims& l = strategy_.groups().layout;
     meta.user["layout"] = {{"data", l.data}, {"pipeline", l.stages}, {"tensor", l.tensor}};
+    meta.user["log_interval"] = {
+        {"loss_sum", interval.lossSum}, {"batches", interval.batches}, {"log_every", interval.logEvery}};
     ckpt::CommitOptions options;
     for (int r = 0; r < (shard.everyRankFile ? worldSize_ : 1); ++r) options.requiredFiles.push_back(rankFile(r));
     options.requiredFiles.insert(options.requiredFiles.end(), sparseFiles.begin(), sparseFiles.end());

@@ -35,6 +35,15 @@
 
 namespace dtrain::train {
 
+// The loss a progress interval had gathered when a checkpoint was saved (summed over the ranks and micro-batches:
+// TrainLoop::saveCheckpoint), kept in its meta as user "log_interval" {"loss_sum", "batches", "log_every"}: a run
+// resumed there with the same log_every logs its first regular line over the same steps as an uninterrupted run.
+struct IntervalLoss {
+  double lossSum = 0;
+  int64_t batches = 0;
+  int64_t logEvery = 0;  // 0: not recorded (older checkpoints)
+};
+
 struct ResumePoint {
   int64_t step = 0;
   int64_t epoch = 0;
@@ -44,6 +53,7 @@ struct ResumePoint {
   // once a resize made the rest of the epoch uneven. Checkpoints older than this field: savedWorldSize.
   int epochWorld = 1;
   std::filesystem::path path;
+  IntervalLoss interval;
 };
 
 // The checkpoint a run of `job` would resume from, checked against the job's model without building it, so that
@@ -85,7 +95,7 @@ class Checkpointer {
   std::optional<ResumePoint> resume(nn::Model& model, nn::Optimizer& optimizer);
   // Collective: every rank calls it at the same step. Returns the committed checkpoint dir.
   std::filesystem::path save(const nn::Model& model, nn::Optimizer& optimizer, int64_t step, int64_t epoch,
-                             int64_t samplesConsumed, int epochWorld);
+                             int64_t samplesConsumed, int epochWorld, const IntervalLoss& interval = {});
   // The communication hook whose state save() writes (null: none). Its stateBuffers() must be valid (bound).
   void setCommHook(CommHookPtr hook) { hook_ = std::move(hook); }
   // Loads the hook's state from the checkpoint `from` resumed (after the strategy's prepare() bound the hook).

@@ -74,7 +74,9 @@ class TrainLoop {
   void afterStep(int64_t epoch, int64_t position, bool epochEnd);  // log, stop, checkpoint, callbacks
   void saveCheckpoint(int64_t epoch, int64_t position);
   void evaluate(const StepStats& stats);
-  void logInterval(StepStats& stats, bool force);
+  // Reduces the interval's metrics over the ranks and logs them. `keepLoss`: this process's first step, logged alone
+  // (the interval's steps so far are that one): its loss is the line's, and the regular interval's sums go on.
+  void logInterval(StepStats& stats, bool force, bool keepLoss = false);
   void finish();   // final weights, the result over the ranks, onFinish
   void writeVocabulary();  // vocab.json beside the model, for `dtrain generate` (token datasets, rank 0)
   void setUpSparseTables();  // binds the model's sparse tables to their holder, restores them on resume
@@ -104,6 +106,10 @@ class TrainLoop {
   // interval accounting for progress lines
   double intervalLoss_ = 0;
   int64_t intervalBatches_ = 0;
+  // The regular interval's loss before the checkpoint this run resumed from (over every rank: IntervalLoss), added
+  // to the first regular line's so that it covers the same steps as in an uninterrupted run.
+  double carriedLoss_ = 0;
+  int64_t carriedBatches_ = 0;
   int64_t intervalSamples_ = 0;
   // Micro-batches since the last line, empty ones included (a rank whose uneven share ran out): every rank takes the
   // same ones, so whether to reduce the interval's metrics (a collective) is decided alike everywhere.

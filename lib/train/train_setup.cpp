@@ -343,6 +343,11 @@ void TrainLoop::planRun() {
                                          worker_.worldSize, psServers_ > 0 ? "worker(s)" : "rank(s)"));
   schedule_ = nn::Schedule(job_.schedule, baseLr, totalSteps);
   logEvery_ = job_.loop.logEverySteps > 0 ? job_.loop.logEverySteps : std::max<int64_t>(1, stepsPerEpoch / 20);
+  // The interval the checkpoint was saved in goes on here when its lines fall at the same steps.
+  if (resumed_ && resumed_->interval.logEvery == logEvery_) {
+    carriedLoss_ = resumed_->interval.lossSum;
+    carriedBatches_ = resumed_->interval.batches;
+  }
   // Where the run stands before its first step (what the summary reports when no step is left to take).
   stats_ = StepStats{.step = step_,
                      .totalSteps = totalSteps,

@@ -60,7 +60,7 @@ std::unique_ptr<BatchStager> TrainLoop::stagerFor(const data::Dataset& ds) {
   return std::make_unique<DeviceBatchStager>(staging_, ds, maxBatch_);
 }
 
-void TrainLoop::logInterval(StepStats& stats, bool force) {
+void TrainLoop::logInterval(StepStats& stats, bool force, bool keepLoss) {
   // Not intervalBatches_: a rank whose interval held only empty batches (its share of an epoch resumed at a larger
   // world ran out) skipped the reduction the others entered, and the ranks' collectives fell out of step (a hang
   // until parallel.timeout, or mismatched calls).
@@ -69,6 +69,7 @@ void TrainLoop::logInterval(StepStats& stats, bool force) {
   double sums[3] = {countsMetrics_ ? intervalLoss_ : 0.0, countsMetrics_ ? static_cast<double>(intervalBatches_) : 0.0,
                     countsMetrics_ ? static_cast<double>(intervalSamples_) : 0.0};
   strategy_->reduceMetrics(sums, comm::ReduceOp::kSum);
+  if (!keepLoss) sums[0] += carriedLoss_, sums[1] += static_cast<double>(carriedBatches_);
   double secs = std::max(1e-9, secondsSince(intervalStart_));
   stats.loss = sums[1] > 0 ? sums[0] / sums[1] : 0;
   stats.samplesPerSec = sums[2] / secs;
@@ -84,8 +85,11 @@ void TrainLoop::logInterval(StepStats& stats, bool force) {
     loggedTraffic_ = *t;
   }
   callbacks_.log(stats);
-  intervalLoss_ = 0;
-  intervalBatches_ = intervalSamples_ = intervalSteps_ = 0;
+  if (!keepLoss) {
+    intervalLoss_ = carriedLoss_ = 0;
+    intervalBatches_ = carriedBatches_ = 0;
+  }
+  intervalSamples_ = intervalSteps_ = 0;
   intervalStart_ = Clock::now();
 }
 
@@ -144,7 +148,13 @@ void TrainLoop::saveCheckpoint(int64_t epoch, int64_t position) {
   strategy_->syncForSave();
   // At an epoch's start (position 0) the next epoch follows this world's padding; mid-epoch, the current one's.
   const int epochWorld = position == 0 ? strategy_->groups().dataSize : epochWorld_;
-  auto dir = checkpointer_->save(*model_, *optimizer_, step_, epoch, position, epochWorld);
+  // The regular interval's loss so far over the ranks (every rank saves at this step), for a run resumed here.
+  double interval[2] = {countsMetrics_ ? intervalLoss_ : 0.0, countsMetrics_ ? static_cast<double>(intervalBatches_) : 0.0};
+  strategy_->reduceMetrics(interval, comm::ReduceOp::kSum);
+  const IntervalLoss loss{.lossSum = interval[0] + carriedLoss_,
+                          .batches = static_cast<int64_t>(interval[1]) + carriedBatches_,
+                          .logEvery = logEvery_};
+  auto dir = checkpointer_->save(*model_, *optimizer_, step_, epoch, position, epochWorld, loss);
   if (!dir.empty()) result_.checkpoint = dir;  // rank 0 commits, and names it in the summary of a stopped run
   CheckpointEvent saved{.step = step_, .seconds = secondsSince(t0)};
   std::error_code ec;
@@ -407,7 +417,11 @@ void TrainLoop::afterStep(int64_t epoch, int64_t position, bool epochEnd) {
   stats_.lr = optimizer_->lr();
   // This process's first step is always logged (step 1, or the first after a resume): its wall_time tells how long
   // the start took, and a resumed run with a sparse log_every shows at once that it trains, not log_every steps on.
-  if (step_ == stats_.startStep + 1 || step_ % logEvery_ == 0 || epochEnd) logInterval(stats_, false);
+  // That line is the step's own loss and does not end the regular interval: the lines at multiples of log_every (and
+  // at an epoch's end) cover the same steps in a resumed run as in an uninterrupted one (the steps before the
+  // checkpoint come with it: IntervalLoss). The line after a resume at step 7 with log_every 5 averaged steps 9-10.
+  if (step_ % logEvery_ == 0 || epochEnd) logInterval(stats_, false);
+  else if (step_ == stats_.startStep + 1) logInterval(stats_, false, /*keepLoss=*/true);
   // A run that reaches max_steps is checkpointed there, so raising max_steps continues it.
   if (job_.loop.maxSteps > 0 && step_ >= job_.loop.maxSteps) stop_ = true;
   if (step_ % stopCheckEvery_ == 0 || stop_) {

@@ -161,6 +161,58 @@ TEST_CASE("an epoch resumed at a larger world where a rank's share runs out a st
   }
 }
 
+TEST_CASE("after a resume the progress lines' losses are the uninterrupted run's at the same steps") {
+  // 256 samples, batch 8, two ranks: 16 steps an epoch, log_every 4. One run goes through; another stops at step 5
+  // and resumes. The resumed run's first step (6) is logged alone, with that step's loss; its line at step 8
+  // averaged steps 7-8 (the first line ended the interval, and steps 5's loss was not in the checkpoint), against
+  // 5-8 in the uninterrupted run.
+  std::string dir = tempDir("resume-loss-lines");
+  json job = smallJob(256, 8, 2);
+  job["model"]["layers"][2] = {{"type", "tanh"}};  // no dropout
+  job["train"]["log_every"] = 4;
+  job["checkpoint"] = {{"every_steps", 100}};
+  writeFile(dir + "/job.json", job.dump());
+  // step -> loss of the progress lines in metrics.jsonl (a resumed run appends; the later line of a step wins).
+  auto losses = [](const std::string& out) {
+    std::map<int64_t, double> byStep;
+    for (auto& j : readJsonLines(out + "/metrics.jsonl"))
+      if (j.contains("loss") && !j.contains("final") && !j.contains("eval_loss"))
+        byStep[j["step"].get<int64_t>()] = j["loss"].get<double>();
+    return byStep;
+  };
+  auto launch = [&](const std::string& out, std::vector<std::string> sets) {
+    std::vector<std::string> args =
+        runArgs({"--standalone", "--nproc-per-node", "2", dir + "/job.json", "--output-dir", dir + "/" + out});
+    for (auto& v : sets) args.insert(args.end(), {"--set", v});
+    auto r = run(args, {.timeout = 60s});
+    REQUIRE_MESSAGE(r.exitCode == 0, r.out, r.err);
+    return r;
+  };
+  launch("each", {"train.log_every=1"});  // every step's own loss
+  launch("whole", {});
+  launch("resumed", {"train.max_steps=5"});
+  auto second = launch("resumed", {});
+  CHECK(second.out.find("resumed from " + dir + "/resumed/checkpoints/step-000000005") != std::string::npos);
+  const auto each = losses(dir + "/each"), whole = losses(dir + "/whole"), resumed = losses(dir + "/resumed");
+  REQUIRE(each.size() == 32);
+  // A line at a multiple of log_every averages the log_every steps up to it (steps 1-4 too: the first step's own
+  // line does not end that interval).
+  for (int64_t step : {4, 8, 12, 16, 20, 32}) {
+    CAPTURE(step);
+    double sum = 0;
+    for (int64_t k = step - 3; k <= step; ++k) sum += each.at(k);
+    CHECK(whole.at(step) == doctest::Approx(sum / 4).epsilon(1e-6));
+  }
+  // The resumed run's first line is step 6's own loss; every later line is the uninterrupted run's.
+  CHECK(resumed.at(6) == doctest::Approx(each.at(6)).epsilon(1e-6));
+  for (auto& [step, loss] : whole) {
+    if (step <= 5) continue;
+    CAPTURE(step);
+    REQUIRE(resumed.count(step) == 1);
+    CHECK(resumed.at(step) == doctest::Approx(loss).epsilon(1e-9));
+  }
+}
+
 TEST_CASE("a worker that exits with an error is restarted and resumes from the last checkpoint") {
   std::string dir = tempDir("exitresume");
   writeFile(dir + "/job.json", smallJob().dump());

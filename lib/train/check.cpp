@@ -73,6 +73,29 @@ void checkEmbeddingIds(const Job& job, const data::Dataset& ds, const std::strin
   }
 }
 
+void checkSameVocabulary(const Job& job, const data::Dataset& train, const data::Dataset& eval) {
+  const auto* t = dynamic_cast<const data::SequenceDataset*>(&train);
+  const auto* e = dynamic_cast<const data::SequenceDataset*>(&eval);
+  if (t == nullptr || e == nullptr) return;
+  const auto& tc = t->stream().chars;
+  const auto& ec = e->stream().chars;
+  if (tc == ec) return;
+  // A character of one table missing from the other, for the message (both are sorted by code point).
+  std::string example;
+  for (uint32_t c : ec)
+    if (example.empty() && !std::binary_search(tc.begin(), tc.end(), c))
+      example = fmt::format("'{}' (U+{:04X}) is only in the eval set", data::utf8(c), c);
+  for (uint32_t c : tc)
+    if (example.empty() && !std::binary_search(ec.begin(), ec.end(), c))
+      example = fmt::format("'{}' (U+{:04X}) is only in the training set", data::utf8(c), c);
+  if (example.empty()) example = "the same characters numbered differently";
+  DTRAIN_THROW(ConfigError,
+               "{}: /data/eval: its vocabulary ({}) is not the training set's ({}): {}, so a token id would mean "
+               "another character in each (expected the same \"vocab\": use the training files with \"split\": "
+               "\"val\", or \"vocab\": \"byte\")",
+               job.sourceFile, e->describe(), t->describe(), example);
+}
+
 void checkDataFitsModel(const Job& job, const data::Dataset& ds, const nn::Loss& loss, const std::string& which) {
   int64_t features = ds.featureSize();
   int64_t input = job.model.input.numel();
@@ -473,6 +496,7 @@ DataCheck checkJobData(const Job& job) {
   if (job.data.eval) {
     c.eval = data::loadDataset(*job.data.eval, data::ReadMode::kHeader);
     checkDataFitsModel(job, *c.eval, *loss, "/data/eval");
+    checkSameVocabulary(job, *c.train, *c.eval);
     addDatasetBytes(c, *c.eval, *job.data.eval);
     c.samples = std::max(c.samples, c.eval->size());
   }

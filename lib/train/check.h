@@ -23,6 +23,13 @@ void checkDataFitsModel(const Job& job, const data::Dataset& ds, const nn::Loss&
 // internal error (exit 1), after the steps before the first bad id.
 void checkEmbeddingIds(const Job& job, const data::Dataset& ds, const std::string& which);
 
+// Text with "vocab": "char" numbers the distinct characters of its own files: a training and an eval set read from
+// different files with different characters would give one id two meanings (a meaningless eval loss and bigram
+// baseline). ConfigError (exit 2) naming the job file, /data/eval, both sets and a character only one of them has,
+// unless both have the same character table (always so for the train/val splits of the same files). No-op for
+// other data.
+void checkSameVocabulary(const Job& job, const data::Dataset& train, const data::Dataset& eval);
+
 // A byte count in the unit that suits it, one decimal: "792 B", "236.8 KiB", "6.8 MiB" (binary units).
 std::string humanBytes(int64_t bytes);
 

@@ -185,6 +185,7 @@ void TrainLoop::setUp() {
   planRun();
   if (eval_) {
     checkDataFitsModel(job_, *eval_, *loss_, "/data/eval");
+    checkSameVocabulary(job_, *train_, *eval_);
     checkEmbeddingIds(job_, *eval_, "/data/eval");
   }
   hasDropout_ = model_->hasRandomLayers();

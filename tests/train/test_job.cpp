@@ -208,6 +208,37 @@ TEST_CASE("train and val splits of the same text files with different val_fracti
   CHECK_NOTHROW(loadJob(job({{"val_fraction", 0.0}}, {{"path", "v.txt"}, {"split", "val"}})));
 }
 
+TEST_CASE("a char-vocabulary eval set of other characters than the training set's is refused by checkJobData") {
+  // Each char set numbers its own files' characters: before, "XYZ" held out in another file was scored with ids
+  // that meant other characters in the model, and the run printed an eval loss and a bigram baseline of nothing.
+  auto dir = testing::tempDir("job_vocab");
+  std::ofstream(dir + "/a.txt") << "abcabcabcabcabcabcabcabc\n";
+  std::ofstream(dir + "/b.txt") << "abcXabcabcabcabcabcabcab\n";
+  std::ofstream(dir + "/c.txt") << "cabcabcabcabcab\nbcabcabcab\n";
+  auto job = [&](const std::string& evalFile, const std::string& vocab) {
+    json doc = {{"model", {{"preset", "gpt"}, {"vocab_size", 256}, {"block_size", 4}, {"n_layer", 1}, {"n_head", 1},
+                           {"n_embd", 8}}},
+                {"loss", {{"type", "cross_entropy"}}},
+                {"optimizer", {{"type", "sgd"}, {"lr", 0.1}}},
+                {"data", {{"train", {{"format", "text"}, {"path", "a.txt"}, {"vocab", vocab}, {"val_fraction", 0.5}}},
+                          {"eval", {{"format", "text"}, {"path", evalFile}, {"vocab", vocab}, {"split", "val"},
+                                    {"val_fraction", 0.5}}}}}};
+    return loadJob(JobArgs{.path = writeJob(dir, doc.dump())});
+  };
+  std::string msg;
+  try {
+    checkJobData(job("b.txt", "char"));
+  } catch (const ConfigError& e) {
+    msg = e.what();
+  }
+  CHECK_MESSAGE(msg.rfind(dir + "/job.json: /data/eval: its vocabulary (", 0) == 0, msg);
+  CHECK_MESSAGE(msg.find("'X' (U+0058) is only in the eval set, so a token id would mean another character") !=
+                    std::string::npos, msg);
+  CHECK_NOTHROW(checkJobData(job("c.txt", "char")));  // the same characters: the same ids
+  CHECK_NOTHROW(checkJobData(job("b.txt", "byte")));  // bytes are their own ids
+  CHECK_NOTHROW(checkJobData(job("a.txt", "char")));  // the val split of the training file
+}
+
 TEST_CASE("checkInitWeights: another model's weights for a gpt job name the missing tensor; a GPT-2 file passes") {
   // Before, any file without the gpt's first c_attn weight was taken for a Hugging Face GPT-2 file and only its
   // header was checked: `dtrain check` said OK and every worker failed after the rendezvous.

@@ -390,9 +390,12 @@ std::string LaunchOptions::jobFingerprint() const {
 }
 
 std::string LaunchOptions::plan() const {
+  // Without --node-rank a single node (--standalone, --nnodes 1) is node 0; several take their ranks from the
+  // order they join the rendezvous in (rendezvous.h), which no agent knows before it joined.
+  const std::string rank = nodeRank >= 0 ? std::to_string(nodeRank) : maxNodes == 1 ? "0" : "join-order";
   return fmt::format("nnodes={} nproc_per_node={} node_rank={} rdzv_backend={} rdzv_endpoint={} rdzv_id={} "
                      "max_restarts={} max_reforms={}\nprogram={}",
-                     nnodesText, nproc, nodeRank, rdzvBackend, rdzvEndpoint.empty() ? "-" : rdzvEndpoint,
+                     nnodesText, nproc, rank, rdzvBackend, rdzvEndpoint.empty() ? "-" : rdzvEndpoint,
                      standalone && rdzvId == "none" ? "random" : rdzvId,  // the agent draws one per run (agent.cpp)
                      maxRestarts, maxReforms, fmt::join(program, " "));
 }

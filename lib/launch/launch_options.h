@@ -102,7 +102,8 @@ struct LaunchOptions {
   // left out: nodes may install it in different places).
   std::string jobFingerprint() const;
   // The resolved launch plan as `dtrain run --dry-run` prints it: "nnodes=... max_restarts=N\nprogram=..."
-  // (rdzv_id=random under --standalone without --rdzv-id: the agent draws one per run).
+  // (rdzv_id=random under --standalone without --rdzv-id: the agent draws one per run; node_rank=0 without
+  // --node-rank on a single node, node_rank=join-order on several: ranks follow the order of joining).
   std::string plan() const;
 };
 

@@ -163,6 +163,7 @@ TEST_CASE("torchrun's --no-python, --monitor-interval and --start-method are acc
                              "--dry-run", "--", "true"}),
                     {.timeout = 30s});
   CHECK(dashes.exitCode == 0);
+  CHECK_MESSAGE(dashes.out.find(" node_rank=0 ") != std::string::npos, dashes.out);  // one node is node 0, not -1
   auto bad = run(runArgs({"--standalone", "--start-method", "thread", "--", "true"}), {.timeout = 30s});
   CHECK(bad.exitCode == 3);
   CHECK(bad.err.find("--start-method") != std::string::npos);

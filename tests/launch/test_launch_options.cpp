@@ -20,11 +20,14 @@ TEST_CASE("launch plan: defaults, then every field resolved") {
   LaunchOptions o;
   o.program = {"python", "train.py", "--lr", "0.1"};
   CHECK(o.plan() ==
-        "nnodes=1 nproc_per_node=1 node_rank=-1 rdzv_backend=static rdzv_endpoint=- rdzv_id=none max_restarts=0 max_reforms=100\n"
+        "nnodes=1 nproc_per_node=1 node_rank=0 rdzv_backend=static rdzv_endpoint=- rdzv_id=none max_restarts=0 max_reforms=100\n"
         "program=python train.py --lr 0.1");
   o.standalone = true;  // --standalone without --rdzv-id: the agent draws a random id, and the plan says so
   CHECK(o.plan().find(" rdzv_id=random ") != std::string::npos);
+  CHECK(o.plan().find(" node_rank=0 ") != std::string::npos);  // one node is node 0 (it said -1)
   o.standalone = false;
+  o.maxNodes = 4;  // several nodes without --node-rank: ranks follow the order of joining
+  CHECK(o.plan().find(" node_rank=join-order ") != std::string::npos);
   o.nnodesText = "2:4";
   o.nproc = 8;
   o.nodeRank = 1;

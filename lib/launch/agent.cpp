@@ -190,8 +190,13 @@ void reportAfterRound(const AfterRound& after, const RoundEvent& event, const Re
     case RoundVerdict::kShutdown: log::error("stopping: {}", event.message); break;
     case RoundVerdict::kConfigError:
       printBlock(log::Level::kError, event.report);
-      log::error("exit code 2 is a configuration error: not restarting (a restart would fail the same way, whatever "
-                 "--max-restarts says: fix the job or its command line)");
+      if (after.exitCode == static_cast<int>(ExitCode::kUsage))
+        log::error("exit code 3 is dtrain's usage error (a bad flag, or a malformed environment variable): not "
+                   "restarting (a restart would fail the same way, whatever --max-restarts says: fix the worker's "
+                   "command line or environment)");
+      else
+        log::error("exit code 2 is a configuration error: not restarting (a restart would fail the same way, whatever "
+                   "--max-restarts says: fix the job or its command line)");
       break;
     case RoundVerdict::kGiveUp:
       printBlock(log::Level::kError, details);
@@ -534,7 +539,7 @@ int Agent::run() {
     gRecordedStop = 0;
     RestartBudget budget{round.restartCount, options_.maxRestarts, round.reformCount, options_.maxReforms,
                          options_.minNodes < options_.maxNodes};
-    auto after = decideAfterRound(event, interrupted, budget, lostStore, workersCompleted);
+    auto after = decideAfterRound(event, interrupted, budget, lostStore, workersCompleted, options_.dtrainWorkers);
     if (!after.exits()) {
       gRecordStopOnly = 0;  // the job goes on: a stop signal from here on ends the agent, as between rounds
       if (const int sig = gRecordedStop) stopOutsideRound(sig);  // came between the decision and this line

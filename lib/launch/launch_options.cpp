@@ -341,6 +341,8 @@ void LaunchOptions::validate() {
                     r, nproc);
   DTRAIN_CHECK_AS(UsageError, !program.empty(), "no program to launch: give a job file or -- PROGRAM [ARGS...]");
   programPath = resolveProgram(program.front());
+  std::error_code sameError;
+  dtrainWorkers = trainerWorkers || std::filesystem::equivalent(programPath, "/proc/self/exe", sameError);
 }
 
 bool LaunchOptions::hostsStore() const {

@@ -69,6 +69,10 @@ struct LaunchOptions {
   // completed (a stop signal makes it checkpoint and exit 128+signal), so a Ctrl-C that reaches the agent while the
   // workers exit after writing the model does not turn the completed job into 130 (round_policy.h).
   bool trainerWorkers = false;
+  // The workers are this dtrain (trainerWorkers, or `-- dtrain bench ...`: programPath is /proc/self/exe's file),
+  // set by validate(). Their exit codes follow README's table, so a worker's 3 is a usage error that no restart
+  // cures (round_policy.h); another program's 3 is its own and is restarted like any failure.
+  bool dtrainWorkers = false;
   // The job's parameter servers ("parallel": {"strategy": "parameter_server", "servers": S}); 0: no roles. The
   // workers' environment then carries ROLE_NAME=server|worker, ROLE_RANK, ROLE_WORLD_SIZE (ps_placement.h).
   int psServers = 0;

@@ -146,7 +146,7 @@ RoundActions decideRound(const RoundState& state, const RoundInput& input) {
 }
 
 AfterRound decideAfterRound(const rendezvous::RoundEvent& event, std::optional<int> interruptedBy,
-                            const RestartBudget& budget, bool storeLost, bool workersCompleted) {
+                            const RestartBudget& budget, bool storeLost, bool workersCompleted, bool dtrainWorkers) {
   // A signal that came once the work was done stops nothing: the job completed (exit 0, not 128+signal).
   if (interruptedBy && (event.type == RoundEventType::kDone || workersCompleted))
     return {RoundVerdict::kSucceeded, 0};
@@ -169,6 +169,11 @@ AfterRound decideAfterRound(const rendezvous::RoundEvent& event, std::optional<i
   // Exit code 2 is a configuration error (dtrain's own, and argparse's for Python scripts): a restart would
   // fail the same way, so it is reported at once without burning the restarts.
   if (event.type == RoundEventType::kFailed && event.exitCode == static_cast<int>(ExitCode::kConfig))
+    return {RoundVerdict::kConfigError, event.exitCode};
+  // Exit code 3 is dtrain's usage error (a bad flag, or a malformed DTRAIN_* / worker variable) only when the
+  // workers are dtrain: just as deterministic. Another program's 3 means what that program says: restarted, as
+  // torchrun restarts every failure.
+  if (dtrainWorkers && event.type == RoundEventType::kFailed && event.exitCode == static_cast<int>(ExitCode::kUsage))
     return {RoundVerdict::kConfigError, event.exitCode};
   if (budget.restartCount >= budget.maxRestarts) return {RoundVerdict::kGiveUp, event.exitCode};
   return {RoundVerdict::kRestart, 0};

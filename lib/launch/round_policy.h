@@ -172,7 +172,8 @@ enum class RoundVerdict {
   kInterrupted,    // the agent was signalled: exit 128+signal
   kSucceeded,      // "done": exit 0
   kShutdown,       // another agent was signalled, or a worker stopped after preemption: exit with its code
-  kConfigError,    // a worker exited 2 (configuration error): a restart would fail the same way; exit 2
+  kConfigError,    // a worker exited 2 (configuration error), or a dtrain worker 3 (usage error): a restart would
+                   // fail the same way; exit with that code
   kGiveUp,         // a failure with no restart left: exit with the failed worker's code
   kRestart,        // a failure with restarts left: advance and restart the workers
   kReform,         // membership change: advance and re-form the group, no restart consumed
@@ -199,7 +200,8 @@ struct RestartBudget {
 // every node's workers exited 0 before the signal decided anything; or `workersCompleted`, see below), as
 // torchrun returns its worker group's SUCCEEDED result once it has seen it; otherwise the agent's own signal
 // decides its exit (128+signal); a lost store exits 4; "done" exits 0; "shutdown" exits with its code; a worker's
-// exit code 2 is a configuration error (never restarted).
+// exit code 2 is a configuration error (never restarted), and so is exit code 3 when `dtrainWorkers` (the workers
+// are this dtrain: LaunchOptions::dtrainWorkers), for which it is a usage error (README's exit-code table).
 // Membership changes are not failures: a node asking to join, and - in an elastic job (MIN < MAX) - a node lost
 // (missed heartbeats), re-form the group without consuming a restart, like Horovod's elastic mode; the survivors'
 // next round closes with whatever count is in range (below MIN it waits --rdzv-timeout for nodes to come back).
@@ -211,7 +213,8 @@ struct RestartBudget {
 // signal came (RoundRunner::workersCompletedDespiteSignal: e.g. Ctrl-C while rank 0 exits with the model written);
 // the agent knows no other node's workers, so with several nodes only "done" says the job completed.
 AfterRound decideAfterRound(const rendezvous::RoundEvent& event, std::optional<int> interruptedBy,
-                            const RestartBudget& budget, bool storeLost = false, bool workersCompleted = false);
+                            const RestartBudget& budget, bool storeLost = false, bool workersCompleted = false,
+                            bool dtrainWorkers = false);
 
 // The deadline of every single store call the agent makes (not of the waits that have their own timeout): a
 // healthy store answers in milliseconds, so a call that takes longer than the heartbeat timeout (at least 5 s,

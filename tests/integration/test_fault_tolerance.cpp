@@ -494,6 +494,22 @@ TEST_CASE("configuration errors do not burn restarts") {
   CHECK(r.err.find("not restarting") != std::string::npos);
 }
 
+TEST_CASE("a dtrain worker's usage error (exit 3) does not burn restarts; another program's exit 3 is restarted") {
+  auto own = run(runArgs({"--standalone", "--max-restarts", "3", "--", dtrainBinary(), "bench", "allreduce",
+                          "--no-such-flag"}),
+                 {.timeout = 30s});
+  INFO(own.err);
+  CHECK(own.exitCode == 3);
+  CHECK(own.err.find("--no-such-flag") != std::string::npos);
+  CHECK(own.err.find("restarting the workers") == std::string::npos);
+  CHECK(own.err.find("exit code 3 is dtrain's usage error") != std::string::npos);
+  // A script's 3 is its own: torchrun's rule, every failure is restarted.
+  auto script = run(runArgs({"--standalone", "--max-restarts", "1", "--", "sh", "-c", "exit 3"}), {.timeout = 30s});
+  INFO(script.err);
+  CHECK(script.exitCode == 3);
+  CHECK(script.err.find("restarting the workers (restart 1 of 1)") != std::string::npos);
+}
+
 TEST_CASE("SIGTERM to the agent: the workers write a checkpoint before they exit") {
   std::string dir = tempDir("sigterm");
   json job = smallJob(4000, 4, 1000);  // far longer than the test lets it run

@@ -486,6 +486,16 @@ TEST_CASE("after the round: a worker's exit code 2 is a configuration error, nev
   CHECK(decideAfterRound(lost, std::nullopt, {0, 5}).verdict == RoundVerdict::kRestart);
 }
 
+TEST_CASE("after the round: exit code 3 of a dtrain worker is a usage error, never restarted; another program's is") {
+  RoundEvent usage{RoundEventType::kFailed, "worker failed", static_cast<int>(ExitCode::kUsage), "report"};
+  auto own = decideAfterRound(usage, std::nullopt, {0, 5}, false, false, /*dtrainWorkers=*/true);
+  CHECK(own.verdict == RoundVerdict::kConfigError);
+  CHECK(own.exitCode == 3);
+  // A program's own 3 means what that program says: restarted as torchrun restarts any failure.
+  CHECK(decideAfterRound(usage, std::nullopt, {0, 5}).verdict == RoundVerdict::kRestart);
+  CHECK(decideAfterRound(usage, std::nullopt, {5, 5}).exitCode == 3);
+}
+
 TEST_CASE("after the round: a membership change re-forms without consuming a restart") {
   RoundEvent join{RoundEventType::kMembership, "node x asks to join", 0, ""};
   auto a = decideAfterRound(join, std::nullopt, {3, 3});

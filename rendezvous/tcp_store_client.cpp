@@ -455,7 +455,8 @@ StorePtr connectStore(const std::string& hostPort, Millis timeout) {
     return EtcdStore::connect(options);
   }
   auto hp = net::parseHostPort(hostPort, kDefaultPort);
-  if (!hp) DTRAIN_THROW(UsageError, "invalid store address '{}': expected HOST:PORT", hostPort);
+  if (!hp) DTRAIN_THROW(UsageError, "invalid store address '{}': expected HOST:PORT ([ADDR]:PORT for an IPv6 address)",
+                            hostPort);
   TcpStoreClientOptions options;
   options.host = hp->host;
   options.port = hp->port;

@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "lib/common/error.h"
+#include "lib/common/net.h"
 #include "lib/common/log.h"
 
 namespace dtrain::rendezvous {
@@ -57,7 +58,7 @@ std::string Session::peer() {
   boost::system::error_code ec;
   auto ep = socket_.remote_endpoint(ec);
   if (ec) return "a client";
-  return fmt::format("{}:{}", ep.address().to_string(), ep.port());
+  return net::joinHostPort(ep.address().to_string(), ep.port());
 }
 
 void Session::account() {

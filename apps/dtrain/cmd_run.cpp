@@ -12,6 +12,7 @@
 #include "lib/train/checkpointing.h"
 #include "lib/train/layout.h"
 #include "lib/common/error.h"
+#include "lib/common/net.h"
 #include "lib/common/ps_placement.h"
 #include "lib/common/parse.h"
 #include "lib/launch/agent.h"
@@ -125,7 +126,7 @@ int runCommand(RunArgs& a, bool programAfterDashes) {
   o.tee = launch::StreamChoice::parse("--tee", a.tee);
   if (!a.localRanksFilter.empty()) o.localRanksFilter = launch::parseIntList("--local-ranks-filter", a.localRanksFilter);
   if (o.rdzvEndpoint.empty() && !a.masterAddr.empty())
-    o.rdzvEndpoint = a.masterPort > 0 ? fmt::format("{}:{}", a.masterAddr, a.masterPort) : a.masterAddr;
+    o.rdzvEndpoint = a.masterPort > 0 ? net::joinHostPort(a.masterAddr, a.masterPort) : a.masterAddr;
   DTRAIN_CHECK_AS(UsageError, !a.positional.empty(),
                   "dtrain run: nothing to launch; give a job file (dtrain run job.json) or a program after -- "
                   "(dtrain run -- python train.py)");

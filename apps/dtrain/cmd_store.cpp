@@ -122,7 +122,7 @@ int runStore(const StoreArgs& a) {
           return launch::HttpResponse{404, "text/plain; charset=utf-8", "not found: this endpoint serves /metrics\n"};
         },
         "--metrics-port");
-    log::info("store: serving Prometheus metrics on http://{}:{}/metrics", host, metrics->port());
+    log::info("store: serving Prometheus metrics on http://{}/metrics", net::joinHostPort(host, metrics->port()));
   }
   // Exactly one line on stdout, flushed, once connections are accepted: scripts and tests read the port here.
   std::printf("dtrain store listening on %s\n", server->address().c_str());

@@ -13,10 +13,12 @@
 
 namespace dtrain::net {
 
-std::string HostPort::str() const {
-  if (host.find(':') != std::string::npos) return fmt::format("[{}]:{}", host, port);
+std::string joinHostPort(std::string_view host, int port) {
+  if (host.find(':') != std::string_view::npos && host.front() != '[') return fmt::format("[{}]:{}", host, port);
   return fmt::format("{}:{}", host, port);
 }
+
+std::string HostPort::str() const { return joinHostPort(host, port); }
 
 std::optional<HostPort> parseHostPort(std::string_view s, uint16_t defaultPort) {
   s = parse::trim(s);
@@ -39,6 +41,13 @@ std::optional<HostPort> parseHostPort(std::string_view s, uint16_t defaultPort) 
       portPart = s.substr(colon + 1);
     } else {
       hp.host = std::string(s);  // bare host (or bare v6 address without port)
+      // Two colons or more: only an IPv6 literal (a zone "%eth0" aside). "::1:29400" is not one: the port of an
+      // IPv6 address needs brackets, [::1]:29400 (taking the text as a host name failed later, at connect).
+      if (colon != std::string_view::npos) {
+        in6_addr a6{};
+        const std::string literal = hp.host.substr(0, hp.host.find('%'));
+        if (::inet_pton(AF_INET6, literal.c_str(), &a6) != 1) return std::nullopt;
+      }
     }
   }
   if (hp.host.empty()) return std::nullopt;

@@ -11,10 +11,17 @@ namespace dtrain::net {
 struct HostPort {
   std::string host;
   uint16_t port = 0;
-  std::string str() const;  // "host:port", "[v6]:port"
+  std::string str() const;  // joinHostPort(host, port)
 };
 
-// Parses "host", "host:port", "[v6addr]:port". A missing port becomes defaultPort. nullopt on bad syntax.
+// "host:port", or "[v6addr]:port" for a host with a colon (an IPv6 literal), as RFC 3986 writes it and
+// parseHostPort reads it back ("::1:29400" is read as a bare host); a host given bracketed stays as it is. Every
+// endpoint dtrain prints, logs or passes on is written by this function. Pure; thread-safe.
+std::string joinHostPort(std::string_view host, int port);
+
+// Parses "host", "host:port", "[v6addr]:port", and a bare IPv6 literal "v6addr" (a text with several colons that
+// is not one, such as "::1:29400", is bad syntax: its port needs brackets). A missing port becomes defaultPort.
+// nullopt on bad syntax.
 std::optional<HostPort> parseHostPort(std::string_view s, uint16_t defaultPort);
 
 // This machine's hostname (gethostname).

@@ -393,7 +393,7 @@ void Agent::setUpMetrics() {
   };
   if (options_.metricsPort >= 0) {
     metricsServer_ = std::make_unique<HttpServer>(options_.metricsBind, options_.metricsPort, handler, "--metrics-port");
-    log::info("serving Prometheus metrics on http://{}:{}/metrics", options_.metricsBind, metricsServer_->port());
+    log::info("serving Prometheus metrics on http://{}/metrics", net::joinHostPort(options_.metricsBind, metricsServer_->port()));
   }
   if (dashboard_) {
     int port = metricsServer_ ? metricsServer_->port() : -1;
@@ -401,7 +401,7 @@ void Agent::setUpMetrics() {
       dashboardServer_ = std::make_unique<HttpServer>(options_.metricsBind, options_.dashboardPort, handler, "--dashboard");
       port = dashboardServer_->port();
     }
-    log::info("serving the dashboard on http://{}:{}/dashboard", options_.metricsBind, port);
+    log::info("serving the dashboard on http://{}/dashboard", net::joinHostPort(options_.metricsBind, port));
   }
 }
 
@@ -454,7 +454,7 @@ int Agent::run() {
   // keep the current ones: monitor_endpoints.h).
   if (HttpServer* server = metricsServer_ ? metricsServer_.get() : dashboardServer_.get()) {
     try {
-      store_->append(kMonitorAgentsKey, monitorEndpointLine({fmt::format("{}:{}", self.host, server->port()),
+      store_->append(kMonitorAgentsKey, monitorEndpointLine({net::joinHostPort(self.host, server->port()),
                                                               options_.nodeRank, self.pid, self.hostname}));
     } catch (const std::exception& e) {
       log::warn("could not publish the metrics endpoint for `dtrain debug dump`: {}", e.what());

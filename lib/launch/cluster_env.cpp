@@ -4,6 +4,7 @@
 #include <initializer_list>
 
 #include "lib/common/error.h"
+#include "lib/common/net.h"
 #include "lib/common/parse.h"
 #include "rendezvous/store.h"
 
@@ -51,7 +52,7 @@ void detectMpi(const Environment& env, ClusterPlan& p) {
   }
   bool allHere = p.tasksOnHost.has() && p.nnodes.has() && *p.tasksOnHost.value == *p.nnodes.value;
   if (auto addr = firstSet(env, {"MASTER_ADDR"})) {
-    p.rdzvEndpoint = {fmt::format("{}:{}", addr->value, port), "MASTER_ADDR; " + portFrom};
+    p.rdzvEndpoint = {net::joinHostPort(addr->value, port), "MASTER_ADDR; " + portFrom};
   } else if (allHere || (p.nnodes.has() && *p.nnodes.value == 1)) {
     p.rdzvEndpoint = {fmt::format("127.0.0.1:{}", port),
                       fmt::format("every task on this host ({}={}); {}", p.tasksOnHost.has() ? p.tasksOnHost.from : p.nnodes.from,
@@ -80,7 +81,7 @@ void detectKubernetes(const Environment& env, ClusterPlan& p) {
     auto addr = firstSet(env, {"PET_MASTER_ADDR", "MASTER_ADDR"});
     auto port = countFrom(env, {"PET_MASTER_PORT", "MASTER_PORT"}, 1, why);
     if (addr)
-      p.rdzvEndpoint = {fmt::format("{}:{}", addr->value, port.value.value_or(rendezvous::kDefaultPort)),
+      p.rdzvEndpoint = {net::joinHostPort(addr->value, port.value.value_or(rendezvous::kDefaultPort)),
                         addr->name + (port.has() ? ", " + port.from : ", default port")};
   } else if (firstSet(env, {"WORLD_SIZE"}) && firstSet(env, {"RANK"})) {
     // PyTorchJob: WORLD_SIZE pods, this pod's RANK; one agent per pod.
@@ -89,7 +90,7 @@ void detectKubernetes(const Environment& env, ClusterPlan& p) {
     auto addr = firstSet(env, {"MASTER_ADDR"});
     auto port = countFrom(env, {"MASTER_PORT"}, 1, why);
     if (addr)
-      p.rdzvEndpoint = {fmt::format("{}:{}", addr->value, port.value.value_or(rendezvous::kDefaultPort)),
+      p.rdzvEndpoint = {net::joinHostPort(addr->value, port.value.value_or(rendezvous::kDefaultPort)),
                         "MASTER_ADDR" + std::string(port.has() ? ", MASTER_PORT" : ", default port")};
     else
       p.notes.push_back("WORLD_SIZE and RANK are set but MASTER_ADDR is not: give --rdzv-endpoint");
@@ -112,7 +113,7 @@ void detectKubernetes(const Environment& env, ClusterPlan& p) {
         p.notes.push_back("this pod is not in DTRAIN_HOSTS and JOB_COMPLETION_INDEX is not set: give --node-rank");
     }
     auto port = countFrom(env, {"MASTER_PORT"}, 1, why);
-    p.rdzvEndpoint = {fmt::format("{}:{}", names.front(), port.value.value_or(rendezvous::kDefaultPort)),
+    p.rdzvEndpoint = {net::joinHostPort(names.front(), port.value.value_or(rendezvous::kDefaultPort)),
                       "first host of DTRAIN_HOSTS" + std::string(port.has() ? ", MASTER_PORT" : ", default port")};
   } else {
     p.status += "; no PET_NNODES, WORLD_SIZE/RANK or DTRAIN_HOSTS: nothing derived";

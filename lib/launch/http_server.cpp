@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "lib/common/error.h"
+#include "lib/common/net.h"
 #include "lib/common/log.h"
 #include "lib/common/socket.h"
 
@@ -107,7 +108,7 @@ struct HttpServer::Impl {
 };
 
 HttpResponse httpGet(const std::string& host, int port, const std::string& target, std::chrono::milliseconds timeout) {
-  const std::string where = fmt::format("{}:{}", host, port);
+  const std::string where = net::joinHostPort(host, port);
   Deadline deadline(timeout);
   // One attempt: the server listened before its address was published, so a refused connection means it is gone
   // (retried, as connect() does for a peer still starting, it cost `dtrain top` the whole timeout per dead agent).
@@ -146,7 +147,7 @@ HttpServer::HttpServer(const std::string& host, int port, HttpHandler handler, c
     impl_->acceptor.bind(ep);
     impl_->acceptor.listen();
   } catch (const std::exception& e) {
-    throw Error(fmt::format("{} {}: cannot listen on {}:{}: {}", flag, port, host, port, e.what()),
+    throw Error(fmt::format("{} {}: cannot listen on {}: {}", flag, port, net::joinHostPort(host, port), e.what()),
                 ExitCode::kAddressInUse);
   }
   impl_->accept();

@@ -313,7 +313,8 @@ void LaunchOptions::validate() {
     etcdOptions();  // --rdzv-conf's keys and files
   } else if (!rdzvEndpoint.empty()) {
     const auto hp = net::parseHostPort(rdzvEndpoint, rendezvous::kDefaultPort);
-    DTRAIN_CHECK_AS(UsageError, hp.has_value(), "--rdzv-endpoint {}: expected HOST or HOST:PORT", rdzvEndpoint);
+    DTRAIN_CHECK_AS(UsageError, hp.has_value(), "--rdzv-endpoint {}: expected HOST or HOST:PORT ([ADDR]:PORT for an IPv6 address)",
+                    rdzvEndpoint);
     // Port 0 lets node 0's store take any free port, which no other node can know: they retried port 0 until
     // --rdzv-timeout (15 minutes by default).
     DTRAIN_CHECK_AS(UsageError, hp->port != 0 || maxNodes == 1,

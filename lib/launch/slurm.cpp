@@ -4,6 +4,7 @@
 #include <initializer_list>
 
 #include "lib/common/error.h"
+#include "lib/common/net.h"
 #include "lib/common/parse.h"
 #include "lib/launch/hostlist.h"
 #include "rendezvous/store.h"
@@ -163,7 +164,7 @@ SlurmPlan detectSlurm(const Environment& env) {
   if (p.nnodes.has() && *p.nnodes.value == 1)
     p.rdzvEndpoint = {fmt::format("127.0.0.1:{}", port), "a single node; " + portFrom};
   else if (p.storeHost.has())
-    p.rdzvEndpoint = {fmt::format("{}:{}", *p.storeHost.value, port), p.storeHost.from + "; " + portFrom};
+    p.rdzvEndpoint = {net::joinHostPort(*p.storeHost.value, static_cast<int>(port)), p.storeHost.from + "; " + portFrom};
 
   detectNproc(p, totalTasks);
   return p;

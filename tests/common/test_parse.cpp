@@ -52,6 +52,26 @@ TEST_CASE("host:port parsing with default port and IPv6 brackets") {
   CHECK_FALSE(net::parseHostPort(":80", 1).has_value());
 }
 
+TEST_CASE("IPv6 endpoints: written bracketed by joinHostPort, read back; a port after a bare IPv6 address is refused") {
+  CHECK(net::joinHostPort("::1", 29400) == "[::1]:29400");
+  CHECK(net::joinHostPort("fe80::1%eth0", 80) == "[fe80::1%eth0]:80");
+  CHECK(net::joinHostPort("[::1]", 29400) == "[::1]:29400");  // given bracketed: not bracketed twice
+  CHECK(net::joinHostPort("10.0.0.1", 29400) == "10.0.0.1:29400");
+  CHECK(net::joinHostPort("node0", 1) == "node0:1");
+  auto back = net::parseHostPort(net::joinHostPort("::1", 29400), 1);
+  REQUIRE(back);
+  CHECK(back->host == "::1");
+  CHECK(back->port == 29400);
+  auto bare = net::parseHostPort("::1", 29400);  // a bare IPv6 address takes the default port
+  REQUIRE(bare);
+  CHECK(bare->host == "::1");
+  CHECK(bare->port == 29400);
+  CHECK(net::parseHostPort("fe80::1%eth0", 5).has_value());
+  // "::1:29400" was taken as a host named "::1:29400" on the default port, and failed at connect.
+  CHECK_FALSE(net::parseHostPort("::1:29400", 1).has_value());
+  CHECK_FALSE(net::parseHostPort("node0:29400:1", 1).has_value());
+}
+
 TEST_CASE("byte coding round-trips and a short buffer is a protocol error") {
   std::string buf;
   ByteWriter w(buf);

@@ -186,6 +186,18 @@ TEST_CASE("torchrun's --master-addr / --master-port make the endpoint; --master-
   auto twoNodes = plan({"--nnodes", "2", "--node-rank", "0", "--master-port", "29511"});
   CHECK(twoNodes.exitCode == 0);
   CHECK(twoNodes.out.find("rdzv_endpoint=127.0.0.1:29511 ") != std::string::npos);
+  // An IPv6 --master-addr: the endpoint is written [ADDR]:PORT (it was "::1:29511", read back as a host of that
+  // name on port 29400); a port after a bare IPv6 address is refused, naming the bracketed form.
+  auto v6 = plan({"--master-addr", "::1", "--master-port", "29511"});
+  CHECK(v6.exitCode == 0);
+  CHECK_MESSAGE(v6.out.find("rdzv_endpoint=[::1]:29511 ") != std::string::npos, v6.out);
+  auto v6bracketed = plan({"--master-addr", "[::1]", "--master-port", "29511"});
+  CHECK_MESSAGE(v6bracketed.out.find("rdzv_endpoint=[::1]:29511 ") != std::string::npos, v6bracketed.out);
+  auto v6bad = plan({"--rdzv-endpoint", "::1:29511"});
+  CHECK(v6bad.exitCode == 3);
+  CHECK_MESSAGE(v6bad.err.find("--rdzv-endpoint ::1:29511: expected HOST or HOST:PORT ([ADDR]:PORT for an IPv6 "
+                               "address)") != std::string::npos,
+                v6bad.err);
   // An explicit endpoint wins, as in torchrun.
   auto endpoint = plan({"--rdzv-endpoint", "127.0.0.1:29600", "--master-port", "29511"});
   CHECK(endpoint.out.find("rdzv_endpoint=127.0.0.1:29600 ") != std::string::npos);

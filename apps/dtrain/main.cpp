@@ -88,6 +88,19 @@ UnknownCommand unknownSubcommand(const CLI::App& root, const std::vector<std::st
   return {};
 }
 
+// The first word of the command line that CLI11 set aside as no option of the command it was given to and that
+// looks like a flag (`--bogus`, `--bogus=1`, `-x`; not a negative number), or "". CLI11 reports such a word only
+// after the command's requirements: `dtrain check --bogus` said "job is required", `dtrain sim --node 2 job.json`
+// "--nodes is required", hiding the unknown flag that caused them.
+std::string unknownFlag(const CLI::App& root) {
+  for (const std::string& word : root.remaining(true)) {
+    if (word.size() < 2 || word[0] != '-' || word == "--") continue;
+    if (std::isdigit(static_cast<unsigned char>(word[1])) || word[1] == '.') continue;  // -1, -.5: values
+    return word;
+  }
+  return "";
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -132,6 +145,12 @@ int main(int argc, char** argv) {
     if (const auto unknown = unknownSubcommand(root, args); !unknown.word.empty()) {
       std::fprintf(stderr, "dtrain: error: %s: unknown command '%s'; expected one of %s (see %s --help)\n",
                    unknown.path.c_str(), unknown.word.c_str(), unknown.expected.c_str(), unknown.path.c_str());
+      return static_cast<int>(dtrain::ExitCode::kUsage);
+    }
+    if (const std::string flag = unknownFlag(root); !flag.empty() && dynamic_cast<const CLI::ExtrasError*>(&e) == nullptr) {
+      const std::string path = commandPath(root);
+      std::fprintf(stderr, "dtrain: error: %s: unknown flag '%s' (see %s --help)\n", path.c_str(), flag.c_str(),
+                   path.c_str());
       return static_cast<int>(dtrain::ExitCode::kUsage);
     }
     std::fprintf(stderr, "dtrain: error: %s%s (see %s --help)\n", dtrain::app::parseErrorText(e).c_str(),

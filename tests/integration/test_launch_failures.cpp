@@ -321,6 +321,34 @@ TEST_CASE("bad input: one clear line, a distinct exit code, nothing started") {
     CHECK(sub.exitCode == 3);
     CHECK_MESSAGE(sub.err.find("(see dtrain ckpt list --help)") != std::string::npos, sub.err);
   }
+  SUBCASE("an unknown flag is named, also when a required argument is missing after it") {
+    // CLI11 checks required arguments before it reports unknown ones: `dtrain check --bogus` said "job is
+    // required", `dtrain sim --node 2 job.json` "--nodes is required", hiding the mistyped flag.
+    const std::string job = sourceDir() + "/configs/linear_regression.json";
+    const std::vector<std::pair<std::vector<std::string>, std::string>> cases = {
+        {{"check", "--bogus"}, "dtrain check: unknown flag '--bogus' (see dtrain check --help)"},
+        {{"check", "--bogus", job}, "--bogus"},
+        {{"train", "--bogus=1"}, "dtrain train: unknown flag '--bogus=1'"},
+        {{"top", "--bogus"}, "dtrain top: unknown flag '--bogus'"},
+        {{"debug", "dump", "-x"}, "dtrain debug dump: unknown flag '-x' (see dtrain debug dump --help)"},
+        {{"sim", "--node", "2", job}, "dtrain sim: unknown flag '--node'"},
+        {{"ckpt", "list", "--bogus"}, "dtrain ckpt list: unknown flag '--bogus'"},
+        {{"generate", "--bogus"}, "dtrain generate: unknown flag '--bogus'"},
+        {{"plot", "--bogus"}, "dtrain plot: unknown flag '--bogus'"},
+        {{"store", "--bogus"}, "--bogus"},
+        {{"run", "--bogus", "--", "true"}, "--bogus"},
+    };
+    for (const auto& [words, says] : cases) {
+      std::vector<std::string> argv{dtrainBinary()};
+      argv.insert(argv.end(), words.begin(), words.end());
+      CAPTURE(words.front());
+      CAPTURE(words.back());
+      auto r = run(argv, {.timeout = 30s});
+      CHECK(r.exitCode == 3);
+      CHECK_MESSAGE(r.err.find(says) != std::string::npos, r.err);
+      CHECK_MESSAGE(r.err.find("is required") == std::string::npos, r.err);
+    }
+  }
   SUBCASE("unexpected arguments are quoted in the order they were typed") {
     auto r = run({dtrainBinary(), "check", sourceDir() + "/configs/linear_regression.json", "--nproc", "2"});
     CHECK(r.exitCode == 3);

@@ -5,6 +5,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <map>
 #include <set>
@@ -17,6 +18,14 @@ using namespace std::chrono_literals;
 using nlohmann::json;
 
 namespace {
+
+// Kills whatever of run `id` is left when a test ends early (a failed wait throws past the agents' waits).
+struct KillByRunId {
+  std::string id;
+  ~KillByRunId() {
+    for (pid_t pid : processesWithRunId(id)) ::kill(pid, SIGKILL);
+  }
+};
 
 struct StepEntry {
   int attempt;
@@ -519,4 +528,76 @@ TEST_CASE("--nnodes 2: a node that never completes the rendezvous because it was
   CHECK(r0.err.find("timed out after 10 s: 1 of 2 node(s) joined (need 2); 1 node(s) came and were refused") !=
         std::string::npos);
   CHECK(processesWithRunId(id).empty());
+}
+
+TEST_CASE("agents without --node-rank take ranks from join order, and keep getting them when the group restarts "
+          "and when a killed agent is started again") {
+  // A standalone store, so that no agent needs node rank 0 to host it (the static backend requires --node-rank).
+  const int storePort = freePort();
+  Background store({dtrainBinary(), "store", "--host", "127.0.0.1", "--port", std::to_string(storePort)});
+  store.waitForLine("listening on", 30s);
+  const std::string endpoint = fmt::format("127.0.0.1:{}", storePort);
+  // `heartbeatTimeout`: 2 s where a killed agent must be found fast; 60 s where no node is lost, so that an agent the
+  // loaded machine starves past it is not taken for a lost node (which would spend the one restart).
+  auto agent = [&](const std::string& id, const std::string& script, const std::string& heartbeatTimeout) {
+    return runArgs({"--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "store", "--rdzv-endpoint", endpoint,
+                    "--rdzv-id", id, "--max-restarts", "1", "--heartbeat-timeout", heartbeatTimeout,
+                    "--shutdown-timeout", "2s", "--", "sh", "-c", script});
+  };
+  const std::string says = "echo \"node=$GROUP_RANK of $GROUP_WORLD_SIZE rank=$RANK restart=$DTRAIN_RESTART_COUNT\"; ";
+  // The node ranks of the lines "node=R of 2 ... restart=N" in `out`.
+  auto nodeRanks = [](const std::string& out, int restart) {
+    std::vector<std::string> ranks;
+    for (const auto& line : linesWith(out, fmt::format(" restart={}", restart))) {
+      const auto at = line.find("node=");
+      if (at != std::string::npos) ranks.push_back(line.substr(at, line.find(' ', at) - at));
+    }
+    return ranks;
+  };
+  SUBCASE("a worker fails: both agents rejoin the next round and get ranks 0 and 1 again") {
+    const std::string id = uniqueRunId("joinorder-restart");
+    KillByRunId cleanup{id};
+    const std::string script = says + "[ \"$DTRAIN_RESTART_COUNT\" = 0 ] && [ \"$RANK\" = 1 ] && exit 5; exit 0";
+    Background a(agent(id, script, "60s"));
+    Background b(agent(id, script, "60s"));
+    auto ra = a.wait(60s), rb = b.wait(60s);
+    INFO(ra.out, ra.err, rb.out, rb.err);
+    CHECK(ra.exitCode == 0);
+    CHECK(rb.exitCode == 0);
+    CHECK(ra.err.find("restarting the workers (restart 1 of 1)") != std::string::npos);
+    // Round 0: node 1's worker printed and failed (node 0's may be stopped before it prints). Round 1: both ranks.
+    auto first = nodeRanks(ra.out, 0), firstMore = nodeRanks(rb.out, 0);
+    first.insert(first.end(), firstMore.begin(), firstMore.end());
+    CHECK(std::count(first.begin(), first.end(), "node=1") == 1);
+    auto ranks = nodeRanks(ra.out, 1), more = nodeRanks(rb.out, 1);
+    ranks.insert(ranks.end(), more.begin(), more.end());
+    std::sort(ranks.begin(), ranks.end());
+    CHECK(ranks == std::vector<std::string>{"node=0", "node=1"});
+  }
+  SUBCASE("an agent is killed and started again: it joins the survivor's next round and gets the free rank") {
+    const std::string id = uniqueRunId("joinorder-rejoin");
+    KillByRunId cleanup{id};
+    // Round 0's workers wait to be stopped; round 1's finish.
+    const std::string script = says + "[ \"$DTRAIN_RESTART_COUNT\" = 0 ] && exec sleep 600; exit 0";
+    Background a(agent(id, script, "2s"));
+    Background b(agent(id, script, "2s"));
+    a.waitForLine(" restart=0", 60s);
+    b.waitForLine(" restart=0", 60s);
+    b.signal(SIGKILL);
+    CHECK(b.wait(30s).exitCode == 128 + SIGKILL);
+    // The survivor sees the node lost (a failure in a fixed-size job), restarts and waits for a second node.
+    a.waitForLine("restarting the workers (restart 1 of 1)", 60s, /*fromStderr=*/true);
+    Background again(agent(id, script, "2s"));
+    auto ra = a.wait(60s), rc = again.wait(60s);
+    INFO(ra.out, ra.err, rc.out, rc.err);
+    CHECK(ra.exitCode == 0);
+    CHECK(rc.exitCode == 0);
+    auto ranks = nodeRanks(ra.out, 1), more = nodeRanks(rc.out, 1);
+    ranks.insert(ranks.end(), more.begin(), more.end());
+    std::sort(ranks.begin(), ranks.end());
+    CHECK(ranks == std::vector<std::string>{"node=0", "node=1"});
+    CHECK(processesWithRunId(id).empty());
+  }
+  store.signal(SIGTERM);
+  CHECK_FALSE(store.wait(30s).timedOut);
 }

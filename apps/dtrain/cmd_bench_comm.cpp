@@ -138,6 +138,13 @@ void addOne(CLI::App& bench, Action& action, const std::string& what, const std:
   sub->add_option("--timeout", args->timeout, "collective timeout (a dead peer fails sooner)")->capture_default_str();
   sub->add_flag("--json", args->json, "one JSON object per size instead of the table");
   sub->add_flag("--no-check", args->noCheck, "skip the correctness check");
+  sub->footer(exitCodesHelp({{"0", ""},
+                             {"1", ""},
+                             {"3", ""},
+                             {"4", ""},
+                             {"5", "cannot listen for the collectives' connections"},
+                             {"6", ""},
+                             {"7", "a collective failed (peer lost, timeout) or gave wrong results"}}));
   sub->callback([&action, args, what] { action = [args, what] { return runBenchComm(what, *args); }; });
 }
 

@@ -123,6 +123,7 @@ void addBenchRdzv(CLI::App& bench, Action& action) {
   sub->add_option("--connect-timeout", args->connectTimeout, "How long each agent retries connecting")
       ->capture_default_str();
   sub->add_option("--rdzv-timeout", args->joinTimeout, "How long the round may take to form")->capture_default_str();
+  sub->footer(exitCodesHelp({{"0", ""}, {"1", ""}, {"3", ""}, {"4", ""}, {"5", ""}, {"6", ""}}));
   sub->callback([&action, args] { action = [args] { return runBenchRdzv(*args); }; });
 }
 
@@ -136,6 +137,7 @@ void addBenchStore(CLI::App& bench, Action& action) {
   sub->add_option("--value-bytes", args->valueBytes, "Size of each value")->capture_default_str();
   sub->add_option("--connect-timeout", args->connectTimeout, "How long each client retries connecting")
       ->capture_default_str();
+  sub->footer(exitCodesHelp({{"0", ""}, {"1", ""}, {"3", ""}, {"4", ""}, {"5", ""}, {"6", ""}}));
   sub->callback([&action, args] { action = [args] { return runBench(*args); }; });
 }
 

@@ -41,6 +41,11 @@ void addCheckCommand(CLI::App& root, Action& action) {
   auto args = std::make_shared<train::JobArgs>();
   auto* sub = root.add_subcommand("check", "Validate a job file and print the model summary");
   addJobOptions(*sub, *args);
+  sub->footer(exitCodesHelp({{"0", "the job is valid (its summary is printed)"},
+                             {"1", ""},
+                             {"2", ""},
+                             {"3", ""},
+                             {"8", "the checkpoint it would resume from, or its init weights, cannot be used"}}));
   auto world = std::make_shared<int>(0);
   sub->add_option("--world", *world, "Also print the rank layout for a world of N ranks (data x pipeline x tensor, or "
                                      "which ranks serve parameters)")

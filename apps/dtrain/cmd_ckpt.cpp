@@ -108,6 +108,7 @@ void addCkptCommand(CLI::App& root, Action& action) {
       ->required();
   list->add_flag("--no-verify", args->noVerify, "Check markers and sizes only, not crc32 checksums (faster)");
   list->add_flag("--json", args->json, "Print JSON");
+  list->footer(exitCodesHelp({{"0", ""}, {"1", ""}, {"3", ""}, {"8", "the folder cannot be read as checkpoints"}}));
   list->callback([&action, args] { action = [args] { return runList(*args); }; });
 
   auto* inspect = sub->add_subcommand(
@@ -116,6 +117,10 @@ void addCkptCommand(CLI::App& root, Action& action) {
   inspect->add_option("PATH", args->path, "Checkpoint directory, step-<N> directory, .safetensors file or model index")->required();
   inspect->add_flag("--no-verify", args->noVerify, "Do not verify crc32 checksums");
   inspect->add_flag("--json", args->json, "Print JSON");
+  inspect->footer(exitCodesHelp({{"0", "the checkpoint is complete (and its checksums match)"},
+                                 {"1", ""},
+                                 {"3", ""},
+                                 {"8", "the checkpoint is partial or corrupt, or cannot be read"}}));
   inspect->callback([&action, args] { action = [args] { return runInspect(*args); }; });
 
   auto* bench = sub->add_subcommand("bench", "Time checkpoint writes into DIR (compare with dd; see "
@@ -125,6 +130,7 @@ void addCkptCommand(CLI::App& root, Action& action) {
   bench->add_option("--tensors", args->tensors, "Number of tensors (default 8)")->check(atLeastOne());
   bench->add_option("--repeats", args->repeats, "Runs (default 3; the median is reported)")->check(atLeastOne());
   bench->add_flag("--buffered", args->buffered, "Use buffered writes + fdatasync instead of O_DIRECT");
+  bench->footer(exitCodesHelp({{"0", ""}, {"1", ""}, {"3", ""}, {"8", "the checkpoint could not be written"}}));
   bench->callback([&action, args] { action = [args] { return runBench(*args); }; });
 }
 

@@ -261,6 +261,12 @@ void addDebugCommand(CLI::App& root, Action& action) {
   dump->add_option("--interval", a->interval,
                    "Read the ranks twice, this long apart, to tell a running job from a hung one (0: read once)")
       ->capture_default_str();
+  dump->footer(exitCodesHelp({{"0", "the ranks' report was printed"},
+                              {"1", ""},
+                              {"3", ""},
+                              {"4", "wrong or missing --rdzv-token, or no agent of the run published an endpoint"},
+                              {"6", ""},
+                              {"10", ""}}));
   dump->callback([&action, a] { action = [a] { return runDump(*a); }; });
 }
 

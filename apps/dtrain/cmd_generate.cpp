@@ -19,6 +19,11 @@ void addGenerateCommand(CLI::App& root, Action& action) {
   sub->add_option("--temperature", o->temperature, "Divide the logits by this (default 0.8; lower: more likely text)");
   sub->add_option("--top-k", o->topK, "Sample among the k most likely tokens only (default 0: all)");
   sub->add_option("--seed", o->seed, "Random seed (default 1337): the same seed gives the same text");
+  sub->footer(exitCodesHelp({{"0", ""},
+                             {"1", ""},
+                             {"2", "the run folder, its model or vocabulary is missing or invalid"},
+                             {"3", "invalid command line (a --prompt the model cannot read included)"},
+                             {"8", "the model's weights cannot be read"}}));
   sub->callback([&action, o] {
     action = [o] {
       // The prompt is echoed with the first token, once the run directory, model and prompt are checked: an

@@ -51,6 +51,7 @@ void addPlotCommand(CLI::App& root, Action& action) {
   auto* sub = root.add_subcommand("plot", "Draw loss, accuracy, learning rate and throughput curves of runs");
   sub->add_option("runs", a->runs, "Run folders (with metrics.jsonl), overlaid")->required();
   sub->add_option("--out,-o", a->out, "Output file: .svg, .html or .png (PNG: rendered by rsvg-convert, Debian's librsvg2-bin)")->capture_default_str();
+  sub->footer(exitCodesHelp({{"0", ""}, {"1", ""}, {"2", "a run's metrics.jsonl holds a line that is not JSON"}, {"3", ""}}));
   sub->callback([&action, a] { action = [a] { return runPlot(*a); }; });
 }
 

@@ -284,7 +284,20 @@ void addRunCommand(CLI::App& root, Action& action) {
                   "this file when the job ends (give it to one agent; the others ship their part)")
       ->envname("DTRAIN_TIMELINE");
   sub->add_flag("--dry-run", a->dryRun, "Print the resolved launch plan and exit");
-  sub->footer("Everything from JOB.json or PROGRAM on (or after --) is passed to the workers untouched.");
+  sub->footer("Everything from JOB.json or PROGRAM on (or after --) is passed to the workers untouched.\n\n" +
+              exitCodesHelp({{"0", "every worker succeeded"},
+                             {"1", ""},
+                             {"2", ""},
+                             {"3", ""},
+                             {"4", ""},
+                             {"5", ""},
+                             {"6", ""},
+                             {"7", "a collective failed (peer lost, timeout): from dtrain's own workers"},
+                             {"8", ""},
+                             {"9", ""},
+                             {"126 / 127", ""},
+                             {"128+N", "the failing worker (or the agent itself) was killed by signal N"},
+                             {"other", ""}}));
   runArgs() = a;
   sub->callback([&action, a, sub] {
     auto given = [sub](std::initializer_list<const char*> names) {

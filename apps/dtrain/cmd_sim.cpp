@@ -138,7 +138,15 @@ void addSimCommand(CLI::App& root, Action& action) {
   sub->add_option("--timeout", a->timeout, "Stop everything and fail (exit 4) after this long (10m)");
   sub->add_flag("--loopback", o.loopback, "Run on 127.0.0.x even as root (no namespaces, no shaping)");
   sub->add_flag("--verbose,-v", o.verbose, "Echo every agent's output, prefixed with its node");
-  sub->footer("Everything from JOB.json on (or after --) is what each agent runs, as with dtrain run.");
+  sub->footer("Everything from JOB.json on (or after --) is what each agent runs, as with dtrain run.\n\n" +
+              exitCodesHelp({{"0", "the job finished, no agent outside a faulted node failed, no sample was repeated "
+                                   "or skipped"},
+                             {"1", "samples were repeated or skipped, or no agent finished the job"},
+                             {"2", ""},
+                             {"3", ""},
+                             {"4", "--timeout passed"},
+                             {"128+N", "stopped by signal N"},
+                             {"other", "the first failing agent's exit code (dtrain run's)"}}));
   simArgs() = a;
   sub->callback([&action, a] { action = [a] { return simCommand(*a); }; });
 }

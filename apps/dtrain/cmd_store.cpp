@@ -196,6 +196,7 @@ void addStoreCommand(CLI::App& root, Action& action) {
                   "Serve Prometheus metrics of the store at http://HOST:PORT/metrics (0: a free port, logged)")
       ->check(CLI::Range(0, 65535));
   sub->add_flag("--quiet", args->quiet, "Log only warnings and errors (the listening line is still printed)");
+  sub->footer(exitCodesHelp({{"0", "stopped by SIGINT or SIGTERM"}, {"1", ""}, {"3", ""}, {"5", ""}}));
   sub->callback([&action, args] { action = [args] { return runStore(*args); }; });
 }
 

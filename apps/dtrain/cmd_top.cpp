@@ -219,6 +219,12 @@ void addTopCommand(CLI::App& root, Action& action) {
   sub->add_option("--rdzv-token-file", a->tokenFile, "Read the store's shared secret from this file");
   sub->add_option("--interval", a->interval, "Refresh period")->capture_default_str();
   sub->add_flag("--once", a->once, "Print one view and exit (also when stdout is not a terminal)");
+  sub->footer(exitCodesHelp({{"0", "the job is running (its view was printed)"},
+                             {"1", ""},
+                             {"3", ""},
+                             {"4", "wrong or missing --rdzv-token, or no agent of the run published an endpoint"},
+                             {"6", ""},
+                             {"10", ""}}));
   sub->callback([&action, a] { action = [a] { return runTop(*a); }; });
 }
 

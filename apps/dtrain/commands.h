@@ -35,6 +35,17 @@ inline CLI::Validator atLeastOne() {
       "INT>=1");
 }
 
+// One line of a command's "Exit codes" help: a code as README.md's table writes it ("0", "126 / 127", "128+N",
+// "other", and "10" for `dtrain top`), and what it means for this command ("" : the table's meaning).
+struct ExitCodeHelp {
+  std::string code;
+  std::string meaning;
+};
+// The "Exit codes" section of a command's --help (its footer), one line per code in the order given. Every
+// command lists the codes it can return: 0, 1 (an internal error) and 3 (its command line) at least. Throws
+// std::logic_error for a code the table does not have. exit_codes.cpp.
+std::string exitCodesHelp(const std::vector<ExitCodeHelp>& codes);
+
 void addRunCommand(CLI::App& root, Action& action);
 // Before CLI11 parses `dtrain run ...`: removes the worker's command line (JOB.json... or PROGRAM...) from
 // `args` (argv as strings, argv[0] included) and hands it to the run command.

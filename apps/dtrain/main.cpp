@@ -121,6 +121,7 @@ int main(int argc, char** argv) {
   root.set_version_flag("--version", std::string("dtrain ") + DTRAIN_VERSION +
                                          (DTRAIN_WITH_CUDA ? " (cuda)" : " (cpu)"));
   root.require_subcommand(1);
+  root.footer("Each command's --help lists the exit codes it can return (README.md, \"Exit codes\").");
   dtrain::app::Action action;
   dtrain::app::addRunCommand(root, action);
   dtrain::app::addStoreCommand(root, action);

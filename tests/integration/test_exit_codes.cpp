@@ -3,11 +3,13 @@
 // row of the table. A new row without a test, or a test for a code the README does not document, fails.
 // The scenarios are the quickest way to each code; the behaviour behind each has its own detailed tests.
 #include <doctest/doctest.h>
+#include <fmt/ranges.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <functional>
 #include <map>
@@ -222,4 +224,90 @@ TEST_CASE("every row of the README's exit-code table has a scenario that exits w
       if (!it->second.says.empty()) CHECK(results[i].err.find(it->second.says) != std::string::npos);
     }
   }
+}
+
+namespace {
+
+// The command names a --help lists under "Subcommands:" (CLI11: two spaces, the name, spaces, its description).
+std::vector<std::string> subcommandsIn(const std::string& help) {
+  std::istringstream in(help);
+  std::vector<std::string> names;
+  bool inSection = false;
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind("Subcommands:", 0) == 0) {
+      inSection = true;
+      continue;
+    }
+    if (!inSection) continue;
+    if (line.rfind("  ", 0) != 0) break;
+    std::istringstream words(line);
+    std::string name;
+    words >> name;
+    names.push_back(name);
+  }
+  return names;
+}
+
+// The codes a command's --help lists under "Exit codes" (lines "  CODE      meaning", CODE in a 10-wide column).
+std::vector<std::string> exitCodesIn(const std::string& help) {
+  std::istringstream in(help);
+  std::vector<std::string> codes;
+  bool inSection = false;
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind("Exit codes", 0) == 0) {
+      inSection = true;
+      continue;
+    }
+    if (!inSection) continue;
+    if (line.rfind("  ", 0) != 0) break;
+    std::string code = line.substr(2, 10);
+    code.erase(code.find_last_not_of(' ') + 1);
+    codes.push_back(code);
+  }
+  return codes;
+}
+
+}  // namespace
+
+TEST_CASE("every command's --help lists the exit codes it can return, each a row of the README's table") {
+  // `dtrain top --help` said nothing of its exit code 10 (the job is not running), nor did any command of its codes.
+  const auto documented = readmeExitCodes();
+  const std::set<std::string> table(documented.begin(), documented.end());
+  std::vector<std::vector<std::string>> commands;
+  auto root = run({dtrainBinary(), "--help"});
+  REQUIRE(root.exitCode == 0);
+  for (const auto& name : subcommandsIn(root.out)) {
+    auto help = run({dtrainBinary(), name, "--help"});
+    auto nested = subcommandsIn(help.out);
+    if (nested.empty()) commands.push_back({name});
+    for (const auto& sub : nested) commands.push_back({name, sub});
+  }
+  REQUIRE(commands.size() >= 15);  // run, train, check, store, top, sim, ..., ckpt list, bench allreduce, debug dump
+  std::map<std::string, std::vector<std::string>> listed;
+  for (const auto& words : commands) {
+    std::vector<std::string> argv{dtrainBinary()};
+    argv.insert(argv.end(), words.begin(), words.end());
+    argv.push_back("--help");
+    auto help = run(argv);
+    const std::string command = fmt::format("{}", fmt::join(words, " "));
+    CAPTURE(command);
+    CHECK(help.exitCode == 0);
+    const auto codes = exitCodesIn(help.out);
+    listed[command] = codes;
+    // Every command can fail inside dtrain (1) and on its command line (3), and returns 0 when it did its work.
+    for (const char* always : {"0", "1", "3"})
+      CHECK_MESSAGE(std::find(codes.begin(), codes.end(), always) != codes.end(), help.out);
+    for (const auto& code : codes) {
+      CAPTURE(code);
+      // 10 is the one code of `dtrain top` and `dtrain debug dump` beside the table (README says so below it).
+      const bool monitor = command == "top" || command == "debug dump";
+      CHECK((table.count(code) == 1 || (code == "10" && monitor)));
+    }
+  }
+  using Codes = std::vector<std::string>;
+  CHECK(listed["top"] == Codes{"0", "1", "3", "4", "6", "10"});
+  CHECK(listed["debug dump"] == Codes{"0", "1", "3", "4", "6", "10"});
+  CHECK(listed["run"] == documented);  // dtrain run returns every code of the table
+  CHECK(listed["check"] == Codes{"0", "1", "2", "3", "8"});
+  CHECK(listed["store"] == Codes{"0", "1", "3", "5"});
 }

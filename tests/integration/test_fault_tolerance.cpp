@@ -218,7 +218,9 @@ TEST_CASE("a worker that exits with an error is restarted and resumes from the l
   writeFile(dir + "/job.json", smallJob().dump());
   auto clean = run(trainRun(dir + "/job.json", dir + "/clean"), {.timeout = 60s});
   REQUIRE(clean.exitCode == 0);
-  auto r = run(trainRun(dir + "/job.json", dir + "/exit"), {.timeout = 60s, .env = {{"DTRAIN_FAULT", "rank=0,step=10,action=exit,code=3"}}});
+  // Exit code 1 (an internal error, README's table): restarted. Not 3: a dtrain worker's 3 is a usage error, which
+  // the agent does not restart since ff0d641 (a restart fails the same way).
+  auto r = run(trainRun(dir + "/job.json", dir + "/exit"), {.timeout = 60s, .env = {{"DTRAIN_FAULT", "rank=0,step=10,action=exit,code=1"}}});
   INFO(r.err);
   REQUIRE(r.exitCode == 0);
   REQUIRE(r.out.find("resumed from") != std::string::npos);

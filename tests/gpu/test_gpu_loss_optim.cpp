@@ -84,14 +84,23 @@ BceLaunch bceKernel(const std::vector<float>& x, const void* targets, kernels::T
   return out;
 }
 
+// The kernel's target kind and the tensor dtype of targets of element type T (float32 values, int32/int64 labels).
+template <class T>
+constexpr kernels::TargetKind targetKindOf() {
+  return std::is_same_v<T, float>     ? kernels::TargetKind::kFloat32
+         : std::is_same_v<T, int64_t> ? kernels::TargetKind::kInt64
+                                      : kernels::TargetKind::kInt32;
+}
+template <class T>
+constexpr DType dtypeOf() {
+  return std::is_same_v<T, float> ? DType::kFloat32 : std::is_same_v<T, int64_t> ? DType::kInt64 : DType::kInt32;
+}
+
 // The CUDA loss against the CPU loss for logits x and targets (float32 values, or int32/int64 labels).
 template <class T>
 void checkBce(const std::vector<float>& x, const std::vector<T>& targets) {
-  const kernels::TargetKind kind = std::is_same_v<T, float>     ? kernels::TargetKind::kFloat32
-                                   : std::is_same_v<T, int64_t> ? kernels::TargetKind::kInt64
-                                                                : kernels::TargetKind::kInt32;
-  const DType dtype = std::is_same_v<T, float> ? DType::kFloat32 : std::is_same_v<T, int64_t> ? DType::kInt64
-                                                                                               : DType::kInt32;
+  const kernels::TargetKind kind = targetKindOf<T>();
+  const DType dtype = dtypeOf<T>();
   const int64_t n = static_cast<int64_t>(x.size());
   CAPTURE(n);
   CAPTURE(dtypeName(dtype));
@@ -140,11 +149,8 @@ void checkBce(const std::vector<float>& x, const std::vector<T>& targets) {
 template <class T>
 void checkBadTargets(const std::vector<float>& x, const std::vector<T>& targets, int32_t firstBad,
                      const std::string& cpuMessage) {
-  const kernels::TargetKind kind = std::is_same_v<T, float>     ? kernels::TargetKind::kFloat32
-                                   : std::is_same_v<T, int64_t> ? kernels::TargetKind::kInt64
-                                                                : kernels::TargetKind::kInt32;
-  const DType dtype = std::is_same_v<T, float> ? DType::kFloat32 : std::is_same_v<T, int64_t> ? DType::kInt64
-                                                                                               : DType::kInt32;
+  const kernels::TargetKind kind = targetKindOf<T>();
+  const DType dtype = dtypeOf<T>();
   const int64_t n = static_cast<int64_t>(x.size());
   auto cpu = nn::Loss::create({nn::LossType::kBceWithLogits}, Shape{1}, static_cast<int>(n));
   const TensorView tv = TensorView::flat(targets.data(), static_cast<size_t>(n), dtype, Device::cpu());

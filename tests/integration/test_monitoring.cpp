@@ -289,15 +289,24 @@ TEST_CASE("a pipeline stage before the last has no loss in /metrics or the dashb
   CHECK(processesWithRunId(id).empty());
 }
 
+namespace {
+
+// longJob as an async parameter-server job with one server and no checkpoints, written to dir/job.json.
+void asyncPsJob(const std::string& dir) {
+  auto job = nlohmann::json::parse(readFile(longJob(dir)));
+  job["parallel"] = {{"strategy", "parameter_server"}, {"servers", 1}, {"mode", "async"}};
+  job["checkpoint"] = false;
+  writeFile(dir + "/job.json", job.dump());
+}
+
+}  // namespace
+
 TEST_CASE("a parameter-server job: /metrics has the servers' families (rank and role labels) and dtrain top shows "
           "the server's row") {
   std::string dir = tempDir("monitoring-ps");
   std::string id = uniqueRunId("metrics-ps");
   KillByRunId cleanup{id};
-  auto job = nlohmann::json::parse(readFile(longJob(dir)));
-  job["parallel"] = {{"strategy", "parameter_server"}, {"servers", 1}, {"mode", "async"}};
-  job["checkpoint"] = false;
-  writeFile(dir + "/job.json", job.dump());
+  asyncPsJob(dir);
   const std::string endpoint = fmt::format("127.0.0.1:{}", freePort());
   // 3 ranks: workers 0-1, rank 2 serves.
   Background agent(runArgs({"--rdzv-endpoint", endpoint, "--rdzv-id", id, "-n", "3", "--metrics-port", "0",
@@ -670,10 +679,7 @@ TEST_CASE("a worker that ended reads 0 samples/s: an async parameter-server job 
   std::string dir = tempDir("monitoring-ps-lost");
   std::string id = uniqueRunId("metrics-ps-lost");
   KillByRunId cleanup{id};
-  auto job = nlohmann::json::parse(readFile(longJob(dir)));
-  job["parallel"] = {{"strategy", "parameter_server"}, {"servers", 1}, {"mode", "async"}};
-  job["checkpoint"] = false;
-  writeFile(dir + "/job.json", job.dump());
+  asyncPsJob(dir);
   const std::string endpoint = fmt::format("127.0.0.1:{}", freePort());
   // 3 ranks: workers 0-1, rank 2 serves; worker 1 kills itself after step 5 and worker 0 trains on.
   Background agent(runArgs({"--rdzv-endpoint", endpoint, "--rdzv-id", id, "-n", "3", "--metrics-port", "0",

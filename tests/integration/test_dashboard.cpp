@@ -72,6 +72,14 @@ std::vector<std::string> chromium(const std::string& profile, std::vector<std::s
   return argv;
 }
 
+// The port of the dashboard `agent` logs that it serves (0 was asked: the agent picked a free one).
+int dashboardPort(Background& agent) {
+  std::smatch m;
+  const std::string line = agent.waitForLine("serving the dashboard on", 60s, /*fromStderr=*/true);
+  REQUIRE(std::regex_search(line, m, std::regex(R"(http://[^:\s]+:(\d+)/dashboard)")));
+  return std::stoi(m[1]);
+}
+
 }  // namespace
 
 TEST_CASE("dtrain run --dashboard: a live page whose charts a headless browser draws from the running job") {
@@ -79,10 +87,7 @@ TEST_CASE("dtrain run --dashboard: a live page whose charts a headless browser d
   std::string id = uniqueRunId("dashboard");
   KillByRunId cleanup{id};
   Background agent(runArgs({"--standalone", "--rdzv-id", id, "-n", "2", "--dashboard", "0", endlessJob(dir)}));
-  std::smatch m;
-  const std::string line = agent.waitForLine("serving the dashboard on", 60s, /*fromStderr=*/true);
-  REQUIRE(std::regex_search(line, m, std::regex(R"(http://[^:\s]+:(\d+)/dashboard)")));
-  const int port = std::stoi(m[1]);
+  const int port = dashboardPort(agent);
 
   nlohmann::json data;
   bool ready = false;
@@ -146,10 +151,7 @@ TEST_CASE("dtrain run --dashboard of an agent in no round yet: the page says it 
   Background agent(runArgs({"--nnodes", "2", "--node-rank", "0", "--rdzv-endpoint",
                             fmt::format("127.0.0.1:{}", freePort()), "--rdzv-id", id, "--dashboard", "0",
                             endlessJob(dir)}));
-  std::smatch m;
-  const std::string line = agent.waitForLine("serving the dashboard on", 60s, /*fromStderr=*/true);
-  REQUIRE(std::regex_search(line, m, std::regex(R"(http://[^:\s]+:(\d+)/dashboard)")));
-  const int port = std::stoi(m[1]);
+  const int port = dashboardPort(agent);
   agent.waitForLine("waiting for 2 node(s) to join", 60s, /*fromStderr=*/true);
   auto data = nlohmann::json::parse(httpGet(port, "/dashboard/data.json").body);
   CHECK(data["round"] == -1);  // the JSON keeps the raw value; the page reads it
@@ -203,10 +205,7 @@ TEST_CASE("dtrain run --dashboard on a parameter-server job: the page's server s
                             endlessJob(dir, R"({"strategy": "parameter_server", "servers": 2, "mode": "async"})",
                                        R"([{"type": "linear", "out": 32}, {"type": "tanh"},
                                            {"type": "linear", "out": 1}])")}));
-  std::smatch m;
-  const std::string line = agent.waitForLine("serving the dashboard on", 60s, /*fromStderr=*/true);
-  REQUIRE(std::regex_search(line, m, std::regex(R"(http://[^:\s]+:(\d+)/dashboard)")));
-  const int port = std::stoi(m[1]);
+  const int port = dashboardPort(agent);
 
   // Both servers answered pushes (with staleness figures) over at least two samples.
   nlohmann::json data;
